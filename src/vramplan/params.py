@@ -1,0 +1,133 @@
+"""Exact parameter counts, module by module, as ``sum(p.numel() for p in model.parameters())``.
+
+Each function mirrors the ``nn.Linear`` / ``nn.Embedding`` / norm modules that the family's
+transformers modeling file creates (``modeling_llama.py``, ``modeling_gpt2.py``, …); tied
+embeddings are counted once, as PyTorch's ``parameters()`` deduplicates shared tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import MLPKind, ModelSpec, NormKind
+
+__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_params"]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerParams:
+    """Parameters of one decoder layer, split by what adapters and quantizers treat differently."""
+
+    attn_linear: int  # weight elements of q/k/v/o projections
+    mlp_linear: int  # weight elements of the MLP (all experts for MoE) and router
+    bias: int  # bias elements of those linears
+    norm: int  # norm weights and biases (incl. q/k norms)
+    linear_shapes: tuple[tuple[str, int, int, int], ...]  # (name, in, out, count) per linear kind
+
+    @property
+    def linear(self) -> int:
+        return self.attn_linear + self.mlp_linear
+
+    @property
+    def total(self) -> int:
+        return self.attn_linear + self.mlp_linear + self.bias + self.norm
+
+
+@dataclass(frozen=True, slots=True)
+class ParamCounts:
+    """Whole-model counts; ``total`` equals what PyTorch reports."""
+
+    embedding: int  # token (+ position) embeddings and embedding norm / projections
+    layers: tuple[LayerParams, ...]
+    final_norm: int
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def layer_total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.layer_total + self.final_norm + self.lm_head
+
+
+def _norm_params(spec: ModelSpec, dim: int) -> int:
+    return dim * (2 if spec.norm is NormKind.LAYERNORM and spec.norm_bias else 1)
+
+
+def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """(module name, in_features, out_features, count) of each attention projection."""
+    h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    if spec.qkv_fused:
+        name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+        out = [(name, h, q + 2 * kv, 1)]
+    else:
+        out = [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
+    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense",
+             "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
+    out.append((oname, q, h, 1))
+    return out
+
+
+def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
+    """(module name, in, out, count) of each MLP linear; MoE counts every expert."""
+    h = spec.hidden_size
+    if moe:
+        i, e = spec.moe_intermediate_size, spec.num_experts
+        out = [("gate_proj", h, i, e), ("up_proj", h, i, e), ("down_proj", i, h, e), ("router", h, e, 1)]
+        if spec.shared_expert_intermediate_size:
+            si = spec.shared_expert_intermediate_size
+            out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
+        if spec.shared_expert_gate:
+            out.append(("shared_expert_gate", h, 1, 1))
+        return out
+    i = spec.intermediate_size
+    if spec.mlp is MLPKind.GATED:
+        if spec.gate_up_fused:
+            return [("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
+        return [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
+    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
+        spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+    return [(names[0], h, i, 1), (names[1], i, h, 1)]
+
+
+def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    moe = index in spec.moe_layers
+    attn = attention_linears(spec)
+    mlp = mlp_linears(spec, moe)
+    attn_w = sum(i * o * n for _, i, o, n in attn)
+    mlp_w = sum(i * o * n for _, i, o, n in mlp)
+    bias = 0
+    for _, _, o, n in attn[:-1]:
+        bias += o * n if spec.qkv_bias else 0
+    bias += spec.hidden_size if spec.o_bias else 0
+    if spec.mlp_bias and not moe:
+        bias += sum(o * n for _, _, o, n in mlp)
+    if moe and spec.router_bias:
+        bias += spec.num_experts
+    norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
+    if spec.qk_norm:
+        norm += 2 * spec.head_dim
+    return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
+
+
+def count_params(spec: ModelSpec) -> ParamCounts:
+    h, v = spec.hidden_size, spec.vocab_size
+    d_embed = spec.embed_proj_dim or h
+    embedding = v * d_embed + spec.max_learned_positions * h
+    if spec.embedding_layernorm:
+        embedding += _norm_params(spec, h)
+    if spec.embed_proj_dim:
+        embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
+    unique: dict[bool, LayerParams] = {}
+    layers = []
+    for i in range(spec.num_layers):
+        moe = i in spec.moe_layers
+        if moe not in unique:
+            unique[moe] = layer_params(spec, i)
+        layers.append(unique[moe])
+    final_norm = _norm_params(spec, h) if spec.final_norm else 0
+    lm_head = 0 if spec.tie_word_embeddings else v * d_embed
+    if spec.lm_head_bias:
+        lm_head += v
+    return ParamCounts(embedding, tuple(layers), final_norm, lm_head)

@@ -1,0 +1,87 @@
+"""Typed, frozen results. Every client (CLI table, JSON, web page, planner) reads these."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .kinds import MemoryKind, Phase
+
+__all__ = ["Breakdown", "Estimate", "PhasePeak"]
+
+
+@dataclass(frozen=True, slots=True)
+class Breakdown:
+    """Bytes by memory kind; kinds not present are zero."""
+
+    bytes_by_kind: tuple[tuple[MemoryKind, int], ...]
+
+    @classmethod
+    def of(cls, mapping: Mapping[MemoryKind, int]) -> Breakdown:
+        return cls(tuple((k, int(mapping.get(k, 0))) for k in MemoryKind))
+
+    def __getitem__(self, kind: MemoryKind) -> int:
+        for k, v in self.bytes_by_kind:
+            if k is kind:
+                return v
+        return 0
+
+    @property
+    def total(self) -> int:
+        return sum(v for _, v in self.bytes_by_kind)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k.value: v for k, v in self.bytes_by_kind}
+
+
+@dataclass(frozen=True, slots=True)
+class PhasePeak:
+    phase: Phase
+    peak_allocated_bytes: int
+    breakdown: Breakdown
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Peak GPU memory of one workload on one GPU.
+
+    ``peak_allocated_bytes`` predicts ``torch.cuda.max_memory_allocated()``; ``total_bytes`` is what
+    nvidia-smi shows for the process (peak + allocator slack + CUDA context). ``breakdown`` is taken at
+    the moment of the peak and covers every kind, so ``breakdown.total == total_bytes``.
+    """
+
+    model: str
+    parameters: int
+    trainable_parameters: int
+    peak_allocated_bytes: int
+    total_bytes: int
+    peak_phase: Phase
+    breakdown: Breakdown
+    phases: tuple[PhasePeak, ...]
+    assumptions: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    workload: Mapping[str, Any] = field(default_factory=dict)
+
+    def phase_peak(self, phase: Phase) -> int:
+        for p in self.phases:
+            if p.phase is phase:
+                return p.peak_allocated_bytes
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract of ``vramplan estimate --json``."""
+        return {
+            "model": self.model,
+            "parameters": self.parameters,
+            "trainable_parameters": self.trainable_parameters,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "total_bytes": self.total_bytes,
+            "peak_phase": self.peak_phase.value,
+            "breakdown": self.breakdown.as_dict(),
+            "phases": {p.phase.value: p.peak_allocated_bytes for p in self.phases},
+            "phase_breakdowns": {p.phase.value: p.breakdown.as_dict() for p in self.phases},
+            "workload": dict(self.workload),
+            "assumptions": list(self.assumptions),
+            "warnings": list(self.warnings),
+        }

@@ -1,0 +1,115 @@
+"""The typed description of a decoder language model that every estimator function reads.
+
+A :class:`ModelSpec` says what a Hugging Face ``*ForCausalLM`` module holds and how its forward
+pass computes, in the few dozen facts that decide memory: sizes, which projections exist and
+have biases, how the MLP and norms are built, and where attention differs from layer to layer.
+It is built from a config.json by :mod:`vramplan.hfconfig` and never from guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
+
+
+class NormKind(StrEnum):
+    RMSNORM = "rmsnorm"  # LlamaRMSNorm: upcasts to fp32, scales by weight
+    GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
+    LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
+
+
+class MLPKind(StrEnum):
+    GATED = "gated"  # down(act(gate(x)) * up(x)) — LLaMA, Mistral, Qwen, Gemma, Phi-3
+    PLAIN = "plain"  # fc2(act(fc1(x))) — GPT-2, GPT-J, NeoX, OPT, BLOOM, Falcon
+
+
+class Activation(StrEnum):
+    SILU = "silu"
+    GELU = "gelu"  # exact erf GELU, one native kernel
+    GELU_TANH = "gelu_tanh"  # F.gelu(approximate="tanh"), one native kernel (gelu_pytorch_tanh)
+    GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
+    BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
+    RELU = "relu"
+
+
+class PositionKind(StrEnum):
+    ROPE = "rope"
+    LEARNED = "learned"
+    ALIBI = "alibi"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only causal language model as transformers builds it."""
+
+    name: str
+    family: str  # the config's model_type
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    norm: NormKind
+    mlp: MLPKind
+    activation: Activation
+    position: PositionKind
+    max_position_embeddings: int | None = None
+    norm_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
+    gate_up_fused: bool = False  # Phi-3's gate_up_proj
+    parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
+    norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+    rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
+    learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
+    max_learned_positions: int = 0  # rows of the learned position table
+    embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
+    final_norm: bool = True
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
+    logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of the final logits
+    attn_logit_softcap: float | None = None  # Gemma 2: soft-capping of attention scores (eager only)
+    embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
+    # Mixture of experts
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
+    shared_expert_gate: bool = False
+    router_bias: bool = False
+    moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
+    # Attention pattern
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()  # layers that use the sliding window (empty: none)
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # residual / embedding dropout in training
+    source: str = ""
+
+    # ---- derived sizes --------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def num_sliding_layers(self) -> int:
+        return len(self.sliding_layers)

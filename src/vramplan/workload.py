@@ -1,0 +1,140 @@
+"""What the user wants to run: task, method, precision, optimizer, shapes.
+
+A :class:`Workload` is validated on construction, so every estimator function can trust it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from .errors import WorkloadError
+
+__all__ = [
+    "Attention", "LogitsMode", "Method", "Optimizer", "Precision", "Task", "WeightsQuant", "Workload",
+]
+
+
+class Task(StrEnum):
+    TRAIN = "train"
+    INFER = "infer"
+
+
+class Method(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+    FREEZE = "freeze"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    AMP_BF16 = "amp-bf16"
+    AMP_FP16 = "amp-fp16"
+
+    @property
+    def is_amp(self) -> bool:
+        return self in (Precision.AMP_BF16, Precision.AMP_FP16)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per element of the parameters as stored (AMP keeps fp32 parameters)."""
+        return 2 if self in (Precision.BF16, Precision.FP16) else 4
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations (AMP computes matmuls in 16-bit)."""
+        return 4 if self is Precision.FP32 else 2
+
+
+class WeightsQuant(StrEnum):
+    NONE = "none"
+    INT8 = "int8"  # bitsandbytes LLM.int8 (Linear8bitLt)
+    NF4 = "nf4"  # bitsandbytes Linear4bit, NF4 with double quantization
+    FP8 = "fp8"  # 8-bit float weights with per-tensor scales
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_FUSED = "adamw-fused"
+    ADAMW_8BIT = "adamw-8bit"
+    SGD = "sgd"
+    ADAFACTOR = "adafactor"
+    LION = "lion"
+
+
+class Attention(StrEnum):
+    SDPA = "sdpa"  # torch scaled_dot_product_attention: flash / memory-efficient kernels where eligible
+    FLASH = "flash"  # flash-attn 2 package (transformers attn_implementation="flash_attention_2")
+    EAGER = "eager"  # explicit softmax(QK^T)V: the (batch, heads, seq, seq) scores are materialized
+
+
+class LogitsMode(StrEnum):
+    ALL = "all"  # logits for every prompt token (model(input_ids))
+    LAST = "last"  # only the last position (generate(), logits_to_keep=1)
+
+
+_MAX_TOKENS = 1 << 24  # 16M tokens in one sequence or batch: beyond any real context
+_MAX_BATCH = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One training step or one generation request, as a script would run it."""
+
+    task: Task = Task.TRAIN
+    method: Method = Method.FULL
+    precision: Precision = Precision.BF16
+    weights_quant: WeightsQuant = WeightsQuant.NONE
+    optimizer: Optimizer = Optimizer.ADAMW
+    batch_size: int = 1
+    seq_len: int = 2048
+    new_tokens: int = 32
+    logits: LogitsMode = LogitsMode.LAST
+    gradient_checkpointing: bool = False
+    attention: Attention = Attention.SDPA
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
+    gradient_accumulation: int = 1
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
+                             ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
+                             ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise WorkloadError(f"{name} must be an integer, got {value!r}")
+            if not lo <= value <= hi:
+                raise WorkloadError(f"{name} = {value} is out of range; use {lo}..{hi}")
+        if self.trainable_layers is not None and not 0 <= self.trainable_layers <= 4096:
+            raise WorkloadError(f"trainable_layers = {self.trainable_layers} is out of range")
+        if self.batch_size * (self.seq_len + self.new_tokens) > (1 << 31):
+            raise WorkloadError("batch_size x sequence length exceeds 2**31 tokens; reduce one of them")
+        if not self.lora_targets:
+            raise WorkloadError("lora_targets is empty; name modules (q_proj,v_proj) or use all-linear")
+        if self.method is Method.QLORA and self.weights_quant not in (WeightsQuant.NONE, WeightsQuant.NF4):
+            raise WorkloadError("qlora quantizes the base weights to nf4; drop --weights-quant or use nf4")
+        if self.task is Task.TRAIN and self.method is Method.FULL and self.weights_quant is not WeightsQuant.NONE:
+            raise WorkloadError("full fine-tuning cannot train quantized weights; use --method qlora or lora")
+
+    @property
+    def is_train(self) -> bool:
+        return self.task is Task.TRAIN
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def base_quant(self) -> WeightsQuant:
+        """How the frozen/served base weights are stored."""
+        if self.method is Method.QLORA:
+            return WeightsQuant.NF4
+        return self.weights_quant
+
+    def with_(self, **changes: object) -> Workload:
+        return replace(self, **changes)  # type: ignore[arg-type]
