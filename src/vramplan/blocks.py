@@ -1,0 +1,552 @@
+"""Forward programs of the blocks of a transformers causal LM, recorded on a :class:`~vramplan._tape.Tape`.
+
+Each builder mirrors what the family's ``modeling_*.py`` (transformers 5.x) executes for one
+block: which tensors are created, in which dtype, and what autograd saves for backward. The rules
+for saving follow PyTorch's ``derivatives.yaml``; the kernel choices follow
+``aten/src/ATen/native/transformers/sdp_utils.cpp``; adapters follow peft's ``lora/layer.py``;
+4-bit layers follow bitsandbytes' ``Linear4bit`` / ``MatMul4Bit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ._tape import Tape, Tensor
+from .kinds import MemoryKind
+from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .workload import Attention, WeightsQuant
+
+__all__ = ["Kernel", "LayerPlan", "Numerics", "build_embed", "build_head", "build_layer", "sdpa_kernel"]
+
+ACT = MemoryKind.ACTIVATIONS
+LOGITS = MemoryKind.LOGITS_LOSS
+KV = MemoryKind.KV_CACHE
+WEIGHTS = MemoryKind.WEIGHTS
+
+
+class Kernel(StrEnum):
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    MATH = "math"
+    EAGER = "eager"
+
+
+@dataclass(frozen=True, slots=True)
+class Numerics:
+    """Dtypes (bytes per element) of what flows through the model, and how it trains."""
+
+    training: bool
+    act: int  # bytes of matmul outputs: 2 under bf16/fp16 or autocast, 4 in fp32
+    param: int  # bytes of dense parameters as stored
+    norm_param: int  # bytes of norm / embedding / unquantized head parameters (QLoRA: fp32)
+    amp: bool  # forward under torch.autocast
+    lora_param: int = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """Which parameters of one decoder layer train, and how its linears are built."""
+
+    trainable: bool  # base weights require grad (full fine-tuning, or a trainable layer under freeze)
+    input_rg: bool  # the layer's input requires grad
+    lora_targets: frozenset[str]  # module names carrying LoRA adapters
+    lora_rank: int
+    quant: WeightsQuant  # storage of the base linears
+    attention: Attention
+    sliding: bool = False
+    moe: bool = False
+
+
+def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
+    """The kernel torch's scaled_dot_product_attention picks on an sm80+ GPU (torch 2.5–2.11).
+
+    Flash: fp16/bf16, head_dim <= 256 and a multiple of 8, no explicit mask, equal heads or
+    ``enable_gqa``. Memory-efficient: any float dtype, masks allowed, equal heads only. Otherwise
+    the math path, which materializes the (batch, heads, q, k) scores (sdp_utils.cpp).
+    """
+    d = spec.head_dim
+    if elem == 2 and d <= 256 and d % 8 == 0 and not has_mask and (heads_match or enable_gqa):
+        return Kernel.FLASH
+    if heads_match and d % (8 if elem == 2 else 4) == 0:
+        return Kernel.EFFICIENT
+    return Kernel.MATH
+
+
+class _B:
+    """Builder state for one program: the tape, shapes and numerics."""
+
+    def __init__(self, tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, plan: LayerPlan | None,
+                 kv_len: int | None = None) -> None:
+        self.tp = tp
+        self.spec = spec
+        self.num = num
+        self.b = batch
+        self.s = seq
+        self.t = batch * seq
+        self.kv_len = kv_len if kv_len is not None else seq
+        self.plan = plan
+
+    # ---- primitives ----------------------------------------------------------------------
+    def cast(self, x: Tensor, elem: int) -> Tensor:
+        """``x.to(dtype)``: a new tensor unless the dtype already matches (saves nothing)."""
+        if x.elem == elem:
+            return x
+        return self.tp.op(x.numel, elem, (x,))
+
+    def ew(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
+        """A unary elementwise op (silu/gelu save their input; tanh/rsqrt/softmax their result)."""
+        out = self.tp.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
+        if save_out and x.rg:
+            self.tp.ops[-1].saved += (out,)
+            out.saved_by.append(len(self.tp.ops) - 1)
+        return out
+
+    def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
+        """``a * b``: saves b if a requires grad and a if b does."""
+        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
+        big = a if a.numel >= b.numel else b
+        return self.tp.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        big = a if a.numel >= b.numel else b
+        return self.tp.op(big.numel, max(a.elem, b.elem), (a, b))
+
+    def dropout(self, x: Tensor, p: float) -> Tensor:
+        """Training-mode dropout: a new output plus a saved bool mask; p == 0 returns the input."""
+        if not self.num.training or p <= 0.0:
+            return x
+        mask = self.tp.op(x.numel, 1, (), rg=False)
+        out = self.tp.op(x.numel, x.elem, (x, mask), save=(mask,) if x.rg else (), grad_to=(x,))
+        return out
+
+    def param_grad(self, name: str, numel: int, elem: int) -> tuple[tuple[int, int], ...]:
+        return ((hash(name), numel * elem),)
+
+    # ---- linear layers ---------------------------------------------------------------------
+    def linear(self, x: Tensor, fin: int, fout: int, name: str, *, bias: bool, trainable: bool,
+               quant: WeightsQuant = WeightsQuant.NONE, lora_rank: int = 0, out_kind: MemoryKind = ACT,
+               weight_elem: int | None = None, count: int = 1) -> Tensor:
+        """``nn.Linear`` (or a quantized replacement) on ``x``, with an optional LoRA adapter."""
+        tp, num, tokens = self.tp, self.num, x.numel // fin
+        welem = weight_elem or num.param
+        pg = self.param_grad(name, fin * fout + (fout if bias else 0), welem) if trainable else ()
+        if quant is WeightsQuant.NF4 or quant is WeightsQuant.INT8 or quant is WeightsQuant.FP8:
+            # bitsandbytes / fp8 layers cast the input to the 16-bit compute dtype, dequantize the
+            # weight into a temporary for the matmul (again in backward), and cast the output back.
+            xc = self.cast(x, 2)
+            deq = fin * fout * 2
+            extra = tokens * fout * 4 if quant is WeightsQuant.INT8 else 0  # int32 accumulator
+            y = tp.op(tokens * fout, 2, (xc,), kind=out_kind, fwd_scratch=deq + extra,
+                      bwd_scratch=deq if xc.rg else 0)
+            y = self.cast(y, x.elem)
+        elif num.amp:
+            xc = self.cast(x, 2)  # autocast casts the activation at every call
+            # the weight's 16-bit copy: cached for the forward when it is a trainable leaf, and
+            # saved for backward (to compute the input gradient) either way
+            wc = tp.op(fin * fout * count, 2, (), rg=False, kind=WEIGHTS)
+            save = ((xc,) if trainable else ()) + ((wc,) if xc.rg else ())
+            y = tp.op(tokens * fout, 2, (xc, wc), save=save, params=pg, kind=out_kind,
+                      rg=xc.rg or trainable, grad_to=(xc,))
+        else:
+            y = tp.op(tokens * fout, num.act if x.elem == num.act else x.elem, (x,),
+                      save=(x,) if trainable else (), params=pg, kind=out_kind)
+        if lora_rank:
+            y = self.lora(x, y, fin, fout, lora_rank, name)
+        return y
+
+    def lora(self, x: Tensor, y: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
+        """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(fp32))) * scaling`` then cast back."""
+        num = self.num
+        tokens = x.numel // fin
+        if num.amp:
+            xa = self.cast(x, 2)
+            a = self.tp.op(tokens * r, 2, (xa,), save=(xa,), params=self.param_grad(name + ".A", r * fin, 4))
+            b = self.tp.op(tokens * fout, 2, (a,), save=(a,), params=self.param_grad(name + ".B", fout * r, 4))
+        else:
+            xa = self.cast(x, num.lora_param)
+            a = self.tp.op(tokens * r, num.lora_param, (xa,), save=(xa,),
+                           params=self.param_grad(name + ".A", r * fin, num.lora_param))
+            b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),
+                           params=self.param_grad(name + ".B", fout * r, num.lora_param))
+        bs = self.tp.op(b.numel, b.elem, (b,))  # * scaling
+        s = self.add(y, bs)
+        return self.cast(s, y.elem)
+
+    # ---- norms -------------------------------------------------------------------------------
+    def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
+        spec, num = self.spec, self.num
+        rows = x.numel // dim
+        pelem = num.norm_param
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", dim * (2 if spec.norm_bias else 1), pelem) \
+            if trainable else ()
+        if spec.norm is NormKind.LAYERNORM:
+            xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
+            saves = (xin,) if (xin.rg or trainable) else ()
+            stats = self.tp.op(2 * rows, 4, (), rg=False)  # mean and rstd, saved
+            out = self.tp.op(x.numel, xin.elem if not num.amp else 4, (xin, stats),
+                             save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
+                             rg=xin.rg or trainable)
+            return out
+        # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
+        x32 = self.cast(x, 4)
+        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
+        var = self.tp.op(rows, 4, (sq,))
+        rs = self.ew(var, save_out=True)
+        n32 = self.mul(x32, rs)
+        if spec.norm is NormKind.GEMMA_RMSNORM:
+            # output * (1.0 + weight.float()); then .type_as(x)
+            w1 = self.tp.op(dim, 4, (), rg=trainable)
+            out = self.mul(n32, w1, elem=4)
+            if trainable:
+                self.tp.ops[-1].params = pg
+            return self.cast(out, x.elem)
+        nc = self.cast(n32, x.elem)
+        out = self.tp.op(x.numel, max(pelem, nc.elem), (nc,), save=(nc,) if trainable else (), params=pg,
+                         rg=nc.rg or trainable)
+        return out
+
+    # ---- attention ----------------------------------------------------------------------------
+    def rope(self, x: Tensor) -> Tensor:
+        """``x * cos + rotate_half(x) * sin`` over the rotary part (cos/sin do not require grad)."""
+        frac = self.spec.rotary_fraction
+        if self.spec.position is not PositionKind.ROPE or frac <= 0:
+            return x
+        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        a = self.tp.op(part.numel, x.elem, (part,))  # x * cos
+        half = self.tp.op(part.numel // 2, x.elem, (part,))  # -x2
+        rot = self.tp.op(part.numel, x.elem, (half, part))  # cat
+        b = self.tp.op(part.numel, x.elem, (rot,))  # * sin
+        out = self.add(a, b)
+        if frac < 1:
+            out = self.tp.op(x.numel, x.elem, (out, x))  # cat with the pass-through part
+        return out
+
+    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
+        """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output."""
+        spec, tp = self.spec, self.tp
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem = q.elem
+        p_drop = spec.attention_dropout if self.num.training else 0.0
+        rg = q.rg or k.rg or v.rg
+        if kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+            # both keep only the output and the fp32 log-sum-exp for backward
+            lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
+            lse = tp.op(b * h * lse_len, 4, (), rg=False)
+            out = tp.op(b * s * h * d, elem, (q, k, v, lse), save=(q, k, v, lse) if rg else (),
+                        grad_to=(q, k, v))
+            if rg:
+                tp.ops[-1].saved += (out,)
+                out.saved_by.append(len(tp.ops) - 1)
+                # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
+                extra = b * s * h * d * 4
+                if heads_kv != h:
+                    extra += 2 * b * skv * h * d * elem
+                tp.ops[-1].bwd_scratch = extra
+            return out
+        scores = b * h * s * skv
+        if kernel is Kernel.MATH:
+            # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
+            q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
+            qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
+            if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
+                k32 = tp.op(b * h * skv * d, 4, (k32,))
+            ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
+            if heads_kv != h:
+                v32 = tp.op(b * h * skv * d, 4, (v32,))
+            att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
+            mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None  # causal mask, float
+            # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
+            probs = tp.op(scores, 4, (att,) + ((mask,) if mask else ()), grad_to=(att,), fwd_scratch=scores)
+            if rg:
+                tp.ops[-1].saved += (probs,)
+                probs.saved_by.append(len(tp.ops) - 1)
+            if p_drop > 0:
+                probs = self.dropout(probs, p_drop)
+            o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
+            if elem != 4:
+                tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
+            return self.cast(o32, elem)
+        # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
+        if heads_kv != h:  # repeat_kv: expand + reshape copies
+            k = tp.op(b * h * skv * d, elem, (k,))
+            v = tp.op(b * h * skv * d, elem, (v,))
+        upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
+        qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
+        selem = 4 if upcast else elem
+        att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
+        att = tp.op(scores, selem, (att,))  # * scaling
+        if spec.attn_logit_softcap:
+            att = tp.op(scores, selem, (att,))
+            att = self.ew(att, save_out=True)
+            att = tp.op(scores, selem, (att,))
+        att = tp.op(scores, selem, (att,))  # + causal mask
+        probs32 = tp.op(scores, 4, (att,))  # softmax(dtype=float32) saves its result
+        if rg:
+            tp.ops[-1].saved += (probs32,)
+            probs32.saved_by.append(len(tp.ops) - 1)
+        probs = self.cast(probs32, elem)
+        probs = self.dropout(probs, p_drop)
+        return tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+
+    def kernel_for(self, has_mask: bool) -> tuple[Kernel, bool]:
+        """(kernel, whether k/v keep fewer heads than q when it runs)."""
+        spec = self.spec
+        plan = self.plan
+        attn = plan.attention if plan else Attention.SDPA
+        gqa = spec.num_kv_heads != spec.num_heads
+        elem = 2 if self.num.amp else self.num.act
+        if spec.family in ("bloom", "gptj") or attn is Attention.EAGER or spec.attn_logit_softcap and \
+                attn is not Attention.FLASH:
+            return Kernel.EAGER, gqa
+        if attn is Attention.FLASH:
+            return Kernel.FLASH, gqa
+        if spec.family == "falcon":
+            # Falcon calls SDPA itself: multi-query k/v (1 head) without enable_gqa; the new decoder
+            # architecture broadcasts k/v to every head first.
+            return sdpa_kernel(spec, elem, has_mask, False, not gqa), gqa
+        return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa), gqa
+
+    # ---- whole blocks ---------------------------------------------------------------------------
+    def self_attention(self, n: Tensor) -> Tensor:
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
+        b, s, skv, d = self.b, self.s, self.kv_len, spec.head_dim
+        tr, quant = plan.trainable, plan.quant
+
+        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        kernel, gqa = self.kernel_for(has_mask=bool(plan.sliding and spec.sliding_window
+                                                    and skv > spec.sliding_window))
+        heads_kv = spec.num_kv_heads
+        if spec.qkv_fused:
+            name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+            qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
+            q = tp.view(qkv, b * s * qd)
+            k = tp.view(qkv, b * s * kvd)
+            v = tp.view(qkv, b * s * kvd)
+            if spec.family == "falcon" and heads_kv == 1:
+                # multi-query: k and v are taken with list indexing, which copies
+                k = tp.op(b * s * d, qkv.elem, (qkv,))
+                v = tp.op(b * s * d, qkv.elem, (qkv,))
+            elif spec.family == "falcon" and heads_kv != spec.num_heads:
+                # new decoder architecture: k/v broadcast to every query head, then flattened (copies)
+                k = tp.op(b * s * qd, qkv.elem, (qkv,))
+                v = tp.op(b * s * qd, qkv.elem, (qkv,))
+                heads_kv = spec.num_heads
+            elif spec.family == "bloom":
+                q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
+                k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+        else:
+            q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+            k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        if spec.qk_norm:
+            q = self.norm(q, d, tr)
+            k = self.norm(k, d, tr)
+        q = self.rope(q)
+        k = self.rope(k)
+        if not self.num.training:
+            tp.keep(k, v)  # the KV cache (DynamicCache keeps the post-RoPE keys)
+            k.kind = v.kind = list(MemoryKind).index(KV)
+        if self.num.amp and kernel is not Kernel.EAGER:
+            q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs
+        out = self.attention_core(q, k, v, kernel, heads_kv if gqa or heads_kv != spec.num_heads else
+                                  spec.num_heads)
+        if kernel in (Kernel.EAGER, Kernel.MATH):
+            out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
+        o = lin(out, qd, h, oname, spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def mlp(self, n: Tensor) -> Tensor:
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h = spec.hidden_size
+        tr, quant = plan.trainable, plan.quant
+
+        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool, count: int = 1) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0, count=count)
+
+        if plan.moe:
+            return self.moe(n)
+        i = spec.intermediate_size
+        if spec.mlp is MLPKind.GATED:
+            if spec.gate_up_fused:
+                gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
+                g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
+            else:
+                g = lin(n, h, i, "gate_proj", spec.mlp_bias)
+                u = lin(n, h, i, "up_proj", spec.mlp_bias)
+            a = self.activation(g)
+            p = self.mul(a, u)
+            out = lin(p, i, h, "down_proj", spec.mlp_bias)
+        else:
+            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
+                spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+            f = lin(n, h, i, names[0], spec.mlp_bias)
+            a = self.activation(f)
+            out = lin(a, i, h, names[1], spec.mlp_bias)
+        return self.dropout(out, spec.hidden_dropout)
+
+    def activation(self, x: Tensor) -> Tensor:
+        act = self.spec.activation
+        n = x.numel
+        tp = self.tp
+        if act is Activation.GELU_NEW:
+            # transformers NewGELUActivation: 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))).
+            # Under autocast, pow runs in fp32 (autocast's fp32 op list), and type promotion keeps
+            # the chain in fp32 from there on.
+            xp = self.cast(x, 4) if self.num.amp else x
+            t1 = tp.op(n, xp.elem, (xp,), save=(xp,) if xp.rg else ())
+            t2 = tp.op(n, t1.elem, (t1,))
+            t3 = self.add(x, t2)
+            t4 = tp.op(n, t3.elem, (t3,))
+            t5 = self.ew(t4, save_out=True)
+            t6 = tp.op(n, t5.elem, (t5,))
+            t7 = tp.op(n, x.elem, (x,))
+            return self.mul(t7, t6)
+        return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
+
+    def moe(self, n: Tensor) -> Tensor:
+        """Sparse MoE block: router softmax/top-k, tokens gathered per expert, weighted scatter-add."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = n.numel // h
+        tr = plan.trainable
+        logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
+        probs = tp.op(t * e, 4, (logits,))  # softmax in fp32
+        if probs.rg:
+            tp.ops[-1].saved += (probs,)
+            probs.saved_by.append(len(tp.ops) - 1)
+        w = tp.op(t * k, 4, (probs,))  # top-k weights (gather saves indices)
+        w = self.cast(w, n.elem)
+        routed = t * k
+        xin = tp.op(routed * h, n.elem, (n,))  # hidden_states[token_idx] gathered per expert
+        gu = self.linear(xin, h, 2 * i, "experts.gate_up", bias=False, trainable=tr, quant=plan.quant,
+                         count=e)
+        a = self.activation(tp.view(gu, routed * i))
+        p = self.mul(a, tp.view(gu, routed * i))
+        dn = self.linear(p, i, h, "experts.down", bias=False, trainable=tr, quant=plan.quant, count=e)
+        wd = self.mul(dn, w)
+        out = tp.op(t * h, n.elem, (wd,))  # index_add_ into a zeros (T, h) buffer
+        if spec.shared_expert_intermediate_size:
+            si = spec.shared_expert_intermediate_size
+            sg = self.linear(n, h, si, "shared_gate", bias=False, trainable=tr, quant=plan.quant)
+            su = self.linear(n, h, si, "shared_up", bias=False, trainable=tr, quant=plan.quant)
+            sa = self.activation(sg)
+            sp = self.mul(sa, su)
+            so = self.linear(sp, si, h, "shared_down", bias=False, trainable=tr, quant=plan.quant)
+            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr)
+            gs = self.ew(gate, save_out=True)
+            so = self.mul(so, gs)
+            out = self.add(out, so)
+        return out
+
+    def layer(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        plan = self.plan
+        assert plan is not None
+        tr = plan.trainable
+        if spec.parallel_residual:
+            n1 = self.norm(x, spec.hidden_size, tr)
+            n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
+            a = self.self_attention(n1)
+            m = self.mlp(n2)
+            y = self.add(self.add(m, a), x)
+        else:
+            n1 = self.norm(x, spec.hidden_size, tr)
+            a = self.self_attention(n1)
+            if spec.norms_per_layer == 4:
+                a = self.norm(a, spec.hidden_size, tr)
+            hmid = self.add(x, a)
+            n2 = self.norm(hmid, spec.hidden_size, tr)
+            m = self.mlp(n2)
+            if spec.norms_per_layer == 4:
+                m = self.norm(m, spec.hidden_size, tr)
+            y = self.add(hmid, m)
+        self.tp.keep(y)
+        return y
+
+
+def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
+                kv_len: int | None = None) -> Tensor:
+    """Record one decoder layer; returns its output (kept: the next layer's input)."""
+    bld = _B(tp, spec, num, batch, seq, plan, kv_len)
+    x = tp.input(batch * seq * spec.hidden_size, resid_elem(num), plan.input_rg)
+    return bld.layer(x)
+
+
+def resid_elem(num: Numerics) -> int:
+    """The residual stream's dtype: that of the embedding output (fp32 under AMP and QLoRA)."""
+    return num.norm_param if (num.amp or num.norm_param == 4) else num.act
+
+
+def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, trainable: bool,
+                out_rg: bool) -> Tensor:
+    """Token (+ position) embeddings, Gemma's scaling, embedding dropout, and RoPE's cos/sin."""
+    bld = _B(tp, spec, num, batch, seq, None)
+    t, h = batch * seq, spec.hidden_size
+    pe = spec.embed_proj_dim or h
+    elem = num.norm_param
+    pg = bld.param_grad("embed", spec.vocab_size * pe, elem) if trainable else ()
+    x = tp.op(t * pe, elem, (), params=pg, rg=out_rg or trainable)
+    if spec.embed_proj_dim:
+        x = bld.linear(x, pe, h, "project_in", bias=False, trainable=trainable)
+    if spec.position is PositionKind.LEARNED:
+        pos = tp.op(t * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
+                    if trainable else (), rg=trainable)
+        x = bld.add(x, pos)
+    if spec.embed_scale:
+        x = tp.op(x.numel, x.elem, (x,))
+    if spec.embedding_layernorm:
+        x = bld.norm(x, h, trainable)
+    x = bld.dropout(x, spec.hidden_dropout)
+    if spec.position is PositionKind.ROPE:
+        cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp else 4, (), rg=False)
+        tp.keep(cs)
+    tp.keep(x)
+    return x
+
+
+def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
+               input_rg: bool, logits_tokens: int, loss: bool) -> Tensor:
+    """Final norm, output projection and (training) the causal-LM cross-entropy loss.
+
+    transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and calls
+    ``cross_entropy`` (log_softmax, which saves its fp32 result, then nll_loss). The model output
+    keeps the 16-bit logits alive until the script drops it.
+    """
+    bld = _B(tp, spec, num, batch, seq, None)
+    h = spec.hidden_size
+    x = tp.input(batch * seq * h, resid_elem(num), input_rg)
+    n = bld.norm(x, h, trainable) if spec.final_norm else x
+    if logits_tokens != batch * seq:
+        n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
+    pe = spec.embed_proj_dim or h
+    if spec.embed_proj_dim:
+        n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
+    head_elem = num.norm_param
+    logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
+                        bias=spec.lm_head_bias, trainable=trainable, out_kind=LOGITS, weight_elem=head_elem)
+    if spec.logit_softcap:
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+        tp.ops[-1].saved += (logits,) if logits.rg else ()
+        logits.saved_by.append(len(tp.ops) - 1)
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+    tp.keep(logits)
+    if loss:
+        l32 = bld.cast(logits, 4)
+        l32.kind = list(MemoryKind).index(LOGITS)
+        ls = tp.op(l32.numel, 4, (l32,), kind=LOGITS)
+        tp.ops[-1].saved += (ls,)
+        ls.saved_by.append(len(tp.ops) - 1)
+        lo = tp.op(1, 4, (ls,), save=(ls,), kind=LOGITS)
+        tp.keep(lo)
+    return logits

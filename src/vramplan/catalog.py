@@ -1,0 +1,151 @@
+"""The built-in catalog: well-known models by the short names people use.
+
+Each entry holds the architecture fields of the model's published Hugging Face ``config.json``
+and its exact parameter count (checked against transformers by
+``benchmarks/verify_catalog_counts.py``). ``get_model("llama-3.1-8b")`` finds an entry by name,
+alias or Hugging Face id, case-insensitively; ``resolve_model`` also accepts a path to a local
+``config.json``. Pure standard library: no torch, no network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import UnknownNameError
+from .hfconfig import load_config_file, spec_from_config
+from .spec import ModelSpec
+
+__all__ = ["CatalogEntry", "get_model", "list_models", "resolve_model"]
+
+_DATA = "data/models.json"
+_SCHEMA = 1
+_HINT = "vramplan models lists all; or pass a path to a config.json"
+
+
+def _freeze(value: Any) -> Any:
+    """A read-only deep copy: mappings become ``MappingProxyType``, lists become tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """The plain-JSON form of a frozen value (dicts and lists), as ``spec_from_config`` reads it."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One model of the catalog; ``config`` holds its Hugging Face config.json fields (read-only)."""
+
+    name: str
+    hf_id: str
+    aliases: tuple[str, ...]
+    params: int
+    source: str
+    retrieved: str
+    config: Mapping[str, Any] = field(hash=False)
+    _spec_cache: dict[str, ModelSpec] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's :class:`ModelSpec`, built from ``config`` on first use and cached."""
+        spec = self._spec_cache.get("spec")
+        if spec is None:
+            spec = spec_from_config(_thaw(self.config), name=self.name)
+            self._spec_cache["spec"] = spec
+        return spec
+
+
+def _entry(record: Mapping[str, Any]) -> CatalogEntry:
+    return CatalogEntry(
+        name=str(record["name"]), hf_id=str(record["hf_id"]),
+        aliases=tuple(str(a) for a in record.get("aliases", ())), params=int(record["params"]),
+        source=str(record["source"]), retrieved=str(record["retrieved"]), config=_freeze(record["config"]),
+    )
+
+
+def _keys(entry: CatalogEntry) -> list[str]:
+    """Every lowercase string that finds ``entry``: name, aliases, hf_id and hf_id without the org."""
+    keys = [entry.name, *entry.aliases, entry.hf_id, entry.hf_id.rpartition("/")[2]]
+    return [k.lower() for k in keys]
+
+
+@cache
+def _load() -> tuple[tuple[CatalogEntry, ...], Mapping[str, CatalogEntry]]:
+    text = resources.files(__package__ or "vramplan").joinpath(_DATA).read_text(encoding="utf-8")
+    doc = json.loads(text)
+    if not isinstance(doc, Mapping) or doc.get("schema") != _SCHEMA:
+        raise RuntimeError(f"vramplan {_DATA}: expected schema {_SCHEMA}")
+    entries = tuple(sorted((_entry(r) for r in doc["models"]), key=lambda e: e.name))
+    index: dict[str, CatalogEntry] = {}
+    for entry in entries:
+        for key in _keys(entry):
+            other = index.setdefault(key, entry)
+            if other is not entry:
+                raise RuntimeError(f"vramplan {_DATA}: {key!r} names both {other.name} and {entry.name}")
+    return entries, MappingProxyType(index)
+
+
+def list_models() -> tuple[CatalogEntry, ...]:
+    """Every catalog entry, sorted by name."""
+    return _load()[0]
+
+
+def _suggestions(query: str, n: int = 3) -> list[str]:
+    entries, _ = _load()
+    owner: dict[str, str] = {}
+    for entry in entries:
+        for key in (entry.name, *entry.aliases):
+            owner.setdefault(key.lower(), entry.name)
+    out: list[str] = []
+    for match in difflib.get_close_matches(query, list(owner), n=3 * n, cutoff=0.6):
+        name = owner[match]
+        if name not in out:
+            out.append(name)
+    return out[:n]
+
+
+def get_model(name: str) -> CatalogEntry:
+    """The entry whose name, alias or Hugging Face id (with or without the org) is ``name``.
+
+    Case-insensitive. Raises :class:`UnknownNameError` with close matches when there is none.
+    """
+    query = name.strip().lower()
+    entry = _load()[1].get(query)
+    if entry is not None:
+        return entry
+    close = _suggestions(query.rpartition("/")[2] if "/" in query else query)
+    maybe = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownNameError(f"unknown model {name!r}{maybe} ({_HINT})")
+
+
+def resolve_model(name_or_path: str) -> tuple[ModelSpec, CatalogEntry | None]:
+    """A spec from a local config.json (file, or directory holding one) or from the catalog.
+
+    Returns the spec and the catalog entry it came from (``None`` for a local file). An existing
+    path wins over a catalog name; a name ending in ``.json`` is always read as a file.
+    """
+    path = Path(name_or_path).expanduser()
+    if (name_or_path.lower().endswith(".json") or path.is_file()
+            or (path.is_dir() and (path / "config.json").is_file())):
+        return load_config_file(path), None
+    if path.is_dir() and name_or_path.strip().lower() not in _load()[1]:
+        return load_config_file(path), None  # a directory without config.json: say so
+    entry = get_model(name_or_path)
+    return entry.spec, entry

@@ -1,0 +1,301 @@
+"""The estimator: peak GPU memory of one workload, by kind and by phase.
+
+Model states come from :mod:`vramplan.memory`; activations, logits and the KV cache come from
+replaying the forward (and backward) programs of :mod:`vramplan.blocks` on a
+:class:`~vramplan._tape.Tape`. A stack of identical decoder layers is combined in closed form:
+every layer adds the same saved bytes in forward and frees them in backward, so the peak of a
+pass sits at its first or last layer.
+
+Known limits: one GPU; the layout of the calibration harness (the model output is kept alive until
+after ``optimizer.step()``); cuBLAS workspaces sized for Hopper; allocator slack from the median of
+the calibration set rather than a model of fragmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ._tape import Pass, Tape, kinds_dict
+from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer
+from .kinds import MemoryKind, Phase
+from .memory import ModelStates, lora_targets, model_states
+from .params import count_params
+from .result import Breakdown, Estimate, PhasePeak
+from .spec import ModelSpec
+from .units import GiB, MiB
+from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
+
+__all__ = ["CUDA_CONTEXT_BYTES", "estimate"]
+
+# Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
+CUDA_CONTEXT_BYTES = int(0.516 * GiB)
+# cuBLAS workspace per handle: CUBLAS_WORKSPACE_CONFIG default ":4096:8" on Hopper (32 MiB), allocated
+# through the caching allocator (aten/src/ATen/cuda/CublasHandlePool.cpp). Training uses two handles:
+# the main thread's and autograd's backward thread.
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
+# max_memory_reserved exceeds max_memory_allocated by a median 9.5% over the calibration set
+# (block rounding, cached free blocks): the slack nvidia-smi shows on top of the peak.
+ALLOCATOR_SLACK_FRACTION = 0.10
+
+K = MemoryKind
+
+
+@dataclass(frozen=True, slots=True)
+class _Moment:
+    total: int
+    kinds: tuple[int, ...]
+
+
+def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
+    return tuple(d.get(k, 0) for k in MemoryKind)
+
+
+def _plus(*vs: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sum(x) for x in zip(*vs, strict=True))
+
+
+def _scale(v: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(x * n for x in v)
+
+
+def _numerics(w: Workload) -> Numerics:
+    prec = w.precision
+    qlora = w.method is Method.QLORA
+    amp = prec.is_amp
+    act = 2 if (amp or qlora or w.base_quant is not WeightsQuant.NONE) else prec.compute_bytes
+    param = prec.param_bytes
+    norm_param = 4 if qlora else param
+    return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp)
+
+
+def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool) -> LayerPlan:
+    targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
+    return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
+                     quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe)
+
+
+@dataclass(frozen=True, slots=True)
+class _LayerSim:
+    count: int
+    fwd: Pass  # forward with saving
+    fwd_nosave: Pass  # forward of a checkpointed layer
+    bwd: Pass
+    x_bytes: int
+    y_bytes: int
+
+
+def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
+                    kv_len: int | None = None, ckpt: bool = False) -> _LayerSim:
+    tp = Tape(num.training)
+    y = build_layer(tp, spec, num, plan, b, s, kv_len)
+    x = tp.tensors[0]
+    if ckpt:
+        x.keep = True  # the checkpoint holds the layer's input
+    fwd = tp.forward(save=True)
+    fwd_nosave = tp.forward(save=False) if ckpt else fwd
+    bwd = tp.backward() if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes)
+
+
+def _layer_groups(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[int, bool, bool, bool]]:
+    """(count, trainable, moe, sliding) groups of layers, bottom to top."""
+    L = spec.num_layers
+    first_trainable = L - states.trainable_layers if w.method is Method.FREEZE else 0
+    groups: dict[tuple[bool, bool, bool], int] = {}
+    order: list[tuple[bool, bool, bool]] = []
+    for i in range(L):
+        key = (i >= first_trainable if w.method in (Method.FREEZE,) else w.method is Method.FULL,
+               i in spec.moe_layers, i in spec.sliding_layers)
+        if key not in groups:
+            order.append(key)
+            groups[key] = 0
+        groups[key] += 1
+    return [(groups[k], *k) for k in order]
+
+
+def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[PhasePeak]:
+    b, s = w.batch_size, w.seq_len
+    ckpt = w.gradient_checkpointing
+    full = w.method is Method.FULL
+    base = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
+                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.OPTIMIZER_STATE: states.optimizer_state,
+                 K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    embed_trainable = full
+    head_trainable = full or w.method is Method.FREEZE
+    layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+
+    # ---- forward
+    et = Tape(True)
+    build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt))
+    e_fwd = et.forward()
+    sims = []
+    for count, trainable, moe, sliding in _layer_groups(spec, w, states):
+        rg = layers_rg and (trainable or w.method is not Method.FREEZE)
+        plan = _plan(spec, w, trainable, rg, moe, sliding)
+        sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg))
+    ht = Tape(True)
+    build_head(ht, spec, num, b, s, trainable=head_trainable, input_rg=layers_rg,
+               logits_tokens=b * s, loss=True)
+    h_fwd = ht.forward()
+
+    fwd_peak = _Moment(sum(base) + e_fwd.peak, _plus(base, e_fwd.peak_kinds))
+    cur = _plus(base, e_fwd.end_kinds)
+    for sim in sims:
+        ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
+        growth = sim.fwd_nosave.end_kinds if ckpt_layer else sim.fwd.end_kinds
+        peak_k = sim.fwd_nosave.peak_kinds if ckpt_layer else sim.fwd.peak_kinds
+        at_last = _plus(cur, _scale(growth, sim.count - 1), peak_k)
+        if sum(at_last) > fwd_peak.total:
+            fwd_peak = _Moment(sum(at_last), at_last)
+        cur = _plus(cur, _scale(growth, sim.count))
+    at_head = _plus(cur, h_fwd.peak_kinds)
+    if sum(at_head) > fwd_peak.total:
+        fwd_peak = _Moment(sum(at_head), at_head)
+    cur = _plus(cur, h_fwd.end_kinds)
+
+    # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
+    h_bwd = ht.backward()
+    bwd_peak = _Moment(sum(cur) + h_bwd.peak, _plus(cur, h_bwd.peak_kinds))
+    cur = _plus(cur, h_bwd.end_kinds)
+    for sim in reversed(sims):
+        ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
+        if ckpt_layer:
+            # recompute the layer's forward (saving), then its backward; the checkpoint then drops x
+            recompute_end = _plus(sim.fwd.end_kinds, _neg_act(sim.y_bytes))
+            peak_rel = max((sim.fwd.peak_kinds, _plus(recompute_end, sim.bwd.peak_kinds)), key=sum)
+            net = _plus(recompute_end, sim.bwd.end_kinds, _neg_act(sim.x_bytes))
+        else:
+            peak_rel = sim.bwd.peak_kinds
+            net = sim.bwd.end_kinds
+        first = _plus(cur, peak_rel)
+        last = _plus(cur, _scale(net, sim.count - 1), peak_rel)
+        for m in (first, last):
+            if sum(m) > bwd_peak.total:
+                bwd_peak = _Moment(sum(m), m)
+        cur = _plus(cur, _scale(net, sim.count))
+    e_bwd = et.backward(param_grads_exist=spec.tie_word_embeddings and head_trainable)
+    m = _plus(cur, e_bwd.peak_kinds)
+    if sum(m) > bwd_peak.total:
+        bwd_peak = _Moment(sum(m), m)
+
+    # ---- optimizer step: every gradient exists; the model output (logits) is still referenced
+    logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act)
+    step = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
+                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.GRADIENTS: states.gradients,
+                 K.OPTIMIZER_STATE: states.optimizer_state + states.step_temporaries,
+                 K.LOGITS_LOSS: logits_kept, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    return [_phase(Phase.FORWARD, fwd_peak), _phase(Phase.BACKWARD, bwd_peak),
+            _phase(Phase.OPTIMIZER_STEP, _Moment(sum(step), step))]
+
+
+def _neg_act(n: int) -> tuple[int, ...]:
+    return _vec({K.ACTIVATIONS: -n})
+
+
+def _phase(phase: Phase, m: _Moment) -> PhasePeak:
+    return PhasePeak(phase, m.total, Breakdown.of(kinds_dict(m.kinds)))
+
+
+def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool) -> int:
+    """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
+    if sliding and spec.sliding_window:
+        length = min(length, spec.sliding_window)
+    heads = spec.num_kv_heads
+    return 2 * b * length * heads * spec.head_dim * num.act
+
+
+def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[PhasePeak]:
+    b, s = w.batch_size, w.seq_len
+    base = _vec({K.WEIGHTS: states.weights + states.master_weights,
+                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+    et = Tape(False)
+    build_embed(et, spec, num, b, s, False, out_rg=False)
+    e = et.forward()
+    peak = _Moment(sum(base) + e.peak, _plus(base, e.peak_kinds))
+    cur = _plus(base, e.end_kinds)
+    for count, _tr, moe, sliding in _layer_groups(spec, w.with_(method=Method.LORA), _NO_STATES):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
+        m = _plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds)
+        if sum(m) > peak.total:
+            peak = _Moment(sum(m), m)
+        cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
+    ht = Tape(False)
+    last = w.logits is LogitsMode.LAST
+    build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+               loss=False)
+    h = ht.forward()
+    m = _plus(cur, h.peak_kinds)
+    if sum(m) > peak.total:
+        peak = _Moment(sum(m), m)
+    prefill = peak
+
+    # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
+    total_len = s + w.new_tokens
+    kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in range(spec.num_layers))
+    kv_layer = _kv_bytes(spec, num, b, total_len, False)
+    small = b * spec.vocab_size * num.act + 8 * b * spec.hidden_size * 4 + b * spec.intermediate_size * 3 * num.act
+    dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))
+    phases = [_phase(Phase.PREFILL, prefill)]
+    if w.new_tokens:
+        phases.append(_phase(Phase.DECODE, _Moment(sum(dec), dec)))
+    return phases
+
+
+_NO_STATES = ModelStates(0, 0, 0, 0, 0, 0, 0, 0, 0, ())
+
+
+def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:
+    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``."""
+    return _estimate_cached(spec, workload, name or spec.name)
+
+
+@lru_cache(maxsize=4096)
+def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    counts = count_params(spec)
+    states = model_states(spec, w, counts)
+    num = _numerics(w)
+    phases = _train(spec, w, states, num) if w.task is Task.TRAIN else _infer(spec, w, states, num)
+    top = max(phases, key=lambda p: p.peak_allocated_bytes)
+    peak = top.peak_allocated_bytes
+    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    kinds = dict(zip(MemoryKind, (v for _, v in top.breakdown.bytes_by_kind), strict=True))
+    kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
+    kinds[K.ALLOCATOR_SLACK] = slack
+    assumptions = [
+        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, transformers 5.x, one GPU)",
+        f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
+                                             if w.attention is Attention.SDPA else ""),
+        f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
+        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+        f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (median reserved/allocated gap of the calibration runs)",
+        *states.notes,
+    ]
+    if w.is_train:
+        assumptions.append("training loop keeps the model output (logits) alive through backward and step")
+        if w.gradient_checkpointing:
+            assumptions.append("gradient checkpointing: non-reentrant, every decoder layer recomputed in backward")
+    else:
+        assumptions.append(f"inference: prefill {w.seq_len} tokens, logits for "
+                           f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
+                           f"then {w.new_tokens} decode steps with a DynamicCache")
+    warnings = []
+    if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
+            spec.max_position_embeddings:
+        warnings.append(f"sequence length exceeds the model's max_position_embeddings "
+                        f"({spec.max_position_embeddings})")
+    return Estimate(
+        model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
+        peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
+        breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
+        warnings=tuple(warnings), workload=_workload_dict(w),
+    )
+
+
+def _workload_dict(w: Workload) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for f in w.__dataclass_fields__:
+        v = getattr(w, f)
+        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
+    return out

@@ -1,0 +1,192 @@
+"""Memory of model states: weights (dense and quantized), gradients, optimizer states and step temporaries.
+
+Each function returns integer bytes and cites the code path it mirrors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .params import ParamCounts, count_params
+from .spec import ModelSpec
+from .workload import Method, Optimizer, Precision, WeightsQuant, Workload
+
+__all__ = ["ModelStates", "lora_params", "model_states", "quantized_linear_bytes"]
+
+NF4_BLOCK = 64  # bitsandbytes Linear4bit blocksize
+NF4_DQ_BLOCK = 256  # double quantization groups 256 absmax values under one fp32 scale
+BNB_OPT_BLOCK = 256  # bitsandbytes 8-bit optimizers: blockwise quantization of states
+BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep 32-bit optimizer states
+
+
+def quantized_linear_bytes(numel: int, out_features: int, quant: WeightsQuant) -> tuple[int, int]:
+    """(weight bytes, quantization-constant bytes) of one quantized linear weight.
+
+    * nf4 (bitsandbytes ``Params4bit``): two 4-bit codes per byte; with double quantization each
+      64-element block keeps a uint8 absmax, and every 256 absmax values one fp32 scale
+      (``bitsandbytes/functional.py: quantize_4bit``, ``compress_statistics=True``).
+    * int8 (``Int8Params``/LLM.int8): one byte per element plus one fp32 scale per output row (SCB).
+    * fp8: one byte per element plus one fp32 per-tensor scale.
+    """
+    if quant is WeightsQuant.NF4:
+        blocks = -(-numel // NF4_BLOCK)
+        return (numel + 1) // 2, blocks + 4 * -(-blocks // NF4_DQ_BLOCK) + 4 * 16
+    if quant is WeightsQuant.INT8:
+        return numel, 4 * out_features
+    if quant is WeightsQuant.FP8:
+        return numel, 4
+    raise ValueError(quant)
+
+
+def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
+    """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft)."""
+    from .params import attention_linears, mlp_linears
+
+    names = {n for n, *_ in attention_linears(spec)} | {n for n, *_ in mlp_linears(spec, False)}
+    if spec.is_moe:
+        names |= {"experts.gate_up", "experts.down", "router"}
+    if "all-linear" in targets:
+        return frozenset(names)
+    return frozenset(t for t in targets if t in names)
+
+
+def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int) -> int:
+    """Adapter parameters: r x (in + out) for every targeted linear in every layer."""
+    from .params import attention_linears, mlp_linears
+
+    total = 0
+    for i in range(spec.num_layers):
+        moe = i in spec.moe_layers
+        for name, fin, fout, count in attention_linears(spec) + mlp_linears(spec, moe):
+            if name in targets:
+                total += rank * (fin + fout) * count
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStates:
+    """Bytes of everything that lives across steps, plus the optimizer step's temporaries."""
+
+    parameters: int
+    trainable_parameters: int
+    weights: int  # 16-bit (or quantized) weights used by the forward
+    master_weights: int  # fp32 parameters under AMP
+    quant_constants: int
+    gradients: int
+    optimizer_state: int
+    step_temporaries: int
+    trainable_layers: int  # decoder layers whose base weights train
+    notes: tuple[str, ...]
+
+
+def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[int]) -> tuple[int, int, str]:
+    """(state bytes, step temporary bytes, note) for ``numel`` trainable elements stored in ``elem`` bytes."""
+    if opt is Optimizer.ADAMW:
+        # torch.optim.AdamW foreach path (_multi_tensor_adamw): exp_avg and exp_avg_sq in the parameter
+        # dtype; torch._foreach_sqrt(exp_avg_sqs) makes one parameter-sized temporary per step
+        return 2 * numel * elem, numel * elem, "AdamW (foreach): 2 states in the parameter dtype + sqrt(v) temporary"
+    if opt is Optimizer.ADAMW_FUSED:
+        return 2 * numel * elem, 0, "AdamW fused: 2 states in the parameter dtype, no step temporary"
+    if opt is Optimizer.ADAMW_8BIT:
+        # bitsandbytes AdamW8bit: uint8 states with an fp32 absmax per 256-element block; tensors
+        # under 4096 elements keep fp32 states (min_8bit_size)
+        small = sum(n for n in tensor_sizes if n < BNB_MIN_8BIT_SIZE)
+        big = numel - small
+        state = 2 * (big + 4 * -(-big // BNB_OPT_BLOCK)) + 2 * 4 * small
+        return state, 0, "AdamW 8-bit (bitsandbytes): blockwise uint8 states, small tensors in fp32"
+    if opt is Optimizer.SGD:
+        return numel * elem, 0, "SGD with momentum: one momentum buffer in the parameter dtype"
+    if opt is Optimizer.ADAFACTOR:
+        # torch.optim.Adafactor foreach: factored row/col second moments (tiny), full variance for
+        # vectors; the step builds row_var @ col_var, a parameter-sized estimate, for every tensor
+        vec = sum(n for n in tensor_sizes if n < 1 << 16)
+        return vec * elem, numel * elem, "Adafactor (torch, foreach): factored moments + variance estimate temporary"
+    if opt is Optimizer.LION:
+        largest = max(tensor_sizes, default=0)
+        return numel * elem, largest * elem, "Lion: one momentum buffer; sign update temporary per tensor"
+    raise ValueError(opt)
+
+
+def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None) -> ModelStates:
+    counts = counts or count_params(spec)
+    total = counts.total
+    notes: list[str] = []
+    training = w.is_train
+    prec = w.precision
+    dense_elem = prec.param_bytes
+    quant = w.base_quant
+    L = spec.num_layers
+
+    # ---- what is quantized: every linear of the decoder layers (not the embedding or the head)
+    linear_numel = sum(layer.linear for layer in counts.layers)
+    quant_w = quant_c = 0
+    if quant is not WeightsQuant.NONE:
+        for layer in counts.layers:
+            for _, fin, fout, n in layer.linear_shapes:
+                wb, cb = quantized_linear_bytes(fin * fout * n, fout, quant)
+                quant_w += wb
+                quant_c += cb
+        other = total - linear_numel
+        # QLoRA: peft.prepare_model_for_kbit_training casts every remaining 16-bit parameter to fp32
+        other_elem = 4 if w.method is Method.QLORA else dense_elem
+        if w.method is Method.QLORA:
+            notes.append("prepare_model_for_kbit_training: embeddings, norms, head and biases cast to fp32")
+        dense_w = other * other_elem
+    else:
+        dense_w = total * dense_elem
+
+    # ---- trainable parameters
+    adapters = 0
+    trainable_layers = 0
+    tensor_sizes: list[int] = []
+    if not training:
+        trainable = 0
+    elif w.method is Method.FULL:
+        trainable = total
+        trainable_layers = L
+        tensor_sizes = _tensor_sizes(spec, counts, range(L), embed=True, head=True)
+    elif w.method is Method.FREEZE:
+        k = w.trainable_layers if w.trainable_layers is not None else max(1, L // 4)
+        k = min(k, L)
+        trainable_layers = k
+        trainable = sum(layer.total for layer in counts.layers[L - k:]) + counts.final_norm + counts.lm_head
+        tensor_sizes = _tensor_sizes(spec, counts, range(L - k, L), embed=False, head=True)
+        notes.append(f"freeze: the last {k} of {L} decoder layers, the final norm and the untied head train")
+    else:
+        targets = lora_targets(spec, w.lora_targets)
+        adapters = lora_params(spec, targets, w.lora_rank)
+        trainable = adapters
+        tensor_sizes = [w.lora_rank * 4096] * max(1, adapters // (w.lora_rank * 4096))
+    # peft adds the adapters to the model's parameters; they are fp32 (autocast_adapter_dtype)
+    adapter_bytes = adapters * 4
+    train_elem = 4 if w.uses_adapters else dense_elem
+
+    weights = dense_w + quant_w + adapter_bytes
+    master = 0
+    if prec.is_amp and training:
+        master, weights = weights, 0
+        notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
+    grads = trainable * train_elem if training else 0
+    state = temp = 0
+    if training and trainable:
+        state, temp, note = _optimizer_bytes(w.optimizer, trainable, train_elem, tensor_sizes)
+        notes.append(note)
+    return ModelStates(total + adapters, trainable, weights, master, quant_c, grads, state, temp,
+                       trainable_layers, tuple(notes))
+
+
+def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool, head: bool) -> list[int]:
+    sizes: list[int] = []
+    for i in layers:
+        layer = counts.layers[i]
+        sizes += [fin * fout for _, fin, fout, n in layer.linear_shapes for _ in range(n)]
+        sizes += [spec.hidden_size] * (layer.norm // spec.hidden_size)
+    if embed:
+        sizes.append(counts.embedding)
+    if head and counts.lm_head:
+        sizes.append(counts.lm_head)
+    return sizes
+
+
+def precision_of(w: Workload) -> Precision:
+    return w.precision

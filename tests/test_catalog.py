@@ -1,0 +1,237 @@
+"""The built-in model catalog: data schema, exact counts, lookup and resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vramplan.catalog import CatalogEntry, get_model, list_models, resolve_model
+from vramplan.errors import ConfigError, UnknownNameError
+from vramplan.hfconfig import SUPPORTED_MODEL_TYPES
+from vramplan.params import count_params
+
+REPO = Path(__file__).resolve().parents[1]
+CALIBRATION_CONFIG = REPO.parent / "shared" / "calibration" / "configs" / "llama-3.1-8b.json"
+
+
+def _raw() -> dict[str, Any]:
+    text = resources.files("vramplan").joinpath("data/models.json").read_text(encoding="utf-8")
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+RECORDS: list[dict[str, Any]] = _raw()["models"]
+FIELDS = {"name", "hf_id", "aliases", "params", "params_source", "source", "retrieved", "config"}
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+
+
+# ---- the data file ------------------------------------------------------------------------
+
+def test_schema_version_and_size() -> None:
+    doc = _raw()
+    assert doc["schema"] == 1
+    assert len(RECORDS) >= 48
+    assert len(list_models()) == len(RECORDS) >= 40
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[r["name"] for r in RECORDS])
+def test_record_schema(record: dict[str, Any]) -> None:
+    assert set(record) == FIELDS
+    name = record["name"]
+    assert isinstance(name, str) and NAME_RE.match(name), name
+    assert isinstance(record["hf_id"], str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", record["hf_id"])
+    assert isinstance(record["aliases"], list)
+    for alias in record["aliases"]:
+        assert isinstance(alias, str) and NAME_RE.match(alias) and alias != name, alias
+    params = record["params"]
+    assert type(params) is int and params > 10_000_000
+    assert isinstance(record["params_source"], str) and "transformers" in record["params_source"]
+    source = record["source"]
+    assert source == f"https://huggingface.co/{record['hf_id']}/blob/main/config.json"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["retrieved"])
+    datetime.date.fromisoformat(record["retrieved"])
+    config = record["config"]
+    assert isinstance(config, dict)
+    assert config["model_type"] in SUPPORTED_MODEL_TYPES
+    assert not {"id2label", "label2id", "torch_dtype", "text_config", "vision_config"} & set(config)
+
+
+def test_names_unique() -> None:
+    dupes = [n for n, c in Counter(r["name"] for r in RECORDS).items() if c > 1]
+    assert not dupes
+
+
+def test_aliases_unique_across_records_and_names() -> None:
+    names = {r["name"] for r in RECORDS}
+    aliases = [a for r in RECORDS for a in r["aliases"]]
+    assert not [a for a, c in Counter(aliases).items() if c > 1]
+    assert not names & set(aliases)
+
+
+def test_every_lookup_key_finds_one_model() -> None:
+    owner: dict[str, str] = {}
+    for r in RECORDS:
+        hf = r["hf_id"]
+        for key in {r["name"], *r["aliases"], hf, hf.rpartition("/")[2]}:
+            assert owner.setdefault(key.lower(), r["name"]) == r["name"], key
+
+
+def test_gemma3_multimodal_entries_say_vision_is_excluded() -> None:
+    for name in ("gemma-3-4b", "gemma-3-12b", "gemma-3-27b"):
+        record = next(r for r in RECORDS if r["name"] == name)
+        assert record["config"]["model_type"] == "gemma3_text"
+        assert "vision tower" in record["params_source"] and "excluded" in record["params_source"]
+
+
+FAMILIES = [
+    "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-j-6b", "gpt-neox-20b",
+    "pythia-160m", "pythia-1.4b", "pythia-6.9b", "pythia-12b",
+    "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b",
+    "bloom-560m", "bloom-7b1", "bloom-176b",
+    "llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b",
+    "llama-3-8b", "llama-3-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
+    "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b",
+    "mistral-7b", "mistral-7b-v0.3", "mixtral-8x7b", "mixtral-8x22b",
+    "falcon-7b", "falcon-40b", "falcon-180b",
+    "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b",
+    "qwen3-0.6b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b",
+    "qwen1.5-moe-a2.7b",
+    "gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b",
+    "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b",
+    "phi-3-mini", "phi-3-medium", "phi-4",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_present(name: str) -> None:
+    assert get_model(name).name == name
+
+
+# ---- exact counts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
+def test_exact_parameter_count(entry: CatalogEntry) -> None:
+    assert count_params(entry.spec).total == entry.params
+
+
+@pytest.mark.parametrize(("name", "published"), [
+    ("gpt2", 124_439_808),
+    ("llama-2-7b", 6_738_415_616),
+    ("llama-3.1-8b", 8_030_261_248),
+    ("mistral-7b", 7_241_732_096),
+    ("mixtral-8x7b", 46_702_792_704),
+    ("qwen2.5-7b", 7_615_616_512),
+    ("gemma-2-9b", 9_241_705_984),
+    ("phi-3-mini", 3_821_079_552),
+])
+def test_published_figures(name: str, published: int) -> None:
+    assert get_model(name).params == published
+
+
+def test_moe_and_sliding_specs() -> None:
+    assert get_model("mixtral-8x7b").spec.num_experts == 8
+    assert get_model("qwen3-30b-a3b").spec.num_moe_layers == 48
+    assert get_model("qwen1.5-moe-a2.7b").spec.shared_expert_intermediate_size == 5632
+    assert get_model("mistral-7b").spec.sliding_window == 4096
+    assert get_model("mistral-7b-v0.3").spec.sliding_window is None
+    assert get_model("mistral-7b-v0.3").spec.vocab_size == 32768
+    assert get_model("gemma-2-9b").spec.num_sliding_layers == 21
+
+
+# ---- the API ------------------------------------------------------------------------------
+
+def test_list_models_sorted_and_cached() -> None:
+    models = list_models()
+    assert isinstance(models, tuple)
+    assert [m.name for m in models] == sorted(m.name for m in models)
+    assert list_models() is models
+
+
+def test_entry_is_frozen_and_read_only() -> None:
+    entry = get_model("llama-3.1-8b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        entry.config["hidden_size"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        entry.config["rope_scaling"]["factor"] = 1.0
+    assert entry.spec is entry.spec  # cached
+    assert entry.spec.name == "llama-3.1-8b"
+    assert hash(entry) == hash(get_model("llama-3.1-8b"))
+
+
+@pytest.mark.parametrize(("query", "name"), [
+    ("llama-3.1-8b", "llama-3.1-8b"),
+    ("LLAMA-3.1-8B", "llama-3.1-8b"),
+    ("  llama3.1-8b ", "llama-3.1-8b"),
+    ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"),
+    ("Llama-3.1-8B", "llama-3.1-8b"),
+    ("gpt2-small", "gpt2"),
+    ("openai-community/gpt2", "gpt2"),
+    ("llama-33b", "llama-30b"),
+    ("bigscience/bloom", "bloom-176b"),
+    ("Mistral-7B-v0.1", "mistral-7b"),
+    ("google/gemma-3-4b-pt", "gemma-3-4b"),
+])
+def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
+    assert get_model(query).name == name
+
+
+def test_near_miss_suggestions() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        get_model("llama-3.1-7b")
+    msg = str(err.value)
+    assert "did you mean" in msg and "llama-3.1-8b" in msg
+    assert msg.startswith("unknown model 'llama-3.1-7b'")
+    assert "vramplan models" in msg and "\n" not in msg
+    with pytest.raises(UnknownNameError, match="did you mean qwen3-8b"):
+        get_model("qwen3-7b")
+    with pytest.raises(UnknownNameError, match="mistral-7b"):
+        get_model("mistrel-7b")
+
+
+def test_unknown_model_without_close_match() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        get_model("zzzz-unheard-of")
+    assert "did you mean" not in str(err.value)
+    assert "config.json" in str(err.value)
+
+
+def test_resolve_model_by_name() -> None:
+    spec, entry = resolve_model("Qwen/Qwen3-8B")
+    assert entry is not None and entry.name == "qwen3-8b"
+    assert spec is entry.spec
+
+
+def test_resolve_model_by_path() -> None:
+    if not CALIBRATION_CONFIG.is_file():
+        pytest.skip(f"{CALIBRATION_CONFIG} not in this checkout")
+    spec, entry = resolve_model(str(CALIBRATION_CONFIG))
+    assert entry is None
+    catalog = get_model("llama-3.1-8b")
+    assert count_params(spec).total == catalog.params == 8_030_261_248
+    for attr in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size", "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(spec, attr) == getattr(catalog.spec, attr), attr
+
+
+def test_resolve_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(dict(get_model("gpt2").config)), encoding="utf-8")
+    spec, entry = resolve_model(str(tmp_path))
+    assert entry is None
+    assert count_params(spec).total == get_model("gpt2").params
+
+
+def test_resolve_missing_json_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        resolve_model(str(tmp_path / "nope.json"))
+    with pytest.raises(UnknownNameError):
+        resolve_model("not-a-model-or-path")
