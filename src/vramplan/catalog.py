@@ -62,6 +62,10 @@ class CatalogEntry:
     _spec_cache: dict[str, ModelSpec] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
+    def config_dict(self) -> dict[str, Any]:
+        """A plain, mutable copy of the config.json fields."""
+        return dict(_thaw(self.config))
+
     @property
     def spec(self) -> ModelSpec:
         """The model's :class:`ModelSpec`, built from ``config`` on first use and cached."""

@@ -52,7 +52,7 @@ class _Cfg:
     def int_(self, *keys: str, default: Any = _MISSING, lo: int = 1, hi: int = _MAX_DIM) -> int:
         k, v = self._get(keys, default)
         if v is None:
-            return v  # type: ignore[no-any-return]
+            return None  # type: ignore[return-value]  # only opt_int passes default=None
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
@@ -148,7 +148,8 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     gemma = family.startswith("gemma")
     tie = c.bool_("tie_word_embeddings", default=gemma)  # Gemma configs tie by default; the rest do not
     act_default = "gelu_pytorch_tanh" if gemma else "silu"
-    act = c.activation("hidden_activation", "hidden_act", default=act_default) if gemma else \
+    # Gemma: transformers builds gelu_pytorch_tanh from hidden_activation and ignores hidden_act ("gelu")
+    act = c.activation("hidden_activation", default=act_default) if gemma else \
         c.activation("hidden_act", default=act_default)
     qkv_bias = family in ("qwen2", "qwen2_moe") or c.bool_("attention_bias", default=False)
     o_bias = c.bool_("attention_bias", default=False) and family not in ("qwen2", "qwen2_moe")
@@ -195,7 +196,7 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     if num_experts and top_k > num_experts:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds the number of experts "
                           f"({num_experts})")
-    inter = c.int_("intermediate_size", default=moe_inter or None)
+    inter = c.int_("intermediate_size", default=moe_inter if moe_inter else _MISSING)
     rotary = 1.0
     if family == "phi3":
         rotary = c.float_("partial_rotary_factor", default=1.0, lo=0.0, hi=1.0)
@@ -343,7 +344,7 @@ def _falcon(c: _Cfg, family: str) -> ModelSpec:
         tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.LAYERNORM,
         mlp=MLPKind.PLAIN, activation=c.activation("activation", default="gelu"),
         position=PositionKind.ALIBI if alibi else PositionKind.ROPE,
-        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), norm_bias=True,
+        max_position_embeddings=c.int_("max_position_embeddings", default=2048, hi=1 << 30), norm_bias=True,
         qkv_bias=bias, o_bias=bias, mlp_bias=bias, qkv_fused=True, parallel_residual=parallel or new_arch,
         norms_per_layer=norms,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .params import ParamCounts, count_params
 from .spec import ModelSpec
+from .errors import WorkloadError
 from .workload import Method, Optimizer, Precision, WeightsQuant, Workload
 
 __all__ = ["ModelStates", "lora_params", "model_states", "quantized_linear_bytes"]
@@ -45,9 +46,17 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     names = {n for n, *_ in attention_linears(spec)} | {n for n, *_ in mlp_linears(spec, False)}
     if spec.is_moe:
         names |= {"experts.gate_up", "experts.down", "router"}
+    if targets == ("default",):
+        # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the family
+        fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
+        targets = fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
     if "all-linear" in targets:
         return frozenset(names)
-    return frozenset(t for t in targets if t in names)
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
+                            f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
+    return frozenset(targets)
 
 
 def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int) -> int:

@@ -97,7 +97,7 @@ class Workload:
     attention: Attention = Attention.SDPA
     lora_rank: int = 16
     lora_alpha: int = 32
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = ("default",)  # peft's default for the family (q_proj,v_proj for LLaMA)
     trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
     gradient_accumulation: int = 1
 

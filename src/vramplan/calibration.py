@@ -1,0 +1,88 @@
+"""Compare estimates with measured peaks: rows in the format of the calibration ``measured.csv``.
+
+Used by the accuracy report (``benchmarks/accuracy_report.py``), its test, and ``vramplan calibrate``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VramplanError
+from .hfconfig import load_config_file
+from .result import Estimate
+from .spec import ModelSpec
+from .units import GiB
+from .workload import Attention, LogitsMode, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+
+__all__ = ["CaseResult", "compare", "read_rows", "workload_of_row"]
+
+_OPTIM = {"adamw8bit": Optimizer.ADAMW_8BIT, "adamw-8bit": Optimizer.ADAMW_8BIT}
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def workload_of_row(row: Mapping[str, str]) -> Workload | None:
+    """The workload a calibration row ran, as measure.py defines it; None for non-LLM rows."""
+    task = row.get("task", "")
+    if task not in ("train", "infer"):
+        return None
+    kw: dict[str, object] = {"task": Task(task), "batch_size": int(row["batch"]), "seq_len": int(row["seq"])}
+    if row.get("precision"):
+        kw["precision"] = Precision(row["precision"])
+    if row.get("optim"):
+        kw["optimizer"] = _OPTIM.get(row["optim"]) or Optimizer(row["optim"])
+    if row.get("attn"):
+        kw["attention"] = Attention(row["attn"])
+    if row.get("ckpt") == "True":
+        kw["gradient_checkpointing"] = True
+    if row.get("method"):
+        kw["method"] = Method(row["method"])
+        kw["lora_rank"] = int(row.get("r") or 16)
+        targets = row.get("targets") or "q_proj+v_proj"
+        kw["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets.split("+"))
+    if task == "infer":
+        kw["new_tokens"] = int(row.get("new_tokens") or 32)
+        kw["logits"] = LogitsMode.LAST if row.get("last_logits") == "True" else LogitsMode.ALL
+        if row.get("nf4") == "True":
+            kw["weights_quant"] = WeightsQuant.NF4
+    return Workload(**kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    name: str
+    measured_bytes: int
+    predicted_bytes: int
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction."""
+        return (self.predicted_bytes - self.measured_bytes) / self.measured_bytes
+
+
+def compare(rows: Iterable[Mapping[str, str]], configs_dir: str | Path,
+            predict: Callable[[ModelSpec, Workload], Estimate]) -> tuple[list[CaseResult], list[str]]:
+    """Predict every supported row; returns (results, names of rows skipped with the reason)."""
+    results: list[CaseResult] = []
+    skipped: list[str] = []
+    for row in rows:
+        w = workload_of_row(row)
+        if w is None:
+            skipped.append(f"{row['name']}: task {row['task']!r} (vision/diffusion) is not a language model")
+            continue
+        cfg = Path(configs_dir) / f"{row['model']}.json"
+        try:
+            spec = load_config_file(cfg)
+            est = predict(spec, w)
+        except VramplanError as exc:
+            skipped.append(f"{row['name']}: {exc}")
+            continue
+        results.append(CaseResult(row["name"], round(float(row["peak_alloc_gib"]) * GiB),
+                                  est.peak_allocated_bytes))
+    return results, skipped

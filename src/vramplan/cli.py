@@ -1,0 +1,208 @@
+"""Command line: gathers through the library, renders in :mod:`vramplan.render`.
+
+Every error the user can cause ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .errors import VramplanError
+
+__all__ = ["main"]
+
+_WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
+                   "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
+                   "lora_targets", "trainable_layers", "gradient_accumulation")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
+                   help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
+                        "weights + autocast")
+    g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
+                   help="storage of the base linear weights (inference, or LoRA on a quantized base)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
+                   default="adamw")
+    g.add_argument("--batch-size", type=_positive, default=1)
+    g.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence (the prompt, for infer)")
+    g.add_argument("--new-tokens", type=_non_negative, default=32, help="tokens generated after the prompt")
+    g.add_argument("--logits", choices=["all", "last"], default="last",
+                   help="inference: logits for every prompt token, or only the last (as generate() does)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
+    g.add_argument("--lora-rank", type=_positive, default=16)
+    g.add_argument("--lora-alpha", type=_positive, default=32)
+    g.add_argument("--lora-targets", default="default",
+                   help="comma-separated module names, all-linear, or default (peft's choice for the family: "
+                        "q_proj,v_proj for LLaMA-style models)")
+    g.add_argument("--trainable-layers", type=_non_negative, default=None,
+                   help="--method freeze: how many of the last decoder layers train (default: a quarter)")
+    g.add_argument("--gradient-accumulation", type=_positive, default=1)
+
+
+def _workload_options(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(ns, k) for k in _WORKLOAD_FLAGS if hasattr(ns, k)}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vramplan", description="Will this model fit, for this job, on this hardware? "
+                                             "GPU memory for training, fine-tuning and inference.")
+    p.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    e = sub.add_parser("estimate", help="peak GPU memory of one workload, by kind and by phase")
+    e.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
+    _add_workload_flags(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
+    t.add_argument("model", metavar="MODEL")
+    _add_workload_flags(t)
+    t.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("models", help="list the built-in model catalog")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--family", help="only this model_type (llama, qwen2, …)")
+
+    g = sub.add_parser("gpus", help="list the GPU catalog")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--class", dest="gpu_class", choices=["consumer", "workstation", "datacenter"])
+    g.add_argument("--min-memory-gib", type=float, default=None)
+    return p
+
+
+def _cmd_estimate(ns: argparse.Namespace) -> int:
+    from .api import estimate
+
+    est = estimate(ns.model, **_workload_options(ns))
+    if ns.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        from .render import print_estimate
+
+        print_estimate(est)
+    return 0
+
+
+def _cmd_trace(ns: argparse.Namespace) -> int:
+    from .api import make_workload
+    from .catalog import resolve_model
+
+    from .trace import trace_workload
+
+    _, entry = resolve_model(ns.model)
+    if entry is not None:
+        config, name = entry.config_dict(), entry.name
+    else:
+        config, name = _read_json(ns.model), os.path.basename(os.path.dirname(os.path.abspath(ns.model)))
+    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name)
+    if ns.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        from .render import print_estimate
+
+        print_estimate(est, title="trace" if entry is None else f"trace of {entry.name}")
+    return 0
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    p = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    with open(p, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise VramplanError(f"{path}: not a JSON object")
+    return data
+
+
+def _cmd_models(ns: argparse.Namespace) -> int:
+    from .catalog import list_models
+
+    models = [m for m in list_models() if not ns.family or m.spec.family == ns.family]
+    if ns.json:
+        print(json.dumps([{"name": m.name, "hf_id": m.hf_id, "family": m.spec.family, "parameters": m.params,
+                           "aliases": list(m.aliases), "source": m.source} for m in models], indent=2))
+    else:
+        from .render import print_models
+
+        print_models(models)
+    return 0
+
+
+def _cmd_gpus(ns: argparse.Namespace) -> int:
+    from .hardware import list_gpus
+    from .units import GiB
+
+    min_mem = int(ns.min_memory_gib * GiB) if ns.min_memory_gib is not None else None
+    gpus = list_gpus(cls=ns.gpu_class, min_memory_bytes=min_mem)
+    if ns.json:
+        print(json.dumps([{"name": g.name, "display_name": g.display_name, "class": g.gpu_class,
+                           "memory_bytes": g.memory_bytes, "bf16_tflops": g.peak_tflops("bf16"),
+                           "price_usd_per_hour": g.price.on_demand} for g in gpus], indent=2))
+    else:
+        from .render import print_gpus
+
+        print_gpus(gpus)
+    return 0
+
+
+_COMMANDS = {"estimate": _cmd_estimate, "trace": _cmd_trace, "models": _cmd_models, "gpus": _cmd_gpus}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return _COMMANDS[ns.command](ns)
+    except VramplanError as exc:
+        sys.stderr.write(f"vramplan: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("VRAMPLAN_DEBUG"):
+            raise
+        sys.stderr.write(f"vramplan: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with VRAMPLAN_DEBUG=1 for the traceback and please report it)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""What a CUDA device does differently from the fake CPU device the trace runs on.
+
+The trace runs on fake *cpu* tensors (a CPU-only torch build aborts on the first backward with fake CUDA
+tensors), so every place where PyTorch picks a kernel by device is redirected to the CUDA choice:
+
+* ``scaled_dot_product_attention``: the fused kernel choice of ``sdp::select_sdp_backend``
+  (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp). On the calibration H200 (torch 2.11, cuDNN
+  9.19) bf16/fp16 attention without a mask runs cuDNN attention (flash when cuDNN declines): both keep only
+  the output and an fp32 log-sum-exp (B, H, S) for backward, and their backward allocates an fp32 dQ
+  accumulator (B, S, H, D), a (B, H, S) fp32 row sum and, for grouped-query attention, dK/dV at the full
+  query head count. fp32 inputs or an explicit mask take the memory-efficient kernel (output + log-sum-exp;
+  backward: an fp32 dQ-sized accumulator). Anything else takes the math path, which on torch >= 2.5
+  upcasts 16-bit inputs to fp32 and materialises the (B, H, L, S) scores and probabilities.
+* ``dropout``: CUDA runs the fused ``native_dropout`` (a 1-byte bool mask is saved), CPU multiplies by a
+  noise tensor of the input's dtype.
+* autocast: ``torch.autocast("cuda")`` is a no-op on a CPU-only build and the CPU autocast lists differ
+  from CUDA's, so the CPU autocast dispatch key is given the CUDA cast policies
+  (aten/src/ATen/autocast_mode.cpp), including the cast cache for fp32 leaf tensors that require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
+    "cuda_sdpa", "register_cuda_kernels",
+]
+
+aten = torch.ops.aten
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---- scaled dot product attention --------------------------------------------------------------------
+
+def _heads_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> bool:
+    """check_batch_size_and_num_heads_dense (sdp_utils_cpp.h)."""
+    if not (q.size(0) == k.size(0) == v.size(0)):
+        return False
+    hq, hk, hv = q.size(-3), k.size(-3), v.size(-3)
+    if enable_gqa:
+        return hk == hv and hq % hk == 0
+    return hq == hk == hv
+
+
+def choose_sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        dropout_p: float, is_causal: bool, enable_gqa: bool) -> str:
+    """``fused`` (cuDNN / flash), ``efficient`` or ``math``, as CUDA sm80+ picks them."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not (q.dtype == k.dtype == v.dtype):
+        return "math"
+    nonzero = q.size(2) > 0 and k.size(2) > 0
+    dq, dk, dv = q.size(-1), k.size(-1), v.size(-1)
+    strides = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    heads = _heads_ok(q, k, v, enable_gqa)
+    if (attn_mask is None and q.dtype in _HALF and dq == dk == dv and dq <= 256
+            and not (is_causal and q.size(2) != k.size(2)) and heads and nonzero
+            and (strides or dq == 1)):
+        return "fused"
+    align = 8 if q.dtype in _HALF else 4  # minimum_gemm_alignment on sm80+
+    elsize = q.element_size()
+    offsets = all((t.storage_offset() * elsize) % (align * elsize) == 0 for t in (q, k, v))
+    mask_ok = attn_mask is None or attn_mask.stride(-1) == 1
+    if (q.dtype in (*_HALF, torch.float32) and dq == dk and dq % align == 0 and dv % align == 0 and dq > 0
+            and offsets and heads and nonzero and strides and mask_ok):
+        return "efficient"
+    return "math"
+
+
+def _bool_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """convert_boolean_attn_mask (attention.cpp): a float mask of the mask's shape in the query dtype."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask.logical_not(), float("-inf"))
+
+
+def _preprocess_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """preprocess_mask (attention.cpp): expand to 4-D and align the last dim to 16 for the efficient kernel."""
+    m = mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+    last = m.size(-1)
+    if last % 16:
+        pad = 16 - last % 16
+        return torch.nn.functional.pad(m, (0, pad))[..., :last]
+    if m.stride(0) % 16 or m.stride(1) % 16 or m.stride(2) % 16:
+        return m.contiguous()
+    return m
+
+
+def cuda_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """aten::scaled_dot_product_attention as it runs on CUDA (attention.cpp), on any device."""
+    backend = choose_sdpa_backend(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if backend == "fused":
+        return aten._scaled_dot_product_flash_attention.default(
+            query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    mask = _bool_mask_to_additive(attn_mask, query.dtype) if attn_mask is not None else None
+    if backend == "efficient":
+        if mask is not None:
+            mask = _preprocess_mask(mask, query, key)
+        needs_lse = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                  or value.requires_grad)
+        return aten._scaled_dot_product_efficient_attention.default(
+            query, key, value, mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+    return aten._scaled_dot_product_attention_math.default(
+        query, key, value, mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+def attention_backward_transient(func: Any, args: tuple[Any, ...]) -> int:
+    """Bytes a fused attention backward kernel allocates and frees internally.
+
+    Measured on the H200 (cuDNN 9.19): backward peaks at grads + an fp32 (B, S, Hq, D) dQ accumulator +
+    a (B, Hq, S) fp32 row sum, plus dK and dV at the query head count when key/value heads are fewer
+    (FlashAttention-2's mha_bwd allocates the same: dq_accum, softmax_d, dk_expanded, dv_expanded).
+    """
+    grad_out, q, k = args[0], args[1], args[2]
+    b, hq, sq, d = q.shape
+    sk = k.size(2)
+    total = b * hq * sq * d * 4 + b * hq * sq * 4
+    if func is aten._scaled_dot_product_flash_attention_backward.default and k.size(1) != hq:
+        total += 2 * b * hq * sk * d * grad_out.element_size()
+    return total
+
+
+# ---- dropout -----------------------------------------------------------------------------------------
+
+def cuda_dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    """aten::dropout on CUDA (Dropout.cpp): the fused native_dropout keeps a bool mask for backward."""
+    if not train or p == 0 or input.numel() == 0:
+        return input
+    if p >= 1:
+        return input * torch.zeros_like(input)
+    return aten.native_dropout.default(input, p, train)[0]
+
+
+def _dropout_kernel(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+    return cuda_dropout(input, p, train)
+
+
+def _sdpa_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                 scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    return cuda_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------
+# CUDA cast policies, aten/src/ATen/autocast_mode.cpp (AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+# AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_PROMOTE).
+_LOWER = {
+    "_convolution", "_convolution.deprecated", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
+    "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "prelu", "addmm", "addmv", "addr",
+    "matmul", "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul",
+    "linalg_multi_dot", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell",
+    "rnn_tanh_cell", "rnn_relu_cell", "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+    "cudnn_convolution", "cudnn_convolution_transpose", "vdot",
+}
+_FP32 = {
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
+    "native_layer_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+    "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    "rms_norm", "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d",
+    "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_linear1d",
+    "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d",
+    "_upsample_bicubic2d_aa", "binary_cross_entropy",
+}
+_FP32_SET_OPT_DTYPE = {
+    "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+    "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList",
+}
+_FP32_APPEND_DTYPE = {"norm.Scalar", "norm.ScalarOpt_dim"}
+_PROMOTE = {
+    "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sampler", "index_put", "tensordot",
+    "scatter_add",
+}
+
+
+def _op(qualname: str) -> torch._ops.OpOverload:
+    name, _, overload = qualname.partition(".")
+    packet = getattr(aten, name)
+    return getattr(packet, overload or "default")
+
+
+def _autocast_ops(key: str) -> set[str]:
+    """Overload names (without ``aten::``) that have a kernel for an autocast dispatch key."""
+    found = set()
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            found.add(name[len("aten::"):])
+    return found
+
+
+class AutocastEmulation:
+    """CUDA autocast policies on the CPU autocast key, with CUDA's cast cache."""
+
+    def __init__(self, lower: torch.dtype) -> None:
+        self.lower = lower
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _eligible(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+    def _cast(self, t: Any, dtype: torch.dtype) -> Any:
+        if isinstance(t, (list, tuple)):
+            return type(t)(self._cast(x, dtype) for x in t)
+        if not self._eligible(t) or t.dtype == dtype:
+            return t
+        cacheable = (dtype == self.lower and t.dtype == torch.float32 and t.requires_grad and t.is_leaf
+                     and not t._is_view() and torch.is_autocast_cache_enabled())
+        if cacheable:
+            hit = self.cache.get(id(t))
+            if hit is None:
+                hit = t.to(dtype)
+                self.cache[id(t)] = hit
+            return hit
+        return t.to(dtype)
+
+    def kernel(self, op: torch._ops.OpOverload, policy: str) -> Callable[..., Any]:
+        names = [a.name for a in op._schema.arguments]
+        dtype_pos = names.index("dtype") if "dtype" in names else -1
+        kwarg_only = dtype_pos >= 0 and op._schema.arguments[dtype_pos].kwarg_only
+        excl = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with torch._C._ExcludeDispatchKeyGuard(excl):
+                if policy == "lower":
+                    args = tuple(self._cast(a, self.lower) for a in args)
+                    kwargs = {k: self._cast(v, self.lower) for k, v in kwargs.items()}
+                elif policy == "fp32":
+                    args = tuple(self._cast(a, torch.float32) for a in args)
+                    kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
+                elif policy == "fp32_set_opt_dtype":
+                    if args and self._eligible(args[0]):
+                        if kwarg_only or dtype_pos < 0:
+                            if kwargs.get("dtype") is None and dtype_pos >= 0:
+                                kwargs = {**kwargs, "dtype": torch.float32}
+                        elif dtype_pos < len(args):
+                            if args[dtype_pos] is None:
+                                args = (*args[:dtype_pos], torch.float32, *args[dtype_pos + 1:])
+                        elif kwargs.get("dtype") is None:
+                            kwargs = {**kwargs, "dtype": torch.float32}
+                elif policy == "fp32_append_dtype":
+                    if args and self._eligible(args[0]) and args[0].dtype != torch.float32:
+                        args = (args[0].to(torch.float32), *args[1:])
+                elif policy == "promote":
+                    floats = [a for a in (*args, *kwargs.values()) if self._eligible(a)]
+                    if floats:
+                        widest = floats[0].dtype
+                        for f in floats[1:]:
+                            widest = torch.promote_types(widest, f.dtype)
+                        args = tuple(self._cast(a, widest) for a in args)
+                        kwargs = {k: self._cast(v, widest) for k, v in kwargs.items()}
+                return op(*args, **kwargs)
+
+        return run
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+def _policy(name: str) -> str | None:
+    for policy, names in (("lower", _LOWER), ("fp32", _FP32), ("fp32_set_opt_dtype", _FP32_SET_OPT_DTYPE),
+                          ("fp32_append_dtype", _FP32_APPEND_DTYPE), ("promote", _PROMOTE)):
+        if name in names:
+            return policy
+    return None
+
+
+@contextlib.contextmanager
+def register_cuda_kernels(autocast: AutocastEmulation | None) -> Iterator[None]:
+    """Install the CUDA behaviours on the CPU dispatch keys for the duration of a trace."""
+    import warnings
+
+    lib = torch.library.Library("aten", "IMPL")
+    clear_orig = torch.clear_autocast_cache
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lib.impl("scaled_dot_product_attention", _sdpa_kernel, "AutogradCPU")
+            lib.impl("dropout", _dropout_kernel, "AutogradCPU")
+            if autocast is not None:
+                cuda_ops = _autocast_ops("AutocastCUDA")
+                cpu_ops = _autocast_ops("AutocastCPU")
+                for name in sorted(cuda_ops | cpu_ops | _LOWER | _FP32 | _FP32_SET_OPT_DTYPE | _PROMOTE):
+                    try:
+                        op = _op(name)
+                    except AttributeError:
+                        continue
+                    policy = _policy(name)
+                    if policy is None:
+                        if name in cpu_ops:
+                            lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+                        continue
+                    lib.impl(name, autocast.kernel(op, policy), "AutocastCPU")
+
+                def clear() -> None:
+                    clear_orig()
+                    autocast.clear()
+
+                torch.clear_autocast_cache = clear  # torch.autocast.__exit__ calls it at nesting level 0
+        yield
+    finally:
+        torch.clear_autocast_cache = clear_orig
+        lib._destroy()

@@ -1,0 +1,212 @@
+"""Live-storage accounting under fake tensors: what ``torch.cuda.max_memory_allocated`` would report.
+
+A :class:`MemoryTracker` is a ``TorchDispatchMode`` that sits above ``FakeTensorMode``. Every op's
+outputs pass through it; an output whose untyped storage it has not seen is a new allocation of
+``storage.nbytes()`` rounded up to the CUDA caching allocator's 512-byte blocks, and a weak reference
+on that storage (storages keep their Python object alive as long as the C++ storage lives) tells it
+when the allocation is freed. Allocations that happen *inside* a CUDA kernel and never surface as a
+tensor (attention backward accumulators) are added as transients by the emulation layer.
+
+Each allocation is stamped with the *region* it was made in (activations, or logits/loss while the
+output head and the loss run); weights, gradients, optimizer state, KV cache and quantization
+constants are marked once they are known, so a snapshot taken at a peak can be broken down by kind
+at the end of the trace.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..kinds import MemoryKind, Phase
+
+__all__ = ["BLOCK_BYTES", "MemoryTracker", "PeakMark", "block_bytes"]
+
+# c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; every request is rounded up to a multiple of it
+# (round_size), and the allocated-bytes statistic counts the rounded size.
+BLOCK_BYTES = 512
+
+aten = torch.ops.aten
+
+
+def block_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator accounts for a request of ``nbytes``."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+
+
+class _Rec:
+    """One live allocation."""
+
+    __slots__ = ("kind", "nbytes", "ref", "region")
+
+    def __init__(self, nbytes: int, region: MemoryKind) -> None:
+        self.nbytes = nbytes
+        self.region = region
+        self.kind: MemoryKind | None = None  # set when the storage is known to be a weight, grad, state, ...
+        self.ref: weakref.ref[Any] | None = None
+
+    def resolved(self) -> MemoryKind:
+        return self.kind if self.kind is not None else self.region
+
+
+@dataclass
+class PeakMark:
+    """A snapshot of the live allocations at the highest point of one phase."""
+
+    bytes: int
+    recs: list[_Rec]
+    transient: int
+    where: str
+
+    def breakdown(self) -> dict[MemoryKind, int]:
+        out: dict[MemoryKind, int] = {}
+        for r in self.recs:
+            k = r.resolved()
+            out[k] = out.get(k, 0) + r.nbytes
+        if self.transient:
+            out[MemoryKind.ACTIVATIONS] = out.get(MemoryKind.ACTIVATIONS, 0) + self.transient
+        return out
+
+
+_composite_cache: dict[Any, bool] = {}
+
+
+def _is_composite(func: Any) -> bool:
+    """Ops with a CompositeImplicitAutograd kernel reach a dispatch mode undecomposed under
+    inference_mode; decomposing them here keeps their temporaries visible to the tracker."""
+    hit = _composite_cache.get(func)
+    if hit is None:
+        try:
+            hit = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+        except Exception:
+            hit = False
+        _composite_cache[func] = hit
+    return hit
+
+
+# Ops FakeTensorMode must see whole (metadata queries, or ops whose decomposition is not a real execution).
+_NEVER_DECOMPOSE = {
+    aten.size.default, aten.stride.default, aten.sym_size.int, aten.sym_stride.int,
+    aten.sym_numel.default, aten.sym_storage_offset.default, aten.dim.default,
+    aten.is_contiguous.default,
+}
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live (fake) device allocations and records the peak of each phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, _Rec] = {}
+        self.current = 0
+        self.phase: Phase | None = None
+        self.region = MemoryKind.ACTIVATIONS
+        self.peaks: dict[Phase, PeakMark] = {}
+        self.where = ""
+        self.overrides: dict[Any, Callable[..., Any]] = {}
+        self.after_op: dict[Any, Callable[[tuple[Any, ...], dict[str, Any], Any], int]] = {}
+        self.scalar_answer: Callable[[torch.Tensor], Any] | None = None
+        self.ops = 0
+
+    # ---- allocation bookkeeping ---------------------------------------------------------------
+    def _free(self, key: int, _ref: object) -> None:
+        rec = self.live.pop(key, None)
+        if rec is not None:
+            self.current -= rec.nbytes
+
+    def adopt(self, t: torch.Tensor, kind: MemoryKind | None = None) -> None:
+        """Count an existing tensor's storage (and optionally fix its kind)."""
+        rec = self._register(t)
+        if rec is not None and kind is not None:
+            rec.kind = kind
+
+    def mark(self, tensors: Iterable[Any], kind: MemoryKind) -> None:
+        """Fix the kind of the storages behind ``tensors`` (grads, optimizer state, KV cache...)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.live.get(t.untyped_storage()._cdata)
+                if rec is not None:
+                    rec.kind = kind
+
+    def _register(self, t: torch.Tensor) -> _Rec | None:
+        if t.device.type == "meta":
+            return None
+        st = t.untyped_storage()
+        key = st._cdata
+        rec = self.live.get(key)
+        if rec is not None:
+            return rec
+        nbytes = block_bytes(st.nbytes())
+        if nbytes == 0:
+            return None
+        rec = _Rec(nbytes, self.region)
+        rec.ref = weakref.ref(st, lambda r, k=key: self._free(k, r))
+        self.live[key] = rec
+        self.current += nbytes
+        return rec
+
+    def _note(self, out: Any, func: Any) -> None:
+        before = self.current
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._register(t)
+        if self.current > before:
+            self._check_peak(func, 0)
+
+    def transient(self, nbytes: int, func: Any) -> None:
+        """An allocation made and freed inside one kernel (workspace, accumulators)."""
+        if nbytes > 0:
+            self._check_peak(func, nbytes)
+
+    def _check_peak(self, func: Any, transient: int) -> None:
+        phase = self.phase
+        if phase is None:
+            return
+        total = self.current + transient
+        mark = self.peaks.get(phase)
+        if mark is None or total > mark.bytes:
+            node = torch._C._current_autograd_node()
+            op = getattr(func, "__name__", str(func))
+            where = self.where
+            if node is not None:
+                where = f"{node.name()}"
+            self.peaks[phase] = PeakMark(total, list(self.live.values()), transient, f"{where} [{op}]")
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        self.ops += 1
+        override = self.overrides.get(func)
+        if override is not None:
+            with self:
+                return override(*args, **kwargs)
+        if func is aten._local_scalar_dense.default:
+            return self._local_scalar(func, args, kwargs)
+        if func not in _NEVER_DECOMPOSE and _is_composite(func):
+            with self:
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+        out = func(*args, **kwargs)
+        self._note(out, func)
+        hook = self.after_op.get(func)
+        if hook is not None:
+            self.transient(hook(args, kwargs, out), func)
+        return out
+
+    def _local_scalar(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            if self.scalar_answer is None:
+                raise
+            return self.scalar_answer(args[0])

@@ -1,0 +1,87 @@
+"""Invariants that must hold for every model and workload (hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vramplan import MemoryKind, Workload, get_model
+from vramplan.estimator import estimate
+from vramplan.workload import Attention, Method, Optimizer, Precision, Task
+
+MODELS = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "falcon-7b", "mixtral-8x7b", "gemma-2-2b", "phi-3-mini",
+          "opt-1.3b", "bloom-560m", "gpt-j-6b", "pythia-1.4b", "qwen3-0.6b"]
+
+workloads = st.builds(
+    Workload,
+    task=st.sampled_from(list(Task)),
+    method=st.sampled_from([Method.FULL, Method.LORA, Method.QLORA, Method.FREEZE]),
+    precision=st.sampled_from(list(Precision)),
+    optimizer=st.sampled_from(list(Optimizer)),
+    batch_size=st.integers(1, 16),
+    seq_len=st.integers(1, 4096),
+    new_tokens=st.integers(0, 256),
+    gradient_checkpointing=st.booleans(),
+    attention=st.sampled_from(list(Attention)),
+    lora_rank=st.integers(1, 128),
+)
+models = st.sampled_from(MODELS)
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def peak(model: str, w: Workload) -> int:
+    return estimate(get_model(model).spec, w).peak_allocated_bytes
+
+
+@SETTINGS
+@given(models, workloads, st.integers(1, 8))
+def test_memory_never_falls_as_batch_grows(model: str, w: Workload, extra: int) -> None:
+    assert peak(model, w.with_(batch_size=w.batch_size + extra)) >= peak(model, w)
+
+
+@SETTINGS
+@given(models, workloads, st.integers(1, 2048))
+def test_memory_never_falls_as_sequence_grows(model: str, w: Workload, extra: int) -> None:
+    assert peak(model, w.with_(seq_len=w.seq_len + extra)) >= peak(model, w)
+
+
+@SETTINGS
+@given(models, workloads, st.integers(1, 64))
+def test_memory_never_falls_as_rank_or_new_tokens_grow(model: str, w: Workload, extra: int) -> None:
+    assert peak(model, w.with_(lora_rank=w.lora_rank + extra)) >= peak(model, w)
+    assert peak(model, w.with_(new_tokens=w.new_tokens + extra)) >= peak(model, w)
+
+
+@SETTINGS
+@given(models, workloads)
+def test_checkpointing_never_raises_activation_memory(model: str, w: Workload) -> None:
+    w = w.with_(task=Task.TRAIN, gradient_checkpointing=False)
+    spec = get_model(model).spec
+    plain = estimate(spec, w)
+    ckpt = estimate(spec, w.with_(gradient_checkpointing=True))
+    assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes
+    fwd = [p for p in ckpt.phases if p.phase.value == "forward"][0]
+    fwd_plain = [p for p in plain.phases if p.phase.value == "forward"][0]
+    assert fwd.breakdown[MemoryKind.ACTIVATIONS] <= fwd_plain.breakdown[MemoryKind.ACTIVATIONS]
+
+
+@SETTINGS
+@given(models, workloads)
+def test_lora_never_needs_more_than_full_finetuning(model: str, w: Workload) -> None:
+    w = w.with_(task=Task.TRAIN)
+    spec = get_model(model).spec
+    full = estimate(spec, w.with_(method=Method.FULL))
+    lora = estimate(spec, w.with_(method=Method.LORA))
+    # peft's fp32 input copies can make adapter activations exceed full fine-tuning's, but never the total
+    assert lora.peak_allocated_bytes <= full.peak_allocated_bytes
+
+
+@SETTINGS
+@given(models, workloads)
+def test_breakdown_adds_up(model: str, w: Workload) -> None:
+    est = estimate(get_model(model).spec, w)
+    assert est.breakdown.total == est.total_bytes
+    assert all(v >= 0 for _, v in est.breakdown.bytes_by_kind)
+    assert est.peak_allocated_bytes == max(p.peak_allocated_bytes for p in est.phases)
+    for p in est.phases:
+        assert p.breakdown.total == p.peak_allocated_bytes
