@@ -1,69 +1,71 @@
-import json, os, subprocess, sys, time
+import json, os, sys, time, collections
 import torch
-print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "cuda", torch.version.cuda)
-print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-for pkg in ("transformers", "peft", "bitsandbytes", "nvidia-cudnn-cu13"):
-    r = subprocess.run([sys.executable, "-m", "pip", "show", pkg], capture_output=True, text=True)
-    print(pkg, [l for l in r.stdout.splitlines() if l.startswith("Version")])
-from torch.nn.attention import SDPBackend
-dev = "cuda"
+import transformers as tf
 MiB = 2**20
+dev = "cuda"
+torch.backends.cuda.matmul.allow_tf32 = True
 torch.empty(1, device=dev)
-def choice(q, k, v, mask=None, drop=0.0, causal=True, gqa=False):
-    return {0:"math",1:"flash",2:"efficient",3:"cudnn",-1:"error"}.get(int(torch._fused_sdp_choice(q, k, v, mask, drop, causal, enable_gqa=gqa)), "?")
-bf = torch.bfloat16
+
+def peak_report(tag, snap, top=25):
+    # replay the alloc/free trace and report the live blocks at the allocated peak
+    tr = snap["device_traces"][0]
+    live, cur, best, best_live = {}, 0, 0, None
+    for e in tr:
+        a = e["action"]
+        if a == "alloc":
+            live[e["addr"]] = e; cur += e["size"]
+            if cur > best:
+                best, best_live = cur, dict(live)
+        elif a in ("free_requested",):
+            if e["addr"] in live:
+                cur -= live.pop(e["addr"])["size"]
+    print(f"== {tag}: traced peak over window {best/MiB:.1f} MiB, {len(best_live)} blocks")
+    agg = collections.Counter()
+    for e in best_live.values():
+        fr = [f for f in e.get("frames", []) if f["filename"].endswith(".py") and "torch/utils" not in f["filename"]]
+        key = " < ".join(f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in fr[:3]) or "?"
+        agg[(key, e["size"])] += 1
+    for (k, sz), n in sorted(agg.items(), key=lambda kv: -kv[0][1] * kv[1])[:top]:
+        print(f"  {n:3d} x {sz/MiB:9.2f} MiB  {k}")
+
+def infer_case(tag, cfg_cls, spec, b, s, dtype=torch.bfloat16):
+    cfg = cfg_cls(**spec); cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.to(dtype); model.eval(); model.config.use_cache = True
+    ids = torch.randint(0, cfg.vocab_size, (b, s), device=dev)
+    torch.cuda.synchronize(); base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        past = out.past_key_values; nxt = out.logits[:, -1:].argmax(-1); del out
+        for _ in range(2):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True); past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1); del out
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"#### {tag}: base(weights+ids) {base/MiB:.1f} MiB, peak {torch.cuda.max_memory_allocated()/MiB:.1f} MiB, above base {(torch.cuda.max_memory_allocated()-base)/MiB:.1f}")
+    peak_report(tag, snap)
+    del model, past, nxt, ids; torch.cuda.empty_cache()
+
+infer_case("falcon-4L b4s2048", tf.FalconConfig, dict(hidden_size=4544, num_hidden_layers=4, num_attention_heads=71,
+           vocab_size=65024, multi_query=True, parallel_attn=True, bias=False, new_decoder_architecture=False, alibi=False), 4, 2048)
+infer_case("llama2-13b-4L b4s2048", tf.LlamaConfig, dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=4,
+           num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096), 4, 2048)
+infer_case("llama2-7b-4L fp16 b8s2048", tf.LlamaConfig, dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
+           num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096), 8, 2048, torch.float16)
+# fp32 GQA backend choice and memory
 def mk(b, h, s, d, dt, rg=True):
     return torch.randn(b, s, h, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(rg)
-cases = {
- "llama1b bf16 gqa train": (mk(4,32,2048,64,bf), mk(4,8,2048,64,bf), mk(4,8,2048,64,bf), None, 0.0, True, True),
- "llama1b bf16 gqa infer": (mk(4,32,2048,64,bf,False), mk(4,8,2048,64,bf,False), mk(4,8,2048,64,bf,False), None, 0.0, True, True),
- "llama8b hd128 train": (mk(1,32,2048,128,bf), mk(1,8,2048,128,bf), mk(1,8,2048,128,bf), None, 0.0, True, True),
- "gpt2 fp32": (mk(8,12,1024,64,torch.float32), mk(8,12,1024,64,torch.float32), mk(8,12,1024,64,torch.float32), None, 0.1, True, False),
- "gpt2 bf16 drop0.1": (mk(16,12,1024,64,bf), mk(16,12,1024,64,bf), mk(16,12,1024,64,bf), None, 0.1, True, False),
- "qwen hd64 h14 kv2": (mk(4,14,1024,64,bf), mk(4,2,1024,64,bf), mk(4,2,1024,64,bf), None, 0.0, True, True),
- "falcon mqa mask": (mk(4,71,2048,64,bf,False), mk(4,1,2048,64,bf,False), mk(4,1,2048,64,bf,False), torch.ones(4,1,2048,2048,device=dev,dtype=torch.bool).tril(), 0.0, False, False),
- "decode q1 gqa": (mk(8,32,1,128,bf,False), mk(8,8,2049,128,bf,False), mk(8,8,2049,128,bf,False), None, 0.0, False, True),
- "llama2 fp16 mha": (mk(8,32,2048,128,torch.float16,False), mk(8,32,2048,128,torch.float16,False), mk(8,32,2048,128,torch.float16,False), None, 0.0, True, False),
-}
-for name, (q,k,v,m,d,c,g) in cases.items():
-    try:
-        print("choice", name, choice(q,k,v,m,d,c,g))
-    except Exception as e:
-        print("choice", name, "ERR", e)
-del cases
-torch.cuda.synchronize(); torch.cuda.empty_cache()
-# memory of sdpa fwd/bwd (llama1b-like, bf16 gqa)
-def sdpa_mem(b, h, hk, s, d, dt, gqa=True, drop=0.0):
-    q = mk(b,h,s,d,dt); k = mk(b,hk,s,d,dt); v = mk(b,hk,s,d,dt)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=drop)
-    torch.cuda.synchronize()
-    fwd_peak = torch.cuda.max_memory_allocated() - base; after = torch.cuda.memory_allocated() - base
-    g = torch.ones_like(o)
-    torch.cuda.synchronize(); base2 = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-    o.backward(g)
-    torch.cuda.synchronize()
-    bwd_peak = torch.cuda.max_memory_allocated() - base2; after2 = torch.cuda.memory_allocated() - base2
-    out_b = o.numel() * o.element_size()
-    print(f"sdpa b{b} h{h}/{hk} s{s} d{d} {dt} drop{drop}: out={out_b/MiB:.2f}MiB fwd_peak={fwd_peak/MiB:.2f} after_fwd={after/MiB:.2f} bwd_peak={bwd_peak/MiB:.2f} after_bwd={after2/MiB:.2f} qkv_bytes={(q.numel()+k.numel()+v.numel())*q.element_size()/MiB:.2f}")
-    del q,k,v,o,g
-    torch.cuda.empty_cache()
-sdpa_mem(4,32,8,2048,64,bf)
-sdpa_mem(1,32,8,2048,128,bf)
-sdpa_mem(4,32,32,2048,64,bf, gqa=False)
-sdpa_mem(8,12,12,1024,64,torch.float32, gqa=False, drop=0.1)
-sdpa_mem(16,12,12,1024,64,bf, gqa=False, drop=0.1)
-# cuBLAS workspace seen in allocated
-r = subprocess.run([sys.executable, "-c", """
-import torch, threading
-torch.empty(1, device='cuda')
-a = torch.randn(512, 512, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-torch.cuda.synchronize(); m0 = torch.cuda.memory_allocated()
-b = a @ a; torch.cuda.synchronize(); m1 = torch.cuda.memory_allocated()
-b.sum().backward(); torch.cuda.synchronize(); m2 = torch.cuda.memory_allocated()
-x = torch.nn.functional.linear(a, a); torch.cuda.synchronize(); m3 = torch.cuda.memory_allocated()
-print('cublas ws MiB after fwd mm', (m1-m0-512*512*2)/2**20, 'after bwd', (m2-m1-512*512*2)/2**20, 'after linear', (m3-m2-512*512*2)/2**20)
-print('env', {k:v for k,v in __import__('os').environ.items() if 'CUBLAS' in k})
-"""], capture_output=True, text=True)
-print(r.stdout, r.stderr[-2000:])
+q, k, v = mk(2,32,1024,64,torch.float32), mk(2,8,1024,64,torch.float32), mk(2,8,1024,64,torch.float32)
+print("fp32 gqa choice", int(torch._fused_sdp_choice(q, k, v, None, 0.0, True, enable_gqa=True)))
+torch.cuda.synchronize(); b0 = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+torch.cuda.synchronize(); print("fp32 gqa fwd peak", (torch.cuda.max_memory_allocated()-b0)/MiB, "after", (torch.cuda.memory_allocated()-b0)/MiB, "out", o.numel()*4/MiB)
+b1 = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+o.backward(torch.ones_like(o)); torch.cuda.synchronize()
+print("fp32 gqa bwd peak", (torch.cuda.max_memory_allocated()-b1)/MiB, "after", (torch.cuda.memory_allocated()-b1)/MiB)

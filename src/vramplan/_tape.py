@@ -195,10 +195,17 @@ class Tape:
             if not any(id(t) in grads for t in op.outputs):
                 for t in op.saved:  # never reached by backward: freed with the graph
                     remaining_saves[id(t)] -= 1
+                    if remaining_saves[id(t)] == 0 and not t.keep:
+                        cur[t.kind] -= t.nbytes
+                        total -= t.nbytes
                 continue
             new = 0
             transient = 0
             for t in op.grad_inputs:
+                if t.base is not None:
+                    # a view's gradient is materialized at its base's size (e.g. slice_backward)
+                    # and accumulated there: the base's producer receives it
+                    t = t.base
                 if id(t) in grads:
                     transient += t.nbytes  # computed, then added into the existing buffer
                 else:

@@ -281,7 +281,10 @@ class _B:
             att = self.ew(att, save_out=True)
             att = tp.op(scores, selem, (att,))
         att = tp.op(scores, selem, (att,))  # + causal mask
-        probs32 = tp.op(scores, 4, (att,))  # softmax(dtype=float32) saves its result
+        # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
+        # scores' dtype. softmax saves its result.
+        pelem = selem if spec.family in ("gpt2", "falcon") else 4
+        probs32 = tp.op(scores, pelem, (att,))
         if rg:
             tp.ops[-1].saved += (probs32,)
             probs32.saved_by.append(len(tp.ops) - 1)
@@ -296,8 +299,7 @@ class _B:
         attn = plan.attention if plan else Attention.SDPA
         gqa = spec.num_kv_heads != spec.num_heads
         elem = 2 if self.num.amp else self.num.act
-        if spec.family in ("bloom", "gptj") or attn is Attention.EAGER or spec.attn_logit_softcap and \
-                attn is not Attention.FLASH:
+        if spec.family in ("bloom", "gptj") or attn is Attention.EAGER:
             return Kernel.EAGER, gqa
         if attn is Attention.FLASH:
             return Kernel.FLASH, gqa
@@ -305,6 +307,9 @@ class _B:
             # Falcon calls SDPA itself: multi-query k/v (1 head) without enable_gqa; the new decoder
             # architecture broadcasts k/v to every head first.
             return sdpa_kernel(spec, elem, has_mask, False, not gqa), gqa
+        if has_mask:
+            # transformers' use_gqa_in_sdpa() is False with a mask: repeat_kv copies k/v to every head
+            return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True), False
         return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa), gqa
 
     # ---- whole blocks ---------------------------------------------------------------------------
@@ -319,8 +324,8 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
-        kernel, gqa = self.kernel_for(has_mask=bool(plan.sliding and spec.sliding_window
-                                                    and skv > spec.sliding_window))
+        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
+        kernel, gqa = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
             name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
@@ -350,12 +355,18 @@ class _B:
         q = self.rope(q)
         k = self.rope(k)
         if not self.num.training:
-            tp.keep(k, v)  # the KV cache (DynamicCache keeps the post-RoPE keys)
-            k.kind = v.kind = list(MemoryKind).index(KV)
+            # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
+            # holds copies of the post-RoPE keys and the values, in their own storage
+            k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * skv * kvd, v.elem, (v,), kind=KV)
+            tp.keep(k, v)
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs
-        out = self.attention_core(q, k, v, kernel, heads_kv if gqa or heads_kv != spec.num_heads else
-                                  spec.num_heads)
+        if has_mask and heads_kv != spec.num_heads and kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+            k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
+            v = tp.op(b * skv * qd, v.elem, (v,))
+            heads_kv = spec.num_heads
+        out = self.attention_core(q, k, v, kernel, heads_kv)
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
@@ -410,6 +421,12 @@ class _B:
             t6 = tp.op(n, t5.elem, (t5,))
             t7 = tp.op(n, x.elem, (x,))
             return self.mul(t7, t6)
+        if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
+            out = tp.op(n, x.elem, (x,))
+            if x.rg:
+                tp.ops[-1].saved += (out,)
+                out.saved_by.append(len(tp.ops) - 1)
+            return out
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
     def moe(self, n: Tensor) -> Tensor:
@@ -479,7 +496,10 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
     x = tp.input(batch * seq * spec.hidden_size, resid_elem(num), plan.input_rg)
-    return bld.layer(x)
+    y = bld.layer(x)
+    # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
+    x.last_use = max(x.last_use, len(tp.ops) - 1)
+    return y
 
 
 def resid_elem(num: Numerics) -> int:
@@ -488,7 +508,7 @@ def resid_elem(num: Numerics) -> int:
 
 
 def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, trainable: bool,
-                out_rg: bool) -> Tensor:
+                out_rg: bool, attention: Attention = Attention.SDPA) -> Tensor:
     """Token (+ position) embeddings, Gemma's scaling, embedding dropout, and RoPE's cos/sin."""
     bld = _B(tp, spec, num, batch, seq, None)
     t, h = batch * seq, spec.hidden_size
@@ -510,6 +530,13 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.position is PositionKind.ROPE:
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp else 4, (), rg=False)
         tp.keep(cs)
+    if attention is Attention.EAGER and spec.family != "gpt2":
+        # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
+        mask = tp.op(batch * seq * seq, num.act, (), rg=False)
+        tp.keep(mask)
+    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window:
+        mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA
+        tp.keep(mask)
     tp.keep(x)
     return x
 
@@ -540,6 +567,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         tp.ops[-1].saved += (logits,) if logits.rg else ()
         logits.saved_by.append(len(tp.ops) - 1)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+    if spec.family == "gptj":
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
     tp.keep(logits)
     if loss:
         l32 = bld.cast(logits, 4)

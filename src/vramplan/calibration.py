@@ -41,7 +41,11 @@ def workload_of_row(row: Mapping[str, str]) -> Workload | None:
         kw["attention"] = Attention(row["attn"])
     if row.get("ckpt") == "True":
         kw["gradient_checkpointing"] = True
-    if row.get("method"):
+    if row.get("trainable_layers"):
+        kw["trainable_layers"] = int(row["trainable_layers"])
+    if row.get("method") == "freeze":
+        kw["method"] = Method.FREEZE
+    elif row.get("method"):
         kw["method"] = Method(row["method"])
         kw["lora_rank"] = int(row.get("r") or 16)
         targets = row.get("targets") or "q_proj+v_proj"

@@ -84,6 +84,7 @@ class _LayerSim:
     bwd: Pass
     x_bytes: int
     y_bytes: int
+    x_saved: bool
 
 
 def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
@@ -96,7 +97,7 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     fwd = tp.forward(save=True)
     fwd_nosave = tp.forward(save=False) if ckpt else fwd
     bwd = tp.backward() if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
-    return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes)
+    return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
 
 
 def _layer_groups(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[int, bool, bool, bool]]:
@@ -128,7 +129,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
 
     # ---- forward
     et = Tape(True)
-    build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt))
+    build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
+                attention=w.attention)
     e_fwd = et.forward()
     sims = []
     for count, trainable, moe, sliding in _layer_groups(spec, w, states):
@@ -142,6 +144,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
 
     fwd_peak = _Moment(sum(base) + e_fwd.peak, _plus(base, e_fwd.peak_kinds))
     cur = _plus(base, e_fwd.end_kinds)
+    held = _embeds_held(spec, num, b, s, sims[0])
+    cur = _plus(cur, held)
     for sim in sims:
         ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
         growth = sim.fwd_nosave.end_kinds if ckpt_layer else sim.fwd.end_kinds
@@ -150,6 +154,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
         if sum(at_last) > fwd_peak.total:
             fwd_peak = _Moment(sum(at_last), at_last)
         cur = _plus(cur, _scale(growth, sim.count))
+    cur = _plus(cur, _scale(held, -1))  # the base model's forward returned
     at_head = _plus(cur, h_fwd.peak_kinds)
     if sum(at_head) > fwd_peak.total:
         fwd_peak = _Moment(sum(at_head), at_head)
@@ -190,6 +195,14 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
             _phase(Phase.OPTIMIZER_STEP, _Moment(sum(step), step))]
 
 
+def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSim) -> tuple[int, ...]:
+    """The embedding lookup's output: transformers' base-model forward keeps ``inputs_embeds``
+    referenced until it returns, so it outlives the first layer unless that layer saves it anyway."""
+    if first.x_saved:
+        return _vec({})
+    return _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+
+
 def _neg_act(n: int) -> tuple[int, ...]:
     return _vec({K.ACTIVATIONS: -n})
 
@@ -211,16 +224,19 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
     base = _vec({K.WEIGHTS: states.weights + states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
     et = Tape(False)
-    build_embed(et, spec, num, b, s, False, out_rg=False)
+    build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
     e = et.forward()
     peak = _Moment(sum(base) + e.peak, _plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
+    held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+    cur = _plus(cur, held)
     for count, _tr, moe, sliding in _layer_groups(spec, w.with_(method=Method.LORA), _NO_STATES):
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
         m = _plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds)
         if sum(m) > peak.total:
             peak = _Moment(sum(m), m)
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
+    cur = _plus(cur, _scale(held, -1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST
     build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,

@@ -273,7 +273,8 @@ def _policy(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def register_cuda_kernels(autocast: AutocastEmulation | None) -> Iterator[None]:
+def register_cuda_kernels(autocast: AutocastEmulation | None,
+                          sdpa: Callable[..., torch.Tensor] | None = None) -> Iterator[None]:
     """Install the CUDA behaviours on the CPU dispatch keys for the duration of a trace."""
     import warnings
 
@@ -282,7 +283,7 @@ def register_cuda_kernels(autocast: AutocastEmulation | None) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lib.impl("scaled_dot_product_attention", _sdpa_kernel, "AutogradCPU")
+            lib.impl("scaled_dot_product_attention", sdpa or _sdpa_kernel, "AutogradCPU")
             lib.impl("dropout", _dropout_kernel, "AutogradCPU")
             if autocast is not None:
                 cuda_ops = _autocast_ops("AutocastCUDA")
