@@ -104,6 +104,16 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.add_argument("--class", dest="gpu_class", choices=["consumer", "workstation", "datacenter"])
     g.add_argument("--min-memory-gib", type=float, default=None)
+    import importlib
+
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod_name:
+                raise
+            continue
+        mod.register(sub, _add_workload_flags)
     return p
 
 
@@ -183,12 +193,20 @@ def _cmd_gpus(ns: argparse.Namespace) -> int:
 
 _COMMANDS = {"estimate": _cmd_estimate, "trace": _cmd_trace, "models": _cmd_models, "gpus": _cmd_gpus}
 
+# Commands that live in their own modules. Each module defines
+#     register(sub, add_workload_flags) -> None
+# which adds its sub-parsers and sets ``handler=`` (a function of the parsed namespace returning the
+# exit status) with ``set_defaults``. Modules must keep their heavy imports inside the handlers.
+_COMMAND_MODULES = ("vramplan.cli_hardware", "vramplan.cli_parallel", "vramplan.cli_measure",
+                    "vramplan.cli_web")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
+    handler = getattr(ns, "handler", None) or _COMMANDS[ns.command]
     try:
-        return _COMMANDS[ns.command](ns)
+        return int(handler(ns))
     except VramplanError as exc:
         sys.stderr.write(f"vramplan: error: {exc}\n")
         return 2
