@@ -89,6 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="peak GPU memory of one workload, by kind and by phase")
     e.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
     _add_workload_flags(e)
+    e.add_argument("--resolution", type=_positive, default=None,
+                   help="image models: pixels per side (default: the model's native resolution)")
+    e.add_argument("--pipeline", action="store_true",
+                   help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
@@ -120,6 +124,14 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .api import estimate
 
+    try:  # vision and diffusion models have their own estimator (vramplan.vision)
+        from .vision import estimate_vision_cli, is_vision_model
+    except ModuleNotFoundError as exc:
+        if exc.name != "vramplan.vision":
+            raise
+    else:
+        if is_vision_model(ns.model):
+            return int(estimate_vision_cli(ns))
     est = estimate(ns.model, **_workload_options(ns))
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))

@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
-    "cuda_sdpa", "register_cuda_kernels",
+    "cuda_sdpa", "register_cuda_kernels", "safe_softmax_transient",
 ]
 
 aten = torch.ops.aten
@@ -64,8 +64,10 @@ def choose_sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     elsize = q.element_size()
     offsets = all((t.storage_offset() * elsize) % (align * elsize) == 0 for t in (q, k, v))
     mask_ok = attn_mask is None or attn_mask.stride(-1) == 1
+    # The memory-efficient kernel needs equal head counts: torch 2.11 on the H200 sends fp32 GQA to math.
+    same_heads = q.size(-3) == k.size(-3) == v.size(-3)
     if (q.dtype in (*_HALF, torch.float32) and dq == dk and dq % align == 0 and dv % align == 0 and dq > 0
-            and offsets and heads and nonzero and strides and mask_ok):
+            and offsets and heads and same_heads and nonzero and strides and mask_ok):
         return "efficient"
     return "math"
 
@@ -123,6 +125,13 @@ def attention_backward_transient(func: Any, args: tuple[Any, ...]) -> int:
     if func is aten._scaled_dot_product_flash_attention_backward.default and k.size(1) != hq:
         total += 2 * b * hq * sk * d * grad_out.element_size()
     return total
+
+
+def safe_softmax_transient(args: tuple[Any, ...]) -> int:
+    """aten::_safe_softmax (the math attention path's softmax) on CUDA also builds ``self == -inf`` as a bool
+    tensor of the scores' shape to zero fully-masked rows; measured on the H200 (Falcon-7B prefill: scores,
+    probabilities and this mask are alive together)."""
+    return int(args[0].numel())
 
 
 # ---- dropout -----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ._cuda import (
     cuda_dropout,
     cuda_sdpa,
     register_cuda_kernels,
+    safe_softmax_transient,
 )
 from ._tracker import MemoryTracker, PeakMark
 
@@ -75,10 +76,23 @@ class _Patches:
 def _trace_environment() -> Iterator[None]:
     """transformers treats fake tensors as 'being traced' and then refuses to skip the causal mask, which
     sends attention to a masked kernel; on the GPU the tensors are real, so pretend they are."""
+    from torch._subclasses.fake_tensor import FakeTensor
     from transformers.utils import import_utils
+
+    swap = torch.utils.swap_tensors
+
+    def swap_fake(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        # Module.to()/peft's adapter moves swap parameters, which fake tensors refuse (FakeTensorMode holds a
+        # weak reference to each); re-pointing the parameter at the new data is what the swap achieves.
+        if isinstance(t1, FakeTensor) or isinstance(t2, FakeTensor):
+            with torch.no_grad():
+                t1.data = t2.data
+            return
+        swap(t1, t2)
 
     patches = _Patches()
     patches.set(import_utils, "is_fake_tensor", lambda x: False)
+    patches.set(torch.utils, "swap_tensors", swap_fake)
     try:
         yield
     finally:
@@ -223,6 +237,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
     tracker.overrides[aten.dropout.default] = cuda_dropout
     for f in _ATTN_BWD:
         tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
+    tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
 
     autocast = AutocastEmulation(compute_dtype(workload.precision)) if workload.precision.is_amp else None
     if autocast is not None:
