@@ -1,6 +1,9 @@
-import json, os, sys, time, collections
+import collections
+import os
+
 import torch
 import transformers as tf
+
 MiB = 2**20
 dev = "cuda"
 torch.backends.cuda.matmul.allow_tf32 = True

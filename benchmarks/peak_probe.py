@@ -44,9 +44,8 @@ def main(argv: list[str]) -> int:
             cur += ev["size"]
             if cur > best:
                 best, best_live = cur, dict(live)
-        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
-            if ev["action"] == "free_requested":
-                cur -= live.pop(ev["addr"])[0]
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])[0]
     print(f"{model} {opts}: measured peak {m.peak_allocated_bytes / GiB:.3f} GiB; "
           f"traced peak {best / GiB:.3f} GiB ({len(best_live)} live blocks)")
     groups: dict[str, list[int]] = {}

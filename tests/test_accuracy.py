@@ -61,3 +61,28 @@ def test_trainable_parameters_of_adapters(row: dict[str, str]) -> None:
     assert est.trainable_parameters == int(row["trainable"])
     if row["method"] == "lora":
         assert est.parameters == int(row["params"])
+
+
+# ---- generalisation: 27 H200 runs this project measured on families and shapes outside the shared set
+GRID = CALIBRATION.parent / "h200-grid"
+GRID_ROWS = read_rows(GRID / "measured.csv")
+
+
+def test_generalisation_grid_aggregate() -> None:
+    results, skipped = compare(GRID_ROWS, GRID / "configs", estimate)
+    assert not skipped and len(results) == len(GRID_ROWS)
+    errors = sorted(abs(r.error) for r in results)
+    assert statistics.median(errors) <= 0.02
+    assert errors[-1] <= 0.05, [(r.name, f"{r.error:+.1%}") for r in results if abs(r.error) > 0.05]
+
+
+@pytest.mark.parametrize("row", GRID_ROWS, ids=[r["name"] for r in GRID_ROWS])
+def test_generalisation_case(row: dict[str, str]) -> None:
+    w = workload_of_row(row)
+    assert w is not None
+    spec = load_config_file(GRID / "configs" / f"{row['model']}.json")
+    est = estimate(spec, w)
+    assert est.parameters == int(row["params"])  # base model, plus the adapters peft added
+    if row["trainable"]:
+        assert est.trainable_parameters == int(row["trainable"])
+    assert est.peak_allocated_bytes == pytest.approx(float(row["peak_alloc_gib"]) * 2**30, rel=0.05)

@@ -60,8 +60,8 @@ def test_checkpointing_never_raises_activation_memory(model: str, w: Workload) -
     plain = estimate(spec, w)
     ckpt = estimate(spec, w.with_(gradient_checkpointing=True))
     assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes
-    fwd = [p for p in ckpt.phases if p.phase.value == "forward"][0]
-    fwd_plain = [p for p in plain.phases if p.phase.value == "forward"][0]
+    fwd = next(p for p in ckpt.phases if p.phase.value == "forward")
+    fwd_plain = next(p for p in plain.phases if p.phase.value == "forward")
     assert fwd.breakdown[MemoryKind.ACTIVATIONS] <= fwd_plain.breakdown[MemoryKind.ACTIVATIONS]
 
 

@@ -292,25 +292,25 @@ class _B:
         probs = self.dropout(probs, p_drop)
         return tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
 
-    def kernel_for(self, has_mask: bool) -> tuple[Kernel, bool]:
-        """(kernel, whether k/v keep fewer heads than q when it runs)."""
+    def kernel_for(self, has_mask: bool) -> Kernel:
+        """The attention kernel this layer runs."""
         spec = self.spec
         plan = self.plan
         attn = plan.attention if plan else Attention.SDPA
         gqa = spec.num_kv_heads != spec.num_heads
         elem = 2 if self.num.amp else self.num.act
         if spec.family in ("bloom", "gptj") or attn is Attention.EAGER:
-            return Kernel.EAGER, gqa
+            return Kernel.EAGER
         if attn is Attention.FLASH:
-            return Kernel.FLASH, gqa
+            return Kernel.FLASH
         if spec.family == "falcon":
             # Falcon calls SDPA itself: multi-query k/v (1 head) without enable_gqa; the new decoder
             # architecture broadcasts k/v to every head first.
-            return sdpa_kernel(spec, elem, has_mask, False, not gqa), gqa
+            return sdpa_kernel(spec, elem, has_mask, False, not gqa)
         if has_mask:
             # transformers' use_gqa_in_sdpa() is False with a mask: repeat_kv copies k/v to every head
-            return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True), False
-        return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa), gqa
+            return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True)
+        return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa)
 
     # ---- whole blocks ---------------------------------------------------------------------------
     def self_attention(self, n: Tensor) -> Tensor:
@@ -325,7 +325,7 @@ class _B:
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
         has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
-        kernel, gqa = self.kernel_for(has_mask)
+        kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
             name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")

@@ -145,7 +145,6 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 def _cmd_trace(ns: argparse.Namespace) -> int:
     from .api import make_workload
     from .catalog import resolve_model
-
     from .trace import trace_workload
 
     _, entry = resolve_model(ns.model)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import WorkloadError
 from .params import ParamCounts, count_params
 from .spec import ModelSpec
-from .errors import WorkloadError
 from .workload import Method, Optimizer, Precision, WeightsQuant, Workload
 
 __all__ = ["ModelStates", "lora_params", "model_states", "quantized_linear_bytes"]

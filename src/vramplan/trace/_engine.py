@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..workload import LogitsMode, Precision, Task, WeightsQuant, Workload
-from ._build import BuiltModel, build_model, compute_dtype, make_optimizer
+from ._build import build_model, compute_dtype, make_optimizer
 from ._cuda import (
     AutocastEmulation,
     attention_backward_transient,
