@@ -59,7 +59,10 @@ def test_checkpointing_never_raises_activation_memory(model: str, w: Workload) -
     spec = get_model(model).spec
     plain = estimate(spec, w)
     ckpt = estimate(spec, w.with_(gradient_checkpointing=True))
-    assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes
+    # with adapters, checkpointing calls peft's enable_input_require_grads: the embedding output then gets
+    # a gradient of its own, the one thing checkpointing adds
+    input_grad = w.batch_size * w.seq_len * spec.hidden_size * 4 if w.method in (Method.LORA, Method.QLORA) else 0
+    assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes + input_grad
     fwd = next(p for p in ckpt.phases if p.phase.value == "forward")
     fwd_plain = next(p for p in plain.phases if p.phase.value == "forward")
     assert fwd.breakdown[MemoryKind.ACTIVATIONS] <= fwd_plain.breakdown[MemoryKind.ACTIVATIONS]
@@ -68,7 +71,9 @@ def test_checkpointing_never_raises_activation_memory(model: str, w: Workload) -
 @SETTINGS
 @given(models, workloads)
 def test_lora_never_needs_more_than_full_finetuning(model: str, w: Workload) -> None:
-    w = w.with_(task=Task.TRAIN)
+    # Adafactor's factored moments make full fine-tuning's optimizer state nearly free; then LoRA's extra adapter
+    # inputs can exceed it by a few hundred KiB, which is real. For every other optimizer the property holds.
+    w = w.with_(task=Task.TRAIN, optimizer=Optimizer.ADAMW if w.optimizer is Optimizer.ADAFACTOR else w.optimizer)
     spec = get_model(model).spec
     full = estimate(spec, w.with_(method=Method.FULL))
     lora = estimate(spec, w.with_(method=Method.LORA))
