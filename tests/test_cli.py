@@ -53,7 +53,7 @@ def test_config_path_and_hf_alias(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run(capsys, "estimate", "gpt2")
+    rc, out, _ = run(capsys, "estimate", "gpt2", "--seq-len", "1024")
     assert rc == 0
     assert "peak allocated" in out and "activations" in out and "assumptions" in out
 
@@ -63,6 +63,9 @@ def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
     (["estimate", "llama-3.1-8b", "--method", "lora", "--lora-targets", "nonexistent"], "lora"),
     (["estimate", "gpt2", "--seq-len", "99999999999"], "out of range"),
     (["estimate", "gpt2", "--method", "full", "--weights-quant", "nf4"], "qlora"),
+    (["estimate", "gpt2", "--seq-len", "2048"], "1024 positions"),
+    (["measure", "gpt2", "--seq-len", "512"], "vramplan measure needs"),
+    (["calibrate", "missing.csv"], "no such file"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
     rc, _, err = run(capsys, *args)

@@ -19,11 +19,12 @@ from functools import lru_cache
 
 from ._tape import Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer
+from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import count_params
 from .result import Breakdown, Estimate, PhasePeak
-from .spec import ModelSpec
+from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
 from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
 
@@ -267,8 +268,18 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) ->
     return _estimate_cached(spec, workload, name or spec.name)
 
 
+def check_positions(spec: ModelSpec, w: Workload) -> None:
+    """Models with a fixed position table (learned embeddings; GPT-J's sin/cos buffer) cannot run longer."""
+    total = w.seq_len + (0 if w.is_train else w.new_tokens)
+    fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
+    if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:
+        raise WorkloadError(f"{spec.name} has {spec.max_position_embeddings} positions, {total} requested; "
+                            "lower --seq-len (and --new-tokens)")
+
+
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
     num = _numerics(w)

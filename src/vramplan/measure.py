@@ -139,15 +139,10 @@ def _optimizer(w: Workload, params: list[Any], torch: Any) -> Any:
 
 def measure_workload(config: Mapping[str, Any], w: Workload, steps: int = 3) -> Measurement:
     """Run ``w`` on the current CUDA device and return what the caching allocator saw."""
+    from .estimator import check_positions
     from .hfconfig import spec_from_config
-    from .spec import PositionKind
 
-    spec = spec_from_config(dict(config))
-    total = w.seq_len + (w.new_tokens if w.task is Task.INFER else 0)
-    fixed_table = spec.position is PositionKind.LEARNED or spec.family == "gptj"
-    if fixed_table and spec.max_position_embeddings and total > spec.max_position_embeddings:
-        raise VramplanError(f"{total} positions exceed the model's position table "
-                            f"({spec.max_position_embeddings}); shorten --seq-len or --new-tokens")
+    check_positions(spec_from_config(dict(config)), w)
     torch = _torch()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.empty(1, device=_DEV)
