@@ -131,14 +131,22 @@ class _B:
         tp, num, tokens = self.tp, self.num, x.numel // fin
         welem = weight_elem or num.param
         pg = self.param_grad(name, fin * fout + (fout if bias else 0), welem) if trainable else ()
-        if quant is WeightsQuant.NF4 or quant is WeightsQuant.INT8 or quant is WeightsQuant.FP8:
-            # bitsandbytes / fp8 layers cast the input to the 16-bit compute dtype, dequantize the
-            # weight into a temporary for the matmul (again in backward), and cast the output back.
+        if quant is not WeightsQuant.NONE:
+            # Quantized layers cast the input to the 16-bit compute dtype and cast the output back.
+            # nf4 (bitsandbytes MatMul4Bit): dequantizes the weight into a 16-bit temporary for the matmul
+            #   (again in backward, for the input gradient); the input is not saved (frozen weight).
+            # int8 (LLM.int8, Int8Params): quantizes the activation row-wise to int8 and multiplies with
+            #   torch._int_mm into an int32 accumulator; backward dequantizes the weight.
+            # fp8: quantizes the activation to fp8 and runs a scaled fp8 GEMM into the 16-bit output.
             xc = self.cast(x, 2)
-            deq = fin * fout * 2
-            extra = tokens * fout * 4 if quant is WeightsQuant.INT8 else 0  # int32 accumulator
-            y = tp.op(tokens * fout, 2, (xc,), kind=out_kind, fwd_scratch=deq + extra,
-                      bwd_scratch=deq if xc.rg else 0)
+            if quant is WeightsQuant.NF4:
+                fwd = fin * fout * 2
+            elif quant is WeightsQuant.INT8:
+                fwd = tokens * fin + tokens * fout * 4
+            else:
+                fwd = tokens * fin
+            y = tp.op(tokens * fout, 2, (xc,), kind=out_kind, fwd_scratch=fwd,
+                      bwd_scratch=fin * fout * 2 if xc.rg else 0)
             y = self.cast(y, x.elem)
         elif num.amp:
             xc = self.cast(x, 2)  # autocast casts the activation at every call
