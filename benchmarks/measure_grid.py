@@ -66,7 +66,25 @@ CASES_2: list[tuple[str, str, dict[str, object]]] = [
     ("g-qwen2.5-0.5b-sgd-fp32-b8s1024", "qwen2.5-0.5b", dict(precision="fp32", optimizer="sgd", batch_size=8,
                                                              seq_len=1024)),
 ]
-SETS = {"1": CASES, "2": CASES_2}
+# third round: gradient accumulation, autocast inference, freeze with tied embeddings, sliding-window training,
+# MoE training
+CASES_3: list[tuple[str, str, dict[str, object]]] = [
+    ("g-llama1b-bf16-b4s2048-ga4", "llama-3.2-1b", dict(batch_size=4, seq_len=2048, gradient_accumulation=4)),
+    ("gi-llama1b-amp-b8s2048-last", "llama-3.2-1b", dict(task="infer", precision="amp-bf16", batch_size=8,
+                                                         seq_len=2048)),
+    ("g-llama1b-freeze4-b4s2048", "llama-3.2-1b", dict(method="freeze", trainable_layers=4, batch_size=4,
+                                                       seq_len=2048)),
+    ("g-gemma3-1b-bf16-b2s4096", "gemma-3-1b", dict(batch_size=2, seq_len=4096)),
+    ("g-mistral7b-lora-b1s8192-ckpt", "mistral-7b", dict(method="lora", batch_size=1, seq_len=8192,
+                                                         gradient_checkpointing=True)),
+    ("g-qwen3-30b-a3b-lora-b1s2048-ckpt", "qwen3-30b-a3b", dict(method="lora", batch_size=1, seq_len=2048,
+                                                                 gradient_checkpointing=True)),
+    ("g-qwen1.5moe-lora-all-b1s1024", "qwen1.5-moe-a2.7b", dict(method="lora", lora_targets="all-linear",
+                                                               batch_size=1, seq_len=1024)),
+    ("gi-mistral7b-fp16-b2s8192-all", "mistral-7b", dict(task="infer", precision="fp16", batch_size=2,
+                                                          seq_len=8192, logits="all")),
+]
+SETS = {"1": CASES, "2": CASES_2, "3": CASES_3}
 
 COLUMNS = ["name", "task", "model", "method", "precision", "optim", "batch", "seq", "res", "ckpt", "attn", "r",
            "targets", "new_tokens", "last_logits", "nf4", "train", "device", "torch", "cuda_context_gib", "params",

@@ -104,3 +104,10 @@ def test_breakdown_adds_up(model: str, w: Workload) -> None:
     assert est.peak_allocated_bytes == max(p.peak_allocated_bytes for p in est.phases)
     for p in est.phases:
         assert p.breakdown.total == p.peak_allocated_bytes
+
+
+@SETTINGS
+@given(models, workloads, st.integers(2, 16))
+def test_gradient_accumulation_never_lowers_memory(model: str, w: Workload, ga: int) -> None:
+    w = w.with_(task=Task.TRAIN)
+    assert peak(model, w.with_(gradient_accumulation=ga)) >= peak(model, w.with_(gradient_accumulation=1))

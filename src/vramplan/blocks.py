@@ -150,12 +150,17 @@ class _B:
             y = self.cast(y, x.elem)
         elif num.amp:
             xc = self.cast(x, 2)  # autocast casts the activation at every call
-            # the weight's 16-bit copy: cached for the forward when it is a trainable leaf, and
-            # saved for backward (to compute the input gradient) either way
-            wc = tp.op(fin * fout * count, 2, (), rg=False, kind=WEIGHTS)
-            save = ((xc,) if trainable else ()) + ((wc,) if xc.rg else ())
-            y = tp.op(tokens * fout, 2, (xc, wc), save=save, params=pg, kind=out_kind,
-                      rg=xc.rg or trainable, grad_to=(xc,))
+            if num.training:
+                # the weight's 16-bit copy: cached for the forward when it is a trainable leaf, and
+                # saved for backward (to compute the input gradient) either way
+                wc = tp.op(fin * fout * count, 2, (), rg=False, kind=WEIGHTS)
+                save = ((xc,) if trainable else ()) + ((wc,) if xc.rg else ())
+                y = tp.op(tokens * fout, 2, (xc, wc), save=save, params=pg, kind=out_kind,
+                          rg=xc.rg or trainable, grad_to=(xc,))
+            else:
+                # inference: the 16-bit weight copy lives only for its matmul (measured on an H200: no
+                # cache builds up under inference_mode)
+                y = tp.op(tokens * fout, 2, (xc,), kind=out_kind, fwd_scratch=fin * fout * 2 * count)
         else:
             y = tp.op(tokens * fout, num.act if x.elem == num.act else x.elem, (x,),
                       save=(x,) if trainable else (), params=pg, kind=out_kind)
@@ -221,10 +226,12 @@ class _B:
         if self.spec.position is not PositionKind.ROPE or frac <= 0:
             return x
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
-        a = self.tp.op(part.numel, x.elem, (part,))  # x * cos
+        # cos/sin come in the hidden states' dtype (fp32 under autocast), and mul promotes
+        elem = max(x.elem, resid_elem(self.num))
+        a = self.tp.op(part.numel, elem, (part,))  # x * cos
         half = self.tp.op(part.numel // 2, x.elem, (part,))  # -x2
         rot = self.tp.op(part.numel, x.elem, (half, part))  # cat
-        b = self.tp.op(part.numel, x.elem, (rot,))  # * sin
+        b = self.tp.op(part.numel, elem, (rot,))  # * sin
         out = self.add(a, b)
         if frac < 1:
             out = self.tp.op(x.numel, x.elem, (out, x))  # cat with the pass-through part
@@ -453,21 +460,26 @@ class _B:
         w = self.cast(w, n.elem)
         routed = t * k
         xin = tp.op(routed * h, n.elem, (n,))  # hidden_states[token_idx] gathered per expert
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up", bias=False, trainable=tr, quant=plan.quant,
+        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
                          count=e)
         a = self.activation(tp.view(gu, routed * i))
         p = self.mul(a, tp.view(gu, routed * i))
-        dn = self.linear(p, i, h, "experts.down", bias=False, trainable=tr, quant=plan.quant, count=e)
+        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
         wd = self.mul(dn, w)
         out = tp.op(t * h, n.elem, (wd,))  # index_add_ into a zeros (T, h) buffer
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
-            sg = self.linear(n, h, si, "shared_gate", bias=False, trainable=tr, quant=plan.quant)
-            su = self.linear(n, h, si, "shared_up", bias=False, trainable=tr, quant=plan.quant)
+            def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+                return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
+                                   lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+            sg = shared(n, h, si, "shared_gate_proj")
+            su = shared(n, h, si, "shared_up_proj")
             sa = self.activation(sg)
             sp = self.mul(sa, su)
-            so = self.linear(sp, si, h, "shared_down", bias=False, trainable=tr, quant=plan.quant)
-            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr)
+            so = shared(sp, si, h, "shared_down_proj")
+            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
+                               lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
             gs = self.ew(gate, save_out=True)
             so = self.mul(so, gs)
             out = self.add(out, so)
@@ -550,7 +562,7 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
 
 
 def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
-               input_rg: bool, logits_tokens: int, loss: bool) -> Tensor:
+               input_rg: bool, logits_tokens: int, loss: bool, head_trainable: bool | None = None) -> Tensor:
     """Final norm, output projection and (training) the causal-LM cross-entropy loss.
 
     transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and calls
@@ -568,7 +580,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
     head_elem = num.norm_param
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
-                        bias=spec.lm_head_bias, trainable=trainable, out_kind=LOGITS, weight_elem=head_elem)
+                        bias=spec.lm_head_bias, trainable=trainable if head_trainable is None else head_trainable,
+                        out_kind=LOGITS, weight_elem=head_elem)
     if spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)

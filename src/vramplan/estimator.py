@@ -14,21 +14,21 @@ the calibration set rather than a model of fragmentation.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._tape import Pass, Tape, kinds_dict
-from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer
+from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
-from .params import count_params
+from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
 from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "estimate"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "estimate", "stage_moments"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
@@ -61,6 +61,37 @@ def _scale(v: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(x * n for x in v)
 
 
+@dataclass(slots=True)
+class _Sink:
+    """Every candidate moment of every phase, for per-GPU modelling (:func:`stage_moments`)."""
+
+    moments: list[tuple[Phase, tuple[int, ...]]] = field(default_factory=list)
+    base: tuple[int, ...] = ()
+    forward_end: tuple[int, ...] = ()
+
+
+class _Best:
+    """The highest candidate moment of one phase (the first on ties); each candidate also goes to a sink."""
+
+    __slots__ = ("moment", "phase", "sink")
+
+    def __init__(self, phase: Phase, sink: _Sink | None) -> None:
+        self.phase = phase
+        self.sink = sink
+        self.moment: _Moment | None = None
+
+    def offer(self, kinds: tuple[int, ...]) -> None:
+        if self.sink is not None:
+            self.sink.moments.append((self.phase, kinds))
+        total = sum(kinds)
+        if self.moment is None or total > self.moment.total:
+            self.moment = _Moment(total, kinds)
+
+    def peak(self) -> PhasePeak:
+        assert self.moment is not None
+        return _phase(self.phase, self.moment)
+
+
 def _numerics(w: Workload) -> Numerics:
     prec = w.precision
     qlora = w.method is Method.QLORA
@@ -89,7 +120,7 @@ class _LayerSim:
 
 
 def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
-                    kv_len: int | None = None, ckpt: bool = False) -> _LayerSim:
+                    kv_len: int | None = None, ckpt: bool = False, grads_exist: bool = False) -> _LayerSim:
     tp = Tape(num.training)
     y = build_layer(tp, spec, num, plan, b, s, kv_len)
     x = tp.tensors[0]
@@ -97,7 +128,7 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
         x.keep = True  # the checkpoint holds the layer's input
     fwd = tp.forward(save=True)
     fwd_nosave = tp.forward(save=False) if ckpt else fwd
-    bwd = tp.backward() if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    bwd = tp.backward(param_grads_exist=grads_exist) if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
 
 
@@ -117,33 +148,51 @@ def _layer_groups(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tup
     return [(groups[k], *k) for k in order]
 
 
-def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[PhasePeak]:
+def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
+           head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
+    """One training step. ``embed``/``head`` False: a pipeline stage without the embedding / output head
+    (its input arrives from the previous stage, its output is sent on and freed, Megatron-style)."""
     b, s = w.batch_size, w.seq_len
     ckpt = w.gradient_checkpointing
     full = w.method is Method.FULL
+    # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
+    # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
+    accumulating = w.gradient_accumulation > 1
     base = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.OPTIMIZER_STATE: states.optimizer_state,
-                 K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+                 K.GRADIENTS: states.gradients if accumulating else 0, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
     embed_trainable = full
-    head_trainable = full or w.method is Method.FREEZE
+    norm_trainable = full or w.method is Method.FREEZE
+    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings)
     layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
 
     # ---- forward
     et = Tape(True)
-    build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
-                attention=w.attention)
-    e_fwd = et.forward()
+    if embed:
+        build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
+                    attention=w.attention)
+        e_fwd = et.forward()
+    else:  # the stage's input, received from the previous stage
+        recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
+        e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
     for count, trainable, moe, sliding in _layer_groups(spec, w, states):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding)
-        sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg))
+        sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg, grads_exist=accumulating))
     ht = Tape(True)
-    build_head(ht, spec, num, b, s, trainable=head_trainable, input_rg=layers_rg,
-               logits_tokens=b * s, loss=True)
-    h_fwd = ht.forward()
+    if head:
+        build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
+                   input_rg=layers_rg, logits_tokens=b * s, loss=True)
+        h_fwd = ht.forward()
+    else:  # the stage's output is sent to the next stage, then its storage freed
+        sent = _neg_act(sims[-1].y_bytes)
+        h_fwd = Pass(0, _vec({}), sum(sent), sent)
 
-    fwd_peak = _Moment(sum(base) + e_fwd.peak, _plus(base, e_fwd.peak_kinds))
+    if sink is not None:
+        sink.base = base
+    fwd_peak = _Best(Phase.FORWARD, sink)
+    fwd_peak.offer(_plus(base, e_fwd.peak_kinds))
     cur = _plus(base, e_fwd.end_kinds)
     held = _embeds_held(spec, num, b, s, sims[0])
     cur = _plus(cur, held)
@@ -151,19 +200,22 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
         ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
         growth = sim.fwd_nosave.end_kinds if ckpt_layer else sim.fwd.end_kinds
         peak_k = sim.fwd_nosave.peak_kinds if ckpt_layer else sim.fwd.peak_kinds
-        at_last = _plus(cur, _scale(growth, sim.count - 1), peak_k)
-        if sum(at_last) > fwd_peak.total:
-            fwd_peak = _Moment(sum(at_last), at_last)
+        fwd_peak.offer(_plus(cur, _scale(growth, sim.count - 1), peak_k))
         cur = _plus(cur, _scale(growth, sim.count))
     cur = _plus(cur, _scale(held, -1))  # the base model's forward returned
-    at_head = _plus(cur, h_fwd.peak_kinds)
-    if sum(at_head) > fwd_peak.total:
-        fwd_peak = _Moment(sum(at_head), at_head)
+    fwd_peak.offer(_plus(cur, h_fwd.peak_kinds))
     cur = _plus(cur, h_fwd.end_kinds)
+    if sink is not None:
+        sink.forward_end = cur
 
     # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
-    h_bwd = ht.backward()
-    bwd_peak = _Moment(sum(cur) + h_bwd.peak, _plus(cur, h_bwd.peak_kinds))
+    if head:
+        h_bwd = ht.backward(param_grads_exist=accumulating)
+    else:  # the gradient of the stage's output arrives from the next stage
+        grad = _neg_act(-sims[-1].y_bytes)
+        h_bwd = Pass(sum(grad), grad, sum(grad), grad)
+    bwd_peak = _Best(Phase.BACKWARD, sink)
+    bwd_peak.offer(_plus(cur, h_bwd.peak_kinds))
     cur = _plus(cur, h_bwd.end_kinds)
     for sim in reversed(sims):
         ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
@@ -175,25 +227,22 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> 
         else:
             peak_rel = sim.bwd.peak_kinds
             net = sim.bwd.end_kinds
-        first = _plus(cur, peak_rel)
-        last = _plus(cur, _scale(net, sim.count - 1), peak_rel)
-        for m in (first, last):
-            if sum(m) > bwd_peak.total:
-                bwd_peak = _Moment(sum(m), m)
+        bwd_peak.offer(_plus(cur, peak_rel))
+        bwd_peak.offer(_plus(cur, _scale(net, sim.count - 1), peak_rel))
         cur = _plus(cur, _scale(net, sim.count))
-    e_bwd = et.backward(param_grads_exist=spec.tie_word_embeddings and head_trainable)
-    m = _plus(cur, e_bwd.peak_kinds)
-    if sum(m) > bwd_peak.total:
-        bwd_peak = _Moment(sum(m), m)
+    if embed:
+        e_bwd = et.backward(param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
+        bwd_peak.offer(_plus(cur, e_bwd.peak_kinds))
 
     # ---- optimizer step: every gradient exists; the model output (logits) is still referenced
-    logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act)
+    logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act) if head else 0
     step = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.GRADIENTS: states.gradients,
                  K.OPTIMIZER_STATE: states.optimizer_state + states.step_temporaries,
                  K.LOGITS_LOSS: logits_kept, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
-    return [_phase(Phase.FORWARD, fwd_peak), _phase(Phase.BACKWARD, bwd_peak),
-            _phase(Phase.OPTIMIZER_STEP, _Moment(sum(step), step))]
+    step_peak = _Best(Phase.OPTIMIZER_STEP, sink)
+    step_peak.offer(step)
+    return [fwd_peak.peak(), bwd_peak.peak(), step_peak.peak()]
 
 
 def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSim) -> tuple[int, ...]:
@@ -220,47 +269,95 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     return 2 * b * length * heads * spec.head_dim * num.act
 
 
-def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[PhasePeak]:
+def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
+           head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
     b, s = w.batch_size, w.seq_len
     base = _vec({K.WEIGHTS: states.weights + states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+    if sink is not None:
+        sink.base = base
     et = Tape(False)
-    build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
-    e = et.forward()
-    peak = _Moment(sum(base) + e.peak, _plus(base, e.peak_kinds))
+    if embed:
+        build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
+        e = et.forward()
+    else:  # a pipeline stage's input, received from the previous stage
+        recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
+        e = Pass(sum(recv), recv, sum(recv), recv)
+    peak = _Best(Phase.PREFILL, sink)
+    peak.offer(_plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
     for count, _tr, moe, sliding in _layer_groups(spec, w.with_(method=Method.LORA), _NO_STATES):
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
-        m = _plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds)
-        if sum(m) > peak.total:
-            peak = _Moment(sum(m), m)
+        peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
-    ht = Tape(False)
-    last = w.logits is LogitsMode.LAST
-    build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
-               loss=False)
-    h = ht.forward()
-    m = _plus(cur, h.peak_kinds)
-    if sum(m) > peak.total:
-        peak = _Moment(sum(m), m)
-    prefill = peak
+    if head:
+        ht = Tape(False)
+        last = w.logits is LogitsMode.LAST
+        build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+                   loss=False)
+        h = ht.forward()
+        peak.offer(_plus(cur, h.peak_kinds))
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
     kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in range(spec.num_layers))
     kv_layer = _kv_bytes(spec, num, b, total_len, False)
-    small = b * spec.vocab_size * num.act + 8 * b * spec.hidden_size * 4 + b * spec.intermediate_size * 3 * num.act
+    small = (b * spec.vocab_size * num.act if head else 0) + 8 * b * spec.hidden_size * 4 + \
+        b * spec.intermediate_size * 3 * num.act
     dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))
-    phases = [_phase(Phase.PREFILL, prefill)]
+    phases = [peak.peak()]
     if w.new_tokens:
-        phases.append(_phase(Phase.DECODE, _Moment(sum(dec), dec)))
+        decode = _Best(Phase.DECODE, sink)
+        decode.offer(dec)
+        phases.append(decode.peak())
     return phases
 
 
 _NO_STATES = ModelStates(0, 0, 0, 0, 0, 0, 0, 0, 0, ())
+
+
+@dataclass(frozen=True, slots=True)
+class StageMoments:
+    """Every moment at which a phase of one step can peak, by memory kind (for :mod:`vramplan.parallel`).
+
+    ``moments`` holds (phase, breakdown) candidates in program order; the single-GPU estimate takes the
+    highest of each phase. ``base`` is what is allocated before the step (model states, workspaces);
+    ``forward_end`` is memory when the forward has returned (training): ``forward_end - base`` is what one
+    micro-batch keeps for its backward.
+    """
+
+    states: ModelStates
+    moments: tuple[tuple[Phase, Breakdown], ...]
+    base: Breakdown
+    forward_end: Breakdown
+
+
+def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None, *, embed: bool = True,
+                  head: bool = True) -> StageMoments:
+    """The candidate peak moments of ``w`` on the part of a model that one GPU runs.
+
+    ``spec`` may be a tensor-parallel shard (fewer heads, a narrower MLP and vocabulary) and hold only a
+    pipeline stage's layers; ``counts`` its parameters (default: ``count_params(spec)``); ``embed`` and
+    ``head`` say whether the stage holds the embedding and the output head.
+    """
+    check_positions(spec, w)
+    counts = counts or count_params(spec)
+    states = model_states(spec, w, counts)
+    num = _numerics(w)
+    sink = _Sink()
+    if w.task is Task.TRAIN:
+        _train(spec, w, states, num, embed=embed, head=head, sink=sink)
+    else:
+        _infer(spec, w, states, num, embed=embed, head=head, sink=sink)
+
+    def bd(v: tuple[int, ...]) -> Breakdown:
+        return Breakdown.of(kinds_dict(v))
+
+    return StageMoments(states, tuple((ph, bd(v)) for ph, v in sink.moments), bd(sink.base),
+                        bd(sink.forward_end or sink.base))
 
 
 def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:

@@ -43,9 +43,12 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft)."""
     from .params import attention_linears, mlp_linears
 
-    names = {n for n, *_ in attention_linears(spec)} | {n for n, *_ in mlp_linears(spec, False)}
+    names = {n for n, *_ in attention_linears(spec)}
+    if len(spec.moe_layers) < spec.num_layers:  # some layers keep a dense MLP
+        names |= {n for n, *_ in mlp_linears(spec, False)}
     if spec.is_moe:
-        names |= {"experts.gate_up", "experts.down", "router"}
+        # experts and router are not nn.Linear in transformers 5.x; shared experts are
+        names |= {n for n, *_ in mlp_linears(spec, True) if not n.startswith("experts.") and n != "router"}
     if targets == ("default",):
         # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the family
         fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}

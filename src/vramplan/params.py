@@ -74,7 +74,10 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
     h = spec.hidden_size
     if moe:
         i, e = spec.moe_intermediate_size, spec.num_experts
-        out = [("gate_proj", h, i, e), ("up_proj", h, i, e), ("down_proj", i, h, e), ("router", h, e, 1)]
+        # transformers 5.x stores experts as fused 3-D parameters and the router as its own module: neither
+        # is an nn.Linear (so neither gets LoRA adapters from peft's "all-linear")
+        out = [("experts.gate_proj", h, i, e), ("experts.up_proj", h, i, e), ("experts.down_proj", i, h, e),
+               ("router", h, e, 1)]
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
             out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
-from ..workload import LogitsMode, Precision, Task, WeightsQuant, Workload
+from ..workload import LogitsMode, Task, Workload
 from ._build import build_model, compute_dtype, make_optimizer
 from ._cuda import (
     AutocastEmulation,
@@ -39,7 +39,6 @@ GiB = 1 << 30
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 CUDA_CONTEXT_BYTES = GiB // 2  # 0.516 GiB measured on the H200 (torch 2.11, CUDA 13)
 SLACK_FRACTION = 0.10  # max_memory_reserved / max_memory_allocated - 1: median 9.5% over the calibration runs
-TRAIN_STEPS = 2  # step 1 creates the optimizer state; step 2 is the steady state every later step repeats
 
 aten = torch.ops.aten
 _ATTN_BWD = (
@@ -260,7 +259,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
             assert opt is not None
             _train_loop(model, opt, ids, params, tracker, autocast, workload)
         else:
-            _infer_loop(model, ids, tracker, autocast, workload)
+            assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload))
 
     if recorder.sdpa:
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(recorder.sdpa.items()))
@@ -298,34 +297,81 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],
                 tracker: MemoryTracker, autocast: AutocastEmulation | None, workload: Workload) -> None:
-    """measure.py run_train: forward with the model's own loss, backward, step, zero_grad; the output is kept
-    alive until after the step."""
-    for _ in range(TRAIN_STEPS):
-        tracker.phase = Phase.FORWARD
-        tracker.region = MemoryKind.ACTIVATIONS
-        if autocast is not None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(input_ids=ids, labels=ids)
-        else:
+    """measure.py run_train, in its steady state: forward with the model's own loss, backward, step, zero_grad;
+    the output is kept alive until after the step.
+
+    The first real step differs from the later ones only in that the optimizer state does not exist yet, so the
+    state is created up front by one untracked optimizer step on zero gradients, and one tracked step then
+    stands for step 2 (and every step after it)."""
+    tracker.phase = None
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+
+    tracker.phase = Phase.FORWARD
+    tracker.region = MemoryKind.ACTIVATIONS
+    if autocast is not None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=ids, labels=ids)
-        tracker.phase = Phase.BACKWARD
-        tracker.region = MemoryKind.LOGITS_LOSS
-        tracker.where = "backward"
-        out.loss.backward()
-        tracker.region = MemoryKind.ACTIVATIONS
-        tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
-        tracker.phase = Phase.OPTIMIZER_STEP
-        tracker.where = "optimizer.step"
-        opt.step()
-        tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                     MemoryKind.OPTIMIZER_STATE)
-        opt.zero_grad(set_to_none=True)
-        del out
+    else:
+        out = model(input_ids=ids, labels=ids)
+    tracker.phase = Phase.BACKWARD
+    tracker.region = MemoryKind.LOGITS_LOSS
+    tracker.where = "backward"
+    out.loss.backward()
+    tracker.region = MemoryKind.ACTIVATIONS
+    tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
+    tracker.phase = Phase.OPTIMIZER_STEP
+    tracker.where = "optimizer.step"
+    opt.step()
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+    opt.zero_grad(set_to_none=True)
+    del out
+    tracker.phase = None
+
+
+def _cache_kw(model: nn.Module) -> str:
+    """transformers 5.24 renamed the forward's ``past_key_values`` argument to ``cache``."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in sig.parameters else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _fast_forward(cache: Any, tokens: int) -> bool:
+    """Grow every layer of ``cache`` by ``tokens`` positions through the cache's own ``update`` (so sliding windows
+    and counters behave), standing in for decode steps whose memory only differs by the cache length."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache, "update"):
+        return False
+    for i, layer in enumerate(layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
+            return False
+        cache.update(k.new_empty(k.shape[0], k.shape[1], tokens, k.shape[3]),
+                     v.new_empty(v.shape[0], v.shape[1], tokens, v.shape[3]), i)
+    return True
 
 
 def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
-                autocast: AutocastEmulation | None, workload: Workload) -> None:
-    """measure.py run_infer: prefill with the cache, then single-token decode steps."""
+                autocast: AutocastEmulation | None, workload: Workload) -> list[str]:
+    """measure.py run_infer: prefill with the cache, then single-token decode steps. Decode steps only differ by
+    the cache length, so the first one is traced, the cache is grown to its length before the last step, and the
+    last one is traced."""
+    notes: list[str] = []
+    kw = _cache_kw(model)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
         tracker.phase = Phase.PREFILL
@@ -334,21 +380,31 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         else:
             out = model(input_ids=ids, use_cache=True)
-        past = out.past_key_values
+        past = _out_cache(out)
         tracker.mark(_cache_tensors(past), MemoryKind.KV_CACHE)
         tracker.region = MemoryKind.ACTIVATIONS
         nxt = out.logits[:, -1:].argmax(-1)
         del out
-        tracker.phase = Phase.DECODE
-        for _ in range(workload.new_tokens):
+        step = 0
+        while step < workload.new_tokens:
+            remaining = workload.new_tokens - step
+            if step == 1 and remaining > 1:
+                tracker.phase = None
+                if _fast_forward(past, remaining - 1):
+                    notes.append(f"decode: steps 1 and {workload.new_tokens} traced; the KV cache was grown "
+                                 "through its own update() for the steps in between")
+                    step += remaining - 1
+            tracker.phase = Phase.DECODE
             tracker.region = MemoryKind.ACTIVATIONS
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{kw: past})
+            past = _out_cache(out)
             tracker.mark(_cache_tensors(past), MemoryKind.KV_CACHE)
             tracker.region = MemoryKind.ACTIVATIONS
             nxt = out.logits[:, -1:].argmax(-1)
             del out
+            step += 1
         del past, nxt
+    tracker.phase = None
+    return notes
 
 
-_ = (Precision, WeightsQuant)

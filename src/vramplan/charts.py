@@ -1,0 +1,456 @@
+"""Chart definitions shared by the web page and the CLI: Vega-Lite specifications built from estimates.
+
+One definition, two renderers: the web page draws these specs with vega-embed (the JavaScript bundle
+that ``vl-convert-python`` ships), and ``vramplan estimate --plot`` / ``vramplan sweep --plot`` render
+the very same specs to SVG or PNG with ``vl-convert-python`` (Vega in an embedded runtime, resvg for
+PNG). Building a spec needs only the standard library; rendering needs the ``[web]`` extra.
+
+Charts:
+
+* :func:`breakdown_spec` — the stacked breakdown by memory kind: what nvidia-smi shows at the peak,
+  and the allocated peak of every phase.
+* :func:`sweep_spec` — memory against sequence length or batch size, stacked by kind, with the usable
+  memory of chosen GPUs as lines: where each one runs out of memory.
+* :func:`parallel_spec` — memory of the most loaded GPU under each parallel layout
+  (from :mod:`vramplan.parallel`, for the layouts it supports).
+
+Colours are fixed per :class:`~vramplan.kinds.MemoryKind`, so a kind has one colour in every chart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import VramplanError, WorkloadError
+from .kinds import MemoryKind
+from .units import GiB
+
+if TYPE_CHECKING:
+    from .hardware import GPU
+    from .result import Estimate
+    from .spec import ModelSpec
+    from .workload import Workload
+
+__all__ = [
+    "KIND_COLORS",
+    "KIND_LABELS",
+    "SWEEP_AXES",
+    "WEB_EXTRA_HINT",
+    "Capacity",
+    "ParallelRow",
+    "Sweep",
+    "SweepPoint",
+    "breakdown_spec",
+    "capacities",
+    "headroom_table",
+    "parallel_rows",
+    "parallel_spec",
+    "plot_estimate",
+    "plot_sweep",
+    "render",
+    "run_sweep",
+    "sweep_spec",
+    "sweep_values",
+]
+
+WEB_EXTRA_HINT = "pip install 'vramplan[web]'"
+_SCHEMA = "https://vega.github.io/schema/vega-lite/v6.json"  # an identifier only: nothing is fetched
+_WIDTH = 640
+_MAX_SWEEP_POINTS = 64
+
+KIND_LABELS: Mapping[MemoryKind, str] = {
+    MemoryKind.WEIGHTS: "weights", MemoryKind.MASTER_WEIGHTS: "master weights (fp32)",
+    MemoryKind.GRADIENTS: "gradients", MemoryKind.OPTIMIZER_STATE: "optimizer state",
+    MemoryKind.ACTIVATIONS: "activations", MemoryKind.LOGITS_LOSS: "logits and loss",
+    MemoryKind.KV_CACHE: "KV cache", MemoryKind.QUANTIZATION_CONSTANTS: "quantization constants",
+    MemoryKind.WORKSPACE: "workspace (cuBLAS)", MemoryKind.CUDA_CONTEXT: "CUDA context",
+    MemoryKind.ALLOCATOR_SLACK: "allocator slack",
+}
+# Model states in blues and greens, what the batch costs in reds and purple, fixed overheads in browns/greys.
+KIND_COLORS: Mapping[MemoryKind, str] = {
+    MemoryKind.WEIGHTS: "#4c78a8", MemoryKind.MASTER_WEIGHTS: "#9ecae9", MemoryKind.GRADIENTS: "#54a24b",
+    MemoryKind.OPTIMIZER_STATE: "#88d27a", MemoryKind.ACTIVATIONS: "#e45756", MemoryKind.LOGITS_LOSS: "#ff9d98",
+    MemoryKind.KV_CACHE: "#b279a2", MemoryKind.QUANTIZATION_CONSTANTS: "#72b7b2",
+    MemoryKind.WORKSPACE: "#eeca3b", MemoryKind.CUDA_CONTEXT: "#9d755d", MemoryKind.ALLOCATOR_SLACK: "#bab0ac",
+}
+_GPU_COLORS = ("#1f1f1f", "#d62728", "#7b4ea3", "#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2")
+
+# The axes a sweep can run over: CLI spelling -> workload field.
+SWEEP_AXES: Mapping[str, str] = {"seq-len": "seq_len", "batch-size": "batch_size"}
+_AXIS_TITLES = {"seq_len": "sequence length (tokens)", "batch_size": "batch size"}
+
+
+def _gib(n: int) -> float:
+    return round(n / GiB, 3)
+
+
+def _describe(workload: Mapping[str, Any]) -> str:
+    """One line naming the workload, for chart subtitles."""
+    w = workload
+    if w.get("task") == "infer":
+        quant = f" · weights {w['weights_quant']}" if w.get("weights_quant", "none") != "none" else ""
+        return (f"inference · {w.get('precision')}{quant} · batch {w.get('batch_size')} × "
+                f"{w.get('seq_len')} prompt + {w.get('new_tokens')} new tokens")
+    ckpt = " · checkpointing" if w.get("gradient_checkpointing") else ""
+    return (f"training · {w.get('method')} · {w.get('precision')} · {w.get('optimizer')}{ckpt} · "
+            f"batch {w.get('batch_size')} × {w.get('seq_len')} tokens")
+
+
+def _color_scale(kinds: Sequence[MemoryKind]) -> dict[str, Any]:
+    return {"domain": [KIND_LABELS[k] for k in kinds], "range": [KIND_COLORS[k] for k in kinds]}
+
+
+def _kind_rows(row: str, by_kind: Mapping[MemoryKind, int], **extra: Any) -> list[dict[str, Any]]:
+    return [{"row": row, "kind": k.value, "label": KIND_LABELS[k], "order": i, "bytes": v, "gib": _gib(v), **extra}
+            for i, (k, v) in enumerate((k, by_kind.get(k, 0)) for k in MemoryKind) if v > 0]
+
+
+def _kind_bar(y: dict[str, Any], x_title: str, kinds: Sequence[MemoryKind], horizontal: bool,
+              extra_tooltip: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    value = {"field": "gib", "type": "quantitative", "stack": "zero", "title": x_title}
+    return {
+        "mark": {"type": "bar"},
+        "encoding": {
+            ("y" if horizontal else "x"): y,
+            ("x" if horizontal else "y"): value,
+            "color": {"field": "label", "type": "nominal", "scale": _color_scale(kinds),
+                      "legend": {"title": "memory kind", "orient": "bottom", "columns": 4}},
+            "order": {"field": "order", "type": "quantitative"},
+            "tooltip": [{"field": "row", "title": "bar"}, {"field": "label", "title": "kind"},
+                        {"field": "gib", "title": "GiB", "format": ".2f"}, *extra_tooltip],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------- breakdown
+
+
+def breakdown_spec(est: Estimate) -> dict[str, Any]:
+    """Stacked bars by kind: the nvidia-smi total at the peak, then the allocated peak of each phase."""
+    total_row = "total (nvidia-smi)"
+    rows = _kind_rows(total_row, dict(est.breakdown.bytes_by_kind))
+    order = [total_row]
+    for p in est.phases:
+        name = f"{p.phase.value} (peak)" if p.phase is est.peak_phase else p.phase.value
+        order.append(name)
+        rows += _kind_rows(name, dict(p.breakdown.bytes_by_kind))
+    kinds = [k for k in MemoryKind if any(r["kind"] == k.value for r in rows)]
+    y = {"field": "row", "type": "nominal", "sort": order, "title": None}
+    return {
+        "$schema": _SCHEMA,
+        "title": {"text": f"{est.model}: {est.total_bytes / GiB:,.2f} GiB on the GPU, peak in "
+                          f"{est.peak_phase.value}",
+                  "subtitle": _describe(est.workload), "anchor": "start"},
+        "width": _WIDTH, "height": {"step": 30},
+        "data": {"name": "breakdown", "values": rows},
+        "layer": [
+            _kind_bar(y, "GiB", kinds, horizontal=True),
+            {"mark": {"type": "text", "align": "left", "dx": 4},
+             "encoding": {"y": y, "x": {"aggregate": "sum", "field": "gib", "type": "quantitative"},
+                          "text": {"aggregate": "sum", "field": "gib", "type": "quantitative", "format": ",.2f"}}},
+        ],
+        "config": {"view": {"stroke": None}},
+    }
+
+
+# ----------------------------------------------------------------------------------------- capacities
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """One GPU's usable memory: what CUDA reports where observed, else the marketed capacity."""
+
+    name: str
+    display_name: str
+    gpu_class: str
+    usable_memory_bytes: int
+
+    @classmethod
+    def of(cls, gpu: GPU) -> Capacity:
+        return cls(gpu.name, gpu.display_name, gpu.gpu_class, gpu.usable_memory_bytes)
+
+
+def capacities(names: Sequence[str]) -> tuple[Capacity, ...]:
+    """Catalog GPUs by name (near misses raise with suggestions), duplicates dropped, order kept."""
+    from .hardware import get_gpu
+
+    out: dict[str, Capacity] = {}
+    for name in names:
+        gpu = get_gpu(name)
+        out.setdefault(gpu.name, Capacity.of(gpu))
+    return tuple(out.values())
+
+
+def headroom_table(total_bytes: int, gpu_class: str | None = None) -> list[dict[str, Any]]:
+    """Every catalog GPU (optionally one class) against one estimate: fits, and headroom = usable − total."""
+    from .hardware import list_gpus
+
+    return [{"name": g.name, "display_name": g.display_name, "class": g.gpu_class,
+             "usable_memory_bytes": g.usable_memory_bytes, "fits": total_bytes <= g.usable_memory_bytes,
+             "headroom_bytes": g.usable_memory_bytes - total_bytes}
+            for g in list_gpus(cls=gpu_class)]
+
+
+# ----------------------------------------------------------------------------------------- sweeps
+
+
+def sweep_values(lo: int, hi: int, steps: int | None = None) -> tuple[int, ...]:
+    """The values of a sweep from ``lo`` to ``hi`` (both included).
+
+    Without ``steps``: ``lo`` doubled until ``hi``. With ``steps``: that many values evenly spaced on a
+    log scale, rounded to integers (duplicates dropped). Memory grows with both axes, so a log scale
+    shows the small and the large end alike.
+    """
+    if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
+        raise WorkloadError("a sweep range needs two integers A:B")
+    if lo < 1 or hi < lo:
+        raise WorkloadError(f"sweep range {lo}:{hi} is empty; use 1 <= A <= B")
+    if steps is not None and not 1 <= steps <= _MAX_SWEEP_POINTS:
+        raise WorkloadError(f"sweep steps = {steps} is out of range; use 1..{_MAX_SWEEP_POINTS}")
+    if steps is None:
+        values = []
+        v = lo
+        while v < hi:
+            values.append(v)
+            v *= 2
+        values.append(hi)
+    elif steps == 1:
+        values = [lo]
+    else:
+        ratio = math.log(hi / lo) / (steps - 1)
+        values = [round(lo * math.exp(ratio * i)) for i in range(steps - 1)] + [hi]
+    out = tuple(dict.fromkeys(values))
+    if len(out) > _MAX_SWEEP_POINTS:
+        raise WorkloadError(f"sweep of {len(out)} values is too long; at most {_MAX_SWEEP_POINTS}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    value: int
+    estimate: Estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """Estimates of one workload with one field (``seq_len`` or ``batch_size``) swept."""
+
+    model: str
+    field: str
+    points: tuple[SweepPoint, ...]
+    gpus: tuple[Capacity, ...] = ()
+    stopped: str | None = None  # why the sweep ended before its last value (the estimator's message)
+
+    def oom_from(self, gpu: Capacity) -> int | None:
+        """The first swept value whose nvidia-smi total exceeds the GPU's usable memory."""
+        return next((p.value for p in self.points if p.estimate.total_bytes > gpu.usable_memory_bytes), None)
+
+    def fits_up_to(self, gpu: Capacity) -> int | None:
+        """The last swept value that fits the GPU (memory grows with the swept field)."""
+        fitting = [p.value for p in self.points if p.estimate.total_bytes <= gpu.usable_memory_bytes]
+        return fitting[-1] if fitting else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract of ``vramplan sweep --json`` and ``POST /api/sweep``."""
+        return {
+            "model": self.model,
+            "over": self.field,
+            "values": [p.value for p in self.points],
+            "workload": dict(self.points[0].estimate.workload) if self.points else {},
+            "points": [{"value": p.value, "peak_allocated_bytes": p.estimate.peak_allocated_bytes,
+                        "total_bytes": p.estimate.total_bytes, "peak_phase": p.estimate.peak_phase.value,
+                        "breakdown": p.estimate.breakdown.as_dict()} for p in self.points],
+            "gpus": [{"name": g.name, "display_name": g.display_name, "class": g.gpu_class,
+                      "usable_memory_bytes": g.usable_memory_bytes, "fits_up_to": self.fits_up_to(g),
+                      "oom_from": self.oom_from(g)} for g in self.gpus],
+            "stopped": self.stopped,
+        }
+
+
+def run_sweep(spec: ModelSpec, name: str, workload: Workload, over: str, values: Sequence[int],
+              gpus: Sequence[Capacity] = ()) -> Sweep:
+    """Estimate ``workload`` at each value of ``over`` (``seq-len``/``seq_len`` or ``batch-size``/``batch_size``).
+
+    The sweep stops at the first value the estimator refuses (a model's fixed position table, the
+    token limit) and says why in ``stopped``; it raises if the first value is refused.
+    """
+    from .estimator import estimate
+
+    field = SWEEP_AXES.get(over, over)
+    if field not in SWEEP_AXES.values():
+        raise WorkloadError(f"cannot sweep over {over!r}; use one of {', '.join(SWEEP_AXES)}")
+    points: list[SweepPoint] = []
+    stopped = None
+    for value in values:
+        try:
+            est = estimate(spec, workload.with_(**{field: value}), name=name)
+        except WorkloadError as err:
+            if not points:
+                raise
+            stopped = f"stopped before {field} = {value}: {err}"
+            break
+        points.append(SweepPoint(value, est))
+    return Sweep(name, field, tuple(points), tuple(gpus), stopped)
+
+
+def sweep_spec(sweep: Sweep) -> dict[str, Any]:
+    """Stacked bars by kind for each swept value, with each GPU's usable memory as a dashed line."""
+    field = sweep.field
+    rows: list[dict[str, Any]] = []
+    for p in sweep.points:
+        rows += _kind_rows(str(p.value), dict(p.estimate.breakdown.bytes_by_kind), value=p.value,
+                           total_gib=_gib(p.estimate.total_bytes))
+    kinds = [k for k in MemoryKind if any(r["kind"] == k.value for r in rows)]
+    x = {"field": "value", "type": "ordinal", "title": _AXIS_TITLES[field], "axis": {"labelAngle": 0}}
+    layers: list[dict[str, Any]] = [
+        _kind_bar(x, "GiB (nvidia-smi)", kinds, horizontal=False,
+                  extra_tooltip=[{"field": "total_gib", "title": "total GiB", "format": ".2f"}]),
+    ]
+    if sweep.gpus:
+        gpu_rows = []
+        for g in sweep.gpus:
+            oom = sweep.oom_from(g)
+            where = "fits every value" if oom is None else f"out of memory from {oom:,}"
+            gpu_rows.append({"gpu": f"{g.display_name} ({g.usable_memory_bytes / GiB:,.1f} GiB): {where}",
+                             "name": g.name, "gib": _gib(g.usable_memory_bytes), "oom_from": oom})
+        layers.append({
+            "data": {"name": "capacity", "values": gpu_rows},
+            "mark": {"type": "rule", "strokeDash": [6, 4], "strokeWidth": 2},
+            "encoding": {
+                "y": {"field": "gib", "type": "quantitative"},
+                "color": {"field": "gpu", "type": "nominal",
+                          "scale": {"domain": [r["gpu"] for r in gpu_rows],
+                                    "range": [_GPU_COLORS[i % len(_GPU_COLORS)] for i in range(len(gpu_rows))]},
+                          "legend": {"title": "usable GPU memory", "orient": "bottom", "direction": "vertical"}},
+                "tooltip": [{"field": "gpu", "title": "GPU"}, {"field": "gib", "title": "GiB", "format": ".2f"}],
+            },
+        })
+    workload = sweep.points[0].estimate.workload if sweep.points else {}
+    described = {**workload, field: "…"}
+    subtitle = [_describe(described)]
+    if sweep.stopped:
+        subtitle.append(sweep.stopped)
+    return {
+        "$schema": _SCHEMA,
+        "title": {"text": f"{sweep.model}: memory vs {_AXIS_TITLES[field]}", "subtitle": subtitle, "anchor": "start"},
+        "width": _WIDTH, "height": 320,
+        "data": {"name": "sweep", "values": rows},
+        "layer": layers,
+        "resolve": {"scale": {"color": "independent"}},
+        "config": {"view": {"stroke": None}, "legend": {"labelLimit": 420}},
+    }
+
+
+# ----------------------------------------------------------------------------------------- parallel layouts
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelRow:
+    """Memory of the most loaded GPU under one layout."""
+
+    label: str
+    total_bytes: int
+    breakdown: Mapping[MemoryKind, int]
+
+
+# Candidate layouts for a GPU count: label, and Layout keyword arguments (``n`` stands for the count).
+_LAYOUTS: tuple[tuple[str, Mapping[str, Any]], ...] = (
+    ("data parallel (DDP)", {}),
+    ("ZeRO-1", {"zero": 1}), ("ZeRO-2", {"zero": 2}), ("ZeRO-3", {"zero": 3}),
+    ("FSDP full shard", {"fsdp": "full"}), ("FSDP grad-op", {"fsdp": "grad-op"}),
+    ("tensor parallel", {"tp": "n"}), ("pipeline parallel", {"pp": "n", "micro_batches": "n"}),
+    ("ZeRO-3 + optimizer offload", {"zero": 3, "offload": "optimizer"}),
+)
+
+
+def parallel_rows(spec: ModelSpec, workload: Workload, gpus: int) -> list[ParallelRow]:
+    """Per-GPU memory under each layout :mod:`vramplan.parallel` supports for ``gpus`` GPUs.
+
+    Layouts it refuses (not modelled yet, or impossible for this model) are left out; an empty list
+    when the module is absent.
+    """
+    try:
+        from . import parallel
+    except ModuleNotFoundError as exc:
+        if exc.name != "vramplan.parallel":
+            raise
+        return []
+    rows: list[ParallelRow] = []
+    for label, kwargs in _LAYOUTS:
+        args: dict[str, Any] = {k: gpus if v == "n" else v for k, v in kwargs.items()}
+        if "fsdp" in args:
+            args["fsdp"] = parallel.FSDPMode(args["fsdp"])
+        if "offload" in args:
+            args["offload"] = parallel.Offload(args["offload"])
+        try:
+            layout = parallel.Layout(gpus=gpus, **args)
+            est = parallel.estimate_parallel(spec, workload, layout)
+        except (VramplanError, TypeError, ValueError, AttributeError):  # a layout not modelled (yet)
+            continue
+        rows.append(ParallelRow(label, est.total_bytes, dict(est.breakdown.bytes_by_kind)))
+    return rows
+
+
+def parallel_spec(model: str, workload: Mapping[str, Any], gpus: int, rows: Sequence[ParallelRow],
+                  capacity: Sequence[Capacity] = ()) -> dict[str, Any]:
+    """Horizontal stacked bars: the most loaded GPU's memory under each layout."""
+    data: list[dict[str, Any]] = []
+    for r in rows:
+        data += _kind_rows(r.label, r.breakdown, total_gib=_gib(r.total_bytes))
+    kinds = [k for k in MemoryKind if any(d["kind"] == k.value for d in data)]
+    y = {"field": "row", "type": "nominal", "sort": [r.label for r in rows], "title": None}
+    layers: list[dict[str, Any]] = [_kind_bar(y, "GiB per GPU (most loaded)", kinds, horizontal=True)]
+    if capacity:
+        layers.append({
+            "data": {"name": "capacity", "values": [{"gpu": c.display_name, "gib": _gib(c.usable_memory_bytes)}
+                                                    for c in capacity]},
+            "mark": {"type": "rule", "strokeDash": [6, 4], "strokeWidth": 2, "color": _GPU_COLORS[0]},
+            "encoding": {"x": {"field": "gib", "type": "quantitative"},
+                         "tooltip": [{"field": "gpu", "title": "GPU"}, {"field": "gib", "title": "GiB"}]},
+        })
+    return {
+        "$schema": _SCHEMA,
+        "title": {"text": f"{model}: memory per GPU on {gpus} GPUs, by layout", "subtitle": _describe(workload),
+                  "anchor": "start"},
+        "width": _WIDTH, "height": {"step": 30},
+        "data": {"name": "parallel", "values": data},
+        "layer": layers,
+        "config": {"view": {"stroke": None}},
+    }
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+def render(spec: Mapping[str, Any], path: str | Path, scale: float = 2.0) -> Path:
+    """Write a chart to ``path``: SVG or PNG by the file's extension (needs ``vl-convert-python``)."""
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise VramplanError(f"cannot plot to {out.name!r}: use a file name ending in .png or .svg")
+    try:
+        import vl_convert
+    except ImportError:
+        raise VramplanError(f"plots need vl-convert-python: {WEB_EXTRA_HINT}") from None
+    try:
+        if suffix == ".svg":
+            out.write_text(vl_convert.vegalite_to_svg(dict(spec)), encoding="utf-8")
+        else:
+            out.write_bytes(vl_convert.vegalite_to_png(dict(spec), scale=scale))
+    except OSError as err:
+        raise VramplanError(f"cannot write {out}: {err.strerror or err}") from None
+    return out
+
+
+def plot_estimate(est: Estimate, path: str | Path) -> Path:
+    """``vramplan estimate … --plot FILE``: the breakdown chart of one estimate."""
+    return render(breakdown_spec(est), path)
+
+
+def plot_sweep(sweep: Sweep, path: str | Path) -> Path:
+    """``vramplan sweep … --plot FILE``: memory against the swept field, with GPU capacity lines."""
+    return render(sweep_spec(sweep), path)
