@@ -89,7 +89,7 @@ SETS = {"1": CASES, "2": CASES_2, "3": CASES_3}
 COLUMNS = ["name", "task", "model", "method", "precision", "optim", "batch", "seq", "res", "ckpt", "attn", "r",
            "targets", "new_tokens", "last_logits", "nf4", "train", "device", "torch", "cuda_context_gib", "params",
            "trainable", "weights_gib", "peak_alloc_gib", "peak_reserved_gib", "step_s", "prefill_s",
-           "decode_s_per_token", "source", "trainable_layers", "transformers", "estimate_gib"]
+           "decode_s_per_token", "source", "trainable_layers", "gradient_accumulation", "transformers", "estimate_gib"]
 
 
 def row_of(name: str, model: str, opts: dict[str, object], m: object, est_bytes: int) -> dict[str, object]:
@@ -114,6 +114,7 @@ def row_of(name: str, model: str, opts: dict[str, object], m: object, est_bytes:
         "step_s": round(m.step_s, 4), "prefill_s": round(m.prefill_s, 4),  # type: ignore[attr-defined]
         "decode_s_per_token": round(m.decode_s_per_token, 5),  # type: ignore[attr-defined]
         "source": "vramplan measure_grid", "trainable_layers": w.trainable_layers or "",
+        "gradient_accumulation": w.gradient_accumulation if w.gradient_accumulation > 1 else "",
         "transformers": transformers.__version__, "estimate_gib": round(est_bytes / GiB, 3),
     }
 

@@ -41,6 +41,8 @@ def workload_of_row(row: Mapping[str, str]) -> Workload | None:
         kw["attention"] = Attention(row["attn"])
     if row.get("ckpt") == "True":
         kw["gradient_checkpointing"] = True
+    if row.get("gradient_accumulation"):
+        kw["gradient_accumulation"] = int(row["gradient_accumulation"])
     if row.get("trainable_layers"):
         kw["trainable_layers"] = int(row["trainable_layers"])
     if row.get("method") == "freeze":

@@ -18,7 +18,7 @@ __all__ = ["register"]
 _CSV_COLUMNS = ["name", "task", "model", "method", "precision", "optim", "batch", "seq", "res", "ckpt", "attn", "r",
                 "targets", "new_tokens", "last_logits", "nf4", "train", "device", "torch", "cuda_context_gib",
                 "params", "trainable", "weights_gib", "peak_alloc_gib", "peak_reserved_gib", "step_s", "prefill_s",
-                "decode_s_per_token", "source", "trainable_layers"]
+                "decode_s_per_token", "source", "trainable_layers", "gradient_accumulation"]
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -102,6 +102,7 @@ def _append_row(path: str, name: str, w: Any, m: Any) -> None:
         "peak_reserved_gib": round(m.peak_reserved_bytes / gib, 3), "step_s": round(m.step_s, 4),
         "prefill_s": round(m.prefill_s, 4), "decode_s_per_token": round(m.decode_s_per_token, 5),
         "source": "vramplan measure", "trainable_layers": w.trainable_layers or "",
+        "gradient_accumulation": w.gradient_accumulation if w.gradient_accumulation > 1 else "",
     }
     new = not os.path.exists(path)
     with open(path, "a", newline="", encoding="utf-8") as fh:
