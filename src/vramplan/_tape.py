@@ -88,7 +88,7 @@ class Tape:
 
     def op(self, numel: int, elem: int, inputs: tuple[Tensor, ...] = (), *, save: tuple[Tensor, ...] = (),
            params: tuple[tuple[int, int], ...] = (), rg: bool | None = None,
-           kind: MemoryKind = MemoryKind.ACTIVATIONS, fwd_scratch: int = 0, bwd_scratch: int = 0,
+           kind: MemoryKind | int = MemoryKind.ACTIVATIONS, fwd_scratch: int = 0, bwd_scratch: int = 0,
            grad_to: tuple[Tensor, ...] | None = None) -> Tensor:
         """Record an op producing one new tensor of ``numel`` elements of ``elem`` bytes.
 
@@ -100,7 +100,7 @@ class Tape:
         if rg is None:
             rg = any(t.rg for t in inputs) or bool(params)
         rg = rg and self.training
-        outs = (Tensor(numel, elem, _IDX[kind], rg),)
+        outs = (Tensor(numel, elem, kind if isinstance(kind, int) else _IDX[kind], rg),)
         self.tensors.extend(outs)
         for t in inputs:
             t.last_use = idx
@@ -115,6 +115,12 @@ class Tape:
         self.ops.append(_Op(outs, gin, save, params if self.training else (), fwd_scratch,
                             bwd_scratch if self.training else 0))
         return outs[0]
+
+    def save_output(self, t: Tensor) -> None:
+        """The last op keeps its own output for backward (softmax, tanh, rsqrt, relu, log_softmax)."""
+        if self.training:
+            self.ops[-1].saved += (t,)
+            t.saved_by.append(len(self.ops) - 1)
 
     def view(self, base: Tensor, numel: int) -> Tensor:
         """A view (slice, reshape, transpose) of ``base``: no allocation."""

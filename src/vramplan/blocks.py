@@ -92,14 +92,13 @@ class _B:
         """``x.to(dtype)``: a new tensor unless the dtype already matches (saves nothing)."""
         if x.elem == elem:
             return x
-        return self.tp.op(x.numel, elem, (x,))
+        return self.tp.op(x.numel, elem, (x,), kind=x.kind)
 
     def ew(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
         """A unary elementwise op (silu/gelu save their input; tanh/rsqrt/softmax their result)."""
         out = self.tp.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
         if save_out and x.rg:
-            self.tp.ops[-1].saved += (out,)
-            out.saved_by.append(len(self.tp.ops) - 1)
+            self.tp.save_output(out)
         return out
 
     def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
@@ -251,8 +250,7 @@ class _B:
             out = tp.op(b * s * h * d, elem, (q, k, v, lse), save=(q, k, v, lse) if rg else (),
                         grad_to=(q, k, v))
             if rg:
-                tp.ops[-1].saved += (out,)
-                out.saved_by.append(len(tp.ops) - 1)
+                tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
                 extra = b * s * h * d * 4
                 if heads_kv != h:
@@ -274,8 +272,7 @@ class _B:
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
             probs = tp.op(scores, 4, (att,) + ((mask,) if mask else ()), grad_to=(att,), fwd_scratch=scores)
             if rg:
-                tp.ops[-1].saved += (probs,)
-                probs.saved_by.append(len(tp.ops) - 1)
+                tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
             o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
@@ -301,8 +298,7 @@ class _B:
         pelem = selem if spec.family in ("gpt2", "falcon") else 4
         probs32 = tp.op(scores, pelem, (att,))
         if rg:
-            tp.ops[-1].saved += (probs32,)
-            probs32.saved_by.append(len(tp.ops) - 1)
+            tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
         return tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
@@ -439,8 +435,7 @@ class _B:
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
-                tp.ops[-1].saved += (out,)
-                out.saved_by.append(len(tp.ops) - 1)
+                tp.save_output(out)
             return out
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
@@ -454,8 +449,7 @@ class _B:
         logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
         probs = tp.op(t * e, 4, (logits,))  # softmax in fp32
         if probs.rg:
-            tp.ops[-1].saved += (probs,)
-            probs.saved_by.append(len(tp.ops) - 1)
+            tp.save_output(probs)
         w = tp.op(t * k, 4, (probs,))  # top-k weights (gather saves indices)
         w = self.cast(w, n.elem)
         routed = t * k
@@ -585,18 +579,16 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     if spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
-        tp.ops[-1].saved += (logits,) if logits.rg else ()
-        logits.saved_by.append(len(tp.ops) - 1)
+        if logits.rg:
+            tp.save_output(logits)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.family == "gptj":
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
     tp.keep(logits)
     if loss:
         l32 = bld.cast(logits, 4)
-        l32.kind = list(MemoryKind).index(LOGITS)
         ls = tp.op(l32.numel, 4, (l32,), kind=LOGITS)
-        tp.ops[-1].saved += (ls,)
-        ls.saved_by.append(len(tp.ops) - 1)
+        tp.save_output(ls)
         lo = tp.op(1, 4, (ls,), save=(ls,), kind=LOGITS)
         tp.keep(lo)
     return logits
