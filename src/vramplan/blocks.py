@@ -17,7 +17,8 @@ from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention, WeightsQuant
 
-__all__ = ["Kernel", "LayerPlan", "Numerics", "build_embed", "build_head", "build_layer", "sdpa_kernel"]
+__all__ = ["Kernel", "LayerPlan", "Numerics", "attention_kernel", "build_embed", "build_head", "build_layer",
+           "sdpa_kernel"]
 
 ACT = MemoryKind.ACTIVATIONS
 LOGITS = MemoryKind.LOGITS_LOSS
@@ -71,6 +72,24 @@ def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, he
     if heads_match and d % (8 if elem == 2 else 4) == 0:
         return Kernel.EFFICIENT
     return Kernel.MATH
+
+
+def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
+    """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
+
+    BLOOM and GPT-J have no SDPA path in transformers; Falcon calls SDPA itself without ``enable_gqa``;
+    with a mask, transformers' ``use_gqa_in_sdpa()`` is False and it repeats k/v to every head first.
+    """
+    gqa = spec.num_kv_heads != spec.num_heads
+    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER:
+        return Kernel.EAGER
+    if attention is Attention.FLASH:
+        return Kernel.FLASH
+    if spec.family == "falcon":
+        return sdpa_kernel(spec, elem, has_mask, False, not gqa)
+    if has_mask:
+        return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True)
+    return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa)
 
 
 class _B:
@@ -305,23 +324,8 @@ class _B:
 
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""
-        spec = self.spec
-        plan = self.plan
-        attn = plan.attention if plan else Attention.SDPA
-        gqa = spec.num_kv_heads != spec.num_heads
-        elem = 2 if self.num.amp else self.num.act
-        if spec.family in ("bloom", "gptj") or attn is Attention.EAGER:
-            return Kernel.EAGER
-        if attn is Attention.FLASH:
-            return Kernel.FLASH
-        if spec.family == "falcon":
-            # Falcon calls SDPA itself: multi-query k/v (1 head) without enable_gqa; the new decoder
-            # architecture broadcasts k/v to every head first.
-            return sdpa_kernel(spec, elem, has_mask, False, not gqa)
-        if has_mask:
-            # transformers' use_gqa_in_sdpa() is False with a mask: repeat_kv copies k/v to every head
-            return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True)
-        return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa)
+        attn = self.plan.attention if self.plan else Attention.SDPA
+        return attention_kernel(self.spec, attn, 2 if self.num.amp else self.num.act, has_mask)
 
     # ---- whole blocks ---------------------------------------------------------------------------
     def self_attention(self, n: Tensor) -> Tensor:

@@ -92,7 +92,8 @@ class _Best:
         return _phase(self.phase, self.moment)
 
 
-def _numerics(w: Workload) -> Numerics:
+def numerics(w: Workload) -> Numerics:
+    """Dtypes of what flows through the model for this workload (see :class:`blocks.Numerics`)."""
     prec = w.precision
     qlora = w.method is Method.QLORA
     amp = prec.is_amp
@@ -346,7 +347,7 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
     check_positions(spec, w)
     counts = counts or count_params(spec)
     states = model_states(spec, w, counts)
-    num = _numerics(w)
+    num = numerics(w)
     sink = _Sink()
     if w.task is Task.TRAIN:
         _train(spec, w, states, num, embed=embed, head=head, sink=sink)
@@ -379,7 +380,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
-    num = _numerics(w)
+    num = numerics(w)
     phases = _train(spec, w, states, num) if w.task is Task.TRAIN else _infer(spec, w, states, num)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes

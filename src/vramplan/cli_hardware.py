@@ -1,0 +1,271 @@
+"""``vramplan fit`` and ``vramplan plan``: which GPU, how many, how long, how much money.
+
+Registered by :mod:`vramplan.cli` (``_COMMAND_MODULES``). Everything heavy is imported inside the
+handlers so that ``vramplan --help`` stays instant; numbers come from :mod:`vramplan.fit`,
+:mod:`vramplan.planner` and :mod:`vramplan.perf`, and are only formatted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fit import FitResult
+    from .hardware import GPU
+    from .planner import Plan, PlanResult
+
+__all__ = ["register"]
+
+_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len", "new_tokens",
+          "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha", "lora_targets",
+          "trainable_layers", "gradient_accumulation")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the ``fit`` and ``plan`` sub-commands to ``sub`` (argparse sub-parsers)."""
+    f = sub.add_parser("fit", help="does a workload fit a GPU; largest batch, longest sequence, concurrent "
+                                   "sequences (vLLM KV budget)")
+    f.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
+    f.add_argument("--gpu", required=True, help="GPU name (vramplan gpus lists them)")
+    add_workload_flags(f)
+    f.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                   help="inference: share of GPU memory a vLLM-style server reserves (default 0.9)")
+    f.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+                   help="inference: tokens of the profiling forward that sizes the KV budget (default 8192)")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.set_defaults(handler=_cmd_fit)
+
+    p = sub.add_parser("plan", conflict_handler="resolve",
+                       help="the cheapest (or fastest) GPUs, layout and settings for a job, with time and cost")
+    p.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
+    add_workload_flags(p)
+    # the workload flags pin a dimension of the search when given; unset, the planner searches it
+    p.set_defaults(method=None, precision=None, optimizer=None, weights_quant=None, batch_size=None,
+                   gradient_checkpointing=None, lora_targets=None, trainable_layers=None, gradient_accumulation=None,
+                   new_tokens=256, lora_alpha=None, logits=None)
+    p.add_argument("--task", choices=["train", "finetune", "infer"], default="finetune",
+                   help="train: pre-train every weight; finetune: full, LoRA, QLoRA or freeze; infer: serve")
+    p.add_argument("--budget-usd", type=_non_negative_float, default=None, help="drop plans costing more (on demand)")
+    p.add_argument("--max-gpus", type=_positive_int, default=8, help="at most this many GPUs (1, 2, 4, 8 tried)")
+    p.add_argument("--gpu-class", choices=["consumer", "workstation", "datacenter", "any"], default="any")
+    p.add_argument("--gpu", action="append", default=None, metavar="NAME",
+                   help="only this GPU (repeat for several)")
+    p.add_argument("--sort", choices=["cost", "time"], default="cost")
+    p.add_argument("--tokens", type=_positive_int, default=None,
+                   help="tokens to train on (train/finetune) or to generate (infer)")
+    p.add_argument("--epochs", type=_positive_float, default=None, help="with --dataset-tokens instead of --tokens")
+    p.add_argument("--dataset-tokens", type=_positive_int, default=None)
+    p.add_argument("--global-batch", type=_positive_int, default=None,
+                   help="sequences per optimizer step (default 32 for finetune, 256 for train)")
+    p.add_argument("--prices", metavar="FILE", default=None,
+                   help='JSON price overrides, e.g. {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}')
+    p.add_argument("--top", type=_positive_int, default=20, help="plans to list (default 20)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_plan)
+
+
+# ----------------------------------------------------------------------------------------- fit
+
+
+def _cmd_fit(ns: argparse.Namespace) -> int:
+    from .api import make_workload
+    from .catalog import resolve_model
+    from .fit import check_fit
+    from .hardware import get_gpu
+
+    spec, entry = resolve_model(ns.model)
+    name = entry.name if entry else spec.name
+    gpu = get_gpu(ns.gpu)
+    w = make_workload(**{k: getattr(ns, k) for k in _FLAGS if hasattr(ns, k)})
+    result = check_fit(spec, w, gpu, name=name, gpu_memory_utilization=ns.gpu_memory_utilization,
+                       max_num_batched_tokens=ns.max_num_batched_tokens)
+    if ns.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_fit(result)
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _print_fit(r: FitResult) -> None:
+    from rich.console import Console
+
+    c = Console()
+    w = r.estimate.workload
+    c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
+            f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
+            f"precision={w.get('precision')}, batch {w.get('batch_size')} x {w.get('seq_len')} tokens")
+    verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
+    c.print(f"{verdict}: needs {_gib(r.total_bytes)} (peak allocated {_gib(r.peak_allocated_bytes)}); "
+            f"headroom {_gib(r.headroom_bytes)}")
+    c.print(f"largest batch at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
+    limit = f" (the model was trained for {r.context_limit:,})" if r.context_limit else ""
+    c.print(f"longest sequence at batch {w.get('batch_size')}: [bold]{r.max_seq_len:,}[/bold] tokens{limit}")
+    if r.kv is not None:
+        kv = r.kv
+        c.print(f"concurrent sequences of {kv.sequence_tokens:,} tokens (vLLM method, "
+                f"gpu_memory_utilization {kv.gpu_memory_utilization}): [bold]{kv.max_concurrent_sequences:,}[/bold] "
+                f"— KV budget {_gib(kv.kv_budget_bytes)} = {kv.num_blocks:,} blocks of {kv.block_tokens} tokens "
+                f"({kv.kv_bytes_per_token:,} bytes per token)")
+    if r.step_time_s is not None and w.get("task") == "train":
+        tps = f", {r.tokens_per_s:,.0f} tokens/s" if r.tokens_per_s else ""
+        c.print(f"step time on this GPU: {r.step_time_s:.3f} s{tps} (vramplan.perf)")
+    elif r.step_time_s is not None:
+        tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (bandwidth roofline)" if r.tokens_per_s else ""
+        c.print(f"prefill on this GPU: {r.step_time_s:.3f} s{tps}")
+    c.print("[bold]assumptions[/bold]")
+    for a in r.assumptions:
+        c.print(f"  - {a}")
+    for warn in r.warnings:
+        c.print(f"[yellow]warning:[/yellow] {warn}")
+
+
+# ----------------------------------------------------------------------------------------- plan
+
+
+def _pool(ns: argparse.Namespace) -> list[GPU]:
+    from .hardware import get_gpu, list_gpus, load_price_overrides, with_prices
+
+    gpus = list(list_gpus())
+    if ns.prices:
+        gpus = list(with_prices(gpus, load_price_overrides(ns.prices)))
+    if ns.gpu:
+        wanted = {get_gpu(n).name for n in ns.gpu}
+        gpus = [g for g in gpus if g.name in wanted]
+    return gpus
+
+
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    from .catalog import resolve_model
+    from .errors import WorkloadError
+    from .planner import PlanRequest, PlanTask, SortKey, plan
+    from .workload import Attention, Method, Optimizer, Precision, WeightsQuant
+
+    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits"):
+        if getattr(ns, flag, None) is not None:
+            hint = " (use --global-batch; the planner chooses micro-batch x accumulation)" \
+                if flag == "gradient_accumulation" else ""
+            raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option{hint}")
+    task = PlanTask(ns.task)
+    if task is PlanTask.INFER and ns.method not in (None, "full"):
+        raise WorkloadError("--task infer serves the model; drop --method (use --weights-quant for 4/8-bit)")
+    if task is not PlanTask.INFER and ns.weights_quant not in (None, "none"):
+        raise WorkloadError("--weights-quant applies to --task infer; fine-tuning on 4-bit weights is --method qlora")
+    spec, entry = resolve_model(ns.model)
+    targets = None if ns.lora_targets is None else tuple(t.strip() for t in ns.lora_targets.split(",") if t.strip())
+    req = PlanRequest(
+        task=task, seq_len=ns.seq_len, new_tokens=ns.new_tokens, tokens=ns.tokens, epochs=ns.epochs,
+        dataset_tokens=ns.dataset_tokens, global_batch=ns.global_batch, max_gpus=ns.max_gpus,
+        gpu_class=ns.gpu_class, sort=SortKey(ns.sort), budget_usd=ns.budget_usd,
+        methods=(Method(ns.method),) if ns.method and task is not PlanTask.INFER else (),
+        precisions=(Precision(ns.precision),) if ns.precision else (),
+        optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
+        weights_quants=(WeightsQuant(ns.weights_quant),) if ns.weights_quant else (),
+        gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
+        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top)
+    result = plan(spec, req, name=entry.name if entry else spec.name, gpus=_pool(ns))
+    if ns.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_plan(result)
+    return 0
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "—"
+    if h < 1:
+        return f"{h * 60:,.1f} min"
+    return f"{h:,.1f} h" if h < 48 else f"{h / 24:,.1f} d"
+
+
+def _money(x: float | None) -> str:
+    return "—" if x is None else f"${x:,.2f}"
+
+
+def _print_plan(r: PlanResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: {r.tokens:,} tokens"
+            + (f", global batch {r.global_batch} x {r.seq_len} tokens" if r.global_batch else
+               f", prompts of {r.seq_len} tokens"))
+    c.print(f"[dim]{r.candidates_evaluated:,} candidates evaluated in {r.elapsed_s:.2f} s; {r.feasible:,} fit; "
+            f"ranked by {r.sort}[/dim]")
+    if r.plans:
+        t = Table(show_edge=False)
+        for col in ("#", "GPU", "n", "layout", "method", "settings", "batch", "GiB/GPU", "time", "cost"):
+            t.add_column(col, justify="right" if col in ("#", "n", "GiB/GPU", "time", "cost") else "left",
+                         no_wrap=col != "settings")
+        for i, p in enumerate(r.plans, 1):
+            method = p.method if p.weights_quant == "none" else f"{p.method} {p.weights_quant}"
+            settings = " ".join(x for x in (p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing else "")
+                                if x)
+            batch = f"{p.micro_batch}" if p.method == "inference" else f"{p.micro_batch}x{p.gradient_accumulation}"
+            t.add_row(str(i), p.gpu, str(p.gpu_count), p.layout, method, settings, batch,
+                      f"{p.total_bytes / 2**30:,.1f}/{p.usable_memory_bytes / 2**30:,.0f}", _hours(p.time_hours),
+                      _money(p.cost_usd))
+        c.print(t)
+    else:
+        c.print("[red]no plan fits[/red]")
+    c.print(f"[bold]minimum consumer setup:[/bold] {_summary(r.consumer, r.consumer_reason)}")
+    c.print(f"[bold]recommended data-centre setup:[/bold] {_summary(r.datacenter, r.datacenter_reason)}")
+    c.print("[bold]assumptions[/bold]")
+    for a in r.assumptions:
+        c.print(f"  - {a}")
+    for warn in r.warnings:
+        c.print(f"[yellow]warning:[/yellow] {warn}")
+
+
+def _summary(p: Plan | None, reason: str | None) -> str:
+    if p is None:
+        return reason or "none"
+    extra = f"; {_hours(p.time_hours)}, {_money(p.cost_usd)}" + ("" if p.cost_usd is not None else " (unpriced)")
+    return f"{p.describe()} — {p.total_bytes / 2**30:,.1f} of {p.usable_memory_bytes / 2**30:,.1f} GiB per GPU{extra}"

@@ -1,0 +1,226 @@
+"""Does a workload fit a GPU, with what headroom, and how far can it grow?
+
+Every answer is solved on the estimator, not guessed: memory never falls as the batch or the sequence
+grows (``tests/test_properties.py`` checks that invariant), so the largest batch and the longest
+sequence that fit are found exactly by exponential then binary search over
+:func:`vramplan.estimator.estimate`. "Fits" means the whole process (``total_bytes``: peak allocated
++ allocator slack + CUDA context) is within the GPU's usable memory.
+
+For inference, :func:`kv_capacity` also answers the serving question the way vLLM sizes its KV cache:
+profile one forward of ``max_num_batched_tokens`` tokens (weights + activation peak), reserve
+``gpu_memory_utilization`` of the GPU's memory, and cut what is left after the profile peak and the
+CUDA context into blocks of 16 tokens (``vllm/v1/worker/gpu_worker.py: determine_available_memory``,
+``vllm/v1/core/kv_cache_utils.py``).
+
+Known limits: one GPU; the KV budget follows vLLM's method but vramplan's estimator, not vLLM's own
+profile (its CUDA graphs, sampler and custom kernels are not modelled); every layer's KV is sized for
+the full length (vLLM's hybrid allocator can give sliding-window layers less).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import WorkloadError
+from .estimator import CUDA_CONTEXT_BYTES, estimate
+from .hardware import GPU
+from .kinds import MemoryKind, Phase
+from .result import Estimate
+from .spec import ModelSpec
+from .units import GiB
+from .workload import LogitsMode, Precision, Task, WeightsQuant, Workload
+
+__all__ = ["VLLM_BLOCK_TOKENS", "FitResult", "KVCapacity", "check_fit", "kv_capacity", "largest_fitting"]
+
+VLLM_BLOCK_TOKENS = 16  # vLLM's default block_size (tokens per KV block) on CUDA
+_MAX_BATCH = 1 << 20  # Workload's own limits
+_MAX_SEQ = 1 << 24
+_MAX_TOKENS = 1 << 31
+
+
+def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
+    """The largest ``n`` in 1..cap with ``fits(n)``, for ``fits`` true up to some n and false after; 0 if none.
+
+    Exponential search for a bracket, then bisection: about 2 log2(answer) calls.
+    """
+    if cap < 1 or not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > cap:
+        if fits(cap):
+            return cap
+        hi = cap
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _total(spec: ModelSpec, w: Workload, name: str) -> int | None:
+    """Process memory of ``w``; None if the workload cannot be built at that size."""
+    try:
+        return estimate(spec, w, name=name).total_bytes
+    except WorkloadError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class KVCapacity:
+    """How many sequences of ``sequence_tokens`` tokens a vLLM-style KV budget holds."""
+
+    gpu_memory_utilization: float
+    block_tokens: int
+    profile_tokens: int
+    profile_peak_bytes: int  # weights + activation peak of the profiling forward (without its KV)
+    non_torch_bytes: int  # CUDA context
+    kv_bytes_per_token: int
+    kv_budget_bytes: int
+    num_blocks: int
+    sequence_tokens: int
+    max_concurrent_sequences: int
+
+    @property
+    def max_tokens_in_cache(self) -> int:
+        return self.num_blocks * self.block_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "vllm", "gpu_memory_utilization": self.gpu_memory_utilization,
+                "block_tokens": self.block_tokens, "profile_tokens": self.profile_tokens,
+                "profile_peak_bytes": self.profile_peak_bytes, "non_torch_bytes": self.non_torch_bytes,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "kv_budget_bytes": self.kv_budget_bytes,
+                "num_blocks": self.num_blocks, "max_tokens_in_cache": self.max_tokens_in_cache,
+                "sequence_tokens": self.sequence_tokens, "max_concurrent_sequences": self.max_concurrent_sequences}
+
+
+def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
+    """Keys and values of one token over every layer: 2 x kv_heads x head_dim x bytes x layers."""
+    return 2 * spec.num_kv_heads * spec.head_dim * elem * spec.num_layers
+
+
+def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilization: float = 0.9,
+                max_num_batched_tokens: int = 8192, name: str | None = None) -> KVCapacity:
+    """vLLM's KV-cache budget for serving ``w``'s model and precision on ``gpu``.
+
+    budget = usable memory x utilisation - (weights + activation peak of one profiling forward of
+    min(max_num_batched_tokens, sequence) tokens) - CUDA context; blocks = budget // (16 tokens x KV
+    bytes per token); sequences = blocks // ceil((prompt + new tokens) / 16).
+    """
+    if not 0 < gpu_memory_utilization <= 1:
+        raise WorkloadError(f"gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_num_batched_tokens < 1:
+        raise WorkloadError("max-num-batched-tokens must be at least 1")
+    seq_tokens = w.seq_len + w.new_tokens
+    profile_tokens = min(max_num_batched_tokens, seq_tokens)
+    profile_w = w.with_(task=Task.INFER, batch_size=1, seq_len=profile_tokens, new_tokens=0,
+                        logits=LogitsMode.LAST, gradient_accumulation=1)
+    est = estimate(spec, profile_w, name=name or spec.name)
+    prefill = next(p for p in est.phases if p.phase is Phase.PREFILL)
+    profile_peak = prefill.peak_allocated_bytes - prefill.breakdown[MemoryKind.KV_CACHE]
+    elem = 4 if w.precision is Precision.FP32 and w.base_quant is WeightsQuant.NONE else 2  # the model dtype
+    per_token = kv_bytes_per_token(spec, elem)
+    budget = int(gpu.usable_memory_bytes * gpu_memory_utilization) - profile_peak - CUDA_CONTEXT_BYTES
+    block_bytes = VLLM_BLOCK_TOKENS * per_token
+    blocks = max(0, budget) // block_bytes if block_bytes else 0
+    per_seq = -(-seq_tokens // VLLM_BLOCK_TOKENS)
+    return KVCapacity(gpu_memory_utilization, VLLM_BLOCK_TOKENS, profile_tokens, profile_peak, CUDA_CONTEXT_BYTES,
+                      per_token, budget, blocks, seq_tokens, blocks // per_seq if per_seq else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """Whether ``estimate`` fits ``gpu``, and the largest batch and sequence that would."""
+
+    model: str
+    gpu: str
+    gpu_display_name: str
+    usable_memory_bytes: int
+    estimate: Estimate
+    fits: bool
+    headroom_bytes: int  # usable memory minus total_bytes (negative: short by that much)
+    max_batch_size: int  # at the workload's sequence length; 0 when even batch 1 does not fit
+    max_seq_len: int  # at the workload's batch size; 0 when even one token does not fit
+    context_limit: int | None  # the model's max_position_embeddings
+    kv: KVCapacity | None
+    step_time_s: float | None  # training step (or inference prefill) time on this GPU, from vramplan.perf
+    tokens_per_s: float | None  # training tokens per second, or (inference) generated tokens per second
+
+    assumptions: tuple[str, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.estimate.peak_allocated_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
+                "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
+                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
+                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
+                "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
+                "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
+                "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
+
+
+def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None,
+              gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 8192) -> FitResult:
+    """Fit, headroom, largest batch, longest sequence (and for inference the vLLM KV capacity) of ``w``."""
+    label = name or spec.name
+    usable = gpu.usable_memory_bytes
+    est = estimate(spec, w, name=label)
+
+    def fits_batch(b: int) -> bool:
+        t = _total(spec, w.with_(batch_size=b), label)
+        return t is not None and t <= usable
+
+    def fits_seq(s: int) -> bool:
+        t = _total(spec, w.with_(seq_len=s), label)
+        return t is not None and t <= usable
+
+    extra = 0 if w.is_train else w.new_tokens
+    max_batch = largest_fitting(fits_batch, min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra)))
+    max_seq = largest_fitting(fits_seq, min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra))
+    kv = None if w.is_train else kv_capacity(spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization,
+                                             max_num_batched_tokens=max_num_batched_tokens, name=label)
+    step_s, tps = _speed(spec, w, gpu)
+    assumptions = [
+        f"fits: total_bytes (peak allocated + allocator slack + CUDA context) <= {gpu.display_name}'s usable "
+        f"memory, {usable / GiB:.2f} GiB",
+        "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
+        "monotone in both)",
+    ]
+    if kv is not None:
+        assumptions.append(
+            f"concurrent sequences (vLLM method): {gpu_memory_utilization:.0%} of usable memory, minus the "
+            f"weights + activation peak of one {kv.profile_tokens}-token profiling forward and the CUDA "
+            f"context, in KV blocks of {VLLM_BLOCK_TOKENS} tokens; each sequence holds "
+            f"ceil({kv.sequence_tokens}/{VLLM_BLOCK_TOKENS}) blocks")
+    warnings = list(est.warnings)
+    limit = spec.max_position_embeddings
+    if limit and max_seq > limit:
+        warnings.append(f"memory allows {max_seq:,} tokens but the model was trained for {limit:,} positions")
+    return FitResult(label, gpu.name, gpu.display_name, usable, est, est.total_bytes <= usable,
+                     usable - est.total_bytes, max_batch, max_seq, limit, kv, step_s, tps,
+                     tuple(assumptions) + est.assumptions, tuple(warnings))
+
+
+def _speed(spec: ModelSpec, w: Workload, gpu: GPU) -> tuple[float | None, float | None]:
+    """Step (or prefill) seconds and tokens per second from :mod:`vramplan.perf`."""
+    from .perf import inference_time, training_time
+
+    if w.is_train:
+        tt = training_time(spec, w, gpu, tokens=w.batch_size * w.seq_len * w.gradient_accumulation)
+        return (tt.step.total_s if tt.step else None), tt.tokens_per_s
+    it = inference_time(spec, w, gpu)
+    return it.prefill_s, it.decode_tokens_per_s
