@@ -79,6 +79,14 @@ KIND_COLORS: Mapping[MemoryKind, str] = {
 }
 _GPU_COLORS = ("#1f1f1f", "#d62728", "#7b4ea3", "#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2")
 
+# Shared look: no frame, readable type on the page and in a PNG, long legend labels (GPU names) kept whole.
+_CONFIG: Mapping[str, Any] = {
+    "view": {"stroke": None},
+    "title": {"fontSize": 15, "subtitleFontSize": 12, "subtitleColor": "#5d6678"},
+    "axis": {"labelFontSize": 11, "titleFontSize": 12},
+    "legend": {"labelFontSize": 11, "titleFontSize": 12, "labelLimit": 420},
+}
+
 # The axes a sweep can run over: CLI spelling -> workload field.
 SWEEP_AXES: Mapping[str, str] = {"seq-len": "seq_len", "batch-size": "batch_size"}
 _AXIS_TITLES = {"seq_len": "sequence length (tokens)", "batch_size": "batch size"}
@@ -105,7 +113,9 @@ def _color_scale(kinds: Sequence[MemoryKind]) -> dict[str, Any]:
 
 
 def _kind_rows(row: str, by_kind: Mapping[MemoryKind, int], **extra: Any) -> list[dict[str, Any]]:
-    return [{"row": row, "kind": k.value, "label": KIND_LABELS[k], "order": i, "bytes": v, "gib": _gib(v), **extra}
+    """One datum per non-zero kind; ``description`` is what screen readers (and the page's tests) read."""
+    return [{"row": row, "kind": k.value, "label": KIND_LABELS[k], "order": i, "bytes": v, "gib": _gib(v),
+             "description": f"{row} — {KIND_LABELS[k]}: {_gib(v)} GiB", **extra}
             for i, (k, v) in enumerate((k, by_kind.get(k, 0)) for k in MemoryKind) if v > 0]
 
 
@@ -120,6 +130,7 @@ def _kind_bar(y: dict[str, Any], x_title: str, kinds: Sequence[MemoryKind], hori
             "color": {"field": "label", "type": "nominal", "scale": _color_scale(kinds),
                       "legend": {"title": "memory kind", "orient": "bottom", "columns": 4}},
             "order": {"field": "order", "type": "quantitative"},
+            "description": {"field": "description", "type": "nominal"},
             "tooltip": [{"field": "row", "title": "bar"}, {"field": "label", "title": "kind"},
                         {"field": "gib", "title": "GiB", "format": ".2f"}, *extra_tooltip],
         },
@@ -129,22 +140,27 @@ def _kind_bar(y: dict[str, Any], x_title: str, kinds: Sequence[MemoryKind], hori
 # ----------------------------------------------------------------------------------------- breakdown
 
 
-def breakdown_spec(est: Estimate) -> dict[str, Any]:
-    """Stacked bars by kind: the nvidia-smi total at the peak, then the allocated peak of each phase."""
+def breakdown_spec(est: Estimate | Mapping[str, Any]) -> dict[str, Any]:
+    """Stacked bars by kind: the nvidia-smi total at the peak, then the allocated peak of each phase.
+
+    Takes an :class:`Estimate` or its JSON form (what ``vramplan estimate --json`` prints), so any
+    estimator with that contract gets the same chart.
+    """
+    data = est if isinstance(est, Mapping) else est.to_dict()
     total_row = "total (nvidia-smi)"
-    rows = _kind_rows(total_row, dict(est.breakdown.bytes_by_kind))
+    rows = _kind_rows(total_row, _by_kind(data["breakdown"]))
     order = [total_row]
-    for p in est.phases:
-        name = f"{p.phase.value} (peak)" if p.phase is est.peak_phase else p.phase.value
+    peak_phase = data.get("peak_phase")
+    for phase, breakdown in data.get("phase_breakdowns", {}).items():
+        name = f"{phase} (peak)" if phase == peak_phase else str(phase)
         order.append(name)
-        rows += _kind_rows(name, dict(p.breakdown.bytes_by_kind))
+        rows += _kind_rows(name, _by_kind(breakdown))
     kinds = [k for k in MemoryKind if any(r["kind"] == k.value for r in rows)]
     y = {"field": "row", "type": "nominal", "sort": order, "title": None}
     return {
         "$schema": _SCHEMA,
-        "title": {"text": f"{est.model}: {est.total_bytes / GiB:,.2f} GiB on the GPU, peak in "
-                          f"{est.peak_phase.value}",
-                  "subtitle": _describe(est.workload), "anchor": "start"},
+        "title": {"text": f"{data['model']}: {data['total_bytes'] / GiB:,.2f} GiB on the GPU, peak in {peak_phase}",
+                  "subtitle": _describe(data.get("workload", {})), "anchor": "start"},
         "width": _WIDTH, "height": {"step": 30},
         "data": {"name": "breakdown", "values": rows},
         "layer": [
@@ -153,8 +169,16 @@ def breakdown_spec(est: Estimate) -> dict[str, Any]:
              "encoding": {"y": y, "x": {"aggregate": "sum", "field": "gib", "type": "quantitative"},
                           "text": {"aggregate": "sum", "field": "gib", "type": "quantitative", "format": ",.2f"}}},
         ],
-        "config": {"view": {"stroke": None}},
+        "config": _CONFIG,
     }
+
+
+def _by_kind(breakdown: Mapping[str, int]) -> dict[MemoryKind, int]:
+    """A JSON breakdown (kind value -> bytes) as a mapping by kind; unknown keys are refused."""
+    try:
+        return {MemoryKind(k): int(v) for k, v in breakdown.items()}
+    except ValueError as err:
+        raise VramplanError(f"not a breakdown by memory kind: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------- capacities
@@ -193,6 +217,23 @@ def headroom_table(total_bytes: int, gpu_class: str | None = None) -> list[dict[
              "usable_memory_bytes": g.usable_memory_bytes, "fits": total_bytes <= g.usable_memory_bytes,
              "headroom_bytes": g.usable_memory_bytes - total_bytes}
             for g in list_gpus(cls=gpu_class)]
+
+
+def _capacity_layer(labelled: Sequence[tuple[str, Capacity]], axis: str) -> dict[str, Any]:
+    """Dashed lines at each GPU's usable memory, one colour and legend entry per GPU."""
+    rows = [{"gpu": label, "name": c.name, "gib": _gib(c.usable_memory_bytes)} for label, c in labelled]
+    return {
+        "data": {"name": "capacity", "values": rows},
+        "mark": {"type": "rule", "strokeDash": [6, 4], "strokeWidth": 2},
+        "encoding": {
+            axis: {"field": "gib", "type": "quantitative"},
+            "color": {"field": "gpu", "type": "nominal",
+                      "scale": {"domain": [r["gpu"] for r in rows],
+                                "range": [_GPU_COLORS[i % len(_GPU_COLORS)] for i in range(len(rows))]},
+                      "legend": {"title": "usable GPU memory", "orient": "bottom", "direction": "vertical"}},
+            "tooltip": [{"field": "gpu", "title": "GPU"}, {"field": "gib", "title": "GiB", "format": ".2f"}],
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------- sweeps
@@ -311,26 +352,14 @@ def sweep_spec(sweep: Sweep) -> dict[str, Any]:
                   extra_tooltip=[{"field": "total_gib", "title": "total GiB", "format": ".2f"}]),
     ]
     if sweep.gpus:
-        gpu_rows = []
+        labelled = []
         for g in sweep.gpus:
             oom = sweep.oom_from(g)
             where = "fits every value" if oom is None else f"out of memory from {oom:,}"
-            gpu_rows.append({"gpu": f"{g.display_name} ({g.usable_memory_bytes / GiB:,.1f} GiB): {where}",
-                             "name": g.name, "gib": _gib(g.usable_memory_bytes), "oom_from": oom})
-        layers.append({
-            "data": {"name": "capacity", "values": gpu_rows},
-            "mark": {"type": "rule", "strokeDash": [6, 4], "strokeWidth": 2},
-            "encoding": {
-                "y": {"field": "gib", "type": "quantitative"},
-                "color": {"field": "gpu", "type": "nominal",
-                          "scale": {"domain": [r["gpu"] for r in gpu_rows],
-                                    "range": [_GPU_COLORS[i % len(_GPU_COLORS)] for i in range(len(gpu_rows))]},
-                          "legend": {"title": "usable GPU memory", "orient": "bottom", "direction": "vertical"}},
-                "tooltip": [{"field": "gpu", "title": "GPU"}, {"field": "gib", "title": "GiB", "format": ".2f"}],
-            },
-        })
+            labelled.append((f"{g.display_name} ({g.usable_memory_bytes / GiB:,.1f} GiB): {where}", g))
+        layers.append(_capacity_layer(labelled, axis="y"))
     workload = sweep.points[0].estimate.workload if sweep.points else {}
-    described = {**workload, field: "…"}
+    described = {**workload, field: "N"}
     subtitle = [_describe(described)]
     if sweep.stopped:
         subtitle.append(sweep.stopped)
@@ -341,7 +370,7 @@ def sweep_spec(sweep: Sweep) -> dict[str, Any]:
         "data": {"name": "sweep", "values": rows},
         "layer": layers,
         "resolve": {"scale": {"color": "independent"}},
-        "config": {"view": {"stroke": None}, "legend": {"labelLimit": 420}},
+        "config": _CONFIG,
     }
 
 
@@ -405,13 +434,8 @@ def parallel_spec(model: str, workload: Mapping[str, Any], gpus: int, rows: Sequ
     y = {"field": "row", "type": "nominal", "sort": [r.label for r in rows], "title": None}
     layers: list[dict[str, Any]] = [_kind_bar(y, "GiB per GPU (most loaded)", kinds, horizontal=True)]
     if capacity:
-        layers.append({
-            "data": {"name": "capacity", "values": [{"gpu": c.display_name, "gib": _gib(c.usable_memory_bytes)}
-                                                    for c in capacity]},
-            "mark": {"type": "rule", "strokeDash": [6, 4], "strokeWidth": 2, "color": _GPU_COLORS[0]},
-            "encoding": {"x": {"field": "gib", "type": "quantitative"},
-                         "tooltip": [{"field": "gpu", "title": "GPU"}, {"field": "gib", "title": "GiB"}]},
-        })
+        layers.append(_capacity_layer([(f"{c.display_name} ({c.usable_memory_bytes / GiB:,.1f} GiB)", c)
+                                       for c in capacity], axis="x"))
     return {
         "$schema": _SCHEMA,
         "title": {"text": f"{model}: memory per GPU on {gpus} GPUs, by layout", "subtitle": _describe(workload),
@@ -419,7 +443,8 @@ def parallel_spec(model: str, workload: Mapping[str, Any], gpus: int, rows: Sequ
         "width": _WIDTH, "height": {"step": 30},
         "data": {"name": "parallel", "values": data},
         "layer": layers,
-        "config": {"view": {"stroke": None}},
+        "resolve": {"scale": {"color": "independent"}},
+        "config": _CONFIG,
     }
 
 
@@ -446,8 +471,8 @@ def render(spec: Mapping[str, Any], path: str | Path, scale: float = 2.0) -> Pat
     return out
 
 
-def plot_estimate(est: Estimate, path: str | Path) -> Path:
-    """``vramplan estimate … --plot FILE``: the breakdown chart of one estimate."""
+def plot_estimate(est: Estimate | Mapping[str, Any], path: str | Path) -> Path:
+    """``vramplan estimate … --plot FILE``: the breakdown chart of one estimate (or of its JSON form)."""
     return render(breakdown_spec(est), path)
 
 

@@ -94,6 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipeline", action="store_true",
                    help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
     t.add_argument("model", metavar="MODEL")
@@ -126,13 +127,17 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
     try:  # vision and diffusion models have their own estimator (vramplan.vision)
         from .vision import estimate_vision_cli, is_vision_model
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
         if exc.name != "vramplan.vision":
             raise
     else:
         if is_vision_model(ns.model):
             return int(estimate_vision_cli(ns))
     est = estimate(ns.model, **_workload_options(ns))
+    if ns.plot:  # the breakdown chart of vramplan.charts, as the web page draws it
+        from .charts import plot_estimate
+
+        plot_estimate(est, ns.plot)
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:

@@ -90,7 +90,8 @@ def _serve(ns: argparse.Namespace) -> int:
     if not loopback:
         sys.stderr.write(f"vramplan: warning: listening on {ns.host}: other machines on your network can reach "
                          "this page\n")
-    app = create_app(trusted_hosts=("127.0.0.1", "localhost", "::1", "[::1]") if loopback else None)
+    # On loopback, answer only requests addressed to this machine by name (a guard against DNS rebinding).
+    app = create_app(trusted_hosts=("127.0.0.1", "localhost", "::1", ns.host) if loopback else None)
     shown = f"[{ns.host}]" if ":" in ns.host else ns.host
     sys.stderr.write(f"vramplan: serving on http://{shown}:{ns.port}/ (Ctrl+C stops)\n")
     uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning", server_header=False)

@@ -1,0 +1,202 @@
+"""Request bodies of the JSON API, checked before anything runs.
+
+A body is one JSON object whose keys are the CLI's options in snake_case (``model``, ``task``,
+``batch_size``, …) or, instead of ``model``, ``config``: the parsed config.json as an object (with an
+optional ``config_name``, the name the CLI would take from the file's folder). Nothing here touches
+the file system: a model is a catalog name or an uploaded object, never a path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from ..workload import Workload
+
+if TYPE_CHECKING:
+    from ..catalog import CatalogEntry
+    from ..spec import ModelSpec
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MODEL_KEYS",
+    "WORKLOAD_KEYS",
+    "ModelRef",
+    "Option",
+    "RequestError",
+    "catalog_entry",
+    "check_workload",
+    "model_ref",
+    "parse_object",
+    "safe_name",
+    "workload_schema",
+]
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a config.json is a few KiB
+MODEL_KEYS = frozenset({"model", "config", "config_name"})
+WORKLOAD_KEYS = frozenset(Workload.__dataclass_fields__)
+_MAX_TEXT = 200
+_MAX_NAMES = 64
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+ -]{0,99}")
+
+
+class RequestError(Exception):
+    """A request the API refuses: answered with ``status`` (4xx) and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One workload option as the page offers it: derived from :class:`Workload`, so never out of date."""
+
+    name: str
+    kind: str  # "choice", "int", "optional_int", "bool" or "names"
+    default: Any
+    choices: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "default": self.default, "choices": list(self.choices)}
+
+
+def workload_schema() -> tuple[Option, ...]:
+    """Every :class:`Workload` field with its kind, default and choices (the CLI's defaults)."""
+    out = []
+    for name, f in Workload.__dataclass_fields__.items():
+        d = f.default
+        if isinstance(d, StrEnum):
+            out.append(Option(name, "choice", d.value, tuple(m.value for m in type(d))))
+        elif isinstance(d, bool):
+            out.append(Option(name, "bool", d))
+        elif isinstance(d, int):
+            out.append(Option(name, "int", d))
+        elif d is None:
+            out.append(Option(name, "optional_int", None))
+        elif isinstance(d, tuple):
+            out.append(Option(name, "names", ",".join(d)))
+        else:  # pragma: no cover - a new field type must be taught to the page
+            raise TypeError(f"Workload.{name}: no request kind for default {d!r}")
+    return tuple(out)
+
+
+_SCHEMA = {o.name: o for o in workload_schema()}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def parse_object(raw: bytes, what: str = "request body") -> dict[str, Any]:
+    """Parse a JSON object (UTF-8). Malformed JSON, NaN/Infinity, deep nesting and non-objects are 400s."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise RequestError(413, f"{what} is {len(raw):,} bytes; the limit is {MAX_BODY_BYTES:,} (1 MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, f"{what} is not UTF-8 text") from None
+    if not text.strip():
+        raise RequestError(400, f"{what} is empty; send a JSON object such as {{\"model\": \"llama-3.1-8b\"}}")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        raise RequestError(400, f"{what} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") \
+            from None
+    except ValueError as err:
+        raise RequestError(400, f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise RequestError(400, f"{what} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"{what} must be a JSON object, not {type(data).__name__}")
+    if "trust_remote_code" in data:
+        raise RequestError(422, "trust_remote_code is never honoured: vramplan reads config.json fields and runs "
+                                "no model code; drop the key")
+    return data
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(422, f"{name} must be an integer, got {json.dumps(value)[:60]}")
+    return value
+
+
+def check_workload(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The workload options of ``body``, with their JSON types checked (ranges are the Workload's to check)."""
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        opt = _SCHEMA.get(key)
+        if opt is None or value is None:
+            continue
+        if opt.kind == "choice":
+            if not isinstance(value, str) or len(value) > _MAX_TEXT:
+                raise RequestError(422, f"{key} must be one of: {', '.join(opt.choices)}")
+        elif opt.kind == "bool":
+            if not isinstance(value, bool):
+                raise RequestError(422, f"{key} must be true or false, got {json.dumps(value)[:60]}")
+        elif opt.kind in ("int", "optional_int"):
+            _int(key, value)
+        elif opt.kind == "names":
+            names = value.split(",") if isinstance(value, str) else value
+            if not isinstance(names, list) or len(names) > _MAX_NAMES or \
+                    not all(isinstance(n, str) and len(n) <= _MAX_TEXT for n in names):
+                raise RequestError(422, f"{key} must be a comma-separated string or a list of module names")
+        out[key] = value
+    return out
+
+
+def safe_name(text: Any, what: str = "name", allow_json: bool = False) -> str:
+    """A name that cannot be read as a path: letters, digits, ``._+ -``, at most 100 characters.
+
+    A model name ending in ``.json`` would be read as a file by the CLI, so only config names
+    (``allow_json``: they become a folder name inside a private directory) may end so.
+    """
+    if not isinstance(text, str) or not _SAFE_NAME.fullmatch(text) or (text.endswith(".json") and not allow_json):
+        raise RequestError(422, f"{what} must be a plain name (letters, digits, . _ + -), not a path")
+    return text
+
+
+def catalog_entry(name: Any) -> CatalogEntry:
+    """The catalog entry of a model name, alias or Hugging Face id; never a file."""
+    from ..catalog import get_model
+
+    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_TEXT:
+        raise RequestError(422, "model must be a catalog name (GET /api/models lists them)")
+    return get_model(name)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The model of a request: a catalog entry, or a config.json object the client uploaded."""
+
+    spec: ModelSpec
+    name: str
+    entry: CatalogEntry | None
+    config: Mapping[str, Any] | None
+    config_name: str
+
+
+def model_ref(body: Mapping[str, Any]) -> ModelRef:
+    """Resolve ``model`` (catalog only) or ``config`` (an object, read by the same reader as the CLI)."""
+    from ..hfconfig import spec_from_config
+
+    has_model, has_config = body.get("model") is not None, body.get("config") is not None
+    if has_model == has_config:
+        raise RequestError(422, "give either model (a catalog name) or config (a config.json object), not "
+                                f"{'both' if has_model else 'neither'}")
+    if has_model:
+        entry = catalog_entry(body["model"])
+        return ModelRef(entry.spec, entry.name, entry, None, entry.name)
+    config = body["config"]
+    if not isinstance(config, dict):
+        raise RequestError(422, "config must be the JSON object of a config.json")
+    given = body.get("config_name")
+    name = "config.json" if given in (None, "", "config.json") else safe_name(given, "config_name", allow_json=True)
+    spec = spec_from_config(config, name=name)
+    return ModelRef(spec, spec.name, None, config, name)
+

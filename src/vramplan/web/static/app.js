@@ -1,0 +1,611 @@
+// vramplan's local page: a form over the JSON API. The page keeps its state in the URL's query string,
+// so a result is a link. Charts are Vega-Lite specs made by the server (vramplan.charts), the same
+// the CLI renders with --plot; numbers are the API's, which are the CLI's --json.
+
+
+const GiB = 2 ** 30;
+const $ = (selector) => document.querySelector(selector);
+const el = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) node.append(c);
+  return node;
+};
+const gib = (bytes) => (bytes / GiB).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+const count = (n) => n.toLocaleString("en-US");
+
+// Labels and help for the workload options (the options themselves come from GET /api/schema).
+// A choice's help may name each value; the hint under the control follows the selected value.
+const LABELS = {
+  method: ["method", {
+    full: "every weight trains: weights, gradients and optimizer state for all of them",
+    lora: "small adapters train on a frozen model: little optimizer state",
+    qlora: "adapters on a 4-bit (nf4) frozen model: the least memory for training",
+    freeze: "only the last layers train (see trainable layers)",
+  }],
+  precision: ["precision", {
+    bf16: "16-bit bfloat16 weights (and, in training, gradients and optimizer states)",
+    fp16: "16-bit float16 weights (and, in training, gradients and optimizer states)",
+    fp32: "everything in 32 bits: twice the memory of bf16",
+    "amp-bf16": "mixed precision: fp32 master weights, bfloat16 compute (torch.autocast)",
+    "amp-fp16": "mixed precision: fp32 master weights, float16 compute (torch.autocast)",
+  }],
+  batch_size: ["batch size", "sequences per step (per request, for inference)"],
+  seq_len: ["sequence length", "tokens per sequence (the prompt, for inference)"],
+  new_tokens: ["new tokens", "tokens generated after the prompt"],
+  optimizer: ["optimizer", {
+    adamw: "two fp32 states per trainable weight (PyTorch AdamW, foreach)",
+    "adamw-fused": "AdamW with the fused CUDA kernel: fewer step temporaries",
+    "adamw-8bit": "bitsandbytes 8-bit AdamW: states in 8 bits",
+    sgd: "plain SGD: no state without momentum",
+    adafactor: "factored second moments: a fraction of AdamW's state",
+    lion: "one state per trainable weight",
+  }],
+  gradient_checkpointing: ["gradient checkpointing", "recompute activations in backward: much less memory, about a third slower"],
+  attention: ["attention kernel", {
+    sdpa: "PyTorch scaled_dot_product_attention: flash / memory-efficient kernels where eligible",
+    flash: "the flash-attn package: never stores the seq × seq scores",
+    eager: "explicit softmax(QKᵀ)V: stores the seq × seq scores (memory grows with seq²)",
+  }],
+  weights_quant: ["quantized weights", {
+    none: "weights as the precision says",
+    int8: "bitsandbytes LLM.int8: one byte per weight",
+    nf4: "bitsandbytes 4-bit NormalFloat: half a byte per weight",
+    fp8: "8-bit float weights with per-tensor scales",
+  }],
+  logits: ["logits", { last: "only the last position, as generate() does", all: "every prompt token (model(input_ids))" }],
+  gradient_accumulation: ["gradient accumulation", "micro-batches per optimizer step"],
+  lora_rank: ["LoRA rank", "size of each adapter"],
+  lora_alpha: ["LoRA alpha", "scaling; does not change memory"],
+  lora_targets: ["LoRA targets", "default (peft's choice for the family), all-linear, or module names such as q_proj,v_proj"],
+  trainable_layers: ["trainable layers", "how many of the last layers train (empty: a quarter)"],
+};
+const GROUPS = {
+  basic: ["method", "precision", "batch_size", "seq_len", "new_tokens"],
+  advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation"],
+  adapters: ["lora_rank", "lora_alpha", "lora_targets", "trainable_layers"],
+};
+// When an option means something (hidden options are not sent: the CLI default applies).
+const SHOWN = {
+  method: (v) => v.task === "train",
+  optimizer: (v) => v.task === "train",
+  gradient_checkpointing: (v) => v.task === "train",
+  gradient_accumulation: (v) => v.task === "train",
+  new_tokens: (v) => v.task === "infer",
+  logits: (v) => v.task === "infer",
+  weights_quant: (v) => v.task === "infer" || v.method === "lora",
+  lora_rank: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
+  lora_alpha: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
+  lora_targets: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
+  trainable_layers: (v) => v.task === "train" && v.method === "freeze",
+};
+const CONFIG_URL_LIMIT = 16384;
+
+const page = {
+  schema: null,
+  options: {},       // name -> option from the schema (workload and the estimate command's other options)
+  extras: [],        // names of the estimate command's options beyond the workload
+  gpus: [],          // GPUs to compare (capacity lines)
+  gpuClass: "",
+  config: null,      // an uploaded config.json object
+  defaultModel: "llama-3.1-8b",
+  controller: null,  // aborts the previous round of requests
+  views: {},         // Vega views by chart id (for scripts and tests)
+  timer: 0,
+};
+window.vramplan = page;
+
+class ApiError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
+}
+
+async function api(path, body, signal) {
+  const init = body === undefined ? { signal } : {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal,
+  };
+  const response = await fetch(path, init);
+  let data;
+  try { data = await response.json(); } catch { data = { error: response.statusText }; }
+  if (!response.ok) throw new ApiError(data.error || response.statusText, response.status);
+  return data;
+}
+
+// ------------------------------------------------------------------------------------------ the form
+
+function control(option, prefix = "opt-") {
+  const [label, help] = LABELS[option.name] || [option.name.replaceAll("_", " "), option.help || ""];
+  const id = `${prefix}${option.name}`;
+  let input;
+  if (option.kind === "choice") {
+    input = el("select", { id, name: option.name });
+    for (const c of option.choices) input.append(el("option", { value: c, textContent: c }));
+  } else if (option.kind === "bool") {
+    input = el("input", { id, name: option.name, type: "checkbox" });
+  } else if (option.kind === "int" || option.kind === "optional_int") {
+    input = el("input", { id, name: option.name, type: "number", min: "0", step: "1", inputMode: "numeric" });
+  } else {
+    input = el("input", { id, name: option.name, type: "text", maxLength: 200 });
+  }
+  setValue(input, option.default);
+  const wrap = el("div", { class: option.kind === "bool" ? "field check" : "field" });
+  if (prefix === "opt-") wrap.dataset.option = option.name;
+  const lab = el("label", { htmlFor: id, textContent: label });
+  if (option.kind === "bool") wrap.append(input, lab); else wrap.append(lab, input);
+  if (help) {
+    const hint = el("span", { class: "hint" });
+    const say = () => { hint.textContent = typeof help === "string" ? help : help[input.value] || ""; };
+    say();
+    input.addEventListener("change", say);
+    input.addEventListener("input", say);
+    wrap.append(hint);
+    wrap.sayHelp = say;
+  }
+  return wrap;
+}
+
+function setValue(input, value) {
+  if (input.type === "checkbox") input.checked = Boolean(value);
+  else input.value = value === null || value === undefined ? "" : String(value);
+}
+
+function readValue(option, prefix = "opt-") {
+  const input = document.getElementById(`${prefix}${option.name}`);
+  if (!input) return option.default;
+  if (option.kind === "bool") return input.checked;
+  const text = input.value.trim();
+  if (option.kind === "int" || option.kind === "optional_int" || (option.kind === "float")) {
+    if (text === "") return option.kind === "optional_int" ? null : option.default;
+    const n = Number(text);
+    return Number.isFinite(n) ? n : text;  // the API says what is wrong with a non-number
+  }
+  if (option.kind === "list") return text === "" ? [] : text.split(",").map((s) => s.trim()).filter(Boolean);
+  return text === "" ? option.default : text;
+}
+
+function task() { return document.querySelector('input[name="task"]:checked').value; }
+function source() { return document.querySelector('input[name="source"]:checked').value; }
+
+function values() {
+  const v = { task: task() };
+  for (const name of Object.keys(page.options)) if (name !== "task") v[name] = readValue(page.options[name]);
+  return v;
+}
+
+function same(a, b) { return JSON.stringify(a) === JSON.stringify(b); }
+
+// The request body: the model, and every shown option that differs from its default (as the CLI's flags).
+function requestBody() {
+  const v = values();
+  const body = {};
+  if (source() === "config") {
+    body.config = page.config;
+    const name = $("#config-name").value.trim();
+    if (name) body.config_name = name;
+  } else {
+    body.model = $("#model").value || page.defaultModel;
+  }
+  for (const [name, value] of Object.entries(v)) {
+    const option = page.options[name];
+    const shown = SHOWN[name] ? SHOWN[name](v) : true;
+    if (option && shown && !same(value, option.default)) body[name] = value;
+  }
+  return body;
+}
+
+function refreshVisibility() {
+  const v = values();
+  for (const wrap of document.querySelectorAll("[data-option]")) {
+    const rule = SHOWN[wrap.dataset.option];
+    wrap.hidden = rule ? !rule(v) : false;
+  }
+  $("#catalog-box").hidden = source() !== "catalog";
+  $("#config-box").hidden = source() !== "config";
+}
+
+function cliCommand(body) {
+  const parts = ["vramplan", "estimate", body.model || (body.config_name ? `path/to/${body.config_name}` : "path/to/config.json")];
+  for (const [k, v] of Object.entries(body)) {
+    if (k === "model" || k === "config" || k === "config_name") continue;
+    const flag = `--${k.replaceAll("_", "-")}`;
+    if (v === true) parts.push(flag);
+    else if (Array.isArray(v)) for (const item of v) parts.push(flag, String(item));
+    else parts.push(flag, String(v));
+  }
+  return parts.join(" ");
+}
+
+// ------------------------------------------------------------------------------------------ the URL
+
+function b64urlEncode(text) {
+  const bytes = new TextEncoder().encode(text);
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return btoa(bin).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+function b64urlDecode(text) {
+  const bin = atob(text.replaceAll("-", "+").replaceAll("_", "/"));
+  return new TextDecoder().decode(Uint8Array.from(bin, (c) => c.charCodeAt(0)));
+}
+
+function syncUrl(body) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(body)) {
+    if (k === "config") continue;
+    if (Array.isArray(v)) q.set(k, v.join(","));
+    else q.set(k, String(v));
+  }
+  if (body.config) {
+    const packed = b64urlEncode(JSON.stringify(body.config));
+    if (packed.length <= CONFIG_URL_LIMIT) q.set("config", packed);
+  }
+  if (!same(page.gpus, page.schema.default_gpus)) q.set("gpu", page.gpus.join(","));
+  if (page.gpuClass) q.set("gpu_class", page.gpuClass);
+  const parallel = $("#parallel-gpus").value;
+  if (parallel && parallel !== "8") q.set("parallel_gpus", parallel);
+  const url = `${location.pathname}${q.toString() ? `?${q}` : ""}`;
+  if (url !== `${location.pathname}${location.search}`) history.replaceState(null, "", url);
+}
+
+function loadUrl() {
+  const q = new URLSearchParams(location.search);
+  if (q.has("config")) {
+    try {
+      page.config = JSON.parse(b64urlDecode(q.get("config")));
+      document.querySelector('input[name="source"][value="config"]').checked = true;
+      $("#config-text").value = JSON.stringify(page.config, null, 2);
+      $("#config-name").value = q.get("config_name") || "";
+    } catch {
+      showError("the link's config could not be read");
+    }
+  }
+  if (q.has("model")) ensureModelOption(q.get("model"));
+  if (q.has("task")) {
+    const radio = document.querySelector(`input[name="task"][value="${CSS.escape(q.get("task"))}"]`);
+    if (radio) radio.checked = true;
+  }
+  for (const option of Object.values(page.options)) {
+    if (!q.has(option.name) || option.name === "task") continue;
+    const input = document.getElementById(`opt-${option.name}`);
+    const raw = q.get(option.name);
+    if (option.kind === "bool") setValue(input, raw === "true");
+    else setValue(input, raw);
+  }
+  if (q.has("gpu")) page.gpus = q.get("gpu").split(",").filter(Boolean);
+  if (q.has("gpu_class")) {
+    page.gpuClass = q.get("gpu_class");
+    const radio = document.querySelector(`input[name="gpu_class"][value="${CSS.escape(page.gpuClass)}"]`);
+    if (radio) radio.checked = true;
+  }
+  if (q.has("parallel_gpus")) $("#parallel-gpus").value = q.get("parallel_gpus");
+}
+
+function ensureModelOption(name) {
+  const select = $("#model");
+  const match = [...select.options].find((o) => o.value === name || o.dataset.aliases?.split(" ").includes(name));
+  if (match) select.value = match.value;
+  else {
+    select.append(el("option", { value: name, textContent: name }));
+    select.value = name;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ rendering
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function embed(id, spec) {
+  const target = document.getElementById(id);
+  if (!spec) { target.replaceChildren(); delete page.views[id]; return; }
+  if (typeof window.vegaEmbed !== "function") {
+    target.replaceChildren(el("p", { class: "hint", textContent: "Charts need vl-convert-python: pip install 'vramplan[web]'" }));
+    return;
+  }
+  // The CLI's spec, only widened to the page's column: same data, same marks.
+  const sized = { ...spec, width: "container" };
+  if (spec.height && typeof spec.height === "object") {  // a step per bar: fixed, for a container width
+    sized.height = spec.height.step * new Set(spec.data.values.map((d) => d.row)).size;
+  }
+  const result = await window.vegaEmbed(target, sized, { renderer: "svg", actions: false });
+  if (page.views[id]) page.views[id].finalize();
+  page.views[id] = result.view;
+}
+
+function renderSummary(est, fits) {
+  const total = $("#total");
+  total.textContent = `${gib(est.total_bytes)} GiB`;
+  total.dataset.bytes = String(est.total_bytes);
+  const peak = $("#peak");
+  peak.textContent = `${gib(est.peak_allocated_bytes)} GiB`;
+  peak.dataset.bytes = String(est.peak_allocated_bytes);
+  $("#phase").textContent = est.peak_phase.replaceAll("_", " ");
+  $("#phase").dataset.phase = est.peak_phase;
+  $("#params").textContent = count(est.parameters);
+  $("#params").dataset.count = String(est.parameters);
+  $("#trainable").textContent = `${count(est.trainable_parameters)} trainable`;
+  const perGpu = est.per_gpu;
+  $("#per-gpu").hidden = !perGpu;
+  if (perGpu) {
+    $("#per-gpu-text").textContent = `most loaded GPU of ${perGpu.gpus}: ${gib(perGpu.total_bytes)} GiB on the GPU, ` +
+      `${gib(perGpu.peak_allocated_bytes)} GiB peak allocated` + (perGpu.host_bytes ? `; host memory ${gib(perGpu.host_bytes)} GiB` : "");
+  }
+  const assumptions = $("#assumptions");
+  assumptions.replaceChildren(...est.assumptions.map((a) => el("li", { textContent: a })));
+  $("#warnings").replaceChildren(...est.warnings.map((w) => el("li", { textContent: w })));
+  const chosen = fits.filter((row) => page.gpus.includes(row.name));
+  const verdict = $("#verdict");
+  verdict.replaceChildren();
+  for (const row of chosen) {
+    verdict.append(el("span", { class: row.fits ? "chip ok" : "chip no",
+      textContent: `${row.display_name}: ${row.fits ? `fits, ${gib(row.headroom_bytes)} GiB to spare` : `needs ${gib(-row.headroom_bytes)} GiB more`}` }));
+  }
+}
+
+function renderBreakdownTable(est) {
+  const kinds = new Map(page.schema.kinds.map((k) => [k.name, k]));
+  const rows = Object.entries(est.breakdown).filter(([, v]) => v > 0).map(([kind, v]) =>
+    el("tr", { "data-kind": kind, "data-bytes": String(v) },
+      el("td", {}, el("span", { class: "swatch", style: `background:${kinds.get(kind)?.color ?? "#999"}` }),
+        kinds.get(kind)?.label ?? kind.replaceAll("_", " ")),
+      el("td", { textContent: gib(v) }),
+      el("td", { textContent: `${Math.round((100 * v) / est.total_bytes)}%` })));
+  rows.push(el("tr", { class: "total" }, el("td", { textContent: "total" }), el("td", { textContent: gib(est.total_bytes) }), el("td")));
+  $("#breakdown-table tbody").replaceChildren(...rows);
+}
+
+function renderFitTable(rows) {
+  const tbody = $("#fit-table tbody");
+  tbody.replaceChildren(...rows.filter((r) => !page.gpuClass || r.class === page.gpuClass).map((r) => {
+    const tr = el("tr", { class: `${r.fits ? "ok" : "no"}${page.gpus.includes(r.name) ? " chosen" : ""}`,
+      "data-gpu": r.name, "data-fits": String(r.fits), "data-headroom": String(r.headroom_bytes), title: "click to compare on the charts" },
+    el("td", { textContent: r.display_name }), el("td", { textContent: r.class }),
+    el("td", { textContent: gib(r.usable_memory_bytes) }), el("td", { textContent: r.fits ? "✓ fits" : "✗ does not fit" }),
+    el("td", { textContent: gib(r.headroom_bytes) }));
+    tr.addEventListener("click", () => toggleGpu(r.name));
+    return tr;
+  }));
+}
+
+function renderChips() {
+  const box = $("#gpu-chips");
+  box.replaceChildren(...page.gpus.map((name) => {
+    const chip = el("button", { type: "button", class: "chip", textContent: `${name} ✕`, title: "remove" });
+    chip.addEventListener("click", () => toggleGpu(name));
+    return chip;
+  }));
+  if (!page.gpus.length) box.append(el("span", { class: "hint", textContent: "none: click rows of the fit table" }));
+}
+
+function toggleGpu(name) {
+  page.gpus = page.gpus.includes(name) ? page.gpus.filter((g) => g !== name) : [...page.gpus, name].slice(-8);
+  renderChips();
+  schedule();
+}
+
+function renderKeyValues(table, data) {
+  const rows = [];
+  for (const [k, v] of Object.entries(data)) {
+    if (v !== null && typeof v === "object") continue;
+    const shown = v === null ? "—" : typeof v === "number" && k.endsWith("_bytes") ? `${gib(v)} GiB`
+      : typeof v === "number" ? count(v) : typeof v === "boolean" ? (v ? "yes" : "no") : String(v);
+    const label = k.replace(/_bytes$/, "").replaceAll("_", " ");
+    rows.push(el("tr", { "data-key": k }, el("th", { textContent: label }), el("td", { textContent: shown })));
+  }
+  table.querySelector("tbody").replaceChildren(...rows);
+}
+
+function renderPlans(data) {
+  const plans = Array.isArray(data.plans) ? data.plans.slice(0, 10) : [];
+  const columns = [["plan", (p) => p.summary || `${p.gpu_count ?? 1} × ${p.gpu}: ${p.method}, ${p.precision}`],
+    ["per GPU", (p) => (p.total_bytes ?? p.peak_allocated_bytes) === undefined ? "—" : `${gib(p.total_bytes ?? p.peak_allocated_bytes)} GiB`],
+    ["hours", (p) => (typeof p.time_hours === "number" ? p.time_hours.toLocaleString("en-US", { maximumFractionDigits: 1 }) : "—")],
+    ["cost (on demand)", (p) => (typeof p.cost_usd === "number" ? `$${p.cost_usd.toLocaleString("en-US", { maximumFractionDigits: 2 })}` : "—")]];
+  $("#plan-table thead").replaceChildren(el("tr", {}, ...columns.map(([name]) => el("th", { textContent: name }))));
+  $("#plan-table tbody").replaceChildren(...plans.map((p) => el("tr", {}, ...columns.map(([, cell]) => el("td", { textContent: cell(p) })))));
+  const rec = data.recommendation || {};
+  const say = (label, key) => {
+    const r = rec[key];
+    if (r) return `${label}: ${r.summary || `${r.gpu_count ?? 1} × ${r.gpu}`}`;
+    return rec[`${key}_reason`] || r === null ? `${label}: ${rec[`${key}_reason`] || "not feasible"}` : "";
+  };
+  $("#plan-summary").textContent = [say("cheapest consumer setup", "consumer"), say("recommended data-centre setup", "datacenter"),
+    data.candidates_evaluated ? `${count(data.candidates_evaluated)} configurations evaluated` : ""].filter(Boolean).join(" · ");
+}
+
+// ------------------------------------------------------------------------------------------ updating
+
+function sweepRange(value, lo, floor, cap) {
+  let hi = 1;
+  while (hi < value) hi *= 2;
+  return `${lo}:${Math.min(cap, Math.max(floor, hi * 4))}`;
+}
+
+function schedule() {
+  clearTimeout(page.timer);
+  page.timer = setTimeout(update, 120);
+}
+
+async function update() {
+  refreshVisibility();
+  if (source() === "config" && !page.config) {
+    showError("upload or paste a config.json first");
+    return;
+  }
+  if (page.controller) page.controller.abort();
+  const controller = new AbortController();
+  page.controller = controller;
+  const signal = controller.signal;
+  const results = $("#results");
+  results.dataset.state = "loading";
+  const body = requestBody();
+  syncUrl(body);
+  $("#cli").textContent = cliCommand(body);
+  const v = values();
+  try {
+    const [est, fits] = await Promise.all([
+      api("/api/estimate", body, signal),
+      api("/api/headroom", body, signal),
+    ]);
+    showError("");
+    renderSummary(est, fits.gpus);
+    renderBreakdownTable(est);
+    renderFitTable(fits.gpus);
+    const direct = Object.keys(body).every((k) => k in page.options && !page.extras.includes(k) || ["model", "config", "config_name"].includes(k));
+    const sweeps = direct ? [
+      api("/api/chart/sweep", { ...body, over: "seq-len", range: sweepRange(v.seq_len, 256, 4096, 131072), gpu: page.gpus }, signal),
+      api("/api/chart/sweep", { ...body, over: "batch-size", range: sweepRange(v.batch_size, 1, 16, 1024), gpu: page.gpus }, signal),
+    ] : [Promise.resolve({ spec: null }), Promise.resolve({ spec: null })];
+    const parallelWanted = page.schema.features.parallel && direct;
+    const [breakdown, seq, batch, parallel] = await Promise.all([
+      api("/api/chart/breakdown", body, signal),
+      ...sweeps.map((p) => p.catch((e) => (e.name === "AbortError" ? Promise.reject(e) : { spec: null, reason: e.message }))),
+      parallelWanted ? api("/api/chart/parallel", { ...body, gpus: Number($("#parallel-gpus").value) || 8, gpu: page.gpus }, signal)
+        .catch((e) => (e.name === "AbortError" ? Promise.reject(e) : { spec: null, reason: e.message })) : Promise.resolve(null),
+    ]);
+    if (signal.aborted) return;
+    await embed("chart-breakdown", breakdown.spec);
+    await embed("chart-seq", seq.spec);
+    await embed("chart-batch", batch.spec);
+    $("#parallel").hidden = !parallel || (!parallel.spec && !parallel.reason);
+    if (parallel) {
+      await embed("chart-parallel", parallel.spec);
+      $("#parallel-note").textContent = parallel.spec ? "" : parallel.reason;
+    }
+    if (signal.aborted) return;
+    results.dataset.request = JSON.stringify(body);
+    results.dataset.state = "ready";
+    await Promise.all([updateFit(body, signal), updatePlan(body, signal)]);
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    showError(err.message);
+    results.dataset.request = JSON.stringify(body);
+    results.dataset.state = "error";
+  }
+}
+
+function commandBody(command, body) {
+  const known = new Set([...Object.keys(page.options), ...(page.schema.commands[command] || []).map((o) => o.name)]);
+  return Object.fromEntries(Object.entries(body).filter(([k]) => ["model", "config", "config_name"].includes(k) || known.has(k)));
+}
+
+async function updateFit(body, signal) {
+  if (!page.schema.features.fit) return;
+  const section = $("#fit-section");
+  section.hidden = false;
+  const request = { ...commandBody("fit", body), gpu: $("#fit-gpu").value };
+  try {
+    renderKeyValues($("#fit-result"), await api("/api/fit", request, signal));
+  } catch (err) {
+    if (err.name !== "AbortError") renderKeyValues($("#fit-result"), { error: err.message });
+  }
+}
+
+async function updatePlan(body, signal) {
+  if (!page.schema.features.plan) return;
+  $("#plan-section").hidden = false;
+  const request = { ...(body.config ? { config: body.config, config_name: body.config_name } : { model: body.model }) };
+  for (const key of ["seq_len", "new_tokens"]) if (key in body) request[key] = body[key];  // the shapes; the rest is searched
+  for (const option of page.schema.commands.plan || []) {
+    if (!document.getElementById(`plan-${option.name}`)) continue;
+    const value = readValue(option, "plan-");
+    if ((option.required || !same(value, option.default)) && value !== "" && value !== null) request[option.name] = value;
+  }
+  if (task() === "infer") request.task = "infer";  // plan's own task (train|finetune|infer) follows the page's
+  try {
+    renderPlans(await api("/api/plan", request, signal));
+  } catch (err) {
+    if (err.name !== "AbortError") $("#plan-summary").textContent = err.message;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ setup
+
+async function readConfig(text, name) {
+  try {
+    page.config = JSON.parse(text);
+    $("#config-status").textContent = `read ${count(text.length)} characters${name ? ` from ${name}` : ""}`;
+    if (name && !$("#config-name").value) $("#config-name").value = name;
+    schedule();
+  } catch (err) {
+    page.config = null;
+    showError(`that is not JSON: ${err.message}`);
+  }
+}
+
+async function main() {
+  const [schema, models, gpus] = await Promise.all([api("/api/schema"), api("/api/models"), api("/api/gpus")]);
+  page.schema = schema;
+  page.gpus = [...schema.default_gpus];
+  $("#version").textContent = schema.version;
+
+  const select = $("#model");
+  const families = new Map();
+  for (const m of models) {
+    const family = m.family || "other";
+    if (!families.has(family)) families.set(family, el("optgroup", { label: family }));
+    const params = m.parameters ? ` · ${(m.parameters / 1e9).toLocaleString("en-US", { maximumFractionDigits: 1 })} B` : "";
+    families.get(family).append(el("option", { value: m.name, textContent: `${m.name}${params}`, "data-aliases": [m.hf_id, ...(m.aliases || [])].join(" ") }));
+  }
+  select.append(...families.values());
+  select.value = models.some((m) => m.name === page.defaultModel) ? page.defaultModel : models[0]?.name;
+
+  for (const option of schema.workload) page.options[option.name] = option;
+  for (const [group, names] of Object.entries(GROUPS)) {
+    const box = $(`#group-${group}`);
+    for (const name of names) if (page.options[name]) box.append(control(page.options[name]));
+  }
+  for (const option of schema.commands.estimate || []) {
+    page.options[option.name] = option;
+    page.extras.push(option.name);
+    $("#group-extra").append(control(option));
+  }
+  for (const option of schema.commands.plan || []) {
+    const initial = option.kind === "choice" && option.default === null ? option.choices[0] : option.default;
+    $("#plan-options").append(control({ ...option, default: initial }, "plan-"));
+  }
+  for (const g of gpus) $("#fit-gpu").append(el("option", { value: g.name, textContent: g.display_name || g.name }));
+  $("#fit-gpu").value = "rtx-4090";
+
+  loadUrl();
+  for (const wrap of document.querySelectorAll(".field")) if (wrap.sayHelp) wrap.sayHelp();
+  renderChips();
+  refreshVisibility();
+
+  $("#form").addEventListener("input", (e) => {
+    if (e.target.id === "config-text") readConfig(e.target.value, "");
+    else if (e.target.id !== "config-file") schedule();
+  });
+  $("#form").addEventListener("change", (e) => { if (e.target.type === "radio" || e.target.tagName === "SELECT") schedule(); });
+  $("#form").addEventListener("submit", (e) => e.preventDefault());
+  $("#config-file").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    if (!file) return;
+    if (file.size > 1 << 20) { showError("that file is over 1 MiB; a config.json is a few KiB"); return; }
+    const text = await file.text();
+    $("#config-text").value = text;
+    readConfig(text, file.name);
+  });
+  for (const radio of document.querySelectorAll('input[name="gpu_class"]')) {
+    radio.addEventListener("change", () => { page.gpuClass = radio.value; schedule(); });
+  }
+  $("#parallel-gpus").addEventListener("input", schedule);
+  $("#fit-gpu").addEventListener("change", schedule);
+  $("#plan-options").addEventListener("change", schedule);
+  $("#reset").addEventListener("click", () => { history.replaceState(null, "", location.pathname); location.reload(); });
+  $("#copy-link").addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(location.href); $("#copy-link").textContent = "link copied"; } catch { /* no clipboard: the address bar has it */ }
+  });
+  await update();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  main().catch((err) => { showError(`the page could not start: ${err.message}`); $("#results").dataset.state = "error"; });
+});
