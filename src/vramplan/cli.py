@@ -95,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
+    from .cli_parallel import add_parallel_flags
+
+    add_parallel_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
     t.add_argument("model", metavar="MODEL")
@@ -138,12 +141,17 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
         from .charts import plot_estimate
 
         plot_estimate(est, ns.plot)
+    from .cli_parallel import estimate_section, print_parallel
+
+    per_gpu = estimate_section(ns)
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print(json.dumps(est.to_dict() | ({"per_gpu": per_gpu} if per_gpu else {}), indent=2))
     else:
         from .render import print_estimate
 
         print_estimate(est)
+        if per_gpu:
+            print_parallel(per_gpu)
     return 0
 
 

@@ -208,11 +208,11 @@ def _train(model: Any, tcfg: Any, w: Workload, torch: Any, steps: int, context: 
         _cuda(torch).reset_peak_memory_stats()
         _cuda(torch).synchronize()
         t0 = time.perf_counter()
-        for micro in range(w.gradient_accumulation):
+        out = None
+        for _ in range(w.gradient_accumulation):
             # each micro-batch's output is dropped after its backward, except the last one's, which the
             # loop keeps through the optimizer step (as the calibration harness does)
-            if micro:
-                del out
+            out = None
             with torch.autocast(_DEV, dtype=amp_dtype, enabled=amp):
                 out = model(input_ids=ids, labels=ids)
             (out.loss / w.gradient_accumulation).backward()
