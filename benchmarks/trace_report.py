@@ -2,6 +2,9 @@
 
 usage: python benchmarks/trace_report.py [--cases SUBSTR] [--json OUT] [--calibration DIR]
 
+DIR holds measured.csv and configs/<model>.json: the shared H200 calibration (default) or the project's own
+grid, tests/data/h200-grid.
+
 Prints measured / traced / error% per case (peak_alloc_gib, GiB = 2**30) and the aggregate (median and
 worst absolute error). Rows the trace cannot run (vision, diffusion) are listed with the reason.
 """
@@ -56,10 +59,13 @@ def workload_for_row(row: dict[str, str]) -> Workload | str:
     attention = _ATTN[row["attn"]]
     if task == "train":
         method = Method(row["method"] or "full")
+        layers = row.get("trainable_layers") or ""
         return Workload(
             task=Task.TRAIN, method=method, precision=precision, optimizer=_OPTIM[row["optim"]],
             batch_size=batch, seq_len=seq, gradient_checkpointing=row["ckpt"] == "True", attention=attention,
-            lora_rank=int(row["r"] or 16), lora_alpha=32, lora_targets=_targets(method, row["targets"]))
+            lora_rank=int(row["r"] or 16), lora_alpha=32, lora_targets=_targets(method, row["targets"]),
+            trainable_layers=int(layers) if layers else None,
+            gradient_accumulation=int(row.get("gradient_accumulation") or 1))
     return Workload(
         task=Task.INFER, precision=precision, batch_size=batch, seq_len=seq,
         new_tokens=int(row["new_tokens"] or 32),
@@ -70,7 +76,8 @@ def workload_for_row(row: dict[str, str]) -> Workload | str:
 def run(cases: list[str], calibration: Path) -> dict[str, Any]:
     from vramplan.trace import trace_workload
 
-    rows = list(csv.DictReader(open(calibration / "measured.csv")))
+    with open(calibration / "measured.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for row in rows:
@@ -97,7 +104,7 @@ def run(cases: list[str], calibration: Path) -> dict[str, Any]:
                         "params": est.parameters, "params_measured": int(row["params"] or 0),
                         "trainable": est.trainable_parameters, "trainable_measured": int(row["trainable"] or 0),
                         "breakdown_gib": {k: round(v / GiB, 3) for k, v in est.breakdown.as_dict().items() if v},
-                        "where": next((a for a in est.assumptions if a.startswith("peak in")), "")})
+                        "where": next((a for a in est.assumptions if a.startswith("peak at")), "")})
         print(f"{row['name']:45s} measured {measured:7.3f}  traced {traced:7.3f}  error {err:+6.2f}%  "
               f"{est.peak_phase.value:14s} {secs:5.1f}s", flush=True)
     errors = [abs(r["error_pct"]) for r in results]

@@ -6,9 +6,21 @@ would report (``torch.cuda.max_memory_allocated``).
 (no GPU, no weights), and accounts every allocation with CUDA's rounding, kernel choices and autocast
 rules. It needs the ``[torch]`` extra; ``import vramplan.trace`` works without it.
 
-Known limits: bitsandbytes layers and the 8-bit optimizer are emulated by their storage and temporaries;
-data-dependent values (``.item()``) are answered as real data would; MoE routing is whatever the model's
-grouped kernels see with fake data (their shapes do not depend on routing); multi-GPU is not traced.
+What is emulated (the trace runs on fake *cpu* tensors; a CPU-only torch build cannot run backward on fake
+CUDA tensors): CUDA's scaled-dot-product-attention kernel choice (cuDNN/flash, memory-efficient, math) and
+the kernels' internal backward buffers, fused dropout, CUDA autocast policies and its weight-cast cache, the
+foreach optimizer path, 512-byte allocator blocks, two (training) or one (inference) 32 MiB cuBLAS
+workspace, bitsandbytes NF4 / LLM.int8 / 8-bit AdamW (their storage and temporaries; the arithmetic is not
+reproduced) and fp8 weights.
+
+Known limits: the trace follows the *installed* torch / transformers / peft code, so version differences
+are real differences (e.g. transformers 5.24 drops SDPA for Gemma-2, 5.17 kept it; torch 2.13's
+``_safe_softmax`` backward allocates less than 2.11's). Data-dependent ``.item()`` calls are answered as
+real data would (random draws at their mean, masks all-true); MoE routing shapes come from the grouped
+kernels, which do not depend on routing. One training step stands for the steady state (the optimizer
+state is created first); decode steps 1 and N are traced and the KV cache is grown through its own
+``update()`` in between. Multi-GPU layouts are not traced. Not thread-safe: a trace installs temporary
+kernels on the CPU dispatch keys for its duration.
 """
 
 from __future__ import annotations

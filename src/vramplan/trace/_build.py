@@ -99,11 +99,12 @@ def _lora_class(clone_result: bool) -> type[nn.Module]:
             if clone_result:
                 result = result.clone()
             for active in self.active_adapters:
-                if active not in self.lora_A.keys():
+                if active not in self.lora_A:
                     continue
                 lora_a, lora_b = self.lora_A[active], self.lora_B[active]
                 dropout, scaling = self.lora_dropout[active], self.scaling[active]
-                requires_conversion = not torch.is_autocast_enabled()
+                # peft asks torch.is_autocast_enabled() (CUDA); the trace's autocast runs on the CPU key
+                requires_conversion = not (torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"))
                 if requires_conversion:
                     expected = result.dtype
                     x = self._cast_input_dtype(x, lora_a.weight.dtype)
@@ -137,10 +138,11 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     except ValueError as exc:
-        if attn != "sdpa" or "sdpa" not in str(exc).lower():
+        if attn != "sdpa" or "attention implementation" not in str(exc):
             raise VramplanError(f"{name}: transformers cannot build this model: {exc}") from None
         attn = "eager"
-        warnings.append(f"{type(cfg).__name__} does not support SDPA attention; traced with eager attention")
+        warnings.append(f"{type(cfg).__name__.removesuffix('Config')} has no SDPA attention in transformers "
+                        f"{transformers.__version__}; traced with eager attention (what transformers falls back to)")
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     head = model.get_output_embeddings()
     train = workload.task is Task.TRAIN
@@ -170,6 +172,8 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         targets: Any = list(workload.lora_targets)
         if targets == ["all-linear"]:
             targets = "all-linear"
+        elif targets == ["default"]:
+            targets = None  # peft's per-family default (q_proj+v_proj for LLaMA, query_key_value for Falcon)
         lcfg = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_alpha, target_modules=targets,
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         if qkind is not None:

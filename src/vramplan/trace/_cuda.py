@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
-    "cuda_sdpa", "register_cuda_kernels", "safe_softmax_transient",
+    "cuda_sdpa", "grouped_mm_any_dtype", "register_cuda_kernels", "safe_softmax_transient",
 ]
 
 aten = torch.ops.aten
@@ -134,6 +134,26 @@ def safe_softmax_transient(args: tuple[Any, ...]) -> int:
     return int(args[0].numel())
 
 
+def grouped_mm_any_dtype(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> Any:
+    """aten::_grouped_mm for every dtype: the meta kernel only accepts bf16, while CUDA (and CPU) fall back to a
+    per-group loop for fp32/fp16 (MoE experts under AMP or after prepare_model_for_kbit_training). The output
+    is the only allocation either way."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    if a.dtype == b.dtype == torch.bfloat16:
+        return NotImplemented  # the tracker runs the op as is
+    with _disable_current_modes():
+        def meta(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device="meta")
+
+        shape = aten._grouped_mm.default(meta(a, torch.bfloat16), meta(b, torch.bfloat16), meta(offs),
+                                         meta(bias, torch.bfloat16), torch.bfloat16).shape
+    return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
+
+
 # ---- dropout -----------------------------------------------------------------------------------------
 
 def cuda_dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
@@ -220,8 +240,10 @@ class AutocastEmulation:
             return type(t)(self._cast(x, dtype) for x in t)
         if not self._eligible(t) or t.dtype == dtype:
             return t
+        # cached_cast (autocast_mode.cpp): fp32 leaves that require grad, never under inference_mode (#158232)
         cacheable = (dtype == self.lower and t.dtype == torch.float32 and t.requires_grad and t.is_leaf
-                     and not t._is_view() and torch.is_autocast_cache_enabled())
+                     and not t._is_view() and torch.is_autocast_cache_enabled()
+                     and not torch.is_inference_mode_enabled())
         if cacheable:
             hit = self.cache.get(id(t))
             if hit is None:

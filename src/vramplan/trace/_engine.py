@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from typing import Any
@@ -23,6 +24,7 @@ from ._cuda import (
     choose_sdpa_backend,
     cuda_dropout,
     cuda_sdpa,
+    grouped_mm_any_dtype,
     register_cuda_kernels,
     safe_softmax_transient,
 )
@@ -73,16 +75,20 @@ class _Patches:
 
 @contextlib.contextmanager
 def _trace_environment() -> Iterator[None]:
-    """transformers treats fake tensors as 'being traced' and then refuses to skip the causal mask, which
-    sends attention to a masked kernel; on the GPU the tensors are real, so pretend they are."""
+    """Two process-wide switches for the duration of a trace.
+
+    * transformers treats fake tensors as 'being traced' and then refuses to skip the causal mask, which sends
+      attention to a masked kernel; on the GPU the tensors are real, so fake tensors are reported as real.
+    * ``Module.to()`` and peft's adapter moves swap parameters with ``torch.utils.swap_tensors``, which refuses
+      fake tensors (FakeTensorMode holds a weak reference to each); re-pointing the parameter at the new data
+      is what the swap achieves.
+    """
     from torch._subclasses.fake_tensor import FakeTensor
     from transformers.utils import import_utils
 
     swap = torch.utils.swap_tensors
 
     def swap_fake(t1: torch.Tensor, t2: torch.Tensor) -> None:
-        # Module.to()/peft's adapter moves swap parameters, which fake tensors refuse (FakeTensorMode holds a
-        # weak reference to each); re-pointing the parameter at the new data is what the swap achieves.
         if isinstance(t1, FakeTensor) or isinstance(t2, FakeTensor):
             with torch.no_grad():
                 t1.data = t2.data
@@ -189,6 +195,20 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
 
 
 def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # transformers' deprecation notices (gradient_checkpointing_enable, past_key_values) are not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            return _run_trace(raw, workload, name)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
     import peft
     import transformers
 
@@ -200,7 +220,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
         f"{transformers.__version__}, peft {peft.__version__}; CUDA kernel choices emulated on the CPU trace",
         "CUDA caching allocator: every allocation rounded up to 512-byte blocks",
     ]
-    warnings: list[str] = []
+    warns: list[str] = []
     prev_default = torch.get_default_dtype()
     with _trace_environment(), fake:
         built = build_model(raw, workload, name)
@@ -209,7 +229,6 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
         params = [p for p in model.parameters() if p.requires_grad]
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in params)
-        vocab = int(getattr(built.config, "vocab_size", 32000))
         ids = torch.zeros(workload.batch_size, workload.seq_len, dtype=torch.long)
         opt = None
         if train:
@@ -220,8 +239,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
             opt, opt_note = make_optimizer(params, workload.optimizer)
             assumptions.append(f"optimizer: {opt_note}, zero_grad(set_to_none=True)")
     assumptions.extend(built.notes)
-    warnings.extend(built.warnings)
-    del vocab
+    warns.extend(built.warnings)
 
     tracker = MemoryTracker()
     tracker.scalar_answer = _scalar_answer
@@ -234,6 +252,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
 
     tracker.overrides[aten.scaled_dot_product_attention.default] = sdpa
     tracker.overrides[aten.dropout.default] = cuda_dropout
+    tracker.overrides[aten._grouped_mm.default] = grouped_mm_any_dtype
     for f in _ATTN_BWD:
         tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
     tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
@@ -284,7 +303,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
     full = dict(by_kind)
     full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     full[MemoryKind.ALLOCATOR_SLACK] = slack
-    assumptions.append(f"peak in {peak_phase.value} at {where}")
+    assumptions.append(f"peak at {where} during {peak_phase.value}")
     assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated) 10% of the peak are "
                        "added to total_bytes, not to peak_allocated_bytes")
     assumptions.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
@@ -292,7 +311,7 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
         model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
         peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
         breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warnings), workload=_workload_dict(workload))
+        warnings=tuple(warns), workload=_workload_dict(workload))
 
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],
@@ -303,7 +322,7 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
     The first real step differs from the later ones only in that the optimizer state does not exist yet, so the
     state is created up front by one untracked optimizer step on zero gradients, and one tracked step then
     stands for step 2 (and every step after it)."""
-    tracker.phase = None
+    tracker.set_phase(None)
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -311,27 +330,33 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
     tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
                  MemoryKind.OPTIMIZER_STATE)
 
-    tracker.phase = Phase.FORWARD
-    tracker.region = MemoryKind.ACTIVATIONS
-    if autocast is not None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    # Gradient accumulation: the first micro-step creates the gradients, the later ones run with them alive; two
+    # micro-steps stand for any number. Each micro-step's output is dropped after its backward, the last one's
+    # after the optimizer step.
+    out: Any = None
+    for _ in range(min(workload.gradient_accumulation, 2)):
+        out = None
+        tracker.set_phase(Phase.FORWARD)
+        tracker.region = MemoryKind.ACTIVATIONS
+        if autocast is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(input_ids=ids, labels=ids)
+        else:
             out = model(input_ids=ids, labels=ids)
-    else:
-        out = model(input_ids=ids, labels=ids)
-    tracker.phase = Phase.BACKWARD
-    tracker.region = MemoryKind.LOGITS_LOSS
-    tracker.where = "backward"
-    out.loss.backward()
-    tracker.region = MemoryKind.ACTIVATIONS
-    tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
-    tracker.phase = Phase.OPTIMIZER_STEP
+        tracker.region = MemoryKind.LOGITS_LOSS
+        tracker.where = "backward"
+        tracker.set_phase(Phase.BACKWARD)
+        out.loss.backward()
+        tracker.region = MemoryKind.ACTIVATIONS
+        tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
     tracker.where = "optimizer.step"
+    tracker.set_phase(Phase.OPTIMIZER_STEP)
     opt.step()
     tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
                  MemoryKind.OPTIMIZER_STATE)
     opt.zero_grad(set_to_none=True)
     del out
-    tracker.phase = None
+    tracker.set_phase(None)
 
 
 def _cache_kw(model: nn.Module) -> str:
@@ -374,7 +399,7 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
     kw = _cache_kw(model)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        tracker.phase = Phase.PREFILL
+        tracker.set_phase(Phase.PREFILL)
         tracker.region = MemoryKind.ACTIVATIONS
         if workload.logits is LogitsMode.LAST:
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -389,12 +414,12 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
         while step < workload.new_tokens:
             remaining = workload.new_tokens - step
             if step == 1 and remaining > 1:
-                tracker.phase = None
+                tracker.set_phase(None)
                 if _fast_forward(past, remaining - 1):
                     notes.append(f"decode: steps 1 and {workload.new_tokens} traced; the KV cache was grown "
                                  "through its own update() for the steps in between")
                     step += remaining - 1
-            tracker.phase = Phase.DECODE
+            tracker.set_phase(Phase.DECODE)
             tracker.region = MemoryKind.ACTIVATIONS
             out = model(input_ids=nxt, use_cache=True, **{kw: past})
             past = _out_cache(out)
@@ -404,7 +429,7 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
             del out
             step += 1
         del past, nxt
-    tracker.phase = None
+    tracker.set_phase(None)
     return notes
 
 

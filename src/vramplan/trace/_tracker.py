@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kinds import MemoryKind, Phase
 
@@ -100,6 +101,23 @@ _NEVER_DECOMPOSE = {
 }
 
 
+# Random draws get the value real data would centre on; these ops then propagate known scalar values so that a
+# check like ``torch.rand([]) < layerdrop`` answers as it would on the GPU (almost always false for small p).
+_RANDOM_SCALARS = {
+    aten.rand.default: 0.5, aten.rand_like.default: 0.5, aten.uniform_.default: 0.5,
+    aten.randn.default: 0.0, aten.randn_like.default: 0.0, aten.normal_.default: 0.0,
+}
+_SCALAR_OPS = {
+    getattr(aten, name).default if hasattr(getattr(aten, name), "default") else None
+    for name in ("clone", "detach", "_to_copy", "lift_fresh_copy", "logical_not", "all", "any", "neg", "abs")
+} | {
+    getattr(getattr(aten, name), ov)
+    for name in ("lt", "gt", "le", "ge", "eq", "ne", "add", "sub", "mul", "div")
+    for ov in ("Tensor", "Scalar") if hasattr(getattr(aten, name), ov)
+} | {aten.logical_and.default, aten.logical_or.default}
+_SCALAR_OPS.discard(None)
+
+
 class MemoryTracker(TorchDispatchMode):
     """Counts live (fake) device allocations and records the peak of each phase."""
 
@@ -114,7 +132,15 @@ class MemoryTracker(TorchDispatchMode):
         self.overrides: dict[Any, Callable[..., Any]] = {}
         self.after_op: dict[Any, Callable[[tuple[Any, ...], dict[str, Any], Any], int]] = {}
         self.scalar_answer: Callable[[torch.Tensor], Any] | None = None
+        self.values = WeakIdKeyDictionary()  # tensor -> known Python value (compared by identity)
         self.ops = 0
+
+    def set_phase(self, phase: Phase | None) -> None:
+        """Enter a phase; its peak is at least what is live when it starts (a phase can allocate nothing, e.g.
+        a fused optimizer step)."""
+        self.phase = phase
+        if phase is not None:
+            self._check_peak(None, 0)
 
     # ---- allocation bookkeeping ---------------------------------------------------------------
     def _free(self, key: int, _ref: object) -> None:
@@ -174,11 +200,10 @@ class MemoryTracker(TorchDispatchMode):
         mark = self.peaks.get(phase)
         if mark is None or total > mark.bytes:
             node = torch._C._current_autograd_node()
-            op = getattr(func, "__name__", str(func))
-            where = self.where
-            if node is not None:
-                where = f"{node.name()}"
-            self.peaks[phase] = PeakMark(total, list(self.live.values()), transient, f"{where} [{op}]")
+            where = node.name() if node is not None else self.where
+            if func is not None:
+                where = f"{where} [{getattr(func, '__name__', func)}]"
+            self.peaks[phase] = PeakMark(total, list(self.live.values()), transient, where)
 
     # ---- dispatch -------------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -188,7 +213,9 @@ class MemoryTracker(TorchDispatchMode):
         override = self.overrides.get(func)
         if override is not None:
             with self:
-                return override(*args, **kwargs)
+                r = override(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
         if func is aten._local_scalar_dense.default:
             return self._local_scalar(func, args, kwargs)
         if func not in _NEVER_DECOMPOSE and _is_composite(func):
@@ -201,12 +228,54 @@ class MemoryTracker(TorchDispatchMode):
         hook = self.after_op.get(func)
         if hook is not None:
             self.transient(hook(args, kwargs, out), func)
+        if func in _RANDOM_SCALARS or func in _SCALAR_OPS:
+            self._propagate_value(func, args, kwargs, out)
         return out
+
+    # ---- data-dependent scalars -------------------------------------------------------------------------
+    def _value_of(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t in self.values:
+            return self.values[t]
+        const = getattr(t, "constant", None)
+        if const is not None and const.numel() == 1:
+            return const.item()
+        raise KeyError
+
+    def _propagate_value(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        target = args[0] if func is aten.uniform_.default or func is aten.normal_.default else out
+        if not isinstance(target, torch.Tensor) or target.numel() != 1:
+            return
+        if func in _RANDOM_SCALARS:
+            self.values[target] = _RANDOM_SCALARS[func]
+            return
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        try:
+            vals = [self._value_of(a) for a in args]
+            kw = {k: self._value_of(v) for k, v in kwargs.items()}
+        except KeyError:
+            return
+        with _disable_current_modes():
+            real = [torch.tensor(v, dtype=a.dtype) if isinstance(a, torch.Tensor) else v for a, v in zip(args, vals,
+                                                                                                        strict=True)]
+            kw = {k: v for k, v in kw.items() if k not in ("device", "layout", "pin_memory", "memory_format")}
+            try:
+                result = func(*real, **kw)
+            except Exception:
+                return
+            if isinstance(result, torch.Tensor) and result.numel() == 1:
+                self.values[target] = result.item()
 
     def _local_scalar(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
             return func(*args, **kwargs)
         except Exception:
+            try:
+                return self._value_of(args[0])
+            except KeyError:
+                pass
             if self.scalar_answer is None:
                 raise
             return self.scalar_answer(args[0])
