@@ -372,8 +372,10 @@ class _B:
         if not self.num.training:
             # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
             # holds copies of the post-RoPE keys and the values, in their own storage
+            # (transformers 5.17's DynamicLayer allocates both in the keys' dtype: fp32 keys after RoPE under
+            # autocast make fp32 values too)
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
-            v = tp.op(b * skv * kvd, v.elem, (v,), kind=KV)
+            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._tape import Pass, Tape, kinds_dict
-from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
+from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem, resid_elem
 from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
@@ -267,7 +267,8 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
     heads = spec.num_kv_heads
-    return 2 * b * length * heads * spec.head_dim * num.act
+    elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
+    return 2 * b * length * heads * spec.head_dim * elem
 
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
