@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._tape import Pass, Tape, kinds_dict
-from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem, resid_elem
+from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
@@ -28,7 +28,7 @@ from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
 from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "estimate", "stage_moments"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
