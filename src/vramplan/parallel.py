@@ -810,6 +810,10 @@ def _host_bytes(spec: ModelSpec, w: Workload, layout: Layout, per_gpu_offloaded:
     and FSDP's ``cpu_ram_efficient_loading`` (local rank 0 only)."""
     counts = count_params(spec)
     per_node = layout.gpus_per_node
+    if not w.is_train:
+        # serving engines (vLLM, transformers with device_map) stream each shard's tensors from memory-mapped
+        # safetensors straight to its GPU: no process holds the model in host RAM
+        return per_gpu_offloaded * per_node
     # DeepSpeed's estimators assume fp32 loading; otherwise the model loads in its stored dtype
     elem = 4 if layout.engine is Engine.DEEPSPEED else w.precision.param_bytes
     if layout.engine is Engine.DEEPSPEED and layout.zero == 3:
