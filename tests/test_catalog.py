@@ -19,7 +19,7 @@ from vramplan.hfconfig import SUPPORTED_MODEL_TYPES
 from vramplan.params import count_params
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION_CONFIG = REPO.parent / "shared" / "calibration" / "configs" / "llama-3.1-8b.json"
+CALIBRATION_CONFIG = REPO / "tests" / "data" / "calibration" / "configs" / "llama-3.1-8b.json"
 
 
 def _raw() -> dict[str, Any]:
