@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import VramplanError, WorkloadError
+from .kinds import KIND_LABELS as _KIND_LABELS
 from .kinds import MemoryKind
 from .units import GiB
 
@@ -62,14 +63,7 @@ _SCHEMA = "https://vega.github.io/schema/vega-lite/v6.json"  # an identifier onl
 _WIDTH = 640
 _MAX_SWEEP_POINTS = 64
 
-KIND_LABELS: Mapping[MemoryKind, str] = {
-    MemoryKind.WEIGHTS: "weights", MemoryKind.MASTER_WEIGHTS: "master weights (fp32)",
-    MemoryKind.GRADIENTS: "gradients", MemoryKind.OPTIMIZER_STATE: "optimizer state",
-    MemoryKind.ACTIVATIONS: "activations", MemoryKind.LOGITS_LOSS: "logits and loss",
-    MemoryKind.KV_CACHE: "KV cache", MemoryKind.QUANTIZATION_CONSTANTS: "quantization constants",
-    MemoryKind.WORKSPACE: "workspace (cuBLAS)", MemoryKind.CUDA_CONTEXT: "CUDA context",
-    MemoryKind.ALLOCATOR_SLACK: "allocator slack",
-}
+KIND_LABELS: Mapping[MemoryKind, str] = _KIND_LABELS
 # Model states in blues and greens, what the batch costs in reds and purple, fixed overheads in browns/greys.
 KIND_COLORS: Mapping[MemoryKind, str] = {
     MemoryKind.WEIGHTS: "#4c78a8", MemoryKind.MASTER_WEIGHTS: "#9ecae9", MemoryKind.GRADIENTS: "#54a24b",

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ._argtypes import non_negative_int, positive_int
 from .errors import VramplanError
 
 __all__ = ["main"]
@@ -27,26 +28,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
@@ -58,21 +39,21 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="storage of the base linear weights (inference, or LoRA on a quantized base)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
                    default="adamw")
-    g.add_argument("--batch-size", type=_positive, default=1)
-    g.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence (the prompt, for infer)")
-    g.add_argument("--new-tokens", type=_non_negative, default=32, help="tokens generated after the prompt")
+    g.add_argument("--batch-size", type=positive_int, default=1)
+    g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
+    g.add_argument("--new-tokens", type=non_negative_int, default=32, help="tokens generated after the prompt")
     g.add_argument("--logits", choices=["all", "last"], default="last",
                    help="inference: logits for every prompt token, or only the last (as generate() does)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
-    g.add_argument("--lora-rank", type=_positive, default=16)
-    g.add_argument("--lora-alpha", type=_positive, default=32)
+    g.add_argument("--lora-rank", type=positive_int, default=16)
+    g.add_argument("--lora-alpha", type=positive_int, default=32)
     g.add_argument("--lora-targets", default="default",
                    help="comma-separated module names, all-linear, or default (peft's choice for the family: "
                         "q_proj,v_proj for LLaMA-style models)")
-    g.add_argument("--trainable-layers", type=_non_negative, default=None,
+    g.add_argument("--trainable-layers", type=non_negative_int, default=None,
                    help="--method freeze: how many of the last decoder layers train (default: a quarter)")
-    g.add_argument("--gradient-accumulation", type=_positive, default=1)
+    g.add_argument("--gradient-accumulation", type=positive_int, default=1)
 
 
 def _workload_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -89,7 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="peak GPU memory of one workload, by kind and by phase")
     e.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
     _add_workload_flags(e)
-    e.add_argument("--resolution", type=_positive, default=None,
+    e.add_argument("--resolution", type=positive_int, default=None,
                    help="image models: pixels per side (default: the model's native resolution)")
     e.add_argument("--pipeline", action="store_true",
                    help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ._argtypes import positive_int
+
 __all__ = ["add_parallel_flags", "estimate_section", "layout_from_args", "parallel_section", "print_parallel",
            "register"]
 
@@ -20,31 +22,21 @@ _FLAGS = ("gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batches", "o
           "virtual_stages")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``."""
     g = parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)")
-    g.add_argument("--gpus", type=_positive, default=None, help="GPUs in total (= tp x pp x data-parallel)")
-    g.add_argument("--nodes", type=_positive, default=None, help="machines the GPUs are spread over")
+    g.add_argument("--gpus", type=positive_int, default=None, help="GPUs in total (= tp x pp x data-parallel)")
+    g.add_argument("--nodes", type=positive_int, default=None, help="machines the GPUs are spread over")
     g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
                    help="DeepSpeed ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters sharded")
     g.add_argument("--fsdp", choices=["full", "grad-op", "hybrid"], default=None,
                    help="PyTorch FSDP2: full shard, shard gradients and optimizer only, or shard within a node")
-    g.add_argument("--tp", type=_positive, default=None, help="tensor-parallel size (Megatron-style)")
-    g.add_argument("--pp", type=_positive, default=None, help="pipeline-parallel stages (1F1B)")
-    g.add_argument("--ep", type=_positive, default=None, help="expert-parallel size (MoE)")
-    g.add_argument("--micro-batches", type=_positive, default=None,
+    g.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (Megatron-style)")
+    g.add_argument("--pp", type=positive_int, default=None, help="pipeline-parallel stages (1F1B)")
+    g.add_argument("--ep", type=positive_int, default=None, help="expert-parallel size (MoE)")
+    g.add_argument("--micro-batches", type=positive_int, default=None,
                    help="micro-batches per optimizer step (pipeline micro-batches / gradient accumulation)")
-    g.add_argument("--virtual-stages", type=_positive, default=None,
+    g.add_argument("--virtual-stages", type=positive_int, default=None,
                    help="model chunks per GPU: > 1 selects the interleaved 1F1B schedule")
     g.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"], default=None,
                    help="move optimizer states (and ZeRO-3/FSDP parameters) to host memory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["DEVICE_KINDS", "MemoryKind", "Phase"]
+__all__ = ["DEVICE_KINDS", "KIND_LABELS", "MemoryKind", "Phase"]
 
 
 class MemoryKind(StrEnum):
@@ -31,3 +31,14 @@ class Phase(StrEnum):
     OPTIMIZER_STEP = "optimizer_step"
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+# How every client (table, chart, web page) names each kind.
+KIND_LABELS = {
+    MemoryKind.WEIGHTS: "weights", MemoryKind.MASTER_WEIGHTS: "master weights (fp32)",
+    MemoryKind.GRADIENTS: "gradients", MemoryKind.OPTIMIZER_STATE: "optimizer state",
+    MemoryKind.ACTIVATIONS: "activations", MemoryKind.LOGITS_LOSS: "logits and loss",
+    MemoryKind.KV_CACHE: "KV cache", MemoryKind.QUANTIZATION_CONSTANTS: "quantization constants",
+    MemoryKind.WORKSPACE: "workspace (cuBLAS)", MemoryKind.CUDA_CONTEXT: "CUDA context",
+    MemoryKind.ALLOCATOR_SLACK: "allocator slack",
+}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .kinds import MemoryKind
+from .kinds import KIND_LABELS as _LABELS
 from .units import GiB
 
 if TYPE_CHECKING:
@@ -15,14 +15,6 @@ if TYPE_CHECKING:
 
 __all__ = ["print_estimate", "print_gpus", "print_models"]
 
-_LABELS = {
-    MemoryKind.WEIGHTS: "weights", MemoryKind.MASTER_WEIGHTS: "master weights (fp32)",
-    MemoryKind.GRADIENTS: "gradients", MemoryKind.OPTIMIZER_STATE: "optimizer state (+ step temporaries)",
-    MemoryKind.ACTIVATIONS: "activations", MemoryKind.LOGITS_LOSS: "logits and loss",
-    MemoryKind.KV_CACHE: "KV cache", MemoryKind.QUANTIZATION_CONSTANTS: "quantization constants",
-    MemoryKind.WORKSPACE: "workspace (cuBLAS)", MemoryKind.CUDA_CONTEXT: "CUDA context",
-    MemoryKind.ALLOCATOR_SLACK: "allocator slack",
-}
 
 
 def _gib(n: int) -> str:
