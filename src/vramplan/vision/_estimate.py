@@ -39,7 +39,7 @@ from ._specs import (
     vae_from_config,
 )
 from ._states import States, block_bytes, model_states
-from ._steps import CUBLAS_WORKSPACE_BYTES, finish, phase, state_moment, train_step
+from ._steps import CUBLAS_WORKSPACE_BYTES, StepResult, finish, phase, state_moment, train_step
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -240,6 +240,14 @@ class _Run:
     def note_states(self, st: States) -> None:
         self.assumptions.extend(n for n in st.notes if n not in self.assumptions)
 
+    def add_training_step(self, st: States, r: StepResult) -> None:
+        """Record one training step's phases and the model states behind them."""
+        self.trainable = st.trainable_parameters
+        self.note_states(st)
+        self.add(Phase.FORWARD, r.forward)
+        self.add(Phase.BACKWARD, r.backward)
+        self.add(Phase.OPTIMIZER_STEP, r.step)
+
 
 def _attention_note(run: _Run) -> None:
     if run.w.eager_attention:
@@ -270,12 +278,7 @@ def _backbone(run: _Run) -> None:
     if training:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
-        r = train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none)
-        run.trainable = st.trainable_parameters
-        run.note_states(st)
-        run.add(Phase.FORWARD, r.forward)
-        run.add(Phase.BACKWARD, r.backward)
-        run.add(Phase.OPTIMIZER_STEP, r.step)
+        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
     else:
@@ -304,12 +307,7 @@ def _bare_denoiser(run: _Run) -> None:
         L.end_autocast()
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
-        r = train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none)
-        run.trainable = st.trainable_parameters
-        run.note_states(st)
-        run.add(Phase.FORWARD, r.forward)
-        run.add(Phase.BACKWARD, r.backward)
-        run.add(Phase.OPTIMIZER_STEP, r.step)
+        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
@@ -457,12 +455,7 @@ def _pipeline_train(run: _Run) -> None:
     st = States(st.parameters, st.trainable_parameters, st.weights + helpers, st.master_weights, st.gradients,
                 st.optimizer_state, st.step_temporaries, st.notes)
     extra = _buffers(L, num.param)
-    r = train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none)
-    run.trainable = st.trainable_parameters
-    run.note_states(st)
-    run.add(Phase.FORWARD, r.forward)
-    run.add(Phase.BACKWARD, r.backward)
-    run.add(Phase.OPTIMIZER_STEP, r.step)
+    run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
     how = "cached latents and prompt embeddings" if w.cached_latents else "VAE encode and text encoders every step"
     run.assumptions.append(f"DreamBooth-style fine-tuning of {den.name} ({how}); VAE and frozen text encoders in "
                            f"{'fp32' if welem == 4 else 'the 16-bit compute dtype'} on the GPU")
