@@ -2,8 +2,8 @@
 
 usage: python benchmarks/trace_report.py [--cases SUBSTR] [--json OUT] [--calibration DIR]
 
-DIR holds measured.csv and configs/<model>.json: the shared H200 calibration (default) or the project's own
-grid, tests/data/h200-grid.
+DIR holds measured.csv and configs/<model>.json: the H200 calibration copied into tests/data
+(default) or the project's own grid, tests/data/h200-grid.
 
 Prints measured / traced / error% per case (peak_alloc_gib, GiB = 2**30) and the aggregate (median and
 worst absolute error). Rows the trace cannot run (vision, diffusion) are listed with the reason.
@@ -35,7 +35,7 @@ from vramplan.workload import (  # noqa: E402
 )
 
 GiB = 2**30
-DEFAULT_CALIBRATION = Path("/work/shared/calibration")
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "tests" / "data" / "calibration"
 _OPTIM = {"": Optimizer.ADAMW, "adamw": Optimizer.ADAMW, "adamw8bit": Optimizer.ADAMW_8BIT,
           "adamw-fused": Optimizer.ADAMW_FUSED, "sgd": Optimizer.SGD, "adafactor": Optimizer.ADAFACTOR}
 _ATTN = {"": Attention.SDPA, "sdpa": Attention.SDPA, "eager": Attention.EAGER, "flash": Attention.FLASH}
