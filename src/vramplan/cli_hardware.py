@@ -75,6 +75,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
                    help="inference: share of GPU memory a vLLM-style server reserves (default 0.9)")
     f.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
                    help="inference: tokens of the profiling forward that sizes the KV budget (default 8192)")
+    _add_image_flags(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_cmd_fit)
 
@@ -103,8 +104,34 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p.add_argument("--prices", metavar="FILE", default=None,
                    help='JSON price overrides, e.g. {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}')
     p.add_argument("--top", type=_positive_int, default=20, help="plans to list (default 20)")
+    _add_image_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_plan)
+
+
+def _add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolution", type=_positive_int, default=None,
+                        help="image models: pixels per side (default: the model's native resolution)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
+
+
+def _is_vision(name: str) -> bool:
+    try:
+        from .vision import is_vision_model
+    except ImportError as exc:
+        if exc.name != "vramplan.vision":
+            raise
+        return False
+    return is_vision_model(name)
+
+
+def _no_image_flags(ns: argparse.Namespace) -> None:
+    from .errors import WorkloadError
+
+    for flag in ("resolution", "pipeline"):
+        if getattr(ns, flag, None):
+            raise WorkloadError(f"--{flag} applies to image models (vramplan.vision); {ns.model} is a language model")
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -116,6 +143,9 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     from .fit import check_fit
     from .hardware import get_gpu
 
+    if _is_vision(ns.model):
+        return _cmd_fit_vision(ns)
+    _no_image_flags(ns)
     spec, entry = resolve_model(ns.model)
     name = entry.name if entry else spec.name
     gpu = get_gpu(ns.gpu)
@@ -126,6 +156,35 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_fit(result)
+    return 0
+
+
+def _cmd_fit_vision(ns: argparse.Namespace) -> int:
+    from .fit import check_vision_fit
+    from .hardware import get_gpu
+    from .vision import vision_options
+
+    result = check_vision_fit(ns.model, get_gpu(ns.gpu), **vision_options(ns))
+    if ns.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    from rich.console import Console
+
+    c = Console()
+    w = result.estimate.workload
+    c.print(f"[bold]{result.model}[/bold] on [bold]{result.gpu_display_name}[/bold] "
+            f"({_gib(result.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
+            f"precision={w.get('precision')}, batch {w.get('batch_size')} at {result.resolution} px")
+    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+    c.print(f"{verdict}: needs {_gib(result.total_bytes)} (peak allocated {_gib(result.peak_allocated_bytes)}); "
+            f"headroom {_gib(result.headroom_bytes)}")
+    c.print(f"largest batch at {result.resolution} px: [bold]{result.max_batch_size:,}[/bold]")
+    c.print(f"largest resolution at batch {w.get('batch_size')}: [bold]{result.max_resolution:,}[/bold] px")
+    c.print("[bold]assumptions[/bold]")
+    for a in result.assumptions:
+        c.print(f"  - {a}")
+    for warn in result.warnings:
+        c.print(f"[yellow]warning:[/yellow] {warn}")
     return 0
 
 
@@ -197,6 +256,9 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
         raise WorkloadError("--task infer serves the model; drop --method (use --weights-quant for 4/8-bit)")
     if task is not PlanTask.INFER and ns.weights_quant not in (None, "none"):
         raise WorkloadError("--weights-quant applies to --task infer; fine-tuning on 4-bit weights is --method qlora")
+    if _is_vision(ns.model):
+        return _cmd_plan_vision(ns, task)
+    _no_image_flags(ns)
     spec, entry = resolve_model(ns.model)
     targets = None if ns.lora_targets is None else tuple(t.strip() for t in ns.lora_targets.split(",") if t.strip())
     req = PlanRequest(
@@ -210,6 +272,31 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
         gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
         attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top)
     result = plan(spec, req, name=entry.name if entry else spec.name, gpus=_pool(ns))
+    if ns.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_plan(result)
+    return 0
+
+
+def _cmd_plan_vision(ns: argparse.Namespace, task: Any) -> int:
+    from .errors import WorkloadError
+    from .planner import PlanRequest, SortKey, plan_vision
+    from .workload import Attention, Method, Optimizer, Precision
+
+    for flag in ("tokens", "epochs", "dataset_tokens", "lora_targets"):
+        if getattr(ns, flag, None) is not None:
+            raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option for image models")
+    if ns.method not in (None, "full", "lora"):
+        raise WorkloadError(f"--method {ns.method} is not available for image models; use full or lora")
+    req = PlanRequest(
+        task=task, global_batch=ns.global_batch, max_gpus=ns.max_gpus, gpu_class=ns.gpu_class, sort=SortKey(ns.sort),
+        budget_usd=ns.budget_usd, methods=(Method(ns.method),) if ns.method else (),
+        precisions=(Precision(ns.precision),) if ns.precision else (),
+        optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
+        gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
+        attention=Attention(ns.attention), lora_rank=ns.lora_rank, top=ns.top)
+    result = plan_vision(ns.model, req, gpus=_pool(ns), resolution=ns.resolution, pipeline=ns.pipeline)
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -234,9 +321,13 @@ def _print_plan(r: PlanResult) -> None:
     from rich.table import Table
 
     c = Console()
-    c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: {r.tokens:,} tokens"
-            + (f", global batch {r.global_batch} x {r.seq_len} tokens" if r.global_batch else
-               f", prompts of {r.seq_len} tokens"))
+    if r.resolution is not None:
+        c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: images of {r.resolution} px"
+                + (f", {r.global_batch} per optimizer step" if r.global_batch else ""))
+    else:
+        c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: {r.tokens:,} tokens"
+                + (f", global batch {r.global_batch} x {r.seq_len} tokens" if r.global_batch else
+                   f", prompts of {r.seq_len} tokens"))
     c.print(f"[dim]{r.candidates_evaluated:,} candidates evaluated in {r.elapsed_s:.2f} s; {r.feasible:,} fit; "
             f"ranked by {r.sort}[/dim]")
     if r.plans:

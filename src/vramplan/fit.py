@@ -32,7 +32,8 @@ from .spec import ModelSpec
 from .units import GiB
 from .workload import LogitsMode, Precision, Task, WeightsQuant, Workload
 
-__all__ = ["VLLM_BLOCK_TOKENS", "FitResult", "KVCapacity", "check_fit", "kv_capacity", "largest_fitting"]
+__all__ = ["VLLM_BLOCK_TOKENS", "FitResult", "KVCapacity", "VisionFitResult", "check_fit", "check_vision_fit",
+           "kv_capacity", "largest_fitting"]
 
 VLLM_BLOCK_TOKENS = 16  # vLLM's default block_size (tokens per KV block) on CUDA
 _MAX_BATCH = 1 << 20  # Workload's own limits
@@ -224,3 +225,90 @@ def _speed(spec: ModelSpec, w: Workload, gpu: GPU) -> tuple[float | None, float 
         return (tt.step.total_s if tt.step else None), tt.tokens_per_s
     it = inference_time(spec, w, gpu)
     return it.prefill_s, it.decode_tokens_per_s
+
+
+# ----------------------------------------------------------------------------------------- image models
+
+_VISION_MAX_BATCH = 1 << 16  # VisionWorkload's own limits
+_VISION_MAX_RES = 1 << 15
+
+
+@dataclass(frozen=True, slots=True)
+class VisionFitResult:
+    """Whether an image model's workload fits ``gpu``, and the largest batch and resolution that would.
+
+    ``to_dict`` has the keys of :class:`FitResult` (the sequence, KV and speed ones ``None``: image models
+    have no tokens, and vramplan has no throughput model for them yet) plus the resolution answers.
+    """
+
+    model: str
+    gpu: str
+    gpu_display_name: str
+    usable_memory_bytes: int
+    estimate: Estimate
+    fits: bool
+    headroom_bytes: int
+    max_batch_size: int  # at the workload's resolution; 0 when even batch 1 does not fit
+    max_resolution: int  # at the workload's batch size; 0 when even the smallest valid resolution does not fit
+    resolution_step: int | None  # valid resolutions are multiples of this from the smallest; None: fixed size
+    assumptions: tuple[str, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.estimate.peak_allocated_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    @property
+    def resolution(self) -> int:
+        return int(self.estimate.workload["resolution"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
+                "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
+                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
+                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
+                "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
+                "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),
+                "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
+
+
+def check_vision_fit(name: str, gpu: GPU, **options: Any) -> VisionFitResult:
+    """Fit, headroom, largest batch (at the resolution) and largest resolution (at the batch) of an image
+    model (:func:`vramplan.vision.estimate_vision` options), solved exactly with :func:`largest_fitting`."""
+    from .vision import estimate_vision, resolution_grid
+
+    usable = gpu.usable_memory_bytes
+    est = estimate_vision(name, **options)
+    res = int(est.workload["resolution"])
+    batch = int(est.workload["batch_size"])
+
+    def fits_with(**changes: Any) -> bool:
+        try:
+            return estimate_vision(name, **{**options, **changes}).total_bytes <= usable
+        except WorkloadError:  # a resolution past the model's position table, a batch past the limit
+            return False
+
+    max_batch = largest_fitting(lambda b: fits_with(batch_size=b, resolution=res), _VISION_MAX_BATCH)
+    grid = resolution_grid(name)
+    assumptions = [f"fits: total_bytes (peak allocated + allocator slack + CUDA context) <= {gpu.display_name}'s "
+                   f"usable memory; the largest batch and resolution are searched on the estimator (memory never "
+                   f"falls as either grows)"]
+    if grid is None:
+        max_res = res if est.total_bytes <= usable else 0
+        assumptions.append(f"{est.model} generates one image size ({res} px): max_resolution is that size when it "
+                           "fits")
+    else:
+        step, smallest = grid
+        cap = (_VISION_MAX_RES - smallest) // step + 1
+        k = largest_fitting(lambda i: fits_with(batch_size=batch, resolution=smallest + (i - 1) * step), cap)
+        max_res = 0 if k == 0 else smallest + (k - 1) * step
+        assumptions.append(f"resolutions searched: {smallest}, {smallest + step}, … (multiples of {step} pixels "
+                           "the architecture takes)")
+    return VisionFitResult(est.model, gpu.name, gpu.display_name, usable, est, est.total_bytes <= usable,
+                           usable - est.total_bytes, max_batch, max_res, None if grid is None else grid[0],
+                           tuple(assumptions) + est.assumptions, est.warnings)

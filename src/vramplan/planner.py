@@ -46,7 +46,7 @@ from .spec import ModelSpec
 from .units import GiB
 from .workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
 
-__all__ = ["Plan", "PlanRequest", "PlanResult", "PlanTask", "SortKey", "plan"]
+__all__ = ["VISION_NO_TIME", "Plan", "PlanRequest", "PlanResult", "PlanTask", "SortKey", "plan", "plan_vision"]
 
 _SECONDS_PER_HOUR = 3600.0
 GPU_COUNTS = (1, 2, 4, 8)
@@ -157,6 +157,7 @@ class Plan:
     cost_reason: str | None
     tokens_per_s: float | None
     mfu: float | None
+    resolution: int | None = None  # image models: pixels per side (seq_len is then 0)
 
     @property
     def fits(self) -> bool:
@@ -174,7 +175,10 @@ class Plan:
             parts.append(f"{self.weights_quant} weights")
         if self.optimizer:
             parts.append(self.optimizer)
-        if self.method == "inference":
+        if self.resolution is not None:
+            parts.append(f"{self.micro_batch} image{'s' if self.micro_batch != 1 else ''} of {self.resolution} px"
+                         + ("" if self.method == "inference" else f" x {self.gradient_accumulation} accumulation"))
+        elif self.method == "inference":
             parts.append(f"{self.micro_batch} concurrent sequences")
         else:
             parts.append(f"micro-batch {self.micro_batch} x {self.gradient_accumulation} accumulation")
@@ -193,7 +197,7 @@ class Plan:
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "time_hours": self.time_hours,
                 "gpu_hours": self.gpu_hours, "cost_usd": self.cost_usd, "cost_reserved_usd": self.cost_reserved_usd,
                 "cost_reason": self.cost_reason, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "summary": self.describe()}
+                "summary": self.describe()} | ({"resolution": self.resolution} if self.resolution is not None else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +220,10 @@ class PlanResult:
     datacenter_reason: str | None
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    resolution: int | None = None  # image models: pixels per side (tokens and seq_len are then 0)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"resolution": self.resolution} if self.resolution is not None else {}
         return {"model": self.model, "parameters": self.parameters, "task": self.task, "tokens": self.tokens,
                 "seq_len": self.seq_len, "global_batch": self.global_batch, "sort": self.sort,
                 "candidates_evaluated": self.candidates_evaluated, "feasible": self.feasible,
@@ -229,7 +235,7 @@ class PlanResult:
                     "datacenter": self.datacenter.to_dict() if self.datacenter else None,
                     "datacenter_reason": self.datacenter_reason,
                 },
-                "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
+                "assumptions": list(self.assumptions), "warnings": list(self.warnings)} | extra
 
 
 # ----------------------------------------------------------------------------------------- the search space
@@ -662,3 +668,142 @@ def _recommend(cls: str, ranked: Sequence[Plan], pool: Sequence[GPU], min_need: 
         plans = [p for p in plans if hw_key(p) == least]
     best_fidelity = min(_fidelity(p) for p in plans)
     return next(p for p in plans if _fidelity(p) == best_fidelity), None
+
+
+# ----------------------------------------------------------------------------------------- image models
+
+VISION_NO_TIME = "no throughput model for image models yet"
+VISION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+_VISION_PRECISIONS = (Precision.BF16, Precision.FP16, Precision.AMP_BF16, Precision.FP32)
+
+
+def _runs(gpu: GPU, precision: Precision) -> bool:
+    """Whether ``gpu`` has the 16-bit type ``precision`` computes in (fp32 runs everywhere)."""
+    if precision in (Precision.BF16, Precision.AMP_BF16):
+        return gpu.peak_tflops("bf16") is not None
+    if precision in (Precision.FP16, Precision.AMP_FP16):
+        return gpu.peak_tflops("fp16") is not None or gpu.peak_tflops("bf16") is not None
+    return True
+
+
+def _vision_rank_key(sort: SortKey, prices: dict[str, float | None]) -> Any:
+    """Without a throughput model: the GPU's hourly price (sort cost), then fewest memory savers
+    (checkpointing, 8-bit optimizer states), then the most images per step, then the least memory."""
+    inf = float("inf")
+
+    def key(p: Plan) -> tuple[float, ...]:
+        savers = int(p.gradient_checkpointing) + int(p.optimizer == Optimizer.ADAMW_8BIT.value)
+        hourly = prices.get(p.gpu)
+        price = inf if hourly is None else hourly
+        first = price if sort is SortKey.COST else 0.0
+        return (first, savers, -p.micro_batch, price, p.total_bytes)
+
+    return key
+
+
+def plan_vision(name: str, request: PlanRequest | None = None, *, gpus: Sequence[GPU] | None = None,
+                resolution: int | None = None, pipeline: bool = False) -> PlanResult:
+    """The plans for an image model (:mod:`vramplan.vision`) on one GPU of each type of the pool.
+
+    A reduced search: method (full, and LoRA where the model has it, for ``finetune``), precision (bf16,
+    fp16, amp-bf16, fp32 where the GPU has the type), gradient checkpointing, AdamW or (full training)
+    8-bit AdamW, and
+    batches of 1-64 images at ``resolution``. Memory comes from :func:`vramplan.vision.estimate_vision`;
+    time and cost are ``None`` (:data:`VISION_NO_TIME`), never guessed.
+    """
+    from .vision import estimate_vision
+
+    t0 = time.perf_counter()
+    req = request or PlanRequest()
+    pool = list(gpus) if gpus is not None else list(list_gpus())
+    if req.gpu_class != "any":
+        pool = [g for g in pool if g.gpu_class == req.gpu_class]
+    if any(q is not WeightsQuant.NONE for q in req.weights_quants):
+        raise WorkloadError("--weights-quant is not modelled for image models")
+    infer = req.task is PlanTask.INFER
+    bad = [m.value for m in req.methods if m not in (Method.FULL, Method.LORA)]
+    if bad:
+        raise WorkloadError(f"--method {bad[0]} is not available for image models; use full or lora")
+    methods: tuple[Method | None, ...] = (None,) if infer else (
+        req.methods or ((Method.FULL,) if req.task is PlanTask.TRAIN else (Method.FULL, Method.LORA)))
+    opts: tuple[Optimizer | None, ...] = (None,) if infer else (req.optimizers or (Optimizer.ADAMW,
+                                                                                   Optimizer.ADAMW_8BIT))
+    ckpts = (False,) if infer else ((False, True) if req.gradient_checkpointing is None
+                                    else (req.gradient_checkpointing,))
+    sizes = sorted(set(req.micro_batches)) or list(VISION_BATCHES)
+    max_usable = max((g.usable_memory_bytes for g in pool), default=0)
+    errors: dict[str, None] = {}
+    plans: list[Plan] = []
+    min_need: dict[str, tuple[int, str]] = {}
+    candidates = 0
+    parameters = 0
+    label = name
+    res_used = resolution
+    for method in methods:
+        for prec in req.precisions or _VISION_PRECISIONS:
+            for opt in opts:
+                if method is Method.LORA and opt is Optimizer.ADAMW_8BIT and not req.optimizers:
+                    continue  # LoRA's optimizer states are a few MiB: 8-bit states save nothing worth a plan
+                for ckpt in ckpts:
+                    for mb in sizes:
+                        accum = 1 if infer or not req.global_batch else -(-req.global_batch // mb)
+                        try:
+                            est = estimate_vision(
+                                name, task="infer" if infer else "train", method=(method or Method.FULL).value,
+                                precision=prec.value, optimizer=opt.value if opt else None, batch_size=mb,
+                                resolution=resolution, gradient_checkpointing=ckpt, pipeline=pipeline,
+                                attention="eager" if req.attention is Attention.EAGER else "sdpa",
+                                lora_rank=req.lora_rank, gradient_accumulation=accum)
+                        except WorkloadError as exc:
+                            errors.setdefault(str(exc), None)
+                            break
+                        parameters, label = est.parameters, est.model
+                        res_used = int(est.workload["resolution"])
+                        desc = ", ".join(x for x in (method.value if method else "inference", prec.value,
+                                                     opt.value if opt else "",
+                                                     "gradient checkpointing" if ckpt else "",
+                                                     f"batch {mb} at {res_used} px") if x)
+                        for g in pool:
+                            if not _runs(g, prec):
+                                continue
+                            candidates += 1
+                            old = min_need.get(g.gpu_class)
+                            if old is None or est.total_bytes < old[0]:
+                                min_need[g.gpu_class] = (est.total_bytes, desc)
+                            if est.total_bytes <= g.usable_memory_bytes:
+                                plans.append(Plan(
+                                    g.name, g.display_name, g.gpu_class, 1, "single",
+                                    method.value if method else "inference", prec.value,
+                                    opt.value if opt else None, WeightsQuant.NONE.value, ckpt, mb, accum,
+                                    0 if infer else mb * accum, 0, est.peak_allocated_bytes, est.total_bytes,
+                                    g.usable_memory_bytes, None, None, None, None, VISION_NO_TIME,
+                                    None, None, res_used))
+                        if est.total_bytes > max_usable:
+                            break  # a larger batch cannot fit any GPU of the pool
+    if not candidates and errors:
+        raise WorkloadError(next(iter(errors)))
+    ranked = sorted(plans, key=_vision_rank_key(req.sort, {g.name: g.price.on_demand for g in pool}))
+    feasible = len(ranked)
+    warnings = [f"skipped: {e}" for e in errors]
+    if req.budget_usd is not None and ranked:
+        warnings.append(f"--budget-usd dropped all {feasible} fitting plans: image-model plans have no cost "
+                        f"({VISION_NO_TIME})")
+        ranked = []
+    consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
+    datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    assumptions = (
+        f"image model: one GPU, batches of {', '.join(map(str, sizes))} images at {res_used} px; "
+        + ("inference" if infer else "training: full" + (" or LoRA" if Method.LORA in methods else "")
+           + (f", {req.global_batch} images per optimizer step" if req.global_batch else "")),
+        "fits: total_bytes (peak allocated + allocator slack + CUDA context) <= the GPU's usable memory",
+        f"time and cost: none, {VISION_NO_TIME}; plans are ranked by "
+        + ("the GPU's on-demand hourly price, then " if req.sort is SortKey.COST else "")
+        + "fewest memory savers (checkpointing, 8-bit optimizer), then the most images per step",
+        "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity "
+        "method (full > LoRA) they allow; data centre = the highest-fidelity method any data-centre plan "
+        "allows, then the first by that ranking",
+    )
+    return PlanResult(label, parameters, req.task.value, 0, 0, 0 if infer else (req.global_batch or 0),
+                      req.sort.value, candidates, feasible, 0, time.perf_counter() - t0,
+                      tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason, datacenter, datacenter_reason,
+                      assumptions, tuple(warnings), resolution=res_used)

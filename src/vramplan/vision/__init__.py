@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 from ..errors import WorkloadError
 from ..result import Estimate
 from ..workload import Optimizer, Precision, Task
 from ._catalog import VisionEntry, config_file_entry, get_vision_model, list_vision_models, lookup
-from ._workload import VisionMethod, VisionWorkload
+from ._workload import _MAX_RES, VisionMethod, VisionWorkload
 
 __all__ = [
     "VisionEntry", "VisionMethod", "VisionWorkload", "estimate_vision", "estimate_vision_cli", "get_vision_model",
-    "is_vision_model", "list_vision_models", "make_vision_workload",
+    "is_vision_model", "list_vision_models", "make_vision_workload", "resolution_grid", "vision_options",
 ]
 
 _ENUMS: Mapping[str, Any] = {"task": Task, "method": VisionMethod, "precision": Precision, "optimizer": Optimizer}
@@ -70,6 +71,33 @@ def _entry(name: str) -> VisionEntry:
     return get_vision_model(name)
 
 
+def resolution_grid(name: str) -> tuple[int, int] | None:
+    """The resolutions ``name`` takes, as ``(step, smallest)``: every multiple of ``step`` from ``smallest``
+    up (within the workload's limit, and the model's position table where it has one); ``None`` when the
+    architecture generates one fixed size (StyleGAN). Found with the estimator's own resolution check."""
+    return _grid(_entry(name).name if lookup(name) is not None else name)
+
+
+@cache
+def _grid(name: str) -> tuple[int, int] | None:
+    from ._estimate import _check_resolution
+
+    entry = _entry(name)
+
+    def ok(res: int) -> bool:
+        try:
+            _check_resolution(entry, res)
+        except WorkloadError:
+            return False
+        return True
+
+    first = next((r for r in range(8, _MAX_RES + 1) if ok(r)), None)
+    if first is None:
+        raise WorkloadError(f"{entry.name} takes no resolution from 8 to {_MAX_RES} pixels")
+    nxt = next((r for r in range(first + 1, min(_MAX_RES, 8 * first) + 1) if ok(r)), None)
+    return None if nxt is None else (nxt - first, first)
+
+
 def estimate_vision(name: str, workload: VisionWorkload | None = None, **options: Any) -> Estimate:
     """Estimate peak GPU memory of an image model (catalog name, alias, or diffusers config.json path).
 
@@ -94,8 +122,9 @@ def estimate_vision(name: str, workload: VisionWorkload | None = None, **options
     return estimate_entry(_entry(name), workload)
 
 
-def estimate_vision_cli(ns: argparse.Namespace) -> int:
-    """``vramplan estimate NAME ...`` for image models: prints JSON (``--json``) or the table; exit status."""
+def vision_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """:func:`estimate_vision` options from the CLI's workload flags (``estimate``, ``fit``); refuses the
+    language-model-only ones."""
     method = getattr(ns, "method", "full")
     if method not in ("full", "lora"):
         raise WorkloadError(f"--method {method} is not available for image models; use full or lora")
@@ -103,7 +132,7 @@ def estimate_vision_cli(ns: argparse.Namespace) -> int:
     if quant not in (None, "none"):
         raise WorkloadError("--weights-quant is not modelled for image models")
     targets = getattr(ns, "lora_targets", "default")
-    options: dict[str, Any] = {
+    return {
         "task": getattr(ns, "task", "train"), "method": method, "precision": getattr(ns, "precision", "bf16"),
         "optimizer": getattr(ns, "optimizer", "adamw"), "batch_size": getattr(ns, "batch_size", 1),
         "resolution": getattr(ns, "resolution", None),
@@ -113,7 +142,11 @@ def estimate_vision_cli(ns: argparse.Namespace) -> int:
         "pipeline": bool(getattr(ns, "pipeline", False)),
         "gradient_accumulation": getattr(ns, "gradient_accumulation", None),
     }
-    est = estimate_vision(ns.model, **options)
+
+
+def estimate_vision_cli(ns: argparse.Namespace) -> int:
+    """``vramplan estimate NAME ...`` for image models: prints JSON (``--json``) or the table; exit status."""
+    est = estimate_vision(ns.model, **vision_options(ns))
     if getattr(ns, "json", False):
         print(json.dumps(est.to_dict(), indent=2))
     else:

@@ -212,6 +212,7 @@ def create_app(trusted_hosts: Sequence[str] | None = None) -> Starlette:
         Route("/api/health", _health),
         Route("/api/schema", _get(handlers.schema)),
         Route("/api/models", _get(handlers.models)),
+        Route("/api/vision-models", _get(handlers.vision_models)),
         Route("/api/gpus", _gpus),
         Route("/api/estimate", _post(handlers.estimate), methods=["POST"]),
         Route("/api/headroom", _post(handlers.headroom), methods=["POST"]),

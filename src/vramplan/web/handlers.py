@@ -37,6 +37,7 @@ __all__ = [
     "plan",
     "schema",
     "sweep",
+    "vision_models",
 ]
 
 DEFAULT_GPUS = ("rtx-4090", "a100-40gb-sxm", "h100-sxm")
@@ -115,6 +116,18 @@ def schema() -> dict[str, Any]:
 def models() -> Any:
     """``vramplan models --json`` (the catalog does not change while the server runs)."""
     return delegate.run_command("models", {})
+
+
+@lru_cache(maxsize=1)
+def vision_models() -> list[dict[str, Any]]:
+    """``GET /api/vision-models``: the image and diffusion models ``vramplan estimate``/``fit``/``plan`` take
+    by name (the pipelines' VAEs and text encoders are components, not listed); empty without the module."""
+    if not features()["vision"]:
+        return []
+    from ..vision import list_vision_models
+
+    return [{"name": e.name, "hf_id": e.hf_id, "family": f"image: {e.kind}", "kind": e.kind, "parameters": e.params,
+             "aliases": list(e.aliases), "source": e.source} for e in list_vision_models() if e.estimable]
 
 
 @lru_cache(maxsize=16)

@@ -512,7 +512,7 @@ async function updatePlan(body, signal) {
   if (!page.schema.features.plan) return;
   $("#plan-section").hidden = false;
   const request = { ...(body.config ? { config: body.config, config_name: body.config_name } : { model: body.model }) };
-  for (const key of ["seq_len", "new_tokens"]) if (key in body) request[key] = body[key];  // the shapes; the rest is searched
+  for (const key of ["seq_len", "new_tokens", "resolution", "pipeline"]) if (key in body) request[key] = body[key];  // the shapes; the rest is searched
   for (const option of page.schema.commands.plan || []) {
     if (!document.getElementById(`plan-${option.name}`)) continue;
     const value = readValue(option, "plan-");
@@ -541,7 +541,10 @@ async function readConfig(text, name) {
 }
 
 async function main() {
-  const [schema, models, gpus] = await Promise.all([api("/api/schema"), api("/api/models"), api("/api/gpus")]);
+  const [schema, languageModels, gpus] = await Promise.all([api("/api/schema"), api("/api/models"), api("/api/gpus")]);
+  // image and diffusion models (vramplan.vision) beside the language models, when this install has them
+  const imageModels = schema.features.vision ? await api("/api/vision-models").catch(() => []) : [];
+  const models = [...languageModels, ...imageModels];
   page.schema = schema;
   page.gpus = [...schema.default_gpus];
   $("#version").textContent = schema.version;
@@ -568,6 +571,7 @@ async function main() {
     $("#group-extra").append(control(option));
   }
   for (const option of schema.commands.plan || []) {
+    if (page.options[option.name]) continue;  // the page's own controls (an image's resolution, pipeline) apply
     const initial = option.kind === "choice" && option.default === null ? option.choices[0] : option.default;
     $("#plan-options").append(control({ ...option, default: initial }, "plan-"));
   }
