@@ -78,6 +78,10 @@ def compare(rows: Iterable[Mapping[str, str]], configs_dir: str | Path,
     results: list[CaseResult] = []
     skipped: list[str] = []
     for row in rows:
+        if int(row.get("world_size") or 1) > 1:
+            skipped.append(f"{row['name']}: a per-rank row of a {row['world_size']}-GPU run "
+                           f"({row.get('layout') or 'multi-GPU'}): compare with estimate --gpus")
+            continue
         w = workload_of_row(row)
         if w is None:
             skipped.append(f"{row['name']}: task {row['task']!r} (vision/diffusion) is not a language model")

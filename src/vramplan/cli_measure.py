@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,17 @@ _CSV_COLUMNS = ["name", "task", "model", "method", "precision", "optim", "batch"
                 "targets", "new_tokens", "last_logits", "nf4", "train", "device", "torch", "cuda_context_gib",
                 "params", "trainable", "weights_gib", "peak_alloc_gib", "peak_reserved_gib", "step_s", "prefill_s",
                 "decode_s_per_token", "source", "trainable_layers", "gradient_accumulation"]
+_RANK_COLUMNS = ["rank", "world_size", "layout"]  # multi-GPU rows (vramplan measure --gpus N)
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    m = sub.add_parser("measure", help="run the workload for real on this machine's CUDA GPU (vramplan[torch])")
+    from .cli_parallel import add_parallel_flags
+
+    m = sub.add_parser("measure", help="run the workload for real on this machine's CUDA GPU (vramplan[torch]); "
+                                       "with --gpus N, DDP or --fsdp under torchrun, one measurement per rank")
     m.add_argument("model", metavar="MODEL", help="catalog name or path to a config.json (random weights)")
     add_workload_flags(m)
+    add_parallel_flags(m)
     m.add_argument("--steps", type=int, default=3, help="training steps (the peak is usually in step 2)")
     m.add_argument("--csv", metavar="OUT", help="append a row in the calibration measured.csv format")
     m.add_argument("--json", action="store_true")
@@ -47,12 +54,13 @@ def _config_of(model: str) -> tuple[dict[str, Any], str]:
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
-    return data, Path(path).parent.name
+    return data, Path(path).parent.name or Path(path).stem
 
 
 def _measure(ns: argparse.Namespace) -> int:
     from .api import make_workload
     from .cli import _workload_options
+    from .cli_parallel import layout_from_args
     from .estimator import estimate
     from .hfconfig import spec_from_config
     from .measure import measure_workload
@@ -61,6 +69,12 @@ def _measure(ns: argparse.Namespace) -> int:
         raise VramplanError("--steps must be at least 1")
     config, name = _config_of(ns.model)
     w = make_workload(**_workload_options(ns))
+    layout = layout_from_args(ns)
+    gpus = layout.gpus if layout is not None else 1
+    if "WORLD_SIZE" in os.environ and (gpus > 1 or os.environ["WORLD_SIZE"] != "1"):
+        return _measure_rank(ns, config, name, w, layout)
+    if gpus > 1:
+        return _launch(ns, config, name, w, layout)
     est = estimate(spec_from_config(dict(config), name=name), w)
     m = measure_workload(config, w, steps=ns.steps)
     gib = 2**30
@@ -69,7 +83,7 @@ def _measure(ns: argparse.Namespace) -> int:
               "measured_peak_reserved_bytes": m.peak_reserved_bytes,
               "measured_device_bytes": m.peak_reserved_bytes + m.cuda_context_bytes,
               "estimate_peak_allocated_bytes": est.peak_allocated_bytes, "estimate_total_bytes": est.total_bytes,
-              "error": est.peak_allocated_bytes / m.peak_allocated_bytes - 1}
+              "error": est.peak_allocated_bytes / m.peak_allocated_bytes - 1 if m.peak_allocated_bytes else None}
     if ns.json:
         print(json.dumps(result, indent=2))
     else:
@@ -78,16 +92,114 @@ def _measure(ns: argparse.Namespace) -> int:
               f"{m.peak_reserved_bytes / gib:8.2f} GiB   device (+context) "
               f"{(m.peak_reserved_bytes + m.cuda_context_bytes) / gib:8.2f} GiB")
         print(f"  estimate peak allocated {est.peak_allocated_bytes / gib:8.2f} GiB   total    "
-              f"{est.total_bytes / gib:8.2f} GiB   error {result['error']:+.1%}")
+              f"{est.total_bytes / gib:8.2f} GiB   error "
+              + ("n/a" if result["error"] is None else f"{result['error']:+.1%}"))
     if ns.csv:
         _append_row(ns.csv, name, w, m)
     return 0
 
 
-def _append_row(path: str, name: str, w: Any, m: Any) -> None:
+def _launch(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, layout: Any) -> int:
+    """Check what can be checked here (one line on error), then rerun this command under torchrun."""
+    from . import measure
+    from .hfconfig import spec_from_config
+    from .measure_dist import check_supported
+    from .parallel import estimate_parallel
+
+    check_supported(layout, w)
+    estimate_parallel(spec_from_config(dict(config), name=name), w, layout)  # an impossible layout fails here
+    if ns.csv:
+        _check_csv(ns.csv, _CSV_COLUMNS + _RANK_COLUMNS)
+    torch = measure._torch()  # the [torch] extra and a CUDA GPU (not in smoke mode)
+    have = 0 if measure._SMOKE else torch.cuda.device_count()
+    if not measure._SMOKE and have < layout.gpus:
+        raise VramplanError(f"--gpus {layout.gpus} but this machine has {have} CUDA GPU{'s' * (have != 1)}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(layout.gpus),
+           "-m", "vramplan", "measure", *_argv_of(ns)]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _argv_of(ns: argparse.Namespace) -> list[str]:
+    """The ``vramplan measure`` arguments that give ``ns`` again (what differs from the defaults)."""
+    from .cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = [ns.model]
+    for action in sub.choices["measure"]._actions:
+        if not action.option_strings or not hasattr(ns, action.dest):
+            continue
+        value = getattr(ns, action.dest)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        out += [flag] if action.nargs == 0 else [flag, str(value)]
+    return out
+
+
+def _measure_rank(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, layout: Any) -> int:
+    """Inside torchrun: this rank's run; rank 0 prints and writes one line / row per rank."""
+    from .hfconfig import spec_from_config
+    from .measure import Measurement
+    from .measure_dist import check_supported, run_rank
+    from .parallel import Layout, estimate_parallel
+
+    layout = layout if layout is not None else Layout()
+    check_supported(layout, w)
+    est = estimate_parallel(spec_from_config(dict(config), name=name), w, layout)
+    res = run_rank(config, w, layout, ns.steps)
+    if res["rank"] != 0:
+        return 0
     gib = 2**30
+    fields = Measurement.__dataclass_fields__
+    ranks = [(r, Measurement(**{k: r[k] for k in fields})) for r in res["ranks"]]
+
+    def error(m: Any) -> float | None:
+        return est.peak_allocated_bytes / m.peak_allocated_bytes - 1 if m.peak_allocated_bytes else None
+
+    if ns.json:
+        print(json.dumps({"model": name, "layout": res["layout"], "world_size": res["world_size"],
+                          "estimate_peak_allocated_bytes": est.peak_allocated_bytes,
+                          "estimate_total_bytes": est.total_bytes,
+                          "ranks": [{"rank": r["rank"], "device": m.device, "torch": m.torch_version,
+                                     "measured_peak_allocated_bytes": m.peak_allocated_bytes,
+                                     "measured_peak_reserved_bytes": m.peak_reserved_bytes,
+                                     "measured_device_bytes": m.peak_reserved_bytes + m.cuda_context_bytes,
+                                     "step_s": m.step_s, "error": error(m)} for r, m in ranks]}, indent=2))
+    else:
+        print(f"{name}, {res['layout']} on {res['world_size']} x {ranks[0][1].device} "
+              f"(torch {ranks[0][1].torch_version}); estimate per GPU {est.peak_allocated_bytes / gib:.2f} GiB "
+              f"allocated, {est.total_bytes / gib:.2f} GiB total")
+        for r, m in ranks:
+            e = error(m)
+            print(f"  rank {r['rank']}: measured peak allocated {m.peak_allocated_bytes / gib:8.2f} GiB   reserved "
+                  f"{m.peak_reserved_bytes / gib:8.2f} GiB   step {m.step_s:.3f} s   estimate "
+                  f"{est.peak_allocated_bytes / gib:8.2f} GiB   error " + ("n/a" if e is None else f"{e:+.1%}"))
+    if ns.csv:
+        for r, m in ranks:
+            _append_row(ns.csv, name, w, m, {"rank": r["rank"], "world_size": r["world_size"],
+                                              "layout": r["layout"]})
+    return 0
+
+
+def _check_csv(path: str, columns: list[str]) -> list[str]:
+    """The header rows will be written with: ``columns`` for a new file, else the file's own header, which
+    must hold every column of ``columns`` that a multi-GPU row needs."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return columns
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    missing = [c for c in _RANK_COLUMNS if c in columns and c not in header]
+    if missing:
+        raise VramplanError(f"{path} has no {'/'.join(missing)} column; write multi-GPU rows to a new file")
+    return header
+
+
+def _append_row(path: str, name: str, w: Any, m: Any, extra: dict[str, Any] | None = None) -> None:
+    gib = 2**30
+    suffix = f"-{extra['layout']}x{extra['world_size']}" if extra else ""
     row = {
-        "name": f"{name}-{w.task.value}-{w.method.value}-{w.precision.value}-b{w.batch_size}s{w.seq_len}",
+        "name": f"{name}-{w.task.value}-{w.method.value}-{w.precision.value}-b{w.batch_size}s{w.seq_len}{suffix}",
         "task": w.task.value, "model": name, "method": "" if w.method.value == "full" else w.method.value,
         "precision": w.precision.value, "optim": "" if w.optimizer.value == "adamw" else w.optimizer.value,
         "batch": w.batch_size, "seq": w.seq_len, "ckpt": "True" if w.gradient_checkpointing else "",
@@ -103,10 +215,12 @@ def _append_row(path: str, name: str, w: Any, m: Any) -> None:
         "prefill_s": round(m.prefill_s, 4), "decode_s_per_token": round(m.decode_s_per_token, 5),
         "source": "vramplan measure", "trainable_layers": w.trainable_layers or "",
         "gradient_accumulation": w.gradient_accumulation if w.gradient_accumulation > 1 else "",
+        **(extra or {}),
     }
-    new = not os.path.exists(path)
+    columns = _check_csv(path, _CSV_COLUMNS + (_RANK_COLUMNS if extra else []))
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, _CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +137,14 @@ def _optimizer(w: Workload, params: list[Any], torch: Any) -> Any:
     raise VramplanError(f"measure does not run the {opt.value} optimizer")
 
 
-def measure_workload(config: Mapping[str, Any], w: Workload, steps: int = 3) -> Measurement:
-    """Run ``w`` on the current CUDA device and return what the caching allocator saw."""
+def measure_workload(config: Mapping[str, Any], w: Workload, steps: int = 3,
+                     wrap: Callable[[Any], Any] | None = None) -> Measurement:
+    """Run ``w`` on the current CUDA device and return what the caching allocator saw.
+
+    ``wrap`` (training only) receives the model once it is ready to train (adapters, frozen layers and
+    checkpointing applied) and returns the module to train, e.g. wrapped in DDP or sharded with FSDP
+    (:mod:`vramplan.measure_dist`); the weights are counted and the optimizer built after it.
+    """
     from .estimator import check_positions
     from .hfconfig import spec_from_config
 
@@ -155,11 +161,14 @@ def measure_workload(config: Mapping[str, Any], w: Workload, steps: int = 3) -> 
     if w.base_quant is not WeightsQuant.NONE:
         model = _quantize(model, w.base_quant, torch)
     if w.task is Task.TRAIN:
-        return _train(model, tcfg, w, torch, steps, context)
+        return _train(model, tcfg, w, torch, steps, context, wrap)
+    if wrap is not None:
+        raise VramplanError("measure runs multi-GPU layouts for training only")
     return _infer(model, tcfg, w, torch, context)
 
 
-def _train(model: Any, tcfg: Any, w: Workload, torch: Any, steps: int, context: int) -> Measurement:
+def _train(model: Any, tcfg: Any, w: Workload, torch: Any, steps: int, context: int,
+           wrap: Callable[[Any], Any] | None = None) -> Measurement:
     if w.method is Method.QLORA:
         from peft import prepare_model_for_kbit_training
 
@@ -194,6 +203,8 @@ def _train(model: Any, tcfg: Any, w: Workload, torch: Any, steps: int, context: 
         if w.uses_adapters:
             model.enable_input_require_grads()
     model.train()
+    if wrap is not None:
+        model = wrap(model)
     _cuda(torch).synchronize()
     weights = _cuda(torch).memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
