@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["non_negative_float", "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["fraction", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
 
 
 def _int(text: str) -> int:
@@ -47,4 +47,12 @@ def non_negative_float(text: str) -> float:
     value = _float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1], e.g. a GPU memory utilization."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
     return value

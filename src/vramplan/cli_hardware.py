@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._argtypes import fraction, non_negative_float, positive_float, positive_int
+
 if TYPE_CHECKING:
     from .fit import FitResult
     from .hardware import GPU
@@ -24,46 +26,6 @@ _FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_si
           "trainable_layers", "gradient_accumulation")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``fit`` and ``plan`` sub-commands to ``sub`` (argparse sub-parsers)."""
     f = sub.add_parser("fit", help="does a workload fit a GPU; largest batch, longest sequence, concurrent "
@@ -71,9 +33,9 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     f.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
     f.add_argument("--gpu", required=True, help="GPU name (vramplan gpus lists them)")
     add_workload_flags(f)
-    f.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+    f.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                    help="inference: share of GPU memory a vLLM-style server reserves (default 0.9)")
-    f.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+    f.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
                    help="inference: tokens of the profiling forward that sizes the KV budget (default 8192)")
     _add_image_flags(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,28 +51,28 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
                    new_tokens=256, lora_alpha=None, logits=None)
     p.add_argument("--task", choices=["train", "finetune", "infer"], default="finetune",
                    help="train: pre-train every weight; finetune: full, LoRA, QLoRA or freeze; infer: serve")
-    p.add_argument("--budget-usd", type=_non_negative_float, default=None, help="drop plans costing more (on demand)")
-    p.add_argument("--max-gpus", type=_positive_int, default=8, help="at most this many GPUs (1, 2, 4, 8 tried)")
+    p.add_argument("--budget-usd", type=non_negative_float, default=None, help="drop plans costing more (on demand)")
+    p.add_argument("--max-gpus", type=positive_int, default=8, help="at most this many GPUs (1, 2, 4, 8 tried)")
     p.add_argument("--gpu-class", choices=["consumer", "workstation", "datacenter", "any"], default="any")
     p.add_argument("--gpu", action="append", default=None, metavar="NAME",
                    help="only this GPU (repeat for several)")
     p.add_argument("--sort", choices=["cost", "time"], default="cost")
-    p.add_argument("--tokens", type=_positive_int, default=None,
+    p.add_argument("--tokens", type=positive_int, default=None,
                    help="tokens to train on (train/finetune) or to generate (infer)")
-    p.add_argument("--epochs", type=_positive_float, default=None, help="with --dataset-tokens instead of --tokens")
-    p.add_argument("--dataset-tokens", type=_positive_int, default=None)
-    p.add_argument("--global-batch", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=positive_float, default=None, help="with --dataset-tokens instead of --tokens")
+    p.add_argument("--dataset-tokens", type=positive_int, default=None)
+    p.add_argument("--global-batch", type=positive_int, default=None,
                    help="sequences per optimizer step (default 32 for finetune, 256 for train)")
     p.add_argument("--prices", metavar="FILE", default=None,
                    help='JSON price overrides, e.g. {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}')
-    p.add_argument("--top", type=_positive_int, default=20, help="plans to list (default 20)")
+    p.add_argument("--top", type=positive_int, default=20, help="plans to list (default 20)")
     _add_image_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_plan)
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolution", type=_positive_int, default=None,
+    parser.add_argument("--resolution", type=positive_int, default=None,
                         help="image models: pixels per side (default: the model's native resolution)")
     parser.add_argument("--pipeline", action="store_true",
                         help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
