@@ -23,54 +23,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vramplan.workload import (  # noqa: E402
-    Attention,
-    LogitsMode,
-    Method,
-    Optimizer,
-    Precision,
-    Task,
-    WeightsQuant,
-    Workload,
-)
+from vramplan.calibration import workload_of_row  # noqa: E402
+from vramplan.workload import Workload  # noqa: E402
 
 GiB = 2**30
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "tests" / "data" / "calibration"
-_OPTIM = {"": Optimizer.ADAMW, "adamw": Optimizer.ADAMW, "adamw8bit": Optimizer.ADAMW_8BIT,
-          "adamw-fused": Optimizer.ADAMW_FUSED, "sgd": Optimizer.SGD, "adafactor": Optimizer.ADAFACTOR}
-_ATTN = {"": Attention.SDPA, "sdpa": Attention.SDPA, "eager": Attention.EAGER, "flash": Attention.FLASH}
-
-
-def _targets(method: str, raw: str) -> tuple[str, ...]:
-    if not raw:
-        return ("q_proj", "v_proj")
-    if raw == "all-linear":
-        return ("all-linear",)
-    return tuple(t for t in raw.replace("+", ",").split(",") if t)
 
 
 def workload_for_row(row: dict[str, str]) -> Workload | str:
-    """The Workload a measured.csv row ran, or the reason the trace does not cover it."""
-    task = row["task"]
-    if task not in ("train", "infer"):
-        return f"task {task!r} is not a language model (torchvision / diffusers are out of the trace's scope)"
-    precision = Precision(row["precision"] or "bf16")
-    batch, seq = int(row["batch"]), int(row["seq"])
-    attention = _ATTN[row["attn"]]
-    if task == "train":
-        method = Method(row["method"] or "full")
-        layers = row.get("trainable_layers") or ""
-        return Workload(
-            task=Task.TRAIN, method=method, precision=precision, optimizer=_OPTIM[row["optim"]],
-            batch_size=batch, seq_len=seq, gradient_checkpointing=row["ckpt"] == "True", attention=attention,
-            lora_rank=int(row["r"] or 16), lora_alpha=32, lora_targets=_targets(method, row["targets"]),
-            trainable_layers=int(layers) if layers else None,
-            gradient_accumulation=int(row.get("gradient_accumulation") or 1))
-    return Workload(
-        task=Task.INFER, precision=precision, batch_size=batch, seq_len=seq,
-        new_tokens=int(row["new_tokens"] or 32),
-        logits=LogitsMode.LAST if row["last_logits"] == "True" else LogitsMode.ALL,
-        weights_quant=WeightsQuant.NF4 if row["nf4"] == "True" else WeightsQuant.NONE, attention=attention)
+    """The Workload a measured.csv row ran (as vramplan.calibration reads it), or why the trace skips it."""
+    w = workload_of_row(row)
+    if w is None:
+        return f"task {row['task']!r} is not a language model (torchvision / diffusers are out of the trace's scope)"
+    return w
 
 
 def run(cases: list[str], calibration: Path) -> dict[str, Any]:

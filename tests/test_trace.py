@@ -343,3 +343,36 @@ def test_calibration_row(row: dict[str, str]) -> None:
     measured = float(row["peak_alloc_gib"])
     assert abs(est.peak_allocated_bytes / GiB - measured) / measured <= TOLERANCE
     assert est.parameters == int(row["params"])
+
+
+# ---- the project's own GPU grid (slow) -----------------------------------------------------------------------
+GRID = Path(__file__).parent / "data" / "h200-grid"
+# rows where transformers changed between the measured 5.17 and later releases: the trace follows the installed
+# library, the measurement the old one
+_CHANGED_AFTER_5_17 = {
+    "g-gemma2-2b-bf16-b2s1024": "transformers 5.18+ dropped Gemma-2's SDPA path (eager instead)",
+    "gi-gemma2-9b-bf16-b2s8192-last": "transformers 5.18+ dropped Gemma-2's SDPA path (eager instead)",
+    "gi-llama1b-amp-b8s2048-last": "transformers 5.18+ keeps cached values in their own dtype under autocast",
+}
+
+
+def _grid_rows() -> list[dict[str, str]]:
+    with open(GRID / "measured.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", _grid_rows(), ids=lambda r: r["name"])
+def test_grid_row(row: dict[str, str]) -> None:
+    import transformers
+
+    from vramplan.calibration import workload_of_row
+
+    if row["name"] in _CHANGED_AFTER_5_17 and transformers.__version__ != row["transformers"]:
+        pytest.xfail(_CHANGED_AFTER_5_17[row["name"]])
+    wl = workload_of_row(row)
+    assert wl is not None
+    config = json.loads((GRID / "configs" / f"{row['model']}.json").read_text())
+    est = trace_workload(config, wl, name=row["model"])
+    measured = float(row["peak_alloc_gib"])
+    assert abs(est.peak_allocated_bytes / GiB - measured) / measured <= TOLERANCE
