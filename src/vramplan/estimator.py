@@ -411,6 +411,14 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "
                         f"({spec.max_position_embeddings})")
+    if not w.is_train and w.method in (Method.LORA, Method.FREEZE):
+        warnings.append(f"inference ignores --method {w.method.value}: adapters are assumed merged into the weights")
+    elif not w.is_train and w.method is Method.QLORA:
+        warnings.append("inference with --method qlora: the base weights are NF4, adapters assumed merged")
+    if w.is_train and w.method is Method.FREEZE and w.trainable_layers is not None and \
+            w.trainable_layers > spec.num_layers:
+        warnings.append(f"--trainable-layers {w.trainable_layers} exceeds the model's {spec.num_layers} layers; "
+                        "all of them train")
     return Estimate(
         model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
         peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
