@@ -144,6 +144,19 @@ def test_estimate_and_trace_agree(case: str, model: str, workload: Workload, mea
     assert est.parameters == traced.parameters and est.trainable_parameters == traced.trainable_parameters
 
 
+def test_lora_dropout_estimate_matches_trace() -> None:
+    """peft's lora_dropout > 0 keeps a dropped copy and a mask per adapted layer; both tools must see it."""
+    from vramplan.estimator import estimate
+    from vramplan.hfconfig import spec_from_config
+
+    spec = spec_from_config(ARCH["llama-3.2-1b"], name="llama-3.2-1b")
+    base = Workload(method=Method.LORA, lora_targets=("all-linear",), batch_size=1, seq_len=512)
+    for w in (base, base.with_(lora_dropout=0.1)):
+        traced = trace_workload(ARCH["llama-3.2-1b"], w, name="llama-3.2-1b").peak_allocated_bytes
+        assert abs(estimate(spec, w).peak_allocated_bytes / traced - 1) <= DRIFT
+    assert estimate(spec, base.with_(lora_dropout=0.1)).peak_allocated_bytes > estimate(spec, base).peak_allocated_bytes
+
+
 @pytest.fixture(scope="module")
 def llama_train() -> Any:
     return trace_workload(ARCH["llama-3.2-1b"], Workload(batch_size=1, seq_len=512), name="llama-3.2-1b")

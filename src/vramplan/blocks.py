@@ -57,6 +57,7 @@ class LayerPlan:
     attention: Attention
     sliding: bool = False
     moe: bool = False
+    lora_dropout: float = 0.0
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
@@ -191,11 +192,17 @@ class _B:
         num = self.num
         tokens = x.numel // fin
         if num.amp:
-            xa = self.cast(x, 2)
+            xa = x
+            if self.plan is not None and self.plan.lora_dropout > 0:
+                xa = self.dropout(xa, self.plan.lora_dropout)
+            xa = self.cast(xa, 2)
             a = self.tp.op(tokens * r, 2, (xa,), save=(xa,), params=self.param_grad(name + ".A", r * fin, 4))
             b = self.tp.op(tokens * fout, 2, (a,), save=(a,), params=self.param_grad(name + ".B", fout * r, 4))
         else:
             xa = self.cast(x, num.lora_param)
+            if self.plan is not None and self.plan.lora_dropout > 0:
+                # lora_A(dropout(x)): a dropped copy and its bool mask per adapted layer
+                xa = self.dropout(xa, self.plan.lora_dropout)
             a = self.tp.op(tokens * r, num.lora_param, (xa,), save=(xa,),
                            params=self.param_grad(name + ".A", r * fin, num.lora_param))
             b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),

@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
                    "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
-                   "lora_targets", "trainable_layers", "gradient_accumulation")
+                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +48,8 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
     g.add_argument("--lora-rank", type=positive_int, default=16)
     g.add_argument("--lora-alpha", type=positive_int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="peft lora_dropout (default 0): above 0 each adapted layer keeps a dropout mask")
     g.add_argument("--lora-targets", default="default",
                    help="comma-separated module names, all-linear, or default (peft's choice for the family: "
                         "q_proj,v_proj for LLaMA-style models)")

@@ -106,7 +106,8 @@ def numerics(w: Workload) -> Numerics:
 def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
-                     quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe)
+                     quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe,
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,7 +182,7 @@ def _train(model: Any, tcfg: Any, w: Workload, torch: Any, steps: int, context: 
         spec = spec_from_config({"model_type": tcfg.model_type, **tcfg.to_dict()})
         targets: Any = "all-linear" if "all-linear" in w.lora_targets else sorted(lora_targets(spec, w.lora_targets))
         model = get_peft_model(model, LoraConfig(r=w.lora_rank, lora_alpha=w.lora_alpha, target_modules=targets,
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                 lora_dropout=w.lora_dropout, task_type="CAUSAL_LM"))
     if w.method is Method.FREEZE:
         layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
         if layers is None:

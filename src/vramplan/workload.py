@@ -97,6 +97,7 @@ class Workload:
     attention: Attention = Attention.SDPA
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_dropout: float = 0.0  # peft LoraConfig's default; dropout > 0 keeps a mask per adapted layer
     lora_targets: tuple[str, ...] = ("default",)  # peft's default for the family (q_proj,v_proj for LLaMA)
     trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
     gradient_accumulation: int = 1
@@ -110,6 +111,9 @@ class Workload:
                 raise WorkloadError(f"{name} must be an integer, got {value!r}")
             if not lo <= value <= hi:
                 raise WorkloadError(f"{name} = {value} is out of range; use {lo}..{hi}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) or \
+                not 0.0 <= self.lora_dropout < 1.0:
+            raise WorkloadError(f"lora_dropout = {self.lora_dropout!r} must be a number in [0, 1)")
         if self.trainable_layers is not None and not 0 <= self.trainable_layers <= 4096:
             raise WorkloadError(f"trainable_layers = {self.trainable_layers} is out of range")
         if self.batch_size * (self.seq_len + self.new_tokens) > (1 << 31):

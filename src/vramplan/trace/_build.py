@@ -175,7 +175,7 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         elif targets == ["default"]:
             targets = None  # peft's per-family default (q_proj+v_proj for LLaMA, query_key_value for Falcon)
         lcfg = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_alpha, target_modules=targets,
-                          lora_dropout=0.0, task_type="CAUSAL_LM")
+                          lora_dropout=workload.lora_dropout, task_type="CAUSAL_LM")
         if qkind is not None:
             lcfg._register_custom_module({QuantLinear: _lora_class(clone_result=qkind == "nf4")})
         try:

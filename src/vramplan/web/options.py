@@ -58,7 +58,7 @@ class Option:
     """One workload option as the page offers it: derived from :class:`Workload`, so never out of date."""
 
     name: str
-    kind: str  # "choice", "int", "optional_int", "bool" or "names"
+    kind: str  # "choice", "int", "float", "optional_int", "bool" or "names"
     default: Any
     choices: tuple[str, ...] = ()
 
@@ -77,6 +77,8 @@ def workload_schema() -> tuple[Option, ...]:
             out.append(Option(name, "bool", d))
         elif isinstance(d, int):
             out.append(Option(name, "int", d))
+        elif isinstance(d, float):
+            out.append(Option(name, "float", d))
         elif d is None:
             out.append(Option(name, "optional_int", None))
         elif isinstance(d, tuple):
@@ -141,6 +143,9 @@ def check_workload(body: Mapping[str, Any]) -> dict[str, Any]:
                 raise RequestError(422, f"{key} must be true or false, got {json.dumps(value)[:60]}")
         elif opt.kind in ("int", "optional_int"):
             _int(key, value)
+        elif opt.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RequestError(422, f"{key} must be a number, got {json.dumps(value)[:60]}")
         elif opt.kind == "names":
             names = value.split(",") if isinstance(value, str) else value
             if not isinstance(names, list) or len(names) > _MAX_NAMES or \

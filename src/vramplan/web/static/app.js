@@ -61,13 +61,14 @@ const LABELS = {
   gradient_accumulation: ["gradient accumulation", "micro-batches per optimizer step"],
   lora_rank: ["LoRA rank", "size of each adapter"],
   lora_alpha: ["LoRA alpha", "scaling; does not change memory"],
+  lora_dropout: ["LoRA dropout", "above 0, each adapted layer keeps a dropout mask and a dropped copy"],
   lora_targets: ["LoRA targets", "default (peft's choice for the family), all-linear, or module names such as q_proj,v_proj"],
   trainable_layers: ["trainable layers", "how many of the last layers train (empty: a quarter)"],
 };
 const GROUPS = {
   basic: ["method", "precision", "batch_size", "seq_len", "new_tokens"],
   advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation"],
-  adapters: ["lora_rank", "lora_alpha", "lora_targets", "trainable_layers"],
+  adapters: ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_layers"],
 };
 // When an option means something (hidden options are not sent: the CLI default applies).
 const SHOWN = {
@@ -80,6 +81,7 @@ const SHOWN = {
   weights_quant: (v) => v.task === "infer" || v.method === "lora",
   lora_rank: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
   lora_alpha: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
+  lora_dropout: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
   lora_targets: (v) => v.task === "train" && (v.method === "lora" || v.method === "qlora"),
   trainable_layers: (v) => v.task === "train" && v.method === "freeze",
 };
@@ -127,6 +129,8 @@ function control(option, prefix = "opt-") {
     input = el("input", { id, name: option.name, type: "checkbox" });
   } else if (option.kind === "int" || option.kind === "optional_int") {
     input = el("input", { id, name: option.name, type: "number", min: "0", step: "1", inputMode: "numeric" });
+  } else if (option.kind === "float") {
+    input = el("input", { id, name: option.name, type: "number", min: "0", step: "0.01", inputMode: "decimal" });
   } else {
     input = el("input", { id, name: option.name, type: "text", maxLength: 200 });
   }
