@@ -327,7 +327,10 @@ class _B:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
-        return tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
+            qe.last_use = ke.last_use = len(tp.ops) - 1
+        return out
 
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""
