@@ -134,20 +134,22 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
 
 
-def _layer_groups(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[int, bool, bool, bool]]:
-    """(count, trainable, moe, sliding) groups of layers, bottom to top."""
-    L = spec.num_layers
-    first_trainable = L - states.trainable_layers if w.method is Method.FREEZE else 0
-    groups: dict[tuple[bool, bool, bool], int] = {}
-    order: list[tuple[bool, bool, bool]] = []
-    for i in range(L):
-        key = (i >= first_trainable if w.method in (Method.FREEZE,) else w.method is Method.FULL,
-               i in spec.moe_layers, i in spec.sliding_layers)
-        if key not in groups:
-            order.append(key)
-            groups[key] = 0
-        groups[key] += 1
-    return [(groups[k], *k) for k in order]
+def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool]]:
+    """(count, base weights train, moe, sliding) groups of identical layers, bottom to top; layers from
+    ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none)."""
+    counts: dict[tuple[bool, bool, bool], int] = {}  # identical layers share one replay, in first-seen order
+    for i in range(spec.num_layers):
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers)
+        counts[key] = counts.get(key, 0) + 1
+    return [(n, *key) for key, n in counts.items()]
+
+
+def _first_trainable(spec: ModelSpec, w: Workload, states: ModelStates) -> int:
+    if w.method is Method.FULL:
+        return 0
+    if w.method is Method.FREEZE:
+        return spec.num_layers - states.trainable_layers
+    return spec.num_layers  # adapters: the base weights are frozen
 
 
 def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
@@ -178,7 +180,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding in _layer_groups(spec, w, states):
+    for count, trainable, moe, sliding in _layer_groups(spec, _first_trainable(spec, w, states)):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg, grads_exist=accumulating))
@@ -291,7 +293,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding in _layer_groups(spec, w.with_(method=Method.LORA), _NO_STATES):
+    for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
@@ -319,7 +321,6 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     return phases
 
 
-_NO_STATES = ModelStates(0, 0, 0, 0, 0, 0, 0, 0, 0, ())
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .errors import WorkloadError
 from .params import ParamCounts, count_params
 from .spec import ModelSpec
-from .workload import Method, Optimizer, Precision, WeightsQuant, Workload
+from .workload import Method, Optimizer, WeightsQuant, Workload
 
 __all__ = ["ModelStates", "lora_params", "model_states", "quantized_linear_bytes"]
 
@@ -199,6 +199,3 @@ def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed:
         sizes.append(counts.lm_head)
     return sizes
 
-
-def precision_of(w: Workload) -> Precision:
-    return w.precision
