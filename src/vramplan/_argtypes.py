@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["fraction", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["fraction", "integer", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
 
 
-def _int(text: str) -> int:
-    """Integers as people type them: 2048, 2_048, 1e6."""
+def integer(text: str) -> int:
+    """Integers as people type them: 2048, 2_048, 1e6 (ranges are the caller's to check)."""
     try:
         return int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
     except ValueError:
@@ -23,14 +23,14 @@ def _float(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    value = _int(text)
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = _int(text)
+    value = integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must not be negative")
     return value

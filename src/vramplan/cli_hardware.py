@@ -130,24 +130,35 @@ def _cmd_fit_vision(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
+    w = result.estimate.workload
+    c = _fit_header(result, f"batch {w.get('batch_size')} at {result.resolution} px")
+    c.print(f"largest batch at {result.resolution} px: [bold]{result.max_batch_size:,}[/bold]")
+    c.print(f"largest resolution at batch {w.get('batch_size')}: [bold]{result.max_resolution:,}[/bold] px")
+    _print_notes(c, result.assumptions, result.warnings)
+    return 0
+
+
+def _fit_header(r: Any, shape: str) -> Any:
+    """The lines every fit report starts with: the job on the GPU, and whether it fits. Returns the console."""
     from rich.console import Console
 
     c = Console()
-    w = result.estimate.workload
-    c.print(f"[bold]{result.model}[/bold] on [bold]{result.gpu_display_name}[/bold] "
-            f"({_gib(result.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
-            f"precision={w.get('precision')}, batch {w.get('batch_size')} at {result.resolution} px")
-    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-    c.print(f"{verdict}: needs {_gib(result.total_bytes)} (peak allocated {_gib(result.peak_allocated_bytes)}); "
-            f"headroom {_gib(result.headroom_bytes)}")
-    c.print(f"largest batch at {result.resolution} px: [bold]{result.max_batch_size:,}[/bold]")
-    c.print(f"largest resolution at batch {w.get('batch_size')}: [bold]{result.max_resolution:,}[/bold] px")
+    w = r.estimate.workload
+    c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
+            f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
+            f"precision={w.get('precision')}, {shape}")
+    verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
+    c.print(f"{verdict}: needs {_gib(r.total_bytes)} (peak allocated {_gib(r.peak_allocated_bytes)}); "
+            f"headroom {_gib(r.headroom_bytes)}")
+    return c
+
+
+def _print_notes(c: Any, assumptions: tuple[str, ...], warnings: tuple[str, ...]) -> None:
     c.print("[bold]assumptions[/bold]")
-    for a in result.assumptions:
+    for a in assumptions:
         c.print(f"  - {a}")
-    for warn in result.warnings:
+    for warn in warnings:
         c.print(f"[yellow]warning:[/yellow] {warn}")
-    return 0
 
 
 def _gib(n: int) -> str:
@@ -155,16 +166,8 @@ def _gib(n: int) -> str:
 
 
 def _print_fit(r: FitResult) -> None:
-    from rich.console import Console
-
-    c = Console()
     w = r.estimate.workload
-    c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
-            f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
-            f"precision={w.get('precision')}, batch {w.get('batch_size')} x {w.get('seq_len')} tokens")
-    verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
-    c.print(f"{verdict}: needs {_gib(r.total_bytes)} (peak allocated {_gib(r.peak_allocated_bytes)}); "
-            f"headroom {_gib(r.headroom_bytes)}")
+    c = _fit_header(r, f"batch {w.get('batch_size')} x {w.get('seq_len')} tokens")
     c.print(f"largest batch at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
     limit = f" (the model was trained for {r.context_limit:,})" if r.context_limit else ""
     c.print(f"longest sequence at batch {w.get('batch_size')}: [bold]{r.max_seq_len:,}[/bold] tokens{limit}")
@@ -180,11 +183,7 @@ def _print_fit(r: FitResult) -> None:
     elif r.step_time_s is not None:
         tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (bandwidth roofline)" if r.tokens_per_s else ""
         c.print(f"prefill on this GPU: {r.step_time_s:.3f} s{tps}")
-    c.print("[bold]assumptions[/bold]")
-    for a in r.assumptions:
-        c.print(f"  - {a}")
-    for warn in r.warnings:
-        c.print(f"[yellow]warning:[/yellow] {warn}")
+    _print_notes(c, r.assumptions, r.warnings)
 
 
 # ----------------------------------------------------------------------------------------- plan

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ._argtypes import integer
 from .errors import VramplanError
 
 __all__ = ["register"]
@@ -39,13 +40,6 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a range A:B of two integers (e.g. 512:32768)") from None
 
 
-def _steps(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     s = sub.add_parser("serve", help="a local web page: pick a model and workload, see memory, charts and fits")
     s.add_argument("--host", default=DEFAULT_HOST,
@@ -58,7 +52,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     w.add_argument("--over", choices=["seq-len", "batch-size"], required=True, help="the workload field to sweep")
     w.add_argument("--range", dest="value_range", type=_range, required=True, metavar="A:B",
                    help="from A to B, both included (doubling from A unless --steps is given)")
-    w.add_argument("--steps", type=_steps, default=None, help="N values evenly spaced on a log scale")
+    w.add_argument("--steps", type=integer, default=None, help="N values evenly spaced on a log scale")
     add_workload_flags(w)
     w.add_argument("--gpu", action="append", default=[], metavar="NAME",
                    help="draw this GPU's usable memory and say where it runs out (repeatable)")

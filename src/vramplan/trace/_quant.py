@@ -39,8 +39,10 @@ class QuantLinear(nn.Linear):
         """Quantization constants held on the device (not parameters)."""
         return []
 
-    def dequantized(self) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def dequantized(self) -> torch.Tensor:
+        """The 16-bit weight temporary a kernel materializes (int8 and fp8 backward, nf4 everywhere)."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
+                           device=self.weight.device)
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -122,10 +124,6 @@ class EmulatedLinear8bit(QuantLinear):
     def constants(self) -> list[torch.Tensor]:
         return [self.scb]
 
-    def dequantized(self) -> torch.Tensor:
-        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
-                           device=self.weight.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _DequantMatmul.apply(x, self.weight, self, self.bias)
@@ -155,10 +153,6 @@ class EmulatedLinearFP8(QuantLinear):
 
     def constants(self) -> list[torch.Tensor]:
         return [self.scale]
-
-    def dequantized(self) -> torch.Tensor:
-        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
-                           device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
