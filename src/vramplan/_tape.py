@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .kinds import MemoryKind
 
-__all__ = ["Pass", "Tape", "Tensor"]
+__all__ = ["ZERO", "Moment", "Pass", "Tape", "Tensor"]
 
 _KINDS = tuple(MemoryKind)
 _NK = len(_KINDS)
@@ -56,6 +56,29 @@ class Pass:
     peak_kinds: tuple[int, ...]  # per-kind delta at that moment
     end: int  # (memory at end - start)
     end_kinds: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """Bytes in use at one moment, in total and by kind (indexed as :class:`MemoryKind`)."""
+
+    total: int
+    kinds: tuple[int, ...]
+
+    @staticmethod
+    def of(mapping: dict[MemoryKind, int]) -> Moment:
+        v = tuple(mapping.get(k, 0) for k in _KINDS)
+        return Moment(sum(v), v)
+
+    def __add__(self, other: Moment) -> Moment:
+        v = tuple(a + b for a, b in zip(self.kinds, other.kinds, strict=True))
+        return Moment(sum(v), v)
+
+    def as_dict(self) -> dict[MemoryKind, int]:
+        return {k: self.kinds[i] for i, k in enumerate(_KINDS) if self.kinds[i]}
+
+
+ZERO = Moment(0, (0,) * len(_KINDS))
 
 
 class _Op:

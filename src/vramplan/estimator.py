@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ._tape import Pass, Tape, kinds_dict
+from ._tape import Moment, Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
@@ -41,12 +41,6 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 ALLOCATOR_SLACK_FRACTION = 0.10
 
 K = MemoryKind
-
-
-@dataclass(frozen=True, slots=True)
-class _Moment:
-    total: int
-    kinds: tuple[int, ...]
 
 
 def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
@@ -78,14 +72,14 @@ class _Best:
     def __init__(self, phase: Phase, sink: _Sink | None) -> None:
         self.phase = phase
         self.sink = sink
-        self.moment: _Moment | None = None
+        self.moment: Moment | None = None
 
     def offer(self, kinds: tuple[int, ...]) -> None:
         if self.sink is not None:
             self.sink.moments.append((self.phase, kinds))
         total = sum(kinds)
         if self.moment is None or total > self.moment.total:
-            self.moment = _Moment(total, kinds)
+            self.moment = Moment(total, kinds)
 
     def peak(self) -> PhasePeak:
         assert self.moment is not None
@@ -261,7 +255,7 @@ def _neg_act(n: int) -> tuple[int, ...]:
     return _vec({K.ACTIVATIONS: -n})
 
 
-def _phase(phase: Phase, m: _Moment) -> PhasePeak:
+def _phase(phase: Phase, m: Moment) -> PhasePeak:
     return PhasePeak(phase, m.total, Breakdown.of(kinds_dict(m.kinds)))
 
 

@@ -28,10 +28,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .._tape import Tape, Tensor
+from .._tape import ZERO, Moment, Tape, Tensor
 from ..kinds import MemoryKind
 
-__all__ = ["Moment", "Net", "Numerics", "create_graph_bytes", "replay_backward", "replay_forward"]
+__all__ = ["ZERO", "Moment", "Net", "Numerics", "create_graph_bytes", "replay_backward", "replay_forward"]
 
 _KINDS = tuple(MemoryKind)
 _IDX = {k: i for i, k in enumerate(_KINDS)}
@@ -55,27 +55,6 @@ class Numerics:
     amp: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Moment:
-    """Bytes in use at one moment, in total and by kind (indexed as :class:`MemoryKind`)."""
-
-    total: int
-    kinds: tuple[int, ...]
-
-    @staticmethod
-    def of(mapping: dict[MemoryKind, int]) -> Moment:
-        v = tuple(mapping.get(k, 0) for k in _KINDS)
-        return Moment(sum(v), v)
-
-    def __add__(self, other: Moment) -> Moment:
-        v = tuple(a + b for a, b in zip(self.kinds, other.kinds, strict=True))
-        return Moment(sum(v), v)
-
-    def as_dict(self) -> dict[MemoryKind, int]:
-        return {k: self.kinds[i] for i, k in enumerate(_KINDS) if self.kinds[i]}
-
-
-ZERO = Moment(0, (0,) * len(_KINDS))
 
 
 class Net:
