@@ -192,7 +192,8 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
         time_s = steps * step_s
         cost = cost_of(gpu, time_s * gpus / _SECONDS_PER_HOUR)
         assumptions.append(f"time from the measured model FLOPs utilisation {measured_mfu:.1%} (--efficiency)")
-        return TrainingTime(gpu.name, gpus, tokens, per_step, steps, measured, time_s, steps * per_step / time_s, run_flops,
+        return TrainingTime(gpu.name, gpus, tokens, per_step, steps, measured, time_s, steps * per_step / time_s,
+                            run_flops,
                             measured_mfu, measured_mfu * work.executed_flops / work.model_flops, cost,
                             tuple(assumptions), cost.reason, "measured-mfu")
     comm_bytes = ring_allreduce_bytes(work.gradient_bytes, replicas) if comm_bytes_per_step is None \
