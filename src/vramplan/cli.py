@@ -81,6 +81,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_parallel import add_parallel_flags
 
     add_parallel_flags(e)
+    from .cli_time import add_time_flags
+
+    add_time_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
     t.add_argument("model", metavar="MODEL")
@@ -127,14 +130,22 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .cli_parallel import estimate_section, print_parallel
 
     per_gpu = estimate_section(ns)
+    from .cli_time import time_section
+
+    timing = time_section(ns, per_gpu)
     if ns.json:
-        print(json.dumps(est.to_dict() | ({"per_gpu": per_gpu} if per_gpu else {}), indent=2))
+        print(json.dumps(est.to_dict() | ({"per_gpu": per_gpu} if per_gpu else {})
+                         | ({"time": timing} if timing else {}), indent=2))
     else:
         from .render import print_estimate
 
         print_estimate(est)
         if per_gpu:
             print_parallel(per_gpu)
+        if timing:
+            from .cli_time import print_time
+
+            print_time(timing)
     return 0
 
 

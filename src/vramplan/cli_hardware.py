@@ -57,6 +57,9 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p.add_argument("--gpu", action="append", default=None, metavar="NAME",
                    help="only this GPU (repeat for several)")
     p.add_argument("--sort", choices=["cost", "time"], default="cost")
+    p.add_argument("--engine", default="transformers",
+                   choices=["transformers", "vllm", "sglang", "tensorrt-llm", "lmdeploy", "llama.cpp", "gpt-fast"],
+                   help="infer: the serving engine whose prefill/decode speed ranks the plans (as in estimate --engine)")
     p.add_argument("--tokens", type=positive_int, default=None,
                    help="tokens to train on (train/finetune) or to generate (infer)")
     p.add_argument("--epochs", type=positive_float, default=None, help="with --dataset-tokens instead of --tokens")
@@ -231,7 +234,8 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
         optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
         weights_quants=(WeightsQuant(ns.weights_quant),) if ns.weights_quant else (),
         gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
-        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top)
+        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top,
+        engine=getattr(ns, "engine", None) or "transformers")
     result = plan(spec, req, name=entry.name if entry else spec.name, gpus=_pool(ns))
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))

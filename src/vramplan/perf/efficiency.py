@@ -98,6 +98,7 @@ class EngineProfile:
     allreduce_latency_s: float  # one small tensor-parallel all-reduce
     fused_elementwise: bool  # activation/gating fused into one kernel
     source: str
+    step_s: float = 0.0  # host work per decode step outside the layers (scheduling, sampling, output processing)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -269,7 +270,8 @@ def engine_profile(name: str) -> EngineProfile:
     mode = str(e["mode"])
     kernel_s = doc["execution_modes"][mode]["kernel_s"]
     return EngineProfile(key, mode, e["kernels_per_layer"], None if kernel_s is None else float(kernel_s),
-                         float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]))
+                         float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
+                         float(e.get("step_s", 0.0)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

@@ -127,6 +127,7 @@ class StepWork:
     num_layers: int
     hidden_size: int
     activation_kernels: int = 1  # eager elementwise kernels over the MLP intermediate (activation_bytes' count)
+    weight_bytes: int = 0  # weights a forward pass reads once (prefill: bounds short prompts by bandwidth)
 
     @property
     def executed_flops(self) -> float:
@@ -345,7 +346,7 @@ def _inference_work(spec: ModelSpec, w: Workload) -> StepWork:
         layer_passes=spec.num_layers, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers),
         adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-        activation_kernels=mlp_elementwise_kernels(spec))
+        activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens))
 
 
 # ---------------------------------------------------------------------------- decode
