@@ -156,7 +156,7 @@ def test_estimate_json_has_a_time_object(capsys: pytest.CaptureFixture[str]) -> 
     rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--gpu", "h100-sxm", "--batch-size", "2", "--json")
     assert rc == 0
     t = json.loads(out)["time"]
-    assert _TIME_KEYS <= set(t)
+    assert set(t) >= _TIME_KEYS
     assert t["step_seconds"] > 0 and t["train_tokens_per_second_per_gpu"] > 0 and 0 < t["mfu"] < 1
     assert t["prefill_seconds"] is None and t["method"] == "mechanism"
     rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--task", "infer", "--gpu", "h100-sxm", "--engine", "vllm",

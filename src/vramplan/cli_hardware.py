@@ -59,7 +59,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p.add_argument("--sort", choices=["cost", "time"], default="cost")
     p.add_argument("--engine", default="transformers",
                    choices=["transformers", "vllm", "sglang", "tensorrt-llm", "lmdeploy", "llama.cpp", "gpt-fast"],
-                   help="infer: the serving engine whose prefill/decode speed ranks the plans (as in estimate --engine)")
+                   help="infer: the serving engine whose prefill/decode speed ranks the plans (as estimate --engine)")
     p.add_argument("--tokens", type=positive_int, default=None,
                    help="tokens to train on (train/finetune) or to generate (infer)")
     p.add_argument("--epochs", type=positive_float, default=None, help="with --dataset-tokens instead of --tokens")
