@@ -108,11 +108,13 @@ def _published_rows() -> Iterator[Row]:
             params = count_params(spec).total
             # FSDP FULL_SHARD per micro-batch: all-gather the bf16 parameters for forward and again for backward,
             # reduce-scatter the gradients (fp32 under llm-foundry's amp_bf16 DEFAULT mixed precision)
-            comm = w.gradient_accumulation * (2 * 2 + 4) * (n - 1) / n * params
+            pb, rb = int(r["layout"].get("param_bytes", 2)), int(r["layout"].get("reduce_bytes", 4))
+            comm = w.gradient_accumulation * (2 * pb + rb) * (n - 1) / n * params
             tokens = n * w.batch_size * w.seq_len * w.gradient_accumulation
             tt = training_time(spec, w, gpu, tokens=tokens, gpus=n, comm_bytes_per_step=comm, shard=shard)
             measured_step = tokens / (value * n)
-            yield Row(r["id"], f"train {n} GPUs FSDP ({gpu.name})", False, measured_step,
+            label = f"train {n} GPUs FSDP ({gpu.name})" if n <= 8 else f"train {n} GPUs FSDP2, torchtitan ({gpu.name})"
+            yield Row(r["id"], label, False, measured_step,
                       None if tt.time_s is None else tt.time_s / tt.steps, src)
             continue
         it = inference_time(spec, w, gpu, split=int(r["layout"].get("tp", 1)), engine=r.get("engine", "transformers"))
