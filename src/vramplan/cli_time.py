@@ -28,7 +28,8 @@ def add_time_flags(p: argparse.ArgumentParser) -> None:
     have = set(p._option_string_actions)
     g = p.add_argument_group("time (adds a time section: step time, prefill, decode speed, MFU)")
     if "--gpu" not in have:
-        g.add_argument("--gpu", default=None, metavar="NAME",
+        # dest time_gpu: the web page maps a ?gpu= link parameter to its capacity lines, not to this flag
+        g.add_argument("--gpu", dest="time_gpu", default=None, metavar="NAME",
                        help="GPU to time on: a catalog name (vramplan gpus) or custom:memory=96GiB,bf16_tflops=…,"
                             "bandwidth=…")
     if "--gpu-spec" not in have:
@@ -43,7 +44,8 @@ def add_time_flags(p: argparse.ArgumentParser) -> None:
 
 def time_section(ns: argparse.Namespace, per_gpu: dict[str, Any] | None) -> dict[str, Any] | None:
     """The ``time`` object for ``vramplan estimate``'s namespace; None without ``--gpu`` / ``--gpu-spec``."""
-    name, spec_file = getattr(ns, "gpu", None), getattr(ns, "gpu_spec", None)
+    name = getattr(ns, "time_gpu", None) or getattr(ns, "gpu", None)
+    spec_file = getattr(ns, "gpu_spec", None)
     if not name and not spec_file:
         for flag in ("engine", "efficiency"):
             if getattr(ns, flag, None) is not None and flag == "efficiency":
