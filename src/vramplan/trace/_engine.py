@@ -194,7 +194,8 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
     return mark.bytes + workspace, by_kind
 
 
-def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
+def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced",
+              image_tokens: int | None = None) -> Estimate:
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -203,12 +204,13 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable, past_key_values) are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            return _run_trace(raw, workload, name)
+            return _run_trace(raw, workload, name, routing, image_tokens)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
+def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str,
+               image_tokens: int | None) -> Estimate:
     import peft
     import transformers
 
