@@ -73,9 +73,8 @@ def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
     for k, v in d.items():
         if k in ("architectures",) or n < 2:
             continue
-        if isinstance(v, list) and len(v) == n:
-            out[k] = v
-        elif isinstance(v, str) and len(v) == n and any(w in k for w in ("pattern", "layer", "block")):
+        patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
+        if (isinstance(v, list) or patterned) and len(v) == n:
             out[k] = v
     return out
 
@@ -277,7 +276,8 @@ def summarize(data: dict[str, Any], workloads: list[str]) -> str:
     for cat, c in sorted(counts.items()):
         lines.append(f"{cat:12s}: {c['types']} types; trace answers all workloads for {c['trace_all']} "
                      f"({100 * c['trace_all'] / max(c['types'], 1):.0f}%), at least one for {c['trace_any']}; "
-                     f"estimate answers all for {c['estimate_all']} ({100 * c['estimate_all'] / max(c['types'], 1):.0f}%)")
+                     f"estimate answers all for {c['estimate_all']} "
+                     f"({100 * c['estimate_all'] / max(c['types'], 1):.0f}%)")
     if total_cmp:
         lines.append(f"estimate within +-2% of trace on {within}/{total_cmp} answered cells")
     lines.append("")

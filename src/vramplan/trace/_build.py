@@ -12,8 +12,8 @@ from torch import nn
 
 from ..errors import VramplanError
 from ..workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
-from ._resolve import hf_config, model_class
 from ._quant import AdamW8bitEmulation, Lion, QuantLinear, quantize_linears
+from ._resolve import hf_config, model_class
 
 __all__ = ["BuiltModel", "build_model", "make_optimizer", "param_dtype"]
 
