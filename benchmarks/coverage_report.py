@@ -25,9 +25,7 @@ readers get per-type answers without re-running; the printed table and summary a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import sys
 import time
 import traceback
@@ -49,10 +47,6 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_embd", "d_model", "ffn_dim", "n_inner", "moe_intermediate_size",
               "shared_expert_intermediate_size", "d_ff", "dim", "hidden_dim")
-
-
-class CellTimeout(Exception):
-    pass
 
 
 def category(model_type: str) -> str:
@@ -79,6 +73,12 @@ def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
+def _is_index_list(k: str, v: Any, n: int) -> bool:
+    """A list of layer indices (``mlp_only_layers``, ``attn_layer_indices``), as opposed to a per-layer list."""
+    return (isinstance(v, list) and bool(v) and len(v) != n and any(w in k for w in ("layer", "idx", "indices"))
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
+
+
 def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     """Cut one (text or vision) config to ``target`` layers, keeping one layer of each kind.
 
@@ -93,16 +93,17 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         return d
     n = d[key]
     per = _per_layer(d, n)
+    index_lists = {k: v for k, v in d.items() if k not in per and _is_index_list(k, v, n)}
     picked: list[int] = []
     seen: set[str] = set()
     for i in range(n):
-        sig = json.dumps([v[i] for v in per.values()])
+        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()])
         if sig not in seen:
             seen.add(sig)
             picked.append(i)
     idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
     need = len(idx)
-    if not per:
+    if not per and not index_lists:
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n:
                 continue
@@ -115,13 +116,34 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         d["first_k_dense_replace"] = 1
     for k, v in per.items():
         d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
-    for k, v in list(d.items()):
-        if (k not in per and isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                  for x in v)
-                and all(0 <= x < n for x in v) and any(w in k for w in ("layer", "idx", "indices"))):
-            d[k] = [idx.index(x) for x in v if x in idx]
+    for k, v in index_lists.items():
+        d[k] = [idx.index(x) for x in v if x in idx]
     d[key] = len(idx)
     return d
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
+LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
+
+
+def fit_positions(d: dict[str, Any]) -> dict[str, Any]:
+    """A default position table shorter than the workloads (bert's 512, gpt2's 1024) is enlarged to hold them:
+    the workloads are fixed, and a checkpoint with that many positions is what such a run would use."""
+    d = dict(d)
+    for k in POSITION_KEYS:
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 < v < LONGEST:
+            d[k] = LONGEST
+    return d
+
+
+# transformers' own default configs that cannot build, completed from the published checkpoint's config.json
+# (not tuning: without these the library itself raises before any memory is allocated).
+DEFAULT_FIXES: dict[str, dict[str, Any]] = {
+    # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
+    # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+}
 
 
 def shrink_widths(d: dict[str, Any], factor: int = 4) -> dict[str, Any]:
@@ -139,29 +161,19 @@ def default_config(model_type: str, layers: int, shrink: bool) -> dict[str, Any]
     d = CONFIG_MAPPING[model_type]().to_dict()
     for k in ("transformers_version", "dtype", "torch_dtype", "_name_or_path"):
         d.pop(k, None)
-    d = cut_layers(d, layers)
+    for key, fix in DEFAULT_FIXES.get(model_type, {}).items():
+        d[key] = {**d[key], **fix} if isinstance(d.get(key), dict) and isinstance(fix, dict) else fix
+    d = fit_positions(cut_layers(d, layers))
     for sub in ("text_config", "vision_config", "decoder_config", "global_config", "encoder_config"):
         if isinstance(d.get(sub), dict):
             d[sub] = cut_layers(d[sub], layers)
+            if sub != "vision_config":
+                d[sub] = fit_positions(d[sub])
             if shrink and sub == "text_config":
                 d[sub] = shrink_widths(d[sub])
     if shrink:
         d = shrink_widths(d)
     return d
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):  # type: ignore[no-untyped-def]
-    def raise_timeout(signum: int, frame: Any) -> None:
-        raise CellTimeout(f"timed out after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, raise_timeout)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _reason(exc: BaseException) -> str:
@@ -177,6 +189,91 @@ def _where(exc: BaseException) -> str:
     return f"{Path(tb[-1].filename).name}:{tb[-1].lineno} {tb[-1].name}" if tb else ""
 
 
+def builds(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Whether transformers builds its own (cut) default config at all, on the meta device."""
+    import torch
+
+    from vramplan.trace._resolve import hf_config, model_class
+
+    try:
+        config, _ = hf_config(cfg, model_type)
+        cls = model_class(config, model_type)
+        with torch.device("meta"):
+            cls._from_config(config)
+    except Exception as exc:
+        return {"builds": False, "build_error": _reason(exc), "build_error_at": _where(exc)}
+    return {"builds": True, "model_class": cls.__name__}
+
+
+def trace_cell(cfg: dict[str, Any], model_type: str, wname: str) -> dict[str, Any]:
+    from vramplan.api import make_workload
+    from vramplan.errors import VramplanError
+    from vramplan.trace import trace_workload
+
+    opts = dict(WORKLOADS[wname])
+    cell: dict[str, Any] = {}
+    for attempt in ("q_proj,v_proj", "all-linear", "default") if wname == "lora" else (None,):
+        if attempt is not None:
+            opts["lora_targets"] = attempt
+        try:
+            tr = trace_workload(cfg, make_workload(**opts), name=model_type)
+        except VramplanError as exc:
+            cell["trace_error"] = _reason(exc)
+            if attempt in ("q_proj,v_proj", "all-linear") and "peft cannot apply LoRA" in str(exc):
+                continue
+        except Exception as exc:
+            cell["trace_error"] = _reason(exc)
+            cell["trace_error_at"] = _where(exc)
+        else:
+            cell.pop("trace_error", None)
+            cell["trace_gib"] = tr.peak_allocated_bytes / GiB
+            cell["trace_phase"] = tr.peak_phase.value
+            cell["parameters"] = tr.parameters
+            cell["trace_notes"] = [a for a in tr.assumptions if a.startswith(("MoE", "SSM", "vision", "model class"))]
+            cell["trace_warnings"] = list(tr.warnings)
+        break
+    if wname == "lora":
+        cell["lora_targets"] = opts["lora_targets"]
+    return cell
+
+
+def in_child(fn: Any, timeout: float, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a forked child (a crash or a hang costs one cell, not the report)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            out = fn(*args)
+        except BaseException as exc:
+            out = {"trace_error": _reason(exc)}
+        send.send(out)
+        send.close()
+
+    proc = ctx.Process(target=target)
+    t0 = time.perf_counter()
+    proc.start()
+    send.close()
+    out: dict[str, Any] | None = None
+    if recv.poll(timeout):
+        try:
+            out = recv.recv()
+        except EOFError:
+            out = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if out is None:
+        why = f"timed out after {timeout:.0f} s" if time.perf_counter() - t0 >= timeout else \
+            f"child died (exit {proc.exitcode})"
+        out = {"trace_error": f"Timeout: {why}" if "timed out" in why else f"Crash: {why}"}
+    out["trace_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
 def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
     from vramplan.api import estimate, make_workload
     from vramplan.errors import VramplanError
@@ -189,37 +286,21 @@ def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
         rec["config_error"] = _reason(exc)
         return rec
     rec["layers"] = {k: cfg[k] for k in LAYER_KEYS if k in cfg}
+    if not args.no_trace:
+        rec.update(in_child(builds, args.timeout, cfg, model_type))
+        rec.pop("trace_s", None)
+        if "trace_error" in rec:
+            rec["builds"], rec["build_error"] = False, rec.pop("trace_error")
     for wname in args.workloads:
         opts = dict(WORKLOADS[wname])
         cell: dict[str, Any] = {}
-        if not args.no_trace:
-            from vramplan.trace import trace_workload
-
-            t0 = time.perf_counter()
-            for attempt in ("q_proj,v_proj", "all-linear", "default") if wname == "lora" else (None,):
-                if attempt is not None:
-                    opts["lora_targets"] = attempt
-                try:
-                    with time_limit(args.timeout):
-                        tr = trace_workload(cfg, make_workload(**opts), name=model_type)
-                except VramplanError as exc:
-                    cell["trace_error"] = _reason(exc)
-                    if attempt in ("q_proj,v_proj", "all-linear") and "peft cannot apply LoRA" in str(exc):
-                        continue
-                except (Exception, CellTimeout) as exc:
-                    cell["trace_error"] = _reason(exc)
-                    cell["trace_error_at"] = _where(exc)
-                else:
-                    cell.pop("trace_error", None)
-                    cell["trace_gib"] = tr.peak_allocated_bytes / GiB
-                    cell["trace_phase"] = tr.peak_phase.value
-                    cell["parameters"] = tr.parameters
-                    cell["trace_notes"] = [a for a in tr.assumptions if a.startswith(("MoE", "SSM", "recurrent",
-                                                                                        "vision", "model class"))]
-                break
-            cell["trace_s"] = round(time.perf_counter() - t0, 2)
-            if wname == "lora":
-                cell["lora_targets"] = opts["lora_targets"]
+        if not args.no_trace and rec.get("builds"):
+            cell = in_child(trace_cell, args.timeout, cfg, model_type, wname)
+            opts["lora_targets"] = cell.get("lora_targets", opts.get("lora_targets"))
+            if wname != "lora":
+                opts.pop("lora_targets", None)
+        elif not args.no_trace:
+            cell["trace_error"] = "transformers cannot build its default config: " + rec.get("build_error", "")
         if not args.no_estimate:
             try:
                 spec = spec_from_config(cfg, name=model_type)
