@@ -218,3 +218,11 @@ def test_plan_ranks_with_the_estimate_numbers(capsys: pytest.CaptureFixture[str]
                         engine="vllm")
     assert it.request_s is not None and p.tokens_per_s is not None
     assert p.tokens_per_s == pytest.approx(8 * 128 / it.request_s, rel=1e-6)
+
+
+def test_plan_takes_a_described_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "plan", "llama-3.2-1b", "--task", "infer", "--engine", "vllm", "--top", "5", "--json",
+                      "--gpu", "custom:memory=96GiB,bf16_tflops=148,bandwidth=4.0TB/s,price=1.5,name=h20")
+    assert rc == 0
+    plans = json.loads(out)["plans"]
+    assert plans and {p["gpu"] for p in plans} == {"h20"} and all(p["tokens_per_s"] for p in plans)

@@ -55,7 +55,8 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p.add_argument("--max-gpus", type=positive_int, default=8, help="at most this many GPUs (1, 2, 4, 8 tried)")
     p.add_argument("--gpu-class", choices=["consumer", "workstation", "datacenter", "any"], default="any")
     p.add_argument("--gpu", action="append", default=None, metavar="NAME",
-                   help="only this GPU (repeat for several)")
+                   help="only this GPU (repeat for several); custom:memory=96GiB,bf16_tflops=…,bandwidth=… describes "
+                        "one the catalog lacks")
     p.add_argument("--sort", choices=["cost", "time"], default="cost")
     p.add_argument("--engine", default="transformers",
                    choices=["transformers", "vllm", "sglang", "tensorrt-llm", "lmdeploy", "llama.cpp", "gpt-fast"],
@@ -199,8 +200,12 @@ def _pool(ns: argparse.Namespace) -> list[GPU]:
     if ns.prices:
         gpus = list(with_prices(gpus, load_price_overrides(ns.prices)))
     if ns.gpu:
-        wanted = {get_gpu(n).name for n in ns.gpu}
-        gpus = [g for g in gpus if g.name in wanted]
+        from .perf.custom import resolve_gpu
+
+        # custom:… entries describe GPUs the catalog lacks (vramplan.perf.custom); names pick catalog GPUs
+        custom = [resolve_gpu(n) for n in ns.gpu if n.strip().lower().startswith("custom:")]
+        wanted = {get_gpu(n).name for n in ns.gpu if not n.strip().lower().startswith("custom:")}
+        gpus = [g for g in gpus if g.name in wanted] + custom
     return gpus
 
 
