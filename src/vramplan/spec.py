@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .quant import Quantization
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
 
@@ -92,6 +96,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
+    quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
 
     # ---- derived sizes --------------------------------------------------------------
     @property
