@@ -23,7 +23,7 @@ __all__ = ["register"]
 
 _FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len", "new_tokens",
           "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha", "lora_targets",
-          "trainable_layers", "gradient_accumulation")
+          "trainable_layers", "gradient_accumulation", "quant_group_size", "double_quant")
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -32,6 +32,9 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
     """The base weights' storage: ``--weights-quant`` when given (every decoder linear), else the checkpoint's
     own ``quantization_config`` (``spec.quantization``), else None (16-bit)."""
     if w.base_quant is not WeightsQuant.NONE:
+        if spec.quantization is not None:
+            raise WorkloadError(f"{spec.name} is already quantized ({spec.quantization.method}, from its "
+                                "config.json); drop --weights-quant")
         return flag_quantization(w.base_quant.value, w.quant_group_size, w.uses_double_quant)
     return spec.quantization
 
@@ -158,6 +161,13 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         dense_w = other * other_elem
     else:
         dense_w = total * dense_elem
+    ckpt = spec.checkpoint
+    if ckpt is not None and ckpt.exact and w.base_quant is WeightsQuant.NONE:
+        # the checkpoint's own headers: packed weights and constants as stored, floating-point weights in the
+        # dtype the workload loads them in
+        other_elem = 4 if w.method is Method.QLORA else dense_elem
+        dense_w, quant_w, quant_c = ckpt.dense_numel * other_elem, ckpt.quantized_bytes, ckpt.constant_bytes
+        notes.append(f"weights from {ckpt.files} safetensors file(s), {ckpt.tensors} tensors (headers read)")
 
     # ---- trainable parameters
     adapters = 0

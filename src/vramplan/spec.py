@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .checkpoint import CheckpointWeights
     from .quant import Quantization
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
@@ -97,6 +98,7 @@ class ModelSpec:
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
     quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
+    checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
 
     # ---- derived sizes --------------------------------------------------------------
     @property
