@@ -181,7 +181,8 @@ def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     if "*" in pattern or "?" in pattern:
-        return any(fnmatch.fnmatchcase(name, p) for p in (pattern, "*." + pattern, pattern + ".*", "*." + pattern + ".*"))
+        globs = (pattern, "*." + pattern, pattern + ".*", "*." + pattern + ".*")
+        return any(fnmatch.fnmatchcase(name, g) for g in globs)
     return name == pattern or name.endswith("." + pattern) or f".{pattern}." in f".{name}." or \
         name.startswith(pattern + ".")
 
