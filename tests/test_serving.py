@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from vramplan.serving.llamacpp import llamacpp_memory
 from vramplan.serving.vllm import ServingConfig, serve_memory
 from vramplan.spec import ModelSpec
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gguf_writer import llama_like  # noqa: E402
+from .gguf_writer import llama_like
+
 
 GiB, MiB = 1 << 30, 1 << 20
 DATA = json.loads((Path(__file__).parent / "data" / "serving_published.json").read_text())
