@@ -19,7 +19,6 @@ from vramplan.spec import ModelSpec
 
 from .gguf_writer import llama_like
 
-
 GiB, MiB = 1 << 30, 1 << 20
 DATA = json.loads((Path(__file__).parent / "data" / "serving_published.json").read_text())
 VLLM = {c["id"]: c for c in DATA["vllm"]}
