@@ -164,3 +164,56 @@ def test_malformed_gguf_one_line_errors(tmp_path: Path, blob: bytes, message: st
     p.write_bytes(blob)
     with pytest.raises(ConfigError, match=message):
         read_gguf(p)
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from vramplan.cli import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+SERVING_KEYS = {"engine", "weights_bytes", "profile_peak_bytes", "non_torch_bytes", "cuda_graph_bytes",
+                "kv_cache_bytes", "kv_bytes_per_token", "block_size", "gpu_blocks", "max_concurrency",
+                "max_model_len_fit"}
+
+
+def test_cli_fit_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _cli(["fit", "llama-3.1-70b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "vllm", "--tp", "4",
+                       "--max-model-len", "8192", "--kv-cache-dtype", "fp8", "--json"], capsys)
+    assert rc == 0
+    d = json.loads(out)
+    assert set(d["serving"]) >= SERVING_KEYS and d["serving"]["tp"] == 4 and d["max_batch_size"] >= 0
+    assert d["serving"]["kv_bytes_per_token"] == 80 * 2 * 2 * 128 * 1
+    rc, out, _ = _cli(["fit", "qwen2.5-7b", "--gpu", "rtx-4090", "--task", "infer", "--engine", "sglang", "--json"],
+                      capsys)
+    assert rc == 0 and json.loads(out)["serving"]["engine"] == "sglang"
+
+
+def test_cli_gguf_estimate_fit_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.gguf"
+    llama_like(path, n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, ctx_train=8192)
+    rc, out, _ = _cli(["estimate", str(path), "--ctx", "2048", "--kv-cache-dtype", "q8_0", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["serving"]["type_k"] == "q8_0"
+    rc, out, _ = _cli(["fit", str(path), "--gpu", "rtx-4090", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["fits"] is True
+    rc, out, _ = _cli(["export", str(path), "--engine", "llama.cpp", "--gpu", "rtx-4090"], capsys)
+    assert rc == 0 and "-c 8192" in out  # the whole training context fits
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(3))
+    rc, _, err = _cli(["estimate", str(tmp_path / "bad.gguf")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "GGUF" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--engine", "vllm"], "--task infer"),
+    (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "vllm", "--kv-cache-dtype", "q4_0"],
+     "llama.cpp"),
+    (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "llama.cpp"], "GGUF"),
+    (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "vllm", "--engine-version", "0.4"],
+     "engine-version"),
+])
+def test_cli_serving_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1

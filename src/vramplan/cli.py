@@ -90,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_parallel import add_parallel_flags
 
     add_parallel_flags(e)
+    from .serving.cli import add_gguf_flags
+
+    add_gguf_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
     t.add_argument("model", metavar="MODEL")
@@ -119,6 +122,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .api import estimate
+    from .serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
 
     try:  # vision and diffusion models have their own estimator (vramplan.vision)
         from .vision import estimate_vision_cli, is_vision_model

@@ -248,6 +248,6 @@ def llamacpp_memory(g: GGUFFile, *, n_ctx: int | None = None, n_parallel: int = 
         "tokens (llama-graph.cpp), without gallocr's block reuse",
     ) + ((f"sliding-window layers (every layer but each {pattern}th) hold {swa_cells} cells per stream "
           "(llama-kv-cache-iswa.cpp)",) if pattern else ())
-    return LlamaCppResult(ctx, n_parallel, ub, flash_attn, type_k, type_v, min(ngl, n_layer + 1), n_layer, gpu_w,
+    return LlamaCppResult(ctx, n_parallel, ub, flash_attn, type_k, type_v, min(ngl, n_layer), n_layer, gpu_w,
                           host_w, gpu_kv, host_kv, k_b, v_b, n_ctx_seq * n_stream, per_token, gpu_compute, host_compute,
                           output_buf, assumptions)
