@@ -39,7 +39,8 @@ multimodal encoders, hybrid (Mamba) and sliding-window page sharing, V0.
 
 SGLang (``python/sglang/srt/server_args.py``: ``mem_fraction_static`` defaults 0.88/0.87/0.85/0.81/0.79 for
 TP 1/2/4/8/16; ``model_executor/model_runner.py: profile_max_num_token``): token pool = (free memory after the
-weights - memory at start x (1 - mem_fraction_static)) // (kv_heads/tp x head_dim x layers x 2 x dtype bytes).
+weights - memory at start x (1 - mem_fraction_static)) // (kv_heads/tp x head_dim x layers x 2 x dtype bytes),
+the memory at start being what is free after the CUDA context and (several GPUs) NCCL's buffers.
 """
 
 from __future__ import annotations
@@ -264,10 +265,12 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     graph = 0 if cfg.enforce_eager else _forward_peak(spec, min(2 * seqs, 512, tokens), tp, a)
     if cfg.engine == "sglang":
         frac = cfg.gpu_memory_utilization or sglang_mem_fraction(tp)
-        start = total_memory_bytes - CUDA_CONTEXT_BYTES
+        # model_runner.py measures the memory at start after torch.distributed is up: the CUDA context and, with
+        # several GPUs, NCCL's buffers are already taken
+        non_torch = CUDA_CONTEXT_BYTES + (non_torch - NON_TORCH_ONE_GPU)
+        start = total_memory_bytes - non_torch
         budget = int(start * frac) - weights
         util = frac
-        non_torch = CUDA_CONTEXT_BYTES
         profile = forward = sampler = 0
         assumptions.append(f"SGLang: token pool = {frac} x (memory free at start) - weights (mem_fraction_static "
                            f"{'given' if cfg.gpu_memory_utilization else 'default for TP ' + str(tp)}); activations, "
