@@ -33,7 +33,9 @@ vLLM, transcribed from its source (vllm-project/vllm; versions modelled: V1 engi
 * CUDA graphs — captured after the KV cache is allocated (``compile_or_warm_up_model``), so not in the budget:
   they must fit in the (1 - utilization) headroom. vramplan reports the graphs' shared memory pool (one forward
   at the largest capture size, ``max_cudagraph_capture_size`` = min(2 x max_num_seqs, 512)); the driver's
-  per-graph overhead is not modelled.
+  per-graph memory is not modelled (published logs show 6-28 MiB per captured size, 0.1-1.5 GiB in all:
+  vllm PRs 11349, 22897), so ``cuda_graph_bytes`` is a lower bound. vLLM 0.21+ profiles graph memory and
+  subtracts it (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS): outside the versions modelled.
 
 Not modelled: the FlashInfer sampler (VLLM_USE_FLASHINFER_SAMPLER=1: no sort), speculative decoding, LoRA,
 multimodal encoders, hybrid (Mamba) and sliding-window page sharing, V0.
