@@ -83,10 +83,11 @@ class ModelRef:
         return self.spec
 
 
-def resolve(model: str | ModelSpec | ModelRef, config: Mapping[str, Any] | None = None) -> ModelRef:
+def resolve(model: str | ModelSpec | ModelRef, config: Mapping[str, Any] | None = None,
+            local_files: bool = True) -> ModelRef:
     """One resolver: a :class:`ModelSpec`, an image-model name or diffusers config.json path, a language-model
     catalog name / alias / Hugging Face id or config.json path; or (``config``) an uploaded config object named
-    ``model``."""
+    ``model``. ``local_files=False``: the catalogs only, never a file."""
     if isinstance(model, ModelRef):
         return model
     if isinstance(model, ModelSpec):
@@ -96,13 +97,18 @@ def resolve(model: str | ModelSpec | ModelRef, config: Mapping[str, Any] | None 
 
         spec = spec_from_config(config, name=model)
         return ModelRef(spec.name, spec=spec)
+    from .catalog import get_model
     from .vision import find_vision_model
+    from .vision._catalog import lookup
 
-    image = find_vision_model(model)
+    image = find_vision_model(model) if local_files else lookup(model)
     if image is not None:
         return ModelRef(image.name, image=image)
-    spec, entry = resolve_model(model)
-    return ModelRef(entry.name if entry else spec.name, spec=spec, entry=entry)
+    if not local_files:
+        entry = get_model(model)
+        return ModelRef(entry.name, spec=entry.spec, entry=entry)
+    spec, found = resolve_model(model)
+    return ModelRef(found.name if found else spec.name, spec=spec, entry=found)
 
 
 def layout_of(options: Mapping[str, Any]) -> tuple[Layout, Links] | None:
@@ -127,9 +133,10 @@ def layout_of(options: Mapping[str, Any]) -> tuple[Layout, Links] | None:
 
 def image_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Workload options (the language models' names, as the CLI and web API give them) as an image model's
-    :func:`~vramplan.vision.estimate_vision` options; what an image model cannot do is an error."""
-    out: dict[str, Any] = {}
+    :func:`~vramplan.vision.estimate_vision` options; what an image model cannot do is an error. Defaults are
+    the :class:`Workload`'s (a LoRA rank of 16, as for language models)."""
     defaults = Workload.__dataclass_fields__
+    out: dict[str, Any] = {"lora_rank": defaults["lora_rank"].default}
     for key, value in options.items():
         if value is None or key in LAYOUT_OPTIONS:
             continue

@@ -479,8 +479,9 @@ def vl_convert_call(function: str, **kwargs: Any) -> bytes:
     except (OSError, subprocess.TimeoutExpired) as err:
         raise VramplanError(f"the chart renderer (vl-convert) did not run: {err}") from None
     if proc.returncode != 0:
-        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        raise VramplanError(f"the chart renderer (vl-convert's V8) failed ({last[:200]}); it needs a large virtual "
+        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()] or ["?"]
+        why = next((ln for ln in lines if "Fatal" in ln or "Error" in ln), lines[-1])
+        raise VramplanError(f"the chart renderer (vl-convert's V8) failed ({why[:160]}); it needs a large virtual "
                             "address space: check ulimit -v (64 GiB or more); the numbers are unaffected")
     return proc.stdout
 

@@ -45,19 +45,21 @@ class Query:
     model: str
     workload: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, Any] | None = None
+    local_files: bool = True  # whether ``model`` may name a local config.json (the web API: never)
 
     @classmethod
-    def of(cls, model: str, options: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Self:
+    def of(cls, model: str, options: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+           local_files: bool = True) -> Self:
         """The query for ``options`` keyed as the CLI's flags (``None`` values: the default)."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"model", "workload", "config", "layout"}
+        own = {f.name for f in dataclasses.fields(cls)} - {"model", "workload", "config", "layout", "local_files"}
         kw: dict[str, Any] = {k: v for k, v in options.items() if k in own and v is not None}
         kw["workload"] = {k: v for k, v in options.items() if k in WORKLOAD_KEYS - own and v is not None}
         if "layout" in {f.name for f in dataclasses.fields(cls)}:
             kw["layout"] = {k: v for k, v in options.items() if k in LAYOUT_OPTIONS and v is not None}
-        return cls(model=model, config=config, **kw)
+        return cls(model=model, config=config, local_files=local_files, **kw)
 
     def ref(self) -> ModelRef:
-        return resolve(self.model, self.config)
+        return resolve(self.model, self.config, local_files=self.local_files)
 
 
 def _language_only(ref: ModelRef, workload: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,7 +242,8 @@ def export(q: ExportQuery) -> Export:
         from .hardware import get_gpu
 
         gpu_bytes = get_gpu(q.gpu).usable_memory_bytes
-    return write(q.engine, ref.entry.hf_id if ref.entry is not None else q.model, spec, make_workload(**_language_only(ref, q.workload)),
+    model_id = ref.entry.hf_id if ref.entry is not None else q.model
+    return write(q.engine, model_id, spec, make_workload(**_language_only(ref, q.workload)),
                  layout[0] if layout else Layout(), gpu_memory_bytes=gpu_bytes, script=q.script)
 
 
@@ -360,7 +363,8 @@ COMMANDS: Mapping[str, tuple[type[Query], Callable[[Any], Any]]] = {
 }
 
 
-def answer(command: str, model: str, options: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> Any:
+def answer(command: str, model: str, options: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+           local_files: bool = True) -> Any:
     """Run ``command`` on ``model`` with ``options`` (keyed as the CLI's flags); its JSON object."""
     query_type, run = COMMANDS[command]
-    return run(query_type.of(model, options, config)).to_dict()
+    return run(query_type.of(model, options, config, local_files)).to_dict()
