@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from ..errors import VramplanError
 from . import hardware, measure, parallel, web
+from ._argtypes import non_negative_int
 from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
 
 __all__ = ["build_parser", "main"]
@@ -44,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
-    t.add_argument("model", metavar="MODEL")
+    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
     add_workload_flags(t)
+    t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
+                   help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
+    t.add_argument("--image-tokens", type=non_negative_int, default=None,
+                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(handler=_cmd_trace)
 
@@ -86,18 +91,19 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
 def _cmd_trace(ns: argparse.Namespace) -> int:
     from ..api import make_workload
-    from ..service import WORKLOAD_KEYS, config_of
-    from ..trace import trace_workload
+    from ..service import WORKLOAD_KEYS
+    from ..trace import load_trace_config, trace_workload
 
-    config, name = config_of(ns.model)
+    # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
+    config, name, entry_name = load_trace_config(ns.model)
     w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
-    est = trace_workload(config, w, name=name)
+    est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens)
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
         from ..render import print_estimate
 
-        print_estimate(est, title=f"trace of {name}")
+        print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
     return 0
 
 
