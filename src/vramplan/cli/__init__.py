@@ -14,9 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .._argtypes import non_negative_int
 from ..errors import VramplanError
+from ..serving.cli import add_gguf_flags
 from . import hardware, measure, parallel, web
-from ._argtypes import non_negative_int
 from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
 
 __all__ = ["build_parser", "main"]
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
     add_parallel_flags(e)
+    add_gguf_flags(e)
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .. import service
+    from ..serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
 
     est = service.estimate(service.EstimateQuery.of(ns.model, options(ns)))
     if ns.plot:  # the breakdown chart of vramplan.charts, as the web page draws it

@@ -10,8 +10,8 @@ import ipaddress
 import json
 from typing import Any
 
+from .._argtypes import integer
 from ..errors import VramplanError
-from ._argtypes import integer
 from ._flags import add_image_flags, add_workload_flags, options
 
 __all__ = ["register"]
