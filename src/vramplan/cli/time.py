@@ -49,19 +49,20 @@ def time_section(ns: argparse.Namespace, per_gpu: dict[str, Any] | None) -> dict
     if not name and not spec_file:
         for flag in ("engine", "efficiency"):
             if getattr(ns, flag, None) is not None and flag == "efficiency":
-                from .errors import VramplanError
+                from ..errors import VramplanError
 
                 raise VramplanError("--efficiency needs --gpu (or --gpu-spec): the MFU is relative to a GPU's peak")
         return None
-    from .api import make_workload
-    from .catalog import resolve_model
-    from .cli import _workload_options
-    from .perf.custom import resolve_gpu
-    from .perf.report import time_object
+    from ..api import make_workload
+    from ..catalog import resolve_model
+    from ..perf.custom import resolve_gpu
+    from ..perf.report import time_object
+    from ..workload import Workload
 
+    fields = set(Workload.__dataclass_fields__)
     gpu = resolve_gpu(name, spec_file)
     spec, _ = resolve_model(ns.model)
-    w = make_workload(**_workload_options(ns))
+    w = make_workload(**{k: v for k, v in vars(ns).items() if k in fields and v is not None})
     tp, pp = getattr(ns, "tp", None) or 1, getattr(ns, "pp", None) or 1
     gpus = getattr(ns, "gpus", None) or tp * pp
     sharded = bool(getattr(ns, "fsdp", None)) or bool(getattr(ns, "zero", None))
