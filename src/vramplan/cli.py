@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ._argtypes import non_negative_int, positive_int
+from ._argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
 from .errors import VramplanError
 
 __all__ = ["main"]
@@ -48,7 +48,7 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
     g.add_argument("--lora-rank", type=positive_int, default=16)
     g.add_argument("--lora-alpha", type=positive_int, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.0,
+    g.add_argument("--lora-dropout", type=unit_interval, default=0.0,
                    help="peft lora_dropout (default 0): above 0 each adapted layer keeps a dropout mask")
     g.add_argument("--lora-targets", default="default",
                    help="comma-separated module names, all-linear, or default (peft's choice for the family: "
@@ -94,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gpus", help="list the GPU catalog")
     g.add_argument("--json", action="store_true")
     g.add_argument("--class", dest="gpu_class", choices=["consumer", "workstation", "datacenter"])
-    g.add_argument("--min-memory-gib", type=float, default=None)
+    g.add_argument("--min-memory-gib", type=non_negative_float, default=None)
     import importlib
 
     for mod_name in _COMMAND_MODULES:
@@ -159,9 +159,14 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
 
 def _read_json(path: str) -> dict[str, Any]:
+    from ._files import read_text_limited
+    from .hfconfig import MAX_CONFIG_BYTES
+
     p = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    with open(p, encoding="utf-8") as fh:
-        data = json.load(fh)
+    try:
+        data = json.loads(read_text_limited(p, MAX_CONFIG_BYTES))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise VramplanError(f"{path}: cannot read a config.json ({exc})") from None
     if not isinstance(data, dict):
         raise VramplanError(f"{path}: not a JSON object")
     return data
@@ -221,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file the user named (-o, --plot, --csv) that cannot be written or read
+        if exc.filename is None or os.environ.get("VRAMPLAN_DEBUG"):
+            raise
+        sys.stderr.write(f"vramplan: error: cannot use {exc.filename}: {exc.strerror or exc}\n")
+        return 2
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("VRAMPLAN_DEBUG"):
             raise

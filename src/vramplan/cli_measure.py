@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._argtypes import positive_int
 from .errors import VramplanError
 
 __all__ = ["register"]
@@ -32,7 +33,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     m.add_argument("model", metavar="MODEL", help="catalog name or path to a config.json (random weights)")
     add_workload_flags(m)
     add_parallel_flags(m)
-    m.add_argument("--steps", type=int, default=3, help="training steps (the peak is usually in step 2)")
+    m.add_argument("--steps", type=positive_int, default=3, help="training steps (the peak is usually in step 2)")
     m.add_argument("--csv", metavar="OUT", help="append a row in the calibration measured.csv format")
     m.add_argument("--json", action="store_true")
     m.set_defaults(handler=_measure)

@@ -22,6 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from vramplan._files import FileTooLarge, NotAFile, read_text_limited
 from vramplan.errors import UnknownNameError, VramplanError
 
 __all__ = [
@@ -288,20 +289,26 @@ def _gpu_from_record(r: Mapping[str, Any]) -> GPU:
 # ----------------------------------------------------------------------------------------- prices
 
 PriceOverrides = Mapping[str, Mapping[str, object]]
+MAX_PRICE_FILE_BYTES = 1 << 20
 
 
 def load_price_overrides(path: str | os.PathLike[str]) -> dict[str, dict[str, object]]:
     """Read a JSON file like {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}; checks shape, not names."""
     shown = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = json.loads(read_text_limited(path, MAX_PRICE_FILE_BYTES))
+    except FileTooLarge:
+        raise PriceOverrideError(f"price file {shown!r} is too large (limit 1 MiB) for a price list") from None
+    except NotAFile as err:
+        raise PriceOverrideError(f"price file: {err}") from None
     except FileNotFoundError:
         raise PriceOverrideError(f"price file {shown!r} not found") from None
     except OSError as err:
         raise PriceOverrideError(f"cannot read price file {shown!r}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise PriceOverrideError(f"price file {shown!r} is not UTF-8 text") from None
+    except RecursionError:
+        raise PriceOverrideError(f"price file {shown!r} is nested too deeply") from None
     except json.JSONDecodeError as err:
         raise PriceOverrideError(
             f"price file {shown!r} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"

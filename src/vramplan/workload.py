@@ -103,6 +103,22 @@ class Workload:
     gradient_accumulation: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("task", "method", "precision", "weights_quant", "optimizer", "logits", "attention"):
+            value = getattr(self, name)
+            kind = type(Workload.__dataclass_fields__[name].default)
+            if not isinstance(value, kind):  # Workload(task="infer"): the enum's value, as the CLI spells it
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    choices = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+                    raise WorkloadError(f"{name} {value!r} is not one of: {choices}") from None
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise WorkloadError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if not (isinstance(self.lora_targets, tuple) and all(isinstance(t, str) for t in self.lora_targets)):
+            raise WorkloadError(f"lora_targets must be a tuple of module names, got {self.lora_targets!r}")
+        if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
+                                                  or not isinstance(self.trainable_layers, int)):
+            raise WorkloadError(f"trainable_layers must be an integer, got {self.trainable_layers!r}")
         for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
                              ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
                              ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20)):
