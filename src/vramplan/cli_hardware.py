@@ -140,9 +140,9 @@ def _cmd_fit_vision(ns: argparse.Namespace) -> int:
 
 def _fit_header(r: Any, shape: str) -> Any:
     """The lines every fit report starts with: the job on the GPU, and whether it fits. Returns the console."""
-    from rich.console import Console
+    from .render import console as _console
 
-    c = Console()
+    c = _console()
     w = r.estimate.workload
     c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
             f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
@@ -278,10 +278,10 @@ def _money(x: float | None) -> str:
 
 
 def _print_plan(r: PlanResult) -> None:
-    from rich.console import Console
+    from .render import console as _console
     from rich.table import Table
 
-    c = Console()
+    c = _console()
     if r.resolution is not None:
         c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: images of {r.resolution} px"
                 + (f", {r.global_batch} per optimizer step" if r.global_batch else ""))
@@ -292,16 +292,18 @@ def _print_plan(r: PlanResult) -> None:
     c.print(f"[dim]{r.candidates_evaluated:,} candidates evaluated in {r.elapsed_s:.2f} s; {r.feasible:,} fit; "
             f"ranked by {r.sort}[/dim]")
     if r.plans:
-        t = Table(show_edge=False)
-        for col in ("#", "GPU", "n", "layout", "method", "settings", "batch", "GiB/GPU", "time", "cost"):
-            t.add_column(col, justify="right" if col in ("#", "n", "GiB/GPU", "time", "cost") else "left",
-                         no_wrap=col != "settings")
+        t = Table(show_edge=False, pad_edge=False)
+        for col in ("#", "GPUs", "method and settings", "batch", "GiB/GPU", "time", "cost"):
+            numeric = col in ("#", "batch", "GiB/GPU", "time", "cost")  # never cut; words wrap instead
+            t.add_column(col, justify="right" if numeric and col != "batch" else "left", no_wrap=numeric,
+                         overflow="fold")
         for i, p in enumerate(r.plans, 1):
             method = p.method if p.weights_quant == "none" else f"{p.method} {p.weights_quant}"
-            settings = " ".join(x for x in (p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing else "")
-                                if x)
+            settings = " ".join(x for x in (method, p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing
+                                            else "") if x and x != "none")
+            layout = "" if p.layout == "single" else f" {p.layout}"
             batch = f"{p.micro_batch}" if p.method == "inference" else f"{p.micro_batch}x{p.gradient_accumulation}"
-            t.add_row(str(i), p.gpu, str(p.gpu_count), p.layout, method, settings, batch,
+            t.add_row(str(i), f"{p.gpu_count}x {p.gpu}{layout}", settings, batch,
                       f"{p.total_bytes / 2**30:,.1f}/{p.usable_memory_bytes / 2**30:,.0f}", _hours(p.time_hours),
                       _money(p.cost_usd))
         c.print(t)

@@ -100,7 +100,7 @@ def estimate_section(ns: argparse.Namespace) -> dict[str, Any] | None:
 
 def print_parallel(section: dict[str, Any]) -> None:
     """A short table of the ``per_gpu`` section (rich)."""
-    from rich.console import Console
+    from .render import console as _console
     from rich.table import Table
 
     from .units import format_bytes
@@ -121,7 +121,7 @@ def print_parallel(section: dict[str, Any]) -> None:
                                       f"{comm['seconds_per_step'] * 1e3:.1f} ms at peak bandwidth")
     if comm["bubble_fraction"]:
         t.add_row("pipeline bubble", f"{comm['bubble_fraction']:.1%}")
-    console = Console()
+    console = _console()
     console.print(t)
     for w in section["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")

@@ -113,12 +113,12 @@ def _sweep(ns: argparse.Namespace) -> int:
 
 
 def _print_sweep(data: dict[str, Any]) -> None:
-    from rich.console import Console
+    from .render import console as _console
     from rich.table import Table
 
     from .units import GiB
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{data['model']}: memory by {data['over']}", show_edge=False)
     table.add_column(data["over"], justify="right")
     table.add_column("peak allocated GiB", justify="right")
