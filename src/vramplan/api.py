@@ -12,7 +12,7 @@ from .errors import VramplanError, WorkloadError
 from .estimator import estimate as _estimate
 from .result import Estimate
 from .spec import ModelSpec
-from .workload import Workload
+from .workload import Task, Workload
 
 __all__ = ["estimate", "make_workload"]
 
@@ -45,6 +45,8 @@ def _coerce(key: str, value: Any) -> Any:
         if ftype is not None:
             if isinstance(value, ftype):
                 return value
+            if key == "task" and isinstance(value, str) and value.strip().lower() == "finetune":
+                return Task.TRAIN  # plan's vocabulary: fine-tuning is a training step; --method says what trains
             if isinstance(value, str) and value.strip().lower() in {m.value for m in ftype}:
                 return ftype(value.strip().lower())
             choices = ", ".join(m.value for m in ftype)

@@ -22,7 +22,23 @@ _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", 
                    "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: ``(default: 2048)``, ``(default: off)`` for switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or "default" in text.lower() \
+                or action.dest in ("help", "version", "json"):
+            return text
+        shown = "off" if action.default is False else "on" if action.default is True else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
@@ -30,32 +46,37 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
-    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full")
+    g.add_argument("--task", choices=["train", "finetune", "infer"], default="train",
+                   help="a training step (train and finetune alike: --method says what trains) or inference")
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full",
+                   help="train every weight, LoRA adapters, LoRA on 4-bit NF4 weights, or the last layers only")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
     g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
                    help="storage of the base linear weights (inference, or LoRA on a quantized base)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
-                   default="adamw")
-    g.add_argument("--batch-size", type=positive_int, default=1)
+                   default="adamw", help="torch.optim (foreach) unless named: adamw-8bit is bitsandbytes")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (per micro-batch)")
     g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
     g.add_argument("--new-tokens", type=non_negative_int, default=32, help="tokens generated after the prompt")
     g.add_argument("--logits", choices=["all", "last"], default="last",
                    help="inference: logits for every prompt token, or only the last (as generate() does)")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
-    g.add_argument("--lora-rank", type=positive_int, default=16)
-    g.add_argument("--lora-alpha", type=positive_int, default=32)
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in backward instead of keeping its activations")
+    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa",
+                   help="torch SDPA kernels, flash-attn 2, or eager (materialized scores)")
+    g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
+    g.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (no effect on memory)")
     g.add_argument("--lora-dropout", type=unit_interval, default=0.0,
-                   help="peft lora_dropout (default 0): above 0 each adapted layer keeps a dropout mask")
+                   help="peft lora_dropout: above 0 each adapted layer keeps a dropout mask")
     g.add_argument("--lora-targets", default="default",
                    help="comma-separated module names, all-linear, or default (peft's choice for the family: "
                         "q_proj,v_proj for LLaMA-style models)")
     g.add_argument("--trainable-layers", type=non_negative_int, default=None,
-                   help="--method freeze: how many of the last decoder layers train (default: a quarter)")
-    g.add_argument("--gradient-accumulation", type=positive_int, default=1)
+                   help="--method freeze: how many of the last decoder layers train (default: a quarter of them)")
+    g.add_argument("--gradient-accumulation", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
 
 
 def _workload_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -130,11 +151,12 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(est.to_dict() | ({"per_gpu": per_gpu} if per_gpu else {}), indent=2))
     else:
-        from .render import print_estimate
+        from .render import print_estimate, print_hints
 
         print_estimate(est)
         if per_gpu:
             print_parallel(per_gpu)
+        print_hints(ns.model, _workload_options(ns), est)
     return 0
 
 
@@ -216,6 +238,8 @@ _COMMAND_MODULES = ("vramplan.cli_hardware", "vramplan.cli_parallel", "vramplan.
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
+    if getattr(ns, "task", None) == "finetune" and ns.command != "plan":
+        ns.task = "train"  # one vocabulary (plan's): fine-tuning is a training step; --method says what trains
     handler = getattr(ns, "handler", None) or _COMMANDS[ns.command]
     try:
         return int(handler(ns))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._argtypes import fraction, non_negative_float, positive_float, positive_int
+from .render import note_gpu_choice
 
 if TYPE_CHECKING:
     from .fit import FitResult
@@ -111,6 +112,7 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     spec, entry = resolve_model(ns.model)
     name = entry.name if entry else spec.name
     gpu = get_gpu(ns.gpu)
+    note_gpu_choice(ns.gpu)
     w = make_workload(**{k: getattr(ns, k) for k in _FLAGS if hasattr(ns, k)})
     result = check_fit(spec, w, gpu, name=name, gpu_memory_utilization=ns.gpu_memory_utilization,
                        max_num_batched_tokens=ns.max_num_batched_tokens)
@@ -118,6 +120,12 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_fit(result)
+        if not result.fits:
+            from .hints import hints
+            from .render import console
+
+            for h in hints(spec, w, result.estimate):
+                console().print(f"[cyan]hint:[/cyan] {h.text()}")
     return 0
 
 
@@ -127,6 +135,7 @@ def _cmd_fit_vision(ns: argparse.Namespace) -> int:
     from .vision import vision_options
 
     result = check_vision_fit(ns.model, get_gpu(ns.gpu), **vision_options(ns))
+    note_gpu_choice(ns.gpu)
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -197,6 +206,7 @@ def _pool(ns: argparse.Namespace) -> list[GPU]:
         gpus = list(with_prices(gpus, load_price_overrides(ns.prices)))
     if ns.gpu:
         wanted = {get_gpu(n).name for n in ns.gpu}
+        note_gpu_choice(*ns.gpu)
         gpus = [g for g in gpus if g.name in wanted]
     return gpus
 

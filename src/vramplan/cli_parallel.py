@@ -143,6 +143,9 @@ def _cmd_export(ns: argparse.Namespace) -> int:
         from .hardware import get_gpu
 
         gpu_bytes = get_gpu(ns.gpu).usable_memory_bytes
+        from .render import note_gpu_choice
+
+        note_gpu_choice(ns.gpu)
     out = export(ns.engine, model_id, spec, workload, layout, gpu_memory_bytes=gpu_bytes, script=ns.script)
     if ns.output and ns.output != "-":
         with open(ns.output, "w", encoding="utf-8") as fh:

@@ -103,6 +103,9 @@ def _sweep(ns: argparse.Namespace) -> int:
     spec, entry = resolve_model(ns.model)
     name = entry.name if entry else spec.name
     result = run_sweep(spec, name, make_workload(**_workload_options(ns)), ns.over, values, capacities(ns.gpu))
+    from .render import note_gpu_choice
+
+    note_gpu_choice(*(ns.gpu or ()))
     if ns.plot:
         plot_sweep(result, ns.plot)
     if ns.json:

@@ -35,6 +35,7 @@ __all__ = [
     "Throughput",
     "detect_local_gpus",
     "get_gpu",
+    "gpu_choice_note",
     "list_gpus",
     "load_price_overrides",
     "with_prices",
@@ -177,6 +178,21 @@ def _resolve(name: str, index: Mapping[str, GPU]) -> GPU:
 def get_gpu(name: str) -> GPU:
     """Find a GPU by name, alias or display name ('RTX 4090', 'nvidia-h100', 'a100_80g', ...)."""
     return _resolve(name, _catalog_index())
+
+
+def gpu_choice_note(name: str) -> str | None:
+    """For a name that is short for several catalog GPUs (``a100``, ``h100``, ``v100``, ``3080``): which one
+    :func:`get_gpu` takes and the ids of the others, in one line; ``None`` when the name is unambiguous."""
+    index = _catalog_index()
+    key = _key(name)
+    chosen = index.get(key)
+    if chosen is None or key == _key(chosen.name):
+        return None  # unknown (get_gpu says so) or the GPU's own id
+    others = sorted({g.name for k, g in index.items() if k.startswith(key) and g.name != chosen.name})
+    if not others:
+        return None
+    return (f"{name!r} is taken as {chosen.display_name} ({chosen.name}, {chosen.memory_bytes / 2**30:.0f} GiB); "
+            f"for another give its id: {', '.join(others)}")
 
 
 def list_gpus(

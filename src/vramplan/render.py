@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .hardware import GPU
     from .result import Estimate
 
-__all__ = ["console", "print_estimate", "print_gpus", "print_models"]
+__all__ = ["console", "note_gpu_choice", "print_estimate", "print_hints", "print_gpus", "print_models"]
 
 _PIPE_WIDTH = 240  # lines written to a pipe or file: no table cut to a terminal's 80 columns
 
@@ -36,6 +36,18 @@ def console(*, stderr: bool = False, width: int | None = None) -> Console:
 
 def _gib(n: int) -> str:
     return f"{n / GiB:,.2f}"
+
+
+def note_gpu_choice(*names: str) -> None:
+    """One line on stderr for each GPU name that is short for several (``--gpu a100``): which one is used."""
+    import sys
+
+    from .hardware import gpu_choice_note
+
+    for name in names:
+        text = gpu_choice_note(name)
+        if text:
+            sys.stderr.write(f"vramplan: note: {text}\n")
 
 
 def print_estimate(est: Estimate, title: str | None = None, out: Console | None = None) -> None:
@@ -72,6 +84,17 @@ def print_estimate(est: Estimate, title: str | None = None, out: Console | None 
         c.print(f"  - {a}")
     for warn in est.warnings:
         c.print(f"[yellow]warning:[/yellow] {warn}")
+
+
+def print_hints(model: str, options: dict[str, object], est: Estimate, out: Console | None = None) -> None:
+    """``hint:`` lines for single switches that would lower the answer a lot (:mod:`vramplan.hints`)."""
+    from .api import make_workload
+    from .catalog import resolve_model
+    from .hints import hints
+
+    spec, _ = resolve_model(model)
+    for h in hints(spec, make_workload(**options), est):
+        (out or console()).print(f"[cyan]hint:[/cyan] {h.text()}")
 
 
 def print_models(models: Iterable[CatalogEntry], out: Console | None = None) -> None:
