@@ -288,8 +288,9 @@ def _money(x: float | None) -> str:
 
 
 def _print_plan(r: PlanResult) -> None:
-    from .render import console as _console
     from rich.table import Table
+
+    from .render import console as _console
 
     c = _console()
     if r.resolution is not None:

@@ -100,9 +100,9 @@ def estimate_section(ns: argparse.Namespace) -> dict[str, Any] | None:
 
 def print_parallel(section: dict[str, Any]) -> None:
     """A short table of the ``per_gpu`` section (rich)."""
-    from .render import console as _console
     from rich.table import Table
 
+    from .render import console as _console
     from .units import format_bytes
 
     t = Table(title=f"per GPU (most loaded: stage {section['stage']}) — {section['engine']}, "

@@ -116,9 +116,9 @@ def _sweep(ns: argparse.Namespace) -> int:
 
 
 def _print_sweep(data: dict[str, Any]) -> None:
-    from .render import console as _console
     from rich.table import Table
 
+    from .render import console as _console
     from .units import GiB
 
     console = _console()

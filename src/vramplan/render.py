@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .hardware import GPU
     from .result import Estimate
 
-__all__ = ["console", "note_gpu_choice", "print_estimate", "print_hints", "print_gpus", "print_models"]
+__all__ = ["console", "note_gpu_choice", "print_estimate", "print_gpus", "print_hints", "print_models"]
 
 _PIPE_WIDTH = 240  # lines written to a pipe or file: no table cut to a terminal's 80 columns
 
@@ -113,7 +113,8 @@ def print_gpus(gpus: Iterable[GPU], out: Console | None = None) -> None:
     """The GPU catalog; the first column is the id that ``--gpu`` takes."""
     from rich.table import Table
 
-    table = Table(show_edge=False, pad_edge=False, caption="--gpu takes the id (or an alias: 4090, H100 SXM, …); TFLOPS: dense bf16")
+    table = Table(show_edge=False, pad_edge=False,
+                  caption="--gpu takes the id (or an alias: 4090, H100 SXM, …); TFLOPS: dense bf16")
     for col, head in (("id", "id (--gpu)"), ("name", "name"), ("class", "class"), ("mem", "GiB"),
                       ("bw", "GB/s"), ("bf16", "TFLOPS"), ("price", "$/h")):
         numeric = col in ("mem", "bw", "bf16", "price")

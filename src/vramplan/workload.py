@@ -103,14 +103,16 @@ class Workload:
     gradient_accumulation: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "precision", "weights_quant", "optimizer", "logits", "attention"):
+        enums: tuple[tuple[str, type[StrEnum]], ...] = (
+            ("task", Task), ("method", Method), ("precision", Precision), ("weights_quant", WeightsQuant),
+            ("optimizer", Optimizer), ("logits", LogitsMode), ("attention", Attention))
+        for name, kind in enums:
             value = getattr(self, name)
-            kind = type(Workload.__dataclass_fields__[name].default)
             if not isinstance(value, kind):  # Workload(task="infer"): the enum's value, as the CLI spells it
                 try:
                     object.__setattr__(self, name, kind(value))
                 except ValueError:
-                    choices = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+                    choices = ", ".join(m.value for m in kind)
                     raise WorkloadError(f"{name} {value!r} is not one of: {choices}") from None
         if not isinstance(self.gradient_checkpointing, bool):
             raise WorkloadError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
