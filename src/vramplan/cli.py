@@ -170,7 +170,7 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
         config, name = entry.config_dict(), entry.name
     else:
         config, name = _read_json(ns.model), os.path.basename(os.path.dirname(os.path.abspath(ns.model)))
-    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name)
+    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name, progress=_trace_progress())
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -178,6 +178,19 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
         print_estimate(est, title="trace" if entry is None else f"trace of {entry.name}")
     return 0
+
+
+def _trace_progress() -> Any:
+    """Each step of a trace on stderr as it starts, with the seconds so far (a trace takes 5-20 s)."""
+    import time
+
+    start = time.perf_counter()
+
+    def progress(step: str) -> None:
+        sys.stderr.write(f"vramplan trace: {step}… ({time.perf_counter() - start:.1f} s)\n")
+        sys.stderr.flush()
+
+    return progress
 
 
 def _read_json(path: str) -> dict[str, Any]:

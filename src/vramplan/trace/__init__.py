@@ -25,7 +25,7 @@ kernels on the CPU dispatch keys for its duration.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import VramplanError
@@ -48,14 +48,34 @@ def trace_available() -> bool:
     return True
 
 
-def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model") -> Estimate:
-    """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping)."""
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise VramplanError(TORCH_MISSING) from None
-    from ._engine import run_trace
+_progress: Callable[[str], None] | None = None
 
-    return run_trace(config, workload, name)
+
+def report(step: str) -> None:
+    """Tell the caller's ``progress`` callback which step the trace is in (import, build, forward, …)."""
+    if _progress is not None:
+        _progress(step)
+
+
+def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model",
+                   progress: Callable[[str], None] | None = None) -> Estimate:
+    """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping).
+
+    ``progress``, when given, is called with each step as it starts: importing torch, building the model,
+    then the phases (forward, backward, optimizer step; prefill, decode) — a trace takes seconds.
+    """
+    global _progress
+    _progress = progress
+    try:
+        report("importing torch, transformers and peft")
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise VramplanError(TORCH_MISSING) from None
+        from ._engine import run_trace
+
+        return run_trace(config, workload, name)
+    finally:
+        _progress = None
