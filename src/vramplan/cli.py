@@ -144,7 +144,8 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
     if ns.plot:  # the breakdown chart of vramplan.charts, as the web page draws it
         from .charts import plot_estimate
 
-        plot_estimate(est, ns.plot)
+        written = plot_estimate(est, ns.plot)
+        sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
     from .cli_parallel import estimate_section, print_parallel
 
     per_gpu = estimate_section(ns)

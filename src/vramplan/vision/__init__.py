@@ -147,6 +147,13 @@ def vision_options(ns: argparse.Namespace) -> dict[str, Any]:
 def estimate_vision_cli(ns: argparse.Namespace) -> int:
     """``vramplan estimate NAME ...`` for image models: prints JSON (``--json``) or the table; exit status."""
     est = estimate_vision(ns.model, **vision_options(ns))
+    if getattr(ns, "plot", None):
+        import sys
+
+        from ..charts import plot_estimate
+
+        written = plot_estimate(est, ns.plot)
+        sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
     if getattr(ns, "json", False):
         print(json.dumps(est.to_dict(), indent=2))
     else:
