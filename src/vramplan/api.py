@@ -6,7 +6,7 @@ import os
 from enum import StrEnum
 from typing import Any
 
-from ._argtypes import as_bool, as_float, as_int, as_name
+from ._values import as_bool, as_float, as_int, as_name
 from .catalog import resolve_model
 from .errors import VramplanError, WorkloadError
 from .estimator import estimate as _estimate
