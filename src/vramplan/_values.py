@@ -37,7 +37,7 @@ def parse_int(text: str) -> int:
     except ValueError:
         raise ValueError(f"{text!r} is not an integer") from None
     if math.isinf(value):
-        raise ValueError(f"{text!r} is too large (at most {MAX_INT:.3g})")
+        raise ValueError(f"{text!r} is out of range (at most {MAX_INT:.3g})")
     if math.isnan(value) or value != int(value):
         raise ValueError(f"{text!r} is not an integer")
     return _bounded_int(int(value))
@@ -45,7 +45,7 @@ def parse_int(text: str) -> int:
 
 def _bounded_int(value: int) -> int:
     if abs(value) > MAX_INT:
-        raise ValueError(f"{value:.3g} is too large (at most {MAX_INT:.3g})")
+        raise ValueError(f"{value:.3g} is out of range (at most {MAX_INT:.3g})")
     return value
 
 
@@ -65,7 +65,7 @@ def _bounded_float(value: float, shown: object) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{shown!r} is not a finite number")
     if abs(value) > MAX_NUMBER:
-        raise ValueError(f"{value:.3g} is too large (at most {MAX_NUMBER:.0e})")
+        raise ValueError(f"{value:.3g} is out of range (at most {MAX_NUMBER:.0e})")
     return value
 
 
