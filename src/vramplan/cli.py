@@ -152,12 +152,15 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(est.to_dict() | ({"per_gpu": per_gpu} if per_gpu else {}), indent=2))
     else:
-        from .render import print_estimate, print_hints
+        from .render import print_estimate, print_hints, print_per_gpu_headline
 
-        print_estimate(est)
+        if per_gpu:
+            print_per_gpu_headline(est, per_gpu)
+        print_estimate(est, title=f"{est.model} on one GPU" if per_gpu else None)
         if per_gpu:
             print_parallel(per_gpu)
-        print_hints(ns.model, _workload_options(ns), est)
+        if not per_gpu:  # hints compare one-GPU totals
+            print_hints(ns.model, _workload_options(ns), est)
     return 0
 
 

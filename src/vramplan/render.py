@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .hardware import GPU
     from .result import Estimate
 
-__all__ = ["console", "note_gpu_choice", "print_estimate", "print_gpus", "print_hints", "print_models"]
+__all__ = ["console", "note_gpu_choice", "print_estimate", "print_gpus", "print_hints", "print_models",
+           "print_per_gpu_headline"]
 
 _PIPE_WIDTH = 240  # lines written to a pipe or file: no table cut to a terminal's 80 columns
 
@@ -48,6 +49,19 @@ def note_gpu_choice(*names: str) -> None:
         text = gpu_choice_note(name)
         if text:
             sys.stderr.write(f"vramplan: note: {text}\n")
+
+
+def print_per_gpu_headline(est: Estimate, section: dict[str, object], out: Console | None = None) -> None:
+    """The answer of a multi-GPU estimate first: the most loaded GPU's memory; the one-GPU table follows."""
+    c = out or console()
+    total, peak = int(str(section["total_bytes"])), int(str(section["peak_allocated_bytes"]))
+    engine = f", {section['engine']}" if section.get("engine") else ""
+    c.print(f"[bold]{est.model}[/bold] on {section.get('gpus')} GPUs{engine}: per GPU (the most loaded) "
+            f"[bold]{_gib(total)} GiB[/bold] on the GPU (nvidia-smi), peak allocated {_gib(peak)} GiB")
+    host = section.get("host_bytes")
+    if host:
+        c.print(f"host memory {_gib(int(str(host)))} GiB per node")
+    c.print(f"[dim]below: the whole job on one GPU ({_gib(est.total_bytes)} GiB), then the per-GPU detail[/dim]")
 
 
 def print_estimate(est: Estimate, title: str | None = None, out: Console | None = None) -> None:
