@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vramplan.cli import _build_parser, main
+from vramplan.cli import build_parser, main
 
 EXAMPLES = int(os.environ.get("VRAMPLAN_FUZZ_EXAMPLES", "25"))
 SLOW_S = 30.0  # a single call longer than this is a failure too: work must be bounded by arithmetic
@@ -93,7 +93,7 @@ PARSE_ONLY = {"serve", "measure", "trace"}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = _build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
 
@@ -199,7 +199,7 @@ def test_cli_command_never_crashes(command: str) -> None:
 @pytest.mark.parametrize("command", sorted(PARSE_ONLY))
 def test_cli_arguments_of_heavy_commands_parse_or_exit_2(command: str) -> None:
     """serve, measure and trace: every hostile value is refused by the parser or parsed to a sane value."""
-    parser = _build_parser()
+    parser = build_parser()
 
     @FUZZ
     @given(argv=argv_for(command))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .kinds import KIND_LABELS as _LABELS
 from .units import GiB
@@ -12,9 +12,9 @@ from .units import GiB
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .catalog import CatalogEntry
     from .hardware import GPU
     from .result import Estimate
+    from .service import ModelInfo
 
 __all__ = ["console", "note_gpu_choice", "print_estimate", "print_gpus", "print_hints", "print_models",
            "print_per_gpu_headline"]
@@ -100,26 +100,29 @@ def print_estimate(est: Estimate, title: str | None = None, out: Console | None 
         c.print(f"[yellow]warning:[/yellow] {warn}")
 
 
-def print_hints(model: str, options: dict[str, object], est: Estimate, out: Console | None = None) -> None:
-    """``hint:`` lines for single switches that would lower the answer a lot (:mod:`vramplan.hints`)."""
-    from .api import make_workload
-    from .catalog import resolve_model
+def print_hints(query: Any, est: Estimate, out: Console | None = None) -> None:
+    """``hint:`` lines for single switches that would lower the answer a lot (:mod:`vramplan.hints`);
+    ``query`` is the :class:`~vramplan.service.EstimateQuery` of ``est``. Language models only."""
+    from .api import IMAGE_OPTIONS, make_workload
     from .hints import hints
 
-    spec, _ = resolve_model(model)
-    for h in hints(spec, make_workload(**options), est):
+    ref = query.ref()
+    if ref.spec is None:
+        return
+    w = make_workload(**{k: v for k, v in query.workload.items() if k not in IMAGE_OPTIONS})
+    for h in hints(ref.spec, w, est):
         (out or console()).print(f"[cyan]hint:[/cyan] {h.text()}")
 
 
-def print_models(models: Iterable[CatalogEntry], out: Console | None = None) -> None:
+def print_models(models: Iterable[ModelInfo], out: Console | None = None) -> None:
     from rich.table import Table
 
-    table = Table(show_edge=False)
-    for col in ("name", "family", "parameters", "Hugging Face id"):
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("name", "kind", "family", "parameters", "Hugging Face id"):
         table.add_column(col, justify="right" if col == "parameters" else "left", overflow="fold",
                          no_wrap=col != "Hugging Face id")
     for m in models:
-        table.add_row(m.name, m.spec.family, f"{m.params:,}", m.hf_id)
+        table.add_row(m.name, m.kind, m.family, f"{m.parameters:,}", m.hf_id)
     (out or console()).print(table)
 
 

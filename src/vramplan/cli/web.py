@@ -10,11 +10,11 @@ import errno
 import ipaddress
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from ..errors import VramplanError
 from ._argtypes import integer
-from .errors import VramplanError
+from ._flags import add_image_flags, add_workload_flags, options
 
 __all__ = ["register"]
 
@@ -42,7 +42,7 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a range A:B of two integers (e.g. 512:32768)") from None
 
 
-def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="a local web page: pick a model and workload, see memory, charts and fits")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
@@ -56,6 +56,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
                    help="from A to B, both included (doubling from A unless --steps is given)")
     w.add_argument("--steps", type=integer, default=None, help="N values evenly spaced on a log scale")
     add_workload_flags(w)
+    add_image_flags(w)
     w.add_argument("--gpu", action="append", default=[], metavar="NAME",
                    help="draw this GPU's usable memory and say where it runs out (repeatable)")
     w.add_argument("--plot", metavar="FILE", help="write the chart: .png or .svg (needs vramplan[web])")
@@ -73,12 +74,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    import sys
-
     try:
         import uvicorn
 
-        from .web.app import create_app
+        from ..web.app import create_app
     except ImportError as exc:
         raise VramplanError(f"vramplan serve needs the web extra ({exc.name} is missing): "
                             "pip install 'vramplan[web]'") from None
@@ -113,18 +112,11 @@ def _bind(host: str, port: int) -> Any:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from .api import make_workload
-    from .catalog import resolve_model
-    from .charts import capacities, plot_sweep, run_sweep, sweep_values
-    from .cli import _workload_options
+    from ..charts import plot_sweep
+    from ..render import note_gpu_choice
+    from ..service import SweepQuery, sweep
 
-    lo, hi = ns.value_range
-    values = sweep_values(lo, hi, ns.steps)
-    spec, entry = resolve_model(ns.model)
-    name = entry.name if entry else spec.name
-    result = run_sweep(spec, name, make_workload(**_workload_options(ns)), ns.over, values, capacities(ns.gpu))
-    from .render import note_gpu_choice
-
+    result = sweep(SweepQuery.of(ns.model, options(ns)))
     note_gpu_choice(*(ns.gpu or ()))
     if ns.plot:
         written = plot_sweep(result, ns.plot)
@@ -139,8 +131,8 @@ def _sweep(ns: argparse.Namespace) -> int:
 def _print_sweep(data: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from .render import console as _console
-    from .units import GiB
+    from ..render import console as _console
+    from ..units import GiB
 
     console = _console()
     table = Table(title=f"{data['model']}: memory by {data['over']}", show_edge=False)
