@@ -104,12 +104,17 @@ def _fit_header(r: Any, shape: str) -> Any:
 
     c = _console()
     w = r.estimate.workload
-    c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
-            f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
+    per_gpu = getattr(r, "per_gpu", None)
+    where = f"{per_gpu.layout.gpus}x " if per_gpu is not None else ""
+    layout = f" ({per_gpu.engine.value})" if per_gpu is not None else ""
+    c.print(f"[bold]{r.model}[/bold] on [bold]{where}{r.gpu_display_name}[/bold]{layout} "
+            f"({_gib(r.usable_memory_bytes)} usable{' each' if per_gpu is not None else ''}): task={w.get('task')}, method={w.get('method')}, "
             f"precision={w.get('precision')}, {shape}")
     verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
-    c.print(f"{verdict}: needs {_gib(r.total_bytes)} (peak allocated {_gib(r.peak_allocated_bytes)}); "
-            f"headroom {_gib(r.headroom_bytes)}")
+    each = " on the most loaded GPU" if per_gpu is not None else ""
+    c.print(f"{verdict}: needs {_gib(r.total_bytes)}{each} (peak allocated {_gib(r.peak_allocated_bytes)}); "
+            f"headroom {_gib(r.headroom_bytes)}" + (f"; one GPU would need {_gib(r.estimate.total_bytes)}"
+                                                    if per_gpu is not None else ""))
     return c
 
 
@@ -128,7 +133,8 @@ def _gib(n: int) -> str:
 def _print_fit(r: FitResult) -> None:
     w = r.estimate.workload
     c = _fit_header(r, f"batch {w.get('batch_size')} x {w.get('seq_len')} tokens")
-    c.print(f"largest batch at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
+    unit = " per data-parallel rank" if r.per_gpu is not None else ""
+    c.print(f"largest batch{unit} at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
     limit = f" (the model was trained for {r.context_limit:,})" if r.context_limit else ""
     c.print(f"longest sequence at batch {w.get('batch_size')}: [bold]{r.max_seq_len:,}[/bold] tokens{limit}")
     if r.kv is not None:
