@@ -131,7 +131,7 @@ def print_gpus(gpus: Iterable[GPU], out: Console | None = None) -> None:
     from rich.table import Table
 
     table = Table(show_edge=False, pad_edge=False,
-                  caption="--gpu takes the id (or an alias: 4090, H100 SXM, …); TFLOPS: dense bf16")
+                  caption="--gpu takes the id, or an alias such as 4090 or \"H100 SXM\"; TFLOPS: dense bf16")
     for col, head in (("id", "id (--gpu)"), ("name", "name"), ("class", "class"), ("mem", "GiB"),
                       ("bw", "GB/s"), ("bf16", "TFLOPS"), ("price", "$/h")):
         numeric = col in ("mem", "bw", "bf16", "price")
