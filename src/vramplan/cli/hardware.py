@@ -225,5 +225,10 @@ def _print_plan(r: PlanResult) -> None:
 def _summary(p: Plan | None, reason: str | None) -> str:
     if p is None:
         return reason or "none"
-    extra = f"; {_hours(p.time_hours)}, {_money(p.cost_usd)}" + ("" if p.cost_usd is not None else " (unpriced)")
+    if p.time_hours is None and getattr(p, "resolution", None) is not None:
+        extra = "; time and cost not modelled for image models (ranked by the GPU's hourly price)"
+    elif p.time_hours is None:
+        extra = "; no time estimate"
+    else:
+        extra = f"; {_hours(p.time_hours)}, {_money(p.cost_usd)}" + ("" if p.cost_usd is not None else " (unpriced)")
     return f"{p.describe()} — {p.total_bytes / 2**30:,.1f} of {p.usable_memory_bytes / 2**30:,.1f} GiB per GPU{extra}"
