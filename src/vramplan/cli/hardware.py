@@ -108,7 +108,8 @@ def _fit_header(r: Any, shape: str) -> Any:
     where = f"{per_gpu.layout.gpus}x " if per_gpu is not None else ""
     layout = f" ({per_gpu.engine.value})" if per_gpu is not None else ""
     c.print(f"[bold]{r.model}[/bold] on [bold]{where}{r.gpu_display_name}[/bold]{layout} "
-            f"({_gib(r.usable_memory_bytes)} usable{' each' if per_gpu is not None else ''}): task={w.get('task')}, method={w.get('method')}, "
+            f"({_gib(r.usable_memory_bytes)} usable{' each' if per_gpu is not None else ''}): "
+            f"task={w.get('task')}, method={w.get('method')}, "
             f"precision={w.get('precision')}, {shape}")
     verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
     each = " on the most loaded GPU" if per_gpu is not None else ""
