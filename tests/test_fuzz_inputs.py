@@ -353,3 +353,23 @@ def test_api_named_inputs_of_issue_15(client: Any) -> None:
     r = client.post("/api/plan", content='{"model": "llama-3.1-8b", "epochs": 1e300, "dataset_tokens": 1000}',
                     headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500, r.text
+
+
+def test_a_500_keeps_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error is a JSON 500 and the server keeps answering on the same connection."""
+    pytest.importorskip("starlette")
+    if importlib.util.find_spec("httpx2") is None:
+        pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from vramplan.web import handlers
+    from vramplan.web.app import create_app
+
+    def broken() -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(handlers, "schema", broken)
+    with TestClient(create_app(), raise_server_exceptions=True) as c:  # re-raised exceptions would surface here
+        r = c.get("/api/schema")
+        assert r.status_code == 500 and "internal error" in r.json()["error"]
+        assert c.get("/api/health").status_code == 200
