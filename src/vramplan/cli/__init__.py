@@ -120,8 +120,14 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
     config, name, entry_name = load_trace_config(ns.model)
     w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
-    est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens,
-                         progress=_trace_progress())
+    progress = _trace_progress()
+    try:
+        est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens,
+                             progress=progress)
+    finally:
+        if progress is not None:  # the progress line goes; the answer (or the error) takes its place
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -132,13 +138,16 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
 
 def _trace_progress() -> Any:
-    """Each step of a trace on stderr as it starts, with the seconds so far (a trace takes 5-20 s)."""
+    """In a terminal, the step a trace is in on one stderr line, with the seconds so far (a trace takes
+    5-20 s); None when stderr is a pipe or file, which keeps one line per error there."""
     import time
 
+    if not sys.stderr.isatty():
+        return None
     start = time.perf_counter()
 
     def progress(step: str) -> None:
-        sys.stderr.write(f"vramplan trace: {step}… ({time.perf_counter() - start:.1f} s)\n")
+        sys.stderr.write(f"\r\033[Kvramplan trace: {step}… ({time.perf_counter() - start:.1f} s)")
         sys.stderr.flush()
 
     return progress
