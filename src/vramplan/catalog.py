@@ -152,8 +152,11 @@ def resolve_model(name_or_path: str) -> tuple[ModelSpec, CatalogEntry | None]:
     path = Path(name_or_path)
     with contextlib.suppress(RuntimeError):  # ~user that does not exist: keep the name as given
         path = path.expanduser()
-    if (name_or_path.lower().endswith(".json") or _exists(path, "file")
-            or (_exists(path, "dir") and _exists(path / "config.json", "file"))):
+    if _exists(path, "dir") and _exists(path / "config.json", "file"):
+        from .checkpoint import load_model_dir
+
+        return load_model_dir(path), None  # config.json + the safetensors headers beside it
+    if name_or_path.lower().endswith(".json") or _exists(path, "file"):
         return load_config_file(path), None
     if _exists(path, "dir") and name_or_path.strip().lower() not in _load()[1]:
         return load_config_file(path), None  # a directory without config.json: say so

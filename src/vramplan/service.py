@@ -11,6 +11,7 @@ command by name and returns its JSON object (what the web app's worker processes
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -33,9 +34,23 @@ if TYPE_CHECKING:
     from .planner import PlanResult
 
 __all__ = ["COMMANDS", "EstimateQuery", "ExportQuery", "FitQuery", "MeasureQuery", "Measured", "ModelInfo", "PlanQuery",
-           "Query", "SweepQuery", "answer", "estimate", "export", "fit", "gpus", "measure", "models", "plan", "sweep"]
+           "Query", "ServedFit", "SweepQuery", "answer", "estimate", "export", "fit", "gpus", "measure", "models",
+           "plan", "sweep"]
 
 WORKLOAD_KEYS = frozenset(Workload.__dataclass_fields__) | frozenset(IMAGE_OPTIONS)
+# A serving engine's settings (``fit --engine``, ``export --engine vllm|sglang|llama.cpp``; vramplan.serving).
+_SERVING_DEFAULTS: Mapping[str, Any] = {
+    "engine": None, "tp": 1, "pp": 1, "max_model_len": None, "max_num_seqs": None, "kv_cache_dtype": "auto",
+    "enforce_eager": False, "engine_version": None, "ctx": None, "parallel": 1, "n_gpu_layers": None, "ubatch": 512,
+    "no_flash_attn": False, "kv_unified": False}
+SERVING_OPTIONS = frozenset(_SERVING_DEFAULTS)
+
+
+def _serving_args(q: Any, **extra: Any) -> argparse.Namespace:
+    """The serving settings of a query as :mod:`vramplan.serving.cli` reads them."""
+    return argparse.Namespace(**{**_SERVING_DEFAULTS, **q.serving, "model": q.model, "gpu": q.gpu,
+                                 "gpu_memory_utilization": q.gpu_memory_utilization,
+                                 "max_num_batched_tokens": q.max_num_batched_tokens, **extra})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +66,13 @@ class Query:
     def of(cls, model: str, options: Mapping[str, Any], config: Mapping[str, Any] | None = None,
            local_files: bool = True) -> Self:
         """The query for ``options`` keyed as the CLI's flags (``None`` values: the default)."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"model", "workload", "config", "layout", "local_files"}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        own = fields - {"model", "workload", "config", "layout", "serving", "local_files"}
         kw: dict[str, Any] = {k: v for k, v in options.items() if k in own and v is not None}
         kw["workload"] = {k: v for k, v in options.items() if k in WORKLOAD_KEYS - own and v is not None}
-        if "layout" in {f.name for f in dataclasses.fields(cls)}:
-            kw["layout"] = {k: v for k, v in options.items() if k in LAYOUT_OPTIONS and v is not None}
+        for group, keys in (("layout", LAYOUT_OPTIONS), ("serving", SERVING_OPTIONS)):
+            if group in fields:
+                kw[group] = {k: v for k, v in options.items() if k in keys and k not in own and v is not None}
         return cls(model=model, config=config, local_files=local_files, **kw)
 
     def ref(self) -> ModelRef:
@@ -88,26 +105,60 @@ def estimate(q: EstimateQuery) -> Estimate:
 @dataclass(frozen=True, slots=True)
 class FitQuery(Query):
     gpu: str = ""
-    gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float | None = None  # None: 0.9 (vLLM's default)
+    max_num_batched_tokens: int | None = None  # None: 8192
+    serving: Mapping[str, Any] = field(default_factory=dict)  # --engine and its settings: adds ``serving``
     layout: Mapping[str, Any] = field(default_factory=dict)  # gpus, fsdp, zero, …: fit the most loaded GPU
 
 
-def fit(q: FitQuery) -> FitResult | VisionFitResult:
-    """``vramplan fit``: fits?, headroom, largest batch and sequence (resolution for image models), KV budget."""
+@dataclass(frozen=True, slots=True)
+class ServedFit:
+    """``fit --engine``: the fit of the workload (None for a GGUF file) and the serving engine's memory."""
+
+    model: str
+    gpu: str
+    fit: FitResult | None
+    serving: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.fit is None:
+            return {"model": self.model, "gpu": self.gpu, "fits": self.serving["fits"], "serving": dict(self.serving)}
+        return self.fit.to_dict() | {"serving": dict(self.serving)}
+
+
+def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
+    """``vramplan fit``: fits?, headroom, largest batch and sequence (resolution for image models), KV budget;
+    with ``serving["engine"]``, the serving engine's own memory model."""
     from .fit import check_fit, check_vision_fit
     from .hardware import get_gpu
+    from .serving.cli import is_gguf, serving_section
 
-    ref, gpu = q.ref(), get_gpu(q.gpu)
+    gpu, engine = get_gpu(q.gpu), q.serving.get("engine")
+    if is_gguf(q.model) or engine == "llama.cpp":
+        if not is_gguf(q.model) or engine not in (None, "llama.cpp") or not q.local_files:
+            raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
+        return ServedFit(q.model, gpu.name, None, serving_section(_serving_args(q, engine="llama.cpp"), None, gpu,
+                                                                  None, None))
+    ref = q.ref()
     layout = layout_of(q.layout)
+    if layout is not None and (engine or ref.image is not None):
+        raise WorkloadError("fit with several GPUs (--gpus, --fsdp, …) is modelled for language models without "
+                            "--engine; use vramplan estimate for the layout")
     if ref.image is not None:
-        if layout is not None:
-            raise WorkloadError(f"multi-GPU layouts are modelled for language models; {ref.name} is an image model")
+        if engine:
+            raise WorkloadError(f"--engine {engine} serves language models; {ref.name} is an image model")
         return check_vision_fit(q.model, gpu, **image_options(q.workload))
     w = make_workload(**_language_only(ref, q.workload))
-    return check_fit(ref.language_spec("fit"), w, gpu, name=ref.name, gpu_memory_utilization=q.gpu_memory_utilization,
-                     max_num_batched_tokens=q.max_num_batched_tokens,
-                     layout=layout[0] if layout else None, links=layout[1] if layout else None)
+    if engine and w.is_train:
+        raise WorkloadError(f"--engine {engine} serves a model: add --task infer")
+    spec = ref.language_spec("fit")
+    util = q.gpu_memory_utilization if q.gpu_memory_utilization is not None else 0.9
+    result = check_fit(spec, w, gpu, name=ref.name, gpu_memory_utilization=util,
+                       max_num_batched_tokens=q.max_num_batched_tokens or 8192,
+                       layout=layout[0] if layout else None, links=layout[1] if layout else None)
+    if not engine:
+        return result
+    return ServedFit(ref.name, gpu.name, result, serving_section(_serving_args(q), spec, gpu, w, result.total_bytes))
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -230,26 +281,47 @@ def sweep(q: SweepQuery) -> Sweep:
 class ExportQuery(Query):
     engine: str = "torchrun"
     layout: Mapping[str, Any] = field(default_factory=dict)
-    gpu: str | None = None  # vllm: the GPU that sizes --gpu-memory-utilization
+    gpu: str | None = None  # vllm/sglang/llama.cpp: the GPU that sizes the context and concurrency
     script: str = "train.py"
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    serving: Mapping[str, Any] = field(default_factory=dict)  # vllm/sglang/llama.cpp settings
 
 
 def export(q: ExportQuery) -> Export:
     """``vramplan export``: the engine config (DeepSpeed, accelerate FSDP) or launch command for a layout."""
+    from .export import Export
     from .export import export as write
     from .parallel import Layout
+    from .serving.cli import export_gguf, is_gguf
 
+    if is_gguf(q.model) or q.engine == "llama.cpp":
+        if not is_gguf(q.model) or q.engine != "llama.cpp" or not q.local_files:
+            raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
+        text, command = export_gguf(_serving_args(q))
+        return Export(q.engine, text, command, "serve.sh")  # type: ignore[arg-type]
     ref = q.ref()
     spec = ref.language_spec("export")
-    layout = layout_of(q.layout)
-    gpu_bytes = None
+    found = layout_of(q.layout)
+    layout = found[0] if found else Layout()
+    gpu_bytes, gpu_name = None, ""
     if q.gpu:
         from .hardware import get_gpu
 
-        gpu_bytes = get_gpu(q.gpu).usable_memory_bytes
+        gpu = get_gpu(q.gpu)
+        gpu_bytes, gpu_name = gpu.usable_memory_bytes, gpu.name
+    serving = None
+    if q.engine in ("vllm", "sglang"):
+        from .serving.vllm import ServingConfig
+
+        a = _serving_args(q)
+        serving = ServingConfig(engine=q.engine, tp=layout.tp, pp=layout.pp, max_model_len=a.max_model_len,
+                                gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                                max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_dtype=a.kv_cache_dtype,
+                                enforce_eager=a.enforce_eager, engine_version=a.engine_version)
     model_id = ref.entry.hf_id if ref.entry is not None else q.model
-    return write(q.engine, model_id, spec, make_workload(**_language_only(ref, q.workload)),
-                 layout[0] if layout else Layout(), gpu_memory_bytes=gpu_bytes, script=q.script)
+    return write(q.engine, model_id, spec, make_workload(**_language_only(ref, q.workload)), layout,
+                 gpu_memory_bytes=gpu_bytes, script=q.script, serving=serving, gpu_name=gpu_name)
 
 
 # ----------------------------------------------------------------------------------------- measure

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .._argtypes import non_negative_float, non_negative_int
 from ..errors import VramplanError
+from ..serving.cli import add_gguf_flags
 from . import hardware, measure, parallel, web
-from ._argtypes import non_negative_float, non_negative_int
 from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
 
 __all__ = ["build_parser", "main"]
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
     add_parallel_flags(e)
+    add_gguf_flags(e)
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .. import service
+    from ..serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
 
     query = service.EstimateQuery.of(ns.model, options(ns))
     est = service.estimate(query)

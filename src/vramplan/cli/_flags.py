@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._argtypes import non_negative_int, positive_int, unit_interval
+from .._argtypes import non_negative_int, positive_int, unit_interval
 
 __all__ = ["add_image_flags", "add_parallel_flags", "add_workload_flags", "options"]
 
@@ -27,8 +27,16 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
-    g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
-                   help="storage of the base linear weights (inference, or LoRA on a quantized base)")
+    from ..workload import WeightsQuant
+
+    g.add_argument("--weights-quant", choices=[q.value for q in WeightsQuant], default="none",
+                   help="storage of the base linear weights (inference, or LoRA on a quantized base); a "
+                        "checkpoint's own quantization_config is read from its config.json")
+    g.add_argument("--quant-group-size", type=positive_int, default=None,
+                   help="gptq/awq/w4a16/hqq/torchao: weights per scale (default: the format's, 128 or 64)")
+    g.add_argument("--double-quant", action="store_true", default=None,
+                   help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
+                        "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
                    default="adamw", help="torch.optim (foreach) unless named: adamw-8bit is bitsandbytes")
     g.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (per micro-batch)")

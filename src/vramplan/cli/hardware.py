@@ -11,7 +11,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from ._argtypes import fraction, non_negative_float, positive_float, positive_int
+from .._argtypes import fraction, non_negative_float, positive_float, positive_int
+from ..serving.cli import add_serving_flags
 from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
 
 if TYPE_CHECKING:
@@ -27,10 +28,13 @@ def register(sub: Any) -> None:
     f.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
     f.add_argument("--gpu", required=True, help="GPU name (vramplan gpus lists them)")
     add_workload_flags(f)
-    f.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
-                   help="inference: share of GPU memory a vLLM-style server reserves (default 0.9)")
-    f.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
-                   help="inference: tokens of the profiling forward that sizes the KV budget (default 8192)")
+    f.add_argument("--gpu-memory-utilization", type=fraction, default=None,
+                   help="inference: share of GPU memory a vLLM-style server reserves (default 0.9; SGLang: "
+                        "mem_fraction_static)")
+    f.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                   help="inference: tokens of the profiling forward that sizes the KV budget (default 8192; with "
+                        "--engine vllm: vLLM's default for the GPU)")
+    add_serving_flags(f)
     add_image_flags(f)
     add_parallel_flags(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
@@ -72,13 +76,18 @@ def register(sub: Any) -> None:
 def _cmd_fit(ns: argparse.Namespace) -> int:
     from ..fit import VisionFitResult
     from ..render import note_gpu_choice
-    from ..service import FitQuery, fit
+    from ..service import FitQuery, ServedFit, fit
+    from ..serving.cli import print_serving
 
     query = FitQuery.of(ns.model, options(ns))
     result = fit(query)
     note_gpu_choice(ns.gpu)
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
+    elif isinstance(result, ServedFit):
+        if result.fit is not None:
+            _print_fit(result.fit)
+        print_serving(dict(result.serving))
     elif isinstance(result, VisionFitResult):
         _print_vision_fit(result)
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VramplanError
-from ._argtypes import positive_int
+from .._argtypes import positive_int
 from ._flags import add_parallel_flags, add_workload_flags, options
 
 __all__ = ["register"]

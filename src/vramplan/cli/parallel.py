@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..serving.cli import add_export_serving_flags
 from ._flags import add_parallel_flags, add_workload_flags, options
 
 __all__ = ["print_parallel", "register"]
@@ -65,10 +66,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help="write the engine config / launch command for a workload and layout "
                                       "(DeepSpeed JSON, accelerate FSDP YAML, torchrun, vllm serve)")
     p.add_argument("model", metavar="MODEL", help="catalog name, HF id, or path to a config.json")
-    p.add_argument("--engine", required=True, choices=["deepspeed", "fsdp", "torchrun", "vllm"])
+    p.add_argument("--engine", required=True, choices=["deepspeed", "fsdp", "torchrun", "vllm", "sglang", "llama.cpp"])
     p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
-    p.add_argument("--gpu", default=None, help="vllm: the GPU (vramplan gpus), to size --gpu-memory-utilization")
+    p.add_argument("--gpu", default=None,
+                   help="vllm/sglang/llama.cpp: the GPU (vramplan gpus): the context and concurrency that fit it")
     p.add_argument("--script", default="train.py", help="training script the launch command runs")
     add_workload_flags(p)
     add_parallel_flags(p)
+    add_export_serving_flags(p)
     p.set_defaults(handler=_cmd_export)

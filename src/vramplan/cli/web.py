@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any
 
+from .._argtypes import integer
 from ..errors import VramplanError
-from ._argtypes import integer
 from ._flags import add_image_flags, add_workload_flags, options
 
 __all__ = ["register"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._values import parse_float, parse_int
+from ._values import parse_float, parse_int
 
 __all__ = ["fraction", "integer", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
            "unit_interval"]
