@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from ._values import as_int
 from .api import IMAGE_OPTIONS, LAYOUT_OPTIONS, ModelRef, image_options, layout_of, make_workload, resolve
 from .api import estimate as _estimate
 from .errors import VramplanError, WorkloadError
@@ -140,7 +141,12 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
         return ServedFit(q.model, gpu.name, None, serving_section(_serving_args(q, engine="llama.cpp"), None, gpu,
                                                                   None, None))
     ref = q.ref()
-    layout = layout_of(q.layout)
+    # fit's --tp/--pp size a serving engine (--engine); its training layout is data-parallel, ZeRO or FSDP
+    training_layout = {k: v for k, v in q.layout.items() if k not in ("tp", "pp")}
+    layout = layout_of(training_layout) if training_layout else None
+    if layout is not None and any(as_int(k, q.layout.get(k) or 1) > 1 for k in ("tp", "pp")):
+        raise WorkloadError("fit with --gpus and --tp/--pp: tensor and pipeline layouts are answered by vramplan "
+                            "estimate --gpus N --tp …; fit's --tp/--pp size a serving engine (--engine)")
     if layout is not None and (engine or ref.image is not None):
         raise WorkloadError("fit with several GPUs (--gpus, --fsdp, …) is modelled for language models without "
                             "--engine; use vramplan estimate for the layout")

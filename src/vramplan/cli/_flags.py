@@ -68,9 +68,10 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
                         help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
 
 
-def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``."""
-    g = parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)")
+def add_parallel_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``.
+    ``skip``: flags the command already has with another meaning (fit's --tp/--pp size a serving engine)."""
+    g = _Skipping(parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)"), skip)
     g.add_argument("--gpus", type=positive_int, default=None, help="GPUs in total (= tp x pp x data-parallel)")
     g.add_argument("--nodes", type=positive_int, default=None, help="machines the GPUs are spread over")
     g.add_argument("--zero", type=non_negative_int, choices=[0, 1, 2, 3], default=None,
@@ -90,3 +91,14 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                    help="split norm/dropout activations over the tensor-parallel group (needs --tp > 1)")
     g.add_argument("--intra-node-link", default=None, help="GPU link inside a node (default nvlink-4)")
     g.add_argument("--inter-node-link", default=None, help="network between nodes (default ib-ndr)")
+
+
+class _Skipping:
+    """An argument group that leaves out the flags named in ``skip``."""
+
+    def __init__(self, group: Any, skip: tuple[str, ...]) -> None:
+        self.group, self.skip = group, {f"--{name}" for name in skip}
+
+    def add_argument(self, *names: str, **kwargs: Any) -> None:
+        if not self.skip.intersection(names):
+            self.group.add_argument(*names, **kwargs)

@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
                         "--engine vllm: vLLM's default for the GPU)")
     add_serving_flags(f)
     add_image_flags(f)
-    add_parallel_flags(f)
+    add_parallel_flags(f, skip=("tp", "pp"))  # --tp/--pp are the serving engine's here
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_cmd_fit)
 

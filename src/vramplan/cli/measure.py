@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import VramplanError
 from .._argtypes import positive_int
+from ..errors import VramplanError
 from ._flags import add_parallel_flags, add_workload_flags, options
 
 __all__ = ["register"]
