@@ -58,6 +58,7 @@ class LayerPlan:
     sliding: bool = False
     moe: bool = False
     lora_dropout: float = 0.0
+    rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
@@ -226,6 +227,20 @@ class _B:
                              save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
                              rg=xin.rg or trainable)
             return out
+        if spec.norm is NormKind.COHERE_LAYERNORM:
+            # CohereLayerNorm (modeling_cohere2.py): x.to(fp32); mean; (x - mean).pow(2).mean; (x - mean) * rsqrt;
+            # weight.to(fp32) * that; .to(input dtype)
+            x32 = self.cast(x, 4)
+            mean = self.tp.op(rows, 4, (x32,))
+            d1 = self.tp.op(x.numel, 4, (x32, mean))
+            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else ())
+            var = self.tp.op(rows, 4, (sq,))
+            rs = self.ew(var, save_out=True)
+            d2 = self.tp.op(x.numel, 4, (x32, mean))
+            n32 = self.mul(d2, rs)
+            out = self.tp.op(x.numel, 4, (n32,), save=(n32,) if trainable else (), params=pg,
+                             rg=n32.rg or trainable)
+            return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         x32 = self.cast(x, 4)
         sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
@@ -247,19 +262,46 @@ class _B:
     # ---- attention ----------------------------------------------------------------------------
     def rope(self, x: Tensor) -> Tensor:
         """``x * cos + rotate_half(x) * sin`` over the rotary part (cos/sin do not require grad)."""
-        frac = self.spec.rotary_fraction
-        if self.spec.position is not PositionKind.ROPE or frac <= 0:
+        spec = self.spec
+        frac = spec.rotary_fraction
+        if spec.position is not PositionKind.ROPE or frac <= 0 or (self.plan is not None and not self.plan.rope):
             return x
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
-        # cos/sin come in the hidden states' dtype (fp32 under autocast), and mul promotes
+        style = spec.rope_style
+        # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
-        a = self.tp.op(part.numel, elem, (part,))  # x * cos
-        half = self.tp.op(part.numel // 2, x.elem, (part,))  # -x2
-        rot = self.tp.op(part.numel, x.elem, (half, part))  # cat
-        b = self.tp.op(part.numel, elem, (rot,))  # * sin
+        src = part
+        if style in ("fp32", "interleave_fp32"):
+            elem = 4
+            if style == "fp32":  # q.float() first (modeling_cohere2.py)
+                src = self.cast(part, 4)
+        if style in ("interleave", "interleave_fp32"):
+            # cos[..., :half].repeat_interleave(2, -1) and the same for sin (modeling_glm4.py / modeling_ernie4_5.py):
+            # (batch, 1, seq, rotary) copies, made for q's and k's call alike
+            cs_elem = 4 if style == "interleave_fp32" or self.num.amp else self.num.act
+            rot_numel = self.b * self.s * int(spec.head_dim * frac)
+            cos = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            sin = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            ins: tuple[Tensor, ...] = (cos, sin)
+        else:
+            ins = ()
+        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+            a32 = self.cast(src, 4)
+            a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
+            half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, x.elem, (half, src))  # cat
+            r32 = self.cast(rot, 4)
+            b = self.tp.op(part.numel, 4, (r32, *ins[1:]))
+        else:
+            a = self.tp.op(part.numel, elem, (src, *ins[:1]))  # x * cos
+            half = self.tp.op(part.numel // 2, src.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, src.elem, (half, src))  # cat
+            b = self.tp.op(part.numel, elem, (rot, *ins[1:]))  # * sin
         out = self.add(a, b)
+        if style in ("fp32", "interleave_fp32"):
+            out = self.cast(out, x.elem)  # .to(original dtype)
         if frac < 1:
-            out = self.tp.op(x.numel, x.elem, (out, x))  # cat with the pass-through part
+            out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
@@ -375,8 +417,8 @@ class _B:
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm:
-            q = self.norm(q, d, tr)
-            k = self.norm(k, d, tr)
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
         q = self.rope(q)
         k = self.rope(k)
         if not self.num.training:
@@ -495,6 +537,10 @@ class _B:
             out = self.add(out, so)
         return out
 
+    def residual(self, x: Tensor) -> Tensor:
+        """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
+        return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
+
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
         plan = self.plan
@@ -506,17 +552,22 @@ class _B:
             a = self.self_attention(n1)
             m = self.mlp(n2)
             y = self.add(self.add(m, a), x)
+        elif not spec.pre_norm:  # OLMo 2 / EXAONE 4: h = x + norm(attn(x)); y = h + norm(mlp(h))
+            a = self.norm(self.self_attention(x), spec.hidden_size, tr)
+            hmid = self.add(x, a)
+            m = self.norm(self.mlp(hmid), spec.hidden_size, tr)
+            y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
             a = self.self_attention(n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, a)
+            hmid = self.add(x, self.residual(a))
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.mlp(n2)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, m)
+            y = self.add(hmid, self.residual(m))
         self.tp.keep(y)
         return y
 
@@ -597,6 +648,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:
             tp.save_output(logits)
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+    if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.family == "gptj":
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)

@@ -97,11 +97,12 @@ def numerics(w: Workload) -> Numerics:
     return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp)
 
 
-def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool) -> LayerPlan:
+def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
+          rope: bool = True) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe,
-                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0)
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +129,12 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool]]:
-    """(count, base weights train, moe, sliding) groups of identical layers, bottom to top; layers from
+def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool, bool]]:
+    """(count, base weights train, moe, sliding, rope) groups of identical layers, bottom to top; layers from
     ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none)."""
-    counts: dict[tuple[bool, bool, bool], int] = {}  # identical layers share one replay, in first-seen order
+    counts: dict[tuple[bool, bool, bool, bool], int] = {}  # identical layers share one replay, first-seen order
     for i in range(spec.num_layers):
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers)
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers)
         counts[key] = counts.get(key, 0) + 1
     return [(n, *key) for key, n in counts.items()]
 
@@ -174,9 +175,9 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding in _layer_groups(spec, _first_trainable(spec, w, states)):
+    for count, trainable, moe, sliding, rope in _layer_groups(spec, _first_trainable(spec, w, states)):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding)
+        plan = _plan(spec, w, trainable, rg, moe, sliding, rope)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg, grads_exist=accumulating))
     ht = Tape(True)
     if head:
@@ -287,8 +288,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
+    for count, _tr, moe, sliding, rope in _layer_groups(spec, spec.num_layers):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
@@ -402,7 +403,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         assumptions.append(f"inference: prefill {w.seq_len} tokens, logits for "
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
-    warnings = []
+    warnings = list(spec.notes)
     if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "

@@ -110,7 +110,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts
     norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
     if spec.qk_norm:
-        norm += 2 * spec.head_dim
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 

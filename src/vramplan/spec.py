@@ -18,6 +18,7 @@ class NormKind(StrEnum):
     RMSNORM = "rmsnorm"  # LlamaRMSNorm: upcasts to fp32, scales by weight
     GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
+    COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
 
 
 class MLPKind(StrEnum):
@@ -69,6 +70,13 @@ class ModelSpec:
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
     norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+    qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
+    pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
+    rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
+    # first: ERNIE 4.5, Cohere), interleave_fp32 (both)
+    nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
+    residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
+    logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
@@ -92,6 +100,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
+    notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
 
     # ---- derived sizes --------------------------------------------------------------
     @property
