@@ -9,6 +9,7 @@ for saving follow PyTorch's ``derivatives.yaml``; the kernel choices follow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -537,6 +538,13 @@ class _B:
             out = self.add(out, so)
         return out
 
+    def call(self, module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``module(x)``: the caller's ``hidden_states`` keeps ``x`` referenced until the module returns."""
+        y = module(x)
+        root = x.base if x.base is not None else x
+        root.last_use = max(root.last_use, len(self.tp.ops) - 1)
+        return y
+
     def residual(self, x: Tensor) -> Tensor:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
@@ -549,22 +557,22 @@ class _B:
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
-            a = self.self_attention(n1)
-            m = self.mlp(n2)
+            a = self.call(self.self_attention, n1)
+            m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
         elif not spec.pre_norm:  # OLMo 2 / EXAONE 4: h = x + norm(attn(x)); y = h + norm(mlp(h))
-            a = self.norm(self.self_attention(x), spec.hidden_size, tr)
+            a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
             hmid = self.add(x, a)
-            m = self.norm(self.mlp(hmid), spec.hidden_size, tr)
+            m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
-            a = self.self_attention(n1)
+            a = self.call(self.self_attention, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
             hmid = self.add(x, self.residual(a))
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.mlp(n2)
+            m = self.call(self.mlp, n2)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
