@@ -261,7 +261,7 @@ class _B:
         return out
 
     # ---- attention ----------------------------------------------------------------------------
-    def rope(self, x: Tensor) -> Tensor:
+    def rope(self, x: Tensor, out_elem: int | None = None) -> Tensor:
         """``x * cos + rotate_half(x) * sin`` over the rotary part (cos/sin do not require grad)."""
         spec = self.spec
         frac = spec.rotary_fraction
@@ -276,11 +276,13 @@ class _B:
             elem = 4
             if style == "fp32":  # q.float() first (modeling_cohere2.py)
                 src = self.cast(part, 4)
+                if out_elem is None:
+                    out_elem = x.elem
         if style in ("interleave", "interleave_fp32"):
             # cos[..., :half].repeat_interleave(2, -1) and the same for sin (modeling_glm4.py / modeling_ernie4_5.py):
             # (batch, 1, seq, rotary) copies, made for q's and k's call alike
             cs_elem = 4 if style == "interleave_fp32" or self.num.amp else self.num.act
-            rot_numel = self.b * self.s * int(spec.head_dim * frac)
+            rot_numel = self.s * int(spec.head_dim * frac)  # position_ids (1, seq): no batch dimension
             cos = self.tp.op(rot_numel, cs_elem, (), rg=False)
             sin = self.tp.op(rot_numel, cs_elem, (), rg=False)
             ins: tuple[Tensor, ...] = (cos, sin)
@@ -300,10 +302,23 @@ class _B:
             b = self.tp.op(part.numel, elem, (rot, *ins[1:]))  # * sin
         out = self.add(a, b)
         if style in ("fp32", "interleave_fp32"):
-            out = self.cast(out, x.elem)  # .to(original dtype)
+            out = self.cast(out, out_elem or x.elem)  # .to(original dtype)
         if frac < 1:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
+
+    def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
+        input and fp32 copy stays referenced until it returns (modeling_cohere2.py)."""
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        qe = self.rope(q32, out_elem=4)
+        ke = self.rope(k32, out_elem=4)
+        end = len(self.tp.ops) - 1
+        qe, ke = self.cast(qe, q.elem), self.cast(ke, k.elem)  # return q_embed.to(dtype), k_embed.to(dtype)
+        for t in (q, k, q32, k32):
+            root = t.base if t.base is not None else t
+            root.last_use = max(root.last_use, end)
+        return qe, ke
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output."""
@@ -420,8 +435,11 @@ class _B:
         if spec.qk_norm:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
             k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
-        q = self.rope(q)
-        k = self.rope(k)
+        if spec.rope_style == "fp32" and plan.rope:
+            q, k = self.rope_fp32_pair(q, k)
+        else:
+            q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
+            k = self.call(self.rope, k)
         if not self.num.training:
             # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
             # holds copies of the post-RoPE keys and the values, in their own storage
