@@ -517,27 +517,47 @@ class _B:
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
     def moe(self, n: Tensor) -> Tensor:
-        """Sparse MoE block: router softmax/top-k, tokens gathered per expert, weighted scatter-add."""
+        """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
+        integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
+        (token, expert) pair sorted by expert and gathered into one (T*k, hidden) batch, two grouped GEMMs,
+        the routing weights applied, the pairs put back in token order and summed over k."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
+        pairs = t * k
         tr = plan.trainable
+        act = n.elem
+        # router: logits, softmax(dtype=float32) (saves its result), topk (saves the indices)
         logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
-        probs = tp.op(t * e, 4, (logits,))  # softmax in fp32
+        probs = tp.op(t * e, 4, (logits,))
         if probs.rg:
             tp.save_output(probs)
-        w = tp.op(t * k, 4, (probs,))  # top-k weights (gather saves indices)
-        w = self.cast(w, n.elem)
-        routed = t * k
-        xin = tp.op(routed * h, n.elem, (n,))  # hidden_states[token_idx] gathered per expert
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+        idx = tp.op(pairs, 8, (probs,), rg=False)
+        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        w = self.cast(w, act)
+        # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
+        eid = tp.op(pairs, 8, (idx,), rg=False)
+        perm = tp.op(pairs, 8, (idx,), rg=False)
+        tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
+        xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
+        wg = tp.op(pairs, act, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
+        hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
+        offs = tp.op(2 * e, 4, (hist,), rg=False)
+        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
+                         quant=plan.quant, count=e)
+        a = self.activation(tp.view(gu, pairs * i))
+        p = self.mul(a, tp.view(gu, pairs * i))
+        dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
-        a = self.activation(tp.view(gu, routed * i))
-        p = self.mul(a, tp.view(gu, routed * i))
-        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
-        wd = self.mul(dn, w)
-        out = tp.op(t * h, n.elem, (wd,))  # index_add_ into a zeros (T, h) buffer
+        wd = self.mul(dn, wg)
+        inv = tp.op(pairs, 8, (perm,), rg=False)  # inv_perm[perm] = arange(...)
+        back = tp.op(pairs * h, act, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
+        out = tp.op(t * h, act, (back,))  # .view(T, k, h).sum(dim=1)
+        # the function's locals (the gathered states, sort results, offsets, the down projection's output)
+        # stay referenced until it returns
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
+            x.last_use = max(x.last_use, len(tp.ops) - 1)
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
             def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:

@@ -93,6 +93,7 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
     router_bias: bool = False
+    expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None
