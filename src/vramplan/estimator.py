@@ -20,6 +20,7 @@ from functools import lru_cache
 from ._tape import Moment, Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
+from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
@@ -387,7 +388,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
     assumptions = [
-        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, transformers 5.x, one GPU)",
+        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
+        f"{spec.family} program follows transformers {spec.program_version}"
+        + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
@@ -404,6 +407,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
     warnings = list(spec.notes)
+    stale = version_warning(spec)
+    if stale:
+        warnings.append(stale)
     if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "

@@ -12,13 +12,16 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 
-__all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "load_config_file", "spec_from_config"]
+__all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "installed_transformers", "load_config_file",
+           "spec_from_config", "version_warning"]
 
 MAX_CONFIG_BYTES = 4 << 20  # a real config.json is a few KiB; refuse anything absurd
 _MAX_DIM = 1 << 22  # 4M: above any real hidden/vocab/intermediate size
@@ -172,6 +175,7 @@ class _Facts:
     moe: str = ""  # "mixtral" | "qwen" (reader of the MoE fields)
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
+    version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -194,21 +198,21 @@ _FAMILIES: dict[str, _Facts] = {
     "internlm3": _Facts(aliases=(("qkv_bias", "attention_bias"), ("bias", "mlp_bias"))),
     "iquestcoder": _Facts(),
     # 2025 LLaMA-class families
-    "olmo2": _Facts(layout="post", qk_norm="full"),
-    "olmo3": _Facts(layout="post", qk_norm="full", sliding="types", sliding_every=4),
-    "smollm3": _Facts(tie=True, nope="no_rope_layers", sliding="qwen"),
-    "granite": _Facts(multipliers=True),
-    "glm4": _Facts(bias_default=True, o_bias=False, layout="sandwich", gate_up_fused=True, rope="interleave",
-                   partial_rotary=True),
-    "ernie4_5": _Facts(tie=True, bias_key="use_bias", mlp_bias_key="use_bias", rope="interleave",
+    "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
+    "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
+    "granite": _Facts(version="5.24", multipliers=True),
+    "glm4": _Facts(version="5.24", bias_default=True, o_bias=False, layout="sandwich", gate_up_fused=True,
+                   rope="interleave", partial_rotary=True),
+    "ernie4_5": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias", rope="interleave",
                        rope_interleave_fp32=True),
-    "exaone4": _Facts(layout="post", qk_norm="head", nope="global", sliding="types", sliding_every=4,
+    "exaone4": _Facts(version="5.24", layout="post", qk_norm="head", nope="global", sliding="types", sliding_every=4,
                       sliding_pattern_key="sliding_window_pattern"),
-    "cohere2": _Facts(tie=True, parallel=True, norm=NormKind.LAYERNORM, rope="fp32", nope="global",
-                      sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
+    "cohere2": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
+                      nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
-    "helium": _Facts(),
-    "seed_oss": _Facts(o_bias=False),
+    "helium": _Facts(version="5.24"),
+    "seed_oss": _Facts(version="5.24", o_bias=False),
 }
 # the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
 # in ``architectures`` under a model_type this reader does not know
@@ -275,7 +279,7 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     if f.aliases:
         raw = dict(c.raw)
         for key, canonical in f.aliases:
-            if key in raw and canonical not in raw:
+            if key in raw:  # transformers sets the canonical attribute from its alias
                 raw[canonical] = raw.pop(key)
         c = _Cfg(raw, c.where)
     hidden = c.int_("hidden_size")
@@ -342,6 +346,7 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
         shared_expert_intermediate_size=shared_inter, shared_expert_gate=bool(shared_inter),
         moe_layers=moe_layers, sliding_window=window, sliding_layers=sliding,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        program_version=f.version,
     )
 
 
@@ -483,8 +488,28 @@ _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
 }
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_READERS))
-# The transformers release whose modeling code the hand-written block programs follow.
+# The transformers release whose modeling code the hand-written block programs follow (per family: ModelSpec
+# .program_version; families added later were written from, and checked against, a newer release).
 PROGRAMS_TRANSFORMERS_VERSION = "5.17"
+
+
+@lru_cache(maxsize=1)
+def installed_transformers() -> str | None:
+    """The installed transformers version (package metadata only: nothing is imported), or None."""
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def version_warning(spec: ModelSpec) -> str | None:
+    """A warning when the installed transformers is not the release the spec's program models."""
+    have = installed_transformers()
+    want = spec.program_version
+    if have is None or have.split(".")[:2] == want.split(".")[:2]:
+        return None
+    return (f"the {spec.family} memory program follows transformers {want}; transformers {have} is installed and "
+            "may allocate differently: `vramplan trace` runs the installed code")
 _SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
 
@@ -552,17 +577,19 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     """Build a spec from a parsed config mapping. Raises :class:`ConfigError` on anything unreadable."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: a config.json must hold a JSON object, not {type(raw).__name__}")
-    raw = _special_floats(raw)
-    raw, notes = _text_tower(raw, name)
-    family = _resolve(raw, name)
+    cfg: Mapping[str, Any] = _special_floats(raw)
+    cfg, notes = _text_tower(cfg, name)
+    family = _resolve(cfg, name)
     reader = _READERS[family]
     try:
-        spec = reader(_Cfg(raw, name), family)
+        spec = reader(_Cfg(cfg, name), family)
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:
         raise ConfigError(f"{name}: cannot read the config ({exc}); check its fields") from None
-    return replace(spec, notes=notes) if notes else spec
+    if notes:
+        spec = replace(spec, notes=notes)
+    return spec
 
 
 def load_config_file(path: str | Path) -> ModelSpec:

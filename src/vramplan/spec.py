@@ -101,6 +101,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
+    program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
 
     # ---- derived sizes --------------------------------------------------------------
