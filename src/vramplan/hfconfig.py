@@ -544,9 +544,9 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
             if isinstance(arch, str) and arch in _CLASSES:
                 return _CLASSES[arch]
     if isinstance(raw.get("auto_map"), Mapping):
-        raise ConfigError(f"{name}: model_type {model_type!r} needs the model's own code (auto_map); vramplan never "
-                          "runs code from a config: use a config of a transformers architecture")
-    raise ConfigError(f"{name}: model_type {model_type!r} has no memory program in vramplan estimate (it models "
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported: it needs the model's own code "
+                          "(auto_map), and vramplan never runs code from a config; use a transformers architecture")
+    raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
 
