@@ -65,12 +65,12 @@ class LayerPlan:
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
     """The kernel torch's scaled_dot_product_attention picks on an sm80+ GPU (torch 2.5–2.11).
 
-    Flash: fp16/bf16, head_dim <= 256 and a multiple of 8, no explicit mask, equal heads or
+    Flash: fp16/bf16, head_dim <= 256 (padded to a multiple of 8 inside), no explicit mask, equal heads or
     ``enable_gqa``. Memory-efficient: any float dtype, masks allowed, equal heads only. Otherwise
     the math path, which materializes the (batch, heads, q, k) scores (sdp_utils.cpp).
     """
     d = spec.head_dim
-    if elem == 2 and d <= 256 and d % 8 == 0 and not has_mask and (heads_match or enable_gqa):
+    if elem == 2 and d <= 256 and not has_mask and (heads_match or enable_gqa):
         return Kernel.FLASH
     if heads_match and d % (8 if elem == 2 else 4) == 0:
         return Kernel.EFFICIENT
@@ -516,6 +516,33 @@ class _B:
             return out
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
+    def router(self, n: Tensor, t: int, e: int, k: int, tr: bool) -> tuple[Tensor, Tensor]:
+        """Top-k routing: (expert indices, routing weights) of every token.
+
+        softmax routers (Mixtral, Qwen, Granite): logits, ``softmax(dtype=float32)`` (saves its result),
+        ``topk`` (saves the indices). fp32 routers (DeepSeek-V3, GLM-4.5, ERNIE 4.5) first copy the hidden
+        states to fp32 and keep an fp32 weight; sigmoid routers add the score-correction bias and mask the
+        groups not chosen before the top-k, then gather the weights from the scores.
+        """
+        spec, tp = self.spec, self.tp
+        h = spec.hidden_size
+        pairs = t * k
+        x = self.cast(n, 4) if spec.router_fp32 else n
+        logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
+                             weight_elem=4 if spec.router_fp32 else None)
+        probs = tp.op(t * e, 4, (logits,))
+        if probs.rg:
+            tp.save_output(probs)
+        if spec.router_sigmoid:
+            choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
+            masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
+            idx = tp.op(pairs, 8, (masked,), rg=False)
+        else:
+            idx = tp.op(pairs, 8, (probs,), rg=False)
+        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # sigmoid routers return fp32 weights (the weighted expert outputs are then fp32 until the final cast)
+        return idx, w if spec.router_sigmoid else self.cast(w, n.elem)
+
     def moe(self, n: Tensor) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
         integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
@@ -528,20 +555,13 @@ class _B:
         pairs = t * k
         tr = plan.trainable
         act = n.elem
-        # router: logits, softmax(dtype=float32) (saves its result), topk (saves the indices)
-        logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
-        probs = tp.op(t * e, 4, (logits,))
-        if probs.rg:
-            tp.save_output(probs)
-        idx = tp.op(pairs, 8, (probs,), rg=False)
-        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        w = self.cast(w, act)
+        idx, w = self.router(n, t, e, k, tr)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
         tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
         xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
-        wg = tp.op(pairs, act, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
+        wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
         hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
         offs = tp.op(2 * e, 4, (hist,), rg=False)
         gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
@@ -552,12 +572,13 @@ class _B:
                          count=e)
         wd = self.mul(dn, wg)
         inv = tp.op(pairs, 8, (perm,), rg=False)  # inv_perm[perm] = arange(...)
-        back = tp.op(pairs * h, act, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
-        out = tp.op(t * h, act, (back,))  # .view(T, k, h).sum(dim=1)
+        back = tp.op(pairs * h, wd.elem, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
+        out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
         # the function's locals (the gathered states, sort results, offsets, the down projection's output)
         # stay referenced until it returns
         for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
+        out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
             def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
@@ -569,10 +590,11 @@ class _B:
             sa = self.activation(sg)
             sp = self.mul(sa, su)
             so = shared(sp, si, h, "shared_down_proj")
-            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
-                               lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
-            gs = self.ew(gate, save_out=True)
-            so = self.mul(so, gs)
+            if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+                gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
+                                   lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
+                gs = self.ew(gate, save_out=True)
+                so = self.mul(so, gs)
             out = self.add(out, so)
         return out
 

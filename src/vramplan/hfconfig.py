@@ -112,12 +112,12 @@ class _Cfg:
         return list(v)
 
 
-def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None) -> int:
+def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None, floor: bool = False) -> int:
     if kv > heads or heads % kv:
         raise ConfigError(f"{c.where}: num_attention_heads ({heads}) must be a multiple of the key/value "
                           f"heads ({kv})")
     if head_dim is None:
-        if hidden % heads:
+        if hidden % heads and not floor:
             raise ConfigError(f"{c.where}: hidden_size ({hidden}) is not divisible by num_attention_heads "
                               f"({heads}); set head_dim")
         head_dim = hidden // heads
@@ -159,6 +159,7 @@ class _Facts:
     layout: str = "pre"  # pre: norm -> sublayer; post: sublayer -> norm (OLMo 2); sandwich: both (Gemma 2)
     parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
+    qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
     gate_up_fused: bool = False
     qkv_fused: bool = False
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
@@ -183,6 +184,12 @@ _FAMILIES: dict[str, _Facts] = {
     "mistral": _Facts(sliding="all"),
     "ministral": _Facts(sliding="types"),
     "mixtral": _Facts(sliding="all", moe="mixtral"),
+    "granitemoe": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
+    "granitemoeshared": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
+    "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
+                       moe="deepseek"),
+    "ernie4_5_moe": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias",
+                           rope="interleave", rope_interleave_fp32=True, moe="ernie"),
     "qwen2": _Facts(qkv_bias=True, o_bias=False, sliding="qwen"),
     "qwen2_moe": _Facts(qkv_bias=True, o_bias=False, sliding="qwen", moe="qwen"),
     "qwen3": _Facts(qk_norm="head", sliding="qwen"),
@@ -223,7 +230,8 @@ _CLASSES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
-    "Cohere2ForCausalLM": "cohere2", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+    "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "GraniteMoeSharedForCausalLM": "granitemoeshared", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
 }
@@ -272,6 +280,51 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
     return ()
 
 
+def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
+    """The MoE fields of a spec, read the way each family's config names them (empty: a dense model)."""
+    if not f.moe:
+        return {}
+    out: dict[str, Any] = {}
+    if f.moe in ("mixtral", "granitemoe", "phimoe"):
+        out = {"num_experts": c.int_("num_local_experts", default=8), "experts_per_token":
+               c.int_("num_experts_per_tok", default=2), "moe_intermediate_size": c.int_("intermediate_size"),
+               "moe_layers": tuple(range(layers))}
+        if f.moe == "granitemoe" and c.raw.get("shared_intermediate_size"):
+            out["shared_expert_intermediate_size"] = c.int_("shared_intermediate_size", lo=0)
+    elif f.moe == "qwen":
+        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
+        dense_only = set(c.int_list("mlp_only_layers"))
+        out = {"num_experts": c.int_("num_experts", default=60 if family == "qwen2_moe" else 128),
+               "experts_per_token": c.int_("num_experts_per_tok", default=4 if family == "qwen2_moe" else 8),
+               "moe_intermediate_size": c.int_("moe_intermediate_size"),
+               "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)}
+        if family == "qwen2_moe":
+            si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
+            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si)}
+    elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
+        inter = c.int_("moe_intermediate_size")
+        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
+        out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if i >= first_dense and i % every == 0),
+               "router_fp32": True, "router_sigmoid": True}
+    elif f.moe == "ernie":
+        inter = c.int_("moe_intermediate_size")
+        start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
+        end = c.int_("moe_layer_end_index", default=layers - 1, lo=-1, hi=_MAX_LAYERS)
+        every = c.int_("moe_layer_interval", default=1, hi=_MAX_LAYERS)
+        if end < 0:
+            end = layers - 1
+        out = {"num_experts": c.int_("moe_num_experts", default=64), "experts_per_token": c.int_("moe_k", default=6),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=0, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end),
+               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64)}
+    return out
+
+
 def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     """LLaMA and its descendants (the families of :data:`_FAMILIES`): one decoder layer of attention and a
     gated MLP, differing in the facts each family's modeling file fixes."""
@@ -286,7 +339,8 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
-    head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"))
+    # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
+    head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"), floor=True)
     vocab = c.int_("vocab_size")
     gemma = f.gemma
     tie = c.bool_("tie_word_embeddings", default=f.tie)
@@ -299,28 +353,12 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     o_bias = bias_flag and f.o_bias
     window, sliding = _sliding(c, f, layers)
 
-    num_experts = 0
-    top_k = 0
-    moe_inter = 0
-    shared_inter = 0
-    moe_layers: tuple[int, ...] = ()
-    if f.moe == "mixtral":
-        num_experts = c.int_("num_local_experts", default=8)
-        top_k = c.int_("num_experts_per_tok", default=2)
-        moe_inter = c.int_("intermediate_size")
-        moe_layers = tuple(range(layers))
-    elif f.moe == "qwen":
-        num_experts = c.int_("num_experts", default=60 if family == "qwen2_moe" else 128)
-        top_k = c.int_("num_experts_per_tok", default=4 if family == "qwen2_moe" else 8)
-        moe_inter = c.int_("moe_intermediate_size")
-        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
-        dense_only = set(c.int_list("mlp_only_layers"))
-        moe_layers = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-        if family == "qwen2_moe":
-            shared_inter = c.int_("shared_expert_intermediate_size", default=0, lo=0)
+    moe = _moe(c, f, family, layers)
+    num_experts, top_k = moe.get("num_experts", 0), moe.get("experts_per_token", 0)
     if num_experts and top_k > num_experts:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds the number of experts "
                           f"({num_experts})")
+    moe_inter = moe.get("moe_intermediate_size", 0)
     inter = c.int_("intermediate_size", default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
     return ModelSpec(
@@ -334,7 +372,8 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
         norms_per_layer=4 if f.layout == "sandwich" else 1 if f.parallel else 2,
         pre_norm=f.layout != "post", parallel_residual=f.parallel,
-        qk_norm=bool(f.qk_norm), qk_norm_full=f.qk_norm == "full",
+        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
+        qk_norm_full=f.qk_norm == "full",
         rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
@@ -342,9 +381,7 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
         logit_scale=f.multipliers or logit_scale is not None,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        num_experts=num_experts, experts_per_token=top_k, moe_intermediate_size=moe_inter,
-        shared_expert_intermediate_size=shared_inter, shared_expert_gate=bool(shared_inter),
-        moe_layers=moe_layers, sliding_window=window, sliding_layers=sliding,
+        **moe, sliding_window=window, sliding_layers=sliding,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )

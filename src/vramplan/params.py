@@ -108,6 +108,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:
         bias += spec.num_experts
+    if moe:
+        bias += spec.moe_extra_params
     norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
     if spec.qk_norm:
         norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim

@@ -93,6 +93,9 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
     router_bias: bool = False
+    router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
+    router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
+    moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
