@@ -19,7 +19,8 @@ __all__ = ["main"]
 
 _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
                    "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
-                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation")
+                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation", "quant_group_size",
+                   "double_quant")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +36,16 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
-    g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
-                   help="storage of the base linear weights (inference, or LoRA on a quantized base)")
+    from .workload import WeightsQuant
+
+    g.add_argument("--weights-quant", choices=[q.value for q in WeightsQuant], default="none",
+                   help="storage of the base linear weights (inference, or LoRA on a quantized base); a "
+                        "checkpoint's own quantization_config is read from its config.json")
+    g.add_argument("--quant-group-size", type=positive_int, default=None,
+                   help="gptq/awq/w4a16/hqq/torchao: weights per scale (default: the format's, 128 or 64)")
+    g.add_argument("--double-quant", action="store_true", default=None,
+                   help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
+                        "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
                    default="adamw")
     g.add_argument("--batch-size", type=positive_int, default=1)
@@ -81,10 +90,17 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_parallel import add_parallel_flags
 
     add_parallel_flags(e)
+    from .serving.cli import add_gguf_flags
+
+    add_gguf_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
-    t.add_argument("model", metavar="MODEL")
+    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
     _add_workload_flags(t)
+    t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
+                   help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
+    t.add_argument("--image-tokens", type=non_negative_int, default=None,
+                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="list the built-in model catalog")
@@ -110,6 +126,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .api import estimate
+    from .serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
 
     try:  # vision and diffusion models have their own estimator (vramplan.vision)
         from .vision import estimate_vision_cli, is_vision_model
@@ -140,31 +160,19 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
 def _cmd_trace(ns: argparse.Namespace) -> int:
     from .api import make_workload
-    from .catalog import resolve_model
-    from .trace import trace_workload
+    from .trace import load_trace_config, trace_workload
 
-    _, entry = resolve_model(ns.model)
-    if entry is not None:
-        config, name = entry.config_dict(), entry.name
-    else:
-        config, name = _read_json(ns.model), os.path.basename(os.path.dirname(os.path.abspath(ns.model)))
-    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name)
+    # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
+    config, name, entry_name = load_trace_config(ns.model)
+    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name, routing=ns.routing,
+                         image_tokens=ns.image_tokens)
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
         from .render import print_estimate
 
-        print_estimate(est, title="trace" if entry is None else f"trace of {entry.name}")
+        print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
     return 0
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    p = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    with open(p, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict):
-        raise VramplanError(f"{path}: not a JSON object")
-    return data
 
 
 def _cmd_models(ns: argparse.Namespace) -> int:

@@ -614,7 +614,10 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     """Build a spec from a parsed config mapping. Raises :class:`ConfigError` on anything unreadable."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: a config.json must hold a JSON object, not {type(raw).__name__}")
+    from .quant import quantization_from_config
+
     cfg: Mapping[str, Any] = _special_floats(raw)
+    quantization = quantization_from_config(cfg, name)
     cfg, notes = _text_tower(cfg, name)
     family = _resolve(cfg, name)
     reader = _READERS[family]
@@ -624,6 +627,8 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         raise
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:
         raise ConfigError(f"{name}: cannot read the config ({exc}); check its fields") from None
+    if quantization is not None:
+        spec = replace(spec, quantization=quantization)
     if notes:
         spec = replace(spec, notes=notes)
     return spec

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointWeights
+    from .quant import Quantization
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
 
@@ -104,6 +109,8 @@ class ModelSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
+    quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
+    checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
 
