@@ -231,7 +231,8 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "GraniteMoeSharedForCausalLM": "granitemoeshared", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
 }
