@@ -407,6 +407,8 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        if spec.kv_lora_rank:
+            return self.mla(n)
         has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
@@ -459,6 +461,56 @@ class _B:
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
         o = lin(out, qd, h, oname, spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def mla(self, n: Tensor) -> Tensor:
+        """Multi-head latent attention (modeling_deepseek_v3.py, transformers 5.24): q through its low-rank
+        pair, one compressed key/value latent plus a shared rotary key (what the cache stores), expanded to
+        every head by kv_b_proj; q/k heads of nope + rope dims, values of v_head_dim."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, nh, qk, rd, vd = spec.hidden_size, spec.num_heads, spec.head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        qr, kvr = spec.q_lora_rank, spec.kv_lora_rank
+        b, s, tr, quant = self.b, self.s, plan.trainable, plan.quant
+        nope = qk - rd
+
+        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        if qr:
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+        else:
+            q = lin(n, h, nh * qk, "q_proj", False)
+        ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
+        latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+        # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
+            latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
+            k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
+            tp.keep(latent, k_rot)
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
+        key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
+        value = tp.view(kvb, b * self.kv_len * nh * vd)
+        kernel = self.kernel_for(False)
+        if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
+            kernel = Kernel.EFFICIENT
+        if kernel is Kernel.EFFICIENT:
+            rg = query.rg or key.rg or value.rg
+            lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
+            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
+                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            if rg:
+                tp.save_output(out)
+                tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
+        else:
+            out = self.attention_core(query, key, value, kernel, nh)
+            out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def mlp(self, n: Tensor) -> Tensor:

@@ -265,9 +265,8 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
-    heads = spec.num_kv_heads
     elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
-    return 2 * b * length * heads * spec.head_dim * elem
+    return b * length * spec.kv_cache_per_token * elem
 
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,

@@ -176,6 +176,7 @@ class _Facts:
     moe: str = ""  # "mixtral" | "qwen" (reader of the MoE fields)
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
+    mla: bool = False  # multi-head latent attention (DeepSeek-V3)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -188,6 +189,7 @@ _FAMILIES: dict[str, _Facts] = {
     "granitemoeshared": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
     "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
                        moe="deepseek"),
+    "deepseek_v3": _Facts(version="5.24", moe="deepseek", mla=True),
     "ernie4_5_moe": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias",
                            rope="interleave", rope_interleave_fp32=True, moe="ernie"),
     "qwen2": _Facts(qkv_bias=True, o_bias=False, sliding="qwen"),
@@ -231,7 +233,8 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
@@ -340,8 +343,16 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
-    # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
-    head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"), floor=True)
+    mla: dict[str, Any] = {}
+    if f.mla:
+        rope_dim = c.int_("qk_rope_head_dim", default=64)
+        head_dim = c.int_("qk_nope_head_dim", default=128) + rope_dim
+        mla = {"q_lora_rank": c.int_("q_lora_rank", default=0, lo=0), "kv_lora_rank": c.int_("kv_lora_rank"),
+               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=128)}
+        kv = heads  # k and v are expanded to every head from the latent
+    else:
+        # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
+        head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"), floor=True)
     vocab = c.int_("vocab_size")
     gemma = f.gemma
     tie = c.bool_("tie_word_embeddings", default=f.tie)
@@ -382,7 +393,7 @@ def _llama_like(c: _Cfg, family: str) -> ModelSpec:
         logit_scale=f.multipliers or logit_scale is not None,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, sliding_window=window, sliding_layers=sliding,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )

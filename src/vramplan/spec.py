@@ -91,6 +91,11 @@ class ModelSpec:
     logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of the final logits
     attn_logit_softcap: float | None = None  # Gemma 2: soft-capping of attention scores (eager only)
     embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
+    # Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): kv_lora_rank > 0; head_dim is the q/k head size
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0
@@ -118,6 +123,13 @@ class ModelSpec:
     @property
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_cache_per_token(self) -> int:
+        """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
+        if self.kv_lora_rank:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
