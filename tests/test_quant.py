@@ -74,6 +74,22 @@ def bnb4(k: int, n: int, dq: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
     return t
 
 
+def fbgemm(k: int, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # transformers FbgemmFp8Linear: weight fp8 [out, in], weight_scale fp32 [out, 1]
+    return {"weight": ("F8_E4M3", (n, k)), "weight_scale": ("F32", (n, 1))}
+
+
+def nvfp4(k: int, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # compressed-tensors nvfp4-pack-quantized: two fp4 per byte, an fp8 scale per 16, two global fp32 scales
+    return {"weight_packed": ("U8", (n, k // 2)), "weight_scale": ("F8_E4M3", (n, k // 16)),
+            "weight_global_scale": ("F32", (1,)), "input_global_scale": ("F32", (1,))}
+
+
+def hqq4(k: int, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # hqq HQQLinear, 4-bit, group 64 along axis 1: packed uint8 (two per byte), fp16 scale and zero per group
+    return {"W_q": ("U8", (k * n // 2,)), "scale": ("F16", (k * n // 64, 1)), "zero": ("F16", (k * n // 64, 1))}
+
+
 def dense(k: int, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {"weight": ("BF16", (n, k))}
 
@@ -136,6 +152,18 @@ CASES = {
     "fp8 with attention left in bf16 (modules_to_not_convert)": (
         {"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": ["self_attn"]},
         checkpoint(fp8_block, skip=lambda m: "self_attn" in m)),
+    "fbgemm fp8 with attention in bf16 (Llama 3.1 405B FP8)": (
+        {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": [
+            f"model.layers.{i}.self_attn.{p}" for i in range(L) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            + ["lm_head"]},
+        checkpoint(fbgemm, skip=lambda m: "self_attn" in m)),
+    "compressed-tensors nvfp4": (
+        {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head"],
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+             "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}}},
+        checkpoint(nvfp4)),
+    "hqq 4-bit g64": ({"quant_method": "hqq", "quant_config": {"weight_quant_params": {"nbits": 4, "group_size": 64}},
+                       "skip_modules": ["lm_head"]}, checkpoint(hqq4)),
     "bitsandbytes 4-bit, transformers defaults (fp4, no double quant)": (
         {"quant_method": "bitsandbytes", "load_in_4bit": True}, checkpoint(lambda k, n: bnb4(k, n, False))),
     "bitsandbytes nf4 + double quant": (

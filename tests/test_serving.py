@@ -11,6 +11,7 @@ import pytest
 
 from vramplan.catalog import resolve_model
 from vramplan.errors import WorkloadError
+from vramplan.estimator import CUDA_CONTEXT_BYTES
 from vramplan.gguf import read_gguf
 from vramplan.hfconfig import spec_from_config
 from vramplan.serving.llamacpp import llamacpp_memory
@@ -86,6 +87,18 @@ def test_tp_and_version_change_the_budget() -> None:
     old = serve_memory(spec, ServingConfig(tp=4, max_model_len=8192, engine_version="0.8"),
                        total_memory_bytes=int(79.19 * GiB), gpu_name="h100-sxm")
     assert old.kv_cache_bytes < one.kv_cache_bytes  # 0.8 also subtracts the CUDA context
+    # PR 19312 (0.9.2) changed the budget; PR 17885 (0.9.0) the defaults on A100s
+    h100 = int(79.19 * GiB)
+    v091 = serve_memory(spec, ServingConfig(tp=4, max_model_len=8192, engine_version="0.9.1"),
+                        total_memory_bytes=h100, gpu_name="h100-sxm")
+    v092 = serve_memory(spec, ServingConfig(tp=4, max_model_len=8192, engine_version="v0.9.2"),
+                        total_memory_bytes=h100, gpu_name="h100-sxm")
+    assert v092.kv_cache_bytes - v091.kv_cache_bytes == CUDA_CONTEXT_BYTES
+    a100 = int(79.15 * GiB)
+    assert serve_memory(spec, ServingConfig(tp=4, engine_version="0.8.5"), total_memory_bytes=a100,
+                        gpu_name="a100-80gb-sxm").max_num_seqs == 1024
+    assert serve_memory(spec, ServingConfig(tp=4, engine_version="0.10.1"), total_memory_bytes=a100,
+                        gpu_name="a100-80gb-sxm").max_num_seqs == 256
     with pytest.raises(WorkloadError, match="engine-version"):
         ServingConfig(engine_version="0.5")
     with pytest.raises(WorkloadError, match="divide"):

@@ -4,7 +4,8 @@ vLLM, transcribed from its source (vllm-project/vllm; versions modelled: V1 engi
 
 * defaults — ``vllm/engine/arg_utils.py`` (``_set_default_args`` / ``get_batch_defaults``): with chunked
   prefill (V1's default) ``vllm serve`` takes ``max_num_batched_tokens`` 8192 and ``max_num_seqs`` 1024 on GPUs
-  of 70 GiB or more that are not A100s, else 2048 and 256 (0.9+; 0.8.x: 8192 and 1024 everywhere), and
+  of 70 GiB or more that are not A100s, else 2048 and 256 (0.9.0+, PR 17885; 0.8.x: 8192 and 1024 everywhere),
+  and
   ``max_num_seqs = min(max_num_seqs, max_num_batched_tokens)``.
 * profile run — ``vllm/v1/worker/gpu_model_runner.py``: ``profile_run`` runs ``_dummy_run(max_num_tokens)``
   (one forward of ``max_num_batched_tokens`` tokens spread over ``min(max_num_seqs, tokens)`` requests), then
@@ -32,7 +33,9 @@ vLLM, transcribed from its source (vllm-project/vllm; versions modelled: V1 engi
 * CUDA graphs — captured after the KV cache is allocated (``compile_or_warm_up_model``), so not in the budget:
   they must fit in the (1 - utilization) headroom. vramplan reports the graphs' shared memory pool (one forward
   at the largest capture size, ``max_cudagraph_capture_size`` = min(2 x max_num_seqs, 512)); the driver's
-  per-graph overhead is not modelled.
+  per-graph memory is not modelled (published logs show 6-28 MiB per captured size, 0.1-1.5 GiB in all:
+  vllm PRs 11349, 22897), so ``cuda_graph_bytes`` is a lower bound. vLLM 0.21+ profiles graph memory and
+  subtracts it (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS): outside the versions modelled.
 
 Not modelled: the FlashInfer sampler (VLLM_USE_FLASHINFER_SAMPLER=1: no sort), speculative decoding, LoRA,
 multimodal encoders, hybrid (Mamba) and sliding-window page sharing, V0.
@@ -58,8 +61,10 @@ from ..workload import Task, WeightsQuant, Workload
 __all__ = ["ENGINES", "ServingConfig", "ServingResult", "serve_memory", "sglang_mem_fraction", "vllm_defaults"]
 
 ENGINES = ("vllm", "sglang", "transformers", "llama.cpp")
-VLLM_VERSIONS = ("0.8", "0.9", "0.10", "0.11")
-DEFAULT_VLLM_VERSION = "0.11"
+VLLM_VERSIONS = ("0.8", "0.9", "0.10", "0.11")  # V1 engine; "X.Y" or "X.Y.Z"
+DEFAULT_VLLM_VERSION = "0.11.0"
+_PROFILING_UTIL = (0, 9, 2)  # PR 19312: V1 sizes the KV cache with vllm/utils memory_profiling from 0.9.2
+_HW_DEFAULTS = (0, 9, 0)  # PR 17885: defaults by GPU (>= 70 GiB and not A100: 8192 / 1024) from 0.9.0
 KV_DTYPES = {"auto": 0, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bf16": 2, "fp16": 2, "float16": 2, "bfloat16": 2}
 VOCAB_PAD = 64  # vllm/model_executor/layers/vocab_parallel_embedding.py: DEFAULT_VOCAB_PADDING_SIZE
 # Non-torch memory that appears after the worker's first snapshot: lazily loaded kernels and cuBLASLt/cuDNN handles,
@@ -107,14 +112,23 @@ class ServingConfig:
         if self.kv_cache_dtype not in KV_DTYPES:
             raise WorkloadError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of: {', '.join(KV_DTYPES)} "
                                 "(q8_0/q4_0 are llama.cpp's: use a .gguf model)")
-        if self.engine == "vllm" and self.engine_version is not None and self.version not in VLLM_VERSIONS:
+        if self.engine == "vllm" and self.engine_version is not None and \
+                ".".join(self.version.split(".")[:2]) not in VLLM_VERSIONS:
             raise WorkloadError(f"--engine-version {self.engine_version!r}: vLLM versions modelled are "
                                 f"{', '.join(VLLM_VERSIONS)} (V1 engine)")
 
     @property
     def version(self) -> str:
-        v = self.engine_version or DEFAULT_VLLM_VERSION
-        return ".".join(v.split(".")[:2])
+        """``X.Y.Z`` (a bare ``X.Y`` means its first release, ``X.Y.0``)."""
+        v = (self.engine_version or DEFAULT_VLLM_VERSION).strip().lstrip("v")
+        parts = v.split(".")
+        if not (2 <= len(parts) <= 3) or not all(p.isdigit() for p in parts):
+            raise WorkloadError(f"--engine-version {self.engine_version!r}: give a vLLM version such as 0.10 or 0.9.2")
+        return ".".join([*parts, "0"][:3])
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.version.split("."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +178,9 @@ class ServingResult:
                 "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
 
 
-def vllm_defaults(total_memory_bytes: int, gpu_name: str, version: str) -> tuple[int, int]:
+def vllm_defaults(total_memory_bytes: int, gpu_name: str, version: tuple[int, ...]) -> tuple[int, int]:
     """(max_num_batched_tokens, max_num_seqs) ``vllm serve`` picks (vllm/engine/arg_utils.py)."""
-    if version == "0.8" or (total_memory_bytes >= 70 * GiB and "a100" not in gpu_name.lower()):
+    if version < _HW_DEFAULTS or (total_memory_bytes >= 70 * GiB and "a100" not in gpu_name.lower()):
         return 8192, 1024
     return 2048, 256
 
@@ -249,7 +263,9 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     if cfg.max_model_len and spec.max_position_embeddings and cfg.max_model_len > spec.max_position_embeddings:
         warnings.append(f"max_model_len {cfg.max_model_len:,} exceeds the model's {limit:,} positions; vLLM refuses it "
                         "unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1")
-    d_tokens, d_seqs = vllm_defaults(total_memory_bytes, gpu_name, version if cfg.engine == "vllm" else "0.11")
+    vt = cfg.version_tuple if cfg.engine == "vllm" else (0, 11, 0)
+    old_budget = vt < _PROFILING_UTIL
+    d_tokens, d_seqs = vllm_defaults(total_memory_bytes, gpu_name, vt)
     tokens = cfg.max_num_batched_tokens or d_tokens
     seqs = min(cfg.max_num_seqs or d_seqs, tokens)
     reqs = min(seqs, tokens)
@@ -279,7 +295,7 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     else:
         util = cfg.gpu_memory_utilization if cfg.gpu_memory_utilization is not None else 0.9
         requested = int(total_memory_bytes * util)
-        if version == "0.8":
+        if old_budget:
             non_torch += CUDA_CONTEXT_BYTES
             assumptions.append("vLLM 0.8.0-0.9.1 V1: the budget subtracts all non-torch memory, the CUDA context "
                                "included (gpu_worker.py before PR 19312)")
@@ -305,7 +321,7 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     per_req = -(-max_len // cfg.block_size)
     concurrency = blocks / per_req if per_req else 0.0
     fit_len = min(budget // per_token if per_token else 0, limit)
-    headroom = total_memory_bytes - int(total_memory_bytes * util) - (CUDA_CONTEXT_BYTES if version != "0.8" else 0)
+    headroom = total_memory_bytes - int(total_memory_bytes * util) - (0 if old_budget else CUDA_CONTEXT_BYTES)
     fits = blocks > 0 and fit_len >= max_len and (cfg.engine != "vllm" or graph_pool <= max(headroom, 0))
     if blocks == 0:
         warnings.append("no memory left for the KV cache: the weights and the profile run take the whole budget; "
