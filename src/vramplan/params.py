@@ -62,8 +62,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
         mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
-        return mla + [("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
-                      ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
     if spec.qkv_fused:
         name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
