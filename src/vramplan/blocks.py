@@ -511,6 +511,10 @@ class _B:
             out = self.attention_core(query, key, value, kernel, nh)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
+        # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
+        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+            root = x.base if x.base is not None else x
+            root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
 
     def mlp(self, n: Tensor) -> Tensor:
