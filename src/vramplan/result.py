@@ -62,6 +62,8 @@ class Estimate:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
+    host_bytes: int = 0  # pinned host memory the step needs (activation offloading)
+    host_traffic_bytes: int = 0  # bytes over PCIe per optimizer step for that host memory (both directions)
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -84,4 +86,6 @@ class Estimate:
             "workload": dict(self.workload),
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
+            "host_bytes": self.host_bytes,
+            "host_traffic_bytes": self.host_traffic_bytes,
         }
