@@ -31,10 +31,12 @@ def make_workload(**options: Any) -> Workload:
             except ValueError:
                 choices = ", ".join(m.value for m in ftype)
                 raise WorkloadError(f"{key.replace('_', '-')} {value!r} is not one of: {choices}") from None
-        if key == "lora_targets" and isinstance(value, str):
+        if key in ("lora_targets", "lora_modules_to_save") and isinstance(value, str):
             value = tuple(t.strip() for t in value.split(",") if t.strip())
-        elif key == "lora_targets":
+        elif key in ("lora_targets", "lora_modules_to_save"):
             value = tuple(value)
+        elif key == "loss_chunk" and value is None:
+            continue
         kwargs[key] = value
     return Workload(**kwargs)
 

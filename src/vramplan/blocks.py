@@ -58,6 +58,7 @@ class LayerPlan:
     sliding: bool = False
     moe: bool = False
     lora_dropout: float = 0.0
+    dora: bool = False  # peft use_dora: each adapted linear also runs DoraLinearLayer
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
@@ -207,9 +208,34 @@ class _B:
                            params=self.param_grad(name + ".A", r * fin, num.lora_param))
             b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),
                            params=self.param_grad(name + ".B", fout * r, num.lora_param))
+        if self.plan is not None and self.plan.dora:
+            return self.cast(self.dora(y, b, fin, fout, r, name), y.elem)
         bs = self.tp.op(b.numel, b.elem, (b,))  # * scaling
         s = self.add(y, bs)
         return self.cast(s, y.elem)
+
+    def dora(self, y: Tensor, lora_out: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
+        """peft ``DoraLinearLayer.forward`` (peft/tuners/lora/dora.py, 0.21): ``B(A(eye(in)))`` rebuilds the
+        adapter's weight (fp32, in x out), the base weight is cast to the input dtype and ``W + s * BA`` (detached)
+        gives the row norms; all of it dies with the call (the rebuilt weight's graph is only referenced locally).
+        Then ``(m / norm - 1) * base_result + (m / norm) * lora_B(lora_A(x)) * s``: the products save the
+        base result and the adapter output for the magnitude's gradient."""
+        tp = self.tp
+        e = lora_out.elem
+        eye = tp.op(fin * fin, e, (), rg=False)
+        ae = tp.op(fin * r, e, (eye,), rg=False)
+        lw = tp.op(fin * fout, e, (ae,), rg=False)
+        wc = tp.op(fin * fout, e, (), rg=False)  # weight.to(x.dtype) (dequantized for 4-bit bases)
+        sc = tp.op(fin * fout, e, (lw,), rg=False)  # scaling * lora_weight.detach()
+        ws = tp.op(fin * fout, e, (wc, sc), rg=False)
+        norm = tp.op(fout, e, (ws,), rg=False)
+        mns = tp.op(fout, 4, (norm,), params=self.param_grad(name + ".m", fout, 4))  # magnitude / weight_norm
+        m1 = tp.op(fout, 4, (mns,))  # mag_norm_scale - 1
+        t1 = self.mul(m1, y, elem=max(4, y.elem))
+        t2 = self.mul(mns, lora_out, elem=max(4, e))
+        t3 = tp.op(t2.numel, t2.elem, (t2,))  # * scaling
+        t4 = self.add(t1, t3)
+        return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
     def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:

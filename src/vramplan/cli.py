@@ -19,7 +19,9 @@ __all__ = ["main"]
 
 _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
                    "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
-                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation")
+                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation", "trainer", "loss",
+                   "loss_chunk", "packing", "avg_seq_len", "checkpointing", "activation_offload", "double_quant",
+                   "rslora", "lora_modules_to_save", "optimizer_rank", "galore_update_gap")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,13 +33,14 @@ class _Parser(argparse.ArgumentParser):
 def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
-    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full")
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze", "dora"], default="full")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
     g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
                    help="storage of the base linear weights (inference, or LoRA on a quantized base)")
-    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
+    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion",
+                                           "paged-adamw", "paged-adamw-8bit", "galore", "muon", "apollo"],
                    default="adamw")
     g.add_argument("--batch-size", type=positive_int, default=1)
     g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
@@ -56,6 +59,34 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trainable-layers", type=non_negative_int, default=None,
                    help="--method freeze: how many of the last decoder layers train (default: a quarter)")
     g.add_argument("--gradient-accumulation", type=positive_int, default=1)
+    _add_saver_flags(p)
+
+
+def _add_saver_flags(p: argparse.ArgumentParser) -> None:
+    """The training loop and the memory savers people turn on (issue 14)."""
+    g = p.add_argument_group("training loop and memory savers")
+    g.add_argument("--trainer", choices=["plain", "hf", "trl-sft"], default="hf",
+                   help="the loop: plain (keeps the model output through the step), hf (transformers Trainer, "
+                        "default), trl-sft (TRL SFTTrainer)")
+    g.add_argument("--loss", choices=["auto", "standard", "chunked", "liger-fused", "cce"], default="auto",
+                   help="auto: chunked under trl-sft (TRL's default chunked_nll), standard otherwise")
+    g.add_argument("--loss-chunk", type=positive_int, default=None, help="tokens per chunk for --loss chunked")
+    g.add_argument("--packing", action="store_true",
+                   help="padding-free packing: tokens per micro-batch = batch x --avg-seq-len (FlashAttention varlen)")
+    g.add_argument("--avg-seq-len", type=positive_int, default=None,
+                   help="with --packing: mean real length of a sequence (default: --seq-len)")
+    g.add_argument("--checkpointing", default=None, metavar="full|every:N",
+                   help="gradient checkpointing of every decoder layer (full) or of layers 0, N, 2N, ...")
+    g.add_argument("--activation-offload", action="store_true",
+                   help="saved activations in pinned host memory (TRL activation_offloading)")
+    g.add_argument("--double-quant", action="store_true",
+                   help="qlora / nf4: bitsandbytes double quantization of the absmax constants")
+    g.add_argument("--rslora", action="store_true", help="peft use_rslora (scaling alpha/sqrt(r); same memory)")
+    g.add_argument("--lora-modules-to-save", default=None, metavar="embed_tokens,lm_head",
+                   help="peft modules_to_save: train full copies of the embedding and/or the output head")
+    g.add_argument("--optimizer-rank", type=positive_int, default=None, help="galore / apollo projection rank")
+    g.add_argument("--galore-update-gap", type=positive_int, default=None,
+                   help="galore: steps between SVD updates of the projection")
 
 
 def _workload_options(ns: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,9 @@ __all__ = ["register"]
 
 _FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len", "new_tokens",
           "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha", "lora_targets",
-          "trainable_layers", "gradient_accumulation")
+          "trainable_layers", "gradient_accumulation", "trainer", "loss", "loss_chunk", "packing", "avg_seq_len",
+          "checkpointing", "activation_offload", "double_quant", "rslora", "lora_modules_to_save", "optimizer_rank",
+          "galore_update_gap")
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -102,7 +102,7 @@ def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bo
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
-                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0)
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, dora=w.method is Method.DORA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +468,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
         peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
         breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warnings), workload=_workload_dict(w), host_bytes=host.nbytes,
+        warnings=tuple(warnings), workload=_workload_dict(w), host_bytes=host.nbytes + states.paged_state,
         host_traffic_bytes=host.traffic,
     )
 
