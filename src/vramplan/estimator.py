@@ -135,7 +135,8 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
                      ckpt=keep_input and ckpt)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool]]:
+def _layer_groups(spec: ModelSpec, first_trainable: int,
+                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool]]:
     """(count, base weights train, moe, sliding, checkpointed) groups of identical layers, bottom to top; layers
     from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention)."""

@@ -175,7 +175,8 @@ def _matrix_optimizer_bytes(opt: Optimizer, w: Workload, elem: int, matrices: li
         state = sum(a * b for a, b in matrices) * elem + adam_other
         temp = m * n * elem + (m * n * 2 if elem != 2 else 0) + m * n * 2 + 2 * k * k * 2
         return state, max(temp, max(others, default=0) * elem), \
-            "Muon (torch.optim.Muon) on the decoder's 2-D weights: momentum + Newton-Schulz temporaries; AdamW on the rest"
+            ("Muon (torch.optim.Muon) on the decoder's 2-D weights: momentum + Newton-Schulz temporaries; "
+             "AdamW on the rest")
     # GaLore (galore_torch/galore_projector.py GaLoreProjector, proj_type std): for an (m, n) gradient the
     # projection keeps rank r of the shorter side (r x min(m, n), parameter dtype) and Adam's moments live on the
     # projected gradient (r x max(m, n)); the step projects back to a full (m, n) update. APOLLO

@@ -163,11 +163,11 @@ class Workload:
             raise WorkloadError("qlora quantizes the base weights to nf4; drop --weights-quant or use nf4")
         if self.task is Task.TRAIN and self.method is Method.FULL and self.weights_quant is not WeightsQuant.NONE:
             raise WorkloadError("full fine-tuning cannot train quantized weights; use --method qlora or lora")
-        if self.avg_seq_len is not None:
-            if isinstance(self.avg_seq_len, bool) or not isinstance(self.avg_seq_len, int) or \
-                    not 1 <= self.avg_seq_len <= self.seq_len:
-                raise WorkloadError(f"avg_seq_len = {self.avg_seq_len!r} must be an integer in 1..seq_len "
-                                    f"({self.seq_len})")
+        if self.avg_seq_len is not None and (isinstance(self.avg_seq_len, bool) or
+                                             not isinstance(self.avg_seq_len, int) or
+                                             not 1 <= self.avg_seq_len <= self.seq_len):
+            raise WorkloadError(f"avg_seq_len = {self.avg_seq_len!r} must be an integer in 1..seq_len "
+                                f"({self.seq_len})")
         _checkpoint_every(self.checkpointing)  # validates
         if (self.gradient_checkpointing and self.checkpointing == "none") or self.checkpointing == "every:1":
             object.__setattr__(self, "checkpointing", "full")

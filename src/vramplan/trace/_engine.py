@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
-from ..errors import VramplanError
 from ..workload import Attention, LogitsMode, Loss, Task, Trainer, Workload
 from ._build import build_model, compute_dtype, make_optimizer
 from ._cuda import (
