@@ -207,7 +207,7 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
     from .catalog import resolve_model
     from .errors import WorkloadError
     from .planner import PlanRequest, PlanTask, SortKey, plan
-    from .workload import Attention, Method, Optimizer, Precision, WeightsQuant
+    from .workload import Attention, Method, Optimizer, Precision, Trainer, WeightsQuant
 
     for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits"):
         if getattr(ns, flag, None) is not None:
@@ -233,7 +233,8 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
         optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
         weights_quants=(WeightsQuant(ns.weights_quant),) if ns.weights_quant else (),
         gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
-        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top)
+        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top,
+        trainer=Trainer(ns.trainer))
     result = plan(spec, req, name=entry.name if entry else spec.name, gpus=_pool(ns))
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -300,8 +301,8 @@ def _print_plan(r: PlanResult) -> None:
                          no_wrap=col != "settings")
         for i, p in enumerate(r.plans, 1):
             method = p.method if p.weights_quant == "none" else f"{p.method} {p.weights_quant}"
-            settings = " ".join(x for x in (p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing else "")
-                                if x)
+            settings = " ".join(x for x in (p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing else "",
+                                             (p.saver or "").removeprefix("--")) if x)
             batch = f"{p.micro_batch}" if p.method == "inference" else f"{p.micro_batch}x{p.gradient_accumulation}"
             t.add_row(str(i), p.gpu, str(p.gpu_count), p.layout, method, settings, batch,
                       f"{p.total_bytes / 2**30:,.1f}/{p.usable_memory_bytes / 2**30:,.0f}", _hours(p.time_hours),
@@ -311,6 +312,8 @@ def _print_plan(r: PlanResult) -> None:
         c.print("[red]no plan fits[/red]")
     c.print(f"[bold]minimum consumer setup:[/bold] {_summary(r.consumer, r.consumer_reason)}")
     c.print(f"[bold]recommended data-centre setup:[/bold] {_summary(r.datacenter, r.datacenter_reason)}")
+    for note in r.saver_notes:
+        c.print(f"[bold]memory savers:[/bold] {note}")
     c.print("[bold]assumptions[/bold]")
     for a in r.assumptions:
         c.print(f"  - {a}")

@@ -44,7 +44,7 @@ from .perf import (
 )
 from .spec import ModelSpec
 from .units import GiB
-from .workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+from .workload import Attention, Loss, Method, Optimizer, Precision, Task, Trainer, WeightsQuant, Workload
 
 __all__ = ["VISION_NO_TIME", "Plan", "PlanRequest", "PlanResult", "PlanTask", "SortKey", "plan", "plan_vision"]
 
@@ -100,6 +100,8 @@ class PlanRequest:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None  # None: try peft's default and all-linear
     top: int = 20
+    trainer: Trainer = Trainer.HF
+    savers: tuple[str, ...] | None = None  # memory savers to search on one GPU (None: SAVERS; (): none)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "max_gpus", "top", "lora_rank"):
@@ -158,6 +160,7 @@ class Plan:
     tokens_per_s: float | None
     mfu: float | None
     resolution: int | None = None  # image models: pixels per side (seq_len is then 0)
+    saver: str | None = None  # the memory saver this plan turns on (a CLI flag), if any
 
     @property
     def fits(self) -> bool:
@@ -184,6 +187,8 @@ class Plan:
             parts.append(f"micro-batch {self.micro_batch} x {self.gradient_accumulation} accumulation")
         if self.gradient_checkpointing:
             parts.append("gradient checkpointing")
+        if self.saver:
+            parts.append(self.saver)
         return f"{hw}: {', '.join(parts)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +202,8 @@ class Plan:
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "time_hours": self.time_hours,
                 "gpu_hours": self.gpu_hours, "cost_usd": self.cost_usd, "cost_reserved_usd": self.cost_reserved_usd,
                 "cost_reason": self.cost_reason, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "summary": self.describe()} | ({"resolution": self.resolution} if self.resolution is not None else {})
+                "summary": self.describe(), "saver": self.saver} | \
+            ({"resolution": self.resolution} if self.resolution is not None else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +227,11 @@ class PlanResult:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     resolution: int | None = None  # image models: pixels per side (tokens and seq_len are then 0)
+    saver_notes: tuple[str, ...] = ()  # which memory saver turned a "does not fit" into a plan
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"resolution": self.resolution} if self.resolution is not None else {}
+        extra["savers"] = list(self.saver_notes)
         return {"model": self.model, "parameters": self.parameters, "task": self.task, "tokens": self.tokens,
                 "seq_len": self.seq_len, "global_batch": self.global_batch, "sort": self.sort,
                 "candidates_evaluated": self.candidates_evaluated, "feasible": self.feasible,
@@ -249,6 +257,11 @@ class _Config:
     quant: WeightsQuant
     ckpt: bool
     targets: tuple[str, ...] = ("default",)
+    saver: str = ""  # one of SAVERS, applied on top
+
+
+# Memory savers the planner tries on one GPU: they change what a step holds, not the model or the maths
+SAVERS = ("--loss liger-fused", "--activation-offload")
 
 
 def _family(gpu: GPU) -> str:
@@ -285,6 +298,15 @@ def _configs(req: PlanRequest, family: str) -> Iterator[_Config]:
                 for ckpt in ckpts:
                     for targets in target_sets:
                         yield _Config(method, prec, opt, WeightsQuant.NONE, ckpt, targets)
+    # each saver on top of the leanest standard settings of each method (first precision, 8-bit AdamW or the
+    # pinned optimizer, peft's default targets)
+    for saver in SAVERS if req.savers is None else req.savers:
+        for method in methods:
+            prec = (req.precisions or _precisions(method, family, req.task))[0]
+            opt = req.optimizers[0] if req.optimizers else Optimizer.ADAMW_8BIT
+            targets = req.lora_targets or ("default",)
+            for ckpt in ckpts:
+                yield _Config(method, prec, opt, WeightsQuant.NONE, ckpt, targets, saver)
 
 
 _SINGLE = Layout()
@@ -302,6 +324,8 @@ def _layouts(req: PlanRequest, cfg: _Config, family: str) -> list[tuple[str, Lay
     """
     out: list[tuple[str, Layout]] = [("single", Layout())]
     infer = req.task is PlanTask.INFER
+    if cfg.saver:
+        return out
     if not infer:
         if cfg.optimizer is not Optimizer.ADAMW and not req.optimizers:
             return out
@@ -492,6 +516,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     ranked = sorted(plans, key=_rank_key(req.sort))
     consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
     datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    saver_notes = _saver_notes(ranked, (consumer, datacenter))
     for lay, err in sorted(memo.unsupported.items()):
         warnings.append(f"{lay} layouts skipped: {err}")
     assumptions = (
@@ -503,6 +528,9 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         "not overlapped with compute",
         "cost: GPU-hours x the catalog's indicative on-demand price (reserved alongside); unpriced GPUs have no "
         "cost and rank after priced ones",
+        f"training loop: {req.trainer.value}; memory savers searched on one GPU: "
+        f"{', '.join(SAVERS if req.savers is None else req.savers) or 'none'}; offloading's PCIe traffic "
+        "is added to the step time, not overlapped",
         "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity method "
         "(full > LoRA > QLoRA > freeze; 16-bit > fp8 > int8 > nf4 weights) they allow; data centre = the "
         f"highest-fidelity method any data-centre plan allows, then the best by {req.sort.value}",
@@ -510,7 +538,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     return PlanResult(label, parameters, req.task.value, tokens, req.seq_len, global_batch, req.sort.value,
                       candidates, feasible, sum(1 for v in memo.results.values() if v is None),
                       time.perf_counter() - t0, tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason,
-                      datacenter, datacenter_reason, assumptions, tuple(warnings))
+                      datacenter, datacenter_reason, assumptions, tuple(warnings), saver_notes=saver_notes)
 
 
 def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
@@ -520,7 +548,9 @@ def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
     return Workload(task=Task.TRAIN, method=cfg.method, precision=cfg.precision,
                     optimizer=cfg.optimizer or Optimizer.ADAMW, batch_size=mb, seq_len=req.seq_len,
                     gradient_checkpointing=cfg.ckpt, attention=req.attention, lora_rank=req.lora_rank,
-                    lora_targets=cfg.targets, gradient_accumulation=accum)
+                    lora_targets=cfg.targets, gradient_accumulation=accum, trainer=req.trainer,
+                    loss=Loss.LIGER_FUSED if cfg.saver == "--loss liger-fused" else Loss.AUTO,
+                    activation_offload=cfg.saver == "--activation-offload")
 
 
 def _describe_need(cfg: _Config, mb: int, layout: Layout, lay_label: str, seq: int) -> str:
@@ -531,6 +561,8 @@ def _describe_need(cfg: _Config, mb: int, layout: Layout, lay_label: str, seq: i
         parts.append(cfg.optimizer.value)
     if cfg.ckpt:
         parts.append("gradient checkpointing")
+    if cfg.saver:
+        parts.append(cfg.saver)
     parts.append(f"batch {mb} x {seq} tokens")
     if layout.gpus > 1:
         parts.append(f"{lay_label} over {layout.gpus} GPUs")
@@ -575,6 +607,7 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                                                    split=c.split, comm_s=comm_s)
         if st is not None:
             per_step = st.total_s / (1 - c.bubble) if c.bubble < 1 else st.total_s
+            per_step += _offload_seconds(c.spec, w, gpu)
             step_tokens = c.replicas * w.gradient_accumulation * work.tokens
             time_s = -(-c.tokens // step_tokens) * per_step
             tps = step_tokens / per_step
@@ -608,7 +641,41 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                 w.optimizer.value if w.is_train else None, w.base_quant.value,
                 w.gradient_checkpointing and w.is_train, w.batch_size, w.gradient_accumulation, c.global_batch,
                 w.seq_len, c.peak, c.total, gpu.usable_memory_bytes,
-                None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu)
+                None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu,
+                saver=_saver_of(w))
+
+
+def _offload_seconds(spec: ModelSpec, w: Workload, gpu: GPU) -> float:
+    """Activation offloading's host traffic of one step over PCIe x16 (2**(gen-3) x 15.75 GB/s per direction;
+    gen 4 where the catalog does not say), not overlapped with compute: an upper bound on what it adds."""
+    if not w.activation_offload:
+        return 0.0
+    gen = gpu.interconnect.pcie_gen or 4
+    return estimate(spec, w).host_traffic_bytes / 2 / (15.75e9 * 2.0 ** (gen - 3))
+
+
+def _saver_of(w: Workload) -> str | None:
+    if not w.is_train:
+        return None
+    if w.loss is Loss.LIGER_FUSED:
+        return "--loss liger-fused"
+    if w.activation_offload:
+        return "--activation-offload"
+    return None
+
+
+def _saver_notes(ranked: Sequence[Plan], picks: Sequence[Plan | None]) -> tuple[str, ...]:
+    """For each recommended plan that needs a saver: the saver, when no plan without one fits that GPU setup
+    with that method (the saver turned a no into a yes)."""
+    notes: list[str] = []
+    for p in picks:
+        if p is None or not p.saver:
+            continue
+        plain = [q for q in ranked if q.gpu == p.gpu and q.gpu_count == p.gpu_count and q.method == p.method
+                 and not q.saver]
+        if not plain:
+            notes.append(f"{p.method} on {p.gpu_count}x {p.gpu_display_name} fits with {p.saver} (not without it)")
+    return tuple(notes)
 
 
 def _rank_key(sort: SortKey) -> Any:
@@ -791,6 +858,7 @@ def plan_vision(name: str, request: PlanRequest | None = None, *, gpus: Sequence
         ranked = []
     consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
     datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    saver_notes = _saver_notes(ranked, (consumer, datacenter))
     assumptions = (
         f"image model: one GPU, batches of {', '.join(map(str, sizes))} images at {res_used} px; "
         + ("inference" if infer else "training: full" + (" or LoRA" if Method.LORA in methods else "")
@@ -799,6 +867,9 @@ def plan_vision(name: str, request: PlanRequest | None = None, *, gpus: Sequence
         f"time and cost: none, {VISION_NO_TIME}; plans are ranked by "
         + ("the GPU's on-demand hourly price, then " if req.sort is SortKey.COST else "")
         + "fewest memory savers (checkpointing, 8-bit optimizer), then the most images per step",
+        f"training loop: {req.trainer.value}; memory savers searched on one GPU: "
+        f"{', '.join(SAVERS if req.savers is None else req.savers) or 'none'}; offloading's PCIe traffic "
+        "is added to the step time, not overlapped",
         "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity "
         "method (full > LoRA) they allow; data centre = the highest-fidelity method any data-centre plan "
         "allows, then the first by that ranking",
