@@ -79,6 +79,10 @@ SLOW_CASES = [
     ("qwen2", dict(trainer="hf", packing=True, attention="flash")),
     ("llama", dict(trainer="hf", method="lora", activation_offload=True)),
     ("llama", dict(trainer="hf", checkpointing="every:2")),
+    ("llama", dict(trainer="hf", loss="chunked", loss_chunk=510)),  # one chunk
+    ("llama", dict(trainer="hf", loss="chunked", batch_size=1)),
+    ("llama", dict(trainer="trl-sft", precision="amp-bf16")),
+    ("gpt_neox", dict(trainer="hf", loss="chunked", loss_chunk=100, precision="fp32")),
 ]
 
 

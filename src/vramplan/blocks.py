@@ -708,12 +708,19 @@ def _chunked_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch
     kept = w32 + (h32 if head_tr else 0) + cv  # what the recomputation keeps: w.float(), h.float(), log_p
     recompute = kept + 3 * cv  # its own peak: logits, exp and the product besides log_p
     ce_bwd = kept + 2 * cv  # nll and log_softmax backward: grad of log_p, grad of the logits
-    mm_bwd = kept - cv + cv + c * pe * 4 + (v * pe * 4 if head_tr else 0)  # mm backward: dlogits, dh32, dw32
-    cast_bwd = mm_bwd + (v * pe * w_elem if head_tr and w_elem != 4 else 0)  # dw32 cast back to the weight dtype
+    # mm backward: log_p gone, the logits' gradient, dh32 and (the head trains) dw32 beside the saved w32/h32
+    mm_bwd = kept + c * pe * 4 + (v * pe * 4 if head_tr else 0)
+    # then dw32 is cast back to the weight dtype (mm's saved tensors are released); from the second chunk on the
+    # head's gradient buffer exists besides (the op's parameter gradient below)
+    cast_bwd = v * pe * 4 + v * pe * w_elem if head_tr and w_elem != 4 else 0
     slice_bwd = rows * pe * eh  # each chunk's slice backward materialises a hidden-sized gradient
     pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    scratch = max(recompute, ce_bwd, mm_bwd, cast_bwd)
+    if head_tr and -(-rows // c) == 1:
+        # one chunk: its backward runs before the head's gradient exists (the replay counts it at this op)
+        scratch = max(max(recompute, ce_bwd, mm_bwd) - v * pe * w_elem, cast_bwd - v * pe * w_elem)
     lo = tp.op(1, 4, (hg,), save=(hg,), params=pg, kind=LOGITS, grad_to=(hg,), rg=True,
-               fwd_scratch=fwd, bwd_scratch=max(recompute, ce_bwd, cast_bwd) + slice_bwd)
+               fwd_scratch=fwd, bwd_scratch=scratch + slice_bwd)
     tp.keep(lo)
 
 
