@@ -69,6 +69,15 @@ def _measure(ns: argparse.Namespace) -> int:
         raise VramplanError("--steps must be at least 1")
     config, name = _config_of(ns.model)
     w = make_workload(**_workload_options(ns))
+    if w.is_train and (w.resolved_loss.value not in ("standard",) and w.loss.value != "auto" or w.packing
+                       or w.activation_offload or w.optimizer.value in ("galore", "apollo", "muon")
+                       or w.optimizer.value.startswith("paged") or w.method.value == "dora"
+                       or w.checkpoint_every > 1 or w.lora_modules_to_save):
+        raise VramplanError("vramplan measure runs its own plain training loop (measure.py): drop --loss, "
+                            "--packing, --activation-offload, --checkpointing every:N, --method dora, "
+                            "--lora-modules-to-save and the paged/galore/apollo/muon optimizers")
+    # measure.py's loop keeps the output through the step and quantizes NF4 with double quantization
+    w = w.with_(trainer="plain", loss="standard", double_quant=True)
     layout = layout_from_args(ns)
     gpus = layout.gpus if layout is not None else 1
     if "WORLD_SIZE" in os.environ and (gpus > 1 or os.environ["WORLD_SIZE"] != "1"):

@@ -230,7 +230,7 @@ class PlanResult:
     saver_notes: tuple[str, ...] = ()  # which memory saver turned a "does not fit" into a plan
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"resolution": self.resolution} if self.resolution is not None else {}
+        extra: dict[str, Any] = {"resolution": self.resolution} if self.resolution is not None else {}
         extra["savers"] = list(self.saver_notes)
         return {"model": self.model, "parameters": self.parameters, "task": self.task, "tokens": self.tokens,
                 "seq_len": self.seq_len, "global_batch": self.global_batch, "sort": self.sort,
