@@ -375,7 +375,9 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
-        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
+        # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
+        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window) and \
+            plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
@@ -590,7 +592,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
         tp.keep(mask)
-    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window:
+    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
+            attention is not Attention.FLASH:
         mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA
         tp.keep(mask)
     tp.keep(x)

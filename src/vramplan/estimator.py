@@ -202,7 +202,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding, attention)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
-                                    grads_exist=accumulating, keep_input=ck))
+                                    grads_exist=accumulating, keep_input=ck and rg))
     ht = Tape(True)
     if head:
         build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
