@@ -69,7 +69,7 @@ def _measure(ns: argparse.Namespace) -> int:
         raise VramplanError("--steps must be at least 1")
     config, name = _config_of(ns.model)
     w = make_workload(**_workload_options(ns))
-    if w.is_train and (w.resolved_loss.value not in ("standard",) and w.loss.value != "auto" or w.packing
+    if w.is_train and ((w.resolved_loss.value != "standard" and w.loss.value != "auto") or w.packing
                        or w.activation_offload or w.optimizer.value in ("galore", "apollo", "muon")
                        or w.optimizer.value.startswith("paged") or w.method.value == "dora"
                        or w.checkpoint_every > 1 or w.lora_modules_to_save):
