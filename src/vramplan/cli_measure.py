@@ -77,7 +77,9 @@ def _measure(ns: argparse.Namespace) -> int:
                             "--packing, --activation-offload, --checkpointing every:N, --method dora, "
                             "--lora-modules-to-save and the paged/galore/apollo/muon optimizers")
     # measure.py's loop keeps the output through the step and quantizes NF4 with double quantization
-    w = w.with_(trainer="plain", loss="standard", double_quant=True)
+    from .workload import Loss, Trainer
+
+    w = w.with_(trainer=Trainer.PLAIN, loss=Loss.STANDARD, double_quant=True)
     layout = layout_from_args(ns)
     gpus = layout.gpus if layout is not None else 1
     if "WORLD_SIZE" in os.environ and (gpus > 1 or os.environ["WORLD_SIZE"] != "1"):

@@ -275,7 +275,7 @@ def _family(gpu: GPU) -> str:
 
 
 def _precisions(method: Method, family: str, task: PlanTask) -> tuple[Precision, ...]:
-    if task is PlanTask.INFER or method in (Method.LORA, Method.QLORA):
+    if task is PlanTask.INFER or method in (Method.LORA, Method.QLORA, Method.DORA):
         return (Precision.BF16,) if family == "bf16" else (Precision.FP16,)
     # full / freeze: mixed precision (fp32 master weights) or pure 16-bit (no pure fp16: it needs loss scaling)
     return (Precision.AMP_BF16, Precision.BF16) if family == "bf16" else (Precision.AMP_FP16,)
@@ -292,7 +292,7 @@ def _configs(req: PlanRequest, family: str) -> Iterator[_Config]:
     ckpts = (False, True) if req.gradient_checkpointing is None else (req.gradient_checkpointing,)
     for method in methods:
         precs = req.precisions or _precisions(method, family, req.task)
-        adapters = method in (Method.LORA, Method.QLORA)
+        adapters = method in (Method.LORA, Method.QLORA, Method.DORA)
         opts = req.optimizers or ((Optimizer.ADAMW, Optimizer.ADAMW_8BIT) if adapters else
                                   (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR,
                                    Optimizer.LION))
@@ -708,7 +708,7 @@ def _rank_key(sort: SortKey) -> Any:
 def _fidelity(p: Plan) -> int:
     if p.method == "inference":
         return _QUANT_RANK[WeightsQuant(p.weights_quant)]
-    return _METHOD_RANK[Method(p.method)]
+    return _METHOD_RANK.get(Method(p.method), _METHOD_RANK[Method.LORA])  # dora ranks with LoRA
 
 
 def _dedupe(ranked: Sequence[Plan]) -> list[Plan]:
