@@ -166,6 +166,7 @@ class Plan:
     mfu: float | None
     resolution: int | None = None  # image models: pixels per side (seq_len is then 0)
     saver: str | None = None  # the memory saver this plan turns on (a CLI flag), if any
+    host_bytes: int = 0  # host memory the saver needs (activation offloading's pinned buffers)
 
     @property
     def fits(self) -> bool:
@@ -193,7 +194,8 @@ class Plan:
         if self.gradient_checkpointing:
             parts.append("gradient checkpointing")
         if self.saver:
-            parts.append(self.saver)
+            parts.append(self.saver + (f" ({self.host_bytes / 2**30:.0f} GiB of host memory)"
+                                       if self.host_bytes else ""))
         return f"{hw}: {', '.join(parts)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,7 +209,7 @@ class Plan:
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "time_hours": self.time_hours,
                 "gpu_hours": self.gpu_hours, "cost_usd": self.cost_usd, "cost_reserved_usd": self.cost_reserved_usd,
                 "cost_reason": self.cost_reason, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "summary": self.describe(), "saver": self.saver} | \
+                "summary": self.describe(), "saver": self.saver, "host_bytes": self.host_bytes} | \
             ({"resolution": self.resolution} if self.resolution is not None else {})
 
 
@@ -657,7 +659,7 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                 w.gradient_checkpointing and w.is_train, w.batch_size, w.gradient_accumulation, c.global_batch,
                 w.seq_len, c.peak, c.total, gpu.usable_memory_bytes,
                 None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu,
-                saver=_saver_of(w))
+                saver=_saver_of(w), host_bytes=estimate(c.spec, w).host_bytes if w.activation_offload else 0)
 
 
 def _offload_seconds(spec: ModelSpec, w: Workload, gpu: GPU) -> float:
@@ -689,7 +691,9 @@ def _saver_notes(ranked: Sequence[Plan], picks: Sequence[Plan | None]) -> tuple[
         plain = [q for q in ranked if q.gpu == p.gpu and q.gpu_count == p.gpu_count and q.method == p.method
                  and not q.saver]
         if not plain:
-            notes.append(f"{p.method} on {p.gpu_count}x {p.gpu_display_name} fits with {p.saver} (not without it)")
+            host = f", {p.host_bytes / 2**30:.0f} GiB of pinned host memory" if p.host_bytes else ""
+            notes.append(f"{p.method} on {p.gpu_count}x {p.gpu_display_name} fits with {p.saver} (not without it"
+                         f"{host})")
     return tuple(notes)
 
 
