@@ -134,11 +134,12 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
     quant = workload.base_quant
     qkind = {WeightsQuant.NF4: "nf4", WeightsQuant.INT8: "int8", WeightsQuant.FP8: "fp8"}.get(quant)
     if qkind is not None:
-        n = quantize_linears(model, qkind, compute_dtype(workload.precision), double_quant=workload.double_quant)
+        n = quantize_linears(model, qkind, compute_dtype(workload.precision),
+                             double_quant=workload.uses_double_quant)
         notes.append({
             "nf4": f"{n} linear layers as bitsandbytes NF4 Linear4bit (emulated): packed uint8 weight "
                    "(numel/2 bytes), " + ("uint8 absmax per 64 weights + fp32 per 256 absmax (double quant)"
-                                          if workload.double_quant else "fp32 absmax per 64 weights (no double quant)")
+                                          if workload.uses_double_quant else "fp32 absmax per 64 weights (no double quant)")
                    + "; forward/backward dequantize to a 16-bit temporary weight",
             "int8": f"{n} linear layers as bitsandbytes LLM.int8 (emulated, no outlier columns): int8 weight + "
                     "fp32 scale per output row; int8 input copy and int32 product per call",
