@@ -138,8 +138,9 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
                              double_quant=workload.uses_double_quant)
         notes.append({
             "nf4": f"{n} linear layers as bitsandbytes NF4 Linear4bit (emulated): packed uint8 weight "
-                   "(numel/2 bytes), " + ("uint8 absmax per 64 weights + fp32 per 256 absmax (double quant)"
-                                          if workload.uses_double_quant else "fp32 absmax per 64 weights (no double quant)")
+                   "(numel/2 bytes), "
+                   + ("uint8 absmax per 64 weights + fp32 per 256 absmax (double quant)"
+                      if workload.uses_double_quant else "fp32 absmax per 64 weights (no double quant)")
                    + "; forward/backward dequantize to a 16-bit temporary weight",
             "int8": f"{n} linear layers as bitsandbytes LLM.int8 (emulated, no outlier columns): int8 weight + "
                     "fp32 scale per output row; int8 input copy and int32 product per call",
