@@ -278,16 +278,3 @@ def test_cli_bad_checkpointing_is_one_line() -> None:
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "every:N" in r.stderr
 
-
-def test_plan_says_which_saver_turned_a_no_into_a_yes() -> None:
-    from vramplan.planner import PlanRequest, PlanTask, plan
-
-    spec = get_model("llama-3.1-8b").spec
-    result = plan(spec, PlanRequest(task=PlanTask.FINETUNE, gpu_class="consumer"), name="llama-3.1-8b")
-    assert any(p.saver for p in result.plans)
-    assert result.consumer is not None and result.consumer.saver
-    assert any("fits with --loss liger-fused" in n or "fits with --activation-offload" in n
-               for n in result.saver_notes)
-    assert result.to_dict()["savers"] == list(result.saver_notes)
-    none = plan(spec, PlanRequest(task=PlanTask.FINETUNE, gpu_class="consumer", savers=()), name="llama-3.1-8b")
-    assert not any(p.saver for p in none.plans) and not none.saver_notes

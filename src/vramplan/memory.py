@@ -5,6 +5,8 @@ Each function returns integer bytes and cites the code path it mirrors.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import WorkloadError
@@ -99,8 +101,12 @@ class ModelStates:
     paged_state: int = 0  # bitsandbytes paged optimizers: state bytes in CUDA unified memory (not in the above)
 
 
-def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[int]) -> tuple[int, int, str]:
-    """(state bytes, step temporary bytes, note) for ``numel`` trainable elements stored in ``elem`` bytes."""
+def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: Mapping[int, int]) -> tuple[int, int, str]:
+    """(state bytes, step temporary bytes, note) for ``numel`` trainable elements stored in ``elem`` bytes.
+
+    ``tensor_sizes`` maps a trainable tensor's element count to how many tensors have it: a model with a
+    million experts is a few entries, never a list the size of the model.
+    """
     if opt is Optimizer.ADAMW:
         # torch.optim.AdamW foreach path (_multi_tensor_adamw): exp_avg and exp_avg_sq in the parameter
         # dtype; torch._foreach_sqrt(exp_avg_sqs) makes one parameter-sized temporary per step
@@ -110,7 +116,7 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[i
     if opt is Optimizer.ADAMW_8BIT:
         # bitsandbytes AdamW8bit: uint8 states with an fp32 absmax per 256-element block; tensors
         # under 4096 elements keep fp32 states (min_8bit_size)
-        small = sum(n for n in tensor_sizes if n < BNB_MIN_8BIT_SIZE)
+        small = sum(n * k for n, k in tensor_sizes.items() if n < BNB_MIN_8BIT_SIZE)
         big = numel - small
         state = 2 * (big + 4 * -(-big // BNB_OPT_BLOCK)) + 2 * 4 * small
         return state, 0, "AdamW 8-bit (bitsandbytes): blockwise uint8 states, small tensors in fp32"
@@ -119,23 +125,23 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[i
     if opt is Optimizer.ADAFACTOR:
         # torch.optim.Adafactor foreach: factored row/col second moments (tiny), full variance for
         # vectors; the step builds row_var @ col_var, a parameter-sized estimate, for every tensor
-        vec = sum(n for n in tensor_sizes if n < 1 << 16)
+        vec = sum(n * k for n, k in tensor_sizes.items() if n < 1 << 16)
         return vec * elem, numel * elem, "Adafactor (torch, foreach): factored moments + variance estimate temporary"
     if opt is Optimizer.LION:
-        largest = max(tensor_sizes, default=0)
+        largest = max((n for n, k in tensor_sizes.items() if k), default=0)
         return numel * elem, largest * elem, "Lion: one momentum buffer; sign update temporary per tensor"
     if opt in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT):
         # bitsandbytes Optimizer2State.get_state_buffer (bitsandbytes/optim/optimizer.py): paged optimizers
         # allocate the state of every tensor of >= 1e5 elements with F.get_paged (cudaMallocManaged, outside
         # PyTorch's caching allocator: max_memory_allocated never sees it, and the driver evicts it to host
         # memory under pressure); smaller tensors' states come from torch.zeros_like. 32-bit: fp32 states.
-        paged = sum(n for n in tensor_sizes if n >= BNB_PAGED_MIN)
+        paged = sum(n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
         small = numel - paged
         if opt is Optimizer.PAGED_ADAMW:
             return 2 * 4 * small, 0, (f"paged AdamW 32-bit (bitsandbytes): fp32 states; {2 * 4 * paged / 2**30:.2f} "
                                       "GiB of them in CUDA unified memory (paged to the host under pressure)")
         state8, _, _ = _optimizer_bytes(Optimizer.ADAMW_8BIT, numel, elem, tensor_sizes)
-        paged8 = sum(2 * n for n in tensor_sizes if n >= BNB_PAGED_MIN)
+        paged8 = sum(2 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
         return state8 - paged8, 0, (f"paged AdamW 8-bit (bitsandbytes): blockwise uint8 states, "
                                    f"{paged8 / 2**30:.2f} GiB of them in CUDA unified memory; fp32 absmax on device")
     raise ValueError(opt)
@@ -144,12 +150,12 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[i
 BNB_PAGED_MIN = 100_000  # bitsandbytes: tensors with fewer elements never get paged state buffers
 
 
-def paged_state_bytes(opt: Optimizer, tensor_sizes: list[int]) -> int:
+def paged_state_bytes(opt: Optimizer, tensor_sizes: Mapping[int, int]) -> int:
     """Bytes of a bitsandbytes paged optimizer's state that live in CUDA unified memory."""
     if opt is Optimizer.PAGED_ADAMW:
-        return sum(2 * 4 * n for n in tensor_sizes if n >= BNB_PAGED_MIN)
+        return sum(2 * 4 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
     if opt is Optimizer.PAGED_ADAMW_8BIT:
-        return sum(2 * n for n in tensor_sizes if n >= BNB_PAGED_MIN)
+        return sum(2 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
     return 0
 
 
@@ -242,7 +248,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     # ---- trainable parameters
     adapters = 0
     trainable_layers = 0
-    tensor_sizes: list[int] = []
+    tensor_sizes: Counter[int] = Counter()
     if not training:
         trainable = 0
     elif w.method is Method.FULL:
@@ -260,7 +266,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         targets = lora_targets(spec, w.lora_targets)
         adapters = lora_params(spec, targets, w.lora_rank, dora=w.method is Method.DORA)
         trainable = adapters
-        tensor_sizes = [w.lora_rank * 4096] * max(1, adapters // (w.lora_rank * 4096))
+        tensor_sizes = Counter({w.lora_rank * 4096: max(1, adapters // (w.lora_rank * 4096))})
         if w.method is Method.DORA:
             notes.append("DoRA (peft lora/dora.py): a trained fp32 magnitude per output feature of each adapted "
                          "linear; every forward rebuilds B @ A and the row norms of W + s*B@A (weight-sized fp32 "
@@ -297,7 +303,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
             if saved_copies:
                 per = saved_copies // len(set(w.lora_modules_to_save))
                 s2, t2, _ = _optimizer_bytes(w.optimizer, saved_copies, copy_elem,
-                                             [per] * len(set(w.lora_modules_to_save)))
+                                             Counter({per: len(set(w.lora_modules_to_save))}))
                 state, temp = state + s2, max(temp, t2) if w.optimizer is Optimizer.LION else temp + t2
         notes.append(note)
     paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
@@ -306,7 +312,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
 
 
 def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
-              tensor_sizes: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+              tensor_sizes: Mapping[int, int]) -> tuple[list[tuple[int, int]], list[int]]:
     """(out, in) of the trainable 2-D weights of the decoder layers, and the sizes of every other trainable tensor.
     Adapters: LoRA's A (r x in) and B (out x r) matrices."""
     if w.uses_adapters:
@@ -319,26 +325,30 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
             for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
                 if name in targets:
                     mats += [(r, fin), (fout, r)] * n
-        rest = sum(tensor_sizes) - sum(a * b for a, b in mats)
+        rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
         return mats, [rest] if rest > 0 else []
     L = spec.num_layers
     first = 0 if w.method is Method.FULL else L - min(L, w.trainable_layers if w.trainable_layers is not None
                                                       else max(1, L // 4))
     mats = [(fout, fin) for layer in counts.layers[first:] for _, fin, fout, n in layer.linear_shapes
             for _ in range(n)]
-    rest = sum(tensor_sizes) - sum(a * b for a, b in mats)
-    return mats, [s for s in tensor_sizes if s not in {a * b for a, b in mats}] if rest > 0 else []
+    rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
+    sizes = {a * b for a, b in mats}
+    return mats, [n for n, k in tensor_sizes.items() if n not in sizes for _ in range(k)] if rest > 0 else []
 
 
-def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool, head: bool) -> list[int]:
-    sizes: list[int] = []
+def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool,
+                  head: bool) -> Counter[int]:
+    """Element count -> number of trainable tensors of that size (a multiset, so work is per shape)."""
+    sizes: Counter[int] = Counter()
     for i in layers:
         layer = counts.layers[i]
-        sizes += [fin * fout for _, fin, fout, n in layer.linear_shapes for _ in range(n)]
-        sizes += [spec.hidden_size] * (layer.norm // spec.hidden_size)
+        for _, fin, fout, n in layer.linear_shapes:
+            sizes[fin * fout] += n
+        sizes[spec.hidden_size] += layer.norm // spec.hidden_size
     if embed:
-        sizes.append(counts.embedding)
+        sizes[counts.embedding] += 1
     if head and counts.lm_head:
-        sizes.append(counts.lm_head)
+        sizes[counts.lm_head] += 1
     return sizes
 

@@ -6,13 +6,15 @@ Registered by :mod:`vramplan.cli`; heavy imports (starlette, uvicorn, vl-convert
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
-from collections.abc import Callable
+import sys
 from typing import Any
 
-from ._argtypes import integer
-from .errors import VramplanError
+from .._argtypes import integer
+from ..errors import VramplanError
+from ._flags import add_image_flags, add_workload_flags, options
 
 __all__ = ["register"]
 
@@ -40,7 +42,7 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a range A:B of two integers (e.g. 512:32768)") from None
 
 
-def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="a local web page: pick a model and workload, see memory, charts and fits")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
@@ -54,6 +56,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
                    help="from A to B, both included (doubling from A unless --steps is given)")
     w.add_argument("--steps", type=integer, default=None, help="N values evenly spaced on a log scale")
     add_workload_flags(w)
+    add_image_flags(w)
     w.add_argument("--gpu", action="append", default=[], metavar="NAME",
                    help="draw this GPU's usable memory and say where it runs out (repeatable)")
     w.add_argument("--plot", metavar="FILE", help="write the chart: .png or .svg (needs vramplan[web])")
@@ -71,12 +74,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    import sys
-
     try:
         import uvicorn
 
-        from .web.app import create_app
+        from ..web.app import create_app
     except ImportError as exc:
         raise VramplanError(f"vramplan serve needs the web extra ({exc.name} is missing): "
                             "pip install 'vramplan[web]'") from None
@@ -86,25 +87,40 @@ def _serve(ns: argparse.Namespace) -> int:
                          "this page\n")
     # On loopback, answer only requests addressed to this machine by name (a guard against DNS rebinding).
     app = create_app(trusted_hosts=("127.0.0.1", "localhost", "::1", ns.host) if loopback else None)
+    sock = _bind(ns.host, ns.port)  # before saying "serving on": a busy port is an error, not a banner
+    port = sock.getsockname()[1]
     shown = f"[{ns.host}]" if ":" in ns.host else ns.host
-    sys.stderr.write(f"vramplan: serving on http://{shown}:{ns.port}/ (Ctrl+C stops)\n")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning", server_header=False)
+    sys.stderr.write(f"vramplan: serving on http://{shown}:{port}/ (Ctrl+C stops)\n")
+    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=port, log_level="warning",
+                                           server_header=False))
+    server.run(sockets=[sock])
     return 0
 
 
-def _sweep(ns: argparse.Namespace) -> int:
-    from .api import make_workload
-    from .catalog import resolve_model
-    from .charts import capacities, plot_sweep, run_sweep, sweep_values
-    from .cli import _workload_options
+def _bind(host: str, port: int) -> Any:
+    import socket
 
-    lo, hi = ns.value_range
-    values = sweep_values(lo, hi, ns.steps)
-    spec, entry = resolve_model(ns.model)
-    name = entry.name if entry else spec.name
-    result = run_sweep(spec, name, make_workload(**_workload_options(ns)), ns.over, values, capacities(ns.gpu))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise VramplanError(f"port {port} on {host} is in use (another vramplan serve?); "
+                                f"pick another with --port, or --port 0 for any free one") from None
+        reason = exc.strerror or str(exc)
+        raise VramplanError(f"cannot listen on {host}:{port}: {reason}; check --host and --port") from None
+
+
+def _sweep(ns: argparse.Namespace) -> int:
+    from ..charts import plot_sweep
+    from ..render import note_gpu_choice
+    from ..service import SweepQuery, sweep
+
+    result = sweep(SweepQuery.of(ns.model, options(ns)))
+    note_gpu_choice(*(ns.gpu or ()))
     if ns.plot:
-        plot_sweep(result, ns.plot)
+        written = plot_sweep(result, ns.plot)
+        sys.stderr.write(f"vramplan: wrote the sweep chart to {written}\n")
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif not ns.plot or result.stopped:
@@ -113,12 +129,12 @@ def _sweep(ns: argparse.Namespace) -> int:
 
 
 def _print_sweep(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    from .units import GiB
+    from ..render import console as _console
+    from ..units import GiB
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{data['model']}: memory by {data['over']}", show_edge=False)
     table.add_column(data["over"], justify="right")
     table.add_column("peak allocated GiB", justify="right")

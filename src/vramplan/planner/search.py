@@ -1,0 +1,447 @@
+"""The search: every candidate of the space evaluated once, against every GPU of the pool."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import WorkloadError
+from ..estimator import estimate
+from ..hardware import GPU, list_gpus
+from ..parallel import Layout, estimate_parallel
+from ..params import count_params
+from ..perf import (
+    EngineProfile,
+    StepWork,
+    ThroughputModel,
+    allreduce_seconds,
+    decode_seconds,
+    decode_work,
+    engine_overhead_s,
+    engine_profile,
+    inference_work,
+    link_bandwidth_bytes_per_s,
+    load_throughput_model,
+    ring_allreduce_bytes,
+    step_time,
+    training_work,
+)
+from ..spec import ModelSpec
+from ..workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+from .recommend import Plan, PlanResult, _dedupe, _rank_key, _recommend, _vision_rank_key
+from .space import (
+    _SECONDS_PER_HOUR,
+    _SINGLE,
+    _VISION_PRECISIONS,
+    CHINCHILLA_TOKENS_PER_PARAMETER,
+    DEFAULT_FINETUNE_TOKENS,
+    DEFAULT_GENERATED_TOKENS,
+    DEFAULT_GLOBAL_BATCH,
+    INFER_CONCURRENCY,
+    VISION_BATCHES,
+    VISION_NO_TIME,
+    PlanRequest,
+    PlanTask,
+    SortKey,
+    _Config,
+    _configs,
+    _family,
+    _layouts,
+    _micro_batches,
+    _runs,
+)
+
+# ----------------------------------------------------------------------------------------- the planner
+
+
+@dataclass
+class _Memo:
+    """(per-GPU peak, total, comm bytes, split, bubble) of a (workload, layout); None: unsupported."""
+
+    results: dict[tuple[Workload, Layout], tuple[int, int, int, int, float] | None] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, None] = field(default_factory=dict)  # workloads the estimator rejects (ordered set)
+    evaluations: int = 0
+
+    def get(self, spec: ModelSpec, w: Workload, layout: Layout, label: str,
+            name: str) -> tuple[int, int, int, int, float] | None:
+        w = _memory_twin(w)
+        if label == "ddp" and layout.gpus > 2:
+            # A DDP replica's memory does not depend on how many replicas there are; only the ring
+            # all-reduce volume does, 2 (n - 1) / n of the gradients (Patarasuk & Yuan 2009).
+            two = self.get(spec, w, Layout(gpus=2), label, name)
+            if two is None:
+                return None
+            n = layout.gpus
+            return (two[0], two[1], int(two[2] * (n - 1) / n * 2), two[3], two[4])
+        key = (w, layout)
+        if key in self.results:
+            return self.results[key]
+        self.evaluations += 1
+        res: tuple[int, int, int, int, float] | None
+        if layout.is_single or label == "replicas":
+            try:
+                est = estimate(spec, w, name=name)
+            except WorkloadError as exc:  # e.g. longer than a learned position table
+                self.errors.setdefault(str(exc), None)
+                res = None
+            else:
+                res = (est.peak_allocated_bytes, est.total_bytes, 0, 1, 0.0)
+        else:
+            try:
+                pe = estimate_parallel(spec, w, layout)
+            except WorkloadError as exc:
+                self.unsupported.setdefault(label, str(exc))
+                res = None
+            else:
+                bubble = float(getattr(pe, "bubble_fraction", 0.0) or 0.0)
+                res = (pe.peak_allocated_bytes, pe.total_bytes, int(pe.comm_bytes_per_step),
+                       layout.tp * layout.pp, bubble)
+        self.results[key] = res
+        return res
+
+
+_SAME_BYTES = {Precision.FP16: Precision.BF16, Precision.AMP_FP16: Precision.AMP_BF16}
+
+
+def _memory_twin(w: Workload) -> Workload:
+    """The workload whose memory equals ``w``'s, in a canonical form, so identical estimates run once.
+
+    fp16 and bf16 have the same element size, and the estimator reads only element sizes
+    (``Precision.param_bytes`` / ``compute_bytes``); gradient accumulation keeps the gradients from the
+    first micro-batch on, so any count above one holds the same bytes. ``tests/test_planner.py`` checks
+    both equalities on the estimator itself.
+    """
+    twin = _SAME_BYTES.get(w.precision)
+    if twin is not None or w.gradient_accumulation > 2:
+        return w.with_(precision=twin or w.precision, gradient_accumulation=min(w.gradient_accumulation, 2))
+    return w
+
+
+def _tokens(req: PlanRequest, parameters: int) -> tuple[int, str]:
+    if req.tokens is not None:
+        return req.tokens, f"{req.tokens:,} tokens (--tokens)"
+    if req.epochs is not None and req.dataset_tokens is not None:
+        n = max(1, round(req.epochs * req.dataset_tokens))
+        return n, f"{req.epochs:g} epochs x {req.dataset_tokens:,} tokens"
+    if req.task is PlanTask.TRAIN:
+        n = CHINCHILLA_TOKENS_PER_PARAMETER * parameters
+        return n, f"{n:,} tokens: 20 per parameter, compute-optimal (Hoffmann et al. 2022); set --tokens"
+    if req.task is PlanTask.FINETUNE:
+        return DEFAULT_FINETUNE_TOKENS, f"{DEFAULT_FINETUNE_TOKENS:,} tokens by default; set --tokens"
+    return DEFAULT_GENERATED_TOKENS, f"{DEFAULT_GENERATED_TOKENS:,} generated tokens by default; set --tokens"
+
+
+def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | None = None,
+         gpus: Sequence[GPU] | None = None) -> PlanResult:
+    """Search the plans for ``spec`` (see the module docstring); ``gpus`` defaults to the catalog."""
+    t0 = time.perf_counter()
+    req = request or PlanRequest()
+    label = name or spec.name
+    pool = list(gpus) if gpus is not None else list(list_gpus())
+    if req.gpu_class != "any":
+        pool = [g for g in pool if g.gpu_class == req.gpu_class]
+    parameters = count_params(spec).total
+    tokens, tokens_note = _tokens(req, parameters)
+    infer = req.task is PlanTask.INFER
+    global_batch = 0 if infer else (req.global_batch or DEFAULT_GLOBAL_BATCH[req.task.value])
+    model = load_throughput_model()
+    engine = engine_profile(req.engine)
+    memo = _Memo()
+    candidates = 0
+    plans: list[Plan] = []
+    min_need: dict[str, tuple[int, str]] = {}  # gpu class -> (least total bytes evaluated, description)
+    families = {f: [g for g in pool if _family(g) == f] for f in ("bf16", "fp16")}
+    for family, fgpus in families.items():
+        if not fgpus:
+            continue
+        max_usable = max(g.usable_memory_bytes for g in fgpus)
+        for cfg in _configs(req, family):
+            for lay_label, layout in _layouts(req, cfg, family):
+                replicas = layout.gpus if lay_label == "replicas" else layout.dp
+                if infer:
+                    sizes = list(req.micro_batches) if req.micro_batches else list(INFER_CONCURRENCY)
+                else:
+                    sizes = _micro_batches(req, -(-global_batch // replicas))
+                for mb in sorted(sizes):
+                    accum = 1 if infer else -(-global_batch // (replicas * mb))
+                    try:
+                        w = _workload(req, cfg, mb, accum)
+                    except WorkloadError:
+                        break
+                    if lay_label == "ddp":
+                        # a DDP replica holds all that one GPU holds, plus the reducer's buckets: where the
+                        # single-GPU estimate fits no GPU of the pool, DDP does not either
+                        alone = memo.get(spec, w, _SINGLE, "single", label)
+                        if alone is not None and alone[1] > max_usable:
+                            break
+                    res = memo.get(spec, w, layout, lay_label, label)
+                    if res is None:
+                        break
+                    peak, total, comm_bytes, split, bubble = res
+                    desc = _describe_need(cfg, mb, layout, lay_label, req.seq_len)
+                    ctx = None
+                    if total <= max_usable:  # the GPU-independent work, once, where some GPU can hold it
+                        ctx = _Context(spec, w, layout, lay_label, replicas, global_batch, peak, total, comm_bytes,
+                                       split, bubble, tokens, req.new_tokens, model,
+                                       training_work(spec, w) if w.is_train else inference_work(spec, w),
+                                       (0, 0.0) if w.is_train else decode_work(
+                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
+                                       None if w.is_train else engine)
+                    for g in fgpus:
+                        if cfg.quant is WeightsQuant.FP8 and g.peak_tflops("fp8") is None:
+                            continue  # fp8 GEMMs need fp8 tensor cores (Ada, Hopper and later)
+                        candidates += 1
+                        old = min_need.get(g.gpu_class)
+                        if old is None or total < old[0]:
+                            min_need[g.gpu_class] = (total, desc)
+                        if ctx is not None and total <= g.usable_memory_bytes:
+                            plans.append(_make_plan(ctx, g))
+                    if total > max_usable:
+                        break  # a larger micro-batch cannot fit any GPU of the pool
+    if not candidates and memo.errors:
+        raise WorkloadError(next(iter(memo.errors)))
+    feasible = len(plans)
+    warnings: list[str] = [f"skipped: {e}" for e in memo.errors]
+    if req.budget_usd is not None:
+        over = [p for p in plans if p.cost_usd is None or p.cost_usd > req.budget_usd]
+        if over:
+            warnings.append(f"{len(over)} fitting plans dropped: over the ${req.budget_usd:,.2f} budget or unpriced")
+        plans = [p for p in plans if p.cost_usd is not None and p.cost_usd <= req.budget_usd]
+    ranked = sorted(plans, key=_rank_key(req.sort))
+    consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
+    datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    for lay, err in sorted(memo.unsupported.items()):
+        warnings.append(f"{lay} layouts skipped: {err}")
+    assumptions = (
+        f"job: {tokens_note}" + ("" if infer else f"; global batch {global_batch} sequences of {req.seq_len} tokens"),
+        "fits: total_bytes (peak allocated + allocator slack + CUDA context) of the most loaded GPU <= the GPU's "
+        "usable memory",
+        model.assumption(),
+        "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
+        "not overlapped with compute",
+        "cost: GPU-hours x the catalog's indicative on-demand price (reserved alongside); unpriced GPUs have no "
+        "cost and rank after priced ones",
+        "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity method "
+        "(full > LoRA > QLoRA > freeze; 16-bit > fp8 > int8 > nf4 weights) they allow; data centre = the "
+        f"highest-fidelity method any data-centre plan allows, then the best by {req.sort.value}",
+    )
+    return PlanResult(label, parameters, req.task.value, tokens, req.seq_len, global_batch, req.sort.value,
+                      candidates, feasible, sum(1 for v in memo.results.values() if v is None),
+                      time.perf_counter() - t0, tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason,
+                      datacenter, datacenter_reason, assumptions, tuple(warnings))
+
+
+def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
+    if req.task is PlanTask.INFER:
+        return Workload(task=Task.INFER, precision=cfg.precision, weights_quant=cfg.quant, batch_size=mb,
+                        seq_len=req.seq_len, new_tokens=req.new_tokens, attention=req.attention)
+    return Workload(task=Task.TRAIN, method=cfg.method, precision=cfg.precision,
+                    optimizer=cfg.optimizer or Optimizer.ADAMW, batch_size=mb, seq_len=req.seq_len,
+                    gradient_checkpointing=cfg.ckpt, attention=req.attention, lora_rank=req.lora_rank,
+                    lora_targets=cfg.targets, gradient_accumulation=accum)
+
+
+def _describe_need(cfg: _Config, mb: int, layout: Layout, lay_label: str, seq: int) -> str:
+    parts = [cfg.method.value if cfg.optimizer else "inference", cfg.precision.value]
+    if cfg.quant is not WeightsQuant.NONE:
+        parts.append(f"{cfg.quant.value} weights")
+    if cfg.optimizer:
+        parts.append(cfg.optimizer.value)
+    if cfg.ckpt:
+        parts.append("gradient checkpointing")
+    parts.append(f"batch {mb} x {seq} tokens")
+    if layout.gpus > 1:
+        parts.append(f"{lay_label} over {layout.gpus} GPUs")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """One evaluated (workload, layout): everything a plan needs but the GPU."""
+
+    spec: ModelSpec
+    w: Workload
+    layout: Layout
+    label: str
+    replicas: int
+    global_batch: int
+    peak: int
+    total: int
+    comm_bytes: int
+    split: int
+    bubble: float
+    tokens: int
+    new_tokens: int
+    model: ThroughputModel
+    work: StepWork  # training: one micro-batch; inference: the prefill
+    decode: tuple[int, float] = (0, 0.0)  # inference: bytes read and FLOPs of one decode step
+    engine: EngineProfile | None = None  # inference: the serving engine
+
+
+def _make_plan(c: _Context, gpu: GPU) -> Plan:
+    w, n = c.w, c.layout.gpus
+    time_s: float | None = None
+    tps: float | None = None
+    mfu: float | None = None
+    work = c.work
+    if w.is_train:
+        comm_bytes = c.comm_bytes
+        if comm_bytes == 0 and c.replicas > 1:
+            comm_bytes = int(ring_allreduce_bytes(work.gradient_bytes, c.replicas))  # DDP's all-reduce
+        bw = link_bandwidth_bytes_per_s(gpu, n) if n > 1 else None
+        comm_s = 0.0 if n == 1 else (comm_bytes / bw if bw else None)
+        # ZeRO (any stage) and FSDP give each data-parallel rank 1/dp of the optimizer step
+        shard = c.replicas if (c.layout.fsdp is not None or c.layout.zero >= 1) else 1
+        st = None if comm_s is None else step_time(work, gpu, c.model, micro_batches=w.gradient_accumulation,
+                                                   split=c.split, shard=shard, comm_s=comm_s,
+                                                   overlapped=c.split == 1)
+        if st is not None:
+            per_step = st.total_s / (1 - c.bubble) if c.bubble < 1 else st.total_s
+            step_tokens = c.replicas * w.gradient_accumulation * work.tokens
+            time_s = -(-c.tokens // step_tokens) * per_step
+            tps = step_tokens / per_step
+            peak_flops = gpu.peak_tflops(work.dtype)
+            if peak_flops:
+                mfu = work.model_flops * w.gradient_accumulation * c.replicas / (per_step * n * peak_flops * 1e12)
+    elif c.new_tokens > 0:
+        # a batch of requests: prefill, then new_tokens decode steps (split over tensor-parallel GPUs)
+        # the same terms as vramplan.perf.inference_time: roofline + the engine's per-layer cost + 2 all-reduces
+        # per layer under tensor parallelism (latency + ring bytes)
+        eng = c.engine or engine_profile("transformers")
+        prefill = step_time(work, gpu, c.model, split=c.split, engine=None if eng.per_layer_s is None else eng)
+        roof, _ = decode_seconds(c.decode[0] / c.split, c.decode[1] / c.split, gpu, work.dtype, c.model)
+        ar = allreduce_seconds(w.batch_size * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
+        ar_prefill = allreduce_seconds(work.tokens * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
+        if prefill is not None and roof is not None and ar is not None and ar_prefill is not None:
+            decode_s = roof + engine_overhead_s(c.spec, eng, c.model) + 2 * c.spec.num_layers * ar
+            request_s = prefill.total_s + 2 * c.spec.num_layers * ar_prefill + c.new_tokens * decode_s
+            tps = c.replicas * w.batch_size * c.new_tokens / request_s
+            time_s = c.tokens / tps
+    gpu_hours = None if time_s is None else time_s * n / _SECONDS_PER_HOUR
+    od = rs = None
+    reason: str | None = None
+    if gpu_hours is None:
+        reason = "no time: the catalog lacks a figure this plan needs (dense throughput or link bandwidth)"
+    else:
+        if gpu.price.on_demand is not None:
+            od = gpu_hours * gpu.price.on_demand
+        else:
+            reason = f"no on-demand price for {gpu.display_name} in the catalog ({gpu.price.source})"
+        if gpu.price.reserved is not None:
+            rs = gpu_hours * gpu.price.reserved
+    return Plan(gpu.name, gpu.display_name, gpu.gpu_class, n, c.label,
+                w.method.value if w.is_train else "inference", w.precision.value,
+                w.optimizer.value if w.is_train else None, w.base_quant.value,
+                w.gradient_checkpointing and w.is_train, w.batch_size, w.gradient_accumulation, c.global_batch,
+                w.seq_len, c.peak, c.total, gpu.usable_memory_bytes,
+                None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu)
+
+
+def plan_vision(name: str, request: PlanRequest | None = None, *, gpus: Sequence[GPU] | None = None,
+                resolution: int | None = None, pipeline: bool = False) -> PlanResult:
+    """The plans for an image model (:mod:`vramplan.vision`) on one GPU of each type of the pool.
+
+    A reduced search: method (full, and LoRA where the model has it, for ``finetune``), precision (bf16,
+    fp16, amp-bf16, fp32 where the GPU has the type), gradient checkpointing, AdamW or (full training)
+    8-bit AdamW, and
+    batches of 1-64 images at ``resolution``. Memory comes from :func:`vramplan.vision.estimate_vision`;
+    time and cost are ``None`` (:data:`VISION_NO_TIME`), never guessed.
+    """
+    from ..vision import estimate_vision
+
+    t0 = time.perf_counter()
+    req = request or PlanRequest()
+    pool = list(gpus) if gpus is not None else list(list_gpus())
+    if req.gpu_class != "any":
+        pool = [g for g in pool if g.gpu_class == req.gpu_class]
+    if any(q is not WeightsQuant.NONE for q in req.weights_quants):
+        raise WorkloadError("--weights-quant is not modelled for image models")
+    infer = req.task is PlanTask.INFER
+    bad = [m.value for m in req.methods if m not in (Method.FULL, Method.LORA)]
+    if bad:
+        raise WorkloadError(f"--method {bad[0]} is not available for image models; use full or lora")
+    methods: tuple[Method | None, ...] = (None,) if infer else (
+        req.methods or ((Method.FULL,) if req.task is PlanTask.TRAIN else (Method.FULL, Method.LORA)))
+    opts: tuple[Optimizer | None, ...] = (None,) if infer else (req.optimizers or (Optimizer.ADAMW,
+                                                                                   Optimizer.ADAMW_8BIT))
+    ckpts = (False,) if infer else ((False, True) if req.gradient_checkpointing is None
+                                    else (req.gradient_checkpointing,))
+    sizes = sorted(set(req.micro_batches)) or list(VISION_BATCHES)
+    max_usable = max((g.usable_memory_bytes for g in pool), default=0)
+    errors: dict[str, None] = {}
+    plans: list[Plan] = []
+    min_need: dict[str, tuple[int, str]] = {}
+    candidates = 0
+    parameters = 0
+    label = name
+    res_used = resolution
+    for method in methods:
+        for prec in req.precisions or _VISION_PRECISIONS:
+            for opt in opts:
+                if method is Method.LORA and opt is Optimizer.ADAMW_8BIT and not req.optimizers:
+                    continue  # LoRA's optimizer states are a few MiB: 8-bit states save nothing worth a plan
+                for ckpt in ckpts:
+                    for mb in sizes:
+                        accum = 1 if infer or not req.global_batch else -(-req.global_batch // mb)
+                        try:
+                            est = estimate_vision(
+                                name, task="infer" if infer else "train", method=(method or Method.FULL).value,
+                                precision=prec.value, optimizer=opt.value if opt else None, batch_size=mb,
+                                resolution=resolution, gradient_checkpointing=ckpt, pipeline=pipeline,
+                                attention="eager" if req.attention is Attention.EAGER else "sdpa",
+                                lora_rank=req.lora_rank, gradient_accumulation=accum)
+                        except WorkloadError as exc:
+                            errors.setdefault(str(exc), None)
+                            break
+                        parameters, label = est.parameters, est.model
+                        res_used = int(est.workload["resolution"])
+                        desc = ", ".join(x for x in (method.value if method else "inference", prec.value,
+                                                     opt.value if opt else "",
+                                                     "gradient checkpointing" if ckpt else "",
+                                                     f"batch {mb} at {res_used} px") if x)
+                        for g in pool:
+                            if not _runs(g, prec):
+                                continue
+                            candidates += 1
+                            old = min_need.get(g.gpu_class)
+                            if old is None or est.total_bytes < old[0]:
+                                min_need[g.gpu_class] = (est.total_bytes, desc)
+                            if est.total_bytes <= g.usable_memory_bytes:
+                                plans.append(Plan(
+                                    g.name, g.display_name, g.gpu_class, 1, "single",
+                                    method.value if method else "inference", prec.value,
+                                    opt.value if opt else None, WeightsQuant.NONE.value, ckpt, mb, accum,
+                                    0 if infer else mb * accum, 0, est.peak_allocated_bytes, est.total_bytes,
+                                    g.usable_memory_bytes, None, None, None, None, VISION_NO_TIME,
+                                    None, None, res_used))
+                        if est.total_bytes > max_usable:
+                            break  # a larger batch cannot fit any GPU of the pool
+    if not candidates and errors:
+        raise WorkloadError(next(iter(errors)))
+    ranked = sorted(plans, key=_vision_rank_key(req.sort, {g.name: g.price.on_demand for g in pool}))
+    feasible = len(ranked)
+    warnings = [f"skipped: {e}" for e in errors]
+    if req.budget_usd is not None and ranked:
+        warnings.append(f"--budget-usd dropped all {feasible} fitting plans: image-model plans have no cost "
+                        f"({VISION_NO_TIME})")
+        ranked = []
+    consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
+    datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    assumptions = (
+        f"image model: one GPU, batches of {', '.join(map(str, sizes))} images at {res_used} px; "
+        + ("inference" if infer else "training: full" + (" or LoRA" if Method.LORA in methods else "")
+           + (f", {req.global_batch} images per optimizer step" if req.global_batch else "")),
+        "fits: total_bytes (peak allocated + allocator slack + CUDA context) <= the GPU's usable memory",
+        f"time and cost: none, {VISION_NO_TIME}; plans are ranked by "
+        + ("the GPU's on-demand hourly price, then " if req.sort is SortKey.COST else "")
+        + "fewest memory savers (checkpointing, 8-bit optimizer), then the most images per step",
+        "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity "
+        "method (full > LoRA) they allow; data centre = the highest-fidelity method any data-centre plan "
+        "allows, then the first by that ranking",
+    )
+    return PlanResult(label, parameters, req.task.value, 0, 0, 0 if infer else (req.global_batch or 0),
+                      req.sort.value, candidates, feasible, 0, time.perf_counter() - t0,
+                      tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason, datacenter, datacenter_reason,
+                      assumptions, tuple(warnings), resolution=res_used)
