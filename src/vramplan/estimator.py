@@ -20,6 +20,7 @@ from functools import lru_cache
 from ._tape import Moment, Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
+from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
@@ -98,11 +99,12 @@ def numerics(w: Workload) -> Numerics:
 
 
 def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
-          attention: Attention | None = None) -> LayerPlan:
+          rope: bool = True, attention: Attention | None = None) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
-                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, dora=w.method is Method.DORA)
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope,
+                     dora=w.method is Method.DORA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +138,13 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
 
 
 def _layer_groups(spec: ModelSpec, first_trainable: int,
-                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool]]:
-    """(count, base weights train, moe, sliding, checkpointed) groups of identical layers, bottom to top; layers
-    from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
+                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool]]:
+    """(count, base weights train, moe, sliding, rope, checkpointed) groups of identical layers, bottom to top;
+    layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention)."""
-    counts: dict[tuple[bool, bool, bool, bool], int] = {}  # identical layers share one replay, first-seen order
+    counts: dict[tuple[bool, bool, bool, bool, bool], int] = {}  # identical layers share one replay
     for i in range(spec.num_layers):
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers,
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0)
         counts[key] = counts.get(key, 0) + 1
     return [(n, *key) for key, n in counts.items()]
@@ -198,9 +200,9 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding, ck in _layer_groups(spec, _first_trainable(spec, w, states), every):
+    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, _first_trainable(spec, w, states), every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding, attention)
+        plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
                                     grads_exist=accumulating, keep_input=ck and rg))
     ht = Tape(True)
@@ -310,9 +312,8 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
-    heads = spec.num_kv_heads
     elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
-    return 2 * b * length * heads * spec.head_dim * elem
+    return b * length * spec.kv_cache_per_token * elem
 
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
@@ -334,8 +335,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding, _ck in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
+    for count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
@@ -438,7 +439,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
     assumptions = [
-        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, transformers 5.x, one GPU)",
+        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
+        f"{spec.family} program follows transformers {spec.program_version}"
+        + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
@@ -452,7 +455,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         assumptions.append(f"inference: prefill {w.seq_len} tokens, logits for "
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
-    warnings = []
+    warnings = list(spec.notes)
+    stale = version_warning(spec)
+    if stale:
+        warnings.append(stale)
     if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "
