@@ -18,7 +18,9 @@ workloads = st.builds(
     task=st.sampled_from(list(Task)),
     method=st.sampled_from([Method.FULL, Method.LORA, Method.QLORA, Method.FREEZE]),
     precision=st.sampled_from(list(Precision)),
-    optimizer=st.sampled_from(list(Optimizer)),
+    # paged optimizers move tensors of >= 1e5 elements out of the caching allocator (bitsandbytes): a larger
+    # rank can page a state and lower max_memory_allocated, so they are left out of these monotonicity checks
+    optimizer=st.sampled_from([o for o in Optimizer if not o.value.startswith("paged")]),
     batch_size=st.integers(1, 16),
     seq_len=st.integers(1, 4096),
     new_tokens=st.integers(0, 256),
