@@ -232,6 +232,7 @@ def _flops_assumption(w: Workload) -> str:
     base = {Method.FULL: "6N per token (Kaplan et al. 2020)",
             Method.LORA: "4N per token: frozen base, forward 2N + input gradients 2N, no weight gradients",
             Method.QLORA: "4N per token: frozen 4-bit base dequantized per pass, no weight gradients",
+            Method.DORA: "4N per token: frozen base, no weight gradients (DoRA's B@A and weight norms not counted)",
             Method.FREEZE: "2N forward + 4N backward through the trainable top layers only"}[w.method]
     extra = " + one recomputed forward (2N) per token (gradient checkpointing)" if w.gradient_checkpointing else ""
     return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B), halved "

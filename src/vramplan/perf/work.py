@@ -286,7 +286,7 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         # Kaplan et al. 2020: 2N forward + 4N backward (input and weight gradients)
         back_layers = L
         gemm = 6 * (n_layers + n_head)
-    elif w.method in (Method.LORA, Method.QLORA):
+    elif w.method in (Method.LORA, Method.QLORA, Method.DORA):
         # frozen base: forward 2N, backward only the input gradients 2N; adapters train (6 x their size)
         adapters, n_adapted, adapted_io = _adapters(spec, w.lora_targets, w.lora_rank)
         back_layers = L
