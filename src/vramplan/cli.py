@@ -87,8 +87,6 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_workload_flags(t)
     t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
                    help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
-    t.add_argument("--image-tokens", type=non_negative_int, default=None,
-                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="list the built-in model catalog")
@@ -148,10 +146,11 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
     # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
     config, name, entry_name = load_trace_config(ns.model)
-    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name, routing=ns.routing,
-                         image_tokens=ns.image_tokens)
+    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name, routing=ns.routing)
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        from .trace import library_versions
+
+        print(json.dumps(est.to_dict() | {"versions": library_versions()}, indent=2))
     else:
         from .render import print_estimate
 

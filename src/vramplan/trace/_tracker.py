@@ -46,11 +46,12 @@ def block_bytes(nbytes: int) -> int:
 class _Rec:
     """One live allocation."""
 
-    __slots__ = ("kind", "nbytes", "ref", "region")
+    __slots__ = ("kind", "nbytes", "origin", "ref", "region")
 
-    def __init__(self, nbytes: int, region: MemoryKind) -> None:
+    def __init__(self, nbytes: int, region: MemoryKind, origin: str = "") -> None:
         self.nbytes = nbytes
         self.region = region
+        self.origin = origin  # module and op that allocated it (for reading a peak's live tensors)
         self.kind: MemoryKind | None = None  # set when the storage is known to be a weight, grad, state, ...
         self.ref: weakref.ref[Any] | None = None
 
@@ -201,7 +202,11 @@ class MemoryTracker(TorchDispatchMode):
         before = self.current
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._register(t)
+                rec = self._register(t)
+                if rec is not None and not rec.origin:
+                    node = torch._C._current_autograd_node()
+                    where = node.name() if node is not None else self.where
+                    rec.origin = f"{where} [{getattr(func, '__name__', func)}] {tuple(t.shape)} {t.dtype}"
         if self.current > before:
             self._check_peak(func, 0)
 
