@@ -86,8 +86,13 @@ def _is_composite(func: Any) -> bool:
     inference_mode; decomposing them here keeps their temporaries visible to the tracker."""
     hit = _composite_cache.get(func)
     if hit is None:
+        # An op that also has a backend kernel (silu_backward: a fused CUDA kernel, one output) runs that
+        # kernel on the GPU; only ops without one are really their decomposition. The CPU kernel stands for the
+        # CUDA one (a CPU-only torch cannot be asked about CUDA's).
         try:
-            hit = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+            name = func.name()
+            hit = (torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+                   and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
         except Exception:
             hit = False
         _composite_cache[func] = hit
