@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._files import read_text_limited
 from ..errors import VramplanError
+from ..hfconfig import MAX_CONFIG_BYTES
 from ..result import Estimate
 from ..workload import Workload
 
@@ -71,6 +73,15 @@ def trace_available() -> bool:
     return True
 
 
+_progress: Callable[[str], None] | None = None
+
+
+def report(step: str) -> None:
+    """Tell the caller's ``progress`` callback which step the trace is in (import, build, forward, …)."""
+    if _progress is not None:
+        _progress(step)
+
+
 # transformers >= 5 writes the floats JSON cannot hold as {"__float__": "Infinity"} (configuration_utils.py,
 # PreTrainedConfig._encode_special_floats); its reader turns them back.
 _SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
@@ -94,14 +105,16 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "config.json"
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text_limited(p, MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as exc:
         raise VramplanError(f"{path}: cannot read the config ({exc.strerror or exc}); give a config.json file, "
                             "a directory holding one, or a catalog name (vramplan models)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise VramplanError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise VramplanError(f"{p}: JSON nested too deeply to be a config.json") from None
     if not isinstance(data, dict):
         raise VramplanError(f"{p}: not a JSON object; a config.json holds one object")
     return decode_special_floats(data)  # type: ignore[no-any-return]
@@ -121,20 +134,28 @@ def load_trace_config(model: str) -> tuple[dict[str, Any], str, str | None]:
 
 
 def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model",
-                   routing: str = "balanced") -> Estimate:
+                   routing: str = "balanced", progress: Callable[[str], None] | None = None) -> Estimate:
     """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping).
 
     ``routing``: how MoE tokens reach experts where the model's dispatch depends on the data (``ROUTINGS``).
     Vision-language models are built whole (vision tower, projector, language model) and run on text tokens:
-    their vision tower's weights count, its activations are not traced (a warning says so)."""
+    their vision tower's weights count, its activations are not traced (a warning says so). ``progress``, when
+    given, is called with each step as it starts: importing torch, building the model, then the phases
+    (forward, backward, optimizer step; prefill, decode) — a trace takes seconds."""
+    global _progress
     if routing not in ROUTINGS:
         raise VramplanError(f"routing {routing!r} is not one of: {', '.join(ROUTINGS)}")
+    _progress = progress
     try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise VramplanError(TORCH_MISSING) from None
-    from ._engine import run_trace
+        report("importing torch, transformers and peft")
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise VramplanError(TORCH_MISSING) from None
+        from ._engine import run_trace
 
-    return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing)
+        return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing)
+    finally:
+        _progress = None
