@@ -9,6 +9,7 @@ for saving follow PyTorch's ``derivatives.yaml``; the kernel choices follow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -59,17 +60,18 @@ class LayerPlan:
     sliding: bool = False
     moe: bool = False
     lora_dropout: float = 0.0
+    rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
     """The kernel torch's scaled_dot_product_attention picks on an sm80+ GPU (torch 2.5–2.11).
 
-    Flash: fp16/bf16, head_dim <= 256 and a multiple of 8, no explicit mask, equal heads or
+    Flash: fp16/bf16, head_dim <= 256 (padded to a multiple of 8 inside), no explicit mask, equal heads or
     ``enable_gqa``. Memory-efficient: any float dtype, masks allowed, equal heads only. Otherwise
     the math path, which materializes the (batch, heads, q, k) scores (sdp_utils.cpp).
     """
     d = spec.head_dim
-    if elem == 2 and d <= 256 and d % 8 == 0 and not has_mask and (heads_match or enable_gqa):
+    if elem == 2 and d <= 256 and not has_mask and (heads_match or enable_gqa):
         return Kernel.FLASH
     if heads_match and d % (8 if elem == 2 else 4) == 0:
         return Kernel.EFFICIENT
@@ -227,6 +229,20 @@ class _B:
                              save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
                              rg=xin.rg or trainable)
             return out
+        if spec.norm is NormKind.COHERE_LAYERNORM:
+            # CohereLayerNorm (modeling_cohere2.py): x.to(fp32); mean; (x - mean).pow(2).mean; (x - mean) * rsqrt;
+            # weight.to(fp32) * that; .to(input dtype)
+            x32 = self.cast(x, 4)
+            mean = self.tp.op(rows, 4, (x32,))
+            d1 = self.tp.op(x.numel, 4, (x32, mean))
+            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else ())
+            var = self.tp.op(rows, 4, (sq,))
+            rs = self.ew(var, save_out=True)
+            d2 = self.tp.op(x.numel, 4, (x32, mean))
+            n32 = self.mul(d2, rs)
+            out = self.tp.op(x.numel, 4, (n32,), save=(n32,) if trainable else (), params=pg,
+                             rg=n32.rg or trainable)
+            return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         x32 = self.cast(x, 4)
         sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
@@ -246,22 +262,64 @@ class _B:
         return out
 
     # ---- attention ----------------------------------------------------------------------------
-    def rope(self, x: Tensor) -> Tensor:
+    def rope(self, x: Tensor, out_elem: int | None = None) -> Tensor:
         """``x * cos + rotate_half(x) * sin`` over the rotary part (cos/sin do not require grad)."""
-        frac = self.spec.rotary_fraction
-        if self.spec.position is not PositionKind.ROPE or frac <= 0:
+        spec = self.spec
+        frac = spec.rotary_fraction
+        if spec.position is not PositionKind.ROPE or frac <= 0 or (self.plan is not None and not self.plan.rope):
             return x
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
-        # cos/sin come in the hidden states' dtype (fp32 under autocast), and mul promotes
+        style = spec.rope_style
+        # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
-        a = self.tp.op(part.numel, elem, (part,))  # x * cos
-        half = self.tp.op(part.numel // 2, x.elem, (part,))  # -x2
-        rot = self.tp.op(part.numel, x.elem, (half, part))  # cat
-        b = self.tp.op(part.numel, elem, (rot,))  # * sin
+        src = part
+        if style in ("fp32", "interleave_fp32"):
+            elem = 4
+            if style == "fp32":  # q.float() first (modeling_cohere2.py)
+                src = self.cast(part, 4)
+                if out_elem is None:
+                    out_elem = x.elem
+        if style in ("interleave", "interleave_fp32"):
+            # cos[..., :half].repeat_interleave(2, -1) and the same for sin (modeling_glm4.py / modeling_ernie4_5.py):
+            # (batch, 1, seq, rotary) copies, made for q's and k's call alike
+            cs_elem = 4 if style == "interleave_fp32" or self.num.amp else self.num.act
+            rot_numel = self.s * int(spec.head_dim * frac)  # position_ids (1, seq): no batch dimension
+            cos = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            sin = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            ins: tuple[Tensor, ...] = (cos, sin)
+        else:
+            ins = ()
+        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+            a32 = self.cast(src, 4)
+            a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
+            half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, x.elem, (half, src))  # cat
+            r32 = self.cast(rot, 4)
+            b = self.tp.op(part.numel, 4, (r32, *ins[1:]))
+        else:
+            a = self.tp.op(part.numel, elem, (src, *ins[:1]))  # x * cos
+            half = self.tp.op(part.numel // 2, src.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, src.elem, (half, src))  # cat
+            b = self.tp.op(part.numel, elem, (rot, *ins[1:]))  # * sin
         out = self.add(a, b)
+        if style in ("fp32", "interleave_fp32"):
+            out = self.cast(out, out_elem or x.elem)  # .to(original dtype)
         if frac < 1:
-            out = self.tp.op(x.numel, x.elem, (out, x))  # cat with the pass-through part
+            out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
+
+    def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
+        input and fp32 copy stays referenced until it returns (modeling_cohere2.py)."""
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        qe = self.rope(q32, out_elem=4)
+        ke = self.rope(k32, out_elem=4)
+        end = len(self.tp.ops) - 1
+        qe, ke = self.cast(qe, q.elem), self.cast(ke, k.elem)  # return q_embed.to(dtype), k_embed.to(dtype)
+        for t in (q, k, q32, k32):
+            root = t.base if t.base is not None else t
+            root.last_use = max(root.last_use, end)
+        return qe, ke
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output."""
@@ -356,6 +414,8 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        if spec.kv_lora_rank:
+            return self.mla(n)
         has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
@@ -382,10 +442,13 @@ class _B:
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm:
-            q = self.norm(q, d, tr)
-            k = self.norm(k, d, tr)
-        q = self.rope(q)
-        k = self.rope(k)
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+        if spec.rope_style == "fp32" and plan.rope:
+            q, k = self.rope_fp32_pair(q, k)
+        else:
+            q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
+            k = self.call(self.rope, k)
         if not self.num.training:
             # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
             # holds copies of the post-RoPE keys and the values, in their own storage
@@ -405,6 +468,60 @@ class _B:
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
         o = lin(out, qd, h, oname, spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def mla(self, n: Tensor) -> Tensor:
+        """Multi-head latent attention (modeling_deepseek_v3.py, transformers 5.24): q through its low-rank
+        pair, one compressed key/value latent plus a shared rotary key (what the cache stores), expanded to
+        every head by kv_b_proj; q/k heads of nope + rope dims, values of v_head_dim."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, nh, qk, rd, vd = spec.hidden_size, spec.num_heads, spec.head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        qr, kvr = spec.q_lora_rank, spec.kv_lora_rank
+        b, s, tr, quant = self.b, self.s, plan.trainable, plan.quant
+        nope = qk - rd
+
+        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        if qr:
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+        else:
+            q = lin(n, h, nh * qk, "q_proj", False)
+        ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
+        latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+        # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
+            latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
+            k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
+            tp.keep(latent, k_rot)
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
+        key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
+        value = tp.view(kvb, b * self.kv_len * nh * vd)
+        kernel = self.kernel_for(False)
+        if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
+            kernel = Kernel.EFFICIENT
+        if kernel is Kernel.EFFICIENT:
+            rg = query.rg or key.rg or value.rg
+            lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
+            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
+                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            if rg:
+                tp.save_output(out)
+                tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
+        else:
+            out = self.attention_core(query, key, value, kernel, nh)
+            out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
+        # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
+        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+            root = x.base if x.base is not None else x
+            root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
 
     def mlp(self, n: Tensor) -> Tensor:
@@ -462,28 +579,69 @@ class _B:
             return out
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
+    def router(self, n: Tensor, t: int, e: int, k: int, tr: bool) -> tuple[Tensor, Tensor]:
+        """Top-k routing: (expert indices, routing weights) of every token.
+
+        softmax routers (Mixtral, Qwen, Granite): logits, ``softmax(dtype=float32)`` (saves its result),
+        ``topk`` (saves the indices). fp32 routers (DeepSeek-V3, GLM-4.5, ERNIE 4.5) first copy the hidden
+        states to fp32 and keep an fp32 weight; sigmoid routers add the score-correction bias and mask the
+        groups not chosen before the top-k, then gather the weights from the scores.
+        """
+        spec, tp = self.spec, self.tp
+        h = spec.hidden_size
+        pairs = t * k
+        x = self.cast(n, 4) if spec.router_fp32 else n
+        logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
+                             weight_elem=4 if spec.router_fp32 else None)
+        probs = tp.op(t * e, 4, (logits,))
+        if probs.rg:
+            tp.save_output(probs)
+        if spec.router_sigmoid:
+            choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
+            masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
+            idx = tp.op(pairs, 8, (masked,), rg=False)
+        else:
+            idx = tp.op(pairs, 8, (probs,), rg=False)
+        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # sigmoid routers return fp32 weights (the weighted expert outputs are then fp32 until the final cast)
+        return idx, w if spec.router_sigmoid else self.cast(w, n.elem)
+
     def moe(self, n: Tensor) -> Tensor:
-        """Sparse MoE block: router softmax/top-k, tokens gathered per expert, weighted scatter-add."""
+        """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
+        integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
+        (token, expert) pair sorted by expert and gathered into one (T*k, hidden) batch, two grouped GEMMs,
+        the routing weights applied, the pairs put back in token order and summed over k."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
+        pairs = t * k
         tr = plan.trainable
-        logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
-        probs = tp.op(t * e, 4, (logits,))  # softmax in fp32
-        if probs.rg:
-            tp.save_output(probs)
-        w = tp.op(t * k, 4, (probs,))  # top-k weights (gather saves indices)
-        w = self.cast(w, n.elem)
-        routed = t * k
-        xin = tp.op(routed * h, n.elem, (n,))  # hidden_states[token_idx] gathered per expert
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+        act = n.elem
+        idx, w = self.router(n, t, e, k, tr)
+        # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
+        eid = tp.op(pairs, 8, (idx,), rg=False)
+        perm = tp.op(pairs, 8, (idx,), rg=False)
+        tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
+        xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
+        wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
+        hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
+        offs = tp.op(2 * e, 4, (hist,), rg=False)
+        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
+                         quant=plan.quant, count=e)
+        a = self.activation(tp.view(gu, pairs * i))
+        p = self.mul(a, tp.view(gu, pairs * i))
+        dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
-        a = self.activation(tp.view(gu, routed * i))
-        p = self.mul(a, tp.view(gu, routed * i))
-        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
-        wd = self.mul(dn, w)
-        out = tp.op(t * h, n.elem, (wd,))  # index_add_ into a zeros (T, h) buffer
+        wd = self.mul(dn, wg)
+        inv = tp.op(pairs, 8, (perm,), rg=False)  # inv_perm[perm] = arange(...)
+        back = tp.op(pairs * h, wd.elem, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
+        out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
+        # the function's locals (the gathered states, sort results, offsets, the down projection's output)
+        # stay referenced until it returns
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
+            x.last_use = max(x.last_use, len(tp.ops) - 1)
+        out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
             def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
@@ -495,12 +653,24 @@ class _B:
             sa = self.activation(sg)
             sp = self.mul(sa, su)
             so = shared(sp, si, h, "shared_down_proj")
-            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
-                               lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
-            gs = self.ew(gate, save_out=True)
-            so = self.mul(so, gs)
+            if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+                gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
+                                   lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
+                gs = self.ew(gate, save_out=True)
+                so = self.mul(so, gs)
             out = self.add(out, so)
         return out
+
+    def call(self, module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``module(x)``: the caller's ``hidden_states`` keeps ``x`` referenced until the module returns."""
+        y = module(x)
+        root = x.base if x.base is not None else x
+        root.last_use = max(root.last_use, len(self.tp.ops) - 1)
+        return y
+
+    def residual(self, x: Tensor) -> Tensor:
+        """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
+        return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
@@ -510,20 +680,25 @@ class _B:
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
-            a = self.self_attention(n1)
-            m = self.mlp(n2)
+            a = self.call(self.self_attention, n1)
+            m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
+        elif not spec.pre_norm:  # OLMo 2 / EXAONE 4: h = x + norm(attn(x)); y = h + norm(mlp(h))
+            a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
+            hmid = self.add(x, a)
+            m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
+            y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
-            a = self.self_attention(n1)
+            a = self.call(self.self_attention, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, a)
+            hmid = self.add(x, self.residual(a))
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.mlp(n2)
+            m = self.call(self.mlp, n2)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, m)
+            y = self.add(hmid, self.residual(m))
         self.tp.keep(y)
         return y
 
@@ -608,6 +783,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:
             tp.save_output(logits)
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+    if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.family == "gptj":
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)

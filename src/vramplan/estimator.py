@@ -20,6 +20,7 @@ from functools import lru_cache
 from ._tape import Moment, Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
+from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
@@ -98,11 +99,12 @@ def numerics(w: Workload) -> Numerics:
     return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp, fp16=fp16)
 
 
-def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool) -> LayerPlan:
+def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
+          rope: bool = True) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe,
-                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0)
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +131,12 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool]]:
-    """(count, base weights train, moe, sliding) groups of identical layers, bottom to top; layers from
+def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool, bool]]:
+    """(count, base weights train, moe, sliding, rope) groups of identical layers, bottom to top; layers from
     ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none)."""
-    counts: dict[tuple[bool, bool, bool], int] = {}  # identical layers share one replay, in first-seen order
+    counts: dict[tuple[bool, bool, bool, bool], int] = {}  # identical layers share one replay, first-seen order
     for i in range(spec.num_layers):
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers)
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers)
         counts[key] = counts.get(key, 0) + 1
     return [(n, *key) for key, n in counts.items()]
 
@@ -175,9 +177,9 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding in _layer_groups(spec, _first_trainable(spec, w, states)):
+    for count, trainable, moe, sliding, rope in _layer_groups(spec, _first_trainable(spec, w, states)):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding)
+        plan = _plan(spec, w, trainable, rg, moe, sliding, rope)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg, grads_exist=accumulating))
     ht = Tape(True)
     if head:
@@ -264,9 +266,8 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
-    heads = spec.num_kv_heads
     elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
-    return 2 * b * length * heads * spec.head_dim * elem
+    return b * length * spec.kv_cache_per_token * elem
 
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
@@ -288,8 +289,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
+    for count, _tr, moe, sliding, rope in _layer_groups(spec, spec.num_layers):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
@@ -387,7 +388,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
     assumptions = [
-        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, transformers 5.x, one GPU)",
+        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
+        f"{spec.family} program follows transformers {spec.program_version}"
+        + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
@@ -403,7 +406,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         assumptions.append(f"inference: prefill {w.seq_len} tokens, logits for "
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
-    warnings = []
+    warnings = list(spec.notes)
+    stale = version_warning(spec)
+    if stale:
+        warnings.append(stale)
     if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "
