@@ -60,6 +60,7 @@ class LayerPlan:
     sliding: bool = False
     moe: bool = False
     lora_dropout: float = 0.0
+    dora: bool = False  # peft use_dora: each adapted linear also runs DoraLinearLayer
     rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
 
 
@@ -210,9 +211,34 @@ class _B:
                            params=self.param_grad(name + ".A", r * fin, num.lora_param))
             b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),
                            params=self.param_grad(name + ".B", fout * r, num.lora_param))
+        if self.plan is not None and self.plan.dora:
+            return self.cast(self.dora(y, b, fin, fout, r, name), y.elem)
         bs = self.tp.op(b.numel, b.elem, (b,))  # * scaling
         s = self.add(y, bs)
         return self.cast(s, y.elem)
+
+    def dora(self, y: Tensor, lora_out: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
+        """peft ``DoraLinearLayer.forward`` (peft/tuners/lora/dora.py, 0.21): ``B(A(eye(in)))`` rebuilds the
+        adapter's weight (fp32, in x out), the base weight is cast to the input dtype and ``W + s * BA`` (detached)
+        gives the row norms; all of it dies with the call (the rebuilt weight's graph is only referenced locally).
+        Then ``(m / norm - 1) * base_result + (m / norm) * lora_B(lora_A(x)) * s``: the products save the
+        base result and the adapter output for the magnitude's gradient."""
+        tp = self.tp
+        e = lora_out.elem
+        eye = tp.op(fin * fin, e, (), rg=False)
+        ae = tp.op(fin * r, e, (eye,), rg=False)
+        lw = tp.op(fin * fout, e, (ae,), rg=False)
+        wc = tp.op(fin * fout, e, (), rg=False)  # weight.to(x.dtype) (dequantized for 4-bit bases)
+        sc = tp.op(fin * fout, e, (lw,), rg=False)  # scaling * lora_weight.detach()
+        ws = tp.op(fin * fout, e, (wc, sc), rg=False)
+        norm = tp.op(fout, e, (ws,), rg=False)
+        mns = tp.op(fout, 4, (norm,), params=self.param_grad(name + ".m", fout, 4))  # magnitude / weight_norm
+        m1 = tp.op(fout, 4, (mns,))  # mag_norm_scale - 1
+        t1 = self.mul(m1, y, elem=max(4, y.elem))
+        t2 = self.mul(mns, lora_out, elem=max(4, e))
+        t3 = tp.op(t2.numel, t2.elem, (t2,))  # * scaling
+        t4 = self.add(t1, t3)
+        return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
     def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
@@ -416,7 +442,9 @@ class _B:
 
         if spec.kv_lora_rank:
             return self.mla(n)
-        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
+        # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
+        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window) and \
+            plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
@@ -750,20 +778,33 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
             # models mixing full and sliding layers build one mask per layer type (transformers'
             # create_causal_mask and create_sliding_window_causal_mask, both live for the whole forward)
             tp.keep(tp.op(batch * seq * seq, num.act, (), rg=False))
-    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window:
+    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
+            attention is not Attention.FLASH:
         mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA
         tp.keep(mask)
     tp.keep(x)
     return x
 
 
-def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
-               input_rg: bool, logits_tokens: int, loss: bool, head_trainable: bool | None = None) -> Tensor:
-    """Final norm, output projection and (training) the causal-LM cross-entropy loss.
+# TRL SFTTrainer's entropy metric (trl/trainer/utils.py ``entropy_from_logits``, v1.9.0): rows per chunk
+TRL_ENTROPY_CHUNK = 128
+# TRL chunked_nll (trl/trainer/sft_trainer.py ``_CHUNKED_LM_HEAD_CHUNK_SIZE``, v1.8.0-v1.9.0): tokens per chunk
+TRL_CE_CHUNK = 256
 
-    transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and calls
-    ``cross_entropy`` (log_softmax, which saves its fp32 result, then nll_loss). The model output
-    keeps the 16-bit logits alive until the script drops it.
+
+def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
+               input_rg: bool, logits_tokens: int, loss: bool, head_trainable: bool | None = None,
+               keep_logits: bool = True, loss_kind: str = "standard", chunk: int = 0,
+               metrics: bool = False) -> Tensor | None:
+    """Final norm, output projection and (training) the causal-LM loss.
+
+    ``loss_kind`` "standard": transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and
+    calls ``cross_entropy`` (log_softmax, which saves its fp32 result, then nll_loss). ``keep_logits``: the
+    model output keeps the 16-bit logits alive after the forward (a hand-written loop that holds ``out``);
+    otherwise they die when the loss has been computed (transformers ``Trainer.compute_loss`` returns only the
+    loss). ``metrics``: TRL ``SFTTrainer.compute_loss`` then computes entropy and token accuracy from the
+    logits under ``no_grad``. "chunked", "liger-fused" and "cce" never materialise the logits
+    (:func:`_chunked_loss`, :func:`_liger_loss`, :func:`_cce_loss`); they return None.
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
@@ -775,9 +816,13 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
     head_elem = num.norm_param
+    head_tr = trainable if head_trainable is None else head_trainable
+    if loss and loss_kind != "standard":
+        fused = {"chunked": _chunked_loss, "liger-fused": _liger_loss, "cce": _cce_loss}[loss_kind]
+        fused(bld, n, pe, head_elem, head_tr, batch, seq, chunk)
+        return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
-                        bias=spec.lm_head_bias, trainable=trainable if head_trainable is None else head_trainable,
-                        out_kind=LOGITS, weight_elem=head_elem)
+                        bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
     if spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
@@ -788,11 +833,134 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.family == "gptj":
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
-    tp.keep(logits)
+    if keep_logits or not loss:
+        tp.keep(logits)
     if loss:
         l32 = bld.cast(logits, 4)
         ls = tp.op(l32.numel, 4, (l32,), kind=LOGITS)
         tp.save_output(ls)
         lo = tp.op(1, 4, (ls,), save=(ls,), kind=LOGITS)
         tp.keep(lo)
+        if metrics:
+            _trl_metrics(bld, logits, batch, seq)
+        # the model output holds the logits until the loop drops it (compute_loss returns)
+        logits.last_use = max(logits.last_use, len(tp.ops) - 1)
     return logits
+
+
+def _trl_metrics(bld: _B, logits: Tensor, batch: int, seq: int) -> None:
+    """TRL ``SFTTrainer.compute_loss`` (trl/trainer/sft_trainer.py, v1.9.0), loss_type nll, under no_grad:
+    ``entropy_from_logits(outputs.logits[..., :-1, :])`` reshapes the shifted logits to (N, V) (a copy when
+    batch > 1: the slice is not contiguous across rows), then per chunk of 128 rows ``log_softmax``, ``exp``
+    and their product live together (fp32 under autocast: log_softmax is on its fp32 list); ``argmax`` and
+    the masks are token-sized."""
+    tp, num = bld.tp, bld.num
+    v = bld.spec.vocab_size
+    rows = batch * (seq - 1)
+    copy = rows * v * logits.elem if batch > 1 else 0
+    elem = 4 if num.amp else logits.elem
+    chunk = min(TRL_ENTROPY_CHUNK, rows) * v
+    scratch = copy + 3 * chunk * elem
+    tp.op(rows * 8, 8, (logits,), rg=False, kind=LOGITS, fwd_scratch=scratch)  # argmax predictions
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _head_name(spec: ModelSpec) -> str:
+    return "embed" if spec.tie_word_embeddings else "lm_head"
+
+
+def _chunked_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+                  chunk: int) -> None:
+    """TRL ``loss_type="chunked_nll"`` (trl/trainer/sft_trainer.py ``_chunked_cross_entropy_loss``, v1.9.0).
+
+    The base model's last hidden state is shifted (``[..., :-1, :].reshape``: a copy when batch > 1), its valid
+    tokens gathered to the front (``hidden[order]``, a copy), and every chunk of ``chunk`` tokens runs
+    ``h.float() @ w.float().t()``, log_softmax, nll, argmax and the entropy under non-reentrant
+    ``torch.utils.checkpoint``: nothing of a chunk is kept in the forward, and the backward recomputes one chunk
+    at a time. ``w.float()`` copies a 16-bit head weight to fp32 (V x H x 4) in every chunk's forward and
+    recomputation; the recomputation keeps it (mm saves it for the hidden state's gradient), log_p (log_softmax
+    saves its result) and the fp32 hidden chunk when the head trains.
+    """
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    rows = batch * (seq - 1)
+    c = min(chunk or TRL_CE_CHUNK, rows)
+    eh = n.elem
+    src = tp.op(rows * pe, eh, (n,)) if batch > 1 else n  # the shifted slice, reshaped
+    idx = tp.op(rows, 8, (), rg=False)  # argsort of the label mask
+    hg = tp.op(rows * pe, eh, (src, idx), save=(idx,), grad_to=(src,))  # hidden[order]
+    w32 = v * pe * 4 if w_elem != 4 else 0
+    h32 = c * pe * 4 if eh != 4 else 0
+    cv = c * v * 4
+    fwd = max(h32 + w32 + cv, 4 * cv)  # at the matmul; at log_p * exp(log_p) with the logits alive
+    kept = w32 + (h32 if head_tr else 0) + cv  # what the recomputation keeps: w.float(), h.float(), log_p
+    recompute = kept + 3 * cv  # its own peak: logits, exp and the product besides log_p
+    ce_bwd = kept + 2 * cv  # nll and log_softmax backward: grad of log_p, grad of the logits
+    # mm backward: log_p gone, the logits' gradient, dh32 and (the head trains) dw32 beside the saved w32/h32
+    mm_bwd = kept + c * pe * 4 + (v * pe * 4 if head_tr else 0)
+    # then dw32 is cast back to the weight dtype (mm's saved tensors are released); from the second chunk on the
+    # head's gradient buffer exists besides (the op's parameter gradient below)
+    cast_bwd = v * pe * 4 + v * pe * w_elem if head_tr and w_elem != 4 else 0
+    slice_bwd = rows * pe * eh  # each chunk's slice backward materialises a hidden-sized gradient
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    scratch = max(recompute, ce_bwd, mm_bwd, cast_bwd)
+    if head_tr and -(-rows // c) == 1:
+        # one chunk: its backward runs before the head's gradient exists (the replay counts it at this op)
+        scratch = max(max(recompute, ce_bwd, mm_bwd) - v * pe * w_elem, cast_bwd - v * pe * w_elem)
+    lo = tp.op(1, 4, (hg,), save=(hg,), params=pg, kind=LOGITS, grad_to=(hg,), rg=True,
+               fwd_scratch=fwd, bwd_scratch=scratch + slice_bwd)
+    tp.keep(lo)
+
+
+def _liger_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+                chunk: int) -> None:
+    """Liger ``LigerFusedLinearCrossEntropyFunction`` (src/liger_kernel/ops/fused_linear_cross_entropy.py,
+    ``fused_linear_cross_entropy_forward``): the gradients are computed in the forward. It allocates
+    ``grad_input`` (BT x H, the input's dtype), ``grad_weight`` (V x H, the weight's dtype; accum_dtype None)
+    when the head trains, and a fp32 per-token loss; then for chunks of
+    ``next_power_of_2(ceil(BT / ceil(V / H)))`` rows it computes the chunk's logits (chunk x V, input dtype,
+    overwritten in place by their gradient), ``grad_logits @ weight`` into grad_input and
+    ``grad_weight += mm(grad_logits.T, x).float()`` (a V x H temporary in the input dtype and its fp32 copy).
+    Backward returns the stored gradients: grad_weight becomes the head's ``.grad``.
+    """
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    bt = batch * seq
+    eh = n.elem
+    c = chunk or _pow2(-(-bt // -(-v // pe)))
+    c = min(c, bt)
+    gi = tp.op(bt * pe, eh, (), rg=False)  # grad_input
+    gw = tp.op(v * pe, w_elem, (), rg=False, kind=MemoryKind.GRADIENTS) if head_tr else None
+    loss1d = tp.op(bt, 4, (), rg=False, kind=LOGITS)
+    gw_tmp = v * pe * eh + (v * pe * 4 if eh != 4 else 0) if head_tr else 0
+    fwd = c * v * eh + max(c * pe * eh, gw_tmp)
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    saved = (gi,) + ((gw,) if gw is not None else ())
+    # backward: grad_input becomes the hidden state's gradient and grad_weight the head's .grad; both were
+    # allocated in the forward, so nothing new appears (the negative scratch cancels the replay's
+    # allocate-then-free of the same buffers)
+    lo = tp.op(1, 4, (n, loss1d), save=saved, params=pg, kind=LOGITS, grad_to=(n,), rg=True, fwd_scratch=fwd,
+               bwd_scratch=-sum(t.nbytes for t in saved))
+    tp.keep(lo)
+
+
+def _cce_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+              chunk: int) -> None:
+    """Apple Cut Cross-Entropy (cut_cross_entropy/cce.py ``LinearCrossEntropyFunction``, cce_lse_forward.py,
+    cce_backward.py; ml-cross-entropy d42911f). The forward's blockwise kernels write only the fp32 log-sum-exp
+    and the target logit per token and, for gradient filtering, the fp32 average logit per vocabulary entry;
+    it saves the hidden states and the classifier. Backward allocates the hidden-state gradient and (the head
+    trains) the classifier's gradient, and sorts the vocabulary by the average logit (int64 argsort, int32
+    copy)."""
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    bt = batch * seq
+    lse = tp.op(bt, 4, (), rg=False, kind=LOGITS)
+    avg = tp.op(v, 4, (), rg=False, kind=LOGITS)
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    lo = tp.op(1, 4, (n, lse, avg), save=(n, lse, avg), params=pg, kind=LOGITS, grad_to=(n,), rg=True,
+               fwd_scratch=bt * 4, bwd_scratch=v * 12)
+    tp.keep(lo)

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
     add_parallel_flags(e)
     add_gguf_flags(e)
+    from .time import add_time_flags
+
+    add_time_flags(e)
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
@@ -100,8 +103,11 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
         written = plot_estimate(est, ns.plot)
         sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
+    from .time import print_time, time_section
+
+    timing = time_section(ns, est.per_gpu.to_dict() if est.per_gpu is not None else None)
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print(json.dumps(est.to_dict() | ({"time": timing} if timing else {}), indent=2))
     else:
         from ..render import print_estimate, print_hints, print_per_gpu_headline
 
@@ -113,6 +119,8 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
             parallel.print_parallel(per_gpu)
         else:  # hints compare one-GPU totals
             print_hints(query, est)
+        if timing:
+            print_time(timing)
     return 0
 
 
