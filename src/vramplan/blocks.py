@@ -44,6 +44,7 @@ class Numerics:
     norm_param: int  # bytes of norm / embedding / unquantized head parameters (QLoRA: fp32)
     amp: bool  # forward under torch.autocast
     lora_param: int = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+    fp16: bool = False  # 16-bit compute is float16 (not bfloat16): ATen's fused half_to_float softmax applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,9 +405,15 @@ class _B:
             att = tp.op(scores, selem, (att,))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
-        # scores' dtype. softmax saves its result.
-        pelem = selem if spec.family in ("gpt2", "falcon") else 4
-        probs32 = tp.op(scores, pelem, (att,))
+        # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
+        # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
+        # softmax saves its result.
+        pelem = selem if spec.family in ("gpt2", "falcon") and not self.num.amp else 4
+        # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
+        # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
+        # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
+        upcast_copy = scores * 4 if pelem == 4 and selem == 2 and (self.num.amp or not self.num.fp16) else 0
+        probs32 = tp.op(scores, pelem, (att,), fwd_scratch=upcast_copy)
         if rg:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
@@ -767,6 +774,10 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
         tp.keep(mask)
+        if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
+            # models mixing full and sliding layers build one mask per layer type (transformers'
+            # create_causal_mask and create_sliding_window_causal_mask, both live for the whole forward)
+            tp.keep(tp.op(batch * seq * seq, num.act, (), rg=False))
     elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
             attention is not Attention.FLASH:
         mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA

@@ -27,7 +27,7 @@ from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
-from .workload import Attention, LogitsMode, Loss, Method, Task, Trainer, WeightsQuant, Workload
+from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
 
@@ -95,7 +95,8 @@ def numerics(w: Workload) -> Numerics:
     act = 2 if (amp or qlora or w.base_quant is not WeightsQuant.NONE) else prec.compute_bytes
     param = prec.param_bytes
     norm_param = 4 if qlora else param
-    return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp)
+    fp16 = prec in (Precision.FP16, Precision.AMP_FP16)
+    return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp, fp16=fp16)
 
 
 def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,

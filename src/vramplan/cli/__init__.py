@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .._argtypes import non_negative_float, non_negative_int
+from .._argtypes import non_negative_float
 from ..errors import VramplanError
 from ..serving.cli import add_gguf_flags
 from . import hardware, measure, parallel, web
@@ -70,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_flags(t)
     t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
                    help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
-    t.add_argument("--image-tokens", type=non_negative_int, default=None,
-                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(handler=_cmd_trace)
 
@@ -136,14 +134,15 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
     progress = _trace_progress()
     try:
-        est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens,
-                             progress=progress)
+        est = trace_workload(config, w, name=name, routing=ns.routing, progress=progress)
     finally:
         if progress is not None:  # the progress line goes; the answer (or the error) takes its place
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        from ..trace import library_versions
+
+        print(json.dumps(est.to_dict() | {"versions": library_versions()}, indent=2))
     else:
         from ..render import print_estimate
 

@@ -128,6 +128,11 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         warnings.append(f"{type(cfg).__name__.removesuffix('Config')} has no SDPA attention in transformers "
                         f"{transformers.__version__}; traced with eager attention (what transformers falls back to)")
         model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    towers = [k for k in getattr(cfg, "sub_configs", {}) or {} if k != "text_config"
+              and getattr(cfg, k, None) is not None and any(w in k for w in ("vision", "audio", "vq", "image"))]
+    if towers:
+        warnings.append(f"{cls.__name__} is built whole ({', '.join(towers)} included: their weights count) but run "
+                        "on text tokens only: the vision/audio tower's activations are not traced")
     head = model.get_output_embeddings()
     train = workload.task is Task.TRAIN
     model.config.use_cache = not train

@@ -268,8 +268,7 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
     return mark.bytes + workspace, by_kind
 
 
-def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced",
-              image_tokens: int | None = None) -> Estimate:
+def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced") -> Estimate:
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -278,13 +277,12 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing:
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable, past_key_values) are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            return _run_trace(raw, workload, name, routing, image_tokens)
+            return _run_trace(raw, workload, name, routing)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str,
-               image_tokens: int | None) -> Estimate:
+def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str) -> Estimate:
     import peft
     import transformers
 
