@@ -29,7 +29,7 @@ from ._cuda import (
     register_cuda_kernels,
     safe_softmax_transient,
 )
-from ._loops import CE_CHUNK, apply_checkpoint_every, hf_train_loop, patch_chunked_loss
+from ._loops import CE_CHUNK, apply_checkpoint_every, create_optimizer_state, hf_train_loop, patch_chunked_loss
 from ._tracker import MemoryTracker, PeakMark
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
@@ -440,13 +440,7 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
     The first real step differs from the later ones only in that the optimizer state does not exist yet, so the
     state is created up front by one untracked optimizer step on zero gradients, and one tracked step then
     stands for step 2 (and every step after it)."""
-    tracker.set_phase(None)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
+    create_optimizer_state(opt, params, tracker)
 
     # Gradient accumulation: the first micro-step creates the gradients, the later ones run with them alive; two
     # micro-steps stand for any number. Each micro-step's output is dropped after its backward, the last one's

@@ -28,6 +28,18 @@ CE_CHUNK = 256
 MIN_OFFLOAD_BYTES = 1024
 
 
+
+def create_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
+    """Steady state: the optimizer state exists. One untracked step on zero gradients creates it (the first real
+    step differs from the later ones only in that), and the tracker marks it as optimizer state."""
+    tracker.set_phase(None)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+
 def apply_checkpoint_every(model: nn.Module, every: int) -> None:
     """Keep gradient checkpointing on decoder layers 0, N, 2N, ... only (transformers' GradientCheckpointingLayer
     reads its own ``gradient_checkpointing`` flag)."""
@@ -195,14 +207,7 @@ def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     if metrics:
         notes.append("TRL 1.9 SFTTrainer.compute_loss metrics transcribed (TRL is not installed): entropy in "
                      "128-row chunks and token accuracy from the logits, under no_grad")
-    # steady state: the optimizer state exists (one untracked step on zero gradients creates it)
-    tracker.set_phase(None)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
+    create_optimizer_state(opt, params, tracker)
     offload = _Offload({id(p) for p in model.parameters()}) if workload.activation_offload else None
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
     for _ in range(min(workload.gradient_accumulation, 2)):
