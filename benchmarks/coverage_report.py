@@ -35,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vramplan.derive._configs import LAYER_KEYS, cut_layers  # noqa: E402
+
 GiB = 2**30
 DEFAULT_OUT = ROOT / "benchmarks" / "coverage_results.json"
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -44,7 +46,6 @@ WORKLOADS: dict[str, dict[str, Any]] = {
              "seq_len": 1024, "lora_rank": 16, "lora_targets": "q_proj,v_proj", "gradient_checkpointing": True},
     "infer": {"task": "infer", "precision": "bf16", "batch_size": 4, "seq_len": 2048, "new_tokens": 64},
 }
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_embd", "d_model", "ffn_dim", "n_inner", "moe_intermediate_size",
               "shared_expert_intermediate_size", "d_ff", "dim", "hidden_dim")
 
@@ -60,66 +61,6 @@ def category(model_type: str) -> str:
     if any(w in keys for w in ("audio", "text_encoder", "speech")):
         return "other"
     return "decoder-only"
-
-
-def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if k in ("architectures",) or n < 2:
-            continue
-        patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
-        if (isinstance(v, list) or patterned) and len(v) == n:
-            out[k] = v
-    return out
-
-
-def _is_index_list(k: str, v: Any, n: int) -> bool:
-    """A list of layer indices (``mlp_only_layers``, ``attn_layer_indices``), as opposed to a per-layer list."""
-    return (isinstance(v, list) and bool(v) and len(v) != n and any(w in k for w in ("layer", "idx", "indices"))
-            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
-
-
-def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
-    """Cut one (text or vision) config to ``target`` layers, keeping one layer of each kind.
-
-    Kinds come from the config's per-layer fields (lists as long as the stack: ``layer_types``,
-    ``layers_block_type``, ``no_rope_layers``, hybrid pattern strings): the first layer of each distinct
-    combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) are re-indexed; periodic
-    fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
-    to hold one layer of each kind; ``first_k_dense_replace`` keeps one dense layer."""
-    d = dict(d)
-    key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
-    if key is None:
-        return d
-    n = d[key]
-    per = _per_layer(d, n)
-    index_lists = {k: v for k, v in d.items() if k not in per and _is_index_list(k, v, n)}
-    picked: list[int] = []
-    seen: set[str] = set()
-    for i in range(n):
-        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()])
-        if sig not in seen:
-            seen.add(sig)
-            picked.append(i)
-    idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
-    need = len(idx)
-    if not per and not index_lists:
-        for k, v in d.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n:
-                continue
-            if k.endswith("_offset") and k.replace("_offset", "_period") in d:
-                need = max(need, v + 1)
-            elif k.endswith(("_period", "_step", "_freq", "_interval")) and k.replace("_period", "_offset") not in d:
-                need = max(need, v)
-        idx = list(range(min(max(need, len(idx)), n)))
-    if isinstance(d.get("first_k_dense_replace"), int) and d["first_k_dense_replace"] > 1:
-        d["first_k_dense_replace"] = 1
-    for k, v in per.items():
-        d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
-    for k, v in index_lists.items():
-        d[k] = [idx.index(x) for x in v if x in idx]
-    d[key] = len(idx)
-    return d
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
@@ -381,7 +322,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--shrink", action="store_true", help="divide hidden/intermediate widths by 4")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per trace cell")
-    ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--no-trace", action="store_true", help="estimate only, against the cached trace of each cell")
     ap.add_argument("--no-estimate", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="drop the cached results first")
@@ -432,6 +373,15 @@ def main() -> int:
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             rec["class"] = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "")
             old = data["types"].get(t, {})
+            if args.no_trace:  # estimate only: keep the cached trace of each cell (the config is the same)
+                for w, cell in rec["cells"].items():
+                    prev = old.get("cells", {}).get(w, {})
+                    cell.update({k: v for k, v in prev.items() if k.startswith(("trace", "parameters", "lora_"))})
+                    if "estimate_gib" in cell and cell.get("trace_gib", 0) > 0:
+                        cell["estimate_vs_trace_pct"] = round(100 * (cell["estimate_gib"] / cell["trace_gib"] - 1), 2)
+                for k in ("builds", "model_class", "build_error"):
+                    if k in old:
+                        rec[k] = old[k]
             if old.get("cells"):  # keep workloads not re-run this time
                 rec["cells"] = {**old["cells"], **rec["cells"]}
             data["types"][t] = rec

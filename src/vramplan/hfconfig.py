@@ -330,10 +330,11 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
     return out
 
 
-def _llama_like(c: _Cfg, family: str) -> ModelSpec:
-    """LLaMA and its descendants (the families of :data:`_FAMILIES`): one decoder layer of attention and a
-    gated MLP, differing in the facts each family's modeling file fixes."""
-    f = _FAMILIES[family]
+def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
+    """LLaMA and its descendants (the families of :data:`_FAMILIES`, and model types whose derived recipe
+    reads as one of them: ``facts``): one decoder layer of attention and a gated MLP, differing in the facts
+    each family's modeling file fixes."""
+    f = facts if facts is not None else _FAMILIES[family]
     if f.aliases:
         raw = dict(c.raw)
         for key, canonical in f.aliases:
@@ -586,7 +587,7 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     if not isinstance(model_type, str):
         raise ConfigError(f"{name}: no 'model_type' string; is this a Hugging Face config.json?")
     family = _ALIASES.get(model_type, model_type)
-    if family in _READERS:
+    if family in _READERS or _derived(family) is not None:
         return family
     archs = raw.get("architectures")
     if isinstance(archs, list):
@@ -599,6 +600,30 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
+
+
+def _derived(model_type: str) -> Callable[[_Cfg, str], ModelSpec] | None:
+    """The reader of a model type with a shipped derived recipe (vramplan.recipes), or None."""
+    from .recipes import recipe_for
+
+    recipe = recipe_for(model_type)
+    if recipe is None:
+        return None
+    facts = _facts_from(recipe.facts, recipe.transformers)
+
+    def read(c: _Cfg, family: str) -> ModelSpec:
+        # transformers fills a key the config.json omits from the type's own config class defaults
+        return _llama_like(_Cfg({**recipe.defaults, **c.raw}, c.where), family, facts)
+
+    return read
+
+
+def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
+    fields = dict(d)
+    fields["norm"] = NormKind(fields["norm"])
+    fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
+    fields["version"] = ".".join(version_.split(".")[:2])
+    return _Facts(**fields)
 
 
 def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], tuple[str, ...]]:
@@ -633,7 +658,8 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     quantization = quantization_from_config(cfg, name)
     cfg, notes = _text_tower(cfg, name)
     family = _resolve(cfg, name)
-    reader = _READERS[family]
+    reader = _READERS.get(family) or _derived(family)
+    assert reader is not None  # _resolve returned a family with a reader
     try:
         spec = reader(_Cfg(cfg, name), family)
     except ConfigError:

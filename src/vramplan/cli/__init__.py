@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(handler=_cmd_gpus)
     for module in (hardware, parallel, measure, web):
         module.register(sub)
+    from . import derive
+
+    derive.register(sub)
     return p
 
 

@@ -1,0 +1,348 @@
+"""Compose a recipe part by part when no single family computes what a model type computes.
+
+The decoder of a LLaMA-class model is a few parts: norms, attention, MLP, the residual glue between them
+inside a layer, and what runs outside the layers (embedding, rotary tables, masks, final norm, head, loss).
+For each part the type's own modules are run on the inputs they received in a real forward pass of the
+shrunk model (captured with module hooks), and compared ATen op for ATen op (non-view ops, output shapes and
+dtypes) with the same part of each family of the estimator, built from the same config dictionary and holding
+the same weights:
+
+* outside the layers and the glue inside them, and the order the layer calls its parts in: the *base* family
+  (embedding scale, soft-capping, masks and sliding layers, residual layout);
+* attention (projections, biases, q/k norms, rotary embedding, eager and SDPA kernels): the family whose
+  attention facts are taken (bias keys, qk-norm, rope style, partial rotary, NoPE layers);
+* MLP: the family whose MLP facts are taken (fused gate/up, bias key);
+* each norm: LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm or torch's LayerNorm (with or without bias).
+
+Each part must match on every variant (shrunk default, other widths with the whole default stack, flipped
+boolean flags); the reader's parameter count must be exact. A part that matches no family is named in the
+refusal. MoE blocks are not composed (refused).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from ._derive import (
+    _SEQ,
+    DeriveResult,
+    _build,
+    _causal_lm_class,
+    _config_class,
+    _first_difference,
+    _jsonable,
+    _OpLog,
+    _variants,
+    library_defaults,
+)
+
+__all__ = ["compose"]
+
+_ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope",
+                "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope")
+_MLP_FIELDS = ("gate_up_fused", "mlp_bias_key")
+
+
+def _role(name: str, mod: torch.nn.Module) -> str:
+    cls = type(mod).__name__
+    if isinstance(mod, torch.nn.LayerNorm) or "Norm" in cls:
+        return "norm"
+    if cls.endswith("Attention"):
+        return "attn"
+    if cls.endswith("MLP"):
+        return "mlp"
+    if isinstance(mod, torch.nn.Dropout):
+        return "dropout"
+    return f"other:{name}:{cls}"
+
+
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise LookupError("no model.layers ModuleList")
+    return layers
+
+
+class _Recorder(_OpLog):
+    """Ops bucketed by where they run: outside the layers, a layer's glue, or one part of a layer."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.where: list[str] = ["outside"]
+        self.buckets: dict[str, list[Any]] = {"outside": []}
+        self.inputs: dict[str, tuple[Any, Any]] = {}
+        self.order: dict[int, list[str]] = {}
+        self.handles: list[Any] = []
+        for i, layer in enumerate(_layers(model)):
+            self.order[i] = []
+            self._hook(layer, f"L{i}", None)
+            for name, child in layer.named_children():
+                self._hook(child, f"L{i}.{name}", (i, name))
+
+    def _hook(self, mod: torch.nn.Module, key: str, part: tuple[int, str] | None) -> None:
+        def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            self.where.append(key)
+            self.buckets.setdefault(key, [])
+            if part is not None:
+                self.order[part[0]].append(part[1])
+                if key not in self.inputs:
+                    self.inputs[key] = _clone((args, kwargs))
+
+        def post(m: torch.nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            self.where.pop()
+
+        self.handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(mod.register_forward_hook(post, with_kwargs=True))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        n = len(self.ops)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.ops) > n:
+            self.buckets[self.where[-1]].append(self.ops[-1])
+        return out
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(x) for x in obj)
+    if isinstance(obj, list):
+        return [_clone(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj  # caches and other objects pass through (the decode step is not compared part by part)
+
+
+def _record(model: torch.nn.Module) -> _Recorder:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, _SEQ), generator=torch.Generator().manual_seed(1))
+    model.train()
+    rec = _Recorder(model)
+    try:
+        with rec:
+            torch.manual_seed(2)
+            model(input_ids=ids, labels=ids)
+    finally:
+        rec.close()
+    return rec
+
+
+def _part_ops(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any]:
+    args, kwargs = _clone(inputs)
+    mod.train()
+    with _OpLog() as log:
+        torch.manual_seed(2)
+        mod(*args, **kwargs)
+    return log.ops
+
+
+def _load_part(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    state = src.state_dict()
+    keys = list(dst.state_dict())
+    if [tuple(v.shape) for v in state.values()] != [tuple(dst.state_dict()[k].shape) for k in keys]:
+        raise ValueError("different parameters")
+    dst.load_state_dict(dict(zip(keys, state.values(), strict=True)), strict=True)
+
+
+def _child(layer: torch.nn.Module, role: str) -> tuple[str, torch.nn.Module] | None:
+    for name, child in layer.named_children():
+        if _role(name, child) == role:
+            return name, child
+    return None
+
+
+def _norm_refs(dim: int, eps: float, bias: bool) -> list[tuple[str, bool, torch.nn.Module]]:
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return [("rmsnorm", False, LlamaRMSNorm(dim, eps=eps)), ("gemma_rmsnorm", False, GemmaRMSNorm(dim, eps=eps)),
+            ("cohere_layernorm", False, CohereLayerNorm(dim, eps=eps)),
+            ("layernorm", bias, torch.nn.LayerNorm(dim, eps=eps, bias=bias))]
+
+
+def _classify_norm(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> tuple[str, bool] | None:
+    params = dict(mod.named_parameters())
+    weight = params.get("weight")
+    if weight is None or weight.dim() != 1:
+        return None
+    bias = "bias" in params
+    eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6)) or 1e-6)
+    mine = _part_ops(mod, inputs)
+    for kind, has_bias, ref in _norm_refs(weight.shape[0], eps, bias):
+        ref = ref.to(weight.dtype)
+        try:
+            _load_part(mod, ref)
+            if _part_ops(ref, inputs) == mine:
+                return kind, has_bias
+        except Exception:
+            continue
+    return None
+
+
+def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module | None:
+    try:
+        return _build(ref, d, attn, meta=False)
+    except Exception:
+        return None
+
+
+def compose(model_type: str) -> DeriveResult:
+    """Compose ``model_type``'s facts part by part (see the module docstring)."""
+    import transformers
+
+    from ..hfconfig import _FAMILIES
+    from ..spec import NormKind
+
+    try:
+        variants = _variants(model_type)
+    except Exception as exc:
+        return DeriveResult(model_type, None, f"the library-default config does not build: {type(exc).__name__}")
+    dense = [f for f, facts in _FAMILIES.items() if not facts.moe and not facts.mla]
+    base_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    attn_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    mlp_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    norms: set[tuple[str, bool]] = set()
+    why: dict[str, str] = {}
+    checked: list[str] = []
+    for vname, d in variants:
+        for attn in ("eager", "sdpa") if vname in ("default", "widths") else ("eager",):
+            try:
+                mine_model = _build(model_type, d, attn, meta=False)
+                rec = _record(mine_model)
+            except Exception as exc:
+                if vname in ("default", "widths"):
+                    return DeriveResult(model_type, None, f"{vname}/{attn}: the type's own forward fails: "
+                                        f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}")
+                break
+            checked.append(f"{vname}/{attn}")
+            layers = _layers(mine_model)
+            roles = {i: [_role(n, dict(layers[i].named_children())[n]) for n in rec.order[i]] for i in rec.order}
+            bad = [r for rs in roles.values() for r in rs if r.startswith("other:")]
+            if bad:
+                return DeriveResult(model_type, None, f"a decoder-layer part no family has: {bad[0].split(':', 1)[1]}")
+            if any(r not in ("attn", "mlp") for i in rec.order for n in rec.order[i]
+                   for r in [_role(n, dict(layers[i].named_children())[n])] if r not in ("norm", "dropout")):
+                return DeriveResult(model_type, None, "decoder layer without attention and MLP")
+            # norms of the type's layers and final norm
+            for i, layer in enumerate(layers):
+                for name, child in layer.named_children():
+                    key = f"L{i}.{name}"
+                    if _role(name, child) == "norm" and key in rec.inputs:
+                        kind = _classify_norm(child, rec.inputs[key])
+                        if kind is None:
+                            return DeriveResult(model_type, None, f"norm {type(child).__name__} computes like no "
+                                                "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm)")
+                        norms.add(kind)
+            for ref in dense:
+                if not (base_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
+                    continue
+                theirs = _family_model(ref, d, attn)
+                if theirs is None:
+                    base_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
+                    why.setdefault(ref, f"{vname}: does not build from the type's config")
+                    continue
+                tlayers = _layers(theirs)
+                if base_ok[ref]:
+                    try:
+                        trec = _record(theirs)
+                        troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
+                                  for i in trec.order}
+                        same = (troles == roles and trec.buckets["outside"] == rec.buckets["outside"]
+                                and all(trec.buckets.get(f"L{i}") == rec.buckets.get(f"L{i}") for i in rec.order)
+                                and [n.shape for n in mine_model.model.norm.parameters()] ==
+                                [n.shape for n in theirs.model.norm.parameters()])
+                        if not same:
+                            base_ok[ref] = False
+                            why.setdefault(ref, f"{vname}/{attn}: outside ops or layer glue differ ("
+                                           + _first_difference(rec.buckets["outside"], trec.buckets["outside"]) + ")")
+                    except Exception as exc:
+                        base_ok[ref] = False
+                        why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
+                for role, ok in (("attn", attn_ok), ("mlp", mlp_ok)):
+                    if not ok[ref]:
+                        continue
+                    for i, layer in enumerate(layers):
+                        mine_part, their_part = _child(layer, role), _child(tlayers[i], role)
+                        key = f"L{i}.{mine_part[0]}" if mine_part else ""
+                        if mine_part is None or their_part is None or key not in rec.inputs:
+                            ok[ref] = False
+                            break
+                        try:
+                            _load_part(mine_part[1], their_part[1])
+                            if _part_ops(their_part[1], rec.inputs[key]) != rec.buckets[key]:
+                                ok[ref] = False
+                        except Exception:
+                            ok[ref] = False
+                        if not ok[ref]:
+                            break
+    base = next((r for r in dense if base_ok[r]), None)
+    attn_ref = next((r for r in dense if attn_ok[r]), None)
+    mlp_ref = next((r for r in dense if mlp_ok[r]), None)
+    missing = [what for what, r in (("outside ops / layer glue", base), ("attention", attn_ref), ("MLP", mlp_ref))
+               if r is None]
+    if missing:
+        detail = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3])
+        return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
+    if len(norms) != 1:
+        return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
+    (norm_kind, norm_bias), = norms
+    assert base is not None and attn_ref is not None and mlp_ref is not None
+    fb, fa, fm = _FAMILIES[base], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
+    if fb.gemma and norm_kind != "gemma_rmsnorm":
+        return DeriveResult(model_type, None, f"base {base} implies GemmaRMSNorm, the type's norm is {norm_kind}")
+    facts = replace(fb, **{k: getattr(fa, k) for k in _ATTN_FIELDS}, **{k: getattr(fm, k) for k in _MLP_FIELDS})
+    if not fb.gemma:
+        facts = replace(facts, norm=NormKind(norm_kind))
+    if norm_bias:
+        return DeriveResult(model_type, None, "LayerNorm with bias inside a LLaMA-class layer (no program yet)")
+    aliases = tuple((k, v) for k, v in getattr(_config_class(model_type), "attribute_map", {}).items()
+                    if isinstance(k, str) and isinstance(v, str))
+    facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]))
+    defaults = library_defaults(model_type)
+    err = _check_counts(model_type, facts, variants, defaults)
+    if err:
+        return DeriveResult(model_type, None, err)
+    fd = asdict(facts)
+    fd["norm"] = str(fd["norm"])
+    fd["aliases"] = [list(a) for a in fd["aliases"]]
+    recipe = {"model_type": model_type, "reads_as": base, "parts": {"base": base, "attention": attn_ref,
+                                                                     "mlp": mlp_ref, "norm": norm_kind},
+              "facts": fd, "defaults": defaults, "transformers": transformers.__version__,
+              "torch": torch.__version__.split("+")[0], "checked": checked,
+              "method": "composed part by part: outside ops, layer glue and call order as the base family; "
+                        "attention, MLP and norms op for op as the named families (train forward, bf16)"}
+    return DeriveResult(model_type, recipe, tried=[base, attn_ref, mlp_ref])
+
+
+def _check_counts(model_type: str, facts: Any, variants: list[tuple[str, dict[str, Any]]],
+                  defaults: Mapping[str, Any]) -> str:
+    from ..derive._configs import cut_layers
+    from ..hfconfig import _Cfg, _llama_like
+    from ..params import count_params
+
+    for vname, d in [*variants[:2], ("library default", cut_layers(dict(defaults), 2))]:
+        try:
+            with torch.device("meta"):
+                model = _causal_lm_class(_config_class(model_type))._from_config(
+                    _config_class(model_type).from_dict(copy.deepcopy(d)))
+            want = sum(p.numel() for p in model.parameters())
+            raw = {**defaults, **{k: v for k, v in d.items() if _jsonable(v)}, "model_type": model_type}
+            got = count_params(_llama_like(_Cfg(raw, model_type), model_type, facts)).total
+        except Exception as exc:
+            return f"{vname}: the reader cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+        if got != want:
+            return f"{vname}: the reader counts {got:,} parameters, the model has {want:,}"
+    return ""
+

@@ -1,0 +1,73 @@
+"""Derived architecture recipes: model types the estimator reads through a family it has a program for.
+
+A recipe (package data ``data/recipes/transformers-<version>.json``, written by ``vramplan derive``, see
+:mod:`vramplan.derive`) says that a model type of that transformers release computes, ATen op for ATen op,
+what one of the hand-written families computes (``reads_as``), and gives the facts (``hfconfig._Facts``) and
+the type's own config defaults (what transformers uses for a key a config.json leaves out). It is pure data:
+reading it needs no torch. Recipes derived with another transformers release than the installed one are used
+with a warning (the spec's ``program_version`` is the release the recipe was derived with).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["Recipe", "recipe_for", "recipe_types", "recipes_version"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    model_type: str
+    reads_as: str  # the hand-written family whose program replays this type
+    facts: dict[str, Any]  # hfconfig._Facts fields
+    defaults: dict[str, Any]  # the type's library-default config (scalars, non-per-layer lists)
+    transformers: str  # the release the recipe was derived with
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    core = name.removeprefix("transformers-").removesuffix(".json")
+    return tuple(int(x) if x.isdigit() else 0 for x in core.split("."))
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[str, dict[str, Recipe]]:
+    """The recipe file for the installed transformers release (same major.minor), else the newest shipped."""
+    from .hfconfig import installed_transformers
+
+    folder = resources.files("vramplan") / "data" / "recipes"
+    try:
+        names = sorted((p.name for p in folder.iterdir() if p.name.startswith("transformers-")
+                        and p.name.endswith(".json")), key=_version_key)
+    except (FileNotFoundError, NotADirectoryError):
+        return "", {}
+    if not names:
+        return "", {}
+    have = installed_transformers()
+    pick = names[-1]
+    if have is not None:
+        same = [n for n in names if _version_key(n)[:2] == _version_key(have)[:2]]
+        if same:
+            pick = same[-1]
+    data = json.loads((folder / pick).read_text(encoding="utf-8"))
+    version = str(data["transformers"])
+    out = {t: Recipe(model_type=t, reads_as=r["reads_as"], facts=r["facts"], defaults=r["defaults"],
+                     transformers=version) for t, r in data["recipes"].items()}
+    return version, out
+
+
+def recipe_for(model_type: str) -> Recipe | None:
+    """The shipped recipe for ``model_type``, or None."""
+    return _load()[1].get(model_type)
+
+
+def recipe_types() -> tuple[str, ...]:
+    return tuple(sorted(_load()[1]))
+
+
+def recipes_version() -> str:
+    """The transformers release of the recipes in use ('' when none are shipped)."""
+    return _load()[0]
