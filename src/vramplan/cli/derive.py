@@ -64,17 +64,16 @@ def _cmd_derive(ns: argparse.Namespace) -> int:
     for t in types:
         if t not in CONFIG_MAPPING or t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise VramplanError(f"{t!r} is not a causal-LM model type of transformers {transformers.__version__}")
-    results = []
+    path = (ns.out or recipe_file(transformers.__version__)) if ns.write or ns.out else None
     for r in derive_types(types):
-        results.append(r)
+        if path is not None:  # merged type by type: a long --all run keeps what it has derived so far
+            write_recipes([r], path, transformers.__version__, torch.__version__.split("+")[0])
         if ns.json:
             print(json.dumps({"model_type": r.model_type, "ok": r.ok, "recipe": r.recipe, "refused": r.reason or None}))
         elif r.ok:
             print(f"{r.model_type}: reads as {r.recipe['reads_as']} (checked on {len(r.recipe['checked'])} configs)")
         else:
             print(f"{r.model_type}: refused: {r.reason}")
-    if ns.write or ns.out:
-        path = ns.out or recipe_file(transformers.__version__)
-        write_recipes(results, path, transformers.__version__, torch.__version__.split("+")[0])
+    if path is not None:
         print(f"wrote {path}")
     return 0

@@ -56,7 +56,7 @@ def _role(name: str, mod: torch.nn.Module) -> str:
         return "attn"
     if cls.endswith("MLP"):
         return "mlp"
-    if isinstance(mod, torch.nn.Dropout):
+    if isinstance(mod, (torch.nn.Dropout, torch.nn.Identity)):
         return "dropout"
     return f"other:{name}:{cls}"
 
@@ -79,6 +79,9 @@ class _Recorder(_OpLog):
         self.inputs: dict[str, tuple[Any, Any]] = {}
         self.order: dict[int, list[str]] = {}
         self.handles: list[Any] = []
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if isinstance(rotary, torch.nn.Module):
+            self._hook(rotary, "rotary", None)
         for i, layer in enumerate(_layers(model)):
             self.order[i] = []
             self._hook(layer, f"L{i}", None)
@@ -87,12 +90,15 @@ class _Recorder(_OpLog):
 
     def _hook(self, mod: torch.nn.Module, key: str, part: tuple[int, str] | None) -> None:
         def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
-            self.where.append(key)
-            self.buckets.setdefault(key, [])
             if part is not None:
                 self.order[part[0]].append(part[1])
                 if key not in self.inputs:
+                    self.where.append("recorder")  # the copies of the inputs are the recorder's, not the model's
+                    self.buckets.setdefault("recorder", [])
                     self.inputs[key] = _clone((args, kwargs))
+                    self.where.pop()
+            self.where.append(key)
+            self.buckets.setdefault(key, [])
 
         def post(m: torch.nn.Module, args: Any, kwargs: Any, out: Any) -> None:
             self.where.pop()
@@ -132,7 +138,7 @@ def _record(model: torch.nn.Module) -> _Recorder:
     try:
         with rec:
             torch.manual_seed(2)
-            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, labels=ids, use_cache=False)  # a cache would be mutated by the parts' replays
     finally:
         rec.close()
     return rec
@@ -192,8 +198,13 @@ def _classify_norm(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> tuple[str, 
 
 
 def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module | None:
+    """The family's model from the type's config, uninitialised (its parts get the type's weights; what runs
+    outside them does not depend on values)."""
+    from transformers.initialization import no_init_weights
+
     try:
-        return _build(ref, d, attn, meta=False)
+        with no_init_weights():
+            return _build(ref, d, attn, meta=False)
     except Exception:
         return None
 
@@ -209,6 +220,19 @@ def compose(model_type: str) -> DeriveResult:
         variants = _variants(model_type)
     except Exception as exc:
         return DeriveResult(model_type, None, f"the library-default config does not build: {type(exc).__name__}")
+    try:  # a part no family has (MoE blocks, linear attention, …) refuses at once, from the meta build
+        with torch.device("meta"):
+            probe = _causal_lm_class(_config_class(model_type))._from_config(
+                _config_class(model_type).from_dict(copy.deepcopy(variants[0][1])))
+        for layer in _layers(probe):
+            for name, child in layer.named_children():
+                if _role(name, child).startswith("other:"):
+                    return DeriveResult(model_type, None, f"a decoder-layer part no family has: {name} "
+                                        f"({type(child).__name__})")
+    except LookupError as exc:
+        return DeriveResult(model_type, None, f"not a LLaMA-class layout ({exc})")
+    except Exception as exc:
+        return DeriveResult(model_type, None, f"does not build: {type(exc).__name__}")
     dense = [f for f, facts in _FAMILIES.items() if not facts.moe and not facts.mla]
     base_ok: dict[str, bool] = dict.fromkeys(dense, True)
     attn_ok: dict[str, bool] = dict.fromkeys(dense, True)
@@ -270,6 +294,13 @@ def compose(model_type: str) -> DeriveResult:
                     except Exception as exc:
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
+                if attn_ok[ref] and base_ok.get(ref) is not None:
+                    try:  # the rotary tables belong to the attention facts (partial rotary, rope style)
+                        trec_r = trec if base_ok[ref] else _record(theirs)
+                        if trec_r.buckets.get("rotary") != rec.buckets.get("rotary"):
+                            attn_ok[ref] = False
+                    except Exception:
+                        attn_ok[ref] = False
                 for role, ok in (("attn", attn_ok), ("mlp", mlp_ok)):
                     if not ok[ref]:
                         continue
