@@ -82,21 +82,24 @@ class _Recorder(_OpLog):
         rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
         if isinstance(rotary, torch.nn.Module):
             self._hook(rotary, "rotary", None)
+        final = getattr(getattr(model, "model", None), "norm", None)
+        if isinstance(final, torch.nn.Module):
+            self._hook(final, "final_norm", None, capture=True)
         for i, layer in enumerate(_layers(model)):
             self.order[i] = []
             self._hook(layer, f"L{i}", None)
             for name, child in layer.named_children():
                 self._hook(child, f"L{i}.{name}", (i, name))
 
-    def _hook(self, mod: torch.nn.Module, key: str, part: tuple[int, str] | None) -> None:
+    def _hook(self, mod: torch.nn.Module, key: str, part: tuple[int, str] | None, capture: bool = False) -> None:
         def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
             if part is not None:
                 self.order[part[0]].append(part[1])
-                if key not in self.inputs:
-                    self.where.append("recorder")  # the copies of the inputs are the recorder's, not the model's
-                    self.buckets.setdefault("recorder", [])
-                    self.inputs[key] = _clone((args, kwargs))
-                    self.where.pop()
+            if (part is not None or capture) and key not in self.inputs:
+                self.where.append("recorder")  # the copies of the inputs are the recorder's, not the model's
+                self.buckets.setdefault("recorder", [])
+                self.inputs[key] = _clone((args, kwargs))
+                self.where.pop()
             self.where.append(key)
             self.buckets.setdefault(key, [])
 
@@ -234,7 +237,8 @@ def compose(model_type: str) -> DeriveResult:
     except Exception as exc:
         return DeriveResult(model_type, None, f"does not build: {type(exc).__name__}")
     dense = [f for f, facts in _FAMILIES.items() if not facts.moe and not facts.mla]
-    base_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    base_ok: dict[str, bool] = dict.fromkeys(dense, True)  # outside the layers
+    glue_ok: dict[str, bool] = dict.fromkeys(dense, True)  # the layers' call order and residual glue
     attn_ok: dict[str, bool] = dict.fromkeys(dense, True)
     mlp_ok: dict[str, bool] = dict.fromkeys(dense, True)
     norms: set[tuple[str, bool]] = set()
@@ -260,46 +264,45 @@ def compose(model_type: str) -> DeriveResult:
                    for r in [_role(n, dict(layers[i].named_children())[n])] if r not in ("norm", "dropout")):
                 return DeriveResult(model_type, None, "decoder layer without attention and MLP")
             # norms of the type's layers and final norm
-            for i, layer in enumerate(layers):
-                for name, child in layer.named_children():
-                    key = f"L{i}.{name}"
-                    if _role(name, child) == "norm" and key in rec.inputs:
-                        kind = _classify_norm(child, rec.inputs[key])
-                        if kind is None:
-                            return DeriveResult(model_type, None, f"norm {type(child).__name__} computes like no "
-                                                "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm)")
-                        norms.add(kind)
+            parts = [(f"L{i}.{name}", child) for i, layer in enumerate(layers)
+                     for name, child in layer.named_children()]
+            parts.append(("final_norm", mine_model.model.norm))
+            for key, child in parts:
+                if _role(key, child) == "norm" and key in rec.inputs:
+                    kind = _classify_norm(child, rec.inputs[key])
+                    if kind is None:
+                        return DeriveResult(model_type, None, f"norm {type(child).__name__} computes like no "
+                                            "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm)")
+                    norms.add(kind)
             for ref in dense:
-                if not (base_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
+                if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
                     continue
                 theirs = _family_model(ref, d, attn)
                 if theirs is None:
-                    base_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
+                    base_ok[ref] = glue_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
                     why.setdefault(ref, f"{vname}: does not build from the type's config")
                     continue
                 tlayers = _layers(theirs)
-                if base_ok[ref]:
-                    try:
-                        trec = _record(theirs)
-                        troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
-                                  for i in trec.order}
-                        same = (troles == roles and trec.buckets["outside"] == rec.buckets["outside"]
-                                and all(trec.buckets.get(f"L{i}") == rec.buckets.get(f"L{i}") for i in rec.order)
-                                and [n.shape for n in mine_model.model.norm.parameters()] ==
-                                [n.shape for n in theirs.model.norm.parameters()])
-                        if not same:
-                            base_ok[ref] = False
-                            why.setdefault(ref, f"{vname}/{attn}: outside ops or layer glue differ ("
-                                           + _first_difference(rec.buckets["outside"], trec.buckets["outside"]) + ")")
-                    except Exception as exc:
+                try:
+                    trec = _record(theirs)
+                except Exception as exc:
+                    base_ok[ref] = glue_ok[ref] = attn_ok[ref] = False
+                    why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
+                    trec = None
+                if trec is not None:
+                    troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
+                              for i in trec.order}
+                    if base_ok[ref] and (trec.buckets["outside"] != rec.buckets["outside"]
+                                         or [n.shape for n in mine_model.model.norm.parameters()]
+                                         != [n.shape for n in theirs.model.norm.parameters()]):
                         base_ok[ref] = False
-                        why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
-                if attn_ok[ref] and base_ok.get(ref) is not None:
-                    try:  # the rotary tables belong to the attention facts (partial rotary, rope style)
-                        trec_r = trec if base_ok[ref] else _record(theirs)
-                        if trec_r.buckets.get("rotary") != rec.buckets.get("rotary"):
-                            attn_ok[ref] = False
-                    except Exception:
+                        why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
+                                       + _first_difference(rec.buckets["outside"], trec.buckets["outside"]))
+                    if glue_ok[ref] and (troles != roles or any(trec.buckets.get(f"L{i}") != rec.buckets.get(f"L{i}")
+                                                                for i in rec.order)):
+                        glue_ok[ref] = False
+                    # the rotary tables belong to the attention facts (partial rotary, rope style)
+                    if attn_ok[ref] and trec.buckets.get("rotary") != rec.buckets.get("rotary"):
                         attn_ok[ref] = False
                 for role, ok in (("attn", attn_ok), ("mlp", mlp_ok)):
                     if not ok[ref]:
@@ -319,21 +322,24 @@ def compose(model_type: str) -> DeriveResult:
                         if not ok[ref]:
                             break
     base = next((r for r in dense if base_ok[r]), None)
+    glue = next((r for r in dense if glue_ok[r] and base is not None
+                 and _FAMILIES[r].multipliers == _FAMILIES[base].multipliers), None)
     attn_ref = next((r for r in dense if attn_ok[r]), None)
     mlp_ref = next((r for r in dense if mlp_ok[r]), None)
-    missing = [what for what, r in (("outside ops / layer glue", base), ("attention", attn_ref), ("MLP", mlp_ref))
-               if r is None]
+    missing = [what for what, r in (("ops outside the layers", base), ("layer glue and call order", glue),
+                                    ("attention", attn_ref), ("MLP", mlp_ref)) if r is None]
     if missing:
         detail = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3])
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
     (norm_kind, norm_bias), = norms
-    assert base is not None and attn_ref is not None and mlp_ref is not None
-    fb, fa, fm = _FAMILIES[base], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
-    if fb.gemma and norm_kind != "gemma_rmsnorm":
-        return DeriveResult(model_type, None, f"base {base} implies GemmaRMSNorm, the type's norm is {norm_kind}")
-    facts = replace(fb, **{k: getattr(fa, k) for k in _ATTN_FIELDS}, **{k: getattr(fm, k) for k in _MLP_FIELDS})
+    assert base is not None and glue is not None and attn_ref is not None and mlp_ref is not None
+    fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
+    if fb.gemma != (norm_kind == "gemma_rmsnorm"):
+        return DeriveResult(model_type, None, f"outside the layers it computes like {base}, its norms are {norm_kind}")
+    facts = replace(fb, layout=fg.layout, parallel=fg.parallel, **{k: getattr(fa, k) for k in _ATTN_FIELDS},
+                    **{k: getattr(fm, k) for k in _MLP_FIELDS})
     if not fb.gemma:
         facts = replace(facts, norm=NormKind(norm_kind))
     if norm_bias:
@@ -348,13 +354,13 @@ def compose(model_type: str) -> DeriveResult:
     fd = asdict(facts)
     fd["norm"] = str(fd["norm"])
     fd["aliases"] = [list(a) for a in fd["aliases"]]
-    recipe = {"model_type": model_type, "reads_as": base, "parts": {"base": base, "attention": attn_ref,
+    recipe = {"model_type": model_type, "reads_as": base, "parts": {"base": base, "glue": glue, "attention": attn_ref,
                                                                      "mlp": mlp_ref, "norm": norm_kind},
               "facts": fd, "defaults": defaults, "transformers": transformers.__version__,
               "torch": torch.__version__.split("+")[0], "checked": checked,
               "method": "composed part by part: outside ops, layer glue and call order as the base family; "
                         "attention, MLP and norms op for op as the named families (train forward, bf16)"}
-    return DeriveResult(model_type, recipe, tried=[base, attn_ref, mlp_ref])
+    return DeriveResult(model_type, recipe, tried=[base, glue, attn_ref, mlp_ref])
 
 
 def _check_counts(model_type: str, facts: Any, variants: list[tuple[str, dict[str, Any]]],
