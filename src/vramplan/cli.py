@@ -126,10 +126,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .api import estimate
-    from .serving.cli import gguf_estimate, is_gguf
+    from .serving.cli import gguf_estimate, is_gguf, reject_gguf_flags
 
     if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
         return gguf_estimate(ns)
+    reject_gguf_flags(ns)
+    if ns.kv_cache_dtype != "auto":
+        raise VramplanError("--kv-cache-dtype applies to a .gguf model (llama.cpp) here; for vLLM's fp8 KV cache use "
+                            "vramplan fit MODEL --task infer --engine vllm --kv-cache-dtype fp8")
 
     try:  # vision and diffusion models have their own estimator (vramplan.vision)
         from .vision import estimate_vision_cli, is_vision_model

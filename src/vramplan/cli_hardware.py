@@ -110,9 +110,11 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     from .errors import WorkloadError
     from .fit import check_fit
     from .hardware import get_gpu
-    from .serving.cli import is_gguf, print_serving, serving_section
+    from .serving.cli import is_gguf, print_serving, reject_gguf_flags, serving_section
 
     if _is_vision(ns.model):
+        if ns.engine:
+            raise WorkloadError(f"--engine {ns.engine} serves language models; {ns.model} is an image model")
         return _cmd_fit_vision(ns)
     _no_image_flags(ns)
     gpu = get_gpu(ns.gpu)
@@ -130,6 +132,8 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     spec, entry = resolve_model(ns.model)
     name = entry.name if entry else spec.name
     w = make_workload(**{k: getattr(ns, k) for k in _FLAGS if hasattr(ns, k)})
+    if ns.engine in (None, "vllm", "sglang", "transformers"):
+        reject_gguf_flags(ns)
     if ns.engine and w.is_train:
         raise WorkloadError(f"--engine {ns.engine} serves a model: add --task infer")
     util = ns.gpu_memory_utilization if ns.gpu_memory_utilization is not None else 0.9
