@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kinds import MemoryKind, Phase
+
+if TYPE_CHECKING:
+    from .parallel import ParallelEstimate
 
 __all__ = ["Breakdown", "Estimate", "PhasePeak"]
 
@@ -48,7 +51,8 @@ class Estimate:
 
     ``peak_allocated_bytes`` predicts ``torch.cuda.max_memory_allocated()``; ``total_bytes`` is what
     nvidia-smi shows for the process (peak + allocator slack + CUDA context). ``breakdown`` is taken at
-    the moment of the peak and covers every kind, so ``breakdown.total == total_bytes``.
+    the moment of the peak and covers every kind, so ``breakdown.total == total_bytes``. ``per_gpu``: the
+    most loaded GPU of a multi-GPU layout, when one was given.
     """
 
     model: str
@@ -62,6 +66,7 @@ class Estimate:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
+    per_gpu: ParallelEstimate | None = None
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -70,8 +75,8 @@ class Estimate:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of ``vramplan estimate --json``."""
-        return {
+        """The JSON contract of ``vramplan estimate --json`` (``per_gpu`` only with a layout)."""
+        out = {
             "model": self.model,
             "parameters": self.parameters,
             "trainable_parameters": self.trainable_parameters,
@@ -85,3 +90,4 @@ class Estimate:
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
         }
+        return out | ({"per_gpu": self.per_gpu.to_dict()} if self.per_gpu is not None else {})
