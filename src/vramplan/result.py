@@ -67,6 +67,8 @@ class Estimate:
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
     per_gpu: ParallelEstimate | None = None
+    host_bytes: int = 0  # pinned host memory the step needs (activation offloading)
+    host_traffic_bytes: int = 0  # bytes over PCIe per optimizer step for that host memory (both directions)
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -89,5 +91,7 @@ class Estimate:
             "workload": dict(self.workload),
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
+            "host_bytes": self.host_bytes,
+            "host_traffic_bytes": self.host_traffic_bytes,
         }
         return out | ({"per_gpu": self.per_gpu.to_dict()} if self.per_gpu is not None else {})
