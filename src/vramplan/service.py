@@ -188,6 +188,7 @@ class PlanQuery(Query):
     prices: str | None = None  # a JSON file of price overrides
     top: int = 20
     engine: str = "transformers"  # infer: the serving engine whose prefill/decode speed ranks the plans
+    savers: bool = True  # search the memory savers (fused/chunked loss, activation offloading, paged optimizer)
 
 
 def gpu_pool(names: Sequence[str] | None = None, prices: str | None = None) -> list[GPU]:
@@ -214,8 +215,10 @@ def plan(q: PlanQuery) -> PlanResult:
     from .workload import Attention, Method, Optimizer, Precision, WeightsQuant
 
     w = q.workload
-    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits"):
-        if w.get(flag) is not None:
+    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits", "packing", "avg_seq_len",
+                 "checkpointing", "loss_chunk", "rslora", "lora_modules_to_save", "optimizer_rank",
+                 "galore_update_gap", "lora_dropout"):
+        if w.get(flag) not in (None, False, 0.0) or (flag == "checkpointing" and w.get(flag) not in (None, "none")):
             hint = " (use --global-batch; the planner chooses micro-batch x accumulation)" \
                 if flag == "gradient_accumulation" else ""
             raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option{hint}")
@@ -239,6 +242,9 @@ def plan(q: PlanQuery) -> PlanResult:
                             ("lora_targets", w.get("lora_targets"))):
             if given is not None:
                 raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option for image models")
+        for flag in ("trainer", "loss", "activation_offload"):
+            if w.get(flag) not in (None, False):
+                raise WorkloadError(f"--{flag.replace('_', '-')} is a language-model training option")
         if method not in (None, "full", "lora"):
             raise WorkloadError(f"--method {method} is not available for image models; use full or lora")
         req = PlanRequest(methods=(Method(method),) if method else (), **common)
@@ -247,7 +253,11 @@ def plan(q: PlanQuery) -> PlanResult:
     targets = w.get("lora_targets")
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    from .workload import Loss, Trainer
+
     req = PlanRequest(
+        trainer=Trainer(w.get("trainer") or "hf"), loss=Loss(w.get("loss") or "auto"),
+        activation_offload=bool(w.get("activation_offload")), savers=None if q.savers else (),
         seq_len=w.get("seq_len", 2048), new_tokens=w.get("new_tokens", 256), tokens=q.tokens, epochs=q.epochs,
         dataset_tokens=q.dataset_tokens, methods=(Method(method),) if method and task is not PlanTask.INFER else (),
         weights_quants=(WeightsQuant(quant),) if quant else (),

@@ -108,7 +108,8 @@ const EXTRA_GROUPS = {
   image: ["resolution", "pipeline"],
 };
 const PLAN_JOB_KEYS = ["method", "precision", "optimizer", "weights_quant", "batch_size", "gradient_checkpointing",
-  "attention", "lora_rank", "lora_targets", "seq_len", "new_tokens", "resolution", "pipeline"];
+  "attention", "lora_rank", "lora_targets", "seq_len", "new_tokens", "resolution", "pipeline", "trainer", "loss",
+  "activation_offload"];
 // When an option means something (hidden options are not sent: the CLI default applies).
 const SHOWN = {
   method: (v) => v.task === "train",
@@ -527,6 +528,7 @@ function renderPlans(data) {
     return rec[`${key}_reason`] || r === null ? `${label}: ${rec[`${key}_reason`] || "not feasible"}` : "";
   };
   $("#plan-summary").textContent = [say("cheapest consumer setup", "consumer"), say("recommended data-centre setup", "datacenter"),
+    ...(Array.isArray(data.savers) ? data.savers.map((n) => `memory savers: ${n}`) : []),
     data.candidates_evaluated ? `${count(data.candidates_evaluated)} configurations evaluated` : ""].filter(Boolean).join(" · ");
 }
 
