@@ -206,6 +206,19 @@ def test_schema_follows_the_workload_and_the_cli(client: TestClient) -> None:
         assert option["name"] not in ("json", "plot", "help")
 
 
+def test_a_switch_that_defaults_to_unset_is_a_switch(client: TestClient) -> None:
+    """double_quant is ``bool | None`` (None: transformers' default, off): the page shows a checkbox and the API
+    takes true/false — it was typed as an optional integer, so the page's own ``true`` was a 422."""
+    kinds = {o["name"]: (o["kind"], o["default"]) for o in client.get("/api/schema").json()["workload"]}
+    assert kinds["double_quant"] == ("bool", False)
+    body = {"model": "llama-3.1-8b", "method": "qlora", "seq_len": 512}
+    on = client.post("/api/estimate", json={**body, "double_quant": True})
+    off = client.post("/api/estimate", json={**body, "double_quant": False})
+    assert on.status_code == off.status_code == 200
+    assert on.json()["peak_allocated_bytes"] < off.json()["peak_allocated_bytes"]  # 8-bit absmax constants
+    assert_json_error(client.post("/api/estimate", json={**body, "double_quant": 1}), 422, "true or false")
+
+
 # ----------------------------------------------------------------------------------------- refusals
 
 
