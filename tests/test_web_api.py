@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from vramplan.web.app import create_app
 from vramplan.web.options import MAX_BODY_BYTES, RequestError, options_for
 
 from .conftest import CALIBRATION
+from .conftest import web_load as load_web_load
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -359,19 +359,10 @@ def test_any_json_object_gets_an_answer_not_a_crash(client: TestClient, body: di
 # ----------------------------------------------------------------------------------------- load
 
 
-def _web_load() -> Any:
-    spec = importlib.util.spec_from_file_location("web_load", BENCHMARKS / "web_load.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_load"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_2000_requests_from_20_clients() -> None:
     """A bounded load test on loopback: every answer correct; p95 latency reported."""
     pytest.importorskip("uvicorn")
-    web_load = _web_load()
+    web_load = load_web_load()
     work = web_load.cases()
     with web_load.serve() as base:
         report = web_load.run_load(base, work, requests=2000, clients=20, timeout_s=20.0)
@@ -415,7 +406,7 @@ def test_serve_under_a_16_gib_address_space_limit() -> None:
     pytest.importorskip("uvicorn")
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux)")
-    web_load = _web_load()
+    web_load = load_web_load()
     with web_load.serve(prefix=("prlimit", f"--as={16 << 30}")) as base:
         req = urllib.request.Request(f"{base}/api/estimate", data=json.dumps({"model": "sdxl"}).encode(),
                                      headers={"content-type": "application/json"})
