@@ -191,7 +191,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                     if total <= max_usable:  # the GPU-independent work, once, where some GPU can hold it
                         ctx = _Context(spec, w, layout, lay_label, replicas, global_batch, peak, total, comm_bytes,
                                        split, bubble, tokens, req.new_tokens, model,
-                                       training_work(spec, w) if w.is_train else inference_work(spec, w),
+                                       training_work(spec, w) if w.is_train else inference_work(spec, w, engine.name),
                                        (0, 0.0) if w.is_train else decode_work(
                                            spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
                                        None if w.is_train else engine, host_bytes, traffic,
