@@ -95,6 +95,8 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
         if result.fit is not None:
             _print_fit(result.fit)
         print_serving(dict(result.serving))
+        if result.launch_command:
+            print(f"launch: {result.launch_command}")
     elif isinstance(result, VisionFitResult):
         _print_vision_fit(result)
     else:
@@ -164,7 +166,7 @@ def _print_fit(r: FitResult) -> None:
         tps = f", {r.tokens_per_s:,.0f} tokens/s" if r.tokens_per_s else ""
         c.print(f"step time on this GPU: {r.step_time_s:.3f} s{tps} (vramplan.perf)")
     elif r.step_time_s is not None:
-        tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (bandwidth roofline)" if r.tokens_per_s else ""
+        tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (vramplan.perf)" if r.tokens_per_s else ""
         c.print(f"prefill on this GPU: {r.step_time_s:.3f} s{tps}")
     _print_notes(c, r.assumptions, r.warnings)
 
