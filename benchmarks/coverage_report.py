@@ -143,6 +143,21 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
     # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
+    # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
+    # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944
+    "qwen2_vl": {"text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                 "num_key_value_heads": 4}},
+    "qwen2_5_vl": {"text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                   "num_key_value_heads": 4}},
+    # Qwen/Qwen3-VL-8B-Instruct: vision out_hidden_size 4096 = the text width
+    "qwen3_vl": {"vision_config": {"out_hidden_size": 4096}},
+    # google/gemma-3-4b-it: SigLIP at 896 px, patch 14 (64 x 64 patches pooled 4 x 4 to 256 tokens)
+    "gemma3": {"vision_config": {"image_size": 896, "patch_size": 14}},
+    # HuggingFaceM4/Idefics3-8B-Llama3 (364 px, patch 14, pixel shuffle 2); HuggingFaceTB/SmolVLM-Instruct (384 px,
+    # patch 14, pixel shuffle 3): the defaults' 224 px / patch 32 grid does not shuffle
+    "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
+    "smolvlm": {"vision_config": {"image_size": 384, "patch_size": 14}, "scale_factor": 3},
 }
 
 

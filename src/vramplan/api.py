@@ -55,7 +55,7 @@ def make_workload(**options: Any) -> Workload:
 
 
 _INT_FIELDS = frozenset({"batch_size", "seq_len", "new_tokens", "lora_rank", "lora_alpha", "gradient_accumulation",
-                         "trainable_layers", "quant_group_size"})
+                         "trainable_layers", "quant_group_size", "images", "image_size"})
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -74,7 +74,7 @@ def _coerce(key: str, value: Any) -> Any:
             raise WorkloadError(f"{key.replace('_', '-')} {shown} is not one of: {choices}")
         if key in _INT_FIELDS:
             return as_int(key, value)
-        if key in ("gradient_checkpointing", "double_quant"):
+        if key in ("gradient_checkpointing", "double_quant", "freeze_vision", "text_only"):
             return as_bool(key, value)
         if key == "lora_dropout":
             return as_float(key, value)
