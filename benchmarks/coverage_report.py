@@ -49,6 +49,12 @@ WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_embd", "d_model", "ffn_dim"
               "shared_expert_intermediate_size", "d_ff", "dim", "hidden_dim")
 
 
+# Vision-language models people fine-tune whose classes are in transformers' image-text-to-text mapping only (not
+# the causal-LM one): run with the causal-LM types, as multimodal (one image per sample at the processor's size)
+VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "mllama", "llava", "llava_next", "idefics3", "smolvlm", "paligemma",
+             "qwen3_vl", "internvl", "mistral3", "llama4")
+
+
 def category(model_type: str) -> str:
     """multimodal (a vision tower or image tokenizer), other (audio / music / speech) or decoder-only."""
     from transformers import CONFIG_MAPPING
@@ -430,7 +436,8 @@ def main() -> int:
 
         transformers.logging.set_verbosity_error()
         warnings.simplefilter("ignore")
-        types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + \
+            [t for t in VLM_TYPES if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
         if args.category:
             types = [t for t in types if category(t) == args.category]
         if args.reverse:

@@ -607,6 +607,12 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], tuple[str, ...]]:
     """A multimodal config's language model, and a note that its other towers are not counted."""
     text = raw.get("text_config")
+    if not isinstance(text, Mapping) and isinstance(raw.get("vision_config"), Mapping) and \
+            raw.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        # Qwen2-VL / Qwen2.5-VL checkpoints keep the language model's fields at the top level (transformers'
+        # Qwen2_5_VLConfig builds its text_config from them)
+        text = {k: v for k, v in raw.items() if k != "vision_config"}
+        text["model_type"] = f"{raw['model_type']}_text"
     if not isinstance(text, Mapping):
         return raw, ()
     towers = [k.removesuffix("_config") for k in raw if k.endswith("_config") and k != "text_config"

@@ -36,7 +36,7 @@ from .errors import ConfigError, WorkloadError
 from .kinds import MemoryKind, Phase
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec
-from .workload import Method, Task, Workload, WeightsQuant
+from .workload import Method, WeightsQuant, Workload
 
 __all__ = ["MULTIMODAL_TYPES", "MultimodalSpec", "VisionTower", "estimate_multimodal", "multimodal_from_config",
            "tower_parameters"]
@@ -77,12 +77,20 @@ class MultimodalSpec:
     """What a vision-language config adds to its language model."""
 
     model_type: str
-    tower: VisionTower
+    tower: VisionTower | None  # None: a vision tower this module does not model (the estimate refuses images)
     notes: tuple[str, ...] = ()
+
+    @property
+    def vision(self) -> VisionTower:
+        if self.tower is None:
+            raise WorkloadError(f"the vision tower of {self.model_type} is not modelled by vramplan estimate "
+                                f"(modelled: {', '.join(MULTIMODAL_TYPES)}); add --text-only for its language model "
+                                "alone, or run `vramplan trace`, which runs the whole model with images")
+        return self.tower
 
     def image_tokens(self, size: int) -> int:
         """Tokens one image of ``size`` x ``size`` pixels adds to the language model's sequence."""
-        t = self.tower
+        t = self.vision
         g = size // t.patch
         if t.projector == "qwen_merger":
             return (g // t.merge) ** 2
@@ -93,10 +101,10 @@ class MultimodalSpec:
         return g * g + (1 if t.keep_cls and t.style == "clip" else 0)
 
     def default_size(self) -> int:
-        return 448 if self.tower.style.startswith("qwen") else self.tower.image_size
+        return 448 if self.vision.style.startswith("qwen") else self.vision.image_size
 
     def check_size(self, size: int) -> None:
-        t = self.tower
+        t = self.vision
         unit = t.patch * t.merge
         if t.style.startswith("qwen"):
             if size % unit:
@@ -118,11 +126,13 @@ def _llava_next_tokens(t: VisionTower, size: int) -> int:
     return base + g * g + g
 
 
-def tower_parameters(t: VisionTower) -> int:
+def tower_parameters(t: VisionTower | None) -> int:
     """Parameters of the vision tower and projector, as ``sum(p.numel() for p in ...)`` over their modules."""
     from .vision._graph import Numerics
     from .vision._layers import Layers
 
+    if t is None:
+        raise WorkloadError("this vision tower is not modelled; run `vramplan trace` for its parameter count")
     L = Layers(Numerics(False, 2, 2, False))
     _build(L, t, 1, t.image_size if not t.style.startswith("qwen") else 4 * t.patch * t.merge, True, True, False)
     return L.parameters
@@ -313,8 +323,10 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
     """The vision tower of a vision-language config, or None for a model type this module does not model."""
     mt = raw.get("model_type")
     vc = raw.get("vision_config")
-    if mt not in MULTIMODAL_TYPES or not isinstance(vc, Mapping):
+    if not isinstance(vc, Mapping):
         return None
+    if mt not in MULTIMODAL_TYPES:
+        return MultimodalSpec(str(mt), None)
     w = f"{name}: vision_config"
     if mt in ("qwen2_vl", "qwen2_5_vl"):
         q25 = mt == "qwen2_5_vl"
@@ -387,14 +399,11 @@ def route(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     from . import estimator
 
     if spec.multimodal is None:
-        if any("tower" in n for n in spec.notes):
-            raise WorkloadError(f"{name}: images are not modelled for this vision-language architecture "
-                                f"(modelled: {', '.join(MULTIMODAL_TYPES)}); add --text-only for its language model, "
-                                "or run `vramplan trace`, which runs the whole model with images")
         raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
                             "vision-language models; drop them")
     if w.text_only:
         return estimator._estimate_cached(replace(spec, multimodal=None), w, name)
+    _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
     return _estimate_multimodal_cached(spec, w, name)
 
 
@@ -420,15 +429,15 @@ def estimate_multimodal(spec: ModelSpec, w: Workload, name: str) -> Estimate:
 def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     """The whole vision-language model: tower + projector + language model with the image tokens."""
     from . import estimator
-    from .memory import _optimizer_bytes
     from ._tape import ZERO
+    from .memory import _optimizer_bytes
     from .vision._graph import Numerics, replay_backward, replay_forward
     from .vision._layers import Layers
 
     mm = spec.multimodal
     assert mm is not None
     check_workload(spec, w)
-    t = mm.tower
+    t = mm.vision
     images = w.images or 1
     size = w.image_size or mm.default_size()
     per = mm.image_tokens(size) * images

@@ -19,7 +19,6 @@ from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..workload import Attention, LogitsMode, Loss, Task, Trainer, Workload
 from ._build import build_model, compute_dtype, make_optimizer
-from ._images import image_inputs, is_multimodal
 from ._cuda import (
     AutocastEmulation,
     attention_backward_transient,
@@ -30,6 +29,7 @@ from ._cuda import (
     register_cuda_kernels,
     safe_softmax_transient,
 )
+from ._images import image_inputs, is_multimodal
 from ._loops import CE_CHUNK, apply_checkpoint_every, create_optimizer_state, hf_train_loop, patch_chunked_loss
 from ._tracker import MemoryTracker, PeakMark
 
