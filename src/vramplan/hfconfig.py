@@ -605,6 +605,7 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
 
 
+@lru_cache(maxsize=256)
 def _derived(model_type: str) -> Callable[[_Cfg, str], ModelSpec] | None:
     """The reader of a model type with a shipped derived recipe (vramplan.recipes), or None."""
     from .recipes import recipe_for
