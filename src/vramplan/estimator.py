@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, phase_peak
 from ._tape import Moment, Pass, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
@@ -26,20 +27,11 @@ from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
-from .units import GiB, MiB
+from .units import GiB
 from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
 
-# Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
-CUDA_CONTEXT_BYTES = int(0.516 * GiB)
-# cuBLAS workspace per handle: CUBLAS_WORKSPACE_CONFIG default ":4096:8" on Hopper (32 MiB), allocated
-# through the caching allocator (aten/src/ATen/cuda/CublasHandlePool.cpp). Training uses two handles:
-# the main thread's and autograd's backward thread.
-CUBLAS_WORKSPACE_BYTES = 32 * MiB
-# max_memory_reserved exceeds max_memory_allocated by a median 9.5% over the calibration set
-# (block rounding, cached free blocks): the slack nvidia-smi shows on top of the peak.
-ALLOCATOR_SLACK_FRACTION = 0.10
 
 K = MemoryKind
 
@@ -84,7 +76,7 @@ class _Best:
 
     def peak(self) -> PhasePeak:
         assert self.moment is not None
-        return _phase(self.phase, self.moment)
+        return phase_peak(self.phase, self.moment)
 
 
 def numerics(w: Workload) -> Numerics:
@@ -305,10 +297,6 @@ def _neg_act(n: int) -> tuple[int, ...]:
     return _vec({K.ACTIVATIONS: -n})
 
 
-def _phase(phase: Phase, m: Moment) -> PhasePeak:
-    return PhasePeak(phase, m.total, Breakdown.of(kinds_dict(m.kinds)))
-
-
 def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool) -> int:
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
@@ -433,12 +421,6 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     num = numerics(w)
     host = _Host()
     phases = _train(spec, w, states, num, host=host) if w.task is Task.TRAIN else _infer(spec, w, states, num)
-    top = max(phases, key=lambda p: p.peak_allocated_bytes)
-    peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
-    kinds = dict(zip(MemoryKind, (v for _, v in top.breakdown.bytes_by_kind), strict=True))
-    kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    kinds[K.ALLOCATOR_SLACK] = slack
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
@@ -472,13 +454,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
             w.trainable_layers > spec.num_layers:
         warnings.append(f"--trainable-layers {w.trainable_layers} exceeds the model's {spec.num_layers} layers; "
                         "all of them train")
-    return Estimate(
-        model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
-        peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
-        breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warnings), workload=_workload_dict(w), host_bytes=host.nbytes + states.paged_state,
-        host_traffic_bytes=host.traffic,
-    )
+    return finish(name, phases, parameters=states.parameters, trainable=states.trainable_parameters,
+                  assumptions=assumptions, warnings=warnings, workload=_workload_dict(w),
+                  host_bytes=host.nbytes + states.paged_state, host_traffic_bytes=host.traffic)
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:

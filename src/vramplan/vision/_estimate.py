@@ -18,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish
+from .._engine.step import phase_peak as phase
 from .._tape import Tensor
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
 from ..result import Estimate, PhasePeak
+from ..units import GiB
 from ..workload import Optimizer, Precision
 from ._backbones import build_backbone
 from ._catalog import VisionEntry, component
@@ -39,7 +42,7 @@ from ._specs import (
     vae_from_config,
 )
 from ._states import States, block_bytes, model_states
-from ._steps import CUBLAS_WORKSPACE_BYTES, StepResult, finish, phase, state_moment, train_step
+from ._steps import StepResult, state_moment, train_step
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -614,7 +617,8 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "next forward and backward (the default before PyTorch 2.0)")
     if run.top[1]:
         run.assumptions.append(f"the peak is in {run.top[1]}")
-    run.assumptions.append(f"CUDA context {0.516:.3f} GiB and allocator slack 10% of the peak are added to "
+    run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB and allocator slack "
+                           f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak are added to "
                            "total_bytes, not to peak_allocated_bytes")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .._engine.numerics import Numerics
 from .._tape import ZERO, Moment, Tape, Tensor
 from ..kinds import MemoryKind
 
@@ -38,23 +39,6 @@ _IDX = {k: i for i, k in enumerate(_KINDS)}
 ACT = MemoryKind.ACTIVATIONS
 _ACT = _IDX[ACT]
 _GRAD = _IDX[MemoryKind.GRADIENTS]
-
-
-@dataclass(frozen=True, slots=True)
-class Numerics:
-    """Dtypes (bytes per element) of one network's run.
-
-    ``act``: outputs of convolutions and matmuls (2 under bf16/fp16 or autocast, 4 in fp32);
-    ``param``: parameters as stored; ``amp``: the forward runs under ``torch.autocast`` (16-bit
-    matmuls and convolutions, fp32 normalization, weight copies cached for trainable leaves).
-    """
-
-    training: bool
-    act: int
-    param: int
-    amp: bool
-
-
 
 
 class Net:

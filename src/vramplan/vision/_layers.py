@@ -14,37 +14,15 @@ copies of trainable fp32 weights for the rest of the forward; ``group_norm``, ``
 
 from __future__ import annotations
 
-from enum import StrEnum
-
+from .._engine.numerics import Kernel, Numerics, sdpa_kernel
 from .._tape import Tensor
 from ..kinds import MemoryKind
-from ._graph import Net, Numerics
+from ._graph import Net
 
-__all__ = ["Kernel", "Layers", "sdpa_kernel"]
+__all__ = ["Layers"]
 
 WEIGHTS = MemoryKind.WEIGHTS
 LOSS = MemoryKind.LOGITS_LOSS
-
-
-class Kernel(StrEnum):
-    FUSED = "fused"  # cuDNN / flash attention: output + fp32 log-sum-exp saved
-    EFFICIENT = "efficient"  # memory-efficient (cutlass) attention: output + log-sum-exp
-    MATH = "math"  # the composite fallback: (B, H, Sq, Sk) scores and probabilities in fp32
-    EAGER = "eager"  # the model's own softmax(QK^T)V (diffusers AttnProcessor, baddbmm + softmax)
-
-
-def sdpa_kernel(elem: int, head_dim: int, has_mask: bool) -> Kernel:
-    """The kernel ``scaled_dot_product_attention`` runs on an sm80+ GPU (torch 2.5–2.11).
-
-    Fused (cuDNN or flash): 16-bit inputs, head_dim <= 256, no explicit mask. Memory-efficient: fp32
-    or 16-bit, head_dim a multiple of 4 (fp32) or 8 (16-bit), masks allowed, no head-dim limit.
-    Otherwise the math path. Mirrors ``sdp_utils.cpp`` and ``vramplan.trace._cuda.choose_sdpa_backend``.
-    """
-    if elem == 2 and head_dim <= 256 and head_dim % 8 == 0 and not has_mask:
-        return Kernel.FUSED
-    if head_dim % (8 if elem == 2 else 4) == 0:
-        return Kernel.EFFICIENT
-    return Kernel.MATH
 
 
 class Layers(Net):
@@ -363,7 +341,7 @@ class Layers(Net):
                 probs.saved_by.append(i)
             o = self.op(out_n, 4, (probs, v32), save=(probs, v32) if rg else ())
             return self.copy(self.cast(o, elem))
-        lse_len = sq if kernel is Kernel.FUSED else -(-sq // 32) * 32
+        lse_len = sq if kernel is Kernel.FLASH else -(-sq // 32) * 32
         ins: tuple[Tensor, ...] = (q, k, v)
         save: tuple[Tensor, ...] = ()
         if rg and self.num.training:

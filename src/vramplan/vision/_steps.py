@@ -11,23 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._engine.step import CUBLAS_WORKSPACE_BYTES
 from .._tape import Tensor
-from ..kinds import MemoryKind, Phase
-from ..result import Breakdown, Estimate, PhasePeak
-from ..units import GiB, MiB
+from ..kinds import MemoryKind
 from ._graph import ZERO, Moment, Net, replay_backward, replay_forward
 from ._states import States
 
-__all__ = [
-    "ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "infer_pass",
-    "train_step",
-]
+__all__ = ["StepResult", "infer_pass", "state_moment", "train_step"]
 
 K = MemoryKind
-# Same constants as the language-model estimator (vramplan.estimator): H200, torch 2.11, CUDA 13.
-CUDA_CONTEXT_BYTES = int(0.516 * GiB)
-CUBLAS_WORKSPACE_BYTES = 32 * MiB  # per cuBLAS handle; training uses two (main and autograd threads)
-ALLOCATOR_SLACK_FRACTION = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +58,3 @@ def train_step(net: Net, states: States, seeds: Sequence[Tensor], extra: Moment 
 def infer_pass(net: Net, base: Moment) -> Moment:
     """Peak of one inference forward (``torch.inference_mode``) on top of ``base``."""
     return replay_forward(net, base).peak
-
-
-def phase(p: Phase, m: Moment) -> PhasePeak:
-    return PhasePeak(p, m.total, Breakdown.of(m.as_dict()))
-
-
-def finish(name: str, phases: list[PhasePeak], *, parameters: int, trainable: int, assumptions: list[str],
-           warnings: list[str], workload: dict[str, object]) -> Estimate:
-    top = max(phases, key=lambda p: p.peak_allocated_bytes)
-    peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
-    kinds = {k: v for k, v in top.breakdown.bytes_by_kind}
-    kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    kinds[K.ALLOCATOR_SLACK] = slack
-    return Estimate(model=name, parameters=parameters, trainable_parameters=trainable, peak_allocated_bytes=peak,
-                    total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
-                    breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-                    warnings=tuple(warnings), workload=workload)
