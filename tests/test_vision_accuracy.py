@@ -112,10 +112,12 @@ def test_transformer_blocks_match_the_library_trace(name: str, layers: int, sing
                                                     task: str, trace_gib: float) -> None:
     import dataclasses
 
+    from vramplan._engine.numerics import Numerics
+    from vramplan._engine.replay import forward as replay_forward
+    from vramplan._engine.tape import Moment
     from vramplan.kinds import MemoryKind
     from vramplan.vision._catalog import get_vision_model
     from vramplan.vision._dit import DiTRun, build_dit
-    from vramplan.vision._graph import Moment, Numerics, replay_forward
     from vramplan.vision._layers import Layers
     from vramplan.vision._specs import dit_from_config
     from vramplan.vision._states import model_states

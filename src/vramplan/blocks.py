@@ -1,4 +1,4 @@
-"""Forward programs of the blocks of a transformers causal LM, recorded on a :class:`~vramplan._tape.Tape`.
+"""Forward programs of the blocks of a transformers causal LM, recorded on a :class:`~vramplan._engine.tape.Tape`.
 
 Each builder mirrors what the family's ``modeling_*.py`` (transformers 5.x) executes for one
 block: which tensors are created, in which dtype, and what autograd saves for backward. The rules
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._engine.numerics import Kernel, Numerics, sdpa_kernel
-from ._tape import Tape, Tensor
+from ._engine.tape import Tape, Tensor
 from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention, WeightsQuant

@@ -2,7 +2,7 @@
 
 Model states come from :mod:`vramplan.memory`; activations, logits and the KV cache come from
 replaying the forward (and backward) programs of :mod:`vramplan.blocks` on a
-:class:`~vramplan._tape.Tape`. A stack of identical decoder layers is combined in closed form:
+:class:`~vramplan._engine.tape.Tape`. A stack of identical decoder layers is combined in closed form:
 every layer adds the same saved bytes in forward and frees them in backward, so the peak of a
 pass sits at its first or last layer.
 
@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ._engine.replay import Pass, layer_backward, layer_forward
 from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, phase_peak
-from ._tape import Moment, Pass, Tape, kinds_dict
+from ._engine.tape import Moment, Tape, kinds_dict
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .hfconfig import version_warning
@@ -123,9 +124,10 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     x = tp.tensors[0]
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
-    fwd = tp.forward(save=True)
-    fwd_nosave = tp.forward(save=False) if ckpt else fwd
-    bwd = tp.backward(param_grads_exist=grads_exist) if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    fwd = layer_forward(tp)
+    fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
+    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
+        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
                      ckpt=keep_input and ckpt)
 
@@ -188,7 +190,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         build_embed(et, spec, num, b, s, embed_trainable,
                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
                     attention=attention)
-        e_fwd = et.forward()
+        e_fwd = layer_forward(et)
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
@@ -204,7 +206,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                    input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=keep_logits,
                    loss_kind=loss_kind.value, chunk=w.loss_chunk,
                    metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
-        h_fwd = ht.forward()
+        h_fwd = layer_forward(ht)
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
         h_fwd = Pass(0, _vec({}), sum(sent), sent)
@@ -234,7 +236,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
     if head:
-        h_bwd = ht.backward(param_grads_exist=accumulating)
+        h_bwd = layer_backward(ht, param_grads_exist=accumulating)
     else:  # the gradient of the stage's output arrives from the next stage
         grad = _neg_act(-sims[-1].y_bytes)
         h_bwd = Pass(sum(grad), grad, sum(grad), grad)
@@ -259,7 +261,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         bwd_peak.offer(_plus(cur, _scale(net, sim.count - 1), peak_rel))
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
-        e_bwd = et.backward(param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
+        e_bwd = layer_backward(et, param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
         bwd_peak.offer(_plus(cur, e_bwd.peak_kinds))
     if host is not None:
         host.traffic = 2 * host.nbytes * w.gradient_accumulation
@@ -315,7 +317,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     et = Tape(False)
     if embed:
         build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
-        e = et.forward()
+        e = layer_forward(et)
     else:  # a pipeline stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e = Pass(sum(recv), recv, sum(recv), recv)
@@ -334,7 +336,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         last = w.logits is LogitsMode.LAST
         build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
                    loss=False)
-        h = ht.forward()
+        h = layer_forward(ht)
         peak.offer(_plus(cur, h.peak_kinds))
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._tape import Moment
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..units import GiB, MiB
+from .tape import Moment
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "phase_peak"]
 

@@ -1,7 +1,7 @@
 """Peak GPU memory of image models: backbones, diffusion denoisers and pipelines, StyleGAN2.
 
-Every network is recorded op by op on a :class:`~vramplan._tape.Tape` (:mod:`._layers` and the model
-modules) and replayed as the CUDA caching allocator sees it (:mod:`._graph`); model states come from
+Every network is recorded op by op on a :class:`~vramplan._engine.tape.Tape` (:mod:`._layers` and the model
+modules) and replayed as the CUDA caching allocator sees it (:mod:`vramplan._engine.replay`); model states come from
 :mod:`._states`. The workloads mirror the calibration harness (``measure.py``'s ``run_vision`` and
 ``run_unet``) for single networks, the diffusers pipelines for inference, diffusers' DreamBooth scripts
 for pipeline training, and NVlabs' ``training_loop.py`` for StyleGAN2-ADA.
@@ -18,9 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._engine.numerics import Numerics
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import create_graph_bytes
+from .._engine.replay import forward as replay_forward
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish
 from .._engine.step import phase_peak as phase
-from .._tape import Tensor
+from .._engine.tape import Moment, Tensor
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
 from ..result import Estimate, PhasePeak
@@ -29,7 +33,6 @@ from ..workload import Optimizer, Precision
 from ._backbones import build_backbone
 from ._catalog import VisionEntry, component
 from ._dit import DiTRun, build_dit
-from ._graph import Moment, Numerics, create_graph_bytes, replay_backward, replay_forward
 from ._layers import Layers
 from ._specs import (
     DiTSpec,
@@ -553,7 +556,7 @@ def _stylegan(run: _Run) -> None:
             start = base + grads_free(d_st)
         L.keep(out)
         fwd = replay_forward(L, start)
-        second = Moment.of({K.ACTIVATIONS: create_graph_bytes(L, fwd, (out,))})
+        second = Moment.of({K.ACTIVATIONS: create_graph_bytes(L, (out,))})
         run.add(Phase.BACKWARD, fwd.end + second, "Greg (path length)" if which == "G" else "Dreg (R1)")
     step = base + Moment.of({K.OPTIMIZER_STATE: max(g_st.step_temporaries, d_st.step_temporaries)})
     run.add(Phase.OPTIMIZER_STEP, step)

@@ -15,9 +15,8 @@ copies of trainable fp32 weights for the rest of the forward; ``group_norm``, ``
 from __future__ import annotations
 
 from .._engine.numerics import Kernel, Numerics, sdpa_kernel
-from .._tape import Tensor
+from .._engine.tape import Tape, Tensor
 from ..kinds import MemoryKind
-from ._graph import Net
 
 __all__ = ["Layers"]
 
@@ -25,15 +24,27 @@ WEIGHTS = MemoryKind.WEIGHTS
 LOSS = MemoryKind.LOGITS_LOSS
 
 
-class Layers(Net):
-    """A :class:`Net` with the layers vision and diffusion models are built from."""
+class Layers(Tape):
+    """A :class:`~vramplan._engine.tape.Tape` with the layers vision and diffusion models are built from."""
 
     def __init__(self, num: Numerics) -> None:
-        super().__init__(num)
+        super().__init__(num.training)
+        self.num = num
         self._cached: dict[str, Tensor] = {}
         self.param_tensors: dict[str, tuple[int, ...]] = {}  # module name -> its parameter tensors' sizes
         self.trainable_names: set[str] = set()
         self.buffers: dict[str, int] = {}  # registered buffers (elements): weights memory, not parameters
+
+    def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
+              held: bool = True) -> Tensor:
+        """A tensor the script creates before the network runs and holds throughout (inputs, targets)."""
+        return super().input(numel, elem, rg, kind, held=held)
+
+    def param(self, name: str, numel: int, trainable: bool) -> tuple[tuple[int, int], ...]:
+        """The gradient a trainable parameter receives (``AccumulateGrad``), in the parameter dtype."""
+        if not trainable or not self.num.training:
+            return ()
+        return ((self.param_id(name), numel * self.num.param),)
 
     def register(self, name: str, sizes: tuple[int, ...], trainable: bool) -> None:
         """Record a module's parameters (for exact counts and per-tensor optimizer and allocator rules)."""
@@ -230,9 +241,7 @@ class Layers(Net):
         """A pointwise op on one tensor (silu/gelu save their input; tanh/rsqrt/sigmoid their result)."""
         out = self.op(x.numel, elem or x.elem, (x,), save=(x,) if (save_in and x.rg) else ())
         if save_out and x.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (out,)
-            out.saved_by.append(i)
+            self.save_output(out)
         return out
 
     def silu(self, x: Tensor) -> Tensor:
@@ -251,9 +260,7 @@ class Layers(Net):
         out.nbytes = 0
         self.own_grad.add(id(out))
         if save_result and out.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (root,)
-            root.saved_by.append(i)
+            self.save_output(root)
         return out
 
     def relu_(self, x: Tensor) -> Tensor:
@@ -320,9 +327,7 @@ class Layers(Net):
             pelem = 4 if self.num.amp else att.elem  # autocast runs softmax in fp32
             probs = self.op(scores, pelem, (att,))
             if probs.rg:
-                i = len(self.tp.ops) - 1
-                self.tp.ops[i].saved += (probs,)
-                probs.saved_by.append(i)
+                self.save_output(probs)
             probs = self.cast(probs, elem)
             o = self.op(batch * heads * sq * head_dim, elem, (probs, vb),
                         save=((probs,) if vb.rg else ()) + ((vb,) if probs.rg else ()))
@@ -336,9 +341,7 @@ class Layers(Net):
             att = self.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
             probs = self.op(scores, 4, (att,), fwd_scratch=scores)
             if rg:
-                i = len(self.tp.ops) - 1
-                self.tp.ops[i].saved += (probs,)
-                probs.saved_by.append(i)
+                self.save_output(probs)
             o = self.op(out_n, 4, (probs, v32), save=(probs, v32) if rg else ())
             return self.copy(self.cast(o, elem))
         lse_len = sq if kernel is Kernel.FLASH else -(-sq // 32) * 32
@@ -351,9 +354,7 @@ class Layers(Net):
         scratch = batch * heads * sq * (head_dim + 1) * 4 if rg and self.num.training else 0
         out = self.op(out_n, elem, ins, save=save, grad_to=(q, k, v), bwd_scratch=scratch)
         if rg and self.num.training:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (out,)
-            out.saved_by.append(i)
+            self.save_output(out)
         return out
 
     # ---- losses -------------------------------------------------------------------------------------
@@ -370,9 +371,7 @@ class Layers(Net):
         l32 = self.cast(logits, 4)
         ls = self.op(l32.numel, 4, (l32,), kind=LOSS)
         if ls.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (ls,)
-            ls.saved_by.append(i)
+            self.save_output(ls)
         loss = self.op(1, 4, (ls,), save=(ls,) if ls.rg else (), kind=LOSS)
         self.keep(loss)
         _ = classes

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import forward as replay_forward
 from .._engine.step import CUBLAS_WORKSPACE_BYTES
-from .._tape import Tensor
+from .._engine.tape import ZERO, Moment, Tape, Tensor
 from ..kinds import MemoryKind
-from ._graph import ZERO, Moment, Net, replay_backward, replay_forward
 from ._states import States
 
 __all__ = ["StepResult", "infer_pass", "state_moment", "train_step"]
@@ -38,7 +39,7 @@ def state_moment(states: States, *, workspace_handles: int, grads: bool = False,
     })
 
 
-def train_step(net: Net, states: States, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
+def train_step(net: Tape, states: States, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
                grads_persist: bool = False) -> StepResult:
     """Forward, backward and optimizer step of one recorded program on top of the model states.
 
@@ -55,6 +56,6 @@ def train_step(net: Net, states: States, seeds: Sequence[Tensor], extra: Moment 
     return StepResult(fwd.peak, bwd_peak, step)
 
 
-def infer_pass(net: Net, base: Moment) -> Moment:
+def infer_pass(net: Tape, base: Moment) -> Moment:
     """Peak of one inference forward (``torch.inference_mode``) on top of ``base``."""
     return replay_forward(net, base).peak
