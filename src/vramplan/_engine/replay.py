@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ..kinds import MemoryKind
 from .tape import ZERO, Moment, Tape, Tensor, root
 
-__all__ = ["ForwardResult", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
+__all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
            "layer_forward"]
 
 _IDX = {k: i for i, k in enumerate(MemoryKind)}
@@ -49,19 +49,56 @@ class Pass:
     end_kinds: tuple[int, ...]
 
 
-class _State:
-    """Live bytes by kind, and the highest moment seen."""
+Event = tuple[object, int]  # (key, bytes) for an allocation, (key, -1) for its free
 
-    def __init__(self, base: Moment) -> None:
+
+class _State:
+    """Live bytes by kind, the highest moment seen, and (when ``ev`` is given) every allocation and free in
+    program order: the stream :mod:`vramplan.allocator` replays. Keys are the tensors themselves, gradient
+    buffers (:class:`GradBuf`), ``("p", param id)`` for parameter gradients, ``("s", ...)`` for temporaries."""
+
+    def __init__(self, base: Moment, ev: list[Event] | None = None) -> None:
         self.cur = list(base.kinds)
         self.total = base.total
         self.peak = base
         self.at = -1  # op index of the peak
         self.i = -1
+        self.ev = ev
+        self._temps: list[object] = []
 
     def add(self, kind: int, n: int) -> None:
         self.cur[kind] += n
         self.total += n
+
+    def alloc(self, key: object, kind: int, n: int) -> None:
+        self.cur[kind] += n
+        self.total += n
+        if self.ev is not None and n:
+            self.ev.append((key, n))
+
+    def free(self, key: object, kind: int, n: int) -> None:
+        self.cur[kind] -= n
+        self.total -= n
+        if self.ev is not None and n:
+            self.ev.append((key, -1))
+
+    def temporary(self, key: object, n: int) -> None:
+        """A kernel's workspace: allocated and freed inside the call."""
+        if self.ev is not None and n:
+            self.ev.append((key, n))
+            self.ev.append((key, -1))
+
+    def hold_temporary(self, n: int) -> None:
+        """A gradient computed before it is added into an existing buffer: lives until the op's backward ends."""
+        if self.ev is not None and n:
+            key = ("s", self.i, len(self._temps))
+            self._temps.append(key)
+            self.ev.append((key, n))
+
+    def release_temporaries(self) -> None:
+        if self.ev is not None:
+            self.ev.extend((k, -1) for k in self._temps)
+        self._temps.clear()
 
     def check(self, act: int = 0, grad: int = 0) -> None:
         """A candidate peak with ``act`` and ``grad`` bytes of temporaries on top."""
@@ -85,12 +122,14 @@ class ForwardResult:
     holders: dict[int, int]  # id -> number of ops still holding the tensor for backward
 
 
-def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted: bool = True) -> ForwardResult:
+def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted: bool = True,
+            ev: list[Event] | None = None) -> ForwardResult:
     """Replay the forward pass on top of ``base``; tensors die at their last use unless saved or kept.
 
     ``save=False``: nothing is saved (a checkpointed or offloaded block). ``inputs_counted``: the program's
     inputs are allocated on top of ``base`` before it runs (a whole network); otherwise they are already
-    counted by the caller and only their release shows (one block of a stack).
+    counted by the caller and only their release shows (one block of a stack). ``ev``: the pass's
+    allocations and frees are appended (see :class:`_State`); the inputs are not in it.
     """
     saves = tp.effective_saves() if save else [()] * len(tp.ops)
     holders: dict[int, int] = {}
@@ -101,7 +140,7 @@ def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted:
     for t in tp.tensors:
         if t.base is None:
             by_last.setdefault(t.last_use, []).append(t)
-    st = _State(base)
+    st = _State(base, ev)
     alive: set[int] = set()
     for t in tp.tensors:
         if t.external and t.base is None:
@@ -112,32 +151,37 @@ def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted:
     for i, op in enumerate(tp.ops):
         st.i = i
         for t in op.outputs:
-            st.add(t.kind, t.nbytes)
+            st.alloc(t, t.kind, t.nbytes)
             alive.add(id(t))
         st.check(op.fwd_scratch)
+        st.temporary(("s", i), op.fwd_scratch)
         for t in by_last.get(i, ()):
             if t.keep or holders.get(id(t), 0) or id(t) not in alive:
                 continue
-            st.add(t.kind, -t.nbytes)
+            st.free(t, t.kind, t.nbytes)
             alive.discard(id(t))
         for t in op.outputs:  # outputs never used and not kept die at once
             if t.last_use < 0 and not t.keep and not holders.get(id(t), 0):
-                st.add(t.kind, -t.nbytes)
+                st.free(t, t.kind, t.nbytes)
                 alive.discard(id(t))
     return ForwardResult(st.peak, st.at, st.moment(), alive, holders)
 
 
-class _Buf:
-    __slots__ = ("kind", "nbytes", "refs")
+class GradBuf:
+    """A gradient buffer; ``owner`` is the tensor it was created for (inputs may come to share it)."""
 
-    def __init__(self, nbytes: int, kind: int) -> None:
-        self.nbytes = nbytes
-        self.kind = kind
+    __slots__ = ("kind", "nbytes", "owner", "refs")
+
+    def __init__(self, owner: Tensor) -> None:
+        self.owner = owner
+        self.nbytes = owner.numel * owner.elem
+        self.kind = owner.kind
         self.refs = 0
 
 
 def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_grads_exist: bool = False,
-             start: Moment | None = None, seeds_counted: bool = True) -> tuple[Moment, Moment]:
+             start: Moment | None = None, seeds_counted: bool = True,
+             ev: list[Event] | None = None) -> tuple[Moment, Moment]:
     """Replay ``loss.backward()`` after :func:`forward`; returns (peak, end).
 
     ``seeds`` are the tensors whose gradient the caller provides (the loss; a block's outputs). Parameter
@@ -146,17 +190,19 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     ``start``: the memory backward starts from (default: the forward's end); ``seeds_counted``: the seeds'
     gradients are allocated here (otherwise they are part of ``start``). A gradient counts under its tensor's
     memory kind (the loss's under logits/loss); temporaries under activations, a parameter's under gradients.
+    ``ev`` as in :func:`forward`: a gradient computed into an existing buffer is a temporary that lives until
+    the op's backward has run (its workspace comes and goes inside).
     """
     ops = tp.ops
-    st = _State(fwd.end if start is None else start)
+    st = _State(fwd.end if start is None else start, ev)
     alive = set(fwd.alive)
     holders = dict(fwd.holders)
-    grads: dict[int, _Buf] = {}
+    grads: dict[int, GradBuf] = {}
 
     def free_tensor(t: Tensor) -> None:
         if id(t) in alive and not t.keep:
             alive.discard(id(t))
-            st.add(t.kind, -t.nbytes)
+            st.free(t, t.kind, t.nbytes)
 
     def release(t: Tensor) -> None:
         n = holders.get(id(t), 0) - 1
@@ -164,7 +210,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
         if n <= 0:
             free_tensor(t)
 
-    def give(t: Tensor, buf: _Buf) -> None:
+    def give(t: Tensor, buf: GradBuf) -> None:
         buf.refs += 1
         grads[id(t)] = buf
 
@@ -173,12 +219,12 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
         if buf is not None:
             buf.refs -= 1
             if buf.refs == 0:
-                st.add(buf.kind, -buf.nbytes)
+                st.free(buf, buf.kind, buf.nbytes)
 
-    def new_buf(t: Tensor, counted: bool = True) -> _Buf:
-        buf = _Buf(t.numel * t.elem, t.kind)
+    def new_buf(t: Tensor, counted: bool = True) -> GradBuf:
+        buf = GradBuf(t)
         if counted:
-            st.add(buf.kind, buf.nbytes)
+            st.alloc(buf, buf.kind, buf.nbytes)
         return buf
 
     for s in seeds:
@@ -222,20 +268,23 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     continue
                 if existing is None:
                     give(target, new_buf(target))
-                elif existing.refs == 1:
-                    transient += t.numel * t.elem  # computed, then added in place
-                else:
-                    transient += t.numel * t.elem
+                    continue
+                transient += t.numel * t.elem  # computed, then added into the existing buffer
+                st.hold_temporary(t.numel * t.elem)
+                if existing.refs > 1:  # shared: added out of place into a new buffer
                     drop(id(target))
                     give(target, new_buf(target))
             ptrans = 0
             for pid, nb in op.params:
                 if pid in seen_params:
-                    ptrans += nb
+                    ptrans += nb  # computed, then accumulated into .grad
+                    st.hold_temporary(nb)
                 else:
                     seen_params.add(pid)
-                    st.add(_GRAD, nb)
+                    st.alloc(("p", pid), _GRAD, nb)
             st.check(transient, ptrans)
+            st.temporary(("s", i, -1), op.bwd_scratch)
+            st.release_temporaries()
             for t in op.outputs:
                 drop(id(t))
         for t in saves[i]:
@@ -250,18 +299,19 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     return st.peak, st.moment()
 
 
-def layer_forward(tp: Tape, save: bool = True) -> Pass:
+def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) -> Pass:
     """One block of a stack, relative to its start: its input is counted by the caller."""
-    f = forward(tp, save=save, inputs_counted=False)
+    f = forward(tp, save=save, inputs_counted=False, ev=ev)
     return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
-def layer_backward(tp: Tape, param_grads_exist: bool = False) -> Pass:
+def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None) -> Pass:
     """Backward of one block after its forward (with saving), relative to its start: the gradients of the
     block's kept outputs arrive from their consumer; its input's gradient is what it leaves."""
     f = forward(tp, inputs_counted=False)
     seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external]
-    peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False)
+    peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False,
+                         ev=ev)
     return Pass(peak.total, peak.kinds, end.total, end.kinds)
 
 
@@ -316,14 +366,15 @@ def _recompute(tp: Tape, idxs: list[int], st: _State, alive: set[int], held: dic
     for i in run:
         op = ops[i]
         for t in op.outputs:
-            st.add(t.kind, t.nbytes)
+            st.alloc(t, t.kind, t.nbytes)
         st.check(op.fwd_scratch)
+        st.temporary(("s", i), op.fwd_scratch)
         for t in by_last.get(i, ()):
             if id(t) not in saved_count:
-                st.add(t.kind, -t.nbytes)
+                st.free(t, t.kind, t.nbytes)
         for t in op.outputs:
             if id(t) not in last_in and id(t) not in saved_count:
-                st.add(t.kind, -t.nbytes)
+                st.free(t, t.kind, t.nbytes)
     for tid, n in saved_count.items():
         held[tid] = n
         alive.add(tid)
