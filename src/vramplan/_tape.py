@@ -164,8 +164,13 @@ class Tape:
             (t.base if t.base is not None else t).keep = True
 
     # ---- replay -----------------------------------------------------------------------------
-    def forward(self, save: bool = True) -> Pass:
-        """Replay the forward pass. ``save=False`` models a checkpointed block (nothing kept)."""
+    def forward(self, save: bool = True, ev: list[tuple[object, int]] | None = None) -> Pass:
+        """Replay the forward pass. ``save=False`` models a checkpointed block (nothing kept).
+
+        ``ev``: when given, every allocation and free is appended in program order as ``(key, nbytes)``
+        and ``(key, -1)`` (the event stream of :mod:`vramplan.allocator`); keys are the tensors themselves
+        and ``("s", i)`` for kernel temporaries.
+        """
         cur = [0] * _NK
         total = 0
         peak = 0
@@ -177,34 +182,47 @@ class Tape:
             for t in op.outputs:
                 cur[t.kind] += t.nbytes
                 total += t.nbytes
+                if ev is not None and t.nbytes:
+                    ev.append((t, t.nbytes))
             if total + op.fwd_scratch > peak:
                 peak = total + op.fwd_scratch
                 peak_k = tuple(cur)
                 if op.fwd_scratch:
                     peak_k = _add(peak_k, _ACT, op.fwd_scratch)
+            if ev is not None and op.fwd_scratch:
+                ev.append((("s", 0), op.fwd_scratch))
+                ev.append((("s", 0), -1))
             for t in last_use.get(i, ()):
                 if t.external or t.keep:
                     if t.external and not t.keep and not (save and t.saved_by):
                         # the block's input dies here unless something saved it
                         cur[t.kind] -= t.nbytes
                         total -= t.nbytes
+                        if ev is not None and t.nbytes:
+                            ev.append((t, -1))
                     continue
                 if save and t.saved_by:
                     continue
                 cur[t.kind] -= t.nbytes
                 total -= t.nbytes
+                if ev is not None and t.nbytes:
+                    ev.append((t, -1))
             # outputs never used and not kept die at once
             for t in op.outputs:
                 if t.last_use < 0 and not t.keep and not (save and t.saved_by):
                     cur[t.kind] -= t.nbytes
                     total -= t.nbytes
+                    if ev is not None and t.nbytes:
+                        ev.append((t, -1))
         return Pass(peak, peak_k, total, tuple(cur))
 
-    def backward(self, param_grads_exist: bool = False) -> Pass:
+    def backward(self, param_grads_exist: bool = False, ev: list[tuple[object, int]] | None = None) -> Pass:
         """Replay backward after :meth:`forward` (with saving). Start: outputs' grads exist.
 
         Memory at start includes everything the forward kept; the returned deltas are relative to it.
         The block's kept outputs (the next block's input) are assumed freed by their consumer.
+        ``ev`` as in :meth:`forward`; gradient keys are ``("g", tensor)``, parameter gradients
+        ``("p", param id)``, transients ``("s", i)``.
         """
         cur = [0] * _NK
         total = 0
@@ -227,9 +245,12 @@ class Tape:
                     if remaining_saves[id(t)] == 0 and not t.keep:
                         cur[t.kind] -= t.nbytes
                         total -= t.nbytes
+                        if ev is not None and t.nbytes:
+                            ev.append((t, -1))
                 continue
             new = 0
             transient = 0
+            tkeys: list[object] = []
             for t in op.grad_inputs:
                 if t.base is not None:
                     # a view's gradient is materialized at its base's size (e.g. slice_backward)
@@ -237,35 +258,55 @@ class Tape:
                     t = t.base
                 if id(t) in grads:
                     transient += t.nbytes  # computed, then added into the existing buffer
+                    if ev is not None and t.nbytes:
+                        tkeys.append(("s", len(ev)))
+                        ev.append((tkeys[-1], t.nbytes))
                 else:
                     grads[id(t)] = t
                     cur[t.kind] += t.nbytes
                     new += t.nbytes
+                    if ev is not None and t.nbytes:
+                        ev.append((("g", t), t.nbytes))
             pnew = 0
             ptrans = 0
             for pid, nb in op.params:
                 if pid in seen_params:
                     ptrans += nb
+                    if ev is not None and nb:
+                        tkeys.append(("s", len(ev)))
+                        ev.append((tkeys[-1], nb))
                 else:
                     seen_params.add(pid)
                     pnew += nb
+                    if ev is not None and nb:
+                        ev.append((("p", pid), nb))
             cur[_GRAD] += pnew
             total += new + pnew
             moment = total + transient + ptrans + op.bwd_scratch
             if moment > peak:
                 peak = moment
                 peak_k = _add(_add(tuple(cur), _ACT, transient + op.bwd_scratch), _GRAD, ptrans)
+            if ev is not None:
+                if op.bwd_scratch:
+                    ev.append((("s", -1), op.bwd_scratch))
+                    ev.append((("s", -1), -1))
+                for k in tkeys:  # transients die once added into their buffers
+                    ev.append((k, -1))
             # free output grads and saved tensors
             for t in op.outputs:
                 g = grads.pop(id(t), None)
                 if g is not None:
                     cur[g.kind] -= g.nbytes
                     total -= g.nbytes
+                    if ev is not None and g.nbytes:
+                        ev.append((("g", g), -1))
             for t in op.saved:
                 remaining_saves[id(t)] -= 1
                 if remaining_saves[id(t)] == 0 and not t.keep:
                     cur[t.kind] -= t.nbytes
                     total -= t.nbytes
+                    if ev is not None and t.nbytes:
+                        ev.append((t, -1))
         return Pass(peak, peak_k, total, tuple(cur))
 
 
