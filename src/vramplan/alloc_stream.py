@@ -49,39 +49,39 @@ def _gy(k: object) -> tuple[str, object]:
 
 
 class _Template:
-    """One recorded block and its event templates; :meth:`instance` maps local keys to global ones."""
+    """One recorded block; :meth:`compile` turns an event list of its tape into integer codes
+    (-1 input, -2 output, -3 input gradient, -4 output gradient, >= 0 the block's own tensors) and
+    :meth:`instance` maps the codes of one instance of the block to global integer keys."""
 
     def __init__(self, tp: Tape, x: Tensor | None, y: Tensor | None) -> None:
         self.tp = tp
         self.x = x
         self.y = y
+        self.local: dict[object, int] = {}
+        self.pgrads: set[int] = set()  # codes of parameter gradients (kept until zero_grad)
 
-    def instance(self, events: list[Event], tag: object, prev: object, out: object,
-                 x_key: object | None = None) -> Iterator[Event]:
-        x, y = self.x, self.y
-        xk = _y(prev) if x_key is None else x_key
+    def compile(self, events: list[Event]) -> list[tuple[int, int]]:
+        x, y, local = self.x, self.y, self.local
+        out = []
         for key, n in events:
-            if isinstance(key, Tensor):
-                if key is x:
-                    g: object = xk
-                elif key is y:
-                    g = _y(out)
-                else:
-                    g = (tag, id(key))
-            elif isinstance(key, tuple):
-                kind, obj = key
-                if kind == "g":
-                    if obj is x:
-                        g = _gy(prev)
-                    elif obj is y:
-                        g = _gy(out)
-                    else:
-                        g = (tag, "g", id(obj))
-                else:
-                    g = (tag, kind, obj)
-            else:  # pragma: no cover - the tape emits only the keys above
-                raise TypeError(key)
-            yield g, n
+            if isinstance(key, Tensor) and (key is x or key is y):
+                code = -1 if key is x else -2
+            elif isinstance(key, tuple) and key[0] == "g" and (key[1] is x or key[1] is y):
+                code = -3 if key[1] is x else -4
+            else:
+                ident = (key[0], id(key[1])) if isinstance(key, tuple) and key[0] == "g" else \
+                    key if isinstance(key, tuple) else id(key)
+                code = local.setdefault(ident, len(local))
+            if isinstance(key, tuple) and key[0] == "p" and code >= 0:
+                self.pgrads.add(code)
+            out.append((code, n))
+        return out
+
+    @staticmethod
+    def instance(codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
+                 gyk: int) -> list[Event]:
+        special = (0, xk, yk, gxk, gyk)  # indexed by -code
+        return [(special[-c] if c < 0 else base + c, n) for c, n in codes]
 
 
 class _Stream:
@@ -91,6 +91,22 @@ class _Stream:
     def __init__(self) -> None:
         self.ev: list[Event] = []
         self.live: dict[object, None] = {}  # insertion-ordered: deterministic frees
+        self._keys: dict[object, int] = {}
+        self.opt_keys: set[int] = set()
+        self._next = 1 << 40
+
+    def key(self, tag: object) -> int:
+        """The integer key of a named tensor (a block's output, its gradient, a parameter)."""
+        k = self._keys.get(tag)
+        if k is None:
+            k = self._keys[tag] = len(self._keys)
+        return k
+
+    def fresh(self, n: int) -> int:
+        """A base for ``n`` new integer keys."""
+        base = self._next
+        self._next += n + 1
+        return base
 
     def add(self, items: Iterator[Event] | list[Event]) -> None:
         ev, live = self.ev, self.live
@@ -198,7 +214,7 @@ def _optimizer(opt: Optimizer, sizes: list[int]) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _seeded(items: Iterator[Event], seeds: list[Event]) -> list[Event]:
+def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
     """The head's backward with the gradients the tape takes as given: ``loss.backward()`` allocates the
     loss's (a scalar of ones) at once; the logits' gradient is the first gradient of the logits' size that
     backward computes (the cast back from the fp32 loss path), kept until the output projection's backward."""
@@ -219,19 +235,22 @@ def _seeded(items: Iterator[Event], seeds: list[Event]) -> list[Event]:
 
 
 def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3) -> list[Event]:
+    """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
+    reset before the last step (``torch.cuda.reset_peak_memory_stats`` at every step's start)."""
     from .estimator import _first_trainable, _layer_groups, _plan
 
     b, s = w.batch_size, w.seq_len
     ckpt = w.gradient_checkpointing
     full = w.method is Method.FULL
+    acc_runs = w.gradient_accumulation > 1
     st = _Stream()
     params = _param_tensors(spec, w, states)
     for j, (_, n) in enumerate(params):
-        st.alloc(("param", j), n)
+        st.alloc(st.key(("param", j)), n)
     adapters = _adapters(spec, w)
     for j, n in enumerate(adapters):
-        st.alloc(("adapter", j), n)
-    st.alloc(("ids",), b * s * 8)
+        st.alloc(st.key(("adapter", j)), n)
+    st.alloc(st.key("ids"), b * s * 8)
 
     embed_trainable = full
     norm_trainable = full or w.method is Method.FREEZE
@@ -239,195 +258,216 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
     first = _first_trainable(spec, w, states)
 
+    def record(tpl: _Template, fn: str, *args: object) -> list[tuple[int, int]]:
+        ev: list[Event] = []
+        getattr(tpl.tp, fn)(*args, ev=ev)
+        return tpl.compile(ev)
+
     et = Tape(True)
     ex = build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
                      attention=w.attention)
     emb = _Template(et, None, ex)
-    e_fwd: list[Event] = []
-    et.forward(ev=e_fwd)
-    e_extra = [t for t in et.tensors if t.keep and t is not ex]
+    e_fwd = record(emb, "forward", True)
+    e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
+    e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
+    e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
 
     groups = []
     for count, trainable, moe, sliding in _layer_groups(spec, first):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding)
         tp = Tape(True)
-        y = build_layer(tp, spec, num, plan, b, s)
+        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding), b, s)
         x = tp.tensors[0]
         c = ckpt and rg
         if c:
             x.keep = True
-        fwd: list[Event] = []
-        tp.forward(save=not c, ev=fwd)
-        rec: list[Event] = []
-        if c:
-            tp.forward(save=True, ev=rec)
-        bwd: list[Event] = []
-        tp.backward(False, ev=bwd)
-        bwd_acc: list[Event] = []
-        if w.gradient_accumulation > 1:
-            tp.backward(True, ev=bwd_acc)
-        groups.append((count, _Template(tp, x, y), c, fwd, rec, bwd, bwd_acc, bool(x.saved_by)))
+        tpl = _Template(tp, x, lout)
+        fwd = record(tpl, "forward", not c)
+        rec = record(tpl, "forward", True) if c else []
+        bwd = record(tpl, "backward", False)
+        bacc = record(tpl, "backward", True) if acc_runs else bwd
+        groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by)))
 
     ht = Tape(True)
-    logits = build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
-                        input_rg=layers_rg, logits_tokens=b * s, loss=True)
-    hx = ht.tensors[0]
-    head = _Template(ht, hx, None)
-    h_fwd: list[Event] = []
-    ht.forward(ev=h_fwd)
-    h_bwd: list[Event] = []
-    ht.backward(False, ev=h_bwd)
-    h_bwd_acc: list[Event] = []
-    if w.gradient_accumulation > 1:
-        ht.backward(True, ev=h_bwd_acc)
-    e_bwd: list[Event] = []
-    et.backward(param_grads_exist=spec.tie_word_embeddings and head_trainable, ev=e_bwd)
-    e_bwd_acc: list[Event] = []
-    if w.gradient_accumulation > 1:
-        et.backward(param_grads_exist=True, ev=e_bwd_acc)
-    head_kept = [t for t in ht.tensors if t.keep]
-    seeds = [t for t in ht.tensors if t.keep and t.rg and not t.external]
+    build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
+               input_rg=layers_rg, logits_tokens=b * s, loss=True)
+    head = _Template(ht, ht.tensors[0], None)
+    h_fwd = record(head, "forward", True)
+    h_bwd = record(head, "backward", False)
+    h_bwd_acc = record(head, "backward", True) if acc_runs else h_bwd
+    seeds = [(head.local.setdefault(("g", id(t)), len(head.local)), t.nbytes)
+             for t in ht.tensors if t.keep and t.rg and not t.external]
+    head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
-    trainable = _trainable(spec, w, params, adapters, first)
-    opt_states, opt_temps = _optimizer(w.optimizer, trainable)
-    n_layers = spec.num_layers
+    opt_states, opt_temps = _optimizer(w.optimizer, _trainable(spec, w, params, adapters, first))
+    L = spec.num_layers
     first_saves_x = groups[0][7] if groups else True
+    first_ckpt = groups[0][2] if groups else False
     micro = min(w.gradient_accumulation, 2)
-    st.alloc(("cublas", 0), CUBLAS_WORKSPACE)
-    st.alloc(("cublas", 1), CUBLAS_WORKSPACE)
+    st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
+    st.alloc(st.key(("cublas", 1)), CUBLAS_WORKSPACE)
+    grads: list[int] = []
+
+    def run(tpl: _Template, codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
+            gyk: int) -> list[Event]:
+        items = tpl.instance(codes, base, xk, yk, gxk, gyk)
+        if tpl.pgrads:
+            grads.extend(base + c for c in tpl.pgrads)
+        return items
 
     for step in range(steps):
         before = set(st.live)
+        grads.clear()
         if step == steps - 1:
             st.ev.append((None, A.RESET))
         for mb in range(micro):
             acc = mb > 0
-            t = ("s", step, mb)
+            t = (step, mb)
+
+            def y(k: object, t: object = t) -> int:
+                return st.key(("y", t, k))
+
+            def gy(k: object, t: object = t) -> int:
+                return st.key(("gy", t, k))
+
             st.mark(Phase.FORWARD)
-            st.add(emb.instance(e_fwd, (t, "E"), None, (t, -1)))
+            e_base = st.fresh(len(emb.local))
+            st.add(run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1)))
             k = 0
+            bases: list[int] = []
             for count, tpl, c, fwd, _rec, _bwd, _bacc, _saves in groups:
                 for _ in range(count):
-                    items = list(tpl.instance(fwd, (t, k), (t, k - 1), (t, k)))
+                    base = st.fresh(len(tpl.local))
+                    bases.append(base)
+                    items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
                     if k == 0 and not first_saves_x and not c:
                         # transformers' base model keeps inputs_embeds referenced until it returns
-                        items = [(kk, n) for kk, n in items if not (n == _FREE and kk == _y((t, -1)))]
+                        items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
                     st.add(items)
                     k += 1
-            if not first_saves_x and not (groups and groups[0][2]):
-                st.free(_y((t, -1)))
-            st.add(head.instance(h_fwd, (t, "H"), (t, n_layers - 1), (t, "H")))
+            if not first_saves_x and not first_ckpt:
+                st.free(y(-1))
+            h_base = st.fresh(len(head.local))
+            st.add(run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9))
             st.mark(Phase.BACKWARD)
-            st.add(_seeded(head.instance(h_bwd_acc if acc else h_bwd, (t, "H"), (t, n_layers - 1), (t, "H")),
-                           [(((t, "H"), "g", id(sd)), sd.nbytes) for sd in seeds]))
-            k = n_layers - 1
+            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9),
+                           [(h_base + code, n) for code, n in seeds]))
+            k = L - 1
             for count, tpl, c, _fwd, rec, bwd, bacc, _saves in reversed(groups):
                 for _ in range(count):
-                    tag: object = (t, k)
+                    base = bases[k]
+                    if c:  # recompute the layer's forward (saving), then its backward; then drop its input
+                        base = st.fresh(len(tpl.local))
+                        st.add(run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k)))
+                        st.free(y(("r", k)))
+                    st.add(run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k)))
                     if c:
-                        tag = (t, "r", k)
-                        st.add(tpl.instance(rec, tag, (t, k - 1), (t, "r", k)))
-                        st.free(_y((t, "r", k)))
-                    st.add(tpl.instance(bacc if acc else bwd, tag, (t, k - 1), (t, k)))
-                    if c:
-                        st.free(_y((t, k - 1)))
+                        st.free(y(k - 1))
                     k -= 1
-            st.add(emb.instance(e_bwd_acc if acc else e_bwd, (t, "E"), None, (t, -1)))
-            for tt in e_extra:
-                st.free(((t, "E"), id(tt)))
-            st.free(_y((t, -1)))
-            if micro > 1 and not acc:
-                # the next micro-batch's output replaces this one's (the harness drops ``out`` each time)
-                for kt in head_kept:
-                    st.free(((t, "H"), id(kt)))
+            st.add(run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1)))
+            for code in e_extra:
+                st.free(e_base + code)
+            st.free(y(-1))
+            if micro > 1 and not acc:  # the next micro-batch's output replaces this one's
+                for code in head_kept:
+                    st.free(h_base + code)
         st.mark(Phase.OPTIMIZER_STEP)
         if step == 0:
             for j, n in enumerate(opt_states):
-                st.alloc(("opt", j), n)
+                st.opt_keys.add(st.key(("opt", j)))
+                st.alloc(st.key(("opt", j)), n)
+        tmp = st.fresh(len(opt_temps))
         for j, n in enumerate(opt_temps):
-            st.alloc(("tmp", step, j), n)
+            st.alloc(tmp + j, n)
         for j in range(len(opt_temps)):
-            st.free(("tmp", step, j))
-        # zero_grad(set_to_none=True): every gradient buffer dies (in parameter order, the reverse of
-        # backward's); then ``del out`` drops the logits and the loss, and with them the step's graph
-        new = [kk for kk in st.live if kk not in before]
-        grads = [kk for kk in new if isinstance(kk, tuple) and len(kk) == 3 and kk[1] == "p"]
+            st.free(tmp + j)
+        # zero_grad(set_to_none=True): every gradient dies, in parameter order (the reverse of backward's);
+        # then ``del out`` drops the logits and the loss, and with them what is left of the step
         for kk in reversed(grads):
             st.free(kk)
-        for kk in new:
-            if not (isinstance(kk, tuple) and kk[0] == "opt"):
-                st.free(kk)
+        for left in [kk for kk in st.live if kk not in before]:
+            if left not in st.opt_keys:
+                st.free(left)
     return st.ev
 
 
 def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
+    """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
+    reset after the weights are loaded."""
     from .estimator import _kv_bytes, _layer_groups, _plan
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
     for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
-        st.alloc(("param", j), n)
-    st.alloc(("ids",), b * s * 8)
+        st.alloc(st.key(("param", j)), n)
+    st.alloc(st.key("ids"), b * s * 8)
     st.ev.append((None, A.RESET))
     st.mark(Phase.PREFILL)
     et = Tape(False)
     ex = build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
     emb = _Template(et, None, ex)
-    e_fwd: list[Event] = []
-    et.forward(ev=e_fwd)
-    st.add(emb.instance(e_fwd, "E", None, -1))
-    st.alloc(("cublas", 0), CUBLAS_WORKSPACE)
+    ev: list[Event] = []
+    et.forward(ev=ev)
+    e_base = st.fresh(len(ev))
+
+    def y(k: object) -> int:
+        return st.key(("y", k))
+
+    st.add(emb.instance(emb.compile(ev), e_base, -9, y(-1), -9, -9))
+    st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     k = 0
-    kv_keys: list[list[object]] = []
+    kv_keys: list[list[int]] = []
     for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
-        y = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding), b, s)
-        x = tp.tensors[0]
-        tpl = _Template(tp, x, y)
-        fwd: list[Event] = []
-        tp.forward(ev=fwd)
-        kept = [t for t in tp.tensors if t.keep and t is not y]
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding), b, s)
+        tpl = _Template(tp, tp.tensors[0], out)
+        ev = []
+        tp.forward(ev=ev)
+        codes = tpl.compile(ev)
+        kept = [tpl.local[id(t)] for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
         for _ in range(count):
-            items = list(tpl.instance(fwd, k, k - 1, k))
+            base = st.fresh(len(tpl.local))
+            items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
             if k == 0:
-                items = [(kk, n) for kk, n in items if not (n == _FREE and kk == _y(-1))]
+                items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
             st.add(items)
-            kv_keys.append([(k, id(t)) for t in kept])
+            kv_keys.append([base + c for c in kept])
             k += 1
-    st.free(_y(-1))
+    st.free(y(-1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST
     build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
                loss=False)
     head = _Template(ht, ht.tensors[0], None)
-    h_fwd: list[Event] = []
-    ht.forward(ev=h_fwd)
-    st.add(head.instance(h_fwd, "H", spec.num_layers - 1, "H"))
+    ev = []
+    ht.forward(ev=ev)
+    h_base = st.fresh(len(ev))
+    st.add(head.instance(head.compile(ev), h_base, y(spec.num_layers - 1), -9, -9, -9))
     for t in et.tensors:
-        if t.keep:
-            st.free(("E", id(t)))
-    st.free(_y(spec.num_layers - 1))
+        if t.keep and id(t) in emb.local:
+            st.free(e_base + emb.local[id(t)])
+    st.free(y(spec.num_layers - 1))
     for t in ht.tensors:  # del out: the logits die, the cache lives on
-        if t.keep:
-            st.free(("H", id(t)))
+        if t.keep and id(t) in head.local:
+            st.free(h_base + head.local[id(t)])
     if not w.new_tokens:
         return st.ev
     st.mark(Phase.DECODE)
-    h = spec.hidden_size
-    small = [b * h * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
+    small = [b * spec.hidden_size * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
     for step in range(w.new_tokens):
         length = s + step + 1
+        d = st.fresh(3)
         for j, n in enumerate(small[:2]):
-            st.alloc(("dec", step, j), n)
+            st.alloc(d + j, n)
         for i in range(spec.num_layers):
             per = _kv_bytes(spec, num, b, length, i in spec.sliding_layers) // 2
-            for j, old in enumerate(kv_keys[i]):
-                new = ("kv", step, i, j)
+            keys = kv_keys[i]
+            for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
+                new = st.fresh(0)
                 st.alloc(new, per)
                 st.free(old)
-                kv_keys[i][j] = new
-        st.alloc(("dec", step, 2), small[2])
+                keys[j] = new
+        st.alloc(d + 2, small[2])
         for j in range(3):
-            st.free(("dec", step, j))
+            st.free(d + j)
     return st.ev

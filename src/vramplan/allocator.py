@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .errors import WorkloadError
+from .result import ReservedPhase
 
-__all__ = ["FREE", "PHASE", "RESET", "AllocConf", "AllocStats", "DEFAULT_CONF", "PhaseAlloc", "parse_alloc_conf", "round_size", "simulate"]
+__all__ = ["DEFAULT_CONF", "FREE", "PHASE", "RESET", "AllocConf", "AllocStats", "parse_alloc_conf", "round_size",
+           "simulate"]
 
 MiB = 1 << 20
 K_MIN_BLOCK = 512  # kMinBlockSize
@@ -57,7 +59,7 @@ class AllocConf:
     max_split_size: int = _NO_LIMIT
     roundup_power2_divisions: tuple[int, ...] = (0,) * _INTERVALS
     expandable_segments: bool = False
-    text: str = ""
+    text: str = field(default="", compare=False)
 
     def divisions(self, size: int) -> int:
         """``roundup_power2_divisions(size)``: the setting of the power-of-two interval of ``size``
@@ -138,8 +140,8 @@ def _int(key: str, value: str) -> int:
 
 
 def _check_div(n: int) -> int:
-    if n != 0 and (n < 2 or n & (n - 1)):
-        raise WorkloadError(f"roundup_power2_divisions must be 0 or a power of two >= 2, got {n}")
+    if n & (n - 1):
+        raise WorkloadError(f"roundup_power2_divisions must be 0 or a power of two, got {n}")
     return n
 
 
@@ -212,38 +214,24 @@ class _Block:
 
 
 class _Pool:
-    """Cached free blocks ordered by (size, address), as ``BlockPool::blocks``."""
+    """Cached free blocks ordered by (size, address), as ``BlockPool::blocks``: one sorted list of
+    ``size << 56 | offset`` integers (addresses are offsets below 2**56 from one base)."""
 
     __slots__ = ("blocks", "keys")
 
     def __init__(self) -> None:
-        self.keys: list[tuple[int, int]] = []
+        self.keys: list[int] = []
         self.blocks: dict[int, _Block] = {}
 
     def insert(self, b: _Block) -> None:
-        bisect.insort(self.keys, (b.size, b.ptr))
-        self.blocks[b.ptr] = b
+        k = b.size << 56 | b.ptr
+        bisect.insort(self.keys, k)
+        self.blocks[k] = b
 
     def remove(self, b: _Block) -> None:
-        i = bisect.bisect_left(self.keys, (b.size, b.ptr))
-        del self.keys[i]
-        del self.blocks[b.ptr]
-
-
-@dataclass(frozen=True, slots=True)
-class PhaseAlloc:
-    """Allocator figures of one phase: the highest allocated and reserved bytes while it ran."""
-
-    phase: str
-    peak_allocated_bytes: int
-    peak_reserved_bytes: int
-
-    @property
-    def fragmentation(self) -> float:
-        """Share of the reserved bytes not allocated at the phase's reserved peak bound (1 - alloc/reserved)."""
-        if not self.peak_reserved_bytes:
-            return 0.0
-        return 1.0 - self.peak_allocated_bytes / self.peak_reserved_bytes
+        k = b.size << 56 | b.ptr
+        del self.keys[bisect.bisect_left(self.keys, k)]
+        del self.blocks[k]
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +242,7 @@ class AllocStats:
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     segments: int
-    phases: tuple[PhaseAlloc, ...] = field(default=())
+    phases: tuple[ReservedPhase, ...] = field(default=())
 
 
 class _Allocator:
@@ -266,16 +254,20 @@ class _Allocator:
         self.allocated = 0
         self.reserved = 0
         self.segments = 0
-        self._next_ptr = 1 << 40
+        self._next_ptr = 0
+        self._plain_rounding = not any(conf.roundup_power2_divisions)
         # expandable segments: the mapped end (bytes) and the tail block of each pool's one segment
         self._es_end = {True: 0, False: 0}
-        self._es_base = {True: 1 << 50, False: 1 << 52}
+        self._es_base = {True: 1 << 53, False: 1 << 54}
         self._es_tail: dict[bool, _Block | None] = {True: None, False: None}
 
     # ---- malloc ---------------------------------------------------------------------------------
     def malloc(self, key: object, orig: int) -> None:
         conf = self.conf
-        size = round_size(orig, conf)
+        if self._plain_rounding:
+            size = (orig + 511) & ~511 if orig > K_MIN_BLOCK else K_MIN_BLOCK
+        else:
+            size = round_size(orig, conf)
         small = size <= K_SMALL_SIZE
         pool = self.small if small else self.large
         block = self._get_free_block(pool, size, small)
@@ -304,14 +296,13 @@ class _Allocator:
 
     def _get_free_block(self, pool: _Pool, size: int, small: bool) -> _Block | None:
         keys = pool.keys
-        i = bisect.bisect_left(keys, (size, 0))
+        i = bisect.bisect_left(keys, size << 56)
         if i == len(keys):
             return None
-        b = pool.blocks[keys[i][1]]
-        if self.conf.expandable_segments and b is self._es_tail[small]:
+        b = pool.blocks[keys[i]]
+        if self.conf.expandable_segments and b is self._es_tail[small] and i + 1 < len(keys):
             # the tail of an expandable segment counts as large as it can grow: any other fitting block first
-            if i + 1 < len(keys):
-                b = pool.blocks[keys[i + 1][1]]
+            b = pool.blocks[keys[i + 1]]
         ms = self.conf.max_split_size
         if size < ms <= b.size:
             return None
@@ -413,7 +404,7 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
             peak_alloc, peak_res = a.allocated, a.reserved
             phases = {k: [0, 0] for k in phases}
     return AllocStats(peak_alloc, peak_res, a.segments,
-                      tuple(PhaseAlloc(k, v[0], v[1]) for k, v in phases.items() if v[1]))
+                      tuple(ReservedPhase(k, v[0], v[1]) for k, v in phases.items() if v[1]))
 
 
 def sizes_stream(sizes: Sequence[int]) -> list[tuple[object, int]]:

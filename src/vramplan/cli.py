@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
                    "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
-                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation")
+                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation", "alloc_conf")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +56,9 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trainable-layers", type=non_negative_int, default=None,
                    help="--method freeze: how many of the last decoder layers train (default: a quarter)")
     g.add_argument("--gradient-accumulation", type=positive_int, default=1)
+    g.add_argument("--alloc-conf", default="", metavar="CONF",
+                   help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
+                        "(e.g. expandable_segments:True, max_split_size_mb:128)")
 
 
 def _workload_options(ns: argparse.Namespace) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._tape import Moment, Pass, Tape, kinds_dict
+from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .kinds import MemoryKind, Phase
@@ -28,7 +29,8 @@ from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
 from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "reserved_stats",
+           "stage_moments"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
@@ -37,7 +39,8 @@ CUDA_CONTEXT_BYTES = int(0.516 * GiB)
 # the main thread's and autograd's backward thread.
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # max_memory_reserved exceeds max_memory_allocated by a median 9.5% over the calibration set
-# (block rounding, cached free blocks): the slack nvidia-smi shows on top of the peak.
+# (block rounding, cached free blocks). The single-GPU estimate replays the allocator instead
+# (vramplan.allocator); this fraction remains for layouts without a modelled allocation stream.
 ALLOCATOR_SLACK_FRACTION = 0.10
 
 K = MemoryKind
@@ -381,7 +384,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     phases = _train(spec, w, states, num) if w.task is Task.TRAIN else _infer(spec, w, states, num)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    alloc = reserved_stats(spec, w, states, num)
+    reserved = max(alloc.peak_reserved_bytes, peak)
+    slack = reserved - peak
     kinds = dict(zip(MemoryKind, (v for _, v in top.breakdown.bytes_by_kind), strict=True))
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
@@ -390,8 +395,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-        f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (median reserved/allocated gap of the calibration runs)",
+        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+        "every allocation and free through a model of PyTorch's caching allocator"
+        + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+        + (", over the 3 steps of the calibration loop" if w.is_train else ""),
         *states.notes,
     ]
     if w.is_train:
@@ -420,7 +427,20 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
         breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
         warnings=tuple(warnings), workload=_workload_dict(w),
+        peak_reserved_bytes=reserved, reserved_phases=alloc.phases,
     )
+
+
+def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = None,
+                   num: Numerics | None = None) -> AllocStats:
+    """What the caching allocator holds for ``w``: the workload's allocation stream
+    (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
+    from .alloc_stream import infer_events, train_events
+
+    states = states or model_states(spec, w)
+    num = num or numerics(w)
+    events = train_events(spec, w, states, num) if w.is_train else infer_events(spec, w, states, num)
+    return simulate(events, parse_alloc_conf(w.alloc_conf))
 
 
 def _workload_dict(w: Workload) -> dict[str, object]:

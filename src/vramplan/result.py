@@ -8,7 +8,7 @@ from typing import Any
 
 from .kinds import MemoryKind, Phase
 
-__all__ = ["Breakdown", "Estimate", "PhasePeak"]
+__all__ = ["Breakdown", "Estimate", "PhasePeak", "ReservedPhase"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,22 @@ class PhasePeak:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservedPhase:
+    """The allocator during one phase: highest allocated and reserved bytes (blocks rounded as the
+    allocator rounds them), and the share of reserved memory not in use at the reserved peak."""
+
+    phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+
+    @property
+    def fragmentation(self) -> float:
+        if not self.peak_reserved_bytes:
+            return 0.0
+        return max(0.0, 1.0 - self.peak_allocated_bytes / self.peak_reserved_bytes)
+
+
+@dataclass(frozen=True, slots=True)
 class Estimate:
     """Peak GPU memory of one workload on one GPU.
 
@@ -62,6 +78,10 @@ class Estimate:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
+    # what the caching allocator reserves (torch.cuda.max_memory_reserved) from the modelled
+    # allocation stream (vramplan.allocator); 0 where no stream is modelled
+    peak_reserved_bytes: int = 0
+    reserved_phases: tuple[ReservedPhase, ...] = ()
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -84,4 +104,9 @@ class Estimate:
             "workload": dict(self.workload),
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "reserved_phases": {p.phase: {"peak_allocated_bytes": p.peak_allocated_bytes,
+                                          "peak_reserved_bytes": p.peak_reserved_bytes,
+                                          "fragmentation": round(p.fragmentation, 4)}
+                                for p in self.reserved_phases},
         }

@@ -101,6 +101,7 @@ class Workload:
     lora_targets: tuple[str, ...] = ("default",)  # peft's default for the family (q_proj,v_proj for LLaMA)
     trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
     gradient_accumulation: int = 1
+    alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
@@ -124,6 +125,11 @@ class Workload:
             raise WorkloadError("qlora quantizes the base weights to nf4; drop --weights-quant or use nf4")
         if self.task is Task.TRAIN and self.method is Method.FULL and self.weights_quant is not WeightsQuant.NONE:
             raise WorkloadError("full fine-tuning cannot train quantized weights; use --method qlora or lora")
+        if not isinstance(self.alloc_conf, str):
+            raise WorkloadError(f"alloc_conf must be a PYTORCH_CUDA_ALLOC_CONF string, got {self.alloc_conf!r}")
+        from .allocator import parse_alloc_conf
+
+        parse_alloc_conf(self.alloc_conf)  # a bad setting is an error here, not at estimate time
 
     @property
     def is_train(self) -> bool:
