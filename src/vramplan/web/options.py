@@ -58,7 +58,7 @@ class Option:
     """One workload option as the page offers it: derived from :class:`Workload`, so never out of date."""
 
     name: str
-    kind: str  # "choice", "int", "float", "optional_int", "bool" or "names"
+    kind: str  # "choice", "int", "float", "optional_int", "bool", "names" or "text"
     default: Any
     choices: tuple[str, ...] = ()
 
@@ -83,6 +83,8 @@ def workload_schema() -> tuple[Option, ...]:
             out.append(Option(name, "optional_int", None))
         elif isinstance(d, tuple):
             out.append(Option(name, "names", ",".join(d)))
+        elif isinstance(d, str):
+            out.append(Option(name, "text", d))
         else:  # pragma: no cover - a new field type must be taught to the page
             raise TypeError(f"Workload.{name}: no request kind for default {d!r}")
     return tuple(out)
@@ -146,6 +148,9 @@ def check_workload(body: Mapping[str, Any]) -> dict[str, Any]:
         elif opt.kind == "float":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise RequestError(422, f"{key} must be a number, got {json.dumps(value)[:60]}")
+        elif opt.kind == "text":
+            if not isinstance(value, str) or len(value) > _MAX_TEXT:
+                raise RequestError(422, f"{key} must be a string of at most {_MAX_TEXT} characters")
         elif opt.kind == "names":
             names = value.split(",") if isinstance(value, str) else value
             if not isinstance(names, list) or len(names) > _MAX_NAMES or \
