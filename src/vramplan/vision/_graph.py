@@ -211,8 +211,12 @@ class ForwardResult:
     holders: dict[int, int]  # id -> number of ops still holding the tensor for backward
 
 
-def replay_forward(net: Net, base: Moment) -> ForwardResult:
-    """Replay the forward pass on top of ``base``; tensors die at their last use unless saved or kept."""
+def replay_forward(net: Net, base: Moment, ev: list[tuple[object, int]] | None = None) -> ForwardResult:
+    """Replay the forward pass on top of ``base``; tensors die at their last use unless saved or kept.
+
+    ``ev``: when given, the allocations and frees of the pass are appended in order (the stream of
+    :mod:`vramplan.allocator`; keys are the tensors, ``("s", i)`` for kernel temporaries). The script's
+    inputs are not in it: they are allocated before the network runs."""
     tp = net.tp
     saves = net.effective_saves()
     holders: dict[int, int] = {}
@@ -235,7 +239,12 @@ def replay_forward(net: Net, base: Moment) -> ForwardResult:
         for t in op.outputs:
             st.add(t.kind, t.nbytes)
             alive.add(id(t))
+            if ev is not None and t.nbytes:
+                ev.append((t, t.nbytes))
         st.check(op.fwd_scratch)
+        if ev is not None and op.fwd_scratch:
+            ev.append((("s", i), op.fwd_scratch))
+            ev.append((("s", i), -1))
         for t in by_last.get(i, ()):
             if t.keep or holders.get(id(t), 0) or id(t) not in alive:
                 continue
@@ -243,10 +252,14 @@ def replay_forward(net: Net, base: Moment) -> ForwardResult:
                 continue
             st.add(t.kind, -t.nbytes)
             alive.discard(id(t))
+            if ev is not None and t.nbytes:
+                ev.append((t, -1))
         for t in op.outputs:
             if t.last_use < 0 and not t.keep and not holders.get(id(t), 0):
                 st.add(t.kind, -t.nbytes)
                 alive.discard(id(t))
+                if ev is not None and t.nbytes:
+                    ev.append((t, -1))
     return ForwardResult(st.peak, st.at, st.moment(), alive, holders)
 
 
@@ -260,7 +273,8 @@ class _Buf:
 
 
 def replay_backward(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor],
-                    param_grads_exist: bool = False) -> tuple[Moment, Moment]:
+                    param_grads_exist: bool = False,
+                    ev: list[tuple[object, int]] | None = None) -> tuple[Moment, Moment]:
     """Replay ``loss.backward()`` after :func:`replay_forward`; returns (peak, end).
 
     ``seeds`` are the tensors whose gradient the caller provides (the loss: a scalar). Parameter
@@ -278,6 +292,8 @@ def replay_backward(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor],
         if id(t) in alive and not t.keep and not t.external:
             alive.discard(id(t))
             st.add(t.kind, -t.nbytes)
+            if ev is not None and t.nbytes:
+                ev.append((t, -1))
 
     def release(t: Tensor) -> None:
         n = holders.get(id(t), 0) - 1
@@ -295,10 +311,14 @@ def replay_backward(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor],
             buf.refs -= 1
             if buf.refs == 0:
                 st.add(buf.kind, -buf.nbytes)
+                if ev is not None and buf.nbytes:
+                    ev.append((buf, -1))
 
     def new_buf(t: Tensor) -> _Buf:
         buf = _Buf(t.numel * t.elem, _ACT)
         st.add(buf.kind, buf.nbytes)
+        if ev is not None and buf.nbytes:
+            ev.append((buf, buf.nbytes))
         return buf
 
     for s in seeds:
@@ -322,9 +342,10 @@ def replay_backward(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor],
         r = net.region[i]
         if reached and r >= 0 and r not in regions_done:
             regions_done.add(r)
-            _recompute(net, region_ops[r], st, alive, recomputed_holders)
+            _recompute(net, region_ops[r], st, alive, recomputed_holders, ev)
         if reached:
             transient = op.bwd_scratch
+            temps: list[int] = []
             out_buf = grads.get(id(op.outputs[0])) if op.outputs else None
             for t in op.grad_inputs:
                 own = id(t) in net.own_grad
@@ -345,18 +366,32 @@ def replay_backward(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor],
                     give(target, new_buf(target))
                 elif existing.refs == 1:
                     transient += t.numel * t.elem  # computed, then added in place
+                    temps.append(t.numel * t.elem)
                 else:
                     transient += t.numel * t.elem
+                    temps.append(t.numel * t.elem)
                     drop(id(target))
                     give(target, new_buf(target))
             ptrans = 0
             for pid, nb in op.params:
                 if pid in seen_params:
                     ptrans += nb
+                    temps.append(nb)
                 else:
                     seen_params.add(pid)
                     st.add(_GRAD, nb)
+                    if ev is not None and nb:
+                        ev.append((("p", pid), nb))
             st.check(transient + ptrans, _ACT if transient >= ptrans else _GRAD)
+            if ev is not None:
+                if op.bwd_scratch:
+                    temps.append(op.bwd_scratch)
+                for j, n in enumerate(temps):
+                    if n:
+                        ev.append((("s", i, j), n))
+                for j, n in enumerate(temps):
+                    if n:
+                        ev.append((("s", i, j), -1))
             for t in op.outputs:
                 drop(id(t))
         for t in saves[i]:
@@ -393,7 +428,8 @@ def create_graph_bytes(net: Net, fwd: ForwardResult, seeds: Sequence[Tensor]) ->
     return total
 
 
-def _recompute(net: Net, idxs: list[int], st: _State, alive: set[int], held: dict[int, int]) -> None:
+def _recompute(net: Net, idxs: list[int], st: _State, alive: set[int], held: dict[int, int],
+               ev: list[tuple[object, int]] | None = None) -> None:
     """Recompute a checkpoint region's forward (saving), on top of the current state."""
     ops = net.tp.ops
     region = net.region[idxs[0]]
@@ -427,13 +463,22 @@ def _recompute(net: Net, idxs: list[int], st: _State, alive: set[int], held: dic
         op = ops[i]
         for t in op.outputs:
             st.add(t.kind, t.nbytes)
+            if ev is not None and t.nbytes:
+                ev.append((t, t.nbytes))
         st.check(op.fwd_scratch)
+        if ev is not None and op.fwd_scratch:
+            ev.append((("s", i), op.fwd_scratch))
+            ev.append((("s", i), -1))
         for t in by_last.get(i, ()):
             if id(t) not in saved_count:
                 st.add(t.kind, -t.nbytes)
+                if ev is not None and t.nbytes:
+                    ev.append((t, -1))
         for t in op.outputs:
             if id(t) not in last_in and id(t) not in saved_count:
                 st.add(t.kind, -t.nbytes)
+                if ev is not None and t.nbytes:
+                    ev.append((t, -1))
     for tid, n in saved_count.items():
         held[tid] = n
         alive.add(tid)

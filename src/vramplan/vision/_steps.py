@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._tape import Tensor
+from ..allocator import AllocStats
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..units import GiB, MiB
@@ -73,14 +74,17 @@ def phase(p: Phase, m: Moment) -> PhasePeak:
 
 
 def finish(name: str, phases: list[PhasePeak], *, parameters: int, trainable: int, assumptions: list[str],
-           warnings: list[str], workload: dict[str, object]) -> Estimate:
+           warnings: list[str], workload: dict[str, object], reserved: AllocStats | None = None) -> Estimate:
+    """The Estimate; ``reserved``: the allocator replay's result where the run's stream is modelled,
+    otherwise the slack is the calibration set's median fraction of the peak."""
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    slack = int(peak * ALLOCATOR_SLACK_FRACTION) if reserved is None else max(0, reserved.peak_reserved_bytes - peak)
     kinds = {k: v for k, v in top.breakdown.bytes_by_kind}
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
     return Estimate(model=name, parameters=parameters, trainable_parameters=trainable, peak_allocated_bytes=peak,
                     total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
                     breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-                    warnings=tuple(warnings), workload=workload)
+                    warnings=tuple(warnings), workload=workload, peak_reserved_bytes=peak + slack,
+                    reserved_phases=reserved.phases if reserved is not None else ())
