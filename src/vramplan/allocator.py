@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -379,6 +380,8 @@ RESET = -3
 
 def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CONF) -> AllocStats:
     """Replay ``events`` (see ``FREE``/``PHASE``/``RESET``) and return the peaks after the last reset."""
+    if not conf.expandable_segments and not any(conf.roundup_power2_divisions):
+        return _simulate_segments(events, conf.max_split_size)
     a = _Allocator(conf)
     peak_alloc = peak_res = 0
     phases: dict[str, list[int]] = {}
@@ -405,6 +408,103 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
             phases = {k: [0, 0] for k in phases}
     return AllocStats(peak_alloc, peak_res, a.segments,
                       tuple(ReservedPhase(k, v[0], v[1]) for k, v in phases.items() if v[1]))
+
+
+def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int) -> AllocStats:
+    """:func:`simulate` for fixed segments and 512-byte rounding, in one loop (the estimator's hot path).
+
+    The same rules as :class:`_Allocator`; a block is a list ``[ptr, size, small, allocated, prev, next]``
+    and each pool a sorted list of ``size << 56 | ptr`` keys with a dict of their blocks."""
+    bisect_left, insort = bisect.bisect_left, bisect.insort
+    keys_s: list[int] = []
+    keys_l: list[int] = []
+    blk_s: dict[int, list[Any]] = {}
+    blk_l: dict[int, list[Any]] = {}
+    live: dict[object, list[Any]] = {}
+    allocated = reserved = segments = next_ptr = 0
+    peak_alloc = peak_res = 0
+    phases: dict[str, list[int]] = {}
+    cur: list[int] | None = None
+    for key, n in events:
+        if n >= 0:
+            size = (n + 511) & ~511 if n > 512 else 512
+            small = size <= K_SMALL_SIZE
+            keys, blks = (keys_s, blk_s) if small else (keys_l, blk_l)
+            i = bisect_left(keys, size << 56)
+            b = None
+            if i < len(keys):
+                k = keys[i]
+                b = blks[k]
+                bs = b[1]
+                if (size < max_split <= bs) or (size >= max_split and bs >= size + K_LARGE_BUFFER):
+                    b = None
+                else:
+                    del keys[i]
+                    del blks[k]
+            if b is None:
+                seg = K_SMALL_BUFFER if small else (K_LARGE_BUFFER if size < K_MIN_LARGE_ALLOC
+                                                    else K_ROUND_LARGE * -(-size // K_ROUND_LARGE))
+                b = [next_ptr, seg, small, False, None, None]
+                next_ptr += seg + K_SMALL_BUFFER
+                reserved += seg
+                segments += 1
+            remaining = b[1] - size
+            if (remaining >= K_MIN_BLOCK) if small else (size < max_split and remaining > K_SMALL_SIZE):
+                nxt = b[5]
+                rest = [b[0] + size, remaining, small, False, b, nxt]
+                if nxt is not None:
+                    nxt[4] = rest
+                b[5] = rest
+                b[1] = size
+                k = remaining << 56 | rest[0]
+                insort(keys, k)
+                blks[k] = rest
+            b[3] = True
+            live[key] = b
+            allocated += b[1]
+            if allocated > peak_alloc:
+                peak_alloc = allocated
+            if reserved > peak_res:
+                peak_res = reserved
+            if cur is not None:
+                if allocated > cur[0]:
+                    cur[0] = allocated
+                if reserved > cur[1]:
+                    cur[1] = reserved
+        elif n == FREE:
+            b = live.pop(key)
+            b[3] = False
+            allocated -= b[1]
+            keys, blks = (keys_s, blk_s) if b[2] else (keys_l, blk_l)
+            p = b[4]
+            if p is not None and not p[3]:
+                k = p[1] << 56 | p[0]
+                del keys[bisect_left(keys, k)]
+                del blks[k]
+                b[0] = p[0]
+                b[1] += p[1]
+                pp = b[4] = p[4]
+                if pp is not None:
+                    pp[5] = b
+            nx = b[5]
+            if nx is not None and not nx[3]:
+                k = nx[1] << 56 | nx[0]
+                del keys[bisect_left(keys, k)]
+                del blks[k]
+                b[1] += nx[1]
+                nn = b[5] = nx[5]
+                if nn is not None:
+                    nn[4] = b
+            k = b[1] << 56 | b[0]
+            insort(keys, k)
+            blks[k] = b
+        elif n == PHASE:
+            cur = phases.setdefault(str(key), [allocated, reserved])
+        elif n == RESET:
+            peak_alloc, peak_res = allocated, reserved
+            phases = {k2: [0, 0] for k2 in phases}
+    return AllocStats(peak_alloc, peak_res, segments,
+                      tuple(ReservedPhase(k2, v[0], v[1]) for k2, v in phases.items() if v[1]))
 
 
 def sizes_stream(sizes: Sequence[int]) -> list[tuple[object, int]]:

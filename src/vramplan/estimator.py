@@ -29,8 +29,8 @@ from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
 from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "reserved_stats",
-           "stage_moments"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
+           "reserved_stats", "stage_moments"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
@@ -376,12 +376,24 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
 
 
 @lru_cache(maxsize=4096)
-def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[PhasePeak]]:
     check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
     num = numerics(w)
     phases = _train(spec, w, states, num) if w.task is Task.TRAIN else _infer(spec, w, states, num)
+    return states, num, phases
+
+
+def peak_allocated(spec: ModelSpec, w: Workload) -> int:
+    """``estimate(spec, w).peak_allocated_bytes`` without the allocator replay (for searches that only
+    need a bound: what is reserved is never less)."""
+    return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
+
+
+@lru_cache(maxsize=4096)
+def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    states, num, phases = _phases(spec, w)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
     alloc = reserved_stats(spec, w, states, num)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import WorkloadError
-from .estimator import CUDA_CONTEXT_BYTES, estimate
+from .estimator import CUDA_CONTEXT_BYTES, estimate, peak_allocated
 from .hardware import GPU
 from .kinds import MemoryKind, Phase
 from .result import Estimate
@@ -33,7 +33,7 @@ from .units import GiB
 from .workload import LogitsMode, Precision, Task, WeightsQuant, Workload
 
 __all__ = ["VLLM_BLOCK_TOKENS", "FitResult", "KVCapacity", "VisionFitResult", "check_fit", "check_vision_fit",
-           "kv_capacity", "largest_fitting"]
+           "kv_capacity", "largest_confirmed", "largest_fitting"]
 
 VLLM_BLOCK_TOKENS = 16  # vLLM's default block_size (tokens per KV block) on CUDA
 _MAX_BATCH = 1 << 20  # Workload's own limits
@@ -61,6 +61,59 @@ def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
             lo = mid
         else:
             hi = mid
+    return lo
+
+
+def largest_confirmed(cheap: Callable[[int], int | None], total: Callable[[int], int | None], budget: int,
+                      cap: int) -> int:
+    """The largest ``n`` in 1..cap with ``total(n) <= budget`` (0 if none), for ``total`` monotone and
+    expensive and ``cheap`` a lower bound of it that is close up to a slowly varying factor: the answer for
+    ``cheap`` scaled by the factor of the last ``total`` is refined a few times, then confirmed with
+    ``total`` on both sides of the boundary."""
+
+    lo, hi = 0, cap + 1  # largest n known to fit, smallest known not to
+    last: list[int | None] = [None]
+
+    def fits(k: int) -> bool:
+        nonlocal lo, hi
+        t = last[0] = total(k)
+        ok = t is not None and t <= budget
+        if ok:
+            lo = max(lo, k)
+        else:
+            hi = min(hi, k)
+        return ok
+
+    ratio = 1.0
+    n = 0
+    for _ in range(3):
+        n = largest_fitting(lambda k: (c := cheap(k)) is not None and c * ratio <= budget, cap)
+        if not lo < n < hi:
+            break
+        c = cheap(n)
+        fits(n)
+        t = last[0]
+        if t is None or not c:
+            break
+        ratio = t / c
+    # bracket the boundary with ``total`` from the last guess outwards, then bisect
+    step = 1
+    while hi > cap and lo < cap:
+        fits(min(cap, lo + step))
+        step *= 2
+    step = 1
+    while lo == 0 and hi > 1:
+        fits(max(1, hi - step))
+        step *= 2
+    if hi - lo > 2 and lo and hi <= cap:
+        step = 1
+        while lo + step < hi and fits(lo + step):
+            step *= 2
+        step = 1
+        while hi - step > lo and not fits(hi - step):
+            step *= 2
+    while hi - lo > 1:
+        fits((lo + hi) // 2)
     return lo
 
 
@@ -189,15 +242,27 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         t = _total(spec, w.with_(seq_len=s), label)
         return t is not None and t <= usable
 
+    # the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated ratio
+    # of the last full estimate, then confirm the boundary with full estimates
+    def alloc_of(w2: Workload) -> int | None:
+        try:
+            return peak_allocated(spec, w2) + CUDA_CONTEXT_BYTES
+        except WorkloadError:
+            return None
+
     extra = 0 if w.is_train else w.new_tokens
-    max_batch = largest_fitting(fits_batch, min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra)))
-    max_seq = largest_fitting(fits_seq, min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra))
+    max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
+                                  lambda b: _total(spec, w.with_(batch_size=b), label), usable,
+                                  min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra)))
+    max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),
+                                lambda s: _total(spec, w.with_(seq_len=s), label), usable,
+                                min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra))
     kv = None if w.is_train else kv_capacity(spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization,
                                              max_num_batched_tokens=max_num_batched_tokens, name=label)
     step_s, tps = _speed(spec, w, gpu)
     assumptions = [
-        f"fits: total_bytes (peak allocated + allocator slack + CUDA context) <= {gpu.display_name}'s usable "
-        f"memory, {usable / GiB:.2f} GiB",
+        f"fits: total_bytes (what the caching allocator reserves + CUDA context) <= {gpu.display_name}'s usable "
+        f"memory, {usable / GiB:.2f} GiB; OOM margin {(usable - est.total_bytes) / GiB:+.2f} GiB",
         "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
         "monotone in both)",
     ]
