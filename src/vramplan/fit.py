@@ -87,7 +87,7 @@ def largest_confirmed(cheap: Callable[[int], int | None], total: Callable[[int],
     ratio = 1.0
     n = 0
     for _ in range(3):
-        n = largest_fitting(lambda k: (c := cheap(k)) is not None and c * ratio <= budget, cap)
+        n = largest_fitting(lambda k, r=ratio: (c := cheap(k)) is not None and c * r <= budget, cap)
         if not lo < n < hi:
             break
         c = cheap(n)
