@@ -81,7 +81,6 @@ class Summary:
 def _vision_rows(rows: list[dict[str, str]]) -> list[Row]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from vision_accuracy import _MODELS, options_of_row  # the image-model rows as measure.py runs them
-
     from vramplan.vision import estimate_vision
 
     out = []
