@@ -241,14 +241,6 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     usable = gpu.usable_memory_bytes - ((gpu.cuda_context_bytes or CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES)
     est = estimate(spec, w, name=label)
 
-    def fits_batch(b: int) -> bool:
-        t = _total(spec, w.with_(batch_size=b), label)
-        return t is not None and t <= usable
-
-    def fits_seq(s: int) -> bool:
-        t = _total(spec, w.with_(seq_len=s), label)
-        return t is not None and t <= usable
-
     # the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated ratio
     # of the last full estimate, then confirm the boundary with full estimates
     def alloc_of(w2: Workload) -> int | None:
@@ -270,8 +262,8 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     assumptions = [
         f"fits: total_bytes (what the caching allocator reserves + CUDA context) <= {gpu.display_name}'s usable "
         f"memory, {usable / GiB:.2f} GiB; OOM margin {(usable - est.total_bytes) / GiB:+.2f} GiB",
-        "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
-        "monotone in both)",
+        "largest batch and longest sequence: a guess from the allocated peak scaled by the reserved/allocated "
+        "ratio, confirmed by full estimates on both sides of the boundary (memory grows with both)",
     ]
     if kv is not None:
         assumptions.append(
