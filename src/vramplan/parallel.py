@@ -963,7 +963,10 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     top = max(results, key=lambda r: r.peak.peak_allocated_bytes)
     peak_phase = top.peak
     peak = peak_phase.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    if layout.is_single and peak == single.peak_allocated_bytes:
+        slack = single.peak_reserved_bytes - peak  # one GPU: the single-GPU allocator replay
+    else:  # per-GPU allocation streams (and NCCL/FSDP buffers) are not modelled yet: the calibration median
+        slack = int(peak * ALLOCATOR_SLACK_FRACTION)
     kinds = {k: peak_phase.breakdown[k] for k in MemoryKind}
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
