@@ -86,8 +86,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add_parallel_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
-    t.add_argument("model", metavar="MODEL")
+    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
     _add_workload_flags(t)
+    t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
+                   help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
+    t.add_argument("--image-tokens", type=non_negative_int, default=None,
+                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="list the built-in model catalog")
@@ -143,31 +147,19 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
 def _cmd_trace(ns: argparse.Namespace) -> int:
     from .api import make_workload
-    from .catalog import resolve_model
-    from .trace import trace_workload
+    from .trace import load_trace_config, trace_workload
 
-    _, entry = resolve_model(ns.model)
-    if entry is not None:
-        config, name = entry.config_dict(), entry.name
-    else:
-        config, name = _read_json(ns.model), os.path.basename(os.path.dirname(os.path.abspath(ns.model)))
-    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name)
+    # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
+    config, name, entry_name = load_trace_config(ns.model)
+    est = trace_workload(config, make_workload(**_workload_options(ns)), name=name, routing=ns.routing,
+                         image_tokens=ns.image_tokens)
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
         from .render import print_estimate
 
-        print_estimate(est, title="trace" if entry is None else f"trace of {entry.name}")
+        print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
     return 0
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    p = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    with open(p, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict):
-        raise VramplanError(f"{path}: not a JSON object")
-    return data
 
 
 def _cmd_models(ns: argparse.Namespace) -> int:

@@ -31,10 +31,14 @@ from .hardware import GPU, list_gpus
 from .parallel import FSDPMode, Layout, estimate_parallel
 from .params import count_params
 from .perf import (
+    EngineProfile,
     StepWork,
     ThroughputModel,
+    allreduce_seconds,
     decode_seconds,
     decode_work,
+    engine_overhead_s,
+    engine_profile,
     inference_work,
     link_bandwidth_bytes_per_s,
     load_throughput_model,
@@ -100,6 +104,7 @@ class PlanRequest:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None  # None: try peft's default and all-linear
     top: int = 20
+    engine: str = "transformers"  # infer: the serving engine whose decode speed ranks the plans
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "max_gpus", "top", "lora_rank"):
@@ -429,6 +434,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     infer = req.task is PlanTask.INFER
     global_batch = 0 if infer else (req.global_batch or DEFAULT_GLOBAL_BATCH[req.task.value])
     model = load_throughput_model()
+    engine = engine_profile(req.engine)
     memo = _Memo()
     candidates = 0
     plans: list[Plan] = []
@@ -468,7 +474,8 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                                        split, bubble, tokens, req.new_tokens, model,
                                        training_work(spec, w) if w.is_train else inference_work(spec, w),
                                        (0, 0.0) if w.is_train else decode_work(
-                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size))
+                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
+                                       None if w.is_train else engine)
                     for g in fgpus:
                         if cfg.quant is WeightsQuant.FP8 and g.peak_tflops("fp8") is None:
                             continue  # fp8 GEMMs need fp8 tensor cores (Ada, Hopper and later)
@@ -557,6 +564,7 @@ class _Context:
     model: ThroughputModel
     work: StepWork  # training: one micro-batch; inference: the prefill
     decode: tuple[int, float] = (0, 0.0)  # inference: bytes read and FLOPs of one decode step
+    engine: EngineProfile | None = None  # inference: the serving engine
 
 
 def _make_plan(c: _Context, gpu: GPU) -> Plan:
@@ -571,8 +579,11 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
             comm_bytes = int(ring_allreduce_bytes(work.gradient_bytes, c.replicas))  # DDP's all-reduce
         bw = link_bandwidth_bytes_per_s(gpu, n) if n > 1 else None
         comm_s = 0.0 if n == 1 else (comm_bytes / bw if bw else None)
+        # ZeRO (any stage) and FSDP give each data-parallel rank 1/dp of the optimizer step
+        shard = c.replicas if (c.layout.fsdp is not None or c.layout.zero >= 1) else 1
         st = None if comm_s is None else step_time(work, gpu, c.model, micro_batches=w.gradient_accumulation,
-                                                   split=c.split, comm_s=comm_s)
+                                                   split=c.split, shard=shard, comm_s=comm_s,
+                                                   overlapped=c.split == 1)
         if st is not None:
             per_step = st.total_s / (1 - c.bubble) if c.bubble < 1 else st.total_s
             step_tokens = c.replicas * w.gradient_accumulation * work.tokens
@@ -583,12 +594,16 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                 mfu = work.model_flops * w.gradient_accumulation * c.replicas / (per_step * n * peak_flops * 1e12)
     elif c.new_tokens > 0:
         # a batch of requests: prefill, then new_tokens decode steps (split over tensor-parallel GPUs)
-        prefill = step_time(work, gpu, c.model, split=c.split)
-        decode_s, _ = decode_seconds(c.decode[0] / c.split, c.decode[1] / c.split, gpu, work.dtype, c.model)
-        bw = link_bandwidth_bytes_per_s(gpu, n) if c.split > 1 else None
-        comm_s = 0.0 if c.split == 1 else (c.comm_bytes / bw if bw else None)
-        if prefill is not None and decode_s is not None and comm_s is not None:
-            request_s = prefill.total_s + c.new_tokens * decode_s + comm_s
+        # the same terms as vramplan.perf.inference_time: roofline + the engine's per-layer cost + 2 all-reduces
+        # per layer under tensor parallelism (latency + ring bytes)
+        eng = c.engine or engine_profile("transformers")
+        prefill = step_time(work, gpu, c.model, split=c.split, engine=None if eng.per_layer_s is None else eng)
+        roof, _ = decode_seconds(c.decode[0] / c.split, c.decode[1] / c.split, gpu, work.dtype, c.model)
+        ar = allreduce_seconds(w.batch_size * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
+        ar_prefill = allreduce_seconds(work.tokens * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
+        if prefill is not None and roof is not None and ar is not None and ar_prefill is not None:
+            decode_s = roof + engine_overhead_s(c.spec, eng, c.model) + 2 * c.spec.num_layers * ar
+            request_s = prefill.total_s + 2 * c.spec.num_layers * ar_prefill + c.new_tokens * decode_s
             tps = c.replicas * w.batch_size * c.new_tokens / request_s
             time_s = c.tokens / tps
     gpu_hours = None if time_s is None else time_s * n / _SECONDS_PER_HOUR

@@ -25,14 +25,23 @@ kernels on the CPU dispatch keys for its duration.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import VramplanError
 from ..result import Estimate
 from ..workload import Workload
 
-__all__ = ["TORCH_MISSING", "trace_available", "trace_workload"]
+__all__ = ["ROUTINGS", "TORCH_MISSING", "decode_special_floats", "load_trace_config", "read_config_file",
+           "trace_available", "trace_workload"]
+
+# How MoE tokens are routed in a trace: "balanced" (every expert gets batch x seq x top_k / experts tokens,
+# what a trained router aims for) or "worst" (every token of the batch lands on the same top_k experts).
+ROUTINGS = ("balanced", "worst")
 
 TORCH_MISSING = "vramplan trace needs the [torch] extra: pip install 'vramplan[torch]' (torch, transformers, peft)"
 
@@ -48,8 +57,66 @@ def trace_available() -> bool:
     return True
 
 
-def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model") -> Estimate:
-    """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping)."""
+# transformers >= 5 writes the floats JSON cannot hold as {"__float__": "Infinity"} (configuration_utils.py,
+# PreTrainedConfig._encode_special_floats); its reader turns them back.
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def decode_special_floats(obj: Any) -> Any:
+    """``{"__float__": "Infinity"}`` (and -Infinity, NaN) back to floats, anywhere in a parsed config."""
+    if isinstance(obj, dict):
+        tag = obj.get("__float__")
+        if len(obj) == 1 and isinstance(tag, str) and tag in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[tag]
+        return {k: decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_special_floats(v) for v in obj]
+    return obj
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config.json (or a directory holding one) as transformers reads it, special floats included."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VramplanError(f"{path}: cannot read the config ({exc.strerror or exc}); give a config.json file, "
+                            "a directory holding one, or a catalog name (vramplan models)") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VramplanError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise VramplanError(f"{p}: not a JSON object; a config.json holds one object")
+    return decode_special_floats(data)  # type: ignore[no-any-return]
+
+
+def load_trace_config(model: str) -> tuple[dict[str, Any], str, str | None]:
+    """What ``vramplan trace MODEL`` traces: the config mapping, a display name, and the catalog name (None for
+    a file). A file is read as-is (transformers decides what it can build), never through the estimator's reader."""
+    from ..catalog import get_model
+
+    path = Path(model).expanduser()
+    if model.lower().endswith(".json") or path.is_file() or path.is_dir():
+        name = path.parent.name if path.is_file() or model.lower().endswith(".json") else path.name
+        return read_config_file(path), name or "model", None
+    entry = get_model(model)
+    return decode_special_floats(dict(entry.config_dict())), entry.name, entry.name
+
+
+def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model",
+                   routing: str = "balanced", image_tokens: int | None = None) -> Estimate:
+    """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping).
+
+    ``routing``: how MoE tokens reach experts where the model's dispatch depends on the data (``ROUTINGS``).
+    ``image_tokens``: vision-language models: image tokens per sequence (``None``: one image at the vision
+    tower's native resolution; 0: text only)."""
+    if routing not in ROUTINGS:
+        raise VramplanError(f"routing {routing!r} is not one of: {', '.join(ROUTINGS)}")
+    if image_tokens is not None and image_tokens < 0:
+        raise VramplanError("image_tokens must be >= 0")
     try:
         import peft  # noqa: F401
         import torch  # noqa: F401
@@ -58,4 +125,5 @@ def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str =
         raise VramplanError(TORCH_MISSING) from None
     from ._engine import run_trace
 
-    return run_trace(config, workload, name)
+    return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing,
+                     image_tokens=image_tokens)

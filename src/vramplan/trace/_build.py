@@ -13,11 +13,9 @@ from torch import nn
 from ..errors import VramplanError
 from ..workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
 from ._quant import AdamW8bitEmulation, Lion, QuantLinear, quantize_linears
+from ._resolve import hf_config, model_class
 
 __all__ = ["BuiltModel", "build_model", "make_optimizer", "param_dtype"]
-
-_DROP_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map", "quantization_config")
-
 
 def param_dtype(precision: Precision) -> torch.dtype:
     """bf16/fp16 keep 16-bit weights; fp32 and AMP keep fp32 weights (AMP casts in autocast)."""
@@ -37,21 +35,6 @@ class BuiltModel:
     attn_implementation: str
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def _hf_config(raw: Mapping[str, Any], name: str) -> Any:
-    import transformers
-
-    cfg = {k: v for k, v in raw.items() if k not in _DROP_KEYS}
-    model_type = cfg.pop("model_type", None)
-    if not isinstance(model_type, str):
-        raise VramplanError(f"{name}: config.json has no model_type; the trace needs it to pick the model class")
-    try:
-        return transformers.AutoConfig.for_model(model_type, **cfg)
-    except (KeyError, ValueError) as exc:
-        raise VramplanError(f"{name}: model_type {model_type!r} is not known to transformers "
-                            f"{transformers.__version__} ({exc}); upgrade transformers or use the "
-                            "analytic estimate") from None
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -127,23 +110,24 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
     """Build under an active FakeTensorMode (the caller enters it)."""
     import transformers
 
-    cfg = _hf_config(raw, name)
-    notes: list[str] = []
-    warnings: list[str] = []
+    cfg, warnings = hf_config(raw, name)
+    cls = model_class(cfg, name)
+    notes: list[str] = [f"model class {cls.__name__} (transformers' text-generation mapping for "
+                        f"{type(cfg).__name__})"]
     attn = "eager" if workload.attention is Attention.EAGER else "sdpa"
     if workload.attention is Attention.FLASH:
         notes.append("attention flash: traced as SDPA's fused kernel (flash-attn keeps the same output + "
                      "log-sum-exp for backward)")
     dtype = param_dtype(workload.precision)
     try:
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+        model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
     except ValueError as exc:
         if attn != "sdpa" or "attention implementation" not in str(exc):
             raise VramplanError(f"{name}: transformers cannot build this model: {exc}") from None
         attn = "eager"
         warnings.append(f"{type(cfg).__name__.removesuffix('Config')} has no SDPA attention in transformers "
                         f"{transformers.__version__}; traced with eager attention (what transformers falls back to)")
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
+        model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
     head = model.get_output_embeddings()
     train = workload.task is Task.TRAIN
     model.config.use_cache = not train

@@ -104,6 +104,70 @@ def _trace_environment() -> Iterator[None]:
         patches.restore()
 
 
+@contextlib.contextmanager
+def _routing_source(tracker: MemoryTracker) -> Iterator[None]:
+    """MoE layers that dispatch by a loop over experts build their routing mask with ``F.one_hot(top_k_ids)``;
+    with autograd on, one_hot is decomposed before it reaches the tracker, so the mask is tagged here."""
+    import torch.nn.functional as F
+
+    one_hot = F.one_hot
+
+    def tagged_one_hot(ids: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+        out = one_hot(ids, num_classes)
+        tracker._route_source((ids,), {"num_classes": int(out.shape[-1])}, out)
+        return out
+
+    patches = _Patches()
+    patches.set(F, "one_hot", tagged_one_hot)
+    try:
+        yield
+    finally:
+        patches.restore()
+
+
+def _hub_kernel_info(fn: Any) -> tuple[str, str, bool] | None:
+    """(kernel name, package, whether the package's kernel is used) for a function transformers wrapped with
+    ``use_kernel_func_from_hub_with_fallback`` (transformers/integrations/hub_kernels.py), else None."""
+    seen = 0
+    while callable(fn) and seen < 4:
+        code = getattr(fn, "__code__", None)
+        cells = getattr(fn, "__closure__", None)
+        if code is not None and cells and {"func_name", "package", "is_new_implementation"} <= set(code.co_freevars):
+            vals = dict(zip(code.co_freevars, (c.cell_contents for c in cells), strict=True))
+            return str(vals["func_name"]), str(vals["package"]), bool(vals["is_new_implementation"])
+        fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return None
+
+
+@contextlib.contextmanager
+def _kernel_calls(model: nn.Module, called: dict[tuple[str, str, bool], int]) -> Iterator[None]:
+    """Count the calls of the model's optional fused kernels (mamba_ssm, causal_conv1d, fla) and whether each
+    ran the package's kernel or transformers' plain-PyTorch fallback."""
+    import sys
+
+    patches = _Patches()
+    mods = {type(m).__module__ for m in model.modules()}
+    for mod_name in mods:
+        mod = sys.modules.get(mod_name)
+        if mod is None or not mod_name.startswith("transformers."):
+            continue
+        for gname, g in list(vars(mod).items()):
+            info = _hub_kernel_info(g) if callable(g) and not isinstance(g, type) else None
+            if info is None:
+                continue
+
+            def counted(*a: Any, _g: Any = g, _info: tuple[str, str, bool] = info, **k: Any) -> Any:
+                called[_info] = called.get(_info, 0) + 1
+                return _g(*a, **k)
+
+            patches.set(mod, gname, counted)
+    try:
+        yield
+    finally:
+        patches.restore()
+
+
 class _Recorder:
     """Module and region bookkeeping around the tracker: which module runs, and whether tensors belong to the
     output head and loss."""
@@ -157,22 +221,30 @@ class _Recorder:
 
 
 def _cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """Tensors held by a transformers Cache (DynamicCache layers' keys/values, or legacy tuples)."""
+    """Every tensor a transformers cache holds: attention keys/values and the fixed-size recurrent and
+    convolution states of SSM / linear-attention layers (all of it is cache, not activations), whatever the
+    cache or layer class calls them."""
     out: list[torch.Tensor] = []
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr, None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
-        return out
-    if isinstance(cache, (list, tuple)):
-        for item in cache:
-            if isinstance(item, torch.Tensor):
-                out.append(item)
-            else:
-                out.extend(_cache_tensors(item))
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item, depth + 1)
+        elif not isinstance(obj, (nn.Module, str, bytes, int, float)) and \
+                type(obj).__module__.startswith("transformers.") and not hasattr(obj, "to_json_string"):
+            for item in vars(obj).values() if hasattr(obj, "__dict__") else ():
+                walk(item, depth + 1)
+
+    walk(cache, 0)
     return out
 
 
@@ -194,7 +266,8 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
     return mark.bytes + workspace, by_kind
 
 
-def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
+def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced",
+              image_tokens: int | None = None) -> Estimate:
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -203,12 +276,13 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable, past_key_values) are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            return _run_trace(raw, workload, name)
+            return _run_trace(raw, workload, name, routing, image_tokens)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimate:
+def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str,
+               image_tokens: int | None) -> Estimate:
     import peft
     import transformers
 
@@ -243,6 +317,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimat
 
     tracker = MemoryTracker()
     tracker.scalar_answer = _scalar_answer
+    tracker.routing = routing
     recorder = _Recorder(tracker, model, built.head)
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
@@ -265,7 +340,9 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimat
     assumptions.append(f"cuBLAS workspace: {2 if train else 1} handle(s) x 32 MiB inside the allocator "
                        f"({'training: main thread + autograd thread' if train else 'inference'})")
 
-    with _trace_environment(), register_cuda_kernels(autocast, sdpa), fake, tracker, recorder:
+    kernels: dict[tuple[str, str, bool], int] = {}
+    with _trace_environment(), _routing_source(tracker), _kernel_calls(model, kernels), \
+            register_cuda_kernels(autocast, sdpa), fake, tracker, recorder:
         for p in model.parameters():
             tracker.adopt(p, MemoryKind.WEIGHTS)
         for b in model.buffers():
@@ -280,6 +357,25 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str) -> Estimat
         else:
             assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload))
 
+    fallback = sorted({(f, pkg) for (f, pkg, new) in kernels if not new})
+    if fallback:
+        pkgs = sorted({pkg for _, pkg in fallback})
+        msg = (f"SSM/linear-attention kernels {', '.join(f for f, _ in fallback)} traced as transformers' "
+               f"plain-PyTorch fallback ({', '.join(pkgs)} not installed here); a GPU install with "
+               f"{', '.join(pkgs)} runs fused kernels, which do not keep the fallback's chunked-scan intermediates, "
+               "so these layers' activations can read high")
+        assumptions.append(msg)
+        warns.append(msg)
+    fused = sorted({f for (f, _, new) in kernels if new})
+    if fused:
+        assumptions.append(f"SSM/linear-attention kernels {', '.join(fused)}: the installed package's kernels")
+    if tracker.data_dependent:
+        got = ", ".join(f"{k} x{v}" for k, v in sorted(tracker.data_dependent.items()))
+        assumptions.append(
+            f"MoE routing assumption: {routing} ("
+            + ("every expert gets top_k x tokens / experts tokens" if routing == "balanced"
+               else "every token picks the same top_k experts, each processing all tokens")
+            + f"); data-dependent shapes answered: {got}")
     if recorder.sdpa:
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(recorder.sdpa.items()))
         assumptions.append(f"scaled_dot_product_attention kernels as CUDA sm90 picks them: {kinds} "
@@ -386,13 +482,22 @@ def _fast_forward(cache: Any, tokens: int) -> bool:
     layers = getattr(cache, "layers", None)
     if not layers or not hasattr(cache, "update"):
         return False
+    grown = []
     for i, layer in enumerate(layers):
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
-            return False
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.dim() == 4:
+            grown.append((i, k, v))
+        elif k is not None or v is not None or not _fixed_state(layer):
+            return False  # a layer whose growth the update() call cannot stand for
+    for i, k, v in grown:
         cache.update(k.new_empty(k.shape[0], k.shape[1], tokens, k.shape[3]),
                      v.new_empty(v.shape[0], v.shape[1], tokens, v.shape[3]), i)
     return True
+
+
+def _fixed_state(layer: Any) -> bool:
+    """A cache layer that holds only fixed-size recurrent / convolution state (it does not grow with tokens)."""
+    return bool(_cache_tensors(layer)) or hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states")
 
 
 def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,

@@ -118,6 +118,20 @@ _SCALAR_OPS = {
 _SCALAR_OPS.discard(None)
 
 
+# Ops through which a routing mask keeps its meaning (views, copies, selections of experts).
+_ROUTE_PASS = {
+    getattr(getattr(aten, name), ov)
+    for name, ovs in (("permute", ("default",)), ("select", ("int",)), ("squeeze", ("default", "dim", "dims")),
+                      ("unsqueeze", ("default",)), ("view", ("default",)), ("_unsafe_view", ("default",)),
+                      ("transpose", ("int",)), ("slice", ("Tensor",)), ("clone", ("default",)),
+                      ("_to_copy", ("default",)), ("expand", ("default",)), ("index", ("Tensor",)),
+                      ("alias", ("default",)), ("t", ("default",)), ("reshape", ("default",)))
+    for ov in ovs if hasattr(aten, name) and hasattr(getattr(aten, name), ov)
+}
+_ROUTE_SUM = {aten.sum.dim_IntList, aten.sum.default}
+_ROUTE_HIT = {aten.gt.Scalar, aten.ne.Scalar, aten.ge.Scalar}
+
+
 class MemoryTracker(TorchDispatchMode):
     """Counts live (fake) device allocations and records the peak of each phase."""
 
@@ -133,6 +147,10 @@ class MemoryTracker(TorchDispatchMode):
         self.after_op: dict[Any, Callable[[tuple[Any, ...], dict[str, Any], Any], int]] = {}
         self.scalar_answer: Callable[[torch.Tensor], Any] | None = None
         self.values = WeakIdKeyDictionary()  # tensor -> known Python value (compared by identity)
+        # MoE routing: tensors derived from one_hot(top-k expert ids) -> (kind, classes, top_k, full mask numel)
+        self.routes = WeakIdKeyDictionary()
+        self.routing = "balanced"
+        self.data_dependent: dict[str, int] = {}  # what data-dependent shapes were answered, and how often
         self.ops = 0
         # every allocation and free in order, for vramplan.allocator (the reserved-memory model)
         self.events: list[tuple[object, int]] = []
@@ -226,10 +244,14 @@ class MemoryTracker(TorchDispatchMode):
                 return r
         if func is aten._local_scalar_dense.default:
             return self._local_scalar(func, args, kwargs)
+        if func is aten.nonzero.default:
+            return self._nonzero(args[0])
         if func not in _NEVER_DECOMPOSE and _is_composite(func):
             with self:
                 r = func.decompose(*args, **kwargs)
             if r is not NotImplemented:
+                if func is aten.one_hot.default and isinstance(r, torch.Tensor):
+                    self._route_source(args, kwargs, r)
                 return r
         out = func(*args, **kwargs)
         self._note(out, func)
@@ -238,7 +260,57 @@ class MemoryTracker(TorchDispatchMode):
             self.transient(hook(args, kwargs, out), func)
         if func in _RANDOM_SCALARS or func in _SCALAR_OPS:
             self._propagate_value(func, args, kwargs, out)
+        if func is aten.one_hot.default and isinstance(out, torch.Tensor):
+            self._route_source(args, kwargs, out)
+        elif len(self.routes) and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            self._route_propagate(func, args[0], out)
         return out
+
+    # ---- MoE routing: data-dependent expert dispatch ---------------------------------------------------------
+    def _route_source(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        """``one_hot(top_k_ids, num_classes=E)``: a routing mask of E classes, top_k picks per token."""
+        ids = args[0]
+        classes = kwargs.get("num_classes", args[1] if len(args) > 1 else out.shape[-1])
+        if not isinstance(ids, torch.Tensor) or not isinstance(classes, int) or classes < 1:
+            return
+        top_k = int(ids.shape[-1]) if ids.dim() >= 2 else 1
+        self.routes[out] = ("mask", classes, top_k, out.numel())
+
+    def _route_propagate(self, func: Any, src: torch.Tensor, out: torch.Tensor) -> None:
+        mark = self.routes.get(src)
+        if mark is None:
+            return
+        kind = mark[0]
+        if kind == "mask" and func in _ROUTE_PASS:
+            self.routes[out] = mark
+        elif kind == "mask" and func in _ROUTE_SUM:
+            self.routes[out] = ("count", *mark[1:])
+        elif kind == "count" and func in _ROUTE_HIT:
+            self.routes[out] = ("hit", *mark[1:])
+        elif kind in ("count", "hit") and func in _ROUTE_PASS:
+            self.routes[out] = mark
+
+    def _nonzero(self, x: torch.Tensor) -> torch.Tensor:
+        """``nonzero`` has a data-dependent length. On a routing mask it is answered from the routing assumption:
+        balanced, each of E experts gets top_k x tokens / E picks; worst, all tokens pick the same top_k experts.
+        Any other mask is answered as all-true (the most rows it can have)."""
+        n = x.numel()
+        mark = self.routes.get(x)
+        if mark is None:
+            count, what = n, "nonzero: all-true mask"
+        else:
+            kind, classes, top_k, full = mark
+            if kind == "hit":
+                count = n if self.routing == "balanced" else min(top_k, n)
+                what = f"MoE experts hit ({self.routing})"
+            elif n >= full:
+                count, what = full // classes, "MoE routing mask"
+            else:  # one expert's slice [top_k, tokens]
+                count = n // classes if self.routing == "balanced" else n // max(top_k, 1)
+                what = f"MoE tokens per expert ({self.routing})"
+        self.data_dependent[what] = self.data_dependent.get(what, 0) + 1
+        with self:
+            return torch.empty((count, x.dim()), dtype=torch.long, device=x.device)
 
     # ---- data-dependent scalars -------------------------------------------------------------------------
     def _value_of(self, t: Any) -> Any:
@@ -286,4 +358,5 @@ class MemoryTracker(TorchDispatchMode):
                 pass
             if self.scalar_answer is None:
                 raise
+            self.data_dependent["item()"] = self.data_dependent.get("item()", 0) + 1
             return self.scalar_answer(args[0])

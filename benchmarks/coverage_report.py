@@ -1,0 +1,434 @@
+"""Coverage of every causal-LM model type of the installed transformers: does `estimate` answer, does `trace`
+answer, and how far apart are they.
+
+usage: python benchmarks/coverage_report.py [--types T1,T2] [--workloads full,lora,infer] [--no-trace]
+                                            [--no-estimate] [--layers N] [--timeout S] [--jobs J]
+                                            [--out benchmarks/coverage_results.json] [--fresh]
+
+For each entry of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES the library-default config
+(``CONFIG_MAPPING[model_type]()``) is cut to ``--layers`` decoder layers (2) keeping one layer of each kind
+(see ``cut_layers``) and run through three workloads:
+
+* full: full fine-tune, bf16 weights, AdamW, batch 1 x 1024
+* lora: LoRA r16 on q_proj,v_proj (all-linear where the model has no q_proj/v_proj; peft's default targets
+  for the family where peft refuses all-linear, as for Mamba), gradient checkpointing, batch 2 x 1024
+* infer: inference, batch 4, prompt 2048 + 64 new tokens
+
+Types are split into decoder-only (text), multimodal (a vision tower) and other (audio, music, speech). The
+fake-tensor trace does not compute, so its cost depends on the op count, not on hidden sizes: the default
+widths are kept (``--shrink`` divides widths by 4 where a run must be quicker).
+
+Results are cached per type in ``--out`` (JSON, merged with what is there unless ``--fresh``) so that other
+readers get per-type answers without re-running; the printed table and summary are made from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GiB = 2**30
+DEFAULT_OUT = ROOT / "benchmarks" / "coverage_results.json"
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "full": {"task": "train", "method": "full", "precision": "bf16", "optimizer": "adamw", "batch_size": 1,
+             "seq_len": 1024},
+    "lora": {"task": "train", "method": "lora", "precision": "bf16", "optimizer": "adamw", "batch_size": 2,
+             "seq_len": 1024, "lora_rank": 16, "lora_targets": "q_proj,v_proj", "gradient_checkpointing": True},
+    "infer": {"task": "infer", "precision": "bf16", "batch_size": 4, "seq_len": 2048, "new_tokens": 64},
+}
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_embd", "d_model", "ffn_dim", "n_inner", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "d_ff", "dim", "hidden_dim")
+
+
+def category(model_type: str) -> str:
+    """multimodal (a vision tower or image tokenizer), other (audio / music / speech) or decoder-only."""
+    from transformers import CONFIG_MAPPING
+
+    subs = getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}
+    keys = " ".join(subs)
+    if any(w in keys for w in ("vision", "vq", "image")):
+        return "multimodal"
+    if any(w in keys for w in ("audio", "text_encoder", "speech")):
+        return "other"
+    return "decoder-only"
+
+
+def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in ("architectures",) or n < 2:
+            continue
+        patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
+        if (isinstance(v, list) or patterned) and len(v) == n:
+            out[k] = v
+    return out
+
+
+def _is_index_list(k: str, v: Any, n: int) -> bool:
+    """A list of layer indices (``mlp_only_layers``, ``attn_layer_indices``), as opposed to a per-layer list."""
+    return (isinstance(v, list) and bool(v) and len(v) != n and any(w in k for w in ("layer", "idx", "indices"))
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
+
+
+def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
+    """Cut one (text or vision) config to ``target`` layers, keeping one layer of each kind.
+
+    Kinds come from the config's per-layer fields (lists as long as the stack: ``layer_types``,
+    ``layers_block_type``, ``no_rope_layers``, hybrid pattern strings): the first layer of each distinct
+    combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) are re-indexed; periodic
+    fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
+    to hold one layer of each kind; ``first_k_dense_replace`` keeps one dense layer."""
+    d = dict(d)
+    key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
+    if key is None:
+        return d
+    n = d[key]
+    per = _per_layer(d, n)
+    index_lists = {k: v for k, v in d.items() if k not in per and _is_index_list(k, v, n)}
+    picked: list[int] = []
+    seen: set[str] = set()
+    for i in range(n):
+        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()])
+        if sig not in seen:
+            seen.add(sig)
+            picked.append(i)
+    idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
+    need = len(idx)
+    if not per and not index_lists:
+        for k, v in d.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n:
+                continue
+            if k.endswith("_offset") and k.replace("_offset", "_period") in d:
+                need = max(need, v + 1)
+            elif k.endswith(("_period", "_step", "_freq", "_interval")) and k.replace("_period", "_offset") not in d:
+                need = max(need, v)
+        idx = list(range(min(max(need, len(idx)), n)))
+    if isinstance(d.get("first_k_dense_replace"), int) and d["first_k_dense_replace"] > 1:
+        d["first_k_dense_replace"] = 1
+    for k, v in per.items():
+        d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
+    for k, v in index_lists.items():
+        d[k] = [idx.index(x) for x in v if x in idx]
+    d[key] = len(idx)
+    return d
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
+LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
+
+
+def fit_positions(d: dict[str, Any]) -> dict[str, Any]:
+    """A default position table shorter than the workloads (bert's 512, gpt2's 1024) is enlarged to hold them:
+    the workloads are fixed, and a checkpoint with that many positions is what such a run would use."""
+    d = dict(d)
+    for k in POSITION_KEYS:
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 < v < LONGEST:
+            d[k] = LONGEST
+    return d
+
+
+# transformers' own default configs that cannot build, completed from the published checkpoint's config.json
+# (not tuning: without these the library itself raises before any memory is allocated).
+DEFAULT_FIXES: dict[str, dict[str, Any]] = {
+    # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
+    # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+}
+
+
+def shrink_widths(d: dict[str, Any], factor: int = 4) -> dict[str, Any]:
+    d = dict(d)
+    for k in WIDTH_KEYS:
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 256:
+            d[k] = v // factor
+    return d
+
+
+def default_config(model_type: str, layers: int, shrink: bool) -> dict[str, Any]:
+    from transformers import CONFIG_MAPPING
+
+    d = CONFIG_MAPPING[model_type]().to_dict()
+    for k in ("transformers_version", "dtype", "torch_dtype", "_name_or_path"):
+        d.pop(k, None)
+    for key, fix in DEFAULT_FIXES.get(model_type, {}).items():
+        d[key] = {**d[key], **fix} if isinstance(d.get(key), dict) and isinstance(fix, dict) else fix
+    d = fit_positions(cut_layers(d, layers))
+    for sub in ("text_config", "vision_config", "decoder_config", "global_config", "encoder_config"):
+        if isinstance(d.get(sub), dict):
+            d[sub] = cut_layers(d[sub], layers)
+            if sub != "vision_config":
+                d[sub] = fit_positions(d[sub])
+            if shrink and sub == "text_config":
+                d[sub] = shrink_widths(d[sub])
+    if shrink:
+        d = shrink_widths(d)
+    return d
+
+
+def _reason(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _where(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(tb):
+        if "transformers" in fr.filename or "peft" in fr.filename or "torch" in fr.filename:
+            return f"{Path(fr.filename).name}:{fr.lineno} {fr.name}"
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno} {tb[-1].name}" if tb else ""
+
+
+def builds(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Whether transformers builds its own (cut) default config at all, on the meta device."""
+    import torch
+
+    from vramplan.trace._resolve import hf_config, model_class
+
+    try:
+        config, _ = hf_config(cfg, model_type)
+        cls = model_class(config, model_type)
+        with torch.device("meta"):
+            cls._from_config(config)
+    except Exception as exc:
+        return {"builds": False, "build_error": _reason(exc), "build_error_at": _where(exc)}
+    return {"builds": True, "model_class": cls.__name__}
+
+
+def trace_cell(cfg: dict[str, Any], model_type: str, wname: str) -> dict[str, Any]:
+    from vramplan.api import make_workload
+    from vramplan.errors import VramplanError
+    from vramplan.trace import trace_workload
+
+    opts = dict(WORKLOADS[wname])
+    cell: dict[str, Any] = {}
+    for attempt in ("q_proj,v_proj", "all-linear", "default") if wname == "lora" else (None,):
+        if attempt is not None:
+            opts["lora_targets"] = attempt
+        try:
+            tr = trace_workload(cfg, make_workload(**opts), name=model_type)
+        except VramplanError as exc:
+            cell["trace_error"] = _reason(exc)
+            if attempt in ("q_proj,v_proj", "all-linear") and "peft cannot apply LoRA" in str(exc):
+                continue
+        except Exception as exc:
+            cell["trace_error"] = _reason(exc)
+            cell["trace_error_at"] = _where(exc)
+        else:
+            cell.pop("trace_error", None)
+            cell["trace_gib"] = tr.peak_allocated_bytes / GiB
+            cell["trace_phase"] = tr.peak_phase.value
+            cell["parameters"] = tr.parameters
+            cell["trace_notes"] = [a for a in tr.assumptions if a.startswith(("MoE", "SSM", "vision", "model class"))]
+            cell["trace_warnings"] = list(tr.warnings)
+        break
+    if wname == "lora":
+        cell["lora_targets"] = opts["lora_targets"]
+    return cell
+
+
+def in_child(fn: Any, timeout: float, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a forked child (a crash or a hang costs one cell, not the report)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            out = fn(*args)
+        except BaseException as exc:
+            out = {"trace_error": _reason(exc)}
+        send.send(out)
+        send.close()
+
+    proc = ctx.Process(target=target)
+    t0 = time.perf_counter()
+    proc.start()
+    send.close()
+    out: dict[str, Any] | None = None
+    if recv.poll(timeout):
+        try:
+            out = recv.recv()
+        except EOFError:
+            out = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if out is None:
+        why = f"timed out after {timeout:.0f} s" if time.perf_counter() - t0 >= timeout else \
+            f"child died (exit {proc.exitcode})"
+        out = {"trace_error": f"Timeout: {why}" if "timed out" in why else f"Crash: {why}"}
+    out["trace_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
+    from vramplan.api import estimate, make_workload
+    from vramplan.errors import VramplanError
+    from vramplan.hfconfig import spec_from_config
+
+    rec: dict[str, Any] = {"category": category(model_type), "cells": {}}
+    try:
+        cfg = default_config(model_type, args.layers, args.shrink)
+    except Exception as exc:
+        rec["config_error"] = _reason(exc)
+        return rec
+    rec["layers"] = {k: cfg[k] for k in LAYER_KEYS if k in cfg}
+    if not args.no_trace:
+        rec.update(in_child(builds, args.timeout, cfg, model_type))
+        rec.pop("trace_s", None)
+        if "trace_error" in rec:
+            rec["builds"], rec["build_error"] = False, rec.pop("trace_error")
+    for wname in args.workloads:
+        opts = dict(WORKLOADS[wname])
+        cell: dict[str, Any] = {}
+        if not args.no_trace and rec.get("builds"):
+            cell = in_child(trace_cell, args.timeout, cfg, model_type, wname)
+            opts["lora_targets"] = cell.get("lora_targets", opts.get("lora_targets"))
+            if wname != "lora":
+                opts.pop("lora_targets", None)
+        elif not args.no_trace:
+            cell["trace_error"] = "transformers cannot build its default config: " + rec.get("build_error", "")
+        if not args.no_estimate:
+            try:
+                spec = spec_from_config(cfg, name=model_type)
+                est = estimate(spec, make_workload(**opts))
+            except VramplanError as exc:
+                cell["estimate_error"] = _reason(exc)
+            except Exception as exc:
+                cell["estimate_error"] = _reason(exc)
+                cell["estimate_bug"] = True
+            else:
+                cell["estimate_gib"] = est.peak_allocated_bytes / GiB
+        if "estimate_gib" in cell and "trace_gib" in cell and cell["trace_gib"] > 0:
+            cell["estimate_vs_trace_pct"] = round(100 * (cell["estimate_gib"] / cell["trace_gib"] - 1), 2)
+        rec["cells"][wname] = cell
+    return rec
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "transformers", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = "missing"
+    return out
+
+
+def summarize(data: dict[str, Any], workloads: list[str]) -> str:
+    lines = [f"{'type':28s} {'category':12s} " + " ".join(f"{w + ' est/trace/diff':>26s}" for w in workloads)]
+    counts: dict[str, dict[str, int]] = {}
+    within = total_cmp = 0
+    for t, rec in sorted(data["types"].items()):
+        cat = rec.get("category", "?")
+        c = counts.setdefault(cat, {"types": 0, "trace_all": 0, "estimate_all": 0, "trace_any": 0})
+        c["types"] += 1
+        cells = [rec.get("cells", {}).get(w, {}) for w in workloads]
+        if cells and all("trace_gib" in x for x in cells):
+            c["trace_all"] += 1
+        if any("trace_gib" in x for x in cells):
+            c["trace_any"] += 1
+        if cells and all("estimate_gib" in x for x in cells):
+            c["estimate_all"] += 1
+        row = []
+        for x in cells:
+            e = "y" if "estimate_gib" in x else "-"
+            tr = "y" if "trace_gib" in x else ("-" if x else "?")
+            d = f"{x['estimate_vs_trace_pct']:+.1f}%" if "estimate_vs_trace_pct" in x else ""
+            if "estimate_vs_trace_pct" in x:
+                total_cmp += 1
+                within += abs(x["estimate_vs_trace_pct"]) <= 2.0
+            row.append(f"{e + '/' + tr + ' ' + d:>26s}")
+        lines.append(f"{t:28s} {cat:12s} " + " ".join(row))
+    lines.append("")
+    for cat, c in sorted(counts.items()):
+        lines.append(f"{cat:12s}: {c['types']} types; trace answers all workloads for {c['trace_all']} "
+                     f"({100 * c['trace_all'] / max(c['types'], 1):.0f}%), at least one for {c['trace_any']}; "
+                     f"estimate answers all for {c['estimate_all']} "
+                     f"({100 * c['estimate_all'] / max(c['types'], 1):.0f}%)")
+    if total_cmp:
+        lines.append(f"estimate within +-2% of trace on {within}/{total_cmp} answered cells")
+    lines.append("")
+    lines.append("trace failures:")
+    for t, rec in sorted(data["types"].items()):
+        if "config_error" in rec:
+            lines.append(f"  {t:28s} config: {rec['config_error']}")
+            continue
+        for w, x in rec.get("cells", {}).items():
+            if "trace_error" in x:
+                lines.append(f"  {t:28s} {w:5s} {x['trace_error'][:150]} [{x.get('trace_error_at', '')}]")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default="", help="comma-separated model types (default: all causal-LM types)")
+    ap.add_argument("--category", choices=["decoder-only", "multimodal", "other"], default=None)
+    ap.add_argument("--workloads", default="full,lora,infer")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shrink", action="store_true", help="divide hidden/intermediate widths by 4")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per trace cell")
+    ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--no-estimate", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--fresh", action="store_true", help="drop the cached results first")
+    ap.add_argument("--skip-done", action="store_true", help="skip types already in --out")
+    ap.add_argument("--summary-only", action="store_true", help="print the table from --out without running")
+    args = ap.parse_args()
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in args.workloads if w not in WORKLOADS]
+    if bad:
+        ap.error(f"unknown workloads {bad}; known: {', '.join(WORKLOADS)}")
+    data: dict[str, Any] = {"types": {}}
+    if args.out.exists() and not args.fresh:
+        data = json.loads(args.out.read_text())
+        data.setdefault("types", {})
+    if not args.summary_only:
+        import warnings
+
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        transformers.logging.set_verbosity_error()
+        warnings.simplefilter("ignore")
+        types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        if args.category:
+            types = [t for t in types if category(t) == args.category]
+        data["versions"] = _versions()
+        data["workloads"] = WORKLOADS
+        data["layers"] = args.layers
+        data["shrink"] = args.shrink
+        for i, t in enumerate(types):
+            if args.skip_done and t in data["types"]:
+                continue
+            t0 = time.perf_counter()
+            rec = run_type(t, args)
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            rec["class"] = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "")
+            old = data["types"].get(t, {})
+            if old.get("cells"):  # keep workloads not re-run this time
+                rec["cells"] = {**old["cells"], **rec["cells"]}
+            data["types"][t] = rec
+            status = " ".join(f"{w}:{'T' if 'trace_gib' in c else 't'}{'E' if 'estimate_gib' in c else 'e'}"
+                              for w, c in rec["cells"].items())
+            print(f"[{i + 1}/{len(types)}] {t} ({rec['category']}) {status} {rec['seconds']} s", flush=True)
+            args.out.write_text(json.dumps(data, indent=1, sort_keys=True))
+    print(summarize(data, args.workloads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""Seconds: a training step, a prefill and a decode step on a GPU, from the work and the efficiencies.
+
+Training and prefill (one micro-batch, then the optimizer step)::
+
+    step_s = matmul FLOPs / (peak[dtype] x achievable matmul fraction)
+           + attention FLOPs / (peak x attention fraction)
+           + memory traffic (counted logits bytes, calibrated elementwise passes) / (bandwidth)
+           + launch cost (eager: host seconds per layer pass; CUDA-graph engines: kernels x device floor)
+           + optimizer step / (tensor x pipeline x shard degree)      (ZeRO / FSDP shard the states)
+           + the communication the framework does not overlap
+
+Decode (one step of a batch)::
+
+    decode_s = max(weights + KV cache bytes / (bandwidth x copy fraction), FLOPs / (peak x matmul fraction))
+             + layers x the engine's per-layer cost (eager: the calibrated host launch per layer pass;
+               CUDA graphs: kernels per layer x a graph-replayed kernel's device floor)
+             + 2 x layers x (all-reduce latency + ring bytes / link)   (tensor parallel)
+
+Known limits: one node; the calibrated coefficients come from one GPU (H200) and are carried to others by
+their published achievable fractions; fp8 matrix products use the bf16 fraction of the fp8 peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import VramplanError
+from ..hardware import GPU
+from ..spec import ModelSpec
+from ..workload import Method, Workload
+from .comm import allreduce_seconds, comm_time_s, exposed_comm_s, link_bandwidth_bytes_per_s, ring_allreduce_bytes
+from .cost import Cost, cost_of
+from .efficiency import (
+    _COMPUTE,
+    _LAUNCH,
+    _MEMORY,
+    _OPTIMIZER,
+    EngineProfile,
+    ThroughputModel,
+    engine_profile,
+    feature_row,
+    gpu_efficiency,
+    load_throughput_model,
+    scale_factors,
+)
+from .work import (
+    StepWork,
+    compute_dtype,
+    decode_work,
+    inference_work,
+    training_work,
+)
+
+__all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step",
+           "engine_overhead_s", "inference_time", "step_time", "training_time"]
+
+_SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepTime:
+    """One optimizer step on each GPU of a layout, in seconds, by what bounds it."""
+
+    compute_s: float
+    memory_s: float
+    launch_s: float
+    optimizer_s: float
+    comm_s: float  # the communication the step waits for (after overlap)
+    micro_batches: int
+    comm_total_s: float = 0.0  # all communication, overlapped or not
+
+    @property
+    def total_s(self) -> float:
+        return self.micro_batches * (self.compute_s + self.memory_s + self.launch_s) + self.optimizer_s + self.comm_s
+
+    def to_dict(self) -> dict[str, float]:
+        return {"total_s": self.total_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
+                "launch_s": self.launch_s, "optimizer_s": self.optimizer_s, "comm_s": self.comm_s,
+                "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches}
+
+
+def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
+    if engine is None or engine.per_layer_s is None:  # eager PyTorch: the calibrated host launch cost
+        return sum(row[i] * c[i] for i in _LAUNCH)
+    return work.layer_passes * engine.per_layer_s
+
+
+def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
+              split: int = 1, shard: int = 1, comm_s: float = 0.0, overlapped: bool = False,
+              engine: EngineProfile | None = None, num_layers: int | None = None) -> StepTime | None:
+    """Seconds of one optimizer step of ``micro_batches`` x ``work`` on ``gpu``; None without a peak figure.
+
+    ``split`` divides each GPU's FLOPs and traffic (tensor / pipeline parallel degree); ``shard`` further
+    divides the optimizer step (ZeRO-1/2/3 and FSDP give each GPU 1/shard of the states to update:
+    DeepSpeed ``stage_1_and_2.py`` steps only the partition, FSDP steps its flat-parameter shard).
+    ``comm_s`` is the step's communication; with ``overlapped`` only the part compute cannot hide counts.
+    ``engine`` replaces eager launch cost with the engine's per-layer cost and fuses its elementwise kernels.
+    """
+    if split < 1 or shard < 1:
+        raise VramplanError(f"split and shard degrees must be at least 1, got {split} and {shard}")
+    m = model or load_throughput_model()
+    row = feature_row(work, gpu)
+    if row is None:
+        return None
+    c = m.coefficients
+    compute = sum(row[i] * c[i] for i in _COMPUTE) / split
+    memory = sum(row[i] * c[i] for i in _MEMORY) / split
+    if engine is not None and engine.fused_elementwise and work.activation_bytes:
+        # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
+        memory -= row[4] * c[4] / split * (1 - 1 / max(1, work.activation_kernels))
+    launch = _launch_s(row, c, work, engine)
+    optimizer = row[_OPTIMIZER] * c[_OPTIMIZER] / (split * shard)
+    hidden_behind = micro_batches * (compute + memory)
+    waited = exposed_comm_s(comm_s, hidden_behind, num_layers or work.num_layers, overlapped=overlapped)
+    return StepTime(compute, memory, launch, optimizer, waited, micro_batches, comm_s)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingTime:
+    """Time and money to train ``tokens`` tokens with a workload on ``gpu_count`` GPUs."""
+
+    gpu: str
+    gpu_count: int
+    tokens: int
+    tokens_per_step: int
+    steps: int
+    step: StepTime | None
+    time_s: float | None
+    tokens_per_s: float | None
+    model_flops: float  # over the whole run
+    mfu: float | None  # PaLM's model FLOPs utilisation (no recomputation)
+    hfu: float | None  # hardware FLOPs utilisation (recomputation included)
+    cost: Cost | None
+    assumptions: tuple[str, ...]
+    reason: str | None = None  # why time (or cost) is missing
+    method: str = "mechanism"  # "mechanism" or "measured-mfu"
+
+    @property
+    def time_hours(self) -> float | None:
+        return None if self.time_s is None else self.time_s / _SECONDS_PER_HOUR
+
+    @property
+    def step_seconds(self) -> float | None:
+        return None if self.time_s is None else self.time_s / self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "gpu_count": self.gpu_count, "tokens": self.tokens,
+                "tokens_per_step": self.tokens_per_step, "steps": self.steps,
+                "step": self.step.to_dict() if self.step else None, "time_s": self.time_s,
+                "time_hours": self.time_hours, "tokens_per_s": self.tokens_per_s, "model_flops": self.model_flops,
+                "mfu": self.mfu, "hfu": self.hfu, "cost": self.cost.to_dict() if self.cost else None,
+                "method": self.method, "reason": self.reason, "assumptions": list(self.assumptions)}
+
+
+def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: int = 1,
+                  comm_bytes_per_step: float | None = None, split: int = 1, shard: int = 1,
+                  overlapped: bool | None = None, model: ThroughputModel | None = None,
+                  measured_mfu: float | None = None) -> TrainingTime:
+    """Time and cost of training ``tokens`` tokens with ``w`` (micro-batch ``batch_size``, accumulation
+    ``gradient_accumulation``) over ``gpus`` GPUs of one node.
+
+    ``comm_bytes_per_step``: bytes each GPU sends per optimizer step (default: a ring all-reduce of the
+    gradients when ``gpus > 1``). ``split``: tensor x pipeline degree dividing each GPU's work. ``shard``:
+    how many GPUs share the optimizer states (ZeRO / FSDP data-parallel degree). ``overlapped``: whether the
+    framework overlaps the traffic with compute (default: yes for data parallelism, no with ``split > 1``).
+    ``measured_mfu``: a measured model FLOPs utilisation replaces the mechanism model (time = model FLOPs
+    / (GPUs x peak x MFU)).
+    """
+    if tokens < 1:
+        raise VramplanError(f"tokens must be at least 1, got {tokens}")
+    m = model or load_throughput_model()
+    work = training_work(spec, w)
+    replicas = max(1, gpus // split)
+    per_step = replicas * w.gradient_accumulation * work.tokens
+    steps = math.ceil(tokens / per_step)
+    eff = gpu_efficiency(gpu, measured_mfu=measured_mfu)
+    assumptions = [m.assumption(), _flops_assumption(w), _dtype_assumption(work.dtype),
+                   f"{gpu.display_name}: matmul {eff.matmul:.0%}, attention {eff.attention:.0%}, bandwidth "
+                   f"{eff.bandwidth:.0%} of the catalog peaks ({'; '.join(eff.sources)})"]
+    run_flops = work.model_flops * w.gradient_accumulation * replicas * steps
+    peak = gpu.peak_tflops(work.dtype)
+    if measured_mfu is not None:
+        gpu_flops_per_step = work.model_flops * w.gradient_accumulation * replicas
+        if peak is None:
+            return TrainingTime(gpu.name, gpus, tokens, per_step, steps, None, None, None, run_flops, None, None,
+                                None, tuple(assumptions), f"no dense {work.dtype} throughput for {gpu.display_name}",
+                                "measured-mfu")
+        step_s = gpu_flops_per_step / (gpus * peak * 1e12 * measured_mfu)
+        measured = StepTime(step_s, 0.0, 0.0, 0.0, 0.0, 1)
+        time_s = steps * step_s
+        cost = cost_of(gpu, time_s * gpus / _SECONDS_PER_HOUR)
+        assumptions.append(f"time from the measured model FLOPs utilisation {measured_mfu:.1%} (--efficiency)")
+        return TrainingTime(gpu.name, gpus, tokens, per_step, steps, measured, time_s, steps * per_step / time_s,
+                            run_flops,
+                            measured_mfu, measured_mfu * work.executed_flops / work.model_flops, cost,
+                            tuple(assumptions), cost.reason, "measured-mfu")
+    comm_bytes = ring_allreduce_bytes(work.gradient_bytes, replicas) if comm_bytes_per_step is None \
+        else comm_bytes_per_step
+    comm = comm_time_s(comm_bytes, gpu, gpus)
+    over = (split == 1) if overlapped is None else overlapped
+    if gpus > 1:
+        assumptions.append(
+            f"multi-GPU: {link_bandwidth_bytes_per_s(gpu, gpus) or 0:.3g} B/s per direction per GPU; "
+            + ("communication overlapped with compute (DDP bucketed all-reduce / FSDP prefetch), one layer's share "
+               "exposed" if over else "communication on the critical path (tensor / pipeline parallel)")
+            + (f"; optimizer step sharded {shard} ways (ZeRO / FSDP)" if shard > 1 else ""))
+    st = None if comm is None else step_time(work, gpu, m, micro_batches=w.gradient_accumulation, split=split,
+                                             shard=shard, comm_s=comm, overlapped=over)
+    if st is None or peak is None:
+        reason = (f"no dense {work.dtype} throughput for {gpu.display_name} in the catalog" if comm is not None
+                  else f"no interconnect bandwidth for {gpu.display_name} in the catalog")
+        return TrainingTime(gpu.name, gpus, tokens, per_step, steps, None, None, None, run_flops, None, None, None,
+                            tuple(assumptions), reason)
+    time_s = steps * st.total_s
+    mfu = run_flops / (time_s * gpus * peak * 1e12)
+    hfu = mfu * work.executed_flops / work.model_flops
+    cost = cost_of(gpu, time_s * gpus / _SECONDS_PER_HOUR)
+    return TrainingTime(gpu.name, gpus, tokens, per_step, steps, st, time_s, steps * per_step / time_s, run_flops,
+                        mfu, hfu, cost, tuple(assumptions), cost.reason)
+
+
+def _flops_assumption(w: Workload) -> str:
+    base = {Method.FULL: "6N per token (Kaplan et al. 2020)",
+            Method.LORA: "4N per token: frozen base, forward 2N + input gradients 2N, no weight gradients",
+            Method.QLORA: "4N per token: frozen 4-bit base dequantized per pass, no weight gradients",
+            Method.FREEZE: "2N forward + 4N backward through the trainable top layers only"}[w.method]
+    extra = " + one recomputed forward (2N) per token (gradient checkpointing)" if w.gradient_checkpointing else ""
+    return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B), halved "
+            "for causal kernels that skip the masked half")
+
+
+def _dtype_assumption(dtype: str) -> str:
+    note = " (fp32 matmuls on TF32 tensor cores: allow_tf32 as the calibration harness sets it)" \
+        if dtype == "tf32" else ""
+    return f"peak: the catalog's dense {dtype} TFLOPS{note}"
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStep:
+    bytes_read: int
+    flops: float
+    seconds: float | None
+    bound: str  # "memory" or "compute"
+    roofline_s: float | None = None  # max(bytes / bandwidth, FLOPs / peak)
+    overhead_s: float = 0.0  # the engine's per-layer cost (launches / kernel floors)
+    allreduce_s: float = 0.0  # tensor-parallel all-reduces
+
+
+def decode_seconds(bytes_read: float, flops: float, gpu: GPU, dtype: str,
+                   model: ThroughputModel | None = None) -> tuple[float | None, str]:
+    """Roofline time of a decode step: max(bytes / (bandwidth x copy fraction), FLOPs / (peak x matmul fraction))."""
+    m = model or load_throughput_model()
+    peak = gpu.peak_tflops(dtype)
+    if peak is None:
+        return None, "unknown"
+    eff = gpu_efficiency(gpu)
+    fm, _fa, _fb = scale_factors(gpu, dtype)
+    t_mem = bytes_read / (gpu.memory_bandwidth_bytes_per_s * eff.bandwidth)
+    t_fl = flops * fm / (peak * 1e12 * m.gemm_efficiency)
+    return max(t_mem, t_fl), ("memory" if t_mem >= t_fl else "compute")
+
+
+def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None) -> float:
+    """Fixed seconds per decode step: eager engines pay the calibrated host launch cost per layer, CUDA-graph
+    engines their kernels per layer x the device-side floor of a replayed kernel."""
+    if engine.per_layer_s is None:
+        return spec.num_layers * (model or load_throughput_model()).launch_s_per_layer_pass
+    return spec.num_layers * engine.per_layer_s
+
+
+def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: int,
+                model: ThroughputModel | None = None, engine: str | EngineProfile = "transformers",
+                tp: int = 1) -> DecodeStep:
+    """One decode step of ``batch`` sequences at ``context`` tokens on ``gpu``, tensor-parallel over ``tp`` GPUs.
+
+    The roofline divides by ``tp``; the per-layer cost does not (each GPU runs every layer's kernels); each
+    layer adds two all-reduces of batch x hidden activations (after attention and after the MLP;
+    Megatron-LM's row-parallel linears, Shoeybi et al. 2019)."""
+    prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
+    bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
+    roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w), model)
+    if roof is None:
+        return DecodeStep(bytes_read, flops, None, bound)
+    overhead = engine_overhead_s(spec, prof, model)
+    ar = 0.0
+    if tp > 1:
+        one = allreduce_seconds(batch * spec.hidden_size * 2, tp, gpu, prof.allreduce_latency_s)
+        if one is None:
+            return DecodeStep(bytes_read, flops, None, bound, roof, overhead)
+        ar = 2 * spec.num_layers * one
+    return DecodeStep(bytes_read, flops, roof + overhead + ar, bound, roof, overhead, ar)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceTime:
+    """Prefill latency and decode throughput of ``batch`` concurrent requests on one GPU (or a TP group)."""
+
+    gpu: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float | None
+    decode_s_per_token: float | None  # one step for the whole batch, at the mean context
+    decode_tokens_per_s: float | None  # generated tokens per second, whole batch
+    request_s: float | None  # prefill + all decode steps
+    tokens_per_s: float | None  # generated tokens per second including prefill
+    decode_bound: str
+    assumptions: tuple[str, ...]
+    reason: str | None = None
+    engine: str = "transformers"
+    decode_overhead_s: float = 0.0  # per step: the engine's per-layer cost
+    decode_allreduce_s: float = 0.0  # per step: tensor-parallel all-reduces
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "batch": self.batch, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.new_tokens, "prefill_s": self.prefill_s,
+                "decode_s_per_token": self.decode_s_per_token, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "request_s": self.request_s, "tokens_per_s": self.tokens_per_s, "decode_bound": self.decode_bound,
+                "engine": self.engine, "decode_overhead_s": self.decode_overhead_s,
+                "decode_allreduce_s": self.decode_allreduce_s, "reason": self.reason,
+                "assumptions": list(self.assumptions)}
+
+
+def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, model: ThroughputModel | None = None,
+                   engine: str = "transformers") -> InferenceTime:
+    """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs."""
+    m = model or load_throughput_model()
+    prof = engine_profile(engine)
+    work = inference_work(spec, w)
+    eff = gpu_efficiency(gpu)
+    mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
+            f"CUDA graphs: {prof.kernels_per_layer} kernels per layer x {prof.kernel_s or 0:.1e} s")
+    assumptions = (
+        m.assumption(),
+        f"decode ({prof.name}): weights + KV cache read once per step at {eff.bandwidth:.0%} of the catalog "
+        f"bandwidth, plus {mode}" + (f", plus 2 all-reduces per layer ({prof.allreduce_latency_s * 1e6:.0f} us "
+                                     "latency + ring bytes over the link)" if split > 1 else "")
+        + f"; {prof.source}",
+        _dtype_assumption(work.dtype),
+    )
+    prefill_comm = 0.0
+    if split > 1:
+        one = allreduce_seconds(work.tokens * spec.hidden_size * 2, split, gpu, prof.allreduce_latency_s)
+        prefill_comm = 2 * spec.num_layers * one if one is not None else math.inf
+    st = step_time(work, gpu, m, split=split, comm_s=prefill_comm,
+                   engine=None if prof.per_layer_s is None else prof)
+    b, s, n = w.batch_size, w.seq_len, w.new_tokens
+    dec = decode_step(spec, w, gpu, context=s + n // 2, batch=b, model=m, engine=prof, tp=split)
+    if st is None or dec.seconds is None or not math.isfinite(st.total_s):
+        return InferenceTime(gpu.name, b, s, n, None, None, None, None, None, dec.bound, assumptions,
+                             f"no dense {work.dtype} throughput or link bandwidth for {gpu.display_name} in the "
+                             "catalog", prof.name)
+    prefill = st.total_s
+    per_step = dec.seconds
+    request = prefill + n * per_step
+    return InferenceTime(gpu.name, b, s, n, prefill, per_step, b / per_step, request,
+                         b * n / request if n else None, dec.bound, assumptions, None, prof.name, dec.overhead_s,
+                         dec.allreduce_s)
+

@@ -1,0 +1,394 @@
+"""What a step must do, independent of the GPU: FLOPs by kernel family and bytes of memory traffic.
+
+FLOPs follow Kaplan et al. 2020 (6·N per token: 2·N forward, 4·N backward) and the PaLM paper's
+appendix B (attention adds 12·L·H·Q·T per token forward + backward, i.e. 4·L·H·Q·T forward),
+with causal attention halved where the kernel skips the masked half (flash / memory-efficient with
+``is_causal``; FlashAttention-2, Dao 2023), full recomputation adding one more forward (8·N;
+Korthikanti et al. 2022), and frozen weights (LoRA, QLoRA, freeze) skipping their weight-gradient
+GEMMs. Model FLOPs utilisation (MFU) is reported as in PaLM (useful 6·N-style FLOPs, without
+recomputation, over peak x time) and as in nanoGPT's ``estimate_mfu``.
+
+Decode reads every weight (the experts the batch routes to, for MoE) and the batch's KV cache once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..blocks import Kernel
+from ..blocks import attention_kernel as blocks_attention_kernel
+from ..errors import VramplanError
+from ..estimator import numerics
+from ..memory import ModelStates, lora_params, lora_targets, model_states
+from ..params import count_params
+from ..spec import Activation, MLPKind, ModelSpec
+from ..workload import LogitsMode, Method, Precision, Task, WeightsQuant, Workload
+
+__all__ = ["StepWork", "attended_keys", "attention_kernel", "compute_dtype", "decode_work", "dequantized_weights",
+           "inference_work", "kv_bytes_per_token", "layer_matmul_weights", "logits_bytes_per_element",
+           "mlp_elementwise_kernels", "training_work", "weights_read_per_step"]
+
+
+@lru_cache(maxsize=256)
+def layer_matmul_weights(spec: ModelSpec) -> tuple[int, int]:
+    """(weights every token multiplies in the decoder layers, in the output side: head and projections).
+
+    MoE layers count the router, the shared expert and ``experts_per_token`` routed experts: the
+    active parameters that set the FLOPs (Fedus et al. 2021). Embedding lookups cost no FLOPs; the
+    output head does (nanoGPT's ``estimate_mfu`` counts the tied ``wte`` for that reason).
+    """
+    counts = count_params(spec)
+    layers = 0
+    for i, layer in enumerate(counts.layers):
+        moe = i in spec.moe_layers
+        for _name, fin, fout, n in layer.linear_shapes:
+            active = spec.experts_per_token if moe and spec.num_experts > 1 and n == spec.num_experts else n
+            layers += fin * fout * active
+    d = spec.embed_proj_dim or spec.hidden_size
+    head = spec.vocab_size * d
+    if spec.embed_proj_dim:
+        head += 2 * spec.hidden_size * spec.embed_proj_dim  # OPT project_in / project_out
+    return layers, head
+
+
+def _act_bytes(w: Workload) -> int:
+    """Bytes per activation element, as the estimator decides it."""
+    return numerics(w).act
+
+
+def attention_kernel(spec: ModelSpec, w: Workload, *, has_mask: bool) -> Kernel:
+    """The attention kernel a layer of ``w`` runs (the estimator's own choice)."""
+    return blocks_attention_kernel(spec, w.attention, 2 if w.precision.is_amp else _act_bytes(w), has_mask)
+
+
+def attended_keys(seq: int, window: int | None, skips_masked: bool) -> float:
+    """Mean number of keys each query multiplies.
+
+    Kernels that know the mask is causal (flash, memory-efficient with ``is_causal``, or flash with a
+    window) skip the masked blocks: (s + 1) / 2 keys on average, fewer with a sliding window
+    (FlashAttention-2, Dao 2023, counts causal attention at half the FLOPs). The math and eager paths
+    multiply the full square and mask afterwards.
+    """
+    if not skips_masked:
+        return float(seq)
+    if window and window < seq:
+        return (window * (window + 1) / 2 + (seq - window) * window) / seq
+    return (seq + 1) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Attention:
+    flops_per_token: float  # forward, all layers: 4 x q_dim x attended keys (PaLM appendix B)
+    score_elements: int  # materialized (batch, heads, q, k) scores over all layers (math / eager kernels)
+
+
+def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int) -> _Attention:
+    flops = 0.0
+    scores = 0
+    for i in range(spec.num_layers):
+        sliding = i in spec.sliding_layers and bool(spec.sliding_window)
+        has_mask = bool(sliding and spec.sliding_window and seq > spec.sliding_window)
+        kernel = attention_kernel(spec, w, has_mask=has_mask)
+        fused = kernel in (Kernel.FLASH, Kernel.EFFICIENT)
+        # SDPA's memory-efficient kernel with an explicit (sliding-window) mask computes every block
+        skips = fused and (not has_mask or kernel is Kernel.FLASH)
+        keys = attended_keys(seq, spec.sliding_window if sliding else None, skips)
+        flops += 4 * spec.q_dim * keys
+        if not fused:
+            scores += batch * spec.num_heads * seq * seq
+    return _Attention(flops, scores)
+
+
+@dataclass(frozen=True, slots=True)
+class StepWork:
+    """What one micro-batch step (training) or one prefill (inference) must do; GPU-independent.
+
+    FLOPs are executed FLOPs (recomputation included) split by the kernels that run them; bytes are
+    traffic outside the big matrix products, before the fitted pass counts.
+    """
+
+    tokens: int
+    model_flops: float  # useful FLOPs (PaLM's MFU numerator: no recomputation)
+    gemm_flops: float  # executed in cuBLAS matrix products (linears, the head)
+    attention_flops: float  # executed in attention (QK^T and PV), all passes
+    dtype: str  # catalog throughput key the matrix products run at
+    score_bytes: int  # materialized attention scores (math / eager kernels), all passes
+    logits_bytes: int  # bytes read + written over the vocabulary-sized tensors (logits, the fp32 loss, its gradient)
+    activation_bytes: int  # the MLP's elementwise kernels over its intermediate (activation, gating), all passes
+    dequant_bytes: int  # 16-bit weight copies made from quantized weights, all passes
+    adapter_bytes: int  # LoRA inputs/outputs in fp32 (peft casts to the adapter dtype), all passes
+    layer_passes: int  # host launches in forward-layer units: a forward (or recomputed) layer 1, a backward 2
+    expert_passes: float  # routed experts run (mean experts hit per MoE layer x layers x passes)
+    adapter_passes: int  # adapted linears run (each launches its own small kernels), all passes
+    optimizer_bytes: int  # the optimizer step's reads and writes (once per optimizer step)
+    gradient_bytes: int  # gradients that data parallelism all-reduces
+    parameter_bytes: int  # 16-bit matmul weight bytes (what fully sharded layouts all-gather)
+    num_layers: int
+    hidden_size: int
+    activation_kernels: int = 1  # eager elementwise kernels over the MLP intermediate (activation_bytes' count)
+
+    @property
+    def executed_flops(self) -> float:
+        """What the GPU runs, recomputation included (the hardware FLOPs utilisation numerator)."""
+        return self.gemm_flops + self.attention_flops
+
+
+def _states(spec: ModelSpec, w: Workload) -> ModelStates:
+    """:func:`vramplan.memory.model_states`, cached on what it reads (not the batch or the sequence)."""
+    return _states_cached(spec, w.with_(batch_size=1, seq_len=1, new_tokens=0, gradient_accumulation=1))
+
+
+@lru_cache(maxsize=1024)
+def _states_cached(spec: ModelSpec, w: Workload) -> ModelStates:
+    return model_states(spec, w)
+
+
+@lru_cache(maxsize=1024)
+def _adapters(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> tuple[int, int, int]:
+    """(adapter parameters, adapted linears over all layers, sum of their in + out features)."""
+    names = lora_targets(spec, targets)
+    count = io = 0
+    for layer in count_params(spec).layers:
+        for name, fin, fout, n in layer.linear_shapes:
+            if name in names:
+                count += n
+                io += (fin + fout) * n
+    return lora_params(spec, names, rank), count, io
+
+
+# Weight formats that are expanded to a 16-bit copy for every matrix product (bitsandbytes nf4; LLM.int8's
+# backward); fp8 weights run a scaled fp8 GEMM directly (torch._scaled_mm).
+_DEQUANTIZED = frozenset({WeightsQuant.NF4, WeightsQuant.INT8})
+
+
+def compute_dtype(w: Workload) -> str:
+    """The catalog throughput key the matrix products run at.
+
+    fp32 runs on TF32 tensor cores: the calibration harness (``vramplan.measure``) and the Hugging Face
+    Trainer's ``--tf32`` set ``torch.backends.cuda.matmul.allow_tf32``. nf4 and int8 weights are
+    dequantized to the 16-bit compute dtype (bitsandbytes' ``bnb_4bit_compute_dtype``; LLM.int8's mixed
+    decomposition is counted at 16-bit speed, conservatively); fp8 weights run fp8 GEMMs, which need fp8
+    tensor cores (a GPU without an fp8 figure gets no time).
+    """
+    if w.base_quant is WeightsQuant.FP8:
+        return "fp8"
+    if w.precision is Precision.FP32 and w.base_quant is WeightsQuant.NONE and w.method is not Method.QLORA:
+        return "tf32"
+    if w.precision in (Precision.FP16, Precision.AMP_FP16):
+        return "fp16"
+    return "bf16"
+
+
+def _optimizer_traffic(spec: ModelSpec, w: Workload) -> tuple[int, int]:
+    """(bytes the optimizer step reads and writes, gradient bytes).
+
+    Each state is read and written, each gradient read, each trainable parameter read and written,
+    each step temporary written and read (torch.optim's foreach AdamW: ``_multi_tensor_adamw``).
+    """
+    st = _states(spec, w)
+    elem = 4 if w.uses_adapters else w.precision.param_bytes
+    traffic = 2 * (st.optimizer_state + st.step_temporaries) + st.gradients + 2 * st.trainable_parameters * elem
+    return traffic, st.gradients
+
+
+def training_work(spec: ModelSpec, w: Workload) -> StepWork:
+    """FLOPs and traffic of one training micro-batch of ``w`` (its batch size and sequence length)."""
+    if not w.is_train:
+        raise VramplanError("training_work needs a training workload (task train)")
+    return _training_work(spec, w)
+
+
+def _experts_hit(spec: ModelSpec, tokens: int) -> float:
+    """Mean routed experts a layer runs for ``tokens`` tokens: E (1 - (1 - k/E)^tokens) under uniform routing."""
+    if not spec.is_moe or spec.num_experts <= 0:
+        return 0.0
+    e, k = spec.num_experts, spec.experts_per_token
+    return e * (1 - (1 - k / e) ** tokens)
+
+
+@lru_cache(maxsize=1024)
+def dequantized_weights(spec: ModelSpec, tokens: int) -> int:
+    """Decoder-layer weights a bitsandbytes-quantized model expands to 16 bits in one pass over ``tokens`` tokens.
+
+    Every quantized linear that runs is dequantized whole before its matrix product
+    (``bitsandbytes/autograd/_functions.py``: ``MatMul4Bit`` calls ``dequantize_4bit`` on the full weight).
+    A MoE layer runs every expert that receives at least one token, so it dequantizes
+    E (1 - (1 - k/E)^tokens) experts (uniform routing), not the k a token activates: at thousands of tokens
+    that is all of them.
+    """
+    counts = count_params(spec)
+    hit = _experts_hit(spec, tokens)
+    total = 0.0
+    for i, layer in enumerate(counts.layers):
+        moe = i in spec.moe_layers
+        for _name, fin, fout, n in layer.linear_shapes:
+            experts = moe and spec.num_experts > 1 and n == spec.num_experts
+            total += fin * fout * (hit if experts else n)
+    return int(total)
+
+
+def logits_bytes_per_element(w: Workload, *, training: bool) -> int:
+    """Bytes read and written per logit element by the head's output and the loss, counted kernel by kernel.
+
+    transformers' ``ForCausalLMLoss`` (``loss/loss_utils.py``) upcasts the logits (``logits.float()``, a
+    copy unless they are fp32 already) and calls ``cross_entropy``: log_softmax reads its input twice (the
+    max/sum pass and the normalising pass) and writes once; nll_loss gathers one element per row. Backward:
+    nll_loss_backward writes a zero-filled gradient, log_softmax_backward reads the gradient and the
+    output and writes the input gradient, and the upcast's backward casts it back. Elements are the
+    activation size ``a`` where the head wrote them and 4 bytes in fp32.
+    """
+    a = numerics(w).act if not w.precision.is_amp else 2
+    cast = 0 if a == 4 else a + 4  # logits.float(): read a, write 4 (no copy when already fp32)
+    forward = a + cast + 4 * 2 + 4  # head output written; upcast; log_softmax reads twice, writes once
+    if not training:
+        return a + cast  # generate(): the head's output and its fp32 copy
+    backward = 4 + (4 + 4) + 4 + (0 if a == 4 else 4 + a)  # zero-filled grad; softmax backward; cast back
+    return forward + backward
+
+
+def mlp_elementwise_kernels(spec: ModelSpec) -> int:
+    """Elementwise kernels eager transformers runs over the MLP intermediate: the activation
+    (``gelu_new`` is a composite of 8 kernels in ``activations.py``, every other activation one) and, for
+    gated MLPs, the gate x up product. An engine that fuses them runs one."""
+    return (8 if spec.activation is Activation.GELU_NEW else 1) + (1 if spec.mlp is MLPKind.GATED else 0)
+
+
+def _mlp_elementwise_bytes_per_token(spec: ModelSpec, w: Workload) -> int:
+    """Bytes the MLP's elementwise kernels write per token, all layers (one pass).
+
+    Each kernel writes one intermediate-sized tensor: the activation (transformers' ``gelu_new`` is a
+    composite of 8 kernels, every other activation one) and, for gated MLPs, the gate x up product.
+    """
+    kernels = mlp_elementwise_kernels(spec)
+    total = 0
+    for i in range(spec.num_layers):
+        if i in spec.moe_layers:
+            total += spec.experts_per_token * spec.moe_intermediate_size + spec.shared_expert_intermediate_size
+        else:
+            total += spec.intermediate_size
+    return total * kernels * _act_bytes(w)
+
+
+@lru_cache(maxsize=4096)
+def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
+    b, s = w.batch_size, w.seq_len
+    tokens = b * s
+    L = spec.num_layers
+    n_layers, n_head = layer_matmul_weights(spec)
+    att = _attention(spec, w, b, s)
+    a = att.flops_per_token
+    ckpt = w.gradient_checkpointing
+    adapters = n_adapted = adapted_io = 0
+    gemm: float
+    if w.method is Method.FULL:
+        # Kaplan et al. 2020: 2N forward + 4N backward (input and weight gradients)
+        back_layers = L
+        gemm = 6 * (n_layers + n_head)
+    elif w.method in (Method.LORA, Method.QLORA):
+        # frozen base: forward 2N, backward only the input gradients 2N; adapters train (6 x their size)
+        adapters, n_adapted, adapted_io = _adapters(spec, w.lora_targets, w.lora_rank)
+        back_layers = L
+        gemm = 4 * (n_layers + n_head) + 6 * adapters
+    else:
+        # freeze: the last k layers get 2N + 4N; below them autograd stops; a tied head stays frozen (2N back)
+        back_layers = _states(spec, w).trainable_layers
+        head_back = 2 if spec.tie_word_embeddings else 4
+        gemm = 2 * (n_layers + n_head) + 4 * n_layers * back_layers / L + head_back * n_head
+    frac = back_layers / L if L else 0.0
+    attention = a * (1 + 2 * frac)  # PaLM appendix B: backward twice the forward
+    model_flops = (gemm + attention) * tokens
+    if ckpt:  # non-reentrant checkpointing recomputes each backpropagated layer's forward once
+        gemm += (2 * n_layers + 2 * adapters) * frac
+        attention += a * frac
+    passes = L + back_layers + (back_layers if ckpt else 0)
+    # autograd launches about two kernels per forward op in backward (input and weight gradients, or the
+    # two inputs of an elementwise op), so a backward layer costs two forward layers' launches
+    launch_units = L + 2 * back_layers + (back_layers if ckpt else 0)
+    per_layer = passes / L if L else 0.0
+    opt_bytes, grad_bytes = _optimizer_traffic(spec, w)
+    return StepWork(
+        tokens=tokens, model_flops=model_flops, gemm_flops=gemm * tokens, attention_flops=attention * tokens,
+        dtype=compute_dtype(w),
+        score_bytes=int(att.score_elements * 4 * per_layer),  # fp32 softmax on these paths
+        logits_bytes=tokens * spec.vocab_size * logits_bytes_per_element(w, training=True),
+        activation_bytes=int(tokens * _mlp_elementwise_bytes_per_token(spec, w) * per_layer),
+        dequant_bytes=int(dequantized_weights(spec, tokens) * 4 * per_layer) if w.base_quant in _DEQUANTIZED else 0,
+        adapter_bytes=int(tokens * adapted_io * 4 * per_layer),
+        layer_passes=launch_units, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers) * per_layer,
+        adapter_passes=round(n_adapted * per_layer), optimizer_bytes=opt_bytes, gradient_bytes=grad_bytes,
+        parameter_bytes=2 * (n_layers + n_head), num_layers=L, hidden_size=spec.hidden_size,
+        activation_kernels=mlp_elementwise_kernels(spec))
+
+
+def inference_work(spec: ModelSpec, w: Workload) -> StepWork:
+    """FLOPs and traffic of the prefill of ``w``: one forward over batch x prompt tokens."""
+    return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w)
+
+
+@lru_cache(maxsize=4096)
+def _inference_work(spec: ModelSpec, w: Workload) -> StepWork:
+    b, s = w.batch_size, w.seq_len
+    tokens = b * s
+    n_layers, n_head = layer_matmul_weights(spec)
+    att = _attention(spec, w, b, s)
+    logit_tokens = b if w.logits is LogitsMode.LAST else tokens
+    gemm = 2 * n_layers * tokens + 2 * n_head * logit_tokens
+    attention = att.flops_per_token * tokens
+    return StepWork(
+        tokens=tokens, model_flops=gemm + attention, gemm_flops=gemm, attention_flops=attention,
+        dtype=compute_dtype(w), score_bytes=att.score_elements * 4,
+        logits_bytes=logit_tokens * spec.vocab_size * logits_bytes_per_element(w, training=False),
+        activation_bytes=tokens * _mlp_elementwise_bytes_per_token(spec, w),
+        dequant_bytes=dequantized_weights(spec, tokens) * 4 if w.base_quant in _DEQUANTIZED else 0,
+        adapter_bytes=0,
+        layer_passes=spec.num_layers, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers),
+        adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        activation_kernels=mlp_elementwise_kernels(spec))
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def kv_bytes_per_token(spec: ModelSpec, w: Workload, context: int) -> int:
+    """Keys and values one sequence holds at ``context`` tokens (sliding layers keep only the window)."""
+    elem = _act_bytes(w)
+    total = 0
+    for i in range(spec.num_layers):
+        length = context
+        if i in spec.sliding_layers and spec.sliding_window:
+            length = min(context, spec.sliding_window)
+        total += 2 * spec.num_kv_heads * spec.head_dim * elem * length
+    return total
+
+
+def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:
+    """Weight bytes one decode step reads: every dense weight, and for MoE the experts the batch routes to.
+
+    With ``k`` of ``E`` experts per token, a batch of ``b`` tokens touches E (1 - (1 - k/E)^b) experts of
+    a layer on average (uniform routing).
+    """
+    st = _states(spec, w.with_(task=Task.INFER) if w.is_train else w)
+    total = st.weights + st.master_weights + st.quant_constants
+    if not spec.is_moe:
+        return total
+    e, k = spec.num_experts, spec.experts_per_token
+    touched = e * (1 - (1 - k / e) ** batch)
+    expert_params = 0
+    for i, layer in enumerate(count_params(spec).layers):
+        if i in spec.moe_layers:
+            expert_params += sum(fin * fout * n for _, fin, fout, n in layer.linear_shapes if n == e)
+    per_param = total / max(1, count_params(spec).total)
+    return int(total - expert_params * per_param * (1 - touched / e))
+
+
+def decode_work(spec: ModelSpec, w: Workload, *, context: int, batch: int) -> tuple[int, float]:
+    """(bytes read, FLOPs) of one decode step of ``batch`` sequences at ``context`` tokens: every weight
+    (the experts the batch routes to, for MoE) and the batch's KV cache are read once."""
+    bytes_read = weights_read_per_step(spec, w, batch) + batch * kv_bytes_per_token(spec, w, context)
+    n_layers, n_head = layer_matmul_weights(spec)
+    flops = batch * (2 * (n_layers + n_head) + 4 * spec.q_dim * spec.num_layers * context)
+    return bytes_read, float(flops)
+
+

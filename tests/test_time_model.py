@@ -1,0 +1,136 @@
+"""The time model's mechanisms (vramplan.perf): sharded optimizer, engines' per-layer cost, tensor-parallel
+all-reduces, MoE dequantization, per-GPU efficiency data, and two invariants checked with hypothesis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vramplan import get_model
+from vramplan.hardware import get_gpu, list_gpus
+from vramplan.perf import (
+    ENGINES,
+    dequantized_weights,
+    engine_profile,
+    gpu_efficiency,
+    inference_time,
+    logits_bytes_per_element,
+    step_time,
+    training_time,
+    training_work,
+)
+from vramplan.workload import Method, Precision, Task, Workload
+
+
+def test_every_efficiency_has_a_source_and_a_physical_range() -> None:
+    doc = json.loads((resources.files("vramplan") / "data" / "mfu.json").read_text(encoding="utf-8"))
+    for name, gen in doc["generations"].items():
+        for key in ("matmul", "attention", "bandwidth"):
+            assert 0 < gen[key] <= 1, (name, key)
+            assert gen["sources"][key], (name, key)
+    for g in list_gpus():
+        eff = gpu_efficiency(g)
+        assert 0 < eff.attention < eff.matmul <= 1 and 0 < eff.bandwidth <= 1, g.name
+    for name in ENGINES:
+        e = engine_profile(name)
+        assert e.source and e.allreduce_latency_s > 0
+        assert (e.mode == "eager") == (e.per_layer_s is None)
+
+
+def test_sharded_optimizer_step_is_divided_by_the_shard_degree() -> None:
+    spec = get_model("llama-3.1-8b").spec
+    w = Workload(batch_size=2, seq_len=2048, gradient_checkpointing=True)
+    gpu = get_gpu("h100-sxm")
+    work = training_work(spec, w)
+    one = step_time(work, gpu)
+    eight = step_time(work, gpu, shard=8)
+    assert one is not None and eight is not None
+    assert eight.optimizer_s == pytest.approx(one.optimizer_s / 8)
+    ddp = training_time(spec, w, gpu, tokens=10**7, gpus=8)
+    fsdp = training_time(spec, w, gpu, tokens=10**7, gpus=8, shard=8)
+    assert fsdp.step is not None and ddp.step is not None and fsdp.step.total_s < ddp.step.total_s
+
+
+def test_logits_bytes_are_counted_not_fitted() -> None:
+    bf16 = Workload(precision=Precision.BF16)
+    fp32 = Workload(precision=Precision.FP32)
+    # bf16: head output 2, upcast 2+4, log_softmax 8+4 | zero grad 4, softmax backward 8+4, cast back 4+2
+    assert logits_bytes_per_element(bf16, training=True) == 42
+    assert logits_bytes_per_element(fp32, training=True) < logits_bytes_per_element(bf16, training=True)
+    assert logits_bytes_per_element(bf16, training=False) == 2 + 2 + 4
+
+
+def test_moe_dequantizes_every_expert_that_receives_tokens() -> None:
+    spec = get_model("mixtral-8x7b").spec
+    few, many = dequantized_weights(spec, 1), dequantized_weights(spec, 16384)
+    assert many > 3 * few  # 8 experts hit at 16k tokens, 2 for one token
+    w = Workload(method=Method.QLORA, batch_size=1, seq_len=8192)
+    assert training_work(spec, w).dequant_bytes == pytest.approx(
+        4 * many * training_work(spec, w).layer_passes / spec.num_layers, rel=0.35)
+
+
+def test_engines_pay_a_per_layer_cost_that_tensor_parallelism_does_not_shrink() -> None:
+    spec = get_model("llama-2-7b").spec
+    gpu = get_gpu("a100-80gb-sxm")
+    w = Workload(task=Task.INFER, batch_size=1, seq_len=16, new_tokens=200)
+    tp1 = inference_time(spec, w, gpu, engine="gpt-fast")
+    tp8 = inference_time(spec, w, gpu, engine="gpt-fast", split=8)
+    assert tp1.decode_s_per_token is not None and tp8.decode_s_per_token is not None
+    assert tp8.decode_overhead_s == pytest.approx(tp1.decode_overhead_s)
+    assert tp8.decode_allreduce_s > 0
+    assert tp1.decode_s_per_token / 8 < tp8.decode_s_per_token < tp1.decode_s_per_token
+    hf = inference_time(spec, w, gpu)
+    assert hf.decode_s_per_token is not None and hf.decode_s_per_token > 2 * tp1.decode_s_per_token
+
+
+_MODELS = ("llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b")
+
+
+@settings(max_examples=25, deadline=None)
+@given(model=st.sampled_from(_MODELS), batch=st.sampled_from([8, 16, 32, 64]), seq=st.sampled_from([512, 2048]),
+       gpus=st.sampled_from([1, 2, 4, 8]), shard=st.booleans())
+def test_more_gpus_never_increase_the_compute_of_the_same_global_batch(model: str, batch: int, seq: int, gpus: int,
+                                                                        shard: bool) -> None:
+    spec = get_model(model).spec
+    gpu = get_gpu("h100-sxm")
+    times = []
+    for n in (1, gpus):
+        w = Workload(batch_size=batch // n, seq_len=seq, gradient_checkpointing=True)
+        work = training_work(spec, w)
+        stp = step_time(work, gpu, shard=n if shard else 1)
+        assert stp is not None
+        times.append(stp.total_s - stp.comm_s)
+    assert times[1] <= times[0] * (1 + 1e-9)
+
+
+def _faster(gpu_name: str, factor: float) -> object:
+    g = get_gpu(gpu_name)
+    tf = g.tflops
+    faster = dataclasses.replace(tf, **{k: (None if v is None else v * factor)
+                                        for k, v in dataclasses.asdict(tf).items()})
+    bandwidth = int(g.memory_bandwidth_bytes_per_s * factor)
+    return dataclasses.replace(g, tflops=faster, memory_bandwidth_bytes_per_s=bandwidth)
+
+
+@settings(max_examples=25, deadline=None)
+@given(model=st.sampled_from(_MODELS), gpu=st.sampled_from(["a100-80gb-sxm", "h100-sxm", "rtx-4090", "l40s"]),
+       factor=st.floats(1.0, 4.0), infer=st.booleans(), engine=st.sampled_from(["transformers", "vllm"]))
+def test_a_faster_gpu_is_never_slower(model: str, gpu: str, factor: float, infer: bool, engine: str) -> None:
+    spec = get_model(model).spec
+    base, fast = get_gpu(gpu), _faster(gpu, factor)
+    if infer:
+        w = Workload(task=Task.INFER, batch_size=4, seq_len=1024, new_tokens=64)
+        a, b = inference_time(spec, w, base, engine=engine), inference_time(spec, w, fast, engine=engine)  # type: ignore[arg-type]
+        assert a.request_s is not None and b.request_s is not None
+        assert b.request_s <= a.request_s * (1 + 1e-9)
+    else:
+        w = Workload(batch_size=2, seq_len=1024)
+        ta = training_time(spec, w, base, tokens=10**6)
+        tb = training_time(spec, w, fast, tokens=10**6)  # type: ignore[arg-type]
+        assert ta.time_s is not None and tb.time_s is not None
+        assert tb.time_s <= ta.time_s * (1 + 1e-9)
