@@ -148,7 +148,7 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
         for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, moe):
             numel = fin * fout * n
             if quant is not WeightsQuant.NONE and name != "router":
-                wb, cb = quantized_linear_bytes(numel, fout * n, quant)
+                wb, cb = quantized_linear_bytes(numel, fout * n, quant, w.uses_double_quant)
                 out.append((f"layer{i}", wb))
                 out.append((f"layer{i}", cb))
             elif n > 1 and name.startswith("experts."):
@@ -163,6 +163,13 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
         out.append(("head", counts.final_norm * other))
     if counts.lm_head:
         out.append(("head", counts.lm_head * other))
+    # the tensors above follow --weights-quant; a checkpoint's own quantization (and any layout detail the
+    # list does not know) is taken from the model states' total: scale every tensor to it
+    target = states.weights + states.master_weights + states.quant_constants - \
+        (sum(_adapters(spec, w)) if w.uses_adapters and w.is_train else 0)
+    total = sum(n for _, n in out)
+    if target > 0 and total and abs(target - total) > total // 100:
+        out = [(g, n * target // total) for g, n in out]
     return out
 
 

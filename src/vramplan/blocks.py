@@ -158,7 +158,7 @@ class _B:
             #   torch._int_mm into an int32 accumulator; backward dequantizes the weight.
             # fp8: quantizes the activation to fp8 and runs a scaled fp8 GEMM into the 16-bit output.
             xc = self.cast(x, 2)
-            if quant is WeightsQuant.NF4:
+            if quant.dequantizes:  # bitsandbytes 4-bit, GPTQ/AWQ/… fallback kernels: a 16-bit weight copy
                 fwd = fin * fout * 2
             elif quant is WeightsQuant.INT8:
                 fwd = tokens * fin + tokens * fout * 4

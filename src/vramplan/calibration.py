@@ -57,6 +57,7 @@ def workload_of_row(row: Mapping[str, str]) -> Workload | None:
         kw["logits"] = LogitsMode.LAST if row.get("last_logits") == "True" else LogitsMode.ALL
         if row.get("nf4") == "True":
             kw["weights_quant"] = WeightsQuant.NF4
+            kw["double_quant"] = True  # the harness quantizes with compress_statistics=True
     return Workload(**kw)  # type: ignore[arg-type]
 
 

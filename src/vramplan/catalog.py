@@ -146,8 +146,11 @@ def resolve_model(name_or_path: str) -> tuple[ModelSpec, CatalogEntry | None]:
     path wins over a catalog name; a name ending in ``.json`` is always read as a file.
     """
     path = Path(name_or_path).expanduser()
-    if (name_or_path.lower().endswith(".json") or path.is_file()
-            or (path.is_dir() and (path / "config.json").is_file())):
+    if path.is_dir() and (path / "config.json").is_file():
+        from .checkpoint import load_model_dir
+
+        return load_model_dir(path), None  # config.json + the safetensors headers beside it
+    if (name_or_path.lower().endswith(".json") or path.is_file()):
         return load_config_file(path), None
     if path.is_dir() and name_or_path.strip().lower() not in _load()[1]:
         return load_config_file(path), None  # a directory without config.json: say so

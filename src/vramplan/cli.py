@@ -19,7 +19,8 @@ __all__ = ["main"]
 
 _WORKLOAD_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len",
                    "new_tokens", "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha",
-                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation", "alloc_conf")
+                   "lora_dropout", "lora_targets", "trainable_layers", "gradient_accumulation", "quant_group_size",
+                   "double_quant", "alloc_conf")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +36,16 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
-    g.add_argument("--weights-quant", choices=["none", "int8", "nf4", "fp8"], default="none",
-                   help="storage of the base linear weights (inference, or LoRA on a quantized base)")
+    from .workload import WeightsQuant
+
+    g.add_argument("--weights-quant", choices=[q.value for q in WeightsQuant], default="none",
+                   help="storage of the base linear weights (inference, or LoRA on a quantized base); a "
+                        "checkpoint's own quantization_config is read from its config.json")
+    g.add_argument("--quant-group-size", type=positive_int, default=None,
+                   help="gptq/awq/w4a16/hqq/torchao: weights per scale (default: the format's, 128 or 64)")
+    g.add_argument("--double-quant", action="store_true", default=None,
+                   help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
+                        "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
                    default="adamw")
     g.add_argument("--batch-size", type=positive_int, default=1)
@@ -84,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_parallel import add_parallel_flags
 
     add_parallel_flags(e)
+    from .serving.cli import add_gguf_flags
+
+    add_gguf_flags(e)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
     t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
@@ -117,6 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .api import estimate
+    from .serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
 
     try:  # vision and diffusion models have their own estimator (vramplan.vision)
         from .vision import estimate_vision_cli, is_vision_model

@@ -23,7 +23,7 @@ __all__ = ["register"]
 
 _FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len", "new_tokens",
           "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha", "lora_targets",
-          "trainable_layers", "gradient_accumulation")
+          "trainable_layers", "gradient_accumulation", "quant_group_size", "double_quant")
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -33,10 +33,15 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     f.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
     f.add_argument("--gpu", required=True, help="GPU name (vramplan gpus lists them)")
     add_workload_flags(f)
-    f.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
-                   help="inference: share of GPU memory a vLLM-style server reserves (default 0.9)")
-    f.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
-                   help="inference: tokens of the profiling forward that sizes the KV budget (default 8192)")
+    f.add_argument("--gpu-memory-utilization", type=fraction, default=None,
+                   help="inference: share of GPU memory a vLLM-style server reserves (default 0.9; SGLang: "
+                        "mem_fraction_static)")
+    f.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                   help="inference: tokens of the profiling forward that sizes the KV budget (default 8192; with "
+                        "--engine vllm: vLLM's default for the GPU)")
+    from .serving.cli import add_serving_flags
+
+    add_serving_flags(f)
     _add_image_flags(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_cmd_fit)
@@ -102,22 +107,41 @@ def _no_image_flags(ns: argparse.Namespace) -> None:
 def _cmd_fit(ns: argparse.Namespace) -> int:
     from .api import make_workload
     from .catalog import resolve_model
+    from .errors import WorkloadError
     from .fit import check_fit
     from .hardware import get_gpu
+    from .serving.cli import is_gguf, print_serving, serving_section
 
     if _is_vision(ns.model):
         return _cmd_fit_vision(ns)
     _no_image_flags(ns)
+    gpu = get_gpu(ns.gpu)
+    if is_gguf(ns.model) or ns.engine == "llama.cpp":
+        if not is_gguf(ns.model) or ns.engine not in (None, "llama.cpp"):
+            raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
+        ns.engine = "llama.cpp"
+        section = serving_section(ns, None, gpu, None, None)
+        if ns.json:
+            print(json.dumps({"model": ns.model, "gpu": gpu.name, "fits": section["fits"], "serving": section},
+                             indent=2))
+        else:
+            print_serving(section)
+        return 0
     spec, entry = resolve_model(ns.model)
     name = entry.name if entry else spec.name
-    gpu = get_gpu(ns.gpu)
     w = make_workload(**{k: getattr(ns, k) for k in _FLAGS if hasattr(ns, k)})
-    result = check_fit(spec, w, gpu, name=name, gpu_memory_utilization=ns.gpu_memory_utilization,
-                       max_num_batched_tokens=ns.max_num_batched_tokens)
+    if ns.engine and w.is_train:
+        raise WorkloadError(f"--engine {ns.engine} serves a model: add --task infer")
+    util = ns.gpu_memory_utilization if ns.gpu_memory_utilization is not None else 0.9
+    result = check_fit(spec, w, gpu, name=name, gpu_memory_utilization=util,
+                       max_num_batched_tokens=ns.max_num_batched_tokens or 8192)
+    serving = serving_section(ns, spec, gpu, w, result.total_bytes) if ns.engine else None
     if ns.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(result.to_dict() | ({"serving": serving} if serving else {}), indent=2))
     else:
         _print_fit(result)
+        if serving:
+            print_serving(serving)
     return 0
 
 

@@ -133,24 +133,49 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     from .cli import _workload_options
     from .export import export
     from .parallel import Layout
+    from .serving.cli import export_gguf, is_gguf
 
+    if is_gguf(ns.model) or ns.engine == "llama.cpp":
+        from .errors import WorkloadError
+
+        if not is_gguf(ns.model) or ns.engine != "llama.cpp":
+            raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
+        text, command = export_gguf(ns)
+        _write(ns, text, command, "serve.sh")
+        return 0
     spec, entry = resolve_model(ns.model)
     model_id = entry.hf_id if entry is not None else ns.model
     workload = make_workload(**_workload_options(ns))
     layout = layout_from_args(ns) or Layout()
     gpu_bytes = None
+    gpu_name = ""
     if ns.gpu:
         from .hardware import get_gpu
 
-        gpu_bytes = get_gpu(ns.gpu).usable_memory_bytes
-    out = export(ns.engine, model_id, spec, workload, layout, gpu_memory_bytes=gpu_bytes, script=ns.script)
+        gpu = get_gpu(ns.gpu)
+        gpu_bytes, gpu_name = gpu.usable_memory_bytes, gpu.name
+    serving = None
+    if ns.engine in ("vllm", "sglang"):
+        from .serving.vllm import ServingConfig
+
+        serving = ServingConfig(engine=ns.engine, tp=layout.tp, pp=layout.pp,
+                                gpu_memory_utilization=ns.gpu_memory_utilization, max_model_len=ns.max_model_len,
+                                max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+                                kv_cache_dtype=ns.kv_cache_dtype, enforce_eager=ns.enforce_eager,
+                                engine_version=ns.engine_version)
+    out = export(ns.engine, model_id, spec, workload, layout, gpu_memory_bytes=gpu_bytes, script=ns.script,
+                 serving=serving, gpu_name=gpu_name)
+    _write(ns, out.text, out.command, out.filename)
+    return 0
+
+
+def _write(ns: argparse.Namespace, text: str, command: str, filename: str) -> None:
     if ns.output and ns.output != "-":
         with open(ns.output, "w", encoding="utf-8") as fh:
-            fh.write(out.text)
-        sys.stderr.write(f"wrote {ns.output}; run: {out.command.replace(out.filename, ns.output)}\n")
+            fh.write(text)
+        sys.stderr.write(f"wrote {ns.output}; run: {command.replace(filename, ns.output)}\n")
     else:
-        sys.stdout.write(out.text)
-    return 0
+        sys.stdout.write(text)
 
 
 def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -158,10 +183,14 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p = sub.add_parser("export", help="write the engine config / launch command for a workload and layout "
                                       "(DeepSpeed JSON, accelerate FSDP YAML, torchrun, vllm serve)")
     p.add_argument("model", metavar="MODEL", help="catalog name, HF id, or path to a config.json")
-    p.add_argument("--engine", required=True, choices=["deepspeed", "fsdp", "torchrun", "vllm"])
+    p.add_argument("--engine", required=True, choices=["deepspeed", "fsdp", "torchrun", "vllm", "sglang", "llama.cpp"])
     p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
-    p.add_argument("--gpu", default=None, help="vllm: the GPU (vramplan gpus), to size --gpu-memory-utilization")
+    p.add_argument("--gpu", default=None,
+                   help="vllm/sglang/llama.cpp: the GPU (vramplan gpus): the context and concurrency that fit it")
     p.add_argument("--script", default="train.py", help="training script the launch command runs")
     add_workload_flags(p)
     add_parallel_flags(p)
+    from .serving.cli import add_export_serving_flags
+
+    add_export_serving_flags(p)
     p.set_defaults(handler=_cmd_export)

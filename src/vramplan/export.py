@@ -3,8 +3,8 @@ commands, a vLLM ``serve`` command — from the same workload and layout vrampla
 
 Each writer returns an :class:`Export`: the file's text, the command that runs it and the file name it
 suggests. The values are the ones the estimate assumed (ZeRO stage, buckets, offload, micro-batch,
-gradient accumulation, precision, checkpointing; tensor/pipeline sizes, context length and memory share
-for vLLM), so nobody re-types numbers.
+gradient accumulation, precision, checkpointing; for vLLM and SGLang the tensor/pipeline sizes and the context
+and concurrency of :mod:`vramplan.serving`), so nobody re-types numbers.
 
 Sources of the formats: DeepSpeed's config reference (deepspeed.ai/docs/config-json, parsed by
 ``deepspeed.runtime.config.DeepSpeedConfig``); accelerate's ``ClusterConfig`` YAML
@@ -16,7 +16,6 @@ Arguments").
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ from .parallel import (
     Layout,
     Offload,
     check_layout,
-    estimate_parallel,
     zero_auto_buckets,
 )
+from .serving.vllm import ServingConfig
 from .spec import ModelSpec
-from .workload import Precision, WeightsQuant, Workload
+from .workload import Precision, Workload
 
 __all__ = [
     "Export", "ExportEngine", "accelerate_fsdp_config", "deepspeed_config", "export", "torchrun_command",
@@ -47,6 +46,7 @@ class ExportEngine(StrEnum):
     FSDP = "fsdp"
     TORCHRUN = "torchrun"
     VLLM = "vllm"
+    SGLANG = "sglang"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,37 +185,23 @@ def torchrun_command(layout: Layout, script: str = "train.py", args: str = "") -
     return " ".join(parts) + (f" {args}" if args else "")
 
 
-def _vllm_quantization(w: Workload) -> str | None:
-    return {WeightsQuant.NF4: "bitsandbytes", WeightsQuant.INT8: "bitsandbytes",
-            WeightsQuant.FP8: "fp8"}.get(w.base_quant)
-
-
 def vllm_serve_command(model_id: str, spec: ModelSpec, w: Workload, layout: Layout,
-                       gpu_memory_bytes: int | None = None) -> list[str]:
-    """``vllm serve`` with the layout's tensor/pipeline sizes, the context the workload needs, and (given the
-    GPU's memory) a ``--gpu-memory-utilization`` that covers vramplan's per-GPU estimate."""
+                       gpu_memory_bytes: int | None = None, serving: ServingConfig | None = None,
+                       gpu_name: str = "", engine: str = "vllm") -> list[str]:
+    """``vllm serve`` (or SGLang's server) for the layout's tensor/pipeline sizes, with the numbers of vramplan's
+    serving model (:mod:`vramplan.serving`): given the GPU's memory, the largest ``max_model_len`` the KV cache
+    holds and the engine's ``max_num_seqs``; never a whole-batch prefill check (the engines chunk prefill)."""
     if w.is_train:
-        raise WorkloadError("vllm serves models; use --task infer (or --engine deepspeed|fsdp for training)")
+        raise WorkloadError(f"{engine} serves models; use --task infer (or --engine deepspeed|fsdp for training)")
     if layout.dp * layout.tp * layout.pp != layout.gpus or layout.dp != 1:
-        raise WorkloadError(f"one vllm server spans tp x pp = {layout.tp * layout.pp} GPUs; --gpus {layout.gpus} "
+        raise WorkloadError(f"one {engine} server spans tp x pp = {layout.tp * layout.pp} GPUs; --gpus {layout.gpus} "
                             "would be several replicas; set --gpus to tp x pp")
-    cmd = ["vllm", "serve", model_id, "--tensor-parallel-size", str(layout.tp),
-           "--pipeline-parallel-size", str(layout.pp), "--max-model-len", str(w.seq_len + w.new_tokens),
-           "--max-num-seqs", str(w.batch_size), "--kv-cache-dtype", "auto"]
-    dtype = {Precision.BF16: "bfloat16", Precision.AMP_BF16: "bfloat16", Precision.FP16: "float16",
-             Precision.AMP_FP16: "float16", Precision.FP32: "float32"}[w.precision]
-    cmd += ["--dtype", dtype]
-    quant = _vllm_quantization(w)
-    if quant:
-        cmd += ["--quantization", quant]
-    utilization = 0.90  # vLLM's default
-    if gpu_memory_bytes:
-        need = estimate_parallel(spec, w, layout).total_bytes
-        utilization = min(0.98, math.ceil(100 * need / gpu_memory_bytes + 1) / 100)
-        if need > 0.98 * gpu_memory_bytes:
-            raise WorkloadError(f"the per-GPU estimate ({need / 2**30:.1f} GiB) does not fit this GPU "
-                                f"({gpu_memory_bytes / 2**30:.1f} GiB); raise --tp/--pp or shorten the context")
-    cmd += ["--gpu-memory-utilization", f"{utilization:.2f}"]
+    from dataclasses import replace
+
+    from .serving.launch import serving_command
+
+    cfg = replace(serving or ServingConfig(), engine=engine, tp=layout.tp, pp=layout.pp)
+    cmd, _ = serving_command(engine, model_id, spec, w, cfg, gpu_memory_bytes, gpu_name)
     return cmd
 
 
@@ -243,7 +229,8 @@ def _scalar(v: Any) -> str:
 
 
 def export(engine: ExportEngine | str, model_id: str, spec: ModelSpec, w: Workload, layout: Layout,
-           gpu_memory_bytes: int | None = None, script: str = "train.py") -> Export:
+           gpu_memory_bytes: int | None = None, script: str = "train.py", serving: ServingConfig | None = None,
+           gpu_name: str = "") -> Export:
     """The file and command for ``engine``; ``model_id`` is what the engine loads (a Hugging Face id)."""
     engine = ExportEngine(engine)
     check_layout(spec, w, layout)
@@ -267,6 +254,6 @@ def export(engine: ExportEngine | str, model_id: str, spec: ModelSpec, w: Worklo
     if engine is ExportEngine.TORCHRUN:
         command = torchrun_command(layout, script, f"--model_name_or_path {shlex.quote(model_id)}")
         return Export(engine, f"#!/bin/sh\n{command}\n", command, "launch.sh")
-    cmd = vllm_serve_command(model_id, spec, w, layout, gpu_memory_bytes)
+    cmd = vllm_serve_command(model_id, spec, w, layout, gpu_memory_bytes, serving, gpu_name, engine.value)
     command = shlex.join(cmd)
     return Export(engine, f"#!/bin/sh\n{command}\n", command, "serve.sh")

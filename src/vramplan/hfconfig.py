@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,9 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     """Build a spec from a parsed config mapping. Raises :class:`ConfigError` on anything unreadable."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: a config.json must hold a JSON object, not {type(raw).__name__}")
+    from .quant import quantization_from_config
+
+    quantization = quantization_from_config(raw, name)
     model_type = raw.get("model_type")
     if model_type == "gemma3" and isinstance(raw.get("text_config"), Mapping):
         # Gemma 3 4B+ are image-text models: the language model's config is nested.
@@ -378,7 +382,8 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         raise ConfigError(f"{name}: model_type {model_type!r} is not supported; supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
-        return reader(_Cfg(raw, name), family)
+        spec = reader(_Cfg(raw, name), family)
+        return replace(spec, quantization=quantization) if quantization is not None else spec
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:

@@ -93,7 +93,7 @@ def _build(config: Mapping[str, Any], w: Workload, torch: Any) -> Any:
     return model, tcfg
 
 
-def _quantize(model: Any, quant: WeightsQuant, torch: Any) -> Any:
+def _quantize(model: Any, quant: WeightsQuant, torch: Any, double_quant: bool = True) -> Any:
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -104,10 +104,10 @@ def _quantize(model: Any, quant: WeightsQuant, torch: Any) -> Any:
             if isinstance(child, torch.nn.Linear) and cname != "lm_head":
                 if quant is WeightsQuant.NF4:
                     new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                            compute_dtype=torch.bfloat16, compress_statistics=True,
+                                            compute_dtype=torch.bfloat16, compress_statistics=double_quant,
                                             quant_type="nf4", device="meta")
                     new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                                   compress_statistics=True).to(_DEV)
+                                                   compress_statistics=double_quant).to(_DEV)
                 else:
                     raise VramplanError(f"measure supports nf4 quantization only, not {quant.value}")
                 if child.bias is not None:
@@ -159,7 +159,7 @@ def measure_workload(config: Mapping[str, Any], w: Workload, steps: int = 3,
     _cuda(torch).reset_peak_memory_stats()
     model, tcfg = _build(config, w, torch)
     if w.base_quant is not WeightsQuant.NONE:
-        model = _quantize(model, w.base_quant, torch)
+        model = _quantize(model, w.base_quant, torch, w.uses_double_quant)
     if w.task is Task.TRAIN:
         return _train(model, tcfg, w, torch, steps, context, wrap)
     if wrap is not None:

@@ -8,35 +8,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import WorkloadError
-from .params import ParamCounts, count_params
+from .params import ParamCounts, attention_linears, count_params
+from .quant import Quantization, flag_quantization, module_path
 from .spec import ModelSpec
 from .workload import Method, Optimizer, WeightsQuant, Workload
 
-__all__ = ["ModelStates", "lora_params", "model_states", "quantized_linear_bytes"]
+__all__ = ["ModelStates", "effective_quantization", "lora_params", "model_states", "quantized_linear_bytes"]
 
-NF4_BLOCK = 64  # bitsandbytes Linear4bit blocksize
-NF4_DQ_BLOCK = 256  # double quantization groups 256 absmax values under one fp32 scale
 BNB_OPT_BLOCK = 256  # bitsandbytes 8-bit optimizers: blockwise quantization of states
 BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep 32-bit optimizer states
 
 
-def quantized_linear_bytes(numel: int, out_features: int, quant: WeightsQuant) -> tuple[int, int]:
-    """(weight bytes, quantization-constant bytes) of one quantized linear weight.
+def quantized_linear_bytes(numel: int, out_features: int, quant: WeightsQuant,
+                           double_quant: bool = True) -> tuple[int, int]:
+    """(weight bytes, quantization-constant bytes) of one quantized linear weight of ``numel`` elements and
+    ``out_features`` rows, in the layout of :mod:`vramplan.quant` (``--weights-quant`` schemes)."""
+    scheme = flag_quantization(quant.value, None, double_quant).default
+    assert scheme is not None
+    return scheme.bytes(numel // out_features, out_features)
 
-    * nf4 (bitsandbytes ``Params4bit``): two 4-bit codes per byte; with double quantization each
-      64-element block keeps a uint8 absmax, and every 256 absmax values one fp32 scale
-      (``bitsandbytes/functional.py: quantize_4bit``, ``compress_statistics=True``).
-    * int8 (``Int8Params``/LLM.int8): one byte per element plus one fp32 scale per output row (SCB).
-    * fp8: one byte per element plus one fp32 per-tensor scale.
-    """
-    if quant is WeightsQuant.NF4:
-        blocks = -(-numel // NF4_BLOCK)
-        return (numel + 1) // 2, blocks + 4 * -(-blocks // NF4_DQ_BLOCK) + 4 * 16
-    if quant is WeightsQuant.INT8:
-        return numel, 4 * out_features
-    if quant is WeightsQuant.FP8:
-        return numel, 4
-    raise ValueError(quant)
+
+def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
+    """The base weights' storage: ``--weights-quant`` when given (every decoder linear), else the checkpoint's
+    own ``quantization_config`` (``spec.quantization``), else None (16-bit)."""
+    if w.base_quant is not WeightsQuant.NONE:
+        if spec.quantization is not None:
+            raise WorkloadError(f"{spec.name} is already quantized ({spec.quantization.method}, from its "
+                                "config.json); drop --weights-quant")
+        return flag_quantization(w.base_quant.value, w.quant_group_size, w.uses_double_quant)
+    return spec.quantization
 
 
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
@@ -126,26 +126,48 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     training = w.is_train
     prec = w.precision
     dense_elem = prec.param_bytes
-    quant = w.base_quant
     L = spec.num_layers
 
-    # ---- what is quantized: every linear of the decoder layers (not the embedding or the head)
-    linear_numel = sum(layer.linear for layer in counts.layers)
-    quant_w = quant_c = 0
-    if quant is not WeightsQuant.NONE:
-        for layer in counts.layers:
-            for _, fin, fout, n in layer.linear_shapes:
-                wb, cb = quantized_linear_bytes(fin * fout * n, fout, quant)
-                quant_w += wb
-                quant_c += cb
-        other = total - linear_numel
+    # ---- what is quantized: the linears the quantization targets (--weights-quant: every linear of the
+    # decoder layers; a checkpoint's quantization_config: its targets minus its ignore list)
+    quantization = effective_quantization(spec, w)
+    quant_w = quant_c = quant_numel = 0
+    if quantization is not None:
+        for i, layer in enumerate(counts.layers):
+            n_attn = len(attention_linears(spec))
+            for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
+                if name == "router":
+                    continue  # routers stay in 16-bit (vLLM builds them without a quant method)
+                scheme = quantization.scheme_for(module_path(spec.family, i, name, j < n_attn))
+                if scheme is None:
+                    continue
+                wb, cb = scheme.bytes(fin, fout)
+                quant_w += wb * n
+                quant_c += cb * n
+                quant_numel += fin * fout * n
+        if counts.lm_head and quantization.lm_head:
+            head = quantization.scheme_for("lm_head")
+            if head is not None:
+                d = spec.embed_proj_dim or spec.hidden_size
+                wb, cb = head.bytes(d, spec.vocab_size)
+                quant_w, quant_c, quant_numel = quant_w + wb, quant_c + cb, quant_numel + d * spec.vocab_size
+        other = total - quant_numel
         # QLoRA: peft.prepare_model_for_kbit_training casts every remaining 16-bit parameter to fp32
         other_elem = 4 if w.method is Method.QLORA else dense_elem
         if w.method is Method.QLORA:
             notes.append("prepare_model_for_kbit_training: embeddings, norms, head and biases cast to fp32")
+        if quantization.source != "flag":
+            notes.append(f"weights: {quantization.describe()} (quantization_config of {quantization.source})")
         dense_w = other * other_elem
     else:
         dense_w = total * dense_elem
+    ckpt = spec.checkpoint
+    if ckpt is not None and ckpt.exact and w.base_quant is WeightsQuant.NONE:
+        # the checkpoint's own headers: packed weights and constants as stored, floating-point weights in the
+        # dtype the workload loads them in
+        other_elem = 4 if w.method is Method.QLORA else dense_elem
+        dense_w, quant_w, quant_c = ckpt.dense_numel * other_elem, ckpt.quantized_bytes, ckpt.constant_bytes
+        notes.append(f"weights from {ckpt.files} safetensors file(s), {ckpt.tensors} tensors (headers read)")
 
     # ---- trainable parameters
     adapters = 0

@@ -270,7 +270,7 @@ def _precisions(method: Method, family: str, task: PlanTask) -> tuple[Precision,
 
 def _configs(req: PlanRequest, family: str) -> Iterator[_Config]:
     if req.task is PlanTask.INFER:
-        quants = req.weights_quants or tuple(WeightsQuant)
+        quants = req.weights_quants or tuple(_QUANT_RANK)  # what a runtime can quantize a 16-bit checkpoint to
         for prec in req.precisions or _precisions(Method.FULL, family, req.task):
             for q in quants:
                 yield _Config(Method.FULL, prec, None, q, False)
@@ -640,7 +640,7 @@ def _rank_key(sort: SortKey) -> Any:
 
 def _fidelity(p: Plan) -> int:
     if p.method == "inference":
-        return _QUANT_RANK[WeightsQuant(p.weights_quant)]
+        return _QUANT_RANK.get(WeightsQuant(p.weights_quant), len(_QUANT_RANK))
     return _METHOD_RANK[Method(p.method)]
 
 

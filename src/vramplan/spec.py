@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointWeights
+    from .quant import Quantization
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
 
@@ -92,6 +97,8 @@ class ModelSpec:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
     source: str = ""
+    quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
+    checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
 
     # ---- derived sizes --------------------------------------------------------------
     @property

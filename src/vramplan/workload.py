@@ -50,10 +50,31 @@ class Precision(StrEnum):
 
 
 class WeightsQuant(StrEnum):
+    """Storage of the base linear weights; the exact tensor layouts are in :mod:`vramplan.quant`."""
+
     NONE = "none"
     INT8 = "int8"  # bitsandbytes LLM.int8 (Linear8bitLt)
-    NF4 = "nf4"  # bitsandbytes Linear4bit, NF4 with double quantization
+    NF4 = "nf4"  # bitsandbytes Linear4bit NF4 (double quantization: --double-quant; on for qlora)
+    FP4 = "fp4"  # bitsandbytes Linear4bit FP4 (BitsAndBytesConfig's default 4-bit type)
     FP8 = "fp8"  # 8-bit float weights with per-tensor scales
+    FP8_BLOCK = "fp8-block"  # fp8 with 128x128 block scales (DeepSeek-V3, FineGrainedFP8)
+    GPTQ_INT4 = "gptq-int4"
+    GPTQ_INT8 = "gptq-int8"
+    AWQ_INT4 = "awq-int4"
+    W4A16 = "w4a16"  # compressed-tensors pack-quantized int4
+    W8A8_INT8 = "w8a8-int8"  # compressed-tensors int8 weights, per-channel scales
+    W8A8_FP8 = "w8a8-fp8"  # compressed-tensors fp8 weights, per-channel scales
+    NVFP4 = "nvfp4"  # compressed-tensors nvfp4-pack-quantized
+    MXFP4 = "mxfp4"  # gpt-oss: MoE experts in MXFP4
+    HQQ_INT4 = "hqq-int4"
+    TORCHAO_INT4 = "torchao-int4"
+
+    @property
+    def dequantizes(self) -> bool:
+        """The transformers forward dequantizes the weight into a 16-bit temporary (no low-bit GEMM)."""
+        return self in (WeightsQuant.NF4, WeightsQuant.FP4, WeightsQuant.GPTQ_INT4, WeightsQuant.GPTQ_INT8,
+                        WeightsQuant.AWQ_INT4, WeightsQuant.W4A16, WeightsQuant.NVFP4, WeightsQuant.MXFP4,
+                        WeightsQuant.HQQ_INT4, WeightsQuant.TORCHAO_INT4)
 
 
 class Optimizer(StrEnum):
@@ -101,6 +122,8 @@ class Workload:
     lora_targets: tuple[str, ...] = ("default",)  # peft's default for the family (q_proj,v_proj for LLaMA)
     trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
     gradient_accumulation: int = 1
+    quant_group_size: int | None = None  # gptq/awq/w4a16/hqq/torchao group size (default: the format's, 128/64)
+    double_quant: bool | None = None  # bitsandbytes 4-bit: None = transformers' default (off), on for qlora
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
 
     def __post_init__(self) -> None:
@@ -115,6 +138,10 @@ class Workload:
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) or \
                 not 0.0 <= self.lora_dropout < 1.0:
             raise WorkloadError(f"lora_dropout = {self.lora_dropout!r} must be a number in [0, 1)")
+        if self.quant_group_size is not None and (isinstance(self.quant_group_size, bool) or
+                                                  not isinstance(self.quant_group_size, int) or
+                                                  not 1 <= self.quant_group_size <= 1 << 16):
+            raise WorkloadError(f"quant_group_size = {self.quant_group_size!r} must be an integer in 1..65536")
         if self.trainable_layers is not None and not 0 <= self.trainable_layers <= 4096:
             raise WorkloadError(f"trainable_layers = {self.trainable_layers} is out of range")
         if self.batch_size * (self.seq_len + self.new_tokens) > (1 << 31):
@@ -123,6 +150,10 @@ class Workload:
             raise WorkloadError("lora_targets is empty; name modules (q_proj,v_proj) or use all-linear")
         if self.method is Method.QLORA and self.weights_quant not in (WeightsQuant.NONE, WeightsQuant.NF4):
             raise WorkloadError("qlora quantizes the base weights to nf4; drop --weights-quant or use nf4")
+        if self.is_train and self.weights_quant not in (WeightsQuant.NONE, WeightsQuant.NF4, WeightsQuant.FP4,
+                                                        WeightsQuant.INT8, WeightsQuant.FP8):
+            raise WorkloadError(f"training on {self.weights_quant.value} weights is not modelled; use --task infer "
+                                "or nf4/int8 for LoRA on a quantized base")
         if self.task is Task.TRAIN and self.method is Method.FULL and self.weights_quant is not WeightsQuant.NONE:
             raise WorkloadError("full fine-tuning cannot train quantized weights; use --method qlora or lora")
         if not isinstance(self.alloc_conf, str):
@@ -145,6 +176,13 @@ class Workload:
         if self.method is Method.QLORA:
             return WeightsQuant.NF4
         return self.weights_quant
+
+    @property
+    def uses_double_quant(self) -> bool:
+        """bitsandbytes 4-bit double quantization: as asked, else on for QLoRA (its recipe), off otherwise."""
+        if self.double_quant is not None:
+            return self.double_quant
+        return self.method is Method.QLORA
 
     def with_(self, **changes: object) -> Workload:
         return replace(self, **changes)  # type: ignore[arg-type]
