@@ -1,12 +1,18 @@
-"""Load test of the local web API on loopback: N estimate requests from C concurrent clients.
+"""Load test of the local web API on loopback: N estimate requests from C concurrent clients; and the
+responsiveness of estimates while heavy requests (plans of an image model) run or are dropped.
 
-    python benchmarks/web_load.py [--requests 2000] [--clients 20]
+    python benchmarks/web_load.py [--requests 2000] [--clients 20] [--plans 3 --dropped 3]
 
 Starts ``vramplan serve`` on a free loopback port (a subprocess, as a user runs it), sends POST
 /api/estimate bodies drawn from the catalog (several models, tasks and batch sizes), checks every
 answer against the estimator run in this process, and reports throughput and latency percentiles.
 Bounded: a fixed number of requests, each with a timeout, only to 127.0.0.1. The client is a few
 lines of asyncio over keep-alive HTTP/1.1 connections, so its own cost stays small next to the server's.
+
+``--plans P --dropped D``: P ``plan sdxl`` requests (distinct, so none is answered from the cache) run
+while D more are sent and dropped by their clients after 0.2 s; meanwhile one client sends distinct
+estimates back to back, and the report gives their latency (the server's target: p95 under 100 ms) and
+how long the plans took.
 
 ``tests/test_web_api.py`` runs the same load (and ``tests/test_web_e2e.py`` uses :func:`serve`).
 """
@@ -38,11 +44,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``python -m vramplan serve`` on a free loopback port; yields its base URL, stops it after."""
+def serve(timeout_s: float = 30.0, prefix: Sequence[str] = ()) -> Iterator[str]:
+    """Run ``python -m vramplan serve`` on a free loopback port (after ``prefix``, e.g. ``prlimit --as=N``);
+    yields its base URL, stops it after."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vramplan", "serve", "--host", HOST, "--port", str(port)],
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "vramplan", "serve", "--host", HOST, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base = f"http://{HOST}:{port}"
     try:
@@ -84,7 +91,7 @@ def cases(limit_models: int = 12) -> list[tuple[dict[str, Any], dict[str, Any]]]
         for extra in ({}, {"batch_size": 2}, {"task": "infer", "batch_size": 4}, {"method": "lora", "seq_len": 1024}):
             body = {"model": model, **extra}
             try:
-                out.append((body, handlers.estimate(body)))
+                out.append((body, handlers.run(handlers.job("estimate", body))))
             except VramplanError:
                 continue  # e.g. a model with a short position table
     return out
@@ -183,18 +190,99 @@ def run_load(base: str, work_items: Sequence[tuple[dict[str, Any], dict[str, Any
     return asyncio.run(_run(base, work_items, requests, clients, timeout_s))
 
 
+_PLAN_BODIES = [{"model": "sdxl", "sort": sort, "gpu_class": cls}
+                for cls in ("any", "datacenter", "consumer", "workstation") for sort in ("cost", "time")]
+
+
+async def _dropped(base: str, body: dict[str, Any], after_s: float) -> None:
+    host_port = base.removeprefix("http://")
+    host, _, port = host_port.partition(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    raw = json.dumps(body).encode()
+    writer.write(f"POST /api/plan HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    await writer.drain()
+    await asyncio.sleep(after_s)
+    writer.close()  # the client goes away: the server abandons the plan
+
+
+async def _timed(base: str, path: str, body: dict[str, Any], timeout_s: float) -> tuple[int, float]:
+    host_port = base.removeprefix("http://")
+    host, _, port = host_port.partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    t0 = time.perf_counter()
+    try:
+        status, _ = await asyncio.wait_for(_request(reader, writer, host_port, path, json.dumps(body).encode()),
+                                           timeout_s)
+    finally:
+        writer.close()
+    return status, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class BusyReport:
+    plans: int
+    dropped: int
+    estimate_latencies_s: tuple[float, ...]
+    plan_s: tuple[float, ...]
+    plans_running_at_end: int  # plans still unanswered when the last estimate came back
+    failures: tuple[str, ...]
+
+    def percentile(self, q: float) -> float:
+        return LoadReport(0, 0, 0, self.estimate_latencies_s, ()).percentile(q)
+
+    def summary(self) -> str:
+        return (f"{len(self.estimate_latencies_s)} estimates while {self.plans} plan sdxl ran and {self.dropped} were "
+                f"dropped: p50 {self.percentile(50) * 1e3:.1f} ms, p95 {self.percentile(95) * 1e3:.1f} ms, "
+                f"max {max(self.estimate_latencies_s, default=0) * 1e3:.1f} ms; plans took "
+                f"{', '.join(f'{t:.1f}' for t in self.plan_s)} s; {len(self.failures)} failures")
+
+
+async def _busy(base: str, work_items: Sequence[tuple[dict[str, Any], dict[str, Any]]], plans: int, dropped: int,
+                estimates: int, timeout_s: float) -> BusyReport:
+    failures: list[str] = []
+    heavy = [asyncio.ensure_future(_timed(base, "/api/plan", body, timeout_s)) for body in _PLAN_BODIES[:plans]]
+    gone = [asyncio.ensure_future(_dropped(base, body, 0.2)) for body in _PLAN_BODIES[plans:plans + dropped]]
+    await asyncio.sleep(0.5)  # the plans have started (or wait for a worker)
+    latencies: list[float] = []
+    for body, _ in work_items[:estimates]:
+        status, dt = await _timed(base, "/api/estimate", body, timeout_s)
+        latencies.append(dt)
+        if status != 200:
+            failures.append(f"estimate HTTP {status}")
+    running = sum(not t.done() for t in heavy)
+    await asyncio.gather(*gone)
+    plan_s = []
+    for status, dt in await asyncio.gather(*heavy):
+        plan_s.append(dt)
+        if status != 200:
+            failures.append(f"plan HTTP {status}")
+    return BusyReport(plans, dropped, tuple(latencies), tuple(plan_s), running, tuple(failures))
+
+
+def run_busy(base: str, work_items: Sequence[tuple[dict[str, Any], dict[str, Any]]], plans: int = 3,
+             dropped: int = 3, estimates: int = 40, timeout_s: float = 300.0) -> BusyReport:
+    """Distinct estimates, one after another, while ``plans`` image-model plans run and ``dropped`` are dropped."""
+    return asyncio.run(_busy(base, work_items, plans, dropped, estimates, timeout_s))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--plans", type=int, default=0, help="also: estimates while this many plan sdxl requests run")
+    p.add_argument("--dropped", type=int, default=3, help="with --plans: plan requests their clients drop")
     ns = p.parse_args()
     work = cases()
     with serve() as base:
         report = run_load(base, work, ns.requests, ns.clients)
+        busy = run_busy(base, work, ns.plans, ns.dropped) if ns.plans else None
     print(f"{len(work)} distinct requests; {report.summary()}")
     for failure in report.failures[:10]:
         print("  ", failure)
-    raise SystemExit(1 if report.failures else 0)
+    if busy is not None:
+        print(busy.summary())
+    raise SystemExit(1 if report.failures or (busy is not None and busy.failures) else 0)
 
 
 if __name__ == "__main__":

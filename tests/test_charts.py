@@ -249,7 +249,7 @@ def test_serve_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--port", "70000"])
     assert "not a port number" in capsys.readouterr().err
-    from vramplan.cli_web import DEFAULT_HOST, _is_loopback
+    from vramplan.cli.web import DEFAULT_HOST, _is_loopback
 
     assert DEFAULT_HOST == "127.0.0.1"
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")

@@ -80,8 +80,8 @@ def test_unsupported_layout_is_one_line_exit_2(config: Path, tmp_path: Path, fla
 
 
 def test_relaunch_arguments_round_trip() -> None:
-    from vramplan.cli import _build_parser
-    from vramplan.cli_measure import _argv_of
+    from vramplan.cli import build_parser as _build_parser
+    from vramplan.cli.measure import _argv_of
 
     argv = ["measure", "tiny.json", "--gpus", "4", "--fsdp", "grad-op", "--gradient-checkpointing",
             "--precision", "amp-bf16", "--seq-len", "512", "--steps", "2", "--csv", "out.csv"]

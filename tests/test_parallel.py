@@ -510,23 +510,17 @@ def test_layouts_that_do_not_fit_the_model(layout: Layout, message: str) -> None
 
 # ---- the CLI pieces --------------------------------------------------------------------------------------------
 def test_per_gpu_section_contract() -> None:
-    import argparse
+    from vramplan import estimate
 
-    from vramplan.cli_parallel import add_parallel_flags, parallel_section
-
-    p = argparse.ArgumentParser()
-    add_parallel_flags(p)
-    assert parallel_section(p.parse_args([]), LLAMA8, make_workload()) is None
-    ns = p.parse_args(["--gpus", "8", "--zero", "3", "--offload", "optimizer"])
-    section = parallel_section(ns, LLAMA8, make_workload())
-    assert section is not None
+    assert estimate(LLAMA8).per_gpu is None
+    section = estimate(LLAMA8, gpus=8, zero=3, offload="optimizer").to_dict()["per_gpu"]
     json.dumps(section)
     assert {"peak_allocated_bytes", "total_bytes", "breakdown", "host_bytes"} <= section.keys()
     assert set(section["breakdown"]) == {k.value for k in MemoryKind}
     assert sum(section["breakdown"].values()) == section["total_bytes"]
     assert section["zero"] == 3 and section["host_bytes"] > 0
     with pytest.raises(WorkloadError):
-        parallel_section(p.parse_args(["--gpus", "6", "--tp", "4"]), LLAMA8, make_workload())
+        estimate(LLAMA8, gpus=6, tp=4)
 
 
 def test_export_command_and_errors(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
@@ -545,24 +539,23 @@ def test_export_command_and_errors(capsys: pytest.CaptureFixture[str], tmp_path:
         assert "Qwen2DecoderLayer" in fh.read()
 
 
-def test_estimate_section_reads_the_estimate_namespace(capsys: pytest.CaptureFixture[str]) -> None:
-    # what `vramplan estimate MODEL [workload flags] [parallel flags]` parses, as cli.py's estimate parser does
-    import argparse
+def test_per_gpu_from_the_python_api_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramplan import estimate
+    from vramplan.cli.parallel import print_parallel
 
-    from vramplan.cli import _add_workload_flags
-    from vramplan.cli_parallel import add_parallel_flags, estimate_section, print_parallel
-
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    _add_workload_flags(p)
-    add_parallel_flags(p)
-    assert estimate_section(p.parse_args(["llama-3.1-8b"])) is None
-    ns = p.parse_args(["llama-3.1-8b", "--method", "lora", "--gpus", "16", "--nodes", "2", "--tp", "2", "--pp", "2",
-                       "--micro-batches", "8", "--sequence-parallel", "--inter-node-link", "roce-400"])
-    section = estimate_section(ns)
-    assert section is not None and (section["dp"], section["tp"], section["pp"]) == (4, 2, 2)
+    argv = ["llama-3.1-8b", "--method", "lora", "--gpus", "16", "--nodes", "2", "--tp", "2", "--pp", "2",
+            "--micro-batches", "8", "--sequence-parallel", "--inter-node-link", "roce-400"]
+    assert main(["estimate", *argv, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    est = estimate("llama-3.1-8b", method="lora", gpus=16, nodes=2, tp=2, pp=2, micro_batches=8,
+                   sequence_parallel=True, inter_node_link="roce-400")
+    assert est.per_gpu is not None and est.to_dict() == cli
+    section = cli["per_gpu"]
+    assert (section["dp"], section["tp"], section["pp"]) == (4, 2, 2)
     assert section["engine"] == "megatron" and section["sequence_parallel"] is True
     assert {c["link"] for c in section["communication"]["collectives"]} <= {"nvlink-4", "roce-400"}
     print_parallel(section)
     out, _ = capsys.readouterr()
     assert "peak allocated" in out and "pipeline bubble" in out
+    seventy = estimate("llama-3.1-70b", method="lora", gpus=8, fsdp="full")
+    assert seventy.per_gpu is not None and seventy.per_gpu.peak_allocated_bytes < seventy.peak_allocated_bytes

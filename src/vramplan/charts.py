@@ -19,8 +19,10 @@ Colours are fixed per :class:`~vramplan.kinds.MemoryKind`, so a kind has one col
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ __all__ = [
     "plot_sweep",
     "render",
     "run_sweep",
+    "sweep_estimates",
     "sweep_spec",
     "sweep_values",
 ]
@@ -308,13 +311,22 @@ class Sweep:
 
 def run_sweep(spec: ModelSpec, name: str, workload: Workload, over: str, values: Sequence[int],
               gpus: Sequence[Capacity] = ()) -> Sweep:
-    """Estimate ``workload`` at each value of ``over`` (``seq-len``/``seq_len`` or ``batch-size``/``batch_size``).
+    """Estimate ``workload`` at each value of ``over`` (``seq-len``/``seq_len`` or ``batch-size``/``batch_size``)."""
+    from .estimator import estimate
+
+    field = SWEEP_AXES.get(over, over)
+    return sweep_estimates(lambda v: estimate(spec, workload.with_(**{field: v}), name=name), name, over, values,
+                           gpus)
+
+
+def sweep_estimates(estimate_at: Callable[[int], Estimate], name: str, over: str, values: Sequence[int],
+                    gpus: Sequence[Capacity] = ()) -> Sweep:
+    """The :class:`Sweep` of ``estimate_at(value)`` over ``values`` of ``over`` (any model: the service passes
+    the front door's estimate).
 
     The sweep stops at the first value the estimator refuses (a model's fixed position table, the
     token limit) and says why in ``stopped``; it raises if the first value is refused.
     """
-    from .estimator import estimate
-
     field = SWEEP_AXES.get(over, over)
     if field not in SWEEP_AXES.values():
         raise WorkloadError(f"cannot sweep over {over!r}; use one of {', '.join(SWEEP_AXES)}")
@@ -322,7 +334,7 @@ def run_sweep(spec: ModelSpec, name: str, workload: Workload, over: str, values:
     stopped = None
     for value in values:
         try:
-            est = estimate(spec, workload.with_(**{field: value}), name=name)
+            est = estimate_at(value)
         except WorkloadError as err:
             if not points:
                 raise
@@ -445,21 +457,47 @@ def parallel_spec(model: str, workload: Mapping[str, Any], gpus: int, rows: Sequ
 # ----------------------------------------------------------------------------------------- rendering
 
 
+_CHILD = ("import json, sys, vl_convert; kw = json.load(sys.stdin); out = getattr(vl_convert, sys.argv[1])(**kw); "
+          "sys.stdout.buffer.write(out if isinstance(out, bytes) else out.encode())")
+
+
+def vl_convert_call(function: str, **kwargs: Any) -> bytes:
+    """``vl_convert.<function>(**kwargs)`` in a child process, its output as bytes.
+
+    vl-convert runs Vega in V8, which reserves a large virtual address range when it starts and aborts the
+    whole process when it cannot (``ulimit -v`` / ``prlimit --as`` below about 64 GiB): in a child, that is
+    an error message here instead of the end of this process (the CLI, or the web server).
+    """
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vl_convert") is None:
+        raise VramplanError(f"charts need vl-convert-python: {WEB_EXTRA_HINT}")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, function], input=json.dumps(kwargs).encode(),
+                              capture_output=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise VramplanError(f"the chart renderer (vl-convert) did not run: {err}") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()] or ["?"]
+        why = next((ln for ln in lines if "Fatal" in ln or "Error" in ln), lines[-1])
+        raise VramplanError(f"the chart renderer (vl-convert's V8) failed ({why[:160]}); it needs a large virtual "
+                            "address space: check ulimit -v (64 GiB or more); the numbers are unaffected")
+    return proc.stdout
+
+
 def render(spec: Mapping[str, Any], path: str | Path, scale: float = 2.0) -> Path:
     """Write a chart to ``path``: SVG or PNG by the file's extension (needs ``vl-convert-python``)."""
     out = Path(path)
     suffix = out.suffix.lower()
     if suffix not in (".svg", ".png"):
         raise VramplanError(f"cannot plot to {out.name!r}: use a file name ending in .png or .svg")
+    if suffix == ".svg":
+        data = vl_convert_call("vegalite_to_svg", vl_spec=dict(spec))
+    else:
+        data = vl_convert_call("vegalite_to_png", vl_spec=dict(spec), scale=scale)
     try:
-        import vl_convert
-    except ImportError:
-        raise VramplanError(f"plots need vl-convert-python: {WEB_EXTRA_HINT}") from None
-    try:
-        if suffix == ".svg":
-            out.write_text(vl_convert.vegalite_to_svg(dict(spec)), encoding="utf-8")
-        else:
-            out.write_bytes(vl_convert.vegalite_to_png(dict(spec), scale=scale))
+        out.write_bytes(data)
     except OSError as err:
         raise VramplanError(f"cannot write {out}: {err.strerror or err}") from None
     return out

@@ -9,9 +9,9 @@ from .kinds import KIND_LABELS as _LABELS
 from .units import GiB
 
 if TYPE_CHECKING:
-    from .catalog import CatalogEntry
     from .hardware import GPU
     from .result import Estimate
+    from .service import ModelInfo
 
 __all__ = ["print_estimate", "print_gpus", "print_models"]
 
@@ -60,15 +60,15 @@ def print_estimate(est: Estimate, title: str | None = None) -> None:
         console.print(f"[yellow]warning:[/yellow] {warn}")
 
 
-def print_models(models: Iterable[CatalogEntry]) -> None:
+def print_models(models: Iterable[ModelInfo]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(show_edge=False)
-    for col in ("name", "family", "parameters", "Hugging Face id"):
+    for col in ("name", "kind", "family", "parameters", "Hugging Face id"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for m in models:
-        table.add_row(m.name, m.spec.family, f"{m.params:,}", m.hf_id)
+        table.add_row(m.name, m.kind, m.family, f"{m.parameters:,}", m.hf_id)
     Console().print(table)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kinds import MemoryKind, Phase
+
+if TYPE_CHECKING:
+    from .parallel import ParallelEstimate
 
 __all__ = ["Breakdown", "Estimate", "PhasePeak", "ReservedPhase"]
 
@@ -64,7 +67,8 @@ class Estimate:
 
     ``peak_allocated_bytes`` predicts ``torch.cuda.max_memory_allocated()``; ``total_bytes`` is what
     nvidia-smi shows for the process (peak + allocator slack + CUDA context). ``breakdown`` is taken at
-    the moment of the peak and covers every kind, so ``breakdown.total == total_bytes``.
+    the moment of the peak and covers every kind, so ``breakdown.total == total_bytes``. ``per_gpu``: the
+    most loaded GPU of a multi-GPU layout, when one was given.
     """
 
     model: str
@@ -78,6 +82,7 @@ class Estimate:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
+    per_gpu: ParallelEstimate | None = None
     # what the caching allocator reserves (torch.cuda.max_memory_reserved) from the modelled
     # allocation stream (vramplan.allocator); 0 where no stream is modelled
     peak_reserved_bytes: int = 0
@@ -90,8 +95,8 @@ class Estimate:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of ``vramplan estimate --json``."""
-        return {
+        """The JSON contract of ``vramplan estimate --json`` (``per_gpu`` only with a layout)."""
+        out = {
             "model": self.model,
             "parameters": self.parameters,
             "trainable_parameters": self.trainable_parameters,
@@ -110,3 +115,4 @@ class Estimate:
                                           "fragmentation": round(p.fragmentation, 4)}
                                 for p in self.reserved_phases},
         }
+        return out | ({"per_gpu": self.per_gpu.to_dict()} if self.per_gpu is not None else {})

@@ -10,6 +10,7 @@ tensor-parallel decode step runs twice per layer.
 from __future__ import annotations
 
 from ..hardware import GPU
+from ..parallel.comm import ring_factor
 
 __all__ = ["allreduce_seconds", "comm_time_s", "exposed_comm_s", "link_bandwidth_bytes_per_s", "ring_allreduce_bytes"]
 
@@ -42,8 +43,9 @@ def comm_time_s(bytes_per_gpu: float, gpu: GPU, gpus: int) -> float | None:
 
 
 def ring_allreduce_bytes(size: float, gpus: int) -> float:
-    """Bytes each GPU sends in a ring all-reduce of ``size`` bytes: 2 (n - 1) / n x size (Patarasuk & Yuan 2009)."""
-    return 2 * (gpus - 1) / gpus * size if gpus > 1 else 0.0
+    """Bytes each GPU sends in a ring all-reduce of ``size`` bytes: 2 (n - 1) / n x size, the one ring formula
+    (:func:`vramplan.parallel.comm.ring_factor`)."""
+    return float(size * ring_factor("all-reduce", gpus))
 
 
 def allreduce_seconds(size: float, gpus: int, gpu: GPU, latency_s: float) -> float | None:

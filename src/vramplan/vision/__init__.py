@@ -2,14 +2,12 @@
 pipelines (text encoders + denoiser + VAE), StyleGAN2-ADA.
 
 ``estimate_vision("sdxl", task="infer", batch_size=2, precision="fp16")`` returns the same
-:class:`~vramplan.result.Estimate` as the language-model estimator. The CLI calls
-:func:`is_vision_model` and :func:`estimate_vision_cli`. Pure Python: no torch at import or run time.
+:class:`~vramplan.result.Estimate` as the language-model estimator; ``vramplan.estimate`` reaches it through
+:func:`find_vision_model`. Pure Python: no torch at import or run time.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
@@ -21,16 +19,21 @@ from ._catalog import VisionEntry, config_file_entry, get_vision_model, list_vis
 from ._workload import _MAX_RES, VisionMethod, VisionWorkload
 
 __all__ = [
-    "VisionEntry", "VisionMethod", "VisionWorkload", "estimate_vision", "estimate_vision_cli", "get_vision_model",
-    "is_vision_model", "list_vision_models", "make_vision_workload", "resolution_grid", "vision_options",
+    "VisionEntry", "VisionMethod", "VisionWorkload", "estimate_vision", "find_vision_model", "get_vision_model",
+    "is_vision_model", "list_vision_models", "make_vision_workload", "resolution_grid",
 ]
 
 _ENUMS: Mapping[str, Any] = {"task": Task, "method": VisionMethod, "precision": Precision, "optimizer": Optimizer}
 
 
+def find_vision_model(name: str) -> VisionEntry | None:
+    """The entry of a vision/diffusion catalog name or alias, or of a diffusers model config.json; else None."""
+    return lookup(name) or config_file_entry(name)
+
+
 def is_vision_model(name: str) -> bool:
     """Whether ``name`` is a vision/diffusion catalog name or alias, or a diffusers model config.json."""
-    return lookup(name) is not None or config_file_entry(name) is not None
+    return find_vision_model(name) is not None
 
 
 def make_vision_workload(**options: Any) -> VisionWorkload:
@@ -61,7 +64,9 @@ def make_vision_workload(**options: Any) -> VisionWorkload:
     return VisionWorkload(**kw)
 
 
-def _entry(name: str) -> VisionEntry:
+def _entry(name: str | VisionEntry) -> VisionEntry:
+    if isinstance(name, VisionEntry):
+        return name
     e = lookup(name)
     if e is not None:
         return e
@@ -98,7 +103,7 @@ def _grid(name: str) -> tuple[int, int] | None:
     return None if nxt is None else (nxt - first, first)
 
 
-def estimate_vision(name: str, workload: VisionWorkload | None = None, **options: Any) -> Estimate:
+def estimate_vision(name: str | VisionEntry, workload: VisionWorkload | None = None, **options: Any) -> Estimate:
     """Estimate peak GPU memory of an image model (catalog name, alias, or diffusers config.json path).
 
     Options are :class:`VisionWorkload` fields: ``task``, ``method`` (full|lora), ``precision``,
@@ -120,37 +125,3 @@ def estimate_vision(name: str, workload: VisionWorkload | None = None, **options
         base = {f: getattr(workload, f) for f in VisionWorkload.__dataclass_fields__}
         workload = make_vision_workload(**{**base, **options})
     return estimate_entry(_entry(name), workload)
-
-
-def vision_options(ns: argparse.Namespace) -> dict[str, Any]:
-    """:func:`estimate_vision` options from the CLI's workload flags (``estimate``, ``fit``); refuses the
-    language-model-only ones."""
-    method = getattr(ns, "method", "full")
-    if method not in ("full", "lora"):
-        raise WorkloadError(f"--method {method} is not available for image models; use full or lora")
-    quant = getattr(ns, "weights_quant", "none")
-    if quant not in (None, "none"):
-        raise WorkloadError("--weights-quant is not modelled for image models")
-    targets = getattr(ns, "lora_targets", "default")
-    return {
-        "task": getattr(ns, "task", "train"), "method": method, "precision": getattr(ns, "precision", "bf16"),
-        "optimizer": getattr(ns, "optimizer", "adamw"), "batch_size": getattr(ns, "batch_size", 1),
-        "resolution": getattr(ns, "resolution", None),
-        "gradient_checkpointing": bool(getattr(ns, "gradient_checkpointing", False)),
-        "attention": getattr(ns, "attention", "sdpa"), "lora_rank": getattr(ns, "lora_rank", None),
-        "lora_targets": None if targets in (None, "default") else targets,
-        "pipeline": bool(getattr(ns, "pipeline", False)),
-        "gradient_accumulation": getattr(ns, "gradient_accumulation", None),
-    }
-
-
-def estimate_vision_cli(ns: argparse.Namespace) -> int:
-    """``vramplan estimate NAME ...`` for image models: prints JSON (``--json``) or the table; exit status."""
-    est = estimate_vision(ns.model, **vision_options(ns))
-    if getattr(ns, "json", False):
-        print(json.dumps(est.to_dict(), indent=2))
-    else:
-        from ..render import print_estimate
-
-        print_estimate(est)
-    return 0

@@ -2,7 +2,12 @@
 
 Everything the page loads is in this package (``static/``) or in its dependencies: the Vega,
 Vega-Lite and vega-embed bundle comes from ``vl-convert-python``, the library the CLI renders the
-same charts with. Nothing is fetched from the network.
+same charts with, built on first request in a child process (its V8 cannot take this server down).
+Nothing is fetched from the network.
+
+Estimates, headroom and fits are answered in the thread pool in milliseconds; plans and sweeps run in a
+bounded pool of worker processes (:mod:`._workers`) and are abandoned when their client goes away.
+Identical requests are answered from a small cache.
 
 Errors are JSON ``{"error": "…"}``: 400 for malformed JSON, 413 for bodies over 1 MiB, 415 for a
 body that is not ``application/json``, 422 for options or configs vramplan refuses, 404 for what
@@ -11,9 +16,11 @@ this install lacks; an unexpected failure is a 500 with one line, its traceback 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -30,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import VramplanError
 from . import handlers
+from ._workers import ClientGone, Workers
 from .options import MAX_BODY_BYTES, RequestError, parse_object
 
 __all__ = ["create_app"]
@@ -98,24 +106,25 @@ _BUNDLE_LOCK = threading.Lock()
 
 
 def _vega_bundle() -> str:
-    """Vega + Vega-Lite + vega-embed as one script, from vl-convert-python (built once, ~1 s)."""
+    """Vega + Vega-Lite + vega-embed as one script, from vl-convert-python (built once, ~1 s, in a child
+    process); when it cannot be built, a script that says why (the page shows its tables without charts)."""
+    from ..charts import vl_convert_call
+
     with _BUNDLE_LOCK:
         if "js" not in _BUNDLE:
-            try:
-                import vl_convert
-            except ImportError:
-                _BUNDLE["js"] = ("window.vegaEmbed = undefined; console.warn(\"vramplan: charts need "
-                                 "vl-convert-python: pip install 'vramplan[web]'\");")
-            else:
-                # no snippet: the bundle sets window.vegaEmbed, vega and vegaLite (the stub marks it required)
-                bundle: Callable[..., str] = vl_convert.javascript_bundle
-                _BUNDLE["js"] = bundle()
+            try:  # no snippet: the bundle sets window.vegaEmbed, vega and vegaLite
+                _BUNDLE["js"] = vl_convert_call("javascript_bundle").decode("utf-8")
+            except VramplanError as err:
+                log.warning("charts unavailable: %s", err)
+                note = json.dumps(f"Charts are unavailable: {err}")
+                _BUNDLE["js"] = f"window.vegaEmbed = undefined; window.vramplanChartNote = {note};"
         return _BUNDLE["js"]
 
 
 async def _vega(request: Request) -> Response:
     js = await run_in_threadpool(_vega_bundle)
-    return Response(js, media_type="text/javascript", headers={"cache-control": "max-age=86400"})
+    cache = "no-cache" if "vramplanChartNote" in js[:200] else "max-age=86400"
+    return Response(js, media_type="text/javascript", headers={"cache-control": cache})
 
 
 # ----------------------------------------------------------------------------------------- the API
@@ -139,18 +148,52 @@ async def _read_body(request: Request) -> dict[str, Any]:
     return parse_object(bytes(raw))
 
 
-def _post(fn: Callable[[Mapping[str, Any]], Any]) -> Callable[[Request], Awaitable[Response]]:
+class _Answers:
+    """The last answers by route and body (identical requests are common: the page asks again on every edit)."""
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: what is left to receive is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+Answer = Callable[[Request, dict[str, Any]], Awaitable[Any]]
+
+
+def _api(answer: Answer, cache: _Answers | None) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         body = await _read_body(request)
-        return JSONResponse(await run_in_threadpool(fn, body))
+        key = f"{request.url.path} {json.dumps(body, sort_keys=True)}"
+        result = cache.get(key) if cache is not None else None
+        if result is None:
+            try:
+                result = await answer(request, body)
+            except ClientGone:
+                return Response(status_code=499)  # nobody is listening
+            if cache is not None:
+                cache.put(key, result)
+        return JSONResponse(result)
 
     return endpoint
-
-
-async def _chart(request: Request) -> Response:
-    body = await _read_body(request)
-    kind = request.path_params["kind"]
-    return JSONResponse(await run_in_threadpool(handlers.chart, kind, body))
 
 
 def _get(fn: Callable[[], Any]) -> Callable[[Request], Awaitable[Response]]:
@@ -197,13 +240,33 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 # ----------------------------------------------------------------------------------------- the app
 
 
-def create_app(trusted_hosts: Sequence[str] | None = None) -> Starlette:
-    """The ASGI app. ``trusted_hosts``: Host header values to accept (``None``: any), against DNS rebinding."""
+def create_app(trusted_hosts: Sequence[str] | None = None, workers: int = 2) -> Starlette:
+    """The ASGI app. ``trusted_hosts``: Host header values to accept (``None``: any), against DNS rebinding;
+    ``workers``: processes for plans and sweeps."""
+
+    pool = Workers(workers)
+    cache = _Answers()
+
+    async def light(request: Request, body: dict[str, Any]) -> Any:
+        command = request.url.path.removeprefix("/api/")
+        if command == "headroom":
+            return await run_in_threadpool(handlers.headroom, body)
+        return await run_in_threadpool(lambda: handlers.run(handlers.job(command, body)))
+
+    async def heavy(request: Request, body: dict[str, Any]) -> Any:
+        job = await run_in_threadpool(handlers.job, request.url.path.removeprefix("/api/"), body)
+        return await pool.run(handlers.run, job, lambda: _client_gone(request))
+
+    async def chart(request: Request, body: dict[str, Any]) -> Any:
+        job = await run_in_threadpool(handlers.chart_job, request.path_params["kind"], body)
+        if isinstance(job, dict):
+            return job
+        return await pool.run(handlers.run, job, lambda: _client_gone(request))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        threading.Thread(target=_vega_bundle, name="vega-bundle", daemon=True).start()  # warm the page's charts
         yield
+        pool.close()
 
     routes = [
         Route("/", _page),
@@ -214,12 +277,12 @@ def create_app(trusted_hosts: Sequence[str] | None = None) -> Starlette:
         Route("/api/models", _get(handlers.models)),
         Route("/api/vision-models", _get(handlers.vision_models)),
         Route("/api/gpus", _gpus),
-        Route("/api/estimate", _post(handlers.estimate), methods=["POST"]),
-        Route("/api/headroom", _post(handlers.headroom), methods=["POST"]),
-        Route("/api/sweep", _post(handlers.sweep), methods=["POST"]),
-        Route("/api/fit", _post(handlers.fit), methods=["POST"]),
-        Route("/api/plan", _post(handlers.plan), methods=["POST"]),
-        Route("/api/chart/{kind}", _chart, methods=["POST"]),
+        Route("/api/estimate", _api(light, cache), methods=["POST"]),
+        Route("/api/headroom", _api(light, cache), methods=["POST"]),
+        Route("/api/fit", _api(light, cache), methods=["POST"]),
+        Route("/api/sweep", _api(heavy, cache), methods=["POST"]),
+        Route("/api/plan", _api(heavy, None), methods=["POST"]),  # a plan reports its own elapsed time
+        Route("/api/chart/{kind}", _api(chart, cache), methods=["POST"]),
     ]
     middleware = [Middleware(_SecurityHeaders)]
     if trusted_hosts is not None:

@@ -9,28 +9,31 @@ the file system: a model is a catalog name or an uploaded object, never a path.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..workload import Workload
 
 if TYPE_CHECKING:
-    from ..catalog import CatalogEntry
-    from ..spec import ModelSpec
+    import argparse
 
 __all__ = [
     "MAX_BODY_BYTES",
     "MODEL_KEYS",
     "WORKLOAD_KEYS",
-    "ModelRef",
     "Option",
     "RequestError",
-    "catalog_entry",
+    "catalog_name",
     "check_workload",
-    "model_ref",
+    "command_options",
+    "model_of",
+    "options_for",
     "parse_object",
     "safe_name",
     "workload_schema",
@@ -171,42 +174,98 @@ def safe_name(text: Any, what: str = "name", allow_json: bool = False) -> str:
     return text
 
 
-def catalog_entry(name: Any) -> CatalogEntry:
-    """The catalog entry of a model name, alias or Hugging Face id; never a file."""
-    from ..catalog import get_model
+def catalog_name(name: Any) -> str:
+    """The canonical name of a catalog model (language or image) named by name, alias or Hugging Face id;
+    never a file."""
+    from ..api import resolve
 
     if not isinstance(name, str) or not name.strip() or len(name) > _MAX_TEXT:
         raise RequestError(422, "model must be a catalog name (GET /api/models lists them)")
-    return get_model(name)
+    return resolve(name, local_files=False).name
 
 
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    """The model of a request: a catalog entry, or a config.json object the client uploaded."""
-
-    spec: ModelSpec
-    name: str
-    entry: CatalogEntry | None
-    config: Mapping[str, Any] | None
-    config_name: str
-
-
-def model_ref(body: Mapping[str, Any]) -> ModelRef:
-    """Resolve ``model`` (catalog only) or ``config`` (an object, read by the same reader as the CLI)."""
-    from ..hfconfig import spec_from_config
-
+def model_of(body: Mapping[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
+    """The model of a request: a catalog name (``model``), or a config.json object the client uploaded
+    (``config``, named ``config_name``) with that name; read by the same reader as the CLI's files."""
     has_model, has_config = body.get("model") is not None, body.get("config") is not None
     if has_model == has_config:
         raise RequestError(422, "give either model (a catalog name) or config (a config.json object), not "
                                 f"{'both' if has_model else 'neither'}")
     if has_model:
-        entry = catalog_entry(body["model"])
-        return ModelRef(entry.spec, entry.name, entry, None, entry.name)
+        return catalog_name(body["model"]), None
     config = body["config"]
     if not isinstance(config, dict):
         raise RequestError(422, "config must be the JSON object of a config.json")
     given = body.get("config_name")
-    name = "config.json" if given in (None, "", "config.json") else safe_name(given, "config_name", allow_json=True)
-    spec = spec_from_config(config, name=name)
-    return ModelRef(spec, spec.name, None, config, name)
+    return ("config.json" if given in (None, "", "config.json") else
+            safe_name(given, "config_name", allow_json=True)), config
 
+
+# ----------------------------------------------------------------------------------------- command options
+
+# Options that name files, or that only present the answer: never taken from a request.
+_REFUSED = frozenset({"json", "plot", "help", "version", "csv", "configs", "output", "prices", "file", "trace"})
+_PATHISH = re.compile(r"(^|_)(file|path|dir|out|output)s?$")
+
+
+@cache
+def command_options(command: str) -> Mapping[str, argparse.Action]:
+    """The options of ``vramplan COMMAND`` a request may set, by destination (the CLI's flags describe them:
+    types, choices, defaults), less those that name files."""
+    from ..cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = sub.choices[command]  # type: ignore[index]
+    return MappingProxyType({a.dest: a for a in parser._actions if a.option_strings and a.dest not in _REFUSED
+                             and not _PATHISH.search(a.dest)})
+
+
+def _value(key: str, value: Any, action: argparse.Action) -> Any:
+    """One option's value checked as the CLI would check its flag's text (type, choices); never a path."""
+    import argparse
+
+    if isinstance(value, bool) or value is None or not isinstance(value, int | float | str):
+        raise RequestError(422, f"{key} must be a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(422, f"{key} must be a finite number")
+    text = str(value)
+    if len(text) > _MAX_TEXT or any(c in text for c in "/\\\x00\n\r") or text.startswith(("~", ".")):
+        raise RequestError(422, f"{key} = {text[:60]!r} looks like a path; the web API never reads files")
+    try:
+        out = action.type(text) if callable(action.type) else text
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise RequestError(422, f"{key}: {err}") from None
+    if action.choices is not None and out not in action.choices:
+        raise RequestError(422, f"{key} {value!r} is not one of: {', '.join(map(str, action.choices))}")
+    return out
+
+
+def options_for(command: str, body: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The options of ``command`` for a request: the CLI's defaults, then the body's values, checked (workload
+    options by their JSON type, the rest as the CLI checks its flags); unknown keys are a 422."""
+    import argparse
+
+    known = command_options(command)
+    out: dict[str, Any] = {dest: a.default for dest, a in known.items()}
+    for key, value in body.items():
+        if key in MODEL_KEYS or key in skip or value is None:
+            continue
+        action = known.get(key)
+        if action is None:
+            raise RequestError(422, f"unknown option {key!r} for {command}; known: {', '.join(sorted(known))}")
+        if key in WORKLOAD_KEYS:
+            out.update(check_workload({key: value}))
+        elif action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise RequestError(422, f"{key} must be true or false")
+            out[key] = value
+        elif isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list) else [value]
+            if len(items) > _MAX_NAMES:
+                raise RequestError(422, f"{key}: at most {_MAX_NAMES} values")
+            out[key] = [_value(key, v, action) for v in items]
+        elif isinstance(value, list):
+            raise RequestError(422, f"{key} takes one value, not a list")
+        else:
+            out[key] = _value(key, value, action)
+    return out

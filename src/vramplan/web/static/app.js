@@ -310,7 +310,7 @@ async function embed(id, spec) {
   const target = document.getElementById(id);
   if (!spec) { target.replaceChildren(); delete page.views[id]; return; }
   if (typeof window.vegaEmbed !== "function") {
-    target.replaceChildren(el("p", { class: "hint", textContent: "Charts need vl-convert-python: pip install 'vramplan[web]'" }));
+    target.replaceChildren(el("p", { class: "hint", textContent: window.vramplanChartNote || "Charts need vl-convert-python: pip install 'vramplan[web]'" }));
     return;
   }
   // The CLI's spec, only widened to the page's column: same data, same marks.
@@ -545,10 +545,8 @@ async function readConfig(text, name) {
 }
 
 async function main() {
-  const [schema, languageModels, gpus] = await Promise.all([api("/api/schema"), api("/api/models"), api("/api/gpus")]);
-  // image and diffusion models (vramplan.vision) beside the language models, when this install has them
-  const imageModels = schema.features.vision ? await api("/api/vision-models").catch(() => []) : [];
-  const models = [...languageModels, ...imageModels];
+  // every model the catalogs hold: language models and image models (each with its kind)
+  const [schema, models, gpus] = await Promise.all([api("/api/schema"), api("/api/models"), api("/api/gpus")]);
   page.schema = schema;
   page.gpus = [...schema.default_gpus];
   $("#version").textContent = schema.version;

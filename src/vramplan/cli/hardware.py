@@ -1,32 +1,27 @@
 """``vramplan fit`` and ``vramplan plan``: which GPU, how many, how long, how much money.
 
-Registered by :mod:`vramplan.cli` (``_COMMAND_MODULES``). Everything heavy is imported inside the
-handlers so that ``vramplan --help`` stays instant; numbers come from :mod:`vramplan.fit`,
-:mod:`vramplan.planner` and :mod:`vramplan.perf`, and are only formatted here.
+Registered by :mod:`vramplan.cli`. Everything heavy is imported inside the handlers so that
+``vramplan --help`` stays instant; numbers come from :func:`vramplan.service.fit` and
+:func:`vramplan.service.plan`, and are only formatted here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._argtypes import fraction, non_negative_float, positive_float, positive_int
+from .._argtypes import fraction, non_negative_float, positive_float, positive_int
+from ..serving.cli import add_serving_flags
+from ._flags import add_image_flags, add_workload_flags, options
 
 if TYPE_CHECKING:
-    from .fit import FitResult
-    from .hardware import GPU
-    from .planner import Plan, PlanResult
+    from ..fit import FitResult, VisionFitResult
+    from ..planner import Plan, PlanResult
 
 __all__ = ["register"]
 
-_FLAGS = ("task", "method", "precision", "weights_quant", "optimizer", "batch_size", "seq_len", "new_tokens",
-          "logits", "gradient_checkpointing", "attention", "lora_rank", "lora_alpha", "lora_targets",
-          "trainable_layers", "gradient_accumulation", "quant_group_size", "double_quant")
-
-
-def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     """Add the ``fit`` and ``plan`` sub-commands to ``sub`` (argparse sub-parsers)."""
     f = sub.add_parser("fit", help="does a workload fit a GPU; largest batch, longest sequence, concurrent "
                                    "sequences (vLLM KV budget)")
@@ -39,10 +34,8 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     f.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="inference: tokens of the profiling forward that sizes the KV budget (default 8192; with "
                         "--engine vllm: vLLM's default for the GPU)")
-    from .serving.cli import add_serving_flags
-
     add_serving_flags(f)
-    _add_image_flags(f)
+    add_image_flags(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_cmd_fit)
 
@@ -71,95 +64,39 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     p.add_argument("--prices", metavar="FILE", default=None,
                    help='JSON price overrides, e.g. {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}')
     p.add_argument("--top", type=positive_int, default=20, help="plans to list (default 20)")
-    _add_image_flags(p)
+    add_image_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_plan)
-
-
-def _add_image_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolution", type=positive_int, default=None,
-                        help="image models: pixels per side (default: the model's native resolution)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
-
-
-def _is_vision(name: str) -> bool:
-    try:
-        from .vision import is_vision_model
-    except ImportError as exc:
-        if exc.name != "vramplan.vision":
-            raise
-        return False
-    return is_vision_model(name)
-
-
-def _no_image_flags(ns: argparse.Namespace) -> None:
-    from .errors import WorkloadError
-
-    for flag in ("resolution", "pipeline"):
-        if getattr(ns, flag, None):
-            raise WorkloadError(f"--{flag} applies to image models (vramplan.vision); {ns.model} is a language model")
 
 
 # ----------------------------------------------------------------------------------------- fit
 
 
 def _cmd_fit(ns: argparse.Namespace) -> int:
-    from .api import make_workload
-    from .catalog import resolve_model
-    from .errors import WorkloadError
-    from .fit import check_fit
-    from .hardware import get_gpu
-    from .serving.cli import is_gguf, print_serving, serving_section
+    from ..fit import VisionFitResult
+    from ..service import FitQuery, ServedFit, fit
+    from ..serving.cli import print_serving
 
-    if _is_vision(ns.model):
-        return _cmd_fit_vision(ns)
-    _no_image_flags(ns)
-    gpu = get_gpu(ns.gpu)
-    if is_gguf(ns.model) or ns.engine == "llama.cpp":
-        if not is_gguf(ns.model) or ns.engine not in (None, "llama.cpp"):
-            raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
-        ns.engine = "llama.cpp"
-        section = serving_section(ns, None, gpu, None, None)
-        if ns.json:
-            print(json.dumps({"model": ns.model, "gpu": gpu.name, "fits": section["fits"], "serving": section},
-                             indent=2))
-        else:
-            print_serving(section)
-        return 0
-    spec, entry = resolve_model(ns.model)
-    name = entry.name if entry else spec.name
-    w = make_workload(**{k: getattr(ns, k) for k in _FLAGS if hasattr(ns, k)})
-    if ns.engine and w.is_train:
-        raise WorkloadError(f"--engine {ns.engine} serves a model: add --task infer")
-    util = ns.gpu_memory_utilization if ns.gpu_memory_utilization is not None else 0.9
-    result = check_fit(spec, w, gpu, name=name, gpu_memory_utilization=util,
-                       max_num_batched_tokens=ns.max_num_batched_tokens or 8192)
-    serving = serving_section(ns, spec, gpu, w, result.total_bytes) if ns.engine else None
+    result = fit(FitQuery.of(ns.model, options(ns)))
     if ns.json:
-        print(json.dumps(result.to_dict() | ({"serving": serving} if serving else {}), indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
+    elif isinstance(result, ServedFit):
+        if result.fit is not None:
+            _print_fit(result.fit)
+        print_serving(dict(result.serving))
+    elif isinstance(result, VisionFitResult):
+        _print_vision_fit(result)
     else:
         _print_fit(result)
-        if serving:
-            print_serving(serving)
     return 0
 
 
-def _cmd_fit_vision(ns: argparse.Namespace) -> int:
-    from .fit import check_vision_fit
-    from .hardware import get_gpu
-    from .vision import vision_options
-
-    result = check_vision_fit(ns.model, get_gpu(ns.gpu), **vision_options(ns))
-    if ns.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
+def _print_vision_fit(result: VisionFitResult) -> None:
     w = result.estimate.workload
     c = _fit_header(result, f"batch {w.get('batch_size')} at {result.resolution} px")
     c.print(f"largest batch at {result.resolution} px: [bold]{result.max_batch_size:,}[/bold]")
     c.print(f"largest resolution at batch {w.get('batch_size')}: [bold]{result.max_resolution:,}[/bold] px")
     _print_notes(c, result.assumptions, result.warnings)
-    return 0
 
 
 def _fit_header(r: Any, shape: str) -> Any:
@@ -213,75 +150,10 @@ def _print_fit(r: FitResult) -> None:
 # ----------------------------------------------------------------------------------------- plan
 
 
-def _pool(ns: argparse.Namespace) -> list[GPU]:
-    from .hardware import get_gpu, list_gpus, load_price_overrides, with_prices
-
-    gpus = list(list_gpus())
-    if ns.prices:
-        gpus = list(with_prices(gpus, load_price_overrides(ns.prices)))
-    if ns.gpu:
-        wanted = {get_gpu(n).name for n in ns.gpu}
-        gpus = [g for g in gpus if g.name in wanted]
-    return gpus
-
-
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    from .catalog import resolve_model
-    from .errors import WorkloadError
-    from .planner import PlanRequest, PlanTask, SortKey, plan
-    from .workload import Attention, Method, Optimizer, Precision, WeightsQuant
+    from ..service import PlanQuery, plan
 
-    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits"):
-        if getattr(ns, flag, None) is not None:
-            hint = " (use --global-batch; the planner chooses micro-batch x accumulation)" \
-                if flag == "gradient_accumulation" else ""
-            raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option{hint}")
-    task = PlanTask(ns.task)
-    if task is PlanTask.INFER and ns.method not in (None, "full"):
-        raise WorkloadError("--task infer serves the model; drop --method (use --weights-quant for 4/8-bit)")
-    if task is not PlanTask.INFER and ns.weights_quant not in (None, "none"):
-        raise WorkloadError("--weights-quant applies to --task infer; fine-tuning on 4-bit weights is --method qlora")
-    if _is_vision(ns.model):
-        return _cmd_plan_vision(ns, task)
-    _no_image_flags(ns)
-    spec, entry = resolve_model(ns.model)
-    targets = None if ns.lora_targets is None else tuple(t.strip() for t in ns.lora_targets.split(",") if t.strip())
-    req = PlanRequest(
-        task=task, seq_len=ns.seq_len, new_tokens=ns.new_tokens, tokens=ns.tokens, epochs=ns.epochs,
-        dataset_tokens=ns.dataset_tokens, global_batch=ns.global_batch, max_gpus=ns.max_gpus,
-        gpu_class=ns.gpu_class, sort=SortKey(ns.sort), budget_usd=ns.budget_usd,
-        methods=(Method(ns.method),) if ns.method and task is not PlanTask.INFER else (),
-        precisions=(Precision(ns.precision),) if ns.precision else (),
-        optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
-        weights_quants=(WeightsQuant(ns.weights_quant),) if ns.weights_quant else (),
-        gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
-        attention=Attention(ns.attention), lora_rank=ns.lora_rank, lora_targets=targets, top=ns.top)
-    result = plan(spec, req, name=entry.name if entry else spec.name, gpus=_pool(ns))
-    if ns.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        _print_plan(result)
-    return 0
-
-
-def _cmd_plan_vision(ns: argparse.Namespace, task: Any) -> int:
-    from .errors import WorkloadError
-    from .planner import PlanRequest, SortKey, plan_vision
-    from .workload import Attention, Method, Optimizer, Precision
-
-    for flag in ("tokens", "epochs", "dataset_tokens", "lora_targets"):
-        if getattr(ns, flag, None) is not None:
-            raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option for image models")
-    if ns.method not in (None, "full", "lora"):
-        raise WorkloadError(f"--method {ns.method} is not available for image models; use full or lora")
-    req = PlanRequest(
-        task=task, global_batch=ns.global_batch, max_gpus=ns.max_gpus, gpu_class=ns.gpu_class, sort=SortKey(ns.sort),
-        budget_usd=ns.budget_usd, methods=(Method(ns.method),) if ns.method else (),
-        precisions=(Precision(ns.precision),) if ns.precision else (),
-        optimizers=(Optimizer(ns.optimizer),) if ns.optimizer else (),
-        gradient_checkpointing=ns.gradient_checkpointing, micro_batches=(ns.batch_size,) if ns.batch_size else (),
-        attention=Attention(ns.attention), lora_rank=ns.lora_rank, top=ns.top)
-    result = plan_vision(ns.model, req, gpus=_pool(ns), resolution=ns.resolution, pipeline=ns.pipeline)
+    result = plan(PlanQuery.of(ns.model, options(ns)))
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

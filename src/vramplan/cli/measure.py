@@ -9,11 +9,11 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import VramplanError
+from ..errors import VramplanError
+from ._flags import add_parallel_flags, add_workload_flags, options
 
 __all__ = ["register"]
 
@@ -24,17 +24,19 @@ _CSV_COLUMNS = ["name", "task", "model", "method", "precision", "optim", "batch"
 _RANK_COLUMNS = ["rank", "world_size", "layout"]  # multi-GPU rows (vramplan measure --gpus N)
 
 
-def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    from .cli_parallel import add_parallel_flags
-
-    m = sub.add_parser("measure", help="run the workload for real on this machine's CUDA GPU (vramplan[torch]); "
-                                       "with --gpus N, DDP or --fsdp under torchrun, one measurement per rank")
+def _add_measure_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("model", metavar="MODEL", help="catalog name or path to a config.json (random weights)")
     add_workload_flags(m)
     add_parallel_flags(m)
     m.add_argument("--steps", type=int, default=3, help="training steps (the peak is usually in step 2)")
     m.add_argument("--csv", metavar="OUT", help="append a row in the calibration measured.csv format")
     m.add_argument("--json", action="store_true")
+
+
+def register(sub: Any) -> None:
+    m = sub.add_parser("measure", help="run the workload for real on this machine's CUDA GPU (vramplan[torch]); "
+                                       "with --gpus N, DDP or --fsdp under torchrun, one measurement per rank")
+    _add_measure_arguments(m)
     m.set_defaults(handler=_measure)
 
     c = sub.add_parser("calibrate", help="error of estimate (and trace) against a measured.csv file")
@@ -45,47 +47,27 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
     c.set_defaults(handler=_calibrate)
 
 
-def _config_of(model: str) -> tuple[dict[str, Any], str]:
-    from .catalog import resolve_model
-
-    _, entry = resolve_model(model)
-    if entry is not None:
-        return entry.config_dict(), entry.name
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    return data, Path(path).parent.name or Path(path).stem
-
-
 def _measure(ns: argparse.Namespace) -> int:
-    from .api import make_workload
-    from .cli import _workload_options
-    from .cli_parallel import layout_from_args
-    from .estimator import estimate
-    from .hfconfig import spec_from_config
-    from .measure import measure_workload
+    from ..api import layout_of, make_workload
+    from ..service import WORKLOAD_KEYS, MeasureQuery, config_of, measure
 
     if ns.steps < 1:
         raise VramplanError("--steps must be at least 1")
-    config, name = _config_of(ns.model)
-    w = make_workload(**_workload_options(ns))
-    layout = layout_from_args(ns)
+    opts = options(ns)
+    found = layout_of(opts)
+    layout = found[0] if found is not None else None
     gpus = layout.gpus if layout is not None else 1
-    if "WORLD_SIZE" in os.environ and (gpus > 1 or os.environ["WORLD_SIZE"] != "1"):
-        return _measure_rank(ns, config, name, w, layout)
-    if gpus > 1:
-        return _launch(ns, config, name, w, layout)
-    est = estimate(spec_from_config(dict(config), name=name), w)
-    m = measure_workload(config, w, steps=ns.steps)
+    distributed = "WORLD_SIZE" in os.environ and (gpus > 1 or os.environ["WORLD_SIZE"] != "1")
+    if distributed or gpus > 1:
+        config, name = config_of(ns.model)
+        w = make_workload(**{k: v for k, v in opts.items() if k in WORKLOAD_KEYS})
+        return _measure_rank(ns, config, name, w, layout) if distributed else _launch(ns, config, name, w, layout)
+    result = measure(MeasureQuery.of(ns.model, opts))
+    m, est, name = result.measurement, result.estimate, result.model
     gib = 2**30
-    result = {"model": name, "device": m.device, "torch": m.torch_version,
-              "measured_peak_allocated_bytes": m.peak_allocated_bytes,
-              "measured_peak_reserved_bytes": m.peak_reserved_bytes,
-              "measured_device_bytes": m.peak_reserved_bytes + m.cuda_context_bytes,
-              "estimate_peak_allocated_bytes": est.peak_allocated_bytes, "estimate_total_bytes": est.total_bytes,
-              "error": est.peak_allocated_bytes / m.peak_allocated_bytes - 1 if m.peak_allocated_bytes else None}
+    data = result.to_dict()
     if ns.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(data, indent=2))
     else:
         print(f"{name} on {m.device} (torch {m.torch_version})")
         print(f"  measured peak allocated {m.peak_allocated_bytes / gib:8.2f} GiB   reserved "
@@ -93,18 +75,18 @@ def _measure(ns: argparse.Namespace) -> int:
               f"{(m.peak_reserved_bytes + m.cuda_context_bytes) / gib:8.2f} GiB")
         print(f"  estimate peak allocated {est.peak_allocated_bytes / gib:8.2f} GiB   total    "
               f"{est.total_bytes / gib:8.2f} GiB   error "
-              + ("n/a" if result["error"] is None else f"{result['error']:+.1%}"))
+              + ("n/a" if data["error"] is None else f"{data['error']:+.1%}"))
     if ns.csv:
-        _append_row(ns.csv, name, w, m)
+        _append_row(ns.csv, name, result.workload, m)
     return 0
 
 
 def _launch(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, layout: Any) -> int:
     """Check what can be checked here (one line on error), then rerun this command under torchrun."""
-    from . import measure
-    from .hfconfig import spec_from_config
-    from .measure_dist import check_supported
-    from .parallel import estimate_parallel
+    from .. import measure
+    from ..hfconfig import spec_from_config
+    from ..measure_dist import check_supported
+    from ..parallel import estimate_parallel
 
     check_supported(layout, w)
     estimate_parallel(spec_from_config(dict(config), name=name), w, layout)  # an impossible layout fails here
@@ -121,12 +103,10 @@ def _launch(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, l
 
 def _argv_of(ns: argparse.Namespace) -> list[str]:
     """The ``vramplan measure`` arguments that give ``ns`` again (what differs from the defaults)."""
-    from .cli import _build_parser
-
-    parser = _build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser = argparse.ArgumentParser()
+    _add_measure_arguments(parser)
     out = [ns.model]
-    for action in sub.choices["measure"]._actions:
+    for action in parser._actions:
         if not action.option_strings or not hasattr(ns, action.dest):
             continue
         value = getattr(ns, action.dest)
@@ -139,10 +119,10 @@ def _argv_of(ns: argparse.Namespace) -> list[str]:
 
 def _measure_rank(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, layout: Any) -> int:
     """Inside torchrun: this rank's run; rank 0 prints and writes one line / row per rank."""
-    from .hfconfig import spec_from_config
-    from .measure import Measurement
-    from .measure_dist import check_supported, run_rank
-    from .parallel import Layout, estimate_parallel
+    from ..hfconfig import spec_from_config
+    from ..measure import Measurement
+    from ..measure_dist import check_supported, run_rank
+    from ..parallel import Layout, estimate_parallel
 
     layout = layout if layout is not None else Layout()
     check_supported(layout, w)
@@ -227,8 +207,8 @@ def _append_row(path: str, name: str, w: Any, m: Any, extra: dict[str, Any] | No
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
-    from .calibration import compare, read_rows
-    from .estimator import estimate
+    from ..calibration import compare, read_rows
+    from ..estimator import estimate
 
     path = Path(ns.file)
     if not path.is_file():
@@ -244,8 +224,8 @@ def _calibrate(ns: argparse.Namespace) -> int:
     results, skipped = compare(rows, configs, estimate)
     traced: dict[str, float] = {}
     if ns.trace:
-        from .hfconfig import load_config_file
-        from .trace import trace_workload
+        from ..hfconfig import load_config_file
+        from ..trace import trace_workload
 
         def via_trace(spec: Any, w: Any) -> Any:
             cfg = json.loads((configs / f"{spec.name}.json").read_text())

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-from collections.abc import Callable
 from typing import Any
 
-from ._argtypes import integer
-from .errors import VramplanError
+from .._argtypes import integer
+from ..errors import VramplanError
+from ._flags import add_image_flags, add_workload_flags, options
 
 __all__ = ["register"]
 
@@ -40,7 +40,7 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a range A:B of two integers (e.g. 512:32768)") from None
 
 
-def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="a local web page: pick a model and workload, see memory, charts and fits")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
@@ -54,6 +54,7 @@ def register(sub: Any, add_workload_flags: Callable[[argparse.ArgumentParser], N
                    help="from A to B, both included (doubling from A unless --steps is given)")
     w.add_argument("--steps", type=integer, default=None, help="N values evenly spaced on a log scale")
     add_workload_flags(w)
+    add_image_flags(w)
     w.add_argument("--gpu", action="append", default=[], metavar="NAME",
                    help="draw this GPU's usable memory and say where it runs out (repeatable)")
     w.add_argument("--plot", metavar="FILE", help="write the chart: .png or .svg (needs vramplan[web])")
@@ -76,7 +77,7 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .web.app import create_app
+        from ..web.app import create_app
     except ImportError as exc:
         raise VramplanError(f"vramplan serve needs the web extra ({exc.name} is missing): "
                             "pip install 'vramplan[web]'") from None
@@ -93,16 +94,10 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from .api import make_workload
-    from .catalog import resolve_model
-    from .charts import capacities, plot_sweep, run_sweep, sweep_values
-    from .cli import _workload_options
+    from ..charts import plot_sweep
+    from ..service import SweepQuery, sweep
 
-    lo, hi = ns.value_range
-    values = sweep_values(lo, hi, ns.steps)
-    spec, entry = resolve_model(ns.model)
-    name = entry.name if entry else spec.name
-    result = run_sweep(spec, name, make_workload(**_workload_options(ns)), ns.over, values, capacities(ns.gpu))
+    result = sweep(SweepQuery.of(ns.model, options(ns)))
     if ns.plot:
         plot_sweep(result, ns.plot)
     if ns.json:
@@ -116,7 +111,7 @@ def _print_sweep(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .units import GiB
+    from ..units import GiB
 
     console = Console()
     table = Table(title=f"{data['model']}: memory by {data['over']}", show_edge=False)

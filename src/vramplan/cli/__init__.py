@@ -1,0 +1,162 @@
+"""Command line: parses flags, asks :mod:`vramplan.service`, renders the result (:mod:`vramplan.render`).
+
+Commands are registered explicitly from this package's modules (``register(sub)`` each); those modules
+import only the shared flags (:mod:`._flags`) and keep their heavy imports inside the handlers, so
+``vramplan --help`` stays fast. Every error the user can cause ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .._argtypes import non_negative_int
+from ..errors import VramplanError
+from ..serving.cli import add_gguf_flags
+from . import hardware, measure, parallel, web
+from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vramplan", description="Will this model fit, for this job, on this hardware? "
+                                             "GPU memory for training, fine-tuning and inference.")
+    p.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    e = sub.add_parser("estimate", help="peak GPU memory of one workload, by kind and by phase")
+    e.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
+    add_workload_flags(e)
+    add_image_flags(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
+    add_parallel_flags(e)
+    add_gguf_flags(e)
+    e.set_defaults(handler=_cmd_estimate)
+
+    t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
+    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
+    add_workload_flags(t)
+    t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
+                   help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
+    t.add_argument("--image-tokens", type=non_negative_int, default=None,
+                   help="vision-language models: image tokens per sequence (default: one image at native size)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=_cmd_trace)
+
+    m = sub.add_parser("models", help="list the built-in model catalog (language and image models)")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--kind", choices=["llm", "image"], default=None, help="only language or only image models")
+    m.add_argument("--family", help="only this family (llama, qwen2, …; image: unet, …)")
+    m.set_defaults(handler=_cmd_models)
+
+    g = sub.add_parser("gpus", help="list the GPU catalog")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--class", dest="gpu_class", choices=["consumer", "workstation", "datacenter"])
+    g.add_argument("--min-memory-gib", type=float, default=None)
+    g.set_defaults(handler=_cmd_gpus)
+    for module in (hardware, parallel, measure, web):
+        module.register(sub)
+    return p
+
+
+def _cmd_estimate(ns: argparse.Namespace) -> int:
+    from .. import service
+    from ..serving.cli import gguf_estimate, is_gguf
+
+    if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
+        return gguf_estimate(ns)
+
+    est = service.estimate(service.EstimateQuery.of(ns.model, options(ns)))
+    if ns.plot:  # the breakdown chart of vramplan.charts, as the web page draws it
+        from ..charts import plot_estimate
+
+        plot_estimate(est, ns.plot)
+    if ns.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        from ..render import print_estimate
+
+        print_estimate(est)
+        if est.per_gpu is not None:
+            parallel.print_parallel(est.per_gpu.to_dict())
+    return 0
+
+
+def _cmd_trace(ns: argparse.Namespace) -> int:
+    from ..api import make_workload
+    from ..service import WORKLOAD_KEYS
+    from ..trace import load_trace_config, trace_workload
+
+    # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
+    config, name, entry_name = load_trace_config(ns.model)
+    w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
+    est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens)
+    if ns.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        from ..render import print_estimate
+
+        print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
+    return 0
+
+
+def _cmd_models(ns: argparse.Namespace) -> int:
+    from ..service import models
+
+    rows = models(ns.kind, ns.family)
+    if ns.json:
+        print(json.dumps([m.to_dict() for m in rows], indent=2))
+    else:
+        from ..render import print_models
+
+        print_models(rows)
+    return 0
+
+
+def _cmd_gpus(ns: argparse.Namespace) -> int:
+    from ..service import gpu_row, gpus
+
+    rows = gpus(ns.gpu_class, ns.min_memory_gib)
+    if ns.json:
+        print(json.dumps([gpu_row(g) for g in rows], indent=2))
+    else:
+        from ..render import print_gpus
+
+        print_gpus(rows)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.handler(ns))
+    except VramplanError as exc:
+        sys.stderr.write(f"vramplan: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("VRAMPLAN_DEBUG"):
+            raise
+        sys.stderr.write(f"vramplan: internal error: {type(exc).__name__}: {exc} "
+                         "(rerun with VRAMPLAN_DEBUG=1 for the traceback and please report it)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

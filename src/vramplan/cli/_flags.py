@@ -1,0 +1,90 @@
+"""The flags several commands share: the workload, the multi-GPU layout, image models' resolution."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._argtypes import non_negative_int, positive_int
+
+__all__ = ["add_image_flags", "add_parallel_flags", "add_workload_flags", "options"]
+
+# What only presents the answer (or routes the command), never part of a query.
+_PRESENTATION = frozenset({"command", "handler", "json", "plot", "output"})
+
+
+def options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as the service's options (keyed by destination), less presentation flags."""
+    return {k: v for k, v in vars(ns).items() if k not in _PRESENTATION}
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
+                   help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
+                        "weights + autocast")
+    from ..workload import WeightsQuant
+
+    g.add_argument("--weights-quant", choices=[q.value for q in WeightsQuant], default="none",
+                   help="storage of the base linear weights (inference, or LoRA on a quantized base); a "
+                        "checkpoint's own quantization_config is read from its config.json")
+    g.add_argument("--quant-group-size", type=positive_int, default=None,
+                   help="gptq/awq/w4a16/hqq/torchao: weights per scale (default: the format's, 128 or 64)")
+    g.add_argument("--double-quant", action="store_true", default=None,
+                   help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
+                        "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
+                   default="adamw")
+    g.add_argument("--batch-size", type=positive_int, default=1)
+    g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
+    g.add_argument("--new-tokens", type=non_negative_int, default=32, help="tokens generated after the prompt")
+    g.add_argument("--logits", choices=["all", "last"], default="last",
+                   help="inference: logits for every prompt token, or only the last (as generate() does)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
+    g.add_argument("--lora-rank", type=positive_int, default=16)
+    g.add_argument("--lora-alpha", type=positive_int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="peft lora_dropout (default 0): above 0 each adapted layer keeps a dropout mask")
+    g.add_argument("--lora-targets", default="default",
+                   help="comma-separated module names, all-linear, or default (peft's choice for the family: "
+                        "q_proj,v_proj for LLaMA-style models)")
+    g.add_argument("--trainable-layers", type=non_negative_int, default=None,
+                   help="--method freeze: how many of the last decoder layers train (default: a quarter)")
+    g.add_argument("--gradient-accumulation", type=positive_int, default=1)
+    g.add_argument("--alloc-conf", default="", metavar="CONF",
+                   help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
+                        "(e.g. expandable_segments:True, max_split_size_mb:128)")
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="image models: pixels per side (default: the model's native resolution)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``."""
+    g = parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)")
+    g.add_argument("--gpus", type=positive_int, default=None, help="GPUs in total (= tp x pp x data-parallel)")
+    g.add_argument("--nodes", type=positive_int, default=None, help="machines the GPUs are spread over")
+    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="DeepSpeed ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters sharded")
+    g.add_argument("--fsdp", choices=["full", "grad-op", "hybrid"], default=None,
+                   help="PyTorch FSDP2: full shard, shard gradients and optimizer only, or shard within a node")
+    g.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (Megatron-style)")
+    g.add_argument("--pp", type=positive_int, default=None, help="pipeline-parallel stages (1F1B)")
+    g.add_argument("--ep", type=positive_int, default=None, help="expert-parallel size (MoE)")
+    g.add_argument("--micro-batches", type=positive_int, default=None,
+                   help="micro-batches per optimizer step (pipeline micro-batches / gradient accumulation)")
+    g.add_argument("--virtual-stages", type=positive_int, default=None,
+                   help="model chunks per GPU: > 1 selects the interleaved 1F1B schedule")
+    g.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"], default=None,
+                   help="move optimizer states (and ZeRO-3/FSDP parameters) to host memory")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norm/dropout activations over the tensor-parallel group (needs --tp > 1)")
+    g.add_argument("--intra-node-link", default=None, help="GPU link inside a node (default nvlink-4)")
+    g.add_argument("--inter-node-link", default=None, help="network between nodes (default ib-ndr)")
