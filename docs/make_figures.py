@@ -6,6 +6,8 @@
   --gpu rtx-4090 --gpu a100-40gb-sxm --gpu h100-sxm --plot docs/plot-sweep.png``
 * ``docs/screenshot-page.png``: ``vramplan serve`` on a free loopback port, the page opened in headless
   Chromium (Debian's ``chromium``, driven by Playwright) with LoRA fine-tuning of Llama 3.1 8B, batch 2.
+* ``docs/screenshot-multi-gpu.png``: the same job on 8 GPUs with FSDP (full shard): the most loaded GPU first.
+* ``docs/screenshot-phone.png``: the multi-GPU page at phone width (390 × 844), scrolled to the answer.
 
 Needs the ``[web]`` extra, ``playwright`` and ``/usr/bin/chromium``.
 """
@@ -22,6 +24,7 @@ ROOT = DOCS.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 PAGE_QUERY = "?model=llama-3.1-8b&method=lora&batch_size=2"
+MULTI_QUERY = "?model=llama-3.1-8b&method=lora&gpus=8&fsdp=full"
 
 
 def plot_sweep() -> Path:
@@ -32,7 +35,7 @@ def plot_sweep() -> Path:
     return out
 
 
-def screenshot_page() -> Path:
+def screenshot_page() -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     spec = importlib.util.spec_from_file_location("web_load", ROOT / "benchmarks" / "web_load.py")
@@ -40,18 +43,27 @@ def screenshot_page() -> Path:
     web_load = importlib.util.module_from_spec(spec)
     sys.modules["web_load"] = web_load  # dataclasses look their module up while the class is made
     spec.loader.exec_module(web_load)
-    out = DOCS / "screenshot-page.png"
+    shots = [("screenshot-page.png", PAGE_QUERY, {"width": 1400, "height": 1150}, None),
+             ("screenshot-multi-gpu.png", MULTI_QUERY, {"width": 1400, "height": 1000}, None),
+             ("screenshot-phone.png", MULTI_QUERY, {"width": 390, "height": 844}, "#results")]
+    made = []
     with web_load.serve() as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1150}, device_scale_factor=1)
-        page.goto(base + "/" + PAGE_QUERY)
-        page.wait_for_selector('#results[data-state="ready"]', state="attached", timeout=60_000)
-        page.wait_for_timeout(300)
-        page.screenshot(path=str(out))  # the first screen: form, numbers, breakdown chart
+        for name, query, viewport, scroll_to in shots:
+            page = browser.new_page(viewport=viewport, device_scale_factor=1)
+            page.goto(base + "/" + query)
+            page.wait_for_selector('#results[data-state="ready"]', state="attached", timeout=90_000)
+            page.wait_for_timeout(300)
+            if scroll_to:
+                page.eval_on_selector(scroll_to, "e => e.scrollIntoView()")
+            out = DOCS / name
+            page.screenshot(path=str(out))  # the first screen (or the answer, scrolled to)
+            page.close()
+            made.append(out)
         browser.close()
-    return out
+    return made
 
 
 if __name__ == "__main__":
-    for made in (plot_sweep(), screenshot_page()):
+    for made in (plot_sweep(), *screenshot_page()):
         print(f"wrote {made.relative_to(ROOT)} ({made.stat().st_size:,} bytes)")

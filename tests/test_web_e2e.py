@@ -241,10 +241,10 @@ def test_fit_plan_and_layouts_when_installed(server: str, page: Any) -> None:
         assert page.inner_text("#fit-result tr[data-key='fits'] td") == ("yes" if fit["fits"] else "no")
         assert page.inner_text("#fit-result tr[data-key='total_bytes'] td") == f"{fit['total_bytes'] / GiB:,.2f} GiB"
     if features["plan"]:
-        plan = api(server, "/api/plan", {"model": "llama-3.1-8b"})
+        plan = api(server, "/api/plan", {"model": "llama-3.1-8b", "method": "lora"})  # plans follow the job
         page.wait_for_function("() => document.querySelectorAll('#plan-table tbody tr').length > 0", timeout=60_000)
-        if plan["plans"] and "summary" in plan["plans"][0]:
-            assert page.inner_text("#plan-table tbody tr td") == plan["plans"][0]["summary"]
+        assert plan["plans"] and {p["method"] for p in plan["plans"]} == {"lora"}
+        assert page.inner_text("#plan-table tbody tr td") == plan["plans"][0]["summary"]
     chart = api(server, "/api/chart/parallel", {**body, "gpus": 8, "gpu": ["rtx-4090", "a100-40gb-sxm", "h100-sxm"]})
     if features["parallel"] and chart["spec"] is not None:
         page.wait_for_selector("#parallel:not([hidden]) #chart-parallel svg")

@@ -1,25 +1,28 @@
-"""argparse value types shared by every command: one-line messages, no tracebacks."""
+"""argparse value types shared by every command: one-line messages, no tracebacks (rules in :mod:`vramplan._values`)."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["fraction", "integer", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
+from ._values import parse_float, parse_int
+
+__all__ = ["fraction", "integer", "non_negative_float", "non_negative_int", "positive_float", "positive_int",
+           "unit_interval"]
 
 
 def integer(text: str) -> int:
-    """Integers as people type them: 2048, 2_048, 1e6 (ranges are the caller's to check)."""
+    """argparse type: an integer (ranges are the caller's to check)."""
     try:
-        return int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        return parse_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _float(text: str) -> float:
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        return parse_float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:
@@ -56,3 +59,13 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
     return value
+
+
+def unit_interval(text: str) -> float:
+    """A probability in [0, 1), e.g. a dropout rate."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+

@@ -8,17 +8,19 @@ and ``pipeline``) and multi-GPU layout options (``gpus=8, fsdp="full"``: the res
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from ._values import as_bool, as_float, as_int, as_name
 from .catalog import CatalogEntry, resolve_model
-from .errors import WorkloadError
+from .errors import VramplanError, WorkloadError
 from .estimator import estimate as _estimate
 from .result import Estimate
 from .spec import ModelSpec
-from .workload import Workload
+from .workload import Task, Workload
 
 if TYPE_CHECKING:
     from .parallel import Layout, Links
@@ -36,7 +38,11 @@ _LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout
 
 
 def make_workload(**options: Any) -> Workload:
-    """Build a :class:`Workload` from plain values (strings for enums, as the CLI and JSON API pass them)."""
+    """Build a :class:`Workload` from plain values (strings for enums, as the CLI and JSON API pass them).
+
+    Every value is checked against its field's type here, at the boundary: ``"false"`` is not a true
+    switch, ``"8"`` is the integer 8, and a value of the wrong type is a :class:`WorkloadError` naming the field.
+    """
     fields = Workload.__dataclass_fields__
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
@@ -44,19 +50,54 @@ def make_workload(**options: Any) -> Workload:
             continue
         if key not in fields:
             raise WorkloadError(f"unknown workload option {key!r}; known: {', '.join(sorted(fields))}")
-        ftype = _ENUMS.get(key)
-        if ftype is not None and not isinstance(value, ftype):
-            try:
-                value = ftype(str(value).lower())
-            except ValueError:
-                choices = ", ".join(m.value for m in ftype)
-                raise WorkloadError(f"{key.replace('_', '-')} {value!r} is not one of: {choices}") from None
-        if key == "lora_targets" and isinstance(value, str):
-            value = tuple(t.strip() for t in value.split(",") if t.strip())
-        elif key == "lora_targets":
-            value = tuple(value)
-        kwargs[key] = value
+        kwargs[key] = _coerce(key, value)
     return Workload(**kwargs)
+
+
+_INT_FIELDS = frozenset({"batch_size", "seq_len", "new_tokens", "lora_rank", "lora_alpha", "gradient_accumulation",
+                         "trainable_layers", "quant_group_size"})
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """One workload option, from what a person or a JSON body gives, to the field's type."""
+    try:
+        ftype = _ENUMS.get(key)
+        if ftype is not None:
+            if isinstance(value, ftype):
+                return value
+            if key == "task" and isinstance(value, str) and value.strip().lower() == "finetune":
+                return Task.TRAIN  # plan's vocabulary: fine-tuning is a training step; --method says what trains
+            if isinstance(value, str) and value.strip().lower() in {m.value for m in ftype}:
+                return ftype(value.strip().lower())
+            choices = ", ".join(m.value for m in ftype)
+            shown = repr(value) if len(repr(value)) <= 60 else type(value).__name__
+            raise WorkloadError(f"{key.replace('_', '-')} {shown} is not one of: {choices}")
+        if key in _INT_FIELDS:
+            return as_int(key, value)
+        if key in ("gradient_checkpointing", "double_quant"):
+            return as_bool(key, value)
+        if key == "lora_dropout":
+            return as_float(key, value)
+        if key == "lora_targets":
+            return _targets(value)
+    except WorkloadError:
+        raise
+    except VramplanError as exc:
+        raise WorkloadError(str(exc)) from None
+    return value
+
+
+def _targets(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise WorkloadError(f"lora_targets must be module names (q_proj,v_proj), all-linear or default; "
+                            f"got {type(value).__name__}")
+    if len(items) > 256 or not all(isinstance(t, str) and len(t) <= 200 for t in items):
+        raise WorkloadError("lora_targets must be at most 256 module names (strings), e.g. q_proj,v_proj")
+    return tuple(t.strip() for t in items if t.strip())
 
 
 _ENUMS = {name: type(f.default) for name, f in Workload.__dataclass_fields__.items() if isinstance(f.default, StrEnum)}
@@ -83,7 +124,7 @@ class ModelRef:
         return self.spec
 
 
-def resolve(model: str | ModelSpec | ModelRef, config: Mapping[str, Any] | None = None,
+def resolve(model: str | os.PathLike[str] | ModelSpec | ModelRef, config: Mapping[str, Any] | None = None,
             local_files: bool = True) -> ModelRef:
     """One resolver: a :class:`ModelSpec`, an image-model name or diffusers config.json path, a language-model
     catalog name / alias / Hugging Face id or config.json path; or (``config``) an uploaded config object named
@@ -92,6 +133,7 @@ def resolve(model: str | ModelSpec | ModelRef, config: Mapping[str, Any] | None 
         return model
     if isinstance(model, ModelSpec):
         return ModelRef(model.name, spec=model)
+    model = as_name("model", model)  # a str or path of sane length: a VramplanError naming the field otherwise
     if config is not None:
         from .hfconfig import spec_from_config
 
@@ -156,7 +198,8 @@ def image_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def estimate(model: str | ModelSpec | ModelRef, workload: Workload | None = None, **options: Any) -> Estimate:
+def estimate(model: str | os.PathLike[str] | ModelSpec | ModelRef, workload: Workload | None = None,
+             **options: Any) -> Estimate:
     """Estimate a workload for any model: a catalog name (language or image), a config.json path, a
     :class:`ModelSpec`.
 
@@ -164,6 +207,9 @@ def estimate(model: str | ModelSpec | ModelRef, workload: Workload | None = None
     also ``resolution`` and ``pipeline``) and the multi-GPU layout (``gpus=8, fsdp="full"``, ``zero=3``,
     ``tp=8``, …): with a layout, the result's ``per_gpu`` is the most loaded GPU.
     """
+    if workload is not None and not isinstance(workload, Workload):
+        raise WorkloadError(f"workload must be a vramplan.Workload (or pass its fields as keywords), "
+                            f"got {type(workload).__name__}")
     ref = resolve(model)
     layout = layout_of(options)
     options = {k: v for k, v in options.items() if k not in LAYOUT_OPTIONS}

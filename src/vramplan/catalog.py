@@ -9,6 +9,7 @@ alias or Hugging Face id, case-insensitively; ``resolve_model`` also accepts a p
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from collections.abc import Mapping
@@ -145,14 +146,27 @@ def resolve_model(name_or_path: str) -> tuple[ModelSpec, CatalogEntry | None]:
     Returns the spec and the catalog entry it came from (``None`` for a local file). An existing
     path wins over a catalog name; a name ending in ``.json`` is always read as a file.
     """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
+    if not isinstance(name_or_path, str) or len(name_or_path) > 4096 or "\x00" in name_or_path:
+        raise UnknownNameError(f"model must be a catalog name or a config.json path, got {str(name_or_path)[:60]!r}"
+                               f"{'…' if len(str(name_or_path)) > 60 else ''} ({_HINT})")
+    path = Path(name_or_path)
+    with contextlib.suppress(RuntimeError):  # ~user that does not exist: keep the name as given
+        path = path.expanduser()
+    if _exists(path, "dir") and _exists(path / "config.json", "file"):
         from .checkpoint import load_model_dir
 
         return load_model_dir(path), None  # config.json + the safetensors headers beside it
-    if (name_or_path.lower().endswith(".json") or path.is_file()):
+    if name_or_path.lower().endswith(".json") or _exists(path, "file"):
         return load_config_file(path), None
-    if path.is_dir() and name_or_path.strip().lower() not in _load()[1]:
+    if _exists(path, "dir") and name_or_path.strip().lower() not in _load()[1]:
         return load_config_file(path), None  # a directory without config.json: say so
     entry = get_model(name_or_path)
     return entry.spec, entry
+
+
+def _exists(path: Path, kind: str) -> bool:
+    """``path.is_file()``/``is_dir()`` that answers False for names the OS refuses (too long, bad bytes)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except (OSError, ValueError):
+        return False

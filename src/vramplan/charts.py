@@ -96,6 +96,11 @@ def _gib(n: int) -> float:
 def _describe(workload: Mapping[str, Any]) -> str:
     """One line naming the workload, for chart subtitles."""
     w = workload
+    if w.get("resolution") is not None or w.get("seq_len") is None:  # an image model: pixels, not tokens
+        side = f" × {w['resolution']} px" if w.get("resolution") is not None else ""
+        job = "inference" if w.get("task") == "infer" else f"training · {w.get('method')}"
+        ckpt = " · checkpointing" if w.get("gradient_checkpointing") else ""
+        return f"{job} · {w.get('precision')}{ckpt} · batch {w.get('batch_size')}{side}"
     if w.get("task") == "infer":
         quant = f" · weights {w['weights_quant']}" if w.get("weights_quant", "none") != "none" else ""
         return (f"inference · {w.get('precision')}{quant} · batch {w.get('batch_size')} × "

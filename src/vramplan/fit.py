@@ -211,17 +211,20 @@ class FitResult:
 
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    per_gpu: Any = None  # with a layout: the ParallelEstimate of the most loaded GPU (fits is judged on it)
 
     @property
     def peak_allocated_bytes(self) -> int:
-        return self.estimate.peak_allocated_bytes
+        return self.per_gpu.peak_allocated_bytes if self.per_gpu is not None else self.estimate.peak_allocated_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.estimate.total_bytes
+        return self.per_gpu.total_bytes if self.per_gpu is not None else self.estimate.total_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
+        extra = {} if self.per_gpu is None else {"gpus": self.per_gpu.layout.gpus, "per_gpu": self.per_gpu.to_dict(),
+                                                 "single_gpu_total_bytes": self.estimate.total_bytes}
+        return extra | {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
                 "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
@@ -233,16 +236,43 @@ class FitResult:
 
 
 def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None,
-              gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 8192) -> FitResult:
-    """Fit, headroom, largest batch, longest sequence (and for inference the vLLM KV capacity) of ``w``."""
+              gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 8192,
+              layout: Any = None, links: Any = None) -> FitResult:
+    """Fit, headroom, largest batch, longest sequence (and for inference the vLLM KV capacity) of ``w``.
+
+    With a :class:`~vramplan.parallel.Layout` (``vramplan fit --gpus 8 --fsdp full``) every answer is for the
+    most loaded GPU of ``layout.gpus`` of ``gpu``: fits and headroom on its memory, the largest micro-batch per
+    data-parallel rank and the longest sequence under the layout (:func:`vramplan.parallel.estimate_parallel`).
+    """
     label = name or spec.name
     # decide on what the process holds on this GPU: the estimate's total (reserved + the calibration GPU's
     # CUDA context) with this GPU's context instead, against what CUDA reports as its total
     usable = gpu.usable_memory_bytes - ((gpu.cuda_context_bytes or CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES)
     est = estimate(spec, w, name=label)
+    per_gpu = None
+    if layout is not None:
+        from .parallel import estimate_parallel
 
-    # the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated ratio
-    # of the last full estimate, then confirm the boundary with full estimates
+        per_gpu = estimate_parallel(spec, w, layout, links)
+
+    def total_of(x: Workload) -> int | None:
+        if layout is None:
+            return _total(spec, x, label)
+        try:
+            return estimate_parallel(spec, x, layout, links).total_bytes
+        except WorkloadError:
+            return None
+
+    def fits_batch(b: int) -> bool:
+        t = total_of(w.with_(batch_size=b))
+        return t is not None and t <= usable
+
+    def fits_seq(s: int) -> bool:
+        t = total_of(w.with_(seq_len=s))
+        return t is not None and t <= usable
+
+    # one GPU: the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated
+    # ratio of the last full estimate, then confirm the boundary with full estimates
     def alloc_of(w2: Workload) -> int | None:
         try:
             return peak_allocated(spec, w2) + CUDA_CONTEXT_BYTES
@@ -250,20 +280,28 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
             return None
 
     extra = 0 if w.is_train else w.new_tokens
-    max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
-                                  lambda b: _total(spec, w.with_(batch_size=b), label), usable,
-                                  min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra)))
-    max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),
-                                lambda s: _total(spec, w.with_(seq_len=s), label), usable,
-                                min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra))
-    kv = None if w.is_train else kv_capacity(spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization,
-                                             max_num_batched_tokens=max_num_batched_tokens, name=label)
-    step_s, tps = _speed(spec, w, gpu)
+    cap_b = min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra))
+    cap_s = min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra)
+    if layout is None:
+        max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
+                                      lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
+        max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),
+                                    lambda s: total_of(w.with_(seq_len=s)), usable, cap_s)
+    else:
+        max_batch = largest_fitting(fits_batch, cap_b)
+        max_seq = largest_fitting(fits_seq, cap_s)
+    one_gpu = layout is None
+    kv = None if w.is_train or not one_gpu else kv_capacity(
+        spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
+        name=label)
+    step_s, tps = _speed(spec, w, gpu) if one_gpu else (None, None)
+    total = est.total_bytes if per_gpu is None else per_gpu.total_bytes
+    where = "" if per_gpu is None else f" on the most loaded of {per_gpu.layout.gpus} GPUs ({per_gpu.engine.value})"
     assumptions = [
-        f"fits: total_bytes (what the caching allocator reserves + CUDA context) <= {gpu.display_name}'s usable "
-        f"memory, {usable / GiB:.2f} GiB; OOM margin {(usable - est.total_bytes) / GiB:+.2f} GiB",
-        "largest batch and longest sequence: a guess from the allocated peak scaled by the reserved/allocated "
-        "ratio, confirmed by full estimates on both sides of the boundary (memory grows with both)",
+        f"fits: total_bytes (what the caching allocator reserves + CUDA context){where} <= {gpu.display_name}'s "
+        f"usable memory, {usable / GiB:.2f} GiB; OOM margin {(usable - total) / GiB:+.2f} GiB",
+        "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
+        "monotone in both)",
     ]
     if kv is not None:
         assumptions.append(
@@ -271,13 +309,16 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
             f"weights + activation peak of one {kv.profile_tokens}-token profiling forward and the CUDA "
             f"context, in KV blocks of {VLLM_BLOCK_TOKENS} tokens; each sequence holds "
             f"ceil({kv.sequence_tokens}/{VLLM_BLOCK_TOKENS}) blocks")
-    warnings = list(est.warnings)
+    if not one_gpu:
+        assumptions.append("several GPUs: the batch is the micro-batch of one data-parallel rank; step time and "
+                           "the vLLM KV budget are answered for one GPU only (vramplan plan times layouts)")
+    warnings = list(est.warnings) + ([] if per_gpu is None else list(per_gpu.warnings))
     limit = spec.max_position_embeddings
     if limit and max_seq > limit:
         warnings.append(f"memory allows {max_seq:,} tokens but the model was trained for {limit:,} positions")
-    return FitResult(label, gpu.name, gpu.display_name, usable, est, est.total_bytes <= usable,
-                     usable - est.total_bytes, max_batch, max_seq, limit, kv, step_s, tps,
-                     tuple(assumptions) + est.assumptions, tuple(warnings))
+    return FitResult(label, gpu.name, gpu.display_name, usable, est, total <= usable,
+                     usable - total, max_batch, max_seq, limit, kv, step_s, tps,
+                     tuple(assumptions) + est.assumptions, tuple(warnings), per_gpu)
 
 
 def _speed(spec: ModelSpec, w: Workload, gpu: GPU) -> tuple[float | None, float | None]:

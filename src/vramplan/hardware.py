@@ -22,6 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from vramplan._files import FileTooLarge, NotAFile, read_text_limited
 from vramplan.errors import UnknownNameError, VramplanError
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Throughput",
     "detect_local_gpus",
     "get_gpu",
+    "gpu_choice_note",
     "list_gpus",
     "load_price_overrides",
     "with_prices",
@@ -187,6 +189,21 @@ def get_gpu(name: str) -> GPU:
     return _resolve(name, _catalog_index())
 
 
+def gpu_choice_note(name: str) -> str | None:
+    """For a name that is short for several catalog GPUs (``a100``, ``h100``, ``v100``, ``3080``): which one
+    :func:`get_gpu` takes and the ids of the others, in one line; ``None`` when the name is unambiguous."""
+    index = _catalog_index()
+    key = _key(name)
+    chosen = index.get(key)
+    if chosen is None or key == _key(chosen.name):
+        return None  # unknown (get_gpu says so) or the GPU's own id
+    others = sorted({g.name for k, g in index.items() if k.startswith(key) and g.name != chosen.name})
+    if not others:
+        return None
+    return (f"{name!r} is taken as {chosen.display_name} ({chosen.name}, {chosen.memory_bytes / 2**30:.0f} GiB); "
+            f"for another give its id: {', '.join(others)}")
+
+
 def list_gpus(
     cls: str | None = None, min_memory_bytes: int | None = None, vendor: str | None = None
 ) -> tuple[GPU, ...]:
@@ -303,20 +320,26 @@ def _gpu_from_record(r: Mapping[str, Any], ctx: Mapping[str, Any] | None = None)
 # ----------------------------------------------------------------------------------------- prices
 
 PriceOverrides = Mapping[str, Mapping[str, object]]
+MAX_PRICE_FILE_BYTES = 1 << 20
 
 
 def load_price_overrides(path: str | os.PathLike[str]) -> dict[str, dict[str, object]]:
     """Read a JSON file like {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}; checks shape, not names."""
     shown = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = json.loads(read_text_limited(path, MAX_PRICE_FILE_BYTES))
+    except FileTooLarge:
+        raise PriceOverrideError(f"price file {shown!r} is too large (limit 1 MiB) for a price list") from None
+    except NotAFile as err:
+        raise PriceOverrideError(f"price file: {err}") from None
     except FileNotFoundError:
         raise PriceOverrideError(f"price file {shown!r} not found") from None
     except OSError as err:
         raise PriceOverrideError(f"cannot read price file {shown!r}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise PriceOverrideError(f"price file {shown!r} is not UTF-8 text") from None
+    except RecursionError:
+        raise PriceOverrideError(f"price file {shown!r} is nested too deeply") from None
     except json.JSONDecodeError as err:
         raise PriceOverrideError(
             f"price file {shown!r} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ._files import FileTooLarge, NotAFile, read_text_limited
 from .errors import ConfigError
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 
@@ -396,15 +397,12 @@ def load_config_file(path: str | Path) -> ModelSpec:
     if p.is_dir():
         p = p / "config.json"
     try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror}); give a catalog name or a config.json path") \
-            from None
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is far too large for a config.json (limit 4 MiB)")
-    try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text_limited(p, MAX_CONFIG_BYTES)
         raw = json.loads(text)
+    except FileTooLarge:
+        raise ConfigError(f"{path}: far too large for a config.json (limit 4 MiB)") from None
+    except NotAFile as exc:
+        raise ConfigError(f"{exc}; give a catalog name or a config.json path") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; give a Hugging Face config.json") from None
     except json.JSONDecodeError as exc:
@@ -412,5 +410,6 @@ def load_config_file(path: str | Path) -> ModelSpec:
     except RecursionError:
         raise ConfigError(f"{path}: JSON nested too deeply to be a config.json") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc}); give a catalog name or a config.json "
+                          "path") from None
     return spec_from_config(raw, name=p.parent.name if p.name == "config.json" else p.name)

@@ -5,6 +5,8 @@ Each function returns integer bytes and cites the code path it mirrors.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import WorkloadError
@@ -91,8 +93,12 @@ class ModelStates:
     notes: tuple[str, ...]
 
 
-def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[int]) -> tuple[int, int, str]:
-    """(state bytes, step temporary bytes, note) for ``numel`` trainable elements stored in ``elem`` bytes."""
+def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: Mapping[int, int]) -> tuple[int, int, str]:
+    """(state bytes, step temporary bytes, note) for ``numel`` trainable elements stored in ``elem`` bytes.
+
+    ``tensor_sizes`` maps a trainable tensor's element count to how many tensors have it: a model with a
+    million experts is a few entries, never a list the size of the model.
+    """
     if opt is Optimizer.ADAMW:
         # torch.optim.AdamW foreach path (_multi_tensor_adamw): exp_avg and exp_avg_sq in the parameter
         # dtype; torch._foreach_sqrt(exp_avg_sqs) makes one parameter-sized temporary per step
@@ -102,7 +108,7 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[i
     if opt is Optimizer.ADAMW_8BIT:
         # bitsandbytes AdamW8bit: uint8 states with an fp32 absmax per 256-element block; tensors
         # under 4096 elements keep fp32 states (min_8bit_size)
-        small = sum(n for n in tensor_sizes if n < BNB_MIN_8BIT_SIZE)
+        small = sum(n * k for n, k in tensor_sizes.items() if n < BNB_MIN_8BIT_SIZE)
         big = numel - small
         state = 2 * (big + 4 * -(-big // BNB_OPT_BLOCK)) + 2 * 4 * small
         return state, 0, "AdamW 8-bit (bitsandbytes): blockwise uint8 states, small tensors in fp32"
@@ -111,10 +117,10 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: list[i
     if opt is Optimizer.ADAFACTOR:
         # torch.optim.Adafactor foreach: factored row/col second moments (tiny), full variance for
         # vectors; the step builds row_var @ col_var, a parameter-sized estimate, for every tensor
-        vec = sum(n for n in tensor_sizes if n < 1 << 16)
+        vec = sum(n * k for n, k in tensor_sizes.items() if n < 1 << 16)
         return vec * elem, numel * elem, "Adafactor (torch, foreach): factored moments + variance estimate temporary"
     if opt is Optimizer.LION:
-        largest = max(tensor_sizes, default=0)
+        largest = max((n for n, k in tensor_sizes.items() if k), default=0)
         return numel * elem, largest * elem, "Lion: one momentum buffer; sign update temporary per tensor"
     raise ValueError(opt)
 
@@ -172,7 +178,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     # ---- trainable parameters
     adapters = 0
     trainable_layers = 0
-    tensor_sizes: list[int] = []
+    tensor_sizes: Counter[int] = Counter()
     if not training:
         trainable = 0
     elif w.method is Method.FULL:
@@ -190,7 +196,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         targets = lora_targets(spec, w.lora_targets)
         adapters = lora_params(spec, targets, w.lora_rank)
         trainable = adapters
-        tensor_sizes = [w.lora_rank * 4096] * max(1, adapters // (w.lora_rank * 4096))
+        tensor_sizes = Counter({w.lora_rank * 4096: max(1, adapters // (w.lora_rank * 4096))})
     # peft adds the adapters to the model's parameters; they are fp32 (autocast_adapter_dtype)
     adapter_bytes = adapters * 4
     train_elem = 4 if w.uses_adapters else dense_elem
@@ -209,15 +215,18 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
                        trainable_layers, tuple(notes))
 
 
-def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool, head: bool) -> list[int]:
-    sizes: list[int] = []
+def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool,
+                  head: bool) -> Counter[int]:
+    """Element count -> number of trainable tensors of that size (a multiset, so work is per shape)."""
+    sizes: Counter[int] = Counter()
     for i in layers:
         layer = counts.layers[i]
-        sizes += [fin * fout for _, fin, fout, n in layer.linear_shapes for _ in range(n)]
-        sizes += [spec.hidden_size] * (layer.norm // spec.hidden_size)
+        for _, fin, fout, n in layer.linear_shapes:
+            sizes[fin * fout] += n
+        sizes[spec.hidden_size] += layer.norm // spec.hidden_size
     if embed:
-        sizes.append(counts.embedding)
+        sizes[counts.embedding] += 1
     if head and counts.lm_head:
-        sizes.append(counts.lm_head)
+        sizes[counts.lm_head] += 1
     return sizes
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from ._values import as_int
 from .api import IMAGE_OPTIONS, LAYOUT_OPTIONS, ModelRef, image_options, layout_of, make_workload, resolve
 from .api import estimate as _estimate
 from .errors import VramplanError, WorkloadError
@@ -108,6 +109,7 @@ class FitQuery(Query):
     gpu_memory_utilization: float | None = None  # None: 0.9 (vLLM's default)
     max_num_batched_tokens: int | None = None  # None: 8192
     serving: Mapping[str, Any] = field(default_factory=dict)  # --engine and its settings: adds ``serving``
+    layout: Mapping[str, Any] = field(default_factory=dict)  # gpus, fsdp, zero, …: fit the most loaded GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,15 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
         return ServedFit(q.model, gpu.name, None, serving_section(_serving_args(q, engine="llama.cpp"), None, gpu,
                                                                   None, None))
     ref = q.ref()
+    # fit's --tp/--pp size a serving engine (--engine); its training layout is data-parallel, ZeRO or FSDP
+    training_layout = {k: v for k, v in q.layout.items() if k not in ("tp", "pp")}
+    layout = layout_of(training_layout) if training_layout else None
+    if layout is not None and any(as_int(k, q.layout.get(k) or 1) > 1 for k in ("tp", "pp")):
+        raise WorkloadError("fit with --gpus and --tp/--pp: tensor and pipeline layouts are answered by vramplan "
+                            "estimate --gpus N --tp …; fit's --tp/--pp size a serving engine (--engine)")
+    if layout is not None and (engine or ref.image is not None):
+        raise WorkloadError("fit with several GPUs (--gpus, --fsdp, …) is modelled for language models without "
+                            "--engine; use vramplan estimate for the layout")
     if ref.image is not None:
         if engine:
             raise WorkloadError(f"--engine {engine} serves language models; {ref.name} is an image model")
@@ -149,7 +160,8 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
     spec = ref.language_spec("fit")
     util = q.gpu_memory_utilization if q.gpu_memory_utilization is not None else 0.9
     result = check_fit(spec, w, gpu, name=ref.name, gpu_memory_utilization=util,
-                       max_num_batched_tokens=q.max_num_batched_tokens or 8192)
+                       max_num_batched_tokens=q.max_num_batched_tokens or 8192,
+                       layout=layout[0] if layout else None, links=layout[1] if layout else None)
     if not engine:
         return result
     return ServedFit(ref.name, gpu.name, result, serving_section(_serving_args(q), spec, gpu, w, result.total_bytes))

@@ -127,6 +127,24 @@ class Workload:
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
 
     def __post_init__(self) -> None:
+        enums: tuple[tuple[str, type[StrEnum]], ...] = (
+            ("task", Task), ("method", Method), ("precision", Precision), ("weights_quant", WeightsQuant),
+            ("optimizer", Optimizer), ("logits", LogitsMode), ("attention", Attention))
+        for name, kind in enums:
+            value = getattr(self, name)
+            if not isinstance(value, kind):  # Workload(task="infer"): the enum's value, as the CLI spells it
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    choices = ", ".join(m.value for m in kind)
+                    raise WorkloadError(f"{name} {value!r} is not one of: {choices}") from None
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise WorkloadError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if not (isinstance(self.lora_targets, tuple) and all(isinstance(t, str) for t in self.lora_targets)):
+            raise WorkloadError(f"lora_targets must be a tuple of module names, got {self.lora_targets!r}")
+        if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
+                                                  or not isinstance(self.trainable_layers, int)):
+            raise WorkloadError(f"trainable_layers must be an integer, got {self.trainable_layers!r}")
         for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
                              ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
                              ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20)):

@@ -12,9 +12,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .._argtypes import non_negative_int
+from .._argtypes import non_negative_float, non_negative_int
 from ..errors import VramplanError
 from ..serving.cli import add_gguf_flags
 from . import hardware, measure, parallel, web
@@ -23,7 +23,23 @@ from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, opt
 __all__ = ["build_parser", "main"]
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: ``(default: 2048)``, ``(default: off)`` for switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or "default" in text.lower() \
+                or action.dest in ("help", "version", "json"):
+            return text
+        shown = "off" if action.default is False else "on" if action.default is True else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
@@ -65,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gpus", help="list the GPU catalog")
     g.add_argument("--json", action="store_true")
     g.add_argument("--class", dest="gpu_class", choices=["consumer", "workstation", "datacenter"])
-    g.add_argument("--min-memory-gib", type=float, default=None)
+    g.add_argument("--min-memory-gib", type=non_negative_float, default=None, help="only GPUs with this much memory")
     g.set_defaults(handler=_cmd_gpus)
     for module in (hardware, parallel, measure, web):
         module.register(sub)
@@ -79,19 +95,26 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
     if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
         return gguf_estimate(ns)
 
-    est = service.estimate(service.EstimateQuery.of(ns.model, options(ns)))
+    query = service.EstimateQuery.of(ns.model, options(ns))
+    est = service.estimate(query)
     if ns.plot:  # the breakdown chart of vramplan.charts, as the web page draws it
         from ..charts import plot_estimate
 
-        plot_estimate(est, ns.plot)
+        written = plot_estimate(est, ns.plot)
+        sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
-        from ..render import print_estimate
+        from ..render import print_estimate, print_hints, print_per_gpu_headline
 
-        print_estimate(est)
-        if est.per_gpu is not None:
-            parallel.print_parallel(est.per_gpu.to_dict())
+        per_gpu = est.per_gpu.to_dict() if est.per_gpu is not None else None
+        if per_gpu:  # several GPUs: the answer is the most loaded GPU; the one-GPU table follows
+            print_per_gpu_headline(est, per_gpu)
+        print_estimate(est, title=f"{est.model} on one GPU" if per_gpu else None)
+        if per_gpu:
+            parallel.print_parallel(per_gpu)
+        else:  # hints compare one-GPU totals
+            print_hints(query, est)
     return 0
 
 
@@ -103,7 +126,14 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
     config, name, entry_name = load_trace_config(ns.model)
     w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
-    est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens)
+    progress = _trace_progress()
+    try:
+        est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens,
+                             progress=progress)
+    finally:
+        if progress is not None:  # the progress line goes; the answer (or the error) takes its place
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
     if ns.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -111,6 +141,22 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
 
         print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
     return 0
+
+
+def _trace_progress() -> Any:
+    """In a terminal, the step a trace is in on one stderr line, with the seconds so far (a trace takes
+    5-20 s); None when stderr is a pipe or file, which keeps one line per error there."""
+    import time
+
+    if not sys.stderr.isatty():
+        return None
+    start = time.perf_counter()
+
+    def progress(step: str) -> None:
+        sys.stderr.write(f"\r\033[Kvramplan trace: {step}… ({time.perf_counter() - start:.1f} s)")
+        sys.stderr.flush()
+
+    return progress
 
 
 def _cmd_models(ns: argparse.Namespace) -> int:
@@ -141,6 +187,8 @@ def _cmd_gpus(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "task", None) == "finetune" and ns.command != "plan":
+        ns.task = "train"  # one vocabulary (plan's): fine-tuning is a training step; --method says what trains
     try:
         return int(ns.handler(ns))
     except VramplanError as exc:
@@ -150,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file the user named (-o, --plot, --csv) that cannot be written or read
+        if exc.filename is None or os.environ.get("VRAMPLAN_DEBUG"):
+            raise
+        sys.stderr.write(f"vramplan: error: cannot use {exc.filename}: {exc.strerror or exc}\n")
+        return 2
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("VRAMPLAN_DEBUG"):
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._argtypes import non_negative_int, positive_int
+from .._argtypes import non_negative_int, positive_int, unit_interval
 
 __all__ = ["add_image_flags", "add_parallel_flags", "add_workload_flags", "options"]
 
@@ -20,8 +20,10 @@ def options(ns: argparse.Namespace) -> dict[str, Any]:
 
 def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--task", choices=["train", "infer"], default="train", help="training step or inference")
-    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full")
+    g.add_argument("--task", choices=["train", "finetune", "infer"], default="train",
+                   help="a training step (train and finetune alike: --method says what trains) or inference")
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full",
+                   help="train every weight, LoRA adapters, LoRA on 4-bit NF4 weights, or the last layers only")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
                         "weights + autocast")
@@ -36,24 +38,27 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
                         "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
     g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
-                   default="adamw")
-    g.add_argument("--batch-size", type=positive_int, default=1)
+                   default="adamw", help="torch.optim (foreach) unless named: adamw-8bit is bitsandbytes")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (per micro-batch)")
     g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
     g.add_argument("--new-tokens", type=non_negative_int, default=32, help="tokens generated after the prompt")
     g.add_argument("--logits", choices=["all", "last"], default="last",
                    help="inference: logits for every prompt token, or only the last (as generate() does)")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
-    g.add_argument("--lora-rank", type=positive_int, default=16)
-    g.add_argument("--lora-alpha", type=positive_int, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="peft lora_dropout (default 0): above 0 each adapted layer keeps a dropout mask")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in backward instead of keeping its activations")
+    g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa",
+                   help="torch SDPA kernels, flash-attn 2, or eager (materialized scores)")
+    g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
+    g.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (no effect on memory)")
+    g.add_argument("--lora-dropout", type=unit_interval, default=0.0,
+                   help="peft lora_dropout: above 0 each adapted layer keeps a dropout mask")
     g.add_argument("--lora-targets", default="default",
                    help="comma-separated module names, all-linear, or default (peft's choice for the family: "
                         "q_proj,v_proj for LLaMA-style models)")
     g.add_argument("--trainable-layers", type=non_negative_int, default=None,
-                   help="--method freeze: how many of the last decoder layers train (default: a quarter)")
-    g.add_argument("--gradient-accumulation", type=positive_int, default=1)
+                   help="--method freeze: how many of the last decoder layers train (default: a quarter of them)")
+    g.add_argument("--gradient-accumulation", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
     g.add_argument("--alloc-conf", default="", metavar="CONF",
                    help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
                         "(e.g. expandable_segments:True, max_split_size_mb:128)")
@@ -66,12 +71,13 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
                         help="diffusion models: the whole pipeline (text encoders, denoiser, VAE), not the denoiser")
 
 
-def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``."""
-    g = parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)")
+def add_parallel_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The multi-GPU flags; all default to None (or off) so that a plain single-GPU call has no ``per_gpu``.
+    ``skip``: flags the command already has with another meaning (fit's --tp/--pp size a serving engine)."""
+    g = _Skipping(parser.add_argument_group("multi-GPU layout (adds a per_gpu section: the most loaded GPU)"), skip)
     g.add_argument("--gpus", type=positive_int, default=None, help="GPUs in total (= tp x pp x data-parallel)")
     g.add_argument("--nodes", type=positive_int, default=None, help="machines the GPUs are spread over")
-    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
+    g.add_argument("--zero", type=non_negative_int, choices=[0, 1, 2, 3], default=None,
                    help="DeepSpeed ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters sharded")
     g.add_argument("--fsdp", choices=["full", "grad-op", "hybrid"], default=None,
                    help="PyTorch FSDP2: full shard, shard gradients and optimizer only, or shard within a node")
@@ -88,3 +94,14 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                    help="split norm/dropout activations over the tensor-parallel group (needs --tp > 1)")
     g.add_argument("--intra-node-link", default=None, help="GPU link inside a node (default nvlink-4)")
     g.add_argument("--inter-node-link", default=None, help="network between nodes (default ib-ndr)")
+
+
+class _Skipping:
+    """An argument group that leaves out the flags named in ``skip``."""
+
+    def __init__(self, group: Any, skip: tuple[str, ...]) -> None:
+        self.group, self.skip = group, {f"--{name}" for name in skip}
+
+    def add_argument(self, *names: str, **kwargs: Any) -> None:
+        if not self.skip.intersection(names):
+            self.group.add_argument(*names, **kwargs)

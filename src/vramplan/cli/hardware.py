@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._argtypes import fraction, non_negative_float, positive_float, positive_int
 from ..serving.cli import add_serving_flags
-from ._flags import add_image_flags, add_workload_flags, options
+from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, options
 
 if TYPE_CHECKING:
     from ..fit import FitResult, VisionFitResult
@@ -36,6 +36,7 @@ def register(sub: Any) -> None:
                         "--engine vllm: vLLM's default for the GPU)")
     add_serving_flags(f)
     add_image_flags(f)
+    add_parallel_flags(f, skip=("tp", "pp"))  # --tp/--pp are the serving engine's here
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_cmd_fit)
 
@@ -74,10 +75,13 @@ def register(sub: Any) -> None:
 
 def _cmd_fit(ns: argparse.Namespace) -> int:
     from ..fit import VisionFitResult
+    from ..render import note_gpu_choice
     from ..service import FitQuery, ServedFit, fit
     from ..serving.cli import print_serving
 
-    result = fit(FitQuery.of(ns.model, options(ns)))
+    query = FitQuery.of(ns.model, options(ns))
+    result = fit(query)
+    note_gpu_choice(ns.gpu)
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif isinstance(result, ServedFit):
@@ -88,6 +92,10 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
         _print_vision_fit(result)
     else:
         _print_fit(result)
+        if not result.fits and result.per_gpu is None:
+            from ..render import print_hints
+
+            print_hints(query, result.estimate)
     return 0
 
 
@@ -101,16 +109,22 @@ def _print_vision_fit(result: VisionFitResult) -> None:
 
 def _fit_header(r: Any, shape: str) -> Any:
     """The lines every fit report starts with: the job on the GPU, and whether it fits. Returns the console."""
-    from rich.console import Console
+    from ..render import console as _console
 
-    c = Console()
+    c = _console()
     w = r.estimate.workload
-    c.print(f"[bold]{r.model}[/bold] on [bold]{r.gpu_display_name}[/bold] "
-            f"({_gib(r.usable_memory_bytes)} usable): task={w.get('task')}, method={w.get('method')}, "
+    per_gpu = getattr(r, "per_gpu", None)
+    where = f"{per_gpu.layout.gpus}x " if per_gpu is not None else ""
+    layout = f" ({per_gpu.engine.value})" if per_gpu is not None else ""
+    c.print(f"[bold]{r.model}[/bold] on [bold]{where}{r.gpu_display_name}[/bold]{layout} "
+            f"({_gib(r.usable_memory_bytes)} usable{' each' if per_gpu is not None else ''}): "
+            f"task={w.get('task')}, method={w.get('method')}, "
             f"precision={w.get('precision')}, {shape}")
     verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
-    c.print(f"{verdict}: needs {_gib(r.total_bytes)} (peak allocated {_gib(r.peak_allocated_bytes)}); "
-            f"headroom {_gib(r.headroom_bytes)}")
+    each = " on the most loaded GPU" if per_gpu is not None else ""
+    c.print(f"{verdict}: needs {_gib(r.total_bytes)}{each} (peak allocated {_gib(r.peak_allocated_bytes)}); "
+            f"headroom {_gib(r.headroom_bytes)}" + (f"; one GPU would need {_gib(r.estimate.total_bytes)}"
+                                                    if per_gpu is not None else ""))
     return c
 
 
@@ -129,7 +143,8 @@ def _gib(n: int) -> str:
 def _print_fit(r: FitResult) -> None:
     w = r.estimate.workload
     c = _fit_header(r, f"batch {w.get('batch_size')} x {w.get('seq_len')} tokens")
-    c.print(f"largest batch at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
+    unit = " per data-parallel rank" if r.per_gpu is not None else ""
+    c.print(f"largest batch{unit} at {w.get('seq_len')} tokens: [bold]{r.max_batch_size:,}[/bold]")
     limit = f" (the model was trained for {r.context_limit:,})" if r.context_limit else ""
     c.print(f"longest sequence at batch {w.get('batch_size')}: [bold]{r.max_seq_len:,}[/bold] tokens{limit}")
     if r.kv is not None:
@@ -151,9 +166,11 @@ def _print_fit(r: FitResult) -> None:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
+    from ..render import note_gpu_choice
     from ..service import PlanQuery, plan
 
     result = plan(PlanQuery.of(ns.model, options(ns)))
+    note_gpu_choice(*(ns.gpu or ()))
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -174,10 +191,11 @@ def _money(x: float | None) -> str:
 
 
 def _print_plan(r: PlanResult) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    from ..render import console as _console
+
+    c = _console()
     if r.resolution is not None:
         c.print(f"[bold]{r.model}[/bold] ({r.parameters:,} parameters), task {r.task}: images of {r.resolution} px"
                 + (f", {r.global_batch} per optimizer step" if r.global_batch else ""))
@@ -188,16 +206,18 @@ def _print_plan(r: PlanResult) -> None:
     c.print(f"[dim]{r.candidates_evaluated:,} candidates evaluated in {r.elapsed_s:.2f} s; {r.feasible:,} fit; "
             f"ranked by {r.sort}[/dim]")
     if r.plans:
-        t = Table(show_edge=False)
-        for col in ("#", "GPU", "n", "layout", "method", "settings", "batch", "GiB/GPU", "time", "cost"):
-            t.add_column(col, justify="right" if col in ("#", "n", "GiB/GPU", "time", "cost") else "left",
-                         no_wrap=col != "settings")
+        t = Table(show_edge=False, pad_edge=False)
+        for col in ("#", "GPUs", "method and settings", "batch", "GiB/GPU", "time", "cost"):
+            numeric = col in ("#", "batch", "GiB/GPU", "time", "cost")  # never cut; words wrap instead
+            t.add_column(col, justify="right" if numeric and col != "batch" else "left", no_wrap=numeric,
+                         overflow="fold")
         for i, p in enumerate(r.plans, 1):
             method = p.method if p.weights_quant == "none" else f"{p.method} {p.weights_quant}"
-            settings = " ".join(x for x in (p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing else "")
-                                if x)
+            settings = " ".join(x for x in (method, p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing
+                                            else "") if x and x != "none")
+            layout = "" if p.layout == "single" else f" {p.layout}"
             batch = f"{p.micro_batch}" if p.method == "inference" else f"{p.micro_batch}x{p.gradient_accumulation}"
-            t.add_row(str(i), p.gpu, str(p.gpu_count), p.layout, method, settings, batch,
+            t.add_row(str(i), f"{p.gpu_count}x {p.gpu}{layout}", settings, batch,
                       f"{p.total_bytes / 2**30:,.1f}/{p.usable_memory_bytes / 2**30:,.0f}", _hours(p.time_hours),
                       _money(p.cost_usd))
         c.print(t)
@@ -215,5 +235,10 @@ def _print_plan(r: PlanResult) -> None:
 def _summary(p: Plan | None, reason: str | None) -> str:
     if p is None:
         return reason or "none"
-    extra = f"; {_hours(p.time_hours)}, {_money(p.cost_usd)}" + ("" if p.cost_usd is not None else " (unpriced)")
+    if p.time_hours is None and getattr(p, "resolution", None) is not None:
+        extra = "; time and cost not modelled for image models (ranked by the GPU's hourly price)"
+    elif p.time_hours is None:
+        extra = "; no time estimate"
+    else:
+        extra = f"; {_hours(p.time_hours)}, {_money(p.cost_usd)}" + ("" if p.cost_usd is not None else " (unpriced)")
     return f"{p.describe()} — {p.total_bytes / 2**30:,.1f} of {p.usable_memory_bytes / 2**30:,.1f} GiB per GPU{extra}"

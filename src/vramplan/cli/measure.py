@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import positive_int
 from ..errors import VramplanError
 from ._flags import add_parallel_flags, add_workload_flags, options
 
@@ -28,7 +29,7 @@ def _add_measure_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("model", metavar="MODEL", help="catalog name or path to a config.json (random weights)")
     add_workload_flags(m)
     add_parallel_flags(m)
-    m.add_argument("--steps", type=int, default=3, help="training steps (the peak is usually in step 2)")
+    m.add_argument("--steps", type=positive_int, default=3, help="training steps (the peak is usually in step 2)")
     m.add_argument("--csv", metavar="OUT", help="append a row in the calibration measured.csv format")
     m.add_argument("--json", action="store_true")
 

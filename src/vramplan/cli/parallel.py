@@ -18,9 +18,9 @@ __all__ = ["print_parallel", "register"]
 
 def print_parallel(section: dict[str, Any]) -> None:
     """A short table of the ``per_gpu`` section (rich)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from ..render import console as _console
     from ..units import format_bytes
 
     t = Table(title=f"per GPU (most loaded: stage {section['stage']}) — {section['engine']}, "
@@ -39,16 +39,19 @@ def print_parallel(section: dict[str, Any]) -> None:
                                       f"{comm['seconds_per_step'] * 1e3:.1f} ms at peak bandwidth")
     if comm["bubble_fraction"]:
         t.add_row("pipeline bubble", f"{comm['bubble_fraction']:.1%}")
-    console = Console()
+    console = _console()
     console.print(t)
     for w in section["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
 
 def _cmd_export(ns: argparse.Namespace) -> int:
+    from ..render import note_gpu_choice
     from ..service import ExportQuery, export
 
     out = export(ExportQuery.of(ns.model, options(ns)))
+    if ns.gpu:
+        note_gpu_choice(ns.gpu)
     if ns.output and ns.output != "-":
         with open(ns.output, "w", encoding="utf-8") as fh:
             fh.write(out.text)

@@ -6,8 +6,10 @@ Registered by :mod:`vramplan.cli`; heavy imports (starlette, uvicorn, vl-convert
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
+import sys
 from typing import Any
 
 from .._argtypes import integer
@@ -72,8 +74,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    import sys
-
     try:
         import uvicorn
 
@@ -87,19 +87,40 @@ def _serve(ns: argparse.Namespace) -> int:
                          "this page\n")
     # On loopback, answer only requests addressed to this machine by name (a guard against DNS rebinding).
     app = create_app(trusted_hosts=("127.0.0.1", "localhost", "::1", ns.host) if loopback else None)
+    sock = _bind(ns.host, ns.port)  # before saying "serving on": a busy port is an error, not a banner
+    port = sock.getsockname()[1]
     shown = f"[{ns.host}]" if ":" in ns.host else ns.host
-    sys.stderr.write(f"vramplan: serving on http://{shown}:{ns.port}/ (Ctrl+C stops)\n")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning", server_header=False)
+    sys.stderr.write(f"vramplan: serving on http://{shown}:{port}/ (Ctrl+C stops)\n")
+    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=port, log_level="warning",
+                                           server_header=False))
+    server.run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> Any:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise VramplanError(f"port {port} on {host} is in use (another vramplan serve?); "
+                                f"pick another with --port, or --port 0 for any free one") from None
+        reason = exc.strerror or str(exc)
+        raise VramplanError(f"cannot listen on {host}:{port}: {reason}; check --host and --port") from None
 
 
 def _sweep(ns: argparse.Namespace) -> int:
     from ..charts import plot_sweep
+    from ..render import note_gpu_choice
     from ..service import SweepQuery, sweep
 
     result = sweep(SweepQuery.of(ns.model, options(ns)))
+    note_gpu_choice(*(ns.gpu or ()))
     if ns.plot:
-        plot_sweep(result, ns.plot)
+        written = plot_sweep(result, ns.plot)
+        sys.stderr.write(f"vramplan: wrote the sweep chart to {written}\n")
     if ns.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif not ns.plot or result.stopped:
@@ -108,12 +129,12 @@ def _sweep(ns: argparse.Namespace) -> int:
 
 
 def _print_sweep(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from ..render import console as _console
     from ..units import GiB
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{data['model']}: memory by {data['over']}", show_edge=False)
     table.add_column(data["over"], justify="right")
     table.add_column("peak allocated GiB", justify="right")

@@ -74,7 +74,7 @@ class Plan:
                 "gpu_count": self.gpu_count, "layout": self.layout, "method": self.method,
                 "precision": self.precision, "optimizer": self.optimizer, "weights_quant": self.weights_quant,
                 "gradient_checkpointing": self.gradient_checkpointing, "micro_batch": self.micro_batch,
-                "gradient_accumulation": self.gradient_accumulation, "global_batch": self.global_batch,
+                "gradient_accumulation": self.gradient_accumulation, "global_batch": self.global_batch or None,
                 "seq_len": self.seq_len, "peak_allocated_bytes": self.peak_allocated_bytes,
                 "total_bytes": self.total_bytes, "usable_memory_bytes": self.usable_memory_bytes,
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "time_hours": self.time_hours,
@@ -108,7 +108,7 @@ class PlanResult:
     def to_dict(self) -> dict[str, Any]:
         extra = {"resolution": self.resolution} if self.resolution is not None else {}
         return {"model": self.model, "parameters": self.parameters, "task": self.task, "tokens": self.tokens,
-                "seq_len": self.seq_len, "global_batch": self.global_batch, "sort": self.sort,
+                "seq_len": self.seq_len, "global_batch": self.global_batch or None, "sort": self.sort,
                 "candidates_evaluated": self.candidates_evaluated, "feasible": self.feasible,
                 "layouts_unsupported": self.layouts_unsupported, "elapsed_s": self.elapsed_s,
                 "plans": [p.to_dict() for p in self.plans],

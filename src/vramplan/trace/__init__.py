@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._files import read_text_limited
 from ..errors import VramplanError
+from ..hfconfig import MAX_CONFIG_BYTES
 from ..result import Estimate
 from ..workload import Workload
 
@@ -55,6 +57,15 @@ def trace_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+_progress: Callable[[str], None] | None = None
+
+
+def report(step: str) -> None:
+    """Tell the caller's ``progress`` callback which step the trace is in (import, build, forward, …)."""
+    if _progress is not None:
+        _progress(step)
 
 
 # transformers >= 5 writes the floats JSON cannot hold as {"__float__": "Infinity"} (configuration_utils.py,
@@ -80,14 +91,16 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "config.json"
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text_limited(p, MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as exc:
         raise VramplanError(f"{path}: cannot read the config ({exc.strerror or exc}); give a config.json file, "
                             "a directory holding one, or a catalog name (vramplan models)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise VramplanError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise VramplanError(f"{p}: JSON nested too deeply to be a config.json") from None
     if not isinstance(data, dict):
         raise VramplanError(f"{p}: not a JSON object; a config.json holds one object")
     return decode_special_floats(data)  # type: ignore[no-any-return]
@@ -107,23 +120,32 @@ def load_trace_config(model: str) -> tuple[dict[str, Any], str, str | None]:
 
 
 def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model",
-                   routing: str = "balanced", image_tokens: int | None = None) -> Estimate:
+                   routing: str = "balanced", image_tokens: int | None = None,
+                   progress: Callable[[str], None] | None = None) -> Estimate:
     """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping).
 
     ``routing``: how MoE tokens reach experts where the model's dispatch depends on the data (``ROUTINGS``).
     ``image_tokens``: vision-language models: image tokens per sequence (``None``: one image at the vision
-    tower's native resolution; 0: text only)."""
+    tower's native resolution; 0: text only). ``progress``, when given, is called with each step as it
+    starts: importing torch, building the model, then the phases (forward, backward, optimizer step;
+    prefill, decode) — a trace takes seconds."""
+    global _progress
     if routing not in ROUTINGS:
         raise VramplanError(f"routing {routing!r} is not one of: {', '.join(ROUTINGS)}")
     if image_tokens is not None and image_tokens < 0:
         raise VramplanError("image_tokens must be >= 0")
+    _progress = progress
     try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise VramplanError(TORCH_MISSING) from None
-    from ._engine import run_trace
+        report("importing torch, transformers and peft")
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise VramplanError(TORCH_MISSING) from None
+        from ._engine import run_trace
 
-    return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing,
-                     image_tokens=image_tokens)
+        return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing,
+                         image_tokens=image_tokens)
+    finally:
+        _progress = None

@@ -296,6 +296,9 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     ]
     warns: list[str] = []
     prev_default = torch.get_default_dtype()
+    from . import report
+
+    report("building the model on fake tensors")
     with _trace_environment(), fake:
         built = build_model(raw, workload, name)
         model = built.model

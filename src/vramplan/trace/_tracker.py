@@ -159,6 +159,10 @@ class MemoryTracker(TorchDispatchMode):
     def set_phase(self, phase: Phase | None) -> None:
         """Enter a phase; its peak is at least what is live when it starts (a phase can allocate nothing, e.g.
         a fused optimizer step)."""
+        if phase is not None and phase is not self.phase:
+            from . import report
+
+            report(phase.value.replace("_", " "))
         self.phase = phase
         if phase is not None:
             self._check_peak(None, 0)

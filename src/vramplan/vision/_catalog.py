@@ -16,7 +16,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .._files import read_text_limited
 from ..errors import ConfigError, UnknownNameError
+from ..hfconfig import MAX_CONFIG_BYTES
 
 __all__ = ["VisionEntry", "get_vision_model", "list_vision_models", "lookup"]
 
@@ -97,9 +99,8 @@ def config_file_entry(path: str) -> VisionEntry | None:
     if not (p.endswith(".json") and os.path.isfile(p)):
         return None
     try:
-        with open(p, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
+        data = json.loads(read_text_limited(p, MAX_CONFIG_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None

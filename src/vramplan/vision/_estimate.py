@@ -23,7 +23,7 @@ from ..allocator import DEFAULT_CONF, AllocStats, simulate
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
 from ..result import Estimate, PhasePeak
-from ..workload import Precision
+from ..workload import Optimizer, Precision
 from ._backbones import build_backbone
 from ._catalog import VisionEntry, component
 from ._dit import DiTRun, build_dit
@@ -579,14 +579,20 @@ def _stylegan(run: _Run) -> None:
     if spec.version == 2:
         run.assumptions.append(f"stylegan2-ada-pytorch --cfg=auto on 1 GPU: batch {b}, mapping {spec.mapping_layers} "
                                f"layers, channel_base {spec.channel_base}, fp16 in the {spec.num_fp16_res} highest "
-                               "resolutions, ADA (bgc) augmentation, G_ema, Adam for G and D")
+                               f"resolutions, ADA (bgc) augmentation, G_ema; {_gan_optimizer(w)}")
         run.assumptions.append("phases Gmain, Greg (path length every 4), Dmain, Dreg (R1 every 16); the "
                                "regularization passes keep the forward's saved tensors plus every gradient and "
                                "product their create_graph backward computes")
     else:
         run.assumptions.append(f"stylegan3 --cfg=stylegan3-t: batch per GPU {b}, mapping {spec.mapping_layers} layers, "
                                f"channel_base {spec.channel_base}, fp16 layers by sampling rate, ADA augmentation, "
-                               "G_ema, Adam for G and D; phases Gmain, Dmain, Dreg (R1 every 16), no path length")
+                               f"G_ema; {_gan_optimizer(w)}; phases Gmain, Dmain, Dreg (R1 every 16), no path length")
+
+
+def _gan_optimizer(w: VisionWorkload) -> str:
+    if w.optimizer in (Optimizer.ADAMW, Optimizer.ADAMW_FUSED):
+        return f"{w.optimizer.value} states for G and D (NVlabs uses Adam: the same two states per parameter)"
+    return f"{w.optimizer.value} for G and D (NVlabs uses Adam)"
 
 
 # ---- entry point ----------------------------------------------------------------------------------------
@@ -622,6 +628,9 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
             run.warnings.append("StyleGAN2-ADA fixes its own precision (fp32 weights, fp16 top resolutions); "
                                 "--precision is ignored")
         _stylegan(run)
+        # the header and the JSON say what is modelled: NVlabs' own mixed precision, not --precision
+        run.assumptions[1] = (f"{res} x {res} pixels, batch {w.batch_size}, fp32 weights and optimizer states, "
+                              "fp16 activations in the highest resolutions (num_fp16_res)")
     if w.is_train and not w.set_grads_to_none and kind != "stylegan":
         run.assumptions.append("optimizer.zero_grad(set_to_none=False): zeroed gradients stay allocated through the "
                                "next forward and backward (the default before PyTorch 2.0)")
@@ -635,7 +644,8 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "and free through a model of PyTorch's caching allocator, with the weights created "
                                "in fp32 and cast (model.to(dtype)) as the calibration harness builds them")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
-                  assumptions=run.assumptions, warnings=run.warnings, workload=_workload_dict(w, res),
+                  assumptions=run.assumptions, warnings=run.warnings,
+                  workload=_workload_dict(w, res) | ({"precision": "fp32"} if kind == "stylegan" else {}),
                   reserved=run.reserved)
 
 

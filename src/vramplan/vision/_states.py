@@ -10,6 +10,7 @@ each pay it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,7 +86,7 @@ def model_states(frozen: Sequence[int], frozen_elem: int, trained: Sequence[int]
         if not sizes:
             continue
         numel = sum(sizes)
-        s, t, note = _optimizer_bytes(optimizer, numel, elem, list(sizes))
+        s, t, note = _optimizer_bytes(optimizer, numel, elem, Counter(sizes))
         extra = _blocks(sizes, elem) - numel * elem  # allocator rounding of each parameter-sized tensor
         if optimizer in (Optimizer.ADAMW, Optimizer.ADAMW_FUSED):
             s += 2 * extra

@@ -70,6 +70,34 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class _KeepAliveOn500:
+    """Answers an unexpected exception with the JSON 500 of :func:`_server_error` and does not re-raise it:
+    Starlette's ServerErrorMiddleware re-raises, and the server then drops the keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection can end it
+                raise
+            response = await _server_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 class _HostCheck:
     """Refuses requests whose Host header is not one of ``allowed`` (against DNS rebinding): a page on
     another site cannot talk to this server through a name that resolves to 127.0.0.1."""
@@ -287,6 +315,7 @@ def create_app(trusted_hosts: Sequence[str] | None = None, workers: int = 2) -> 
     middleware = [Middleware(_SecurityHeaders)]
     if trusted_hosts is not None:
         middleware.append(Middleware(_HostCheck, allowed=trusted_hosts))
+    middleware.append(Middleware(_KeepAliveOn500))  # innermost: below it only the routes and 4xx handlers
     return Starlette(
         routes=routes, middleware=middleware, lifespan=lifespan,
         exception_handlers={RequestError: _request_error, VramplanError: _vramplan_error,

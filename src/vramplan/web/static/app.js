@@ -70,6 +70,14 @@ const GROUPS = {
   advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation"],
   adapters: ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_layers"],
 };
+// The estimate command's options beyond the workload, by what they are about (the rest: "Other").
+const EXTRA_GROUPS = {
+  parallel: ["gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batches", "virtual_stages", "offload",
+    "sequence_parallel", "intra_node_link", "inter_node_link"],
+  image: ["resolution", "pipeline"],
+};
+const PLAN_JOB_KEYS = ["method", "precision", "optimizer", "weights_quant", "batch_size", "gradient_checkpointing",
+  "attention", "lora_rank", "lora_targets", "seq_len", "new_tokens", "resolution", "pipeline"];
 // When an option means something (hidden options are not sent: the CLI default applies).
 const SHOWN = {
   method: (v) => v.task === "train",
@@ -306,6 +314,30 @@ function showError(message) {
   box.hidden = !message;
 }
 
+// After an error nothing of the previous answer stays on screen as if it were this request's.
+function clearResults() {
+  for (const id of ["#total", "#peak", "#phase", "#params"]) {
+    const node = $(id);
+    node.textContent = "—";
+    for (const key of Object.keys(node.dataset)) delete node.dataset[key];
+  }
+  $("#total-label").textContent = "on the GPU (nvidia-smi)";
+  $("#trainable").textContent = "";
+  $("#verdict").replaceChildren();
+  $("#per-gpu").hidden = true;
+  for (const table of ["#breakdown-table", "#fit-table", "#fit-result", "#plan-table"]) $(`${table} tbody`).replaceChildren();
+  $("#plan-table thead").replaceChildren();
+  for (const id of ["#plan-summary", "#plan-job", "#fit-table-note", "#sweep-note"]) $(id).textContent = "";
+  $("#sweep-note").hidden = true;
+  $("#assumptions").replaceChildren();
+  $("#warnings").replaceChildren();
+  for (const id of ["chart-breakdown", "chart-seq", "chart-batch", "chart-parallel"]) {
+    document.getElementById(id).replaceChildren();
+    if (page.views[id]) { page.views[id].finalize(); delete page.views[id]; }
+  }
+  $("#parallel").hidden = true;
+}
+
 async function embed(id, spec) {
   const target = document.getElementById(id);
   if (!spec) { target.replaceChildren(); delete page.views[id]; return; }
@@ -324,22 +356,28 @@ async function embed(id, spec) {
 }
 
 function renderSummary(est, fits) {
+  // Several GPUs: the headline is the most loaded GPU's memory; the one-GPU figure is the small print.
+  const perGpu = est.per_gpu;
+  const head = perGpu || est;
   const total = $("#total");
-  total.textContent = `${gib(est.total_bytes)} GiB`;
-  total.dataset.bytes = String(est.total_bytes);
+  total.textContent = `${gib(head.total_bytes)} GiB`;
+  total.dataset.bytes = String(head.total_bytes);
+  total.dataset.scope = perGpu ? "per-gpu" : "one-gpu";
+  $("#total-label").textContent = perGpu ? `per GPU, most loaded of ${perGpu.gpus} (nvidia-smi)` : "on the GPU (nvidia-smi)";
   const peak = $("#peak");
-  peak.textContent = `${gib(est.peak_allocated_bytes)} GiB`;
-  peak.dataset.bytes = String(est.peak_allocated_bytes);
+  peak.textContent = `${gib(head.peak_allocated_bytes)} GiB`;
+  peak.dataset.bytes = String(head.peak_allocated_bytes);
   $("#phase").textContent = est.peak_phase.replaceAll("_", " ");
   $("#phase").dataset.phase = est.peak_phase;
   $("#params").textContent = count(est.parameters);
   $("#params").dataset.count = String(est.parameters);
   $("#trainable").textContent = `${count(est.trainable_parameters)} trainable`;
-  const perGpu = est.per_gpu;
   $("#per-gpu").hidden = !perGpu;
   if (perGpu) {
-    $("#per-gpu-text").textContent = `most loaded GPU of ${perGpu.gpus}: ${gib(perGpu.total_bytes)} GiB on the GPU, ` +
-      `${gib(perGpu.peak_allocated_bytes)} GiB peak allocated` + (perGpu.host_bytes ? `; host memory ${gib(perGpu.host_bytes)} GiB` : "");
+    $("#per-gpu-text").textContent = `most loaded GPU of ${perGpu.gpus}` + (perGpu.engine ? ` (${perGpu.engine})` : "") +
+      `: ${gib(perGpu.total_bytes)} GiB on the GPU, ${gib(perGpu.peak_allocated_bytes)} GiB peak allocated` +
+      (perGpu.host_bytes ? `; host memory ${gib(perGpu.host_bytes)} GiB` : "") +
+      `. The whole job on one GPU would need ${gib(est.total_bytes)} GiB (the breakdown below).`;
   }
   const assumptions = $("#assumptions");
   assumptions.replaceChildren(...est.assumptions.map((a) => el("li", { textContent: a })));
@@ -370,7 +408,7 @@ function renderFitTable(rows) {
   tbody.replaceChildren(...rows.filter((r) => !page.gpuClass || r.class === page.gpuClass).map((r) => {
     const tr = el("tr", { class: `${r.fits ? "ok" : "no"}${page.gpus.includes(r.name) ? " chosen" : ""}`,
       "data-gpu": r.name, "data-fits": String(r.fits), "data-headroom": String(r.headroom_bytes), title: "click to compare on the charts" },
-    el("td", { textContent: r.display_name }), el("td", { textContent: r.class }),
+    el("td", { textContent: r.display_name }), el("td", { class: "wide-only", textContent: r.class }),
     el("td", { textContent: gib(r.usable_memory_bytes) }), el("td", { textContent: r.fits ? "✓ fits" : "✗ does not fit" }),
     el("td", { textContent: gib(r.headroom_bytes) }));
     tr.addEventListener("click", () => toggleGpu(r.name));
@@ -406,18 +444,43 @@ function renderKeyValues(table, data) {
   table.querySelector("tbody").replaceChildren(...rows);
 }
 
+// Hours as the CLI writes them: minutes under an hour, days past two.
+function duration(h) {
+  if (typeof h !== "number") return "—";
+  const fmt = (x) => x.toLocaleString("en-US", { maximumFractionDigits: 1, minimumFractionDigits: 1 });
+  if (h < 1 / 60) return `${fmt(h * 3600)} s`;
+  if (h < 1) return `${fmt(h * 60)} min`;
+  return h < 48 ? `${fmt(h)} h` : `${fmt(h / 24)} d`;
+}
+
+function jobSize(data) {
+  if (data.resolution) {
+    return `job: images of ${count(data.resolution)} px` + (data.global_batch ? `, ${count(data.global_batch)} per optimizer step` : "") +
+      "; time and cost are not modelled for image models";
+  }
+  if (data.task === "infer") return `job: ${count(data.tokens || 0)} generated tokens for prompts of ${count(data.seq_len || 0)} tokens (set tokens to change)`;
+  return `job: ${count(data.tokens || 0)} training tokens` +
+    (data.global_batch ? `, ${count(data.global_batch)} sequences of ${count(data.seq_len)} tokens per optimizer step` : "") +
+    " — the hours and cost below are for this job (set tokens to change)";
+}
+
 function renderPlans(data) {
   const plans = Array.isArray(data.plans) ? data.plans.slice(0, 10) : [];
+  $("#plan-job").textContent = jobSize(data);
   const columns = [["plan", (p) => p.summary || `${p.gpu_count ?? 1} × ${p.gpu}: ${p.method}, ${p.precision}`],
     ["per GPU", (p) => (p.total_bytes ?? p.peak_allocated_bytes) === undefined ? "—" : `${gib(p.total_bytes ?? p.peak_allocated_bytes)} GiB`],
-    ["hours", (p) => (typeof p.time_hours === "number" ? p.time_hours.toLocaleString("en-US", { maximumFractionDigits: 1 }) : "—")],
+    ["time", (p) => duration(p.time_hours)],
     ["cost (on demand)", (p) => (typeof p.cost_usd === "number" ? `$${p.cost_usd.toLocaleString("en-US", { maximumFractionDigits: 2 })}` : "—")]];
   $("#plan-table thead").replaceChildren(el("tr", {}, ...columns.map(([name]) => el("th", { textContent: name }))));
   $("#plan-table tbody").replaceChildren(...plans.map((p) => el("tr", {}, ...columns.map(([, cell]) => el("td", { textContent: cell(p) })))));
   const rec = data.recommendation || {};
   const say = (label, key) => {
     const r = rec[key];
-    if (r) return `${label}: ${r.summary || `${r.gpu_count ?? 1} × ${r.gpu}`}`;
+    if (r) {
+      const when = typeof r.time_hours === "number" ? `, ${duration(r.time_hours)}` : "";
+      const cost = typeof r.cost_usd === "number" ? `, $${r.cost_usd.toLocaleString("en-US", { maximumFractionDigits: 2 })}` : "";
+      return `${label}: ${r.summary || `${r.gpu_count ?? 1} × ${r.gpu}`}${when}${cost}`;
+    }
     return rec[`${key}_reason`] || r === null ? `${label}: ${rec[`${key}_reason`] || "not feasible"}` : "";
   };
   $("#plan-summary").textContent = [say("cheapest consumer setup", "consumer"), say("recommended data-centre setup", "datacenter"),
@@ -459,9 +522,14 @@ async function update() {
       api("/api/headroom", body, signal),
     ]);
     showError("");
-    renderSummary(est, fits.gpus);
+    // several GPUs: each GPU type is judged by the most loaded GPU of the layout, not by the one-GPU total
+    const perGpu = est.per_gpu;
+    const rows = perGpu ? fits.gpus.map((r) => ({ ...r, fits: r.usable_memory_bytes >= perGpu.total_bytes,
+      headroom_bytes: r.usable_memory_bytes - perGpu.total_bytes })) : fits.gpus;
+    $("#fit-table-note").textContent = perGpu ? `per GPU: ${perGpu.gpus} of each type, the layout above (${gib(perGpu.total_bytes)} GiB on the most loaded)` : "";
+    renderSummary(est, rows);
     renderBreakdownTable(est);
-    renderFitTable(fits.gpus);
+    renderFitTable(rows);
     const direct = Object.keys(body).every((k) => k in page.options && !page.extras.includes(k) || ["model", "config", "config_name"].includes(k));
     const sweeps = direct ? [
       api("/api/chart/sweep", { ...body, over: "seq-len", range: sweepRange(v.seq_len, 256, 4096, 131072), gpu: page.gpus }, signal),
@@ -478,6 +546,13 @@ async function update() {
     await embed("chart-breakdown", breakdown.spec);
     await embed("chart-seq", seq.spec);
     await embed("chart-batch", batch.spec);
+    const reasons = [seq.reason, batch.reason].filter(Boolean);
+    const note = $("#sweep-note");
+    note.hidden = Boolean(seq.spec || batch.spec) && !reasons.length;
+    note.textContent = seq.spec || batch.spec ? reasons.join("; ")
+      : (reasons.join("; ") || (direct ? "no sweep for this model" :
+        "memory against sequence length and batch size is drawn for language models with workload options only; " +
+        "use the fit section (largest batch and resolution) for image models and several GPUs"));
     $("#parallel").hidden = !parallel || (!parallel.spec && !parallel.reason);
     if (parallel) {
       await embed("chart-parallel", parallel.spec);
@@ -489,6 +564,7 @@ async function update() {
     await Promise.all([updateFit(body, signal), updatePlan(body, signal)]);
   } catch (err) {
     if (err.name === "AbortError") return;
+    clearResults();
     showError(err.message);
     results.dataset.request = JSON.stringify(body);
     results.dataset.state = "error";
@@ -496,7 +572,7 @@ async function update() {
 }
 
 function commandBody(command, body) {
-  const known = new Set([...Object.keys(page.options), ...(page.schema.commands[command] || []).map((o) => o.name)]);
+  const known = new Set([...page.schema.workload.map((o) => o.name), ...(page.schema.commands[command] || []).map((o) => o.name)]);
   return Object.fromEntries(Object.entries(body).filter(([k]) => ["model", "config", "config_name"].includes(k) || known.has(k)));
 }
 
@@ -505,6 +581,13 @@ async function updateFit(body, signal) {
   const section = $("#fit-section");
   section.hidden = false;
   const request = { ...commandBody("fit", body), gpu: $("#fit-gpu").value };
+  const fitTakes = new Set((page.schema.commands.fit || []).map((o) => o.name));
+  const several = EXTRA_GROUPS.parallel.filter((k) => k in body);
+  $("#fit-title").textContent = several.length && fitTakes.has("gpus") ? `Fit on ${body.gpus || "several"} GPUs` : "Fit on one GPU";
+  if (several.length && !fitTakes.has("gpus")) {
+    renderKeyValues($("#fit-result"), { note: "fit answers for one GPU; the per-GPU answer of this layout is at the top" });
+    return;
+  }
   try {
     renderKeyValues($("#fit-result"), await api("/api/fit", request, signal));
   } catch (err) {
@@ -516,32 +599,50 @@ async function updatePlan(body, signal) {
   if (!page.schema.features.plan) return;
   $("#plan-section").hidden = false;
   const request = { ...(body.config ? { config: body.config, config_name: body.config_name } : { model: body.model }) };
-  for (const key of ["seq_len", "new_tokens", "resolution", "pipeline"]) if (key in body) request[key] = body[key];  // the shapes; the rest is searched
+  // the job in the form pins the search (a LoRA job gets LoRA plans); what the form leaves at its default is searched
+  const planTakes = new Set((page.schema.commands.plan || []).map((o) => o.name).concat(page.schema.workload.map((o) => o.name)));
+  for (const key of PLAN_JOB_KEYS) if (key in body && planTakes.has(key)) request[key] = body[key];
   for (const option of page.schema.commands.plan || []) {
     if (!document.getElementById(`plan-${option.name}`)) continue;
     const value = readValue(option, "plan-");
     if ((option.required || !same(value, option.default)) && value !== "" && value !== null) request[option.name] = value;
   }
-  if (task() === "infer") request.task = "infer";  // plan's own task (train|finetune|infer) follows the page's
+  if (task() === "infer") { request.task = "infer"; delete request.method; }  // plan's task follows the page's
   try {
     renderPlans(await api("/api/plan", request, signal));
   } catch (err) {
-    if (err.name !== "AbortError") $("#plan-summary").textContent = err.message;
+    if (err.name === "AbortError") return;
+    $("#plan-table thead").replaceChildren();
+    $("#plan-table tbody").replaceChildren();
+    $("#plan-job").textContent = "";
+    $("#plan-summary").textContent = err.message;
   }
 }
 
 // ------------------------------------------------------------------------------------------ setup
 
+// ``name``: the uploaded file's name; null for pasted text (the name field then says "config.json").
 async function readConfig(text, name) {
+  $("#config-name").value = name ? name.replace(/[^A-Za-z0-9._+ -]/g, "_").slice(0, 100) : "";
+  const where = name ? name : "the pasted text";
+  let parsed;
   try {
-    page.config = JSON.parse(text);
-    $("#config-status").textContent = `read ${count(text.length)} characters${name ? ` from ${name}` : ""}`;
-    if (name && !$("#config-name").value) $("#config-name").value = name;
-    schedule();
-  } catch (err) {
-    page.config = null;
-    showError(`that is not JSON: ${err.message}`);
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
   }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+    page.config = null;
+    clearResults();
+    $("#results").dataset.state = "error";
+    $("#cli").textContent = "";
+    $("#config-status").textContent = "";
+    showError(`${where} is not a config.json: a Hugging Face config.json is one JSON object ({"model_type": …})`);
+    return;
+  }
+  page.config = parsed;
+  $("#config-status").textContent = `read ${count(text.length)} characters from ${where}`;
+  schedule();
 }
 
 async function main() {
@@ -568,10 +669,16 @@ async function main() {
     for (const name of names) if (page.options[name]) box.append(control(page.options[name]));
   }
   for (const option of schema.commands.estimate || []) {
+    if (["json", "plot"].includes(option.name)) continue;  // CLI output switches, not options of the answer
     page.options[option.name] = option;
     page.extras.push(option.name);
-    $("#group-extra").append(control(option));
+    const group = Object.keys(EXTRA_GROUPS).find((g) => EXTRA_GROUPS[g].includes(option.name)) || "extra";
+    $(`#group-${group}`).append(control(option));
   }
+  for (const heading of document.querySelectorAll("details h3[data-group]")) {
+    heading.hidden = !$(`#group-${heading.dataset.group}`).children.length;
+  }
+  $("#multi").hidden = !$("#group-parallel").children.length;
   for (const option of schema.commands.plan || []) {
     if (page.options[option.name]) continue;  // the page's own controls (an image's resolution, pipeline) apply
     const initial = option.kind === "choice" && option.default === null ? option.choices[0] : option.default;
@@ -581,12 +688,14 @@ async function main() {
   $("#fit-gpu").value = "rtx-4090";
 
   loadUrl();
+  if (EXTRA_GROUPS.parallel.some((k) => new URLSearchParams(location.search).has(k))) $("#multi").open = true;
+  if (["resolution", "pipeline", ...GROUPS.advanced, ...GROUPS.adapters].some((k) => new URLSearchParams(location.search).has(k))) $("#more").open = true;
   for (const wrap of document.querySelectorAll(".field")) if (wrap.sayHelp) wrap.sayHelp();
   renderChips();
   refreshVisibility();
 
   $("#form").addEventListener("input", (e) => {
-    if (e.target.id === "config-text") readConfig(e.target.value, "");
+    if (e.target.id === "config-text") readConfig(e.target.value, null);
     else if (e.target.id !== "config-file") schedule();
   });
   $("#form").addEventListener("change", (e) => { if (e.target.type === "radio" || e.target.tagName === "SELECT") schedule(); });
@@ -594,7 +703,12 @@ async function main() {
   $("#config-file").addEventListener("change", async (e) => {
     const file = e.target.files[0];
     if (!file) return;
-    if (file.size > 1 << 20) { showError("that file is over 1 MiB; a config.json is a few KiB"); return; }
+    if (file.size > 1 << 20) {
+      page.config = null;
+      clearResults();
+      showError(`${file.name} is over 1 MiB; a config.json is a few KiB`);
+      return;
+    }
     const text = await file.text();
     $("#config-text").value = text;
     readConfig(text, file.name);
