@@ -387,6 +387,9 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="drop the cached results first")
     ap.add_argument("--skip-done", action="store_true", help="skip types already in --out")
     ap.add_argument("--summary-only", action="store_true", help="print the table from --out without running")
+    ap.add_argument("--reverse", action="store_true", help="run the types in reverse order (a second shard)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="fold these result files (other shards) into --out first")
     args = ap.parse_args()
     args.workloads = [w for w in args.workloads.split(",") if w]
     bad = [w for w in args.workloads if w not in WORKLOADS]
@@ -396,6 +399,14 @@ def main() -> int:
     if args.out.exists() and not args.fresh:
         data = json.loads(args.out.read_text())
         data.setdefault("types", {})
+    for extra in args.merge:
+        other = json.loads(extra.read_text())
+        for t, rec in other.get("types", {}).items():
+            data["types"].setdefault(t, rec)
+        for key in ("versions", "workloads", "layers", "shrink"):
+            data.setdefault(key, other.get(key))
+    if args.merge:
+        args.out.write_text(json.dumps(data, indent=1, sort_keys=True))
     if not args.summary_only:
         import warnings
 
@@ -407,6 +418,8 @@ def main() -> int:
         types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
         if args.category:
             types = [t for t in types if category(t) == args.category]
+        if args.reverse:
+            types.reverse()
         data["versions"] = _versions()
         data["workloads"] = WORKLOADS
         data["layers"] = args.layers

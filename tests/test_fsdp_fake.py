@@ -149,8 +149,9 @@ CASES = [
 def test_fsdp2_per_rank_peak(name: str, cfg: dict[str, Any], world: int, batch: int, seq: int, mode: FSDPMode,
                              ckpt: bool, amp: bool) -> None:
     traced = _trace(cfg, world, batch, seq, mode, ckpt, amp)
+    # the traced loop keeps ``out`` through optimizer.step(): the plain trainer layout
     w = make_workload(precision="amp-bf16" if amp else "bf16", attention="eager", batch_size=batch, seq_len=seq,
-                      gradient_checkpointing=ckpt)
+                      gradient_checkpointing=ckpt, trainer="plain")
     est = estimate_parallel(spec_from_config(cfg), w, Layout(gpus=world, fsdp=mode))
     workspace = est.breakdown[MemoryKind.WORKSPACE]
     phase = {p.phase: p.peak_allocated_bytes - workspace for p in est.phases}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -24,7 +25,7 @@ from vramplan.perf import (
     training_time,
     training_work,
 )
-from vramplan.workload import Method, Precision, Task, Workload
+from vramplan.workload import Method, Precision, Task, WeightsQuant, Workload
 
 
 def test_every_efficiency_has_a_source_and_a_physical_range() -> None:
@@ -134,3 +135,94 @@ def test_a_faster_gpu_is_never_slower(model: str, gpu: str, factor: float, infer
         tb = training_time(spec, w, fast, tokens=10**6)  # type: ignore[arg-type]
         assert ta.time_s is not None and tb.time_s is not None
         assert tb.time_s <= ta.time_s * (1 + 1e-9)
+
+
+# ----------------------------------------------------------------------------------------- CLI contract
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from vramplan.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+_TIME_KEYS = {"step_seconds", "train_tokens_per_second_per_gpu", "prefill_seconds", "decode_seconds_per_token",
+              "decode_tokens_per_second", "mfu", "method"}
+
+
+def test_estimate_json_has_a_time_object(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--gpu", "h100-sxm", "--batch-size", "2", "--json")
+    assert rc == 0
+    t = json.loads(out)["time"]
+    assert set(t) >= _TIME_KEYS
+    assert t["step_seconds"] > 0 and t["train_tokens_per_second_per_gpu"] > 0 and 0 < t["mfu"] < 1
+    assert t["prefill_seconds"] is None and t["method"] == "mechanism"
+    rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--task", "infer", "--gpu", "h100-sxm", "--engine", "vllm",
+                      "--batch-size", "4", "--json")
+    t = json.loads(out)["time"]
+    assert t["prefill_seconds"] > 0 and t["engine"] == "vllm"
+    assert t["decode_tokens_per_second"] == pytest.approx(4 / t["decode_seconds_per_token"])
+    rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--json")
+    assert "time" not in json.loads(out)  # no GPU, no time: the old contract is unchanged
+
+
+def test_measured_efficiency_sets_the_mfu(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--gpu", "a100-80gb-sxm", "--efficiency", "0.45", "--json")
+    t = json.loads(out)["time"]
+    assert t["method"] == "measured-mfu" and t["mfu"] == pytest.approx(0.45)
+    rc, _, err = _run(capsys, "estimate", "llama-3.2-1b", "--efficiency", "0.45")
+    assert rc == 2 and "needs --gpu" in err
+
+
+def test_custom_gpu_inline_and_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, out, _ = _run(capsys, "estimate", "llama-3.1-8b", "--task", "infer", "--gpu",
+                      "custom:memory=96GiB,bf16_tflops=148,bandwidth=4.0TB/s,architecture=Hopper", "--json")
+    assert rc == 0
+    t = json.loads(out)["time"]
+    # 16 GB of weights over 4 TB/s: decode cannot beat 4 ms per step
+    assert t["decode_seconds_per_token"] > 16e9 / 4.0e12
+    spec_file = tmp_path / "gpu.json"
+    spec_file.write_text(json.dumps({"name": "h20", "memory": "96GiB", "bandwidth": "4.0TB/s", "bf16_tflops": 148,
+                                     "link": "900GB/s", "price": 1.2, "matmul_efficiency": 0.7}), encoding="utf-8")
+    rc, out, _ = _run(capsys, "estimate", "llama-3.1-8b", "--gpu-spec", str(spec_file), "--json")
+    t = json.loads(out)["time"]
+    assert rc == 0 and t["gpu"] == "h20" and t["efficiency"]["matmul"] == pytest.approx(0.7)
+    for bad in ("custom:memory=abc,bandwidth=1TB/s", "custom:bandwidth=1TB/s", "custom:memory=8GiB,speed=3"):
+        rc, _, err = _run(capsys, "estimate", "llama-3.2-1b", "--gpu", bad)
+        assert rc == 2 and err.count("\n") == 1, bad
+
+
+def test_a_power_capped_card_is_slower() -> None:
+    from vramplan.perf.custom import resolve_gpu
+
+    spec = get_model("llama-3.2-1b").spec
+    capped = resolve_gpu("custom:base=a100-80gb-sxm,bf16_tflops=200,name=a100-330w")
+    w = Workload(batch_size=4, seq_len=2048)
+    full = training_time(spec, w, get_gpu("a100-80gb-sxm"), tokens=10**6)
+    slow = training_time(spec, w, capped, tokens=10**6)
+    assert full.time_s is not None and slow.time_s is not None and slow.time_s > full.time_s
+
+
+def test_plan_ranks_with_the_estimate_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramplan.planner import PlanRequest, PlanTask, plan
+
+    spec = get_model("llama-3.2-1b").spec
+    gpu = get_gpu("h100-sxm")
+    req = PlanRequest(task=PlanTask.INFER, seq_len=1024, new_tokens=128, max_gpus=1, micro_batches=(8,),
+                      engine="vllm", weights_quants=(WeightsQuant.NONE,))
+    res = plan(spec, req, gpus=[gpu])
+    p = next(p for p in res.plans if p.gpu_count == 1 and p.micro_batch == 8)
+    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=1024, new_tokens=128), gpu,
+                        engine="vllm")
+    assert it.request_s is not None and p.tokens_per_s is not None
+    assert p.tokens_per_s == pytest.approx(8 * 128 / it.request_s, rel=1e-6)
+
+
+def test_plan_takes_a_described_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "plan", "llama-3.2-1b", "--task", "infer", "--engine", "vllm", "--top", "5", "--json",
+                      "--gpu", "custom:memory=96GiB,bf16_tflops=148,bandwidth=4.0TB/s,price=1.5,name=h20")
+    assert rc == 0
+    plans = json.loads(out)["plans"]
+    assert plans and {p["gpu"] for p in plans} == {"h20"} and all(p["tokens_per_s"] for p in plans)

@@ -173,8 +173,23 @@ def test_cli_trace_takes_configs_the_estimator_refuses(tmp_path: Path, capsys: p
     assert main(["trace", str(p), "--task", "infer", "--batch-size", "1", "--seq-len", "32", "--new-tokens", "1",
                  "--json", "--routing", "worst"]) == 0
     out = json.loads(capsys.readouterr().out)
+    import transformers
+
+    assert out["versions"]["transformers"] == transformers.__version__
     assert out["peak_allocated_bytes"] > 0 and any("worst" in a for a in out["assumptions"])
     p.write_text(json.dumps({"model_type": "x-custom", "auto_map": {"AutoConfig": "a.B"}}))
     assert main(["trace", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "auto_map" in err and "Traceback" not in err
+
+
+def test_vision_language_model_built_whole_with_a_warning() -> None:
+    raw = {"model_type": "llava", "text_config": {**TINY_LLAMA},
+           "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                             "projection_dim": 32}}
+    est = trace_workload(raw, INFER, name="llava-tiny")
+    assert any("LlavaForConditionalGeneration" in a for a in est.assumptions)
+    assert any("vision_config" in w and "not traced" in w for w in est.warnings)
+    text_only = trace_workload(TINY_LLAMA, INFER, name="t")
+    assert est.parameters > text_only.parameters  # the vision tower and projector are counted

@@ -293,3 +293,19 @@ def test_zero_grad_without_set_to_none_keeps_gradients_through_the_step() -> Non
     n = 859_520_964
     assert old.phase_peak(Phase.FORWARD) - new.phase_peak(Phase.FORWARD) >= 4 * n
     assert any("set_to_none=False" in a for a in old.assumptions)
+
+
+def test_image_model_training_keeps_gradients_through_accumulation() -> None:
+    # With accumulation every micro-batch after the first runs with all gradients allocated (zero_grad only after
+    # optimizer.step()), as for language models; the forward and backward peaks grow by the gradient bytes.
+    import vramplan
+
+    one = vramplan.estimate("sd15-unet", batch_size=8, resolution=512)
+    four = vramplan.estimate("sd15-unet", batch_size=8, resolution=512, gradient_accumulation=4)
+    step = next(p for p in four.phases if p.phase is vramplan.Phase.OPTIMIZER_STEP)
+    grads = step.breakdown[vramplan.MemoryKind.GRADIENTS]
+    fwd1 = one.phase_peak(vramplan.Phase.FORWARD)
+    fwd4 = four.phase_peak(vramplan.Phase.FORWARD)
+    assert grads > 0
+    assert fwd4 - fwd1 == grads
+    assert four.peak_allocated_bytes > one.peak_allocated_bytes

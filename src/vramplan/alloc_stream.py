@@ -30,7 +30,7 @@ from .kinds import Phase
 from .memory import ModelStates, lora_targets, quantized_linear_bytes
 from .params import attention_linears, count_params, mlp_linears
 from .spec import ModelSpec
-from .workload import LogitsMode, Method, Optimizer, WeightsQuant, Workload
+from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
 
 __all__ = ["infer_events", "train_events"]
 
@@ -196,8 +196,21 @@ def _trainable(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], adap
     return [n for g, n in params if g in keep]
 
 
-def _optimizer(opt: Optimizer, sizes: list[int]) -> tuple[list[int], list[int]]:
-    """(state tensors created in the first step, temporaries of every step), per parameter in order."""
+def _optimizer(opt: Optimizer, sizes: list[int], states: ModelStates) -> tuple[list[int], list[int]]:
+    """(state tensors created in the first step, temporaries of every step), per parameter in order.
+
+    AdamW, SGD, 8-bit AdamW, Adafactor and Lion as their step creates them; every other optimizer (paged,
+    GaLore, APOLLO, Muon) as :mod:`vramplan.memory` sizes it: its on-device state spread over the trainable
+    tensors in proportion to their size, its step temporaries as one block."""
+    st, tmp = _optimizer_tensors(opt, sizes)
+    if not st and not tmp and (states.optimizer_state or states.step_temporaries):
+        total = sum(sizes) or 1
+        st = [n * states.optimizer_state // total for n in sizes if n * states.optimizer_state // total]
+        tmp = [states.step_temporaries] if states.step_temporaries else []
+    return st, tmp
+
+
+def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], list[int]]:
     if opt in (Optimizer.ADAMW, Optimizer.ADAMW_FUSED):
         states = [n for p in sizes for n in (p, p)]  # exp_avg, exp_avg_sq (torch/optim/adamw.py _init_group)
         return states, (list(sizes) if opt is Optimizer.ADAMW else [])  # _foreach_sqrt(exp_avg_sqs)
@@ -219,6 +232,29 @@ def _optimizer(opt: Optimizer, sizes: list[int]) -> tuple[list[int], list[int]]:
     if opt is Optimizer.LION:
         return list(sizes), [max(sizes, default=0)]
     return [], []
+
+
+def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[int]:
+    """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
+    groups list identical layers by first occurrence; the stream runs them in the model's order)."""
+    index: dict[tuple[bool, ...], int] = {}
+    out = []
+    for i in range(spec.num_layers):
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
+               bool(every) and i % every == 0)
+        out.append(index.setdefault(key, len(index)))
+    return out
+
+
+def _live(codes: list[tuple[int, int]]) -> set[int]:
+    """Codes a recorded event list leaves allocated."""
+    live: set[int] = set()
+    for code, n in codes:
+        if n > 0:
+            live.add(code)
+        elif n == _FREE:
+            live.discard(code)
+    return live
 
 
 def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
@@ -246,8 +282,9 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     reset before the last step (``torch.cuda.reset_peak_memory_stats`` at every step's start)."""
     from .estimator import _first_trainable, _layer_groups, _plan
 
-    b, s = w.batch_size, w.seq_len
-    ckpt = w.gradient_checkpointing
+    b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
+    attention = Attention.FLASH if w.packing else w.attention
+    every = w.checkpoint_every
     full = w.method is Method.FULL
     acc_runs = w.gradient_accumulation > 1
     st = _Stream()
@@ -259,10 +296,13 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         st.alloc(st.key(("adapter", j)), n)
     st.alloc(st.key("ids"), b * s * 8)
 
-    embed_trainable = full
+    # the same flags as estimator._train
+    embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
     norm_trainable = full or w.method is Method.FREEZE
-    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings)
+    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
+        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed_trainable)
     layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+    loss_kind = w.resolved_loss
     first = _first_trainable(spec, w, states)
 
     def record(tpl: _Template, fn: str, *args: object) -> list[tuple[int, int]]:
@@ -271,8 +311,8 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         return tpl.compile(ev)
 
     et = Tape(True)
-    ex = build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
-                     attention=w.attention)
+    ex = build_embed(et, spec, num, b, s, embed_trainable,
+                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)), attention=attention)
     emb = _Template(et, None, ex)
     e_fwd = record(emb, "forward", True)
     e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
@@ -280,24 +320,36 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
 
     groups = []
-    for count, trainable, moe, sliding in _layer_groups(spec, first):
+    order = _layer_order(spec, first, every)
+    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, first, every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         tp = Tape(True)
-        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding), b, s)
+        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding, rope, attention), b, s)
         x = tp.tensors[0]
-        c = ckpt and rg
+        c = ck and rg
+        off = w.activation_offload and rg and not c
         if c:
             x.keep = True
         tpl = _Template(tp, x, lout)
-        fwd = record(tpl, "forward", not c)
-        rec = record(tpl, "forward", True) if c else []
+        if off:
+            # activation offloading: what the layer saves goes to pinned host memory as autograd packs it
+            # and comes back before its backward (the saved set: what a saving forward keeps beyond a plain one)
+            saving = record(tpl, "forward", True)
+            fwd = record(tpl, "forward", False)
+            kept = _live(saving)
+            rec = [(code, n) for code, n in saving if n > 0 and code in kept and code not in _live(fwd)]
+        else:
+            fwd = record(tpl, "forward", not c)
+            rec = record(tpl, "forward", True) if c else []
         bwd = record(tpl, "backward", False)
         bacc = record(tpl, "backward", True) if acc_runs else bwd
-        groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by)))
+        groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by) and not off))
 
     ht = Tape(True)
     build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
-               input_rg=layers_rg, logits_tokens=b * s, loss=True)
+               input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=w.trainer is Trainer.PLAIN,
+               loss_kind=loss_kind.value, chunk=w.loss_chunk,
+               metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
     head = _Template(ht, ht.tensors[0], None)
     h_fwd = record(head, "forward", True)
     h_bwd = record(head, "backward", False)
@@ -306,10 +358,10 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
              for t in ht.tensors if t.keep and t.rg and not t.external]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
-    opt_states, opt_temps = _optimizer(w.optimizer, _trainable(spec, w, params, adapters, first))
+    opt_states, opt_temps = _optimizer(w.optimizer, _trainable(spec, w, params, adapters, first), states)
     L = spec.num_layers
-    first_saves_x = groups[0][7] if groups else True
-    first_ckpt = groups[0][2] if groups else False
+    first_saves_x = groups[order[0]][7] if groups else True
+    first_ckpt = groups[order[0]][2] if groups else False
     micro = min(w.gradient_accumulation, 2)
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     st.alloc(st.key(("cublas", 1)), CUBLAS_WORKSPACE)
@@ -340,18 +392,16 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             st.mark(Phase.FORWARD)
             e_base = st.fresh(len(emb.local))
             st.add(run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1)))
-            k = 0
             bases: list[int] = []
-            for count, tpl, c, fwd, _rec, _bwd, _bacc, _saves in groups:
-                for _ in range(count):
-                    base = st.fresh(len(tpl.local))
-                    bases.append(base)
-                    items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
-                    if k == 0 and not first_saves_x and not c:
-                        # transformers' base model keeps inputs_embeds referenced until it returns
-                        items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
-                    st.add(items)
-                    k += 1
+            for k, gi in enumerate(order):
+                _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
+                base = st.fresh(len(tpl.local))
+                bases.append(base)
+                items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
+                if k == 0 and not first_saves_x and not c:
+                    # transformers' base model keeps inputs_embeds referenced until it returns
+                    items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
+                st.add(items)
             if not first_saves_x and not first_ckpt:
                 st.free(y(-1))
             h_base = st.fresh(len(head.local))
@@ -359,18 +409,18 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             st.mark(Phase.BACKWARD)
             st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9),
                            [(h_base + code, n) for code, n in seeds]))
-            k = L - 1
-            for count, tpl, c, _fwd, rec, bwd, bacc, _saves in reversed(groups):
-                for _ in range(count):
-                    base = bases[k]
-                    if c:  # recompute the layer's forward (saving), then its backward; then drop its input
-                        base = st.fresh(len(tpl.local))
-                        st.add(run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k)))
-                        st.free(y(("r", k)))
-                    st.add(run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k)))
-                    if c:
-                        st.free(y(k - 1))
-                    k -= 1
+            for k in range(L - 1, -1, -1):
+                _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
+                base = bases[k]
+                if c:  # recompute the layer's forward (saving), then its backward; then drop its input
+                    base = st.fresh(len(tpl.local))
+                    st.add(run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k)))
+                    st.free(y(("r", k)))
+                elif rec:  # offloaded: the saved tensors come back from the host
+                    st.add(run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k)))
+                st.add(run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k)))
+                if c:
+                    st.free(y(k - 1))
             st.add(run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1)))
             for code in e_extra:
                 st.free(e_base + code)
@@ -422,24 +472,25 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     st.add(emb.instance(emb.compile(ev), e_base, -9, y(-1), -9, -9))
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
-    k = 0
     kv_keys: list[list[int]] = []
-    for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
+    compiled = []
+    for _count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
-        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding), b, s)
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s)
         tpl = _Template(tp, tp.tensors[0], out)
         ev = []
         tp.forward(ev=ev)
         codes = tpl.compile(ev)
         kept = [tpl.local[id(t)] for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
-        for _ in range(count):
-            base = st.fresh(len(tpl.local))
-            items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
-            if k == 0:
-                items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
-            st.add(items)
-            kv_keys.append([base + c for c in kept])
-            k += 1
+        compiled.append((tpl, codes, kept))
+    for k, gi in enumerate(_layer_order(spec, spec.num_layers)):
+        tpl, codes, kept = compiled[gi]
+        base = st.fresh(len(tpl.local))
+        items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
+        if k == 0:
+            items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
+        st.add(items)
+        kv_keys.append([base + c for c in kept])
     st.free(y(-1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST

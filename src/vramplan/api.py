@@ -80,6 +80,8 @@ def _coerce(key: str, value: Any) -> Any:
             return as_float(key, value)
         if key == "lora_targets":
             return _targets(value)
+        if key == "lora_modules_to_save":
+            return tuple(t.strip() for t in value.split(",") if t.strip()) if isinstance(value, str) else tuple(value)
     except WorkloadError:
         raise
     except VramplanError as exc:

@@ -9,6 +9,7 @@ for saving follow PyTorch's ``derivatives.yaml``; the kernel choices follow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,6 +44,7 @@ class Numerics:
     norm_param: int  # bytes of norm / embedding / unquantized head parameters (QLoRA: fp32)
     amp: bool  # forward under torch.autocast
     lora_param: int = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+    fp16: bool = False  # 16-bit compute is float16 (not bfloat16): ATen's fused half_to_float softmax applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +60,19 @@ class LayerPlan:
     sliding: bool = False
     moe: bool = False
     lora_dropout: float = 0.0
+    dora: bool = False  # peft use_dora: each adapted linear also runs DoraLinearLayer
+    rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
     """The kernel torch's scaled_dot_product_attention picks on an sm80+ GPU (torch 2.5–2.11).
 
-    Flash: fp16/bf16, head_dim <= 256 and a multiple of 8, no explicit mask, equal heads or
+    Flash: fp16/bf16, head_dim <= 256 (padded to a multiple of 8 inside), no explicit mask, equal heads or
     ``enable_gqa``. Memory-efficient: any float dtype, masks allowed, equal heads only. Otherwise
     the math path, which materializes the (batch, heads, q, k) scores (sdp_utils.cpp).
     """
     d = spec.head_dim
-    if elem == 2 and d <= 256 and d % 8 == 0 and not has_mask and (heads_match or enable_gqa):
+    if elem == 2 and d <= 256 and not has_mask and (heads_match or enable_gqa):
         return Kernel.FLASH
     if heads_match and d % (8 if elem == 2 else 4) == 0:
         return Kernel.EFFICIENT
@@ -207,9 +211,34 @@ class _B:
                            params=self.param_grad(name + ".A", r * fin, num.lora_param))
             b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),
                            params=self.param_grad(name + ".B", fout * r, num.lora_param))
+        if self.plan is not None and self.plan.dora:
+            return self.cast(self.dora(y, b, fin, fout, r, name), y.elem)
         bs = self.tp.op(b.numel, b.elem, (b,))  # * scaling
         s = self.add(y, bs)
         return self.cast(s, y.elem)
+
+    def dora(self, y: Tensor, lora_out: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
+        """peft ``DoraLinearLayer.forward`` (peft/tuners/lora/dora.py, 0.21): ``B(A(eye(in)))`` rebuilds the
+        adapter's weight (fp32, in x out), the base weight is cast to the input dtype and ``W + s * BA`` (detached)
+        gives the row norms; all of it dies with the call (the rebuilt weight's graph is only referenced locally).
+        Then ``(m / norm - 1) * base_result + (m / norm) * lora_B(lora_A(x)) * s``: the products save the
+        base result and the adapter output for the magnitude's gradient."""
+        tp = self.tp
+        e = lora_out.elem
+        eye = tp.op(fin * fin, e, (), rg=False)
+        ae = tp.op(fin * r, e, (eye,), rg=False)
+        lw = tp.op(fin * fout, e, (ae,), rg=False)
+        wc = tp.op(fin * fout, e, (), rg=False)  # weight.to(x.dtype) (dequantized for 4-bit bases)
+        sc = tp.op(fin * fout, e, (lw,), rg=False)  # scaling * lora_weight.detach()
+        ws = tp.op(fin * fout, e, (wc, sc), rg=False)
+        norm = tp.op(fout, e, (ws,), rg=False)
+        mns = tp.op(fout, 4, (norm,), params=self.param_grad(name + ".m", fout, 4))  # magnitude / weight_norm
+        m1 = tp.op(fout, 4, (mns,))  # mag_norm_scale - 1
+        t1 = self.mul(m1, y, elem=max(4, y.elem))
+        t2 = self.mul(mns, lora_out, elem=max(4, e))
+        t3 = tp.op(t2.numel, t2.elem, (t2,))  # * scaling
+        t4 = self.add(t1, t3)
+        return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
     def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
@@ -226,6 +255,20 @@ class _B:
                              save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
                              rg=xin.rg or trainable)
             return out
+        if spec.norm is NormKind.COHERE_LAYERNORM:
+            # CohereLayerNorm (modeling_cohere2.py): x.to(fp32); mean; (x - mean).pow(2).mean; (x - mean) * rsqrt;
+            # weight.to(fp32) * that; .to(input dtype)
+            x32 = self.cast(x, 4)
+            mean = self.tp.op(rows, 4, (x32,))
+            d1 = self.tp.op(x.numel, 4, (x32, mean))
+            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else ())
+            var = self.tp.op(rows, 4, (sq,))
+            rs = self.ew(var, save_out=True)
+            d2 = self.tp.op(x.numel, 4, (x32, mean))
+            n32 = self.mul(d2, rs)
+            out = self.tp.op(x.numel, 4, (n32,), save=(n32,) if trainable else (), params=pg,
+                             rg=n32.rg or trainable)
+            return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         x32 = self.cast(x, 4)
         sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
@@ -245,22 +288,64 @@ class _B:
         return out
 
     # ---- attention ----------------------------------------------------------------------------
-    def rope(self, x: Tensor) -> Tensor:
+    def rope(self, x: Tensor, out_elem: int | None = None) -> Tensor:
         """``x * cos + rotate_half(x) * sin`` over the rotary part (cos/sin do not require grad)."""
-        frac = self.spec.rotary_fraction
-        if self.spec.position is not PositionKind.ROPE or frac <= 0:
+        spec = self.spec
+        frac = spec.rotary_fraction
+        if spec.position is not PositionKind.ROPE or frac <= 0 or (self.plan is not None and not self.plan.rope):
             return x
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
-        # cos/sin come in the hidden states' dtype (fp32 under autocast), and mul promotes
+        style = spec.rope_style
+        # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
-        a = self.tp.op(part.numel, elem, (part,))  # x * cos
-        half = self.tp.op(part.numel // 2, x.elem, (part,))  # -x2
-        rot = self.tp.op(part.numel, x.elem, (half, part))  # cat
-        b = self.tp.op(part.numel, elem, (rot,))  # * sin
+        src = part
+        if style in ("fp32", "interleave_fp32"):
+            elem = 4
+            if style == "fp32":  # q.float() first (modeling_cohere2.py)
+                src = self.cast(part, 4)
+                if out_elem is None:
+                    out_elem = x.elem
+        if style in ("interleave", "interleave_fp32"):
+            # cos[..., :half].repeat_interleave(2, -1) and the same for sin (modeling_glm4.py / modeling_ernie4_5.py):
+            # (batch, 1, seq, rotary) copies, made for q's and k's call alike
+            cs_elem = 4 if style == "interleave_fp32" or self.num.amp else self.num.act
+            rot_numel = self.s * int(spec.head_dim * frac)  # position_ids (1, seq): no batch dimension
+            cos = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            sin = self.tp.op(rot_numel, cs_elem, (), rg=False)
+            ins: tuple[Tensor, ...] = (cos, sin)
+        else:
+            ins = ()
+        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+            a32 = self.cast(src, 4)
+            a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
+            half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, x.elem, (half, src))  # cat
+            r32 = self.cast(rot, 4)
+            b = self.tp.op(part.numel, 4, (r32, *ins[1:]))
+        else:
+            a = self.tp.op(part.numel, elem, (src, *ins[:1]))  # x * cos
+            half = self.tp.op(part.numel // 2, src.elem, (src,))  # -x2
+            rot = self.tp.op(part.numel, src.elem, (half, src))  # cat
+            b = self.tp.op(part.numel, elem, (rot, *ins[1:]))  # * sin
         out = self.add(a, b)
+        if style in ("fp32", "interleave_fp32"):
+            out = self.cast(out, out_elem or x.elem)  # .to(original dtype)
         if frac < 1:
-            out = self.tp.op(x.numel, x.elem, (out, x))  # cat with the pass-through part
+            out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
+
+    def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
+        input and fp32 copy stays referenced until it returns (modeling_cohere2.py)."""
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        qe = self.rope(q32, out_elem=4)
+        ke = self.rope(k32, out_elem=4)
+        end = len(self.tp.ops) - 1
+        qe, ke = self.cast(qe, q.elem), self.cast(ke, k.elem)  # return q_embed.to(dtype), k_embed.to(dtype)
+        for t in (q, k, q32, k32):
+            root = t.base if t.base is not None else t
+            root.last_use = max(root.last_use, end)
+        return qe, ke
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output."""
@@ -320,9 +405,15 @@ class _B:
             att = tp.op(scores, selem, (att,))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
-        # scores' dtype. softmax saves its result.
-        pelem = selem if spec.family in ("gpt2", "falcon") else 4
-        probs32 = tp.op(scores, pelem, (att,))
+        # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
+        # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
+        # softmax saves its result.
+        pelem = selem if spec.family in ("gpt2", "falcon") and not self.num.amp else 4
+        # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
+        # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
+        # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
+        upcast_copy = scores * 4 if pelem == 4 and selem == 2 and (self.num.amp or not self.num.fp16) else 0
+        probs32 = tp.op(scores, pelem, (att,), fwd_scratch=upcast_copy)
         if rg:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
@@ -349,7 +440,11 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
-        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window)
+        if spec.kv_lora_rank:
+            return self.mla(n)
+        # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
+        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window) and \
+            plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
@@ -375,10 +470,13 @@ class _B:
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm:
-            q = self.norm(q, d, tr)
-            k = self.norm(k, d, tr)
-        q = self.rope(q)
-        k = self.rope(k)
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+        if spec.rope_style == "fp32" and plan.rope:
+            q, k = self.rope_fp32_pair(q, k)
+        else:
+            q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
+            k = self.call(self.rope, k)
         if not self.num.training:
             # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
             # holds copies of the post-RoPE keys and the values, in their own storage
@@ -398,6 +496,60 @@ class _B:
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
         o = lin(out, qd, h, oname, spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def mla(self, n: Tensor) -> Tensor:
+        """Multi-head latent attention (modeling_deepseek_v3.py, transformers 5.24): q through its low-rank
+        pair, one compressed key/value latent plus a shared rotary key (what the cache stores), expanded to
+        every head by kv_b_proj; q/k heads of nope + rope dims, values of v_head_dim."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, nh, qk, rd, vd = spec.hidden_size, spec.num_heads, spec.head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        qr, kvr = spec.q_lora_rank, spec.kv_lora_rank
+        b, s, tr, quant = self.b, self.s, plan.trainable, plan.quant
+        nope = qk - rd
+
+        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        if qr:
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+        else:
+            q = lin(n, h, nh * qk, "q_proj", False)
+        ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
+        latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+        # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
+            latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
+            k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
+            tp.keep(latent, k_rot)
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
+        key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
+        value = tp.view(kvb, b * self.kv_len * nh * vd)
+        kernel = self.kernel_for(False)
+        if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
+            kernel = Kernel.EFFICIENT
+        if kernel is Kernel.EFFICIENT:
+            rg = query.rg or key.rg or value.rg
+            lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
+            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
+                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            if rg:
+                tp.save_output(out)
+                tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
+        else:
+            out = self.attention_core(query, key, value, kernel, nh)
+            out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
+        # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
+        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+            root = x.base if x.base is not None else x
+            root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
 
     def mlp(self, n: Tensor) -> Tensor:
@@ -455,28 +607,69 @@ class _B:
             return out
         return tp.op(n, x.elem, (x,), save=(x,) if x.rg else ())
 
+    def router(self, n: Tensor, t: int, e: int, k: int, tr: bool) -> tuple[Tensor, Tensor]:
+        """Top-k routing: (expert indices, routing weights) of every token.
+
+        softmax routers (Mixtral, Qwen, Granite): logits, ``softmax(dtype=float32)`` (saves its result),
+        ``topk`` (saves the indices). fp32 routers (DeepSeek-V3, GLM-4.5, ERNIE 4.5) first copy the hidden
+        states to fp32 and keep an fp32 weight; sigmoid routers add the score-correction bias and mask the
+        groups not chosen before the top-k, then gather the weights from the scores.
+        """
+        spec, tp = self.spec, self.tp
+        h = spec.hidden_size
+        pairs = t * k
+        x = self.cast(n, 4) if spec.router_fp32 else n
+        logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
+                             weight_elem=4 if spec.router_fp32 else None)
+        probs = tp.op(t * e, 4, (logits,))
+        if probs.rg:
+            tp.save_output(probs)
+        if spec.router_sigmoid:
+            choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
+            masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
+            idx = tp.op(pairs, 8, (masked,), rg=False)
+        else:
+            idx = tp.op(pairs, 8, (probs,), rg=False)
+        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # sigmoid routers return fp32 weights (the weighted expert outputs are then fp32 until the final cast)
+        return idx, w if spec.router_sigmoid else self.cast(w, n.elem)
+
     def moe(self, n: Tensor) -> Tensor:
-        """Sparse MoE block: router softmax/top-k, tokens gathered per expert, weighted scatter-add."""
+        """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
+        integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
+        (token, expert) pair sorted by expert and gathered into one (T*k, hidden) batch, two grouped GEMMs,
+        the routing weights applied, the pairs put back in token order and summed over k."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
+        pairs = t * k
         tr = plan.trainable
-        logits = self.linear(n, h, e, "router", bias=spec.router_bias, trainable=tr)
-        probs = tp.op(t * e, 4, (logits,))  # softmax in fp32
-        if probs.rg:
-            tp.save_output(probs)
-        w = tp.op(t * k, 4, (probs,))  # top-k weights (gather saves indices)
-        w = self.cast(w, n.elem)
-        routed = t * k
-        xin = tp.op(routed * h, n.elem, (n,))  # hidden_states[token_idx] gathered per expert
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+        act = n.elem
+        idx, w = self.router(n, t, e, k, tr)
+        # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
+        eid = tp.op(pairs, 8, (idx,), rg=False)
+        perm = tp.op(pairs, 8, (idx,), rg=False)
+        tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
+        xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
+        wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
+        hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
+        offs = tp.op(2 * e, 4, (hist,), rg=False)
+        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
+                         quant=plan.quant, count=e)
+        a = self.activation(tp.view(gu, pairs * i))
+        p = self.mul(a, tp.view(gu, pairs * i))
+        dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
-        a = self.activation(tp.view(gu, routed * i))
-        p = self.mul(a, tp.view(gu, routed * i))
-        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
-        wd = self.mul(dn, w)
-        out = tp.op(t * h, n.elem, (wd,))  # index_add_ into a zeros (T, h) buffer
+        wd = self.mul(dn, wg)
+        inv = tp.op(pairs, 8, (perm,), rg=False)  # inv_perm[perm] = arange(...)
+        back = tp.op(pairs * h, wd.elem, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
+        out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
+        # the function's locals (the gathered states, sort results, offsets, the down projection's output)
+        # stay referenced until it returns
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
+            x.last_use = max(x.last_use, len(tp.ops) - 1)
+        out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
             def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
@@ -488,12 +681,24 @@ class _B:
             sa = self.activation(sg)
             sp = self.mul(sa, su)
             so = shared(sp, si, h, "shared_down_proj")
-            gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
-                               lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
-            gs = self.ew(gate, save_out=True)
-            so = self.mul(so, gs)
+            if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+                gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
+                                   lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
+                gs = self.ew(gate, save_out=True)
+                so = self.mul(so, gs)
             out = self.add(out, so)
         return out
+
+    def call(self, module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``module(x)``: the caller's ``hidden_states`` keeps ``x`` referenced until the module returns."""
+        y = module(x)
+        root = x.base if x.base is not None else x
+        root.last_use = max(root.last_use, len(self.tp.ops) - 1)
+        return y
+
+    def residual(self, x: Tensor) -> Tensor:
+        """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
+        return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
@@ -503,20 +708,25 @@ class _B:
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
-            a = self.self_attention(n1)
-            m = self.mlp(n2)
+            a = self.call(self.self_attention, n1)
+            m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
+        elif not spec.pre_norm:  # OLMo 2 / EXAONE 4: h = x + norm(attn(x)); y = h + norm(mlp(h))
+            a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
+            hmid = self.add(x, a)
+            m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
+            y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
-            a = self.self_attention(n1)
+            a = self.call(self.self_attention, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, a)
+            hmid = self.add(x, self.residual(a))
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.mlp(n2)
+            m = self.call(self.mlp, n2)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, m)
+            y = self.add(hmid, self.residual(m))
         self.tp.keep(y)
         return y
 
@@ -564,20 +774,37 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
         tp.keep(mask)
-    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window:
+        if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
+            # models mixing full and sliding layers build one mask per layer type (transformers'
+            # create_causal_mask and create_sliding_window_causal_mask, both live for the whole forward)
+            tp.keep(tp.op(batch * seq * seq, num.act, (), rg=False))
+    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
+            attention is not Attention.FLASH:
         mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA
         tp.keep(mask)
     tp.keep(x)
     return x
 
 
-def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
-               input_rg: bool, logits_tokens: int, loss: bool, head_trainable: bool | None = None) -> Tensor:
-    """Final norm, output projection and (training) the causal-LM cross-entropy loss.
+# TRL SFTTrainer's entropy metric (trl/trainer/utils.py ``entropy_from_logits``, v1.9.0): rows per chunk
+TRL_ENTROPY_CHUNK = 128
+# TRL chunked_nll (trl/trainer/sft_trainer.py ``_CHUNKED_LM_HEAD_CHUNK_SIZE``, v1.8.0-v1.9.0): tokens per chunk
+TRL_CE_CHUNK = 256
 
-    transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and calls
-    ``cross_entropy`` (log_softmax, which saves its fp32 result, then nll_loss). The model output
-    keeps the 16-bit logits alive until the script drops it.
+
+def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *, trainable: bool,
+               input_rg: bool, logits_tokens: int, loss: bool, head_trainable: bool | None = None,
+               keep_logits: bool = True, loss_kind: str = "standard", chunk: int = 0,
+               metrics: bool = False) -> Tensor | None:
+    """Final norm, output projection and (training) the causal-LM loss.
+
+    ``loss_kind`` "standard": transformers' ``ForCausalLMLoss`` upcasts the logits with ``logits.float()`` and
+    calls ``cross_entropy`` (log_softmax, which saves its fp32 result, then nll_loss). ``keep_logits``: the
+    model output keeps the 16-bit logits alive after the forward (a hand-written loop that holds ``out``);
+    otherwise they die when the loss has been computed (transformers ``Trainer.compute_loss`` returns only the
+    loss). ``metrics``: TRL ``SFTTrainer.compute_loss`` then computes entropy and token accuracy from the
+    logits under ``no_grad``. "chunked", "liger-fused" and "cce" never materialise the logits
+    (:func:`_chunked_loss`, :func:`_liger_loss`, :func:`_cce_loss`); they return None.
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
@@ -589,22 +816,151 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
     head_elem = num.norm_param
+    head_tr = trainable if head_trainable is None else head_trainable
+    if loss and loss_kind != "standard":
+        fused = {"chunked": _chunked_loss, "liger-fused": _liger_loss, "cce": _cce_loss}[loss_kind]
+        fused(bld, n, pe, head_elem, head_tr, batch, seq, chunk)
+        return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
-                        bias=spec.lm_head_bias, trainable=trainable if head_trainable is None else head_trainable,
-                        out_kind=LOGITS, weight_elem=head_elem)
+                        bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
     if spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:
             tp.save_output(logits)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
+    if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
+        logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.family == "gptj":
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
-    tp.keep(logits)
+    if keep_logits or not loss:
+        tp.keep(logits)
     if loss:
         l32 = bld.cast(logits, 4)
         ls = tp.op(l32.numel, 4, (l32,), kind=LOGITS)
         tp.save_output(ls)
         lo = tp.op(1, 4, (ls,), save=(ls,), kind=LOGITS)
         tp.keep(lo)
+        if metrics:
+            _trl_metrics(bld, logits, batch, seq)
+        # the model output holds the logits until the loop drops it (compute_loss returns)
+        logits.last_use = max(logits.last_use, len(tp.ops) - 1)
     return logits
+
+
+def _trl_metrics(bld: _B, logits: Tensor, batch: int, seq: int) -> None:
+    """TRL ``SFTTrainer.compute_loss`` (trl/trainer/sft_trainer.py, v1.9.0), loss_type nll, under no_grad:
+    ``entropy_from_logits(outputs.logits[..., :-1, :])`` reshapes the shifted logits to (N, V) (a copy when
+    batch > 1: the slice is not contiguous across rows), then per chunk of 128 rows ``log_softmax``, ``exp``
+    and their product live together (fp32 under autocast: log_softmax is on its fp32 list); ``argmax`` and
+    the masks are token-sized."""
+    tp, num = bld.tp, bld.num
+    v = bld.spec.vocab_size
+    rows = batch * (seq - 1)
+    copy = rows * v * logits.elem if batch > 1 else 0
+    elem = 4 if num.amp else logits.elem
+    chunk = min(TRL_ENTROPY_CHUNK, rows) * v
+    scratch = copy + 3 * chunk * elem
+    tp.op(rows * 8, 8, (logits,), rg=False, kind=LOGITS, fwd_scratch=scratch)  # argmax predictions
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _head_name(spec: ModelSpec) -> str:
+    return "embed" if spec.tie_word_embeddings else "lm_head"
+
+
+def _chunked_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+                  chunk: int) -> None:
+    """TRL ``loss_type="chunked_nll"`` (trl/trainer/sft_trainer.py ``_chunked_cross_entropy_loss``, v1.9.0).
+
+    The base model's last hidden state is shifted (``[..., :-1, :].reshape``: a copy when batch > 1), its valid
+    tokens gathered to the front (``hidden[order]``, a copy), and every chunk of ``chunk`` tokens runs
+    ``h.float() @ w.float().t()``, log_softmax, nll, argmax and the entropy under non-reentrant
+    ``torch.utils.checkpoint``: nothing of a chunk is kept in the forward, and the backward recomputes one chunk
+    at a time. ``w.float()`` copies a 16-bit head weight to fp32 (V x H x 4) in every chunk's forward and
+    recomputation; the recomputation keeps it (mm saves it for the hidden state's gradient), log_p (log_softmax
+    saves its result) and the fp32 hidden chunk when the head trains.
+    """
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    rows = batch * (seq - 1)
+    c = min(chunk or TRL_CE_CHUNK, rows)
+    eh = n.elem
+    src = tp.op(rows * pe, eh, (n,)) if batch > 1 else n  # the shifted slice, reshaped
+    idx = tp.op(rows, 8, (), rg=False)  # argsort of the label mask
+    hg = tp.op(rows * pe, eh, (src, idx), save=(idx,), grad_to=(src,))  # hidden[order]
+    w32 = v * pe * 4 if w_elem != 4 else 0
+    h32 = c * pe * 4 if eh != 4 else 0
+    cv = c * v * 4
+    fwd = max(h32 + w32 + cv, 4 * cv)  # at the matmul; at log_p * exp(log_p) with the logits alive
+    kept = w32 + (h32 if head_tr else 0) + cv  # what the recomputation keeps: w.float(), h.float(), log_p
+    recompute = kept + 3 * cv  # its own peak: logits, exp and the product besides log_p
+    ce_bwd = kept + 2 * cv  # nll and log_softmax backward: grad of log_p, grad of the logits
+    # mm backward: log_p gone, the logits' gradient, dh32 and (the head trains) dw32 beside the saved w32/h32
+    mm_bwd = kept + c * pe * 4 + (v * pe * 4 if head_tr else 0)
+    # then dw32 is cast back to the weight dtype (mm's saved tensors are released); from the second chunk on the
+    # head's gradient buffer exists besides (the op's parameter gradient below)
+    cast_bwd = v * pe * 4 + v * pe * w_elem if head_tr and w_elem != 4 else 0
+    slice_bwd = rows * pe * eh  # each chunk's slice backward materialises a hidden-sized gradient
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    scratch = max(recompute, ce_bwd, mm_bwd, cast_bwd)
+    if head_tr and -(-rows // c) == 1:
+        # one chunk: its backward runs before the head's gradient exists (the replay counts it at this op)
+        scratch = max(max(recompute, ce_bwd, mm_bwd) - v * pe * w_elem, cast_bwd - v * pe * w_elem)
+    lo = tp.op(1, 4, (hg,), save=(hg,), params=pg, kind=LOGITS, grad_to=(hg,), rg=True,
+               fwd_scratch=fwd, bwd_scratch=scratch + slice_bwd)
+    tp.keep(lo)
+
+
+def _liger_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+                chunk: int) -> None:
+    """Liger ``LigerFusedLinearCrossEntropyFunction`` (src/liger_kernel/ops/fused_linear_cross_entropy.py,
+    ``fused_linear_cross_entropy_forward``): the gradients are computed in the forward. It allocates
+    ``grad_input`` (BT x H, the input's dtype), ``grad_weight`` (V x H, the weight's dtype; accum_dtype None)
+    when the head trains, and a fp32 per-token loss; then for chunks of
+    ``next_power_of_2(ceil(BT / ceil(V / H)))`` rows it computes the chunk's logits (chunk x V, input dtype,
+    overwritten in place by their gradient), ``grad_logits @ weight`` into grad_input and
+    ``grad_weight += mm(grad_logits.T, x).float()`` (a V x H temporary in the input dtype and its fp32 copy).
+    Backward returns the stored gradients: grad_weight becomes the head's ``.grad``.
+    """
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    bt = batch * seq
+    eh = n.elem
+    c = chunk or _pow2(-(-bt // -(-v // pe)))
+    c = min(c, bt)
+    gi = tp.op(bt * pe, eh, (), rg=False)  # grad_input
+    gw = tp.op(v * pe, w_elem, (), rg=False, kind=MemoryKind.GRADIENTS) if head_tr else None
+    loss1d = tp.op(bt, 4, (), rg=False, kind=LOGITS)
+    gw_tmp = v * pe * eh + (v * pe * 4 if eh != 4 else 0) if head_tr else 0
+    fwd = c * v * eh + max(c * pe * eh, gw_tmp)
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    saved = (gi,) + ((gw,) if gw is not None else ())
+    # backward: grad_input becomes the hidden state's gradient and grad_weight the head's .grad; both were
+    # allocated in the forward, so nothing new appears (the negative scratch cancels the replay's
+    # allocate-then-free of the same buffers)
+    lo = tp.op(1, 4, (n, loss1d), save=saved, params=pg, kind=LOGITS, grad_to=(n,), rg=True, fwd_scratch=fwd,
+               bwd_scratch=-sum(t.nbytes for t in saved))
+    tp.keep(lo)
+
+
+def _cce_loss(bld: _B, n: Tensor, pe: int, w_elem: int, head_tr: bool, batch: int, seq: int,
+              chunk: int) -> None:
+    """Apple Cut Cross-Entropy (cut_cross_entropy/cce.py ``LinearCrossEntropyFunction``, cce_lse_forward.py,
+    cce_backward.py; ml-cross-entropy d42911f). The forward's blockwise kernels write only the fp32 log-sum-exp
+    and the target logit per token and, for gradient filtering, the fp32 average logit per vocabulary entry;
+    it saves the hidden states and the classifier. Backward allocates the hidden-state gradient and (the head
+    trains) the classifier's gradient, and sorts the vocabulary by the average logit (int64 argsort, int32
+    copy)."""
+    tp, spec = bld.tp, bld.spec
+    v = spec.vocab_size
+    bt = batch * seq
+    lse = tp.op(bt, 4, (), rg=False, kind=LOGITS)
+    avg = tp.op(v, 4, (), rg=False, kind=LOGITS)
+    pg = bld.param_grad(_head_name(spec), v * pe, w_elem) if head_tr else ()
+    lo = tp.op(1, 4, (n, lse, avg), save=(n, lse, avg), params=pg, kind=LOGITS, grad_to=(n,), rg=True,
+               fwd_scratch=bt * 4, bwd_scratch=v * 12)
+    tp.keep(lo)

@@ -15,7 +15,7 @@ from .hfconfig import load_config_file
 from .result import Estimate
 from .spec import ModelSpec
 from .units import GiB
-from .workload import Attention, LogitsMode, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+from .workload import Attention, LogitsMode, Method, Optimizer, Precision, Task, Trainer, WeightsQuant, Workload
 
 __all__ = ["CaseResult", "compare", "read_rows", "workload_of_row"]
 
@@ -32,7 +32,10 @@ def workload_of_row(row: Mapping[str, str]) -> Workload | None:
     task = row.get("task", "")
     if task not in ("train", "infer"):
         return None
-    kw: dict[str, object] = {"task": Task(task), "batch_size": int(row["batch"]), "seq_len": int(row["seq"])}
+    # measure.py's loop keeps the model output through the step (trainer plain) and quantizes NF4 with
+    # bitsandbytes' double quantization
+    kw: dict[str, object] = {"task": Task(task), "batch_size": int(row["batch"]), "seq_len": int(row["seq"]),
+                             "trainer": Trainer.PLAIN, "double_quant": True}
     if row.get("precision"):
         kw["precision"] = Precision(row["precision"])
     if row.get("optim"):

@@ -21,13 +21,14 @@ from ._tape import Moment, Pass, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
+from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
 from .units import GiB, MiB
-from .workload import Attention, LogitsMode, Method, Task, WeightsQuant, Workload
+from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
            "reserved_stats", "stage_moments"]
@@ -97,14 +98,17 @@ def numerics(w: Workload) -> Numerics:
     act = 2 if (amp or qlora or w.base_quant is not WeightsQuant.NONE) else prec.compute_bytes
     param = prec.param_bytes
     norm_param = 4 if qlora else param
-    return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp)
+    fp16 = prec in (Precision.FP16, Precision.AMP_FP16)
+    return Numerics(training=w.is_train, act=act, param=param, norm_param=norm_param, amp=amp, fp16=fp16)
 
 
-def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool) -> LayerPlan:
+def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
+          rope: bool = True, attention: Attention | None = None) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
-                     quant=w.base_quant, attention=w.attention, sliding=sliding, moe=moe,
-                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0)
+                     quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
+                     lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope,
+                     dora=w.method is Method.DORA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,27 +120,36 @@ class _LayerSim:
     x_bytes: int
     y_bytes: int
     x_saved: bool
+    ckpt: bool = False  # recomputed in backward (gradient checkpointing)
 
 
 def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
-                    kv_len: int | None = None, ckpt: bool = False, grads_exist: bool = False) -> _LayerSim:
+                    kv_len: int | None = None, ckpt: bool = False, grads_exist: bool = False,
+                    keep_input: bool | None = None) -> _LayerSim:
+    """``ckpt``: also replay the forward without saving (a checkpointed or offloaded layer); ``keep_input``
+    (default ``ckpt``): the layer is checkpointed, so the checkpoint holds its input."""
+    keep_input = ckpt if keep_input is None else keep_input
     tp = Tape(num.training)
     y = build_layer(tp, spec, num, plan, b, s, kv_len)
     x = tp.tensors[0]
-    if ckpt:
+    if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
     fwd = tp.forward(save=True)
     fwd_nosave = tp.forward(save=False) if ckpt else fwd
     bwd = tp.backward(param_grads_exist=grads_exist) if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
-    return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training)
+    return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
+                     ckpt=keep_input and ckpt)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int) -> list[tuple[int, bool, bool, bool]]:
-    """(count, base weights train, moe, sliding) groups of identical layers, bottom to top; layers from
-    ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none)."""
-    counts: dict[tuple[bool, bool, bool], int] = {}  # identical layers share one replay, in first-seen order
+def _layer_groups(spec: ModelSpec, first_trainable: int,
+                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool]]:
+    """(count, base weights train, moe, sliding, rope, checkpointed) groups of identical layers, bottom to top;
+    layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
+    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention)."""
+    counts: dict[tuple[bool, bool, bool, bool, bool], int] = {}  # identical layers share one replay
     for i in range(spec.num_layers):
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers)
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
+               bool(ckpt_every) and i % ckpt_every == 0)
         counts[key] = counts.get(key, 0) + 1
     return [(n, *key) for key, n in counts.items()]
 
@@ -149,12 +162,22 @@ def _first_trainable(spec: ModelSpec, w: Workload, states: ModelStates) -> int:
     return spec.num_layers  # adapters: the base weights are frozen
 
 
+@dataclass(slots=True)
+class _Host:
+    """Activation offloading: pinned host bytes and PCIe bytes of one step."""
+
+    nbytes: int = 0
+    traffic: int = 0
+
+
 def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
-           head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
+           head: bool = True, sink: _Sink | None = None, host: _Host | None = None) -> list[PhasePeak]:
     """One training step. ``embed``/``head`` False: a pipeline stage without the embedding / output head
     (its input arrives from the previous stage, its output is sent on and freed, Megatron-style)."""
-    b, s = w.batch_size, w.seq_len
-    ckpt = w.gradient_checkpointing
+    b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
+    every = w.checkpoint_every
+    offload = w.activation_offload
+    attention = Attention.FLASH if w.packing else w.attention
     full = w.method is Method.FULL
     # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
@@ -162,29 +185,36 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     base = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.OPTIMIZER_STATE: states.optimizer_state,
                  K.GRADIENTS: states.gradients if accumulating else 0, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
-    embed_trainable = full
+    embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
     norm_trainable = full or w.method is Method.FREEZE
-    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings)
+    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
+        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed_trainable)
     layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+    loss_kind = w.resolved_loss
+    keep_logits = w.trainer is Trainer.PLAIN
 
     # ---- forward
     et = Tape(True)
     if embed:
-        build_embed(et, spec, num, b, s, embed_trainable, out_rg=full or (w.uses_adapters and ckpt),
-                    attention=w.attention)
+        build_embed(et, spec, num, b, s, embed_trainable,
+                    out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
+                    attention=attention)
         e_fwd = et.forward()
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding in _layer_groups(spec, _first_trainable(spec, w, states)):
+    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, _first_trainable(spec, w, states), every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding)
-        sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=ckpt and rg, grads_exist=accumulating))
+        plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention)
+        sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
+                                    grads_exist=accumulating, keep_input=ck and rg))
     ht = Tape(True)
     if head:
         build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
-                   input_rg=layers_rg, logits_tokens=b * s, loss=True)
+                   input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=keep_logits,
+                   loss_kind=loss_kind.value, chunk=w.loss_chunk,
+                   metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
         h_fwd = ht.forward()
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
@@ -198,9 +228,13 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     held = _embeds_held(spec, num, b, s, sims[0])
     cur = _plus(cur, held)
     for sim in sims:
-        ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
-        growth = sim.fwd_nosave.end_kinds if ckpt_layer else sim.fwd.end_kinds
-        peak_k = sim.fwd_nosave.peak_kinds if ckpt_layer else sim.fwd.peak_kinds
+        nosave = sim.fwd is not sim.fwd_nosave
+        growth = sim.fwd_nosave.end_kinds if nosave else sim.fwd.end_kinds
+        peak_k = sim.fwd_nosave.peak_kinds if nosave else sim.fwd.peak_kinds
+        if offload and nosave and not sim.ckpt and host is not None:
+            # what the layer saves is copied to pinned host memory as autograd packs it; the GPU copy dies with
+            # its last Python reference (TRL/torchtune OffloadActivations)
+            host.nbytes += sum(_offloaded(sim)) * sim.count
         fwd_peak.offer(_plus(cur, _scale(growth, sim.count - 1), peak_k))
         cur = _plus(cur, _scale(growth, sim.count))
     cur = _plus(cur, _scale(held, -1))  # the base model's forward returned
@@ -219,12 +253,16 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     bwd_peak.offer(_plus(cur, h_bwd.peak_kinds))
     cur = _plus(cur, h_bwd.end_kinds)
     for sim in reversed(sims):
-        ckpt_layer = ckpt and sim.fwd is not sim.fwd_nosave
-        if ckpt_layer:
+        if sim.ckpt:
             # recompute the layer's forward (saving), then its backward; the checkpoint then drops x
             recompute_end = _plus(sim.fwd.end_kinds, _neg_act(sim.y_bytes))
             peak_rel = max((sim.fwd.peak_kinds, _plus(recompute_end, sim.bwd.peak_kinds)), key=sum)
             net = _plus(recompute_end, sim.bwd.end_kinds, _neg_act(sim.x_bytes))
+        elif offload:
+            # the saved tensors come back from the host, then backward runs as without offloading
+            saved = _plus(sim.fwd.end_kinds, _scale(sim.fwd_nosave.end_kinds, -1))
+            peak_rel = _plus(saved, sim.bwd.peak_kinds)
+            net = _plus(saved, sim.bwd.end_kinds)
         else:
             peak_rel = sim.bwd.peak_kinds
             net = sim.bwd.end_kinds
@@ -234,9 +272,12 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     if embed:
         e_bwd = et.backward(param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
         bwd_peak.offer(_plus(cur, e_bwd.peak_kinds))
+    if host is not None:
+        host.traffic = 2 * host.nbytes * w.gradient_accumulation
 
-    # ---- optimizer step: every gradient exists; the model output (logits) is still referenced
-    logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act) if head else 0
+    # ---- optimizer step: every gradient exists; a hand-written loop still references the model output (logits)
+    logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act) \
+        if head and keep_logits and loss_kind is Loss.STANDARD else 0
     step = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.GRADIENTS: states.gradients,
                  K.OPTIMIZER_STATE: states.optimizer_state + states.step_temporaries,
@@ -244,6 +285,15 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     step_peak = _Best(Phase.OPTIMIZER_STEP, sink)
     step_peak.offer(step)
     return [fwd_peak.peak(), bwd_peak.peak(), step_peak.peak()]
+
+
+def _offloaded(sim: _LayerSim) -> tuple[int, ...]:
+    """Bytes one layer leaves on the host under activation offloading: everything it saved for backward. A
+    layer under non-reentrant checkpointing keeps its input on the GPU (the checkpoint holds it in a closure,
+    not through saved-tensor hooks) and its recomputation runs under the checkpoint's own hooks: nothing moves."""
+    if sim.ckpt:
+        return _vec({})
+    return _plus(sim.fwd.end_kinds, _scale(sim.fwd_nosave.end_kinds, -1))
 
 
 def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSim) -> tuple[int, ...]:
@@ -266,9 +316,8 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
-    heads = spec.num_kv_heads
     elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
-    return 2 * b * length * heads * spec.head_dim * elem
+    return b * length * spec.kv_cache_per_token * elem
 
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
@@ -290,8 +339,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding), b, s, count)
+    for count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
@@ -367,7 +416,11 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) ->
 
 
 def check_positions(spec: ModelSpec, w: Workload) -> None:
-    """Models with a fixed position table (learned embeddings; GPT-J's sin/cos buffer) cannot run longer."""
+    """Models with a fixed position table (learned embeddings; GPT-J's sin/cos buffer) cannot run longer;
+    padding-free packing needs a FlashAttention varlen path (training only)."""
+    if w.packing and (not w.is_train or spec.family in ("bloom", "gptj")):
+        raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
+                            f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
     total = w.seq_len + (0 if w.is_train else w.new_tokens)
     fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
     if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:
@@ -376,13 +429,14 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
 
 
 @lru_cache(maxsize=4096)
-def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[PhasePeak]]:
+def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[PhasePeak], _Host]:
     check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
     num = numerics(w)
-    phases = _train(spec, w, states, num) if w.task is Task.TRAIN else _infer(spec, w, states, num)
-    return states, num, phases
+    host = _Host()
+    phases = _train(spec, w, states, num, host=host) if w.task is Task.TRAIN else _infer(spec, w, states, num)
+    return states, num, phases, host
 
 
 def peak_allocated(spec: ModelSpec, w: Workload) -> int:
@@ -393,7 +447,7 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
 
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
-    states, num, phases = _phases(spec, w)
+    states, num, phases, host = _phases(spec, w)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
     alloc = reserved_stats(spec, w, states, num)
@@ -403,7 +457,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
     assumptions = [
-        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, transformers 5.x, one GPU)",
+        "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
+        f"{spec.family} program follows transformers {spec.program_version}"
+        + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
@@ -414,14 +470,15 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         *states.notes,
     ]
     if w.is_train:
-        assumptions.append("training loop keeps the model output (logits) alive through backward and step")
-        if w.gradient_checkpointing:
-            assumptions.append("gradient checkpointing: non-reentrant, every decoder layer recomputed in backward")
+        assumptions.extend(_training_notes(spec, w))
     else:
         assumptions.append(f"inference: prefill {w.seq_len} tokens, logits for "
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
-    warnings = []
+    warnings = list(spec.notes)
+    stale = version_warning(spec)
+    if stale:
+        warnings.append(stale)
     if spec.max_position_embeddings and w.seq_len + (0 if w.is_train else w.new_tokens) > \
             spec.max_position_embeddings:
         warnings.append(f"sequence length exceeds the model's max_position_embeddings "
@@ -438,8 +495,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
         peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
         breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warnings), workload=_workload_dict(w),
-        peak_reserved_bytes=reserved, reserved_phases=alloc.phases,
+        warnings=tuple(warnings), workload=_workload_dict(w), host_bytes=host.nbytes + states.paged_state,
+        host_traffic_bytes=host.traffic, peak_reserved_bytes=reserved, reserved_phases=alloc.phases,
     )
 
 
@@ -453,6 +510,48 @@ def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = No
     num = num or numerics(w)
     events = train_events(spec, w, states, num) if w.is_train else infer_events(spec, w, states, num)
     return simulate(events, parse_alloc_conf(w.alloc_conf))
+
+
+def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:
+    """What the training-loop options assume, in the order a step runs them."""
+    notes = [{
+        Trainer.PLAIN: "training loop: a plain script (forward, loss.backward(), optimizer.step(), zero_grad) that "
+                       "keeps the model output (logits) alive through backward and the step",
+        Trainer.HF: "training loop: transformers 5.x Trainer.training_step (trainer.py): compute_loss returns only "
+                    "the loss, so the model output (logits) dies before backward; loss / accumulation steps; "
+                    "clip_grad_norm_ (foreach, scalar norms) before optimizer.step()",
+        Trainer.TRL_SFT: "training loop: TRL 1.9 SFTTrainer.compute_loss (trl/trainer/sft_trainer.py) over "
+                         "transformers' Trainer.training_step; with --loss standard it computes entropy and token "
+                         "accuracy from the logits under no_grad (entropy_from_logits, 128-row chunks)",
+    }[w.trainer]]
+    loss = w.resolved_loss
+    if loss is Loss.STANDARD:
+        notes.append("loss: transformers ForCausalLMLoss (logits.float(), log_softmax saved in fp32)")
+    elif loss is Loss.CHUNKED:
+        notes.append(f"loss: TRL chunked_nll (_chunked_cross_entropy_loss): lm_head + cross-entropy per "
+                     f"{w.loss_chunk or 256} tokens under non-reentrant checkpoint; a 16-bit head weight is copied "
+                     "to fp32 in every chunk")
+    elif loss is Loss.LIGER_FUSED:
+        notes.append("loss: Liger fused linear cross-entropy (ops/fused_linear_cross_entropy.py): input and head "
+                     "gradients computed chunk-wise in the forward, logits never whole")
+    else:
+        notes.append("loss: Cut Cross-Entropy (apple/ml-cross-entropy cce.py): blockwise log-sum-exp, logits "
+                     "never materialized; gradients in backward")
+    if w.packing:
+        notes.append(f"padding-free packing: one row of {w.tokens} real tokens per micro-batch "
+                     f"({w.batch_size} x {w.avg_seq_len or w.seq_len}); attention by FlashAttention varlen "
+                     "(TRL padding_free / DataCollatorWithFlattening)")
+    if w.checkpoint_every == 1:
+        notes.append("gradient checkpointing: non-reentrant, every decoder layer recomputed in backward")
+    elif w.checkpoint_every:
+        notes.append(f"gradient checkpointing: non-reentrant, every {w.checkpoint_every}th decoder layer "
+                     "(0, N, 2N, ...) recomputed in backward, the others keep their activations")
+    if w.activation_offload:
+        notes.append("activation offloading (TRL activation_offloading / torchtune OffloadActivations): what the "
+                     "decoder layers save for backward lives in pinned host memory and comes back for backward "
+                     "(checkpointed layers keep their input on the GPU); the forward stash of in-flight copies "
+                     "is not counted")
+    return notes
 
 
 def _workload_dict(w: Workload) -> dict[str, object]:

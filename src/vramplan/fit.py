@@ -159,7 +159,7 @@ class KVCapacity:
 
 def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
     """Keys and values of one token over every layer: 2 x kv_heads x head_dim x bytes x layers."""
-    return 2 * spec.num_kv_heads * spec.head_dim * elem * spec.num_layers
+    return spec.kv_cache_per_token * elem * spec.num_layers
 
 
 def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilization: float = 0.9,

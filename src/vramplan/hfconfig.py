@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from ._files import FileTooLarge, NotAFile, read_text_limited
 from .errors import ConfigError
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "load_config_file", "spec_from_config"]
+__all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "installed_transformers", "load_config_file",
+           "spec_from_config", "version_warning"]
 
 MAX_CONFIG_BYTES = 4 << 20  # a real config.json is a few KiB; refuse anything absurd
 _MAX_DIM = 1 << 22  # 4M: above any real hidden/vocab/intermediate size
@@ -110,12 +113,12 @@ class _Cfg:
         return list(v)
 
 
-def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None) -> int:
+def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None, floor: bool = False) -> int:
     if kv > heads or heads % kv:
         raise ConfigError(f"{c.where}: num_attention_heads ({heads}) must be a multiple of the key/value "
                           f"heads ({kv})")
     if head_dim is None:
-        if hidden % heads:
+        if hidden % heads and not floor:
             raise ConfigError(f"{c.where}: hidden_size ({hidden}) is not divisible by num_attention_heads "
                               f"({heads}); set head_dim")
         head_dim = hidden // heads
@@ -139,86 +142,261 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
 
 # ---- families ---------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a LLaMA-class family's modeling file fixes beyond its config (transformers 5.24 ``modeling_*.py``).
+
+    Every difference between these families that decides memory is a field here, read by one reader
+    (:func:`_llama_like`) into the spec: the block programs branch on the spec's fields, never on names.
+    """
+
+    gemma: bool = False  # GemmaRMSNorm (1 + w), sqrt(hidden) embedding scale, tied by default
+    tie: bool = False  # default of tie_word_embeddings
+    qkv_bias: bool | None = None  # fixed q/k/v bias (Qwen2: True); None: the config's bias key
+    bias_key: str = "attention_bias"  # config key of the q/k/v/o bias flag
+    bias_default: bool = False  # its default (Glm4Config: True)
+    o_bias: bool = True  # whether that flag also gives o_proj a bias
+    mlp_bias_key: str = "mlp_bias"
+    layout: str = "pre"  # pre: norm -> sublayer; post: sublayer -> norm (OLMo 2); sandwich: both (Gemma 2)
+    parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
+    qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
+    qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
+    gate_up_fused: bool = False
+    qkv_fused: bool = False
+    rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
+    rope_interleave_fp32: bool = False  # ERNIE 4.5: both
+    nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers)
+    sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
+    # else a pattern of sliding_window_pattern)
+    sliding_every: int = 0  # default pattern when layer_types is absent (Gemma 2: 2, Gemma 3: 6)
+    sliding_pattern_key: str = ""
+    softcap: bool = False  # Gemma 2 final/attention logit soft-capping
+    multipliers: bool = False  # Granite: embedding/residual multipliers and logits scaling
+    logit_scale_key: str = ""  # Cohere: logits * logit_scale
+    norm: NormKind = NormKind.RMSNORM
+    moe: str = ""  # "mixtral" | "qwen" (reader of the MoE fields)
+    partial_rotary: bool = False  # reads partial_rotary_factor
+    aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
+    mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
+
+
+_FAMILIES: dict[str, _Facts] = {
+    "llama": _Facts(),
+    "mistral": _Facts(sliding="all"),
+    "ministral": _Facts(sliding="types"),
+    "mixtral": _Facts(sliding="all", moe="mixtral"),
+    "granitemoe": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
+    "granitemoeshared": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
+    "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
+                       moe="deepseek"),
+    "deepseek_v3": _Facts(version="5.24", moe="deepseek", mla=True),
+    "ernie4_5_moe": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias",
+                           rope="interleave", rope_interleave_fp32=True, moe="ernie"),
+    "qwen2": _Facts(qkv_bias=True, o_bias=False, sliding="qwen"),
+    "qwen2_moe": _Facts(qkv_bias=True, o_bias=False, sliding="qwen", moe="qwen"),
+    "qwen3": _Facts(qk_norm="head", sliding="qwen"),
+    "qwen3_moe": _Facts(qk_norm="head", sliding="qwen", moe="qwen"),
+    "gemma": _Facts(gemma=True, tie=True),
+    "gemma2": _Facts(gemma=True, tie=True, layout="sandwich", sliding="types", sliding_every=2, softcap=True),
+    "gemma3_text": _Facts(gemma=True, tie=True, layout="sandwich", qk_norm="head", sliding="types",
+                          sliding_every=6, sliding_pattern_key="sliding_window_pattern"),
+    "phi3": _Facts(qkv_fused=True, gate_up_fused=True, sliding="all", partial_rotary=True),
+    # LlamaForCausalLM under other names (transformers' attribute_map renames their keys)
+    "exaone": _Facts(aliases=(("num_layers", "num_hidden_layers"), ("layer_norm_epsilon", "rms_norm_eps"),
+                              ("activation_function", "hidden_act"))),
+    "internlm3": _Facts(aliases=(("qkv_bias", "attention_bias"), ("bias", "mlp_bias"))),
+    "iquestcoder": _Facts(),
+    # 2025 LLaMA-class families
+    "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
+    "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
+    "granite": _Facts(version="5.24", multipliers=True),
+    "glm4": _Facts(version="5.24", bias_default=True, o_bias=False, layout="sandwich", gate_up_fused=True,
+                   rope="interleave", partial_rotary=True),
+    "ernie4_5": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias", rope="interleave",
+                       rope_interleave_fp32=True),
+    "exaone4": _Facts(version="5.24", layout="post", qk_norm="head", nope="global", sliding="types", sliding_every=4,
+                      sliding_pattern_key="sliding_window_pattern"),
+    "cohere2": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
+                      nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
+                      logit_scale_key="logit_scale"),
+    "helium": _Facts(version="5.24"),
+    "seed_oss": _Facts(version="5.24", o_bias=False),
+}
+# the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
+# in ``architectures`` under a model_type this reader does not know
+_CLASSES: dict[str, str] = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
+    "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
+    "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+    "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
+    "FalconForCausalLM": "falcon",
+}
+
+
+def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """The sliding window and the layers that use it, as the family's modeling file decides."""
+    if f.sliding == "all":
+        window = c.opt_int("sliding_window")
+        return window, tuple(range(layers)) if window else ()
+    if f.sliding == "qwen":
+        if not c.bool_("use_sliding_window", default=False):
+            return None, ()
+        window = c.opt_int("sliding_window")
+        max_window = c.int_("max_window_layers", default=layers, lo=0, hi=_MAX_LAYERS)
+        return window, tuple(i for i in range(layers) if i >= max_window) if window else ()
+    if f.sliding == "types":
+        window = c.opt_int("sliding_window")
+        every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
+            if f.sliding_pattern_key else f.sliding_every
+        return window, _layer_types(c, layers, window, default_every=every)
+    return None, ()
+
+
+def _rotary_fraction(c: _Cfg) -> float:
+    """partial_rotary_factor: top level, or inside rope_parameters / rope_scaling (transformers >= 5)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        sub = c.raw.get(key)
+        if isinstance(sub, Mapping) and "partial_rotary_factor" in sub:
+            return _Cfg(sub, f"{c.where}: {key}").float_("partial_rotary_factor", lo=0.0, hi=1.0)
+    return c.float_("partial_rotary_factor", default=1.0, lo=0.0, hi=1.0)
+
+
+def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], window: int | None) -> tuple[int, ...]:
+    if f.nope == "no_rope_layers":
+        flags = c.int_list("no_rope_layers")  # SmolLM3: 1 = use RoPE, 0 = NoPE
+        if flags:
+            if len(flags) < layers:
+                raise ConfigError(f"{c.where}: no_rope_layers lists {len(flags)} flags for {layers} layers")
+            return tuple(i for i in range(layers) if not flags[i])
+        every = c.int_("no_rope_layer_interval", default=4, hi=_MAX_LAYERS)
+        return tuple(i for i in range(layers) if (i + 1) % every == 0)
+    if f.nope == "global" and window is not None:
+        # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
+        return tuple(i for i in range(layers) if i not in sliding)
+    return ()
+
+
+def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
+    """The MoE fields of a spec, read the way each family's config names them (empty: a dense model)."""
+    if not f.moe:
+        return {}
+    out: dict[str, Any] = {}
+    if f.moe in ("mixtral", "granitemoe", "phimoe"):
+        out = {"num_experts": c.int_("num_local_experts", default=8), "experts_per_token":
+               c.int_("num_experts_per_tok", default=2), "moe_intermediate_size": c.int_("intermediate_size"),
+               "moe_layers": tuple(range(layers))}
+        if f.moe == "granitemoe" and c.raw.get("shared_intermediate_size"):
+            out["shared_expert_intermediate_size"] = c.int_("shared_intermediate_size", lo=0)
+    elif f.moe == "qwen":
+        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
+        dense_only = set(c.int_list("mlp_only_layers"))
+        out = {"num_experts": c.int_("num_experts", default=60 if family == "qwen2_moe" else 128),
+               "experts_per_token": c.int_("num_experts_per_tok", default=4 if family == "qwen2_moe" else 8),
+               "moe_intermediate_size": c.int_("moe_intermediate_size"),
+               "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)}
+        if family == "qwen2_moe":
+            si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
+            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si)}
+    elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
+        inter = c.int_("moe_intermediate_size")
+        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
+        out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if i >= first_dense and i % every == 0),
+               "router_fp32": True, "router_sigmoid": True}
+    elif f.moe == "ernie":
+        inter = c.int_("moe_intermediate_size")
+        start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
+        end = c.int_("moe_layer_end_index", default=layers - 1, lo=-1, hi=_MAX_LAYERS)
+        every = c.int_("moe_layer_interval", default=1, hi=_MAX_LAYERS)
+        if end < 0:
+            end = layers - 1
+        out = {"num_experts": c.int_("moe_num_experts", default=64), "experts_per_token": c.int_("moe_k", default=6),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=0, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end),
+               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64)}
+    return out
+
+
 def _llama_like(c: _Cfg, family: str) -> ModelSpec:
-    """LLaMA and its descendants: Mistral, Mixtral, Qwen2/2.5/3 (+MoE), Gemma 1/2/3, Phi-3/4."""
+    """LLaMA and its descendants (the families of :data:`_FAMILIES`): one decoder layer of attention and a
+    gated MLP, differing in the facts each family's modeling file fixes."""
+    f = _FAMILIES[family]
+    if f.aliases:
+        raw = dict(c.raw)
+        for key, canonical in f.aliases:
+            if key in raw:  # transformers sets the canonical attribute from its alias
+                raw[canonical] = raw.pop(key)
+        c = _Cfg(raw, c.where)
     hidden = c.int_("hidden_size")
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
-    head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"))
+    mla: dict[str, Any] = {}
+    if f.mla:
+        rope_dim = c.int_("qk_rope_head_dim", default=64)
+        head_dim = c.int_("qk_nope_head_dim", default=128) + rope_dim
+        mla = {"q_lora_rank": c.int_("q_lora_rank", default=0, lo=0), "kv_lora_rank": c.int_("kv_lora_rank"),
+               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=128)}
+        kv = heads  # k and v are expanded to every head from the latent
+    else:
+        # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
+        head_dim = _check_heads(c, hidden, heads, kv, c.opt_int("head_dim"), floor=True)
     vocab = c.int_("vocab_size")
-    gemma = family.startswith("gemma")
-    tie = c.bool_("tie_word_embeddings", default=gemma)  # Gemma configs tie by default; the rest do not
+    gemma = f.gemma
+    tie = c.bool_("tie_word_embeddings", default=f.tie)
     act_default = "gelu_pytorch_tanh" if gemma else "silu"
     # Gemma: transformers builds gelu_pytorch_tanh from hidden_activation and ignores hidden_act ("gelu")
     act = c.activation("hidden_activation", default=act_default) if gemma else \
         c.activation("hidden_act", default=act_default)
-    qkv_bias = family in ("qwen2", "qwen2_moe") or c.bool_("attention_bias", default=False)
-    o_bias = c.bool_("attention_bias", default=False) and family not in ("qwen2", "qwen2_moe")
-    window: int | None = None
-    sliding: tuple[int, ...] = ()
-    if family in ("mistral", "mixtral"):
-        window = c.opt_int("sliding_window")
-        sliding = tuple(range(layers)) if window else ()
-    elif family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
-        if c.bool_("use_sliding_window", default=False):
-            window = c.opt_int("sliding_window")
-            max_window = c.int_("max_window_layers", default=layers, lo=0, hi=_MAX_LAYERS)
-            sliding = tuple(i for i in range(layers) if i >= max_window) if window else ()
-    elif family == "gemma2":
-        window = c.opt_int("sliding_window")
-        sliding = _layer_types(c, layers, window, default_every=2)
-    elif family == "gemma3_text":
-        window = c.opt_int("sliding_window")
-        every = c.int_("sliding_window_pattern", default=6, hi=_MAX_LAYERS)
-        sliding = _layer_types(c, layers, window, default_every=every)
-    elif family == "phi3":
-        window = c.opt_int("sliding_window")
-        sliding = tuple(range(layers)) if window else ()
+    bias_flag = c.bool_(f.bias_key, default=f.bias_default)
+    qkv_bias = f.qkv_bias if f.qkv_bias is not None else bias_flag
+    o_bias = bias_flag and f.o_bias
+    window, sliding = _sliding(c, f, layers)
 
-    num_experts = 0
-    top_k = 0
-    moe_inter = 0
-    shared_inter = 0
-    moe_layers: tuple[int, ...] = ()
-    if family == "mixtral":
-        num_experts = c.int_("num_local_experts", default=8)
-        top_k = c.int_("num_experts_per_tok", default=2)
-        moe_inter = c.int_("intermediate_size")
-        moe_layers = tuple(range(layers))
-    elif family in ("qwen2_moe", "qwen3_moe"):
-        num_experts = c.int_("num_experts", default=60 if family == "qwen2_moe" else 128)
-        top_k = c.int_("num_experts_per_tok", default=4 if family == "qwen2_moe" else 8)
-        moe_inter = c.int_("moe_intermediate_size")
-        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
-        dense_only = set(c.int_list("mlp_only_layers"))
-        moe_layers = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-        if family == "qwen2_moe":
-            shared_inter = c.int_("shared_expert_intermediate_size", default=0, lo=0)
+    moe = _moe(c, f, family, layers)
+    num_experts, top_k = moe.get("num_experts", 0), moe.get("experts_per_token", 0)
     if num_experts and top_k > num_experts:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds the number of experts "
                           f"({num_experts})")
+    moe_inter = moe.get("moe_intermediate_size", 0)
     inter = c.int_("intermediate_size", default=moe_inter if moe_inter else _MISSING)
-    rotary = 1.0
-    if family == "phi3":
-        rotary = c.float_("partial_rotary_factor", default=1.0, lo=0.0, hi=1.0)
+    logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
-        tie_word_embeddings=tie, norm=NormKind.GEMMA_RMSNORM if gemma else NormKind.RMSNORM,
+        tie_word_embeddings=tie,
+        norm=NormKind.GEMMA_RMSNORM if gemma else f.norm,
         mlp=MLPKind.GATED, activation=act, position=PositionKind.ROPE,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_("mlp_bias", default=False),
-        qkv_fused=family == "phi3", gate_up_fused=family == "phi3",
-        norms_per_layer=4 if family in ("gemma2", "gemma3_text") else 2,
-        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
-        rotary_fraction=rotary, embed_scale=gemma,
-        logit_softcap=c.opt_float("final_logit_softcapping") if family == "gemma2" else None,
-        attn_logit_softcap=c.opt_float("attn_logit_softcapping") if family == "gemma2" else None,
-        num_experts=num_experts, experts_per_token=top_k, moe_intermediate_size=moe_inter,
-        shared_expert_intermediate_size=shared_inter, shared_expert_gate=bool(shared_inter),
-        moe_layers=moe_layers, sliding_window=window, sliding_layers=sliding,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=False),
+        qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
+        norms_per_layer=4 if f.layout == "sandwich" else 1 if f.parallel else 2,
+        pre_norm=f.layout != "post", parallel_residual=f.parallel,
+        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
+        qk_norm_full=f.qk_norm == "full",
+        rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
+        rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
+        nope_layers=_nope_layers(c, f, layers, sliding, window),
+        embed_scale=gemma or f.multipliers, residual_scale=f.multipliers,
+        logit_scale=f.multipliers or logit_scale is not None,
+        logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
+        attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        program_version=f.version,
     )
 
 
@@ -355,12 +533,94 @@ def _falcon(c: _Cfg, family: str) -> ModelSpec:
 
 
 _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    **{t: _llama_like for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                                "gemma", "gemma2", "gemma3_text", "phi3")},
+    **{t: _llama_like for t in _FAMILIES},
     "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom, "falcon": _falcon,
 }
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_READERS))
+# The transformers release whose modeling code the hand-written block programs follow (per family: ModelSpec
+# .program_version; families added later were written from, and checked against, a newer release).
+PROGRAMS_TRANSFORMERS_VERSION = "5.17"
+
+
+@lru_cache(maxsize=1)
+def installed_transformers() -> str | None:
+    """The installed transformers version (package metadata only: nothing is imported), or None."""
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def version_warning(spec: ModelSpec) -> str | None:
+    """A warning when the installed transformers is not the release the spec's program models."""
+    have = installed_transformers()
+    want = spec.program_version
+    if have is None or have.split(".")[:2] == want.split(".")[:2]:
+        return None
+    return (f"the {spec.family} memory program follows transformers {want}; transformers {have} is installed and "
+            "may allocate differently: `vramplan trace` runs the installed code")
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _special_floats(obj: Any, depth: int = 0) -> Any:
+    """transformers >= 5 saves non-finite floats as ``{"__float__": "Infinity"}``; read them back as floats."""
+    if depth > 64:
+        raise ConfigError("config nested too deeply to be a config.json")
+    if isinstance(obj, Mapping):
+        if len(obj) == 1 and "__float__" in obj:
+            v = obj["__float__"]
+            if v in _SPECIAL_FLOATS:
+                return _SPECIAL_FLOATS[v]
+            raise ConfigError(f"unknown special float {v!r} in config.json")
+        return {k: _special_floats(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_special_floats(v, depth + 1) for v in obj]
+    return obj
+
+
+def _resolve(raw: Mapping[str, Any], name: str) -> str:
+    """The reader for a config: by model_type, else by the class its ``architectures`` names (transformers
+    builds the class; several model types share one, e.g. EXAONE 3 and InternLM 3 are LlamaForCausalLM)."""
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{name}: no 'model_type' string; is this a Hugging Face config.json?")
+    family = _ALIASES.get(model_type, model_type)
+    if family in _READERS:
+        return family
+    archs = raw.get("architectures")
+    if isinstance(archs, list):
+        for arch in archs:
+            if isinstance(arch, str) and arch in _CLASSES:
+                return _CLASSES[arch]
+    if isinstance(raw.get("auto_map"), Mapping):
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported: it needs the model's own code "
+                          "(auto_map), and vramplan never runs code from a config; use a transformers architecture")
+    raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
+                      f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
+                      "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
+
+
+def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    """A multimodal config's language model, and a note that its other towers are not counted."""
+    text = raw.get("text_config")
+    if not isinstance(text, Mapping):
+        return raw, ()
+    towers = [k.removesuffix("_config") for k in raw if k.endswith("_config") and k != "text_config"
+              and isinstance(raw[k], Mapping)]
+    model_type = raw.get("model_type")
+    sub = dict(text)
+    if not isinstance(sub.get("model_type"), str):
+        sub["model_type"] = f"{model_type}_text" if isinstance(model_type, str) else None
+    if model_type == "gemma3":
+        sub["model_type"] = "gemma3_text"
+    if "tie_word_embeddings" not in sub and "tie_word_embeddings" in raw:
+        sub["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    if not towers:
+        return sub, ()
+    return sub, (f"{name} is a {model_type} model with a {' and '.join(towers)} tower: estimate counts its language "
+                 f"model only (weights, activations and cache of the {' and '.join(towers)} tower are missing); "
+                 "`vramplan trace` runs the whole model",)
 
 
 def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
@@ -369,26 +629,22 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         raise ConfigError(f"{name}: a config.json must hold a JSON object, not {type(raw).__name__}")
     from .quant import quantization_from_config
 
-    quantization = quantization_from_config(raw, name)
-    model_type = raw.get("model_type")
-    if model_type == "gemma3" and isinstance(raw.get("text_config"), Mapping):
-        # Gemma 3 4B+ are image-text models: the language model's config is nested.
-        raw = {"model_type": "gemma3_text", **raw["text_config"]}
-        model_type = "gemma3_text"
-    if not isinstance(model_type, str):
-        raise ConfigError(f"{name}: no 'model_type' string; is this a Hugging Face config.json?")
-    family = _ALIASES.get(model_type, model_type)
-    reader = _READERS.get(family)
-    if reader is None:
-        raise ConfigError(f"{name}: model_type {model_type!r} is not supported; supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    cfg: Mapping[str, Any] = _special_floats(raw)
+    quantization = quantization_from_config(cfg, name)
+    cfg, notes = _text_tower(cfg, name)
+    family = _resolve(cfg, name)
+    reader = _READERS[family]
     try:
-        spec = reader(_Cfg(raw, name), family)
-        return replace(spec, quantization=quantization) if quantization is not None else spec
+        spec = reader(_Cfg(cfg, name), family)
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:
         raise ConfigError(f"{name}: cannot read the config ({exc}); check its fields") from None
+    if quantization is not None:
+        spec = replace(spec, quantization=quantization)
+    if notes:
+        spec = replace(spec, notes=notes)
+    return spec
 
 
 def load_config_file(path: str | Path) -> ModelSpec:

@@ -122,6 +122,9 @@ def run_rank(config: Mapping[str, Any], workload: Workload, layout: Layout, step
         dist.gather_object(mine, gathered, dst=0)
         if gathered is not None:
             mine["ranks"] = gathered
+        # Every rank waits here before tearing the group down: a rank that leaves while a peer's gloo
+        # pair is still sending aborts in the C++ destructor ("terminate called without an active exception").
+        dist.barrier()
         return mine
     finally:
         dist.destroy_process_group()

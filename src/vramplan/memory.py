@@ -64,8 +64,15 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     return frozenset(targets)
 
 
-def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int) -> int:
-    """Adapter parameters: r x (in + out) for every targeted linear in every layer."""
+def _modules_to_save(spec: ModelSpec, counts: ParamCounts, w: Workload) -> int:
+    """Elements of the trained copies of peft ``modules_to_save`` (embed_tokens, lm_head)."""
+    per = spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size)
+    return per * len(set(w.lora_modules_to_save))
+
+
+def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int, dora: bool = False) -> int:
+    """Adapter parameters: r x (in + out) for every targeted linear in every layer (DoRA: plus the magnitude,
+    one per output feature)."""
     from .params import attention_linears, mlp_linears
 
     total = 0
@@ -73,7 +80,7 @@ def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int) -> int:
         moe = i in spec.moe_layers
         for name, fin, fout, count in attention_linears(spec) + mlp_linears(spec, moe):
             if name in targets:
-                total += rank * (fin + fout) * count
+                total += (rank * (fin + fout) + (fout if dora else 0)) * count
     return total
 
 
@@ -91,6 +98,7 @@ class ModelStates:
     step_temporaries: int
     trainable_layers: int  # decoder layers whose base weights train
     notes: tuple[str, ...]
+    paged_state: int = 0  # bitsandbytes paged optimizers: state bytes in CUDA unified memory (not in the above)
 
 
 def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: Mapping[int, int]) -> tuple[int, int, str]:
@@ -122,7 +130,69 @@ def _optimizer_bytes(opt: Optimizer, numel: int, elem: int, tensor_sizes: Mappin
     if opt is Optimizer.LION:
         largest = max((n for n, k in tensor_sizes.items() if k), default=0)
         return numel * elem, largest * elem, "Lion: one momentum buffer; sign update temporary per tensor"
+    if opt in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT):
+        # bitsandbytes Optimizer2State.get_state_buffer (bitsandbytes/optim/optimizer.py): paged optimizers
+        # allocate the state of every tensor of >= 1e5 elements with F.get_paged (cudaMallocManaged, outside
+        # PyTorch's caching allocator: max_memory_allocated never sees it, and the driver evicts it to host
+        # memory under pressure); smaller tensors' states come from torch.zeros_like. 32-bit: fp32 states.
+        paged = sum(n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
+        small = numel - paged
+        if opt is Optimizer.PAGED_ADAMW:
+            return 2 * 4 * small, 0, (f"paged AdamW 32-bit (bitsandbytes): fp32 states; {2 * 4 * paged / 2**30:.2f} "
+                                      "GiB of them in CUDA unified memory (paged to the host under pressure)")
+        state8, _, _ = _optimizer_bytes(Optimizer.ADAMW_8BIT, numel, elem, tensor_sizes)
+        paged8 = sum(2 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
+        return state8 - paged8, 0, (f"paged AdamW 8-bit (bitsandbytes): blockwise uint8 states, "
+                                   f"{paged8 / 2**30:.2f} GiB of them in CUDA unified memory; fp32 absmax on device")
     raise ValueError(opt)
+
+
+BNB_PAGED_MIN = 100_000  # bitsandbytes: tensors with fewer elements never get paged state buffers
+
+
+def paged_state_bytes(opt: Optimizer, tensor_sizes: Mapping[int, int]) -> int:
+    """Bytes of a bitsandbytes paged optimizer's state that live in CUDA unified memory."""
+    if opt is Optimizer.PAGED_ADAMW:
+        return sum(2 * 4 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
+    if opt is Optimizer.PAGED_ADAMW_8BIT:
+        return sum(2 * n * k for n, k in tensor_sizes.items() if n >= BNB_PAGED_MIN)
+    return 0
+
+
+def _matrix_optimizer_bytes(opt: Optimizer, w: Workload, elem: int, matrices: list[tuple[int, int]],
+                            others: list[int]) -> tuple[int, int, str]:
+    """GaLore, APOLLO and Muon act on the 2-D weights of the decoder layers (``matrices``: (out, in)); every
+    other trainable tensor (embeddings, head, norms, biases: ``others``) gets AdamW's two states."""
+    adam_other = 2 * sum(others) * elem
+    if not matrices:
+        return adam_other, sum(others) * elem, "no 2-D decoder weights train: AdamW on the rest"
+    r = w.optimizer_rank
+    biggest = max(matrices, key=lambda mn: mn[0] * mn[1])
+    m, n = biggest
+    k = min(m, n)
+    if opt is Optimizer.MUON:
+        # torch.optim.Muon (torch/optim/_muon.py): one momentum buffer per matrix; per tensor the Nesterov update
+        # (m x n), its bf16 copy unless already bf16, and the Newton-Schulz iteration's gram matrices (k x k, twice)
+        # and next iterate (m x n, bf16)
+        state = sum(a * b for a, b in matrices) * elem + adam_other
+        temp = m * n * elem + (m * n * 2 if elem != 2 else 0) + m * n * 2 + 2 * k * k * 2
+        return state, max(temp, max(others, default=0) * elem), \
+            ("Muon (torch.optim.Muon) on the decoder's 2-D weights: momentum + Newton-Schulz temporaries; "
+             "AdamW on the rest")
+    # GaLore (galore_torch/galore_projector.py GaLoreProjector, proj_type std): for an (m, n) gradient the
+    # projection keeps rank r of the shorter side (r x min(m, n), parameter dtype) and Adam's moments live on the
+    # projected gradient (r x max(m, n)); the step projects back to a full (m, n) update. APOLLO
+    # (apollo_torch/apollo.py, random projection) keeps the same moments and a random projection, and scales the
+    # full gradient channel-wise (an (m, n) temporary) instead of projecting back.
+    rk = [(min(r, a, b), max(a, b), min(a, b)) for a, b in matrices]
+    state = sum(2 * rr * big * elem + rr * small * elem for rr, big, small in rk) + adam_other
+    temp = m * n * elem + 2 * min(r, k) * max(m, n) * elem
+    if opt is Optimizer.GALORE:
+        # every update_proj_gap steps: torch.linalg.svd of an fp32 copy of the gradient (U: m x k, Vh: k x n, fp32)
+        temp += m * n * 4 + (m * k + k * n + k) * 4
+        return state, temp, (f"GaLore AdamW rank {r} on the decoder's 2-D weights (SVD every {w.galore_update_gap} "
+                             "steps counted in the step temporaries); AdamW on the rest")
+    return state, temp, f"APOLLO AdamW rank {r} (random projection) on the decoder's 2-D weights; AdamW on the rest"
 
 
 def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None) -> ModelStates:
@@ -194,11 +264,27 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         notes.append(f"freeze: the last {k} of {L} decoder layers, the final norm and the untied head train")
     else:
         targets = lora_targets(spec, w.lora_targets)
-        adapters = lora_params(spec, targets, w.lora_rank)
+        adapters = lora_params(spec, targets, w.lora_rank, dora=w.method is Method.DORA)
         trainable = adapters
         tensor_sizes = Counter({w.lora_rank * 4096: max(1, adapters // (w.lora_rank * 4096))})
-    # peft adds the adapters to the model's parameters; they are fp32 (autocast_adapter_dtype)
-    adapter_bytes = adapters * 4
+        if w.method is Method.DORA:
+            notes.append("DoRA (peft lora/dora.py): a trained fp32 magnitude per output feature of each adapted "
+                         "linear; every forward rebuilds B @ A and the row norms of W + s*B@A (weight-sized fp32 "
+                         "temporaries, detached)")
+        if w.rslora:
+            notes.append("rsLoRA: scaling alpha/sqrt(r) instead of alpha/r (no memory change)")
+        saved = _modules_to_save(spec, counts, w)
+        if saved:
+            # peft ModulesToSaveWrapper: a trainable deep copy of the module next to the frozen original
+            adapters += saved
+            trainable += saved
+            notes.append(f"modules_to_save {', '.join(w.lora_modules_to_save)}: trained full copies "
+                         "(weights, gradients and optimizer states)")
+    # peft adds the adapters to the model's parameters; they are fp32 (autocast_adapter_dtype); a
+    # modules_to_save copy keeps its module's dtype
+    saved_copies = _modules_to_save(spec, counts, w) if training and w.uses_adapters else 0
+    copy_elem = 4 if w.method is Method.QLORA else dense_elem
+    adapter_bytes = (adapters - saved_copies) * 4 + saved_copies * copy_elem
     train_elem = 4 if w.uses_adapters else dense_elem
 
     weights = dense_w + quant_w + adapter_bytes
@@ -206,13 +292,49 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     if prec.is_amp and training:
         master, weights = weights, 0
         notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
-    grads = trainable * train_elem if training else 0
+    grads = ((trainable - saved_copies) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:
-        state, temp, note = _optimizer_bytes(w.optimizer, trainable, train_elem, tensor_sizes)
+        if w.optimizer in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
+            matrices, others = _matrices(spec, counts, w, tensor_sizes)
+            state, temp, note = _matrix_optimizer_bytes(w.optimizer, w, train_elem, matrices, others)
+        else:
+            state, temp, note = _optimizer_bytes(w.optimizer, trainable - saved_copies, train_elem, tensor_sizes)
+            if saved_copies:
+                per = saved_copies // len(set(w.lora_modules_to_save))
+                s2, t2, _ = _optimizer_bytes(w.optimizer, saved_copies, copy_elem,
+                                             Counter({per: len(set(w.lora_modules_to_save))}))
+                state, temp = state + s2, max(temp, t2) if w.optimizer is Optimizer.LION else temp + t2
         notes.append(note)
+    paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
     return ModelStates(total + adapters, trainable, weights, master, quant_c, grads, state, temp,
-                       trainable_layers, tuple(notes))
+                       trainable_layers, tuple(notes), paged)
+
+
+def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
+              tensor_sizes: Mapping[int, int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """(out, in) of the trainable 2-D weights of the decoder layers, and the sizes of every other trainable tensor.
+    Adapters: LoRA's A (r x in) and B (out x r) matrices."""
+    if w.uses_adapters:
+        r = w.lora_rank
+        mats: list[tuple[int, int]] = []
+        targets = lora_targets(spec, w.lora_targets)
+        from .params import attention_linears, mlp_linears
+
+        for i in range(spec.num_layers):
+            for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
+                if name in targets:
+                    mats += [(r, fin), (fout, r)] * n
+        rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
+        return mats, [rest] if rest > 0 else []
+    L = spec.num_layers
+    first = 0 if w.method is Method.FULL else L - min(L, w.trainable_layers if w.trainable_layers is not None
+                                                      else max(1, L // 4))
+    mats = [(fout, fin) for layer in counts.layers[first:] for _, fin, fout, n in layer.linear_shapes
+            for _ in range(n)]
+    rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
+    sizes = {a * b for a, b in mats}
+    return mats, [n for n, k in tensor_sizes.items() if n not in sizes for _ in range(k)] if rest > 0 else []
 
 
 def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool,

@@ -58,6 +58,12 @@ def _norm_params(spec: ModelSpec, dim: int) -> int:
 def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     """(module name, in_features, out_features, count) of each attention projection."""
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
+        nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
+        nope = spec.head_dim - spec.qk_rope_head_dim
+        mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
+        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
     if spec.qkv_fused:
         name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
@@ -101,16 +107,23 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
-    for _, _, o, n in attn[:-1]:
-        bias += o * n if spec.qkv_bias else 0
-    bias += spec.hidden_size if spec.o_bias else 0
+    if spec.kv_lora_rank:  # attention_bias: q_a_proj (or nothing), kv_a_proj_with_mqa and o_proj
+        if spec.qkv_bias:
+            bias += spec.q_lora_rank + spec.kv_lora_rank + spec.qk_rope_head_dim + spec.hidden_size
+    else:
+        for _, _, o, n in attn[:-1]:
+            bias += o * n if spec.qkv_bias else 0
+        bias += spec.hidden_size if spec.o_bias else 0
     if spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:
         bias += spec.num_experts
+    if moe:
+        bias += spec.moe_extra_params
     norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
+    norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
-        norm += 2 * spec.head_dim
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 

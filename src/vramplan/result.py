@@ -87,6 +87,8 @@ class Estimate:
     # allocation stream (vramplan.allocator); 0 where no stream is modelled
     peak_reserved_bytes: int = 0
     reserved_phases: tuple[ReservedPhase, ...] = ()
+    host_bytes: int = 0  # pinned host memory the step needs (activation offloading)
+    host_traffic_bytes: int = 0  # bytes over PCIe per optimizer step for that host memory (both directions)
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -114,5 +116,7 @@ class Estimate:
                                           "peak_reserved_bytes": p.peak_reserved_bytes,
                                           "fragmentation": round(p.fragmentation, 4)}
                                 for p in self.reserved_phases},
+            "host_bytes": self.host_bytes,
+            "host_traffic_bytes": self.host_traffic_bytes,
         }
         return out | ({"per_gpu": self.per_gpu.to_dict()} if self.per_gpu is not None else {})

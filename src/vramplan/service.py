@@ -186,6 +186,7 @@ class PlanQuery(Query):
     global_batch: int | None = None
     prices: str | None = None  # a JSON file of price overrides
     top: int = 20
+    engine: str = "transformers"  # infer: the serving engine whose prefill/decode speed ranks the plans
 
 
 def gpu_pool(names: Sequence[str] | None = None, prices: str | None = None) -> list[GPU]:
@@ -196,8 +197,12 @@ def gpu_pool(names: Sequence[str] | None = None, prices: str | None = None) -> l
     if prices:
         pool = list(with_prices(pool, load_price_overrides(prices)))
     if names:
-        wanted = {get_gpu(n).name for n in names}
-        pool = [g for g in pool if g.name in wanted]
+        from .perf.custom import resolve_gpu
+
+        # custom:… entries describe GPUs the catalog lacks (vramplan.perf.custom); names pick catalog GPUs
+        custom = [resolve_gpu(n) for n in names if n.strip().lower().startswith("custom:")]
+        wanted = {get_gpu(n).name for n in names if not n.strip().lower().startswith("custom:")}
+        pool = [g for g in pool if g.name in wanted] + custom
     return pool
 
 
@@ -245,7 +250,7 @@ def plan(q: PlanQuery) -> PlanResult:
         seq_len=w.get("seq_len", 2048), new_tokens=w.get("new_tokens", 256), tokens=q.tokens, epochs=q.epochs,
         dataset_tokens=q.dataset_tokens, methods=(Method(method),) if method and task is not PlanTask.INFER else (),
         weights_quants=(WeightsQuant(quant),) if quant else (),
-        lora_targets=None if targets is None else tuple(targets), **common)
+        lora_targets=None if targets is None else tuple(targets), engine=q.engine or "transformers", **common)
     return plan_language(ref.language_spec("plan"), req, name=ref.name, gpus=pool)
 
 

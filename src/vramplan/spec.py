@@ -23,6 +23,7 @@ class NormKind(StrEnum):
     RMSNORM = "rmsnorm"  # LlamaRMSNorm: upcasts to fp32, scales by weight
     GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
+    COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
 
 
 class MLPKind(StrEnum):
@@ -74,6 +75,13 @@ class ModelSpec:
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
     norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+    qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
+    pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
+    rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
+    # first: ERNIE 4.5, Cohere), interleave_fp32 (both)
+    nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
+    residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
+    logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
@@ -83,6 +91,11 @@ class ModelSpec:
     logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of the final logits
     attn_logit_softcap: float | None = None  # Gemma 2: soft-capping of attention scores (eager only)
     embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
+    # Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): kv_lora_rank > 0; head_dim is the q/k head size
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0
@@ -90,6 +103,10 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
     router_bias: bool = False
+    router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
+    router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
+    moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
+    expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None
@@ -99,11 +116,20 @@ class ModelSpec:
     source: str = ""
     quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
     checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
+    program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
+    notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
 
     # ---- derived sizes --------------------------------------------------------------
     @property
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_cache_per_token(self) -> int:
+        """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
+        if self.kv_lora_rank:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:

@@ -11,7 +11,8 @@ from enum import StrEnum
 from .errors import WorkloadError
 
 __all__ = [
-    "Attention", "LogitsMode", "Method", "Optimizer", "Precision", "Task", "WeightsQuant", "Workload",
+    "Attention", "LogitsMode", "Loss", "Method", "Optimizer", "Precision", "Task", "Trainer", "WeightsQuant",
+    "Workload",
 ]
 
 
@@ -25,6 +26,7 @@ class Method(StrEnum):
     LORA = "lora"
     QLORA = "qlora"
     FREEZE = "freeze"
+    DORA = "dora"  # peft LoraConfig(use_dora=True): LoRA plus a trained magnitude vector per adapted linear
 
 
 class Precision(StrEnum):
@@ -84,6 +86,29 @@ class Optimizer(StrEnum):
     SGD = "sgd"
     ADAFACTOR = "adafactor"
     LION = "lion"
+    PAGED_ADAMW = "paged-adamw"  # bitsandbytes PagedAdamW32bit: fp32 states in CUDA unified memory
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"  # bitsandbytes PagedAdamW8bit
+    GALORE = "galore"  # GaLore AdamW: Adam moments on rank-r projected gradients of the 2-D weights
+    MUON = "muon"  # torch.optim.Muon on the 2-D hidden weights, AdamW on the rest
+    APOLLO = "apollo"  # APOLLO AdamW: Adam moments in a rank-r random projection, channel-wise scaling
+
+
+class Trainer(StrEnum):
+    """The training loop around the model (which tensors are alive at each moment of a step)."""
+
+    PLAIN = "plain"  # a hand-written loop that keeps the model output until after optimizer.step()
+    HF = "hf"  # transformers Trainer.training_step: outputs dropped when compute_loss returns
+    TRL_SFT = "trl-sft"  # TRL SFTTrainer.compute_loss: HF's loop plus entropy / token-accuracy metrics
+
+
+class Loss(StrEnum):
+    """How the causal-LM loss is computed from the last hidden state."""
+
+    AUTO = "auto"  # the trainer's default: chunked under trl-sft (TRL >= 1.8 loss_type), standard otherwise
+    STANDARD = "standard"  # lm_head over every token, logits.float(), cross_entropy (transformers ForCausalLMLoss)
+    CHUNKED = "chunked"  # TRL chunked_nll: lm_head + CE per chunk of tokens under checkpoint, logits never whole
+    LIGER_FUSED = "liger-fused"  # Liger LigerFusedLinearCrossEntropy: gradients computed chunk-wise in forward
+    CCE = "cce"  # Apple Cut Cross-Entropy: blockwise log-sum-exp, logits never materialized
 
 
 class Attention(StrEnum):
@@ -123,7 +148,18 @@ class Workload:
     trainable_layers: int | None = None  # freeze: the last N decoder layers train (default: a quarter)
     gradient_accumulation: int = 1
     quant_group_size: int | None = None  # gptq/awq/w4a16/hqq/torchao group size (default: the format's, 128/64)
-    double_quant: bool | None = None  # bitsandbytes 4-bit: None = transformers' default (off), on for qlora
+    double_quant: bool | None = None  # bitsandbytes 4-bit: None = transformers' default (off), qlora included
+    trainer: Trainer = Trainer.HF
+    loss: Loss = Loss.AUTO
+    loss_chunk: int = 0  # tokens per chunk for --loss chunked (0: the implementation's default)
+    packing: bool = False  # padding-free packing: the micro-batch is one row of real tokens (FlashAttention varlen)
+    avg_seq_len: int | None = None  # with packing: the mean real length of a sequence (default: seq_len)
+    checkpointing: str = "none"  # none | full | every:N; gradient_checkpointing=True means full
+    activation_offload: bool = False  # saved activations of the decoder layers live in pinned host memory
+    rslora: bool = False  # peft use_rslora: scaling alpha/sqrt(r) (no memory change)
+    lora_modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: trained full copies (embed_tokens, lm_head)
+    optimizer_rank: int = 128  # galore / apollo: rank of the projection
+    galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
 
     def __post_init__(self) -> None:
@@ -147,7 +183,9 @@ class Workload:
             raise WorkloadError(f"trainable_layers must be an integer, got {self.trainable_layers!r}")
         for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
                              ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
-                             ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20)):
+                             ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20),
+                             ("loss_chunk", 0, _MAX_TOKENS), ("optimizer_rank", 1, 1 << 16),
+                             ("galore_update_gap", 1, 1 << 30)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise WorkloadError(f"{name} must be an integer, got {value!r}")
@@ -174,6 +212,20 @@ class Workload:
                                 "or nf4/int8 for LoRA on a quantized base")
         if self.task is Task.TRAIN and self.method is Method.FULL and self.weights_quant is not WeightsQuant.NONE:
             raise WorkloadError("full fine-tuning cannot train quantized weights; use --method qlora or lora")
+        if self.avg_seq_len is not None and (isinstance(self.avg_seq_len, bool) or
+                                             not isinstance(self.avg_seq_len, int) or
+                                             not 1 <= self.avg_seq_len <= self.seq_len):
+            raise WorkloadError(f"avg_seq_len = {self.avg_seq_len!r} must be an integer in 1..seq_len "
+                                f"({self.seq_len})")
+        _checkpoint_every(self.checkpointing)  # validates
+        if (self.gradient_checkpointing and self.checkpointing == "none") or self.checkpointing == "every:1":
+            object.__setattr__(self, "checkpointing", "full")
+        object.__setattr__(self, "gradient_checkpointing", self.checkpointing != "none")
+        bad = [m for m in self.lora_modules_to_save if m not in ("embed_tokens", "lm_head")]
+        if bad:
+            raise WorkloadError(f"lora_modules_to_save {', '.join(bad)}: use embed_tokens and/or lm_head")
+        if self.lora_modules_to_save and not self.uses_adapters:
+            raise WorkloadError("--lora-modules-to-save needs an adapter method (lora, qlora, dora)")
         if not isinstance(self.alloc_conf, str):
             raise WorkloadError(f"alloc_conf must be a PYTORCH_CUDA_ALLOC_CONF string, got {self.alloc_conf!r}")
         from .allocator import parse_alloc_conf
@@ -181,12 +233,31 @@ class Workload:
         parse_alloc_conf(self.alloc_conf)  # a bad setting is an error here, not at estimate time
 
     @property
+    def checkpoint_every(self) -> int:
+        """Gradient checkpointing of the decoder layers: 0 none, 1 every layer, N every N-th layer."""
+        return _checkpoint_every(self.checkpointing)
+
+    @property
+    def resolved_loss(self) -> Loss:
+        """``auto`` resolved: TRL >= 1.8 SFTConfig.loss_type defaults to chunked_nll; transformers' loss otherwise."""
+        if self.loss is not Loss.AUTO:
+            return self.loss
+        return Loss.CHUNKED if self.trainer is Trainer.TRL_SFT else Loss.STANDARD
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch as the model sees them: batch x seq_len padded, or the packed real tokens."""
+        if self.packing:
+            return self.batch_size * (self.avg_seq_len or self.seq_len)
+        return self.batch_size * self.seq_len
+
+    @property
     def is_train(self) -> bool:
         return self.task is Task.TRAIN
 
     @property
     def uses_adapters(self) -> bool:
-        return self.method in (Method.LORA, Method.QLORA)
+        return self.method in (Method.LORA, Method.QLORA, Method.DORA)
 
     @property
     def base_quant(self) -> WeightsQuant:
@@ -197,10 +268,28 @@ class Workload:
 
     @property
     def uses_double_quant(self) -> bool:
-        """bitsandbytes 4-bit double quantization: as asked, else on for QLoRA (its recipe), off otherwise."""
-        if self.double_quant is not None:
-            return self.double_quant
-        return self.method is Method.QLORA
+        """bitsandbytes 4-bit double quantization: only when asked (BitsAndBytesConfig's
+        bnb_4bit_use_double_quant defaults to False, for QLoRA too)."""
+        return bool(self.double_quant)
 
     def with_(self, **changes: object) -> Workload:
+        if "gradient_checkpointing" in changes and "checkpointing" not in changes:
+            changes["checkpointing"] = "full" if changes["gradient_checkpointing"] else "none"
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _checkpoint_every(text: str) -> int:
+    if not isinstance(text, str):
+        raise WorkloadError(f"checkpointing {text!r} must be none, full or every:N")
+    if text == "none":
+        return 0
+    if text == "full":
+        return 1
+    if text.startswith("every:"):
+        try:
+            n = int(text[6:])
+        except ValueError:
+            n = 0
+        if 1 <= n <= 4096:
+            return n
+    raise WorkloadError(f"checkpointing {text!r} must be none, full or every:N (N >= 1)")

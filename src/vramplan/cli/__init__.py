@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .._argtypes import non_negative_float, non_negative_int
+from .._argtypes import non_negative_float
 from ..errors import VramplanError
 from ..serving.cli import add_gguf_flags
 from . import hardware, measure, parallel, web
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="FILE", help="also draw the breakdown chart: .png or .svg (needs vramplan[web])")
     add_parallel_flags(e)
     add_gguf_flags(e)
+    from .time import add_time_flags
+
+    add_time_flags(e)
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
@@ -67,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_flags(t)
     t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
                    help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
-    t.add_argument("--image-tokens", type=non_negative_int, default=None,
-                   help="vision-language models: image tokens per sequence (default: one image at native size)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(handler=_cmd_trace)
 
@@ -102,8 +103,11 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
         written = plot_estimate(est, ns.plot)
         sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
+    from .time import print_time, time_section
+
+    timing = time_section(ns, est.per_gpu.to_dict() if est.per_gpu is not None else None)
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print(json.dumps(est.to_dict() | ({"time": timing} if timing else {}), indent=2))
     else:
         from ..render import print_estimate, print_hints, print_per_gpu_headline
 
@@ -115,6 +119,8 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
             parallel.print_parallel(per_gpu)
         else:  # hints compare one-GPU totals
             print_hints(query, est)
+        if timing:
+            print_time(timing)
     return 0
 
 
@@ -128,14 +134,15 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
     progress = _trace_progress()
     try:
-        est = trace_workload(config, w, name=name, routing=ns.routing, image_tokens=ns.image_tokens,
-                             progress=progress)
+        est = trace_workload(config, w, name=name, routing=ns.routing, progress=progress)
     finally:
         if progress is not None:  # the progress line goes; the answer (or the error) takes its place
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
     if ns.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        from ..trace import library_versions
+
+        print(json.dumps(est.to_dict() | {"versions": library_versions()}, indent=2))
     else:
         from ..render import print_estimate
 

@@ -22,7 +22,7 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--task", choices=["train", "finetune", "infer"], default="train",
                    help="a training step (train and finetune alike: --method says what trains) or inference")
-    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze"], default="full",
+    g.add_argument("--method", choices=["full", "lora", "qlora", "freeze", "dora"], default="full",
                    help="train every weight, LoRA adapters, LoRA on 4-bit NF4 weights, or the last layers only")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"], default="bf16",
                    help="bf16/fp16: weights, grads and optimizer states in 16-bit; amp-*: fp32 master "
@@ -37,7 +37,8 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--double-quant", action="store_true", default=None,
                    help="bitsandbytes 4-bit: quantize the absmax constants too (BitsAndBytesConfig "
                         "bnb_4bit_use_double_quant; off by default, on for --method qlora)")
-    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion"],
+    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "sgd", "adafactor", "lion",
+                                           "paged-adamw", "paged-adamw-8bit", "galore", "muon", "apollo"],
                    default="adamw", help="torch.optim (foreach) unless named: adamw-8bit is bitsandbytes")
     g.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (per micro-batch)")
     g.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (the prompt, for infer)")
@@ -62,6 +63,33 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alloc-conf", default=None, metavar="CONF",
                    help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
                         "(e.g. expandable_segments:True, max_split_size_mb:128)")
+    _add_saver_flags(p)
+
+
+def _add_saver_flags(p: argparse.ArgumentParser) -> None:
+    """The training loop and the memory savers people turn on (issue 14); unset flags keep the defaults."""
+    g = p.add_argument_group("training loop and memory savers")
+    g.add_argument("--trainer", choices=["plain", "hf", "trl-sft"], default=None,
+                   help="the loop: plain (keeps the model output through the step), hf (transformers Trainer, "
+                        "default), trl-sft (TRL SFTTrainer)")
+    g.add_argument("--loss", choices=["auto", "standard", "chunked", "liger-fused", "cce"], default=None,
+                   help="auto: chunked under trl-sft (TRL's default chunked_nll), standard otherwise")
+    g.add_argument("--loss-chunk", type=positive_int, default=None, help="tokens per chunk for --loss chunked")
+    g.add_argument("--packing", action="store_true", default=None,
+                   help="padding-free packing: tokens per micro-batch = batch x --avg-seq-len (FlashAttention varlen)")
+    g.add_argument("--avg-seq-len", type=positive_int, default=None,
+                   help="with --packing: mean real length of a sequence (default: --seq-len)")
+    g.add_argument("--checkpointing", default=None, metavar="full|every:N",
+                   help="gradient checkpointing of every decoder layer (full) or of layers 0, N, 2N, ...")
+    g.add_argument("--activation-offload", action="store_true", default=None,
+                   help="saved activations in pinned host memory (TRL activation_offloading)")
+    g.add_argument("--rslora", action="store_true", default=None,
+                   help="peft use_rslora (scaling alpha/sqrt(r); same memory)")
+    g.add_argument("--lora-modules-to-save", default=None, metavar="embed_tokens,lm_head",
+                   help="peft modules_to_save: train full copies of the embedding and/or the output head")
+    g.add_argument("--optimizer-rank", type=positive_int, default=None, help="galore / apollo projection rank")
+    g.add_argument("--galore-update-gap", type=positive_int, default=None,
+                   help="galore: steps between SVD updates of the projection")
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:

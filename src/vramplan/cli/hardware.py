@@ -54,8 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("--max-gpus", type=positive_int, default=8, help="at most this many GPUs (1, 2, 4, 8 tried)")
     p.add_argument("--gpu-class", choices=["consumer", "workstation", "datacenter", "any"], default="any")
     p.add_argument("--gpu", action="append", default=None, metavar="NAME",
-                   help="only this GPU (repeat for several)")
+                   help="only this GPU (repeat for several); custom:memory=96GiB,bf16_tflops=…,bandwidth=… describes "
+                        "one the catalog lacks")
     p.add_argument("--sort", choices=["cost", "time"], default="cost")
+    p.add_argument("--engine", default="transformers",
+                   choices=["transformers", "vllm", "sglang", "tensorrt-llm", "lmdeploy", "llama.cpp", "gpt-fast"],
+                   help="infer: the serving engine whose prefill/decode speed ranks the plans (as estimate --engine)")
     p.add_argument("--tokens", type=positive_int, default=None,
                    help="tokens to train on (train/finetune) or to generate (infer)")
     p.add_argument("--epochs", type=positive_float, default=None, help="with --dataset-tokens instead of --tokens")

@@ -81,10 +81,12 @@ class GPUEfficiency:
     bandwidth: float  # streaming copy / catalog memory bandwidth
     sources: tuple[str, ...]
     measured_mfu: float | None = None  # the user's measured model FLOPs utilisation (--efficiency)
+    matmul_fp8: float | None = None  # fp8 matrix products / dense fp8 peak, where published (else ``matmul``)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gpu": self.gpu, "generation": self.generation, "matmul": self.matmul, "attention": self.attention,
-                "bandwidth": self.bandwidth, "measured_mfu": self.measured_mfu, "sources": list(self.sources)}
+        return {"gpu": self.gpu, "generation": self.generation, "matmul": self.matmul, "matmul_fp8": self.matmul_fp8,
+                "attention": self.attention, "bandwidth": self.bandwidth, "measured_mfu": self.measured_mfu,
+                "sources": list(self.sources)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,7 @@ class EngineProfile:
     allreduce_latency_s: float  # one small tensor-parallel all-reduce
     fused_elementwise: bool  # activation/gating fused into one kernel
     source: str
+    step_s: float = 0.0  # host work per decode step outside the layers (scheduling, sampling, output processing)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -152,10 +155,6 @@ class ThroughputModel:
                 f"{self.method}, {self.fitted_on}")
 
 
-def _document() -> dict[str, Any]:
-    return _mfu_document()
-
-
 @cache
 def _mfu_document() -> dict[str, Any]:
     text = (resources.files("vramplan") / "data" / "mfu.json").read_text(encoding="utf-8")
@@ -208,8 +207,12 @@ def gpu_efficiency(gpu: GPU, *, measured_mfu: float | None = None) -> GPUEfficie
             srcs[k] = "given by the user"
     if measured_mfu is not None and not 0 < measured_mfu <= 1:
         raise VramplanError(f"--efficiency is a model FLOPs utilisation between 0 and 1, got {measured_mfu!r}")
+    fp8 = gen.get("matmul_fp8")
+    if custom and "matmul" in custom:
+        fp8 = None  # the user's own fraction applies to every dtype
     return GPUEfficiency(gpu.name, gpu.architecture, matmul, attention, bandwidth,
-                         tuple(f"{k}: {v}" for k, v in sorted(srcs.items())), measured_mfu)
+                         tuple(f"{k}: {v}" for k, v in sorted(srcs.items())), measured_mfu,
+                         None if fp8 is None else float(fp8))
 
 
 # Efficiencies attached to user-described GPUs (by catalog-unique name), filled by vramplan.perf.custom.
@@ -231,10 +234,9 @@ def scale_factors(gpu: GPU, dtype: str) -> tuple[float, float, float]:
     """(matmul, attention, memory) multipliers of the reference GPU's calibrated terms on ``gpu``: each is
     the reference's achievable fraction over this GPU's (1.0 on the reference GPU)."""
     ref, eff = _reference(), gpu_efficiency(gpu)
-    m = ref.matmul / eff.matmul
-    if dtype == "fp8":
-        m *= 1.0  # fp8 GEMMs: no separate published fraction; the bf16 fraction applies to the fp8 peak
-    return m, ref.attention / eff.attention, ref.bandwidth / eff.bandwidth
+    # fp8 GEMMs reach a lower fraction of their (doubled) peak than bf16 ones where that is published
+    own = eff.matmul_fp8 if dtype == "fp8" and eff.matmul_fp8 is not None else eff.matmul
+    return ref.matmul / own, ref.attention / eff.attention, ref.bandwidth / eff.bandwidth
 
 
 def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1) -> tuple[float, ...] | None:
@@ -269,7 +271,8 @@ def engine_profile(name: str) -> EngineProfile:
     mode = str(e["mode"])
     kernel_s = doc["execution_modes"][mode]["kernel_s"]
     return EngineProfile(key, mode, e["kernels_per_layer"], None if kernel_s is None else float(kernel_s),
-                         float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]))
+                         float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
+                         float(e.get("step_s", 0.0)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

@@ -33,10 +33,10 @@ from ..workload import Method, Workload
 from .comm import allreduce_seconds, comm_time_s, exposed_comm_s, link_bandwidth_bytes_per_s, ring_allreduce_bytes
 from .cost import Cost, cost_of
 from .efficiency import (
-    _COMPUTE,
     _LAUNCH,
     _MEMORY,
     _OPTIMIZER,
+    COUNTED_BYTES_COEFFICIENT,
     EngineProfile,
     ThroughputModel,
     engine_profile,
@@ -105,7 +105,14 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     if row is None:
         return None
     c = m.coefficients
-    compute = sum(row[i] * c[i] for i in _COMPUTE) / split
+    gemm = row[0] * c[0]
+    if work.weight_bytes:
+        # a forward pass streams every weight once. A tiled GEMM with few token rows cannot hide that stream
+        # behind its math (each weight tile is used by only ``tokens`` rows), so the stream adds to the math:
+        # a short prompt is bandwidth-bound, a long one compute-bound (the additive form of the roofline)
+        fb = scale_factors(gpu, work.dtype)[2]
+        gemm += fb * COUNTED_BYTES_COEFFICIENT * work.weight_bytes / gpu.memory_bandwidth_bytes_per_s
+    compute = (gemm + row[1] * c[1]) / split
     memory = sum(row[i] * c[i] for i in _MEMORY) / split
     if engine is not None and engine.fused_elementwise and work.activation_bytes:
         # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
@@ -225,6 +232,7 @@ def _flops_assumption(w: Workload) -> str:
     base = {Method.FULL: "6N per token (Kaplan et al. 2020)",
             Method.LORA: "4N per token: frozen base, forward 2N + input gradients 2N, no weight gradients",
             Method.QLORA: "4N per token: frozen 4-bit base dequantized per pass, no weight gradients",
+            Method.DORA: "4N per token: frozen base, no weight gradients (DoRA's B@A and weight norms not counted)",
             Method.FREEZE: "2N forward + 4N backward through the trainable top layers only"}[w.method]
     extra = " + one recomputed forward (2N) per token (gradient checkpointing)" if w.gradient_checkpointing else ""
     return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B), halved "
@@ -267,10 +275,11 @@ def decode_seconds(bytes_read: float, flops: float, gpu: GPU, dtype: str,
 
 def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None) -> float:
     """Fixed seconds per decode step: eager engines pay the calibrated host launch cost per layer, CUDA-graph
-    engines their kernels per layer x the device-side floor of a replayed kernel."""
+    engines their kernels per layer x the device-side floor of a replayed kernel; both add the engine's host
+    work per step (scheduling, sampling)."""
     if engine.per_layer_s is None:
-        return spec.num_layers * (model or load_throughput_model()).launch_s_per_layer_pass
-    return spec.num_layers * engine.per_layer_s
+        return spec.num_layers * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
+    return spec.num_layers * engine.per_layer_s + engine.step_s
 
 
 def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: int,
@@ -352,9 +361,10 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     b, s, n = w.batch_size, w.seq_len, w.new_tokens
     dec = decode_step(spec, w, gpu, context=s + n // 2, batch=b, model=m, engine=prof, tp=split)
     if st is None or dec.seconds is None or not math.isfinite(st.total_s):
-        return InferenceTime(gpu.name, b, s, n, None, None, None, None, None, dec.bound, assumptions,
-                             f"no dense {work.dtype} throughput or link bandwidth for {gpu.display_name} in the "
-                             "catalog", prof.name)
+        why = (f"no dense {work.dtype} throughput for {gpu.display_name}" if gpu.peak_tflops(work.dtype) is None
+               else f"no GPU-to-GPU link bandwidth for {gpu.display_name} (tensor parallel over {split}; "
+                    "a described GPU takes link=…)")
+        return InferenceTime(gpu.name, b, s, n, None, None, None, None, None, dec.bound, assumptions, why, prof.name)
     prefill = st.total_s
     per_step = dec.seconds
     request = prefill + n * per_step

@@ -127,6 +127,7 @@ class StepWork:
     num_layers: int
     hidden_size: int
     activation_kernels: int = 1  # eager elementwise kernels over the MLP intermediate (activation_bytes' count)
+    weight_bytes: int = 0  # weights a forward pass reads once (prefill: bounds short prompts by bandwidth)
 
     @property
     def executed_flops(self) -> float:
@@ -285,7 +286,7 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         # Kaplan et al. 2020: 2N forward + 4N backward (input and weight gradients)
         back_layers = L
         gemm = 6 * (n_layers + n_head)
-    elif w.method in (Method.LORA, Method.QLORA):
+    elif w.method in (Method.LORA, Method.QLORA, Method.DORA):
         # frozen base: forward 2N, backward only the input gradients 2N; adapters train (6 x their size)
         adapters, n_adapted, adapted_io = _adapters(spec, w.lora_targets, w.lora_rank)
         back_layers = L
@@ -345,7 +346,7 @@ def _inference_work(spec: ModelSpec, w: Workload) -> StepWork:
         layer_passes=spec.num_layers, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers),
         adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-        activation_kernels=mlp_elementwise_kernels(spec))
+        activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens))
 
 
 # ---------------------------------------------------------------------------- decode

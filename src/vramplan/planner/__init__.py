@@ -13,7 +13,8 @@ setup* (the highest-fidelity method any data-centre plan allows, then the best b
 ``None`` with the reason.
 
 Known limits: one node (up to 8 GPUs); layouts the parallel estimator does not support are skipped (and
-counted); communication is not overlapped with compute; prices are the catalog's indicative ones.
+counted); data-parallel communication overlaps compute (one layer's share exposed); prices are the
+catalog's indicative ones.
 
 The package by concern: :mod:`.space` (the request and what is tried), :mod:`.search` (evaluating it:
 :func:`plan`, :func:`plan_vision`) and :mod:`.recommend` (plans, ranking, the recommendations).

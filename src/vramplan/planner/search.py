@@ -220,7 +220,9 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         "usable memory",
         model.assumption(),
         "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
-        "not overlapped with compute",
+        "overlapped with compute for data parallelism (DDP buckets, FSDP prefetch), on the critical path for tensor "
+        "parallelism; ZeRO / FSDP divide the optimizer step by the data-parallel degree",
+        f"inference: {req.engine} prefill and decode (vramplan.perf engine profile), as estimate --engine computes",
         "cost: GPU-hours x the catalog's indicative on-demand price (reserved alongside); unpriced GPUs have no "
         "cost and rank after priced ones",
         "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity method "

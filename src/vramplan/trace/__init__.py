@@ -38,7 +38,8 @@ from ..hfconfig import MAX_CONFIG_BYTES
 from ..result import Estimate
 from ..workload import Workload
 
-__all__ = ["ROUTINGS", "TORCH_MISSING", "decode_special_floats", "load_trace_config", "read_config_file",
+__all__ = ["ROUTINGS", "TORCH_MISSING", "decode_special_floats", "library_versions", "load_trace_config",
+           "read_config_file",
            "trace_available", "trace_workload"]
 
 # How MoE tokens are routed in a trace: "balanced" (every expert gets batch x seq x top_k / experts tokens,
@@ -46,6 +47,19 @@ __all__ = ["ROUTINGS", "TORCH_MISSING", "decode_special_floats", "load_trace_con
 ROUTINGS = ("balanced", "worst")
 
 TORCH_MISSING = "vramplan trace needs the [torch] extra: pip install 'vramplan[torch]' (torch, transformers, peft)"
+
+
+def library_versions() -> dict[str, str]:
+    """The torch / transformers / peft versions a trace runs (and so models); "missing" where absent."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for dist in ("torch", "transformers", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out
 
 
 def trace_available() -> bool:
@@ -120,20 +134,17 @@ def load_trace_config(model: str) -> tuple[dict[str, Any], str, str | None]:
 
 
 def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str = "model",
-                   routing: str = "balanced", image_tokens: int | None = None,
-                   progress: Callable[[str], None] | None = None) -> Estimate:
+                   routing: str = "balanced", progress: Callable[[str], None] | None = None) -> Estimate:
     """Peak GPU memory of ``workload`` on the model described by ``config`` (a config.json mapping).
 
     ``routing``: how MoE tokens reach experts where the model's dispatch depends on the data (``ROUTINGS``).
-    ``image_tokens``: vision-language models: image tokens per sequence (``None``: one image at the vision
-    tower's native resolution; 0: text only). ``progress``, when given, is called with each step as it
-    starts: importing torch, building the model, then the phases (forward, backward, optimizer step;
-    prefill, decode) — a trace takes seconds."""
+    Vision-language models are built whole (vision tower, projector, language model) and run on text tokens:
+    their vision tower's weights count, its activations are not traced (a warning says so). ``progress``, when
+    given, is called with each step as it starts: importing torch, building the model, then the phases
+    (forward, backward, optimizer step; prefill, decode) — a trace takes seconds."""
     global _progress
     if routing not in ROUTINGS:
         raise VramplanError(f"routing {routing!r} is not one of: {', '.join(ROUTINGS)}")
-    if image_tokens is not None and image_tokens < 0:
-        raise VramplanError("image_tokens must be >= 0")
     _progress = progress
     try:
         report("importing torch, transformers and peft")
@@ -145,7 +156,6 @@ def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str =
             raise VramplanError(TORCH_MISSING) from None
         from ._engine import run_trace
 
-        return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing,
-                         image_tokens=image_tokens)
+        return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing)
     finally:
         _progress = None

@@ -128,17 +128,25 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         warnings.append(f"{type(cfg).__name__.removesuffix('Config')} has no SDPA attention in transformers "
                         f"{transformers.__version__}; traced with eager attention (what transformers falls back to)")
         model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    towers = [k for k in getattr(cfg, "sub_configs", {}) or {} if k != "text_config"
+              and getattr(cfg, k, None) is not None and any(w in k for w in ("vision", "audio", "vq", "image"))]
+    if towers:
+        warnings.append(f"{cls.__name__} is built whole ({', '.join(towers)} included: their weights count) but run "
+                        "on text tokens only: the vision/audio tower's activations are not traced")
     head = model.get_output_embeddings()
     train = workload.task is Task.TRAIN
     model.config.use_cache = not train
     quant = workload.base_quant
     qkind = {WeightsQuant.NF4: "nf4", WeightsQuant.INT8: "int8", WeightsQuant.FP8: "fp8"}.get(quant)
     if qkind is not None:
-        n = quantize_linears(model, qkind, compute_dtype(workload.precision))
+        n = quantize_linears(model, qkind, compute_dtype(workload.precision),
+                             double_quant=workload.uses_double_quant)
         notes.append({
             "nf4": f"{n} linear layers as bitsandbytes NF4 Linear4bit (emulated): packed uint8 weight "
-                   "(numel/2 bytes), uint8 absmax per 64 weights + fp32 per 256 absmax (double quant); "
-                   "forward/backward dequantize to a 16-bit temporary weight",
+                   "(numel/2 bytes), "
+                   + ("uint8 absmax per 64 weights + fp32 per 256 absmax (double quant)"
+                      if workload.uses_double_quant else "fp32 absmax per 64 weights (no double quant)")
+                   + "; forward/backward dequantize to a 16-bit temporary weight",
             "int8": f"{n} linear layers as bitsandbytes LLM.int8 (emulated, no outlier columns): int8 weight + "
                     "fp32 scale per output row; int8 input copy and int32 product per call",
             "fp8": f"{n} linear layers as fp8 e4m3 (emulated): 1 byte per weight + one fp32 scale per tensor; "
@@ -159,7 +167,9 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         elif targets == ["default"]:
             targets = None  # peft's per-family default (q_proj+v_proj for LLaMA, query_key_value for Falcon)
         lcfg = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_alpha, target_modules=targets,
-                          lora_dropout=workload.lora_dropout, task_type="CAUSAL_LM")
+                          lora_dropout=workload.lora_dropout, task_type="CAUSAL_LM",
+                          use_dora=workload.method is Method.DORA, use_rslora=workload.rslora,
+                          modules_to_save=list(workload.lora_modules_to_save) or None)
         if qkind is not None:
             lcfg._register_custom_module({QuantLinear: _lora_class(clone_result=qkind == "nf4")})
         try:
@@ -195,8 +205,39 @@ def make_optimizer(params: list[nn.Parameter], optimizer: Optimizer) -> tuple[to
         return torch.optim.Adafactor(params, lr=lr, foreach=True), "torch.optim.Adafactor (foreach)"
     if optimizer is Optimizer.LION:
         return Lion(params, lr=lr), "Lion (lion-pytorch style: one momentum, one update temporary)"
+    if optimizer is Optimizer.MUON:
+        return MuonWithAdamW(params, lr=lr), ("torch.optim.Muon on the 2-D weights of the decoder layers, "
+                                             "torch.optim.AdamW (foreach) on the rest")
     if optimizer is Optimizer.ADAMW_8BIT:
         return AdamW8bitEmulation(params, lr=lr), (
             "bitsandbytes AdamW8bit emulated: uint8 moments + fp32 absmax per 256 elements for tensors of "
             ">= 4096 elements, fp32 moments below; in-place update")
-    raise VramplanError(f"optimizer {optimizer} is not supported by the trace")
+    raise VramplanError(f"optimizer {optimizer} is not supported by the trace (bitsandbytes paged buffers and the "
+                        "galore/apollo projections are modelled by vramplan estimate from their source)")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the 2-D hidden weights, AdamW for embeddings, head, norms and biases, as Muon is used."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float) -> None:
+        params = list(params)
+        big = max((p.numel() for p in params), default=0)
+        # the embedding and an untied head are the largest 2-D tensors with a vocabulary-sized side
+        mats = [p for p in params if p.ndim == 2 and p.numel() != big]
+        rest = [p for p in params if not (p.ndim == 2 and p.numel() != big)]
+        super().__init__(params, {"lr": lr})
+        self.parts: list[torch.optim.Optimizer] = []
+        if mats:
+            self.parts.append(torch.optim.Muon(mats, lr=lr))
+        if rest:
+            self.parts.append(torch.optim.AdamW(rest, lr=lr, foreach=True))
+        self.state = {}  # type: ignore[assignment]
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for opt in self.parts:
+            opt.step()
+        self.state = {k: v for opt in self.parts for k, v in opt.state.items()}  # type: ignore[assignment]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
-from ..workload import LogitsMode, Task, Workload
+from ..workload import Attention, LogitsMode, Loss, Task, Trainer, Workload
 from ._build import build_model, compute_dtype, make_optimizer
 from ._cuda import (
     AutocastEmulation,
@@ -28,6 +29,7 @@ from ._cuda import (
     register_cuda_kernels,
     safe_softmax_transient,
 )
+from ._loops import CE_CHUNK, apply_checkpoint_every, create_optimizer_state, hf_train_loop, patch_chunked_loss
 from ._tracker import MemoryTracker, PeakMark
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
@@ -266,8 +268,7 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
     return mark.bytes + workspace, by_kind
 
 
-def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced",
-              image_tokens: int | None = None) -> Estimate:
+def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced") -> Estimate:
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -276,19 +277,29 @@ def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing:
         with warnings.catch_warnings():
             # transformers' deprecation notices (gradient_checkpointing_enable, past_key_values) are not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            return _run_trace(raw, workload, name, routing, image_tokens)
+            return _run_trace(raw, workload, name, routing)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str,
-               image_tokens: int | None) -> Estimate:
+def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: str) -> Estimate:
     import peft
     import transformers
 
     t0 = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     train = workload.task is Task.TRAIN
+    reported = workload
+    if workload.resolved_loss in (Loss.LIGER_FUSED, Loss.CCE):
+        raise VramplanError(f"--loss {workload.resolved_loss.value} runs Triton kernels, which the CPU trace "
+                            "cannot run; vramplan estimate transcribes their memory from the kernels' source")
+    if workload.packing:
+        if not train:
+            raise VramplanError("--packing applies to training; drop it")
+        # padding-free packing: one row of the real tokens, FlashAttention varlen (its memory does not depend on
+        # where the sequences start: traced as one sequence with the fused kernel)
+        workload = workload.with_(batch_size=1, seq_len=workload.tokens, attention=Attention.FLASH, packing=False,
+                                  avg_seq_len=None)
     assumptions: list[str] = [
         f"traced the real model code on fake tensors: torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}; CUDA kernel choices emulated on the CPU trace",
@@ -302,6 +313,13 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     with _trace_environment(), fake:
         built = build_model(raw, workload, name)
         model = built.model
+        if train and workload.checkpoint_every > 1:
+            apply_checkpoint_every(model, workload.checkpoint_every)
+            assumptions.append(f"gradient checkpointing on decoder layers 0, {workload.checkpoint_every}, ...")
+        if train and workload.resolved_loss is Loss.CHUNKED:
+            patch_chunked_loss(model, workload.loss_chunk or CE_CHUNK)
+            assumptions.append("loss: TRL 1.9 chunked_nll transcribed (_chunked_cross_entropy_loss, "
+                               f"{workload.loss_chunk or CE_CHUNK}-token chunks under non-reentrant checkpoint)")
         torch.set_default_dtype(prev_default)
         params = [p for p in model.parameters() if p.requires_grad]
         total_params = sum(p.numel() for p in model.parameters())
@@ -310,8 +328,6 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         opt = None
         if train:
             if not params:
-                from ..errors import VramplanError
-
                 raise VramplanError(f"{name}: nothing to train (no parameter requires grad)")
             opt, opt_note = make_optimizer(params, workload.optimizer)
             assumptions.append(f"optimizer: {opt_note}, zero_grad(set_to_none=True)")
@@ -354,8 +370,13 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
             for c in m.constants():
                 tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
         tracker.adopt(ids)
-        if train:
+        if train and workload.trainer is not Trainer.PLAIN:
             assert opt is not None
+            hf_train_loop(model, opt, ids, params, tracker, autocast, workload, built.head, assumptions)
+        elif train:
+            assert opt is not None
+            if workload.activation_offload:
+                raise VramplanError("--activation-offload is traced with --trainer hf or trl-sft")
             _train_loop(model, opt, ids, params, tracker, autocast, workload)
         else:
             assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload))
@@ -394,8 +415,6 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         if best is None or peak > best[0]:
             best = (peak, phase, by_kind, mark.where)
     if best is None:
-        from ..errors import VramplanError
-
         raise VramplanError(f"{name}: the trace recorded no allocation")
     peak, peak_phase, by_kind, where = best
     from ..allocator import parse_alloc_conf, simulate
@@ -414,7 +433,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
         peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
         breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warns), workload=_workload_dict(workload), peak_reserved_bytes=peak + slack,
+        warnings=tuple(warns), workload=_workload_dict(reported), peak_reserved_bytes=peak + slack,
         reserved_phases=reserved.phases)
 
 
@@ -426,13 +445,7 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
     The first real step differs from the later ones only in that the optimizer state does not exist yet, so the
     state is created up front by one untracked optimizer step on zero gradients, and one tracked step then
     stands for step 2 (and every step after it)."""
-    tracker.set_phase(None)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
+    create_optimizer_state(opt, params, tracker)
 
     # Gradient accumulation: the first micro-step creates the gradients, the later ones run with them alive; two
     # micro-steps stand for any number. Each micro-step's output is dropped after its backward, the last one's

@@ -70,26 +70,39 @@ class EmulatedLinear4bit(QuantLinear):
     """bitsandbytes ``Linear4bit`` (NF4, double quantization): packed uint8 weight of numel/2 bytes, one
     uint8 absmax per 64 weights, one fp32 absmax per 256 of those, and a 256-entry fp32 code book."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, double_quant: bool = True) -> None:
         super().__init__(linear, compute_dtype)
         dev = linear.weight.device
         n = linear.weight.numel()
         self.weight = nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=dev),
                                    requires_grad=False)
         blocks = math.ceil(n / NF4_BLOCK)
+        self.double_quant = double_quant
+        self.code = torch.empty(16, dtype=torch.float32, device=dev)
+        if not double_quant:  # compress_statistics=False: one fp32 absmax per block
+            self.absmax = torch.empty(blocks, dtype=torch.float32, device=dev)
+            return
         self.absmax = torch.empty(blocks, dtype=torch.uint8, device=dev)
         self.absmax2 = torch.empty(math.ceil(blocks / NESTED_BLOCK), dtype=torch.float32, device=dev)
         self.code2 = torch.empty(256, dtype=torch.float32, device=dev)
-        self.code = torch.empty(16, dtype=torch.float32, device=dev)
         self.offset = torch.empty((), dtype=torch.float32, device=dev)
 
     def constants(self) -> list[torch.Tensor]:
+        if not self.double_quant:
+            return [self.absmax, self.code]
         return [self.absmax, self.absmax2, self.code2, self.code, self.offset]
 
-    def dequantized(self) -> torch.Tensor:
-        # functional.dequantize_4bit: dequantize_blockwise(absmax) -> fp32, += offset, then the weight
+    def _absmax32(self) -> torch.Tensor:
+        """dequantize_blockwise(absmax) -> fp32, += offset (double quant); the fp32 absmax as is otherwise."""
+        if not self.double_quant:
+            return self.absmax
         absmax = torch.empty(self.absmax.numel(), dtype=torch.float32, device=self.weight.device)
         absmax += self.offset
+        return absmax
+
+    def dequantized(self) -> torch.Tensor:
+        # functional.dequantize_4bit: the fp32 absmax, then the weight
+        self._absmax32()
         return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
                            device=self.weight.device)
 
@@ -99,8 +112,7 @@ class EmulatedLinear4bit(QuantLinear):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if x.numel() == x.shape[-1] and not x.requires_grad:
             # gemv_4bit: single-token inference reads the packed weight directly
-            absmax = torch.empty(self.absmax.numel(), dtype=torch.float32, device=x.device)
-            absmax += self.offset
+            self._absmax32()
             out = x.new_empty(*x.shape[:-1], self.out_features)
             if bias is not None:
                 out += bias
@@ -171,7 +183,7 @@ _KINDS: dict[str, type[QuantLinear]] = {
 
 
 def quantize_linears(model: nn.Module, kind: str, compute_dtype: torch.dtype,
-                     skip: Iterable[str] = ("lm_head",)) -> int:
+                     skip: Iterable[str] = ("lm_head",), double_quant: bool = True) -> int:
     """Swap every ``nn.Linear`` but the output head for a stand-in (as measure.py's ``to_4bit`` does)."""
     cls = _KINDS[kind]
     skip = set(skip)
@@ -180,7 +192,10 @@ def quantize_linears(model: nn.Module, kind: str, compute_dtype: torch.dtype,
     for mod in list(model.modules()):
         for cname, child in list(mod.named_children()):
             if type(child) is nn.Linear and cname not in skip and child is not head:
-                setattr(mod, cname, cls(child, compute_dtype))
+                if cls is EmulatedLinear4bit:
+                    setattr(mod, cname, EmulatedLinear4bit(child, compute_dtype, double_quant))
+                else:
+                    setattr(mod, cname, cls(child, compute_dtype))
                 count += 1
     return count
 

@@ -46,11 +46,12 @@ def block_bytes(nbytes: int) -> int:
 class _Rec:
     """One live allocation."""
 
-    __slots__ = ("kind", "nbytes", "ref", "region")
+    __slots__ = ("kind", "nbytes", "origin", "ref", "region")
 
-    def __init__(self, nbytes: int, region: MemoryKind) -> None:
+    def __init__(self, nbytes: int, region: MemoryKind, origin: str = "") -> None:
         self.nbytes = nbytes
         self.region = region
+        self.origin = origin  # module and op that allocated it (for reading a peak's live tensors)
         self.kind: MemoryKind | None = None  # set when the storage is known to be a weight, grad, state, ...
         self.ref: weakref.ref[Any] | None = None
 
@@ -85,8 +86,13 @@ def _is_composite(func: Any) -> bool:
     inference_mode; decomposing them here keeps their temporaries visible to the tracker."""
     hit = _composite_cache.get(func)
     if hit is None:
+        # An op that also has a backend kernel (silu_backward: a fused CUDA kernel, one output) runs that
+        # kernel on the GPU; only ops without one are really their decomposition. The CPU kernel stands for the
+        # CUDA one (a CPU-only torch cannot be asked about CUDA's).
         try:
-            hit = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+            name = func.name()
+            hit = (torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+                   and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
         except Exception:
             hit = False
         _composite_cache[func] = hit
@@ -210,7 +216,11 @@ class MemoryTracker(TorchDispatchMode):
         before = self.current
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._register(t)
+                rec = self._register(t)
+                if rec is not None and not rec.origin:
+                    node = torch._C._current_autograd_node()
+                    where = node.name() if node is not None else self.where
+                    rec.origin = f"{where} [{getattr(func, '__name__', func)}] {tuple(t.shape)} {t.dtype}"
         if self.current > before:
             self._check_peak(func, 0)
 

@@ -281,8 +281,8 @@ def _backbone(run: _Run) -> None:
     if training:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
-        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
-        if w.set_grads_to_none:
+        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist:
             run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
@@ -313,8 +313,8 @@ def _bare_denoiser(run: _Run) -> None:
         L.end_autocast()
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
-        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
-        if w.set_grads_to_none and not lora:
+        run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist and not lora:
             run.reserved = _reserved(L, num.param, (loss,), w, st)
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
@@ -477,7 +477,7 @@ def _pipeline_train(run: _Run) -> None:
     st = States(st.parameters, st.trainable_parameters, st.weights + helpers, st.master_weights, st.gradients,
                 st.optimizer_state, st.step_temporaries, st.notes)
     extra = _buffers(L, num.param)
-    run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=not w.set_grads_to_none))
+    run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
     how = "cached latents and prompt embeddings" if w.cached_latents else "VAE encode and text encoders every step"
     run.assumptions.append(f"DreamBooth-style fine-tuning of {den.name} ({how}); VAE and frozen text encoders in "
                            f"{'fp32' if welem == 4 else 'the 16-bit compute dtype'} on the GPU")

@@ -73,7 +73,7 @@ def vision_events(net: Net, param_sizes: Sequence[tuple[int, int]], seeds: Seque
                   steps: int = 3) -> list[Event]:
     """``param_sizes``: (elements, bytes per element as used) of every parameter tensor in creation order;
     ``opt_sizes``: bytes of every trained tensor (the optimizer's per-tensor states and temporaries)."""
-    from ..alloc_stream import _optimizer
+    from ..alloc_stream import _optimizer_tensors
 
     v = _Versions()
     for j, (numel, _elem) in enumerate(param_sizes):
@@ -89,7 +89,7 @@ def vision_events(net: Net, param_sizes: Sequence[tuple[int, int]], seeds: Seque
             v.alloc(("in", id(t)), t.nbytes)
     for h in range(2 if training else 1):
         v.alloc(("cublas", h), CUBLAS_WORKSPACE)
-    opt_states, opt_temps = _optimizer(optimizer, list(opt_sizes)) if training else ([], [])
+    opt_states, opt_temps = _optimizer_tensors(optimizer, list(opt_sizes)) if training else ([], [])
     for step in range(steps):
         if step == steps - 1:
             v.ev.append((None, A.RESET))

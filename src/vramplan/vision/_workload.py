@@ -68,5 +68,12 @@ class VisionWorkload:
     def is_train(self) -> bool:
         return self.task is Task.TRAIN
 
+    @property
+    def grads_persist(self) -> bool:
+        """Gradients stay allocated through the forward and backward: zero_grad(set_to_none=False) keeps them,
+        and with gradient accumulation every micro-batch after the first accumulates into the gradients of the
+        ones before (zero_grad runs only after optimizer.step())."""
+        return not self.set_grads_to_none or self.gradient_accumulation > 1
+
     def with_(self, **changes: object) -> VisionWorkload:
         return replace(self, **changes)  # type: ignore[arg-type]

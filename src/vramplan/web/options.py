@@ -153,7 +153,7 @@ def check_workload(body: Mapping[str, Any]) -> dict[str, Any]:
                 raise RequestError(422, f"{key} must be a number, got {json.dumps(value)[:60]}")
         elif opt.kind == "text":
             if not isinstance(value, str) or len(value) > _MAX_TEXT:
-                raise RequestError(422, f"{key} must be a string of at most {_MAX_TEXT} characters")
+                raise RequestError(422, f"{key} must be a short string, got {json.dumps(value)[:60]}")
         elif opt.kind == "names":
             names = value.split(",") if isinstance(value, str) else value
             if not isinstance(names, list) or len(names) > _MAX_NAMES or \

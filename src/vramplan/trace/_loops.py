@@ -1,0 +1,230 @@
+"""The training loops people run, traced: transformers' ``Trainer.training_step`` itself, TRL's ``SFTTrainer``
+metrics and chunked loss (transcribed: TRL is not a dependency), activation offloading and every-N-layers
+checkpointing. :func:`vramplan.trace._engine._train_loop` calls :func:`hf_train_loop` for ``--trainer hf`` and
+``trl-sft``."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kinds import MemoryKind, Phase
+from ..workload import Loss, Trainer, Workload
+from ._tracker import MemoryTracker
+
+__all__ = ["apply_checkpoint_every", "hf_train_loop", "patch_chunked_loss"]
+
+# trl/trainer/utils.py entropy_from_logits (v1.9.0): rows per chunk
+ENTROPY_CHUNK = 128
+# trl/trainer/sft_trainer.py _CHUNKED_LM_HEAD_CHUNK_SIZE (v1.8.0-v1.9.0)
+CE_CHUNK = 256
+# trl/models/activation_offloading.py OffloadActivations(min_offload_size=1024)
+MIN_OFFLOAD_BYTES = 1024
+
+
+
+def create_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
+    """Steady state: the optimizer state exists. One untracked step on zero gradients creates it (the first real
+    step differs from the later ones only in that), and the tracker marks it as optimizer state."""
+    tracker.set_phase(None)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+
+def apply_checkpoint_every(model: nn.Module, every: int) -> None:
+    """Keep gradient checkpointing on decoder layers 0, N, 2N, ... only (transformers' GradientCheckpointingLayer
+    reads its own ``gradient_checkpointing`` flag)."""
+    from ._build import _decoder_layers
+
+    _, layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i % every == 0
+
+
+def _entropy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """TRL 1.9 ``SFTTrainer.compute_loss`` (loss_type nll): entropy and token accuracy of the shifted logits under
+    no_grad; the entropy runs ``log_softmax`` / ``exp`` / product per chunk of 128 flattened rows."""
+    with torch.no_grad():
+        shift_logits = logits[..., :-1, :]
+        shift_labels = labels[..., 1:]
+        flat = shift_logits.reshape(-1, shift_logits.shape[-1])
+        parts = []
+        for chunk in flat.split(ENTROPY_CHUNK, dim=0):
+            logp = F.log_softmax(chunk, dim=-1)
+            parts.append(-(torch.exp(logp) * logp).sum(-1))
+        entropy = torch.cat(parts, dim=0).reshape(shift_logits.shape[:-1])
+        del flat, parts
+        predictions = shift_logits.argmax(dim=-1)
+        mask = shift_labels != -100
+        (entropy * mask).sum()
+        ((predictions == shift_labels) & mask).sum()
+
+
+def _chunk_ce(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One chunk of TRL's ``_chunk``: fp32 logits of the chunk, log_softmax, nll, argmax accuracy, entropy."""
+    logits = h.float() @ w.float().t()
+    log_p = F.log_softmax(logits, dim=-1)
+    loss = F.nll_loss(log_p, labels, ignore_index=-100, reduction="sum")
+    valid = labels != -100
+    correct = ((logits.argmax(dim=-1) == labels) & valid).sum().float()
+    entropy = (-(log_p.exp() * log_p).sum(dim=-1) * valid).sum()
+    return loss, correct, entropy
+
+
+def _chunked_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> Any:
+    """TRL 1.9 ``_chunked_cross_entropy_loss``: shift, gather the valid tokens to the front, and run each chunk
+    under non-reentrant checkpoint."""
+    hidden = hidden_states[..., :-1, :].reshape(-1, hidden_states.size(-1))
+    lbl = labels[..., 1:].reshape(-1)
+    valid = lbl != -100
+    order = valid.to(torch.int8).argsort(descending=True, stable=True)
+    hidden = hidden[order]
+    lbl = lbl[order]
+    n = hidden.shape[0]
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    correct = hidden.new_zeros((), dtype=torch.float32)
+    entropy = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        cl, cc, ce = torch.utils.checkpoint.checkpoint(_chunk_ce, hidden[start:start + chunk], weight,
+                                                       lbl[start:start + chunk], use_reentrant=False)
+        loss = loss + cl
+        correct = correct + cc
+        entropy = entropy + ce
+    return loss / n, correct, entropy
+
+
+def patch_chunked_loss(model: nn.Module, chunk: int) -> None:
+    """TRL 1.9 ``_patch_chunked_ce_lm_head``: with labels, the forward runs the backbone, skips ``lm_head`` and
+    computes the loss by :func:`_chunked_loss` (no logits in the output)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = target.get_output_embeddings()
+    original = target.forward
+
+    def forward(input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if labels is None:
+            return original(input_ids=input_ids, **kwargs)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("num_items_in_batch", None)
+        out = target.base_model(input_ids=input_ids, use_cache=False, **kwargs)
+        loss, _, _ = _chunked_loss(out.last_hidden_state, head.weight, labels, chunk)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    target.forward = forward
+
+
+class _Offload(torch.autograd.graph.saved_tensors_hooks):
+    """TRL/torchtune ``OffloadActivations`` without streams: every saved non-parameter tensor of at least 1 KiB
+    goes to pinned host memory when autograd packs it (its GPU storage dies with its last reference) and comes
+    back as a new allocation when backward unpacks it; the output head is opted out (``NoOpManager``)."""
+
+    def __init__(self, params: set[int]) -> None:
+        self.host = 0
+        self.enabled = True
+
+        def pack(t: torch.Tensor) -> Any:
+            nbytes = t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+            if not self.enabled or id(t) in params or nbytes < MIN_OFFLOAD_BYTES or isinstance(t, nn.Parameter):
+                return t
+            self.host += nbytes
+            return ("host", t.shape, t.dtype, t.stride(), t.requires_grad)
+
+        def unpack(p: Any) -> torch.Tensor:
+            if isinstance(p, tuple) and p and p[0] == "host":
+                _, shape, dtype, stride, _rg = p
+                return torch.empty_strided(shape, stride, dtype=dtype)
+            return p  # type: ignore[no-any-return]
+
+        super().__init__(pack, unpack)
+
+
+@contextlib.contextmanager
+def _noop_in(module: nn.Module | None, off: _Offload | None) -> Iterator[None]:
+    if module is None or off is None:
+        yield
+        return
+    h1 = module.register_forward_pre_hook(lambda *a: setattr(off, "enabled", False))
+    h2 = module.register_forward_hook(lambda *a: setattr(off, "enabled", True), always_call=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],
+                  tracker: MemoryTracker, autocast: Any, workload: Workload, head: nn.Module | None,
+                  notes: list[str]) -> None:
+    """transformers 5.x ``Trainer.training_step`` run for real (trainer.py: compute_loss under the autocast
+    context, ``loss / gradient_accumulation_steps``, ``accelerator.backward``), then what ``_inner_training_loop``
+    does at a step boundary: ``clip_grad_norm_`` (max_grad_norm 1.0), ``optimizer.step()``, ``model.zero_grad()``.
+    For ``trl-sft`` the trainer's ``compute_loss`` adds TRL's metrics (loss standard) or the model's forward is
+    TRL's chunked loss (chunked)."""
+    import transformers
+
+    sft = workload.trainer is Trainer.TRL_SFT
+    loss_kind = workload.resolved_loss
+    metrics = sft and loss_kind is Loss.STANDARD
+
+    class _Traced(transformers.Trainer):  # type: ignore[misc]
+        def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            labels = inputs["labels"]
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if metrics:
+                _entropy_metrics(outputs.logits, labels)
+            del outputs
+            # compute_loss returns only the loss: from here the backward (training_step's accelerator.backward)
+            tracker.region = MemoryKind.LOGITS_LOSS
+            tracker.where = "backward"
+            tracker.set_phase(Phase.BACKWARD)
+            return loss
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = transformers.TrainingArguments(
+            output_dir=out_dir, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+            gradient_accumulation_steps=workload.gradient_accumulation, max_grad_norm=1.0)
+        tracker.set_phase(None)
+        trainer = _Traced(model=model, args=args)
+    trainer.optimizer = opt
+    trainer.current_gradient_accumulation_steps = workload.gradient_accumulation
+    # _inner_training_loop counts the target tokens of the accumulated batches (labels != -100 after the shift)
+    items = workload.gradient_accumulation * ids.shape[0] * (ids.shape[1] - 1)
+    notes.append(f"loop: transformers {transformers.__version__} Trainer.training_step run on the traced model, "
+                 "then clip_grad_norm_(1.0), optimizer.step(), model.zero_grad()")
+    if metrics:
+        notes.append("TRL 1.9 SFTTrainer.compute_loss metrics transcribed (TRL is not installed): entropy in "
+                     "128-row chunks and token accuracy from the logits, under no_grad")
+    create_optimizer_state(opt, params, tracker)
+    offload = _Offload({id(p) for p in model.parameters()}) if workload.activation_offload else None
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
+    for _ in range(min(workload.gradient_accumulation, 2)):
+        tracker.set_phase(Phase.FORWARD)
+        tracker.region = MemoryKind.ACTIVATIONS
+        with ctx, offload if offload is not None else contextlib.nullcontext(), _noop_in(head, offload):
+            trainer.training_step(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=items)
+        tracker.region = MemoryKind.ACTIVATIONS
+        tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
+    if offload is not None:
+        notes.append(f"activation offloading: {offload.host / 2**30:.3f} GiB of saved tensors went to the host "
+                     "per micro-batch")
+    tracker.where = "optimizer.step"
+    tracker.set_phase(Phase.OPTIMIZER_STEP)
+    trainer._clip_grad_norm(model)
+    opt.step()
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+    model.zero_grad(set_to_none=True)
+    tracker.set_phase(None)

@@ -1,0 +1,85 @@
+"""Exact parameter counts of every architecture ``vramplan estimate`` reads, against the real model.
+
+Reference: transformers builds the model from the library-default config of each model type (cut to a few
+layers, shapes shrunk so the meta-device build is instant) on the meta device; ``sum(p.numel())`` must equal
+:func:`vramplan.params.count_params` exactly. Skipped without torch/transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pytest
+
+from vramplan.hfconfig import SUPPORTED_MODEL_TYPES, spec_from_config
+from vramplan.params import count_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# the shapes each test config gets (where the type has such a field), to keep the build small
+SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 1000}
+# model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
+SKIP = {"gemma3_text_alias"}
+
+
+def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = transformers.AutoConfig.for_model(model_type).to_dict()
+    for k, v in SMALL.items():
+        if k in cfg:
+            cfg[k] = v
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        cfg[k] = None
+    if "head_dim" in cfg and cfg["head_dim"] is None:  # Ministral's default leaves it unset and cannot build
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.update(over)
+    layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
+    for k in ("layer_types", "no_rope_layers"):
+        if isinstance(cfg.get(k), list):
+            cfg[k] = (cfg[k] * layers)[:layers]
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def _meta_count(cfg: dict[str, Any]) -> int:
+    hf = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _known(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+@pytest.mark.parametrize("model_type", [t for t in SUPPORTED_MODEL_TYPES if t not in SKIP])
+def test_count_params_matches_meta_device(model_type: str) -> None:
+    if not _known(model_type):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    cfg = _library_default(model_type)
+    assert count_params(spec_from_config(cfg, model_type)).total == _meta_count(cfg)
+
+
+# family facts the library defaults leave off: biases, sliding layers, MoE layout
+VARIANTS = [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),
+    ("olmo2", {"attention_bias": True}),
+    ("smollm3", {"no_rope_layers": [1, 1, 1, 0]}),
+    ("ernie4_5", {"use_bias": True}),
+    ("glm4", {"attention_bias": False}),
+    ("internlm3", {"qkv_bias": True, "bias": True}),
+    ("exaone4", {"sliding_window": 128, "sliding_window_pattern": 2}),
+]
+
+
+@pytest.mark.parametrize(("model_type", "over"), VARIANTS)
+def test_count_params_variants(model_type: str, over: dict[str, Any]) -> None:
+    if not _known(model_type):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    cfg = _library_default(model_type, **over)
+    assert count_params(spec_from_config(cfg, model_type)).total == _meta_count(cfg)
