@@ -136,12 +136,22 @@ def test_estimate_reports_reserved_and_total() -> None:
 @given(st.sampled_from(["llama-3.2-1b", "qwen2.5-0.5b", "gpt2"]), st.sampled_from(["train", "infer"]),
        st.integers(1, 4), st.sampled_from([128, 256, 512]))
 def test_expandable_segments_do_not_reserve_more(model: str, task: str, batch: int, seq: int) -> None:
-    base = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4)
-    exp = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4,
+    # the calibration harness's loop (plain); for the HF loop see the counterexample below
+    base = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4, trainer="plain")
+    exp = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4, trainer="plain",
                    alloc_conf="expandable_segments:True")
     # pages are 20 MiB in the large pool and 2 MiB in the small one: at most one partly used page each
     assert exp.peak_reserved_bytes <= base.peak_reserved_bytes + 22 * MiB
     assert exp.peak_allocated_bytes == base.peak_allocated_bytes
+
+
+def test_expandable_segments_counterexample_is_named() -> None:
+    """Not a theorem: one growable segment cannot hand a hole to a larger request either, and it grows in
+    20 MiB pages where a fresh segment is rounded to 2 MiB. GPT-2 under the HF loop (logits die before
+    backward) leaves holes the default allocator's separate segments happen to avoid: +46 MiB."""
+    base = estimate("gpt2", batch_size=2, seq_len=512)
+    exp = estimate("gpt2", batch_size=2, seq_len=512, alloc_conf="expandable_segments:True")
+    assert 0 < exp.peak_reserved_bytes - base.peak_reserved_bytes <= 3 * 20 * MiB
 
 
 @settings(max_examples=10, deadline=None)

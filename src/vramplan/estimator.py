@@ -410,9 +410,13 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
-def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:
-    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``."""
-    return _estimate_cached(spec, workload, name or spec.name)
+def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, reserved: bool = True) -> Estimate:
+    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``.
+
+    ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
+    ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
+    (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
+    return _estimate_cached(spec, workload, name or spec.name, reserved)
 
 
 def check_positions(spec: ModelSpec, w: Workload) -> None:
@@ -446,13 +450,18 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
-    alloc = reserved_stats(spec, w, states, num)
-    reserved = max(alloc.peak_reserved_bytes, peak)
-    slack = reserved - peak
+    if replay:
+        alloc = reserved_stats(spec, w, states, num)
+        reserved = max(alloc.peak_reserved_bytes, peak)
+        slack = reserved - peak
+    else:
+        alloc = AllocStats(peak, 0, 0)
+        reserved = 0
+        slack = int(peak * ALLOCATOR_SLACK_FRACTION)
     kinds = dict(zip(MemoryKind, (v for _, v in top.breakdown.bytes_by_kind), strict=True))
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack
@@ -463,10 +472,12 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
-        "every allocation and free through a model of PyTorch's caching allocator"
-        + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
-        + (", over the 3 steps of the calibration loop" if w.is_train else ""),
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+         "every allocation and free through a model of PyTorch's caching allocator"
+         + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+         + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path)"),
         *states.notes,
     ]
     if w.is_train:
