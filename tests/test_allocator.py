@@ -161,12 +161,23 @@ def test_reserved_grows_with_batch_and_sequence(model: str, task: str, batch: in
     e = estimate(model, task=task, batch_size=batch, seq_len=seq, new_tokens=4)
     more_b = estimate(model, task=task, batch_size=batch + 1, seq_len=seq, new_tokens=4)
     more_s = estimate(model, task=task, batch_size=batch, seq_len=2 * seq, new_tokens=4)
-    # what is allocated grows; what is reserved may dip slightly (a different layout of cached blocks,
-    # as in PyTorch), never by more than 1%
+    # what is allocated grows, and what is reserved never falls below it; reserved itself is not monotone
+    # (see the counterexample below)
     assert more_b.peak_allocated_bytes >= e.peak_allocated_bytes
     assert more_s.peak_allocated_bytes >= e.peak_allocated_bytes
-    assert more_b.peak_reserved_bytes >= 0.99 * e.peak_reserved_bytes
-    assert more_s.peak_reserved_bytes >= 0.99 * e.peak_reserved_bytes
+    assert more_b.peak_reserved_bytes >= more_b.peak_allocated_bytes
+    assert more_s.peak_reserved_bytes >= more_s.peak_allocated_bytes
+
+
+def test_reserved_is_not_monotone_in_batch() -> None:
+    """The caching allocator's reserve depends on how freed blocks of one size serve requests of another:
+    Llama-3.2-1B full training at 512 tokens reserves more at batch 3 than at batch 4 (the first step's
+    activations leave cached blocks that batch 4's tensors fill and batch 3's do not). Searches over batch and
+    sequence therefore confirm their answer with a full estimate (vramplan.fit)."""
+    b3 = estimate("llama-3.2-1b", batch_size=3, seq_len=512)
+    b4 = estimate("llama-3.2-1b", batch_size=4, seq_len=512)
+    assert b4.peak_allocated_bytes > b3.peak_allocated_bytes
+    assert b4.peak_reserved_bytes < b3.peak_reserved_bytes
 
 
 def _reserved_errors(folder: Path) -> list[tuple[str, float]]:
