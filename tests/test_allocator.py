@@ -208,3 +208,58 @@ def test_csv_has_reserved_for_every_row() -> None:
     with open(DATA / "calibration" / "measured.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert all(r["peak_reserved_gib"] for r in rows)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(st.sampled_from(["gpt2", "qwen2.5-0.5b", "llama-3.2-1b"]),
+       st.sampled_from(["full", "lora", "qlora", "freeze"]), st.integers(1, 3), st.integers(64, 700),
+       st.sampled_from(["", "expandable_segments:True"]), st.booleans(), st.sampled_from(["plain", "hf"]))
+def test_early_stop_equals_full_replay(model: str, method: str, batch: int, seq: int, conf: str, ckpt: bool,
+                                       trainer: str) -> None:
+    """The estimator stops the 3-step stream once a step reserves nothing new; the figures are those of the
+    complete 3-step replay."""
+    from vramplan.alloc_stream import train_events
+    from vramplan.catalog import get_model
+    from vramplan.estimator import numerics, reserved_stats
+    from vramplan.memory import model_states
+    from vramplan.workload import Workload
+
+    spec = get_model(model).spec
+    w = Workload(method=method, batch_size=batch, seq_len=seq, alloc_conf=conf, gradient_checkpointing=ckpt,
+                 trainer=trainer)
+    states, num = model_states(spec, w), numerics(w)
+    full = A.simulate(train_events(spec, w, states, num, steps=3), A.parse_alloc_conf(conf))
+    fast = reserved_stats(spec, w, states, num)
+    assert (fast.peak_allocated_bytes, fast.peak_reserved_bytes, fast.phases) == \
+        (full.peak_allocated_bytes, full.peak_reserved_bytes, full.phases)
+
+
+def test_fit_suggests_expandable_segments_where_they_turn_no_into_yes() -> None:
+    """Llama-3.2-1B full training, batch 3 x 512: the default allocator's cached blocks leave 3 GiB that one
+    growable segment does not; on a GPU between the two totals fit says no and names the setting."""
+    import dataclasses
+
+    from vramplan.catalog import get_model
+    from vramplan.fit import check_fit
+    from vramplan.hardware import get_gpu
+    from vramplan.workload import Workload
+
+    spec = get_model("llama-3.2-1b").spec
+    w = Workload(batch_size=3, seq_len=512)
+    default = estimate_spec(spec, w)
+    exp = estimate_spec(spec, w.with_(alloc_conf="expandable_segments:True"))
+    assert exp.total_bytes < default.total_bytes
+    base = get_gpu("h100-sxm")
+    ctx = base.cuda_context_bytes or default.total_bytes - default.peak_reserved_bytes
+    context_shift = ctx - (default.total_bytes - default.peak_reserved_bytes)
+    gpu = dataclasses.replace(base, memory_bytes_usable=(exp.total_bytes + default.total_bytes) // 2 + context_shift)
+    r = check_fit(spec, w, gpu)
+    assert not r.fits
+    d = r.to_dict()
+    assert d["alloc_conf_suggestion"] == "expandable_segments:True"
+    assert d["expandable_total_bytes"] == exp.total_bytes
+    assert d["nvidia_smi_bytes"] == d["total_bytes"] == default.total_bytes
+    assert d["oom_margin_bytes"] < 0
+    assert any("expandable_segments:True" in x for x in d["warnings"])
+    # where the default fits already, nothing is suggested
+    assert check_fit(spec, w, base).to_dict()["alloc_conf_suggestion"] is None

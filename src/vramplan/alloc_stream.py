@@ -279,7 +279,18 @@ def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
 
 def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3) -> list[Event]:
     """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
-    reset before the last step (``torch.cuda.reset_peak_memory_stats`` at every step's start)."""
+    reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
+    the last step."""
+    return list(train_stream(spec, w, states, num, steps))
+
+
+def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
+                 probe: list[int] | None = None) -> Iterator[Event]:
+    """:func:`train_events` step by step. With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
+    what is reserved at each ``PROBE`` marker, one at every step's start and end) the stream stops after the
+    first step, from the second on, that reserved nothing new: every step ends with the tensors it began with
+    (weights, the optimizer states created in the first step) and free neighbours merge, so such a step leaves
+    the allocator exactly as it found it and every later step would repeat it."""
     from .estimator import _first_trainable, _layer_groups, _plan
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
@@ -377,8 +388,9 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     for step in range(steps):
         before = set(st.live)
         grads.clear()
-        if step == steps - 1:
+        if step:
             st.ev.append((None, A.RESET))
+        st.ev.append((None, A.PROBE))
         for mb in range(micro):
             acc = mb > 0
             t = (step, mb)
@@ -445,7 +457,11 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         for left in [kk for kk in st.live if kk not in before]:
             if left not in st.opt_keys:
                 st.free(left)
-    return st.ev
+        st.ev.append((None, A.PROBE))
+        yield from st.ev
+        st.ev.clear()
+        if probe is not None and step and len(probe) >= 2 and probe[-1] == probe[-2]:
+            return
 
 
 def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:

@@ -39,8 +39,8 @@ from typing import Any
 from .errors import WorkloadError
 from .result import ReservedPhase
 
-__all__ = ["DEFAULT_CONF", "FREE", "PHASE", "RESET", "AllocConf", "AllocStats", "parse_alloc_conf", "round_size",
-           "simulate"]
+__all__ = ["DEFAULT_CONF", "FREE", "PHASE", "PROBE", "RESET", "AllocConf", "AllocStats", "parse_alloc_conf",
+           "round_size", "simulate"]
 
 MiB = 1 << 20
 K_MIN_BLOCK = 512  # kMinBlockSize
@@ -244,6 +244,7 @@ class AllocStats:
     peak_reserved_bytes: int
     segments: int
     phases: tuple[ReservedPhase, ...] = field(default=())
+    reserved_at_reset: int = 0  # what was reserved at the last reset marker (0 without one)
 
 
 class _Allocator:
@@ -373,17 +374,21 @@ class _Allocator:
 
 # Event stream: (key, nbytes) allocates nbytes under key; (key, FREE) frees the block of key;
 # (name, PHASE) starts a phase named name; (None, RESET) resets the peaks (torch.cuda.reset_peak_memory_stats).
+# (None, PROBE) appends what is reserved to simulate's ``probe`` list (a stream generator can read it back).
 FREE = -1
 PHASE = -2
 RESET = -3
+PROBE = -4
 
 
-def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CONF) -> AllocStats:
-    """Replay ``events`` (see ``FREE``/``PHASE``/``RESET``) and return the peaks after the last reset."""
+def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CONF,
+             probe: list[int] | None = None) -> AllocStats:
+    """Replay ``events`` (see ``FREE``/``PHASE``/``RESET``/``PROBE``) and return the peaks after the last reset."""
+    probe = [] if probe is None else probe
     if not conf.expandable_segments and not any(conf.roundup_power2_divisions):
-        return _simulate_segments(events, conf.max_split_size)
+        return _simulate_segments(events, conf.max_split_size, probe)
     a = _Allocator(conf)
-    peak_alloc = peak_res = 0
+    peak_alloc = peak_res = at_reset = 0
     phases: dict[str, list[int]] = {}
     cur: list[int] | None = None
     malloc, free = a.malloc, a.free
@@ -405,12 +410,15 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
             cur = phases.setdefault(str(key), [a.allocated, a.reserved])
         elif n == RESET:
             peak_alloc, peak_res = a.allocated, a.reserved
+            at_reset = a.reserved
             phases = {k: [0, 0] for k in phases}
+        elif n == PROBE:
+            probe.append(a.reserved)
     return AllocStats(peak_alloc, peak_res, a.segments,
-                      tuple(ReservedPhase(k, v[0], v[1]) for k, v in phases.items() if v[1]))
+                      tuple(ReservedPhase(k, v[0], v[1]) for k, v in phases.items() if v[1]), at_reset)
 
 
-def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int) -> AllocStats:
+def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, probe: list[int]) -> AllocStats:
     """:func:`simulate` for fixed segments and 512-byte rounding, in one loop (the estimator's hot path).
 
     The same rules as :class:`_Allocator`; a block is a list ``[ptr, size, small, allocated, prev, next]``
@@ -422,7 +430,7 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int) -> 
     blk_l: dict[int, list[Any]] = {}
     live: dict[object, list[Any]] = {}
     allocated = reserved = segments = next_ptr = 0
-    peak_alloc = peak_res = 0
+    peak_alloc = peak_res = at_reset = 0
     phases: dict[str, list[int]] = {}
     cur: list[int] | None = None
     for key, n in events:
@@ -502,9 +510,12 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int) -> 
             cur = phases.setdefault(str(key), [allocated, reserved])
         elif n == RESET:
             peak_alloc, peak_res = allocated, reserved
+            at_reset = reserved
             phases = {k2: [0, 0] for k2 in phases}
+        elif n == PROBE:
+            probe.append(reserved)
     return AllocStats(peak_alloc, peak_res, segments,
-                      tuple(ReservedPhase(k2, v[0], v[1]) for k2, v in phases.items() if v[1]))
+                      tuple(ReservedPhase(k2, v[0], v[1]) for k2, v in phases.items() if v[1]), at_reset)
 
 
 def sizes_stream(sizes: Sequence[int]) -> list[tuple[object, int]]:

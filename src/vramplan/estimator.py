@@ -515,12 +515,17 @@ def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = No
                    num: Numerics | None = None) -> AllocStats:
     """What the caching allocator holds for ``w``: the workload's allocation stream
     (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
-    from .alloc_stream import infer_events, train_events
+    from .alloc_stream import infer_events, train_stream
 
     states = states or model_states(spec, w)
     num = num or numerics(w)
-    events = train_events(spec, w, states, num) if w.is_train else infer_events(spec, w, states, num)
-    return simulate(events, parse_alloc_conf(w.alloc_conf))
+    conf = parse_alloc_conf(w.alloc_conf)
+    if not w.is_train:
+        return simulate(infer_events(spec, w, states, num), conf)
+    # the 3 steps of the calibration loop, the last one measured; the stream stops early once a step reserves
+    # nothing new (the later ones repeat it exactly: alloc_stream.train_stream)
+    probe: list[int] = []
+    return simulate(train_stream(spec, w, states, num, 3, probe), conf, probe)
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:

@@ -212,6 +212,8 @@ class FitResult:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     per_gpu: Any = None  # with a layout: the ParallelEstimate of the most loaded GPU (fits is judged on it)
+    # does not fit, but would with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: its total_bytes (else None)
+    expandable_total_bytes: int | None = None
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -228,7 +230,10 @@ class FitResult:
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
                 "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
-                "peak_reserved_bytes": self.estimate.peak_reserved_bytes, "max_batch_size": self.max_batch_size,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
+                "alloc_conf_suggestion": "expandable_segments:True" if self.expandable_total_bytes else None,
+                "expandable_total_bytes": self.expandable_total_bytes, "max_batch_size": self.max_batch_size,
                 "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
                 "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
@@ -259,7 +264,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         if layout is None:
             return _total(spec, x, label)
         try:
-            return estimate_parallel(spec, x, layout, links).total_bytes
+            # several GPUs: per-GPU totals use the calibration slack (no per-GPU stream yet), so the
+            # single-GPU reference needs no allocator replay
+            return estimate_parallel(spec, x, layout, links, reserved=layout.is_single).total_bytes
         except WorkloadError:
             return None
 
@@ -316,9 +323,21 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     limit = spec.max_position_embeddings
     if limit and max_seq > limit:
         warnings.append(f"memory allows {max_seq:,} tokens but the model was trained for {limit:,} positions")
+    expandable = None
+    if one_gpu and total > usable and est.peak_reserved_bytes and "expandable_segments:true" not in \
+            w.alloc_conf.replace(" ", "").lower() and est.total_bytes - est.peak_reserved_bytes + \
+            est.peak_allocated_bytes <= usable:
+        # one growable segment per pool instead of fixed ones (PyTorch's advice against fragmentation): does
+        # the same workload then fit?
+        conf = ",".join(x for x in (w.alloc_conf, "expandable_segments:True") if x)
+        alt = estimate(spec, w.with_(alloc_conf=conf), name=label).total_bytes
+        if alt <= usable:
+            expandable = alt
+            warnings.append(f"with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True it would fit: "
+                            f"{alt / GiB:.2f} GiB (--alloc-conf expandable_segments:True)")
     return FitResult(label, gpu.name, gpu.display_name, usable, est, total <= usable,
                      usable - total, max_batch, max_seq, limit, kv, step_s, tps,
-                     tuple(assumptions) + est.assumptions, tuple(warnings), per_gpu)
+                     tuple(assumptions) + est.assumptions, tuple(warnings), per_gpu, expandable)
 
 
 def _speed(spec: ModelSpec, w: Workload, gpu: GPU) -> tuple[float | None, float | None]:
@@ -376,7 +395,9 @@ class VisionFitResult:
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
                 "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
-                "peak_reserved_bytes": self.estimate.peak_reserved_bytes, "max_batch_size": self.max_batch_size,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
+                "alloc_conf_suggestion": None, "expandable_total_bytes": None, "max_batch_size": self.max_batch_size,
                 "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
                 "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
                 "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),
