@@ -174,7 +174,7 @@ def test_estimate_shape(llama_train: Any) -> None:
     assert est.parameters == est.trainable_parameters == 1_235_814_400
     assert est.breakdown.total == est.total_bytes
     slack = est.breakdown[MemoryKind.ALLOCATOR_SLACK]
-    assert slack == int(est.peak_allocated_bytes * 0.10)
+    assert slack == est.peak_reserved_bytes - est.peak_allocated_bytes >= 0  # the traced stream's allocator replay
     assert est.breakdown[MemoryKind.CUDA_CONTEXT] == GiB // 2
     assert est.total_bytes == est.peak_allocated_bytes + GiB // 2 + slack
     assert est.breakdown[MemoryKind.WORKSPACE] == 64 * 2**20  # two cuBLAS handles in training

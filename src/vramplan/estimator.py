@@ -20,6 +20,7 @@ from functools import lru_cache
 from ._engine.replay import Pass, layer_backward, layer_forward
 from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, phase_peak
 from ._engine.tape import Moment, Tape, kinds_dict
+from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .hfconfig import version_warning
@@ -31,7 +32,8 @@ from .spec import ModelSpec, PositionKind
 from .units import GiB
 from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
+           "reserved_stats", "stage_moments"]
 
 
 K = MemoryKind
@@ -397,9 +399,13 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
-def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:
-    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``."""
-    return _estimate_cached(spec, workload, name or spec.name)
+def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, reserved: bool = True) -> Estimate:
+    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``.
+
+    ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
+    ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
+    (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
+    return _estimate_cached(spec, workload, name or spec.name, reserved)
 
 
 def check_positions(spec: ModelSpec, w: Workload) -> None:
@@ -416,13 +422,26 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
 
 
 @lru_cache(maxsize=4096)
-def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[PhasePeak], _Host]:
     check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
     num = numerics(w)
     host = _Host()
     phases = _train(spec, w, states, num, host=host) if w.task is Task.TRAIN else _infer(spec, w, states, num)
+    return states, num, phases, host
+
+
+def peak_allocated(spec: ModelSpec, w: Workload) -> int:
+    """``estimate(spec, w).peak_allocated_bytes`` without the allocator replay (for searches that only
+    need a bound: what is reserved is never less)."""
+    return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
+
+
+@lru_cache(maxsize=4096)
+def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
+    states, num, phases, host = _phases(spec, w)
+    alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
@@ -430,8 +449,12 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-        f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (median reserved/allocated gap of the calibration runs)",
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+         "every allocation and free through a model of PyTorch's caching allocator"
+         + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+         + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path)"),
         *states.notes,
     ]
     if w.is_train:
@@ -457,8 +480,25 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         warnings.append(f"--trainable-layers {w.trainable_layers} exceeds the model's {spec.num_layers} layers; "
                         "all of them train")
     return finish(name, phases, parameters=states.parameters, trainable=states.trainable_parameters,
-                  assumptions=assumptions, warnings=warnings, workload=_workload_dict(w),
+                  assumptions=assumptions, warnings=warnings, workload=_workload_dict(w), reserved=alloc,
                   host_bytes=host.nbytes + states.paged_state, host_traffic_bytes=host.traffic)
+
+
+def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = None,
+                   num: Numerics | None = None) -> AllocStats:
+    """What the caching allocator holds for ``w``: the workload's allocation stream
+    (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
+    from .alloc_stream import infer_events, train_stream
+
+    states = states or model_states(spec, w)
+    num = num or numerics(w)
+    conf = parse_alloc_conf(w.alloc_conf)
+    if not w.is_train:
+        return simulate(infer_events(spec, w, states, num), conf)
+    # the 3 steps of the calibration loop, the last one measured; the stream stops early once a step reserves
+    # nothing new (the later ones repeat it exactly: alloc_stream.train_stream)
+    probe: list[int] = []
+    return simulate(train_stream(spec, w, states, num, 3, probe), conf, probe)
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:

@@ -160,6 +160,7 @@ class Workload:
     lora_modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: trained full copies (embed_tokens, lm_head)
     optimizer_rank: int = 128  # galore / apollo: rank of the projection
     galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
+    alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
 
     def __post_init__(self) -> None:
         enums: tuple[tuple[str, type[StrEnum]], ...] = (
@@ -225,6 +226,11 @@ class Workload:
             raise WorkloadError(f"lora_modules_to_save {', '.join(bad)}: use embed_tokens and/or lm_head")
         if self.lora_modules_to_save and not self.uses_adapters:
             raise WorkloadError("--lora-modules-to-save needs an adapter method (lora, qlora, dora)")
+        if not isinstance(self.alloc_conf, str):
+            raise WorkloadError(f"alloc_conf must be a PYTORCH_CUDA_ALLOC_CONF string, got {self.alloc_conf!r}")
+        from .allocator import parse_alloc_conf
+
+        parse_alloc_conf(self.alloc_conf)  # a bad setting is an error here, not at estimate time
 
     @property
     def checkpoint_every(self) -> int:

@@ -269,8 +269,9 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 if existing is None:
                     give(target, new_buf(target))
                     continue
-                transient += t.numel * t.elem  # computed, then added into the existing buffer
-                st.hold_temporary(t.numel * t.elem)
+                # computed (a view's at its base's size: slice_backward), then added into the existing buffer
+                transient += target.numel * target.elem
+                st.hold_temporary(target.numel * target.elem)
                 if existing.refs > 1:  # shared: added out of place into a new buffer
                     drop(id(target))
                     give(target, new_buf(target))

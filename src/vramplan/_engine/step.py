@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..allocator import AllocStats
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..units import GiB, MiB
@@ -19,7 +20,8 @@ CUDA_CONTEXT_BYTES = int(0.516 * GiB)
 # the main thread's and autograd's backward thread.
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # max_memory_reserved exceeds max_memory_allocated by a median 9.5% over the calibration set
-# (block rounding, cached free blocks): the slack nvidia-smi shows on top of the peak.
+# (block rounding, cached free blocks). Where a run's allocation stream is modelled, the allocator is
+# replayed instead (vramplan.allocator); this fraction remains for runs without one.
 ALLOCATOR_SLACK_FRACTION = 0.10
 
 
@@ -30,14 +32,23 @@ def phase_peak(phase: Phase, m: Moment) -> PhasePeak:
 
 def finish(name: str, phases: list[PhasePeak] | tuple[PhasePeak, ...], *, parameters: int, trainable: int,
            assumptions: list[str] | tuple[str, ...], warnings: list[str] | tuple[str, ...],
-           workload: dict[str, object], **extra: Any) -> Estimate:
+           workload: dict[str, object], reserved: AllocStats | None = None, guess_reserved: bool = False,
+           **extra: Any) -> Estimate:
     """The estimate of a step: its highest phase, plus the CUDA context and the allocator slack.
 
-    ``extra``: further :class:`Estimate` fields (host memory of offloading, ...).
+    ``reserved``: the allocator replay of the run's allocation stream, where it is modelled; otherwise the
+    slack is :data:`ALLOCATOR_SLACK_FRACTION` of the peak, and ``peak_reserved_bytes`` is 0 (not modelled)
+    unless ``guess_reserved`` (then peak + slack). ``extra``: further :class:`Estimate` fields (host memory).
     """
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    if reserved is not None:
+        slack = max(0, reserved.peak_reserved_bytes - peak)
+        extra.update(peak_reserved_bytes=peak + slack, reserved_phases=reserved.phases)
+    else:
+        slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+        if guess_reserved:
+            extra.update(peak_reserved_bytes=peak + slack)
     kinds = dict(top.breakdown.bytes_by_kind)
     kinds[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[MemoryKind.ALLOCATOR_SLACK] = slack

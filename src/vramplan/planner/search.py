@@ -82,7 +82,9 @@ class _Memo:
         res: tuple[int, int, int, int, float] | None
         if layout.is_single or label == "replicas":
             try:
-                est = estimate(spec, w, name=name)
+                # the analytic path: a plan search evaluates thousands of candidates (the allocator replay
+                # decides in estimate and fit)
+                est = estimate(spec, w, name=name, reserved=False)
             except WorkloadError as exc:  # e.g. longer than a learned position table
                 self.errors.setdefault(str(exc), None)
                 res = None
@@ -90,7 +92,7 @@ class _Memo:
                 res = (est.peak_allocated_bytes, est.total_bytes, 0, 1, 0.0)
         else:
             try:
-                pe = estimate_parallel(spec, w, layout)
+                pe = estimate_parallel(spec, w, layout, reserved=False)
             except WorkloadError as exc:
                 self.unsupported.setdefault(label, str(exc))
                 res = None

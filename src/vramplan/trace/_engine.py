@@ -417,19 +417,24 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     if best is None:
         raise VramplanError(f"{name}: the trace recorded no allocation")
     peak, peak_phase, by_kind, where = best
-    slack = int(peak * SLACK_FRACTION)
+    from ..allocator import parse_alloc_conf, simulate
+
+    # the traced allocation stream through the same caching-allocator model as the estimate (vramplan.allocator)
+    reserved = simulate(tracker.events, parse_alloc_conf(workload.alloc_conf))
+    slack = max(0, reserved.peak_reserved_bytes + workspace - peak)
     full = dict(by_kind)
     full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     full[MemoryKind.ALLOCATOR_SLACK] = slack
     assumptions.append(f"peak at {where} during {peak_phase.value}")
-    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated) 10% of the peak are "
-                       "added to total_bytes, not to peak_allocated_bytes")
+    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation "
+                       "stream replayed through the caching-allocator model) are added to total_bytes")
     assumptions.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
     return Estimate(
         model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
         peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
         breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warns), workload=_workload_dict(reported))
+        warnings=tuple(warns), workload=_workload_dict(reported), peak_reserved_bytes=peak + slack,
+        reserved_phases=reserved.phases)
 
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],

@@ -158,6 +158,9 @@ class MemoryTracker(TorchDispatchMode):
         self.routing = "balanced"
         self.data_dependent: dict[str, int] = {}  # what data-dependent shapes were answered, and how often
         self.ops = 0
+        # every allocation and free in order, for vramplan.allocator (the reserved-memory model)
+        self.events: list[tuple[object, int]] = []
+        self._transients = 0
 
     def set_phase(self, phase: Phase | None) -> None:
         """Enter a phase; its peak is at least what is live when it starts (a phase can allocate nothing, e.g.
@@ -175,6 +178,7 @@ class MemoryTracker(TorchDispatchMode):
         rec = self.live.pop(key, None)
         if rec is not None:
             self.current -= rec.nbytes
+            self.events.append((key, -1))
 
     def adopt(self, t: torch.Tensor, kind: MemoryKind | None = None) -> None:
         """Count an existing tensor's storage (and optionally fix its kind)."""
@@ -205,6 +209,7 @@ class MemoryTracker(TorchDispatchMode):
         rec.ref = weakref.ref(st, lambda r, k=key: self._free(k, r))
         self.live[key] = rec
         self.current += nbytes
+        self.events.append((key, st.nbytes()))
         return rec
 
     def _note(self, out: Any, func: Any) -> None:
@@ -223,6 +228,9 @@ class MemoryTracker(TorchDispatchMode):
         """An allocation made and freed inside one kernel (workspace, accumulators)."""
         if nbytes > 0:
             self._check_peak(func, nbytes)
+            self._transients += 1
+            self.events.append((("t", self._transients), nbytes))
+            self.events.append((("t", self._transients), -1))
 
     def _check_peak(self, func: Any, transient: int) -> None:
         phase = self.phase

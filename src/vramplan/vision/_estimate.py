@@ -25,6 +25,7 @@ from .._engine.replay import forward as replay_forward
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish
 from .._engine.step import phase_peak as phase
 from .._engine.tape import Moment, Tensor
+from ..allocator import DEFAULT_CONF, AllocStats, simulate
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
 from ..result import Estimate, PhasePeak
@@ -46,6 +47,7 @@ from ._specs import (
 )
 from ._states import States, block_bytes, model_states
 from ._steps import StepResult, state_moment, train_step
+from ._stream import vision_events
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -232,6 +234,7 @@ class _Run:
         self.parameters = 0
         self.trainable = 0
         self.top = (-1, "")
+        self.reserved: AllocStats | None = None  # from the allocation stream, where it is modelled
 
     def add(self, p: Phase, m: Moment, where: str = "") -> None:
         if m.total > self.top[0]:
@@ -285,12 +288,15 @@ def _backbone(run: _Run) -> None:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist:
+            run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
         run.assumptions.append("inference: one forward under torch.inference_mode()")
+        run.reserved = _reserved(L, num.param, (), w, st, bn_buffers)
 
 
 def _bare_denoiser(run: _Run) -> None:
@@ -314,6 +320,8 @@ def _bare_denoiser(run: _Run) -> None:
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist and not lora:
+            run.reserved = _reserved(L, num.param, (loss,), w, st)
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
@@ -325,8 +333,22 @@ def _bare_denoiser(run: _Run) -> None:
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
+        if not lora:
+            run.reserved = _reserved(L, num.param, (), w, st)
         run.assumptions.append("inference: one denoising step of the denoiser at the given batch (no "
                                "classifier-free guidance doubling; use --pipeline for a sampling loop)")
+
+
+def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: States,
+              buffer_elems: int = 0) -> AllocStats:
+    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`)."""
+    params = [(n, elem) for sizes in L.param_tensors.values() for n in sizes]
+    trained = [n * elem for name in L.param_tensors if name in L.trainable_names
+               for n in L.param_tensors[name]] if seeds else []
+    buffers = [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
+    events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
+                           buffers=buffers)
+    return simulate(events, DEFAULT_CONF)
 
 
 def _text_states(L: Layers, entry: VisionEntry, batch: int, elem: int) -> tuple[Tensor, ...]:
@@ -620,12 +642,19 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "next forward and backward (the default before PyTorch 2.0)")
     if run.top[1]:
         run.assumptions.append(f"the peak is in {run.top[1]}")
-    run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB and allocator slack "
-                           f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak are added to "
-                           "total_bytes, not to peak_allocated_bytes")
+    if run.reserved is None:
+        run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB and allocator slack "
+                               f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak are added to "
+                               "total_bytes, not to peak_allocated_bytes")
+    else:
+        run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB; reserved memory from a replay of "
+                               "every allocation and free through a model of PyTorch's caching allocator, with the "
+                               "weights created in fp32 and cast (model.to(dtype)) as the calibration harness builds "
+                               "them")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,
-                  workload=_workload_dict(w, res) | ({"precision": "fp32"} if kind == "stylegan" else {}))
+                  workload=_workload_dict(w, res) | ({"precision": "fp32"} if kind == "stylegan" else {}),
+                  reserved=run.reserved, guess_reserved=True)
 
 
 def _workload_dict(w: VisionWorkload, res: int) -> dict[str, Any]:
