@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._engine.replay import Pass, layer_backward, layer_forward
-from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, phase_peak
+from ._engine.step import (
+    ALLOCATOR_SLACK_FRACTION,
+    CUBLAS_WORKSPACE_BYTES,
+    CUDA_CONTEXT_BYTES,
+    finish,
+    phase_peak,
+    states_moment,
+)
 from ._engine.tape import Moment, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
@@ -175,9 +182,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
     accumulating = w.gradient_accumulation > 1
-    base = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.OPTIMIZER_STATE: states.optimizer_state,
-                 K.GRADIENTS: states.gradients if accumulating else 0, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    base = states_moment(states, workspace_handles=2, grads=accumulating).kinds
     embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
     norm_trainable = full or w.method is Method.FREEZE
     head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
@@ -271,10 +276,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # ---- optimizer step: every gradient exists; a hand-written loop still references the model output (logits)
     logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act) \
         if head and keep_logits and loss_kind is Loss.STANDARD else 0
-    step = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.GRADIENTS: states.gradients,
-                 K.OPTIMIZER_STATE: states.optimizer_state + states.step_temporaries,
-                 K.LOGITS_LOSS: logits_kept, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    step = _plus(states_moment(states, workspace_handles=2, grads=True, temporaries=True).kinds,
+                 _vec({K.LOGITS_LOSS: logits_kept}))
     step_peak = _Best(Phase.OPTIMIZER_STEP, sink)
     step_peak.offer(step)
     return [fwd_peak.peak(), bwd_peak.peak(), step_peak.peak()]

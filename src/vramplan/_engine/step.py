@@ -7,11 +7,13 @@ from typing import Any
 
 from ..allocator import AllocStats
 from ..kinds import MemoryKind, Phase
+from ..memory import ModelStates
 from ..result import Breakdown, Estimate, PhasePeak
 from ..units import GiB, MiB
 from .tape import Moment
 
-__all__ = ["ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "phase_peak"]
+__all__ = ["ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "phase_peak",
+           "states_moment"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
@@ -23,6 +25,20 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # (block rounding, cached free blocks). Where a run's allocation stream is modelled, the allocator is
 # replayed instead (vramplan.allocator); this fraction remains for runs without one.
 ALLOCATOR_SLACK_FRACTION = 0.10
+
+
+def states_moment(states: ModelStates, *, workspace_handles: int, grads: bool = False,
+                  temporaries: bool = False) -> Moment:
+    """What lives across steps (weights, master weights, quantization constants, optimizer states) and the
+    cuBLAS workspaces; ``grads``: the gradients exist (the optimizer step, accumulation, zero_grad keeping
+    them); ``temporaries``: the optimizer step's temporaries."""
+    return Moment.of({
+        MemoryKind.WEIGHTS: states.weights, MemoryKind.MASTER_WEIGHTS: states.master_weights,
+        MemoryKind.QUANTIZATION_CONSTANTS: states.quant_constants,
+        MemoryKind.OPTIMIZER_STATE: states.optimizer_state + (states.step_temporaries if temporaries else 0),
+        MemoryKind.GRADIENTS: states.gradients if grads else 0,
+        MemoryKind.WORKSPACE: workspace_handles * CUBLAS_WORKSPACE_BYTES,
+    })
 
 
 def phase_peak(phase: Phase, m: Moment) -> PhasePeak:

@@ -15,7 +15,7 @@ estimated as twice the forward's saved tensors; DreamBooth's text encoders run w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .._engine.numerics import Numerics
@@ -24,10 +24,12 @@ from .._engine.replay import create_graph_bytes
 from .._engine.replay import forward as replay_forward
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish
 from .._engine.step import phase_peak as phase
+from .._engine.step import states_moment as state_moment
 from .._engine.tape import Moment, Tensor
-from ..allocator import DEFAULT_CONF, AllocStats, simulate
+from ..allocator import DEFAULT_CONF, AllocStats, block_bytes, simulate
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
+from ..memory import ModelStates
 from ..result import Estimate, PhasePeak
 from ..units import GiB
 from ..workload import Optimizer, Precision
@@ -45,8 +47,8 @@ from ._specs import (
     unet_from_config,
     vae_from_config,
 )
-from ._states import States, block_bytes, model_states
-from ._steps import StepResult, state_moment, train_step
+from ._states import model_states
+from ._steps import StepResult, train_step
 from ._stream import vision_events
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
@@ -246,10 +248,10 @@ class _Run:
                 return
         self.phases.append(phase(p, m))
 
-    def note_states(self, st: States) -> None:
+    def note_states(self, st: ModelStates) -> None:
         self.assumptions.extend(n for n in st.notes if n not in self.assumptions)
 
-    def add_training_step(self, st: States, r: StepResult) -> None:
+    def add_training_step(self, st: ModelStates, r: StepResult) -> None:
         """Record one training step's phases and the model states behind them."""
         self.trainable = st.trainable_parameters
         self.note_states(st)
@@ -339,7 +341,7 @@ def _bare_denoiser(run: _Run) -> None:
                                "classifier-free guidance doubling; use --pipeline for a sampling loop)")
 
 
-def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: States,
+def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: ModelStates,
               buffer_elems: int = 0) -> AllocStats:
     """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`)."""
     params = [(n, elem) for sizes in L.param_tensors.values() for n in sizes]
@@ -480,8 +482,7 @@ def _pipeline_train(run: _Run) -> None:
     helpers = _weights_of(str(cfg["vae"]), welem)
     if w.cached_latents:
         helpers += sum(_weights_of(t, welem) for t in tes)
-    st = States(st.parameters, st.trainable_parameters, st.weights + helpers, st.master_weights, st.gradients,
-                st.optimizer_state, st.step_temporaries, st.notes)
+    st = replace(st, weights=st.weights + helpers)
     extra = _buffers(L, num.param)
     run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
     how = "cached latents and prompt embeddings" if w.cached_latents else "VAE encode and text encoders every step"
@@ -538,7 +539,7 @@ def _stylegan(run: _Run) -> None:
     run.trainable = run.parameters
     run.note_states(g_st)
 
-    def grads_free(st: States) -> Moment:
+    def grads_free(st: ModelStates) -> Moment:
         return Moment.of({K.GRADIENTS: -st.gradients})
 
     # Gmain: G(z) -> D(augment(img)) -> softplus, backward into G (D frozen but on the graph)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from .._engine.replay import backward as replay_backward
 from .._engine.replay import forward as replay_forward
-from .._engine.step import CUBLAS_WORKSPACE_BYTES
+from .._engine.step import states_moment as state_moment
 from .._engine.tape import ZERO, Moment, Tape, Tensor
 from ..kinds import MemoryKind
-from ._states import States
+from ..memory import ModelStates
 
-__all__ = ["StepResult", "infer_pass", "state_moment", "train_step"]
+__all__ = ["StepResult", "infer_pass", "train_step"]
 
 K = MemoryKind
 
@@ -30,16 +30,7 @@ class StepResult:
     step: Moment
 
 
-def state_moment(states: States, *, workspace_handles: int, grads: bool = False, temporaries: bool = False) -> Moment:
-    return Moment.of({
-        K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-        K.OPTIMIZER_STATE: states.optimizer_state + (states.step_temporaries if temporaries else 0),
-        K.GRADIENTS: states.gradients if grads else 0,
-        K.WORKSPACE: workspace_handles * CUBLAS_WORKSPACE_BYTES,
-    })
-
-
-def train_step(net: Tape, states: States, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
+def train_step(net: Tape, states: ModelStates, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
                grads_persist: bool = False) -> StepResult:
     """Forward, backward and optimizer step of one recorded program on top of the model states.
 
