@@ -78,23 +78,14 @@ class _B:
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
-        """``x.to(dtype)``: a new tensor unless the dtype already matches (saves nothing)."""
-        if x.elem == elem:
-            return x
-        return self.tp.op(x.numel, elem, (x,), kind=x.kind)
+        return self.tp.cast(x, elem)
 
     def ew(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
-        """A unary elementwise op (silu/gelu save their input; tanh/rsqrt/softmax their result)."""
-        out = self.tp.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
-        if save_out and x.rg:
-            self.tp.save_output(out)
-        return out
+        """A unary elementwise op (:meth:`Tape.unary`)."""
+        return self.tp.unary(x, save_in=save_in, save_out=save_out, elem=elem)
 
     def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
-        """``a * b``: saves b if a requires grad and a if b does."""
-        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
-        big = a if a.numel >= b.numel else b
-        return self.tp.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+        return self.tp.mul(a, b, elem)
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         big = a if a.numel >= b.numel else b

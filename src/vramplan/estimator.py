@@ -25,6 +25,7 @@ from ._engine.step import (
     finish,
     phase_peak,
     states_moment,
+    workload_dict,
 )
 from ._engine.tape import Moment, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
@@ -483,7 +484,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         warnings.append(f"--trainable-layers {w.trainable_layers} exceeds the model's {spec.num_layers} layers; "
                         "all of them train")
     return finish(name, phases, parameters=states.parameters, trainable=states.trainable_parameters,
-                  assumptions=assumptions, warnings=warnings, workload=_workload_dict(w), reserved=alloc,
+                  assumptions=assumptions, warnings=warnings, workload=workload_dict(w), reserved=alloc,
                   host_bytes=host.nbytes + states.paged_state, host_traffic_bytes=host.traffic)
 
 
@@ -544,11 +545,3 @@ def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:
                      "(checkpointed layers keep their input on the GPU); the forward stash of in-flight copies "
                      "is not counted")
     return notes
-
-
-def _workload_dict(w: Workload) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for f in w.__dataclass_fields__:
-        v = getattr(w, f)
-        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
-    return out

@@ -3,6 +3,7 @@ its phases: one set of constants for every model kind (H200, torch 2.11, CUDA 13
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from ..allocator import AllocStats
@@ -13,7 +14,7 @@ from ..units import GiB, MiB
 from .tape import Moment
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "phase_peak",
-           "states_moment"]
+           "states_moment", "workload_dict"]
 
 # Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
 CUDA_CONTEXT_BYTES = int(0.516 * GiB)
@@ -25,6 +26,15 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # (block rounding, cached free blocks). Where a run's allocation stream is modelled, the allocator is
 # replayed instead (vramplan.allocator); this fraction remains for runs without one.
 ALLOCATOR_SLACK_FRACTION = 0.10
+
+
+def workload_dict(w: object, **extra: object) -> dict[str, object]:
+    """A workload dataclass as the JSON ``workload`` of an estimate: enums by value, tuples as lists."""
+    out: dict[str, object] = {}
+    for f in w.__dataclass_fields__:  # type: ignore[attr-defined]
+        v = getattr(w, f)
+        out[f] = v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v
+    return out | extra
 
 
 def states_moment(states: ModelStates, *, workspace_handles: int, grads: bool = False,

@@ -148,6 +148,26 @@ class Tape:
         self._producer_region[id(out)] = self._current
         return out
 
+    # ---- pointwise ops, shared by every model kind -------------------------------------------
+    def cast(self, x: Tensor, elem: int) -> Tensor:
+        """``x.to(dtype)``: a new tensor of the same kind unless the dtype already matches; saves nothing."""
+        if x.elem == elem:
+            return x
+        return self.op(x.numel, elem, (x,), kind=x.kind)
+
+    def unary(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
+        """A pointwise op on one tensor (silu/gelu save their input; tanh/rsqrt/sigmoid/softmax their result)."""
+        out = self.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
+        if save_out and x.rg:
+            self.save_output(out)
+        return out
+
+    def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
+        """``a * b`` (broadcasting): saves ``b`` if ``a`` needs a gradient and ``a`` if ``b`` does."""
+        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
+        big = a if a.numel >= b.numel else b
+        return self.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+
     def save_output(self, t: Tensor) -> None:
         """The last op keeps its own output for backward (softmax, tanh, rsqrt, relu, log_softmax)."""
         if self.training:

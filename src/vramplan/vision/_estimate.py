@@ -16,13 +16,12 @@ estimated as twice the forward's saved tensors; DreamBooth's text encoders run w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from .._engine.numerics import Numerics
 from .._engine.replay import backward as replay_backward
 from .._engine.replay import create_graph_bytes
 from .._engine.replay import forward as replay_forward
-from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish
+from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, workload_dict
 from .._engine.step import phase_peak as phase
 from .._engine.step import states_moment as state_moment
 from .._engine.tape import Moment, Tensor
@@ -654,15 +653,6 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "them")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,
-                  workload=_workload_dict(w, res) | ({"precision": "fp32"} if kind == "stylegan" else {}),
+                  workload=workload_dict(w, resolution=res) | ({"precision": "fp32"} if kind == "stylegan" else {}),
                   reserved=run.reserved, guess_reserved=True)
-
-
-def _workload_dict(w: VisionWorkload, res: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in w.__dataclass_fields__:
-        v = getattr(w, f)
-        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
-    out["resolution"] = res
-    return out
 

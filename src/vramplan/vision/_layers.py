@@ -73,12 +73,6 @@ class Layers(Tape):
         return [n for v in self.param_tensors.values() for n in v]
 
     # ---- dtypes ------------------------------------------------------------------------------------
-    def cast(self, x: Tensor, elem: int) -> Tensor:
-        """``x.to(dtype)``: a copy unless the dtype already matches; saves nothing."""
-        if x.elem == elem:
-            return x
-        return self.op(x.numel, elem, (x,))
-
     def lower(self, x: Tensor) -> Tensor:
         """Autocast's cast of an activation to 16-bit before a convolution or matmul."""
         return self.cast(x, 2) if self.num.amp else x
@@ -237,13 +231,6 @@ class Layers(Tape):
         return self.op(x.numel, x.elem, (x,))
 
     # ---- elementwise --------------------------------------------------------------------------------
-    def unary(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
-        """A pointwise op on one tensor (silu/gelu save their input; tanh/rsqrt/sigmoid their result)."""
-        out = self.op(x.numel, elem or x.elem, (x,), save=(x,) if (save_in and x.rg) else ())
-        if save_out and x.rg:
-            self.save_output(out)
-        return out
-
     def silu(self, x: Tensor) -> Tensor:
         return self.unary(x, save_in=True)
 
@@ -271,12 +258,6 @@ class Layers(Tape):
         """``a + b`` (broadcasting): the gradient passes through to same-shaped inputs."""
         big = a if a.numel >= b.numel else b
         return self.op(big.numel, max(a.elem, b.elem), (a, b), passthrough=True)
-
-    def mul(self, a: Tensor, b: Tensor) -> Tensor:
-        """``a * b``: saves ``b`` if ``a`` needs a gradient and ``a`` if ``b`` does."""
-        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
-        big = a if a.numel >= b.numel else b
-        return self.op(big.numel, max(a.elem, b.elem), (a, b), save=save)
 
     def scale(self, x: Tensor) -> Tensor:
         """``x * c`` or ``x / c`` with a Python number: a new tensor, nothing saved."""
