@@ -43,6 +43,9 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # (block rounding, cached free blocks). The single-GPU estimate replays the allocator instead
 # (vramplan.allocator); this fraction remains for layouts without a modelled allocation stream.
 ALLOCATOR_SLACK_FRACTION = 0.10
+# The allocator replay runs every layer of 3 steps (~1 ms per layer); deeper stacks than any published model
+# (Llama 3.1 405B has 126 layers) take the calibration slack instead of a multi-second replay.
+MAX_REPLAY_LAYERS = 256
 
 K = MemoryKind
 
@@ -454,6 +457,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
     states, num, phases, host = _phases(spec, w)
     top = max(phases, key=lambda p: p.peak_allocated_bytes)
     peak = top.peak_allocated_bytes
+    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS
     if replay:
         alloc = reserved_stats(spec, w, states, num)
         reserved = max(alloc.peak_reserved_bytes, peak)
@@ -477,7 +481,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
          + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path)"),
+         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
+         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else "") + ")"),
         *states.notes,
     ]
     if w.is_train:
