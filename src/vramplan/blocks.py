@@ -109,7 +109,8 @@ class _B:
         """``nn.Linear`` (or a quantized replacement) on ``x``, with an optional LoRA adapter."""
         tp, num, tokens = self.tp, self.num, x.numel // fin
         welem = weight_elem or num.param
-        pg = self.param_grad(name, fin * fout + (fout if bias else 0), welem) if trainable else ()
+        # ``count`` experts share one 3-D parameter (grouped_mm): its gradient holds all of them
+        pg = self.param_grad(name, (fin * fout + (fout if bias else 0)) * count, welem) if trainable else ()
         if quant is not WeightsQuant.NONE:
             # Quantized layers cast the input to the 16-bit compute dtype and cast the output back.
             # nf4 (bitsandbytes MatMul4Bit): dequantizes the weight into a 16-bit temporary for the matmul

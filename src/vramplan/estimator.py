@@ -43,6 +43,9 @@ from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trai
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
            "reserved_stats", "stage_moments"]
 
+# The allocator replay runs every layer of 3 steps (~1 ms per layer); deeper stacks than any published model
+# (Llama 3.1 405B has 126 layers) take the calibration slack instead of a multi-second replay.
+MAX_REPLAY_LAYERS = 256
 
 K = MemoryKind
 
@@ -449,6 +452,7 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
+    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
@@ -462,7 +466,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
          + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path)"),
+         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
+         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else "") + ")"),
         *states.notes,
     ]
     if w.is_train:

@@ -29,7 +29,14 @@ from ._cuda import (
     safe_softmax_transient,
 )
 from ._images import image_inputs, is_multimodal
-from ._loops import CE_CHUNK, apply_checkpoint_every, create_optimizer_state, hf_train_loop, patch_chunked_loss
+from ._loops import (
+    CE_CHUNK,
+    apply_checkpoint_every,
+    create_optimizer_state,
+    harness_stream,
+    hf_train_loop,
+    patch_chunked_loss,
+)
 from ._tracker import MemoryTracker, PeakMark
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
@@ -432,8 +439,10 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     from ..allocator import parse_alloc_conf, simulate
 
     # the traced allocation stream through the same caching-allocator model as the estimate (vramplan.allocator)
-    reserved = simulate(tracker.events, parse_alloc_conf(workload.alloc_conf))
-    slack = max(0, reserved.peak_reserved_bytes + workspace - peak)
+    # (rebuilt as the calibration loop runs it, with the cuBLAS workspaces: _loops.harness_stream)
+    stream = harness_stream(tracker.events, 2 if train else 1)
+    reserved = simulate(stream, parse_alloc_conf(workload.alloc_conf))
+    slack = max(0, reserved.peak_reserved_bytes - peak)
     full = dict(by_kind)
     full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     full[MemoryKind.ALLOCATOR_SLACK] = slack

@@ -193,6 +193,9 @@ class MemoryTracker(TorchDispatchMode):
             report(phase.value.replace("_", " "))
         self.phase = phase
         if phase is not None:
+            from ..allocator import PHASE
+
+            self.events.append((phase.value, PHASE))
             self._check_peak(None, 0)
 
     # ---- allocation bookkeeping ---------------------------------------------------------------
