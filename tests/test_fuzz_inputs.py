@@ -89,7 +89,7 @@ OUTPUT_OPTIONS = {"--plot", "--output", "--csv"}
 MODEL_ARGS = {"model"}
 GPU_OPTIONS = {"--gpu"}
 # commands whose handlers need a GPU, the network socket or seconds of torch per call: arguments only
-PARSE_ONLY = {"serve", "measure", "trace"}
+PARSE_ONLY = {"serve", "measure", "trace", "derive"}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
