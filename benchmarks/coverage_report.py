@@ -143,6 +143,10 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
     # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    # BambaConfig's default has no attention layer (attn_layer_indices None), and transformers 5.24's prefill then
+    # fails in create_causal_mask (get_seq_length on a cache of linear-attention layers only);
+    # ibm-ai-platform/Bamba-9B: attention at layers 9, 18, 27
+    "bamba": {"attn_layer_indices": [9, 18, 27]},
 }
 
 

@@ -83,3 +83,16 @@ def test_count_params_variants(model_type: str, over: dict[str, Any]) -> None:
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     cfg = _library_default(model_type, **over)
     assert count_params(spec_from_config(cfg, model_type)).total == _meta_count(cfg)
+
+
+# state-space and hybrid families (vramplan.ssm): attention layers placed, biases and groups varied
+SSM_VARIANTS = [
+    ("mamba2", {"use_bias": True, "n_groups": 1, "use_conv_bias": False}),
+    ("bamba", {"attn_layer_indices": [1, 3], "mamba_proj_bias": True, "attention_bias": True}),
+]
+
+
+@pytest.mark.parametrize(("model_type", "over"), SSM_VARIANTS)
+def test_count_params_ssm_variants(model_type: str, over: dict[str, Any]) -> None:
+    cfg = _library_default(model_type, **over)
+    assert count_params(spec_from_config(cfg, model_type)).total == _meta_count(cfg)

@@ -62,6 +62,10 @@ class LayerPlan:
     lora_dropout: float = 0.0
     dora: bool = False  # peft use_dora: each adapted linear also runs DoraLinearLayer
     rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
+    mixer: str = "attention"  # the token mixer: attention or an SSM kind (vramplan.ssm)
+    mlp: bool = True  # False: the layer has no MLP (a pure Mamba block)
+    ssm_kernel: str = "fused"  # SSM layers: the fused mamba_ssm kernels or transformers' torch fallback
+    input_fp32: bool = False  # the layer's input is the fp32 residual stream (Mamba's residual_in_fp32)
 
 
 def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
@@ -705,6 +709,16 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if plan.mixer != "attention" and not plan.mlp:
+            from .ssm import mamba_block
+
+            return mamba_block(self, x)
+        mixer: Callable[[Tensor], Tensor] = self.self_attention
+        if plan.mixer != "attention":
+            from .ssm import mamba2_mixer
+
+            def mixer(v: Tensor) -> Tensor:  # the SSM mixer in attention's place
+                return mamba2_mixer(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
@@ -718,10 +732,13 @@ class _B:
             y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
-            a = self.call(self.self_attention, n1)
+            a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
             hmid = self.add(x, self.residual(a))
+            if not plan.mlp:
+                self.tp.keep(hmid)
+                return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
             if spec.norms_per_layer == 4:
@@ -735,7 +752,7 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
                 kv_len: int | None = None) -> Tensor:
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(batch * seq * spec.hidden_size, resid_elem(num), plan.input_rg)
+    x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
     x.last_use = max(x.last_use, len(tp.ops) - 1)
@@ -808,8 +825,10 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(batch * seq * h, resid_elem(num), input_rg)
+    x = tp.input(batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
     n = bld.norm(x, h, trainable) if spec.final_norm else x
+    if spec.residual_fp32:
+        n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
     pe = spec.embed_proj_dim or h
@@ -831,7 +850,7 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
-    if spec.family == "gptj":
+    if spec.family == "gptj" or spec.logits_fp32:
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
     if keep_logits or not loss:
         tp.keep(logits)

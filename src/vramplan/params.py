@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .spec import MLPKind, ModelSpec, NormKind
 
-__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_params"]
+__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +100,43 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 
+def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
+    """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
+    moe = index in spec.moe_layers
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.mixer(index) == "mamba2" and spec.ssm is not None:
+        from .ssm import mamba2_linears
+
+        return mamba2_linears(spec.ssm, spec.hidden_size) + mlp
+    return attention_linears(spec) + mlp
+
+
+def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
+    dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
+    from .ssm import mamba2_extra_params, mamba2_linears
+
+    assert spec.ssm is not None
+    h = spec.hidden_size
+    moe = index in spec.moe_layers
+    mix = mamba2_linears(spec.ssm, h)
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    bias, other = mamba2_extra_params(spec.ssm, h)
+    if mlp and spec.mlp_bias and not moe:
+        bias += sum(o * n for _, _, o, n in mlp)
+    if moe and spec.router_bias:
+        bias += spec.num_experts
+    norms = (1 if not mlp else spec.norms_per_layer) * _norm_params(spec, h)
+    return LayerParams(sum(i * o * n for _, i, o, n in mix), sum(i * o * n for _, i, o, n in mlp), bias,
+                       norms + other, tuple(mix + mlp))
+
+
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    if spec.mixer(index) != "attention":
+        return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
     attn = attention_linears(spec)
-    mlp = mlp_linears(spec, moe)
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -135,13 +168,13 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[bool, LayerParams] = {}
+    unique: dict[tuple[bool, str, bool], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
-        moe = i in spec.moe_layers
-        if moe not in unique:
-            unique[moe] = layer_params(spec, i)
-        layers.append(unique[moe])
+        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers)
+        if key not in unique:
+            unique[key] = layer_params(spec, i)
+        layers.append(unique[key])
     final_norm = _norm_params(spec, h) if spec.final_norm else 0
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:

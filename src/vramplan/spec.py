@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .checkpoint import CheckpointWeights
     from .quant import Quantization
+    from .ssm import SSMSpec
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
 
@@ -44,6 +45,7 @@ class PositionKind(StrEnum):
     ROPE = "rope"
     LEARNED = "learned"
     ALIBI = "alibi"
+    NONE = "none"  # no position encoding (Mamba: the recurrence orders the tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,13 @@ class ModelSpec:
     source: str = ""
     quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
     checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
+    # State-space / hybrid models (vramplan.ssm): the mixer of each layer ("attention", "mamba2"); empty: every
+    # layer is attention. Layers listed in mlp_free_layers have no MLP (a pure Mamba block).
+    mixers: tuple[str, ...] = ()
+    mlp_free_layers: tuple[int, ...] = ()
+    ssm: SSMSpec | None = None
+    residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
+    logits_fp32: bool = False  # the CausalLM casts the logits with .float() (Mamba-2, Nemotron-H)
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
 
@@ -142,6 +151,15 @@ class ModelSpec:
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
+
+    def mixer(self, index: int) -> str:
+        """The token mixer of layer ``index``: "attention" or an SSM kind ("mamba2")."""
+        return self.mixers[index] if self.mixers else "attention"
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers that keep a KV cache."""
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) == "attention")
 
     @property
     def num_sliding_layers(self) -> int:

@@ -1,0 +1,96 @@
+"""Config readers of the state-space and hybrid families (:mod:`vramplan.ssm`), keyed like
+:data:`vramplan.hfconfig._READERS`. Defaults are those of each family's transformers 5.24 configuration class
+(``configuration_mamba2.py``, ``configuration_bamba.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import ConfigError
+from .hfconfig import _MAX_LAYERS, _Cfg, _check_heads
+from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .ssm import SSMSpec
+
+__all__ = ["SSM_CLASSES", "SSM_READERS"]
+
+
+def _check_ssm(c: _Cfg, hidden: int, ss: SSMSpec) -> SSMSpec:
+    if ss.n_heads * ss.head_dim != ss.d_inner:
+        raise ConfigError(f"{c.where}: the Mamba heads ({ss.n_heads} x {ss.head_dim}) must span the intermediate size "
+                          f"({ss.d_inner} = expand x hidden_size {hidden})")
+    if ss.n_heads % ss.n_groups:
+        raise ConfigError(f"{c.where}: the Mamba heads ({ss.n_heads}) must be a multiple of n_groups ({ss.n_groups})")
+    return ss
+
+
+def _expand(c: _Cfg, key: str, hidden: int) -> int:
+    expand = c.float_(key, default=2, lo=0.0, hi=64.0)
+    d_inner = int(expand * hidden)
+    if d_inner < 1:
+        raise ConfigError(f"{c.where}: {key} x hidden_size must be at least 1")
+    return d_inner
+
+
+def _mamba2(c: _Cfg, family: str) -> ModelSpec:
+    """Mamba-2 (modeling_mamba2.py): embeddings, ``num_hidden_layers`` Mamba2Blocks (RMSNorm + mixer, residual in
+    fp32 by default), norm_f, an untied lm_head whose logits are cast with ``.float()``."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=64, hi=_MAX_LAYERS)
+    d_inner = _expand(c, "expand", hidden)
+    heads = c.int_("num_heads", default=128)
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=heads, head_dim=c.int_("head_dim", default=64), n_groups=c.int_("n_groups", default=8),
+        d_state=c.int_("state_size", default=128), d_conv=c.int_("conv_kernel", default=4, hi=1024),
+        chunk=c.int_("chunk_size", default=256, hi=1 << 16), conv_bias=c.bool_("use_conv_bias", default=True),
+        proj_bias=c.bool_("use_bias", default=False)))
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Mamba-2 with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32768), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=ss.head_dim, intermediate_size=d_inner,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=Activation.SILU, position=PositionKind.NONE, norms_per_layer=1,
+        mixers=("mamba2",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
+    )
+
+
+def _bamba(c: _Cfg, family: str) -> ModelSpec:
+    """Bamba (modeling_bamba.py): LLaMA-style decoder layers whose token mixer is a Mamba-2 mixer, or attention at
+    ``attn_layer_indices`` (RoPE on half of each head: ``partial_rotary_factor`` 0.5 is fixed by BambaConfig)."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=8)
+    head_dim = _check_heads(c, hidden, heads, kv, None)
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+    attn = set(c.int_list("attn_layer_indices"))
+    if any(i >= layers for i in attn):
+        raise ConfigError(f"{c.where}: attn_layer_indices lists a layer beyond num_hidden_layers ({layers})")
+    if c.float_("z_loss_coefficient", default=0.0, lo=0.0) > 0:
+        raise ConfigError(f"{c.where}: Bamba with z_loss_coefficient > 0 is not supported by estimate (its logsumexp "
+                          "over the logits is not modelled); run `vramplan trace`")
+    bias = c.bool_("attention_bias", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=14336),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
+        mlp_bias=c.bool_("mlp_bias", default=False), rotary_fraction=0.5,
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=tuple("attention" if i in attn else "mamba2" for i in range(layers)), ssm=ss, program_version="5.24",
+    )
+
+
+SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba}
+SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba"}
