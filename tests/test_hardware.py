@@ -23,6 +23,7 @@ from vramplan.hardware import (
     detect_local_gpus,
     get_gpu,
     list_gpus,
+    list_links,
     load_price_overrides,
     with_prices,
 )
@@ -110,9 +111,10 @@ def test_record_schema(record: dict[str, Any]) -> None:
         assert tflops["fp8"] <= tflops["fp4"]
 
     ic = record["interconnect"]
-    assert set(ic) == {"type", "bandwidth_bytes_per_s", "pcie_gen", "note"}
+    assert set(ic) == {"type", "link", "pair_link", "pcie_gen", "note"}  # bandwidth comes from the link catalog
     assert isinstance(ic["type"], str) and ic["type"]
-    assert ic["bandwidth_bytes_per_s"] is None or _is_pos_int(ic["bandwidth_bytes_per_s"])
+    links = {link.name for link in list_links()}
+    assert ic["link"] in links and (ic["pair_link"] is None or ic["pair_link"] in links)
     assert ic["pcie_gen"] is None or ic["pcie_gen"] in {3, 4, 5, 6}
     assert isinstance(ic["note"], str) and ic["note"]
 
@@ -360,3 +362,27 @@ def test_detect_without_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     assert detect_local_gpus() == ()
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     assert detect_local_gpus() == ()
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+def test_memory_and_time_models_use_the_same_link(gpus: int) -> None:
+    """One source of link bandwidth: the layout's communication (parallel) and the time model (perf) read the
+    same catalog link for every GPU, including 2-way bridges beyond a pair, x8 cards and AMD/Intel parts."""
+    from vramplan.hardware import get_link
+    from vramplan.parallel import links_for_gpu
+    from vramplan.perf import link_bandwidth_bytes_per_s
+
+    for gpu in list_gpus():
+        link = get_link(links_for_gpu(gpu.name, gpus).intra_node)
+        assert link_bandwidth_bytes_per_s(gpu, gpus) == link.bandwidth_per_direction_bytes_per_s, gpu.name
+
+
+def test_links_follow_the_hardware() -> None:
+    from vramplan.parallel import links_for_gpu
+
+    assert links_for_gpu("a100-80gb-pcie", 2).intra_node == "nvlink-3-bridge"  # not the GeForce bridge
+    assert links_for_gpu("a100-80gb-pcie", 4).intra_node == "pcie-4"
+    assert links_for_gpu("h100-nvl", 2).intra_node == "nvlink-4-bridge"
+    assert links_for_gpu("rtx-4060-ti-16gb", 2).intra_node == "pcie-4-x8"
+    assert links_for_gpu("mi300x", 8).intra_node == "infinity-fabric-mi300"
+    assert get_gpu("h100-sxm").interconnect.bandwidth_bytes_per_s == 900 * 10**9  # as NVIDIA quotes it

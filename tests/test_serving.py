@@ -226,6 +226,9 @@ def test_cli_gguf_estimate_fit_and_export(tmp_path: Path, capsys: pytest.Capture
     (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "llama.cpp"], "GGUF"),
     (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "vllm", "--engine-version", "0.4"],
      "engine-version"),
+    (["fit", "llama-3.1-8b", "--gpu", "h100-sxm", "--task", "infer", "--engine", "vllm", "--ctx", "4096"], "--ctx"),
+    (["estimate", "llama-3.1-8b", "--kv-cache-dtype", "q8_0"], ".gguf"),
+    (["estimate", "llama-3.1-8b", "--parallel", "4"], "--parallel"),
 ])
 def test_cli_serving_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = _cli(argv, capsys)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from vramplan.web.app import create_app
 from vramplan.web.options import MAX_BODY_BYTES, RequestError, options_for
 
 from .conftest import CALIBRATION
+from .conftest import web_load as load_web_load
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -206,6 +206,19 @@ def test_schema_follows_the_workload_and_the_cli(client: TestClient) -> None:
         assert option["name"] not in ("json", "plot", "help")
 
 
+def test_a_switch_that_defaults_to_unset_is_a_switch(client: TestClient) -> None:
+    """double_quant is ``bool | None`` (None: transformers' default, off): the page shows a checkbox and the API
+    takes true/false — it was typed as an optional integer, so the page's own ``true`` was a 422."""
+    kinds = {o["name"]: (o["kind"], o["default"]) for o in client.get("/api/schema").json()["workload"]}
+    assert kinds["double_quant"] == ("bool", False)
+    body = {"model": "llama-3.1-8b", "method": "qlora", "seq_len": 512}
+    on = client.post("/api/estimate", json={**body, "double_quant": True})
+    off = client.post("/api/estimate", json={**body, "double_quant": False})
+    assert on.status_code == off.status_code == 200
+    assert on.json()["peak_allocated_bytes"] < off.json()["peak_allocated_bytes"]  # 8-bit absmax constants
+    assert_json_error(client.post("/api/estimate", json={**body, "double_quant": 1}), 422, "true or false")
+
+
 # ----------------------------------------------------------------------------------------- refusals
 
 
@@ -346,19 +359,10 @@ def test_any_json_object_gets_an_answer_not_a_crash(client: TestClient, body: di
 # ----------------------------------------------------------------------------------------- load
 
 
-def _web_load() -> Any:
-    spec = importlib.util.spec_from_file_location("web_load", BENCHMARKS / "web_load.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_load"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_load_2000_requests_from_20_clients() -> None:
     """A bounded load test on loopback: every answer correct; p95 latency reported."""
     pytest.importorskip("uvicorn")
-    web_load = _web_load()
+    web_load = load_web_load()
     work = web_load.cases()
     with web_load.serve() as base:
         report = web_load.run_load(base, work, requests=2000, clients=20, timeout_s=20.0)
@@ -402,7 +406,7 @@ def test_serve_under_a_16_gib_address_space_limit() -> None:
     pytest.importorskip("uvicorn")
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux)")
-    web_load = _web_load()
+    web_load = load_web_load()
     with web_load.serve(prefix=("prlimit", f"--as={16 << 30}")) as base:
         req = urllib.request.Request(f"{base}/api/estimate", data=json.dumps({"model": "sdxl"}).encode(),
                                      headers={"content-type": "application/json"})

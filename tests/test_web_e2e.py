@@ -7,12 +7,8 @@ saved in the test's temporary directory.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import shutil
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,38 +25,10 @@ from vramplan.cli import main  # noqa: E402
 from vramplan.kinds import MemoryKind  # noqa: E402
 from vramplan.units import GiB  # noqa: E402
 
-from .conftest import CALIBRATION  # noqa: E402
-
-CHROMIUM = os.environ.get("VRAMPLAN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from .conftest import CALIBRATION, CHROMIUM  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs Debian's chromium (apt-get install chromium)")
-
-
-def _web_load() -> Any:
-    spec = importlib.util.spec_from_file_location("web_load", BENCHMARKS / "web_load.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_load"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with _web_load().serve() as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from .test_web_e2e import CHROMIUM, CHROMIUM_ARGS, _web_load  # noqa: E402
+from .conftest import CHROMIUM  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs Debian's chromium (apt-get install chromium)")
@@ -28,20 +28,6 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 DESKTOP = {"width": 1400, "height": 1000}
 PHONE = {"width": 390, "height": 844}
 MULTI = "?model=llama-3.1-8b&method=lora&gpus=8&fsdp=full"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with _web_load().serve() as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _page(browser: Any, viewport: dict[str, int]) -> Any:

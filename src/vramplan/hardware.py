@@ -30,13 +30,17 @@ __all__ = [
     "DTYPES",
     "GPU",
     "Interconnect",
+    "Link",
     "Price",
     "PriceOverrideError",
     "Throughput",
     "detect_local_gpus",
     "get_gpu",
+    "get_link",
     "gpu_choice_note",
+    "intra_node_link",
     "list_gpus",
+    "list_links",
     "load_price_overrides",
     "with_prices",
 ]
@@ -77,13 +81,66 @@ class Throughput:
 
 
 @dataclass(frozen=True, slots=True)
+class Link:
+    """One kind of GPU link (``data/interconnects.json``); bandwidth is what one GPU can send in one direction
+    at peak. The one source of link bandwidth: the memory model's communication and the time model read it."""
+
+    name: str
+    display_name: str
+    kind: str
+    scope: str  # intra-node or inter-node
+    bandwidth_per_direction_bytes_per_s: int
+    note: str
+    source: str
+    retrieved: str
+
+
+@cache
+def _links() -> Mapping[str, Link]:
+    raw = json.loads((resources.files("vramplan") / "data" / "interconnects.json").read_text(encoding="utf-8"))
+    if raw.get("schema") != 1:
+        raise UnknownNameError("data/interconnects.json: unsupported schema")
+    return {r["name"]: Link(r["name"], r["display_name"], r["kind"], r["scope"],
+                            int(r["bandwidth_per_direction_bytes_per_s"]), r["note"], r["source"], r["retrieved"])
+            for r in raw["links"]}
+
+
+def list_links() -> tuple[Link, ...]:
+    return tuple(_links().values())
+
+
+def get_link(name: str) -> Link:
+    """A link by name (``nvlink-4``, ``pcie-5``, ``ib-ndr``, ``roce-400``, …); unknown names get suggestions."""
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    links = _links()
+    if key in links:
+        return links[key]
+    close = difflib.get_close_matches(key, list(links), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownNameError(f"unknown interconnect {name!r}{hint} (known: {', '.join(links)})")
+
+
+@dataclass(frozen=True, slots=True)
 class Interconnect:
-    """GPU-to-GPU link. ``bandwidth_bytes_per_s`` is per GPU, both directions combined (see ``note``)."""
+    """GPU-to-GPU link. ``link`` names the link a node of these GPUs communicates over and ``pair_link`` a
+    2-way bridge that joins only pairs (both in ``data/interconnects.json``). ``bandwidth_bytes_per_s`` is per
+    GPU, both directions combined (the bridge's where there is one, as vendors quote it), derived from the
+    link catalog; a user-described GPU (``--gpu custom:…,link=…``) has no catalog link and states it."""
 
     kind: str
     bandwidth_bytes_per_s: int | None
     pcie_gen: int | None
     note: str
+    link: str | None = None
+    pair_link: str | None = None
+
+
+def intra_node_link(ic: Interconnect, gpus: int) -> str | None:
+    """The catalog link ``gpus`` GPUs of one node talk over: a 2-way bridge only joins a pair, so larger groups
+    cross the card's own link (PCIe). None for a user-described GPU without a catalog link."""
+    if ic.pair_link is not None and gpus <= 2:
+        return ic.pair_link
+    return ic.link
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +322,15 @@ def _req_int(value: Any) -> int:
     return result
 
 
+def _interconnect(ic: Mapping[str, Any]) -> Interconnect:
+    link, pair = str(ic["link"]), None if ic.get("pair_link") is None else str(ic["pair_link"])
+    shown = get_link(pair if pair is not None else link)  # unknown names fail here, when the catalog loads
+    get_link(link)
+    return Interconnect(kind=str(ic["type"]), bandwidth_bytes_per_s=2 * shown.bandwidth_per_direction_bytes_per_s,
+                        pcie_gen=_opt_int(ic.get("pcie_gen")), note=str(ic.get("note", "")), link=link,
+                        pair_link=pair)
+
+
 def _gpu_from_record(r: Mapping[str, Any]) -> GPU:
     t = r["tflops"]
     ic = r["interconnect"]
@@ -283,12 +349,7 @@ def _gpu_from_record(r: Mapping[str, Any]) -> GPU:
         memory_bandwidth_bytes_per_s=_req_int(r["memory_bandwidth_bytes_per_s"]),
         tflops=Throughput(**{d: _opt_float(t[d]) for d in DTYPES}),
         tflops_note=str(r.get("tflops_note", "")),
-        interconnect=Interconnect(
-            kind=str(ic["type"]),
-            bandwidth_bytes_per_s=_opt_int(ic["bandwidth_bytes_per_s"]),
-            pcie_gen=_opt_int(ic.get("pcie_gen")),
-            note=str(ic.get("note", "")),
-        ),
+        interconnect=_interconnect(ic),
         tdp_watts=_opt_int(r["tdp_watts"]),
         price=Price(
             on_demand=_opt_float(p["on_demand"]),

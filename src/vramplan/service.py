@@ -132,7 +132,7 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
     with ``serving["engine"]``, the serving engine's own memory model."""
     from .fit import check_fit, check_vision_fit
     from .hardware import get_gpu
-    from .serving.cli import is_gguf, serving_section
+    from .serving.cli import is_gguf, reject_gguf_flags, serving_section
 
     gpu, engine = get_gpu(q.gpu), q.serving.get("engine")
     if is_gguf(q.model) or engine == "llama.cpp":
@@ -140,6 +140,7 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
             raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
         return ServedFit(q.model, gpu.name, None, serving_section(_serving_args(q, engine="llama.cpp"), None, gpu,
                                                                   None, None))
+    reject_gguf_flags(_serving_args(q))  # llama.cpp's --ctx/--parallel/… mean nothing for a Hugging Face model
     ref = q.ref()
     # fit's --tp/--pp size a serving engine (--engine); its training layout is data-parallel, ZeRO or FSDP
     training_layout = {k: v for k, v in q.layout.items() if k not in ("tp", "pp")}

@@ -91,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_estimate(ns: argparse.Namespace) -> int:
     from .. import service
-    from ..serving.cli import gguf_estimate, is_gguf
+    from ..errors import WorkloadError
+    from ..serving.cli import gguf_estimate, is_gguf, reject_gguf_flags
 
     if is_gguf(ns.model):  # a llama.cpp model file: its buffers, from the GGUF header
         return gguf_estimate(ns)
+    reject_gguf_flags(ns)
+    if ns.kv_cache_dtype != "auto":
+        raise WorkloadError("--kv-cache-dtype applies to a .gguf model (llama.cpp) here; for vLLM's fp8 KV cache use "
+                            "vramplan fit MODEL --task infer --engine vllm --kv-cache-dtype fp8")
 
     query = service.EstimateQuery.of(ns.model, options(ns))
     est = service.estimate(query)

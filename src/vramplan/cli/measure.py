@@ -62,7 +62,15 @@ def _measure(ns: argparse.Namespace) -> int:
     if distributed or gpus > 1:
         config, name = config_of(ns.model)
         w = make_workload(**{k: v for k, v in opts.items() if k in WORKLOAD_KEYS})
-        return _measure_rank(ns, config, name, w, layout) if distributed else _launch(ns, config, name, w, layout)
+        if not distributed:
+            return _launch(ns, config, name, w, layout)
+        code = _measure_rank(ns, config, name, w, layout)
+        # A torchrun worker leaves without running C++ static destructors: gloo/NCCL threads torn down at
+        # interpreter exit abort now and then ("terminate called without an active exception", SIGABRT)
+        # after the work is done and the results written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     result = measure(MeasureQuery.of(ns.model, opts))
     m, est, name = result.measurement, result.estimate, result.model
     gib = 2**30

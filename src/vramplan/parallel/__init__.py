@@ -40,7 +40,8 @@ The package by concern: :mod:`.layout` (layouts, engines, checks, the pipeline s
 
 from __future__ import annotations
 
-from .comm import Collective, Communication, Link, Links, get_link, links_for_gpu, list_links, ring_bytes, ring_factor
+from ..hardware import Link, get_link, list_links
+from .comm import Collective, Communication, Links, links_for_gpu, ring_bytes, ring_factor
 from .engines import GPUStates
 from .estimate import ParallelEstimate, StageLoad, estimate_parallel
 from .layout import (

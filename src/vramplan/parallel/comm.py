@@ -4,17 +4,13 @@ NCCL's collectives, and the bytes and time each GPU spends per step, by group an
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from ..errors import UnknownNameError
+from ..hardware import Link, get_link
 from ..memory import ModelStates
 from ..spec import ModelSpec
 from ..workload import Precision, Workload
@@ -24,20 +20,6 @@ from .sharding import _compute_workload
 
 # ---- interconnects -----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class Link:
-    """One kind of GPU link; bandwidth is what one GPU can send in one direction at peak."""
-
-    name: str
-    display_name: str
-    kind: str
-    scope: str  # intra-node or inter-node
-    bandwidth_per_direction_bytes_per_s: int
-    note: str
-    source: str
-    retrieved: str
-
-
-@dataclass(frozen=True, slots=True)
 class Links:
     """The links a layout communicates over: inside a node, and between nodes."""
 
@@ -45,45 +27,16 @@ class Links:
     inter_node: str = "ib-ndr"
 
 
-@cache
-def _links() -> Mapping[str, Link]:
-    raw = json.loads(resources.files("vramplan").joinpath("data/interconnects.json").read_text("utf-8"))
-    if raw.get("schema") != 1:
-        raise UnknownNameError("data/interconnects.json: unsupported schema")
-    return {r["name"]: Link(r["name"], r["display_name"], r["kind"], r["scope"],
-                            int(r["bandwidth_per_direction_bytes_per_s"]), r["note"], r["source"], r["retrieved"])
-            for r in raw["links"]}
-
-
-def list_links() -> tuple[Link, ...]:
-    return tuple(_links().values())
-
-
-def get_link(name: str) -> Link:
-    """A link by name (``nvlink-4``, ``pcie-5``, ``ib-ndr``, ``roce-400``, …); unknown names get suggestions."""
-    key = name.strip().lower().replace("_", "-").replace(" ", "-")
-    links = _links()
-    if key in links:
-        return links[key]
-    close = difflib.get_close_matches(key, list(links), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UnknownNameError(f"unknown interconnect {name!r}{hint} (known: {', '.join(links)})")
-
-
 def links_for_gpu(gpu: str, gpus_per_node: int, inter_node: str = "ib-ndr") -> Links:
-    """The intra-node link of a catalog GPU (``vramplan gpus``): NVLink generation for SXM parts; a 2-way
-    bridge only when a node holds two GPUs; otherwise the card's PCIe generation."""
-    from ..hardware import get_gpu
+    """The links of a catalog GPU (``vramplan gpus``): its node's link from the GPU catalog (NVLink generation
+    for SXM parts, a 2-way bridge only when a node holds two GPUs, otherwise the card's PCIe)."""
+    from ..hardware import get_gpu, intra_node_link
 
     ic = get_gpu(gpu).interconnect
-    kind = ic.kind.lower()
-    if "nvlink" in kind and "bridge" not in kind:
-        gen = "".join(c for c in kind if c.isdigit())[:1]
-        return Links(f"nvlink-{gen}", inter_node)
-    if "bridge" in kind and gpus_per_node <= 2:
-        return Links("nvlink-bridge", inter_node)
-    pcie = ic.pcie_gen or (5 if "5.0" in ic.note else 4)
-    return Links(f"pcie-{min(max(pcie, 3), 5)}", inter_node)
+    intra = intra_node_link(ic, gpus_per_node)
+    if intra is None:
+        raise UnknownNameError(f"{gpu} names no catalog link; pass --intra-node-link")
+    return Links(intra, inter_node)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,20 +16,18 @@ __all__ = ["allreduce_seconds", "comm_time_s", "exposed_comm_s", "link_bandwidth
 
 
 def link_bandwidth_bytes_per_s(gpu: GPU, gpus: int) -> float | None:
-    """One direction of the GPU-to-GPU link used by ``gpus`` GPUs in one node.
+    """One direction of the GPU-to-GPU link used by ``gpus`` GPUs in one node, from the link catalog
+    (:func:`vramplan.hardware.intra_node_link`: a 2-way bridge joins only pairs, larger groups cross PCIe) — the
+    same link the memory model's communication uses. A user-described GPU without a catalog link gives its
+    ``link=`` rate, both directions combined."""
+    from ..hardware import get_link, intra_node_link
 
-    The catalog gives both directions combined. A 2-way bridge (NVLink bridge on GeForce/PCIe cards)
-    joins only pairs; beyond two GPUs traffic crosses PCIe: 2**(gen-3) x 15.75 GB/s per direction for
-    x16 (PCI-SIG: 8, 16, 32 GT/s per lane with 128b/130b coding for gen 3, 4, 5).
-    """
-    ic = gpu.interconnect
-    if gpus > 2 and "2-way" in ic.kind:
-        if ic.pcie_gen is None:
-            return None
-        return 15.75e9 * 2.0 ** (ic.pcie_gen - 3)
-    if ic.bandwidth_bytes_per_s is None:
+    name = intra_node_link(gpu.interconnect, gpus)
+    if name is not None:
+        return float(get_link(name).bandwidth_per_direction_bytes_per_s)
+    if gpu.interconnect.bandwidth_bytes_per_s is None:
         return None
-    return ic.bandwidth_bytes_per_s / 2
+    return gpu.interconnect.bandwidth_bytes_per_s / 2
 
 
 def comm_time_s(bytes_per_gpu: float, gpu: GPU, gpus: int) -> float | None:

@@ -12,7 +12,7 @@ from ..errors import WorkloadError
 from ..units import GiB
 
 __all__ = ["add_export_serving_flags", "add_gguf_flags", "add_serving_flags", "export_gguf", "gguf_estimate",
-           "is_gguf", "print_serving", "serving_section"]
+           "is_gguf", "print_serving", "reject_gguf_flags", "serving_section"]
 
 _ENGINE_CHOICES = ["vllm", "sglang", "transformers", "llama.cpp"]
 _KV_CHOICES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
@@ -83,6 +83,18 @@ def _gguf_result(ns: argparse.Namespace, path: str) -> Any:
     return llamacpp_memory(read_gguf(path), n_ctx=4096 if ns.ctx is None else ns.ctx, n_parallel=ns.parallel,
                            n_gpu_layers=ns.n_gpu_layers, type_k=kv, type_v=kv, flash_attn=not ns.no_flash_attn,
                            n_ubatch=ns.ubatch, kv_unified=ns.kv_unified)
+
+
+def reject_gguf_flags(ns: argparse.Namespace) -> None:
+    """One line instead of silently ignoring llama.cpp flags given with a Hugging Face model."""
+    given = [flag for flag, dest, default in (("--ctx", "ctx", None), ("--parallel", "parallel", 1),
+                                              ("--n-gpu-layers", "n_gpu_layers", None), ("--ubatch", "ubatch", 512),
+                                              ("--no-flash-attn", "no_flash_attn", False),
+                                              ("--kv-unified", "kv_unified", False))
+             if getattr(ns, dest, default) != default]
+    if given:
+        raise WorkloadError(f"{', '.join(given)} apply to llama.cpp and a .gguf model; {ns.model} is not one "
+                            "(for vLLM use fit --task infer --engine vllm)")
 
 
 def gguf_estimate(ns: argparse.Namespace) -> int:

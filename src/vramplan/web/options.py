@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -72,9 +73,12 @@ class Option:
 def workload_schema() -> tuple[Option, ...]:
     """Every :class:`Workload` field with its kind, default and choices (the CLI's defaults)."""
     out = []
+    hints = typing.get_type_hints(Workload)
     for name, f in Workload.__dataclass_fields__.items():
         d = f.default
-        if isinstance(d, StrEnum):
+        if d is None and hints[name] == (bool | None):  # unset means off (e.g. double_quant): a switch
+            out.append(Option(name, "bool", False))
+        elif isinstance(d, StrEnum):
             out.append(Option(name, "choice", d.value, tuple(m.value for m in type(d))))
         elif isinstance(d, bool):
             out.append(Option(name, "bool", d))
