@@ -147,6 +147,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # fails in create_causal_mask (get_seq_length on a cache of linear-attention layers only);
     # ibm-ai-platform/Bamba-9B: attention at layers 9, 18, 27
     "bamba": {"attn_layer_indices": [9, 18, 27]},
+    # the same for Granite 4.0's default (every layer Mamba): one attention layer makes it the hybrid the published
+    # Granite 4.0-H checkpoints are (the cut keeps one layer of each kind, so where it sits does not matter)
+    "granitemoehybrid": {"layer_types": ["linear_attention"] * 5 + ["full_attention"] + ["linear_attention"] * 26},
 }
 
 

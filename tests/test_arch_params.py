@@ -89,6 +89,8 @@ def test_count_params_variants(model_type: str, over: dict[str, Any]) -> None:
 SSM_VARIANTS = [
     ("mamba2", {"use_bias": True, "n_groups": 1, "use_conv_bias": False}),
     ("bamba", {"attn_layer_indices": [1, 3], "mamba_proj_bias": True, "attention_bias": True}),
+    ("granitemoehybrid", {"layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope"}),
+    ("granitemoehybrid", {"num_local_experts": 0, "layer_types": ["linear_attention", "full_attention"] * 2}),
 ]
 
 

@@ -680,8 +680,12 @@ class _B:
                 return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
                                    lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
-            sg = shared(n, h, si, "shared_gate_proj")
-            su = shared(n, h, si, "shared_up_proj")
+            if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
+                sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+                sg, su = tp.view(sgu, sgu.numel // 2), tp.view(sgu, sgu.numel // 2)
+            else:
+                sg = shared(n, h, si, "shared_gate_proj")
+                su = shared(n, h, si, "shared_up_proj")
             sa = self.activation(sg)
             sp = self.mul(sa, su)
             so = shared(sp, si, h, "shared_down_proj")

@@ -86,7 +86,10 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
                ("router", h, e, 1)]
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
-            out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
+            if spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
+                out += [("shared_gate_up_proj", h, 2 * si, 1), ("shared_down_proj", si, h, 1)]
+            else:
+                out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
         if spec.shared_expert_gate:
             out.append(("shared_expert_gate", h, 1, 1))
         return out

@@ -92,5 +92,67 @@ def _bamba(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
-SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba}
-SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba"}
+# transformers configuration_utils.py _LEGACY_LAYER_TYPE_REMAP: published configs still say mamba / attention
+_MIXER_OF = {"linear_attention": "mamba2", "mamba": "mamba2", "full_attention": "attention", "attention": "attention"}
+
+
+def _layer_types(c: _Cfg, key: str, layers: int, default: str) -> tuple[str, ...]:
+    raw = c.raw.get(key)
+    if raw is None:
+        return (_MIXER_OF[default],) * layers
+    if not isinstance(raw, list) or len(raw) != layers or not all(isinstance(t, str) for t in raw):
+        raise ConfigError(f"{c.where}: {key} must list one layer type per layer ({layers})")
+    bad = sorted({t for t in raw if t not in _MIXER_OF})
+    if bad:
+        raise ConfigError(f"{c.where}: {key} holds {', '.join(bad)}; supported: {', '.join(sorted(_MIXER_OF))}")
+    return tuple(_MIXER_OF[t] for t in raw)
+
+
+def _mamba_heads(c: _Cfg, hidden: int) -> SSMSpec:
+    """The ``mamba_*`` keys of Bamba / Granite 4.0 (``mamba_d_head`` "auto": expand x hidden / heads)."""
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    return _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+
+
+def _granitemoehybrid(c: _Cfg, family: str) -> ModelSpec:
+    """Granite 4.0 (modeling_granitemoehybrid.py): GraniteMoeShared decoder layers (embedding / residual / logits
+    multipliers, MoE + always-on shared MLP, or the shared MLP alone when ``num_local_experts`` is 0) whose mixer
+    is a Mamba-2 mixer or attention per ``layer_types``; attention uses RoPE only when ``position_embedding_type``
+    is "rope" (Granite 4.0-H: none)."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    ss = _mamba_heads(c, hidden)
+    mixers = _layer_types(c, "layer_types", layers, "linear_attention")
+    experts = c.int_("num_local_experts", default=8, lo=0)
+    raw = dict(c.raw)
+    raw.setdefault("hidden_size", hidden)
+    raw.setdefault("num_hidden_layers", layers)
+    raw.setdefault("intermediate_size", 11008)
+    raw.setdefault("vocab_size", 32000)
+    shared = c.int_("shared_intermediate_size", default=1024)
+    if experts:
+        raw["shared_intermediate_size"] = shared
+        spec = replace(_llama_like(_Cfg(raw, c.where), "granitemoeshared"), gate_up_fused=True)
+    else:  # the shared MLP alone: input_linear (gate and up fused) and output_linear
+        raw["intermediate_size"] = shared
+        spec = replace(_llama_like(_Cfg(raw, c.where), "granite"), gate_up_fused=True)
+    rope = c.raw.get("position_embedding_type") == "rope"
+    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24",
+                   position=PositionKind.ROPE if rope else PositionKind.NONE)
+
+
+SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba,
+                                                            "granitemoehybrid": _granitemoehybrid}
+SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
+                               "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
