@@ -103,3 +103,20 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
     traced = trace_workload(cfg, make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+
+
+def test_serving_counts_attention_layers_per_token_and_ssm_state_per_sequence() -> None:
+    from vramplan.fit import kv_bytes_per_token, state_bytes_per_sequence
+    from vramplan.serving.vllm import ServingConfig, serve_memory
+
+    hybrid = spec_from_config(BAMBA)
+    assert kv_bytes_per_token(hybrid, 2) == 2 * 2 * 64 * 2  # one attention layer of four
+    assert state_bytes_per_sequence(hybrid, 2) == 3 * ((1024 + 2 * 64) * 4 + 16 * 64 * 64) * 2
+    pure = spec_from_config(MAMBA2)
+    assert kv_bytes_per_token(pure, 2) == 0
+    res = serve_memory(pure, ServingConfig(max_model_len=4096), total_memory_bytes=24 << 30)
+    state = state_bytes_per_sequence(pure, 2)
+    assert res.kv_bytes_per_token == 0
+    assert res.max_concurrency == pytest.approx(res.kv_cache_bytes / state)
+    longer = serve_memory(pure, ServingConfig(max_model_len=65536), total_memory_bytes=24 << 30)
+    assert longer.max_concurrency == res.max_concurrency  # a Mamba request's cache does not grow with its length
