@@ -91,6 +91,8 @@ SSM_VARIANTS = [
     ("bamba", {"attn_layer_indices": [1, 3], "mamba_proj_bias": True, "attention_bias": True}),
     ("granitemoehybrid", {"layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope"}),
     ("granitemoehybrid", {"num_local_experts": 0, "layer_types": ["linear_attention", "full_attention"] * 2}),
+    ("lfm2", {"layer_types": ["conv", "full_attention", "conv", "conv"], "conv_bias": True,
+              "block_ffn_dim_multiplier": 1.5}),
 ]
 
 

@@ -90,11 +90,36 @@ WORKLOADS = {
 }
 
 
+LFM2: dict[str, Any] = {"model_type": "lfm2", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                        "num_key_value_heads": 2, "intermediate_size": 1536, "vocab_size": 4096,
+                        "full_attn_idxs": [1]}
+GRANITE4: dict[str, Any] = {"model_type": "granitemoehybrid", "hidden_size": 512, "num_hidden_layers": 3,
+                            "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 256,
+                            "shared_intermediate_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2,
+                            "vocab_size": 4096, "mamba_n_heads": 16, "mamba_d_state": 64, "mamba_chunk_size": 64,
+                            "layer_types": ["mamba", "attention", "mamba"]}
+
+
+def test_lfm2_short_conv_cache() -> None:
+    spec = spec_from_config(LFM2)
+    assert spec.mixers == ("conv", "attention", "conv", "conv")
+    est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=256, new_tokens=4))
+    decode = next(p for p in est.phases if p.phase.value == "decode").breakdown.as_dict()[MemoryKind.KV_CACHE]
+    conv_states = 3 * 2 * 512 * 3 * 2  # three conv layers: (batch, hidden, L_cache) bf16
+    kv = 2 * 2 * 64 * 2 * 2  # one attention layer: keys and values per token, batch 2
+    assert decode == conv_states + kv * (256 + 4 - 1) + kv * (256 + 4)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA], ids=["mamba2", "bamba"])
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4], ids=["mamba2", "bamba", "lfm2", "granite4"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
-def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str) -> None:
+def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
+                                                     request: pytest.FixtureRequest) -> None:
     pytest.importorskip("torch")
+    if cfg is GRANITE4 and wname == "lora":
+        # known miss: 2.5% low (5 MiB of 205) on this tiny config with checkpointing, within 0.8% at the coverage
+        # report's sizes; not found yet (the same layers without MoE miss it too)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="granite4 small LoRA + checkpointing: -2.5%"))
     from vramplan.trace import trace_workload
 
     opts = dict(WORKLOADS[wname])

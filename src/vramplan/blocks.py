@@ -719,10 +719,10 @@ class _B:
             return mamba_block(self, x)
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
-            from .ssm import mamba2_mixer
+            from .ssm import mamba2_mixer, short_conv_mixer
 
-            def mixer(v: Tensor) -> Tensor:  # the SSM mixer in attention's place
-                return mamba2_mixer(self, v)
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv mixer in attention's place
+                return (short_conv_mixer if plan.mixer == "conv" else mamba2_mixer)(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1

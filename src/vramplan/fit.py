@@ -112,8 +112,14 @@ def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
     ss = spec.ssm
     if ss is None:
         return 0
-    layers = sum(1 for i in range(spec.num_layers) if spec.mixer(i) != "attention")
-    return layers * (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
+    total = 0
+    for i in range(spec.num_layers):
+        kind = spec.mixer(i)
+        if kind == "conv":  # LFM2 short conv: the conv state only
+            total += ss.d_inner * ss.d_conv * elem
+        elif kind != "attention":
+            total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
+    return total
 
 
 def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilization: float = 0.9,

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .blocks import _B
     from .spec import ModelSpec
 
-__all__ = ["SSM_KERNELS", "SSMSpec", "mamba2_extra_params", "mamba2_linears", "mamba2_state_bytes", "ssm_state_bytes"]
+__all__ = ["SSM_KERNELS", "SSMSpec", "conv_extra_params", "conv_linears", "layer_state_bytes", "mamba2_extra_params",
+           "mamba2_linears", "mamba2_state_bytes", "short_conv_mixer", "ssm_state_bytes"]
 
 SSM_KERNELS = ("fused", "torch")
 KV = MemoryKind.KV_CACHE
@@ -41,7 +42,8 @@ KV = MemoryKind.KV_CACHE
 
 @dataclass(frozen=True, slots=True)
 class SSMSpec:
-    """The sizes of one family's Mamba-2 mixer, as its configuration class names them."""
+    """The sizes of one family's Mamba-2 mixer, as its configuration class names them. For a short-conv mixer
+    (LFM2) only ``d_inner`` (the hidden size), ``d_conv`` and ``conv_bias`` are read."""
 
     d_inner: int  # intermediate_size = expand * hidden (Falcon-H1: mamba_d_ssm)
     n_heads: int
@@ -295,9 +297,67 @@ def mamba_block(bld: _B, x: Tensor) -> Tensor:
     return y
 
 
+def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
+    """Layer ``index``'s fixed-size generation cache: Mamba-2's conv + SSM state, a short conv's last
+    ``conv_kernel`` inputs (LFM2: ``Lfm2ShortConv``, conv state only), nothing for attention."""
+    ss = spec.ssm
+    kind = spec.mixer(index)
+    if ss is None or kind == "attention":
+        return 0
+    if kind == "conv":
+        return batch * ss.d_inner * ss.d_conv * act
+    return mamba2_state_bytes(ss, batch, act)
+
+
 def ssm_state_bytes(spec: ModelSpec, batch: int, act: int) -> int:
-    """The generation cache of every SSM layer of ``spec`` (constant in the sequence length)."""
+    """The generation cache of every SSM / short-conv layer of ``spec`` (constant in the sequence length)."""
     if spec.ssm is None:
         return 0
-    per = mamba2_state_bytes(spec.ssm, batch, act)
-    return per * sum(1 for i in range(spec.num_layers) if spec.mixer(i) == "mamba2")
+    return sum(layer_state_bytes(spec, i, batch, act) for i in range(spec.num_layers))
+
+
+def conv_linears(hidden: int) -> list[tuple[str, int, int, int]]:
+    """LFM2's short-conv mixer: ``in_proj`` (B, C and x) and ``out_proj`` (modeling_lfm2.py ``Lfm2ShortConv``)."""
+    return [("in_proj", hidden, 3 * hidden, 1), ("out_proj", hidden, hidden, 1)]
+
+
+def conv_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
+    """(bias elements of the linears, other parameters) of a short-conv mixer: ``conv_bias`` gives both linears and
+    the depthwise conv a bias."""
+    bias = 4 * hidden if ss.conv_bias else 0
+    return bias, hidden * ss.d_conv + (hidden if ss.conv_bias else 0)
+
+
+def short_conv_mixer(bld: _B, n: Tensor) -> Tensor:
+    """``Lfm2ShortConv.forward`` (modeling_lfm2.py, transformers 5.24): ``BCx = in_proj(x).transpose``; ``B * x``
+    (saves both halves: the projection stays alive); the depthwise causal conv (``causal_conv1d_fn``: F.conv1d
+    with padding conv_kernel - 1, sliced; it saves its input); ``C * conv`` (saves both); ``.transpose
+    .contiguous()`` (a copy); ``out_proj``. The fused causal_conv1d kernel returns the unpadded output and saves
+    the same input."""
+    spec, tp, plan, num = bld.spec, bld.tp, bld.plan, bld.num
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    h, b, s = spec.hidden_size, bld.b, bld.s
+    t = b * s
+    tr = plan.trainable
+    bias = ss.conv_bias
+
+    def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+        return bld.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=plan.quant,
+                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+    bcx = lin(n, h, 3 * h, "in_proj")
+    e = bcx.elem
+    bv, cv, xv = tp.view(bcx, t * h), tp.view(bcx, t * h), tp.view(bcx, t * h)
+    bx = bld.mul(bv, xv)
+    if not num.training:
+        conv_state = tp.op(b * h * ss.d_conv, e, (), rg=False, kind=KV)
+        tp.keep(conv_state)
+    pg = bld.param_grad(f"conv{len(tp.ops)}", h * ss.d_conv, bld.num.param) if tr else ()
+    out_len = s if plan.ssm_kernel == "fused" else s + ss.d_conv - 1
+    conv = tp.op(b * h * out_len, e, (bx,), save=(bx,), params=pg)
+    y = bld.mul(cv, conv)
+    yc = tp.op(t * h, e, (y,))  # transpose(-1, -2).contiguous()
+    o = lin(yc, h, h, "out_proj")
+    _live_until_end(bld, bcx, bx)
+    return o

@@ -152,7 +152,48 @@ def _granitemoehybrid(c: _Cfg, family: str) -> ModelSpec:
                    position=PositionKind.ROPE if rope else PositionKind.NONE)
 
 
+def _lfm2(c: _Cfg, family: str) -> ModelSpec:
+    """LFM2 (modeling_lfm2.py): pre-norm decoder layers (operator_norm, ffn_norm) whose mixer is a gated short
+    convolution (``Lfm2ShortConv``) or attention with per-head q/k RMSNorm (``layer_types``, else
+    ``full_attn_idxs``); a SwiGLU MLP (w1, w3, w2) whose width ``Lfm2MLP`` adjusts (2/3, multiplier, rounded up
+    to ``block_multiple_of``); the final ``embedding_norm``; tied embeddings by default."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2560)
+    inter = c.int_("block_ff_dim", "intermediate_size", default=12288)
+    if c.bool_("block_auto_adjust_ff_dim", default=True):
+        inter = int(2 * inter / 3)
+        mult = c.opt_float("block_ffn_dim_multiplier")
+        if mult is not None:
+            inter = int(mult * inter)
+            multiple = c.int_("block_multiple_of", default=256)
+            inter = multiple * ((inter + multiple - 1) // multiple)
+    types = c.raw.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers or not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"{c.where}: layer_types must list one layer type per layer ({layers})")
+        mixers = tuple("conv" if t == "conv" else "attention" for t in types)
+    else:
+        full = c.int_list("full_attn_idxs") if c.raw.get("full_attn_idxs") is not None else list(range(layers))
+        mixers = tuple("attention" if i in full else "conv" for i in range(layers))
+    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
+           "num_attention_heads": c.int_("num_attention_heads", default=32),
+           "num_key_value_heads": c.int_("num_key_value_heads", default=8),
+           "vocab_size": c.int_("vocab_size", default=65536), "attention_bias": False, "mlp_bias": False,
+           "hidden_act": "silu", "use_sliding_window": False}
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE, no biases
+    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
+                 d_conv=c.int_("conv_L_cache", default=3, hi=1024), chunk=1,
+                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
+    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24",
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
+                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba,
-                                                            "granitemoehybrid": _granitemoehybrid}
+                                                            "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2}
 SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
-                               "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
+                               "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2"}
