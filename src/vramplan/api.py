@@ -34,7 +34,7 @@ LAYOUT_OPTIONS = ("gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batc
                   "virtual_stages", "intra_node_link", "inter_node_link")
 IMAGE_OPTIONS = ("resolution", "pipeline")  # workload options only image models take
 # Language-model options an image model has no use for: refused unless left at the Workload default.
-_LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers")
+_LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers", "ssm_kernel")
 
 
 def make_workload(**options: Any) -> Workload:
