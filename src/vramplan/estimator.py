@@ -422,6 +422,10 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
 
 def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:
     """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``."""
+    if spec.multimodal is not None or workload.vision_options:
+        from .multimodal import route  # vision-language models: tower + projector + language model
+
+        return route(spec, workload, name or spec.name)
     return _estimate_cached(spec, workload, name or spec.name)
 
 
