@@ -93,6 +93,9 @@ SSM_VARIANTS = [
     ("granitemoehybrid", {"num_local_experts": 0, "layer_types": ["linear_attention", "full_attention"] * 2}),
     ("lfm2", {"layer_types": ["conv", "full_attention", "conv", "conv"], "conv_bias": True,
               "block_ffn_dim_multiplier": 1.5}),
+    ("falcon_h1", {"mamba_d_ssm": None, "mamba_n_heads": 64, "mamba_d_head": 128, "projectors_bias": True,
+                   "attention_bias": True,
+                   "head_dim": 64}),
 ]
 
 

@@ -99,6 +99,11 @@ GRANITE4: dict[str, Any] = {"model_type": "granitemoehybrid", "hidden_size": 512
                             "vocab_size": 4096, "mamba_n_heads": 16, "mamba_d_state": 64, "mamba_chunk_size": 64,
                             "layer_types": ["mamba", "attention", "mamba"]}
 
+FALCON_H1: dict[str, Any] = {"model_type": "falcon_h1", "hidden_size": 512, "num_hidden_layers": 2,
+                             "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1024,
+                             "vocab_size": 4096, "mamba_d_ssm": 512, "mamba_n_heads": 8, "mamba_d_state": 64,
+                             "mamba_chunk_size": 64, "embedding_multiplier": 2.0, "key_multiplier": 0.5}
+
 
 def test_lfm2_short_conv_cache() -> None:
     spec = spec_from_config(LFM2)
@@ -111,7 +116,8 @@ def test_lfm2_short_conv_cache() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4], ids=["mamba2", "bamba", "lfm2", "granite4"])
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1],
+                         ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:

@@ -472,6 +472,8 @@ class _B:
         else:
             q = lin(n, h, qd, "q_proj", spec.qkv_bias)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
+                k = tp.op(k.numel, k.elem, (k,))
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
@@ -576,9 +578,13 @@ class _B:
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
+            if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
+                g = tp.op(g.numel, g.elem, (g,))
             a = self.activation(g)
-            p = self.mul(a, u)
+            p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
+                out = tp.op(out.numel, out.elem, (out,))
         else:
             names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
                 spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
@@ -717,6 +723,10 @@ class _B:
             from .ssm import mamba_block
 
             return mamba_block(self, x)
+        if plan.mixer == "parallel":
+            from .ssm import falcon_h1_layer
+
+            return falcon_h1_layer(self, x)
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
             from .ssm import mamba2_mixer, short_conv_mixer

@@ -362,7 +362,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    attn = [i for i in range(spec.num_layers) if spec.mixer(i) == "attention"]
+    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ("attention", "parallel")]
     kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = _kv_bytes(spec, num, b, total_len, False) if attn else 0

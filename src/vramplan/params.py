@@ -107,10 +107,11 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
-    if spec.mixer(index) == "mamba2" and spec.ssm is not None:
+    if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
         from .ssm import mamba2_linears
 
-        return mamba2_linears(spec.ssm, spec.hidden_size) + mlp
+        attn = attention_linears(spec) if spec.mixer(index) == "parallel" else []
+        return attn + mamba2_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "conv":
         from .ssm import conv_linears
 
@@ -134,6 +135,13 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:
         bias += spec.num_experts
+    if spec.mixer(index) == "parallel":  # Falcon-H1: attention beside the mixer
+        attn = attention_linears(spec)
+        mix = attn + mix
+        if spec.qkv_bias:
+            bias += sum(o for _, _, o, _ in attn[:-1])
+        if spec.o_bias:
+            bias += h
     norms = (1 if not mlp else spec.norms_per_layer) * _norm_params(spec, h)
     return LayerParams(sum(i * o * n for _, i, o, n in mix), sum(i * o * n for _, i, o, n in mlp), bias,
                        norms + other, tuple(mix + mlp))

@@ -126,6 +126,8 @@ class ModelSpec:
     ssm: SSMSpec | None = None
     residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
     logits_fp32: bool = False  # the CausalLM casts the logits with .float() (Mamba-2, Nemotron-H)
+    mlp_multipliers: bool = False  # Falcon-H1: gate_proj(x) * gate_multiplier, down_proj(y) * down_multiplier
+    key_multiplier: bool = False  # Falcon-H1: key states * key_multiplier
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
     multimodal: MultimodalSpec | None = None  # a vision-language model's tower and projector (vramplan.multimodal)
@@ -155,13 +157,14 @@ class ModelSpec:
         return len(self.moe_layers)
 
     def mixer(self, index: int) -> str:
-        """The token mixer of layer ``index``: "attention" or an SSM kind ("mamba2")."""
+        """The token mixer of layer ``index``: "attention", "mamba2", "conv" (LFM2) or "parallel" (Falcon-H1:
+        attention and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property
     def attention_layers(self) -> int:
         """Layers that keep a KV cache."""
-        return sum(1 for i in range(self.num_layers) if self.mixer(i) == "attention")
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ("attention", "parallel"))
 
     @property
     def num_sliding_layers(self) -> int:

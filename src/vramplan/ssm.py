@@ -55,6 +55,8 @@ class SSMSpec:
     conv_bias: bool = True
     proj_bias: bool = False
     gated_norm: bool = True  # MambaRMSNormGated before out_proj (Falcon-H1 can drop it: mamba_rms_norm)
+    out_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1: projectors_bias)
+    mup: bool = False  # Falcon-H1: input * ssm_in_multiplier and projection * mup_vector (a copy each)
 
     @property
     def conv_dim(self) -> int:
@@ -74,7 +76,8 @@ def mamba2_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
 def mamba2_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
     """(bias elements of the linears, other parameters): conv1d weight (+ bias), dt_bias, A_log, D and the gated
     norm's weight (``Mamba2Mixer.__init__``)."""
-    bias = (ss.in_proj + hidden) if ss.proj_bias else 0
+    out_bias = ss.proj_bias if ss.out_bias is None else ss.out_bias
+    bias = (ss.in_proj if ss.proj_bias else 0) + (hidden if out_bias else 0)
     other = ss.conv_dim * ss.d_conv + (ss.conv_dim if ss.conv_bias else 0) + 3 * ss.n_heads
     if ss.gated_norm:
         other += ss.d_inner
@@ -105,14 +108,19 @@ def mamba2_mixer(bld: _B, n: Tensor) -> Tensor:
     ss = spec.ssm
     h = spec.hidden_size
     tr = plan.trainable
+    if ss.mup:  # FalconH1Mixer: hidden_states * ssm_in_multiplier
+        n = bld.tp.op(n.numel, n.elem, (n,))
     pj = bld.linear(n, h, ss.in_proj, "in_proj", bias=ss.proj_bias, trainable=tr, quant=plan.quant,
                     lora_rank=plan.lora_rank if "in_proj" in plan.lora_targets else 0)
+    if ss.mup:  # projected_states * mup_vector (a buffer in the model dtype)
+        pj = bld.tp.op(pj.numel, pj.elem, (pj,))
     if plan.ssm_kernel == "fused":
         out = _mamba2_fused(bld, pj)
     else:
         out = _mamba2_torch(bld, pj)
     out = bld.cast(out, n.elem)  # self.out_proj(scan_output.to(dtype)): the mixer input's dtype
-    o = bld.linear(out, ss.d_inner, h, "out_proj", bias=ss.proj_bias, trainable=tr, quant=plan.quant,
+    o = bld.linear(out, ss.d_inner, h, "out_proj", bias=ss.proj_bias if ss.out_bias is None else ss.out_bias,
+                   trainable=tr, quant=plan.quant,
                    lora_rank=plan.lora_rank if "out_proj" in plan.lora_targets else 0)
     _live_until_end(bld, pj, out)  # projected_states and scan_output are locals of forward
     return o
@@ -277,8 +285,10 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
                     cts, y_off, d_res)
     if sp != s:
         y = tp.view(y, t * di)
-    if not ss.gated_norm:
-        return y
+    if not ss.gated_norm:  # Falcon-H1 without mamba_rms_norm: scan_output * silu(gate)
+        gate = tp.view(pj, t * di)
+        sg = tp.op(t * di, e, (gate,), save=(gate,) if gate.rg else ())
+        return bld.mul(y, sg, elem=4)
     return _gated_norm(bld, y, pj)
 
 
@@ -361,3 +371,27 @@ def short_conv_mixer(bld: _B, n: Tensor) -> Tensor:
     o = lin(yc, h, h, "out_proj")
     _live_until_end(bld, bcx, bx)
     return o
+
+
+def falcon_h1_layer(bld: _B, x: Tensor) -> Tensor:
+    """``FalconH1DecoderLayer.forward`` (modeling_falcon_h1.py, transformers 5.24): one RMSNorm feeds the Mamba-2
+    mixer and, in parallel, attention (on ``h * attention_in_multiplier``; keys scaled by ``key_multiplier``); the
+    mixer's output times ``ssm_out_multiplier`` plus attention's times ``attention_out_multiplier`` joins the
+    residual; then pre_ff_layernorm and the MLP (``up * act(gate * gate_multiplier)``, ``down * down_multiplier``).
+    Every multiplier is an elementwise op that makes a new tensor."""
+    spec, tp, plan = bld.spec, bld.tp, bld.plan
+    assert plan is not None
+    h, tr = spec.hidden_size, plan.trainable
+    n1 = bld.norm(x, h, tr)
+    m = bld.call(lambda v: mamba2_mixer(bld, v), n1)
+    m = tp.op(m.numel, m.elem, (m,))  # * ssm_out_multiplier
+    a_in = tp.op(n1.numel, n1.elem, (n1,))  # * attention_in_multiplier
+    a = bld.call(bld.self_attention, a_in)
+    a = tp.op(a.numel, a.elem, (a,))  # * attention_out_multiplier
+    _live_until_end(bld, n1)
+    hmid = bld.add(x, bld.add(m, a))
+    n2 = bld.norm(hmid, h, tr)
+    out = bld.call(bld.mlp, n2)
+    y = bld.add(hmid, out)
+    tp.keep(y)
+    return y

@@ -193,7 +193,48 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
                    max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
 
 
+def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
+    """Falcon-H1 (modeling_falcon_h1.py): every layer runs attention and a Mamba-2 mixer side by side on one
+    normed input (``FalconH1DecoderLayer``), with muP multipliers around each (embedding, attention in/out, keys,
+    SSM in/out and the projection's ``mup_vector``, MLP gate/down, lm_head); the mixer's width is ``mamba_d_ssm``
+    and its gated RMSNorm optional (``mamba_rms_norm``)."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=8)
+    head_dim = c.opt_int("head_dim") or hidden // heads
+    d_ssm = c.opt_int("mamba_d_ssm") if "mamba_d_ssm" in c.raw else 1024
+    d_inner = d_ssm if d_ssm else _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
+        gated_norm=c.bool_("mamba_rms_norm", default=False), out_bias=c.bool_("projectors_bias", default=False),
+        mup=True))
+    if ss.gated_norm:
+        raise ConfigError(f"{c.where}: Falcon-H1 with mamba_rms_norm is not supported by estimate yet; run "
+                          "`vramplan trace`")
+    bias = c.bool_("attention_bias", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=14336),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
+        mlp_bias=c.bool_("mlp_bias", default=False), embed_scale=True, logit_scale=True, mlp_multipliers=True,
+        key_multiplier=True, attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=("parallel",) * layers, ssm=ss, program_version="5.24",
+    )
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba,
-                                                            "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2}
+                                                            "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2,
+                                                            "falcon_h1": _falcon_h1}
 SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
-                               "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2"}
+                               "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
+                               "FalconH1ForCausalLM": "falcon_h1"}
