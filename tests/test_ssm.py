@@ -104,6 +104,16 @@ FALCON_H1: dict[str, Any] = {"model_type": "falcon_h1", "hidden_size": 512, "num
                              "vocab_size": 4096, "mamba_d_ssm": 512, "mamba_n_heads": 8, "mamba_d_state": 64,
                              "mamba_chunk_size": 64, "embedding_multiplier": 2.0, "key_multiplier": 0.5}
 
+NEMOTRON_H: dict[str, Any] = {"model_type": "nemotron_h", "hidden_size": 512, "num_attention_heads": 8,
+                              "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 1024, "vocab_size": 4096,
+                              "mamba_num_heads": 16, "mamba_head_dim": 64, "n_groups": 2, "ssm_state_size": 64,
+                              "chunk_size": 64, "layers_block_type": ["mamba", "mlp", "attention", "mlp"]}
+
+
+def test_nemotron_h_moe_blocks_are_refused() -> None:
+    with pytest.raises(ConfigError, match="MoE"):
+        spec_from_config({**NEMOTRON_H, "layers_block_type": ["mamba", "moe"]})
+
 
 def test_lfm2_short_conv_cache() -> None:
     spec = spec_from_config(LFM2)
@@ -116,8 +126,8 @@ def test_lfm2_short_conv_cache() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1],
-                         ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1"])
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H],
+                         ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:

@@ -279,8 +279,9 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
-        if spec.norm is NormKind.GEMMA_RMSNORM:
-            # output * (1.0 + weight.float()); then .type_as(x)
+        if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
+            # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
+            # tensors)
             w1 = self.tp.op(dim, 4, (), rg=trainable)
             out = self.mul(n32, w1, elem=4)
             if trainable:
@@ -586,8 +587,8 @@ class _B:
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))
         else:
-            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
-                spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+                     "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
             f = lin(n, h, i, names[0], spec.mlp_bias)
             a = self.activation(f)
             out = lin(a, i, h, names[1], spec.mlp_bias)
@@ -610,6 +611,11 @@ class _B:
             t6 = tp.op(n, t5.elem, (t5,))
             t7 = tp.op(n, x.elem, (x,))
             return self.mul(t7, t6)
+        if act is Activation.RELU2:  # relu saves its result; square saves its input (that same result)
+            r = tp.op(n, x.elem, (x,))
+            if x.rg:
+                tp.save_output(r)
+            return tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
@@ -719,7 +725,7 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
-        if plan.mixer != "attention" and not plan.mlp:
+        if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
             return mamba_block(self, x)

@@ -117,7 +117,7 @@ def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
         kind = spec.mixer(i)
         if kind == "conv":  # LFM2 short conv: the conv state only
             total += ss.d_inner * ss.d_conv * elem
-        elif kind != "attention":
+        elif kind in ("mamba2", "parallel"):
             total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
     return total
 

@@ -98,8 +98,8 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
         if spec.gate_up_fused:
             return [("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
         return [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
-    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
-        spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+             "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 
@@ -116,6 +116,8 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .ssm import conv_linears
 
         return conv_linears(spec.hidden_size) + mlp
+    if spec.mixer(index) == "none":
+        return mlp
     return attention_linears(spec) + mlp
 
 
@@ -148,6 +150,11 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
+        return LayerParams(0, sum(i * o * n for _, i, o, n in mlp), bias, _norm_params(spec, spec.hidden_size),
+                           tuple(mlp))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
@@ -169,7 +176,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts
     if moe:
         bias += spec.moe_extra_params
-    norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
+    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
         norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim

@@ -26,6 +26,7 @@ class NormKind(StrEnum):
     GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
+    FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
 class MLPKind(StrEnum):
@@ -40,6 +41,7 @@ class Activation(StrEnum):
     GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
     BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
     RELU = "relu"
+    RELU2 = "relu2"  # transformers' ReLUSquaredActivation: square(relu(x)) (Nemotron-H)
 
 
 class PositionKind(StrEnum):

@@ -293,14 +293,20 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
 
 
 def mamba_block(bld: _B, x: Tensor) -> Tensor:
-    """``Mamba2Block.forward``: ``residual = x``; ``norm(x.to(norm dtype))``; the residual upcast to fp32 when
-    ``residual_in_fp32``; ``residual + mixer(...)``."""
+    """``Mamba2Block.forward`` (and ``NemotronHBlock.forward``, whose block holds a Mamba-2 mixer, attention or an
+    MLP): ``residual = x``; ``norm(x.to(norm dtype))``; the residual upcast to fp32 when ``residual_in_fp32``;
+    ``residual + mixer(...)``."""
     spec, plan = bld.spec, bld.plan
     assert plan is not None
     xin = bld.cast(x, bld.num.norm_param)
     nrm = bld.norm(xin, spec.hidden_size, plan.trainable)
     res = bld.cast(x, 4) if spec.residual_fp32 else x
-    m = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
+    if plan.mixer == "none":  # an MLP-only block (Nemotron-H "-")
+        m = bld.call(bld.mlp, nrm)
+    elif plan.mixer == "attention":  # an attention-only block (Nemotron-H "*")
+        m = bld.call(bld.self_attention, nrm)
+    else:
+        m = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
     y = bld.add(res, m)
     _live_until_end(bld, res)
     bld.tp.keep(y)
@@ -312,7 +318,7 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
     ``conv_kernel`` inputs (LFM2: ``Lfm2ShortConv``, conv state only), nothing for attention."""
     ss = spec.ssm
     kind = spec.mixer(index)
-    if ss is None or kind == "attention":
+    if ss is None or kind in ("attention", "none"):
         return 0
     if kind == "conv":
         return batch * ss.d_inner * ss.d_conv * act

@@ -232,9 +232,70 @@ def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
-SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"mamba2": _mamba2, "bamba": _bamba,
-                                                            "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2,
-                                                            "falcon_h1": _falcon_h1}
+_NEMOTRON_BLOCKS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
+    """Nemotron-H (modeling_nemotron_h.py): a stack of single-sublayer blocks (``NemotronHBlock``: RMSNorm with an
+    fp32 weight product, then a Mamba-2 mixer, attention without RoPE, or a ReLU² MLP of up/down projections) from
+    ``layers_block_type`` (or the legacy ``hybrid_override_pattern``: M, *, -, E); the logits are cast to fp32.
+    MoE blocks ("E": Nemotron 3's non-gated ReLU² experts with latent projections) are not modelled."""
+    types = c.raw.get("layers_block_type", c.raw.get("layer_types"))
+    if types is None and isinstance(c.raw.get("hybrid_override_pattern"), str):
+        pattern = c.raw["hybrid_override_pattern"]
+        bad = sorted({ch for ch in pattern if ch not in _NEMOTRON_BLOCKS})
+        if bad:
+            raise ConfigError(f"{c.where}: hybrid_override_pattern holds {', '.join(bad)}; known: M, *, -, E")
+        types = [_NEMOTRON_BLOCKS[ch] for ch in pattern]
+    if types is None:
+        types = ["linear_attention", "moe", "full_attention", "mlp"]
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"{c.where}: layers_block_type must be a list of block types")
+    kinds = {"linear_attention": "mamba2", "mamba": "mamba2", "full_attention": "attention", "attention": "attention",
+             "mlp": "none", "moe": "moe"}
+    bad = sorted({t for t in types if t not in kinds})
+    if bad:
+        raise ConfigError(f"{c.where}: layers_block_type holds {', '.join(bad)}; known: {', '.join(sorted(kinds))}")
+    mixers = tuple(kinds[t] for t in types)
+    if "moe" in mixers:
+        raise ConfigError(f"{c.where}: Nemotron-H MoE blocks (Nemotron 3: non-gated ReLU² experts, latent "
+                          "projections) are not modelled by estimate yet; run `vramplan trace` on this config")
+    layers = len(mixers)
+    hidden = c.int_("hidden_size", default=4096)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=heads)
+    n_heads = c.int_("mamba_num_heads", default=128)
+    ss = SSMSpec(
+        d_inner=n_heads * c.int_("mamba_head_dim", default=64), n_heads=n_heads,
+        head_dim=c.int_("mamba_head_dim", default=64), n_groups=c.int_("n_groups", "mamba_n_groups", default=8),
+        d_state=c.int_("ssm_state_size", default=128),
+        d_conv=c.int_("conv_kernel", "mamba_d_conv", default=4, hi=1024),
+        chunk=c.int_("chunk_size", "mamba_chunk_size", default=128, hi=1 << 16),
+        conv_bias=c.bool_("use_conv_bias", "mamba_conv_bias", default=True),
+        proj_bias=c.bool_("use_bias", default=False))
+    if ss.n_heads % ss.n_groups:
+        raise ConfigError(f"{c.where}: mamba_num_heads ({ss.n_heads}) must be a multiple of n_groups ({ss.n_groups})")
+    act = c.str_("mlp_hidden_act", default="relu2")
+    if act != "relu2":
+        raise ConfigError(f"{c.where}: Nemotron-H with mlp_hidden_act {act!r} is not supported (relu2)")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=131072), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=c.opt_int("head_dim") or hidden // heads, intermediate_size=c.int_("intermediate_size", default=21504),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.FP32_WEIGHT_RMSNORM,
+        mlp=MLPKind.PLAIN, activation=Activation.RELU2, position=PositionKind.NONE, norms_per_layer=1,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
+        qkv_bias=c.bool_("attention_bias", default=False), o_bias=c.bool_("attention_bias", default=False),
+        mlp_bias=c.bool_("mlp_bias", default=False),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=mixers, mlp_free_layers=tuple(i for i, m in enumerate(mixers) if m != "none"), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=False), logits_fp32=True, program_version="5.24",
+    )
+
+
+SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
+    "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1,
+    "nemotron_h": _nemotron_h}
 SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
-                               "FalconH1ForCausalLM": "falcon_h1"}
+                               "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
