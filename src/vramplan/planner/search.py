@@ -260,7 +260,7 @@ def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
                     activation_offload=cfg.saver == "--activation-offload" or req.activation_offload)
 
 
-_SAVER_LOSS = {"--loss liger-fused": Loss.LIGER_FUSED, "--loss chunked": Loss.CHUNKED}
+_SAVER_LOSS = {"--loss liger-fused": Loss.LIGER_FUSED}
 
 
 def _saver_of(w: Workload, req: PlanRequest) -> str | None:

@@ -116,13 +116,15 @@ class _Config:
     saver: str = ""  # one of SAVERS, applied on top of the settings above
 
 
-# Memory savers the planner tries on one GPU (the flags that turn them on). They change what a step holds,
-# not the model or the maths: Liger's fused linear cross-entropy never materialises the logits
-# (liger_kernel/ops/fused_linear_cross_entropy.py), TRL's chunked NLL computes them a chunk at a time, activation
-# offloading moves the saved activations to pinned host memory (torch.autograd.graph.saved_tensors_hooks, as TRL's
-# activation_offloading does), and bitsandbytes' paged 8-bit AdamW keeps its states in CUDA unified memory
-# (bitsandbytes/optim/optimizer.py: paged buffers), outside what the allocator holds.
-SAVERS = ("--loss liger-fused", "--loss chunked", "--activation-offload", "--optimizer paged-adamw-8bit")
+# Memory savers the planner tries on one GPU (the flags that turn them on), each one a switch of the loops people
+# run: they change what a step holds, not the model or the maths. Liger's fused linear cross-entropy never
+# materialises the logits (liger_kernel/ops/fused_linear_cross_entropy.py; transformers TrainingArguments
+# use_liger_kernel, TRL likewise); activation offloading moves the saved activations to pinned host memory
+# (torch.autograd.graph.saved_tensors_hooks, as TRL's activation_offloading does); bitsandbytes' paged 8-bit AdamW
+# keeps its states in CUDA unified memory (bitsandbytes/optim/optimizer.py paged buffers; TrainingArguments
+# optim="paged_adamw_8bit"), outside what the allocator holds. TRL's chunked NLL is not searched: it is already
+# SFTTrainer's default (--trainer trl-sft) and no option of transformers' Trainer.
+SAVERS = ("--loss liger-fused", "--activation-offload", "--optimizer paged-adamw-8bit")
 
 
 def _family(gpu: GPU) -> str:
