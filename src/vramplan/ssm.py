@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from .kinds import MemoryKind
 
 if TYPE_CHECKING:
-    from ._tape import Tensor
+    from ._engine.tape import Tensor
     from .blocks import _B
     from .spec import ModelSpec
 
