@@ -10,8 +10,8 @@ For each entry of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES the library-de
 (see ``cut_layers``) and run through three workloads:
 
 * full: full fine-tune, bf16 weights, AdamW, batch 1 x 1024
-* lora: LoRA r16 on q_proj,v_proj (all-linear where the model has no q_proj/v_proj; peft's default targets
-  for the family where peft refuses all-linear, as for Mamba), gradient checkpointing, batch 2 x 1024
+* lora: LoRA r16 on q_proj,v_proj (all-linear where the model has no q_proj/v_proj; in_proj where peft refuses
+  all-linear, as for Mamba; else peft's default targets for the family), gradient checkpointing, batch 2 x 1024
 * infer: inference, batch 4, prompt 2048 + 64 new tokens
 
 Types are split into decoder-only (text), multimodal (a vision tower) and other (audio, music, speech). The
@@ -25,6 +25,7 @@ readers get per-type answers without re-running; the printed table and summary a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -69,6 +70,7 @@ def category(model_type: str) -> str:
     return "decoder-only"
 
 
+SSM_KERNEL = "fused" if importlib.util.find_spec("mamba_ssm") else "torch"
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
 LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
 
@@ -90,6 +92,16 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
     # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    # BambaConfig's default has no attention layer (attn_layer_indices None), and transformers 5.24's prefill then
+    # fails in create_causal_mask (get_seq_length on a cache of linear-attention layers only);
+    # ibm-ai-platform/Bamba-9B: attention at layers 9, 18, 27
+    "bamba": {"attn_layer_indices": [9, 18, 27]},
+    # the same for Granite 4.0's default (every layer Mamba): one attention layer makes it the hybrid the published
+    # Granite 4.0-H checkpoints are (the cut keeps one layer of each kind, so where it sits does not matter)
+    "granitemoehybrid": {"layer_types": ["linear_attention"] * 5 + ["full_attention"] + ["linear_attention"] * 26},
+    # Lfm2Config's default makes every layer attention (full_attn_idxs: all); LiquidAI/LFM2-1.2B: attention at
+    # 2, 5, 8, 10, 12, 14, short convolutions elsewhere
+    "lfm2": {"full_attn_idxs": [2, 5, 8, 10, 12, 14], "layer_types": None},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944
@@ -174,14 +186,15 @@ def trace_cell(cfg: dict[str, Any], model_type: str, wname: str) -> dict[str, An
 
     opts = dict(WORKLOADS[wname])
     cell: dict[str, Any] = {}
-    for attempt in ("q_proj,v_proj", "all-linear", "default") if wname == "lora" else (None,):
+    # in_proj: peft refuses all-linear on Mamba models (out_proj and conv1d take no LoRA there) and has no default
+    for attempt in ("q_proj,v_proj", "all-linear", "in_proj", "default") if wname == "lora" else (None,):
         if attempt is not None:
             opts["lora_targets"] = attempt
         try:
             tr = trace_workload(cfg, make_workload(**opts), name=model_type)
         except VramplanError as exc:
             cell["trace_error"] = _reason(exc)
-            if attempt in ("q_proj,v_proj", "all-linear") and "peft cannot apply LoRA" in str(exc):
+            if attempt in ("q_proj,v_proj", "all-linear", "in_proj") and "peft cannot apply LoRA" in str(exc):
                 continue
         except Exception as exc:
             cell["trace_error"] = _reason(exc)
@@ -264,6 +277,9 @@ def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
         elif not args.no_trace:
             cell["trace_error"] = "transformers cannot build its default config: " + rec.get("build_error", "")
         if not args.no_estimate:
+            # SSM layers: the estimate models the kernels the trace runs here (transformers' plain-PyTorch fallback
+            # unless mamba_ssm is installed); it has no effect on other models
+            opts["ssm_kernel"] = SSM_KERNEL
             try:
                 spec = spec_from_config(cfg, name=model_type)
                 est = estimate(spec, make_workload(**opts))

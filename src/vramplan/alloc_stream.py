@@ -237,11 +237,13 @@ def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], lis
 def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[int]:
     """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
     groups list identical layers by first occurrence; the stream runs them in the model's order)."""
-    index: dict[tuple[bool, ...], int] = {}
+    from .estimator import _kind
+
+    index: dict[tuple[object, ...], int] = {}
     out = []
     for i in range(spec.num_layers):
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
-               bool(every) and i % every == 0)
+               bool(every) and i % every == 0, _kind(spec, i))
         out.append(index.setdefault(key, len(index)))
     return out
 
@@ -336,10 +338,10 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     groups = []
     order = _layer_order(spec, first, every)
-    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, first, every):
+    for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, first, every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         tp = Tape(True)
-        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding, rope, attention), b, s)
+        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind), b, s)
         x = tp.tensors[0]
         c = ck and rg
         off = w.activation_offload and rg and not c
@@ -494,9 +496,9 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     kv_keys: list[list[int]] = []
     compiled = []
-    for _count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
+    for _count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
-        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s)
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s)
         tpl = _Template(tp, tp.tensors[0], out)
         ev = []
         layer_forward(tp, ev=ev)

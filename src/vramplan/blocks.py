@@ -42,6 +42,10 @@ class LayerPlan:
     lora_dropout: float = 0.0
     dora: bool = False  # peft use_dora: each adapted linear also runs DoraLinearLayer
     rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
+    mixer: str = "attention"  # the token mixer: attention or an SSM kind (vramplan.ssm)
+    mlp: bool = True  # False: the layer has no MLP (a pure Mamba block)
+    ssm_kernel: str = "fused"  # SSM layers: the fused mamba_ssm kernels or transformers' torch fallback
+    input_fp32: bool = False  # the layer's input is the fp32 residual stream (Mamba's residual_in_fp32)
 
 
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
@@ -232,8 +236,9 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
-        if spec.norm is NormKind.GEMMA_RMSNORM:
-            # output * (1.0 + weight.float()); then .type_as(x)
+        if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
+            # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
+            # tensors)
             w1 = self.tp.op(dim, 4, (), rg=trainable)
             out = self.mul(n32, w1, elem=4)
             if trainable:
@@ -425,6 +430,8 @@ class _B:
         else:
             q = lin(n, h, qd, "q_proj", spec.qkv_bias)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
+                k = tp.op(k.numel, k.elem, (k,))
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
@@ -529,12 +536,16 @@ class _B:
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
+            if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
+                g = tp.op(g.numel, g.elem, (g,))
             a = self.activation(g)
-            p = self.mul(a, u)
+            p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
+                out = tp.op(out.numel, out.elem, (out,))
         else:
-            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
-                spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+                     "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
             f = lin(n, h, i, names[0], spec.mlp_bias)
             a = self.activation(f)
             out = lin(a, i, h, names[1], spec.mlp_bias)
@@ -557,6 +568,11 @@ class _B:
             t6 = tp.op(n, t5.elem, (t5,))
             t7 = tp.op(n, x.elem, (x,))
             return self.mul(t7, t6)
+        if act is Activation.RELU2:  # relu saves its result; square saves its input (that same result)
+            r = tp.op(n, x.elem, (x,))
+            if x.rg:
+                tp.save_output(r)
+            return tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
@@ -633,8 +649,12 @@ class _B:
                 return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
                                    lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
-            sg = shared(n, h, si, "shared_gate_proj")
-            su = shared(n, h, si, "shared_up_proj")
+            if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
+                sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+                sg, su = tp.view(sgu, sgu.numel // 2), tp.view(sgu, sgu.numel // 2)
+            else:
+                sg = shared(n, h, si, "shared_gate_proj")
+                su = shared(n, h, si, "shared_up_proj")
             sa = self.activation(sg)
             sp = self.mul(sa, su)
             so = shared(sp, si, h, "shared_down_proj")
@@ -662,6 +682,20 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
+            from .ssm import mamba_block
+
+            return mamba_block(self, x)
+        if plan.mixer == "parallel":
+            from .ssm import falcon_h1_layer
+
+            return falcon_h1_layer(self, x)
+        mixer: Callable[[Tensor], Tensor] = self.self_attention
+        if plan.mixer != "attention":
+            from .ssm import mamba2_mixer, short_conv_mixer
+
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv mixer in attention's place
+                return (short_conv_mixer if plan.mixer == "conv" else mamba2_mixer)(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
@@ -675,10 +709,13 @@ class _B:
             y = self.add(hmid, m)
         else:
             n1 = self.norm(x, spec.hidden_size, tr)
-            a = self.call(self.self_attention, n1)
+            a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
             hmid = self.add(x, self.residual(a))
+            if not plan.mlp:
+                self.tp.keep(hmid)
+                return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
             if spec.norms_per_layer == 4:
@@ -692,7 +729,7 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
                 kv_len: int | None = None) -> Tensor:
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(batch * seq * spec.hidden_size, resid_elem(num), plan.input_rg)
+    x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
     x.last_use = max(x.last_use, len(tp.ops) - 1)
@@ -765,8 +802,10 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(batch * seq * h, resid_elem(num), input_rg)
+    x = tp.input(batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
     n = bld.norm(x, h, trainable) if spec.final_norm else x
+    if spec.residual_fp32:
+        n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
     pe = spec.embed_proj_dim or h
@@ -788,7 +827,7 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
-    if spec.family == "gptj":
+    if spec.family == "gptj" or spec.logits_fp32:
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
     if keep_logits or not loss:
         tp.keep(logits)

@@ -37,6 +37,7 @@ from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
+from .ssm import ssm_state_bytes
 from .units import GiB
 from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
@@ -106,12 +107,20 @@ def numerics(w: Workload) -> Numerics:
 
 
 def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
-          rope: bool = True, attention: Attention | None = None) -> LayerPlan:
+          rope: bool = True, attention: Attention | None = None, kind: tuple[str, bool, bool] = ("attention", True,
+                                                                                                 False)) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
+    mixer, mlp, fp32_in = kind
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
                      lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope,
-                     dora=w.method is Method.DORA)
+                     dora=w.method is Method.DORA, mixer=mixer, mlp=mlp, ssm_kernel=w.ssm_kernel,
+                     input_fp32=fp32_in)
+
+
+def _kind(spec: ModelSpec, i: int) -> tuple[str, bool, bool]:
+    """(mixer, has an MLP, input is the fp32 residual) of layer ``i`` (hybrid and state-space models)."""
+    return spec.mixer(i), i not in spec.mlp_free_layers, spec.residual_fp32 and i > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +155,15 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
 
 
 def _layer_groups(spec: ModelSpec, first_trainable: int,
-                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool]]:
-    """(count, base weights train, moe, sliding, rope, checkpointed) groups of identical layers, bottom to top;
-    layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
-    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention)."""
-    counts: dict[tuple[bool, bool, bool, bool, bool], int] = {}  # identical layers share one replay
+                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool]]]:
+    """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
+    top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
+    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
+    :func:`_kind` (mixer, MLP, fp32 input)."""
+    counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool]], int] = {}  # identical layers: one replay
     for i in range(spec.num_layers):
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
-               bool(ckpt_every) and i % ckpt_every == 0)
+               bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
         counts[key] = counts.get(key, 0) + 1
     return [(n, *key) for key, n in counts.items()]
 
@@ -206,9 +216,10 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, _first_trainable(spec, w, states), every):
+    for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, _first_trainable(spec, w, states),
+                                                                         every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention)
+        plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
                                     grads_exist=accumulating, keep_input=ck and rg))
     ht = Tape(True)
@@ -335,8 +346,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
-    for count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s, count)
+    for count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s, count)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
     cur = _plus(cur, _scale(held, -1))
@@ -350,8 +361,10 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in range(spec.num_layers))
-    kv_layer = _kv_bytes(spec, num, b, total_len, False)
+    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ("attention", "parallel")]
+    kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
+    kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
+    kv_layer = _kv_bytes(spec, num, b, total_len, False) if attn else 0
     small = (b * spec.vocab_size * num.act if head else 0) + 8 * b * spec.hidden_size * 4 + \
         b * spec.intermediate_size * 3 * num.act
     dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))

@@ -158,8 +158,25 @@ class KVCapacity:
 
 
 def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
-    """Keys and values of one token over every layer: 2 x kv_heads x head_dim x bytes x layers."""
-    return spec.kv_cache_per_token * elem * spec.num_layers
+    """Keys and values of one token over every attention layer: 2 x kv_heads x head_dim x bytes x layers (the
+    Mamba layers of a hybrid keep a fixed state per sequence instead: :func:`state_bytes_per_sequence`)."""
+    return spec.kv_cache_per_token * elem * spec.attention_layers
+
+
+def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
+    """The fixed-size cache one sequence holds in the SSM layers (conv + recurrent state), whatever its length
+    (vLLM's MambaSpec: one page per request, the state in the model dtype with mamba_ssm_cache_dtype "auto")."""
+    ss = spec.ssm
+    if ss is None:
+        return 0
+    total = 0
+    for i in range(spec.num_layers):
+        kind = spec.mixer(i)
+        if kind == "conv":  # LFM2 short conv: the conv state only
+            total += ss.d_inner * ss.d_conv * elem
+        elif kind in ("mamba2", "parallel"):
+            total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
+    return total
 
 
 def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilization: float = 0.9,
@@ -185,8 +202,14 @@ def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilizatio
     per_token = kv_bytes_per_token(spec, elem)
     budget = int(gpu.usable_memory_bytes * gpu_memory_utilization) - profile_peak - CUDA_CONTEXT_BYTES
     block_bytes = VLLM_BLOCK_TOKENS * per_token
-    blocks = max(0, budget) // block_bytes if block_bytes else 0
     per_seq = -(-seq_tokens // VLLM_BLOCK_TOKENS)
+    state = state_bytes_per_sequence(spec, elem)
+    if state:  # hybrid / state-space: each sequence also holds its SSM state
+        seqs = max(0, budget) // (per_seq * block_bytes + state)
+        blocks = seqs * per_seq if block_bytes else 0
+        return KVCapacity(gpu_memory_utilization, VLLM_BLOCK_TOKENS, profile_tokens, profile_peak,
+                          CUDA_CONTEXT_BYTES, per_token, budget, blocks, seq_tokens, seqs)
+    blocks = max(0, budget) // block_bytes if block_bytes else 0
     return KVCapacity(gpu_memory_utilization, VLLM_BLOCK_TOKENS, profile_tokens, profile_peak, CUDA_CONTEXT_BYTES,
                       per_token, budget, blocks, seq_tokens, blocks // per_seq if per_seq else 0)
 

@@ -537,6 +537,10 @@ _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
     "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom, "falcon": _falcon,
 }
+from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)
+
+_READERS.update(SSM_READERS)
+_CLASSES.update(SSM_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE

@@ -43,10 +43,13 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
 
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft)."""
-    from .params import attention_linears, mlp_linears
+    from .params import attention_linears, layer_linears, mlp_linears
 
-    names = {n for n, *_ in attention_linears(spec)}
-    if len(spec.moe_layers) < spec.num_layers:  # some layers keep a dense MLP
+    names = {n for n, *_ in attention_linears(spec)} if spec.attention_layers else set()
+    if spec.mixers:  # hybrid / state-space layers: their mixers' linears (in_proj, out_proj)
+        names |= {n for i in range(spec.num_layers) for n, *_ in layer_linears(spec, i)
+                  if not n.startswith("experts.") and n != "router"}
+    if len(spec.moe_layers) < spec.num_layers and len(spec.mlp_free_layers) < spec.num_layers:  # a dense MLP
         names |= {n for n, *_ in mlp_linears(spec, False)}
     if spec.is_moe:
         # experts and router are not nn.Linear in transformers 5.x; shared experts are
@@ -56,12 +59,22 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
         targets = fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
     if "all-linear" in targets:
-        return frozenset(names)
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
-                            f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
-    return frozenset(targets)
+        chosen = frozenset(names)
+    else:
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
+                                f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
+        chosen = frozenset(targets)
+    if spec.family in _PEFT_MAMBA_TYPES and "out_proj" in chosen:
+        # peft tuners_utils.py _check_lora_target_modules_mamba refuses LoRA on a Mamba mixer's out_proj
+        raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
+                            "(and the attention / MLP projections) instead")
+    return chosen
+
+
+# peft 0.21 tuners_utils.py _check_lora_target_modules_mamba: model types whose out_proj / conv1d take no LoRA
+_PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
 
 
 def _modules_to_save(spec: ModelSpec, counts: ParamCounts, w: Workload) -> int:
@@ -73,12 +86,11 @@ def _modules_to_save(spec: ModelSpec, counts: ParamCounts, w: Workload) -> int:
 def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int, dora: bool = False) -> int:
     """Adapter parameters: r x (in + out) for every targeted linear in every layer (DoRA: plus the magnitude,
     one per output feature)."""
-    from .params import attention_linears, mlp_linears
+    from .params import layer_linears
 
     total = 0
     for i in range(spec.num_layers):
-        moe = i in spec.moe_layers
-        for name, fin, fout, count in attention_linears(spec) + mlp_linears(spec, moe):
+        for name, fin, fout, count in layer_linears(spec, i):
             if name in targets:
                 total += (rank * (fin + fout) + (fout if dora else 0)) * count
     return total
@@ -210,7 +222,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     quant_w = quant_c = quant_numel = 0
     if quantization is not None:
         for i, layer in enumerate(counts.layers):
-            n_attn = len(attention_linears(spec))
+            n_attn = len(attention_linears(spec)) if spec.mixer(i) == "attention" else 2
             for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
                 if name == "router":
                     continue  # routers stay in 16-bit (vLLM builds them without a quant method)
@@ -319,10 +331,10 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
         r = w.lora_rank
         mats: list[tuple[int, int]] = []
         targets = lora_targets(spec, w.lora_targets)
-        from .params import attention_linears, mlp_linears
+        from .params import layer_linears
 
         for i in range(spec.num_layers):
-            for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
+            for name, fin, fout, n in layer_linears(spec, i):
                 if name in targets:
                     mats += [(r, fin), (fout, r)] * n
         rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .spec import MLPKind, ModelSpec, NormKind
 
-__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_params"]
+__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,10 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
                ("router", h, e, 1)]
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
-            out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
+            if spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
+                out += [("shared_gate_up_proj", h, 2 * si, 1), ("shared_down_proj", si, h, 1)]
+            else:
+                out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
         if spec.shared_expert_gate:
             out.append(("shared_expert_gate", h, 1, 1))
         return out
@@ -95,15 +98,68 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
         if spec.gate_up_fused:
             return [("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
         return [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
-    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2")}.get(
-        spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+             "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 
+def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
+    """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
+    moe = index in spec.moe_layers
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
+        from .ssm import mamba2_linears
+
+        attn = attention_linears(spec) if spec.mixer(index) == "parallel" else []
+        return attn + mamba2_linears(spec.ssm, spec.hidden_size) + mlp
+    if spec.mixer(index) == "conv":
+        from .ssm import conv_linears
+
+        return conv_linears(spec.hidden_size) + mlp
+    if spec.mixer(index) == "none":
+        return mlp
+    return attention_linears(spec) + mlp
+
+
+def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
+    dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
+    from .ssm import conv_extra_params, conv_linears, mamba2_extra_params, mamba2_linears
+
+    assert spec.ssm is not None
+    h = spec.hidden_size
+    moe = index in spec.moe_layers
+    conv = spec.mixer(index) == "conv"
+    mix = conv_linears(h) if conv else mamba2_linears(spec.ssm, h)
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    bias, other = conv_extra_params(spec.ssm, h) if conv else mamba2_extra_params(spec.ssm, h)
+    if mlp and spec.mlp_bias and not moe:
+        bias += sum(o * n for _, _, o, n in mlp)
+    if moe and spec.router_bias:
+        bias += spec.num_experts
+    if spec.mixer(index) == "parallel":  # Falcon-H1: attention beside the mixer
+        attn = attention_linears(spec)
+        mix = attn + mix
+        if spec.qkv_bias:
+            bias += sum(o for _, _, o, _ in attn[:-1])
+        if spec.o_bias:
+            bias += h
+    norms = (1 if not mlp else spec.norms_per_layer) * _norm_params(spec, h)
+    return LayerParams(sum(i * o * n for _, i, o, n in mix), sum(i * o * n for _, i, o, n in mlp), bias,
+                       norms + other, tuple(mix + mlp))
+
+
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
+        return LayerParams(0, sum(i * o * n for _, i, o, n in mlp), bias, _norm_params(spec, spec.hidden_size),
+                           tuple(mlp))
+    if spec.mixer(index) != "attention":
+        return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
     attn = attention_linears(spec)
-    mlp = mlp_linears(spec, moe)
+    mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -120,7 +176,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts
     if moe:
         bias += spec.moe_extra_params
-    norm = spec.norms_per_layer * _norm_params(spec, spec.hidden_size)
+    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
         norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim
@@ -135,13 +191,13 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[bool, LayerParams] = {}
+    unique: dict[tuple[bool, str, bool], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
-        moe = i in spec.moe_layers
-        if moe not in unique:
-            unique[moe] = layer_params(spec, i)
-        layers.append(unique[moe])
+        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers)
+        if key not in unique:
+            unique[key] = layer_params(spec, i)
+        layers.append(unique[key])
     final_norm = _norm_params(spec, h) if spec.final_norm else 0
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointWeights
     from .multimodal import MultimodalSpec
     from .quant import Quantization
+    from .ssm import SSMSpec
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
 
@@ -25,6 +26,7 @@ class NormKind(StrEnum):
     GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
+    FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
 class MLPKind(StrEnum):
@@ -39,12 +41,14 @@ class Activation(StrEnum):
     GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
     BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
     RELU = "relu"
+    RELU2 = "relu2"  # transformers' ReLUSquaredActivation: square(relu(x)) (Nemotron-H)
 
 
 class PositionKind(StrEnum):
     ROPE = "rope"
     LEARNED = "learned"
     ALIBI = "alibi"
+    NONE = "none"  # no position encoding (Mamba: the recurrence orders the tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,15 @@ class ModelSpec:
     source: str = ""
     quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
     checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
+    # State-space / hybrid models (vramplan.ssm): the mixer of each layer ("attention", "mamba2"); empty: every
+    # layer is attention. Layers listed in mlp_free_layers have no MLP (a pure Mamba block).
+    mixers: tuple[str, ...] = ()
+    mlp_free_layers: tuple[int, ...] = ()
+    ssm: SSMSpec | None = None
+    residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
+    logits_fp32: bool = False  # the CausalLM casts the logits with .float() (Mamba-2, Nemotron-H)
+    mlp_multipliers: bool = False  # Falcon-H1: gate_proj(x) * gate_multiplier, down_proj(y) * down_multiplier
+    key_multiplier: bool = False  # Falcon-H1: key states * key_multiplier
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
     multimodal: MultimodalSpec | None = None  # a vision-language model's tower and projector (vramplan.multimodal)
@@ -144,6 +157,16 @@ class ModelSpec:
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
+
+    def mixer(self, index: int) -> str:
+        """The token mixer of layer ``index``: "attention", "mamba2", "conv" (LFM2) or "parallel" (Falcon-H1:
+        attention and Mamba-2 side by side)."""
+        return self.mixers[index] if self.mixers else "attention"
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers that keep a KV cache."""
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ("attention", "parallel"))
 
     @property
     def num_sliding_layers(self) -> int:

@@ -179,6 +179,8 @@ class Workload:
     lora_modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: trained full copies (embed_tokens, lm_head)
     optimizer_rank: int = 128  # galore / apollo: rank of the projection
     galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
+    ssm_kernel: str = "fused"  # SSM layers: "fused" (mamba_ssm / causal_conv1d kernels) or "torch" (transformers'
+    # plain-PyTorch fallback, what a machine without those packages runs; vramplan.ssm)
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
     # Vision-language models (vramplan.multimodal): images per sample (None: 1 for a VLM; a text model refuses any)
     images: int | None = None
@@ -198,6 +200,8 @@ class Workload:
                 except ValueError:
                     choices = ", ".join(m.value for m in kind)
                     raise WorkloadError(f"{name} {value!r} is not one of: {choices}") from None
+        if self.ssm_kernel not in ("fused", "torch"):
+            raise WorkloadError(f"ssm_kernel {self.ssm_kernel!r} is not one of: fused, torch")
         if not isinstance(self.gradient_checkpointing, bool):
             raise WorkloadError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if not (isinstance(self.lora_targets, tuple) and all(isinstance(t, str) for t in self.lora_targets)):

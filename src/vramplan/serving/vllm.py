@@ -55,7 +55,7 @@ from .._engine.step import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from ..errors import WorkloadError
 from ..memory import model_states
 from ..spec import ModelSpec
-from ..units import GiB
+from ..units import GiB, MiB
 from ..workload import Task, WeightsQuant, Workload
 
 __all__ = ["ENGINES", "ServingConfig", "ServingResult", "serve_memory", "sglang_mem_fraction", "vllm_defaults"]
@@ -271,8 +271,13 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     reqs = min(seqs, tokens)
     weights, _ = _weights_per_gpu(spec, w, tp, pp, a)
     kv_elem = KV_DTYPES[cfg.kv_cache_dtype] or a
-    stage_layers = -(-spec.num_layers // pp)
-    per_token = stage_layers * 2 * max(1, spec.num_kv_heads // tp) * spec.head_dim * kv_elem
+    # hybrid / state-space models: only attention layers grow with the tokens; the SSM layers hold a fixed state per
+    # sequence (vLLM V1 MambaSpec pages: conv + SSM state, model dtype)
+    attn_layers = -(-spec.attention_layers // pp)
+    per_token = attn_layers * 2 * max(1, spec.num_kv_heads // tp) * spec.head_dim * kv_elem
+    from ..fit import state_bytes_per_sequence
+
+    state = -(-state_bytes_per_sequence(spec, a) // (pp * tp))
     forward = _forward_peak(spec, tokens, tp, a) + CUBLAS_WORKSPACE_BYTES
     sampler = _sampler_peak(spec, tokens, reqs, a) + CUBLAS_WORKSPACE_BYTES
     profile = max(forward, sampler)  # the last stage samples; earlier stages only run the forward
@@ -316,11 +321,19 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
                                f"max_num_seqs {d_seqs} (vllm/engine/arg_utils.py)")
     budget = max(0, budget)
     page = cfg.block_size * per_token
-    blocks = budget // page if page else 0
-    kv_tokens = blocks * cfg.block_size
     per_req = -(-max_len // cfg.block_size)
-    concurrency = blocks / per_req if per_req else 0.0
-    fit_len = min(budget // per_token if per_token else 0, limit)
+    if state:  # each request: its SSM state plus the attention layers' blocks
+        concurrency = budget / (state + per_req * page)
+        blocks = int(concurrency) * per_req if page else int(concurrency)
+        fit_len = min((budget - state) // per_token if per_token else (limit if budget >= state else 0), limit)
+        fit_len = max(0, fit_len)
+        assumptions.append(f"SSM layers: a fixed {state / MiB:.1f} MiB state per request (conv + SSM state), not per "
+                           "token; only the attention layers' cache grows with the context")
+    else:
+        blocks = budget // page if page else 0
+        concurrency = blocks / per_req if per_req else 0.0
+        fit_len = min(budget // per_token if per_token else 0, limit)
+    kv_tokens = blocks * cfg.block_size
     headroom = total_memory_bytes - int(total_memory_bytes * util) - (0 if old_budget else CUDA_CONTEXT_BYTES)
     fits = blocks > 0 and fit_len >= max_len and (cfg.engine != "vllm" or graph_pool <= max(headroom, 0))
     if blocks == 0:

@@ -1,0 +1,403 @@
+"""State-space (Mamba-2) mixers and the hybrid families built from them: sizes, parameters, memory programs
+and the cache they keep for generation.
+
+A Mamba-2 mixer (transformers 5.24 ``models/mamba2/modeling_mamba2.py`` ``Mamba2Mixer``; Bamba, Granite 4.0
+(``granitemoehybrid``), Nemotron-H and Zamba2 copy it) projects the hidden states once (``in_proj``: gate z, the
+convolved x/B/C and one dt per head), runs a depthwise causal ``conv1d`` over x/B/C, the selective scan
+(structured state-space duality, chunked), a gated group RMSNorm and ``out_proj``. Its generation cache is two
+fixed-size tensors per layer — the last ``conv_kernel`` inputs of the convolution and the SSM state
+(heads x head_dim x state, fp32) — whatever the sequence length.
+
+Two implementations are modelled, chosen with the workload's ``ssm_kernel``:
+
+* ``fused`` (what a GPU install with ``mamba_ssm`` and ``causal_conv1d`` runs): training calls
+  ``mamba_split_conv1d_scan_combined`` (mamba_ssm/ops/triton/ssd_combined.py, ``MambaSplitConv1dScanCombinedFn``),
+  one autograd node that saves only the projection ``zxbcdt``, the scan output ``out_x`` and the norm's ``rstd``
+  and recomputes the rest in backward; inference runs ``causal_conv1d_fn`` + ``mamba_chunk_scan_combined``, whose
+  Triton kernels keep chunk states and the chunk's C·B products, never the (chunk x chunk) decay matrices.
+* ``torch``: transformers' plain-PyTorch fallback (``mamba2_chunk_scan``, ``causal_conv1d_fn``), which
+  materialises the (batch, heads, sequence, chunk) decay ``L``, the scores ``G`` and ``M = G * L`` in fp32 and
+  keeps them for backward. This is what ``vramplan trace`` runs on a machine without those packages, so estimate
+  and trace are compared on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .kinds import MemoryKind
+
+if TYPE_CHECKING:
+    from ._engine.tape import Tensor
+    from .blocks import _B
+    from .spec import ModelSpec
+
+__all__ = ["SSM_KERNELS", "SSMSpec", "conv_extra_params", "conv_linears", "layer_state_bytes", "mamba2_extra_params",
+           "mamba2_linears", "mamba2_state_bytes", "short_conv_mixer", "ssm_state_bytes"]
+
+SSM_KERNELS = ("fused", "torch")
+KV = MemoryKind.KV_CACHE
+
+
+@dataclass(frozen=True, slots=True)
+class SSMSpec:
+    """The sizes of one family's Mamba-2 mixer, as its configuration class names them. For a short-conv mixer
+    (LFM2) only ``d_inner`` (the hidden size), ``d_conv`` and ``conv_bias`` are read."""
+
+    d_inner: int  # intermediate_size = expand * hidden (Falcon-H1: mamba_d_ssm)
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    d_conv: int
+    chunk: int
+    conv_bias: bool = True
+    proj_bias: bool = False
+    gated_norm: bool = True  # MambaRMSNormGated before out_proj (Falcon-H1 can drop it: mamba_rms_norm)
+    out_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1: projectors_bias)
+    mup: bool = False  # Falcon-H1: input * ssm_in_multiplier and projection * mup_vector (a copy each)
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def in_proj(self) -> int:
+        """Width of ``in_proj``: gate (d_inner), x/B/C (conv_dim) and one dt per head."""
+        return self.d_inner + self.conv_dim + self.n_heads
+
+
+def mamba2_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
+    """(module name, in, out, count) of a Mamba-2 mixer's ``nn.Linear`` modules."""
+    return [("in_proj", hidden, ss.in_proj, 1), ("out_proj", ss.d_inner, hidden, 1)]
+
+
+def mamba2_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
+    """(bias elements of the linears, other parameters): conv1d weight (+ bias), dt_bias, A_log, D and the gated
+    norm's weight (``Mamba2Mixer.__init__``)."""
+    out_bias = ss.proj_bias if ss.out_bias is None else ss.out_bias
+    bias = (ss.in_proj if ss.proj_bias else 0) + (hidden if out_bias else 0)
+    other = ss.conv_dim * ss.d_conv + (ss.conv_dim if ss.conv_bias else 0) + 3 * ss.n_heads
+    if ss.gated_norm:
+        other += ss.d_inner
+    return bias, other
+
+
+def mamba2_state_bytes(ss: SSMSpec, batch: int, act: int) -> int:
+    """One layer's generation cache (transformers cache_utils.py ``LinearAttentionLayer``): the conv state
+    (batch, conv_dim, conv_kernel) in the activations' dtype and the SSM state (batch, heads, head_dim, state),
+    which ``zeros_like`` makes in the fp32 of the chunked scan's final state."""
+    return batch * ss.conv_dim * ss.d_conv * act + batch * ss.n_heads * ss.head_dim * ss.d_state * 4
+
+
+# ---- memory programs --------------------------------------------------------------------------------------------
+
+def _live_until_end(bld: _B, *tensors: Tensor) -> None:
+    """A function's locals stay referenced until it returns."""
+    end = len(bld.tp.ops) - 1
+    for t in tensors:
+        root = t.base if t.base is not None else t
+        root.last_use = max(root.last_use, end)
+
+
+def mamba2_mixer(bld: _B, n: Tensor) -> Tensor:
+    """``Mamba2Mixer.forward`` (modeling_mamba2.py, transformers 5.24) on the normed hidden states ``n``."""
+    spec, plan = bld.spec, bld.plan
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    h = spec.hidden_size
+    tr = plan.trainable
+    if ss.mup:  # FalconH1Mixer: hidden_states * ssm_in_multiplier
+        n = bld.tp.op(n.numel, n.elem, (n,))
+    pj = bld.linear(n, h, ss.in_proj, "in_proj", bias=ss.proj_bias, trainable=tr, quant=plan.quant,
+                    lora_rank=plan.lora_rank if "in_proj" in plan.lora_targets else 0)
+    if ss.mup:  # projected_states * mup_vector (a buffer in the model dtype)
+        pj = bld.tp.op(pj.numel, pj.elem, (pj,))
+    if plan.ssm_kernel == "fused":
+        out = _mamba2_fused(bld, pj)
+    else:
+        out = _mamba2_torch(bld, pj)
+    out = bld.cast(out, n.elem)  # self.out_proj(scan_output.to(dtype)): the mixer input's dtype
+    o = bld.linear(out, ss.d_inner, h, "out_proj", bias=ss.proj_bias if ss.out_bias is None else ss.out_bias,
+                   trainable=tr, quant=plan.quant,
+                   lora_rank=plan.lora_rank if "out_proj" in plan.lora_targets else 0)
+    _live_until_end(bld, pj, out)  # projected_states and scan_output are locals of forward
+    return o
+
+
+def _mamba2_fused(bld: _B, pj: Tensor) -> Tensor:
+    """The fused path. Training: ``MambaSplitConv1dScanCombinedFn`` (mamba_ssm ssd_combined.py) saves ``zxbcdt``
+    (the in_proj output), ``out_x`` (the scan output before the norm, activation dtype) and the norm's fp32
+    ``rstd``; its forward allocates the convolved x/B/C, the chunked scan's fp32 dt/dA cumsum (batch, heads,
+    chunks, chunk), chunk states (batch, chunks, heads, head_dim, state) and C·B (batch, chunks, groups, chunk,
+    chunk), and the normed output; backward recomputes them and allocates the gradient of ``zxbcdt`` (the
+    replay's input gradient) besides the gradient of x/B/C. The out_proj is transformers' (the mixer passes
+    its weight, the kernel applies it; same memory as the ``nn.Linear``). Inference: ``causal_conv1d_fn`` and
+    ``mamba_chunk_scan_combined`` allocate the same scan buffers, transiently."""
+    spec, tp, num = bld.spec, bld.tp, bld.num
+    ss = spec.ssm
+    assert ss is not None
+    b, s = bld.b, bld.s
+    t = b * s
+    e = pj.elem
+    chunks = -(-s // ss.chunk)
+    scan_tmp = (2 * b * ss.n_heads * chunks * ss.chunk * 4 + b * chunks * ss.n_heads * ss.head_dim * ss.d_state * 4
+                + b * chunks * ss.n_groups * ss.chunk * ss.chunk * 4)
+    xbc = t * ss.conv_dim * e
+    if not num.training or not pj.rg:
+        if not num.training:
+            _cache_states(bld, pj)
+        # conv output and the scan output live until the norm; the scan's buffers inside the kernels
+        conv = tp.op(t * ss.conv_dim, e, (pj,))
+        y = tp.op(t * ss.d_inner, e, (conv, pj), fwd_scratch=scan_tmp)
+        return _gated_norm(bld, y, pj) if ss.gated_norm else y
+    rstd = tp.op(t * ss.n_groups, 4, (), rg=False)
+    out_x = tp.op(t * ss.d_inner, e, (pj,), rg=False)
+    normed = tp.op(t * ss.d_inner, e, (pj, out_x, rstd), save=(pj, out_x, rstd), grad_to=(pj,),
+                   fwd_scratch=xbc + scan_tmp,
+                   bwd_scratch=2 * xbc + scan_tmp + 2 * t * ss.d_inner * e)
+    return normed
+
+
+def _cache_states(bld: _B, pj: Tensor) -> None:
+    """Prefill writes the layer's conv state and the scan's final state into the cache (kept)."""
+    ss = bld.spec.ssm
+    assert ss is not None
+    conv_state = bld.tp.op(bld.b * ss.conv_dim * ss.d_conv, pj.elem, (), rg=False, kind=KV)
+    ssm_state = bld.tp.op(bld.b * ss.n_heads * ss.head_dim * ss.d_state, 4, (), rg=False, kind=KV)
+    bld.tp.keep(conv_state, ssm_state)
+
+
+def _gated_norm(bld: _B, y: Tensor, pj: Tensor) -> Tensor:
+    """``MambaRMSNormGated(y, gate)``: y.to(fp32) * silu(gate.to(fp32)), a group RMSNorm, ``weight *
+    h.to(input dtype)`` (the input dtype is fp32 in the torch fallback: the scan returns fp32)."""
+    spec, tp, plan = bld.spec, bld.tp, bld.plan
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    t = bld.t
+    tr = plan.trainable
+    gate = tp.view(pj, t * ss.d_inner)
+    y32 = bld.cast(y, 4)
+    g32 = bld.cast(gate, 4)
+    sg = tp.op(t * ss.d_inner, 4, (g32,), save=(g32,) if g32.rg else ())  # silu saves its input
+    hm = bld.mul(y32, sg)
+    sq = tp.op(hm.numel, 4, (hm,), save=(hm,) if hm.rg else ())  # pow(2)
+    var = tp.op(t * ss.n_groups, 4, (sq,))
+    rs = bld.ew(var, save_out=True)
+    hn = bld.mul(hm, rs)
+    hc = bld.cast(hn, y.elem)
+    pg = bld.param_grad(f"gnorm{len(tp.ops)}", ss.d_inner, bld.num.norm_param) if tr else ()
+    return tp.op(t * ss.d_inner, max(bld.num.norm_param, hc.elem), (hc,), save=(hc,) if tr else (), params=pg,
+                 rg=hc.rg or tr)
+
+
+def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
+    """transformers' fallback: ``causal_conv1d_fn`` (F.conv1d with padding conv_kernel - 1, sliced, silu) and
+    ``mamba2_chunk_scan`` (modeling_mamba2.py), op by op with what autograd saves."""
+    spec, tp, num, plan = bld.spec, bld.tp, bld.num, bld.plan
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    b, s = bld.b, bld.s
+    t = b * s
+    tr = plan.trainable
+    e = pj.elem
+    nh, hp, g, n, q, k = ss.n_heads, ss.head_dim, ss.n_groups, ss.d_state, ss.chunk, ss.d_conv
+    di = ss.d_inner
+    chunks = -(-s // q)
+    sp = chunks * q  # padded length
+    x_heads = b * sp * nh  # (batch, padded tokens, heads)
+
+    def pg(name: str, numel: int) -> tuple[tuple[int, int], ...]:
+        return bld.param_grad(f"{name}{len(tp.ops)}", numel, bld.num.param) if tr else ()
+
+    if not num.training:
+        _cache_states(bld, pj)
+    # 2. depthwise causal conv over x/B/C (conv saves its input: the projection stays alive) and silu
+    xbc = tp.view(pj, t * ss.conv_dim)
+    conv = tp.op(b * ss.conv_dim * (s + k - 1), e, (xbc,), save=(xbc,), params=pg("conv1d", ss.conv_dim * k))
+    act = tp.op(t * ss.conv_dim, e, (conv,), save=(conv,) if conv.rg else ())
+    # dt: + dt_bias, softplus (saves its input), clamp to time_step_limit (saves its input)
+    dtv = tp.view(pj, t * nh)
+    dtb = tp.op(t * nh, e, (dtv,), params=pg("dt_bias", nh))
+    spl = tp.op(t * nh, e, (dtb,), save=(dtb,) if dtb.rg else ())
+    dt = tp.op(t * nh, e, (spl,), save=(spl,) if spl.rg else ())
+    # 3. the chunked scan (mamba2_chunk_scan)
+    x32 = bld.cast(tp.view(act, t * di), 4)  # hidden_states.float()
+    bg = bld.cast(tp.view(act, t * g * n), 4)
+    cg = bld.cast(tp.view(act, t * g * n), 4)
+    if nh != g:  # repeat_interleave to every head: expand + reshape copies
+        bg = tp.op(t * nh * n, 4, (bg,))
+        cg = tp.op(t * nh * n, 4, (cg,))
+    xpad = tp.op(b * sp * di, 4, (x32,))  # pad_tensor_by_size (constant_pad_nd allocates even for 0)
+    d_res = tp.op(b * sp * di, 4, (xpad,), save=(xpad,) if tr else (), params=pg("D", nh))  # D * x
+    dt_a = bld.cast(dt, 4)  # dt[..., None].float()
+    xdt = bld.mul(x32, dt_a)
+    dt_b = bld.cast(dt, 4)  # dt.float()
+    a_dt = tp.op(t * nh, 4, (dt_b,), save=(dt_b,) if tr else (), params=pg("A_log", nh))  # A * dt
+    # reshape_into_chunks: a padded copy of each
+    xc = tp.op(b * sp * di, 4, (xdt,))
+    ac = tp.op(x_heads, 4, (a_dt,))
+    bc = tp.op(x_heads * n, 4, (bg,))
+    cc = tp.op(x_heads * n, 4, (cg,))
+    a_cum = tp.op(x_heads, 4, (ac,))  # cumsum
+    # segment_sum(A): expand to (.., chunk, chunk), masked_fill, cumsum, masked_fill(-inf); L = exp(...)
+    mask = tp.op(2 * q * q, 1, (), rg=False)  # tril(ones) and its negation
+    m1 = tp.op(x_heads * q, 4, (ac, mask), save=(mask,) if ac.rg else (), grad_to=(ac,))
+    m2 = tp.op(x_heads * q, 4, (m1,))
+    m3 = tp.op(x_heads * q, 4, (m2, mask), save=(mask,) if m2.rg else (), grad_to=(m2,))
+    big_l = bld.ew(m3, save_out=True)
+    # G = einsum(C, B): bmm over (batch, chunk, head) of copies laid out for it
+    c_g = tp.op(x_heads * n, 4, (cc,))
+    b_g = tp.op(x_heads * n, 4, (bc,))
+    gm = tp.op(x_heads * q, 4, (c_g, b_g), save=(c_g, b_g) if (c_g.rg or b_g.rg) else (), grad_to=(c_g, b_g))
+    mm = bld.mul(gm, big_l)
+    x_d = tp.op(b * sp * di, 4, (xc,))  # hidden states laid out for the Y_diag bmm
+    y_diag = tp.op(b * sp * di, 4, (mm, x_d), save=(mm, x_d) if (mm.rg or x_d.rg) else (), grad_to=(mm, x_d))
+    # B_decay and the chunk states
+    dsub = tp.op(x_heads, 4, (a_cum,))
+    decay = bld.ew(dsub, save_out=True)
+    b_dec = bld.mul(bc, decay)
+    b_s = tp.op(x_heads * n, 4, (b_dec,))
+    x_s = tp.op(b * sp * di, 4, (xc,))
+    state_numel = b * chunks * nh * hp * n
+    states = tp.op(state_numel, 4, (b_s, x_s), save=(b_s, x_s) if (b_s.rg or x_s.rg) else (), grad_to=(b_s, x_s))
+    zeros = tp.op(b * nh * hp * n, 4, (), rg=False)
+    cat = tp.op(state_numel + b * nh * hp * n, 4, (zeros, states), grad_to=(states,))
+    # decay_chunk = exp(segment_sum(pad(A_cumsum[..., -1]))): (batch, heads, chunks + 1, chunks + 1)
+    dc_n = b * nh * (chunks + 1) ** 2
+    dpad = tp.op(b * nh * (chunks + 1), 4, (a_cum,))
+    d1 = tp.op(dc_n, 4, (dpad,))
+    d2 = tp.op(dc_n, 4, (d1,))
+    d3 = tp.op(dc_n, 4, (d2,))
+    dchunk = bld.ew(d3, save_out=True)
+    new_states = tp.op(cat.numel, 4, (dchunk, cat), save=(dchunk, cat), grad_to=(dchunk, cat))
+    sdo = bld.ew(a_cum, save_out=True)  # state_decay_out = exp(A_cumsum)
+    c_s = tp.op(x_heads * n, 4, (cc,))
+    st_s = tp.op(state_numel, 4, (new_states,))  # states[:, :-1] laid out for the bmm
+    cts = tp.op(b * sp * di, 4, (c_s, st_s), save=(c_s, st_s) if (c_s.rg or st_s.rg) else (), grad_to=(c_s, st_s))
+    y_off = bld.mul(cts, sdo)
+    y = bld.add(y_diag, y_off)
+    y = tp.op(y.numel, 4, (y,))  # .contiguous(): the sum keeps the einsums' permuted layout, so it copies
+    y = bld.add(y, d_res)
+    # (inference: the final state, a view of new_states, is copied into the cache's state made by _cache_states)
+    _live_until_end(bld, xc, ac, bc, cc, a_cum, big_l, gm, mm, y_diag, decay, b_dec, zeros, dchunk, new_states, sdo,
+                    cts, y_off, d_res)
+    if sp != s:
+        y = tp.view(y, t * di)
+    if not ss.gated_norm:  # Falcon-H1 without mamba_rms_norm: scan_output * silu(gate)
+        gate = tp.view(pj, t * di)
+        sg = tp.op(t * di, e, (gate,), save=(gate,) if gate.rg else ())
+        return bld.mul(y, sg, elem=4)
+    return _gated_norm(bld, y, pj)
+
+
+def mamba_block(bld: _B, x: Tensor) -> Tensor:
+    """``Mamba2Block.forward`` (and ``NemotronHBlock.forward``, whose block holds a Mamba-2 mixer, attention or an
+    MLP): ``residual = x``; ``norm(x.to(norm dtype))``; the residual upcast to fp32 when ``residual_in_fp32``;
+    ``residual + mixer(...)``."""
+    spec, plan = bld.spec, bld.plan
+    assert plan is not None
+    xin = bld.cast(x, bld.num.norm_param)
+    nrm = bld.norm(xin, spec.hidden_size, plan.trainable)
+    res = bld.cast(x, 4) if spec.residual_fp32 else x
+    if plan.mixer == "none":  # an MLP-only block (Nemotron-H "-")
+        m = bld.call(bld.mlp, nrm)
+    elif plan.mixer == "attention":  # an attention-only block (Nemotron-H "*")
+        m = bld.call(bld.self_attention, nrm)
+    else:
+        m = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
+    y = bld.add(res, m)
+    _live_until_end(bld, res)
+    bld.tp.keep(y)
+    return y
+
+
+def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
+    """Layer ``index``'s fixed-size generation cache: Mamba-2's conv + SSM state, a short conv's last
+    ``conv_kernel`` inputs (LFM2: ``Lfm2ShortConv``, conv state only), nothing for attention."""
+    ss = spec.ssm
+    kind = spec.mixer(index)
+    if ss is None or kind in ("attention", "none"):
+        return 0
+    if kind == "conv":
+        return batch * ss.d_inner * ss.d_conv * act
+    return mamba2_state_bytes(ss, batch, act)
+
+
+def ssm_state_bytes(spec: ModelSpec, batch: int, act: int) -> int:
+    """The generation cache of every SSM / short-conv layer of ``spec`` (constant in the sequence length)."""
+    if spec.ssm is None:
+        return 0
+    return sum(layer_state_bytes(spec, i, batch, act) for i in range(spec.num_layers))
+
+
+def conv_linears(hidden: int) -> list[tuple[str, int, int, int]]:
+    """LFM2's short-conv mixer: ``in_proj`` (B, C and x) and ``out_proj`` (modeling_lfm2.py ``Lfm2ShortConv``)."""
+    return [("in_proj", hidden, 3 * hidden, 1), ("out_proj", hidden, hidden, 1)]
+
+
+def conv_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
+    """(bias elements of the linears, other parameters) of a short-conv mixer: ``conv_bias`` gives both linears and
+    the depthwise conv a bias."""
+    bias = 4 * hidden if ss.conv_bias else 0
+    return bias, hidden * ss.d_conv + (hidden if ss.conv_bias else 0)
+
+
+def short_conv_mixer(bld: _B, n: Tensor) -> Tensor:
+    """``Lfm2ShortConv.forward`` (modeling_lfm2.py, transformers 5.24): ``BCx = in_proj(x).transpose``; ``B * x``
+    (saves both halves: the projection stays alive); the depthwise causal conv (``causal_conv1d_fn``: F.conv1d
+    with padding conv_kernel - 1, sliced; it saves its input); ``C * conv`` (saves both); ``.transpose
+    .contiguous()`` (a copy); ``out_proj``. The fused causal_conv1d kernel returns the unpadded output and saves
+    the same input."""
+    spec, tp, plan, num = bld.spec, bld.tp, bld.plan, bld.num
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    h, b, s = spec.hidden_size, bld.b, bld.s
+    t = b * s
+    tr = plan.trainable
+    bias = ss.conv_bias
+
+    def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+        return bld.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=plan.quant,
+                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+    bcx = lin(n, h, 3 * h, "in_proj")
+    e = bcx.elem
+    bv, cv, xv = tp.view(bcx, t * h), tp.view(bcx, t * h), tp.view(bcx, t * h)
+    bx = bld.mul(bv, xv)
+    if not num.training:
+        conv_state = tp.op(b * h * ss.d_conv, e, (), rg=False, kind=KV)
+        tp.keep(conv_state)
+    pg = bld.param_grad(f"conv{len(tp.ops)}", h * ss.d_conv, bld.num.param) if tr else ()
+    out_len = s if plan.ssm_kernel == "fused" else s + ss.d_conv - 1
+    conv = tp.op(b * h * out_len, e, (bx,), save=(bx,), params=pg)
+    y = bld.mul(cv, conv)
+    yc = tp.op(t * h, e, (y,))  # transpose(-1, -2).contiguous()
+    o = lin(yc, h, h, "out_proj")
+    _live_until_end(bld, bcx, bx)
+    return o
+
+
+def falcon_h1_layer(bld: _B, x: Tensor) -> Tensor:
+    """``FalconH1DecoderLayer.forward`` (modeling_falcon_h1.py, transformers 5.24): one RMSNorm feeds the Mamba-2
+    mixer and, in parallel, attention (on ``h * attention_in_multiplier``; keys scaled by ``key_multiplier``); the
+    mixer's output times ``ssm_out_multiplier`` plus attention's times ``attention_out_multiplier`` joins the
+    residual; then pre_ff_layernorm and the MLP (``up * act(gate * gate_multiplier)``, ``down * down_multiplier``).
+    Every multiplier is an elementwise op that makes a new tensor."""
+    spec, tp, plan = bld.spec, bld.tp, bld.plan
+    assert plan is not None
+    h, tr = spec.hidden_size, plan.trainable
+    n1 = bld.norm(x, h, tr)
+    m = bld.call(lambda v: mamba2_mixer(bld, v), n1)
+    m = tp.op(m.numel, m.elem, (m,))  # * ssm_out_multiplier
+    a_in = tp.op(n1.numel, n1.elem, (n1,))  # * attention_in_multiplier
+    a = bld.call(bld.self_attention, a_in)
+    a = tp.op(a.numel, a.elem, (a,))  # * attention_out_multiplier
+    _live_until_end(bld, n1)
+    hmid = bld.add(x, bld.add(m, a))
+    n2 = bld.norm(hmid, h, tr)
+    out = bld.call(bld.mlp, n2)
+    y = bld.add(hmid, out)
+    tp.keep(y)
+    return y

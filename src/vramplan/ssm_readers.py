@@ -1,0 +1,301 @@
+"""Config readers of the state-space and hybrid families (:mod:`vramplan.ssm`), keyed like
+:data:`vramplan.hfconfig._READERS`. Defaults are those of each family's transformers 5.24 configuration class
+(``configuration_mamba2.py``, ``configuration_bamba.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import ConfigError
+from .hfconfig import _MAX_LAYERS, _Cfg, _check_heads
+from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .ssm import SSMSpec
+
+__all__ = ["SSM_CLASSES", "SSM_READERS"]
+
+
+def _check_ssm(c: _Cfg, hidden: int, ss: SSMSpec) -> SSMSpec:
+    if ss.n_heads * ss.head_dim != ss.d_inner:
+        raise ConfigError(f"{c.where}: the Mamba heads ({ss.n_heads} x {ss.head_dim}) must span the intermediate size "
+                          f"({ss.d_inner} = expand x hidden_size {hidden})")
+    if ss.n_heads % ss.n_groups:
+        raise ConfigError(f"{c.where}: the Mamba heads ({ss.n_heads}) must be a multiple of n_groups ({ss.n_groups})")
+    return ss
+
+
+def _expand(c: _Cfg, key: str, hidden: int) -> int:
+    expand = c.float_(key, default=2, lo=0.0, hi=64.0)
+    d_inner = int(expand * hidden)
+    if d_inner < 1:
+        raise ConfigError(f"{c.where}: {key} x hidden_size must be at least 1")
+    return d_inner
+
+
+def _mamba2(c: _Cfg, family: str) -> ModelSpec:
+    """Mamba-2 (modeling_mamba2.py): embeddings, ``num_hidden_layers`` Mamba2Blocks (RMSNorm + mixer, residual in
+    fp32 by default), norm_f, an untied lm_head whose logits are cast with ``.float()``."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=64, hi=_MAX_LAYERS)
+    d_inner = _expand(c, "expand", hidden)
+    heads = c.int_("num_heads", default=128)
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=heads, head_dim=c.int_("head_dim", default=64), n_groups=c.int_("n_groups", default=8),
+        d_state=c.int_("state_size", default=128), d_conv=c.int_("conv_kernel", default=4, hi=1024),
+        chunk=c.int_("chunk_size", default=256, hi=1 << 16), conv_bias=c.bool_("use_conv_bias", default=True),
+        proj_bias=c.bool_("use_bias", default=False)))
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Mamba-2 with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32768), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=ss.head_dim, intermediate_size=d_inner,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=Activation.SILU, position=PositionKind.NONE, norms_per_layer=1,
+        mixers=("mamba2",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
+    )
+
+
+def _bamba(c: _Cfg, family: str) -> ModelSpec:
+    """Bamba (modeling_bamba.py): LLaMA-style decoder layers whose token mixer is a Mamba-2 mixer, or attention at
+    ``attn_layer_indices`` (RoPE on half of each head: ``partial_rotary_factor`` 0.5 is fixed by BambaConfig)."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=8)
+    head_dim = _check_heads(c, hidden, heads, kv, None)
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+    attn = set(c.int_list("attn_layer_indices"))
+    if any(i >= layers for i in attn):
+        raise ConfigError(f"{c.where}: attn_layer_indices lists a layer beyond num_hidden_layers ({layers})")
+    if c.float_("z_loss_coefficient", default=0.0, lo=0.0) > 0:
+        raise ConfigError(f"{c.where}: Bamba with z_loss_coefficient > 0 is not supported by estimate (its logsumexp "
+                          "over the logits is not modelled); run `vramplan trace`")
+    bias = c.bool_("attention_bias", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=14336),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
+        mlp_bias=c.bool_("mlp_bias", default=False), rotary_fraction=0.5,
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=tuple("attention" if i in attn else "mamba2" for i in range(layers)), ssm=ss, program_version="5.24",
+    )
+
+
+# transformers configuration_utils.py _LEGACY_LAYER_TYPE_REMAP: published configs still say mamba / attention
+_MIXER_OF = {"linear_attention": "mamba2", "mamba": "mamba2", "full_attention": "attention", "attention": "attention"}
+
+
+def _layer_types(c: _Cfg, key: str, layers: int, default: str) -> tuple[str, ...]:
+    raw = c.raw.get(key)
+    if raw is None:
+        return (_MIXER_OF[default],) * layers
+    if not isinstance(raw, list) or len(raw) != layers or not all(isinstance(t, str) for t in raw):
+        raise ConfigError(f"{c.where}: {key} must list one layer type per layer ({layers})")
+    bad = sorted({t for t in raw if t not in _MIXER_OF})
+    if bad:
+        raise ConfigError(f"{c.where}: {key} holds {', '.join(bad)}; supported: {', '.join(sorted(_MIXER_OF))}")
+    return tuple(_MIXER_OF[t] for t in raw)
+
+
+def _mamba_heads(c: _Cfg, hidden: int) -> SSMSpec:
+    """The ``mamba_*`` keys of Bamba / Granite 4.0 (``mamba_d_head`` "auto": expand x hidden / heads)."""
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    return _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+
+
+def _granitemoehybrid(c: _Cfg, family: str) -> ModelSpec:
+    """Granite 4.0 (modeling_granitemoehybrid.py): GraniteMoeShared decoder layers (embedding / residual / logits
+    multipliers, MoE + always-on shared MLP, or the shared MLP alone when ``num_local_experts`` is 0) whose mixer
+    is a Mamba-2 mixer or attention per ``layer_types``; attention uses RoPE only when ``position_embedding_type``
+    is "rope" (Granite 4.0-H: none)."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    ss = _mamba_heads(c, hidden)
+    mixers = _layer_types(c, "layer_types", layers, "linear_attention")
+    experts = c.int_("num_local_experts", default=8, lo=0)
+    raw = dict(c.raw)
+    raw.setdefault("hidden_size", hidden)
+    raw.setdefault("num_hidden_layers", layers)
+    raw.setdefault("intermediate_size", 11008)
+    raw.setdefault("vocab_size", 32000)
+    shared = c.int_("shared_intermediate_size", default=1024)
+    if experts:
+        raw["shared_intermediate_size"] = shared
+        spec = replace(_llama_like(_Cfg(raw, c.where), "granitemoeshared"), gate_up_fused=True)
+    else:  # the shared MLP alone: input_linear (gate and up fused) and output_linear
+        raw["intermediate_size"] = shared
+        spec = replace(_llama_like(_Cfg(raw, c.where), "granite"), gate_up_fused=True)
+    rope = c.raw.get("position_embedding_type") == "rope"
+    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24",
+                   position=PositionKind.ROPE if rope else PositionKind.NONE)
+
+
+def _lfm2(c: _Cfg, family: str) -> ModelSpec:
+    """LFM2 (modeling_lfm2.py): pre-norm decoder layers (operator_norm, ffn_norm) whose mixer is a gated short
+    convolution (``Lfm2ShortConv``) or attention with per-head q/k RMSNorm (``layer_types``, else
+    ``full_attn_idxs``); a SwiGLU MLP (w1, w3, w2) whose width ``Lfm2MLP`` adjusts (2/3, multiplier, rounded up
+    to ``block_multiple_of``); the final ``embedding_norm``; tied embeddings by default."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2560)
+    inter = c.int_("block_ff_dim", "intermediate_size", default=12288)
+    if c.bool_("block_auto_adjust_ff_dim", default=True):
+        inter = int(2 * inter / 3)
+        mult = c.opt_float("block_ffn_dim_multiplier")
+        if mult is not None:
+            inter = int(mult * inter)
+            multiple = c.int_("block_multiple_of", default=256)
+            inter = multiple * ((inter + multiple - 1) // multiple)
+    types = c.raw.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers or not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"{c.where}: layer_types must list one layer type per layer ({layers})")
+        mixers = tuple("conv" if t == "conv" else "attention" for t in types)
+    else:
+        full = c.int_list("full_attn_idxs") if c.raw.get("full_attn_idxs") is not None else list(range(layers))
+        mixers = tuple("attention" if i in full else "conv" for i in range(layers))
+    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
+           "num_attention_heads": c.int_("num_attention_heads", default=32),
+           "num_key_value_heads": c.int_("num_key_value_heads", default=8),
+           "vocab_size": c.int_("vocab_size", default=65536), "attention_bias": False, "mlp_bias": False,
+           "hidden_act": "silu", "use_sliding_window": False}
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE, no biases
+    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
+                 d_conv=c.int_("conv_L_cache", default=3, hi=1024), chunk=1,
+                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
+    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24",
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
+                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+
+
+def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
+    """Falcon-H1 (modeling_falcon_h1.py): every layer runs attention and a Mamba-2 mixer side by side on one
+    normed input (``FalconH1DecoderLayer``), with muP multipliers around each (embedding, attention in/out, keys,
+    SSM in/out and the projection's ``mup_vector``, MLP gate/down, lm_head); the mixer's width is ``mamba_d_ssm``
+    and its gated RMSNorm optional (``mamba_rms_norm``)."""
+    hidden = c.int_("hidden_size", default=4096)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=8)
+    head_dim = c.opt_int("head_dim") or hidden // heads
+    d_ssm = c.opt_int("mamba_d_ssm") if "mamba_d_ssm" in c.raw else 1024
+    d_inner = d_ssm if d_ssm else _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("mamba_n_heads", default=128)
+    d_head = c.raw.get("mamba_d_head", "auto")
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
+        gated_norm=c.bool_("mamba_rms_norm", default=False), out_bias=c.bool_("projectors_bias", default=False),
+        mup=True))
+    if ss.gated_norm:
+        raise ConfigError(f"{c.where}: Falcon-H1 with mamba_rms_norm is not supported by estimate yet; run "
+                          "`vramplan trace`")
+    bias = c.bool_("attention_bias", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=14336),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
+        mlp_bias=c.bool_("mlp_bias", default=False), embed_scale=True, logit_scale=True, mlp_multipliers=True,
+        key_multiplier=True, attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=("parallel",) * layers, ssm=ss, program_version="5.24",
+    )
+
+
+_NEMOTRON_BLOCKS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
+    """Nemotron-H (modeling_nemotron_h.py): a stack of single-sublayer blocks (``NemotronHBlock``: RMSNorm with an
+    fp32 weight product, then a Mamba-2 mixer, attention without RoPE, or a ReLU² MLP of up/down projections) from
+    ``layers_block_type`` (or the legacy ``hybrid_override_pattern``: M, *, -, E); the logits are cast to fp32.
+    MoE blocks ("E": Nemotron 3's non-gated ReLU² experts with latent projections) are not modelled."""
+    types = c.raw.get("layers_block_type", c.raw.get("layer_types"))
+    if types is None and isinstance(c.raw.get("hybrid_override_pattern"), str):
+        pattern = c.raw["hybrid_override_pattern"]
+        bad = sorted({ch for ch in pattern if ch not in _NEMOTRON_BLOCKS})
+        if bad:
+            raise ConfigError(f"{c.where}: hybrid_override_pattern holds {', '.join(bad)}; known: M, *, -, E")
+        types = [_NEMOTRON_BLOCKS[ch] for ch in pattern]
+    if types is None:
+        types = ["linear_attention", "moe", "full_attention", "mlp"]
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"{c.where}: layers_block_type must be a list of block types")
+    kinds = {"linear_attention": "mamba2", "mamba": "mamba2", "full_attention": "attention", "attention": "attention",
+             "mlp": "none", "moe": "moe"}
+    bad = sorted({t for t in types if t not in kinds})
+    if bad:
+        raise ConfigError(f"{c.where}: layers_block_type holds {', '.join(bad)}; known: {', '.join(sorted(kinds))}")
+    mixers = tuple(kinds[t] for t in types)
+    if "moe" in mixers:
+        raise ConfigError(f"{c.where}: Nemotron-H MoE blocks (Nemotron 3: non-gated ReLU² experts, latent "
+                          "projections) are not modelled by estimate yet; run `vramplan trace` on this config")
+    layers = len(mixers)
+    hidden = c.int_("hidden_size", default=4096)
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=heads)
+    n_heads = c.int_("mamba_num_heads", default=128)
+    ss = SSMSpec(
+        d_inner=n_heads * c.int_("mamba_head_dim", default=64), n_heads=n_heads,
+        head_dim=c.int_("mamba_head_dim", default=64), n_groups=c.int_("n_groups", "mamba_n_groups", default=8),
+        d_state=c.int_("ssm_state_size", default=128),
+        d_conv=c.int_("conv_kernel", "mamba_d_conv", default=4, hi=1024),
+        chunk=c.int_("chunk_size", "mamba_chunk_size", default=128, hi=1 << 16),
+        conv_bias=c.bool_("use_conv_bias", "mamba_conv_bias", default=True),
+        proj_bias=c.bool_("use_bias", default=False))
+    if ss.n_heads % ss.n_groups:
+        raise ConfigError(f"{c.where}: mamba_num_heads ({ss.n_heads}) must be a multiple of n_groups ({ss.n_groups})")
+    act = c.str_("mlp_hidden_act", default="relu2")
+    if act != "relu2":
+        raise ConfigError(f"{c.where}: Nemotron-H with mlp_hidden_act {act!r} is not supported (relu2)")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=131072), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=c.opt_int("head_dim") or hidden // heads, intermediate_size=c.int_("intermediate_size", default=21504),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.FP32_WEIGHT_RMSNORM,
+        mlp=MLPKind.PLAIN, activation=Activation.RELU2, position=PositionKind.NONE, norms_per_layer=1,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
+        qkv_bias=c.bool_("attention_bias", default=False), o_bias=c.bool_("attention_bias", default=False),
+        mlp_bias=c.bool_("mlp_bias", default=False),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        mixers=mixers, mlp_free_layers=tuple(i for i, m in enumerate(mixers) if m != "none"), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=False), logits_fp32=True, program_version="5.24",
+    )
+
+
+SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
+    "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1,
+    "nemotron_h": _nemotron_h}
+SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
+                               "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
+                               "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
