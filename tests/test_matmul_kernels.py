@@ -33,3 +33,21 @@ def test_engines_fuse_what_transformers_dequantizes() -> None:
     assert matmul_path(WeightsQuant.HQQ_INT4, "vllm") == "fused"
     assert matmul_path(WeightsQuant.NF4, "vllm") == "dequantize"  # vLLM calls bitsandbytes' own matmul
     assert matmul_path(WeightsQuant.GPTQ_INT4, "llama.cpp") == "fused"  # GGUF types: MMQ
+
+
+def test_fp8_weights_without_fp8_tensor_cores_run_weight_only_at_16_bit() -> None:
+    """An A100 has no fp8 tensor cores: fp8 checkpoints still get a time (vLLM's fp8 Marlin, weight-only), at the
+    bf16 peak; a GPU with fp8 runs the fp8 GEMM, faster."""
+    from vramplan.hardware import get_gpu
+    from vramplan.perf import inference_time
+
+    spec = get_model("llama-3.1-8b").spec
+    for q in (WeightsQuant.FP8, WeightsQuant.FP8_BLOCK, WeightsQuant.W8A8_FP8):
+        w = Workload(task=Task.INFER, weights_quant=q, seq_len=4096)
+        a100 = inference_time(spec, w, get_gpu("a100-80gb-sxm"), engine="vllm")
+        assert a100.prefill_s is not None and a100.decode_tokens_per_s is not None, q
+        bf16 = inference_time(spec, Workload(task=Task.INFER, seq_len=4096), get_gpu("a100-80gb-sxm"), engine="vllm")
+        assert bf16.prefill_s is not None and a100.prefill_s <= bf16.prefill_s * 1.001
+        h100 = inference_time(spec, w, get_gpu("h100-sxm"), engine="vllm")
+        h100_bf16 = inference_time(spec, Workload(task=Task.INFER, seq_len=4096), get_gpu("h100-sxm"), engine="vllm")
+        assert h100.prefill_s is not None and h100_bf16.prefill_s is not None and h100.prefill_s < h100_bf16.prefill_s

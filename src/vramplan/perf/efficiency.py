@@ -43,6 +43,7 @@ __all__ = [
     "feature_row",
     "gpu_efficiency",
     "load_throughput_model",
+    "matmul_dtype",
 ]
 
 FEATURES = ("gemm", "attention", "score", "logits", "activation", "optimizer", "dequant", "adapter_bytes",
@@ -239,16 +240,26 @@ def scale_factors(gpu: GPU, dtype: str) -> tuple[float, float, float]:
     return ref.matmul / own, ref.attention / eff.attention, ref.bandwidth / eff.bandwidth
 
 
+def matmul_dtype(gpu: GPU, dtype: str) -> str:
+    """The peak an fp8-weight GEMM runs at on ``gpu``: fp8 where the GPU has fp8 tensor cores, else bf16 —
+    weight-only there (vLLM quantization/fp8.py falls back to fp8 Marlin before Ada; transformers'
+    finegrained_fp8 dequantizes while loading)."""
+    if dtype == "fp8" and gpu.peak_tflops("fp8") is None and gpu.peak_tflops("bf16") is not None:
+        return "bf16"
+    return dtype
+
+
 def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1) -> tuple[float, ...] | None:
     """Inputs of the linear step-time model for one optimizer step of ``micro_batches`` x ``work`` on ``gpu``.
 
     FLOPs become seconds at the GPU's dense peak, bytes seconds at its bandwidth, each scaled by the
     GPU's achievable fraction relative to the reference GPU's; None without a peak.
     """
-    peak = gpu.peak_tflops(work.dtype)
+    dtype = matmul_dtype(gpu, work.dtype)
+    peak = gpu.peak_tflops(dtype)
     if peak is None or peak <= 0:
         return None
-    fm, fa, fb = scale_factors(gpu, work.dtype)
+    fm, fa, fb = scale_factors(gpu, dtype)
     flops_per_s = peak * 1e12
     bw = float(gpu.memory_bandwidth_bytes_per_s)
     m = micro_batches

@@ -43,6 +43,7 @@ from .efficiency import (
     feature_row,
     gpu_efficiency,
     load_throughput_model,
+    matmul_dtype,
     scale_factors,
 )
 from .work import (
@@ -110,7 +111,7 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
         # a forward pass streams every weight once. A tiled GEMM with few token rows cannot hide that stream
         # behind its math (each weight tile is used by only ``tokens`` rows), so the stream adds to the math:
         # a short prompt is bandwidth-bound, a long one compute-bound (the additive form of the roofline)
-        fb = scale_factors(gpu, work.dtype)[2]
+        fb = scale_factors(gpu, matmul_dtype(gpu, work.dtype))[2]
         gemm += fb * COUNTED_BYTES_COEFFICIENT * work.weight_bytes / gpu.memory_bandwidth_bytes_per_s
     compute = (gemm + row[1] * c[1]) / split
     memory = sum(row[i] * c[i] for i in _MEMORY) / split
@@ -187,7 +188,7 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
                    f"{gpu.display_name}: matmul {eff.matmul:.0%}, attention {eff.attention:.0%}, bandwidth "
                    f"{eff.bandwidth:.0%} of the catalog peaks ({'; '.join(eff.sources)})"]
     run_flops = work.model_flops * w.gradient_accumulation * replicas * steps
-    peak = gpu.peak_tflops(work.dtype)
+    peak = gpu.peak_tflops(matmul_dtype(gpu, work.dtype))
     if measured_mfu is not None:
         gpu_flops_per_step = work.model_flops * w.gradient_accumulation * replicas
         if peak is None:
@@ -263,6 +264,7 @@ def decode_seconds(bytes_read: float, flops: float, gpu: GPU, dtype: str,
                    model: ThroughputModel | None = None) -> tuple[float | None, str]:
     """Roofline time of a decode step: max(bytes / (bandwidth x copy fraction), FLOPs / (peak x matmul fraction))."""
     m = model or load_throughput_model()
+    dtype = matmul_dtype(gpu, dtype)
     peak = gpu.peak_tflops(dtype)
     if peak is None:
         return None, "unknown"
@@ -361,7 +363,8 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     b, s, n = w.batch_size, w.seq_len, w.new_tokens
     dec = decode_step(spec, w, gpu, context=s + n // 2, batch=b, model=m, engine=prof, tp=split)
     if st is None or dec.seconds is None or not math.isfinite(st.total_s):
-        why = (f"no dense {work.dtype} throughput for {gpu.display_name}" if gpu.peak_tflops(work.dtype) is None
+        peak = gpu.peak_tflops(matmul_dtype(gpu, work.dtype))
+        why = (f"no dense {work.dtype} throughput for {gpu.display_name}" if peak is None
                else f"no GPU-to-GPU link bandwidth for {gpu.display_name} (tensor parallel over {split}; "
                     "a described GPU takes link=…)")
         return InferenceTime(gpu.name, b, s, n, None, None, None, None, None, dec.bound, assumptions, why, prof.name)
