@@ -49,6 +49,12 @@ WIDTH_KEYS = ("hidden_size", "intermediate_size", "n_embd", "d_model", "ffn_dim"
               "shared_expert_intermediate_size", "d_ff", "dim", "hidden_dim")
 
 
+# Vision-language models people fine-tune whose classes are in transformers' image-text-to-text mapping only (not
+# the causal-LM one): run with the causal-LM types, as multimodal (one image per sample at the processor's size)
+VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "mllama", "llava", "llava_next", "idefics3", "smolvlm", "paligemma",
+             "qwen3_vl", "internvl", "mistral3", "llama4")
+
+
 def category(model_type: str) -> str:
     """multimodal (a vision tower or image tokenizer), other (audio / music / speech) or decoder-only."""
     from transformers import CONFIG_MAPPING
@@ -143,6 +149,21 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # DbrxAttention reads attn_config.rope_theta, absent from DbrxAttentionConfig's defaults, and clamps with
     # clip_qkv (None by default: torch.clamp refuses both bounds None); databricks/dbrx-base: 500000, 8
     "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
+    # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
+    # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944
+    "qwen2_vl": {"text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                 "num_key_value_heads": 4}},
+    "qwen2_5_vl": {"text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                   "num_key_value_heads": 4}},
+    # Qwen/Qwen3-VL-8B-Instruct: vision out_hidden_size 4096 = the text width
+    "qwen3_vl": {"vision_config": {"out_hidden_size": 4096}},
+    # google/gemma-3-4b-it: SigLIP at 896 px, patch 14 (64 x 64 patches pooled 4 x 4 to 256 tokens)
+    "gemma3": {"vision_config": {"image_size": 896, "patch_size": 14}},
+    # HuggingFaceM4/Idefics3-8B-Llama3 (364 px, patch 14, pixel shuffle 2); HuggingFaceTB/SmolVLM-Instruct (384 px,
+    # patch 14, pixel shuffle 3): the defaults' 224 px / patch 32 grid does not shuffle
+    "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
+    "smolvlm": {"vision_config": {"image_size": 384, "patch_size": 14}, "scale_factor": 3},
 }
 
 
@@ -415,7 +436,8 @@ def main() -> int:
 
         transformers.logging.set_verbosity_error()
         warnings.simplefilter("ignore")
-        types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        types = [t for t in args.types.split(",") if t] or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + \
+            [t for t in VLM_TYPES if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
         if args.category:
             types = [t for t in types if category(t) == args.category]
         if args.reverse:

@@ -16,6 +16,7 @@ import pytest
 from vramplan.catalog import CatalogEntry, get_model, list_models, resolve_model
 from vramplan.errors import ConfigError, UnknownNameError
 from vramplan.hfconfig import SUPPORTED_MODEL_TYPES
+from vramplan.multimodal import MULTIMODAL_TYPES, tower_parameters
 from vramplan.params import count_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +61,9 @@ def test_record_schema(record: dict[str, Any]) -> None:
     datetime.date.fromisoformat(record["retrieved"])
     config = record["config"]
     assert isinstance(config, dict)
+    if config["model_type"] in MULTIMODAL_TYPES:  # a vision-language model: its published config, both towers
+        assert "vision_config" in config and "torch_dtype" not in config
+        return
     assert config["model_type"] in SUPPORTED_MODEL_TYPES
     assert not {"id2label", "label2id", "torch_dtype", "text_config", "vision_config"} & set(config)
 
@@ -119,7 +123,9 @@ def test_family_present(name: str) -> None:
 
 @pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
 def test_exact_parameter_count(entry: CatalogEntry) -> None:
-    assert count_params(entry.spec).total == entry.params
+    mm = entry.spec.multimodal
+    tower = tower_parameters(mm.tower) if mm is not None else 0  # a vision-language model's tower and projector
+    assert count_params(entry.spec).total + tower == entry.params
 
 
 @pytest.mark.parametrize(("name", "published"), [

@@ -188,8 +188,14 @@ def test_vision_language_model_built_whole_with_a_warning() -> None:
            "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
                              "projection_dim": 32}}
-    est = trace_workload(raw, INFER, name="llava-tiny")
+    # --text-only: the whole model is built, but only text tokens run (a warning says the tower is not traced)
+    est = trace_workload(raw, INFER.with_(text_only=True), name="llava-tiny")
     assert any("LlavaForConditionalGeneration" in a for a in est.assumptions)
     assert any("vision_config" in w and "not traced" in w for w in est.warnings)
     text_only = trace_workload(TINY_LLAMA, INFER, name="t")
     assert est.parameters > text_only.parameters  # the vision tower and projector are counted
+    # by default one image per sample runs through the tower: its 16 patch tokens join each sequence
+    with_image = trace_workload(raw, INFER, name="llava-tiny")
+    assert any("16 image tokens" in a for a in with_image.assumptions)
+    assert not any("not traced" in w for w in with_image.warnings)
+    assert with_image.peak_allocated_bytes > est.peak_allocated_bytes

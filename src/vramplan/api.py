@@ -34,7 +34,8 @@ LAYOUT_OPTIONS = ("gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batc
                   "virtual_stages", "intra_node_link", "inter_node_link")
 IMAGE_OPTIONS = ("resolution", "pipeline")  # workload options only image models take
 # Language-model options an image model has no use for: refused unless left at the Workload default.
-_LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers")
+_LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers", "images",
+                  "image_size", "freeze_vision", "text_only")
 
 
 def make_workload(**options: Any) -> Workload:
@@ -55,7 +56,7 @@ def make_workload(**options: Any) -> Workload:
 
 
 _INT_FIELDS = frozenset({"batch_size", "seq_len", "new_tokens", "lora_rank", "lora_alpha", "gradient_accumulation",
-                         "trainable_layers", "quant_group_size"})
+                         "trainable_layers", "quant_group_size", "images", "image_size"})
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -74,7 +75,7 @@ def _coerce(key: str, value: Any) -> Any:
             raise WorkloadError(f"{key.replace('_', '-')} {shown} is not one of: {choices}")
         if key in _INT_FIELDS:
             return as_int(key, value)
-        if key in ("gradient_checkpointing", "double_quant"):
+        if key in ("gradient_checkpointing", "double_quant", "freeze_vision", "text_only"):
             return as_bool(key, value)
         if key == "lora_dropout":
             return as_float(key, value)

@@ -419,6 +419,10 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, re
     ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
     ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
     (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
+    if spec.multimodal is not None or workload.vision_options:
+        from .multimodal import route  # vision-language models: tower + projector + language model
+
+        return route(spec, workload, name or spec.name)
     return _estimate_cached(spec, workload, name or spec.name, reserved)
 
 

@@ -536,7 +536,10 @@ _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
     "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom, "falcon": _falcon,
 }
-_ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text"}
+_ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
+            # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
+            # decoder with multimodal RoPE
+            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_READERS))
 # The transformers release whose modeling code the hand-written block programs follow (per family: ModelSpec
 # .program_version; families added later were written from, and checked against, a newer release).
@@ -604,6 +607,12 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], tuple[str, ...]]:
     """A multimodal config's language model, and a note that its other towers are not counted."""
     text = raw.get("text_config")
+    if not isinstance(text, Mapping) and isinstance(raw.get("vision_config"), Mapping) and \
+            raw.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        # Qwen2-VL / Qwen2.5-VL checkpoints keep the language model's fields at the top level (transformers'
+        # Qwen2_5_VLConfig builds its text_config from them)
+        text = {k: v for k, v in raw.items() if k != "vision_config"}
+        text["model_type"] = f"{raw['model_type']}_text"
     if not isinstance(text, Mapping):
         return raw, ()
     towers = [k.removesuffix("_config") for k in raw if k.endswith("_config") and k != "text_config"
@@ -644,6 +653,11 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         spec = replace(spec, quantization=quantization)
     if notes:
         spec = replace(spec, notes=notes)
+        from .multimodal import multimodal_from_config
+
+        mm = multimodal_from_config(_special_floats(raw), spec.hidden_size, name)
+        if mm is not None:
+            spec = replace(spec, multimodal=mm)
     return spec
 
 

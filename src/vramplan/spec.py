@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointWeights
+    from .multimodal import MultimodalSpec
     from .quant import Quantization
 
 __all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
@@ -118,6 +119,7 @@ class ModelSpec:
     checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
+    multimodal: MultimodalSpec | None = None  # a vision-language model's tower and projector (vramplan.multimodal)
 
     # ---- derived sizes --------------------------------------------------------------
     @property

@@ -161,6 +161,11 @@ class Workload:
     optimizer_rank: int = 128  # galore / apollo: rank of the projection
     galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
+    # Vision-language models (vramplan.multimodal): images per sample (None: 1 for a VLM; a text model refuses any)
+    images: int | None = None
+    image_size: int | None = None  # image side in pixels (None: the processor's default for the model)
+    freeze_vision: bool = False  # the vision tower does not train (the projector does, under full fine-tuning)
+    text_only: bool = False  # a VLM's language model alone, as a text-only model (no vision tower, no images)
 
     def __post_init__(self) -> None:
         enums: tuple[tuple[str, type[StrEnum]], ...] = (
@@ -218,6 +223,16 @@ class Workload:
             raise WorkloadError(f"avg_seq_len = {self.avg_seq_len!r} must be an integer in 1..seq_len "
                                 f"({self.seq_len})")
         _checkpoint_every(self.checkpointing)  # validates
+        for name, lo, hi in (("images", 1, 4096), ("image_size", 14, 16384)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
+                raise WorkloadError(f"{name.replace('_', '-')} = {value!r} must be an integer in {lo}..{hi}")
+        for name in ("freeze_vision", "text_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise WorkloadError(f"{name.replace('_', '-')} must be true or false")
+        if self.text_only and (self.images is not None or self.image_size is not None or self.freeze_vision):
+            raise WorkloadError("--text-only runs the language model without images: drop --images, --image-size "
+                                "and --freeze-vision")
         if (self.gradient_checkpointing and self.checkpointing == "none") or self.checkpointing == "every:1":
             object.__setattr__(self, "checkpointing", "full")
         object.__setattr__(self, "gradient_checkpointing", self.checkpointing != "none")
@@ -250,6 +265,11 @@ class Workload:
         if self.packing:
             return self.batch_size * (self.avg_seq_len or self.seq_len)
         return self.batch_size * self.seq_len
+
+    @property
+    def vision_options(self) -> bool:
+        """Whether any vision-language option is set (a text model refuses them)."""
+        return self.images is not None or self.image_size is not None or self.freeze_vision or self.text_only
 
     @property
     def is_train(self) -> bool:

@@ -64,6 +64,20 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
                         "(e.g. expandable_segments:True, max_split_size_mb:128)")
     _add_saver_flags(p)
+    _add_vision_flags(p)
+
+
+def _add_vision_flags(p: argparse.ArgumentParser) -> None:
+    """Vision-language models (LLaVA, Qwen2-VL, Gemma 3, ...): images per sample and what trains."""
+    g = p.add_argument_group("vision-language models")
+    g.add_argument("--images", type=positive_int, default=None,
+                   help="images per sample (default 1 for a vision-language model); their tokens add to --seq-len")
+    g.add_argument("--image-size", type=positive_int, default=None,
+                   help="image side in pixels (default: the model processor's size)")
+    g.add_argument("--freeze-vision", action="store_true", default=None,
+                   help="full fine-tuning with the vision tower frozen (the projector trains)")
+    g.add_argument("--text-only", action="store_true", default=None,
+                   help="a vision-language model's language model alone, without images")
 
 
 def _add_saver_flags(p: argparse.ArgumentParser) -> None:

@@ -71,6 +71,30 @@ def _freeze(model: nn.Module, head: nn.Module | None, trainable_layers: int | No
     return keep
 
 
+# Module names of the vision towers and projectors of transformers' vision-language models (5.24 modeling files):
+# vision_tower (LLaVA, Gemma 3, PaliGemma, Mistral 3, InternVL), visual (Qwen-VL, whose projector is visual.merger),
+# vision_model (Mllama, Idefics 3, SmolVLM, Llama 4); multi_modal_projector / connector are the projectors.
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")
+PROJECTORS = ("multi_modal_projector", "connector", "merger")
+LORA_EXCLUDE = r".*\.(" + "|".join(VISION_TOWERS + PROJECTORS) + r")(\..*)?"
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """``--freeze-vision``: the vision tower stops training, its projector keeps training (LLaMA-Factory's
+    freeze_vision_tower). Returns the number of frozen parameters."""
+    frozen = 0
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in VISION_TOWERS:
+            continue
+        for pname, p in mod.named_parameters():
+            if any(part in PROJECTORS for part in pname.split(".")):
+                continue
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
 def _lora_class(clone_result: bool) -> type[nn.Module]:
     """peft's LoRA layer for bitsandbytes layers (peft/tuners/lora/bnb.py): the base output is cloned (4-bit
     only), the input cast to the adapter dtype, and the adapter output cast back before the add."""
@@ -130,7 +154,8 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
     towers = [k for k in getattr(cfg, "sub_configs", {}) or {} if k != "text_config"
               and getattr(cfg, k, None) is not None and any(w in k for w in ("vision", "audio", "vq", "image"))]
-    if towers:
+    vision = getattr(cfg, "vision_config", None) is not None
+    if towers and (workload.text_only or not vision):
         warnings.append(f"{cls.__name__} is built whole ({', '.join(towers)} included: their weights count) but run "
                         "on text tokens only: the vision/audio tower's activations are not traced")
     head = model.get_output_embeddings()
@@ -169,7 +194,11 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
         lcfg = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_alpha, target_modules=targets,
                           lora_dropout=workload.lora_dropout, task_type="CAUSAL_LM",
                           use_dora=workload.method is Method.DORA, use_rslora=workload.rslora,
-                          modules_to_save=list(workload.lora_modules_to_save) or None)
+                          modules_to_save=list(workload.lora_modules_to_save) or None,
+                          exclude_modules=LORA_EXCLUDE if vision else None)
+        if vision:
+            notes.append("LoRA on the language model only: the vision tower and projector stay frozen (LLaMA-Factory's "
+                         "defaults freeze_vision_tower, freeze_multi_modal_projector)")
         if qkind is not None:
             lcfg._register_custom_module({QuantLinear: _lora_class(clone_result=qkind == "nf4")})
         try:
@@ -179,6 +208,9 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
     if train and workload.method is Method.FREEZE:
         keep = _freeze(model, head, workload.trainable_layers)
         notes.append(f"freeze: the last {keep} decoder layers, the final norm and an untied output head train")
+    if train and vision and workload.freeze_vision and workload.method is Method.FULL:
+        n = freeze_vision_tower(model)
+        notes.append(f"--freeze-vision: {n} vision-tower parameters frozen (the projector trains)")
     if train and workload.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if workload.uses_adapters:

@@ -29,6 +29,7 @@ from ._cuda import (
     register_cuda_kernels,
     safe_softmax_transient,
 )
+from ._images import image_inputs, is_multimodal
 from ._loops import (
     CE_CHUNK,
     apply_checkpoint_every,
@@ -107,6 +108,17 @@ def _trace_environment() -> Iterator[None]:
     patches = _Patches()
     patches.set(import_utils, "is_fake_tensor", lambda x: False)
     patches.set(torch.utils, "swap_tensors", swap_fake)
+    try:
+        from transformers import initialization as hf_init
+    except ImportError:  # older transformers
+        hf_init = None
+    table = getattr(hf_init, "TORCH_INIT_FUNCTIONS", None)
+    if isinstance(table, dict) and "trunc_normal_" in table:
+        # torch's trunc_normal_ reads a value back (``.item()``), which fake tensors cannot give; the values of
+        # fake weights do not matter (SigLIP's lecun_normal_ init, Gemma 3 / PaliGemma vision towers)
+        fake_init = dict(table)
+        fake_init["trunc_normal_"] = lambda tensor, *a, **k: tensor
+        patches.set(hf_init, "TORCH_INIT_FUNCTIONS", fake_init)
     try:
         yield
     finally:
@@ -332,6 +344,16 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in params)
         ids = torch.zeros(workload.batch_size, workload.seq_len, dtype=torch.long)
+        extra: dict[str, Any] = {}
+        if is_multimodal(built.config) and not workload.text_only:
+            report("counting the image tokens")
+            imgs = image_inputs(model, built.config, workload.batch_size, workload.seq_len, workload.images or 1,
+                                workload.image_size, torch.float32)
+            ids, extra = imgs.ids, imgs.kwargs
+            assumptions.extend(imgs.notes)
+        elif workload.vision_options and not workload.text_only:
+            raise VramplanError(f"{name}: --images, --image-size and --freeze-vision apply to vision-language models; "
+                                "this config has no vision tower")
         opt = None
         if train:
             if not params:
@@ -344,6 +366,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     tracker = MemoryTracker()
     tracker.scalar_answer = _scalar_answer
     tracker.routing = routing
+    tracker.real_ints = bool(extra)
     recorder = _Recorder(tracker, model, built.head)
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
@@ -377,16 +400,18 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
             for c in m.constants():
                 tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
         tracker.adopt(ids)
+        for t in extra.values():
+            tracker.adopt(t)
         if train and workload.trainer is not Trainer.PLAIN:
             assert opt is not None
-            hf_train_loop(model, opt, ids, params, tracker, autocast, workload, built.head, assumptions)
+            hf_train_loop(model, opt, ids, params, tracker, autocast, workload, built.head, assumptions, extra)
         elif train:
             assert opt is not None
             if workload.activation_offload:
                 raise VramplanError("--activation-offload is traced with --trainer hf or trl-sft")
-            _train_loop(model, opt, ids, params, tracker, autocast, workload)
+            _train_loop(model, opt, ids, params, tracker, autocast, workload, extra)
         else:
-            assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload))
+            assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload, extra))
 
     fallback = sorted({(f, pkg) for (f, pkg, new) in kernels if not new})
     if fallback:
@@ -447,7 +472,8 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
 
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],
-                tracker: MemoryTracker, autocast: AutocastEmulation | None, workload: Workload) -> None:
+                tracker: MemoryTracker, autocast: AutocastEmulation | None, workload: Workload,
+                extra: dict[str, Any]) -> None:
     """measure.py run_train, in its steady state: forward with the model's own loss, backward, step, zero_grad;
     the output is kept alive until after the step.
 
@@ -466,9 +492,9 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
         tracker.region = MemoryKind.ACTIVATIONS
         if autocast is not None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(input_ids=ids, labels=ids)
+                out = model(input_ids=ids, labels=ids, **extra)
         else:
-            out = model(input_ids=ids, labels=ids)
+            out = model(input_ids=ids, labels=ids, **extra)
         tracker.region = MemoryKind.LOGITS_LOSS
         tracker.where = "backward"
         tracker.set_phase(Phase.BACKWARD)
@@ -526,7 +552,7 @@ def _fixed_state(layer: Any) -> bool:
 
 
 def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
-                autocast: AutocastEmulation | None, workload: Workload) -> list[str]:
+                autocast: AutocastEmulation | None, workload: Workload, extra: dict[str, Any]) -> list[str]:
     """measure.py run_infer: prefill with the cache, then single-token decode steps. Decode steps only differ by
     the cache length, so the first one is traced, the cache is grown to its length before the last step, and the
     last one is traced."""
@@ -537,9 +563,9 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
         tracker.set_phase(Phase.PREFILL)
         tracker.region = MemoryKind.ACTIVATIONS
         if workload.logits is LogitsMode.LAST:
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
         else:
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **extra)
         past = _out_cache(out)
         tracker.mark(_cache_tensors(past), MemoryKind.KV_CACHE)
         tracker.region = MemoryKind.ACTIVATIONS

@@ -225,7 +225,7 @@ def _noop_in(module: nn.Module | None, off: _Offload | None) -> Iterator[None]:
 
 def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],
                   tracker: MemoryTracker, autocast: Any, workload: Workload, head: nn.Module | None,
-                  notes: list[str]) -> None:
+                  notes: list[str], extra: dict[str, Any] | None = None) -> None:
     """transformers 5.x ``Trainer.training_step`` run for real (trainer.py: compute_loss under the autocast
     context, ``loss / gradient_accumulation_steps``, ``accelerator.backward``), then what ``_inner_training_loop``
     does at a step boundary: ``clip_grad_norm_`` (max_grad_norm 1.0), ``optimizer.step()``, ``model.zero_grad()``.
@@ -274,7 +274,8 @@ def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
         tracker.set_phase(Phase.FORWARD)
         tracker.region = MemoryKind.ACTIVATIONS
         with ctx, offload if offload is not None else contextlib.nullcontext(), _noop_in(head, offload):
-            trainer.training_step(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=items)
+            trainer.training_step(model, {"input_ids": ids, "labels": ids, **(extra or {})},
+                                  num_items_in_batch=items)
         tracker.region = MemoryKind.ACTIVATIONS
         tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
     if offload is not None:

@@ -138,6 +138,25 @@ _ROUTE_SUM = {aten.sum.dim_IntList, aten.sum.default}
 _ROUTE_HIT = {aten.gt.Scalar, aten.ne.Scalar, aten.ge.Scalar}
 
 
+_BOOL_INDEXED = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                 torch.ops.aten._unsafe_index_put.default)
+_REAL_NUMEL = 1 << 24  # integer factories up to this size are computed for real (position grids, masks)
+
+
+def _all_real_ints(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
+    """True: every tensor argument is real (not fake: integer inputs and what was computed from them); None: no
+    tensor argument."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    seen = False
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            if isinstance(t, FakeTensor) or t.device.type == "meta" or isinstance(t, torch.nn.Parameter):
+                return False
+            seen = True
+    return True if seen else None
+
+
 class MemoryTracker(TorchDispatchMode):
     """Counts live (fake) device allocations and records the peak of each phase."""
 
@@ -161,6 +180,10 @@ class MemoryTracker(TorchDispatchMode):
         # every allocation and free in order, for vramplan.allocator (the reserved-memory model)
         self.events: list[tuple[object, int]] = []
         self._transients = 0
+        # Vision-language inputs: integer/bool tensors that hold real values (input_ids, image grids, masks) are
+        # computed for real, so the model's data-dependent bookkeeping (placeholder counts, patch grids, rope
+        # indices) sees the processor's values; float tensors stay fake.
+        self.real_ints = False
 
     def set_phase(self, phase: Phase | None) -> None:
         """Enter a phase; its peak is at least what is live when it starts (a phase can allocate nothing, e.g.
@@ -259,6 +282,23 @@ class MemoryTracker(TorchDispatchMode):
                 r = override(*args, **kwargs)
             if r is not NotImplemented:
                 return r
+        if self.real_ints and func in _BOOL_INDEXED and len(args) > 1 and isinstance(args[1], (list, tuple)) and \
+                any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            return self.__torch_dispatch__(func, types, (args[0], self._long_indices(args[1]), *args[2:]), kwargs)
+        if self.real_ints:
+            real = _all_real_ints(args, kwargs)
+            if real is None:  # a factory: integer results (arange, index grids) are made for real
+                probe = func(*args, **kwargs)
+                real = isinstance(probe, torch.Tensor) and not probe.is_floating_point() and \
+                    not probe.is_complex() and probe.numel() <= _REAL_NUMEL
+                del probe
+            if real:
+                from torch.utils._python_dispatch import _disable_current_modes
+
+                with _disable_current_modes():
+                    out = func(*args, **kwargs)
+                self._note(out, func)
+                return out
         if func is aten._local_scalar_dense.default:
             return self._local_scalar(func, args, kwargs)
         if func is aten.nonzero.default:
@@ -306,6 +346,26 @@ class MemoryTracker(TorchDispatchMode):
             self.routes[out] = ("hit", *mark[1:])
         elif kind in ("count", "hit") and func in _ROUTE_PASS:
             self.routes[out] = mark
+
+    def _long_indices(self, indices: Any) -> list[Any]:
+        """Boolean masks of an index op as the integer indices they select: a real mask (placeholder tokens of
+        real input ids) by its real ``nonzero``, a fake one as all-true."""
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        out: list[Any] = []
+        for i in indices:
+            if not (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+                out.append(i)
+                continue
+            if isinstance(i, FakeTensor):
+                nz = self._nonzero(i)
+                with self:
+                    out.extend(nz.unbind(1))
+            else:
+                with _disable_current_modes():
+                    out.extend(i.nonzero().unbind(1))
+        return out
 
     def _nonzero(self, x: torch.Tensor) -> torch.Tensor:
         """``nonzero`` has a data-dependent length. On a routing mask it is answered from the routing assumption:

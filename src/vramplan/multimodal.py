@@ -1,0 +1,530 @@
+"""Vision-language models: vision tower + projector + language model, with images in the workload.
+
+A multimodal config.json (``text_config`` + ``vision_config``) is read into the language model's
+:class:`~vramplan.spec.ModelSpec` (by the text readers of :mod:`vramplan.hfconfig`) plus a :class:`MultimodalSpec`:
+the vision tower and projector as transformers 5.24 builds them (``modeling_clip.py``, ``modeling_siglip.py``,
+``modeling_qwen2_vl.py``, ``modeling_qwen2_5_vl.py``, ``modeling_llava.py``, ``modeling_llava_next.py``,
+``modeling_gemma3.py``, ``modeling_paligemma.py``).
+
+The tower's forward is recorded op by op on the image models' replay (:mod:`vramplan.vision._layers`), which also
+registers every parameter: the tower's parameter count is that of the module tree, checked against the meta device.
+The estimate composes it with the language model's, which sees ``seq_len`` text tokens plus the image tokens the
+projector inserts (the processor's expansion of the image placeholder), so its activations and KV cache grow with
+them:
+
+* forward: the token embeddings are alive while the tower runs (transformers embeds the ids first, then scatters
+  the image features into them); what the tower saves for backward stays alive through the language model's forward
+  and backward; ``pixel_values`` (fp32, as the processor returns them) live for the whole step;
+* backward: the language model's backward, then the tower's (its gradient arrives through ``masked_scatter``);
+* optimizer step: the tower's gradients and optimizer states join the language model's.
+
+Fine-tuning recipes: with an adapter method (LoRA, DoRA) the adapters go on the language model only and the tower
+and projector stay frozen (LLaMA-Factory's defaults); full fine-tuning trains everything unless ``freeze_vision``
+(the tower frozen, the projector trained).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+from .errors import ConfigError, WorkloadError
+from .kinds import MemoryKind, Phase
+from .result import Breakdown, Estimate, PhasePeak
+from .spec import ModelSpec
+from .workload import Method, WeightsQuant, Workload
+
+__all__ = ["MULTIMODAL_TYPES", "MultimodalSpec", "VisionTower", "estimate_multimodal", "multimodal_from_config",
+           "tower_parameters"]
+
+K = MemoryKind
+
+
+@dataclass(frozen=True, slots=True)
+class VisionTower:
+    """A ViT-style vision encoder and the projector that maps its features into the language model."""
+
+    style: str  # clip | siglip | qwen2_vl | qwen2_5_vl
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    patch: int
+    image_size: int  # the config's image size (position table), also the processor's default
+    channels: int = 3
+    act: str = "gelu"  # gelu | gelu_tanh | quick_gelu | silu
+    temporal_patch: int = 1  # Qwen-VL: frames per patch (an image is repeated to 2)
+    merge: int = 1  # Qwen-VL: spatial merge of the merger (2 x 2 patches per token)
+    use_head: bool = False  # SigLIP's attention-pooling head (built, unused by the VLMs)
+    window: int = 0  # Qwen2.5-VL: window attention side in pixels
+    full_attention_blocks: tuple[int, ...] = ()
+    # projector
+    projector: str = "llava"  # llava | llava_next | paligemma | gemma3 | qwen_merger
+    text_hidden: int = 0
+    projector_hidden: int = 0  # qwen: merger output; paligemma: projection_dim
+    projector_bias: bool = True
+    tokens_per_image: int = 0  # gemma3: mm_tokens_per_image
+    feature_layer: int = -1  # llava: vision_feature_layer (hidden states of all layers are collected)
+    keep_cls: bool = False  # llava: vision_feature_select_strategy "full"
+
+
+@dataclass(frozen=True, slots=True)
+class MultimodalSpec:
+    """What a vision-language config adds to its language model."""
+
+    model_type: str
+    tower: VisionTower | None  # None: a vision tower this module does not model (the estimate refuses images)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def vision(self) -> VisionTower:
+        if self.tower is None:
+            raise WorkloadError(f"the vision tower of {self.model_type} is not modelled by vramplan estimate "
+                                f"(modelled: {', '.join(MULTIMODAL_TYPES)}); add --text-only for its language model "
+                                "alone, or run `vramplan trace`, which runs the whole model with images")
+        return self.tower
+
+    def image_tokens(self, size: int) -> int:
+        """Tokens one image of ``size`` x ``size`` pixels adds to the language model's sequence."""
+        t = self.vision
+        g = size // t.patch
+        if t.projector == "qwen_merger":
+            return (g // t.merge) ** 2
+        if t.projector == "gemma3":
+            return t.tokens_per_image
+        if t.projector == "llava_next":
+            return _llava_next_tokens(t, size)
+        return g * g + (1 if t.keep_cls and t.style == "clip" else 0)
+
+    def default_size(self) -> int:
+        return 448 if self.vision.style.startswith("qwen") else self.vision.image_size
+
+    def check_size(self, size: int) -> None:
+        t = self.vision
+        unit = t.patch * t.merge
+        if t.style.startswith("qwen"):
+            if size % unit:
+                raise WorkloadError(f"--image-size {size} must be a multiple of {unit} px for {self.model_type} (patch "
+                                    f"{t.patch} x merge {t.merge}), as its processor resizes images")
+        elif size != t.image_size:
+            raise WorkloadError(f"{self.model_type} resizes every image to {t.image_size} px (its position table); "
+                                f"drop --image-size or give {t.image_size}")
+
+
+def _llava_next_tokens(t: VisionTower, size: int) -> int:
+    """LLaVA-NeXT anyres for a square image at the tower's size: the base image's patches plus the best grid
+    pinpoint's tiles, unpadded to the image's aspect, with one newline token per row (modeling_llava_next.py
+    pack_image_features, select_best_resolution of image_processing_llava_next.py)."""
+    g = t.image_size // t.patch
+    # the processor picks the pinpoint with the largest effective resolution, then the least padding: for a square
+    # image at the tower's size every pinpoint upscales to >= the image, so the smallest canvas wins (2 tiles)
+    base = g * g
+    return base + g * g + g
+
+
+def tower_parameters(t: VisionTower | None) -> int:
+    """Parameters of the vision tower and projector, as ``sum(p.numel() for p in ...)`` over their modules."""
+    from .vision._graph import Numerics
+    from .vision._layers import Layers
+
+    if t is None:
+        raise WorkloadError("this vision tower is not modelled; run `vramplan trace` for its parameter count")
+    L = Layers(Numerics(False, 2, 2, False))
+    _build(L, t, 1, t.image_size if not t.style.startswith("qwen") else 4 * t.patch * t.merge, True, True, False)
+    return L.parameters
+
+
+def _register_tables(L: Any, t: VisionTower, tr: bool, proj_tr: bool) -> None:
+    """Parameters that are not read op by op: position tables, class token, post-norm, SigLIP head, newline."""
+    d = t.hidden
+    n = (t.image_size // t.patch) ** 2
+    if t.style == "clip":
+        L.register("embeddings.class_embedding", (d,), tr)
+        L.register("embeddings.position_embedding", ((n + 1) * d,), tr)
+        L.register("post_layernorm", (d, d), tr)
+    elif t.style == "siglip":
+        L.register("embeddings.position_embedding", (n * d,), tr)
+        if t.use_head:
+            i = t.intermediate
+            L.register("head", (d, 3 * d * d, 3 * d, d * d, d, d, d, d * i, i, i * d, d), tr)
+    if t.projector == "llava_next":
+        L.register("image_newline", (t.text_hidden,), proj_tr)
+
+
+def _act(L: Any, x: Any, act: str) -> Any:
+    if act == "quick_gelu":  # QuickGELUActivation: x * sigmoid(1.702 x)
+        s = L.scale(x)
+        sg = L.unary(s, save_out=True)
+        return L.mul(x, sg)
+    return L.unary(x, save_in=True)  # gelu / gelu_tanh / silu: one kernel that saves its input
+
+
+def _norm(L: Any, x: Any, d: int, rms: bool, tr: bool, name: str) -> Any:
+    return L.rms_norm(x, d, trainable=tr, name=name) if rms else L.layer_norm(x, d, trainable=tr, name=name)
+
+
+def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any) -> Any:
+    """One encoder layer: pre-norm attention and MLP with residuals (CLIPEncoderLayer, SiglipEncoderLayer,
+    Qwen2VLVisionBlock, Qwen2_5_VLVisionBlock)."""
+    d, heads = t.hidden, t.heads
+    hd = d // heads
+    qwen = t.style.startswith("qwen")
+    rms = t.style == "qwen2_5_vl"
+    n = _norm(L, x, d, rms, tr, name + ".norm1")
+    if qwen:
+        qkv = L.linear(n, d, 3 * d, name + ".attn.qkv", trainable=tr)
+        q, k, v = L.view(qkv, qkv.numel // 3), L.view(qkv, qkv.numel // 3), L.view(qkv, qkv.numel // 3)
+        # apply_rotary_pos_emb_vision: q, k in fp32, (x * cos) + (rotate_half(x) * sin), back to the input dtype
+        outs = []
+        for z in (q, k):
+            z32 = L.cast(z, 4)
+            a = L.mul(z32, rope)
+            half = L.cat((L.scale(L.view(z32, z32.numel // 2)), L.view(z32, z32.numel // 2)))
+            b2 = L.mul(half, rope)
+            outs.append(L.cast(L.add(a, b2), z.elem))
+        q, k = outs
+    else:
+        q = L.linear(n, d, d, name + ".self_attn.q_proj", trainable=tr)
+        k = L.linear(n, d, d, name + ".self_attn.k_proj", trainable=tr)
+        v = L.linear(n, d, d, name + ".self_attn.v_proj", trainable=tr)
+    parts = []
+    for s in seqs:  # Qwen-VL: one attention call per image (or window) of the packed sequence
+        frac = s / rows
+        qi = L.view(q, int(q.numel * frac)) if len(seqs) > 1 else q
+        ki = L.view(k, int(k.numel * frac)) if len(seqs) > 1 else k
+        vi = L.view(v, int(v.numel * frac)) if len(seqs) > 1 else v
+        parts.append(L.attention(qi, ki, vi, batch=1 if qwen else rows // s, heads=heads, sq=s, sk=s, head_dim=hd))
+    o = L.cat(tuple(parts)) if len(parts) > 1 else parts[0]
+    o = L.copy(o)  # attn_output.transpose(1, 2).contiguous() / reshape
+    o = L.linear(o, d, d, name + (".attn.proj" if qwen else ".self_attn.out_proj"), trainable=tr)
+    L.hold(n)
+    x = L.add(x, o)
+    m = _norm(L, x, d, rms, tr, name + ".norm2")
+    if t.style == "qwen2_5_vl":
+        i = t.intermediate
+        g = L.linear(m, d, i, name + ".mlp.gate_proj", trainable=tr)
+        u = L.linear(m, d, i, name + ".mlp.up_proj", trainable=tr)
+        h = L.mul(_act(L, g, t.act), u)
+        y = L.linear(h, i, d, name + ".mlp.down_proj", trainable=tr)
+    else:
+        i = t.intermediate
+        h1 = L.linear(m, d, i, name + ".mlp.fc1", trainable=tr)
+        h2 = _act(L, h1, t.act)
+        y = L.linear(h2, i, d, name + ".mlp.fc2", trainable=tr)
+    L.hold(m)
+    return L.add(x, y)
+
+
+def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool) -> Any:
+    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features."""
+    d = t.hidden
+    g = size // t.patch
+    patches = g * g
+    pix = L.input(images * t.channels * size * size * t.temporal_patch, 4)
+    _register_tables(L, t, tower_tr, proj_tr)
+    x = L.cast(pix, L.num.act if not L.num.amp else 4)  # pixel_values.to(the tower's dtype)
+    if t.style.startswith("qwen"):
+        rows = images * patches
+        x = L.conv(x, t.channels, d, (t.temporal_patch * t.patch, t.patch), 1, "patch_embed.proj", bias=False,
+                   trainable=tower_tr, batch=rows)
+        # rotary tables: cos and sin of the (rows, head_dim) fp32 embedding, alive for every block
+        rope = L.op(rows * (d // t.heads), 4, (), rg=False)
+        rope2 = L.op(rows * (d // t.heads), 4, (), rg=False)
+        L.hold(rope2)
+        if t.window:
+            x = L.copy(x)  # hidden_states[window_index]: the patches reordered into windows
+        win = (t.window // t.patch // t.merge) * t.merge if t.window else 0
+        for i in range(t.layers):
+            if t.window and i not in t.full_attention_blocks:
+                w = win * win
+                seqs = [w] * (rows // w) + ([rows % w] if rows % w else [])
+            else:
+                seqs = [patches] * images
+            with L.checkpoint(ckpt and tower_tr):
+                x = _block(L, t, x, rows, seqs, tower_tr, f"blocks.{i}", rope)
+        L.hold(rope)
+        # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger)
+        m2 = t.merge * t.merge
+        x = _norm(L, x, d, t.style == "qwen2_5_vl", proj_tr, "merger.ln_q")
+        h = L.linear(x, d * m2, d * m2, "merger.mlp.0", trainable=proj_tr)
+        h = _act(L, h, "gelu")
+        out = L.linear(h, d * m2, t.projector_hidden, "merger.mlp.2", trainable=proj_tr)
+        if t.window:
+            out = L.copy(out)  # [reverse_indices]
+        return out
+    seq = patches + (1 if t.style == "clip" else 0)
+    x = L.conv(x, t.channels, d, t.patch, patches, "embeddings.patch_embedding", bias=t.style != "clip",
+               trainable=tower_tr, batch=images)
+    x = L.copy(x)  # flatten(2).transpose(1, 2) then the position add / class-token cat
+    if t.style == "clip":
+        x = L.cat((x,))  # torch.cat([class_embeds, patch_embeds])
+        x = L.op(x.numel, x.elem, (x,), passthrough=True)  # + position_embedding(position_ids)
+        x = L.layer_norm(x, d, trainable=tower_tr, name="pre_layrnorm")
+    else:
+        x = L.op(x.numel, x.elem, (x,), passthrough=True)  # + position_embedding
+    rows = images * seq
+    states = [x]
+    for i in range(t.layers):
+        with L.checkpoint(ckpt and tower_tr):
+            x = _block(L, t, x, rows, [seq], tower_tr, f"encoder.layers.{i}", None)
+        states.append(x)
+    if t.projector in ("llava", "llava_next"):
+        # output_hidden_states=True: every layer's output is kept in a tuple until the tower returns
+        L.hold(*states)
+        sel = states[t.feature_layer] if -len(states) <= t.feature_layer < len(states) else x
+        feats = images * patches if not t.keep_cls else rows
+        f = L.view(sel, feats * d)  # [:, 1:] for the "default" strategy
+        f = L.copy(f) if not t.keep_cls else f
+        h = L.linear(f, d, t.text_hidden, "multi_modal_projector.linear_1", bias=t.projector_bias,
+                     trainable=proj_tr)
+        h = _act(L, h, "gelu")
+        out = L.linear(h, t.text_hidden, t.text_hidden, "multi_modal_projector.linear_2", bias=t.projector_bias,
+                       trainable=proj_tr)
+        if t.projector == "llava_next":
+            out = L.copy(out)  # pack_image_features: tiles unpadded, newline appended, cat per image
+        return out
+    x = L.layer_norm(x, d, trainable=tower_tr, name="post_layernorm")  # SiglipVisionTransformer.post_layernorm
+    if t.projector == "paligemma":
+        out = L.linear(x, d, t.projector_hidden, "multi_modal_projector.linear", trainable=proj_tr)
+        return L.scale(out)  # image_features / sqrt(hidden)
+    # Gemma 3: transpose, reshape, AvgPool2d to tokens_per_image, flatten, RMSNorm, @ mm_input_projection_weight
+    tok = images * t.tokens_per_image
+    y = L.copy(x)
+    y = L.op(tok * d, y.elem, (y,))
+    y = L.copy(y)
+    y = L.rms_norm(y, d, trainable=proj_tr, name="multi_modal_projector.mm_soft_emb_norm")
+    L.register("multi_modal_projector.mm_input_projection_weight", (d * t.text_hidden,), proj_tr)
+    return L.op(tok * t.text_hidden, y.elem, (y,), save=(y,) if proj_tr else (),
+                params=L.param("multi_modal_projector.mm_input_projection_weight", d * t.text_hidden, proj_tr),
+                rg=y.rg or proj_tr, grad_to=(y,))
+
+
+# ---- reading configs ----------------------------------------------------------------------------------------------
+
+MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl")
+# the language model's reader for text configs that only exist inside a multimodal config
+TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
+
+
+def _int(c: Mapping[str, Any], key: str, default: Any, where: str) -> int:
+    v = c.get(key, default)
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 22:
+        raise ConfigError(f"{where}: vision_config field {key!r} must be a positive integer, got {v!r}")
+    return v
+
+
+def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) -> MultimodalSpec | None:
+    """The vision tower of a vision-language config, or None for a model type this module does not model."""
+    mt = raw.get("model_type")
+    vc = raw.get("vision_config")
+    if not isinstance(vc, Mapping):
+        return None
+    if mt not in MULTIMODAL_TYPES:
+        return MultimodalSpec(str(mt), None)
+    w = f"{name}: vision_config"
+    if mt in ("qwen2_vl", "qwen2_5_vl"):
+        q25 = mt == "qwen2_5_vl"
+        embed = _int(vc, "hidden_size" if q25 else "embed_dim", 3584 if q25 else 1280, w)
+        heads = _int(vc, "num_heads", 16, w)
+        inter = _int(vc, "intermediate_size", 3420, w) if q25 else embed * _int(vc, "mlp_ratio", 4, w)
+        out = _int(vc, "out_hidden_size", 3584, w) if q25 else _int(vc, "hidden_size", 3584, w)
+        full = vc.get("fullatt_block_indexes", [7, 15, 23, 31]) if q25 else []
+        if not isinstance(full, list) or not all(isinstance(x, int) for x in full):
+            raise ConfigError(f"{w}: fullatt_block_indexes must list block indices")
+        tower = VisionTower(
+            style=mt, hidden=embed, layers=_int(vc, "depth", 32, w), heads=heads, intermediate=inter,
+            patch=_int(vc, "patch_size", 14, w), image_size=448, channels=_int(vc, "in_channels", 3, w),
+            act=str(vc.get("hidden_act", "silu" if q25 else "quick_gelu")),
+            temporal_patch=_int(vc, "temporal_patch_size", 2, w), merge=_int(vc, "spatial_merge_size", 2, w),
+            window=_int(vc, "window_size", 112, w) if q25 else 0, full_attention_blocks=tuple(full),
+            projector="qwen_merger", text_hidden=text_hidden, projector_hidden=out)
+        if out != text_hidden:
+            raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
+                              f"({text_hidden}); check vision_config")
+        return MultimodalSpec(mt, tower)
+    style = "clip" if mt in ("llava", "llava_next") else "siglip"
+    hidden = _int(vc, "hidden_size", 1024 if style == "clip" else 1152, w)
+    tower = VisionTower(
+        style=style, hidden=hidden, layers=_int(vc, "num_hidden_layers", 24 if style == "clip" else 27, w),
+        heads=_int(vc, "num_attention_heads", 16, w), intermediate=_int(vc, "intermediate_size", 4096, w),
+        patch=_int(vc, "patch_size", 14, w), image_size=_int(vc, "image_size", 336 if style == "clip" else 224, w),
+        channels=_int(vc, "num_channels", 3, w),
+        act=str(vc.get("hidden_act", "quick_gelu" if style == "clip" else "gelu_pytorch_tanh")),
+        use_head=bool(vc.get("vision_use_head", True)) and style == "siglip",  # SiglipVisionConfig's default
+        projector={"gemma3": "gemma3", "paligemma": "paligemma"}.get(mt, mt),
+        text_hidden=text_hidden,
+        projector_hidden=_int(vc, "projection_dim", text_hidden, w) if mt == "paligemma" else text_hidden,
+        projector_bias=bool(raw.get("multimodal_projector_bias", True)),
+        tokens_per_image=_int(raw, "mm_tokens_per_image", 256, name) if mt == "gemma3" else 0,
+        feature_layer=raw.get("vision_feature_layer", -2) if isinstance(raw.get("vision_feature_layer", -2), int)
+        else -2,
+        keep_cls=raw.get("vision_feature_select_strategy", "default") == "full")
+    if tower.projector == "gemma3":
+        g = tower.image_size // tower.patch
+        side = math.isqrt(tower.tokens_per_image)
+        if side * side != tower.tokens_per_image or not side or g % side:
+            raise ConfigError(f"{name}: {g} x {g} patches do not pool to mm_tokens_per_image "
+                              f"{tower.tokens_per_image}; check vision_config image_size / patch_size")
+    if tower.act not in ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu", "gelu_new"):
+        raise ConfigError(f"{w}: hidden_act {tower.act!r} is not modelled for the vision tower")
+    return MultimodalSpec(mt, tower)
+
+
+# ---- the estimate -------------------------------------------------------------------------------------------------
+
+def _vec(d: Mapping[MemoryKind, int]) -> tuple[int, ...]:
+    return tuple(d.get(k, 0) for k in MemoryKind)
+
+
+def _add(*vs: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sum(x) for x in zip(*vs, strict=True))
+
+
+def _kinds(b: Breakdown) -> tuple[int, ...]:
+    return tuple(b[k] for k in MemoryKind)
+
+
+def _phase(phase: Phase, v: tuple[int, ...]) -> PhasePeak:
+    return PhasePeak(phase, sum(v), Breakdown.of(dict(zip(MemoryKind, v, strict=True))))
+
+
+def route(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    """``estimate`` for a spec with a vision tower or a workload with vision options."""
+    from . import estimator
+
+    if spec.multimodal is None:
+        raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
+                            "vision-language models; drop them")
+    if w.text_only:
+        return estimator._estimate_cached(replace(spec, multimodal=None), w, name)
+    _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
+    return _estimate_multimodal_cached(spec, w, name)
+
+
+def check_workload(spec: ModelSpec, w: Workload) -> None:
+    """What a vision-language estimate refuses, with what to do instead."""
+    mm = spec.multimodal
+    assert mm is not None
+    if w.base_quant is not WeightsQuant.NONE:
+        raise WorkloadError(f"{spec.name}: quantized weights (qlora, --weights-quant) are not modelled with the vision "
+                            "tower; add --text-only for the language model alone, or run `vramplan trace`")
+    if w.packing:
+        raise WorkloadError("--packing is not modelled for vision-language models; drop it")
+    if w.image_size is not None:
+        mm.check_size(w.image_size)
+
+
+def estimate_multimodal(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    """The whole vision-language model: tower + projector + language model with the image tokens."""
+    return _estimate_multimodal_cached(spec, w, name)
+
+
+@lru_cache(maxsize=1024)
+def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+    """The whole vision-language model: tower + projector + language model with the image tokens."""
+    from . import estimator
+    from ._tape import ZERO
+    from .memory import _optimizer_bytes
+    from .vision._graph import Numerics, replay_backward, replay_forward
+    from .vision._layers import Layers
+
+    mm = spec.multimodal
+    assert mm is not None
+    check_workload(spec, w)
+    t = mm.vision
+    images = w.images or 1
+    size = w.image_size or mm.default_size()
+    per = mm.image_tokens(size) * images
+    text = replace(spec, multimodal=None, notes=())
+    tw = w.with_(seq_len=w.seq_len + per, images=None, image_size=None, freeze_vision=False)
+    moments = estimator.stage_moments(text, tw)
+    text_est = estimator.estimate(text, tw, name=name)
+
+    train = w.is_train
+    full = w.method is Method.FULL
+    tower_tr = train and full and not w.freeze_vision
+    proj_tr = train and full
+    num_ = estimator.numerics(w)
+    num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
+    n_img = w.batch_size * images
+    L = Layers(num)
+    feats = _build(L, t, n_img, size, tower_tr, proj_tr, train and w.gradient_checkpointing)
+    L.keep(feats)
+    fwd = replay_forward(L, ZERO)
+    params = L.parameters
+    trainable = L.trainable_parameters if train else 0
+    pbytes = w.precision.param_bytes
+    weights = params * pbytes
+    master = 0
+    if w.precision.is_amp:
+        master, weights = params * 4, 0
+    grads = trainable * pbytes
+    state = temp = 0
+    if trainable:
+        sizes = Counter(L.trainable_tensor_sizes())
+        state, temp, _ = _optimizer_bytes(w.optimizer, trainable, pbytes, sizes)
+    accumulating = w.gradient_accumulation > 1
+    states_fb = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state,
+                      K.GRADIENTS: grads if accumulating else 0})
+    states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,
+                        K.GRADIENTS: grads})
+    pixels = n_img * t.channels * size * size * t.temporal_patch * 4
+    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: feats.nbytes}), strict=True))
+    # tensors of the tower that outlive its forward: what it saved for backward (and the pixels it was given)
+    held = saved if train and (tower_tr or proj_tr) else _vec({K.ACTIVATIONS: pixels})
+    embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
+    base = _kinds(moments.base)
+
+    phases: list[PhasePeak] = []
+    for ph in text_est.phases:
+        v = _add(_kinds(ph.breakdown), states_step if ph.phase is Phase.OPTIMIZER_STEP else states_fb,
+                 held if ph.phase in (Phase.FORWARD, Phase.BACKWARD, Phase.PREFILL) else _vec({}))
+        if ph.phase in (Phase.FORWARD, Phase.PREFILL):
+            tower_fwd = _add(base, states_fb, embeds, fwd.peak.kinds)
+            v = max(v, tower_fwd, key=sum)
+        if ph.phase is Phase.BACKWARD and train and (tower_tr or proj_tr):
+            bpeak, _ = replay_backward(L, fwd, [feats], param_grads_exist=accumulating)
+            # after the language model's backward: its gradients exist, its activations are gone
+            step = next(p for p in text_est.phases if p.phase is Phase.OPTIMIZER_STEP)
+            lm_end = _add(_kinds(step.breakdown), _vec({K.OPTIMIZER_STATE: -_text_temp(text, tw)}), states_fb)
+            grad_feats = _vec({K.ACTIVATIONS: feats.nbytes})
+            v = max(v, _add(lm_end, grad_feats, bpeak.kinds), key=sum)
+        phases.append(_phase(ph.phase, v))
+    top = max(phases, key=lambda p: p.peak_allocated_bytes)
+    peak = top.peak_allocated_bytes
+    slack = int(peak * estimator.ALLOCATOR_SLACK_FRACTION)
+    kinds = dict(top.breakdown.bytes_by_kind)
+    kinds[K.CUDA_CONTEXT] = estimator.CUDA_CONTEXT_BYTES
+    kinds[K.ALLOCATOR_SLACK] = slack
+    recipe = ("the vision tower and projector train" if tower_tr else
+              "the vision tower is frozen, the projector trains" if proj_tr else
+              "the vision tower and projector are frozen (adapters on the language model only)" if train else
+              "inference")
+    assumptions = (
+        f"vision-language model {mm.model_type}: {images} image(s) of {size} x {size} px per sample add {per} image "
+        f"tokens to each sequence ({w.seq_len} text + {per} image tokens reach the language model)",
+        f"vision tower + projector: {params:,} parameters ({t.style}, {t.layers} layers of width {t.hidden}); "
+        f"{recipe}",
+        "the tower runs before the language model, with the token embeddings alive; what it saves for backward "
+        "lives through the language model's forward and backward",
+        *text_est.assumptions,
+    )
+    warnings = tuple(x for x in text_est.warnings) + mm.notes
+    trainable_total = text_est.trainable_parameters + trainable
+    return Estimate(
+        model=name, parameters=text_est.parameters + params, trainable_parameters=trainable_total,
+        peak_allocated_bytes=peak, total_bytes=peak + slack + estimator.CUDA_CONTEXT_BYTES, peak_phase=top.phase,
+        breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=assumptions, warnings=warnings,
+        workload=estimator._workload_dict(w), host_bytes=text_est.host_bytes, host_traffic_bytes=0)
+
+
+def _text_temp(text: ModelSpec, w: Workload) -> int:
+    from .memory import model_states
+
+    return model_states(text, w).step_temporaries if w.is_train else 0

@@ -1,0 +1,188 @@
+"""Vision-language models: tower + projector + language model with images (vramplan.multimodal).
+
+Parameter counts are checked against the meta device (transformers' own classes), the estimate against the
+fake-tensor trace on cut-down library-default configs (slow), and bad input for one-line errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from vramplan import estimate
+from vramplan.catalog import get_model
+from vramplan.errors import VramplanError, WorkloadError
+from vramplan.hfconfig import spec_from_config
+from vramplan.multimodal import MULTIMODAL_TYPES, tower_parameters
+from vramplan.params import count_params
+
+CATALOG = ("qwen2.5-vl-7b", "gemma-3-4b-it", "gemma-3-12b-it", "gemma-3-27b-it", "llava-1.5-7b",
+           "llava-next-mistral-7b")
+# published parameter counts of the checkpoints (model cards / safetensors totals)
+PUBLISHED = {"qwen2.5-vl-7b": 8.29e9, "gemma-3-4b-it": 4.30e9, "gemma-3-12b-it": 12.19e9, "gemma-3-27b-it": 27.43e9,
+             "llava-1.5-7b": 7.06e9, "llava-next-mistral-7b": 7.57e9}
+
+
+def _total(spec: Any) -> int:
+    return int(count_params(spec).total + tower_parameters(spec.multimodal.tower))
+
+
+@pytest.mark.parametrize("name", CATALOG)
+def test_catalog_counts_are_the_whole_model(name: str) -> None:
+    entry = get_model(name)
+    assert entry.spec.multimodal is not None
+    assert _total(entry.spec) == entry.params
+    assert entry.params == pytest.approx(PUBLISHED[name], rel=0.005)
+    assert _total(entry.spec) > count_params(entry.spec).total  # the tower is not dropped
+
+
+def test_images_add_tokens_and_cache() -> None:
+    one = estimate("qwen2.5-vl-7b", task="infer", images=1, seq_len=1024, new_tokens=16)
+    two = estimate("qwen2.5-vl-7b", task="infer", images=2, seq_len=1024, new_tokens=16)
+    big = estimate("qwen2.5-vl-7b", task="infer", images=1, image_size=896, seq_len=1024, new_tokens=16)
+    assert two.peak_allocated_bytes > one.peak_allocated_bytes
+    assert big.peak_allocated_bytes > one.peak_allocated_bytes
+    kv = [p.breakdown.as_dict().get("kv_cache", 0) for p in (one.phases[-1], two.phases[-1])]
+    assert kv[1] > kv[0]
+    # 448 px: a 32 x 32 patch grid merged 2 x 2 = 256 tokens per image
+    assert any("256 image tokens" in a for a in one.assumptions)
+    assert any("512 image tokens" in a for a in two.assumptions)
+
+
+def test_text_only_is_the_language_model() -> None:
+    text = estimate("qwen2.5-vl-7b", method="lora", text_only=True)
+    whole = estimate("qwen2.5-vl-7b", method="lora")
+    assert text.parameters < whole.parameters
+    assert any("tower" in w for w in text.warnings)  # says what it leaves out
+    assert not any("tower" in w for w in whole.warnings)
+    assert whole.peak_allocated_bytes > text.peak_allocated_bytes
+
+
+def test_freeze_vision_trains_the_projector_only() -> None:
+    full = estimate("llava-1.5-7b", method="full", seq_len=512)
+    frozen = estimate("llava-1.5-7b", method="full", seq_len=512, freeze_vision=True)
+    lora = estimate("llava-1.5-7b", method="lora", seq_len=512)
+    tower = tower_parameters(get_model("llava-1.5-7b").spec.multimodal.tower)  # type: ignore[union-attr]
+    assert full.trainable_parameters == full.parameters
+    assert 0 < full.trainable_parameters - frozen.trainable_parameters < tower  # the projector still trains
+    assert frozen.peak_allocated_bytes < full.peak_allocated_bytes
+    assert lora.trainable_parameters < 0.01 * lora.parameters  # adapters on the language model only
+
+
+def test_flat_qwen_config_reads_like_nested() -> None:
+    raw = copy.deepcopy(dict(get_model("qwen2.5-vl-7b").config_dict()))
+    spec = spec_from_config(raw, "flat")
+    assert spec.multimodal is not None and spec.family == "qwen2" and spec.hidden_size == 3584
+
+
+@pytest.mark.parametrize("bad", [{"images": 0}, {"images": -1}, {"image_size": 5}, {"images": True}])
+def test_bad_image_options_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(WorkloadError):
+        estimate("gemma-3-4b-it", **bad)
+
+
+def test_vision_options_on_a_text_model_are_refused() -> None:
+    with pytest.raises(VramplanError, match="text model"):
+        estimate("llama-2-7b", images=1)
+    with pytest.raises(VramplanError, match="multiple of 28"):
+        estimate("qwen2.5-vl-7b", image_size=450)
+    with pytest.raises(VramplanError, match="896"):
+        estimate("gemma-3-4b-it", image_size=448)
+    with pytest.raises(VramplanError, match="text-only"):
+        estimate("gemma-3-4b-it", method="qlora")
+    with pytest.raises(VramplanError, match="--text-only"):
+        estimate("gemma-3-4b-it", text_only=True, images=2)
+
+
+@pytest.mark.parametrize("argv", [
+    ["qwen2.5-vl-7b", "--images", "0"],
+    ["qwen2.5-vl-7b", "--images", "-3"],
+    ["llama-2-7b", "--images", "1"],
+    ["llama-2-7b", "--freeze-vision"],
+    ["gemma-3-4b-it", "--image-size", "100"],
+])
+def test_cli_bad_input_one_line_exit_2(argv: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "vramplan", "estimate", *argv], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_estimate_lora_with_images() -> None:
+    r = subprocess.run([sys.executable, "-m", "vramplan", "estimate", "qwen2.5-vl-7b", "--method", "lora",
+                        "--images", "1", "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"images": 1' in r.stdout
+
+
+# ---- against the meta device and the trace (torch) -----------------------------------------------------------
+
+def _default(model_type: str, layers: int = 2) -> dict[str, Any]:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from coverage_report import default_config
+
+    return dict(default_config(model_type, layers, False))
+
+
+@pytest.mark.parametrize("model_type", MULTIMODAL_TYPES)
+def test_tower_parameters_match_the_meta_device(model_type: str) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from vramplan.trace._resolve import hf_config, model_class
+
+    raw = _default(model_type, 1)
+    config, _ = hf_config(raw, model_type)
+    with torch.device("meta"):
+        model = model_class(config, model_type)._from_config(config)
+    assert _total(spec_from_config(raw, model_type)) == sum(p.numel() for p in model.parameters())
+
+
+SMALL = {
+    "full": {"task": "train", "method": "full", "batch_size": 1, "seq_len": 128},
+    "lora": {"task": "train", "method": "lora", "batch_size": 2, "seq_len": 128, "lora_targets": "q_proj,v_proj",
+             "gradient_checkpointing": True},
+    "frozen": {"task": "train", "method": "full", "batch_size": 1, "seq_len": 128, "freeze_vision": True},
+    "infer": {"task": "infer", "batch_size": 2, "seq_len": 128, "new_tokens": 4},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "paligemma"])
+@pytest.mark.parametrize("workload", list(SMALL))
+def test_estimate_tracks_the_trace(model_type: str, workload: str) -> None:
+    pytest.importorskip("torch")
+    from vramplan.api import make_workload
+    from vramplan.trace import trace_workload
+
+    raw = _default(model_type)
+    w = make_workload(**SMALL[workload])
+    est = estimate(spec_from_config(raw, model_type), w)
+    tr = trace_workload(raw, w, name=model_type)
+    assert est.parameters == tr.parameters
+    assert est.trainable_parameters == tr.trainable_parameters
+    assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.04)
+
+
+def test_trace_feeds_images_to_a_tiny_llava() -> None:
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+    from vramplan.workload import Task, Workload
+
+    raw = {"model_type": "llava", "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                  "num_hidden_layers": 1, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 4, "vocab_size": 256},
+           "image_token_index": 255,
+           "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                             "projection_dim": 32}}
+    w = Workload(task=Task.INFER, batch_size=1, seq_len=16, new_tokens=2)
+    one = trace_workload(raw, w, name="tiny")
+    three = trace_workload(raw, w.with_(images=3), name="tiny")
+    assert any("16 image tokens" in a for a in one.assumptions)
+    assert any("48 image tokens" in a for a in three.assumptions)
+    est = estimate(spec_from_config(raw, "tiny"), w)
+    assert est.parameters == one.parameters
