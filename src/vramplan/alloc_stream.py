@@ -2,7 +2,7 @@
 
 :mod:`vramplan.estimator` combines identical decoder layers in closed form to get the allocated peak.
 What the caching allocator *reserves* depends on the order and the sizes of every allocation, so here the
-same recorded programs (:mod:`vramplan.blocks` on a :class:`~vramplan._tape.Tape`) are replayed layer by
+same recorded programs (:mod:`vramplan.blocks` on a :class:`~vramplan._engine.tape.Tape`) are replayed layer by
 layer with event emission, in the order of the calibration harness (``/work/shared/calibration/measure.py``,
 which ``vramplan measure`` repeats):
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from . import allocator as A
-from ._tape import Tape, Tensor
+from ._engine.replay import GradBuf, layer_backward, layer_forward
+from ._engine.tape import Tape, Tensor
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import Phase
 from .memory import ModelStates, lora_targets, quantized_linear_bytes
@@ -66,11 +67,10 @@ class _Template:
         for key, n in events:
             if isinstance(key, Tensor) and (key is x or key is y):
                 code = -1 if key is x else -2
-            elif isinstance(key, tuple) and key[0] == "g" and (key[1] is x or key[1] is y):
-                code = -3 if key[1] is x else -4
+            elif isinstance(key, GradBuf) and (key.owner is x or key.owner is y):
+                code = -3 if key.owner is x else -4
             else:
-                ident = (key[0], id(key[1])) if isinstance(key, tuple) and key[0] == "g" else \
-                    key if isinstance(key, tuple) else id(key)
+                ident = ("g", id(key.owner)) if isinstance(key, GradBuf) else key if isinstance(key, tuple) else id(key)
                 code = local.setdefault(ident, len(local))
             if isinstance(key, tuple) and key[0] == "p" and code >= 0:
                 self.pgrads.add(code)
@@ -316,9 +316,13 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     loss_kind = w.resolved_loss
     first = _first_trainable(spec, w, states)
 
-    def record(tpl: _Template, fn: str, *args: object) -> list[tuple[int, int]]:
+    def record(tpl: _Template, fn: str, flag: bool) -> list[tuple[int, int]]:
+        """``fn``: "forward" (``flag``: saving) or "backward" (``flag``: parameter gradients exist)."""
         ev: list[Event] = []
-        getattr(tpl.tp, fn)(*args, ev=ev)
+        if fn == "forward":
+            layer_forward(tpl.tp, flag, ev)
+        else:
+            layer_backward(tpl.tp, flag, ev)
         return tpl.compile(ev)
 
     et = Tape(True)
@@ -480,7 +484,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     ex = build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
     emb = _Template(et, None, ex)
     ev: list[Event] = []
-    et.forward(ev=ev)
+    layer_forward(et, ev=ev)
     e_base = st.fresh(len(ev))
 
     def y(k: object) -> int:
@@ -495,7 +499,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s)
         tpl = _Template(tp, tp.tensors[0], out)
         ev = []
-        tp.forward(ev=ev)
+        layer_forward(tp, ev=ev)
         codes = tpl.compile(ev)
         kept = [tpl.local[id(t)] for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
         compiled.append((tpl, codes, kept))
@@ -514,7 +518,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                loss=False)
     head = _Template(ht, ht.tensors[0], None)
     ev = []
-    ht.forward(ev=ev)
+    layer_forward(ht, ev=ev)
     h_base = st.fresh(len(ev))
     st.add(head.instance(head.compile(ev), h_base, y(spec.num_layers - 1), -9, -9, -9))
     for t in et.tensors:

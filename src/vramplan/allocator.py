@@ -193,6 +193,21 @@ def round_size(size: int, conf: AllocConf = DEFAULT_CONF) -> int:
     return K_MIN_BLOCK * -(-size // K_MIN_BLOCK)
 
 
+def block_bytes(nbytes: int) -> int:
+    """Bytes ``torch.cuda.memory_allocated`` counts for one request of ``nbytes`` on a fresh segment: its
+    rounded size, or the whole segment when the remainder is too small to split off (a large-pool
+    request leaves at most ``kSmallSize`` over: ``should_split``). Parameter-sized tensors created once
+    are accounted this way (SDXL's 25 MiB GEGLU projections take 26 MiB blocks)."""
+    if nbytes <= 0:
+        return 0
+    n = round_size(nbytes)
+    if n >= K_MIN_LARGE_ALLOC:
+        seg = _allocation_size(n)
+        if seg - n <= K_SMALL_SIZE:
+            return seg
+    return n
+
+
 def _allocation_size(size: int) -> int:
     """``get_allocation_size``: the size of the segment a request that found no cached block creates."""
     if size <= K_SMALL_SIZE:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from ..estimator import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, StageMoments, estimate, stage_moments
+from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES
+from ..estimator import StageMoments, estimate, stage_moments
 from ..kinds import MemoryKind, Phase
 from ..memory import model_states
 from ..result import Breakdown, Estimate, PhasePeak

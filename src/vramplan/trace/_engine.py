@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .._engine.step import workload_dict
 from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
@@ -269,18 +268,6 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     return out
 
 
-def _workload_dict(w: Workload) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(w):
-        v = getattr(w, f.name)
-        if isinstance(v, enum.Enum):
-            v = v.value
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[f.name] = v
-    return out
-
-
 def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, int]]:
     by_kind = mark.breakdown()
     by_kind[MemoryKind.WORKSPACE] = by_kind.get(MemoryKind.WORKSPACE, 0) + workspace
@@ -467,7 +454,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
         peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
         breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warns), workload=_workload_dict(reported), peak_reserved_bytes=peak + slack,
+        warnings=tuple(warns), workload=workload_dict(reported), peak_reserved_bytes=peak + slack,
         reserved_phases=reserved.phases)
 
 

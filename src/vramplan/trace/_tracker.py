@@ -25,22 +25,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..allocator import K_MIN_BLOCK, round_size
 from ..kinds import MemoryKind, Phase
 
 __all__ = ["BLOCK_BYTES", "MemoryTracker", "PeakMark", "block_bytes"]
 
 # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; every request is rounded up to a multiple of it
 # (round_size), and the allocated-bytes statistic counts the rounded size.
-BLOCK_BYTES = 512
+BLOCK_BYTES = K_MIN_BLOCK
 
 aten = torch.ops.aten
 
 
 def block_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator accounts for a request of ``nbytes``."""
-    if nbytes <= 0:
-        return 0
-    return -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+    return round_size(nbytes) if nbytes > 0 else 0
 
 
 class _Rec:

@@ -1,6 +1,6 @@
 """The ordered allocation/free stream of an image-model run, for the caching-allocator model.
 
-Built from the same recorded program the estimate replays (:mod:`vramplan.vision._graph`, with event
+Built from the same recorded program the estimate replays (:mod:`vramplan._engine.replay`, with event
 emission) in the order of the calibration harness (``measure.py``: ``run_unet``, ``run_vision``):
 
 * the model is created on the device in fp32 (``torch.device("cuda")`` with the default dtype), one
@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .. import allocator as A
-from .._tape import Tensor
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import forward as replay_forward
+from .._engine.tape import ZERO, Tape, Tensor
 from ..workload import Optimizer
-from ._graph import ZERO, Net, replay_backward, replay_forward
 
 __all__ = ["vision_events"]
 
@@ -68,7 +69,7 @@ class _Versions:
         return grads
 
 
-def vision_events(net: Net, param_sizes: Sequence[tuple[int, int]], seeds: Sequence[Tensor], *,
+def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequence[Tensor], *,
                   training: bool, opt_sizes: Sequence[int], optimizer: Optimizer, buffers: Sequence[int] = (),
                   steps: int = 3) -> list[Event]:
     """``param_sizes``: (elements, bytes per element as used) of every parameter tensor in creation order;
@@ -84,7 +85,7 @@ def vision_events(net: Net, param_sizes: Sequence[tuple[int, int]], seeds: Seque
             v.free(("w32", j))
     for j, n in enumerate(buffers):
         v.alloc(("buf", j), n)
-    for t in net.tp.tensors:
+    for t in net.tensors:
         if t.external and t.base is None and t.nbytes:
             v.alloc(("in", id(t)), t.nbytes)
     for h in range(2 if training else 1):
