@@ -123,6 +123,9 @@ class MultimodalSpec:
                                 f"drop --image-size or give {t.image_size}")
 
 
+LLAVA_NEXT_CROPS = 3  # a square image at the tower's size: the base image plus the 1 x 2 pinpoint's two tiles
+
+
 def _llava_next_tokens(t: VisionTower, size: int) -> int:
     """LLaVA-NeXT anyres for a square image at the tower's size: the base image's patches plus the best grid
     pinpoint's tiles, unpadded to the image's aspect, with one newline token per row (modeling_llava_next.py
@@ -330,8 +333,9 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     if t.style == "pixtral":
         L.hold(rope, mask, *states)  # Mistral 3 asks the tower for every layer's hidden states
     if t.projector in ("llava", "llava_next"):
-        # output_hidden_states=True: every layer's output is kept in a tuple until the tower returns
-        L.hold(*states)
+        # output_hidden_states=True: every layer's output is in the tower's output, which the model keeps until its
+        # forward returns
+        L.keep(*states)
         sel = states[t.feature_layer] if -len(states) <= t.feature_layer < len(states) else x
         feats = images * patches if not t.keep_cls else rows
         f = L.view(sel, feats * d)  # [:, 1:] for the "default" strategy
@@ -342,7 +346,12 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         out = L.linear(h, t.text_hidden, t.text_hidden, "multi_modal_projector.linear_2", bias=t.projector_bias,
                        trainable=proj_tr)
         if t.projector == "llava_next":
-            out = L.copy(out)  # pack_image_features: tiles unpadded, newline appended, cat per image
+            # pack_image_features: per image, the base crop's features and the tiles' unpadded grid with a newline
+            # per row (a list the model keeps), then torch.cat of the list
+            per = L.op(images // LLAVA_NEXT_CROPS * _llava_next_tokens(t, size) * t.text_hidden, out.elem, (out,),
+                       passthrough=True)
+            L.keep(per)
+            out = L.copy(per)
         return out
     if t.projector == "internvl":
         # last_hidden_state[:, 1:], pixel_shuffle (downsample 0.5: views and two contiguous copies), then
@@ -557,7 +566,8 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     n_img = w.batch_size * images
     L = Layers(num)
     input_rg = train and w.uses_adapters and w.gradient_checkpointing
-    feats = _build(L, t, n_img, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
+    crops = n_img * (LLAVA_NEXT_CROPS if t.projector == "llava_next" else 1)  # the tower sees every anyres crop
+    feats = _build(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
     L.keep(feats)
     fwd = replay_forward(L, ZERO)
     params = L.parameters
@@ -577,10 +587,14 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
                       K.GRADIENTS: grads if accumulating else 0})
     states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,
                         K.GRADIENTS: grads})
-    pixels = n_img * t.channels * size * size * t.temporal_patch * 4
-    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: feats.nbytes}), strict=True))
-    # tensors of the tower that outlive its forward: what it saved for backward (and the pixels it was given)
+    pixels = crops * t.channels * size * size * t.temporal_patch * 4
+    kept = sum(x.nbytes for x in L.tp.tensors if x.keep and not x.external and x.base is None)
+    # tensors of the tower that outlive its forward: in the forward, everything it left (saved for backward, the
+    # pixels, the features and the outputs the model keeps referenced until it returns); in the backward, what
+    # it saved for backward
     graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
+    held_fwd = fwd.end.kinds
+    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: kept}), strict=True))
     held = saved if graph else _vec({K.ACTIVATIONS: pixels})
     embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
     base = _kinds(moments.base)
@@ -588,7 +602,8 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     phases: list[PhasePeak] = []
     for ph in text_est.phases:
         v = _add(_kinds(ph.breakdown), states_step if ph.phase is Phase.OPTIMIZER_STEP else states_fb,
-                 held if ph.phase in (Phase.FORWARD, Phase.BACKWARD, Phase.PREFILL) else _vec({}))
+                 held_fwd if ph.phase in (Phase.FORWARD, Phase.PREFILL) else
+                 held if ph.phase is Phase.BACKWARD else _vec({}))
         if ph.phase in (Phase.FORWARD, Phase.PREFILL):
             tower_fwd = _add(base, states_fb, embeds, fwd.peak.kinds)
             v = max(v, tower_fwd, key=sum)
