@@ -14,7 +14,7 @@ from vramplan.estimator import estimate
 from vramplan.hardware import get_gpu, list_gpus
 from vramplan.parallel import FSDPMode, Layout, estimate_parallel
 from vramplan.planner import Plan, PlanRequest, PlanResult, PlanTask, SortKey, plan
-from vramplan.workload import LogitsMode, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+from vramplan.workload import LogitsMode, Loss, Method, Optimizer, Precision, Task, WeightsQuant, Workload
 
 
 def _plan(model: str, **kw: object) -> PlanResult:
@@ -47,7 +47,9 @@ def _recheck(model: str, p: Plan, seq_len: int, new_tokens: int = 256) -> int:
         assert p.optimizer is not None
         w = Workload(method=Method(p.method), precision=Precision(p.precision), optimizer=Optimizer(p.optimizer),
                      batch_size=p.micro_batch, seq_len=seq_len, gradient_checkpointing=p.gradient_checkpointing,
-                     gradient_accumulation=p.gradient_accumulation)
+                     gradient_accumulation=p.gradient_accumulation,
+                     loss=Loss(p.saver.removeprefix("--loss ")) if (p.saver or "").startswith("--loss") else Loss.AUTO,
+                     activation_offload=p.saver == "--activation-offload")
     layout = _layout(p)
     if layout.is_single:
         return estimate(spec, w).total_bytes

@@ -79,13 +79,18 @@ def test_30b_on_a_consumer_gpu(model: str) -> None:
     biggest = max(g.usable_memory_bytes for g in consumer)
     # no 16-bit method can run: the weights alone exceed every consumer card
     assert weights_16bit(model) > biggest
-    short = ask(model, PlanRequest(task=PlanTask.FINETUNE, seq_len=256, gpu_class="consumer", max_gpus=1, top=500))
-    # only with 4-bit and checkpointing at small context ...
+    short = ask(model, PlanRequest(task=PlanTask.FINETUNE, seq_len=256, gpu_class="consumer", max_gpus=1, top=500,
+                                   savers=()))
+    # only with 4-bit and checkpointing at small context (memory savers aside: offloading replaces checkpointing) ...
     assert short.plans
     assert {(p.method, p.gradient_checkpointing) for p in short.plans} == {("qlora", True)}
     assert short.consumer is not None and short.consumer.method == "qlora"
+    savers = ask(model, PlanRequest(task=PlanTask.FINETUNE, seq_len=256, gpu_class="consumer", max_gpus=1, top=500))
+    assert {p.method for p in savers.plans} == {"qlora"}
+    assert all(p.gradient_checkpointing or p.saver for p in savers.plans)
     # ... and not at all at long context, with the numbers
-    long = ask(model, PlanRequest(task=PlanTask.FINETUNE, seq_len=8192, gpu_class="consumer", max_gpus=1))
+    long = ask(model, PlanRequest(task=PlanTask.FINETUNE, seq_len=8192, gpu_class="consumer", max_gpus=1,
+                                  savers=()))
     assert not long.plans and long.consumer is None
     reason = long.consumer_reason
     assert reason is not None and reason.startswith("not feasible on consumer GPUs")

@@ -278,3 +278,58 @@ def test_cli_bad_checkpointing_is_one_line() -> None:
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "every:N" in r.stderr
 
+
+
+def test_plan_says_which_saver_turned_a_no_into_a_yes() -> None:
+    from vramplan.planner import PlanRequest, PlanTask, plan
+
+    spec = get_model("llama-3.1-8b").spec
+    result = plan(spec, PlanRequest(task=PlanTask.FINETUNE, gpu_class="consumer"), name="llama-3.1-8b")
+    assert any(p.saver for p in result.plans)
+    assert result.consumer is not None and result.consumer.saver
+    assert any(f"fits with {result.consumer.saver} (not without it" in n for n in result.saver_notes)
+    assert result.to_dict()["savers"] == list(result.saver_notes)
+    assert result.consumer.saver in result.consumer.describe()
+    none = plan(spec, PlanRequest(task=PlanTask.FINETUNE, gpu_class="consumer", savers=()), name="llama-3.1-8b")
+    assert not any(p.saver for p in none.plans) and not none.saver_notes
+    # without savers the same consumer GPU does not fit that method: the saver turned a no into a yes
+    assert not any(p.gpu == result.consumer.gpu and p.gpu_count == result.consumer.gpu_count
+                   and p.method == result.consumer.method for p in none.plans)
+
+
+def test_plan_saver_plans_recheck_through_the_estimator() -> None:
+    """Every saver plan's memory and host memory equal a plain estimate with that flag turned on."""
+    from vramplan.planner import PlanRequest, PlanTask, plan
+
+    spec = get_model("llama-3.1-8b").spec
+    result = plan(spec, PlanRequest(task=PlanTask.FINETUNE, gpu_class="consumer", top=500), name="llama-3.1-8b")
+    saver_plans = [p for p in result.plans if p.saver]
+    assert {p.saver for p in saver_plans} >= {"--loss liger-fused", "--activation-offload"}
+    for p in saver_plans:
+        assert p.optimizer is not None
+        w = Workload(method=Method(p.method), precision=Precision(p.precision), optimizer=Optimizer(p.optimizer),
+                     batch_size=p.micro_batch, seq_len=p.seq_len, gradient_checkpointing=p.gradient_checkpointing,
+                     gradient_accumulation=p.gradient_accumulation,
+                     loss=Loss(p.saver.removeprefix("--loss ")) if p.saver.startswith("--loss") else Loss.AUTO,
+                     activation_offload=p.saver == "--activation-offload")
+        est = estimate(spec, w)
+        assert est.total_bytes == p.total_bytes
+        assert est.host_bytes == p.host_bytes
+        if p.saver == "--activation-offload":
+            assert p.host_bytes > 0
+
+
+def test_plan_pinned_savers_and_refused_flags() -> None:
+    from vramplan.service import PlanQuery, plan
+
+    pinned = plan(PlanQuery.of("llama-3.1-8b", {"loss": "liger-fused", "gpu_class": "consumer"}))
+    assert all(p.saver in (None, "--activation-offload", "--optimizer paged-adamw-8bit") for p in pinned.plans)
+    assert plan(PlanQuery.of("llama-3.1-8b", {"savers": False, "gpu_class": "consumer"})).saver_notes == ()
+    with pytest.raises(WorkloadError, match="packing"):
+        plan(PlanQuery.of("llama-3.1-8b", {"packing": True}))
+
+
+def test_cli_plan_prints_the_saver_note() -> None:
+    r = _cli("plan", "llama-3.1-8b", "--task", "finetune", "--gpu-class", "consumer")
+    assert r.returncode == 0, r.stderr
+    assert "memory savers:" in r.stdout and "fits with --" in r.stdout

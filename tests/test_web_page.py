@@ -235,3 +235,28 @@ def test_image_models_get_subtitles_and_reasons(server: str, desktop: Any) -> No
         assert desktop.is_visible("#sweep-note") and desktop.inner_text("#sweep-note")
     plans_shown(desktop)
     assert "not modelled" in desktop.inner_text("#plan-job") or "min" in desktop.inner_text("#plan-table")
+
+
+# ----------------------------------------------------------------------------------------- the serving job
+
+
+def test_an_inference_job_shows_the_serving_engine(server: str, desktop: Any) -> None:
+    """The 'Serve it' section shows fit --engine's serving object and launch command, as the API answers them."""
+    desktop.goto(server + "/?model=llama-3.1-8b&task=infer")
+    ready(desktop)
+    desktop.wait_for_function("() => document.querySelector('#serve-command').textContent.includes('vllm serve')",
+                              timeout=120_000)
+    fit = api(server, "/api/fit", {"model": "llama-3.1-8b", "task": "infer", "gpu": "h100-sxm", "engine": "vllm"})
+    cells = dict(zip(desktop.eval_on_selector_all("#serve-result tr", "els => els.map(e => e.dataset.key)"),
+                     desktop.eval_on_selector_all("#serve-result td", "els => els.map(e => e.textContent)"),
+                     strict=True))
+    assert cells["gpu_blocks"] == f"{fit['serving']['gpu_blocks']:,}"
+    assert cells["max_model_len_fit"] == f"{fit['serving']['max_model_len_fit']:,}"
+    assert "max_concurrency" in cells and "kv_cache_bytes" in cells and "decode_tokens_per_s" in cells
+    assert desktop.inner_text("#serve-command") == fit["launch_command"]
+    desktop.select_option("#serve-engine", "sglang")
+    desktop.wait_for_function("() => document.querySelector('#serve-command').textContent.includes('sglang')",
+                              timeout=120_000)
+    desktop.goto(server + "/?model=llama-3.1-8b")
+    ready(desktop)
+    assert desktop.eval_on_selector("#serve-section", "e => e.hidden")

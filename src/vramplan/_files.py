@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import BinaryIO
 
-__all__ = ["FileTooLarge", "NotAFile", "read_text_limited"]
+__all__ = ["FileTooLarge", "NotAFile", "open_regular", "read_text_limited"]
 
 
 class NotAFile(OSError):
@@ -18,6 +19,24 @@ class NotAFile(OSError):
 
 class FileTooLarge(ValueError):
     """More than the limit could be read."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for binary reading, only when it is a regular file (symbolic links followed).
+
+    Binary formats whose header is checked against the file's length (safetensors, GGUF) need a real size: a pipe
+    would block the open and report 0 bytes, a device reads forever. :class:`NotAFile` for anything else; the
+    caller bounds each read by the sizes it checked.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a pipe, device or socket, not a file"
+        raise NotAFile(f"{os.fspath(path)} is {kind}")
+    fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # replaced between the two looks
+        fh.close()
+        raise NotAFile(f"{os.fspath(path)} is not a regular file")
+    return fh
 
 
 def read_text_limited(path: str | os.PathLike[str], limit: int) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ._files import FileTooLarge, NotAFile, open_regular, read_text_limited
 from .errors import ConfigError
 from .quant import DTYPE_BYTES
 from .spec import ModelSpec
@@ -25,6 +26,7 @@ __all__ = ["CheckpointWeights", "TensorInfo", "load_model_dir", "read_safetensor
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors refuses headers above 100 MB (MAX_HEADER_SIZE)
 MAX_SHARDS = 4096
+MAX_INDEX_BYTES = 64 << 20  # a weight map of every tensor name is a few MB even for the largest models
 
 # Tensor names (last component) that hold quantization metadata rather than weights.
 _CONSTANT_SUFFIXES = ("scales", "qzeros", "g_idx", "weight_scale", "weight_scale_inv", "weight_zero_point",
@@ -88,8 +90,8 @@ def read_safetensors_header(path: str | Path) -> list[TensorInfo]:
     """The tensors a .safetensors file holds, from its header alone (bounded reads, sizes checked)."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        with p.open("rb") as f:
+        with open_regular(p) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise _fail(p, "too short to be a safetensors file (no 8-byte header length)")
@@ -98,6 +100,8 @@ def read_safetensors_header(path: str | Path) -> list[TensorInfo]:
                 raise _fail(p, f"header length {n} does not fit the file ({size} bytes); the file is truncated or "
                                "not safetensors")
             text = f.read(n)
+    except NotAFile as exc:
+        raise ConfigError(f"{exc}; give a model directory of safetensors files") from None
     except OSError as exc:
         raise _fail(p, f"cannot read ({exc.strerror})") from None
     try:
@@ -154,9 +158,13 @@ def summarize(tensors: list[TensorInfo], files: int, exact: bool = True,
 
 def _read_index(path: Path) -> tuple[list[str], int | None]:
     try:
-        if path.stat().st_size > 64 << 20:
-            raise _fail(path, "index file is implausibly large")
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file():  # a pipe would block the read: only regular files are opened
+            raise NotAFile(f"{path} is a pipe, device or socket, not a file")
+        raw = json.loads(read_text_limited(path, MAX_INDEX_BYTES))
+    except FileTooLarge:
+        raise _fail(path, "index file is implausibly large (over 64 MiB)") from None
+    except NotAFile as exc:
+        raise ConfigError(f"{exc}; give a model directory with its model.safetensors.index.json") from None
     except OSError as exc:
         raise _fail(path, f"cannot read ({exc.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -175,7 +183,7 @@ def read_checkpoint(directory: str | Path) -> CheckpointWeights | None:
     """Headers of the directory's safetensors files (via the index when sharded); None when it has none."""
     d = Path(directory)
     index = d / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
         shards, total = _read_index(index)
         present = [s for s in shards if (d / s).is_file()]
         tensors: list[TensorInfo] = []

@@ -14,11 +14,13 @@ kept: only their length is recorded.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._files import NotAFile, open_regular
 from .errors import ConfigError
 
 __all__ = ["GGML_TYPES", "GGUFFile", "GGUFTensor", "read_gguf"]
@@ -165,8 +167,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     """Metadata and tensor records of a GGUF file (headers only; sizes checked against the file)."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        f = p.open("rb")
+        f = open_regular(p)
+        size = os.fstat(f.fileno()).st_size
+    except NotAFile as exc:
+        raise ConfigError(f"{exc}; give a .gguf model file") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
     with f:

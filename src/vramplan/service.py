@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .fit import FitResult, VisionFitResult
     from .hardware import GPU
     from .planner import PlanResult
+    from .spec import ModelSpec
 
 __all__ = ["COMMANDS", "EstimateQuery", "ExportQuery", "FitQuery", "MeasureQuery", "Measured", "ModelInfo", "PlanQuery",
            "Query", "ServedFit", "SweepQuery", "answer", "estimate", "export", "fit", "gpus", "measure", "models",
@@ -120,11 +121,13 @@ class ServedFit:
     gpu: str
     fit: FitResult | None
     serving: Mapping[str, Any]
+    launch_command: str | None = None  # the engine's launch command sized by this model (vramplan export)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"serving": dict(self.serving), "launch_command": self.launch_command}
         if self.fit is None:
-            return {"model": self.model, "gpu": self.gpu, "fits": self.serving["fits"], "serving": dict(self.serving)}
-        return self.fit.to_dict() | {"serving": dict(self.serving)}
+            return {"model": self.model, "gpu": self.gpu, "fits": self.serving["fits"]} | extra
+        return self.fit.to_dict() | extra
 
 
 def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
@@ -139,7 +142,8 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
         if not is_gguf(q.model) or engine not in (None, "llama.cpp") or not q.local_files:
             raise WorkloadError("llama.cpp serves GGUF files: give MODEL.gguf with --engine llama.cpp")
         return ServedFit(q.model, gpu.name, None, serving_section(_serving_args(q, engine="llama.cpp"), None, gpu,
-                                                                  None, None))
+                                                                  None, None),
+                         _launch_command(q, "llama.cpp"))
     reject_gguf_flags(_serving_args(q))  # llama.cpp's --ctx/--parallel/… mean nothing for a Hugging Face model
     ref = q.ref()
     # fit's --tp/--pp size a serving engine (--engine); its training layout is data-parallel, ZeRO or FSDP
@@ -165,7 +169,34 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
                        layout=layout[0] if layout else None, links=layout[1] if layout else None)
     if not engine:
         return result
-    return ServedFit(ref.name, gpu.name, result, serving_section(_serving_args(q), spec, gpu, w, result.total_bytes))
+    tp = as_int("tp", q.layout.get("tp") or 1)
+    return ServedFit(ref.name, gpu.name, _engine_speed(result, spec, w, gpu, engine, tp),
+                     serving_section(_serving_args(q), spec, gpu, w, result.total_bytes), _launch_command(q, engine))
+
+
+def _launch_command(q: FitQuery, engine: str) -> str | None:
+    """What ``vramplan export --engine ENGINE`` writes for the same model, GPU, layout and settings."""
+    if engine not in ("vllm", "sglang", "llama.cpp"):
+        return None
+    tp, pp = (as_int(k, q.layout.get(k) or 1) for k in ("tp", "pp"))
+    layout = {"gpus": tp * pp, "tp": tp, "pp": pp} if tp * pp > 1 else {}
+    return export(ExportQuery(model=q.model, workload=q.workload, config=q.config, local_files=q.local_files,
+                              engine=engine, layout=layout, gpu=q.gpu,
+                              gpu_memory_utilization=q.gpu_memory_utilization,
+                              max_num_batched_tokens=q.max_num_batched_tokens, serving=q.serving)).command
+
+
+def _engine_speed(result: FitResult, spec: ModelSpec, w: Workload, gpu: GPU, engine: str, tp: int) -> FitResult:
+    """``result`` with the prefill time and decode speed of ``engine`` (its per-layer per-token cost, CUDA graphs,
+    tensor-parallel all-reduces with their latency: :func:`vramplan.perf.inference_time`), not transformers'."""
+    from .perf import inference_time
+
+    it = inference_time(spec, w, gpu, split=tp, engine=engine)
+    note = (f"speed: {it.engine} prefill and decode" + (f", tensor-parallel over {tp} GPUs" if tp > 1 else "")
+            + f" (vramplan.perf: decode {it.decode_overhead_s * 1e3:.2f} ms per step of engine overhead"
+            + (f", {it.decode_allreduce_s * 1e3:.2f} ms of all-reduces" if tp > 1 else "") + ")")
+    return dataclasses.replace(result, step_time_s=it.prefill_s, tokens_per_s=it.decode_tokens_per_s,
+                               assumptions=(*result.assumptions, note))
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -188,6 +219,7 @@ class PlanQuery(Query):
     prices: str | None = None  # a JSON file of price overrides
     top: int = 20
     engine: str = "transformers"  # infer: the serving engine whose prefill/decode speed ranks the plans
+    savers: bool = True  # search the memory savers (fused/chunked loss, activation offloading, paged optimizer)
 
 
 def gpu_pool(names: Sequence[str] | None = None, prices: str | None = None) -> list[GPU]:
@@ -214,8 +246,10 @@ def plan(q: PlanQuery) -> PlanResult:
     from .workload import Attention, Method, Optimizer, Precision, WeightsQuant
 
     w = q.workload
-    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits"):
-        if w.get(flag) is not None:
+    for flag in ("trainable_layers", "gradient_accumulation", "lora_alpha", "logits", "packing", "avg_seq_len",
+                 "checkpointing", "loss_chunk", "rslora", "lora_modules_to_save", "optimizer_rank",
+                 "galore_update_gap", "lora_dropout"):
+        if w.get(flag) not in (None, False, 0.0) or (flag == "checkpointing" and w.get(flag) not in (None, "none")):
             hint = " (use --global-batch; the planner chooses micro-batch x accumulation)" \
                 if flag == "gradient_accumulation" else ""
             raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option{hint}")
@@ -239,6 +273,9 @@ def plan(q: PlanQuery) -> PlanResult:
                             ("lora_targets", w.get("lora_targets"))):
             if given is not None:
                 raise WorkloadError(f"--{flag.replace('_', '-')} is not a plan option for image models")
+        for flag in ("trainer", "loss", "activation_offload"):
+            if w.get(flag) not in (None, False):
+                raise WorkloadError(f"--{flag.replace('_', '-')} is a language-model training option")
         if method not in (None, "full", "lora"):
             raise WorkloadError(f"--method {method} is not available for image models; use full or lora")
         req = PlanRequest(methods=(Method(method),) if method else (), **common)
@@ -247,7 +284,11 @@ def plan(q: PlanQuery) -> PlanResult:
     targets = w.get("lora_targets")
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    from .workload import Loss, Trainer
+
     req = PlanRequest(
+        trainer=Trainer(w.get("trainer") or "hf"), loss=Loss(w.get("loss") or "auto"),
+        activation_offload=bool(w.get("activation_offload")), savers=None if q.savers else (),
         seq_len=w.get("seq_len", 2048), new_tokens=w.get("new_tokens", 256), tokens=q.tokens, epochs=q.epochs,
         dataset_tokens=q.dataset_tokens, methods=(Method(method),) if method and task is not PlanTask.INFER else (),
         weights_quants=(WeightsQuant(quant),) if quant else (),

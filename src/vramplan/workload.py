@@ -306,4 +306,10 @@ def _checkpoint_every(text: str) -> int:
             n = 0
         if 1 <= n <= 4096:
             return n
+    if text.startswith("selective"):
+        # torch.utils.checkpoint.create_selective_checkpoint_contexts with a policy (torchtitan's op-level SAC
+        # saves matmul / attention outputs, recomputes the rest): which tensors a layer keeps depends on the policy
+        # applied op by op to the replay, which the estimator does not run yet
+        raise WorkloadError("selective (op-level) checkpointing is not modelled; use --checkpointing full or "
+                            "every:N (torchtitan's layer-level selective AC is every:N)")
     raise WorkloadError(f"checkpointing {text!r} must be none, full or every:N (N >= 1)")

@@ -69,6 +69,9 @@ def register(sub: Any) -> None:
     p.add_argument("--prices", metavar="FILE", default=None,
                    help='JSON price overrides, e.g. {"h100-sxm": {"on_demand": 2.5, "reserved": 1.8}}')
     p.add_argument("--top", type=positive_int, default=20, help="plans to list (default 20)")
+    p.add_argument("--no-savers", dest="savers", action="store_false",
+                   help="do not search the memory savers (fused/chunked loss, activation offloading, paged "
+                        "8-bit AdamW) on one GPU")
     add_image_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_plan)
@@ -92,6 +95,8 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
         if result.fit is not None:
             _print_fit(result.fit)
         print_serving(dict(result.serving))
+        if result.launch_command:
+            print(f"launch: {result.launch_command}")
     elif isinstance(result, VisionFitResult):
         _print_vision_fit(result)
     else:
@@ -161,7 +166,7 @@ def _print_fit(r: FitResult) -> None:
         tps = f", {r.tokens_per_s:,.0f} tokens/s" if r.tokens_per_s else ""
         c.print(f"step time on this GPU: {r.step_time_s:.3f} s{tps} (vramplan.perf)")
     elif r.step_time_s is not None:
-        tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (bandwidth roofline)" if r.tokens_per_s else ""
+        tps = f"; decode {r.tokens_per_s:,.0f} tokens/s for the batch (vramplan.perf)" if r.tokens_per_s else ""
         c.print(f"prefill on this GPU: {r.step_time_s:.3f} s{tps}")
     _print_notes(c, r.assumptions, r.warnings)
 
@@ -218,7 +223,7 @@ def _print_plan(r: PlanResult) -> None:
         for i, p in enumerate(r.plans, 1):
             method = p.method if p.weights_quant == "none" else f"{p.method} {p.weights_quant}"
             settings = " ".join(x for x in (method, p.precision, p.optimizer, "ckpt" if p.gradient_checkpointing
-                                            else "") if x and x != "none")
+                                            else "", (p.saver or "").removeprefix("--")) if x and x != "none")
             layout = "" if p.layout == "single" else f" {p.layout}"
             batch = f"{p.micro_batch}" if p.method == "inference" else f"{p.micro_batch}x{p.gradient_accumulation}"
             t.add_row(str(i), f"{p.gpu_count}x {p.gpu}{layout}", settings, batch,
@@ -229,6 +234,8 @@ def _print_plan(r: PlanResult) -> None:
         c.print("[red]no plan fits[/red]")
     c.print(f"[bold]minimum consumer setup:[/bold] {_summary(r.consumer, r.consumer_reason)}")
     c.print(f"[bold]recommended data-centre setup:[/bold] {_summary(r.datacenter, r.datacenter_reason)}")
+    for note in r.saver_notes:
+        c.print(f"[bold]memory savers:[/bold] {note}")
     c.print("[bold]assumptions[/bold]")
     for a in r.assumptions:
         c.print(f"  - {a}")

@@ -292,7 +292,7 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     Megatron-LM's row-parallel linears, Shoeybi et al. 2019)."""
     prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
     bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
-    roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w), model)
+    roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
     overhead = engine_overhead_s(spec, prof, model)
@@ -340,7 +340,7 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs."""
     m = model or load_throughput_model()
     prof = engine_profile(engine)
-    work = inference_work(spec, w)
+    work = inference_work(spec, w, prof.name)
     eff = gpu_efficiency(gpu)
     mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
             f"CUDA graphs: {prof.kernels_per_layer} kernels per layer x {prof.kernel_s or 0:.1e} s")

@@ -158,21 +158,101 @@ def _adapters(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> tuple[int
     return lora_params(spec, names, rank), count, io
 
 
-# Weight formats that are expanded to a 16-bit copy for every matrix product (bitsandbytes nf4; LLM.int8's
-# backward); fp8 weights run a scaled fp8 GEMM directly (torch._scaled_mm).
-_DEQUANTIZED = frozenset({WeightsQuant.NF4, WeightsQuant.INT8})
+@dataclass(frozen=True, slots=True)
+class MatmulKernel:
+    """How a weight format's matrix products run, in transformers and in the serving engines.
+
+    ``dequantize``: the whole weight is expanded to a 16-bit copy before a 16-bit GEMM (a pass over the weights
+    per matrix product: time); ``fused``: the GEMM reads the low-bit weight and dequantizes it in registers (no
+    copy; 16-bit tensor cores); ``load``: dequantized once while loading (plain 16-bit GEMMs); ``fp8``: an fp8
+    tensor-core GEMM on scaled fp8 weights (activations quantized on the fly); ``none``: 16-bit weights.
+    """
+
+    transformers: str
+    engines: str  # vLLM and SGLang (SGLang reuses vLLM's quantization layers and kernels)
+    source: str
+
+    def path(self, engine: str = "transformers") -> str:
+        return self.transformers if engine == "transformers" else self.engines
 
 
-def compute_dtype(w: Workload) -> str:
+_BNB4 = ("bitsandbytes/autograd/_functions.py MatMul4Bit: dequantize_4bit of the whole weight, then a 16-bit "
+         "matmul (gemv_4bit only for a single row); vLLM model_executor/layers/quantization/bitsandbytes.py "
+         "calls the same bitsandbytes matmul")
+MATMUL_KERNELS: dict[WeightsQuant, MatmulKernel] = {
+    WeightsQuant.NONE: MatmulKernel("none", "none", "16-bit weights: cuBLAS GEMMs"),
+    WeightsQuant.NF4: MatmulKernel("dequantize", "dequantize", _BNB4),
+    WeightsQuant.FP4: MatmulKernel("dequantize", "dequantize", _BNB4),
+    WeightsQuant.INT8: MatmulKernel(
+        "dequantize", "dequantize",
+        "bitsandbytes MatMul8bitLt: int8 GEMM plus 16-bit outlier columns, and the weight dequantized for "
+        "backward; counted as a 16-bit copy per product, conservatively"),
+    WeightsQuant.FP8: MatmulKernel(
+        "fp8", "fp8", "transformers integrations/fbgemm_fp8.py and compressed_tensors.py (torch._scaled_mm, "
+        "row-wise scales); vLLM quantization/fp8.py: cutlass_scaled_mm (fp8 Marlin, weight-only, before Ada)"),
+    WeightsQuant.FP8_BLOCK: MatmulKernel(
+        "fp8", "fp8", "transformers integrations/finegrained_fp8.py: fused activation quantization + fp8 "
+        "block-scaled matmul (Triton; the frozen weight is dequantized only in backward); vLLM quantization/fp8.py: "
+        "w8a8_block_fp8_matmul / DeepGEMM"),
+    WeightsQuant.W8A8_FP8: MatmulKernel(
+        "fp8", "fp8", "transformers integrations/compressed_tensors.py _scaled_mm_rowwise; vLLM "
+        "compressed_tensors_w8a8_fp8.py: cutlass_scaled_mm"),
+    WeightsQuant.W8A8_INT8: MatmulKernel(
+        "load", "fused", "transformers integrations/compressed_tensors.py CompressedTensorsDequantize "
+        "(decompressed while loading); vLLM compressed_tensors_w8a8_int8.py: cutlass_scaled_mm int8 (counted at "
+        "the 16-bit rate: the catalog's int8 figures are not used for time)"),
+    WeightsQuant.GPTQ_INT4: MatmulKernel(
+        "fused", "fused", "gptqmodel's Marlin / ExLlama kernels (transformers quantizer_gptq.py); vLLM "
+        "gptq_marlin.py: Marlin dequantizes in registers inside the GEMM"),
+    WeightsQuant.GPTQ_INT8: MatmulKernel("fused", "fused", "as gptq-int4 (Marlin 8-bit)"),
+    WeightsQuant.AWQ_INT4: MatmulKernel(
+        "fused", "fused", "transformers integrations/awq.py through gptqmodel's AWQ kernels; vLLM awq_marlin.py"),
+    WeightsQuant.W4A16: MatmulKernel(
+        "load", "fused", "transformers integrations/compressed_tensors.py CompressedTensorsDequantize "
+        "(decompressed while loading); vLLM compressed_tensors_wNa16.py: Marlin"),
+    WeightsQuant.NVFP4: MatmulKernel(
+        "load", "fused", "transformers: decompressed while loading (compressed_tensors.py); vLLM "
+        "compressed_tensors_w4a4_nvfp4.py: cutlass fp4 GEMM on Blackwell, fp4 Marlin before (counted at the "
+        "16-bit rate)"),
+    WeightsQuant.MXFP4: MatmulKernel(
+        "fused", "fused", "transformers integrations/mxfp4.py: triton_kernels matmul_ogs reads the mxfp4 blocks "
+        "(dequantized while loading where the kernels are missing); vLLM quantization/mxfp4.py: Marlin / "
+        "triton_kernels / FlashInfer MoE"),
+    WeightsQuant.HQQ_INT4: MatmulKernel(
+        "dequantize", "fused", "hqq core/quantize.py HQQLinear.forward: dequantize() then matmul (PyTorch "
+        "backend); vLLM hqq_marlin.py"),
+    WeightsQuant.TORCHAO_INT4: MatmulKernel(
+        "fused", "fused", "torchao Int4WeightOnlyConfig: tinygemm torch.ops.aten._weight_int4pack_mm reads int4 "
+        "directly; vLLM quantization/torchao.py runs the same tensor subclass"),
+}
+
+# llama.cpp's CUDA backend multiplies every quantized GGUF type (Q4_0…Q8_0, K-quants, IQ types, MXFP4) without
+# expanding the weights: ggml/src/ggml-cuda/mmq.cu ggml_cuda_should_use_mmq is true for them on Turing and later
+# (activations quantized to q8_1, int8 tensor-core dot products; mmvq.cu for up to 8 rows); F16/BF16/F32 use cuBLAS.
+GGUF_MATMUL = "fused"
+
+
+def matmul_path(q: WeightsQuant, engine: str = "transformers") -> str:
+    """``dequantize`` | ``fused`` | ``load`` | ``fp8`` | ``none`` for weight format ``q`` under ``engine``."""
+    if engine == "llama.cpp":
+        return "none" if q is WeightsQuant.NONE else GGUF_MATMUL
+    return MATMUL_KERNELS[q].path(engine)
+
+
+def _dequantizes(w: Workload, engine: str = "transformers") -> bool:
+    return matmul_path(w.base_quant, engine) == "dequantize"
+
+
+def compute_dtype(w: Workload, engine: str = "transformers") -> str:
     """The catalog throughput key the matrix products run at.
 
     fp32 runs on TF32 tensor cores: the calibration harness (``vramplan.measure``) and the Hugging Face
     Trainer's ``--tf32`` set ``torch.backends.cuda.matmul.allow_tf32``. nf4 and int8 weights are
     dequantized to the 16-bit compute dtype (bitsandbytes' ``bnb_4bit_compute_dtype``; LLM.int8's mixed
-    decomposition is counted at 16-bit speed, conservatively); fp8 weights run fp8 GEMMs, which need fp8
-    tensor cores (a GPU without an fp8 figure gets no time).
+    decomposition is counted at 16-bit speed, conservatively); fp8 formats (:data:`MATMUL_KERNELS`) run fp8
+    GEMMs, which need fp8 tensor cores (a GPU without an fp8 figure gets no time); the others run 16-bit GEMMs.
     """
-    if w.base_quant is WeightsQuant.FP8:
+    if matmul_path(w.base_quant, engine) == "fp8":
         return "fp8"
     if w.precision is Precision.FP32 and w.base_quant is WeightsQuant.NONE and w.method is not Method.QLORA:
         return "tf32"
@@ -314,7 +394,7 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         score_bytes=int(att.score_elements * 4 * per_layer),  # fp32 softmax on these paths
         logits_bytes=tokens * spec.vocab_size * logits_bytes_per_element(w, training=True),
         activation_bytes=int(tokens * _mlp_elementwise_bytes_per_token(spec, w) * per_layer),
-        dequant_bytes=int(dequantized_weights(spec, tokens) * 4 * per_layer) if w.base_quant in _DEQUANTIZED else 0,
+        dequant_bytes=int(dequantized_weights(spec, tokens) * 4 * per_layer) if _dequantizes(w) else 0,
         adapter_bytes=int(tokens * adapted_io * 4 * per_layer),
         layer_passes=launch_units, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers) * per_layer,
         adapter_passes=round(n_adapted * per_layer), optimizer_bytes=opt_bytes, gradient_bytes=grad_bytes,
@@ -322,13 +402,14 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         activation_kernels=mlp_elementwise_kernels(spec))
 
 
-def inference_work(spec: ModelSpec, w: Workload) -> StepWork:
-    """FLOPs and traffic of the prefill of ``w``: one forward over batch x prompt tokens."""
-    return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w)
+def inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
+    """FLOPs and traffic of the prefill of ``w``: one forward over batch x prompt tokens, with ``engine``'s
+    matrix-product kernels for the weight format (:data:`MATMUL_KERNELS`)."""
+    return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w, engine)
 
 
 @lru_cache(maxsize=4096)
-def _inference_work(spec: ModelSpec, w: Workload) -> StepWork:
+def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
     b, s = w.batch_size, w.seq_len
     tokens = b * s
     n_layers, n_head = layer_matmul_weights(spec)
@@ -338,10 +419,10 @@ def _inference_work(spec: ModelSpec, w: Workload) -> StepWork:
     attention = att.flops_per_token * tokens
     return StepWork(
         tokens=tokens, model_flops=gemm + attention, gemm_flops=gemm, attention_flops=attention,
-        dtype=compute_dtype(w), score_bytes=att.score_elements * 4,
+        dtype=compute_dtype(w, engine), score_bytes=att.score_elements * 4,
         logits_bytes=logit_tokens * spec.vocab_size * logits_bytes_per_element(w, training=False),
         activation_bytes=tokens * _mlp_elementwise_bytes_per_token(spec, w),
-        dequant_bytes=dequantized_weights(spec, tokens) * 4 if w.base_quant in _DEQUANTIZED else 0,
+        dequant_bytes=dequantized_weights(spec, tokens) * 4 if _dequantizes(w, engine) else 0,
         adapter_bytes=0,
         layer_passes=spec.num_layers, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers),
         adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),

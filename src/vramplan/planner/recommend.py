@@ -41,6 +41,8 @@ class Plan:
     tokens_per_s: float | None
     mfu: float | None
     resolution: int | None = None  # image models: pixels per side (seq_len is then 0)
+    saver: str | None = None  # the memory saver this plan turns on (its CLI flag), if any
+    host_bytes: int = 0  # host memory the plan needs besides the GPU's (offloaded activations, paged states)
 
     @property
     def fits(self) -> bool:
@@ -67,6 +69,8 @@ class Plan:
             parts.append(f"micro-batch {self.micro_batch} x {self.gradient_accumulation} accumulation")
         if self.gradient_checkpointing:
             parts.append("gradient checkpointing")
+        if self.saver:
+            parts.append(self.saver + (f" ({self.host_bytes / GiB:.1f} GiB of host memory)" if self.host_bytes else ""))
         return f"{hw}: {', '.join(parts)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +84,8 @@ class Plan:
                 "headroom_bytes": self.headroom_bytes, "fits": self.fits, "time_hours": self.time_hours,
                 "gpu_hours": self.gpu_hours, "cost_usd": self.cost_usd, "cost_reserved_usd": self.cost_reserved_usd,
                 "cost_reason": self.cost_reason, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "summary": self.describe()} | ({"resolution": self.resolution} if self.resolution is not None else {})
+                "summary": self.describe(), "saver": self.saver, "host_bytes": self.host_bytes} | \
+            ({"resolution": self.resolution} if self.resolution is not None else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +109,11 @@ class PlanResult:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     resolution: int | None = None  # image models: pixels per side (tokens and seq_len are then 0)
+    saver_notes: tuple[str, ...] = ()  # which memory saver turned a "does not fit" into a recommended plan
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"resolution": self.resolution} if self.resolution is not None else {}
+        extra: dict[str, Any] = {"resolution": self.resolution} if self.resolution is not None else {}
+        extra["savers"] = list(self.saver_notes)
         return {"model": self.model, "parameters": self.parameters, "task": self.task, "tokens": self.tokens,
                 "seq_len": self.seq_len, "global_batch": self.global_batch or None, "sort": self.sort,
                 "candidates_evaluated": self.candidates_evaluated, "feasible": self.feasible,
@@ -136,7 +143,7 @@ def _rank_key(sort: SortKey) -> Any:
 def _fidelity(p: Plan) -> int:
     if p.method == "inference":
         return _QUANT_RANK.get(WeightsQuant(p.weights_quant), len(_QUANT_RANK))
-    return _METHOD_RANK[Method(p.method)]
+    return _METHOD_RANK.get(Method(p.method), _METHOD_RANK[Method.LORA])  # DoRA ranks with LoRA
 
 
 def _dedupe(ranked: Sequence[Plan]) -> list[Plan]:
@@ -178,6 +185,21 @@ def _recommend(cls: str, ranked: Sequence[Plan], pool: Sequence[GPU], min_need: 
         plans = [p for p in plans if hw_key(p) == least]
     best_fidelity = min(_fidelity(p) for p in plans)
     return next(p for p in plans if _fidelity(p) == best_fidelity), None
+
+
+def _saver_notes(ranked: Sequence[Plan], picks: Sequence[Plan | None]) -> tuple[str, ...]:
+    """For each recommended plan that turns a saver on: the saver, when no plan without one fits that GPU setup
+    with that method (the saver turned a no into a yes)."""
+    notes: list[str] = []
+    for p in picks:
+        if p is None or not p.saver:
+            continue
+        if not any(q.gpu == p.gpu and q.gpu_count == p.gpu_count and q.method == p.method and not q.saver
+                   for q in ranked):
+            host = f", {p.host_bytes / GiB:.1f} GiB of host memory" if p.host_bytes else ""
+            notes.append(f"{p.method} on {p.gpu_count}x {p.gpu_display_name} fits with {p.saver} (not without it"
+                         f"{host})")
+    return tuple(dict.fromkeys(notes))
 
 
 def _vision_rank_key(sort: SortKey, prices: dict[str, float | None]) -> Any:

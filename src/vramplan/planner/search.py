@@ -28,8 +28,8 @@ from ..perf import (
     training_work,
 )
 from ..spec import ModelSpec
-from ..workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
-from .recommend import Plan, PlanResult, _dedupe, _rank_key, _recommend, _vision_rank_key
+from ..workload import Attention, Loss, Method, Optimizer, Precision, Task, WeightsQuant, Workload
+from .recommend import Plan, PlanResult, _dedupe, _rank_key, _recommend, _saver_notes, _vision_rank_key
 from .space import (
     _SECONDS_PER_HOUR,
     _SINGLE,
@@ -39,6 +39,7 @@ from .space import (
     DEFAULT_GENERATED_TOKENS,
     DEFAULT_GLOBAL_BATCH,
     INFER_CONCURRENCY,
+    SAVERS,
     VISION_BATCHES,
     VISION_NO_TIME,
     PlanRequest,
@@ -55,17 +56,21 @@ from .space import (
 # ----------------------------------------------------------------------------------------- the planner
 
 
+# (per-GPU peak, total, comm bytes, split, bubble, host bytes, host traffic per micro-batch) of a (workload, layout)
+_Eval = tuple[int, int, int, int, float, int, int]
+
+
 @dataclass
 class _Memo:
-    """(per-GPU peak, total, comm bytes, split, bubble) of a (workload, layout); None: unsupported."""
+    """:data:`_Eval` of each (workload, layout) evaluated; None: unsupported."""
 
-    results: dict[tuple[Workload, Layout], tuple[int, int, int, int, float] | None] = field(default_factory=dict)
+    results: dict[tuple[Workload, Layout], _Eval | None] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
     errors: dict[str, None] = field(default_factory=dict)  # workloads the estimator rejects (ordered set)
     evaluations: int = 0
 
     def get(self, spec: ModelSpec, w: Workload, layout: Layout, label: str,
-            name: str) -> tuple[int, int, int, int, float] | None:
+            name: str) -> _Eval | None:
         w = _memory_twin(w)
         if label == "ddp" and layout.gpus > 2:
             # A DDP replica's memory does not depend on how many replicas there are; only the ring
@@ -74,12 +79,12 @@ class _Memo:
             if two is None:
                 return None
             n = layout.gpus
-            return (two[0], two[1], int(two[2] * (n - 1) / n * 2), two[3], two[4])
+            return (two[0], two[1], int(two[2] * (n - 1) / n * 2), two[3], two[4], two[5], two[6])
         key = (w, layout)
         if key in self.results:
             return self.results[key]
         self.evaluations += 1
-        res: tuple[int, int, int, int, float] | None
+        res: _Eval | None
         if layout.is_single or label == "replicas":
             try:
                 est = estimate(spec, w, name=name)
@@ -87,7 +92,8 @@ class _Memo:
                 self.errors.setdefault(str(exc), None)
                 res = None
             else:
-                res = (est.peak_allocated_bytes, est.total_bytes, 0, 1, 0.0)
+                res = (est.peak_allocated_bytes, est.total_bytes, 0, 1, 0.0, est.host_bytes,
+                       est.host_traffic_bytes // w.gradient_accumulation)
         else:
             try:
                 pe = estimate_parallel(spec, w, layout)
@@ -97,7 +103,7 @@ class _Memo:
             else:
                 bubble = float(getattr(pe, "bubble_fraction", 0.0) or 0.0)
                 res = (pe.peak_allocated_bytes, pe.total_bytes, int(pe.comm_bytes_per_step),
-                       layout.tp * layout.pp, bubble)
+                       layout.tp * layout.pp, bubble, 0, 0)
         self.results[key] = res
         return res
 
@@ -179,16 +185,17 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                     res = memo.get(spec, w, layout, lay_label, label)
                     if res is None:
                         break
-                    peak, total, comm_bytes, split, bubble = res
+                    peak, total, comm_bytes, split, bubble, host_bytes, traffic = res
                     desc = _describe_need(cfg, mb, layout, lay_label, req.seq_len)
                     ctx = None
                     if total <= max_usable:  # the GPU-independent work, once, where some GPU can hold it
                         ctx = _Context(spec, w, layout, lay_label, replicas, global_batch, peak, total, comm_bytes,
                                        split, bubble, tokens, req.new_tokens, model,
-                                       training_work(spec, w) if w.is_train else inference_work(spec, w),
+                                       training_work(spec, w) if w.is_train else inference_work(spec, w, engine.name),
                                        (0, 0.0) if w.is_train else decode_work(
                                            spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
-                                       None if w.is_train else engine)
+                                       None if w.is_train else engine, host_bytes, traffic,
+                                       _saver_of(w, req))
                     for g in fgpus:
                         if cfg.quant is WeightsQuant.FP8 and g.peak_tflops("fp8") is None:
                             continue  # fp8 GEMMs need fp8 tensor cores (Ada, Hopper and later)
@@ -212,6 +219,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     ranked = sorted(plans, key=_rank_key(req.sort))
     consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
     datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    saver_notes = _saver_notes(ranked, (consumer, datacenter))
     for lay, err in sorted(memo.unsupported.items()):
         warnings.append(f"{lay} layouts skipped: {err}")
     assumptions = (
@@ -225,6 +233,11 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         f"inference: {req.engine} prefill and decode (vramplan.perf engine profile), as estimate --engine computes",
         "cost: GPU-hours x the catalog's indicative on-demand price (reserved alongside); unpriced GPUs have no "
         "cost and rank after priced ones",
+        *(() if infer else (
+            f"training loop: {req.trainer.value}; memory savers searched on one GPU: "
+            f"{', '.join(SAVERS if req.savers is None else req.savers) or 'none'}; activation offloading's PCIe "
+            "traffic is added to the step time, not overlapped; paged optimizer states live in host-backed unified "
+            "memory (stated as host memory)",)),
         "recommendation: consumer = fewest, then smallest consumer GPUs that fit, with the highest-fidelity method "
         "(full > LoRA > QLoRA > freeze; 16-bit > fp8 > int8 > nf4 weights) they allow; data centre = the "
         f"highest-fidelity method any data-centre plan allows, then the best by {req.sort.value}",
@@ -232,7 +245,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     return PlanResult(label, parameters, req.task.value, tokens, req.seq_len, global_batch, req.sort.value,
                       candidates, feasible, sum(1 for v in memo.results.values() if v is None),
                       time.perf_counter() - t0, tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason,
-                      datacenter, datacenter_reason, assumptions, tuple(warnings))
+                      datacenter, datacenter_reason, assumptions, tuple(warnings), saver_notes=saver_notes)
 
 
 def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
@@ -242,7 +255,35 @@ def _workload(req: PlanRequest, cfg: _Config, mb: int, accum: int) -> Workload:
     return Workload(task=Task.TRAIN, method=cfg.method, precision=cfg.precision,
                     optimizer=cfg.optimizer or Optimizer.ADAMW, batch_size=mb, seq_len=req.seq_len,
                     gradient_checkpointing=cfg.ckpt, attention=req.attention, lora_rank=req.lora_rank,
-                    lora_targets=cfg.targets, gradient_accumulation=accum)
+                    lora_targets=cfg.targets, gradient_accumulation=accum, trainer=req.trainer,
+                    loss=_SAVER_LOSS.get(cfg.saver, req.loss),
+                    activation_offload=cfg.saver == "--activation-offload" or req.activation_offload)
+
+
+_SAVER_LOSS = {"--loss liger-fused": Loss.LIGER_FUSED}
+
+
+def _saver_of(w: Workload, req: PlanRequest) -> str | None:
+    """The saver flag a training workload turns on beyond what the request pinned, or None."""
+    if not w.is_train:
+        return None
+    if w.loss is not req.loss:
+        return f"--loss {w.loss.value}"
+    if w.activation_offload and not req.activation_offload:
+        return "--activation-offload"
+    if w.optimizer is Optimizer.PAGED_ADAMW_8BIT and not req.optimizers:
+        return "--optimizer paged-adamw-8bit"
+    return None
+
+
+def _offload_seconds(host_traffic_bytes: int, gpu: GPU) -> float:
+    """Activation offloading's host traffic of one step over PCIe x16 (2**(gen-3) x 15.75 GB/s per direction,
+    gen 4 where the catalog does not say), half each way, not overlapped with compute: an upper bound on what it
+    adds (TRL overlaps the copies on a side stream where it can)."""
+    if not host_traffic_bytes:
+        return 0.0
+    gen = gpu.interconnect.pcie_gen or 4
+    return host_traffic_bytes / 2 / (15.75e9 * 2.0 ** (gen - 3))
 
 
 def _describe_need(cfg: _Config, mb: int, layout: Layout, lay_label: str, seq: int) -> str:
@@ -253,6 +294,8 @@ def _describe_need(cfg: _Config, mb: int, layout: Layout, lay_label: str, seq: i
         parts.append(cfg.optimizer.value)
     if cfg.ckpt:
         parts.append("gradient checkpointing")
+    if cfg.saver:
+        parts.append(cfg.saver)
     parts.append(f"batch {mb} x {seq} tokens")
     if layout.gpus > 1:
         parts.append(f"{lay_label} over {layout.gpus} GPUs")
@@ -280,6 +323,9 @@ class _Context:
     work: StepWork  # training: one micro-batch; inference: the prefill
     decode: tuple[int, float] = (0, 0.0)  # inference: bytes read and FLOPs of one decode step
     engine: EngineProfile | None = None  # inference: the serving engine
+    host_bytes: int = 0  # host memory a saver needs (offloaded activations, paged optimizer states)
+    host_traffic: int = 0  # bytes over PCIe per micro-batch (activation offloading, both directions)
+    saver: str | None = None  # the memory saver the plan turns on (a CLI flag)
 
 
 def _make_plan(c: _Context, gpu: GPU) -> Plan:
@@ -301,6 +347,7 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                                                    overlapped=c.split == 1)
         if st is not None:
             per_step = st.total_s / (1 - c.bubble) if c.bubble < 1 else st.total_s
+            per_step += _offload_seconds(c.host_traffic * w.gradient_accumulation, gpu)
             step_tokens = c.replicas * w.gradient_accumulation * work.tokens
             time_s = -(-c.tokens // step_tokens) * per_step
             tps = step_tokens / per_step
@@ -338,7 +385,8 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
                 w.optimizer.value if w.is_train else None, w.base_quant.value,
                 w.gradient_checkpointing and w.is_train, w.batch_size, w.gradient_accumulation, c.global_batch,
                 w.seq_len, c.peak, c.total, gpu.usable_memory_bytes,
-                None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu)
+                None if time_s is None else time_s / _SECONDS_PER_HOUR, gpu_hours, od, rs, reason, tps, mfu,
+                saver=c.saver, host_bytes=c.host_bytes)
 
 
 def plan_vision(name: str, request: PlanRequest | None = None, *, gpus: Sequence[GPU] | None = None,

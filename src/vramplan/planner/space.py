@@ -10,7 +10,7 @@ from enum import StrEnum
 from ..errors import WorkloadError
 from ..hardware import GPU
 from ..parallel import FSDPMode, Layout
-from ..workload import Attention, Method, Optimizer, Precision, WeightsQuant
+from ..workload import Attention, Loss, Method, Optimizer, Precision, Trainer, WeightsQuant
 
 _SECONDS_PER_HOUR = 3600.0
 GPU_COUNTS = (1, 2, 4, 8)
@@ -25,6 +25,7 @@ MAX_MICRO_BATCH_TOKENS = 16384
 INFER_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Fidelity: lower is closer to the full-precision result (the recommendation prefers it).
 _METHOD_RANK = {Method.FULL: 0, Method.LORA: 1, Method.QLORA: 2, Method.FREEZE: 3}
+_ADAPTERS = (Method.LORA, Method.QLORA, Method.DORA)
 _QUANT_RANK = {WeightsQuant.NONE: 0, WeightsQuant.FP8: 1, WeightsQuant.INT8: 2, WeightsQuant.NF4: 3}
 
 
@@ -65,6 +66,10 @@ class PlanRequest:
     lora_targets: tuple[str, ...] | None = None  # None: try peft's default and all-linear
     top: int = 20
     engine: str = "transformers"  # infer: the serving engine whose decode speed ranks the plans
+    trainer: Trainer = Trainer.HF  # the training loop (what it holds at the peak: vramplan.workload.Trainer)
+    savers: tuple[str, ...] | None = None  # memory savers to search on one GPU (None: SAVERS; (): none)
+    loss: Loss = Loss.AUTO  # pinned loss (--loss): every candidate uses it, and no loss saver is searched
+    activation_offload: bool = False  # pinned (--activation-offload): every single-GPU candidate offloads
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "max_gpus", "top", "lora_rank"):
@@ -89,6 +94,9 @@ class PlanRequest:
             raise WorkloadError(f"gpu class {self.gpu_class!r} is not one of: any, consumer, workstation, datacenter")
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.micro_batches):
             raise WorkloadError("micro-batch sizes must be positive integers")
+        unknown = [x for x in self.savers or () if x not in SAVERS]
+        if unknown:
+            raise WorkloadError(f"memory saver {unknown[0]!r} is not one of: {', '.join(SAVERS)}")
         if self.task is PlanTask.TRAIN and self.methods and set(self.methods) != {Method.FULL}:
             raise WorkloadError("--task train trains every weight (method full); use --task finetune for "
                                 "LoRA, QLoRA or freeze")
@@ -105,6 +113,18 @@ class _Config:
     quant: WeightsQuant
     ckpt: bool
     targets: tuple[str, ...] = ("default",)
+    saver: str = ""  # one of SAVERS, applied on top of the settings above
+
+
+# Memory savers the planner tries on one GPU (the flags that turn them on), each one a switch of the loops people
+# run: they change what a step holds, not the model or the maths. Liger's fused linear cross-entropy never
+# materialises the logits (liger_kernel/ops/fused_linear_cross_entropy.py; transformers TrainingArguments
+# use_liger_kernel, TRL likewise); activation offloading moves the saved activations to pinned host memory
+# (torch.autograd.graph.saved_tensors_hooks, as TRL's activation_offloading does); bitsandbytes' paged 8-bit AdamW
+# keeps its states in CUDA unified memory (bitsandbytes/optim/optimizer.py paged buffers; TrainingArguments
+# optim="paged_adamw_8bit"), outside what the allocator holds. TRL's chunked NLL is not searched: it is already
+# SFTTrainer's default (--trainer trl-sft) and no option of transformers' Trainer.
+SAVERS = ("--loss liger-fused", "--activation-offload", "--optimizer paged-adamw-8bit")
 
 
 def _family(gpu: GPU) -> str:
@@ -113,7 +133,7 @@ def _family(gpu: GPU) -> str:
 
 
 def _precisions(method: Method, family: str, task: PlanTask) -> tuple[Precision, ...]:
-    if task is PlanTask.INFER or method in (Method.LORA, Method.QLORA):
+    if task is PlanTask.INFER or method in _ADAPTERS:
         return (Precision.BF16,) if family == "bf16" else (Precision.FP16,)
     # full / freeze: mixed precision (fp32 master weights) or pure 16-bit (no pure fp16: it needs loss scaling)
     return (Precision.AMP_BF16, Precision.BF16) if family == "bf16" else (Precision.AMP_FP16,)
@@ -130,7 +150,7 @@ def _configs(req: PlanRequest, family: str) -> Iterator[_Config]:
     ckpts = (False, True) if req.gradient_checkpointing is None else (req.gradient_checkpointing,)
     for method in methods:
         precs = req.precisions or _precisions(method, family, req.task)
-        adapters = method in (Method.LORA, Method.QLORA)
+        adapters = method in _ADAPTERS
         opts = req.optimizers or ((Optimizer.ADAMW, Optimizer.ADAMW_8BIT) if adapters else
                                   (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR,
                                    Optimizer.LION))
@@ -141,6 +161,21 @@ def _configs(req: PlanRequest, family: str) -> Iterator[_Config]:
                 for ckpt in ckpts:
                     for targets in target_sets:
                         yield _Config(method, prec, opt, WeightsQuant.NONE, ckpt, targets)
+    # each saver on top of the leanest standard settings of each method: the first precision, 8-bit AdamW (or the
+    # pinned optimizer), peft's default targets; a loss saver only where the loss is not pinned
+    for saver in SAVERS if req.savers is None else req.savers:
+        if saver.startswith("--loss") and req.loss is not Loss.AUTO:
+            continue
+        if saver.startswith("--optimizer") and req.optimizers:
+            continue
+        if saver == "--activation-offload" and req.activation_offload:
+            continue
+        for method in methods:
+            prec = (req.precisions or _precisions(method, family, req.task))[0]
+            opt = Optimizer.PAGED_ADAMW_8BIT if saver.startswith("--optimizer") else \
+                (req.optimizers[0] if req.optimizers else Optimizer.ADAMW_8BIT)
+            for ckpt in ckpts:
+                yield _Config(method, prec, opt, WeightsQuant.NONE, ckpt, req.lora_targets or ("default",), saver)
 
 
 _SINGLE = Layout()
@@ -158,6 +193,8 @@ def _layouts(req: PlanRequest, cfg: _Config, family: str) -> list[tuple[str, Lay
     """
     out: list[tuple[str, Layout]] = [("single", Layout())]
     infer = req.task is PlanTask.INFER
+    if cfg.saver or req.activation_offload:
+        return out  # savers are searched on one GPU (offloading: the parallel estimator does not model it)
     if not infer:
         if cfg.optimizer is not Optimizer.ADAMW and not req.optimizers:
             return out

@@ -107,8 +107,15 @@ const EXTRA_GROUPS = {
     "sequence_parallel", "intra_node_link", "inter_node_link"],
   image: ["resolution", "pipeline"],
 };
+// The serving job (issue 13): fit --engine's options, shown with an inference job; the answer is fit's serving object.
+const SERVE_KEYS = ["engine", "tp", "gpu_memory_utilization", "max_model_len", "max_num_seqs", "kv_cache_dtype"];
+const SERVE_CHOICES = { engine: ["vllm", "sglang"], kv_cache_dtype: ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] };
+const SERVE_SHOWN = ["fits", "weights_bytes", "profile_peak_bytes", "non_torch_bytes", "cuda_graph_bytes", "kv_cache_bytes",
+  "kv_bytes_per_token", "block_size", "gpu_blocks", "kv_tokens", "max_concurrency", "max_model_len", "max_model_len_fit",
+  "max_num_seqs", "engine_version"];
 const PLAN_JOB_KEYS = ["method", "precision", "optimizer", "weights_quant", "batch_size", "gradient_checkpointing",
-  "attention", "lora_rank", "lora_targets", "seq_len", "new_tokens", "resolution", "pipeline"];
+  "attention", "lora_rank", "lora_targets", "seq_len", "new_tokens", "resolution", "pipeline", "trainer", "loss",
+  "activation_offload"];
 // When an option means something (hidden options are not sent: the CLI default applies).
 const SHOWN = {
   method: (v) => v.task === "train",
@@ -527,6 +534,7 @@ function renderPlans(data) {
     return rec[`${key}_reason`] || r === null ? `${label}: ${rec[`${key}_reason`] || "not feasible"}` : "";
   };
   $("#plan-summary").textContent = [say("cheapest consumer setup", "consumer"), say("recommended data-centre setup", "datacenter"),
+    ...(Array.isArray(data.savers) ? data.savers.map((n) => `memory savers: ${n}`) : []),
     data.candidates_evaluated ? `${count(data.candidates_evaluated)} configurations evaluated` : ""].filter(Boolean).join(" · ");
 }
 
@@ -604,7 +612,7 @@ async function update() {
     if (signal.aborted) return;
     results.dataset.request = JSON.stringify(body);
     results.dataset.state = "ready";
-    await Promise.all([updateFit(body, signal), updatePlan(body, signal)]);
+    await Promise.all([updateFit(body, signal), updateServe(body, signal), updatePlan(body, signal)]);
   } catch (err) {
     if (err.name === "AbortError") return;
     clearResults();
@@ -635,6 +643,32 @@ async function updateFit(body, signal) {
     renderKeyValues($("#fit-result"), await api("/api/fit", request, signal));
   } catch (err) {
     if (err.name !== "AbortError") renderKeyValues($("#fit-result"), { error: err.message });
+  }
+}
+
+async function updateServe(body, signal) {
+  const section = $("#serve-section");
+  section.hidden = !page.schema.features.fit || task() !== "infer";
+  if (section.hidden) return;
+  // the server's own settings replace the page's layout and time flags (fit's --tp sizes the server)
+  const request = Object.fromEntries(Object.entries(commandBody("fit", body)).filter(([k]) => !EXTRA_GROUPS.parallel.includes(k)));
+  request.gpu = $("#serve-gpu").value;
+  for (const option of (page.schema.commands.fit || []).filter((o) => SERVE_KEYS.includes(o.name))) {
+    const value = readValue(option, "serve-");
+    if (value !== null && value !== "" && value !== undefined) request[option.name] = value;
+  }
+  try {
+    const data = await api("/api/fit", request, signal);
+    const serving = data.serving || {};
+    const shown = Object.fromEntries(SERVE_SHOWN.filter((k) => k in serving).map((k) => [k, serving[k]]));
+    if (typeof data.tokens_per_s === "number") shown.decode_tokens_per_s = Math.round(data.tokens_per_s * 10) / 10;
+    if (typeof data.step_time_s === "number") shown.prefill_seconds = Math.round(data.step_time_s * 1000) / 1000;
+    renderKeyValues($("#serve-result"), shown);
+    $("#serve-command").textContent = data.launch_command || "—";
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    renderKeyValues($("#serve-result"), { error: err.message });
+    $("#serve-command").textContent = "—";
   }
 }
 
@@ -729,6 +763,13 @@ async function main() {
   }
   for (const g of gpus) $("#fit-gpu").append(el("option", { value: g.name, textContent: g.display_name || g.name }));
   $("#fit-gpu").value = "rtx-4090";
+  for (const g of gpus) $("#serve-gpu").append(el("option", { value: g.name, textContent: g.display_name || g.name }));
+  $("#serve-gpu").value = gpus.some((g) => g.name === "h100-sxm") ? "h100-sxm" : gpus[0]?.name;
+  for (const option of (schema.commands.fit || []).filter((o) => SERVE_KEYS.includes(o.name))) {
+    const choices = SERVE_CHOICES[option.name] ? option.choices.filter((c) => SERVE_CHOICES[option.name].includes(c)) : option.choices;
+    const initial = option.name === "engine" ? "vllm" : option.default;
+    $("#serve-options").append(control({ ...option, choices, default: initial }, "serve-"));
+  }
 
   loadUrl();
   if (EXTRA_GROUPS.parallel.some((k) => new URLSearchParams(location.search).has(k))) $("#multi").open = true;
@@ -761,6 +802,7 @@ async function main() {
   }
   $("#parallel-gpus").addEventListener("input", schedule);
   $("#fit-gpu").addEventListener("change", schedule);
+  $("#serve-options").addEventListener("change", schedule);
   $("#plan-options").addEventListener("change", schedule);
   $("#reset").addEventListener("click", () => { history.replaceState(null, "", location.pathname); location.reload(); });
   $("#copy-link").addEventListener("click", async () => {
