@@ -235,10 +235,12 @@ def test_cli_named_inputs_of_issue_15() -> None:
 
 def test_a_million_experts_answers_fast() -> None:
     path = str(_work_dir() / "moe1m.json")
-    start = time.perf_counter()
+    cpu = time.process_time()
     rc, err = _run(["estimate", path, "--json"])
     assert rc == 0, err
-    assert time.perf_counter() - start < 10.0  # 0.2 s alone; was 11 s and 4 GB (24 GB with 1,024 layers)
+    # a guard against the blow-up (it was 11 s and 4 GB; 24 GB with 1,024 layers), not a speed target: CPU time,
+    # which a loaded machine does not inflate the way it inflates wall time (speed targets live in benchmarks/)
+    assert time.process_time() - cpu < 10.0
 
 
 # ----------------------------------------------------------------------------------------- the API

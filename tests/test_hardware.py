@@ -47,7 +47,8 @@ REQUIRED = [
 
 TOP_KEYS = {
     "name", "display_name", "aliases", "vendor", "class", "architecture", "memory_bytes",
-    "memory_bytes_reported", "memory_note", "memory_type", "memory_bandwidth_bytes_per_s", "tflops",
+    "memory_bytes_reported", "memory_bytes_usable", "memory_usable_kind", "memory_usable_source",
+    "memory_note", "memory_type", "memory_bandwidth_bytes_per_s", "tflops",
     "tflops_note", "interconnect", "tdp_watts", "price_usd_per_hour", "msrp_usd", "source", "retrieved",
 }
 MEMORY_TYPES = {"GDDR6", "GDDR6X", "GDDR7", "HBM2", "HBM2e", "HBM3", "HBM3e"}
@@ -69,6 +70,24 @@ def _is_pos_int(value: object) -> bool:
 
 
 # ------------------------------------------------------------------------------------ schema
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=IDS)
+def test_usable_capacity_has_provenance(record: dict[str, Any]) -> None:
+    usable, nominal = record["memory_bytes_usable"], record["memory_bytes"]
+    assert _is_pos_int(usable) and 0.9 * nominal <= usable <= nominal
+    assert record["memory_usable_kind"] in ("reported", "derived", "nominal")
+    assert record["memory_usable_source"]
+    if record["memory_bytes_reported"] is not None:
+        assert usable == record["memory_bytes_reported"] and record["memory_usable_kind"] == "reported"
+
+
+def test_cuda_context_by_architecture() -> None:
+    ctx = RAW["cuda_context"]
+    assert ctx["default"]["bytes"] > 0 and ctx["default"]["source"]
+    for arch, entry in ctx.items():
+        if isinstance(entry, dict):
+            assert _is_pos_int(entry["bytes"]) and entry["kind"] in ("measured", "assumed"), arch
 
 
 def test_document_header() -> None:

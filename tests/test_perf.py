@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vramplan import get_model
-from vramplan._tape import Tape
+from vramplan._engine.tape import Tape
 from vramplan.blocks import _B, LayerPlan
 from vramplan.calibration import read_rows, workload_of_row
 from vramplan.estimator import numerics

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vramplan import Estimate, MemoryKind, Phase
+from vramplan._engine.numerics import Numerics
 from vramplan.cli import main
 from vramplan.errors import UnknownNameError, VramplanError, WorkloadError
 from vramplan.vision import (
@@ -19,7 +20,6 @@ from vramplan.vision import (
     make_vision_workload,
 )
 from vramplan.vision._catalog import component
-from vramplan.vision._graph import Numerics
 from vramplan.vision._layers import Layers
 from vramplan.vision._specs import text_encoder_from_config, vae_from_config
 from vramplan.vision._states import block_bytes

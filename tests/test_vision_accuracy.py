@@ -112,14 +112,17 @@ def test_transformer_blocks_match_the_library_trace(name: str, layers: int, sing
                                                     task: str, trace_gib: float) -> None:
     import dataclasses
 
+    from vramplan._engine.numerics import Numerics
+    from vramplan._engine.replay import forward as replay_forward
+    from vramplan._engine.step import states_moment as state_moment
+    from vramplan._engine.tape import Moment
     from vramplan.kinds import MemoryKind
     from vramplan.vision._catalog import get_vision_model
     from vramplan.vision._dit import DiTRun, build_dit
-    from vramplan.vision._graph import Moment, Numerics, replay_forward
     from vramplan.vision._layers import Layers
     from vramplan.vision._specs import dit_from_config
     from vramplan.vision._states import model_states
-    from vramplan.vision._steps import state_moment, train_step
+    from vramplan.vision._steps import train_step
     from vramplan.workload import Optimizer
 
     spec = dataclasses.replace(dit_from_config(get_vision_model(name).config), num_layers=layers,

@@ -1,4 +1,4 @@
-"""Forward programs of the blocks of a transformers causal LM, recorded on a :class:`~vramplan._tape.Tape`.
+"""Forward programs of the blocks of a transformers causal LM, recorded on a :class:`~vramplan._engine.tape.Tape`.
 
 Each builder mirrors what the family's ``modeling_*.py`` (transformers 5.x) executes for one
 block: which tensors are created, in which dtype, and what autograd saves for backward. The rules
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
-from ._tape import Tape, Tensor
+from ._engine.numerics import Kernel, Numerics, sdpa_kernel
+from ._engine.tape import Tape, Tensor
 from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention, WeightsQuant
@@ -25,26 +25,6 @@ ACT = MemoryKind.ACTIVATIONS
 LOGITS = MemoryKind.LOGITS_LOSS
 KV = MemoryKind.KV_CACHE
 WEIGHTS = MemoryKind.WEIGHTS
-
-
-class Kernel(StrEnum):
-    FLASH = "flash"
-    EFFICIENT = "efficient"
-    MATH = "math"
-    EAGER = "eager"
-
-
-@dataclass(frozen=True, slots=True)
-class Numerics:
-    """Dtypes (bytes per element) of what flows through the model, and how it trains."""
-
-    training: bool
-    act: int  # bytes of matmul outputs: 2 under bf16/fp16 or autocast, 4 in fp32
-    param: int  # bytes of dense parameters as stored
-    norm_param: int  # bytes of norm / embedding / unquantized head parameters (QLoRA: fp32)
-    amp: bool  # forward under torch.autocast
-    lora_param: int = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
-    fp16: bool = False  # 16-bit compute is float16 (not bfloat16): ATen's fused half_to_float softmax applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,21 +44,6 @@ class LayerPlan:
     rope: bool = True  # False: a NoPE layer (SmolLM3, EXAONE 4 / Command-R7B global layers)
 
 
-def sdpa_kernel(spec: ModelSpec, elem: int, has_mask: bool, enable_gqa: bool, heads_match: bool) -> Kernel:
-    """The kernel torch's scaled_dot_product_attention picks on an sm80+ GPU (torch 2.5–2.11).
-
-    Flash: fp16/bf16, head_dim <= 256 (padded to a multiple of 8 inside), no explicit mask, equal heads or
-    ``enable_gqa``. Memory-efficient: any float dtype, masks allowed, equal heads only. Otherwise
-    the math path, which materializes the (batch, heads, q, k) scores (sdp_utils.cpp).
-    """
-    d = spec.head_dim
-    if elem == 2 and d <= 256 and not has_mask and (heads_match or enable_gqa):
-        return Kernel.FLASH
-    if heads_match and d % (8 if elem == 2 else 4) == 0:
-        return Kernel.EFFICIENT
-    return Kernel.MATH
-
-
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
     """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
 
@@ -91,10 +56,10 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     if attention is Attention.FLASH:
         return Kernel.FLASH
     if spec.family == "falcon":
-        return sdpa_kernel(spec, elem, has_mask, False, not gqa)
+        return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa)
     if has_mask:
-        return sdpa_kernel(spec, elem, has_mask, enable_gqa=False, heads_match=True)
-    return sdpa_kernel(spec, elem, has_mask, enable_gqa=gqa, heads_match=not gqa)
+        return sdpa_kernel(elem, spec.head_dim, has_mask)
+    return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa, enable_gqa=gqa)
 
 
 class _B:
@@ -113,23 +78,14 @@ class _B:
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
-        """``x.to(dtype)``: a new tensor unless the dtype already matches (saves nothing)."""
-        if x.elem == elem:
-            return x
-        return self.tp.op(x.numel, elem, (x,), kind=x.kind)
+        return self.tp.cast(x, elem)
 
     def ew(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
-        """A unary elementwise op (silu/gelu save their input; tanh/rsqrt/softmax their result)."""
-        out = self.tp.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
-        if save_out and x.rg:
-            self.tp.save_output(out)
-        return out
+        """A unary elementwise op (:meth:`Tape.unary`)."""
+        return self.tp.unary(x, save_in=save_in, save_out=save_out, elem=elem)
 
     def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
-        """``a * b``: saves b if a requires grad and a if b does."""
-        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
-        big = a if a.numel >= b.numel else b
-        return self.tp.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+        return self.tp.mul(a, b, elem)
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         big = a if a.numel >= b.numel else b
@@ -153,7 +109,8 @@ class _B:
         """``nn.Linear`` (or a quantized replacement) on ``x``, with an optional LoRA adapter."""
         tp, num, tokens = self.tp, self.num, x.numel // fin
         welem = weight_elem or num.param
-        pg = self.param_grad(name, fin * fout + (fout if bias else 0), welem) if trainable else ()
+        # ``count`` experts share one 3-D parameter (grouped_mm): its gradient holds all of them
+        pg = self.param_grad(name, (fin * fout + (fout if bias else 0)) * count, welem) if trainable else ()
         if quant is not WeightsQuant.NONE:
             # Quantized layers cast the input to the 16-bit compute dtype and cast the output back.
             # nf4 (bitsandbytes MatMul4Bit): dequantizes the weight into a 16-bit temporary for the matmul

@@ -2,7 +2,7 @@
 
 Model states come from :mod:`vramplan.memory`; activations, logits and the KV cache come from
 replaying the forward (and backward) programs of :mod:`vramplan.blocks` on a
-:class:`~vramplan._tape.Tape`. A stack of identical decoder layers is combined in closed form:
+:class:`~vramplan._engine.tape.Tape`. A stack of identical decoder layers is combined in closed form:
 every layer adds the same saved bytes in forward and frees them in backward, so the peak of a
 pass sits at its first or last layer.
 
@@ -17,7 +17,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ._tape import Moment, Pass, Tape, kinds_dict
+from ._engine.replay import Pass, layer_backward, layer_forward
+from ._engine.step import (
+    ALLOCATOR_SLACK_FRACTION,
+    CUBLAS_WORKSPACE_BYTES,
+    CUDA_CONTEXT_BYTES,
+    finish,
+    phase_peak,
+    states_moment,
+    workload_dict,
+)
+from ._engine.tape import Moment, Tape, kinds_dict
+from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .hfconfig import version_warning
@@ -26,20 +37,15 @@ from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec, PositionKind
-from .units import GiB, MiB
+from .units import GiB
 from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
 
-__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "stage_moments"]
+__all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
+           "reserved_stats", "stage_moments"]
 
-# Device memory in use before the first tensor: 0.516 GiB on the calibration H200 (torch 2.11, CUDA 13).
-CUDA_CONTEXT_BYTES = int(0.516 * GiB)
-# cuBLAS workspace per handle: CUBLAS_WORKSPACE_CONFIG default ":4096:8" on Hopper (32 MiB), allocated
-# through the caching allocator (aten/src/ATen/cuda/CublasHandlePool.cpp). Training uses two handles:
-# the main thread's and autograd's backward thread.
-CUBLAS_WORKSPACE_BYTES = 32 * MiB
-# max_memory_reserved exceeds max_memory_allocated by a median 9.5% over the calibration set
-# (block rounding, cached free blocks): the slack nvidia-smi shows on top of the peak.
-ALLOCATOR_SLACK_FRACTION = 0.10
+# The allocator replay runs every layer of 3 steps (~1 ms per layer); deeper stacks than any published model
+# (Llama 3.1 405B has 126 layers) take the calibration slack instead of a multi-second replay.
+MAX_REPLAY_LAYERS = 256
 
 K = MemoryKind
 
@@ -84,7 +90,7 @@ class _Best:
 
     def peak(self) -> PhasePeak:
         assert self.moment is not None
-        return _phase(self.phase, self.moment)
+        return phase_peak(self.phase, self.moment)
 
 
 def numerics(w: Workload) -> Numerics:
@@ -131,9 +137,10 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     x = tp.tensors[0]
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
-    fwd = tp.forward(save=True)
-    fwd_nosave = tp.forward(save=False) if ckpt else fwd
-    bwd = tp.backward(param_grads_exist=grads_exist) if num.training else Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    fwd = layer_forward(tp)
+    fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
+    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
+        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
                      ckpt=keep_input and ckpt)
 
@@ -179,9 +186,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
     accumulating = w.gradient_accumulation > 1
-    base = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.OPTIMIZER_STATE: states.optimizer_state,
-                 K.GRADIENTS: states.gradients if accumulating else 0, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    base = states_moment(states, workspace_handles=2, grads=accumulating).kinds
     embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
     norm_trainable = full or w.method is Method.FREEZE
     head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
@@ -196,7 +201,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         build_embed(et, spec, num, b, s, embed_trainable,
                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
                     attention=attention)
-        e_fwd = et.forward()
+        e_fwd = layer_forward(et)
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
@@ -212,7 +217,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                    input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=keep_logits,
                    loss_kind=loss_kind.value, chunk=w.loss_chunk,
                    metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
-        h_fwd = ht.forward()
+        h_fwd = layer_forward(ht)
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
         h_fwd = Pass(0, _vec({}), sum(sent), sent)
@@ -242,7 +247,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
     if head:
-        h_bwd = ht.backward(param_grads_exist=accumulating)
+        h_bwd = layer_backward(ht, param_grads_exist=accumulating)
     else:  # the gradient of the stage's output arrives from the next stage
         grad = _neg_act(-sims[-1].y_bytes)
         h_bwd = Pass(sum(grad), grad, sum(grad), grad)
@@ -267,7 +272,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         bwd_peak.offer(_plus(cur, _scale(net, sim.count - 1), peak_rel))
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
-        e_bwd = et.backward(param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
+        e_bwd = layer_backward(et, param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
         bwd_peak.offer(_plus(cur, e_bwd.peak_kinds))
     if host is not None:
         host.traffic = 2 * host.nbytes * w.gradient_accumulation
@@ -275,10 +280,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # ---- optimizer step: every gradient exists; a hand-written loop still references the model output (logits)
     logits_kept = b * s * spec.vocab_size * (4 if num.norm_param == 4 and not num.amp else num.act) \
         if head and keep_logits and loss_kind is Loss.STANDARD else 0
-    step = _vec({K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.GRADIENTS: states.gradients,
-                 K.OPTIMIZER_STATE: states.optimizer_state + states.step_temporaries,
-                 K.LOGITS_LOSS: logits_kept, K.WORKSPACE: 2 * CUBLAS_WORKSPACE_BYTES})
+    step = _plus(states_moment(states, workspace_handles=2, grads=True, temporaries=True).kinds,
+                 _vec({K.LOGITS_LOSS: logits_kept}))
     step_peak = _Best(Phase.OPTIMIZER_STEP, sink)
     step_peak.offer(step)
     return [fwd_peak.peak(), bwd_peak.peak(), step_peak.peak()]
@@ -305,10 +308,6 @@ def _neg_act(n: int) -> tuple[int, ...]:
     return _vec({K.ACTIVATIONS: -n})
 
 
-def _phase(phase: Phase, m: Moment) -> PhasePeak:
-    return PhasePeak(phase, m.total, Breakdown.of(kinds_dict(m.kinds)))
-
-
 def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool) -> int:
     """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
     if sliding and spec.sliding_window:
@@ -327,7 +326,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     et = Tape(False)
     if embed:
         build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
-        e = et.forward()
+        e = layer_forward(et)
     else:  # a pipeline stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e = Pass(sum(recv), recv, sum(recv), recv)
@@ -346,7 +345,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         last = w.logits is LogitsMode.LAST
         build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
                    loss=False)
-        h = ht.forward()
+        h = layer_forward(ht)
         peak.offer(_plus(cur, h.peak_kinds))
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
@@ -407,13 +406,17 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
-def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None) -> Estimate:
-    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``."""
+def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, reserved: bool = True) -> Estimate:
+    """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``.
+
+    ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
+    ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
+    (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
     if spec.multimodal is not None or workload.vision_options:
         from .multimodal import route  # vision-language models: tower + projector + language model
 
         return route(spec, workload, name or spec.name)
-    return _estimate_cached(spec, workload, name or spec.name)
+    return _estimate_cached(spec, workload, name or spec.name, reserved)
 
 
 def check_positions(spec: ModelSpec, w: Workload) -> None:
@@ -430,19 +433,27 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
 
 
 @lru_cache(maxsize=4096)
-def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[PhasePeak], _Host]:
     check_positions(spec, w)
     counts = count_params(spec)
     states = model_states(spec, w, counts)
     num = numerics(w)
     host = _Host()
     phases = _train(spec, w, states, num, host=host) if w.task is Task.TRAIN else _infer(spec, w, states, num)
-    top = max(phases, key=lambda p: p.peak_allocated_bytes)
-    peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
-    kinds = dict(zip(MemoryKind, (v for _, v in top.breakdown.bytes_by_kind), strict=True))
-    kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    kinds[K.ALLOCATOR_SLACK] = slack
+    return states, num, phases, host
+
+
+def peak_allocated(spec: ModelSpec, w: Workload) -> int:
+    """``estimate(spec, w).peak_allocated_bytes`` without the allocator replay (for searches that only
+    need a bound: what is reserved is never less)."""
+    return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
+
+
+@lru_cache(maxsize=4096)
+def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
+    states, num, phases, host = _phases(spec, w)
+    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS
+    alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
@@ -450,8 +461,13 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                              if w.attention is Attention.SDPA else ""),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-        f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (median reserved/allocated gap of the calibration runs)",
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+         "every allocation and free through a model of PyTorch's caching allocator"
+         + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+         + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
+        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
+         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else "") + ")"),
         *states.notes,
     ]
     if w.is_train:
@@ -476,13 +492,26 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
             w.trainable_layers > spec.num_layers:
         warnings.append(f"--trainable-layers {w.trainable_layers} exceeds the model's {spec.num_layers} layers; "
                         "all of them train")
-    return Estimate(
-        model=name, parameters=states.parameters, trainable_parameters=states.trainable_parameters,
-        peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
-        breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warnings), workload=_workload_dict(w), host_bytes=host.nbytes + states.paged_state,
-        host_traffic_bytes=host.traffic,
-    )
+    return finish(name, phases, parameters=states.parameters, trainable=states.trainable_parameters,
+                  assumptions=assumptions, warnings=warnings, workload=workload_dict(w), reserved=alloc,
+                  host_bytes=host.nbytes + states.paged_state, host_traffic_bytes=host.traffic)
+
+
+def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = None,
+                   num: Numerics | None = None) -> AllocStats:
+    """What the caching allocator holds for ``w``: the workload's allocation stream
+    (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
+    from .alloc_stream import infer_events, train_stream
+
+    states = states or model_states(spec, w)
+    num = num or numerics(w)
+    conf = parse_alloc_conf(w.alloc_conf)
+    if not w.is_train:
+        return simulate(infer_events(spec, w, states, num), conf)
+    # the 3 steps of the calibration loop, the last one measured; the stream stops early once a step reserves
+    # nothing new (the later ones repeat it exactly: alloc_stream.train_stream)
+    probe: list[int] = []
+    return simulate(train_stream(spec, w, states, num, 3, probe), conf, probe)
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:
@@ -525,11 +554,3 @@ def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:
                      "(checkpointed layers keep their input on the GPU); the forward stash of in-flight copies "
                      "is not counted")
     return notes
-
-
-def _workload_dict(w: Workload) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for f in w.__dataclass_fields__:
-        v = getattr(w, f)
-        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
-    return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import WorkloadError
-from .estimator import CUDA_CONTEXT_BYTES, estimate
+from .estimator import CUDA_CONTEXT_BYTES, estimate, peak_allocated
 from .hardware import GPU
 from .kinds import MemoryKind, Phase
 from .result import Estimate
@@ -33,7 +33,7 @@ from .units import GiB
 from .workload import LogitsMode, Precision, Task, WeightsQuant, Workload
 
 __all__ = ["VLLM_BLOCK_TOKENS", "FitResult", "KVCapacity", "VisionFitResult", "check_fit", "check_vision_fit",
-           "kv_capacity", "largest_fitting"]
+           "kv_capacity", "largest_confirmed", "largest_fitting"]
 
 VLLM_BLOCK_TOKENS = 16  # vLLM's default block_size (tokens per KV block) on CUDA
 _MAX_BATCH = 1 << 20  # Workload's own limits
@@ -61,6 +61,63 @@ def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
             lo = mid
         else:
             hi = mid
+    return lo
+
+
+def largest_confirmed(cheap: Callable[[int], int | None], total: Callable[[int], int | None], budget: int,
+                      cap: int) -> int:
+    """The largest ``n`` in 1..cap with ``total(n) <= budget`` (0 if none), for ``total`` monotone and
+    expensive and ``cheap`` a lower bound of it that is close up to a slowly varying factor: the answer for
+    ``cheap`` scaled by the factor of the last ``total`` is refined a few times, then confirmed with
+    ``total`` on both sides of the boundary."""
+
+    lo, hi = 0, cap + 1  # largest n known to fit, smallest known not to
+    last: list[int | None] = [None]
+
+    def fits(k: int) -> bool:
+        nonlocal lo, hi
+        t = last[0] = total(k)
+        ok = t is not None and t <= budget
+        if ok:
+            lo = max(lo, k)
+        else:
+            hi = min(hi, k)
+        return ok
+
+    ratio = 1.0
+    n = 0
+    for _ in range(3):
+        def guess(k: int, r: float = ratio) -> bool:
+            c = cheap(k)
+            return c is not None and c * r <= budget
+
+        n = largest_fitting(guess, cap)
+        if not lo < n < hi:
+            break
+        c = cheap(n)
+        fits(n)
+        t = last[0]
+        if t is None or not c:
+            break
+        ratio = t / c
+    # bracket the boundary with ``total`` from the last guess outwards, then bisect
+    step = 1
+    while hi > cap and lo < cap:
+        fits(min(cap, lo + step))
+        step *= 2
+    step = 1
+    while lo == 0 and hi > 1:
+        fits(max(1, hi - step))
+        step *= 2
+    if hi - lo > 2 and lo and hi <= cap:
+        step = 1
+        while lo + step < hi and fits(lo + step):
+            step *= 2
+        step = 1
+        while hi - step > lo and not fits(hi - step):
+            step *= 2
+    while hi - lo > 1:
+        fits((lo + hi) // 2)
     return lo
 
 
@@ -155,6 +212,8 @@ class FitResult:
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     per_gpu: Any = None  # with a layout: the ParallelEstimate of the most loaded GPU (fits is judged on it)
+    # does not fit, but would with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: its total_bytes (else None)
+    expandable_total_bytes: int | None = None
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -170,7 +229,11 @@ class FitResult:
         return extra | {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
+                "alloc_conf_suggestion": "expandable_segments:True" if self.expandable_total_bytes else None,
+                "expandable_total_bytes": self.expandable_total_bytes, "max_batch_size": self.max_batch_size,
                 "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
                 "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
@@ -187,7 +250,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     data-parallel rank and the longest sequence under the layout (:func:`vramplan.parallel.estimate_parallel`).
     """
     label = name or spec.name
-    usable = gpu.usable_memory_bytes
+    # decide on what the process holds on this GPU: the estimate's total (reserved + the calibration GPU's
+    # CUDA context) with this GPU's context instead, against what CUDA reports as its total
+    usable = gpu.usable_memory_bytes - ((gpu.cuda_context_bytes or CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES)
     est = estimate(spec, w, name=label)
     per_gpu = None
     if layout is not None:
@@ -199,7 +264,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         if layout is None:
             return _total(spec, x, label)
         try:
-            return estimate_parallel(spec, x, layout, links).total_bytes
+            # several GPUs: per-GPU totals use the calibration slack (no per-GPU stream yet), so the
+            # single-GPU reference needs no allocator replay
+            return estimate_parallel(spec, x, layout, links, reserved=layout.is_single).total_bytes
         except WorkloadError:
             return None
 
@@ -211,9 +278,25 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         t = total_of(w.with_(seq_len=s))
         return t is not None and t <= usable
 
+    # one GPU: the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated
+    # ratio of the last full estimate, then confirm the boundary with full estimates
+    def alloc_of(w2: Workload) -> int | None:
+        try:
+            return peak_allocated(spec, w2) + CUDA_CONTEXT_BYTES
+        except WorkloadError:
+            return None
+
     extra = 0 if w.is_train else w.new_tokens
-    max_batch = largest_fitting(fits_batch, min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra)))
-    max_seq = largest_fitting(fits_seq, min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra))
+    cap_b = min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra))
+    cap_s = min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra)
+    if layout is None:
+        max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
+                                      lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
+        max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),
+                                    lambda s: total_of(w.with_(seq_len=s)), usable, cap_s)
+    else:
+        max_batch = largest_fitting(fits_batch, cap_b)
+        max_seq = largest_fitting(fits_seq, cap_s)
     one_gpu = layout is None
     kv = None if w.is_train or not one_gpu else kv_capacity(
         spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
@@ -222,8 +305,8 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     total = est.total_bytes if per_gpu is None else per_gpu.total_bytes
     where = "" if per_gpu is None else f" on the most loaded of {per_gpu.layout.gpus} GPUs ({per_gpu.engine.value})"
     assumptions = [
-        f"fits: total_bytes (peak allocated + allocator slack + CUDA context){where} <= {gpu.display_name}'s "
-        f"usable memory, {usable / GiB:.2f} GiB",
+        f"fits: total_bytes (what the caching allocator reserves + CUDA context){where} <= {gpu.display_name}'s "
+        f"usable memory, {usable / GiB:.2f} GiB; OOM margin {(usable - total) / GiB:+.2f} GiB",
         "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
         "monotone in both)",
     ]
@@ -240,9 +323,21 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     limit = spec.max_position_embeddings
     if limit and max_seq > limit:
         warnings.append(f"memory allows {max_seq:,} tokens but the model was trained for {limit:,} positions")
+    expandable = None
+    if one_gpu and total > usable and est.peak_reserved_bytes and "expandable_segments:true" not in \
+            w.alloc_conf.replace(" ", "").lower() and est.total_bytes - est.peak_reserved_bytes + \
+            est.peak_allocated_bytes <= usable:
+        # one growable segment per pool instead of fixed ones (PyTorch's advice against fragmentation): does
+        # the same workload then fit?
+        conf = ",".join(x for x in (w.alloc_conf, "expandable_segments:True") if x)
+        alt = estimate(spec, w.with_(alloc_conf=conf), name=label).total_bytes
+        if alt <= usable:
+            expandable = alt
+            warnings.append(f"with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True it would fit: "
+                            f"{alt / GiB:.2f} GiB (--alloc-conf expandable_segments:True)")
     return FitResult(label, gpu.name, gpu.display_name, usable, est, total <= usable,
                      usable - total, max_batch, max_seq, limit, kv, step_s, tps,
-                     tuple(assumptions) + est.assumptions, tuple(warnings), per_gpu)
+                     tuple(assumptions) + est.assumptions, tuple(warnings), per_gpu, expandable)
 
 
 def _speed(spec: ModelSpec, w: Workload, gpu: GPU) -> tuple[float | None, float | None]:
@@ -299,7 +394,10 @@ class VisionFitResult:
         return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
                 "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
                 "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "max_batch_size": self.max_batch_size,
+                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
+                "alloc_conf_suggestion": None, "expandable_total_bytes": None, "max_batch_size": self.max_batch_size,
                 "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
                 "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
                 "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),

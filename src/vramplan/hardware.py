@@ -174,6 +174,13 @@ class GPU:
     msrp_usd: float | None
     source: str
     retrieved: str
+    # what CUDA reports as total memory (nvidia-smi's total minus what the driver keeps), with provenance:
+    # "reported" (seen in a CUDA report), "derived" (from a sibling's report), or "nominal" (none found)
+    memory_bytes_usable: int = 0
+    memory_usable_kind: str = "nominal"
+    memory_usable_source: str = ""
+    cuda_context_bytes: int = 0  # device memory a PyTorch process holds before its first tensor
+    cuda_context_source: str = ""
 
     def peak_tflops(self, dtype: str) -> float | None:
         """Dense peak for 'fp32', 'tf32', 'bf16', 'fp16', 'fp8', 'int8' (TOPS) or 'fp4'; None if absent."""
@@ -181,7 +188,9 @@ class GPU:
 
     @property
     def usable_memory_bytes(self) -> int:
-        """What CUDA reports as total where that has been observed, else the marketed capacity."""
+        """What CUDA reports as total memory (see ``memory_usable_kind`` for how it is known)."""
+        if self.memory_bytes_usable:
+            return self.memory_bytes_usable
         return self.memory_bytes_reported if self.memory_bytes_reported is not None else self.memory_bytes
 
 
@@ -289,7 +298,8 @@ def _catalog() -> tuple[GPU, ...]:
     if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("gpus"), list):
         raise VramplanError("the bundled GPU catalog (data/gpus.json) is not schema 1; reinstall vramplan")
     try:
-        return tuple(_gpu_from_record(r) for r in doc["gpus"])
+        ctx = doc.get("cuda_context", {})
+        return tuple(_gpu_from_record(r, ctx.get(r["architecture"]) or ctx.get("default")) for r in doc["gpus"])
     except (KeyError, TypeError, ValueError) as err:
         raise VramplanError(f"the bundled GPU catalog (data/gpus.json) is malformed: {err}") from None
 
@@ -331,7 +341,7 @@ def _interconnect(ic: Mapping[str, Any]) -> Interconnect:
                         pair_link=pair)
 
 
-def _gpu_from_record(r: Mapping[str, Any]) -> GPU:
+def _gpu_from_record(r: Mapping[str, Any], ctx: Mapping[str, Any] | None = None) -> GPU:
     t = r["tflops"]
     ic = r["interconnect"]
     p = r["price_usd_per_hour"]
@@ -360,6 +370,11 @@ def _gpu_from_record(r: Mapping[str, Any]) -> GPU:
         msrp_usd=_opt_float(r["msrp_usd"]),
         source=str(r["source"]),
         retrieved=str(r["retrieved"]),
+        memory_bytes_usable=_opt_int(r.get("memory_bytes_usable")) or 0,
+        memory_usable_kind=str(r.get("memory_usable_kind", "nominal")),
+        memory_usable_source=str(r.get("memory_usable_source", "")),
+        cuda_context_bytes=_opt_int(ctx.get("bytes")) or 0 if ctx else 0,
+        cuda_context_source=f"{ctx.get('kind', '')}: {ctx.get('source', '')}" if ctx else "",
     )
 
 

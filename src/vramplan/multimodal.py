@@ -139,7 +139,7 @@ def _llava_next_tokens(t: VisionTower, size: int) -> int:
 
 def tower_parameters(t: VisionTower | None) -> int:
     """Parameters of the vision tower and projector, as ``sum(p.numel() for p in ...)`` over their modules."""
-    from .vision._graph import Numerics
+    from ._engine.numerics import Numerics
     from .vision._layers import Layers
 
     if t is None:
@@ -228,8 +228,8 @@ def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool,
     if padded is not None:
         L.hold(padded)
         if parts[0].rg and L.num.training:
-            i = len(L.tp.ops) - 1
-            L.tp.ops[i].saved += (padded,)
+            i = len(L.ops) - 1
+            L.ops[i].saved += (padded,)
             padded.saved_by.append(i)
     o = L.cat(tuple(parts)) if len(parts) > 1 else parts[0]
     o = L.copy(o)  # attn_output.transpose(1, 2).contiguous() / reshape
@@ -513,7 +513,7 @@ def route(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
                             "vision-language models; drop them")
     if w.text_only:
-        return estimator._estimate_cached(replace(spec, multimodal=None), w, name)
+        return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name)
     _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
     return _estimate_multimodal_cached(spec, w, name)
 
@@ -540,9 +540,12 @@ def estimate_multimodal(spec: ModelSpec, w: Workload, name: str) -> Estimate:
 def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     """The whole vision-language model: tower + projector + language model with the image tokens."""
     from . import estimator
-    from ._tape import ZERO
+    from ._engine.numerics import Numerics
+    from ._engine.replay import backward as replay_backward
+    from ._engine.replay import forward as replay_forward
+    from ._engine.step import finish, workload_dict
+    from ._engine.tape import ZERO
     from .memory import _optimizer_bytes
-    from .vision._graph import Numerics, replay_backward, replay_forward
     from .vision._layers import Layers
 
     mm = spec.multimodal
@@ -588,7 +591,7 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,
                         K.GRADIENTS: grads})
     pixels = crops * t.channels * size * size * t.temporal_patch * 4
-    kept = sum(x.nbytes for x in L.tp.tensors if x.keep and not x.external and x.base is None)
+    kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
     # tensors of the tower that outlive its forward: in the forward, everything it left (saved for backward, the
     # pixels, the features and the outputs the model keeps referenced until it returns); in the backward, what
     # it saved for backward
@@ -615,12 +618,6 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
             grad_feats = _vec({K.ACTIVATIONS: feats.nbytes})
             v = max(v, _add(lm_end, grad_feats, bpeak.kinds), key=sum)
         phases.append(_phase(ph.phase, v))
-    top = max(phases, key=lambda p: p.peak_allocated_bytes)
-    peak = top.peak_allocated_bytes
-    slack = int(peak * estimator.ALLOCATOR_SLACK_FRACTION)
-    kinds = dict(top.breakdown.bytes_by_kind)
-    kinds[K.CUDA_CONTEXT] = estimator.CUDA_CONTEXT_BYTES
-    kinds[K.ALLOCATOR_SLACK] = slack
     recipe = ("the vision tower and projector train" if tower_tr else
               "the vision tower is frozen, the projector trains" if proj_tr else
               "the vision tower and projector are frozen (adapters on the language model only)"
@@ -638,11 +635,9 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     )
     warnings = tuple(x for x in text_est.warnings) + mm.notes
     trainable_total = text_est.trainable_parameters + trainable
-    return Estimate(
-        model=name, parameters=text_est.parameters + params, trainable_parameters=trainable_total,
-        peak_allocated_bytes=peak, total_bytes=peak + slack + estimator.CUDA_CONTEXT_BYTES, peak_phase=top.phase,
-        breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=assumptions, warnings=warnings,
-        workload=estimator._workload_dict(w), host_bytes=text_est.host_bytes, host_traffic_bytes=0)
+    return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
+                  assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
+                  host_bytes=text_est.host_bytes, host_traffic_bytes=0)
 
 
 def _text_temp(text: ModelSpec, w: Workload) -> int:

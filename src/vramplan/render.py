@@ -77,7 +77,9 @@ def print_estimate(est: Estimate, title: str | None = None, out: Console | None 
     c.print(f"[dim]{desc}[/dim]")
     c.print(f"peak allocated [bold]{_gib(est.peak_allocated_bytes)} GiB[/bold] "
                   f"(torch.cuda.max_memory_allocated, in the {est.peak_phase.value} phase); "
-                  f"nvidia-smi total about [bold]{_gib(est.total_bytes)} GiB[/bold]")
+                  + (f"reserved [bold]{_gib(est.peak_reserved_bytes)} GiB[/bold] (max_memory_reserved); "
+                     if est.peak_reserved_bytes else "")
+                  + f"nvidia-smi total about [bold]{_gib(est.total_bytes)} GiB[/bold]")
     table = Table(title="memory at the peak", show_edge=False)
     table.add_column("kind")
     table.add_column("GiB", justify="right")

@@ -11,7 +11,7 @@ from .kinds import MemoryKind, Phase
 if TYPE_CHECKING:
     from .parallel import ParallelEstimate
 
-__all__ = ["Breakdown", "Estimate", "PhasePeak"]
+__all__ = ["Breakdown", "Estimate", "PhasePeak", "ReservedPhase"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,22 @@ class PhasePeak:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservedPhase:
+    """The allocator during one phase: highest allocated and reserved bytes (blocks rounded as the
+    allocator rounds them), and the share of reserved memory not in use at the reserved peak."""
+
+    phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+
+    @property
+    def fragmentation(self) -> float:
+        if not self.peak_reserved_bytes:
+            return 0.0
+        return max(0.0, 1.0 - self.peak_allocated_bytes / self.peak_reserved_bytes)
+
+
+@dataclass(frozen=True, slots=True)
 class Estimate:
     """Peak GPU memory of one workload on one GPU.
 
@@ -67,6 +83,10 @@ class Estimate:
     warnings: tuple[str, ...] = ()
     workload: Mapping[str, Any] = field(default_factory=dict)
     per_gpu: ParallelEstimate | None = None
+    # what the caching allocator reserves (torch.cuda.max_memory_reserved) from the modelled
+    # allocation stream (vramplan.allocator); 0 where no stream is modelled
+    peak_reserved_bytes: int = 0
+    reserved_phases: tuple[ReservedPhase, ...] = ()
     host_bytes: int = 0  # pinned host memory the step needs (activation offloading)
     host_traffic_bytes: int = 0  # bytes over PCIe per optimizer step for that host memory (both directions)
 
@@ -91,6 +111,11 @@ class Estimate:
             "workload": dict(self.workload),
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "reserved_phases": {p.phase: {"peak_allocated_bytes": p.peak_allocated_bytes,
+                                          "peak_reserved_bytes": p.peak_reserved_bytes,
+                                          "fragmentation": round(p.fragmentation, 4)}
+                                for p in self.reserved_phases},
             "host_bytes": self.host_bytes,
             "host_traffic_bytes": self.host_traffic_bytes,
         }

@@ -11,8 +11,17 @@ from enum import StrEnum
 from .errors import WorkloadError
 
 __all__ = [
-    "Attention", "LogitsMode", "Loss", "Method", "Optimizer", "Precision", "Task", "Trainer", "WeightsQuant",
+    "Attention",
+    "LogitsMode",
+    "Loss",
+    "Method",
+    "Optimizer",
+    "Precision",
+    "Task",
+    "Trainer",
+    "WeightsQuant",
     "Workload",
+    "check_int_fields",
 ]
 
 
@@ -126,6 +135,16 @@ _MAX_TOKENS = 1 << 24  # 16M tokens in one sequence or batch: beyond any real co
 _MAX_BATCH = 1 << 20
 
 
+def check_int_fields(obj: object, ranges: tuple[tuple[str, int, int], ...]) -> None:
+    """Each named field of ``obj`` is an integer (not a bool) within its (low, high) range."""
+    for name, lo, hi in ranges:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WorkloadError(f"{name} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise WorkloadError(f"{name} = {value} is out of range; use {lo}..{hi}")
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """One training step or one generation request, as a script would run it."""
@@ -160,6 +179,7 @@ class Workload:
     lora_modules_to_save: tuple[str, ...] = ()  # peft modules_to_save: trained full copies (embed_tokens, lm_head)
     optimizer_rank: int = 128  # galore / apollo: rank of the projection
     galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
+    alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
     # Vision-language models (vramplan.multimodal): images per sample (None: 1 for a VLM; a text model refuses any)
     images: int | None = None
     image_size: int | None = None  # image side in pixels (None: the processor's default for the model)
@@ -185,16 +205,11 @@ class Workload:
         if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
                                                   or not isinstance(self.trainable_layers, int)):
             raise WorkloadError(f"trainable_layers must be an integer, got {self.trainable_layers!r}")
-        for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
-                             ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
-                             ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20),
-                             ("loss_chunk", 0, _MAX_TOKENS), ("optimizer_rank", 1, 1 << 16),
-                             ("galore_update_gap", 1, 1 << 30)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise WorkloadError(f"{name} must be an integer, got {value!r}")
-            if not lo <= value <= hi:
-                raise WorkloadError(f"{name} = {value} is out of range; use {lo}..{hi}")
+        check_int_fields(self, (("batch_size", 1, _MAX_BATCH), ("seq_len", 1, _MAX_TOKENS),
+                                ("new_tokens", 0, _MAX_TOKENS), ("lora_rank", 1, 1 << 16),
+                                ("lora_alpha", 1, 1 << 20), ("gradient_accumulation", 1, 1 << 20),
+                                ("loss_chunk", 0, _MAX_TOKENS), ("optimizer_rank", 1, 1 << 16),
+                                ("galore_update_gap", 1, 1 << 30)))
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) or \
                 not 0.0 <= self.lora_dropout < 1.0:
             raise WorkloadError(f"lora_dropout = {self.lora_dropout!r} must be a number in [0, 1)")
@@ -240,6 +255,11 @@ class Workload:
             raise WorkloadError(f"lora_modules_to_save {', '.join(bad)}: use embed_tokens and/or lm_head")
         if self.lora_modules_to_save and not self.uses_adapters:
             raise WorkloadError("--lora-modules-to-save needs an adapter method (lora, qlora, dora)")
+        if not isinstance(self.alloc_conf, str):
+            raise WorkloadError(f"alloc_conf must be a PYTORCH_CUDA_ALLOC_CONF string, got {self.alloc_conf!r}")
+        from .allocator import parse_alloc_conf
+
+        parse_alloc_conf(self.alloc_conf)  # a bad setting is an error here, not at estimate time
 
     @property
     def checkpoint_every(self) -> int:

@@ -131,9 +131,11 @@ def _fit_header(r: Any, shape: str) -> Any:
             f"precision={w.get('precision')}, {shape}")
     verdict = "[green]fits[/green]" if r.fits else "[red]does not fit[/red]"
     each = " on the most loaded GPU" if per_gpu is not None else ""
-    c.print(f"{verdict}: needs {_gib(r.total_bytes)}{each} (peak allocated {_gib(r.peak_allocated_bytes)}); "
-            f"headroom {_gib(r.headroom_bytes)}" + (f"; one GPU would need {_gib(r.estimate.total_bytes)}"
-                                                    if per_gpu is not None else ""))
+    reserved = r.estimate.peak_reserved_bytes if per_gpu is None else 0
+    c.print(f"{verdict}: needs {_gib(r.total_bytes)}{each} (peak allocated {_gib(r.peak_allocated_bytes)}"
+            + (f", reserved {_gib(reserved)}, nvidia-smi {_gib(r.total_bytes)}" if reserved else "")
+            + f"); headroom (OOM margin) {_gib(r.headroom_bytes)}"
+            + (f"; one GPU would need {_gib(r.estimate.total_bytes)}" if per_gpu is not None else ""))
     return c
 
 

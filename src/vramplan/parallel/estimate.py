@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from ..estimator import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, StageMoments, estimate, stage_moments
+from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES
+from ..estimator import StageMoments, estimate, stage_moments
 from ..kinds import MemoryKind, Phase
 from ..memory import model_states
 from ..result import Breakdown, Estimate, PhasePeak
@@ -202,14 +203,15 @@ def _stage_parameters(spec: ModelSpec, layers: range, embed: bool, head: bool, p
 
 # ---- the entry point -----------------------------------------------------------------------------------------
 def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
-                      links: Links | None = None) -> ParallelEstimate:
+                      links: Links | None = None, *, reserved: bool = True) -> ParallelEstimate:
     """Per-GPU memory of ``workload`` under ``layout``: the most loaded GPU, host memory, communication.
 
     ``workload.batch_size`` is the micro-batch of one data-parallel rank. ``links`` picks the interconnects
     for the communication times (default NVLink 4 inside a node, InfiniBand NDR between nodes).
+    ``reserved=False``: the single-GPU reference without the allocator replay (searches).
     """
     check_layout(spec, workload, layout)
-    single = estimate(spec, workload)
+    single = estimate(spec, workload, reserved=reserved)
     if workload.is_train and layout.micro_batches > workload.gradient_accumulation:
         # every micro-batch of a step after the first runs with the gradients of the earlier ones allocated
         workload = workload.with_(gradient_accumulation=layout.micro_batches)
@@ -231,7 +233,10 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     top = max(results, key=lambda r: r.peak.peak_allocated_bytes)
     peak_phase = top.peak
     peak = peak_phase.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
+    if layout.is_single and peak == single.peak_allocated_bytes and single.peak_reserved_bytes:
+        slack = single.peak_reserved_bytes - peak  # one GPU: the single-GPU allocator replay
+    else:  # per-GPU allocation streams (and NCCL/FSDP buffers) are not modelled yet: the calibration median
+        slack = int(peak * ALLOCATOR_SLACK_FRACTION)
     kinds = {k: peak_phase.breakdown[k] for k in MemoryKind}
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     kinds[K.ALLOCATOR_SLACK] = slack

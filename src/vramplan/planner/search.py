@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class _Memo:
         res: _Eval | None
         if layout.is_single or label == "replicas":
             try:
-                est = estimate(spec, w, name=name)
+                # the analytic path: a plan search evaluates thousands of candidates (the allocator replay
+                # decides in estimate and fit)
+                est = estimate(spec, w, name=name, reserved=False)
             except WorkloadError as exc:  # e.g. longer than a learned position table
                 self.errors.setdefault(str(exc), None)
                 res = None
@@ -96,7 +99,7 @@ class _Memo:
                        est.host_traffic_bytes // w.gradient_accumulation)
         else:
             try:
-                pe = estimate_parallel(spec, w, layout)
+                pe = estimate_parallel(spec, w, layout, reserved=False)
             except WorkloadError as exc:
                 self.unsupported.setdefault(label, str(exc))
                 res = None
@@ -109,6 +112,60 @@ class _Memo:
 
 
 _SAME_BYTES = {Precision.FP16: Precision.BF16, Precision.AMP_FP16: Precision.AMP_BF16}
+
+
+class _Confirm:
+    """One-GPU plans are searched on the analytic path (peak + the calibration slack); those shown or
+    recommended are confirmed with the allocator replay (:func:`vramplan.estimator.estimate`): their total
+    becomes what the caching allocator reserves + the CUDA context, and a plan that then does not fit is
+    dropped for the next one. Multi-GPU totals keep the calibration slack (no per-GPU stream yet)."""
+
+    def __init__(self, spec: ModelSpec, name: str, one_gpu: dict[int, Workload]) -> None:
+        self.spec, self.name, self.one_gpu = spec, name, one_gpu
+        self.totals: dict[Workload, int] = {}
+        self.checked: dict[int, Plan | None] = {}
+
+    def __call__(self, p: Plan) -> Plan | None:
+        if id(p) in self.checked:
+            return self.checked[id(p)]
+        w = self.one_gpu.get(id(p))
+        out: Plan | None = p
+        if w is not None:
+            t = self.totals.get(w)
+            if t is None:
+                t = self.totals[w] = estimate(self.spec, w, name=self.name).total_bytes
+            out = dataclasses.replace(p, total_bytes=t)
+            out = out if out.fits else None
+        self.checked[id(p)] = out
+        return out
+
+    def top(self, ranked: Sequence[Plan], n: int) -> list[Plan]:
+        kept: list[Plan] = []
+        seen: set[tuple[str, int, str, str, str]] = set()
+        for p in ranked:  # as _dedupe: the first plan of each (hardware, layout, method, weights) that fits
+            if len(kept) >= n:
+                break
+            key = (p.gpu, p.gpu_count, p.layout, p.method, p.weights_quant)
+            if key in seen:
+                continue
+            q = self(p)
+            if q is not None:
+                seen.add(key)
+                kept.append(q)
+        return kept
+
+    def recommend(self, cls: str, ranked: Sequence[Plan], pool: Sequence[GPU],
+                  min_need: dict[str, tuple[int, str]], req: PlanRequest,
+                  feasible: int) -> tuple[Plan | None, str | None]:
+        left = list(ranked)
+        while True:
+            rec, why = _recommend(cls, left, pool, min_need, req, feasible)
+            if rec is None:
+                return rec, why
+            q = self(rec)
+            if q is not None:
+                return q, why
+            left = [p for p in left if p is not rec]
 
 
 def _memory_twin(w: Workload) -> Workload:
@@ -157,6 +214,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     memo = _Memo()
     candidates = 0
     plans: list[Plan] = []
+    one_gpu: dict[int, Workload] = {}  # plans on one GPU (each GPU on its own): their workload, for confirm
     min_need: dict[str, tuple[int, str]] = {}  # gpu class -> (least total bytes evaluated, description)
     families = {f: [g for g in pool if _family(g) == f] for f in ("bf16", "fp16")}
     for family, fgpus in families.items():
@@ -205,6 +263,8 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                             min_need[g.gpu_class] = (total, desc)
                         if ctx is not None and total <= g.usable_memory_bytes:
                             plans.append(_make_plan(ctx, g))
+                            if layout.is_single or lay_label == "replicas":
+                                one_gpu[id(plans[-1])] = w
                     if total > max_usable:
                         break  # a larger micro-batch cannot fit any GPU of the pool
     if not candidates and memo.errors:
@@ -217,15 +277,18 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
             warnings.append(f"{len(over)} fitting plans dropped: over the ${req.budget_usd:,.2f} budget or unpriced")
         plans = [p for p in plans if p.cost_usd is not None and p.cost_usd <= req.budget_usd]
     ranked = sorted(plans, key=_rank_key(req.sort))
-    consumer, consumer_reason = _recommend("consumer", ranked, pool, min_need, req, feasible)
-    datacenter, datacenter_reason = _recommend("datacenter", ranked, pool, min_need, req, feasible)
+    confirm = _Confirm(spec, label, one_gpu)
+    shown = confirm.top(ranked, req.top)
+    consumer, consumer_reason = confirm.recommend("consumer", ranked, pool, min_need, req, feasible)
+    datacenter, datacenter_reason = confirm.recommend("datacenter", ranked, pool, min_need, req, feasible)
     saver_notes = _saver_notes(ranked, (consumer, datacenter))
     for lay, err in sorted(memo.unsupported.items()):
         warnings.append(f"{lay} layouts skipped: {err}")
     assumptions = (
         f"job: {tokens_note}" + ("" if infer else f"; global batch {global_batch} sequences of {req.seq_len} tokens"),
         "fits: total_bytes (peak allocated + allocator slack + CUDA context) of the most loaded GPU <= the GPU's "
-        "usable memory",
+        "usable memory; the search ranks one-GPU candidates with a slack of 10% of the peak, and every one-GPU plan "
+        "shown or recommended is confirmed with the caching-allocator replay (reserved + context)",
         model.assumption(),
         "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
         "overlapped with compute for data parallelism (DDP buckets, FSDP prefetch), on the critical path for tensor "
@@ -244,7 +307,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     )
     return PlanResult(label, parameters, req.task.value, tokens, req.seq_len, global_batch, req.sort.value,
                       candidates, feasible, sum(1 for v in memo.results.values() if v is None),
-                      time.perf_counter() - t0, tuple(_dedupe(ranked)[: req.top]), consumer, consumer_reason,
+                      time.perf_counter() - t0, tuple(shown), consumer, consumer_reason,
                       datacenter, datacenter_reason, assumptions, tuple(warnings), saver_notes=saver_notes)
 
 

@@ -51,8 +51,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._engine.step import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from ..errors import WorkloadError
-from ..estimator import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from ..memory import model_states
 from ..spec import ModelSpec
 from ..units import GiB

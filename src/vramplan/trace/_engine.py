@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .._engine.step import workload_dict
 from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
@@ -30,7 +29,14 @@ from ._cuda import (
     safe_softmax_transient,
 )
 from ._images import image_inputs, is_multimodal
-from ._loops import CE_CHUNK, apply_checkpoint_every, create_optimizer_state, hf_train_loop, patch_chunked_loss
+from ._loops import (
+    CE_CHUNK,
+    apply_checkpoint_every,
+    create_optimizer_state,
+    harness_stream,
+    hf_train_loop,
+    patch_chunked_loss,
+)
 from ._tracker import MemoryTracker, PeakMark
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
@@ -262,18 +268,6 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     return out
 
 
-def _workload_dict(w: Workload) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(w):
-        v = getattr(w, f.name)
-        if isinstance(v, enum.Enum):
-            v = v.value
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[f.name] = v
-    return out
-
-
 def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, int]]:
     by_kind = mark.breakdown()
     by_kind[MemoryKind.WORKSPACE] = by_kind.get(MemoryKind.WORKSPACE, 0) + workspace
@@ -442,19 +436,26 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     if best is None:
         raise VramplanError(f"{name}: the trace recorded no allocation")
     peak, peak_phase, by_kind, where = best
-    slack = int(peak * SLACK_FRACTION)
+    from ..allocator import parse_alloc_conf, simulate
+
+    # the traced allocation stream through the same caching-allocator model as the estimate (vramplan.allocator)
+    # (rebuilt as the calibration loop runs it, with the cuBLAS workspaces: _loops.harness_stream)
+    stream = harness_stream(tracker.events, 2 if train else 1)
+    reserved = simulate(stream, parse_alloc_conf(workload.alloc_conf))
+    slack = max(0, reserved.peak_reserved_bytes - peak)
     full = dict(by_kind)
     full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
     full[MemoryKind.ALLOCATOR_SLACK] = slack
     assumptions.append(f"peak at {where} during {peak_phase.value}")
-    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated) 10% of the peak are "
-                       "added to total_bytes, not to peak_allocated_bytes")
+    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation "
+                       "stream replayed through the caching-allocator model) are added to total_bytes")
     assumptions.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
     return Estimate(
         model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
         peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
         breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warns), workload=_workload_dict(reported))
+        warnings=tuple(warns), workload=workload_dict(reported), peak_reserved_bytes=peak + slack,
+        reserved_phases=reserved.phases)
 
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],

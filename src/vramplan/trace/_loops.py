@@ -29,14 +29,74 @@ MIN_OFFLOAD_BYTES = 1024
 
 
 
+# markers in MemoryTracker.events around the untracked state-creating step (see harness_stream)
+MARK = -5  # vramplan.allocator.simulate skips event codes it does not know
+OPT_STATE_BEGIN = "optimizer state: begin"
+OPT_STATE_END = "optimizer state: end"
+
+
+def harness_stream(events: list[tuple[object, int]], workspaces: int, steps: int = 3) -> list[tuple[object, int]]:
+    """The traced allocation stream as the calibration loop (measure.py) runs it, for the allocator model.
+
+    The trace creates the optimizer state by one untracked step on zero gradients and then traces one step that
+    stands for every later one; what the caching allocator reserves depends on the history, so the stream is
+    rebuilt as the harness runs it: the parameters, a first step whose ``optimizer.step()`` creates the state
+    (the tensors the state-creating step left live, allocated where the traced step's optimizer phase starts),
+    then the traced step again up to ``steps``, the peaks reset at each later step's start. The cuBLAS
+    workspaces (``workspaces`` x 32 MiB) are allocated at the first step's start, as the estimate's stream does.
+    Without the markers (inference) the stream is returned with the workspaces before the first phase."""
+    from ..allocator import FREE, PHASE, RESET
+
+    ws = [(("cublas", i), 32 << 20) for i in range(workspaces)]
+    names = [k for k, n in events if n == MARK]
+    if OPT_STATE_BEGIN not in names or OPT_STATE_END not in names:
+        first = next((i for i, (_, n) in enumerate(events) if n == PHASE), len(events))
+        return events[:first] + ws + events[first:]
+    i0 = next(i for i, e in enumerate(events) if e == (OPT_STATE_BEGIN, MARK))
+    i1 = next(i for i, e in enumerate(events) if e == (OPT_STATE_END, MARK))
+    prefix, create, step = events[:i0], events[i0 + 1:i1], events[i1 + 1:]
+    live: dict[object, int] = {}
+    for k, n in create:
+        if n >= 0:
+            live[k] = n
+        elif n == FREE:
+            live.pop(k, None)
+    state = list(live.items())
+    before = {k for k, n in prefix if n >= 0} | set(live)
+    opt_at = next((i for i, (k, n) in enumerate(step) if n == PHASE and k == "optimizer_step"), len(step))
+    out = prefix + ws
+    for c in range(steps):
+        if c:
+            out.append((None, RESET))
+        mine: set[object] = set()
+        for i, (k, n) in enumerate(step):
+            if c == 0 and i == opt_at:
+                out.extend(state)
+            if n >= 0:
+                mine.add(k)
+                out.append(((c, k), n))
+            elif n == FREE:
+                if k in mine:
+                    out.append(((c, k), n))
+                elif k in before and c == 0:
+                    out.append((k, n))
+            else:
+                out.append((k, n))
+        if c == 0 and opt_at == len(step):
+            out.extend(state)
+    return out
+
+
 def create_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
     """Steady state: the optimizer state exists. One untracked step on zero gradients creates it (the first real
     step differs from the later ones only in that), and the tracker marks it as optimizer state."""
     tracker.set_phase(None)
+    tracker.events.append((OPT_STATE_BEGIN, MARK))
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    tracker.events.append((OPT_STATE_END, MARK))
     tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
                  MemoryKind.OPTIMIZER_STATE)
 

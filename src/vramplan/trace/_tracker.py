@@ -25,22 +25,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..allocator import K_MIN_BLOCK, round_size
 from ..kinds import MemoryKind, Phase
 
 __all__ = ["BLOCK_BYTES", "MemoryTracker", "PeakMark", "block_bytes"]
 
 # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; every request is rounded up to a multiple of it
 # (round_size), and the allocated-bytes statistic counts the rounded size.
-BLOCK_BYTES = 512
+BLOCK_BYTES = K_MIN_BLOCK
 
 aten = torch.ops.aten
 
 
 def block_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator accounts for a request of ``nbytes``."""
-    if nbytes <= 0:
-        return 0
-    return -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+    return round_size(nbytes) if nbytes > 0 else 0
 
 
 class _Rec:
@@ -177,6 +176,9 @@ class MemoryTracker(TorchDispatchMode):
         self.routing = "balanced"
         self.data_dependent: dict[str, int] = {}  # what data-dependent shapes were answered, and how often
         self.ops = 0
+        # every allocation and free in order, for vramplan.allocator (the reserved-memory model)
+        self.events: list[tuple[object, int]] = []
+        self._transients = 0
         # Vision-language inputs: integer/bool tensors that hold real values (input_ids, image grids, masks) are
         # computed for real, so the model's data-dependent bookkeeping (placeholder counts, patch grids, rope
         # indices) sees the processor's values; float tensors stay fake.
@@ -191,6 +193,9 @@ class MemoryTracker(TorchDispatchMode):
             report(phase.value.replace("_", " "))
         self.phase = phase
         if phase is not None:
+            from ..allocator import PHASE
+
+            self.events.append((phase.value, PHASE))
             self._check_peak(None, 0)
 
     # ---- allocation bookkeeping ---------------------------------------------------------------
@@ -198,6 +203,7 @@ class MemoryTracker(TorchDispatchMode):
         rec = self.live.pop(key, None)
         if rec is not None:
             self.current -= rec.nbytes
+            self.events.append((key, -1))
 
     def adopt(self, t: torch.Tensor, kind: MemoryKind | None = None) -> None:
         """Count an existing tensor's storage (and optionally fix its kind)."""
@@ -228,6 +234,7 @@ class MemoryTracker(TorchDispatchMode):
         rec.ref = weakref.ref(st, lambda r, k=key: self._free(k, r))
         self.live[key] = rec
         self.current += nbytes
+        self.events.append((key, st.nbytes()))
         return rec
 
     def _note(self, out: Any, func: Any) -> None:
@@ -246,6 +253,9 @@ class MemoryTracker(TorchDispatchMode):
         """An allocation made and freed inside one kernel (workspace, accumulators)."""
         if nbytes > 0:
             self._check_peak(func, nbytes)
+            self._transients += 1
+            self.events.append((("t", self._transients), nbytes))
+            self.events.append((("t", self._transients), -1))
 
     def _check_peak(self, func: Any, transient: int) -> None:
         phase = self.phase

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from .._tape import Tensor
+from .._engine.tape import Tensor
 from ._layers import Layers
 from ._specs import BackboneSpec
 

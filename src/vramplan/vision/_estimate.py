@@ -1,7 +1,7 @@
 """Peak GPU memory of image models: backbones, diffusion denoisers and pipelines, StyleGAN2.
 
-Every network is recorded op by op on a :class:`~vramplan._tape.Tape` (:mod:`._layers` and the model
-modules) and replayed as the CUDA caching allocator sees it (:mod:`._graph`); model states come from
+Every network is recorded op by op on a :class:`~vramplan._engine.tape.Tape` (:mod:`._layers` and the model
+modules) and replayed as the CUDA caching allocator sees it (:mod:`vramplan._engine.replay`); model states come from
 :mod:`._states`. The workloads mirror the calibration harness (``measure.py``'s ``run_vision`` and
 ``run_unet``) for single networks, the diffusers pipelines for inference, diffusers' DreamBooth scripts
 for pipeline training, and NVlabs' ``training_loop.py`` for StyleGAN2-ADA.
@@ -15,18 +15,26 @@ estimated as twice the forward's saved tensors; DreamBooth's text encoders run w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from .._tape import Tensor
+from .._engine.numerics import Numerics
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import create_graph_bytes
+from .._engine.replay import forward as replay_forward
+from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, finish, workload_dict
+from .._engine.step import phase_peak as phase
+from .._engine.step import states_moment as state_moment
+from .._engine.tape import Moment, Tensor
+from ..allocator import DEFAULT_CONF, AllocStats, block_bytes, simulate
 from ..errors import WorkloadError
 from ..kinds import MemoryKind, Phase
+from ..memory import ModelStates
 from ..result import Estimate, PhasePeak
+from ..units import GiB
 from ..workload import Optimizer, Precision
 from ._backbones import build_backbone
 from ._catalog import VisionEntry, component
 from ._dit import DiTRun, build_dit
-from ._graph import Moment, Numerics, create_graph_bytes, replay_backward, replay_forward
 from ._layers import Layers
 from ._specs import (
     DiTSpec,
@@ -38,8 +46,9 @@ from ._specs import (
     unet_from_config,
     vae_from_config,
 )
-from ._states import States, block_bytes, model_states
-from ._steps import CUBLAS_WORKSPACE_BYTES, StepResult, finish, phase, state_moment, train_step
+from ._states import model_states
+from ._steps import StepResult, train_step
+from ._stream import vision_events
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -226,6 +235,7 @@ class _Run:
         self.parameters = 0
         self.trainable = 0
         self.top = (-1, "")
+        self.reserved: AllocStats | None = None  # from the allocation stream, where it is modelled
 
     def add(self, p: Phase, m: Moment, where: str = "") -> None:
         if m.total > self.top[0]:
@@ -237,10 +247,10 @@ class _Run:
                 return
         self.phases.append(phase(p, m))
 
-    def note_states(self, st: States) -> None:
+    def note_states(self, st: ModelStates) -> None:
         self.assumptions.extend(n for n in st.notes if n not in self.assumptions)
 
-    def add_training_step(self, st: States, r: StepResult) -> None:
+    def add_training_step(self, st: ModelStates, r: StepResult) -> None:
         """Record one training step's phases and the model states behind them."""
         self.trainable = st.trainable_parameters
         self.note_states(st)
@@ -279,12 +289,15 @@ def _backbone(run: _Run) -> None:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist:
+            run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
         run.assumptions.append("inference: one forward under torch.inference_mode()")
+        run.reserved = _reserved(L, num.param, (), w, st, bn_buffers)
 
 
 def _bare_denoiser(run: _Run) -> None:
@@ -308,6 +321,8 @@ def _bare_denoiser(run: _Run) -> None:
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+        if not w.grads_persist and not lora:
+            run.reserved = _reserved(L, num.param, (loss,), w, st)
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
@@ -319,8 +334,22 @@ def _bare_denoiser(run: _Run) -> None:
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
+        if not lora:
+            run.reserved = _reserved(L, num.param, (), w, st)
         run.assumptions.append("inference: one denoising step of the denoiser at the given batch (no "
                                "classifier-free guidance doubling; use --pipeline for a sampling loop)")
+
+
+def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: ModelStates,
+              buffer_elems: int = 0) -> AllocStats:
+    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`)."""
+    params = [(n, elem) for sizes in L.param_tensors.values() for n in sizes]
+    trained = [n * elem for name in L.param_tensors if name in L.trainable_names
+               for n in L.param_tensors[name]] if seeds else []
+    buffers = [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
+    events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
+                           buffers=buffers)
+    return simulate(events, DEFAULT_CONF)
 
 
 def _text_states(L: Layers, entry: VisionEntry, batch: int, elem: int) -> tuple[Tensor, ...]:
@@ -452,8 +481,7 @@ def _pipeline_train(run: _Run) -> None:
     helpers = _weights_of(str(cfg["vae"]), welem)
     if w.cached_latents:
         helpers += sum(_weights_of(t, welem) for t in tes)
-    st = States(st.parameters, st.trainable_parameters, st.weights + helpers, st.master_weights, st.gradients,
-                st.optimizer_state, st.step_temporaries, st.notes)
+    st = replace(st, weights=st.weights + helpers)
     extra = _buffers(L, num.param)
     run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
     how = "cached latents and prompt embeddings" if w.cached_latents else "VAE encode and text encoders every step"
@@ -510,7 +538,7 @@ def _stylegan(run: _Run) -> None:
     run.trainable = run.parameters
     run.note_states(g_st)
 
-    def grads_free(st: States) -> Moment:
+    def grads_free(st: ModelStates) -> Moment:
         return Moment.of({K.GRADIENTS: -st.gradients})
 
     # Gmain: G(z) -> D(augment(img)) -> softplus, backward into G (D frozen but on the graph)
@@ -550,7 +578,7 @@ def _stylegan(run: _Run) -> None:
             start = base + grads_free(d_st)
         L.keep(out)
         fwd = replay_forward(L, start)
-        second = Moment.of({K.ACTIVATIONS: create_graph_bytes(L, fwd, (out,))})
+        second = Moment.of({K.ACTIVATIONS: create_graph_bytes(L, (out,))})
         run.add(Phase.BACKWARD, fwd.end + second, "Greg (path length)" if which == "G" else "Dreg (R1)")
     step = base + Moment.of({K.OPTIMIZER_STATE: max(g_st.step_temporaries, d_st.step_temporaries)})
     run.add(Phase.OPTIMIZER_STEP, step)
@@ -614,18 +642,17 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "next forward and backward (the default before PyTorch 2.0)")
     if run.top[1]:
         run.assumptions.append(f"the peak is in {run.top[1]}")
-    run.assumptions.append(f"CUDA context {0.516:.3f} GiB and allocator slack 10% of the peak are added to "
-                           "total_bytes, not to peak_allocated_bytes")
+    if run.reserved is None:
+        run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB and allocator slack "
+                               f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak are added to "
+                               "total_bytes, not to peak_allocated_bytes")
+    else:
+        run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB; reserved memory from a replay of "
+                               "every allocation and free through a model of PyTorch's caching allocator, with the "
+                               "weights created in fp32 and cast (model.to(dtype)) as the calibration harness builds "
+                               "them")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,
-                  workload=_workload_dict(w, res) | ({"precision": "fp32"} if kind == "stylegan" else {}))
-
-
-def _workload_dict(w: VisionWorkload, res: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in w.__dataclass_fields__:
-        v = getattr(w, f)
-        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
-    out["resolution"] = res
-    return out
+                  workload=workload_dict(w, resolution=res) | ({"precision": "fp32"} if kind == "stylegan" else {}),
+                  reserved=run.reserved, guess_reserved=True)
 

@@ -14,48 +14,37 @@ copies of trainable fp32 weights for the rest of the forward; ``group_norm``, ``
 
 from __future__ import annotations
 
-from enum import StrEnum
-
-from .._tape import Tensor
+from .._engine.numerics import Kernel, Numerics, sdpa_kernel
+from .._engine.tape import Tape, Tensor
 from ..kinds import MemoryKind
-from ._graph import Net, Numerics
 
-__all__ = ["Kernel", "Layers", "sdpa_kernel"]
+__all__ = ["Layers"]
 
 WEIGHTS = MemoryKind.WEIGHTS
 LOSS = MemoryKind.LOGITS_LOSS
 
 
-class Kernel(StrEnum):
-    FUSED = "fused"  # cuDNN / flash attention: output + fp32 log-sum-exp saved
-    EFFICIENT = "efficient"  # memory-efficient (cutlass) attention: output + log-sum-exp
-    MATH = "math"  # the composite fallback: (B, H, Sq, Sk) scores and probabilities in fp32
-    EAGER = "eager"  # the model's own softmax(QK^T)V (diffusers AttnProcessor, baddbmm + softmax)
-
-
-def sdpa_kernel(elem: int, head_dim: int, has_mask: bool) -> Kernel:
-    """The kernel ``scaled_dot_product_attention`` runs on an sm80+ GPU (torch 2.5–2.11).
-
-    Fused (cuDNN or flash): 16-bit inputs, head_dim <= 256, no explicit mask. Memory-efficient: fp32
-    or 16-bit, head_dim a multiple of 4 (fp32) or 8 (16-bit), masks allowed, no head-dim limit.
-    Otherwise the math path. Mirrors ``sdp_utils.cpp`` and ``vramplan.trace._cuda.choose_sdpa_backend``.
-    """
-    if elem == 2 and head_dim <= 256 and head_dim % 8 == 0 and not has_mask:
-        return Kernel.FUSED
-    if head_dim % (8 if elem == 2 else 4) == 0:
-        return Kernel.EFFICIENT
-    return Kernel.MATH
-
-
-class Layers(Net):
-    """A :class:`Net` with the layers vision and diffusion models are built from."""
+class Layers(Tape):
+    """A :class:`~vramplan._engine.tape.Tape` with the layers vision and diffusion models are built from."""
 
     def __init__(self, num: Numerics) -> None:
-        super().__init__(num)
+        super().__init__(num.training)
+        self.num = num
         self._cached: dict[str, Tensor] = {}
         self.param_tensors: dict[str, tuple[int, ...]] = {}  # module name -> its parameter tensors' sizes
         self.trainable_names: set[str] = set()
         self.buffers: dict[str, int] = {}  # registered buffers (elements): weights memory, not parameters
+
+    def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
+              held: bool = True) -> Tensor:
+        """A tensor the script creates before the network runs and holds throughout (inputs, targets)."""
+        return super().input(numel, elem, rg, kind, held=held)
+
+    def param(self, name: str, numel: int, trainable: bool) -> tuple[tuple[int, int], ...]:
+        """The gradient a trainable parameter receives (``AccumulateGrad``), in the parameter dtype."""
+        if not trainable or not self.num.training:
+            return ()
+        return ((self.param_id(name), numel * self.num.param),)
 
     def register(self, name: str, sizes: tuple[int, ...], trainable: bool) -> None:
         """Record a module's parameters (for exact counts and per-tensor optimizer and allocator rules)."""
@@ -84,12 +73,6 @@ class Layers(Net):
         return [n for v in self.param_tensors.values() for n in v]
 
     # ---- dtypes ------------------------------------------------------------------------------------
-    def cast(self, x: Tensor, elem: int) -> Tensor:
-        """``x.to(dtype)``: a copy unless the dtype already matches; saves nothing."""
-        if x.elem == elem:
-            return x
-        return self.op(x.numel, elem, (x,))
-
     def lower(self, x: Tensor) -> Tensor:
         """Autocast's cast of an activation to 16-bit before a convolution or matmul."""
         return self.cast(x, 2) if self.num.amp else x
@@ -248,15 +231,6 @@ class Layers(Net):
         return self.op(x.numel, x.elem, (x,))
 
     # ---- elementwise --------------------------------------------------------------------------------
-    def unary(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
-        """A pointwise op on one tensor (silu/gelu save their input; tanh/rsqrt/sigmoid their result)."""
-        out = self.op(x.numel, elem or x.elem, (x,), save=(x,) if (save_in and x.rg) else ())
-        if save_out and x.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (out,)
-            out.saved_by.append(i)
-        return out
-
     def silu(self, x: Tensor) -> Tensor:
         return self.unary(x, save_in=True)
 
@@ -273,9 +247,7 @@ class Layers(Net):
         out.nbytes = 0
         self.own_grad.add(id(out))
         if save_result and out.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (root,)
-            root.saved_by.append(i)
+            self.save_output(root)
         return out
 
     def relu_(self, x: Tensor) -> Tensor:
@@ -286,12 +258,6 @@ class Layers(Net):
         """``a + b`` (broadcasting): the gradient passes through to same-shaped inputs."""
         big = a if a.numel >= b.numel else b
         return self.op(big.numel, max(a.elem, b.elem), (a, b), passthrough=True)
-
-    def mul(self, a: Tensor, b: Tensor) -> Tensor:
-        """``a * b``: saves ``b`` if ``a`` needs a gradient and ``a`` if ``b`` does."""
-        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
-        big = a if a.numel >= b.numel else b
-        return self.op(big.numel, max(a.elem, b.elem), (a, b), save=save)
 
     def scale(self, x: Tensor) -> Tensor:
         """``x * c`` or ``x / c`` with a Python number: a new tensor, nothing saved."""
@@ -342,9 +308,7 @@ class Layers(Net):
             pelem = 4 if self.num.amp else att.elem  # autocast runs softmax in fp32
             probs = self.op(scores, pelem, (att,))
             if probs.rg:
-                i = len(self.tp.ops) - 1
-                self.tp.ops[i].saved += (probs,)
-                probs.saved_by.append(i)
+                self.save_output(probs)
             probs = self.cast(probs, elem)
             o = self.op(batch * heads * sq * head_dim, elem, (probs, vb),
                         save=((probs,) if vb.rg else ()) + ((vb,) if probs.rg else ()))
@@ -358,12 +322,10 @@ class Layers(Net):
             att = self.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
             probs = self.op(scores, 4, (att,), fwd_scratch=scores)
             if rg:
-                i = len(self.tp.ops) - 1
-                self.tp.ops[i].saved += (probs,)
-                probs.saved_by.append(i)
+                self.save_output(probs)
             o = self.op(out_n, 4, (probs, v32), save=(probs, v32) if rg else ())
             return self.copy(self.cast(o, elem))
-        lse_len = sq if kernel is Kernel.FUSED else -(-sq // 32) * 32
+        lse_len = sq if kernel is Kernel.FLASH else -(-sq // 32) * 32
         ins: tuple[Tensor, ...] = (q, k, v)
         save: tuple[Tensor, ...] = ()
         if rg and self.num.training:
@@ -373,9 +335,7 @@ class Layers(Net):
         scratch = batch * heads * sq * (head_dim + 1) * 4 if rg and self.num.training else 0
         out = self.op(out_n, elem, ins, save=save, grad_to=(q, k, v), bwd_scratch=scratch)
         if rg and self.num.training:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (out,)
-            out.saved_by.append(i)
+            self.save_output(out)
         return out
 
     # ---- losses -------------------------------------------------------------------------------------
@@ -392,9 +352,7 @@ class Layers(Net):
         l32 = self.cast(logits, 4)
         ls = self.op(l32.numel, 4, (l32,), kind=LOSS)
         if ls.rg:
-            i = len(self.tp.ops) - 1
-            self.tp.ops[i].saved += (ls,)
-            ls.saved_by.append(i)
+            self.save_output(ls)
         loss = self.op(1, 4, (ls,), save=(ls,) if ls.rg else (), kind=LOSS)
         self.keep(loss)
         _ = classes

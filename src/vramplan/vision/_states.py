@@ -2,7 +2,8 @@
 
 Optimizer rules are :mod:`vramplan.memory`'s (torch foreach AdamW's ``sqrt(v)`` temporary, bitsandbytes
 8-bit blockwise states, SGD momentum, Adafactor, Lion). On top, every parameter-sized tensor is
-accounted the way the CUDA caching allocator accounts it (:func:`block_bytes`): image models have many
+accounted the way the CUDA caching allocator accounts it (:func:`vramplan.allocator.block_bytes`): image
+models have many
 weight tensors whose sizes are not multiples of the allocator's 2 MiB rounding (SDXL's 25 MiB GEGLU
 projections take 26 MiB blocks), and weights, gradients, both AdamW moments and the ``sqrt`` temporary
 each pay it.
@@ -12,57 +13,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from ..memory import _optimizer_bytes
-from ..units import MiB
+from ..allocator import block_bytes
+from ..memory import ModelStates, _optimizer_bytes
 from ..workload import Optimizer
 
-__all__ = ["States", "block_bytes", "model_states"]
-
-_MIN_BLOCK = 512  # kMinBlockSize: every request is rounded up to 512 bytes
-_SMALL = 1 * MiB  # kSmallSize: requests up to 1 MiB come from the small pool
-_MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: larger requests get their own segment ...
-_ROUND_LARGE = 2 * MiB  # kRoundLarge: ... rounded up to 2 MiB
-
-
-def block_bytes(nbytes: int) -> int:
-    """Bytes ``torch.cuda.memory_allocated`` counts for one request of ``nbytes`` on a fresh segment.
-
-    ``c10/cuda/CUDACachingAllocator.cpp``: requests are rounded to 512 bytes; a request of 10 MiB or
-    more gets a segment rounded up to 2 MiB, and the remainder is split off as a free block only if
-    it exceeds 1 MiB (``should_split``) — otherwise the whole segment is the allocated block.
-    """
-    if nbytes <= 0:
-        return 0
-    n = -(-nbytes // _MIN_BLOCK) * _MIN_BLOCK
-    if n >= _MIN_LARGE_ALLOC:
-        seg = -(-n // _ROUND_LARGE) * _ROUND_LARGE
-        if seg - n <= _SMALL:
-            return seg
-    return n
-
+__all__ = ["model_states"]
 
 def _blocks(sizes: Sequence[int], elem: int) -> int:
     return sum(block_bytes(n * elem) for n in sizes)
 
 
-@dataclass(frozen=True, slots=True)
-class States:
-    """Bytes of everything that lives across steps, plus the optimizer step's temporaries."""
-
-    parameters: int
-    trainable_parameters: int
-    weights: int  # weights the forward reads (16-bit, or fp32 without autocast), frozen parts included
-    master_weights: int  # fp32 trained parameters under autocast
-    gradients: int
-    optimizer_state: int
-    step_temporaries: int
-    notes: tuple[str, ...]
-
-
 def model_states(frozen: Sequence[int], frozen_elem: int, trained: Sequence[int], train_elem: int, *,
-                 amp: bool, training: bool, optimizer: Optimizer, adapters: Sequence[int] = ()) -> States:
+                 amp: bool, training: bool, optimizer: Optimizer, adapters: Sequence[int] = ()) -> ModelStates:
     """States of one model: ``frozen``/``trained``/``adapters`` are per-tensor element counts.
 
     Trained base tensors are stored in ``train_elem`` bytes (fp32 under AMP, where they count as master
@@ -74,7 +37,7 @@ def model_states(frozen: Sequence[int], frozen_elem: int, trained: Sequence[int]
     if not training:
         weights += _blocks(trained, train_elem) + _blocks(adapters, 4)
         total = sum(frozen) + sum(trained) + sum(adapters)
-        return States(total, 0, weights, 0, 0, 0, 0, ())
+        return _states(total, 0, weights, 0, 0, 0, 0, ())
     if amp:
         master = _blocks(trained, 4) + _blocks(adapters, 4)
         notes.append("AMP: fp32 trained parameters (master weights); autocast's 16-bit copies count as weights")
@@ -99,5 +62,12 @@ def model_states(frozen: Sequence[int], frozen_elem: int, trained: Sequence[int]
         if note not in notes:
             notes.append(note)
     trainable = sum(trained) + sum(adapters)
-    return States(sum(frozen) + sum(trained) + sum(adapters), trainable, weights, master, grads, state, temp,
+    return _states(sum(frozen) + sum(trained) + sum(adapters), trainable, weights, master, grads, state, temp,
                   tuple(notes))
+
+
+def _states(parameters: int, trainable: int, weights: int, master: int, grads: int, state: int, temp: int,
+            notes: tuple[str, ...]) -> ModelStates:
+    return ModelStates(parameters=parameters, trainable_parameters=trainable, weights=weights, master_weights=master,
+                       quant_constants=0, gradients=grads, optimizer_state=state, step_temporaries=temp,
+                       trainable_layers=0, notes=notes)

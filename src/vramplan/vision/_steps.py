@@ -11,23 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._tape import Tensor
-from ..kinds import MemoryKind, Phase
-from ..result import Breakdown, Estimate, PhasePeak
-from ..units import GiB, MiB
-from ._graph import ZERO, Moment, Net, replay_backward, replay_forward
-from ._states import States
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import forward as replay_forward
+from .._engine.step import states_moment as state_moment
+from .._engine.tape import ZERO, Moment, Tape, Tensor
+from ..kinds import MemoryKind
+from ..memory import ModelStates
 
-__all__ = [
-    "ALLOCATOR_SLACK_FRACTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "finish", "infer_pass",
-    "train_step",
-]
+__all__ = ["StepResult", "infer_pass", "train_step"]
 
 K = MemoryKind
-# Same constants as the language-model estimator (vramplan.estimator): H200, torch 2.11, CUDA 13.
-CUDA_CONTEXT_BYTES = int(0.516 * GiB)
-CUBLAS_WORKSPACE_BYTES = 32 * MiB  # per cuBLAS handle; training uses two (main and autograd threads)
-ALLOCATOR_SLACK_FRACTION = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +30,7 @@ class StepResult:
     step: Moment
 
 
-def state_moment(states: States, *, workspace_handles: int, grads: bool = False, temporaries: bool = False) -> Moment:
-    return Moment.of({
-        K.WEIGHTS: states.weights, K.MASTER_WEIGHTS: states.master_weights,
-        K.OPTIMIZER_STATE: states.optimizer_state + (states.step_temporaries if temporaries else 0),
-        K.GRADIENTS: states.gradients if grads else 0,
-        K.WORKSPACE: workspace_handles * CUBLAS_WORKSPACE_BYTES,
-    })
-
-
-def train_step(net: Net, states: States, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
+def train_step(net: Tape, states: ModelStates, seeds: Sequence[Tensor], extra: Moment = ZERO, *,
                grads_persist: bool = False) -> StepResult:
     """Forward, backward and optimizer step of one recorded program on top of the model states.
 
@@ -63,24 +47,6 @@ def train_step(net: Net, states: States, seeds: Sequence[Tensor], extra: Moment 
     return StepResult(fwd.peak, bwd_peak, step)
 
 
-def infer_pass(net: Net, base: Moment) -> Moment:
+def infer_pass(net: Tape, base: Moment) -> Moment:
     """Peak of one inference forward (``torch.inference_mode``) on top of ``base``."""
     return replay_forward(net, base).peak
-
-
-def phase(p: Phase, m: Moment) -> PhasePeak:
-    return PhasePeak(p, m.total, Breakdown.of(m.as_dict()))
-
-
-def finish(name: str, phases: list[PhasePeak], *, parameters: int, trainable: int, assumptions: list[str],
-           warnings: list[str], workload: dict[str, object]) -> Estimate:
-    top = max(phases, key=lambda p: p.peak_allocated_bytes)
-    peak = top.peak_allocated_bytes
-    slack = int(peak * ALLOCATOR_SLACK_FRACTION)
-    kinds = {k: v for k, v in top.breakdown.bytes_by_kind}
-    kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    kinds[K.ALLOCATOR_SLACK] = slack
-    return Estimate(model=name, parameters=parameters, trainable_parameters=trainable, peak_allocated_bytes=peak,
-                    total_bytes=peak + slack + CUDA_CONTEXT_BYTES, peak_phase=top.phase,
-                    breakdown=Breakdown.of(kinds), phases=tuple(phases), assumptions=tuple(assumptions),
-                    warnings=tuple(warnings), workload=workload)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from math import ceil, log2
 
-from .._tape import Tensor
+from .._engine.tape import Tensor
 from ._layers import Layers
 from ._specs import StyleGANSpec
 

@@ -11,7 +11,7 @@ or 256/512 (T5) tokens, so their weights, not their activations, are what matter
 
 from __future__ import annotations
 
-from .._tape import Tensor
+from .._engine.tape import Tensor
 from ._layers import Layers
 from ._specs import TextEncoderSpec
 
@@ -77,9 +77,7 @@ def _t5(L: Layers, s: TextEncoderSpec, ids: Tensor, b: int, p: str, tr: bool) ->
         sc = L.add(sc, bias)
         pr = L.op(sc.numel, 4, (sc,))  # softmax(scores.float())
         if pr.rg:
-            j = len(L.tp.ops) - 1
-            L.tp.ops[j].saved += (pr,)
-            pr.saved_by.append(j)
+            L.save_output(pr)
         pr = L.cast(pr, qq.elem)  # .type_as(scores)
         o = L.op(b * n * inner, qq.elem, (pr, vv), save=(pr, vv) if pr.rg else ())
         o = L.copy(o)  # transpose(1, 2).contiguous().view(batch, -1, inner)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._tape import Tensor
+from .._engine.tape import Tensor
 from ._layers import Layers
 from ._specs import UNetSpec
 

@@ -11,7 +11,7 @@ contiguous copy of it (``reshape`` of a non-contiguous tensor).
 
 from __future__ import annotations
 
-from .._tape import Tensor
+from .._engine.tape import Tensor
 from ._layers import Layers
 from ._specs import VAESpec
 

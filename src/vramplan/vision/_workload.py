@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from ..errors import WorkloadError
-from ..workload import Optimizer, Precision, Task
+from ..workload import Optimizer, Precision, Task, check_int_fields
 
 __all__ = ["VisionMethod", "VisionWorkload"]
 
@@ -49,13 +49,8 @@ class VisionWorkload:
     set_grads_to_none: bool = True  # optimizer.zero_grad(set_to_none=...): False keeps zeroed grads (torch < 2.0)
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("batch_size", 1, _MAX_BATCH), ("lora_rank", 1, 1 << 12),
-                             ("gradient_accumulation", 1, 1 << 16)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise WorkloadError(f"{name} must be an integer, got {value!r}")
-            if not lo <= value <= hi:
-                raise WorkloadError(f"{name} = {value} is out of range; use {lo}..{hi}")
+        check_int_fields(self, (("batch_size", 1, _MAX_BATCH), ("lora_rank", 1, 1 << 12),
+                                ("gradient_accumulation", 1, 1 << 16)))
         if not self.lora_targets:
             raise WorkloadError("lora_targets is empty; name attention projections (to_q,to_k,to_v,to_out.0)")
         if self.resolution is not None:

@@ -1,0 +1,381 @@
+"""The one replay of a recorded program (:mod:`.tape`) as the CUDA caching allocator sees it.
+
+* **forward**: outputs are allocated, Python references die after their last use, what autograd saves
+  stays until backward;
+* **backward** (reverse order): input gradients are allocated, output gradients and the op's saved
+  tensors are freed, parameter gradients are allocated once and kept (``AccumulateGrad``).
+
+On top of that, what networks that are not stacks of identical layers need:
+
+* **checkpoint regions** (``torch.utils.checkpoint``, non-reentrant, as transformers and diffusers call
+  it): ops inside a region save nothing in the forward; the region's inputs are held by the checkpoint
+  until the region's backward is done. In backward, the first op of the region that is reached
+  recomputes the region's forward (with saving, stopping after the last op that saves: the early stop of
+  ``torch.utils.checkpoint``), then the backward frees the recomputed tensors as usual;
+* **gradient buffers shared between inputs** (``torch/csrc/autograd/input_buffer.cpp``): a pass-through
+  op (``add``, reshapes, ``cat``'s narrow views) hands its output gradient on without allocating; a
+  gradient that arrives at a tensor that already has one is added in place when the existing buffer is
+  not shared, out of place otherwise;
+* **create_graph** (:func:`create_graph_bytes`): what a double-backward pass leaves alive.
+
+A pass can be replayed on top of a base (weights, optimizer states: image models replay whole networks
+once) or relative to its start (language models replay one layer and stack identical layers in closed
+form, :mod:`vramplan.estimator`). Each pass returns its peak with a per-kind breakdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..kinds import MemoryKind
+from .tape import ZERO, Moment, Tape, Tensor, root
+
+__all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
+           "layer_forward"]
+
+_IDX = {k: i for i, k in enumerate(MemoryKind)}
+_ACT = _IDX[MemoryKind.ACTIVATIONS]
+_GRAD = _IDX[MemoryKind.GRADIENTS]
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """One pass over a block, relative to the memory at its start."""
+
+    peak: int  # highest (current - start) seen
+    peak_kinds: tuple[int, ...]  # per-kind delta at that moment
+    end: int  # (memory at end - start)
+    end_kinds: tuple[int, ...]
+
+
+Event = tuple[object, int]  # (key, bytes) for an allocation, (key, -1) for its free
+
+
+class _State:
+    """Live bytes by kind, the highest moment seen, and (when ``ev`` is given) every allocation and free in
+    program order: the stream :mod:`vramplan.allocator` replays. Keys are the tensors themselves, gradient
+    buffers (:class:`GradBuf`), ``("p", param id)`` for parameter gradients, ``("s", ...)`` for temporaries."""
+
+    def __init__(self, base: Moment, ev: list[Event] | None = None) -> None:
+        self.cur = list(base.kinds)
+        self.total = base.total
+        self.peak = base
+        self.at = -1  # op index of the peak
+        self.i = -1
+        self.ev = ev
+        self._temps: list[object] = []
+
+    def add(self, kind: int, n: int) -> None:
+        self.cur[kind] += n
+        self.total += n
+
+    def alloc(self, key: object, kind: int, n: int) -> None:
+        self.cur[kind] += n
+        self.total += n
+        if self.ev is not None and n:
+            self.ev.append((key, n))
+
+    def free(self, key: object, kind: int, n: int) -> None:
+        self.cur[kind] -= n
+        self.total -= n
+        if self.ev is not None and n:
+            self.ev.append((key, -1))
+
+    def temporary(self, key: object, n: int) -> None:
+        """A kernel's workspace: allocated and freed inside the call."""
+        if self.ev is not None and n:
+            self.ev.append((key, n))
+            self.ev.append((key, -1))
+
+    def hold_temporary(self, n: int) -> None:
+        """A gradient computed before it is added into an existing buffer: lives until the op's backward ends."""
+        if self.ev is not None and n:
+            key = ("s", self.i, len(self._temps))
+            self._temps.append(key)
+            self.ev.append((key, n))
+
+    def release_temporaries(self) -> None:
+        if self.ev is not None:
+            self.ev.extend((k, -1) for k in self._temps)
+        self._temps.clear()
+
+    def check(self, act: int = 0, grad: int = 0) -> None:
+        """A candidate peak with ``act`` and ``grad`` bytes of temporaries on top."""
+        if self.total + act + grad > self.peak.total:
+            v = list(self.cur)
+            v[_ACT] += act
+            v[_GRAD] += grad
+            self.peak = Moment(self.total + act + grad, tuple(v))
+            self.at = self.i
+
+    def moment(self) -> Moment:
+        return Moment(self.total, tuple(self.cur))
+
+
+@dataclass(slots=True)
+class ForwardResult:
+    peak: Moment
+    peak_op: int  # index of the op at which the peak happens
+    end: Moment  # base + everything alive after the forward (saved for backward, kept by the script)
+    alive: set[int]  # ids of tensors alive at the end
+    holders: dict[int, int]  # id -> number of ops still holding the tensor for backward
+
+
+def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted: bool = True,
+            ev: list[Event] | None = None) -> ForwardResult:
+    """Replay the forward pass on top of ``base``; tensors die at their last use unless saved or kept.
+
+    ``save=False``: nothing is saved (a checkpointed or offloaded block). ``inputs_counted``: the program's
+    inputs are allocated on top of ``base`` before it runs (a whole network); otherwise they are already
+    counted by the caller and only their release shows (one block of a stack). ``ev``: the pass's
+    allocations and frees are appended (see :class:`_State`); the inputs are not in it.
+    """
+    saves = tp.effective_saves() if save else [()] * len(tp.ops)
+    holders: dict[int, int] = {}
+    for sv in saves:
+        for t in sv:
+            holders[id(t)] = holders.get(id(t), 0) + 1
+    by_last: dict[int, list[Tensor]] = {}
+    for t in tp.tensors:
+        if t.base is None:
+            by_last.setdefault(t.last_use, []).append(t)
+    st = _State(base, ev)
+    alive: set[int] = set()
+    for t in tp.tensors:
+        if t.external and t.base is None:
+            alive.add(id(t))
+            if inputs_counted:
+                st.add(t.kind, t.nbytes)
+    st.check()
+    for i, op in enumerate(tp.ops):
+        st.i = i
+        for t in op.outputs:
+            st.alloc(t, t.kind, t.nbytes)
+            alive.add(id(t))
+        st.check(op.fwd_scratch)
+        st.temporary(("s", i), op.fwd_scratch)
+        for t in by_last.get(i, ()):
+            if t.keep or holders.get(id(t), 0) or id(t) not in alive:
+                continue
+            st.free(t, t.kind, t.nbytes)
+            alive.discard(id(t))
+        for t in op.outputs:  # outputs never used and not kept die at once
+            if t.last_use < 0 and not t.keep and not holders.get(id(t), 0):
+                st.free(t, t.kind, t.nbytes)
+                alive.discard(id(t))
+    return ForwardResult(st.peak, st.at, st.moment(), alive, holders)
+
+
+class GradBuf:
+    """A gradient buffer; ``owner`` is the tensor it was created for (inputs may come to share it)."""
+
+    __slots__ = ("kind", "nbytes", "owner", "refs")
+
+    def __init__(self, owner: Tensor) -> None:
+        self.owner = owner
+        self.nbytes = owner.numel * owner.elem
+        self.kind = owner.kind
+        self.refs = 0
+
+
+def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_grads_exist: bool = False,
+             start: Moment | None = None, seeds_counted: bool = True,
+             ev: list[Event] | None = None) -> tuple[Moment, Moment]:
+    """Replay ``loss.backward()`` after :func:`forward`; returns (peak, end).
+
+    ``seeds`` are the tensors whose gradient the caller provides (the loss; a block's outputs). Parameter
+    gradients are allocated at their first contribution and kept (``AccumulateGrad``); with
+    ``param_grads_exist`` they accumulate into existing ``.grad`` tensors (gradient accumulation).
+    ``start``: the memory backward starts from (default: the forward's end); ``seeds_counted``: the seeds'
+    gradients are allocated here (otherwise they are part of ``start``). A gradient counts under its tensor's
+    memory kind (the loss's under logits/loss); temporaries under activations, a parameter's under gradients.
+    ``ev`` as in :func:`forward`: a gradient computed into an existing buffer is a temporary that lives until
+    the op's backward has run (its workspace comes and goes inside).
+    """
+    ops = tp.ops
+    st = _State(fwd.end if start is None else start, ev)
+    alive = set(fwd.alive)
+    holders = dict(fwd.holders)
+    grads: dict[int, GradBuf] = {}
+
+    def free_tensor(t: Tensor) -> None:
+        if id(t) in alive and not t.keep:
+            alive.discard(id(t))
+            st.free(t, t.kind, t.nbytes)
+
+    def release(t: Tensor) -> None:
+        n = holders.get(id(t), 0) - 1
+        holders[id(t)] = n
+        if n <= 0:
+            free_tensor(t)
+
+    def give(t: Tensor, buf: GradBuf) -> None:
+        buf.refs += 1
+        grads[id(t)] = buf
+
+    def drop(tid: int) -> None:
+        buf = grads.pop(tid, None)
+        if buf is not None:
+            buf.refs -= 1
+            if buf.refs == 0:
+                st.free(buf, buf.kind, buf.nbytes)
+
+    def new_buf(t: Tensor, counted: bool = True) -> GradBuf:
+        buf = GradBuf(t)
+        if counted:
+            st.alloc(buf, buf.kind, buf.nbytes)
+        return buf
+
+    for s in seeds:
+        give(s, new_buf(s, seeds_counted))
+    st.check()
+
+    regions_done: set[int] = set()
+    region_ops: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        if op.region >= 0:
+            region_ops.setdefault(op.region, []).append(i)
+    recomputed_holders: dict[int, int] = {}
+    seen_params: set[int] = {p for op in ops for p, _ in op.params} if param_grads_exist else set()
+    saves = tp.effective_saves()
+
+    for i in range(len(ops) - 1, -1, -1):
+        st.i = i
+        op = ops[i]
+        reached = any(id(t) in grads for t in op.outputs)
+        r = op.region
+        if reached and r >= 0 and r not in regions_done:
+            regions_done.add(r)
+            _recompute(tp, region_ops[r], st, alive, recomputed_holders)
+        if reached:
+            transient = op.bwd_scratch
+            out_buf = grads.get(id(op.outputs[0])) if op.outputs else None
+            for t in op.grad_inputs:
+                own = id(t) in tp.own_grad
+                partial = not own and t.base is not None and t.numel < t.base.numel
+                target = t if own else root(t)
+                existing = grads.get(id(target))
+                if op.passthrough and not partial and out_buf is not None and \
+                        target.numel * target.elem == out_buf.nbytes:
+                    if existing is None:
+                        give(target, out_buf)
+                    elif existing.refs == 1 and existing is not out_buf:
+                        pass  # added in place into the existing buffer
+                    else:
+                        drop(id(target))
+                        give(target, new_buf(target))
+                    continue
+                if existing is None:
+                    give(target, new_buf(target))
+                    continue
+                # computed (a view's at its base's size: slice_backward), then added into the existing buffer
+                transient += target.numel * target.elem
+                st.hold_temporary(target.numel * target.elem)
+                if existing.refs > 1:  # shared: added out of place into a new buffer
+                    drop(id(target))
+                    give(target, new_buf(target))
+            ptrans = 0
+            for pid, nb in op.params:
+                if pid in seen_params:
+                    ptrans += nb  # computed, then accumulated into .grad
+                    st.hold_temporary(nb)
+                else:
+                    seen_params.add(pid)
+                    st.alloc(("p", pid), _GRAD, nb)
+            st.check(transient, ptrans)
+            st.temporary(("s", i, -1), op.bwd_scratch)
+            st.release_temporaries()
+            for t in op.outputs:
+                drop(id(t))
+        for t in saves[i]:
+            release(t)
+        if r in regions_done:
+            for t in op.saved:
+                if id(t) in recomputed_holders:
+                    recomputed_holders[id(t)] -= 1
+                    if recomputed_holders[id(t)] == 0:
+                        del recomputed_holders[id(t)]
+                        free_tensor(t)
+    return st.peak, st.moment()
+
+
+def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) -> Pass:
+    """One block of a stack, relative to its start: its input is counted by the caller."""
+    f = forward(tp, save=save, inputs_counted=False, ev=ev)
+    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
+
+
+def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None) -> Pass:
+    """Backward of one block after its forward (with saving), relative to its start: the gradients of the
+    block's kept outputs arrive from their consumer; its input's gradient is what it leaves."""
+    f = forward(tp, inputs_counted=False)
+    seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external]
+    peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False,
+                         ev=ev)
+    return Pass(peak.total, peak.kinds, end.total, end.kinds)
+
+
+def create_graph_bytes(tp: Tape, seeds: Sequence[Tensor]) -> int:
+    """Bytes a ``torch.autograd.grad(..., create_graph=True)`` pass over ``tp`` leaves alive for the
+    second-order backward: every input gradient and every intermediate product it computes is an op of the
+    new graph and is kept by it (parameter gradients are not computed: ``only_inputs``)."""
+    grads: set[int] = {id(s) for s in seeds}
+    total = 0
+    for op in reversed(tp.ops):
+        if not any(id(t) in grads for t in op.outputs):
+            continue
+        total += op.bwd_scratch
+        for t in op.grad_inputs:
+            target = t if id(t) in tp.own_grad else root(t)
+            if id(target) not in grads or op.passthrough:
+                if not op.passthrough:
+                    total += t.numel * t.elem
+                grads.add(id(target))
+    return total
+
+
+def _recompute(tp: Tape, idxs: list[int], st: _State, alive: set[int], held: dict[int, int]) -> None:
+    """Recompute a checkpoint region's forward (saving), on top of the current state."""
+    ops = tp.ops
+    inside: set[int] = set()
+    for i in idxs:
+        for t in ops[i].outputs:
+            inside.add(id(t))
+    last_saver = max((i for i in idxs if ops[i].saved), default=-1)
+    if last_saver < 0:
+        return
+    run = [i for i in idxs if i <= last_saver]
+    saved_count: dict[int, int] = {}
+    for i in run:
+        for t in ops[i].saved:
+            if id(t) in inside:
+                saved_count[id(t)] = saved_count.get(id(t), 0) + 1
+    last_in: dict[int, int] = {}
+    for i in run:
+        for t in ops[i].inputs:
+            r = root(t)
+            if id(r) in inside:
+                last_in[id(r)] = i
+    tensors: dict[int, Tensor] = {}
+    for i in run:
+        for t in ops[i].outputs:
+            tensors[id(t)] = t
+    by_last: dict[int, list[Tensor]] = {}
+    for tid, i in last_in.items():
+        by_last.setdefault(i, []).append(tensors[tid])
+    for i in run:
+        op = ops[i]
+        for t in op.outputs:
+            st.alloc(t, t.kind, t.nbytes)
+        st.check(op.fwd_scratch)
+        st.temporary(("s", i), op.fwd_scratch)
+        for t in by_last.get(i, ()):
+            if id(t) not in saved_count:
+                st.free(t, t.kind, t.nbytes)
+        for t in op.outputs:
+            if id(t) not in last_in and id(t) not in saved_count:
+                st.free(t, t.kind, t.nbytes)
+    for tid, n in saved_count.items():
+        held[tid] = n
+        alive.add(tid)

@@ -1,0 +1,253 @@
+"""The recorder: a program of ops over abstract tensors, with what autograd saves for backward.
+
+A tensor carries only a size, a memory kind and whether it requires grad. Each op states which tensors
+autograd saves for backward, following PyTorch's ``tools/autograd/derivatives.yaml`` (``mm`` saves
+``self`` only when ``mat2`` requires grad; ``softmax`` saves its result). Language models record one
+block at a time (:mod:`vramplan.blocks`), image models a whole network (:mod:`vramplan.vision`); both
+are replayed by :mod:`.replay`.
+
+Besides ops, views and kernel temporaries, a program records what the replay needs for networks that are
+not stacks of identical layers: **checkpoint regions** (ops run under ``torch.utils.checkpoint``),
+**pass-through backward** (``add``, reshapes, ``cat``: the output gradient is handed on without a new
+buffer), and results of in-place ops that share a storage but not a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..kinds import MemoryKind
+
+__all__ = ["ZERO", "Moment", "Tape", "Tensor", "kinds_dict"]
+
+_KINDS = tuple(MemoryKind)
+_IDX = {k: i for i, k in enumerate(_KINDS)}
+
+
+class Tensor:
+    """An abstract tensor: bytes, kind, requires-grad, and bookkeeping for the replay."""
+
+    __slots__ = ("base", "elem", "external", "keep", "kind", "last_use", "nbytes", "numel", "rg", "saved_by")
+
+    def __init__(self, numel: int, elem: int, kind: int, rg: bool, external: bool = False,
+                 base: Tensor | None = None) -> None:
+        self.numel = numel
+        self.elem = elem  # bytes per element
+        self.base = base  # a view shares its base's storage: it allocates nothing, saving it keeps the base
+        self.nbytes = 0 if base is not None else numel * elem
+        self.kind = kind
+        self.rg = rg
+        self.external = external  # allocated before the program runs (its input)
+        self.keep = False  # referenced after the program (its output, caches, the script's inputs)
+        self.last_use = -1
+        self.saved_by: list[int] = []
+
+
+def root(t: Tensor) -> Tensor:
+    """The tensor that owns ``t``'s storage."""
+    return t.base if t.base is not None else t
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """Bytes in use at one moment, in total and by kind (indexed as :class:`MemoryKind`)."""
+
+    total: int
+    kinds: tuple[int, ...]
+
+    @staticmethod
+    def of(mapping: dict[MemoryKind, int]) -> Moment:
+        v = tuple(mapping.get(k, 0) for k in _KINDS)
+        return Moment(sum(v), v)
+
+    def __add__(self, other: Moment) -> Moment:
+        v = tuple(a + b for a, b in zip(self.kinds, other.kinds, strict=True))
+        return Moment(sum(v), v)
+
+    def as_dict(self) -> dict[MemoryKind, int]:
+        return kinds_dict(self.kinds)
+
+
+ZERO = Moment(0, (0,) * len(_KINDS))
+
+
+def kinds_dict(v: tuple[int, ...]) -> dict[MemoryKind, int]:
+    return {k: v[i] for i, k in enumerate(_KINDS) if v[i]}
+
+
+class _Op:
+    __slots__ = ("bwd_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs", "params", "passthrough",
+                 "region", "saved")
+
+    def __init__(self, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_inputs: tuple[Tensor, ...],
+                 saved: tuple[Tensor, ...], params: tuple[tuple[int, int], ...], fwd_scratch: int,
+                 bwd_scratch: int, passthrough: bool, region: int) -> None:
+        self.outputs = outputs
+        self.inputs = inputs
+        self.grad_inputs = grad_inputs  # inputs that receive a gradient from this op
+        self.saved = saved
+        self.params = params  # (param id, grad bytes) of trainable parameters used
+        self.fwd_scratch = fwd_scratch
+        self.bwd_scratch = bwd_scratch
+        self.passthrough = passthrough  # backward hands the output gradient to the inputs unchanged
+        self.region = region  # the checkpoint region the op runs in, or -1
+
+
+class Tape:
+    """Records a program of ops; :mod:`.replay` replays it."""
+
+    def __init__(self, training: bool) -> None:
+        self.training = training
+        self.ops: list[_Op] = []
+        self.tensors: list[Tensor] = []
+        self.region_inputs: dict[int, list[Tensor]] = {}  # what each checkpoint holds for its backward
+        self.own_grad: set[int] = set()  # results of in-place ops: share a storage, not a gradient
+        self._producer_region: dict[int, int] = {}
+        self._current = -1
+        self._param_ids: dict[str, int] = {}
+
+    # ---- recording ------------------------------------------------------------------------
+    def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
+              held: bool = False) -> Tensor:
+        """A tensor allocated before the program runs: a block's input (dies at its last use unless saved),
+        or with ``held`` one the script creates and holds throughout (inputs, targets)."""
+        t = Tensor(numel, elem, _IDX[kind], rg and self.training, external=True)
+        t.keep = held
+        self.tensors.append(t)
+        self._producer_region[id(t)] = -2
+        return t
+
+    def op(self, numel: int, elem: int, inputs: tuple[Tensor, ...] = (), *, save: tuple[Tensor, ...] = (),
+           params: tuple[tuple[int, int], ...] = (), rg: bool | None = None,
+           kind: MemoryKind | int = MemoryKind.ACTIVATIONS, fwd_scratch: int = 0, bwd_scratch: int = 0,
+           grad_to: tuple[Tensor, ...] | None = None, passthrough: bool = False) -> Tensor:
+        """Record an op producing one new tensor of ``numel`` elements of ``elem`` bytes.
+
+        ``save`` lists what autograd keeps for backward; ``params`` the trainable parameters whose
+        gradient this op produces; ``rg`` whether the output requires grad (default: any input does,
+        or a trainable parameter is used); ``grad_to`` the inputs that receive a gradient (default: every
+        input that requires grad); ``passthrough``: backward hands the output gradient on unchanged.
+        """
+        idx = len(self.ops)
+        if rg is None:
+            rg = any(t.rg for t in inputs) or bool(params)
+        rg = rg and self.training
+        out = Tensor(numel, elem, kind if isinstance(kind, int) else _IDX[kind], rg)
+        self.tensors.append(out)
+        self._use(inputs, idx)
+        if not self.training:
+            save, params, bwd_scratch = (), (), 0
+        save = tuple(root(t) for t in save)
+        for t in save:
+            t.saved_by.append(idx)
+        gin = tuple(t for t in (inputs if grad_to is None else grad_to) if t.rg)
+        self.ops.append(_Op((out,), inputs, gin, save, params, fwd_scratch, bwd_scratch, passthrough,
+                            self._current))
+        self._producer_region[id(out)] = self._current
+        return out
+
+    # ---- pointwise ops, shared by every model kind -------------------------------------------
+    def cast(self, x: Tensor, elem: int) -> Tensor:
+        """``x.to(dtype)``: a new tensor of the same kind unless the dtype already matches; saves nothing."""
+        if x.elem == elem:
+            return x
+        return self.op(x.numel, elem, (x,), kind=x.kind)
+
+    def unary(self, x: Tensor, *, save_in: bool = False, save_out: bool = False, elem: int | None = None) -> Tensor:
+        """A pointwise op on one tensor (silu/gelu save their input; tanh/rsqrt/sigmoid/softmax their result)."""
+        out = self.op(x.numel, elem or x.elem, (x,), save=(x,) if save_in and x.rg else ())
+        if save_out and x.rg:
+            self.save_output(out)
+        return out
+
+    def mul(self, a: Tensor, b: Tensor, elem: int | None = None) -> Tensor:
+        """``a * b`` (broadcasting): saves ``b`` if ``a`` needs a gradient and ``a`` if ``b`` does."""
+        save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
+        big = a if a.numel >= b.numel else b
+        return self.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+
+    def save_output(self, t: Tensor) -> None:
+        """The last op keeps its own output for backward (softmax, tanh, rsqrt, relu, log_softmax)."""
+        if self.training:
+            self.ops[-1].saved += (t,)
+            t.saved_by.append(len(self.ops) - 1)
+
+    def view(self, base: Tensor, numel: int | None = None) -> Tensor:
+        """A view (slice, reshape, transpose) of ``base``: no allocation."""
+        r = root(base)
+        t = Tensor(base.numel if numel is None else numel, base.elem, base.kind, base.rg, base=r)
+        self.tensors.append(t)
+        self._producer_region[id(t)] = self._producer_region.get(id(r), -2)
+        return t
+
+    def scratch(self, nbytes: int, inputs: tuple[Tensor, ...] = ()) -> None:
+        """A temporary that lives only inside one kernel (a workspace, a fused op's internal buffer)."""
+        idx = len(self.ops)
+        for t in inputs:
+            t.last_use = idx
+        self._note_region_inputs(inputs)
+        self.ops.append(_Op((), inputs, (), (), (), nbytes, 0, False, self._current))
+
+    def keep(self, *tensors: Tensor) -> None:
+        """The caller holds ``tensors`` after the program returns (its output, the loss, caches)."""
+        for t in tensors:
+            root(t).keep = True
+
+    def hold(self, *tensors: Tensor) -> None:
+        """A Python reference keeps ``tensors`` alive up to the op recorded last (a local variable that
+        outlives its last use, a tuple of skip connections)."""
+        last = len(self.ops) - 1
+        for t in tensors:
+            r = root(t)
+            r.last_use = max(r.last_use, last)
+
+    def param_id(self, name: str) -> int:
+        """A stable id for the trainable parameter ``name`` (its gradient is allocated once, then accumulated)."""
+        return self._param_ids.setdefault(name, len(self._param_ids))
+
+    @contextmanager
+    def checkpoint(self, enabled: bool = True) -> Iterator[None]:
+        """Ops recorded inside run under ``torch.utils.checkpoint`` (non-reentrant) when ``enabled``."""
+        if not enabled or not self.training or self._current >= 0:
+            yield
+            return
+        self._current = len(self.region_inputs)
+        self.region_inputs[self._current] = []
+        try:
+            yield
+        finally:
+            self._current = -1
+
+    def effective_saves(self) -> list[tuple[Tensor, ...]]:
+        """What each op keeps for backward in the forward pass: nothing inside a checkpoint region, except
+        that the region's first op stands for the checkpoint, which holds the region's inputs."""
+        out: list[tuple[Tensor, ...]] = []
+        seen: set[int] = set()
+        for op in self.ops:
+            r = op.region
+            if r < 0:
+                out.append(op.saved)
+            elif r not in seen:
+                seen.add(r)
+                out.append(tuple(self.region_inputs[r]))
+            else:
+                out.append(())
+        return out
+
+    def _use(self, inputs: tuple[Tensor, ...], idx: int) -> None:
+        for t in inputs:
+            t.last_use = idx
+            if t.base is not None:
+                t.base.last_use = idx
+        self._note_region_inputs(inputs)
+
+    def _note_region_inputs(self, inputs: tuple[Tensor, ...]) -> None:
+        if self._current < 0:
+            return
+        held = self.region_inputs[self._current]
+        for t in inputs:
+            r = root(t)
+            if self._producer_region.get(id(r), -2) != self._current and all(h is not r for h in held):
+                held.append(r)

@@ -1,0 +1,551 @@
+"""The ordered allocation/free stream of a language-model workload, for the allocator model.
+
+:mod:`vramplan.estimator` combines identical decoder layers in closed form to get the allocated peak.
+What the caching allocator *reserves* depends on the order and the sizes of every allocation, so here the
+same recorded programs (:mod:`vramplan.blocks` on a :class:`~vramplan._engine.tape.Tape`) are replayed layer by
+layer with event emission, in the order of the calibration harness (``/work/shared/calibration/measure.py``,
+which ``vramplan measure`` repeats):
+
+* training: the parameters are created one by one on the device (``from_config`` under
+  ``torch.device("cuda")``), peft's adapters after them; then three steps of forward, ``loss.backward()``,
+  ``optimizer.step()`` (AdamW creates ``exp_avg``/``exp_avg_sq`` per parameter in the first step, and the
+  foreach path's ``torch._foreach_sqrt`` one temporary per parameter), ``zero_grad(set_to_none=True)``, and
+  ``del out`` (the logits die after the step); the peaks are reset before the last step;
+* inference: the parameters, then the prefill under ``inference_mode`` (the DynamicCache keeps each layer's
+  keys and values), ``del out``, and decode steps in which every layer's cache grows by ``torch.cat``
+  (a new tensor one token longer, then the old one freed).
+
+The cuBLAS workspaces (32 MiB per handle, ``CublasHandlePool.cpp``) are allocated through the allocator
+at the first matmul and kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from . import allocator as A
+from ._engine.replay import GradBuf, layer_backward, layer_forward
+from ._engine.tape import Tape, Tensor
+from .blocks import Numerics, build_embed, build_head, build_layer
+from .kinds import Phase
+from .memory import ModelStates, lora_targets, quantized_linear_bytes
+from .params import attention_linears, count_params, mlp_linears
+from .spec import ModelSpec
+from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
+
+__all__ = ["infer_events", "train_events"]
+
+Event = tuple[object, int]
+MiB = 1 << 20
+CUBLAS_WORKSPACE = 32 * MiB
+_FREE = A.FREE
+
+
+def _y(k: object) -> tuple[str, object]:
+    return ("y", k)
+
+
+def _gy(k: object) -> tuple[str, object]:
+    return ("gy", k)
+
+
+class _Template:
+    """One recorded block; :meth:`compile` turns an event list of its tape into integer codes
+    (-1 input, -2 output, -3 input gradient, -4 output gradient, >= 0 the block's own tensors) and
+    :meth:`instance` maps the codes of one instance of the block to global integer keys."""
+
+    def __init__(self, tp: Tape, x: Tensor | None, y: Tensor | None) -> None:
+        self.tp = tp
+        self.x = x
+        self.y = y
+        self.local: dict[object, int] = {}
+        self.pgrads: set[int] = set()  # codes of parameter gradients (kept until zero_grad)
+
+    def compile(self, events: list[Event]) -> list[tuple[int, int]]:
+        x, y, local = self.x, self.y, self.local
+        out = []
+        for key, n in events:
+            if isinstance(key, Tensor) and (key is x or key is y):
+                code = -1 if key is x else -2
+            elif isinstance(key, GradBuf) and (key.owner is x or key.owner is y):
+                code = -3 if key.owner is x else -4
+            else:
+                ident = ("g", id(key.owner)) if isinstance(key, GradBuf) else key if isinstance(key, tuple) else id(key)
+                code = local.setdefault(ident, len(local))
+            if isinstance(key, tuple) and key[0] == "p" and code >= 0:
+                self.pgrads.add(code)
+            out.append((code, n))
+        return out
+
+    @staticmethod
+    def instance(codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
+                 gyk: int) -> list[Event]:
+        special = (0, xk, yk, gxk, gyk)  # indexed by -code
+        return [(special[-c] if c < 0 else base + c, n) for c, n in codes]
+
+
+class _Stream:
+    """Collects events, dropping frees of keys that are not live (a block's input freed by its
+    consumer and by the checkpoint) so the stream stays well formed."""
+
+    def __init__(self) -> None:
+        self.ev: list[Event] = []
+        self.live: dict[object, None] = {}  # insertion-ordered: deterministic frees
+        self._keys: dict[object, int] = {}
+        self.opt_keys: set[int] = set()
+        self._next = 1 << 40
+
+    def key(self, tag: object) -> int:
+        """The integer key of a named tensor (a block's output, its gradient, a parameter)."""
+        k = self._keys.get(tag)
+        if k is None:
+            k = self._keys[tag] = len(self._keys)
+        return k
+
+    def fresh(self, n: int) -> int:
+        """A base for ``n`` new integer keys."""
+        base = self._next
+        self._next += n + 1
+        return base
+
+    def add(self, items: Iterator[Event] | list[Event]) -> None:
+        ev, live = self.ev, self.live
+        for key, n in items:
+            if n > 0:
+                if key in live:
+                    continue
+                live[key] = None
+                ev.append((key, n))
+            elif n == _FREE:
+                if key in live:
+                    del live[key]
+                    ev.append((key, n))
+            else:
+                ev.append((key, n))
+
+    def alloc(self, key: object, n: int) -> None:
+        self.add([(key, n)])
+
+    def free(self, key: object) -> None:
+        self.add([(key, _FREE)])
+
+    def mark(self, phase: Phase) -> None:
+        self.ev.append((phase.value, A.PHASE))
+
+
+def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[str, int]]:
+    """(group, bytes) of every parameter tensor in construction order; group says which trains."""
+    counts = count_params(spec)
+    prec = w.precision
+    dense = prec.param_bytes
+    quant = w.base_quant
+    other = 4 if w.method is Method.QLORA else dense
+    out: list[tuple[str, int]] = [("embed", counts.embedding * other)]
+    h = spec.hidden_size
+    for i in range(spec.num_layers):
+        moe = i in spec.moe_layers
+        layer = counts.layers[i]
+        for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, moe):
+            numel = fin * fout * n
+            if quant is not WeightsQuant.NONE and name != "router":
+                wb, cb = quantized_linear_bytes(numel, fout * n, quant, w.uses_double_quant)
+                out.append((f"layer{i}", wb))
+                out.append((f"layer{i}", cb))
+            elif n > 1 and name.startswith("experts."):
+                out.append((f"layer{i}", numel * dense))  # fused 3-D expert weights
+            else:
+                out += [(f"layer{i}", fin * fout * dense)] * n
+        if layer.bias:
+            out.append((f"layer{i}", layer.bias * other))
+        norms = max(1, layer.norm // h) if layer.norm else 0
+        out += [(f"layer{i}", layer.norm * other // norms)] * norms
+    if counts.final_norm:
+        out.append(("head", counts.final_norm * other))
+    if counts.lm_head:
+        out.append(("head", counts.lm_head * other))
+    # the tensors above follow --weights-quant; a checkpoint's own quantization (and any layout detail the
+    # list does not know) is taken from the model states' total: scale every tensor to it
+    target = states.weights + states.master_weights + states.quant_constants - \
+        (sum(_adapters(spec, w)) if w.uses_adapters and w.is_train else 0)
+    total = sum(n for _, n in out)
+    if target > 0 and total and abs(target - total) > total // 100:
+        out = [(g, n * target // total) for g, n in out]
+    return out
+
+
+def _adapters(spec: ModelSpec, w: Workload) -> list[int]:
+    if not (w.uses_adapters and w.is_train):
+        return []
+    targets = lora_targets(spec, w.lora_targets)
+    r = w.lora_rank
+    out = []
+    for i in range(spec.num_layers):
+        for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
+            if name in targets:
+                out += [r * fin * 4, fout * r * 4] * n  # peft keeps adapters in fp32
+    return out
+
+
+def _trainable(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], adapters: list[int],
+               first_trainable: int) -> list[int]:
+    if w.uses_adapters:
+        return adapters
+    if w.method is Method.FULL:
+        return [n for _, n in params]
+    keep = {f"layer{i}" for i in range(first_trainable, spec.num_layers)} | {"head"}
+    return [n for g, n in params if g in keep]
+
+
+def _optimizer(opt: Optimizer, sizes: list[int], states: ModelStates) -> tuple[list[int], list[int]]:
+    """(state tensors created in the first step, temporaries of every step), per parameter in order.
+
+    AdamW, SGD, 8-bit AdamW, Adafactor and Lion as their step creates them; every other optimizer (paged,
+    GaLore, APOLLO, Muon) as :mod:`vramplan.memory` sizes it: its on-device state spread over the trainable
+    tensors in proportion to their size, its step temporaries as one block."""
+    st, tmp = _optimizer_tensors(opt, sizes)
+    if not st and not tmp and (states.optimizer_state or states.step_temporaries):
+        total = sum(sizes) or 1
+        st = [n * states.optimizer_state // total for n in sizes if n * states.optimizer_state // total]
+        tmp = [states.step_temporaries] if states.step_temporaries else []
+    return st, tmp
+
+
+def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], list[int]]:
+    if opt in (Optimizer.ADAMW, Optimizer.ADAMW_FUSED):
+        states = [n for p in sizes for n in (p, p)]  # exp_avg, exp_avg_sq (torch/optim/adamw.py _init_group)
+        return states, (list(sizes) if opt is Optimizer.ADAMW else [])  # _foreach_sqrt(exp_avg_sqs)
+    if opt is Optimizer.SGD:
+        return list(sizes), []  # momentum_buffer = clone(grad)
+    if opt is Optimizer.ADAMW_8BIT:
+        # bitsandbytes: two uint8 states + fp32 absmax per 256 elements; tensors under 4096 elements fp32.
+        # ``sizes`` are bytes in the parameter dtype (2 for the 16-bit runs this optimizer is used with)
+        st: list[int] = []
+        for p in sizes:
+            numel = p // 2
+            if numel < 4096:
+                st += [numel * 4, numel * 4]
+            else:
+                st += [numel, 4 * -(-numel // 256), numel, 4 * -(-numel // 256)]
+        return st, []
+    if opt is Optimizer.ADAFACTOR:
+        return [], list(sizes)  # factored moments are tiny; the variance estimate per tensor
+    if opt is Optimizer.LION:
+        return list(sizes), [max(sizes, default=0)]
+    return [], []
+
+
+def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[int]:
+    """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
+    groups list identical layers by first occurrence; the stream runs them in the model's order)."""
+    index: dict[tuple[bool, ...], int] = {}
+    out = []
+    for i in range(spec.num_layers):
+        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
+               bool(every) and i % every == 0)
+        out.append(index.setdefault(key, len(index)))
+    return out
+
+
+def _live(codes: list[tuple[int, int]]) -> set[int]:
+    """Codes a recorded event list leaves allocated."""
+    live: set[int] = set()
+    for code, n in codes:
+        if n > 0:
+            live.add(code)
+        elif n == _FREE:
+            live.discard(code)
+    return live
+
+
+def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
+    """The head's backward with the gradients the tape takes as given: ``loss.backward()`` allocates the
+    loss's (a scalar of ones) at once; the logits' gradient is the first gradient of the logits' size that
+    backward computes (the cast back from the fp32 loss path), kept until the output projection's backward."""
+    out: list[Event] = [e for e in seeds if e[1] <= 512]
+    pending = {n: key for key, n in seeds if n > 512}
+    renamed: dict[object, object] = {}
+    for key, n in items:
+        if n > 0 and n in pending:
+            renamed[key] = pending.pop(n)
+            out.append((renamed[key], n))
+        elif n == _FREE and key in renamed:
+            continue
+        else:
+            out.append((key, n))
+    for n, key in pending.items():  # never computed: allocated up front as the tape assumes
+        out.insert(0, (key, n))
+    return out
+
+
+def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3) -> list[Event]:
+    """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
+    reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
+    the last step."""
+    return list(train_stream(spec, w, states, num, steps))
+
+
+def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
+                 probe: list[int] | None = None) -> Iterator[Event]:
+    """:func:`train_events` step by step. With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
+    what is reserved at each ``PROBE`` marker, one at every step's start and end) the stream stops after the
+    first step, from the second on, that reserved nothing new: every step ends with the tensors it began with
+    (weights, the optimizer states created in the first step) and free neighbours merge, so such a step leaves
+    the allocator exactly as it found it and every later step would repeat it."""
+    from .estimator import _first_trainable, _layer_groups, _plan
+
+    b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
+    attention = Attention.FLASH if w.packing else w.attention
+    every = w.checkpoint_every
+    full = w.method is Method.FULL
+    acc_runs = w.gradient_accumulation > 1
+    st = _Stream()
+    params = _param_tensors(spec, w, states)
+    for j, (_, n) in enumerate(params):
+        st.alloc(st.key(("param", j)), n)
+    adapters = _adapters(spec, w)
+    for j, n in enumerate(adapters):
+        st.alloc(st.key(("adapter", j)), n)
+    st.alloc(st.key("ids"), b * s * 8)
+
+    # the same flags as estimator._train
+    embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
+    norm_trainable = full or w.method is Method.FREEZE
+    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
+        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed_trainable)
+    layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+    loss_kind = w.resolved_loss
+    first = _first_trainable(spec, w, states)
+
+    def record(tpl: _Template, fn: str, flag: bool) -> list[tuple[int, int]]:
+        """``fn``: "forward" (``flag``: saving) or "backward" (``flag``: parameter gradients exist)."""
+        ev: list[Event] = []
+        if fn == "forward":
+            layer_forward(tpl.tp, flag, ev)
+        else:
+            layer_backward(tpl.tp, flag, ev)
+        return tpl.compile(ev)
+
+    et = Tape(True)
+    ex = build_embed(et, spec, num, b, s, embed_trainable,
+                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)), attention=attention)
+    emb = _Template(et, None, ex)
+    e_fwd = record(emb, "forward", True)
+    e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
+    e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
+    e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
+
+    groups = []
+    order = _layer_order(spec, first, every)
+    for count, trainable, moe, sliding, rope, ck in _layer_groups(spec, first, every):
+        rg = layers_rg and (trainable or w.method is not Method.FREEZE)
+        tp = Tape(True)
+        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding, rope, attention), b, s)
+        x = tp.tensors[0]
+        c = ck and rg
+        off = w.activation_offload and rg and not c
+        if c:
+            x.keep = True
+        tpl = _Template(tp, x, lout)
+        if off:
+            # activation offloading: what the layer saves goes to pinned host memory as autograd packs it
+            # and comes back before its backward (the saved set: what a saving forward keeps beyond a plain one)
+            saving = record(tpl, "forward", True)
+            fwd = record(tpl, "forward", False)
+            kept = _live(saving)
+            rec = [(code, n) for code, n in saving if n > 0 and code in kept and code not in _live(fwd)]
+        else:
+            fwd = record(tpl, "forward", not c)
+            rec = record(tpl, "forward", True) if c else []
+        bwd = record(tpl, "backward", False)
+        bacc = record(tpl, "backward", True) if acc_runs else bwd
+        groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by) and not off))
+
+    ht = Tape(True)
+    build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
+               input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=w.trainer is Trainer.PLAIN,
+               loss_kind=loss_kind.value, chunk=w.loss_chunk,
+               metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
+    head = _Template(ht, ht.tensors[0], None)
+    h_fwd = record(head, "forward", True)
+    h_bwd = record(head, "backward", False)
+    h_bwd_acc = record(head, "backward", True) if acc_runs else h_bwd
+    seeds = [(head.local.setdefault(("g", id(t)), len(head.local)), t.nbytes)
+             for t in ht.tensors if t.keep and t.rg and not t.external]
+    head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
+
+    opt_states, opt_temps = _optimizer(w.optimizer, _trainable(spec, w, params, adapters, first), states)
+    L = spec.num_layers
+    first_saves_x = groups[order[0]][7] if groups else True
+    first_ckpt = groups[order[0]][2] if groups else False
+    micro = min(w.gradient_accumulation, 2)
+    st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
+    st.alloc(st.key(("cublas", 1)), CUBLAS_WORKSPACE)
+    grads: list[int] = []
+
+    def run(tpl: _Template, codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
+            gyk: int) -> list[Event]:
+        items = tpl.instance(codes, base, xk, yk, gxk, gyk)
+        if tpl.pgrads:
+            grads.extend(base + c for c in tpl.pgrads)
+        return items
+
+    for step in range(steps):
+        before = set(st.live)
+        grads.clear()
+        if step:
+            st.ev.append((None, A.RESET))
+        st.ev.append((None, A.PROBE))
+        for mb in range(micro):
+            acc = mb > 0
+            t = (step, mb)
+
+            def y(k: object, t: object = t) -> int:
+                return st.key(("y", t, k))
+
+            def gy(k: object, t: object = t) -> int:
+                return st.key(("gy", t, k))
+
+            st.mark(Phase.FORWARD)
+            e_base = st.fresh(len(emb.local))
+            st.add(run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1)))
+            bases: list[int] = []
+            for k, gi in enumerate(order):
+                _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
+                base = st.fresh(len(tpl.local))
+                bases.append(base)
+                items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
+                if k == 0 and not first_saves_x and not c:
+                    # transformers' base model keeps inputs_embeds referenced until it returns
+                    items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
+                st.add(items)
+            if not first_saves_x and not first_ckpt:
+                st.free(y(-1))
+            h_base = st.fresh(len(head.local))
+            st.add(run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9))
+            st.mark(Phase.BACKWARD)
+            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9),
+                           [(h_base + code, n) for code, n in seeds]))
+            for k in range(L - 1, -1, -1):
+                _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
+                base = bases[k]
+                if c:  # recompute the layer's forward (saving), then its backward; then drop its input
+                    base = st.fresh(len(tpl.local))
+                    st.add(run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k)))
+                    st.free(y(("r", k)))
+                elif rec:  # offloaded: the saved tensors come back from the host
+                    st.add(run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k)))
+                st.add(run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k)))
+                if c:
+                    st.free(y(k - 1))
+            st.add(run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1)))
+            for code in e_extra:
+                st.free(e_base + code)
+            st.free(y(-1))
+            if micro > 1 and not acc:  # the next micro-batch's output replaces this one's
+                for code in head_kept:
+                    st.free(h_base + code)
+        st.mark(Phase.OPTIMIZER_STEP)
+        if step == 0:
+            for j, n in enumerate(opt_states):
+                st.opt_keys.add(st.key(("opt", j)))
+                st.alloc(st.key(("opt", j)), n)
+        tmp = st.fresh(len(opt_temps))
+        for j, n in enumerate(opt_temps):
+            st.alloc(tmp + j, n)
+        for j in range(len(opt_temps)):
+            st.free(tmp + j)
+        # zero_grad(set_to_none=True): every gradient dies, in parameter order (the reverse of backward's);
+        # then ``del out`` drops the logits and the loss, and with them what is left of the step
+        for kk in reversed(grads):
+            st.free(kk)
+        for left in [kk for kk in st.live if kk not in before]:
+            if left not in st.opt_keys:
+                st.free(left)
+        st.ev.append((None, A.PROBE))
+        yield from st.ev
+        st.ev.clear()
+        if probe is not None and step and len(probe) >= 2 and probe[-1] == probe[-2]:
+            return
+
+
+def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
+    """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
+    reset after the weights are loaded."""
+    from .estimator import _kv_bytes, _layer_groups, _plan
+
+    b, s = w.batch_size, w.seq_len
+    st = _Stream()
+    for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
+        st.alloc(st.key(("param", j)), n)
+    st.alloc(st.key("ids"), b * s * 8)
+    st.ev.append((None, A.RESET))
+    st.mark(Phase.PREFILL)
+    et = Tape(False)
+    ex = build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
+    emb = _Template(et, None, ex)
+    ev: list[Event] = []
+    layer_forward(et, ev=ev)
+    e_base = st.fresh(len(ev))
+
+    def y(k: object) -> int:
+        return st.key(("y", k))
+
+    st.add(emb.instance(emb.compile(ev), e_base, -9, y(-1), -9, -9))
+    st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
+    kv_keys: list[list[int]] = []
+    compiled = []
+    for _count, _tr, moe, sliding, rope, _ck in _layer_groups(spec, spec.num_layers):
+        tp = Tape(False)
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope), b, s)
+        tpl = _Template(tp, tp.tensors[0], out)
+        ev = []
+        layer_forward(tp, ev=ev)
+        codes = tpl.compile(ev)
+        kept = [tpl.local[id(t)] for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
+        compiled.append((tpl, codes, kept))
+    for k, gi in enumerate(_layer_order(spec, spec.num_layers)):
+        tpl, codes, kept = compiled[gi]
+        base = st.fresh(len(tpl.local))
+        items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
+        if k == 0:
+            items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
+        st.add(items)
+        kv_keys.append([base + c for c in kept])
+    st.free(y(-1))
+    ht = Tape(False)
+    last = w.logits is LogitsMode.LAST
+    build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+               loss=False)
+    head = _Template(ht, ht.tensors[0], None)
+    ev = []
+    layer_forward(ht, ev=ev)
+    h_base = st.fresh(len(ev))
+    st.add(head.instance(head.compile(ev), h_base, y(spec.num_layers - 1), -9, -9, -9))
+    for t in et.tensors:
+        if t.keep and id(t) in emb.local:
+            st.free(e_base + emb.local[id(t)])
+    st.free(y(spec.num_layers - 1))
+    for t in ht.tensors:  # del out: the logits die, the cache lives on
+        if t.keep and id(t) in head.local:
+            st.free(h_base + head.local[id(t)])
+    if not w.new_tokens:
+        return st.ev
+    st.mark(Phase.DECODE)
+    small = [b * spec.hidden_size * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
+    for step in range(w.new_tokens):
+        length = s + step + 1
+        d = st.fresh(3)
+        for j, n in enumerate(small[:2]):
+            st.alloc(d + j, n)
+        for i in range(spec.num_layers):
+            per = _kv_bytes(spec, num, b, length, i in spec.sliding_layers) // 2
+            keys = kv_keys[i]
+            for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
+                new = st.fresh(0)
+                st.alloc(new, per)
+                st.free(old)
+                keys[j] = new
+        st.alloc(d + 2, small[2])
+        for j in range(3):
+            st.free(d + j)
+    return st.ev

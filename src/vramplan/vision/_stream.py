@@ -1,0 +1,116 @@
+"""The ordered allocation/free stream of an image-model run, for the caching-allocator model.
+
+Built from the same recorded program the estimate replays (:mod:`vramplan._engine.replay`, with event
+emission) in the order of the calibration harness (``measure.py``: ``run_unet``, ``run_vision``):
+
+* the model is created on the device in fp32 (``torch.device("cuda")`` with the default dtype), one
+  tensor per parameter; ``model.to(dtype)`` then makes each 16-bit copy before the fp32 tensor dies;
+* the script's inputs, then the cuBLAS workspaces at the first matmul;
+* inference: three forwards under ``inference_mode`` (the output dropped each time);
+* training: three steps of forward, ``backward``, ``optimizer.step()`` (AdamW's ``exp_avg``/``exp_avg_sq``
+  per trained tensor in the first step, ``_foreach_sqrt``'s temporaries), ``zero_grad(set_to_none=True)``
+  and ``del pred, loss``.
+
+The peaks are reset before the last step, as the harness does before every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .. import allocator as A
+from .._engine.replay import backward as replay_backward
+from .._engine.replay import forward as replay_forward
+from .._engine.tape import ZERO, Tape, Tensor
+from ..workload import Optimizer
+
+__all__ = ["vision_events"]
+
+Event = tuple[object, int]
+MiB = 1 << 20
+CUBLAS_WORKSPACE = 32 * MiB
+
+
+class _Versions:
+    """Maps the replay's keys to unique integers: a key allocated again (a recomputed tensor) is a new
+    allocation; a free of a key that is not live is dropped."""
+
+    def __init__(self) -> None:
+        self.ev: list[Event] = []
+        self.live: dict[object, int] = {}
+        self.order: dict[int, None] = {}
+        self._n = 0
+
+    def alloc(self, key: object, n: int) -> None:
+        self._n += 1
+        if key in self.live:
+            key = (key, self._n)
+        self.live[key] = self._n
+        self.order[self._n] = None
+        self.ev.append((self._n, n))
+
+    def free(self, key: object) -> None:
+        g = self.live.pop(key, None)
+        if g is not None:
+            del self.order[g]
+            self.ev.append((g, A.FREE))
+
+    def add(self, items: list[Event], tag: object) -> list[object]:
+        """Append the replay's events under ``tag`` (one step); returns the keys of parameter gradients."""
+        grads: list[object] = []
+        for key, n in items:
+            k = (tag, key)
+            if n >= 0:
+                self.alloc(k, n)
+                if isinstance(key, tuple) and key[0] == "p":
+                    grads.append(k)
+            else:
+                self.free(k)
+        return grads
+
+
+def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequence[Tensor], *,
+                  training: bool, opt_sizes: Sequence[int], optimizer: Optimizer, buffers: Sequence[int] = (),
+                  steps: int = 3) -> list[Event]:
+    """``param_sizes``: (elements, bytes per element as used) of every parameter tensor in creation order;
+    ``opt_sizes``: bytes of every trained tensor (the optimizer's per-tensor states and temporaries)."""
+    from ..alloc_stream import _optimizer_tensors
+
+    v = _Versions()
+    for j, (numel, _elem) in enumerate(param_sizes):
+        v.alloc(("w32", j), numel * 4)
+    for j, (numel, elem) in enumerate(param_sizes):
+        if elem != 4:  # model.to(dtype): the copy, then the fp32 tensor dies
+            v.alloc(("w", j), numel * elem)
+            v.free(("w32", j))
+    for j, n in enumerate(buffers):
+        v.alloc(("buf", j), n)
+    for t in net.tensors:
+        if t.external and t.base is None and t.nbytes:
+            v.alloc(("in", id(t)), t.nbytes)
+    for h in range(2 if training else 1):
+        v.alloc(("cublas", h), CUBLAS_WORKSPACE)
+    opt_states, opt_temps = _optimizer_tensors(optimizer, list(opt_sizes)) if training else ([], [])
+    for step in range(steps):
+        if step == steps - 1:
+            v.ev.append((None, A.RESET))
+        before = set(v.live)
+        fwd_ev: list[Event] = []
+        fr = replay_forward(net, ZERO, ev=fwd_ev)
+        v.add(fwd_ev, step)
+        if training:
+            bwd_ev: list[Event] = []
+            replay_backward(net, fr, seeds, ev=bwd_ev)
+            grads = v.add(bwd_ev, step)
+            if step == 0:
+                for j, n in enumerate(opt_states):
+                    v.alloc(("opt", j), n)
+            for j, n in enumerate(opt_temps):
+                v.alloc(("tmp", step, j), n)
+            for j in range(len(opt_temps)):
+                v.free(("tmp", step, j))
+            for g in reversed(grads):
+                v.free(g)
+        for key in [k for k in v.live if k not in before and not (isinstance(k, tuple) and k[0] == "opt")]:
+            v.free(key)
+    return v.ev

@@ -1,0 +1,28 @@
+"""The README's reserved-memory accuracy table is what benchmarks/accuracy_report.py computes."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("dataset", ["calibration", "h200-grid"])
+def test_readme_reserved_figures_match_the_report(dataset: str) -> None:
+    from accuracy_report import summarize
+
+    s = summarize(ROOT / "tests" / "data" / dataset)
+    median, worst = s.reserved
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next((line for line in readme.splitlines() if line.startswith(f"| {dataset} ")), None)
+    assert row is not None, f"README has no reserved-accuracy row for {dataset}"
+    figures = re.findall(r"\*\*([+-]?[0-9.]+)%\*\*", row)
+    assert figures == [f"{median:.2%}"[:-1], f"{worst:+.1%}"[:-1]], (row, median, worst)
+    assert f"| {len(s.rows)} |" in row
+    label = s.label("peak_reserved")
+    assert ("held out" in row) == (label == "held out")
