@@ -151,7 +151,7 @@ SMALL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "paligemma"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3"])
 @pytest.mark.parametrize("workload", list(SMALL))
 def test_estimate_tracks_the_trace(model_type: str, workload: str) -> None:
     pytest.importorskip("torch")

@@ -653,7 +653,8 @@ def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], t
         sub["model_type"] = f"{model_type}_text" if isinstance(model_type, str) else None
     if model_type == "gemma3":
         sub["model_type"] = "gemma3_text"
-    if "tie_word_embeddings" not in sub and "tie_word_embeddings" in raw:
+    if "tie_word_embeddings" in raw and ("tie_word_embeddings" not in sub or model_type in ("internvl", "mistral3")):
+        # InternVL / Mistral 3 tie by the top-level flag (their ForConditionalGeneration reads the outer config)
         sub["tie_word_embeddings"] = raw["tie_word_embeddings"]
     if not towers:
         return sub, ()

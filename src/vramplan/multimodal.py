@@ -68,6 +68,8 @@ class VisionTower:
     projector_hidden: int = 0  # qwen: merger output; paligemma: projection_dim
     projector_bias: bool = True
     tokens_per_image: int = 0  # gemma3: mm_tokens_per_image
+    scale_factor: int = 1  # Idefics 3 / SmolVLM pixel shuffle; InternVL: 1 / downsample_ratio
+    attention_bias: bool = True  # InternViT's q/k/v bias
     feature_layer: int = -1  # llava: vision_feature_layer (hidden states of all layers are collected)
     keep_cls: bool = False  # llava: vision_feature_select_strategy "full"
 
@@ -98,6 +100,8 @@ class MultimodalSpec:
             return t.tokens_per_image
         if t.projector == "llava_next":
             return _llava_next_tokens(t, size)
+        if t.projector in ("idefics3", "internvl", "mistral3"):
+            return (g // t.scale_factor) ** 2
         return g * g + (1 if t.keep_cls and t.style == "clip" else 0)
 
     def default_size(self) -> int:
@@ -105,14 +109,21 @@ class MultimodalSpec:
 
     def check_size(self, size: int) -> None:
         t = self.vision
-        unit = t.patch * t.merge
+        unit = t.patch * (t.merge if t.style.startswith("qwen") else t.scale_factor)
         if t.style.startswith("qwen"):
             if size % unit:
                 raise WorkloadError(f"--image-size {size} must be a multiple of {unit} px for {self.model_type} (patch "
                                     f"{t.patch} x merge {t.merge}), as its processor resizes images")
+        elif t.style == "pixtral":
+            if size % unit or size > t.image_size:
+                raise WorkloadError(f"--image-size {size} must be a multiple of {unit} px up to {t.image_size} for "
+                                    f"{self.model_type} (patch {t.patch} x merge {t.scale_factor})")
         elif size != t.image_size:
             raise WorkloadError(f"{self.model_type} resizes every image to {t.image_size} px (its position table); "
                                 f"drop --image-size or give {t.image_size}")
+
+
+LLAVA_NEXT_CROPS = 3  # a square image at the tower's size: the base image plus the 1 x 2 pinpoint's two tiles
 
 
 def _llava_next_tokens(t: VisionTower, size: int) -> int:
@@ -142,7 +153,10 @@ def _register_tables(L: Any, t: VisionTower, tr: bool, proj_tr: bool) -> None:
     """Parameters that are not read op by op: position tables, class token, post-norm, SigLIP head, newline."""
     d = t.hidden
     n = (t.image_size // t.patch) ** 2
-    if t.style == "clip":
+    if t.style == "internvit":
+        L.register("embeddings.cls_token", (d,), tr)
+        L.register("embeddings.position_embeddings", ((n + 1) * d,), tr)
+    elif t.style == "clip":
         L.register("embeddings.class_embedding", (d,), tr)
         L.register("embeddings.position_embedding", ((n + 1) * d,), tr)
         L.register("post_layernorm", (d, d), tr)
@@ -169,58 +183,91 @@ def _norm(L: Any, x: Any, d: int, rms: bool, tr: bool, name: str) -> Any:
 
 def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any) -> Any:
     """One encoder layer: pre-norm attention and MLP with residuals (CLIPEncoderLayer, SiglipEncoderLayer,
-    Qwen2VLVisionBlock, Qwen2_5_VLVisionBlock)."""
+    Idefics3EncoderLayer, InternVLVisionLayer with its layer scales, PixtralAttentionLayer, Qwen2VLVisionBlock,
+    Qwen2_5_VLVisionBlock)."""
     d, heads = t.hidden, t.heads
     hd = d // heads
-    qwen = t.style.startswith("qwen")
-    rms = t.style == "qwen2_5_vl"
+    style = t.style
+    qwen = style.startswith("qwen")
+    rms = style in ("qwen2_5_vl", "pixtral")
+    bias = style != "pixtral"
     n = _norm(L, x, d, rms, tr, name + ".norm1")
     if qwen:
         qkv = L.linear(n, d, 3 * d, name + ".attn.qkv", trainable=tr)
         q, k, v = L.view(qkv, qkv.numel // 3), L.view(qkv, qkv.numel // 3), L.view(qkv, qkv.numel // 3)
-        # apply_rotary_pos_emb_vision: q, k in fp32, (x * cos) + (rotate_half(x) * sin), back to the input dtype
+    else:
+        qkv_bias = t.attention_bias if style == "internvit" else bias
+        q = L.linear(n, d, d, name + ".q_proj", bias=qkv_bias, trainable=tr)
+        k = L.linear(n, d, d, name + ".k_proj", bias=qkv_bias, trainable=tr)
+        v = L.linear(n, d, d, name + ".v_proj", bias=qkv_bias, trainable=tr)
+    if rope is not None:
+        # rotary embedding of q and k: (x * cos) + (rotate_half(x) * sin); Qwen-VL computes it in fp32
+        # (apply_rotary_pos_emb_vision), Pixtral in the activations' dtype
         outs = []
         for z in (q, k):
-            z32 = L.cast(z, 4)
-            a = L.mul(z32, rope)
-            half = L.cat((L.scale(L.view(z32, z32.numel // 2)), L.view(z32, z32.numel // 2)))
+            zc = L.cast(z, 4) if qwen else z
+            a = L.mul(zc, rope)
+            half = L.cat((L.scale(L.view(zc, zc.numel // 2)), L.view(zc, zc.numel // 2)))
             b2 = L.mul(half, rope)
             outs.append(L.cast(L.add(a, b2), z.elem))
         q, k = outs
-    else:
-        q = L.linear(n, d, d, name + ".self_attn.q_proj", trainable=tr)
-        k = L.linear(n, d, d, name + ".self_attn.k_proj", trainable=tr)
-        v = L.linear(n, d, d, name + ".self_attn.v_proj", trainable=tr)
+    padded = None
+    if style == "pixtral" and rows % 16:
+        # the block mask (1, 1, N, N) reaches the memory-efficient kernel expanded to every head; its last dim is
+        # not a multiple of 16, so SDPA pads it, materializing (heads, N, N + pad) (attention.cpp preprocess_mask),
+        # which the kernel's backward keeps as its bias
+        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act, (), rg=False)
     parts = []
     for s in seqs:  # Qwen-VL: one attention call per image (or window) of the packed sequence
         frac = s / rows
         qi = L.view(q, int(q.numel * frac)) if len(seqs) > 1 else q
         ki = L.view(k, int(k.numel * frac)) if len(seqs) > 1 else k
         vi = L.view(v, int(v.numel * frac)) if len(seqs) > 1 else v
-        parts.append(L.attention(qi, ki, vi, batch=1 if qwen else rows // s, heads=heads, sq=s, sk=s, head_dim=hd))
+        parts.append(L.attention(qi, ki, vi, batch=1 if qwen else rows // s, heads=heads, sq=s, sk=s, head_dim=hd,
+                                 has_mask=style == "pixtral"))
+    if padded is not None:
+        L.hold(padded)
+        if parts[0].rg and L.num.training:
+            i = len(L.ops) - 1
+            L.ops[i].saved += (padded,)
+            padded.saved_by.append(i)
     o = L.cat(tuple(parts)) if len(parts) > 1 else parts[0]
     o = L.copy(o)  # attn_output.transpose(1, 2).contiguous() / reshape
-    o = L.linear(o, d, d, name + (".attn.proj" if qwen else ".self_attn.out_proj"), trainable=tr)
+    o = L.linear(o, d, d, name + ".o_proj", bias=bias, trainable=tr)
     L.hold(n)
+    if style == "internvit":  # lambda_1 * attention output
+        o = L.op(o.numel, o.elem, (o,), save=(o,) if tr else (), params=L.param(name + ".lambda_1", d, tr),
+                 rg=o.rg or tr)
+        L.register(name + ".lambda_1", (d,), tr)
     x = L.add(x, o)
     m = _norm(L, x, d, rms, tr, name + ".norm2")
-    if t.style == "qwen2_5_vl":
-        i = t.intermediate
-        g = L.linear(m, d, i, name + ".mlp.gate_proj", trainable=tr)
-        u = L.linear(m, d, i, name + ".mlp.up_proj", trainable=tr)
+    i = t.intermediate
+    if style in ("qwen2_5_vl", "pixtral"):
+        g = L.linear(m, d, i, name + ".mlp.gate_proj", bias=bias, trainable=tr)
+        u = L.linear(m, d, i, name + ".mlp.up_proj", bias=bias, trainable=tr)
         h = L.mul(_act(L, g, t.act), u)
-        y = L.linear(h, i, d, name + ".mlp.down_proj", trainable=tr)
+        y = L.linear(h, i, d, name + ".mlp.down_proj", bias=bias, trainable=tr)
     else:
-        i = t.intermediate
         h1 = L.linear(m, d, i, name + ".mlp.fc1", trainable=tr)
         h2 = _act(L, h1, t.act)
         y = L.linear(h2, i, d, name + ".mlp.fc2", trainable=tr)
     L.hold(m)
+    if style == "internvit":
+        y = L.op(y.numel, y.elem, (y,), save=(y,) if tr else (), params=L.param(name + ".lambda_2", d, tr),
+                 rg=y.rg or tr)
+        L.register(name + ".lambda_2", (d,), tr)
     return L.add(x, y)
 
 
-def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool) -> Any:
-    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features."""
+def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+           input_rg: bool = False) -> Any:
+    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features.
+
+    ``input_rg``: the patch embedding's output requires grad although no weight of the tower trains: transformers'
+    ``enable_input_require_grads`` (called for adapters with gradient checkpointing) hooks the input embeddings of
+    every sub-model, the vision tower's included (modeling_utils.py), so the tower keeps a graph for its input
+    gradient and its layers are checkpointed like the language model's."""
+    ckpt = ckpt and (tower_tr or input_rg)
     d = t.hidden
     g = size // t.patch
     patches = g * g
@@ -231,6 +278,7 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         rows = images * patches
         x = L.conv(x, t.channels, d, (t.temporal_patch * t.patch, t.patch), 1, "patch_embed.proj", bias=False,
                    trainable=tower_tr, batch=rows)
+        x.rg = x.rg or (input_rg and L.num.training)
         # rotary tables: cos and sin of the (rows, head_dim) fp32 embedding, alive for every block
         rope = L.op(rows * (d // t.heads), 4, (), rg=False)
         rope2 = L.op(rows * (d // t.heads), 4, (), rg=False)
@@ -244,7 +292,7 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                 seqs = [w] * (rows // w) + ([rows % w] if rows % w else [])
             else:
                 seqs = [patches] * images
-            with L.checkpoint(ckpt and tower_tr):
+            with L.checkpoint(ckpt):
                 x = _block(L, t, x, rows, seqs, tower_tr, f"blocks.{i}", rope)
         L.hold(rope)
         # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger)
@@ -256,25 +304,38 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         if t.window:
             out = L.copy(out)  # [reverse_indices]
         return out
-    seq = patches + (1 if t.style == "clip" else 0)
-    x = L.conv(x, t.channels, d, t.patch, patches, "embeddings.patch_embedding", bias=t.style != "clip",
-               trainable=tower_tr, batch=images)
+    cls = t.style in ("clip", "internvit")
+    seq = patches + (1 if cls else 0)
+    x = L.conv(x, t.channels, d, t.patch, patches, "embeddings.patch_embedding",
+               bias=t.style not in ("clip", "pixtral"), trainable=tower_tr, batch=images)
+    x.rg = x.rg or (input_rg and L.num.training)
     x = L.copy(x)  # flatten(2).transpose(1, 2) then the position add / class-token cat
-    if t.style == "clip":
+    rope = None
+    if cls:
         x = L.cat((x,))  # torch.cat([class_embeds, patch_embeds])
-        x = L.op(x.numel, x.elem, (x,), passthrough=True)  # + position_embedding(position_ids)
-        x = L.layer_norm(x, d, trainable=tower_tr, name="pre_layrnorm")
+    if t.style == "pixtral":
+        x = L.rms_norm(x, d, trainable=tower_tr, name="ln_pre")
+        # 2-D rotary cos/sin (patches, head_dim) and the block-diagonal attention mask (1, 1, N, N) in the
+        # activations' dtype (modeling_pixtral.py generate_block_attention_mask), alive for every layer
+        rope = L.op(2 * images * patches * (d // t.heads), L.num.act, (), rg=False)
+        mask = L.op(seq * seq * images * images, L.num.act, (), rg=False)
     else:
         x = L.op(x.numel, x.elem, (x,), passthrough=True)  # + position_embedding
+    if t.style == "clip":
+        x = L.layer_norm(x, d, trainable=tower_tr, name="pre_layrnorm")
     rows = images * seq
     states = [x]
     for i in range(t.layers):
-        with L.checkpoint(ckpt and tower_tr):
-            x = _block(L, t, x, rows, [seq], tower_tr, f"encoder.layers.{i}", None)
+        with L.checkpoint(ckpt):
+            x = _block(L, t, x, rows, [seq] if t.style != "pixtral" else [rows], tower_tr, f"encoder.layers.{i}",
+                       rope)
         states.append(x)
+    if t.style == "pixtral":
+        L.hold(rope, mask, *states)  # Mistral 3 asks the tower for every layer's hidden states
     if t.projector in ("llava", "llava_next"):
-        # output_hidden_states=True: every layer's output is kept in a tuple until the tower returns
-        L.hold(*states)
+        # output_hidden_states=True: every layer's output is in the tower's output, which the model keeps until its
+        # forward returns
+        L.keep(*states)
         sel = states[t.feature_layer] if -len(states) <= t.feature_layer < len(states) else x
         feats = images * patches if not t.keep_cls else rows
         f = L.view(sel, feats * d)  # [:, 1:] for the "default" strategy
@@ -285,9 +346,41 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         out = L.linear(h, t.text_hidden, t.text_hidden, "multi_modal_projector.linear_2", bias=t.projector_bias,
                        trainable=proj_tr)
         if t.projector == "llava_next":
-            out = L.copy(out)  # pack_image_features: tiles unpadded, newline appended, cat per image
+            # pack_image_features: per image, the base crop's features and the tiles' unpadded grid with a newline
+            # per row (a list the model keeps), then torch.cat of the list
+            per = L.op(images // LLAVA_NEXT_CROPS * _llava_next_tokens(t, size) * t.text_hidden, out.elem, (out,),
+                       passthrough=True)
+            L.keep(per)
+            out = L.copy(per)
         return out
+    if t.projector == "internvl":
+        # last_hidden_state[:, 1:], pixel_shuffle (downsample 0.5: views and two contiguous copies), then
+        # InternVLMultiModalProjector: LayerNorm(4d), linear_1, GELU, linear_2
+        f = L.copy(L.view(x, images * patches * d))
+        f = L.copy(f)
+        f = L.layer_norm(f, 4 * d, trainable=proj_tr, name="multi_modal_projector.layer_norm")
+        h = L.linear(f, 4 * d, t.text_hidden, "multi_modal_projector.linear_1", trainable=proj_tr)
+        h = _act(L, h, "gelu")
+        return L.linear(h, t.text_hidden, t.text_hidden, "multi_modal_projector.linear_2", trainable=proj_tr)
+    if t.projector == "mistral3":
+        # Mistral3MultiModalProjector: RMSNorm, patch merger (unfold 2 x 2 patches: a copy, Linear(4d, d)),
+        # linear_1, GELU, linear_2
+        f = L.rms_norm(x, d, trainable=proj_tr, name="multi_modal_projector.norm")
+        f = L.copy(f)
+        f = L.copy(f)
+        f = L.linear(f, 4 * d, d, "multi_modal_projector.patch_merger.merging_layer", bias=False, trainable=proj_tr)
+        h = L.linear(f, d, t.text_hidden, "multi_modal_projector.linear_1", bias=t.projector_bias, trainable=proj_tr)
+        h = _act(L, h, "gelu")
+        return L.linear(h, t.text_hidden, t.text_hidden, "multi_modal_projector.linear_2", bias=t.projector_bias,
+                        trainable=proj_tr)
     x = L.layer_norm(x, d, trainable=tower_tr, name="post_layernorm")  # SiglipVisionTransformer.post_layernorm
+    if t.projector == "idefics3":
+        # Idefics3Connector: pixel_shuffle (views and permutes: two copies), Linear(d * s**2, text, no bias)
+        f = L.copy(x)
+        f = L.copy(f)
+        s2 = t.scale_factor * t.scale_factor
+        return L.linear(f, d * s2, t.text_hidden, "connector.modality_projection.proj", bias=False,
+                        trainable=proj_tr)
     if t.projector == "paligemma":
         out = L.linear(x, d, t.projector_hidden, "multi_modal_projector.linear", trainable=proj_tr)
         return L.scale(out)  # image_features / sqrt(hidden)
@@ -305,7 +398,8 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
 
 # ---- reading configs ----------------------------------------------------------------------------------------------
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl")
+MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
+                    "internvl", "mistral3")
 # the language model's reader for text configs that only exist inside a multimodal config
 TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 
@@ -348,22 +442,35 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
             raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
                               f"({text_hidden}); check vision_config")
         return MultimodalSpec(mt, tower)
-    style = "clip" if mt in ("llava", "llava_next") else "siglip"
+    style = {"llava": "clip", "llava_next": "clip", "internvl": "internvit", "mistral3": "pixtral"}.get(mt, "siglip")
     hidden = _int(vc, "hidden_size", 1024 if style == "clip" else 1152, w)
+    scale = 1
+    if mt in ("idefics3", "smolvlm"):
+        scale = _int(raw, "scale_factor", 2, name)
+    elif mt == "internvl":
+        ratio = raw.get("downsample_ratio", 0.5)
+        if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1 or not float(1 / ratio).is_integer():
+            raise ConfigError(f"{name}: downsample_ratio must be 1/N, got {ratio!r}")
+        scale = int(1 / ratio)
+    elif mt == "mistral3":
+        scale = _int(raw, "spatial_merge_size", 2, name)
     tower = VisionTower(
         style=style, hidden=hidden, layers=_int(vc, "num_hidden_layers", 24 if style == "clip" else 27, w),
         heads=_int(vc, "num_attention_heads", 16, w), intermediate=_int(vc, "intermediate_size", 4096, w),
         patch=_int(vc, "patch_size", 14, w), image_size=_int(vc, "image_size", 336 if style == "clip" else 224, w),
         channels=_int(vc, "num_channels", 3, w),
-        act=str(vc.get("hidden_act", "quick_gelu" if style == "clip" else "gelu_pytorch_tanh")),
-        use_head=bool(vc.get("vision_use_head", True)) and style == "siglip",  # SiglipVisionConfig's default
-        projector={"gemma3": "gemma3", "paligemma": "paligemma"}.get(mt, mt),
+        act=str(vc.get("hidden_act", {"clip": "quick_gelu", "siglip": "gelu_pytorch_tanh"}.get(style, "gelu"))),
+        # SiglipVisionConfig's default builds the attention-pooling head; Idefics 3's vision model has none
+        use_head=bool(vc.get("vision_use_head", True)) and mt in ("gemma3", "paligemma"),
+        projector={"smolvlm": "idefics3"}.get(mt, mt), scale_factor=scale,
+        attention_bias=bool(vc.get("attention_bias", False)) if style == "internvit" else True,
         text_hidden=text_hidden,
         projector_hidden=_int(vc, "projection_dim", text_hidden, w) if mt == "paligemma" else text_hidden,
         projector_bias=bool(raw.get("multimodal_projector_bias", True)),
         tokens_per_image=_int(raw, "mm_tokens_per_image", 256, name) if mt == "gemma3" else 0,
         feature_layer=raw.get("vision_feature_layer", -2) if isinstance(raw.get("vision_feature_layer", -2), int)
         else -2,
+        # defaults of the configs: InternVL and Mistral 3 read the last layer, LLaVA the second to last
         keep_cls=raw.get("vision_feature_select_strategy", "default") == "full")
     if tower.projector == "gemma3":
         g = tower.image_size // tower.patch
@@ -371,6 +478,10 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
         if side * side != tower.tokens_per_image or not side or g % side:
             raise ConfigError(f"{name}: {g} x {g} patches do not pool to mm_tokens_per_image "
                               f"{tower.tokens_per_image}; check vision_config image_size / patch_size")
+    if style == "internvit" and (vc.get("norm_type", "layer_norm") != "layer_norm" or vc.get("use_qk_norm")
+                                 or vc.get("use_mean_pooling", True) is not True):
+        raise ConfigError(f"{w}: InternViT with rms_norm, q/k norms or a final layernorm is not modelled; use "
+                          "`vramplan trace`")
     if tower.act not in ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu", "gelu_new"):
         raise ConfigError(f"{w}: hidden_act {tower.act!r} is not modelled for the vision tower")
     return MultimodalSpec(mt, tower)
@@ -402,7 +513,7 @@ def route(spec: ModelSpec, w: Workload, name: str) -> Estimate:
         raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
                             "vision-language models; drop them")
     if w.text_only:
-        return estimator._estimate_cached(replace(spec, multimodal=None), w, name)
+        return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name)
     _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
     return _estimate_multimodal_cached(spec, w, name)
 
@@ -457,7 +568,9 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
     n_img = w.batch_size * images
     L = Layers(num)
-    feats = _build(L, t, n_img, size, tower_tr, proj_tr, train and w.gradient_checkpointing)
+    input_rg = train and w.uses_adapters and w.gradient_checkpointing
+    crops = n_img * (LLAVA_NEXT_CROPS if t.projector == "llava_next" else 1)  # the tower sees every anyres crop
+    feats = _build(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
     L.keep(feats)
     fwd = replay_forward(L, ZERO)
     params = L.parameters
@@ -477,21 +590,27 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
                       K.GRADIENTS: grads if accumulating else 0})
     states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,
                         K.GRADIENTS: grads})
-    pixels = n_img * t.channels * size * size * t.temporal_patch * 4
-    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: feats.nbytes}), strict=True))
-    # tensors of the tower that outlive its forward: what it saved for backward (and the pixels it was given)
-    held = saved if train and (tower_tr or proj_tr) else _vec({K.ACTIVATIONS: pixels})
+    pixels = crops * t.channels * size * size * t.temporal_patch * 4
+    kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
+    # tensors of the tower that outlive its forward: in the forward, everything it left (saved for backward, the
+    # pixels, the features and the outputs the model keeps referenced until it returns); in the backward, what
+    # it saved for backward
+    graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
+    held_fwd = fwd.end.kinds
+    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: kept}), strict=True))
+    held = saved if graph else _vec({K.ACTIVATIONS: pixels})
     embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
     base = _kinds(moments.base)
 
     phases: list[PhasePeak] = []
     for ph in text_est.phases:
         v = _add(_kinds(ph.breakdown), states_step if ph.phase is Phase.OPTIMIZER_STEP else states_fb,
-                 held if ph.phase in (Phase.FORWARD, Phase.BACKWARD, Phase.PREFILL) else _vec({}))
+                 held_fwd if ph.phase in (Phase.FORWARD, Phase.PREFILL) else
+                 held if ph.phase is Phase.BACKWARD else _vec({}))
         if ph.phase in (Phase.FORWARD, Phase.PREFILL):
             tower_fwd = _add(base, states_fb, embeds, fwd.peak.kinds)
             v = max(v, tower_fwd, key=sum)
-        if ph.phase is Phase.BACKWARD and train and (tower_tr or proj_tr):
+        if ph.phase is Phase.BACKWARD and graph:
             bpeak, _ = replay_backward(L, fwd, [feats], param_grads_exist=accumulating)
             # after the language model's backward: its gradients exist, its activations are gone
             step = next(p for p in text_est.phases if p.phase is Phase.OPTIMIZER_STEP)
@@ -501,7 +620,9 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
         phases.append(_phase(ph.phase, v))
     recipe = ("the vision tower and projector train" if tower_tr else
               "the vision tower is frozen, the projector trains" if proj_tr else
-              "the vision tower and projector are frozen (adapters on the language model only)" if train else
+              "the vision tower and projector are frozen (adapters on the language model only)"
+              + ("; enable_input_require_grads makes the tower keep a graph for its input gradient, its layers "
+                 "checkpointed" if input_rg else "") if train else
               "inference")
     assumptions = (
         f"vision-language model {mm.model_type}: {images} image(s) of {size} x {size} px per sample add {per} image "
