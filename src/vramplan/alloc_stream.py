@@ -293,7 +293,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     first step, from the second on, that reserved nothing new: every step ends with the tensors it began with
     (weights, the optimizer states created in the first step) and free neighbours merge, so such a step leaves
     the allocator exactly as it found it and every later step would repeat it."""
-    from .estimator import _first_trainable, _layer_groups, _plan
+    from .estimator import _first_trainable, _layer_groups, _plan, _trainable_parts
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
     attention = Attention.FLASH if w.packing else w.attention
@@ -309,12 +309,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         st.alloc(st.key(("adapter", j)), n)
     st.alloc(st.key("ids"), b * s * 8)
 
-    # the same flags as estimator._train
-    embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
-    norm_trainable = full or w.method is Method.FREEZE
-    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
-        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed_trainable)
-    layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+    embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
     first = _first_trainable(spec, w, states)
 

@@ -184,6 +184,17 @@ class _Host:
     traffic: int = 0
 
 
+def _trainable_parts(spec: ModelSpec, w: Workload) -> tuple[bool, bool, bool, bool]:
+    """Which parts take gradients: (embedding, norms, head, decoder layers' outputs require grad). The estimate
+    and the allocation stream (:mod:`vramplan.alloc_stream`) both read them from here."""
+    full = w.method is Method.FULL
+    embed = full or "embed_tokens" in w.lora_modules_to_save
+    norm = full or w.method is Method.FREEZE
+    head = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
+        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed)
+    return embed, norm, head, full or w.uses_adapters or w.method is Method.FREEZE
+
+
 def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None, host: _Host | None = None) -> list[PhasePeak]:
     """One training step. ``embed``/``head`` False: a pipeline stage without the embedding / output head
@@ -197,11 +208,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
     accumulating = w.gradient_accumulation > 1
     base = states_moment(states, workspace_handles=2, grads=accumulating).kinds
-    embed_trainable = full or "embed_tokens" in w.lora_modules_to_save
-    norm_trainable = full or w.method is Method.FREEZE
-    head_trainable = full or (w.method is Method.FREEZE and not spec.tie_word_embeddings) or \
-        "lm_head" in w.lora_modules_to_save or (spec.tie_word_embeddings and embed_trainable)
-    layers_rg = full or w.uses_adapters or w.method is Method.FREEZE
+    embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
     keep_logits = w.trainer is Trainer.PLAIN
 
