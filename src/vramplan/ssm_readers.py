@@ -31,6 +31,19 @@ def _expand(c: _Cfg, key: str, hidden: int) -> int:
     return d_inner
 
 
+def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: bool) -> SSMSpec:
+    """The Mamba-2 mixer of the hybrid configs (Bamba, GraniteMoeHybrid, Falcon-H1), whose keys carry a ``mamba_``
+    prefix, with their config classes' defaults; ``extra`` are the family's own fields."""
+    d_head = c.raw.get("mamba_d_head", "auto")
+    return SSMSpec(
+        d_inner=d_inner, n_heads=n_heads,
+        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
+        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
+        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
+        **extra)
+
+
 def _mamba2(c: _Cfg, family: str) -> ModelSpec:
     """Mamba-2 (modeling_mamba2.py): embeddings, ``num_hidden_layers`` Mamba2Blocks (RMSNorm + mixer, residual in
     fp32 by default), norm_f, an untied lm_head whose logits are cast with ``.float()``."""
@@ -65,13 +78,7 @@ def _bamba(c: _Cfg, family: str) -> ModelSpec:
     head_dim = _check_heads(c, hidden, heads, kv, None)
     d_inner = _expand(c, "mamba_expand", hidden)
     n_heads = c.int_("mamba_n_heads", default=128)
-    d_head = c.raw.get("mamba_d_head", "auto")
-    ss = _check_ssm(c, hidden, SSMSpec(
-        d_inner=d_inner, n_heads=n_heads,
-        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
-        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
-        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
-        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+    ss = _check_ssm(c, hidden, _mamba_prefixed(c, d_inner, n_heads))
     attn = set(c.int_list("attn_layer_indices"))
     if any(i >= layers for i in attn):
         raise ConfigError(f"{c.where}: attn_layer_indices lists a layer beyond num_hidden_layers ({layers})")
@@ -112,13 +119,7 @@ def _mamba_heads(c: _Cfg, hidden: int) -> SSMSpec:
     """The ``mamba_*`` keys of Bamba / Granite 4.0 (``mamba_d_head`` "auto": expand x hidden / heads)."""
     d_inner = _expand(c, "mamba_expand", hidden)
     n_heads = c.int_("mamba_n_heads", default=128)
-    d_head = c.raw.get("mamba_d_head", "auto")
-    return _check_ssm(c, hidden, SSMSpec(
-        d_inner=d_inner, n_heads=n_heads,
-        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
-        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
-        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
-        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)))
+    return _check_ssm(c, hidden, _mamba_prefixed(c, d_inner, n_heads))
 
 
 def _granitemoehybrid(c: _Cfg, family: str) -> ModelSpec:
@@ -206,15 +207,9 @@ def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
     d_ssm = c.opt_int("mamba_d_ssm") if "mamba_d_ssm" in c.raw else 1024
     d_inner = d_ssm if d_ssm else _expand(c, "mamba_expand", hidden)
     n_heads = c.int_("mamba_n_heads", default=128)
-    d_head = c.raw.get("mamba_d_head", "auto")
-    ss = _check_ssm(c, hidden, SSMSpec(
-        d_inner=d_inner, n_heads=n_heads,
-        head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
-        n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
-        d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
-        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
-        gated_norm=c.bool_("mamba_rms_norm", default=False), out_bias=c.bool_("projectors_bias", default=False),
-        mup=True))
+    ss = _check_ssm(c, hidden, _mamba_prefixed(
+        c, d_inner, n_heads, gated_norm=c.bool_("mamba_rms_norm", default=False),
+        out_bias=c.bool_("projectors_bias", default=False), mup=True))
     if ss.gated_norm:
         raise ConfigError(f"{c.where}: Falcon-H1 with mamba_rms_norm is not supported by estimate yet; run "
                           "`vramplan trace`")
