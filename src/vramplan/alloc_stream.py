@@ -157,8 +157,9 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
                 out += [(f"layer{i}", fin * fout * dense)] * n
         if layer.bias:
             out.append((f"layer{i}", layer.bias * other))
-        norms = max(1, layer.norm // h) if layer.norm else 0
-        out += [(f"layer{i}", layer.norm * other // norms)] * norms
+        norms = max(1, layer.norm // h) if layer.norm else 0  # 0: parameter-free norms (OLMo)
+        if norms:
+            out += [(f"layer{i}", layer.norm * other // norms)] * norms
     if counts.final_norm:
         out.append(("head", counts.final_norm * other))
     if counts.lm_head:

@@ -55,7 +55,8 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     with a mask, transformers' ``use_gqa_in_sdpa()`` is False and it repeats k/v to every head first.
     """
     gqa = spec.num_kv_heads != spec.num_heads
-    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER:
+    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER or \
+            (attention is Attention.SDPA and not spec.sdpa):
         return Kernel.EAGER
     if attention is Attention.FLASH:
         return Kernel.FLASH
@@ -216,6 +217,14 @@ class _B:
                              save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
                              rg=xin.rg or trainable)
             return out
+        if spec.norm is NormKind.LAYERNORM_NO_AFFINE:
+            # OlmoLayerNorm (modeling_olmo.py, transformers 5.24): F.layer_norm(x.to(fp32), shape, None, None)
+            # .to(dtype): the fp32 copy and mean/rstd are saved for backward; no parameters
+            x32 = self.cast(x, 4)
+            stats = self.tp.op(2 * rows, 4, (), rg=False)
+            out = self.tp.op(x.numel, 4, (x32, stats), save=(x32, stats) if x32.rg else (), grad_to=(x32,),
+                             rg=x32.rg)
+            return self.cast(out, x.elem)
         if spec.norm is NormKind.COHERE_LAYERNORM:
             # CohereLayerNorm (modeling_cohere2.py): x.to(fp32); mean; (x - mean).pow(2).mean; (x - mean) * rsqrt;
             # weight.to(fp32) * that; .to(input dtype)
@@ -261,8 +270,8 @@ class _B:
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
-        if style in ("fp32", "interleave_fp32"):
-            elem = 4
+        if style in ("fp32", "interleave_fp32", "fp32_tables"):
+            elem = 4  # fp32_tables: the rotary module returns fp32 cos/sin (OLMo), so q * cos promotes to fp32
             if style == "fp32":  # q.float() first (modeling_cohere2.py)
                 src = self.cast(part, 4)
                 if out_elem is None:
@@ -290,7 +299,7 @@ class _B:
             rot = self.tp.op(part.numel, src.elem, (half, src))  # cat
             b = self.tp.op(part.numel, elem, (rot, *ins[1:]))  # * sin
         out = self.add(a, b)
-        if style in ("fp32", "interleave_fp32"):
+        if style in ("fp32", "interleave_fp32", "fp32_tables"):
             out = self.cast(out, out_elem or x.elem)  # .to(original dtype)
         if frac < 1:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
@@ -298,8 +307,11 @@ class _B:
 
     def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
-        input and fp32 copy stays referenced until it returns (modeling_cohere2.py)."""
-        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        input and fp32 copy stays referenced until it returns (modeling_cohere2.py). With fp32 cos/sin tables
+        (``rope_style`` fp32_tables, modeling_olmo.py): no up-cast, the products promote to fp32, and both are
+        cast back with ``q_embed.to(q_type), k_embed.to(k_type)`` at the return."""
+        up = self.spec.rope_style == "fp32"
+        q32, k32 = (self.cast(q, 4), self.cast(k, 4)) if up else (q, k)
         qe = self.rope(q32, out_elem=4)
         ke = self.rope(k32, out_elem=4)
         end = len(self.tp.ops) - 1
@@ -436,7 +448,7 @@ class _B:
         if spec.qk_norm:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
             k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
-        if spec.rope_style == "fp32" and plan.rope:
+        if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
@@ -762,7 +774,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout)
     if spec.position is PositionKind.ROPE:
-        cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp else 4, (), rg=False)
+        cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
+                   rg=False)
         tp.keep(cs)
     if attention is Attention.EAGER and spec.family != "gpt2":
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer

@@ -14,7 +14,7 @@ the calibration set rather than a model of fragmentation.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ._engine.replay import Pass, layer_backward, layer_forward
@@ -409,6 +409,7 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
     pipeline stage's layers; ``counts`` its parameters (default: ``count_params(spec)``); ``embed`` and
     ``head`` say whether the stage holds the embedding and the output head.
     """
+    w = runs_as(spec, w)
     check_positions(spec, w)
     counts = counts or count_params(spec)
     states = model_states(spec, w, counts)
@@ -426,12 +427,22 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
+def runs_as(spec: ModelSpec, w: Workload) -> Workload:
+    """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False) gets eager
+    attention where SDPA is asked for, as transformers falls back
+    (``PreTrainedModel._check_and_adjust_attn_implementation``, transformers 5.24)."""
+    if not spec.sdpa and w.attention is Attention.SDPA:
+        return replace(w, attention=Attention.EAGER)
+    return w
+
+
 def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, reserved: bool = True) -> Estimate:
     """Estimate peak GPU memory of ``workload`` on one GPU for the model described by ``spec``.
 
     ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
     ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
     (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
+    workload = runs_as(spec, workload)
     if spec.multimodal is not None or workload.vision_options:
         from .multimodal import route  # vision-language models: tower + projector + language model
 
@@ -466,6 +477,7 @@ def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[P
 def peak_allocated(spec: ModelSpec, w: Workload) -> int:
     """``estimate(spec, w).peak_allocated_bytes`` without the allocator replay (for searches that only
     need a bound: what is reserved is never less)."""
+    w = runs_as(spec, w)
     return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
 
 
@@ -479,7 +491,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         f"{spec.family} program follows transformers {spec.program_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
-                                             if w.attention is Attention.SDPA else ""),
+                                             if w.attention is Attention.SDPA else "")
+        + ("" if spec.sdpa else " (the model has no SDPA path in transformers: eager, what it falls back to)"),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
          "every allocation and free through a model of PyTorch's caching allocator"
@@ -523,6 +536,7 @@ def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = No
     (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
     from .alloc_stream import infer_events, train_stream
 
+    w = runs_as(spec, w)
     states = states or model_states(spec, w)
     num = num or numerics(w)
     conf = parse_alloc_conf(w.alloc_conf)

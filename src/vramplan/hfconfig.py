@@ -164,6 +164,7 @@ class _Facts:
     gate_up_fused: bool = False
     qkv_fused: bool = False
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
+    # | fp32_tables (OLMo: the rotary module returns fp32 cos/sin, apply_rotary_pos_emb casts back)
     rope_interleave_fp32: bool = False  # ERNIE 4.5: both
     nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers)
     sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
@@ -178,6 +179,7 @@ class _Facts:
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -222,6 +224,8 @@ _FAMILIES: dict[str, _Facts] = {
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
     "helium": _Facts(version="5.24"),
+    # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
+    "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
 }
 # the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
@@ -234,7 +238,7 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -397,7 +401,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version,
+        program_version=f.version, sdpa=f.sdpa,
     )
 
 

@@ -26,6 +26,7 @@ class NormKind(StrEnum):
     GEMMA_RMSNORM = "gemma_rmsnorm"  # GemmaRMSNorm: fp32 throughout, scales by (1 + weight)
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
+    LAYERNORM_NO_AFFINE = "layernorm_no_affine"  # OlmoLayerNorm: F.layer_norm on an fp32 copy, no weight/bias
     FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
@@ -83,7 +84,8 @@ class ModelSpec:
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
     rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
-    # first: ERNIE 4.5, Cohere), interleave_fp32 (both)
+    # first: ERNIE 4.5, Cohere), interleave_fp32 (both), fp32_tables (fp32 cos/sin, the rotated q/k cast back:
+    # OLMo)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
     residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
     logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
@@ -95,6 +97,8 @@ class ModelSpec:
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
     logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of the final logits
     attn_logit_softcap: float | None = None  # Gemma 2: soft-capping of attention scores (eager only)
+    sdpa: bool = True  # False: the model class has no SDPA path (``_supports_sdpa = False``, VaultGemma), so
+    # transformers runs eager attention where SDPA is asked for
     embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): kv_lora_rank > 0; head_dim is the q/k head size
     q_lora_rank: int = 0  # 0: a plain q_proj

@@ -12,7 +12,8 @@ the same weights:
 * attention (projections, biases, q/k norms, rotary embedding, eager and SDPA kernels): the family whose
   attention facts are taken (bias keys, qk-norm, rope style, partial rotary, NoPE layers);
 * MLP: the family whose MLP facts are taken (fused gate/up, bias key);
-* each norm: LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm or torch's LayerNorm (with or without bias).
+* each norm: LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, torch's LayerNorm (with or without bias), or a
+  LayerNorm without parameters on an fp32 copy (OLMo).
 
 Each part must match on every variant (shrunk default, other widths with the whole default stack, flipped
 boolean flags); the reader's parameter count must be exact. A part that matches no family is named in the
@@ -38,6 +39,7 @@ from ._derive import (
     _jsonable,
     _OpLog,
     _variants,
+    kernels,
     library_defaults,
 )
 
@@ -69,6 +71,19 @@ def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm after the last layer: ``model.norm`` (LLaMA), else the one norm child of the decoder model
+    (``final_layernorm``: Phi, Persimmon)."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, torch.nn.Module):
+        return None
+    norm = getattr(inner, "norm", None)
+    if isinstance(norm, torch.nn.Module):
+        return norm
+    norms = [m for n, m in inner.named_children() if _role(n, m) == "norm"]
+    return norms[0] if len(norms) == 1 else None
+
+
 class _Recorder(_OpLog):
     """Ops bucketed by where they run: outside the layers, a layer's glue, or one part of a layer."""
 
@@ -82,7 +97,7 @@ class _Recorder(_OpLog):
         rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
         if isinstance(rotary, torch.nn.Module):
             self._hook(rotary, "rotary", None)
-        final = getattr(getattr(model, "model", None), "norm", None)
+        final = _final_norm(model)
         if isinstance(final, torch.nn.Module):
             self._hook(final, "final_norm", None, capture=True)
         for i, layer in enumerate(_layers(model)):
@@ -181,9 +196,28 @@ def _norm_refs(dim: int, eps: float, bias: bool) -> list[tuple[str, bool, torch.
             ("layernorm", bias, torch.nn.LayerNorm(dim, eps=eps, bias=bias))]
 
 
+class _LayerNormNoAffine(torch.nn.Module):
+    """The reference of a parameter-free LayerNorm: ``F.layer_norm`` over the last dimension of an fp32 copy, no
+    weight or bias, cast back to the input dtype (what ``NormKind.LAYERNORM_NO_AFFINE``'s program replays)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x.to(torch.float32), (self.dim,), None, None, 1e-5).to(x.dtype)
+
+
 def _classify_norm(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> tuple[str, bool] | None:
     params = dict(mod.named_parameters())
     weight = params.get("weight")
+    if not params:  # no weight at all: the parameter-free LayerNorm, if it computes like one
+        args = inputs[0]
+        x = args[0] if args else next(iter(inputs[1].values()), None)
+        if not isinstance(x, torch.Tensor):
+            return None
+        return ("layernorm_no_affine", False) if _part_ops(_LayerNormNoAffine(x.shape[-1]), inputs) == \
+            _part_ops(mod, inputs) else None
     if weight is None or weight.dim() != 1:
         return None
     bias = "bias" in params
@@ -245,7 +279,7 @@ def compose(model_type: str) -> DeriveResult:
     why: dict[str, str] = {}
     checked: list[str] = []
     for vname, d in variants:
-        for attn in ("eager", "sdpa") if vname in ("default", "widths") else ("eager",):
+        for attn in kernels(model_type, ("eager", "sdpa") if vname in ("default", "widths") else ("eager",)):
             try:
                 mine_model = _build(model_type, d, attn, meta=False)
                 rec = _record(mine_model)
@@ -266,13 +300,16 @@ def compose(model_type: str) -> DeriveResult:
             # norms of the type's layers and final norm
             parts = [(f"L{i}.{name}", child) for i, layer in enumerate(layers)
                      for name, child in layer.named_children()]
-            parts.append(("final_norm", mine_model.model.norm))
+            final = _final_norm(mine_model)
+            if final is not None:
+                parts.append(("final_norm", final))
             for key, child in parts:
                 if _role(key, child) == "norm" and key in rec.inputs:
                     kind = _classify_norm(child, rec.inputs[key])
                     if kind is None:
                         return DeriveResult(model_type, None, f"norm {type(child).__name__} computes like no "
-                                            "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm)")
+                                            "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm, "
+                                            "parameter-free fp32 LayerNorm)")
                     norms.add(kind)
             for ref in dense:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
@@ -292,9 +329,8 @@ def compose(model_type: str) -> DeriveResult:
                 if trec is not None:
                     troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
                               for i in trec.order}
-                    if base_ok[ref] and (trec.buckets["outside"] != rec.buckets["outside"]
-                                         or [n.shape for n in mine_model.model.norm.parameters()]
-                                         != [n.shape for n in theirs.model.norm.parameters()]):
+                    # (the final norm itself is classified with the other norms above)
+                    if base_ok[ref] and trec.buckets["outside"] != rec.buckets["outside"]:
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
                                        + _first_difference(rec.buckets["outside"], trec.buckets["outside"]))
@@ -346,7 +382,8 @@ def compose(model_type: str) -> DeriveResult:
         return DeriveResult(model_type, None, "LayerNorm with bias inside a LLaMA-class layer (no program yet)")
     aliases = tuple((k, v) for k, v in getattr(_config_class(model_type), "attribute_map", {}).items()
                     if isinstance(k, str) and isinstance(v, str))
-    facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]))
+    facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]),
+                    sdpa="sdpa" in kernels(model_type))
     defaults = library_defaults(model_type)
     err = _check_counts(model_type, facts, variants, defaults)
     if err:

@@ -168,6 +168,15 @@ def _variants(model_type: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def kernels(model_type: str, wanted: tuple[str, ...] = ("eager", "sdpa")) -> tuple[str, ...]:
+    """The attention implementations of ``wanted`` the type's model accepts: a class with
+    ``_supports_sdpa = False`` (VaultGemma: SDPA has no soft-capping) runs eager only, which is also what
+    transformers falls back to for it (``PreTrainedModel._check_and_adjust_attn_implementation``)."""
+    cls = _causal_lm_class(_config_class(model_type))
+    out = tuple(a for a in wanted if a != "sdpa" or getattr(cls, "_supports_sdpa", True))
+    return out or ("eager",)
+
+
 def _build(model_type: str, d: Mapping[str, Any], attn: str, meta: bool) -> torch.nn.Module:
     cfg_cls = _config_class(model_type)
     d = {k: v for k, v in d.items() if k != "model_type"}
@@ -328,7 +337,7 @@ def derive(model_type: str, candidates: list[str] | None = None) -> DeriveResult
         recipe = {
             "model_type": model_type,
             "reads_as": ref,
-            "facts": _facts_dict(ref),
+            "facts": {**_facts_dict(ref), "sdpa": "sdpa" in kernels(model_type)},
             "defaults": defaults,
             "transformers": transformers.__version__,
             "torch": torch.__version__.split("+")[0],
@@ -351,7 +360,7 @@ def _compare_ops(model_type: str, ref: str, variants: list[tuple[str, dict[str, 
             continue
         # both kernels on the shrunk default; SDPA (what runs by default) on the whole stack; eager (the longer
         # op sequence: scores, softmax, masks in Python) on the flag flips
-        for attn in {"default": ("eager", "sdpa"), "widths": ("sdpa",)}.get(vname, ("eager",)):
+        for attn in kernels(model_type, {"default": ("eager", "sdpa"), "widths": ("sdpa",)}.get(vname, ("eager",))):
             try:
                 a = _build(model_type, d, attn, meta=False)
                 b = _build(ref, d, attn, meta=False)
