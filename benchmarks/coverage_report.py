@@ -102,6 +102,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # Lfm2Config's default makes every layer attention (full_attn_idxs: all); LiquidAI/LFM2-1.2B: attention at
     # 2, 5, 8, 10, 12, 14, short convolutions elsewhere
     "lfm2": {"full_attn_idxs": [2, 5, 8, 10, 12, 14], "layer_types": None},
+    # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
+    # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
+    "hunyuan_v1_dense": {"head_dim": 128},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944

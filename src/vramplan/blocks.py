@@ -445,7 +445,7 @@ class _B:
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
-        if spec.qk_norm:
+        if spec.qk_norm and not spec.qk_norm_after_rope:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
             k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
@@ -453,6 +453,18 @@ class _B:
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
             k = self.call(self.rope, k)
+        if spec.qk_norm and spec.qk_norm_after_rope:  # modeling_hunyuan_v1_dense.py: norms of the rotated q/k
+            q = self.norm(q, d, tr)
+            k = self.norm(k, d, tr)
+        if spec.attn_temperature:
+            # modeling_ministral3.py: q * get_llama_4_attn_scale(position_ids, ...).to(q.dtype): the (1, 1, s, 1)
+            # scale from position_ids in fp32 (div, floor, add, log, mul, add), cast, and a new q; the product's
+            # backward needs only the small scale
+            pos = tp.op(s, 4, (), rg=False)
+            for _ in range(5):
+                pos = tp.op(s, 4, (pos,), rg=False)
+            scale = self.cast(pos, q.elem)
+            q = tp.op(q.numel, q.elem, (q, scale), save=(scale,) if q.rg else (), grad_to=(q,))
         if not self.num.training:
             # DynamicCache.update: torch.cat onto the (initially empty) cached tensors, so the cache
             # holds copies of the post-RoPE keys and the values, in their own storage

@@ -161,6 +161,8 @@ class _Facts:
     parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
     qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
+    qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
+    attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
     qkv_fused: bool = False
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
@@ -224,6 +226,10 @@ _FAMILIES: dict[str, _Facts] = {
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
     "helium": _Facts(version="5.24"),
+    # HunYuan dense V1 (modeling_hunyuan_v1_dense.py): per-head RMSNorm of q and k after RoPE
+    "hunyuan_v1_dense": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True),
+    # Ministral 3 (modeling_ministral3.py): Mistral with q scaled by a position temperature after RoPE
+    "ministral3": _Facts(version="5.24", sliding="all", attn_temperature=True),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -239,6 +245,7 @@ _CLASSES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -392,6 +399,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         pre_norm=f.layout != "post", parallel_residual=f.parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
         qk_norm_full=f.qk_norm == "full",
+        qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature,
         rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),

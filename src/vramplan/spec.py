@@ -81,6 +81,9 @@ class ModelSpec:
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
     norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+    qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
+    attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
+    # Llama 4's attention temperature: get_llama_4_attn_scale)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
     rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
