@@ -32,7 +32,8 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         if k in cfg:
             cfg[k] = v
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        cfg[k] = None
+        # inside the small vocabulary (configs with strict int fields, CWM's, refuse None)
+        cfg[k] = 0 if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) else None
     if "head_dim" in cfg and cfg["head_dim"] is None:  # Ministral's default leaves it unset and cannot build
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)

@@ -110,5 +110,7 @@ def test_shipped_recipes_are_not_stale(model_type: str) -> None:
     assert r.ok, r.reason
     assert shipped is not None
     assert r.recipe["reads_as"] == shipped.reads_as
-    assert r.recipe["facts"] == shipped.facts
+    # a facts field added since (with its default) does not make a recipe stale: compare what the reader builds
+    v = recipes_version()
+    assert hfconfig._facts_from(r.recipe["facts"], v) == hfconfig._facts_from(shipped.facts, v)
     assert r.recipe["defaults"] == shipped.defaults

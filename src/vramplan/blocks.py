@@ -568,8 +568,9 @@ class _B:
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))
         else:
-            names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
-                     "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+            names = spec.mlp_names or {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+                                       "nemotron_h": ("up_proj", "down_proj")}.get(spec.family,
+                                                                                 ("dense_h_to_4h", "dense_4h_to_h"))
             f = lin(n, h, i, names[0], spec.mlp_bias)
             a = self.activation(f)
             out = lin(a, i, h, names[1], spec.mlp_bias)
@@ -596,7 +597,12 @@ class _B:
             r = tp.op(n, x.elem, (x,))
             if x.rg:
                 tp.save_output(r)
-            return tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            # ReLUSquaredActivation.forward (activations.py) is two ops in Python: its argument, the up
+            # projection, stays referenced by the caller until it returns, so input, relu and square coexist
+            root = x.base if x.base is not None else x
+            root.last_use = max(root.last_use, len(tp.ops) - 1)
+            return out
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:

@@ -34,7 +34,7 @@ _ACTIVATIONS = {
     "gelu": Activation.GELU, "gelu_python": Activation.GELU,
     "gelu_new": Activation.GELU_NEW, "gelu_fast": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
-    "relu": Activation.RELU,
+    "relu": Activation.RELU, "relu2": Activation.RELU2,  # ReLUSquaredActivation (activations.py)
 }
 
 
@@ -164,6 +164,7 @@ class _Facts:
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
+    mlp_plain: bool = False  # down_proj(act(up_proj(x))) without a gate (NemotronMLP: Arcee)
     qkv_fused: bool = False
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
     # | fp32_tables (OLMo: the rotary module returns fp32 cos/sin, apply_rotary_pos_emb casts back)
@@ -230,6 +231,8 @@ _FAMILIES: dict[str, _Facts] = {
     "hunyuan_v1_dense": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True),
     # Ministral 3 (modeling_ministral3.py): Mistral with q scaled by a position temperature after RoPE
     "ministral3": _Facts(version="5.24", sliding="all", attn_temperature=True),
+    # Arcee AFM (modeling_arcee.py): LLaMA with NemotronMLP, up_proj -> ReLU² -> down_proj, no gate
+    "arcee": _Facts(version="5.24", mlp_plain=True),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -245,7 +248,7 @@ _CLASSES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
-    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Ministral3ForCausalLM": "ministral3",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -391,7 +394,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
         tie_word_embeddings=tie,
         norm=NormKind.GEMMA_RMSNORM if gemma else f.norm,
-        mlp=MLPKind.GATED, activation=act, position=PositionKind.ROPE,
+        mlp=MLPKind.PLAIN if f.mlp_plain else MLPKind.GATED, activation=act, position=PositionKind.ROPE,
+        mlp_names=("up_proj", "down_proj") if f.mlp_plain else (),
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=False),
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,

@@ -100,8 +100,9 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
         if spec.gate_up_fused:
             return [("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
         return [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
-    names = {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
-             "nemotron_h": ("up_proj", "down_proj")}.get(spec.family, ("dense_h_to_4h", "dense_4h_to_h"))
+    names = spec.mlp_names or {"gpt2": ("c_fc", "c_proj"), "gptj": ("fc_in", "fc_out"), "opt": ("fc1", "fc2"),
+                               "nemotron_h": ("up_proj", "down_proj")}.get(spec.family,
+                                                                         ("dense_h_to_4h", "dense_4h_to_h"))
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 

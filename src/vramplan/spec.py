@@ -78,6 +78,8 @@ class ModelSpec:
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
+    mlp_names: tuple[str, ...] = ()  # a plain MLP's two linears when not the family's own names (Arcee: up_proj,
+    # down_proj, NemotronMLP)
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
     norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
