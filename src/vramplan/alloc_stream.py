@@ -374,7 +374,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
 
-    groups = []
+    Codes = list[tuple[int, int]]
+    groups: list[tuple[int, _Template, bool, Codes, Codes, Codes, Codes, bool]] = []
     autocast_held: dict[int, list[int]] = {}  # group -> codes of the weight casts autocast caches
     order = _layer_order(spec, first, every)
     for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, first, every):
