@@ -35,5 +35,6 @@ def test_readme_multi_gpu_page_figures_are_the_estimate() -> None:
     est = vramplan.estimate("llama-3.1-8b", method="lora", gpus=8, fsdp="full")
     assert est.per_gpu is not None
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    quoted = f"FSDP: {est.per_gpu.total_bytes / 2**30:.2f} GiB per\nGPU, where one GPU would need {est.total_bytes / 2**30:.2f})"
+    per_gpu, one = est.per_gpu.total_bytes / 2**30, est.total_bytes / 2**30
+    quoted = f"FSDP: {per_gpu:.2f} GiB per\nGPU, where one GPU would need {one:.2f})"
     assert quoted in readme, quoted
