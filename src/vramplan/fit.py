@@ -388,7 +388,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         # one growable segment per pool instead of fixed ones (PyTorch's advice against fragmentation): does
         # the same workload then fit?
         conf = ",".join(x for x in (w.alloc_conf, "expandable_segments:True") if x)
-        alt = estimate(spec, w.with_(alloc_conf=conf), name=label).total_bytes
+        we = w.with_(alloc_conf=conf)
+        alt = max(estimate(spec, we, name=label).total_bytes,
+                  batch_envelope(lambda b: _total(spec, we.with_(batch_size=b), label), w.batch_size - 1))
         if alt <= usable:
             expandable = alt
             warnings.append(f"with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True it would fit: "
