@@ -246,7 +246,8 @@ def _flops_assumption(w: Workload) -> str:
             Method.DORA: "4N per token: frozen base, no weight gradients (DoRA's B@A and weight norms not counted)",
             Method.FREEZE: "2N forward + 4N backward through the trainable top layers only"}[w.method]
     extra = " + one recomputed forward (2N) per token (gradient checkpointing)" if w.gradient_checkpointing else ""
-    return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B), halved "
+    return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B; executed: "
+            "a fused kernel's backward recomputes QK^T, 2.5 x the forward, FlashAttention-2 Algorithm 2), halved "
             "for causal kernels that skip the masked half")
 
 
