@@ -190,6 +190,16 @@ def test_estimate_json_has_a_time_object(capsys: pytest.CaptureFixture[str]) -> 
     assert "time" not in json.loads(out)  # no GPU, no time: the old contract is unchanged
 
 
+def test_attention_kernel_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("estimate", "llama-3.2-1b", "--gpu", "a100-80gb-sxm", "--seq-len", "8192", "--batch-size", "1", "--json")
+    rc, out, _ = _run(capsys, *args)
+    rc1, out1, _ = _run(capsys, *args, "--attention-kernel", "flash1")
+    assert rc == rc1 == 0
+    assert json.loads(out1)["time"]["step_seconds"] > json.loads(out)["time"]["step_seconds"]
+    rc, _, err = _run(capsys, *args, "--attention-kernel", "flash9")
+    assert rc == 2 and "unknown attention kernel" in err and "Traceback" not in err
+
+
 def test_measured_efficiency_sets_the_mfu(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--gpu", "a100-80gb-sxm", "--efficiency", "0.45", "--json")
     t = json.loads(out)["time"]
