@@ -72,6 +72,8 @@ VARIANTS = [
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),
     ("olmo2", {"attention_bias": True}),
     ("olmo", {"attention_bias": True}),
+    ("hyperclovax", {"use_post_norm": False}),
+    ("hunyuan_v1_dense", {"attention_bias": True}),
     ("smollm3", {"no_rope_layers": [1, 1, 1, 0]}),
     ("ernie4_5", {"use_bias": True}),
     ("glm4", {"attention_bias": False}),

@@ -159,6 +159,8 @@ class _Facts:
     mlp_bias_key: str = "mlp_bias"
     layout: str = "pre"  # pre: norm -> sublayer; post: sublayer -> norm (OLMo 2); sandwich: both (Gemma 2)
     parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
+    post_norm_key: str = ""  # config flag that adds a norm after each sublayer (HyperCLOVA X use_post_norm: sandwich)
+    norm_bias: bool = False  # the norms are nn.LayerNorm with a bias (Jais 2)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
     qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
@@ -233,6 +235,8 @@ _FAMILIES: dict[str, _Facts] = {
     "ministral3": _Facts(version="5.24", sliding="all", attn_temperature=True),
     # Arcee AFM (modeling_arcee.py): LLaMA with NemotronMLP, up_proj -> ReLU² -> down_proj, no gate
     "arcee": _Facts(version="5.24", mlp_plain=True),
+    # HyperCLOVA X (modeling_hyperclovax.py): Granite with a norm after each sublayer when use_post_norm
+    "hyperclovax": _Facts(version="5.24", multipliers=True, post_norm_key="use_post_norm"),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -248,7 +252,8 @@ _CLASSES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
-    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee", "Ministral3ForCausalLM": "ministral3",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -380,6 +385,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     qkv_bias = f.qkv_bias if f.qkv_bias is not None else bias_flag
     o_bias = bias_flag and f.o_bias
     window, sliding = _sliding(c, f, layers)
+    layout = "sandwich" if f.post_norm_key and c.bool_(f.post_norm_key, default=False) else f.layout
 
     moe = _moe(c, f, family, layers)
     num_experts, top_k = moe.get("num_experts", 0), moe.get("experts_per_token", 0)
@@ -399,8 +405,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=False),
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
-        norms_per_layer=4 if f.layout == "sandwich" else 1 if f.parallel else 2,
-        pre_norm=f.layout != "post", parallel_residual=f.parallel,
+        norms_per_layer=4 if layout == "sandwich" else 1 if f.parallel else 2, norm_bias=f.norm_bias,
+        pre_norm=layout != "post", parallel_residual=f.parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
         qk_norm_full=f.qk_norm == "full",
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature,

@@ -374,12 +374,13 @@ def compose(model_type: str) -> DeriveResult:
     fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
     if fb.gemma != (norm_kind == "gemma_rmsnorm"):
         return DeriveResult(model_type, None, f"outside the layers it computes like {base}, its norms are {norm_kind}")
-    facts = replace(fb, layout=fg.layout, parallel=fg.parallel, **{k: getattr(fa, k) for k in _ATTN_FIELDS},
+    facts = replace(fb, layout=fg.layout, parallel=fg.parallel, post_norm_key=fg.post_norm_key,
+                    **{k: getattr(fa, k) for k in _ATTN_FIELDS},
                     **{k: getattr(fm, k) for k in _MLP_FIELDS})
     if not fb.gemma:
         facts = replace(facts, norm=NormKind(norm_kind))
-    if norm_bias:
-        return DeriveResult(model_type, None, "LayerNorm with bias inside a LLaMA-class layer (no program yet)")
+    if norm_bias:  # nn.LayerNorm with its bias: the LAYERNORM program counts and replays it
+        facts = replace(facts, norm_bias=True)
     aliases = tuple((k, v) for k, v in getattr(_config_class(model_type), "attribute_map", {}).items()
                     if isinstance(k, str) and isinstance(v, str))
     facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]),
