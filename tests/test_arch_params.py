@@ -73,6 +73,7 @@ VARIANTS = [
     ("olmo2", {"attention_bias": True}),
     ("olmo", {"attention_bias": True}),
     ("hyperclovax", {"use_post_norm": False}),
+    ("starcoder2", {"use_bias": False}),
     ("hunyuan_v1_dense", {"attention_bias": True}),
     ("smollm3", {"no_rope_layers": [1, 1, 1, 0]}),
     ("ernie4_5", {"use_bias": True}),

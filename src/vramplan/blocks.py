@@ -790,7 +790,7 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
         x = bld.norm(x, h, trainable)
-    x = bld.dropout(x, spec.hidden_dropout)
+    x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.position is PositionKind.ROPE:
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
                    rg=False)

@@ -167,6 +167,9 @@ class _Facts:
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
     mlp_plain: bool = False  # down_proj(act(up_proj(x))) without a gate (NemotronMLP: Arcee)
+    mlp_names: tuple[str, ...] = ()  # the ungated MLP's two linears when not up_proj/down_proj (StarCoder 2)
+    dropout_key: str = ""  # config key of the residual dropout after attention and MLP (StarCoder 2)
+    embed_dropout_key: str = ""  # config key of the dropout on the embeddings
     qkv_fused: bool = False
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
     # | fp32_tables (OLMo: the rotary module returns fp32 cos/sin, apply_rotary_pos_emb casts back)
@@ -237,6 +240,11 @@ _FAMILIES: dict[str, _Facts] = {
     "arcee": _Facts(version="5.24", mlp_plain=True),
     # HyperCLOVA X (modeling_hyperclovax.py): Granite with a norm after each sublayer when use_post_norm
     "hyperclovax": _Facts(version="5.24", multipliers=True, post_norm_key="use_post_norm"),
+    # StarCoder 2 (modeling_starcoder2.py): Mistral's attention with use_bias on every projection, LayerNorms
+    # with bias, an ungated c_fc -> act -> c_proj MLP, residual and embedding dropout
+    "starcoder2": _Facts(version="5.24", sliding="all", norm=NormKind.LAYERNORM, norm_bias=True, bias_key="use_bias",
+                         bias_default=True, mlp_plain=True, mlp_names=("c_fc", "c_proj"), mlp_bias_key="use_bias",
+                         dropout_key="residual_dropout", embed_dropout_key="embedding_dropout"),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -253,7 +261,8 @@ _CLASSES: dict[str, str] = {
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax", "Ministral3ForCausalLM": "ministral3",
+    "HyperCLOVAXForCausalLM": "hyperclovax",
+    "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -401,7 +410,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         tie_word_embeddings=tie,
         norm=NormKind.GEMMA_RMSNORM if gemma else f.norm,
         mlp=MLPKind.PLAIN if f.mlp_plain else MLPKind.GATED, activation=act, position=PositionKind.ROPE,
-        mlp_names=("up_proj", "down_proj") if f.mlp_plain else (),
+        mlp_names=(f.mlp_names or ("up_proj", "down_proj")) if f.mlp_plain else (),
+        hidden_dropout=c.float_(f.dropout_key, default=0.0, hi=1.0) if f.dropout_key else 0.0,
+        embedding_dropout=c.float_(f.embed_dropout_key, default=0.0, hi=1.0) if f.embed_dropout_key else None,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=False),
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
@@ -652,6 +663,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields = dict(d)
     fields["norm"] = NormKind(fields["norm"])
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
+    fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

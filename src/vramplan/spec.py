@@ -127,6 +127,7 @@ class ModelSpec:
     sliding_layers: tuple[int, ...] = ()  # layers that use the sliding window (empty: none)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # residual / embedding dropout in training
+    embedding_dropout: float | None = None  # the embeddings' own dropout where it differs (None: hidden_dropout)
     source: str = ""
     quantization: Quantization | None = None  # the checkpoint's quantization_config (vramplan.quant)
     checkpoint: CheckpointWeights | None = None  # the checkpoint's safetensors headers, summed (vramplan.checkpoint)

@@ -47,7 +47,7 @@ __all__ = ["compose"]
 
 _ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope",
                 "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope", "qk_norm_after_rope", "attn_temperature")
-_MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_plain")
+_MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_plain", "mlp_names")
 
 
 def _role(name: str, mod: torch.nn.Module) -> str:
@@ -392,6 +392,7 @@ def compose(model_type: str) -> DeriveResult:
     fd = asdict(facts)
     fd["norm"] = str(fd["norm"])
     fd["aliases"] = [list(a) for a in fd["aliases"]]
+    fd["mlp_names"] = list(fd["mlp_names"])
     recipe = {"model_type": model_type, "reads_as": base, "parts": {"base": base, "glue": glue, "attention": attn_ref,
                                                                      "mlp": mlp_ref, "norm": norm_kind},
               "facts": fd, "defaults": defaults, "transformers": transformers.__version__,

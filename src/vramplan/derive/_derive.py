@@ -267,6 +267,7 @@ def _facts_dict(ref: str) -> dict[str, Any]:
     out = asdict(_FAMILIES[ref])
     out["norm"] = str(out["norm"])
     out["aliases"] = [list(a) for a in out["aliases"]]
+    out["mlp_names"] = list(out["mlp_names"])
     return out
 
 
