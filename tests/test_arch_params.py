@@ -74,6 +74,7 @@ VARIANTS = [
     ("olmo", {"attention_bias": True}),
     ("hyperclovax", {"use_post_norm": False}),
     ("starcoder2", {"use_bias": False}),
+    ("bitnet", {"attention_bias": True, "intermediate_size": 96}),
     ("hunyuan_v1_dense", {"attention_bias": True}),
     ("smollm3", {"no_rope_layers": [1, 1, 1, 0]}),
     ("ernie4_5", {"use_bias": True}),

@@ -483,6 +483,9 @@ class _B:
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
+        if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
+            # the norm returns)
+            out = self.call(lambda v: self.norm(v, qd, tr), out)
         o = lin(out, qd, h, oname, spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
@@ -564,6 +567,9 @@ class _B:
                 g = tp.op(g.numel, g.elem, (g,))
             a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
+            if spec.sub_norms:  # modeling_bitnet.py: ffn_sub_norm(act(gate) * up) before down_proj: the product
+                # is the norm's argument, referenced until it returns
+                p = self.call(lambda v: self.norm(v, i, tr), p)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))

@@ -167,6 +167,8 @@ class _Facts:
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
     mlp_plain: bool = False  # down_proj(act(up_proj(x))) without a gate (NemotronMLP: Arcee)
+    sub_norms: bool = False  # BitNet: RMSNorm of the attention output before o_proj and of act(gate) * up before
+    # down_proj (attn_sub_norm, ffn_sub_norm)
     mlp_names: tuple[str, ...] = ()  # the ungated MLP's two linears when not up_proj/down_proj (StarCoder 2)
     dropout_key: str = ""  # config key of the residual dropout after attention and MLP (StarCoder 2)
     embed_dropout_key: str = ""  # config key of the dropout on the embeddings
@@ -245,6 +247,8 @@ _FAMILIES: dict[str, _Facts] = {
     "starcoder2": _Facts(version="5.24", sliding="all", norm=NormKind.LAYERNORM, norm_bias=True, bias_key="use_bias",
                          bias_default=True, mlp_plain=True, mlp_names=("c_fc", "c_proj"), mlp_bias_key="use_bias",
                          dropout_key="residual_dropout", embed_dropout_key="embedding_dropout"),
+    # BitNet b1.58 (modeling_bitnet.py): LLaMA with sub-norms before o_proj and down_proj (unpacked bf16 weights)
+    "bitnet": _Facts(version="5.24", sub_norms=True),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -261,7 +265,7 @@ _CLASSES: dict[str, str] = {
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
@@ -420,7 +424,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         pre_norm=layout != "post", parallel_residual=f.parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
         qk_norm_full=f.qk_norm == "full",
-        qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature,
+        qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
         rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),

@@ -183,6 +183,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
         norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim
+    if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
+        norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 

@@ -83,6 +83,8 @@ class ModelSpec:
     parallel_residual: bool = False  # attention and MLP read the same input (GPT-J, NeoX, Falcon)
     norms_per_layer: int = 2  # 1 for GPT-J / Falcon-7B, 4 for Gemma 2/3 (pre and post norms)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+    sub_norms: bool = False  # BitNet: a norm on the attention output before o_proj and on the gated product
+    # before down_proj
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
