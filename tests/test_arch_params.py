@@ -74,6 +74,7 @@ VARIANTS = [
     ("olmo", {"attention_bias": True}),
     ("hyperclovax", {"use_post_norm": False}),
     ("starcoder2", {"use_bias": False}),
+    ("phi", {"qk_layernorm": True}),
     ("bitnet", {"attention_bias": True, "intermediate_size": 96}),
     ("hunyuan_v1_dense", {"attention_bias": True}),
     ("smollm3", {"no_rope_layers": [1, 1, 1, 0]}),

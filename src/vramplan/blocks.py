@@ -578,7 +578,9 @@ class _B:
                                        "nemotron_h": ("up_proj", "down_proj")}.get(spec.family,
                                                                                  ("dense_h_to_4h", "dense_4h_to_h"))
             f = lin(n, h, i, names[0], spec.mlp_bias)
-            a = self.activation(f)
+            # act_fn(fc1(x)): the projection is the activation's argument, referenced until it returns (a
+            # multi-op Python activation such as NewGELUActivation keeps it beside its temporaries)
+            a = self.call(self.activation, f)
             out = lin(a, i, h, names[1], spec.mlp_bias)
         return self.dropout(out, spec.hidden_dropout)
 

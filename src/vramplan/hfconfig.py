@@ -157,6 +157,8 @@ class _Facts:
     bias_default: bool = False  # its default (Glm4Config: True)
     o_bias: bool = True  # whether that flag also gives o_proj a bias
     mlp_bias_key: str = "mlp_bias"
+    mlp_bias_default: bool = False  # its default (Phi: the MLP always has biases)
+    lm_head_bias: bool = False  # Phi: lm_head has a bias
     layout: str = "pre"  # pre: norm -> sublayer; post: sublayer -> norm (OLMo 2); sandwich: both (Gemma 2)
     parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
     post_norm_key: str = ""  # config flag that adds a norm after each sublayer (HyperCLOVA X use_post_norm: sandwich)
@@ -249,6 +251,12 @@ _FAMILIES: dict[str, _Facts] = {
                          dropout_key="residual_dropout", embed_dropout_key="embedding_dropout"),
     # BitNet b1.58 (modeling_bitnet.py): LLaMA with sub-norms before o_proj and down_proj (unpacked bf16 weights)
     "bitnet": _Facts(version="5.24", sub_norms=True),
+    # Phi-1/1.5/2 (modeling_phi.py): one biased LayerNorm feeding attention and an ungated fc1/fc2 MLP in parallel,
+    # every projection and lm_head with a bias, partial rotary, optional per-head LayerNorm of q and k
+    "phi": _Facts(version="5.24", parallel=True, norm=NormKind.LAYERNORM, norm_bias=True, bias_default=True,
+                  mlp_plain=True, mlp_names=("fc1", "fc2"), mlp_bias_default=True, lm_head_bias=True,
+                  partial_rotary=True, qk_norm_key="qk_layernorm", dropout_key="resid_pdrop",
+                  embed_dropout_key="embd_pdrop"),
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
@@ -265,7 +273,7 @@ _CLASSES: dict[str, str] = {
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax", "BitNetForCausalLM": "bitnet",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
@@ -418,8 +426,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         hidden_dropout=c.float_(f.dropout_key, default=0.0, hi=1.0) if f.dropout_key else 0.0,
         embedding_dropout=c.float_(f.embed_dropout_key, default=0.0, hi=1.0) if f.embed_dropout_key else None,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=False),
-        qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=f.mlp_bias_default),
+        qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused, lm_head_bias=f.lm_head_bias,
         norms_per_layer=4 if layout == "sandwich" else 1 if f.parallel else 2, norm_bias=f.norm_bias,
         pre_norm=layout != "post", parallel_residual=f.parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),

@@ -182,7 +182,9 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
-        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_full else 2 * spec.head_dim
+        # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
+        norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
+            2 * _norm_params(spec, spec.head_dim)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))

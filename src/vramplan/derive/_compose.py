@@ -47,7 +47,7 @@ __all__ = ["compose"]
 
 _ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope",
                 "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope", "qk_norm_after_rope", "attn_temperature")
-_MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_plain", "mlp_names")
+_MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_bias_default", "mlp_plain", "mlp_names")
 
 
 def _role(name: str, mod: torch.nn.Module) -> str:
