@@ -23,6 +23,8 @@ MOE: dict[str, dict[str, Any]] = {
     "glm4_moe": dict(model_type="glm4_moe", intermediate_size=1024, moe_intermediate_size=768, n_routed_experts=8,
                      n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
                      head_dim=128, **_COMMON),
+    # q/k RMSNorm over all heads, every layer MoE
+    "olmoe": dict(model_type="olmoe", intermediate_size=768, num_experts=8, num_experts_per_tok=2, **_COMMON),
     "mixtral": dict(model_type="mixtral", intermediate_size=1536, num_local_experts=8, num_experts_per_tok=2,
                     **_COMMON),
 }
