@@ -8,6 +8,8 @@
   Chromium (Debian's ``chromium``, driven by Playwright) with LoRA fine-tuning of Llama 3.1 8B, batch 2.
 * ``docs/screenshot-multi-gpu.png``: the same job on 8 GPUs with FSDP (full shard): the most loaded GPU first.
 * ``docs/screenshot-phone.png``: the multi-GPU page at phone width (390 × 844), scrolled to the answer.
+* ``docs/screenshot-serve.png``: inference of Llama 3.1 8B: the "Serve it" section (vLLM on one H100: KV-cache
+  blocks, longest context, concurrency, decode speed and the launch command), scrolled to it.
 
 Needs the ``[web]`` extra, ``playwright`` and ``/usr/bin/chromium``.
 """
@@ -25,6 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync"]
 PAGE_QUERY = "?model=llama-3.1-8b&method=lora&batch_size=2"
 MULTI_QUERY = "?model=llama-3.1-8b&method=lora&gpus=8&fsdp=full"
+SERVE_QUERY = "?model=llama-3.1-8b&task=infer"
 
 
 def plot_sweep() -> Path:
@@ -45,7 +48,8 @@ def screenshot_page() -> list[Path]:
     spec.loader.exec_module(web_load)
     shots = [("screenshot-page.png", PAGE_QUERY, {"width": 1400, "height": 1150}, None),
              ("screenshot-multi-gpu.png", MULTI_QUERY, {"width": 1400, "height": 1000}, None),
-             ("screenshot-phone.png", MULTI_QUERY, {"width": 390, "height": 844}, "#results")]
+             ("screenshot-phone.png", MULTI_QUERY, {"width": 390, "height": 844}, "#results"),
+             ("screenshot-serve.png", SERVE_QUERY, {"width": 1400, "height": 1000}, "#serve-section")]
     made = []
     with web_load.serve() as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
@@ -53,6 +57,9 @@ def screenshot_page() -> list[Path]:
             page = browser.new_page(viewport=viewport, device_scale_factor=1)
             page.goto(base + "/" + query)
             page.wait_for_selector('#results[data-state="ready"]', state="attached", timeout=90_000)
+            if scroll_to == "#serve-section":  # the serving answer comes from its own request
+                page.wait_for_function("() => document.querySelector('#serve-command').textContent"
+                                       ".includes('vllm serve')", timeout=120_000)
             page.wait_for_timeout(300)
             if scroll_to:
                 page.eval_on_selector(scroll_to, "e => e.scrollIntoView()")

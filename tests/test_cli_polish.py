@@ -76,8 +76,11 @@ def test_short_gpu_names_say_which_gpu_is_used() -> None:
     note = gpu_choice_note("a100")
     assert note and "a100-80gb-sxm" in note and "a100-40gb-sxm" in note
     assert gpu_choice_note("rtx-4090") is None and gpu_choice_note("h100-sxm") is None
-    r = run("fit", "llama-3.1-8b", "--gpu", "a100", "--method", "qlora")
-    assert r.returncode == 0 and "a100-80gb-sxm" in r.stderr and "a100-40gb-sxm" in r.stderr
+    for command in ("fit", "estimate"):
+        r = run(command, "llama-3.1-8b", "--gpu", "a100", "--method", "qlora")
+        assert r.returncode == 0 and "a100-80gb-sxm" in r.stderr and "a100-40gb-sxm" in r.stderr, command
+    r = run("estimate", "llama-3.1-8b", "--gpu", "h100-sxm", "--method", "qlora", "--json")
+    assert r.returncode == 0 and "note:" not in r.stderr  # an exact id needs no note
 
 
 def test_a_hint_names_the_switch_that_changes_the_answer() -> None:

@@ -111,8 +111,12 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
 
         written = plot_estimate(est, ns.plot)
         sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
+    from ..render import note_gpu_choice
     from .time import print_time, time_section
 
+    gpu_name = getattr(ns, "time_gpu", None) or getattr(ns, "gpu", None)
+    if gpu_name:
+        note_gpu_choice(gpu_name)
     timing = time_section(ns, est.per_gpu.to_dict() if est.per_gpu is not None else None)
     if ns.json:
         print(json.dumps(est.to_dict() | ({"time": timing} if timing else {}), indent=2))
