@@ -25,6 +25,10 @@ MOE: dict[str, dict[str, Any]] = {
                      head_dim=128, **_COMMON),
     # q/k RMSNorm over all heads, every layer MoE
     "olmoe": dict(model_type="olmoe", intermediate_size=768, num_experts=8, num_experts_per_tok=2, **_COMMON),
+    # attention sinks (eager only), sliding/full layers, clamped-GLU experts with biases, top-k-then-softmax router
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=768, num_local_experts=8, num_experts_per_tok=2,
+                    head_dim=64, sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                    **_COMMON),
     "mixtral": dict(model_type="mixtral", intermediate_size=1536, num_local_experts=8, num_experts_per_tok=2,
                     **_COMMON),
 }

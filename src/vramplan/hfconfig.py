@@ -178,6 +178,7 @@ class _Facts:
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -209,6 +210,11 @@ _FAMILIES: dict[str, _Facts] = {
     "iquestcoder": _Facts(),
     # 2025 LLaMA-class families
     "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    # modeling_gpt_oss.py: attention sinks (eager only: _supports_sdpa False), sliding/full layer_types, RoPE on
+    # chunk halves, RMSNorm multiplying its fp32 states by the weight before the cast, a top-k-then-softmax router with
+    # a bias, clamped-GLU experts with biases (grouped_mm, transposed, interleaved gate/up)
+    "gpt_oss": _Facts(version="5.24", bias_default=True, sliding="types", sliding_every=2, rope="chunk",
+                      norm=NormKind.FP32_WEIGHT_RMSNORM, moe="gpt_oss", sinks=True),
     # modeling_olmoe.py: LLaMA's layout, q/k RMSNorm over all heads, every MLP a MoE block (Qwen-style router)
     "olmoe": _Facts(version="5.24", qk_norm="full", moe="olmoe"),
     "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
@@ -237,6 +243,7 @@ _CLASSES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -310,6 +317,11 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
         if family == "qwen2_moe":
             si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
             out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si), "shared_expert_first": True}
+    elif f.moe == "gpt_oss":  # GptOssMLP: every layer; intermediate_size is the expert width
+        out = {"num_experts": c.int_("num_local_experts", default=128),
+               "experts_per_token": c.int_("num_experts_per_tok", default=4),
+               "moe_intermediate_size": c.int_("intermediate_size"), "moe_layers": tuple(range(layers)),
+               "router_bias": True, "expert_bias": True, "expert_glu": "clamped", "router_topk_first": True}
     elif f.moe == "olmoe":  # OlmoeSparseMoeBlock: every layer; intermediate_size is the expert width
         out = {"num_experts": c.int_("num_experts", default=64), "experts_per_token": c.int_("num_experts_per_tok",
                                                                                               default=8),
@@ -407,7 +419,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         logit_scale=f.multipliers or logit_scale is not None,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, **mla, sliding_window=window, sliding_layers=sliding,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sdpa=not f.sinks,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )
