@@ -217,6 +217,13 @@ _FAMILIES: dict[str, _Facts] = {
                       norm=NormKind.FP32_WEIGHT_RMSNORM, moe="gpt_oss", sinks=True),
     # modeling_olmoe.py: LLaMA's layout, q/k RMSNorm over all heads, every MLP a MoE block (Qwen-style router)
     "olmoe": _Facts(version="5.24", qk_norm="full", moe="olmoe"),
+    # modeling_dots1.py: Qwen3's attention (per-head q/k norm, sliding layer_types) with DeepSeek-V3's MoE (fp32 sigmoid
+    # router with correction bias and groups, shared experts after the routed ones, first_k_dense_replace)
+    "dots1": _Facts(version="5.24", qk_norm="head", sliding="types", moe="deepseek"),
+    # modeling_flex_olmo.py: OLMo 2's post-norm layout with OLMoE's MoE block
+    "flex_olmo": _Facts(version="5.24", layout="post", qk_norm="full", moe="olmoe",
+                        norm=NormKind.FP32_WEIGHT_RMSNORM,  # (weight * fp32 states).to(input dtype)
+                        aliases=(("num_local_experts", "num_experts"),)),
     "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
     "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
     "granite": _Facts(version="5.24", multipliers=True),
@@ -242,7 +249,8 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo",
+    "Dots1ForCausalLM": "dots1",
     "GptOssForCausalLM": "gpt_oss",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
