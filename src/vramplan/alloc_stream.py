@@ -174,6 +174,65 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     return out
 
 
+def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
+    """The harness's 4-bit model (``measure.py`` ``to_4bit``, ``vramplan measure``), when that is how ``w`` is
+    built: True if the events were emitted.
+
+    ``from_config`` builds every weight in 16 bits on the device (a tied head also makes and drops its own
+    weight); then each decoder ``nn.Linear`` becomes a bitsandbytes ``Linear4bit`` in module order:
+    ``Params4bit(...).to("cuda")`` quantizes (``quantize_4bit``: packed weight, absmax and the double-quantization
+    constants) before the 16-bit weight dies with the replaced module; ``empty_cache()`` then returns the segments
+    left wholly free. For QLoRA, peft's ``prepare_model_for_kbit_training`` (peft/utils/other.py) casts every
+    other 16-bit parameter to fp32 (``param.data = param.data.to(torch.float32)``), one at a time."""
+    if w.base_quant is not WeightsQuant.NF4 or w.precision.param_bytes != 2 or spec.quantization is not None:
+        return False
+    counts = count_params(spec)
+    dense = 2
+    h = spec.hidden_size
+    others: list[int] = []  # 16-bit tensors that stay unquantized, in parameter order
+
+    def keep(tag: object, n: int) -> None:
+        st.alloc(st.key(("build", tag)), n)
+        others.append(st.key(("build", tag)))
+
+    keep("embed", counts.embedding * dense)
+    linears: list[tuple[int, int, int]] = []  # (key, numel, out_features)
+    for i in range(spec.num_layers):
+        layer = counts.layers[i]
+        for j, (name, fin, fout, n) in enumerate(attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)):
+            for e in range(n):
+                k = st.key(("build", i, j, e))
+                st.alloc(k, fin * fout * dense)
+                if name == "router":
+                    others.append(k)
+                else:
+                    linears.append((k, fin * fout, fout))
+        if layer.bias:
+            keep((i, "bias"), layer.bias * dense)
+        norms = max(1, layer.norm // h) if layer.norm else 0
+        for j in range(norms):
+            keep((i, "norm", j), layer.norm * dense // norms)
+    if counts.final_norm:
+        keep("final_norm", counts.final_norm * dense)
+    if counts.lm_head:
+        keep("lm_head", counts.lm_head * dense)
+    elif spec.tie_word_embeddings:
+        st.alloc(st.key("untied_head"), spec.vocab_size * (spec.embed_proj_dim or h) * dense)
+        st.free(st.key("untied_head"))
+    for k, numel, fout in linears:
+        wb, cb = quantized_linear_bytes(numel, fout, w.base_quant, w.uses_double_quant)
+        st.alloc(st.key(("q", k)), wb)
+        st.alloc(st.key(("qc", k)), cb)
+        st.free(k)
+    st.ev.append((None, A.EMPTY))
+    if w.method is Method.QLORA and w.is_train:
+        for k in others:
+            n = next(n for kk, n in st.ev if kk == k and n > 0)
+            st.alloc(st.key(("fp32", k)), 2 * n)
+            st.free(k)
+    return True
+
+
 def untied_head_bytes(spec: ModelSpec, w: Workload) -> int:
     """The output projection's own weight that a tied-embedding model creates and drops while it is built.
 
@@ -409,9 +468,10 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     acc_runs = w.gradient_accumulation > 1
     st = _Stream()
     params = _param_tensors(spec, w, states)
-    for j, (_, n) in enumerate(params):
-        st.alloc(st.key(("param", j)), n)
-    _untied_head(st, spec, w)
+    if not _bnb_build(st, spec, w):
+        for j, (_, n) in enumerate(params):
+            st.alloc(st.key(("param", j)), n)
+        _untied_head(st, spec, w)
     adapters = _adapters(spec, w)
     for j, n in enumerate(adapters):
         st.alloc(st.key(("adapter", j)), n)
@@ -595,9 +655,10 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
-    for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
-        st.alloc(st.key(("param", j)), n)
-    _untied_head(st, spec, w)
+    if not _bnb_build(st, spec, w):
+        for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
+            st.alloc(st.key(("param", j)), n)
+        _untied_head(st, spec, w)
     st.alloc(st.key("ids"), b * s * 8)
     st.ev.append((None, A.RESET))
     st.mark(Phase.PREFILL)
