@@ -56,7 +56,7 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     """
     gqa = spec.num_kv_heads != spec.num_heads
     if spec.family in ("bloom", "gptj") or attention is Attention.EAGER or \
-            (attention is Attention.SDPA and not spec.sdpa):
+            (not spec.sdpa and attention is Attention.SDPA):
         return Kernel.EAGER
     if attention is Attention.FLASH:
         return Kernel.FLASH
@@ -94,7 +94,9 @@ class _B:
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         big = a if a.numel >= b.numel else b
-        return self.tp.op(big.numel, max(a.elem, b.elem), (a, b))
+        out = self.tp.op(big.numel, max(a.elem, b.elem), (a, b))
+        self.tp.ops[-1].add_like = True
+        return out
 
     def dropout(self, x: Tensor, p: float) -> Tensor:
         """Training-mode dropout: a new output plus a saved bool mask; p == 0 returns the input."""
@@ -149,6 +151,8 @@ class _B:
         else:
             y = tp.op(tokens * fout, num.act if x.elem == num.act else x.elem, (x,),
                       save=(x,) if trainable else (), params=pg, kind=out_kind)
+        if x.rg:
+            tp.ops[-1].packs_weight = True  # mm saves the weight for the input's gradient
         if lora_rank:
             y = self.lora(x, y, fin, fout, lora_rank, name)
         return y
@@ -231,7 +235,7 @@ class _B:
             x32 = self.cast(x, 4)
             mean = self.tp.op(rows, 4, (x32,))
             d1 = self.tp.op(x.numel, 4, (x32, mean))
-            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else ())
+            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else (), bwd_scratch=2 * x.numel * 4)
             var = self.tp.op(rows, 4, (sq,))
             rs = self.ew(var, save_out=True)
             d2 = self.tp.op(x.numel, 4, (x32, mean))
@@ -241,7 +245,9 @@ class _B:
             return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         x32 = self.cast(x, 4)
-        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
+        # pow(2)'s backward (FunctionsManual.cpp pow_backward: grad * (2 * x.pow(1))) makes x.pow(1) and 2 * that
+        # before the product that is the input's gradient
+        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else (), bwd_scratch=2 * x.numel * 4)
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
@@ -265,8 +271,17 @@ class _B:
         frac = spec.rotary_fraction
         if spec.position is not PositionKind.ROPE or frac <= 0 or (self.plan is not None and not self.plan.rope):
             return x
-        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
         style = spec.rope_style
+        if style == "chunk":
+            # gpt-oss _apply_rotary_emb: x1, x2 = chunk(x, 2); cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin)), cos and
+            # sin of head_dim / 2 in the states' dtype
+            x1, x2 = self.tp.split(x, 2)
+            first = self.tp.op(x1.numel, x.elem, (self.tp.op(x1.numel, x.elem, (x1,)),
+                                                  self.tp.op(x2.numel, x.elem, (x2,))))
+            second = self.tp.op(x1.numel, x.elem, (self.tp.op(x2.numel, x.elem, (x2,)),
+                                                   self.tp.op(x1.numel, x.elem, (x1,))))
+            return self.tp.op(x.numel, x.elem, (first, second))
+        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
@@ -368,6 +383,8 @@ class _B:
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
             v = tp.op(b * h * skv * d, elem, (v,))
+        if spec.attention_sinks:
+            return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -395,6 +412,32 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
+        return out
+
+    def sink_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """gpt-oss eager_attention_forward (modeling_gpt_oss.py): scores * scaling + mask, ``cat`` with the per-head
+        sink logit (one more column), minus the row max, softmax in the scores' dtype, the sink column sliced off
+        before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
+        until the function returns."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
+        att = tp.op(scores, elem, (att,))  # * scaling
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+        cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
+        mx = tp.op(b * h * s, elem, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
+        # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
+        sub = tp.op(wide, elem, (cat, mx), passthrough=True, bwd_scratch=wide * elem if cat.rg else 0)
+        probs = tp.op(wide, elem, (sub,))  # softmax(dtype=the logits' dtype) saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        pv = tp.view(probs, scores)  # probs[..., :-1]
+        out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
+        att.last_use = sub.last_use = len(tp.ops) - 1
         return out
 
     def kernel_for(self, has_mask: bool) -> Kernel:
@@ -559,7 +602,7 @@ class _B:
         if spec.mlp is MLPKind.GATED:
             if spec.gate_up_fused:
                 gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
-                g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
+                g, u = tp.split(gu, 2)  # gate_up_proj(x).chunk(2, dim=-1)
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
@@ -632,6 +675,13 @@ class _B:
         x = self.cast(n, 4) if spec.router_fp32 else n
         logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
                              weight_elem=4 if spec.router_fp32 else None)
+        if spec.router_topk_first:  # GptOssTopKRouter: topk(logits) (saves the indices), softmax over the k values
+            idx = tp.op(pairs, 8, (logits,), rg=False)
+            top = tp.op(pairs, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
+            w = tp.op(pairs, logits.elem, (top,))
+            if w.rg:
+                tp.save_output(w)
+            return idx, w
         probs = tp.op(t * e, 4, (logits,))
         if probs.rg:
             tp.save_output(probs)
@@ -642,8 +692,9 @@ class _B:
         else:
             idx = tp.op(pairs, 8, (probs,), rg=False)
         w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        # sigmoid routers return fp32 weights (the weighted expert outputs are then fp32 until the final cast)
-        return idx, w if spec.router_sigmoid else self.cast(w, n.elem)
+        # sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
+        # final cast)
+        return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
 
     def moe(self, n: Tensor) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
@@ -657,6 +708,9 @@ class _B:
         pairs = t * k
         tr = plan.trainable
         act = n.elem
+        # Qwen2-MoE and ERNIE 4.5 run the shared expert before the router (its output is held through the routed
+        # experts); DeepSeek-V3, GLM-4.5 and Granite after them
+        shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
         idx, w = self.router(n, t, e, k, tr)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
@@ -666,10 +720,20 @@ class _B:
         wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
         hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
         offs = tp.op(2 * e, 4, (hist,), rg=False)
+        bias_g: Tensor | None = None
+        if spec.expert_bias:  # gate_up_proj_bias[expert_ids_g], added in place to the grouped GEMM's output
+            bias_g = tp.op(pairs * 2 * i, act, (), rg=False)
         gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
                          quant=plan.quant, count=e)
-        a = self.activation(tp.view(gu, pairs * i))
-        p = self.mul(a, tp.view(gu, pairs * i))
+        if spec.expert_glu == "clamped":
+            p = self.clamped_glu(gu, pairs * i)
+        else:
+            gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
+            a = self.activation(gate)
+            p = self.mul(a, up)
+        if bias_g is not None:  # rebound to down_proj_bias[expert_ids_g]
+            first, bias_g = bias_g, tp.op(pairs * h, act, (), rg=False)
+            first.last_use = len(tp.ops) - 1
         dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
         wd = self.mul(dn, wg)
@@ -678,24 +742,11 @@ class _B:
         out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
         # the function's locals (the gathered states, sort results, offsets, the down projection's output)
         # stay referenced until it returns
-        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
-            si = spec.shared_expert_intermediate_size
-            def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-                return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
-                                   lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
-
-            if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
-                sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
-                sg, su = tp.view(sgu, sgu.numel // 2), tp.view(sgu, sgu.numel // 2)
-            else:
-                sg = shared(n, h, si, "shared_gate_proj")
-                su = shared(n, h, si, "shared_up_proj")
-            sa = self.activation(sg)
-            sp = self.mul(sa, su)
-            so = shared(sp, si, h, "shared_down_proj")
+            so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
                 gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
                                    lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
@@ -703,6 +754,39 @@ class _B:
                 so = self.mul(so, gs)
             out = self.add(out, so)
         return out
+
+    def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:
+        """gpt-oss GptOssExperts._apply_gate: ``gate_up[..., ::2]`` and ``[..., 1::2]`` (strided slices), gate clamped
+        above and up on both sides (clamp saves its input), ``glu = gate * sigmoid(gate * alpha)``,
+        ``(up + 1) * glu``."""
+        tp = self.tp
+        gate, up = tp.view(gu, numel), tp.view(gu, numel)
+        gc = tp.op(numel, gu.elem, (gate,), save=(gate,) if gate.rg else ())
+        uc = tp.op(numel, gu.elem, (up,), save=(up,) if up.rg else ())
+        sg = self.ew(tp.op(numel, gu.elem, (gc,)), save_out=True)  # sigmoid(gate * alpha)
+        glu = self.mul(gc, sg)
+        u1 = tp.op(numel, gu.elem, (uc,))  # up + 1
+        return self.mul(u1, glu)
+
+    def shared_expert(self, n: Tensor) -> Tensor:
+        """The always-on shared expert: a gated MLP of ``shared_expert_intermediate_size``."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, si, tr = spec.hidden_size, spec.shared_expert_intermediate_size, plan.trainable
+
+        def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
+            sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+            sg, su = tp.split(sgu, 2)
+        else:
+            sg = shared(n, h, si, "shared_gate_proj")
+            su = shared(n, h, si, "shared_up_proj")
+        sa = self.activation(sg)
+        sp = self.mul(sa, su)
+        return shared(sp, si, h, "shared_down_proj")
 
     def call(self, module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``module(x)``: the caller's ``hidden_states`` keeps ``x`` referenced until the module returns."""
@@ -803,6 +887,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
                    rg=False)
         tp.keep(cs)
+    if attention is Attention.SDPA and not spec.sdpa:
+        attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
     if attention is Attention.EAGER and spec.family != "gpt2":
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)

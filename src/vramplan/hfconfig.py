@@ -192,6 +192,7 @@ class _Facts:
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
+    sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -223,6 +224,20 @@ _FAMILIES: dict[str, _Facts] = {
     "iquestcoder": _Facts(),
     # 2025 LLaMA-class families
     "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    # modeling_gpt_oss.py: attention sinks (eager only: _supports_sdpa False), sliding/full layer_types, RoPE on
+    # chunk halves, RMSNorm multiplying its fp32 states by the weight before the cast, a top-k-then-softmax router with
+    # a bias, clamped-GLU experts with biases (grouped_mm, transposed, interleaved gate/up)
+    "gpt_oss": _Facts(version="5.24", bias_default=True, sliding="types", sliding_every=2, rope="chunk",
+                      norm=NormKind.FP32_WEIGHT_RMSNORM, moe="gpt_oss", sinks=True),
+    # modeling_olmoe.py: LLaMA's layout, q/k RMSNorm over all heads, every MLP a MoE block (Qwen-style router)
+    "olmoe": _Facts(version="5.24", qk_norm="full", moe="olmoe"),
+    # modeling_dots1.py: Qwen3's attention (per-head q/k norm, sliding layer_types) with DeepSeek-V3's MoE (fp32 sigmoid
+    # router with correction bias and groups, shared experts after the routed ones, first_k_dense_replace)
+    "dots1": _Facts(version="5.24", qk_norm="head", sliding="types", moe="deepseek"),
+    # modeling_flex_olmo.py: OLMo 2's post-norm layout with OLMoE's MoE block
+    "flex_olmo": _Facts(version="5.24", layout="post", qk_norm="full", moe="olmoe",
+                        norm=NormKind.FP32_WEIGHT_RMSNORM,  # (weight * fp32 states).to(input dtype)
+                        aliases=(("num_local_experts", "num_experts"),)),
     "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
     "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
     "granite": _Facts(version="5.24", multipliers=True),
@@ -272,6 +287,8 @@ _CLASSES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
+    "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
+    "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
@@ -333,7 +350,9 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
     if f.moe in ("mixtral", "granitemoe", "phimoe"):
         out = {"num_experts": c.int_("num_local_experts", default=8), "experts_per_token":
                c.int_("num_experts_per_tok", default=2), "moe_intermediate_size": c.int_("intermediate_size"),
-               "moe_layers": tuple(range(layers))}
+               "moe_layers": tuple(range(layers)),
+               # MixtralTopKRouter returns softmax(logits.float()) top-k values without a cast back
+               "router_weights_fp32": f.moe == "mixtral"}
         if f.moe == "granitemoe" and c.raw.get("shared_intermediate_size"):
             out["shared_expert_intermediate_size"] = c.int_("shared_intermediate_size", lo=0)
     elif f.moe == "qwen":
@@ -345,7 +364,19 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)}
         if family == "qwen2_moe":
             si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
-            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si)}
+            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si), "shared_expert_first": True}
+    elif f.moe == "gpt_oss":  # GptOssMLP: every layer; intermediate_size is the expert width
+        out = {"num_experts": c.int_("num_local_experts", default=128),
+               "experts_per_token": c.int_("num_experts_per_tok", default=4),
+               "moe_intermediate_size": c.int_("intermediate_size"), "moe_layers": tuple(range(layers)),
+               "router_bias": True, "expert_bias": True, "expert_glu": "clamped", "router_topk_first": True}
+    elif f.moe == "olmoe":  # OlmoeSparseMoeBlock: every layer; intermediate_size is the expert width
+        out = {"num_experts": c.int_("num_experts", default=64), "experts_per_token": c.int_("num_experts_per_tok",
+                                                                                              default=8),
+               "moe_intermediate_size": c.int_("intermediate_size"), "moe_layers": tuple(range(layers))}
+        if c.raw.get("clip_qkv") is not None:
+            raise ConfigError(f"{c.where}: clip_qkv (in-place clamps of q/k/v) is not modelled; "
+                              "run vramplan trace")
     elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
         inter = c.int_("moe_intermediate_size")
         first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
@@ -366,7 +397,8 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=0, lo=0),
                "moe_layers": tuple(i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end),
-               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64)}
+               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64),
+               "shared_expert_first": True}
     return out
 
 
@@ -440,9 +472,10 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         logit_scale=f.multipliers or logit_scale is not None,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, **mla, sliding_window=window, sliding_layers=sliding,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
+        sdpa=f.sdpa and not f.sinks,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, sdpa=f.sdpa,
+        program_version=f.version,
     )
 
 

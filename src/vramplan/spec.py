@@ -104,8 +104,6 @@ class ModelSpec:
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
     logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of the final logits
     attn_logit_softcap: float | None = None  # Gemma 2: soft-capping of attention scores (eager only)
-    sdpa: bool = True  # False: the model class has no SDPA path (``_supports_sdpa = False``, VaultGemma), so
-    # transformers runs eager attention where SDPA is asked for
     embed_proj_dim: int | None = None  # OPT-350m projects embeddings in and out
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): kv_lora_rank > 0; head_dim is the q/k head size
     q_lora_rank: int = 0  # 0: a plain q_proj
@@ -118,11 +116,18 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
+    shared_expert_first: bool = False  # the shared expert runs before the router (Qwen2-MoE, ERNIE 4.5)
     router_bias: bool = False
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
+    router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
+    expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU
+    router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
+    # _supports_sdpa False), eager runs
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None
