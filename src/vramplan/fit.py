@@ -176,6 +176,8 @@ def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
             total += ss.d_inner * ss.d_conv * elem
         elif kind in ("mamba2", "parallel"):
             total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
+        elif kind == "mamba":  # Mamba-1: conv state over d_inner and the (d_inner x state) recurrent state
+            total += ss.d_inner * (ss.d_conv + ss.d_state) * elem
     return total
 
 

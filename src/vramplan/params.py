@@ -116,6 +116,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .ssm import conv_linears
 
         return conv_linears(spec.hidden_size) + mlp
+    if spec.mixer(index) == "mamba" and spec.ssm is not None:
+        from .ssm import mamba1_linears
+
+        return mamba1_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
@@ -124,15 +128,22 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
 def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
     dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
-    from .ssm import conv_extra_params, conv_linears, mamba2_extra_params, mamba2_linears
+    from .ssm import (
+        conv_extra_params,
+        conv_linears,
+        mamba1_extra_params,
+        mamba1_linears,
+        mamba2_extra_params,
+        mamba2_linears,
+    )
 
     assert spec.ssm is not None
     h = spec.hidden_size
     moe = index in spec.moe_layers
-    conv = spec.mixer(index) == "conv"
-    mix = conv_linears(h) if conv else mamba2_linears(spec.ssm, h)
+    kind = spec.mixer(index)
+    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h)}.get(kind) or mamba2_linears(spec.ssm, h)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
-    bias, other = conv_extra_params(spec.ssm, h) if conv else mamba2_extra_params(spec.ssm, h)
+    bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
     if mlp and spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:

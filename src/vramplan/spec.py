@@ -159,8 +159,8 @@ class ModelSpec:
         return len(self.moe_layers)
 
     def mixer(self, index: int) -> str:
-        """The token mixer of layer ``index``: "attention", "mamba2", "conv" (LFM2) or "parallel" (Falcon-H1:
-        attention and Mamba-2 side by side)."""
+        """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2) or "parallel"
+        (Falcon-H1: attention and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property

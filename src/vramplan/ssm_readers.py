@@ -68,6 +68,32 @@ def _mamba2(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+def _mamba(c: _Cfg, family: str) -> ModelSpec:
+    """Mamba-1 and Falcon-Mamba (modeling_mamba.py, modeling_falcon_mamba.py): embeddings, ``num_hidden_layers``
+    MambaBlocks (RMSNorm + selective-scan mixer, residual in fp32 by default), norm_f, an lm_head tied to the
+    embeddings by default whose logits are cast with ``.float()``. Falcon-Mamba adds weightless RMSNorms on dt, B
+    and C. ``time_step_rank`` "auto" is ceil(hidden / 16) (configuration_mamba.py)."""
+    hidden = c.int_("hidden_size", default=768)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    d_inner = _expand(c, "expand", hidden)
+    rank = c.raw.get("time_step_rank", "auto")
+    dt_rank = -(-hidden // 16) if rank in ("auto", None) else c.int_("time_step_rank")
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Mamba with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    ss = SSMSpec(d_inner=d_inner, n_heads=1, head_dim=d_inner, n_groups=1, d_state=c.int_("state_size", default=16),
+                 d_conv=c.int_("conv_kernel", default=4, hi=1024), chunk=2048,
+                 conv_bias=c.bool_("use_conv_bias", default=True), proj_bias=c.bool_("use_bias", default=False),
+                 dt_rank=dt_rank, bcdt_norm=family == "falcon_mamba")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50280), hidden_size=hidden,
+        num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=d_inner, intermediate_size=d_inner,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=Activation.SILU, position=PositionKind.NONE, norms_per_layer=1,
+        mixers=("mamba",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
+    )
+
+
 def _bamba(c: _Cfg, family: str) -> ModelSpec:
     """Bamba (modeling_bamba.py): LLaMA-style decoder layers whose token mixer is a Mamba-2 mixer, or attention at
     ``attn_layer_indices`` (RoPE on half of each head: ``partial_rotary_factor`` 0.5 is fixed by BambaConfig)."""
@@ -289,8 +315,9 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1,
-    "nemotron_h": _nemotron_h}
-SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
+    "mamba": _mamba, "falcon_mamba": _mamba, "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
+    "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
+SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
+                               "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
