@@ -111,7 +111,8 @@ def _published_rows() -> Iterator[Row]:
             pb, rb = int(r["layout"].get("param_bytes", 2)), int(r["layout"].get("reduce_bytes", 4))
             comm = w.gradient_accumulation * (2 * pb + rb) * (n - 1) / n * params
             tokens = n * w.batch_size * w.seq_len * w.gradient_accumulation
-            tt = training_time(spec, w, gpu, tokens=tokens, gpus=n, comm_bytes_per_step=comm, shard=shard)
+            tt = training_time(spec, w, gpu, tokens=tokens, gpus=n, comm_bytes_per_step=comm, shard=shard,
+                               attention_kernel=str(r["layout"].get("attention_kernel", "flash2")))
             measured_step = tokens / (value * n)
             label = f"train {n} GPUs FSDP ({gpu.name})" if n <= 8 else f"train {n} GPUs FSDP2, torchtitan ({gpu.name})"
             yield Row(r["id"], label, False, measured_step,

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vramplan import get_model
+from vramplan.errors import VramplanError
 from vramplan.hardware import get_gpu, list_gpus
 from vramplan.perf import (
     ENGINES,
@@ -55,6 +56,27 @@ def test_sharded_optimizer_step_is_divided_by_the_shard_degree() -> None:
     ddp = training_time(spec, w, gpu, tokens=10**7, gpus=8)
     fsdp = training_time(spec, w, gpu, tokens=10**7, gpus=8, shard=8)
     assert fsdp.step is not None and ddp.step is not None and fsdp.step.total_s < ddp.step.total_s
+
+
+def test_an_older_attention_kernel_slows_only_the_attention_term() -> None:
+    """FlashAttention v1 (and llm-foundry's Triton port) reaches half of FlashAttention-2's fraction
+    (FlashAttention-2 abstract, data/mfu.json attention_kernels); nothing else in the step changes."""
+    spec = get_model("llama-3.1-8b").spec
+    w = Workload(batch_size=1, seq_len=8192)
+    gpu = get_gpu("a100-80gb-sxm")
+    work = training_work(spec, w)
+    fa2, fa1 = step_time(work, gpu), step_time(work, gpu, attention_kernel="flash1")
+    assert fa2 is not None and fa1 is not None
+    assert fa1.memory_s == fa2.memory_s and fa1.optimizer_s == fa2.optimizer_s and fa1.launch_s == fa2.launch_s
+    gemm_only = step_time(dataclasses.replace(work, attention_flops=0.0), gpu)
+    assert gemm_only is not None
+    attention = fa2.compute_s - gemm_only.compute_s
+    assert attention > 0
+    assert fa1.compute_s - gemm_only.compute_s == pytest.approx(2 * attention)
+    tt = training_time(spec, w, gpu, tokens=10**6, attention_kernel="flash1")
+    assert any("attention kernel flash1" in a for a in tt.assumptions)
+    with pytest.raises(VramplanError, match="unknown attention kernel"):
+        step_time(work, gpu, attention_kernel="flash9")
 
 
 def test_logits_bytes_are_counted_not_fitted() -> None:
@@ -166,6 +188,16 @@ def test_estimate_json_has_a_time_object(capsys: pytest.CaptureFixture[str]) -> 
     assert t["decode_tokens_per_second"] == pytest.approx(4 / t["decode_seconds_per_token"])
     rc, out, _ = _run(capsys, "estimate", "llama-3.2-1b", "--json")
     assert "time" not in json.loads(out)  # no GPU, no time: the old contract is unchanged
+
+
+def test_attention_kernel_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("estimate", "llama-3.2-1b", "--gpu", "a100-80gb-sxm", "--seq-len", "8192", "--batch-size", "1", "--json")
+    rc, out, _ = _run(capsys, *args)
+    rc1, out1, _ = _run(capsys, *args, "--attention-kernel", "flash1")
+    assert rc == rc1 == 0
+    assert json.loads(out1)["time"]["step_seconds"] > json.loads(out)["time"]["step_seconds"]
+    rc, _, err = _run(capsys, *args, "--attention-kernel", "flash9")
+    assert rc == 2 and "unknown attention kernel" in err and "Traceback" not in err
 
 
 def test_measured_efficiency_sets_the_mfu(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,6 @@
-"""Command-line pieces for time: ``--gpu``, ``--gpu-spec``, ``--engine`` and ``--efficiency`` on
-``vramplan estimate``, and the ``time`` section they add to its output (:mod:`vramplan.perf.report`)."""
+"""Command-line pieces for time: ``--gpu``, ``--gpu-spec``, ``--engine``, ``--efficiency`` and
+``--attention-kernel`` on ``vramplan estimate``, and the ``time`` section they add to its output
+(:mod:`vramplan.perf.report`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def add_time_flags(p: argparse.ArgumentParser) -> None:
     if "--efficiency" not in have:
         g.add_argument("--efficiency", type=_fraction, default=None, metavar="MFU",
                        help="your measured model FLOPs utilisation (0-1): training time = FLOPs / (peak x MFU)")
+    if "--attention-kernel" not in have:
+        g.add_argument("--attention-kernel", default=None, metavar="KERNEL",
+                       help="fused attention kernel your training framework runs: flash2 (default: FlashAttention-2, "
+                            "PyTorch SDPA) or flash1 (FlashAttention v1 or its Triton port)")
 
 
 def time_section(ns: argparse.Namespace, per_gpu: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -72,7 +77,8 @@ def time_section(ns: argparse.Namespace, per_gpu: dict[str, Any] | None) -> dict
     engine = getattr(ns, "engine", None)
     return time_object(spec, w, gpu, gpus=gpus, tp=tp, pp=pp, sharded=sharded, comm_bytes_per_step=comm,
                        engine=engine if engine in ENGINE_CHOICES else None,
-                       measured_mfu=getattr(ns, "efficiency", None))
+                       measured_mfu=getattr(ns, "efficiency", None),
+                       attention_kernel=getattr(ns, "attention_kernel", None) or "flash2")
 
 
 def print_time(t: dict[str, Any]) -> None:

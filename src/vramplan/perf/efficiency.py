@@ -39,6 +39,7 @@ __all__ = [
     "EngineProfile",
     "GPUEfficiency",
     "ThroughputModel",
+    "attention_kernel_factor",
     "engine_profile",
     "feature_row",
     "gpu_efficiency",
@@ -231,13 +232,27 @@ def _reference() -> GPUEfficiency:
     return gpu_efficiency(get_gpu(str(_mfu_document()["reference_gpu"])))
 
 
-def scale_factors(gpu: GPU, dtype: str) -> tuple[float, float, float]:
+def attention_kernel_factor(kernel: str) -> float:
+    """Achievable fraction of a fused attention kernel relative to FlashAttention-2's (``data/mfu.json``
+    ``attention_kernels``): the per-GPU attention fractions are FlashAttention-2 figures; an older kernel
+    (FlashAttention v1, or its Triton port that llm-foundry runs with ``attn_impl: triton``) reaches less."""
+    kernels = {k: v for k, v in _mfu_document()["attention_kernels"].items() if isinstance(v, dict)}
+    key = kernel.strip().lower()
+    if key not in kernels:
+        raise UnknownNameError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(sorted(kernels))}")
+    return float(kernels[key]["relative"])
+
+
+def scale_factors(gpu: GPU, dtype: str, attention_kernel: str = "flash2") -> tuple[float, float, float]:
     """(matmul, attention, memory) multipliers of the reference GPU's calibrated terms on ``gpu``: each is
-    the reference's achievable fraction over this GPU's (1.0 on the reference GPU)."""
+    the reference's achievable fraction over this GPU's (1.0 on the reference GPU). The reference's
+    attention runs FlashAttention-2 (PyTorch SDPA's flash backend); ``attention_kernel`` names the fused
+    kernel the workload runs on ``gpu``."""
     ref, eff = _reference(), gpu_efficiency(gpu)
     # fp8 GEMMs reach a lower fraction of their (doubled) peak than bf16 ones where that is published
     own = eff.matmul_fp8 if dtype == "fp8" and eff.matmul_fp8 is not None else eff.matmul
-    return ref.matmul / own, ref.attention / eff.attention, ref.bandwidth / eff.bandwidth
+    attention = eff.attention * attention_kernel_factor(attention_kernel)
+    return ref.matmul / own, ref.attention / attention, ref.bandwidth / eff.bandwidth
 
 
 def matmul_dtype(gpu: GPU, dtype: str) -> str:
@@ -249,7 +264,8 @@ def matmul_dtype(gpu: GPU, dtype: str) -> str:
     return dtype
 
 
-def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1) -> tuple[float, ...] | None:
+def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1,
+                attention_kernel: str = "flash2") -> tuple[float, ...] | None:
     """Inputs of the linear step-time model for one optimizer step of ``micro_batches`` x ``work`` on ``gpu``.
 
     FLOPs become seconds at the GPU's dense peak, bytes seconds at its bandwidth, each scaled by the
@@ -259,7 +275,7 @@ def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1) -> tuple[fl
     peak = gpu.peak_tflops(dtype)
     if peak is None or peak <= 0:
         return None
-    fm, fa, fb = scale_factors(gpu, dtype)
+    fm, fa, fb = scale_factors(gpu, dtype, attention_kernel)
     flops_per_s = peak * 1e12
     bw = float(gpu.memory_bandwidth_bytes_per_s)
     m = micro_batches

@@ -29,9 +29,10 @@ __all__ = ["time_object"]
 
 def time_object(spec: ModelSpec, w: Workload, gpu: GPU, *, gpus: int = 1, tp: int = 1, pp: int = 1,
                 sharded: bool = False, comm_bytes_per_step: float | None = None, engine: str | None = None,
-                measured_mfu: float | None = None) -> dict[str, Any]:
+                measured_mfu: float | None = None, attention_kernel: str = "flash2") -> dict[str, Any]:
     """The ``time`` JSON object for one workload on ``gpus`` x ``gpu`` (tensor x pipeline ``tp`` x ``pp``;
-    ``sharded``: ZeRO / FSDP share the optimizer states over the data-parallel GPUs)."""
+    ``sharded``: ZeRO / FSDP share the optimizer states over the data-parallel GPUs; ``attention_kernel``: the
+    fused attention kernel a training framework runs, ``flash2`` or ``flash1``)."""
     split = max(1, tp * pp)
     dp = max(1, gpus // split)
     eff = gpu_efficiency(gpu, measured_mfu=measured_mfu)
@@ -43,7 +44,8 @@ def time_object(spec: ModelSpec, w: Workload, gpu: GPU, *, gpus: int = 1, tp: in
     if w.is_train:
         tokens = dp * w.batch_size * w.seq_len * w.gradient_accumulation
         tt = training_time(spec, w, gpu, tokens=tokens, gpus=gpus, comm_bytes_per_step=comm_bytes_per_step,
-                           split=split, shard=dp if sharded else 1, measured_mfu=measured_mfu)
+                           split=split, shard=dp if sharded else 1, measured_mfu=measured_mfu,
+                           attention_kernel=attention_kernel)
         out["assumptions"] = list(tt.assumptions)
         out["reason"] = tt.reason if tt.time_s is None else None
         if tt.time_s is not None and tt.tokens_per_s is not None:

@@ -39,6 +39,7 @@ from .efficiency import (
     COUNTED_BYTES_COEFFICIENT,
     EngineProfile,
     ThroughputModel,
+    attention_kernel_factor,
     engine_profile,
     feature_row,
     gpu_efficiency,
@@ -90,7 +91,8 @@ def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engi
 
 def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
               split: int = 1, shard: int = 1, comm_s: float = 0.0, overlapped: bool = False,
-              engine: EngineProfile | None = None, num_layers: int | None = None) -> StepTime | None:
+              engine: EngineProfile | None = None, num_layers: int | None = None,
+              attention_kernel: str = "flash2") -> StepTime | None:
     """Seconds of one optimizer step of ``micro_batches`` x ``work`` on ``gpu``; None without a peak figure.
 
     ``split`` divides each GPU's FLOPs and traffic (tensor / pipeline parallel degree); ``shard`` further
@@ -98,11 +100,13 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     DeepSpeed ``stage_1_and_2.py`` steps only the partition, FSDP steps its flat-parameter shard).
     ``comm_s`` is the step's communication; with ``overlapped`` only the part compute cannot hide counts.
     ``engine`` replaces eager launch cost with the engine's per-layer cost and fuses its elementwise kernels.
+    ``attention_kernel`` names the fused attention kernel (``flash2``: FlashAttention-2 / PyTorch SDPA flash;
+    ``flash1``: FlashAttention v1 or its Triton port), whose achievable fraction scales the attention term.
     """
     if split < 1 or shard < 1:
         raise VramplanError(f"split and shard degrees must be at least 1, got {split} and {shard}")
     m = model or load_throughput_model()
-    row = feature_row(work, gpu)
+    row = feature_row(work, gpu, attention_kernel=attention_kernel)
     if row is None:
         return None
     c = m.coefficients
@@ -165,7 +169,7 @@ class TrainingTime:
 def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: int = 1,
                   comm_bytes_per_step: float | None = None, split: int = 1, shard: int = 1,
                   overlapped: bool | None = None, model: ThroughputModel | None = None,
-                  measured_mfu: float | None = None) -> TrainingTime:
+                  measured_mfu: float | None = None, attention_kernel: str = "flash2") -> TrainingTime:
     """Time and cost of training ``tokens`` tokens with ``w`` (micro-batch ``batch_size``, accumulation
     ``gradient_accumulation``) over ``gpus`` GPUs of one node.
 
@@ -174,7 +178,8 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
     how many GPUs share the optimizer states (ZeRO / FSDP data-parallel degree). ``overlapped``: whether the
     framework overlaps the traffic with compute (default: yes for data parallelism, no with ``split > 1``).
     ``measured_mfu``: a measured model FLOPs utilisation replaces the mechanism model (time = model FLOPs
-    / (GPUs x peak x MFU)).
+    / (GPUs x peak x MFU)). ``attention_kernel``: the fused attention kernel the framework runs
+    (:func:`vramplan.perf.efficiency.attention_kernel_factor`).
     """
     if tokens < 1:
         raise VramplanError(f"tokens must be at least 1, got {tokens}")
@@ -187,6 +192,10 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
     assumptions = [m.assumption(), _flops_assumption(w), _dtype_assumption(work.dtype),
                    f"{gpu.display_name}: matmul {eff.matmul:.0%}, attention {eff.attention:.0%}, bandwidth "
                    f"{eff.bandwidth:.0%} of the catalog peaks ({'; '.join(eff.sources)})"]
+    kernel_factor = attention_kernel_factor(attention_kernel)
+    if kernel_factor != 1.0:
+        assumptions.append(f"attention kernel {attention_kernel}: {kernel_factor:.2f} x FlashAttention-2's achievable "
+                           "fraction (data/mfu.json attention_kernels)")
     run_flops = work.model_flops * w.gradient_accumulation * replicas * steps
     peak = gpu.peak_tflops(matmul_dtype(gpu, work.dtype))
     if measured_mfu is not None:
@@ -215,7 +224,8 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
                "exposed" if over else "communication on the critical path (tensor / pipeline parallel)")
             + (f"; optimizer step sharded {shard} ways (ZeRO / FSDP)" if shard > 1 else ""))
     st = None if comm is None else step_time(work, gpu, m, micro_batches=w.gradient_accumulation, split=split,
-                                             shard=shard, comm_s=comm, overlapped=over)
+                                             shard=shard, comm_s=comm, overlapped=over,
+                                             attention_kernel=attention_kernel)
     if st is None or peak is None:
         reason = (f"no dense {work.dtype} throughput for {gpu.display_name} in the catalog" if comm is not None
                   else f"no interconnect bandwidth for {gpu.display_name} in the catalog")
@@ -236,7 +246,8 @@ def _flops_assumption(w: Workload) -> str:
             Method.DORA: "4N per token: frozen base, no weight gradients (DoRA's B@A and weight norms not counted)",
             Method.FREEZE: "2N forward + 4N backward through the trainable top layers only"}[w.method]
     extra = " + one recomputed forward (2N) per token (gradient checkpointing)" if w.gradient_checkpointing else ""
-    return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B), halved "
+    return (f"FLOPs: {base}{extra}; attention 12·L·H·Q·T per token forward+backward (PaLM appendix B; executed: "
+            "a fused kernel's backward recomputes QK^T, 2.5 x the forward, FlashAttention-2 Algorithm 2), halved "
             "for causal kernels that skip the masked half")
 
 

@@ -1,7 +1,8 @@
 """What a step must do, independent of the GPU: FLOPs by kernel family and bytes of memory traffic.
 
 FLOPs follow Kaplan et al. 2020 (6·N per token: 2·N forward, 4·N backward) and the PaLM paper's
-appendix B (attention adds 12·L·H·Q·T per token forward + backward, i.e. 4·L·H·Q·T forward),
+appendix B (attention adds 12·L·H·Q·T per token forward + backward, i.e. 4·L·H·Q·T forward; a fused
+kernel executes 2.5 x the forward in backward, recomputing QK^T: FlashAttention-2, Algorithm 2),
 with causal attention halved where the kernel skips the masked half (flash / memory-efficient with
 ``is_causal``; FlashAttention-2, Dao 2023), full recomputation adding one more forward (8·N;
 Korthikanti et al. 2022), and frozen weights (LoRA, QLoRA, freeze) skipping their weight-gradient
@@ -77,14 +78,25 @@ def attended_keys(seq: int, window: int | None, skips_masked: bool) -> float:
     return (seq + 1) / 2
 
 
+# Backward FLOPs of attention per forward FLOP. The math / eager path multiplies twice (the gradients of QK^T and
+# of PV, two products each: PaLM appendix B's "backward twice the forward"). A fused flash / memory-efficient
+# kernel keeps no scores, so its backward first recomputes S = QK^T from Q and K and then runs the four gradient
+# products: 5 products against the forward's 2, i.e. 2.5 x the forward (Dao 2023, FlashAttention-2, Algorithm 2;
+# its benchmark counts backward FLOPs as 2.5 x forward, and its published efficiencies are on that count).
+BACKWARD_PER_FORWARD_MATH = 2.0
+BACKWARD_PER_FORWARD_FUSED = 2.5
+
+
 @dataclass(frozen=True, slots=True)
 class _Attention:
     flops_per_token: float  # forward, all layers: 4 x q_dim x attended keys (PaLM appendix B)
     score_elements: int  # materialized (batch, heads, q, k) scores over all layers (math / eager kernels)
+    backward_flops_per_token: float = 0.0  # executed in backward, all layers (fused kernels recompute QK^T)
 
 
 def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int) -> _Attention:
     flops = 0.0
+    backward = 0.0
     scores = 0
     for i in range(spec.num_layers):
         sliding = i in spec.sliding_layers and bool(spec.sliding_window)
@@ -95,9 +107,10 @@ def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int) -> _Attention
         skips = fused and (not has_mask or kernel is Kernel.FLASH)
         keys = attended_keys(seq, spec.sliding_window if sliding else None, skips)
         flops += 4 * spec.q_dim * keys
+        backward += 4 * spec.q_dim * keys * (BACKWARD_PER_FORWARD_FUSED if fused else BACKWARD_PER_FORWARD_MATH)
         if not fused:
             scores += batch * spec.num_heads * seq * seq
-    return _Attention(flops, scores)
+    return _Attention(flops, scores, backward)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,8 +390,9 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         head_back = 2 if spec.tie_word_embeddings else 4
         gemm = 2 * (n_layers + n_head) + 4 * n_layers * back_layers / L + head_back * n_head
     frac = back_layers / L if L else 0.0
-    attention = a * (1 + 2 * frac)  # PaLM appendix B: backward twice the forward
-    model_flops = (gemm + attention) * tokens
+    # MFU's numerator: PaLM appendix B, backward twice the forward; executed: the kernel's own backward
+    model_flops = (gemm + a * (1 + 2 * frac)) * tokens
+    attention = a + att.backward_flops_per_token * frac
     if ckpt:  # non-reentrant checkpointing recomputes each backpropagated layer's forward once
         gemm += (2 * n_layers + 2 * adapters) * frac
         attention += a * frac
