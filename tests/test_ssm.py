@@ -120,9 +120,27 @@ def test_mamba1_reads_as_selective_scan_layers() -> None:
     assert spec.ssm is not None
     assert spec.mixers == ("mamba", "mamba") and spec.mlp_free_layers == (0, 1) and spec.residual_fp32
     assert spec.ssm.d_inner == 512 and spec.ssm.dt_rank == 16 and not spec.ssm.bcdt_norm  # ceil(256 / 16)
+    assert spec.ssm.inner_fn
     assert spec.tie_word_embeddings  # MambaConfig ties by default
     falcon = spec_from_config(FALCON_MAMBA)
-    assert falcon.ssm is not None and falcon.ssm.bcdt_norm and falcon.ssm.dt_rank == 24
+    assert falcon.ssm is not None and falcon.ssm.bcdt_norm == "weightless" and falcon.ssm.dt_rank == 24
+
+
+JAMBA: dict[str, Any] = {"model_type": "jamba", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096, "num_experts": 4,
+                         "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+                         "expert_layer_offset": 1, "mamba_d_state": 8}
+
+
+def test_jamba_layer_pattern() -> None:
+    """Attention every attn_layer_period layers from attn_layer_offset, Mamba-1 elsewhere; MoE every
+    expert_layer_period layers from expert_layer_offset; weighted dt/B/C norms and no mamba_inner_fn."""
+    spec = spec_from_config({**JAMBA, "num_hidden_layers": 8, "attn_layer_period": 4, "attn_layer_offset": 2})
+    assert spec.mixers == ("mamba", "mamba", "attention", "mamba") * 2
+    assert spec.moe_layers == (1, 3, 5, 7) and spec.num_experts == 4 and not spec.mlp_free_layers
+    assert spec.ssm is not None and spec.ssm.bcdt_norm == "rms" and not spec.ssm.inner_fn
+    dense = spec_from_config({**JAMBA, "num_experts": 1})
+    assert dense.moe_layers == () and dense.num_experts == 0
 
 
 def test_mamba1_cache_is_constant_in_sequence_length() -> None:
@@ -174,9 +192,9 @@ def test_lfm2_short_conv_cache() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA],
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba"])
+                              "falcon_mamba", "jamba"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:
@@ -194,7 +212,7 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
     traced = trace_workload(cfg, make_workload(**opts)).peak_allocated_bytes
     spec = spec_from_config(cfg)
     est = estimate(spec, make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
-    if cfg in (MAMBA1, FALCON_MAMBA) and wname != "infer":
+    if cfg in (MAMBA1, FALCON_MAMBA, JAMBA) and wname != "infer":
         # The fallback's loop reads dA[:, :, i] and dBu[:, :, i] once per token, so backward sums one full-size
         # select_backward gradient per token into a buffer: in place on a GPU (torch/csrc/autograd/input_buffer.cpp
         # can_accumulate_inplace), out of place on the trace's fake tensors (tensor subclasses are excluded), which

@@ -692,10 +692,11 @@ class _B:
             return falcon_h1_layer(self, x)
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
-            from .ssm import mamba2_mixer, short_conv_mixer
+            from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
             def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv mixer in attention's place
-                return (short_conv_mixer if plan.mixer == "conv" else mamba2_mixer)(self, v)
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer}.get(plan.mixer, mamba2_mixer)
+                return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1

@@ -59,7 +59,9 @@ class SSMSpec:
     out_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1: projectors_bias)
     mup: bool = False  # Falcon-H1: input * ssm_in_multiplier and projection * mup_vector (a copy each)
     dt_rank: int = 0  # Mamba-1 (mixer "mamba"): time_step_rank, the width of x_proj's dt part and dt_proj's input
-    bcdt_norm: bool = False  # Falcon-Mamba: weightless RMSNorms on dt, B and C before the scan
+    # RMSNorms on dt, B and C before the scan: "" none (Mamba), "weightless" (Falcon-Mamba), "rms" (Jamba: weighted)
+    bcdt_norm: str = ""
+    inner_fn: bool = True  # Mamba-1 training calls mamba_inner_fn (Mamba, Falcon-Mamba); Jamba never does
 
     @property
     def conv_dim(self) -> int:
@@ -426,7 +428,8 @@ def mamba1_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
     state) and ``D``. Falcon-Mamba's B/C/dt norms hold buffers, not parameters."""
     di = ss.d_inner
     bias = di + ((2 * di + hidden) if ss.proj_bias else 0)
-    return bias, di * ss.d_conv + (di if ss.conv_bias else 0) + di * ss.d_state + di
+    norms = ss.dt_rank + 2 * ss.d_state if ss.bcdt_norm == "rms" else 0  # Jamba's dt/b/c_layernorm weights
+    return bias, di * ss.d_conv + (di if ss.conv_bias else 0) + di * ss.d_state + di + norms
 
 
 def mamba1_state_bytes(ss: SSMSpec, batch: int, act: int) -> int:
@@ -450,7 +453,7 @@ def mamba1_mixer(bld: _B, n: Tensor) -> Tensor:
                           lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
     pj = lin(n, h, 2 * ss.d_inner, "in_proj", ss.proj_bias)
-    if plan.ssm_kernel == "fused" and bld.num.training:
+    if plan.ssm_kernel == "fused" and bld.num.training and ss.inner_fn:
         return _mamba1_inner_fn(bld, pj)
     return _mamba1_scan(bld, pj, lin, fused=plan.ssm_kernel == "fused")
 
@@ -488,13 +491,21 @@ def _mamba1_inner_fn(bld: _B, pj: Tensor) -> Tensor:
     return y
 
 
-def _weightless_rms(bld: _B, x: Tensor, dim: int) -> Tensor:
-    """Falcon-Mamba's ``FalconMambaWeightlessRMSNorm``: ``x.float()``, pow(2).mean, ``x * rsqrt``, ``type_as(x)``."""
+def _bcdt_rms(bld: _B, x: Tensor, dim: int, weighted: bool) -> Tensor:
+    """Falcon-Mamba's ``FalconMambaWeightlessRMSNorm`` (``x.float()``, pow(2).mean, ``x * rsqrt``, ``type_as(x)``)
+    or Jamba's ``JambaRMSNorm`` (the same, then ``weight * h.to(input dtype)``) on dt, B or C."""
     x32 = bld.cast(x, 4)
     sq = bld.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
     var = bld.tp.op(x.numel // dim, 4, (sq,))
     rs = bld.ew(var, save_out=True)
-    return bld.cast(bld.mul(x32, rs), x.elem)
+    out = bld.cast(bld.mul(x32, rs), x.elem)
+    if not weighted:
+        return out
+    plan = bld.plan
+    tr = plan is not None and plan.trainable
+    pg = bld.param_grad(f"bcdt{len(bld.tp.ops)}", dim, bld.num.norm_param) if tr else ()
+    return bld.tp.op(out.numel, max(bld.num.norm_param, out.elem), (out,), save=(out,) if tr else (), params=pg,
+                     rg=out.rg or tr)
 
 
 def _mamba1_scan(bld: _B, pj: Tensor, lin: object, *, fused: bool) -> Tensor:
@@ -544,18 +555,33 @@ def _mamba1_scan(bld: _B, pj: Tensor, lin: object, *, fused: bool) -> Tensor:
     bv = tp.view(xdbl, t * n)
     cv = tp.view(xdbl, t * n)
     if ss.bcdt_norm:  # dt_layernorm, b_layernorm, c_layernorm
-        ts = _weightless_rms(bld, ts, r)
-        bv = _weightless_rms(bld, bv, n)
-        cv = _weightless_rms(bld, cv, n)
+        weighted = ss.bcdt_norm == "rms"
+        ts = _bcdt_rms(bld, ts, r, weighted)
+        bv = _bcdt_rms(bld, bv, n, weighted)
+        cv = _bcdt_rms(bld, cv, n, weighted)
     tsc = tp.op(t * r, e, (ts,), passthrough=True)  # matmul folds time_step^T: a contiguous copy
     dt = tp.op(t * di, e, (tsc,), save=(tsc,) if tr else (), params=pg("dt_proj", r * di), rg=tsc.rg or tr,
                grad_to=(tsc,))
     dt = tp.op(t * di, e, (dt,), params=pg("dt_bias", di), rg=dt.rg or tr)  # + delta_bias.to(dt.dtype)
     dt = tp.op(t * di, e, (dt,), save=(dt,) if dt.rg else ())  # softplus saves its input
     if fused:  # selective_scan_fn: contiguous copies of delta, B, C and z; out, intermediates, out_z
-        copies = t * di * e + 2 * b * n * s * e + t * di * e
-        out = tp.op(t * di, e, (dt, bv, cv, gate), rg=False, fwd_scratch=copies + t * di * e
-                    + b * di * -(-s // 2048) * 2 * n * 4)
+        inter_n = b * di * -(-s // 2048) * 2 * n
+        if num.training:
+            # SelectiveScanFn (Jamba's training path): saves u, the delta / B / C / z copies, the fp32
+            # intermediates and out; backward makes du, ddelta, dz, the recomputed out_z and fp32 dB, dC
+            d_c = tp.op(t * di, e, (dt,), passthrough=True)
+            b_c = tp.op(b * n * s, e, (bv,), passthrough=True)
+            c_c = tp.op(b * n * s, e, (cv,), passthrough=True)
+            z_c = tp.op(t * di, e, (gate,), passthrough=True)
+            inter = tp.op(inter_n, 4, (), rg=False)
+            o_raw = tp.op(t * di, e, (act,), rg=False)
+            params = pg("A_log", di * n) + pg("D", di)
+            out = tp.op(t * di, e, (act, d_c, b_c, c_c, z_c, inter, o_raw),
+                        save=(act, d_c, b_c, c_c, z_c, inter, o_raw), grad_to=(act, d_c, b_c, c_c, z_c),
+                        params=params, rg=True, bwd_scratch=t * di * e + 2 * b * n * s * 4)
+        else:
+            copies = t * di * e + 2 * b * n * s * e + t * di * e
+            out = tp.op(t * di, e, (dt, bv, cv, gate), rg=False, fwd_scratch=copies + t * di * e + inter_n * 4)
         _live_until_end(bld, pj, act, xdbl)
         oc = tp.op(t * di, e, (out,))  # the linear reshapes the transposed output: a copy
         return linear(oc, di, h, "out_proj", ss.proj_bias if ss.out_bias is None else ss.out_bias)

@@ -83,7 +83,7 @@ def _mamba(c: _Cfg, family: str) -> ModelSpec:
     ss = SSMSpec(d_inner=d_inner, n_heads=1, head_dim=d_inner, n_groups=1, d_state=c.int_("state_size", default=16),
                  d_conv=c.int_("conv_kernel", default=4, hi=1024), chunk=2048,
                  conv_bias=c.bool_("use_conv_bias", default=True), proj_bias=c.bool_("use_bias", default=False),
-                 dt_rank=dt_rank, bcdt_norm=family == "falcon_mamba")
+                 dt_rank=dt_rank, bcdt_norm="weightless" if family == "falcon_mamba" else "")
     return ModelSpec(
         name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50280), hidden_size=hidden,
         num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=d_inner, intermediate_size=d_inner,
@@ -92,6 +92,49 @@ def _mamba(c: _Cfg, family: str) -> ModelSpec:
         mixers=("mamba",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
         residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
     )
+
+
+def _jamba(c: _Cfg, family: str) -> ModelSpec:
+    """Jamba (modeling_jamba.py): pre-norm decoder layers whose mixer is attention (no positional encoding) at
+    ``attn_layer_offset`` every ``attn_layer_period`` layers and a Mamba-1 mixer elsewhere (weighted RMSNorms on dt,
+    B and C; no ``mamba_inner_fn`` path), and whose feed-forward is a top-k MoE (softmax router, experts as 3-D
+    parameters) at ``expert_layer_offset`` every ``expert_layer_period`` layers and a SwiGLU MLP elsewhere."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    a_period = c.int_("attn_layer_period", default=8, hi=_MAX_LAYERS)
+    a_offset = c.int_("attn_layer_offset", default=4, lo=0, hi=_MAX_LAYERS)
+    e_period = c.int_("expert_layer_period", default=2, hi=_MAX_LAYERS)
+    e_offset = c.int_("expert_layer_offset", default=1, lo=0, hi=_MAX_LAYERS)
+    if a_offset >= a_period or e_offset >= e_period:
+        raise ConfigError(f"{c.where}: attn_layer_offset / expert_layer_offset must be below their period")
+    experts = c.int_("num_experts", default=16)
+    rank = c.raw.get("mamba_dt_rank", "auto")
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Jamba with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    ss = SSMSpec(d_inner=_expand(c, "mamba_expand", hidden), n_heads=1, head_dim=1, n_groups=1,
+                 d_state=c.int_("mamba_d_state", default=16), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
+                 chunk=2048, conv_bias=c.bool_("mamba_conv_bias", default=True),
+                 proj_bias=c.bool_("mamba_proj_bias", default=False),
+                 dt_rank=-(-hidden // 16) if rank in ("auto", None) else c.int_("mamba_dt_rank"), bcdt_norm="rms",
+                 inner_fn=False)
+    ss = replace(ss, head_dim=ss.d_inner)
+    raw = dict(c.raw)
+    for key, default in (("hidden_size", hidden), ("num_hidden_layers", layers), ("intermediate_size", 14336),
+                         ("vocab_size", 65536), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                         ("max_position_embeddings", 262144)):
+        raw.setdefault(key, default)
+    raw["num_local_experts"] = max(experts, 2)  # one "expert" is the dense MLP (JambaMLP): no MoE layer at all
+    raw["num_experts_per_tok"] = min(c.int_("num_experts_per_tok", default=2), raw["num_local_experts"])
+    spec = _llama_like(_Cfg(raw, c.where), "mixtral")
+    moe = tuple(i for i in range(layers) if experts > 1 and i % e_period == e_offset)
+    return replace(spec, family=family, position=PositionKind.NONE, sliding_window=None, sliding_layers=(),
+                   mixers=tuple("attention" if i % a_period == a_offset else "mamba" for i in range(layers)),
+                   moe_layers=moe, num_experts=experts if moe else 0, ssm=ss,
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), program_version="5.24")
 
 
 def _bamba(c: _Cfg, family: str) -> ModelSpec:
@@ -315,9 +358,10 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba": _mamba, "falcon_mamba": _mamba, "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
+    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
     "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
+                               "JambaForCausalLM": "jamba",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
