@@ -34,13 +34,15 @@ def _expand(c: _Cfg, key: str, hidden: int) -> int:
 def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: bool) -> SSMSpec:
     """The Mamba-2 mixer of the hybrid configs (Bamba, GraniteMoeHybrid, Falcon-H1), whose keys carry a ``mamba_``
     prefix, with their config classes' defaults; ``extra`` are the family's own fields."""
+    from dataclasses import replace
+
     d_head = c.raw.get("mamba_d_head", "auto")
-    return SSMSpec(
+    return replace(SSMSpec(
         d_inner=d_inner, n_heads=n_heads,
         head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
         n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
         d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
-        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)),
         **extra)
 
 
@@ -358,8 +360,8 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid,
-    "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
+    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "mamba2": _mamba2, "bamba": _bamba,
+    "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
