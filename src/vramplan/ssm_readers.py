@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .errors import ConfigError
 from .hfconfig import _MAX_LAYERS, _Cfg, _check_heads
@@ -31,7 +32,7 @@ def _expand(c: _Cfg, key: str, hidden: int) -> int:
     return d_inner
 
 
-def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: bool) -> SSMSpec:
+def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: Any) -> SSMSpec:
     """The Mamba-2 mixer of the hybrid configs (Bamba, GraniteMoeHybrid, Falcon-H1), whose keys carry a ``mamba_``
     prefix, with their config classes' defaults; ``extra`` are the family's own fields."""
     from dataclasses import replace
