@@ -176,6 +176,29 @@ def test_fused_mamba1_keeps_less_than_the_fallback() -> None:
         assert fused < torch_path
 
 
+ZAMBA2: dict[str, Any] = {"model_type": "zamba2", "hidden_size": 256, "num_hidden_layers": 2,
+                          "layers_block_type": ["mamba", "hybrid"], "num_attention_heads": 4, "n_mamba_heads": 8,
+                          "vocab_size": 4096, "mamba_d_state": 16, "chunk_size": 64}
+
+
+def test_zamba2_shared_blocks_are_counted_once() -> None:
+    """The first num_mem_blocks hybrid layers hold the shared transformer blocks, later ones reuse them; every
+    hybrid layer has its own linear and adapters; attention heads span 2 x hidden."""
+    from vramplan.params import count_params
+
+    cfg = {**ZAMBA2, "num_hidden_layers": 6, "num_mem_blocks": 2, "use_shared_attention_adapter": True,
+           "layers_block_type": ["mamba", "hybrid", "hybrid", "mamba", "hybrid", "hybrid"]}
+    spec = spec_from_config(cfg)
+    assert spec.mixers == ("mamba2", "zamba_hybrid", "zamba_hybrid", "mamba2", "zamba_tied", "zamba_tied")
+    assert spec.head_dim == 128 and spec.q_dim == 512 and spec.attention_layers == 4
+    counts = count_params(spec)
+    h, r, i = 256, 128, 1024
+    block = 3 * 512 * 512 + 512 * 256 + 256 * 2 * i + i * 256 + 512 + 256  # q/k/v, o, gate_up, down, two norms
+    own = 256 * 256 + h * r + r * 2 * i + 3 * (512 * r + r * 512)  # linear, MLP adapter, q/k/v adapters
+    assert counts.layers[1].total - counts.layers[4].total == block
+    assert counts.layers[4].total - counts.layers[0].total == own
+
+
 def test_nemotron_h_moe_blocks_are_refused() -> None:
     with pytest.raises(ConfigError, match="MoE"):
         spec_from_config({**NEMOTRON_H, "layers_block_type": ["mamba", "moe"]})
@@ -192,13 +215,18 @@ def test_lfm2_short_conv_cache() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA],
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
+                                 ZAMBA2],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba", "jamba"])
+                              "falcon_mamba", "jamba", "zamba2"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:
     pytest.importorskip("torch")
+    if cfg is ZAMBA2 and wname != "full":
+        # not found yet: -2.1% (LoRA) and -1.8% (inference) here, -4.8% / -4.3% at the coverage report's sizes, where
+        # the Mamba-2 program alone (same widths, no hybrid layer) is -1.8%; the shared block's part is unexplained
+        request.applymarker(pytest.mark.xfail(strict=False, reason="zamba2: hybrid layer gap not found"))
     if cfg is GRANITE4 and wname == "lora":
         # known miss: 2.5% low (5 MiB of 205) on this tiny config with checkpointing, within 0.8% at the coverage
         # report's sizes; not found yet (the same layers without MoE miss it too)

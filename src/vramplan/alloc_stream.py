@@ -30,7 +30,7 @@ from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import Phase
 from .memory import ModelStates, lora_targets, quantized_linear_bytes
 from .params import attention_linears, count_params, mlp_linears
-from .spec import ModelSpec
+from .spec import ATTENTION_MIXERS, ModelSpec
 from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
 
 __all__ = ["infer_events", "train_events"]
@@ -471,7 +471,7 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
     and are updated in place (cache_utils.py ``LinearAttentionLayer``: ``copy_``), so they never grow."""
     from .estimator import _kv_bytes
 
-    if spec.mixer(layer) not in ("attention", "parallel"):
+    if spec.mixer(layer) not in ATTENTION_MIXERS:
         return []
     per = _kv_bytes(spec, num, b, s, layer in spec.sliding_layers) // 2
     grow = [key for key, n in kept if n == per]

@@ -762,6 +762,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embedding_layernorm:
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout)
+    if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
+        tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.position is PositionKind.ROPE:
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp else 4, (), rg=False)
         tp.keep(cs)

@@ -107,6 +107,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
+        from .ssm import mamba2_linears
+
+        return zamba2_block_linears(spec) + mamba2_linears(spec.ssm, spec.hidden_size)
     if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
         from .ssm import mamba2_linears
 
@@ -123,6 +127,47 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
+
+
+def zamba2_block_linears(spec: ModelSpec, *, shared: bool = True, own: bool = True) -> list[tuple[str, int, int, int]]:
+    """The linears one Zamba2 hybrid layer runs (modeling_zamba2.py): ``shared``, those of the shared transformer
+    block (q/k/v from 2 x hidden, o_proj, gate_up_proj, down_proj); ``own``, the layer's own ``linear`` and its
+    adapters (gate_up_proj's, and q/k/v's with ``use_shared_attention_adapter``)."""
+    sb = spec.shared_block
+    assert sb is not None
+    h, h2, r, i = spec.hidden_size, 2 * spec.hidden_size, sb.adapter_rank, sb.intermediate
+    out: list[tuple[str, int, int, int]] = []
+    if shared:
+        out += [("q_proj", h2, spec.q_dim, 1), ("k_proj", h2, spec.kv_dim, 1), ("v_proj", h2, spec.kv_dim, 1),
+                ("o_proj", spec.q_dim, h, 1), ("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
+    if own:
+        out += [("linear", h, h, 1), ("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
+        if sb.attention_adapters:
+            out += [(f"linear_{x}_adapter.{j}", *((h2, r) if j == 0 else (r, h2)), 1) for x in "qkv" for j in (0, 1)]
+    return out
+
+
+def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm), its own ``linear`` and adapters, and, for
+    the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over 2 x hidden and
+    hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
+    from .ssm import mamba2_extra_params, mamba2_linears
+
+    assert spec.ssm is not None and spec.shared_block is not None
+    h = spec.hidden_size
+    owner = spec.mixer(index) == "zamba_hybrid"
+    block = zamba2_block_linears(spec, own=False) if owner else []
+    mix = mamba2_linears(spec.ssm, h) + zamba2_block_linears(spec, shared=False)
+    bias, other = mamba2_extra_params(spec.ssm, h)
+    norms = _norm_params(spec, h)
+    if owner:
+        norms += _norm_params(spec, 2 * h) + _norm_params(spec, h)
+        if spec.mlp_bias:
+            bias += 2 * spec.shared_block.intermediate + h
+    attn = [x for x in mix + block if x[0] in ("q_proj", "k_proj", "v_proj", "o_proj") or "mamba" in x[0]]
+    rest = [x for x in mix + block if x not in attn]
+    return LayerParams(sum(i * o * n for _, i, o, n in attn), sum(i * o * n for _, i, o, n in rest), bias,
+                       norms + other, tuple(mix + block))
 
 
 def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
@@ -166,6 +211,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
         return LayerParams(0, sum(i * o * n for _, i, o, n in mlp), bias, _norm_params(spec, spec.hidden_size),
                            tuple(mlp))
+    if spec.mixer(index) in ("zamba_hybrid", "zamba_tied"):
+        return _zamba2_layer_params(spec, index)
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers

@@ -297,6 +297,82 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
     return _gated_norm(bld, y, pj)
 
 
+@dataclass(frozen=True, slots=True)
+class SharedBlock:
+    """Zamba2's shared transformer block (modeling_zamba2.py ``Zamba2AttentionDecoderLayer``): ``num_mem_blocks``
+    sets of attention + MLP weights reused in turn by the hybrid layers, each hybrid layer with its own low-rank
+    adapters (``adapter_rank``) on the MLP's gate_up_proj and, with ``use_shared_attention_adapter``, on q/k/v."""
+
+    num_mem_blocks: int
+    adapter_rank: int
+    attention_adapters: bool
+    intermediate: int
+
+
+def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:
+    """``Zamba2HybridLayer.forward`` (modeling_zamba2.py, transformers 5.24): the shared transformer on
+    ``cat([x, original embeddings])`` (RMSNorm over 2 x hidden; q/k/v from 2 x hidden with heads of 2 x hidden /
+    heads, + adapters; o_proj to hidden; pre_ff RMSNorm; gate_up_proj + its adapter, act(gate) * up, down_proj),
+    then ``linear``; then the Mamba-2 decoder layer on ``x + that`` (input_layernorm, mixer, ``+ x``). The
+    original embeddings are an input held by the model (``torch.clone(inputs_embeds)``, counted with the
+    embeddings); their gradient is not modelled."""
+    spec, tp, plan, num = bld.spec, bld.tp, bld.plan, bld.num
+    assert plan is not None and spec.shared_block is not None
+    sb = spec.shared_block
+    h, b, s = spec.hidden_size, bld.b, bld.s
+    t, h2 = b * s, 2 * h
+    tr, quant = plan.trainable, plan.quant
+    qd, kvd, r = spec.q_dim, spec.kv_dim, sb.adapter_rank
+
+    def lin(v: Tensor, fin: int, fout: int, name: str) -> Tensor:
+        return bld.linear(v, fin, fout, name, bias=False, trainable=tr, quant=quant,
+                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+    def adapted(v: Tensor, base: Tensor, fout: int, name: str) -> Tensor:  # base + Linear(r, out)(Linear(in, r)(v))
+        a = bld.linear(v, v.numel // t, r, name + "_adapter.0", bias=False, trainable=tr)
+        return bld.add(base, bld.linear(a, r, fout, name + "_adapter.1", bias=False, trainable=tr))
+
+    orig = tp.input(t * h, x.elem, False)
+    cat = tp.op(t * h2, x.elem, (x, orig), grad_to=(x,), passthrough=True)
+    n1 = bld.norm(cat, h2, tr)
+
+    def attention(n: Tensor) -> Tensor:
+        q, k, v = lin(n, h2, qd, "q_proj"), lin(n, h2, kvd, "k_proj"), lin(n, h2, kvd, "v_proj")
+        if sb.attention_adapters:
+            q, k, v = adapted(n, q, qd, "linear_q"), adapted(n, k, kvd, "linear_k"), adapted(n, v, kvd, "linear_v")
+        q, k = bld.call(bld.rope, q), bld.call(bld.rope, k)
+        if not num.training:  # DynamicCache.update: the cache holds copies of keys and values
+            k = tp.op(b * bld.kv_len * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * bld.kv_len * kvd, k.elem, (v,), kind=KV)
+            tp.keep(k, v)
+        kernel = bld.kernel_for(False)
+        if num.amp and kernel.name != "EAGER":
+            q, k, v = bld.cast(q, 2), bld.cast(k, 2), bld.cast(v, 2)
+        out = bld.attention_core(q, k, v, kernel, spec.num_kv_heads)
+        if kernel.name in ("EAGER", "MATH"):
+            out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        return lin(out, qd, h, "o_proj")
+
+    a = bld.call(attention, n1)
+    n2 = bld.norm(a, h, tr)
+
+    def mlp(n: Tensor) -> Tensor:
+        gu = adapted(n, lin(n, h, 2 * sb.intermediate, "gate_up_proj"), 2 * sb.intermediate, "gate_up_proj")
+        g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
+        return lin(bld.mul(bld.activation(g), u), sb.intermediate, h, "down_proj")
+
+    m = bld.call(mlp, n2)
+    th = lin(m, h, h, "linear")
+    # Zamba2MambaDecoderLayer: residual = x; norm(x + transformer_hidden_states); mixer; residual + mixer
+    xin = bld.add(x, th)
+    nrm = bld.norm(xin, h, tr)
+    mix = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
+    y = bld.add(x, mix)
+    _live_until_end(bld, x, th)  # the hybrid layer's locals: its input and transformer_hidden_states
+    tp.keep(y)
+    return y
+
+
 def mamba_block(bld: _B, x: Tensor) -> Tensor:
     """``Mamba2Block.forward`` (and ``NemotronHBlock.forward``, whose block holds a Mamba-2 mixer, attention or an
     MLP): ``residual = x``; ``norm(x.to(norm dtype))``; the residual upcast to fp32 when ``residual_in_fp32``;
@@ -306,6 +382,8 @@ def mamba_block(bld: _B, x: Tensor) -> Tensor:
     xin = bld.cast(x, bld.num.norm_param)
     nrm = bld.norm(xin, spec.hidden_size, plan.trainable)
     res = bld.cast(x, 4) if spec.residual_fp32 else x
+    if plan.mixer in ("zamba_hybrid", "zamba_tied"):  # Zamba2: the shared transformer, then a Mamba-2 layer
+        return zamba2_hybrid_layer(bld, x)
     if plan.mixer == "none":  # an MLP-only block (Nemotron-H "-")
         m = bld.call(bld.mlp, nrm)
     elif plan.mixer == "attention":  # an attention-only block (Nemotron-H "*")

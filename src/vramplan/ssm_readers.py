@@ -140,6 +140,63 @@ def _jamba(c: _Cfg, family: str) -> ModelSpec:
                    tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), program_version="5.24")
 
 
+# configuration_zamba2.py: the layer pattern Zamba2Config writes when layers_block_type is not given (54 layers)
+_ZAMBA2_DEFAULT = (["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + ["mamba"] * 3
+                   + ["hybrid"] + ["mamba"] * 2)
+
+
+def _zamba2(c: _Cfg, family: str) -> ModelSpec:
+    """Zamba2 (modeling_zamba2.py): Mamba-2 decoder layers (RMSNorm + mixer + residual, no MLP), and hybrid layers
+    that first run a shared transformer block on ``cat([hidden, original embeddings])`` (attention over 2 x hidden
+    with heads of 2 x hidden / heads, no RoPE unless ``use_mem_rope``; an MLP of ``intermediate_size``, 4 x hidden
+    by default), project it with their own ``linear`` and add it to the Mamba-2 layer's input. ``num_mem_blocks``
+    weight sets are reused in turn; each hybrid layer has its own adapters."""
+    from .ssm import SharedBlock
+
+    layers = c.int_("num_hidden_layers", default=54, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2560)
+    raw_types = c.raw.get("layers_block_type")
+    types = list(_ZAMBA2_DEFAULT) if raw_types is None else raw_types
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("mamba", "linear_attention", "hybrid") for t in types):
+        raise ConfigError(f"{c.where}: layers_block_type must list one of mamba / hybrid per layer ({layers})")
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=heads) if c.raw.get("num_key_value_heads") is not None else heads
+    if (2 * hidden) % heads or heads % kv:
+        raise ConfigError(f"{c.where}: 2 x hidden_size must divide into num_attention_heads, and those into "
+                          "num_key_value_heads")
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("n_mamba_heads", default=8)
+    bias = c.bool_("add_bias_linear", default=False)
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads, head_dim=d_inner // n_heads, n_groups=c.int_("mamba_ngroups", default=1),
+        d_state=c.int_("mamba_d_state", default=64), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
+        chunk=c.int_("chunk_size", default=256, hi=1 << 16), conv_bias=True, proj_bias=bias))
+    inter = c.int_("intermediate_size", default=4 * hidden) if c.raw.get("intermediate_size") is not None \
+        else 4 * hidden
+    blocks = c.int_("num_mem_blocks", default=1, hi=_MAX_LAYERS)
+    sb = SharedBlock(num_mem_blocks=blocks, adapter_rank=c.int_("adapter_rank", default=128),
+                     attention_adapters=c.bool_("use_shared_attention_adapter", default=False), intermediate=inter)
+    mixers, hybrid = [], 0
+    for t in types:
+        if t == "hybrid":
+            mixers.append("zamba_hybrid" if hybrid < blocks else "zamba_tied")
+            hybrid += 1
+        else:
+            mixers.append("mamba2")
+    rope = c.bool_("use_mem_rope", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=2 * hidden // heads, intermediate_size=inter,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="gelu"),
+        position=PositionKind.ROPE if rope else PositionKind.NONE, mlp_bias=bias,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0), norms_per_layer=1,
+        mixers=tuple(mixers), mlp_free_layers=tuple(range(layers)), ssm=ss, shared_block=sb, program_version="5.24",
+    )
+
+
 def _bamba(c: _Cfg, family: str) -> ModelSpec:
     """Bamba (modeling_bamba.py): LLaMA-style decoder layers whose token mixer is a Mamba-2 mixer, or attention at
     ``attn_layer_indices`` (RoPE on half of each head: ``partial_rotary_factor`` 0.5 is fixed by BambaConfig)."""
@@ -361,10 +418,10 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "mamba2": _mamba2, "bamba": _bamba,
+    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
-                               "JambaForCausalLM": "jamba",
+                               "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
