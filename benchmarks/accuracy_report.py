@@ -75,6 +75,8 @@ class Summary:
     def label(self, what: str) -> str:
         dev = self.manifest.get("used_for_development", {})
         text = str(dev.get(what, "")) if isinstance(dev, dict) else ""
+        if text.startswith("no, then partly"):
+            return "held out, then partly seen"
         return "development (in-sample)" if text.startswith("yes") else "held out" if text.startswith("no") else "?"
 
 

@@ -171,13 +171,13 @@ def test_reserved_grows_with_batch_and_sequence(model: str, task: str, batch: in
 
 def test_reserved_is_not_monotone_in_batch() -> None:
     """The caching allocator's reserve depends on how freed blocks of one size serve requests of another:
-    Llama-3.2-1B full training at 512 tokens reserves more at batch 3 than at batch 4 (the first step's
-    activations leave cached blocks that batch 4's tensors fill and batch 3's do not). Searches over batch and
-    sequence therefore confirm their answer with a full estimate (vramplan.fit)."""
-    b3 = estimate("llama-3.2-1b", batch_size=3, seq_len=512)
-    b4 = estimate("llama-3.2-1b", batch_size=4, seq_len=512)
-    assert b4.peak_allocated_bytes > b3.peak_allocated_bytes
-    assert b4.peak_reserved_bytes < b3.peak_reserved_bytes
+    Llama-3.2-1B full training at 256 tokens reserves more at batch 7 than at batch 8 (the first step's
+    activations leave cached blocks that batch 8's tensors fill and batch 7's do not). fit and plan therefore
+    decide on the largest reserve over the smaller batches and sequences (vramplan.fit), not on this one."""
+    b7 = estimate("llama-3.2-1b", batch_size=7, seq_len=256)
+    b8 = estimate("llama-3.2-1b", batch_size=8, seq_len=256)
+    assert b8.peak_allocated_bytes > b7.peak_allocated_bytes
+    assert b8.peak_reserved_bytes < b7.peak_reserved_bytes
 
 
 def _reserved_errors(folder: Path) -> list[tuple[str, float]]:
@@ -201,7 +201,7 @@ def test_reserved_accuracy(folder: str) -> None:
     worst = max(errs, key=lambda x: abs(x[1]))
     # figures as the README states them (language-model rows); see benchmarks/accuracy_report.py
     assert med <= 0.02, med
-    assert abs(worst[1]) <= 0.12, worst
+    assert abs(worst[1]) <= 0.08, worst  # the target: every row within ±8%
 
 
 def test_csv_has_reserved_for_every_row() -> None:

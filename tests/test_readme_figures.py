@@ -25,7 +25,7 @@ def test_readme_reserved_figures_match_the_report(dataset: str) -> None:
     assert figures == [f"{median:.2%}"[:-1], f"{worst:+.1%}"[:-1]], (row, median, worst)
     assert f"| {len(s.rows)} |" in row
     label = s.label("peak_reserved")
-    assert ("held out" in row) == (label == "held out")
+    assert ("held out" in row) == label.startswith("held out")
 
 
 def test_readme_multi_gpu_page_figures_are_the_estimate() -> None:

@@ -27,7 +27,7 @@ from . import allocator as A
 from ._engine.replay import GradBuf, layer_backward, layer_forward
 from ._engine.tape import Tape, Tensor
 from .blocks import Numerics, build_embed, build_head, build_layer
-from .kinds import Phase
+from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, quantized_linear_bytes
 from .params import attention_linears, count_params, mlp_linears
 from .spec import ATTENTION_MIXERS, ModelSpec
@@ -39,6 +39,7 @@ Event = tuple[object, int]
 MiB = 1 << 20
 CUBLAS_WORKSPACE = 32 * MiB
 _FREE = A.FREE
+_KIND_OF = tuple(MemoryKind)  # Tensor.kind indexes MemoryKind (vramplan._engine.tape)
 
 
 def _y(k: object) -> tuple[str, object]:
@@ -173,6 +174,28 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     return out
 
 
+def untied_head_bytes(spec: ModelSpec, w: Workload) -> int:
+    """The output projection's own weight that a tied-embedding model creates and drops while it is built.
+
+    ``from_config`` under ``torch.device("cuda")`` runs ``XForCausalLM.__init__``, whose
+    ``nn.Linear(hidden, vocab)`` allocates the head's weight on the device; ``post_init`` then ties it
+    (transformers ``modeling_utils.PreTrainedModel.tie_weights``: ``setattr(lm_head, "weight", embed.weight)``) and
+    the untied tensor dies. Its block stays cached, a segment of its own that later requests split
+    (the calibration harness calls no ``empty_cache`` between building and training). Quantizing the linear
+    layers after the build (bitsandbytes ``Linear4bit``, as the harness and ``--weights-quant nf4`` do) ends
+    with ``empty_cache``, which returns the free segment: 0 then."""
+    if not spec.tie_word_embeddings or w.base_quant is not WeightsQuant.NONE:
+        return 0
+    return spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * w.precision.param_bytes
+
+
+def _untied_head(st: _Stream, spec: ModelSpec, w: Workload) -> None:
+    n = untied_head_bytes(spec, w)
+    if n:
+        st.alloc(st.key("untied_head"), n)
+        st.free(st.key("untied_head"))
+
+
 def _adapters(spec: ModelSpec, w: Workload) -> list[int]:
     if not (w.uses_adapters and w.is_train):
         return []
@@ -248,6 +271,25 @@ def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[
     return out
 
 
+def _autocast_cached(tpl: _Template, codes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
+    """A checkpointed layer's forward under ``torch.autocast`` without the frees of its weights' 16-bit copies,
+    and the codes of those copies.
+
+    Autocast caches the cast of a leaf tensor that requires grad (``cached_cast`` in
+    aten/src/ATen/autocast_mode.cpp: ``arg.requires_grad() && arg.is_leaf()``), and the cache is cleared only
+    when the outermost autocast context exits (``torch.autocast.__exit__`` calls ``clear_autocast_cache`` once the
+    nesting level is 0). A layer under non-reentrant ``torch.utils.checkpoint`` saves nothing, so without the
+    cache its weight copies would die after each matmul; with it they all stay until the model call returns
+    and the ``with torch.autocast`` block ends. (A saving forward keeps them as saved tensors anyway, and the
+    recomputation in backward runs in an autocast context of its own that exits after each layer.)"""
+    weights = MemoryKind.WEIGHTS
+    casts = {tpl.local[id(t)] for t in tpl.tp.tensors
+             if _KIND_OF[t.kind] is weights and not t.external and not t.rg and id(t) in tpl.local}
+    held = [code for code, n in codes if n > 0 and code in casts]
+    keep = set(held)
+    return [(code, n) for code, n in codes if not (n == _FREE and code in keep)], held
+
+
 def _live(codes: list[tuple[int, int]]) -> set[int]:
     """Codes a recorded event list leaves allocated."""
     live: set[int] = set()
@@ -304,6 +346,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     params = _param_tensors(spec, w, states)
     for j, (_, n) in enumerate(params):
         st.alloc(st.key(("param", j)), n)
+    _untied_head(st, spec, w)
     adapters = _adapters(spec, w)
     for j, n in enumerate(adapters):
         st.alloc(st.key(("adapter", j)), n)
@@ -331,7 +374,9 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
 
-    groups = []
+    Codes = list[tuple[int, int]]
+    groups: list[tuple[int, _Template, bool, Codes, Codes, Codes, Codes, bool]] = []
+    autocast_held: dict[int, list[int]] = {}  # group -> codes of the weight casts autocast caches
     order = _layer_order(spec, first, every)
     for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, first, every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
@@ -355,6 +400,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             rec = record(tpl, "forward", True) if c else []
         bwd = record(tpl, "backward", False)
         bacc = record(tpl, "backward", True) if acc_runs else bwd
+        if c and num.amp:
+            fwd, autocast_held[len(groups)] = _autocast_cached(tpl, fwd)
         groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by) and not off))
 
     ht = Tape(True)
@@ -406,10 +453,12 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             e_base = st.fresh(len(emb.local))
             st.add(run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1)))
             bases: list[int] = []
+            cached: list[int] = []
             for k, gi in enumerate(order):
                 _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
                 base = st.fresh(len(tpl.local))
                 bases.append(base)
+                cached += [base + code for code in autocast_held.get(gi, ())]
                 items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
                 if k == 0 and not first_saves_x and not c:
                     # transformers' base model keeps inputs_embeds referenced until it returns
@@ -419,6 +468,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 st.free(y(-1))
             h_base = st.fresh(len(head.local))
             st.add(run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9))
+            for kk in cached:  # leaving torch.autocast clears its cache of weight casts
+                st.free(kk)
             st.mark(Phase.BACKWARD)
             st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9),
                            [(h_base + code, n) for code, n in seeds]))
@@ -487,6 +538,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st = _Stream()
     for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
         st.alloc(st.key(("param", j)), n)
+    _untied_head(st, spec, w)
     st.alloc(st.key("ids"), b * s * 8)
     st.ev.append((None, A.RESET))
     st.mark(Phase.PREFILL)

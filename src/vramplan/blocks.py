@@ -222,7 +222,7 @@ class _B:
             x32 = self.cast(x, 4)
             mean = self.tp.op(rows, 4, (x32,))
             d1 = self.tp.op(x.numel, 4, (x32, mean))
-            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else ())
+            sq = self.tp.op(x.numel, 4, (d1,), save=(d1,) if d1.rg else (), bwd_scratch=2 * x.numel * 4)
             var = self.tp.op(rows, 4, (sq,))
             rs = self.ew(var, save_out=True)
             d2 = self.tp.op(x.numel, 4, (x32, mean))
@@ -232,7 +232,9 @@ class _B:
             return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         x32 = self.cast(x, 4)
-        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
+        # pow(2)'s backward (FunctionsManual.cpp pow_backward: grad * (2 * x.pow(1))) makes x.pow(1) and 2 * that
+        # before the product that is the input's gradient
+        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else (), bwd_scratch=2 * x.numel * 4)
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
@@ -532,7 +534,7 @@ class _B:
         if spec.mlp is MLPKind.GATED:
             if spec.gate_up_fused:
                 gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
-                g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
+                g, u = tp.split(gu, 2)  # gate_up_proj(x).chunk(2, dim=-1)
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
@@ -604,8 +606,9 @@ class _B:
         else:
             idx = tp.op(pairs, 8, (probs,), rg=False)
         w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        # sigmoid routers return fp32 weights (the weighted expert outputs are then fp32 until the final cast)
-        return idx, w if spec.router_sigmoid else self.cast(w, n.elem)
+        # sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
+        # final cast)
+        return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
 
     def moe(self, n: Tensor) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
@@ -619,6 +622,9 @@ class _B:
         pairs = t * k
         tr = plan.trainable
         act = n.elem
+        # Qwen2-MoE and ERNIE 4.5 run the shared expert before the router (its output is held through the routed
+        # experts); DeepSeek-V3, GLM-4.5 and Granite after them
+        shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
         idx, w = self.router(n, t, e, k, tr)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
@@ -630,8 +636,9 @@ class _B:
         offs = tp.op(2 * e, 4, (hist,), rg=False)
         gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
                          quant=plan.quant, count=e)
-        a = self.activation(tp.view(gu, pairs * i))
-        p = self.mul(a, tp.view(gu, pairs * i))
+        gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
+        a = self.activation(gate)
+        p = self.mul(a, up)
         dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
         wd = self.mul(dn, wg)
@@ -644,20 +651,7 @@ class _B:
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
-            si = spec.shared_expert_intermediate_size
-            def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-                return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
-                                   lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
-
-            if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
-                sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
-                sg, su = tp.view(sgu, sgu.numel // 2), tp.view(sgu, sgu.numel // 2)
-            else:
-                sg = shared(n, h, si, "shared_gate_proj")
-                su = shared(n, h, si, "shared_up_proj")
-            sa = self.activation(sg)
-            sp = self.mul(sa, su)
-            so = shared(sp, si, h, "shared_down_proj")
+            so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
                 gate = self.linear(n, h, 1, "shared_expert_gate", bias=False, trainable=tr,
                                    lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
@@ -665,6 +659,26 @@ class _B:
                 so = self.mul(so, gs)
             out = self.add(out, so)
         return out
+
+    def shared_expert(self, n: Tensor) -> Tensor:
+        """The always-on shared expert: a gated MLP of ``shared_expert_intermediate_size``."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, si, tr = spec.hidden_size, spec.shared_expert_intermediate_size, plan.trainable
+
+        def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
+            sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+            sg, su = tp.split(sgu, 2)
+        else:
+            sg = shared(n, h, si, "shared_gate_proj")
+            su = shared(n, h, si, "shared_up_proj")
+        sa = self.activation(sg)
+        sp = self.mul(sa, su)
+        return shared(sp, si, h, "shared_down_proj")
 
     def call(self, module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``module(x)``: the caller's ``hidden_states`` keeps ``x`` referenced until the module returns."""

@@ -146,6 +146,7 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     x = tp.tensors[0]
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
+    tp.unpacked_saves = ckpt and keep_input  # its backward runs on the recomputed forward's tensors
     fwd = layer_forward(tp)
     fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
     bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \

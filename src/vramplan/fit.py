@@ -121,6 +121,31 @@ def largest_confirmed(cheap: Callable[[int], int | None], total: Callable[[int],
     return lo
 
 
+ENVELOPE_EXACT_BATCH = 16  # up to this batch, every smaller batch is estimated; above it a ladder of 16
+
+
+def _batch_ladder(b: int) -> list[int]:
+    """The batches 1..b: all of them up to ENVELOPE_EXACT_BATCH, else that many evenly spread ones (b included)."""
+    if b <= ENVELOPE_EXACT_BATCH:
+        return list(range(1, b + 1))
+    return sorted({-(-b * j // ENVELOPE_EXACT_BATCH) for j in range(1, ENVELOPE_EXACT_BATCH + 1)})
+
+
+def batch_envelope(total: Callable[[int], int | None], b: int) -> int:
+    """The largest ``total(b')`` over the batches ``b' <= b`` (0 for b < 1; a batch that cannot be built counts
+    as 0): what fit decides on, so that the OOM margin never grows with the batch."""
+    return max((t for k in _batch_ladder(b) if (t := total(k)) is not None), default=0)
+
+
+def first_failure(total: Callable[[int], int | None], budget: int, cap: int) -> int:
+    """The smallest batch in 1..cap (on :func:`_batch_ladder`) whose total exceeds ``budget``; cap + 1 if none."""
+    for k in _batch_ladder(cap):
+        t = total(k)
+        if t is None or t > budget:
+            return k
+    return cap + 1
+
+
 def _total(spec: ModelSpec, w: Workload, name: str) -> int | None:
     """Process memory of ``w``; None if the workload cannot be built at that size."""
     try:
@@ -322,18 +347,28 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     else:
         max_batch = largest_fitting(fits_batch, cap_b)
         max_seq = largest_fitting(fits_seq, cap_s)
+    # what the allocator reserves is not monotone in the batch: the largest batch is the largest b whose every
+    # smaller batch fits as well (the first failure from below caps it)
+    max_batch = min(max_batch, first_failure(lambda b: total_of(w.with_(batch_size=b)), usable, max_batch) - 1)
     one_gpu = layout is None
     kv = None if w.is_train or not one_gpu else kv_capacity(
         spec, w, gpu, gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
         name=label)
     step_s, tps = _speed(spec, w, gpu) if one_gpu else (None, None)
     total = est.total_bytes if per_gpu is None else per_gpu.total_bytes
+    # decide on the running maximum over the smaller batches at this sequence length (monotone in the batch)
+    total = max(total, batch_envelope(lambda b: total_of(w.with_(batch_size=b)), w.batch_size - 1))
     where = "" if per_gpu is None else f" on the most loaded of {per_gpu.layout.gpus} GPUs ({per_gpu.engine.value})"
+    sampled = "" if w.batch_size - 1 <= ENVELOPE_EXACT_BATCH else f" (sampled above batch {ENVELOPE_EXACT_BATCH})"
     assumptions = [
-        f"fits: total_bytes (what the caching allocator reserves + CUDA context){where} <= {gpu.display_name}'s "
-        f"usable memory, {usable / GiB:.2f} GiB; OOM margin {(usable - total) / GiB:+.2f} GiB",
-        "largest batch and longest sequence: exponential + binary search on the estimator (memory is "
-        "monotone in both)",
+        f"fits: total_bytes (what the caching allocator reserves + CUDA context){where}, and that of every "
+        f"smaller batch at this sequence length{sampled}, <= {gpu.display_name}'s usable memory, "
+        f"{usable / GiB:.2f} GiB; OOM margin {(usable - total) / GiB:+.2f} GiB "
+        "(reserved memory is not monotone in the batch: cached blocks of one step serve the next step's tensors "
+        "or do not, so a smaller batch can reserve more; the margin is monotone in the batch)",
+        "largest batch: the largest batch whose every smaller batch fits; longest sequence: exponential + binary "
+        "search on the estimator at this batch (the allocated peak is monotone in both, what is reserved is not: "
+        "a shorter sequence can reserve more)",
     ]
     if kv is not None:
         assumptions.append(
@@ -355,7 +390,9 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         # one growable segment per pool instead of fixed ones (PyTorch's advice against fragmentation): does
         # the same workload then fit?
         conf = ",".join(x for x in (w.alloc_conf, "expandable_segments:True") if x)
-        alt = estimate(spec, w.with_(alloc_conf=conf), name=label).total_bytes
+        we = w.with_(alloc_conf=conf)
+        alt = max(estimate(spec, we, name=label).total_bytes,
+                  batch_envelope(lambda b: _total(spec, we.with_(batch_size=b), label), w.batch_size - 1))
         if alt <= usable:
             expandable = alt
             warnings.append(f"with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True it would fit: "

@@ -209,6 +209,8 @@ _FAMILIES: dict[str, _Facts] = {
     "iquestcoder": _Facts(),
     # 2025 LLaMA-class families
     "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    # modeling_olmoe.py: LLaMA's layout, q/k RMSNorm over all heads, every MLP a MoE block (Qwen-style router)
+    "olmoe": _Facts(version="5.24", qk_norm="full", moe="olmoe"),
     "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
     "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
     "granite": _Facts(version="5.24", multipliers=True),
@@ -234,7 +236,7 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -293,7 +295,9 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
     if f.moe in ("mixtral", "granitemoe", "phimoe"):
         out = {"num_experts": c.int_("num_local_experts", default=8), "experts_per_token":
                c.int_("num_experts_per_tok", default=2), "moe_intermediate_size": c.int_("intermediate_size"),
-               "moe_layers": tuple(range(layers))}
+               "moe_layers": tuple(range(layers)),
+               # MixtralTopKRouter returns softmax(logits.float()) top-k values without a cast back
+               "router_weights_fp32": f.moe == "mixtral"}
         if f.moe == "granitemoe" and c.raw.get("shared_intermediate_size"):
             out["shared_expert_intermediate_size"] = c.int_("shared_intermediate_size", lo=0)
     elif f.moe == "qwen":
@@ -305,7 +309,14 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)}
         if family == "qwen2_moe":
             si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
-            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si)}
+            out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si), "shared_expert_first": True}
+    elif f.moe == "olmoe":  # OlmoeSparseMoeBlock: every layer; intermediate_size is the expert width
+        out = {"num_experts": c.int_("num_experts", default=64), "experts_per_token": c.int_("num_experts_per_tok",
+                                                                                              default=8),
+               "moe_intermediate_size": c.int_("intermediate_size"), "moe_layers": tuple(range(layers))}
+        if c.raw.get("clip_qkv") is not None:
+            raise ConfigError(f"{c.where}: clip_qkv (in-place clamps of q/k/v) is not modelled; "
+                              "run vramplan trace")
     elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
         inter = c.int_("moe_intermediate_size")
         first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
@@ -326,7 +337,8 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=0, lo=0),
                "moe_layers": tuple(i for i in range(layers) if (i + 1) % every == 0 and start <= i <= end),
-               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64)}
+               "router_fp32": True, "moe_extra_params": c.int_("moe_num_experts", default=64),
+               "shared_expert_first": True}
     return out
 
 

@@ -113,8 +113,10 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
+    shared_expert_first: bool = False  # the shared expert runs before the router (Qwen2-MoE, ERNIE 4.5)
     router_bias: bool = False
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
+    router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert

@@ -249,7 +249,13 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
             regions_done.add(r)
             _recompute(tp, region_ops[r], st, alive, recomputed_holders)
         if reached:
-            transient = op.bwd_scratch
+            scratch = op.bwd_scratch
+            if op.cast_scratch:
+                # gradients cast or summed down from full-size results; under a checkpoint's recomputation the op's
+                # saved tensors are already dropped by then (Tape.unpacked_saves)
+                freed = sum(t.nbytes for t in op.saved) if tp.unpacked_saves else 0
+                scratch += max(0, op.cast_scratch - freed)
+            transient = scratch
             out_buf = grads.get(id(op.outputs[0])) if op.outputs else None
             for t in op.grad_inputs:
                 own = id(t) in tp.own_grad
@@ -284,7 +290,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     seen_params.add(pid)
                     st.alloc(("p", pid), _GRAD, nb)
             st.check(transient, ptrans)
-            st.temporary(("s", i, -1), op.bwd_scratch)
+            st.temporary(("s", i, -1), scratch)
             st.release_temporaries()
             for t in op.outputs:
                 drop(id(t))

@@ -78,8 +78,8 @@ def kinds_dict(v: tuple[int, ...]) -> dict[MemoryKind, int]:
 
 
 class _Op:
-    __slots__ = ("bwd_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs", "params", "passthrough",
-                 "region", "saved")
+    __slots__ = ("bwd_scratch", "cast_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs", "params",
+                 "passthrough", "region", "saved")
 
     def __init__(self, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_inputs: tuple[Tensor, ...],
                  saved: tuple[Tensor, ...], params: tuple[tuple[int, int], ...], fwd_scratch: int,
@@ -91,6 +91,9 @@ class _Op:
         self.params = params  # (param id, grad bytes) of trainable parameters used
         self.fwd_scratch = fwd_scratch
         self.bwd_scratch = bwd_scratch
+        # input gradients the engine's validate_outputs makes (cast / summed down) from full-size results while the
+        # op's saved tensors may still be referenced (see Tape.unpacked_saves)
+        self.cast_scratch = 0
         self.passthrough = passthrough  # backward hands the output gradient to the inputs unchanged
         self.region = region  # the checkpoint region the op runs in, or -1
 
@@ -107,6 +110,9 @@ class Tape:
         self._producer_region: dict[int, int] = {}
         self._current = -1
         self._param_ids: dict[str, int] = {}
+        # the program is recomputed under non-reentrant torch.utils.checkpoint: its saved tensors are dropped as the
+        # backward unpacks them (the checkpoint's unpack hook), before the engine validates the op's gradients
+        self.unpacked_saves = False
 
     # ---- recording ------------------------------------------------------------------------
     def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
@@ -166,7 +172,16 @@ class Tape:
         """``a * b`` (broadcasting): saves ``b`` if ``a`` needs a gradient and ``a`` if ``b`` does."""
         save = ((b,) if a.rg else ()) + ((a,) if b.rg else ())
         big = a if a.numel >= b.numel else b
-        return self.op(big.numel, elem or max(a.elem, b.elem), (a, b), save=save)
+        e = elem or max(a.elem, b.elem)
+        # MulBackward0 (derivatives.yaml, mul_tensor_backward): each input's gradient is computed as grad * other at
+        # the output's shape and dtype; the engine's validate_outputs (torch/csrc/autograd/engine.cpp) then sums a
+        # broadcast input's down to its shape and casts a narrower input's to its dtype while both products are
+        # still referenced. Zero when neither input broadcasts nor is promoted.
+        full = big.numel * e
+        differ = [t for t in (a, b) if t.rg and self.training and t.numel * t.elem != full]
+        out = self.op(big.numel, e, (a, b), save=save, bwd_scratch=sum(full - t.numel * t.elem for t in differ))
+        self.ops[-1].cast_scratch = sum(t.numel * t.elem for t in differ)
+        return out
 
     def save_output(self, t: Tensor) -> None:
         """The last op keeps its own output for backward (softmax, tanh, rsqrt, relu, log_softmax)."""
@@ -181,6 +196,20 @@ class Tape:
         self.tensors.append(t)
         self._producer_region[id(t)] = self._producer_region.get(id(r), -2)
         return t
+
+    def split(self, base: Tensor, parts: int) -> tuple[Tensor, ...]:
+        """``base.chunk(parts, -1)`` / ``split``: views in the forward. Their gradients are separate buffers that
+        ``SplitBackward0`` (derivatives.yaml ``split_backward``) concatenates once into the base's gradient when all
+        have arrived, unlike slicing, where each slice's backward pads its gradient to the base's size."""
+        views = tuple(self.view(base, base.numel // parts) for _ in range(parts))
+        if not self.training or not base.rg:
+            return views
+        idx = len(self.ops)
+        self._use((base,), idx)
+        self.ops.append(_Op(views, (base,), (base,), (), (), 0, 0, False, self._current))
+        for v in views:
+            self.own_grad.add(id(v))
+        return views
 
     def scratch(self, nbytes: int, inputs: tuple[Tensor, ...] = ()) -> None:
         """A temporary that lives only inside one kernel (a workspace, a fused op's internal buffer)."""

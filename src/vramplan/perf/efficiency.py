@@ -103,6 +103,7 @@ class EngineProfile:
     fused_elementwise: bool  # activation/gating fused into one kernel
     source: str
     step_s: float = 0.0  # host work per decode step outside the layers (scheduling, sampling, output processing)
+    fused_attention: bool = False  # runs its own fused causal attention kernel (no materialised scores)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -299,7 +300,7 @@ def engine_profile(name: str) -> EngineProfile:
     kernel_s = doc["execution_modes"][mode]["kernel_s"]
     return EngineProfile(key, mode, e["kernels_per_layer"], None if kernel_s is None else float(kernel_s),
                          float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
-                         float(e.get("step_s", 0.0)))
+                         float(e.get("step_s", 0.0)), bool(e.get("fused_attention", False)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

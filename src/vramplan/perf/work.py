@@ -94,14 +94,16 @@ class _Attention:
     backward_flops_per_token: float = 0.0  # executed in backward, all layers (fused kernels recompute QK^T)
 
 
-def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int) -> _Attention:
+def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int, *, engine_fused: bool = False) -> _Attention:
+    """Attention work of one pass; ``engine_fused``: a serving engine runs its own fused causal kernel
+    (FlashAttention, FlashInfer, TensorRT-LLM's context FMHA) whatever the Hugging Face model supports."""
     flops = 0.0
     backward = 0.0
     scores = 0
     for i in range(spec.num_layers):
         sliding = i in spec.sliding_layers and bool(spec.sliding_window)
         has_mask = bool(sliding and spec.sliding_window and seq > spec.sliding_window)
-        kernel = attention_kernel(spec, w, has_mask=has_mask)
+        kernel = Kernel.FLASH if engine_fused else attention_kernel(spec, w, has_mask=has_mask)
         fused = kernel in (Kernel.FLASH, Kernel.EFFICIENT)
         # SDPA's memory-efficient kernel with an explicit (sliding-window) mask computes every block
         skips = fused and (not has_mask or kernel is Kernel.FLASH)
@@ -422,12 +424,22 @@ def inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -
     return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w, engine)
 
 
+def _engine_fuses_attention(engine: str) -> bool:
+    """Whether ``engine`` runs a fused attention kernel of its own (``data/mfu.json`` engines,
+    ``fused_attention``); transformers runs the model's own attention (SDPA, flash or eager, as chosen)."""
+    if engine == "transformers":
+        return False
+    from .efficiency import engine_profile  # efficiency imports this module
+
+    return engine_profile(engine).fused_attention
+
+
 @lru_cache(maxsize=4096)
 def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
     b, s = w.batch_size, w.seq_len
     tokens = b * s
     n_layers, n_head = layer_matmul_weights(spec)
-    att = _attention(spec, w, b, s)
+    att = _attention(spec, w, b, s, engine_fused=_engine_fuses_attention(engine))
     logit_tokens = b if w.logits is LogitsMode.LAST else tokens
     gemm = 2 * n_layers * tokens + 2 * n_head * logit_tokens
     attention = att.flops_per_token * tokens

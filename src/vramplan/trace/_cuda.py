@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
-    "cuda_sdpa", "grouped_mm_any_dtype", "register_cuda_kernels", "safe_softmax_transient",
+    "cuda_sdpa", "grouped_mm_any_dtype", "index_backward_in_place", "register_cuda_kernels", "safe_softmax_transient",
 ]
 
 aten = torch.ops.aten
@@ -152,6 +152,18 @@ def grouped_mm_any_dtype(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | 
         shape = aten._grouped_mm.default(meta(a, torch.bfloat16), meta(b, torch.bfloat16), meta(offs),
                                          meta(bias, torch.bfloat16), torch.bfloat16).shape
     return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
+
+
+def index_backward_in_place(self: torch.Tensor, indices: Any, values: torch.Tensor, accumulate: bool = False) -> Any:
+    """``index.Tensor``'s backward as it runs on real CUDA tensors. ``index_backward``
+    (torch/csrc/autograd/FunctionsManual.cpp) accumulates the gradient into its fresh ``zeros_like(self)`` with the
+    in-place ``_index_put_impl_``, and takes the out-of-place ``index_put`` only when ``areAnyTensorSubclassLike``:
+    true for fake tensors and whenever a dispatch mode is on, so under the trace it would hold a second buffer of
+    the indexed tensor's size (MoE dispatch: ``hidden_states[perm // top_k]``, ``weighted_out[inv_perm]``)."""
+    node = torch._C._current_autograd_node()
+    if not accumulate or node is None or node.name() != "IndexBackward0":
+        return NotImplemented
+    return aten.index_put_.default(self, indices, values, True)
 
 
 # ---- dropout -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ._cuda import (
     cuda_dropout,
     cuda_sdpa,
     grouped_mm_any_dtype,
+    index_backward_in_place,
     register_cuda_kernels,
     safe_softmax_transient,
 )
@@ -364,6 +365,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     tracker.overrides[aten.scaled_dot_product_attention.default] = sdpa
     tracker.overrides[aten.dropout.default] = cuda_dropout
     tracker.overrides[aten._grouped_mm.default] = grouped_mm_any_dtype
+    tracker.overrides[aten.index_put.default] = index_backward_in_place
     for f in _ATTN_BWD:
         tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
     tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
