@@ -194,9 +194,10 @@ def test_zamba2_shared_blocks_are_counted_once() -> None:
     counts = count_params(spec)
     h, r, i = 256, 128, 1024
     block = 3 * 512 * 512 + 512 * 256 + 256 * 2 * i + i * 256 + 512 + 256  # q/k/v, o, gate_up, down, two norms
-    own = 256 * 256 + h * r + r * 2 * i + 3 * (512 * r + r * 512)  # linear, MLP adapter, q/k/v adapters
-    assert counts.layers[1].total - counts.layers[4].total == block
-    assert counts.layers[4].total - counts.layers[0].total == own
+    adapters = h * r + r * 2 * i + 3 * (512 * r + r * 512)  # the MLP's and q/k/v's, one set per hybrid layer
+    # block 0 serves hybrid layers 0 and 2, block 1 layers 1 and 3: each holds two adapter sets
+    assert counts.layers[1].total - counts.layers[4].total == block + 2 * adapters
+    assert counts.layers[4].total - counts.layers[0].total == 256 * 256  # a reusing layer's own linear
 
 
 def test_nemotron_h_moe_blocks_are_refused() -> None:

@@ -156,15 +156,20 @@ def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     assert spec.ssm is not None and spec.shared_block is not None
     h = spec.hidden_size
     owner = spec.mixer(index) == "zamba_hybrid"
-    block = zamba2_block_linears(spec, own=False) if owner else []
-    mix = mamba2_linears(spec.ssm, h) + zamba2_block_linears(spec, shared=False)
+    block: list[tuple[str, int, int, int]] = []
+    if owner:  # the block's weights and the adapter sets it holds (one per hybrid index it serves)
+        b = sum(1 for i in range(index) if spec.mixer(i) == "zamba_hybrid")
+        sets = spec.shared_block.adapters_of_block(b)
+        block = zamba2_block_linears(spec, own=False) + \
+            [(n, i, o, c * sets) for n, i, o, c in zamba2_block_linears(spec, shared=False) if n != "linear"]
+    mix = [*mamba2_linears(spec.ssm, h), ("linear", h, h, 1)]
     bias, other = mamba2_extra_params(spec.ssm, h)
     norms = _norm_params(spec, h)
     if owner:
         norms += _norm_params(spec, 2 * h) + _norm_params(spec, h)
         if spec.mlp_bias:
             bias += 2 * spec.shared_block.intermediate + h
-    attn = [x for x in mix + block if x[0] in ("q_proj", "k_proj", "v_proj", "o_proj") or "mamba" in x[0]]
+    attn = [x for x in mix + block if x[0] in ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj")]
     rest = [x for x in mix + block if x not in attn]
     return LayerParams(sum(i * o * n for _, i, o, n in attn), sum(i * o * n for _, i, o, n in rest), bias,
                        norms + other, tuple(mix + block))
@@ -249,10 +254,12 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[tuple[bool, str, bool], LayerParams] = {}
+    unique: dict[tuple[bool, str, bool, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
-        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers)
+        # a Zamba2 block owner's adapter sets depend on which block it holds
+        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
+               i if spec.mixer(i) == "zamba_hybrid" else -1)
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])

@@ -307,6 +307,13 @@ class SharedBlock:
     adapter_rank: int
     attention_adapters: bool
     intermediate: int
+    # len(hybrid_layer_ids): each block holds adapters for the hybrid indices i < this with i % num_mem_blocks
+    # equal to its own index (Zamba2MLP / Zamba2Attention ``num_fwd_mem_blocks``)
+    adapter_slots: int
+
+    def adapters_of_block(self, block: int) -> int:
+        """How many adapter sets block ``block`` holds."""
+        return len(range(block, self.adapter_slots, self.num_mem_blocks))
 
 
 def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:

@@ -78,7 +78,9 @@ def _mamba(c: _Cfg, family: str) -> ModelSpec:
     and C. ``time_step_rank`` "auto" is ceil(hidden / 16) (configuration_mamba.py)."""
     hidden = c.int_("hidden_size", default=768)
     layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
-    d_inner = _expand(c, "expand", hidden)
+    # MambaMixer sizes itself by config.intermediate_size: expand x hidden unless a saved config states it
+    d_inner = c.int_("intermediate_size") if c.raw.get("intermediate_size") is not None else \
+        _expand(c, "expand", hidden)
     rank = c.raw.get("time_step_rank", "auto")
     dt_rank = -(-hidden // 16) if rank in ("auto", None) else c.int_("time_step_rank")
     if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
@@ -168,15 +170,20 @@ def _zamba2(c: _Cfg, family: str) -> ModelSpec:
     d_inner = _expand(c, "mamba_expand", hidden)
     n_heads = c.int_("n_mamba_heads", default=8)
     bias = c.bool_("add_bias_linear", default=False)
+    head_dim = c.int_("mamba_headdim") if c.raw.get("mamba_headdim") is not None else d_inner // n_heads
     ss = _check_ssm(c, hidden, SSMSpec(
-        d_inner=d_inner, n_heads=n_heads, head_dim=d_inner // n_heads, n_groups=c.int_("mamba_ngroups", default=1),
+        d_inner=d_inner, n_heads=n_heads, head_dim=head_dim, n_groups=c.int_("mamba_ngroups", default=1),
         d_state=c.int_("mamba_d_state", default=64), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
         chunk=c.int_("chunk_size", default=256, hi=1 << 16), conv_bias=True, proj_bias=bias))
     inter = c.int_("intermediate_size", default=4 * hidden) if c.raw.get("intermediate_size") is not None \
         else 4 * hidden
     blocks = c.int_("num_mem_blocks", default=1, hi=_MAX_LAYERS)
+    n_hybrid = types.count("hybrid")
+    ids = c.raw.get("hybrid_layer_ids")  # what a saved config says; the model sizes its adapter lists by it
+    slots = len(ids) if isinstance(ids, list) else n_hybrid
     sb = SharedBlock(num_mem_blocks=blocks, adapter_rank=c.int_("adapter_rank", default=128),
-                     attention_adapters=c.bool_("use_shared_attention_adapter", default=False), intermediate=inter)
+                     attention_adapters=c.bool_("use_shared_attention_adapter", default=False), intermediate=inter,
+                     adapter_slots=slots)
     mixers, hybrid = [], 0
     for t in types:
         if t == "hybrid":
@@ -187,7 +194,9 @@ def _zamba2(c: _Cfg, family: str) -> ModelSpec:
     rope = c.bool_("use_mem_rope", default=False)
     return ModelSpec(
         name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32000), hidden_size=hidden,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=2 * hidden // heads, intermediate_size=inter,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=c.int_("attention_head_dim") if c.raw.get("attention_head_dim") is not None else 2 * hidden // heads,
+        intermediate_size=inter,
         tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
         activation=c.activation("hidden_act", default="gelu"),
         position=PositionKind.ROPE if rope else PositionKind.NONE, mlp_bias=bias,
