@@ -263,3 +263,20 @@ def test_fit_suggests_expandable_segments_where_they_turn_no_into_yes() -> None:
     assert any("expandable_segments:True" in x for x in d["warnings"])
     # where the default fits already, nothing is suggested
     assert check_fit(spec, w, base).to_dict()["alloc_conf_suggestion"] is None
+
+
+@pytest.mark.parametrize("conf", ["", "roundup_power2_divisions:4"])
+def test_empty_cache_returns_wholly_free_segments(conf: str) -> None:
+    """torch.cuda.empty_cache(): a free segment goes back, a segment with a live block stays whole."""
+    from vramplan.allocator import EMPTY, FREE, parse_alloc_conf, simulate
+
+    mib = 1 << 20
+    events = [("a", 32 * mib), ("b", 3 * mib), ("c", 3 * mib), ("c", FREE), ("a", FREE), (None, EMPTY),
+              ("d", 16 * mib)]
+    stats = simulate(events, parse_alloc_conf(conf))
+    # a's 32 MiB segment was released; b's 20 MiB segment stays (c's freed part is cached in it) and serves d
+    assert stats.segments == 1
+    assert stats.peak_reserved_bytes == 52 * mib  # before the release
+    probe: list[int] = []
+    simulate([*events, (None, -4)], parse_alloc_conf(conf), probe)
+    assert probe == [20 * mib]

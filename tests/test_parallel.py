@@ -559,3 +559,50 @@ def test_per_gpu_from_the_python_api_equals_the_cli(capsys: pytest.CaptureFixtur
     assert "peak allocated" in out and "pipeline bubble" in out
     seventy = estimate("llama-3.1-70b", method="lora", gpus=8, fsdp="full")
     assert seventy.per_gpu is not None and seventy.per_gpu.peak_allocated_bytes < seventy.peak_allocated_bytes
+
+
+# ---- DDP through the allocator model (issue 12) -----------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40 << 20), min_size=1, max_size=30),
+       st.sampled_from([[1 << 20, 25 << 20], [250 << 20], [25 << 20]]))
+def test_bucket_assignment_is_torchs(sizes: list[int], limits: list[int]) -> None:
+    """alloc_stream.bucket_assignment against torch's own ``_compute_bucket_assignment_by_size``."""
+    torch = pytest.importorskip("torch")
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed not built")
+    from vramplan.alloc_stream import bucket_assignment
+
+    even = [2 * -(-n // 2) for n in sizes]  # bf16 tensors: bytes are even
+    tensors = [torch.empty(n // 2, dtype=torch.bfloat16) for n in even]
+    want, _ = dist._compute_bucket_assignment_by_size(tensors, limits, [False] * len(tensors))
+    assert bucket_assignment(even, limits) == [list(b) for b in want]
+
+
+@pytest.mark.parametrize(("model", "kw"), [("llama-3.2-1b", {}), ("qwen2.5-0.5b", {"method": "lora"}),
+                                           ("gpt2", {"precision": "amp-bf16", "gradient_checkpointing": True})])
+def test_ddp_reserved_comes_from_the_ranks_allocation_stream(model: str, kw: dict[str, object]) -> None:
+    """A DDP rank: the single-GPU stream plus the reducer's buckets, replayed (not allocated + 10%)."""
+    from vramplan.estimator import reserved_stats
+    from vramplan.memory import model_states
+
+    spec = get_model(model).spec
+    w = make_workload(batch_size=2, seq_len=512, **kw)
+    est = estimate_parallel(spec, w, Layout(gpus=4))
+    assert "DDP's construction broadcast" in est.assumptions[-1]
+    stats = reserved_stats(spec, w, model_states(spec, w), ddp=True)
+    slack = est.breakdown[MemoryKind.ALLOCATOR_SLACK]
+    assert slack == max(0, stats.peak_reserved_bytes - est.peak_allocated_bytes)
+    # the replayed rank allocates what the per-GPU combination says it does
+    assert stats.peak_allocated_bytes == pytest.approx(est.peak_allocated_bytes, rel=0.01)
+    assert stats.peak_reserved_bytes >= stats.peak_allocated_bytes
+    single = reserved_stats(spec, w, model_states(spec, w))
+    # the buckets hold a second copy of the gradients from construction on
+    grads = model_states(spec, w).gradients
+    assert stats.peak_allocated_bytes == pytest.approx(single.peak_allocated_bytes + grads, rel=0.01)
+
+
+def test_other_layouts_say_reserved_is_not_replayed() -> None:
+    est = estimate_parallel(LLAMA8, make_workload(method="lora", seq_len=512), Layout(gpus=8, zero=3))
+    assert "not modelled" in est.assumptions[-1]
+    assert est.breakdown[MemoryKind.ALLOCATOR_SLACK] == int(est.peak_allocated_bytes * 0.10)

@@ -93,6 +93,22 @@ def test_serving_engines_run_their_own_fused_attention() -> None:
     assert engine_profile("tensorrt-llm").fused_attention and not engine_profile("transformers").fused_attention
 
 
+def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
+    """generate()'s DynamicCache grows by torch.cat (transformers cache_utils.py DynamicLayer.update): each step
+    reads and writes the whole cache once more; a paged or static cache (vLLM, gpt-fast) writes one slot."""
+    from vramplan.perf import decode_step
+    from vramplan.perf.work import kv_bytes_per_token
+
+    spec = get_model("llama-3.1-8b").spec
+    w = Workload(task=Task.INFER, batch_size=2, seq_len=8192, new_tokens=16)
+    gpu = get_gpu("a100-80gb-sxm")
+    hf = decode_step(spec, w, gpu, context=8192, batch=2, engine="transformers")
+    paged = decode_step(spec, w, gpu, context=8192, batch=2, engine="vllm")
+    assert hf.bytes_read - paged.bytes_read == 2 * 2 * kv_bytes_per_token(spec, w, 8192)
+    short = decode_step(spec, w, gpu, context=16, batch=2, engine="transformers")
+    assert short.seconds is not None and hf.seconds is not None and hf.seconds > short.seconds
+
+
 def test_logits_bytes_are_counted_not_fitted() -> None:
     bf16 = Workload(precision=Precision.BF16)
     fp32 = Workload(precision=Precision.FP32)

@@ -174,6 +174,65 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     return out
 
 
+def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
+    """The harness's 4-bit model (``measure.py`` ``to_4bit``, ``vramplan measure``), when that is how ``w`` is
+    built: True if the events were emitted.
+
+    ``from_config`` builds every weight in 16 bits on the device (a tied head also makes and drops its own
+    weight); then each decoder ``nn.Linear`` becomes a bitsandbytes ``Linear4bit`` in module order:
+    ``Params4bit(...).to("cuda")`` quantizes (``quantize_4bit``: packed weight, absmax and the double-quantization
+    constants) before the 16-bit weight dies with the replaced module; ``empty_cache()`` then returns the segments
+    left wholly free. For QLoRA, peft's ``prepare_model_for_kbit_training`` (peft/utils/other.py) casts every
+    other 16-bit parameter to fp32 (``param.data = param.data.to(torch.float32)``), one at a time."""
+    if w.base_quant is not WeightsQuant.NF4 or w.precision.param_bytes != 2 or spec.quantization is not None:
+        return False
+    counts = count_params(spec)
+    dense = 2
+    h = spec.hidden_size
+    others: list[int] = []  # 16-bit tensors that stay unquantized, in parameter order
+
+    def keep(tag: object, n: int) -> None:
+        st.alloc(st.key(("build", tag)), n)
+        others.append(st.key(("build", tag)))
+
+    keep("embed", counts.embedding * dense)
+    linears: list[tuple[int, int, int]] = []  # (key, numel, out_features)
+    for i in range(spec.num_layers):
+        layer = counts.layers[i]
+        for j, (name, fin, fout, n) in enumerate(attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)):
+            for e in range(n):
+                k = st.key(("build", i, j, e))
+                st.alloc(k, fin * fout * dense)
+                if name == "router":
+                    others.append(k)
+                else:
+                    linears.append((k, fin * fout, fout))
+        if layer.bias:
+            keep((i, "bias"), layer.bias * dense)
+        norms = max(1, layer.norm // h) if layer.norm else 0
+        for j in range(norms):
+            keep((i, "norm", j), layer.norm * dense // norms)
+    if counts.final_norm:
+        keep("final_norm", counts.final_norm * dense)
+    if counts.lm_head:
+        keep("lm_head", counts.lm_head * dense)
+    elif spec.tie_word_embeddings:
+        st.alloc(st.key("untied_head"), spec.vocab_size * (spec.embed_proj_dim or h) * dense)
+        st.free(st.key("untied_head"))
+    for k, numel, fout in linears:
+        wb, cb = quantized_linear_bytes(numel, fout, w.base_quant, w.uses_double_quant)
+        st.alloc(st.key(("q", k)), wb)
+        st.alloc(st.key(("qc", k)), cb)
+        st.free(k)
+    st.ev.append((None, A.EMPTY))
+    if w.method is Method.QLORA and w.is_train:
+        for k in others:
+            n = next(n for kk, n in st.ev if kk == k and n > 0)
+            st.alloc(st.key(("fp32", k)), 2 * n)
+            st.free(k)
+    return True
+
+
 def untied_head_bytes(spec: ModelSpec, w: Workload) -> int:
     """The output projection's own weight that a tied-embedding model creates and drops while it is built.
 
@@ -321,15 +380,80 @@ def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
     return out
 
 
-def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3) -> list[Event]:
+# torch/nn/parallel/distributed.py and torch/csrc/distributed/c10d/reducer.cpp (torch 2.13)
+DDP_FIRST_BUCKET_BYTES = 1 << 20  # dist._DEFAULT_FIRST_BUCKET_BYTES
+DDP_BUCKET_BYTES = 25 * MiB  # bucket_cap_mb=25
+DDP_BROADCAST_BYTES = 250 * MiB  # _sync_module_states(broadcast_bucket_size=int(250 * 1024 * 1024))
+
+
+def bucket_assignment(sizes: list[int], limits: list[int]) -> list[list[int]]:
+    """``compute_bucket_assignment_by_size`` (reducer.cpp) for tensors of one dtype: each tensor joins the open
+    bucket, which closes once its bytes reach the current limit; the next limit applies from then on (the last
+    one for every later bucket). Returns the tensors' indices per bucket."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    size = li = 0
+    for i, n in enumerate(sizes):
+        cur.append(i)
+        size += n
+        if size >= limits[li]:
+            out.append(cur)
+            cur, size = [], 0
+            li = min(li + 1, len(limits) - 1)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _ddp_construction(st: _Stream, states: list[list[int]], trainable: list[int]) -> None:
+    """What ``DistributedDataParallel(model)`` allocates (default settings: no unused-parameter search, no static
+    graph, ``gradient_as_bucket_view=False``).
+
+    ``_sync_module_states`` broadcasts every parameter from rank 0 with ``_broadcast_coalesced``: buckets of at
+    least 250 MiB per dtype, each flattened into one new tensor (``flatten_dense_tensors``: a ``cat``, or a view
+    for a bucket of one tensor), at most two in flight (``broadcast_coalesced`` in reducer.cpp). Then the
+    ``Reducer`` gets one bucket holding every trainable parameter's gradient (``compute_bucket_size_limits``
+    returns ``[sys.maxsize]`` for the first iteration), allocated as one flat tensor (``initialize_buckets``)."""
+    flats: list[int] = []
+    for g, sizes in enumerate(states):
+        for j, idx in enumerate(bucket_assignment(sizes, [DDP_BROADCAST_BYTES])):
+            if len(flats) >= 2:
+                st.free(flats.pop(0))
+            k = st.key(("ddp_broadcast", g, j))
+            if len(idx) > 1:
+                st.alloc(k, sum(sizes[i] for i in idx))
+            flats.append(k)
+    for k in flats:
+        st.free(k)
+    if sum(trainable):
+        st.alloc(st.key(("ddp_bucket", 0)), sum(trainable))
+
+
+def _ddp_rebuild(st: _Stream, trainable: list[int]) -> None:
+    """The second iteration's forward rebuilds the buckets in the order the first backward made the gradients
+    ready (``Reducer::rebuild_buckets``: limits 1 MiB for the first bucket, then 25 MiB): the one bucket dies
+    (``buckets_.clear()`` in ``initialize_buckets``), then each new bucket is allocated. The gradients come in
+    the reverse of the parameters' order."""
+    if not sum(trainable):
+        return
+    st.free(st.key(("ddp_bucket", 0)))
+    ready = trainable[::-1]
+    for j, idx in enumerate(bucket_assignment(ready, [DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_BYTES])):
+        k = st.key(("ddp_bucket", 1 + j))
+        st.opt_keys.add(k)  # kept from step to step, as the optimizer's state
+        st.alloc(k, sum(ready[i] for i in idx))
+
+
+def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
+                 ddp: bool = False) -> list[Event]:
     """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
     reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
-    the last step."""
-    return list(train_stream(spec, w, states, num, steps))
+    the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``)."""
+    return list(train_stream(spec, w, states, num, steps, ddp=ddp))
 
 
 def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 probe: list[int] | None = None) -> Iterator[Event]:
+                 probe: list[int] | None = None, ddp: bool = False) -> Iterator[Event]:
     """:func:`train_events` step by step. With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
     what is reserved at each ``PROBE`` marker, one at every step's start and end) the stream stops after the
     first step, from the second on, that reserved nothing new: every step ends with the tensors it began with
@@ -344,17 +468,22 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     acc_runs = w.gradient_accumulation > 1
     st = _Stream()
     params = _param_tensors(spec, w, states)
-    for j, (_, n) in enumerate(params):
-        st.alloc(st.key(("param", j)), n)
-    _untied_head(st, spec, w)
+    if not _bnb_build(st, spec, w):
+        for j, (_, n) in enumerate(params):
+            st.alloc(st.key(("param", j)), n)
+        _untied_head(st, spec, w)
     adapters = _adapters(spec, w)
     for j, n in enumerate(adapters):
         st.alloc(st.key(("adapter", j)), n)
+    first = _first_trainable(spec, w, states)
+    train_sizes = _trainable(spec, w, params, adapters, first)
+    if ddp:  # peft's fp32 adapters are a dtype of their own: broadcast in buckets of their own
+        _ddp_construction(st, [[n for _, n in params], adapters] if adapters else [[n for _, n in params]],
+                          train_sizes)
     st.alloc(st.key("ids"), b * s * 8)
 
     embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
-    first = _first_trainable(spec, w, states)
 
     def record(tpl: _Template, fn: str, flag: bool) -> list[tuple[int, int]]:
         """``fn``: "forward" (``flag``: saving) or "backward" (``flag``: parameter gradients exist)."""
@@ -417,7 +546,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
              for t in ht.tensors if t.keep and t.rg and not t.external]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
-    opt_states, opt_temps = _optimizer(w.optimizer, _trainable(spec, w, params, adapters, first), states)
+    opt_states, opt_temps = _optimizer(w.optimizer, train_sizes, states)
     L = spec.num_layers
     first_saves_x = groups[order[0]][7] if groups else True
     first_ckpt = groups[order[0]][2] if groups else False
@@ -439,6 +568,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if step:
             st.ev.append((None, A.RESET))
         st.ev.append((None, A.PROBE))
+        if ddp and step == 1:
+            _ddp_rebuild(st, train_sizes)
         for mb in range(micro):
             acc = mb > 0
             t = (step, mb)
@@ -512,7 +643,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         st.ev.append((None, A.PROBE))
         yield from st.ev
         st.ev.clear()
-        if probe is not None and step and len(probe) >= 2 and probe[-1] == probe[-2]:
+        # (with DDP the second step rebuilds the buckets: from the third on the steps repeat)
+        if probe is not None and step > int(ddp) and len(probe) >= 2 and probe[-1] == probe[-2]:
             return
 
 
@@ -536,9 +668,10 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
-    for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
-        st.alloc(st.key(("param", j)), n)
-    _untied_head(st, spec, w)
+    if not _bnb_build(st, spec, w):
+        for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
+            st.alloc(st.key(("param", j)), n)
+        _untied_head(st, spec, w)
     st.alloc(st.key("ids"), b * s * 8)
     st.ev.append((None, A.RESET))
     st.mark(Phase.PREFILL)

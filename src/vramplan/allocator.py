@@ -39,7 +39,7 @@ from typing import Any
 from .errors import WorkloadError
 from .result import ReservedPhase
 
-__all__ = ["DEFAULT_CONF", "FREE", "PHASE", "PROBE", "RESET", "AllocConf", "AllocStats", "parse_alloc_conf",
+__all__ = ["DEFAULT_CONF", "EMPTY", "FREE", "PHASE", "PROBE", "RESET", "AllocConf", "AllocStats", "parse_alloc_conf",
            "round_size", "simulate"]
 
 MiB = 1 << 20
@@ -360,6 +360,28 @@ class _Allocator:
         self._es_tail[small] = b
         return b
 
+    # ---- empty_cache ----------------------------------------------------------------------------
+    def empty_cache(self) -> None:
+        for small, pool in ((True, self.small), (False, self.large)):
+            for k in list(pool.keys):
+                b = pool.blocks[k]
+                if b.prev is None and b.next is None and b is not self._es_tail[small]:
+                    pool.remove(b)
+                    self.reserved -= b.size
+                    self.segments -= 1
+            tail = self._es_tail[small]
+            if tail is not None and not tail.allocated and self.conf.expandable_segments:
+                # unmap the free pages at the end of the growable segment
+                pool.remove(tail)
+                self.reserved -= tail.size
+                self._es_end[small] -= tail.size
+                p = tail.prev
+                if p is not None:
+                    p.next = None
+                self._es_tail[small] = p
+                if p is None:
+                    self.segments -= 1
+
     # ---- free -----------------------------------------------------------------------------------
     def free(self, key: object) -> None:
         b = self.live.pop(key)
@@ -390,10 +412,14 @@ class _Allocator:
 # Event stream: (key, nbytes) allocates nbytes under key; (key, FREE) frees the block of key;
 # (name, PHASE) starts a phase named name; (None, RESET) resets the peaks (torch.cuda.reset_peak_memory_stats).
 # (None, PROBE) appends what is reserved to simulate's ``probe`` list (a stream generator can read it back).
+# (None, EMPTY) is torch.cuda.empty_cache(): every cached segment that is wholly free goes back to the driver
+# (``release_cached_blocks`` -> ``release_blocks``: blocks that are not split; expandable segments unmap their free
+# pages, modelled as returning the free tail).
 FREE = -1
 PHASE = -2
 RESET = -3
 PROBE = -4
+EMPTY = -6
 
 
 def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CONF,
@@ -429,6 +455,8 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
             phases = {k: [0, 0] for k in phases}
         elif n == PROBE:
             probe.append(a.reserved)
+        elif n == EMPTY:
+            a.empty_cache()
     return AllocStats(peak_alloc, peak_res, a.segments,
                       tuple(ReservedPhase(k, v[0], v[1]) for k, v in phases.items() if v[1]), at_reset)
 
@@ -529,6 +557,12 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
             phases = {k2: [0, 0] for k2 in phases}
         elif n == PROBE:
             probe.append(reserved)
+        elif n == EMPTY:
+            for keys, blks in ((keys_s, blk_s), (keys_l, blk_l)):
+                for k in [k for k in keys if blks[k][4] is None and blks[k][5] is None]:
+                    del keys[bisect_left(keys, k)]
+                    reserved -= blks.pop(k)[1]
+                    segments -= 1
     return AllocStats(peak_alloc, peak_res, segments,
                       tuple(ReservedPhase(k2, v[0], v[1]) for k2, v in phases.items() if v[1]), at_reset)
 

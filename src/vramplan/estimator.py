@@ -519,9 +519,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
 
 
 def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = None,
-                   num: Numerics | None = None) -> AllocStats:
+                   num: Numerics | None = None, *, ddp: bool = False) -> AllocStats:
     """What the caching allocator holds for ``w``: the workload's allocation stream
-    (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`."""
+    (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`. ``ddp``: on one rank of
+    ``DistributedDataParallel`` (training only)."""
     from .alloc_stream import infer_events, train_stream
 
     states = states or model_states(spec, w)
@@ -532,7 +533,7 @@ def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = No
     # the 3 steps of the calibration loop, the last one measured; the stream stops early once a step reserves
     # nothing new (the later ones repeat it exactly: alloc_stream.train_stream)
     probe: list[int] = []
-    return simulate(train_stream(spec, w, states, num, 3, probe), conf, probe)
+    return simulate(train_stream(spec, w, states, num, 3, probe, ddp=ddp), conf, probe)
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:

@@ -9,7 +9,7 @@ from fractions import Fraction
 from typing import Any
 
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES
-from ..estimator import StageMoments, estimate, stage_moments
+from ..estimator import StageMoments, estimate, reserved_stats, stage_moments
 from ..kinds import MemoryKind, Phase
 from ..memory import model_states
 from ..result import Breakdown, Estimate, PhasePeak
@@ -233,9 +233,16 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     top = max(results, key=lambda r: r.peak.peak_allocated_bytes)
     peak_phase = top.peak
     peak = peak_phase.peak_allocated_bytes
+    replayed = ""
     if layout.is_single and peak == single.peak_allocated_bytes and single.peak_reserved_bytes:
         slack = single.peak_reserved_bytes - peak  # one GPU: the single-GPU allocator replay
-    else:  # per-GPU allocation streams (and NCCL/FSDP buffers) are not modelled yet: the calibration median
+        replayed = "one GPU"
+    elif reserved and single.peak_reserved_bytes and _ddp_replica(layout, workload):
+        # a DDP rank runs the single-GPU stream plus the reducer's buckets: replay that
+        stats = reserved_stats(spec, workload, ddp=True)
+        slack = max(0, stats.peak_reserved_bytes - peak)
+        replayed = "DDP"
+    else:  # per-GPU allocation streams of ZeRO, FSDP, TP and PP are not modelled: the calibration median
         slack = int(peak * ALLOCATOR_SLACK_FRACTION)
     kinds = {k: peak_phase.breakdown[k] for k in MemoryKind}
     kinds[K.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
@@ -252,10 +259,30 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     return ParallelEstimate(
         single=single, layout=layout, peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES,
         breakdown=Breakdown.of(kinds), host_bytes=host, comm_bytes_per_step=comm.bytes_per_step,
-        assumptions=_assumptions(spec, workload, layout, links), peak_phase=peak_phase.phase,
+        assumptions=(*_assumptions(spec, workload, layout, links), _reserved_note(replayed)),
+        peak_phase=peak_phase.phase,
         phases=top.phases, states=top.states, stage=top.index, stages=tuple(r.load for r in results),
         communication=comm, host_bytes_per_gpu=top.host, warnings=_warnings(spec, workload, layout),
     )
+
+
+def _ddp_replica(layout: Layout, w: Workload) -> bool:
+    """A rank of plain DDP training with default buckets: the single-GPU program plus the reducer's buckets."""
+    return (layout.engine is Engine.DDP and layout.dp > 1 and layout.tp == 1 and layout.pp == 1 and
+            layout.ep == 1 and not layout.ddp_bucket_view and layout.offload is Offload.NONE and w.is_train and
+            layout.micro_batches <= max(1, w.gradient_accumulation))
+
+
+def _reserved_note(replayed: str) -> str:
+    if replayed == "DDP":
+        return ("reserved: the rank's allocation stream replayed through the caching-allocator model (the single-GPU "
+                "stream, DDP's construction broadcast in 250 MiB buckets, one gradient bucket in the first "
+                "iteration, rebuilt into 25 MiB buckets in the second; torch/nn/parallel/distributed.py, "
+                "c10d/reducer.cpp)")
+    if replayed:
+        return "reserved: the allocation stream replayed through the caching-allocator model"
+    return (f"reserved: allocated peak + {ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median; this layout's "
+            "per-GPU allocation stream is not modelled)")
 
 
 def _assumptions(spec: ModelSpec, w: Workload, layout: Layout, links: Links) -> tuple[str, ...]:

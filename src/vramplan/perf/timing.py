@@ -52,6 +52,7 @@ from .work import (
     compute_dtype,
     decode_work,
     inference_work,
+    kv_bytes_per_token,
     training_work,
 )
 
@@ -302,9 +303,12 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
 
     The roofline divides by ``tp``; the per-layer cost does not (each GPU runs every layer's kernels); each
     layer adds two all-reduces of batch x hidden activations (after attention and after the MLP;
-    Megatron-LM's row-parallel linears, Shoeybi et al. 2019)."""
+    Megatron-LM's row-parallel linears, Shoeybi et al. 2019). An engine whose cache is rebuilt every step
+    (transformers' DynamicCache: ``torch.cat``) reads and writes the whole KV cache once more."""
     prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
     bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
+    if prof.kv_cache_copies:
+        bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
