@@ -1,6 +1,6 @@
 """How close vramplan's time model comes to measured and published step times and token rates.
 
-usage: python benchmarks/time_report.py [--rows]
+usage: python benchmarks/time_report.py [--rows]   (--rows: every row, training rows with their predicted split)
 
 Three sources:
 
@@ -30,7 +30,7 @@ from vramplan.catalog import resolve_model
 from vramplan.hardware import get_gpu
 from vramplan.hfconfig import load_config_file
 from vramplan.params import count_params
-from vramplan.perf import inference_time, training_time
+from vramplan.perf import StepTime, inference_time, training_time
 from vramplan.spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from vramplan.workload import Workload
 
@@ -47,6 +47,7 @@ class Row:
     measured: float  # seconds (or seconds per token)
     predicted: float | None
     source: str
+    split: str = ""  # where the predicted time goes (training: compute, memory, launch, optimizer, exposed comm)
 
     @property
     def error(self) -> float | None:
@@ -65,7 +66,7 @@ def _calibration_rows() -> Iterator[Row]:
             if w.is_train and r.get("step_s") and float(r["step_s"]) > 0:
                 tt = training_time(spec, w, h200, tokens=w.batch_size * w.seq_len * w.gradient_accumulation)
                 yield Row(r["name"], "train 1 GPU, H200 (calibration)", True, float(r["step_s"]),
-                          tt.step.total_s if tt.step else None, src)
+                          tt.step.total_s if tt.step else None, src, _split(tt.step))
             elif not w.is_train:
                 it = inference_time(spec, w, h200)
                 if r.get("prefill_s") and float(r["prefill_s"]) > 0:
@@ -74,6 +75,16 @@ def _calibration_rows() -> Iterator[Row]:
                 if r.get("decode_s_per_token") and float(r["decode_s_per_token"]) > 0:
                     yield Row(r["name"], "decode, transformers generate(), H200", False,
                               float(r["decode_s_per_token"]), it.decode_s_per_token, src)
+
+
+def _split(st: StepTime | None) -> str:
+    """Shares of a predicted training step: matrix products and attention, elementwise traffic, host launches,
+    the optimizer step, and the communication the step waits for (all of it, overlapped or not, in brackets)."""
+    if st is None or st.total_s <= 0:
+        return ""
+    m, t = st.micro_batches, st.total_s
+    return (f"compute {m * st.compute_s / t:.0%} memory {m * st.memory_s / t:.0%} launch {m * st.launch_s / t:.0%} "
+            f"optimizer {st.optimizer_s / t:.0%} comm {st.comm_s / t:.0%} (all {st.comm_total_s / t:.0%})")
 
 
 def mpt_spec(m: dict[str, Any]) -> ModelSpec:
@@ -116,7 +127,7 @@ def _published_rows() -> Iterator[Row]:
             measured_step = tokens / (value * n)
             label = f"train {n} GPUs FSDP ({gpu.name})" if n <= 8 else f"train {n} GPUs FSDP2, torchtitan ({gpu.name})"
             yield Row(r["id"], label, False, measured_step,
-                      None if tt.time_s is None else tt.time_s / tt.steps, src)
+                      None if tt.time_s is None else tt.time_s / tt.steps, src, _split(tt.step))
             continue
         it = inference_time(spec, w, gpu, split=int(r["layout"].get("tp", 1)), engine=r.get("engine", "transformers"))
         dtype = "fp8" if w.base_quant.value == "fp8" else ("int8" if w.base_quant.value == "int8" else "16-bit")
@@ -158,7 +169,8 @@ def main(argv: list[str]) -> int:
         for r in all_rows:
             err = "   —  " if r.error is None else f"{r.error:+7.1%}"
             pred = "—" if r.predicted is None else f"{r.predicted:.4g}"
-            print(f"{r.name:50s} {r.category:42s} measured {r.measured:.4g} predicted {pred:>9s} {err}")
+            print(f"{r.name:50s} {r.category:42s} measured {r.measured:.4g} predicted {pred:>9s} {err}"
+                  + (f"   {r.split}" if r.split else ""))
         print()
     print(f"{'category':50s} | {'in-sample: n   median    worst':>30s} | {'out-of-sample: n   median    worst':>34s}")
     for cat, c in summary(all_rows).items():

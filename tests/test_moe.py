@@ -25,6 +25,17 @@ MOE: dict[str, dict[str, Any]] = {
                      head_dim=128, **_COMMON),
     # q/k RMSNorm over all heads, every layer MoE
     "olmoe": dict(model_type="olmoe", intermediate_size=768, num_experts=8, num_experts_per_tok=2, **_COMMON),
+    # attention sinks (eager only), sliding/full layers, clamped-GLU experts with biases, top-k-then-softmax router
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=768, num_local_experts=8, num_experts_per_tok=2,
+                    head_dim=64, sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                    **_COMMON),
+    # OLMo 2's post-norm layout with OLMoE's block
+    "flex_olmo": dict(model_type="flex_olmo", intermediate_size=768, num_experts=8, num_experts_per_tok=2,
+                      pad_token_id=0, **_COMMON),
+    # Qwen3 attention with DeepSeek-V3's MoE
+    "dots1": dict(model_type="dots1", intermediate_size=1024, moe_intermediate_size=768, n_routed_experts=8,
+                  n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                  head_dim=128, **_COMMON),
     "mixtral": dict(model_type="mixtral", intermediate_size=1536, num_local_experts=8, num_experts_per_tok=2,
                     **_COMMON),
 }

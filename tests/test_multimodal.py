@@ -186,3 +186,17 @@ def test_trace_feeds_images_to_a_tiny_llava() -> None:
     assert any("48 image tokens" in a for a in three.assumptions)
     est = estimate(spec_from_config(raw, "tiny"), w)
     assert est.parameters == one.parameters
+
+
+def test_vision_language_reserved_says_it_is_not_replayed() -> None:
+    """Issue 12: the whole vision-language model has no allocation stream; its reserve is the allocated peak + 10%,
+    and the assumptions say so instead of repeating the language model's 'replay' line."""
+    import vramplan
+    from vramplan.kinds import MemoryKind
+
+    e = vramplan.estimate("llava-1.5-7b", method="lora")
+    slack = e.breakdown[MemoryKind.ALLOCATOR_SLACK]
+    assert slack == int(e.peak_allocated_bytes * 0.10)
+    assert e.peak_reserved_bytes == e.peak_allocated_bytes + slack
+    assert not any("reserved memory from a replay" in a for a in e.assumptions)
+    assert any("not a replay" in a for a in e.assumptions)

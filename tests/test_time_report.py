@@ -57,3 +57,10 @@ def test_calibration_rows_stay_in_sample(summary: dict[str, dict[str, list[float
     cal = summary["train 1 GPU, H200 (calibration)"]
     assert not cal["out"] and len(cal["in"]) >= 45
     assert _median(cal["in"]) < 0.15
+
+
+def test_training_rows_show_where_the_predicted_step_goes() -> None:
+    mod = _report()
+    train = [r for r in mod.rows() if r.category.startswith("train")]
+    assert train and all(r.split.startswith("compute ") and "optimizer" in r.split and "comm" in r.split
+                         for r in train), [r.name for r in train if not r.split]

@@ -55,7 +55,8 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     with a mask, transformers' ``use_gqa_in_sdpa()`` is False and it repeats k/v to every head first.
     """
     gqa = spec.num_kv_heads != spec.num_heads
-    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER:
+    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER or \
+            (not spec.sdpa and attention is Attention.SDPA):
         return Kernel.EAGER
     if attention is Attention.FLASH:
         return Kernel.FLASH
@@ -93,7 +94,9 @@ class _B:
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         big = a if a.numel >= b.numel else b
-        return self.tp.op(big.numel, max(a.elem, b.elem), (a, b))
+        out = self.tp.op(big.numel, max(a.elem, b.elem), (a, b))
+        self.tp.ops[-1].add_like = True
+        return out
 
     def dropout(self, x: Tensor, p: float) -> Tensor:
         """Training-mode dropout: a new output plus a saved bool mask; p == 0 returns the input."""
@@ -148,6 +151,8 @@ class _B:
         else:
             y = tp.op(tokens * fout, num.act if x.elem == num.act else x.elem, (x,),
                       save=(x,) if trainable else (), params=pg, kind=out_kind)
+        if x.rg:
+            tp.ops[-1].packs_weight = True  # mm saves the weight for the input's gradient
         if lora_rank:
             y = self.lora(x, y, fin, fout, lora_rank, name)
         return y
@@ -258,8 +263,17 @@ class _B:
         frac = spec.rotary_fraction
         if spec.position is not PositionKind.ROPE or frac <= 0 or (self.plan is not None and not self.plan.rope):
             return x
-        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
         style = spec.rope_style
+        if style == "chunk":
+            # gpt-oss _apply_rotary_emb: x1, x2 = chunk(x, 2); cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin)), cos and
+            # sin of head_dim / 2 in the states' dtype
+            x1, x2 = self.tp.split(x, 2)
+            first = self.tp.op(x1.numel, x.elem, (self.tp.op(x1.numel, x.elem, (x1,)),
+                                                  self.tp.op(x2.numel, x.elem, (x2,))))
+            second = self.tp.op(x1.numel, x.elem, (self.tp.op(x2.numel, x.elem, (x2,)),
+                                                   self.tp.op(x1.numel, x.elem, (x1,))))
+            return self.tp.op(x.numel, x.elem, (first, second))
+        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
@@ -358,6 +372,8 @@ class _B:
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
             v = tp.op(b * h * skv * d, elem, (v,))
+        if spec.attention_sinks:
+            return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -385,6 +401,32 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
+        return out
+
+    def sink_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """gpt-oss eager_attention_forward (modeling_gpt_oss.py): scores * scaling + mask, ``cat`` with the per-head
+        sink logit (one more column), minus the row max, softmax in the scores' dtype, the sink column sliced off
+        before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
+        until the function returns."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
+        att = tp.op(scores, elem, (att,))  # * scaling
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+        cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
+        mx = tp.op(b * h * s, elem, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
+        # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
+        sub = tp.op(wide, elem, (cat, mx), passthrough=True, bwd_scratch=wide * elem if cat.rg else 0)
+        probs = tp.op(wide, elem, (sub,))  # softmax(dtype=the logits' dtype) saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        pv = tp.view(probs, scores)  # probs[..., :-1]
+        out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
+        att.last_use = sub.last_use = len(tp.ops) - 1
         return out
 
     def kernel_for(self, has_mask: bool) -> Kernel:
@@ -596,6 +638,13 @@ class _B:
         x = self.cast(n, 4) if spec.router_fp32 else n
         logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
                              weight_elem=4 if spec.router_fp32 else None)
+        if spec.router_topk_first:  # GptOssTopKRouter: topk(logits) (saves the indices), softmax over the k values
+            idx = tp.op(pairs, 8, (logits,), rg=False)
+            top = tp.op(pairs, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
+            w = tp.op(pairs, logits.elem, (top,))
+            if w.rg:
+                tp.save_output(w)
+            return idx, w
         probs = tp.op(t * e, 4, (logits,))
         if probs.rg:
             tp.save_output(probs)
@@ -634,11 +683,20 @@ class _B:
         wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
         hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
         offs = tp.op(2 * e, 4, (hist,), rg=False)
+        bias_g: Tensor | None = None
+        if spec.expert_bias:  # gate_up_proj_bias[expert_ids_g], added in place to the grouped GEMM's output
+            bias_g = tp.op(pairs * 2 * i, act, (), rg=False)
         gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
                          quant=plan.quant, count=e)
-        gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
-        a = self.activation(gate)
-        p = self.mul(a, up)
+        if spec.expert_glu == "clamped":
+            p = self.clamped_glu(gu, pairs * i)
+        else:
+            gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
+            a = self.activation(gate)
+            p = self.mul(a, up)
+        if bias_g is not None:  # rebound to down_proj_bias[expert_ids_g]
+            first, bias_g = bias_g, tp.op(pairs * h, act, (), rg=False)
+            first.last_use = len(tp.ops) - 1
         dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
                          count=e)
         wd = self.mul(dn, wg)
@@ -647,7 +705,7 @@ class _B:
         out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
         # the function's locals (the gathered states, sort results, offsets, the down projection's output)
         # stay referenced until it returns
-        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv):
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.shared_expert_intermediate_size:
@@ -659,6 +717,19 @@ class _B:
                 so = self.mul(so, gs)
             out = self.add(out, so)
         return out
+
+    def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:
+        """gpt-oss GptOssExperts._apply_gate: ``gate_up[..., ::2]`` and ``[..., 1::2]`` (strided slices), gate clamped
+        above and up on both sides (clamp saves its input), ``glu = gate * sigmoid(gate * alpha)``,
+        ``(up + 1) * glu``."""
+        tp = self.tp
+        gate, up = tp.view(gu, numel), tp.view(gu, numel)
+        gc = tp.op(numel, gu.elem, (gate,), save=(gate,) if gate.rg else ())
+        uc = tp.op(numel, gu.elem, (up,), save=(up,) if up.rg else ())
+        sg = self.ew(tp.op(numel, gu.elem, (gc,)), save_out=True)  # sigmoid(gate * alpha)
+        glu = self.mul(gc, sg)
+        u1 = tp.op(numel, gu.elem, (uc,))  # up + 1
+        return self.mul(u1, glu)
 
     def shared_expert(self, n: Tensor) -> Tensor:
         """The always-on shared expert: a gated MLP of ``shared_expert_intermediate_size``."""
@@ -781,6 +852,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.position is PositionKind.ROPE:
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp else 4, (), rg=False)
         tp.keep(cs)
+    if attention is Attention.SDPA and not spec.sdpa:
+        attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
     if attention is Attention.EAGER and spec.family != "gpt2":
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)

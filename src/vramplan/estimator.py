@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ._engine.replay import Pass, layer_backward, layer_forward
+from ._engine.replay import Pass, layer_backward, layer_forward, layer_recompute
 from ._engine.step import (
     ALLOCATOR_SLACK_FRACTION,
     CUBLAS_WORKSPACE_BYTES,
@@ -133,6 +133,7 @@ class _LayerSim:
     y_bytes: int
     x_saved: bool
     ckpt: bool = False  # recomputed in backward (gradient checkpointing)
+    recompute: Pass | None = None  # the recomputation's forward, stopped after the last op that saves
 
 
 def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
@@ -152,7 +153,7 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
         Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
-                     ckpt=keep_input and ckpt)
+                     ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
 
 
 def _layer_groups(spec: ModelSpec, first_trainable: int,
@@ -276,8 +277,12 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     for sim in reversed(sims):
         if sim.ckpt:
             # recompute the layer's forward (saving), then its backward; the checkpoint then drops x
+            # (torch.utils.checkpoint recomputes when backward first unpacks a saved tensor: the gradients the
+            # ops after that one have made are alive through the recomputation)
             recompute_end = _plus(sim.fwd.end_kinds, _neg_act(sim.y_bytes))
-            peak_rel = max((sim.fwd.peak_kinds, _plus(recompute_end, sim.bwd.peak_kinds)), key=sum)
+            rec = sim.recompute if sim.recompute is not None else sim.fwd
+            peak_rel = max((_plus(sim.bwd.unpack_kinds, rec.peak_kinds), _plus(recompute_end, sim.bwd.peak_kinds)),
+                           key=sum)
             net = _plus(recompute_end, sim.bwd.end_kinds, _neg_act(sim.x_bytes))
         elif offload:
             # the saved tensors come back from the host, then backward runs as without offloading
@@ -479,8 +484,11 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
-        f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
-                                             if w.attention is Attention.SDPA else ""),
+        (f"attention: eager (transformers has no SDPA path for {spec.family})"
+         + ("; sink logits concatenated to the scores, softmax in their dtype" if spec.attention_sinks else "")
+         if not spec.sdpa and w.attention is Attention.SDPA else
+         f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
+                                              if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
          "every allocation and free through a model of PyTorch's caching allocator"

@@ -178,6 +178,7 @@ class _Facts:
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -209,8 +210,20 @@ _FAMILIES: dict[str, _Facts] = {
     "iquestcoder": _Facts(),
     # 2025 LLaMA-class families
     "olmo2": _Facts(version="5.24", layout="post", qk_norm="full"),
+    # modeling_gpt_oss.py: attention sinks (eager only: _supports_sdpa False), sliding/full layer_types, RoPE on
+    # chunk halves, RMSNorm multiplying its fp32 states by the weight before the cast, a top-k-then-softmax router with
+    # a bias, clamped-GLU experts with biases (grouped_mm, transposed, interleaved gate/up)
+    "gpt_oss": _Facts(version="5.24", bias_default=True, sliding="types", sliding_every=2, rope="chunk",
+                      norm=NormKind.FP32_WEIGHT_RMSNORM, moe="gpt_oss", sinks=True),
     # modeling_olmoe.py: LLaMA's layout, q/k RMSNorm over all heads, every MLP a MoE block (Qwen-style router)
     "olmoe": _Facts(version="5.24", qk_norm="full", moe="olmoe"),
+    # modeling_dots1.py: Qwen3's attention (per-head q/k norm, sliding layer_types) with DeepSeek-V3's MoE (fp32 sigmoid
+    # router with correction bias and groups, shared experts after the routed ones, first_k_dense_replace)
+    "dots1": _Facts(version="5.24", qk_norm="head", sliding="types", moe="deepseek"),
+    # modeling_flex_olmo.py: OLMo 2's post-norm layout with OLMoE's MoE block
+    "flex_olmo": _Facts(version="5.24", layout="post", qk_norm="full", moe="olmoe",
+                        norm=NormKind.FP32_WEIGHT_RMSNORM,  # (weight * fp32 states).to(input dtype)
+                        aliases=(("num_local_experts", "num_experts"),)),
     "olmo3": _Facts(version="5.24", layout="post", qk_norm="full", sliding="types", sliding_every=4),
     "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
     "granite": _Facts(version="5.24", multipliers=True),
@@ -236,7 +249,9 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo",
+    "Dots1ForCausalLM": "dots1",
+    "GptOssForCausalLM": "gpt_oss",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -310,6 +325,11 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
         if family == "qwen2_moe":
             si = c.int_("shared_expert_intermediate_size", default=0, lo=0)
             out |= {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si), "shared_expert_first": True}
+    elif f.moe == "gpt_oss":  # GptOssMLP: every layer; intermediate_size is the expert width
+        out = {"num_experts": c.int_("num_local_experts", default=128),
+               "experts_per_token": c.int_("num_experts_per_tok", default=4),
+               "moe_intermediate_size": c.int_("intermediate_size"), "moe_layers": tuple(range(layers)),
+               "router_bias": True, "expert_bias": True, "expert_glu": "clamped", "router_topk_first": True}
     elif f.moe == "olmoe":  # OlmoeSparseMoeBlock: every layer; intermediate_size is the expert width
         out = {"num_experts": c.int_("num_experts", default=64), "experts_per_token": c.int_("num_experts_per_tok",
                                                                                               default=8),
@@ -407,7 +427,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         logit_scale=f.multipliers or logit_scale is not None,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, **mla, sliding_window=window, sliding_layers=sliding,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sdpa=not f.sinks,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )

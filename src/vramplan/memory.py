@@ -38,6 +38,10 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
             raise WorkloadError(f"{spec.name} is already quantized ({spec.quantization.method}, from its "
                                 "config.json); drop --weights-quant")
         return flag_quantization(w.base_quant.value, w.quant_group_size, w.uses_double_quant)
+    if spec.quantization is not None and spec.quantization.method == "mxfp4" and w.is_train:
+        # transformers cannot train MXFP4 weights (quantizer_mxfp4.py is_trainable): training loads the checkpoint
+        # with Mxfp4Config(dequantize=True), the experts in bf16
+        return None
     return spec.quantization
 
 
@@ -219,6 +223,13 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     # ---- what is quantized: the linears the quantization targets (--weights-quant: every linear of the
     # decoder layers; a checkpoint's quantization_config: its targets minus its ignore list)
     quantization = effective_quantization(spec, w)
+    if spec.quantization is not None and spec.quantization.method == "mxfp4":
+        notes.append("MXFP4 experts: " + (
+            "dequantized to bf16 for training (transformers cannot train MXFP4; Mxfp4Config(dequantize=True))"
+            if quantization is None else
+            "kept in MXFP4, as transformers runs them on a GPU of compute capability >= 7.5 with triton >= 3.4 and "
+            "the kernels package; without those it dequantizes them to bf16 at load (quantizer_mxfp4.py): "
+            "the weights then take 16 bits"))
     quant_w = quant_c = quant_numel = 0
     if quantization is not None:
         for i, layer in enumerate(counts.layers):

@@ -543,9 +543,10 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     from ._engine.numerics import Numerics
     from ._engine.replay import backward as replay_backward
     from ._engine.replay import forward as replay_forward
-    from ._engine.step import finish, workload_dict
+    from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, finish, workload_dict
     from ._engine.tape import ZERO
     from .memory import _optimizer_bytes
+    from .units import GiB
     from .vision._layers import Layers
 
     mm = spec.multimodal
@@ -631,13 +632,18 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
         f"{recipe}",
         "the tower runs before the language model, with the token embeddings alive; what it saves for backward "
         "lives through the language model's forward and backward",
-        *text_est.assumptions,
+        # the language model's own line says its reserve comes from a replay: not so for the whole model
+        *(a if "reserved memory from a replay" not in a else
+          f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory: the allocated peak + "
+          f"{ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median), not a replay: the vision-language model's "
+          "allocation stream (tower, projector and language model interleaved) is not modelled"
+          for a in text_est.assumptions),
     )
     warnings = tuple(x for x in text_est.warnings) + mm.notes
     trainable_total = text_est.trainable_parameters + trainable
     return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
                   assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
-                  host_bytes=text_est.host_bytes, host_traffic_bytes=0)
+                  host_bytes=text_est.host_bytes, host_traffic_bytes=0, guess_reserved=True)
 
 
 def _text_temp(text: ModelSpec, w: Workload) -> int:

@@ -239,6 +239,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts
     if moe:
         bias += spec.moe_extra_params
+    if moe and spec.expert_bias:  # gate_up_proj_bias and down_proj_bias of every expert
+        bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
+    if spec.attention_sinks:
+        bias += spec.num_heads
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:

@@ -120,6 +120,10 @@ class ModelSpec:
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
+    expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU
+    router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss: _supports_sdpa False), eager runs
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None

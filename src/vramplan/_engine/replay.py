@@ -32,7 +32,7 @@ from ..kinds import MemoryKind
 from .tape import ZERO, Moment, Tape, Tensor, root
 
 __all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
-           "layer_forward"]
+           "layer_forward", "layer_recompute"]
 
 _IDX = {k: i for i, k in enumerate(MemoryKind)}
 _ACT = _IDX[MemoryKind.ACTIVATIONS]
@@ -47,6 +47,9 @@ class Pass:
     peak_kinds: tuple[int, ...]  # per-kind delta at that moment
     end: int  # (memory at end - start)
     end_kinds: tuple[int, ...]
+    # backward only: the memory when the first op that unpacks a saved tensor is reached, which is when a
+    # checkpointed block's recomputation runs (the ops after it have already made their input gradients)
+    unpack_kinds: tuple[int, ...] = ()
 
 
 Event = tuple[object, int]  # (key, bytes) for an allocation, (key, -1) for its free
@@ -123,7 +126,7 @@ class ForwardResult:
 
 
 def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted: bool = True,
-            ev: list[Event] | None = None) -> ForwardResult:
+            ev: list[Event] | None = None, stop: int | None = None) -> ForwardResult:
     """Replay the forward pass on top of ``base``; tensors die at their last use unless saved or kept.
 
     ``save=False``: nothing is saved (a checkpointed or offloaded block). ``inputs_counted``: the program's
@@ -149,6 +152,8 @@ def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted:
                 st.add(t.kind, t.nbytes)
     st.check()
     for i, op in enumerate(tp.ops):
+        if stop is not None and i > stop:
+            break
         st.i = i
         for t in op.outputs:
             st.alloc(t, t.kind, t.nbytes)
@@ -312,6 +317,18 @@ def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) ->
     return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
+def layer_recompute(tp: Tape) -> Pass:
+    """A checkpointed block's recomputation (non-reentrant ``torch.utils.checkpoint``): its forward with saving,
+    stopped once the last tensor the block saves has been packed again (the checkpoint's early stop,
+    ``_StopRecomputationError`` from the pack hook), relative to its start."""
+    last = max((i for i, op in enumerate(tp.ops) if op.saved or op.packs_weight), default=len(tp.ops) - 1)
+    if not any(t is o for t in tp.ops[last].saved for o in tp.ops[last].outputs):
+        # the op saves only its inputs: autograd packs them before the kernel runs, and the checkpoint stops there
+        last -= 1
+    f = forward(tp, inputs_counted=False, stop=last)
+    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
+
+
 def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None) -> Pass:
     """Backward of one block after its forward (with saving), relative to its start: the gradients of the
     block's kept outputs arrive from their consumer; its input's gradient is what it leaves."""
@@ -319,7 +336,44 @@ def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | 
     seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external]
     peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False,
                          ev=ev)
-    return Pass(peak.total, peak.kinds, end.total, end.kinds)
+    unpack = list(ZERO.kinds)
+    unpack[_ACT] = unpack_bytes(tp, seeds)
+    return Pass(peak.total, peak.kinds, end.total, end.kinds, tuple(unpack))
+
+
+def unpack_bytes(tp: Tape, seeds: Sequence[Tensor]) -> int:
+    """Gradient bytes made, beyond the seeds' (freed ones subtracted), when backward first reaches an op that
+    unpacks a saved tensor (or a saved weight): where non-reentrant ``torch.utils.checkpoint`` recomputes a block.
+    Adds and pass-through ops hand their output gradient on (AddBackward0), as autograd does."""
+    bufs: dict[int, list[int]] = {id(s): [s.numel * s.elem, 1] for s in seeds}  # tensor -> [bytes, sharers]
+    shared: dict[int, list[int]] = {}
+    for s in seeds:
+        shared[id(s)] = bufs[id(s)]
+    extra = 0
+    for op in reversed(tp.ops):
+        if not any(id(t) in shared for t in op.outputs):
+            continue
+        if op.saved or op.packs_weight:
+            return extra
+        out = next((shared[id(t)] for t in op.outputs if id(t) in shared), None)
+        for t in op.grad_inputs:
+            target = t if id(t) in tp.own_grad else root(t)
+            if id(target) in shared:
+                continue  # accumulated into the existing buffer
+            size = target.numel * target.elem
+            if (op.passthrough or op.add_like) and out is not None and size == out[0]:
+                out[1] += 1
+                shared[id(target)] = out
+            else:
+                shared[id(target)] = [size, 1]
+                extra += size
+        for t in op.outputs:
+            buf = shared.pop(id(t), None)
+            if buf is not None:
+                buf[1] -= 1
+                if buf[1] == 0:
+                    extra -= buf[0]
+    return extra
 
 
 def create_graph_bytes(tp: Tape, seeds: Sequence[Tensor]) -> int:

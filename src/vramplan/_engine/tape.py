@@ -78,8 +78,8 @@ def kinds_dict(v: tuple[int, ...]) -> dict[MemoryKind, int]:
 
 
 class _Op:
-    __slots__ = ("bwd_scratch", "cast_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs", "params",
-                 "passthrough", "region", "saved")
+    __slots__ = ("add_like", "bwd_scratch", "cast_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs",
+                 "packs_weight", "params", "passthrough", "region", "saved")
 
     def __init__(self, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_inputs: tuple[Tensor, ...],
                  saved: tuple[Tensor, ...], params: tuple[tuple[int, int], ...], fwd_scratch: int,
@@ -94,6 +94,12 @@ class _Op:
         # input gradients the engine's validate_outputs makes (cast / summed down) from full-size results while the
         # op's saved tensors may still be referenced (see Tape.unpacked_saves)
         self.cast_scratch = 0
+        # autograd saves a parameter for this op's backward (a linear whose input needs a gradient saves its weight):
+        # not an activation, but a checkpoint packs it like any saved tensor (recompute trigger and early stop)
+        self.packs_weight = False
+        # an add (AddBackward0 hands the output gradient to its inputs); the replay still gives each input its own
+        # buffer (the calibrated convention), only the recomputation trigger point uses this
+        self.add_like = False
         self.passthrough = passthrough  # backward hands the output gradient to the inputs unchanged
         self.region = region  # the checkpoint region the op runs in, or -1
 
