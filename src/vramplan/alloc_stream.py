@@ -30,7 +30,7 @@ from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, quantized_linear_bytes
 from .params import attention_linears, count_params, mlp_linears
-from .spec import ModelSpec
+from .spec import ATTENTION_MIXERS, ModelSpec
 from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
 
 __all__ = ["infer_events", "train_events"]
@@ -649,6 +649,19 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             return
 
 
+def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: list[tuple[int, int]]) -> list[int]:
+    """Which of a layer's kept cache tensors decode grows by ``torch.cat``: an attention layer's keys and values
+    (the tensors of one prompt-length K or V). A state-space layer's conv and recurrent states have a fixed size
+    and are updated in place (cache_utils.py ``LinearAttentionLayer``: ``copy_``), so they never grow."""
+    from .estimator import _kv_bytes
+
+    if spec.mixer(layer) not in ATTENTION_MIXERS:
+        return []
+    per = _kv_bytes(spec, num, b, s, layer in spec.sliding_layers) // 2
+    grow = [key for key, n in kept if n == per]
+    return grow if grow else [key for key, _ in kept]
+
+
 def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
     """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
     reset after the weights are loaded."""
@@ -675,7 +688,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     st.add(emb.instance(emb.compile(ev), e_base, -9, y(-1), -9, -9))
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
-    kv_keys: list[list[int]] = []
+    kv_keys: list[list[int]] = []  # per layer: its cache tensors that decode grows (keys and values)
     compiled = []
     for _count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
@@ -684,7 +697,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         ev = []
         layer_forward(tp, ev=ev)
         codes = tpl.compile(ev)
-        kept = [tpl.local[id(t)] for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
+        kept = [(tpl.local[id(t)], t.nbytes) for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
         compiled.append((tpl, codes, kept))
     for k, gi in enumerate(_layer_order(spec, spec.num_layers)):
         tpl, codes, kept = compiled[gi]
@@ -693,7 +706,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if k == 0:
             items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
         st.add(items)
-        kv_keys.append([base + c for c in kept])
+        kv_keys.append(_growing(spec, num, b, s, k, [(base + c, n) for c, n in kept]))
     st.free(y(-1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST

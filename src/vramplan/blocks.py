@@ -814,10 +814,11 @@ class _B:
             return falcon_h1_layer(self, x)
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
-            from .ssm import mamba2_mixer, short_conv_mixer
+            from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
             def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv mixer in attention's place
-                return (short_conv_mixer if plan.mixer == "conv" else mamba2_mixer)(self, v)
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer}.get(plan.mixer, mamba2_mixer)
+                return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
             n2 = self.norm(x, spec.hidden_size, tr) if spec.norms_per_layer >= 2 else n1
@@ -883,6 +884,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embedding_layernorm:
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
+    if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
+        tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.position is PositionKind.ROPE:
         cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
                    rg=False)

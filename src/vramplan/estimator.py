@@ -36,7 +36,7 @@ from .kinds import MemoryKind, Phase
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
-from .spec import ModelSpec, PositionKind
+from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
 from .ssm import ssm_state_bytes
 from .units import GiB
 from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
@@ -374,7 +374,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ("attention", "parallel")]
+    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS]
     kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = _kv_bytes(spec, num, b, total_len, False) if attn else 0

@@ -28,7 +28,7 @@ from .estimator import CUDA_CONTEXT_BYTES, estimate, peak_allocated
 from .hardware import GPU
 from .kinds import MemoryKind, Phase
 from .result import Estimate
-from .spec import ModelSpec
+from .spec import MAMBA2_MIXERS, ModelSpec
 from .units import GiB
 from .workload import LogitsMode, Precision, Task, WeightsQuant, Workload
 
@@ -199,8 +199,10 @@ def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
         kind = spec.mixer(i)
         if kind == "conv":  # LFM2 short conv: the conv state only
             total += ss.d_inner * ss.d_conv * elem
-        elif kind in ("mamba2", "parallel"):
+        elif kind in MAMBA2_MIXERS:
             total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
+        elif kind == "mamba":  # Mamba-1: conv state over d_inner and the (d_inner x state) recurrent state
+            total += ss.d_inner * (ss.d_conv + ss.d_state) * elem
     return total
 
 

@@ -110,6 +110,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
+        from .ssm import mamba2_linears
+
+        return zamba2_block_linears(spec) + mamba2_linears(spec.ssm, spec.hidden_size)
     if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
         from .ssm import mamba2_linears
 
@@ -119,23 +123,80 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .ssm import conv_linears
 
         return conv_linears(spec.hidden_size) + mlp
+    if spec.mixer(index) == "mamba" and spec.ssm is not None:
+        from .ssm import mamba1_linears
+
+        return mamba1_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
 
 
+def zamba2_block_linears(spec: ModelSpec, *, shared: bool = True, own: bool = True) -> list[tuple[str, int, int, int]]:
+    """The linears one Zamba2 hybrid layer runs (modeling_zamba2.py): ``shared``, those of the shared transformer
+    block (q/k/v from 2 x hidden, o_proj, gate_up_proj, down_proj); ``own``, the layer's own ``linear`` and its
+    adapters (gate_up_proj's, and q/k/v's with ``use_shared_attention_adapter``)."""
+    sb = spec.shared_block
+    assert sb is not None
+    h, h2, r, i = spec.hidden_size, 2 * spec.hidden_size, sb.adapter_rank, sb.intermediate
+    out: list[tuple[str, int, int, int]] = []
+    if shared:
+        out += [("q_proj", h2, spec.q_dim, 1), ("k_proj", h2, spec.kv_dim, 1), ("v_proj", h2, spec.kv_dim, 1),
+                ("o_proj", spec.q_dim, h, 1), ("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
+    if own:
+        out += [("linear", h, h, 1), ("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
+        if sb.attention_adapters:
+            out += [(f"linear_{x}_adapter.{j}", *((h2, r) if j == 0 else (r, h2)), 1) for x in "qkv" for j in (0, 1)]
+    return out
+
+
+def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm), its own ``linear`` and adapters, and, for
+    the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over 2 x hidden and
+    hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
+    from .ssm import mamba2_extra_params, mamba2_linears
+
+    assert spec.ssm is not None and spec.shared_block is not None
+    h = spec.hidden_size
+    owner = spec.mixer(index) == "zamba_hybrid"
+    block: list[tuple[str, int, int, int]] = []
+    if owner:  # the block's weights and the adapter sets it holds (one per hybrid index it serves)
+        b = sum(1 for i in range(index) if spec.mixer(i) == "zamba_hybrid")
+        sets = spec.shared_block.adapters_of_block(b)
+        block = zamba2_block_linears(spec, own=False) + \
+            [(n, i, o, c * sets) for n, i, o, c in zamba2_block_linears(spec, shared=False) if n != "linear"]
+    mix = [*mamba2_linears(spec.ssm, h), ("linear", h, h, 1)]
+    bias, other = mamba2_extra_params(spec.ssm, h)
+    norms = _norm_params(spec, h)
+    if owner:
+        norms += _norm_params(spec, 2 * h) + _norm_params(spec, h)
+        if spec.mlp_bias:
+            bias += 2 * spec.shared_block.intermediate + h
+    attn = [x for x in mix + block if x[0] in ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj")]
+    rest = [x for x in mix + block if x not in attn]
+    return LayerParams(sum(i * o * n for _, i, o, n in attn), sum(i * o * n for _, i, o, n in rest), bias,
+                       norms + other, tuple(mix + block))
+
+
 def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
     dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
-    from .ssm import conv_extra_params, conv_linears, mamba2_extra_params, mamba2_linears
+    from .ssm import (
+        conv_extra_params,
+        conv_linears,
+        mamba1_extra_params,
+        mamba1_linears,
+        mamba2_extra_params,
+        mamba2_linears,
+    )
 
     assert spec.ssm is not None
     h = spec.hidden_size
     moe = index in spec.moe_layers
-    conv = spec.mixer(index) == "conv"
-    mix = conv_linears(h) if conv else mamba2_linears(spec.ssm, h)
+    kind = spec.mixer(index)
+    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h)}.get(kind) or mamba2_linears(spec.ssm, h)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
-    bias, other = conv_extra_params(spec.ssm, h) if conv else mamba2_extra_params(spec.ssm, h)
+    bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
     if mlp and spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:
@@ -158,6 +219,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
         return LayerParams(0, sum(i * o * n for _, i, o, n in mlp), bias, _norm_params(spec, spec.hidden_size),
                            tuple(mlp))
+    if spec.mixer(index) in ("zamba_hybrid", "zamba_tied"):
+        return _zamba2_layer_params(spec, index)
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
@@ -202,10 +265,12 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[tuple[bool, str, bool], LayerParams] = {}
+    unique: dict[tuple[bool, str, bool, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
-        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers)
+        # a Zamba2 block owner's adapter sets depend on which block it holds
+        key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
+               i if spec.mixer(i) == "zamba_hybrid" else -1)
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])

@@ -16,9 +16,15 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointWeights
     from .multimodal import MultimodalSpec
     from .quant import Quantization
-    from .ssm import SSMSpec
+    from .ssm import SharedBlock, SSMSpec
 
-__all__ = ["Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
+__all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
+
+# Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
+# "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
+# "zamba_tied" reuses the weights of an earlier hybrid layer's block)
+ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied")
+MAMBA2_MIXERS = ("mamba2", "parallel", "zamba_hybrid", "zamba_tied")
 
 
 class NormKind(StrEnum):
@@ -143,6 +149,7 @@ class ModelSpec:
     mixers: tuple[str, ...] = ()
     mlp_free_layers: tuple[int, ...] = ()
     ssm: SSMSpec | None = None
+    shared_block: SharedBlock | None = None  # Zamba2's shared transformer block (vramplan.ssm)
     residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
     logits_fp32: bool = False  # the CausalLM casts the logits with .float() (Mamba-2, Nemotron-H)
     mlp_multipliers: bool = False  # Falcon-H1: gate_proj(x) * gate_multiplier, down_proj(y) * down_multiplier
@@ -176,14 +183,14 @@ class ModelSpec:
         return len(self.moe_layers)
 
     def mixer(self, index: int) -> str:
-        """The token mixer of layer ``index``: "attention", "mamba2", "conv" (LFM2) or "parallel" (Falcon-H1:
-        attention and Mamba-2 side by side)."""
+        """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2) or "parallel"
+        (Falcon-H1: attention and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property
     def attention_layers(self) -> int:
         """Layers that keep a KV cache."""
-        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ("attention", "parallel"))
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ATTENTION_MIXERS)
 
     @property
     def num_sliding_layers(self) -> int:

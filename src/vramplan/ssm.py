@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from .blocks import _B
     from .spec import ModelSpec
 
-__all__ = ["SSM_KERNELS", "SSMSpec", "conv_extra_params", "conv_linears", "layer_state_bytes", "mamba2_extra_params",
-           "mamba2_linears", "mamba2_state_bytes", "short_conv_mixer", "ssm_state_bytes"]
+__all__ = ["SSM_KERNELS", "SSMSpec", "conv_extra_params", "conv_linears", "layer_state_bytes", "mamba1_extra_params",
+           "mamba1_linears", "mamba1_mixer", "mamba1_state_bytes", "mamba2_extra_params", "mamba2_linears",
+           "mamba2_state_bytes", "short_conv_mixer", "ssm_state_bytes"]
 
 SSM_KERNELS = ("fused", "torch")
 KV = MemoryKind.KV_CACHE
@@ -57,6 +58,10 @@ class SSMSpec:
     gated_norm: bool = True  # MambaRMSNormGated before out_proj (Falcon-H1 can drop it: mamba_rms_norm)
     out_bias: bool | None = None  # out_proj's bias when it differs from in_proj's (Falcon-H1: projectors_bias)
     mup: bool = False  # Falcon-H1: input * ssm_in_multiplier and projection * mup_vector (a copy each)
+    dt_rank: int = 0  # Mamba-1 (mixer "mamba"): time_step_rank, the width of x_proj's dt part and dt_proj's input
+    # RMSNorms on dt, B and C before the scan: "" none (Mamba), "weightless" (Falcon-Mamba), "rms" (Jamba: weighted)
+    bcdt_norm: str = ""
+    inner_fn: bool = True  # Mamba-1 training calls mamba_inner_fn (Mamba, Falcon-Mamba); Jamba never does
 
     @property
     def conv_dim(self) -> int:
@@ -292,6 +297,89 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
     return _gated_norm(bld, y, pj)
 
 
+@dataclass(frozen=True, slots=True)
+class SharedBlock:
+    """Zamba2's shared transformer block (modeling_zamba2.py ``Zamba2AttentionDecoderLayer``): ``num_mem_blocks``
+    sets of attention + MLP weights reused in turn by the hybrid layers, each hybrid layer with its own low-rank
+    adapters (``adapter_rank``) on the MLP's gate_up_proj and, with ``use_shared_attention_adapter``, on q/k/v."""
+
+    num_mem_blocks: int
+    adapter_rank: int
+    attention_adapters: bool
+    intermediate: int
+    # len(hybrid_layer_ids): each block holds adapters for the hybrid indices i < this with i % num_mem_blocks
+    # equal to its own index (Zamba2MLP / Zamba2Attention ``num_fwd_mem_blocks``)
+    adapter_slots: int
+
+    def adapters_of_block(self, block: int) -> int:
+        """How many adapter sets block ``block`` holds."""
+        return len(range(block, self.adapter_slots, self.num_mem_blocks))
+
+
+def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:
+    """``Zamba2HybridLayer.forward`` (modeling_zamba2.py, transformers 5.24): the shared transformer on
+    ``cat([x, original embeddings])`` (RMSNorm over 2 x hidden; q/k/v from 2 x hidden with heads of 2 x hidden /
+    heads, + adapters; o_proj to hidden; pre_ff RMSNorm; gate_up_proj + its adapter, act(gate) * up, down_proj),
+    then ``linear``; then the Mamba-2 decoder layer on ``x + that`` (input_layernorm, mixer, ``+ x``). The
+    original embeddings are an input held by the model (``torch.clone(inputs_embeds)``, counted with the
+    embeddings); their gradient is not modelled."""
+    spec, tp, plan, num = bld.spec, bld.tp, bld.plan, bld.num
+    assert plan is not None and spec.shared_block is not None
+    sb = spec.shared_block
+    h, b, s = spec.hidden_size, bld.b, bld.s
+    t, h2 = b * s, 2 * h
+    tr, quant = plan.trainable, plan.quant
+    qd, kvd, r = spec.q_dim, spec.kv_dim, sb.adapter_rank
+
+    def lin(v: Tensor, fin: int, fout: int, name: str) -> Tensor:
+        return bld.linear(v, fin, fout, name, bias=False, trainable=tr, quant=quant,
+                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+    def adapted(v: Tensor, base: Tensor, fout: int, name: str) -> Tensor:  # base + Linear(r, out)(Linear(in, r)(v))
+        a = bld.linear(v, v.numel // t, r, name + "_adapter.0", bias=False, trainable=tr)
+        return bld.add(base, bld.linear(a, r, fout, name + "_adapter.1", bias=False, trainable=tr))
+
+    orig = tp.input(t * h, x.elem, False)
+    cat = tp.op(t * h2, x.elem, (x, orig), grad_to=(x,), passthrough=True)
+    n1 = bld.norm(cat, h2, tr)
+
+    def attention(n: Tensor) -> Tensor:
+        q, k, v = lin(n, h2, qd, "q_proj"), lin(n, h2, kvd, "k_proj"), lin(n, h2, kvd, "v_proj")
+        if sb.attention_adapters:
+            q, k, v = adapted(n, q, qd, "linear_q"), adapted(n, k, kvd, "linear_k"), adapted(n, v, kvd, "linear_v")
+        q, k = bld.call(bld.rope, q), bld.call(bld.rope, k)
+        if not num.training:  # DynamicCache.update: the cache holds copies of keys and values
+            k = tp.op(b * bld.kv_len * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * bld.kv_len * kvd, k.elem, (v,), kind=KV)
+            tp.keep(k, v)
+        kernel = bld.kernel_for(False)
+        if num.amp and kernel.name != "EAGER":
+            q, k, v = bld.cast(q, 2), bld.cast(k, 2), bld.cast(v, 2)
+        out = bld.attention_core(q, k, v, kernel, spec.num_kv_heads)
+        if kernel.name in ("EAGER", "MATH"):
+            out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        return lin(out, qd, h, "o_proj")
+
+    a = bld.call(attention, n1)
+    n2 = bld.norm(a, h, tr)
+
+    def mlp(n: Tensor) -> Tensor:
+        gu = adapted(n, lin(n, h, 2 * sb.intermediate, "gate_up_proj"), 2 * sb.intermediate, "gate_up_proj")
+        g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
+        return lin(bld.mul(bld.activation(g), u), sb.intermediate, h, "down_proj")
+
+    m = bld.call(mlp, n2)
+    th = lin(m, h, h, "linear")
+    # Zamba2MambaDecoderLayer: residual = x; norm(x + transformer_hidden_states); mixer; residual + mixer
+    xin = bld.add(x, th)
+    nrm = bld.norm(xin, h, tr)
+    mix = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
+    y = bld.add(x, mix)
+    _live_until_end(bld, x, th)  # the hybrid layer's locals: its input and transformer_hidden_states
+    tp.keep(y)
+    return y
+
+
 def mamba_block(bld: _B, x: Tensor) -> Tensor:
     """``Mamba2Block.forward`` (and ``NemotronHBlock.forward``, whose block holds a Mamba-2 mixer, attention or an
     MLP): ``residual = x``; ``norm(x.to(norm dtype))``; the residual upcast to fp32 when ``residual_in_fp32``;
@@ -301,10 +389,14 @@ def mamba_block(bld: _B, x: Tensor) -> Tensor:
     xin = bld.cast(x, bld.num.norm_param)
     nrm = bld.norm(xin, spec.hidden_size, plan.trainable)
     res = bld.cast(x, 4) if spec.residual_fp32 else x
+    if plan.mixer in ("zamba_hybrid", "zamba_tied"):  # Zamba2: the shared transformer, then a Mamba-2 layer
+        return zamba2_hybrid_layer(bld, x)
     if plan.mixer == "none":  # an MLP-only block (Nemotron-H "-")
         m = bld.call(bld.mlp, nrm)
     elif plan.mixer == "attention":  # an attention-only block (Nemotron-H "*")
         m = bld.call(bld.self_attention, nrm)
+    elif plan.mixer == "mamba":
+        m = bld.call(lambda v: mamba1_mixer(bld, v), nrm)
     else:
         m = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
     y = bld.add(res, m)
@@ -322,6 +414,8 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         return 0
     if kind == "conv":
         return batch * ss.d_inner * ss.d_conv * act
+    if kind == "mamba":
+        return mamba1_state_bytes(ss, batch, act)
     return mamba2_state_bytes(ss, batch, act)
 
 
@@ -401,3 +495,204 @@ def falcon_h1_layer(bld: _B, x: Tensor) -> Tensor:
     y = bld.add(hmid, out)
     tp.keep(y)
     return y
+
+
+# ---- Mamba-1 (selective scan) ----------------------------------------------------------------------------------
+
+def mamba1_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
+    """(module name, in, out, count) of a Mamba-1 mixer's ``nn.Linear`` modules (modeling_mamba.py ``MambaMixer``):
+    ``in_proj`` (x and the gate z), ``x_proj`` (dt, B, C), ``dt_proj`` and ``out_proj``."""
+    di, n, r = ss.d_inner, ss.d_state, ss.dt_rank
+    return [("in_proj", hidden, 2 * di, 1), ("x_proj", di, r + 2 * n, 1), ("dt_proj", r, di, 1),
+            ("out_proj", di, hidden, 1)]
+
+
+def mamba1_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
+    """(bias elements of the linears, other parameters) of a Mamba-1 mixer: ``use_bias`` gives in_proj and out_proj a
+    bias, dt_proj always has one; the depthwise conv1d (d_inner x 1 x conv_kernel, + bias), ``A_log`` (d_inner x
+    state) and ``D``. Falcon-Mamba's B/C/dt norms hold buffers, not parameters."""
+    di = ss.d_inner
+    bias = di + ((2 * di + hidden) if ss.proj_bias else 0)
+    norms = ss.dt_rank + 2 * ss.d_state if ss.bcdt_norm == "rms" else 0  # Jamba's dt/b/c_layernorm weights
+    return bias, di * ss.d_conv + (di if ss.conv_bias else 0) + di * ss.d_state + di + norms
+
+
+def mamba1_state_bytes(ss: SSMSpec, batch: int, act: int) -> int:
+    """One Mamba-1 layer's generation cache (cache_utils.py ``LinearAttentionLayer``): the conv state (batch, d_inner,
+    conv_kernel) in the activations' dtype and the recurrent state (batch, d_inner, state), ``zeros_like`` the scan's
+    last state, which is fp32 on both paths (the torch loop's state; the kernel's fp32 intermediates)."""
+    return batch * ss.d_inner * ss.d_conv * act + batch * ss.d_inner * ss.d_state * 4
+
+
+def mamba1_mixer(bld: _B, n: Tensor) -> Tensor:
+    """``MambaMixer.forward`` (modeling_mamba.py / modeling_falcon_mamba.py, transformers 5.24) on the normed hidden
+    states ``n``: ``in_proj``, then the fused path (training without a cache: ``mamba_inner_fn``) or transformers'
+    torch fallback, whichever the workload's ``ssm_kernel`` names."""
+    spec, plan = bld.spec, bld.plan
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    h, tr = spec.hidden_size, plan.trainable
+
+    def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
+        return bld.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=plan.quant,
+                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+    pj = lin(n, h, 2 * ss.d_inner, "in_proj", ss.proj_bias)
+    if plan.ssm_kernel == "fused" and bld.num.training and ss.inner_fn:
+        return _mamba1_inner_fn(bld, pj)
+    return _mamba1_scan(bld, pj, lin, fused=plan.ssm_kernel == "fused")
+
+
+def _mamba1_inner_fn(bld: _B, pj: Tensor) -> Tensor:
+    """``MambaInnerFn`` (mamba_ssm/ops/selective_scan_interface.py, ``checkpoint_lvl=1``), one autograd node. The
+    transposed in_proj output is not contiguous, so it is copied (``xz.contiguous()``); the forward makes the conv
+    output, ``x_dbl`` (x_proj, tokens x (dt_rank + 2 state)), delta, contiguous copies of B and C, the scan output
+    ``out``, the fp32 scan intermediates (batch, d_inner, ceil(L / 2048), 2 state) and ``out_z``, and applies the
+    out_proj weight itself (a LoRA on out_proj is not called on this path); it saves xz, x_dbl, B, C, the
+    intermediates and ``out`` and recomputes the conv output and delta in backward, which also makes ``dxz`` (the
+    gradient the replay hands back), ``dout_y``, the scan's du / ddelta / recomputed ``out_z``, fp32 dB and dC and
+    ``dx_dbl``."""
+    spec, tp = bld.spec, bld.tp
+    ss = spec.ssm
+    assert ss is not None
+    b, s, t = bld.b, bld.s, bld.t
+    di, n, r, h = ss.d_inner, ss.d_state, ss.dt_rank, spec.hidden_size
+    e = pj.elem
+    xz = tp.op(pj.numel, e, (pj,), passthrough=True)  # .contiguous()
+    x_dbl = tp.op(t * (r + 2 * n), e, (xz,), rg=False)
+    bc = tp.op(2 * b * n * s, e, (x_dbl,), rg=False)  # B and C, contiguous
+    inter = tp.op(b * di * -(-s // 2048) * 2 * n, 4, (), rg=False)
+    out = tp.op(t * di, e, (xz,), rg=False)
+    conv_delta = 2 * t * di * e  # conv1d_out and delta (not saved at checkpoint_lvl 1), out_z
+    tr = bld.plan is not None and bld.plan.trainable
+    # the weights the node takes: conv1d, x_proj, dt_proj (+ bias), out_proj (+ bias), A_log, D
+    numel = (di * ss.d_conv + (di if ss.conv_bias else 0) + di * (r + 2 * n) + r * di + di + h * di
+             + (h if ss.proj_bias else 0) + di * n + di)
+    pg = bld.param_grad(f"mamba_inner{len(tp.ops)}", numel, bld.num.param) if tr else ()
+    y = tp.op(t * h, e, (xz, x_dbl, bc, inter, out), save=(xz, x_dbl, bc, inter, out), grad_to=(xz,), params=pg,
+              rg=True, fwd_scratch=conv_delta + t * di * e,
+              bwd_scratch=5 * t * di * e + 2 * b * n * s * 4 + t * (r + 2 * n) * e)
+    _live_until_end(bld, pj)
+    return y
+
+
+def _bcdt_rms(bld: _B, x: Tensor, dim: int, weighted: bool) -> Tensor:
+    """Falcon-Mamba's ``FalconMambaWeightlessRMSNorm`` (``x.float()``, pow(2).mean, ``x * rsqrt``, ``type_as(x)``)
+    or Jamba's ``JambaRMSNorm`` (the same, then ``weight * h.to(input dtype)``) on dt, B or C."""
+    x32 = bld.cast(x, 4)
+    sq = bld.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
+    var = bld.tp.op(x.numel // dim, 4, (sq,))
+    rs = bld.ew(var, save_out=True)
+    out = bld.cast(bld.mul(x32, rs), x.elem)
+    if not weighted:
+        return out
+    plan = bld.plan
+    tr = plan is not None and plan.trainable
+    pg = bld.param_grad(f"bcdt{len(bld.tp.ops)}", dim, bld.num.norm_param) if tr else ()
+    return bld.tp.op(out.numel, max(bld.num.norm_param, out.elem), (out,), save=(out,) if tr else (), params=pg,
+                     rg=out.rg or tr)
+
+
+def _mamba1_scan(bld: _B, pj: Tensor, lin: object, *, fused: bool) -> Tensor:
+    """The mixer outside ``mamba_inner_fn`` (modeling_mamba.py): ``causal_conv1d_fn`` (the fallback: F.conv1d with
+    padding conv_kernel - 1, sliced, silu; the kernel: the unpadded output), ``x_proj`` on the transposed conv
+    output (the linear reshapes it: a copy), ``dt_proj.weight @ time_step^T`` (matmul folds the transposed operand:
+    a copy), then the scan.
+
+    Fallback (``mamba_selective_scan``): dA = exp(A * dt), dB = dt * B, dBu = dB * x as (batch, d_inner, L, state)
+    fp32 tensors, then the sequential loop: per token ``state = dA[:, :, i] * state + dBu[:, :, i]`` in fp32 (the new
+    state is saved by the next step's product), its cast to the activation dtype and ``@ C[:, i]`` (both saved),
+    then ``torch.stack``, ``+ x * D`` and ``* silu(z)`` in fp32.
+
+    Kernel (``selective_scan_fn``, mamba_ssm selective_scan_interface.py ``SelectiveScanFn``, inference): delta, B, C
+    and z are not contiguous in the last dim and are copied; the kernel makes ``out``, the fp32 intermediates
+    (batch, d_inner, ceil(L / 2048), 2 state) and ``out_z``. Inference writes the conv and recurrent state into the
+    cache."""
+    from collections.abc import Callable
+
+    spec, tp, num, plan = bld.spec, bld.tp, bld.num, bld.plan
+    assert plan is not None and spec.ssm is not None
+    assert callable(lin)
+    linear: Callable[[Tensor, int, int, str, bool], Tensor] = lin
+    ss = spec.ssm
+    b, s, t = bld.b, bld.s, bld.t
+    di, n, r, k, h = ss.d_inner, ss.d_state, ss.dt_rank, ss.d_conv, spec.hidden_size
+    tr = plan.trainable
+    e = pj.elem
+
+    def pg(name: str, numel: int) -> tuple[tuple[int, int], ...]:
+        return bld.param_grad(f"{name}{len(tp.ops)}", numel, bld.num.param) if tr else ()
+
+    if not num.training:
+        conv_state = tp.op(b * di * k, e, (), rg=False, kind=KV)
+        ssm_state = tp.op(b * di * n, 4, (), rg=False, kind=KV)
+        tp.keep(conv_state, ssm_state)
+    # A = -exp(A_log.float())
+    a32 = tp.op(di * n, 4, (), rg=tr, params=pg("A_log", di * n))
+    a_exp = bld.ew(a32, save_out=True)
+    a_neg = tp.op(di * n, 4, (a_exp,))
+    x_half = tp.view(pj, t * di)
+    gate = tp.view(pj, t * di)
+    conv = tp.op(b * di * (s if fused else s + k - 1), e, (x_half,), save=(x_half,), params=pg("conv1d", di * k))
+    act = tp.op(t * di, e, (conv,), save=(conv,) if conv.rg else ())
+    xdbl = linear(act, di, r + 2 * n, "x_proj", False)  # a 3-D strided input: matmul expands the weight (bmm)
+    ts = tp.view(xdbl, t * r)
+    bv = tp.view(xdbl, t * n)
+    cv = tp.view(xdbl, t * n)
+    if ss.bcdt_norm:  # dt_layernorm, b_layernorm, c_layernorm
+        weighted = ss.bcdt_norm == "rms"
+        ts = _bcdt_rms(bld, ts, r, weighted)
+        bv = _bcdt_rms(bld, bv, n, weighted)
+        cv = _bcdt_rms(bld, cv, n, weighted)
+    tsc = tp.op(t * r, e, (ts,), passthrough=True)  # matmul folds time_step^T: a contiguous copy
+    dt = tp.op(t * di, e, (tsc,), save=(tsc,) if tr else (), params=pg("dt_proj", r * di), rg=tsc.rg or tr,
+               grad_to=(tsc,))
+    dt = tp.op(t * di, e, (dt,), params=pg("dt_bias", di), rg=dt.rg or tr)  # + delta_bias.to(dt.dtype)
+    dt = tp.op(t * di, e, (dt,), save=(dt,) if dt.rg else ())  # softplus saves its input
+    if fused:  # selective_scan_fn: contiguous copies of delta, B, C and z; out, intermediates, out_z
+        inter_n = b * di * -(-s // 2048) * 2 * n
+        if num.training:
+            # SelectiveScanFn (Jamba's training path): saves u, the delta / B / C / z copies, the fp32
+            # intermediates and out; backward makes du, ddelta, dz, the recomputed out_z and fp32 dB, dC
+            d_c = tp.op(t * di, e, (dt,), passthrough=True)
+            b_c = tp.op(b * n * s, e, (bv,), passthrough=True)
+            c_c = tp.op(b * n * s, e, (cv,), passthrough=True)
+            z_c = tp.op(t * di, e, (gate,), passthrough=True)
+            inter = tp.op(inter_n, 4, (), rg=False)
+            o_raw = tp.op(t * di, e, (act,), rg=False)
+            params = pg("A_log", di * n) + pg("D", di)
+            out = tp.op(t * di, e, (act, d_c, b_c, c_c, z_c, inter, o_raw),
+                        save=(act, d_c, b_c, c_c, z_c, inter, o_raw), grad_to=(act, d_c, b_c, c_c, z_c),
+                        params=params, rg=True, bwd_scratch=t * di * e + 2 * b * n * s * 4)
+        else:
+            copies = t * di * e + 2 * b * n * s * e + t * di * e
+            out = tp.op(t * di, e, (dt, bv, cv, gate), rg=False, fwd_scratch=copies + t * di * e + inter_n * 4)
+        _live_until_end(bld, pj, act, xdbl)
+        oc = tp.op(t * di, e, (out,))  # the linear reshapes the transposed output: a copy
+        return linear(oc, di, h, "out_proj", ss.proj_bias if ss.out_bias is None else ss.out_bias)
+    four = b * di * s * n
+    da_mul = tp.op(four, 4, (a_neg, dt), save=(a_neg, dt) if dt.rg or a_neg.rg else ())
+    da = bld.ew(da_mul, save_out=True)  # exp
+    b32 = bld.cast(bv, 4)
+    db = tp.op(four, 4, (dt, b32), save=(dt, b32) if dt.rg or b32.rg else ())
+    x32 = bld.cast(act, 4)
+    dbu = tp.op(four, 4, (db, x32), save=(db, x32) if db.rg or x32.rg else ())
+    state = tp.op(b * di * n, e, (), rg=False)  # zeros, in the input dtype
+    steps: list[Tensor] = []
+    for _ in range(s):
+        da_i = tp.view(da, b * di * n)  # discrete_A[:, :, i]: its gradient is select_backward's full-size tensor
+        prod = tp.op(b * di * n, 4, (da_i, state), save=(da_i, state) if (da.rg or state.rg) else ())
+        state = tp.op(b * di * n, 4, (prod, tp.view(dbu, b * di * n)), passthrough=True)
+        sc = bld.cast(state, e)
+        y_i = tp.op(b * di, e, (sc, cv), save=(sc, cv) if (sc.rg or cv.rg) else ())
+        steps.append(y_i)
+    stacked = tp.op(t * di, e, tuple(steps), passthrough=True)
+    d32 = tp.op(di, 4, (), rg=tr, params=pg("D", di))  # D.float()
+    xd = tp.op(t * di, 4, (act, d32), save=(act, d32) if tr or act.rg else ())
+    y = tp.op(t * di, 4, (stacked, xd), passthrough=True)
+    sg = tp.op(t * di, e, (gate,), save=(gate,) if gate.rg else ())  # silu(z)
+    y = bld.mul(y, sg, elem=4)
+    _live_until_end(bld, pj, a_neg, act, xdbl, da, db, dbu, *steps)
+    yc = bld.cast(y, e)  # scan_output.transpose(1, 2).to(dtype): strides kept
+    yc = tp.op(t * di, e, (yc,), passthrough=True)  # the linear reshapes the transposed input: a copy
+    return linear(yc, di, h, "out_proj", ss.proj_bias if ss.out_bias is None else ss.out_bias)

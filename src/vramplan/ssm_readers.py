@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .errors import ConfigError
 from .hfconfig import _MAX_LAYERS, _Cfg, _check_heads
@@ -31,16 +32,18 @@ def _expand(c: _Cfg, key: str, hidden: int) -> int:
     return d_inner
 
 
-def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: bool) -> SSMSpec:
+def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: Any) -> SSMSpec:
     """The Mamba-2 mixer of the hybrid configs (Bamba, GraniteMoeHybrid, Falcon-H1), whose keys carry a ``mamba_``
     prefix, with their config classes' defaults; ``extra`` are the family's own fields."""
+    from dataclasses import replace
+
     d_head = c.raw.get("mamba_d_head", "auto")
-    return SSMSpec(
+    return replace(SSMSpec(
         d_inner=d_inner, n_heads=n_heads,
         head_dim=d_inner // n_heads if d_head in ("auto", None) else c.int_("mamba_d_head"),
         n_groups=c.int_("mamba_n_groups", default=1), d_state=c.int_("mamba_d_state", default=256),
         d_conv=c.int_("mamba_d_conv", default=4, hi=1024), chunk=c.int_("mamba_chunk_size", default=256, hi=1 << 16),
-        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False),
+        conv_bias=c.bool_("mamba_conv_bias", default=True), proj_bias=c.bool_("mamba_proj_bias", default=False)),
         **extra)
 
 
@@ -65,6 +68,141 @@ def _mamba2(c: _Cfg, family: str) -> ModelSpec:
         activation=Activation.SILU, position=PositionKind.NONE, norms_per_layer=1,
         mixers=("mamba2",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
         residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
+    )
+
+
+def _mamba(c: _Cfg, family: str) -> ModelSpec:
+    """Mamba-1 and Falcon-Mamba (modeling_mamba.py, modeling_falcon_mamba.py): embeddings, ``num_hidden_layers``
+    MambaBlocks (RMSNorm + selective-scan mixer, residual in fp32 by default), norm_f, an lm_head tied to the
+    embeddings by default whose logits are cast with ``.float()``. Falcon-Mamba adds weightless RMSNorms on dt, B
+    and C. ``time_step_rank`` "auto" is ceil(hidden / 16) (configuration_mamba.py)."""
+    hidden = c.int_("hidden_size", default=768)
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    # MambaMixer sizes itself by config.intermediate_size: expand x hidden unless a saved config states it
+    d_inner = c.int_("intermediate_size") if c.raw.get("intermediate_size") is not None else \
+        _expand(c, "expand", hidden)
+    rank = c.raw.get("time_step_rank", "auto")
+    dt_rank = -(-hidden // 16) if rank in ("auto", None) else c.int_("time_step_rank")
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Mamba with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    ss = SSMSpec(d_inner=d_inner, n_heads=1, head_dim=d_inner, n_groups=1, d_state=c.int_("state_size", default=16),
+                 d_conv=c.int_("conv_kernel", default=4, hi=1024), chunk=2048,
+                 conv_bias=c.bool_("use_conv_bias", default=True), proj_bias=c.bool_("use_bias", default=False),
+                 dt_rank=dt_rank, bcdt_norm="weightless" if family == "falcon_mamba" else "")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50280), hidden_size=hidden,
+        num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=d_inner, intermediate_size=d_inner,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=Activation.SILU, position=PositionKind.NONE, norms_per_layer=1,
+        mixers=("mamba",) * layers, mlp_free_layers=tuple(range(layers)), ssm=ss,
+        residual_fp32=c.bool_("residual_in_fp32", default=True), logits_fp32=True, program_version="5.24",
+    )
+
+
+def _jamba(c: _Cfg, family: str) -> ModelSpec:
+    """Jamba (modeling_jamba.py): pre-norm decoder layers whose mixer is attention (no positional encoding) at
+    ``attn_layer_offset`` every ``attn_layer_period`` layers and a Mamba-1 mixer elsewhere (weighted RMSNorms on dt,
+    B and C; no ``mamba_inner_fn`` path), and whose feed-forward is a top-k MoE (softmax router, experts as 3-D
+    parameters) at ``expert_layer_offset`` every ``expert_layer_period`` layers and a SwiGLU MLP elsewhere."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    a_period = c.int_("attn_layer_period", default=8, hi=_MAX_LAYERS)
+    a_offset = c.int_("attn_layer_offset", default=4, lo=0, hi=_MAX_LAYERS)
+    e_period = c.int_("expert_layer_period", default=2, hi=_MAX_LAYERS)
+    e_offset = c.int_("expert_layer_offset", default=1, lo=0, hi=_MAX_LAYERS)
+    if a_offset >= a_period or e_offset >= e_period:
+        raise ConfigError(f"{c.where}: attn_layer_offset / expert_layer_offset must be below their period")
+    experts = c.int_("num_experts", default=16)
+    rank = c.raw.get("mamba_dt_rank", "auto")
+    if c.str_("hidden_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Jamba with hidden_act {c.raw.get('hidden_act')!r} is not supported (silu)")
+    ss = SSMSpec(d_inner=_expand(c, "mamba_expand", hidden), n_heads=1, head_dim=1, n_groups=1,
+                 d_state=c.int_("mamba_d_state", default=16), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
+                 chunk=2048, conv_bias=c.bool_("mamba_conv_bias", default=True),
+                 proj_bias=c.bool_("mamba_proj_bias", default=False),
+                 dt_rank=-(-hidden // 16) if rank in ("auto", None) else c.int_("mamba_dt_rank"), bcdt_norm="rms",
+                 inner_fn=False)
+    ss = replace(ss, head_dim=ss.d_inner)
+    raw = dict(c.raw)
+    for key, default in (("hidden_size", hidden), ("num_hidden_layers", layers), ("intermediate_size", 14336),
+                         ("vocab_size", 65536), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                         ("max_position_embeddings", 262144)):
+        raw.setdefault(key, default)
+    raw["num_local_experts"] = max(experts, 2)  # one "expert" is the dense MLP (JambaMLP): no MoE layer at all
+    raw["num_experts_per_tok"] = min(c.int_("num_experts_per_tok", default=2), raw["num_local_experts"])
+    spec = _llama_like(_Cfg(raw, c.where), "mixtral")
+    moe = tuple(i for i in range(layers) if experts > 1 and i % e_period == e_offset)
+    return replace(spec, family=family, position=PositionKind.NONE, sliding_window=None, sliding_layers=(),
+                   mixers=tuple("attention" if i % a_period == a_offset else "mamba" for i in range(layers)),
+                   moe_layers=moe, num_experts=experts if moe else 0, ssm=ss,
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), program_version="5.24")
+
+
+# configuration_zamba2.py: the layer pattern Zamba2Config writes when layers_block_type is not given (54 layers)
+_ZAMBA2_DEFAULT = (["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + ["mamba"] * 3
+                   + ["hybrid"] + ["mamba"] * 2)
+
+
+def _zamba2(c: _Cfg, family: str) -> ModelSpec:
+    """Zamba2 (modeling_zamba2.py): Mamba-2 decoder layers (RMSNorm + mixer + residual, no MLP), and hybrid layers
+    that first run a shared transformer block on ``cat([hidden, original embeddings])`` (attention over 2 x hidden
+    with heads of 2 x hidden / heads, no RoPE unless ``use_mem_rope``; an MLP of ``intermediate_size``, 4 x hidden
+    by default), project it with their own ``linear`` and add it to the Mamba-2 layer's input. ``num_mem_blocks``
+    weight sets are reused in turn; each hybrid layer has its own adapters."""
+    from .ssm import SharedBlock
+
+    layers = c.int_("num_hidden_layers", default=54, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2560)
+    raw_types = c.raw.get("layers_block_type")
+    types = list(_ZAMBA2_DEFAULT) if raw_types is None else raw_types
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("mamba", "linear_attention", "hybrid") for t in types):
+        raise ConfigError(f"{c.where}: layers_block_type must list one of mamba / hybrid per layer ({layers})")
+    heads = c.int_("num_attention_heads", default=32)
+    kv = c.int_("num_key_value_heads", default=heads) if c.raw.get("num_key_value_heads") is not None else heads
+    if (2 * hidden) % heads or heads % kv:
+        raise ConfigError(f"{c.where}: 2 x hidden_size must divide into num_attention_heads, and those into "
+                          "num_key_value_heads")
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("n_mamba_heads", default=8)
+    bias = c.bool_("add_bias_linear", default=False)
+    head_dim = c.int_("mamba_headdim") if c.raw.get("mamba_headdim") is not None else d_inner // n_heads
+    ss = _check_ssm(c, hidden, SSMSpec(
+        d_inner=d_inner, n_heads=n_heads, head_dim=head_dim, n_groups=c.int_("mamba_ngroups", default=1),
+        d_state=c.int_("mamba_d_state", default=64), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
+        chunk=c.int_("chunk_size", default=256, hi=1 << 16), conv_bias=True, proj_bias=bias))
+    inter = c.int_("intermediate_size", default=4 * hidden) if c.raw.get("intermediate_size") is not None \
+        else 4 * hidden
+    blocks = c.int_("num_mem_blocks", default=1, hi=_MAX_LAYERS)
+    n_hybrid = types.count("hybrid")
+    ids = c.raw.get("hybrid_layer_ids")  # what a saved config says; the model sizes its adapter lists by it
+    slots = len(ids) if isinstance(ids, list) else n_hybrid
+    sb = SharedBlock(num_mem_blocks=blocks, adapter_rank=c.int_("adapter_rank", default=128),
+                     attention_adapters=c.bool_("use_shared_attention_adapter", default=False), intermediate=inter,
+                     adapter_slots=slots)
+    mixers, hybrid = [], 0
+    for t in types:
+        if t == "hybrid":
+            mixers.append("zamba_hybrid" if hybrid < blocks else "zamba_tied")
+            hybrid += 1
+        else:
+            mixers.append("mamba2")
+    rope = c.bool_("use_mem_rope", default=False)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=c.int_("attention_head_dim") if c.raw.get("attention_head_dim") is not None else 2 * hidden // heads,
+        intermediate_size=inter,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="gelu"),
+        position=PositionKind.ROPE if rope else PositionKind.NONE, mlp_bias=bias,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0), norms_per_layer=1,
+        mixers=tuple(mixers), mlp_free_layers=tuple(range(layers)), ssm=ss, shared_block=sb, program_version="5.24",
     )
 
 
@@ -289,8 +427,10 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba2": _mamba2, "bamba": _bamba, "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1,
-    "nemotron_h": _nemotron_h}
-SSM_CLASSES: dict[str, str] = {"Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
+    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
+    "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
+SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
+                               "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
+                               "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
