@@ -246,8 +246,12 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
         # select_backward gradient per token into a buffer: in place on a GPU (torch/csrc/autograd/input_buffer.cpp
         # can_accumulate_inplace), out of place on the trace's fake tensors (tensor subclasses are excluded), which
         # therefore hold one (batch, d_inner, L, state) fp32 buffer more at the backward peak.
+        # Where the backward peak falls in the scan (Mamba, Falcon-Mamba), the estimate is that buffer below the
+        # trace; where it falls elsewhere (Jamba's MoE layers at 512 tokens), the two agree.
         assert spec.ssm is not None
-        traced -= opts["batch_size"] * spec.ssm.d_inner * opts["seq_len"] * spec.ssm.d_state * 4
+        buf = opts["batch_size"] * spec.ssm.d_inner * opts["seq_len"] * spec.ssm.d_state * 4
+        assert (traced - buf) * 0.98 <= est <= traced * 1.02, (est / 2**30, traced / 2**30, buf / 2**30)
+        return
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
 
 
