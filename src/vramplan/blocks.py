@@ -525,7 +525,7 @@ class _B:
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
-        oname = "o_proj" if not spec.qkv_fused or spec.family == "phi3" else "dense"
+        oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)

@@ -71,7 +71,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         out = [(name, h, q + 2 * kv, 1)]
     else:
         out = [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
-    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense",
+    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
     return out
