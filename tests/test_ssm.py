@@ -35,12 +35,17 @@ def test_cache_is_constant_in_sequence_length() -> None:
     per_layer = mamba2_state_bytes(spec.ssm, 2, 2)
     # conv state (batch, conv_dim, kernel) bf16 + SSM state (batch, heads, head_dim, state) fp32
     assert per_layer == 2 * (1024 + 2 * 2 * 64) * 4 * 2 + 2 * 16 * 64 * 64 * 4
+    assert _decode_caches(spec, (256, 4096), 16) == {4 * per_layer}
+
+
+def _decode_caches(spec: Any, seqs: tuple[int, ...], new_tokens: int) -> set[int]:
+    """The KV-cache bytes at the decode peak of batch-2 generation, one entry per distinct value over ``seqs``."""
     caches = set()
-    for seq in (256, 4096):
-        est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=seq, new_tokens=16))
+    for seq in seqs:
+        est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=seq, new_tokens=new_tokens))
         decode = next(p for p in est.phases if p.phase.value == "decode")
         caches.add(decode.breakdown.as_dict().get(MemoryKind.KV_CACHE, 0))
-    assert caches == {4 * per_layer}
+    return caches
 
 
 def test_hybrid_cache_counts_attention_layers_only() -> None:
@@ -149,12 +154,7 @@ def test_mamba1_cache_is_constant_in_sequence_length() -> None:
     assert spec.ssm is not None
     per_layer = mamba1_state_bytes(spec.ssm, 2, 2)
     assert per_layer == 2 * 512 * 4 * 2 + 2 * 512 * 8 * 4
-    caches = set()
-    for seq in (128, 1024):
-        est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=seq, new_tokens=8))
-        decode = next(p for p in est.phases if p.phase.value == "decode")
-        caches.add(decode.breakdown.as_dict().get(MemoryKind.KV_CACHE, 0))
-    assert caches == {2 * per_layer}
+    assert _decode_caches(spec, (128, 1024), 8) == {2 * per_layer}
 
 
 @pytest.mark.parametrize("model", ["mamba2-2.7b", "mamba-2.8b", "falcon-mamba-7b", "lfm2-1.2b"])

@@ -23,9 +23,11 @@ Two implementations are modelled, chosen with the workload's ``ssm_kernel``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._engine.numerics import Kernel
 from .kinds import MemoryKind
 
 if TYPE_CHECKING:
@@ -353,10 +355,10 @@ def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:
             v = tp.op(b * bld.kv_len * kvd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
         kernel = bld.kernel_for(False)
-        if num.amp and kernel.name != "EAGER":
+        if num.amp and kernel is not Kernel.EAGER:
             q, k, v = bld.cast(q, 2), bld.cast(k, 2), bld.cast(v, 2)
         out = bld.attention_core(q, k, v, kernel, spec.num_kv_heads)
-        if kernel.name in ("EAGER", "MATH"):
+        if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         return lin(out, qd, h, "o_proj")
 
@@ -593,7 +595,8 @@ def _bcdt_rms(bld: _B, x: Tensor, dim: int, weighted: bool) -> Tensor:
                      rg=out.rg or tr)
 
 
-def _mamba1_scan(bld: _B, pj: Tensor, lin: object, *, fused: bool) -> Tensor:
+def _mamba1_scan(bld: _B, pj: Tensor, linear: Callable[[Tensor, int, int, str, bool], Tensor], *,
+                 fused: bool) -> Tensor:
     """The mixer outside ``mamba_inner_fn`` (modeling_mamba.py): ``causal_conv1d_fn`` (the fallback: F.conv1d with
     padding conv_kernel - 1, sliced, silu; the kernel: the unpadded output), ``x_proj`` on the transposed conv
     output (the linear reshapes it: a copy), ``dt_proj.weight @ time_step^T`` (matmul folds the transposed operand:
@@ -608,12 +611,8 @@ def _mamba1_scan(bld: _B, pj: Tensor, lin: object, *, fused: bool) -> Tensor:
     and z are not contiguous in the last dim and are copied; the kernel makes ``out``, the fp32 intermediates
     (batch, d_inner, ceil(L / 2048), 2 state) and ``out_z``. Inference writes the conv and recurrent state into the
     cache."""
-    from collections.abc import Callable
-
     spec, tp, num, plan = bld.spec, bld.tp, bld.num, bld.plan
     assert plan is not None and spec.ssm is not None
-    assert callable(lin)
-    linear: Callable[[Tensor, int, int, str, bool], Tensor] = lin
     ss = spec.ssm
     b, s, t = bld.b, bld.s, bld.t
     di, n, r, k, h = ss.d_inner, ss.d_state, ss.dt_rank, ss.d_conv, spec.hidden_size

@@ -223,6 +223,14 @@ def _bamba(c: _Cfg, family: str) -> ModelSpec:
     if c.float_("z_loss_coefficient", default=0.0, lo=0.0) > 0:
         raise ConfigError(f"{c.where}: Bamba with z_loss_coefficient > 0 is not supported by estimate (its logsumexp "
                           "over the logits is not modelled); run `vramplan trace`")
+    return _llama_attention_hybrid(c, family, hidden, layers, heads, kv, head_dim, ss, rotary_fraction=0.5,
+                                   mixers=tuple("attention" if i in attn else "mamba2" for i in range(layers)))
+
+
+def _llama_attention_hybrid(c: _Cfg, family: str, hidden: int, layers: int, heads: int, kv: int, head_dim: int,
+                            ss: SSMSpec, **extra: Any) -> ModelSpec:
+    """The spec of a hybrid whose attention and gated MLP are LLaMA's, with the keys and defaults Bamba and
+    Falcon-H1 share (RoPE, ``attention_bias`` on q/k/v/o, ``mlp_bias``); ``extra`` are the family's own fields."""
     bias = c.bool_("attention_bias", default=False)
     return ModelSpec(
         name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
@@ -231,9 +239,8 @@ def _bamba(c: _Cfg, family: str) -> ModelSpec:
         tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
         activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
-        mlp_bias=c.bool_("mlp_bias", default=False), rotary_fraction=0.5,
-        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        mixers=tuple("attention" if i in attn else "mamba2" for i in range(layers)), ssm=ss, program_version="5.24",
+        mlp_bias=c.bool_("mlp_bias", default=False),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0), ssm=ss, program_version="5.24", **extra,
     )
 
 
@@ -351,18 +358,9 @@ def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
     if ss.gated_norm:
         raise ConfigError(f"{c.where}: Falcon-H1 with mamba_rms_norm is not supported by estimate yet; run "
                           "`vramplan trace`")
-    bias = c.bool_("attention_bias", default=False)
-    return ModelSpec(
-        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=128000), hidden_size=hidden,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        intermediate_size=c.int_("intermediate_size", default=14336),
-        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
-        activation=c.activation("hidden_act", default="silu"), position=PositionKind.ROPE,
-        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30), qkv_bias=bias, o_bias=bias,
-        mlp_bias=c.bool_("mlp_bias", default=False), embed_scale=True, logit_scale=True, mlp_multipliers=True,
-        key_multiplier=True, attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        mixers=("parallel",) * layers, ssm=ss, program_version="5.24",
-    )
+    return _llama_attention_hybrid(c, family, hidden, layers, heads, kv, head_dim, ss, embed_scale=True,
+                                   logit_scale=True, mlp_multipliers=True, key_multiplier=True,
+                                   mixers=("parallel",) * layers)
 
 
 _NEMOTRON_BLOCKS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
