@@ -727,6 +727,9 @@ class _B:
                          quant=plan.quant, count=e)
         if spec.expert_glu == "clamped":
             p = self.clamped_glu(gu, pairs * i)
+        elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
+            gate, up = tp.split(gu, 2)
+            p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
         else:
             gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
             a = self.activation(gate)
@@ -745,6 +748,8 @@ class _B:
         for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
+        if spec.moe_output_scale:  # hidden_states * routed_scaling_factor (modeling_laguna.py, modeling_beam.py)
+            out = tp.op(t * h, act, (out,))
         if spec.shared_expert_intermediate_size:
             so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
@@ -752,7 +757,10 @@ class _B:
                                    lora_rank=plan.lora_rank if "shared_expert_gate" in plan.lora_targets else 0)
                 gs = self.ew(gate, save_out=True)
                 so = self.mul(so, gs)
-            out = self.add(out, so)
+            if spec.moe_fp32_combine:  # modeling_hy_v3.py: (routed_output.float() + shared.float()).to(dtype)
+                out = self.cast(self.add(self.cast(out, 4), self.cast(so, 4)), act)
+            else:
+                out = self.add(out, so)
         return out
 
     def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:

@@ -188,6 +188,13 @@ class _Facts:
     logit_scale_key: str = ""  # Cohere: logits * logit_scale
     norm: NormKind = NormKind.RMSNORM
     moe: str = ""  # "mixtral" | "qwen" (reader of the MoE fields)
+    # a derived recipe whose MoE block computes, op for op, what this family's block computes (vramplan.derive
+    # ._compose): the block program's flags are that family's; the sizes are read from the type's own keys
+    moe_family: str = ""
+    moe_keys: tuple[tuple[str, str], ...] = ()  # (spec field, config key): num_experts, experts_per_token,
+    # moe_intermediate_size, shared_expert_intermediate_size, or shared_experts (a count of expert-wide MLPs)
+    moe_rule: tuple[tuple[str, ...], ...] = ()  # which layers hold the MoE block: every condition holds (_moe_rule)
+    moe_flags: tuple[tuple[str, Any], ...] = ()  # (spec field, value): a block composed from its parts (no family's)
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
@@ -342,10 +349,82 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
     return ()
 
 
+def _moe_rule(c: _Cfg, rule: tuple[tuple[str, ...], ...], layers: int) -> tuple[int, ...]:
+    """The MoE layers of a derived recipe: those where every condition holds. Conditions (found by the derivation
+    on perturbed configs): ``all``; ``ge K`` (index >= K: first_k_dense_replace); ``step K`` ((index + 1) % K == 0:
+    decoder_sparse_step); ``every K`` (index % K == 0: moe_layer_freq); ``not_in K`` / ``in K`` (index lists:
+    mlp_only_layers, moe_layers); ``eq K V`` (a per-layer list, mlp_layer_types[i] == V)."""
+    keep = set(range(layers))
+    for cond in rule:
+        op, key = cond[0], cond[1] if len(cond) > 1 else ""
+        if op == "all":
+            continue
+        if op in ("ge", "step", "every"):
+            v = c.int_(key, lo=0 if op == "ge" else 1, hi=_MAX_LAYERS)
+            sel = {i for i in range(layers) if (i >= v if op == "ge" else (i + 1) % v == 0 if op == "step"
+                                               else i % v == 0)}
+        elif op in ("in", "not_in"):
+            idx = set(c.int_list(key))
+            sel = {i for i in range(layers) if (i in idx) == (op == "in")}
+        elif op == "eq":
+            kinds = c.raw.get(key)
+            if not isinstance(kinds, list) or len(kinds) < layers:
+                raise ConfigError(f"{c.where}: {key} must list one entry per layer ({layers})")
+            sel = {i for i in range(layers) if kinds[i] == cond[2]}
+        else:
+            raise ConfigError(f"{c.where}: unknown MoE layer rule {op!r} in the recipe; re-derive it")
+        keep &= sel
+    return tuple(sorted(keep))
+
+
+def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
+    """A derived recipe's MoE fields: sizes from the keys the derivation found, the program's flags from the family
+    whose block computes the same ops (``f.moe_family``)."""
+    keys = dict(f.moe_keys)
+    e = c.int_(keys["num_experts"])
+    inter = c.int_(keys["moe_intermediate_size"])
+    if "shared_expert_intermediate_size" in keys:
+        si = c.int_(keys["shared_expert_intermediate_size"], default=0, lo=0)
+    elif "shared_experts" in keys:
+        si = inter * c.int_(keys["shared_experts"], default=0, lo=0)
+    else:
+        si = 0
+    for field, key in f.moe_keys:
+        if field == "no_shared_experts" and c.int_(key, default=0, lo=0):
+            raise ConfigError(f"{c.where}: {key} adds shared experts, which the {c.raw.get('model_type')} recipe was "
+                              "not derived with; run vramplan trace on this config")
+    out: dict[str, Any] = {"num_experts": e, "experts_per_token": c.int_(keys["experts_per_token"]),
+                           "moe_intermediate_size": inter, "moe_layers": _moe_rule(c, f.moe_rule, layers)}
+    if si:
+        out["shared_expert_intermediate_size"] = si
+    flags = dict(f.moe_flags) if f.moe_flags else _moe_flags(f.moe, f.moe_family, e, si)
+    if not si:
+        flags.pop("shared_expert_gate", None)
+        flags.pop("shared_expert_first", None)
+    return out | flags
+
+
+def _moe_flags(kind: str, family: str, experts: int, shared: int) -> dict[str, Any]:
+    """The block program's flags of a MoE family (what its modeling file fixes beyond the sizes)."""
+    if kind == "mixtral":  # MixtralTopKRouter returns softmax(logits.float()) top-k values without a cast back
+        return {"router_weights_fp32": True}
+    if kind == "qwen" and family == "qwen2_moe":
+        return {"shared_expert_gate": bool(shared), "shared_expert_first": True}
+    if kind == "gpt_oss":
+        return {"router_bias": True, "expert_bias": True, "expert_glu": "clamped", "router_topk_first": True}
+    if kind == "deepseek":
+        return {"router_fp32": True, "router_sigmoid": True}
+    if kind == "ernie":
+        return {"router_fp32": True, "moe_extra_params": experts, "shared_expert_first": True}
+    return {}
+
+
 def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
     """The MoE fields of a spec, read the way each family's config names them (empty: a dense model)."""
     if not f.moe:
         return {}
+    if f.moe_keys:
+        return _moe_derived(c, f, layers)
     out: dict[str, Any] = {}
     if f.moe in ("mixtral", "granitemoe", "phimoe"):
         out = {"num_experts": c.int_("num_local_experts", default=8), "experts_per_token":
@@ -358,7 +437,8 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
     elif f.moe == "qwen":
         step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
         dense_only = set(c.int_list("mlp_only_layers"))
-        out = {"num_experts": c.int_("num_experts", default=60 if family == "qwen2_moe" else 128),
+        # (Qwen3MoeConfig maps num_experts to num_local_experts: a config saved by transformers 5.x holds the latter)
+        out = {"num_experts": c.int_("num_experts", "num_local_experts", default=60 if family == "qwen2_moe" else 128),
                "experts_per_token": c.int_("num_experts_per_tok", default=4 if family == "qwen2_moe" else 8),
                "moe_intermediate_size": c.int_("moe_intermediate_size"),
                "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)}
@@ -709,6 +789,9 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["norm"] = NormKind(fields["norm"])
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
     fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
+    fields["moe_keys"] = tuple(tuple(a) for a in fields.get("moe_keys", ()))
+    fields["moe_rule"] = tuple(tuple(a) for a in fields.get("moe_rule", ()))
+    fields["moe_flags"] = tuple(tuple(a) for a in fields.get("moe_flags", ()))
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

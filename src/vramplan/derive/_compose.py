@@ -17,12 +17,15 @@ the same weights:
 
 Each part must match on every variant (shrunk default, other widths with the whole default stack, flipped
 boolean flags); the reader's parameter count must be exact. A part that matches no family is named in the
-refusal. MoE blocks are not composed (refused).
+refusal. A MoE block is compared as a whole with the MoE block of each MoE family (see _compare_moe), and
+the config keys of its sizes and MoE layers are found on perturbed configs.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import types
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from typing import Any
@@ -50,10 +53,17 @@ _ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk
 _MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_bias_default", "mlp_plain", "mlp_names")
 
 
+def _is_moe(mod: torch.nn.Module) -> bool:
+    """A mixture-of-experts block: it holds the experts as one 3-D parameter (transformers 5.x) next to a router."""
+    return any(p.dim() == 3 for p in mod.parameters()) and any(p.dim() == 2 for p in mod.parameters())
+
+
 def _role(name: str, mod: torch.nn.Module) -> str:
     cls = type(mod).__name__
     if isinstance(mod, torch.nn.LayerNorm) or "Norm" in cls:
         return "norm"
+    if _is_moe(mod):
+        return "moe"
     if cls.endswith("Attention"):
         return "attn"
     if cls.endswith("MLP"):
@@ -236,9 +246,14 @@ def _classify_norm(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> tuple[str, 
 
 def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module | None:
     """The family's model from the type's config, uninitialised (its parts get the type's weights; what runs
-    outside them does not depend on values)."""
+    outside them does not depend on values). A config without ``head_dim`` gives the type hidden / heads
+    (``getattr(config, "head_dim", hidden_size // num_attention_heads)`` in the LLaMA-class attention); the family
+    gets that value, not its own config class's default."""
     from transformers.initialization import no_init_weights
 
+    if d.get("head_dim") is None and isinstance(d.get("hidden_size"), int) and \
+            isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
+        d = {**d, "head_dim": d["hidden_size"] // d["num_attention_heads"]}
     try:
         with no_init_weights():
             return _build(ref, d, attn, meta=False)
@@ -266,6 +281,9 @@ def compose(model_type: str) -> DeriveResult:
                 if _role(name, child).startswith("other:"):
                     return DeriveResult(model_type, None, f"a decoder-layer part no family has: {name} "
                                         f"({type(child).__name__})")
+            roles = [_role(n, c) for n, c in layer.named_children()]
+            if "moe" in roles and "mlp" in roles:
+                return DeriveResult(model_type, None, "a decoder layer with a MoE block beside a dense MLP")
     except LookupError as exc:
         return DeriveResult(model_type, None, f"not a LLaMA-class layout ({exc})")
     except Exception as exc:
@@ -275,6 +293,11 @@ def compose(model_type: str) -> DeriveResult:
     glue_ok: dict[str, bool] = dict.fromkeys(dense, True)  # the layers' call order and residual glue
     attn_ok: dict[str, bool] = dict.fromkeys(dense, True)
     mlp_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    moe_refs = [f for f, facts in _FAMILIES.items() if facts.moe and not facts.mla]
+    moe_ok: dict[str, bool] = dict.fromkeys(moe_refs, True)
+    moe_why: dict[str, str] = {}
+    moe_parts: list[tuple[tuple[tuple[str, Any], ...], str]] = []
+    has_moe = False
     norms: set[tuple[str, bool]] = set()
     why: dict[str, str] = {}
     checked: list[str] = []
@@ -290,12 +313,15 @@ def compose(model_type: str) -> DeriveResult:
                 break
             checked.append(f"{vname}/{attn}")
             layers = _layers(mine_model)
-            roles = {i: [_role(n, dict(layers[i].named_children())[n]) for n in rec.order[i]] for i in rec.order}
+            # a MoE block sits where a dense family has its MLP: the glue compares them as one role
+            roles = {i: [_role(n, dict(layers[i].named_children())[n]).replace("moe", "mlp") for n in rec.order[i]]
+                     for i in rec.order}
             bad = [r for rs in roles.values() for r in rs if r.startswith("other:")]
             if bad:
                 return DeriveResult(model_type, None, f"a decoder-layer part no family has: {bad[0].split(':', 1)[1]}")
             if any(r not in ("attn", "mlp") for i in rec.order for n in rec.order[i]
-                   for r in [_role(n, dict(layers[i].named_children())[n])] if r not in ("norm", "dropout")):
+                   for r in [_role(n, dict(layers[i].named_children())[n]).replace("moe", "mlp")]
+                   if r not in ("norm", "dropout")):
                 return DeriveResult(model_type, None, "decoder layer without attention and MLP")
             # norms of the type's layers and final norm
             parts = [(f"L{i}.{name}", child) for i, layer in enumerate(layers)
@@ -311,8 +337,9 @@ def compose(model_type: str) -> DeriveResult:
                                             "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm, "
                                             "parameter-free fp32 LayerNorm)")
                     norms.add(kind)
+            dense_mlp = any(_moe_child(layer) is None for layer in layers)  # a MoE-only stack compares no MLP
             for ref in dense:
-                if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
+                if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or (mlp_ok[ref] and dense_mlp)):
                     continue
                 theirs = _family_model(ref, d, attn)
                 if theirs is None:
@@ -344,6 +371,8 @@ def compose(model_type: str) -> DeriveResult:
                     if not ok[ref]:
                         continue
                     for i, layer in enumerate(layers):
+                        if role == "mlp" and _moe_child(layer) is not None:
+                            continue  # compared with the MoE families below
                         mine_part, their_part = _child(layer, role), _child(tlayers[i], role)
                         key = f"L{i}.{mine_part[0]}" if mine_part else ""
                         if mine_part is None or their_part is None or key not in rec.inputs:
@@ -357,6 +386,8 @@ def compose(model_type: str) -> DeriveResult:
                             ok[ref] = False
                         if not ok[ref]:
                             break
+            if attn == kernels(model_type, ("eager", "sdpa"))[0]:  # the MoE block does not depend on the kernel
+                has_moe |= _compare_moe(layers, rec, d, moe_ok, moe_why, vname, moe_parts)
     base = next((r for r in dense if base_ok[r]), None)
     glue = next((r for r in dense if glue_ok[r] and base is not None
                  and _FAMILIES[r].multipliers == _FAMILIES[base].multipliers), None)
@@ -370,6 +401,17 @@ def compose(model_type: str) -> DeriveResult:
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
     (norm_kind, norm_bias), = norms
+    moe_ref = next((r for r in moe_refs if moe_ok[r]), None)
+    moe_flags: tuple[tuple[str, Any], ...] = ()
+    if has_moe and moe_ref is None:
+        errs = [err for _, err in moe_parts if err]
+        found = {f for f, err in moe_parts if not err}
+        if errs or len(found) != 1:
+            detail = "; ".join(f"{k}: {v}" for k, v in list(moe_why.items())[:3])
+            part = errs[0] if errs else f"its parts differ between variants: {sorted(found)}"
+            return DeriveResult(model_type, None, f"no family computes its MoE block ({detail}); part by part: "
+                                f"{part}"[:900])
+        (moe_flags,) = found
     assert base is not None and glue is not None and attn_ref is not None and mlp_ref is not None
     fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
     if fb.gemma != (norm_kind == "gemma_rmsnorm"):
@@ -385,6 +427,16 @@ def compose(model_type: str) -> DeriveResult:
                     if isinstance(k, str) and isinstance(v, str))
     facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]),
                     sdpa="sdpa" in kernels(model_type))
+    if has_moe:
+        keys, err = _moe_size_keys(model_type, variants[0][1])
+        if not err:
+            rule, err = _moe_layer_rule(model_type, variants[1][1])
+        if err:
+            return DeriveResult(model_type, None, f"its MoE block computes like {moe_ref or 'its parts'}, but {err}")
+        if moe_ref is not None:
+            facts = replace(facts, moe=_FAMILIES[moe_ref].moe, moe_family=moe_ref, moe_keys=keys, moe_rule=rule)
+        else:
+            facts = replace(facts, moe="composed", moe_flags=moe_flags, moe_keys=keys, moe_rule=rule)
     defaults = library_defaults(model_type)
     err = _check_counts(model_type, facts, variants, defaults)
     if err:
@@ -393,8 +445,14 @@ def compose(model_type: str) -> DeriveResult:
     fd["norm"] = str(fd["norm"])
     fd["aliases"] = [list(a) for a in fd["aliases"]]
     fd["mlp_names"] = list(fd["mlp_names"])
-    recipe = {"model_type": model_type, "reads_as": base, "parts": {"base": base, "glue": glue, "attention": attn_ref,
-                                                                     "mlp": mlp_ref, "norm": norm_kind},
+    fd["moe_keys"] = [list(a) for a in fd["moe_keys"]]
+    fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
+    fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
+    parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
+    if has_moe:
+        parts["moe"] = moe_ref or "composed: experts as Mixtral's or gpt-oss's, shared expert as a gated MLP, " \
+            "router and block glue by their tokens x hidden tensors"
+    recipe = {"model_type": model_type, "reads_as": base, "parts": parts,
               "facts": fd, "defaults": defaults, "transformers": transformers.__version__,
               "torch": torch.__version__.split("+")[0], "checked": checked,
               "method": "composed part by part: outside ops, layer glue and call order as the base family; "
@@ -422,3 +480,430 @@ def _check_counts(model_type: str, facts: Any, variants: list[tuple[str, dict[st
             return f"{vname}: the reader counts {got:,} parameters, the model has {want:,}"
     return ""
 
+
+
+# ---- mixture-of-experts blocks ---------------------------------------------------------------------------------
+
+def _moe_sizes(block: torch.nn.Module, hidden: int) -> dict[str, int] | None:
+    """Experts, top-k, expert width and shared-expert width of a MoE block, read from its parameters' shapes and its
+    router's ``top_k`` (None when it has no such attribute)."""
+    state = block.state_dict(keep_vars=True)
+    three = [v for v in state.values() if v.dim() == 3]
+    if not three:
+        return None
+    e = three[0].shape[0]
+    inner = [d for v in three for d in v.shape[1:] if d != hidden]
+    k = next((getattr(m, a) for m in block.modules() for a in ("top_k", "num_experts_per_tok", "topk")
+              if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool)), None)
+    if k is None:
+        return None
+    two = [v for v in state.values() if v.dim() == 2 and tuple(v.shape) != (e, hidden) and 1 not in v.shape]
+    shared = [d for v in two for d in v.shape if d != hidden]
+    return {"num_experts": e, "experts_per_token": k, "moe_intermediate_size": min(inner) if inner else hidden,
+            "shared": min(shared) if shared else 0,
+            "shared_gate": int(any(v.dim() == 2 and tuple(v.shape) == (1, hidden) for v in state.values()))}
+
+
+def _family_moe_config(ref: str, d: Mapping[str, Any], z: Mapping[str, int]) -> dict[str, Any] | None:
+    """The type's config with the MoE sizes ``z`` under the keys family ``ref``'s config reads (every layer a MoE
+    layer); None when the family cannot hold them (a shared expert not a whole number of experts wide)."""
+    from ..hfconfig import _FAMILIES
+
+    kind = _FAMILIES[ref].moe
+    e, k, i, si = z["num_experts"], z["experts_per_token"], z["moe_intermediate_size"], z["shared"]
+    o = {**d, "num_experts_per_tok": k}
+    if kind in ("mixtral", "granitemoe", "gpt_oss", "olmoe"):
+        if bool(si) != (ref == "granitemoeshared"):
+            return None
+        o |= {"num_local_experts": e, "num_experts": e, "intermediate_size": i}
+        if si:
+            o["shared_intermediate_size"] = si
+    elif kind == "qwen":
+        if bool(si) != (ref == "qwen2_moe"):
+            return None
+        o |= {"num_experts": e, "num_local_experts": e, "moe_intermediate_size": i, "decoder_sparse_step": 1,
+              "mlp_only_layers": [], "shared_expert_intermediate_size": si}
+    elif kind in ("deepseek", "ernie"):
+        if si % i:
+            return None
+        if kind == "deepseek":
+            o |= {"n_routed_experts": e, "moe_intermediate_size": i, "n_shared_experts": si // i,
+                  "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "moe_layer_freq": 1}
+        else:
+            o |= {"moe_num_experts": e, "moe_k": k, "moe_intermediate_size": i, "moe_num_shared_experts": si // i,
+                  "moe_layer_start_index": 0, "moe_layer_interval": 1}
+    else:
+        return None
+    o.pop("mlp_layer_types", None)
+    return o
+
+
+def _load_by_shape(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Load ``src``'s tensors into ``dst``: each of ``dst``'s, in order, takes the first unused one of the same
+    shape (the parts of MoE blocks are named differently from family to family)."""
+    have = list(src.state_dict().values())
+    want = dst.state_dict()
+    if len(have) != len(want):
+        raise ValueError(f"{len(have)} tensors vs {len(want)}")
+    used: set[int] = set()
+    out = {}
+    for key, v in want.items():
+        j = next((j for j, t in enumerate(have) if j not in used and t.shape == v.shape), None)
+        if j is None:
+            raise ValueError(f"no tensor of shape {tuple(v.shape)} for {key}")
+        used.add(j)
+        out[key] = have[j]
+    dst.load_state_dict(out, strict=True)
+
+
+def _moe_child(layer: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    return next(((n, c) for n, c in layer.named_children() if _role(n, c) == "moe"), None)
+
+
+def _family_block(ref: str, d: Mapping[str, Any], z: Mapping[str, int]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(family model, its first MoE block) built from the type's config with the sizes ``z``."""
+    o = _family_moe_config(ref, d, z)
+    if o is None:
+        raise ValueError("its block cannot hold these sizes")
+    model = _family_model(ref, o, "eager")
+    if model is None:
+        raise ValueError("does not build from the type's config")
+    for layer in _layers(model):
+        child = _moe_child(layer)
+        if child is not None:
+            return model, child[1]
+    raise ValueError("has no MoE layer")
+
+
+def _observe(model_type: str, d: Mapping[str, Any]) -> tuple[dict[str, int], tuple[int, ...]] | None:
+    """The sizes of the first MoE block and the indices of the MoE layers of ``d`` built on the meta device."""
+    try:
+        with torch.device("meta"):
+            model = _causal_lm_class(_config_class(model_type))._from_config(
+                _config_class(model_type).from_dict(copy.deepcopy(dict(d))))
+        layers = _layers(model)
+    except Exception:
+        return None
+    moe = tuple(i for i, layer in enumerate(layers) if _moe_child(layer) is not None)
+    if not moe:
+        return {}, ()
+    child = _moe_child(layers[moe[0]])
+    assert child is not None
+    z = _moe_sizes(child[1], int(d["hidden_size"]))
+    return (z or {}), moe
+
+
+def _int_keys(d: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _moe_size_keys(model_type: str, d: Mapping[str, Any]) -> tuple[tuple[tuple[str, str], ...], str]:
+    """Which of the type's config keys set the experts, top-k, expert width and shared experts: each key holding the
+    observed value is changed in turn, and the one whose change the built model follows is taken."""
+    seen = _observe(model_type, d)
+    if not seen or not seen[0]:
+        return (), "no MoE block with a router top_k in the shrunk default"
+    z = seen[0]
+    out: list[tuple[str, str]] = []
+    for field, step in (("num_experts", 2), ("experts_per_token", 1), ("moe_intermediate_size", 8)):
+        found = None
+        for key in _int_keys(d):
+            if d[key] != z[field]:
+                continue
+            got = _observe(model_type, {**d, key: d[key] + step})
+            if got and got[0] and got[0][field] == d[key] + step:
+                found = key
+                break
+        if found is None:
+            return (), f"no config key sets its {field} ({z[field]})"
+        out.append((field, found))
+    i, si = z["moe_intermediate_size"], z["shared"]
+    used = {k for _, k in out}
+    for key in _int_keys(d):  # a width key, or a count of expert-wide shared experts
+        v = d[key]
+        if key in used or not si:
+            continue
+        if si and v == si:
+            got = _observe(model_type, {**d, key: v + 8})
+            if got and got[0] and got[0]["shared"] == v + 8:
+                out.append(("shared_expert_intermediate_size", key))
+                break
+        if v == (si // i if si % i == 0 else -1):
+            got = _observe(model_type, {**d, key: v + 1})
+            if got and got[0] and got[0]["shared"] == i * (v + 1):
+                out.append(("shared_experts", key))
+                break
+    else:
+        if si:
+            return (), f"no config key sets its shared experts ({si} wide)"
+        for key in _int_keys(d):  # a key that adds shared experts the comparison did not see: the reader refuses it
+            if d[key] == 0 and key not in used:
+                got = _observe(model_type, {**d, key: 1})
+                if got and got[0] and got[0]["shared"]:
+                    out.append(("no_shared_experts", key))
+    return tuple(out), ""
+
+
+def _rule_layers(rule: tuple[tuple[str, ...], ...], d: Mapping[str, Any], n: int) -> tuple[int, ...] | None:
+    from ..errors import ConfigError
+    from ..hfconfig import _Cfg, _moe_rule
+
+    try:
+        return _moe_rule(_Cfg(d, "probe"), rule, n)
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _moe_layer_rule(model_type: str, d: Mapping[str, Any]) -> tuple[tuple[tuple[str, ...], ...], str]:
+    """Which layers hold the MoE block, as a rule over the config (:func:`vramplan.hfconfig._moe_rule`): the
+    smallest conjunction of conditions that predicts the built model's MoE layers on the whole default stack and on
+    copies with each key the candidates read changed."""
+    n = d.get("num_hidden_layers")
+    seen = _observe(model_type, d)
+    if not isinstance(n, int) or seen is None:
+        return (), "the whole default stack does not build"
+    atoms: list[tuple[str, ...]] = [("all",)]
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) and 0 <= v <= n:
+            atoms.append(("ge", k))
+            if v >= 1:
+                atoms += [("step", k), ("every", k)]
+        elif isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v) \
+                and ("layer" in k or not v):
+            atoms += [("not_in", k), ("in", k)]
+        elif isinstance(v, list) and len(v) == n and all(isinstance(x, str) for x in v):
+            atoms += [("eq", k, x) for x in dict.fromkeys(v)]
+    rules = [(a,) for a in atoms] + [(a, b) for j, a in enumerate(atoms) for b in atoms[j + 1:]
+                                     if "all" not in (a[0], b[0]) and a[1] != b[1]]
+    probes = [(d, seen[1])]
+    rules = [r for r in rules if _rule_layers(r, d, n) == seen[1]]
+    tested: set[str] = set()
+    for key in dict.fromkeys(a[1] for r in rules for a in r if len(a) > 1):
+        v = d[key]
+        if isinstance(v, int):
+            changes: list[Any] = [x for x in (v + 1, v - 1, 2, 3) if 0 <= x <= n and x != v]
+        elif isinstance(v, list) and len(v) == n and v and all(isinstance(x, str) for x in v):
+            others = [x for x in dict.fromkeys(v) if x != v[0]] or ["dense", "sparse"]
+            changes = [[o, *v[1:]] for o in others if o != v[0]] + [[v[0], o, *v[2:]] for o in others
+                                                                   if n > 1 and o != v[1]]
+        elif isinstance(v, list):
+            changes = [sorted(set(v) ^ {0}), sorted(set(v) ^ {1})] if n > 1 else []
+        else:
+            changes = []
+        for c in changes:
+            p = {**d, key: c}
+            got = _observe(model_type, p)
+            if got is None:
+                continue
+            tested.add(key)
+            probes.append((p, got[1]))
+    rules = [r for r in rules if all(_rule_layers(r, p, n) == want for p, want in probes)]
+    if not rules:
+        return (), f"no rule over its config predicts which layers are MoE layers ({list(seen[1])} of {n})"
+    rules.sort(key=lambda r: (len(r), not all(len(a) == 1 or a[1] in tested for a in r)))
+    return rules[0], ""
+
+
+def _compare_moe(layers: torch.nn.ModuleList, rec: _Recorder, d: Mapping[str, Any], ok: dict[str, bool],
+                 why: dict[str, str], vname: str, parts: list[tuple[tuple[tuple[str, Any], ...], str]]) -> bool:
+    """Compare each MoE block of the type, on its captured inputs, op for op with the block of each MoE family built
+    with the same sizes and holding the same weights; clears ``ok`` of the families that differ. True when the
+    type has a MoE layer here."""
+    found = False
+    for i, layer in enumerate(layers):
+        child = _moe_child(layer)
+        key = f"L{i}.{child[0]}" if child else ""
+        if child is None or key not in rec.inputs:
+            continue
+        found = True
+        z = _moe_sizes(child[1], int(d["hidden_size"]))
+        for ref in ok:
+            if not ok[ref]:
+                continue
+            if z is None:
+                ok[ref] = False
+                why.setdefault(ref, f"{vname}: its router has no top_k")
+                continue
+            try:
+                _, block = _family_block(ref, d, z)
+                _load_by_shape(child[1], block)
+                theirs = _part_ops(block, rec.inputs[key])
+            except Exception as exc:
+                ok[ref] = False
+                why.setdefault(ref, f"{vname}: {type(exc).__name__}: {' '.join(str(exc).split())[:100]}")
+                continue
+            if theirs != rec.buckets[key]:
+                ok[ref] = False
+                why.setdefault(ref, f"{vname}: {_first_difference(rec.buckets[key], theirs)}")
+        if not any(ok.values()) and z is not None:  # no family's block: its parts
+            flags, err = _moe_parts(child[1], rec.inputs[key], d, z)
+            parts.append((tuple(sorted(flags.items())), f"{vname}: {err}" if err else ""))
+    return found
+
+
+# ---- a MoE block no family computes as a whole: its parts -------------------------------------------------------
+
+class _BlockRecorder(_OpLog):
+    """The ops of one MoE block bucketed by the child they run in (``glue``: the block's own), the children's call
+    order and the inputs each child received."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.where = ["glue"]
+        self.buckets: dict[str, list[Any]] = {"glue": [], "recorder": []}
+        self.inputs: dict[str, tuple[Any, Any]] = {}
+        self.order: list[str] = []
+        self.handles = []
+        for name, child in block.named_children():
+            self.handles.append(child.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self.handles.append(child.register_forward_hook(self._post, with_kwargs=True))
+
+    def _post(self, m: torch.nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        self.where.pop()
+
+    def _pre(self, name: str) -> Any:
+        def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            self.order.append(name)
+            if name not in self.inputs:
+                self.where.append("recorder")
+                self.inputs[name] = _clone((args, kwargs))
+                self.where.pop()
+            self.where.append(name)
+            self.buckets.setdefault(name, [])
+        return pre
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        n = len(self.ops)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.ops) > n:
+            self.buckets[self.where[-1]].append(self.ops[-1])
+        return out
+
+
+def _record_block(block: torch.nn.Module, inputs: tuple[Any, Any]) -> _BlockRecorder:
+    args, kwargs = _clone(inputs)
+    block.train()
+    rec = _BlockRecorder(block)
+    try:
+        with rec:
+            torch.manual_seed(2)
+            block(*args, **kwargs)
+    finally:
+        for h in rec.handles:
+            h.remove()
+    return rec
+
+
+def _numel(sig: tuple[tuple[tuple[int, ...], str], ...]) -> int:
+    return max((math.prod(s) for s, _ in sig), default=0)
+
+
+def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, Any], z: Mapping[str, int]
+               ) -> tuple[dict[str, Any], str]:
+    """The program facts of a MoE block from its parts: the experts op for op as a family's experts, the shared
+    expert op for op as a gated MLP, and the router and the block's own ops by the tensors that scale with
+    tokens x hidden (the router's fp32 copy of the hidden states, its fp32 routing weights, a scaling of the
+    routed output); ops of tokens x experts (scores, top-k) are the program's router, not compared op for op.
+    Returns (flags, '') or ({}, why not)."""
+    from transformers.models.llama.configuration_llama import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    h, e = int(d["hidden_size"]), z["num_experts"]
+    rec = _record_block(block, inputs)
+    x = inputs[0][0] if inputs[0] else next(iter(inputs[1].values()))
+    t = x.numel() // h
+    children = dict(block.named_children())
+    experts = [n for n, c in children.items() if any(p.dim() == 3 for p in c.parameters())]
+    router = [n for n, c in children.items() if n not in experts
+              and any(tuple(p.shape) == (e, h) for p in c.parameters())]
+    gate = [n for n, c in children.items() if isinstance(c, torch.nn.Linear) and tuple(c.weight.shape) == (1, h)]
+    shared = [n for n, c in children.items() if n not in experts + router + gate and any(True for _ in c.parameters())]
+    if len(experts) != 1 or len(router) != 1 or len(shared) > 1:
+        return {}, f"parts: experts {experts}, router {router}, other {shared}"
+    own = [tuple(p.shape) for p in block.parameters(recurse=False)] + [tuple(b.shape) for b in
+                                                                       block.buffers(recurse=False)]
+    if any(s != (e,) for s in own):
+        return {}, f"the block's own tensors {own}"
+    flags: dict[str, Any] = {}
+    # experts: op for op as the Mixtral / gpt-oss experts (transformers' grouped_mm experts forward)
+    ex = children[experts[0]]
+    matched = ""
+    for ref, glu in (("mixtral", ""), ("gpt_oss", "clamped"), ("mixtral", "fp32")):
+        try:
+            _, fam_block = _family_block(ref, d, {**z, "shared": 0})
+            fam_ex = dict(fam_block.named_children())["experts"]
+            _load_by_shape(ex, fam_ex)
+            if glu == "fp32":  # the reference of the fp32 GLU: Mixtral's experts with act(gate.float()) * up.float()
+                fam_ex._apply_gate = types.MethodType(_fp32_glu, fam_ex)
+            if _part_ops(fam_ex, rec.inputs[experts[0]]) == rec.buckets[experts[0]]:
+                matched = ref
+                flags["expert_glu"] = glu
+                break
+        except Exception:
+            continue
+    if not matched:
+        return {}, "its experts compute like neither Mixtral's, gpt-oss's nor an fp32 GLU (grouped_mm experts forward)"
+    if matched == "gpt_oss":
+        flags["expert_bias"] = True
+    ex_args = rec.inputs[experts[0]]
+    weights = [a for a in (*ex_args[0], *ex_args[1].values()) if isinstance(a, torch.Tensor) and a.is_floating_point()
+               and a.dim() == 2 and a.shape[-1] == z["experts_per_token"]]
+    if not weights:
+        return {}, "no routing weights reach the experts"
+    # router: fp32 copy of the hidden states (F.linear(hidden.float(), ...)), sigmoid scores, fp32 weights out
+    rops = rec.buckets[router[0]]
+    big = [op for op in rops if _numel(op[1]) >= t * h]
+    fp32_copy = [op for op in big if op[1][0][1] == "torch.float32"]
+    if len(big) != len(fp32_copy) or len(fp32_copy) > 1:
+        return {}, f"its router computes tokens x hidden tensors {big}"
+    names = " ".join(op[0] for op in rops)
+    flags["router_fp32"] = bool(fp32_copy)
+    flags["router_sigmoid"] = "sigmoid" in names
+    flags["router_weights_fp32"] = weights[0].dtype == torch.float32
+    if not flags["router_sigmoid"] and "softmax" not in names:
+        return {}, "its router applies neither softmax nor sigmoid"
+    topk_at = names.find("topk")
+    flags["router_topk_first"] = "softmax" in names and 0 <= topk_at < names.find("softmax")
+    rmod = children[router[0]]
+    flags["router_bias"] = any(n.endswith("bias") and tuple(p.shape) == (e,) and p.requires_grad
+                               for n, p in rmod.named_parameters())
+    if flags["router_bias"] and not flags["router_topk_first"]:
+        return {}, "a router bias outside the top-k-first router"
+    # shared expert: op for op as a gated MLP (LlamaMLP) of its width, before or after the routed experts
+    if shared:
+        sm = children[shared[0]]
+        cfg = LlamaConfig(hidden_size=h, intermediate_size=z["shared"], hidden_act=d.get("hidden_act", "silu"))
+        ref_mlp = LlamaMLP(cfg).to(torch.bfloat16)
+        try:
+            _load_by_shape(sm, ref_mlp)
+            same = _part_ops(ref_mlp, rec.inputs[shared[0]]) == rec.buckets[shared[0]]
+        except Exception:
+            same = False
+        if not same:
+            return {}, f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP)"
+        flags["shared_expert_first"] = rec.order.index(shared[0]) < rec.order.index(experts[0])
+        flags["shared_expert_gate"] = bool(gate)
+    elif gate:
+        return {}, "a shared-expert gate without a shared expert"
+    # the block's own ops of tokens x hidden: the shared expert's add (and gate product), a scaling of the routed sum
+    glue = [op for op in rec.buckets["glue"] if _numel(op[1]) >= t * h]
+    expect = (1 if shared else 0) + (1 if gate else 0)
+    extra = len(glue) - expect
+    if extra == 1 and glue[0][0] == "aten.mul.Tensor":
+        flags["moe_output_scale"] = True  # routed_scaling_factor on the experts' sum
+    elif shared and not gate and [(op[0], op[1][0][1]) for op in glue] == [
+            ("aten._to_copy.default", "torch.float32"), ("aten._to_copy.default", "torch.float32"),
+            ("aten.add.Tensor", "torch.float32"), ("aten._to_copy.default", str(x.dtype))]:
+        flags["moe_fp32_combine"] = True  # (routed.float() + shared.float()).to(dtype)
+    elif extra:
+        return {}, f"the block's own ops {[op[0] for op in glue]}"
+    return flags, ""
+
+
+def _fp32_glu(self: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """``(act(gate.float()) * up.float()).to(gate.dtype)`` of ``gate_up.chunk(2, -1)`` (modeling_beam.py
+    BeamExperts._apply_gate): the reference the ``expert_glu = "fp32"`` program replays."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)  # type: ignore[operator,no-any-return]

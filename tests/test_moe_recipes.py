@@ -1,0 +1,71 @@
+"""MoE blocks in derived recipes (``vramplan.derive._compose``): the pure-Python reading of a recipe's MoE keys and
+MoE-layer rule, and (slow, torch) the composition of MoE types against the families' blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vramplan.errors import ConfigError
+from vramplan.hfconfig import _Cfg, _Facts, _llama_like, _moe_rule
+from vramplan.params import count_params
+
+_BASE: dict[str, Any] = dict(model_type="x_moe", hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100, intermediate_size=96, n_experts=8, top_k=2,
+                             expert_width=32, n_shared=1, first_dense=2, sparse_every=2, dense_list=[1, 4],
+                             kinds=["dense", "sparse", "sparse", "dense", "sparse", "sparse"])
+
+
+def _layers(rule: tuple[tuple[str, ...], ...], **over: Any) -> tuple[int, ...]:
+    return _moe_rule(_Cfg({**_BASE, **over}, "x"), rule, 6)
+
+
+def test_rule_conditions() -> None:
+    assert _layers((("all",),)) == (0, 1, 2, 3, 4, 5)
+    assert _layers((("ge", "first_dense"),)) == (2, 3, 4, 5)  # first_k_dense_replace
+    assert _layers((("step", "sparse_every"),)) == (1, 3, 5)  # decoder_sparse_step: (i + 1) % step == 0
+    assert _layers((("every", "sparse_every"),)) == (0, 2, 4)  # moe_layer_freq: i % freq == 0
+    assert _layers((("not_in", "dense_list"),)) == (0, 2, 3, 5)  # mlp_only_layers
+    assert _layers((("in", "dense_list"),)) == (1, 4)  # llama4 moe_layers
+    assert _layers((("eq", "kinds", "sparse"),)) == (1, 2, 4, 5)  # mlp_layer_types
+    # a conjunction: DeepSeek's first_k_dense_replace and moe_layer_freq
+    assert _layers((("ge", "first_dense"), ("every", "sparse_every"))) == (2, 4)
+    assert _layers((("ge", "first_dense"),), first_dense=0) == (0, 1, 2, 3, 4, 5)
+
+
+def test_rule_needs_its_per_layer_list() -> None:
+    with pytest.raises(ConfigError, match="one entry per layer"):
+        _layers((("eq", "kinds", "sparse"),), kinds=["sparse"])
+    with pytest.raises(ConfigError, match="unknown MoE layer rule"):
+        _layers((("sometimes", "kinds"),))
+
+
+_FACTS = _Facts(version="5.24", moe="deepseek", moe_family="glm4_moe",
+                moe_keys=(("num_experts", "n_experts"), ("experts_per_token", "top_k"),
+                          ("moe_intermediate_size", "expert_width"), ("shared_experts", "n_shared")),
+                moe_rule=(("ge", "first_dense"),))
+
+
+def test_recipe_reads_moe_sizes_from_its_keys() -> None:
+    spec = _llama_like(_Cfg(_BASE, "x"), "x_moe", _FACTS)
+    assert (spec.num_experts, spec.experts_per_token, spec.moe_intermediate_size) == (8, 2, 32)
+    assert spec.shared_expert_intermediate_size == 32  # one expert-wide shared expert
+    assert spec.moe_layers == (2, 3, 4, 5)
+    # the program's flags are the block family's (DeepSeek-V3's fp32 sigmoid router)
+    assert spec.router_fp32 and spec.router_sigmoid and not spec.shared_expert_first
+    dense = _llama_like(_Cfg({**_BASE, "first_dense": 6}, "x"), "x_moe", _FACTS)
+    per_expert = 3 * 64 * 32
+    assert count_params(spec).total - count_params(dense).total == 4 * (
+        8 * per_expert + 64 * 8 + per_expert - 3 * 64 * 96)
+
+
+def test_recipe_qwen2_moe_block_flags_follow_the_block_family() -> None:
+    facts = _Facts(version="5.24", moe="qwen", moe_family="qwen2_moe",
+                   moe_keys=(("num_experts", "n_experts"), ("experts_per_token", "top_k"),
+                             ("moe_intermediate_size", "expert_width"),
+                             ("shared_expert_intermediate_size", "intermediate_size")),
+                   moe_rule=(("all",),))
+    spec = _llama_like(_Cfg(_BASE, "x"), "x_moe", facts)
+    assert spec.shared_expert_gate and spec.shared_expert_first and spec.shared_expert_intermediate_size == 96
+    assert spec.moe_layers == tuple(range(6))
