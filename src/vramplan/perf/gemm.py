@@ -79,9 +79,10 @@ def quantization_efficiency(m: int, n: int, k: int, sms: int, tile: tuple[int, i
                             split_k_min_k: int = 1024) -> float:
     """Useful fraction of the SM time a tiled GEMM of (m, n, k) occupies on ``sms`` SMs (0 < e <= 1).
 
-    The library may lay the tile either way round (128 x 256 or 256 x 128: cuBLAS has both); the better
-    one counts. A grid under one wave is split along K into as many slices as fill the SMs, each at
-    least ``split_k_min_k`` deep.
+    The library may lay the tile either way round (128 x 256 or 256 x 128: cuBLAS has both) or halve it
+    (128 x 128); the best of the four counts, each at the same intrinsic speed (optimistic: a smaller tile
+    reuses less data, so this is the least loss the heuristic can reach). A grid under one wave is split
+    along K into as many slices as fill the SMs, each at least ``split_k_min_k`` deep.
     """
     if min(m, n, k, sms) <= 0:
         raise ValueError(f"GEMM dimensions and SM count must be positive, got {(m, n, k, sms)}")

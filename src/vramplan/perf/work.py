@@ -403,7 +403,12 @@ def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str
         out.append(GemmShape(logit_rows, d, spec.vocab_size))
         if head_grad:
             out.append(GemmShape(spec.vocab_size, d, logit_rows))
-    return tuple(s for s in out if s.m > 0 and s.n > 0 and s.k > 0)
+    merged: dict[tuple[int, int, int, bool], float] = {}
+    for g in out:
+        if g.m > 0 and g.n > 0 and g.k > 0:
+            key = (g.m, g.n, g.k, g.quantized)
+            merged[key] = merged.get(key, 0.0) + g.count
+    return tuple(GemmShape(m, n, k, c, q) for (m, n, k, q), c in merged.items())
 
 
 @lru_cache(maxsize=4096)
