@@ -69,3 +69,55 @@ def test_recipe_qwen2_moe_block_flags_follow_the_block_family() -> None:
     spec = _llama_like(_Cfg(_BASE, "x"), "x_moe", facts)
     assert spec.shared_expert_gate and spec.shared_expert_first and spec.shared_expert_intermediate_size == 96
     assert spec.moe_layers == tuple(range(6))
+
+
+def _first_moe_block(model_type: str) -> tuple[Any, Any, dict[str, Any]]:
+    from vramplan.derive._compose import _layers, _moe_child, _record
+    from vramplan.derive._derive import _build, _variants
+
+    d = _variants(model_type)[0][1]
+    model = _build(model_type, d, "eager", meta=False)
+    rec = _record(model)
+    for i, layer in enumerate(_layers(model)):
+        child = _moe_child(layer)
+        if child is not None:
+            return child[1], rec.inputs[f"L{i}.{child[0]}"], d
+    raise AssertionError("no MoE layer")
+
+
+@pytest.mark.slow
+def test_compose_finds_the_moe_keys_and_layer_rule() -> None:
+    """Keys found by changing each candidate and watching the built model: Solar Open's shared expert is
+    n_shared_experts expert-wide MLPs (not moe_intermediate_size, which also changes it); AFMoE's first
+    num_dense_layers layers are dense."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _moe_layer_rule, _moe_size_keys
+    from vramplan.derive._derive import _quiet, _variants
+
+    with _quiet():
+        v = _variants("solar_open")
+        keys, err = _moe_size_keys("solar_open", v[0][1])
+        assert not err and dict(keys)["shared_experts"] == "n_shared_experts"
+        assert dict(keys)["num_experts"] == "n_routed_experts"
+        v = _variants("afmoe")
+        rule, err = _moe_layer_rule("afmoe", v[1][1])
+        assert not err and rule == (("ge", "num_dense_layers"),)
+
+
+@pytest.mark.slow
+def test_moe_parts_of_a_block_no_family_has() -> None:
+    """Laguna: sigmoid router without fp32 copy, shared expert before the routed ones, routed sum scaled in the
+    block; HY-V3: routed and shared outputs added in fp32."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _moe_parts, _moe_sizes
+    from vramplan.derive._derive import _quiet
+
+    with _quiet():
+        block, inputs, d = _first_moe_block("laguna")
+        flags, err = _moe_parts(block, inputs, d, _moe_sizes(block, d["hidden_size"]) or {})
+        assert not err
+        assert flags["moe_output_scale"] and flags["shared_expert_first"] and flags["router_sigmoid"]
+        assert not flags["router_fp32"]
+        block, inputs, d = _first_moe_block("hy_v3")
+        flags, err = _moe_parts(block, inputs, d, _moe_sizes(block, d["hidden_size"]) or {})
+        assert not err and flags["moe_fp32_combine"] and flags["router_fp32"]
