@@ -251,6 +251,12 @@ def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module 
     gets that value, not its own config class's default."""
     from transformers.initialization import no_init_weights
 
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()) and \
+            len({v.get("rope_type") for v in rope.values()}) == 1:
+        # rotary parameters per layer type (Mellum: a theta for full and one for sliding layers) computing the same
+        # ops: the family, which reads one set, gets the first (the theta changes values, not ops)
+        d = {**d, "rope_parameters": next(iter(rope.values()))}
     if d.get("head_dim") is None and isinstance(d.get("hidden_size"), int) and \
             isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
         d = {**d, "head_dim": d["hidden_size"] // d["num_attention_heads"]}
