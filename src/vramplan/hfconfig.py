@@ -406,10 +406,11 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
             types = c.raw.get("mlp_layer_types")
             if types is None:
                 types = ["dense"] * f.mlp_types + ["sparse"] * (layers - f.mlp_types)
-            if not isinstance(types, list) or len(types) != layers or not set(types) <= {"dense", "sparse"}:
+            # the decoder layer reads mlp_layer_types[layer_idx]: entries past the last layer are not read
+            if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
                 raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
                                   "layers")
-            moe_layers = tuple(i for i, t in enumerate(types) if t == "sparse")
+            moe_layers = tuple(i for i, t in enumerate(types[:layers]) if t == "sparse")
         out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
                "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
@@ -457,6 +458,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
         rope_dim = c.int_("qk_rope_head_dim", default=rope)
         head_dim = c.int_("qk_nope_head_dim", default=nope) + rope_dim
+        # q_lora_rank null (DeepSeek-V2-Lite, Kimi): a plain q_proj; absent: the config class's default
+        q_rank = 0 if "q_lora_rank" in c.raw and c.raw["q_lora_rank"] is None else q_rank
         mla = {"q_lora_rank": c.int_("q_lora_rank", default=q_rank, lo=0),
                "kv_lora_rank": c.int_("kv_lora_rank", default=kv_rank or _MISSING),
                "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=v_dim or hidden // heads)}
