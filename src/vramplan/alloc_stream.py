@@ -655,9 +655,9 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
     and are updated in place (cache_utils.py ``LinearAttentionLayer``: ``copy_``), so they never grow."""
     from .estimator import _kv_bytes
 
-    if spec.mixer(layer) not in ATTENTION_MIXERS:
+    if spec.mixer(layer) not in ATTENTION_MIXERS or spec.layer(layer).kv_shared:
         return []
-    per = _kv_bytes(spec, num, b, s, layer in spec.sliding_layers) // 2
+    per = _kv_bytes(spec.layer(layer), num, b, s, layer in spec.sliding_layers) // 2
     grow = [key for key, n in kept if n == per]
     return grow if grow else [key for key, _ in kept]
 
@@ -734,7 +734,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         for j, n in enumerate(small[:2]):
             st.alloc(d + j, n)
         for i in range(spec.num_layers):
-            per = _kv_bytes(spec, num, b, length, i in spec.sliding_layers) // 2
+            per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
             keys = kv_keys[i]
             for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
                 new = st.fresh(0)

@@ -19,7 +19,7 @@ layer types) with:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -151,5 +151,5 @@ def _gemma4_text(c: _Cfg, family: str) -> ModelSpec:
                    per_layer_vocab=c.int_("vocab_size_per_layer_input", default=262_144) if ple else 0, **moe)
 
 
-GEMMA_READERS = {"gemma4_text": _gemma4_text}
-GEMMA_CLASSES = {"Gemma4ForCausalLM": "gemma4_text"}
+GEMMA_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"gemma4_text": _gemma4_text}
+GEMMA_CLASSES: dict[str, str] = {"Gemma4ForCausalLM": "gemma4_text"}
