@@ -665,7 +665,7 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
 def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
     """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
     reset after the weights are loaded."""
-    from .estimator import _kv_bytes, _layer_groups, _plan
+    from .estimator import _kv_bytes, _layer_groups, _plan, kv_shared_sliced
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
@@ -690,9 +690,12 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     kv_keys: list[list[int]] = []  # per layer: its cache tensors that decode grows (keys and values)
     compiled = []
+    sliced = False
     for _count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
-        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s)
+        q = 1 if kv_shared_sliced(spec, w, kind) else s
+        sliced = sliced or q != s
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, kv_len=s)
         tpl = _Template(tp, tp.tensors[0], out)
         ev = []
         layer_forward(tp, ev=ev)
@@ -710,7 +713,8 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.free(y(-1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST
-    build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+    hs = 1 if sliced else s
+    build_head(ht, spec, num, b, hs, trainable=False, input_rg=False, logits_tokens=b if last else b * hs,
                loss=False)
     head = _Template(ht, ht.tensors[0], None)
     ev = []

@@ -356,6 +356,15 @@ def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool
     return b * length * spec.kv_cache_per_token * elem
 
 
+def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, int]) -> bool:
+    """Whether a prefill runs a KV-sharing layer on the last token only: Gemma4TextModel._maybe_slice_kv_shared_inputs
+    (modeling_gemma4.py, 5.24) slices the hidden states, per-layer inputs, rotary tables and masks to
+    ``logits_to_keep`` before the first such layer (they write no cache, so the prompt's other positions are not
+    needed) when generate keeps one token's logits, except with flash / flex attention."""
+    return spec.at_variant(kind[3]).kv_shared and w.logits is LogitsMode.LAST and w.seq_len > 1 and \
+        w.attention is not Attention.FLASH
+
+
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
     b, s = w.batch_size, w.seq_len
@@ -375,15 +384,22 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
     cur = _plus(cur, held)
+    sliced = False
     for count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s, count)
+        q = 1 if kv_shared_sliced(spec, w, kind) else s
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
+                              kv_len=s)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
+        if q != s and not sliced:  # the full-length hidden state the first of them sliced dies with its return
+            sliced = True
+            cur = _plus(cur, _neg_act(b * (s - 1) * spec.hidden_size * resid_elem(num)))
     cur = _plus(cur, _scale(held, -1))
     if head:
         ht = Tape(False)
         last = w.logits is LogitsMode.LAST
-        build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+        hs = 1 if sliced else s  # the last hidden state is already the last token's
+        build_head(ht, spec, num, b, hs, trainable=False, input_rg=False, logits_tokens=b if last else b * hs,
                    loss=False)
         h = layer_forward(ht)
         peak.offer(_plus(cur, h.peak_kinds))
