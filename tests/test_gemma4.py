@@ -187,3 +187,21 @@ def test_kv_sharing_layers_run_on_the_last_token_in_prefill() -> None:
     whole = estimate(s, make_workload(**INFER, logits="all")).phases[0].breakdown[K.ACTIVATIONS]
     plain = estimate(spec(intermediate_size=8192), w).phases[0].breakdown[K.ACTIVATIONS]
     assert sliced <= plain < whole
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+def test_unified_text_parameter_count_equals_meta_device() -> None:
+    """gemma4_unified_text: Gemma 4's attention and KV sharing without per-layer embeddings or MoE."""
+    import torch
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    kw = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 1000, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 64, "attention_k_eq_v": True, "num_global_key_value_heads": 1,
+          "num_kv_shared_layers": 12, "use_double_wide_mlp": True}
+    cfg = CONFIG_MAPPING["gemma4_unified_text"](**kw)
+    with torch.device("meta"):
+        model = transformers.Gemma4UnifiedForCausalLM(cfg)
+    s = spec_from_config(cfg.to_dict(), "unified")
+    assert s.per_layer_input == 0 and s.sliding_window == 1024
+    assert count_params(s).total == sum(p.numel() for p in model.parameters())

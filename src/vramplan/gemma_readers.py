@@ -98,11 +98,20 @@ def _kv_sharing(types: list[str], shared: int) -> list[str | None]:
     return modes
 
 
-def _gemma4_text(c: _Cfg, family: str) -> ModelSpec:
+def _gemma4_text(c: _Cfg, family: str, unified: bool = False) -> ModelSpec:
+    """``unified``: Gemma4UnifiedTextConfig / modeling_gemma4_unified.py, the same attention and KV sharing without
+    per-layer embeddings or MoE (those attributes are removed from its config), a 1024-token window and 262144
+    positions by default."""
     if c.raw.get("use_bidirectional_attention") == "all":
         raise ConfigError(f"{c.where}: use_bidirectional_attention 'all' (a non-causal Gemma 4) is not modelled by "
                           "vramplan estimate; run vramplan trace")
-    c = _Cfg({**_DEFAULTS, **{k: v for k, v in c.raw.items() if v is not None}}, c.where)
+    defaults = {**_DEFAULTS, "sliding_window": 1024, "max_position_embeddings": 262_144} if unified else _DEFAULTS
+    raw = {k: v for k, v in c.raw.items() if v is not None}
+    if unified:
+        for k in ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block"):
+            raw.pop(k, None)
+        raw["hidden_size_per_layer_input"] = 0
+    c = _Cfg({**defaults, **raw}, c.where)
     base = _llama_like(c, family, _GEMMA4)
     layers = base.num_layers
     types = _layer_types(c, layers)
@@ -151,5 +160,10 @@ def _gemma4_text(c: _Cfg, family: str) -> ModelSpec:
                    per_layer_vocab=c.int_("vocab_size_per_layer_input", default=262_144) if ple else 0, **moe)
 
 
-GEMMA_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"gemma4_text": _gemma4_text}
-GEMMA_CLASSES: dict[str, str] = {"Gemma4ForCausalLM": "gemma4_text"}
+def _gemma4_unified_text(c: _Cfg, family: str) -> ModelSpec:
+    return _gemma4_text(c, family, unified=True)
+
+
+GEMMA_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"gemma4_text": _gemma4_text,
+                                                             "gemma4_unified_text": _gemma4_unified_text}
+GEMMA_CLASSES: dict[str, str] = {"Gemma4ForCausalLM": "gemma4_text", "Gemma4UnifiedForCausalLM": "gemma4_unified_text"}
