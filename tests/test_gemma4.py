@@ -205,3 +205,32 @@ def test_unified_text_parameter_count_equals_meta_device() -> None:
     s = spec_from_config(cfg.to_dict(), "unified")
     assert s.per_layer_input == 0 and s.sliding_window == 1024
     assert count_params(s).total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+@pytest.mark.parametrize("variant", ["k_eq_v", "moe", "kv_shared"])
+def test_variants_within_two_percent_of_trace(variant: str) -> None:
+    """Each mechanism switched on in the library default (cut to one layer of each kind) against the fake-tensor
+    trace of the installed transformers, on the coverage workloads."""
+    import sys
+
+    from transformers import Gemma4TextConfig
+
+    from vramplan.trace import trace_workload
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from coverage_report import WORKLOADS
+
+    over = {"k_eq_v": {"attention_k_eq_v": True, "num_global_key_value_heads": 2},
+            "moe": {"enable_moe_block": True, "num_experts": 16, "top_k_experts": 4, "moe_intermediate_size": 1024},
+            "kv_shared": {"num_kv_shared_layers": 12, "use_double_wide_mlp": True}}[variant]
+    d = {k: v for k, v in Gemma4TextConfig(**over).to_dict().items()
+         if k not in ("transformers_version", "dtype", "_name_or_path")}
+    d = cut_layers(d, 2)
+    for name, opts in WORKLOADS.items():
+        opts = {k: v for k, v in opts.items() if name == "lora" or k != "lora_targets"}
+        w = make_workload(**opts)
+        traced = trace_workload(d, w, name=variant).peak_allocated_bytes
+        est = estimate(spec_from_config(d, variant), w).peak_allocated_bytes
+        assert abs(est / traced - 1) <= 0.02, (variant, name, est / traced - 1)
