@@ -47,7 +47,6 @@ from ..hardware import Link, get_link, list_links
 from .comm import Collective, Communication, Links, links_for_gpu, ring_bytes, ring_factor
 from .engines import GPUStates
 from .estimate import ParallelEstimate, StageLoad, estimate_parallel
-from .nccl import NcclConfig, NcclMemory, nccl_memory
 from .layout import (
     DDP_BUCKET_CAP_BYTES,
     ZERO3_MAX_LIVE_PARAMETERS,
@@ -61,10 +60,11 @@ from .layout import (
     stage_layers,
     zero_auto_buckets,
 )
+from .nccl import NcclConfig, NcclMemory, nccl_memory
 
 __all__ = [
     "DDP_BUCKET_CAP_BYTES", "ZERO3_MAX_LIVE_PARAMETERS", "Collective", "Communication", "Engine", "FSDPMode",
-    "GPUStates", "Layout", "Link", "Links", "NcclConfig", "NcclMemory", "Offload", "ParallelEstimate", "StageLoad", "check_layout",
-    "estimate_parallel", "get_link", "in_flight_micro_batches", "links_for_gpu", "list_links", "nccl_memory", "pipeline_bubble",
-    "ring_bytes", "ring_factor", "stage_layers", "zero_auto_buckets",
+    "GPUStates", "Layout", "Link", "Links", "NcclConfig", "NcclMemory", "Offload", "ParallelEstimate", "StageLoad",
+    "check_layout", "estimate_parallel", "get_link", "in_flight_micro_batches", "links_for_gpu", "list_links",
+    "nccl_memory", "pipeline_bubble", "ring_bytes", "ring_factor", "stage_layers", "zero_auto_buckets",
 ]

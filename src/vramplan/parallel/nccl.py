@@ -169,6 +169,7 @@ def communicators(layout: Layout, w: Workload, spec: ModelSpec | None = None) ->
     gpn = layout.gpus_per_node
     tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
     out: list[Communicator] = []
+    ops: tuple[str, ...]
     if tp > 1:
         ops = ("all-reduce", "reduce-scatter", "all-gather") if layout.sequence_parallel else ("all-reduce",)
         out.append(_placed("tensor", tp, 1, gpn, ops))
@@ -321,6 +322,7 @@ def nccl_note(mem: NcclMemory, config: NcclConfig | None = None) -> str:
                       for c in mem.communicators)
     return (f"NCCL buffers outside PyTorch's caching allocator: {mem.total_bytes / MiB:,.0f} MiB - {parts}; "
             f"{NCCL_VERSION}; per connection {recv / MiB:g} MiB on the receiver + {send / MiB:g} MiB on the "
-            "sender inside a node (LL 512 KiB, LL128 4.7 MiB, Simple 4 MiB, 2 MiB granularity); ring, tree for all-reduce and NVLS on NVSwitch counted as connected; "
+            "sender inside a node (LL 512 KiB, LL128 4.7 MiB, Simple 4 MiB, 2 MiB granularity); "
+            "ring, tree for all-reduce and NVLS on NVSwitch counted as connected; "
             "NCCL_BUFFSIZE, NCCL_MAX_NCHANNELS, NCCL_MAX_P2P_NCHANNELS, NCCL_NVLS_ENABLE=0 and "
             "NCCL_RUNTIME_CONNECT change it")
