@@ -277,7 +277,9 @@ def _comm_buffers(c: Communicator, intra: NcclLinkTopology, inter: NcclLinkTopol
                 conns += 2 * heads * extra
     p2p = 0
     if any(o in _P2P for o in c.ops) and c.p2p_peers:
-        ring_like = intra.coll_channels if cfg.max_channels is None else min(intra.coll_channels, cfg.max_channels)
+        # p2p channels: the communicator's channels (the network's across nodes) as a power of two
+        coll = inter.coll_channels if multi else intra.coll_channels
+        ring_like = coll if cfg.max_channels is None else min(coll, cfg.max_channels)
         p2p_channels = _pow2_up(min(MAX_CHANNELS, ring_like if cfg.max_p2p_channels is None
                                     else cfg.max_p2p_channels))
         per_peer = min(p2p_channels, _pow2_up(max(1, intra.p2p_channels_per_peer)))
