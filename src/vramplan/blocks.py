@@ -495,6 +495,14 @@ class _B:
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
         elif spec.kv_shared:
             return self.shared_kv_attention(n, lin, kernel)
+        elif spec.attn_output_gate:
+            # Qwen3NextAttention (modeling_qwen3_next.py): q_proj makes (heads, 2 x head_dim); chunk(2) gives the query
+            # and the gate as strided views, and gate.reshape(*input_shape, -1) copies it
+            qg = lin(n, h, 2 * qd, "q_proj", spec.qkv_bias)
+            q = tp.view(qg, b * s * qd)
+            gate = tp.op(b * s * qd, qg.elem, (qg,), passthrough=True)
+            k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         else:
             q = lin(n, h, qd, "q_proj", spec.qkv_bias)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
@@ -548,7 +556,11 @@ class _B:
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)
+        if spec.attn_output_gate:  # attn_output * torch.sigmoid(gate): sigmoid saves its result, the product both
+            out = self.mul(out, self.ew(gate, save_out=True))
         o = lin(out, qd, h, oname, spec.o_bias)
+        if spec.attn_output_gate:
+            tp.hold(gate)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -865,10 +877,11 @@ class _B:
             return falcon_h1_layer(self, x)
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
+            from .gdn import gdn_mixer
             from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
-            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv mixer in attention's place
-                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer}.get(plan.mixer, mamba2_mixer)
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet mixer in attention's place
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer}.get(plan.mixer, mamba2_mixer)
                 return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
@@ -876,7 +889,8 @@ class _B:
             a = self.call(self.self_attention, n1)
             m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
-        elif not spec.pre_norm:  # OLMo 2 / EXAONE 4: h = x + norm(attn(x)); y = h + norm(mlp(h))
+        elif not spec.pre_norm and plan.mixer == "attention":  # OLMo 2 / EXAONE 4: h = x + norm(attn(x));
+            # y = h + norm(mlp(h)) (OLMo Hybrid's gated DeltaNet layers are pre-norm)
             a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
             hmid = self.add(x, a)
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)

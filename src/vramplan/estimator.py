@@ -365,6 +365,17 @@ def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, 
         w.attention is not Attention.FLASH
 
 
+def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
+    """Which implementation of the state-space / linear-attention layers the estimate models."""
+    pkgs = (["mamba_ssm"] if kinds & {"mamba", "mamba2", "parallel", "zamba_hybrid", "zamba_tied"} else []) + \
+        ["causal_conv1d"] + (["fla (flash-linear-attention)"] if "gdn" in kinds else [])
+    if kernel == "fused":
+        return (f"state-space / linear-attention layers: the fused kernels a GPU install runs ({', '.join(pkgs)}); "
+                "--ssm-kernel torch models transformers' plain-PyTorch fallback instead")
+    return (f"state-space / linear-attention layers: transformers' plain-PyTorch fallback (what runs without "
+            f"{', '.join(pkgs)}); a GPU install with them runs fused kernels that keep less")
+
+
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
     b, s = w.batch_size, w.seq_len
@@ -543,6 +554,9 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else "") + ")"),
         *states.notes,
     ]
+    kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}
+    if kinds:
+        assumptions.append(_ssm_kernel_note(kinds, w.ssm_kernel))
     if w.is_train:
         assumptions.extend(_training_notes(spec, w))
     else:

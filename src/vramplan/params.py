@@ -71,8 +71,9 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         out = [(name, h, q + 2 * kv, 1)]
     elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
         out = [("q_proj", h, q, 1)]
-    else:
-        out = [("q_proj", h, q, 1), ("k_proj", h, kv, 1)] + ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
+    else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
+        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
+            ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
     oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
@@ -141,6 +142,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .ssm import mamba1_linears
 
         return mamba1_linears(spec.ssm, spec.hidden_size) + mlp
+    if spec.mixer(index) == "gdn" and spec.ssm is not None:
+        from .gdn import gdn_linears
+
+        return gdn_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
@@ -195,6 +200,7 @@ def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
     dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
+    from .gdn import gdn_extra_params, gdn_linears
     from .ssm import (
         conv_extra_params,
         conv_linears,
@@ -208,9 +214,11 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     h = spec.hidden_size
     moe = index in spec.moe_layers
     kind = spec.mixer(index)
-    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h)}.get(kind) or mamba2_linears(spec.ssm, h)
+    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h), "gdn": gdn_linears(spec.ssm, h)}.get(kind) \
+        or mamba2_linears(spec.ssm, h)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
-    bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
+    bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params,
+                   "gdn": gdn_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
     if mlp and spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:

@@ -150,6 +150,7 @@ class ModelSpec:
     expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
@@ -236,8 +237,8 @@ class ModelSpec:
         return len(self.moe_layers)
 
     def mixer(self, index: int) -> str:
-        """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2) or "parallel"
-        (Falcon-H1: attention and Mamba-2 side by side)."""
+        """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2), "gdn" (gated
+        DeltaNet: Qwen3-Next, Qwen3.5) or "parallel" (Falcon-H1: attention and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property
