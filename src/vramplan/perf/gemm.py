@@ -7,7 +7,8 @@ Partial tiles (M or N not a multiple of the tile) and a part-empty last wave lea
 
     efficiency = (M x N / tile area) / (ceil(tiles / SMs) x SMs)
 
-It is 1 when the tiles fill whole waves and drops to about one half one tile past a whole wave. A grid
+It is 1 when the tiles fill whole waves and drops to about one half one tile past a whole wave (two thirds
+when the half-size tile is the better fit, as :func:`quantization_efficiency` allows). A grid
 smaller than one wave (the weight gradients of small layers, whose M x N is the weight) is split along K
 (split-K: CUTLASS ``efficient_gemm.md``, "Parallelized Reductions"), keeping at least
 ``split_k_min_k`` of K per split.
