@@ -121,3 +121,14 @@ def test_moe_parts_of_a_block_no_family_has() -> None:
         block, inputs, d = _first_moe_block("hy_v3")
         flags, err = _moe_parts(block, inputs, d, _moe_sizes(block, d["hidden_size"]) or {})
         assert not err and flags["moe_fp32_combine"] and flags["router_fp32"]
+
+
+def test_rule_falls_back_when_the_per_layer_list_is_left_out() -> None:
+    """A config.json without mlp_layer_types: transformers builds the list from other keys; the recipe's second
+    rule (found on configs without the list) reads those."""
+    from dataclasses import replace
+
+    facts = replace(_FACTS, moe_rule=(("eq", "kinds", "sparse"),), moe_rule_default=(("ge", "first_dense"),))
+    assert _llama_like(_Cfg(_BASE, "x"), "x_moe", facts).moe_layers == (1, 2, 4, 5)
+    raw = {k: v for k, v in _BASE.items() if k != "kinds"}
+    assert _llama_like(_Cfg(raw, "x"), "x_moe", facts).moe_layers == (2, 3, 4, 5)

@@ -195,6 +195,8 @@ class _Facts:
     # moe_intermediate_size, shared_expert_intermediate_size, or shared_experts (a count of expert-wide MLPs)
     moe_rule: tuple[tuple[str, ...], ...] = ()  # which layers hold the MoE block: every condition holds (_moe_rule)
     moe_flags: tuple[tuple[str, Any], ...] = ()  # (spec field, value): a block composed from its parts (no family's)
+    moe_rule_default: tuple[tuple[str, ...], ...] = ()  # the rule when the config leaves out the per-layer list the
+    # first one reads (the config class then builds that list from other keys)
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
@@ -409,12 +411,15 @@ def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
         si = inter * c.int_(keys["shared_experts"], default=0, lo=0)
     else:
         si = 0
+    rule = f.moe_rule
+    if f.moe_rule_default and any(cond[0] == "eq" and c.raw.get(cond[1]) is None for cond in rule):
+        rule = f.moe_rule_default
     for field, key in f.moe_keys:
         if field == "no_shared_experts" and c.int_(key, default=0, lo=0):
             raise ConfigError(f"{c.where}: {key} adds shared experts, which the {c.raw.get('model_type')} recipe was "
                               "not derived with; run vramplan trace on this config")
     out: dict[str, Any] = {"num_experts": e, "experts_per_token": c.int_(keys["experts_per_token"]),
-                           "moe_intermediate_size": inter, "moe_layers": _moe_rule(c, f.moe_rule, layers)}
+                           "moe_intermediate_size": inter, "moe_layers": _moe_rule(c, rule, layers)}
     if si:
         out["shared_expert_intermediate_size"] = si
     flags = dict(f.moe_flags) if f.moe_flags else _moe_flags(f.moe, f.moe_family, e, si)
@@ -836,6 +841,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["moe_keys"] = tuple(tuple(a) for a in fields.get("moe_keys", ()))
     fields["moe_rule"] = tuple(tuple(a) for a in fields.get("moe_rule", ()))
     fields["moe_flags"] = tuple(tuple(a) for a in fields.get("moe_flags", ()))
+    fields["moe_rule_default"] = tuple(tuple(a) for a in fields.get("moe_rule_default", ()))
     if "mla_defaults" in fields:
         fields["mla_defaults"] = tuple(fields["mla_defaults"])
     fields["version"] = ".".join(version_.split(".")[:2])

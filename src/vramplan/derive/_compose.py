@@ -450,14 +450,21 @@ def compose(model_type: str) -> DeriveResult:
                     sdpa="sdpa" in kernels(model_type))
     if has_moe:
         keys, err = _moe_size_keys(model_type, variants[0][1])
+        rule_default: tuple[tuple[str, ...], ...] = ()
         if not err:
             rule, err = _moe_layer_rule(model_type, variants[1][1])
+            lists = {cond[1] for cond in rule if cond[0] == "eq"}
+            if not err and lists:  # a config without the per-layer list: the config class builds it from others
+                rule_default, err = _moe_layer_rule(
+                    model_type, {k: v for k, v in variants[1][1].items() if k not in lists})
         if err:
             return DeriveResult(model_type, None, f"its MoE block computes like {moe_ref or 'its parts'}, but {err}")
         if moe_ref is not None:
-            facts = replace(facts, moe=_FAMILIES[moe_ref].moe, moe_family=moe_ref, moe_keys=keys, moe_rule=rule)
+            facts = replace(facts, moe=_FAMILIES[moe_ref].moe, moe_family=moe_ref, moe_keys=keys, moe_rule=rule,
+                            moe_rule_default=rule_default)
         else:
-            facts = replace(facts, moe="composed", moe_flags=moe_flags, moe_keys=keys, moe_rule=rule)
+            facts = replace(facts, moe="composed", moe_flags=moe_flags, moe_keys=keys, moe_rule=rule,
+                            moe_rule_default=rule_default)
     defaults = library_defaults(model_type)
     err = _check_counts(model_type, facts, variants, defaults)
     if err:
@@ -469,6 +476,7 @@ def compose(model_type: str) -> DeriveResult:
     fd["moe_keys"] = [list(a) for a in fd["moe_keys"]]
     fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
     fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
+    fd["moe_rule_default"] = [list(a) for a in fd["moe_rule_default"]]
     parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
     if has_moe:
         parts["moe"] = moe_ref or "composed: experts as Mixtral's or gpt-oss's, shared expert as a gated MLP, " \
