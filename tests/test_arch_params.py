@@ -87,6 +87,7 @@ VARIANTS = [
                "first_k_dense_replace": 1}),
     ("flex_olmo", {"attention_bias": True}),
     ("gpt_oss", {"attention_bias": False}),
+    ("cohere", {"use_qk_norm": True}),  # per-head CohereLayerNorms with (heads, head_dim) weights
 ]
 
 

@@ -207,11 +207,13 @@ class _B:
         return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
-    def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
+    def norm(self, x: Tensor, dim: int, trainable: bool, weights: int = 0) -> Tensor:
+        """A norm over the last ``dim`` elements; ``weights``: its weight's size where it is not ``dim`` (Cohere's
+        per-head q/k norms hold a (heads, head_dim) weight)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
-        pg = self.param_grad(f"norm{len(self.tp.ops)}", dim * (2 if spec.norm_bias else 1), pelem) \
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", (weights or dim) * (2 if spec.norm_bias else 1), pelem) \
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
@@ -489,8 +491,9 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
-            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
-            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+            per_head = spec.qk_norm_head_weights
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr, weights=kvd if per_head else 0)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:

@@ -165,6 +165,7 @@ class _Facts:
     norm_bias: bool = False  # the norms are nn.LayerNorm with a bias (Jais 2)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
     qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
+    qk_norm_head_weights: bool = False  # Cohere use_qk_norm: the per-head q/k norms hold one weight row per head
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
@@ -251,6 +252,11 @@ _FAMILIES: dict[str, _Facts] = {
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
     "helium": _Facts(version="5.24"),
+    # Command-R (modeling_cohere.py): Cohere 2's parallel block, CohereLayerNorm, interleaved fp32 RoPE and
+    # logit_scale, without sliding layers (every layer applies RoPE); use_qk_norm adds CohereLayerNorms of q and k
+    # over head_dim whose weights are (heads, head_dim)
+    "cohere": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
+                     logit_scale_key="logit_scale", qk_norm_key="use_qk_norm", qk_norm_head_weights=True),
     # HunYuan dense V1 (modeling_hunyuan_v1_dense.py): per-head RMSNorm of q and k after RoPE
     "hunyuan_v1_dense": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True),
     # Ministral 3 (modeling_ministral3.py): Mistral with q scaled by a position temperature after RoPE
@@ -285,7 +291,8 @@ _CLASSES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
-    "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
+    "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "GraniteMoeForCausalLM": "granitemoe",
+    "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
     "GptOssForCausalLM": "gpt_oss",
@@ -463,7 +470,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         norms_per_layer=4 if layout == "sandwich" else 1 if f.parallel else 2, norm_bias=f.norm_bias,
         pre_norm=layout != "post", parallel_residual=f.parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
-        qk_norm_full=f.qk_norm == "full",
+        qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
         rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
