@@ -105,6 +105,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
     # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
     "hunyuan_v1_dense": {"head_dim": 128},
+    # NemotronConfig leaves num_key_value_heads None and NemotronAttention divides by it; nvidia/Minitron-8B-Base and
+    # Nemotron-4-340B: 8 key/value heads
+    "nemotron": {"num_key_value_heads": 8},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944

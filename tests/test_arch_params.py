@@ -24,6 +24,7 @@ SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 10
 # model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
 SKIP = {"gemma3_text_alias",
         "nemotron_h",  # its library default holds a MoE block, which estimate refuses: see SSM_VARIANTS
+        "nemotron",  # NemotronConfig leaves num_key_value_heads None (its attention cannot build): see VARIANTS
         "dots1"}  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
 
 
@@ -88,6 +89,8 @@ VARIANTS = [
     ("flex_olmo", {"attention_bias": True}),
     ("gpt_oss", {"attention_bias": False}),
     ("cohere", {"use_qk_norm": True}),  # per-head CohereLayerNorms with (heads, head_dim) weights
+    ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
+    ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),
 ]
 
 

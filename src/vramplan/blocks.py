@@ -208,12 +208,12 @@ class _B:
 
     # ---- norms -------------------------------------------------------------------------------
     def norm(self, x: Tensor, dim: int, trainable: bool, weights: int = 0) -> Tensor:
-        """A norm over the last ``dim`` elements; ``weights``: its weight's size where it is not ``dim`` (Cohere's
-        per-head q/k norms hold a (heads, head_dim) weight)."""
+        """A norm over the last ``dim`` elements; ``weights``: its parameters where they are not the config's norm
+        over ``dim`` (per-head q/k norms with a (heads, head_dim) weight and no bias: Cohere, StableLM)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
-        pg = self.param_grad(f"norm{len(self.tp.ops)}", (weights or dim) * (2 if spec.norm_bias else 1), pelem) \
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", weights or dim * (2 if spec.norm_bias else 1), pelem) \
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
@@ -494,6 +494,9 @@ class _B:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
             k = self.norm(k, kvd if spec.qk_norm_full else d, tr, weights=kvd if per_head else 0)
+            if spec.qk_norm_split:  # StableLmLayerNormPerHead: torch.cat of the heads' norm outputs (a copy; the
+                q = tp.op(q.numel, q.elem, (q,))  # per-head outputs are not saved)
+                k = tp.op(k.numel, k.elem, (k,))
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:
@@ -651,7 +654,9 @@ class _B:
             r = tp.op(n, x.elem, (x,))
             if x.rg:
                 tp.save_output(r)
-            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            # square is pow(r, 2): pow_backward (FunctionsManual.cpp) makes r.pow(1) and 2 * that before the product
+            # that is the input's gradient
+            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else (), bwd_scratch=2 * n * x.elem if r.rg else 0)
             # ReLUSquaredActivation.forward (activations.py) is two ops in Python: its argument, the up
             # projection, stays referenced by the caller until it returns, so input, relu and square coexist
             root = x.base if x.base is not None else x
@@ -844,6 +849,11 @@ class _B:
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
+            if spec.sublayer_locals:  # the normed input and the attention output stay referenced by the layer's
+                end = len(self.tp.ops) - 1  # locals through the MLP (StableLmDecoderLayer: residual = residual +
+                for t in (n1, a):  # self_attn_output; hidden_states is not rebound)
+                    root = t.base if t.base is not None else t
+                    root.last_use = max(root.last_use, end)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))

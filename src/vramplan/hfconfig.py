@@ -165,7 +165,13 @@ class _Facts:
     norm_bias: bool = False  # the norms are nn.LayerNorm with a bias (Jais 2)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
     qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
-    qk_norm_head_weights: bool = False  # Cohere use_qk_norm: the per-head q/k norms hold one weight row per head
+    qk_norm_head_weights: bool = False  # the per-head q/k norms hold one weight row per head, no bias (Cohere
+    # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: one LayerNorm per head)
+    qk_norm_split: bool = False  # StableLmLayerNormPerHead: torch.split into heads, a norm each, torch.cat back
+    sublayer_locals: bool = False  # StableLM: the layer keeps its normed input and attention output through the MLP
+    parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
+    act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
+    rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
@@ -252,6 +258,20 @@ _FAMILIES: dict[str, _Facts] = {
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
     "helium": _Facts(version="5.24"),
+    # StableLM (modeling_stablelm.py): LLaMA's gated MLP with biased LayerNorms, q/k/v biases by use_qkv_bias
+    # (o_proj none), partial rotary on the first rotary_ndims of each head (0.25 by default), use_parallel_residual
+    # (one norm feeding attention and MLP), qk_layernorm (a LayerNorm per head over split heads, concatenated); the
+    # layer's locals hold the normed input and the attention output through the MLP;
+    # the nn.Dropout(hidden_dropout) after the MLP is 0 in the published configs and not modelled
+    "stablelm": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, bias_key="use_qkv_bias",
+                       o_bias=False, partial_rotary=True, rotary_default=0.25, qk_norm_key="qk_layernorm",
+                       qk_norm_head_weights=True, qk_norm_split=True, parallel_key="use_parallel_residual",
+                       sublayer_locals=True),
+    # Nemotron-4 / Minitron (modeling_nemotron.py): LayerNorm1P (F.layer_norm with weight + 1 and a bias, outside
+    # autocast), partial rotary (0.5 by default), attention_bias on q/k/v/o, an ungated up_proj -> relu2 -> down_proj
+    # MLP with mlp_bias
+    "nemotron": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, partial_rotary=True,
+                       rotary_default=0.5, mlp_plain=True, act_default="relu2"),
     # Command-R (modeling_cohere.py): Cohere 2's parallel block, CohereLayerNorm, interleaved fp32 RoPE and
     # logit_scale, without sliding layers (every layer applies RoPE); use_qk_norm adds CohereLayerNorms of q and k
     # over head_dim whose weights are (heads, head_dim)
@@ -291,7 +311,8 @@ _CLASSES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
-    "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "GraniteMoeForCausalLM": "granitemoe",
+    "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "StableLmForCausalLM": "stablelm",
+    "NemotronForCausalLM": "nemotron", "GraniteMoeForCausalLM": "granitemoe",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
@@ -325,13 +346,13 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
     return None, ()
 
 
-def _rotary_fraction(c: _Cfg) -> float:
+def _rotary_fraction(c: _Cfg, default: float = 1.0) -> float:
     """partial_rotary_factor: top level, or inside rope_parameters / rope_scaling (transformers >= 5)."""
     for key in ("rope_parameters", "rope_scaling"):
         sub = c.raw.get(key)
         if isinstance(sub, Mapping) and "partial_rotary_factor" in sub:
             return _Cfg(sub, f"{c.where}: {key}").float_("partial_rotary_factor", lo=0.0, hi=1.0)
-    return c.float_("partial_rotary_factor", default=1.0, lo=0.0, hi=1.0)
+    return c.float_("partial_rotary_factor", default=default, lo=0.0, hi=1.0)
 
 
 def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], window: int | None) -> tuple[int, ...]:
@@ -437,7 +458,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     vocab = c.int_("vocab_size")
     gemma = f.gemma
     tie = c.bool_("tie_word_embeddings", default=f.tie)
-    act_default = "gelu_pytorch_tanh" if gemma else "silu"
+    act_default = "gelu_pytorch_tanh" if gemma else f.act_default or "silu"
     # Gemma: transformers builds gelu_pytorch_tanh from hidden_activation and ignores hidden_act ("gelu")
     act = c.activation("hidden_activation", default=act_default) if gemma else \
         c.activation("hidden_act", default=act_default)
@@ -446,6 +467,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     o_bias = bias_flag and f.o_bias
     window, sliding = _sliding(c, f, layers)
     layout = "sandwich" if f.post_norm_key and c.bool_(f.post_norm_key, default=False) else f.layout
+    parallel = f.parallel or (bool(f.parallel_key) and c.bool_(f.parallel_key, default=False))
 
     moe = _moe(c, f, family, layers)
     num_experts, top_k = moe.get("num_experts", 0), moe.get("experts_per_token", 0)
@@ -467,12 +489,13 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=f.mlp_bias_default),
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused, lm_head_bias=f.lm_head_bias,
-        norms_per_layer=4 if layout == "sandwich" else 1 if f.parallel else 2, norm_bias=f.norm_bias,
-        pre_norm=layout != "post", parallel_residual=f.parallel,
+        norms_per_layer=4 if layout == "sandwich" else 1 if parallel else 2, norm_bias=f.norm_bias,
+        pre_norm=layout != "post", parallel_residual=parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
-        qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights,
+        qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
+        sublayer_locals=f.sublayer_locals,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
-        rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
+        rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
         embed_scale=gemma or f.multipliers, residual_scale=f.multipliers,

@@ -250,8 +250,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
-        norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) \
-            if spec.qk_norm_full or spec.qk_norm_head_weights else \
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_head_weights else \
+            _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
             2 * _norm_params(spec, spec.head_dim)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size

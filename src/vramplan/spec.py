@@ -94,8 +94,11 @@ class ModelSpec:
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
-    qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head (Cohere use_qk_norm:
-    # CohereLayerNorm((heads, head_dim)))
+    qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
+    # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: a LayerNorm per head)
+    sublayer_locals: bool = False  # the layer's Python locals keep its normed input and attention output alive
+    # through the MLP (StableLmDecoderLayer)
+    qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
     rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
