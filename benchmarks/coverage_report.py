@@ -14,7 +14,9 @@ For each entry of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES the library-de
   all-linear, as for Mamba; else peft's default targets for the family), gradient checkpointing, batch 2 x 1024
 * infer: inference, batch 4, prompt 2048 + 64 new tokens
 
-Types are split into decoder-only (text), multimodal (a vision tower) and other (audio, music, speech). The
+Types are split into decoder-only (text), multimodal (a vision tower), encoder (an encoder model run as a decoder,
+or the decoder half of an encoder-decoder: BERT, RoBERTa, BART, Whisper, TrOCR...) and other (audio, music,
+speech). The
 fake-tensor trace does not compute, so its cost depends on the op count, not on hidden sizes: the default
 widths are kept (``--shrink`` divides widths by 4 where a run must be quicker).
 
@@ -57,9 +59,20 @@ VLM_TYPES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "mllama", "llava", "llava_next"
              "qwen3_vl", "internvl", "mistral3", "llama4")
 
 
+def _config_fields(cls: type) -> set[str]:
+    """The fields a config class declares (its dataclass fields, else its __init__ parameters): read without
+    instantiating the class, whose defaults do not always build."""
+    import inspect
+
+    fields = getattr(cls, "__dataclass_fields__", None)
+    return set(fields) if fields else set(inspect.signature(cls.__init__).parameters)
+
+
 def category(model_type: str) -> str:
-    """multimodal (a vision tower or image tokenizer), other (audio / music / speech) or decoder-only."""
+    """multimodal (a vision tower or image tokenizer), other (audio / music / speech), encoder (see below) or
+    decoder-only."""
     from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto as ma
 
     subs = getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}
     keys = " ".join(subs)
@@ -67,6 +80,14 @@ def category(model_type: str) -> str:
         return "multimodal"
     if any(w in keys for w in ("audio", "text_encoder", "speech")):
         return "other"
+    # an encoder that transformers also runs as a decoder (it has a masked-LM head: BERT, RoBERTa, ELECTRA...), the
+    # decoder of a sequence-to-sequence model (BART, Marian, Whisper), or a decoder built to sit under an encoder
+    # (BertGenerationDecoder; TrOCR's decoder_* config of VisionEncoderDecoderModel)
+    causal = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")
+    seq2seq = {**ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, **ma.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES}
+    if (model_type in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type in seq2seq or causal.endswith("Decoder")
+            or "decoder_layers" in _config_fields(CONFIG_MAPPING[model_type])):
+        return "encoder"
     return "decoder-only"
 
 
@@ -363,7 +384,7 @@ def summarize(data: dict[str, Any], workloads: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="", help="comma-separated model types (default: all causal-LM types)")
-    ap.add_argument("--category", choices=["decoder-only", "multimodal", "other"], default=None)
+    ap.add_argument("--category", choices=["decoder-only", "multimodal", "encoder", "other"], default=None)
     ap.add_argument("--workloads", default="full,lora,infer")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--shrink", action="store_true", help="divide hidden/intermediate widths by 4")

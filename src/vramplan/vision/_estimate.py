@@ -39,6 +39,7 @@ from ._layers import Layers
 from ._specs import (
     DiTSpec,
     UNetSpec,
+    VAESpec,
     backbone_from_config,
     dit_from_config,
     stylegan_from_config,
@@ -372,13 +373,18 @@ def _text_states(L: Layers, entry: VisionEntry, batch: int, elem: int) -> tuple[
     return tuple(out)
 
 
+def _pipeline_parts(e: VisionEntry) -> tuple[VisionEntry, VisionEntry, VAESpec, list[str]]:
+    """A pipeline entry's denoiser, VAE entry, VAE spec and text encoders (catalog names)."""
+    cfg = e.config
+    vae_e = component(str(cfg["vae"]))
+    return (component(str(cfg["denoiser"])), vae_e, vae_from_config(vae_e.config),
+            [str(t) for t in cfg.get("text_encoders", ())])
+
+
 def _pipeline_infer(run: _Run) -> None:
     e, w, res = run.e, run.w, run.res
+    den, vae_e, vae, tes = _pipeline_parts(e)
     cfg = e.config
-    den = component(str(cfg["denoiser"]))
-    vae_e = component(str(cfg["vae"]))
-    vae = vae_from_config(vae_e.config)
-    tes = [str(t) for t in cfg.get("text_encoders", ())]
     elem = _infer_elem(w)
     amp = w.precision.is_amp
     cfg_guidance = bool(cfg.get("classifier_free_guidance", True)) and w.guidance
@@ -434,11 +440,8 @@ def _pipeline_infer(run: _Run) -> None:
 def _pipeline_train(run: _Run) -> None:
     """DreamBooth-style fine-tuning: frozen VAE and text encoders on the GPU, the denoiser trained."""
     e, w, res = run.e, run.w, run.res
+    den, _, vae, tes = _pipeline_parts(e)
     cfg = e.config
-    den = component(str(cfg["denoiser"]))
-    vae_e = component(str(cfg["vae"]))
-    vae = vae_from_config(vae_e.config)
-    tes = [str(t) for t in cfg.get("text_encoders", ())]
     lora = w.lora_rank if w.method is VisionMethod.LORA else 0
     num = _numerics(w, True, frozen_base=bool(lora))
     welem = _weight_elem(w)
