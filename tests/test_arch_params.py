@@ -91,6 +91,7 @@ VARIANTS = [
     ("cohere", {"use_qk_norm": True}),  # per-head CohereLayerNorms with (heads, head_dim) weights
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
     ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),
+    ("gpt_bigcode", {"multi_query": False, "n_inner": 1000}),
 ]
 
 

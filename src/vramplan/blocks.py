@@ -467,7 +467,7 @@ class _B:
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
-            name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+            name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
@@ -531,7 +531,8 @@ class _B:
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
-        oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
+        oname = spec.o_name or ("o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3"
+                                else "dense")
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)
@@ -849,11 +850,14 @@ class _B:
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
-            if spec.sublayer_locals:  # the normed input and the attention output stay referenced by the layer's
-                end = len(self.tp.ops) - 1  # locals through the MLP (StableLmDecoderLayer: residual = residual +
-                for t in (n1, a):  # self_attn_output; hidden_states is not rebound)
-                    root = t.base if t.base is not None else t
-                    root.last_use = max(root.last_use, end)
+            # the normed input and the attention output stay referenced by the layer's locals through the MLP
+            # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
+            # GPTBigCodeBlock: the attn_outputs tuple)
+            held = {"normed": n1, "attn": a}
+            for what in spec.held_through_mlp:
+                t = held[what]
+                root = t.base if t.base is not None else t
+                root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
@@ -889,9 +893,14 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_proj_dim:
         x = bld.linear(x, pe, h, "project_in", bias=False, trainable=trainable)
     if spec.position is PositionKind.LEARNED:
-        pos = tp.op(t * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
+        # position_ids (1, seq) (GPT-2, GPTBigCode): a (1, seq, hidden) lookup; OPT's come from the attention mask
+        # (batch, seq). The base model's forward holds it until it returns
+        rows = seq if spec.positions_unbatched else t
+        pos = tp.op(rows * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
                     if trainable else (), rg=trainable)
         x = bld.add(x, pos)
+        if spec.positions_unbatched:
+            tp.keep(pos)
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:

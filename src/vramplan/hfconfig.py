@@ -168,7 +168,8 @@ class _Facts:
     qk_norm_head_weights: bool = False  # the per-head q/k norms hold one weight row per head, no bias (Cohere
     # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: one LayerNorm per head)
     qk_norm_split: bool = False  # StableLmLayerNormPerHead: torch.split into heads, a norm each, torch.cat back
-    sublayer_locals: bool = False  # StableLM: the layer keeps its normed input and attention output through the MLP
+    held_through_mlp: tuple[str, ...] = ()  # StableLM: the layer keeps its normed input and attention output
+    # through the MLP
     parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
     act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
@@ -266,7 +267,7 @@ _FAMILIES: dict[str, _Facts] = {
     "stablelm": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, bias_key="use_qkv_bias",
                        o_bias=False, partial_rotary=True, rotary_default=0.25, qk_norm_key="qk_layernorm",
                        qk_norm_head_weights=True, qk_norm_split=True, parallel_key="use_parallel_residual",
-                       sublayer_locals=True),
+                       held_through_mlp=("normed", "attn")),
     # Nemotron-4 / Minitron (modeling_nemotron.py): LayerNorm1P (F.layer_norm with weight + 1 and a bias, outside
     # autocast), partial rotary (0.5 by default), attention_bias on q/k/v/o, an ungated up_proj -> relu2 -> down_proj
     # MLP with mlp_bias
@@ -321,7 +322,7 @@ _CLASSES: dict[str, str] = {
     "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+    "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
 }
@@ -493,7 +494,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         pre_norm=layout != "post", parallel_residual=parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
         qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
-        sublayer_locals=f.sublayer_locals,
+        held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
         rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
@@ -524,6 +525,32 @@ def _gpt2(c: _Cfg, family: str) -> ModelSpec:
         norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True,
         attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+    )
+
+
+def _gpt_bigcode(c: _Cfg, family: str) -> ModelSpec:
+    """StarCoder / SantaCoder (modeling_gpt_bigcode.py): GPT-2's block with nn.Linear projections, one fused c_attn
+    whose key and value are a single head under multi_query (MQA), LLaMA's attention interface (eager: fp32
+    softmax, repeat_kv; SDPA with enable_gqa), learned positions, dropouts after embeddings, attention and MLP."""
+    hidden = c.int_("n_embd", "hidden_size", default=768)
+    heads = c.int_("n_head", "num_attention_heads", default=12)
+    kv = 1 if c.bool_("multi_query", default=True) else heads
+    head_dim = _check_heads(c, hidden, heads, kv, None)
+    positions = c.int_("n_positions", "max_position_embeddings", default=1024, hi=1 << 24)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50257), hidden_size=hidden,
+        num_layers=c.int_("n_layer", "num_hidden_layers", default=12, hi=_MAX_LAYERS), num_heads=heads,
+        num_kv_heads=kv, head_dim=head_dim, intermediate_size=c.int_("n_inner", default=4 * hidden),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=c.activation("activation_function", default="gelu_pytorch_tanh"),
+        position=PositionKind.LEARNED, max_position_embeddings=positions, max_learned_positions=positions,
+        norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True, qkv_name="c_attn",
+        o_name="c_proj", mlp_names=("c_fc", "c_proj"), held_through_mlp=("attn",),
+        # self.bias: tril(ones(max_positions, max_positions, dtype=bool))
+        positions_unbatched=True, buffer_bytes=positions * positions,
+        attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
+        hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+        embedding_dropout=c.float_("embd_pdrop", default=0.1, hi=1.0), program_version="5.24",
     )
 
 
@@ -643,7 +670,8 @@ def _falcon(c: _Cfg, family: str) -> ModelSpec:
 
 _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
-    "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom, "falcon": _falcon,
+    "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom,
+    "falcon": _falcon,
 }
 from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)
 
@@ -739,6 +767,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["norm"] = NormKind(fields["norm"])
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
     fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
+    fields["held_through_mlp"] = tuple(fields.get("held_through_mlp", ()))
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

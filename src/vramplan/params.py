@@ -67,11 +67,11 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
                 ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
     if spec.qkv_fused:
-        name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+        name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
     else:
         out = [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
-    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
+    oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
     return out

@@ -83,6 +83,10 @@ class ModelSpec:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
+    buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
+    # causal mask)
+    qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
+    o_name: str = ""  # the attention output projection's module name where the family's default is not it
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
     mlp_names: tuple[str, ...] = ()  # a plain MLP's two linears when not the family's own names (Arcee: up_proj,
     # down_proj, NemotronMLP)
@@ -96,8 +100,9 @@ class ModelSpec:
     # Llama 4's attention temperature: get_llama_4_attn_scale)
     qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
     # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: a LayerNorm per head)
-    sublayer_locals: bool = False  # the layer's Python locals keep its normed input and attention output alive
-    # through the MLP (StableLmDecoderLayer)
+    held_through_mlp: tuple[str, ...] = ()  # what the layer's Python locals keep alive through the MLP: "normed"
+    # (the attention's normed input: StableLmDecoderLayer), "attn" (the attention output: StableLM, GPTBigCodeBlock's
+    # attn_outputs tuple)
     qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
@@ -110,6 +115,7 @@ class ModelSpec:
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
+    positions_unbatched: bool = False  # the learned lookup is (1, seq, hidden) and held by the forward (GPTBigCode)
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
