@@ -43,6 +43,9 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     for k in ("layer_types", "no_rope_layers", "layers_block_type"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if "attention_types" in cfg and "attention_types" not in over:  # GPT-Neo: [[kinds], repeats] expands per layer
+        cfg["attention_types"] = [[["global", "local"], layers // 2]]
+    cfg.pop("attention_layers", None)  # (GPT-Neo recomputes it from attention_types)
     return json.loads(json.dumps(cfg, default=str))
 
 
@@ -92,6 +95,7 @@ VARIANTS = [
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
     ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),
     ("gpt_bigcode", {"multi_query": False, "n_inner": 1000}),
+    ("gpt_neo", {"attention_types": [[["global"], 4]], "intermediate_size": 1000, "tie_word_embeddings": False}),
 ]
 
 

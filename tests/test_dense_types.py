@@ -28,6 +28,10 @@ DENSE: dict[str, dict[str, Any]] = {
     # GPT-2's block with a multi-query fused c_attn, learned positions (1, seq) held by the forward, the
     # max_positions^2 causal-mask buffer, the attention output held through the MLP, dropouts of 0.1
     "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=1024, n_layer=2, n_head=8, vocab_size=1000, n_positions=4096),
+    # separate q/k/v, fp32 q/k copies for the scores, eager only, per-layer causal buffers, the attention weights
+    # returned by every block and held by the model loop until the next block returns
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=1024, num_layers=2, num_heads=8, vocab_size=1000,
+                    max_position_embeddings=4096, attention_types=[[["global", "local"], 1]]),
 }
 LORA_TARGETS = {"gpt_bigcode": ("c_attn",)}
 WORKLOADS = {

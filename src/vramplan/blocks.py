@@ -80,6 +80,7 @@ class _B:
         self.t = batch * seq
         self.kv_len = kv_len if kv_len is not None else seq
         self.plan = plan
+        self.probs: Tensor | None = None  # the last eager attention's weights
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
@@ -387,7 +388,7 @@ class _B:
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
             return self.sink_attention(q, k, v, rg)
-        upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
+        upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
         att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
@@ -411,8 +412,9 @@ class _B:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
+        self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
-        if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
+        if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         return out
 
@@ -854,7 +856,11 @@ class _B:
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            for what in spec.held_through_mlp:
+            if spec.returns_attn_weights and self.probs is not None:
+                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
+                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+                held["probs"] = self.probs
+            for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
                 t = held[what]
                 root = t.base if t.base is not None else t
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)

@@ -322,7 +322,8 @@ _CLASSES: dict[str, str] = {
     "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoXForCausalLM": "gpt_neox",
+    "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
+    "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
 }
@@ -554,6 +555,32 @@ def _gpt_bigcode(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+def _gpt_neo(c: _Cfg, family: str) -> ModelSpec:
+    """GPT-Neo (modeling_gpt_neo.py): GPT-2's block with separate q/k/v projections without bias and a biased
+    out_proj, eager attention only, scores from fp32 copies of q and k, no 1/sqrt(d) scaling (a ``where`` against the
+    causal buffer instead: the same allocations), local layers masked by their buffer (max_positions^2 bools in every
+    layer), learned (1, seq) positions."""
+    hidden = c.int_("hidden_size", default=2048)
+    heads = c.int_("num_heads", "num_attention_heads", default=16)
+    head_dim = _check_heads(c, hidden, heads, heads, None)
+    layers = c.int_("num_layers", "num_hidden_layers", default=24, hi=_MAX_LAYERS)
+    positions = c.int_("max_position_embeddings", default=2048, hi=1 << 16)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50257), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=4 * hidden),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=c.activation("activation_function", default="gelu_new"),
+        position=PositionKind.LEARNED, max_position_embeddings=positions, max_learned_positions=positions,
+        norm_bias=True, qkv_bias=False, o_bias=True, mlp_bias=True, o_name="out_proj", mlp_names=("c_fc", "c_proj"),
+        held_through_mlp=("attn",), attn_fp32=True, sdpa=False, positions_unbatched=True, returns_attn_weights=True,
+        buffer_bytes=layers * positions * positions,  # each attention's self.bias (1, 1, max_positions, max_positions)
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        hidden_dropout=c.float_("resid_dropout", default=0.0, hi=1.0),
+        embedding_dropout=c.float_("embed_dropout", default=0.0, hi=1.0), program_version="5.24",
+    )
+
+
 def _gpt_neox(c: _Cfg, family: str) -> ModelSpec:
     hidden = c.int_("hidden_size")
     heads = c.int_("num_attention_heads")
@@ -670,7 +697,8 @@ def _falcon(c: _Cfg, family: str) -> ModelSpec:
 
 _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
-    "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom,
+    "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neo": _gpt_neo, "gpt_neox": _gpt_neox, "gptj": _gptj,
+    "opt": _opt, "bloom": _bloom,
     "falcon": _falcon,
 }
 from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)

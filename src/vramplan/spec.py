@@ -83,6 +83,9 @@ class ModelSpec:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
+    attn_fp32: bool = False  # eager attention casts q and k to fp32 before the scores (GPT-Neo; GPT-J by family)
+    returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
+    # until the next layer returns (GPT-Neo)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
     # causal mask)
     qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
