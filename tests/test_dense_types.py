@@ -32,6 +32,9 @@ DENSE: dict[str, dict[str, Any]] = {
     # returned by every block and held by the model loop until the next block returns
     "gpt_neo": dict(model_type="gpt_neo", hidden_size=1024, num_layers=2, num_heads=8, vocab_size=1000,
                     max_position_embeddings=4096, attention_types=[[["global", "local"], 1]]),
+    # parameter-free L2 norms (embeddings, layers, q/k after RoPE, final), relu2 fc1/fc2 MLP, logit soft-capping 15
+    "nanochat": dict(model_type="nanochat", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                     vocab_size=1000, max_position_embeddings=4096, intermediate_size=4096),
 }
 LORA_TARGETS = {"gpt_bigcode": ("c_attn",)}
 WORKLOADS = {
@@ -77,5 +80,7 @@ def test_stablelm_facts_read_from_its_config() -> None:
     mqa = spec_from_config(DENSE["gpt_bigcode"], "g")
     assert mqa.num_kv_heads == 1 and mqa.qkv_name == "c_attn" and mqa.buffer_bytes == 4096 * 4096
     assert spec_from_config({**DENSE["gpt_bigcode"], "multi_query": False}, "g").num_kv_heads == 8
+    nano = spec_from_config(DENSE["nanochat"], "c")
+    assert nano.logit_softcap == 15.0 and nano.embedding_layernorm and nano.qk_norm_after_rope
     nem = spec_from_config(DENSE["nemotron"], "n")
     assert nem.rotary_fraction == 0.5 and nem.mlp.value == "plain" and nem.activation.value == "relu2"

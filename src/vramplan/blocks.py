@@ -263,6 +263,8 @@ class _B:
                 self.tp.ops[-1].params = pg
             return self.cast(out, x.elem)
         nc = self.cast(n32, x.elem)
+        if spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm: ._norm(x.float()).type_as(x), no weight
+            return nc
         out = self.tp.op(x.numel, max(pelem, nc.elem), (nc,), save=(nc,) if trainable else (), params=pg,
                          rg=nc.rg or trainable)
         return out

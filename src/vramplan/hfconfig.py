@@ -171,6 +171,8 @@ class _Facts:
     held_through_mlp: tuple[str, ...] = ()  # StableLM: the layer keeps its normed input and attention output
     # through the MLP
     parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
+    embed_norm: bool = False  # a norm of the embeddings before the first layer (NanoChat: the final norm's module)
+    softcap_default: float | None = None  # final_logit_softcapping when the config leaves it out (NanoChat: 15)
     act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
@@ -302,6 +304,11 @@ _FAMILIES: dict[str, _Facts] = {
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
+    # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
+    # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
+                       mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
+                       softcap_default=15.0),
 }
 # the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
 # in ``architectures`` under a model_type this reader does not know
@@ -319,7 +326,8 @@ _CLASSES: dict[str, str] = {
     "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat",
+    "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
@@ -502,7 +510,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         nope_layers=_nope_layers(c, f, layers, sliding, window),
         embed_scale=gemma or f.multipliers, residual_scale=f.multipliers,
         logit_scale=f.multipliers or logit_scale is not None,
-        logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
+        logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
+            f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
+        embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
         sdpa=f.sdpa and not f.sinks,

@@ -52,7 +52,8 @@ class ParamCounts:
 
 
 def _norm_params(spec: ModelSpec, dim: int) -> int:
-    if spec.norm is NormKind.LAYERNORM_NO_AFFINE:  # OlmoLayerNorm holds no parameters
+    if spec.norm in (NormKind.LAYERNORM_NO_AFFINE, NormKind.RMSNORM_NO_WEIGHT):  # OlmoLayerNorm, Llama4TextL2Norm:
+        # no parameters
         return 0
     return dim * (2 if spec.norm is NormKind.LAYERNORM and spec.norm_bias else 1)
 

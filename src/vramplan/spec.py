@@ -33,6 +33,8 @@ class NormKind(StrEnum):
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
     LAYERNORM_NO_AFFINE = "layernorm_no_affine"  # OlmoLayerNorm: F.layer_norm on an fp32 copy, no weight/bias
+    RMSNORM_NO_WEIGHT = "rmsnorm_no_weight"  # Llama4TextL2Norm (NanoChat): x.float() * rsqrt(mean(x^2) + eps), cast
+    # back; no parameters
     FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
