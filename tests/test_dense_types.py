@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from vramplan.api import estimate
+from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.workload import Method, Task, Workload
 
@@ -35,6 +36,9 @@ DENSE: dict[str, dict[str, Any]] = {
     # parameter-free L2 norms (embeddings, layers, q/k after RoPE, final), relu2 fc1/fc2 MLP, logit soft-capping 15
     "nanochat": dict(model_type="nanochat", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
                      vocab_size=1000, max_position_embeddings=4096, intermediate_size=4096),
+    # per-head q/k RMSNorm, up_proj -> xIELU (a where of polynomial and expm1 branches, two scalars) -> down_proj
+    "apertus": dict(model_type="apertus", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096, intermediate_size=4096),
 }
 LORA_TARGETS = {"gpt_bigcode": ("c_attn",)}
 WORKLOADS = {
@@ -82,5 +86,8 @@ def test_stablelm_facts_read_from_its_config() -> None:
     assert spec_from_config({**DENSE["gpt_bigcode"], "multi_query": False}, "g").num_kv_heads == 8
     nano = spec_from_config(DENSE["nanochat"], "c")
     assert nano.logit_softcap == 15.0 and nano.embedding_layernorm and nano.qk_norm_after_rope
+    assert spec_from_config(DENSE["apertus"], "a").activation.value == "xielu"
+    with pytest.raises(ConfigError, match="output_vocab_size"):  # a pruned head: refused, not misread
+        spec_from_config({**DENSE["apertus"], "model_type": "apertus1p5_text", "output_vocab_size": 500}, "a")
     nem = spec_from_config(DENSE["nemotron"], "n")
     assert nem.rotary_fraction == 0.5 and nem.mlp.value == "plain" and nem.activation.value == "relu2"

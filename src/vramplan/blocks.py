@@ -667,6 +667,27 @@ class _B:
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
             return out
+        if act is Activation.XIELU:
+            # XIELUActivation._xielu_python (activations.py): where(x > 0, alpha_p * x * x + beta * x,
+            # (expm1(min(x, eps)) - x) * alpha_n + beta * x); saved: alpha_p * x and x (the square), expm1's result,
+            # the bool condition, and where the alphas train, x and expm1(...) - x for their gradients
+            e = x.elem
+            tr = self.plan is not None and self.plan.trainable
+            pg = self.param_grad(f"xielu{len(tp.ops)}", 2, self.num.param) if tr else ()
+            cond = tp.op(n, 1, (x,), rg=False)
+            t2 = tp.op(n, e, (x,), save=(x,) if tr else (), params=pg, rg=x.rg or tr)  # x for alpha_p's gradient
+            t3 = tp.op(n, e, (t2, x), save=(t2, x) if t2.rg else ())
+            t4 = tp.op(n, e, (x,))  # beta * x (beta a buffer)
+            t5 = self.add(t3, t4)
+            t6 = tp.op(n, e, (x,), save=(x,) if x.rg else ())  # min(x, eps)
+            t7 = tp.op(n, e, (t6,))  # expm1 saves its result
+            if t7.rg:
+                tp.save_output(t7)
+            t8 = tp.op(n, e, (t7, x))
+            t9 = tp.op(n, e, (t8,), save=(t8,) if tr else (), rg=t8.rg or tr)  # (t8 for alpha_n's gradient)
+            t10 = tp.op(n, e, (x,))
+            t11 = self.add(t9, t10)
+            return tp.op(n, e, (cond, t5, t11), save=(cond,) if t5.rg or t11.rg else (), grad_to=(t5, t11))
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:

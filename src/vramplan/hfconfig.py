@@ -34,7 +34,8 @@ _ACTIVATIONS = {
     "gelu": Activation.GELU, "gelu_python": Activation.GELU,
     "gelu_new": Activation.GELU_NEW, "gelu_fast": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
-    "relu": Activation.RELU, "relu2": Activation.RELU2,  # ReLUSquaredActivation (activations.py)
+    "relu": Activation.RELU, "relu2": Activation.RELU2,
+    "xielu": Activation.XIELU,  # ReLUSquaredActivation (activations.py)
 }
 
 
@@ -173,6 +174,7 @@ class _Facts:
     parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
     embed_norm: bool = False  # a norm of the embeddings before the first layer (NanoChat: the final norm's module)
     softcap_default: float | None = None  # final_logit_softcapping when the config leaves it out (NanoChat: 15)
+    refuse_keys: tuple[str, ...] = ()  # config keys whose non-null value changes what the facts model (refused)
     act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
@@ -304,6 +306,13 @@ _FAMILIES: dict[str, _Facts] = {
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
+    # Apertus (modeling_apertus.py): Qwen 3's per-head q/k RMSNorm before RoPE, an ungated up_proj -> xIELU ->
+    # down_proj MLP (NemotronMLP), LLaMA's layout (attention_layernorm, feedforward_layernorm)
+    "apertus": _Facts(version="5.24", qk_norm="head", mlp_plain=True, act_default="xielu"),
+    # Apertus 1.5's language model (modeling_apertus1p5.py Apertus1p5TextForCausalLM): Apertus with a vocabulary
+    # extended by visual and audio codes; a head pruned to output_vocab_size rows is not modelled (refused)
+    "apertus1p5_text": _Facts(version="5.24", qk_norm="head", mlp_plain=True, act_default="xielu",
+                              refuse_keys=("output_vocab_size",)),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
@@ -326,7 +335,8 @@ _CLASSES: dict[str, str] = {
     "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
+    "Apertus1p5TextForCausalLM": "apertus1p5_text",
     "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
@@ -451,6 +461,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
             if key in raw:  # transformers sets the canonical attribute from its alias
                 raw[canonical] = raw.pop(key)
         c = _Cfg(raw, c.where)
+    for key in f.refuse_keys:
+        if c.raw.get(key) is not None:
+            raise ConfigError(f"{c.where}: {key} is not modelled for {family}; run `vramplan trace` on this config")
     hidden = c.int_("hidden_size")
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
@@ -806,6 +819,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
     fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
     fields["held_through_mlp"] = tuple(fields.get("held_through_mlp", ()))
+    fields["refuse_keys"] = tuple(fields.get("refuse_keys", ()))
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

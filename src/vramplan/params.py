@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MLPKind, ModelSpec, NormKind
+from .spec import Activation, MLPKind, ModelSpec, NormKind
 
 __all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
@@ -247,6 +247,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
+        bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.qk_norm:

@@ -50,6 +50,8 @@ class Activation(StrEnum):
     GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
     BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
     RELU = "relu"
+    XIELU = "xielu"  # transformers' XIELUActivation, Python path (Apertus): two trained scalars, a where of two
+    # polynomial/expm1 branches
     RELU2 = "relu2"  # transformers' ReLUSquaredActivation: square(relu(x)) (Nemotron-H)
 
 
