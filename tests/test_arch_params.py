@@ -95,6 +95,7 @@ VARIANTS = [
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
     ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),
     ("gpt_bigcode", {"multi_query": False, "n_inner": 1000}),
+    ("persimmon", {"qk_layernorm": False}),
     ("gpt_neo", {"attention_types": [[["global"], 4]], "intermediate_size": 1000, "tie_word_embeddings": False}),
 ]
 

@@ -39,8 +39,11 @@ DENSE: dict[str, dict[str, Any]] = {
     # per-head q/k RMSNorm, up_proj -> xIELU (a where of polynomial and expm1 branches, two scalars) -> down_proj
     "apertus": dict(model_type="apertus", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
                     num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096, intermediate_size=4096),
+    # a (heads, 3, head_dim) fused query_key_value, per-head LayerNorms of the strided q/k views, partial rotary 0.5
+    "persimmon": dict(model_type="persimmon", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      vocab_size=1000, max_position_embeddings=4096, intermediate_size=4096),
 }
-LORA_TARGETS = {"gpt_bigcode": ("c_attn",)}
+LORA_TARGETS = {"gpt_bigcode": ("c_attn",), "persimmon": ("query_key_value",)}
 WORKLOADS = {
     "full": Workload(batch_size=2, seq_len=1024),
     "lora-ckpt": Workload(method=Method.LORA, batch_size=4, seq_len=2048, gradient_checkpointing=True),
@@ -89,5 +92,7 @@ def test_stablelm_facts_read_from_its_config() -> None:
     assert spec_from_config(DENSE["apertus"], "a").activation.value == "xielu"
     with pytest.raises(ConfigError, match="output_vocab_size"):  # a pruned head: refused, not misread
         spec_from_config({**DENSE["apertus"], "model_type": "apertus1p5_text", "output_vocab_size": 500}, "a")
+    per = spec_from_config(DENSE["persimmon"], "p")
+    assert per.qk_norm and per.rotary_fraction == 0.5 and per.o_name == "dense" and per.qkv_fused
     nem = spec_from_config(DENSE["nemotron"], "n")
     assert nem.rotary_fraction == 0.5 and nem.mlp.value == "plain" and nem.activation.value == "relu2"

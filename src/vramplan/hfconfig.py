@@ -174,6 +174,8 @@ class _Facts:
     parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
     embed_norm: bool = False  # a norm of the embeddings before the first layer (NanoChat: the final norm's module)
     softcap_default: float | None = None  # final_logit_softcapping when the config leaves it out (NanoChat: 15)
+    o_name: str = ""  # the attention output projection's name where the layout's default is not it (Persimmon: dense)
+    qk_norm_default: bool = False  # the qk_norm_key's default in the config class (Persimmon: True)
     refuse_keys: tuple[str, ...] = ()  # config keys whose non-null value changes what the facts model (refused)
     act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
@@ -313,6 +315,13 @@ _FAMILIES: dict[str, _Facts] = {
     # extended by visual and audio codes; a head pruned to output_vocab_size rows is not modelled (refused)
     "apertus1p5_text": _Facts(version="5.24", qk_norm="head", mlp_plain=True, act_default="xielu",
                               refuse_keys=("output_vocab_size",)),
+    # Persimmon (modeling_persimmon.py): one biased query_key_value laid out (heads, 3, head_dim) (q/k/v strided
+    # views), per-head biased LayerNorms of q and k (qk_layernorm, on by default), partial rotary 0.5, a biased dense
+    # output, an ungated relu2 dense_h_to_4h -> dense_4h_to_h MLP with biases, biased LayerNorms
+    "persimmon": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, qkv_fused=True, bias_default=True,
+                        mlp_plain=True, mlp_names=("dense_h_to_4h", "dense_4h_to_h"), mlp_bias_default=True,
+                        partial_rotary=True, rotary_default=0.5, qk_norm_key="qk_layernorm", qk_norm_default=True,
+                        act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
@@ -336,6 +345,7 @@ _CLASSES: dict[str, str] = {
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
+    "PersimmonForCausalLM": "persimmon",
     "Apertus1p5TextForCausalLM": "apertus1p5_text",
     "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
@@ -514,7 +524,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused, lm_head_bias=f.lm_head_bias,
         norms_per_layer=4 if layout == "sandwich" else 1 if parallel else 2, norm_bias=f.norm_bias,
         pre_norm=layout != "post", parallel_residual=parallel,
-        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
+        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=f.qk_norm_default)),
+        o_name=f.o_name,
         qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
         held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
