@@ -92,6 +92,10 @@ def category(model_type: str) -> str:
 
 
 SSM_KERNEL = "fused" if importlib.util.find_spec("mamba_ssm") else "torch"
+# gated DeltaNet layers run fla's chunk_gated_delta_rule where flash-linear-attention is installed (transformers'
+# hub_kernels.py use_kernel_func_from_hub_with_fallback), whatever mamba_ssm says
+GDN_KERNEL = "fused" if importlib.util.find_spec("fla") and importlib.util.find_spec("causal_conv1d") else "torch"
+GDN_TYPES = frozenset({"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini"})
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
 LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
 
@@ -129,6 +133,10 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # NemotronConfig leaves num_key_value_heads None and NemotronAttention divides by it; nvidia/Minitron-8B-Base and
     # Nemotron-4-340B: 8 key/value heads
     "nemotron": {"num_key_value_heads": 8},
+    # DeepseekV2Config leaves num_experts_per_tok None (topk(k=None) fails), and its moe_intermediate_size 1407 gives
+    # the grouped GEMM rows that are not a multiple of 16 bytes (torch._grouped_mm refuses them);
+    # deepseek-ai/DeepSeek-V2-Lite: 6 routed experts per token, moe_intermediate_size 1408
+    "deepseek_v2": {"num_experts_per_tok": 6, "moe_intermediate_size": 1408},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944
@@ -309,7 +317,7 @@ def run_type(model_type: str, args: argparse.Namespace, cached: dict[str, Any] |
         if not args.no_estimate:
             # SSM layers: the estimate models the kernels the trace runs here (transformers' plain-PyTorch fallback
             # unless mamba_ssm is installed); it has no effect on other models
-            opts["ssm_kernel"] = SSM_KERNEL
+            opts["ssm_kernel"] = GDN_KERNEL if model_type in GDN_TYPES else SSM_KERNEL
             try:
                 spec = spec_from_config(cfg, name=model_type)
                 est = estimate(spec, make_workload(**opts))

@@ -64,6 +64,10 @@ class SSMSpec:
     # RMSNorms on dt, B and C before the scan: "" none (Mamba), "weightless" (Falcon-Mamba), "rms" (Jamba: weighted)
     bcdt_norm: str = ""
     inner_fn: bool = True  # Mamba-1 training calls mamba_inner_fn (Mamba, Falcon-Mamba); Jamba never does
+    # gated DeltaNet (mixer "gdn", vramplan.gdn): how the projections are split ("qkvz", "split", "olmo"), and
+    # OLMo Hybrid's allow_neg_eigval (beta * 2)
+    gdn_layout: str = ""
+    neg_eigval: bool = False
 
     @property
     def conv_dim(self) -> int:
@@ -418,6 +422,10 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         return batch * ss.d_inner * ss.d_conv * act
     if kind == "mamba":
         return mamba1_state_bytes(ss, batch, act)
+    if kind == "gdn":
+        from .gdn import gdn_state_bytes
+
+        return gdn_state_bytes(ss, batch, act)
     return mamba2_state_bytes(ss, batch, act)
 
 

@@ -424,11 +424,139 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+def _gdn_layer_types(c: _Cfg, layers: int) -> tuple[str, ...]:
+    """``layer_types`` (linear_attention / full_attention), else the config class's pattern: full attention every
+    ``full_attention_interval`` (4) layers, at i + 1 divisible by it (configuration_qwen3_next.py)."""
+    raw = c.raw.get("layer_types")
+    if raw is None:
+        every = c.int_("full_attention_interval", default=4, hi=_MAX_LAYERS)
+        return tuple("gdn" if (i + 1) % every else "attention" for i in range(layers))
+    if not isinstance(raw, list) or len(raw) != layers or not all(isinstance(t, str) for t in raw):
+        raise ConfigError(f"{c.where}: layer_types must list one layer type per layer ({layers})")
+    kinds = {"linear_attention": "gdn", "full_attention": "attention"}
+    bad = sorted({t for t in raw if t not in kinds})
+    if bad:
+        raise ConfigError(f"{c.where}: layer_types holds {', '.join(bad)}; supported: full_attention, "
+                          "linear_attention")
+    return tuple(kinds[t] for t in raw)
+
+
+def _gdn(c: _Cfg, layout: str, neg_eigval: bool = False) -> SSMSpec:
+    """The gated DeltaNet's sizes (``linear_*`` keys) mapped onto :class:`SSMSpec` (see :mod:`vramplan.gdn`)."""
+    nk = c.int_("linear_num_key_heads", default=16)
+    nv = c.int_("linear_num_value_heads", default=32)
+    if nv % nk:
+        raise ConfigError(f"{c.where}: linear_num_value_heads ({nv}) must be a multiple of linear_num_key_heads ({nk})")
+    hk = c.int_("linear_key_head_dim", default=128)
+    hv = c.int_("linear_value_head_dim", default=128)
+    return SSMSpec(d_inner=nv * hv, n_heads=nv, head_dim=hv, n_groups=nk, d_state=hk,
+                   d_conv=c.int_("linear_conv_kernel_dim", default=4, hi=1024), chunk=64, conv_bias=False,
+                   gdn_layout=layout, neg_eigval=neg_eigval)
+
+
+# (layers, hidden, intermediate, vocab, heads, kv heads, experts, experts per token) of each configuration class
+_QWEN_GDN_DEFAULTS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
+    "qwen3_next": (48, 2048, 5632, 151936, 16, 2, 512, 10),  # configuration_qwen3_next.py
+    "qwen3_5_text": (32, 4096, 12288, 248320, 16, 4, 0, 0),  # configuration_qwen3_5.py Qwen3_5TextConfig
+    "qwen3_5_moe_text": (40, 2048, 0, 248320, 16, 2, 256, 8),  # configuration_qwen3_5_moe.py Qwen3_5MoeTextConfig
+}
+
+
+def _qwen3_next(c: _Cfg, family: str) -> ModelSpec:
+    """Qwen3-Next and Qwen3.5 (modeling_qwen3_next.py, modeling_qwen3_5.py, modeling_qwen3_5_moe.py): pre-norm
+    decoder layers whose mixer is a gated DeltaNet (:mod:`vramplan.gdn`) or gated attention (q_proj also makes a
+    per-head output gate, q/k RMSNorm per head, RoPE on ``partial_rotary_factor`` (0.25) of each head); every norm
+    is the zero-centred ``x * (1 + weight)`` RMSNorm; the MLP is a SwiGLU or a Qwen2-MoE-style block (softmax top-k
+    router, experts as 3-D parameters, a shared expert run first and scaled by ``sigmoid(shared_expert_gate)``)."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like, _rotary_fraction
+
+    layers_d, hidden_d, inter_d, vocab_d, heads_d, kv_d, experts_d, topk_d = _QWEN_GDN_DEFAULTS[family]
+    layers = c.int_("num_hidden_layers", default=layers_d, hi=_MAX_LAYERS)
+    mixers = _gdn_layer_types(c, layers)
+    raw = dict(c.raw)
+    for key, default in (("hidden_size", hidden_d), ("num_hidden_layers", layers), ("vocab_size", vocab_d),
+                         ("num_attention_heads", heads_d), ("num_key_value_heads", kv_d), ("head_dim", 256),
+                         ("max_position_embeddings", 32768)):
+        raw.setdefault(key, default)
+    moe = family != "qwen3_5_text" and c.int_("num_experts", default=experts_d, lo=0) > 0
+    if moe:
+        raw.setdefault("num_experts", experts_d)
+        raw.setdefault("num_experts_per_tok", topk_d)
+        raw.setdefault("moe_intermediate_size", 512)
+        raw.setdefault("intermediate_size", inter_d or raw["moe_intermediate_size"])
+        if family == "qwen3_5_moe_text":  # every layer is MoE (Qwen3_5MoeDecoderLayer)
+            raw.pop("decoder_sparse_step", None)
+            raw.pop("mlp_only_layers", None)
+    else:
+        raw.setdefault("intermediate_size", inter_d)
+    raw["use_sliding_window"] = False
+    raw["attention_bias"] = c.bool_("attention_bias", default=False)
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3_moe" if moe else "qwen3")
+    extra: dict[str, Any] = {}
+    if moe:
+        si = c.int_("shared_expert_intermediate_size", default=512, lo=0)
+        extra = {"shared_expert_intermediate_size": si, "shared_expert_gate": bool(si), "shared_expert_first": True}
+    frac = _rotary_fraction(c) if any("partial_rotary_factor" in (c.raw.get(k) or {}) for k in
+                                      ("rope_parameters", "rope_scaling")) or "partial_rotary_factor" in c.raw \
+        else 0.25
+    return replace(spec, family=family, norm=NormKind.GEMMA_RMSNORM, attn_output_gate=True, rotary_fraction=frac,
+                   mixers=mixers, ssm=_gdn(c, "qkvz" if family == "qwen3_next" else "split"),
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), program_version="5.24",
+                   **extra)
+
+
+def _olmo_hybrid(c: _Cfg, family: str) -> ModelSpec:
+    """OLMo Hybrid (modeling_olmo_hybrid.py): OLMo-3 attention layers (no pre-norm: post_attention / post_feedforward
+    RMSNorms on the sublayers' outputs, q/k RMSNorm over all heads, RoPE unless ``rope_parameters`` has no
+    ``rope_theta``) and pre-norm gated DeltaNet layers with separate q/k/v/a/b/g projections, ``beta * 2``
+    (``linear_allow_neg_eigval``) and ``o_proj`` (:mod:`vramplan.gdn`); a SwiGLU MLP everywhere. ``layer_types``
+    defaults to full attention at every fourth layer (i % 4 == 3), at least the last."""
+    from dataclasses import replace
+
+    from .hfconfig import _FAMILIES, _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=3840)
+    heads = c.int_("num_attention_heads", default=30)
+    if c.raw.get("layer_types") is None:
+        mixers = ["attention" if i % 4 == 3 else "gdn" for i in range(layers)]
+        if "attention" not in mixers:
+            mixers[-1] = "attention"
+        types = tuple(mixers)
+    else:
+        types = _gdn_layer_types(c, layers)
+    nk = c.int_("linear_num_key_heads") if c.raw.get("linear_num_key_heads") is not None else heads
+    hk = c.int_("linear_key_head_dim") if c.raw.get("linear_key_head_dim") is not None else int(0.75 * hidden / nk)
+    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "linear_num_key_heads": nk, "linear_key_head_dim": hk,
+           "linear_num_value_heads": c.raw.get("linear_num_value_heads") or heads,
+           "linear_value_head_dim": c.raw.get("linear_value_head_dim") or 2 * hk}
+    ss = _gdn(_Cfg(raw, c.where), "olmo", neg_eigval=c.bool_("linear_allow_neg_eigval", default=True))
+    raw.pop("layer_types", None)
+    for key, default in (("intermediate_size", 11008), ("vocab_size", 100352),
+                         ("max_position_embeddings", 65536)):
+        raw.setdefault(key, default)
+    if c.raw.get("num_key_value_heads") is None:
+        raw["num_key_value_heads"] = heads
+    spec = _llama_like(_Cfg(raw, c.where), "olmo2", _FAMILIES["olmo2"])
+    rope = c.raw.get("rope_parameters")
+    has_rope = isinstance(rope, dict) and rope.get("rope_theta") is not None
+    # OlmoHybridRMSNorm: (weight * x.float() normed).to(dtype): the product is fp32 (what NemotronHRMSNorm makes)
+    return replace(spec, family=family, mixers=types, ssm=ss, program_version="5.24",
+                   norm=NormKind.FP32_WEIGHT_RMSNORM, position=spec.position if has_rope else PositionKind.NONE)
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
-    "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h}
+    "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
+    "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
+    "olmo_hybrid": _olmo_hybrid}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
-                               "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h"}
+                               "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h",
+                               "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
+                               "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid"}

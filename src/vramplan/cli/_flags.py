@@ -50,8 +50,9 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa",
                    help="torch SDPA kernels, flash-attn 2, or eager (materialized scores)")
     g.add_argument("--ssm-kernel", choices=["fused", "torch"], default="fused",
-                   help="Mamba / short-conv layers: the mamba_ssm and causal_conv1d kernels a GPU install runs, or "
-                        "transformers' plain-PyTorch fallback (what `vramplan trace` runs without those packages)")
+                   help="Mamba / short-conv / gated DeltaNet layers: the mamba_ssm, causal_conv1d and fla kernels a "
+                        "GPU install runs, or transformers' plain-PyTorch fallback (what `vramplan trace` runs "
+                        "without those packages)")
     g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
     g.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (no effect on memory)")
     g.add_argument("--lora-dropout", type=unit_interval, default=0.0,
