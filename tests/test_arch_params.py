@@ -42,6 +42,8 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     for k in ("layer_types", "no_rope_layers", "layers_block_type"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if isinstance(cfg.get("per_layer_config"), dict):  # overrides keyed by layer index (Gemma 4): the kept layers'
+        cfg["per_layer_config"] = {k: v for k, v in cfg["per_layer_config"].items() if int(k) < layers}
     return json.loads(json.dumps(cfg, default=str))
 
 

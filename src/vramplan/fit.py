@@ -185,7 +185,7 @@ class KVCapacity:
 def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
     """Keys and values of one token over every attention layer: 2 x kv_heads x head_dim x bytes x layers (the
     Mamba layers of a hybrid keep a fixed state per sequence instead: :func:`state_bytes_per_sequence`)."""
-    return spec.kv_cache_per_token * elem * spec.attention_layers
+    return spec.kv_cache_layers_per_token * elem
 
 
 def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:

@@ -619,6 +619,10 @@ from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg abo
 
 _READERS.update(SSM_READERS)
 _CLASSES.update(SSM_CLASSES)
+from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like above)
+
+_READERS.update(GEMMA_READERS)
+_CLASSES.update(GEMMA_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE
