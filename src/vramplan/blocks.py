@@ -331,6 +331,14 @@ class _B:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
 
+    def rope_complex(self, x: Tensor) -> Tensor:
+        """DeepSeek-V2's apply_rotary_emb (modeling_deepseek_v2.py): ``view_as_complex(x.float())`` (an fp32 copy),
+        times the complex64 ``freqs_cis`` (a new complex tensor of the same bytes; the product saves only the
+        constant table), ``view_as_real(...).flatten(3).type_as(x)`` (cast back)."""
+        x32 = self.cast(x, 4)
+        prod = self.tp.op(x.numel, 4, (x32,))
+        return self.cast(prod, x.elem)
+
     def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
         input and fp32 copy stays referenced until it returns (modeling_cohere2.py). With fp32 cos/sin tables
@@ -618,8 +626,9 @@ class _B:
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
-        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
-        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        rot = self.rope_complex if spec.rope_style == "complex" else self.rope
+        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(rot, tp.view(ckv, b * s * rd))
         if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
@@ -1082,6 +1091,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
+    if spec.head_input_scale:  # MiniCPM3ForCausalLM: hidden_states / logits_scaling, then the last-token slice
+        n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
     pe = spec.embed_proj_dim or h
