@@ -200,9 +200,41 @@ def test_zamba2_shared_blocks_are_counted_once() -> None:
     assert counts.layers[4].total - counts.layers[0].total == 256 * 256  # a reusing layer's own linear
 
 
-def test_nemotron_h_moe_blocks_are_refused() -> None:
-    with pytest.raises(ConfigError, match="MoE"):
-        spec_from_config({**NEMOTRON_H, "layers_block_type": ["mamba", "moe"]})
+NEMOTRON_H_MOE: dict[str, Any] = {**NEMOTRON_H, "layers_block_type": ["mamba", "moe", "attention", "moe"],
+                                  "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                                  "moe_shared_expert_intermediate_size": 384, "moe_latent_size": 128, "n_group": 2,
+                                  "topk_group": 1}
+
+
+def test_nemotron_h_moe_blocks() -> None:
+    """An "E" block is an MLP-only block whose MLP is NemotronHMoE: fp32 sigmoid router, non-gated ReLU² experts
+    between the latent projections, a non-gated shared expert."""
+    spec = spec_from_config(NEMOTRON_H_MOE)
+    assert spec.mixers == ("mamba2", "none", "attention", "none") and spec.moe_layers == (1, 3)
+    assert spec.expert_glu == "none" and spec.moe_latent_size == 128 and spec.router_sigmoid
+    from vramplan.params import count_params
+
+    layer = count_params(spec).layers[1]
+    # experts up/down at the latent width, router, fc1/fc2 latent projections, shared up/down, the block's norm
+    assert layer.total == 8 * 2 * 128 * 256 + 8 * 512 + 2 * 512 * 128 + 2 * 512 * 384 + 512
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        spec_from_config({**NEMOTRON_H_MOE, "mlp_bias": True})
+    full = estimate(spec, make_workload(batch_size=1, seq_len=256, ssm_kernel="torch"))
+    no_latent = estimate(spec_from_config({**NEMOTRON_H_MOE, "moe_latent_size": None}),
+                         make_workload(batch_size=1, seq_len=256, ssm_kernel="torch"))
+    assert full.peak_allocated_bytes < no_latent.peak_allocated_bytes
+
+
+def test_nemotron_h_moe_parameters_equal_the_meta_model() -> None:
+    torch = pytest.importorskip("torch")
+    from vramplan.params import count_params
+    from vramplan.trace._resolve import hf_config, model_class
+
+    for cfg in (NEMOTRON_H_MOE, {**NEMOTRON_H_MOE, "moe_latent_size": None}):
+        config, _ = hf_config(dict(cfg), "nemotron_h")
+        with torch.device("meta"):
+            model = model_class(config, "nemotron_h")._from_config(config)
+        assert count_params(spec_from_config(cfg)).total == sum(p.numel() for p in model.parameters())
 
 
 def test_lfm2_short_conv_cache() -> None:
@@ -217,9 +249,9 @@ def test_lfm2_short_conv_cache() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
-                                 ZAMBA2],
+                                 ZAMBA2, NEMOTRON_H_MOE],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba", "jamba", "zamba2"])
+                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:

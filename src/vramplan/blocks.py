@@ -717,6 +717,7 @@ class _B:
         assert plan is not None
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
+        hidden = h
         pairs = t * k
         tr = plan.trainable
         act = n.elem
@@ -724,25 +725,35 @@ class _B:
         # experts); DeepSeek-V3, GLM-4.5 and Granite after them
         shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
         idx, w = self.router(n, t, e, k, tr)
+        routed_in = n
+        if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
+            h = spec.moe_latent_size
+            routed_in = self.linear(n, hidden, h, "fc1_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
+                                    lora_rank=plan.lora_rank if "fc1_latent_proj" in plan.lora_targets else 0)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
         tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
-        xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
+        xin = tp.op(pairs * h, act, (routed_in, tok), save=(tok,) if routed_in.rg else (), grad_to=(routed_in,))
         wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
         hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
         offs = tp.op(2 * e, 4, (hist,), rg=False)
         bias_g: Tensor | None = None
         if spec.expert_bias:  # gate_up_proj_bias[expert_ids_g], added in place to the grouped GEMM's output
             bias_g = tp.op(pairs * 2 * i, act, (), rg=False)
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
-                         quant=plan.quant, count=e)
-        if spec.expert_glu == "clamped":
-            p = self.clamped_glu(gu, pairs * i)
+        if spec.expert_glu == "none":  # has_gate=False: act_fn(up_proj) (grouped_mm_experts_forward)
+            up = self.linear(xin, h, i, "experts.up_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
+                             count=e)
+            p = self.activation(up)
         else:
-            gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
-            a = self.activation(gate)
-            p = self.mul(a, up)
+            gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
+                             quant=plan.quant, count=e)
+            if spec.expert_glu == "clamped":
+                p = self.clamped_glu(gu, pairs * i)
+            else:
+                gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
+                a = self.activation(gate)
+                p = self.mul(a, up)
         if bias_g is not None:  # rebound to down_proj_bias[expert_ids_g]
             first, bias_g = bias_g, tp.op(pairs * h, act, (), rg=False)
             first.last_use = len(tp.ops) - 1
@@ -757,6 +768,9 @@ class _B:
         for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
+        if spec.moe_latent_size:  # fc2_latent_proj back to the hidden width
+            out = self.linear(out, h, hidden, "fc2_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
+                              lora_rank=plan.lora_rank if "fc2_latent_proj" in plan.lora_targets else 0)
         if spec.shared_expert_intermediate_size:
             so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
@@ -790,6 +804,9 @@ class _B:
             return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
+            su = shared(n, h, si, "shared_up_proj")
+            return shared(self.call(self.activation, su), si, h, "shared_down_proj")
         if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
             sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
             sg, su = tp.split(sgu, 2)

@@ -84,11 +84,19 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
         i, e = spec.moe_intermediate_size, spec.num_experts
         # transformers 5.x stores experts as fused 3-D parameters and the router as its own module: neither
         # is an nn.Linear (so neither gets LoRA adapters from peft's "all-linear")
-        out = [("experts.gate_proj", h, i, e), ("experts.up_proj", h, i, e), ("experts.down_proj", i, h, e),
-               ("router", h, e, 1)]
+        d = spec.moe_latent_size or h  # Nemotron-H: the experts work at the latent width
+        if spec.expert_glu == "none":  # non-gated experts (Nemotron-H)
+            out = [("experts.up_proj", d, i, e), ("experts.down_proj", i, d, e), ("router", h, e, 1)]
+        else:
+            out = [("experts.gate_proj", h, i, e), ("experts.up_proj", h, i, e), ("experts.down_proj", i, h, e),
+                   ("router", h, e, 1)]
+        if spec.moe_latent_size:
+            out += [("fc1_latent_proj", h, d, 1), ("fc2_latent_proj", d, h, 1)]
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
-            if spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
+            if spec.expert_glu == "none":
+                out += [("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
+            elif spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
                 out += [("shared_gate_up_proj", h, 2 * si, 1), ("shared_down_proj", si, h, 1)]
             else:
                 out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]

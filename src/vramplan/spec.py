@@ -129,7 +129,9 @@ class ModelSpec:
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
-    expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU
+    expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU;
+    # "none": non-gated experts and shared expert, down(act(up(x))) (Nemotron-H: has_gate=False)
+    moe_latent_size: int = 0  # Nemotron-H: fc1_latent_proj to this width before the experts, fc2 back after
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
