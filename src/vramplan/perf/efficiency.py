@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import UnknownNameError, VramplanError
 from ..hardware import GPU
+from .gemm import shape_factor
 from .work import StepWork
 
 __all__ = [
@@ -278,6 +279,9 @@ def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1,
     if peak is None or peak <= 0:
         return None
     fm, fa, fb = scale_factors(gpu, dtype, attention_kernel)
+    # the ceiling fraction holds for the shape it was measured on; each GEMM's tile and wave quantization
+    # on this GPU's SMs scales it (vramplan.perf.gemm)
+    fm /= shape_factor(work.gemm_shapes, gpu)
     flops_per_s = peak * 1e12
     bw = float(gpu.memory_bandwidth_bytes_per_s)
     m = micro_batches

@@ -2,7 +2,7 @@
 
 Training and prefill (one micro-batch, then the optimizer step)::
 
-    step_s = matmul FLOPs / (peak[dtype] x achievable matmul fraction)
+    step_s = matmul FLOPs / (peak[dtype] x achievable matmul fraction x the step's tile/wave quantization)
            + attention FLOPs / (peak x attention fraction)
            + memory traffic (counted logits bytes, calibrated elementwise passes) / (bandwidth)
            + launch cost (eager: host seconds per layer pass; CUDA-graph engines: kernels x device floor)
@@ -47,6 +47,7 @@ from .efficiency import (
     matmul_dtype,
     scale_factors,
 )
+from .gemm import gpu_tiling, shape_factor
 from .work import (
     StepWork,
     compute_dtype,
@@ -193,6 +194,12 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
     assumptions = [m.assumption(), _flops_assumption(w), _dtype_assumption(work.dtype),
                    f"{gpu.display_name}: matmul {eff.matmul:.0%}, attention {eff.attention:.0%}, bandwidth "
                    f"{eff.bandwidth:.0%} of the catalog peaks ({'; '.join(eff.sources)})"]
+    tiling = gpu_tiling(gpu)
+    if tiling is not None:
+        assumptions.append(
+            f"matrix products at {shape_factor(work.gemm_shapes, gpu):.1%} of the matmul ceiling after tile and wave "
+            f"quantization of this step's shapes ({tiling.tile[0]}x{tiling.tile[1]} or half-size CTA tiles on "
+            f"{tiling.sms} SMs; data/gemm_tiles.json)")
     kernel_factor = attention_kernel_factor(attention_kernel)
     if kernel_factor != 1.0:
         assumptions.append(f"attention kernel {attention_kernel}: {kernel_factor:.2f} x FlashAttention-2's achievable "

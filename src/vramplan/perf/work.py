@@ -25,6 +25,7 @@ from ..memory import ModelStates, lora_params, lora_targets, model_states
 from ..params import count_params
 from ..spec import Activation, MLPKind, ModelSpec
 from ..workload import LogitsMode, Method, Precision, Task, WeightsQuant, Workload
+from .gemm import GemmShape
 
 __all__ = ["StepWork", "attended_keys", "attention_kernel", "compute_dtype", "decode_work", "dequantized_weights",
            "inference_work", "kv_bytes_per_token", "layer_matmul_weights", "logits_bytes_per_element",
@@ -143,6 +144,7 @@ class StepWork:
     hidden_size: int
     activation_kernels: int = 1  # eager elementwise kernels over the MLP intermediate (activation_bytes' count)
     weight_bytes: int = 0  # weights a forward pass reads once (prefill: bounds short prompts by bandwidth)
+    gemm_shapes: tuple[GemmShape, ...] = ()  # the linears' matrix products (M, N, K), all passes (perf.gemm)
 
     @property
     def executed_flops(self) -> float:
@@ -366,6 +368,49 @@ def _mlp_elementwise_bytes_per_token(spec: ModelSpec, w: Workload) -> int:
     return total * kernels * _act_bytes(w)
 
 
+def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str, back_layers: int = 0,
+                 recompute: bool = False, head_grad: bool = True) -> tuple[GemmShape, ...]:
+    """The matrix products of one pass over ``tokens`` tokens, shape by shape.
+
+    Forward: C[tokens, out] = X[tokens, in] @ W. Backward (autograd's linear backward): the input gradient
+    dX[tokens, in] = dY[tokens, out] @ W (K = out) and, for trained weights, the weight gradient
+    dW[out, in] = dY^T @ X, whose K is the token count (``backward``: ``full`` both, ``input`` the input
+    gradient only, ``none``). A MoE layer's experts each multiply the tokens routed to them, tokens x k / E
+    on average. ``back_layers`` top layers run backward; ``recompute`` runs their forward again
+    (checkpointing). The head runs over ``logit_rows`` rows (the last position only when logits are trimmed).
+    """
+    out: list[GemmShape] = []
+    layers = count_params(spec).layers
+    L = len(layers)
+    for i, layer in enumerate(layers):
+        moe = i in spec.moe_layers and spec.num_experts > 1
+        trained = i >= L - back_layers
+        for _name, fin, fout, n in layer.linear_shapes:
+            rows, count, q = tokens, float(n), True
+            if moe and n == spec.num_experts:
+                # transformers loops over the experts hit, one small product each: their fixed cost is the
+                # calibrated per-expert launch term (launch_s_per_expert_pass), not quantization
+                rows, q = max(1, round(tokens * spec.experts_per_token / spec.num_experts)), False
+            passes = 1 + (1 if recompute and trained else 0)
+            out.append(GemmShape(rows, fout, fin, count * passes, q))
+            if trained and backward != "none":
+                out.append(GemmShape(rows, fin, fout, count, q))
+                if backward == "full":
+                    out.append(GemmShape(fout, fin, rows, count, q))
+    d = spec.embed_proj_dim or spec.hidden_size
+    out.append(GemmShape(logit_rows, spec.vocab_size, d))
+    if backward != "none" and back_layers:
+        out.append(GemmShape(logit_rows, d, spec.vocab_size))
+        if head_grad:
+            out.append(GemmShape(spec.vocab_size, d, logit_rows))
+    merged: dict[tuple[int, int, int, bool], float] = {}
+    for g in out:
+        if g.m > 0 and g.n > 0 and g.k > 0:
+            key = (g.m, g.n, g.k, g.quantized)
+            merged[key] = merged.get(key, 0.0) + g.count
+    return tuple(GemmShape(m, n, k, c, q) for (m, n, k, q), c in merged.items())
+
+
 @lru_cache(maxsize=4096)
 def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
     b, s = w.batch_size, w.seq_len
@@ -415,7 +460,12 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
         layer_passes=launch_units, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers) * per_layer,
         adapter_passes=round(n_adapted * per_layer), optimizer_bytes=opt_bytes, gradient_bytes=grad_bytes,
         parameter_bytes=2 * (n_layers + n_head), num_layers=L, hidden_size=spec.hidden_size,
-        activation_kernels=mlp_elementwise_kernels(spec))
+        activation_kernels=mlp_elementwise_kernels(spec),
+        gemm_shapes=_gemm_shapes(spec, tokens, logit_rows=tokens,
+                                 backward="full" if w.method in (Method.FULL, Method.FREEZE) else "input",
+                                 back_layers=back_layers, recompute=ckpt,
+                                 head_grad=w.method is Method.FULL or (w.method is Method.FREEZE
+                                                                       and not spec.tie_word_embeddings)))
 
 
 def inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
