@@ -225,6 +225,33 @@ def test_nemotron_h_moe_blocks() -> None:
     assert full.peak_allocated_bytes < no_latent.peak_allocated_bytes
 
 
+LFM3: dict[str, Any] = {"model_type": "lfm3", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 2048,
+                        "sliding_window": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                        "layer_types": ["conv", "sliding_attention", "full_attention", "conv"]}
+
+
+def test_lfm3_reads_as_short_convs_beside_gated_sliding_and_full_attention() -> None:
+    """LFM3 keeps LFM2's short convolution; its attention adds a per-head sigmoid gate (g_proj: hidden -> heads),
+    fp32 RoPE tables and sandwich norms, and some attention layers slide."""
+    spec = spec_from_config(LFM3)
+    assert spec.mixers == ("conv", "attention", "attention", "conv") and spec.sliding_layers == (1,)
+    assert spec.attn_head_gate and spec.norms_per_layer == 4 and spec.rope_style == "fp32_tables"
+    from vramplan.params import count_params
+
+    plain = spec_from_config({**LFM3, "use_attention_gate": False, "use_sandwich_norm": False})
+    c, p = count_params(spec), count_params(plain)
+    assert c.layers[1].total - p.layers[1].total == 256 * 4 + 2 * 256  # g_proj and the two post norms
+    torch = pytest.importorskip("torch")
+    from vramplan.trace._resolve import hf_config, model_class
+
+    for cfg in (LFM3, {**LFM3, "use_attention_gate": False, "use_sandwich_norm": False}):
+        config, _ = hf_config(dict(cfg), "lfm3")
+        with torch.device("meta"):
+            model = model_class(config, "lfm3")._from_config(config)
+        assert count_params(spec_from_config(cfg)).total == sum(q.numel() for q in model.parameters())
+
+
 def test_nemotron_h_moe_parameters_equal_the_meta_model() -> None:
     torch = pytest.importorskip("torch")
     from vramplan.params import count_params
@@ -249,9 +276,9 @@ def test_lfm2_short_conv_cache() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
-                                 ZAMBA2, NEMOTRON_H_MOE],
+                                 ZAMBA2, NEMOTRON_H_MOE, LFM3],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe"])
+                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe", "lfm3"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:

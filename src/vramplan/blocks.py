@@ -531,7 +531,10 @@ class _B:
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
         out = self.attention_core(q, k, v, kernel, heads_kv)
-        if kernel in (Kernel.EAGER, Kernel.MATH):
+        if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
+            gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
+            out = self.mul(out, gs)
+        elif kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until

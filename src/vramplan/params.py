@@ -71,6 +71,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         out = [(name, h, q + 2 * kv, 1)]
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next)
         out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
+        if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
+            out.append(("g_proj", h, spec.num_heads, 1))
     oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
@@ -248,8 +250,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         if spec.qkv_bias:
             bias += spec.q_lora_rank + spec.kv_lora_rank + spec.qk_rope_head_dim + spec.hidden_size
     else:
-        for _, _, o, n in attn[:-1]:
-            bias += o * n if spec.qkv_bias else 0
+        for name, _, o, n in attn[:-1]:
+            bias += o * n if spec.qkv_bias and name != "g_proj" else 0
         bias += spec.hidden_size if spec.o_bias else 0
     if spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)

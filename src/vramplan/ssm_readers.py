@@ -339,6 +339,49 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
                    max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
 
 
+def _lfm3(c: _Cfg, family: str) -> ModelSpec:
+    """LFM3 (modeling_lfm3.py): LFM2's gated short convolutions (``Lfm3ShortConv`` is ``Lfm2ShortConv``) beside
+    sliding-window and full attention (q/k RMSNorm per head, RoPE from fp32 cos/sin tables over the whole head:
+    the full layers' "proportional" RoPE pads its partial rotation to the head, and a per-head output gate
+    ``sigmoid(g_proj(x))`` with ``use_attention_gate``); sandwich norms (``use_sandwich_norm``: a norm after each
+    sublayer too); a SwiGLU MLP of ``intermediate_size`` (w1, w3, w2); the final ``embedding_norm``. ``layer_types``
+    defaults to full attention at i % 4 == 2, sliding at i % 4 == 0 (i > 0), convolutions elsewhere."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=24, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2048)
+    raw_types = c.raw.get("layer_types")
+    types = ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0 else "conv"
+             for i in range(layers)] if raw_types is None else raw_types
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("conv", "sliding_attention", "full_attention") for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list one of conv / sliding_attention / full_attention per "
+                          f"layer ({layers})")
+    raw = {k: v for k, v in c.raw.items() if k not in ("layer_types", "sliding_window", "use_sliding_window")}
+    raw |= {"hidden_size": hidden, "num_hidden_layers": layers,
+            "intermediate_size": c.int_("intermediate_size", default=7680),
+            "num_attention_heads": c.int_("num_attention_heads", default=16),
+            "num_key_value_heads": c.int_("num_key_value_heads", default=4),
+            "head_dim": c.int_("head_dim", default=128), "vocab_size": c.int_("vocab_size", default=128000),
+            "attention_bias": c.bool_("attention_bias", default=False), "mlp_bias": False, "hidden_act": "silu"}
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE
+    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
+                 d_conv=c.int_("conv_L_cache", default=7, hi=1024), chunk=1,
+                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
+    window = c.raw.get("sliding_window", 256)
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window is not None else ()
+    return replace(spec, family=family, ssm=ss, program_version="5.24",
+                   mixers=tuple("conv" if t == "conv" else "attention" for t in types),
+                   sliding_window=c.int_("sliding_window", default=256) if sliding else None, sliding_layers=sliding,
+                   norms_per_layer=4 if c.bool_("use_sandwich_norm", default=True) else 2,
+                   rope_style="fp32_tables", rotary_fraction=1.0,
+                   attn_head_gate=c.bool_("use_attention_gate", default=True),
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
+                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+
+
 def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
     """Falcon-H1 (modeling_falcon_h1.py): every layer runs attention and a Mamba-2 mixer side by side on one
     normed input (``FalconH1DecoderLayer``), with muP multipliers around each (embedding, attention in/out, keys,
@@ -605,7 +648,7 @@ SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
-    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini}
+    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -613,4 +656,4 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h",
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
-                               "LaraMiniForCausalLM": "lara_mini"}
+                               "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3"}
