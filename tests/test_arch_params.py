@@ -24,7 +24,8 @@ SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 10
 # model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
 SKIP = {"gemma3_text_alias",
         "nemotron_h",  # its library default holds a MoE block, which estimate refuses: see SSM_VARIANTS
-        "dots1"}  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
+        "dots1",  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
+        "deepseek_v2"}  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
 
 
 def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
@@ -42,6 +43,8 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     for k in ("layer_types", "no_rope_layers", "layers_block_type"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if isinstance(cfg.get("per_layer_config"), dict):  # overrides keyed by layer index (Gemma 4): the kept layers'
+        cfg["per_layer_config"] = {k: v for k, v in cfg["per_layer_config"].items() if int(k) < layers}
     return json.loads(json.dumps(cfg, default=str))
 
 
@@ -83,6 +86,11 @@ VARIANTS = [
     ("glm4", {"attention_bias": False}),
     ("internlm3", {"qkv_bias": True, "bias": True}),
     ("exaone4", {"sliding_window": 128, "sliding_window_pattern": 2}),
+    ("deepseek_v2", {"num_experts_per_tok": 6}),
+    ("deepseek_v2", {"num_experts_per_tok": 6, "q_lora_rank": None, "first_k_dense_replace": 1,
+                     "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}),
+    ("glm4_moe_lite", {"mlp_layer_types": ["sparse", "dense", "sparse", "dense"]}),
+    ("minicpm3", {"v_head_dim": None, "q_lora_rank": None}),
     ("dots1", {"n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 1, "topk_group": 1,
                "first_k_dense_replace": 1}),
     ("flex_olmo", {"attention_bias": True}),

@@ -46,6 +46,7 @@ class LayerPlan:
     mlp: bool = True  # False: the layer has no MLP (a pure Mamba block)
     ssm_kernel: str = "fused"  # SSM layers: the fused mamba_ssm kernels or transformers' torch fallback
     input_fp32: bool = False  # the layer's input is the fp32 residual stream (Mamba's residual_in_fp32)
+    variant: int = -1  # the layer's group in spec.layer_overrides (heterogeneous stacks: Gemma 4), -1: none
 
 
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
@@ -62,9 +63,15 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
         return Kernel.FLASH
     if spec.family == "falcon":
         return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa)
-    if has_mask:
+    if sdpa_repeats_kv(spec, has_mask):
         return sdpa_kernel(elem, spec.head_dim, has_mask)
     return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa, enable_gqa=gqa)
+
+
+def sdpa_repeats_kv(spec: ModelSpec, has_mask: bool) -> bool:
+    """transformers' SDPA path passes ``enable_gqa`` only without a mask and with head_dim <= 256
+    (integrations/sdpa_attention.py ``use_gqa_in_sdpa``, 5.24); otherwise it repeats k/v to every query head first."""
+    return has_mask or spec.head_dim > 256
 
 
 class _B:
@@ -207,7 +214,9 @@ class _B:
         return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
-    def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
+    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True) -> Tensor:
+        """The spec's norm over the last ``dim`` elements; ``scale`` False: an RMSNorm without a weight
+        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
@@ -251,6 +260,8 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
+        if not scale:
+            return self.cast(n32, x.elem)
         if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
             # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
             # tensors)
@@ -319,6 +330,14 @@ class _B:
         if frac < 1:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
+
+    def rope_complex(self, x: Tensor) -> Tensor:
+        """DeepSeek-V2's apply_rotary_emb (modeling_deepseek_v2.py): ``view_as_complex(x.float())`` (an fp32 copy),
+        times the complex64 ``freqs_cis`` (a new complex tensor of the same bytes; the product saves only the
+        constant table), ``view_as_real(...).flatten(3).type_as(x)`` (cast back)."""
+        x32 = self.cast(x, 4)
+        prod = self.tp.op(x.numel, 4, (x32,))
+        return self.cast(prod, x.elem)
 
     def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
@@ -482,6 +501,8 @@ class _B:
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+        elif spec.kv_shared:
+            return self.shared_kv_attention(n, lin, kernel)
         elif spec.attn_output_gate:
             # Qwen3NextAttention (modeling_qwen3_next.py): q_proj makes (heads, 2 x head_dim); chunk(2) gives the query
             # and the gate as strided views, and gate.reshape(*input_shape, -1) copies it
@@ -495,10 +516,13 @@ class _B:
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
-            v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+            # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
+            v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
             q = self.norm(q, qd if spec.qk_norm_full else d, tr)
             k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+        if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
+            v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:
@@ -524,9 +548,12 @@ class _B:
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
             v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
+        if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
+            tp.keep(k, v)
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs
-        if has_mask and heads_kv != spec.num_heads and kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+        if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
+                kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
@@ -545,6 +572,38 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
+                            kernel: Kernel) -> Tensor:
+        """A layer that reuses the keys and values an earlier layer stored (modeling_gemma4.py Gemma4TextAttention
+        with kv_sharing_mode "reuse"): q_proj, q_norm and RoPE, attention over the stored (B, Hkv, S, d) keys and
+        values, o_proj. Those are held by the model's shared_kv_states (inputs here, alive throughout); their
+        gradient, which goes back to the storing layer, is not counted."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd, d = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.head_dim
+        elem = max(self.num.act, resid_elem(self.num)) if not self.num.amp else self.num.act
+        k = tp.input(self.b * self.kv_len * kvd, elem, held=True)
+        v = tp.input(self.b * self.kv_len * kvd, elem, held=True)
+        q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+        if spec.qk_norm:
+            q = self.norm(q, d, plan.trainable)
+        q = self.call(self.rope, q)
+        if self.num.amp and kernel is not Kernel.EAGER:
+            q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
+        heads_kv = spec.num_kv_heads
+        has_mask = kernel is not Kernel.FLASH and bool(plan.sliding and spec.sliding_window and
+                                                       self.kv_len > spec.sliding_window)
+        if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
+                kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+            k = tp.op(self.b * self.kv_len * qd, k.elem, (k,))
+            v = tp.op(self.b * self.kv_len * qd, v.elem, (v,))
+            heads_kv = spec.num_heads
+        out = self.attention_core(q, k, v, kernel, heads_kv)
+        if kernel in (Kernel.EAGER, Kernel.MATH):
+            out = tp.op(out.numel, out.elem, (out,))
+        o = lin(out, qd, h, "o_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def mla(self, n: Tensor) -> Tensor:
@@ -570,8 +629,9 @@ class _B:
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
-        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
-        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        rot = self.rope_complex if spec.rope_style == "complex" else self.rope
+        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(rot, tp.view(ckv, b * s * rd))
         if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
@@ -611,7 +671,7 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0, count=count)
 
-        if plan.moe:
+        if plan.moe and not spec.moe_beside_mlp:
             return self.moe(n)
         i = spec.intermediate_size
         if spec.mlp is MLPKind.GATED:
@@ -711,7 +771,7 @@ class _B:
         # final cast)
         return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
 
-    def moe(self, n: Tensor) -> Tensor:
+    def moe(self, n: Tensor, routed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
         integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
         (token, expert) pair sorted by expert and gathered into one (T*k, hidden) batch, two grouped GEMMs,
@@ -727,7 +787,7 @@ class _B:
         # Qwen2-MoE and ERNIE 4.5 run the shared expert before the router (its output is held through the routed
         # experts); DeepSeek-V3, GLM-4.5 and Granite after them
         shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
-        idx, w = self.router(n, t, e, k, tr)
+        idx, w = routed if routed is not None else self.router(n, t, e, k, tr)
         routed_in = n
         if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
             h = spec.moe_latent_size
@@ -875,16 +935,73 @@ class _B:
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
+            if spec.moe_beside_mlp and plan.moe:
+                m = self.moe_beside(m, hmid)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
+            if spec.per_layer_input:
+                y = self.per_layer_branch(y)
         self.tp.keep(y)
         return y
+
+    def moe_beside(self, m: Tensor, hmid: Tensor) -> Tensor:
+        """Gemma4TextDecoderLayer with enable_moe_block (modeling_gemma4.py): the dense MLP's output normed
+        (post_feedforward_layernorm_1); the router reads the residual stream (a weightless RMSNorm, times its
+        ``scale`` parameter and hidden ** -0.5, the projection, softmax in fp32, top-k renormalised and times
+        ``per_expert_scale[index]``: fp32 weights); the experts run on pre_feedforward_layernorm_2 of the residual
+        (grouped_mm dispatch as :meth:`moe`), normed again (post_feedforward_layernorm_2) and added to the first."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, e, k, tr = spec.hidden_size, spec.num_experts, spec.experts_per_token, plan.trainable
+        t = hmid.numel // h
+        h1 = self.norm(m, h, tr)
+        r = self.norm(hmid, h, tr, scale=False)
+        r = tp.op(r.numel, r.elem, (r,), save=(r,) if tr else (),
+                  params=self.param_grad(f"router.scale{len(tp.ops)}", h, self.num.param) if tr else ())
+        r = tp.op(r.numel, r.elem, (r,))  # * scalar_root_size
+        logits = self.linear(r, h, e, "router", bias=False, trainable=tr)
+        probs = tp.op(t * e, 4, (logits,))  # softmax(dtype=float32) saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        idx = tp.op(t * k, 8, (probs,), rg=False)
+        top = tp.op(t * k, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        total = tp.op(t, 4, (top,))  # top_k_weights.sum(-1); the division is in place
+        pes = tp.op(t * k, self.num.param, (idx,), rg=tr,
+                    params=self.param_grad(f"router.pes{len(tp.ops)}", e, self.num.param) if tr else ())
+        w = self.mul(top, pes, elem=4)
+        total.last_use = len(tp.ops) - 1
+        h2 = self.norm(hmid, h, tr)
+        h2 = self.moe(h2, routed=(idx, w))
+        h2 = self.norm(h2, h, tr)
+        return self.add(h1, h2)
+
+    def per_layer_branch(self, y: Tensor) -> Tensor:
+        """The per-layer-input branch closing a Gemma 3n / Gemma 4 layer: ``per_layer_projection(act(
+        per_layer_input_gate(h)) * per_layer_input)``, normed (post_per_layer_input_norm) and added to ``h``. The
+        layer's slice of the model's per-layer inputs is a view of a tensor the model holds throughout (its
+        gradient, summed into that tensor's, is not counted)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
+
+        def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        pli = tp.input(self.t * p, resid_elem(self.num), held=True)
+        g = lin(y, h, p, "per_layer_input_gate")
+        a = self.activation(g)
+        prod = self.mul(a, pli)
+        o = lin(prod, p, h, "per_layer_projection")
+        o = self.norm(o, h, tr)
+        return self.add(y, o)
 
 
 def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
                 kv_len: int | None = None) -> Tensor:
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
+    spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
     x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
     y = bld.layer(x)
@@ -920,10 +1037,15 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
+    if spec.per_layer_input:
+        _per_layer_inputs(bld, x, trainable)
     if spec.position is PositionKind.ROPE:
-        cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
-                   rg=False)
-        tp.keep(cs)
+        # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
+        dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \
+            [spec.head_dim]
+        for d in dims:
+            cs = tp.op(2 * t * d, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (), rg=False)
+            tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
     if attention is Attention.EAGER and spec.family != "gpt2":
@@ -940,6 +1062,27 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         tp.keep(mask)
     tp.keep(x)
     return x
+
+
+def _per_layer_inputs(bld: _B, x: Tensor, trainable: bool) -> None:
+    """Per-layer embeddings (modeling_gemma4.py Gemma4TextModel.get_per_layer_inputs / project_per_layer_inputs):
+    a lookup in ``embed_tokens_per_layer`` (num_layers x per-layer width per token) times its scale; the scaled
+    embeddings projected to the same width (``per_layer_model_projection``) times hidden ** -0.5, an RMSNorm over
+    each layer's slice, the sum of both times 2 ** -0.5. The result is held until the forward returns (each
+    layer reads its slice)."""
+    tp, spec, num = bld.tp, bld.spec, bld.num
+    width = spec.num_layers * spec.per_layer_input
+    t = bld.t
+    elem = num.norm_param
+    pg = bld.param_grad("embed_per_layer", spec.per_layer_vocab * width, elem) if trainable else ()
+    tok = tp.op(t * width, elem, (), params=pg, rg=trainable)
+    tok = tp.op(tok.numel, tok.elem, (tok,))  # * embed_scale
+    proj = bld.linear(x, spec.hidden_size, width, "per_layer_model_projection", bias=False, trainable=trainable)
+    proj = tp.op(proj.numel, proj.elem, (proj,))  # * per_layer_model_projection_scale
+    proj = bld.norm(proj, spec.per_layer_input, trainable)
+    both = bld.add(proj, tok)
+    out = tp.op(both.numel, both.elem, (both,))  # * per_layer_input_scale
+    tp.keep(out)
 
 
 # TRL SFTTrainer's entropy metric (trl/trainer/utils.py ``entropy_from_logits``, v1.9.0): rows per chunk
@@ -968,6 +1111,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
+    if spec.head_input_scale:  # MiniCPM3ForCausalLM: hidden_states / logits_scaling, then the last-token slice
+        n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
     pe = spec.embed_proj_dim or h

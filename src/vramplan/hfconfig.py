@@ -191,6 +191,13 @@ class _Facts:
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    # the MLA fields' defaults where the config omits them (the config class's): q_lora_rank (0: a plain q_proj),
+    # kv_lora_rank (0: required), qk_nope_head_dim, qk_rope_head_dim, v_head_dim (0: hidden_size // heads)
+    mla_defaults: tuple[int, int, int, int, int] = (0, 0, 128, 64, 128)
+    mlp_types: int = -1  # >= 0: the MoE layers are the "sparse" entries of mlp_layer_types, whose default has this
+    # many leading dense layers (GLM-4.7-Flash: first_k_dense_replace is not read); -1: first_k_dense_replace
+    head_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (embedding and residual
+    # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
@@ -206,6 +213,17 @@ _FAMILIES: dict[str, _Facts] = {
     "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
                        moe="deepseek"),
     "deepseek_v3": _Facts(version="5.24", moe="deepseek", mla=True),
+    # DeepSeek-V2 / V2-Lite (modeling_deepseek_v2.py): DeepSeek-V3's MLA with the complex rotary of apply_rotary_emb
+    # (q/k rotary parts as fp32 complex numbers times freqs_cis, cast back), and a softmax router in fp32
+    # (DeepseekV2TopkRouter: greedy or group_limited_greedy top-k, the weights times routed_scaling_factor stay fp32)
+    "deepseek_v2": _Facts(version="5.24", moe="deepseek_v2", mla=True, rope="complex"),
+    # GLM-4.7-Flash (modeling_glm4_moe_lite.py): DeepSeek-V3's MLA, router and experts; its MoE layers are the
+    # "sparse" entries of mlp_layer_types (default: layer 0 dense)
+    "glm4_moe_lite": _Facts(version="5.24", moe="deepseek", mla=True, mlp_types=1),
+    # MiniCPM3 (modeling_minicpm3.py): a dense LLaMA layer with DeepSeek's MLA (RoPE on halves, not interleaved),
+    # embeddings * scale_emb, each residual branch * scale_depth / sqrt(layers), the final hidden states /
+    # (hidden_size / dim_model_base) before a tied lm_head
+    "minicpm3": _Facts(version="5.24", tie=True, mla=True, mla_defaults=(768, 256, 64, 32, 0), head_scale=True),
     "ernie4_5_moe": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias",
                            rope="interleave", rope_interleave_fp32=True, moe="ernie"),
     "qwen2": _Facts(qkv_bias=True, o_bias=False, sliding="qwen"),
@@ -292,7 +310,9 @@ _CLASSES: dict[str, str] = {
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
-    "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
+    "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
@@ -381,11 +401,27 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
         inter = c.int_("moe_intermediate_size")
         first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
         every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
+        moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % every == 0)
+        if f.mlp_types >= 0:
+            types = c.raw.get("mlp_layer_types")
+            if types is None:
+                types = ["dense"] * f.mlp_types + ["sparse"] * (layers - f.mlp_types)
+            # the decoder layer reads mlp_layer_types[layer_idx]: entries past the last layer are not read
+            if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
+                raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
+                                  "layers")
+            moe_layers = tuple(i for i, t in enumerate(types[:layers]) if t == "sparse")
         out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
                "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
-               "moe_layers": tuple(i for i in range(layers) if i >= first_dense and i % every == 0),
-               "router_fp32": True, "router_sigmoid": True}
+               "moe_layers": moe_layers, "router_fp32": True, "router_sigmoid": True}
+    elif f.moe == "deepseek_v2":  # DeepseekV2TopkRouter: fp32 logits, softmax, top-k; fp32 weights * scaling factor
+        inter = c.int_("moe_intermediate_size")
+        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        out = {"num_experts": c.int_("n_routed_experts", default=64),
+               "experts_per_token": c.int_("num_experts_per_tok"), "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=2, lo=0),
+               "moe_layers": tuple(range(first_dense, layers)), "router_fp32": True, "router_weights_fp32": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -419,10 +455,14 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     kv = c.int_("num_key_value_heads", default=heads)
     mla: dict[str, Any] = {}
     if f.mla:
-        rope_dim = c.int_("qk_rope_head_dim", default=64)
-        head_dim = c.int_("qk_nope_head_dim", default=128) + rope_dim
-        mla = {"q_lora_rank": c.int_("q_lora_rank", default=0, lo=0), "kv_lora_rank": c.int_("kv_lora_rank"),
-               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=128)}
+        q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
+        rope_dim = c.int_("qk_rope_head_dim", default=rope)
+        head_dim = c.int_("qk_nope_head_dim", default=nope) + rope_dim
+        # q_lora_rank null (DeepSeek-V2-Lite, Kimi): a plain q_proj; absent: the config class's default
+        q_rank = 0 if "q_lora_rank" in c.raw and c.raw["q_lora_rank"] is None else q_rank
+        mla = {"q_lora_rank": c.int_("q_lora_rank", default=q_rank, lo=0),
+               "kv_lora_rank": c.int_("kv_lora_rank", default=kv_rank or _MISSING),
+               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=v_dim or hidden // heads)}
         kv = heads  # k and v are expanded to every head from the latent
     else:
         # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
@@ -468,8 +508,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
-        embed_scale=gemma or f.multipliers, residual_scale=f.multipliers,
-        logit_scale=f.multipliers or logit_scale is not None,
+        embed_scale=gemma or f.multipliers or f.head_scale, residual_scale=f.multipliers or f.head_scale,
+        logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
         logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
@@ -619,6 +659,10 @@ from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg abo
 
 _READERS.update(SSM_READERS)
 _CLASSES.update(SSM_CLASSES)
+from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like above)
+
+_READERS.update(GEMMA_READERS)
+_CLASSES.update(GEMMA_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE
@@ -709,6 +753,8 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["norm"] = NormKind(fields["norm"])
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
     fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
+    if "mla_defaults" in fields:
+        fields["mla_defaults"] = tuple(fields["mla_defaults"])
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

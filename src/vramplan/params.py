@@ -69,8 +69,11 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     if spec.qkv_fused:
         name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
-    else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next)
-        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
+    elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
+        out = [("q_proj", h, q, 1)]
+    else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
+        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
+            ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
     oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
@@ -116,8 +119,20 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 
+def per_layer_input_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """The gated per-layer-input branch of a layer (Gemma4TextDecoderLayer): hidden -> per-layer width -> hidden."""
+    p = spec.per_layer_input
+    return [("per_layer_input_gate", spec.hidden_size, p, 1), ("per_layer_projection", p, spec.hidden_size, 1)] \
+        if p else []
+
+
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
+    spec = spec.layer(index)
+    if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
+        moe = index in spec.moe_layers
+        return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
+            per_layer_input_linears(spec)
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
@@ -231,6 +246,7 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    spec = spec.layer(index)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -243,6 +259,9 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     moe = index in spec.moe_layers
     attn = attention_linears(spec)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.moe_beside_mlp and moe:  # the dense MLP runs beside the MoE block (Gemma 4)
+        mlp = mlp_linears(spec, False) + mlp
+    mlp = mlp + per_layer_input_linears(spec)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -268,7 +287,11 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
         norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
-            2 * _norm_params(spec, spec.head_dim)
+            (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
+    if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
+        norm += 3 * _norm_params(spec, spec.hidden_size)
+    if spec.per_layer_input:  # post_per_layer_input_norm
+        norm += _norm_params(spec, spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
@@ -282,12 +305,15 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[tuple[bool, str, bool, int], LayerParams] = {}
+    if spec.per_layer_input:  # embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm
+        width = spec.num_layers * spec.per_layer_input
+        embedding += spec.per_layer_vocab * width + h * width + _norm_params(spec, spec.per_layer_input)
+    unique: dict[tuple[bool, str, bool, int, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -1)
+               i if spec.mixer(i) == "zamba_hybrid" else -1, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])

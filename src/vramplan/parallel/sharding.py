@@ -25,6 +25,9 @@ def _tp_shard(spec: ModelSpec, tp: int, ep: int) -> ModelSpec:
         moe_intermediate_size=-(-spec.moe_intermediate_size // tp),
         shared_expert_intermediate_size=-(-spec.shared_expert_intermediate_size // tp),
         num_experts=spec.num_experts // ep,
+        layer_overrides=tuple(replace(o, num_kv_heads=max(1, o.num_kv_heads // tp) if o.num_kv_heads else 0,
+                                      intermediate_size=-(-o.intermediate_size // tp))
+                              for o in spec.layer_overrides),
     )
 
 
@@ -33,7 +36,9 @@ def _stage_spec(spec: ModelSpec, layers: range) -> ModelSpec:
         return spec
     return replace(spec, num_layers=len(layers),
                    moe_layers=tuple(i - layers.start for i in spec.moe_layers if i in layers),
-                   sliding_layers=tuple(i - layers.start for i in spec.sliding_layers if i in layers))
+                   sliding_layers=tuple(i - layers.start for i in spec.sliding_layers if i in layers),
+                   layer_overrides=tuple(replace(o, layers=tuple(i - layers.start for i in o.layers if i in layers))
+                                         for o in spec.layer_overrides))
 
 
 def _stage_counts(spec: ModelSpec, stage: ModelSpec, embed: bool, head: bool, pp: int) -> ParamCounts:
