@@ -64,8 +64,12 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
         mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
-        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
-                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        out = [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+               ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
+            hi, di = spec.index_heads, spec.index_head_dim
+            out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        return out
     if spec.qkv_fused:
         name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
@@ -274,6 +278,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_heads
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.index_heads:
+        norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
         norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \

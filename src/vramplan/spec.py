@@ -136,6 +136,11 @@ class ModelSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
+    # attention (index_heads > 0)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0
