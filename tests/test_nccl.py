@@ -19,6 +19,7 @@ from vramplan import MemoryKind, get_model
 from vramplan.api import make_workload
 from vramplan.parallel import FSDPMode, Layout, Links, estimate_parallel, get_link
 from vramplan.parallel.nccl import (
+    Communicator,
     NcclConfig,
     communicators,
     connection_bytes,
@@ -73,13 +74,36 @@ def test_all_to_all_connects_every_peer_on_32_channels() -> None:
 def test_groups_of_combined_layouts() -> None:
     groups = {c.group: c for c in communicators(Layout(gpus=16, nodes=2, tp=2, pp=2, sequence_parallel=True),
                                                 TRAIN)}
-    assert set(groups) == {"tensor", "data", "pipeline"}
+    assert set(groups) == {"tensor", "data", "pipeline", "world"}  # no group is the world: its barrier's ring
+    assert groups["world"].ops == ("barrier",) and (groups["world"].ranks, groups["world"].local_ranks) == (16, 8)
     assert groups["tensor"].ops == ("all-reduce", "reduce-scatter", "all-gather")
     assert (groups["data"].ranks, groups["data"].local_ranks) == (4, 4)
     assert (groups["pipeline"].ranks, groups["pipeline"].local_ranks, groups["pipeline"].p2p_peers) == (2, 1, 1)
     hsdp = {c.group: c for c in communicators(Layout(gpus=16, nodes=2, fsdp=FSDPMode.HYBRID), TRAIN)}
     assert (hsdp["shard"].ranks, hsdp["replicate"].ranks, hsdp["replicate"].local_ranks) == (8, 2, 1)
     assert "all-reduce" not in hsdp["shard"].ops  # FSDP runs all-gather and reduce-scatter: ring + NVLS, no tree
+
+
+def test_pipeline_stages_and_the_tied_embedding_group() -> None:
+    gemma = get_model("gemma-2-2b").spec  # tied embedding: the first and last stage all-reduce its gradient
+    assert gemma.tie_word_embeddings
+
+    def groups(stage: int | None) -> dict[str, Communicator]:
+        return {c.group: c for c in communicators(Layout(gpus=8, tp=2, pp=4), TRAIN, gemma, stage)}
+
+    first, middle, last, most = groups(0), groups(1), groups(3), groups(None)
+    assert first["pipeline"].p2p_peers == last["pipeline"].p2p_peers == 1
+    assert middle["pipeline"].p2p_peers == most["pipeline"].p2p_peers == 2
+    assert "embedding" in first and "embedding" in last and "embedding" not in middle and "embedding" in most
+    assert first["embedding"].local_ranks == 2  # ranks 0 and 6 of one node
+    # one pipeline peer: 32 channels x (10 + 2) MiB; the embedding group: 2 ranks, 24 x 12 MiB + 64 MiB NVLS
+    mem = nccl_memory(Layout(gpus=8, tp=2, pp=4), TRAIN, gemma, stage=0)
+    by = {c.communicator.group: c.total_bytes for c in mem.communicators}
+    assert by["pipeline"] == 32 * 12 * MiB and by["embedding"] == (24 * 12 + 64) * MiB
+    assert by["world"] == 24 * 12 * MiB  # ring only, no NVLS for a barrier
+    llama = {c.group for c in communicators(Layout(gpus=8, tp=2, pp=4), TRAIN, LLAMA8, 0)}
+    assert "embedding" not in llama  # untied head: nothing to all-reduce
+    assert "world" not in {c.group for c in communicators(Layout(gpus=8, zero=3), TRAIN)}
 
 
 def test_links_without_nccl_and_one_gpu() -> None:

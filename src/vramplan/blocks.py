@@ -87,6 +87,7 @@ class _B:
         self.t = batch * seq
         self.kv_len = kv_len if kv_len is not None else seq
         self.plan = plan
+        self.probs: Tensor | None = None  # the last eager attention's weights
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
@@ -214,13 +215,15 @@ class _B:
         return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
-    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True) -> Tensor:
+    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True, weights: int = 0) -> Tensor:
         """The spec's norm over the last ``dim`` elements; ``scale`` False: an RMSNorm without a weight
-        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back)."""
+        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back); ``weights``: its parameters where they
+        are not the config's norm over ``dim`` (per-head q/k norms with a (heads, head_dim) weight and no bias:
+        Cohere, StableLM)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
-        pg = self.param_grad(f"norm{len(self.tp.ops)}", dim * (2 if spec.norm_bias else 1), pelem) \
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", weights or dim * (2 if spec.norm_bias else 1), pelem) \
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
@@ -260,8 +263,8 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
-        if not scale:
-            return self.cast(n32, x.elem)
+        if not scale or spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm (NanoChat): ._norm(x.float())
+            return self.cast(n32, x.elem)  # .type_as(x), no weight
         if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
             # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
             # tensors)
@@ -457,7 +460,7 @@ class _B:
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
             return self.sink_attention(q, k, v, rg)
-        upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
+        upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
         att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
@@ -481,8 +484,9 @@ class _B:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
+        self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
-        if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
+        if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         return out
 
@@ -537,7 +541,7 @@ class _B:
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
-            name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+            name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
@@ -572,8 +576,12 @@ class _B:
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
             v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
-            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
-            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+            per_head = spec.qk_norm_head_weights
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr, weights=kvd if per_head else 0)
+            if spec.qk_norm_split:  # StableLmLayerNormPerHead: torch.cat of the heads' norm outputs (a copy; the
+                q = tp.op(q.numel, q.elem, (q,))  # per-head outputs are not saved)
+                k = tp.op(k.numel, k.elem, (k,))
         if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
             v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
@@ -613,7 +621,8 @@ class _B:
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
-        oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
+        oname = spec.o_name or ("o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3"
+                                else "dense")
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)
@@ -781,12 +790,35 @@ class _B:
             r = tp.op(n, x.elem, (x,))
             if x.rg:
                 tp.save_output(r)
-            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            # square is pow(r, 2): pow_backward (FunctionsManual.cpp) makes r.pow(1) and 2 * that before the product
+            # that is the input's gradient
+            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else (), bwd_scratch=2 * n * x.elem if r.rg else 0)
             # ReLUSquaredActivation.forward (activations.py) is two ops in Python: its argument, the up
             # projection, stays referenced by the caller until it returns, so input, relu and square coexist
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
             return out
+        if act is Activation.XIELU:
+            # XIELUActivation._xielu_python (activations.py): where(x > 0, alpha_p * x * x + beta * x,
+            # (expm1(min(x, eps)) - x) * alpha_n + beta * x); saved: alpha_p * x and x (the square), expm1's result,
+            # the bool condition, and where the alphas train, x and expm1(...) - x for their gradients
+            e = x.elem
+            tr = self.plan is not None and self.plan.trainable
+            pg = self.param_grad(f"xielu{len(tp.ops)}", 2, self.num.param) if tr else ()
+            cond = tp.op(n, 1, (x,), rg=False)
+            t2 = tp.op(n, e, (x,), save=(x,) if tr else (), params=pg, rg=x.rg or tr)  # x for alpha_p's gradient
+            t3 = tp.op(n, e, (t2, x), save=(t2, x) if t2.rg else ())
+            t4 = tp.op(n, e, (x,))  # beta * x (beta a buffer)
+            t5 = self.add(t3, t4)
+            t6 = tp.op(n, e, (x,), save=(x,) if x.rg else ())  # min(x, eps)
+            t7 = tp.op(n, e, (t6,))  # expm1 saves its result
+            if t7.rg:
+                tp.save_output(t7)
+            t8 = tp.op(n, e, (t7, x))
+            t9 = tp.op(n, e, (t8,), save=(t8,) if tr else (), rg=t8.rg or tr)  # (t8 for alpha_n's gradient)
+            t10 = tp.op(n, e, (x,))
+            t11 = self.add(t9, t10)
+            return tp.op(n, e, (cond, t5, t11), save=(cond,) if t5.rg or t11.rg else (), grad_to=(t5, t11))
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
@@ -978,6 +1010,18 @@ class _B:
             m = self.call(self.mlp, n2)
             if spec.moe_beside_mlp and plan.moe:
                 m = self.moe_beside(m, hmid)
+            # the normed input and the attention output stay referenced by the layer's locals through the MLP
+            # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
+            # GPTBigCodeBlock: the attn_outputs tuple)
+            held = {"normed": n1, "attn": a}
+            if spec.returns_attn_weights and self.probs is not None:
+                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
+                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+                held["probs"] = self.probs
+            for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
+                t = held[what]
+                root = t.base if t.base is not None else t
+                root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
@@ -1068,9 +1112,14 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_proj_dim:
         x = bld.linear(x, pe, h, "project_in", bias=False, trainable=trainable)
     if spec.position is PositionKind.LEARNED:
-        pos = tp.op(t * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
+        # position_ids (1, seq) (GPT-2, GPTBigCode): a (1, seq, hidden) lookup; OPT's come from the attention mask
+        # (batch, seq). The base model's forward holds it until it returns
+        rows = seq if spec.positions_unbatched else t
+        pos = tp.op(rows * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
                     if trainable else (), rg=trainable)
         x = bld.add(x, pos)
+        if spec.positions_unbatched:
+            tp.keep(pos)
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:

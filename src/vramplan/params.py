@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MLPKind, ModelSpec, NormKind
+from .spec import Activation, MLPKind, ModelSpec, NormKind
 
 __all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
@@ -52,7 +52,8 @@ class ParamCounts:
 
 
 def _norm_params(spec: ModelSpec, dim: int) -> int:
-    if spec.norm is NormKind.LAYERNORM_NO_AFFINE:  # OlmoLayerNorm holds no parameters
+    if spec.norm in (NormKind.LAYERNORM_NO_AFFINE, NormKind.RMSNORM_NO_WEIGHT):  # OlmoLayerNorm, Llama4TextL2Norm:
+        # no parameters
         return 0
     return dim * (2 if spec.norm is NormKind.LAYERNORM and spec.norm_bias else 1)
 
@@ -71,14 +72,14 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
         return out
     if spec.qkv_fused:
-        name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+        name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
     elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
         out = [("q_proj", h, q, 1)]
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
         out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
             ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
-    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
+    oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
     return out
@@ -276,13 +277,16 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
+        bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.index_heads:
         norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
-        norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_head_weights else \
+            _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
             (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
     if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
         norm += 3 * _norm_params(spec, spec.hidden_size)

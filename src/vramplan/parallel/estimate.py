@@ -18,7 +18,7 @@ from ..workload import Precision, Workload
 from .comm import Communication, Links, _communication, _reduced_gradient_bytes
 from .engines import GPUStates, _engine_states, _host_bytes, _shard_info
 from .layout import Engine, FSDPMode, Layout, Offload, check_layout, in_flight_micro_batches, stage_layers
-from .nccl import NcclMemory, nccl_memory, nccl_note
+from .nccl import NcclConfig, NcclMemory, nccl_memory, nccl_note
 from .sharding import _compute_workload, _stage_counts, _stage_spec, _stage_workload, _tp_shard
 
 K = MemoryKind
@@ -211,12 +211,14 @@ def _stage_parameters(spec: ModelSpec, layers: range, embed: bool, head: bool, p
 
 # ---- the entry point -----------------------------------------------------------------------------------------
 def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
-                      links: Links | None = None, *, reserved: bool = True) -> ParallelEstimate:
+                      links: Links | None = None, *, reserved: bool = True,
+                      nccl_config: NcclConfig | None = None) -> ParallelEstimate:
     """Per-GPU memory of ``workload`` under ``layout``: the most loaded GPU, host memory, communication.
 
     ``workload.batch_size`` is the micro-batch of one data-parallel rank. ``links`` picks the interconnects
     for the communication times (default NVLink 4 inside a node, InfiniBand NDR between nodes).
-    ``reserved=False``: the single-GPU reference without the allocator replay (searches).
+    ``reserved=False``: the single-GPU reference without the allocator replay (searches). ``nccl_config``: NCCL's
+    settings (``NCCL_BUFFSIZE``, ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, …) for its buffers.
     """
     check_layout(spec, workload, layout)
     single = estimate(spec, workload, reserved=reserved)
@@ -265,13 +267,15 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     comm = _communication(spec, workload, layout, links, len(top_layers), st_counts.total, trainable,
                           _reduced_gradient_bytes(workload, layout, st_states))
     # NCCL's communicator buffers: device memory outside the caching allocator, on top of what it reserves
-    nccl = nccl_memory(layout, workload, spec, intra_node=links.intra_node, inter_node=links.inter_node)
+    nccl = nccl_memory(layout, workload, spec, intra_node=links.intra_node, inter_node=links.inter_node,
+                       stage=top.index, config=nccl_config)
     kinds[K.NCCL_BUFFERS] = nccl.total_bytes
     return ParallelEstimate(
         single=single, layout=layout, peak_allocated_bytes=peak,
         total_bytes=peak + slack + CUDA_CONTEXT_BYTES + nccl.total_bytes,
         breakdown=Breakdown.of(kinds), host_bytes=host, comm_bytes_per_step=comm.bytes_per_step,
-        assumptions=(*_assumptions(spec, workload, layout, links), nccl_note(nccl), _reserved_note(replayed)),
+        assumptions=(*_assumptions(spec, workload, layout, links), nccl_note(nccl, nccl_config),
+                     _reserved_note(replayed)),
         peak_phase=peak_phase.phase,
         phases=top.phases, states=top.states, stage=top.index, stages=tuple(r.load for r in results),
         communication=comm, host_bytes_per_gpu=top.host, warnings=_warnings(spec, workload, layout), nccl=nccl,

@@ -64,7 +64,7 @@ NET_P2P_CHUNKSIZE = 128 * KiB  # NCCL_P2P_NET_CHUNKSIZE default (src/init.cc)
 NCCL_SHARED_STEPS = 16  # src/transport/net.cc
 MAX_CHANNELS = 64  # MAXCHANNELS (src/include/device.h)
 
-_COLLECTIVES = frozenset({"all-reduce", "reduce-scatter", "all-gather", "broadcast"})
+_COLLECTIVES = frozenset({"all-reduce", "reduce-scatter", "all-gather", "broadcast", "barrier"})
 _NVLS_COLLECTIVES = frozenset({"all-reduce", "reduce-scatter", "all-gather"})
 _P2P = frozenset({"send/recv", "all-to-all"})
 
@@ -146,17 +146,12 @@ class Communicator:
 
 def _placed(group: str, ranks: int, stride: int, gpn: int, ops: tuple[str, ...], peers: int = 0) -> Communicator:
     """A group of ``ranks`` ranks ``stride`` apart (Megatron's order: tensor-parallel ranks adjacent, then data,
-    then pipeline): how many of them share a node of ``gpn`` GPUs."""
-    if ranks * stride <= gpn:
-        local = ranks
-    elif stride >= gpn:
-        local = 1
-    else:
-        local = max(1, gpn // stride)
-    return Communicator(group, ranks, min(local, ranks), ops, peers)
+    then pipeline): how many of them share a node of ``gpn`` GPUs (ranks 0, stride, 2·stride, … of one node)."""
+    return Communicator(group, ranks, min(ranks, -(-gpn // stride)), ops, peers)
 
 
-def communicators(layout: Layout, w: Workload, spec: ModelSpec | None = None) -> tuple[Communicator, ...]:
+def communicators(layout: Layout, w: Workload, spec: ModelSpec | None = None,
+                  stage: int | None = None) -> tuple[Communicator, ...]:
     """The NCCL communicators one GPU of ``layout`` belongs to and the collectives its engine runs on each.
 
     PyTorch DDP: one data-parallel group (all-reduce, and the broadcast at construction). FSDP: the shard group
@@ -164,7 +159,11 @@ def communicators(layout: Layout, w: Workload, spec: ModelSpec | None = None) ->
     data-parallel group (reduce-scatter or all-reduce of gradient buckets, all-gather of parameters, all-reduce of
     the overflow check and gradient norm). Megatron: tensor group (all-reduce; sequence parallel adds
     reduce-scatter and all-gather), data group (all-reduce), pipeline group (send/recv with the stages before and
-    after), expert group (all-to-all) and expert-data group (all-reduce of the experts' gradients).
+    after), expert group (all-to-all) and expert-data group (all-reduce of the experts' gradients), and the
+    embedding group of the first and last stage when the head is tied to the embedding (Megatron-LM
+    ``_allreduce_embedding_grads``). Where no group is the whole world, the world group too: frameworks
+    synchronise on it (``torch.distributed.barrier``, a one-element all-reduce: a ring). ``stage``: the pipeline
+    stage of the GPU (None: the most connected one, a middle stage with the embedding group as well).
     """
     gpn = layout.gpus_per_node
     tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
@@ -188,11 +187,17 @@ def communicators(layout: Layout, w: Workload, spec: ModelSpec | None = None) ->
             ops = ("all-reduce", "broadcast") if eng is Engine.DDP else ("all-reduce",)
             out.append(_placed("data", dp, tp, gpn, ops))
     if pp > 1:
-        out.append(_placed("pipeline", pp, tp * dp, gpn, ("send/recv",), peers=min(2, pp - 1)))
+        peers = min(2, pp - 1) if stage is None else int(stage > 0) + int(stage < pp - 1)
+        out.append(_placed("pipeline", pp, tp * dp, gpn, ("send/recv",), peers=peers))
+        ends = stage is None or stage in (0, pp - 1)
+        if w.is_train and ends and spec is not None and spec.tie_word_embeddings:
+            out.append(_placed("embedding", 2, tp * dp * (pp - 1), gpn, ("all-reduce",)))
     if ep > 1 and (spec is None or spec.is_moe):
         out.append(_placed("expert", ep, tp, gpn, ("all-to-all",), peers=ep - 1))
         if w.is_train and dp // ep > 1:
             out.append(_placed("expert-data", dp // ep, tp * ep, gpn, ("all-reduce",)))
+    if layout.gpus > 1 and not any(c.ranks == layout.gpus and set(c.ops) & _COLLECTIVES for c in out):
+        out.append(_placed("world", layout.gpus, 1, gpn, ("barrier",)))
     return tuple(out)
 
 
@@ -297,9 +302,10 @@ def _comm_buffers(c: Communicator, intra: NcclLinkTopology, inter: NcclLinkTopol
 
 
 def nccl_memory(layout: Layout, w: Workload, spec: ModelSpec | None = None, *, intra_node: str = "nvlink-4",
-                inter_node: str = "ib-ndr", config: NcclConfig | None = None) -> NcclMemory:
-    """NCCL's device memory on one GPU of ``layout``: every communicator it belongs to, over ``intra_node`` inside
-    a node and ``inter_node`` between nodes (names in ``data/interconnects.json``). One GPU: nothing."""
+                inter_node: str = "ib-ndr", config: NcclConfig | None = None, stage: int | None = None) -> NcclMemory:
+    """NCCL's device memory on one GPU of ``layout`` (in pipeline stage ``stage``; None: the most connected):
+    every communicator it belongs to, over ``intra_node`` inside a node and ``inter_node`` between nodes (names in
+    ``data/interconnects.json``). One GPU: nothing."""
     cfg = config or NcclConfig()
     intra_link: Link = get_link(intra_node)
     inter_link: Link = get_link(inter_node)
@@ -307,7 +313,7 @@ def nccl_memory(layout: Layout, w: Workload, spec: ModelSpec | None = None, *, i
         return NcclMemory((), intra_link.name, inter_link.name)
     if intra_link.nccl is None or inter_link.nccl is None:
         return NcclMemory((), intra_link.name, inter_link.name, modelled=False)
-    comms = communicators(layout, w, spec)
+    comms = communicators(layout, w, spec, stage)
     return NcclMemory(tuple(_comm_buffers(c, intra_link.nccl, inter_link.nccl, cfg) for c in comms),
                       intra_link.name, inter_link.name)
 
