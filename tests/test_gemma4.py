@@ -234,3 +234,15 @@ def test_variants_within_two_percent_of_trace(variant: str) -> None:
         traced = trace_workload(d, w, name=variant).peak_allocated_bytes
         est = estimate(spec_from_config(d, variant), w).peak_allocated_bytes
         assert abs(est / traced - 1) <= 0.02, (variant, name, est / traced - 1)
+
+
+def test_serving_kv_bytes_per_token_layer_by_layer() -> None:
+    """vLLM's KV pages and `fit`'s KV per token: each caching layer by its own head sizes; sharing layers none."""
+    from vramplan.fit import kv_bytes_per_token
+    from vramplan.serving.vllm import ServingConfig, serve_memory
+
+    shared, plain = spec(num_kv_shared_layers=4), spec()
+    assert kv_bytes_per_token(plain, 2) == (10 * 2 * 2 * 128 + 2 * 2 * 2 * 256) * 2
+    assert kv_bytes_per_token(shared, 2) == (7 * 2 * 2 * 128 + 2 * 2 * 256) * 2
+    served = serve_memory(shared, ServingConfig(), total_memory_bytes=80 << 30)
+    assert served.kv_bytes_per_token == kv_bytes_per_token(shared, 2)

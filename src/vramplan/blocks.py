@@ -87,6 +87,7 @@ class _B:
         self.t = batch * seq
         self.kv_len = kv_len if kv_len is not None else seq
         self.plan = plan
+        self.probs: Tensor | None = None  # the last eager attention's weights
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
@@ -214,13 +215,15 @@ class _B:
         return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
-    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True) -> Tensor:
+    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True, weights: int = 0) -> Tensor:
         """The spec's norm over the last ``dim`` elements; ``scale`` False: an RMSNorm without a weight
-        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back)."""
+        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back); ``weights``: its parameters where they
+        are not the config's norm over ``dim`` (per-head q/k norms with a (heads, head_dim) weight and no bias:
+        Cohere, StableLM)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
-        pg = self.param_grad(f"norm{len(self.tp.ops)}", dim * (2 if spec.norm_bias else 1), pelem) \
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", weights or dim * (2 if spec.norm_bias else 1), pelem) \
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
@@ -260,8 +263,8 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
-        if not scale:
-            return self.cast(n32, x.elem)
+        if not scale or spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm (NanoChat): ._norm(x.float())
+            return self.cast(n32, x.elem)  # .type_as(x), no weight
         if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
             # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
             # tensors)
@@ -330,6 +333,59 @@ class _B:
         if frac < 1:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
+
+    def dsa_mask(self, n: Tensor, q_resid: Tensor) -> Tensor:
+        """DeepSeek Sparse Attention (modeling_deepseek_v32.py): ``DeepseekV32Indexer.forward`` under no_grad, then the
+        attention's mask of the selected keys. The indexer projects ``q_resid`` (the normed q latent) to index heads and
+        the hidden states to one key (``wk``, LayerNorm ``k_norm``), rotates their rotary parts, scores every key per
+        index head in fp32 (``q.float() @ k.float()^T``: matmul's broadcast copies the keys for every query position,
+        (B, S, D_idx, T) fp32; then scaled and ReLU'd, (B, S, H_idx, T) fp32 each), sums the heads weighted by
+        ``weights_proj`` (fp32), masks the causal part and takes the top-k indices
+        (int64, cast to int32). The attention scatters them into a new (B, S, T) boolean mask and combines it with the
+        causal mask (``&`` of the SDPA boolean mask, ``masked_fill`` of eager's float mask). Inference caches the
+        indexer keys (``cache.update_indexer``: (B, T, D_idx))."""
+        spec, tp = self.spec, self.tp
+        b, s, t = self.b, self.s, self.kv_len
+        hi, di, rd = spec.index_heads, spec.index_head_dim, spec.qk_rope_head_dim
+        act = n.elem
+        sel = min(spec.index_topk, t)
+        eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
+        qi = tp.op(b * s * hi * di, act, (q_resid,), rg=False)  # wq_b(q_resid)
+        ki = tp.op(b * s * di, act, (n,), rg=False)  # wk(hidden_states)
+        kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
+        q_rot = self.rope(tp.view(qi, b * s * hi * rd))
+        k_rot = self.rope(tp.view(kn, b * s * rd))
+        qc = tp.op(b * s * hi * di, act, (q_rot, qi), rg=False)  # cat([q_rot, q_pass])
+        kc = tp.op(b * s * di, act, (k_rot, kn), rg=False)
+        if not self.num.training:  # cache.update_indexer: torch.cat onto the cached indexer keys
+            kc = tp.op(b * t * di, act, (kc,), rg=False, kind=KV)
+            tp.keep(kc)
+        q32 = tp.op(qc.numel, 4, (qc,), rg=False)
+        k32 = tp.op(b * t * di, 4, (kc,), rg=False)
+        # torch.matmul broadcasts the (B, 1, D, T) keys against (B, S, H, D): expand + reshape copies them for every
+        # query position, (B, S, D, T) in fp32, before one bmm
+        kx = tp.op(b * s * di * t, 4, (k32,), rg=False)
+        sc = tp.op(b * s * hi * t, 4, (q32, kx), rg=False)  # matmul
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # * softmax_scale
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # relu
+        w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
+        w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
+        w = tp.op(w.numel, 4, (w,), rg=False)  # * n_heads ** -0.5
+        isc = tp.op(b * s * t, 4, (w, sc), rg=False)  # (B, S, 1, H) @ (B, S, H, T)
+        if eager:  # + the float causal mask
+            isc = tp.op(isc.numel, 4, (isc,), rg=False)
+        else:  # masked_fill(~mask, -inf)
+            isc = tp.op(isc.numel, 4, (isc, tp.op(b * s * t, 1, (), rg=False)), rg=False)
+        vals = tp.op(b * s * sel, 4, (isc,), rg=False)  # topk values (unused) and indices
+        idx = tp.op(b * s * sel, 8, (isc, vals), rg=False)
+        idx = tp.op(idx.numel, 4, (idx,), rg=False)  # .to(torch.int32): what the indexer returns
+        idx = tp.op(idx.numel, 8, (idx,), rg=False)  # topk_indices.long()
+        ones = tp.op(b * s * t, 1, (), rg=False)  # new_ones((B, S, T), dtype=bool)
+        index_mask = tp.op(b * s * t, 1, (ones, idx), rg=False)  # .scatter(-1, idx, False)
+        if eager:  # attention_mask.masked_fill(index_mask, min)
+            return tp.op(b * s * t, act, (index_mask,), rg=False)
+        inv = tp.op(b * s * t, 1, (index_mask,), rg=False)  # ~index_mask
+        return tp.op(b * s * t, 1, (inv,), rg=False)  # attention_mask & ~index_mask
 
     def rope_complex(self, x: Tensor) -> Tensor:
         """DeepSeek-V2's apply_rotary_emb (modeling_deepseek_v2.py): ``view_as_complex(x.float())`` (an fp32 copy),
@@ -404,7 +460,7 @@ class _B:
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
             return self.sink_attention(q, k, v, rg)
-        upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
+        upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
         att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
@@ -428,8 +484,9 @@ class _B:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
+        self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
-        if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
+        if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         return out
 
@@ -484,7 +541,7 @@ class _B:
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
-            name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+            name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
@@ -519,8 +576,12 @@ class _B:
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
             v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
-            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
-            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+            per_head = spec.qk_norm_head_weights
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr, weights=kvd if per_head else 0)
+            if spec.qk_norm_split:  # StableLmLayerNormPerHead: torch.cat of the heads' norm outputs (a copy; the
+                q = tp.op(q.numel, q.elem, (q,))  # per-head outputs are not saved)
+                k = tp.op(k.numel, k.elem, (k,))
         if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
             v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
@@ -563,7 +624,8 @@ class _B:
             out = self.mul(out, gs)
         elif kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
-        oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
+        oname = spec.o_name or ("o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3"
+                                else "dense")
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)
@@ -621,9 +683,11 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        qn: Tensor | None = None
         if qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
-            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+            qn = self.norm(qa, qr, tr)
+            q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
@@ -640,14 +704,20 @@ class _B:
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
-        kernel = self.kernel_for(False)
+        # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
+        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
+        kernel = self.kernel_for(sparse is not None)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
         if kernel is Kernel.EFFICIENT:
             rg = query.rg or key.rg or value.rg
             lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
-            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
-                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            ins: tuple[Tensor, ...] = (query, key, value, lse)
+            if sparse is not None:
+                # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
+                # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
+                ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
+            out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
@@ -656,7 +726,7 @@ class _B:
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -723,12 +793,35 @@ class _B:
             r = tp.op(n, x.elem, (x,))
             if x.rg:
                 tp.save_output(r)
-            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            # square is pow(r, 2): pow_backward (FunctionsManual.cpp) makes r.pow(1) and 2 * that before the product
+            # that is the input's gradient
+            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else (), bwd_scratch=2 * n * x.elem if r.rg else 0)
             # ReLUSquaredActivation.forward (activations.py) is two ops in Python: its argument, the up
             # projection, stays referenced by the caller until it returns, so input, relu and square coexist
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
             return out
+        if act is Activation.XIELU:
+            # XIELUActivation._xielu_python (activations.py): where(x > 0, alpha_p * x * x + beta * x,
+            # (expm1(min(x, eps)) - x) * alpha_n + beta * x); saved: alpha_p * x and x (the square), expm1's result,
+            # the bool condition, and where the alphas train, x and expm1(...) - x for their gradients
+            e = x.elem
+            tr = self.plan is not None and self.plan.trainable
+            pg = self.param_grad(f"xielu{len(tp.ops)}", 2, self.num.param) if tr else ()
+            cond = tp.op(n, 1, (x,), rg=False)
+            t2 = tp.op(n, e, (x,), save=(x,) if tr else (), params=pg, rg=x.rg or tr)  # x for alpha_p's gradient
+            t3 = tp.op(n, e, (t2, x), save=(t2, x) if t2.rg else ())
+            t4 = tp.op(n, e, (x,))  # beta * x (beta a buffer)
+            t5 = self.add(t3, t4)
+            t6 = tp.op(n, e, (x,), save=(x,) if x.rg else ())  # min(x, eps)
+            t7 = tp.op(n, e, (t6,))  # expm1 saves its result
+            if t7.rg:
+                tp.save_output(t7)
+            t8 = tp.op(n, e, (t7, x))
+            t9 = tp.op(n, e, (t8,), save=(t8,) if tr else (), rg=t8.rg or tr)  # (t8 for alpha_n's gradient)
+            t10 = tp.op(n, e, (x,))
+            t11 = self.add(t9, t10)
+            return tp.op(n, e, (cond, t5, t11), save=(cond,) if t5.rg or t11.rg else (), grad_to=(t5, t11))
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
@@ -937,6 +1030,18 @@ class _B:
             m = self.call(self.mlp, n2)
             if spec.moe_beside_mlp and plan.moe:
                 m = self.moe_beside(m, hmid)
+            # the normed input and the attention output stay referenced by the layer's locals through the MLP
+            # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
+            # GPTBigCodeBlock: the attn_outputs tuple)
+            held = {"normed": n1, "attn": a}
+            if spec.returns_attn_weights and self.probs is not None:
+                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
+                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+                held["probs"] = self.probs
+            for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
+                t = held[what]
+                root = t.base if t.base is not None else t
+                root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
@@ -1027,9 +1132,14 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_proj_dim:
         x = bld.linear(x, pe, h, "project_in", bias=False, trainable=trainable)
     if spec.position is PositionKind.LEARNED:
-        pos = tp.op(t * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
+        # position_ids (1, seq) (GPT-2, GPTBigCode): a (1, seq, hidden) lookup; OPT's come from the attention mask
+        # (batch, seq). The base model's forward holds it until it returns
+        rows = seq if spec.positions_unbatched else t
+        pos = tp.op(rows * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
                     if trainable else (), rg=trainable)
         x = bld.add(x, pos)
+        if spec.positions_unbatched:
+            tp.keep(pos)
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
@@ -1039,6 +1149,9 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.per_layer_input:
         _per_layer_inputs(bld, x, trainable)
+    if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
+        # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
+        tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
     if spec.position is PositionKind.ROPE:
         # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
         dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \

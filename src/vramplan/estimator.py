@@ -29,7 +29,7 @@ from ._engine.step import (
 )
 from ._engine.tape import Moment, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
-from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
+from .blocks import Kernel, LayerPlan, Numerics, attention_kernel, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
@@ -394,6 +394,10 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     peak.offer(_plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+    if spec.returns_attn_weights and attention_kernel(spec, w.attention, num.act, True) is Kernel.EAGER:
+        # the previous layer's eager attention weights, held by the model loop's ``outputs`` tuple until the next
+        # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
+        held = _plus(held, _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act}))
     cur = _plus(cur, held)
     sliced = False
     for count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MLPKind, ModelSpec, NormKind
+from .spec import Activation, MLPKind, ModelSpec, NormKind
 
 __all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
@@ -52,7 +52,8 @@ class ParamCounts:
 
 
 def _norm_params(spec: ModelSpec, dim: int) -> int:
-    if spec.norm is NormKind.LAYERNORM_NO_AFFINE:  # OlmoLayerNorm holds no parameters
+    if spec.norm in (NormKind.LAYERNORM_NO_AFFINE, NormKind.RMSNORM_NO_WEIGHT):  # OlmoLayerNorm, Llama4TextL2Norm:
+        # no parameters
         return 0
     return dim * (2 if spec.norm is NormKind.LAYERNORM and spec.norm_bias else 1)
 
@@ -64,10 +65,14 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
         mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
-        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
-                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        out = [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+               ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
+            hi, di = spec.index_heads, spec.index_head_dim
+            out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        return out
     if spec.qkv_fused:
-        name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+        name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
     elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
         out = [("q_proj", h, q, 1)]
@@ -76,7 +81,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
-    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
+    oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
     return out
@@ -282,11 +287,16 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
+        bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.index_heads:
+        norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
-        norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_head_weights else \
+            _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
             (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
     if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
         norm += 3 * _norm_params(spec, spec.hidden_size)

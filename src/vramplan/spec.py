@@ -35,6 +35,8 @@ class NormKind(StrEnum):
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
     LAYERNORM_NO_AFFINE = "layernorm_no_affine"  # OlmoLayerNorm: F.layer_norm on an fp32 copy, no weight/bias
+    RMSNORM_NO_WEIGHT = "rmsnorm_no_weight"  # Llama4TextL2Norm (NanoChat): x.float() * rsqrt(mean(x^2) + eps), cast
+    # back; no parameters
     FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
@@ -50,6 +52,8 @@ class Activation(StrEnum):
     GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
     BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
     RELU = "relu"
+    XIELU = "xielu"  # transformers' XIELUActivation, Python path (Apertus): two trained scalars, a where of two
+    # polynomial/expm1 branches
     RELU2 = "relu2"  # transformers' ReLUSquaredActivation: square(relu(x)) (Nemotron-H)
 
 
@@ -101,6 +105,13 @@ class ModelSpec:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
+    attn_fp32: bool = False  # eager attention casts q and k to fp32 before the scores (GPT-Neo; GPT-J by family)
+    returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
+    # until the next layer returns (GPT-Neo)
+    buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
+    # causal mask)
+    qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
+    o_name: str = ""  # the attention output projection's module name where the family's default is not it
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
     mlp_names: tuple[str, ...] = ()  # a plain MLP's two linears when not the family's own names (Arcee: up_proj,
     # down_proj, NemotronMLP)
@@ -112,6 +123,12 @@ class ModelSpec:
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
+    qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
+    # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: a LayerNorm per head)
+    held_through_mlp: tuple[str, ...] = ()  # what the layer's Python locals keep alive through the MLP: "normed"
+    # (the attention's normed input: StableLmDecoderLayer), "attn" (the attention output: StableLM, GPTBigCodeBlock's
+    # attn_outputs tuple)
+    qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
     rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
@@ -125,6 +142,7 @@ class ModelSpec:
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
+    positions_unbatched: bool = False  # the learned lookup is (1, seq, hidden) and held by the forward (GPTBigCode)
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
@@ -136,6 +154,11 @@ class ModelSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
+    # attention (index_heads > 0)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0

@@ -139,6 +139,13 @@ class _Recorder(_OpLog):
         return out
 
 
+def _debug(msg: str) -> None:
+    import os
+
+    if os.environ.get("VRAMPLAN_DERIVE_DEBUG"):
+        print("derive:", msg)
+
+
 def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
@@ -349,6 +356,8 @@ def compose(model_type: str) -> DeriveResult:
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
                                        + _first_difference(rec.buckets["outside"], trec.buckets["outside"]))
+                    if glue_ok[ref] and troles != roles:
+                        _debug(f"{ref} glue {vname}/{attn}: call order {troles} vs mine {roles}")
                     if glue_ok[ref] and (troles != roles or any(trec.buckets.get(f"L{i}") != rec.buckets.get(f"L{i}")
                                                                 for i in rec.order)):
                         glue_ok[ref] = False
@@ -366,12 +375,17 @@ def compose(model_type: str) -> DeriveResult:
                             break
                         try:
                             _load_part(mine_part[1], their_part[1])
-                            if _part_ops(their_part[1], rec.inputs[key]) != rec.buckets[key]:
+                            tops = _part_ops(their_part[1], rec.inputs[key])
+                            if tops != rec.buckets[key]:
                                 ok[ref] = False
-                        except Exception:
+                                _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
+                        except Exception as exc:
                             ok[ref] = False
+                            _debug(f"{ref} {role} {vname}/{attn}: {type(exc).__name__}: {exc}"[:300])
                         if not ok[ref]:
                             break
+    _debug(f"base {[r for r in dense if base_ok[r]]} glue {[r for r in dense if glue_ok[r]]} "
+           f"attn {[r for r in dense if attn_ok[r]]} mlp {[r for r in dense if mlp_ok[r]]} norms {norms}")
     base = next((r for r in dense if base_ok[r]), None)
     glue = next((r for r in dense if glue_ok[r] and base is not None
                  and _FAMILIES[r].multipliers == _FAMILIES[base].multipliers), None)

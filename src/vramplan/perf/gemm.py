@@ -139,10 +139,14 @@ def shape_factor(shapes: Iterable[GemmShape], gpu: GPU) -> float:
 
 
 def collective_ctas(link: str | None) -> int:
-    """SMs an NCCL collective holds while it runs over ``link`` (one CTA per channel; 0 where not known)."""
+    """SMs an NCCL collective holds while it runs over ``link``: one CTA per channel, the link's collective
+    channels (``data/interconnects.json`` ``nccl.coll_channels``; 0 where NCCL does not run or no link)."""
     if link is None:
         return 0
-    return int(_document()["collective_ctas"].get(link, 0))
+    from ..hardware import get_link
+
+    nccl = get_link(link).nccl
+    return 0 if nccl is None else int(nccl.coll_channels)
 
 
 def overlap_rate(shapes: Iterable[GemmShape], gpu: GPU, ctas: int) -> float:

@@ -249,7 +249,7 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
         ctas = collective_ctas(intra_node_link(gpu.interconnect, gpus))
         if ctas:
             assumptions.append(f"overlapped collectives hold {ctas} SMs each while they run (NCCL channels); the "
-                               "compute beside them runs on the rest (data/gemm_tiles.json collective_ctas)")
+                               "compute beside them runs on the rest (data/interconnects.json nccl.coll_channels)")
     st = None if comm is None else step_time(work, gpu, m, micro_batches=w.gradient_accumulation, split=split,
                                              shard=shard, comm_s=comm, overlapped=over,
                                              attention_kernel=attention_kernel, collective_ctas=ctas)
