@@ -41,7 +41,7 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
     layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
-    for k in ("layer_types", "no_rope_layers", "layers_block_type"):
+    for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
     if "attention_types" in cfg and "attention_types" not in over:  # GPT-Neo: [[kinds], repeats] expands per layer

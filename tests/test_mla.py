@@ -1,5 +1,6 @@
 """Multi-head latent attention types other than DeepSeek-V3: DeepSeek-V2 (complex rotary, softmax router), GLM-4.7-Flash
-(mlp_layer_types), MiniCPM3 (dense MLA with MiniCPM's scales), and the derivation's shrunk MLA variants."""
+(mlp_layer_types), MiniCPM3 (dense MLA with MiniCPM's scales), DeepSeek-V3.2 and GLM-5 (DSA indexer), and the
+derivation's shrunk MLA variants."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from vramplan.api import estimate
 from vramplan.catalog import get_model
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params
-from vramplan.workload import Method, Task, Workload
+from vramplan.workload import Attention, Method, Task, Workload
 
 _COMMON = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, vocab_size=1000,
                max_position_embeddings=4096, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
@@ -28,6 +29,21 @@ MLA: dict[str, dict[str, Any]] = {
     # dense MLA, embedding / residual scales, hidden states / logits_scaling before a tied lm_head
     "minicpm3": dict(model_type="minicpm3", intermediate_size=2048, q_lora_rank=384, scale_emb=12, scale_depth=1.4,
                      dim_model_base=256, **_COMMON),
+}
+_DSA = dict(intermediate_size=1024, moe_intermediate_size=768, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=384, index_n_heads=8,
+            index_head_dim=64, index_topk=256, **_COMMON)
+# DeepSeek Sparse Attention: the indexer's fp32 scores (and matmul's broadcast copy of its keys) dominate at 1-2K tokens
+DSA: dict[str, dict[str, Any]] = {"deepseek_v32": dict(model_type="deepseek_v32", **_DSA),
+                                  "glm_moe_dsa": dict(model_type="glm_moe_dsa", **_DSA)}
+DSA_WORKLOADS = {
+    "full": Workload(batch_size=2, seq_len=1024),
+    "eager": Workload(batch_size=2, seq_len=1024, attention=Attention.EAGER),
+    "lora-ckpt": Workload(method=Method.LORA, lora_targets=("kv_a_proj_with_mqa", "o_proj"), batch_size=4,
+                          seq_len=2048, gradient_checkpointing=True),
+    # prefill only: transformers 5.24's indexer cannot decode under the trace's generation loop (its 4-D mask spans
+    # prompt + new tokens, the indexer's key cache only the tokens seen)
+    "prefill": Workload(task=Task.INFER, batch_size=4, seq_len=2048, new_tokens=1),
 }
 WORKLOADS = {
     "full": Workload(batch_size=2, seq_len=1024),
@@ -74,6 +90,50 @@ def test_mla_estimate_matches_trace(family: str, wname: str) -> None:
     traced = trace_workload(cfg, w, name=family).peak_allocated_bytes
     est = estimate(spec_from_config(cfg, name=family), w).peak_allocated_bytes
     assert abs(est / traced - 1) < 0.02, f"{family} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+
+
+@pytest.mark.parametrize(("family", "wname"), [
+    pytest.param(f, w, marks=() if (f, w) == ("deepseek_v32", "full") else pytest.mark.slow)
+    for f in sorted(DSA) for w in sorted(DSA_WORKLOADS)])
+def test_dsa_estimate_matches_trace(family: str, wname: str) -> None:
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    cfg, w = DSA[family], DSA_WORKLOADS[wname]
+    traced = trace_workload(cfg, w, name=family).peak_allocated_bytes
+    est = estimate(spec_from_config(cfg, name=family), w).peak_allocated_bytes
+    assert abs(est / traced - 1) < 0.02, f"{family} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+
+
+@pytest.mark.parametrize("family", sorted(DSA))
+def test_dsa_parameters_and_refusals(family: str) -> None:
+    """The indexer's wq_b, wk, weights_proj and k_norm (a LayerNorm with a bias) are counted; GLM-5's "shared" indexer
+    layers, which reuse the previous layer's top-k, are refused with what to do."""
+    cfg = DSA[family]
+    spec = spec_from_config(cfg, name=family)
+    assert count_params(spec).total == _meta_params(cfg)
+    assert spec.index_heads == 8 and spec.index_head_dim == 64 and spec.index_topk == 256
+    assert {"wq_b", "wk", "weights_proj"} <= {n for n, *_ in spec_layer_linears(spec)}
+    from vramplan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="shared"):
+        spec_from_config({**cfg, "indexer_types": ["full", "shared"]}, name=family)
+
+
+def test_dsa_indexer_scores_grow_with_the_square_of_the_context() -> None:
+    """The indexer's transient (B, S, D_idx, T) fp32 key copy and (B, S, H_idx, T) scores: a prefill at 4x the tokens
+    adds about 16x that term, so the prefill peak grows much faster than the MLA cache."""
+    spec = spec_from_config(DSA["deepseek_v32"], name="deepseek_v32")
+    small = estimate(spec, Workload(task=Task.INFER, batch_size=1, seq_len=1024, new_tokens=1)).peak_allocated_bytes
+    big = estimate(spec, Workload(task=Task.INFER, batch_size=1, seq_len=4096, new_tokens=1)).peak_allocated_bytes
+    key_copy = 4096 * 64 * 4096 * 4  # (S, D_idx, T) fp32 at 4096 tokens
+    assert big - small > key_copy
+
+
+def spec_layer_linears(spec: Any) -> list[tuple[str, int, int, int]]:
+    from vramplan.params import attention_linears
+
+    return attention_linears(spec)
 
 
 def test_mlp_layer_types_decide_the_moe_layers() -> None:

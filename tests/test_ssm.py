@@ -200,9 +200,68 @@ def test_zamba2_shared_blocks_are_counted_once() -> None:
     assert counts.layers[4].total - counts.layers[0].total == 256 * 256  # a reusing layer's own linear
 
 
-def test_nemotron_h_moe_blocks_are_refused() -> None:
-    with pytest.raises(ConfigError, match="MoE"):
-        spec_from_config({**NEMOTRON_H, "layers_block_type": ["mamba", "moe"]})
+NEMOTRON_H_MOE: dict[str, Any] = {**NEMOTRON_H, "layers_block_type": ["mamba", "moe", "attention", "moe"],
+                                  "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                                  "moe_shared_expert_intermediate_size": 384, "moe_latent_size": 128, "n_group": 2,
+                                  "topk_group": 1}
+
+
+def test_nemotron_h_moe_blocks() -> None:
+    """An "E" block is an MLP-only block whose MLP is NemotronHMoE: fp32 sigmoid router, non-gated ReLU² experts
+    between the latent projections, a non-gated shared expert."""
+    spec = spec_from_config(NEMOTRON_H_MOE)
+    assert spec.mixers == ("mamba2", "none", "attention", "none") and spec.moe_layers == (1, 3)
+    assert spec.expert_glu == "none" and spec.moe_latent_size == 128 and spec.router_sigmoid
+    from vramplan.params import count_params
+
+    layer = count_params(spec).layers[1]
+    # experts up/down at the latent width, router, fc1/fc2 latent projections, shared up/down, the block's norm
+    assert layer.total == 8 * 2 * 128 * 256 + 8 * 512 + 2 * 512 * 128 + 2 * 512 * 384 + 512
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        spec_from_config({**NEMOTRON_H_MOE, "mlp_bias": True})
+    full = estimate(spec, make_workload(batch_size=1, seq_len=256, ssm_kernel="torch"))
+    no_latent = estimate(spec_from_config({**NEMOTRON_H_MOE, "moe_latent_size": None}),
+                         make_workload(batch_size=1, seq_len=256, ssm_kernel="torch"))
+    assert full.peak_allocated_bytes < no_latent.peak_allocated_bytes
+
+
+LFM3: dict[str, Any] = {"model_type": "lfm3", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 2048,
+                        "sliding_window": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                        "layer_types": ["conv", "sliding_attention", "full_attention", "conv"]}
+
+
+def test_lfm3_reads_as_short_convs_beside_gated_sliding_and_full_attention() -> None:
+    """LFM3 keeps LFM2's short convolution; its attention adds a per-head sigmoid gate (g_proj: hidden -> heads),
+    fp32 RoPE tables and sandwich norms, and some attention layers slide."""
+    spec = spec_from_config(LFM3)
+    assert spec.mixers == ("conv", "attention", "attention", "conv") and spec.sliding_layers == (1,)
+    assert spec.attn_head_gate and spec.norms_per_layer == 4 and spec.rope_style == "fp32_tables"
+    from vramplan.params import count_params
+
+    plain = spec_from_config({**LFM3, "use_attention_gate": False, "use_sandwich_norm": False})
+    c, p = count_params(spec), count_params(plain)
+    assert c.layers[1].total - p.layers[1].total == 256 * 4 + 2 * 256  # g_proj and the two post norms
+    torch = pytest.importorskip("torch")
+    from vramplan.trace._resolve import hf_config, model_class
+
+    for cfg in (LFM3, {**LFM3, "use_attention_gate": False, "use_sandwich_norm": False}):
+        config, _ = hf_config(dict(cfg), "lfm3")
+        with torch.device("meta"):
+            model = model_class(config, "lfm3")._from_config(config)
+        assert count_params(spec_from_config(cfg)).total == sum(q.numel() for q in model.parameters())
+
+
+def test_nemotron_h_moe_parameters_equal_the_meta_model() -> None:
+    torch = pytest.importorskip("torch")
+    from vramplan.params import count_params
+    from vramplan.trace._resolve import hf_config, model_class
+
+    for cfg in (NEMOTRON_H_MOE, {**NEMOTRON_H_MOE, "moe_latent_size": None}):
+        config, _ = hf_config(dict(cfg), "nemotron_h")
+        with torch.device("meta"):
+            model = model_class(config, "nemotron_h")._from_config(config)
+        assert count_params(spec_from_config(cfg)).total == sum(p.numel() for p in model.parameters())
 
 
 def test_lfm2_short_conv_cache() -> None:
@@ -217,9 +276,9 @@ def test_lfm2_short_conv_cache() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
-                                 ZAMBA2],
+                                 ZAMBA2, NEMOTRON_H_MOE, LFM3],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba", "jamba", "zamba2"])
+                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe", "lfm3"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:

@@ -334,6 +334,59 @@ class _B:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
 
+    def dsa_mask(self, n: Tensor, q_resid: Tensor) -> Tensor:
+        """DeepSeek Sparse Attention (modeling_deepseek_v32.py): ``DeepseekV32Indexer.forward`` under no_grad, then the
+        attention's mask of the selected keys. The indexer projects ``q_resid`` (the normed q latent) to index heads and
+        the hidden states to one key (``wk``, LayerNorm ``k_norm``), rotates their rotary parts, scores every key per
+        index head in fp32 (``q.float() @ k.float()^T``: matmul's broadcast copies the keys for every query position,
+        (B, S, D_idx, T) fp32; then scaled and ReLU'd, (B, S, H_idx, T) fp32 each), sums the heads weighted by
+        ``weights_proj`` (fp32), masks the causal part and takes the top-k indices
+        (int64, cast to int32). The attention scatters them into a new (B, S, T) boolean mask and combines it with the
+        causal mask (``&`` of the SDPA boolean mask, ``masked_fill`` of eager's float mask). Inference caches the
+        indexer keys (``cache.update_indexer``: (B, T, D_idx))."""
+        spec, tp = self.spec, self.tp
+        b, s, t = self.b, self.s, self.kv_len
+        hi, di, rd = spec.index_heads, spec.index_head_dim, spec.qk_rope_head_dim
+        act = n.elem
+        sel = min(spec.index_topk, t)
+        eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
+        qi = tp.op(b * s * hi * di, act, (q_resid,), rg=False)  # wq_b(q_resid)
+        ki = tp.op(b * s * di, act, (n,), rg=False)  # wk(hidden_states)
+        kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
+        q_rot = self.rope(tp.view(qi, b * s * hi * rd))
+        k_rot = self.rope(tp.view(kn, b * s * rd))
+        qc = tp.op(b * s * hi * di, act, (q_rot, qi), rg=False)  # cat([q_rot, q_pass])
+        kc = tp.op(b * s * di, act, (k_rot, kn), rg=False)
+        if not self.num.training:  # cache.update_indexer: torch.cat onto the cached indexer keys
+            kc = tp.op(b * t * di, act, (kc,), rg=False, kind=KV)
+            tp.keep(kc)
+        q32 = tp.op(qc.numel, 4, (qc,), rg=False)
+        k32 = tp.op(b * t * di, 4, (kc,), rg=False)
+        # torch.matmul broadcasts the (B, 1, D, T) keys against (B, S, H, D): expand + reshape copies them for every
+        # query position, (B, S, D, T) in fp32, before one bmm
+        kx = tp.op(b * s * di * t, 4, (k32,), rg=False)
+        sc = tp.op(b * s * hi * t, 4, (q32, kx), rg=False)  # matmul
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # * softmax_scale
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # relu
+        w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
+        w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
+        w = tp.op(w.numel, 4, (w,), rg=False)  # * n_heads ** -0.5
+        isc = tp.op(b * s * t, 4, (w, sc), rg=False)  # (B, S, 1, H) @ (B, S, H, T)
+        if eager:  # + the float causal mask
+            isc = tp.op(isc.numel, 4, (isc,), rg=False)
+        else:  # masked_fill(~mask, -inf)
+            isc = tp.op(isc.numel, 4, (isc, tp.op(b * s * t, 1, (), rg=False)), rg=False)
+        vals = tp.op(b * s * sel, 4, (isc,), rg=False)  # topk values (unused) and indices
+        idx = tp.op(b * s * sel, 8, (isc, vals), rg=False)
+        idx = tp.op(idx.numel, 4, (idx,), rg=False)  # .to(torch.int32): what the indexer returns
+        idx = tp.op(idx.numel, 8, (idx,), rg=False)  # topk_indices.long()
+        ones = tp.op(b * s * t, 1, (), rg=False)  # new_ones((B, S, T), dtype=bool)
+        index_mask = tp.op(b * s * t, 1, (ones, idx), rg=False)  # .scatter(-1, idx, False)
+        if eager:  # attention_mask.masked_fill(index_mask, min)
+            return tp.op(b * s * t, act, (index_mask,), rg=False)
+        inv = tp.op(b * s * t, 1, (index_mask,), rg=False)  # ~index_mask
+        return tp.op(b * s * t, 1, (inv,), rg=False)  # attention_mask & ~index_mask
+
     def rope_complex(self, x: Tensor) -> Tensor:
         """DeepSeek-V2's apply_rotary_emb (modeling_deepseek_v2.py): ``view_as_complex(x.float())`` (an fp32 copy),
         times the complex64 ``freqs_cis`` (a new complex tensor of the same bytes; the product saves only the
@@ -566,7 +619,10 @@ class _B:
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
         out = self.attention_core(q, k, v, kernel, heads_kv)
-        if kernel in (Kernel.EAGER, Kernel.MATH):
+        if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
+            gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
+            out = self.mul(out, gs)
+        elif kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         oname = spec.o_name or ("o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3"
                                 else "dense")
@@ -627,9 +683,11 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        qn: Tensor | None = None
         if qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
-            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+            qn = self.norm(qa, qr, tr)
+            q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
@@ -646,14 +704,20 @@ class _B:
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
-        kernel = self.kernel_for(False)
+        # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
+        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
+        kernel = self.kernel_for(sparse is not None)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
         if kernel is Kernel.EFFICIENT:
             rg = query.rg or key.rg or value.rg
             lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
-            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
-                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            ins: tuple[Tensor, ...] = (query, key, value, lse)
+            if sparse is not None:
+                # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
+                # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
+                ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
+            out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
@@ -662,7 +726,7 @@ class _B:
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -809,6 +873,7 @@ class _B:
         assert plan is not None
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
+        hidden = h
         pairs = t * k
         tr = plan.trainable
         act = n.elem
@@ -816,28 +881,38 @@ class _B:
         # experts); DeepSeek-V3, GLM-4.5 and Granite after them
         shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
         idx, w = routed if routed is not None else self.router(n, t, e, k, tr)
+        routed_in = n
+        if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
+            h = spec.moe_latent_size
+            routed_in = self.linear(n, hidden, h, "fc1_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
+                                    lora_rank=plan.lora_rank if "fc1_latent_proj" in plan.lora_targets else 0)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
         tok = tp.op(pairs, 8, (perm,), rg=False)  # perm // top_k
-        xin = tp.op(pairs * h, act, (n, tok), save=(tok,) if n.rg else (), grad_to=(n,))
+        xin = tp.op(pairs * h, act, (routed_in, tok), save=(tok,) if routed_in.rg else (), grad_to=(routed_in,))
         wg = tp.op(pairs, w.elem, (w, perm), save=(perm,) if w.rg else (), grad_to=(w,))
         hist = tp.op(pairs, 4, (eid,), rg=False)  # histc input (an int32 copy on CUDA), then counts and offsets
         offs = tp.op(2 * e, 4, (hist,), rg=False)
         bias_g: Tensor | None = None
         if spec.expert_bias:  # gate_up_proj_bias[expert_ids_g], added in place to the grouped GEMM's output
             bias_g = tp.op(pairs * 2 * i, act, (), rg=False)
-        gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
-                         quant=plan.quant, count=e)
-        if spec.expert_glu == "clamped":
-            p = self.clamped_glu(gu, pairs * i)
-        elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
-            gate, up = tp.split(gu, 2)
-            p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+        if spec.expert_glu == "none":  # has_gate=False: act_fn(up_proj) (grouped_mm_experts_forward)
+            up = self.linear(xin, h, i, "experts.up_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
+                             count=e)
+            p = self.activation(up)
         else:
-            gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
-            a = self.activation(gate)
-            p = self.mul(a, up)
+            gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
+                             quant=plan.quant, count=e)
+            if spec.expert_glu == "clamped":
+                p = self.clamped_glu(gu, pairs * i)
+            elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
+                gate, up = tp.split(gu, 2)
+                p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+            else:
+                gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
+                a = self.activation(gate)
+                p = self.mul(a, up)
         if bias_g is not None:  # rebound to down_proj_bias[expert_ids_g]
             first, bias_g = bias_g, tp.op(pairs * h, act, (), rg=False)
             first.last_use = len(tp.ops) - 1
@@ -854,6 +929,9 @@ class _B:
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.moe_output_scale:  # hidden_states * routed_scaling_factor (modeling_laguna.py, modeling_beam.py)
             out = tp.op(t * h, act, (out,))
+        if spec.moe_latent_size:  # fc2_latent_proj back to the hidden width
+            out = self.linear(out, h, hidden, "fc2_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
+                              lora_rank=plan.lora_rank if "fc2_latent_proj" in plan.lora_targets else 0)
         if spec.shared_expert_intermediate_size:
             so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
@@ -890,6 +968,9 @@ class _B:
             return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
+            su = shared(n, h, si, "shared_up_proj")
+            return shared(self.call(self.activation, su), si, h, "shared_down_proj")
         if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
             sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
             sg, su = tp.split(sgu, 2)
@@ -1076,6 +1157,9 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.per_layer_input:
         _per_layer_inputs(bld, x, trainable)
+    if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
+        # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
+        tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
     if spec.position is PositionKind.ROPE:
         # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
         dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \

@@ -196,7 +196,8 @@ def gdn_mixer(bld: _B, n: Tensor) -> Tensor:
 
 def _norm_gated(bld: _B, x: Tensor, gate: Tensor) -> Tensor:
     """``Qwen3NextRMSNormGated(x, gate)`` over each value head: x.to(fp32); pow(2).mean; x * rsqrt(var + eps);
-    ``weight * h.to(input dtype)``; ``* silu(gate.to(fp32))``; ``.to(input dtype)``."""
+    ``weight * h.to(input dtype)`` (Lara-mini: ``weight.to(fp32) * h``); ``* silu(gate.to(fp32))``;
+    ``.to(input dtype)``."""
     spec, tp, plan = bld.spec, bld.tp, bld.plan
     assert plan is not None and spec.ssm is not None
     ss = spec.ssm
@@ -206,10 +207,13 @@ def _norm_gated(bld: _B, x: Tensor, gate: Tensor) -> Tensor:
     var = tp.op(x.numel // ss.head_dim, 4, (sq,))
     rs = bld.ew(var, save_out=True)
     n32 = bld.mul(x32, rs)
-    nc = bld.cast(n32, x.elem)
     pg = bld.param_grad(f"gdn_norm{len(tp.ops)}", ss.head_dim, bld.num.norm_param) if tr else ()
-    wn = tp.op(x.numel, max(bld.num.norm_param, nc.elem), (nc,), save=(nc,) if tr else (), params=pg,
-               rg=nc.rg or tr)
+    if ss.gated_norm_fp32:  # LaraMiniRMSNormGated: self.weight.to(float32) * hidden_states, in fp32
+        wn = tp.op(x.numel, 4, (n32,), save=(n32,) if tr else (), params=pg, rg=n32.rg or tr)
+    else:
+        nc = bld.cast(n32, x.elem)
+        wn = tp.op(x.numel, max(bld.num.norm_param, nc.elem), (nc,), save=(nc,) if tr else (), params=pg,
+                   rg=nc.rg or tr)
     g32 = bld.cast(gate, 4)
     sg = tp.op(gate.numel, 4, (g32,), save=(g32,) if g32.rg else ())  # silu saves its input
     hm = bld.mul(wn, sg)

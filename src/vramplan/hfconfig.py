@@ -218,7 +218,9 @@ class _Facts:
     # kv_lora_rank (0: required), qk_nope_head_dim, qk_rope_head_dim, v_head_dim (0: hidden_size // heads)
     mla_defaults: tuple[int, int, int, int, int] = (0, 0, 128, 64, 128)
     mlp_types: int = -1  # >= 0: the MoE layers are the "sparse" entries of mlp_layer_types, whose default has this
-    # many leading dense layers (GLM-4.7-Flash: first_k_dense_replace is not read); -1: first_k_dense_replace
+    # many leading dense layers (GLM-4.7-Flash: first_k_dense_replace is not read); -2: the same, its default from
+    # first_k_dense_replace (DeepSeek-V3.2); -1: first_k_dense_replace
+    dsa: bool = False  # DeepSeek Sparse Attention's indexer (index_n_heads, index_head_dim, index_topk, indexer_types)
     head_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (embedding and residual
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
@@ -243,6 +245,14 @@ _FAMILIES: dict[str, _Facts] = {
     # GLM-4.7-Flash (modeling_glm4_moe_lite.py): DeepSeek-V3's MLA, router and experts; its MoE layers are the
     # "sparse" entries of mlp_layer_types (default: layer 0 dense)
     "glm4_moe_lite": _Facts(version="5.24", moe="deepseek", mla=True, mlp_types=1),
+    # DeepSeek-V3.2 (modeling_deepseek_v32.py): DeepSeek-V3's MLA and MoE with the DSA lightning indexer (no_grad:
+    # fp32 per-head scores of every key, ReLU, weighted sum, top-k) whose selection masks the attention
+    "deepseek_v32": _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                           mla_defaults=(1536, 512, 128, 64, 128)),
+    # GLM-5 (modeling_glm_moe_dsa.py): DeepSeek-V3.2's layer, the indexer's RoPE interleaved; indexer_types "shared"
+    # layers (reusing the previous layer's top-k) are refused
+    "glm_moe_dsa": _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                          mla_defaults=(2048, 512, 192, 64, 256)),
     # MiniCPM3 (modeling_minicpm3.py): a dense LLaMA layer with DeepSeek's MLA (RoPE on halves, not interleaved),
     # embeddings * scale_emb, each residual branch * scale_depth / sqrt(layers), the final hidden states /
     # (hidden_size / dim_model_base) before a tied lm_head
@@ -378,6 +388,7 @@ _CLASSES: dict[str, str] = {
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
     "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
+    "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
@@ -542,13 +553,14 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                               "run vramplan trace")
     elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
         inter = c.int_("moe_intermediate_size")
-        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        first_dense = c.int_("first_k_dense_replace", default=3 if f.mlp_types == -2 else 0, lo=0, hi=_MAX_LAYERS)
         every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
         moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % every == 0)
-        if f.mlp_types >= 0:
+        if f.mlp_types != -1:
             types = c.raw.get("mlp_layer_types")
             if types is None:
-                types = ["dense"] * f.mlp_types + ["sparse"] * (layers - f.mlp_types)
+                dense = min(first_dense if f.mlp_types == -2 else f.mlp_types, layers)
+                types = ["dense"] * dense + ["sparse"] * (layers - dense)
             # the decoder layer reads mlp_layer_types[layer_idx]: entries past the last layer are not read
             if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
                 raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
@@ -609,6 +621,18 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         mla = {"q_lora_rank": c.int_("q_lora_rank", default=q_rank, lo=0),
                "kv_lora_rank": c.int_("kv_lora_rank", default=kv_rank or _MISSING),
                "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=v_dim or hidden // heads)}
+        if f.dsa:
+            kinds = c.raw.get("indexer_types")
+            if kinds is not None and (not isinstance(kinds, list) or len(kinds) < layers
+                                      or not set(kinds[:layers]) <= {"full", "shared"}):
+                raise ConfigError(f"{c.where}: indexer_types must list 'full' or 'shared' for each of the {layers} "
+                                  "layers")
+            if kinds is not None and "shared" in kinds[:layers]:
+                raise ConfigError(f"{c.where}: indexer_types 'shared' (layers reusing the previous indexer's top-k) is "
+                                  "not modelled by estimate; run vramplan trace")
+            mla |= {"index_heads": c.int_("index_n_heads", default=64), "index_head_dim": c.int_("index_head_dim",
+                                                                                                 default=128),
+                    "index_topk": c.int_("index_topk", default=2048)}
         kv = heads  # k and v are expanded to every head from the latent
     else:
         # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset

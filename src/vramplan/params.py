@@ -65,8 +65,12 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
         mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
-        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
-                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        out = [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+               ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
+            hi, di = spec.index_heads, spec.index_head_dim
+            out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        return out
     if spec.qkv_fused:
         name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
@@ -75,6 +79,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
         out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
             ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
+        if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
+            out.append(("g_proj", h, spec.num_heads, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
@@ -88,11 +94,19 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
         i, e = spec.moe_intermediate_size, spec.num_experts
         # transformers 5.x stores experts as fused 3-D parameters and the router as its own module: neither
         # is an nn.Linear (so neither gets LoRA adapters from peft's "all-linear")
-        out = [("experts.gate_proj", h, i, e), ("experts.up_proj", h, i, e), ("experts.down_proj", i, h, e),
-               ("router", h, e, 1)]
+        d = spec.moe_latent_size or h  # Nemotron-H: the experts work at the latent width
+        if spec.expert_glu == "none":  # non-gated experts (Nemotron-H)
+            out = [("experts.up_proj", d, i, e), ("experts.down_proj", i, d, e), ("router", h, e, 1)]
+        else:
+            out = [("experts.gate_proj", h, i, e), ("experts.up_proj", h, i, e), ("experts.down_proj", i, h, e),
+                   ("router", h, e, 1)]
+        if spec.moe_latent_size:
+            out += [("fc1_latent_proj", h, d, 1), ("fc2_latent_proj", d, h, 1)]
         if spec.shared_expert_intermediate_size:
             si = spec.shared_expert_intermediate_size
-            if spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
+            if spec.expert_glu == "none":
+                out += [("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
+            elif spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
                 out += [("shared_gate_up_proj", h, 2 * si, 1), ("shared_down_proj", si, h, 1)]
             else:
                 out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
@@ -260,8 +274,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         if spec.qkv_bias:
             bias += spec.q_lora_rank + spec.kv_lora_rank + spec.qk_rope_head_dim + spec.hidden_size
     else:
-        for _, _, o, n in attn[:-1]:
-            bias += o * n if spec.qkv_bias else 0
+        for name, _, o, n in attn[:-1]:
+            bias += o * n if spec.qkv_bias and name != "g_proj" else 0
         bias += spec.hidden_size if spec.o_bias else 0
     if spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
@@ -277,6 +291,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.index_heads:
+        norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
         norm += spec.q_dim + spec.kv_dim if spec.qk_norm_head_weights else \

@@ -154,6 +154,11 @@ class ModelSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
+    # attention (index_heads > 0)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0
@@ -168,12 +173,15 @@ class ModelSpec:
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU;
-    # "fp32": act(gate.float()) * up.float(), cast back (Beam)
+    # "fp32": act(gate.float()) * up.float(), cast back (Beam);
+    # "none": non-gated experts and shared expert, down(act(up(x))) (Nemotron-H: has_gate=False)
+    moe_latent_size: int = 0  # Nemotron-H: fc1_latent_proj to this width before the experts, fc2 back after
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
+    attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)

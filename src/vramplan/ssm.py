@@ -68,6 +68,7 @@ class SSMSpec:
     # OLMo Hybrid's allow_neg_eigval (beta * 2)
     gdn_layout: str = ""
     neg_eigval: bool = False
+    gated_norm_fp32: bool = False  # Lara-mini's RMSNormGated: weight.to(fp32) * the fp32 normed values (no cast back)
 
     @property
     def conv_dim(self) -> int:

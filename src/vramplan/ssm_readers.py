@@ -339,6 +339,49 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
                    max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
 
 
+def _lfm3(c: _Cfg, family: str) -> ModelSpec:
+    """LFM3 (modeling_lfm3.py): LFM2's gated short convolutions (``Lfm3ShortConv`` is ``Lfm2ShortConv``) beside
+    sliding-window and full attention (q/k RMSNorm per head, RoPE from fp32 cos/sin tables over the whole head:
+    the full layers' "proportional" RoPE pads its partial rotation to the head, and a per-head output gate
+    ``sigmoid(g_proj(x))`` with ``use_attention_gate``); sandwich norms (``use_sandwich_norm``: a norm after each
+    sublayer too); a SwiGLU MLP of ``intermediate_size`` (w1, w3, w2); the final ``embedding_norm``. ``layer_types``
+    defaults to full attention at i % 4 == 2, sliding at i % 4 == 0 (i > 0), convolutions elsewhere."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=24, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2048)
+    raw_types = c.raw.get("layer_types")
+    types = ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0 else "conv"
+             for i in range(layers)] if raw_types is None else raw_types
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("conv", "sliding_attention", "full_attention") for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list one of conv / sliding_attention / full_attention per "
+                          f"layer ({layers})")
+    raw = {k: v for k, v in c.raw.items() if k not in ("layer_types", "sliding_window", "use_sliding_window")}
+    raw |= {"hidden_size": hidden, "num_hidden_layers": layers,
+            "intermediate_size": c.int_("intermediate_size", default=7680),
+            "num_attention_heads": c.int_("num_attention_heads", default=16),
+            "num_key_value_heads": c.int_("num_key_value_heads", default=4),
+            "head_dim": c.int_("head_dim", default=128), "vocab_size": c.int_("vocab_size", default=128000),
+            "attention_bias": c.bool_("attention_bias", default=False), "mlp_bias": False, "hidden_act": "silu"}
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE
+    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
+                 d_conv=c.int_("conv_L_cache", default=7, hi=1024), chunk=1,
+                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
+    window = c.raw.get("sliding_window", 256)
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window is not None else ()
+    return replace(spec, family=family, ssm=ss, program_version="5.24",
+                   mixers=tuple("conv" if t == "conv" else "attention" for t in types),
+                   sliding_window=c.int_("sliding_window", default=256) if sliding else None, sliding_layers=sliding,
+                   norms_per_layer=4 if c.bool_("use_sandwich_norm", default=True) else 2,
+                   rope_style="fp32_tables", rotary_fraction=1.0,
+                   attn_head_gate=c.bool_("use_attention_gate", default=True),
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
+                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+
+
 def _falcon_h1(c: _Cfg, family: str) -> ModelSpec:
     """Falcon-H1 (modeling_falcon_h1.py): every layer runs attention and a Mamba-2 mixer side by side on one
     normed input (``FalconH1DecoderLayer``), with muP multipliers around each (embedding, attention in/out, keys,
@@ -370,7 +413,9 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
     """Nemotron-H (modeling_nemotron_h.py): a stack of single-sublayer blocks (``NemotronHBlock``: RMSNorm with an
     fp32 weight product, then a Mamba-2 mixer, attention without RoPE, or a ReLU² MLP of up/down projections) from
     ``layers_block_type`` (or the legacy ``hybrid_override_pattern``: M, *, -, E); the logits are cast to fp32.
-    MoE blocks ("E": Nemotron 3's non-gated ReLU² experts with latent projections) are not modelled."""
+    MoE blocks ("E", Nemotron 3: ``NemotronHMoE``) route with an fp32 sigmoid router (group-limited top-k, a
+    correction bias) to non-gated ReLU² experts, optionally between ``fc1_latent_proj`` / ``fc2_latent_proj``, and
+    add a non-gated shared expert."""
     types = c.raw.get("layers_block_type", c.raw.get("layer_types"))
     if types is None and isinstance(c.raw.get("hybrid_override_pattern"), str):
         pattern = c.raw["hybrid_override_pattern"]
@@ -387,10 +432,22 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
     bad = sorted({t for t in types if t not in kinds})
     if bad:
         raise ConfigError(f"{c.where}: layers_block_type holds {', '.join(bad)}; known: {', '.join(sorted(kinds))}")
-    mixers = tuple(kinds[t] for t in types)
-    if "moe" in mixers:
-        raise ConfigError(f"{c.where}: Nemotron-H MoE blocks (Nemotron 3: non-gated ReLU² experts, latent "
-                          "projections) are not modelled by estimate yet; run `vramplan trace` on this config")
+    kinds_of = tuple(kinds[t] for t in types)
+    # an MoE block ("E") is an MLP-only block whose MLP is the MoE (NemotronHMoE)
+    moe_layers = tuple(i for i, k in enumerate(kinds_of) if k == "moe")
+    mixers = tuple("none" if k == "moe" else k for k in kinds_of)
+    moe: dict[str, Any] = {}
+    if moe_layers:
+        if c.bool_("mlp_bias", default=False):
+            raise ConfigError(f"{c.where}: Nemotron-H MoE blocks with mlp_bias are not modelled by estimate; run "
+                              "`vramplan trace` on this config")
+        experts = c.int_("n_routed_experts", "num_local_experts", default=8)
+        latent = c.raw.get("moe_latent_size")
+        moe = {"num_experts": experts, "experts_per_token": c.int_("num_experts_per_tok", default=2, hi=experts),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=7688),
+               "shared_expert_intermediate_size": c.int_("moe_shared_expert_intermediate_size", default=7688, lo=0),
+               "moe_layers": moe_layers, "router_fp32": True, "router_sigmoid": True, "expert_glu": "none",
+               "moe_latent_size": c.int_("moe_latent_size") if latent is not None else 0}
     layers = len(mixers)
     hidden = c.int_("hidden_size", default=4096)
     heads = c.int_("num_attention_heads", default=32)
@@ -420,7 +477,7 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
         mlp_bias=c.bool_("mlp_bias", default=False),
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         mixers=mixers, mlp_free_layers=tuple(i for i, m in enumerate(mixers) if m != "none"), ssm=ss,
-        residual_fp32=c.bool_("residual_in_fp32", default=False), logits_fp32=True, program_version="5.24",
+        residual_fp32=c.bool_("residual_in_fp32", default=False), logits_fp32=True, program_version="5.24", **moe,
     )
 
 
@@ -548,15 +605,55 @@ def _olmo_hybrid(c: _Cfg, family: str) -> ModelSpec:
                    norm=NormKind.FP32_WEIGHT_RMSNORM, position=spec.position if has_rope else PositionKind.NONE)
 
 
+# configuration_lara_mini.py: the released pattern, period 5, when layer_types is not given
+_LARA_PATTERN = ("linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention")
+
+
+def _lara_mini(c: _Cfg, family: str) -> ModelSpec:
+    """Lara-mini (modeling_lara_mini.py): pre-norm decoder layers whose mixer is a gated DeltaNet (Qwen3.5's
+    projections, an all-fp32 gated norm), sliding-window or full attention (q/k RMSNorm per head, no output gate);
+    every norm applies its weight in fp32 (``weight.to(fp32) * x``); every layer's MLP is a MoE block whose router
+    runs in fp32 (``F.linear(x.float(), weight.float())``) and whose shared expert is added without a gate, after
+    the routed experts."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=34, hi=_MAX_LAYERS)
+    raw_types = c.raw.get("layer_types")
+    types = [_LARA_PATTERN[i % 5] for i in range(layers)] if raw_types is None else raw_types
+    kinds = {"linear_attention": "gdn", "full_attention": "attention", "sliding_attention": "attention"}
+    if not isinstance(types, list) or len(types) != layers or not all(t in kinds for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list one of linear_attention / sliding_attention / "
+                          f"full_attention per layer ({layers})")
+    raw = {k: v for k, v in c.raw.items() if k not in ("layer_types", "sliding_window", "use_sliding_window")}
+    for key, default in (("hidden_size", 1024), ("num_hidden_layers", layers), ("vocab_size", 151936),
+                         ("num_attention_heads", 16), ("num_key_value_heads", 4), ("head_dim", 128),
+                         ("max_position_embeddings", 131072), ("num_experts", 128), ("num_experts_per_tok", 4),
+                         ("moe_intermediate_size", 512)):
+        raw.setdefault(key, default)
+    raw["intermediate_size"] = raw["moe_intermediate_size"]
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3_moe")
+    ss = replace(_gdn(c, "split"), gated_norm_fp32=True)
+    window = c.int_("sliding_window", default=512)
+    return replace(spec, family=family, norm=NormKind.FP32_WEIGHT_RMSNORM, mixers=tuple(kinds[t] for t in types),
+                   ssm=ss, moe_layers=tuple(range(layers)), router_fp32=True,
+                   shared_expert_intermediate_size=c.int_("shared_expert_intermediate_size", default=512, lo=0),
+                   sliding_window=window,
+                   sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), program_version="5.24")
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
-    "olmo_hybrid": _olmo_hybrid}
+    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h",
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
-                               "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid"}
+                               "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
+                               "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3"}
