@@ -130,6 +130,13 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
     # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
     "hunyuan_v1_dense": {"head_dim": 128},
+    # NemotronConfig leaves num_key_value_heads None and NemotronAttention divides by it; nvidia/Minitron-8B-Base and
+    # Nemotron-4-340B: 8 key/value heads
+    "nemotron": {"num_key_value_heads": 8},
+    # DeepseekV2Config leaves num_experts_per_tok None (topk(k=None) fails), and its moe_intermediate_size 1407 gives
+    # the grouped GEMM rows that are not a multiple of 16 bytes (torch._grouped_mm refuses them);
+    # deepseek-ai/DeepSeek-V2-Lite: 6 routed experts per token, moe_intermediate_size 1408
+    "deepseek_v2": {"num_experts_per_tok": 6, "moe_intermediate_size": 1408},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944

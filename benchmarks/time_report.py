@@ -84,7 +84,8 @@ def _split(st: StepTime | None) -> str:
         return ""
     m, t = st.micro_batches, st.total_s
     return (f"compute {m * st.compute_s / t:.0%} memory {m * st.memory_s / t:.0%} launch {m * st.launch_s / t:.0%} "
-            f"optimizer {st.optimizer_s / t:.0%} comm {st.comm_s / t:.0%} (all {st.comm_total_s / t:.0%})")
+            f"optimizer {st.optimizer_s / t:.0%} comm {st.comm_s / t:.0%} (all {st.comm_total_s / t:.0%}) "
+            f"contention {st.contention_s / t:.0%}")
 
 
 def mpt_spec(m: dict[str, Any]) -> ModelSpec:

@@ -24,7 +24,9 @@ SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 10
 # model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
 SKIP = {"gemma3_text_alias",
         "nemotron_h",  # its library default holds a MoE block, which estimate refuses: see SSM_VARIANTS
-        "dots1"}  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
+        "nemotron",  # NemotronConfig leaves num_key_value_heads None (its attention cannot build): see VARIANTS
+        "dots1",  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
+        "deepseek_v2"}  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
 
 
 def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
@@ -39,9 +41,14 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
     layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
-    for k in ("layer_types", "no_rope_layers", "layers_block_type"):
+    for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if "attention_types" in cfg and "attention_types" not in over:  # GPT-Neo: [[kinds], repeats] expands per layer
+        cfg["attention_types"] = [[["global", "local"], layers // 2]]
+    cfg.pop("attention_layers", None)  # (GPT-Neo recomputes it from attention_types)
+    if isinstance(cfg.get("per_layer_config"), dict):  # overrides keyed by layer index (Gemma 4): the kept layers'
+        cfg["per_layer_config"] = {k: v for k, v in cfg["per_layer_config"].items() if int(k) < layers}
     return json.loads(json.dumps(cfg, default=str))
 
 
@@ -83,10 +90,21 @@ VARIANTS = [
     ("glm4", {"attention_bias": False}),
     ("internlm3", {"qkv_bias": True, "bias": True}),
     ("exaone4", {"sliding_window": 128, "sliding_window_pattern": 2}),
+    ("deepseek_v2", {"num_experts_per_tok": 6}),
+    ("deepseek_v2", {"num_experts_per_tok": 6, "q_lora_rank": None, "first_k_dense_replace": 1,
+                     "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}),
+    ("glm4_moe_lite", {"mlp_layer_types": ["sparse", "dense", "sparse", "dense"]}),
+    ("minicpm3", {"v_head_dim": None, "q_lora_rank": None}),
     ("dots1", {"n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 1, "topk_group": 1,
                "first_k_dense_replace": 1}),
     ("flex_olmo", {"attention_bias": True}),
     ("gpt_oss", {"attention_bias": False}),
+    ("cohere", {"use_qk_norm": True}),  # per-head CohereLayerNorms with (heads, head_dim) weights
+    ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
+    ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),
+    ("gpt_bigcode", {"multi_query": False, "n_inner": 1000}),
+    ("persimmon", {"qk_layernorm": False}),
+    ("gpt_neo", {"attention_types": [[["global"], 4]], "intermediate_size": 1000, "tie_word_embeddings": False}),
 ]
 
 

@@ -8,9 +8,16 @@ from hypothesis import strategies as st
 
 from vramplan import get_model
 from vramplan.hardware import get_gpu
-from vramplan.perf import step_time, training_work
+from vramplan.perf import step_time, training_time, training_work
 from vramplan.perf.efficiency import load_throughput_model
-from vramplan.perf.gemm import GemmShape, gpu_tiling, quantization_efficiency, shape_factor
+from vramplan.perf.gemm import (
+    GemmShape,
+    collective_ctas,
+    gpu_tiling,
+    overlap_rate,
+    quantization_efficiency,
+    shape_factor,
+)
 from vramplan.perf.work import layer_matmul_weights
 from vramplan.workload import Method, Workload
 
@@ -112,3 +119,34 @@ def test_a_checkpointed_step_costs_a_recomputed_forward() -> None:
     forward_gemm_s = 2 * n_layers * tokens / (peak * 1e12 * ceiling)
     extra = b.compute_s - a.compute_s
     assert forward_gemm_s <= extra <= 1.5 * forward_gemm_s
+
+
+def test_a_collective_holding_sms_slows_the_overlapped_gemms_with_a_tail() -> None:
+    h100 = get_gpu("h100-sxm")
+    # a grid that fills the 132 SMs exactly: with 24 held by NCCL, 108 SMs need more waves (the tail effect
+    # an FSDP all-gather causes), so the products run slower than the 108/132 SM share alone
+    exact = [GemmShape(128, 256 * 132, 4096)]
+    share = (132 - 24) / 132
+    assert overlap_rate(exact, h100, 24) < share
+    # many waves: the loss is about the SM share
+    big = [GemmShape(8192 * 4, 8192, 8192)]
+    assert overlap_rate(big, h100, 24) == pytest.approx(share, rel=0.03)
+    assert overlap_rate(big, h100, 0) == 1.0
+    # NCCL's channels over the link (data/interconnects.json): 24 on NVSwitch H100 nodes, 2 over PCIe
+    assert collective_ctas("nvlink-4") == 24 and collective_ctas("pcie-4") == 2 and collective_ctas(None) == 0
+
+
+def test_overlapped_fsdp_traffic_costs_contention_and_a_single_gpu_none() -> None:
+    spec = get_model("llama-3.1-8b").spec
+    gpu = get_gpu("a100-80gb-sxm")
+    w = Workload(batch_size=2, seq_len=2048)
+    one = training_time(spec, w, gpu, tokens=4096)
+    assert one.step is not None and one.step.contention_s == 0.0
+    params = 8.03e9
+    light = training_time(spec, w, gpu, tokens=8 * 4096, gpus=8, comm_bytes_per_step=0.5 * params, shard=8)
+    heavy = training_time(spec, w, gpu, tokens=8 * 4096, gpus=8, comm_bytes_per_step=8 * params, shard=8)
+    assert light.step is not None and heavy.step is not None
+    assert 0 < light.step.contention_s < heavy.step.contention_s
+    # never more than the overlapped traffic itself
+    assert heavy.step.contention_s < heavy.step.comm_total_s
+    assert "contention_s" in heavy.step.to_dict()

@@ -655,9 +655,9 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
     and are updated in place (cache_utils.py ``LinearAttentionLayer``: ``copy_``), so they never grow."""
     from .estimator import _kv_bytes
 
-    if spec.mixer(layer) not in ATTENTION_MIXERS:
+    if spec.mixer(layer) not in ATTENTION_MIXERS or spec.layer(layer).kv_shared:
         return []
-    per = _kv_bytes(spec, num, b, s, layer in spec.sliding_layers) // 2
+    per = _kv_bytes(spec.layer(layer), num, b, s, layer in spec.sliding_layers) // 2
     grow = [key for key, n in kept if n == per]
     return grow if grow else [key for key, _ in kept]
 
@@ -665,7 +665,7 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
 def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
     """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
     reset after the weights are loaded."""
-    from .estimator import _kv_bytes, _layer_groups, _plan
+    from .estimator import _kv_bytes, _layer_groups, _plan, kv_shared_sliced
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
@@ -690,9 +690,12 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     kv_keys: list[list[int]] = []  # per layer: its cache tensors that decode grows (keys and values)
     compiled = []
+    sliced = False
     for _count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
-        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s)
+        q = 1 if kv_shared_sliced(spec, w, kind) else s
+        sliced = sliced or q != s
+        out = build_layer(tp, spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, kv_len=s)
         tpl = _Template(tp, tp.tensors[0], out)
         ev = []
         layer_forward(tp, ev=ev)
@@ -710,7 +713,8 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.free(y(-1))
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST
-    build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+    hs = 1 if sliced else s
+    build_head(ht, spec, num, b, hs, trainable=False, input_rg=False, logits_tokens=b if last else b * hs,
                loss=False)
     head = _Template(ht, ht.tensors[0], None)
     ev = []
@@ -734,7 +738,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         for j, n in enumerate(small[:2]):
             st.alloc(d + j, n)
         for i in range(spec.num_layers):
-            per = _kv_bytes(spec, num, b, length, i in spec.sliding_layers) // 2
+            per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
             keys = kv_keys[i]
             for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
                 new = st.fresh(0)

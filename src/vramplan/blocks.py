@@ -46,6 +46,7 @@ class LayerPlan:
     mlp: bool = True  # False: the layer has no MLP (a pure Mamba block)
     ssm_kernel: str = "fused"  # SSM layers: the fused mamba_ssm kernels or transformers' torch fallback
     input_fp32: bool = False  # the layer's input is the fp32 residual stream (Mamba's residual_in_fp32)
+    variant: int = -1  # the layer's group in spec.layer_overrides (heterogeneous stacks: Gemma 4), -1: none
 
 
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
@@ -62,9 +63,15 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
         return Kernel.FLASH
     if spec.family == "falcon":
         return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa)
-    if has_mask:
+    if sdpa_repeats_kv(spec, has_mask):
         return sdpa_kernel(elem, spec.head_dim, has_mask)
     return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa, enable_gqa=gqa)
+
+
+def sdpa_repeats_kv(spec: ModelSpec, has_mask: bool) -> bool:
+    """transformers' SDPA path passes ``enable_gqa`` only without a mask and with head_dim <= 256
+    (integrations/sdpa_attention.py ``use_gqa_in_sdpa``, 5.24); otherwise it repeats k/v to every query head first."""
+    return has_mask or spec.head_dim > 256
 
 
 class _B:
@@ -80,6 +87,7 @@ class _B:
         self.t = batch * seq
         self.kv_len = kv_len if kv_len is not None else seq
         self.plan = plan
+        self.probs: Tensor | None = None  # the last eager attention's weights
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
@@ -207,11 +215,15 @@ class _B:
         return self.add(y, t4)
 
     # ---- norms -------------------------------------------------------------------------------
-    def norm(self, x: Tensor, dim: int, trainable: bool) -> Tensor:
+    def norm(self, x: Tensor, dim: int, trainable: bool, scale: bool = True, weights: int = 0) -> Tensor:
+        """The spec's norm over the last ``dim`` elements; ``scale`` False: an RMSNorm without a weight
+        (Gemma4RMSNorm with_scale=False: the fp32 normalised states cast back); ``weights``: its parameters where they
+        are not the config's norm over ``dim`` (per-head q/k norms with a (heads, head_dim) weight and no bias:
+        Cohere, StableLM)."""
         spec, num = self.spec, self.num
         rows = x.numel // dim
         pelem = num.norm_param
-        pg = self.param_grad(f"norm{len(self.tp.ops)}", dim * (2 if spec.norm_bias else 1), pelem) \
+        pg = self.param_grad(f"norm{len(self.tp.ops)}", weights or dim * (2 if spec.norm_bias else 1), pelem) \
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
@@ -251,6 +263,8 @@ class _B:
         var = self.tp.op(rows, 4, (sq,))
         rs = self.ew(var, save_out=True)
         n32 = self.mul(x32, rs)
+        if not scale or spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm (NanoChat): ._norm(x.float())
+            return self.cast(n32, x.elem)  # .type_as(x), no weight
         if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
             # output * (1.0 + weight.float()); then .type_as(x) (NemotronHRMSNorm: weight.to(fp32) * output, the same
             # tensors)
@@ -320,6 +334,67 @@ class _B:
             out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
         return out
 
+    def dsa_mask(self, n: Tensor, q_resid: Tensor) -> Tensor:
+        """DeepSeek Sparse Attention (modeling_deepseek_v32.py): ``DeepseekV32Indexer.forward`` under no_grad, then the
+        attention's mask of the selected keys. The indexer projects ``q_resid`` (the normed q latent) to index heads and
+        the hidden states to one key (``wk``, LayerNorm ``k_norm``), rotates their rotary parts, scores every key per
+        index head in fp32 (``q.float() @ k.float()^T``: matmul's broadcast copies the keys for every query position,
+        (B, S, D_idx, T) fp32; then scaled and ReLU'd, (B, S, H_idx, T) fp32 each), sums the heads weighted by
+        ``weights_proj`` (fp32), masks the causal part and takes the top-k indices
+        (int64, cast to int32). The attention scatters them into a new (B, S, T) boolean mask and combines it with the
+        causal mask (``&`` of the SDPA boolean mask, ``masked_fill`` of eager's float mask). Inference caches the
+        indexer keys (``cache.update_indexer``: (B, T, D_idx))."""
+        spec, tp = self.spec, self.tp
+        b, s, t = self.b, self.s, self.kv_len
+        hi, di, rd = spec.index_heads, spec.index_head_dim, spec.qk_rope_head_dim
+        act = n.elem
+        sel = min(spec.index_topk, t)
+        eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
+        qi = tp.op(b * s * hi * di, act, (q_resid,), rg=False)  # wq_b(q_resid)
+        ki = tp.op(b * s * di, act, (n,), rg=False)  # wk(hidden_states)
+        kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
+        q_rot = self.rope(tp.view(qi, b * s * hi * rd))
+        k_rot = self.rope(tp.view(kn, b * s * rd))
+        qc = tp.op(b * s * hi * di, act, (q_rot, qi), rg=False)  # cat([q_rot, q_pass])
+        kc = tp.op(b * s * di, act, (k_rot, kn), rg=False)
+        if not self.num.training:  # cache.update_indexer: torch.cat onto the cached indexer keys
+            kc = tp.op(b * t * di, act, (kc,), rg=False, kind=KV)
+            tp.keep(kc)
+        q32 = tp.op(qc.numel, 4, (qc,), rg=False)
+        k32 = tp.op(b * t * di, 4, (kc,), rg=False)
+        # torch.matmul broadcasts the (B, 1, D, T) keys against (B, S, H, D): expand + reshape copies them for every
+        # query position, (B, S, D, T) in fp32, before one bmm
+        kx = tp.op(b * s * di * t, 4, (k32,), rg=False)
+        sc = tp.op(b * s * hi * t, 4, (q32, kx), rg=False)  # matmul
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # * softmax_scale
+        sc = tp.op(sc.numel, 4, (sc,), rg=False)  # relu
+        w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
+        w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
+        w = tp.op(w.numel, 4, (w,), rg=False)  # * n_heads ** -0.5
+        isc = tp.op(b * s * t, 4, (w, sc), rg=False)  # (B, S, 1, H) @ (B, S, H, T)
+        if eager:  # + the float causal mask
+            isc = tp.op(isc.numel, 4, (isc,), rg=False)
+        else:  # masked_fill(~mask, -inf)
+            isc = tp.op(isc.numel, 4, (isc, tp.op(b * s * t, 1, (), rg=False)), rg=False)
+        vals = tp.op(b * s * sel, 4, (isc,), rg=False)  # topk values (unused) and indices
+        idx = tp.op(b * s * sel, 8, (isc, vals), rg=False)
+        idx = tp.op(idx.numel, 4, (idx,), rg=False)  # .to(torch.int32): what the indexer returns
+        idx = tp.op(idx.numel, 8, (idx,), rg=False)  # topk_indices.long()
+        ones = tp.op(b * s * t, 1, (), rg=False)  # new_ones((B, S, T), dtype=bool)
+        index_mask = tp.op(b * s * t, 1, (ones, idx), rg=False)  # .scatter(-1, idx, False)
+        if eager:  # attention_mask.masked_fill(index_mask, min)
+            return tp.op(b * s * t, act, (index_mask,), rg=False)
+        inv = tp.op(b * s * t, 1, (index_mask,), rg=False)  # ~index_mask
+        return tp.op(b * s * t, 1, (inv,), rg=False)  # attention_mask & ~index_mask
+
+    def rope_complex(self, x: Tensor) -> Tensor:
+        """DeepSeek-V2's apply_rotary_emb (modeling_deepseek_v2.py): ``view_as_complex(x.float())`` (an fp32 copy),
+        times the complex64 ``freqs_cis`` (a new complex tensor of the same bytes; the product saves only the
+        constant table), ``view_as_real(...).flatten(3).type_as(x)`` (cast back)."""
+        x32 = self.cast(x, 4)
+        prod = self.tp.op(x.numel, 4, (x32,))
+        return self.cast(prod, x.elem)
+
     def rope_fp32_pair(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Cohere's apply_rotary_pos_emb: ``q = q.float(); k = k.float()`` first, then both rotations; every
         input and fp32 copy stays referenced until it returns (modeling_cohere2.py). With fp32 cos/sin tables
@@ -385,7 +460,7 @@ class _B:
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
             return self.sink_attention(q, k, v, rg)
-        upcast = spec.family == "gptj"  # GPT-J computes the scores in fp32
+        upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
         att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
@@ -409,8 +484,9 @@ class _B:
             tp.save_output(probs32)
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
+        self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
-        if upcast:  # GPT-J's _attn rebinds query/key to their fp32 copies: they live until it returns
+        if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         return out
 
@@ -465,7 +541,7 @@ class _B:
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
         if spec.qkv_fused:
-            name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+            name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
@@ -482,6 +558,8 @@ class _B:
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+        elif spec.kv_shared:
+            return self.shared_kv_attention(n, lin, kernel)
         elif spec.attn_output_gate:
             # Qwen3NextAttention (modeling_qwen3_next.py): q_proj makes (heads, 2 x head_dim); chunk(2) gives the query
             # and the gate as strided views, and gate.reshape(*input_shape, -1) copies it
@@ -495,10 +573,17 @@ class _B:
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
-            v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+            # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
+            v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
-            q = self.norm(q, qd if spec.qk_norm_full else d, tr)
-            k = self.norm(k, kvd if spec.qk_norm_full else d, tr)
+            per_head = spec.qk_norm_head_weights
+            q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
+            k = self.norm(k, kvd if spec.qk_norm_full else d, tr, weights=kvd if per_head else 0)
+            if spec.qk_norm_split:  # StableLmLayerNormPerHead: torch.cat of the heads' norm outputs (a copy; the
+                q = tp.op(q.numel, q.elem, (q,))  # per-head outputs are not saved)
+                k = tp.op(k.numel, k.elem, (k,))
+        if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
+            v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:
@@ -524,9 +609,12 @@ class _B:
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
             v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
+        if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
+            tp.keep(k, v)
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs
-        if has_mask and heads_kv != spec.num_heads and kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+        if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
+                kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
@@ -536,7 +624,8 @@ class _B:
             out = self.mul(out, gs)
         elif kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).contiguous() copies
-        oname = "o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3" else "dense"
+        oname = spec.o_name or ("o_proj" if (not spec.qkv_fused and spec.family != "phi") or spec.family == "phi3"
+                                else "dense")
         if spec.sub_norms:  # modeling_bitnet.py: attn_sub_norm(attn_output) before o_proj (its input held until
             # the norm returns)
             out = self.call(lambda v: self.norm(v, qd, tr), out)
@@ -545,6 +634,38 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
+                            kernel: Kernel) -> Tensor:
+        """A layer that reuses the keys and values an earlier layer stored (modeling_gemma4.py Gemma4TextAttention
+        with kv_sharing_mode "reuse"): q_proj, q_norm and RoPE, attention over the stored (B, Hkv, S, d) keys and
+        values, o_proj. Those are held by the model's shared_kv_states (inputs here, alive throughout); their
+        gradient, which goes back to the storing layer, is not counted."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd, d = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.head_dim
+        elem = max(self.num.act, resid_elem(self.num)) if not self.num.amp else self.num.act
+        k = tp.input(self.b * self.kv_len * kvd, elem, held=True)
+        v = tp.input(self.b * self.kv_len * kvd, elem, held=True)
+        q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+        if spec.qk_norm:
+            q = self.norm(q, d, plan.trainable)
+        q = self.call(self.rope, q)
+        if self.num.amp and kernel is not Kernel.EAGER:
+            q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
+        heads_kv = spec.num_kv_heads
+        has_mask = kernel is not Kernel.FLASH and bool(plan.sliding and spec.sliding_window and
+                                                       self.kv_len > spec.sliding_window)
+        if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
+                kernel in (Kernel.FLASH, Kernel.EFFICIENT):
+            k = tp.op(self.b * self.kv_len * qd, k.elem, (k,))
+            v = tp.op(self.b * self.kv_len * qd, v.elem, (v,))
+            heads_kv = spec.num_heads
+        out = self.attention_core(q, k, v, kernel, heads_kv)
+        if kernel in (Kernel.EAGER, Kernel.MATH):
+            out = tp.op(out.numel, out.elem, (out,))
+        o = lin(out, qd, h, "o_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def mla(self, n: Tensor) -> Tensor:
@@ -562,16 +683,19 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
 
+        qn: Tensor | None = None
         if qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
-            q = lin(self.norm(qa, qr, tr), qr, nh * qk, "q_b_proj", False)
+            qn = self.norm(qa, qr, tr)
+            q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
-        q_rot = self.call(self.rope, tp.view(q, b * s * nh * rd))
-        k_rot = self.call(self.rope, tp.view(ckv, b * s * rd))
+        rot = self.rope_complex if spec.rope_style == "complex" else self.rope
+        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        k_rot = self.call(rot, tp.view(ckv, b * s * rd))
         if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
@@ -580,14 +704,20 @@ class _B:
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
-        kernel = self.kernel_for(False)
+        # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
+        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
+        kernel = self.kernel_for(sparse is not None)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
         if kernel is Kernel.EFFICIENT:
             rg = query.rg or key.rg or value.rg
             lse = tp.op(b * nh * (-(-s // 32) * 32), 4, (), rg=False)
-            out = tp.op(b * s * nh * vd, query.elem, (query, key, value, lse),
-                        save=(query, key, value, lse) if rg else (), grad_to=(query, key, value))
+            ins: tuple[Tensor, ...] = (query, key, value, lse)
+            if sparse is not None:
+                # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
+                # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
+                ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
+            out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
@@ -596,7 +726,7 @@ class _B:
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -611,7 +741,7 @@ class _B:
             return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
                                lora_rank=plan.lora_rank if name in plan.lora_targets else 0, count=count)
 
-        if plan.moe:
+        if plan.moe and not spec.moe_beside_mlp:
             return self.moe(n)
         i = spec.intermediate_size
         if spec.mlp is MLPKind.GATED:
@@ -663,12 +793,35 @@ class _B:
             r = tp.op(n, x.elem, (x,))
             if x.rg:
                 tp.save_output(r)
-            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else ())
+            # square is pow(r, 2): pow_backward (FunctionsManual.cpp) makes r.pow(1) and 2 * that before the product
+            # that is the input's gradient
+            out = tp.op(n, x.elem, (r,), save=(r,) if r.rg else (), bwd_scratch=2 * n * x.elem if r.rg else 0)
             # ReLUSquaredActivation.forward (activations.py) is two ops in Python: its argument, the up
             # projection, stays referenced by the caller until it returns, so input, relu and square coexist
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
             return out
+        if act is Activation.XIELU:
+            # XIELUActivation._xielu_python (activations.py): where(x > 0, alpha_p * x * x + beta * x,
+            # (expm1(min(x, eps)) - x) * alpha_n + beta * x); saved: alpha_p * x and x (the square), expm1's result,
+            # the bool condition, and where the alphas train, x and expm1(...) - x for their gradients
+            e = x.elem
+            tr = self.plan is not None and self.plan.trainable
+            pg = self.param_grad(f"xielu{len(tp.ops)}", 2, self.num.param) if tr else ()
+            cond = tp.op(n, 1, (x,), rg=False)
+            t2 = tp.op(n, e, (x,), save=(x,) if tr else (), params=pg, rg=x.rg or tr)  # x for alpha_p's gradient
+            t3 = tp.op(n, e, (t2, x), save=(t2, x) if t2.rg else ())
+            t4 = tp.op(n, e, (x,))  # beta * x (beta a buffer)
+            t5 = self.add(t3, t4)
+            t6 = tp.op(n, e, (x,), save=(x,) if x.rg else ())  # min(x, eps)
+            t7 = tp.op(n, e, (t6,))  # expm1 saves its result
+            if t7.rg:
+                tp.save_output(t7)
+            t8 = tp.op(n, e, (t7, x))
+            t9 = tp.op(n, e, (t8,), save=(t8,) if tr else (), rg=t8.rg or tr)  # (t8 for alpha_n's gradient)
+            t10 = tp.op(n, e, (x,))
+            t11 = self.add(t9, t10)
+            return tp.op(n, e, (cond, t5, t11), save=(cond,) if t5.rg or t11.rg else (), grad_to=(t5, t11))
         if act is Activation.RELU:  # threshold_backward reads the result, shared with the next linear
             out = tp.op(n, x.elem, (x,))
             if x.rg:
@@ -711,7 +864,7 @@ class _B:
         # final cast)
         return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
 
-    def moe(self, n: Tensor) -> Tensor:
+    def moe(self, n: Tensor, routed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
         integrations/moe.py ``grouped_mm_experts_forward``): the router's fp32 softmax and top-k, every
         (token, expert) pair sorted by expert and gathered into one (T*k, hidden) batch, two grouped GEMMs,
@@ -727,7 +880,7 @@ class _B:
         # Qwen2-MoE and ERNIE 4.5 run the shared expert before the router (its output is held through the routed
         # experts); DeepSeek-V3, GLM-4.5 and Granite after them
         shared = self.shared_expert(n) if spec.shared_expert_intermediate_size and spec.shared_expert_first else None
-        idx, w = self.router(n, t, e, k, tr)
+        idx, w = routed if routed is not None else self.router(n, t, e, k, tr)
         routed_in = n
         if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
             h = spec.moe_latent_size
@@ -875,16 +1028,85 @@ class _B:
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
             m = self.call(self.mlp, n2)
+            if spec.moe_beside_mlp and plan.moe:
+                m = self.moe_beside(m, hmid)
+            # the normed input and the attention output stay referenced by the layer's locals through the MLP
+            # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
+            # GPTBigCodeBlock: the attn_outputs tuple)
+            held = {"normed": n1, "attn": a}
+            if spec.returns_attn_weights and self.probs is not None:
+                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
+                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+                held["probs"] = self.probs
+            for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
+                t = held[what]
+                root = t.base if t.base is not None else t
+                root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
             y = self.add(hmid, self.residual(m))
+            if spec.per_layer_input:
+                y = self.per_layer_branch(y)
         self.tp.keep(y)
         return y
+
+    def moe_beside(self, m: Tensor, hmid: Tensor) -> Tensor:
+        """Gemma4TextDecoderLayer with enable_moe_block (modeling_gemma4.py): the dense MLP's output normed
+        (post_feedforward_layernorm_1); the router reads the residual stream (a weightless RMSNorm, times its
+        ``scale`` parameter and hidden ** -0.5, the projection, softmax in fp32, top-k renormalised and times
+        ``per_expert_scale[index]``: fp32 weights); the experts run on pre_feedforward_layernorm_2 of the residual
+        (grouped_mm dispatch as :meth:`moe`), normed again (post_feedforward_layernorm_2) and added to the first."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, e, k, tr = spec.hidden_size, spec.num_experts, spec.experts_per_token, plan.trainable
+        t = hmid.numel // h
+        h1 = self.norm(m, h, tr)
+        r = self.norm(hmid, h, tr, scale=False)
+        r = tp.op(r.numel, r.elem, (r,), save=(r,) if tr else (),
+                  params=self.param_grad(f"router.scale{len(tp.ops)}", h, self.num.param) if tr else ())
+        r = tp.op(r.numel, r.elem, (r,))  # * scalar_root_size
+        logits = self.linear(r, h, e, "router", bias=False, trainable=tr)
+        probs = tp.op(t * e, 4, (logits,))  # softmax(dtype=float32) saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        idx = tp.op(t * k, 8, (probs,), rg=False)
+        top = tp.op(t * k, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        total = tp.op(t, 4, (top,))  # top_k_weights.sum(-1); the division is in place
+        pes = tp.op(t * k, self.num.param, (idx,), rg=tr,
+                    params=self.param_grad(f"router.pes{len(tp.ops)}", e, self.num.param) if tr else ())
+        w = self.mul(top, pes, elem=4)
+        total.last_use = len(tp.ops) - 1
+        h2 = self.norm(hmid, h, tr)
+        h2 = self.moe(h2, routed=(idx, w))
+        h2 = self.norm(h2, h, tr)
+        return self.add(h1, h2)
+
+    def per_layer_branch(self, y: Tensor) -> Tensor:
+        """The per-layer-input branch closing a Gemma 3n / Gemma 4 layer: ``per_layer_projection(act(
+        per_layer_input_gate(h)) * per_layer_input)``, normed (post_per_layer_input_norm) and added to ``h``. The
+        layer's slice of the model's per-layer inputs is a view of a tensor the model holds throughout (its
+        gradient, summed into that tensor's, is not counted)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
+
+        def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
+                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+
+        pli = tp.input(self.t * p, resid_elem(self.num), held=True)
+        g = lin(y, h, p, "per_layer_input_gate")
+        a = self.activation(g)
+        prod = self.mul(a, pli)
+        o = lin(prod, p, h, "per_layer_projection")
+        o = self.norm(o, h, tr)
+        return self.add(y, o)
 
 
 def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
                 kv_len: int | None = None) -> Tensor:
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
+    spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
     x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
     y = bld.layer(x)
@@ -910,9 +1132,14 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_proj_dim:
         x = bld.linear(x, pe, h, "project_in", bias=False, trainable=trainable)
     if spec.position is PositionKind.LEARNED:
-        pos = tp.op(t * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
+        # position_ids (1, seq) (GPT-2, GPTBigCode): a (1, seq, hidden) lookup; OPT's come from the attention mask
+        # (batch, seq). The base model's forward holds it until it returns
+        rows = seq if spec.positions_unbatched else t
+        pos = tp.op(rows * h, elem, (), params=bld.param_grad("wpe", spec.max_learned_positions * h, elem)
                     if trainable else (), rg=trainable)
         x = bld.add(x, pos)
+        if spec.positions_unbatched:
+            tp.keep(pos)
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
@@ -920,10 +1147,18 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
+    if spec.per_layer_input:
+        _per_layer_inputs(bld, x, trainable)
+    if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
+        # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
+        tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
     if spec.position is PositionKind.ROPE:
-        cs = tp.op(2 * t * spec.head_dim, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (),
-                   rg=False)
-        tp.keep(cs)
+        # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
+        dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \
+            [spec.head_dim]
+        for d in dims:
+            cs = tp.op(2 * t * d, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (), rg=False)
+            tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
     if attention is Attention.EAGER and spec.family != "gpt2":
@@ -940,6 +1175,27 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         tp.keep(mask)
     tp.keep(x)
     return x
+
+
+def _per_layer_inputs(bld: _B, x: Tensor, trainable: bool) -> None:
+    """Per-layer embeddings (modeling_gemma4.py Gemma4TextModel.get_per_layer_inputs / project_per_layer_inputs):
+    a lookup in ``embed_tokens_per_layer`` (num_layers x per-layer width per token) times its scale; the scaled
+    embeddings projected to the same width (``per_layer_model_projection``) times hidden ** -0.5, an RMSNorm over
+    each layer's slice, the sum of both times 2 ** -0.5. The result is held until the forward returns (each
+    layer reads its slice)."""
+    tp, spec, num = bld.tp, bld.spec, bld.num
+    width = spec.num_layers * spec.per_layer_input
+    t = bld.t
+    elem = num.norm_param
+    pg = bld.param_grad("embed_per_layer", spec.per_layer_vocab * width, elem) if trainable else ()
+    tok = tp.op(t * width, elem, (), params=pg, rg=trainable)
+    tok = tp.op(tok.numel, tok.elem, (tok,))  # * embed_scale
+    proj = bld.linear(x, spec.hidden_size, width, "per_layer_model_projection", bias=False, trainable=trainable)
+    proj = tp.op(proj.numel, proj.elem, (proj,))  # * per_layer_model_projection_scale
+    proj = bld.norm(proj, spec.per_layer_input, trainable)
+    both = bld.add(proj, tok)
+    out = tp.op(both.numel, both.elem, (both,))  # * per_layer_input_scale
+    tp.keep(out)
 
 
 # TRL SFTTrainer's entropy metric (trl/trainer/utils.py ``entropy_from_logits``, v1.9.0): rows per chunk
@@ -968,6 +1224,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
+    if spec.head_input_scale:  # MiniCPM3ForCausalLM: hidden_states / logits_scaling, then the last-token slice
+        n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
     pe = spec.embed_proj_dim or h

@@ -73,6 +73,7 @@ KIND_COLORS: Mapping[MemoryKind, str] = {
     MemoryKind.OPTIMIZER_STATE: "#88d27a", MemoryKind.ACTIVATIONS: "#e45756", MemoryKind.LOGITS_LOSS: "#ff9d98",
     MemoryKind.KV_CACHE: "#b279a2", MemoryKind.QUANTIZATION_CONSTANTS: "#72b7b2",
     MemoryKind.WORKSPACE: "#eeca3b", MemoryKind.CUDA_CONTEXT: "#9d755d", MemoryKind.ALLOCATOR_SLACK: "#bab0ac",
+    MemoryKind.NCCL_BUFFERS: "#6b6ecf",
 }
 _GPU_COLORS = ("#1f1f1f", "#d62728", "#7b4ea3", "#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2")
 

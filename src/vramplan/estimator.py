@@ -29,7 +29,7 @@ from ._engine.step import (
 )
 from ._engine.tape import Moment, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
-from .blocks import LayerPlan, Numerics, build_embed, build_head, build_layer, resid_elem
+from .blocks import Kernel, LayerPlan, Numerics, attention_kernel, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
 from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
@@ -107,20 +107,21 @@ def numerics(w: Workload) -> Numerics:
 
 
 def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bool, sliding: bool,
-          rope: bool = True, attention: Attention | None = None, kind: tuple[str, bool, bool] = ("attention", True,
-                                                                                                 False)) -> LayerPlan:
+          rope: bool = True, attention: Attention | None = None,
+          kind: tuple[str, bool, bool, int] = ("attention", True, False, -1)) -> LayerPlan:
     targets = lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else frozenset()
-    mixer, mlp, fp32_in = kind
+    mixer, mlp, fp32_in, variant = kind
     return LayerPlan(trainable=trainable, input_rg=input_rg, lora_targets=targets, lora_rank=w.lora_rank,
                      quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
                      lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope,
                      dora=w.method is Method.DORA, mixer=mixer, mlp=mlp, ssm_kernel=w.ssm_kernel,
-                     input_fp32=fp32_in)
+                     input_fp32=fp32_in, variant=variant)
 
 
-def _kind(spec: ModelSpec, i: int) -> tuple[str, bool, bool]:
-    """(mixer, has an MLP, input is the fp32 residual) of layer ``i`` (hybrid and state-space models)."""
-    return spec.mixer(i), i not in spec.mlp_free_layers, spec.residual_fp32 and i > 0
+def _kind(spec: ModelSpec, i: int) -> tuple[str, bool, bool, int]:
+    """(mixer, has an MLP, input is the fp32 residual, group in spec.layer_overrides) of layer ``i`` (hybrid and
+    state-space models; heterogeneous stacks)."""
+    return spec.mixer(i), i not in spec.mlp_free_layers, spec.residual_fp32 and i > 0, spec.variant(i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +158,13 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
 
 
 def _layer_groups(spec: ModelSpec, first_trainable: int,
-                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool]]]:
+                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]]:
     """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
     top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
-    :func:`_kind` (mixer, MLP, fp32 input)."""
-    counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool]], int] = {}  # identical layers: one replay
+    :func:`_kind` (mixer, MLP, fp32 input, layer-override group)."""
+    # identical layers: one replay
+    counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]], int] = {}
     for i in range(spec.num_layers):
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
@@ -296,8 +298,19 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         bwd_peak.offer(_plus(cur, _scale(net, sim.count - 1), peak_rel))
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
-        e_bwd = layer_backward(et, param_grads_exist=accumulating or (spec.tie_word_embeddings and head_trainable))
-        bwd_peak.offer(_plus(cur, e_bwd.peak_kinds))
+        tied = spec.tie_word_embeddings and head_trainable
+        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied)
+        # a tied weight's two gradients meet in the autograd InputBuffer of its one AccumulateGrad: the head's waits
+        # there through the whole backward, and the embedding's is added to it out of place (aten.add, not add_:
+        # seen on real CPU tensors as in the trace; torch/csrc/autograd/input_buffer.cpp accumulate): their sum is
+        # a third embedding-sized buffer at the end of backward
+        extra = spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param \
+            if tied and embed_trainable and head else 0
+        if tied and not accumulating:
+            # the replay took every parameter of the embedding program to have its gradient already; only the tied
+            # one does (the head made it): the others' (Gemma 4's per-layer embedding table and projection) are new
+            extra += sum(dict(p for op in et.ops for p in op.params if p[0] != hash("embed")).values())
+        bwd_peak.offer(_plus(cur, e_bwd.peak_kinds, _vec({K.GRADIENTS: extra})))
     if host is not None:
         host.traffic = 2 * host.nbytes * w.gradient_accumulation
 
@@ -333,11 +346,23 @@ def _neg_act(n: int) -> tuple[int, ...]:
 
 
 def _kv_bytes(spec: ModelSpec, num: Numerics, b: int, length: int, sliding: bool) -> int:
-    """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype)."""
+    """Keys and values of one layer in the DynamicCache (post-RoPE keys, model dtype); ``spec`` is the layer's
+    (:meth:`ModelSpec.layer`): a layer that reuses another's keys and values caches nothing."""
+    if spec.kv_shared:
+        return 0
     if sliding and spec.sliding_window:
         length = min(length, spec.sliding_window)
     elem = max(num.act, resid_elem(num)) if spec.position is PositionKind.ROPE else num.act  # RoPE promotes
     return b * length * spec.kv_cache_per_token * elem
+
+
+def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, int]) -> bool:
+    """Whether a prefill runs a KV-sharing layer on the last token only: Gemma4TextModel._maybe_slice_kv_shared_inputs
+    (modeling_gemma4.py, 5.24) slices the hidden states, per-layer inputs, rotary tables and masks to
+    ``logits_to_keep`` before the first such layer (they write no cache, so the prompt's other positions are not
+    needed) when generate keeps one token's logits, except with flash / flex attention."""
+    return spec.at_variant(kind[3]).kv_shared and w.logits is LogitsMode.LAST and w.seq_len > 1 and \
+        w.attention is not Attention.FLASH
 
 
 def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
@@ -369,16 +394,27 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     peak.offer(_plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+    if spec.returns_attn_weights and attention_kernel(spec, w.attention, num.act, True) is Kernel.EAGER:
+        # the previous layer's eager attention weights, held by the model loop's ``outputs`` tuple until the next
+        # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
+        held = _plus(held, _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act}))
     cur = _plus(cur, held)
+    sliced = False
     for count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
-        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, s, count)
+        q = 1 if kv_shared_sliced(spec, w, kind) else s
+        sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
+                              kv_len=s)
         peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
+        if q != s and not sliced:  # the full-length hidden state the first of them sliced dies with its return
+            sliced = True
+            cur = _plus(cur, _neg_act(b * (s - 1) * spec.hidden_size * resid_elem(num)))
     cur = _plus(cur, _scale(held, -1))
     if head:
         ht = Tape(False)
         last = w.logits is LogitsMode.LAST
-        build_head(ht, spec, num, b, s, trainable=False, input_rg=False, logits_tokens=b if last else b * s,
+        hs = 1 if sliced else s  # the last hidden state is already the last token's
+        build_head(ht, spec, num, b, hs, trainable=False, input_rg=False, logits_tokens=b if last else b * hs,
                    loss=False)
         h = layer_forward(ht)
         peak.offer(_plus(cur, h.peak_kinds))
@@ -386,9 +422,9 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
     attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS]
-    kv_all = sum(_kv_bytes(spec, num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
+    kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
-    kv_layer = _kv_bytes(spec, num, b, total_len, False) if attn else 0
+    kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)
     small = (b * spec.vocab_size * num.act if head else 0) + 8 * b * spec.hidden_size * 4 + \
         b * spec.intermediate_size * 3 * num.act
     dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))

@@ -185,7 +185,7 @@ class KVCapacity:
 def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
     """Keys and values of one token over every attention layer: 2 x kv_heads x head_dim x bytes x layers (the
     Mamba layers of a hybrid keep a fixed state per sequence instead: :func:`state_bytes_per_sequence`)."""
-    return spec.kv_cache_per_token * elem * spec.attention_layers
+    return spec.kv_cache_layers_per_token * elem
 
 
 def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
@@ -361,7 +361,8 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     where = "" if per_gpu is None else f" on the most loaded of {per_gpu.layout.gpus} GPUs ({per_gpu.engine.value})"
     sampled = "" if w.batch_size - 1 <= ENVELOPE_EXACT_BATCH else f" (sampled above batch {ENVELOPE_EXACT_BATCH})"
     assumptions = [
-        f"fits: total_bytes (what the caching allocator reserves + CUDA context){where}, and that of every "
+        f"fits: total_bytes (what the caching allocator reserves + CUDA context"
+        f"{'' if per_gpu is None else ' + NCCL buffers'}){where}, and that of every "
         f"smaller batch at this sequence length{sampled}, <= {gpu.display_name}'s usable memory, "
         f"{usable / GiB:.2f} GiB; OOM margin {(usable - total) / GiB:+.2f} GiB "
         "(reserved memory is not monotone in the batch: cached blocks of one step serve the next step's tensors "

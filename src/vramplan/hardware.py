@@ -93,6 +93,35 @@ class Link:
     note: str
     source: str
     retrieved: str
+    nccl: NcclLinkTopology | None = None  # what NCCL builds over it (None: NCCL does not run there)
+
+
+@dataclass(frozen=True, slots=True)
+class NcclLinkTopology:
+    """What NCCL's topology search builds over one kind of link (``nccl`` of ``data/interconnects.json``).
+
+    ``coll_channels``: channels of rings and trees (``comm->nChannels``); ``p2p_channels_per_peer``: channels a
+    send/recv peer uses over it (intra-node links; 0 for the network, whose p2p buffers are shared);
+    ``p2p_read``: NCCL's P2P read mode (the Simple buffer on the sender's side); ``nvls_channels``: NVLink
+    SHARP channels (0 without an NVSwitch that does multicast); ``device_buffers``: network buffers live in
+    device memory (GPUDirect RDMA) rather than host memory."""
+
+    coll_channels: int
+    p2p_channels_per_peer: int = 0
+    p2p_read: bool = False
+    nvls_channels: int = 0
+    device_buffers: bool = True
+    note: str = ""
+    source: str = ""
+
+
+def _nccl_topology(raw: Mapping[str, object] | None) -> NcclLinkTopology | None:
+    if not raw:
+        return None
+    return NcclLinkTopology(int(str(raw["coll_channels"])), int(str(raw.get("p2p_channels_per_peer", 0))),
+                            bool(raw.get("p2p_read", False)), int(str(raw.get("nvls_channels", 0))),
+                            bool(raw.get("device_buffers", True)), str(raw.get("note", "")),
+                            str(raw.get("source", "")))
 
 
 @cache
@@ -101,7 +130,8 @@ def _links() -> Mapping[str, Link]:
     if raw.get("schema") != 1:
         raise UnknownNameError("data/interconnects.json: unsupported schema")
     return {r["name"]: Link(r["name"], r["display_name"], r["kind"], r["scope"],
-                            int(r["bandwidth_per_direction_bytes_per_s"]), r["note"], r["source"], r["retrieved"])
+                            int(r["bandwidth_per_direction_bytes_per_s"]), r["note"], r["source"], r["retrieved"],
+                            _nccl_topology(r.get("nccl")))
             for r in raw["links"]}
 
 

@@ -34,7 +34,8 @@ _ACTIVATIONS = {
     "gelu": Activation.GELU, "gelu_python": Activation.GELU,
     "gelu_new": Activation.GELU_NEW, "gelu_fast": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
-    "relu": Activation.RELU, "relu2": Activation.RELU2,  # ReLUSquaredActivation (activations.py)
+    "relu": Activation.RELU, "relu2": Activation.RELU2,
+    "xielu": Activation.XIELU,  # ReLUSquaredActivation (activations.py)
 }
 
 
@@ -165,6 +166,19 @@ class _Facts:
     norm_bias: bool = False  # the norms are nn.LayerNorm with a bias (Jais 2)
     qk_norm: str = ""  # "head": RMSNorm over head_dim; "full": over all heads' q / k (OLMo 2)
     qk_norm_key: str = ""  # config flag that turns the per-head q/k norm on (GLM-4.5: use_qk_norm)
+    qk_norm_head_weights: bool = False  # the per-head q/k norms hold one weight row per head, no bias (Cohere
+    # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: one LayerNorm per head)
+    qk_norm_split: bool = False  # StableLmLayerNormPerHead: torch.split into heads, a norm each, torch.cat back
+    held_through_mlp: tuple[str, ...] = ()  # StableLM: the layer keeps its normed input and attention output
+    # through the MLP
+    parallel_key: str = ""  # config flag that makes the block parallel (StableLM use_parallel_residual)
+    embed_norm: bool = False  # a norm of the embeddings before the first layer (NanoChat: the final norm's module)
+    softcap_default: float | None = None  # final_logit_softcapping when the config leaves it out (NanoChat: 15)
+    o_name: str = ""  # the attention output projection's name where the layout's default is not it (Persimmon: dense)
+    qk_norm_default: bool = False  # the qk_norm_key's default in the config class (Persimmon: True)
+    refuse_keys: tuple[str, ...] = ()  # config keys whose non-null value changes what the facts model (refused)
+    act_default: str = ""  # hidden_act when the config leaves it out, where not silu (NemotronConfig: relu2)
+    rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
     gate_up_fused: bool = False
@@ -191,6 +205,15 @@ class _Facts:
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
+    # the MLA fields' defaults where the config omits them (the config class's): q_lora_rank (0: a plain q_proj),
+    # kv_lora_rank (0: required), qk_nope_head_dim, qk_rope_head_dim, v_head_dim (0: hidden_size // heads)
+    mla_defaults: tuple[int, int, int, int, int] = (0, 0, 128, 64, 128)
+    mlp_types: int = -1  # >= 0: the MoE layers are the "sparse" entries of mlp_layer_types, whose default has this
+    # many leading dense layers (GLM-4.7-Flash: first_k_dense_replace is not read); -2: the same, its default from
+    # first_k_dense_replace (DeepSeek-V3.2); -1: first_k_dense_replace
+    dsa: bool = False  # DeepSeek Sparse Attention's indexer (index_n_heads, index_head_dim, index_topk, indexer_types)
+    head_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (embedding and residual
+    # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
@@ -206,6 +229,25 @@ _FAMILIES: dict[str, _Facts] = {
     "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
                        moe="deepseek"),
     "deepseek_v3": _Facts(version="5.24", moe="deepseek", mla=True),
+    # DeepSeek-V2 / V2-Lite (modeling_deepseek_v2.py): DeepSeek-V3's MLA with the complex rotary of apply_rotary_emb
+    # (q/k rotary parts as fp32 complex numbers times freqs_cis, cast back), and a softmax router in fp32
+    # (DeepseekV2TopkRouter: greedy or group_limited_greedy top-k, the weights times routed_scaling_factor stay fp32)
+    "deepseek_v2": _Facts(version="5.24", moe="deepseek_v2", mla=True, rope="complex"),
+    # GLM-4.7-Flash (modeling_glm4_moe_lite.py): DeepSeek-V3's MLA, router and experts; its MoE layers are the
+    # "sparse" entries of mlp_layer_types (default: layer 0 dense)
+    "glm4_moe_lite": _Facts(version="5.24", moe="deepseek", mla=True, mlp_types=1),
+    # DeepSeek-V3.2 (modeling_deepseek_v32.py): DeepSeek-V3's MLA and MoE with the DSA lightning indexer (no_grad:
+    # fp32 per-head scores of every key, ReLU, weighted sum, top-k) whose selection masks the attention
+    "deepseek_v32": _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                           mla_defaults=(1536, 512, 128, 64, 128)),
+    # GLM-5 (modeling_glm_moe_dsa.py): DeepSeek-V3.2's layer, the indexer's RoPE interleaved; indexer_types "shared"
+    # layers (reusing the previous layer's top-k) are refused
+    "glm_moe_dsa": _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                          mla_defaults=(2048, 512, 192, 64, 256)),
+    # MiniCPM3 (modeling_minicpm3.py): a dense LLaMA layer with DeepSeek's MLA (RoPE on halves, not interleaved),
+    # embeddings * scale_emb, each residual branch * scale_depth / sqrt(layers), the final hidden states /
+    # (hidden_size / dim_model_base) before a tied lm_head
+    "minicpm3": _Facts(version="5.24", tie=True, mla=True, mla_defaults=(768, 256, 64, 32, 0), head_scale=True),
     "ernie4_5_moe": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias",
                            rope="interleave", rope_interleave_fp32=True, moe="ernie"),
     "qwen2": _Facts(qkv_bias=True, o_bias=False, sliding="qwen"),
@@ -251,6 +293,25 @@ _FAMILIES: dict[str, _Facts] = {
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
     "helium": _Facts(version="5.24"),
+    # StableLM (modeling_stablelm.py): LLaMA's gated MLP with biased LayerNorms, q/k/v biases by use_qkv_bias
+    # (o_proj none), partial rotary on the first rotary_ndims of each head (0.25 by default), use_parallel_residual
+    # (one norm feeding attention and MLP), qk_layernorm (a LayerNorm per head over split heads, concatenated); the
+    # layer's locals hold the normed input and the attention output through the MLP;
+    # the nn.Dropout(hidden_dropout) after the MLP is 0 in the published configs and not modelled
+    "stablelm": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, bias_key="use_qkv_bias",
+                       o_bias=False, partial_rotary=True, rotary_default=0.25, qk_norm_key="qk_layernorm",
+                       qk_norm_head_weights=True, qk_norm_split=True, parallel_key="use_parallel_residual",
+                       held_through_mlp=("normed", "attn")),
+    # Nemotron-4 / Minitron (modeling_nemotron.py): LayerNorm1P (F.layer_norm with weight + 1 and a bias, outside
+    # autocast), partial rotary (0.5 by default), attention_bias on q/k/v/o, an ungated up_proj -> relu2 -> down_proj
+    # MLP with mlp_bias
+    "nemotron": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, partial_rotary=True,
+                       rotary_default=0.5, mlp_plain=True, act_default="relu2"),
+    # Command-R (modeling_cohere.py): Cohere 2's parallel block, CohereLayerNorm, interleaved fp32 RoPE and
+    # logit_scale, without sliding layers (every layer applies RoPE); use_qk_norm adds CohereLayerNorms of q and k
+    # over head_dim whose weights are (heads, head_dim)
+    "cohere": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
+                     logit_scale_key="logit_scale", qk_norm_key="use_qk_norm", qk_norm_head_weights=True),
     # HunYuan dense V1 (modeling_hunyuan_v1_dense.py): per-head RMSNorm of q and k after RoPE
     "hunyuan_v1_dense": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True),
     # Ministral 3 (modeling_ministral3.py): Mistral with q scaled by a position temperature after RoPE
@@ -275,6 +336,25 @@ _FAMILIES: dict[str, _Facts] = {
     # OLMo (modeling_olmo.py): LLaMA's layer with parameter-free fp32 LayerNorms and fp32 rotary tables
     "olmo": _Facts(version="5.24", norm=NormKind.LAYERNORM_NO_AFFINE, rope="fp32_tables"),
     "seed_oss": _Facts(version="5.24", o_bias=False),
+    # Apertus (modeling_apertus.py): Qwen 3's per-head q/k RMSNorm before RoPE, an ungated up_proj -> xIELU ->
+    # down_proj MLP (NemotronMLP), LLaMA's layout (attention_layernorm, feedforward_layernorm)
+    "apertus": _Facts(version="5.24", qk_norm="head", mlp_plain=True, act_default="xielu"),
+    # Apertus 1.5's language model (modeling_apertus1p5.py Apertus1p5TextForCausalLM): Apertus with a vocabulary
+    # extended by visual and audio codes; a head pruned to output_vocab_size rows is not modelled (refused)
+    "apertus1p5_text": _Facts(version="5.24", qk_norm="head", mlp_plain=True, act_default="xielu",
+                              refuse_keys=("output_vocab_size",)),
+    # Persimmon (modeling_persimmon.py): one biased query_key_value laid out (heads, 3, head_dim) (q/k/v strided
+    # views), per-head biased LayerNorms of q and k (qk_layernorm, on by default), partial rotary 0.5, a biased dense
+    # output, an ungated relu2 dense_h_to_4h -> dense_4h_to_h MLP with biases, biased LayerNorms
+    "persimmon": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, qkv_fused=True, bias_default=True,
+                        mlp_plain=True, mlp_names=("dense_h_to_4h", "dense_4h_to_h"), mlp_bias_default=True,
+                        partial_rotary=True, rotary_default=0.5, qk_norm_key="qk_layernorm", qk_norm_default=True,
+                        act_default="relu2", o_name="dense"),
+    # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
+    # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
+                       mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
+                       softcap_default=15.0),
 }
 # the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
 # in ``architectures`` under a model_type this reader does not know
@@ -285,15 +365,24 @@ _CLASSES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
-    "Cohere2ForCausalLM": "cohere2", "GraniteMoeForCausalLM": "granitemoe", "Glm4MoeForCausalLM": "glm4_moe",
+    "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "StableLmForCausalLM": "stablelm",
+    "NemotronForCausalLM": "nemotron", "GraniteMoeForCausalLM": "granitemoe",
+    "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
     "OlmoeForCausalLM": "olmoe", "FlexOlmoForCausalLM": "flex_olmo", "Dots1ForCausalLM": "dots1",
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
-    "HyperCLOVAXForCausalLM": "hyperclovax", "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
+    "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
+    "PersimmonForCausalLM": "persimmon",
+    "Apertus1p5TextForCausalLM": "apertus1p5_text",
+    "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
-    "DeepseekV3ForCausalLM": "deepseek_v3", "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
+    "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
+    "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
+    "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
     "FalconForCausalLM": "falcon",
 }
@@ -318,13 +407,13 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
     return None, ()
 
 
-def _rotary_fraction(c: _Cfg) -> float:
+def _rotary_fraction(c: _Cfg, default: float = 1.0) -> float:
     """partial_rotary_factor: top level, or inside rope_parameters / rope_scaling (transformers >= 5)."""
     for key in ("rope_parameters", "rope_scaling"):
         sub = c.raw.get(key)
         if isinstance(sub, Mapping) and "partial_rotary_factor" in sub:
             return _Cfg(sub, f"{c.where}: {key}").float_("partial_rotary_factor", lo=0.0, hi=1.0)
-    return c.float_("partial_rotary_factor", default=1.0, lo=0.0, hi=1.0)
+    return c.float_("partial_rotary_factor", default=default, lo=0.0, hi=1.0)
 
 
 def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], window: int | None) -> tuple[int, ...]:
@@ -379,13 +468,30 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                               "run vramplan trace")
     elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
         inter = c.int_("moe_intermediate_size")
-        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        first_dense = c.int_("first_k_dense_replace", default=3 if f.mlp_types == -2 else 0, lo=0, hi=_MAX_LAYERS)
         every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
+        moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % every == 0)
+        if f.mlp_types != -1:
+            types = c.raw.get("mlp_layer_types")
+            if types is None:
+                dense = min(first_dense if f.mlp_types == -2 else f.mlp_types, layers)
+                types = ["dense"] * dense + ["sparse"] * (layers - dense)
+            # the decoder layer reads mlp_layer_types[layer_idx]: entries past the last layer are not read
+            if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
+                raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
+                                  "layers")
+            moe_layers = tuple(i for i, t in enumerate(types[:layers]) if t == "sparse")
         out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
                "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
-               "moe_layers": tuple(i for i in range(layers) if i >= first_dense and i % every == 0),
-               "router_fp32": True, "router_sigmoid": True}
+               "moe_layers": moe_layers, "router_fp32": True, "router_sigmoid": True}
+    elif f.moe == "deepseek_v2":  # DeepseekV2TopkRouter: fp32 logits, softmax, top-k; fp32 weights * scaling factor
+        inter = c.int_("moe_intermediate_size")
+        first_dense = c.int_("first_k_dense_replace", default=0, lo=0, hi=_MAX_LAYERS)
+        out = {"num_experts": c.int_("n_routed_experts", default=64),
+               "experts_per_token": c.int_("num_experts_per_tok"), "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=2, lo=0),
+               "moe_layers": tuple(range(first_dense, layers)), "router_fp32": True, "router_weights_fp32": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -413,16 +519,35 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
             if key in raw:  # transformers sets the canonical attribute from its alias
                 raw[canonical] = raw.pop(key)
         c = _Cfg(raw, c.where)
+    for key in f.refuse_keys:
+        if c.raw.get(key) is not None:
+            raise ConfigError(f"{c.where}: {key} is not modelled for {family}; run `vramplan trace` on this config")
     hidden = c.int_("hidden_size")
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
     mla: dict[str, Any] = {}
     if f.mla:
-        rope_dim = c.int_("qk_rope_head_dim", default=64)
-        head_dim = c.int_("qk_nope_head_dim", default=128) + rope_dim
-        mla = {"q_lora_rank": c.int_("q_lora_rank", default=0, lo=0), "kv_lora_rank": c.int_("kv_lora_rank"),
-               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=128)}
+        q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
+        rope_dim = c.int_("qk_rope_head_dim", default=rope)
+        head_dim = c.int_("qk_nope_head_dim", default=nope) + rope_dim
+        # q_lora_rank null (DeepSeek-V2-Lite, Kimi): a plain q_proj; absent: the config class's default
+        q_rank = 0 if "q_lora_rank" in c.raw and c.raw["q_lora_rank"] is None else q_rank
+        mla = {"q_lora_rank": c.int_("q_lora_rank", default=q_rank, lo=0),
+               "kv_lora_rank": c.int_("kv_lora_rank", default=kv_rank or _MISSING),
+               "qk_rope_head_dim": rope_dim, "v_head_dim": c.int_("v_head_dim", default=v_dim or hidden // heads)}
+        if f.dsa:
+            kinds = c.raw.get("indexer_types")
+            if kinds is not None and (not isinstance(kinds, list) or len(kinds) < layers
+                                      or not set(kinds[:layers]) <= {"full", "shared"}):
+                raise ConfigError(f"{c.where}: indexer_types must list 'full' or 'shared' for each of the {layers} "
+                                  "layers")
+            if kinds is not None and "shared" in kinds[:layers]:
+                raise ConfigError(f"{c.where}: indexer_types 'shared' (layers reusing the previous indexer's top-k) is "
+                                  "not modelled by estimate; run vramplan trace")
+            mla |= {"index_heads": c.int_("index_n_heads", default=64), "index_head_dim": c.int_("index_head_dim",
+                                                                                                 default=128),
+                    "index_topk": c.int_("index_topk", default=2048)}
         kv = heads  # k and v are expanded to every head from the latent
     else:
         # transformers' LLaMA-class attention takes hidden_size // num_attention_heads when head_dim is unset
@@ -430,7 +555,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     vocab = c.int_("vocab_size")
     gemma = f.gemma
     tie = c.bool_("tie_word_embeddings", default=f.tie)
-    act_default = "gelu_pytorch_tanh" if gemma else "silu"
+    act_default = "gelu_pytorch_tanh" if gemma else f.act_default or "silu"
     # Gemma: transformers builds gelu_pytorch_tanh from hidden_activation and ignores hidden_act ("gelu")
     act = c.activation("hidden_activation", default=act_default) if gemma else \
         c.activation("hidden_act", default=act_default)
@@ -439,6 +564,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     o_bias = bias_flag and f.o_bias
     window, sliding = _sliding(c, f, layers)
     layout = "sandwich" if f.post_norm_key and c.bool_(f.post_norm_key, default=False) else f.layout
+    parallel = f.parallel or (bool(f.parallel_key) and c.bool_(f.parallel_key, default=False))
 
     moe = _moe(c, f, family, layers)
     num_experts, top_k = moe.get("num_experts", 0), moe.get("experts_per_token", 0)
@@ -460,17 +586,21 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=f.mlp_bias_default),
         qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused, lm_head_bias=f.lm_head_bias,
-        norms_per_layer=4 if layout == "sandwich" else 1 if f.parallel else 2, norm_bias=f.norm_bias,
-        pre_norm=layout != "post", parallel_residual=f.parallel,
-        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=False)),
-        qk_norm_full=f.qk_norm == "full",
+        norms_per_layer=4 if layout == "sandwich" else 1 if parallel else 2, norm_bias=f.norm_bias,
+        pre_norm=layout != "post", parallel_residual=parallel,
+        qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=f.qk_norm_default)),
+        o_name=f.o_name,
+        qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
+        held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
-        rotary_fraction=_rotary_fraction(c) if f.partial_rotary else 1.0,
+        rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
-        embed_scale=gemma or f.multipliers, residual_scale=f.multipliers,
-        logit_scale=f.multipliers or logit_scale is not None,
-        logit_softcap=c.opt_float("final_logit_softcapping") if f.softcap else None,
+        embed_scale=gemma or f.multipliers or f.head_scale, residual_scale=f.multipliers or f.head_scale,
+        logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
+        logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
+            f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
+        embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
         sdpa=f.sdpa and not f.sinks,
@@ -494,6 +624,58 @@ def _gpt2(c: _Cfg, family: str) -> ModelSpec:
         norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True,
         attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+    )
+
+
+def _gpt_bigcode(c: _Cfg, family: str) -> ModelSpec:
+    """StarCoder / SantaCoder (modeling_gpt_bigcode.py): GPT-2's block with nn.Linear projections, one fused c_attn
+    whose key and value are a single head under multi_query (MQA), LLaMA's attention interface (eager: fp32
+    softmax, repeat_kv; SDPA with enable_gqa), learned positions, dropouts after embeddings, attention and MLP."""
+    hidden = c.int_("n_embd", "hidden_size", default=768)
+    heads = c.int_("n_head", "num_attention_heads", default=12)
+    kv = 1 if c.bool_("multi_query", default=True) else heads
+    head_dim = _check_heads(c, hidden, heads, kv, None)
+    positions = c.int_("n_positions", "max_position_embeddings", default=1024, hi=1 << 24)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50257), hidden_size=hidden,
+        num_layers=c.int_("n_layer", "num_hidden_layers", default=12, hi=_MAX_LAYERS), num_heads=heads,
+        num_kv_heads=kv, head_dim=head_dim, intermediate_size=c.int_("n_inner", default=4 * hidden),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=c.activation("activation_function", default="gelu_pytorch_tanh"),
+        position=PositionKind.LEARNED, max_position_embeddings=positions, max_learned_positions=positions,
+        norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True, qkv_name="c_attn",
+        o_name="c_proj", mlp_names=("c_fc", "c_proj"), held_through_mlp=("attn",),
+        # self.bias: tril(ones(max_positions, max_positions, dtype=bool))
+        positions_unbatched=True, buffer_bytes=positions * positions,
+        attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
+        hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+        embedding_dropout=c.float_("embd_pdrop", default=0.1, hi=1.0), program_version="5.24",
+    )
+
+
+def _gpt_neo(c: _Cfg, family: str) -> ModelSpec:
+    """GPT-Neo (modeling_gpt_neo.py): GPT-2's block with separate q/k/v projections without bias and a biased
+    out_proj, eager attention only, scores from fp32 copies of q and k, no 1/sqrt(d) scaling (a ``where`` against the
+    causal buffer instead: the same allocations), local layers masked by their buffer (max_positions^2 bools in every
+    layer), learned (1, seq) positions."""
+    hidden = c.int_("hidden_size", default=2048)
+    heads = c.int_("num_heads", "num_attention_heads", default=16)
+    head_dim = _check_heads(c, hidden, heads, heads, None)
+    layers = c.int_("num_layers", "num_hidden_layers", default=24, hi=_MAX_LAYERS)
+    positions = c.int_("max_position_embeddings", default=2048, hi=1 << 16)
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50257), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
+        intermediate_size=c.int_("intermediate_size", default=4 * hidden),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=c.activation("activation_function", default="gelu_new"),
+        position=PositionKind.LEARNED, max_position_embeddings=positions, max_learned_positions=positions,
+        norm_bias=True, qkv_bias=False, o_bias=True, mlp_bias=True, o_name="out_proj", mlp_names=("c_fc", "c_proj"),
+        held_through_mlp=("attn",), attn_fp32=True, sdpa=False, positions_unbatched=True, returns_attn_weights=True,
+        buffer_bytes=layers * positions * positions,  # each attention's self.bias (1, 1, max_positions, max_positions)
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
+        hidden_dropout=c.float_("resid_dropout", default=0.0, hi=1.0),
+        embedding_dropout=c.float_("embed_dropout", default=0.0, hi=1.0), program_version="5.24",
     )
 
 
@@ -613,12 +795,18 @@ def _falcon(c: _Cfg, family: str) -> ModelSpec:
 
 _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
-    "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "opt": _opt, "bloom": _bloom, "falcon": _falcon,
+    "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neo": _gpt_neo, "gpt_neox": _gpt_neox, "gptj": _gptj,
+    "opt": _opt, "bloom": _bloom,
+    "falcon": _falcon,
 }
 from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)
 
 _READERS.update(SSM_READERS)
 _CLASSES.update(SSM_CLASSES)
+from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like above)
+
+_READERS.update(GEMMA_READERS)
+_CLASSES.update(GEMMA_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE
@@ -709,6 +897,10 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["norm"] = NormKind(fields["norm"])
     fields["aliases"] = tuple(tuple(a) for a in fields.get("aliases", ()))
     fields["mlp_names"] = tuple(fields.get("mlp_names", ()))
+    fields["held_through_mlp"] = tuple(fields.get("held_through_mlp", ()))
+    fields["refuse_keys"] = tuple(fields.get("refuse_keys", ()))
+    if "mla_defaults" in fields:
+        fields["mla_defaults"] = tuple(fields["mla_defaults"])
     fields["version"] = ".".join(version_.split(".")[:2])
     return _Facts(**fields)
 

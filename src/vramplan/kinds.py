@@ -19,10 +19,12 @@ class MemoryKind(StrEnum):
     WORKSPACE = "workspace"
     CUDA_CONTEXT = "cuda_context"
     ALLOCATOR_SLACK = "allocator_slack"
+    NCCL_BUFFERS = "nccl_buffers"  # NCCL communicator buffers of multi-GPU layouts (outside the caching allocator)
 
 
 # Kinds that live inside torch.cuda.max_memory_allocated (the rest are on top of it).
-DEVICE_KINDS = tuple(k for k in MemoryKind if k not in (MemoryKind.CUDA_CONTEXT, MemoryKind.ALLOCATOR_SLACK))
+DEVICE_KINDS = tuple(k for k in MemoryKind if k not in (MemoryKind.CUDA_CONTEXT, MemoryKind.ALLOCATOR_SLACK,
+                                                        MemoryKind.NCCL_BUFFERS))
 
 
 class Phase(StrEnum):
@@ -40,5 +42,5 @@ KIND_LABELS = {
     MemoryKind.ACTIVATIONS: "activations", MemoryKind.LOGITS_LOSS: "logits and loss",
     MemoryKind.KV_CACHE: "KV cache", MemoryKind.QUANTIZATION_CONSTANTS: "quantization constants",
     MemoryKind.WORKSPACE: "workspace (cuBLAS)", MemoryKind.CUDA_CONTEXT: "CUDA context",
-    MemoryKind.ALLOCATOR_SLACK: "allocator slack",
+    MemoryKind.ALLOCATOR_SLACK: "allocator slack", MemoryKind.NCCL_BUFFERS: "NCCL buffers",
 }

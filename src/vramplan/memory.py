@@ -61,7 +61,8 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     if targets == ("default",):
         # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the family
         fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
-        targets = fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
+        targets = (spec.qkv_name,) if spec.qkv_fused and spec.qkv_name else \
+            fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
     if "all-linear" in targets:
         chosen = frozenset(names)
     else:
@@ -310,7 +311,8 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     adapter_bytes = (adapters - saved_copies) * 4 + saved_copies * copy_elem
     train_elem = 4 if w.uses_adapters else dense_elem
 
-    weights = dense_w + quant_w + adapter_bytes
+    # buffers the model moves to the GPU with its parameters (GPTBigCodeModel's causal-mask buffer)
+    weights = dense_w + quant_w + adapter_bytes + spec.buffer_bytes
     master = 0
     if prec.is_amp and training:
         master, weights = weights, 0

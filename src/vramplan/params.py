@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import MLPKind, ModelSpec, NormKind
+from .spec import Activation, MLPKind, ModelSpec, NormKind
 
 __all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
 
@@ -52,7 +52,8 @@ class ParamCounts:
 
 
 def _norm_params(spec: ModelSpec, dim: int) -> int:
-    if spec.norm is NormKind.LAYERNORM_NO_AFFINE:  # OlmoLayerNorm holds no parameters
+    if spec.norm in (NormKind.LAYERNORM_NO_AFFINE, NormKind.RMSNORM_NO_WEIGHT):  # OlmoLayerNorm, Llama4TextL2Norm:
+        # no parameters
         return 0
     return dim * (2 if spec.norm is NormKind.LAYERNORM and spec.norm_bias else 1)
 
@@ -64,16 +65,23 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
         mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
-        return [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
-                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        out = [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
+               ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
+        if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
+            hi, di = spec.index_heads, spec.index_head_dim
+            out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        return out
     if spec.qkv_fused:
-        name = {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
+        name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
         out = [(name, h, q + 2 * kv, 1)]
-    else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next)
-        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1)]
+    elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
+        out = [("q_proj", h, q, 1)]
+    else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
+        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
+            ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
-    oname = {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
+    oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
     return out
@@ -116,8 +124,20 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
     return [(names[0], h, i, 1), (names[1], i, h, 1)]
 
 
+def per_layer_input_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """The gated per-layer-input branch of a layer (Gemma4TextDecoderLayer): hidden -> per-layer width -> hidden."""
+    p = spec.per_layer_input
+    return [("per_layer_input_gate", spec.hidden_size, p, 1), ("per_layer_projection", p, spec.hidden_size, 1)] \
+        if p else []
+
+
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
+    spec = spec.layer(index)
+    if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
+        moe = index in spec.moe_layers
+        return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
+            per_layer_input_linears(spec)
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
@@ -231,6 +251,7 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
+    spec = spec.layer(index)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -243,6 +264,9 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     moe = index in spec.moe_layers
     attn = attention_linears(spec)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
+    if spec.moe_beside_mlp and moe:  # the dense MLP runs beside the MoE block (Gemma 4)
+        mlp = mlp_linears(spec, False) + mlp
+    mlp = mlp + per_layer_input_linears(spec)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -263,12 +287,21 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
+        bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.index_heads:
+        norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
         # (LayerNorms with a bias count it: Phi's q_layernorm / k_layernorm)
-        norm += _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
-            2 * _norm_params(spec, spec.head_dim)
+        norm += spec.q_dim + spec.kv_dim if spec.qk_norm_head_weights else \
+            _norm_params(spec, spec.q_dim) + _norm_params(spec, spec.kv_dim) if spec.qk_norm_full else \
+            (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
+    if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
+        norm += 3 * _norm_params(spec, spec.hidden_size)
+    if spec.per_layer_input:  # post_per_layer_input_norm
+        norm += _norm_params(spec, spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
@@ -282,12 +315,15 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
         embedding += 2 * h * spec.embed_proj_dim  # OPT project_in / project_out (no bias)
-    unique: dict[tuple[bool, str, bool, int], LayerParams] = {}
+    if spec.per_layer_input:  # embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm
+        width = spec.num_layers * spec.per_layer_input
+        embedding += spec.per_layer_vocab * width + h * width + _norm_params(spec, spec.per_layer_input)
+    unique: dict[tuple[bool, str, bool, int, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -1)
+               i if spec.mixer(i) == "zamba_hybrid" else -1, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])

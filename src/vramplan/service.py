@@ -12,6 +12,7 @@ command by name and returns its JSON object (what the web app's worker processes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,9 +165,16 @@ def fit(q: FitQuery) -> FitResult | VisionFitResult | ServedFit:
         raise WorkloadError(f"--engine {engine} serves a model: add --task infer")
     spec = ref.language_spec("fit")
     util = q.gpu_memory_utilization if q.gpu_memory_utilization is not None else 0.9
+    links = layout[1] if layout else None
+    if layout is not None and links is not None and not q.layout.get("intra_node_link"):
+        # the GPU's own link inside a node (NVLink generation, bridge or PCIe): communication and NCCL buffers
+        from .parallel import links_for_gpu
+
+        with contextlib.suppress(VramplanError):  # a user-described GPU without a catalog link
+            links = links_for_gpu(gpu.name, layout[0].gpus_per_node, links.inter_node)
     result = check_fit(spec, w, gpu, name=ref.name, gpu_memory_utilization=util,
                        max_num_batched_tokens=q.max_num_batched_tokens or 8192,
-                       layout=layout[0] if layout else None, links=layout[1] if layout else None)
+                       layout=layout[0] if layout else None, links=links)
     if not engine:
         return result
     tp = as_int("tp", q.layout.get("tp") or 1)

@@ -8,8 +8,9 @@ It is built from a config.json by :mod:`vramplan.hfconfig` and never from guesse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from .quant import Quantization
     from .ssm import SharedBlock, SSMSpec
 
-__all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "MLPKind", "ModelSpec", "NormKind", "PositionKind"]
+__all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "LayerOverride", "MLPKind", "ModelSpec", "NormKind",
+           "PositionKind"]
 
 # Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
 # "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
@@ -33,6 +35,8 @@ class NormKind(StrEnum):
     LAYERNORM = "layernorm"  # torch.nn.LayerNorm (weight and, where the config says so, bias)
     COHERE_LAYERNORM = "cohere_layernorm"  # CohereLayerNorm: mean/variance in fp32 Python ops, weight only
     LAYERNORM_NO_AFFINE = "layernorm_no_affine"  # OlmoLayerNorm: F.layer_norm on an fp32 copy, no weight/bias
+    RMSNORM_NO_WEIGHT = "rmsnorm_no_weight"  # Llama4TextL2Norm (NanoChat): x.float() * rsqrt(mean(x^2) + eps), cast
+    # back; no parameters
     FP32_WEIGHT_RMSNORM = "rmsnorm_fp32_weight"  # NemotronHRMSNorm: weight.to(fp32) * the fp32 normed states, then cast
 
 
@@ -48,6 +52,8 @@ class Activation(StrEnum):
     GELU_NEW = "gelu_new"  # transformers' NewGELUActivation: a Python composite of 8 kernels
     BLOOM_GELU = "bloom_gelu"  # BLOOM's custom autograd GELU (saves its input only)
     RELU = "relu"
+    XIELU = "xielu"  # transformers' XIELUActivation, Python path (Apertus): two trained scalars, a where of two
+    # polynomial/expm1 branches
     RELU2 = "relu2"  # transformers' ReLUSquaredActivation: square(relu(x)) (Nemotron-H)
 
 
@@ -56,6 +62,22 @@ class PositionKind(StrEnum):
     LEARNED = "learned"
     ALIBI = "alibi"
     NONE = "none"  # no position encoding (Mamba: the recurrence orders the tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOverride:
+    """What a group of layers changes from the model-wide facts (transformers' ``per_layer_config`` and the
+    per-layer choices its modeling file makes from it: Gemma 4's global layers with a wider head, fewer KV heads
+    and values taken from the key projection; its KV-sharing layers with no K/V of their own). 0 / None: the
+    spec's value."""
+
+    layers: tuple[int, ...]
+    head_dim: int = 0
+    num_kv_heads: int = 0
+    intermediate_size: int = 0
+    v_from_k: bool | None = None
+    kv_shared: bool | None = None
+    kv_store: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +105,13 @@ class ModelSpec:
     mlp_bias: bool = False
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
+    attn_fp32: bool = False  # eager attention casts q and k to fp32 before the scores (GPT-Neo; GPT-J by family)
+    returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
+    # until the next layer returns (GPT-Neo)
+    buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
+    # causal mask)
+    qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
+    o_name: str = ""  # the attention output projection's module name where the family's default is not it
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
     mlp_names: tuple[str, ...] = ()  # a plain MLP's two linears when not the family's own names (Arcee: up_proj,
     # down_proj, NemotronMLP)
@@ -94,17 +123,26 @@ class ModelSpec:
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
+    qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
+    # use_qk_norm: CohereLayerNorm((heads, head_dim)); StableLM qk_layernorm: a LayerNorm per head)
+    held_through_mlp: tuple[str, ...] = ()  # what the layer's Python locals keep alive through the MLP: "normed"
+    # (the attention's normed input: StableLmDecoderLayer), "attn" (the attention output: StableLM, GPTBigCodeBlock's
+    # attn_outputs tuple)
+    qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
     rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
     # first: ERNIE 4.5, Cohere), interleave_fp32 (both), fp32_tables (fp32 cos/sin, the rotated q/k cast back:
-    # OLMo)
+    # OLMo), complex (DeepSeek-V2: fp32 complex product with freqs_cis, cast back)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
     residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
     logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
+    head_input_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (before the last-token
+    # slice)
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
+    positions_unbatched: bool = False  # the learned lookup is (1, seq, hidden) and held by the forward (GPTBigCode)
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
@@ -116,6 +154,11 @@ class ModelSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
+    # attention (index_heads > 0)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # Mixture of experts
     num_experts: int = 0
     experts_per_token: int = 0
@@ -161,6 +204,41 @@ class ModelSpec:
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
     notes: tuple[str, ...] = ()  # what the spec leaves out (a multimodal config's vision tower), shown as warnings
     multimodal: MultimodalSpec | None = None  # a vision-language model's tower and projector (vramplan.multimodal)
+    # Heterogeneous stacks (modeling_gemma4.py, transformers 5.24): groups of layers whose attention or MLP differs
+    # (LayerOverride); :meth:`layer` gives the spec one layer is built from
+    layer_overrides: tuple[LayerOverride, ...] = ()
+    v_from_k: bool = False  # attention_k_eq_v: no v_proj; the values are the key projection (before the k norm)
+    v_norm: bool = False  # a scale-free RMSNorm on the values (Gemma4TextAttention.v_norm, with_scale=False)
+    kv_shared: bool = False  # the layer reuses the keys/values an earlier layer of its type stored: no k/v
+    # projections, norms or cache of its own (Gemma 4 / Gemma 3n num_kv_shared_layers, kv_sharing_modes "reuse")
+    kv_store: bool = False  # the layer's keys/values are held for the sharing layers until the forward returns
+    per_layer_input: int = 0  # hidden_size_per_layer_input: per-layer embeddings (PLE) feeding a gated branch per
+    # layer (Gemma 3n / Gemma 4); 0: none
+    per_layer_vocab: int = 0  # rows of the per-layer embedding table (vocab_size_per_layer_input)
+    moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
+    # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+
+    # ---- heterogeneous stacks --------------------------------------------------------
+    def variant(self, index: int) -> int:
+        """Which :attr:`layer_overrides` group layer ``index`` belongs to (-1: none)."""
+        for j, o in enumerate(self.layer_overrides):
+            if index in o.layers:
+                return j
+        return -1
+
+    def layer(self, index: int) -> ModelSpec:
+        """The spec layer ``index`` is built from: the model-wide facts with its group's overrides."""
+        return self.at_variant(self.variant(index)) if self.layer_overrides else self
+
+    def at_variant(self, variant: int) -> ModelSpec:
+        return _at_variant(self, variant) if variant >= 0 else self
+
+    @property
+    def kv_cache_layers_per_token(self) -> int:
+        """Elements every layer together caches per token (layers that share another's keys and values cache
+        nothing; the others by their own head sizes)."""
+        return sum(self.layer(i).kv_cache_per_token for i in range(self.num_layers)
+                   if self.mixer(i) in ATTENTION_MIXERS and not self.layer(i).kv_shared)
 
     # ---- derived sizes --------------------------------------------------------------
     @property
@@ -199,3 +277,16 @@ class ModelSpec:
     @property
     def num_sliding_layers(self) -> int:
         return len(self.sliding_layers)
+
+
+@lru_cache(maxsize=1024)
+def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
+    o = spec.layer_overrides[variant]
+    changes: dict[str, object] = {}
+    for name in ("head_dim", "num_kv_heads", "intermediate_size"):
+        if getattr(o, name):
+            changes[name] = getattr(o, name)
+    for name in ("v_from_k", "kv_shared", "kv_store"):
+        if getattr(o, name) is not None:
+            changes[name] = getattr(o, name)
+    return replace(spec, **changes)  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ def write_recipes(results: Iterable[Any], path: Path, version: str, torch_versio
         if r.model_type in _READERS:  # a hand-written family: the derivation checks it, the reader stays
             data["hand_written"][r.model_type] = (f"derived: reads as {r.recipe['reads_as']}" if r.ok
                                                   else f"not derived: {r.reason}")
+            data["refused"].pop(r.model_type, None)  # estimate reads it by hand: not a refusal
             continue
         if r.ok:
             rec = {k: v for k, v in r.recipe.items() if k not in ("model_type", "transformers", "torch")}

@@ -10,7 +10,9 @@ the same weights:
 * outside the layers and the glue inside them, and the order the layer calls its parts in: the *base* family
   (embedding scale, soft-capping, masks and sliding layers, residual layout);
 * attention (projections, biases, q/k norms, rotary embedding, eager and SDPA kernels): the family whose
-  attention facts are taken (bias keys, qk-norm, rope style, partial rotary, NoPE layers);
+  attention facts are taken (bias keys, qk-norm, rope style, partial rotary, NoPE layers); multi-head latent
+  attention families (DeepSeek-V2/V3, GLM-4.7-Flash, MiniCPM3) are candidates for this part only, built with
+  dense MLPs;
 * MLP: the family whose MLP facts are taken (fused gate/up, bias key);
 * each norm: LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, torch's LayerNorm (with or without bias), or a
   LayerNorm without parameters on an fp32 copy (OLMo).
@@ -46,7 +48,8 @@ from ._derive import (
 __all__ = ["compose"]
 
 _ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope",
-                "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope", "qk_norm_after_rope", "attn_temperature")
+                "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope", "qk_norm_after_rope", "attn_temperature",
+                "mla", "mla_defaults")
 _MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_bias_default", "mlp_plain", "mlp_names")
 
 
@@ -134,6 +137,13 @@ class _Recorder(_OpLog):
         if len(self.ops) > n:
             self.buckets[self.where[-1]].append(self.ops[-1])
         return out
+
+
+def _debug(msg: str) -> None:
+    import os
+
+    if os.environ.get("VRAMPLAN_DERIVE_DEBUG"):
+        print("derive:", msg)
 
 
 def _clone(obj: Any) -> Any:
@@ -246,6 +256,15 @@ def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module 
         return None
 
 
+def _dense_mlps(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with every layer's MLP dense (DeepSeek's first_k_dense_replace, GLM's mlp_layer_types): an MLA
+    family built only to compare its attention needs no experts."""
+    layers = d.get("num_hidden_layers")
+    if not isinstance(layers, int):
+        return dict(d)
+    return {**d, "first_k_dense_replace": layers, "mlp_layer_types": ["dense"] * layers}
+
+
 def compose(model_type: str) -> DeriveResult:
     """Compose ``model_type``'s facts part by part (see the module docstring)."""
     import transformers
@@ -271,10 +290,13 @@ def compose(model_type: str) -> DeriveResult:
     except Exception as exc:
         return DeriveResult(model_type, None, f"does not build: {type(exc).__name__}")
     dense = [f for f, facts in _FAMILIES.items() if not facts.moe and not facts.mla]
-    base_ok: dict[str, bool] = dict.fromkeys(dense, True)  # outside the layers
-    glue_ok: dict[str, bool] = dict.fromkeys(dense, True)  # the layers' call order and residual glue
-    attn_ok: dict[str, bool] = dict.fromkeys(dense, True)
-    mlp_ok: dict[str, bool] = dict.fromkeys(dense, True)
+    # multi-head latent attention families are candidates for the attention part only (built with dense MLPs)
+    mla = [f for f, facts in _FAMILIES.items() if facts.mla]
+    refs = dense + mla
+    base_ok: dict[str, bool] = {r: r in dense for r in refs}  # outside the layers
+    glue_ok: dict[str, bool] = {r: r in dense for r in refs}  # the layers' call order and residual glue
+    attn_ok: dict[str, bool] = dict.fromkeys(refs, True)
+    mlp_ok: dict[str, bool] = {r: r in dense for r in refs}
     norms: set[tuple[str, bool]] = set()
     why: dict[str, str] = {}
     checked: list[str] = []
@@ -311,10 +333,10 @@ def compose(model_type: str) -> DeriveResult:
                                             "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm, "
                                             "parameter-free fp32 LayerNorm)")
                     norms.add(kind)
-            for ref in dense:
+            for ref in refs:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or mlp_ok[ref]):
                     continue
-                theirs = _family_model(ref, d, attn)
+                theirs = _family_model(ref, _dense_mlps(d) if ref in mla else d, attn)
                 if theirs is None:
                     base_ok[ref] = glue_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
                     why.setdefault(ref, f"{vname}: does not build from the type's config")
@@ -334,6 +356,8 @@ def compose(model_type: str) -> DeriveResult:
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
                                        + _first_difference(rec.buckets["outside"], trec.buckets["outside"]))
+                    if glue_ok[ref] and troles != roles:
+                        _debug(f"{ref} glue {vname}/{attn}: call order {troles} vs mine {roles}")
                     if glue_ok[ref] and (troles != roles or any(trec.buckets.get(f"L{i}") != rec.buckets.get(f"L{i}")
                                                                 for i in rec.order)):
                         glue_ok[ref] = False
@@ -351,16 +375,21 @@ def compose(model_type: str) -> DeriveResult:
                             break
                         try:
                             _load_part(mine_part[1], their_part[1])
-                            if _part_ops(their_part[1], rec.inputs[key]) != rec.buckets[key]:
+                            tops = _part_ops(their_part[1], rec.inputs[key])
+                            if tops != rec.buckets[key]:
                                 ok[ref] = False
-                        except Exception:
+                                _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
+                        except Exception as exc:
                             ok[ref] = False
+                            _debug(f"{ref} {role} {vname}/{attn}: {type(exc).__name__}: {exc}"[:300])
                         if not ok[ref]:
                             break
+    _debug(f"base {[r for r in dense if base_ok[r]]} glue {[r for r in dense if glue_ok[r]]} "
+           f"attn {[r for r in dense if attn_ok[r]]} mlp {[r for r in dense if mlp_ok[r]]} norms {norms}")
     base = next((r for r in dense if base_ok[r]), None)
     glue = next((r for r in dense if glue_ok[r] and base is not None
                  and _FAMILIES[r].multipliers == _FAMILIES[base].multipliers), None)
-    attn_ref = next((r for r in dense if attn_ok[r]), None)
+    attn_ref = next((r for r in refs if attn_ok[r]), None)
     mlp_ref = next((r for r in dense if mlp_ok[r]), None)
     missing = [what for what, r in (("ops outside the layers", base), ("layer glue and call order", glue),
                                     ("attention", attn_ref), ("MLP", mlp_ref)) if r is None]

@@ -8,6 +8,8 @@ from typing import Any
 
 __all__ = ["LAYER_KEYS", "cut_layers"]
 
+# integer fields that count the last layers of the stack (those layers are a kind of their own)
+TAIL_COUNT_KEYS = ("num_kv_shared_layers",)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 
 
@@ -28,12 +30,28 @@ def _is_index_list(k: str, v: Any, n: int) -> bool:
             and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
 
 
+def _layer_key(k: Any, n: int) -> int | None:
+    """A layer index used as a dict key: an int, or its decimal string (transformers' ``per_layer_config``
+    serialises its keys zero-padded: ``"05"``)."""
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k if 0 <= k < n else None
+    if isinstance(k, str) and k.isdigit():
+        return int(k) if int(k) < n else None
+    return None
+
+
+def _is_index_dict(v: Any, n: int) -> bool:
+    """A dict keyed by layer indices (``per_layer_config``: per-layer attribute overrides)."""
+    return isinstance(v, dict) and bool(v) and all(_layer_key(k, n) is not None for k in v)
+
+
 def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     """Cut one (text or vision) config to ``target`` layers, keeping one layer of each kind.
 
     Kinds come from the config's per-layer fields (lists as long as the stack: ``layer_types``,
     ``layers_block_type``, ``no_rope_layers``, hybrid pattern strings): the first layer of each distinct
-    combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) are re-indexed; periodic
+    combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) and dicts keyed by layer index
+    (``per_layer_config``) are re-indexed, counts of trailing layers (``num_kv_shared_layers``) re-counted; periodic
     fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
     to hold one layer of each kind; ``first_k_dense_replace`` keeps one dense layer."""
     d = dict(d)
@@ -43,16 +61,26 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     n = d[key]
     per = _per_layer(d, n)
     index_lists = {k: v for k, v in d.items() if k not in per and _is_index_list(k, v, n)}
+    # per-layer overrides keyed by layer index (``per_layer_config``): a layer's override is part of its kind,
+    # and the kept layers' overrides are re-keyed to their new indices (transformers validates the keys)
+    index_dicts = {k: {_layer_key(i, n): o for i, o in v.items()} for k, v in d.items()
+                   if k not in per and "layer" in k and _is_index_dict(v, n)}
+    # counts of trailing layers (Gemma 3n / Gemma 4 ``num_kv_shared_layers``: the last k layers reuse an earlier
+    # layer's keys and values): being one of them is part of a layer's kind, and the count becomes the number kept
+    tails = {k: d[k] for k in TAIL_COUNT_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
+             and 0 < d[k] <= n}
     picked: list[int] = []
     seen: set[str] = set()
     for i in range(n):
-        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()])
+        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()]
+                         + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()],
+                         sort_keys=True, default=str)
         if sig not in seen:
             seen.add(sig)
             picked.append(i)
     idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
     need = len(idx)
-    if not per and not index_lists:
+    if not per and not index_lists and not index_dicts and not tails:
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n:
                 continue
@@ -67,5 +95,9 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
     for k, v in index_lists.items():
         d[k] = [idx.index(x) for x in v if x in idx]
+    for k, v in index_dicts.items():
+        d[k] = {idx.index(i): o for i, o in v.items() if i in idx}
+    for k, c in tails.items():
+        d[k] = sum(1 for i in idx if i >= n - c)
     d[key] = len(idx)
     return d

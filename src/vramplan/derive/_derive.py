@@ -39,11 +39,13 @@ __all__ = ["DeriveResult", "derive", "library_defaults"]
 
 # Widths of the two shrunk variants: small and distinct, multiples of 8 where grouped GEMMs need 16-byte strides;
 # the second has a head_dim that is not hidden_size / heads.
+# Multi-head latent attention sizes (q_lora_rank, kv_lora_rank, the nope / rope parts of a q/k head, v_head_dim) differ
+# between the two as well, so a reader that swaps two of them miscounts.
 _VARIANTS: tuple[dict[str, int], ...] = (
     {"hidden": 64, "heads": 4, "kv": 2, "head_dim": 16, "inter": 88, "moe_inter": 40, "vocab": 131, "experts": 4,
-     "topk": 2, "window": 5},
+     "topk": 2, "window": 5, "q_lora": 24, "kv_lora": 16, "rope": 8, "nope": 8, "v_head": 12},
     {"hidden": 96, "heads": 6, "kv": 3, "head_dim": 24, "inter": 120, "moe_inter": 56, "vocab": 137, "experts": 6,
-     "topk": 2, "window": 7},
+     "topk": 2, "window": 7, "q_lora": 40, "kv_lora": 24, "rope": 4, "nope": 12, "v_head": 20},
 )
 _SEQ = 12  # tokens of the test step: longer than the sliding windows above
 # boolean config fields that say nothing about the architecture (flipping them tests nothing)
@@ -124,10 +126,13 @@ def _set_if(d: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
 def _shrink(base: dict[str, Any], v: Mapping[str, int], odd_head_dim: bool) -> dict[str, Any]:
     """The config with small widths (the architecture unchanged: same flags, same layer kinds)."""
     d = copy.deepcopy(base)
+    mla = isinstance(d.get("kv_lora_rank"), int)
     _set_if(d, ("hidden_size",), v["hidden"])
     _set_if(d, ("num_attention_heads",), v["heads"])
     if isinstance(d.get("num_key_value_heads"), int):
-        d["num_key_value_heads"] = v["kv"] if d["num_key_value_heads"] != d.get("num_attention_heads") else v["heads"]
+        # multi-head latent attention expands k and v to every query head (kv_b_proj): no grouped variant
+        d["num_key_value_heads"] = v["heads"] if mla or d["num_key_value_heads"] == d.get("num_attention_heads") \
+            else v["kv"]
     if "head_dim" in d:
         d["head_dim"] = v["head_dim"] if odd_head_dim else v["hidden"] // v["heads"]
     _set_if(d, ("intermediate_size",), v["inter"])
@@ -135,15 +140,23 @@ def _shrink(base: dict[str, Any], v: Mapping[str, int], odd_head_dim: bool) -> d
             v["moe_inter"])
     _set_if(d, ("vocab_size",), v["vocab"])
     _set_if(d, ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), v["experts"])
-    _set_if(d, ("num_experts_per_tok", "moe_k"), v["topk"])
+    _set_if(d, ("num_experts_per_tok", "num_experts_per_token", "moe_k"), v["topk"])
+    if "num_experts_per_tok" in d and d["num_experts_per_tok"] is None and isinstance(d.get("n_routed_experts"), int):
+        d["num_experts_per_tok"] = v["topk"]  # DeepseekV2Config's default None cannot route (topk(k=None))
     if d.get("n_group") is not None and isinstance(d.get("n_group"), int):
         d["n_group"], d["topk_group"] = 1, 1
-    for k in ("q_lora_rank", "kv_lora_rank"):
-        if isinstance(d.get(k), int):
-            d[k] = 24 if k == "q_lora_rank" else 16
-    for k, val in (("qk_rope_head_dim", 8), ("qk_nope_head_dim", 8), ("v_head_dim", 12)):
-        if isinstance(d.get(k), int):
-            d[k] = val
+    if mla:
+        # the MLA sizes, and the fields the config class derives from them kept as the default relates them (MLA
+        # configs set head_dim to the rotary part, qk_head_dim to nope + rope)
+        rope0, nope0 = base.get("qk_rope_head_dim"), base.get("qk_nope_head_dim")
+        for k, val in (("q_lora_rank", v["q_lora"]), ("kv_lora_rank", v["kv_lora"]), ("qk_rope_head_dim", v["rope"]),
+                       ("qk_nope_head_dim", v["nope"]), ("v_head_dim", v["v_head"])):
+            if isinstance(d.get(k), int):
+                d[k] = val
+        if isinstance(rope0, int) and base.get("head_dim") == rope0:
+            d["head_dim"] = v["rope"]
+        if isinstance(rope0, int) and isinstance(nope0, int) and base.get("qk_head_dim") == rope0 + nope0:
+            d["qk_head_dim"] = v["rope"] + v["nope"]
     if isinstance(d.get("sliding_window"), int):
         d["sliding_window"] = v["window"]
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -28,8 +28,11 @@ shard of the model one GPU runs, at every moment a phase can peak; model states 
 engine's per-GPU states at each of those moments, and the highest moment of the most loaded GPU is
 reported.
 
-Known limits: NCCL's own buffers (allocated outside PyTorch's caching allocator) are not counted;
-DeepSpeed and FSDP bucket sizes are the values Hugging Face's integrations fill in for ``"auto"``;
+* **NCCL buffers** (:mod:`.nccl`): the device memory of every communicator a GPU belongs to, outside
+  PyTorch's caching allocator (connections x protocol buffers per channel, NVLink SHARP buffers), added to
+  ``total_bytes`` as the ``nccl_buffers`` kind.
+
+Known limits: DeepSpeed and FSDP bucket sizes are the values Hugging Face's integrations fill in for ``"auto"``;
 pipeline stages are balanced by layer count, not by measured memory; communication time is the sum of
 the collectives' volumes over the peak link bandwidth, with no overlap with compute.
 
@@ -57,10 +60,11 @@ from .layout import (
     stage_layers,
     zero_auto_buckets,
 )
+from .nccl import NcclConfig, NcclMemory, nccl_memory
 
 __all__ = [
     "DDP_BUCKET_CAP_BYTES", "ZERO3_MAX_LIVE_PARAMETERS", "Collective", "Communication", "Engine", "FSDPMode",
-    "GPUStates", "Layout", "Link", "Links", "Offload", "ParallelEstimate", "StageLoad", "check_layout",
-    "estimate_parallel", "get_link", "in_flight_micro_batches", "links_for_gpu", "list_links", "pipeline_bubble",
-    "ring_bytes", "ring_factor", "stage_layers", "zero_auto_buckets",
+    "GPUStates", "Layout", "Link", "Links", "NcclConfig", "NcclMemory", "Offload", "ParallelEstimate", "StageLoad",
+    "check_layout", "estimate_parallel", "get_link", "in_flight_micro_batches", "links_for_gpu", "list_links",
+    "nccl_memory", "pipeline_bubble", "ring_bytes", "ring_factor", "stage_layers", "zero_auto_buckets",
 ]

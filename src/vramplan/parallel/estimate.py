@@ -18,6 +18,7 @@ from ..workload import Precision, Workload
 from .comm import Communication, Links, _communication, _reduced_gradient_bytes
 from .engines import GPUStates, _engine_states, _host_bytes, _shard_info
 from .layout import Engine, FSDPMode, Layout, Offload, check_layout, in_flight_micro_batches, stage_layers
+from .nccl import NcclConfig, NcclMemory, nccl_memory, nccl_note
 from .sharding import _compute_workload, _stage_counts, _stage_spec, _stage_workload, _tp_shard
 
 K = MemoryKind
@@ -42,9 +43,10 @@ class ParallelEstimate:
     """Memory of the most loaded GPU of a layout, plus host memory and communication per step.
 
     ``peak_allocated_bytes`` predicts that GPU's ``torch.cuda.max_memory_allocated()``; ``total_bytes``
-    adds allocator slack and the CUDA context as the single-GPU estimate does; ``breakdown`` is taken at
-    the peak. ``host_bytes`` is host RAM per node: offloaded states, or loading the model, whichever is
-    larger (``host_bytes_per_gpu`` the offloaded part of one GPU's process).
+    adds allocator slack and the CUDA context as the single-GPU estimate does, and NCCL's communicator buffers
+    (``nccl``, outside the caching allocator); ``breakdown`` is taken at the peak. ``host_bytes`` is host RAM
+    per node: offloaded states, or loading the model, whichever is larger (``host_bytes_per_gpu`` the
+    offloaded part of one GPU's process).
     """
 
     single: Estimate  # the same workload on one GPU, for reference
@@ -63,6 +65,11 @@ class ParallelEstimate:
     communication: Communication = field(default_factory=lambda: Communication((), 0.0))
     host_bytes_per_gpu: int = 0
     warnings: tuple[str, ...] = ()
+    nccl: NcclMemory | None = None
+
+    @property
+    def nccl_bytes(self) -> int:
+        return self.nccl.total_bytes if self.nccl is not None else 0
 
     @property
     def engine(self) -> Engine:
@@ -91,6 +98,7 @@ class ParallelEstimate:
                         "peak_allocated_bytes": s.peak_allocated_bytes} for s in self.stages],
             "comm_bytes_per_step": self.comm_bytes_per_step, "communication": self.communication.to_dict(),
             "assumptions": list(self.assumptions), "warnings": list(self.warnings),
+            "nccl_bytes": self.nccl_bytes, "nccl": self.nccl.to_dict() if self.nccl is not None else None,
         }
 
 
@@ -203,12 +211,14 @@ def _stage_parameters(spec: ModelSpec, layers: range, embed: bool, head: bool, p
 
 # ---- the entry point -----------------------------------------------------------------------------------------
 def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
-                      links: Links | None = None, *, reserved: bool = True) -> ParallelEstimate:
+                      links: Links | None = None, *, reserved: bool = True,
+                      nccl_config: NcclConfig | None = None) -> ParallelEstimate:
     """Per-GPU memory of ``workload`` under ``layout``: the most loaded GPU, host memory, communication.
 
     ``workload.batch_size`` is the micro-batch of one data-parallel rank. ``links`` picks the interconnects
     for the communication times (default NVLink 4 inside a node, InfiniBand NDR between nodes).
-    ``reserved=False``: the single-GPU reference without the allocator replay (searches).
+    ``reserved=False``: the single-GPU reference without the allocator replay (searches). ``nccl_config``: NCCL's
+    settings (``NCCL_BUFFSIZE``, ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, …) for its buffers.
     """
     check_layout(spec, workload, layout)
     single = estimate(spec, workload, reserved=reserved)
@@ -256,13 +266,19 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     trainable = st_states.trainable_parameters if workload.is_train else 0
     comm = _communication(spec, workload, layout, links, len(top_layers), st_counts.total, trainable,
                           _reduced_gradient_bytes(workload, layout, st_states))
+    # NCCL's communicator buffers: device memory outside the caching allocator, on top of what it reserves
+    nccl = nccl_memory(layout, workload, spec, intra_node=links.intra_node, inter_node=links.inter_node,
+                       stage=top.index, config=nccl_config)
+    kinds[K.NCCL_BUFFERS] = nccl.total_bytes
     return ParallelEstimate(
-        single=single, layout=layout, peak_allocated_bytes=peak, total_bytes=peak + slack + CUDA_CONTEXT_BYTES,
+        single=single, layout=layout, peak_allocated_bytes=peak,
+        total_bytes=peak + slack + CUDA_CONTEXT_BYTES + nccl.total_bytes,
         breakdown=Breakdown.of(kinds), host_bytes=host, comm_bytes_per_step=comm.bytes_per_step,
-        assumptions=(*_assumptions(spec, workload, layout, links), _reserved_note(replayed)),
+        assumptions=(*_assumptions(spec, workload, layout, links), nccl_note(nccl, nccl_config),
+                     _reserved_note(replayed)),
         peak_phase=peak_phase.phase,
         phases=top.phases, states=top.states, stage=top.index, stages=tuple(r.load for r in results),
-        communication=comm, host_bytes_per_gpu=top.host, warnings=_warnings(spec, workload, layout),
+        communication=comm, host_bytes_per_gpu=top.host, warnings=_warnings(spec, workload, layout), nccl=nccl,
     )
 
 
@@ -328,7 +344,6 @@ def _assumptions(spec: ModelSpec, w: Workload, layout: Layout, links: Links) -> 
         out.append(f"offload {layout.offload.value} to host memory (host bytes per node)")
     out.append(f"communication over {links.intra_node} inside a node and {links.inter_node} between nodes, "
                "at peak bandwidth without overlap")
-    out.append("NCCL buffers (outside PyTorch's caching allocator) not counted")
     return tuple(out)
 
 

@@ -25,6 +25,9 @@ def _tp_shard(spec: ModelSpec, tp: int, ep: int) -> ModelSpec:
         moe_intermediate_size=-(-spec.moe_intermediate_size // tp),
         shared_expert_intermediate_size=-(-spec.shared_expert_intermediate_size // tp),
         num_experts=spec.num_experts // ep,
+        layer_overrides=tuple(replace(o, num_kv_heads=max(1, o.num_kv_heads // tp) if o.num_kv_heads else 0,
+                                      intermediate_size=-(-o.intermediate_size // tp))
+                              for o in spec.layer_overrides),
     )
 
 
@@ -35,11 +38,12 @@ def _stage_spec(spec: ModelSpec, layers: range) -> ModelSpec:
         return tuple(i - layers.start for i in indices if i in layers)
 
     # every per-layer fact follows the stage's layers: a hybrid's mixers (Mamba / gated DeltaNet / attention), its
-    # MLP-free blocks and NoPE layers as well as MoE and sliding layers
+    # MLP-free blocks and NoPE layers as well as MoE and sliding layers and Gemma 4's layer overrides
     return replace(spec, num_layers=len(layers), moe_layers=local(spec.moe_layers),
                    sliding_layers=local(spec.sliding_layers), mlp_free_layers=local(spec.mlp_free_layers),
                    nope_layers=local(spec.nope_layers),
-                   mixers=spec.mixers[layers.start:layers.stop] if spec.mixers else ())
+                   mixers=spec.mixers[layers.start:layers.stop] if spec.mixers else (),
+                   layer_overrides=tuple(replace(o, layers=local(o.layers)) for o in spec.layer_overrides))
 
 
 def _stage_counts(spec: ModelSpec, stage: ModelSpec, embed: bool, head: bool, pp: int) -> ParamCounts:

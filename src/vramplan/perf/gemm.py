@@ -7,7 +7,8 @@ Partial tiles (M or N not a multiple of the tile) and a part-empty last wave lea
 
     efficiency = (M x N / tile area) / (ceil(tiles / SMs) x SMs)
 
-It is 1 when the tiles fill whole waves and drops to about one half one tile past a whole wave. A grid
+It is 1 when the tiles fill whole waves and drops to about one half one tile past a whole wave (two thirds
+when the half-size tile is the better fit, as :func:`quantization_efficiency` allows). A grid
 smaller than one wave (the weight gradients of small layers, whose M x N is the weight) is split along K
 (split-K: CUTLASS ``efficient_gemm.md``, "Parallelized Reductions"), keeping at least
 ``split_k_min_k`` of K per split.
@@ -29,8 +30,8 @@ from typing import Any
 
 from ..hardware import GPU
 
-__all__ = ["GemmShape", "GpuTiling", "ceiling_quantization", "gpu_tiling", "quantization_efficiency",
-           "shape_factor"]
+__all__ = ["GemmShape", "GpuTiling", "ceiling_quantization", "collective_ctas", "gpu_tiling", "overlap_rate",
+           "quantization_efficiency", "shape_factor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,19 @@ def ceiling_quantization(gpu: GPU, tiling: GpuTiling) -> float:
     return quantization_efficiency(m, n, k, tiling.sms, tiling.tile, tiling.split_k_min_k)
 
 
+def _mean_quantization(shapes: tuple[GemmShape, ...], sms: int, tiling: GpuTiling) -> float:
+    """FLOP-weighted harmonic mean of the shapes' quantization efficiency on ``sms`` SMs (1.0 without shapes)."""
+    total = time = 0.0
+    for s in shapes:
+        f = s.flops
+        if f <= 0:
+            continue
+        e = quantization_efficiency(s.m, s.n, s.k, sms, tiling.tile, tiling.split_k_min_k) if s.quantized else 1.0
+        total += f
+        time += f / e
+    return total / time if time > 0 else 1.0
+
+
 def shape_factor(shapes: Iterable[GemmShape], gpu: GPU) -> float:
     """Achieved over ceiling throughput of a step's GEMMs on ``gpu``: the FLOP-weighted harmonic mean of each
     shape's quantization efficiency over the ceiling shape's (1.0 without shapes or without an SM count).
@@ -121,14 +135,34 @@ def shape_factor(shapes: Iterable[GemmShape], gpu: GPU) -> float:
     shapes = tuple(shapes)
     if tiling is None or not shapes:
         return 1.0
-    ref = ceiling_quantization(gpu, tiling)
-    total = time = 0.0
-    for s in shapes:
-        f = s.flops
-        if f <= 0:
-            continue
-        e = (quantization_efficiency(s.m, s.n, s.k, tiling.sms, tiling.tile, tiling.split_k_min_k) / ref
-             if s.quantized else 1.0)
-        total += f
-        time += f / e
-    return total / time if time > 0 else 1.0
+    return _mean_quantization(shapes, tiling.sms, tiling) / ceiling_quantization(gpu, tiling)
+
+
+def collective_ctas(link: str | None) -> int:
+    """SMs an NCCL collective holds while it runs over ``link``: one CTA per channel, the link's collective
+    channels (``data/interconnects.json`` ``nccl.coll_channels``; 0 where NCCL does not run or no link)."""
+    if link is None:
+        return 0
+    from ..hardware import get_link
+
+    nccl = get_link(link).nccl
+    return 0 if nccl is None else int(nccl.coll_channels)
+
+
+def overlap_rate(shapes: Iterable[GemmShape], gpu: GPU, ctas: int) -> float:
+    """Throughput of a step's matrix products while a collective holds ``ctas`` SMs, relative to all SMs free.
+
+    The products run on the remaining SMs, in waves sized for those (the tail effect: a grid that filled the
+    GPU's SMs exactly needs a second, nearly empty wave): (S - c) x q(S - c) / (S x q(S)). 1.0 without an SM
+    count or without a collective.
+    """
+    tiling = gpu_tiling(gpu)
+    if tiling is None or ctas <= 0:
+        return 1.0
+    free = tiling.sms - ctas
+    if free <= 0:
+        return 1.0
+    shapes = tuple(shapes)
+    full = _mean_quantization(shapes, tiling.sms, tiling)
+    part = _mean_quantization(shapes, free, tiling)
+    return free * part / (tiling.sms * full)

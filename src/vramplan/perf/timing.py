@@ -47,7 +47,7 @@ from .efficiency import (
     matmul_dtype,
     scale_factors,
 )
-from .gemm import gpu_tiling, shape_factor
+from .gemm import collective_ctas, gpu_tiling, overlap_rate, shape_factor
 from .work import (
     StepWork,
     compute_dtype,
@@ -74,15 +74,18 @@ class StepTime:
     comm_s: float  # the communication the step waits for (after overlap)
     micro_batches: int
     comm_total_s: float = 0.0  # all communication, overlapped or not
+    contention_s: float = 0.0  # compute slowed while overlapped collectives hold SMs (perf.gemm.overlap_rate)
 
     @property
     def total_s(self) -> float:
-        return self.micro_batches * (self.compute_s + self.memory_s + self.launch_s) + self.optimizer_s + self.comm_s
+        return (self.micro_batches * (self.compute_s + self.memory_s + self.launch_s) + self.optimizer_s + self.comm_s
+                + self.contention_s)
 
     def to_dict(self) -> dict[str, float]:
         return {"total_s": self.total_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
                 "launch_s": self.launch_s, "optimizer_s": self.optimizer_s, "comm_s": self.comm_s,
-                "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches}
+                "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches,
+                "contention_s": self.contention_s}
 
 
 def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
@@ -94,7 +97,7 @@ def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engi
 def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
               split: int = 1, shard: int = 1, comm_s: float = 0.0, overlapped: bool = False,
               engine: EngineProfile | None = None, num_layers: int | None = None,
-              attention_kernel: str = "flash2") -> StepTime | None:
+              attention_kernel: str = "flash2", collective_ctas: int = 0) -> StepTime | None:
     """Seconds of one optimizer step of ``micro_batches`` x ``work`` on ``gpu``; None without a peak figure.
 
     ``split`` divides each GPU's FLOPs and traffic (tensor / pipeline parallel degree); ``shard`` further
@@ -104,6 +107,9 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     ``engine`` replaces eager launch cost with the engine's per-layer cost and fuses its elementwise kernels.
     ``attention_kernel`` names the fused attention kernel (``flash2``: FlashAttention-2 / PyTorch SDPA flash;
     ``flash1``: FlashAttention v1 or its Triton port), whose achievable fraction scales the attention term.
+    ``collective_ctas``: SMs each overlapped collective holds while it runs (NCCL: one CTA per channel); the
+    compute beside it runs on the other SMs (:func:`vramplan.perf.gemm.overlap_rate`), so a window of
+    overlapped communication ``T`` costs ``T x (1 - rate)`` of compute-bound time more.
     """
     if split < 1 or shard < 1:
         raise VramplanError(f"split and shard degrees must be at least 1, got {split} and {shard}")
@@ -128,7 +134,12 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     optimizer = row[_OPTIMIZER] * c[_OPTIMIZER] / (split * shard)
     hidden_behind = micro_batches * (compute + memory)
     waited = exposed_comm_s(comm_s, hidden_behind, num_layers or work.num_layers, overlapped=overlapped)
-    return StepTime(compute, memory, launch, optimizer, waited, micro_batches, comm_s)
+    contention = 0.0
+    if overlapped and collective_ctas > 0 and comm_s > waited and compute > 0:
+        rate = overlap_rate(work.gemm_shapes, gpu, collective_ctas)
+        window = min(comm_s - waited, hidden_behind)  # the traffic that runs beside compute
+        contention = window * (1 - rate) * compute / (compute + memory)
+    return StepTime(compute, memory, launch, optimizer, waited, micro_batches, comm_s, contention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +242,17 @@ def training_time(spec: ModelSpec, w: Workload, gpu: GPU, *, tokens: int, gpus: 
             + ("communication overlapped with compute (DDP bucketed all-reduce / FSDP prefetch), one layer's share "
                "exposed" if over else "communication on the critical path (tensor / pipeline parallel)")
             + (f"; optimizer step sharded {shard} ways (ZeRO / FSDP)" if shard > 1 else ""))
+    ctas = 0
+    if gpus > 1 and over:
+        from ..hardware import intra_node_link
+
+        ctas = collective_ctas(intra_node_link(gpu.interconnect, gpus))
+        if ctas:
+            assumptions.append(f"overlapped collectives hold {ctas} SMs each while they run (NCCL channels); the "
+                               "compute beside them runs on the rest (data/interconnects.json nccl.coll_channels)")
     st = None if comm is None else step_time(work, gpu, m, micro_batches=w.gradient_accumulation, split=split,
                                              shard=shard, comm_s=comm, overlapped=over,
-                                             attention_kernel=attention_kernel)
+                                             attention_kernel=attention_kernel, collective_ctas=ctas)
     if st is None or peak is None:
         reason = (f"no dense {work.dtype} throughput for {gpu.display_name} in the catalog" if comm is not None
                   else f"no interconnect bandwidth for {gpu.display_name} in the catalog")

@@ -7,10 +7,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import WorkloadError
+from ..errors import VramplanError, WorkloadError
 from ..estimator import estimate
 from ..hardware import GPU, list_gpus
-from ..parallel import Layout, estimate_parallel
+from ..parallel import Layout, estimate_parallel, links_for_gpu, nccl_memory
 from ..params import count_params
 from ..perf import (
     EngineProfile,
@@ -69,6 +69,7 @@ class _Memo:
     unsupported: dict[str, str] = field(default_factory=dict)
     errors: dict[str, None] = field(default_factory=dict)  # workloads the estimator rejects (ordered set)
     evaluations: int = 0
+    nccl_bytes: dict[tuple[object, ...], int] = field(default_factory=dict)
 
     def get(self, spec: ModelSpec, w: Workload, layout: Layout, label: str,
             name: str) -> _Eval | None:
@@ -105,10 +106,26 @@ class _Memo:
                 res = None
             else:
                 bubble = float(getattr(pe, "bubble_fraction", 0.0) or 0.0)
-                res = (pe.peak_allocated_bytes, pe.total_bytes, int(pe.comm_bytes_per_step),
+                # NCCL's buffers depend on the GPU's links: added per GPU (:meth:`nccl`)
+                res = (pe.peak_allocated_bytes, pe.total_bytes - pe.nccl_bytes, int(pe.comm_bytes_per_step),
                        layout.tp * layout.pp, bubble, 0, 0)
         self.results[key] = res
         return res
+
+    def nccl(self, spec: ModelSpec, w: Workload, layout: Layout, label: str, gpu: GPU) -> int:
+        """NCCL's device memory of one GPU of ``layout`` over ``gpu``'s own links (0 for one GPU or replicas,
+        and for a GPU with no catalog link)."""
+        if layout.is_single or label == "replicas":
+            return 0
+        try:
+            links = links_for_gpu(gpu.name, layout.gpus_per_node)
+        except VramplanError:
+            return 0
+        key = (layout, w.is_train, spec.is_moe, links.intra_node, links.inter_node)
+        if key not in self.nccl_bytes:
+            self.nccl_bytes[key] = nccl_memory(layout, w, spec, intra_node=links.intra_node,
+                                               inter_node=links.inter_node).total_bytes
+        return self.nccl_bytes[key]
 
 
 _SAME_BYTES = {Precision.FP16: Precision.BF16, Precision.AMP_FP16: Precision.AMP_BF16}
@@ -258,11 +275,13 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                         if cfg.quant is WeightsQuant.FP8 and g.peak_tflops("fp8") is None:
                             continue  # fp8 GEMMs need fp8 tensor cores (Ada, Hopper and later)
                         candidates += 1
+                        g_total = total + memo.nccl(spec, w, layout, lay_label, g)
                         old = min_need.get(g.gpu_class)
-                        if old is None or total < old[0]:
-                            min_need[g.gpu_class] = (total, desc)
-                        if ctx is not None and total <= g.usable_memory_bytes:
-                            plans.append(_make_plan(ctx, g))
+                        if old is None or g_total < old[0]:
+                            min_need[g.gpu_class] = (g_total, desc)
+                        if ctx is not None and g_total <= g.usable_memory_bytes:
+                            plan = _make_plan(ctx, g)
+                            plans.append(plan if g_total == total else dataclasses.replace(plan, total_bytes=g_total))
                             if layout.is_single or lay_label == "replicas":
                                 one_gpu[id(plans[-1])] = w
                     if total > max_usable:
@@ -286,9 +305,10 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         warnings.append(f"{lay} layouts skipped: {err}")
     assumptions = (
         f"job: {tokens_note}" + ("" if infer else f"; global batch {global_batch} sequences of {req.seq_len} tokens"),
-        "fits: total_bytes (peak allocated + allocator slack + CUDA context) of the most loaded GPU <= the GPU's "
-        "usable memory; the search ranks one-GPU candidates with a slack of 10% of the peak, and every one-GPU plan "
-        "shown or recommended is confirmed with the caching-allocator replay (reserved + context)",
+        "fits: total_bytes (peak allocated + allocator slack + CUDA context, + NCCL's buffers over the GPU's own "
+        "links for several GPUs) of the most loaded GPU <= the GPU's usable memory; the search ranks one-GPU "
+        "candidates with a slack of 10% of the peak, and every one-GPU plan shown or recommended is confirmed "
+        "with the caching-allocator replay (reserved + context)",
         model.assumption(),
         "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
         "overlapped with compute for data parallelism (DDP buckets, FSDP prefetch), on the critical path for tensor "

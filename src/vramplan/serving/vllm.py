@@ -54,7 +54,7 @@ from typing import Any
 from .._engine.step import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from ..errors import WorkloadError
 from ..memory import model_states
-from ..spec import ModelSpec
+from ..spec import ATTENTION_MIXERS, ModelSpec
 from ..units import GiB, MiB
 from ..workload import Task, WeightsQuant, Workload
 
@@ -275,6 +275,10 @@ def serve_memory(spec: ModelSpec, cfg: ServingConfig, *, total_memory_bytes: int
     # sequence (vLLM V1 MambaSpec pages: conv + SSM state, model dtype)
     attn_layers = -(-spec.attention_layers // pp)
     per_token = attn_layers * 2 * max(1, spec.num_kv_heads // tp) * spec.head_dim * kv_elem
+    if spec.layer_overrides:  # layers with their own head sizes, or none of their own (Gemma 4's KV sharing)
+        caching = [spec.layer(i) for i in range(spec.num_layers)
+                   if spec.mixer(i) in ATTENTION_MIXERS and not spec.layer(i).kv_shared]
+        per_token = -(-sum(2 * max(1, x.num_kv_heads // tp) * x.head_dim for x in caching) * kv_elem // pp)
     from ..fit import state_bytes_per_sequence
 
     state = -(-state_bytes_per_sequence(spec, a) // (pp * tp))
