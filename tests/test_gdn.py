@@ -151,3 +151,18 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
     traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+
+
+def test_pipeline_stages_keep_their_own_layer_kinds() -> None:
+    """A pipeline stage of a hybrid holds its own layers' mixers: stage 1 of 2 of an 8-layer Qwen3-Next (attention
+    at layers 3 and 5) is layers 4..7: gated DeltaNet, attention, DeltaNet, DeltaNet."""
+    from vramplan.parallel.sharding import _stage_spec
+
+    lin, full = "linear_attention", "full_attention"
+    cfg = QWEN3_NEXT | {"num_hidden_layers": 8, "mlp_only_layers": [5],
+                        "layer_types": [lin, lin, lin, full, lin, full, lin, lin]}
+    spec = spec_from_config(cfg)
+    stage = _stage_spec(spec, range(4, 8))
+    assert stage.mixers == ("gdn", "attention", "gdn", "gdn") and stage.num_layers == 4
+    assert stage.moe_layers == (0, 2, 3)
+    assert count_params(stage).layer_total == sum(lp.total for lp in count_params(spec).layers[4:])

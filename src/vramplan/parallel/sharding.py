@@ -34,11 +34,16 @@ def _tp_shard(spec: ModelSpec, tp: int, ep: int) -> ModelSpec:
 def _stage_spec(spec: ModelSpec, layers: range) -> ModelSpec:
     if len(layers) == spec.num_layers:
         return spec
-    return replace(spec, num_layers=len(layers),
-                   moe_layers=tuple(i - layers.start for i in spec.moe_layers if i in layers),
-                   sliding_layers=tuple(i - layers.start for i in spec.sliding_layers if i in layers),
-                   layer_overrides=tuple(replace(o, layers=tuple(i - layers.start for i in o.layers if i in layers))
-                                         for o in spec.layer_overrides))
+    def local(indices: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(i - layers.start for i in indices if i in layers)
+
+    # every per-layer fact follows the stage's layers: a hybrid's mixers (Mamba / gated DeltaNet / attention), its
+    # MLP-free blocks and NoPE layers as well as MoE and sliding layers and Gemma 4's layer overrides
+    return replace(spec, num_layers=len(layers), moe_layers=local(spec.moe_layers),
+                   sliding_layers=local(spec.sliding_layers), mlp_free_layers=local(spec.mlp_free_layers),
+                   nope_layers=local(spec.nope_layers),
+                   mixers=spec.mixers[layers.start:layers.stop] if spec.mixers else (),
+                   layer_overrides=tuple(replace(o, layers=local(o.layers)) for o in spec.layer_overrides))
 
 
 def _stage_counts(spec: ModelSpec, stage: ModelSpec, embed: bool, head: bool, pp: int) -> ParamCounts:
