@@ -165,6 +165,14 @@ class _B:
             y = self.lora(x, y, fin, fout, lora_rank, name)
         return y
 
+    def proj(self, x: Tensor, fin: int, fout: int, name: str, bias: bool = False, count: int = 1) -> Tensor:
+        """A projection of the layer plan: trainable and quantized as the plan says, with LoRA where ``name`` is one
+        of the plan's targets."""
+        plan = self.plan
+        assert plan is not None
+        return self.linear(x, fin, fout, name, bias=bias, trainable=plan.trainable, quant=plan.quant,
+                           lora_rank=plan.lora_rank if name in plan.lora_targets else 0, count=count)
+
     def lora(self, x: Tensor, y: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
         """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(fp32))) * scaling`` then cast back."""
         num = self.num
@@ -527,11 +535,9 @@ class _B:
         assert plan is not None
         h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
         b, s, skv, d = self.b, self.s, self.kv_len, spec.head_dim
-        tr, quant = plan.trainable, plan.quant
+        tr = plan.trainable
 
-        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
-            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
-                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        lin = self.proj
 
         if spec.kv_lora_rank:
             return self.mla(n)
@@ -676,12 +682,10 @@ class _B:
         assert plan is not None
         h, nh, qk, rd, vd = spec.hidden_size, spec.num_heads, spec.head_dim, spec.qk_rope_head_dim, spec.v_head_dim
         qr, kvr = spec.q_lora_rank, spec.kv_lora_rank
-        b, s, tr, quant = self.b, self.s, plan.trainable, plan.quant
+        b, s, tr = self.b, self.s, plan.trainable
         nope = qk - rd
 
-        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
-            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
-                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        lin = self.proj
 
         qn: Tensor | None = None
         if qr:
@@ -735,11 +739,9 @@ class _B:
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h = spec.hidden_size
-        tr, quant = plan.trainable, plan.quant
+        tr = plan.trainable
 
-        def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool, count: int = 1) -> Tensor:
-            return self.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=quant,
-                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0, count=count)
+        lin = self.proj
 
         if plan.moe and not spec.moe_beside_mlp:
             return self.moe(n)
@@ -884,8 +886,7 @@ class _B:
         routed_in = n
         if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
             h = spec.moe_latent_size
-            routed_in = self.linear(n, hidden, h, "fc1_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
-                                    lora_rank=plan.lora_rank if "fc1_latent_proj" in plan.lora_targets else 0)
+            routed_in = self.proj(n, hidden, h, "fc1_latent_proj", spec.mlp_bias)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
@@ -930,8 +931,7 @@ class _B:
         if spec.moe_output_scale:  # hidden_states * routed_scaling_factor (modeling_laguna.py, modeling_beam.py)
             out = tp.op(t * h, act, (out,))
         if spec.moe_latent_size:  # fc2_latent_proj back to the hidden width
-            out = self.linear(out, h, hidden, "fc2_latent_proj", bias=spec.mlp_bias, trainable=tr, quant=plan.quant,
-                              lora_rank=plan.lora_rank if "fc2_latent_proj" in plan.lora_targets else 0)
+            out = self.proj(out, h, hidden, "fc2_latent_proj", spec.mlp_bias)
         if spec.shared_expert_intermediate_size:
             so = shared if shared is not None else self.shared_expert(n)
             if spec.shared_expert_gate:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
@@ -962,11 +962,9 @@ class _B:
         """The always-on shared expert: a gated MLP of ``shared_expert_intermediate_size``."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
-        h, si, tr = spec.hidden_size, spec.shared_expert_intermediate_size, plan.trainable
+        h, si = spec.hidden_size, spec.shared_expert_intermediate_size
 
-        def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
-                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        shared = self.proj
 
         if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
             su = shared(n, h, si, "shared_up_proj")
@@ -1098,9 +1096,7 @@ class _B:
         assert plan is not None
         h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
 
-        def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-            return self.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
-                               lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        lin = self.proj
 
         pli = tp.input(self.t * p, resid_elem(self.num), held=True)
         g = lin(y, h, p, "per_layer_input_gate")

@@ -101,9 +101,7 @@ def gdn_mixer(bld: _B, n: Tensor) -> Tensor:
     tr = plan.trainable
     fused = plan.ssm_kernel == "fused"
 
-    def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-        return bld.linear(x, fin, fout, name, bias=False, trainable=tr, quant=plan.quant,
-                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+    lin = bld.proj
 
     def pg(name: str, numel: int) -> tuple[tuple[int, int], ...]:
         return bld.param_grad(f"{name}{len(tp.ops)}", numel, bld.num.param) if tr else ()

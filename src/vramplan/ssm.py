@@ -335,12 +335,10 @@ def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:
     sb = spec.shared_block
     h, b, s = spec.hidden_size, bld.b, bld.s
     t, h2 = b * s, 2 * h
-    tr, quant = plan.trainable, plan.quant
+    tr = plan.trainable
     qd, kvd, r = spec.q_dim, spec.kv_dim, sb.adapter_rank
 
-    def lin(v: Tensor, fin: int, fout: int, name: str) -> Tensor:
-        return bld.linear(v, fin, fout, name, bias=False, trainable=tr, quant=quant,
-                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+    lin = bld.proj
 
     def adapted(v: Tensor, base: Tensor, fout: int, name: str) -> Tensor:  # base + Linear(r, out)(Linear(in, r)(v))
         a = bld.linear(v, v.numel // t, r, name + "_adapter.0", bias=False, trainable=tr)
@@ -464,8 +462,7 @@ def short_conv_mixer(bld: _B, n: Tensor) -> Tensor:
     bias = ss.conv_bias
 
     def lin(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
-        return bld.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=plan.quant,
-                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        return bld.proj(x, fin, fout, name, bias)
 
     bcx = lin(n, h, 3 * h, "in_proj")
     e = bcx.elem
@@ -542,11 +539,9 @@ def mamba1_mixer(bld: _B, n: Tensor) -> Tensor:
     spec, plan = bld.spec, bld.plan
     assert plan is not None and spec.ssm is not None
     ss = spec.ssm
-    h, tr = spec.hidden_size, plan.trainable
+    h = spec.hidden_size
 
-    def lin(x: Tensor, fin: int, fout: int, name: str, bias: bool) -> Tensor:
-        return bld.linear(x, fin, fout, name, bias=bias, trainable=tr, quant=plan.quant,
-                          lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+    lin = bld.proj
 
     pj = lin(n, h, 2 * ss.d_inner, "in_proj", ss.proj_bias)
     if plan.ssm_kernel == "fused" and bld.num.training and ss.inner_fn:
