@@ -97,7 +97,21 @@ def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     return norms[0] if len(norms) == 1 else None
 
 
-class _Recorder(_OpLog):
+class _Bucketed(_OpLog):
+    """An op log that files each op under the innermost place it runs in (``where[-1]``)."""
+
+    where: list[str]
+    buckets: dict[str, list[Any]]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        n = len(self.ops)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.ops) > n:
+            self.buckets[self.where[-1]].append(self.ops[-1])
+        return out
+
+
+class _Recorder(_Bucketed):
     """Ops bucketed by where they run: outside the layers, a layer's glue, or one part of a layer."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -141,12 +155,6 @@ class _Recorder(_OpLog):
         for h in self.handles:
             h.remove()
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        n = len(self.ops)
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if len(self.ops) > n:
-            self.buckets[self.where[-1]].append(self.ops[-1])
-        return out
 
 
 def _debug(msg: str) -> None:
@@ -788,7 +796,7 @@ def _compare_moe(layers: torch.nn.ModuleList, rec: _Recorder, d: Mapping[str, An
 
 # ---- a MoE block no family computes as a whole: its parts -------------------------------------------------------
 
-class _BlockRecorder(_OpLog):
+class _BlockRecorder(_Bucketed):
     """The ops of one MoE block bucketed by the child they run in (``glue``: the block's own), the children's call
     order and the inputs each child received."""
 
@@ -817,12 +825,6 @@ class _BlockRecorder(_OpLog):
             self.buckets.setdefault(name, [])
         return pre
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        n = len(self.ops)
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if len(self.ops) > n:
-            self.buckets[self.where[-1]].append(self.ops[-1])
-        return out
 
 
 def _record_block(block: torch.nn.Module, inputs: tuple[Any, Any]) -> _BlockRecorder:
