@@ -338,8 +338,8 @@ class _B:
         out = self.add(a, b)
         if style in ("fp32", "interleave_fp32", "fp32_tables"):
             out = self.cast(out, out_elem or x.elem)  # .to(original dtype)
-        if frac < 1:
-            out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part
+        if frac < 1 or spec.rope_cat:
+            out = self.tp.op(x.numel, out.elem, (out, x))  # cat with the pass-through part (empty at frac 1)
         return out
 
     def dsa_mask(self, n: Tensor, q_resid: Tensor) -> Tensor:
@@ -964,7 +964,8 @@ class _B:
         assert plan is not None
         h, si = spec.hidden_size, spec.shared_expert_intermediate_size
 
-        shared = self.proj
+        def shared(x: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            return self.proj(x, fin, fout, name, spec.shared_expert_bias)
 
         if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
             su = shared(n, h, si, "shared_up_proj")

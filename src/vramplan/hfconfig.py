@@ -192,6 +192,8 @@ class _Facts:
     rope: str = "half"  # half | interleave (GLM cos/sin repeat_interleave) | fp32 (ERNIE, Cohere: q.float())
     # | fp32_tables (OLMo: the rotary module returns fp32 cos/sin, apply_rotary_pos_emb casts back)
     rope_interleave_fp32: bool = False  # ERNIE 4.5: both
+    rope_cat: bool = False  # apply_rotary_pos_emb concatenates the rotated part with the pass-through rest even when
+    # that is empty (torch.cat([q_embed, q_pass]): GLM-4.5, GLM-4, Nemotron, Phi-3)
     nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers)
     sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
     # else a pattern of sliding_window_pattern)
@@ -235,7 +237,7 @@ _FAMILIES: dict[str, _Facts] = {
     "mixtral": _Facts(sliding="all", moe="mixtral"),
     "granitemoe": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
     "granitemoeshared": _Facts(version="5.24", multipliers=True, moe="granitemoe"),
-    "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
+    "glm4_moe": _Facts(version="5.24", o_bias=False, partial_rotary=True, rope_cat=True, qk_norm_key="use_qk_norm",
                        moe="deepseek"),
     "deepseek_v3": _Facts(version="5.24", moe="deepseek", mla=True),
     # DeepSeek-V2 / V2-Lite (modeling_deepseek_v2.py): DeepSeek-V3's MLA with the complex rotary of apply_rotary_emb
@@ -293,7 +295,7 @@ _FAMILIES: dict[str, _Facts] = {
     "smollm3": _Facts(version="5.24", tie=True, nope="no_rope_layers", sliding="qwen"),
     "granite": _Facts(version="5.24", multipliers=True),
     "glm4": _Facts(version="5.24", bias_default=True, o_bias=False, layout="sandwich", gate_up_fused=True,
-                   rope="interleave", partial_rotary=True),
+                   rope="interleave", partial_rotary=True, rope_cat=True),
     "ernie4_5": _Facts(version="5.24", tie=True, bias_key="use_bias", mlp_bias_key="use_bias", rope="interleave",
                        rope_interleave_fp32=True),
     "exaone4": _Facts(version="5.24", layout="post", qk_norm="head", nope="global", sliding="types", sliding_every=4,
@@ -315,7 +317,7 @@ _FAMILIES: dict[str, _Facts] = {
     # autocast), partial rotary (0.5 by default), attention_bias on q/k/v/o, an ungated up_proj -> relu2 -> down_proj
     # MLP with mlp_bias
     "nemotron": _Facts(version="5.24", norm=NormKind.LAYERNORM, norm_bias=True, partial_rotary=True,
-                       rotary_default=0.5, mlp_plain=True, act_default="relu2"),
+                       rotary_default=0.5, rope_cat=True, mlp_plain=True, act_default="relu2"),
     # Command-R (modeling_cohere.py): Cohere 2's parallel block, CohereLayerNorm, interleaved fp32 RoPE and
     # logit_scale, without sliding layers (every layer applies RoPE); use_qk_norm adds CohereLayerNorms of q and k
     # over head_dim whose weights are (heads, head_dim)
@@ -492,9 +494,14 @@ def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
     if si:
         out["shared_expert_intermediate_size"] = si
     flags = dict(f.moe_flags) if f.moe_flags else _moe_flags(f.moe, f.moe_family, e, si)
+    for name, v in list(flags.items()):
+        if isinstance(v, str) and v.startswith("config:"):  # a flag the config switches (derive._compose._keyed_flags)
+            key = v.removeprefix("config:")
+            flags[name] = c.bool_(key.lstrip("!"), default=False) != key.startswith("!")
     if not si:
         flags.pop("shared_expert_gate", None)
         flags.pop("shared_expert_first", None)
+        flags.pop("shared_expert_bias", None)
     return out | flags
 
 
@@ -679,7 +686,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
         rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
-        rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
+        rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope, rope_cat=f.rope_cat,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
         embed_scale=gemma or f.multipliers or f.head_scale, residual_scale=f.multipliers or f.head_scale,
         logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,

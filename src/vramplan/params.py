@@ -283,6 +283,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts
     if moe:
         bias += spec.moe_extra_params
+    if moe and spec.shared_expert_bias:  # the shared expert's linears' biases (HY-V3 mlp_bias)
+        bias += sum(o * n for name, _, o, n in mlp if name.startswith("shared_") and name != "shared_expert_gate")
     if moe and spec.expert_bias:  # gate_up_proj_bias and down_proj_bias of every expert
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:

@@ -140,6 +140,8 @@ class ModelSpec:
     head_input_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (before the last-token
     # slice)
     rotary_fraction: float = 1.0  # partial rotary (NeoX rotary_pct, GPT-J rotary_dim)
+    rope_cat: bool = False  # the rotated part is concatenated with the pass-through part even at rotary_fraction 1
+    # (modeling_glm4_moe.py apply_rotary_pos_emb: torch.cat([q_embed, q_pass], dim=-1), a copy of q and of k)
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
     positions_unbatched: bool = False  # the learned lookup is (1, seq, hidden) and held by the forward (GPTBigCode)
@@ -166,6 +168,7 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert
     shared_expert_gate: bool = False
     shared_expert_first: bool = False  # the shared expert runs before the router (Qwen2-MoE, ERNIE 4.5)
+    shared_expert_bias: bool = False  # the shared expert's linears have biases (HY-V3 HYV3MLP with mlp_bias)
     router_bias: bool = False
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
     router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)

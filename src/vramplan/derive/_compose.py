@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import types
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -50,7 +51,7 @@ from ._derive import (
 
 __all__ = ["compose"]
 
-_ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope",
+_ATTN_FIELDS = ("qkv_bias", "bias_key", "bias_default", "o_bias", "qk_norm", "qk_norm_key", "rope", "rope_cat",
                 "rope_interleave_fp32", "partial_rotary", "qkv_fused", "nope", "qk_norm_after_rope", "attn_temperature",
                 "mla", "mla_defaults")
 _MLP_FIELDS = ("gate_up_fused", "mlp_bias_key", "mlp_bias_default", "mlp_plain", "mlp_names")
@@ -111,13 +112,59 @@ class _Bucketed(_OpLog):
         return out
 
 
+def _mask_call() -> tuple[str, int] | None:
+    """The outermost mask-building call of transformers' ``masking_utils`` (``create_causal_mask``,
+    ``create_sliding_window_causal_mask``, …) the current op runs in, as (function, frame id); None outside one."""
+    f = sys._getframe(2)
+    found = None
+    while f is not None:
+        code = f.f_code
+        if code.co_name.startswith("create_") and "mask" in code.co_name and code.co_filename.endswith(
+                "masking_utils.py"):
+            found = (code.co_name, id(f))
+        f = f.f_back
+    return found
+
+
+def _canonical_outside(ops: list[Any], tags: list[tuple[str, int] | None]) -> list[Any]:
+    """The ops outside the layers with each run of consecutive mask builds in a fixed order: a model that builds
+    its masks for ``set(config.layer_types)`` (Dots1Model, ExaoneMoeModel) builds them in Python's string-hash
+    order, which changes from process to process; the masks built, and what they hold, do not."""
+    out: list[Any] = []
+    run: list[list[Any]] = []
+    last: tuple[str, int] | None = None
+    for op, tag in zip(ops, tags, strict=True):
+        if tag is None:
+            out += [o for seg in sorted(run, key=repr) for o in seg]
+            run, last = [], None
+            out.append(op)
+            continue
+        if tag != last:
+            run.append([])
+            last = tag
+        run[-1].append(op)
+    out += [o for seg in sorted(run, key=repr) for o in seg]
+    return out
+
+
 class _Recorder(_Bucketed):
     """Ops bucketed by where they run: outside the layers, a layer's glue, or one part of a layer."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        n = len(self.buckets["outside"])
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if len(self.buckets["outside"]) > n:
+            self.outside_tags.append(_mask_call())
+        return out
+
+    def outside(self) -> list[Any]:
+        return _canonical_outside(self.buckets["outside"], self.outside_tags)
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.where: list[str] = ["outside"]
         self.buckets: dict[str, list[Any]] = {"outside": []}
+        self.outside_tags: list[tuple[str, int] | None] = []
         self.inputs: dict[str, tuple[Any, Any]] = {}
         self.order: dict[int, list[str]] = {}
         self.handles: list[Any] = []
@@ -199,6 +246,32 @@ def _part_ops(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any]:
     return log.ops
 
 
+def _apply_rope_cat(orig: Any) -> Any:
+    """``orig`` (a modeling file's ``apply_rotary_pos_emb``) on the rotary part ``[..., :cos.shape[-1]]`` of q and
+    k, each result concatenated with the pass-through rest, which may be empty (modeling_glm4_moe.py
+    apply_rotary_pos_emb: ``torch.cat([q_embed, q_pass], dim=-1)`` at any partial_rotary_factor)."""
+    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any,
+              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rd = cos.shape[-1]
+        qe, ke = orig(q[..., :rd], k[..., :rd], cos, sin, *args, **kwargs)
+        return torch.cat([qe, q[..., rd:]], dim=-1), torch.cat([ke, k[..., rd:]], dim=-1)
+    return apply
+
+
+def _part_ops_rope_cat(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any] | None:
+    """The ops of attention module ``mod`` run with the concatenating rotary application (:func:`_apply_rope_cat`)
+    in place of its modeling file's own; None when that file has no ``apply_rotary_pos_emb``."""
+    module = sys.modules.get(type(mod).__module__)
+    orig = getattr(module, "apply_rotary_pos_emb", None)
+    if module is None or not callable(orig):
+        return None
+    module.apply_rotary_pos_emb = _apply_rope_cat(orig)  # type: ignore[attr-defined]
+    try:
+        return _part_ops(mod, inputs)
+    finally:
+        module.apply_rotary_pos_emb = orig  # type: ignore[attr-defined]
+
+
 def _load_part(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     state = src.state_dict()
     keys = list(dst.state_dict())
@@ -217,11 +290,15 @@ def _child(layer: torch.nn.Module, role: str) -> tuple[str, torch.nn.Module] | N
 def _norm_refs(dim: int, eps: float, bias: bool) -> list[tuple[str, bool, torch.nn.Module]]:
     from transformers.models.cohere.modeling_cohere import CohereLayerNorm
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    # GptOssRMSNorm: (weight * fp32 normed states).to(input dtype), the product promoted to fp32 (T5-style; what
+    # NormKind.FP32_WEIGHT_RMSNORM replays)
     return [("rmsnorm", False, LlamaRMSNorm(dim, eps=eps)), ("gemma_rmsnorm", False, GemmaRMSNorm(dim, eps=eps)),
             ("cohere_layernorm", False, CohereLayerNorm(dim, eps=eps)),
-            ("layernorm", bias, torch.nn.LayerNorm(dim, eps=eps, bias=bias))]
+            ("layernorm", bias, torch.nn.LayerNorm(dim, eps=eps, bias=bias)),
+            ("rmsnorm_fp32_weight", False, GptOssRMSNorm(dim, eps=eps))]
 
 
 class _LayerNormNoAffine(torch.nn.Module):
@@ -278,11 +355,35 @@ def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module 
     if d.get("head_dim") is None and isinstance(d.get("hidden_size"), int) and \
             isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
         d = {**d, "head_dim": d["hidden_size"] // d["num_attention_heads"]}
+    # a dropout the type's config has no key for is one its model does not run: the family's config class must not
+    # add it from its own default (SeedOssConfig's residual_dropout = 0.1)
+    d = {**_no_foreign_dropout(ref, d), **d}
     try:
         with no_init_weights():
             return _build(ref, d, attn, meta=False)
     except Exception:
         return None
+
+
+def _no_foreign_dropout(ref: str, d: Mapping[str, Any]) -> dict[str, float]:
+    """The dropout probabilities of family ``ref``'s config class that the type's config ``d`` does not hold, set
+    to 0.0."""
+    try:
+        own = _config_class(ref)().to_dict()
+    except Exception:
+        return {}
+    return {k: 0.0 for k, v in own.items() if "dropout" in k and k not in d and isinstance(v, float) and v > 0}
+
+
+def _moe_attention_config(ref: str, d: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The type's config for MoE family ``ref`` with small MoE blocks: the family is a candidate for the attention
+    part only (its attention does not depend on the experts)."""
+    for shared in (0, 8):
+        o = _family_moe_config(ref, d, {"num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 8,
+                                        "shared": shared, "shared_gate": 0})
+        if o is not None:
+            return o
+    return None
 
 
 def _dense_mlps(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,7 +425,10 @@ def compose(model_type: str) -> DeriveResult:
     dense = [f for f, facts in _FAMILIES.items() if not facts.moe and not facts.mla]
     # multi-head latent attention families are candidates for the attention part only (built with dense MLPs)
     mla = [f for f, facts in _FAMILIES.items() if facts.mla]
-    refs = dense + mla
+    # so are the MoE families (built with small MoE blocks): their attention is one no dense family may have
+    moe_attn = [f for f, facts in _FAMILIES.items() if facts.moe and not facts.mla]
+    refs = dense + mla + moe_attn
+    rope_cat: dict[str, set[bool]] = {r: set() for r in refs}  # the attention matched with the concatenating apply
     base_ok: dict[str, bool] = {r: r in dense for r in refs}  # outside the layers
     glue_ok: dict[str, bool] = {r: r in dense for r in refs}  # the layers' call order and residual glue
     attn_ok: dict[str, bool] = dict.fromkeys(refs, True)
@@ -332,7 +436,7 @@ def compose(model_type: str) -> DeriveResult:
     moe_refs = [f for f, facts in _FAMILIES.items() if facts.moe and not facts.mla]
     moe_ok: dict[str, bool] = dict.fromkeys(moe_refs, True)
     moe_why: dict[str, str] = {}
-    moe_parts: list[tuple[tuple[tuple[str, Any], ...], str]] = []
+    moe_parts: list[tuple[str, tuple[tuple[str, Any], ...], str]] = []
     has_moe = False
     norms: set[tuple[str, bool]] = set()
     why: dict[str, str] = {}
@@ -371,13 +475,14 @@ def compose(model_type: str) -> DeriveResult:
                     if kind is None:
                         return DeriveResult(model_type, None, f"norm {type(child).__name__} computes like no "
                                             "known norm (LlamaRMSNorm, GemmaRMSNorm, CohereLayerNorm, LayerNorm, "
-                                            "parameter-free fp32 LayerNorm)")
+                                            "GptOssRMSNorm, parameter-free fp32 LayerNorm)")
                     norms.add(kind)
             dense_mlp = any(_moe_child(layer) is None for layer in layers)  # a MoE-only stack compares no MLP
             for ref in refs:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or (mlp_ok[ref] and dense_mlp)):
                     continue
-                theirs = _family_model(ref, _dense_mlps(d) if ref in mla else d, attn)
+                fd = _dense_mlps(d) if ref in mla else _moe_attention_config(ref, d) if ref in moe_attn else d
+                theirs = _family_model(ref, fd, attn) if fd is not None else None
                 if theirs is None:
                     base_ok[ref] = glue_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
                     why.setdefault(ref, f"{vname}: does not build from the type's config")
@@ -393,10 +498,10 @@ def compose(model_type: str) -> DeriveResult:
                     troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
                               for i in trec.order}
                     # (the final norm itself is classified with the other norms above)
-                    if base_ok[ref] and trec.buckets["outside"] != rec.buckets["outside"]:
+                    if base_ok[ref] and trec.outside() != rec.outside():
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
-                                       + _first_difference(rec.buckets["outside"], trec.buckets["outside"]))
+                                       + _first_difference(rec.outside(), trec.outside()))
                     if glue_ok[ref] and troles != roles:
                         _debug(f"{ref} glue {vname}/{attn}: call order {troles} vs mine {roles}")
                     if glue_ok[ref] and (troles != roles or any(trec.buckets.get(f"L{i}") != rec.buckets.get(f"L{i}")
@@ -419,9 +524,14 @@ def compose(model_type: str) -> DeriveResult:
                         try:
                             _load_part(mine_part[1], their_part[1])
                             tops = _part_ops(their_part[1], rec.inputs[key])
-                            if tops != rec.buckets[key]:
+                            cat = False
+                            if tops != rec.buckets[key] and role == "attn":
+                                cat = _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]
+                            if tops != rec.buckets[key] and not cat:
                                 ok[ref] = False
                                 _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
+                            elif role == "attn":
+                                rope_cat[ref].add(cat)
                         except Exception as exc:
                             ok[ref] = False
                             _debug(f"{ref} {role} {vname}/{attn}: {type(exc).__name__}: {exc}"[:300])
@@ -434,7 +544,8 @@ def compose(model_type: str) -> DeriveResult:
     base = next((r for r in dense if base_ok[r]), None)
     glue = next((r for r in dense if glue_ok[r] and base is not None
                  and _FAMILIES[r].multipliers == _FAMILIES[base].multipliers), None)
-    attn_ref = next((r for r in refs if attn_ok[r]), None)
+    # one rotary application on every layer and variant: the family's own, or the concatenating one
+    attn_ref = next((r for r in refs if attn_ok[r] and len(rope_cat[r]) == 1), None)
     mlp_ref = next((r for r in dense if mlp_ok[r]), None)
     missing = [what for what, r in (("ops outside the layers", base), ("layer glue and call order", glue),
                                     ("attention", attn_ref), ("MLP", mlp_ref)) if r is None]
@@ -447,14 +558,13 @@ def compose(model_type: str) -> DeriveResult:
     moe_ref = next((r for r in moe_refs if moe_ok[r]), None)
     moe_flags: tuple[tuple[str, Any], ...] = ()
     if has_moe and moe_ref is None:
-        errs = [err for _, err in moe_parts if err]
-        found = {f for f, err in moe_parts if not err}
-        if errs or len(found) != 1:
+        errs = [err for _, _, err in moe_parts if err]
+        keyed, kerr = _keyed_flags(moe_parts)
+        if errs or kerr:
             detail = "; ".join(f"{k}: {v}" for k, v in list(moe_why.items())[:3])
-            part = errs[0] if errs else f"its parts differ between variants: {sorted(found)}"
             return DeriveResult(model_type, None, f"no family computes its MoE block ({detail}); part by part: "
-                                f"{part}"[:900])
-        (moe_flags,) = found
+                                f"{errs[0] if errs else kerr}"[:900])
+        moe_flags = keyed
     assert base is not None and glue is not None and attn_ref is not None and mlp_ref is not None
     fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
     if fb.gemma != (norm_kind == "gemma_rmsnorm"):
@@ -462,6 +572,9 @@ def compose(model_type: str) -> DeriveResult:
     facts = replace(fb, layout=fg.layout, parallel=fg.parallel, post_norm_key=fg.post_norm_key,
                     **{k: getattr(fa, k) for k in _ATTN_FIELDS},
                     **{k: getattr(fm, k) for k in _MLP_FIELDS})
+    if rope_cat[attn_ref] == {True}:
+        # the concatenating apply takes the rotary width from cos: the rotary module's partial_rotary_factor
+        facts = replace(facts, rope_cat=True, partial_rotary=True)
     if not fb.gemma:
         facts = replace(facts, norm=NormKind(norm_kind))
     if norm_bias:  # nn.LayerNorm with its bias: the LAYERNORM program counts and replays it
@@ -758,7 +871,7 @@ def _moe_layer_rule(model_type: str, d: Mapping[str, Any]) -> tuple[tuple[tuple[
 
 
 def _compare_moe(layers: torch.nn.ModuleList, rec: _Recorder, d: Mapping[str, Any], ok: dict[str, bool],
-                 why: dict[str, str], vname: str, parts: list[tuple[tuple[tuple[str, Any], ...], str]]) -> bool:
+                 why: dict[str, str], vname: str, parts: list[tuple[str, tuple[tuple[str, Any], ...], str]]) -> bool:
     """Compare each MoE block of the type, on its captured inputs, op for op with the block of each MoE family built
     with the same sizes and holding the same weights; clears ``ok`` of the families that differ. True when the
     type has a MoE layer here."""
@@ -790,7 +903,7 @@ def _compare_moe(layers: torch.nn.ModuleList, rec: _Recorder, d: Mapping[str, An
                 why.setdefault(ref, f"{vname}: {_first_difference(rec.buckets[key], theirs)}")
         if not any(ok.values()) and z is not None:  # no family's block: its parts
             flags, err = _moe_parts(child[1], rec.inputs[key], d, z)
-            parts.append((tuple(sorted(flags.items())), f"{vname}: {err}" if err else ""))
+            parts.append((vname, tuple(sorted(flags.items())), f"{vname}: {err}" if err else ""))
     return found
 
 
@@ -825,6 +938,32 @@ class _BlockRecorder(_Bucketed):
             self.buckets.setdefault(name, [])
         return pre
 
+
+
+def _keyed_flags(parts: list[tuple[str, tuple[tuple[str, Any], ...], str]]) -> tuple[tuple[tuple[str, Any], ...], str]:
+    """The block program's flags from the parts found on every variant: those of the shrunk default, where a flag
+    that changes on a variant with one boolean config key flipped (``key=value``) follows that key: its value is then
+    ``"config:key"`` (or ``"config:!key"``, the negation), read from the config at estimate time (HY-V3's
+    enable_moe_fp32_combine, a shared expert's biases from mlp_bias). An absent flag is False."""
+    base = next((dict(f) for v, f, _ in parts if v == "default"), None)
+    if base is None:
+        return (), "the shrunk default has no MoE block"
+    keyed: dict[str, str] = {}
+    for vname, flags, _ in parts:
+        mine = dict(flags)
+        changed = [k for k in dict.fromkeys([*base, *mine]) if base.get(k, False) != mine.get(k, False)]
+        if not changed:
+            continue
+        key, _, val = vname.partition("=")
+        if val not in ("True", "False") or any(not isinstance(base.get(k, False), bool)
+                                               or not isinstance(mine.get(k, False), bool) for k in changed):
+            return (), f"its parts differ between variants: {sorted(base.items())} vs {vname}: {sorted(mine.items())}"
+        for k in changed:  # the flag equals the key where it equals it on the flipped variant
+            rule = f"config:{key}" if mine.get(k, False) == (val == "True") else f"config:!{key}"
+            if keyed.setdefault(k, rule) != rule:
+                return (), f"its {k} follows both {keyed[k]} and {rule}"
+    out = {**{k: v for k, v in base.items() if v is not False}, **keyed}
+    return tuple(sorted(out.items())), ""
 
 
 def _record_block(block: torch.nn.Module, inputs: tuple[Any, Any]) -> _BlockRecorder:
@@ -919,7 +1058,9 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     # shared expert: op for op as a gated MLP (LlamaMLP) of its width, before or after the routed experts
     if shared:
         sm = children[shared[0]]
-        cfg = LlamaConfig(hidden_size=h, intermediate_size=z["shared"], hidden_act=d.get("hidden_act", "silu"))
+        sbias = any(n.endswith("bias") for n, _ in sm.named_parameters())
+        cfg = LlamaConfig(hidden_size=h, intermediate_size=z["shared"], hidden_act=d.get("hidden_act", "silu"),
+                          mlp_bias=sbias)
         ref_mlp = LlamaMLP(cfg).to(torch.bfloat16)
         try:
             _load_by_shape(sm, ref_mlp)
@@ -929,6 +1070,7 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
         if not same:
             return {}, f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP)"
         flags["shared_expert_first"] = rec.order.index(shared[0]) < rec.order.index(experts[0])
+        flags["shared_expert_bias"] = sbias
         flags["shared_expert_gate"] = bool(gate)
     elif gate:
         return {}, "a shared-expert gate without a shared expert"
