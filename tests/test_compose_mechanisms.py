@@ -176,3 +176,34 @@ def test_family_dropout_defaults_are_not_added() -> None:
     # SeedOssConfig's residual_dropout (0.1) is not in a type's config that has no such dropout
     assert _no_foreign_dropout("seed_oss", {"attention_dropout": 0.0}) == {"residual_dropout": 0.0}
     assert _no_foreign_dropout("seed_oss", {"attention_dropout": 0.0, "residual_dropout": 0.2}) == {}
+
+
+def test_lm_head_bias_key() -> None:
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _bias_key
+
+    assert _bias_key({"default": False, "widths": False, "lm_head_bias=True": True}) == "lm_head_bias"
+    assert _bias_key({"default": True, "widths": True}) == ""
+    assert _bias_key({"default": True, "widths": False}) is None  # on a variant that flips no key
+    facts = _Facts(version="5.24", lm_head_bias_key="lm_head_bias")
+    raw = dict(model_type="x", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+               intermediate_size=96)
+    on, off = (_llama_like(_Cfg({**raw, "lm_head_bias": b}, "x"), "x", facts) for b in (True, False))
+    assert on.lm_head_bias and not off.lm_head_bias
+    assert count_params(on).total - count_params(off).total == 100
+
+
+def test_rotary_tables_leave_out_per_frequency_ops() -> None:
+    """PhimoeRotaryEmbedding recomputes inv_freq and takes max(position_ids) on every call: ops on scalars and on
+    the (head_dim / 2,) frequencies are not compared; the per-position tables are."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _SEQ, _rotary_tables
+
+    class _Rec:
+        def __init__(self, ops: list[Any]) -> None:
+            self.buckets = {"rotary": ops}
+
+    table = ("aten.cos.default", (((1, _SEQ, 16), "torch.float32"),))
+    freq = ("aten.pow.Scalar", (((8,), "torch.float32"),))
+    scalar = ("aten.max.default", (((), "torch.int64"),))
+    assert _rotary_tables(_Rec([scalar, freq, table])) == _rotary_tables(_Rec([table])) == [table]  # type: ignore[arg-type]

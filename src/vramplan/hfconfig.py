@@ -160,6 +160,7 @@ class _Facts:
     mlp_bias_key: str = "mlp_bias"
     mlp_bias_default: bool = False  # its default (Phi: the MLP always has biases)
     lm_head_bias: bool = False  # Phi: lm_head has a bias
+    lm_head_bias_key: str = ""  # config flag that gives lm_head a bias (PhiMoE lm_head_bias)
     layout: str = "pre"  # pre: norm -> sublayer; post: sublayer -> norm (OLMo 2); sandwich: both (Gemma 2)
     parallel: bool = False  # attention and MLP read one normed input and add to the residual (Cohere)
     post_norm_key: str = ""  # config flag that adds a norm after each sublayer (HyperCLOVA X use_post_norm: sandwich)
@@ -677,7 +678,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         embedding_dropout=c.float_(f.embed_dropout_key, default=0.0, hi=1.0) if f.embed_dropout_key else None,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.bool_(f.mlp_bias_key, default=f.mlp_bias_default),
-        qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused, lm_head_bias=f.lm_head_bias,
+        qkv_fused=f.qkv_fused, gate_up_fused=f.gate_up_fused,
+        lm_head_bias=f.lm_head_bias or (bool(f.lm_head_bias_key) and c.bool_(f.lm_head_bias_key, default=False)),
         norms_per_layer=4 if layout == "sandwich" else 1 if parallel else 2, norm_bias=f.norm_bias,
         pre_norm=layout != "post", parallel_residual=parallel,
         qk_norm=bool(f.qk_norm) or (bool(f.qk_norm_key) and c.bool_(f.qk_norm_key, default=f.qk_norm_default)),

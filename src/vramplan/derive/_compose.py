@@ -204,6 +204,37 @@ class _Recorder(_Bucketed):
 
 
 
+def _biased_head(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+    """Give the family's model ``theirs`` a head with a bias where the type's has one and the family's has none (the
+    family's head otherwise computes the same: the outside ops are compared again); True when it did."""
+    head, their_head = mine.get_output_embeddings(), theirs.get_output_embeddings()
+    if not (isinstance(head, torch.nn.Linear) and head.bias is not None and isinstance(their_head, torch.nn.Linear)
+            and their_head.bias is None and their_head.weight.shape == head.weight.shape):
+        return False
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    new.load_state_dict(head.state_dict())
+    theirs.set_output_embeddings(new)
+    return True
+
+
+def _bias_key(seen: Mapping[str, bool]) -> str | None:
+    """'' when the type's lm_head has a bias on every variant; the boolean config key whose flipped variant alone has
+    one (``key=True``); else None."""
+    if all(seen.values()):
+        return ""
+    on = [v for v, b in seen.items() if b]
+    if len(on) == 1 and on[0].endswith("=True"):
+        return on[0].removesuffix("=True")
+    return None
+
+
+def _rotary_tables(rec: _Recorder) -> list[Any]:
+    """The rotary module's ops that make per-position tensors (the cos/sin tables and what they are made from);
+    ops on scalars and on the per-frequency vector (PhimoeRotaryEmbedding recomputes inv_freq and takes
+    max(position_ids) on every call) allocate a few hundred bytes whatever the batch and sequence."""
+    return [op for op in rec.buckets.get("rotary", []) if any(len(s) >= 2 and _SEQ in s for s, _ in op[1])]
+
+
 def _debug(msg: str) -> None:
     import os
 
@@ -439,6 +470,7 @@ def compose(model_type: str) -> DeriveResult:
     moe_parts: list[tuple[str, tuple[tuple[str, Any], ...], str]] = []
     has_moe = False
     norms: set[tuple[str, bool]] = set()
+    head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
     why: dict[str, str] = {}
     checked: list[str] = []
     for vname, d in variants:
@@ -452,6 +484,8 @@ def compose(model_type: str) -> DeriveResult:
                                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}")
                 break
             checked.append(f"{vname}/{attn}")
+            head = mine_model.get_output_embeddings()
+            head_bias[vname] = isinstance(head, torch.nn.Linear) and head.bias is not None
             layers = _layers(mine_model)
             # a MoE block sits where a dense family has its MLP: the glue compares them as one role
             roles = {i: [_role(n, dict(layers[i].named_children())[n]).replace("moe", "mlp") for n in rec.order[i]]
@@ -498,6 +532,8 @@ def compose(model_type: str) -> DeriveResult:
                     troles = {i: [_role(n, dict(tlayers[i].named_children())[n]) for n in trec.order[i]]
                               for i in trec.order}
                     # (the final norm itself is classified with the other norms above)
+                    if base_ok[ref] and trec.outside() != rec.outside() and _biased_head(mine_model, theirs):
+                        trec = _record(theirs)  # the family's head with the type's bias (PhiMoE lm_head_bias)
                     if base_ok[ref] and trec.outside() != rec.outside():
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
@@ -508,7 +544,7 @@ def compose(model_type: str) -> DeriveResult:
                                                                 for i in rec.order)):
                         glue_ok[ref] = False
                     # the rotary tables belong to the attention facts (partial rotary, rope style)
-                    if attn_ok[ref] and trec.buckets.get("rotary") != rec.buckets.get("rotary"):
+                    if attn_ok[ref] and _rotary_tables(trec) != _rotary_tables(rec):
                         attn_ok[ref] = False
                 for role, ok in (("attn", attn_ok), ("mlp", mlp_ok)):
                     if not ok[ref]:
@@ -572,6 +608,13 @@ def compose(model_type: str) -> DeriveResult:
     facts = replace(fb, layout=fg.layout, parallel=fg.parallel, post_norm_key=fg.post_norm_key,
                     **{k: getattr(fa, k) for k in _ATTN_FIELDS},
                     **{k: getattr(fm, k) for k in _MLP_FIELDS})
+    if any(head_bias.values()) and not fb.lm_head_bias:
+        key = _bias_key(head_bias)
+        if key is None:
+            on = sorted(k for k, v in head_bias.items() if v)
+            return DeriveResult(model_type, None, f"its lm_head has a bias on {on} of the variants, following no "
+                                "boolean config key")
+        facts = replace(facts, lm_head_bias=key == "", lm_head_bias_key=key)
     if rope_cat[attn_ref] == {True}:
         # the concatenating apply takes the rotary width from cos: the rotary module's partial_rotary_factor
         facts = replace(facts, rope_cat=True, partial_rotary=True)
