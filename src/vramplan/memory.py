@@ -310,6 +310,10 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
                 d = spec.embed_proj_dim or spec.hidden_size
                 wb, cb = head.bytes(d, spec.vocab_size)
                 quant_w, quant_c, quant_numel = quant_w + wb, quant_c + cb, quant_numel + d * spec.vocab_size
+        if spec.is_moe and quantization.default is not None and quantization.default.format.startswith("bnb-"):
+            notes.append("bitsandbytes quantizes nn.Linear modules only: the fused 3-D expert stacks of transformers 5 "
+                         "MoE layers stay unquantized (bitsandbytes#1849)" +
+                         (", in fp32 after prepare_model_for_kbit_training" if w.method is Method.QLORA else ""))
         other = total - quant_numel
         # QLoRA: peft.prepare_model_for_kbit_training casts every remaining 16-bit parameter to fp32
         other_elem = 4 if w.method is Method.QLORA else dense_elem

@@ -216,6 +216,7 @@ class Quantization:
             # bitsandbytes replaces nn.Linear (and Conv1D) modules only (transformers 5.24
             # integrations/bitsandbytes.py replace_with_bnb_linear; quantizer_bnb_4bit.py param_needs_quantization
             # asks for a Linear4bit): the fused 3-D expert parameters of transformers 5 MoE layers stay unquantized
+            # (bitsandbytes-foundation/bitsandbytes#1849)
             return None
         return found
 
