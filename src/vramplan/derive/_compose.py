@@ -204,6 +204,28 @@ class _Recorder(_Bucketed):
 
 
 
+def _attention_matches(layers: torch.nn.ModuleList, rec: _Recorder, tlayers: torch.nn.ModuleList
+                       ) -> tuple[bool | None, str]:
+    """Each layer's attention of the type, on its captured inputs, against the family's (``tlayers``) holding the same
+    weights: (True: with the concatenating rotary application, False: with the family's own, None: neither; the
+    first difference)."""
+    cats: set[bool] = set()
+    for i, layer in enumerate(layers):
+        mine_part, their_part = _child(layer, "attn"), _child(tlayers[i], "attn")
+        key = f"L{i}.{mine_part[0]}" if mine_part else ""
+        if mine_part is None or their_part is None or key not in rec.inputs:
+            return None, f"layer {i} has no attention to compare"
+        _load_part(mine_part[1], their_part[1])
+        tops = _part_ops(their_part[1], rec.inputs[key])
+        if tops == rec.buckets[key]:
+            cats.add(False)
+        elif _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]:
+            cats.add(True)
+        else:
+            return None, _first_difference(rec.buckets[key], tops)
+    return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs")
+
+
 def _biased_head(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
     """Give the family's model ``theirs`` a head with a bias where the type's has one and the family's has none (the
     family's head otherwise computes the same: the outside ops are compared again); True when it did."""
@@ -471,9 +493,10 @@ def compose(model_type: str) -> DeriveResult:
     has_moe = False
     norms: set[tuple[str, bool]] = set()
     head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
+    attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
     why: dict[str, str] = {}
     checked: list[str] = []
-    for vname, d in variants:
+    for vi, (vname, d) in enumerate(variants):
         for attn in kernels(model_type, ("eager", "sdpa") if vname in ("default", "widths") else ("eager",)):
             try:
                 mine_model = _build(model_type, d, attn, meta=False)
@@ -512,12 +535,17 @@ def compose(model_type: str) -> DeriveResult:
                                             "GptOssRMSNorm, parameter-free fp32 LayerNorm)")
                     norms.add(kind)
             dense_mlp = any(_moe_child(layer) is None for layer in layers)  # a MoE-only stack compares no MLP
+            odd_head = isinstance(d.get("head_dim"), int) and isinstance(d.get("num_attention_heads"), int) and \
+                d["head_dim"] * d["num_attention_heads"] != d.get("hidden_size")
+            hd_retry: list[str] = []
             for ref in refs:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or (mlp_ok[ref] and dense_mlp)):
                     continue
                 fd = _dense_mlps(d) if ref in mla else _moe_attention_config(ref, d) if ref in moe_attn else d
                 theirs = _family_model(ref, fd, attn) if fd is not None else None
                 if theirs is None:
+                    if attn_ok[ref]:
+                        attn_why[ref] = (vi, f"{vname}: does not build from the type's config")
                     base_ok[ref] = glue_ok[ref] = attn_ok[ref] = mlp_ok[ref] = False
                     why.setdefault(ref, f"{vname}: does not build from the type's config")
                     continue
@@ -546,6 +574,8 @@ def compose(model_type: str) -> DeriveResult:
                     # the rotary tables belong to the attention facts (partial rotary, rope style)
                     if attn_ok[ref] and _rotary_tables(trec) != _rotary_tables(rec):
                         attn_ok[ref] = False
+                        attn_why[ref] = (vi, f"{vname}/{attn}: rotary tables: "
+                                         + _first_difference(_rotary_tables(rec), _rotary_tables(trec)))
                 for role, ok in (("attn", attn_ok), ("mlp", mlp_ok)):
                     if not ok[ref]:
                         continue
@@ -565,14 +595,46 @@ def compose(model_type: str) -> DeriveResult:
                                 cat = _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]
                             if tops != rec.buckets[key] and not cat:
                                 ok[ref] = False
+                                if role == "attn":
+                                    attn_why[ref] = (vi, f"{vname}/{attn}: "
+                                                     + _first_difference(rec.buckets[key], tops))
                                 _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
                             elif role == "attn":
                                 rope_cat[ref].add(cat)
                         except Exception as exc:
                             ok[ref] = False
+                            if role == "attn" and odd_head and "different parameters" in str(exc):
+                                hd_retry.append(ref)
+                            if role == "attn":
+                                attn_why[ref] = (vi, f"{vname}/{attn}: {type(exc).__name__}: {exc}"[:160])
                             _debug(f"{ref} {role} {vname}/{attn}: {type(exc).__name__}: {exc}"[:300])
                         if not ok[ref]:
                             break
+            if hd_retry:
+                # an attention that takes its head size as hidden / heads (OlmoeAttention) cannot hold another head_dim:
+                # compared again on the same stack with head_dim = hidden / heads (what head_dim changes beyond the
+                # shapes is the reader's, checked by the exact parameter count on this variant)
+                d2 = {**d, "head_dim": int(d["hidden_size"]) // int(d["num_attention_heads"])}
+                try:
+                    m2 = _build(model_type, d2, attn, meta=False)
+                    rec2 = _record(m2)
+                except Exception:
+                    hd_retry = []
+                for ref in hd_retry:
+                    fd2 = _dense_mlps(d2) if ref in mla else _moe_attention_config(ref, d2) if ref in moe_attn else d2
+                    theirs2 = _family_model(ref, fd2, attn) if fd2 is not None else None
+                    if theirs2 is None:
+                        continue
+                    trec2 = _record(theirs2)
+                    if _rotary_tables(trec2) != _rotary_tables(rec2):
+                        continue
+                    cat2, why2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
+                    if cat2 is None:
+                        attn_why[ref] = (vi, f"{vname}/{attn} at head_dim = hidden / heads: {why2}")
+                        continue
+                    attn_ok[ref] = True
+                    rope_cat[ref].add(cat2)
+                    checked.append(f"{vname}/{attn}: attention as {ref}'s at head_dim = hidden / heads")
             if attn == kernels(model_type, ("eager", "sdpa"))[0]:  # the MoE block does not depend on the kernel
                 has_moe |= _compare_moe(layers, rec, d, moe_ok, moe_why, vname, moe_parts)
     _debug(f"base {[r for r in dense if base_ok[r]]} glue {[r for r in dense if glue_ok[r]]} "
@@ -587,6 +649,10 @@ def compose(model_type: str) -> DeriveResult:
                                     ("attention", attn_ref), ("MLP", mlp_ref)) if r is None]
     if missing:
         detail = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3])
+        if attn_ref is None and attn_why:  # the attentions that matched longest, where they stopped
+            near = sorted(attn_why.items(), key=lambda kv: -kv[1][0])[:3]
+            detail = "attention: " + "; ".join(f"{k}: {v[1]}" for k, v in near) + ("; " + detail if base is None
+                                                                                     or glue is None else "")
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
