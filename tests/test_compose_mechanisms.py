@@ -207,3 +207,26 @@ def test_rotary_tables_leave_out_per_frequency_ops() -> None:
     freq = ("aten.pow.Scalar", (((8,), "torch.float32"),))
     scalar = ("aten.max.default", (((), "torch.int64"),))
     assert _rotary_tables(_Rec([scalar, freq, table])) == _rotary_tables(_Rec([table])) == [table]  # type: ignore[arg-type]
+
+
+def test_attention_matches_finds_the_concatenating_rotary() -> None:
+    """GLM-4.5's attention at full rotary (no q/k norm) computes as LLaMA's with the concatenating application;
+    LLaMA's own computes as LLaMA's; Qwen 3's (q/k norms) as neither."""
+    pytest.importorskip("torch")
+    import torch
+
+    from vramplan.derive._compose import _attention_matches, _layers, _record
+    from vramplan.derive._derive import _build, _quiet
+
+    d = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=88,
+             moe_intermediate_size=40, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=131,
+             n_routed_experts=4, num_experts_per_tok=2, partial_rotary_factor=1.0, max_position_embeddings=64,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+    with _quiet(), torch.no_grad():
+        glm = _build("glm4_moe", d, "eager", meta=False)
+        llama = _build("llama", d, "eager", meta=False)
+        qwen = _build("qwen3", d, "eager", meta=False)
+        rec_glm, rec_llama = _record(glm), _record(llama)
+        assert _attention_matches(_layers(glm), rec_glm, _layers(llama))[0] is True
+        assert _attention_matches(_layers(llama), rec_llama, _layers(llama))[0] is False
+        assert _attention_matches(_layers(llama), rec_llama, _layers(qwen))[0] is None

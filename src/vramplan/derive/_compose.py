@@ -215,8 +215,11 @@ def _attention_matches(layers: torch.nn.ModuleList, rec: _Recorder, tlayers: tor
         key = f"L{i}.{mine_part[0]}" if mine_part else ""
         if mine_part is None or their_part is None or key not in rec.inputs:
             return None, f"layer {i} has no attention to compare"
-        _load_part(mine_part[1], their_part[1])
-        tops = _part_ops(their_part[1], rec.inputs[key])
+        try:
+            _load_part(mine_part[1], their_part[1])
+            tops = _part_ops(their_part[1], rec.inputs[key])
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
         if tops == rec.buckets[key]:
             cats.add(False)
         elif _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]:
