@@ -230,3 +230,12 @@ def test_attention_matches_finds_the_concatenating_rotary() -> None:
         assert _attention_matches(_layers(glm), rec_glm, _layers(llama))[0] is True
         assert _attention_matches(_layers(llama), rec_llama, _layers(llama))[0] is False
         assert _attention_matches(_layers(llama), rec_llama, _layers(qwen))[0] is None
+
+
+def test_moe_rule_with_a_constant_dense_prefix() -> None:
+    """HYV3Config fills a missing mlp_layer_types with one dense layer and sparse ones: the default rule is the
+    constant ``ge #1``."""
+    from vramplan.hfconfig import _moe_rule
+
+    assert _moe_rule(_Cfg({"num_hidden_layers": 4}, "x"), (("ge", "#1"),), 4) == (1, 2, 3)
+    assert _moe_rule(_Cfg({"k": 2}, "x"), (("ge", "k"),), 4) == (2, 3)

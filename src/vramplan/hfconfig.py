@@ -454,7 +454,9 @@ def _moe_rule(c: _Cfg, rule: tuple[tuple[str, ...], ...], layers: int) -> tuple[
         if op == "all":
             continue
         if op in ("ge", "step", "every"):
-            v = c.int_(key, lo=0 if op == "ge" else 1, hi=_MAX_LAYERS)
+            # "#K": a constant the config class uses where no key sets it (the derivation's "ge #1")
+            v = int(key[1:]) if key.startswith("#") and key[1:].isdigit() else \
+                c.int_(key, lo=0 if op == "ge" else 1, hi=_MAX_LAYERS)
             sel = {i for i in range(layers) if (i >= v if op == "ge" else (i + 1) % v == 0 if op == "step"
                                                else i % v == 0)}
         elif op in ("in", "not_in"):

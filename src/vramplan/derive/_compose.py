@@ -951,12 +951,15 @@ def _moe_layer_rule(model_type: str, d: Mapping[str, Any]) -> tuple[tuple[tuple[
             atoms += [("not_in", k), ("in", k)]
         elif isinstance(v, list) and len(v) == n and all(isinstance(x, str) for x in v):
             atoms += [("eq", k, x) for x in dict.fromkeys(v)]
+    # a number of leading dense layers the config class writes as a constant, from no key (HYV3Config's default
+    # mlp_layer_types: one dense layer, then sparse ones)
+    atoms += [("ge", f"#{c}") for c in (1, 2, 3) if c < n]
     rules = [(a,) for a in atoms] + [(a, b) for j, a in enumerate(atoms) for b in atoms[j + 1:]
                                      if "all" not in (a[0], b[0]) and a[1] != b[1]]
     probes = [(d, seen[1])]
     rules = [r for r in rules if _rule_layers(r, d, n) == seen[1]]
     tested: set[str] = set()
-    for key in dict.fromkeys(a[1] for r in rules for a in r if len(a) > 1):
+    for key in dict.fromkeys(a[1] for r in rules for a in r if len(a) > 1 and not a[1].startswith("#")):
         v = d[key]
         if isinstance(v, int):
             changes: list[Any] = [x for x in (v + 1, v - 1, 2, 3) if 0 <= x <= n and x != v]
