@@ -304,6 +304,21 @@ class _B:
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        if style == "every_two_fp32":
+            # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
+            # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
+            # sum concatenated with the pass-through part (fp32), cast back by .to(value.dtype)
+            rot_numel = self.s * int(spec.head_dim * frac)
+            cos = self.tp.op(rot_numel, 4, (), rg=False)
+            sin = self.tp.op(rot_numel, 4, (), rg=False)
+            a = self.tp.op(part.numel, 4, (part, cos))
+            neg = self.tp.op(part.numel // 2, x.elem, (part,))
+            st = self.tp.op(part.numel, x.elem, (neg, part))
+            b = self.tp.op(part.numel, 4, (st, sin))
+            out = self.add(a, b)
+            if frac < 1:
+                out = self.tp.op(x.numel, 4, (out, x))
+            return self.cast(out, x.elem)
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
@@ -477,6 +492,11 @@ class _B:
             att = tp.op(scores, selem, (att,))
             att = self.ew(att, save_out=True)
             att = tp.op(scores, selem, (att,))
+        if spec.scores_bias_fp32:
+            # MptAttention: scores + the fp32 ALiBi bias (H, 1, S) promotes the sum to fp32; masked_fill with the
+            # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
+            att = tp.op(scores, 4, (att,))
+            selem = 4
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -494,6 +514,8 @@ class _B:
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
+            att.last_use = len(tp.ops) - 1
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         return out
@@ -564,6 +586,10 @@ class _B:
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+            elif spec.qkv_copies:  # CodeGen: the mp_num-block split views are not head-contiguous; reshape copies
+                q = tp.op(b * s * qd, qkv.elem, (qkv,))
+                k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+                v = tp.op(b * s * kvd, qkv.elem, (qkv,))
         elif spec.kv_shared:
             return self.shared_kv_attention(n, lin, kernel)
         elif spec.attn_output_gate:
@@ -640,6 +666,8 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
+        if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
+            tp.hold(q, k, v)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -1168,6 +1196,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if attention is Attention.EAGER and spec.family != "gpt2":
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
+        if spec.mask_bool:  # MptModel: create_causal_mask(...).to(torch.bool), the float mask dropped at once
+            mask = tp.op(batch * seq * seq, 1, (mask,), rg=False)
         tp.keep(mask)
         if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
             # models mixing full and sliding layers build one mask per layer type (transformers'

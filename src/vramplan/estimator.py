@@ -509,6 +509,10 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
     if w.packing and (not w.is_train or spec.family in ("bloom", "gptj")):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
+    if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
+        # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
+        raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "
+                            f"({spec.name}): drop --gradient-checkpointing")
     total = w.seq_len + (0 if w.is_train else w.new_tokens)
     fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
     if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:

@@ -892,6 +892,10 @@ from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _C
 
 _READERS.update(GEMMA_READERS)
 _CLASSES.update(GEMMA_CLASSES)
+from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style layouts read from data)
+
+_READERS.update(LAYOUT_READERS)
+_CLASSES.update(LAYOUT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE

@@ -108,6 +108,15 @@ class ModelSpec:
     attn_fp32: bool = False  # eager attention casts q and k to fp32 before the scores (GPT-Neo; GPT-J by family)
     returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
     # until the next layer returns (GPT-Neo)
+    scores_bias_fp32: bool = False  # eager scores plus an fp32 position bias (MPT's ALiBi tensor): the sum is fp32, the
+    # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
+    qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
+    # mp_num blocks: the split views are not head-contiguous)
+    scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
+    # (MptAttention.attention_scores)
+    mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
+    gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
+    # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
     # causal mask)
     qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it

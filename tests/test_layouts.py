@@ -1,0 +1,98 @@
+"""GPT-style layouts read from data (vramplan.layouts): parameter counts checked against the meta-device model,
+estimates against the fake-tensor trace of the library's own code, and the refusals transformers makes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from vramplan.api import estimate
+from vramplan.errors import ConfigError, WorkloadError
+from vramplan.hfconfig import spec_from_config
+from vramplan.layouts import layout_types
+from vramplan.workload import Method, Task, Workload
+
+# small vocabularies, so that the layers' mechanisms decide the peak rather than the logits
+LAYOUTS: dict[str, dict[str, Any]] = {
+    # ALiBi added in fp32 to the eager scores, boolean masked_fill, the scores and the fused qkv held by the
+    # attention's locals, the weights returned and held by the model loop; LayerNorms without bias
+    "mpt": dict(model_type="mpt", d_model=1024, n_heads=8, n_layers=2, vocab_size=1000, max_seq_len=4096),
+    # qkv_proj in mp_num blocks, rotate-every-two rotary on fp32 sin/cos (cast back), a parallel block, biased head
+    "codegen": dict(model_type="codegen", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096,
+                    rotary_dim=32),
+}
+LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
+WORKLOADS = {
+    "full": Workload(batch_size=2, seq_len=1024),
+    "lora-ckpt": Workload(method=Method.LORA, batch_size=4, seq_len=2048, gradient_checkpointing=True),
+    "infer": Workload(task=Task.INFER, batch_size=4, seq_len=2048, new_tokens=8),
+}
+# cells still outside 2% at these widths (the library-default coverage cells are within): named, strict, so that a fix
+# shows
+_OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 MiB more than the trace, not found yet",
+        ("codegen", "lora-ckpt"): "+2.6%: the recomputed layer's backward, not found yet"}
+CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
+         for c in sorted(LAYOUTS) for w in sorted(WORKLOADS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "wname"), CELLS)
+def test_layout_estimate_matches_trace(case: str, wname: str) -> None:
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    cfg, w = LAYOUTS[case], WORKLOADS[wname]
+    if w.method is Method.LORA:
+        w = replace(w, lora_targets=LORA_TARGETS[case])
+    traced = trace_workload(cfg, w, name=case).peak_allocated_bytes
+    est = estimate(spec_from_config(cfg, name=case), w).peak_allocated_bytes
+    assert abs(est / traced - 1) < 0.02, f"{case} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+
+
+@pytest.mark.parametrize("model_type", layout_types())
+def test_layout_counts_match_the_meta_model(model_type: str) -> None:
+    """Library default and a copy per config key the layout reads: the reader counts what transformers builds."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from vramplan.derive._layouts import check_layout
+
+    assert check_layout(model_type) == []
+
+
+def test_layout_check_catches_a_wrong_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import vramplan.layouts as lay
+    from vramplan.derive._layouts import check_layout
+
+    version, data = lay._load()
+    wrong = {"keys": ["n_inner"], "of": "hidden_size", "times": 2}  # CodeGenBlock: 4 x n_embd without n_inner
+    bad = {**data, "codegen": {**data["codegen"], "keys": {**data["codegen"]["keys"], "intermediate_size": wrong}}}
+    monkeypatch.setattr(lay, "_load", lambda: (version, bad))
+    problems = check_layout("codegen")
+    assert any("library default" in p for p in problems), problems
+
+
+def test_mpt_alibi_scores_are_fp32() -> None:
+    """MPT's fp32 ALiBi bias makes the masked scores and the softmax fp32, held to the attention's end: without the
+    mechanism the prefill peak is lower."""
+    spec = spec_from_config(LAYOUTS["mpt"], name="mpt")
+    w = WORKLOADS["infer"]
+    plain = replace(spec, scores_bias_fp32=False, scores_held=False)
+    assert estimate(spec, w).peak_allocated_bytes > estimate(plain, w).peak_allocated_bytes
+    assert spec.position.value == "alibi" and not spec.sdpa and not spec.norm_bias
+
+
+def test_mpt_refuses_clip_qkv() -> None:
+    with pytest.raises(ConfigError, match="clip_qkv"):
+        spec_from_config({**LAYOUTS["mpt"], "attn_config": {"clip_qkv": 8}}, name="mpt")
+
+
+def test_no_checkpointing_where_transformers_refuses_it() -> None:
+    spec = replace(spec_from_config(LAYOUTS["mpt"], name="mpt"), gradient_checkpointing=False)
+    with pytest.raises(WorkloadError, match="gradient checkpointing"):
+        estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",)))
+    estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",), gradient_checkpointing=False,
+                           checkpointing="none"))
