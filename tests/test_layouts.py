@@ -22,6 +22,12 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # qkv_proj in mp_num blocks, rotate-every-two rotary on fp32 sin/cos (cast back), a parallel block, biased head
     "codegen": dict(model_type="codegen", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096,
                     rotary_dim=32),
+    # pre-norm fairseq layer with fc1/fc2 called inline, dropouts of 0.1, scaled embeddings, (1, seq) learned positions
+    "biogpt": dict(model_type="biogpt", hidden_size=1024, num_attention_heads=8, num_hidden_layers=2, vocab_size=1000,
+                   max_position_embeddings=4096, intermediate_size=4096),
+    # the same layer with XGLMAttention (eager: scaled q, reshape copies, clamped bf16 scores, weights held by the
+    # layer) and sinusoidal positions from a buffer
+    "xglm": dict(model_type="xglm", d_model=1024, attention_heads=8, num_layers=2, vocab_size=1000, ffn_dim=4096),
 }
 LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
 WORKLOADS = {
@@ -32,7 +38,9 @@ WORKLOADS = {
 # cells still outside 2% at these widths (the library-default coverage cells are within): named, strict, so that a fix
 # shows
 _OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 MiB more than the trace, not found yet",
-        ("codegen", "lora-ckpt"): "+2.6%: the recomputed layer's backward, not found yet"}
+        ("codegen", "lora-ckpt"): "+2.6%: the recomputed layer's backward, not found yet",
+        ("biogpt", "lora-ckpt"): "-2.3%: ~12 MiB of the recomputed layer's backward, not found (default cell -0.2%)",
+        ("xglm", "infer"): "-2.0%: ~16 MiB of the prefill's second layer, not found yet (the default cell is -0.9%)"}
 CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
          for c in sorted(LAYOUTS) for w in sorted(WORKLOADS)]
 
@@ -45,7 +53,7 @@ def test_layout_estimate_matches_trace(case: str, wname: str) -> None:
 
     cfg, w = LAYOUTS[case], WORKLOADS[wname]
     if w.method is Method.LORA:
-        w = replace(w, lora_targets=LORA_TARGETS[case])
+        w = replace(w, lora_targets=LORA_TARGETS.get(case, ("q_proj", "v_proj")))
     traced = trace_workload(cfg, w, name=case).peak_allocated_bytes
     est = estimate(spec_from_config(cfg, name=case), w).peak_allocated_bytes
     assert abs(est / traced - 1) < 0.02, f"{case} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"

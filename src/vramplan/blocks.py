@@ -600,6 +600,8 @@ class _B:
             gate = tp.op(b * s * qd, qg.elem, (qg,), passthrough=True)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        elif spec.attn_fairseq:
+            return self.fairseq_attention(n)
         else:
             q = lin(n, h, qd, "q_proj", spec.qkv_bias)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
@@ -668,6 +670,48 @@ class _B:
             tp.hold(gate)
         if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
             tp.hold(q, k, v)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def fairseq_attention(self, n: Tensor) -> Tensor:
+        """XGLMAttention (modeling_xglm.py, transformers 5.24; eager only): ``q_proj(x) * scaling``; k/v projected
+        (inference: concatenated onto the cache); q, k and v reshaped to (batch x heads, seq, head_dim), a copy where
+        the transposed view is not contiguous (the cached keys and values are); ``bmm`` scores in the model dtype plus
+        the mask, clamped by ``torch.max`` with the dtype's minimum (maximum saves the sum); softmax in the scores'
+        dtype (saves its result); dropout; ``bmm`` with the values; the output transposed back with a copy. The
+        softmax output is returned and held by the layer until it returns (``hidden_states, _ = self.self_attn``)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
+        b, s, skv, nh = self.b, self.s, self.kv_len, spec.num_heads
+        lin = self.proj
+        q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+        q = tp.op(q.numel, q.elem, (q,))  # * self.scaling
+        k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+        v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        if not self.num.training:  # DynamicCache.update: torch.cat copies, contiguous (B, H, T, d)
+            k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            tp.keep(k, v)
+        else:  # the transposed (B, H, S, d) views reshape with copies
+            k = tp.op(k.numel, k.elem, (k,))
+            v = tp.op(v.numel, v.elem, (v,))
+        q = tp.op(q.numel, q.elem, (q,))
+        elem = q.elem
+        rg = q.rg or k.rg or v.rg
+        scores = b * nh * s * skv
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # bmm
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        # torch.max(., finfo.min): saves the sum; its backward (derivatives.yaml maximum: where(self == other,
+        # grad / 2, grad).masked_fill_(self < other, 0)) makes the eq and lt masks and grad / 2 beside the gradient
+        att = tp.op(scores, elem, (att,), save=(att,) if rg else (), bwd_scratch=scores * (elem + 2) if rg else 0)
+        probs = tp.op(scores, elem, (att,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        self.probs = probs
+        dropped = self.dropout(probs, spec.attention_dropout if self.num.training else 0.0)
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())  # bmm
+        out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).reshape: a copy
+        o = lin(out, qd, h, spec.o_name or "out_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -1061,14 +1105,16 @@ class _B:
                 self.tp.keep(hmid)
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.call(self.mlp, n2)
+            # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
+            # hidden_states rebound) free it after fc1
+            m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
             if spec.moe_beside_mlp and plan.moe:
                 m = self.moe_beside(m, hmid)
             # the normed input and the attention output stay referenced by the layer's locals through the MLP
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if spec.returns_attn_weights and self.probs is not None:
+            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
                 # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
                 # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
                 held["probs"] = self.probs

@@ -32,7 +32,7 @@ __all__ = ["LAYOUT_CLASSES", "LAYOUT_READERS", "layout_for", "layout_types"]
 _INTS = {"hidden_size", "num_heads", "num_kv_heads", "num_layers", "vocab_size", "intermediate_size",
          "max_position_embeddings", "max_learned_positions", "learned_position_offset"}
 _FLOATS = {"attention_dropout", "hidden_dropout", "embedding_dropout", "rotary_fraction"}
-_BOOLS = {"tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "norm_bias", "lm_head_bias"}
+_BOOLS = {"tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "norm_bias", "lm_head_bias", "embed_scale"}
 _ENUMS: dict[str, Callable[[str], Any]] = {"norm": NormKind, "mlp": MLPKind, "activation": Activation,
                                            "position": PositionKind}
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}

@@ -112,6 +112,11 @@ class ModelSpec:
     # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
     qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
     # mp_num blocks: the split views are not head-contiguous)
+    mlp_inline: bool = False  # the MLP's linears are called in the layer's own forward (BioGPT, XGLM): its normed
+    # input is not held by a module call to the MLP's end
+    attn_fairseq: bool = False  # XGLMAttention: q scaled after q_proj, q/k/v reshaped to (batch x heads, seq, d) with
+    # copies, bmm scores plus the mask clamped with torch.max (which saves the sum), softmax in the scores' dtype, the
+    # weights held by the layer to its end
     scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
     # (MptAttention.attention_scores)
     mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
