@@ -28,7 +28,14 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # the same layer with XGLMAttention (eager: scaled q, reshape copies, clamped bf16 scores, weights held by the
     # layer) and sinusoidal positions from a buffer
     "xglm": dict(model_type="xglm", d_model=1024, attention_heads=8, num_layers=2, vocab_size=1000, ffn_dim=4096),
+    # separate biased Wq/Wk/Wv, a Sequential ReLU FFN, the normed input and attention output held by the layer's
+    # locals, the sinusoidal table as a buffer (no gradient checkpointing)
+    "ctrl": dict(model_type="ctrl", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096, dff=4096),
+    # post-LN blocks, three (B, H, S, S) score tensors alive together against the causal buffer, no KV cache (the last
+    # generate step re-runs the whole sequence), no gradient checkpointing
+    "openai-gpt": dict(model_type="openai-gpt", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096),
 }
+NO_CHECKPOINTING = ("ctrl", "openai-gpt")
 LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
 WORKLOADS = {
     "full": Workload(batch_size=2, seq_len=1024),
@@ -40,9 +47,12 @@ WORKLOADS = {
 _OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 MiB more than the trace, not found yet",
         ("codegen", "lora-ckpt"): "+2.6%: the recomputed layer's backward, not found yet",
         ("biogpt", "lora-ckpt"): "-2.3%: ~12 MiB of the recomputed layer's backward, not found (default cell -0.2%)",
-        ("xglm", "infer"): "-2.0%: ~16 MiB of the prefill's second layer, not found yet (the default cell is -0.9%)"}
+        # CTRLModel.forward rebinds self.pos_encoding to a 16-bit copy; the trace still holds the fp32 table it was
+        # built with (16 MiB here) where a real run frees it: the rest is within 0.5%
+        ("ctrl", "full"): "-3.7%: the fp32 pos_encoding table the trace keeps beside its bf16 copy",
+        ("ctrl", "infer"): "-4.1%: the fp32 pos_encoding table the trace keeps beside its bf16 copy"}
 CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
-         for c in sorted(LAYOUTS) for w in sorted(WORKLOADS)]
+         for c in sorted(LAYOUTS) for w in sorted(WORKLOADS) if not (c in NO_CHECKPOINTING and w == "lora-ckpt")]
 
 
 @pytest.mark.slow
@@ -96,6 +106,20 @@ def test_mpt_alibi_scores_are_fp32() -> None:
 def test_mpt_refuses_clip_qkv() -> None:
     with pytest.raises(ConfigError, match="clip_qkv"):
         spec_from_config({**LAYOUTS["mpt"], "attn_config": {"clip_qkv": 8}}, name="mpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", NO_CHECKPOINTING)
+def test_checkpointing_refused_like_transformers(case: str) -> None:
+    """transformers refuses gradient checkpointing for these classes; estimate refuses the same workload."""
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    w = replace(WORKLOADS["lora-ckpt"], lora_targets=("all-linear",))
+    with pytest.raises(Exception, match="checkpointing"):
+        trace_workload(LAYOUTS[case], w, name=case)
+    with pytest.raises(WorkloadError, match="gradient checkpointing"):
+        estimate(spec_from_config(LAYOUTS[case], name=case), w)
 
 
 def test_no_checkpointing_where_transformers_refuses_it() -> None:

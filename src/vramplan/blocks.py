@@ -568,6 +568,8 @@ class _B:
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
+        if spec.attn_gpt1:
+            return self.gpt1_attention(n)
         if spec.qkv_fused:
             name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
@@ -602,13 +604,15 @@ class _B:
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
         elif spec.attn_fairseq:
             return self.fairseq_attention(n)
+
         else:
-            q = lin(n, h, qd, "q_proj", spec.qkv_bias)
-            k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
+            q = lin(n, h, qd, qn, spec.qkv_bias)
+            k = lin(n, h, kvd, kn, spec.qkv_bias)
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
@@ -712,6 +716,37 @@ class _B:
         out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())  # bmm
         out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).reshape: a copy
         o = lin(out, qd, h, spec.o_name or "out_proj", spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def gpt1_attention(self, n: Tensor) -> Tensor:
+        """OpenAI GPT's Attention (modeling_openai.py, transformers 5.24; no cache, no SDPA path): one Conv1D c_attn
+        split into head views; ``matmul(q, k)`` copies the strided q and k (what it saves); ``w / sqrt(d)``; ``w * b +
+        -1e4 * (1 - b)`` against the causal ``bias`` buffer slice (the three (B, H, S, S) tensors live together: ``w``
+        is rebound only after the sum); softmax in the scores' dtype (saves its result); attn_dropout; ``matmul`` with
+        a copy of the strided values; merge_heads copies; c_proj; resid_dropout."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd = spec.hidden_size, spec.q_dim
+        b, s, nh = self.b, self.s, spec.num_heads
+        qkv = self.proj(n, h, 3 * qd, spec.qkv_name or "c_attn", spec.qkv_bias)
+        q = tp.op(b * s * qd, qkv.elem, (qkv,))  # matmul's contiguous copies of the strided head views
+        k = tp.op(b * s * qd, qkv.elem, (qkv,))
+        elem = q.elem
+        rg = q.rg
+        scores = b * nh * s * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())
+        w1 = tp.op(scores, elem, (att,))  # / sqrt(d)
+        w2 = tp.op(scores, elem, (w1,))  # * b (saves the buffer slice only)
+        w3 = tp.op(scores, elem, (w2,))  # + -1e4 * (1 - b)
+        w1.last_use = len(tp.ops) - 1
+        probs = tp.op(scores, elem, (w3,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        dropped = self.dropout(probs, spec.attention_dropout)
+        v = tp.op(b * s * qd, qkv.elem, (qkv,))
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())
+        out = tp.op(out.numel, out.elem, (out,))  # merge_heads: permute(...).contiguous()
+        o = self.proj(out, qd, h, spec.o_name or "c_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -1089,6 +1124,11 @@ class _B:
             a = self.call(self.self_attention, n1)
             m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
+        elif spec.post_ln:  # OpenAI GPT's Block: n = ln_1(x + attn(x)); h = ln_2(n + mlp(n))
+            a = self.call(mixer, x)
+            n = self.norm(self.add(x, a), spec.hidden_size, tr)
+            m = self.call(self.mlp, n)
+            y = self.norm(self.add(n, m), spec.hidden_size, tr)
         elif not spec.pre_norm and plan.mixer == "attention":  # OLMo 2 / EXAONE 4: h = x + norm(attn(x));
             # y = h + norm(mlp(h)) (OLMo Hybrid's gated DeltaNet layers are pre-norm)
             a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
@@ -1239,7 +1279,7 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
             tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
-    if attention is Attention.EAGER and spec.family != "gpt2":
+    if attention is Attention.EAGER and spec.family != "gpt2" and not spec.causal_buffer:
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
         if spec.mask_bool:  # MptModel: create_causal_mask(...).to(torch.bool), the float mask dropped at once

@@ -378,6 +378,13 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
+    if not spec.kv_cache and w.new_tokens:
+        # no cache (OpenAI GPT): generate feeds the whole sequence for every new token; the last step, a prefill of
+        # prompt + new_tokens - 1 tokens, is the largest
+        full = _infer(spec, replace(w, seq_len=w.seq_len + w.new_tokens - 1, new_tokens=0), states, num, embed=embed,
+                      head=head, sink=sink)
+        first = _infer(spec, replace(w, new_tokens=0), states, num, embed=embed, head=head, sink=sink)
+        return [first[0], replace(full[0], phase=Phase.DECODE)]
     b, s = w.batch_size, w.seq_len
     base = _vec({K.WEIGHTS: states.weights + states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})

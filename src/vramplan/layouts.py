@@ -157,10 +157,14 @@ def read_layout(c: _Cfg, family: str) -> ModelSpec:
     extra = {k: got.pop(k) for k in list(got) if k not in _SPEC_FIELDS}
     if extra:  # pragma: no cover - the data is checked by the derivation
         raise ConfigError(f"layout of {family}: unknown fields {sorted(extra)}")
-    buffers = int(lay.get("buffer_bytes", {}).get("per_layer_positions_squared", 0))
-    if buffers:  # a causal-mask buffer of max_positions^2 elements in each attention (openai-gpt: fp32)
-        pos = int(got.get("max_learned_positions") or got.get("max_position_embeddings") or 0)
-        facts["buffer_bytes"] = buffers * got["num_layers"] * pos * pos
+    # buffers beside the parameters, in bytes per element as the model holds them (16-bit weights): a causal-mask
+    # buffer of positions^2 in each attention (OpenAI GPT), a sinusoidal table of positions x hidden (CTRL)
+    buf = lay.get("buffer_bytes", {})
+    pos = int(got.get("max_learned_positions") or got.get("max_position_embeddings") or 0)
+    if "positions" in buf:  # the table's rows from their own key (XGLM: max_position_embeddings + 2)
+        pos = _value(c, buf["positions"], "max_position_embeddings", got, defaults)
+    facts["buffer_bytes"] = int(buf.get("per_layer_positions_squared", 0)) * got["num_layers"] * pos * pos + \
+        int(buf.get("positions_x_hidden", 0)) * pos * got["hidden_size"]
     version = ".".join(_load()[0].split(".")[:2])
     return ModelSpec(name=c.where, family=family, **{**facts, **got}, program_version=version)
 
