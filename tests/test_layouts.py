@@ -34,6 +34,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # post-LN blocks, three (B, H, S, S) score tensors alive together against the causal buffer, no KV cache (the last
     # generate step re-runs the whole sequence), no gradient checkpointing
     "openai-gpt": dict(model_type="openai-gpt", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096),
+    # a LLaMA-class family (hfconfig._FAMILIES): differential attention, two attention calls over the halves of the
+    # values, lambda re-weighting and a weightless RMSNorm per 2 x head_dim group
+    "diffllama": dict(model_type="diffllama", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096, intermediate_size=2816),
 }
 NO_CHECKPOINTING = ("ctrl", "openai-gpt")
 LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
@@ -128,3 +132,8 @@ def test_no_checkpointing_where_transformers_refuses_it() -> None:
         estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",)))
     estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",), gradient_checkpointing=False,
                            checkpointing="none"))
+
+
+def test_diffllama_refuses_odd_kv_heads() -> None:
+    with pytest.raises(ConfigError, match="even num_key_value_heads"):
+        spec_from_config({**LAYOUTS["diffllama"], "num_key_value_heads": 3}, name="diffllama")

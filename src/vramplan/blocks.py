@@ -656,6 +656,8 @@ class _B:
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
+        if spec.diff_attention:
+            return self.diff_attention(q, k, v, kernel, heads_kv)
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
             gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
@@ -674,6 +676,33 @@ class _B:
             tp.hold(gate)
         if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
             tp.hold(q, k, v)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
+        """DiffLlamaAttention (modeling_diffllama.py, transformers 5.24) after RoPE and the cache: each half of the
+        values (chunked along the KV heads) ``repeat``ed to every KV head (two copies); two attention calls sharing q
+        and k; their outputs concatenated over head_dim and chunked over the heads; ``attn_output1 - lambda_full *
+        attn_output2`` (the product with the trainable lambda saves the second half, a view of the concatenation); a
+        weightless RMSNorm over 2 x head_dim; times ``1 - lambda_init``; o_proj."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        qd = spec.q_dim
+        v1 = tp.op(v.numel, v.elem, (v,))  # v.repeat(1, 2, 1, 1) of each chunk
+        v2 = tp.op(v.numel, v.elem, (v,))
+        outs = []
+        for vi in (v1, v2):
+            o = self.attention_core(q, k, vi, kernel, heads_kv)
+            if kernel in (Kernel.EAGER, Kernel.MATH):
+                o = tp.op(o.numel, o.elem, (o,))  # transpose(1, 2).contiguous() copies
+            outs.append(o)
+        cat = tp.op(2 * outs[0].numel, outs[0].elem, tuple(outs))
+        tr = plan.trainable
+        half = tp.view(cat, cat.numel // 2)
+        scaled = tp.op(half.numel, half.elem, (half,), save=(half,) if tr else ())  # lambda_full * attn_output2
+        diff = tp.op(half.numel, half.elem, (half, scaled))  # attn_output1 - that
+        normed = self.norm(diff, 2 * spec.head_dim, tr, scale=False)  # groupnorm: nn.RMSNorm without a weight
+        out = tp.op(normed.numel, normed.elem, (normed,))  # (1 - lambda_init) * groupnorm(...)
+        o = self.proj(out, qd, spec.hidden_size, spec.o_name or "o_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def fairseq_attention(self, n: Tensor) -> Tensor:

@@ -225,6 +225,7 @@ class _Facts:
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
+    diff_attn: bool = False  # DiffLlama's differential attention
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -361,6 +362,9 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # DiffLlama (modeling_diffllama.py): LLaMA with differential attention (two attention calls sharing q and k over
+    # the halves of v, lambda re-weighting, a weightless RMSNorm per 2 x head_dim group); attention_dropout must be 0
+    "diffllama": _Facts(version="5.24", diff_attn=True),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -382,7 +386,7 @@ _CLASSES: dict[str, str] = {
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
-    "PersimmonForCausalLM": "persimmon",
+    "PersimmonForCausalLM": "persimmon", "DiffLlamaForCausalLM": "diffllama",
     "Apertus1p5TextForCausalLM": "apertus1p5_text",
     "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
@@ -611,6 +615,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
+    if f.diff_attn and (kv % 2 or c.float_("attention_dropout", default=0.0, hi=1.0) > 0):
+        raise ConfigError(f"{c.where}: DiffLlama needs an even num_key_value_heads (the two attention calls split the "
+                          f"values along the KV heads; got {kv}) and attention_dropout 0, as transformers requires")
     mla: dict[str, Any] = {}
     if f.mla:
         q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
@@ -688,7 +695,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
-        sdpa=f.sdpa and not f.sinks,
+        sdpa=f.sdpa and not f.sinks, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )

@@ -288,6 +288,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)
+        bias += 4 * spec.head_dim
     if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
         bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)

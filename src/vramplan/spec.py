@@ -112,6 +112,9 @@ class ModelSpec:
     # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
     qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
     # mp_num blocks: the split views are not head-contiguous)
+    diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
+    # every KV head), their outputs concatenated, the second half scaled by lambda and subtracted, a weightless
+    # RMSNorm over 2 x head_dim, times (1 - lambda_init)
     attn_gpt1: bool = False  # OpenAI GPT's Attention: scores divided, multiplied by the causal buffer and shifted
     # (three (B, H, S, S) tensors alive together), softmax in the scores' dtype, strided q/k/v copied by matmul
     causal_buffer: bool = False  # the attention masks with its own causal buffer: no 4-D mask is built (OpenAI GPT)
