@@ -482,7 +482,8 @@ class _B:
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
-        pelem = selem if spec.family in ("gpt2", "falcon") and not self.num.amp else 4
+        # (Llama 4's eager_attention_forward: softmax(attn_weights, dim=-1) in the scores' dtype as well)
+        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.eager_softmax_native) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
         # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
@@ -592,12 +593,27 @@ class _B:
             v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
+        elif spec.rope_style == "complex" and plan.rope:  # modeling_llama4.py apply_rotary_emb: q and k as fp32
+            q = self.call(self.rope_complex, q)  # complex numbers times freqs_cis, cast back
+            k = self.call(self.rope_complex, k)
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
             k = self.call(self.rope, k)
         if spec.qk_norm and spec.qk_norm_after_rope:  # modeling_hunyuan_v1_dense.py: norms of the rotated q/k
             q = self.norm(q, d, tr)
             k = self.norm(k, d, tr)
+        if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
+            q = self.norm(q, d, False, scale=False)
+            k = self.norm(k, d, False, scale=False)
+        if spec.nope_temperature and not plan.rope:
+            # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
+            # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
+            # div, floor, log1p, mul, add); (q * scales).to(q.dtype): the product promotes q to fp32, then the cast
+            pos = tp.op(s, 8, (), rg=False)
+            for _ in range(7):
+                pos = tp.op(s, 4, (pos,), rg=False)
+            q32 = tp.op(q.numel, 4, (q, pos), save=(pos,) if q.rg else (), grad_to=(q,))
+            q = self.cast(q32, q.elem)
         if spec.attn_temperature:
             # modeling_ministral3.py: q * get_llama_4_attn_scale(position_ids, ...).to(q.dtype): the (1, 1, s, 1)
             # scale from position_ids in fp32 (div, floor, add, log, mul, add), cast, and a new q; the product's
@@ -744,7 +760,7 @@ class _B:
         lin = self.proj
 
         if plan.moe and not spec.moe_beside_mlp:
-            return self.moe(n)
+            return self.moe_dense(n) if spec.moe_dense_dispatch else self.moe(n)
         i = spec.intermediate_size
         if spec.mlp is MLPKind.GATED:
             if spec.gate_up_fused:
@@ -944,6 +960,43 @@ class _B:
             else:
                 out = self.add(out, so)
         return out
+
+    def moe_dense(self, n: Tensor) -> Tensor:
+        """Llama4TextMoe (modeling_llama4.py, transformers 5.24): every expert runs every token. Llama4Router (an
+        nn.Linear): logits, ``topk`` (values and indices), ``full_like(logits, -inf).scatter_(indices, values)``,
+        ``sigmoid(scores.float()).to(dtype)``; ``hidden.repeat(experts, 1) * scores.transpose(0, 1).reshape(-1, 1)``
+        (the transposed scores copied); Llama4TextExperts: ``bmm`` with gate_up_proj (experts, hidden, 2 x width),
+        chunk, ``up * act(gate)``, ``bmm`` with down_proj; then the shared expert on the hidden states and the
+        experts' outputs summed over the experts, added in place to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = n.numel // h
+        tr = plan.trainable
+        act = n.elem
+        logits = self.linear(n, h, e, "router", bias=False, trainable=tr)
+        idx = tp.op(t * k, 8, (logits,), rg=False)
+        top = tp.op(t * k, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
+        full = tp.op(t * e, logits.elem, (), rg=False)  # full_like(-inf); scatter_ writes the top-k values into it
+        scores = tp.op(t * e, logits.elem, (full, top, idx), save=(idx,) if top.rg else (), grad_to=(top,))
+        full.last_use = len(tp.ops) - 1
+        sg = self.ew(self.cast(scores, 4), save_out=True)  # sigmoid saves its result
+        w = self.cast(sg, act)
+        rep = tp.op(e * t * h, act, (n,))  # hidden_states.repeat(experts, 1)
+        col = tp.op(e * t, act, (w,))  # router_scores.transpose(0, 1).reshape(-1, 1): a copy
+        routed_in = self.mul(rep, col)
+        gu = self.linear(routed_in, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+                         count=e)
+        gate, up = tp.split(gu, 2)  # gate_up.chunk(2, dim=-1)
+        a = self.activation(gate)
+        p = self.mul(up, a)
+        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
+        # the block's routed_in and the experts' gate_up (gate and up are views of it) stay referenced until the
+        # experts return
+        tp.hold(routed_in, gu)
+        so = self.shared_expert(n)
+        summed = tp.op(t * h, act, (dn,))  # .reshape(experts, tokens, hidden).sum(dim=0)
+        return self.add(so, summed)  # out.add_(...)
 
     def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:
         """gpt-oss GptOssExperts._apply_gate: ``gate_up[..., ::2]`` and ``[..., 1::2]`` (strided slices), gate clamped

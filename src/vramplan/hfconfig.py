@@ -181,6 +181,10 @@ class _Facts:
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
+    qk_l2_key: str = ""  # config flag of Llama 4's weightless L2 norm of the rotated q/k on RoPE layers (use_qk_norm)
+    eager_softmax_native: bool = False  # eager softmax in the scores' dtype (Llama 4)
+    nope_temperature_key: str = ""  # config flag of Llama 4's fp32 query temperature on NoPE layers
+    # (attn_temperature_tuning)
     gate_up_fused: bool = False
     mlp_plain: bool = False  # down_proj(act(up_proj(x))) without a gate (NemotronMLP: Arcee)
     sub_norms: bool = False  # BitNet: RMSNorm of the attention output before o_proj and of act(gate) * up before
@@ -361,6 +365,14 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # Llama 4's language model (modeling_llama4.py Llama4ForCausalLM): complex fp32 RoPE (freqs_cis), a weightless L2
+    # norm of the rotated q/k on the RoPE layers (use_qk_norm), NoPE layers (no_rope_layers, every 4th by default) with
+    # an fp32 query temperature (attn_temperature_tuning), chunked attention on the RoPE layers (a sliding-window
+    # cache of attention_chunk_size), dense-dispatch MoE with a shared expert on moe_layers (every
+    # interleave_moe_layer_step-th by default) and a dense MLP of intermediate_size_mlp elsewhere
+    "llama4_text": _Facts(version="5.24", moe="llama4", rope="complex", nope="no_rope_layers", sliding="chunked",
+                          qk_l2_key="use_qk_norm", nope_temperature_key="attn_temperature_tuning",
+                          eager_softmax_native=True),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -390,6 +402,7 @@ _CLASSES: dict[str, str] = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "Llama4ForCausalLM": "llama4_text",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -408,6 +421,18 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         max_window = c.int_("max_window_layers", default=layers, lo=0, hi=_MAX_LAYERS)
         return window, tuple(i for i in range(layers) if i >= max_window) if window else ()
+    if f.sliding == "chunked":
+        # Llama 4: the "chunked_attention" layers of layer_types (default: the RoPE layers, when attention_chunk_size
+        # is set) attend within chunks of attention_chunk_size; transformers caches them in a
+        # DynamicSlidingWindowLayer of that size (cache_utils.py) and masks them only beyond it, as sliding layers
+        if "attention_chunk_size" in c.raw and c.raw["attention_chunk_size"] is None:
+            return None, ()
+        window = c.int_("attention_chunk_size", default=8192)
+        types = c.raw.get("layer_types")
+        if isinstance(types, list) and len(types) >= layers:
+            return window, tuple(i for i in range(layers) if types[i] == "chunked_attention")
+        nope = _nope_layers(c, f, layers, (), None)
+        return window, tuple(i for i in range(layers) if i not in nope)
     if f.sliding == "types":
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
@@ -577,6 +602,17 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "experts_per_token": c.int_("num_experts_per_tok"), "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=2, lo=0),
                "moe_layers": tuple(range(first_dense, layers)), "router_fp32": True, "router_weights_fp32": True}
+    elif f.moe == "llama4":  # Llama4TextMoe (every expert on every token, a shared expert as wide as each expert)
+        step = c.int_("interleave_moe_layer_step", default=1, hi=_MAX_LAYERS)
+        listed = c.raw.get("moe_layers")
+        inter = c.int_("intermediate_size", default=8192)
+        out = {"num_experts": c.int_("num_local_experts", default=16),
+               "experts_per_token": c.int_("num_experts_per_tok", default=1), "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter, "moe_dense_dispatch": True,
+               "moe_layers": tuple(i for i in c.int_list("moe_layers") if i < layers) if listed is not None
+               else tuple(range(step - 1, layers, step)),
+               # the dense layers' Llama4TextMLP is intermediate_size_mlp wide
+               "intermediate_size": c.int_("intermediate_size_mlp", default=16384)}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -657,7 +693,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds the number of experts "
                           f"({num_experts})")
     moe_inter = moe.get("moe_intermediate_size", 0)
-    inter = c.int_("intermediate_size", default=moe_inter if moe_inter else _MISSING)
+    inter = moe.pop("intermediate_size", None) or c.int_("intermediate_size",
+                                                         default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
@@ -678,6 +715,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
         held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
+        eager_softmax_native=f.eager_softmax_native,
+        qk_l2_norm=bool(f.qk_l2_key) and c.bool_(f.qk_l2_key, default=True),
+        nope_temperature=bool(f.nope_temperature_key) and c.bool_(f.nope_temperature_key, default=True),
         rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),

@@ -19,14 +19,21 @@ def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
         if k in ("architectures",) or n < 2:
             continue
         patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
-        if (isinstance(v, list) or patterned) and len(v) == n:
+        if (isinstance(v, list) or patterned) and len(v) == n and not _all_indices(k, v, n):
             out[k] = v
     return out
 
 
+def _all_indices(k: str, v: Any, n: int) -> bool:
+    """An index list that names every layer (Llama 4's ``moe_layers`` with interleave_moe_layer_step 1: [0 .. n-1]),
+    not a per-layer list whose values would make every layer a kind of its own."""
+    return isinstance(v, list) and v == list(range(n)) and n > 1 and any(w in k for w in ("layer", "idx", "indices"))
+
+
 def _is_index_list(k: str, v: Any, n: int) -> bool:
     """A list of layer indices (``mlp_only_layers``, ``attn_layer_indices``), as opposed to a per-layer list."""
-    return (isinstance(v, list) and bool(v) and len(v) != n and any(w in k for w in ("layer", "idx", "indices"))
+    return (isinstance(v, list) and bool(v) and (len(v) != n or _all_indices(k, v, n))
+            and any(w in k for w in ("layer", "idx", "indices"))
             and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
 
 
