@@ -130,6 +130,8 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
     # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
     "hunyuan_v1_dense": {"head_dim": 128},
+    # the same defect in HunYuanMoEV1Config (head_dim None); tencent/Hunyuan-A13B-Instruct: head_dim 128
+    "hunyuan_v1_moe": {"head_dim": 128},
     # NemotronConfig leaves num_key_value_heads None and NemotronAttention divides by it; nvidia/Minitron-8B-Base and
     # Nemotron-4-340B: 8 key/value heads
     "nemotron": {"num_key_value_heads": 8},

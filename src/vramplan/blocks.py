@@ -467,7 +467,7 @@ class _B:
             k = tp.op(b * h * skv * d, elem, (k,))
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
-            return self.sink_attention(q, k, v, rg)
+            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -524,6 +524,36 @@ class _B:
         out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
         att.last_use = sub.last_use = len(tp.ops) - 1
         return out
+
+    def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """GraniteSWA eager_attention_forward (modeling_granite_swa.py, transformers 5.24): scores * scaling + mask;
+        ``lse = logsumexp(scores, -1)`` (ATen's logsumexp: amax, then ``(x - max).exp_()`` summed, a temporary of the
+        scores' size; autograd saves its input and result, and its backward rebuilds ``(x - lse).exp()`` at full
+        size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
+        v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem, scores, rows = q.elem, b * h * s * skv, b * h * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
+        att = tp.op(scores, elem, (att,))  # * scaling
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        mx = tp.op(rows, elem, (att,), rg=False)  # amax
+        lse = tp.op(rows, elem, (att, mx), save=(att,) if att.rg else (), grad_to=(att,), fwd_scratch=scores * elem,
+                    bwd_scratch=2 * scores * elem if att.rg else 0)
+        if lse.rg:
+            tp.save_output(lse)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+        diff = tp.op(rows, elem, (lse,), params=sink, rg=lse.rg or tr)  # lse - sinks.view(1, -1, 1)
+        scale = self.ew(self.cast(diff, 4), save_out=True)  # .to(float32).sigmoid()
+        upcast_copy = scores * 4 if elem == 2 and (self.num.amp or not self.num.fp16) else 0
+        probs32 = tp.op(scores, 4, (att,), fwd_scratch=upcast_copy)  # softmax(dtype=float32) saves its result
+        if probs32.rg:
+            tp.save_output(probs32)
+        probs = self.dropout(self.cast(probs32, elem), spec.attention_dropout if self.num.training else 0.0)
+        self.probs = probs
+        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        return self.mul(out, self.cast(scale, elem))
 
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""

@@ -126,7 +126,8 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
     return head_dim
 
 
-def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0) -> tuple[int, ...]:
+def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1
+                 ) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -136,8 +137,10 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
             raise ConfigError(f"{c.where}: layer_types must list one string per layer ({n_layers})")
         return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     if default_every:
-        # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern).
-        return tuple(i for i in range(n_layers) if (i + 1) % default_every)
+        # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
+        # global where i % 4 == 0
+        full = full_at % default_every
+        return tuple(i for i in range(n_layers) if i % default_every != full)
     return tuple(range(n_layers))
 
 
@@ -229,6 +232,8 @@ class _Facts:
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
+    sink_lse: bool = False  # Granite SWA: the sink as a sigmoid(logsumexp - sink) scale of the attention output
+    sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -365,6 +370,18 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # HunYuan MoE V1 (modeling_hunyuan_v1_moe.py): HunYuan dense V1's attention (per-head q/k RMSNorm after RoPE) with
+    # a MoE block on every layer: the shared MLP first, an fp32 gate (wg), experts as wide as the shared MLP
+    "hunyuan_v1_moe": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True, moe="hunyuan"),
+    # Granite SWA (modeling_granite_swa.py): Granite's multipliers (attention_multiplier is the softmax scale) with
+    # sliding layers (layer_types; default global where i % 4 == 0), NoPE where layer_rope_theta is 0, and a learned
+    # per-head sink applied as sigmoid(logsumexp(scores) - sink) times the output (eager only: _supports_sdpa False)
+    "granite_swa": _Facts(version="5.24", tie=True, multipliers=True, sliding="types", sliding_every=4, sliding_full_at=0,
+                          nope="rope_theta_zero", sinks=True, sink_lse=True),
+    # GraniteMoeSWA (modeling_granitemoe_swa.py): GraniteMoeShared's MoE block and shared MLP with Granite SWA's
+    # attention
+    "granitemoe_swa": _Facts(version="5.24", multipliers=True, sliding="types", sliding_every=4, sliding_full_at=0,
+                             nope="rope_theta_zero", sinks=True, sink_lse=True, moe="granitemoe"),
     # Llama 4's language model (modeling_llama4.py Llama4ForCausalLM): complex fp32 RoPE (freqs_cis), a weightless L2
     # norm of the rotated q/k on the RoPE layers (use_qk_norm), NoPE layers (no_rope_layers, every 4th by default) with
     # an fp32 query temperature (attn_temperature_tuning), chunked attention on the RoPE layers (a sliding-window
@@ -402,7 +419,8 @@ _CLASSES: dict[str, str] = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "Llama4ForCausalLM": "llama4_text",
+    "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe", "GraniteSWAForCausalLM": "granite_swa",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -437,7 +455,7 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
-        return window, _layer_types(c, layers, window, default_every=every)
+        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at)
     return None, ()
 
 
@@ -459,6 +477,14 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
             return tuple(i for i in range(layers) if not flags[i])
         every = c.int_("no_rope_layer_interval", default=4, hi=_MAX_LAYERS)
         return tuple(i for i in range(layers) if (i + 1) % every == 0)
+    if f.nope == "rope_theta_zero":  # Granite SWA: layer_rope_theta, 0 = NoPE (default: the global theta everywhere)
+        thetas = c.raw.get("layer_rope_theta")
+        if thetas is None:
+            return ()
+        if not isinstance(thetas, list) or len(thetas) < layers or not all(
+                isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
+            raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
+        return tuple(i for i in range(layers) if thetas[i] == 0)
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -602,6 +628,15 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "experts_per_token": c.int_("num_experts_per_tok"), "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=2, lo=0),
                "moe_layers": tuple(range(first_dense, layers)), "router_fp32": True, "router_weights_fp32": True}
+    elif f.moe == "hunyuan":  # HunYuanMoEV1Moe: every layer; the shared MLP first, both intermediate_size wide; the
+        # gate's fp32 wg on an fp32 copy of the hidden states, softmax, top-k, renormalised fp32 weights
+        for key in ("num_experts", "moe_topk"):
+            if isinstance(c.raw.get(key), list):
+                raise ConfigError(f"{c.where}: {key} per layer is not modelled by estimate; run vramplan trace")
+        inter = c.int_("intermediate_size")
+        out = {"num_experts": c.int_("num_experts", default=1), "experts_per_token": c.int_("moe_topk", default=1),
+               "moe_intermediate_size": inter, "shared_expert_intermediate_size": inter, "shared_expert_first": True,
+               "moe_layers": tuple(range(layers)), "router_fp32": True, "router_weights_fp32": True}
     elif f.moe == "llama4":  # Llama4TextMoe (every expert on every token, a shared expert as wide as each expert)
         step = c.int_("interleave_moe_layer_step", default=1, hi=_MAX_LAYERS)
         listed = c.raw.get("moe_layers")
@@ -727,7 +762,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
             f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,

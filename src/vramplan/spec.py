@@ -188,6 +188,8 @@ class ModelSpec:
     # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
     # shared expert after them and the experts' sum over experts added in place
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
+    # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:

@@ -1,0 +1,75 @@
+"""MoE types read by hand-written families from their modeling files (transformers 5.24): HunYuan MoE V1, and dots1's
+library default completed where transformers cannot build it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vramplan.errors import ConfigError
+from vramplan.hfconfig import spec_from_config
+from vramplan.params import count_params
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+ROOT = Path(__file__).resolve().parents[1]
+HUNYUAN: dict[str, Any] = {"model_type": "hunyuan_v1_moe", "hidden_size": 1024, "intermediate_size": 512,
+                           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
+                           "vocab_size": 32000, "num_experts": 8, "moe_topk": 2}
+
+
+def test_hunyuan_moe_block_facts() -> None:
+    s = spec_from_config(HUNYUAN, "h")
+    assert s.moe_layers == (0, 1) and s.num_experts == 8 and s.experts_per_token == 2
+    assert s.moe_intermediate_size == s.shared_expert_intermediate_size == 512 and s.shared_expert_first
+    assert s.router_fp32 and s.router_weights_fp32 and s.qk_norm and s.qk_norm_after_rope
+    with pytest.raises(ConfigError, match="per layer"):
+        spec_from_config({**HUNYUAN, "moe_topk": [2, 2]}, "h")
+
+
+@pytest.mark.parametrize("t", ["hunyuan_v1_moe"])
+def test_coverage_within_two_percent_of_trace(t: str) -> None:
+    cells = json.loads((ROOT / "benchmarks" / "coverage_results.json").read_text())["types"][t]["cells"]
+    for w in ("full", "lora", "infer"):
+        assert abs(cells[w]["estimate_vs_trace_pct"]) <= 2.0, (t, w, cells[w])
+
+
+def test_fixed_defaults_are_said_in_the_result() -> None:
+    types = json.loads((ROOT / "benchmarks" / "coverage_results.json").read_text())["types"]
+    assert types["dots1"]["default_fixed"] == {"n_routed_experts": 128, "num_experts_per_tok": 6,
+                                               "n_shared_experts": 2}
+    assert types["hunyuan_v1_moe"]["default_fixed"] == {"head_dim": 128}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+def test_hunyuan_parameter_count_equals_meta_model() -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**HUNYUAN)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_params(spec_from_config(HUNYUAN, "h")).total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+@pytest.mark.parametrize("t", ["dots1", "hunyuan_v1_moe"])
+def test_fixed_default_builds_and_counts_exactly(t: str) -> None:
+    """transformers' own default does not build; the completed one does, and the reader counts its parameters."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from coverage_report import default_config
+
+    with pytest.raises((TypeError, ValueError)), torch.device("meta"):
+        AutoModelForCausalLM.from_config(CONFIG_MAPPING[t]())
+    cfg = default_config(t, 2, False)
+    config = CONFIG_MAPPING[t].from_dict({k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_params(spec_from_config(cfg, t)).total == sum(p.numel() for p in model.parameters())
