@@ -376,7 +376,8 @@ _FAMILIES: dict[str, _Facts] = {
     # Granite SWA (modeling_granite_swa.py): Granite's multipliers (attention_multiplier is the softmax scale) with
     # sliding layers (layer_types; default global where i % 4 == 0), NoPE where layer_rope_theta is 0, and a learned
     # per-head sink applied as sigmoid(logsumexp(scores) - sink) times the output (eager only: _supports_sdpa False)
-    "granite_swa": _Facts(version="5.24", tie=True, multipliers=True, sliding="types", sliding_every=4, sliding_full_at=0,
+    "granite_swa": _Facts(version="5.24", tie=True, multipliers=True, sliding="types", sliding_every=4,
+                          sliding_full_at=0,
                           nope="rope_theta_zero", sinks=True, sink_lse=True),
     # GraniteMoeSWA (modeling_granitemoe_swa.py): GraniteMoeShared's MoE block and shared MLP with Granite SWA's
     # attention
@@ -419,7 +420,8 @@ _CLASSES: dict[str, str] = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe", "GraniteSWAForCausalLM": "granite_swa",
+    "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
+    "GraniteSWAForCausalLM": "granite_swa",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
