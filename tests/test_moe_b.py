@@ -1,5 +1,5 @@
-"""MoE types read by hand-written families from their modeling files (transformers 5.24): HunYuan MoE V1, and dots1's
-library default completed where transformers cannot build it."""
+"""MoE types read by hand-written families from their modeling files (transformers 5.24): HunYuan MoE V1, Aria's
+language model, and dots1's library default completed where transformers cannot build it."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ HUNYUAN: dict[str, Any] = {"model_type": "hunyuan_v1_moe", "hidden_size": 1024, 
                            "vocab_size": 32000, "num_experts": 8, "moe_topk": 2}
 
 
+ARIA: dict[str, Any] = {"model_type": "aria_text", "hidden_size": 1024, "intermediate_size": 256, "num_hidden_layers": 2,
+                        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "moe_num_experts": 8,
+                        "moe_topk": 2, "moe_num_shared_experts": 3}
+
+
+def test_aria_moe_block_facts() -> None:
+    s = spec_from_config(ARIA, "a")
+    assert s.moe_layers == (0, 1) and s.num_experts == 8 and s.experts_per_token == 2 and s.router_topk_first
+    assert s.moe_intermediate_size == 256 and s.shared_expert_intermediate_size == 3 * 256
+    assert not s.router_bias and not s.shared_expert_first
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        spec_from_config({**ARIA, "mlp_bias": True}, "a")
+
+
 def test_hunyuan_moe_block_facts() -> None:
     s = spec_from_config(HUNYUAN, "h")
     assert s.moe_layers == (0, 1) and s.num_experts == 8 and s.experts_per_token == 2
@@ -31,7 +45,7 @@ def test_hunyuan_moe_block_facts() -> None:
         spec_from_config({**HUNYUAN, "moe_topk": [2, 2]}, "h")
 
 
-@pytest.mark.parametrize("t", ["hunyuan_v1_moe"])
+@pytest.mark.parametrize("t", ["hunyuan_v1_moe", "aria_text"])
 def test_coverage_within_two_percent_of_trace(t: str) -> None:
     cells = json.loads((ROOT / "benchmarks" / "coverage_results.json").read_text())["types"][t]["cells"]
     for w in ("full", "lora", "infer"):
@@ -46,14 +60,15 @@ def test_fixed_defaults_are_said_in_the_result() -> None:
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
-def test_hunyuan_parameter_count_equals_meta_model() -> None:
+@pytest.mark.parametrize("cfg", [HUNYUAN, ARIA], ids=["hunyuan_v1_moe", "aria_text"])
+def test_parameter_count_equals_meta_model(cfg: dict[str, Any]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**HUNYUAN)
+    config = AutoConfig.for_model(**cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    assert count_params(spec_from_config(HUNYUAN, "h")).total == sum(p.numel() for p in model.parameters())
+    assert count_params(spec_from_config(cfg, "x")).total == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")

@@ -370,6 +370,9 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # Aria's language model (modeling_aria.py AriaTextForCausalLM): LLaMA's attention and layout with a MoE block on
+    # every layer (top-k-then-softmax router without bias, transposed grouped_mm experts, shared experts after them)
+    "aria_text": _Facts(version="5.24", moe="aria"),
     # HunYuan MoE V1 (modeling_hunyuan_v1_moe.py): HunYuan dense V1's attention (per-head q/k RMSNorm after RoPE) with
     # a MoE block on every layer: the shared MLP first, an fp32 gate (wg), experts as wide as the shared MLP
     "hunyuan_v1_moe": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True, moe="hunyuan"),
@@ -421,7 +424,7 @@ _CLASSES: dict[str, str] = {
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
-    "GraniteSWAForCausalLM": "granite_swa",
+    "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
@@ -639,6 +642,16 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
         out = {"num_experts": c.int_("num_experts", default=1), "experts_per_token": c.int_("moe_topk", default=1),
                "moe_intermediate_size": inter, "shared_expert_intermediate_size": inter, "shared_expert_first": True,
                "moe_layers": tuple(range(layers)), "router_fp32": True, "router_weights_fp32": True}
+    elif f.moe == "aria":  # AriaTextMoELayer: every layer; top-k of the logits, softmax over the k (the logits'
+        # dtype); grouped_mm experts (SiLU); the shared experts (moe_num_shared_experts x intermediate_size) after them
+        if c.bool_("mlp_bias", default=False):
+            raise ConfigError(f"{c.where}: mlp_bias (biased shared experts) is not modelled by estimate; run vramplan "
+                              "trace")
+        inter = c.int_("intermediate_size")
+        out = {"num_experts": c.int_("moe_num_experts", default=8), "experts_per_token": c.int_("moe_topk", default=2),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=2, lo=0),
+               "moe_layers": tuple(range(layers)), "router_topk_first": True}
     elif f.moe == "llama4":  # Llama4TextMoe (every expert on every token, a shared expert as wide as each expert)
         step = c.int_("interleave_moe_layer_step", default=1, hi=_MAX_LAYERS)
         listed = c.raw.get("moe_layers")
