@@ -23,8 +23,8 @@ HUNYUAN: dict[str, Any] = {"model_type": "hunyuan_v1_moe", "hidden_size": 1024, 
 
 
 ARIA: dict[str, Any] = {"model_type": "aria_text", "hidden_size": 1024, "intermediate_size": 256,
-                        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "moe_num_experts": 8,
-                        "moe_topk": 2, "moe_num_shared_experts": 3}
+                        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
+                        "moe_num_experts": 8, "moe_topk": 2, "moe_num_shared_experts": 3}
 
 
 def test_aria_moe_block_facts() -> None:
