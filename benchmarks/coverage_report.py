@@ -127,6 +127,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # Lfm2Config's default makes every layer attention (full_attn_idxs: all); LiquidAI/LFM2-1.2B: attention at
     # 2, 5, 8, 10, 12, 14, short convolutions elsewhere
     "lfm2": {"full_attn_idxs": [2, 5, 8, 10, 12, 14], "layer_types": None},
+    # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it); LiquidAI/LFM2-8B-A1B: attention every
+    # fourth layer from layer 2, short convolutions elsewhere (the cut keeps one layer of each kind)
+    "lfm2_moe": {"layer_types": ["full_attention" if i % 4 == 2 else "conv" for i in range(32)]},
     # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
     # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
     "hunyuan_v1_dense": {"head_dim": 128},

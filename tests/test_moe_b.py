@@ -1,5 +1,6 @@
 """MoE types read by hand-written families from their modeling files (transformers 5.24): HunYuan MoE V1, Aria's
-language model, and dots1's library default completed where transformers cannot build it."""
+language model, LFM2-MoE, and the library defaults of dots1, HunYuan MoE V1 and LFM2-MoE completed where transformers
+cannot build them."""
 
 from __future__ import annotations
 
@@ -36,6 +37,34 @@ def test_aria_moe_block_facts() -> None:
         spec_from_config({**ARIA, "mlp_bias": True}, "a")
 
 
+LFM2_MOE: dict[str, Any] = {"model_type": "lfm2_moe", "hidden_size": 512, "intermediate_size": 1024,
+                            "moe_intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+                            "num_key_value_heads": 2, "vocab_size": 4096, "num_experts": 8, "num_experts_per_tok": 2,
+                            "num_dense_layers": 1, "layer_types": ["conv", "full_attention", "conv", "full_attention"]}
+
+
+def test_lfm2_moe_layers_and_router() -> None:
+    s = spec_from_config(LFM2_MOE, "l")
+    assert s.mixers == ("conv", "attention", "conv", "attention") and s.moe_layers == (1, 2, 3)
+    assert s.intermediate_size == 1024 and s.moe_intermediate_size == 256 and s.router_sigmoid and not s.router_fp32
+    with pytest.raises(ConfigError, match="layer_types"):  # Lfm2MoeConfig's own default (None) cannot build
+        spec_from_config({k: v for k, v in LFM2_MOE.items() if k != "layer_types"}, "l")
+
+
+def test_bf16_sigmoid_router_keeps_bf16_weights() -> None:
+    """Lfm2MoeTopKRouter gathers its weights from a bf16 sigmoid: the weighted expert outputs stay bf16, where an fp32
+    router (DeepSeek-V3's) makes them fp32 (pairs x hidden x 4 bytes)."""
+    from dataclasses import replace
+
+    from vramplan.api import estimate, make_workload
+
+    s = spec_from_config(LFM2_MOE, "l")
+    w = make_workload(task="infer", precision="bf16", batch_size=4, seq_len=2048, new_tokens=4)
+    bf16 = estimate(s, w).peak_allocated_bytes
+    fp32 = estimate(replace(s, router_fp32=True), w).peak_allocated_bytes
+    assert fp32 - bf16 >= 4 * 2048 * 2 * 512 * 2  # the weighted pairs in fp32 instead of bf16
+
+
 def test_hunyuan_moe_block_facts() -> None:
     s = spec_from_config(HUNYUAN, "h")
     assert s.moe_layers == (0, 1) and s.num_experts == 8 and s.experts_per_token == 2
@@ -45,7 +74,7 @@ def test_hunyuan_moe_block_facts() -> None:
         spec_from_config({**HUNYUAN, "moe_topk": [2, 2]}, "h")
 
 
-@pytest.mark.parametrize("t", ["hunyuan_v1_moe", "aria_text"])
+@pytest.mark.parametrize("t", ["hunyuan_v1_moe", "aria_text", "lfm2_moe"])
 def test_coverage_within_two_percent_of_trace(t: str) -> None:
     cells = json.loads((ROOT / "benchmarks" / "coverage_results.json").read_text())["types"][t]["cells"]
     for w in ("full", "lora", "infer"):
@@ -57,10 +86,12 @@ def test_fixed_defaults_are_said_in_the_result() -> None:
     assert types["dots1"]["default_fixed"] == {"n_routed_experts": 128, "num_experts_per_tok": 6,
                                                "n_shared_experts": 2}
     assert types["hunyuan_v1_moe"]["default_fixed"] == {"head_dim": 128}
+    assert types["lfm2_moe"]["layers"] == {"num_hidden_layers": 2}
+    assert "layer_types" in types["lfm2_moe"]["default_fixed"]
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
-@pytest.mark.parametrize("cfg", [HUNYUAN, ARIA], ids=["hunyuan_v1_moe", "aria_text"])
+@pytest.mark.parametrize("cfg", [HUNYUAN, ARIA, LFM2_MOE], ids=["hunyuan_v1_moe", "aria_text", "lfm2_moe"])
 def test_parameter_count_equals_meta_model(cfg: dict[str, Any]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -72,7 +103,7 @@ def test_parameter_count_equals_meta_model(cfg: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
-@pytest.mark.parametrize("t", ["dots1", "hunyuan_v1_moe"])
+@pytest.mark.parametrize("t", ["dots1", "hunyuan_v1_moe", "lfm2_moe"])
 def test_fixed_default_builds_and_counts_exactly(t: str) -> None:
     """transformers' own default does not build; the completed one does, and the reader counts its parameters."""
     import torch

@@ -898,7 +898,9 @@ class _B:
             if w.rg:
                 tp.save_output(w)
             return idx, w
-        probs = tp.op(t * e, 4, (logits,))
+        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid())
+        pe = logits.elem if spec.router_sigmoid and not spec.router_fp32 else 4
+        probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
         if spec.router_sigmoid:
@@ -907,10 +909,11 @@ class _B:
             idx = tp.op(pairs, 8, (masked,), rg=False)
         else:
             idx = tp.op(pairs, 8, (probs,), rg=False)
-        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        # sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
+        w = tp.op(pairs, pe, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # fp32 sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
         # final cast)
-        return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
+        return idx, w if (spec.router_sigmoid and spec.router_fp32) or spec.router_weights_fp32 else \
+            self.cast(w, n.elem)
 
     def moe(self, n: Tensor, routed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,

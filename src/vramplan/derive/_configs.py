@@ -60,7 +60,7 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) and dicts keyed by layer index
     (``per_layer_config``) are re-indexed, counts of trailing layers (``num_kv_shared_layers``) re-counted; periodic
     fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
-    to hold one layer of each kind; ``first_k_dense_replace`` keeps one dense layer."""
+    to hold one layer of each kind; ``first_k_dense_replace`` / ``num_dense_layers`` keep one dense layer."""
     d = dict(d)
     key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
     if key is None:
@@ -96,8 +96,9 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
             elif k.endswith(("_period", "_step", "_freq", "_interval")) and k.replace("_period", "_offset") not in d:
                 need = max(need, v)
         idx = list(range(min(max(need, len(idx)), n)))
-    if isinstance(d.get("first_k_dense_replace"), int) and d["first_k_dense_replace"] > 1:
-        d["first_k_dense_replace"] = 1
+    for k in ("first_k_dense_replace", "num_dense_layers"):  # leading dense layers (DeepSeek, LFM2-MoE): keep one
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 1:
+            d[k] = 1
     for k, v in per.items():
         d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
     for k, v in index_lists.items():
