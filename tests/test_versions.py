@@ -41,3 +41,14 @@ def test_release_must_be_a_number(bad: str) -> None:
 def test_cli_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "gemma-2-2b", "--task", "infer", "--transformers", "five"]) == 2
     assert "release number" in capsys.readouterr().err
+
+
+def test_gptj_gained_an_sdpa_path_in_524() -> None:
+    """GPTJAttention calls ALL_ATTENTION_FUNCTIONS in 5.24; 5.17's own _attn was eager with fp32 scores."""
+    spec = spec_from_config({"model_type": "gptj", "n_embd": 512, "n_head": 8, "n_layer": 2, "rotary_dim": 32,
+                             "vocab_size": 4096})
+    new = make_workload(task="infer", seq_len=2048, batch_size=2)
+    old = make_workload(task="infer", seq_len=2048, batch_size=2, transformers="5.17")
+    assert runs_as(spec, new).attention is Attention.SDPA and runs_as(spec, old).attention is Attention.EAGER
+    assert estimate(spec, task="infer", seq_len=2048, batch_size=2, transformers="5.17").peak_allocated_bytes > \
+        estimate(spec, task="infer", seq_len=2048, batch_size=2).peak_allocated_bytes + 2 * 8 * 2048 * 2048 * 4

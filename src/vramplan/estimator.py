@@ -503,7 +503,9 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
 
 def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
     """Whether the model class has an SDPA path in the transformers release ``w`` models."""
-    return spec.sdpa and not (spec.sdpa_removed_in and w.transformers_release >= release(spec.sdpa_removed_in))
+    have = w.transformers_release
+    return spec.sdpa and not (spec.sdpa_removed_in and have >= release(spec.sdpa_removed_in)) and \
+        not (spec.sdpa_added_in and have < release(spec.sdpa_added_in))
 
 
 def runs_as(spec: ModelSpec, w: Workload) -> Workload:

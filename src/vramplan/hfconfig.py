@@ -804,6 +804,9 @@ def _gptj(c: _Cfg, family: str) -> ModelSpec:
         rotary_fraction=rotary_dim / head_dim,
         attention_dropout=c.float_("attn_pdrop", default=0.0, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.0, hi=1.0),
+        # GPTJAttention calls ALL_ATTENTION_FUNCTIONS in transformers 5.24 (_supports_sdpa True); 5.17's _attn was
+        # its own fp32 eager product
+        sdpa_added_in="5.24",
     )
 
 
