@@ -713,6 +713,8 @@ def _gpt2(c: _Cfg, family: str) -> ModelSpec:
         norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True,
         attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+        # GPT2Block: ``hidden_states = attn_output + residual`` leaves attn_output bound through the MLP
+        held_through_mlp=("attn",),
     )
 
 
