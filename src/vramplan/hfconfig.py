@@ -234,6 +234,7 @@ class _Facts:
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
     sink_lse: bool = False  # Granite SWA: the sink as a sigmoid(logsumexp - sink) scale of the attention output
     sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
+    sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -273,7 +274,10 @@ _FAMILIES: dict[str, _Facts] = {
     "qwen3": _Facts(qk_norm="head", sliding="qwen"),
     "qwen3_moe": _Facts(qk_norm="head", sliding="qwen", moe="qwen"),
     "gemma": _Facts(gemma=True, tie=True),
-    "gemma2": _Facts(gemma=True, tie=True, layout="sandwich", sliding="types", sliding_every=2, softcap=True),
+    # transformers 5.24's Gemma2PreTrainedModel sets _supports_sdpa = False ("sdpa does not support softcapping"):
+    # SDPA falls back to eager; 5.17 (the release the calibration and grid rows ran) had the SDPA path
+    "gemma2": _Facts(gemma=True, tie=True, layout="sandwich", sliding="types", sliding_every=2, softcap=True,
+                     sdpa_removed_in="5.24"),
     "gemma3_text": _Facts(gemma=True, tie=True, layout="sandwich", qk_norm="head", sliding="types",
                           sliding_every=6, sliding_pattern_key="sliding_window_pattern"),
     "phi3": _Facts(qkv_fused=True, gate_up_fused=True, sliding="all", partial_rotary=True),
@@ -778,7 +782,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
-        sdpa=f.sdpa and not f.sinks,
+        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )
@@ -799,6 +803,8 @@ def _gpt2(c: _Cfg, family: str) -> ModelSpec:
         norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True,
         attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+        # GPT2Block: ``hidden_states = attn_output + residual`` leaves attn_output bound through the MLP
+        held_through_mlp=("attn",),
     )
 
 
@@ -890,6 +896,9 @@ def _gptj(c: _Cfg, family: str) -> ModelSpec:
         rotary_fraction=rotary_dim / head_dim,
         attention_dropout=c.float_("attn_pdrop", default=0.0, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.0, hi=1.0),
+        # GPTJAttention calls ALL_ATTENTION_FUNCTIONS in transformers 5.24 (_supports_sdpa True); 5.17's _attn was
+        # its own fp32 eager product
+        sdpa_added_in="5.24",
     )
 
 
