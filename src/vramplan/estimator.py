@@ -39,7 +39,19 @@ from .result import Breakdown, Estimate, PhasePeak
 from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
 from .ssm import ssm_state_bytes
 from .units import GiB
-from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
+from .workload import (
+    MODELLED_TRANSFORMERS,
+    Attention,
+    LogitsMode,
+    Loss,
+    Method,
+    Precision,
+    Task,
+    Trainer,
+    WeightsQuant,
+    Workload,
+    release,
+)
 
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
            "reserved_stats", "stage_moments"]
@@ -378,6 +390,13 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
+    if not spec.kv_cache and w.new_tokens:
+        # no cache (OpenAI GPT): generate feeds the whole sequence for every new token; the last step, a prefill of
+        # prompt + new_tokens - 1 tokens, is the largest
+        full = _infer(spec, replace(w, seq_len=w.seq_len + w.new_tokens - 1, new_tokens=0), states, num, embed=embed,
+                      head=head, sink=sink)
+        first = _infer(spec, replace(w, new_tokens=0), states, num, embed=embed, head=head, sink=sink)
+        return [first[0], replace(full[0], phase=Phase.DECODE)]
     b, s = w.batch_size, w.seq_len
     base = _vec({K.WEIGHTS: states.weights + states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
@@ -489,11 +508,18 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
+def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
+    """Whether the model class has an SDPA path in the transformers release ``w`` models."""
+    have = w.transformers_release
+    return spec.sdpa and not (spec.sdpa_removed_in and have >= release(spec.sdpa_removed_in)) and \
+        not (spec.sdpa_added_in and have < release(spec.sdpa_added_in))
+
+
 def runs_as(spec: ModelSpec, w: Workload) -> Workload:
-    """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False) gets eager
-    attention where SDPA is asked for, as transformers falls back
+    """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False, or removed in the
+    release modelled) gets eager attention where SDPA is asked for, as transformers falls back
     (``PreTrainedModel._check_and_adjust_attn_implementation``, transformers 5.24)."""
-    if not spec.sdpa and w.attention is Attention.SDPA:
+    if not has_sdpa(spec, w) and w.attention is Attention.SDPA:
         return replace(w, attention=Attention.EAGER)
     return w
 
@@ -518,6 +544,10 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
     if w.packing and (not w.is_train or spec.family in ("bloom", "gptj")):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
+    if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
+        # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
+        raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "
+                            f"({spec.name}): drop --gradient-checkpointing")
     total = w.seq_len + (0 if w.is_train else w.new_tokens)
     fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
     if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:
@@ -552,9 +582,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
-        (f"attention: eager (transformers has no SDPA path for {spec.family})"
+        (f"attention: eager (transformers {w.transformers or MODELLED_TRANSFORMERS} has no SDPA path for "
+         f"{spec.family})"
          + ("; sink logits concatenated to the scores, softmax in their dtype" if spec.attention_sinks else "")
-         if not spec.sdpa and w.attention is not Attention.FLASH else
+         if not has_sdpa(spec, w) and w.attention is not Attention.FLASH else
          f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                               if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
