@@ -487,9 +487,10 @@ class _B:
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
-        att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
+        zeros = tp.op(scores, selem, (), rg=False) if spec.scores_zeros else None  # baddbmm's input, a local
+        att = tp.op(scores, selem, (qe, ke) + ((zeros,) if zeros else ()), save=(qe, ke) if rg else ())
         raw = att
-        if not spec.scores_kept:
+        if not spec.scores_kept and not spec.scores_zeros:  # (baddbmm's alpha is the scaling)
             att = tp.op(scores, selem, (att,))  # * scaling
         if spec.attn_logit_softcap:
             att = tp.op(scores, selem, (att,))
@@ -505,7 +506,7 @@ class _B:
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
-        pelem = selem if spec.family in ("gpt2", "falcon") and not self.num.amp else 4
+        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.softmax_in_dtype) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
         # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
@@ -519,6 +520,8 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
             att.last_use = len(tp.ops) - 1
+        if zeros is not None:
+            zeros.last_use = len(tp.ops) - 1
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         if spec.scores_kept:
@@ -679,8 +682,8 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
-        if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
-            tp.hold(q, k, v)
+        if spec.scores_held and spec.qkv_fused:  # the fused projection (and its q/k/v views) are the attention's
+            tp.hold(qkv)  # locals (MptAttention.mixed_qkv, GPTNeoXJapaneseAttention.qkv)
         return self.dropout(o, spec.hidden_dropout)
 
     def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:

@@ -313,7 +313,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
 def count_params(spec: ModelSpec) -> ParamCounts:
     h, v = spec.hidden_size, spec.vocab_size
     d_embed = spec.embed_proj_dim or h
-    embedding = v * d_embed + spec.max_learned_positions * h
+    embedding = v * d_embed + spec.max_learned_positions * h + spec.extra_params
     if spec.embedding_layernorm:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:

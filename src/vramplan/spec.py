@@ -115,6 +115,10 @@ class ModelSpec:
     # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
     qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
     # mp_num blocks: the split views are not head-contiguous)
+    extra_params: int = 0  # parameters outside the programs' modules (GPT-NeoX-Japanese: the last layer's dense_bias)
+    softmax_in_dtype: bool = False  # the eager softmax runs in the scores' dtype (no fp32 upcast)
+    scores_zeros: bool = False  # eager scores from baddbmm against a zeros (B*H, S, S) tensor the attention's locals
+    # hold to its end, the scaling folded in (GPTNeoXJapaneseAttention._attn)
     diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
     # every KV head), their outputs concatenated, the second half scaled by lambda and subtracted, a weightless
     # RMSNorm over 2 x head_dim, times (1 - lambda_init)
@@ -128,8 +132,8 @@ class ModelSpec:
     attn_fairseq: bool = False  # XGLMAttention: q scaled after q_proj, q/k/v reshaped to (batch x heads, seq, d) with
     # copies, bmm scores plus the mask clamped with torch.max (which saves the sum), softmax in the scores' dtype, the
     # weights held by the layer to its end
-    scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
-    # (MptAttention.attention_scores)
+    scores_held: bool = False  # the masked eager scores (and a fused qkv's views) stay referenced by the attention's
+    # locals until it returns (MptAttention.attention_scores, GPTNeoXJapaneseAttention._attn)
     mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
     gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
     # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
