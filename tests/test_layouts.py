@@ -143,3 +143,25 @@ def test_no_checkpointing_where_transformers_refuses_it() -> None:
 def test_diffllama_refuses_odd_kv_heads() -> None:
     with pytest.raises(ConfigError, match="even num_key_value_heads"):
         spec_from_config({**LAYOUTS["diffllama"], "num_key_value_heads": 3}, name="diffllama")
+
+
+def test_compose_finds_decoder_stacks_by_structure() -> None:
+    """derive's composition finds the decoder-layer stack and final norm by structure (transformer.blocks, norm_f),
+    and names the stacks where there is not exactly one (HRM's two)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import copy
+
+    from vramplan.derive._compose import _final_norm, _layers
+    from vramplan.derive._configs import cut_layers
+    from vramplan.derive._derive import _causal_lm_class, _config_class
+
+    def meta(t: str) -> Any:
+        cc = _config_class(t)
+        with torch.device("meta"):
+            return _causal_lm_class(cc)._from_config(cc.from_dict(copy.deepcopy(cut_layers(cc().to_dict(), 2))))
+
+    mpt = meta("mpt")
+    assert _layers(mpt) is mpt.transformer.blocks and _final_norm(mpt) is mpt.transformer.norm_f
+    with pytest.raises(LookupError, match="L_module.layers, model.H_module.layers"):
+        _layers(meta("hrm_text"))
