@@ -163,5 +163,5 @@ def test_compose_finds_decoder_stacks_by_structure() -> None:
 
     mpt = meta("mpt")
     assert _layers(mpt) is mpt.transformer.blocks and _final_norm(mpt) is mpt.transformer.norm_f
-    with pytest.raises(LookupError, match="L_module.layers, model.H_module.layers"):
+    with pytest.raises(LookupError, match=r"L_module\.layers, model\.H_module\.layers"):
         _layers(meta("hrm_text"))
