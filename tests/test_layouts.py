@@ -165,3 +165,11 @@ def test_compose_finds_decoder_stacks_by_structure() -> None:
     assert _layers(mpt) is mpt.transformer.blocks and _final_norm(mpt) is mpt.transformer.norm_f
     with pytest.raises(LookupError, match=r"L_module\.layers, model\.H_module\.layers"):
         _layers(meta("hrm_text"))
+
+
+@pytest.mark.parametrize(("model_type", "why"), [("hrm_text", "two decoder-layer stacks"), ("zamba", "Mamba mixer"),
+                                                  ("gemma4_unified_assistant", "draft")])
+def test_refusals_name_the_missing_mechanism(model_type: str, why: str) -> None:
+    """A type derive refused is refused by estimate with derive's reason (data/recipes ``refused``)."""
+    with pytest.raises(ConfigError, match=why):
+        spec_from_config({"model_type": model_type, "hidden_size": 64}, name=model_type)

@@ -969,6 +969,13 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     if isinstance(raw.get("auto_map"), Mapping):
         raise ConfigError(f"{name}: model_type {model_type!r} is not supported: it needs the model's own code "
                           "(auto_map), and vramplan never runs code from a config; use a transformers architecture")
+    from .recipes import refusal_for
+
+    why = refusal_for(model_type)
+    if why:
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate: {why}; run "
+                          "`vramplan trace` on this config instead (pip install 'vramplan[torch]'), which runs the "
+                          "installed transformers' code")
     raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
