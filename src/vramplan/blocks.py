@@ -52,11 +52,12 @@ class LayerPlan:
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
     """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
 
-    BLOOM and GPT-J have no SDPA path in transformers; Falcon calls SDPA itself without ``enable_gqa``;
-    with a mask, transformers' ``use_gqa_in_sdpa()`` is False and it repeats k/v to every head first.
+    BLOOM has no SDPA path in transformers (GPT-J's came in 5.24: ``estimator.runs_as`` picks eager for older
+    releases); Falcon calls SDPA itself without ``enable_gqa``; with a mask, transformers' ``use_gqa_in_sdpa()`` is
+    False and it repeats k/v to every head first.
     """
     gqa = spec.num_kv_heads != spec.num_heads
-    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER or \
+    if spec.family == "bloom" or attention is Attention.EAGER or \
             (not spec.sdpa and attention is Attention.SDPA):
         return Kernel.EAGER
     if attention is Attention.FLASH:
@@ -483,7 +484,7 @@ class _B:
             k = tp.op(b * h * skv * d, elem, (k,))
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
-            return self.sink_attention(q, k, v, rg)
+            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -506,7 +507,8 @@ class _B:
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
-        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.softmax_in_dtype) and not self.num.amp else 4
+        # (Llama 4's and GPT-NeoX-Japanese's eager softmax(attn_weights, dim=-1) in the scores' dtype as well)
+        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.eager_softmax_native) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
         # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
@@ -553,6 +555,36 @@ class _B:
         out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
         att.last_use = sub.last_use = len(tp.ops) - 1
         return out
+
+    def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """GraniteSWA eager_attention_forward (modeling_granite_swa.py, transformers 5.24): scores * scaling + mask;
+        ``lse = logsumexp(scores, -1)`` (ATen's logsumexp: amax, then ``(x - max).exp_()`` summed, a temporary of the
+        scores' size; autograd saves its input and result, and its backward rebuilds ``(x - lse).exp()`` at full
+        size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
+        v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem, scores, rows = q.elem, b * h * s * skv, b * h * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
+        att = tp.op(scores, elem, (att,))  # * scaling
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        mx = tp.op(rows, elem, (att,), rg=False)  # amax
+        lse = tp.op(rows, elem, (att, mx), save=(att,) if att.rg else (), grad_to=(att,), fwd_scratch=scores * elem,
+                    bwd_scratch=2 * scores * elem if att.rg else 0)
+        if lse.rg:
+            tp.save_output(lse)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+        diff = tp.op(rows, elem, (lse,), params=sink, rg=lse.rg or tr)  # lse - sinks.view(1, -1, 1)
+        scale = self.ew(self.cast(diff, 4), save_out=True)  # .to(float32).sigmoid()
+        upcast_copy = scores * 4 if elem == 2 and (self.num.amp or not self.num.fp16) else 0
+        probs32 = tp.op(scores, 4, (att,), fwd_scratch=upcast_copy)  # softmax(dtype=float32) saves its result
+        if probs32.rg:
+            tp.save_output(probs32)
+        probs = self.dropout(self.cast(probs32, elem), spec.attention_dropout if self.num.training else 0.0)
+        self.probs = probs
+        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        return self.mul(out, self.cast(scale, elem))
 
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""
@@ -632,12 +664,27 @@ class _B:
             v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
+        elif spec.rope_style == "complex" and plan.rope:  # modeling_llama4.py apply_rotary_emb: q and k as fp32
+            q = self.call(self.rope_complex, q)  # complex numbers times freqs_cis, cast back
+            k = self.call(self.rope_complex, k)
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
             k = self.call(self.rope, k)
         if spec.qk_norm and spec.qk_norm_after_rope:  # modeling_hunyuan_v1_dense.py: norms of the rotated q/k
             q = self.norm(q, d, tr)
             k = self.norm(k, d, tr)
+        if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
+            q = self.norm(q, d, False, scale=False)
+            k = self.norm(k, d, False, scale=False)
+        if spec.nope_temperature and not plan.rope:
+            # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
+            # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
+            # div, floor, log1p, mul, add); (q * scales).to(q.dtype): the product promotes q to fp32, then the cast
+            pos = tp.op(s, 8, (), rg=False)
+            for _ in range(7):
+                pos = tp.op(s, 4, (pos,), rg=False)
+            q32 = tp.op(q.numel, 4, (q, pos), save=(pos,) if q.rg else (), grad_to=(q,))
+            q = self.cast(q32, q.elem)
         if spec.attn_temperature:
             # modeling_ministral3.py: q * get_llama_4_attn_scale(position_ids, ...).to(q.dtype): the (1, 1, s, 1)
             # scale from position_ids in fp32 (div, floor, add, log, mul, add), cast, and a new q; the product's
@@ -888,7 +935,7 @@ class _B:
         lin = self.proj
 
         if plan.moe and not spec.moe_beside_mlp:
-            return self.moe(n)
+            return self.moe_dense(n) if spec.moe_dense_dispatch else self.moe(n)
         i = spec.intermediate_size
         if spec.mlp is MLPKind.GATED:
             if spec.gate_up_fused:
@@ -1004,7 +1051,9 @@ class _B:
             if w.rg:
                 tp.save_output(w)
             return idx, w
-        probs = tp.op(t * e, 4, (logits,))
+        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid())
+        pe = logits.elem if spec.router_sigmoid and not spec.router_fp32 else 4
+        probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
         if spec.router_sigmoid:
@@ -1013,10 +1062,11 @@ class _B:
             idx = tp.op(pairs, 8, (masked,), rg=False)
         else:
             idx = tp.op(pairs, 8, (probs,), rg=False)
-        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        # sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
+        w = tp.op(pairs, pe, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # fp32 sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
         # final cast)
-        return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
+        return idx, w if (spec.router_sigmoid and spec.router_fp32) or spec.router_weights_fp32 else \
+            self.cast(w, n.elem)
 
     def moe(self, n: Tensor, routed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
@@ -1096,6 +1146,43 @@ class _B:
             else:
                 out = self.add(out, so)
         return out
+
+    def moe_dense(self, n: Tensor) -> Tensor:
+        """Llama4TextMoe (modeling_llama4.py, transformers 5.24): every expert runs every token. Llama4Router (an
+        nn.Linear): logits, ``topk`` (values and indices), ``full_like(logits, -inf).scatter_(indices, values)``,
+        ``sigmoid(scores.float()).to(dtype)``; ``hidden.repeat(experts, 1) * scores.transpose(0, 1).reshape(-1, 1)``
+        (the transposed scores copied); Llama4TextExperts: ``bmm`` with gate_up_proj (experts, hidden, 2 x width),
+        chunk, ``up * act(gate)``, ``bmm`` with down_proj; then the shared expert on the hidden states and the
+        experts' outputs summed over the experts, added in place to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = n.numel // h
+        tr = plan.trainable
+        act = n.elem
+        logits = self.linear(n, h, e, "router", bias=False, trainable=tr)
+        idx = tp.op(t * k, 8, (logits,), rg=False)
+        top = tp.op(t * k, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
+        full = tp.op(t * e, logits.elem, (), rg=False)  # full_like(-inf); scatter_ writes the top-k values into it
+        scores = tp.op(t * e, logits.elem, (full, top, idx), save=(idx,) if top.rg else (), grad_to=(top,))
+        full.last_use = len(tp.ops) - 1
+        sg = self.ew(self.cast(scores, 4), save_out=True)  # sigmoid saves its result
+        w = self.cast(sg, act)
+        rep = tp.op(e * t * h, act, (n,))  # hidden_states.repeat(experts, 1)
+        col = tp.op(e * t, act, (w,))  # router_scores.transpose(0, 1).reshape(-1, 1): a copy
+        routed_in = self.mul(rep, col)
+        gu = self.linear(routed_in, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+                         count=e)
+        gate, up = tp.split(gu, 2)  # gate_up.chunk(2, dim=-1)
+        a = self.activation(gate)
+        p = self.mul(up, a)
+        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
+        # the block's routed_in and the experts' gate_up (gate and up are views of it) stay referenced until the
+        # experts return
+        tp.hold(routed_in, gu)
+        so = self.shared_expert(n)
+        summed = tp.op(t * h, act, (dn,))  # .reshape(experts, tokens, hidden).sum(dim=0)
+        return self.add(so, summed)  # out.add_(...)
 
     def experts_proj(self, x: Tensor, fin: int, fout: int, name: str, fused: int = 1) -> Tensor:
         """One grouped GEMM over the stacked expert weights ``name`` (experts x fout x fin), frozen, trained or

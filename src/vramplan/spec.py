@@ -116,7 +116,6 @@ class ModelSpec:
     qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
     # mp_num blocks: the split views are not head-contiguous)
     extra_params: int = 0  # parameters outside the programs' modules (GPT-NeoX-Japanese: the last layer's dense_bias)
-    softmax_in_dtype: bool = False  # the eager softmax runs in the scores' dtype (no fp32 upcast)
     scores_zeros: bool = False  # eager scores from baddbmm against a zeros (B*H, S, S) tensor the attention's locals
     # hold to its end, the scaling folded in (GPTNeoXJapaneseAttention._attn)
     diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
@@ -152,6 +151,11 @@ class ModelSpec:
     sub_norms: bool = False  # BitNet: a norm on the attention output before o_proj and on the gated product
     # before down_proj
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
+    eager_softmax_native: bool = False  # eager attention's softmax keeps the scores' dtype (modeling_llama4.py
+    # eager_attention_forward: softmax(attn_weights, dim=-1), no fp32)
+    qk_l2_norm: bool = False  # Llama4TextL2Norm of the rotated q and k (no weight), on the layers that apply RoPE
+    nope_temperature: bool = False  # Llama 4 attn_temperature_tuning: on the NoPE layers, q * an fp32 scale per
+    # position (the product promotes to fp32) cast back to q's dtype
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
     qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
@@ -210,11 +214,18 @@ class ModelSpec:
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    moe_dense_dispatch: bool = False  # every expert runs every token (Llama4TextMoe): top-k of the logits scattered
+    # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
+    # shared expert after them and the experts' sum over experts added in place
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
+    # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
+    sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
+    sdpa_added_in: str = ""  # the first transformers release checked to have it ("": every modelled release)
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None
