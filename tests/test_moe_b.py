@@ -1,6 +1,6 @@
 """MoE types read by hand-written families from their modeling files (transformers 5.24): HunYuan MoE V1, Aria's
-language model, LFM2-MoE, DBRX, and the library defaults of dots1, HunYuan MoE V1 and LFM2-MoE completed where transformers
-cannot build them."""
+language model, LFM2-MoE, DBRX, and the library defaults of dots1, HunYuan MoE V1, LFM2-MoE and DBRX completed where
+transformers cannot build them."""
 
 from __future__ import annotations
 
