@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # the shapes each test config gets (where the type has such a field), to keep the build small
-SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 1000}
+SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "n_layers": 4, "vocab_size": 1000}
 # model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
 SKIP = {"gemma3_text_alias",
         "nemotron_h",  # its library default holds a MoE block, which estimate refuses: see SSM_VARIANTS
@@ -42,7 +42,7 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     if "head_dim" in cfg and cfg["head_dim"] is None:  # Ministral's default leaves it unset and cannot build
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
-    layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
+    layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg)
     for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types"):
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]

@@ -306,6 +306,21 @@ class _B:
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        if style == "every_two_fp32":
+            # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
+            # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
+            # sum concatenated with the pass-through part (fp32), cast back by .to(value.dtype)
+            rot_numel = self.s * int(spec.head_dim * frac)
+            cos = self.tp.op(rot_numel, 4, (), rg=False)
+            sin = self.tp.op(rot_numel, 4, (), rg=False)
+            a = self.tp.op(part.numel, 4, (part, cos))
+            neg = self.tp.op(part.numel // 2, x.elem, (part,))
+            st = self.tp.op(part.numel, x.elem, (neg, part))
+            b = self.tp.op(part.numel, 4, (st, sin))
+            out = self.add(a, b)
+            if frac < 1:
+                out = self.tp.op(x.numel, 4, (out, x))
+            return self.cast(out, x.elem)
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
@@ -481,6 +496,11 @@ class _B:
             att = tp.op(scores, selem, (att,))
             att = self.ew(att, save_out=True)
             att = tp.op(scores, selem, (att,))
+        if spec.scores_bias_fp32:
+            # MptAttention: scores + the fp32 ALiBi bias (H, 1, S) promotes the sum to fp32; masked_fill with the
+            # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
+            att = tp.op(scores, 4, (att,))
+            selem = 4
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -499,6 +519,8 @@ class _B:
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
+            att.last_use = len(tp.ops) - 1
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         if spec.scores_kept:
@@ -583,6 +605,8 @@ class _B:
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
+        if spec.attn_gpt1:
+            return self.gpt1_attention(n)
         if spec.qkv_fused:
             name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
@@ -603,6 +627,10 @@ class _B:
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+            elif spec.qkv_copies:  # CodeGen: the mp_num-block split views are not head-contiguous; reshape copies
+                q = tp.op(b * s * qd, qkv.elem, (qkv,))
+                k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+                v = tp.op(b * s * kvd, qkv.elem, (qkv,))
         elif spec.kv_shared:
             return self.shared_kv_attention(n, lin, kernel)
         elif spec.attn_output_gate:
@@ -613,13 +641,17 @@ class _B:
             gate = tp.op(b * s * qd, qg.elem, (qg,), passthrough=True)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        elif spec.attn_fairseq:
+            return self.fairseq_attention(n)
+
         else:
-            q = lin(n, h, qd, "q_proj", spec.qkv_bias)
-            k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
+            q = lin(n, h, qd, qn, spec.qkv_bias)
+            k = lin(n, h, kvd, kn, spec.qkv_bias)
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
@@ -678,6 +710,8 @@ class _B:
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
+        if spec.diff_attention:
+            return self.diff_attention(q, k, v, kernel, heads_kv)
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
             gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
@@ -694,6 +728,108 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
+        if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
+            tp.hold(q, k, v)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
+        """DiffLlamaAttention (modeling_diffllama.py, transformers 5.24) after RoPE and the cache: each half of the
+        values (chunked along the KV heads) ``repeat``ed to every KV head (two copies); two attention calls sharing q
+        and k; their outputs concatenated over head_dim and chunked over the heads; ``attn_output1 - lambda_full *
+        attn_output2`` (the product with the trainable lambda saves the second half, a view of the concatenation); a
+        weightless RMSNorm over 2 x head_dim; times ``1 - lambda_init``; o_proj."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        qd = spec.q_dim
+        v1 = tp.op(v.numel, v.elem, (v,))  # v.repeat(1, 2, 1, 1) of each chunk
+        v2 = tp.op(v.numel, v.elem, (v,))
+        outs = []
+        for vi in (v1, v2):
+            o = self.attention_core(q, k, vi, kernel, heads_kv)
+            if kernel in (Kernel.EAGER, Kernel.MATH):
+                o = tp.op(o.numel, o.elem, (o,))  # transpose(1, 2).contiguous() copies
+            outs.append(o)
+        cat = tp.op(2 * outs[0].numel, outs[0].elem, tuple(outs))
+        tr = plan.trainable
+        half = tp.view(cat, cat.numel // 2)
+        scaled = tp.op(half.numel, half.elem, (half,), save=(half,) if tr else ())  # lambda_full * attn_output2
+        diff = tp.op(half.numel, half.elem, (half, scaled))  # attn_output1 - that
+        normed = self.norm(diff, 2 * spec.head_dim, tr, scale=False)  # groupnorm: nn.RMSNorm without a weight
+        out = tp.op(normed.numel, normed.elem, (normed,))  # (1 - lambda_init) * groupnorm(...)
+        o = self.proj(out, qd, spec.hidden_size, spec.o_name or "o_proj", spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def fairseq_attention(self, n: Tensor) -> Tensor:
+        """XGLMAttention (modeling_xglm.py, transformers 5.24; eager only): ``q_proj(x) * scaling``; k/v projected
+        (inference: concatenated onto the cache); q, k and v reshaped to (batch x heads, seq, head_dim), a copy where
+        the transposed view is not contiguous (the cached keys and values are); ``bmm`` scores in the model dtype plus
+        the mask, clamped by ``torch.max`` with the dtype's minimum (maximum saves the sum); softmax in the scores'
+        dtype (saves its result); dropout; ``bmm`` with the values; the output transposed back with a copy. The
+        softmax output is returned and held by the layer until it returns (``hidden_states, _ = self.self_attn``)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
+        b, s, skv, nh = self.b, self.s, self.kv_len, spec.num_heads
+        lin = self.proj
+        q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+        q = tp.op(q.numel, q.elem, (q,))  # * self.scaling
+        k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+        v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        if not self.num.training:  # DynamicCache.update: torch.cat copies, contiguous (B, H, T, d)
+            k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            tp.keep(k, v)
+        else:  # the transposed (B, H, S, d) views reshape with copies
+            k = tp.op(k.numel, k.elem, (k,))
+            v = tp.op(v.numel, v.elem, (v,))
+        q = tp.op(q.numel, q.elem, (q,))
+        elem = q.elem
+        rg = q.rg or k.rg or v.rg
+        scores = b * nh * s * skv
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # bmm
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        # torch.max(., finfo.min): saves the sum; its backward (derivatives.yaml maximum: where(self == other,
+        # grad / 2, grad).masked_fill_(self < other, 0)) makes the eq and lt masks and grad / 2 beside the gradient
+        att = tp.op(scores, elem, (att,), save=(att,) if rg else (), bwd_scratch=scores * (elem + 2) if rg else 0)
+        probs = tp.op(scores, elem, (att,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        self.probs = probs
+        dropped = self.dropout(probs, spec.attention_dropout if self.num.training else 0.0)
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())  # bmm
+        out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).reshape: a copy
+        o = lin(out, qd, h, spec.o_name or "out_proj", spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def gpt1_attention(self, n: Tensor) -> Tensor:
+        """OpenAI GPT's Attention (modeling_openai.py, transformers 5.24; no cache, no SDPA path): one Conv1D c_attn
+        split into head views; ``matmul(q, k)`` copies the strided q and k (what it saves); ``w / sqrt(d)``; ``w * b +
+        -1e4 * (1 - b)`` against the causal ``bias`` buffer slice (the three (B, H, S, S) tensors live together: ``w``
+        is rebound only after the sum); softmax in the scores' dtype (saves its result); attn_dropout; ``matmul`` with
+        a copy of the strided values; merge_heads copies; c_proj; resid_dropout."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd = spec.hidden_size, spec.q_dim
+        b, s, nh = self.b, self.s, spec.num_heads
+        qkv = self.proj(n, h, 3 * qd, spec.qkv_name or "c_attn", spec.qkv_bias)
+        q = tp.op(b * s * qd, qkv.elem, (qkv,))  # matmul's contiguous copies of the strided head views
+        k = tp.op(b * s * qd, qkv.elem, (qkv,))
+        elem = q.elem
+        rg = q.rg
+        scores = b * nh * s * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())
+        w1 = tp.op(scores, elem, (att,))  # / sqrt(d)
+        w2 = tp.op(scores, elem, (w1,))  # * b (saves the buffer slice only)
+        w3 = tp.op(scores, elem, (w2,))  # + -1e4 * (1 - b)
+        w1.last_use = len(tp.ops) - 1
+        probs = tp.op(scores, elem, (w3,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        dropped = self.dropout(probs, spec.attention_dropout)
+        v = tp.op(b * s * qd, qkv.elem, (qkv,))
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())
+        out = tp.op(out.numel, out.elem, (out,))  # merge_heads: permute(...).contiguous()
+        o = self.proj(out, qd, h, spec.o_name or "c_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -1232,6 +1368,11 @@ class _B:
             a = self.call(self.self_attention, n1)
             m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
+        elif spec.post_ln:  # OpenAI GPT's Block: n = ln_1(x + attn(x)); h = ln_2(n + mlp(n))
+            a = self.call(mixer, x)
+            n = self.norm(self.add(x, a), spec.hidden_size, tr)
+            m = self.call(self.mlp, n)
+            y = self.norm(self.add(n, m), spec.hidden_size, tr)
         elif not spec.pre_norm and plan.mixer == "attention":  # OLMo 2 / EXAONE 4: h = x + norm(attn(x));
             # y = h + norm(mlp(h)) (OLMo Hybrid's gated DeltaNet layers are pre-norm)
             a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
@@ -1248,14 +1389,16 @@ class _B:
                 self.tp.keep(hmid)
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.call(self.mlp, n2)
+            # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
+            # hidden_states rebound) free it after fc1
+            m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
             if spec.moe_beside_mlp and plan.moe:
                 m = self.moe_beside(m, hmid)
             # the normed input and the attention output stay referenced by the layer's locals through the MLP
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if spec.returns_attn_weights and self.probs is not None:
+            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
                 # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
                 # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
                 held["probs"] = self.probs
@@ -1380,9 +1523,11 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
             tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
-    if attention is Attention.EAGER and spec.family != "gpt2":
+    if attention is Attention.EAGER and spec.family != "gpt2" and not spec.causal_buffer:
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
+        if spec.mask_bool:  # MptModel: create_causal_mask(...).to(torch.bool), the float mask dropped at once
+            mask = tp.op(batch * seq * seq, 1, (mask,), rg=False)
         tp.keep(mask)
         if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
             # models mixing full and sliding layers build one mask per layer type (transformers'

@@ -232,6 +232,7 @@ class _Facts:
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
+    diff_attn: bool = False  # DiffLlama's differential attention
     sink_lse: bool = False  # Granite SWA: the sink as a sigmoid(logsumexp - sink) scale of the attention output
     sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
     sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
@@ -374,6 +375,9 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # DiffLlama (modeling_diffllama.py): LLaMA with differential attention (two attention calls sharing q and k over
+    # the halves of v, lambda re-weighting, a weightless RMSNorm per 2 x head_dim group); attention_dropout must be 0
+    "diffllama": _Facts(version="5.24", diff_attn=True),
     # Aria's language model (modeling_aria.py AriaTextForCausalLM): LLaMA's attention and layout with a MoE block on
     # every layer (top-k-then-softmax router without bias, transposed grouped_mm experts, shared experts after them)
     "aria_text": _Facts(version="5.24", moe="aria"),
@@ -419,7 +423,7 @@ _CLASSES: dict[str, str] = {
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
-    "PersimmonForCausalLM": "persimmon",
+    "PersimmonForCausalLM": "persimmon", "DiffLlamaForCausalLM": "diffllama",
     "Apertus1p5TextForCausalLM": "apertus1p5_text",
     "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
@@ -701,6 +705,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
+    if f.diff_attn and (kv % 2 or c.float_("attention_dropout", default=0.0, hi=1.0) > 0):
+        raise ConfigError(f"{c.where}: DiffLlama needs an even num_key_value_heads (the two attention calls split the "
+                          f"values along the KV heads; got {kv}) and attention_dropout 0, as transformers requires")
     mla: dict[str, Any] = {}
     if f.mla:
         q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
@@ -782,7 +789,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
-        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in,
+        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )
@@ -1036,6 +1043,10 @@ from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _C
 
 _READERS.update(GEMMA_READERS)
 _CLASSES.update(GEMMA_CLASSES)
+from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style layouts read from data)
+
+_READERS.update(LAYOUT_READERS)
+_CLASSES.update(LAYOUT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE

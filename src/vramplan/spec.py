@@ -111,8 +111,32 @@ class ModelSpec:
     scores_kept: bool = False
     returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
     # until the next layer returns (GPT-Neo)
+    scores_bias_fp32: bool = False  # eager scores plus an fp32 position bias (MPT's ALiBi tensor): the sum is fp32, the
+    # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
+    qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
+    # mp_num blocks: the split views are not head-contiguous)
+    diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
+    # every KV head), their outputs concatenated, the second half scaled by lambda and subtracted, a weightless
+    # RMSNorm over 2 x head_dim, times (1 - lambda_init)
+    attn_gpt1: bool = False  # OpenAI GPT's Attention: scores divided, multiplied by the causal buffer and shifted
+    # (three (B, H, S, S) tensors alive together), softmax in the scores' dtype, strided q/k/v copied by matmul
+    causal_buffer: bool = False  # the attention masks with its own causal buffer: no 4-D mask is built (OpenAI GPT)
+    post_ln: bool = False  # classic post-LN block: norm(x + attn(x)), then norm(n + mlp(n)); no final norm (OpenAI GPT)
+    kv_cache: bool = True  # False: the model keeps no cache and generate re-runs the whole sequence for every token
+    mlp_inline: bool = False  # the MLP's linears are called in the layer's own forward (BioGPT, XGLM): its normed
+    # input is not held by a module call to the MLP's end
+    attn_fairseq: bool = False  # XGLMAttention: q scaled after q_proj, q/k/v reshaped to (batch x heads, seq, d) with
+    # copies, bmm scores plus the mask clamped with torch.max (which saves the sum), softmax in the scores' dtype, the
+    # weights held by the layer to its end
+    scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
+    # (MptAttention.attention_scores)
+    mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
+    gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
+    # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
     # causal mask)
+    qkv_names: tuple[str, ...] = ()  # the separate q/k/v projections' module names where not q_proj/k_proj/v_proj
+    # (CTRL: Wq, Wk, Wv)
     qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
     o_name: str = ""  # the attention output projection's module name where the family's default is not it
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
