@@ -1006,10 +1006,12 @@ class _B:
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
             from .gdn import gdn_mixer
+            from .rglru import rglru_mixer
             from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
-            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet mixer in attention's place
-                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer}.get(plan.mixer, mamba2_mixer)
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet / RG-LRU mixer in attention's place
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer,
+                      "rglru": rglru_mixer}.get(plan.mixer, mamba2_mixer)
                 return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)

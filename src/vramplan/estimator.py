@@ -367,6 +367,9 @@ def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, 
 
 def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
     """Which implementation of the state-space / linear-attention layers the estimate models."""
+    if kinds == {"rglru"}:
+        return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
+                "is no fused kernel for it)")
     pkgs = (["mamba_ssm"] if kinds & {"mamba", "mamba2", "parallel", "zamba_hybrid", "zamba_tied"} else []) + \
         ["causal_conv1d"] + (["fla (flash-linear-attention)"] if "gdn" in kinds else [])
     if kernel == "fused":

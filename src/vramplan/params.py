@@ -161,6 +161,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .gdn import gdn_linears
 
         return gdn_linears(spec.ssm, spec.hidden_size) + mlp
+    if spec.mixer(index) == "rglru" and spec.ssm is not None:
+        from .rglru import rglru_linears
+
+        return rglru_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
@@ -216,6 +220,7 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
     dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
     from .gdn import gdn_extra_params, gdn_linears
+    from .rglru import rglru_extra_params, rglru_linears
     from .ssm import (
         conv_extra_params,
         conv_linears,
@@ -229,11 +234,11 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     h = spec.hidden_size
     moe = index in spec.moe_layers
     kind = spec.mixer(index)
-    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h), "gdn": gdn_linears(spec.ssm, h)}.get(kind) \
-        or mamba2_linears(spec.ssm, h)
+    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h), "gdn": gdn_linears(spec.ssm, h),
+           "rglru": rglru_linears(spec.ssm, h)}.get(kind) or mamba2_linears(spec.ssm, h)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params,
-                   "gdn": gdn_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
+                   "gdn": gdn_extra_params, "rglru": rglru_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
     if mlp and spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:

@@ -269,7 +269,8 @@ class ModelSpec:
 
     def mixer(self, index: int) -> str:
         """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2), "gdn" (gated
-        DeltaNet: Qwen3-Next, Qwen3.5) or "parallel" (Falcon-H1: attention and Mamba-2 side by side)."""
+        DeltaNet: Qwen3-Next, Qwen3.5), "rglru" (RecurrentGemma's RG-LRU block) or "parallel" (Falcon-H1: attention
+        and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property

@@ -425,6 +425,10 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         from .gdn import gdn_state_bytes
 
         return gdn_state_bytes(ss, batch, act)
+    if kind == "rglru":
+        from .rglru import rglru_state_bytes
+
+        return rglru_state_bytes(ss, batch, act)
     return mamba2_state_bytes(ss, batch, act)
 
 
