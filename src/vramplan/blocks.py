@@ -995,6 +995,10 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if plan.mixer == "rwkv":
+            from .rwkv import rwkv_block
+
+            return rwkv_block(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
@@ -1149,6 +1153,9 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
+        # the model's forward keeps the un-normed embeddings referenced (``inputs_embeds``) until it returns
+        # (BloomModel: word_embeddings_layernorm(inputs_embeds); RwkvModel: block 0's pre_ln)
+        tp.keep(x)
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every

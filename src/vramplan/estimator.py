@@ -367,6 +367,12 @@ def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, 
 
 def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
     """Which implementation of the state-space / linear-attention layers the estimate models."""
+    if kinds == {"rwkv"}:
+        if kernel == "fused":
+            return ("RWKV's WKV recurrence: the CUDA kernel a GPU install with ninja and the kernels package runs "
+                    "(kernels-community/rwkv); --ssm-kernel torch models transformers' plain-PyTorch loop instead")
+        return ("RWKV's WKV recurrence: transformers' plain-PyTorch loop over the sequence (what runs without the "
+                "kernels-community/rwkv CUDA kernel); a GPU install with it keeps less")
     if kinds == {"rglru"}:
         return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
                 "is no fused kernel for it)")

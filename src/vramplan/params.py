@@ -161,6 +161,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .gdn import gdn_linears
 
         return gdn_linears(spec.ssm, spec.hidden_size) + mlp
+    if spec.mixer(index) == "rwkv":
+        from .rwkv import rwkv_linears
+
+        return rwkv_linears(spec)
     if spec.mixer(index) == "rglru" and spec.ssm is not None:
         from .rglru import rglru_linears
 
@@ -264,6 +268,12 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
                            tuple(mlp))
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied"):
         return _zamba2_layer_params(spec, index)
+    if spec.mixer(index) == "rwkv":  # RwkvBlock: ln1, ln2, attention and feed-forward (block 0's pre_ln: embedding)
+        from .rwkv import rwkv_extra_params, rwkv_linears
+
+        lin = rwkv_linears(spec)
+        return LayerParams(sum(i * o for _, i, o, _ in lin[:4]), sum(i * o for _, i, o, _ in lin[4:]), 0,
+                           2 * _norm_params(spec, spec.hidden_size) + rwkv_extra_params(spec), tuple(lin))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .blocks import _B
     from .ssm import SSMSpec
 
-__all__ = ["rglru_extra_params", "rglru_linears", "rglru_mixer", "rglru_state_bytes"]
+__all__ = ["rglru_extra_params", "rglru_linears", "rglru_mixer", "rglru_state_bytes", "written_into"]
 
 KV = MemoryKind.KV_CACHE
 
@@ -79,11 +79,12 @@ def rglru_mixer(bld: _B, n: Tensor) -> Tensor:
     act = tp.view(conv, t * lru)  # .transpose(1, 2): a strided view
     # activations.reshape(batch * seq, heads, block): a copy of the strided view
     ra = tp.op(t * lru, e, (act,), passthrough=True)
-    gates = []
+    gates, res = [], []
     for gate in ("input_gate", "recurrent_gate"):
         # baddbmm(bias[:, None, :], reshape_act, weight) (heads, tokens, block): saves reshape_act for the weight's
         # gradient; .transpose(0, 1).reshape(batch, seq, lru) copies; sigmoid saves its result
         r = tp.op(t * lru, e, (ra,), save=(ra,) if tr else (), params=pg(gate, heads * block * (block + 1)))
+        res.append(r)
         rc = tp.op(t * lru, e, (r,), passthrough=True)
         gates.append(bld.ew(rc, save_out=True))
     ig, rgate = gates
@@ -100,7 +101,9 @@ def rglru_mixer(bld: _B, n: Tensor) -> Tensor:
     nx = bld.mul(gi, m2)  # normalized_x
     ag = tp.op(t * lru, e, (a, not_reset), save=(not_reset,) if a.rg else (), grad_to=(a,))  # a * ~reset
     out = _scan(bld, nx, ag)
-    _hold(bld, ya)
+    # RecurrentGemmaRglru.forward's locals live until it returns (the second baddbmm result, the gates, the
+    # log-gate, a_square, the gated and normalised inputs), and the block's x_branch (the conv output) with them
+    _hold(bld, conv, ra, res[1], ig, lg, a, a2, gi, m2, nx, ya)
     hs = bld.mul(out, ya)  # x_branch * y_branch
     return bld.proj(hs, lru, h, "linear_out", bias=True)
 
@@ -139,8 +142,16 @@ def _scan(bld: _B, nx: Tensor, ag: Tensor) -> Tensor:
         c = bld.cast(state, e)
         c.nbytes = 0
         written.append(c)
-    # ctx after the in-place writes: CopySlices' backward clones the whole output gradient at each step
-    out = tp.op(t * lru, e, (ctx, *written), grad_to=tuple(written), bwd_scratch=t * lru * e)
+    return written_into(bld, ctx, written)
+
+
+def written_into(bld: _B, ctx: Tensor, written: list[Tensor]) -> Tensor:
+    """A preallocated output after a Python loop wrote each step into its slice (``out[:, t] = step``): the result
+    is ``ctx``'s storage with its own gradient, handed to the steps; ``CopySlices``' backward clones the whole
+    output gradient at each step (one clone alive at a time)."""
+    tp = bld.tp
+    full = ctx.numel * ctx.elem
+    out = tp.op(ctx.numel, ctx.elem, (ctx, *written), grad_to=tuple(written), bwd_scratch=full)
     out.nbytes = 0
     out.base = ctx  # ctx's storage: saving the result keeps ctx
     tp.own_grad.add(id(out))  # ... but the result has its own gradient (the in-place result of the writes)

@@ -415,6 +415,10 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
     ``conv_kernel`` inputs (LFM2: ``Lfm2ShortConv``, conv state only), nothing for attention."""
     ss = spec.ssm
     kind = spec.mixer(index)
+    if kind == "rwkv":
+        from .rwkv import rwkv_state_bytes
+
+        return rwkv_state_bytes(spec, batch, act)
     if ss is None or kind in ("attention", "none"):
         return 0
     if kind == "conv":
@@ -434,7 +438,7 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
 
 def ssm_state_bytes(spec: ModelSpec, batch: int, act: int) -> int:
     """The generation cache of every SSM / short-conv layer of ``spec`` (constant in the sequence length)."""
-    if spec.ssm is None:
+    if spec.ssm is None and "rwkv" not in spec.mixers:
         return 0
     return sum(layer_state_bytes(spec, i, batch, act) for i in range(spec.num_layers))
 

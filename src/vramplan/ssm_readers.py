@@ -684,11 +684,30 @@ def _recurrent_gemma(c: _Cfg, family: str) -> ModelSpec:
                    program_version="5.24")
 
 
+def _rwkv(c: _Cfg, family: str) -> ModelSpec:
+    """RWKV-4 (configuration_rwkv.py, modeling_rwkv.py, :mod:`vramplan.rwkv`): ``blocks`` of token-shift mixes, the
+    WKV recurrence and a squared-ReLU channel mix, biased LayerNorms (block 0 also norms the embeddings), no
+    positions; ``attention_hidden_size`` travels in ``head_dim`` (one head)."""
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    att = c.opt_int("attention_hidden_size") or hidden
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50277), hidden_size=hidden,
+        num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=att,
+        intermediate_size=c.opt_int("intermediate_size") or 4 * hidden,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=Activation.RELU2, position=PositionKind.NONE, norm_bias=True,
+        embedding_layernorm=True, mixers=("rwkv",) * layers,
+        max_position_embeddings=c.int_("context_length", "max_position_embeddings", default=1024, hi=1 << 30),
+        program_version="5.24")
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
-    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "recurrent_gemma": _recurrent_gemma}
+    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "recurrent_gemma": _recurrent_gemma,
+    "rwkv": _rwkv}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -697,4 +716,4 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
                                "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3",
-                               "RecurrentGemmaForCausalLM": "recurrent_gemma"}
+                               "RecurrentGemmaForCausalLM": "recurrent_gemma", "RwkvForCausalLM": "rwkv"}
