@@ -750,17 +750,29 @@ class _B:
             if spec.gate_up_fused:
                 gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
                 g, u = tp.split(gu, 2)  # gate_up_proj(x).chunk(2, dim=-1)
+            elif spec.altup_inputs:  # Gemma3nTextMLP: gate_proj, its Gaussian top-k, the activation, then up_proj
+                from .gemma3n import gaussian_topk
+
+                g = lin(n, h, i, "gate_proj", spec.mlp_bias)
+                if spec.act_sparsity:
+                    g = gaussian_topk(self, g)
+                a = self.activation(g)
+                u = lin(n, h, i, "up_proj", spec.mlp_bias)
+                held_gate = g  # ``gate_proj`` stays bound until the MLP returns
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
-            a = self.activation(g)
+            if not spec.altup_inputs:
+                a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
             if spec.sub_norms:  # modeling_bitnet.py: ffn_sub_norm(act(gate) * up) before down_proj: the product
                 # is the norm's argument, referenced until it returns
                 p = self.call(lambda v: self.norm(v, i, tr), p)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.altup_inputs:
+                tp.hold(held_gate, a, u)
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))
         else:
@@ -995,6 +1007,10 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.altup_inputs:
+            from .gemma3n import gemma3n_layer
+
+            return gemma3n_layer(self, x)
         if plan.mixer == "rwkv":
             from .rwkv import rwkv_block
 
@@ -1098,6 +1114,10 @@ class _B:
         per_layer_input_gate(h)) * per_layer_input)``, normed (post_per_layer_input_norm) and added to ``h``. The
         layer's slice of the model's per-layer inputs is a view of a tensor the model holds throughout (its
         gradient, summed into that tensor's, is not counted)."""
+        return self.add(y, self.per_layer_tail(y))
+
+    def per_layer_tail(self, y: Tensor) -> Tensor:
+        """The per-layer-input branch without its residual add (Gemma 3n adds it into AltUp copies 1..A-1)."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
@@ -1109,8 +1129,7 @@ class _B:
         a = self.activation(g)
         prod = self.mul(a, pli)
         o = lin(prod, p, h, "per_layer_projection")
-        o = self.norm(o, h, tr)
-        return self.add(y, o)
+        return self.norm(o, h, tr)
 
 
 def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
@@ -1118,7 +1137,8 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num),
+                 plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
     x.last_use = max(x.last_use, len(tp.ops) - 1)
@@ -1162,6 +1182,10 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.per_layer_input:
         _per_layer_inputs(bld, x, trainable)
+    if spec.altup_inputs:  # Gemma 3n: the stacked AltUp stream is the layers' input
+        from .gemma3n import altup_expand
+
+        x = altup_expand(bld, x, trainable)
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
@@ -1233,7 +1257,11 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    if spec.altup_inputs:  # Gemma 3n: the AltUp stream back to one copy
+        from .gemma3n import altup_unembed
+
+        x = altup_unembed(bld, x, trainable)
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)

@@ -361,8 +361,8 @@ def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, 
     (modeling_gemma4.py, 5.24) slices the hidden states, per-layer inputs, rotary tables and masks to
     ``logits_to_keep`` before the first such layer (they write no cache, so the prompt's other positions are not
     needed) when generate keeps one token's logits, except with flash / flex attention."""
-    return spec.at_variant(kind[3]).kv_shared and w.logits is LogitsMode.LAST and w.seq_len > 1 and \
-        w.attention is not Attention.FLASH
+    return spec.at_variant(kind[3]).kv_shared and spec.kv_shared_prefill_slice and w.logits is LogitsMode.LAST and \
+        w.seq_len > 1 and w.attention is not Attention.FLASH
 
 
 def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:

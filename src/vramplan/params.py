@@ -131,13 +131,22 @@ def per_layer_input_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         if p else []
 
 
+def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """Gemma 3n's per-layer AltUp and LAuReL linears (vramplan.gemma3n)."""
+    if not spec.altup_inputs:
+        return []
+    from .gemma3n import altup_linears
+
+    return altup_linears(spec.altup_inputs, spec.hidden_size, spec.laurel_rank)
+
+
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
     if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
         moe = index in spec.moe_layers
         return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
-            per_layer_input_linears(spec)
+            per_layer_input_linears(spec) + _altup_linears(spec)
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
@@ -281,7 +290,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.moe_beside_mlp and moe:  # the dense MLP runs beside the MoE block (Gemma 4)
         mlp = mlp_linears(spec, False) + mlp
-    mlp = mlp + per_layer_input_linears(spec)
+    mlp = mlp + per_layer_input_linears(spec) + _altup_linears(spec)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -317,6 +326,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         norm += 3 * _norm_params(spec, spec.hidden_size)
     if spec.per_layer_input:  # post_per_layer_input_norm
         norm += _norm_params(spec, spec.hidden_size)
+    if spec.altup_inputs:  # Gemma 3n: correct_output_scale, router_norm, post_laurel_norm
+        from .gemma3n import altup_extra_params
+
+        norm += altup_extra_params(spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
@@ -333,6 +346,8 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     if spec.per_layer_input:  # embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm
         width = spec.num_layers * spec.per_layer_input
         embedding += spec.per_layer_vocab * width + h * width + _norm_params(spec, spec.per_layer_input)
+    if spec.altup_inputs:  # Gemma 3n: altup_projections and altup_unembed_projections (A - 1 each, no bias)
+        embedding += 2 * (spec.altup_inputs - 1) * h * h
     unique: dict[tuple[bool, str, bool, int, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from .blocks import _B
     from .ssm import SSMSpec
 
-__all__ = ["rglru_extra_params", "rglru_linears", "rglru_mixer", "rglru_state_bytes", "written_into"]
+__all__ = ["SCAN_CHUNKS", "rglru_extra_params", "rglru_linears", "rglru_mixer", "rglru_state_bytes", "scan_chunks",
+           "written_into"]
 
 KV = MemoryKind.KV_CACHE
 
@@ -131,18 +132,37 @@ def _scan(bld: _B, nx: Tensor, ag: Tensor) -> Tensor:
         return out
     ctx = tp.op(t * lru, e, (), rg=False)  # zeros_like(hidden_states)
     state = tp.op(row, 4, (), rg=False)  # zeros(hidden_states[:, 0].shape, fp32)
+    # per step: a[:, t].float() (saved), its product with the state (which it saves), x[:, t].float() and the sum
+    # (the next state); the steps are recorded in chunks (scan_chunks)
+    written = scan_chunks(bld, s, row, (ag, nx), state, saved_per_step=2, scratch_per_step=2, out_elem=e)
+    return written_into(bld, ctx, written)
+
+
+SCAN_CHUNKS = 16  # a Python scan's steps are recorded in this many groups (their saves accumulate step by step)
+
+
+def scan_chunks(bld: _B, steps: int, row: int, inputs: tuple[Tensor, ...], state: Tensor, *, saved_per_step: int,
+                scratch_per_step: int, out_elem: int, saved_inputs: tuple[Tensor, ...] = ()) -> list[Tensor]:
+    """A Python loop over ``steps`` whose every step reads a ``row``-sized slice of each of ``inputs``, keeps
+    ``saved_per_step`` fp32 rows for backward, makes ``scratch_per_step`` fp32 row temporaries, carries an fp32
+    state and writes a row into a preallocated output. Recorded as :data:`SCAN_CHUNKS` groups of steps: each group's
+    saved rows are one tensor the group's carry saves (freed when its backward has run, as the steps' are), its
+    written rows one slice of the output (see :func:`written_into`); ``saved_inputs`` are inputs whose step slices
+    autograd saves as they are (views: the whole tensor stays). Returns the slices."""
+    tp = bld.tp
+    chunks = min(steps, SCAN_CHUNKS)
     written: list[Tensor] = []
-    for _ in range(s):
-        g32 = bld.cast(tp.view(ag, row), 4)
-        st = bld.mul(g32, state)
-        x32 = bld.cast(tp.view(nx, row), 4)
-        state = bld.add(st, x32)
-        # contextualized_states[:, t] = state.type(x.dtype): the step's cast is copied into ctx's storage; it is
-        # recorded as that storage's slice (no bytes of its own), so its gradient is the slice of ctx's
-        c = bld.cast(state, e)
+    for i in range(chunks):
+        k = steps // chunks + (1 if i < steps % chunks else 0)
+        views = tuple(tp.view(x, k * row) for x in inputs)
+        saved = tp.op(saved_per_step * k * row, 4, (*views, state), rg=False)
+        state = tp.op(state.numel, 4, (*views, state, saved), save=(saved, *saved_inputs),
+                      grad_to=tuple(t for t in (*views, state) if t.rg), fwd_scratch=scratch_per_step * row * 4,
+                      rg=True)
+        c = tp.op(k * row, out_elem, (state,))  # the steps' casts, copied into the output's slice
         c.nbytes = 0
         written.append(c)
-    return written_into(bld, ctx, written)
+    return written
 
 
 def written_into(bld: _B, ctx: Tensor, written: list[Tensor]) -> Tensor:

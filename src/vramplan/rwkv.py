@@ -134,41 +134,20 @@ def _wkv(bld: _B, k: Tensor, v: Tensor) -> Tensor:
                     if tr else (), rg=True)
         tp.save_output(out)
         return out
-    # rwkv_linear_attention_cpu: output = zeros_like(key); num/den/max states fp32 (max: zeros - 1e38)
+    # rwkv_linear_attention_cpu: output = zeros_like(key); num/den/max states fp32 (max: zeros - 1e38); per step
+    # the key's fp32 copy, key + time_first, two exps and their products with the states, numerator and
+    # denominator (saved by the division), the decayed max and the new max (saved by maximum), two more exps and
+    # the new num/den states: twelve fp32 rows saved, eight row temporaries (recorded in chunks of steps)
+    from .rglru import scan_chunks, written_into
+
     ctx = tp.op(t * a, e, (), rg=False)
+    max_s = tp.op(row, 4, (tp.op(row, 4, (), rg=False),), rg=False)
     num_s = tp.op(row, 4, (), rg=False)
     den_s = tp.op(row, 4, (), rg=False)
-    max_s = tp.op(row, 4, (tp.op(row, 4, (), rg=False),), rg=False)
-    pgd = bld.param_grad("time_decay", a, num.param) if tr else ()
-    decay = tp.op(a, num.param, (), rg=tr, params=pgd)  # -torch.exp(time_decay)
+    decay = tp.op(a, num.param, (), rg=tr, params=bld.param_grad("time_decay", a, num.param) if tr else ())
     first = tp.op(a, num.param, (), rg=tr, params=bld.param_grad("time_first", a, num.param) if tr else ())
-    written: list[Tensor] = []
-    for _ in range(s):
-        ck = bld.cast(tp.view(k, row), 4)  # key[:, t].float()
-        cv = tp.view(v, row)  # value[:, t] (bf16: the products promote)
-        kt = bld.add(ck, first)
-        mo = _maximum(bld, max_s, kt)
-        e1 = bld.ew(tp.op(row, 4, (max_s, mo)), save_out=True)
-        e2 = bld.ew(tp.op(row, 4, (kt, mo)), save_out=True)
-        numer = bld.add(bld.mul(e1, num_s), bld.mul(e2, cv, elem=4))
-        denom = bld.add(bld.mul(e1, den_s), e2)
-        q = tp.op(row, 4, (numer, denom), save=(numer, denom) if (numer.rg or denom.rg) else ())  # div
-        c = bld.cast(q, e)  # .to(output.dtype), copied into output[:, t]
-        c.nbytes = 0
-        written.append(c)
-        md = bld.add(max_s, decay)
-        mfs = _maximum(bld, md, ck)
-        f1 = bld.ew(tp.op(row, 4, (md, mfs)), save_out=True)
-        f2 = bld.ew(tp.op(row, 4, (ck, mfs)), save_out=True)
-        num_s = bld.add(bld.mul(f1, num_s), bld.mul(f2, cv, elem=4))
-        den_s = bld.add(bld.mul(f1, den_s), f2)
-        max_s = mfs
-    from .rglru import written_into
-
+    state = tp.op(3 * row, 4, (max_s, num_s, den_s, decay, first), rg=tr)  # (the three running states)
+    # (e2 * value[:, t] saves the value slice itself: the value projection stays whole)
+    written = scan_chunks(bld, s, row, (k, v), state, saved_per_step=12, scratch_per_step=8, out_elem=e,
+                          saved_inputs=(v,))
     return written_into(bld, ctx, written)
-
-
-def _maximum(bld: _B, x: Tensor, y: Tensor) -> Tensor:
-    """``torch.maximum``: saves both inputs when either needs a gradient."""
-    rg = x.rg or y.rg
-    return bld.tp.op(max(x.numel, y.numel), max(x.elem, y.elem), (x, y), save=(x, y) if rg else ())

@@ -78,6 +78,7 @@ class LayerOverride:
     v_from_k: bool | None = None
     kv_shared: bool | None = None
     kv_store: bool | None = None
+    act_sparsity: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +219,14 @@ class ModelSpec:
     per_layer_input: int = 0  # hidden_size_per_layer_input: per-layer embeddings (PLE) feeding a gated branch per
     # layer (Gemma 3n / Gemma 4); 0: none
     per_layer_vocab: int = 0  # rows of the per-layer embedding table (vocab_size_per_layer_input)
+    # Gemma 3n (vramplan.gemma3n): AltUp copies of the residual stream (0: none), LAuReL's rank, the scaled
+    # correction of copy 0, Gaussian top-k sparsity of the MLP's gate (per layer: LayerOverride.act_sparsity), and
+    # whether a prefill slices KV-sharing layers to the last token (Gemma 4 does; Gemma 3n does not)
+    altup_inputs: int = 0
+    laurel_rank: int = 0
+    altup_correct_scale: bool = False
+    act_sparsity: bool = False
+    kv_shared_prefill_slice: bool = True
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
 
@@ -290,7 +299,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
     for name in ("head_dim", "num_kv_heads", "intermediate_size"):
         if getattr(o, name):
             changes[name] = getattr(o, name)
-    for name in ("v_from_k", "kv_shared", "kv_store"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]

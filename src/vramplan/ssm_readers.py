@@ -675,11 +675,9 @@ def _recurrent_gemma(c: _Cfg, family: str) -> ModelSpec:
     window = c.int_("attention_window_size", default=2048)
     ss = SSMSpec(d_inner=lru, n_heads=heads, head_dim=lru // heads, n_groups=0, d_state=0,
                  d_conv=c.int_("conv1d_width", default=4, lo=1, hi=1024), chunk=0)
-    has_frac = isinstance(c.raw.get("rope_parameters"), dict) and \
-        "partial_rotary_factor" in c.raw["rope_parameters"]
     return replace(spec, family=family, mixers=mixers, ssm=ss, o_bias=True, sliding_window=window,
                    sliding_layers=tuple(i for i, m in enumerate(mixers) if m == "attention"),
-                   rotary_fraction=_rotary_fraction(c) if has_frac else 0.5,
+                   rotary_fraction=_rotary_fraction(c, 0.5),
                    logit_softcap=c.float_("logits_soft_cap", default=30.0), max_position_embeddings=None,
                    program_version="5.24")
 
