@@ -88,6 +88,7 @@ class _B:
         self.kv_len = kv_len if kv_len is not None else seq
         self.plan = plan
         self.probs: Tensor | None = None  # the last eager attention's weights
+        self._wrapped: list[Tensor] = []  # peft-parametrized expert stacks of the running MoE block
 
     # ---- primitives ----------------------------------------------------------------------
     def cast(self, x: Tensor, elem: int) -> Tensor:
@@ -472,7 +473,9 @@ class _B:
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
         att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
-        att = tp.op(scores, selem, (att,))  # * scaling
+        raw = att
+        if not spec.scores_kept:
+            att = tp.op(scores, selem, (att,))  # * scaling
         if spec.attn_logit_softcap:
             att = tp.op(scores, selem, (att,))
             att = self.ew(att, save_out=True)
@@ -496,6 +499,8 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
+        if spec.scores_kept:
+            raw.last_use = max(raw.last_use, len(tp.ops) - 1)
         return out
 
     def sink_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
@@ -794,6 +799,8 @@ class _B:
             # transformers NewGELUActivation: 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))).
             # Under autocast, pow runs in fp32 (autocast's fp32 op list), and type promotion keeps
             # the chain in fp32 from there on.
+            # Python evaluates the left factor ``0.5 * x`` first: it lives through the whole tanh chain.
+            t7 = tp.op(n, x.elem, (x,))
             xp = self.cast(x, 4) if self.num.amp else x
             t1 = tp.op(n, xp.elem, (xp,), save=(xp,) if xp.rg else ())
             t2 = tp.op(n, t1.elem, (t1,))
@@ -801,7 +808,6 @@ class _B:
             t4 = tp.op(n, t3.elem, (t3,))
             t5 = self.ew(t4, save_out=True)
             t6 = tp.op(n, t5.elem, (t5,))
-            t7 = tp.op(n, x.elem, (x,))
             return self.mul(t7, t6)
         if act is Activation.RELU2:  # relu saves its result; square saves its input (that same result)
             r = tp.op(n, x.elem, (x,))
@@ -855,8 +861,15 @@ class _B:
         h = spec.hidden_size
         pairs = t * k
         x = self.cast(n, 4) if spec.router_fp32 else n
-        logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
-                             weight_elem=4 if spec.router_fp32 else None)
+        plan = self.plan
+        if plan is not None and "router" in plan.lora_targets:  # peft ParamWrapper on the router's gate.weight
+            wr = self.wrapped_param(h, e, "router", plan.lora_rank, 1, 4 if spec.router_fp32 else self.num.param)
+            logits = tp.op(t * e, x.elem, (x, wr), save=((x,) if wr.rg else ()) + ((wr,) if x.rg else ()),
+                           grad_to=(x, wr))
+            wr.last_use = len(tp.ops) - 1
+        else:
+            logits = self.linear(x, h, e, "router", bias=spec.router_bias, trainable=tr,
+                                 weight_elem=4 if spec.router_fp32 else None)
         if spec.router_topk_first:  # GptOssTopKRouter: topk(logits) (saves the indices), softmax over the k values
             idx = tp.op(pairs, 8, (logits,), rg=False)
             top = tp.op(pairs, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
@@ -888,6 +901,7 @@ class _B:
         h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
         t = n.numel // h
         hidden = h
+        self._wrapped.clear()
         pairs = t * k
         tr = plan.trainable
         act = n.elem
@@ -911,12 +925,10 @@ class _B:
         if spec.expert_bias:  # gate_up_proj_bias[expert_ids_g], added in place to the grouped GEMM's output
             bias_g = tp.op(pairs * 2 * i, act, (), rg=False)
         if spec.expert_glu == "none":  # has_gate=False: act_fn(up_proj) (grouped_mm_experts_forward)
-            up = self.linear(xin, h, i, "experts.up_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
-                             count=e)
+            up = self.experts_proj(xin, h, i, "experts.up_proj")
             p = self.activation(up)
         else:
-            gu = self.linear(xin, h, 2 * i, "experts.gate_up_proj", bias=spec.expert_bias, trainable=tr,
-                             quant=plan.quant, count=e)
+            gu = self.experts_proj(xin, h, 2 * i, "experts.gate_up_proj", fused=2)
             if spec.expert_glu == "clamped":
                 p = self.clamped_glu(gu, pairs * i)
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
@@ -929,15 +941,16 @@ class _B:
         if bias_g is not None:  # rebound to down_proj_bias[expert_ids_g]
             first, bias_g = bias_g, tp.op(pairs * h, act, (), rg=False)
             first.last_use = len(tp.ops) - 1
-        dn = self.linear(p, i, h, "experts.down_proj", bias=spec.expert_bias, trainable=tr, quant=plan.quant,
-                         count=e)
+        dn = self.experts_proj(p, i, h, "experts.down_proj")
         wd = self.mul(dn, wg)
         inv = tp.op(pairs, 8, (perm,), rg=False)  # inv_perm[perm] = arange(...)
         back = tp.op(pairs * h, wd.elem, (wd, inv), save=(inv,) if wd.rg else (), grad_to=(wd,))
         out = tp.op(t * h, wd.elem, (back,))  # .view(T, k, h).sum(dim=1)
         # the function's locals (the gathered states, sort results, offsets, the down projection's output)
         # stay referenced until it returns
-        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()):
+        # (and peft's parametrized expert weights: cached until the wrapped experts module returns)
+        for x in (xin, eid, perm, tok, wg, hist, offs, dn, inv) + ((bias_g,) if bias_g is not None else ()) + \
+                tuple(self._wrapped):
             x.last_use = max(x.last_use, len(tp.ops) - 1)
         out = self.cast(out, act)  # final_hidden_states.to(hidden_states.dtype)
         if spec.moe_output_scale:  # hidden_states * routed_scaling_factor (modeling_laguna.py, modeling_beam.py)
@@ -955,6 +968,65 @@ class _B:
                 out = self.cast(self.add(self.cast(out, 4), self.cast(so, 4)), act)
             else:
                 out = self.add(out, so)
+        return out
+
+    def experts_proj(self, x: Tensor, fin: int, fout: int, name: str, fused: int = 1) -> Tensor:
+        """One grouped GEMM over the stacked expert weights ``name`` (experts x fout x fin), frozen, trained or
+        adapted by peft as the plan says. bitsandbytes leaves the stack unquantized (it replaces nn.Linear
+        modules only) and QLoRA's prepare_model_for_kbit_training then holds it in fp32. ``fused``: how many v4
+        projections the stack fuses (peft doubles the adapter's rank for gate_up_proj)."""
+        spec, plan = self.spec, self.plan
+        assert plan is not None
+        e = spec.num_experts
+        bnb = plan.quant.bitsandbytes
+        quant = WeightsQuant.NONE if bnb else plan.quant
+        welem = self.num.norm_param if bnb else None
+        tp = self.tp
+        tokens = x.numel // fin
+        wdt = welem or self.num.param
+        if name in plan.lora_targets:
+            w = self.wrapped_param(fin, fout, name, plan.lora_rank * fused, e, wdt)
+            self._wrapped.append(w)
+        elif quant is not WeightsQuant.NONE or (not self.num.amp and x.elem == wdt):
+            return self.linear(x, fin, fout, name, bias=spec.expert_bias, trainable=plan.trainable, quant=quant,
+                               count=e, weight_elem=welem)
+        else:
+            w = None
+        # torch._grouped_mm is not autocast-enabled: transformers casts the input to the weights' dtype
+        # (integrations/moe.py _grouped_mm), so under AMP (or with QLoRA's fp32 stacks) the GEMM runs in the
+        # stack's dtype, without the 16-bit weight copy autocast makes for nn.Linear
+        xc = self.cast(x, wdt)
+        if w is None:
+            tr = plan.trainable
+            pg = self.param_grad(name, (fin * fout + (fout if spec.expert_bias else 0)) * e, wdt) if tr else ()
+            y = tp.op(tokens * fout, wdt, (xc,), save=(xc,) if tr else (), params=pg)
+            if xc.rg:
+                tp.ops[-1].packs_weight = True
+            return y
+        save = ((xc,) if w.rg else ()) + ((w,) if xc.rg else ())
+        return tp.op(tokens * fout, wdt, (xc, w), save=save, grad_to=(xc, w))
+
+    def wrapped_param(self, fin: int, fout: int, name: str, r: int, count: int, welem: int) -> Tensor:
+        """A parameter adapted by peft's ``lora.ParamWrapper`` (tuners/lora/layer.py, peft 0.21.2): while the
+        wrapped module runs, torch.nn.utils.parametrize replaces it (cached for the call) by a new tensor the size
+        of the whole parameter: ``baddbmm(W, lhs, rhs, alpha=scaling)`` over a stack of experts
+        (``_LoraFactorsProxy``, the fp32 adapters first cast to W's dtype), ``W + (B @ A * scaling).to(W.dtype)``
+        for a single matrix (``_LoraParameterProxy``). Its gradient reaches the adapters through that op."""
+        tp, lr = self.tp, self.num.lora_param
+        ga = self.param_grad(name + ".A", count * r * fin, lr)
+        gb = self.param_grad(name + ".B", count * r * fout, lr)
+        if count > 1:
+            if lr != welem:
+                lhs = tp.op(count * fout * r, welem, (), params=gb)  # (experts, out, r) in W's dtype
+                rhs = tp.op(count * r * fin, welem, (), params=ga)
+                out = tp.op(count * fin * fout, welem, (lhs, rhs), save=(lhs, rhs), kind=WEIGHTS)
+            else:  # baddbmm saves the two factors: views of the adapters themselves
+                out = tp.op(count * fin * fout, welem, (), params=ga + gb, kind=WEIGHTS)
+        else:
+            d = tp.op(fin * fout, lr, (), params=ga + gb)  # B @ A (saves the adapters)
+            d = tp.op(fin * fout, lr, (d,))  # * scaling
+            d = self.cast(d, welem)
+            out = tp.op(fin * fout, welem, (d,), kind=WEIGHTS)  # W + delta
         return out
 
     def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:

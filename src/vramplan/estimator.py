@@ -393,8 +393,10 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     if sink is not None:
         sink.base = base
     et = Tape(False)
+    raw = False
     if embed:
-        build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
+        xe = build_embed(et, spec, num, b, s, False, out_rg=False, attention=w.attention)
+        raw = et.ops[0].outputs[0] is xe  # the first layer's input is inputs_embeds itself
         e = layer_forward(et)
     else:  # a pipeline stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
@@ -403,17 +405,24 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     peak.offer(_plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+    # what the first layer runs beside that is not there yet (or is its own input): the previous layer's
+    # attention weights, and inputs_embeds where the first layer's input is that very tensor
+    absent = held if raw else _vec({})
     if spec.returns_attn_weights and attention_kernel(spec, w.attention, num.act, True) is Kernel.EAGER:
         # the previous layer's eager attention weights, held by the model loop's ``outputs`` tuple until the next
         # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
-        held = _plus(held, _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act}))
+        probs = _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act})
+        held, absent = _plus(held, probs), _plus(absent, probs)
     cur = _plus(cur, held)
     sliced = False
-    for count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
+    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate(_layer_groups(spec, spec.num_layers)):
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
                               kv_len=s)
-        peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
+        if i == 0:  # the first layer (the group's last one is offered below)
+            peak.offer(_plus(cur, _scale(absent, -1), sim.fwd.peak_kinds))
+        if i > 0 or count > 1:
+            peak.offer(_plus(cur, _scale(sim.fwd.end_kinds, count - 1), sim.fwd.peak_kinds))
         cur = _plus(cur, _scale(sim.fwd.end_kinds, count))
         if q != s and not sliced:  # the full-length hidden state the first of them sliced dies with its return
             sliced = True

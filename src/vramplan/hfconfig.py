@@ -842,6 +842,9 @@ def _bloom(c: _Cfg, family: str) -> ModelSpec:
         qkv_fused=True, embedding_layernorm=True,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         hidden_dropout=c.float_("hidden_dropout", default=0.0, hi=1.0),
+        # BloomBlock returns (output, attention_probs) and BloomModel's loop keeps the pair until the next block
+        # returns (modeling_bloom.py, 5.24): the 16-bit probabilities outlive their layer
+        returns_attn_weights=True, scores_kept=True,
     )
 
 

@@ -5,9 +5,13 @@ Each function returns integer bytes and cites the code path it mirrors.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 from .errors import WorkloadError
 from .params import ParamCounts, attention_linears, count_params
@@ -65,6 +69,9 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
             fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
     if "all-linear" in targets:
         chosen = frozenset(names)
+        pattern = peft_moe_pattern(spec)
+        if pattern is not None:
+            chosen = _fused_moe_targets(spec, chosen, pattern)
     else:
         unknown = [t for t in targets if t not in names]
         if unknown:
@@ -76,6 +83,54 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
                             "(and the attention / MLP projections) instead")
     return chosen
+
+
+@functools.cache
+def _peft_moe_table() -> dict[str, Any]:
+    text = (resources.files("vramplan") / "data" / "peft_moe_targets.json").read_text(encoding="utf-8")
+    table: dict[str, Any] = json.loads(text)
+    return table
+
+
+def peft_moe_pattern(spec: ModelSpec) -> dict[str, Any] | None:
+    """peft's rewrite of LoRA targets for the model's fused MoE layers (``data/peft_moe_targets.json``), or None
+    where peft leaves the targets alone."""
+    if not spec.is_moe:
+        return None
+    table = _peft_moe_table()
+    name = table["types"].get(spec.family)
+    return None if name is None else dict(table["patterns"][name])
+
+
+def _check_param_wrapper(spec: ModelSpec, w: Workload) -> None:
+    """What peft's ``lora.ParamWrapper`` refuses (tuners/lora/layer.py, peft 0.21.2: ``ValueError`` in __init__), and
+    base-weight formats whose fused expert stacks are not known to be left in 16 bits (bitsandbytes leaves them)."""
+    what = "lora_dropout > 0" if w.lora_dropout else "DoRA" if w.method is Method.DORA else \
+        f"{w.base_quant} weights" if w.base_quant not in (WeightsQuant.NONE, WeightsQuant.NF4, WeightsQuant.FP4,
+                                                          WeightsQuant.INT8) else None
+    if what:
+        raise WorkloadError(f"peft puts all-linear LoRA of {spec.family} on the fused expert parameters "
+                            f"(ParamWrapper), which does not work with {what}; name the attention projections as "
+                            "LoRA targets (e.g. q_proj,k_proj,v_proj,o_proj) instead")
+
+
+# the estimator's names of the MLP linears peft knows by their v4 leaf names
+_V4_LEAF = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj", "shared_gate_proj": "gate_proj",
+            "shared_up_proj": "up_proj", "shared_down_proj": "down_proj"}
+
+
+def _fused_moe_targets(spec: ModelSpec, chosen: frozenset[str], pattern: dict[str, Any]) -> frozenset[str]:
+    """``all-linear`` on a model whose MoE layers transformers 5 fuses, as peft 0.21 resolves it
+    (utils/transformers_weight_conversion.py ``_convert_peft_config_moe``): the v4 expert and router names join the
+    targets and move to ``target_parameters`` — the fused ``experts.gate_up_proj`` (rank and alpha doubled: two v4
+    projections fused), ``experts.down_proj`` and the router's ``gate.weight``, adapted by ``lora.ParamWrapper`` —
+    and every module whose leaf name is one of those v4 names (a dense MLP's or a shared expert's
+    gate/up/down_proj under the Qwen2-MoE pattern) loses its adapter."""
+    moved = set(pattern["moved"])
+    kept = frozenset(n for n in chosen if _V4_LEAF.get(n, n) not in moved)
+    experts = {"experts.gate_up_proj", "experts.down_proj"} if spec.expert_glu != "none" else \
+        {"experts.up_proj", "experts.down_proj"}
+    return kept | experts | {"router"}
 
 
 # peft 0.21 tuners_utils.py _check_lora_target_modules_mamba: model types whose out_proj / conv1d take no LoRA
@@ -98,6 +153,10 @@ def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int, dora: bool 
         for name, fin, fout, count in layer_linears(spec, i):
             if name in targets:
                 total += (rank * (fin + fout) + (fout if dora else 0)) * count
+            elif name == "experts.gate_proj" and "experts.gate_up_proj" in targets:
+                # one ParamWrapper on the fused (experts, 2 x intermediate, hidden) stack at twice the rank: A is
+                # (experts x 2r, hidden), B (2 x intermediate, 2r x experts) (peft lora/layer.py ParamWrapper)
+                total += 2 * rank * (fin + 2 * fout) * count
     return total
 
 
@@ -251,6 +310,10 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
                 d = spec.embed_proj_dim or spec.hidden_size
                 wb, cb = head.bytes(d, spec.vocab_size)
                 quant_w, quant_c, quant_numel = quant_w + wb, quant_c + cb, quant_numel + d * spec.vocab_size
+        if spec.is_moe and quantization.default is not None and quantization.default.format.startswith("bnb-"):
+            notes.append("bitsandbytes quantizes nn.Linear modules only: the fused 3-D expert stacks of transformers 5 "
+                         "MoE layers stay unquantized (bitsandbytes#1849)" +
+                         (", in fp32 after prepare_model_for_kbit_training" if w.method is Method.QLORA else ""))
         other = total - quant_numel
         # QLoRA: peft.prepare_model_for_kbit_training casts every remaining 16-bit parameter to fp32
         other_elem = 4 if w.method is Method.QLORA else dense_elem
@@ -288,6 +351,11 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         notes.append(f"freeze: the last {k} of {L} decoder layers, the final norm and the untied head train")
     else:
         targets = lora_targets(spec, w.lora_targets)
+        if "experts.down_proj" in targets:
+            _check_param_wrapper(spec, w)
+            notes.append("LoRA on the fused experts and the router (peft lora.ParamWrapper, as peft 0.21 resolves "
+                         "all-linear for this MoE type): every forward builds W + s*B@A the size of the whole "
+                         "expert stack, saved for backward, and backward materializes its gradient")
         adapters = lora_params(spec, targets, w.lora_rank, dora=w.method is Method.DORA)
         trainable = adapters
         tensor_sizes = Counter({w.lora_rank * 4096: max(1, adapters // (w.lora_rank * 4096))})

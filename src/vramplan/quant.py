@@ -207,10 +207,18 @@ class Quantization:
             return None
         if self.experts_only and ".experts." not in module:
             return None
+        found = self.default
         for targets, scheme in self.groups:
             if any(t == "Linear" or _matches(module, t) for t in targets):
-                return scheme
-        return self.default
+                found = scheme
+                break
+        if found is not None and found.format.startswith("bnb-") and ".experts." in module:
+            # bitsandbytes replaces nn.Linear (and Conv1D) modules only (transformers 5.24
+            # integrations/bitsandbytes.py replace_with_bnb_linear; quantizer_bnb_4bit.py param_needs_quantization
+            # asks for a Linear4bit): the fused 3-D expert parameters of transformers 5 MoE layers stay unquantized
+            # (bitsandbytes-foundation/bitsandbytes#1849)
+            return None
+        return found
 
     def describe(self) -> str:
         schemes = [s for _, s in self.groups] or ([self.default] if self.default else [])

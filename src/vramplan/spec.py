@@ -107,6 +107,9 @@ class ModelSpec:
     lm_head_bias: bool = False
     qkv_fused: bool = False  # one projection for q, k and v (GPT-2 c_attn, Falcon, NeoX, BLOOM, Phi-3)
     attn_fp32: bool = False  # eager attention casts q and k to fp32 before the scores (GPT-Neo; GPT-J by family)
+    # BloomAttention: ``attention_scores = alibi.baddbmm(q, k, alpha=inv_norm_factor)``: the scaling is folded into
+    # the score GEMM and the raw scores stay referenced by that local until the attention returns
+    scores_kept: bool = False
     returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
     # until the next layer returns (GPT-Neo)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool

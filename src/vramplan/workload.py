@@ -88,6 +88,12 @@ class WeightsQuant(StrEnum):
                         WeightsQuant.HQQ_INT4, WeightsQuant.TORCHAO_INT4)
 
 
+    @property
+    def bitsandbytes(self) -> bool:
+        """bitsandbytes layers: they replace nn.Linear modules only, never the fused 3-D MoE expert parameters."""
+        return self in (WeightsQuant.INT8, WeightsQuant.NF4, WeightsQuant.FP4)
+
+
 class Optimizer(StrEnum):
     ADAMW = "adamw"
     ADAMW_FUSED = "adamw-fused"

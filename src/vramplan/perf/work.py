@@ -23,7 +23,8 @@ from ..errors import VramplanError
 from ..estimator import numerics
 from ..memory import ModelStates, lora_params, lora_targets, model_states
 from ..params import count_params
-from ..spec import Activation, MLPKind, ModelSpec
+from ..spec import ATTENTION_MIXERS, Activation, MLPKind, ModelSpec
+from ..ssm import ssm_state_bytes
 from ..workload import LogitsMode, Method, Precision, Task, WeightsQuant, Workload
 from .gemm import GemmShape
 
@@ -510,15 +511,23 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
 
 
 def kv_bytes_per_token(spec: ModelSpec, w: Workload, context: int) -> int:
-    """Keys and values one sequence holds at ``context`` tokens (sliding layers keep only the window)."""
+    """The cache one decode step of one sequence reads at ``context`` tokens: every attention layer's keys and
+    values by its own head sizes (MLA: the compressed latent and rotary key; sliding layers: the window; a layer
+    that reuses another's keys and values reads those, already counted), and the SSM / linear-attention layers'
+    fixed state (the cache the memory model holds: ``ModelSpec.layer``, ``ssm_state_bytes``)."""
     elem = _act_bytes(w)
     total = 0
     for i in range(spec.num_layers):
+        if spec.mixer(i) not in ATTENTION_MIXERS:
+            continue
+        layer = spec.layer(i)
+        if layer.kv_shared:
+            continue
         length = context
         if i in spec.sliding_layers and spec.sliding_window:
             length = min(context, spec.sliding_window)
-        total += 2 * spec.num_kv_heads * spec.head_dim * elem * length
-    return total
+        total += layer.kv_cache_per_token * elem * length
+    return total + ssm_state_bytes(spec, 1, elem)
 
 
 def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:
