@@ -1,4 +1,5 @@
-"""Recurrent mixers replayed step by step: RecurrentGemma's RG-LRU block (vramplan.rglru) and RWKV-4 (vramplan.rwkv).
+"""Recurrent mixers replayed step by step: RecurrentGemma's RG-LRU block (vramplan.rglru), RWKV-4 (vramplan.rwkv) and
+MiniMax's lightning attention (vramplan.lightning).
 Readers, parameter counts against the meta-device model, the fixed-size cache, the per-step saves of the Python
 scans, the kernel note, the layer cut of a tiled ``block_types``, and estimate against the fake-tensor trace."""
 
@@ -22,8 +23,12 @@ RG: dict[str, Any] = {"model_type": "recurrent_gemma", "hidden_size": 256, "num_
                       "block_types": ["recurrent", "attention"], "attention_window_size": 512}
 RWKV: dict[str, Any] = {"model_type": "rwkv", "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 256,
                         "intermediate_size": 1024, "context_length": 4096}
-CONFIGS = [RG, RWKV]
-IDS = ["recurrent_gemma", "rwkv"]
+MINIMAX: dict[str, Any] = {"model_type": "minimax", "hidden_size": 256, "num_hidden_layers": 2, "vocab_size": 512,
+                           "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "num_local_experts": 4, "num_experts_per_tok": 2, "block_size": 64,
+                           "layer_types": ["full_attention", "linear_attention"]}
+CONFIGS = [RG, RWKV, MINIMAX]
+IDS = ["recurrent_gemma", "rwkv", "minimax"]
 
 
 def test_readers() -> None:
@@ -35,6 +40,11 @@ def test_readers() -> None:
     assert spec.ssm is not None and spec.ssm.d_inner == 256 and spec.ssm.head_dim == 64
     rwkv = spec_from_config(RWKV)
     assert rwkv.mixers == ("rwkv", "rwkv") and rwkv.attention_layers == 0 and rwkv.embedding_layernorm
+    mm = spec_from_config({k: v for k, v in MINIMAX.items() if k != "layer_types"} | {"num_hidden_layers": 4})
+    assert mm.mixers == ("attention", "lightning", "attention", "lightning") and mm.normed_residual
+    assert mm.moe_layers == (0, 1, 2, 3) and mm.lightning_block == 64
+    with pytest.raises(ConfigError, match="layer_types"):
+        spec_from_config({**MINIMAX, "layer_types": ["full_attention"]})
     with pytest.raises(ConfigError, match="block_types"):
         spec_from_config({**RG, "block_types": ["recurrent", "mlp"]})
     with pytest.raises(ConfigError, match="lru_width"):
@@ -63,7 +73,7 @@ def _phase(est: Any, name: str) -> Any:
     return next(p for p in est.phases if p.phase.value == name)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=IDS[:2])
 def test_the_python_scans_keep_per_step_fp32_tensors(cfg: dict[str, Any]) -> None:
     """Training keeps each step's fp32 tensors of the scan (RG-LRU: the gate's fp32 copy and the state it multiplies;
     RWKV: twelve per step), so the forward's end grows by at least that per token."""
@@ -88,7 +98,28 @@ def test_rwkv_kernel_keeps_less_than_the_loop_and_says_which() -> None:
     assert any("RG-LRU" in a and "no fused kernel" in a for a in rg.assumptions)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_lightning_layers_cache_one_state_and_keep_their_blocks() -> None:
+    """A lightning layer caches one (batch, heads, d, d) state whatever the length (only the softmax layer's cache
+    grows); in training each block of 64 tokens keeps its (batch, heads, 64, 64) decayed scores."""
+    from vramplan.lightning import lightning_state_bytes
+
+    spec = spec_from_config(MINIMAX)
+    assert lightning_state_bytes(spec, 2, 2) == 2 * 4 * 64 * 64 * 2
+
+    def decode_kv(seq: int) -> int:
+        est = estimate(spec, make_workload(task="infer", batch_size=2, seq_len=seq, new_tokens=4))
+        return int(_phase(est, "decode").breakdown.as_dict()[MemoryKind.KV_CACHE])
+
+    kv_tok = 2 * 2 * 64 * 2 * 2  # the softmax layer: 2 KV heads of 64, batch 2, bf16, keys and values
+    assert decode_kv(256) - decode_kv(128) == 2 * 128 * kv_tok
+
+    def fwd(seq: int) -> int:
+        return int(_phase(estimate(spec, make_workload(batch_size=1, seq_len=seq)), "forward").peak_allocated_bytes)
+
+    assert fwd(512) - fwd(256) >= 4 * (2 * 4 * 64 * 64 * 2)  # four more blocks' scores and decayed scores
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=IDS[:2])
 def test_cache_is_fixed_size_state(cfg: dict[str, Any]) -> None:
     """RG-LRU layers cache an fp32 (batch, lru) state and (batch, lru, width - 1) conv inputs; RWKV's five (batch,
     hidden, layers) state tensors; only an attention layer's cache grows with the prompt."""
@@ -110,8 +141,7 @@ def test_cache_is_fixed_size_state(cfg: dict[str, Any]) -> None:
 
 WORKLOADS = {
     "full": {"batch_size": 4, "seq_len": 256},
-    "lora": {"method": "lora", "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True,
-             "lora_targets": "all-linear"},
+    "lora": {"method": "lora", "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True},
     "infer": {"task": "infer", "batch_size": 2, "seq_len": 256, "new_tokens": 4},
 }
 
@@ -124,6 +154,8 @@ def test_estimate_matches_trace(cfg: dict[str, Any], wname: str) -> None:
     from vramplan.trace import trace_workload
 
     opts = dict(WORKLOADS[wname])
+    if wname == "lora":
+        opts["lora_targets"] = "q_proj,v_proj" if cfg is MINIMAX else "all-linear"
     traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)

@@ -1079,6 +1079,10 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.normed_residual:
+            from .lightning import minimax_layer
+
+            return minimax_layer(self, x)
         if spec.altup_inputs:
             from .gemma3n import gemma3n_layer
 

@@ -373,6 +373,9 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
                     "(kernels-community/rwkv); --ssm-kernel torch models transformers' plain-PyTorch loop instead")
         return ("RWKV's WKV recurrence: transformers' plain-PyTorch loop over the sequence (what runs without the "
                 "kernels-community/rwkv CUDA kernel); a GPU install with it keeps less")
+    if kinds == {"lightning"}:
+        return ("lightning attention layers: transformers' plain-PyTorch block loop (there is no fused kernel for "
+                "it in transformers)")
     if kinds == {"rglru"}:
         return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
                 "is no fused kernel for it)")

@@ -174,6 +174,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .rwkv import rwkv_linears
 
         return rwkv_linears(spec)
+    if spec.mixer(index) == "lightning":
+        from .lightning import lightning_linears
+
+        return lightning_linears(spec) + mlp
     if spec.mixer(index) == "rglru" and spec.ssm is not None:
         from .rglru import rglru_linears
 
@@ -277,6 +281,14 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
                            tuple(mlp))
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied"):
         return _zamba2_layer_params(spec, index)
+    if spec.mixer(index) == "lightning":  # MiniMax: lightning attention, its norm, the MoE block, two norms
+        from .lightning import lightning_extra_params, lightning_linears
+
+        lin = lightning_linears(spec)
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
+                           spec.norms_per_layer * _norm_params(spec, spec.hidden_size) + lightning_extra_params(spec),
+                           tuple(lin + mlp))
     if spec.mixer(index) == "rwkv":  # RwkvBlock: ln1, ln2, attention and feed-forward (block 0's pre_ln: embedding)
         from .rwkv import rwkv_extra_params, rwkv_linears
 

@@ -230,6 +230,10 @@ class ModelSpec:
     altup_correct_scale: bool = False
     act_sparsity: bool = False
     kv_shared_prefill_slice: bool = True
+    # MiniMax (vramplan.lightning): the layer's residuals are its normed input, scaled by alpha/beta factors; the
+    # lightning attention layers' block size
+    normed_residual: bool = False
+    lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
 

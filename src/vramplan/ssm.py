@@ -419,6 +419,10 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         from .rwkv import rwkv_state_bytes
 
         return rwkv_state_bytes(spec, batch, act)
+    if kind == "lightning":
+        from .lightning import lightning_state_bytes
+
+        return lightning_state_bytes(spec, batch, act)
     if ss is None or kind in ("attention", "none"):
         return 0
     if kind == "conv":
@@ -438,7 +442,7 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
 
 def ssm_state_bytes(spec: ModelSpec, batch: int, act: int) -> int:
     """The generation cache of every SSM / short-conv layer of ``spec`` (constant in the sequence length)."""
-    if spec.ssm is None and "rwkv" not in spec.mixers:
+    if spec.ssm is None and not {"rwkv", "lightning"} & set(spec.mixers):
         return 0
     return sum(layer_state_bytes(spec, i, batch, act) for i in range(spec.num_layers))
 

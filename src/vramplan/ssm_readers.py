@@ -700,12 +700,43 @@ def _rwkv(c: _Cfg, family: str) -> ModelSpec:
         program_version="5.24")
 
 
+def _minimax(c: _Cfg, family: str) -> ModelSpec:
+    """MiniMax-Text-01 (configuration_minimax.py, modeling_minimax.py, :mod:`vramplan.lightning`): Mixtral's
+    attention (RoPE, GQA, optional sliding window) and MoE block (softmax top-k router, 3-D experts) in every layer;
+    ``layer_types`` (default: full attention at even indices, lightning attention at odd ones); residuals from the
+    normed stream scaled by ``*_alpha_factor`` / ``*_beta_factor``."""
+    from dataclasses import replace
+
+    from .hfconfig import _FAMILIES, _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    raw_types = c.raw.get("layer_types")
+    types = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(layers)] if raw_types is None \
+        else raw_types
+    kinds = {"full_attention": "attention", "linear_attention": "lightning"}
+    if not isinstance(types, list) or len(types) != layers or not all(t in kinds for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list full_attention / linear_attention once per layer "
+                          f"({layers})")
+    raw = {k: v for k, v in c.raw.items() if k != "layer_types"}
+    for key, default in (("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 14336),
+                         ("num_hidden_layers", layers), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                         ("max_position_embeddings", 131072), ("num_local_experts", 8),
+                         ("num_experts_per_tok", 2)):
+        raw.setdefault(key, default)
+    spec = _llama_like(_Cfg(raw, c.where), "mixtral", _FAMILIES["mixtral"])
+    window = spec.sliding_window
+    return replace(spec, family=family, mixers=tuple(kinds[t] for t in types), normed_residual=True,
+                   lightning_block=c.int_("block_size", default=256, lo=1),
+                   sliding_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if window else (),
+                   program_version="5.24")
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
     "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "recurrent_gemma": _recurrent_gemma,
-    "rwkv": _rwkv}
+    "rwkv": _rwkv, "minimax": _minimax}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -714,4 +745,5 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
                                "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3",
-                               "RecurrentGemmaForCausalLM": "recurrent_gemma", "RwkvForCausalLM": "rwkv"}
+                               "RecurrentGemmaForCausalLM": "recurrent_gemma", "RwkvForCausalLM": "rwkv",
+                               "MiniMaxForCausalLM": "minimax"}
