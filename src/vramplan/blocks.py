@@ -324,7 +324,13 @@ class _B:
             ins: tuple[Tensor, ...] = (cos, sin)
         else:
             ins = ()
-        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+        if style == "fp32_each":  # (q.float() * cos) + (rotate_half(q.float()) * sin): two fp32 copies (ModernBERT)
+            a = self.tp.op(part.numel, 4, (self.cast(src, 4),))
+            s32 = self.cast(src, 4)
+            half = self.tp.op(part.numel // 2, 4, (s32,))
+            rot = self.tp.op(part.numel, 4, (half, s32))
+            b = self.tp.op(part.numel, 4, (rot,))
+        elif style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
             a32 = self.cast(src, 4)
             a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
             half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
@@ -595,7 +601,7 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
         if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
             v = self.norm(v, d, tr, scale=False)
-        if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
+        if spec.rope_style in ("fp32", "fp32_tables", "fp32_each") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
@@ -1122,7 +1128,7 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr)
+            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1251,7 +1257,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embedding_layernorm:
         # the model's forward keeps the un-normed embeddings referenced (``inputs_embeds``) until it returns
         # (BloomModel: word_embeddings_layernorm(inputs_embeds); RwkvModel: block 0's pre_ln)
-        tp.keep(x)
+        if spec.raw_embeds_held:
+            tp.keep(x)
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
@@ -1345,6 +1352,10 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
+    if spec.head_transform:  # ModernBertDecoderPredictionHead: norm(act(dense(x)))
+        n = bld.linear(n, h, h, "head.dense", bias=spec.head_transform_bias, trainable=trainable)
+        n = bld.activation(n)
+        n = bld.norm(n, h, trainable)
     pe = spec.embed_proj_dim or h
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)

@@ -895,6 +895,10 @@ from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _C
 
 _READERS.update(GEMMA_READERS)
 _CLASSES.update(GEMMA_CLASSES)
+from .modernbert import MODERNBERT_CLASSES, MODERNBERT_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(MODERNBERT_READERS)
+_CLASSES.update(MODERNBERT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE

@@ -325,7 +325,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_heads
     if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
         bias += 2
-    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
+    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer - (0 if spec.attn_norm else 1)) * \
+        _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.index_heads:
         norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
@@ -373,4 +374,6 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:
         lm_head += v
+    if spec.head_transform:  # ModernBERT's prediction head: dense (+ bias) and a norm before the output projection
+        lm_head += h * h + (h if spec.head_transform_bias else 0) + _norm_params(spec, h)
     return ParamCounts(embedding, tuple(layers), final_norm, lm_head)
