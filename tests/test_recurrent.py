@@ -159,3 +159,10 @@ def test_estimate_matches_trace(cfg: dict[str, Any], wname: str) -> None:
     traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+
+
+@pytest.mark.parametrize(("model_type", "mechanism"), [("kimi_linear", "Kimi Delta Attention"),
+                                                       ("xlstm", "mLSTM/sLSTM"), ("hy_v4", "hyper-connections")])
+def test_types_still_refused_name_the_missing_mechanism(model_type: str, mechanism: str) -> None:
+    with pytest.raises(ConfigError, match=mechanism):
+        spec_from_config({"model_type": model_type})
