@@ -14,7 +14,7 @@ from vramplan import get_model
 from vramplan._engine.tape import Tape
 from vramplan.blocks import _B, LayerPlan
 from vramplan.calibration import read_rows, workload_of_row
-from vramplan.estimator import numerics
+from vramplan.estimator import numerics, runs_as
 from vramplan.hardware import get_gpu, list_gpus
 from vramplan.hfconfig import load_config_file
 from vramplan.params import count_params
@@ -169,7 +169,7 @@ def test_attention_kernel_matches_the_estimator() -> None:
                   Workload(method=Method.QLORA)):
             for has_mask in (False, True):
                 plan = LayerPlan(trainable=True, input_rg=True, lora_targets=frozenset(), lora_rank=16,
-                                 quant=w.base_quant, attention=w.attention)
+                                 quant=w.base_quant, attention=runs_as(spec, w).attention)
                 ref = _B(Tape(w.is_train), spec, numerics(w), 1, 16, plan).kernel_for(has_mask)
                 assert attention_kernel(spec, w, has_mask=has_mask) is ref, (name, w, has_mask)
 

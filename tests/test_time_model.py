@@ -80,12 +80,13 @@ def test_an_older_attention_kernel_slows_only_the_attention_term() -> None:
 
 
 def test_serving_engines_run_their_own_fused_attention() -> None:
-    """GPT-J has only eager attention in transformers (scores materialised, the full square multiplied); a
+    """GPT-J had only eager attention in transformers 5.17 (scores materialised, the full square multiplied); a
     serving engine prefills it with its own fused causal kernel: no score traffic, the masked half skipped."""
     from vramplan.perf import inference_work
 
     spec = get_model("gpt-j-6b").spec
-    w = Workload(task=Task.INFER, precision=Precision.FP16, batch_size=1, seq_len=2048, new_tokens=1)
+    w = Workload(task=Task.INFER, precision=Precision.FP16, batch_size=1, seq_len=2048, new_tokens=1,
+                 transformers="5.17.0")
     hf, trt = inference_work(spec, w, "transformers"), inference_work(spec, w, "tensorrt-llm")
     assert hf.score_bytes > 0 and trt.score_bytes == 0
     assert trt.attention_flops == pytest.approx(hf.attention_flops * (2048 + 1) / 2 / 2048)

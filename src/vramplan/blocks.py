@@ -52,11 +52,12 @@ class LayerPlan:
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
     """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
 
-    BLOOM and GPT-J have no SDPA path in transformers; Falcon calls SDPA itself without ``enable_gqa``;
-    with a mask, transformers' ``use_gqa_in_sdpa()`` is False and it repeats k/v to every head first.
+    BLOOM has no SDPA path in transformers (GPT-J's came in 5.24: ``estimator.runs_as`` picks eager for older
+    releases); Falcon calls SDPA itself without ``enable_gqa``; with a mask, transformers' ``use_gqa_in_sdpa()`` is
+    False and it repeats k/v to every head first.
     """
     gqa = spec.num_kv_heads != spec.num_heads
-    if spec.family in ("bloom", "gptj") or attention is Attention.EAGER or \
+    if spec.family == "bloom" or attention is Attention.EAGER or \
             (not spec.sdpa and attention is Attention.SDPA):
         return Kernel.EAGER
     if attention is Attention.FLASH:

@@ -42,6 +42,8 @@ def workload_of_row(row: Mapping[str, str]) -> Workload | None:
         kw["optimizer"] = _OPTIM.get(row["optim"]) or Optimizer(row["optim"])
     if row.get("attn"):
         kw["attention"] = Attention(row["attn"])
+    # the transformers release the row ran (shared/calibration/README.md: 5.17.0 where the row does not say)
+    kw["transformers"] = row.get("transformers") or "5.17.0"
     if row.get("ckpt") == "True":
         kw["gradient_checkpointing"] = True
     if row.get("gradient_accumulation"):

@@ -39,7 +39,19 @@ from .result import Breakdown, Estimate, PhasePeak
 from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
 from .ssm import ssm_state_bytes
 from .units import GiB
-from .workload import Attention, LogitsMode, Loss, Method, Precision, Task, Trainer, WeightsQuant, Workload
+from .workload import (
+    MODELLED_TRANSFORMERS,
+    Attention,
+    LogitsMode,
+    Loss,
+    Method,
+    Precision,
+    Task,
+    Trainer,
+    WeightsQuant,
+    Workload,
+    release,
+)
 
 __all__ = ["CUDA_CONTEXT_BYTES", "StageMoments", "check_positions", "estimate", "numerics", "peak_allocated",
            "reserved_stats", "stage_moments"]
@@ -501,11 +513,18 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
                         bd(sink.forward_end or sink.base))
 
 
+def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
+    """Whether the model class has an SDPA path in the transformers release ``w`` models."""
+    have = w.transformers_release
+    return spec.sdpa and not (spec.sdpa_removed_in and have >= release(spec.sdpa_removed_in)) and \
+        not (spec.sdpa_added_in and have < release(spec.sdpa_added_in))
+
+
 def runs_as(spec: ModelSpec, w: Workload) -> Workload:
-    """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False) gets eager
-    attention where SDPA is asked for, as transformers falls back
+    """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False, or removed in the
+    release modelled) gets eager attention where SDPA is asked for, as transformers falls back
     (``PreTrainedModel._check_and_adjust_attn_implementation``, transformers 5.24)."""
-    if not spec.sdpa and w.attention is Attention.SDPA:
+    if not has_sdpa(spec, w) and w.attention is Attention.SDPA:
         return replace(w, attention=Attention.EAGER)
     return w
 
@@ -564,9 +583,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
-        (f"attention: eager (transformers has no SDPA path for {spec.family})"
+        (f"attention: eager (transformers {w.transformers or MODELLED_TRANSFORMERS} has no SDPA path for "
+         f"{spec.family})"
          + ("; sink logits concatenated to the scores, softmax in their dtype" if spec.attention_sinks else "")
-         if not spec.sdpa and w.attention is not Attention.FLASH else
+         if not has_sdpa(spec, w) and w.attention is not Attention.FLASH else
          f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                               if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",

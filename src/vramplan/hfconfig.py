@@ -225,6 +225,7 @@ class _Facts:
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
+    sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
 
@@ -264,7 +265,10 @@ _FAMILIES: dict[str, _Facts] = {
     "qwen3": _Facts(qk_norm="head", sliding="qwen"),
     "qwen3_moe": _Facts(qk_norm="head", sliding="qwen", moe="qwen"),
     "gemma": _Facts(gemma=True, tie=True),
-    "gemma2": _Facts(gemma=True, tie=True, layout="sandwich", sliding="types", sliding_every=2, softcap=True),
+    # transformers 5.24's Gemma2PreTrainedModel sets _supports_sdpa = False ("sdpa does not support softcapping"):
+    # SDPA falls back to eager; 5.17 (the release the calibration and grid rows ran) had the SDPA path
+    "gemma2": _Facts(gemma=True, tie=True, layout="sandwich", sliding="types", sliding_every=2, softcap=True,
+                     sdpa_removed_in="5.24"),
     "gemma3_text": _Facts(gemma=True, tie=True, layout="sandwich", qk_norm="head", sliding="types",
                           sliding_every=6, sliding_pattern_key="sliding_window_pattern"),
     "phi3": _Facts(qkv_fused=True, gate_up_fused=True, sliding="all", partial_rotary=True),
@@ -688,7 +692,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
-        sdpa=f.sdpa and not f.sinks,
+        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )
@@ -800,6 +804,9 @@ def _gptj(c: _Cfg, family: str) -> ModelSpec:
         rotary_fraction=rotary_dim / head_dim,
         attention_dropout=c.float_("attn_pdrop", default=0.0, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.0, hi=1.0),
+        # GPTJAttention calls ALL_ATTENTION_FUNCTIONS in transformers 5.24 (_supports_sdpa True); 5.17's _attn was
+        # its own fp32 eager product
+        sdpa_added_in="5.24",
     )
 
 

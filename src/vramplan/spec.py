@@ -190,6 +190,8 @@ class ModelSpec:
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
+    sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
+    sdpa_added_in: str = ""  # the first transformers release checked to have it ("": every modelled release)
     moe_layers: tuple[int, ...] = ()  # indices of layers whose MLP is a MoE block (empty: none)
     # Attention pattern
     sliding_window: int | None = None

@@ -5,6 +5,7 @@ A :class:`Workload` is validated on construction, so every estimator function ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -92,6 +93,15 @@ class WeightsQuant(StrEnum):
     def bitsandbytes(self) -> bool:
         """bitsandbytes layers: they replace nn.Linear modules only, never the fused 3-D MoE expert parameters."""
         return self in (WeightsQuant.INT8, WeightsQuant.NF4, WeightsQuant.FP4)
+
+
+# the transformers release the shipped memory programs and derived recipes model (the pinned one)
+MODELLED_TRANSFORMERS = "5.24.0"
+
+
+def release(text: str) -> tuple[int, ...]:
+    """``"5.17.0"`` -> (5, 17, 0)."""
+    return tuple(int(p) for p in text.split("."))
 
 
 class Optimizer(StrEnum):
@@ -188,11 +198,19 @@ class Workload:
     ssm_kernel: str = "fused"  # SSM layers: "fused" (mamba_ssm / causal_conv1d kernels) or "torch" (transformers'
     # plain-PyTorch fallback, what a machine without those packages runs; vramplan.ssm)
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
+    # the transformers release the run uses, where releases differ in what a family allocates (None: the release
+    # the shipped programs and recipes model, MODELLED_TRANSFORMERS)
+    transformers: str | None = None
     # Vision-language models (vramplan.multimodal): images per sample (None: 1 for a VLM; a text model refuses any)
     images: int | None = None
     image_size: int | None = None  # image side in pixels (None: the processor's default for the model)
     freeze_vision: bool = False  # the vision tower does not train (the projector does, under full fine-tuning)
     text_only: bool = False  # a VLM's language model alone, as a text-only model (no vision tower, no images)
+
+    @property
+    def transformers_release(self) -> tuple[int, ...]:
+        """The transformers release modelled: the run's, or the one the programs model."""
+        return release(self.transformers or MODELLED_TRANSFORMERS)
 
     def __post_init__(self) -> None:
         enums: tuple[tuple[str, type[StrEnum]], ...] = (
@@ -206,6 +224,9 @@ class Workload:
                 except ValueError:
                     choices = ", ".join(m.value for m in kind)
                     raise WorkloadError(f"{name} {value!r} is not one of: {choices}") from None
+        if self.transformers is not None and (not isinstance(self.transformers, str) or
+                                              not re.fullmatch(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?", self.transformers)):
+            raise WorkloadError(f"transformers {self.transformers!r} is not a release number like 5.24 or 5.17.0")
         if self.ssm_kernel not in ("fused", "torch"):
             raise WorkloadError(f"ssm_kernel {self.ssm_kernel!r} is not one of: fused, torch")
         if not isinstance(self.gradient_checkpointing, bool):

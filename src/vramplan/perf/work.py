@@ -20,7 +20,7 @@ from functools import lru_cache
 from ..blocks import Kernel
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
-from ..estimator import numerics
+from ..estimator import numerics, runs_as
 from ..memory import ModelStates, lora_params, lora_targets, model_states
 from ..params import count_params
 from ..spec import ATTENTION_MIXERS, Activation, MLPKind, ModelSpec
@@ -62,7 +62,8 @@ def _act_bytes(w: Workload) -> int:
 
 def attention_kernel(spec: ModelSpec, w: Workload, *, has_mask: bool) -> Kernel:
     """The attention kernel a layer of ``w`` runs (the estimator's own choice)."""
-    return blocks_attention_kernel(spec, w.attention, 2 if w.precision.is_amp else _act_bytes(w), has_mask)
+    return blocks_attention_kernel(spec, runs_as(spec, w).attention, 2 if w.precision.is_amp else _act_bytes(w),
+                                   has_mask)
 
 
 def attended_keys(seq: int, window: int | None, skips_masked: bool) -> float:
