@@ -127,9 +127,14 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # Lfm2Config's default makes every layer attention (full_attn_idxs: all); LiquidAI/LFM2-1.2B: attention at
     # 2, 5, 8, 10, 12, 14, short convolutions elsewhere
     "lfm2": {"full_attn_idxs": [2, 5, 8, 10, 12, 14], "layer_types": None},
+    # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it); LiquidAI/LFM2-8B-A1B: attention every
+    # fourth layer from layer 2, short convolutions elsewhere (the cut keeps one layer of each kind)
+    "lfm2_moe": {"layer_types": ["full_attention" if i % 4 == 2 else "conv" for i in range(32)]},
     # HunYuanDenseV1Config leaves head_dim None and its attention computes head_dim ** -0.5 from it;
     # tencent/Hunyuan-7B-Instruct: head_dim 128 (= hidden_size / heads of the default)
     "hunyuan_v1_dense": {"head_dim": 128},
+    # the same defect in HunYuanMoEV1Config (head_dim None); tencent/Hunyuan-A13B-Instruct: head_dim 128
+    "hunyuan_v1_moe": {"head_dim": 128},
     # NemotronConfig leaves num_key_value_heads None and NemotronAttention divides by it; nvidia/Minitron-8B-Base and
     # Nemotron-4-340B: 8 key/value heads
     "nemotron": {"num_key_value_heads": 8},
@@ -137,6 +142,10 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # the grouped GEMM rows that are not a multiple of 16 bytes (torch._grouped_mm refuses them);
     # deepseek-ai/DeepSeek-V2-Lite: 6 routed experts per token, moe_intermediate_size 1408
     "deepseek_v2": {"num_experts_per_tok": 6, "moe_intermediate_size": 1408},
+    # Dots1Config leaves n_routed_experts, n_shared_experts and num_experts_per_tok None (Dots1Experts'
+    # torch.empty(None, ...) fails); rednote-hilab/dots.llm1.base (technical report arXiv 2506.05767): 128 routed
+    # experts, 6 per token, 2 shared
+    "dots1": {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944
@@ -296,6 +305,8 @@ def run_type(model_type: str, args: argparse.Namespace, cached: dict[str, Any] |
         rec["config_error"] = _reason(exc)
         return rec
     rec["layers"] = {k: cfg[k] for k in LAYER_KEYS if k in cfg}
+    if model_type in DEFAULT_FIXES:  # said in the result, never silently: the default transformers cannot build
+        rec["default_fixed"] = DEFAULT_FIXES[model_type]
     if not args.no_trace:
         rec.update(in_child(builds, args.timeout, cfg, model_type))
         rec.pop("trace_s", None)

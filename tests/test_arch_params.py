@@ -20,13 +20,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # the shapes each test config gets (where the type has such a field), to keep the build small
-SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "vocab_size": 1000}
+SMALL = {"num_hidden_layers": 4, "n_layer": 4, "num_layers": 4, "n_layers": 4, "vocab_size": 1000}
 # model types read under another name: the catalog's configs say "gemma3" for the image-text Gemma 3
 SKIP = {"gemma3_text_alias",
         "nemotron_h",  # its library default holds a MoE block, which estimate refuses: see SSM_VARIANTS
         "nemotron",  # NemotronConfig leaves num_key_value_heads None (its attention cannot build): see VARIANTS
         "dots1",  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
-        "deepseek_v2"}  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
+        "deepseek_v2",  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
+        "lfm2_moe"}  # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it): see VARIANTS
 
 
 def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     if "head_dim" in cfg and cfg["head_dim"] is None:  # Ministral's default leaves it unset and cannot build
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
-    layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg)
+    layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg)
     for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types",
               "intermediate_size", "activation_sparsity_pattern"):  # (per-layer lists: Gemma 3n's widths, sparsity)
         if isinstance(cfg.get(k), list):
@@ -80,6 +81,10 @@ def test_count_params_matches_meta_device(model_type: str) -> None:
 
 # family facts the library defaults leave off: biases, sliding layers, MoE layout
 VARIANTS = [
+    ("lfm2_moe", {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
+    ("llama4_text", {"interleave_moe_layer_step": 2, "use_qk_norm": False, "moe_layers": None}),
+    ("granite_swa", {"layer_rope_theta": [10000.0, 0.0, 10000.0, 0.0]}),
+    ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 2}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),
     ("olmo2", {"attention_bias": True}),
     ("olmo", {"attention_bias": True}),
@@ -121,6 +126,10 @@ def test_count_params_variants(model_type: str, over: dict[str, Any]) -> None:
 
 # state-space and hybrid families (vramplan.ssm): attention layers placed, biases and groups varied
 SSM_VARIANTS = [
+    ("lfm2_moe", {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
+    ("llama4_text", {"interleave_moe_layer_step": 2, "use_qk_norm": False, "moe_layers": None}),
+    ("granite_swa", {"layer_rope_theta": [10000.0, 0.0, 10000.0, 0.0]}),
+    ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 2}),
     ("mamba2", {"use_bias": True, "n_groups": 1, "use_conv_bias": False}),
     ("bamba", {"attn_layer_indices": [1, 3], "mamba_proj_bias": True, "attention_bias": True}),
     ("granitemoehybrid", {"layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope"}),

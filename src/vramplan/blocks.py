@@ -306,6 +306,21 @@ class _B:
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
         part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        if style == "every_two_fp32":
+            # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
+            # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
+            # sum concatenated with the pass-through part (fp32), cast back by .to(value.dtype)
+            rot_numel = self.s * int(spec.head_dim * frac)
+            cos = self.tp.op(rot_numel, 4, (), rg=False)
+            sin = self.tp.op(rot_numel, 4, (), rg=False)
+            a = self.tp.op(part.numel, 4, (part, cos))
+            neg = self.tp.op(part.numel // 2, x.elem, (part,))
+            st = self.tp.op(part.numel, x.elem, (neg, part))
+            b = self.tp.op(part.numel, 4, (st, sin))
+            out = self.add(a, b)
+            if frac < 1:
+                out = self.tp.op(x.numel, 4, (out, x))
+            return self.cast(out, x.elem)
         # cos/sin come in the hidden states' dtype (fp32 under autocast; ERNIE/Cohere keep fp32), and mul promotes
         elem = max(x.elem, resid_elem(self.num))
         src = part
@@ -475,7 +490,7 @@ class _B:
             k = tp.op(b * h * skv * d, elem, (k,))
             v = tp.op(b * h * skv * d, elem, (v,))
         if spec.attention_sinks:
-            return self.sink_attention(q, k, v, rg)
+            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -487,12 +502,18 @@ class _B:
             att = tp.op(scores, selem, (att,))
             att = self.ew(att, save_out=True)
             att = tp.op(scores, selem, (att,))
+        if spec.scores_bias_fp32:
+            # MptAttention: scores + the fp32 ALiBi bias (H, 1, S) promotes the sum to fp32; masked_fill with the
+            # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
+            att = tp.op(scores, 4, (att,))
+            selem = 4
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
-        pelem = selem if spec.family in ("gpt2", "falcon") and not self.num.amp else 4
+        # (Llama 4's eager_attention_forward: softmax(attn_weights, dim=-1) in the scores' dtype as well)
+        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.eager_softmax_native) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
         # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
@@ -504,6 +525,8 @@ class _B:
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
+            att.last_use = len(tp.ops) - 1
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         if spec.scores_kept:
@@ -536,6 +559,36 @@ class _B:
         att.last_use = sub.last_use = len(tp.ops) - 1
         return out
 
+    def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """GraniteSWA eager_attention_forward (modeling_granite_swa.py, transformers 5.24): scores * scaling + mask;
+        ``lse = logsumexp(scores, -1)`` (ATen's logsumexp: amax, then ``(x - max).exp_()`` summed, a temporary of the
+        scores' size; autograd saves its input and result, and its backward rebuilds ``(x - lse).exp()`` at full
+        size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
+        v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        elem, scores, rows = q.elem, b * h * s * skv, b * h * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
+        att = tp.op(scores, elem, (att,))  # * scaling
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        mx = tp.op(rows, elem, (att,), rg=False)  # amax
+        lse = tp.op(rows, elem, (att, mx), save=(att,) if att.rg else (), grad_to=(att,), fwd_scratch=scores * elem,
+                    bwd_scratch=2 * scores * elem if att.rg else 0)
+        if lse.rg:
+            tp.save_output(lse)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+        diff = tp.op(rows, elem, (lse,), params=sink, rg=lse.rg or tr)  # lse - sinks.view(1, -1, 1)
+        scale = self.ew(self.cast(diff, 4), save_out=True)  # .to(float32).sigmoid()
+        upcast_copy = scores * 4 if elem == 2 and (self.num.amp or not self.num.fp16) else 0
+        probs32 = tp.op(scores, 4, (att,), fwd_scratch=upcast_copy)  # softmax(dtype=float32) saves its result
+        if probs32.rg:
+            tp.save_output(probs32)
+        probs = self.dropout(self.cast(probs32, elem), spec.attention_dropout if self.num.training else 0.0)
+        self.probs = probs
+        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        return self.mul(out, self.cast(scale, elem))
+
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""
         attn = self.plan.attention if self.plan else Attention.SDPA
@@ -558,6 +611,8 @@ class _B:
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
+        if spec.attn_gpt1:
+            return self.gpt1_attention(n)
         if spec.qkv_fused:
             name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
@@ -576,6 +631,10 @@ class _B:
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+            elif spec.qkv_copies:  # CodeGen: the mp_num-block split views are not head-contiguous; reshape copies
+                q = tp.op(b * s * qd, qkv.elem, (qkv,))
+                k = tp.op(b * s * kvd, qkv.elem, (qkv,))
+                v = tp.op(b * s * kvd, qkv.elem, (qkv,))
         elif spec.kv_shared:
             return self.shared_kv_attention(n, lin, kernel)
         elif spec.attn_output_gate:
@@ -586,13 +645,17 @@ class _B:
             gate = tp.op(b * s * qd, qg.elem, (qg,), passthrough=True)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
             v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        elif spec.attn_fairseq:
+            return self.fairseq_attention(n)
+
         else:
-            q = lin(n, h, qd, "q_proj", spec.qkv_bias)
-            k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+            qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
+            q = lin(n, h, qd, qn, spec.qkv_bias)
+            k = lin(n, h, kvd, kn, spec.qkv_bias)
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, "v_proj", spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
         if spec.qk_norm and not spec.qk_norm_after_rope:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
@@ -604,12 +667,27 @@ class _B:
             v = self.norm(v, d, tr, scale=False)
         if spec.rope_style in ("fp32", "fp32_tables", "fp32_each") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
+        elif spec.rope_style == "complex" and plan.rope:  # modeling_llama4.py apply_rotary_emb: q and k as fp32
+            q = self.call(self.rope_complex, q)  # complex numbers times freqs_cis, cast back
+            k = self.call(self.rope_complex, k)
         else:
             q = self.call(self.rope, q)  # apply_rotary_pos_emb holds q and k until it returns
             k = self.call(self.rope, k)
         if spec.qk_norm and spec.qk_norm_after_rope:  # modeling_hunyuan_v1_dense.py: norms of the rotated q/k
             q = self.norm(q, d, tr)
             k = self.norm(k, d, tr)
+        if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
+            q = self.norm(q, d, False, scale=False)
+            k = self.norm(k, d, False, scale=False)
+        if spec.nope_temperature and not plan.rope:
+            # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
+            # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
+            # div, floor, log1p, mul, add); (q * scales).to(q.dtype): the product promotes q to fp32, then the cast
+            pos = tp.op(s, 8, (), rg=False)
+            for _ in range(7):
+                pos = tp.op(s, 4, (pos,), rg=False)
+            q32 = tp.op(q.numel, 4, (q, pos), save=(pos,) if q.rg else (), grad_to=(q,))
+            q = self.cast(q32, q.elem)
         if spec.attn_temperature:
             # modeling_ministral3.py: q * get_llama_4_attn_scale(position_ids, ...).to(q.dtype): the (1, 1, s, 1)
             # scale from position_ids in fp32 (div, floor, add, log, mul, add), cast, and a new q; the product's
@@ -636,6 +714,8 @@ class _B:
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
+        if spec.diff_attention:
+            return self.diff_attention(q, k, v, kernel, heads_kv)
         out = self.attention_core(q, k, v, kernel, heads_kv)
         if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
             gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
@@ -652,6 +732,108 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
+        if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
+            tp.hold(q, k, v)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
+        """DiffLlamaAttention (modeling_diffllama.py, transformers 5.24) after RoPE and the cache: each half of the
+        values (chunked along the KV heads) ``repeat``ed to every KV head (two copies); two attention calls sharing q
+        and k; their outputs concatenated over head_dim and chunked over the heads; ``attn_output1 - lambda_full *
+        attn_output2`` (the product with the trainable lambda saves the second half, a view of the concatenation); a
+        weightless RMSNorm over 2 x head_dim; times ``1 - lambda_init``; o_proj."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        qd = spec.q_dim
+        v1 = tp.op(v.numel, v.elem, (v,))  # v.repeat(1, 2, 1, 1) of each chunk
+        v2 = tp.op(v.numel, v.elem, (v,))
+        outs = []
+        for vi in (v1, v2):
+            o = self.attention_core(q, k, vi, kernel, heads_kv)
+            if kernel in (Kernel.EAGER, Kernel.MATH):
+                o = tp.op(o.numel, o.elem, (o,))  # transpose(1, 2).contiguous() copies
+            outs.append(o)
+        cat = tp.op(2 * outs[0].numel, outs[0].elem, tuple(outs))
+        tr = plan.trainable
+        half = tp.view(cat, cat.numel // 2)
+        scaled = tp.op(half.numel, half.elem, (half,), save=(half,) if tr else ())  # lambda_full * attn_output2
+        diff = tp.op(half.numel, half.elem, (half, scaled))  # attn_output1 - that
+        normed = self.norm(diff, 2 * spec.head_dim, tr, scale=False)  # groupnorm: nn.RMSNorm without a weight
+        out = tp.op(normed.numel, normed.elem, (normed,))  # (1 - lambda_init) * groupnorm(...)
+        o = self.proj(out, qd, spec.hidden_size, spec.o_name or "o_proj", spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def fairseq_attention(self, n: Tensor) -> Tensor:
+        """XGLMAttention (modeling_xglm.py, transformers 5.24; eager only): ``q_proj(x) * scaling``; k/v projected
+        (inference: concatenated onto the cache); q, k and v reshaped to (batch x heads, seq, head_dim), a copy where
+        the transposed view is not contiguous (the cached keys and values are); ``bmm`` scores in the model dtype plus
+        the mask, clamped by ``torch.max`` with the dtype's minimum (maximum saves the sum); softmax in the scores'
+        dtype (saves its result); dropout; ``bmm`` with the values; the output transposed back with a copy. The
+        softmax output is returned and held by the layer until it returns (``hidden_states, _ = self.self_attn``)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
+        b, s, skv, nh = self.b, self.s, self.kv_len, spec.num_heads
+        lin = self.proj
+        q = lin(n, h, qd, "q_proj", spec.qkv_bias)
+        q = tp.op(q.numel, q.elem, (q,))  # * self.scaling
+        k = lin(n, h, kvd, "k_proj", spec.qkv_bias)
+        v = lin(n, h, kvd, "v_proj", spec.qkv_bias)
+        if not self.num.training:  # DynamicCache.update: torch.cat copies, contiguous (B, H, T, d)
+            k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
+            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            tp.keep(k, v)
+        else:  # the transposed (B, H, S, d) views reshape with copies
+            k = tp.op(k.numel, k.elem, (k,))
+            v = tp.op(v.numel, v.elem, (v,))
+        q = tp.op(q.numel, q.elem, (q,))
+        elem = q.elem
+        rg = q.rg or k.rg or v.rg
+        scores = b * nh * s * skv
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # bmm
+        att = tp.op(scores, elem, (att,))  # + attention_mask
+        # torch.max(., finfo.min): saves the sum; its backward (derivatives.yaml maximum: where(self == other,
+        # grad / 2, grad).masked_fill_(self < other, 0)) makes the eq and lt masks and grad / 2 beside the gradient
+        att = tp.op(scores, elem, (att,), save=(att,) if rg else (), bwd_scratch=scores * (elem + 2) if rg else 0)
+        probs = tp.op(scores, elem, (att,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        self.probs = probs
+        dropped = self.dropout(probs, spec.attention_dropout if self.num.training else 0.0)
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())  # bmm
+        out = tp.op(out.numel, out.elem, (out,))  # transpose(1, 2).reshape: a copy
+        o = lin(out, qd, h, spec.o_name or "out_proj", spec.o_bias)
+        return self.dropout(o, spec.hidden_dropout)
+
+    def gpt1_attention(self, n: Tensor) -> Tensor:
+        """OpenAI GPT's Attention (modeling_openai.py, transformers 5.24; no cache, no SDPA path): one Conv1D c_attn
+        split into head views; ``matmul(q, k)`` copies the strided q and k (what it saves); ``w / sqrt(d)``; ``w * b +
+        -1e4 * (1 - b)`` against the causal ``bias`` buffer slice (the three (B, H, S, S) tensors live together: ``w``
+        is rebound only after the sum); softmax in the scores' dtype (saves its result); attn_dropout; ``matmul`` with
+        a copy of the strided values; merge_heads copies; c_proj; resid_dropout."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, qd = spec.hidden_size, spec.q_dim
+        b, s, nh = self.b, self.s, spec.num_heads
+        qkv = self.proj(n, h, 3 * qd, spec.qkv_name or "c_attn", spec.qkv_bias)
+        q = tp.op(b * s * qd, qkv.elem, (qkv,))  # matmul's contiguous copies of the strided head views
+        k = tp.op(b * s * qd, qkv.elem, (qkv,))
+        elem = q.elem
+        rg = q.rg
+        scores = b * nh * s * s
+        att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())
+        w1 = tp.op(scores, elem, (att,))  # / sqrt(d)
+        w2 = tp.op(scores, elem, (w1,))  # * b (saves the buffer slice only)
+        w3 = tp.op(scores, elem, (w2,))  # + -1e4 * (1 - b)
+        w1.last_use = len(tp.ops) - 1
+        probs = tp.op(scores, elem, (w3,))  # softmax in the scores' dtype
+        if rg:
+            tp.save_output(probs)
+        dropped = self.dropout(probs, spec.attention_dropout)
+        v = tp.op(b * s * qd, qkv.elem, (qkv,))
+        out = tp.op(b * s * qd, elem, (dropped, v), save=(dropped, v) if rg else ())
+        out = tp.op(out.numel, out.elem, (out,))  # merge_heads: permute(...).contiguous()
+        o = self.proj(out, qd, h, spec.o_name or "c_proj", spec.o_bias)
         return self.dropout(o, spec.hidden_dropout)
 
     def shared_kv_attention(self, n: Tensor, lin: Callable[[Tensor, int, int, str, bool], Tensor],
@@ -756,7 +938,7 @@ class _B:
         lin = self.proj
 
         if plan.moe and not spec.moe_beside_mlp:
-            return self.moe(n)
+            return self.moe_dense(n) if spec.moe_dense_dispatch else self.moe(n)
         i = spec.intermediate_size
         if spec.mlp is MLPKind.GATED:
             if spec.gate_up_fused:
@@ -884,7 +1066,9 @@ class _B:
             if w.rg:
                 tp.save_output(w)
             return idx, w
-        probs = tp.op(t * e, 4, (logits,))
+        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid())
+        pe = logits.elem if spec.router_sigmoid and not spec.router_fp32 else 4
+        probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
         if spec.router_sigmoid:
@@ -893,10 +1077,11 @@ class _B:
             idx = tp.op(pairs, 8, (masked,), rg=False)
         else:
             idx = tp.op(pairs, 8, (probs,), rg=False)
-        w = tp.op(pairs, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
-        # sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
+        w = tp.op(pairs, pe, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))
+        # fp32 sigmoid routers and Mixtral's return fp32 weights (the weighted expert outputs are then fp32 until the
         # final cast)
-        return idx, w if spec.router_sigmoid or spec.router_weights_fp32 else self.cast(w, n.elem)
+        return idx, w if (spec.router_sigmoid and spec.router_fp32) or spec.router_weights_fp32 else \
+            self.cast(w, n.elem)
 
     def moe(self, n: Tensor, routed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Sparse MoE block as transformers 5.24 runs it by default (``experts_implementation="grouped_mm"``,
@@ -976,6 +1161,43 @@ class _B:
             else:
                 out = self.add(out, so)
         return out
+
+    def moe_dense(self, n: Tensor) -> Tensor:
+        """Llama4TextMoe (modeling_llama4.py, transformers 5.24): every expert runs every token. Llama4Router (an
+        nn.Linear): logits, ``topk`` (values and indices), ``full_like(logits, -inf).scatter_(indices, values)``,
+        ``sigmoid(scores.float()).to(dtype)``; ``hidden.repeat(experts, 1) * scores.transpose(0, 1).reshape(-1, 1)``
+        (the transposed scores copied); Llama4TextExperts: ``bmm`` with gate_up_proj (experts, hidden, 2 x width),
+        chunk, ``up * act(gate)``, ``bmm`` with down_proj; then the shared expert on the hidden states and the
+        experts' outputs summed over the experts, added in place to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = n.numel // h
+        tr = plan.trainable
+        act = n.elem
+        logits = self.linear(n, h, e, "router", bias=False, trainable=tr)
+        idx = tp.op(t * k, 8, (logits,), rg=False)
+        top = tp.op(t * k, logits.elem, (logits, idx), save=(idx,) if logits.rg else (), grad_to=(logits,))
+        full = tp.op(t * e, logits.elem, (), rg=False)  # full_like(-inf); scatter_ writes the top-k values into it
+        scores = tp.op(t * e, logits.elem, (full, top, idx), save=(idx,) if top.rg else (), grad_to=(top,))
+        full.last_use = len(tp.ops) - 1
+        sg = self.ew(self.cast(scores, 4), save_out=True)  # sigmoid saves its result
+        w = self.cast(sg, act)
+        rep = tp.op(e * t * h, act, (n,))  # hidden_states.repeat(experts, 1)
+        col = tp.op(e * t, act, (w,))  # router_scores.transpose(0, 1).reshape(-1, 1): a copy
+        routed_in = self.mul(rep, col)
+        gu = self.linear(routed_in, h, 2 * i, "experts.gate_up_proj", bias=False, trainable=tr, quant=plan.quant,
+                         count=e)
+        gate, up = tp.split(gu, 2)  # gate_up.chunk(2, dim=-1)
+        a = self.activation(gate)
+        p = self.mul(up, a)
+        dn = self.linear(p, i, h, "experts.down_proj", bias=False, trainable=tr, quant=plan.quant, count=e)
+        # the block's routed_in and the experts' gate_up (gate and up are views of it) stay referenced until the
+        # experts return
+        tp.hold(routed_in, gu)
+        so = self.shared_expert(n)
+        summed = tp.op(t * h, act, (dn,))  # .reshape(experts, tokens, hidden).sum(dim=0)
+        return self.add(so, summed)  # out.add_(...)
 
     def experts_proj(self, x: Tensor, fin: int, fout: int, name: str, fused: int = 1) -> Tensor:
         """One grouped GEMM over the stacked expert weights ``name`` (experts x fout x fin), frozen, trained or
@@ -1122,6 +1344,11 @@ class _B:
             a = self.call(self.self_attention, n1)
             m = self.call(self.mlp, n2)
             y = self.add(self.add(m, a), x)
+        elif spec.post_ln:  # OpenAI GPT's Block: n = ln_1(x + attn(x)); h = ln_2(n + mlp(n))
+            a = self.call(mixer, x)
+            n = self.norm(self.add(x, a), spec.hidden_size, tr)
+            m = self.call(self.mlp, n)
+            y = self.norm(self.add(n, m), spec.hidden_size, tr)
         elif not spec.pre_norm and plan.mixer == "attention":  # OLMo 2 / EXAONE 4: h = x + norm(attn(x));
             # y = h + norm(mlp(h)) (OLMo Hybrid's gated DeltaNet layers are pre-norm)
             a = self.norm(self.call(self.self_attention, x), spec.hidden_size, tr)
@@ -1138,14 +1365,16 @@ class _B:
                 self.tp.keep(hmid)
                 return hmid
             n2 = self.norm(hmid, spec.hidden_size, tr)
-            m = self.call(self.mlp, n2)
+            # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
+            # hidden_states rebound) free it after fc1
+            m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
             if spec.moe_beside_mlp and plan.moe:
                 m = self.moe_beside(m, hmid)
             # the normed input and the attention output stay referenced by the layer's locals through the MLP
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if spec.returns_attn_weights and self.probs is not None:
+            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
                 # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
                 # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
                 held["probs"] = self.probs
@@ -1282,9 +1511,11 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
             tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path
-    if attention is Attention.EAGER and spec.family != "gpt2":
+    if attention is Attention.EAGER and spec.family != "gpt2" and not spec.causal_buffer:
         # transformers' eager path gets a 4-D additive float mask (batch, 1, q, kv); GPT-2 slices a buffer
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
+        if spec.mask_bool:  # MptModel: create_causal_mask(...).to(torch.bool), the float mask dropped at once
+            mask = tp.op(batch * seq * seq, 1, (mask,), rg=False)
         tp.keep(mask)
         if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
             # models mixing full and sliding layers build one mask per layer type (transformers'

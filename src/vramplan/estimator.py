@@ -402,6 +402,13 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
 
 def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, embed: bool = True,
            head: bool = True, sink: _Sink | None = None) -> list[PhasePeak]:
+    if not spec.kv_cache and w.new_tokens:
+        # no cache (OpenAI GPT): generate feeds the whole sequence for every new token; the last step, a prefill of
+        # prompt + new_tokens - 1 tokens, is the largest
+        full = _infer(spec, replace(w, seq_len=w.seq_len + w.new_tokens - 1, new_tokens=0), states, num, embed=embed,
+                      head=head, sink=sink)
+        first = _infer(spec, replace(w, new_tokens=0), states, num, embed=embed, head=head, sink=sink)
+        return [first[0], replace(full[0], phase=Phase.DECODE)]
     b, s = w.batch_size, w.seq_len
     base = _vec({K.WEIGHTS: states.weights + states.master_weights,
                  K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
@@ -549,6 +556,10 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
     if w.packing and (not w.is_train or spec.family in ("bloom", "gptj")):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
+    if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
+        # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
+        raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "
+                            f"({spec.name}): drop --gradient-checkpointing")
     total = w.seq_len + (0 if w.is_train else w.new_tokens)
     fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
     if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:

@@ -126,7 +126,8 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
     return head_dim
 
 
-def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0) -> tuple[int, ...]:
+def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1
+                 ) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -136,8 +137,10 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
             raise ConfigError(f"{c.where}: layer_types must list one string per layer ({n_layers})")
         return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     if default_every:
-        # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern).
-        return tuple(i for i in range(n_layers) if (i + 1) % default_every)
+        # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
+        # global where i % 4 == 0
+        full = full_at % default_every
+        return tuple(i for i in range(n_layers) if i % default_every != full)
     return tuple(range(n_layers))
 
 
@@ -181,6 +184,10 @@ class _Facts:
     rotary_default: float = 1.0  # partial_rotary_factor when the config leaves it out (the config class's default)
     qk_norm_after_rope: bool = False  # HunYuan dense V1: query_layernorm / key_layernorm on the rotated q/k
     attn_temperature: bool = False  # Ministral 3: q scaled by get_llama_4_attn_scale after RoPE
+    qk_l2_key: str = ""  # config flag of Llama 4's weightless L2 norm of the rotated q/k on RoPE layers (use_qk_norm)
+    eager_softmax_native: bool = False  # eager softmax in the scores' dtype (Llama 4)
+    nope_temperature_key: str = ""  # config flag of Llama 4's fp32 query temperature on NoPE layers
+    # (attn_temperature_tuning)
     gate_up_fused: bool = False
     mlp_plain: bool = False  # down_proj(act(up_proj(x))) without a gate (NemotronMLP: Arcee)
     sub_norms: bool = False  # BitNet: RMSNorm of the attention output before o_proj and of act(gate) * up before
@@ -225,6 +232,9 @@ class _Facts:
     # scales as Granite's multipliers)
     sdpa: bool = True  # the model class accepts attn_implementation="sdpa" (``_supports_sdpa``)
     sinks: bool = False  # gpt-oss: attention sinks, eager attention only (no SDPA path)
+    diff_attn: bool = False  # DiffLlama's differential attention
+    sink_lse: bool = False  # Granite SWA: the sink as a sigmoid(logsumexp - sink) scale of the attention output
+    sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
     sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
 
@@ -365,6 +375,33 @@ _FAMILIES: dict[str, _Facts] = {
                         act_default="relu2", o_name="dense"),
     # NanoChat (modeling_nanochat.py): Llama4TextL2Norm everywhere (no weights), also on the embeddings before the
     # first layer and on q/k after RoPE, an ungated fc1 -> relu2 -> fc2 MLP, Gemma 2's final logit soft-capping (15)
+    # DiffLlama (modeling_diffllama.py): LLaMA with differential attention (two attention calls sharing q and k over
+    # the halves of v, lambda re-weighting, a weightless RMSNorm per 2 x head_dim group); attention_dropout must be 0
+    "diffllama": _Facts(version="5.24", diff_attn=True),
+    # Aria's language model (modeling_aria.py AriaTextForCausalLM): LLaMA's attention and layout with a MoE block on
+    # every layer (top-k-then-softmax router without bias, transposed grouped_mm experts, shared experts after them)
+    "aria_text": _Facts(version="5.24", moe="aria"),
+    # HunYuan MoE V1 (modeling_hunyuan_v1_moe.py): HunYuan dense V1's attention (per-head q/k RMSNorm after RoPE) with
+    # a MoE block on every layer: the shared MLP first, an fp32 gate (wg), experts as wide as the shared MLP
+    "hunyuan_v1_moe": _Facts(version="5.24", qk_norm="head", qk_norm_after_rope=True, moe="hunyuan"),
+    # Granite SWA (modeling_granite_swa.py): Granite's multipliers (attention_multiplier is the softmax scale) with
+    # sliding layers (layer_types; default global where i % 4 == 0), NoPE where layer_rope_theta is 0, and a learned
+    # per-head sink applied as sigmoid(logsumexp(scores) - sink) times the output (eager only: _supports_sdpa False)
+    "granite_swa": _Facts(version="5.24", tie=True, multipliers=True, sliding="types", sliding_every=4,
+                          sliding_full_at=0,
+                          nope="rope_theta_zero", sinks=True, sink_lse=True),
+    # GraniteMoeSWA (modeling_granitemoe_swa.py): GraniteMoeShared's MoE block and shared MLP with Granite SWA's
+    # attention
+    "granitemoe_swa": _Facts(version="5.24", multipliers=True, sliding="types", sliding_every=4, sliding_full_at=0,
+                             nope="rope_theta_zero", sinks=True, sink_lse=True, moe="granitemoe"),
+    # Llama 4's language model (modeling_llama4.py Llama4ForCausalLM): complex fp32 RoPE (freqs_cis), a weightless L2
+    # norm of the rotated q/k on the RoPE layers (use_qk_norm), NoPE layers (no_rope_layers, every 4th by default) with
+    # an fp32 query temperature (attn_temperature_tuning), chunked attention on the RoPE layers (a sliding-window
+    # cache of attention_chunk_size), dense-dispatch MoE with a shared expert on moe_layers (every
+    # interleave_moe_layer_step-th by default) and a dense MLP of intermediate_size_mlp elsewhere
+    "llama4_text": _Facts(version="5.24", moe="llama4", rope="complex", nope="no_rope_layers", sliding="chunked",
+                          qk_l2_key="use_qk_norm", nope_temperature_key="attn_temperature_tuning",
+                          eager_softmax_native=True),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -386,7 +423,7 @@ _CLASSES: dict[str, str] = {
     "GptOssForCausalLM": "gpt_oss",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "ArceeForCausalLM": "arcee",
     "HyperCLOVAXForCausalLM": "hyperclovax", "NanoChatForCausalLM": "nanochat", "ApertusForCausalLM": "apertus",
-    "PersimmonForCausalLM": "persimmon",
+    "PersimmonForCausalLM": "persimmon", "DiffLlamaForCausalLM": "diffllama",
     "Apertus1p5TextForCausalLM": "apertus1p5_text",
     "PhiForCausalLM": "phi", "BitNetForCausalLM": "bitnet",
     "Starcoder2ForCausalLM": "starcoder2", "Ministral3ForCausalLM": "ministral3",
@@ -394,6 +431,9 @@ _CLASSES: dict[str, str] = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
+    "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -412,11 +452,23 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         max_window = c.int_("max_window_layers", default=layers, lo=0, hi=_MAX_LAYERS)
         return window, tuple(i for i in range(layers) if i >= max_window) if window else ()
+    if f.sliding == "chunked":
+        # Llama 4: the "chunked_attention" layers of layer_types (default: the RoPE layers, when attention_chunk_size
+        # is set) attend within chunks of attention_chunk_size; transformers caches them in a
+        # DynamicSlidingWindowLayer of that size (cache_utils.py) and masks them only beyond it, as sliding layers
+        if "attention_chunk_size" in c.raw and c.raw["attention_chunk_size"] is None:
+            return None, ()
+        window = c.int_("attention_chunk_size", default=8192)
+        types = c.raw.get("layer_types")
+        if isinstance(types, list) and len(types) >= layers:
+            return window, tuple(i for i in range(layers) if types[i] == "chunked_attention")
+        nope = _nope_layers(c, f, layers, (), None)
+        return window, tuple(i for i in range(layers) if i not in nope)
     if f.sliding == "types":
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
-        return window, _layer_types(c, layers, window, default_every=every)
+        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at)
     return None, ()
 
 
@@ -438,6 +490,14 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
             return tuple(i for i in range(layers) if not flags[i])
         every = c.int_("no_rope_layer_interval", default=4, hi=_MAX_LAYERS)
         return tuple(i for i in range(layers) if (i + 1) % every == 0)
+    if f.nope == "rope_theta_zero":  # Granite SWA: layer_rope_theta, 0 = NoPE (default: the global theta everywhere)
+        thetas = c.raw.get("layer_rope_theta")
+        if thetas is None:
+            return ()
+        if not isinstance(thetas, list) or len(thetas) < layers or not all(
+                isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
+            raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
+        return tuple(i for i in range(layers) if thetas[i] == 0)
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -581,6 +641,36 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "experts_per_token": c.int_("num_experts_per_tok"), "moe_intermediate_size": inter,
                "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=2, lo=0),
                "moe_layers": tuple(range(first_dense, layers)), "router_fp32": True, "router_weights_fp32": True}
+    elif f.moe == "hunyuan":  # HunYuanMoEV1Moe: every layer; the shared MLP first, both intermediate_size wide; the
+        # gate's fp32 wg on an fp32 copy of the hidden states, softmax, top-k, renormalised fp32 weights
+        for key in ("num_experts", "moe_topk"):
+            if isinstance(c.raw.get(key), list):
+                raise ConfigError(f"{c.where}: {key} per layer is not modelled by estimate; run vramplan trace")
+        inter = c.int_("intermediate_size")
+        out = {"num_experts": c.int_("num_experts", default=1), "experts_per_token": c.int_("moe_topk", default=1),
+               "moe_intermediate_size": inter, "shared_expert_intermediate_size": inter, "shared_expert_first": True,
+               "moe_layers": tuple(range(layers)), "router_fp32": True, "router_weights_fp32": True}
+    elif f.moe == "aria":  # AriaTextMoELayer: every layer; top-k of the logits, softmax over the k (the logits'
+        # dtype); grouped_mm experts (SiLU); the shared experts (moe_num_shared_experts x intermediate_size) after them
+        if c.bool_("mlp_bias", default=False):
+            raise ConfigError(f"{c.where}: mlp_bias (biased shared experts) is not modelled by estimate; run vramplan "
+                              "trace")
+        inter = c.int_("intermediate_size")
+        out = {"num_experts": c.int_("moe_num_experts", default=8), "experts_per_token": c.int_("moe_topk", default=2),
+               "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter * c.int_("moe_num_shared_experts", default=2, lo=0),
+               "moe_layers": tuple(range(layers)), "router_topk_first": True}
+    elif f.moe == "llama4":  # Llama4TextMoe (every expert on every token, a shared expert as wide as each expert)
+        step = c.int_("interleave_moe_layer_step", default=1, hi=_MAX_LAYERS)
+        listed = c.raw.get("moe_layers")
+        inter = c.int_("intermediate_size", default=8192)
+        out = {"num_experts": c.int_("num_local_experts", default=16),
+               "experts_per_token": c.int_("num_experts_per_tok", default=1), "moe_intermediate_size": inter,
+               "shared_expert_intermediate_size": inter, "moe_dense_dispatch": True,
+               "moe_layers": tuple(i for i in c.int_list("moe_layers") if i < layers) if listed is not None
+               else tuple(range(step - 1, layers, step)),
+               # the dense layers' Llama4TextMLP is intermediate_size_mlp wide
+               "intermediate_size": c.int_("intermediate_size_mlp", default=16384)}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -615,6 +705,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
     kv = c.int_("num_key_value_heads", default=heads)
+    if f.diff_attn and (kv % 2 or c.float_("attention_dropout", default=0.0, hi=1.0) > 0):
+        raise ConfigError(f"{c.where}: DiffLlama needs an even num_key_value_heads (the two attention calls split the "
+                          f"values along the KV heads; got {kv}) and attention_dropout 0, as transformers requires")
     mla: dict[str, Any] = {}
     if f.mla:
         q_rank, kv_rank, nope, rope, v_dim = f.mla_defaults
@@ -661,7 +754,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds the number of experts "
                           f"({num_experts})")
     moe_inter = moe.get("moe_intermediate_size", 0)
-    inter = c.int_("intermediate_size", default=moe_inter if moe_inter else _MISSING)
+    inter = moe.pop("intermediate_size", None) or c.int_("intermediate_size",
+                                                         default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
@@ -682,6 +776,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         qk_norm_full=f.qk_norm == "full", qk_norm_head_weights=f.qk_norm_head_weights, qk_norm_split=f.qk_norm_split,
         held_through_mlp=f.held_through_mlp,
         qk_norm_after_rope=f.qk_norm_after_rope, attn_temperature=f.attn_temperature, sub_norms=f.sub_norms,
+        eager_softmax_native=f.eager_softmax_native,
+        qk_l2_norm=bool(f.qk_l2_key) and c.bool_(f.qk_l2_key, default=True),
+        nope_temperature=bool(f.nope_temperature_key) and c.bool_(f.nope_temperature_key, default=True),
         rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
@@ -691,8 +788,8 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
             f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
-        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks,
-        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in,
+        **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
+        sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version,
     )
@@ -713,6 +810,8 @@ def _gpt2(c: _Cfg, family: str) -> ModelSpec:
         norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, qkv_fused=True,
         attention_dropout=c.float_("attn_pdrop", default=0.1, hi=1.0),
         hidden_dropout=c.float_("resid_pdrop", default=0.1, hi=1.0),
+        # GPT2Block: ``hidden_states = attn_output + residual`` leaves attn_output bound through the MLP
+        held_through_mlp=("attn",),
     )
 
 
@@ -906,6 +1005,10 @@ from .modernbert import MODERNBERT_CLASSES, MODERNBERT_READERS  # noqa: E402  (r
 
 _READERS.update(MODERNBERT_READERS)
 _CLASSES.update(MODERNBERT_CLASSES)
+from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style layouts read from data)
+
+_READERS.update(LAYOUT_READERS)
+_CLASSES.update(LAYOUT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE

@@ -77,8 +77,9 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     elif spec.kv_shared:  # keys and values come from an earlier layer (modeling_gemma4.py): q_proj and o_proj only
         out = [("q_proj", h, q, 1)]
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
-        out = [("q_proj", h, 2 * q if spec.attn_output_gate else q, 1), ("k_proj", h, kv, 1)] + \
-            ([] if spec.v_from_k else [("v_proj", h, kv, 1)])
+        qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
+        out = [(qn, h, 2 * q if spec.attn_output_gate else q, 1), (kn, h, kv, 1)] + \
+            ([] if spec.v_from_k else [(vn, h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
@@ -323,6 +324,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)
+        bias += 4 * spec.head_dim
     if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
         bias += 2
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer - (0 if spec.attn_norm else 1)) * \

@@ -113,8 +113,32 @@ class ModelSpec:
     scores_kept: bool = False
     returns_attn_weights: bool = False  # the layer returns its eager attention weights and the model loop holds them
     # until the next layer returns (GPT-Neo)
+    scores_bias_fp32: bool = False  # eager scores plus an fp32 position bias (MPT's ALiBi tensor): the sum is fp32, the
+    # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
+    qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
+    # mp_num blocks: the split views are not head-contiguous)
+    diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
+    # every KV head), their outputs concatenated, the second half scaled by lambda and subtracted, a weightless
+    # RMSNorm over 2 x head_dim, times (1 - lambda_init)
+    attn_gpt1: bool = False  # OpenAI GPT's Attention: scores divided, multiplied by the causal buffer and shifted
+    # (three (B, H, S, S) tensors alive together), softmax in the scores' dtype, strided q/k/v copied by matmul
+    causal_buffer: bool = False  # the attention masks with its own causal buffer: no 4-D mask is built (OpenAI GPT)
+    post_ln: bool = False  # classic post-LN block: norm(x + attn(x)), then norm(n + mlp(n)); no final norm (OpenAI GPT)
+    kv_cache: bool = True  # False: the model keeps no cache and generate re-runs the whole sequence for every token
+    mlp_inline: bool = False  # the MLP's linears are called in the layer's own forward (BioGPT, XGLM): its normed
+    # input is not held by a module call to the MLP's end
+    attn_fairseq: bool = False  # XGLMAttention: q scaled after q_proj, q/k/v reshaped to (batch x heads, seq, d) with
+    # copies, bmm scores plus the mask clamped with torch.max (which saves the sum), softmax in the scores' dtype, the
+    # weights held by the layer to its end
+    scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
+    # (MptAttention.attention_scores)
+    mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
+    gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
+    # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool
     # causal mask)
+    qkv_names: tuple[str, ...] = ()  # the separate q/k/v projections' module names where not q_proj/k_proj/v_proj
+    # (CTRL: Wq, Wk, Wv)
     qkv_name: str = ""  # the fused q/k/v projection's module name where the family's default is not it
     o_name: str = ""  # the attention output projection's module name where the family's default is not it
     gate_up_fused: bool = False  # Phi-3's gate_up_proj
@@ -126,6 +150,11 @@ class ModelSpec:
     sub_norms: bool = False  # BitNet: a norm on the attention output before o_proj and on the gated product
     # before down_proj
     qk_norm_after_rope: bool = False  # the q/k norms apply to the rotated q/k (HunYuan dense V1)
+    eager_softmax_native: bool = False  # eager attention's softmax keeps the scores' dtype (modeling_llama4.py
+    # eager_attention_forward: softmax(attn_weights, dim=-1), no fp32)
+    qk_l2_norm: bool = False  # Llama4TextL2Norm of the rotated q and k (no weight), on the layers that apply RoPE
+    nope_temperature: bool = False  # Llama 4 attn_temperature_tuning: on the NoPE layers, q * an fp32 scale per
+    # position (the product promotes to fp32) cast back to q's dtype
     attn_temperature: bool = False  # q * (1 + beta * log(1 + floor(pos / original_max))) after RoPE (Ministral 3,
     # Llama 4's attention temperature: get_llama_4_attn_scale)
     qk_norm_head_weights: bool = False  # per-head q/k norms with one weight row per head and no bias (Cohere
@@ -185,7 +214,12 @@ class ModelSpec:
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    moe_dense_dispatch: bool = False  # every expert runs every token (Llama4TextMoe): top-k of the logits scattered
+    # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
+    # shared expert after them and the experts' sum over experts added in place
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
+    # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:

@@ -339,6 +339,45 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
                    max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
 
 
+def _lfm2_moe(c: _Cfg, family: str) -> ModelSpec:
+    """LFM2-MoE (modeling_lfm2_moe.py): LFM2's layers (gated short convolutions or attention with per-head q/k RMSNorm,
+    by ``layer_types``) whose first ``num_dense_layers`` have a SwiGLU MLP of ``intermediate_size`` (not adjusted) and
+    the others a MoE block: a bf16 sigmoid router whose fp32 ``expert_bias`` buffer only steers the top-k, the
+    gathered bf16 weights renormalised and scaled, grouped_mm experts of ``moe_intermediate_size``."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2048)
+    types = c.raw.get("layer_types")
+    if not isinstance(types, list) or len(types) != layers or not all(isinstance(t, str) for t in types):
+        # Lfm2MoeConfig leaves layer_types None and its decoder layer indexes it: transformers cannot build that
+        raise ConfigError(f"{c.where}: layer_types must list one layer type per layer ({layers}): 'conv' or "
+                          "'full_attention'")
+    dense = c.int_("num_dense_layers", default=2, lo=0, hi=_MAX_LAYERS)
+    experts = c.int_("num_experts", default=32)
+    top_k = c.int_("num_experts_per_tok", default=4)
+    if top_k > experts:
+        raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds num_experts ({experts})")
+    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers,
+           "intermediate_size": c.int_("intermediate_size", default=7168),
+           "num_attention_heads": c.int_("num_attention_heads", default=32),
+           "num_key_value_heads": c.int_("num_key_value_heads", default=8),
+           "vocab_size": c.int_("vocab_size", default=65536), "attention_bias": False, "mlp_bias": False,
+           "hidden_act": "silu", "use_sliding_window": False}
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE, no biases
+    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
+                 d_conv=c.int_("conv_L_cache", default=3, hi=1024), chunk=1,
+                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
+    return replace(spec, family=family, mixers=tuple("conv" if t == "conv" else "attention" for t in types), ssm=ss,
+                   num_experts=experts, experts_per_token=top_k,
+                   moe_intermediate_size=c.int_("moe_intermediate_size", default=1792),
+                   moe_layers=tuple(range(min(dense, layers), layers)), router_sigmoid=True, program_version="5.24",
+                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
+                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+
+
 def _lfm3(c: _Cfg, family: str) -> ModelSpec:
     """LFM3 (modeling_lfm3.py): LFM2's gated short convolutions (``Lfm3ShortConv`` is ``Lfm2ShortConv``) beside
     sliding-window and full attention (q/k RMSNorm per head, RoPE from fp32 cos/sin tables over the whole head:
@@ -735,8 +774,8 @@ SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
-    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "recurrent_gemma": _recurrent_gemma,
-    "rwkv": _rwkv, "minimax": _minimax}
+    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
+    "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -745,5 +784,5 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
                                "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3",
-                               "RecurrentGemmaForCausalLM": "recurrent_gemma", "RwkvForCausalLM": "rwkv",
-                               "MiniMaxForCausalLM": "minimax"}
+                               "Lfm2MoeForCausalLM": "lfm2_moe", "RecurrentGemmaForCausalLM": "recurrent_gemma",
+                               "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax"}

@@ -19,7 +19,7 @@ def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
         if k in ("architectures",) or n < 2:
             continue
         patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
-        if (isinstance(v, list) or patterned) and len(v) == n:
+        if (isinstance(v, list) or patterned) and len(v) == n and not _all_indices(k, v, n):
             out[k] = v
         elif _is_periodic(k, v, n):  # a pattern the config class tiles over the stack (RecurrentGemma block_types:
             # ``(block_types * 100)[:num_hidden_layers]``): one entry per layer; the cut writes the kept layers' kinds
@@ -33,9 +33,16 @@ def _is_periodic(k: str, v: Any, n: int) -> bool:
             and all(isinstance(x, str) for x in v))
 
 
+def _all_indices(k: str, v: Any, n: int) -> bool:
+    """An index list that names every layer (Llama 4's ``moe_layers`` with interleave_moe_layer_step 1: [0 .. n-1]),
+    not a per-layer list whose values would make every layer a kind of its own."""
+    return isinstance(v, list) and v == list(range(n)) and n > 1 and any(w in k for w in ("layer", "idx", "indices"))
+
+
 def _is_index_list(k: str, v: Any, n: int) -> bool:
     """A list of layer indices (``mlp_only_layers``, ``attn_layer_indices``), as opposed to a per-layer list."""
-    return (isinstance(v, list) and bool(v) and len(v) != n and any(w in k for w in ("layer", "idx", "indices"))
+    return (isinstance(v, list) and bool(v) and (len(v) != n or _all_indices(k, v, n))
+            and any(w in k for w in ("layer", "idx", "indices"))
             and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v))
 
 
@@ -62,7 +69,7 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) and dicts keyed by layer index
     (``per_layer_config``) are re-indexed, counts of trailing layers (``num_kv_shared_layers``) re-counted; periodic
     fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
-    to hold one layer of each kind; ``first_k_dense_replace`` keeps one dense layer."""
+    to hold one layer of each kind; ``first_k_dense_replace`` / ``num_dense_layers`` keep one dense layer."""
     d = dict(d)
     key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
     if key is None:
@@ -98,8 +105,9 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
             elif k.endswith(("_period", "_step", "_freq", "_interval")) and k.replace("_period", "_offset") not in d:
                 need = max(need, v)
         idx = list(range(min(max(need, len(idx)), n)))
-    if isinstance(d.get("first_k_dense_replace"), int) and d["first_k_dense_replace"] > 1:
-        d["first_k_dense_replace"] = 1
+    for k in ("first_k_dense_replace", "num_dense_layers"):  # leading dense layers (DeepSeek, LFM2-MoE): keep one
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 1:
+            d[k] = 1
     for k, v in per.items():
         d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
     for k, v in index_lists.items():

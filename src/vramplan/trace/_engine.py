@@ -561,6 +561,20 @@ def _infer_loop(model: nn.Module, ids: torch.Tensor, tracker: MemoryTracker,
         nxt = out.logits[:, -1:].argmax(-1)
         del out
         step = 0
+        if past is None and workload.new_tokens:
+            # a model that keeps no cache (OpenAI GPT): generate feeds it the whole sequence for every new token, so
+            # the last step, over prompt + new_tokens - 1 tokens, is the largest: that one is traced
+            tracker.set_phase(Phase.DECODE)
+            tracker.region = MemoryKind.ACTIVATIONS
+            full = torch.cat([ids, ids[:, :1].expand(-1, workload.new_tokens - 1)], dim=1)
+            if workload.logits is LogitsMode.LAST:
+                out = model(input_ids=full, use_cache=True, logits_to_keep=1, **extra)
+            else:
+                out = model(input_ids=full, use_cache=True, **extra)
+            del out, full
+            notes.append("decode: the model keeps no cache; its last generate step, a forward over prompt + "
+                         f"{workload.new_tokens - 1} tokens, was traced")
+            step = workload.new_tokens
         while step < workload.new_tokens:
             remaining = workload.new_tokens - step
             if step == 1 and remaining > 1:

@@ -86,6 +86,8 @@ def workload_schema() -> tuple[Option, ...]:
             out.append(Option(name, "int", d))
         elif isinstance(d, float):
             out.append(Option(name, "float", d))
+        elif d is None and hints[name] == (str | None):  # unset means the default (e.g. transformers)
+            out.append(Option(name, "text", None))
         elif d is None:
             out.append(Option(name, "optional_int", None))
         elif isinstance(d, tuple):

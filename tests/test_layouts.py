@@ -1,0 +1,139 @@
+"""GPT-style layouts read from data (vramplan.layouts): parameter counts checked against the meta-device model,
+estimates against the fake-tensor trace of the library's own code, and the refusals transformers makes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from vramplan.api import estimate
+from vramplan.errors import ConfigError, WorkloadError
+from vramplan.hfconfig import spec_from_config
+from vramplan.layouts import layout_types
+from vramplan.workload import Method, Task, Workload
+
+# small vocabularies, so that the layers' mechanisms decide the peak rather than the logits
+LAYOUTS: dict[str, dict[str, Any]] = {
+    # ALiBi added in fp32 to the eager scores, boolean masked_fill, the scores and the fused qkv held by the
+    # attention's locals, the weights returned and held by the model loop; LayerNorms without bias
+    "mpt": dict(model_type="mpt", d_model=1024, n_heads=8, n_layers=2, vocab_size=1000, max_seq_len=4096),
+    # qkv_proj in mp_num blocks, rotate-every-two rotary on fp32 sin/cos (cast back), a parallel block, biased head
+    "codegen": dict(model_type="codegen", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096,
+                    rotary_dim=32),
+    # pre-norm fairseq layer with fc1/fc2 called inline, dropouts of 0.1, scaled embeddings, (1, seq) learned positions
+    "biogpt": dict(model_type="biogpt", hidden_size=1024, num_attention_heads=8, num_hidden_layers=2, vocab_size=1000,
+                   max_position_embeddings=4096, intermediate_size=4096),
+    # the same layer with XGLMAttention (eager: scaled q, reshape copies, clamped bf16 scores, weights held by the
+    # layer) and sinusoidal positions from a buffer
+    "xglm": dict(model_type="xglm", d_model=1024, attention_heads=8, num_layers=2, vocab_size=1000, ffn_dim=4096),
+    # separate biased Wq/Wk/Wv, a Sequential ReLU FFN, the normed input and attention output held by the layer's
+    # locals, the sinusoidal table as a buffer (no gradient checkpointing)
+    "ctrl": dict(model_type="ctrl", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096, dff=4096),
+    # post-LN blocks, three (B, H, S, S) score tensors alive together against the causal buffer, no KV cache (the last
+    # generate step re-runs the whole sequence), no gradient checkpointing
+    "openai-gpt": dict(model_type="openai-gpt", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096),
+    # a LLaMA-class family (hfconfig._FAMILIES): differential attention, two attention calls over the halves of the
+    # values, lambda re-weighting and a weightless RMSNorm per 2 x head_dim group
+    "diffllama": dict(model_type="diffllama", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096, intermediate_size=2816),
+}
+NO_CHECKPOINTING = ("ctrl", "openai-gpt")
+LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
+WORKLOADS = {
+    "full": Workload(batch_size=2, seq_len=1024),
+    "lora-ckpt": Workload(method=Method.LORA, batch_size=4, seq_len=2048, gradient_checkpointing=True),
+    "infer": Workload(task=Task.INFER, batch_size=4, seq_len=2048, new_tokens=8),
+}
+# cells still outside 2% at these widths (the library-default coverage cells are within): named, strict, so that a fix
+# shows
+_OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 MiB more than the trace, not found yet",
+        ("codegen", "lora-ckpt"): "+2.6%: the recomputed layer's backward, not found yet",
+        ("biogpt", "lora-ckpt"): "-2.3%: ~12 MiB of the recomputed layer's backward, not found (default cell -0.2%)",
+        # CTRLModel.forward rebinds self.pos_encoding to a 16-bit copy; the trace still holds the fp32 table it was
+        # built with (16 MiB here) where a real run frees it: the rest is within 0.5%
+        ("ctrl", "full"): "-3.7%: the fp32 pos_encoding table the trace keeps beside its bf16 copy",
+        ("ctrl", "infer"): "-4.1%: the fp32 pos_encoding table the trace keeps beside its bf16 copy"}
+CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
+         for c in sorted(LAYOUTS) for w in sorted(WORKLOADS) if not (c in NO_CHECKPOINTING and w == "lora-ckpt")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "wname"), CELLS)
+def test_layout_estimate_matches_trace(case: str, wname: str) -> None:
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    cfg, w = LAYOUTS[case], WORKLOADS[wname]
+    if w.method is Method.LORA:
+        w = replace(w, lora_targets=LORA_TARGETS.get(case, ("q_proj", "v_proj")))
+    traced = trace_workload(cfg, w, name=case).peak_allocated_bytes
+    est = estimate(spec_from_config(cfg, name=case), w).peak_allocated_bytes
+    assert abs(est / traced - 1) < 0.02, f"{case} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+
+
+@pytest.mark.parametrize("model_type", layout_types())
+def test_layout_counts_match_the_meta_model(model_type: str) -> None:
+    """Library default and a copy per config key the layout reads: the reader counts what transformers builds."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from vramplan.derive._layouts import check_layout
+
+    assert check_layout(model_type) == []
+
+
+def test_layout_check_catches_a_wrong_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import vramplan.layouts as lay
+    from vramplan.derive._layouts import check_layout
+
+    version, data = lay._load()
+    wrong = {"keys": ["n_inner"], "of": "hidden_size", "times": 2}  # CodeGenBlock: 4 x n_embd without n_inner
+    bad = {**data, "codegen": {**data["codegen"], "keys": {**data["codegen"]["keys"], "intermediate_size": wrong}}}
+    monkeypatch.setattr(lay, "_load", lambda: (version, bad))
+    problems = check_layout("codegen")
+    assert any("library default" in p for p in problems), problems
+
+
+def test_mpt_alibi_scores_are_fp32() -> None:
+    """MPT's fp32 ALiBi bias makes the masked scores and the softmax fp32, held to the attention's end: without the
+    mechanism the prefill peak is lower."""
+    spec = spec_from_config(LAYOUTS["mpt"], name="mpt")
+    w = WORKLOADS["infer"]
+    plain = replace(spec, scores_bias_fp32=False, scores_held=False)
+    assert estimate(spec, w).peak_allocated_bytes > estimate(plain, w).peak_allocated_bytes
+    assert spec.position.value == "alibi" and not spec.sdpa and not spec.norm_bias
+
+
+def test_mpt_refuses_clip_qkv() -> None:
+    with pytest.raises(ConfigError, match="clip_qkv"):
+        spec_from_config({**LAYOUTS["mpt"], "attn_config": {"clip_qkv": 8}}, name="mpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", NO_CHECKPOINTING)
+def test_checkpointing_refused_like_transformers(case: str) -> None:
+    """transformers refuses gradient checkpointing for these classes; estimate refuses the same workload."""
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    w = replace(WORKLOADS["lora-ckpt"], lora_targets=("all-linear",))
+    with pytest.raises(Exception, match="checkpointing"):
+        trace_workload(LAYOUTS[case], w, name=case)
+    with pytest.raises(WorkloadError, match="gradient checkpointing"):
+        estimate(spec_from_config(LAYOUTS[case], name=case), w)
+
+
+def test_no_checkpointing_where_transformers_refuses_it() -> None:
+    spec = replace(spec_from_config(LAYOUTS["mpt"], name="mpt"), gradient_checkpointing=False)
+    with pytest.raises(WorkloadError, match="gradient checkpointing"):
+        estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",)))
+    estimate(spec, replace(WORKLOADS["lora-ckpt"], lora_targets=("Wqkv",), gradient_checkpointing=False,
+                           checkpointing="none"))
+
+
+def test_diffllama_refuses_odd_kv_heads() -> None:
+    with pytest.raises(ConfigError, match="even num_key_value_heads"):
+        spec_from_config({**LAYOUTS["diffllama"], "num_key_value_heads": 3}, name="diffllama")
