@@ -27,7 +27,8 @@ SKIP = {"gemma3_text_alias",
         "nemotron",  # NemotronConfig leaves num_key_value_heads None (its attention cannot build): see VARIANTS
         "dots1",  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
         "deepseek_v2",  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
-        "lfm2_moe"}  # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it): see VARIANTS
+        "lfm2_moe",  # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it): see VARIANTS
+        "dbrx"}  # DbrxAttentionConfig has no rope_theta default and its layers are n_layers: tests/test_moe_b.py
 
 
 def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
@@ -126,10 +127,6 @@ def test_count_params_variants(model_type: str, over: dict[str, Any]) -> None:
 
 # state-space and hybrid families (vramplan.ssm): attention layers placed, biases and groups varied
 SSM_VARIANTS = [
-    ("lfm2_moe", {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
-    ("llama4_text", {"interleave_moe_layer_step": 2, "use_qk_norm": False, "moe_layers": None}),
-    ("granite_swa", {"layer_rope_theta": [10000.0, 0.0, 10000.0, 0.0]}),
-    ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 2}),
     ("mamba2", {"use_bias": True, "n_groups": 1, "use_conv_bias": False}),
     ("bamba", {"attn_layer_indices": [1, 3], "mamba_proj_bias": True, "attention_bias": True}),
     ("granitemoehybrid", {"layer_types": ["mamba", "attention", "mamba", "mamba"], "position_embedding_type": "rope"}),

@@ -14,6 +14,7 @@ from vramplan.estimator import estimate
 from vramplan.hardware import get_gpu, list_gpus
 from vramplan.parallel import FSDPMode, Layout, estimate_parallel, links_for_gpu
 from vramplan.planner import Plan, PlanRequest, PlanResult, PlanTask, SortKey, plan
+from vramplan.planner.search import _memory_twin
 from vramplan.workload import LogitsMode, Loss, Method, Optimizer, Precision, Task, WeightsQuant, Workload
 
 
@@ -154,6 +155,8 @@ def test_memory_twins_are_exact() -> None:
             for a, b in ((Precision.BF16, Precision.FP16), (Precision.AMP_BF16, Precision.AMP_FP16)):
                 if method is Method.QLORA and a.is_amp:
                     continue
+                if _memory_twin(spec, base.with_(precision=b)).precision is b:
+                    continue  # eager attention (Gemma-2 in transformers 5.24): not twinned
                 assert estimate(spec, base.with_(precision=a)).total_bytes == \
                     estimate(spec, base.with_(precision=b)).total_bytes, (model, method, a)
             assert estimate(spec, base.with_(gradient_accumulation=2)).total_bytes == \

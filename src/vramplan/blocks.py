@@ -616,6 +616,8 @@ class _B:
         if spec.qkv_fused:
             name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
+            if spec.qkv_clamp:  # qkv_states.clamp(min=-clip_qkv, max=clip_qkv): a new tensor; clamp saves its input
+                qkv = tp.op(qkv.numel, qkv.elem, (qkv,), save=(qkv,) if qkv.rg else ())
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
             v = tp.view(qkv, b * s * kvd)
@@ -1050,6 +1052,12 @@ class _B:
         h = spec.hidden_size
         pairs = t * k
         x = self.cast(n, 4) if spec.router_fp32 else n
+        if spec.router_jitter and self.num.training:
+            # DbrxRouter: hidden_states *= torch.empty_like(hidden_states).uniform_(1 - eps, 1 + eps): the noise is
+            # saved by the in-place product (its gradient to the hidden states)
+            noise = tp.op(n.numel, n.elem, (), rg=False)
+            x = tp.op(n.numel, n.elem, (n, noise), save=(noise,) if n.rg else (), grad_to=(n,))
+            x.nbytes = 0  # the product is written into the hidden states' storage
         plan = self.plan
         if plan is not None and "router" in plan.lora_targets:  # peft ParamWrapper on the router's gate.weight
             wr = self.wrapped_param(h, e, "router", plan.lora_rank, 1, 4 if spec.router_fp32 else self.num.param)
@@ -1066,8 +1074,9 @@ class _B:
             if w.rg:
                 tp.save_output(w)
             return idx, w
-        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid())
-        pe = logits.elem if spec.router_sigmoid and not spec.router_fp32 else 4
+        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid()), and so
+        # does DBRX's softmax(dtype=router_logits.dtype)
+        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32) or spec.router_softmax_native else 4
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
@@ -1105,6 +1114,8 @@ class _B:
         if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
             h = spec.moe_latent_size
             routed_in = self.proj(n, hidden, h, "fc1_latent_proj", spec.mlp_bias)
+        if spec.moe_experts_loop:
+            return self.experts_loop(n, idx, w)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
@@ -1161,6 +1172,51 @@ class _B:
             else:
                 out = self.add(out, so)
         return out
+
+    def experts_loop(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """DbrxExperts.forward (modeling_dbrx.py, transformers 5.24): ``zeros_like`` output; ``one_hot(top_k_index,
+        experts + 1)`` (int64); for each expert hit — every expert, under the balanced routing the trace assumes, each
+        with tokens x top-k / experts tokens — ``where`` of its mask (positions and token indices), the gathered
+        tokens ``hidden_states[token_idx]``, ``x @ w1[e].T`` and ``x @ v1[e].T``, ``act(gate) * up``, ``@ w2[e]``,
+        times the gathered routing weights, ``index_add_`` into the output. The expert's weights are slices of the
+        stacked parameters: each slice's gradient is scattered into a zero-filled stack-sized buffer
+        (select_backward) before it is accumulated into the stack's gradient."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = x.numel // h
+        te = -(-t * k // e)
+        act, tr = x.elem, plan.trainable
+        out = tp.op(t * h, act, (), rg=False)  # zeros_like(hidden_states)
+        mask = tp.op(t * k * (e + 1), 8, (idx,), rg=False)  # one_hot, permuted (a view), summed and nonzero'd
+        welem = self.num.param
+
+        def mm(v: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            y = self.linear(v, fin, fout, name, bias=False, trainable=tr, quant=plan.quant)
+            if tr and self.num.training:  # the slice's gradient: a stack-sized zero-filled buffer, then accumulated
+                tp.ops[-1].params = self.param_grad(name, fin * fout * e, welem)
+                tp.ops[-1].bwd_scratch += fin * fout * e * welem
+            return y
+
+        written: list[Tensor] = []
+        for _ in range(e):
+            tok = tp.op(te, 8, (mask,), rg=False)  # torch.where(expert_mask[expert_idx]): token indices
+            pos = tp.op(te, 8, (mask,), rg=False)  # and top-k positions
+            xg = tp.op(te * h, act, (x, tok), save=(tok,) if x.rg else (), grad_to=(x,))
+            g = mm(xg, h, i, "experts.w1")
+            u = mm(xg, h, i, "experts.v1")
+            p = self.mul(self.activation(g), u)
+            d = mm(p, i, h, "experts.w2")
+            wg = tp.op(te, w.elem, (w, tok, pos), save=(tok, pos) if w.rg else (), grad_to=(w,))
+            st = self.mul(d, wg)
+            acc = tp.op(te * h, act, (st, tok), save=(tok,) if st.rg else (), grad_to=(st,))
+            acc.nbytes = 0  # next_states.index_add_(0, token_idx, states): written into the output's storage
+            written.append(acc)
+        out.last_use = len(tp.ops) - 1
+        # the output (the zeros' storage, written by every expert) carries the gradient to each expert's slice
+        res = tp.op(t * h, act, tuple(written), grad_to=tuple(written))
+        tp.hold(mask)
+        return res
 
     def moe_dense(self, n: Tensor) -> Tensor:
         """Llama4TextMoe (modeling_llama4.py, transformers 5.24): every expert runs every token. Llama4Router (an

@@ -214,6 +214,13 @@ class ModelSpec:
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    moe_experts_loop: bool = False  # a Python loop over the experts hit (DbrxExperts): each expert's tokens gathered,
+    # matmuls with slices of the stacked weights (select_backward scatters each slice's gradient into a zero-filled
+    # stack-sized buffer), the weighted result index_add_-ed into a zeros_like output
+    router_softmax_native: bool = False  # the router's softmax keeps the logits' dtype (DbrxFFN: dtype=logits.dtype)
+    router_jitter: bool = False  # training multiplies the router input in place by uniform noise (moe_jitter_eps):
+    # the noise is saved for backward
+    qkv_clamp: bool = False  # the fused q/k/v projection clamped to +-clip_qkv (DBRX, OLMo): clamp saves its input
     moe_dense_dispatch: bool = False  # every expert runs every token (Llama4TextMoe): top-k of the logits scattered
     # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
     # shared expert after them and the experts' sum over experts added in place

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import VramplanError, WorkloadError
-from ..estimator import estimate
+from ..estimator import estimate, runs_as
 from ..hardware import GPU, list_gpus
 from ..parallel import Layout, estimate_parallel, links_for_gpu, nccl_memory
 from ..params import count_params
@@ -73,7 +73,7 @@ class _Memo:
 
     def get(self, spec: ModelSpec, w: Workload, layout: Layout, label: str,
             name: str) -> _Eval | None:
-        w = _memory_twin(w)
+        w = _memory_twin(spec, w)
         if label == "ddp" and layout.gpus > 2:
             # A DDP replica's memory does not depend on how many replicas there are; only the ring
             # all-reduce volume does, 2 (n - 1) / n of the gradients (Patarasuk & Yuan 2009).
@@ -185,15 +185,16 @@ class _Confirm:
             left = [p for p in left if p is not rec]
 
 
-def _memory_twin(w: Workload) -> Workload:
+def _memory_twin(spec: ModelSpec, w: Workload) -> Workload:
     """The workload whose memory equals ``w``'s, in a canonical form, so identical estimates run once.
 
-    fp16 and bf16 have the same element size, and the estimator reads only element sizes
-    (``Precision.param_bytes`` / ``compute_bytes``); gradient accumulation keeps the gradients from the
+    fp16 and bf16 have the same element size, and outside eager attention the estimator reads only element
+    sizes (``Precision.param_bytes`` / ``compute_bytes``; eager softmax differs: ATen's fused half_to_float
+    kernel takes fp16, bf16 is first copied to fp32); gradient accumulation keeps the gradients from the
     first micro-batch on, so any count above one holds the same bytes. ``tests/test_planner.py`` checks
     both equalities on the estimator itself.
     """
-    twin = _SAME_BYTES.get(w.precision)
+    twin = _SAME_BYTES.get(w.precision) if runs_as(spec, w).attention is not Attention.EAGER else None
     if twin is not None or w.gradient_accumulation > 2:
         return w.with_(precision=twin or w.precision, gradient_accumulation=min(w.gradient_accumulation, 2))
     return w
