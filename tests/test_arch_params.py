@@ -43,9 +43,12 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
     layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg)
-    for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types"):
+    for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types",
+              "intermediate_size", "activation_sparsity_pattern"):  # (per-layer lists: Gemma 3n's widths, sparsity)
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if isinstance(cfg.get("num_kv_shared_layers"), int):  # a KV-sharing tail (Gemma 3n: 15 of 35) within the cut
+        cfg["num_kv_shared_layers"] = min(cfg["num_kv_shared_layers"], layers // 2)
     if "attention_types" in cfg and "attention_types" not in over:  # GPT-Neo: [[kinds], repeats] expands per layer
         cfg["attention_types"] = [[["global", "local"], layers // 2]]
     cfg.pop("attention_layers", None)  # (GPT-Neo recomputes it from attention_types)

@@ -340,7 +340,13 @@ class _B:
             ins: tuple[Tensor, ...] = (cos, sin)
         else:
             ins = ()
-        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+        if style == "fp32_each":  # (q.float() * cos) + (rotate_half(q.float()) * sin): two fp32 copies (ModernBERT)
+            a = self.tp.op(part.numel, 4, (self.cast(src, 4),))
+            s32 = self.cast(src, 4)
+            half = self.tp.op(part.numel // 2, 4, (s32,))
+            rot = self.tp.op(part.numel, 4, (half, s32))
+            b = self.tp.op(part.numel, 4, (rot,))
+        elif style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
             a32 = self.cast(src, 4)
             a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
             half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
@@ -664,7 +670,7 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
         if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
             v = self.norm(v, d, tr, scale=False)
-        if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
+        if spec.rope_style in ("fp32", "fp32_tables", "fp32_each") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         elif spec.rope_style == "complex" and plan.rope:  # modeling_llama4.py apply_rotary_emb: q and k as fp32
             q = self.call(self.rope_complex, q)  # complex numbers times freqs_cis, cast back
@@ -943,17 +949,29 @@ class _B:
             if spec.gate_up_fused:
                 gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
                 g, u = tp.split(gu, 2)  # gate_up_proj(x).chunk(2, dim=-1)
+            elif spec.altup_inputs:  # Gemma3nTextMLP: gate_proj, its Gaussian top-k, the activation, then up_proj
+                from .gemma3n import gaussian_topk
+
+                g = lin(n, h, i, "gate_proj", spec.mlp_bias)
+                if spec.act_sparsity:
+                    g = gaussian_topk(self, g)
+                a = self.activation(g)
+                u = lin(n, h, i, "up_proj", spec.mlp_bias)
+                held_gate = g  # ``gate_proj`` stays bound until the MLP returns
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
-            a = self.activation(g)
+            if not spec.altup_inputs:
+                a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
             if spec.sub_norms:  # modeling_bitnet.py: ffn_sub_norm(act(gate) * up) before down_proj: the product
                 # is the norm's argument, referenced until it returns
                 p = self.call(lambda v: self.norm(v, i, tr), p)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.altup_inputs:
+                tp.hold(held_gate, a, u)
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))
         else:
@@ -1349,6 +1367,18 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.normed_residual:
+            from .lightning import minimax_layer
+
+            return minimax_layer(self, x)
+        if spec.altup_inputs:
+            from .gemma3n import gemma3n_layer
+
+            return gemma3n_layer(self, x)
+        if plan.mixer == "rwkv":
+            from .rwkv import rwkv_block
+
+            return rwkv_block(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
@@ -1360,10 +1390,12 @@ class _B:
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
             from .gdn import gdn_mixer
+            from .rglru import rglru_mixer
             from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
-            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet mixer in attention's place
-                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer}.get(plan.mixer, mamba2_mixer)
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet / RG-LRU mixer in attention's place
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer,
+                      "rglru": rglru_mixer}.get(plan.mixer, mamba2_mixer)
                 return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
@@ -1383,7 +1415,7 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr)
+            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1453,6 +1485,10 @@ class _B:
         per_layer_input_gate(h)) * per_layer_input)``, normed (post_per_layer_input_norm) and added to ``h``. The
         layer's slice of the model's per-layer inputs is a view of a tensor the model holds throughout (its
         gradient, summed into that tensor's, is not counted)."""
+        return self.add(y, self.per_layer_tail(y))
+
+    def per_layer_tail(self, y: Tensor) -> Tensor:
+        """The per-layer-input branch without its residual add (Gemma 3n adds it into AltUp copies 1..A-1)."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
@@ -1464,8 +1500,7 @@ class _B:
         a = self.activation(g)
         prod = self.mul(a, pli)
         o = lin(prod, p, h, "per_layer_projection")
-        o = self.norm(o, h, tr)
-        return self.add(y, o)
+        return self.norm(o, h, tr)
 
 
 def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
@@ -1473,7 +1508,8 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num),
+                 plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
     x.last_use = max(x.last_use, len(tp.ops) - 1)
@@ -1508,12 +1544,20 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
+        # the model's forward keeps the un-normed embeddings referenced (``inputs_embeds``) until it returns
+        # (BloomModel: word_embeddings_layernorm(inputs_embeds); RwkvModel: block 0's pre_ln)
+        if spec.raw_embeds_held:
+            tp.keep(x)
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.per_layer_input:
         _per_layer_inputs(bld, x, trainable)
+    if spec.altup_inputs:  # Gemma 3n: the stacked AltUp stream is the layers' input
+        from .gemma3n import altup_expand
+
+        x = altup_expand(bld, x, trainable)
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
@@ -1587,7 +1631,11 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    if spec.altup_inputs:  # Gemma 3n: the AltUp stream back to one copy
+        from .gemma3n import altup_unembed
+
+        x = altup_unembed(bld, x, trainable)
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
@@ -1595,6 +1643,10 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
+    if spec.head_transform:  # ModernBertDecoderPredictionHead: norm(act(dense(x)))
+        n = bld.linear(n, h, h, "head.dense", bias=spec.head_transform_bias, trainable=trainable)
+        n = bld.activation(n)
+        n = bld.norm(n, h, trainable)
     pe = spec.embed_proj_dim or h
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)

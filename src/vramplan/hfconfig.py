@@ -1043,6 +1043,10 @@ from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _C
 
 _READERS.update(GEMMA_READERS)
 _CLASSES.update(GEMMA_CLASSES)
+from .modernbert import MODERNBERT_CLASSES, MODERNBERT_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(MODERNBERT_READERS)
+_CLASSES.update(MODERNBERT_CLASSES)
 from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style layouts read from data)
 
 _READERS.update(LAYOUT_READERS)
@@ -1110,6 +1114,11 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     if isinstance(raw.get("auto_map"), Mapping):
         raise ConfigError(f"{name}: model_type {model_type!r} is not supported: it needs the model's own code "
                           "(auto_map), and vramplan never runs code from a config; use a transformers architecture")
+    missing = _MISSING_MECHANISMS.get(family)
+    if missing:
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate: no memory "
+                          f"program for {missing}; run `vramplan trace` on this config instead (pip install "
+                          "'vramplan[torch]'), which runs the installed transformers' code")
     from .recipes import refusal_for
 
     why = refusal_for(model_type)
@@ -1120,6 +1129,25 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
+
+
+# What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
+_MISSING_MECHANISMS = {
+    "kimi_linear": "Kimi Delta Attention (the gated delta rule with per-channel decay: fla's chunk_kda, or "
+                   "transformers' chunked fallback with its (chunk x chunk x head_dim) fp32 decay tensors and "
+                   "in-place row loop) beside MLA without RoPE",
+    "bailing_hybrid": "its Kimi-Delta-Attention linear layers (fla chunk_kda / the chunked fallback) beside "
+                      "BailingHybridMoE",
+    "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
+             "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
+    "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
+           "of data-dependent lengths, cross-attention between bytes and patches)",
+    "hy_v4": "hyper-connections (hc_mult residual streams mixed per sublayer by HYV4HyperConnection and the "
+             "HYV4HyperHead) around MLA with a sparse-attention indexer, attention sinks and a clamped SwiGLU MoE",
+    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
+                     "blocks' outputs in fp32 makes each sublayer's input)",
+    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+}
 
 
 @lru_cache(maxsize=256)

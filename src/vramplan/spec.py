@@ -78,6 +78,8 @@ class LayerOverride:
     v_from_k: bool | None = None
     kv_shared: bool | None = None
     kv_store: bool | None = None
+    act_sparsity: bool | None = None
+    attn_norm: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +168,8 @@ class ModelSpec:
     qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
-    rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
+    rope_style: str = "half"  # fp32_each (ModernBERT: q.float() twice, once per product), half (LLaMA), interleave
+    # (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
     # first: ERNIE 4.5, Cohere), interleave_fp32 (both), fp32_tables (fp32 cos/sin, the rotated q/k cast back:
     # OLMo), complex (DeepSeek-V2: fp32 complex product with freqs_cis, cast back)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
@@ -267,6 +270,25 @@ class ModelSpec:
     per_layer_input: int = 0  # hidden_size_per_layer_input: per-layer embeddings (PLE) feeding a gated branch per
     # layer (Gemma 3n / Gemma 4); 0: none
     per_layer_vocab: int = 0  # rows of the per-layer embedding table (vocab_size_per_layer_input)
+    # Gemma 3n (vramplan.gemma3n): AltUp copies of the residual stream (0: none), LAuReL's rank, the scaled
+    # correction of copy 0, Gaussian top-k sparsity of the MLP's gate (per layer: LayerOverride.act_sparsity), and
+    # whether a prefill slices KV-sharing layers to the last token (Gemma 4 does; Gemma 3n does not)
+    altup_inputs: int = 0
+    laurel_rank: int = 0
+    altup_correct_scale: bool = False
+    act_sparsity: bool = False
+    kv_shared_prefill_slice: bool = True
+    # MiniMax (vramplan.lightning): the layer's residuals are its normed input, scaled by alpha/beta factors; the
+    # lightning attention layers' block size
+    normed_residual: bool = False
+    # ModernBERT decoder: layer 0 has no attention norm (nn.Identity); the head runs norm(act(dense(x))) before the
+    # output projection; the un-normed embeddings are not held by the forward (no ``inputs_embeds`` variable: its
+    # mask kwargs hold the normed ones, as other families' ``inputs_embeds``)
+    attn_norm: bool = True
+    head_transform: bool = False
+    head_transform_bias: bool = False
+    raw_embeds_held: bool = True
+    lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
 
@@ -318,7 +340,8 @@ class ModelSpec:
 
     def mixer(self, index: int) -> str:
         """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2), "gdn" (gated
-        DeltaNet: Qwen3-Next, Qwen3.5) or "parallel" (Falcon-H1: attention and Mamba-2 side by side)."""
+        DeltaNet: Qwen3-Next, Qwen3.5), "rglru" (RecurrentGemma's RG-LRU block) or "parallel" (Falcon-H1: attention
+        and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property
@@ -338,7 +361,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
     for name in ("head_dim", "num_kv_heads", "intermediate_size"):
         if getattr(o, name):
             changes[name] = getattr(o, name)
-    for name in ("v_from_k", "kv_shared", "kv_store"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]
