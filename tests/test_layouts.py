@@ -34,12 +34,16 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # post-LN blocks, three (B, H, S, S) score tensors alive together against the causal buffer, no KV cache (the last
     # generate step re-runs the whole sequence), no gradient checkpointing
     "openai-gpt": dict(model_type="openai-gpt", n_embd=1024, n_head=8, n_layer=2, vocab_size=1000, n_positions=4096),
+    # baddbmm against a held zeros tensor, bf16 softmax, masked scores and fused qkv held, attention weights held by
+    # the loop, the layer's normed input held to its end, the last layer's dense_bias (no gradient checkpointing)
+    "gpt_neox_japanese": dict(model_type="gpt_neox_japanese", hidden_size=1024, num_attention_heads=8,
+                              num_hidden_layers=2, vocab_size=1000, max_position_embeddings=4096),
     # a LLaMA-class family (hfconfig._FAMILIES): differential attention, two attention calls over the halves of the
     # values, lambda re-weighting and a weightless RMSNorm per 2 x head_dim group
     "diffllama": dict(model_type="diffllama", hidden_size=1024, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=1000, max_position_embeddings=4096, intermediate_size=2816),
 }
-NO_CHECKPOINTING = ("ctrl", "openai-gpt")
+NO_CHECKPOINTING = ("ctrl", "openai-gpt", "gpt_neox_japanese")
 LORA_TARGETS = {"mpt": ("Wqkv",), "codegen": ("qkv_proj",)}
 WORKLOADS = {
     "full": Workload(batch_size=2, seq_len=1024),
@@ -54,6 +58,8 @@ _OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 
         # CTRLModel.forward rebinds self.pos_encoding to a 16-bit copy; the trace still holds the fp32 table it was
         # built with (16 MiB here) where a real run frees it: the rest is within 0.5%
         ("ctrl", "full"): "-3.7%: the fp32 pos_encoding table the trace keeps beside its bf16 copy",
+        ("gpt_neox_japanese", "full"): "+2.7%: the backward peak of the small-vocabulary copy, not found yet (the "
+                                       "default cell is -0.0%)",
         ("ctrl", "infer"): "-4.1%: the fp32 pos_encoding table the trace keeps beside its bf16 copy"}
 CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
          for c in sorted(LAYOUTS) for w in sorted(WORKLOADS) if not (c in NO_CHECKPOINTING and w == "lora-ckpt")]
@@ -137,3 +143,33 @@ def test_no_checkpointing_where_transformers_refuses_it() -> None:
 def test_diffllama_refuses_odd_kv_heads() -> None:
     with pytest.raises(ConfigError, match="even num_key_value_heads"):
         spec_from_config({**LAYOUTS["diffllama"], "num_key_value_heads": 3}, name="diffllama")
+
+
+def test_compose_finds_decoder_stacks_by_structure() -> None:
+    """derive's composition finds the decoder-layer stack and final norm by structure (transformer.blocks, norm_f),
+    and names the stacks where there is not exactly one (HRM's two)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import copy
+
+    from vramplan.derive._compose import _final_norm, _layers
+    from vramplan.derive._configs import cut_layers
+    from vramplan.derive._derive import _causal_lm_class, _config_class
+
+    def meta(t: str) -> Any:
+        cc = _config_class(t)
+        with torch.device("meta"):
+            return _causal_lm_class(cc)._from_config(cc.from_dict(copy.deepcopy(cut_layers(cc().to_dict(), 2))))
+
+    mpt = meta("mpt")
+    assert _layers(mpt) is mpt.transformer.blocks and _final_norm(mpt) is mpt.transformer.norm_f
+    with pytest.raises(LookupError, match=r"L_module\.layers, model\.H_module\.layers"):
+        _layers(meta("hrm_text"))
+
+
+@pytest.mark.parametrize(("model_type", "why"), [("hrm_text", "two decoder-layer stacks"), ("zamba", "Mamba mixer"),
+                                                  ("gemma4_unified_assistant", "draft")])
+def test_refusals_name_the_missing_mechanism(model_type: str, why: str) -> None:
+    """A type derive refused is refused by estimate with derive's reason (data/recipes ``refused``)."""
+    with pytest.raises(ConfigError, match=why):
+        spec_from_config({"model_type": model_type, "hidden_size": 64}, name=model_type)

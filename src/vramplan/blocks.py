@@ -340,7 +340,13 @@ class _B:
             ins: tuple[Tensor, ...] = (cos, sin)
         else:
             ins = ()
-        if style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
+        if style == "fp32_each":  # (q.float() * cos) + (rotate_half(q.float()) * sin): two fp32 copies (ModernBERT)
+            a = self.tp.op(part.numel, 4, (self.cast(src, 4),))
+            s32 = self.cast(src, 4)
+            half = self.tp.op(part.numel // 2, 4, (s32,))
+            rot = self.tp.op(part.numel, 4, (half, s32))
+            b = self.tp.op(part.numel, 4, (rot,))
+        elif style == "interleave_fp32":  # q.float() * cos + rotate_half(q).float() * sin
             a32 = self.cast(src, 4)
             a = self.tp.op(part.numel, 4, (a32, *ins[:1]))
             half = self.tp.op(part.numel // 2, x.elem, (src,))  # -x2
@@ -488,9 +494,10 @@ class _B:
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
-        att = tp.op(scores, selem, (qe, ke), save=(qe, ke) if rg else ())
+        zeros = tp.op(scores, selem, (), rg=False) if spec.scores_zeros else None  # baddbmm's input, a local
+        att = tp.op(scores, selem, (qe, ke) + ((zeros,) if zeros else ()), save=(qe, ke) if rg else ())
         raw = att
-        if not spec.scores_kept:
+        if not spec.scores_kept and not spec.scores_zeros:  # (baddbmm's alpha is the scaling)
             att = tp.op(scores, selem, (att,))  # * scaling
         if spec.attn_logit_softcap:
             att = tp.op(scores, selem, (att,))
@@ -506,7 +513,7 @@ class _B:
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
-        # (Llama 4's eager_attention_forward: softmax(attn_weights, dim=-1) in the scores' dtype as well)
+        # (Llama 4's and GPT-NeoX-Japanese's eager softmax(attn_weights, dim=-1) in the scores' dtype as well)
         pelem = selem if (spec.family in ("gpt2", "falcon") or spec.eager_softmax_native) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
@@ -521,6 +528,8 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
             att.last_use = len(tp.ops) - 1
+        if zeros is not None:
+            zeros.last_use = len(tp.ops) - 1
         if upcast:  # GPT-J's (GPT-Neo's) _attn rebinds query/key to their fp32 copies: they live until it returns
             qe.last_use = ke.last_use = len(tp.ops) - 1
         if spec.scores_kept:
@@ -610,6 +619,8 @@ class _B:
         if spec.qkv_fused:
             name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
             qkv = lin(n, h, qd + 2 * kvd, name, spec.qkv_bias)
+            if spec.qkv_clamp:  # qkv_states.clamp(min=-clip_qkv, max=clip_qkv): a new tensor; clamp saves its input
+                qkv = tp.op(qkv.numel, qkv.elem, (qkv,), save=(qkv,) if qkv.rg else ())
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
             v = tp.view(qkv, b * s * kvd)
@@ -659,7 +670,7 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
         if spec.v_norm:  # Gemma4TextAttention.v_norm: RMSNorm without a weight over each head's values
             v = self.norm(v, d, tr, scale=False)
-        if spec.rope_style in ("fp32", "fp32_tables") and plan.rope:
+        if spec.rope_style in ("fp32", "fp32_tables", "fp32_each") and plan.rope:
             q, k = self.rope_fp32_pair(q, k)
         elif spec.rope_style == "complex" and plan.rope:  # modeling_llama4.py apply_rotary_emb: q and k as fp32
             q = self.call(self.rope_complex, q)  # complex numbers times freqs_cis, cast back
@@ -726,8 +737,8 @@ class _B:
         o = lin(out, qd, h, oname, spec.o_bias)
         if spec.attn_output_gate:
             tp.hold(gate)
-        if spec.scores_held and spec.qkv_fused:  # MptAttention's mixed_qkv (and the q/k/v views of it) are locals
-            tp.hold(q, k, v)
+        if spec.scores_held and spec.qkv_fused:  # the fused projection (and its q/k/v views) are the attention's
+            tp.hold(qkv)  # locals (MptAttention.mixed_qkv, GPTNeoXJapaneseAttention.qkv)
         return self.dropout(o, spec.hidden_dropout)
 
     def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
@@ -938,17 +949,29 @@ class _B:
             if spec.gate_up_fused:
                 gu = lin(n, h, 2 * i, "gate_up_proj", spec.mlp_bias)
                 g, u = tp.split(gu, 2)  # gate_up_proj(x).chunk(2, dim=-1)
+            elif spec.altup_inputs:  # Gemma3nTextMLP: gate_proj, its Gaussian top-k, the activation, then up_proj
+                from .gemma3n import gaussian_topk
+
+                g = lin(n, h, i, "gate_proj", spec.mlp_bias)
+                if spec.act_sparsity:
+                    g = gaussian_topk(self, g)
+                a = self.activation(g)
+                u = lin(n, h, i, "up_proj", spec.mlp_bias)
+                held_gate = g  # ``gate_proj`` stays bound until the MLP returns
             else:
                 g = lin(n, h, i, "gate_proj", spec.mlp_bias)
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
-            a = self.activation(g)
+            if not spec.altup_inputs:
+                a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
             if spec.sub_norms:  # modeling_bitnet.py: ffn_sub_norm(act(gate) * up) before down_proj: the product
                 # is the norm's argument, referenced until it returns
                 p = self.call(lambda v: self.norm(v, i, tr), p)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.altup_inputs:
+                tp.hold(held_gate, a, u)
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
                 out = tp.op(out.numel, out.elem, (out,))
         else:
@@ -1032,6 +1055,12 @@ class _B:
         h = spec.hidden_size
         pairs = t * k
         x = self.cast(n, 4) if spec.router_fp32 else n
+        if spec.router_jitter and self.num.training:
+            # DbrxRouter: hidden_states *= torch.empty_like(hidden_states).uniform_(1 - eps, 1 + eps): the noise is
+            # saved by the in-place product (its gradient to the hidden states)
+            noise = tp.op(n.numel, n.elem, (), rg=False)
+            x = tp.op(n.numel, n.elem, (n, noise), save=(noise,) if n.rg else (), grad_to=(n,))
+            x.nbytes = 0  # the product is written into the hidden states' storage
         plan = self.plan
         if plan is not None and "router" in plan.lora_targets:  # peft ParamWrapper on the router's gate.weight
             wr = self.wrapped_param(h, e, "router", plan.lora_rank, 1, 4 if spec.router_fp32 else self.num.param)
@@ -1048,8 +1077,9 @@ class _B:
             if w.rg:
                 tp.save_output(w)
             return idx, w
-        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid())
-        pe = logits.elem if spec.router_sigmoid and not spec.router_fp32 else 4
+        # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid()), and so
+        # does DBRX's softmax(dtype=router_logits.dtype)
+        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32) or spec.router_softmax_native else 4
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
@@ -1087,6 +1117,8 @@ class _B:
         if spec.moe_latent_size:  # NemotronHMoE: fc1_latent_proj after the router, the experts at the latent width
             h = spec.moe_latent_size
             routed_in = self.proj(n, hidden, h, "fc1_latent_proj", spec.mlp_bias)
+        if spec.moe_experts_loop:
+            return self.experts_loop(n, idx, w)
         # sort the (token, expert) pairs by expert; gather hidden states and weights in that order
         eid = tp.op(pairs, 8, (idx,), rg=False)
         perm = tp.op(pairs, 8, (idx,), rg=False)
@@ -1143,6 +1175,51 @@ class _B:
             else:
                 out = self.add(out, so)
         return out
+
+    def experts_loop(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """DbrxExperts.forward (modeling_dbrx.py, transformers 5.24): ``zeros_like`` output; ``one_hot(top_k_index,
+        experts + 1)`` (int64); for each expert hit — every expert, under the balanced routing the trace assumes, each
+        with tokens x top-k / experts tokens — ``where`` of its mask (positions and token indices), the gathered
+        tokens ``hidden_states[token_idx]``, ``x @ w1[e].T`` and ``x @ v1[e].T``, ``act(gate) * up``, ``@ w2[e]``,
+        times the gathered routing weights, ``index_add_`` into the output. The expert's weights are slices of the
+        stacked parameters: each slice's gradient is scattered into a zero-filled stack-sized buffer
+        (select_backward) before it is accumulated into the stack's gradient."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        h, i, e, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.experts_per_token
+        t = x.numel // h
+        te = -(-t * k // e)
+        act, tr = x.elem, plan.trainable
+        out = tp.op(t * h, act, (), rg=False)  # zeros_like(hidden_states)
+        mask = tp.op(t * k * (e + 1), 8, (idx,), rg=False)  # one_hot, permuted (a view), summed and nonzero'd
+        welem = self.num.param
+
+        def mm(v: Tensor, fin: int, fout: int, name: str) -> Tensor:
+            y = self.linear(v, fin, fout, name, bias=False, trainable=tr, quant=plan.quant)
+            if tr and self.num.training:  # the slice's gradient: a stack-sized zero-filled buffer, then accumulated
+                tp.ops[-1].params = self.param_grad(name, fin * fout * e, welem)
+                tp.ops[-1].bwd_scratch += fin * fout * e * welem
+            return y
+
+        written: list[Tensor] = []
+        for _ in range(e):
+            tok = tp.op(te, 8, (mask,), rg=False)  # torch.where(expert_mask[expert_idx]): token indices
+            pos = tp.op(te, 8, (mask,), rg=False)  # and top-k positions
+            xg = tp.op(te * h, act, (x, tok), save=(tok,) if x.rg else (), grad_to=(x,))
+            g = mm(xg, h, i, "experts.w1")
+            u = mm(xg, h, i, "experts.v1")
+            p = self.mul(self.activation(g), u)
+            d = mm(p, i, h, "experts.w2")
+            wg = tp.op(te, w.elem, (w, tok, pos), save=(tok, pos) if w.rg else (), grad_to=(w,))
+            st = self.mul(d, wg)
+            acc = tp.op(te * h, act, (st, tok), save=(tok,) if st.rg else (), grad_to=(st,))
+            acc.nbytes = 0  # next_states.index_add_(0, token_idx, states): written into the output's storage
+            written.append(acc)
+        out.last_use = len(tp.ops) - 1
+        # the output (the zeros' storage, written by every expert) carries the gradient to each expert's slice
+        res = tp.op(t * h, act, tuple(written), grad_to=tuple(written))
+        tp.hold(mask)
+        return res
 
     def moe_dense(self, n: Tensor) -> Tensor:
         """Llama4TextMoe (modeling_llama4.py, transformers 5.24): every expert runs every token. Llama4Router (an
@@ -1291,6 +1368,18 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.normed_residual:
+            from .lightning import minimax_layer
+
+            return minimax_layer(self, x)
+        if spec.altup_inputs:
+            from .gemma3n import gemma3n_layer
+
+            return gemma3n_layer(self, x)
+        if plan.mixer == "rwkv":
+            from .rwkv import rwkv_block
+
+            return rwkv_block(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
@@ -1302,10 +1391,12 @@ class _B:
         mixer: Callable[[Tensor], Tensor] = self.self_attention
         if plan.mixer != "attention":
             from .gdn import gdn_mixer
+            from .rglru import rglru_mixer
             from .ssm import mamba1_mixer, mamba2_mixer, short_conv_mixer
 
-            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet mixer in attention's place
-                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer}.get(plan.mixer, mamba2_mixer)
+            def mixer(v: Tensor) -> Tensor:  # the SSM / short-conv / gated DeltaNet / RG-LRU mixer in attention's place
+                fn = {"conv": short_conv_mixer, "mamba": mamba1_mixer, "gdn": gdn_mixer,
+                      "rglru": rglru_mixer}.get(plan.mixer, mamba2_mixer)
                 return fn(self, v)
         if spec.parallel_residual:
             n1 = self.norm(x, spec.hidden_size, tr)
@@ -1325,7 +1416,7 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr)
+            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1395,6 +1486,10 @@ class _B:
         per_layer_input_gate(h)) * per_layer_input)``, normed (post_per_layer_input_norm) and added to ``h``. The
         layer's slice of the model's per-layer inputs is a view of a tensor the model holds throughout (its
         gradient, summed into that tensor's, is not counted)."""
+        return self.add(y, self.per_layer_tail(y))
+
+    def per_layer_tail(self, y: Tensor) -> Tensor:
+        """The per-layer-input branch without its residual add (Gemma 3n adds it into AltUp copies 1..A-1)."""
         spec, tp, plan = self.spec, self.tp, self.plan
         assert plan is not None
         h, p, tr = spec.hidden_size, spec.per_layer_input, plan.trainable
@@ -1406,8 +1501,7 @@ class _B:
         a = self.activation(g)
         prod = self.mul(a, pli)
         o = lin(prod, p, h, "per_layer_projection")
-        o = self.norm(o, h, tr)
-        return self.add(y, o)
+        return self.norm(o, h, tr)
 
 
 def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch: int, seq: int,
@@ -1415,7 +1509,8 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num), plan.input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num),
+                 plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
     x.last_use = max(x.last_use, len(tp.ops) - 1)
@@ -1450,12 +1545,20 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
     if spec.embed_scale:
         x = tp.op(x.numel, x.elem, (x,))
     if spec.embedding_layernorm:
+        # the model's forward keeps the un-normed embeddings referenced (``inputs_embeds``) until it returns
+        # (BloomModel: word_embeddings_layernorm(inputs_embeds); RwkvModel: block 0's pre_ln)
+        if spec.raw_embeds_held:
+            tp.keep(x)
         x = bld.norm(x, h, trainable)
     x = bld.dropout(x, spec.hidden_dropout if spec.embedding_dropout is None else spec.embedding_dropout)
     if spec.shared_block is not None:  # Zamba2: original_hidden_states = torch.clone(inputs_embeds), for every
         tp.keep(tp.op(x.numel, x.elem, (x,), rg=False))  # hybrid layer's shared block (its gradient not modelled)
     if spec.per_layer_input:
         _per_layer_inputs(bld, x, trainable)
+    if spec.altup_inputs:  # Gemma 3n: the stacked AltUp stream is the layers' input
+        from .gemma3n import altup_expand
+
+        x = altup_expand(bld, x, trainable)
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
@@ -1529,7 +1632,11 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    x = tp.input(max(1, spec.altup_inputs) * batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    if spec.altup_inputs:  # Gemma 3n: the AltUp stream back to one copy
+        from .gemma3n import altup_unembed
+
+        x = altup_unembed(bld, x, trainable)
     n = bld.norm(x, h, trainable) if spec.final_norm else x
     if spec.residual_fp32:
         n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
@@ -1537,6 +1644,10 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
         n = tp.op(logits_tokens * h, n.elem, (n,))  # hidden_states[:, -k:, :]
+    if spec.head_transform:  # ModernBertDecoderPredictionHead: norm(act(dense(x)))
+        n = bld.linear(n, h, h, "head.dense", bias=spec.head_transform_bias, trainable=trainable)
+        n = bld.activation(n)
+        n = bld.norm(n, h, trainable)
     pe = spec.embed_proj_dim or h
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)

@@ -373,12 +373,24 @@ def kv_shared_sliced(spec: ModelSpec, w: Workload, kind: tuple[str, bool, bool, 
     (modeling_gemma4.py, 5.24) slices the hidden states, per-layer inputs, rotary tables and masks to
     ``logits_to_keep`` before the first such layer (they write no cache, so the prompt's other positions are not
     needed) when generate keeps one token's logits, except with flash / flex attention."""
-    return spec.at_variant(kind[3]).kv_shared and w.logits is LogitsMode.LAST and w.seq_len > 1 and \
-        w.attention is not Attention.FLASH
+    return spec.at_variant(kind[3]).kv_shared and spec.kv_shared_prefill_slice and w.logits is LogitsMode.LAST and \
+        w.seq_len > 1 and w.attention is not Attention.FLASH
 
 
 def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
     """Which implementation of the state-space / linear-attention layers the estimate models."""
+    if kinds == {"rwkv"}:
+        if kernel == "fused":
+            return ("RWKV's WKV recurrence: the CUDA kernel a GPU install with ninja and the kernels package runs "
+                    "(kernels-community/rwkv); --ssm-kernel torch models transformers' plain-PyTorch loop instead")
+        return ("RWKV's WKV recurrence: transformers' plain-PyTorch loop over the sequence (what runs without the "
+                "kernels-community/rwkv CUDA kernel); a GPU install with it keeps less")
+    if kinds == {"lightning"}:
+        return ("lightning attention layers: transformers' plain-PyTorch block loop (there is no fused kernel for "
+                "it in transformers)")
+    if kinds == {"rglru"}:
+        return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
+                "is no fused kernel for it)")
     pkgs = (["mamba_ssm"] if kinds & {"mamba", "mamba2", "parallel", "zamba_hybrid", "zamba_tied"} else []) + \
         ["causal_conv1d"] + (["fla (flash-linear-attention)"] if "gdn" in kinds else [])
     if kernel == "fused":

@@ -164,6 +164,70 @@ def _gemma4_unified_text(c: _Cfg, family: str) -> ModelSpec:
     return _gemma4_text(c, family, unified=True)
 
 
+# Gemma3nTextConfig (configuration_gemma3n.py): Gemma 4's layer kinds (sandwich norms, per-head q/k norms, a
+# scale-free v norm, sliding 4:1 with full every fifth layer, KV sharing, per-layer inputs), soft-capped logits
+_GEMMA3N = _Facts(version="5.24", gemma=True, tie=True, layout="sandwich", qk_norm="head", sliding="types",
+                  sliding_every=5, softcap=True)
+_GEMMA3N_DEFAULTS: dict[str, Any] = {"vocab_size": 262_400, "hidden_size": 2048, "num_hidden_layers": 35,
+                                     "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+                                     "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768,
+                                     "sliding_window": 512, "final_logit_softcapping": 30.0}
+
+
+def _gemma3n_text(c: _Cfg, family: str) -> ModelSpec:
+    """Gemma 3n's language model (modeling_gemma3n.py, :mod:`vramplan.gemma3n`): ``intermediate_size`` one per layer
+    (or one for all), ``activation_sparsity_pattern`` (default: 0.95 on the first 10 layers of a stack deeper than
+    10), AltUp (``altup_num_inputs`` copies), LAuReL (``laurel_rank``), KV sharing as Gemma 4, per-layer inputs."""
+    raw = {k: v for k, v in c.raw.items() if v is not None}
+    c = _Cfg({**_GEMMA3N_DEFAULTS, **raw}, c.where)
+    layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
+    inter_raw = c.raw.get("intermediate_size", 16_384)
+    inter = list(inter_raw) if isinstance(inter_raw, list) else [inter_raw] * layers
+    if len(inter) != layers or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in inter):
+        raise ConfigError(f"{c.where}: intermediate_size must be one positive integer or one per layer ({layers})")
+    sparsity = c.raw.get("activation_sparsity_pattern")
+    if sparsity is None:
+        sparsity = [0.95] * (10 if layers > 10 else 0) + [0.0] * (layers - (10 if layers > 10 else 0))
+    if not isinstance(sparsity, list) or len(sparsity) != layers or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in sparsity):
+        raise ConfigError(f"{c.where}: activation_sparsity_pattern must give a value in [0, 1) for each of the "
+                          f"{layers} layers")
+    types = c.raw.get("layer_types")
+    if types is None:
+        types = ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("sliding_attention", "full_attention") for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list sliding_attention / full_attention once per layer "
+                          f"({layers})")
+    base = _llama_like(_Cfg({**c.raw, "intermediate_size": inter[0], "layer_types": types}, c.where), family,
+                       _GEMMA3N)
+    shared = c.int_("num_kv_shared_layers", default=15, lo=0, hi=_MAX_LAYERS)
+    if shared > layers:
+        raise ConfigError(f"{c.where}: num_kv_shared_layers ({shared}) exceeds num_hidden_layers ({layers})")
+    modes = _kv_sharing(types, shared)
+    if shared and sorted(set(types[:layers - shared])) != sorted(set(types)):
+        raise ConfigError(f"{c.where}: the layer types producing a cache must include those using it (every layer "
+                          "type of the KV-sharing tail needs an earlier layer of that type)")
+    groups: dict[tuple[int, bool, bool, bool], list[int]] = {}
+    for i in range(layers):
+        key = (inter[i], modes[i] == "reuse", modes[i] == "store", sparsity[i] > 0)
+        if key != (base.intermediate_size, False, False, False):
+            groups.setdefault(key, []).append(i)
+    overrides = tuple(LayerOverride(tuple(ix), intermediate_size=mi, kv_shared=reuse, kv_store=store,
+                                    act_sparsity=sparse)
+                      for (mi, reuse, store, sparse), ix in groups.items())
+    altup = c.int_("altup_num_inputs", default=4, lo=1, hi=64)
+    if c.int_("altup_active_idx", default=0, lo=0) >= altup:
+        raise ConfigError(f"{c.where}: altup_active_idx must be below altup_num_inputs ({altup})")
+    ple = c.int_("hidden_size_per_layer_input", default=256, lo=1)
+    return replace(base, layer_overrides=overrides, v_norm=True, per_layer_input=ple,
+                   per_layer_vocab=c.int_("vocab_size_per_layer_input", default=262_144), altup_inputs=altup,
+                   laurel_rank=c.int_("laurel_rank", default=64), kv_shared_prefill_slice=False,
+                   altup_correct_scale=c.bool_("altup_correct_scale", default=True))
+
+
 GEMMA_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {"gemma4_text": _gemma4_text,
-                                                             "gemma4_unified_text": _gemma4_unified_text}
-GEMMA_CLASSES: dict[str, str] = {"Gemma4ForCausalLM": "gemma4_text", "Gemma4UnifiedForCausalLM": "gemma4_unified_text"}
+                                                             "gemma4_unified_text": _gemma4_unified_text,
+                                                             "gemma3n_text": _gemma3n_text}
+GEMMA_CLASSES: dict[str, str] = {"Gemma4ForCausalLM": "gemma4_text", "Gemma4UnifiedForCausalLM": "gemma4_unified_text",
+                                 "Gemma3nForCausalLM": "gemma3n_text"}

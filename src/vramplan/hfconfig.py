@@ -434,7 +434,7 @@ _CLASSES: dict[str, str] = {
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiniCPM3ForCausalLM": "minicpm3",
     "DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
-    "Llama4ForCausalLM": "llama4_text", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
+    "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
@@ -965,6 +965,48 @@ def _bloom(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+def _dbrx(c: _Cfg, family: str) -> ModelSpec:
+    """DBRX (modeling_dbrx.py, transformers 5.24): ``transformer.blocks``, each a bias-free LayerNorm, a fused
+    ``Wqkv`` clamped to +-``attn_config.clip_qkv``, grouped K/V heads (``kv_n_heads``), RoPE, ``out_proj``; a second
+    LayerNorm and the FFN: a router (``router.layer``, an nn.Linear; with ``moe_jitter_eps`` training scales its
+    input in place by uniform noise), softmax in the logits' dtype, top-k, weights divided by their p-norm
+    (``moe_normalize_expert_weights``), and the experts as a Python loop over stacked 2-D weights (w1, v1, w2)."""
+    attn = c.raw.get("attn_config") or {}
+    ffn = c.raw.get("ffn_config") or {}
+    if not isinstance(attn, Mapping) or not isinstance(ffn, Mapping):
+        raise ConfigError(f"{c.where}: attn_config and ffn_config must be objects")
+    a, f = _Cfg(attn, f"{c.where}: attn_config"), _Cfg(ffn, f"{c.where}: ffn_config")
+    hidden = c.int_("d_model", default=2048)
+    heads = c.int_("n_heads", default=16)
+    kv = a.int_("kv_n_heads", default=1)
+    head_dim = _check_heads(c, hidden, heads, kv, None)
+    layers = c.int_("n_layers", default=24, hi=_MAX_LAYERS)
+    experts = f.int_("moe_num_experts", default=4)
+    top_k = f.int_("moe_top_k", default=1)
+    if top_k > experts:
+        raise ConfigError(f"{c.where}: ffn_config.moe_top_k ({top_k}) exceeds moe_num_experts ({experts})")
+    act = ffn.get("ffn_act_fn") or {"name": "silu"}
+    if not isinstance(act, Mapping):
+        raise ConfigError(f"{c.where}: ffn_config.ffn_act_fn must be an object with a name")
+    clip = attn.get("clip_qkv")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=f.int_("ffn_hidden_size", default=3584),
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.GATED,
+        activation=_Cfg(dict(act), f"{c.where}: ffn_config.ffn_act_fn").activation("name", default="silu"),
+        position=PositionKind.ROPE, max_position_embeddings=c.opt_int("max_seq_len", hi=1 << 30),
+        qkv_fused=True, qkv_name="Wqkv", o_name="out_proj", qkv_clamp=clip is not None,
+        num_experts=experts, experts_per_token=top_k, moe_intermediate_size=f.int_("ffn_hidden_size", default=3584),
+        moe_layers=tuple(range(layers)), moe_experts_loop=True, router_softmax_native=True,
+        router_jitter=ffn.get("moe_jitter_eps") is not None,
+        attention_dropout=a.float_("attn_pdrop", default=0.0, hi=1.0),
+        hidden_dropout=c.float_("resid_pdrop", default=0.0, hi=1.0),
+        embedding_dropout=c.float_("emb_pdrop", default=0.0, hi=1.0), program_version="5.24",
+    )
+
+
 def _falcon(c: _Cfg, family: str) -> ModelSpec:
     hidden = c.int_("hidden_size", default=4544)
     heads = c.int_("num_attention_heads", "n_head", default=71)
@@ -1002,7 +1044,7 @@ _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
     "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neo": _gpt_neo, "gpt_neox": _gpt_neox, "gptj": _gptj,
     "opt": _opt, "bloom": _bloom,
-    "falcon": _falcon,
+    "falcon": _falcon, "dbrx": _dbrx,
 }
 from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)
 
@@ -1012,6 +1054,10 @@ from .gemma_readers import GEMMA_CLASSES, GEMMA_READERS  # noqa: E402  (reads _C
 
 _READERS.update(GEMMA_READERS)
 _CLASSES.update(GEMMA_CLASSES)
+from .modernbert import MODERNBERT_CLASSES, MODERNBERT_READERS  # noqa: E402  (reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(MODERNBERT_READERS)
+_CLASSES.update(MODERNBERT_CLASSES)
 from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style layouts read from data)
 
 _READERS.update(LAYOUT_READERS)
@@ -1079,9 +1125,40 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
     if isinstance(raw.get("auto_map"), Mapping):
         raise ConfigError(f"{name}: model_type {model_type!r} is not supported: it needs the model's own code "
                           "(auto_map), and vramplan never runs code from a config; use a transformers architecture")
+    missing = _MISSING_MECHANISMS.get(family)
+    if missing:
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate: no memory "
+                          f"program for {missing}; run `vramplan trace` on this config instead (pip install "
+                          "'vramplan[torch]'), which runs the installed transformers' code")
+    from .recipes import refusal_for
+
+    why = refusal_for(model_type)
+    if why:
+        raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate: {why}; run "
+                          "`vramplan trace` on this config instead (pip install 'vramplan[torch]'), which runs the "
+                          "installed transformers' code")
     raise ConfigError(f"{name}: model_type {model_type!r} is not supported by vramplan estimate (memory programs for "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)}); run `vramplan trace` on this config instead "
                       "(pip install 'vramplan[torch]'), which runs the installed transformers' code")
+
+
+# What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
+_MISSING_MECHANISMS = {
+    "kimi_linear": "Kimi Delta Attention (the gated delta rule with per-channel decay: fla's chunk_kda, or "
+                   "transformers' chunked fallback with its (chunk x chunk x head_dim) fp32 decay tensors and "
+                   "in-place row loop) beside MLA without RoPE",
+    "bailing_hybrid": "its Kimi-Delta-Attention linear layers (fla chunk_kda / the chunked fallback) beside "
+                      "BailingHybridMoE",
+    "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
+             "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
+    "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
+           "of data-dependent lengths, cross-attention between bytes and patches)",
+    "hy_v4": "hyper-connections (hc_mult residual streams mixed per sublayer by HYV4HyperConnection and the "
+             "HYV4HyperHead) around MLA with a sparse-attention indexer, attention sinks and a clamped SwiGLU MoE",
+    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
+                     "blocks' outputs in fp32 makes each sublayer's input)",
+    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+}
 
 
 @lru_cache(maxsize=256)

@@ -30,7 +30,7 @@ from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 __all__ = ["LAYOUT_CLASSES", "LAYOUT_READERS", "layout_for", "layout_types"]
 
 _INTS = {"hidden_size", "num_heads", "num_kv_heads", "num_layers", "vocab_size", "intermediate_size",
-         "max_position_embeddings", "max_learned_positions", "learned_position_offset"}
+         "max_position_embeddings", "max_learned_positions", "learned_position_offset", "extra_params"}
 _FLOATS = {"attention_dropout", "hidden_dropout", "embedding_dropout", "rotary_fraction"}
 _BOOLS = {"tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "norm_bias", "lm_head_bias", "embed_scale"}
 _ENUMS: dict[str, Callable[[str], Any]] = {"norm": NormKind, "mlp": MLPKind, "activation": Activation,
@@ -104,6 +104,11 @@ def _value(c: _Cfg, how: Any, field: str, got: Mapping[str, Any], defaults: Mapp
     if field in _INTS:
         v_int = sub.int_("v", lo=0, hi=1 << 30 if "position" in field else _MAX_LAYERS if field == "num_layers"
                          else 1 << 22)
+        if "times_key" in how:  # int(hidden * intermediate_multiple_size) (GPT-NeoX-Japanese)
+            k = how["times_key"]
+            mult = _dotted(c.raw, k)
+            mult = defaults.get(k) if mult is None else mult
+            return int(v_int * _Cfg({"v": mult}, f"{c.where} ({k})").float_("v", hi=1e6))
         return v_int * int(how.get("times", 1)) + int(how.get("plus", 0))
     if field in _FLOATS:
         v_float = sub.float_("v", hi=1e9) * float(how.get("times", 1))

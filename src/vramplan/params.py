@@ -132,13 +132,22 @@ def per_layer_input_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         if p else []
 
 
+def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """Gemma 3n's per-layer AltUp and LAuReL linears (vramplan.gemma3n)."""
+    if not spec.altup_inputs:
+        return []
+    from .gemma3n import altup_linears
+
+    return altup_linears(spec.altup_inputs, spec.hidden_size, spec.laurel_rank)
+
+
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
     if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
         moe = index in spec.moe_layers
         return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
-            per_layer_input_linears(spec)
+            per_layer_input_linears(spec) + _altup_linears(spec)
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
@@ -162,6 +171,18 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         from .gdn import gdn_linears
 
         return gdn_linears(spec.ssm, spec.hidden_size) + mlp
+    if spec.mixer(index) == "rwkv":
+        from .rwkv import rwkv_linears
+
+        return rwkv_linears(spec)
+    if spec.mixer(index) == "lightning":
+        from .lightning import lightning_linears
+
+        return lightning_linears(spec) + mlp
+    if spec.mixer(index) == "rglru" and spec.ssm is not None:
+        from .rglru import rglru_linears
+
+        return rglru_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
     return attention_linears(spec) + mlp
@@ -217,6 +238,7 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """A Mamba-2 layer (modeling_mamba2.py Mamba2Mixer; Bamba/Granite-4/Nemotron-H copy it): in_proj, conv1d,
     dt_bias, A_log, D, the gated norm and out_proj, the block's norm(s), and the MLP where the layer has one."""
     from .gdn import gdn_extra_params, gdn_linears
+    from .rglru import rglru_extra_params, rglru_linears
     from .ssm import (
         conv_extra_params,
         conv_linears,
@@ -230,11 +252,11 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     h = spec.hidden_size
     moe = index in spec.moe_layers
     kind = spec.mixer(index)
-    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h), "gdn": gdn_linears(spec.ssm, h)}.get(kind) \
-        or mamba2_linears(spec.ssm, h)
+    mix = {"conv": conv_linears(h), "mamba": mamba1_linears(spec.ssm, h), "gdn": gdn_linears(spec.ssm, h),
+           "rglru": rglru_linears(spec.ssm, h)}.get(kind) or mamba2_linears(spec.ssm, h)
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     bias, other = {"conv": conv_extra_params, "mamba": mamba1_extra_params,
-                   "gdn": gdn_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
+                   "gdn": gdn_extra_params, "rglru": rglru_extra_params}.get(kind, mamba2_extra_params)(spec.ssm, h)
     if mlp and spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
     if moe and spec.router_bias:
@@ -260,6 +282,20 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
                            tuple(mlp))
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied"):
         return _zamba2_layer_params(spec, index)
+    if spec.mixer(index) == "lightning":  # MiniMax: lightning attention, its norm, the MoE block, two norms
+        from .lightning import lightning_extra_params, lightning_linears
+
+        lin = lightning_linears(spec)
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
+                           spec.norms_per_layer * _norm_params(spec, spec.hidden_size) + lightning_extra_params(spec),
+                           tuple(lin + mlp))
+    if spec.mixer(index) == "rwkv":  # RwkvBlock: ln1, ln2, attention and feed-forward (block 0's pre_ln: embedding)
+        from .rwkv import rwkv_extra_params, rwkv_linears
+
+        lin = rwkv_linears(spec)
+        return LayerParams(sum(i * o for _, i, o, _ in lin[:4]), sum(i * o for _, i, o, _ in lin[4:]), 0,
+                           2 * _norm_params(spec, spec.hidden_size) + rwkv_extra_params(spec), tuple(lin))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
@@ -267,7 +303,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.moe_beside_mlp and moe:  # the dense MLP runs beside the MoE block (Gemma 4)
         mlp = mlp_linears(spec, False) + mlp
-    mlp = mlp + per_layer_input_linears(spec)
+    mlp = mlp + per_layer_input_linears(spec) + _altup_linears(spec)
     attn_w = sum(i * o * n for _, i, o, n in attn)
     mlp_w = sum(i * o * n for _, i, o, n in mlp)
     bias = 0
@@ -294,7 +330,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += 4 * spec.head_dim
     if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
         bias += 2
-    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer) * _norm_params(spec, spec.hidden_size)
+    norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer - (0 if spec.attn_norm else 1)) * \
+        _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
     if spec.index_heads:
         norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
@@ -307,6 +344,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         norm += 3 * _norm_params(spec, spec.hidden_size)
     if spec.per_layer_input:  # post_per_layer_input_norm
         norm += _norm_params(spec, spec.hidden_size)
+    if spec.altup_inputs:  # Gemma 3n: correct_output_scale, router_norm, post_laurel_norm
+        from .gemma3n import altup_extra_params
+
+        norm += altup_extra_params(spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
@@ -315,7 +356,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
 def count_params(spec: ModelSpec) -> ParamCounts:
     h, v = spec.hidden_size, spec.vocab_size
     d_embed = spec.embed_proj_dim or h
-    embedding = v * d_embed + spec.max_learned_positions * h
+    embedding = v * d_embed + spec.max_learned_positions * h + spec.extra_params
     if spec.embedding_layernorm:
         embedding += _norm_params(spec, h)
     if spec.embed_proj_dim:
@@ -323,6 +364,8 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     if spec.per_layer_input:  # embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm
         width = spec.num_layers * spec.per_layer_input
         embedding += spec.per_layer_vocab * width + h * width + _norm_params(spec, spec.per_layer_input)
+    if spec.altup_inputs:  # Gemma 3n: altup_projections and altup_unembed_projections (A - 1 each, no bias)
+        embedding += 2 * (spec.altup_inputs - 1) * h * h
     unique: dict[tuple[bool, str, bool, int, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
@@ -336,4 +379,6 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:
         lm_head += v
+    if spec.head_transform:  # ModernBERT's prediction head: dense (+ bias) and a norm before the output projection
+        lm_head += h * h + (h if spec.head_transform_bias else 0) + _norm_params(spec, h)
     return ParamCounts(embedding, tuple(layers), final_norm, lm_head)

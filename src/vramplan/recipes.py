@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-__all__ = ["Recipe", "recipe_for", "recipe_types", "recipes_version"]
+__all__ = ["Recipe", "recipe_for", "recipe_types", "recipes_version", "refusal_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +71,21 @@ def recipe_types() -> tuple[str, ...]:
 def recipes_version() -> str:
     """The transformers release of the recipes in use ('' when none are shipped)."""
     return _load()[0]
+
+
+@lru_cache(maxsize=1)
+def _refusals() -> dict[str, str]:
+    folder = resources.files("vramplan") / "data" / "recipes"
+    version = recipes_version()
+    if not version:
+        return {}
+    try:
+        data = json.loads((folder / f"transformers-{version}.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.get("refused", {}).items()}
+
+
+def refusal_for(model_type: str) -> str | None:
+    """Why ``vramplan derive`` refused ``model_type`` (the mechanism it lacks), or None."""
+    return _refusals().get(model_type)

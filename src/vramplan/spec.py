@@ -78,6 +78,8 @@ class LayerOverride:
     v_from_k: bool | None = None
     kv_shared: bool | None = None
     kv_store: bool | None = None
+    act_sparsity: bool | None = None
+    attn_norm: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,9 @@ class ModelSpec:
     # boolean-mask masked_fill and the softmax stay fp32, the weights are cast back
     qkv_copies: bool = False  # q, k and v are reshaped out of the fused projection with copies (CodeGen's qkv_proj in
     # mp_num blocks: the split views are not head-contiguous)
+    extra_params: int = 0  # parameters outside the programs' modules (GPT-NeoX-Japanese: the last layer's dense_bias)
+    scores_zeros: bool = False  # eager scores from baddbmm against a zeros (B*H, S, S) tensor the attention's locals
+    # hold to its end, the scaling folded in (GPTNeoXJapaneseAttention._attn)
     diff_attention: bool = False  # DiffLlama: two attention calls over the two halves of the values (each repeated to
     # every KV head), their outputs concatenated, the second half scaled by lambda and subtracted, a weightless
     # RMSNorm over 2 x head_dim, times (1 - lambda_init)
@@ -128,8 +133,8 @@ class ModelSpec:
     attn_fairseq: bool = False  # XGLMAttention: q scaled after q_proj, q/k/v reshaped to (batch x heads, seq, d) with
     # copies, bmm scores plus the mask clamped with torch.max (which saves the sum), softmax in the scores' dtype, the
     # weights held by the layer to its end
-    scores_held: bool = False  # the masked eager scores stay referenced by the attention's locals until it returns
-    # (MptAttention.attention_scores)
+    scores_held: bool = False  # the masked eager scores (and a fused qkv's views) stay referenced by the attention's
+    # locals until it returns (MptAttention.attention_scores, GPTNeoXJapaneseAttention._attn)
     mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
     gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
     # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
@@ -163,7 +168,8 @@ class ModelSpec:
     qk_norm_split: bool = False  # the per-head norms run on torch.split slices and torch.cat joins them (StableLM)
     qk_norm_full: bool = False  # the q/k norms span all heads (OLMo 2: RMSNorm(q_dim) before the head split)
     pre_norm: bool = True  # False: the norms apply to the sublayers' outputs only (OLMo 2, EXAONE 4)
-    rope_style: str = "half"  # half (LLaMA), interleave (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
+    rope_style: str = "half"  # fp32_each (ModernBERT: q.float() twice, once per product), half (LLaMA), interleave
+    # (GLM: repeat_interleave'd cos/sin), fp32 (q.float()
     # first: ERNIE 4.5, Cohere), interleave_fp32 (both), fp32_tables (fp32 cos/sin, the rotated q/k cast back:
     # OLMo), complex (DeepSeek-V2: fp32 complex product with freqs_cis, cast back)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
@@ -214,6 +220,13 @@ class ModelSpec:
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
+    moe_experts_loop: bool = False  # a Python loop over the experts hit (DbrxExperts): each expert's tokens gathered,
+    # matmuls with slices of the stacked weights (select_backward scatters each slice's gradient into a zero-filled
+    # stack-sized buffer), the weighted result index_add_-ed into a zeros_like output
+    router_softmax_native: bool = False  # the router's softmax keeps the logits' dtype (DbrxFFN: dtype=logits.dtype)
+    router_jitter: bool = False  # training multiplies the router input in place by uniform noise (moe_jitter_eps):
+    # the noise is saved for backward
+    qkv_clamp: bool = False  # the fused q/k/v projection clamped to +-clip_qkv (DBRX, OLMo): clamp saves its input
     moe_dense_dispatch: bool = False  # every expert runs every token (Llama4TextMoe): top-k of the logits scattered
     # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
     # shared expert after them and the experts' sum over experts added in place
@@ -260,6 +273,25 @@ class ModelSpec:
     per_layer_input: int = 0  # hidden_size_per_layer_input: per-layer embeddings (PLE) feeding a gated branch per
     # layer (Gemma 3n / Gemma 4); 0: none
     per_layer_vocab: int = 0  # rows of the per-layer embedding table (vocab_size_per_layer_input)
+    # Gemma 3n (vramplan.gemma3n): AltUp copies of the residual stream (0: none), LAuReL's rank, the scaled
+    # correction of copy 0, Gaussian top-k sparsity of the MLP's gate (per layer: LayerOverride.act_sparsity), and
+    # whether a prefill slices KV-sharing layers to the last token (Gemma 4 does; Gemma 3n does not)
+    altup_inputs: int = 0
+    laurel_rank: int = 0
+    altup_correct_scale: bool = False
+    act_sparsity: bool = False
+    kv_shared_prefill_slice: bool = True
+    # MiniMax (vramplan.lightning): the layer's residuals are its normed input, scaled by alpha/beta factors; the
+    # lightning attention layers' block size
+    normed_residual: bool = False
+    # ModernBERT decoder: layer 0 has no attention norm (nn.Identity); the head runs norm(act(dense(x))) before the
+    # output projection; the un-normed embeddings are not held by the forward (no ``inputs_embeds`` variable: its
+    # mask kwargs hold the normed ones, as other families' ``inputs_embeds``)
+    attn_norm: bool = True
+    head_transform: bool = False
+    head_transform_bias: bool = False
+    raw_embeds_held: bool = True
+    lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
 
@@ -311,7 +343,8 @@ class ModelSpec:
 
     def mixer(self, index: int) -> str:
         """The token mixer of layer ``index``: "attention", "mamba2", "mamba" (Mamba-1), "conv" (LFM2), "gdn" (gated
-        DeltaNet: Qwen3-Next, Qwen3.5) or "parallel" (Falcon-H1: attention and Mamba-2 side by side)."""
+        DeltaNet: Qwen3-Next, Qwen3.5), "rglru" (RecurrentGemma's RG-LRU block) or "parallel" (Falcon-H1: attention
+        and Mamba-2 side by side)."""
         return self.mixers[index] if self.mixers else "attention"
 
     @property
@@ -331,7 +364,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
     for name in ("head_dim", "num_kv_heads", "intermediate_size"):
         if getattr(o, name):
             changes[name] = getattr(o, name)
-    for name in ("v_from_k", "kv_shared", "kv_store"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]

@@ -415,6 +415,14 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
     ``conv_kernel`` inputs (LFM2: ``Lfm2ShortConv``, conv state only), nothing for attention."""
     ss = spec.ssm
     kind = spec.mixer(index)
+    if kind == "rwkv":
+        from .rwkv import rwkv_state_bytes
+
+        return rwkv_state_bytes(spec, batch, act)
+    if kind == "lightning":
+        from .lightning import lightning_state_bytes
+
+        return lightning_state_bytes(spec, batch, act)
     if ss is None or kind in ("attention", "none"):
         return 0
     if kind == "conv":
@@ -425,12 +433,16 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         from .gdn import gdn_state_bytes
 
         return gdn_state_bytes(ss, batch, act)
+    if kind == "rglru":
+        from .rglru import rglru_state_bytes
+
+        return rglru_state_bytes(ss, batch, act)
     return mamba2_state_bytes(ss, batch, act)
 
 
 def ssm_state_bytes(spec: ModelSpec, batch: int, act: int) -> int:
     """The generation cache of every SSM / short-conv layer of ``spec`` (constant in the sequence length)."""
-    if spec.ssm is None:
+    if spec.ssm is None and not {"rwkv", "lightning"} & set(spec.mixers):
         return 0
     return sum(layer_state_bytes(spec, i, batch, act) for i in range(spec.num_layers))
 

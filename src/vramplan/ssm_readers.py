@@ -683,11 +683,99 @@ def _lara_mini(c: _Cfg, family: str) -> ModelSpec:
                    tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), program_version="5.24")
 
 
+def _recurrent_gemma(c: _Cfg, family: str) -> ModelSpec:
+    """RecurrentGemma / Griffin (configuration_recurrent_gemma.py, modeling_recurrent_gemma.py): pre-norm layers
+    whose temporal block is the RG-LRU recurrent block (:mod:`vramplan.rglru`) or local attention (a sliding
+    window of ``attention_window_size``, RoPE on ``partial_rotary_factor`` (0.5) of each head, q/k/v biased by
+    ``attention_bias``, o_proj always biased), ``block_types`` tiled over the stack; Gemma's zero-centred RMSNorm,
+    sqrt(hidden) embedding scale and tied head; a gated gelu-tanh MLP of ``intermediate_size // 2`` with biases;
+    the logits soft-capped by ``logits_soft_cap``."""
+    from dataclasses import replace
+
+    from .hfconfig import _FAMILIES, _llama_like, _rotary_fraction
+
+    layers = c.int_("num_hidden_layers", default=26, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=2560)
+    heads = c.int_("num_attention_heads", default=10)
+    blocks = c.raw.get("block_types", ["recurrent", "recurrent", "attention"])
+    if not isinstance(blocks, list) or not blocks or not all(b in ("recurrent", "attention") for b in blocks):
+        raise ConfigError(f"{c.where}: block_types must list 'recurrent' / 'attention' blocks")
+    mixers = tuple("rglru" if blocks[i % len(blocks)] == "recurrent" else "attention" for i in range(layers))
+    lru = c.opt_int("lru_width") or hidden
+    if lru % heads:
+        raise ConfigError(f"{c.where}: lru_width ({lru}) must be a multiple of num_attention_heads ({heads})")
+    raw = {k: v for k, v in c.raw.items() if k not in ("sliding_window", "layer_types", "final_logit_softcapping")}
+    raw.update({"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+                "intermediate_size": c.int_("intermediate_size", default=3 * hidden) // 2,
+                "head_dim": hidden // heads, "vocab_size": c.int_("vocab_size", default=256000),
+                "mlp_bias": True})
+    raw.setdefault("num_key_value_heads", heads)
+    spec = _llama_like(_Cfg(raw, c.where), "gemma", _FAMILIES["gemma"])
+    window = c.int_("attention_window_size", default=2048)
+    ss = SSMSpec(d_inner=lru, n_heads=heads, head_dim=lru // heads, n_groups=0, d_state=0,
+                 d_conv=c.int_("conv1d_width", default=4, lo=1, hi=1024), chunk=0)
+    return replace(spec, family=family, mixers=mixers, ssm=ss, o_bias=True, sliding_window=window,
+                   sliding_layers=tuple(i for i, m in enumerate(mixers) if m == "attention"),
+                   rotary_fraction=_rotary_fraction(c, 0.5),
+                   logit_softcap=c.float_("logits_soft_cap", default=30.0), max_position_embeddings=None,
+                   program_version="5.24")
+
+
+def _rwkv(c: _Cfg, family: str) -> ModelSpec:
+    """RWKV-4 (configuration_rwkv.py, modeling_rwkv.py, :mod:`vramplan.rwkv`): ``blocks`` of token-shift mixes, the
+    WKV recurrence and a squared-ReLU channel mix, biased LayerNorms (block 0 also norms the embeddings), no
+    positions; ``attention_hidden_size`` travels in ``head_dim`` (one head)."""
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=4096)
+    att = c.opt_int("attention_hidden_size") or hidden
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=50277), hidden_size=hidden,
+        num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=att,
+        intermediate_size=c.opt_int("intermediate_size") or 4 * hidden,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=False), norm=NormKind.LAYERNORM,
+        mlp=MLPKind.PLAIN, activation=Activation.RELU2, position=PositionKind.NONE, norm_bias=True,
+        embedding_layernorm=True, mixers=("rwkv",) * layers,
+        max_position_embeddings=c.int_("context_length", "max_position_embeddings", default=1024, hi=1 << 30),
+        program_version="5.24")
+
+
+def _minimax(c: _Cfg, family: str) -> ModelSpec:
+    """MiniMax-Text-01 (configuration_minimax.py, modeling_minimax.py, :mod:`vramplan.lightning`): Mixtral's
+    attention (RoPE, GQA, optional sliding window) and MoE block (softmax top-k router, 3-D experts) in every layer;
+    ``layer_types`` (default: full attention at even indices, lightning attention at odd ones); residuals from the
+    normed stream scaled by ``*_alpha_factor`` / ``*_beta_factor``."""
+    from dataclasses import replace
+
+    from .hfconfig import _FAMILIES, _llama_like
+
+    layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
+    raw_types = c.raw.get("layer_types")
+    types = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(layers)] if raw_types is None \
+        else raw_types
+    kinds = {"full_attention": "attention", "linear_attention": "lightning"}
+    if not isinstance(types, list) or len(types) != layers or not all(t in kinds for t in types):
+        raise ConfigError(f"{c.where}: layer_types must list full_attention / linear_attention once per layer "
+                          f"({layers})")
+    raw = {k: v for k, v in c.raw.items() if k != "layer_types"}
+    for key, default in (("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 14336),
+                         ("num_hidden_layers", layers), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                         ("max_position_embeddings", 131072), ("num_local_experts", 8),
+                         ("num_experts_per_tok", 2)):
+        raw.setdefault(key, default)
+    spec = _llama_like(_Cfg(raw, c.where), "mixtral", _FAMILIES["mixtral"])
+    window = spec.sliding_window
+    return replace(spec, family=family, mixers=tuple(kinds[t] for t in types), normed_residual=True,
+                   lightning_block=c.int_("block_size", default=256, lo=1),
+                   sliding_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if window else (),
+                   program_version="5.24")
+
+
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
-    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe}
+    "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
+    "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -696,4 +784,5 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
                                "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3",
-                               "Lfm2MoeForCausalLM": "lfm2_moe"}
+                               "Lfm2MoeForCausalLM": "lfm2_moe", "RecurrentGemmaForCausalLM": "recurrent_gemma",
+                               "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax"}

@@ -77,18 +77,41 @@ def _role(name: str, mod: torch.nn.Module) -> str:
     return f"other:{name}:{cls}"
 
 
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+def _base(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder model inside the causal LM: ``model.model`` (LLaMA-class), else the one child that holds the
+    decoder-layer stack (``transformer``, ``biogpt``, ``gpt_neox_japanese``...)."""
     inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    holders = [c for _, c in model.named_children() if _stacks(c)]
+    return holders[0] if len(holders) == 1 else None
+
+
+def _stacks(mod: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The decoder-layer stacks directly under ``mod``: ModuleLists of one layer class."""
+    return [(n, c) for n, c in mod.named_children() if isinstance(c, torch.nn.ModuleList) and len(c) > 0
+            and len({type(x) for x in c}) == 1]
+
+
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder-layer ModuleList, found by structure: the one stack of same-class layers in the decoder model
+    (``model.layers``, ``transformer.h``, ``transformer.blocks``...)."""
+    inner = _base(model)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise LookupError("no model.layers ModuleList")
-    return layers
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    stacks = _stacks(inner) if inner is not None else []
+    if len(stacks) != 1:
+        names = [n for _, c in model.named_children() for n, _ in _stacks(c)] + [
+            f"{n}.{g}.{m}" for n, c in model.named_children() for g, gc in c.named_children() for m, _ in _stacks(gc)]
+        raise LookupError(f"no single decoder-layer stack ({', '.join(names) or 'none found'})")
+    return stacks[0][1]
 
 
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     """The norm after the last layer: ``model.norm`` (LLaMA), else the one norm child of the decoder model
-    (``final_layernorm``: Phi, Persimmon)."""
-    inner = getattr(model, "model", None)
+    (``final_layernorm``: Phi, Persimmon; ``ln_f``, ``norm_f``: GPT-style)."""
+    inner = _base(model)
     if not isinstance(inner, torch.nn.Module):
         return None
     norm = getattr(inner, "norm", None)
@@ -168,7 +191,7 @@ class _Recorder(_Bucketed):
         self.inputs: dict[str, tuple[Any, Any]] = {}
         self.order: dict[int, list[str]] = {}
         self.handles: list[Any] = []
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        rotary = getattr(_base(model), "rotary_emb", None)
         if isinstance(rotary, torch.nn.Module):
             self._hook(rotary, "rotary", None)
         final = _final_norm(model)

@@ -21,7 +21,16 @@ def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
         patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
         if (isinstance(v, list) or patterned) and len(v) == n and not _all_indices(k, v, n):
             out[k] = v
+        elif _is_periodic(k, v, n):  # a pattern the config class tiles over the stack (RecurrentGemma block_types:
+            # ``(block_types * 100)[:num_hidden_layers]``): one entry per layer; the cut writes the kept layers' kinds
+            out[k] = [v[i % len(v)] for i in range(n)]
     return out
+
+
+def _is_periodic(k: str, v: Any, n: int) -> bool:
+    """A list of layer kinds shorter than the stack that the config class repeats over it (``block_types``)."""
+    return (isinstance(v, list) and 1 < len(v) < n and any(w in k for w in ("pattern", "block_type"))
+            and all(isinstance(x, str) for x in v))
 
 
 def _all_indices(k: str, v: Any, n: int) -> bool:
