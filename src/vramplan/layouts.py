@@ -16,11 +16,9 @@ value, else FIELD's value, times N plus P (divided by FIELD's value where ``over
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from .errors import ConfigError
@@ -41,29 +39,11 @@ _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
 @lru_cache(maxsize=1)
 def _load() -> tuple[str, dict[str, dict[str, Any]]]:
     """The layout file for the installed transformers release (same major.minor), else the newest shipped."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .recipes import versioned_data
 
-    from .recipes import _version_key
-
-    try:
-        have: str | None = version("transformers")
-    except PackageNotFoundError:
-        have = None
-
-    folder = resources.files("vramplan") / "data" / "layouts"
-    try:
-        names = sorted((p.name for p in folder.iterdir() if p.name.startswith("transformers-")
-                        and p.name.endswith(".json")), key=_version_key)
-    except (FileNotFoundError, NotADirectoryError):
+    data = versioned_data("layouts")
+    if data is None:
         return "", {}
-    if not names:
-        return "", {}
-    pick = names[-1]
-    if have is not None:
-        same = [n for n in names if _version_key(n)[:2] == _version_key(have)[:2]]
-        if same:
-            pick = same[-1]
-    data = json.loads((folder / pick).read_text(encoding="utf-8"))
     return str(data["transformers"]), dict(data["layouts"])
 
 

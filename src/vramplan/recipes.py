@@ -33,26 +33,38 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(x) if x.isdigit() else 0 for x in core.split("."))
 
 
-@lru_cache(maxsize=1)
-def _load() -> tuple[str, dict[str, Recipe]]:
-    """The recipe file for the installed transformers release (same major.minor), else the newest shipped."""
-    from .hfconfig import installed_transformers
+def versioned_data(kind: str) -> dict[str, Any] | None:
+    """``data/<kind>/transformers-<release>.json`` for the installed transformers release (same major.minor), else
+    the newest shipped; None when none is shipped."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    folder = resources.files("vramplan") / "data" / "recipes"
+    try:  # package metadata only (hfconfig.installed_transformers; hfconfig reads the layouts as it loads)
+        have: str | None = version("transformers")
+    except PackageNotFoundError:
+        have = None
+    folder = resources.files("vramplan") / "data" / kind
     try:
         names = sorted((p.name for p in folder.iterdir() if p.name.startswith("transformers-")
                         and p.name.endswith(".json")), key=_version_key)
     except (FileNotFoundError, NotADirectoryError):
-        return "", {}
+        return None
     if not names:
-        return "", {}
-    have = installed_transformers()
+        return None
     pick = names[-1]
     if have is not None:
         same = [n for n in names if _version_key(n)[:2] == _version_key(have)[:2]]
         if same:
             pick = same[-1]
-    data = json.loads((folder / pick).read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((folder / pick).read_text(encoding="utf-8"))
+    return data
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[str, dict[str, Recipe]]:
+    """The recipe file for the installed transformers release (same major.minor), else the newest shipped."""
+    data = versioned_data("recipes")
+    if data is None:
+        return "", {}
     version = str(data["transformers"])
     out = {t: Recipe(model_type=t, reads_as=r["reads_as"], facts=r["facts"], defaults=r["defaults"],
                      transformers=version) for t, r in data["recipes"].items()}

@@ -305,7 +305,6 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
     to ``block_multiple_of``); the final ``embedding_norm``; tied embeddings by default."""
     from dataclasses import replace
 
-    from .hfconfig import _llama_like
 
     layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=2560)
@@ -325,18 +324,8 @@ def _lfm2(c: _Cfg, family: str) -> ModelSpec:
     else:
         full = c.int_list("full_attn_idxs") if c.raw.get("full_attn_idxs") is not None else list(range(layers))
         mixers = tuple("attention" if i in full else "conv" for i in range(layers))
-    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
-           "num_attention_heads": c.int_("num_attention_heads", default=32),
-           "num_key_value_heads": c.int_("num_key_value_heads", default=8),
-           "vocab_size": c.int_("vocab_size", default=65536), "attention_bias": False, "mlp_bias": False,
-           "hidden_act": "silu", "use_sliding_window": False}
-    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE, no biases
-    ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
-                 d_conv=c.int_("conv_L_cache", default=3, hi=1024), chunk=1,
-                 conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
-    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24",
-                   tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
-                   max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
+    spec = _lfm2_stack(c, family, hidden, layers, inter, mixers)
+    return replace(spec, program_version="5.24")
 
 
 def _lfm2_moe(c: _Cfg, family: str) -> ModelSpec:
@@ -346,7 +335,6 @@ def _lfm2_moe(c: _Cfg, family: str) -> ModelSpec:
     gathered bf16 weights renormalised and scaled, grouped_mm experts of ``moe_intermediate_size``."""
     from dataclasses import replace
 
-    from .hfconfig import _llama_like
 
     layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=2048)
@@ -360,20 +348,30 @@ def _lfm2_moe(c: _Cfg, family: str) -> ModelSpec:
     top_k = c.int_("num_experts_per_tok", default=4)
     if top_k > experts:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds num_experts ({experts})")
-    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers,
-           "intermediate_size": c.int_("intermediate_size", default=7168),
+    spec = _lfm2_stack(c, family, hidden, layers, c.int_("intermediate_size", default=7168),
+                       tuple("conv" if t == "conv" else "attention" for t in types))
+    return replace(spec, num_experts=experts, experts_per_token=top_k,
+                   moe_intermediate_size=c.int_("moe_intermediate_size", default=1792),
+                   moe_layers=tuple(range(min(dense, layers), layers)), router_sigmoid=True, program_version="5.24")
+
+
+def _lfm2_stack(c: _Cfg, family: str, hidden: int, layers: int, inter: int, mixers: tuple[str, ...]) -> ModelSpec:
+    """What LFM2 and LFM2-MoE share: Qwen3-style attention layers (q/k per-head RMSNorm, SwiGLU, RoPE, no biases)
+    beside gated short convolutions (``conv_L_cache``), tied embeddings by default."""
+    from dataclasses import replace
+
+    from .hfconfig import _llama_like
+
+    raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
            "num_attention_heads": c.int_("num_attention_heads", default=32),
            "num_key_value_heads": c.int_("num_key_value_heads", default=8),
            "vocab_size": c.int_("vocab_size", default=65536), "attention_bias": False, "mlp_bias": False,
            "hidden_act": "silu", "use_sliding_window": False}
-    spec = _llama_like(_Cfg(raw, c.where), "qwen3")  # q/k per-head RMSNorm, SwiGLU, RoPE, no biases
+    spec = _llama_like(_Cfg(raw, c.where), "qwen3")
     ss = SSMSpec(d_inner=hidden, n_heads=1, head_dim=hidden, n_groups=1, d_state=0,
                  d_conv=c.int_("conv_L_cache", default=3, hi=1024), chunk=1,
                  conv_bias=c.bool_("conv_bias", default=False), gated_norm=False)
-    return replace(spec, family=family, mixers=tuple("conv" if t == "conv" else "attention" for t in types), ssm=ss,
-                   num_experts=experts, experts_per_token=top_k,
-                   moe_intermediate_size=c.int_("moe_intermediate_size", default=1792),
-                   moe_layers=tuple(range(min(dense, layers), layers)), router_sigmoid=True, program_version="5.24",
+    return replace(spec, family=family, mixers=mixers, ssm=ss,
                    tie_word_embeddings=c.bool_("tie_word_embeddings", default=True),
                    max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30))
 
