@@ -15,6 +15,8 @@ from vramplan.hfconfig import spec_from_config
 from vramplan.kinds import MemoryKind
 from vramplan.params import count_params
 
+from .trace_match import assert_matches_trace
+
 _LINEAR = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
            "linear_value_head_dim": 48, "linear_conv_kernel_dim": 4}
 QWEN3_NEXT: dict[str, Any] = {
@@ -144,13 +146,7 @@ WORKLOADS = {
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str) -> None:
     """500 tokens: the fallback pads to 512 (8 chunks of 64)."""
-    pytest.importorskip("torch")
-    from vramplan.trace import trace_workload
-
-    opts = dict(WORKLOADS[wname])
-    traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
-    est = estimate(spec_from_config(cfg), make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
-    assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+    assert_matches_trace(cfg, WORKLOADS[wname], ssm_kernel="torch")
 
 
 def test_pipeline_stages_keep_their_own_layer_kinds() -> None:

@@ -13,6 +13,8 @@ from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params
 
+from .trace_match import assert_matches_trace
+
 _TYPES = ["sliding_attention", "full_attention"] * 3
 G3N: dict[str, Any] = {
     "model_type": "gemma3n_text", "vocab_size": 512, "vocab_size_per_layer_input": 512, "hidden_size": 256,
@@ -80,10 +82,4 @@ WORKLOADS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace(wname: str) -> None:
-    pytest.importorskip("torch")
-    from vramplan.trace import trace_workload
-
-    opts = dict(WORKLOADS[wname])
-    traced = trace_workload(dict(G3N), make_workload(**opts)).peak_allocated_bytes
-    est = estimate(spec_from_config(G3N), make_workload(**opts)).peak_allocated_bytes
-    assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+    assert_matches_trace(G3N, WORKLOADS[wname])

@@ -12,6 +12,8 @@ from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params, layer_params
 
+from .trace_match import assert_matches_trace
+
 MB: dict[str, Any] = {"model_type": "modernbert-decoder", "hidden_size": 256, "num_hidden_layers": 3,
                       "num_attention_heads": 4, "intermediate_size": 384, "vocab_size": 512, "pad_token_id": 0,
                       "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2,
@@ -60,10 +62,4 @@ WORKLOADS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace(wname: str) -> None:
-    pytest.importorskip("torch")
-    from vramplan.trace import trace_workload
-
-    opts = dict(WORKLOADS[wname])
-    traced = trace_workload(dict(MB), make_workload(**opts)).peak_allocated_bytes
-    est = estimate(spec_from_config(MB), make_workload(**opts)).peak_allocated_bytes
-    assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
+    assert_matches_trace(MB, WORKLOADS[wname])

@@ -1,0 +1,23 @@
+"""Shared check of the slow estimate-vs-trace tests: the fake-tensor trace of the installed transformers against
+the pure-Python estimate of the same config and workload."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from vramplan.api import estimate, make_workload
+from vramplan.hfconfig import spec_from_config
+
+
+def assert_matches_trace(cfg: Mapping[str, Any], opts: Mapping[str, Any], tol: float = 0.02,
+                         **estimate_only: Any) -> None:
+    """``estimate_only``: options given to the estimate alone (``ssm_kernel="torch"``: the fallback the trace runs)."""
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
+    est = estimate(spec_from_config(dict(cfg)), make_workload(**opts, **estimate_only)).peak_allocated_bytes
+    assert abs(est / traced - 1) <= tol, (est / 2**30, traced / 2**30)
