@@ -13,7 +13,7 @@ from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params
 
-from .trace_match import assert_matches_trace
+from .trace_match import SMALL_WORKLOADS, assert_matches_trace
 
 _TYPES = ["sliding_attention", "full_attention"] * 3
 G3N: dict[str, Any] = {
@@ -71,12 +71,7 @@ def test_altup_stream_and_sparsity_cost_activations() -> None:
     assert _fwd(spec) - _fwd(one_copy) >= 6 * 2 * 512 * 256 * 2  # 2 more copies of every layer's output at least
 
 
-WORKLOADS = {
-    "full": {"batch_size": 4, "seq_len": 256},
-    "lora": {"method": "lora", "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True,
-             "lora_targets": "q_proj,v_proj"},
-    "infer": {"task": "infer", "batch_size": 2, "seq_len": 256, "new_tokens": 4},
-}
+WORKLOADS = SMALL_WORKLOADS
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params, layer_params
 
-from .trace_match import assert_matches_trace
+from .trace_match import SMALL_WORKLOADS, assert_matches_trace
 
 MB: dict[str, Any] = {"model_type": "modernbert-decoder", "hidden_size": 256, "num_hidden_layers": 3,
                       "num_attention_heads": 4, "intermediate_size": 384, "vocab_size": 512, "pad_token_id": 0,
@@ -51,12 +51,7 @@ def test_rope_on_fp32_copies_costs_inference_memory() -> None:
     assert estimate(spec, w).peak_allocated_bytes > estimate(replace(spec, rope_style="half"), w).peak_allocated_bytes
 
 
-WORKLOADS = {
-    "full": {"batch_size": 4, "seq_len": 256},
-    "lora": {"method": "lora", "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True,
-             "lora_targets": "q_proj,v_proj"},
-    "infer": {"task": "infer", "batch_size": 2, "seq_len": 256, "new_tokens": 4},
-}
+WORKLOADS = SMALL_WORKLOADS
 
 
 @pytest.mark.slow

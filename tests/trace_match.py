@@ -21,3 +21,23 @@ def assert_matches_trace(cfg: Mapping[str, Any], opts: Mapping[str, Any], tol: f
     traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(dict(cfg)), make_workload(**opts, **estimate_only)).peak_allocated_bytes
     assert abs(est / traced - 1) <= tol, (est / 2**30, traced / 2**30)
+
+
+# the three coverage workloads at small-config shapes (Gemma 3n, ModernBERT-decoder)
+SMALL_WORKLOADS: dict[str, dict[str, Any]] = {
+    "full": {"batch_size": 4, "seq_len": 256},
+    "lora": {"method": "lora", "batch_size": 2, "seq_len": 256, "gradient_checkpointing": True,
+             "lora_targets": "q_proj,v_proj"},
+    "infer": {"task": "infer", "batch_size": 2, "seq_len": 256, "new_tokens": 4},
+}
+
+
+def meta_parameters(cfg: Mapping[str, Any]) -> int:
+    """Parameters of the model the trace builds from ``cfg`` (its class resolution), on the meta device."""
+    torch = pytest.importorskip("torch")
+    from vramplan.trace._resolve import hf_config, model_class
+
+    config, _ = hf_config(dict(cfg), cfg["model_type"])
+    with torch.device("meta"):
+        model = model_class(config, cfg["model_type"])._from_config(config)
+    return sum(p.numel() for p in model.parameters())
