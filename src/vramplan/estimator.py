@@ -553,7 +553,8 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, re
 def check_positions(spec: ModelSpec, w: Workload) -> None:
     """Models with a fixed position table (learned embeddings; GPT-J's sin/cos buffer) cannot run longer;
     padding-free packing needs a FlashAttention varlen path (training only)."""
-    if w.packing and (not w.is_train or spec.family in ("bloom", "gptj")):
+    # BLOOM has no FlashAttention path; GPT-J's came with its attention interface (transformers 5.24)
+    if w.packing and (not w.is_train or spec.family == "bloom" or (spec.family == "gptj" and not has_sdpa(spec, w))):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
     if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
