@@ -104,7 +104,7 @@ def test_sigmoid_router_with_fp32_weights_scores_in_fp32() -> None:
                      attention=w.attention)
     tp = Tape(True)
     bld = _B(tp, spec, numerics(w), 1, 16, plan)
-    idx, wts = bld.router(tp.input(16 * 256, 2, True), 16, 8, 2, True)
+    _idx, wts = bld.router(tp.input(16 * 256, 2, True), 16, 8, 2, True)
     assert wts.elem == 4
     assert (16 * 8, 4) in [(t.numel, t.elem) for op in tp.ops for t in op.outputs]  # the fp32 scores
 
