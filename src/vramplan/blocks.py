@@ -19,7 +19,7 @@ from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention, WeightsQuant
 
 __all__ = ["Kernel", "LayerPlan", "Numerics", "attention_kernel", "build_embed", "build_head", "build_layer",
-           "sdpa_kernel"]
+           "sdpa_kernel", "window_masked"]
 
 ACT = MemoryKind.ACTIVATIONS
 LOGITS = MemoryKind.LOGITS_LOSS
@@ -67,6 +67,13 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     if sdpa_repeats_kv(spec, has_mask):
         return sdpa_kernel(elem, spec.head_dim, has_mask)
     return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa, enable_gqa=gqa)
+
+
+def window_masked(spec: ModelSpec, kv_len: int) -> bool:
+    """Whether transformers hands SDPA a materialised mask for a sliding-window (or chunked) layer: it relies on
+    ``is_causal`` only while the key length stays below the window (masking_utils.py ``_ignore_causal_mask_sdpa``:
+    ``kv_length >= local_attention_size`` needs the mask, even where the window then covers every key)."""
+    return bool(spec.sliding_window) and kv_len >= spec.sliding_window
 
 
 def sdpa_repeats_kv(spec: ModelSpec, has_mask: bool) -> bool:
@@ -630,7 +637,7 @@ class _B:
         if spec.kv_lora_rank:
             return self.mla(n)
         # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
-        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window) and \
+        has_mask = plan.sliding and window_masked(spec, skv) and \
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
@@ -881,8 +888,7 @@ class _B:
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
         heads_kv = spec.num_kv_heads
-        has_mask = kernel is not Kernel.FLASH and bool(plan.sliding and spec.sliding_window and
-                                                       self.kv_len > spec.sliding_window)
+        has_mask = kernel is not Kernel.FLASH and plan.sliding and window_masked(spec, self.kv_len)
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(self.b * self.kv_len * qd, k.elem, (k,))
@@ -1602,7 +1608,7 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
             # models mixing full and sliding layers build one mask per layer type (transformers'
             # create_causal_mask and create_sliding_window_causal_mask, both live for the whole forward)
             tp.keep_for_forward(tp.op(batch * seq * seq, num.act, (), rg=False))
-    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
+    elif spec.sliding_layers and window_masked(spec, seq) and \
             attention is not Attention.FLASH:
         # the boolean sliding-window (or chunked) mask for SDPA: without a padding mask, sdpa_mask (masking_utils.py)
         # builds it from the positions alone, (1, 1, S, S), and expands it over the batch as a view
