@@ -61,3 +61,12 @@ def test_trace_pads_the_unexpanded_mask() -> None:
 ])
 def test_matches_trace_beyond_the_window(opts: dict[str, Any]) -> None:
     assert_matches_trace(TINY_MISTRAL, opts, tol=0.01)
+
+
+def test_a_window_the_length_of_the_keys_still_builds_the_mask() -> None:
+    """transformers skips the mask only while the key length is below the window (kv_length >= window: masked),
+    so a 4096-token window at 4096 tokens already runs the masked kernel (QLoRA Mistral-7B at 4096)."""
+    at = {**TINY_MISTRAL, "sliding_window": 1504}
+    below = {**TINY_MISTRAL, "sliding_window": 1505}
+    assert _peak(at, batch_size=2, seq_len=1504) > _peak(below, batch_size=2, seq_len=1504) + 2 * 1504 * 1504 * 2
+    assert_matches_trace(at, {"batch_size": 2, "seq_len": 1504}, tol=0.01)
