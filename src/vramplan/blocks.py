@@ -896,6 +896,8 @@ class _B:
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
+        rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
         q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
         k_rot = self.call(rot, tp.view(ckv, b * s * rd))
@@ -903,7 +905,7 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
@@ -927,6 +929,9 @@ class _B:
         else:
             out = self.attention_core(query, key, value, kernel, nh)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
+            gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
+            out = self.mul(out, gs)
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
         for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
@@ -1174,6 +1179,8 @@ class _B:
                 out = self.cast(self.add(self.cast(out, 4), self.cast(so, 4)), act)
             else:
                 out = self.add(out, so)
+        if spec.moe_post_norm:  # AXK1MoE: return self.post_mlp_layernorm(hidden_states)
+            out = self.norm(out, hidden, tr)
         return out
 
     def experts_loop(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:

@@ -70,6 +70,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
             hi, di = spec.index_heads, spec.index_head_dim
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        if spec.mla_head_gate:  # BailingHybridAttention's g_proj: one gate per head, no bias
+            out.append(("g_proj", h, nh, 1))
         return out
     if spec.qkv_fused:
         name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
@@ -342,6 +344,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
             (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
     if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
         norm += 3 * _norm_params(spec, spec.hidden_size)
+    if spec.moe_post_norm and moe:  # the MoE block's own output norm (AXK1MoE.post_mlp_layernorm)
+        norm += _norm_params(spec, spec.hidden_size)
     if spec.per_layer_input:  # post_per_layer_input_norm
         norm += _norm_params(spec, spec.hidden_size)
     if spec.altup_inputs:  # Gemma 3n: correct_output_scale, router_norm, post_laurel_norm
