@@ -725,11 +725,12 @@ def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
         layout, safe = "kda", False
     else:
         # BailingHybridConfig.__post_init__: linear_head_dim = head_dim, linear_num_heads = num_attention_heads,
-        # the kernel = short_conv_kernel_size, read before head_dim is rebound to qk_rope_head_dim (so a config that
-        # to_dict saved, holding that rebound head_dim, builds KDA heads of the rotary width)
-        d = cc.int_("head_dim", default=128)
-        nh = heads
-        kernel = cc.int_("short_conv_kernel_size", default=4, hi=1024)
+        # the kernel = short_conv_kernel_size (head_dim is then rebound to qk_rope_head_dim); linear_* keys in the
+        # config (as to_dict saves them) are set after that and win
+        d = cc.int_("linear_head_dim") if raw.get("linear_head_dim") is not None else cc.int_("head_dim", default=128)
+        nh = cc.int_("linear_num_heads") if raw.get("linear_num_heads") is not None else heads
+        kernel = cc.int_("linear_conv_kernel_dim", hi=1024) if raw.get("linear_conv_kernel_dim") is not None else \
+            cc.int_("short_conv_kernel_size", default=4, hi=1024)
         layout, safe = "kda_full", cc.bool_("kda_safe_gate", default=True)
     ss = SSMSpec(d_inner=nh * d, n_heads=nh, head_dim=d, n_groups=nh, d_state=d, d_conv=kernel, chunk=64,
                  conv_bias=False, gdn_layout=layout, neg_eigval=safe, gated_norm_fp32=True)
