@@ -887,7 +887,15 @@ class _B:
         lin = self.proj
 
         qn: Tensor | None = None
-        if qr:
+        gate: Tensor | None = None
+        if qr and spec.mla_q_gate:  # AXK2Attention: q_gate_proj(cat([q_resid, q_compressed])) -> query, gate
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            qn = self.norm(qa, qr, tr)
+            qcat = tp.op(b * s * 2 * qr, qa.elem, (qn, qa), passthrough=True)
+            qg = lin(qcat, 2 * qr, nh * (qk + vd), "q_gate_proj", False)
+            q = tp.view(qg, b * s * nh * qk)
+            gate = tp.op(b * s * nh * vd, qg.elem, (qg,), passthrough=True)  # reshape of the strided split: a copy
+        elif qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
@@ -929,6 +937,9 @@ class _B:
         else:
             out = self.attention_core(query, key, value, kernel, nh)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
+            out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
+            tp.hold(gate)
         if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
             gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
             out = self.mul(out, gs)
@@ -1423,7 +1434,8 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
+            n1 = (self.gated_norm(x) if spec.gated_norm_rank else self.norm(x, spec.hidden_size, tr)) \
+                if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1431,7 +1443,7 @@ class _B:
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
-            n2 = self.norm(hmid, spec.hidden_size, tr)
+            n2 = self.gated_norm(hmid) if spec.gated_norm_rank and plan.moe else self.norm(hmid, spec.hidden_size, tr)
             # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
             # hidden_states rebound) free it after fc1
             m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
@@ -1456,6 +1468,18 @@ class _B:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
         return y
+
+    def gated_norm(self, x: Tensor) -> Tensor:
+        """AXK2GatedRMSNorm (modeling_axk2.py): ``y = norm(x)``; ``(y * sigmoid(fc2(silu(fc1(y))).float())).to(y.dtype)``:
+        the fp32 sigmoid saves its result, the promoted product saves y and it."""
+        plan = self.plan
+        assert plan is not None
+        h, r = self.spec.hidden_size, self.spec.gated_norm_rank
+        y = self.norm(x, h, plan.trainable)
+        f1 = self.proj(y, h, r, "fc1")
+        f2 = self.proj(self.ew(f1, save_in=True), r, h, "fc2")  # nn.SiLU saves its input
+        sg = self.ew(self.cast(f2, 4), save_out=True)
+        return self.cast(self.mul(y, sg), y.elem)
 
     def moe_beside(self, m: Tensor, hmid: Tensor) -> Tensor:
         """Gemma4TextDecoderLayer with enable_moe_block (modeling_gemma4.py): the dense MLP's output normed

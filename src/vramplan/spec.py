@@ -237,6 +237,10 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    mla_q_gate: bool = False  # MLA whose query projection also makes a per-channel output gate: q_gate_proj of
+    # cat([q_resid, q_compressed]) gives (heads, qk + v) per token; out * sigmoid(gate.float()) (AXK2Attention)
+    gated_norm_rank: int = 0  # the layer's pre-attention norm (and the MoE layers' pre-MLP norm) is RMSNorm times
+    # sigmoid(fc2(silu(fc1(y))).float()), fc1 of this rank (AXK2GatedRMSNorm)
     mla_head_gate: bool = False  # MLA output * sigmoid(g_proj(x).float()).to(dtype), one gate per head (Ling 3:
     # BailingHybridAttention)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:

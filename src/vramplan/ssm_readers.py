@@ -741,6 +741,32 @@ def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
         extra["mla_head_gate"] = True
     return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24", **extra)
 
+
+def _axk2(c: _Cfg, family: str) -> ModelSpec:
+    """A.X-K2 (modeling_axk2.py): DeepSeek-V3.2's MLA with the DSA lightning indexer and MoE block, except that the
+    query projection ``q_gate_proj`` reads ``cat([q_resid, q_compressed])`` and also makes a per-channel output gate
+    (``attn_output * sigmoid(gate.float())``), and the pre-attention norm (and a MoE layer's pre-MLP norm) is
+    ``AXK2GatedRMSNorm``; ``mlp_layer_types`` defaults to one leading dense layer (``first_k_dense_replace``)."""
+    from dataclasses import replace
+
+    from .hfconfig import _Facts, _llama_like
+
+    raw: dict[str, Any] = dict(c.raw)
+    for key, default in (("hidden_size", 2048), ("intermediate_size", 5120), ("moe_intermediate_size", 512),
+                         ("num_hidden_layers", 48), ("num_attention_heads", 32), ("num_key_value_heads", 32),
+                         ("n_routed_experts", 128), ("num_experts_per_tok", 8), ("n_shared_experts", 1),
+                         ("vocab_size", 163840), ("max_position_embeddings", 131072), ("index_n_heads", 16),
+                         ("index_head_dim", 128), ("index_topk", 2048), ("first_k_dense_replace", 1)):
+        raw.setdefault(key, default)  # configuration_axk2.py
+    if raw.get("q_lora_rank") is None or not isinstance(raw.get("q_lora_rank", 384), int) or \
+            raw.get("q_lora_rank", 384) <= 0:
+        raise ConfigError(f"{c.where}: A.X-K2 needs a positive q_lora_rank (AXK2Config refuses others)")
+    facts = _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                   mla_defaults=(384, 128, 64, 32, 64))
+    spec = _llama_like(_Cfg(raw, c.where), family, facts)
+    return replace(spec, mla_q_gate=True, gated_norm_rank=_Cfg(raw, c.where).int_("gated_norm_rank", default=16),
+                   program_version="5.24")
+
 # configuration_lara_mini.py: the released pattern, period 5, when layer_types is not given
 _LARA_PATTERN = ("linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention")
 
@@ -873,7 +899,7 @@ SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
     "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
     "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax, "kimi_linear": _kimi_linear,
-    "bailing_hybrid": _kimi_linear}
+    "bailing_hybrid": _kimi_linear, "axk2": _axk2}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -885,4 +911,4 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Lfm2MoeForCausalLM": "lfm2_moe", "RecurrentGemmaForCausalLM": "recurrent_gemma",
                                "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax",
                                "KimiLinearForCausalLM": "kimi_linear",
-                               "BailingHybridForCausalLM": "bailing_hybrid"}
+                               "BailingHybridForCausalLM": "bailing_hybrid", "AXK2ForCausalLM": "axk2"}
