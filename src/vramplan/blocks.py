@@ -1470,8 +1470,9 @@ class _B:
         return y
 
     def gated_norm(self, x: Tensor) -> Tensor:
-        """AXK2GatedRMSNorm (modeling_axk2.py): ``y = norm(x)``; ``(y * sigmoid(fc2(silu(fc1(y))).float())).to(y.dtype)``:
-        the fp32 sigmoid saves its result, the promoted product saves y and it."""
+        """AXK2GatedRMSNorm (modeling_axk2.py): ``y = norm(x)``, then
+        ``(y * sigmoid(fc2(silu(fc1(y))).float())).to(y.dtype)``: the fp32 sigmoid saves its result, the promoted
+        product saves y and it."""
         plan = self.plan
         assert plan is not None
         h, r = self.spec.hidden_size, self.spec.gated_norm_rank

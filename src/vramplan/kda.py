@@ -56,7 +56,7 @@ def kda_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
                 ("g_a_proj", hidden, d, 1), ("g_b_proj", d, q, 1)]
     else:  # BailingHybridForgetGate f_proj, b_proj, g_proj
         out += [("f_proj", hidden, q, 1), ("b_proj", hidden, nh, 1), ("g_proj", hidden, q, 1)]
-    return out + [("o_proj", q, hidden, 1)]
+    return [*out, ("o_proj", q, hidden, 1)]
 
 
 def kda_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
@@ -242,17 +242,18 @@ def _chunk_kda(bld: _B, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     for ci in range(chunks):
         q_i, k_i, v_i, g_i = (tp.view(qs, cn * d), tp.view(kp, cn * d), tp.view(value, cn * d),
                               tp.view(cum, cn * d))
-        kc_i, dm_i = tp.view(k_cum, cn * d), tp.view(decay, cn * c * d)
+        kc_i = tp.view(k_cum, cn * d)
+        # decay_mask[:, :, i]: a view, recorded as an op (no bytes of its own) whose backward is select_backward's
+        # decay-mask-sized zeros with the chunk's gradient written in; the engine's input buffer adds that to the
+        # gradient so far out of place (both and the sum alive, after the product's backward released what it
+        # saved), as the trace shows for every chunk but the first one backward reaches
+        dm_i = tp.op(cn * c * d, 4, (decay,), bwd_scratch=big * 4 if ci < chunks - 1 and decay.rg else 0)
+        dm_i.nbytes = 0
         gie = bld.ew(g_i, save_out=True)  # g_i.exp()
         qg = bld.mul(q_i, gie)
         inter = tp.op(cn * d, 4, (qg, state), save=((state,) if qg.rg else ()) + ((qg,) if state.rg else ()))
         qk = _outer(bld, q_i, k_i, cn * c * d)  # q_i[..., None, :] * k_i[..., None, :, :]
         intra = _mul_sum(bld, qk, dm_i, cn * c * d, cn * c)  # * decay_mask[:, :, i], .sum(-1)
-        if ci < chunks - 1 and dm_i.rg:
-            # decay_mask[:, :, i]'s gradient is select_backward's decay-mask-sized zeros with the chunk written in;
-            # the engine's input buffer adds it to the gradient so far out of place (both and the sum alive), as
-            # the trace shows for every chunk but the first one backward reaches
-            tp.ops[-1].bwd_scratch += big * 4
         intra = tp.op(cn * c, 4, (intra, masks), save=(masks,) if intra.rg else (), grad_to=(intra,))
         vpr = tp.op(cn * d, 4, (kc_i, state), save=((state,) if kc_i.rg else ()) + ((kc_i,) if state.rg else ()))
         v_new = tp.op(cn * d, 4, (v_i, vpr))

@@ -718,7 +718,8 @@ def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
     heads = cc.int_("num_attention_heads")
     if family == "kimi_linear":
         # linear_attn_config (a checkpoint's sub-dict) overrides the linear_* keys (KimiLinearConfig.__post_init__)
-        lac = c.raw.get("linear_attn_config") if isinstance(c.raw.get("linear_attn_config"), dict) else {}
+        got = c.raw.get("linear_attn_config")
+        lac: dict[str, Any] = dict(got) if isinstance(got, dict) else {}
         sub = _Cfg({"head_dim": raw.get("linear_head_dim", 128), "num_heads": raw.get("linear_num_heads", 32),
                     "short_conv_kernel_size": raw.get("linear_conv_kernel_dim", 4), **lac}, c.where)
         d, nh, kernel = sub.int_("head_dim"), sub.int_("num_heads"), sub.int_("short_conv_kernel_size", hi=1024)
