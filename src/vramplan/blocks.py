@@ -73,7 +73,7 @@ def window_masked(spec: ModelSpec, kv_len: int) -> bool:
     """Whether transformers hands SDPA a materialised mask for a sliding-window (or chunked) layer: it relies on
     ``is_causal`` only while the key length stays below the window (masking_utils.py ``_ignore_causal_mask_sdpa``:
     ``kv_length >= local_attention_size`` needs the mask, even where the window then covers every key)."""
-    return bool(spec.sliding_window) and kv_len >= spec.sliding_window
+    return spec.sliding_window is not None and spec.sliding_window > 0 and kv_len >= spec.sliding_window
 
 
 def sdpa_repeats_kv(spec: ModelSpec, has_mask: bool) -> bool:
