@@ -200,3 +200,70 @@ def test_vision_language_reserved_says_it_is_not_replayed() -> None:
     assert e.peak_reserved_bytes == e.peak_allocated_bytes + slack
     assert not any("reserved memory from a replay" in a for a in e.assumptions)
     assert any("not a replay" in a for a in e.assumptions)
+
+
+# ---- composite configs whose causal-LM class is the language model alone ----------------------------------------
+
+def _q35(**extra: Any) -> dict[str, Any]:
+    text = {"model_type": "qwen3_5_text", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]}
+    return {"model_type": "qwen3_5", "text_config": text, "vision_config": {"depth": 2, "hidden_size": 128}, **extra}
+
+
+def test_text_only_causal_lm_class_is_estimated_as_its_language_model() -> None:
+    from vramplan.multimodal import text_only_class
+
+    spec = spec_from_config(_q35(), "q35")
+    assert spec.multimodal is None  # no tower to refuse: transformers does not build one
+    assert any("Qwen3_5ForCausalLM" in n and "language model alone" in n for n in spec.notes)
+    est = estimate(spec, method="full", seq_len=128)
+    assert est.parameters == count_params(spec).total
+    assert any("Qwen3_5ForCausalLM" in w for w in est.warnings)
+    assert text_only_class(_q35(architectures=["Qwen3_5ForCausalLM"])) == "Qwen3_5ForCausalLM"
+    # a checkpoint naming the image-text class builds the whole model, whose tower is not modelled: refused
+    whole = spec_from_config(_q35(architectures=["Qwen3_5ForConditionalGeneration"]), "q35")
+    assert whole.multimodal is not None and text_only_class(_q35(architectures=["Qwen3_5ForConditionalGeneration"])) \
+        is None
+    with pytest.raises(WorkloadError, match="vision tower of qwen3_5"):
+        estimate(whole, method="full", seq_len=128)
+
+
+def test_text_only_causal_lm_table_is_the_installed_transformers() -> None:
+    """TEXT_ONLY_CAUSAL_LM holds exactly the multimodal types whose causal-LM class is built on text_config."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from vramplan.multimodal import TEXT_ONLY_CAUSAL_LM
+
+    if transformers.__version__ != "5.24.0":
+        pytest.skip("the table is written for transformers 5.24.0")
+    found = {}
+    for t, cls_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        subs = getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}
+        if "text_config" not in subs or not any(w in k for k in subs for w in ("vision", "vq", "image")):
+            continue
+        cls = getattr(transformers, cls_name, None)
+        if cls is not None and getattr(cls, "config_class", None) is subs["text_config"]:
+            found[t] = cls_name
+    assert found == TEXT_ONLY_CAUSAL_LM
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4"])
+def test_text_only_causal_lm_matches_the_meta_device(model_type: str) -> None:
+    """The trace builds what AutoModelForCausalLM builds (the text_config swap) and estimate counts the same."""
+    torch = pytest.importorskip("torch")
+    from vramplan.trace._resolve import build_config, hf_config, model_class
+
+    raw = _default(model_type)
+    config, _ = hf_config(raw, model_type)
+    cls = model_class(config, model_type)
+    built = build_config(config, cls)
+    assert built is not config and built is config.get_text_config()
+    with torch.device("meta"):
+        model = cls._from_config(built)
+    spec = spec_from_config(raw, model_type)
+    assert spec.multimodal is None
+    assert count_params(spec).total == sum(p.numel() for p in model.parameters())

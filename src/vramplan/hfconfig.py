@@ -1219,6 +1219,16 @@ def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], t
         sub["tie_word_embeddings"] = raw["tie_word_embeddings"]
     if not towers:
         return sub, ()
+    from .multimodal import text_only_class
+
+    cls = text_only_class(raw)
+    if cls is not None:
+        # what transformers builds: the language model on text_config (its own tie flag), no tower at all
+        sub = {**text, "model_type": sub["model_type"]}
+        return sub, (f"{name}: transformers' causal-LM class for {model_type}, {cls}, is the language model alone "
+                     f"(built on text_config; the {' and '.join(towers)} tower is not built): estimated as that, "
+                     "text tokens only, like `vramplan trace`; architectures naming the image-text class would "
+                     "build the whole model",)
     return sub, (f"{name} is a {model_type} model with a {' and '.join(towers)} tower: estimate counts its language "
                  f"model only (weights, activations and cache of the {' and '.join(towers)} tower are missing); "
                  "`vramplan trace` runs the whole model",)
@@ -1231,6 +1241,7 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     from .quant import quantization_from_config
 
     cfg: Mapping[str, Any] = _special_floats(raw)
+    cfg_raw = cfg
     quantization = quantization_from_config(cfg, name)
     cfg, notes = _text_tower(cfg, name)
     family = _resolve(cfg, name)
@@ -1246,7 +1257,10 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         spec = replace(spec, quantization=quantization)
     if notes:
         spec = replace(spec, notes=notes)
-        from .multimodal import multimodal_from_config
+        from .multimodal import multimodal_from_config, text_only_class
+
+        if text_only_class(cfg_raw) is not None:
+            return spec
 
         mm = multimodal_from_config(_special_floats(raw), spec.hidden_size, name)
         if mm is not None:

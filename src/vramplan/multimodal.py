@@ -38,8 +38,8 @@ from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec
 from .workload import Method, WeightsQuant, Workload
 
-__all__ = ["MULTIMODAL_TYPES", "MultimodalSpec", "VisionTower", "estimate_multimodal", "multimodal_from_config",
-           "tower_parameters"]
+__all__ = ["MULTIMODAL_TYPES", "TEXT_ONLY_CAUSAL_LM", "MultimodalSpec", "VisionTower", "estimate_multimodal",
+           "multimodal_from_config", "text_only_class", "tower_parameters"]
 
 K = MemoryKind
 
@@ -400,6 +400,30 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
 
 MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
                     "internvl", "mistral3")
+# Composite configs whose causal-LM class in transformers 5.24 (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+# models/auto/modeling_auto.py) is the language model alone: its ``config_class`` is the text sub-config's, so
+# ``AutoModelForCausalLM`` builds it on ``config.get_text_config()`` (models/auto/auto_factory.py) and no vision
+# tower exists. tests/test_multimodal.py checks this table against the installed transformers.
+TEXT_ONLY_CAUSAL_LM = {"dots3_note": "Dots3NoteForCausalLM", "emu3": "Emu3ForCausalLM", "llama4": "Llama4ForCausalLM",
+                       "mllama": "MllamaForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
+                       "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "qwen4_exp": "Qwen4ExpForCausalLM"}
+
+
+def text_only_class(raw: Mapping[str, Any]) -> str | None:
+    """The causal-LM class transformers builds on this composite config's text_config alone, or None when it builds
+    the whole model. Resolved as the trace resolves it (vramplan.trace._resolve.model_class): ``architectures``
+    naming the causal-LM class, or naming no other model class (no ``...ForConditionalGeneration``), leaves the
+    causal-LM mapping's class; an image-text class in ``architectures`` builds the whole model."""
+    cls = TEXT_ONLY_CAUSAL_LM.get(str(raw.get("model_type")))
+    if cls is None:
+        return None
+    archs = raw.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if cls in names or not any(a.endswith("ForConditionalGeneration") for a in names):
+        return cls
+    return None
+
+
 # the language model's reader for text configs that only exist inside a multimodal config
 TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 
