@@ -251,7 +251,7 @@ def test_text_only_causal_lm_table_is_the_installed_transformers() -> None:
     assert found == TEXT_ONLY_CAUSAL_LM
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4", "emu3"])
 def test_text_only_causal_lm_matches_the_meta_device(model_type: str) -> None:
     """The trace builds what AutoModelForCausalLM builds (the text_config swap) and estimate counts the same."""
     torch = pytest.importorskip("torch")
@@ -267,3 +267,15 @@ def test_text_only_causal_lm_matches_the_meta_device(model_type: str) -> None:
     spec = spec_from_config(raw, model_type)
     assert spec.multimodal is None
     assert count_params(spec).total == sum(p.numel() for p in model.parameters())
+
+
+def test_derive_resolves_a_text_sub_config_to_its_causal_lm_class() -> None:
+    """`vramplan derive emu3_text_model`: the causal-LM mapping keys on the composite Emu3Config; the class built on
+    the text config is Emu3ForCausalLM (its config_class), which derive runs."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from vramplan.derive._derive import _causal_lm_class, text_sub_config_class
+
+    assert _causal_lm_class(transformers.Emu3TextConfig) is transformers.Emu3ForCausalLM
+    assert _causal_lm_class(transformers.LlamaConfig) is transformers.LlamaForCausalLM
+    assert text_sub_config_class(transformers.SiglipVisionConfig) is None
