@@ -151,7 +151,7 @@ SMALL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3", "qwen3_vl"])
 @pytest.mark.parametrize("workload", list(SMALL))
 def test_estimate_tracks_the_trace(model_type: str, workload: str) -> None:
     pytest.importorskip("torch")
@@ -279,3 +279,62 @@ def test_derive_resolves_a_text_sub_config_to_its_causal_lm_class() -> None:
     assert _causal_lm_class(transformers.Emu3TextConfig) is transformers.Emu3ForCausalLM
     assert _causal_lm_class(transformers.LlamaConfig) is transformers.LlamaForCausalLM
     assert text_sub_config_class(transformers.SiglipVisionConfig) is None
+
+
+# ---- Qwen3-VL: resampled positions, DeepStack ---------------------------------------------------------------------
+
+def _q3vl(text_layers: int = 2, depth: int = 4, deep: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    return {"model_type": "qwen3_vl",
+            "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 256, "intermediate_size": 512,
+                            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "head_dim": 64, "vocab_size": 1024},
+            "vision_config": {"depth": depth, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2,
+                              "patch_size": 16, "out_hidden_size": 256, "num_position_embeddings": 64,
+                              "deepstack_visual_indexes": list(deep)}}
+
+
+def test_qwen3_vl_deepstack_levels() -> None:
+    from vramplan._engine.numerics import Numerics
+    from vramplan.multimodal import _build_all
+    from vramplan.vision._layers import Layers
+
+    spec = spec_from_config(_q3vl(), "q3vl")
+    t = spec.multimodal.tower  # type: ignore[union-attr]
+    assert t is not None and t.deepstack == (0, 1, 2) and t.pos_embeds == 64 and not t.input_embeddings
+    L = Layers(Numerics(True, 2, 2, False))
+    feats, deep = _build_all(L, t, 1, 448, True, True, False)
+    assert len(deep) == 3 and all(f.numel == feats.numel for f in deep)  # one merged token per 2 x 2 patches
+    L2 = Layers(Numerics(True, 2, 2, False))
+    _, deep2 = _build_all(L2, spec_from_config(_q3vl(deep=(1, 9)), "q").multimodal.tower, 1, 448, True, True, False)  # type: ignore[union-attr]
+    assert len(deep2) == 1  # index 9 is past the depth: its merger is built, never run
+    # a merger per index whatever runs: the parameter count does not depend on the depth reached
+    assert tower_parameters(spec_from_config(_q3vl(deep=(1, 9)), "q").multimodal.tower) == \
+        tower_parameters(spec_from_config(_q3vl(deep=(1, 2)), "q").multimodal.tower)
+
+
+def test_qwen3_vl_deepstack_past_the_text_depth_gets_no_gradient() -> None:
+    """Levels the language model never adds (level i after layer i) leave their mergers without gradients: fewer
+    gradient bytes at the optimizer step than when every level is used."""
+    short = estimate(spec_from_config(_q3vl(text_layers=1), "q"), method="full", seq_len=64)
+    deep = estimate(spec_from_config(_q3vl(text_layers=3), "q"), method="full", seq_len=64)
+    one_layer = count_params(spec_from_config(_q3vl(text_layers=3), "q")).total - \
+        count_params(spec_from_config(_q3vl(text_layers=1), "q")).total
+
+    def grads(e: Any) -> int:
+        return int(e.phases[-1].breakdown.as_dict()["gradients"])
+
+    merger = 2 * (128 * 4 * 2 + (512 * 512 + 512) + (512 * 256 + 256))  # norm + fc1 + fc2, bf16
+    assert grads(deep) - grads(short) == 2 * one_layer + 2 * merger
+
+
+def test_qwen3_vl_tower_keeps_no_graph_under_adapters() -> None:
+    """enable_input_require_grads does not reach Qwen3VLVisionModel (no input embeddings it resolves): with LoRA and
+    checkpointing the tower runs without a graph, unlike a tower it hooks."""
+    from dataclasses import replace
+
+    spec = spec_from_config(_q3vl(), "q")
+    mm = spec.multimodal
+    assert mm is not None and mm.tower is not None
+    hooked = replace(spec, multimodal=replace(mm, tower=replace(mm.tower, input_embeddings=True)))
+    opts = {"method": "lora", "seq_len": 64, "gradient_checkpointing": True, "lora_targets": "q_proj,v_proj"}
+    assert estimate(hooked, **opts).peak_allocated_bytes > estimate(spec, **opts).peak_allocated_bytes

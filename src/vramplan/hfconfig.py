@@ -1064,8 +1064,8 @@ _READERS.update(LAYOUT_READERS)
 _CLASSES.update(LAYOUT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
-            # decoder with multimodal RoPE
-            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+            # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
+            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_READERS))
 # The transformers release whose modeling code the hand-written block programs follow (per family: ModelSpec
 # .program_version; families added later were written from, and checked against, a newer release).
