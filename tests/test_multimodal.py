@@ -251,7 +251,7 @@ def test_text_only_causal_lm_table_is_the_installed_transformers() -> None:
     assert found == TEXT_ONLY_CAUSAL_LM
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4", "emu3"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4", "emu3", "mllama"])
 def test_text_only_causal_lm_matches_the_meta_device(model_type: str) -> None:
     """The trace builds what AutoModelForCausalLM builds (the text_config swap) and estimate counts the same."""
     torch = pytest.importorskip("torch")
@@ -338,3 +338,46 @@ def test_qwen3_vl_tower_keeps_no_graph_under_adapters() -> None:
     hooked = replace(spec, multimodal=replace(mm, tower=replace(mm.tower, input_embeddings=True)))
     opts = {"method": "lora", "seq_len": 64, "gradient_checkpointing": True, "lora_targets": "q_proj,v_proj"}
     assert estimate(hooked, **opts).peak_allocated_bytes > estimate(spec, **opts).peak_allocated_bytes
+
+
+# ---- Mllama's language model: cross-attention layers built but idle on text --------------------------------------
+
+def _mllama_text(cross: list[int]) -> dict[str, Any]:
+    return {"model_type": "mllama_text_model", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "cross_attention_layers": cross}
+
+
+def test_idle_layers_count_parameters_but_no_activations_cache_or_gradients() -> None:
+    idle = spec_from_config(_mllama_text([1, 7]), "m")  # 7: past the depth, builds nothing (MllamaTextModel)
+    none = spec_from_config(_mllama_text([]), "m")
+    assert idle.idle_layers == (1,) and idle.idle_params == 2 * 64 + 2
+    # same modules plus the idle layer's q/k norms and gates; 8 extra token rows either way
+    assert count_params(idle).total == count_params(none).total + 130
+    assert count_params(none).embedding == 1008 * 256
+    layer = count_params(none).layers[1].total
+    full_i = estimate(idle, method="full", seq_len=256)
+    full_n = estimate(none, method="full", seq_len=256)
+
+    def kind(e: Any, phase: int, k: str) -> int:
+        return int(e.phases[phase].breakdown.as_dict().get(k, 0))
+
+    # no gradient for the idle layer nor its norms and gates (the step's gradients: the other model has the same
+    # layer without them, running), the optimizer state counted for every parameter
+    assert kind(full_n, -1, "gradients") - kind(full_i, -1, "gradients") == 2 * layer
+    assert kind(full_i, 0, "optimizer_state") == 2 * 2 * count_params(idle).total
+    # ... and the step's foreach temporaries only for the parameters with a gradient
+    assert kind(full_i, -1, "optimizer_state") == kind(full_i, 0, "optimizer_state") + kind(full_i, -1, "gradients")
+    # no activations: the forward is that of two layers, not three
+    two = spec_from_config({**_mllama_text([]), "num_hidden_layers": 2}, "m")
+    assert kind(estimate(idle, method="full", seq_len=256), 0, "activations") == \
+        kind(estimate(two, method="full", seq_len=256), 0, "activations")
+    # no KV cache: the idle layer caches nothing
+    inf_i = estimate(idle, task="infer", seq_len=256, new_tokens=8)
+    inf_2 = estimate(two, task="infer", seq_len=256, new_tokens=8)
+    assert kind(inf_i, -1, "kv_cache") == kind(inf_2, -1, "kv_cache") > 0
+    # adapters attach to the idle layer too (peft wraps every q_proj / v_proj) but get no gradient
+    lora_i = estimate(idle, method="lora", seq_len=256, lora_targets="q_proj,v_proj")
+    lora_n = estimate(none, method="lora", seq_len=256, lora_targets="q_proj,v_proj")
+    assert lora_i.trainable_parameters == lora_n.trainable_parameters
+    assert kind(lora_i, -1, "gradients") < kind(lora_n, -1, "gradients")
