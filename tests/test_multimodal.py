@@ -381,3 +381,45 @@ def test_idle_layers_count_parameters_but_no_activations_cache_or_gradients() ->
     lora_n = estimate(none, method="lora", seq_len=256, lora_targets="q_proj,v_proj")
     assert lora_i.trainable_parameters == lora_n.trainable_parameters
     assert kind(lora_i, -1, "gradients") < kind(lora_n, -1, "gradients")
+
+
+# ---- what the model holds beside the tower: Gemma 3's bidirectional image mask, Pixtral's block mask -----------
+
+def test_gemma3_images_materialize_the_full_attention_mask() -> None:
+    from dataclasses import replace
+
+    from vramplan.multimodal import language_model_extra
+
+    spec = get_model("gemma-3-4b-it").spec
+    t = spec.multimodal.tower  # type: ignore[union-attr]
+    assert t is not None and len(spec.sliding_layers) < spec.num_layers
+    assert language_model_extra(t, spec, 4, 2304, 2, False) == 4 * 2304 * 2304  # (batch, 1, S, S) bool
+    every = replace(spec, sliding_layers=tuple(range(spec.num_layers)))
+    assert language_model_extra(t, every, 4, 2304, 2, False) == 0  # no full-attention layer: no such mask
+    llava = get_model("llava-1.5-7b").spec
+    assert language_model_extra(llava.multimodal.tower, llava, 4, 2304, 2, False) == 0  # type: ignore[union-attr,arg-type]
+
+
+def test_pixtral_checkpoint_holds_the_block_mask_through_backward() -> None:
+    """Under checkpointing the block mask is an argument of every layer: the checkpoint holds it for the layers'
+    backward, where the recomputed attention pads it again (Mistral 3 LoRA)."""
+    from vramplan._engine.numerics import Numerics
+    from vramplan._engine.replay import backward as replay_backward
+    from vramplan._engine.replay import forward as replay_forward
+    from vramplan._engine.tape import ZERO
+    from vramplan.multimodal import VisionTower, _build_all
+    from vramplan.vision._layers import Layers
+
+    t = VisionTower(style="pixtral", hidden=64, layers=2, heads=2, intermediate=64, patch=14, image_size=14 * 40,
+                    act="gelu", projector="mistral3", text_hidden=64, projector_hidden=64, scale_factor=2)
+    L = Layers(Numerics(True, 2, 2, False))
+    feats, _ = _build_all(L, t, 1, 14 * 35, False, False, True, True)  # 35 x 35 patches: 1225 rows, not 16-aligned
+    L.keep(feats)
+    fwd = replay_forward(L, ZERO)
+    peak, _ = replay_backward(L, fwd, [feats])
+    rows = 35 * 35
+    mask = rows * rows * 2
+    padded = 2 * rows * (rows + 16 - rows % 16) * 2
+    pixels = 3 * (14 * 35) ** 2 * 4
+    assert sum(fwd.end.kinds) >= pixels + mask  # the checkpoint holds the mask after the forward
+    assert sum(peak.kinds) >= sum(fwd.end.kinds) + padded  # and the recomputed attention pads it again

@@ -188,7 +188,8 @@ def _norm(L: Any, x: Any, d: int, rms: bool, tr: bool, name: str) -> Any:
     return L.rms_norm(x, d, trainable=tr, name=name) if rms else L.layer_norm(x, d, trainable=tr, name=name)
 
 
-def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any) -> Any:
+def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any,
+           mask: Any = None) -> Any:
     """One encoder layer: pre-norm attention and MLP with residuals (CLIPEncoderLayer, SiglipEncoderLayer,
     Idefics3EncoderLayer, InternVLVisionLayer with its layer scales, PixtralAttentionLayer, Qwen2VLVisionBlock,
     Qwen2_5_VLVisionBlock)."""
@@ -223,7 +224,12 @@ def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool,
         # the block mask (1, 1, N, N) reaches the memory-efficient kernel expanded to every head; its last dim is
         # not a multiple of 16, so SDPA pads it, materializing (heads, N, N + pad) (attention.cpp preprocess_mask),
         # which the kernel's backward keeps as its bias
-        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act, (), rg=False)
+        # (made from the mask the layer is called with: under checkpointing the checkpoint holds that argument for
+        # the layer's backward, as it holds every input)
+        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act,
+                      (mask,) if mask is not None else (), rg=False)
+    elif mask is not None:
+        L.scratch(0, (mask,))  # the layer reads the mask: a checkpoint holds it
     parts = []
     for s in seqs:  # Qwen-VL: one attention call per image (or window) of the packed sequence
         frac = s / rows
@@ -367,7 +373,7 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                bias=t.style not in ("clip", "pixtral"), trainable=tower_tr, batch=images)
     x.rg = x.rg or (input_rg and L.num.training)
     x = L.copy(x)  # flatten(2).transpose(1, 2) then the position add / class-token cat
-    rope = None
+    rope = mask = None
     if cls:
         x = L.cat((x,))  # torch.cat([class_embeds, patch_embeds])
     if t.style == "pixtral":
@@ -385,7 +391,7 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     for i in range(t.layers):
         with L.checkpoint(ckpt):
             x = _block(L, t, x, rows, [seq] if t.style != "pixtral" else [rows], tower_tr, f"encoder.layers.{i}",
-                       rope)
+                       rope, mask)
         states.append(x)
     if t.style == "pixtral":
         L.hold(rope, mask, *states)  # Mistral 3 asks the tower for every layer's hidden states
@@ -441,7 +447,10 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     if t.projector == "paligemma":
         out = L.linear(x, d, t.projector_hidden, "multi_modal_projector.linear", trainable=proj_tr)
         return L.scale(out)  # image_features / sqrt(hidden)
-    # Gemma 3: transpose, reshape, AvgPool2d to tokens_per_image, flatten, RMSNorm, @ mm_input_projection_weight
+    # Gemma 3: transpose, reshape, AvgPool2d to tokens_per_image, flatten, RMSNorm, @ mm_input_projection_weight;
+    # get_image_features returns the tower's output with the projection as its pooler_output: the model's forward
+    # holds last_hidden_state (the post-norm output) until it returns (modeling_gemma3.py)
+    L.keep(x)
     tok = images * t.tokens_per_image
     y = L.copy(x)
     y = L.op(tok * d, y.elem, (y,))
@@ -718,12 +727,8 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     # it saved for backward
     graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
     held_fwd = fwd.end.kinds
-    if deep:
-        # DeepStack (Qwen3VLTextModel.forward): after each of the first layers the hidden states are cloned and the
-        # level's features added at the image positions; the loop's `layer_outputs` still references the layer's
-        # own output while the next layer runs on the clone: one more (batch, tokens, hidden) tensor in the forward
-        held_fwd = _add(held_fwd, _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size
-                                        * num_.act}))
+    held_fwd = _add(held_fwd, _vec({K.ACTIVATIONS: language_model_extra(t, text, w.batch_size, w.seq_len + per,
+                                                                         num_.act, bool(deep))}))
     saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: kept}), strict=True))
     held = saved if graph else _vec({K.ACTIVATIONS: pixels})
     embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
@@ -770,6 +775,22 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
                   assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
                   host_bytes=text_est.host_bytes, host_traffic_bytes=0, guess_reserved=True)
+
+
+def language_model_extra(t: VisionTower, text: ModelSpec, batch: int, tokens: int, act: int, deepstack: bool) -> int:
+    """Bytes the language model's forward holds with images beyond what it holds on text alone."""
+    extra = 0
+    if t.projector == "gemma3" and len(text.sliding_layers) < text.num_layers:
+        # image tokens attend to each other both ways (create_masks_for_vision_model, modeling_gemma3.py): the
+        # full-attention layers' mask is OR(causal, blockwise), materialized (batch, 1, tokens, tokens) bool where a
+        # text-only forward passes none; it lives through the language model's forward
+        extra += batch * tokens * tokens
+    if deepstack:
+        # DeepStack (Qwen3VLTextModel.forward): after each of the first layers the hidden states are cloned and the
+        # level's features added at the image positions; the loop's `layer_outputs` still references the layer's
+        # own output while the next layer runs on the clone: one more (batch, tokens, hidden) tensor in the forward
+        extra += batch * tokens * text.hidden_size * act
+    return extra
 
 
 def _text_temp(text: ModelSpec, w: Workload) -> int:
