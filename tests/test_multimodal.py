@@ -423,3 +423,17 @@ def test_pixtral_checkpoint_holds_the_block_mask_through_backward() -> None:
     pixels = 3 * (14 * 35) ** 2 * 4
     assert sum(fwd.end.kinds) >= pixels + mask  # the checkpoint holds the mask after the forward
     assert sum(peak.kinds) >= sum(fwd.end.kinds) + padded  # and the recomputed attention pads it again
+
+
+@pytest.mark.slow
+def test_trace_casts_pixels_for_a_tower_that_does_not() -> None:
+    """GOT-OCR2's patch embedding takes pixel_values as given: the trace passes them in the weights' dtype, as the
+    model's callers do, and says so (instead of refusing the config)."""
+    pytest.importorskip("torch")
+    from vramplan.api import make_workload
+    from vramplan.trace import trace_workload
+
+    tr = trace_workload(_default("got_ocr2"), make_workload(task="infer", batch_size=1, seq_len=64, new_tokens=1),
+                        name="got_ocr2")
+    assert tr.peak_allocated_bytes > 0
+    assert any("pixel_values passed in bfloat16" in a for a in tr.assumptions)
