@@ -95,7 +95,8 @@ SSM_KERNEL = "fused" if importlib.util.find_spec("mamba_ssm") else "torch"
 # gated DeltaNet layers run fla's chunk_gated_delta_rule where flash-linear-attention is installed (transformers'
 # hub_kernels.py use_kernel_func_from_hub_with_fallback), whatever mamba_ssm says
 GDN_KERNEL = "fused" if importlib.util.find_spec("fla") and importlib.util.find_spec("causal_conv1d") else "torch"
-GDN_TYPES = frozenset({"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini"})
+GDN_TYPES = frozenset({"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
+                       "bailing_hybrid"})
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
 LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
 

@@ -887,7 +887,15 @@ class _B:
         lin = self.proj
 
         qn: Tensor | None = None
-        if qr:
+        gate: Tensor | None = None
+        if qr and spec.mla_q_gate:  # AXK2Attention: q_gate_proj(cat([q_resid, q_compressed])) -> query, gate
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            qn = self.norm(qa, qr, tr)
+            qcat = tp.op(b * s * 2 * qr, qa.elem, (qn, qa), passthrough=True)
+            qg = lin(qcat, 2 * qr, nh * (qk + vd), "q_gate_proj", False)
+            q = tp.view(qg, b * s * nh * qk)
+            gate = tp.op(b * s * nh * vd, qg.elem, (qg,), passthrough=True)  # reshape of the strided split: a copy
+        elif qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
@@ -896,6 +904,8 @@ class _B:
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
+        rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
         q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
         k_rot = self.call(rot, tp.view(ckv, b * s * rd))
@@ -903,7 +913,7 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
@@ -927,6 +937,12 @@ class _B:
         else:
             out = self.attention_core(query, key, value, kernel, nh)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
+            out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
+            tp.hold(gate)
+        if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
+            gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
+            out = self.mul(out, gs)
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
         for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
@@ -1174,6 +1190,8 @@ class _B:
                 out = self.cast(self.add(self.cast(out, 4), self.cast(so, 4)), act)
             else:
                 out = self.add(out, so)
+        if spec.moe_post_norm:  # AXK1MoE: return self.post_mlp_layernorm(hidden_states)
+            out = self.norm(out, hidden, tr)
         return out
 
     def experts_loop(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -1416,7 +1434,8 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
+            n1 = (self.gated_norm(x) if spec.gated_norm_rank else self.norm(x, spec.hidden_size, tr)) \
+                if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1424,7 +1443,7 @@ class _B:
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
-            n2 = self.norm(hmid, spec.hidden_size, tr)
+            n2 = self.gated_norm(hmid) if spec.gated_norm_rank and plan.moe else self.norm(hmid, spec.hidden_size, tr)
             # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
             # hidden_states rebound) free it after fc1
             m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
@@ -1449,6 +1468,19 @@ class _B:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
         return y
+
+    def gated_norm(self, x: Tensor) -> Tensor:
+        """AXK2GatedRMSNorm (modeling_axk2.py): ``y = norm(x)``, then
+        ``(y * sigmoid(fc2(silu(fc1(y))).float())).to(y.dtype)``: the fp32 sigmoid saves its result, the promoted
+        product saves y and it."""
+        plan = self.plan
+        assert plan is not None
+        h, r = self.spec.hidden_size, self.spec.gated_norm_rank
+        y = self.norm(x, h, plan.trainable)
+        f1 = self.proj(y, h, r, "fc1")
+        f2 = self.proj(self.ew(f1, save_in=True), r, h, "fc2")  # nn.SiLU saves its input
+        sg = self.ew(self.cast(f2, 4), save_out=True)
+        return self.cast(self.mul(y, sg), y.elem)
 
     def moe_beside(self, m: Tensor, hmid: Tensor) -> Tensor:
         """Gemma4TextDecoderLayer with enable_moe_block (modeling_gemma4.py): the dense MLP's output normed

@@ -1165,11 +1165,6 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 
 # What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
 _MISSING_MECHANISMS = {
-    "kimi_linear": "Kimi Delta Attention (the gated delta rule with per-channel decay: fla's chunk_kda, or "
-                   "transformers' chunked fallback with its (chunk x chunk x head_dim) fp32 decay tensors and "
-                   "in-place row loop) beside MLA without RoPE",
-    "bailing_hybrid": "its Kimi-Delta-Attention linear layers (fla chunk_kda / the chunked fallback) beside "
-                      "BailingHybridMoE",
     "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "

@@ -219,6 +219,8 @@ class ModelSpec:
     moe_latent_size: int = 0  # Nemotron-H: fc1_latent_proj to this width before the experts, fc2 back after
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
+    moe_post_norm: bool = False  # the block norms its output (the routed + shared sum) with the config's norm
+    # (modeling_axk1.py AXK1MoE.post_mlp_layernorm)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
     moe_experts_loop: bool = False  # a Python loop over the experts hit (DbrxExperts): each expert's tokens gathered,
     # matmuls with slices of the stacked weights (select_backward scatters each slice's gradient into a zero-filled
@@ -235,6 +237,12 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    mla_q_gate: bool = False  # MLA whose query projection also makes a per-channel output gate: q_gate_proj of
+    # cat([q_resid, q_compressed]) gives (heads, qk + v) per token; out * sigmoid(gate.float()) (AXK2Attention)
+    gated_norm_rank: int = 0  # the layer's pre-attention norm (and the MoE layers' pre-MLP norm) is RMSNorm times
+    # sigmoid(fc2(silu(fc1(y))).float()), fc1 of this rank (AXK2GatedRMSNorm)
+    mla_head_gate: bool = False  # MLA output * sigmoid(g_proj(x).float()).to(dtype), one gate per head (Ling 3:
+    # BailingHybridAttention)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
