@@ -178,6 +178,8 @@ def _layer_groups(spec: ModelSpec, first_trainable: int,
     # identical layers: one replay
     counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]], int] = {}
     for i in range(spec.num_layers):
+        if i in spec.idle_layers:  # built, never run (spec.idle_layers)
+            continue
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
         counts[key] = counts.get(key, 0) + 1
@@ -472,7 +474,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS]
+    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS and i not in spec.idle_layers]
     kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)

@@ -416,7 +416,10 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     if prec.is_amp and training:
         master, weights = weights, 0
         notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
-    grads = ((trainable - saved_copies) * train_elem + saved_copies * copy_elem) if training else 0
+    # parameters of layers the forward skips (spec.idle_layers) get no gradient: none is allocated and the foreach
+    # step skips them (their optimizer state is counted as for every trainable parameter, as the trace creates it)
+    idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and spec.idle_layers else 0
+    grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:
         if w.optimizer in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
@@ -424,6 +427,8 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
             state, temp, note = _matrix_optimizer_bytes(w.optimizer, w, train_elem, matrices, others)
         else:
             state, temp, note = _optimizer_bytes(w.optimizer, trainable - saved_copies, train_elem, tensor_sizes)
+            if idle:
+                temp = _optimizer_bytes(w.optimizer, trainable - saved_copies - idle, train_elem, tensor_sizes)[1]
             if saved_copies:
                 per = saved_copies // len(set(w.lora_modules_to_save))
                 s2, t2, _ = _optimizer_bytes(w.optimizer, saved_copies, copy_elem,
@@ -433,6 +438,22 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
     return ModelStates(total + adapters, trainable, weights, master, quant_c, grads, state, temp,
                        trainable_layers, tuple(notes), paged)
+
+
+def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable_layers: int) -> int:
+    """Trainable parameters of the layers the forward skips (spec.idle_layers): their weights when they train
+    (full fine-tuning; --method freeze for the top layers), else the adapters peft attached to them."""
+    L = spec.num_layers
+    if w.uses_adapters:
+        from .params import layer_linears
+
+        targets = lora_targets(spec, w.lora_targets)
+        r = w.lora_rank
+        return sum(r * (fin + fout) * n + (fout * n if w.method is Method.DORA else 0)
+                   for i in spec.idle_layers for name, fin, fout, n in layer_linears(spec, i) if name in targets)
+    first = L - trainable_layers
+    return sum(counts.layers[i].total for i in spec.idle_layers if i >= first) + \
+        (spec.idle_params if w.method is Method.FULL else 0)
 
 
 def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
