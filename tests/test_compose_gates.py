@@ -138,8 +138,8 @@ def test_minimax_m2_qk_norms_are_adopted_and_classified() -> None:
         fd = _moe_attention_config("olmoe", d)
         assert fd is not None
         olmoe = _build("olmoe", fd, "eager", meta=False)
-        cat, why, gate, kinds = _attn_compare(_attn(mm), _attn(olmoe), rec.inputs[key], rec.buckets[key])
-        assert cat is True, why
+        cat, why, gate, kinds, nope = _attn_compare(_attn(mm), _attn(olmoe), rec.inputs[key], rec.buckets[key])
+        assert cat is True and not nope, why
         assert gate == ()
         assert kinds == {("rmsnorm", False)}
 
@@ -151,3 +151,71 @@ def test_recipes_of_the_gated_types_read() -> None:
     for t in ("minimax_m2",):
         r = recipe_for(t)
         assert r is not None, t
+
+
+def test_packed_sequence_check_is_left_out_of_the_outside_ops() -> None:
+    """LLaMA passes position_ids to its mask builder (masking_utils runs find_packed_sequence_indices on them), Mistral
+    does not: without a sliding window both build the same causal mask, and their ops outside the layers compare
+    equal once the packed-sequence check's (batch, seq) integers are left out."""
+    torch = pytest.importorskip("torch")
+    from vramplan.derive._compose import _record
+    from vramplan.derive._derive import _build, _quiet
+
+    d = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=88,
+             num_hidden_layers=1, vocab_size=131, max_position_embeddings=64, sliding_window=None)
+    with _quiet(), torch.no_grad():
+        llama, mistral = _record(_build("llama", d, "eager", meta=False)), _record(_build("mistral", d, "eager",
+                                                                                           meta=False))
+    assert llama.outside() == mistral.outside()
+    assert not any(op[0] == "aten.diff.default" or op[0] == "aten.cumsum.default" for op in llama.outside())
+
+
+def test_scaled_embedding_and_o_proj_bias() -> None:
+    torch = pytest.importorskip("torch")
+    from vramplan.derive._compose import _bias_o_proj, _scaled_embedding
+
+    emb = ("aten.embedding.default", (((2, 12, 64), "torch.bfloat16"),))
+    mask = ("aten.where.self", (((2, 1, 12, 12), "torch.bfloat16"),))
+    mul = ("aten.mul.Tensor", (((2, 12, 64), "torch.bfloat16"),))
+    head = ("aten.mm.default", (((24, 131), "torch.bfloat16"),))
+    assert _scaled_embedding([emb, mask, mul, head], [emb, mask, head], 64)
+    assert not _scaled_embedding([emb, mask, mul, head], [emb, mask, head], 96)  # not the embeddings' width
+    assert not _scaled_embedding([mul, emb, mask, head], [emb, mask, head], 64)  # before the embedding
+    assert not _scaled_embedding([emb, mask, mul, mul, head], [emb, mask, head], 64)
+
+    class _Attn(torch.nn.Module):
+        def __init__(self, bias: bool) -> None:
+            super().__init__()
+            self.o_proj = torch.nn.Linear(8, 8, bias=bias)
+
+    theirs = _Attn(False)
+    assert _bias_o_proj(_Attn(True), theirs) and theirs.o_proj.bias is not None
+    assert not _bias_o_proj(_Attn(False), _Attn(False))
+
+
+def test_rotary_fraction_per_layer_type_and_uniform_head_lists() -> None:
+    """Laguna's rope_parameters per layer type: the fraction of the layer types in use (the largest where they
+    differ); a per-layer head list that repeats num_attention_heads reads, one that differs is refused."""
+    from vramplan.errors import ConfigError
+    from vramplan.hfconfig import _rotary_fraction
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}}
+    assert _rotary_fraction(_Cfg({"rope_parameters": rope, "layer_types": ["full_attention"] * 2}, "x")) == 0.5
+    assert _rotary_fraction(_Cfg({"rope_parameters": rope, "layer_types": ["full_attention",
+                                                                           "sliding_attention"]}, "x")) == 1.0
+    facts = _Facts(version="5.24", uniform_keys=(("num_attention_heads_per_layer", "num_attention_heads"),))
+    assert _llama_like(_Cfg({**_RAW, "num_attention_heads_per_layer": [4, 4]}, "x"), "x", facts).num_heads == 4
+    with pytest.raises(ConfigError, match="num_attention_heads_per_layer"):
+        _llama_like(_Cfg({**_RAW, "num_attention_heads_per_layer": [4, 8]}, "x"), "x", facts)
+
+
+def test_shrunk_variants_keep_per_layer_head_lists_consistent() -> None:
+    pytest.importorskip("torch")
+    from vramplan.derive._derive import _VARIANTS, _shrink
+
+    base = {"hidden_size": 2048, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+            "num_attention_heads_per_layer": [48, 48, 48], "other_list": [48, 48]}
+    d = _shrink(base, _VARIANTS[0], False)
+    assert d["num_attention_heads_per_layer"] == [_VARIANTS[0]["heads"]] * 3
+    assert d["other_list"] == [48, 48]  # not a head count

@@ -149,6 +149,19 @@ def _mask_call() -> tuple[str, int] | None:
     return found
 
 
+def _in_packed_detection() -> bool:
+    """Whether the current op runs in masking_utils' ``find_packed_sequence_indices``: the packed-sequence check a
+    model runs when it passes ``position_ids`` to its mask builder without an attention mask or cache (LLaMA does,
+    AFMoE and Mistral do not). Its tensors are (batch, seq) integers freed at once, which no memory program counts:
+    the ops outside the layers are compared without them."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name == "find_packed_sequence_indices" and f.f_code.co_filename.endswith("masking_utils.py"):
+            return True
+        f = f.f_back
+    return False
+
+
 def _canonical_outside(ops: list[Any], tags: list[tuple[str, int] | None]) -> list[Any]:
     """The ops outside the layers with each run of consecutive mask builds in a fixed order: a model that builds
     its masks for ``set(config.layer_types)`` (Dots1Model, ExaoneMoeModel) builds them in Python's string-hash
@@ -177,7 +190,10 @@ class _Recorder(_Bucketed):
         n = len(self.buckets["outside"])
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if len(self.buckets["outside"]) > n:
-            self.outside_tags.append(_mask_call())
+            if _in_packed_detection():
+                self.buckets["outside"].pop()
+            else:
+                self.outside_tags.append(_mask_call())
         return out
 
     def outside(self) -> list[Any]:
@@ -320,13 +336,43 @@ def _adopt_qk_norms(mine: torch.nn.Module, theirs: torch.nn.Module) -> set[tuple
     return kinds
 
 
+def _part_ops_nope(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any] | None:
+    """The ops of attention module ``mod`` with its modeling file's ``apply_rotary_pos_emb`` skipped (a layer that
+    applies no rotary embedding: AFMoE's and Flint's full-attention layers); None when the file has none."""
+    module = sys.modules.get(type(mod).__module__)
+    orig = getattr(module, "apply_rotary_pos_emb", None)
+    if module is None or not callable(orig):
+        return None
+    module.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)  # type: ignore[attr-defined]
+    try:
+        return _part_ops(mod, inputs)
+    finally:
+        module.apply_rotary_pos_emb = orig  # type: ignore[attr-defined]
+
+
+def _bias_o_proj(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+    """Give the family's attention ``theirs`` an o_proj bias where the type's o_proj has one and the family's has
+    none (Laguna's attention_bias biases o_proj too, GLM-4.5's only q/k/v); True when it did."""
+    o, to = getattr(mine, "o_proj", None), getattr(theirs, "o_proj", None)
+    if not (isinstance(o, torch.nn.Linear) and isinstance(to, torch.nn.Linear) and o.bias is not None
+            and to.bias is None and o.weight.shape == to.weight.shape):
+        return False
+    theirs.o_proj = torch.nn.Linear(to.in_features, to.out_features, bias=True, dtype=to.weight.dtype)
+    return True
+
+
 def _attn_compare(mine: torch.nn.Module, theirs: torch.nn.Module, inputs: tuple[Any, Any], want: list[Any]
-                  ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]]]:
+                  ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]], bool]:
     """The type's attention ``mine`` against the family's ``theirs`` on ``inputs`` (the type's ops: ``want``):
     (True: it matched with the concatenating rotary application, False: with the family's own, None: neither; the
-    first difference; the output gate's facts where the type has one; the kinds of the adopted q/k norms)."""
+    first difference; the output gate's facts where the type has one; the kinds of the adopted q/k norms; whether
+    it matched only with no rotary embedding applied)."""
     kinds = _adopt_qk_norms(mine, theirs)
+    if _bias_o_proj(mine, theirs):
+        kinds.add(("o_bias", True))
     gate_facts: tuple[tuple[str, Any], ...] = ()
+    gate: torch.nn.Linear | None = None
+    bias: torch.Tensor | None = None
     try:
         _load_part(mine, theirs)
         variants: list[tuple[tuple[tuple[str, Any], ...], Any]] = [((), None)]
@@ -346,47 +392,54 @@ def _attn_compare(mine: torch.nn.Module, theirs: torch.nn.Module, inputs: tuple[
                     for act, early in _GATES]
     why = ""
     for facts, g in variants:
-        handles = _install_gate(theirs, gate, bias, *g) if g is not None else []
+        handles = _install_gate(theirs, gate, bias, *g) if g is not None and gate is not None else []
         try:
             tops = _part_ops(theirs, inputs)
             if tops == want:
-                return False, "", facts, kinds
+                return False, "", facts, kinds, False
             if _part_ops_rope_cat(theirs, inputs) == want:
-                return True, "", facts, kinds
+                return True, "", facts, kinds, False
+            if _part_ops_nope(theirs, inputs) == want:
+                return False, "", facts, kinds, True
             why = why or _first_difference(want, tops)
         finally:
             for h in handles:
                 h.remove()
         gate_facts = facts
-    return None, why + (" (with an output gate)" if gate_facts else ""), (), kinds
+    return None, why + (" (with an output gate)" if gate_facts else ""), (), kinds, False
 
 
 def _attention_matches(layers: torch.nn.ModuleList, rec: _Recorder, tlayers: torch.nn.ModuleList
-                       ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]]]:
+                       ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]], set[int]]:
     """Each layer's attention of the type, on its captured inputs, against the family's (``tlayers``) holding the same
     weights: (True: with the concatenating rotary application, False: with the family's own, None: neither; the
-    first difference; the output gate's facts; the adopted q/k norms' kinds) (see :func:`_attn_compare`)."""
+    first difference; the output gate's facts; the adopted q/k norms' kinds; the layers without rotary embedding)
+    (see :func:`_attn_compare`)."""
     cats: set[bool] = set()
     gates: set[tuple[tuple[str, Any], ...]] = set()
     kinds: set[tuple[str, bool]] = set()
+    nope: set[int] = set()
     for i, layer in enumerate(layers):
         mine_part, their_part = _child(layer, "attn"), _child(tlayers[i], "attn")
         key = f"L{i}.{mine_part[0]}" if mine_part else ""
         if mine_part is None or their_part is None or key not in rec.inputs:
-            return None, f"layer {i} has no attention to compare", (), set()
+            return None, f"layer {i} has no attention to compare", (), set(), set()
         try:
-            cat, why, gate, k = _attn_compare(mine_part[1], their_part[1], rec.inputs[key], rec.buckets[key])
+            cat, why, gate, k, no_rope = _attn_compare(mine_part[1], their_part[1], rec.inputs[key], rec.buckets[key])
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}", (), set()
+            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}", (), set(), set()
         if cat is None:
-            return None, why, (), set()
-        cats.add(cat)
+            return None, why, (), set(), set()
+        if no_rope:
+            nope.add(i)
+        else:
+            cats.add(cat)
         gates.add(gate)
         kinds |= k
     if len(gates) > 1:
-        return None, "the layers' output gates differ", (), set()
+        return None, "the layers' output gates differ", (), set(), set()
     return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs"), \
-        (gates.pop() if gates else ()), kinds
+        (gates.pop() if gates else ()), kinds, nope
 
 
 def _biased_head(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
@@ -568,6 +621,12 @@ def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module 
         # rotary parameters per layer type (Mellum: a theta for full and one for sliding layers) computing the same
         # ops: the family, which reads one set, gets the first (the theta changes values, not ops)
         d = {**d, "rope_parameters": next(iter(rope.values()))}
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_type") and "partial_rotary_factor" not in rope and \
+            "partial_rotary_factor" not in d:
+        # the type rotates whole heads (its rotary tables are compared with the family's): a family whose config
+        # class defaults to partial rotary (GLM-4.5: 0.5) is built rotating whole heads too
+        d = {**d, "rope_parameters": {**rope, "partial_rotary_factor": 1.0}}
     if d.get("head_dim") is None and isinstance(d.get("hidden_size"), int) and \
             isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
         d = {**d, "head_dim": d["hidden_size"] // d["num_attention_heads"]}
@@ -634,6 +693,10 @@ def compose(model_type: str) -> DeriveResult:
             roles = [_role(n, c) for n, c in layer.named_children()]
             if "moe" in roles and "mlp" in roles:
                 return DeriveResult(model_type, None, "a decoder layer with a MoE block beside a dense MLP")
+        # q/k norms in the type's attention: a family whose attention has them only behind a config flag
+        # (GLM-4.5's use_qk_norm) is built with the flag on (the type's config has no such key)
+        type_qk = any(_role(n, c) == "norm" for layer in _layers(probe) for part in layer.children()
+                      if _role("", part) == "attn" for n, c in part.named_children())
     except LookupError as exc:
         return DeriveResult(model_type, None, f"not a LLaMA-class layout ({exc})")
     except Exception as exc:
@@ -659,6 +722,8 @@ def compose(model_type: str) -> DeriveResult:
     attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
     attn_gates: dict[str, dict[str, set[Any]]] = {}  # each attention candidate's output-gate facts, per variant
     attn_norms: dict[str, set[tuple[str, bool]]] = {}  # the kinds of the type's q/k norms a candidate adopted
+    embed_scaled: dict[str, dict[str, bool]] = {}  # variants on which the type scales its embeddings, per base
+    attn_nope: dict[str, dict[str, set[int]]] = {}  # layers a candidate matched with no rotary embedding, per variant
     why: dict[str, str] = {}
     checked: list[str] = []
     for vi, (vname, d) in enumerate(variants):
@@ -707,6 +772,7 @@ def compose(model_type: str) -> DeriveResult:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or (mlp_ok[ref] and dense_mlp)):
                     continue
                 fd = _dense_mlps(d) if ref in mla else _moe_attention_config(ref, d) if ref in moe_attn else d
+                fd = _with_qk_flag(ref, fd, type_qk)
                 theirs = _family_model(ref, fd, attn) if fd is not None else None
                 if theirs is None:
                     if attn_ok[ref]:
@@ -731,7 +797,11 @@ def compose(model_type: str) -> DeriveResult:
                     # (the final norm itself is classified with the other norms above)
                     if base_ok[ref] and trec.outside() != rec.outside() and _biased_head(mine_model, theirs):
                         trec = _record(theirs)  # the family's head with the type's bias (PhiMoE lm_head_bias)
-                    if base_ok[ref] and trec.outside() != rec.outside():
+                    if base_ok[ref] and trec.outside() != rec.outside() and \
+                            _scaled_embedding(rec.outside(), trec.outside(), int(d["hidden_size"])):
+                        # the type scales the embeddings on this variant (AFMoE mup_enabled): a key-switched scale
+                        embed_scaled.setdefault(ref, {})[vname] = True
+                    elif base_ok[ref] and trec.outside() != rec.outside():
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
                                        + _first_difference(rec.outside(), trec.outside()))
@@ -758,14 +828,17 @@ def compose(model_type: str) -> DeriveResult:
                             break
                         try:
                             if role == "attn":
-                                acat, awhy, agate, akinds = _attn_compare(mine_part[1], their_part[1],
-                                                                          rec.inputs[key], rec.buckets[key])
+                                acat, awhy, agate, akinds, anope = _attn_compare(mine_part[1], their_part[1],
+                                                                                 rec.inputs[key], rec.buckets[key])
                                 if acat is None:
                                     ok[ref] = False
                                     attn_why[ref] = (vi, f"{vname}/{attn}: {awhy}")
                                     _debug(f"{ref} attn {vname}/{attn}: {awhy}")
                                 else:
-                                    rope_cat[ref].add(acat)
+                                    if anope:
+                                        attn_nope.setdefault(ref, {}).setdefault(vname, set()).add(i)
+                                    else:
+                                        rope_cat[ref].add(acat)
                                     attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(agate)
                                     attn_norms.setdefault(ref, set()).update(akinds)
                             else:
@@ -796,18 +869,20 @@ def compose(model_type: str) -> DeriveResult:
                     hd_retry = []
                 for ref in hd_retry:
                     fd2 = _dense_mlps(d2) if ref in mla else _moe_attention_config(ref, d2) if ref in moe_attn else d2
+                    fd2 = _with_qk_flag(ref, fd2, type_qk)
                     theirs2 = _family_model(ref, fd2, attn) if fd2 is not None else None
                     if theirs2 is None:
                         continue
                     trec2 = _record(theirs2)
                     if _rotary_tables(trec2) != _rotary_tables(rec2):
                         continue
-                    cat2, why2, gate2, kinds2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
+                    cat2, why2, gate2, kinds2, nope2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
                     if cat2 is None:
                         attn_why[ref] = (vi, f"{vname}/{attn} at head_dim = hidden / heads: {why2}")
                         continue
                     attn_ok[ref] = True
                     rope_cat[ref].add(cat2)
+                    attn_nope.setdefault(ref, {}).setdefault(vname, set()).update(nope2)
                     attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(gate2)
                     attn_norms.setdefault(ref, set()).update(kinds2)
                     checked.append(f"{vname}/{attn}: attention as {ref}'s at head_dim = hidden / heads")
@@ -830,7 +905,8 @@ def compose(model_type: str) -> DeriveResult:
             detail = "attention: " + "; ".join(f"{k}: {v[1]}" for k, v in near) + ("; " + detail if base is None
                                                                                      or glue is None else "")
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
-    norms |= attn_norms.get(attn_ref, set()) if attn_ref is not None else set()
+    o_bias = ("o_bias", True) in attn_norms.get(attn_ref, set()) if attn_ref is not None else False
+    norms |= {k for k in attn_norms.get(attn_ref, set()) if k[0] != "o_bias"} if attn_ref is not None else set()
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
     gate, gerr = _gate_facts(attn_gates.get(attn_ref, {}) if attn_ref is not None else {})
@@ -864,6 +940,36 @@ def compose(model_type: str) -> DeriveResult:
         facts = replace(facts, lm_head_bias=key == "", lm_head_bias_key=key)
     if gate:
         facts = replace(facts, **dict(gate))
+    if o_bias:  # o_proj has a bias when the family's bias key gives q/k/v theirs (the o_proj bias was added to match)
+        facts = replace(facts, o_bias=True)
+    if fa.qk_norm_key and fa.qk_norm_key not in variants[0][1]:
+        # the family's q/k norms were switched on by a flag the type does not have: the type always has them
+        facts = replace(facts, qk_norm=fa.qk_norm or "head", qk_norm_key="")
+    nope_layers = attn_nope.get(attn_ref, {})
+    if any(nope_layers.values()) and not fa.nope:
+        # layers without RoPE where the family applies it: the type's non-sliding layers on every variant (AFMoE,
+        # Flint: only sliding-window layers rotate) read as EXAONE 4's "global" NoPE layers
+        for vname, vd in variants:
+            kinds = vd.get("layer_types")
+            want_nope = {i for i, k in enumerate(kinds or []) if k != "sliding_attention"} \
+                if vd.get("sliding_window") is not None else set()
+            seen = nope_layers.get(vname, set())
+            if vname in nope_layers or vname in attn_gates.get(attn_ref, {}):
+                n = vd.get("num_hidden_layers")
+                if isinstance(n, int) and seen != {i for i in want_nope if i < n}:
+                    return DeriveResult(model_type, None, f"{vname}: layers {sorted(seen)} apply no rotary embedding, "
+                                        f"not the full-attention layers {sorted(want_nope)}")
+        facts = replace(facts, nope="global")
+    scaled = sorted(embed_scaled.get(base, {}))
+    if scaled:
+        key, _, val = scaled[0].partition("=")
+        if len(scaled) != 1 or val != "True" or fb.gemma or fb.multipliers or fb.head_scale:
+            return DeriveResult(model_type, None, f"outside the layers it computes like {base} with its embeddings "
+                                f"scaled on {scaled}, which no boolean config key switches on")
+        facts = replace(facts, embed_scale_key=key)
+    uniform = _uniform_keys(variants)
+    if uniform:
+        facts = replace(facts, uniform_keys=uniform)
     if rope_cat[attn_ref] == {True}:
         # the concatenating apply takes the rotary width from cos: the rotary module's partial_rotary_factor
         facts = replace(facts, rope_cat=True, partial_rotary=True)
@@ -904,6 +1010,7 @@ def compose(model_type: str) -> DeriveResult:
     fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
     fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
     fd["moe_rule_default"] = [list(a) for a in fd["moe_rule_default"]]
+    fd["uniform_keys"] = [list(a) for a in fd["uniform_keys"]]
     parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
     if has_moe:
         parts["moe"] = moe_ref or "composed: experts as Mixtral's or gpt-oss's, shared expert as a gated MLP, " \
@@ -914,6 +1021,41 @@ def compose(model_type: str) -> DeriveResult:
               "method": "composed part by part: outside ops, layer glue and call order as the base family; "
                         "attention, MLP and norms op for op as the named families (train forward, bf16)"}
     return DeriveResult(model_type, recipe, tried=[base, glue, attn_ref, mlp_ref])
+
+
+def _scaled_embedding(mine: list[Any], theirs: list[Any], hidden: int) -> bool:
+    """``mine`` is ``theirs`` with one more product of the embeddings' (batch, seq, hidden) size after the embedding
+    (``hidden_states * hidden_size ** 0.5`` before the layers: AFMoE's mup_enabled)."""
+    i = next((j for j, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), len(theirs))
+    if len(mine) != len(theirs) + 1 or i == 0 or mine[i][0] != "aten.mul.Tensor" or mine[:i] + mine[i + 1:] != theirs:
+        return False
+    shape = mine[i][1][0][0]
+    return any(op[0] == "aten.embedding.default" for op in mine[:i]) and len(shape) == 3 and shape[-1] == hidden
+
+
+def _with_qk_flag(ref: str, fd: dict[str, Any] | None, type_qk: bool) -> dict[str, Any] | None:
+    """``fd`` with family ``ref``'s q/k-norm flag on where the type's attention has q/k norms and its config no such
+    key."""
+    from ..hfconfig import _FAMILIES
+
+    key = _FAMILIES[ref].qk_norm_key
+    if fd is None or not type_qk or not key or key in fd:
+        return fd
+    return {**fd, key: True}
+
+
+def _uniform_keys(variants: list[tuple[str, dict[str, Any]]]) -> tuple[tuple[str, str], ...]:
+    """(list key, head-count key) of the per-layer head counts that repeat the model-wide one on every variant
+    (Laguna's num_attention_heads_per_layer): the reader refuses a config where they differ."""
+    out = []
+    d0 = variants[0][1]
+    for k, v in d0.items():
+        for scalar in ("num_attention_heads", "num_key_value_heads"):
+            if "head" in k and isinstance(v, list) and v and all(
+                    isinstance(vd.get(k), list) and all(x == vd.get(scalar) for x in vd[k]) for _, vd in variants):
+                out.append((k, scalar))
+                break
+    return tuple(out)
 
 
 def _gate_facts(seen: Mapping[str, set[Any]]) -> tuple[tuple[tuple[str, Any], ...], str]:
@@ -1383,6 +1525,11 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     rmod = children[router[0]]
     flags["router_bias"] = any(n.endswith("bias") and tuple(p.shape) == (e,) and p.requires_grad
                                for n, p in rmod.named_parameters())
+    # per-expert score-correction biases held as frozen parameters, not buffers (LagunaTopKRouter's
+    # e_score_correction_bias, AfmoeSparseMoeBlock's expert_bias): parameters the reader counts, num_experts each
+    frozen = sum(1 for p in block.parameters() if tuple(p.shape) == (e,) and not p.requires_grad)
+    if frozen:
+        flags["moe_extra_params"] = f"experts:{frozen}"
     if flags["router_bias"] and not flags["router_topk_first"]:
         return {}, "a router bias outside the top-k-first router"
     # shared expert: op for op as a gated MLP (LlamaMLP) of its width, before or after the routed experts
