@@ -148,7 +148,7 @@ def test_recipes_of_the_gated_types_read() -> None:
     """The shipped recipes of the types this composition answers read and count their parameters."""
     from vramplan.recipes import recipe_for
 
-    for t in ("minimax_m2",):
+    for t in ("minimax_m2", "laguna"):
         r = recipe_for(t)
         assert r is not None, t
 
