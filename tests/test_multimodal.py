@@ -437,3 +437,12 @@ def test_trace_casts_pixels_for_a_tower_that_does_not() -> None:
                         name="got_ocr2")
     assert tr.peak_allocated_bytes > 0
     assert any("pixel_values passed in bfloat16" in a for a in tr.assumptions)
+
+
+@pytest.mark.parametrize(("model_type", "names"), [("git", "GitForCausalLM"),
+                                                    ("phi4_multimodal", "Phi4MultimodalFeatureEmbedding")])
+def test_unmodelled_multimodal_types_name_the_mechanism(model_type: str, names: str) -> None:
+    from vramplan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=names):
+        spec_from_config({"model_type": model_type, "vision_config": {}}, model_type)
