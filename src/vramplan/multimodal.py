@@ -340,7 +340,9 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         win = (t.window // t.patch // t.merge) * t.merge if t.window else 0
         m2 = t.merge * t.merge
         for j in range(len(t.deepstack)):  # built whatever the depth: the mergers of indexes past it never run
-            _register_merger(L, t, f"deepstack_merger_list.{j}", proj_tr, post_shuffle=True)
+            # part of the tower (visual.deepstack_merger_list): --freeze-vision freezes them with the blocks, the
+            # projector being visual.merger alone (LLaMA-Factory's Qwen3-VL vision keys, and the trace's)
+            _register_merger(L, t, f"deepstack_merger_list.{j}", tower_tr, post_shuffle=True)
         for i in range(t.layers):
             if t.window and i not in t.full_attention_blocks:
                 w = win * win
@@ -353,10 +355,10 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                 # Qwen3VLVisionPatchMerger(use_postshuffle_norm=True) on the block's output: LayerNorm over the
                 # d * merge**2 features of each merged token, Linear, GELU, Linear (modeling_qwen3_vl.py)
                 name = f"deepstack_merger_list.{t.deepstack.index(i)}"
-                f = L.layer_norm(L.view(x), d * m2, trainable=proj_tr, name=name + ".norm")
-                h = L.linear(f, d * m2, d * m2, name + ".linear_fc1", trainable=proj_tr)
+                f = L.layer_norm(L.view(x), d * m2, trainable=tower_tr, name=name + ".norm")
+                h = L.linear(f, d * m2, d * m2, name + ".linear_fc1", trainable=tower_tr)
                 h = _act(L, h, "gelu")
-                deep.append(L.linear(h, d * m2, t.projector_hidden, name + ".linear_fc2", trainable=proj_tr))
+                deep.append(L.linear(h, d * m2, t.projector_hidden, name + ".linear_fc2", trainable=tower_tr))
         L.hold(rope)
         # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger,
         # modeling_qwen3_vl.py Qwen3VLVisionPatchMerger: the same with LayerNorm names norm / linear_fc1 / linear_fc2)
@@ -690,8 +692,9 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     # (nor to the mergers of indexes past the tower's depth, which never run)
     used = min(len(deep), text.num_layers)
     ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle = sum(sum(L.param_tensors.get(f"deepstack_merger_list.{j}.{m}", ())) for j in range(len(t.deepstack))
-               if j not in ran[:used] for m in ("norm", "linear_fc1", "linear_fc2")) if train else 0
+    idle = sum(sum(L.param_tensors[n]) for j in range(len(t.deepstack)) if j not in ran[:used]
+               for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
+               if n in L.trainable_names) if train else 0
     outs = [feats, *deep]
     if t.projector == "qwen_merger":
         # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
