@@ -446,3 +446,19 @@ def test_unmodelled_multimodal_types_name_the_mechanism(model_type: str, names: 
 
     with pytest.raises(ConfigError, match=names):
         spec_from_config({"model_type": model_type, "vision_config": {}}, model_type)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_two_images_per_sample_match_the_trace() -> None:
+    """Several images per sample: each image's tokens after a vision-start token of their own (Qwen-VL's rope index
+    goes image by image), the estimate within 2% of the trace."""
+    pytest.importorskip("torch")
+    from vramplan.api import make_workload
+    from vramplan.trace import trace_workload
+
+    raw = _default("qwen3_vl")
+    w = make_workload(task="infer", batch_size=1, seq_len=64, images=2, image_size=448, new_tokens=2)
+    tr = trace_workload(raw, w, name="qwen3_vl")
+    assert any("392 image tokens" in a for a in tr.assumptions)  # 2 x 196
+    est = estimate(spec_from_config(raw, "qwen3_vl"), w)
+    assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.02)

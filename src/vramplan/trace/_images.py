@@ -213,13 +213,22 @@ def image_inputs(model: nn.Module, config: Any, batch: int, text_len: int, image
     tok = _token_id(config)
     start = getattr(config, "vision_start_token_id", None)
 
+    if images > 1 and (per % images or text_len < images):
+        raise VramplanError(f"{type(base).__name__}: {per} image tokens per sample do not split over {images} images "
+                            f"with a text token before each (--seq-len {text_len})")
+
     def ints() -> tuple[torch.Tensor, torch.Tensor]:
+        # each image's tokens follow a text token of their own (the vision-start token where the config names one),
+        # as processors lay them out: Qwen-VL's rope index and Gemma 3's bidirectional blocks go image by image
         ids = torch.zeros(batch, text_len + per, dtype=torch.long)
-        ids[:, 1:1 + per] = tok
-        if isinstance(start, int):
-            ids[:, 0] = start
         types = torch.zeros(batch, text_len + per, dtype=torch.long)
-        types[:, 1:1 + per] = 1
+        step = per // images
+        for j in range(images):
+            at = j * (step + 1)
+            if isinstance(start, int):
+                ids[:, at] = start
+            ids[:, at + 1:at + 1 + step] = tok
+            types[:, at + 1:at + 1 + step] = 1
         return ids, types
 
     ids, types = _real(ints)
