@@ -466,8 +466,8 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
 
 # ---- reading configs ----------------------------------------------------------------------------------------------
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
-                    "smolvlm", "internvl", "mistral3")
+MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5",
+                    "qwen3_5_moe", "idefics3", "smolvlm", "internvl", "mistral3")
 # Composite configs whose causal-LM class in transformers 5.24 (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
 # models/auto/modeling_auto.py) is the language model alone: its ``config_class`` is the text sub-config's, so
 # ``AutoModelForCausalLM`` builds it on ``config.get_text_config()`` (models/auto/auto_factory.py) and no vision
@@ -535,16 +535,17 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
             raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
                               f"({text_hidden}); check vision_config")
         return MultimodalSpec(mt, tower)
-    if mt == "qwen3_vl":
+    if mt in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         # Qwen3VLVisionConfig (configuration_qwen3_vl.py): LayerNorm blocks with a fused qkv, a GELU-tanh MLP, a
-        # learned position table resampled per image, and DeepStack mergers
+        # learned position table resampled per image, and DeepStack mergers; Qwen3.5's tower is the same without
+        # DeepStack (Qwen3_5VisionModel, modeling_qwen3_5.py)
         out = _int(vc, "out_hidden_size", 3584, w)
-        deep = vc.get("deepstack_visual_indexes", [8, 16, 24])
+        deep = vc.get("deepstack_visual_indexes", [8, 16, 24]) if mt == "qwen3_vl" else []
         if not isinstance(deep, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                  for x in deep):
             raise ConfigError(f"{w}: deepstack_visual_indexes must list block indices")
         tower = VisionTower(
-            style=mt, hidden=_int(vc, "hidden_size", 1152, w), layers=_int(vc, "depth", 27, w),
+            style="qwen3_vl", hidden=_int(vc, "hidden_size", 1152, w), layers=_int(vc, "depth", 27, w),
             heads=_int(vc, "num_heads", 16, w), intermediate=_int(vc, "intermediate_size", 4304, w),
             patch=_int(vc, "patch_size", 16, w), image_size=448, channels=_int(vc, "in_channels", 3, w),
             act=str(vc.get("hidden_act", "gelu_pytorch_tanh")), temporal_patch=_int(vc, "temporal_patch_size", 2, w),

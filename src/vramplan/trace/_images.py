@@ -31,6 +31,10 @@ def is_multimodal(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+# processors that return flattened patches with image_grid_thw, and models that take mm_token_type_ids
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
+
+
 def _vision_size(config: Any) -> int | None:
     vc = getattr(config, "vision_config", None)
     size = getattr(vc, "image_size", None)
@@ -85,7 +89,7 @@ def _pixels(config: Any, n: int, size: int, dtype: torch.dtype) -> dict[str, Any
     """Processor outputs for ``n`` images of ``size`` x ``size`` pixels."""
     mt = config.model_type
     vc = config.vision_config
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if mt in QWEN_VL:
         p = vc.patch_size
         t = getattr(vc, "temporal_patch_size", 2)
         merge = getattr(vc, "spatial_merge_size", 2)
@@ -232,7 +236,7 @@ def image_inputs(model: nn.Module, config: Any, batch: int, text_len: int, image
         return ids, types
 
     ids, types = _real(ints)
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if mt in QWEN_VL:
         kw["mm_token_type_ids"] = _real(lambda: types.int())
     if mt in ("gemma3", "paligemma"):
         kw["token_type_ids"] = types
