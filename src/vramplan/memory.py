@@ -73,11 +73,15 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         if pattern is not None:
             chosen = _fused_moe_targets(spec, chosen, pattern)
     else:
+        pattern = peft_moe_pattern(spec)
+        moved = _moved_moe_targets(spec, targets, pattern) if pattern is not None else frozenset()
+        if moved:
+            targets = tuple(t for t in targets if t not in pattern["targets"])  # type: ignore[index]
         unknown = [t for t in targets if t not in names]
         if unknown:
             raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
                                 f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
-        chosen = frozenset(targets)
+        chosen = frozenset(targets) | moved
     if spec.family in _PEFT_MAMBA_TYPES and "out_proj" in chosen:
         # peft tuners_utils.py _check_lora_target_modules_mamba refuses LoRA on a Mamba mixer's out_proj
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
@@ -131,6 +135,33 @@ def _fused_moe_targets(spec: ModelSpec, chosen: frozenset[str], pattern: dict[st
     experts = {"experts.gate_up_proj", "experts.down_proj"} if spec.expert_glu != "none" else \
         {"experts.up_proj", "experts.down_proj"}
     return kept | experts | {"router"}
+
+
+def _moved_moe_targets(spec: ModelSpec, targets: tuple[str, ...], pattern: dict[str, Any]) -> frozenset[str]:
+    """Named LoRA targets on a model whose MoE layers transformers 5 fuses, as peft 0.21 rewrites them
+    (utils/transformers_weight_conversion.py ``_convert_peft_config_moe``): a v4 expert or router name (Mixtral's
+    w1/w2/w3, Qwen2-MoE's gate_proj/up_proj/down_proj, ``gate``) leaves ``target_modules`` for the fused 3-D parameter
+    it became (``target_parameters``, adapted by ``lora.ParamWrapper``), so a dense MLP or shared expert of the same
+    leaf name loses its adapter; naming one half of a fused pair alone is peft's ValueError."""
+    mapping: dict[str, str] = pattern["targets"]
+    named = {t for t in targets if t in mapping}
+    for new, olds in pattern["fused"].items():
+        present = named & set(olds)
+        if present and present != set(olds):
+            missing = ", ".join(sorted(set(olds) - present))
+            raise WorkloadError(f"peft cannot adapt {', '.join(sorted(present))} of {spec.family} without {missing}: "
+                                f"transformers 5 fuses them into experts.{new}; name both (or use all-linear)")
+    glu = spec.expert_glu != "none"
+    out = set()
+    for t in named:
+        new = mapping[t]
+        if new == "gate.weight":
+            out.add("router")
+        elif new == "gate_up_proj" and not glu:
+            out.add("experts.up_proj")
+        else:
+            out.add(f"experts.{new}")
+    return frozenset(out)
 
 
 # peft 0.21 tuners_utils.py _check_lora_target_modules_mamba: model types whose out_proj / conv1d take no LoRA
@@ -351,7 +382,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         notes.append(f"freeze: the last {k} of {L} decoder layers, the final norm and the untied head train")
     else:
         targets = lora_targets(spec, w.lora_targets)
-        if "experts.down_proj" in targets:
+        if any(t.startswith("experts.") or t == "router" for t in targets):
             _check_param_wrapper(spec, w)
             notes.append("LoRA on the fused experts and the router (peft lora.ParamWrapper, as peft 0.21 resolves "
                          "all-linear for this MoE type): every forward builds W + s*B@A the size of the whole "
