@@ -1215,6 +1215,13 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 
 # What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
 _MISSING_MECHANISMS = {
+    "git": "GIT (modeling_git.py GitForCausalLM): a BERT-style post-LN stack over the CLIP image encoder's tokens "
+           "prepended to the text (bidirectional on the image, causal on the text), not a model.layers decoder; "
+           "vramplan trace runs it with --text-only (it cannot place its image tokens: no get_image_features)",
+    "phi4_multimodal": "Phi-4-multimodal's embed_tokens_extend (Phi4MultimodalFeatureEmbedding: a SigLIP-style image "
+                       "encoder with crops and an audio Conformer, built whole inside the causal LM) beside its "
+                       "Phi-3-style language model; vramplan trace runs it with --text-only (no get_image_features to "
+                       "place its image tokens)",
     "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
