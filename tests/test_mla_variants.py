@@ -1,7 +1,8 @@
 """MLA variants: A.X-K1 (a derived recipe: DeepSeek-V3 whose MoE block norms its output, ``moe_post_norm``),
-A.X-K2 (DeepSeek-V3.2 with a gated query projection and gated RMSNorms) and Dots 3 Note's language model (MLA with
-per-layer sizes on its sliding layers, a DSA indexer on the others, scaled latents and a per-head gate). Readers, parameter counts against the
-meta-device model, the mechanisms' memory, and estimate against the fake-tensor trace."""
+A.X-K2 (DeepSeek-V3.2 with a gated query projection and gated RMSNorms) and Dots 3 Note's language model (MLA
+with per-layer sizes on its sliding layers, a DSA indexer on the others, scaled latents and a per-head gate).
+Readers, parameter counts against the meta-device model, the mechanisms' memory, and estimate against the
+fake-tensor trace."""
 
 from __future__ import annotations
 

@@ -838,9 +838,9 @@ def _dots3_note_text(c: _Cfg, family: str) -> ModelSpec:
         if unknown or fixed or sizes["num_key_value_heads"] != sizes["num_attention_heads"]:
             raise ConfigError(f"{c.where}: layer {i} overrides {', '.join(sorted(unknown) + fixed) or 'its KV heads'}"
                               ", which vramplan estimate does not model per layer; run vramplan trace")
-        key = (int(sizes["num_attention_heads"]), int(sizes["kv_lora_rank"]), int(sizes["qk_nope_head_dim"]),
-               t == "indexed_attention")
-        groups.setdefault(key, []).append(i)
+        group = (int(sizes["num_attention_heads"]), int(sizes["kv_lora_rank"]), int(sizes["qk_nope_head_dim"]),
+                 t == "indexed_attention")
+        groups.setdefault(group, []).append(i)
     raw["mlp_layer_types"] = raw.get("mlp_layer_types") or [
         "dense" if i < cc.int_("first_k_dense_replace", lo=0, hi=_MAX_LAYERS) else "sparse" for i in range(layers)]
     facts = _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=1,
@@ -849,8 +849,8 @@ def _dots3_note_text(c: _Cfg, family: str) -> ModelSpec:
                                                                       "sliding_window")}, c.where), family, facts)
     rd = spec.qk_rope_head_dim
     overrides = tuple(LayerOverride(layers=tuple(idx), num_heads=nh, num_kv_heads=nh, kv_lora_rank=kvr,
-                                    head_dim=nope + rd, dsa=dsa)
-                      for (nh, kvr, nope, dsa), idx in groups.items())
+                                    head_dim=nope + rd, dsa=indexed)
+                      for (nh, kvr, nope, indexed), idx in groups.items())
     shared = cc.int_("shared_experts_intermediate_size", default=1536) * cc.int_("n_shared_experts", lo=1)
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return replace(spec, layer_overrides=overrides, mla_latent_scale=True, mla_head_gate="native",
