@@ -212,13 +212,13 @@ def builds(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     """Whether transformers builds its own (cut) default config at all, on the meta device."""
     import torch
 
-    from vramplan.trace._resolve import hf_config, model_class
+    from vramplan.trace._resolve import build_config, hf_config, model_class
 
     try:
         config, _ = hf_config(cfg, model_type)
         cls = model_class(config, model_type)
         with torch.device("meta"):
-            cls._from_config(config)
+            cls._from_config(build_config(config, cls))
     except Exception as exc:
         return {"builds": False, "build_error": _reason(exc), "build_error_at": _where(exc)}
     return {"builds": True, "model_class": cls.__name__}

@@ -266,6 +266,11 @@ class ModelSpec:
     # layer is attention. Layers listed in mlp_free_layers have no MLP (a pure Mamba block).
     mixers: tuple[str, ...] = ()
     mlp_free_layers: tuple[int, ...] = ()
+    # Layers the model builds (their parameters count, adapters attach) but its forward skips: MllamaTextModel skips
+    # its cross-attention layers when no image states are given (modeling_mllama.py). No activations, no cache, no
+    # gradients; ``idle_params`` are their parameters outside the programs' modules (included in extra_params).
+    idle_layers: tuple[int, ...] = ()
+    idle_params: int = 0
     ssm: SSMSpec | None = None
     shared_block: SharedBlock | None = None  # Zamba2's shared transformer block (vramplan.ssm)
     residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
@@ -328,7 +333,7 @@ class ModelSpec:
         """Elements every layer together caches per token (layers that share another's keys and values cache
         nothing; the others by their own head sizes)."""
         return sum(self.layer(i).kv_cache_per_token for i in range(self.num_layers)
-                   if self.mixer(i) in ATTENTION_MIXERS and not self.layer(i).kv_shared)
+                   if self.mixer(i) in ATTENTION_MIXERS and not self.layer(i).kv_shared and i not in self.idle_layers)
 
     # ---- derived sizes --------------------------------------------------------------
     @property
@@ -363,7 +368,7 @@ class ModelSpec:
     @property
     def attention_layers(self) -> int:
         """Layers that keep a KV cache."""
-        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ATTENTION_MIXERS)
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ATTENTION_MIXERS and i not in self.idle_layers)
 
     @property
     def num_sliding_layers(self) -> int:
