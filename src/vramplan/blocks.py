@@ -957,7 +957,7 @@ class _B:
         # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
         sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
         # a sliding layer's SDPA gets the sliding-window boolean mask (Dots 3's sliding MLA layers)
-        window = bool(plan.sliding and spec.sliding_window and self.kv_len > spec.sliding_window) and sparse is None
+        window = bool(plan.sliding and window_masked(spec, self.kv_len)) and sparse is None
         kernel = self.kernel_for(sparse is not None or window)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
@@ -969,14 +969,14 @@ class _B:
                 # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
                 # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
                 ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
-            elif window:  # the same for the model's (batch, 1, seq, kv) sliding-window mask
-                ins += (tp.op(b * s * self.kv_len, query.elem, (), rg=False, fwd_scratch=b * s * self.kv_len),)
+            elif window and s > 1:  # the model's (batch, 1, seq, kv) sliding-window mask (see sdpa_bias)
+                ins += (self.sdpa_bias(query.elem),)
             out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
         else:
-            out = self.attention_core(query, key, value, kernel, nh)
+            out = self.attention_core(query, key, value, kernel, nh, masked=window)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
             out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
