@@ -688,6 +688,9 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
             v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
+        # an early output gate's projection (modeling_afmoe.py: gate_states = self.gate_proj(hidden_states) after
+        # v_proj), held by the attention's locals to its end
+        gate_early = self.attn_gate_proj(n) if spec.attn_gate and spec.attn_gate_early else None
         if spec.qk_norm and not spec.qk_norm_after_rope:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
@@ -761,12 +764,44 @@ class _B:
             out = self.call(lambda v: self.norm(v, qd, tr), out)
         if spec.attn_output_gate:  # attn_output * torch.sigmoid(gate): sigmoid saves its result, the product both
             out = self.mul(out, self.ew(gate, save_out=True))
+        held: tuple[Tensor, ...] = ()
+        if spec.attn_gate:
+            out, held = self.attn_gate_apply(out, gate_early if gate_early is not None else self.attn_gate_proj(n))
         o = lin(out, qd, h, oname, spec.o_bias)
+        if held:
+            tp.hold(*held)
         if spec.attn_output_gate:
             tp.hold(gate)
         if spec.scores_held and spec.qkv_fused:  # the fused projection (and its q/k/v views) are the attention's
             tp.hold(qkv)  # locals (MptAttention.mixed_qkv, GPTNeoXJapaneseAttention.qkv)
         return self.dropout(o, spec.hidden_dropout)
+
+    def attn_gate_proj(self, n: Tensor) -> Tensor:
+        """The output gate's projection of the layer input (``spec.attn_gate``): heads or heads x head_dim outputs, no
+        bias; plus the per-head gate bias where there is one (``gate_proj(x).view_as(attn_output) +
+        gate_bias[None, None, :, None]``, modeling_beam.py: a new tensor)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        name = spec.attn_gate_name
+        width = spec.num_heads if spec.attn_gate_heads else spec.q_dim
+        # "attn." keeps its gradient apart from an MLP linear of the same name (AFMoE's gate_proj)
+        g = self.linear(n, spec.hidden_size, width, "attn." + name, bias=False, trainable=plan.trainable,
+                        quant=plan.quant, lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        if spec.attn_gate_bias:
+            pg = self.param_grad("attn.gate_bias", spec.num_heads, self.num.param) if plan.trainable else ()
+            g = tp.op(g.numel, g.elem, (g,), params=pg, rg=g.rg or plan.trainable)
+        return g
+
+    def attn_gate_apply(self, out: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``out * act(g)`` before o_proj; (the product, what the attention's locals hold to its end). sigmoid saves
+        its result (the gate projection is the local: modeling_afmoe.py gate_states, modeling_beam.py gate);
+        softplus_fp32 (modeling_laguna.py ``F.softplus(g.float()).to(dtype)``): the fp32 copy, softplus (saves its
+        input), the cast back, which is the local. The product saves both (a per-head gate broadcasts over
+        head_dim)."""
+        if self.spec.attn_gate == "softplus_fp32":
+            a = self.cast(self.ew(self.cast(g, 4), save_in=True), out.elem)
+            return self.mul(out, a), (a,)
+        return self.mul(out, self.ew(g, save_out=True)), (g,)
 
     def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
                        masked: bool = False) -> Tensor:
@@ -1137,8 +1172,12 @@ class _B:
                 tp.save_output(w)
             return idx, w
         # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid()), and so
-        # does DBRX's softmax(dtype=router_logits.dtype)
-        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32) or spec.router_softmax_native else 4
+        # does DBRX's softmax(dtype=router_logits.dtype); a sigmoid router whose weights reach the experts in fp32
+        # scores an fp32 copy of its logits (MiniMaxM2TopKRouter: sigmoid(router_logits.float()))
+        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32 and not spec.router_weights_fp32) or \
+            spec.router_softmax_native else 4
+        if pe == 4 and logits.elem != 4 and spec.router_sigmoid:
+            logits = self.cast(logits, 4)
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)

@@ -240,6 +240,17 @@ class _Facts:
     sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
     sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
+    # an attention output gate (derived: vramplan.derive._compose _GATES): o_proj(out * act(gate_proj(x))), act
+    # "sigmoid" or "softplus_fp32" ("": none); early: the gate's projection runs after v_proj and is held through the
+    # attention (AFMoE); heads: one gate per head (Laguna), else one per channel; bias: a per-head bias added to the
+    # projection first (Beam); name: the gate linear's module name; heads_key: the boolean config key that makes it
+    # one per head when True and one per channel when False (Laguna gating)
+    attn_gate: str = ""
+    attn_gate_early: bool = False
+    attn_gate_heads: bool = False
+    attn_gate_bias: bool = False
+    attn_gate_name: str = ""
+    attn_gate_heads_key: str = ""
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -802,8 +813,23 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version,
+        program_version=f.version, **_attn_gate(c, f),
     )
+
+
+def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:
+    """The spec's attention output gate from a derived recipe's facts (:attr:`_Facts.attn_gate`)."""
+    if not f.attn_gate:
+        return {}
+    heads = f.attn_gate_heads
+    if f.attn_gate_heads_key:
+        v = c.raw.get(f.attn_gate_heads_key, heads)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{c.where}: {f.attn_gate_heads_key}={v!r} is not modelled by estimate (true: one output "
+                              "gate per head, false: one per channel); run vramplan trace")
+        heads = v
+    return {"attn_gate": f.attn_gate, "attn_gate_early": f.attn_gate_early, "attn_gate_heads": heads,
+            "attn_gate_bias": f.attn_gate_bias, "attn_gate_name": f.attn_gate_name or "gate_proj"}
 
 
 def _gpt2(c: _Cfg, family: str) -> ModelSpec:
@@ -1165,6 +1191,13 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 
 # What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
 _MISSING_MECHANISMS = {
+    "git": "GIT (modeling_git.py GitForCausalLM): a BERT-style post-LN stack over the CLIP image encoder's tokens "
+           "prepended to the text (bidirectional on the image, causal on the text), not a model.layers decoder; "
+           "vramplan trace runs it with --text-only (it cannot place its image tokens: no get_image_features)",
+    "phi4_multimodal": "Phi-4-multimodal's embed_tokens_extend (Phi4MultimodalFeatureEmbedding: a SigLIP-style image "
+                       "encoder with crops and an audio Conformer, built whole inside the causal LM) beside its "
+                       "Phi-3-style language model; vramplan trace runs it with --text-only (no get_image_features to "
+                       "place its image tokens)",
     "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "

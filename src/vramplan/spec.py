@@ -240,6 +240,15 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    # a derived attention output gate: o_proj(out * act(attn_gate_name(x))) with act "sigmoid" or "softplus_fp32"
+    # (F.softplus(g.float()).to(dtype): modeling_laguna.py); "": none. early: the projection runs after v_proj and its
+    # output is held through the attention (modeling_afmoe.py gate_states); heads: one gate per head broadcast over
+    # head_dim, else one per channel; bias: a per-head bias added to the projection (modeling_beam.py gate_bias)
+    attn_gate: str = ""
+    attn_gate_early: bool = False
+    attn_gate_heads: bool = False
+    attn_gate_bias: bool = False
+    attn_gate_name: str = "gate_proj"
     mla_q_gate: bool = False  # MLA whose query projection also makes a per-channel output gate: q_gate_proj of
     # cat([q_resid, q_compressed]) gives (heads, qk + v) per token; out * sigmoid(gate.float()) (AXK2Attention)
     gated_norm_rank: int = 0  # the layer's pre-attention norm (and the MoE layers' pre-MLP norm) is RMSNorm times

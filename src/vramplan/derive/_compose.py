@@ -227,29 +227,166 @@ class _Recorder(_Bucketed):
 
 
 
+# ---- attention output gates and the type's own q/k norms ---------------------------------------------------------
+
+# A gated attention multiplies its output, before o_proj, by an activation of a linear projection of the layer's
+# input (one gate per head or per channel): (activation, where its projection runs). "early": right after v_proj, held
+# through the attention (modeling_afmoe.py gate_proj); "late": just before o_proj (modeling_laguna.py g_proj with a
+# softplus in fp32, modeling_beam.py gate_proj plus a per-head bias).
+_GATES = (("sigmoid", False), ("sigmoid", True), ("softplus_fp32", False), ("softplus_fp32", True))
+
+
+def _gate_parts(mine: torch.nn.Module, theirs: torch.nn.Module
+                ) -> tuple[str, torch.nn.Linear, str, dict[str, torch.Tensor]] | None:
+    """The type's attention ``mine`` is the family's ``theirs`` plus an output gate: (the gate linear's name, the
+    linear, the name of a per-head gate bias held by the attention itself or '', the rest of mine's state in order);
+    None when the extra parameters are not one bias-free linear of the layer's input to heads or heads x head_dim
+    outputs (and at most a per-head bias)."""
+    heads = getattr(getattr(theirs, "config", None), "num_attention_heads", None)
+    hd = getattr(theirs, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(hd, int):
+        return None
+    names = dict(theirs.named_children())
+    extra = [(n, c) for n, c in mine.named_children() if n not in names]
+    if len(extra) != 1 or not isinstance(extra[0][1], torch.nn.Linear) or extra[0][1].bias is not None:
+        return None
+    gname, gate = extra[0]
+    if gate.out_features not in (heads, heads * hd):
+        return None
+    own_theirs = {n for n, _ in theirs.named_parameters(recurse=False)}
+    own = [(n, p) for n, p in mine.named_parameters(recurse=False) if n not in own_theirs]
+    if len(own) > 1 or (own and tuple(own[0][1].shape) != (heads,)):
+        return None
+    bias = own[0][0] if own else ""
+    rest = {k: v for k, v in mine.state_dict().items() if not k.startswith(gname + ".") and k != bias}
+    return gname, gate, bias, rest
+
+
+def _install_gate(theirs: torch.nn.Module, gate: torch.nn.Linear, bias: torch.Tensor | None, act: str,
+                  early: bool) -> list[Any]:
+    """Hooks that make the family's attention ``theirs`` compute the type's output gate (see _GATES); the handles."""
+    v_proj, o_proj = getattr(theirs, "v_proj", None), getattr(theirs, "o_proj", None)
+    if not isinstance(v_proj, torch.nn.Module) or not isinstance(o_proj, torch.nn.Module):
+        raise ValueError("no v_proj / o_proj to gate")
+    heads, hd = theirs.config.num_attention_heads, theirs.head_dim
+    state: dict[str, Any] = {}
+
+    def capture(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        state["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def after_v(m: torch.nn.Module, args: Any, out: Any) -> None:
+        state["g"] = gate(state["x"])
+
+    def before_o(m: torch.nn.Module, args: Any) -> Any:
+        x = args[0]
+        g = state.pop("g") if early else gate(state["x"])
+        split = (*x.shape[:-1], heads, hd)
+        if bias is not None:  # gate_proj(x).view_as(attn_output) + gate_bias[None, None, :, None]
+            g = g.view(split) + bias[None, None, :, None]
+        a = torch.sigmoid(g) if act == "sigmoid" else torch.nn.functional.softplus(g.float()).to(x.dtype)
+        if a.shape[-1] == heads:  # one gate per head, broadcast over head_dim
+            return ((x.view(split) * a.unsqueeze(-1)).view(x.shape),)
+        return ((x.view(split) * a).view(x.shape),) if a.dim() == x.dim() + 1 else (x * a,)
+
+    hs = [theirs.register_forward_pre_hook(capture, with_kwargs=True), o_proj.register_forward_pre_hook(before_o)]
+    if early:
+        hs.append(v_proj.register_forward_hook(after_v))
+    return hs
+
+
+def _adopt_qk_norms(mine: torch.nn.Module, theirs: torch.nn.Module) -> set[tuple[str, bool]]:
+    """Give the family's attention ``theirs`` the type's own q/k norm modules where they are of another class with
+    the same parameters (MiniMax-M2's and AFMoE's q/k norms are not the family's): what the rest of the attention
+    computes is compared, and the adopted norms are classified as norms (the block program runs the spec's norm on
+    q and k). Returns their kinds; raises ValueError for a norm of no known kind."""
+    kinds: set[tuple[str, bool]] = set()
+    mine_children = dict(mine.named_children())
+    for name, child in list(theirs.named_children()):
+        other = mine_children.get(name)
+        if _role(name, child) != "norm" or other is None or type(other) is type(child):
+            continue
+        if [tuple(p.shape) for p in other.parameters()] != [tuple(p.shape) for p in child.parameters()]:
+            continue
+        w = next(iter(other.parameters()), None)
+        width = w.shape[-1] if w is not None else None
+        if width is None:
+            raise ValueError(f"q/k norm {name} without parameters")
+        x = torch.randn(2, _SEQ, 2, width, generator=torch.Generator().manual_seed(3)).to(w.dtype)
+        kind = _classify_norm(other, ((x,), {}))
+        if kind is None:
+            raise ValueError(f"q/k norm {type(other).__name__} computes like no known norm")
+        kinds.add(kind)
+        setattr(theirs, name, copy.deepcopy(other))
+    return kinds
+
+
+def _attn_compare(mine: torch.nn.Module, theirs: torch.nn.Module, inputs: tuple[Any, Any], want: list[Any]
+                  ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]]]:
+    """The type's attention ``mine`` against the family's ``theirs`` on ``inputs`` (the type's ops: ``want``):
+    (True: it matched with the concatenating rotary application, False: with the family's own, None: neither; the
+    first difference; the output gate's facts where the type has one; the kinds of the adopted q/k norms)."""
+    kinds = _adopt_qk_norms(mine, theirs)
+    gate_facts: tuple[tuple[str, Any], ...] = ()
+    try:
+        _load_part(mine, theirs)
+        variants: list[tuple[tuple[tuple[str, Any], ...], Any]] = [((), None)]
+    except ValueError:
+        parts = _gate_parts(mine, theirs)
+        if parts is None:
+            raise
+        gname, gate, bias_name, rest = parts
+        keys = list(theirs.state_dict())
+        if [tuple(v.shape) for v in rest.values()] != [tuple(theirs.state_dict()[k].shape) for k in keys]:
+            raise
+        theirs.load_state_dict(dict(zip(keys, rest.values(), strict=True)), strict=True)
+        bias = getattr(mine, bias_name) if bias_name else None
+        heads = gate.out_features == theirs.config.num_attention_heads
+        variants = [((("attn_gate", act), ("attn_gate_early", early), ("attn_gate_heads", heads),
+                      ("attn_gate_bias", bias is not None), ("attn_gate_name", gname)), (act, early))
+                    for act, early in _GATES]
+    why = ""
+    for facts, g in variants:
+        handles = _install_gate(theirs, gate, bias, *g) if g is not None else []
+        try:
+            tops = _part_ops(theirs, inputs)
+            if tops == want:
+                return False, "", facts, kinds
+            if _part_ops_rope_cat(theirs, inputs) == want:
+                return True, "", facts, kinds
+            why = why or _first_difference(want, tops)
+        finally:
+            for h in handles:
+                h.remove()
+        gate_facts = facts
+    return None, why + (" (with an output gate)" if gate_facts else ""), (), kinds
+
+
 def _attention_matches(layers: torch.nn.ModuleList, rec: _Recorder, tlayers: torch.nn.ModuleList
-                       ) -> tuple[bool | None, str]:
+                       ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]]]:
     """Each layer's attention of the type, on its captured inputs, against the family's (``tlayers``) holding the same
     weights: (True: with the concatenating rotary application, False: with the family's own, None: neither; the
-    first difference)."""
+    first difference; the output gate's facts; the adopted q/k norms' kinds) (see :func:`_attn_compare`)."""
     cats: set[bool] = set()
+    gates: set[tuple[tuple[str, Any], ...]] = set()
+    kinds: set[tuple[str, bool]] = set()
     for i, layer in enumerate(layers):
         mine_part, their_part = _child(layer, "attn"), _child(tlayers[i], "attn")
         key = f"L{i}.{mine_part[0]}" if mine_part else ""
         if mine_part is None or their_part is None or key not in rec.inputs:
-            return None, f"layer {i} has no attention to compare"
+            return None, f"layer {i} has no attention to compare", (), set()
         try:
-            _load_part(mine_part[1], their_part[1])
-            tops = _part_ops(their_part[1], rec.inputs[key])
+            cat, why, gate, k = _attn_compare(mine_part[1], their_part[1], rec.inputs[key], rec.buckets[key])
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
-        if tops == rec.buckets[key]:
-            cats.add(False)
-        elif _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]:
-            cats.add(True)
-        else:
-            return None, _first_difference(rec.buckets[key], tops)
-    return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs")
+            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}", (), set()
+        if cat is None:
+            return None, why, (), set()
+        cats.add(cat)
+        gates.add(gate)
+        kinds |= k
+    if len(gates) > 1:
+        return None, "the layers' output gates differ", (), set()
+    return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs"), \
+        (gates.pop() if gates else ()), kinds
 
 
 def _biased_head(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
@@ -520,6 +657,8 @@ def compose(model_type: str) -> DeriveResult:
     norms: set[tuple[str, bool]] = set()
     head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
     attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
+    attn_gates: dict[str, dict[str, set[Any]]] = {}  # each attention candidate's output-gate facts, per variant
+    attn_norms: dict[str, set[tuple[str, bool]]] = {}  # the kinds of the type's q/k norms a candidate adopted
     why: dict[str, str] = {}
     checked: list[str] = []
     for vi, (vname, d) in enumerate(variants):
@@ -579,6 +718,10 @@ def compose(model_type: str) -> DeriveResult:
                 try:
                     trec = _record(theirs)
                 except Exception as exc:
+                    if attn_ok[ref] and odd_head:
+                        # a model whose attention takes its head size as hidden / heads (OlmoeAttention's q_norm)
+                        # does not run at another head_dim: its attention is compared at head_dim = hidden / heads
+                        hd_retry.append(ref)
                     base_ok[ref] = glue_ok[ref] = attn_ok[ref] = False
                     why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
                     trec = None
@@ -614,19 +757,24 @@ def compose(model_type: str) -> DeriveResult:
                             ok[ref] = False
                             break
                         try:
-                            _load_part(mine_part[1], their_part[1])
-                            tops = _part_ops(their_part[1], rec.inputs[key])
-                            cat = False
-                            if tops != rec.buckets[key] and role == "attn":
-                                cat = _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]
-                            if tops != rec.buckets[key] and not cat:
-                                ok[ref] = False
-                                if role == "attn":
-                                    attn_why[ref] = (vi, f"{vname}/{attn}: "
-                                                     + _first_difference(rec.buckets[key], tops))
-                                _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
-                            elif role == "attn":
-                                rope_cat[ref].add(cat)
+                            if role == "attn":
+                                acat, awhy, agate, akinds = _attn_compare(mine_part[1], their_part[1],
+                                                                          rec.inputs[key], rec.buckets[key])
+                                if acat is None:
+                                    ok[ref] = False
+                                    attn_why[ref] = (vi, f"{vname}/{attn}: {awhy}")
+                                    _debug(f"{ref} attn {vname}/{attn}: {awhy}")
+                                else:
+                                    rope_cat[ref].add(acat)
+                                    attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(agate)
+                                    attn_norms.setdefault(ref, set()).update(akinds)
+                            else:
+                                _load_part(mine_part[1], their_part[1])
+                                tops = _part_ops(their_part[1], rec.inputs[key])
+                                if tops != rec.buckets[key]:
+                                    ok[ref] = False
+                                    _debug(f"{ref} {role} {vname}/{attn}: "
+                                           f"{_first_difference(rec.buckets[key], tops)}")
                         except Exception as exc:
                             ok[ref] = False
                             if role == "attn" and odd_head and "different parameters" in str(exc):
@@ -654,12 +802,14 @@ def compose(model_type: str) -> DeriveResult:
                     trec2 = _record(theirs2)
                     if _rotary_tables(trec2) != _rotary_tables(rec2):
                         continue
-                    cat2, why2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
+                    cat2, why2, gate2, kinds2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
                     if cat2 is None:
                         attn_why[ref] = (vi, f"{vname}/{attn} at head_dim = hidden / heads: {why2}")
                         continue
                     attn_ok[ref] = True
                     rope_cat[ref].add(cat2)
+                    attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(gate2)
+                    attn_norms.setdefault(ref, set()).update(kinds2)
                     checked.append(f"{vname}/{attn}: attention as {ref}'s at head_dim = hidden / heads")
             if attn == kernels(model_type, ("eager", "sdpa"))[0]:  # the MoE block does not depend on the kernel
                 has_moe |= _compare_moe(layers, rec, d, moe_ok, moe_why, vname, moe_parts)
@@ -680,8 +830,13 @@ def compose(model_type: str) -> DeriveResult:
             detail = "attention: " + "; ".join(f"{k}: {v[1]}" for k, v in near) + ("; " + detail if base is None
                                                                                      or glue is None else "")
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
+    norms |= attn_norms.get(attn_ref, set()) if attn_ref is not None else set()
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
+    gate, gerr = _gate_facts(attn_gates.get(attn_ref, {}) if attn_ref is not None else {})
+    if gerr:
+        return DeriveResult(model_type, None, f"its attention computes like {attn_ref}'s with an output gate, but "
+                            f"{gerr}")
     (norm_kind, norm_bias), = norms
     moe_ref = next((r for r in moe_refs if moe_ok[r]), None)
     moe_flags: tuple[tuple[str, Any], ...] = ()
@@ -707,6 +862,8 @@ def compose(model_type: str) -> DeriveResult:
             return DeriveResult(model_type, None, f"its lm_head has a bias on {on} of the variants, following no "
                                 "boolean config key")
         facts = replace(facts, lm_head_bias=key == "", lm_head_bias_key=key)
+    if gate:
+        facts = replace(facts, **dict(gate))
     if rope_cat[attn_ref] == {True}:
         # the concatenating apply takes the rotary width from cos: the rotary module's partial_rotary_factor
         facts = replace(facts, rope_cat=True, partial_rotary=True)
@@ -757,6 +914,33 @@ def compose(model_type: str) -> DeriveResult:
               "method": "composed part by part: outside ops, layer glue and call order as the base family; "
                         "attention, MLP and norms op for op as the named families (train forward, bf16)"}
     return DeriveResult(model_type, recipe, tried=[base, glue, attn_ref, mlp_ref])
+
+
+def _gate_facts(seen: Mapping[str, set[Any]]) -> tuple[tuple[tuple[str, Any], ...], str]:
+    """The output gate's facts from those found on each variant: the shrunk default's, where the gate's width (one
+    per head or one per channel) may follow one boolean config key flipped on a variant (Laguna's ``gating``: per head
+    when True) and nothing else may change."""
+    per: dict[str, tuple[tuple[str, Any], ...]] = {}
+    for vname, gates in seen.items():
+        if len(gates) != 1:
+            return (), f"its gate differs between layers on {vname}"
+        per[vname] = next(iter(gates))
+    base = per.get("default", ())
+    if not base and not any(per.values()):
+        return (), ""
+    out = dict(base)
+    for vname, g in per.items():
+        if g == base:
+            continue
+        mine = dict(g)
+        key, _, val = vname.partition("=")
+        changed = {k for k in {*out, *mine} if out.get(k) != mine.get(k)}
+        if not base or not g or changed != {"attn_gate_heads"} or val not in ("True", "False"):
+            return (), f"its gate changes on the variant {vname}: {sorted(base)} vs {sorted(g)}"
+        if mine["attn_gate_heads"] != (val == "True") or out.get("attn_gate_heads_key", key) != key:
+            return (), f"its gate's width follows {vname} the other way round"
+        out["attn_gate_heads_key"] = key  # one gate per head when the key is True, per channel when False
+    return tuple(sorted(out.items())), ""
 
 
 def _check_counts(model_type: str, facts: Any, variants: list[tuple[str, dict[str, Any]]],
