@@ -960,17 +960,27 @@ class _B:
         elif qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
+            if spec.mla_latent_scale:  # q_resid * q_lora_scale (the indexer reads the scaled latent too)
+                qn = tp.op(qn.numel, qn.elem, (qn,))
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
-        latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+        if spec.mla_latent_scale:  # kv_a_layernorm(kv_pass.contiguous()) * kv_lora_scale
+            latent = tp.op(b * s * kvr, ckv.elem, (ckv,), passthrough=True)
+            latent = self.norm(latent, kvr, tr)
+            latent = tp.op(latent.numel, latent.elem, (latent,))
+        else:
+            latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
         # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
         rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
         q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
-        k_rot = self.call(rot, tp.view(ckv, b * s * rd))
+        k_in = tp.view(ckv, b * s * rd)
+        if spec.mla_latent_scale:  # k_rope_only_layernorm before the rotary embedding
+            k_in = self.norm(k_in, rd, tr)
+        k_rot = self.call(rot, k_in)
         if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
@@ -981,7 +991,9 @@ class _B:
         value = tp.view(kvb, b * self.kv_len * nh * vd)
         # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
         sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
-        kernel = self.kernel_for(sparse is not None)
+        # a sliding layer's SDPA gets the sliding-window boolean mask (Dots 3's sliding MLA layers)
+        window = bool(plan.sliding and window_masked(spec, self.kv_len)) and sparse is None
+        kernel = self.kernel_for(sparse is not None or window)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
         if kernel is Kernel.EFFICIENT:
@@ -992,19 +1004,23 @@ class _B:
                 # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
                 # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
                 ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
+            elif window and s > 1:  # the model's (batch, 1, seq, kv) sliding-window mask (see sdpa_bias)
+                ins += (self.sdpa_bias(query.elem),)
             out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
         else:
-            out = self.attention_core(query, key, value, kernel, nh)
+            out = self.attention_core(query, key, value, kernel, nh, masked=window)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
             out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
             tp.hold(gate)
-        if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
+        if spec.mla_head_gate == "fp32":  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype)
             gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
             out = self.mul(out, gs)
+        elif spec.mla_head_gate:  # Dots3NoteTextAttention: attn_output * g_proj(x).view(..., 1).sigmoid()
+            out = self.mul(out, self.ew(lin(n, h, nh, "g_proj", False), save_out=True))
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
         for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):

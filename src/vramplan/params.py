@@ -72,7 +72,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
             hi, di = spec.index_heads, spec.index_head_dim
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
-        if spec.mla_head_gate:  # BailingHybridAttention's g_proj: one gate per head, no bias
+        if spec.mla_head_gate:  # BailingHybridAttention's / Dots 3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, nh, 1))
         if spec.gated_norm_rank:  # the gated input norm's low-rank gate MLP (AXK2GateMLP: fc1, fc2, no bias)
             out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
@@ -346,6 +346,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer - (0 if spec.attn_norm else 1)) * \
         _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.mla_latent_scale:  # Dots 3's k_rope_only_layernorm
+        norm += spec.qk_rope_head_dim
     if spec.index_heads:
         norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:
