@@ -148,7 +148,7 @@ def test_recipes_of_the_gated_types_read() -> None:
     """The shipped recipes of the types this composition answers read and count their parameters."""
     from vramplan.recipes import recipe_for
 
-    for t in ("minimax_m2", "laguna"):
+    for t in ("minimax_m2", "laguna", "afmoe"):
         r = recipe_for(t)
         assert r is not None, t
 
@@ -219,3 +219,41 @@ def test_shrunk_variants_keep_per_layer_head_lists_consistent() -> None:
     d = _shrink(base, _VARIANTS[0], False)
     assert d["num_attention_heads_per_layer"] == [_VARIANTS[0]["heads"]] * 3
     assert d["other_list"] == [48, 48]  # not a head count
+
+
+def test_afmoe_attention_against_glm4_moe() -> None:
+    """AFMoE's attention is GLM-4.5's with its q/k norms on (AFMoE's own fp32-weight norms adopted), an early
+    sigmoid gate per channel, LLaMA's rotary application on the sliding layer and none on the full layer."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "afmoe" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("no afmoe in this transformers")
+    from vramplan.derive._compose import (
+        _attn_compare,
+        _child,
+        _family_model,
+        _layers,
+        _moe_attention_config,
+        _record,
+        _with_qk_flag,
+    )
+    from vramplan.derive._derive import _build, _quiet, _variants
+
+    _, d = _variants("afmoe")[0]
+    with _quiet(), torch.no_grad():
+        mine = _build("afmoe", d, "eager", meta=False)
+        rec = _record(mine)
+        fd = _with_qk_flag("glm4_moe", _moe_attention_config("glm4_moe", d), True)
+        theirs = _family_model("glm4_moe", fd or {}, "eager")
+        assert theirs is not None
+        got = []
+        for i, layer in enumerate(_layers(mine)):
+            name, attn = _child(layer, "attn") or ("", None)
+            cat, why, gate, kinds, nope = _attn_compare(attn, _child(_layers(theirs)[i], "attn")[1],
+                                                        rec.inputs[f"L{i}.{name}"], rec.buckets[f"L{i}.{name}"])
+            assert cat is False, why
+            assert dict(gate)["attn_gate"] == "sigmoid" and dict(gate)["attn_gate_early"]
+            assert ("rmsnorm_fp32_weight", False) in kinds
+            got.append((d["layer_types"][i], nope, ("rope_plain", True) in kinds))
+    assert sorted(got) == [("full_attention", True, False), ("sliding_attention", False, True)]

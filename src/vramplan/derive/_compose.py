@@ -336,6 +336,22 @@ def _adopt_qk_norms(mine: torch.nn.Module, theirs: torch.nn.Module) -> set[tuple
     return kinds
 
 
+def _part_ops_rope_plain(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any] | None:
+    """The ops of attention module ``mod`` with LLaMA's ``apply_rotary_pos_emb`` (whole heads, no concatenation) in
+    place of its modeling file's own; None when that file has none."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as plain
+
+    module = sys.modules.get(type(mod).__module__)
+    orig = getattr(module, "apply_rotary_pos_emb", None)
+    if module is None or not callable(orig) or orig is plain:
+        return None
+    module.apply_rotary_pos_emb = plain  # type: ignore[attr-defined]
+    try:
+        return _part_ops(mod, inputs)
+    finally:
+        module.apply_rotary_pos_emb = orig  # type: ignore[attr-defined]
+
+
 def _part_ops_nope(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any] | None:
     """The ops of attention module ``mod`` with its modeling file's ``apply_rotary_pos_emb`` skipped (a layer that
     applies no rotary embedding: AFMoE's and Flint's full-attention layers); None when the file has none."""
@@ -401,6 +417,9 @@ def _attn_compare(mine: torch.nn.Module, theirs: torch.nn.Module, inputs: tuple[
                 return True, "", facts, kinds, False
             if _part_ops_nope(theirs, inputs) == want:
                 return False, "", facts, kinds, True
+            if _part_ops_rope_plain(theirs, inputs) == want:
+                # LLaMA's rotary application in place of a family's concatenating one (AFMoE beside GLM-4.5)
+                return False, "", facts, kinds | {("rope_plain", True)}, False
             why = why or _first_difference(want, tops)
         finally:
             for h in handles:
@@ -906,7 +925,9 @@ def compose(model_type: str) -> DeriveResult:
                                                                                      or glue is None else "")
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
     o_bias = ("o_bias", True) in attn_norms.get(attn_ref, set()) if attn_ref is not None else False
-    norms |= {k for k in attn_norms.get(attn_ref, set()) if k[0] != "o_bias"} if attn_ref is not None else set()
+    rope_plain = ("rope_plain", True) in attn_norms.get(attn_ref, set()) if attn_ref is not None else False
+    norms |= {k for k in attn_norms.get(attn_ref, set()) if k[0] not in ("o_bias", "rope_plain")} \
+        if attn_ref is not None else set()
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
     gate, gerr = _gate_facts(attn_gates.get(attn_ref, {}) if attn_ref is not None else {})
@@ -940,6 +961,8 @@ def compose(model_type: str) -> DeriveResult:
         facts = replace(facts, lm_head_bias=key == "", lm_head_bias_key=key)
     if gate:
         facts = replace(facts, **dict(gate))
+    if rope_plain:  # every rotary layer matched with LLaMA's application: whole heads, no concatenation
+        facts = replace(facts, rope_cat=False, partial_rotary=False)
     if o_bias:  # o_proj has a bias when the family's bias key gives q/k/v theirs (the o_proj bias was added to match)
         facts = replace(facts, o_bias=True)
     if fa.qk_norm_key and fa.qk_norm_key not in variants[0][1]:
