@@ -132,3 +132,31 @@ def test_rule_falls_back_when_the_per_layer_list_is_left_out() -> None:
     assert _llama_like(_Cfg(_BASE, "x"), "x_moe", facts).moe_layers == (1, 2, 4, 5)
     raw = {k: v for k, v in _BASE.items() if k != "kinds"}
     assert _llama_like(_Cfg(raw, "x"), "x_moe", facts).moe_layers == (2, 3, 4, 5)
+
+
+def test_family_block_config_leaves_out_keys_the_type_sets_to_none() -> None:
+    """Cohere2MoeConfig has rms_norm_eps = None (its norms are LayerNorms): Mixtral's strict config class refuses
+    None for it, so the family's block is built with its own default for such keys (the block does not read them)."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _family_moe_config
+
+    d = {"hidden_size": 64, "rms_norm_eps": None, "layer_norm_eps": 1e-5, "num_hidden_layers": 2}
+    o = _family_moe_config("mixtral", d, {"num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 40,
+                                         "shared": 0, "shared_gate": 0})
+    assert o is not None and "rms_norm_eps" not in o and o["layer_norm_eps"] == 1e-5 and o["num_local_experts"] == 4
+
+
+@pytest.mark.slow
+def test_cohere2_moe_block_composes_with_a_top_k_first_router() -> None:
+    """Cohere2MoeTopKRouter: top-k of the bf16 logits, then softmax over the k values, cast back to bf16 (no fp32
+    routing weights, unlike Mixtral's); its experts are Mixtral's grouped_mm experts."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _moe_parts, _moe_sizes
+    from vramplan.derive._derive import _quiet
+
+    with _quiet():
+        block, inputs, d = _first_moe_block("cohere2_moe")
+        flags, err = _moe_parts(block, inputs, d, _moe_sizes(block, d["hidden_size"]) or {})
+    assert not err, err
+    assert flags["router_topk_first"] and flags["expert_glu"] == ""
+    assert not flags["router_weights_fp32"] and not flags["router_fp32"] and not flags["router_sigmoid"]
