@@ -160,3 +160,81 @@ def test_cohere2_moe_block_composes_with_a_top_k_first_router() -> None:
     assert not err, err
     assert flags["router_topk_first"] and flags["expert_glu"] == ""
     assert not flags["router_weights_fp32"] and not flags["router_fp32"] and not flags["router_sigmoid"]
+
+
+def test_moe_only_recipe_refuses_dense_layers_and_unseen_layer_kinds() -> None:
+    """A recipe derived on MoE-only stacks has never compared a dense MLP (Cohere2-MoE's prefix_dense layers and
+    MiniMax M3's dense layers have their own widths and GLUs): a config that leaves a layer dense is refused, as is a
+    layer_types entry the derivation never checked (MiniMax M3's sparse-indexer layers)."""
+    from dataclasses import replace
+
+    facts = replace(_FACTS, moe_rule=(("eq", "kinds", "sparse"),), moe_only=True,
+                    layer_kinds=("full_attention",))
+    sparse = {**_BASE, "kinds": ["sparse"] * 6, "layer_types": ["full_attention"] * 6}
+    assert _llama_like(_Cfg(sparse, "x"), "x_moe", facts).moe_layers == tuple(range(6))
+    with pytest.raises(ConfigError, match=r"layers \[0, 3\] have a dense MLP"):
+        _llama_like(_Cfg({**sparse, "kinds": _BASE["kinds"]}, "x"), "x_moe", facts)
+    with pytest.raises(ConfigError, match="minimax_m3_sparse"):
+        _llama_like(_Cfg({**sparse, "layer_types": ["minimax_m3_sparse"] + ["full_attention"] * 5}, "x"), "x_moe",
+                    facts)
+    # without the facts (a recipe derived with dense layers, or an older one) both are read
+    assert _llama_like(_Cfg({**sparse, "kinds": _BASE["kinds"]}, "x"), "x_moe",
+                       replace(facts, moe_only=False)).moe_layers == (1, 2, 4, 5)
+
+
+def test_clamped_shared_expert_is_one_fused_linear_pair() -> None:
+    """MiniMaxM3VLDenseMLP as the shared expert: gate_up_proj (hidden x 2 width) and down_proj, the same parameters
+    as a gated MLP; its program replays the clamped GLU on the fused output."""
+    from dataclasses import replace
+
+    from vramplan.api import estimate, make_workload
+    from vramplan.params import mlp_linears
+
+    facts = replace(_FACTS, moe_flags=(("router_sigmoid", True), ("shared_expert_first", True)))
+    plain = _llama_like(_Cfg(_BASE, "x"), "x_moe", facts)
+    clamped = _llama_like(_Cfg(_BASE, "x"), "x_moe",
+                          replace(facts, moe_flags=(*facts.moe_flags, ("shared_expert_glu", "clamped"))))
+    assert clamped.shared_expert_glu == "clamped" and count_params(clamped).total == count_params(plain).total
+    assert ("shared_gate_up_proj", 64, 64, 1) in mlp_linears(clamped, True)
+    w = make_workload(task="train", method="full", batch_size=2, seq_len=64, precision="bf16")
+    # clamp (x2), gate * alpha, sigmoid, products and up + 1 hold more than act(gate) * up
+    assert estimate(clamped, w).peak_allocated_bytes > estimate(plain, w).peak_allocated_bytes
+
+
+@pytest.mark.slow
+def test_attention_compared_with_the_types_own_q_k_norms() -> None:
+    """MiniMax M3's attention is Qwen3's (per-head q/k norms on the projections before the transpose) with Gemma-style
+    norms ((1 + w) on the fp32 states) and a concatenating rotary application: with the type's norms put in place of
+    the family's the ops match; the norms' kind is reported for the layer-norm check."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import (
+        _attn_norm_kinds,
+        _child,
+        _family_model,
+        _layers,
+        _load_part,
+        _part_ops,
+        _part_ops_rope_cat,
+        _record,
+        _swap_attn_norms,
+    )
+    from vramplan.derive._derive import _build, _quiet, _variants
+
+    with _quiet():
+        d = _variants("minimax_m3_vl_text")[0][1]
+        mine = _build("minimax_m3_vl_text", d, "eager", meta=False)
+        rec = _record(mine)
+        theirs = _family_model("qwen3", d, "eager")
+        assert theirs is not None
+        name, attn = _child(_layers(mine)[0], "attn") or ("", None)
+        their_attn = (_child(_layers(theirs)[0], "attn") or ("", None))[1]
+        inputs = rec.inputs[f"L0.{name}"]
+        _load_part(attn, their_attn)
+        assert _part_ops_rope_cat(their_attn, inputs) != rec.buckets[f"L0.{name}"]  # Qwen3's own norms differ
+        kinds = _attn_norm_kinds(attn, inputs)
+        assert kinds == {"q_norm": ("gemma_rmsnorm", False), "k_norm": ("gemma_rmsnorm", False)}
+        assert _swap_attn_norms(attn, their_attn, kinds) == {("gemma_rmsnorm", False)}
+        assert _part_ops_rope_cat(their_attn, inputs) == rec.buckets[f"L0.{name}"]
+        assert _part_ops(their_attn, inputs) != rec.buckets[f"L0.{name}"]  # the rotary application is the other one
+        # the same class on both sides: nothing is swapped
+        assert _swap_attn_norms(attn, attn, kinds) == set()

@@ -1320,7 +1320,8 @@ class _B:
     def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:
         """gpt-oss GptOssExperts._apply_gate: ``gate_up[..., ::2]`` and ``[..., 1::2]`` (strided slices), gate clamped
         above and up on both sides (clamp saves its input), ``glu = gate * sigmoid(gate * alpha)``,
-        ``(up + 1) * glu``."""
+        ``(up + 1) * glu``. MiniMax M3 (modeling_minimax_m3_vl.py MiniMaxM3VLExperts._apply_gate) takes the halves of
+        ``gate_up.chunk(2, dim=-1)`` instead: views as well, the same ops after them."""
         tp = self.tp
         gate, up = tp.view(gu, numel), tp.view(gu, numel)
         gc = tp.op(numel, gu.elem, (gate,), save=(gate,) if gate.rg else ())
@@ -1342,6 +1343,9 @@ class _B:
         if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
             su = shared(n, h, si, "shared_up_proj")
             return shared(self.call(self.activation, su), si, h, "shared_down_proj")
+        if spec.shared_expert_glu == "clamped":  # MiniMaxM3VLDenseMLP: gate_up_proj, chunk(2), clamped GLU
+            sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+            return shared(self.clamped_glu(sgu, sgu.numel // 2), si, h, "shared_down_proj")
         if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
             sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
             sg, su = tp.split(sgu, 2)

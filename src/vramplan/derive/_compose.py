@@ -366,6 +366,52 @@ def _child(layer: torch.nn.Module, role: str) -> tuple[str, torch.nn.Module] | N
     return None
 
 
+def _attn_norm_kinds(attn: torch.nn.Module, inputs: tuple[Any, Any]) -> dict[str, tuple[str, bool]] | None:
+    """The kind of each norm inside the type's attention (per-head q/k norms), classified on the inputs they get when
+    the attention runs on its captured inputs; None when one computes like no known norm."""
+    children = [(n, m) for n, m in attn.named_children() if _role(n, m) == "norm"]
+    if not children:
+        return {}
+    seen: dict[str, tuple[Any, Any]] = {}
+    handles = []
+    for name, mod in children:
+        def pre(m: torch.nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            seen.setdefault(name, _clone((args, kwargs)))
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        _part_ops(attn, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, tuple[str, bool]] = {}
+    for name, mod in children:
+        kind = _classify_norm(mod, seen[name]) if name in seen else None
+        if kind is None:
+            return None
+        out[name] = kind
+    return out
+
+
+def _swap_attn_norms(mine: torch.nn.Module, theirs: torch.nn.Module, kinds: dict[str, tuple[str, bool]] | None
+                     ) -> set[tuple[str, bool]]:
+    """Put copies of the type's own attention norms (``kinds``: their classification) in place of the family's, in
+    order, where each pair holds tensors of the same shapes and the classes differ: the attention is then compared
+    for everything but its norms, which are compared with the layers' norms (MiniMax M3: Qwen3's attention with
+    Gemma-style per-head q/k norms). Returns the kinds put in (empty: nothing swapped)."""
+    if not kinds:
+        return set()
+    mine_n = [(n, m) for n, m in mine.named_children() if _role(n, m) == "norm"]
+    their_n = [(n, m) for n, m in theirs.named_children() if _role(n, m) == "norm"]
+    if len(mine_n) != len(their_n) or all(type(a) is type(b) for (_, a), (_, b) in zip(mine_n, their_n, strict=True)):
+        return set()
+    for (_, a), (_, b) in zip(mine_n, their_n, strict=True):
+        if [tuple(t.shape) for t in a.state_dict().values()] != [tuple(t.shape) for t in b.state_dict().values()]:
+            return set()
+    for (_, a), (tn, _) in zip(mine_n, their_n, strict=True):
+        setattr(theirs, tn, copy.deepcopy(a))
+    return {kinds[mn] for mn, _ in mine_n}
+
+
 def _norm_refs(dim: int, eps: float, bias: bool) -> list[tuple[str, bool, torch.nn.Module]]:
     from transformers.models.cohere.modeling_cohere import CohereLayerNorm
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
@@ -517,7 +563,11 @@ def compose(model_type: str) -> DeriveResult:
     moe_why: dict[str, str] = {}
     moe_parts: list[tuple[str, tuple[tuple[str, Any], ...], str]] = []
     has_moe = False
+    seen_dense = False  # a dense-MLP layer on some variant (else the recipe refuses configs with dense layers)
+    layer_kinds: set[str] = set()  # the layer_types entries of the variants
     norms: set[tuple[str, bool]] = set()
+    # per attention family: the kinds of the type's own q/k norms put in place of the family's (_swap_attn_norms)
+    attn_norm_kinds: dict[str, set[tuple[str, bool]]] = {}
     head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
     attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
     why: dict[str, str] = {}
@@ -561,6 +611,10 @@ def compose(model_type: str) -> DeriveResult:
                                             "GptOssRMSNorm, parameter-free fp32 LayerNorm)")
                     norms.add(kind)
             dense_mlp = any(_moe_child(layer) is None for layer in layers)  # a MoE-only stack compares no MLP
+            seen_dense |= dense_mlp
+            if isinstance(d.get("layer_types"), list):
+                layer_kinds.update(str(k) for k in d["layer_types"])
+            own_qk: dict[int, dict[str, tuple[str, bool]] | None] = {}  # the type's attention norms, per layer
             odd_head = isinstance(d.get("head_dim"), int) and isinstance(d.get("num_attention_heads"), int) and \
                 d["head_dim"] * d["num_attention_heads"] != d.get("hidden_size")
             hd_retry: list[str] = []
@@ -615,6 +669,11 @@ def compose(model_type: str) -> DeriveResult:
                             break
                         try:
                             _load_part(mine_part[1], their_part[1])
+                            if role == "attn":
+                                if i not in own_qk:
+                                    own_qk[i] = _attn_norm_kinds(mine_part[1], rec.inputs[key])
+                                attn_norm_kinds.setdefault(ref, set()).update(
+                                    _swap_attn_norms(mine_part[1], their_part[1], own_qk[i]))
                             tops = _part_ops(their_part[1], rec.inputs[key])
                             cat = False
                             if tops != rec.buckets[key] and role == "attn":
@@ -683,6 +742,9 @@ def compose(model_type: str) -> DeriveResult:
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
     (norm_kind, norm_bias), = norms
+    if attn_norm_kinds.get(attn_ref, set()) - norms:  # the q/k norms the program replays are the model's kind
+        return DeriveResult(model_type, None, f"its q/k norms {sorted(attn_norm_kinds[attn_ref])} are not its "
+                            f"layers' {norm_kind}")
     moe_ref = next((r for r in moe_refs if moe_ok[r]), None)
     moe_flags: tuple[tuple[str, Any], ...] = ()
     if has_moe and moe_ref is None:
@@ -695,7 +757,9 @@ def compose(model_type: str) -> DeriveResult:
         moe_flags = keyed
     assert base is not None and glue is not None and attn_ref is not None and mlp_ref is not None
     fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
-    if fb.gemma != (norm_kind == "gemma_rmsnorm"):
+    # a Gemma family's outside ops go with Gemma's norms; a LLaMA-class base may have Gemma-style norms (MiniMax M3:
+    # no embedding scale), replayed as NormKind.GEMMA_RMSNORM
+    if fb.gemma and norm_kind != "gemma_rmsnorm":
         return DeriveResult(model_type, None, f"outside the layers it computes like {base}, its norms are {norm_kind}")
     facts = replace(fb, layout=fg.layout, parallel=fg.parallel, post_norm_key=fg.post_norm_key,
                     **{k: getattr(fa, k) for k in _ATTN_FIELDS},
@@ -717,7 +781,8 @@ def compose(model_type: str) -> DeriveResult:
     aliases = tuple((k, v) for k, v in getattr(_config_class(model_type), "attribute_map", {}).items()
                     if isinstance(k, str) and isinstance(v, str))
     facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]),
-                    sdpa="sdpa" in kernels(model_type))
+                    sdpa="sdpa" in kernels(model_type), layer_kinds=tuple(sorted(layer_kinds)),
+                    moe_only=has_moe and not seen_dense)
     if has_moe:
         keys, err = _moe_size_keys(model_type, variants[0][1])
         rule_default: tuple[tuple[str, ...], ...] = ()
@@ -747,6 +812,7 @@ def compose(model_type: str) -> DeriveResult:
     fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
     fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
     fd["moe_rule_default"] = [list(a) for a in fd["moe_rule_default"]]
+    fd["layer_kinds"] = list(fd["layer_kinds"])
     parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
     if has_moe:
         parts["moe"] = moe_ref or "composed: experts as Mixtral's or gpt-oss's, shared expert as a gated MLP, " \
@@ -1154,21 +1220,25 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     # experts: op for op as the Mixtral / gpt-oss experts (transformers' grouped_mm experts forward)
     ex = children[experts[0]]
     matched = ""
-    for ref, glu in (("mixtral", ""), ("gpt_oss", "clamped"), ("mixtral", "fp32")):
+    for ref, glu in (("mixtral", ""), ("gpt_oss", "clamped"), ("mixtral", "fp32"), ("mixtral", "clamped_chunk")):
         try:
             _, fam_block = _family_block(ref, d, {**z, "shared": 0})
             fam_ex = dict(fam_block.named_children())["experts"]
             _load_by_shape(ex, fam_ex)
             if glu == "fp32":  # the reference of the fp32 GLU: Mixtral's experts with act(gate.float()) * up.float()
                 fam_ex._apply_gate = types.MethodType(_fp32_glu, fam_ex)
+            elif glu == "clamped_chunk":  # Mixtral's experts with gpt-oss's clamped GLU on the chunk(2) halves
+                fam_ex._apply_gate = types.MethodType(_clamped_chunk_glu, fam_ex)
             if _part_ops(fam_ex, rec.inputs[experts[0]]) == rec.buckets[experts[0]]:
                 matched = ref
-                flags["expert_glu"] = glu
+                # the clamped GLU's program reads its halves as views either way (Blocks.clamped_glu)
+                flags["expert_glu"] = "clamped" if glu == "clamped_chunk" else glu
                 break
         except Exception:
             continue
     if not matched:
-        return {}, "its experts compute like neither Mixtral's, gpt-oss's nor an fp32 GLU (grouped_mm experts forward)"
+        return {}, ("its experts compute like neither Mixtral's, gpt-oss's, an fp32 GLU nor a clamped GLU of chunked "
+                    "halves (grouped_mm experts forward)")
     if matched == "gpt_oss":
         flags["expert_bias"] = True
     ex_args = rec.inputs[experts[0]]
@@ -1201,14 +1271,21 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
         sbias = any(n.endswith("bias") for n, _ in sm.named_parameters())
         cfg = LlamaConfig(hidden_size=h, intermediate_size=z["shared"], hidden_act=d.get("hidden_act", "silu"),
                           mlp_bias=sbias)
-        ref_mlp = LlamaMLP(cfg).to(torch.bfloat16)
-        try:
-            _load_by_shape(sm, ref_mlp)
-            same = _part_ops(ref_mlp, rec.inputs[shared[0]]) == rec.buckets[shared[0]]
-        except Exception:
-            same = False
-        if not same:
-            return {}, f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP)"
+        shared_glu: str | None = None
+        for sglu, ref_mlp in (("", LlamaMLP(cfg)), ("clamped", _ClampedGluMLP(h, z["shared"], sbias))):
+            try:
+                ref_mlp = ref_mlp.to(torch.bfloat16)
+                _load_by_shape(sm, ref_mlp)
+                if _part_ops(ref_mlp, rec.inputs[shared[0]]) == rec.buckets[shared[0]]:
+                    shared_glu = sglu
+                    break
+            except Exception:
+                continue
+        if shared_glu is None:
+            return {}, (f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP) and a fused "
+                        "clamped-GLU MLP")
+        if shared_glu:
+            flags["shared_expert_glu"] = shared_glu
         flags["shared_expert_first"] = rec.order.index(shared[0]) < rec.order.index(experts[0])
         flags["shared_expert_bias"] = sbias
         flags["shared_expert_gate"] = bool(gate)
@@ -1234,3 +1311,27 @@ def _fp32_glu(self: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     BeamExperts._apply_gate): the reference the ``expert_glu = "fp32"`` program replays."""
     gate, up = gate_up.chunk(2, dim=-1)
     return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)  # type: ignore[operator,no-any-return]
+
+
+def _clamped_chunk_glu(self: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's clamped GLU on the ``chunk(2, -1)`` halves of ``gate_up`` (modeling_minimax_m3_vl.py
+    MiniMaxM3VLExperts._apply_gate): the reference the ``expert_glu = "clamped"`` program replays (the constants change
+    values, not ops)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=7.0)
+    up = up.clamp(min=-7.0, max=7.0)
+    glu = gate * torch.sigmoid(gate * 1.702)
+    return (up + 1.0) * glu
+
+
+class _ClampedGluMLP(torch.nn.Module):
+    """A fused gate/up MLP with the clamped GLU (modeling_minimax_m3_vl.py MiniMaxM3VLDenseMLP): the reference of a
+    shared expert the ``shared_expert_glu = "clamped"`` program replays."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_clamped_chunk_glu(self, self.gate_up_proj(x)))  # type: ignore[no-any-return]
