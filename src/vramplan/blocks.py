@@ -1080,6 +1080,10 @@ class _B:
         # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid()), and so
         # does DBRX's softmax(dtype=router_logits.dtype)
         pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32) or spec.router_softmax_native else 4
+        if spec.router_sigmoid and pe != 4 and spec.router_weights_fp32:
+            # MiniMaxM3VLTopKRouter: F.sigmoid(router_logits.float()) of the 16-bit logits: fp32 scores, and the
+            # weights gathered from them reach the experts in fp32
+            logits, pe = self.cast(logits, 4), 4
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
