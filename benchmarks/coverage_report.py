@@ -95,7 +95,8 @@ SSM_KERNEL = "fused" if importlib.util.find_spec("mamba_ssm") else "torch"
 # gated DeltaNet layers run fla's chunk_gated_delta_rule where flash-linear-attention is installed (transformers'
 # hub_kernels.py use_kernel_func_from_hub_with_fallback), whatever mamba_ssm says
 GDN_KERNEL = "fused" if importlib.util.find_spec("fla") and importlib.util.find_spec("causal_conv1d") else "torch"
-GDN_TYPES = frozenset({"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini"})
+GDN_TYPES = frozenset({"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
+                       "bailing_hybrid"})
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length")
 LONGEST = 2048 + 64  # the inference workload's prompt + new tokens
 
@@ -211,13 +212,13 @@ def builds(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     """Whether transformers builds its own (cut) default config at all, on the meta device."""
     import torch
 
-    from vramplan.trace._resolve import hf_config, model_class
+    from vramplan.trace._resolve import build_config, hf_config, model_class
 
     try:
         config, _ = hf_config(cfg, model_type)
         cls = model_class(config, model_type)
         with torch.device("meta"):
-            cls._from_config(config)
+            cls._from_config(build_config(config, cls))
     except Exception as exc:
         return {"builds": False, "build_error": _reason(exc), "build_error_at": _where(exc)}
     return {"builds": True, "model_class": cls.__name__}

@@ -62,7 +62,15 @@ def _meta_count(cfg: dict[str, Any]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(hf)
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(hf)
+            except ValueError:  # a text sub-config (emu3_text_model): the causal-LM class built on it
+                from vramplan.derive._derive import text_sub_config_class
+
+                cls = text_sub_config_class(type(hf))
+                if cls is None:
+                    raise
+                model = cls._from_config(hf)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -151,7 +151,7 @@ SMALL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3", "qwen3_vl"])
 @pytest.mark.parametrize("workload", list(SMALL))
 def test_estimate_tracks_the_trace(model_type: str, workload: str) -> None:
     pytest.importorskip("torch")
@@ -200,3 +200,240 @@ def test_vision_language_reserved_says_it_is_not_replayed() -> None:
     assert e.peak_reserved_bytes == e.peak_allocated_bytes + slack
     assert not any("reserved memory from a replay" in a for a in e.assumptions)
     assert any("not a replay" in a for a in e.assumptions)
+
+
+# ---- composite configs whose causal-LM class is the language model alone ----------------------------------------
+
+def _q35(**extra: Any) -> dict[str, Any]:
+    text = {"model_type": "qwen3_5_text", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]}
+    return {"model_type": "qwen3_5", "text_config": text, "vision_config": {"depth": 2, "hidden_size": 128}, **extra}
+
+
+def test_text_only_causal_lm_class_is_estimated_as_its_language_model() -> None:
+    from vramplan.multimodal import text_only_class
+
+    spec = spec_from_config(_q35(), "q35")
+    assert spec.multimodal is None  # no tower to refuse: transformers does not build one
+    assert any("Qwen3_5ForCausalLM" in n and "language model alone" in n for n in spec.notes)
+    est = estimate(spec, method="full", seq_len=128)
+    assert est.parameters == count_params(spec).total
+    assert any("Qwen3_5ForCausalLM" in w for w in est.warnings)
+    assert text_only_class(_q35(architectures=["Qwen3_5ForCausalLM"])) == "Qwen3_5ForCausalLM"
+    # a checkpoint naming the image-text class builds the whole model, whose tower is not modelled: refused
+    whole = spec_from_config(_q35(architectures=["Qwen3_5ForConditionalGeneration"]), "q35")
+    assert whole.multimodal is not None and text_only_class(_q35(architectures=["Qwen3_5ForConditionalGeneration"])) \
+        is None
+    with pytest.raises(WorkloadError, match="vision tower of qwen3_5"):
+        estimate(whole, method="full", seq_len=128)
+
+
+def test_text_only_causal_lm_table_is_the_installed_transformers() -> None:
+    """TEXT_ONLY_CAUSAL_LM holds exactly the multimodal types whose causal-LM class is built on text_config."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from vramplan.multimodal import TEXT_ONLY_CAUSAL_LM
+
+    if transformers.__version__ != "5.24.0":
+        pytest.skip("the table is written for transformers 5.24.0")
+    found = {}
+    for t, cls_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        subs = getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}
+        if "text_config" not in subs or not any(w in k for k in subs for w in ("vision", "vq", "image")):
+            continue
+        cls = getattr(transformers, cls_name, None)
+        if cls is not None and getattr(cls, "config_class", None) is subs["text_config"]:
+            found[t] = cls_name
+    assert found == TEXT_ONLY_CAUSAL_LM
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "llama4", "emu3", "mllama"])
+def test_text_only_causal_lm_matches_the_meta_device(model_type: str) -> None:
+    """The trace builds what AutoModelForCausalLM builds (the text_config swap) and estimate counts the same."""
+    torch = pytest.importorskip("torch")
+    from vramplan.trace._resolve import build_config, hf_config, model_class
+
+    raw = _default(model_type)
+    config, _ = hf_config(raw, model_type)
+    cls = model_class(config, model_type)
+    built = build_config(config, cls)
+    assert built is not config and built is config.get_text_config()
+    with torch.device("meta"):
+        model = cls._from_config(built)
+    spec = spec_from_config(raw, model_type)
+    assert spec.multimodal is None
+    assert count_params(spec).total == sum(p.numel() for p in model.parameters())
+
+
+def test_derive_resolves_a_text_sub_config_to_its_causal_lm_class() -> None:
+    """`vramplan derive emu3_text_model`: the causal-LM mapping keys on the composite Emu3Config; the class built on
+    the text config is Emu3ForCausalLM (its config_class), which derive runs."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from vramplan.derive._derive import _causal_lm_class, text_sub_config_class
+
+    assert _causal_lm_class(transformers.Emu3TextConfig) is transformers.Emu3ForCausalLM
+    assert _causal_lm_class(transformers.LlamaConfig) is transformers.LlamaForCausalLM
+    assert text_sub_config_class(transformers.SiglipVisionConfig) is None
+
+
+# ---- Qwen3-VL: resampled positions, DeepStack ---------------------------------------------------------------------
+
+def _q3vl(text_layers: int = 2, depth: int = 4, deep: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    return {"model_type": "qwen3_vl",
+            "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 256, "intermediate_size": 512,
+                            "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "head_dim": 64, "vocab_size": 1024},
+            "vision_config": {"depth": depth, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2,
+                              "patch_size": 16, "out_hidden_size": 256, "num_position_embeddings": 64,
+                              "deepstack_visual_indexes": list(deep)}}
+
+
+def test_qwen3_vl_deepstack_levels() -> None:
+    from vramplan._engine.numerics import Numerics
+    from vramplan.multimodal import _build_all
+    from vramplan.vision._layers import Layers
+
+    spec = spec_from_config(_q3vl(), "q3vl")
+    t = spec.multimodal.tower  # type: ignore[union-attr]
+    assert t is not None and t.deepstack == (0, 1, 2) and t.pos_embeds == 64 and not t.input_embeddings
+    L = Layers(Numerics(True, 2, 2, False))
+    feats, deep = _build_all(L, t, 1, 448, True, True, False)
+    assert len(deep) == 3 and all(f.numel == feats.numel for f in deep)  # one merged token per 2 x 2 patches
+    L2 = Layers(Numerics(True, 2, 2, False))
+    _, deep2 = _build_all(L2, spec_from_config(_q3vl(deep=(1, 9)), "q").multimodal.tower, 1, 448, True, True, False)  # type: ignore[union-attr]
+    assert len(deep2) == 1  # index 9 is past the depth: its merger is built, never run
+    # a merger per index whatever runs: the parameter count does not depend on the depth reached
+    assert tower_parameters(spec_from_config(_q3vl(deep=(1, 9)), "q").multimodal.tower) == \
+        tower_parameters(spec_from_config(_q3vl(deep=(1, 2)), "q").multimodal.tower)
+
+
+def test_qwen3_vl_deepstack_past_the_text_depth_gets_no_gradient() -> None:
+    """Levels the language model never adds (level i after layer i) leave their mergers without gradients: fewer
+    gradient bytes at the optimizer step than when every level is used."""
+    short = estimate(spec_from_config(_q3vl(text_layers=1), "q"), method="full", seq_len=64)
+    deep = estimate(spec_from_config(_q3vl(text_layers=3), "q"), method="full", seq_len=64)
+    one_layer = count_params(spec_from_config(_q3vl(text_layers=3), "q")).total - \
+        count_params(spec_from_config(_q3vl(text_layers=1), "q")).total
+
+    def grads(e: Any) -> int:
+        return int(e.phases[-1].breakdown.as_dict()["gradients"])
+
+    merger = 2 * (128 * 4 * 2 + (512 * 512 + 512) + (512 * 256 + 256))  # norm + fc1 + fc2, bf16
+    assert grads(deep) - grads(short) == 2 * one_layer + 2 * merger
+
+
+def test_qwen3_vl_tower_keeps_no_graph_under_adapters() -> None:
+    """enable_input_require_grads does not reach Qwen3VLVisionModel (no input embeddings it resolves): with LoRA and
+    checkpointing the tower runs without a graph, unlike a tower it hooks."""
+    from dataclasses import replace
+
+    spec = spec_from_config(_q3vl(), "q")
+    mm = spec.multimodal
+    assert mm is not None and mm.tower is not None
+    hooked = replace(spec, multimodal=replace(mm, tower=replace(mm.tower, input_embeddings=True)))
+    opts = {"method": "lora", "seq_len": 64, "gradient_checkpointing": True, "lora_targets": "q_proj,v_proj"}
+    assert estimate(hooked, **opts).peak_allocated_bytes > estimate(spec, **opts).peak_allocated_bytes
+
+
+# ---- Mllama's language model: cross-attention layers built but idle on text --------------------------------------
+
+def _mllama_text(cross: list[int]) -> dict[str, Any]:
+    return {"model_type": "mllama_text_model", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "cross_attention_layers": cross}
+
+
+def test_idle_layers_count_parameters_but_no_activations_cache_or_gradients() -> None:
+    idle = spec_from_config(_mllama_text([1, 7]), "m")  # 7: past the depth, builds nothing (MllamaTextModel)
+    none = spec_from_config(_mllama_text([]), "m")
+    assert idle.idle_layers == (1,) and idle.idle_params == 2 * 64 + 2
+    # same modules plus the idle layer's q/k norms and gates; 8 extra token rows either way
+    assert count_params(idle).total == count_params(none).total + 130
+    assert count_params(none).embedding == 1008 * 256
+    layer = count_params(none).layers[1].total
+    full_i = estimate(idle, method="full", seq_len=256)
+    full_n = estimate(none, method="full", seq_len=256)
+
+    def kind(e: Any, phase: int, k: str) -> int:
+        return int(e.phases[phase].breakdown.as_dict().get(k, 0))
+
+    # no gradient for the idle layer nor its norms and gates (the step's gradients: the other model has the same
+    # layer without them, running), the optimizer state counted for every parameter
+    assert kind(full_n, -1, "gradients") - kind(full_i, -1, "gradients") == 2 * layer
+    assert kind(full_i, 0, "optimizer_state") == 2 * 2 * count_params(idle).total
+    # ... and the step's foreach temporaries only for the parameters with a gradient
+    assert kind(full_i, -1, "optimizer_state") == kind(full_i, 0, "optimizer_state") + kind(full_i, -1, "gradients")
+    # no activations: the forward is that of two layers, not three
+    two = spec_from_config({**_mllama_text([]), "num_hidden_layers": 2}, "m")
+    assert kind(estimate(idle, method="full", seq_len=256), 0, "activations") == \
+        kind(estimate(two, method="full", seq_len=256), 0, "activations")
+    # no KV cache: the idle layer caches nothing
+    inf_i = estimate(idle, task="infer", seq_len=256, new_tokens=8)
+    inf_2 = estimate(two, task="infer", seq_len=256, new_tokens=8)
+    assert kind(inf_i, -1, "kv_cache") == kind(inf_2, -1, "kv_cache") > 0
+    # adapters attach to the idle layer too (peft wraps every q_proj / v_proj) but get no gradient
+    lora_i = estimate(idle, method="lora", seq_len=256, lora_targets="q_proj,v_proj")
+    lora_n = estimate(none, method="lora", seq_len=256, lora_targets="q_proj,v_proj")
+    assert lora_i.trainable_parameters == lora_n.trainable_parameters
+    assert kind(lora_i, -1, "gradients") < kind(lora_n, -1, "gradients")
+
+
+# ---- what the model holds beside the tower: Gemma 3's bidirectional image mask, Pixtral's block mask -----------
+
+def test_gemma3_images_materialize_the_full_attention_mask() -> None:
+    from dataclasses import replace
+
+    from vramplan.multimodal import language_model_extra
+
+    spec = get_model("gemma-3-4b-it").spec
+    t = spec.multimodal.tower  # type: ignore[union-attr]
+    assert t is not None and len(spec.sliding_layers) < spec.num_layers
+    assert language_model_extra(t, spec, 4, 2304, 2, False) == 4 * 2304 * 2304  # (batch, 1, S, S) bool
+    every = replace(spec, sliding_layers=tuple(range(spec.num_layers)))
+    assert language_model_extra(t, every, 4, 2304, 2, False) == 0  # no full-attention layer: no such mask
+    llava = get_model("llava-1.5-7b").spec
+    assert language_model_extra(llava.multimodal.tower, llava, 4, 2304, 2, False) == 0  # type: ignore[union-attr,arg-type]
+
+
+def test_pixtral_checkpoint_holds_the_block_mask_through_backward() -> None:
+    """Under checkpointing the block mask is an argument of every layer: the checkpoint holds it for the layers'
+    backward, where the recomputed attention pads it again (Mistral 3 LoRA)."""
+    from vramplan._engine.numerics import Numerics
+    from vramplan._engine.replay import backward as replay_backward
+    from vramplan._engine.replay import forward as replay_forward
+    from vramplan._engine.tape import ZERO
+    from vramplan.multimodal import VisionTower, _build_all
+    from vramplan.vision._layers import Layers
+
+    t = VisionTower(style="pixtral", hidden=64, layers=2, heads=2, intermediate=64, patch=14, image_size=14 * 40,
+                    act="gelu", projector="mistral3", text_hidden=64, projector_hidden=64, scale_factor=2)
+    L = Layers(Numerics(True, 2, 2, False))
+    feats, _ = _build_all(L, t, 1, 14 * 35, False, False, True, True)  # 35 x 35 patches: 1225 rows, not 16-aligned
+    L.keep(feats)
+    fwd = replay_forward(L, ZERO)
+    peak, _ = replay_backward(L, fwd, [feats])
+    rows = 35 * 35
+    mask = rows * rows * 2
+    padded = 2 * rows * (rows + 16 - rows % 16) * 2
+    pixels = 3 * (14 * 35) ** 2 * 4
+    assert sum(fwd.end.kinds) >= pixels + mask  # the checkpoint holds the mask after the forward
+    assert sum(peak.kinds) >= sum(fwd.end.kinds) + padded  # and the recomputed attention pads it again
+
+
+@pytest.mark.slow
+def test_trace_casts_pixels_for_a_tower_that_does_not() -> None:
+    """GOT-OCR2's patch embedding takes pixel_values as given: the trace passes them in the weights' dtype, as the
+    model's callers do, and says so (instead of refusing the config)."""
+    pytest.importorskip("torch")
+    from vramplan.api import make_workload
+    from vramplan.trace import trace_workload
+
+    tr = trace_workload(_default("got_ocr2"), make_workload(task="infer", batch_size=1, seq_len=64, new_tokens=1),
+                        name="got_ocr2")
+    assert tr.peak_allocated_bytes > 0
+    assert any("pixel_values passed in bfloat16" in a for a in tr.assumptions)

@@ -53,6 +53,21 @@ def test_qwen2_moe_pattern_drops_the_dense_and_shared_mlp_adapters() -> None:
             "experts.down_proj", "router"} <= targets
 
 
+def test_named_v4_expert_targets_move_to_the_fused_stacks() -> None:
+    """Named targets go through the same rewrite as all-linear (peft's _convert_peft_config_moe applies to lists):
+    Mixtral's w1/w3 become the fused gate_up stack, w2 the down stack; Qwen2-MoE-pattern names also take the dense
+    and shared MLP projections of that leaf name out of the targets; half of a fused pair is refused."""
+    spec = spec_from_config(MIXTRAL)
+    assert lora_targets(spec, ("q_proj", "v_proj", "w1", "w2", "w3")) == \
+        {"q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj"}
+    assert lora_targets(spec, ("q_proj", "gate")) == {"q_proj", "router"}
+    with pytest.raises(WorkloadError, match="without w3"):
+        lora_targets(spec, ("q_proj", "w1"))
+    ds = spec_from_config(DEEPSEEK)
+    assert lora_targets(ds, ("o_proj", "gate_proj", "up_proj", "down_proj")) == \
+        {"o_proj", "experts.gate_up_proj", "experts.down_proj"}
+
+
 def test_types_peft_leaves_alone_keep_module_targets() -> None:
     """qwen2_moe itself is not in peft's conversion table: its fused experts take no adapter."""
     cfg = {**MIXTRAL, "model_type": "qwen2_moe", "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256,
@@ -123,7 +138,8 @@ def test_peft_table_matches_installed_peft() -> None:
 @pytest.mark.parametrize("method, targets, ckpt, precision", [
     ("lora", "all-linear", False, "bf16"), ("qlora", "all-linear", True, "bf16"),
     ("qlora", "q_proj,v_proj", False, "bf16"),
-    ("lora", "all-linear", False, "amp-bf16"), ("lora", "q_proj,v_proj", False, "amp-bf16")])
+    ("lora", "all-linear", False, "amp-bf16"), ("lora", "q_proj,v_proj", False, "amp-bf16"),
+    ("lora", "q_proj,k_proj,v_proj,o_proj,w1,w2,w3", True, "bf16")])
 def test_fused_moe_adapters_agree_with_trace(method: str, targets: str, ckpt: bool, precision: str) -> None:
     """Estimate vs the fake-tensor trace of peft 0.21 / transformers 5.24 on a small Mixtral (under AMP the grouped
     GEMM is not autocast: transformers casts the input to the fp32 stack instead)."""

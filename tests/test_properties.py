@@ -82,7 +82,10 @@ def test_checkpointing_never_raises_activation_memory(model: str, w: Workload) -
     # with adapters, checkpointing calls peft's enable_input_require_grads: the embedding output then gets
     # a gradient of its own, the one thing checkpointing adds
     input_grad = w.batch_size * w.seq_len * spec.hidden_size * 4 if w.method in (Method.LORA, Method.QLORA) else 0
-    assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes + input_grad
+    # and the checkpoint keeps the layers' inputs, the attention masks among them, into backward (at most two
+    # (batch, 1, seq, seq) fp32 masks: one per layer type), where without it they die with the forward
+    masks = 2 * w.batch_size * w.seq_len * w.seq_len * 4
+    assert ckpt.peak_allocated_bytes <= plain.peak_allocated_bytes + input_grad + masks
     fwd = next(p for p in ckpt.phases if p.phase.value == "forward")
     fwd_plain = next(p for p in plain.phases if p.phase.value == "forward")
     assert fwd.breakdown[MemoryKind.ACTIVATIONS] <= fwd_plain.breakdown[MemoryKind.ACTIVATIONS]

@@ -35,9 +35,10 @@ SMALL_WORKLOADS: dict[str, dict[str, Any]] = {
 def meta_parameters(cfg: Mapping[str, Any]) -> int:
     """Parameters of the model the trace builds from ``cfg`` (its class resolution), on the meta device."""
     torch = pytest.importorskip("torch")
-    from vramplan.trace._resolve import hf_config, model_class
+    from vramplan.trace._resolve import build_config, hf_config, model_class
 
     config, _ = hf_config(dict(cfg), cfg["model_type"])
+    cls = model_class(config, cfg["model_type"])
     with torch.device("meta"):
-        model = model_class(config, cfg["model_type"])._from_config(config)
+        model = cls._from_config(build_config(config, cls))
     return sum(p.numel() for p in model.parameters())

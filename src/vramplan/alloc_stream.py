@@ -503,6 +503,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
     e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
+    e_scoped: list[int] = []  # the attention masks: they die when the base model's forward returns
 
     Codes = list[tuple[int, int]]
     groups: list[tuple[int, _Template, bool, Codes, Codes, Codes, Codes, bool]] = []
@@ -533,6 +534,9 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if c and num.amp:
             fwd, autocast_held[len(groups)] = _autocast_cached(tpl, fwd)
         groups.append((count, tpl, c, fwd, rec, bwd, bacc, bool(x.saved_by) and not off))
+    if not any(g[2] for g in groups):  # (a checkpoint keeps them with the layer's inputs for its recomputation)
+        e_scoped = [emb.local[id(t)] for t in et.forward_scoped if t.nbytes and id(t) in emb.local]
+        e_extra = [code for code in e_extra if code not in e_scoped]
 
     ht = Tape(True)
     build_head(ht, spec, num, b, s, trainable=norm_trainable, head_trainable=head_trainable,
@@ -598,6 +602,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 st.add(items)
             if not first_saves_x and not first_ckpt:
                 st.free(y(-1))
+            for code in e_scoped:  # the base model's forward returned: its attention masks die
+                st.free(e_base + code)
             h_base = st.fresh(len(head.local))
             st.add(run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9))
             for kk in cached:  # leaving torch.autocast clears its cache of weight casts
@@ -711,6 +717,9 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         st.add(items)
         kv_keys.append(_growing(spec, num, b, s, k, [(base + c, n) for c, n in kept]))
     st.free(y(-1))
+    for t in et.forward_scoped:  # the base model's forward returned: its attention masks die
+        if t.nbytes and id(t) in emb.local:
+            st.free(e_base + emb.local[id(t)])
     ht = Tape(False)
     last = w.logits is LogitsMode.LAST
     hs = 1 if sliced else s

@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._engine.numerics import Kernel, Numerics, sdpa_kernel
+from ._engine.numerics import MEM_EFF_MASK_ALIGNMENT, Kernel, Numerics, sdpa_kernel
 from ._engine.tape import Tape, Tensor
 from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention, WeightsQuant
 
 __all__ = ["Kernel", "LayerPlan", "Numerics", "attention_kernel", "build_embed", "build_head", "build_layer",
-           "sdpa_kernel"]
+           "sdpa_kernel", "window_masked"]
 
 ACT = MemoryKind.ACTIVATIONS
 LOGITS = MemoryKind.LOGITS_LOSS
@@ -67,6 +67,13 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
     if sdpa_repeats_kv(spec, has_mask):
         return sdpa_kernel(elem, spec.head_dim, has_mask)
     return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa, enable_gqa=gqa)
+
+
+def window_masked(spec: ModelSpec, kv_len: int) -> bool:
+    """Whether transformers hands SDPA a materialised mask for a sliding-window (or chunked) layer: it relies on
+    ``is_causal`` only while the key length stays below the window (masking_utils.py ``_ignore_causal_mask_sdpa``:
+    ``kv_length >= local_attention_size`` needs the mask, even where the window then covers every key)."""
+    return spec.sliding_window is not None and spec.sliding_window > 0 and kv_len >= spec.sliding_window
 
 
 def sdpa_repeats_kv(spec: ModelSpec, has_mask: bool) -> bool:
@@ -442,8 +449,23 @@ class _B:
             root.last_use = max(root.last_use, end)
         return qe, ke
 
-    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
-        """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output."""
+    def sdpa_bias(self, elem: int) -> Tensor:
+        """The additive mask SDPA makes of transformers' boolean (B, 1, S, S_kv) mask (a sliding window or chunk
+        beyond the sequence): ``convert_boolean_attn_mask`` writes a new one in the query dtype, and the efficient
+        kernel's ``preprocess_mask`` pads a key length that is not a multiple of 8 (``pad_bias``: a second, padded
+        copy of the same (B, 1, S, S_kv) shape, the first freed). The kernel saves it for backward
+        (aten/src/ATen/native/transformers/attention.cpp, torch 2.4+)."""
+        tp, b, s, skv = self.tp, self.b, self.s, self.kv_len
+        bias = tp.op(b * s * skv, elem, (), rg=False)
+        if skv % MEM_EFF_MASK_ALIGNMENT:
+            bias = tp.op(b * s * (skv - skv % MEM_EFF_MASK_ALIGNMENT + MEM_EFF_MASK_ALIGNMENT), elem, (bias,),
+                         rg=False)
+        return bias
+
+    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
+                       masked: bool = False) -> Tensor:
+        """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
+        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
         elem = q.elem
@@ -453,8 +475,10 @@ class _B:
             # both keep only the output and the fp32 log-sum-exp for backward
             lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
             lse = tp.op(b * h * lse_len, 4, (), rg=False)
-            out = tp.op(b * s * h * d, elem, (q, k, v, lse), save=(q, k, v, lse) if rg else (),
-                        grad_to=(q, k, v))
+            ins: tuple[Tensor, ...] = (q, k, v, lse)
+            if masked and kernel is Kernel.EFFICIENT and s > 1:
+                ins += (self.sdpa_bias(elem),)
+            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
@@ -474,7 +498,10 @@ class _B:
             if heads_kv != h:
                 v32 = tp.op(b * h * skv * d, 4, (v32,))
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None  # causal mask, float
+            if masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
+            else:  # is_causal: ones(L, S).tril(), converted to fp32
+                mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
             probs = tp.op(scores, 4, (att,) + ((mask,) if mask else ()), grad_to=(att,), fwd_scratch=scores)
             if rg:
@@ -610,7 +637,7 @@ class _B:
         if spec.kv_lora_rank:
             return self.mla(n)
         # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
-        has_mask = bool(plan.sliding and spec.sliding_window and skv > spec.sliding_window) and \
+        has_mask = plan.sliding and window_masked(spec, skv) and \
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
@@ -720,8 +747,8 @@ class _B:
             v = tp.op(b * skv * qd, v.elem, (v,))
             heads_kv = spec.num_heads
         if spec.diff_attention:
-            return self.diff_attention(q, k, v, kernel, heads_kv)
-        out = self.attention_core(q, k, v, kernel, heads_kv)
+            return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
+        out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
         if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
             gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
             out = self.mul(out, gs)
@@ -741,7 +768,8 @@ class _B:
             tp.hold(qkv)  # locals (MptAttention.mixed_qkv, GPTNeoXJapaneseAttention.qkv)
         return self.dropout(o, spec.hidden_dropout)
 
-    def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int) -> Tensor:
+    def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
+                       masked: bool = False) -> Tensor:
         """DiffLlamaAttention (modeling_diffllama.py, transformers 5.24) after RoPE and the cache: each half of the
         values (chunked along the KV heads) ``repeat``ed to every KV head (two copies); two attention calls sharing q
         and k; their outputs concatenated over head_dim and chunked over the heads; ``attn_output1 - lambda_full *
@@ -754,7 +782,7 @@ class _B:
         v2 = tp.op(v.numel, v.elem, (v,))
         outs = []
         for vi in (v1, v2):
-            o = self.attention_core(q, k, vi, kernel, heads_kv)
+            o = self.attention_core(q, k, vi, kernel, heads_kv, masked)
             if kernel in (Kernel.EAGER, Kernel.MATH):
                 o = tp.op(o.numel, o.elem, (o,))  # transpose(1, 2).contiguous() copies
             outs.append(o)
@@ -860,14 +888,13 @@ class _B:
         if self.num.amp and kernel is not Kernel.EAGER:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
         heads_kv = spec.num_kv_heads
-        has_mask = kernel is not Kernel.FLASH and bool(plan.sliding and spec.sliding_window and
-                                                       self.kv_len > spec.sliding_window)
+        has_mask = kernel is not Kernel.FLASH and plan.sliding and window_masked(spec, self.kv_len)
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(self.b * self.kv_len * qd, k.elem, (k,))
             v = tp.op(self.b * self.kv_len * qd, v.elem, (v,))
             heads_kv = spec.num_heads
-        out = self.attention_core(q, k, v, kernel, heads_kv)
+        out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
         if kernel in (Kernel.EAGER, Kernel.MATH):
             out = tp.op(out.numel, out.elem, (out,))
         o = lin(out, qd, h, "o_proj", spec.o_bias)
@@ -887,7 +914,15 @@ class _B:
         lin = self.proj
 
         qn: Tensor | None = None
-        if qr:
+        gate: Tensor | None = None
+        if qr and spec.mla_q_gate:  # AXK2Attention: q_gate_proj(cat([q_resid, q_compressed])) -> query, gate
+            qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
+            qn = self.norm(qa, qr, tr)
+            qcat = tp.op(b * s * 2 * qr, qa.elem, (qn, qa), passthrough=True)
+            qg = lin(qcat, 2 * qr, nh * (qk + vd), "q_gate_proj", False)
+            q = tp.view(qg, b * s * nh * qk)
+            gate = tp.op(b * s * nh * vd, qg.elem, (qg,), passthrough=True)  # reshape of the strided split: a copy
+        elif qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
@@ -896,6 +931,8 @@ class _B:
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
+        # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
+        rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
         q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
         k_rot = self.call(rot, tp.view(ckv, b * s * rd))
@@ -903,7 +940,7 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot))  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
@@ -927,6 +964,12 @@ class _B:
         else:
             out = self.attention_core(query, key, value, kernel, nh)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
+        if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
+            out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
+            tp.hold(gate)
+        if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
+            gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
+            out = self.mul(out, gs)
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
         for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
@@ -1178,6 +1221,8 @@ class _B:
                 out = self.cast(self.add(self.cast(out, 4), self.cast(so, 4)), act)
             else:
                 out = self.add(out, so)
+        if spec.moe_post_norm:  # AXK1MoE: return self.post_mlp_layernorm(hidden_states)
+            out = self.norm(out, hidden, tr)
         return out
 
     def experts_loop(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -1424,7 +1469,8 @@ class _B:
             m = self.norm(self.call(self.mlp, hmid), spec.hidden_size, tr)
             y = self.add(hmid, m)
         else:
-            n1 = self.norm(x, spec.hidden_size, tr) if spec.attn_norm else x
+            n1 = (self.gated_norm(x) if spec.gated_norm_rank else self.norm(x, spec.hidden_size, tr)) \
+                if spec.attn_norm else x
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
@@ -1432,7 +1478,7 @@ class _B:
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
-            n2 = self.norm(hmid, spec.hidden_size, tr)
+            n2 = self.gated_norm(hmid) if spec.gated_norm_rank and plan.moe else self.norm(hmid, spec.hidden_size, tr)
             # an MLP module call holds its input until it returns; fc1/fc2 called in the layer itself (BioGPT, XGLM:
             # hidden_states rebound) free it after fc1
             m = self.mlp(n2) if spec.mlp_inline else self.call(self.mlp, n2)
@@ -1457,6 +1503,19 @@ class _B:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
         return y
+
+    def gated_norm(self, x: Tensor) -> Tensor:
+        """AXK2GatedRMSNorm (modeling_axk2.py): ``y = norm(x)``, then
+        ``(y * sigmoid(fc2(silu(fc1(y))).float())).to(y.dtype)``: the fp32 sigmoid saves its result, the promoted
+        product saves y and it."""
+        plan = self.plan
+        assert plan is not None
+        h, r = self.spec.hidden_size, self.spec.gated_norm_rank
+        y = self.norm(x, h, plan.trainable)
+        f1 = self.proj(y, h, r, "fc1")
+        f2 = self.proj(self.ew(f1, save_in=True), r, h, "fc2")  # nn.SiLU saves its input
+        sg = self.ew(self.cast(f2, 4), save_out=True)
+        return self.cast(self.mul(y, sg), y.elem)
 
     def moe_beside(self, m: Tensor, hmid: Tensor) -> Tensor:
         """Gemma4TextDecoderLayer with enable_moe_block (modeling_gemma4.py): the dense MLP's output normed
@@ -1569,7 +1628,7 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         x = altup_expand(bld, x, trainable)
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
-        tp.keep(tp.op(batch * seq * seq, 1, (), rg=False))
+        tp.keep_for_forward(tp.op(batch * seq * seq, 1, (), rg=False))
     if spec.position is PositionKind.ROPE:
         # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
         dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \
@@ -1584,15 +1643,17 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         mask = tp.op(batch * seq * seq, num.act, (), rg=False)
         if spec.mask_bool:  # MptModel: create_causal_mask(...).to(torch.bool), the float mask dropped at once
             mask = tp.op(batch * seq * seq, 1, (mask,), rg=False)
-        tp.keep(mask)
+        tp.keep_for_forward(mask)
         if spec.sliding_layers and len(spec.sliding_layers) < spec.num_layers:
             # models mixing full and sliding layers build one mask per layer type (transformers'
             # create_causal_mask and create_sliding_window_causal_mask, both live for the whole forward)
-            tp.keep(tp.op(batch * seq * seq, num.act, (), rg=False))
-    elif spec.sliding_layers and spec.sliding_window and seq > spec.sliding_window and \
+            tp.keep_for_forward(tp.op(batch * seq * seq, num.act, (), rg=False))
+    elif spec.sliding_layers and window_masked(spec, seq) and \
             attention is not Attention.FLASH:
-        mask = tp.op(batch * seq * seq, 1, (), rg=False)  # boolean sliding-window mask for SDPA
-        tp.keep(mask)
+        # the boolean sliding-window (or chunked) mask for SDPA: without a padding mask, sdpa_mask (masking_utils.py)
+        # builds it from the positions alone, (1, 1, S, S), and expands it over the batch as a view
+        mask = tp.op(seq * seq, 1, (), rg=False)
+        tp.keep_for_forward(mask)
     tp.keep(x)
     return x
 

@@ -178,6 +178,8 @@ def _layer_groups(spec: ModelSpec, first_trainable: int,
     # identical layers: one replay
     counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]], int] = {}
     for i in range(spec.num_layers):
+        if i in spec.idle_layers:  # built, never run (spec.idle_layers)
+            continue
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
         counts[key] = counts.get(key, 0) + 1
@@ -273,7 +275,10 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
             host.nbytes += sum(_offloaded(sim)) * sim.count
         fwd_peak.offer(_plus(cur, _scale(growth, sim.count - 1), peak_k))
         cur = _plus(cur, _scale(growth, sim.count))
-    cur = _plus(cur, _scale(held, -1))  # the base model's forward returned
+    # the base model's forward returned; its attention masks die with it unless a checkpoint holds them (the
+    # non-reentrant checkpoint keeps a layer's inputs, the mask among them, for the recomputation)
+    scoped = _forward_scoped(et) if not any(sim.ckpt for sim in sims) else _vec({})
+    cur = _plus(cur, _scale(held, -1), scoped)
     fwd_peak.offer(_plus(cur, h_fwd.peak_kinds))
     cur = _plus(cur, h_fwd.end_kinds)
     if sink is not None:
@@ -351,6 +356,14 @@ def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSi
     if first.x_saved:
         return _vec({})
     return _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+
+
+def _forward_scoped(tp: Tape) -> tuple[int, ...]:
+    """Minus the bytes the program keeps only until the model's forward returns (attention masks)."""
+    v = [0] * len(MemoryKind)
+    for t in tp.forward_scoped:
+        v[t.kind] -= t.nbytes
+    return tuple(v)
 
 
 def _neg_act(n: int) -> tuple[int, ...]:
@@ -449,7 +462,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         if q != s and not sliced:  # the full-length hidden state the first of them sliced dies with its return
             sliced = True
             cur = _plus(cur, _neg_act(b * (s - 1) * spec.hidden_size * resid_elem(num)))
-    cur = _plus(cur, _scale(held, -1))
+    cur = _plus(cur, _scale(held, -1), _forward_scoped(et))
     if head:
         ht = Tape(False)
         last = w.logits is LogitsMode.LAST
@@ -461,7 +474,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS]
+    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS and i not in spec.idle_layers]
     kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)

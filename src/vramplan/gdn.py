@@ -58,6 +58,10 @@ def _dims(ss: SSMSpec) -> tuple[int, int, int, int, int, int]:
 
 def gdn_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of a gated DeltaNet's ``nn.Linear`` modules, in its layout's names."""
+    if ss.gdn_layout.startswith("kda"):
+        from .kda import kda_linears
+
+        return kda_linears(ss, hidden)
     _, nv, _, _, kd, vd = _dims(ss)
     if ss.gdn_layout == "qkvz":  # Qwen3NextGatedDeltaNet
         return [("in_proj_qkvz", hidden, 2 * kd + 2 * vd, 1), ("in_proj_ba", hidden, 2 * nv, 1),
@@ -75,6 +79,10 @@ def gdn_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
     """(bias elements of the linears, other parameters): none of the linears has a bias; the depthwise conv1d
     (conv_dim x 1 x kernel, no bias), ``dt_bias`` and ``A_log`` (one per value head) and the gated norm's weight
     (head_v_dim)."""
+    if ss.gdn_layout.startswith("kda"):
+        from .kda import kda_extra_params
+
+        return kda_extra_params(ss, hidden)
     return 0, ss.conv_dim * ss.d_conv + 2 * ss.n_heads + ss.head_dim
 
 
@@ -94,6 +102,10 @@ def gdn_mixer(bld: _B, n: Tensor) -> Tensor:
     """The gated DeltaNet's ``forward`` on the normed hidden states ``n`` (no padding mask: an unpadded batch)."""
     spec, tp, plan, num = bld.spec, bld.tp, bld.plan, bld.num
     assert plan is not None and spec.ssm is not None
+    if spec.ssm.gdn_layout.startswith("kda"):  # Kimi Delta Attention (vramplan.kda)
+        from .kda import kda_mixer
+
+        return kda_mixer(bld, n)
     ss = spec.ssm
     h, b, s, t = spec.hidden_size, bld.b, bld.s, bld.t
     nk, nv, _, _, kd, vd = _dims(ss)

@@ -1023,6 +1023,27 @@ def _dbrx(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+# MllamaTextConfig's defaults (configuration_mllama.py, transformers 5.24) for keys a config.json omits
+_MLLAMA_TEXT_DEFAULTS = {"vocab_size": 128256, "hidden_size": 4096, "hidden_act": "silu", "num_hidden_layers": 40,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                         "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+                         "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]}
+
+
+def _mllama_text(c: _Cfg, family: str) -> ModelSpec:
+    """Llama 3.2 Vision's language model (modeling_mllama.py MllamaTextModel, MllamaForCausalLM): LLaMA
+    self-attention layers, and at ``cross_attention_layers`` cross-attention layers (LLaMA-shaped projections plus
+    per-head q/k RMSNorms and two tanh gates) that the forward skips when no image states are given (the text-only
+    path, all MllamaForCausalLM runs): built, idle. The token table has 8 rows more than ``vocab_size``."""
+    c = _Cfg({**_MLLAMA_TEXT_DEFAULTS, **c.raw}, c.where)
+    spec = _llama_like(c, "llama")
+    # MllamaTextModel builds layer i as a cross-attention layer when i is in the list: other entries build nothing
+    cross = sorted({i for i in c.int_list("cross_attention_layers") if 0 <= i < spec.num_layers})
+    idle = len(cross) * (2 * spec.head_dim + 2)  # q_norm, k_norm (head_dim each), cross_attn_attn/mlp_gate
+    return replace(spec, idle_layers=tuple(cross), idle_params=idle,
+                   extra_params=spec.extra_params + 8 * spec.hidden_size + idle, program_version="5.24")
+
+
 def _falcon(c: _Cfg, family: str) -> ModelSpec:
     hidden = c.int_("hidden_size", default=4544)
     heads = c.int_("num_attention_heads", "n_head", default=71)
@@ -1060,7 +1081,7 @@ _READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     **{t: _llama_like for t in _FAMILIES},
     "gpt2": _gpt2, "gpt_bigcode": _gpt_bigcode, "gpt_neo": _gpt_neo, "gpt_neox": _gpt_neox, "gptj": _gptj,
     "opt": _opt, "bloom": _bloom,
-    "falcon": _falcon, "dbrx": _dbrx,
+    "falcon": _falcon, "dbrx": _dbrx, "mllama_text_model": _mllama_text,
 }
 from .ssm_readers import SSM_CLASSES, SSM_READERS  # noqa: E402  (reads _Cfg above)
 
@@ -1080,8 +1101,8 @@ _READERS.update(LAYOUT_READERS)
 _CLASSES.update(LAYOUT_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
-            # decoder with multimodal RoPE
-            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+            # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
+            "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_READERS))
 # The transformers release whose modeling code the hand-written block programs follow (per family: ModelSpec
 # .program_version; families added later were written from, and checked against, a newer release).
@@ -1160,11 +1181,6 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 
 # What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
 _MISSING_MECHANISMS = {
-    "kimi_linear": "Kimi Delta Attention (the gated delta rule with per-channel decay: fla's chunk_kda, or "
-                   "transformers' chunked fallback with its (chunk x chunk x head_dim) fp32 decay tensors and "
-                   "in-place row loop) beside MLA without RoPE",
-    "bailing_hybrid": "its Kimi-Delta-Attention linear layers (fla chunk_kda / the chunked fallback) beside "
-                      "BailingHybridMoE",
     "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
@@ -1236,6 +1252,16 @@ def _text_tower(raw: Mapping[str, Any], name: str) -> tuple[Mapping[str, Any], t
         sub["tie_word_embeddings"] = raw["tie_word_embeddings"]
     if not towers:
         return sub, ()
+    from .multimodal import text_only_class
+
+    cls = text_only_class(raw)
+    if cls is not None:
+        # what transformers builds: the language model on text_config (its own tie flag), no tower at all
+        sub = {**text, "model_type": sub["model_type"]}
+        return sub, (f"{name}: transformers' causal-LM class for {model_type}, {cls}, is the language model alone "
+                     f"(built on text_config; the {' and '.join(towers)} tower is not built): estimated as that, "
+                     "text tokens only, like `vramplan trace`; architectures naming the image-text class would "
+                     "build the whole model",)
     return sub, (f"{name} is a {model_type} model with a {' and '.join(towers)} tower: estimate counts its language "
                  f"model only (weights, activations and cache of the {' and '.join(towers)} tower are missing); "
                  "`vramplan trace` runs the whole model",)
@@ -1248,6 +1274,7 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     from .quant import quantization_from_config
 
     cfg: Mapping[str, Any] = _special_floats(raw)
+    cfg_raw = cfg
     quantization = quantization_from_config(cfg, name)
     cfg, notes = _text_tower(cfg, name)
     family = _resolve(cfg, name)
@@ -1263,7 +1290,10 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         spec = replace(spec, quantization=quantization)
     if notes:
         spec = replace(spec, notes=notes)
-        from .multimodal import multimodal_from_config
+        from .multimodal import multimodal_from_config, text_only_class
+
+        if text_only_class(cfg_raw) is not None:
+            return spec
 
         mm = multimodal_from_config(_special_floats(raw), spec.hidden_size, name)
         if mm is not None:

@@ -73,11 +73,15 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         if pattern is not None:
             chosen = _fused_moe_targets(spec, chosen, pattern)
     else:
+        pattern = peft_moe_pattern(spec)
+        moved = _moved_moe_targets(spec, targets, pattern) if pattern is not None else frozenset()
+        if moved:
+            targets = tuple(t for t in targets if t not in pattern["targets"])  # type: ignore[index]
         unknown = [t for t in targets if t not in names]
         if unknown:
             raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
                                 f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
-        chosen = frozenset(targets)
+        chosen = frozenset(targets) | moved
     if spec.family in _PEFT_MAMBA_TYPES and "out_proj" in chosen:
         # peft tuners_utils.py _check_lora_target_modules_mamba refuses LoRA on a Mamba mixer's out_proj
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
@@ -131,6 +135,33 @@ def _fused_moe_targets(spec: ModelSpec, chosen: frozenset[str], pattern: dict[st
     experts = {"experts.gate_up_proj", "experts.down_proj"} if spec.expert_glu != "none" else \
         {"experts.up_proj", "experts.down_proj"}
     return kept | experts | {"router"}
+
+
+def _moved_moe_targets(spec: ModelSpec, targets: tuple[str, ...], pattern: dict[str, Any]) -> frozenset[str]:
+    """Named LoRA targets on a model whose MoE layers transformers 5 fuses, as peft 0.21 rewrites them
+    (utils/transformers_weight_conversion.py ``_convert_peft_config_moe``): a v4 expert or router name (Mixtral's
+    w1/w2/w3, Qwen2-MoE's gate_proj/up_proj/down_proj, ``gate``) leaves ``target_modules`` for the fused 3-D parameter
+    it became (``target_parameters``, adapted by ``lora.ParamWrapper``), so a dense MLP or shared expert of the same
+    leaf name loses its adapter; naming one half of a fused pair alone is peft's ValueError."""
+    mapping: dict[str, str] = pattern["targets"]
+    named = {t for t in targets if t in mapping}
+    for new, olds in pattern["fused"].items():
+        present = named & set(olds)
+        if present and present != set(olds):
+            missing = ", ".join(sorted(set(olds) - present))
+            raise WorkloadError(f"peft cannot adapt {', '.join(sorted(present))} of {spec.family} without {missing}: "
+                                f"transformers 5 fuses them into experts.{new}; name both (or use all-linear)")
+    glu = spec.expert_glu != "none"
+    out = set()
+    for t in named:
+        new = mapping[t]
+        if new == "gate.weight":
+            out.add("router")
+        elif new == "gate_up_proj" and not glu:
+            out.add("experts.up_proj")
+        else:
+            out.add(f"experts.{new}")
+    return frozenset(out)
 
 
 # peft 0.21 tuners_utils.py _check_lora_target_modules_mamba: model types whose out_proj / conv1d take no LoRA
@@ -351,7 +382,7 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         notes.append(f"freeze: the last {k} of {L} decoder layers, the final norm and the untied head train")
     else:
         targets = lora_targets(spec, w.lora_targets)
-        if "experts.down_proj" in targets:
+        if any(t.startswith("experts.") or t == "router" for t in targets):
             _check_param_wrapper(spec, w)
             notes.append("LoRA on the fused experts and the router (peft lora.ParamWrapper, as peft 0.21 resolves "
                          "all-linear for this MoE type): every forward builds W + s*B@A the size of the whole "
@@ -385,7 +416,10 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     if prec.is_amp and training:
         master, weights = weights, 0
         notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
-    grads = ((trainable - saved_copies) * train_elem + saved_copies * copy_elem) if training else 0
+    # parameters of layers the forward skips (spec.idle_layers) get no gradient: none is allocated and the foreach
+    # step skips them (their optimizer state is counted as for every trainable parameter, as the trace creates it)
+    idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and spec.idle_layers else 0
+    grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:
         if w.optimizer in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
@@ -393,6 +427,8 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
             state, temp, note = _matrix_optimizer_bytes(w.optimizer, w, train_elem, matrices, others)
         else:
             state, temp, note = _optimizer_bytes(w.optimizer, trainable - saved_copies, train_elem, tensor_sizes)
+            if idle:
+                temp = _optimizer_bytes(w.optimizer, trainable - saved_copies - idle, train_elem, tensor_sizes)[1]
             if saved_copies:
                 per = saved_copies // len(set(w.lora_modules_to_save))
                 s2, t2, _ = _optimizer_bytes(w.optimizer, saved_copies, copy_elem,
@@ -402,6 +438,22 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
     return ModelStates(total + adapters, trainable, weights, master, quant_c, grads, state, temp,
                        trainable_layers, tuple(notes), paged)
+
+
+def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable_layers: int) -> int:
+    """Trainable parameters of the layers the forward skips (spec.idle_layers): their weights when they train
+    (full fine-tuning; --method freeze for the top layers), else the adapters peft attached to them."""
+    L = spec.num_layers
+    if w.uses_adapters:
+        from .params import layer_linears
+
+        targets = lora_targets(spec, w.lora_targets)
+        r = w.lora_rank
+        return sum(r * (fin + fout) * n + (fout * n if w.method is Method.DORA else 0)
+                   for i in spec.idle_layers for name, fin, fout, n in layer_linears(spec, i) if name in targets)
+    first = L - trainable_layers
+    return sum(counts.layers[i].total for i in spec.idle_layers if i >= first) + \
+        (spec.idle_params if w.method is Method.FULL else 0)
 
 
 def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,

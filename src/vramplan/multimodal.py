@@ -38,8 +38,8 @@ from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec
 from .workload import Method, WeightsQuant, Workload
 
-__all__ = ["MULTIMODAL_TYPES", "MultimodalSpec", "VisionTower", "estimate_multimodal", "multimodal_from_config",
-           "tower_parameters"]
+__all__ = ["MULTIMODAL_TYPES", "TEXT_ONLY_CAUSAL_LM", "MultimodalSpec", "VisionTower", "estimate_multimodal",
+           "multimodal_from_config", "text_only_class", "tower_parameters"]
 
 K = MemoryKind
 
@@ -48,7 +48,7 @@ K = MemoryKind
 class VisionTower:
     """A ViT-style vision encoder and the projector that maps its features into the language model."""
 
-    style: str  # clip | siglip | qwen2_vl | qwen2_5_vl
+    style: str  # clip | siglip | qwen2_vl | qwen2_5_vl | qwen3_vl
     hidden: int
     layers: int
     heads: int
@@ -62,6 +62,13 @@ class VisionTower:
     use_head: bool = False  # SigLIP's attention-pooling head (built, unused by the VLMs)
     window: int = 0  # Qwen2.5-VL: window attention side in pixels
     full_attention_blocks: tuple[int, ...] = ()
+    pos_embeds: int = 0  # Qwen3-VL: rows of the learned position table, bilinearly resampled to each image's grid
+    deepstack: tuple[int, ...] = ()  # Qwen3-VL: blocks whose output a merger of its own feeds to the language model
+    patch_bias: bool = False  # Qwen3-VL: the Conv3d patch embedding has a bias
+    # the tower model resolves get_input_embeddings (its patch embedding), so enable_input_require_grads hooks it;
+    # Qwen3VLVisionModel names no _input_embed_layer: get_input_embeddings raises and the hook skips it
+    # (modeling_utils.py PreTrainedModel.get_input_embeddings / enable_input_require_grads)
+    input_embeddings: bool = True
     # projector
     projector: str = "llava"  # llava | llava_next | paligemma | gemma3 | qwen_merger
     text_hidden: int = 0
@@ -181,7 +188,8 @@ def _norm(L: Any, x: Any, d: int, rms: bool, tr: bool, name: str) -> Any:
     return L.rms_norm(x, d, trainable=tr, name=name) if rms else L.layer_norm(x, d, trainable=tr, name=name)
 
 
-def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any) -> Any:
+def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool, name: str, rope: Any,
+           mask: Any = None) -> Any:
     """One encoder layer: pre-norm attention and MLP with residuals (CLIPEncoderLayer, SiglipEncoderLayer,
     Idefics3EncoderLayer, InternVLVisionLayer with its layer scales, PixtralAttentionLayer, Qwen2VLVisionBlock,
     Qwen2_5_VLVisionBlock)."""
@@ -216,7 +224,12 @@ def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool,
         # the block mask (1, 1, N, N) reaches the memory-efficient kernel expanded to every head; its last dim is
         # not a multiple of 16, so SDPA pads it, materializing (heads, N, N + pad) (attention.cpp preprocess_mask),
         # which the kernel's backward keeps as its bias
-        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act, (), rg=False)
+        # (made from the mask the layer is called with: under checkpointing the checkpoint holds that argument for
+        # the layer's backward, as it holds every input)
+        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act,
+                      (mask,) if mask is not None else (), rg=False)
+    elif mask is not None:
+        L.scratch(0, (mask,))  # the layer reads the mask: a checkpoint holds it
     parts = []
     for s in seqs:  # Qwen-VL: one attention call per image (or window) of the packed sequence
         frac = s / rows
@@ -259,14 +272,51 @@ def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool,
     return L.add(x, y)
 
 
+def _register_merger(L: Any, t: VisionTower, name: str, tr: bool, post_shuffle: bool) -> None:
+    """A Qwen3-VL patch merger's parameters (registered up front: a deepstack merger past the depth is built but
+    never runs)."""
+    d4 = t.hidden * t.merge * t.merge
+    n = d4 if post_shuffle else t.hidden
+    L.register(name + ".norm", (n, n), tr)
+    L.register(name + ".linear_fc1", (d4 * d4, d4), tr)
+    L.register(name + ".linear_fc2", (d4 * t.projector_hidden, t.projector_hidden), tr)
+
+
+def _resampled_positions(L: Any, t: VisionTower, x: Any, rows: int, tr: bool) -> Any:
+    """Qwen3-VL's learned positions, bilinearly resampled to the image's grid (modeling_qwen3_vl.py
+    Qwen3VLVisionModel.forward): ``(pos_embed(idx) * weights[:, :, None]).sum(1)`` over the 4 nearest table rows
+    of each patch, the fp32 weights promoting the product and the sum to fp32, cast back, added to the patches."""
+    d = t.hidden
+    L.register("pos_embed", (t.pos_embeds * d,), tr)
+    e = L.op(rows * 4 * d, L.num.act, (), params=L.param("pos_embed", t.pos_embeds * d, tr), rg=tr and L.num.training)
+    w = L.op(rows * 4, 4, (), rg=False)  # the bilinear weights (N, 4)
+    pe = L.mul(e, w, elem=4)
+    pe = L.op(rows * d, 4, (pe,), passthrough=True)  # .sum(1)
+    return L.add(x, L.cast(pe, x.elem))
+
+
 def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
            input_rg: bool = False) -> Any:
-    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features.
+    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features."""
+    return _build_all(L, t, images, size, tower_tr, proj_tr, ckpt, input_rg)[0]
+
+
+def _build_all(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+               input_rg: bool = False) -> tuple[Any, list[Any]]:
+    """Record the tower and projector forward for ``images`` images of ``size`` px; returns the features and the
+    DeepStack features (Qwen3-VL: one per ``deepstack`` block the depth reaches, added to the language model's
+    first layers' outputs).
 
     ``input_rg``: the patch embedding's output requires grad although no weight of the tower trains: transformers'
     ``enable_input_require_grads`` (called for adapters with gradient checkpointing) hooks the input embeddings of
     every sub-model, the vision tower's included (modeling_utils.py), so the tower keeps a graph for its input
     gradient and its layers are checkpointed like the language model's."""
+    deep: list[Any] = []
+    return _tower(L, t, images, size, tower_tr, proj_tr, ckpt, input_rg, deep), deep
+
+
+def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+           input_rg: bool, deep: list[Any]) -> Any:
     ckpt = ckpt and (tower_tr or input_rg)
     d = t.hidden
     g = size // t.patch
@@ -276,9 +326,11 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     x = L.cast(pix, L.num.act if not L.num.amp else 4)  # pixel_values.to(the tower's dtype)
     if t.style.startswith("qwen"):
         rows = images * patches
-        x = L.conv(x, t.channels, d, (t.temporal_patch * t.patch, t.patch), 1, "patch_embed.proj", bias=False,
-                   trainable=tower_tr, batch=rows)
+        x = L.conv(x, t.channels, d, (t.temporal_patch * t.patch, t.patch), 1, "patch_embed.proj",
+                   bias=t.patch_bias, trainable=tower_tr, batch=rows)
         x.rg = x.rg or (input_rg and L.num.training)
+        if t.pos_embeds:
+            x = _resampled_positions(L, t, x, rows, tower_tr)
         # rotary tables: cos and sin of the (rows, head_dim) fp32 embedding, alive for every block
         rope = L.op(rows * (d // t.heads), 4, (), rg=False)
         rope2 = L.op(rows * (d // t.heads), 4, (), rg=False)
@@ -286,6 +338,9 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         if t.window:
             x = L.copy(x)  # hidden_states[window_index]: the patches reordered into windows
         win = (t.window // t.patch // t.merge) * t.merge if t.window else 0
+        m2 = t.merge * t.merge
+        for j in range(len(t.deepstack)):  # built whatever the depth: the mergers of indexes past it never run
+            _register_merger(L, t, f"deepstack_merger_list.{j}", proj_tr, post_shuffle=True)
         for i in range(t.layers):
             if t.window and i not in t.full_attention_blocks:
                 w = win * win
@@ -294,9 +349,17 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                 seqs = [patches] * images
             with L.checkpoint(ckpt):
                 x = _block(L, t, x, rows, seqs, tower_tr, f"blocks.{i}", rope)
+            if i in t.deepstack:
+                # Qwen3VLVisionPatchMerger(use_postshuffle_norm=True) on the block's output: LayerNorm over the
+                # d * merge**2 features of each merged token, Linear, GELU, Linear (modeling_qwen3_vl.py)
+                name = f"deepstack_merger_list.{t.deepstack.index(i)}"
+                f = L.layer_norm(L.view(x), d * m2, trainable=proj_tr, name=name + ".norm")
+                h = L.linear(f, d * m2, d * m2, name + ".linear_fc1", trainable=proj_tr)
+                h = _act(L, h, "gelu")
+                deep.append(L.linear(h, d * m2, t.projector_hidden, name + ".linear_fc2", trainable=proj_tr))
         L.hold(rope)
-        # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger)
-        m2 = t.merge * t.merge
+        # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger,
+        # modeling_qwen3_vl.py Qwen3VLVisionPatchMerger: the same with LayerNorm names norm / linear_fc1 / linear_fc2)
         x = _norm(L, x, d, t.style == "qwen2_5_vl", proj_tr, "merger.ln_q")
         h = L.linear(x, d * m2, d * m2, "merger.mlp.0", trainable=proj_tr)
         h = _act(L, h, "gelu")
@@ -310,7 +373,7 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                bias=t.style not in ("clip", "pixtral"), trainable=tower_tr, batch=images)
     x.rg = x.rg or (input_rg and L.num.training)
     x = L.copy(x)  # flatten(2).transpose(1, 2) then the position add / class-token cat
-    rope = None
+    rope = mask = None
     if cls:
         x = L.cat((x,))  # torch.cat([class_embeds, patch_embeds])
     if t.style == "pixtral":
@@ -328,7 +391,7 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     for i in range(t.layers):
         with L.checkpoint(ckpt):
             x = _block(L, t, x, rows, [seq] if t.style != "pixtral" else [rows], tower_tr, f"encoder.layers.{i}",
-                       rope)
+                       rope, mask)
         states.append(x)
     if t.style == "pixtral":
         L.hold(rope, mask, *states)  # Mistral 3 asks the tower for every layer's hidden states
@@ -384,7 +447,10 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
     if t.projector == "paligemma":
         out = L.linear(x, d, t.projector_hidden, "multi_modal_projector.linear", trainable=proj_tr)
         return L.scale(out)  # image_features / sqrt(hidden)
-    # Gemma 3: transpose, reshape, AvgPool2d to tokens_per_image, flatten, RMSNorm, @ mm_input_projection_weight
+    # Gemma 3: transpose, reshape, AvgPool2d to tokens_per_image, flatten, RMSNorm, @ mm_input_projection_weight;
+    # get_image_features returns the tower's output with the projection as its pooler_output: the model's forward
+    # holds last_hidden_state (the post-norm output) until it returns (modeling_gemma3.py)
+    L.keep(x)
     tok = images * t.tokens_per_image
     y = L.copy(x)
     y = L.op(tok * d, y.elem, (y,))
@@ -398,10 +464,35 @@ def _build(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
 
 # ---- reading configs ----------------------------------------------------------------------------------------------
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
-                    "internvl", "mistral3")
+MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
+                    "smolvlm", "internvl", "mistral3")
+# Composite configs whose causal-LM class in transformers 5.24 (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+# models/auto/modeling_auto.py) is the language model alone: its ``config_class`` is the text sub-config's, so
+# ``AutoModelForCausalLM`` builds it on ``config.get_text_config()`` (models/auto/auto_factory.py) and no vision
+# tower exists. tests/test_multimodal.py checks this table against the installed transformers.
+TEXT_ONLY_CAUSAL_LM = {"dots3_note": "Dots3NoteForCausalLM", "emu3": "Emu3ForCausalLM", "llama4": "Llama4ForCausalLM",
+                       "mllama": "MllamaForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM",
+                       "qwen3_5_moe": "Qwen3_5MoeForCausalLM", "qwen4_exp": "Qwen4ExpForCausalLM"}
+
+
+def text_only_class(raw: Mapping[str, Any]) -> str | None:
+    """The causal-LM class transformers builds on this composite config's text_config alone, or None when it builds
+    the whole model. Resolved as the trace resolves it (vramplan.trace._resolve.model_class): ``architectures``
+    naming the causal-LM class, or naming no other model class (no ``...ForConditionalGeneration``), leaves the
+    causal-LM mapping's class; an image-text class in ``architectures`` builds the whole model."""
+    cls = TEXT_ONLY_CAUSAL_LM.get(str(raw.get("model_type")))
+    if cls is None:
+        return None
+    archs = raw.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if cls in names or not any(a.endswith("ForConditionalGeneration") for a in names):
+        return cls
+    return None
+
+
 # the language model's reader for text configs that only exist inside a multimodal config
-TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
+TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2",
+                "qwen3_vl_text": "qwen3"}
 
 
 def _int(c: Mapping[str, Any], key: str, default: Any, where: str) -> int:
@@ -441,6 +532,28 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
         if out != text_hidden:
             raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
                               f"({text_hidden}); check vision_config")
+        return MultimodalSpec(mt, tower)
+    if mt == "qwen3_vl":
+        # Qwen3VLVisionConfig (configuration_qwen3_vl.py): LayerNorm blocks with a fused qkv, a GELU-tanh MLP, a
+        # learned position table resampled per image, and DeepStack mergers
+        out = _int(vc, "out_hidden_size", 3584, w)
+        deep = vc.get("deepstack_visual_indexes", [8, 16, 24])
+        if not isinstance(deep, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                 for x in deep):
+            raise ConfigError(f"{w}: deepstack_visual_indexes must list block indices")
+        tower = VisionTower(
+            style=mt, hidden=_int(vc, "hidden_size", 1152, w), layers=_int(vc, "depth", 27, w),
+            heads=_int(vc, "num_heads", 16, w), intermediate=_int(vc, "intermediate_size", 4304, w),
+            patch=_int(vc, "patch_size", 16, w), image_size=448, channels=_int(vc, "in_channels", 3, w),
+            act=str(vc.get("hidden_act", "gelu_pytorch_tanh")), temporal_patch=_int(vc, "temporal_patch_size", 2, w),
+            merge=_int(vc, "spatial_merge_size", 2, w), pos_embeds=_int(vc, "num_position_embeddings", 2304, w),
+            deepstack=tuple(deep), patch_bias=True, input_embeddings=False, projector="qwen_merger",
+            text_hidden=text_hidden, projector_hidden=out)
+        if out != text_hidden:
+            raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
+                              f"({text_hidden}); check vision_config out_hidden_size")
+        if tower.hidden % tower.heads or tower.act not in ("gelu", "gelu_pytorch_tanh", "gelu_new", "silu"):
+            raise ConfigError(f"{w}: hidden_size must divide into num_heads, and hidden_act be a GELU or SiLU")
         return MultimodalSpec(mt, tower)
     style = {"llava": "clip", "llava_next": "clip", "internvl": "internvit", "mistral3": "pixtral"}.get(mt, "siglip")
     hidden = _int(vc, "hidden_size", 1024 if style == "clip" else 1152, w)
@@ -569,10 +682,24 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
     n_img = w.batch_size * images
     L = Layers(num)
-    input_rg = train and w.uses_adapters and w.gradient_checkpointing
+    input_rg = train and w.uses_adapters and w.gradient_checkpointing and t.input_embeddings
     crops = n_img * (LLAVA_NEXT_CROPS if t.projector == "llava_next" else 1)  # the tower sees every anyres crop
-    feats = _build(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
-    L.keep(feats)
+    feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
+    # DeepStack levels past the language model's depth are computed but never added (Qwen3VLTextModel.forward adds
+    # level i after layer i): no gradient reaches them or their mergers
+    # (nor to the mergers of indexes past the tower's depth, which never run)
+    used = min(len(deep), text.num_layers)
+    ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
+    idle = sum(sum(L.param_tensors.get(f"deepstack_merger_list.{j}.{m}", ())) for j in range(len(t.deepstack))
+               if j not in ran[:used] for m in ("norm", "linear_fc1", "linear_fc2")) if train else 0
+    outs = [feats, *deep]
+    if t.projector == "qwen_merger":
+        # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
+        # with torch.cat (a copy; each DeepStack level too, modeling_qwen3_vl.py Qwen3VLModel.forward)
+        outs = [L.copy(f) for f in outs]
+    # the model's forward holds the features (the encoder outputs and what it makes of them) until it returns
+    L.keep(feats, *deep, *outs)
+    outs, deep = outs[:1 + used], deep[:used]  # what the language model uses: the gradients of the backward
     fwd = replay_forward(L, ZERO)
     params = L.parameters
     trainable = L.trainable_parameters if train else 0
@@ -581,11 +708,13 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     master = 0
     if w.precision.is_amp:
         master, weights = params * 4, 0
-    grads = trainable * pbytes
+    grads = (trainable - idle) * pbytes if trainable else 0
     state = temp = 0
     if trainable:
         sizes = Counter(L.trainable_tensor_sizes())
-        state, temp, _ = _optimizer_bytes(w.optimizer, trainable, pbytes, sizes)
+        state, _, _ = _optimizer_bytes(w.optimizer, trainable, pbytes, sizes)
+        # the step's foreach temporaries cover the parameters that have a gradient (AdamW skips grad None)
+        _, temp, _ = _optimizer_bytes(w.optimizer, trainable - idle, pbytes, sizes)
     accumulating = w.gradient_accumulation > 1
     states_fb = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state,
                       K.GRADIENTS: grads if accumulating else 0})
@@ -598,6 +727,8 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     # it saved for backward
     graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
     held_fwd = fwd.end.kinds
+    held_fwd = _add(held_fwd, _vec({K.ACTIVATIONS: language_model_extra(t, text, w.batch_size, w.seq_len + per,
+                                                                         num_.act, bool(deep))}))
     saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: kept}), strict=True))
     held = saved if graph else _vec({K.ACTIVATIONS: pixels})
     embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
@@ -612,11 +743,11 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
             tower_fwd = _add(base, states_fb, embeds, fwd.peak.kinds)
             v = max(v, tower_fwd, key=sum)
         if ph.phase is Phase.BACKWARD and graph:
-            bpeak, _ = replay_backward(L, fwd, [feats], param_grads_exist=accumulating)
+            bpeak, _ = replay_backward(L, fwd, outs, param_grads_exist=accumulating)
             # after the language model's backward: its gradients exist, its activations are gone
             step = next(p for p in text_est.phases if p.phase is Phase.OPTIMIZER_STEP)
             lm_end = _add(_kinds(step.breakdown), _vec({K.OPTIMIZER_STATE: -_text_temp(text, tw)}), states_fb)
-            grad_feats = _vec({K.ACTIVATIONS: feats.nbytes})
+            grad_feats = _vec({K.ACTIVATIONS: sum(f.nbytes for f in outs)})
             v = max(v, _add(lm_end, grad_feats, bpeak.kinds), key=sum)
         phases.append(_phase(ph.phase, v))
     recipe = ("the vision tower and projector train" if tower_tr else
@@ -644,6 +775,22 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
                   assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
                   host_bytes=text_est.host_bytes, host_traffic_bytes=0, guess_reserved=True)
+
+
+def language_model_extra(t: VisionTower, text: ModelSpec, batch: int, tokens: int, act: int, deepstack: bool) -> int:
+    """Bytes the language model's forward holds with images beyond what it holds on text alone."""
+    extra = 0
+    if t.projector == "gemma3" and len(text.sliding_layers) < text.num_layers:
+        # image tokens attend to each other both ways (create_masks_for_vision_model, modeling_gemma3.py): the
+        # full-attention layers' mask is OR(causal, blockwise), materialized (batch, 1, tokens, tokens) bool where a
+        # text-only forward passes none; it lives through the language model's forward
+        extra += batch * tokens * tokens
+    if deepstack:
+        # DeepStack (Qwen3VLTextModel.forward): after each of the first layers the hidden states are cloned and the
+        # level's features added at the image positions; the loop's `layer_outputs` still references the layer's
+        # own output while the next layer runs on the clone: one more (batch, tokens, hidden) tensor in the forward
+        extra += batch * tokens * text.hidden_size * act
+    return extra
 
 
 def _text_temp(text: ModelSpec, w: Workload) -> int:

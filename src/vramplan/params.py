@@ -64,12 +64,18 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
-        mla = [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else [("q_proj", h, q, 1)]
+        mla = [("q_a_proj", h, qr, 1), ("q_gate_proj", 2 * qr, nh * (spec.head_dim + spec.v_head_dim), 1)] \
+            if qr and spec.mla_q_gate else [("q_a_proj", h, qr, 1), ("q_b_proj", qr, q, 1)] if qr else \
+            [("q_proj", h, q, 1)]
         out = [*mla, ("kv_a_proj_with_mqa", h, kvr + spec.qk_rope_head_dim, 1),
                ("kv_b_proj", kvr, nh * (nope + spec.v_head_dim), 1), ("o_proj", nh * spec.v_head_dim, h, 1)]
         if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
             hi, di = spec.index_heads, spec.index_head_dim
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
+        if spec.mla_head_gate:  # BailingHybridAttention's g_proj: one gate per head, no bias
+            out.append(("g_proj", h, nh, 1))
+        if spec.gated_norm_rank:  # the gated input norm's low-rank gate MLP (AXK2GateMLP: fc1, fc2, no bias)
+            out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
         return out
     if spec.qkv_fused:
         name = spec.qkv_name or {"gpt2": "c_attn", "phi3": "qkv_proj"}.get(spec.family, "query_key_value")
@@ -114,6 +120,8 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
                 out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
         if spec.shared_expert_gate:
             out.append(("shared_expert_gate", h, 1, 1))
+        if spec.gated_norm_rank:  # a MoE layer's pre-MLP norm is gated too (AXK2DecoderLayer): its fc1, fc2
+            out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
         return out
     i = spec.intermediate_size
     if spec.mlp is MLPKind.GATED:
@@ -343,6 +351,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
             (1 if spec.kv_shared else 2) * _norm_params(spec, spec.head_dim)  # a sharing layer has no k_norm
     if spec.moe_beside_mlp and moe:  # post_feedforward_layernorm_1 / _2, pre_feedforward_layernorm_2
         norm += 3 * _norm_params(spec, spec.hidden_size)
+    if spec.moe_post_norm and moe:  # the MoE block's own output norm (AXK1MoE.post_mlp_layernorm)
+        norm += _norm_params(spec, spec.hidden_size)
     if spec.per_layer_input:  # post_per_layer_input_norm
         norm += _norm_params(spec, spec.hidden_size)
     if spec.altup_inputs:  # Gemma 3n: correct_output_scale, router_norm, post_laurel_norm

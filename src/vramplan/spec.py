@@ -221,6 +221,8 @@ class ModelSpec:
     moe_latent_size: int = 0  # Nemotron-H: fc1_latent_proj to this width before the experts, fc2 back after
     moe_fp32_combine: bool = False  # (routed.float() + shared.float()).to(dtype): HY-V3 enable_moe_fp32_combine
     moe_output_scale: bool = False  # the routed experts' sum times routed_scaling_factor in the block (Laguna, Beam)
+    moe_post_norm: bool = False  # the block norms its output (the routed + shared sum) with the config's norm
+    # (modeling_axk1.py AXK1MoE.post_mlp_layernorm)
     router_topk_first: bool = False  # top-k of the logits, then softmax over the k in the logits' dtype (gpt-oss)
     moe_experts_loop: bool = False  # a Python loop over the experts hit (DbrxExperts): each expert's tokens gathered,
     # matmuls with slices of the stacked weights (select_backward scatters each slice's gradient into a zero-filled
@@ -237,6 +239,12 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    mla_q_gate: bool = False  # MLA whose query projection also makes a per-channel output gate: q_gate_proj of
+    # cat([q_resid, q_compressed]) gives (heads, qk + v) per token; out * sigmoid(gate.float()) (AXK2Attention)
+    gated_norm_rank: int = 0  # the layer's pre-attention norm (and the MoE layers' pre-MLP norm) is RMSNorm times
+    # sigmoid(fc2(silu(fc1(y))).float()), fc1 of this rank (AXK2GatedRMSNorm)
+    mla_head_gate: bool = False  # MLA output * sigmoid(g_proj(x).float()).to(dtype), one gate per head (Ling 3:
+    # BailingHybridAttention)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
@@ -255,6 +263,11 @@ class ModelSpec:
     # layer is attention. Layers listed in mlp_free_layers have no MLP (a pure Mamba block).
     mixers: tuple[str, ...] = ()
     mlp_free_layers: tuple[int, ...] = ()
+    # Layers the model builds (their parameters count, adapters attach) but its forward skips: MllamaTextModel skips
+    # its cross-attention layers when no image states are given (modeling_mllama.py). No activations, no cache, no
+    # gradients; ``idle_params`` are their parameters outside the programs' modules (included in extra_params).
+    idle_layers: tuple[int, ...] = ()
+    idle_params: int = 0
     ssm: SSMSpec | None = None
     shared_block: SharedBlock | None = None  # Zamba2's shared transformer block (vramplan.ssm)
     residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
@@ -317,7 +330,7 @@ class ModelSpec:
         """Elements every layer together caches per token (layers that share another's keys and values cache
         nothing; the others by their own head sizes)."""
         return sum(self.layer(i).kv_cache_per_token for i in range(self.num_layers)
-                   if self.mixer(i) in ATTENTION_MIXERS and not self.layer(i).kv_shared)
+                   if self.mixer(i) in ATTENTION_MIXERS and not self.layer(i).kv_shared and i not in self.idle_layers)
 
     # ---- derived sizes --------------------------------------------------------------
     @property
@@ -352,7 +365,7 @@ class ModelSpec:
     @property
     def attention_layers(self) -> int:
         """Layers that keep a KV cache."""
-        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ATTENTION_MIXERS)
+        return sum(1 for i in range(self.num_layers) if self.mixer(i) in ATTENTION_MIXERS and i not in self.idle_layers)
 
     @property
     def num_sliding_layers(self) -> int:

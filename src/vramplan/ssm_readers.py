@@ -642,6 +642,132 @@ def _olmo_hybrid(c: _Cfg, family: str) -> ModelSpec:
                    norm=NormKind.FP32_WEIGHT_RMSNORM, position=spec.position if has_rope else PositionKind.NONE)
 
 
+
+# (layers, hidden, intermediate, expert width, vocab, heads, experts, experts per token, leading dense layers,
+#  rms_norm_eps) of each configuration class (configuration_kimi_linear.py, configuration_bailing_hybrid.py)
+_KDA_DEFAULTS: dict[str, tuple[int, int, int, int, int, int, int, int, int]] = {
+    "kimi_linear": (27, 2304, 9216, 1024, 163840, 32, 256, 8, 1),
+    "bailing_hybrid": (42, 2048, 5120, 512, 157184, 32, 512, 8, 2),
+}
+# the config classes' attribute_map: the names a config.json (and to_dict) uses for the keys the readers take
+_KDA_ALIASES = (("num_experts", "n_routed_experts"), ("num_local_experts", "n_routed_experts"),
+                ("num_experts_per_token", "num_experts_per_tok"), ("num_shared_experts", "n_shared_experts"),
+                ("num_expert_group", "n_group"), ("model_max_length", "max_position_embeddings"))
+
+
+def _kda_types(c: _Cfg, family: str, layers: int) -> tuple[str, ...]:
+    """Which layers are Kimi Delta Attention ("gdn") and which MLA ("attention"): ``layer_types``, else Kimi's
+    ``linear_attn_config`` lists (1-indexed ``full_attn_layers`` / ``kda_layers``), else the config class's
+    pattern (Kimi: full attention at every fourth layer from layer 4, ``i and i % 4 == 0``; Ling 3: at every
+    ``layer_group_size``-th layer)."""
+    raw = c.raw.get("layer_types")
+    lac = c.raw.get("linear_attn_config")
+    if raw is None and family == "kimi_linear" and isinstance(lac, dict) and lac.get("full_attn_layers") is not None:
+        full = lac.get("full_attn_layers")
+        if not isinstance(full, list) or not all(isinstance(i, int) and 1 <= i <= layers for i in full):
+            raise ConfigError(f"{c.where}: linear_attn_config.full_attn_layers must list 1-indexed layers")
+        raw = ["full_attention" if i + 1 in full else "linear_attention" for i in range(layers)]
+    if raw is None:
+        if family == "kimi_linear":
+            raw = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(layers)]
+        else:
+            every = c.int_("layer_group_size", default=6, hi=_MAX_LAYERS)
+            raw = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
+    # the decoder layer reads layer_types[layer_idx]: entries past the last layer are not read
+    if not isinstance(raw, list) or len(raw) < layers or not set(raw[:layers]) <= {"linear_attention",
+                                                                                   "full_attention"}:
+        raise ConfigError(f"{c.where}: layer_types must list linear_attention or full_attention for each of the "
+                          f"{layers} layers")
+    return tuple("gdn" if t == "linear_attention" else "attention" for t in raw[:layers])
+
+
+def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
+    """Kimi Linear and Ling 3 (modeling_kimi_linear.py, modeling_bailing_hybrid.py): pre-norm decoder layers whose
+    mixer is Kimi Delta Attention (:mod:`vramplan.kda`) or DeepSeek's multi-head latent attention (Kimi: no rotary
+    embedding at all; Ling 3: interleaved RoPE and a per-head ``sigmoid(g_proj(x).float())`` output gate), and whose
+    MLP is a SwiGLU or DeepSeek-V3's MoE block (fp32 sigmoid router with group-limited top-k, grouped-GEMM experts,
+    shared experts after them); ``mlp_layer_types`` (default: ``first_k_dense_replace`` dense layers first)."""
+    from dataclasses import replace
+
+    from .hfconfig import _Facts, _llama_like
+
+    layers_d, hidden_d, inter_d, moe_d, vocab_d, heads_d, experts_d, topk_d, dense_d = _KDA_DEFAULTS[family]
+    raw: dict[str, Any] = dict(c.raw)
+    for key, canonical in _KDA_ALIASES:
+        if key in raw and canonical not in raw:
+            raw[canonical] = raw[key]
+    layers = _Cfg(raw, c.where).int_("num_hidden_layers", default=layers_d, hi=_MAX_LAYERS)
+    mixers = _kda_types(c, family, layers)
+    for key, default in (("hidden_size", hidden_d), ("num_hidden_layers", layers), ("vocab_size", vocab_d),
+                         ("intermediate_size", inter_d), ("moe_intermediate_size", moe_d),
+                         ("num_attention_heads", heads_d), ("n_routed_experts", experts_d),
+                         ("num_experts_per_tok", topk_d), ("n_shared_experts", 1), ("kv_lora_rank", 512),
+                         ("qk_rope_head_dim", 64), ("qk_nope_head_dim", 128), ("v_head_dim", 128),
+                         ("max_position_embeddings", 1048576 if family == "kimi_linear" else 262144)):
+        raw.setdefault(key, default)
+    raw.setdefault("q_lora_rank", None)  # both classes default to a plain q_proj
+    if raw.get("num_key_value_heads") is None:
+        raw["num_key_value_heads"] = raw["num_attention_heads"]
+    cc = _Cfg(raw, c.where)
+    types = raw.get("mlp_layer_types")
+    if types is None:
+        dense = cc.int_("first_k_dense_replace", default=dense_d, lo=0, hi=_MAX_LAYERS)
+        raw["mlp_layer_types"] = ["dense" if i < dense else "sparse" for i in range(layers)]
+    facts = _Facts(version="5.24", moe="deepseek", mla=True, mlp_types=0, mla_defaults=(0, 512, 128, 64, 128))
+    spec = _llama_like(_Cfg(raw, c.where), family, facts)
+    heads = cc.int_("num_attention_heads")
+    if family == "kimi_linear":
+        # linear_attn_config (a checkpoint's sub-dict) overrides the linear_* keys (KimiLinearConfig.__post_init__)
+        got = c.raw.get("linear_attn_config")
+        lac: dict[str, Any] = dict(got) if isinstance(got, dict) else {}
+        sub = _Cfg({"head_dim": raw.get("linear_head_dim", 128), "num_heads": raw.get("linear_num_heads", 32),
+                    "short_conv_kernel_size": raw.get("linear_conv_kernel_dim", 4), **lac}, c.where)
+        d, nh, kernel = sub.int_("head_dim"), sub.int_("num_heads"), sub.int_("short_conv_kernel_size", hi=1024)
+        layout, safe = "kda", False
+    else:
+        # BailingHybridConfig.__post_init__: linear_head_dim = head_dim, linear_num_heads = num_attention_heads,
+        # the kernel = short_conv_kernel_size (head_dim is then rebound to qk_rope_head_dim); linear_* keys in the
+        # config (as to_dict saves them) are set after that and win
+        d = cc.int_("linear_head_dim") if raw.get("linear_head_dim") is not None else cc.int_("head_dim", default=128)
+        nh = cc.int_("linear_num_heads") if raw.get("linear_num_heads") is not None else heads
+        kernel = cc.int_("linear_conv_kernel_dim", hi=1024) if raw.get("linear_conv_kernel_dim") is not None else \
+            cc.int_("short_conv_kernel_size", default=4, hi=1024)
+        layout, safe = "kda_full", cc.bool_("kda_safe_gate", default=True)
+    ss = SSMSpec(d_inner=nh * d, n_heads=nh, head_dim=d, n_groups=nh, d_state=d, d_conv=kernel, chunk=64,
+                 conv_bias=False, gdn_layout=layout, neg_eigval=safe, gated_norm_fp32=True)
+    extra: dict[str, Any] = {}
+    if family == "kimi_linear":
+        extra["position"] = PositionKind.NONE  # KimiLinearAttention applies no rotary embedding
+    else:
+        extra["mla_head_gate"] = True
+    return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24", **extra)
+
+
+def _axk2(c: _Cfg, family: str) -> ModelSpec:
+    """A.X-K2 (modeling_axk2.py): DeepSeek-V3.2's MLA with the DSA lightning indexer and MoE block, except that the
+    query projection ``q_gate_proj`` reads ``cat([q_resid, q_compressed])`` and also makes a per-channel output gate
+    (``attn_output * sigmoid(gate.float())``), and the pre-attention norm (and a MoE layer's pre-MLP norm) is
+    ``AXK2GatedRMSNorm``; ``mlp_layer_types`` defaults to one leading dense layer (``first_k_dense_replace``)."""
+    from dataclasses import replace
+
+    from .hfconfig import _Facts, _llama_like
+
+    raw: dict[str, Any] = dict(c.raw)
+    for key, default in (("hidden_size", 2048), ("intermediate_size", 5120), ("moe_intermediate_size", 512),
+                         ("num_hidden_layers", 48), ("num_attention_heads", 32), ("num_key_value_heads", 32),
+                         ("n_routed_experts", 128), ("num_experts_per_tok", 8), ("n_shared_experts", 1),
+                         ("vocab_size", 163840), ("max_position_embeddings", 131072), ("index_n_heads", 16),
+                         ("index_head_dim", 128), ("index_topk", 2048), ("first_k_dense_replace", 1)):
+        raw.setdefault(key, default)  # configuration_axk2.py
+    if raw.get("q_lora_rank") is None or not isinstance(raw.get("q_lora_rank", 384), int) or \
+            raw.get("q_lora_rank", 384) <= 0:
+        raise ConfigError(f"{c.where}: A.X-K2 needs a positive q_lora_rank (AXK2Config refuses others)")
+    facts = _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=-2,
+                   mla_defaults=(384, 128, 64, 32, 64))
+    spec = _llama_like(_Cfg(raw, c.where), family, facts)
+    return replace(spec, mla_q_gate=True, gated_norm_rank=_Cfg(raw, c.where).int_("gated_norm_rank", default=16),
+                   program_version="5.24")
+
 # configuration_lara_mini.py: the released pattern, period 5, when layer_types is not given
 _LARA_PATTERN = ("linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention")
 
@@ -773,7 +899,8 @@ SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
     "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
-    "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax}
+    "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax, "kimi_linear": _kimi_linear,
+    "bailing_hybrid": _kimi_linear, "axk2": _axk2}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -783,4 +910,6 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "OlmoHybridForCausalLM": "olmo_hybrid",
                                "LaraMiniForCausalLM": "lara_mini", "Lfm3ForCausalLM": "lfm3",
                                "Lfm2MoeForCausalLM": "lfm2_moe", "RecurrentGemmaForCausalLM": "recurrent_gemma",
-                               "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax"}
+                               "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax",
+                               "KimiLinearForCausalLM": "kimi_linear",
+                               "BailingHybridForCausalLM": "bailing_hybrid", "AXK2ForCausalLM": "axk2"}

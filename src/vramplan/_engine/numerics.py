@@ -40,6 +40,11 @@ class Kernel(StrEnum):
     EAGER = "eager"  # the model's own softmax(QK^T)V (transformers eager, diffusers AttnProcessor)
 
 
+# preprocess_mask's mem_eff_alignment: the efficient kernel pads a mask whose rows are not a multiple of 8 elements
+# (aten/src/ATen/native/transformers/attention.cpp, torch 2.4+)
+MEM_EFF_MASK_ALIGNMENT = 8
+
+
 def sdpa_kernel(elem: int, head_dim: int, has_mask: bool, *, heads_match: bool = True,
                 enable_gqa: bool = False) -> Kernel:
     """The kernel ``scaled_dot_product_attention`` runs on an sm80+ GPU (torch 2.5–2.11).

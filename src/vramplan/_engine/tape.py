@@ -119,6 +119,9 @@ class Tape:
         # the program is recomputed under non-reentrant torch.utils.checkpoint: its saved tensors are dropped as the
         # backward unpacks them (the checkpoint's unpack hook), before the engine validates the op's gradients
         self.unpacked_saves = False
+        # kept tensors the caller releases when the base model's forward returns (attention masks: locals of
+        # LlamaModel.forward and its kin that no op saves for backward)
+        self.forward_scoped: list[Tensor] = []
 
     # ---- recording ------------------------------------------------------------------------
     def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
@@ -229,6 +232,11 @@ class Tape:
         """The caller holds ``tensors`` after the program returns (its output, the loss, caches)."""
         for t in tensors:
             root(t).keep = True
+
+    def keep_for_forward(self, *tensors: Tensor) -> None:
+        """Like :meth:`keep`, but the caller frees ``tensors`` when the model's forward returns."""
+        self.keep(*tensors)
+        self.forward_scoped.extend(root(t) for t in tensors)
 
     def hold(self, *tensors: Tensor) -> None:
         """A Python reference keeps ``tensors`` alive up to the op recorded last (a local variable that

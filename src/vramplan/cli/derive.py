@@ -61,8 +61,11 @@ def _cmd_derive(ns: argparse.Namespace) -> int:
     types = decoder_only_types() if ns.all else [_model_type(m) for m in ns.model]
     if not types:
         raise VramplanError("give model types, config.json paths or --all")
+    from ..derive._derive import text_sub_config_class
+
     for t in types:
-        if t not in CONFIG_MAPPING or t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if t not in CONFIG_MAPPING or (t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                       and text_sub_config_class(CONFIG_MAPPING[t]) is None):
             raise VramplanError(f"{t!r} is not a causal-LM model type of transformers {transformers.__version__}")
     path = (ns.out or recipe_file(transformers.__version__)) if ns.write or ns.out else None
     for r in derive_types(types):

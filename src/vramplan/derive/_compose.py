@@ -1108,7 +1108,8 @@ def _compare_moe(layers: torch.nn.ModuleList, rec: _Recorder, d: Mapping[str, An
                 ok[ref] = False
                 why.setdefault(ref, f"{vname}: {_first_difference(rec.buckets[key], theirs)}")
         if not any(ok.values()) and z is not None:  # no family's block: its parts
-            flags, err = _moe_parts(child[1], rec.inputs[key], d, z)
+            layer_norms = {type(c) for n, c in layer.named_children() if _role(n, c) == "norm"}
+            flags, err = _moe_parts(child[1], rec.inputs[key], d, z, layer_norms)
             parts.append((vname, tuple(sorted(flags.items())), f"{vname}: {err}" if err else ""))
     return found
 
@@ -1190,13 +1191,15 @@ def _numel(sig: tuple[tuple[tuple[int, ...], str], ...]) -> int:
     return max((math.prod(s) for s, _ in sig), default=0)
 
 
-def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, Any], z: Mapping[str, int]
-               ) -> tuple[dict[str, Any], str]:
+def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, Any], z: Mapping[str, int],
+               layer_norms: set[type] | None = None) -> tuple[dict[str, Any], str]:
     """The program facts of a MoE block from its parts: the experts op for op as a family's experts, the shared
     expert op for op as a gated MLP, and the router and the block's own ops by the tensors that scale with
     tokens x hidden (the router's fp32 copy of the hidden states, its fp32 routing weights, a scaling of the
     routed output); ops of tokens x experts (scores, top-k) are the program's router, not compared op for op.
-    Returns (flags, '') or ({}, why not)."""
+    A child of the decoder layer's own norm class called last normalises the block's output (AXK1MoE's
+    post_mlp_layernorm: ``moe_post_norm``; the program runs the spec's norm, which the layer's norms were classified
+    as). Returns (flags, '') or ({}, why not)."""
     from transformers.models.llama.configuration_llama import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -1209,14 +1212,19 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     router = [n for n, c in children.items() if n not in experts
               and any(tuple(p.shape) == (e, h) for p in c.parameters())]
     gate = [n for n, c in children.items() if isinstance(c, torch.nn.Linear) and tuple(c.weight.shape) == (1, h)]
-    shared = [n for n, c in children.items() if n not in experts + router + gate and any(True for _ in c.parameters())]
+    post = [n for n, c in children.items() if layer_norms and type(c) in layer_norms
+            and all(tuple(p.shape) == (h,) for p in c.parameters())]
+    if len(post) > 1 or (post and rec.order[-1:] != post):
+        return {}, f"norms {post} inside the block, not one called last"
+    shared = [n for n, c in children.items() if n not in experts + router + gate + post
+              and any(True for _ in c.parameters())]
     if len(experts) != 1 or len(router) != 1 or len(shared) > 1:
         return {}, f"parts: experts {experts}, router {router}, other {shared}"
     own = [tuple(p.shape) for p in block.parameters(recurse=False)] + [tuple(b.shape) for b in
                                                                        block.buffers(recurse=False)]
     if any(s != (e,) for s in own):
         return {}, f"the block's own tensors {own}"
-    flags: dict[str, Any] = {}
+    flags: dict[str, Any] = {"moe_post_norm": True} if post else {}
     # experts: op for op as the Mixtral / gpt-oss experts (transformers' grouped_mm experts forward)
     ex = children[experts[0]]
     matched = ""

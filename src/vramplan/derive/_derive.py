@@ -84,8 +84,29 @@ def _config_class(model_type: str) -> type:
 def _causal_lm_class(config_cls: type) -> type:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    except KeyError:
+        # the text sub-config of a composite type whose causal-LM class is its language model alone (Emu3TextConfig:
+        # Emu3ForCausalLM, MllamaTextConfig: MllamaForCausalLM): that class, built on this config
+        text_only = text_sub_config_class(config_cls)
+        if text_only is None:
+            raise
+        return text_only
     return cls[0] if isinstance(cls, (list, tuple)) else cls  # type: ignore[no-any-return]
+
+
+def text_sub_config_class(config_cls: type) -> type | None:
+    """The causal-LM class whose ``config_class`` is ``config_cls`` though the causal-LM mapping does not key on it
+    (it keys on the composite config; transformers' auto classes swap in ``get_text_config()``), or None."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is not None and getattr(cls, "config_class", None) is config_cls:
+            return cls  # type: ignore[no-any-return]
+    return None
 
 
 def _jsonable(v: Any) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..blocks import Kernel
+from ..blocks import Kernel, window_masked
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
 from ..estimator import numerics, runs_as
@@ -105,7 +105,7 @@ def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int, *, engine_fus
     scores = 0
     for i in range(spec.num_layers):
         sliding = i in spec.sliding_layers and bool(spec.sliding_window)
-        has_mask = bool(sliding and spec.sliding_window and seq > spec.sliding_window)
+        has_mask = sliding and window_masked(spec, seq)
         kernel = Kernel.FLASH if engine_fused else attention_kernel(spec, w, has_mask=has_mask)
         fused = kernel in (Kernel.FLASH, Kernel.EFFICIENT)
         # SDPA's memory-efficient kernel with an explicit (sliding-window) mask computes every block

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import VramplanError
 from ..workload import Attention, Method, Optimizer, Precision, Task, WeightsQuant, Workload
 from ._quant import AdamW8bitEmulation, Lion, QuantLinear, quantize_linears
-from ._resolve import hf_config, model_class
+from ._resolve import build_config, hf_config, model_class
 
 __all__ = ["BuiltModel", "build_model", "make_optimizer", "param_dtype"]
 
@@ -138,6 +138,13 @@ def build_model(raw: Mapping[str, Any], workload: Workload, name: str) -> BuiltM
     cls = model_class(cfg, name)
     notes: list[str] = [f"model class {cls.__name__} (transformers' text-generation mapping for "
                         f"{type(cfg).__name__})"]
+    whole = cfg
+    cfg = build_config(cfg, cls)
+    if cfg is not whole:
+        towers = [k for k in getattr(whole, "sub_configs", {}) or {} if k != "text_config"]
+        notes.append(f"model class {cls.__name__} is the language model alone: transformers builds it on the "
+                     f"config's text_config ({type(cfg).__name__}); the {', '.join(towers) or 'other'} tower(s) are "
+                     "not built (architectures naming the image-text class would build the whole model)")
     attn = "eager" if workload.attention is Attention.EAGER else "sdpa"
     if workload.attention is Attention.FLASH:
         notes.append("attention flash: traced as SDPA's fused kernel (flash-attn keeps the same output + "

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .._engine.numerics import MEM_EFF_MASK_ALIGNMENT
+
 __all__ = [
     "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
     "cuda_sdpa", "grouped_mm_any_dtype", "index_backward_in_place", "register_cuda_kernels", "safe_softmax_transient",
@@ -73,22 +75,24 @@ def choose_sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
 
 
 def _bool_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """convert_boolean_attn_mask (attention.cpp): a float mask of the mask's shape in the query dtype."""
+    """convert_boolean_attn_mask (aten/src/ATen/native/transformers/attention.cpp, torch 2.8+): ``at::where(mask,
+    0.0, -inf)``, a new additive mask of the (broadcast) mask's shape in the query dtype."""
     if mask.dtype != torch.bool:
         return mask
-    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask.logical_not(), float("-inf"))
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.full((), float("-inf"), dtype=dtype, device=mask.device))
 
 
 def _preprocess_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """preprocess_mask (attention.cpp): expand to 4-D and align the last dim to 16 for the efficient kernel."""
-    m = mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
-    last = m.size(-1)
-    if last % 16:
-        pad = 16 - last % 16
-        return torch.nn.functional.pad(m, (0, pad))[..., :last]
-    if m.stride(0) % 16 or m.stride(1) % 16 or m.stride(2) % 16:
-        return m.contiguous()
-    return m
+    """preprocess_mask (attention.cpp, torch 2.4+): a mask whose leading strides are not multiples of 8 elements
+    (or whose last stride is not 1) is padded by ``8 - last % 8`` columns (``pad_bias``: a new contiguous tensor of
+    the mask's own shape, e.g. (B, 1, L, S + pad)) and sliced back; then expanded, as a view, to (B, H, L, S).
+    (torch 2.0-2.3 expanded first and padded the per-head tensor to a multiple of 16.)"""
+    align = MEM_EFF_MASK_ALIGNMENT
+    if not (all(mask.stride(i) % align == 0 for i in range(mask.dim() - 1)) and mask.stride(-1) == 1):
+        last = mask.size(-1)
+        mask = torch.nn.functional.pad(mask, (0, align - last % align))[..., :last]
+    return mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
 
 
 def cuda_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -181,9 +181,24 @@ def image_inputs(model: nn.Module, config: Any, batch: int, text_len: int, image
     counter = MemoryTracker()  # not the trace's: only to run the image bookkeeping on real integers
     counter.real_ints = True
     counter.scalar_answer = _scalar_answer
+    cast_note: list[str] = []
     try:
-        with torch.no_grad(), counter:
-            feats = getter(**fkw)
+        try:
+            with torch.no_grad(), counter:
+                feats = getter(**fkw)
+        except RuntimeError as exc:
+            # a tower that does not cast pixel_values to its weights' dtype (GOT-OCR2's patch embedding): its users
+            # pass the processor's output as .to(model.dtype), as its model card does; the trace does the same
+            pdtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), dtype)
+            if "type" not in str(exc) or pdtype == dtype:
+                raise
+            fkw = {k: v.to(pdtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                   for k, v in fkw.items()}
+            with torch.no_grad(), counter:
+                feats = getter(**fkw)
+            cast_note.append(f"pixel_values passed in {str(pdtype).removeprefix('torch.')}: the vision tower does "
+                             "not cast the processor's fp32 output to its weights' dtype (callers pass "
+                             ".to(model.dtype))")
     except VramplanError:
         raise
     except Exception as exc:
@@ -213,5 +228,5 @@ def image_inputs(model: nn.Module, config: Any, batch: int, text_len: int, image
     if mt in ("gemma3", "paligemma"):
         kw["token_type_ids"] = types
     notes = [f"{images} image(s) of {size} x {size} px per sample: {per} image tokens inserted in each sequence "
-             f"({text_len} text + {per} image tokens)"]
+             f"({text_len} text + {per} image tokens)", *cast_note]
     return ImageInputs(ids, kw, per, notes)

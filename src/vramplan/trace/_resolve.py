@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import VramplanError
 
-__all__ = ["hf_config", "model_class", "remote_code_refusal"]
+__all__ = ["build_config", "hf_config", "model_class", "remote_code_refusal"]
 
 # Keys dropped before transformers reads the config: the workload says the dtype and the quantization, and
 # auto_map is checked (and refused or ignored) before the read.
@@ -139,3 +139,16 @@ def model_class(config: Any, name: str) -> type:
                         f"{type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}, "
                         f"architectures {archs or 'not given'}); the trace builds causal-LM and image-text-to-text "
                         "models only")
+
+
+def build_config(config: Any, cls: type) -> Any:
+    """The config ``cls`` is built on: a composite config's text sub-config when the class is its language model
+    alone (``config_class`` is the text sub-config's class, as for ``Qwen3_5ForCausalLM``, ``Llama4ForCausalLM``,
+    ``Emu3ForCausalLM``, ``MllamaForCausalLM``), else the config itself. This is what transformers'
+    ``AutoModelForCausalLM.from_config`` / ``from_pretrained`` do (transformers/models/auto/auto_factory.py,
+    ``_BaseAutoModelClass``: the ``get_text_config()`` swap)."""
+    subs = getattr(config, "sub_configs", None) or {}
+    text_cls = subs.get("text_config") if isinstance(subs, Mapping) else None
+    if text_cls is not None and getattr(cls, "config_class", None) is text_cls:
+        return config.get_text_config()
+    return config
