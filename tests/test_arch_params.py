@@ -47,6 +47,8 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
               "intermediate_size", "activation_sparsity_pattern"):  # (per-layer lists: Gemma 3n's widths, sparsity)
         if isinstance(cfg.get(k), list):
             cfg[k] = (cfg[k] * layers)[:layers]
+    if isinstance(cfg.get("num_attention_heads_per_layer"), list):  # Laguna: one head count per layer (the default's
+        cfg["num_attention_heads_per_layer"] = [cfg["num_attention_heads"]] * layers  # repeat the model-wide one)
     if isinstance(cfg.get("num_kv_shared_layers"), int):  # a KV-sharing tail (Gemma 3n: 15 of 35) within the cut
         cfg["num_kv_shared_layers"] = min(cfg["num_kv_shared_layers"], layers // 2)
     if "attention_types" in cfg and "attention_types" not in over:  # GPT-Neo: [[kinds], repeats] expands per layer

@@ -134,11 +134,23 @@ def test_tower_parameters_match_the_meta_device(model_type: str) -> None:
     pytest.importorskip("transformers")
     from vramplan.trace._resolve import hf_config, model_class
 
-    raw = _default(model_type, 1)
+    raw = _whole(model_type, 1)
     config, _ = hf_config(raw, model_type)
     with torch.device("meta"):
         model = model_class(config, model_type)._from_config(config)
     assert _total(spec_from_config(raw, model_type)) == sum(p.numel() for p in model.parameters())
+
+
+def _whole(model_type: str, layers: int = 2) -> dict[str, Any]:
+    """The library default, as a checkpoint of the image-text class where the causal-LM class is the language model
+    alone (Qwen3.5: architectures Qwen3_5ForConditionalGeneration, its merger's output the text width, as in the
+    published checkpoints)."""
+    raw = _default(model_type, layers)
+    if model_type in ("qwen3_5", "qwen3_5_moe"):
+        raw["architectures"] = ["Qwen3_5ForConditionalGeneration" if model_type == "qwen3_5" else
+                                "Qwen3_5MoeForConditionalGeneration"]
+        raw["vision_config"] = {**raw["vision_config"], "out_hidden_size": raw["text_config"]["hidden_size"]}
+    return raw
 
 
 SMALL = {
@@ -151,16 +163,18 @@ SMALL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "idefics3", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("workload", list(SMALL))
 def test_estimate_tracks_the_trace(model_type: str, workload: str) -> None:
     pytest.importorskip("torch")
     from vramplan.api import make_workload
     from vramplan.trace import trace_workload
 
-    raw = _default(model_type)
+    raw = _whole(model_type)
     w = make_workload(**SMALL[workload])
-    est = estimate(spec_from_config(raw, model_type), w)
+    # Qwen3.5's gated DeltaNet layers: the estimate models the plain-PyTorch fallback the CPU trace runs
+    est = estimate(spec_from_config(raw, model_type),
+                   make_workload(**SMALL[workload], **({"ssm_kernel": "torch"} if model_type == "qwen3_5" else {})))
     tr = trace_workload(raw, w, name=model_type)
     assert est.parameters == tr.parameters
     assert est.trainable_parameters == tr.trainable_parameters
@@ -221,12 +235,14 @@ def test_text_only_causal_lm_class_is_estimated_as_its_language_model() -> None:
     assert est.parameters == count_params(spec).total
     assert any("Qwen3_5ForCausalLM" in w for w in est.warnings)
     assert text_only_class(_q35(architectures=["Qwen3_5ForCausalLM"])) == "Qwen3_5ForCausalLM"
-    # a checkpoint naming the image-text class builds the whole model, whose tower is not modelled: refused
-    whole = spec_from_config(_q35(architectures=["Qwen3_5ForConditionalGeneration"]), "q35")
-    assert whole.multimodal is not None and text_only_class(_q35(architectures=["Qwen3_5ForConditionalGeneration"])) \
-        is None
-    with pytest.raises(WorkloadError, match="vision tower of qwen3_5"):
-        estimate(whole, method="full", seq_len=128)
+    # a checkpoint naming the image-text class builds the whole model: its Qwen3-VL-style tower (no DeepStack) too
+    archs = {"architectures": ["Qwen3_5ForConditionalGeneration"]}
+    whole = spec_from_config(_q35(**archs, vision_config={"depth": 2, "hidden_size": 128, "out_hidden_size": 256}),
+                             "q35")
+    assert text_only_class(_q35(**archs)) is None
+    assert whole.multimodal is not None and whole.multimodal.tower is not None
+    assert whole.multimodal.tower.deepstack == () and whole.multimodal.tower.pos_embeds == 2304
+    assert estimate(whole, method="full", seq_len=128).parameters > est.parameters
 
 
 def test_text_only_causal_lm_table_is_the_installed_transformers() -> None:
@@ -437,3 +453,28 @@ def test_trace_casts_pixels_for_a_tower_that_does_not() -> None:
                         name="got_ocr2")
     assert tr.peak_allocated_bytes > 0
     assert any("pixel_values passed in bfloat16" in a for a in tr.assumptions)
+
+
+@pytest.mark.parametrize(("model_type", "names"), [("git", "GitForCausalLM"),
+                                                    ("phi4_multimodal", "Phi4MultimodalFeatureEmbedding")])
+def test_unmodelled_multimodal_types_name_the_mechanism(model_type: str, names: str) -> None:
+    from vramplan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=names):
+        spec_from_config({"model_type": model_type, "vision_config": {}}, model_type)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_two_images_per_sample_match_the_trace() -> None:
+    """Several images per sample: each image's tokens after a vision-start token of their own (Qwen-VL's rope index
+    goes image by image), the estimate within 2% of the trace."""
+    pytest.importorskip("torch")
+    from vramplan.api import make_workload
+    from vramplan.trace import trace_workload
+
+    raw = _default("qwen3_vl")
+    w = make_workload(task="infer", batch_size=1, seq_len=64, images=2, image_size=448, new_tokens=2)
+    tr = trace_workload(raw, w, name="qwen3_vl")
+    assert any("392 image tokens" in a for a in tr.assumptions)  # 2 x 196
+    est = estimate(spec_from_config(raw, "qwen3_vl"), w)
+    assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.02)

@@ -65,6 +65,18 @@ def test_cut_keeps_one_layer_of_each_kind_of_a_tiled_pattern() -> None:
     assert cut == {"num_hidden_layers": 2, "block_types": ["recurrent", "attention"]}
 
 
+def test_cut_keeps_two_layers_of_a_tied_kind() -> None:
+    """ZambaModel ties every hybrid layer's shared_transf to the first one's, and transformers refuses a stack with a
+    single hybrid layer: the cut keeps two of them (one plain Mamba layer, two hybrid layers)."""
+    lat, hyb = "linear_attention", "hybrid"
+    types = [lat, lat, hyb, lat, lat, lat, lat, hyb, lat]
+    cut = cut_layers({"model_type": "zamba", "num_hidden_layers": 9, "layers_block_type": types}, 2)
+    assert cut["num_hidden_layers"] == 3 and cut["layers_block_type"] == [lat, hyb, hyb]
+    # another type's hybrid kind is cut to one layer as before
+    other = cut_layers({"model_type": "zamba2", "num_hidden_layers": 9, "layers_block_type": types}, 2)
+    assert other["layers_block_type"] == [lat, hyb]
+
+
 def _phase(est: Any, name: str) -> Any:
     return next(p for p in est.phases if p.phase.value == name)
 

@@ -693,6 +693,9 @@ class _B:
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
             v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
+        # an early output gate's projection (modeling_afmoe.py: gate_states = self.gate_proj(hidden_states) after
+        # v_proj), held by the attention's locals to its end
+        gate_early = self.attn_gate_proj(n) if spec.attn_gate and spec.attn_gate_early else None
         if spec.qk_norm and not spec.qk_norm_after_rope:
             per_head = spec.qk_norm_head_weights
             q = self.norm(q, qd if spec.qk_norm_full else d, tr, weights=qd if per_head else 0)
@@ -768,12 +771,44 @@ class _B:
             out = self.call(lambda v: self.norm(v, qd, tr), out)
         if spec.attn_output_gate:  # attn_output * torch.sigmoid(gate): sigmoid saves its result, the product both
             out = self.mul(out, self.ew(gate, save_out=True))
+        held: tuple[Tensor, ...] = ()
+        if spec.attn_gate:
+            out, held = self.attn_gate_apply(out, gate_early if gate_early is not None else self.attn_gate_proj(n))
         o = lin(out, qd, h, oname, spec.o_bias)
+        if held:
+            tp.hold(*held)
         if spec.attn_output_gate:
             tp.hold(gate)
         if spec.scores_held and spec.qkv_fused:  # the fused projection (and its q/k/v views) are the attention's
             tp.hold(qkv)  # locals (MptAttention.mixed_qkv, GPTNeoXJapaneseAttention.qkv)
         return self.dropout(o, spec.hidden_dropout)
+
+    def attn_gate_proj(self, n: Tensor) -> Tensor:
+        """The output gate's projection of the layer input (``spec.attn_gate``): heads or heads x head_dim outputs, no
+        bias; plus the per-head gate bias where there is one (``gate_proj(x).view_as(attn_output) +
+        gate_bias[None, None, :, None]``, modeling_beam.py: a new tensor)."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        name = spec.attn_gate_name
+        width = spec.num_heads if spec.attn_gate_heads else spec.q_dim
+        # "attn." keeps its gradient apart from an MLP linear of the same name (AFMoE's gate_proj)
+        g = self.linear(n, spec.hidden_size, width, "attn." + name, bias=False, trainable=plan.trainable,
+                        quant=plan.quant, lora_rank=plan.lora_rank if name in plan.lora_targets else 0)
+        if spec.attn_gate_bias:
+            pg = self.param_grad("attn.gate_bias", spec.num_heads, self.num.param) if plan.trainable else ()
+            g = tp.op(g.numel, g.elem, (g,), params=pg, rg=g.rg or plan.trainable)
+        return g
+
+    def attn_gate_apply(self, out: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``out * act(g)`` before o_proj; (the product, what the attention's locals hold to its end). sigmoid saves
+        its result (the gate projection is the local: modeling_afmoe.py gate_states, modeling_beam.py gate);
+        softplus_fp32 (modeling_laguna.py ``F.softplus(g.float()).to(dtype)``): the fp32 copy, softplus (saves its
+        input), the cast back, which is the local. The product saves both (a per-head gate broadcasts over
+        head_dim)."""
+        if self.spec.attn_gate == "softplus_fp32":
+            a = self.cast(self.ew(self.cast(g, 4), save_in=True), out.elem)
+            return self.mul(out, a), (a,)
+        return self.mul(out, self.ew(g, save_out=True)), (g,)
 
     def diff_attention(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
                        masked: bool = False) -> Tensor:
@@ -932,17 +967,27 @@ class _B:
         elif qr:
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
+            if spec.mla_latent_scale:  # q_resid * q_lora_scale (the indexer reads the scaled latent too)
+                qn = tp.op(qn.numel, qn.elem, (qn,))
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
-        latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+        if spec.mla_latent_scale:  # kv_a_layernorm(kv_pass.contiguous()) * kv_lora_scale
+            latent = tp.op(b * s * kvr, ckv.elem, (ckv,), passthrough=True)
+            latent = self.norm(latent, kvr, tr)
+            latent = tp.op(latent.numel, latent.elem, (latent,))
+        else:
+            latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
         # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
         rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
         q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
-        k_rot = self.call(rot, tp.view(ckv, b * s * rd))
+        k_in = tp.view(ckv, b * s * rd)
+        if spec.mla_latent_scale:  # k_rope_only_layernorm before the rotary embedding
+            k_in = self.norm(k_in, rd, tr)
+        k_rot = self.call(rot, k_in)
         if not self.num.training:  # the cache holds the latent and the rotary key (torch.cat copies)
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
@@ -953,7 +998,9 @@ class _B:
         value = tp.view(kvb, b * self.kv_len * nh * vd)
         # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
         sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
-        kernel = self.kernel_for(sparse is not None)
+        # a sliding layer's SDPA gets the sliding-window boolean mask (Dots 3's sliding MLA layers)
+        window = bool(plan.sliding and window_masked(spec, self.kv_len)) and sparse is None
+        kernel = self.kernel_for(sparse is not None or window)
         if kernel is Kernel.FLASH:  # q/k and v head sizes differ: the fused kernel is out, the efficient one runs
             kernel = Kernel.EFFICIENT
         if kernel is Kernel.EFFICIENT:
@@ -964,19 +1011,23 @@ class _B:
                 # SDPA turns the boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
                 # zeros, masked_fill of its logical_not), which the efficient kernel keeps for backward
                 ins += (tp.op(sparse.numel, query.elem, (sparse,), rg=False, fwd_scratch=sparse.numel),)
+            elif window and s > 1:  # the model's (batch, 1, seq, kv) sliding-window mask (see sdpa_bias)
+                ins += (self.sdpa_bias(query.elem),)
             out = tp.op(b * s * nh * vd, query.elem, ins, save=ins if rg else (), grad_to=(query, key, value))
             if rg:
                 tp.save_output(out)
                 tp.ops[-1].bwd_scratch = b * s * nh * qk * 4  # the kernel's fp32 dq accumulator
         else:
-            out = self.attention_core(query, key, value, kernel, nh)
+            out = self.attention_core(query, key, value, kernel, nh, masked=window)
             out = tp.op(b * s * nh * vd, out.elem, (out,))  # transpose(1, 2).contiguous() copies
         if gate is not None:  # (attn_output * torch.sigmoid(gate_states.float())).to(attn_output.dtype)
             out = self.cast(self.mul(out, self.ew(self.cast(gate, 4), save_out=True)), out.elem)
             tp.hold(gate)
-        if spec.mla_head_gate:  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype).unsqueeze(-1)
+        if spec.mla_head_gate == "fp32":  # BailingHybridAttention: out * sigmoid(g_proj(x).float()).to(dtype)
             gs = self.cast(self.ew(self.cast(lin(n, h, nh, "g_proj", False), 4), save_out=True), out.elem)
             out = self.mul(out, gs)
+        elif spec.mla_head_gate:  # Dots3NoteTextAttention: attn_output * g_proj(x).view(..., 1).sigmoid()
+            out = self.mul(out, self.ew(lin(n, h, nh, "g_proj", False), save_out=True))
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
         for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
@@ -1128,8 +1179,12 @@ class _B:
                 tp.save_output(w)
             return idx, w
         # softmax(dtype=float32); a sigmoid of 16-bit logits stays 16-bit (Lfm2MoeTopKRouter: logits.sigmoid()), and so
-        # does DBRX's softmax(dtype=router_logits.dtype)
-        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32) or spec.router_softmax_native else 4
+        # does DBRX's softmax(dtype=router_logits.dtype); a sigmoid router whose weights reach the experts in fp32
+        # scores an fp32 copy of its logits (MiniMaxM2TopKRouter: sigmoid(router_logits.float()))
+        pe = logits.elem if (spec.router_sigmoid and not spec.router_fp32 and not spec.router_weights_fp32) or \
+            spec.router_softmax_native else 4
+        if pe == 4 and logits.elem != 4 and spec.router_sigmoid:
+            logits = self.cast(logits, 4)
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)

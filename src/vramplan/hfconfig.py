@@ -240,6 +240,21 @@ class _Facts:
     sliding_full_at: int = -1  # default pattern's full layer within each sliding_every (-1: the last; Granite SWA: 0)
     sdpa_removed_in: str = ""  # the first transformers release checked to have no SDPA path for the family
     version: str = "5.17"  # the transformers release whose modeling file the program was written from and checked on
+    # an attention output gate (derived: vramplan.derive._compose _GATES): o_proj(out * act(gate_proj(x))), act
+    # "sigmoid" or "softplus_fp32" ("": none); early: the gate's projection runs after v_proj and is held through the
+    # attention (AFMoE); heads: one gate per head (Laguna), else one per channel; bias: a per-head bias added to the
+    # projection first (Beam); name: the gate linear's module name; heads_key: the boolean config key that makes it
+    # one per head when True and one per channel when False (Laguna gating)
+    # (list key, scalar key): a per-layer list the config may hold whose every entry must be the scalar's value
+    # (Laguna's num_attention_heads_per_layer: per-layer head counts are not modelled)
+    uniform_keys: tuple[tuple[str, str], ...] = ()
+    embed_scale_key: str = ""  # boolean config key that scales the embeddings by sqrt(hidden) (AFMoE mup_enabled)
+    attn_gate: str = ""
+    attn_gate_early: bool = False
+    attn_gate_heads: bool = False
+    attn_gate_bias: bool = False
+    attn_gate_name: str = ""
+    attn_gate_heads_key: str = ""
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -481,6 +496,17 @@ def _rotary_fraction(c: _Cfg, default: float = 1.0) -> float:
         sub = c.raw.get(key)
         if isinstance(sub, Mapping) and "partial_rotary_factor" in sub:
             return _Cfg(sub, f"{c.where}: {key}").float_("partial_rotary_factor", lo=0.0, hi=1.0)
+        kinds = c.raw.get("layer_types")
+        if isinstance(sub, Mapping) and isinstance(kinds, list) and sub and all(
+                isinstance(v, Mapping) or v is None for v in sub.values()):
+            # rotary parameters per layer type (Laguna: full layers rotate half of each head, sliding ones all of it):
+            # the fraction of the layer types in use; where they differ, the largest (the rotary temporaries are
+            # then an upper bound)
+            used = [sub.get(k) for k in dict.fromkeys(kinds) if isinstance(k, str)]
+            fracs = [_Cfg(v, f"{c.where}: {key}").float_("partial_rotary_factor", default=default, lo=0.0, hi=1.0)
+                     for v in used if isinstance(v, Mapping)]
+            if fracs:
+                return max(fracs)
     return c.float_("partial_rotary_factor", default=default, lo=0.0, hi=1.0)
 
 
@@ -565,6 +591,8 @@ def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
         if isinstance(v, str) and v.startswith("config:"):  # a flag the config switches (derive._compose._keyed_flags)
             key = v.removeprefix("config:")
             flags[name] = c.bool_(key.lstrip("!"), default=False) != key.startswith("!")
+        elif isinstance(v, str) and v.startswith("experts:"):  # N vectors of num_experts (frozen correction biases)
+            flags[name] = e * int(v.removeprefix("experts:"))
     if not si:
         flags.pop("shared_expert_gate", None)
         flags.pop("shared_expert_first", None)
@@ -711,6 +739,11 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     for key in f.refuse_keys:
         if c.raw.get(key) is not None:
             raise ConfigError(f"{c.where}: {key} is not modelled for {family}; run `vramplan trace` on this config")
+    for key, scalar in f.uniform_keys:
+        values, want = c.raw.get(key), c.raw.get(scalar)
+        if values is not None and (not isinstance(values, list) or any(x != want for x in values)):
+            raise ConfigError(f"{c.where}: {key} other than {scalar} ({want}) on every layer is not modelled for "
+                              f"{family}; run `vramplan trace` on this config")
     hidden = c.int_("hidden_size")
     layers = c.int_("num_hidden_layers", hi=_MAX_LAYERS)
     heads = c.int_("num_attention_heads")
@@ -793,7 +826,9 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         rotary_fraction=_rotary_fraction(c, f.rotary_default) if f.partial_rotary else 1.0,
         rope_style="interleave_fp32" if f.rope_interleave_fp32 else f.rope, rope_cat=f.rope_cat,
         nope_layers=_nope_layers(c, f, layers, sliding, window),
-        embed_scale=gemma or f.multipliers or f.head_scale, residual_scale=f.multipliers or f.head_scale,
+        embed_scale=gemma or f.multipliers or f.head_scale or (bool(f.embed_scale_key) and
+                                                               c.bool_(f.embed_scale_key, default=False)),
+        residual_scale=f.multipliers or f.head_scale,
         logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
         logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
             f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
@@ -802,8 +837,23 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version,
+        program_version=f.version, **_attn_gate(c, f),
     )
+
+
+def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:
+    """The spec's attention output gate from a derived recipe's facts (:attr:`_Facts.attn_gate`)."""
+    if not f.attn_gate:
+        return {}
+    heads = f.attn_gate_heads
+    if f.attn_gate_heads_key:
+        v = c.raw.get(f.attn_gate_heads_key, heads)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{c.where}: {f.attn_gate_heads_key}={v!r} is not modelled by estimate (true: one output "
+                              "gate per head, false: one per channel); run vramplan trace")
+        heads = v
+    return {"attn_gate": f.attn_gate, "attn_gate_early": f.attn_gate_early, "attn_gate_heads": heads,
+            "attn_gate_bias": f.attn_gate_bias, "attn_gate_name": f.attn_gate_name or "gate_proj"}
 
 
 def _gpt2(c: _Cfg, family: str) -> ModelSpec:
@@ -1165,6 +1215,13 @@ def _resolve(raw: Mapping[str, Any], name: str) -> str:
 
 # What the estimator lacks for model types of transformers 5.24 it refuses (their modeling files), named in the error
 _MISSING_MECHANISMS = {
+    "git": "GIT (modeling_git.py GitForCausalLM): a BERT-style post-LN stack over the CLIP image encoder's tokens "
+           "prepended to the text (bidirectional on the image, causal on the text), not a model.layers decoder; "
+           "vramplan trace runs it with --text-only (it cannot place its image tokens: no get_image_features)",
+    "phi4_multimodal": "Phi-4-multimodal's embed_tokens_extend (Phi4MultimodalFeatureEmbedding: a SigLIP-style image "
+                       "encoder with crops and an audio Conformer, built whole inside the causal LM) beside its "
+                       "Phi-3-style language model; vramplan trace runs it with --text-only (no get_image_features to "
+                       "place its image tokens)",
     "xlstm": "xLSTM's mLSTM/sLSTM blocks (exponential gating, chunked parallel mLSTM; not a model.layers stack), and "
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
@@ -1204,6 +1261,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["moe_flags"] = tuple(tuple(a) for a in fields.get("moe_flags", ()))
     fields["moe_rule_default"] = tuple(tuple(a) for a in fields.get("moe_rule_default", ()))
     fields["held_through_mlp"] = tuple(fields.get("held_through_mlp", ()))
+    fields["uniform_keys"] = tuple(tuple(a) for a in fields.get("uniform_keys", ()))
     fields["refuse_keys"] = tuple(fields.get("refuse_keys", ()))
     if "mla_defaults" in fields:
         fields["mla_defaults"] = tuple(fields["mla_defaults"])

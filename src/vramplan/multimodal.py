@@ -340,7 +340,9 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
         win = (t.window // t.patch // t.merge) * t.merge if t.window else 0
         m2 = t.merge * t.merge
         for j in range(len(t.deepstack)):  # built whatever the depth: the mergers of indexes past it never run
-            _register_merger(L, t, f"deepstack_merger_list.{j}", proj_tr, post_shuffle=True)
+            # part of the tower (visual.deepstack_merger_list): --freeze-vision freezes them with the blocks, the
+            # projector being visual.merger alone (LLaMA-Factory's Qwen3-VL vision keys, and the trace's)
+            _register_merger(L, t, f"deepstack_merger_list.{j}", tower_tr, post_shuffle=True)
         for i in range(t.layers):
             if t.window and i not in t.full_attention_blocks:
                 w = win * win
@@ -353,10 +355,10 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
                 # Qwen3VLVisionPatchMerger(use_postshuffle_norm=True) on the block's output: LayerNorm over the
                 # d * merge**2 features of each merged token, Linear, GELU, Linear (modeling_qwen3_vl.py)
                 name = f"deepstack_merger_list.{t.deepstack.index(i)}"
-                f = L.layer_norm(L.view(x), d * m2, trainable=proj_tr, name=name + ".norm")
-                h = L.linear(f, d * m2, d * m2, name + ".linear_fc1", trainable=proj_tr)
+                f = L.layer_norm(L.view(x), d * m2, trainable=tower_tr, name=name + ".norm")
+                h = L.linear(f, d * m2, d * m2, name + ".linear_fc1", trainable=tower_tr)
                 h = _act(L, h, "gelu")
-                deep.append(L.linear(h, d * m2, t.projector_hidden, name + ".linear_fc2", trainable=proj_tr))
+                deep.append(L.linear(h, d * m2, t.projector_hidden, name + ".linear_fc2", trainable=tower_tr))
         L.hold(rope)
         # merger: ln_q, view(-1, d * merge**2), Linear, GELU, Linear (modeling_qwen2_vl.py PatchMerger,
         # modeling_qwen3_vl.py Qwen3VLVisionPatchMerger: the same with LayerNorm names norm / linear_fc1 / linear_fc2)
@@ -464,8 +466,8 @@ def _tower(L: Any, t: VisionTower, images: int, size: int, tower_tr: bool, proj_
 
 # ---- reading configs ----------------------------------------------------------------------------------------------
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
-                    "smolvlm", "internvl", "mistral3")
+MULTIMODAL_TYPES = ("llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5",
+                    "qwen3_5_moe", "idefics3", "smolvlm", "internvl", "mistral3")
 # Composite configs whose causal-LM class in transformers 5.24 (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
 # models/auto/modeling_auto.py) is the language model alone: its ``config_class`` is the text sub-config's, so
 # ``AutoModelForCausalLM`` builds it on ``config.get_text_config()`` (models/auto/auto_factory.py) and no vision
@@ -533,16 +535,17 @@ def multimodal_from_config(raw: Mapping[str, Any], text_hidden: int, name: str) 
             raise ConfigError(f"{name}: the vision merger's output ({out}) is not the language model's width "
                               f"({text_hidden}); check vision_config")
         return MultimodalSpec(mt, tower)
-    if mt == "qwen3_vl":
+    if mt in ("qwen3_vl", "qwen3_5", "qwen3_5_moe"):
         # Qwen3VLVisionConfig (configuration_qwen3_vl.py): LayerNorm blocks with a fused qkv, a GELU-tanh MLP, a
-        # learned position table resampled per image, and DeepStack mergers
+        # learned position table resampled per image, and DeepStack mergers; Qwen3.5's tower is the same without
+        # DeepStack (Qwen3_5VisionModel, modeling_qwen3_5.py)
         out = _int(vc, "out_hidden_size", 3584, w)
-        deep = vc.get("deepstack_visual_indexes", [8, 16, 24])
+        deep = vc.get("deepstack_visual_indexes", [8, 16, 24]) if mt == "qwen3_vl" else []
         if not isinstance(deep, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                  for x in deep):
             raise ConfigError(f"{w}: deepstack_visual_indexes must list block indices")
         tower = VisionTower(
-            style=mt, hidden=_int(vc, "hidden_size", 1152, w), layers=_int(vc, "depth", 27, w),
+            style="qwen3_vl", hidden=_int(vc, "hidden_size", 1152, w), layers=_int(vc, "depth", 27, w),
             heads=_int(vc, "num_heads", 16, w), intermediate=_int(vc, "intermediate_size", 4304, w),
             patch=_int(vc, "patch_size", 16, w), image_size=448, channels=_int(vc, "in_channels", 3, w),
             act=str(vc.get("hidden_act", "gelu_pytorch_tanh")), temporal_patch=_int(vc, "temporal_patch_size", 2, w),
@@ -690,8 +693,9 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     # (nor to the mergers of indexes past the tower's depth, which never run)
     used = min(len(deep), text.num_layers)
     ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle = sum(sum(L.param_tensors.get(f"deepstack_merger_list.{j}.{m}", ())) for j in range(len(t.deepstack))
-               if j not in ran[:used] for m in ("norm", "linear_fc1", "linear_fc2")) if train else 0
+    idle = sum(sum(L.param_tensors[n]) for j in range(len(t.deepstack)) if j not in ran[:used]
+               for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
+               if n in L.trainable_names) if train else 0
     outs = [feats, *deep]
     if t.projector == "qwen_merger":
         # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them

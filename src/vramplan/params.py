@@ -72,7 +72,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         if spec.index_heads:  # the DSA indexer (modeling_deepseek_v32.py DeepseekV32Indexer): wq_b, wk, weights_proj
             hi, di = spec.index_heads, spec.index_head_dim
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
-        if spec.mla_head_gate:  # BailingHybridAttention's g_proj: one gate per head, no bias
+        if spec.mla_head_gate:  # BailingHybridAttention's / Dots 3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, nh, 1))
         if spec.gated_norm_rank:  # the gated input norm's low-rank gate MLP (AXK2GateMLP: fc1, fc2, no bias)
             out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
@@ -88,6 +88,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             ([] if spec.v_from_k else [(vn, h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
+        if spec.attn_gate:  # a derived output gate: heads or heads x head_dim outputs, no bias
+            out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
     out.append((oname, q, h, 1))
@@ -320,7 +322,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
             bias += spec.q_lora_rank + spec.kv_lora_rank + spec.qk_rope_head_dim + spec.hidden_size
     else:
         for name, _, o, n in attn[:-1]:
-            bias += o * n if spec.qkv_bias and name != "g_proj" else 0
+            bias += o * n if spec.qkv_bias and name != "g_proj" and not (spec.attn_gate and
+                                                                          name == spec.attn_gate_name) else 0
         bias += spec.hidden_size if spec.o_bias else 0
     if spec.mlp_bias and not moe:
         bias += sum(o * n for _, _, o, n in mlp)
@@ -334,6 +337,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.attn_gate and spec.attn_gate_bias:  # the gate's per-head bias (modeling_beam.py gate_bias)
+        bias += spec.num_heads
     if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)
         bias += 4 * spec.head_dim
     if spec.activation is Activation.XIELU and not moe:  # XIELUActivation's alpha_p and alpha_n, shape (1,) each
@@ -341,6 +346,8 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     norm = (1 if index in spec.mlp_free_layers else spec.norms_per_layer - (0 if spec.attn_norm else 1)) * \
         _norm_params(spec, spec.hidden_size)
     norm += spec.q_lora_rank + spec.kv_lora_rank  # MLA's q_a_layernorm and kv_a_layernorm
+    if spec.mla_latent_scale:  # Dots 3's k_rope_only_layernorm
+        norm += spec.qk_rope_head_dim
     if spec.index_heads:
         norm += 2 * spec.index_head_dim  # the indexer's k_norm: nn.LayerNorm with a bias
     if spec.qk_norm:

@@ -80,6 +80,9 @@ class LayerOverride:
     kv_store: bool | None = None
     act_sparsity: bool | None = None
     attn_norm: bool | None = None
+    num_heads: int = 0  # MLA layers with their own head count and latent width (Dots 3's sliding layers)
+    kv_lora_rank: int = 0
+    dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,12 +240,23 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    # a derived attention output gate: o_proj(out * act(attn_gate_name(x))) with act "sigmoid" or "softplus_fp32"
+    # (F.softplus(g.float()).to(dtype): modeling_laguna.py); "": none. early: the projection runs after v_proj and its
+    # output is held through the attention (modeling_afmoe.py gate_states); heads: one gate per head broadcast over
+    # head_dim, else one per channel; bias: a per-head bias added to the projection (modeling_beam.py gate_bias)
+    attn_gate: str = ""
+    attn_gate_early: bool = False
+    attn_gate_heads: bool = False
+    attn_gate_bias: bool = False
+    attn_gate_name: str = "gate_proj"
     mla_q_gate: bool = False  # MLA whose query projection also makes a per-channel output gate: q_gate_proj of
     # cat([q_resid, q_compressed]) gives (heads, qk + v) per token; out * sigmoid(gate.float()) (AXK2Attention)
     gated_norm_rank: int = 0  # the layer's pre-attention norm (and the MoE layers' pre-MLP norm) is RMSNorm times
     # sigmoid(fc2(silu(fc1(y))).float()), fc1 of this rank (AXK2GatedRMSNorm)
-    mla_head_gate: bool = False  # MLA output * sigmoid(g_proj(x).float()).to(dtype), one gate per head (Ling 3:
-    # BailingHybridAttention)
+    mla_head_gate: str = ""  # MLA output times sigmoid(g_proj(x)), one gate per head: "fp32" (the sigmoid of
+    # g_proj(x).float(), cast back: Ling 3's BailingHybridAttention), "native" (in the activation dtype: Dots 3)
+    mla_latent_scale: bool = False  # Dots3NoteTextAttention: q_resid * sqrt(hidden / q_lora_rank), the contiguous
+    # kv latent normed then * sqrt(hidden / kv_lora_rank), an RMSNorm over the shared rotary key (k_rope_only_layernorm)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
@@ -374,9 +388,11 @@ class ModelSpec:
 def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
     o = spec.layer_overrides[variant]
     changes: dict[str, object] = {}
-    for name in ("head_dim", "num_kv_heads", "intermediate_size"):
+    for name in ("head_dim", "num_kv_heads", "intermediate_size", "num_heads", "kv_lora_rank"):
         if getattr(o, name):
             changes[name] = getattr(o, name)
+    if o.dsa is False:
+        changes["index_heads"] = 0
     for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)

@@ -739,7 +739,7 @@ def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
     if family == "kimi_linear":
         extra["position"] = PositionKind.NONE  # KimiLinearAttention applies no rotary embedding
     else:
-        extra["mla_head_gate"] = True
+        extra["mla_head_gate"] = "fp32"
     return replace(spec, family=family, mixers=mixers, ssm=ss, program_version="5.24", **extra)
 
 
@@ -767,6 +767,95 @@ def _axk2(c: _Cfg, family: str) -> ModelSpec:
     spec = _llama_like(_Cfg(raw, c.where), family, facts)
     return replace(spec, mla_q_gate=True, gated_norm_rank=_Cfg(raw, c.where).int_("gated_norm_rank", default=16),
                    program_version="5.24")
+
+
+# Dots3NoteTextConfig.__post_init__'s sizes of the sliding layers (the released checkpoint's swa_* keys)
+_DOTS3_SWA = {"num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1024, "kv_lora_rank": 1024,
+              "head_dim": 256, "qk_nope_head_dim": 192, "v_head_dim": 128}
+
+
+def _dots3_note_text(c: _Cfg, family: str) -> ModelSpec:
+    """Dots 3 Note's language model (modeling_dots3_note.py ``Dots3NoteForCausalLM``): DeepSeek-V3's MoE block and
+    MLA whose layers differ by ``layer_types``: "indexed_attention" layers run the DSA lightning indexer (interleaved
+    RoPE), "sliding_attention" layers a sliding window with their own head count, latent width and q/k head size
+    (``per_layer_config``, else the class's ``swa_*`` defaults); every layer scales its q and kv latents, norms the
+    shared rotary key and gates each head's output by ``sigmoid(g_proj(x))``. ``mlp_layer_types`` defaults to one
+    leading dense layer; the shared expert is ``shared_experts_intermediate_size`` x ``n_shared_experts`` wide."""
+    from dataclasses import replace
+
+    from .hfconfig import _Facts, _llama_like
+    from .spec import LayerOverride
+
+    raw: dict[str, Any] = dict(c.raw)
+    for key, default in (("hidden_size", 5120), ("intermediate_size", 13824), ("moe_intermediate_size", 1536),
+                         ("num_hidden_layers", 46), ("num_attention_heads", 128), ("num_key_value_heads", 128),
+                         ("n_routed_experts", 256), ("num_experts_per_tok", 8), ("n_shared_experts", 1),
+                         ("vocab_size", 152064), ("max_position_embeddings", 524288), ("index_n_heads", 64),
+                         ("index_head_dim", 128), ("index_topk", 2048), ("first_k_dense_replace", 1),
+                         ("kv_lora_rank", 512), ("q_lora_rank", 1024), ("qk_rope_head_dim", 64),
+                         ("qk_nope_head_dim", 128), ("v_head_dim", 128)):
+        raw.setdefault(key, default)  # configuration_dots3_note.py Dots3NoteTextConfig
+    cc = _Cfg(raw, c.where)
+    layers = cc.int_("num_hidden_layers", hi=_MAX_LAYERS)
+    types = raw.get("layer_types")
+    if types is None:
+        dsa = "full_attention" if raw.get("use_dsa") is False else "indexed_attention"
+        types = [dsa if not raw.get("use_sliding_window", True) or i < 2 or i % 4 == 1 else "sliding_attention"
+                 for i in range(layers)]
+    elif raw.get("use_dsa") is not None:  # legacy checkpoints call the DSA layers full_attention
+        old, new = ("full_attention", "indexed_attention") if raw["use_dsa"] else ("indexed_attention",
+                                                                                   "full_attention")
+        types = [new if t == old else t for t in types] if isinstance(types, list) else types
+    kinds = ("indexed_attention", "full_attention", "sliding_attention")
+    if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= set(kinds):
+        raise ConfigError(f"{c.where}: layer_types must list one of {', '.join(kinds)} for each of the {layers} layers")
+    types = types[:layers]
+    if any(t == "full_attention" for t in types) and any(t == "indexed_attention" for t in types):
+        raise ConfigError(f"{c.where}: full and indexed attention layers together are not modelled by estimate; run "
+                          "vramplan trace")
+    per = raw.get("per_layer_config") or {}
+    if not isinstance(per, dict):
+        raise ConfigError(f"{c.where}: per_layer_config must map layer indices to overrides")
+    swa = {k: raw.get(f"swa_{k}", v) for k, v in _DOTS3_SWA.items()}
+    base = {"num_attention_heads": cc.int_("num_attention_heads"), "num_key_value_heads": cc.int_(
+        "num_key_value_heads"), "q_lora_rank": cc.int_("q_lora_rank"), "kv_lora_rank": cc.int_("kv_lora_rank"),
+        "head_dim": cc.int_("head_dim", default=256), "qk_nope_head_dim": cc.int_("qk_nope_head_dim"),
+        "v_head_dim": cc.int_("v_head_dim"), "qk_rope_head_dim": cc.int_("qk_rope_head_dim")}
+    given = {int(k): v for k, v in per.items() if isinstance(k, int) or (isinstance(k, str) and k.isdigit())}
+    groups: dict[tuple[int, int, int, bool], list[int]] = {}
+    for i, t in enumerate(types):
+        if "per_layer_config" in raw:  # a saved config: its overrides over the model-wide values
+            over = given.get(i, {})
+            if not isinstance(over, dict):
+                raise ConfigError(f"{c.where}: per_layer_config[{i}] must be a mapping")
+            sizes = {**base, **over}
+        else:  # the class puts its swa_* sizes on the sliding layers (and the rotary width head_dim - nope)
+            sizes = {**base, **swa, "qk_rope_head_dim": raw.get("swa_qk_rope_head_dim", swa["head_dim"] -
+                                                                 swa["qk_nope_head_dim"])} \
+                if t == "sliding_attention" else base
+        unknown = set(sizes) - set(base)
+        fixed = [k for k in ("q_lora_rank", "v_head_dim", "qk_rope_head_dim") if sizes[k] != base[k]]
+        if unknown or fixed or sizes["num_key_value_heads"] != sizes["num_attention_heads"]:
+            raise ConfigError(f"{c.where}: layer {i} overrides {', '.join(sorted(unknown) + fixed) or 'its KV heads'}"
+                              ", which vramplan estimate does not model per layer; run vramplan trace")
+        group = (int(sizes["num_attention_heads"]), int(sizes["kv_lora_rank"]), int(sizes["qk_nope_head_dim"]),
+                 t == "indexed_attention")
+        groups.setdefault(group, []).append(i)
+    raw["mlp_layer_types"] = raw.get("mlp_layer_types") or [
+        "dense" if i < cc.int_("first_k_dense_replace", lo=0, hi=_MAX_LAYERS) else "sparse" for i in range(layers)]
+    facts = _Facts(version="5.24", moe="deepseek", mla=True, dsa=True, mlp_types=1,
+                   mla_defaults=(1024, 512, 128, 64, 128))
+    spec = _llama_like(_Cfg({k: v for k, v in raw.items() if k not in ("layer_types", "per_layer_config",
+                                                                      "sliding_window")}, c.where), family, facts)
+    rd = spec.qk_rope_head_dim
+    overrides = tuple(LayerOverride(layers=tuple(idx), num_heads=nh, num_kv_heads=nh, kv_lora_rank=kvr,
+                                    head_dim=nope + rd, dsa=indexed)
+                      for (nh, kvr, nope, indexed), idx in groups.items())
+    shared = cc.int_("shared_experts_intermediate_size", default=1536) * cc.int_("n_shared_experts", lo=1)
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return replace(spec, layer_overrides=overrides, mla_latent_scale=True, mla_head_gate="native",
+                   shared_expert_intermediate_size=shared, sliding_layers=sliding,
+                   sliding_window=cc.int_("sliding_window", default=512) if sliding else None, program_version="5.24")
 
 # configuration_lara_mini.py: the released pattern, period 5, when layer_types is not given
 _LARA_PATTERN = ("linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention")
@@ -900,7 +989,7 @@ SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
     "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
     "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax, "kimi_linear": _kimi_linear,
-    "bailing_hybrid": _kimi_linear, "axk2": _axk2}
+    "bailing_hybrid": _kimi_linear, "axk2": _axk2, "dots3_note_text": _dots3_note_text}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
                                "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
@@ -912,4 +1001,5 @@ SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausa
                                "Lfm2MoeForCausalLM": "lfm2_moe", "RecurrentGemmaForCausalLM": "recurrent_gemma",
                                "RwkvForCausalLM": "rwkv", "MiniMaxForCausalLM": "minimax",
                                "KimiLinearForCausalLM": "kimi_linear",
-                               "BailingHybridForCausalLM": "bailing_hybrid", "AXK2ForCausalLM": "axk2"}
+                               "BailingHybridForCausalLM": "bailing_hybrid", "AXK2ForCausalLM": "axk2",
+                               "Dots3NoteForCausalLM": "dots3_note_text"}

@@ -149,6 +149,19 @@ def _mask_call() -> tuple[str, int] | None:
     return found
 
 
+def _in_packed_detection() -> bool:
+    """Whether the current op runs in masking_utils' ``find_packed_sequence_indices``: the packed-sequence check a
+    model runs when it passes ``position_ids`` to its mask builder without an attention mask or cache (LLaMA does,
+    AFMoE and Mistral do not). Its tensors are (batch, seq) integers freed at once, which no memory program counts:
+    the ops outside the layers are compared without them."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name == "find_packed_sequence_indices" and f.f_code.co_filename.endswith("masking_utils.py"):
+            return True
+        f = f.f_back
+    return False
+
+
 def _canonical_outside(ops: list[Any], tags: list[tuple[str, int] | None]) -> list[Any]:
     """The ops outside the layers with each run of consecutive mask builds in a fixed order: a model that builds
     its masks for ``set(config.layer_types)`` (Dots1Model, ExaoneMoeModel) builds them in Python's string-hash
@@ -177,7 +190,10 @@ class _Recorder(_Bucketed):
         n = len(self.buckets["outside"])
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if len(self.buckets["outside"]) > n:
-            self.outside_tags.append(_mask_call())
+            if _in_packed_detection():
+                self.buckets["outside"].pop()
+            else:
+                self.outside_tags.append(_mask_call())
         return out
 
     def outside(self) -> list[Any]:
@@ -227,29 +243,203 @@ class _Recorder(_Bucketed):
 
 
 
+# ---- attention output gates and the type's own q/k norms ---------------------------------------------------------
+
+# A gated attention multiplies its output, before o_proj, by an activation of a linear projection of the layer's
+# input (one gate per head or per channel): (activation, where its projection runs). "early": right after v_proj, held
+# through the attention (modeling_afmoe.py gate_proj); "late": just before o_proj (modeling_laguna.py g_proj with a
+# softplus in fp32, modeling_beam.py gate_proj plus a per-head bias).
+_GATES = (("sigmoid", False), ("sigmoid", True), ("softplus_fp32", False), ("softplus_fp32", True))
+
+
+def _gate_parts(mine: torch.nn.Module, theirs: torch.nn.Module
+                ) -> tuple[str, torch.nn.Linear, str, dict[str, torch.Tensor]] | None:
+    """The type's attention ``mine`` is the family's ``theirs`` plus an output gate: (the gate linear's name, the
+    linear, the name of a per-head gate bias held by the attention itself or '', the rest of mine's state in order);
+    None when the extra parameters are not one bias-free linear of the layer's input to heads or heads x head_dim
+    outputs (and at most a per-head bias)."""
+    heads = getattr(getattr(theirs, "config", None), "num_attention_heads", None)
+    hd = getattr(theirs, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(hd, int):
+        return None
+    names = dict(theirs.named_children())
+    extra = [(n, c) for n, c in mine.named_children() if n not in names]
+    if len(extra) != 1 or not isinstance(extra[0][1], torch.nn.Linear) or extra[0][1].bias is not None:
+        return None
+    gname, gate = extra[0]
+    if gate.out_features not in (heads, heads * hd):
+        return None
+    own_theirs = {n for n, _ in theirs.named_parameters(recurse=False)}
+    own = [(n, p) for n, p in mine.named_parameters(recurse=False) if n not in own_theirs]
+    if len(own) > 1 or (own and tuple(own[0][1].shape) != (heads,)):
+        return None
+    bias = own[0][0] if own else ""
+    rest = {k: v for k, v in mine.state_dict().items() if not k.startswith(gname + ".") and k != bias}
+    return gname, gate, bias, rest
+
+
+def _install_gate(theirs: torch.nn.Module, gate: torch.nn.Linear, bias: torch.Tensor | None, act: str,
+                  early: bool) -> list[Any]:
+    """Hooks that make the family's attention ``theirs`` compute the type's output gate (see _GATES); the handles."""
+    v_proj, o_proj = getattr(theirs, "v_proj", None), getattr(theirs, "o_proj", None)
+    if not isinstance(v_proj, torch.nn.Module) or not isinstance(o_proj, torch.nn.Module):
+        raise ValueError("no v_proj / o_proj to gate")
+    heads, hd = theirs.config.num_attention_heads, theirs.head_dim
+    state: dict[str, Any] = {}
+
+    def capture(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        state["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def after_v(m: torch.nn.Module, args: Any, out: Any) -> None:
+        state["g"] = gate(state["x"])
+
+    def before_o(m: torch.nn.Module, args: Any) -> Any:
+        x = args[0]
+        g = state.pop("g") if early else gate(state["x"])
+        split = (*x.shape[:-1], heads, hd)
+        if bias is not None:  # gate_proj(x).view_as(attn_output) + gate_bias[None, None, :, None]
+            g = g.view(split) + bias[None, None, :, None]
+        a = torch.sigmoid(g) if act == "sigmoid" else torch.nn.functional.softplus(g.float()).to(x.dtype)
+        if a.shape[-1] == heads:  # one gate per head, broadcast over head_dim
+            return ((x.view(split) * a.unsqueeze(-1)).view(x.shape),)
+        return ((x.view(split) * a).view(x.shape),) if a.dim() == x.dim() + 1 else (x * a,)
+
+    hs = [theirs.register_forward_pre_hook(capture, with_kwargs=True), o_proj.register_forward_pre_hook(before_o)]
+    if early:
+        hs.append(v_proj.register_forward_hook(after_v))
+    return hs
+
+
+def _adopt_qk_norms(mine: torch.nn.Module, theirs: torch.nn.Module) -> set[tuple[str, bool]]:
+    """Give the family's attention ``theirs`` the type's own q/k norm modules where they are of another class with
+    the same parameters (MiniMax-M2's and AFMoE's q/k norms are not the family's): what the rest of the attention
+    computes is compared, and the adopted norms are classified as norms (the block program runs the spec's norm on
+    q and k). Returns their kinds; raises ValueError for a norm of no known kind."""
+    kinds: set[tuple[str, bool]] = set()
+    mine_children = dict(mine.named_children())
+    for name, child in list(theirs.named_children()):
+        other = mine_children.get(name)
+        if _role(name, child) != "norm" or other is None or type(other) is type(child):
+            continue
+        if [tuple(p.shape) for p in other.parameters()] != [tuple(p.shape) for p in child.parameters()]:
+            continue
+        w = next(iter(other.parameters()), None)
+        width = w.shape[-1] if w is not None else None
+        if width is None:
+            raise ValueError(f"q/k norm {name} without parameters")
+        x = torch.randn(2, _SEQ, 2, width, generator=torch.Generator().manual_seed(3)).to(w.dtype)
+        kind = _classify_norm(other, ((x,), {}))
+        if kind is None:
+            raise ValueError(f"q/k norm {type(other).__name__} computes like no known norm")
+        kinds.add(kind)
+        setattr(theirs, name, copy.deepcopy(other))
+    return kinds
+
+
+def _part_ops_nope(mod: torch.nn.Module, inputs: tuple[Any, Any]) -> list[Any] | None:
+    """The ops of attention module ``mod`` with its modeling file's ``apply_rotary_pos_emb`` skipped (a layer that
+    applies no rotary embedding: AFMoE's and Flint's full-attention layers); None when the file has none."""
+    module = sys.modules.get(type(mod).__module__)
+    orig = getattr(module, "apply_rotary_pos_emb", None)
+    if module is None or not callable(orig):
+        return None
+    module.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)  # type: ignore[attr-defined]
+    try:
+        return _part_ops(mod, inputs)
+    finally:
+        module.apply_rotary_pos_emb = orig  # type: ignore[attr-defined]
+
+
+def _bias_o_proj(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+    """Give the family's attention ``theirs`` an o_proj bias where the type's o_proj has one and the family's has
+    none (Laguna's attention_bias biases o_proj too, GLM-4.5's only q/k/v); True when it did."""
+    o, to = getattr(mine, "o_proj", None), getattr(theirs, "o_proj", None)
+    if not (isinstance(o, torch.nn.Linear) and isinstance(to, torch.nn.Linear) and o.bias is not None
+            and to.bias is None and o.weight.shape == to.weight.shape):
+        return False
+    theirs.o_proj = torch.nn.Linear(to.in_features, to.out_features, bias=True, dtype=to.weight.dtype)
+    return True
+
+
+def _attn_compare(mine: torch.nn.Module, theirs: torch.nn.Module, inputs: tuple[Any, Any], want: list[Any]
+                  ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]], bool]:
+    """The type's attention ``mine`` against the family's ``theirs`` on ``inputs`` (the type's ops: ``want``):
+    (True: it matched with the concatenating rotary application, False: with the family's own, None: neither; the
+    first difference; the output gate's facts where the type has one; the kinds of the adopted q/k norms; whether
+    it matched only with no rotary embedding applied)."""
+    kinds = _adopt_qk_norms(mine, theirs)
+    if _bias_o_proj(mine, theirs):
+        kinds.add(("o_bias", True))
+    gate_facts: tuple[tuple[str, Any], ...] = ()
+    gate: torch.nn.Linear | None = None
+    bias: torch.Tensor | None = None
+    try:
+        _load_part(mine, theirs)
+        variants: list[tuple[tuple[tuple[str, Any], ...], Any]] = [((), None)]
+    except ValueError:
+        parts = _gate_parts(mine, theirs)
+        if parts is None:
+            raise
+        gname, gate, bias_name, rest = parts
+        keys = list(theirs.state_dict())
+        if [tuple(v.shape) for v in rest.values()] != [tuple(theirs.state_dict()[k].shape) for k in keys]:
+            raise
+        theirs.load_state_dict(dict(zip(keys, rest.values(), strict=True)), strict=True)
+        bias = getattr(mine, bias_name) if bias_name else None
+        heads = gate.out_features == theirs.config.num_attention_heads
+        variants = [((("attn_gate", act), ("attn_gate_early", early), ("attn_gate_heads", heads),
+                      ("attn_gate_bias", bias is not None), ("attn_gate_name", gname)), (act, early))
+                    for act, early in _GATES]
+    why = ""
+    for facts, g in variants:
+        handles = _install_gate(theirs, gate, bias, *g) if g is not None and gate is not None else []
+        try:
+            tops = _part_ops(theirs, inputs)
+            if tops == want:
+                return False, "", facts, kinds, False
+            if _part_ops_rope_cat(theirs, inputs) == want:
+                return True, "", facts, kinds, False
+            if _part_ops_nope(theirs, inputs) == want:
+                return False, "", facts, kinds, True
+            why = why or _first_difference(want, tops)
+        finally:
+            for h in handles:
+                h.remove()
+        gate_facts = facts
+    return None, why + (" (with an output gate)" if gate_facts else ""), (), kinds, False
+
+
 def _attention_matches(layers: torch.nn.ModuleList, rec: _Recorder, tlayers: torch.nn.ModuleList
-                       ) -> tuple[bool | None, str]:
+                       ) -> tuple[bool | None, str, tuple[tuple[str, Any], ...], set[tuple[str, bool]], set[int]]:
     """Each layer's attention of the type, on its captured inputs, against the family's (``tlayers``) holding the same
     weights: (True: with the concatenating rotary application, False: with the family's own, None: neither; the
-    first difference)."""
+    first difference; the output gate's facts; the adopted q/k norms' kinds; the layers without rotary embedding)
+    (see :func:`_attn_compare`)."""
     cats: set[bool] = set()
+    gates: set[tuple[tuple[str, Any], ...]] = set()
+    kinds: set[tuple[str, bool]] = set()
+    nope: set[int] = set()
     for i, layer in enumerate(layers):
         mine_part, their_part = _child(layer, "attn"), _child(tlayers[i], "attn")
         key = f"L{i}.{mine_part[0]}" if mine_part else ""
         if mine_part is None or their_part is None or key not in rec.inputs:
-            return None, f"layer {i} has no attention to compare"
+            return None, f"layer {i} has no attention to compare", (), set(), set()
         try:
-            _load_part(mine_part[1], their_part[1])
-            tops = _part_ops(their_part[1], rec.inputs[key])
+            cat, why, gate, k, no_rope = _attn_compare(mine_part[1], their_part[1], rec.inputs[key], rec.buckets[key])
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
-        if tops == rec.buckets[key]:
-            cats.add(False)
-        elif _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]:
-            cats.add(True)
+            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}", (), set(), set()
+        if cat is None:
+            return None, why, (), set(), set()
+        if no_rope:
+            nope.add(i)
         else:
-            return None, _first_difference(rec.buckets[key], tops)
-    return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs")
+            cats.add(cat)
+        gates.add(gate)
+        kinds |= k
+    if len(gates) > 1:
+        return None, "the layers' output gates differ", (), set(), set()
+    return (cats.pop() if len(cats) == 1 else None), ("" if len(cats) <= 1 else "rotary application differs"), \
+        (gates.pop() if gates else ()), kinds, nope
 
 
 def _biased_head(mine: torch.nn.Module, theirs: torch.nn.Module) -> bool:
@@ -431,6 +621,12 @@ def _family_model(ref: str, d: Mapping[str, Any], attn: str) -> torch.nn.Module 
         # rotary parameters per layer type (Mellum: a theta for full and one for sliding layers) computing the same
         # ops: the family, which reads one set, gets the first (the theta changes values, not ops)
         d = {**d, "rope_parameters": next(iter(rope.values()))}
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_type") and "partial_rotary_factor" not in rope and \
+            "partial_rotary_factor" not in d:
+        # the type rotates whole heads (its rotary tables are compared with the family's): a family whose config
+        # class defaults to partial rotary (GLM-4.5: 0.5) is built rotating whole heads too
+        d = {**d, "rope_parameters": {**rope, "partial_rotary_factor": 1.0}}
     if d.get("head_dim") is None and isinstance(d.get("hidden_size"), int) and \
             isinstance(d.get("num_attention_heads"), int) and d["num_attention_heads"] > 0:
         d = {**d, "head_dim": d["hidden_size"] // d["num_attention_heads"]}
@@ -497,6 +693,10 @@ def compose(model_type: str) -> DeriveResult:
             roles = [_role(n, c) for n, c in layer.named_children()]
             if "moe" in roles and "mlp" in roles:
                 return DeriveResult(model_type, None, "a decoder layer with a MoE block beside a dense MLP")
+        # q/k norms in the type's attention: a family whose attention has them only behind a config flag
+        # (GLM-4.5's use_qk_norm) is built with the flag on (the type's config has no such key)
+        type_qk = any(_role(n, c) == "norm" for layer in _layers(probe) for part in layer.children()
+                      if _role("", part) == "attn" for n, c in part.named_children())
     except LookupError as exc:
         return DeriveResult(model_type, None, f"not a LLaMA-class layout ({exc})")
     except Exception as exc:
@@ -520,6 +720,10 @@ def compose(model_type: str) -> DeriveResult:
     norms: set[tuple[str, bool]] = set()
     head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
     attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
+    attn_gates: dict[str, dict[str, set[Any]]] = {}  # each attention candidate's output-gate facts, per variant
+    attn_norms: dict[str, set[tuple[str, bool]]] = {}  # the kinds of the type's q/k norms a candidate adopted
+    embed_scaled: dict[str, dict[str, bool]] = {}  # variants on which the type scales its embeddings, per base
+    attn_nope: dict[str, dict[str, set[int]]] = {}  # layers a candidate matched with no rotary embedding, per variant
     why: dict[str, str] = {}
     checked: list[str] = []
     for vi, (vname, d) in enumerate(variants):
@@ -568,6 +772,7 @@ def compose(model_type: str) -> DeriveResult:
                 if not (base_ok[ref] or glue_ok[ref] or attn_ok[ref] or (mlp_ok[ref] and dense_mlp)):
                     continue
                 fd = _dense_mlps(d) if ref in mla else _moe_attention_config(ref, d) if ref in moe_attn else d
+                fd = _with_qk_flag(ref, fd, type_qk)
                 theirs = _family_model(ref, fd, attn) if fd is not None else None
                 if theirs is None:
                     if attn_ok[ref]:
@@ -579,6 +784,10 @@ def compose(model_type: str) -> DeriveResult:
                 try:
                     trec = _record(theirs)
                 except Exception as exc:
+                    if attn_ok[ref] and odd_head:
+                        # a model whose attention takes its head size as hidden / heads (OlmoeAttention's q_norm)
+                        # does not run at another head_dim: its attention is compared at head_dim = hidden / heads
+                        hd_retry.append(ref)
                     base_ok[ref] = glue_ok[ref] = attn_ok[ref] = False
                     why.setdefault(ref, f"{vname}/{attn}: {type(exc).__name__}")
                     trec = None
@@ -588,7 +797,11 @@ def compose(model_type: str) -> DeriveResult:
                     # (the final norm itself is classified with the other norms above)
                     if base_ok[ref] and trec.outside() != rec.outside() and _biased_head(mine_model, theirs):
                         trec = _record(theirs)  # the family's head with the type's bias (PhiMoE lm_head_bias)
-                    if base_ok[ref] and trec.outside() != rec.outside():
+                    if base_ok[ref] and trec.outside() != rec.outside() and \
+                            _scaled_embedding(rec.outside(), trec.outside(), int(d["hidden_size"])):
+                        # the type scales the embeddings on this variant (AFMoE mup_enabled): a key-switched scale
+                        embed_scaled.setdefault(ref, {})[vname] = True
+                    elif base_ok[ref] and trec.outside() != rec.outside():
                         base_ok[ref] = False
                         why.setdefault(ref, f"{vname}/{attn}: outside the layers: "
                                        + _first_difference(rec.outside(), trec.outside()))
@@ -614,19 +827,27 @@ def compose(model_type: str) -> DeriveResult:
                             ok[ref] = False
                             break
                         try:
-                            _load_part(mine_part[1], their_part[1])
-                            tops = _part_ops(their_part[1], rec.inputs[key])
-                            cat = False
-                            if tops != rec.buckets[key] and role == "attn":
-                                cat = _part_ops_rope_cat(their_part[1], rec.inputs[key]) == rec.buckets[key]
-                            if tops != rec.buckets[key] and not cat:
-                                ok[ref] = False
-                                if role == "attn":
-                                    attn_why[ref] = (vi, f"{vname}/{attn}: "
-                                                     + _first_difference(rec.buckets[key], tops))
-                                _debug(f"{ref} {role} {vname}/{attn}: {_first_difference(rec.buckets[key], tops)}")
-                            elif role == "attn":
-                                rope_cat[ref].add(cat)
+                            if role == "attn":
+                                acat, awhy, agate, akinds, anope = _attn_compare(mine_part[1], their_part[1],
+                                                                                 rec.inputs[key], rec.buckets[key])
+                                if acat is None:
+                                    ok[ref] = False
+                                    attn_why[ref] = (vi, f"{vname}/{attn}: {awhy}")
+                                    _debug(f"{ref} attn {vname}/{attn}: {awhy}")
+                                else:
+                                    if anope:
+                                        attn_nope.setdefault(ref, {}).setdefault(vname, set()).add(i)
+                                    else:
+                                        rope_cat[ref].add(acat)
+                                    attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(agate)
+                                    attn_norms.setdefault(ref, set()).update(akinds)
+                            else:
+                                _load_part(mine_part[1], their_part[1])
+                                tops = _part_ops(their_part[1], rec.inputs[key])
+                                if tops != rec.buckets[key]:
+                                    ok[ref] = False
+                                    _debug(f"{ref} {role} {vname}/{attn}: "
+                                           f"{_first_difference(rec.buckets[key], tops)}")
                         except Exception as exc:
                             ok[ref] = False
                             if role == "attn" and odd_head and "different parameters" in str(exc):
@@ -648,18 +869,22 @@ def compose(model_type: str) -> DeriveResult:
                     hd_retry = []
                 for ref in hd_retry:
                     fd2 = _dense_mlps(d2) if ref in mla else _moe_attention_config(ref, d2) if ref in moe_attn else d2
+                    fd2 = _with_qk_flag(ref, fd2, type_qk)
                     theirs2 = _family_model(ref, fd2, attn) if fd2 is not None else None
                     if theirs2 is None:
                         continue
                     trec2 = _record(theirs2)
                     if _rotary_tables(trec2) != _rotary_tables(rec2):
                         continue
-                    cat2, why2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
+                    cat2, why2, gate2, kinds2, nope2 = _attention_matches(_layers(m2), rec2, _layers(theirs2))
                     if cat2 is None:
                         attn_why[ref] = (vi, f"{vname}/{attn} at head_dim = hidden / heads: {why2}")
                         continue
                     attn_ok[ref] = True
                     rope_cat[ref].add(cat2)
+                    attn_nope.setdefault(ref, {}).setdefault(vname, set()).update(nope2)
+                    attn_gates.setdefault(ref, {}).setdefault(vname, set()).add(gate2)
+                    attn_norms.setdefault(ref, set()).update(kinds2)
                     checked.append(f"{vname}/{attn}: attention as {ref}'s at head_dim = hidden / heads")
             if attn == kernels(model_type, ("eager", "sdpa"))[0]:  # the MoE block does not depend on the kernel
                 has_moe |= _compare_moe(layers, rec, d, moe_ok, moe_why, vname, moe_parts)
@@ -680,8 +905,14 @@ def compose(model_type: str) -> DeriveResult:
             detail = "attention: " + "; ".join(f"{k}: {v[1]}" for k, v in near) + ("; " + detail if base is None
                                                                                      or glue is None else "")
         return DeriveResult(model_type, None, f"no family computes its {', '.join(missing)} ({detail})"[:600])
+    o_bias = ("o_bias", True) in attn_norms.get(attn_ref, set()) if attn_ref is not None else False
+    norms |= {k for k in attn_norms.get(attn_ref, set()) if k[0] != "o_bias"} if attn_ref is not None else set()
     if len(norms) != 1:
         return DeriveResult(model_type, None, f"norms of several kinds: {sorted(norms)}")
+    gate, gerr = _gate_facts(attn_gates.get(attn_ref, {}) if attn_ref is not None else {})
+    if gerr:
+        return DeriveResult(model_type, None, f"its attention computes like {attn_ref}'s with an output gate, but "
+                            f"{gerr}")
     (norm_kind, norm_bias), = norms
     moe_ref = next((r for r in moe_refs if moe_ok[r]), None)
     moe_flags: tuple[tuple[str, Any], ...] = ()
@@ -707,6 +938,38 @@ def compose(model_type: str) -> DeriveResult:
             return DeriveResult(model_type, None, f"its lm_head has a bias on {on} of the variants, following no "
                                 "boolean config key")
         facts = replace(facts, lm_head_bias=key == "", lm_head_bias_key=key)
+    if gate:
+        facts = replace(facts, **dict(gate))
+    if o_bias:  # o_proj has a bias when the family's bias key gives q/k/v theirs (the o_proj bias was added to match)
+        facts = replace(facts, o_bias=True)
+    if fa.qk_norm_key and fa.qk_norm_key not in variants[0][1]:
+        # the family's q/k norms were switched on by a flag the type does not have: the type always has them
+        facts = replace(facts, qk_norm=fa.qk_norm or "head", qk_norm_key="")
+    nope_layers = attn_nope.get(attn_ref, {})
+    if any(nope_layers.values()) and not fa.nope:
+        # layers without RoPE where the family applies it: the type's non-sliding layers on every variant (AFMoE,
+        # Flint: only sliding-window layers rotate) read as EXAONE 4's "global" NoPE layers
+        for vname, vd in variants:
+            kinds = vd.get("layer_types")
+            want_nope = {i for i, k in enumerate(kinds or []) if k != "sliding_attention"} \
+                if vd.get("sliding_window") is not None else set()
+            seen = nope_layers.get(vname, set())
+            if vname in nope_layers or vname in attn_gates.get(attn_ref, {}):
+                n = vd.get("num_hidden_layers")
+                if isinstance(n, int) and seen != {i for i in want_nope if i < n}:
+                    return DeriveResult(model_type, None, f"{vname}: layers {sorted(seen)} apply no rotary embedding, "
+                                        f"not the full-attention layers {sorted(want_nope)}")
+        facts = replace(facts, nope="global")
+    scaled = sorted(embed_scaled.get(base, {}))
+    if scaled:
+        key, _, val = scaled[0].partition("=")
+        if len(scaled) != 1 or val != "True" or fb.gemma or fb.multipliers or fb.head_scale:
+            return DeriveResult(model_type, None, f"outside the layers it computes like {base} with its embeddings "
+                                f"scaled on {scaled}, which no boolean config key switches on")
+        facts = replace(facts, embed_scale_key=key)
+    uniform = _uniform_keys(variants)
+    if uniform:
+        facts = replace(facts, uniform_keys=uniform)
     if rope_cat[attn_ref] == {True}:
         # the concatenating apply takes the rotary width from cos: the rotary module's partial_rotary_factor
         facts = replace(facts, rope_cat=True, partial_rotary=True)
@@ -747,6 +1010,7 @@ def compose(model_type: str) -> DeriveResult:
     fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
     fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
     fd["moe_rule_default"] = [list(a) for a in fd["moe_rule_default"]]
+    fd["uniform_keys"] = [list(a) for a in fd["uniform_keys"]]
     parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
     if has_moe:
         parts["moe"] = moe_ref or "composed: experts as Mixtral's or gpt-oss's, shared expert as a gated MLP, " \
@@ -757,6 +1021,68 @@ def compose(model_type: str) -> DeriveResult:
               "method": "composed part by part: outside ops, layer glue and call order as the base family; "
                         "attention, MLP and norms op for op as the named families (train forward, bf16)"}
     return DeriveResult(model_type, recipe, tried=[base, glue, attn_ref, mlp_ref])
+
+
+def _scaled_embedding(mine: list[Any], theirs: list[Any], hidden: int) -> bool:
+    """``mine`` is ``theirs`` with one more product of the embeddings' (batch, seq, hidden) size after the embedding
+    (``hidden_states * hidden_size ** 0.5`` before the layers: AFMoE's mup_enabled)."""
+    i = next((j for j, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), len(theirs))
+    if len(mine) != len(theirs) + 1 or i == 0 or mine[i][0] != "aten.mul.Tensor" or mine[:i] + mine[i + 1:] != theirs:
+        return False
+    shape = mine[i][1][0][0]
+    return any(op[0] == "aten.embedding.default" for op in mine[:i]) and len(shape) == 3 and shape[-1] == hidden
+
+
+def _with_qk_flag(ref: str, fd: dict[str, Any] | None, type_qk: bool) -> dict[str, Any] | None:
+    """``fd`` with family ``ref``'s q/k-norm flag on where the type's attention has q/k norms and its config no such
+    key."""
+    from ..hfconfig import _FAMILIES
+
+    key = _FAMILIES[ref].qk_norm_key
+    if fd is None or not type_qk or not key or key in fd:
+        return fd
+    return {**fd, key: True}
+
+
+def _uniform_keys(variants: list[tuple[str, dict[str, Any]]]) -> tuple[tuple[str, str], ...]:
+    """(list key, head-count key) of the per-layer head counts that repeat the model-wide one on every variant
+    (Laguna's num_attention_heads_per_layer): the reader refuses a config where they differ."""
+    out = []
+    d0 = variants[0][1]
+    for k, v in d0.items():
+        for scalar in ("num_attention_heads", "num_key_value_heads"):
+            if "head" in k and isinstance(v, list) and v and all(
+                    isinstance(vd.get(k), list) and all(x == vd.get(scalar) for x in vd[k]) for _, vd in variants):
+                out.append((k, scalar))
+                break
+    return tuple(out)
+
+
+def _gate_facts(seen: Mapping[str, set[Any]]) -> tuple[tuple[tuple[str, Any], ...], str]:
+    """The output gate's facts from those found on each variant: the shrunk default's, where the gate's width (one
+    per head or one per channel) may follow one boolean config key flipped on a variant (Laguna's ``gating``: per head
+    when True) and nothing else may change."""
+    per: dict[str, tuple[tuple[str, Any], ...]] = {}
+    for vname, gates in seen.items():
+        if len(gates) != 1:
+            return (), f"its gate differs between layers on {vname}"
+        per[vname] = next(iter(gates))
+    base = per.get("default", ())
+    if not base and not any(per.values()):
+        return (), ""
+    out = dict(base)
+    for vname, g in per.items():
+        if g == base:
+            continue
+        mine = dict(g)
+        key, _, val = vname.partition("=")
+        changed = {k for k in {*out, *mine} if out.get(k) != mine.get(k)}
+        if not base or not g or changed != {"attn_gate_heads"} or val not in ("True", "False"):
+            return (), f"its gate changes on the variant {vname}: {sorted(base)} vs {sorted(g)}"
+        if mine["attn_gate_heads"] != (val == "True") or out.get("attn_gate_heads_key", key) != key:
+            return (), f"its gate's width follows {vname} the other way round"
+        out["attn_gate_heads_key"] = key  # one gate per head when the key is True, per channel when False
+    return tuple(sorted(out.items())), ""
 
 
 def _check_counts(model_type: str, facts: Any, variants: list[tuple[str, dict[str, Any]]],
@@ -1199,6 +1525,11 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     rmod = children[router[0]]
     flags["router_bias"] = any(n.endswith("bias") and tuple(p.shape) == (e,) and p.requires_grad
                                for n, p in rmod.named_parameters())
+    # per-expert score-correction biases held as frozen parameters, not buffers (LagunaTopKRouter's
+    # e_score_correction_bias, AfmoeSparseMoeBlock's expert_bias): parameters the reader counts, num_experts each
+    frozen = sum(1 for p in block.parameters() if tuple(p.shape) == (e,) and not p.requires_grad)
+    if frozen:
+        flags["moe_extra_params"] = f"experts:{frozen}"
     if flags["router_bias"] and not flags["router_topk_first"]:
         return {}, "a router bias outside the top-k-first router"
     # shared expert: op for op as a gated MLP (LlamaMLP) of its width, before or after the routed experts

@@ -11,6 +11,10 @@ __all__ = ["LAYER_KEYS", "cut_layers"]
 # integer fields that count the last layers of the stack (those layers are a kind of their own)
 TAIL_COUNT_KEYS = ("num_kv_shared_layers",)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
+# layer kinds whose layers tie one module to the first layer of the kind, which transformers refuses to build with a
+# single such layer: a cut keeps two of them (modeling_zamba.py ZambaModel: the hybrid layers' shared_transf are
+# tied to the first one's by a _tied_weights_keys pattern that must match another layer)
+TIED_KINDS: dict[str, tuple[str, ...]] = {"zamba": ("hybrid",)}
 
 
 def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
@@ -94,6 +98,12 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         if sig not in seen:
             seen.add(sig)
             picked.append(i)
+    tied = TIED_KINDS.get(str(d.get("model_type")), ())
+    for v in per.values():  # a second layer of each tied kind
+        for kind in tied:
+            where = [i for i in range(n) if v[i] == kind]
+            if len(where) > 1 and sum(1 for i in picked if v[i] == kind) == 1:
+                picked = sorted({*picked, next(i for i in where if i not in picked)})
     idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
     need = len(idx)
     if not per and not index_lists and not index_dicts and not tails:

@@ -178,6 +178,15 @@ def _shrink(base: dict[str, Any], v: Mapping[str, int], odd_head_dim: bool) -> d
             d["head_dim"] = v["rope"]
         if isinstance(rope0, int) and isinstance(nope0, int) and base.get("qk_head_dim") == rope0 + nope0:
             d["qk_head_dim"] = v["rope"] + v["nope"]
+    for k, val in base.items():
+        # a per-layer list of a head count that repeats the model-wide one (Laguna's num_attention_heads_per_layer
+        # of the default) follows it
+        for scalar in ("num_attention_heads", "num_key_value_heads"):
+            n = base.get(scalar)
+            if "head" in k and isinstance(val, list) and val and isinstance(n, int) and all(
+                    isinstance(x, int) and not isinstance(x, bool) and x == n for x in val):
+                d[k] = [d[scalar]] * len(val)
+                break
     if isinstance(d.get("sliding_window"), int):
         d["sliding_window"] = v["window"]
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):

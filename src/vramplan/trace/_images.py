@@ -31,6 +31,10 @@ def is_multimodal(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+# processors that return flattened patches with image_grid_thw, and models that take mm_token_type_ids
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
+
+
 def _vision_size(config: Any) -> int | None:
     vc = getattr(config, "vision_config", None)
     size = getattr(vc, "image_size", None)
@@ -85,7 +89,7 @@ def _pixels(config: Any, n: int, size: int, dtype: torch.dtype) -> dict[str, Any
     """Processor outputs for ``n`` images of ``size`` x ``size`` pixels."""
     mt = config.model_type
     vc = config.vision_config
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if mt in QWEN_VL:
         p = vc.patch_size
         t = getattr(vc, "temporal_patch_size", 2)
         merge = getattr(vc, "spatial_merge_size", 2)
@@ -213,17 +217,26 @@ def image_inputs(model: nn.Module, config: Any, batch: int, text_len: int, image
     tok = _token_id(config)
     start = getattr(config, "vision_start_token_id", None)
 
+    if images > 1 and (per % images or text_len < images):
+        raise VramplanError(f"{type(base).__name__}: {per} image tokens per sample do not split over {images} images "
+                            f"with a text token before each (--seq-len {text_len})")
+
     def ints() -> tuple[torch.Tensor, torch.Tensor]:
+        # each image's tokens follow a text token of their own (the vision-start token where the config names one),
+        # as processors lay them out: Qwen-VL's rope index and Gemma 3's bidirectional blocks go image by image
         ids = torch.zeros(batch, text_len + per, dtype=torch.long)
-        ids[:, 1:1 + per] = tok
-        if isinstance(start, int):
-            ids[:, 0] = start
         types = torch.zeros(batch, text_len + per, dtype=torch.long)
-        types[:, 1:1 + per] = 1
+        step = per // images
+        for j in range(images):
+            at = j * (step + 1)
+            if isinstance(start, int):
+                ids[:, at] = start
+            ids[:, at + 1:at + 1 + step] = tok
+            types[:, at + 1:at + 1 + step] = 1
         return ids, types
 
     ids, types = _real(ints)
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if mt in QWEN_VL:
         kw["mm_token_type_ids"] = _real(lambda: types.int())
     if mt in ("gemma3", "paligemma"):
         kw["token_type_ids"] = types
