@@ -132,3 +132,70 @@ def test_rule_falls_back_when_the_per_layer_list_is_left_out() -> None:
     assert _llama_like(_Cfg(_BASE, "x"), "x_moe", facts).moe_layers == (1, 2, 4, 5)
     raw = {k: v for k, v in _BASE.items() if k != "kinds"}
     assert _llama_like(_Cfg(raw, "x"), "x_moe", facts).moe_layers == (2, 3, 4, 5)
+
+
+def test_family_block_config_leaves_out_keys_the_type_sets_to_none() -> None:
+    """Cohere2MoeConfig has rms_norm_eps = None (its norms are LayerNorms): Mixtral's strict config class refuses
+    None for it, so the family's block is built with its own default for such keys (the block does not read them)."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _family_moe_config
+
+    d = {"hidden_size": 64, "rms_norm_eps": None, "layer_norm_eps": 1e-5, "num_hidden_layers": 2}
+    o = _family_moe_config("mixtral", d, {"num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 40,
+                                         "shared": 0, "shared_gate": 0})
+    assert o is not None and "rms_norm_eps" not in o and o["layer_norm_eps"] == 1e-5 and o["num_local_experts"] == 4
+
+
+@pytest.mark.slow
+def test_cohere2_moe_block_composes_with_a_top_k_first_router() -> None:
+    """Cohere2MoeTopKRouter: top-k of the bf16 logits, then softmax over the k values, cast back to bf16 (no fp32
+    routing weights, unlike Mixtral's); its experts are Mixtral's grouped_mm experts."""
+    pytest.importorskip("torch")
+    from vramplan.derive._compose import _moe_parts, _moe_sizes
+    from vramplan.derive._derive import _quiet
+
+    with _quiet():
+        block, inputs, d = _first_moe_block("cohere2_moe")
+        flags, err = _moe_parts(block, inputs, d, _moe_sizes(block, d["hidden_size"]) or {})
+    assert not err, err
+    assert flags["router_topk_first"] and flags["expert_glu"] == ""
+    assert not flags["router_weights_fp32"] and not flags["router_fp32"] and not flags["router_sigmoid"]
+
+
+def test_moe_only_recipe_refuses_dense_layers_and_unseen_layer_kinds() -> None:
+    """A recipe derived on MoE-only stacks has never compared a dense MLP (Cohere2-MoE's prefix_dense layers and
+    MiniMax M3's dense layers have their own widths and GLUs): a config that leaves a layer dense is refused, as is a
+    layer_types entry the derivation never checked (MiniMax M3's sparse-indexer layers)."""
+    from dataclasses import replace
+
+    facts = replace(_FACTS, moe_rule=(("eq", "kinds", "sparse"),), moe_only=True,
+                    layer_kinds=("full_attention",))
+    sparse = {**_BASE, "kinds": ["sparse"] * 6, "layer_types": ["full_attention"] * 6}
+    assert _llama_like(_Cfg(sparse, "x"), "x_moe", facts).moe_layers == tuple(range(6))
+    with pytest.raises(ConfigError, match=r"layers \[0, 3\] have a dense MLP"):
+        _llama_like(_Cfg({**sparse, "kinds": _BASE["kinds"]}, "x"), "x_moe", facts)
+    with pytest.raises(ConfigError, match="minimax_m3_sparse"):
+        _llama_like(_Cfg({**sparse, "layer_types": ["minimax_m3_sparse"] + ["full_attention"] * 5}, "x"), "x_moe",
+                    facts)
+    # without the facts (a recipe derived with dense layers, or an older one) both are read
+    assert _llama_like(_Cfg({**sparse, "kinds": _BASE["kinds"]}, "x"), "x_moe",
+                       replace(facts, moe_only=False)).moe_layers == (1, 2, 4, 5)
+
+
+def test_clamped_shared_expert_is_one_fused_linear_pair() -> None:
+    """MiniMaxM3VLDenseMLP as the shared expert: gate_up_proj (hidden x 2 width) and down_proj, the same parameters
+    as a gated MLP; its program replays the clamped GLU on the fused output."""
+    from dataclasses import replace
+
+    from vramplan.api import estimate, make_workload
+    from vramplan.params import mlp_linears
+
+    facts = replace(_FACTS, moe_flags=(("router_sigmoid", True), ("shared_expert_first", True)))
+    plain = _llama_like(_Cfg(_BASE, "x"), "x_moe", facts)
+    clamped = _llama_like(_Cfg(_BASE, "x"), "x_moe",
+                          replace(facts, moe_flags=(*facts.moe_flags, ("shared_expert_glu", "clamped"))))
+    assert clamped.shared_expert_glu == "clamped" and count_params(clamped).total == count_params(plain).total
+    assert ("shared_gate_up_proj", 64, 64, 1) in mlp_linears(clamped, True)
+    w = make_workload(task="train", method="full", batch_size=2, seq_len=64, precision="bf16")
+    # clamp (x2), gate * alpha, sigmoid, products and up + 1 hold more than act(gate) * up
+    assert estimate(clamped, w).peak_allocated_bytes > estimate(plain, w).peak_allocated_bytes

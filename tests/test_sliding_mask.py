@@ -70,3 +70,20 @@ def test_a_window_the_length_of_the_keys_still_builds_the_mask() -> None:
     below = {**TINY_MISTRAL, "sliding_window": 1505}
     assert _peak(at, batch_size=2, seq_len=1504) > _peak(below, batch_size=2, seq_len=1504) + 2 * 1504 * 1504 * 2
     assert_matches_trace(at, {"batch_size": 2, "seq_len": 1504}, tol=0.01)
+
+
+# the math SDPA path (bf16 multi-query attention without enable_gqa: Falcon) holds its fp32 locals and the caller's
+# q/k/v (and Falcon its fused_qkv) until it returns
+TINY_FALCON: dict[str, Any] = {
+    "model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 256, "num_attention_heads": 8,
+    "num_hidden_layers": 2, "multi_query": True, "parallel_attn": True, "new_decoder_architecture": False,
+    "alibi": False, "bias": False, "vocab_size": 1000, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize("opts", [
+    {"task": "infer", "batch_size": 4, "seq_len": 512, "new_tokens": 2},
+    {"batch_size": 2, "seq_len": 512},
+])
+def test_math_attention_locals_match_trace(opts: dict[str, Any]) -> None:
+    assert_matches_trace(TINY_FALCON, opts, tol=0.01)

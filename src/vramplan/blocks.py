@@ -491,12 +491,11 @@ class _B:
         if kernel is Kernel.MATH:
             # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
+            locals_ = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
             if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
-            if heads_kv != h:
-                v32 = tp.op(b * h * skv * d, 4, (v32,))
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
             if masked and s > 1:  # transformers' boolean mask converted to the query dtype
                 mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
@@ -508,10 +507,16 @@ class _B:
                 tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
+            if heads_kv != h:  # the values broadcast to every head for the product (a copy)
+                v32 = tp.op(b * h * skv * d, 4, (v32,))
             o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
                 tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
-            return self.cast(o32, elem)
+            out = self.cast(o32, elem)
+            # the function's locals (query_acc, key_acc, value_acc and the scaled query, attention.cpp) and the
+            # caller's q, k, v stay referenced until it returns
+            tp.hold(*locals_, qs)
+            return out
         # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
@@ -752,6 +757,8 @@ class _B:
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
         out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
+        if spec.family == "falcon":  # FalconAttention.forward's fused_qkv stays bound until it returns
+            tp.hold(qkv)
         if spec.attn_head_gate:  # Lfm3Attention: attn_output * sigmoid(g_proj(x)).unsqueeze(-1), then a reshape
             gs = self.ew(lin(n, h, spec.num_heads, "g_proj", False), save_out=True)
             out = self.mul(out, gs)
@@ -1420,7 +1427,8 @@ class _B:
     def clamped_glu(self, gu: Tensor, numel: int) -> Tensor:
         """gpt-oss GptOssExperts._apply_gate: ``gate_up[..., ::2]`` and ``[..., 1::2]`` (strided slices), gate clamped
         above and up on both sides (clamp saves its input), ``glu = gate * sigmoid(gate * alpha)``,
-        ``(up + 1) * glu``."""
+        ``(up + 1) * glu``. MiniMax M3 (modeling_minimax_m3_vl.py MiniMaxM3VLExperts._apply_gate) takes the halves of
+        ``gate_up.chunk(2, dim=-1)`` instead: views as well, the same ops after them."""
         tp = self.tp
         gate, up = tp.view(gu, numel), tp.view(gu, numel)
         gc = tp.op(numel, gu.elem, (gate,), save=(gate,) if gate.rg else ())
@@ -1442,6 +1450,9 @@ class _B:
         if spec.expert_glu == "none":  # NemotronHMLP: down_proj(act_fn(up_proj(x)))
             su = shared(n, h, si, "shared_up_proj")
             return shared(self.call(self.activation, su), si, h, "shared_down_proj")
+        if spec.shared_expert_glu == "clamped":  # MiniMaxM3VLDenseMLP: gate_up_proj, chunk(2), clamped GLU
+            sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
+            return shared(self.clamped_glu(sgu, sgu.numel // 2), si, h, "shared_down_proj")
         if spec.gate_up_fused:  # GraniteMoeHybridMLP: input_linear, chunk(2)
             sgu = shared(n, h, 2 * si, "shared_gate_up_proj")
             sg, su = tp.split(sgu, 2)

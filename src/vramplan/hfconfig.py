@@ -221,6 +221,10 @@ class _Facts:
     moe_flags: tuple[tuple[str, Any], ...] = ()  # (spec field, value): a block composed from its parts (no family's)
     moe_rule_default: tuple[tuple[str, ...], ...] = ()  # the rule when the config leaves out the per-layer list the
     # first one reads (the config class then builds that list from other keys)
+    moe_only: bool = False  # the derivation saw MoE blocks and no dense MLP layer: a config whose rule leaves a layer
+    # dense (Cohere2-MoE's prefix_dense layers, MiniMax M3's "dense" mlp_layer_types) is refused, not read as this MLP
+    layer_kinds: tuple[str, ...] = ()  # the layer_types entries the derivation checked: another kind (MiniMax M3's
+    # "minimax_m3_sparse" indexer layers) is refused
     partial_rotary: bool = False  # reads partial_rotary_factor
     aliases: tuple[tuple[str, str], ...] = ()  # transformers attribute_map: (config key, canonical key)
     mla: bool = False  # multi-head latent attention (DeepSeek-V3)
@@ -584,6 +588,11 @@ def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
                               "not derived with; run vramplan trace on this config")
     out: dict[str, Any] = {"num_experts": e, "experts_per_token": c.int_(keys["experts_per_token"]),
                            "moe_intermediate_size": inter, "moe_layers": _moe_rule(c, rule, layers)}
+    if f.moe_only and len(out["moe_layers"]) != layers:
+        dense = [i for i in range(layers) if i not in out["moe_layers"]]
+        raise ConfigError(f"{c.where}: layers {dense[:8]} have a dense MLP, which the {c.raw.get('model_type')} recipe "
+                          "was derived without (its library default has MoE blocks only); run `vramplan trace` on "
+                          "this config")
     if si:
         out["shared_expert_intermediate_size"] = si
     flags = dict(f.moe_flags) if f.moe_flags else _moe_flags(f.moe, f.moe_family, e, si)
@@ -597,6 +606,7 @@ def _moe_derived(c: _Cfg, f: _Facts, layers: int) -> dict[str, Any]:
         flags.pop("shared_expert_gate", None)
         flags.pop("shared_expert_first", None)
         flags.pop("shared_expert_bias", None)
+        flags.pop("shared_expert_glu", None)
     return out | flags
 
 
@@ -739,6 +749,12 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     for key in f.refuse_keys:
         if c.raw.get(key) is not None:
             raise ConfigError(f"{c.where}: {key} is not modelled for {family}; run `vramplan trace` on this config")
+    kinds = c.raw.get("layer_types")
+    if f.layer_kinds and isinstance(kinds, list):
+        other = sorted({str(k) for k in kinds} - set(f.layer_kinds))
+        if other:
+            raise ConfigError(f"{c.where}: layer_types {other} are layers the {c.raw.get('model_type', family)} recipe "
+                              f"was not derived with (only {list(f.layer_kinds)}); run `vramplan trace` on this config")
     for key, scalar in f.uniform_keys:
         values, want = c.raw.get(key), c.raw.get(scalar)
         if values is not None and (not isinstance(values, list) or any(x != want for x in values)):
@@ -1263,6 +1279,7 @@ def _facts_from(d: Mapping[str, Any], version_: str) -> _Facts:
     fields["held_through_mlp"] = tuple(fields.get("held_through_mlp", ()))
     fields["uniform_keys"] = tuple(tuple(a) for a in fields.get("uniform_keys", ()))
     fields["refuse_keys"] = tuple(fields.get("refuse_keys", ()))
+    fields["layer_kinds"] = tuple(fields.get("layer_kinds", ()))
     if "mla_defaults" in fields:
         fields["mla_defaults"] = tuple(fields["mla_defaults"])
     fields["version"] = ".".join(version_.split(".")[:2])

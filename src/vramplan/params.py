@@ -115,7 +115,8 @@ def mlp_linears(spec: ModelSpec, moe: bool) -> list[tuple[str, int, int, int]]:
             si = spec.shared_expert_intermediate_size
             if spec.expert_glu == "none":
                 out += [("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]
-            elif spec.gate_up_fused:  # one input_linear for gate and up (GraniteMoeHybridMLP)
+            elif spec.gate_up_fused or spec.shared_expert_glu == "clamped":  # one gate_up linear (GraniteMoeHybridMLP,
+            # MiniMaxM3VLDenseMLP)
                 out += [("shared_gate_up_proj", h, 2 * si, 1), ("shared_down_proj", si, h, 1)]
             else:
                 out += [("shared_gate_proj", h, si, 1), ("shared_up_proj", h, si, 1), ("shared_down_proj", si, h, 1)]

@@ -210,6 +210,8 @@ class ModelSpec:
     shared_expert_gate: bool = False
     shared_expert_first: bool = False  # the shared expert runs before the router (Qwen2-MoE, ERNIE 4.5)
     shared_expert_bias: bool = False  # the shared expert's linears have biases (HY-V3 HYV3MLP with mlp_bias)
+    shared_expert_glu: str = ""  # "clamped": the shared expert is one fused gate_up_proj with gpt-oss's clamped GLU
+    # on its chunk(2) halves, then down_proj (modeling_minimax_m3_vl.py MiniMaxM3VLDenseMLP)
     router_bias: bool = False
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
     router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)

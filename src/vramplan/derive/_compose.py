@@ -736,6 +736,8 @@ def compose(model_type: str) -> DeriveResult:
     moe_why: dict[str, str] = {}
     moe_parts: list[tuple[str, tuple[tuple[str, Any], ...], str]] = []
     has_moe = False
+    seen_dense = False  # a dense-MLP layer on some variant (else the recipe refuses configs with dense layers)
+    layer_kinds: set[str] = set()  # the layer_types entries of the variants
     norms: set[tuple[str, bool]] = set()
     head_bias: dict[str, bool] = {}  # the type's lm_head has a bias, per variant
     attn_why: dict[str, tuple[int, str]] = {}  # each attention candidate's first difference (variant index, what)
@@ -784,6 +786,9 @@ def compose(model_type: str) -> DeriveResult:
                                             "GptOssRMSNorm, parameter-free fp32 LayerNorm)")
                     norms.add(kind)
             dense_mlp = any(_moe_child(layer) is None for layer in layers)  # a MoE-only stack compares no MLP
+            seen_dense |= dense_mlp
+            if isinstance(d.get("layer_types"), list):
+                layer_kinds.update(str(k) for k in d["layer_types"])
             odd_head = isinstance(d.get("head_dim"), int) and isinstance(d.get("num_attention_heads"), int) and \
                 d["head_dim"] * d["num_attention_heads"] != d.get("hidden_size")
             hd_retry: list[str] = []
@@ -947,7 +952,9 @@ def compose(model_type: str) -> DeriveResult:
         moe_flags = keyed
     assert base is not None and glue is not None and attn_ref is not None and mlp_ref is not None
     fb, fg, fa, fm = _FAMILIES[base], _FAMILIES[glue], _FAMILIES[attn_ref], _FAMILIES[mlp_ref]
-    if fb.gemma != (norm_kind == "gemma_rmsnorm"):
+    # a Gemma family's outside ops go with Gemma's norms; a LLaMA-class base may have Gemma-style norms (MiniMax M3:
+    # no embedding scale), replayed as NormKind.GEMMA_RMSNORM
+    if fb.gemma and norm_kind != "gemma_rmsnorm":
         return DeriveResult(model_type, None, f"outside the layers it computes like {base}, its norms are {norm_kind}")
     facts = replace(fb, layout=fg.layout, parallel=fg.parallel, post_norm_key=fg.post_norm_key,
                     **{k: getattr(fa, k) for k in _ATTN_FIELDS},
@@ -1003,7 +1010,8 @@ def compose(model_type: str) -> DeriveResult:
     aliases = tuple((k, v) for k, v in getattr(_config_class(model_type), "attribute_map", {}).items()
                     if isinstance(k, str) and isinstance(v, str))
     facts = replace(facts, aliases=aliases, version=".".join(transformers.__version__.split(".")[:2]),
-                    sdpa="sdpa" in kernels(model_type))
+                    sdpa="sdpa" in kernels(model_type), layer_kinds=tuple(sorted(layer_kinds)),
+                    moe_only=has_moe and not seen_dense)
     if has_moe:
         keys, err = _moe_size_keys(model_type, variants[0][1])
         rule_default: tuple[tuple[str, ...], ...] = ()
@@ -1033,6 +1041,7 @@ def compose(model_type: str) -> DeriveResult:
     fd["moe_rule"] = [list(a) for a in fd["moe_rule"]]
     fd["moe_flags"] = [list(a) for a in fd["moe_flags"]]
     fd["moe_rule_default"] = [list(a) for a in fd["moe_rule_default"]]
+    fd["layer_kinds"] = list(fd["layer_kinds"])
     fd["uniform_keys"] = [list(a) for a in fd["uniform_keys"]]
     parts = {"base": base, "glue": glue, "attention": attn_ref, "mlp": mlp_ref, "norm": norm_kind}
     if has_moe:
@@ -1183,7 +1192,9 @@ def _family_moe_config(ref: str, d: Mapping[str, Any], z: Mapping[str, int]) -> 
     else:
         return None
     o.pop("mlp_layer_types", None)
-    return o
+    # a key the type leaves None (Cohere2MoeConfig's rms_norm_eps: its norms are LayerNorms) may be one the family's
+    # strict config class refuses: the family takes its own default (the MoE block does not read it)
+    return {k: v for k, v in o.items() if v is not None}
 
 
 def _load_by_shape(src: torch.nn.Module, dst: torch.nn.Module) -> None:
@@ -1509,21 +1520,25 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
     # experts: op for op as the Mixtral / gpt-oss experts (transformers' grouped_mm experts forward)
     ex = children[experts[0]]
     matched = ""
-    for ref, glu in (("mixtral", ""), ("gpt_oss", "clamped"), ("mixtral", "fp32")):
+    for ref, glu in (("mixtral", ""), ("gpt_oss", "clamped"), ("mixtral", "fp32"), ("mixtral", "clamped_chunk")):
         try:
             _, fam_block = _family_block(ref, d, {**z, "shared": 0})
             fam_ex = dict(fam_block.named_children())["experts"]
             _load_by_shape(ex, fam_ex)
             if glu == "fp32":  # the reference of the fp32 GLU: Mixtral's experts with act(gate.float()) * up.float()
                 fam_ex._apply_gate = types.MethodType(_fp32_glu, fam_ex)
+            elif glu == "clamped_chunk":  # Mixtral's experts with gpt-oss's clamped GLU on the chunk(2) halves
+                fam_ex._apply_gate = types.MethodType(_clamped_chunk_glu, fam_ex)
             if _part_ops(fam_ex, rec.inputs[experts[0]]) == rec.buckets[experts[0]]:
                 matched = ref
-                flags["expert_glu"] = glu
+                # the clamped GLU's program reads its halves as views either way (Blocks.clamped_glu)
+                flags["expert_glu"] = "clamped" if glu == "clamped_chunk" else glu
                 break
         except Exception:
             continue
     if not matched:
-        return {}, "its experts compute like neither Mixtral's, gpt-oss's nor an fp32 GLU (grouped_mm experts forward)"
+        return {}, ("its experts compute like neither Mixtral's, gpt-oss's, an fp32 GLU nor a clamped GLU of chunked "
+                    "halves (grouped_mm experts forward)")
     if matched == "gpt_oss":
         flags["expert_bias"] = True
     ex_args = rec.inputs[experts[0]]
@@ -1561,14 +1576,21 @@ def _moe_parts(block: torch.nn.Module, inputs: tuple[Any, Any], d: Mapping[str, 
         sbias = any(n.endswith("bias") for n, _ in sm.named_parameters())
         cfg = LlamaConfig(hidden_size=h, intermediate_size=z["shared"], hidden_act=d.get("hidden_act", "silu"),
                           mlp_bias=sbias)
-        ref_mlp = LlamaMLP(cfg).to(torch.bfloat16)
-        try:
-            _load_by_shape(sm, ref_mlp)
-            same = _part_ops(ref_mlp, rec.inputs[shared[0]]) == rec.buckets[shared[0]]
-        except Exception:
-            same = False
-        if not same:
-            return {}, f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP)"
+        shared_glu: str | None = None
+        for sglu, ref_mlp in (("", LlamaMLP(cfg)), ("clamped", _ClampedGluMLP(h, z["shared"], sbias))):
+            try:
+                ref_mlp = ref_mlp.to(torch.bfloat16)
+                _load_by_shape(sm, ref_mlp)
+                if _part_ops(ref_mlp, rec.inputs[shared[0]]) == rec.buckets[shared[0]]:
+                    shared_glu = sglu
+                    break
+            except Exception:
+                continue
+        if shared_glu is None:
+            return {}, (f"its shared expert {type(sm).__name__} computes unlike a gated MLP (LlamaMLP) and a fused "
+                        "clamped-GLU MLP")
+        if shared_glu:
+            flags["shared_expert_glu"] = shared_glu
         flags["shared_expert_first"] = rec.order.index(shared[0]) < rec.order.index(experts[0])
         flags["shared_expert_bias"] = sbias
         flags["shared_expert_gate"] = bool(gate)
@@ -1594,3 +1616,27 @@ def _fp32_glu(self: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     BeamExperts._apply_gate): the reference the ``expert_glu = "fp32"`` program replays."""
     gate, up = gate_up.chunk(2, dim=-1)
     return (self.act_fn(gate.float()) * up.float()).to(gate.dtype)  # type: ignore[operator,no-any-return]
+
+
+def _clamped_chunk_glu(self: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's clamped GLU on the ``chunk(2, -1)`` halves of ``gate_up`` (modeling_minimax_m3_vl.py
+    MiniMaxM3VLExperts._apply_gate): the reference the ``expert_glu = "clamped"`` program replays (the constants change
+    values, not ops)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=7.0)
+    up = up.clamp(min=-7.0, max=7.0)
+    glu = gate * torch.sigmoid(gate * 1.702)
+    return (up + 1.0) * glu
+
+
+class _ClampedGluMLP(torch.nn.Module):
+    """A fused gate/up MLP with the clamped GLU (modeling_minimax_m3_vl.py MiniMaxM3VLDenseMLP): the reference of a
+    shared expert the ``shared_expert_glu = "clamped"`` program replays."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_clamped_chunk_glu(self, self.gate_up_proj(x)))  # type: ignore[no-any-return]
