@@ -13,18 +13,10 @@ from typing import Any
 
 import torch
 
+from ..layouts import _dotted
 from ._derive import _causal_lm_class, _config_class
 
 __all__ = ["check_layout"]
-
-
-def _nested(d: dict[str, Any], key: str) -> Any:
-    cur: Any = d
-    for part in key.split("."):
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(part)
-    return cur
 
 
 def _set(d: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -72,7 +64,7 @@ def check_layout(model_type: str) -> list[str]:
         problems.append(f"class {_causal_lm_class(cls).__name__}, the layout names {lay.get('class')}")
     lib = cls().to_dict()
     for key, want in lay.get("defaults", {}).items():
-        have = _nested(lib, key)
+        have = _dotted(lib, key)
         if have != want:
             problems.append(f"default {key}: the config class has {have!r}, the layout {want!r}")
     base = cut_layers(lib, 2)
@@ -83,7 +75,7 @@ def check_layout(model_type: str) -> list[str]:
     # a key the layout does not read miscounts on the copy that changes it
     every = {k for k, v in base.items() if isinstance(v, (int, bool)) and not k.endswith("_token_id")}
     for key in sorted(read_keys | every):
-        value = _nested(base, key)
+        value = _dotted(base, key)
         if key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
             continue  # the layer count: the cut's own
         for v in _perturbed(key, value):
