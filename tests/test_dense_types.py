@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from vramplan.api import estimate
 from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
 from vramplan.workload import Method, Task, Workload
+
+from .trace_match import assert_workload_matches_trace
 
 _COMMON = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, vocab_size=1000,
                max_position_embeddings=4096, intermediate_size=2816)
@@ -64,15 +65,10 @@ CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "wname"), CELLS)
 def test_dense_type_estimate_matches_trace(case: str, wname: str) -> None:
-    pytest.importorskip("torch")
-    from vramplan.trace import trace_workload
-
     cfg, w = DENSE[case], WORKLOADS[wname]
     if w.method is Method.LORA:
         w = replace(w, lora_targets=LORA_TARGETS.get(case, ("q_proj", "v_proj")))
-    traced = trace_workload(cfg, w, name=case).peak_allocated_bytes
-    est = estimate(spec_from_config(cfg, name=case), w).peak_allocated_bytes
-    assert abs(est / traced - 1) < 0.02, f"{case} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+    assert_workload_matches_trace(cfg, w, name=case, label=f"{case} {wname}")
 
 
 def test_stablelm_facts_read_from_its_config() -> None:

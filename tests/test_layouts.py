@@ -14,6 +14,8 @@ from vramplan.hfconfig import spec_from_config
 from vramplan.layouts import layout_types
 from vramplan.workload import Method, Task, Workload
 
+from .trace_match import assert_workload_matches_trace
+
 # small vocabularies, so that the layers' mechanisms decide the peak rather than the logits
 LAYOUTS: dict[str, dict[str, Any]] = {
     # ALiBi added in fp32 to the eager scores, boolean masked_fill, the scores and the fused qkv held by the
@@ -68,15 +70,10 @@ CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, 
 @pytest.mark.slow
 @pytest.mark.parametrize(("case", "wname"), CELLS)
 def test_layout_estimate_matches_trace(case: str, wname: str) -> None:
-    pytest.importorskip("torch")
-    from vramplan.trace import trace_workload
-
     cfg, w = LAYOUTS[case], WORKLOADS[wname]
     if w.method is Method.LORA:
         w = replace(w, lora_targets=LORA_TARGETS.get(case, ("q_proj", "v_proj")))
-    traced = trace_workload(cfg, w, name=case).peak_allocated_bytes
-    est = estimate(spec_from_config(cfg, name=case), w).peak_allocated_bytes
-    assert abs(est / traced - 1) < 0.02, f"{case} {wname}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
+    assert_workload_matches_trace(cfg, w, name=case, label=f"{case} {wname}")
 
 
 @pytest.mark.parametrize("model_type", layout_types())

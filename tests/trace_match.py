@@ -10,6 +10,7 @@ import pytest
 
 from vramplan.api import estimate, make_workload
 from vramplan.hfconfig import spec_from_config
+from vramplan.workload import Workload
 
 
 def assert_matches_trace(cfg: Mapping[str, Any], opts: Mapping[str, Any], tol: float = 0.02,
@@ -21,6 +22,17 @@ def assert_matches_trace(cfg: Mapping[str, Any], opts: Mapping[str, Any], tol: f
     traced = trace_workload(dict(cfg), make_workload(**opts)).peak_allocated_bytes
     est = estimate(spec_from_config(dict(cfg)), make_workload(**opts, **estimate_only)).peak_allocated_bytes
     assert abs(est / traced - 1) <= tol, (est / 2**30, traced / 2**30)
+
+
+def assert_workload_matches_trace(cfg: Mapping[str, Any], w: Workload, name: str, label: str,
+                                  tol: float = 0.02) -> None:
+    """The same check for a built workload and a named config (the layout and dense-type cells)."""
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    traced = trace_workload(dict(cfg), w, name=name).peak_allocated_bytes
+    est = estimate(spec_from_config(dict(cfg), name=name), w).peak_allocated_bytes
+    assert abs(est / traced - 1) < tol, f"{label}: estimate {est / 2**30:.3f} vs trace {traced / 2**30:.3f}"
 
 
 # the three coverage workloads at small-config shapes (Gemma 3n, ModernBERT-decoder)
