@@ -312,7 +312,10 @@ class _B:
             second = self.tp.op(x1.numel, x.elem, (self.tp.op(x2.numel, x.elem, (x2,)),
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
-        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        # the rotary part: int(head_dim * fraction) channels of every head (transformers' rotary dim)
+        rot_dim = int(spec.head_dim * frac)
+        part = x if frac >= 1 else self.tp.view(x, x.numel // spec.head_dim * rot_dim if x.numel % spec.head_dim == 0
+                                                else int(x.numel * frac))
         if style == "every_two_fp32":
             # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
             # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
@@ -468,6 +471,7 @@ class _B:
         transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        dv = spec.value_head_dim
         elem = q.elem
         p_drop = spec.attention_dropout if self.num.training else 0.0
         rg = q.rg or k.rg or v.rg
@@ -478,13 +482,13 @@ class _B:
             ins: tuple[Tensor, ...] = (q, k, v, lse)
             if masked and kernel is Kernel.EFFICIENT and s > 1:
                 ins += (self.sdpa_bias(elem),)
-            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
+            out = tp.op(b * s * h * dv, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
                 extra = b * s * h * d * 4
                 if heads_kv != h:
-                    extra += 2 * b * skv * h * d * elem
+                    extra += b * skv * h * (d + dv) * elem
                 tp.ops[-1].bwd_scratch = extra
             return out
         scores = b * h * s * skv
@@ -508,8 +512,8 @@ class _B:
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
             if heads_kv != h:  # the values broadcast to every head for the product (a copy)
-                v32 = tp.op(b * h * skv * d, 4, (v32,))
-            o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+            o32 = tp.op(b * s * h * dv, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
                 tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
             out = self.cast(o32, elem)
@@ -520,9 +524,11 @@ class _B:
         # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
-            v = tp.op(b * h * skv * d, elem, (v,))
-        if spec.attention_sinks:
-            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
+            v = tp.op(b * h * skv * dv, elem, (v,))
+        if spec.attention_sinks and spec.sink_lse:
+            return self.sink_lse_attention(q, k, v, rg)
+        if spec.attention_sinks or spec.eager_max_softmax:
+            return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -557,7 +563,8 @@ class _B:
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
-        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        out = tp.op(b * s * h * dv, elem, (probs, v), save=(probs, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
         if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
             att.last_use = len(tp.ops) - 1
         if zeros is not None:
@@ -572,16 +579,25 @@ class _B:
         """gpt-oss eager_attention_forward (modeling_gpt_oss.py): scores * scaling + mask, ``cat`` with the per-head
         sink logit (one more column), minus the row max, softmax in the scores' dtype, the sink column sliced off
         before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
-        until the function returns."""
+        until the function returns.
+
+        ``spec.eager_max_softmax`` (modeling_mimo_v2_flash.py eager_attention_forward): the same steps, the ``cat``
+        only on layers with sinks, and every step rebinds ``attn_weights``, so each intermediate dies at its last
+        use."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
-        elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
+        sinks = spec.attention_sinks
+        elem, scores = q.elem, b * h * s * self.kv_len
+        wide = b * h * s * (skv + 1) if sinks else scores
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
         att = tp.op(scores, elem, (att,))  # + attention_mask
         tr = plan is not None and plan.trainable
-        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
-        cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        if sinks:
+            sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
+            cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        else:
+            cat = att
         idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
         mx = tp.op(b * h * s, elem, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
         # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
@@ -589,9 +605,12 @@ class _B:
         probs = tp.op(wide, elem, (sub,))  # softmax(dtype=the logits' dtype) saves its result
         if probs.rg:
             tp.save_output(probs)
-        pv = tp.view(probs, scores)  # probs[..., :-1]
-        out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
-        att.last_use = sub.last_use = len(tp.ops) - 1
+        pv = tp.view(probs, scores) if sinks else probs  # probs[..., :-1]
+        self.probs = pv  # the attention weights the function returns
+        out = tp.op(b * s * h * spec.value_head_dim, elem, (pv, v), save=(pv, v) if rg else ())
+        if not spec.eager_max_softmax:
+            att.last_use = sub.last_use = len(tp.ops) - 1
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
         return out
 
     def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
@@ -601,7 +620,7 @@ class _B:
         size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
         v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.value_head_dim
         elem, scores, rows = q.elem, b * h * s * skv, b * h * s
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
@@ -635,6 +654,7 @@ class _B:
         assert plan is not None
         h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
         b, s, skv, d = self.b, self.s, self.kv_len, spec.head_dim
+        vd, od = spec.v_dim, spec.num_heads * spec.value_head_dim  # the values' and the attention output's widths
         tr = plan.trainable
 
         lin = self.proj
@@ -692,7 +712,9 @@ class _B:
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, vd, vn, spec.qkv_bias)
+            if spec.value_scale:  # MiMoV2FlashAttention: v_proj(x)...transpose(1, 2) * v_scale (saves nothing)
+                v = tp.op(v.numel, v.elem, (v,))
         # an early output gate's projection (modeling_afmoe.py: gate_states = self.gate_proj(hidden_states) after
         # v_proj), held by the attention's locals to its end
         gate_early = self.attn_gate_proj(n) if spec.attn_gate and spec.attn_gate_early else None
@@ -743,7 +765,7 @@ class _B:
             # (transformers 5.17's DynamicLayer allocates both in the keys' dtype: fp32 keys after RoPE under
             # autocast make fp32 values too)
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
-            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            v = tp.op(b * skv * vd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
         if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
             tp.keep(k, v)
@@ -752,7 +774,7 @@ class _B:
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
-            v = tp.op(b * skv * qd, v.elem, (v,))
+            v = tp.op(b * skv * od, v.elem, (v,))
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
@@ -774,7 +796,7 @@ class _B:
         held: tuple[Tensor, ...] = ()
         if spec.attn_gate:
             out, held = self.attn_gate_apply(out, gate_early if gate_early is not None else self.attn_gate_proj(n))
-        o = lin(out, qd, h, oname, spec.o_bias)
+        o = lin(out, od if not spec.qkv_fused else qd, h, oname, spec.o_bias)
         if held:
             tp.hold(*held)
         if spec.attn_output_gate:
@@ -1546,9 +1568,11 @@ class _B:
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
-                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
-                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+            if self.probs is not None:
+                # the eager attention weights the attention returns stay referenced by the layer's locals to its end:
+                # ``hidden_states, _ = self.self_attn(...)`` (LlamaDecoderLayer and its descendants, transformers 5.x);
+                # GPTNeoBlock returns (hidden_states, attn_weights) (and the model loop's ``outputs`` holds them
+                # until the next block returns: estimator). Training saves them for backward anyway.
                 held["probs"] = self.probs
             for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
                 t = held[what]

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._files import FileTooLarge, NotAFile, read_text_limited
 from .errors import ConfigError
-from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .spec import Activation, LayerOverride, MLPKind, ModelSpec, NormKind, PositionKind
 
 __all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "installed_transformers", "load_config_file",
            "spec_from_config", "version_warning"]
@@ -126,8 +126,8 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
     return head_dim
 
 
-def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1
-                 ) -> tuple[int, ...]:
+def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1,
+                 first_full: bool = False) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -139,8 +139,9 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
     if default_every:
         # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
         # global where i % 4 == 0
+        # (MiMo-V2-Flash: layer 0 is global as well)
         full = full_at % default_every
-        return tuple(i for i in range(n_layers) if i % default_every != full)
+        return tuple(i for i in range(n_layers) if i % default_every != full and not (first_full and i == 0))
     return tuple(range(n_layers))
 
 
@@ -259,6 +260,14 @@ class _Facts:
     attn_gate_bias: bool = False
     attn_gate_name: str = ""
     attn_gate_heads_key: str = ""
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py MiMoV2FlashAttention): the sliding layers alone have learned sinks and
+    # sliding_kv_mult x num_key_value_heads KV heads
+    sliding_sinks: bool = False
+    sliding_full_first: bool = False  # the default layer pattern makes layer 0 global as well (MiMo-V2-Flash)
+    sliding_kv_mult: int = 1
+    v_head_key: str = ""  # config key of the value heads' width where it differs from head_dim (v_head_dim)
+    value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
+    eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -424,6 +433,17 @@ _FAMILIES: dict[str, _Facts] = {
     "llama4_text": _Facts(version="5.24", moe="llama4", rope="complex", nope="no_rope_layers", sliding="chunked",
                           qk_l2_key="use_qk_norm", nope_temperature_key="attn_temperature_tuning",
                           eager_softmax_native=True),
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py): GLM-4.5's partial rotary (rope_cat; per-layer-type tables, 0.334 of
+    # the 192-wide q/k heads) with values of v_head_dim scaled by attention_value_scale; the sliding layers
+    # (layer_types, default full at i == 0 and every 6th) hold twice the KV heads and a learned sink per head; eager
+    # only (_supports_sdpa False), the row max subtracted and softmax in the scores' dtype on every layer; DeepSeek-V3's
+    # router (fp32 sigmoid, correction bias, groups) and experts without shared experts on the "sparse" entries of
+    # mlp_layer_types (default: layer 0 dense)
+    "mimo_v2_flash": _Facts(version="5.24", o_bias=False, sliding="types", sliding_every=6, sliding_full_first=True,
+                            partial_rotary=True, rotary_default=0.334,
+                            rope_cat=True, moe="deepseek", mlp_types=1, sdpa=False, sliding_sinks=True,
+                            sliding_kv_mult=2, v_head_key="v_head_dim", value_scale=True, eager_max_softmax=True,
+                            aliases=(("num_local_experts", "n_routed_experts"),)),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -455,7 +475,7 @@ _CLASSES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
-    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -490,7 +510,8 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
-        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at)
+        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at,
+                                    first_full=f.sliding_full_first)
     return None, ()
 
 
@@ -816,6 +837,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     inter = moe.pop("intermediate_size", None) or c.int_("intermediate_size",
                                                          default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
+    extra = _sliding_heads(c, f, heads, kv, head_dim, sliding) if not f.mla else {}
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
@@ -853,8 +875,30 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, **_attn_gate(c, f),
+        program_version=f.version, **_attn_gate(c, f), **extra,
     )
+
+
+def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, sliding: tuple[int, ...]) -> dict[str, Any]:
+    """The value heads' width, the value scale and the sliding layers' own KV heads and sinks (MiMo-V2-Flash's
+    facts); empty for a family without them."""
+    out: dict[str, Any] = {}
+    if f.v_head_key:
+        v = c.int_(f.v_head_key, default=head_dim)
+        if v != head_dim:
+            out["v_head_dim"] = v
+    if f.value_scale:
+        out["value_scale"] = True
+    if f.eager_max_softmax:
+        out["eager_max_softmax"] = True
+    if f.sliding_sinks and sliding:
+        kv_sliding = kv * f.sliding_kv_mult
+        if kv_sliding > heads or heads % kv_sliding:
+            raise ConfigError(f"{c.where}: the sliding layers' {kv_sliding} KV heads ({f.sliding_kv_mult} x "
+                              f"num_key_value_heads) must divide num_attention_heads ({heads})")
+        out["layer_overrides"] = (LayerOverride(sliding, num_kv_heads=kv_sliding if kv_sliding != kv else 0,
+                                                attention_sinks=True),)
+    return out
 
 
 def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:

@@ -83,6 +83,8 @@ class LayerOverride:
     num_heads: int = 0  # MLA layers with their own head count and latent width (Dots 3's sliding layers)
     kv_lora_rank: int = 0
     dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
+    attention_sinks: bool | None = None  # the layer's attention has learned sink logits (MiMo-V2-Flash: only the
+    # sliding layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +198,7 @@ class ModelSpec:
     q_lora_rank: int = 0  # 0: a plain q_proj
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
+    v_head_dim: int = 0  # (also a grouped attention's value heads where narrower than head_dim: MiMo-V2-Flash)
     # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
     # attention (index_heads > 0)
     index_heads: int = 0
@@ -238,6 +240,11 @@ class ModelSpec:
     # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
     # shared expert after them and the experts' sum over experts added in place
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    eager_max_softmax: bool = False  # eager attention subtracts the row max from the (masked) scores and runs softmax
+    # in their dtype on every layer, a sink column concatenated first only where the layer has sinks; the Python
+    # locals are rebound at each step, so no earlier scores stay referenced (modeling_mimo_v2_flash.py
+    # eager_attention_forward)
+    value_scale: bool = False  # v_proj(x) * attention_value_scale: a new value tensor (MiMoV2FlashAttention.v_scale)
     sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
@@ -356,11 +363,22 @@ class ModelSpec:
         """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
         if self.kv_lora_rank:
             return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.num_kv_heads * self.head_dim
+        return self.kv_dim + self.v_dim
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        """A value head's width: ``v_head_dim`` where the values are narrower than the q/k heads (MLA; MiMo-V2-Flash's
+        grouped attention), else ``head_dim``."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Width of the value projection of a non-MLA attention (KV heads x value head width)."""
+        return self.num_kv_heads * self.value_head_dim
 
     @property
     def is_moe(self) -> bool:
@@ -395,7 +413,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
             changes[name] = getattr(o, name)
     if o.dsa is False:
         changes["index_heads"] = 0
-    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "attention_sinks"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]
