@@ -527,6 +527,8 @@ class _B:
             v = tp.op(b * h * skv * dv, elem, (v,))
         if spec.attention_sinks and spec.sink_lse:
             return self.sink_lse_attention(q, k, v, rg)
+        if spec.attention_sinks and spec.sink_fp32:
+            return self.sink_fp32_attention(q, k, v, rg)
         if spec.attention_sinks or spec.eager_max_softmax:
             return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
@@ -611,6 +613,34 @@ class _B:
         if not spec.eager_max_softmax:
             att.last_use = sub.last_use = len(tp.ops) - 1
         tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
+        return out
+
+    def sink_fp32_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """Flint's eager_attention_forward (modeling_flint.py, transformers 5.24): ``matmul(query.float(),
+        key_states.float())`` (k already repeated to every head in its own dtype) times the scaling, plus the mask, in
+        fp32; ``softmax(cat([scores, sinks.expand(...)]))`` in fp32 (the sinks are an fp32 parameter:
+        ``_keep_in_fp32_modules_strict``), without a max subtraction; ``[..., :-1].to(value dtype)`` copies the sliced
+        weights; their product with v. The cat and the fp32 softmax are temporaries (the softmax saves its result for
+        backward); the masked scores stay bound to ``attn_weights`` until the cast back is assigned to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
+        elem, scores, wide = q.elem, b * h * s * skv, b * h * s * (skv + 1)
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        att = tp.op(scores, 4, (q32, k32), save=(q32, k32) if rg else ())  # matmul in fp32
+        att = tp.op(scores, 4, (att,))  # * scaling
+        att = tp.op(scores, 4, (att,))  # + attention_mask (promoted to fp32)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4) if tr else ()
+        cat = tp.op(wide, 4, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        probs = tp.op(wide, 4, (cat,))  # softmax(dim=-1): fp32 in, fp32 out, saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        pb = tp.op(scores, elem, (tp.view(probs, scores),))  # [..., :-1].to(value_states.dtype): a new tensor
+        tp.hold(att)  # ``attn_weights`` (scores + mask) is rebound only once that whole line has run
+        pb = self.dropout(pb, spec.attention_dropout if self.num.training else 0.0)
+        self.probs = pb
+        out = tp.op(b * s * h * spec.value_head_dim, elem, (pb, v), save=(pb, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states: the function's locals
         return out
 
     def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
@@ -1210,7 +1240,7 @@ class _B:
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
-        if spec.router_sigmoid:
+        if spec.router_sigmoid and not spec.router_sigmoid_plain:
             choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
             masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
             idx = tp.op(pairs, 8, (masked,), rg=False)

@@ -127,7 +127,7 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
 
 
 def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1,
-                 first_full: bool = False) -> tuple[int, ...]:
+                 full_lead: int = 0, full_last: bool = False) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -139,9 +139,10 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
     if default_every:
         # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
         # global where i % 4 == 0
-        # (MiMo-V2-Flash: layer 0 is global as well)
+        # (the first full_lead layers global as well: MiMo-V2-Flash 1, Flint 2; and the last: Flint)
         full = full_at % default_every
-        return tuple(i for i in range(n_layers) if i % default_every != full and not (first_full and i == 0))
+        return tuple(i for i in range(n_layers) if i % default_every != full and i >= full_lead
+                     and not (full_last and i == n_layers - 1))
     return tuple(range(n_layers))
 
 
@@ -263,11 +264,14 @@ class _Facts:
     # MiMo-V2-Flash (modeling_mimo_v2_flash.py MiMoV2FlashAttention): the sliding layers alone have learned sinks and
     # sliding_kv_mult x num_key_value_heads KV heads
     sliding_sinks: bool = False
-    sliding_full_first: bool = False  # the default layer pattern makes layer 0 global as well (MiMo-V2-Flash)
+    sliding_full_lead: int = 0  # the default layer pattern makes the first N layers global as well (MiMo-V2-Flash: 1,
+    # Flint: 2)
+    sliding_full_last: bool = False  # ... and the last layer (Flint)
     sliding_kv_mult: int = 1
     v_head_key: str = ""  # config key of the value heads' width where it differs from head_dim (v_head_dim)
     value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
     eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
+    sink_fp32: bool = False  # the sink attention's scores, sinks and softmax in fp32 (Flint; ModelSpec.sink_fp32)
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -439,11 +443,18 @@ _FAMILIES: dict[str, _Facts] = {
     # only (_supports_sdpa False), the row max subtracted and softmax in the scores' dtype on every layer; DeepSeek-V3's
     # router (fp32 sigmoid, correction bias, groups) and experts without shared experts on the "sparse" entries of
     # mlp_layer_types (default: layer 0 dense)
-    "mimo_v2_flash": _Facts(version="5.24", o_bias=False, sliding="types", sliding_every=6, sliding_full_first=True,
+    "mimo_v2_flash": _Facts(version="5.24", o_bias=False, sliding="types", sliding_every=6, sliding_full_lead=1,
                             partial_rotary=True, rotary_default=0.334,
                             rope_cat=True, moe="deepseek", mlp_types=1, sdpa=False, sliding_sinks=True,
                             sliding_kv_mult=2, v_head_key="v_head_dim", value_scale=True, eager_max_softmax=True,
                             aliases=(("num_local_experts", "n_routed_experts"),)),
+    # Flint (modeling_flint.py): Qwen3-MoE's attention and layer (per-head q/k norms) with GptOssRMSNorm everywhere,
+    # RoPE on the sliding layers only (layer_types; the full ones are NoPE), a learned fp32 sink per head with fp32
+    # scores and softmax (eager only: _supports_sdpa False); a sigmoid-routed MoE block with an always-on shared
+    # expert (moe "flint")
+    "flint": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, sliding="types",
+                    sliding_every=4, sliding_full_at=1, sliding_full_lead=2, sliding_full_last=True,
+                    nope="sliding_only", sinks=True, sink_fp32=True, sdpa=False, moe="flint"),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -476,6 +487,7 @@ _CLASSES: dict[str, str] = {
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+    "FlintForCausalLM": "flint",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -511,7 +523,7 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
         return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at,
-                                    first_full=f.sliding_full_first)
+                                    full_lead=f.sliding_full_lead, full_last=f.sliding_full_last)
     return None, ()
 
 
@@ -552,6 +564,8 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
                 isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
             raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
         return tuple(i for i in range(layers) if thetas[i] == 0)
+    if f.nope == "sliding_only":  # Flint: RoPE only where the layer has a window (none without sliding_window)
+        return tuple(i for i in range(layers) if i not in sliding)
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -740,6 +754,18 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                else tuple(range(step - 1, layers, step)),
                # the dense layers' Llama4TextMLP is intermediate_size_mlp wide
                "intermediate_size": c.int_("intermediate_size_mlp", default=16384)}
+    elif f.moe == "flint":  # FlintSparseMoeBlock (modeling_flint.py): Qwen3-MoE's layer placement (mlp_only_layers,
+        # default [0, 1]; decoder_sparse_step) and experts; FlintTopKRouter's fp32 logits of an fp32 copy of the hidden
+        # states, sigmoid, top-k of the scores renormalised, fp32 weights into the experts; an always-on gated shared
+        # expert of shared_expert_intermediate_size added after them
+        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
+        dense_only = set(c.int_list("mlp_only_layers")) if c.raw.get("mlp_only_layers") is not None else {0, 1}
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=6),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=512),
+               "shared_expert_intermediate_size": c.int_("shared_expert_intermediate_size", default=1024, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0),
+               "router_fp32": True, "router_sigmoid": True, "router_sigmoid_plain": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -891,6 +917,8 @@ def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, slidi
         out["value_scale"] = True
     if f.eager_max_softmax:
         out["eager_max_softmax"] = True
+    if f.sink_fp32:
+        out["sink_fp32"] = True
     if f.sliding_sinks and sliding:
         kv_sliding = kv * f.sliding_kv_mult
         if kv_sliding > heads or heads % kv_sliding:

@@ -218,6 +218,8 @@ class ModelSpec:
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
     router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
+    router_sigmoid_plain: bool = False  # the sigmoid router picks its top-k of the scores themselves: no correction
+    # bias, no groups (FlintTopKRouter)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU;
@@ -244,6 +246,9 @@ class ModelSpec:
     # in their dtype on every layer, a sink column concatenated first only where the layer has sinks; the Python
     # locals are rebound at each step, so no earlier scores stay referenced (modeling_mimo_v2_flash.py
     # eager_attention_forward)
+    sink_fp32: bool = False  # the sink attention in fp32 (modeling_flint.py eager_attention_forward): q and the
+    # repeated k cast to fp32 for the scores, fp32 sinks concatenated, softmax in fp32 (no max subtraction), the
+    # sliced weights cast back to the values' dtype (a copy)
     value_scale: bool = False  # v_proj(x) * attention_value_scale: a new value tensor (MiMoV2FlashAttention.v_scale)
     sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
