@@ -771,6 +771,10 @@ class _B:
         if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
             q = self.norm(q, d, False, scale=False)
             k = self.norm(k, d, False, scale=False)
+        if spec.nope_query_scale and not plan.rope:
+            # BeamAttention with attention_scaling (the NoPE layers): (query_states.float() * attention_scaling)
+            # .to(query_states.dtype): an fp32 copy, the fp32 product (saving only the small scale), the cast back
+            q = self.cast(tp.op(q.numel, 4, (self.cast(q, 4),)), q.elem)
         if spec.nope_temperature and not plan.rope:
             # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
             # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
@@ -1116,6 +1120,11 @@ class _B:
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
+            if spec.mlp_glu_fp32:  # BeamMLP: (act_fn(gate.float()) * up.float()).to(gate.dtype)
+                p = self.cast(self.mul(self.activation(self.cast(g, 4)), self.cast(u, 4)), g.elem)
+                out = lin(p, i, h, "down_proj", spec.mlp_bias)
+                tp.hold(g, u)  # gate and up: the forward's locals
+                return self.dropout(out, spec.hidden_dropout)
             if not spec.altup_inputs:
                 a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
@@ -1526,6 +1535,16 @@ class _B:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
+    def residual_add(self, x: Tensor, a: Tensor) -> Tensor:
+        """The residual stream ``x`` plus a sublayer's output ``a``; Beam's depth-scaled add
+        (``hidden_states * scale + residual * residual_scale``): each product a new tensor (python-float scales: their
+        backward saves nothing), then the sum."""
+        if self.spec.residual_depth_scale:
+            sa = self.tp.op(a.numel, a.elem, (a,))
+            sx = self.tp.op(x.numel, x.elem, (x,))
+            return self.add(sa, sx)
+        return self.add(x, self.residual(a))
+
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
         plan = self.plan
@@ -1584,7 +1603,7 @@ class _B:
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, self.residual(a))
+            hmid = self.residual_add(x, a)
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
@@ -1610,7 +1629,7 @@ class _B:
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, self.residual(m))
+            y = self.residual_add(hmid, m)
             if spec.per_layer_input:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
@@ -1840,7 +1859,14 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
                         bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
-    if spec.logit_softcap:
+    if spec.logit_softcap and spec.logit_softcap_fp32:
+        # BeamForCausalLM: logits.float() / cap, tanh (saves its result), * cap: fp32 logits from here on
+        logits = tp.op(logits.numel, 4, (bld.cast(logits, 4),), kind=LOGITS)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+        if logits.rg:
+            tp.save_output(logits)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+    elif spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:

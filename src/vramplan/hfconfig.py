@@ -272,6 +272,11 @@ class _Facts:
     value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
     eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
     sink_fp32: bool = False  # the sink attention's scores, sinks and softmax in fp32 (Flint; ModelSpec.sink_fp32)
+    # Beam (modeling_beam.py): ModelSpec.residual_depth_scale, nope_query_scale, mlp_glu_fp32, logit_softcap_fp32
+    residual_depth_scale: bool = False
+    nope_query_scale: bool = False
+    mlp_glu_fp32: bool = False
+    softcap_fp32: bool = False
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -455,6 +460,17 @@ _FAMILIES: dict[str, _Facts] = {
     "flint": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, sliding="types",
                     sliding_every=4, sliding_full_at=1, sliding_full_lead=2, sliding_full_last=True,
                     nope="sliding_only", sinks=True, sink_fp32=True, sdpa=False, moe="flint"),
+    # Beam (modeling_beam.py): per-head q/k norms (Qwen3-MoE's attention) with BeamRMSNorm (Olmo3RMSNorm: the weight
+    # times the fp32 normed states, then the cast) everywhere; four norms per layer whose residual adds are
+    # depth-scaled; RoPE with fp32 tables on the sliding layers (layer_types: every 6th and the last full), the full
+    # layers NoPE (rope_parameters None) with an fp32 position scale of q; a per-channel sigmoid output gate with a
+    # per-head bias; an fp32 SwiGLU in the dense MLP and the experts; the fp32-router MoE block ("beam"); final logit
+    # soft-capping on fp32 logits
+    "beam": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, layout="sandwich",
+                   sliding="types", sliding_every=6, sliding_full_last=True, nope="rope_none", rope="fp32_tables",
+                   moe="beam", softcap=True, softcap_default=30.0, softcap_fp32=True, residual_depth_scale=True,
+                   nope_query_scale=True, mlp_glu_fp32=True, attn_gate="sigmoid", attn_gate_bias=True,
+                   attn_gate_name="gate_proj"),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -487,7 +503,7 @@ _CLASSES: dict[str, str] = {
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
-    "FlintForCausalLM": "flint",
+    "FlintForCausalLM": "flint", "BeamForCausalLM": "beam",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -566,6 +582,13 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
         return tuple(i for i in range(layers) if thetas[i] == 0)
     if f.nope == "sliding_only":  # Flint: RoPE only where the layer has a window (none without sliding_window)
         return tuple(i for i in range(layers) if i not in sliding)
+    if f.nope == "rope_none":  # Beam: rope_parameters keyed by layer type, None for a type without RoPE (default: the
+        # full layers)
+        params = c.raw.get("rope_parameters")
+        if not isinstance(params, Mapping) or not any(isinstance(v, Mapping) or v is None for v in params.values()):
+            params = {"sliding_attention": {}, "full_attention": None}
+        kinds = ["sliding_attention" if i in sliding else "full_attention" for i in range(layers)]
+        return tuple(i for i, k in enumerate(kinds) if k in params and params[k] is None)
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -766,6 +789,21 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                "shared_expert_intermediate_size": c.int_("shared_expert_intermediate_size", default=1024, lo=0),
                "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0),
                "router_fp32": True, "router_sigmoid": True, "router_sigmoid_plain": True}
+    elif f.moe == "beam":  # BeamMoE (modeling_beam.py): DeepSeek-V3's fp32 sigmoid router (correction bias, groups)
+        # on the "sparse" entries of mlp_layer_types (default: the first three layers dense), experts with an fp32
+        # SwiGLU (DeepseekV4Experts._apply_gate overridden), their sum times routed_scaling_factor; no shared experts
+        types = c.raw.get("mlp_layer_types")
+        if types is None:
+            dense = min(3, layers)
+            types = ["dense"] * dense + ["sparse"] * (layers - dense)
+        if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
+            raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
+                              "layers")
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=8),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=2560),
+               "moe_layers": tuple(i for i, t in enumerate(types[:layers]) if t == "sparse"),
+               "router_fp32": True, "router_sigmoid": True, "expert_glu": "fp32", "moe_output_scale": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -894,8 +932,10 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
                                                                c.bool_(f.embed_scale_key, default=False)),
         residual_scale=f.multipliers or f.head_scale,
         logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
+        # (an explicit null turns it off: ``if self.config.final_logit_softcapping is not None``)
         logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
-            f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
+            (f.softcap_default is not None and "final_logit_softcapping" not in c.raw)
+            or c.raw.get("final_logit_softcapping") is not None) else None,
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
@@ -919,6 +959,11 @@ def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, slidi
         out["eager_max_softmax"] = True
     if f.sink_fp32:
         out["sink_fp32"] = True
+    for name in ("residual_depth_scale", "nope_query_scale", "mlp_glu_fp32"):
+        if getattr(f, name):
+            out[name] = True
+    if f.softcap_fp32:
+        out["logit_softcap_fp32"] = True
     if f.sliding_sinks and sliding:
         kv_sliding = kv * f.sliding_kv_mult
         if kv_sliding > heads or heads % kv_sliding:

@@ -179,6 +179,13 @@ class ModelSpec:
     # OLMo), complex (DeepSeek-V2: fp32 complex product with freqs_cis, cast back)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
     residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
+    residual_depth_scale: bool = False  # sublayer * (1 / sqrt(i)) + residual * sqrt((i - 1) / i), i the residual add's
+    # depth (modeling_beam.py depth_scaled_residual_add): two scaled copies, then their sum
+    nope_query_scale: bool = False  # on the NoPE layers, (q.float() * scale).to(q.dtype) with an fp32 (1, 1, seq, 1)
+    # scale made once outside the layers (modeling_beam.py compute_attention_scaling)
+    mlp_glu_fp32: bool = False  # the dense MLP's (act(gate.float()) * up.float()).to(dtype) (BeamMLP); gate and up stay
+    # referenced to its end
+    logit_softcap_fp32: bool = False  # the soft-capping runs on logits.float() (BeamForCausalLM)
     logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
     head_input_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (before the last-token
     # slice)
