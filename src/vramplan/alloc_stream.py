@@ -828,18 +828,39 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         return st.ev
     st.mark(Phase.DECODE)
     small = [b * spec.hidden_size * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
+    # per layer with a growing cache: its keys, and _kv_bytes(length) // 2 as (bytes per token, window or 0)
+    growing = []
+    for i, keys in enumerate(kv_keys):
+        if keys:
+            one = _kv_bytes(spec.layer(i), num, b, 1, False)
+            window = spec.layer(i).sliding_window if i in spec.sliding_layers else 0
+            growing.append((keys, one, window or 0))
+    ev, live = st.ev, st.live
     for step in range(w.new_tokens):
         length = s + step + 1
         d = st.fresh(3)
         for j, n in enumerate(small[:2]):
             st.alloc(d + j, n)
-        for i in range(spec.num_layers):
-            per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
-            keys = kv_keys[i]
+        if reference:
+            for i in range(spec.num_layers):
+                per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
+                keys = kv_keys[i]
+                for j, old in enumerate(keys):
+                    new = st.fresh(0)
+                    st.alloc(new, per)
+                    st.free(old)
+                    keys[j] = new
+            growing = []
+        for keys, one, window in growing:
+            per = one * (min(length, window) if window else length) // 2
             for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
                 new = st.fresh(0)
-                st.alloc(new, per)
-                st.free(old)
+                if per > 0:  # st.alloc(new, per) of a fresh key, then st.free(old)
+                    live[new] = None
+                ev.append((new, per))
+                if old in live:
+                    del live[old]
+                    ev.append((old, _FREE))
                 keys[j] = new
         st.alloc(d + 2, small[2])
         for j in range(3):
