@@ -515,11 +515,11 @@ def _ddp_rebuild(st: _Stream, trainable: list[int]) -> None:
 
 
 def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 ddp: bool = False) -> list[Event]:
+                 ddp: bool = False, *, reference: bool = False) -> list[Event]:
     """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
     reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
     the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``)."""
-    return list(train_stream(spec, w, states, num, steps, ddp=ddp))
+    return list(train_stream(spec, w, states, num, steps, ddp=ddp, reference=reference))
 
 
 def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
