@@ -41,7 +41,8 @@ def test_derivation_completes_the_empty_default_rope_parameters() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("opts", [
     {"batch_size": 2, "seq_len": 128},
-    {"method": "lora", "batch_size": 2, "seq_len": 128, "gradient_checkpointing": True, "lora_targets": "q_proj,v_proj"},
+    {"method": "lora", "batch_size": 2, "seq_len": 128, "gradient_checkpointing": True,
+     "lora_targets": "q_proj,v_proj"},
     {"task": "infer", "batch_size": 2, "seq_len": 128, "new_tokens": 4},
 ], ids=["full", "lora", "infer"])
 def test_estimate_matches_trace(opts: dict[str, Any]) -> None:
