@@ -202,6 +202,8 @@ class _Facts:
     rope_interleave_fp32: bool = False  # ERNIE 4.5: both
     rope_cat: bool = False  # apply_rotary_pos_emb concatenates the rotated part with the pass-through rest even when
     # that is empty (torch.cat([q_embed, q_pass]): GLM-4.5, GLM-4, Nemotron, Phi-3)
+    dynamic_mask: bool = False  # Doge's dynamic mask attention (ModelSpec.dynamic_mask)
+    residual_weights: bool = False  # Doge's trainable residual scales (ModelSpec.residual_weights)
     nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers),
     # "rope_params_none" (a layer type whose rope_parameters entry is None: Cohere Compass)
     sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
@@ -344,6 +346,10 @@ _FAMILIES: dict[str, _Facts] = {
     # type whose rope_parameters entry is None has no RoPE
     "cohere_compass_text": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM,
                                   nope="rope_params_none", sliding="types", logit_scale_key="logit_scale"),
+    # Doge (modeling_doge.py, transformers 5.24): per-head q/k RMSNorms, dynamic mask attention (dt_proj over the
+    # values, exp(A * softplus) per key added to the always-materialised causal mask: SDPA's float mask), residuals
+    # scaled by trainable vectors (input_residual, post_attention_residual); the cross-domain MoE (is_moe) refused
+    "doge": _Facts(version="5.24", qk_norm="head", dynamic_mask=True, residual_weights=True),
     "helium": _Facts(version="5.24"),
     # StableLM (modeling_stablelm.py): LLaMA's gated MLP with biased LayerNorms, q/k/v biases by use_qkv_bias
     # (o_proj none), partial rotary on the first rotary_ndims of each head (0.25 by default), use_parallel_residual
@@ -445,7 +451,7 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "StableLmForCausalLM": "stablelm",
-    "CohereCompassForCausalLM": "cohere_compass_text",
+    "CohereCompassForCausalLM": "cohere_compass_text", "DogeForCausalLM": "doge",
     "NemotronForCausalLM": "nemotron", "GraniteMoeForCausalLM": "granitemoe",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
@@ -866,8 +872,22 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, **_attn_gate(c, f),
+        program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f),
     )
+
+
+def _dynamic_mask(c: _Cfg, f: _Facts) -> dict[str, Any]:
+    """Doge's dynamic mask attention and residual weights (:attr:`_Facts.dynamic_mask`)."""
+    if not (f.dynamic_mask or f.residual_weights):
+        return {}
+    if c.bool_("is_moe", default=False):
+        raise ConfigError(f"{c.where}: Doge's cross-domain MoE (is_moe: DogeCDMoE, product-key retrieval of "
+                          "single-neuron experts through embedding lookups) is not modelled by estimate; run vramplan "
+                          "trace")
+    if c.raw.get("sliding_window") is not None:
+        raise ConfigError(f"{c.where}: Doge with a sliding window is not modelled by estimate; run vramplan trace")
+    return {"dynamic_mask": f.dynamic_mask, "residual_weights": f.residual_weights,
+            "keep_window": c.int_("keep_window_size", default=2048) if f.dynamic_mask else 0}
 
 
 def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:

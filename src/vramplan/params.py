@@ -88,6 +88,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             ([] if spec.v_from_k else [(vn, h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
+        if spec.dynamic_mask:  # DogeAttention.dt_proj: values -> one dt per key-value head
+            out.append(("dt_proj", kv, spec.num_kv_heads, 1))
         if spec.attn_gate:  # a derived output gate: heads or heads x head_dim outputs, no bias
             out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
@@ -344,6 +346,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.dynamic_mask:  # DogeAttention.A (one per key-value head)
+        bias += spec.num_kv_heads
+    if spec.residual_weights:  # DogeDecoderLayer.input_residual and post_attention_residual
+        bias += 2 * spec.hidden_size
     if spec.attn_gate and spec.attn_gate_bias:  # the gate's per-head bias (modeling_beam.py gate_bias)
         bias += spec.num_heads
     if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)
