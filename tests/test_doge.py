@@ -35,7 +35,7 @@ def test_the_dynamic_mask_is_one_float_tensor_per_key_value_head_and_grows_with_
 
 
 def test_cross_domain_moe_is_refused_with_what_to_do() -> None:
-    with pytest.raises(ConfigError, match="cross-domain MoE.*vramplan trace"):
+    with pytest.raises(ConfigError, match=r"cross-domain MoE.*vramplan trace"):
         spec_from_config({**SMALL, "is_moe": True})
 
 
