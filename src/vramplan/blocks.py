@@ -972,6 +972,11 @@ class _B:
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
+        q_pass: Tensor | None = None
+        q_rot_in = tp.view(q, b * s * nh * rd)
+        if spec.mla_lora_scale:  # LongcatFlashMLA: q_pass * mla_scale_q_lora, q_rot * mla_scale_q_lora (new tensors)
+            q_pass = tp.op(b * s * nh * nope, q.elem, (q,))
+            q_rot_in = tp.op(b * s * nh * rd, q.elem, (q,))
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         if spec.mla_latent_scale:  # kv_a_layernorm(kv_pass.contiguous()) * kv_lora_scale
             latent = tp.op(b * s * kvr, ckv.elem, (ckv,), passthrough=True)
@@ -979,11 +984,13 @@ class _B:
             latent = tp.op(latent.numel, latent.elem, (latent,))
         else:
             latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+            if spec.mla_lora_scale:  # k_pass * mla_scale_kv_lora: the normed latent rebound to the product
+                latent = tp.op(latent.numel, latent.elem, (latent,))
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
         # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
         rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
-        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        q_rot = self.call(rot, q_rot_in)
         k_in = tp.view(ckv, b * s * rd)
         if spec.mla_latent_scale:  # k_rope_only_layernorm before the rotary embedding
             k_in = self.norm(k_in, rd, tr)
@@ -992,7 +999,8 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q_pass if q_pass is not None else q, q_rot)) if rotary else q
+        # (torch.cat((q_pass, q_rot)))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
@@ -1030,7 +1038,8 @@ class _B:
             out = self.mul(out, self.ew(lin(n, h, nh, "g_proj", False), save_out=True))
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()) + \
+                ((q_pass,) if q_pass is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -1479,6 +1488,10 @@ class _B:
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.dual_sublayers:
+            from .longcat import longcat_layer
+
+            return longcat_layer(self, x)
         if spec.normed_residual:
             from .lightning import minimax_layer
 

@@ -155,6 +155,10 @@ def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
+    if spec.dual_sublayers:  # LongCat-Flash: two attention/MLP pairs and the shortcut MoE (vramplan.longcat)
+        from .longcat import longcat_linears
+
+        return longcat_linears(spec)
     if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
         moe = index in spec.moe_layers
         return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
@@ -286,6 +290,10 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     spec = spec.layer(index)
+    if spec.dual_sublayers:
+        from .longcat import longcat_layer_params
+
+        return longcat_layer_params(spec)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0

@@ -323,6 +323,13 @@ class ModelSpec:
     lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+    # LongCat-Flash (vramplan.longcat, modeling_longcat_flash.py): each decoder layer runs two attention + dense MLP
+    # sublayer pairs, and a MoE block on the first pair's normed MLP input whose output is added at the layer's end
+    # (the shortcut); its router also scores ``zero_experts`` identity experts (zero-compute: the token itself, times
+    # its routing weight); its MLA scales the query halves and the normed kv latent by sqrt(hidden / lora rank)
+    dual_sublayers: bool = False
+    zero_experts: int = 0
+    mla_lora_scale: bool = False
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:
@@ -354,9 +361,10 @@ class ModelSpec:
     @property
     def kv_cache_per_token(self) -> int:
         """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
+        per = 2 if self.dual_sublayers else 1  # LongCat-Flash: two attention sublayers, two caches per layer
         if self.kv_lora_rank:
-            return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.num_kv_heads * self.head_dim
+            return per * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return per * 2 * self.num_kv_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
