@@ -1250,6 +1250,11 @@ _MISSING_MECHANISMS = {
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
            "of data-dependent lengths, cross-attention between bytes and patches)",
+    "deepseek_v4": "hyper-connections with Sinkhorn-normalised mixing of the copies (DeepseekV4HyperConnection's comb; "
+                   "the copies, collapse and HC head themselves are modelled: vramplan.hyper) around attention over "
+                   "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
+                   "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
+                   "hash (DeepseekV4HashRouter)",
     "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
                      "blocks' outputs in fp32 makes each sublayer's input)",
     "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
