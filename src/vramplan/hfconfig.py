@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -1170,10 +1169,9 @@ PROGRAMS_TRANSFORMERS_VERSION = "5.17"
 @lru_cache(maxsize=1)
 def installed_transformers() -> str | None:
     """The installed transformers version (package metadata only: nothing is imported), or None."""
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return None
+    from ._files import installed_version
+
+    return installed_version("transformers")
 
 
 def version_warning(spec: ModelSpec) -> str | None:

@@ -10,9 +10,9 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
+from ._files import package_data
 from .errors import WorkloadError
 from .params import ParamCounts, attention_linears, count_params
 from .quant import Quantization, flag_quantization, module_path
@@ -91,7 +91,7 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
 
 @functools.cache
 def _peft_moe_table() -> dict[str, Any]:
-    text = (resources.files("vramplan") / "data" / "peft_moe_targets.json").read_text(encoding="utf-8")
+    text = package_data("data", "peft_moe_targets.json").read_text(encoding="utf-8")
     table: dict[str, Any] = json.loads(text)
     return table
 
