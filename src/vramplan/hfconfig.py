@@ -1181,6 +1181,14 @@ from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style la
 
 _READERS.update(LAYOUT_READERS)
 _CLASSES.update(LAYOUT_CLASSES)
+from .longcat import LONGCAT_CLASSES, LONGCAT_READERS  # noqa: E402  (LongCat-Flash: reads _Cfg, _llama_like)
+
+_READERS.update(LONGCAT_READERS)
+_CLASSES.update(LONGCAT_CLASSES)
+from .hyper import HYPER_CLASSES, HYPER_READERS  # noqa: E402  (HY-V4: reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(HYPER_READERS)
+_CLASSES.update(HYPER_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1273,8 +1281,11 @@ _MISSING_MECHANISMS = {
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
            "of data-dependent lengths, cross-attention between bytes and patches)",
-    "hy_v4": "hyper-connections (hc_mult residual streams mixed per sublayer by HYV4HyperConnection and the "
-             "HYV4HyperHead) around MLA with a sparse-attention indexer, attention sinks and a clamped SwiGLU MoE",
+    "deepseek_v4": "hyper-connections with Sinkhorn-normalised mixing of the copies (DeepseekV4HyperConnection's comb; "
+                   "the copies, collapse and HC head themselves are modelled: vramplan.hyper) around attention over "
+                   "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
+                   "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
+                   "hash (DeepseekV4HashRouter)",
     "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
                      "blocks' outputs in fp32 makes each sublayer's input)",
     "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",

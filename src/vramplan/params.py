@@ -74,6 +74,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
         if spec.mla_head_gate:  # BailingHybridAttention's / Dots 3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, nh, 1))
+        if spec.mla_out_gate:  # HYV4Attention's gate_proj: one gate per value channel, no bias
+            out.append(("gate_proj", h, nh * spec.v_head_dim, 1))
         if spec.gated_norm_rank:  # the gated input norm's low-rank gate MLP (AXK2GateMLP: fc1, fc2, no bias)
             out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
         return out
@@ -157,6 +159,10 @@ def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
+    if spec.dual_sublayers:  # LongCat-Flash: two attention/MLP pairs and the shortcut MoE (vramplan.longcat)
+        from .longcat import longcat_linears
+
+        return longcat_linears(spec)
     if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
         moe = index in spec.moe_layers
         return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
@@ -294,6 +300,10 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     spec = spec.layer(index)
+    if spec.dual_sublayers:
+        from .longcat import longcat_layer_params
+
+        return longcat_layer_params(spec)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -380,6 +390,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         norm += altup_extra_params(spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
+    if spec.hc_mult:  # the layer's two hyper-connection modules (vramplan.hyper)
+        from .hyper import hc_layer_params
+
+        norm += hc_layer_params(spec)
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 
@@ -406,6 +420,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])
     final_norm = _norm_params(spec, h) if spec.final_norm else 0
+    if spec.hc_mult:  # the HC head collapsing the hyper-connection copies before the final norm
+        from .hyper import hc_head_params
+
+        final_norm += hc_head_params(spec)
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:
         lm_head += v

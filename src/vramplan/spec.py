@@ -83,6 +83,7 @@ class LayerOverride:
     num_heads: int = 0  # MLA layers with their own head count and latent width (Dots 3's sliding layers)
     kv_lora_rank: int = 0
     dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
+    index_shared: bool | None = None  # True: the layer reuses the previous indexer's top-k (HY-V4 "shared" layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +330,29 @@ class ModelSpec:
     lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+    # LongCat-Flash (vramplan.longcat, modeling_longcat_flash.py): each decoder layer runs two attention + dense MLP
+    # sublayer pairs, and a MoE block on the first pair's normed MLP input whose output is added at the layer's end
+    # (the shortcut); its router also scores ``zero_experts`` identity experts (zero-compute: the token itself, times
+    # its routing weight); its MLA scales the query halves and the normed kv latent by sqrt(hidden / lora rank)
+    dual_sublayers: bool = False
+    zero_experts: int = 0
+    mla_lora_scale: bool = False
+    # Hyper-connections (vramplan.hyper; modeling_hy_v4.py HYV4HyperConnection, modeling_deepseek_v4.py): the residual
+    # stream is hc_mult copies of the hidden state; each sublayer reads their weighted sum (fp32 weights from a linear
+    # of the flattened, RMS-scaled streams) and writes its output back to every copy times a per-copy weight; an
+    # HC head collapses the copies before the final norm. 0: a plain residual stream
+    hc_mult: int = 0
+    # parameters transformers keeps in fp32 whatever the load dtype (_keep_in_fp32_modules_strict: HY-V4's
+    # hyper-connection weights, router weight, indexer weights_proj and k_norm, sinks; its lm_head), and an fp32
+    # lm_head (the hidden states cast to fp32 before it: fp32 logits)
+    fp32_params: int = 0
+    head_fp32: bool = False
+    sinks_fp32: bool = False  # the eager attention's sink logits are fp32: the concatenated scores promote to fp32
+    mla_out_gate: bool = False  # MLA output times sigmoid(gate_proj(x)), one gate per value channel, computed before
+    # the attention and held through it (HYV4Attention gate_states)
+    index_shared: bool = False  # the layer reuses the previous indexer layer's top-k (HY-V4 indexer_types "shared"):
+    # no indexer of its own, the same index mask built from the held indices
+    index_fp32_weights: bool = False  # the indexer's k_norm and weights_proj run in fp32 on fp32 copies (HYV4Indexer)
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:
@@ -360,9 +384,10 @@ class ModelSpec:
     @property
     def kv_cache_per_token(self) -> int:
         """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
+        per = 2 if self.dual_sublayers else 1  # LongCat-Flash: two attention sublayers, two caches per layer
         if self.kv_lora_rank:
-            return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.num_kv_heads * self.head_dim
+            return per * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return per * 2 * self.num_kv_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -401,7 +426,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
             changes[name] = getattr(o, name)
     if o.dsa is False:
         changes["index_heads"] = 0
-    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]
