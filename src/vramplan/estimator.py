@@ -353,7 +353,7 @@ def _offloaded(sim: _LayerSim) -> tuple[int, ...]:
 def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSim) -> tuple[int, ...]:
     """The embedding lookup's output: transformers' base-model forward keeps ``inputs_embeds``
     referenced until it returns, so it outlives the first layer unless that layer saves it anyway."""
-    if first.x_saved:
+    if first.x_saved and not spec.hc_mult:  # (hyper-connections: the layers read an expanded copy)
         return _vec({})
     return _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
 
