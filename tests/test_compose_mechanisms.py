@@ -239,3 +239,16 @@ def test_moe_rule_with_a_constant_dense_prefix() -> None:
 
     assert _moe_rule(_Cfg({"num_hidden_layers": 4}, "x"), (("ge", "#1"),), 4) == (1, 2, 3)
     assert _moe_rule(_Cfg({"k": 2}, "x"), (("ge", "k"),), 4) == (2, 3)
+
+
+def test_shrink_keeps_grouped_kv_grouped() -> None:
+    """The shrunk variants keep a grouped default grouped, judged on the default's own head counts: MiMo-V2-Flash's
+    4 KV heads of 64 stay fewer than the shrunk query heads (4), so its sliding layers' doubled KV heads still divide
+    them; a default with as many KV heads as query heads (LLaMA) stays so."""
+    pytest.importorskip("transformers")
+    from vramplan.derive._derive import _VARIANTS, _shrink
+
+    grouped = {"num_attention_heads": 64, "num_key_value_heads": _VARIANTS[0]["heads"], "hidden_size": 4096}
+    assert _shrink(grouped, _VARIANTS[0], False)["num_key_value_heads"] == _VARIANTS[0]["kv"]
+    full = {"num_attention_heads": 32, "num_key_value_heads": 32, "hidden_size": 4096}
+    assert _shrink(full, _VARIANTS[0], False)["num_key_value_heads"] == _VARIANTS[0]["heads"]

@@ -166,8 +166,10 @@ def _shrink(base: dict[str, Any], v: Mapping[str, int], odd_head_dim: bool) -> d
     _set_if(d, ("hidden_size",), v["hidden"])
     _set_if(d, ("num_attention_heads",), v["heads"])
     if isinstance(d.get("num_key_value_heads"), int):
-        # multi-head latent attention expands k and v to every query head (kv_b_proj): no grouped variant
-        d["num_key_value_heads"] = v["heads"] if mla or d["num_key_value_heads"] == d.get("num_attention_heads") \
+        # multi-head latent attention expands k and v to every query head (kv_b_proj): no grouped variant; a default
+        # with as many KV heads as query heads stays so (compared before the shrink: MiMo-V2-Flash's 4 of 64 KV heads
+        # are grouped, though 4 is the shrunk head count)
+        d["num_key_value_heads"] = v["heads"] if mla or base["num_key_value_heads"] == base.get("num_attention_heads") \
             else v["kv"]
     if "head_dim" in d:
         d["head_dim"] = v["head_dim"] if odd_head_dim else v["hidden"] // v["heads"]
