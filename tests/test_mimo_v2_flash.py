@@ -43,6 +43,8 @@ def test_layer_kinds_and_heads() -> None:
     # the sinks: one per head on each sliding layer
     assert count_params(s).total - count_params(replace(s, layer_overrides=(
         replace(s.layer_overrides[0], attention_sinks=False),))).total == 5 * 8
+    # a hub config's sliding_window_size: the window without the query token (MiMoV2FlashConfig adds one)
+    assert spec_from_config({**SMALL, "sliding_window_size": 128}, "m").sliding_window == 129
     with pytest.raises(ConfigError, match="KV heads"):
         spec_from_config({**SMALL, "num_key_value_heads": 8}, "m")  # 16 sliding KV heads for 8 query heads
 

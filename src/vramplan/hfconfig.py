@@ -271,6 +271,7 @@ class _Facts:
     sliding_full_last: bool = False  # ... and the last layer (Flint)
     sliding_kv_mult: int = 1
     v_head_key: str = ""  # config key of the value heads' width where it differs from head_dim (v_head_dim)
+    window_size_key: str = ""  # config key of the window without the query token, which sets sliding_window to it + 1
     value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
     eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
     sink_fp32: bool = False  # the sink attention's scores, sinks and softmax in fp32 (Flint; ModelSpec.sink_fp32)
@@ -464,6 +465,7 @@ _FAMILIES: dict[str, _Facts] = {
                             partial_rotary=True, rotary_default=0.334,
                             rope_cat=True, moe="deepseek", mlp_types=1, sdpa=False, sliding_sinks=True,
                             sliding_kv_mult=2, v_head_key="v_head_dim", value_scale=True, eager_max_softmax=True,
+                            window_size_key="sliding_window_size",
                             aliases=(("num_local_experts", "n_routed_experts"),)),
     # Flint (modeling_flint.py): Qwen3-MoE's attention and layer (per-head q/k norms) with GptOssRMSNorm everywhere,
     # RoPE on the sliding layers only (layer_types; the full ones are NoPE), a learned fp32 sink per head with fp32
@@ -549,6 +551,9 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         return window, tuple(i for i in range(layers) if i not in nope)
     if f.sliding == "types":
         window = c.opt_int("sliding_window")
+        if f.window_size_key and c.raw.get(f.window_size_key) is not None:
+            # the window without the query token: the config class adds one (MiMoV2FlashConfig sliding_window_size)
+            window = c.int_(f.window_size_key, lo=0) + 1
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
         return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at,
