@@ -60,8 +60,6 @@ _OFF = {("mpt", "lora-ckpt"): "+2.7%: the recomputed layer's backward holds ~48 
         # CTRLModel.forward rebinds self.pos_encoding to a 16-bit copy; the trace still holds the fp32 table it was
         # built with (16 MiB here) where a real run frees it: the rest is within 0.5%
         ("ctrl", "full"): "-3.7%: the fp32 pos_encoding table the trace keeps beside its bf16 copy",
-        ("gpt_neox_japanese", "full"): "+2.7%: the backward peak of the small-vocabulary copy, not found yet (the "
-                                       "default cell is -0.0%)",
         ("ctrl", "infer"): "-4.1%: the fp32 pos_encoding table the trace keeps beside its bf16 copy"}
 CELLS = [pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=_OFF[c, w]) if (c, w) in _OFF else ())
          for c in sorted(LAYOUTS) for w in sorted(WORKLOADS) if not (c in NO_CHECKPOINTING and w == "lora-ckpt")]
