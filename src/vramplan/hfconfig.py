@@ -1149,6 +1149,10 @@ from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style la
 
 _READERS.update(LAYOUT_READERS)
 _CLASSES.update(LAYOUT_CLASSES)
+from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stacks: reads _Cfg, _llama_like)
+
+_READERS.update(LOOP_READERS)
+_CLASSES.update(LOOP_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .ssm import SharedBlock, SSMSpec
 
 __all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "LayerOverride", "MLPKind", "ModelSpec", "NormKind",
-           "PositionKind"]
+           "PositionKind", "StackRun"]
 
 # Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
 # "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
@@ -83,6 +83,20 @@ class LayerOverride:
     num_heads: int = 0  # MLA layers with their own head count and latent width (Dots 3's sliding layers)
     kv_lora_rank: int = 0
     dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
+
+
+@dataclass(frozen=True, slots=True)
+class StackRun:
+    """One call of a layer stack in a looped forward (:attr:`ModelSpec.stack_runs`): layers ``first`` ..
+    ``first + count - 1`` run in order on the sum of the carried states, with autograd recording them (``grad``) or
+    under ``torch.no_grad``; the stack's own weightless final norm closes the call and its output replaces carried
+    state ``state`` (modeling_hrm_text.py HrmTextModel.forward: ``z_L = L_module(z_L + z_H)``, then
+    ``z_H = H_module(z_H + z_L)``)."""
+
+    first: int
+    count: int
+    grad: bool
+    state: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +337,12 @@ class ModelSpec:
     lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+    # Looped stacks (vramplan.loops): the forward calls groups of the spec's layers several times, some under
+    # torch.no_grad (StackRun), instead of every layer once; ``carried_states`` hidden-state tensors carry between the
+    # calls: state 0 starts as the scaled embeddings, the others as a fresh copy of a frozen initial vector
+    # (HrmTextModel.z_L_init.expand_as(...).contiguous()). Each call writes its own cache slot. Empty: a plain stack.
+    stack_runs: tuple[StackRun, ...] = ()
+    carried_states: int = 0
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:
