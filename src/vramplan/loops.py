@@ -117,11 +117,9 @@ def _hrm_text(c: Any, family: str) -> ModelSpec:
     total = c.int_("num_hidden_layers", hi=_MAX_LAYERS * 64)
     h_cycles = c.int_("H_cycles", default=2, hi=64)
     l_cycles = c.int_("L_cycles", default=3, hi=64)
-    if per is None:  # HrmTextConfig.__post_init__: num_hidden_layers is the per-stack count on first construction
-        per = total
-    elif total != per * h_cycles * (l_cycles + 1):
-        raise ConfigError(f"{c.where}: num_hidden_layers ({total}) must be num_layers_per_stack x H_cycles x "
-                          f"(L_cycles + 1) = {per * h_cycles * (l_cycles + 1)}, as HrmTextConfig sets it")
+    # HrmTextConfig.__post_init__: num_hidden_layers is the per-stack count on first construction; a saved config
+    # holds both, the total only sizing the cache (the stacks are built from num_layers_per_stack)
+    per = total if per is None else per
     bp = c.int_list("L_bp_cycles") or [2]
     if any(not 0 <= n <= l_cycles for n in bp):
         raise ConfigError(f"{c.where}: L_bp_cycles {bp} must count between 0 and L_cycles ({l_cycles}) inner calls")
