@@ -463,9 +463,10 @@ class _B:
         return bias
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
-                       masked: bool = False) -> Tensor:
+                       masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
-        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`)."""
+        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask of its
+        own instead (a position bias: vramplan.inkling), added to the scores."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
         elem = q.elem
@@ -476,7 +477,9 @@ class _B:
             lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
             lse = tp.op(b * h * lse_len, 4, (), rg=False)
             ins: tuple[Tensor, ...] = (q, k, v, lse)
-            if masked and kernel is Kernel.EFFICIENT and s > 1:
+            if bias is not None:
+                ins += (bias,)
+            elif masked and kernel is Kernel.EFFICIENT and s > 1:
                 ins += (self.sdpa_bias(elem),)
             out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
             if rg:
@@ -491,14 +494,22 @@ class _B:
         if kernel is Kernel.MATH:
             # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            locals_ = (q, k, v, q32, k32, v32)
+            locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
-            if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
+            gqa = heads_kv != h and bias is not None
+            if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
+                # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
+                k32 = tp.op(b * h * skv * d, 4, (k32,))
+                v32 = tp.op(b * h * skv * d, 4, (v32,))
+                locals_ += (k32, v32)
+            elif heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if masked and s > 1:  # transformers' boolean mask converted to the query dtype
-                mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
+            if bias is not None:
+                mask: Tensor | None = bias
+            elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                mask = tp.op(b * s * skv, q.elem, (), rg=False)
             else:  # is_causal: ones(L, S).tril(), converted to fp32
                 mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
@@ -507,7 +518,7 @@ class _B:
                 tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
-            if heads_kv != h:  # the values broadcast to every head for the product (a copy)
+            if heads_kv != h and not gqa:  # the values broadcast to every head for the product (a copy)
                 v32 = tp.op(b * h * skv * d, 4, (v32,))
             o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
@@ -540,6 +551,8 @@ class _B:
             # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
             att = tp.op(scores, 4, (att,))
             selem = 4
+        if bias is not None:  # + position_bias
+            att = tp.op(scores, selem, (att, bias))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -1491,6 +1504,10 @@ class _B:
             from .rwkv import rwkv_block
 
             return rwkv_block(self, x)
+        if plan.mixer == "inkling":
+            from .inkling import inkling_layer
+
+            return inkling_layer(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 

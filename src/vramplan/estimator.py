@@ -424,6 +424,11 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
     if kinds == {"lightning"}:
         return ("lightning attention layers: transformers' plain-PyTorch block loop (there is no fused kernel for "
                 "it in transformers)")
+    if kinds == {"inkling"}:
+        return ("Inkling's short convolutions (causal_conv1d_fn): "
+                + ("the fused causal_conv1d kernel a GPU install runs; --ssm-kernel torch models transformers' "
+                   "F.conv1d fallback instead" if kernel == "fused" else
+                   "transformers' F.conv1d fallback (what runs without causal_conv1d)"))
     if kinds == {"rglru"}:
         return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
                 "is no fused kernel for it)")

@@ -1153,6 +1153,10 @@ from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stack
 
 _READERS.update(LOOP_READERS)
 _CLASSES.update(LOOP_CLASSES)
+from .inkling import INKLING_CLASSES, INKLING_READERS  # noqa: E402  (Inkling's text decoder: reads _Cfg)
+
+_READERS.update(INKLING_READERS)
+_CLASSES.update(INKLING_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)

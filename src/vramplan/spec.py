@@ -25,7 +25,7 @@ __all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "LayerOverride", "
 # Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
 # "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
 # "zamba_tied" reuses the weights of an earlier hybrid layer's block)
-ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied")
+ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied", "inkling")
 MAMBA2_MIXERS = ("mamba2", "parallel", "zamba_hybrid", "zamba_tied")
 
 
@@ -343,6 +343,9 @@ class ModelSpec:
     # (HrmTextModel.z_L_init.expand_as(...).contiguous()). Each call writes its own cache slot. Empty: a plain stack.
     stack_runs: tuple[StackRun, ...] = ()
     carried_states: int = 0
+    # Inkling (vramplan.inkling): the layers' own sizes, (d_rel, the full layers' relative extent, the short
+    # convolutions' kernel, the shared experts); empty: not an Inkling model
+    inkling: tuple[int, ...] = ()
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:

@@ -1,0 +1,92 @@
+"""Inkling's text decoder (vramplan.inkling): relative-position bias as SDPA's float mask, short convolutions, the MoE
+block with shared experts scored by the router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vramplan.api import estimate, make_workload
+from vramplan.derive._configs import cut_layers
+from vramplan.errors import ConfigError
+from vramplan.hfconfig import spec_from_config
+from vramplan.kinds import MemoryKind
+from vramplan.params import count_params
+
+# InklingTextConfig's library defaults (transformers 5.24), the cut the coverage runs (one sliding, one full layer)
+INKLING: dict[str, Any] = {
+    "model_type": "inkling_text", "vocab_size": 201024, "hidden_size": 6144, "num_hidden_layers": 66,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "swa_num_attention_heads": 64,
+    "swa_num_key_value_heads": 16, "swa_head_dim": 128, "sliding_window_size": 512, "d_rel": 16, "rel_extent": 1024,
+    "log_scaling_n_floor": None, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "conv_kernel_size": 4,
+    "intermediate_size": 24576, "hidden_act": "silu", "moe_intermediate_size": 3072, "n_routed_experts": 256,
+    "num_experts_per_tok": 6, "n_shared_experts": 2, "shared_expert_sink": True, "route_scale": 8.0,
+    "logits_mup_width_multiplier": 24.0, "attention_dropout": 0.0,
+    "layer_types": ["hybrid" if (i + 1) % 6 == 0 else "hybrid_sliding" for i in range(66)],
+    "mlp_layer_types": ["sparse"] * 66,
+}
+SMALL = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+         "swa_num_attention_heads": 8, "swa_num_key_value_heads": 4, "swa_head_dim": 32, "intermediate_size": 1024,
+         "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1024,
+         "sliding_window_size": 64, "rel_extent": 128}
+
+
+def _cut(**change: Any) -> dict[str, Any]:
+    return {**cut_layers(INKLING, 2), **change}
+
+
+def test_cut_has_one_layer_of_each_kind() -> None:
+    spec = spec_from_config(_cut())
+    assert spec.num_layers == 2 and spec.sliding_layers == (0,) and spec.moe_layers == (0, 1)
+    assert spec.layer(0).num_kv_heads == 16 and spec.layer(1).num_kv_heads == 8
+
+
+@pytest.mark.parametrize("change", [{}, {"mlp_layer_types": ["dense", "sparse"]}, {"layer_types": None},
+                                    {"d_rel": 8, "rel_extent": 256, "conv_kernel_size": 3, "n_shared_experts": 1},
+                                    {"layer_types": ["hybrid", "hybrid"], "num_hidden_layers": 2}])
+def test_parameters_match_the_meta_model(change: dict[str, Any]) -> None:
+    pytest.importorskip("torch")
+    from .trace_match import meta_parameters
+
+    cfg = {**_cut(), **SMALL, **change}
+    if cfg.get("layer_types") is None:
+        cfg.pop("layer_types")
+    assert count_params(spec_from_config(cfg)).total == meta_parameters(cfg)
+
+
+def test_default_parameters() -> None:
+    # the cut library default as the meta-device model counts it (benchmarks/coverage_results.json)
+    assert count_params(spec_from_config(_cut())).total == 31942717954
+
+
+def test_position_bias_is_dense_per_head() -> None:
+    """The prefill's attention temporaries grow with heads x prompt^2: the full layer's fp32 scores and softmax of
+    the math kernel, beside the bf16 bias and its masked copy."""
+    spec = spec_from_config(_cut())
+    act = {}
+    for s in (1024, 2048):
+        ph = estimate(spec, make_workload(task="infer", batch_size=1, seq_len=s, new_tokens=0)).phases[0]
+        act[s] = ph.breakdown.as_dict()[MemoryKind.ACTIVATIONS]
+    scores = 64 * 2048 * 2048
+    assert act[2048] >= scores * (4 + 4 + 2 + 2)
+    assert act[2048] - act[1024] >= 0.75 * scores * (4 + 4 + 2 + 2)
+
+
+def test_refuses_what_it_does_not_model() -> None:
+    with pytest.raises(ConfigError, match="log_scaling_n_floor"):
+        spec_from_config(_cut(log_scaling_n_floor=4096))
+    with pytest.raises(ConfigError, match="unpadded_vocab_size"):
+        spec_from_config(_cut(unpadded_vocab_size=200000))
+    with pytest.raises(ConfigError, match="layer_types"):
+        spec_from_config(_cut(layer_types=["hybrid", "full_attention"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wname", ["full", "lora", "infer"])
+def test_inkling_estimate_matches_trace(wname: str) -> None:
+    pytest.importorskip("torch")
+    from .trace_match import SMALL_WORKLOADS, assert_matches_trace
+
+    cfg = {**_cut(), **SMALL}
+    assert_matches_trace(cfg, {**SMALL_WORKLOADS[wname], "seq_len": 256}, ssm_kernel="torch")
