@@ -1258,6 +1258,15 @@ class _B:
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
                 gate, up = tp.split(gu, 2)
                 p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+            elif spec.expert_glu == "softcap_fp32":
+                # Inkling2SoftcappedSwiGLU: gate, up = .float(); tanh(gate / c) * c * sigmoid(gate) * (tanh(up / c') *
+                # c'); cast back (tanh and sigmoid save their results, the products their operands)
+                gate, up = tp.split(gu, 2)
+                g32, u32 = self.cast(gate, 4), self.cast(up, 4)
+                gc = tp.op(g32.numel, 4, (self.ew(tp.op(g32.numel, 4, (g32,)), save_out=True),))
+                sg = self.ew(g32, save_out=True)
+                uc = tp.op(u32.numel, 4, (self.ew(tp.op(u32.numel, 4, (u32,)), save_out=True),))
+                p = self.cast(self.mul(self.mul(gc, sg), uc), act)
             else:
                 gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
                 a = self.activation(gate)
@@ -1803,6 +1812,8 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
                         bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
+    if spec.softcap_fp32:  # Inkling2ForCausalLM: lm_head(...).float(), then the soft-cap in fp32
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
     if spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
@@ -1811,7 +1822,7 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
     if spec.logit_scale:  # Granite: logits / logits_scaling; Cohere: logits * logit_scale
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
-    if spec.family == "gptj" or spec.logits_fp32:
+    if (spec.family == "gptj" or spec.logits_fp32) and not spec.softcap_fp32:
         logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)  # GPTJForCausalLM: lm_head(...).to(float32)
     if keep_logits or not loss:
         tp.keep(logits)

@@ -170,11 +170,20 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
                      ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
 
 
+def has_body(spec: ModelSpec) -> bool:
+    """Whether the decoder stack is replayed as one program: looped stacks (vramplan.loops), Inkling 2's block
+    attention residuals across layers (vramplan.inkling2)."""
+    return bool(spec.stack_runs) or spec.inkling[4:5] == (2,)
+
+
 def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, kv_len: int | None = None,
                    ckpt_every: int = 0, grads_exist: bool = False) -> _LayerSim:
-    """The looped stacks' whole schedule as one block (:func:`vramplan.loops.build_body`); it holds its input
-    (inputs_embeds) itself to the forward's end, so nothing else is added for it (``x_saved``)."""
-    from .loops import build_body
+    """The whole stack as one block (:func:`vramplan.loops.build_body`, :func:`vramplan.inkling2.build_body`); it
+    holds its input (inputs_embeds) itself to the forward's end, so nothing else is added for it (``x_saved``)."""
+    if spec.stack_runs:
+        from .loops import build_body
+    else:
+        from .inkling2 import build_body
 
     tp = Tape(num.training)
     y = build_body(tp, spec, num, plan, b, s, kv_len, ckpt_every)
@@ -257,14 +266,14 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    if spec.stack_runs:  # looped stacks: every call on one program (vramplan.loops)
+    if has_body(spec):  # the stack as one program (vramplan.loops, vramplan.inkling2)
         if offload:
-            raise WorkloadError(f"activation offloading is not modelled for {spec.family}'s looped layer stacks; "
+            raise WorkloadError(f"activation offloading is not modelled for {spec.family}'s whole-stack program; "
                                 "drop --activation-offload or run `vramplan trace`")
         sims.append(_simulate_body(spec, num, _plan(spec, w, full, layers_rg, False, False, True, attention,
                                                     _kind(spec, 0)), b, s, ckpt_every=every,
                                    grads_exist=accumulating))
-    for count, trainable, moe, sliding, rope, ck, kind in [] if spec.stack_runs else \
+    for count, trainable, moe, sliding, rope, ck, kind in [] if has_body(spec) else \
             _layer_groups(spec, _first_trainable(spec, w, states), every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind)
@@ -476,7 +485,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
         probs = _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act})
         held, absent = _plus(held, probs), _plus(absent, probs)
-    if spec.stack_runs:  # looped stacks: the body holds inputs_embeds itself (vramplan.loops)
+    if has_body(spec):  # the stack as one program: it holds inputs_embeds itself (vramplan.loops, .inkling2)
         held = absent = _vec({})
         body = _simulate_body(spec, num, _plan(spec, w, False, False, False, False, True, kind=_kind(spec, 0)), b, s,
                               kv_len=s)
@@ -484,7 +493,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, body.fwd.end_kinds)
     cur = _plus(cur, held)
     sliced = False
-    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate([] if spec.stack_runs else
+    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate([] if has_body(spec) else
                                                                     _layer_groups(spec, spec.num_layers)):
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
@@ -637,7 +646,7 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
-    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS and not spec.stack_runs
+    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
@@ -657,7 +666,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
          f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
          + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
-            ": looped layer stacks" if spec.stack_runs else "") + ")"),
+            ": the stack is one program" if has_body(spec) else "") + ")"),
         *states.notes,
     ]
     kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}

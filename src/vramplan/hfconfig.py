@@ -1157,6 +1157,10 @@ from .inkling import INKLING_CLASSES, INKLING_READERS  # noqa: E402  (Inkling's 
 
 _READERS.update(INKLING_READERS)
 _CLASSES.update(INKLING_CLASSES)
+from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling 2's text decoder)
+
+_READERS.update(INKLING2_READERS)
+_CLASSES.update(INKLING2_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1252,9 +1256,11 @@ _MISSING_MECHANISMS = {
            "of data-dependent lengths, cross-attention between bytes and patches)",
     "hy_v4": "hyper-connections (hc_mult residual streams mixed per sublayer by HYV4HyperConnection and the "
              "HYV4HyperHead) around MLA with a sparse-attention indexer, attention sinks and a clamped SwiGLU MoE",
-    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
-                     "blocks' outputs in fp32 makes each sublayer's input)",
-    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
+                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
+                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
+                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
+                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

@@ -37,8 +37,13 @@ from .workload import Attention
 __all__ = ["INKLING_CLASSES", "INKLING_READERS", "inkling_layer", "inkling_linears"]
 
 
-def inkling_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
-    """The attention's nn.Linear modules (q, k, v, the relative-state r_proj, o); ``spec`` is the layer's."""
+def inkling_linears(spec: ModelSpec, index: int = -1) -> list[tuple[str, int, int, int]]:
+    """The attention's nn.Linear modules (q, k, v, the relative-state r_proj, o); ``spec`` is the layer's (Inkling 2:
+    vramplan.inkling2)."""
+    if len(spec.inkling) > 4 and spec.inkling[4] == 2:
+        from .inkling2 import inkling2_linears
+
+        return inkling2_linears(spec, index not in spec.sliding_layers)
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
     return [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1),
             ("r_proj", h, spec.num_heads * _d_rel(spec), 1), ("o_proj", q, h, 1)]
@@ -66,7 +71,7 @@ def extra_params(spec: ModelSpec, kernel: int, shared: int) -> int:
     return total
 
 
-def short_conv(bld: _B, x: Tensor, kernel: int) -> Tensor:
+def short_conv(bld: _B, x: Tensor, kernel: int, scaled: bool = False) -> Tensor:
     """InklingShortConvolution.forward without a cache (training, prefill: ``cache.update_conv_state`` keeps only the
     last ``kernel`` positions): ``x.float()`` (the residual), causal_conv1d_fn over the transposed view (transformers'
     fallback: ``F.conv1d(..., padding=kernel - 1)``, its output ``kernel - 1`` positions longer, then sliced),
@@ -83,6 +88,8 @@ def short_conv(bld: _B, x: Tensor, kernel: int) -> Tensor:
     conv = tp.op(bld.b * rows * length, 4, (x32,), save=(x32,) if (x32.rg or tr) else (),
                  params=pg, rg=x32.rg or tr)
     y = bld.add(conv, x32)
+    if scaled:  # Inkling2ShortConvolution: (hidden_states + residual) / sqrt(taps + 1)
+        y = tp.op(y.numel, 4, (y,))
     return bld.cast(y, x.elem)
 
 
@@ -118,7 +125,7 @@ def inkling_attention(bld: _B, n: Tensor) -> Tensor:
     if attn is Attention.FLASH:  # InklingPreTrainedModel._supports_flash_attn = False: transformers refuses it
         raise WorkloadError(f"{spec.family} has no FlashAttention path in transformers (its relative-position bias "
                             "needs eager or sdpa attention): use --attention sdpa or eager")
-    masked = plan.sliding and window_masked(spec, skv) and attn is not Attention.FLASH
+    masked = plan.sliding and window_masked(spec, skv)
     elem = q.elem
     if attn is Attention.EAGER:
         kern = Kernel.EAGER

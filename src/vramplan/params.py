@@ -199,7 +199,7 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     if spec.mixer(index) == "inkling":
         from .inkling import inkling_linears
 
-        return inkling_linears(spec) + mlp
+        return inkling_linears(spec, index) + mlp
     return attention_linears(spec) + mlp
 
 
@@ -314,7 +314,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     if spec.mixer(index) == "inkling":  # its attention's linears and MLP / MoE, two norms (the rest: extra_params)
         from .inkling import inkling_linears
 
-        lin = inkling_linears(spec)
+        lin = inkling_linears(spec, index)
         mlp = mlp_linears(spec, index in spec.moe_layers)
         return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
                            2 * _norm_params(spec, spec.hidden_size), tuple(lin + mlp))

@@ -300,6 +300,7 @@ class ModelSpec:
     shared_block: SharedBlock | None = None  # Zamba2's shared transformer block (vramplan.ssm)
     residual_fp32: bool = False  # Mamba blocks' residual_in_fp32: the residual stream is fp32 after layer 0
     logits_fp32: bool = False  # the CausalLM casts the logits with .float() (Mamba-2, Nemotron-H)
+    softcap_fp32: bool = False  # the logit soft-cap runs on the fp32 logits (Inkling2ForCausalLM: .float() first)
     mlp_multipliers: bool = False  # Falcon-H1: gate_proj(x) * gate_multiplier, down_proj(y) * down_multiplier
     key_multiplier: bool = False  # Falcon-H1: key states * key_multiplier
     program_version: str = "5.17"  # the transformers release whose modeling code the block program follows
@@ -344,7 +345,8 @@ class ModelSpec:
     stack_runs: tuple[StackRun, ...] = ()
     carried_states: int = 0
     # Inkling (vramplan.inkling): the layers' own sizes, (d_rel, the full layers' relative extent, the short
-    # convolutions' kernel, the shared experts); empty: not an Inkling model
+    # convolutions' kernel, the shared experts, the generation (1: Inkling, 2: Inkling 2), Inkling 2's layers per
+    # block-attention-residual block); empty: not an Inkling model
     inkling: tuple[int, ...] = ()
 
     # ---- heterogeneous stacks --------------------------------------------------------
