@@ -160,3 +160,12 @@ def test_inkling2_estimate_matches_trace(wname: str) -> None:
     if wname == "lora":
         opts["lora_targets"] = "all-linear"
     assert_matches_trace(cfg, opts, ssm_kernel="torch")
+
+
+@pytest.mark.parametrize("cfg", [INKLING, INKLING2], ids=["inkling", "inkling2"])
+def test_flash_attention_refused_as_transformers_does(cfg: dict[str, Any]) -> None:
+    from vramplan.errors import WorkloadError
+
+    spec = spec_from_config(cut_layers(cfg, 2))
+    with pytest.raises(WorkloadError, match="FlashAttention"):
+        estimate(spec, make_workload(batch_size=1, seq_len=256, attention="flash"))

@@ -136,3 +136,12 @@ def test_hrm_estimate_matches_trace(wname: str) -> None:
 
     opts = {"full": FULL, "infer": {**INFER, "new_tokens": 0}}[wname]
     assert_matches_trace(_cut(max_position_embeddings=2112), opts)
+
+
+def test_prefix_lm_refuses_flash_attention() -> None:
+    from vramplan.errors import WorkloadError
+
+    w = make_workload(**FULL, attention="flash")
+    with pytest.raises(WorkloadError, match="prefix-LM"):
+        estimate(spec_from_config(_cut()), w)
+    assert estimate(spec_from_config(_cut(prefix_lm=False)), w).peak_allocated_bytes > 0

@@ -614,6 +614,9 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
     if w.packing and (not w.is_train or spec.family == "bloom" or (spec.family == "gptj" and not has_sdpa(spec, w))):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
+    if spec.flash_refused and (w.attention is Attention.FLASH or w.packing):
+        raise WorkloadError(f"transformers refuses FlashAttention for {spec.name} ({spec.family}): "
+                            f"{spec.flash_refused}; use --attention sdpa or eager (and no --packing)")
     if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
         # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
         raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "

@@ -29,7 +29,7 @@ from typing import Any
 from ._engine.numerics import Kernel, sdpa_kernel
 from ._engine.tape import Tensor
 from .blocks import _B, window_masked
-from .errors import ConfigError, WorkloadError
+from .errors import ConfigError
 from .kinds import MemoryKind
 from .spec import LayerOverride, MLPKind, ModelSpec, NormKind, PositionKind
 from .workload import Attention
@@ -122,9 +122,6 @@ def inkling_attention(bld: _B, n: Tensor) -> Tensor:
     outside = tp.op(s * skv, 1, (dist,), rg=False)
     bias = tp.op(scores, rel.elem, (gathered, outside), save=(outside,) if gathered.rg else (), grad_to=(gathered,))
     attn = plan.attention
-    if attn is Attention.FLASH:  # InklingPreTrainedModel._supports_flash_attn = False: transformers refuses it
-        raise WorkloadError(f"{spec.family} has no FlashAttention path in transformers (its relative-position bias "
-                            "needs eager or sdpa attention): use --attention sdpa or eager")
     masked = plan.sliding and window_masked(spec, skv)
     elem = q.elem
     if attn is Attention.EAGER:
@@ -274,7 +271,8 @@ def _inkling_text(c: Any, family: str) -> ModelSpec:
         layer_overrides=(LayerOverride(layers=sliding, head_dim=shd, num_kv_heads=skv, num_heads=sh),) if sliding
         else (),
         mixers=("inkling",) * layers, attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version="5.24",
+        program_version="5.24", flash_refused="InklingPreTrainedModel has no FlashAttention path (_supports_flash_attn "
+        "False: its relative-position bias needs a float mask)",
         inkling=(c.int_("d_rel", default=16), c.int_("rel_extent", default=1024), kernel, shared),
     )
     return replace(spec, extra_params=extra_params(spec, kernel, shared))

@@ -29,12 +29,11 @@ from typing import Any
 
 from ._engine.tape import Tape, Tensor
 from .blocks import LayerPlan, Numerics, resid_elem
-from .errors import ConfigError, WorkloadError
+from .errors import ConfigError
 from .inkling import short_conv
 from .kinds import MemoryKind
 from .loops import _Scoped
 from .spec import LayerOverride, MLPKind, ModelSpec, NormKind, PositionKind
-from .workload import Attention
 
 __all__ = ["INKLING2_CLASSES", "INKLING2_READERS", "build_body", "inkling2_linears"]
 
@@ -164,9 +163,6 @@ class _Prog:
         h, qd, kvd, d, nh = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.head_dim, spec.num_heads
         b, s, skv = bld.b, bld.s, bld.kv_len
         d_rel, kernel = spec.inkling[0], spec.inkling[2]
-        if plan.attention is not Attention.EAGER:
-            raise WorkloadError(f"{spec.family} runs eager attention only in transformers (per-token sinks): use "
-                                "--attention eager")
         q = self.scaled_clip(bld.proj(n, h, qd, "q_proj.linear"), nh, d, full)
         kl = bld.proj(kn, h, kvd, "k_proj.linear")
         vl = bld.proj(vn, h, kvd, "v_proj.linear")
@@ -358,7 +354,8 @@ def _inkling2_text(c: Any, family: str) -> ModelSpec:
         layer_overrides=(LayerOverride(layers=sliding, head_dim=shd, num_kv_heads=skv, num_heads=sh),) if sliding
         else (),
         mixers=("inkling",) * layers, attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        sdpa=False, program_version="5.24",
+        sdpa=False, program_version="5.24", flash_refused="Inkling2PreTrainedModel runs eager attention only "
+        "(_supports_flash_attn and _supports_sdpa False: per-token attention sinks)",
         inkling=(c.int_("d_rel", default=16), c.int_("rel_extent", default=1024), kernel, 0, 2,
                  c.int_("n_layers_per_attn_res_block", default=6, hi=_MAX_LAYERS)),
     )

@@ -123,16 +123,16 @@ def _hrm_text(c: Any, family: str) -> ModelSpec:
     bp = c.int_list("L_bp_cycles") or [2]
     if any(not 0 <= n <= l_cycles for n in bp):
         raise ConfigError(f"{c.where}: L_bp_cycles {bp} must count between 0 and L_cycles ({l_cycles}) inner calls")
-    if c.bool_("prefix_lm", default=True) and c.raw.get("_attn_implementation") in ("flash_attention_2",
-                                                                                       "flash_attention_3"):
-        raise ConfigError(f"{c.where}: prefix_lm needs sdpa or eager attention (transformers refuses FlashAttention)")
     raw = {k: v for k, v in c.raw.items() if k not in ("num_key_value_heads",)}
     raw["num_hidden_layers"] = 2 * per
     facts = _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, attn_gate="sigmoid", attn_gate_early=True,
                    attn_gate_heads=False, attn_gate_name="gate_proj")
     spec = _llama_like(_Cfg(raw, c.where), family, facts)
+    # HrmTextPreTrainedModel._check_and_adjust_attn_implementation: FlashAttention cannot represent the prefix-LM mask
+    refused = "with prefix_lm, FlashAttention cannot represent the prefix-LM 4-D mask" if \
+        c.bool_("prefix_lm", default=True) else ""
     return replace(spec, embed_scale=True, final_norm=False, extra_params=spec.hidden_size,
-                   stack_runs=hrm_runs(per, h_cycles, l_cycles, bp), carried_states=2)
+                   stack_runs=hrm_runs(per, h_cycles, l_cycles, bp), carried_states=2, flash_refused=refused)
 
 
 LOOP_READERS = {"hrm_text": _hrm_text}

@@ -273,6 +273,7 @@ class ModelSpec:
     # g_proj(x).float(), cast back: Ling 3's BailingHybridAttention), "native" (in the activation dtype: Dots 3)
     mla_latent_scale: bool = False  # Dots3NoteTextAttention: q_resid * sqrt(hidden / q_lora_rank), the contiguous
     # kv latent normed then * sqrt(hidden / kv_lora_rank), an RMSNorm over the shared rotary key (k_rope_only_layernorm)
+    flash_refused: str = ""  # why transformers refuses FlashAttention for the model ("": it does not)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
