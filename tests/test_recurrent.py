@@ -170,7 +170,8 @@ def test_estimate_matches_trace(cfg: dict[str, Any], wname: str) -> None:
 
 
 @pytest.mark.parametrize(("model_type", "mechanism"), [("inkling2_loop_text", "loop passes"),
-                                                       ("xlstm", "mLSTM/sLSTM"), ("hy_v4", "hyper-connections")])
+                                                       ("xlstm", "mLSTM/sLSTM"),
+                                                       ("deepseek_v4", "hyper-connections")])
 def test_types_still_refused_name_the_missing_mechanism(model_type: str, mechanism: str) -> None:
     with pytest.raises(ConfigError, match=mechanism):
         spec_from_config({"model_type": model_type})

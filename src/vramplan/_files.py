@@ -8,9 +8,71 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import BinaryIO
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
-__all__ = ["FileTooLarge", "NotAFile", "open_regular", "read_text_limited"]
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+__all__ = ["FileTooLarge", "NotAFile", "installed_version", "open_regular", "package_data", "read_text_limited"]
+
+_PACKAGE_DIR = Path(__file__).parent
+
+
+def package_data(*parts: str) -> Path | Traversable:
+    """A file or folder shipped inside the package (``package_data("data", "gpus.json")``).
+
+    A plain path next to this module when the package lies on disk (every wheel and editable install); the
+    ``importlib.resources`` lookup, whose import pulls in ``zipfile`` and ``tempfile``, only for a zipped package."""
+    path = _PACKAGE_DIR.joinpath(*parts)
+    if path.exists():
+        return path
+    from importlib import resources
+
+    return resources.files("vramplan").joinpath(*parts)
+
+
+def _normalized(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+@lru_cache(maxsize=16)
+def installed_version(dist: str) -> str | None:
+    """The version of the installed distribution ``dist`` from its metadata on ``sys.path`` (the
+    ``NAME-VERSION.dist-info/METADATA`` or ``.egg-info/PKG-INFO`` that ``importlib.metadata.version`` reads, first
+    match in path order), or None. Nothing is imported, and ``importlib.metadata`` (with the email parser it loads,
+    ~20 ms) only for a distribution that is not a plain folder on the path (a zipped egg)."""
+    want = _normalized(dist)
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as it:
+                names = [e.name for e in it]
+        except OSError:
+            continue
+        for name in names:
+            stem, dot, suffix = name.rpartition(".")
+            if not dot or suffix not in ("dist-info", "egg-info") or _normalized(stem.partition("-")[0]) != want:
+                continue
+            meta = os.path.join(entry or ".", name, "METADATA" if suffix == "dist-info" else "PKG-INFO")
+            try:
+                with open(meta, encoding="utf-8") as fh:
+                    for line in fh:
+                        if line.startswith("Version:"):
+                            return line.partition(":")[2].strip()
+                        if not line.strip():
+                            break
+            except OSError:
+                continue
+    if any(e.endswith((".egg", ".zip")) for e in sys.path):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+    return None
 
 
 class NotAFile(OSError):

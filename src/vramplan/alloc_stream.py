@@ -21,6 +21,7 @@ at the first matmul and kept.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from . import allocator as A
@@ -95,6 +96,8 @@ class _Stream:
         self._keys: dict[object, int] = {}
         self.opt_keys: set[int] = set()
         self._next = 1 << 40
+        self._codes: dict[int, tuple[list[tuple[int, int]], list[int], dict[int, int]]] = {}
+        self._plans: dict[tuple[object, ...], tuple[list[tuple[int, int]], list[int], list[int]]] = {}
 
     def key(self, tag: object) -> int:
         """The integer key of a named tensor (a block's output, its gradient, a parameter)."""
@@ -124,14 +127,80 @@ class _Stream:
             else:
                 ev.append((key, n))
 
+    def add_instance(self, codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int, gyk: int) -> None:
+        """``add(_Template.instance(codes, base, xk, yk, gxk, gyk))``, the same events and the same ``live`` order,
+        without a dictionary test per event: which events :meth:`add` drops, and what the instance leaves in
+        ``live``, depend only on the codes and on which of the instance's keys are live when it starts (and on which
+        of them coincide), so they are worked out once per such case (a stack of identical layers repeats them)."""
+        info = self._codes.get(id(codes))
+        if info is None:
+            distinct = list(dict.fromkeys(c for c, _ in codes))
+            info = self._codes[id(codes)] = (codes, distinct, {c: i for i, c in enumerate(distinct)})
+        distinct = info[1]
+        special = (0, xk, yk, gxk, gyk)
+        keys = [special[-c] if c < 0 else base + c for c in distinct]
+        live = self.live
+        state = tuple([k in live for k in keys])
+        canon = None if len(set(keys)) == len(keys) else tuple([keys.index(k) for k in keys])
+        memo_key = (id(codes), state, canon)
+        plan = self._plans.get(memo_key)
+        if plan is None:
+            plan = self._plans[memo_key] = _instance_plan(codes, info[2], state, canon)
+        kept, deleted, appended = plan
+        self.ev.extend([(keys[i], n) for i, n in kept])
+        for i in deleted:
+            del live[keys[i]]
+        for i in appended:
+            live[keys[i]] = None
+
     def alloc(self, key: object, n: int) -> None:
-        self.add([(key, n)])
+        """``add([(key, n)])``."""
+        if n > 0:
+            if key in self.live:
+                return
+            self.live[key] = None
+        self.ev.append((key, n))
 
     def free(self, key: object) -> None:
-        self.add([(key, _FREE)])
+        """``add([(key, FREE)])``."""
+        if key in self.live:
+            del self.live[key]
+            self.ev.append((key, _FREE))
 
     def mark(self, phase: Phase) -> None:
         self.ev.append((phase.value, A.PHASE))
+
+
+def _instance_plan(codes: list[tuple[int, int]], index: dict[int, int], state: tuple[bool, ...],
+                   canon: tuple[int, ...] | None) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """What :meth:`_Stream.add` does with one instance of ``codes`` whose distinct keys (``index``: code -> position)
+    are live as ``state`` says (``canon``: the first position of each key, where keys coincide): the events it keeps
+    as (position, n), the positions of keys live before that it deletes from ``live``, and the positions of keys it
+    leaves live, in the order of their last insertion."""
+    live = {i for i, s in enumerate(state) if s and (canon is None or canon[i] == i)}
+    start = set(live)
+    kept: list[tuple[int, int]] = []
+    deleted: list[int] = []
+    inserted: dict[int, None] = {}
+    for c, n in codes:
+        i = index[c] if canon is None else canon[index[c]]
+        if n > 0:
+            if i in live:
+                continue
+            live.add(i)
+            inserted.pop(i, None)
+            inserted[i] = None
+            kept.append((i, n))
+        elif n == _FREE:
+            if i in live:
+                live.discard(i)
+                inserted.pop(i, None)
+                if i in start and i not in deleted:
+                    deleted.append(i)
+                kept.append((i, n))
+        else:
+            kept.append((i, n))
+    return kept, deleted, list(inserted)
 
 
 def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[str, int]]:
@@ -446,20 +515,29 @@ def _ddp_rebuild(st: _Stream, trainable: list[int]) -> None:
 
 
 def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 ddp: bool = False) -> list[Event]:
+                 ddp: bool = False, *, reference: bool = False) -> list[Event]:
     """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
     reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
     the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``)."""
-    return list(train_stream(spec, w, states, num, steps, ddp=ddp))
+    return list(train_stream(spec, w, states, num, steps, ddp=ddp, reference=reference))
 
 
 def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 probe: list[int] | None = None, ddp: bool = False) -> Iterator[Event]:
-    """:func:`train_events` step by step. With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
+                 probe: list[int] | None = None, ddp: bool = False, *, reference: bool = False) -> Iterator[Event]:
+    """:func:`train_events` step by step (see :func:`_train_steps`)."""
+    return itertools.chain.from_iterable(_train_steps(spec, w, states, num, steps, probe, ddp, reference))
+
+
+def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int,
+                 probe: list[int] | None, ddp: bool, reference: bool) -> Iterator[list[Event]]:
+    """The events of :func:`train_events`, one list per step (a replay takes the next list once it has
+    replayed the previous one). With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
     what is reserved at each ``PROBE`` marker, one at every step's start and end) the stream stops after the
     first step, from the second on, that reserved nothing new: every step ends with the tensors it began with
     (weights, the optimizer states created in the first step) and free neighbours merge, so such a step leaves
-    the allocator exactly as it found it and every later step would repeat it."""
+    the allocator exactly as it found it and every later step would repeat it. ``reference``: every block
+    instance filtered event by event (:meth:`_Stream.add`) instead of by :meth:`_Stream.add_instance` (the same
+    stream; the tests compare the two)."""
     from .estimator import _first_trainable, _layer_groups, _plan, _trainable_parts
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
@@ -561,10 +639,16 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     grads: list[int] = []
 
     def run(tpl: _Template, codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
-            gyk: int) -> list[Event]:
-        items = tpl.instance(codes, base, xk, yk, gxk, gyk)
+            gyk: int, fast: bool = True) -> list[Event]:
+        """One instance of a recorded block: its events added to the stream (``fast``), or returned to be edited."""
         if tpl.pgrads:
             grads.extend(base + c for c in tpl.pgrads)
+        if fast and not reference:
+            st.add_instance(codes, base, xk, yk, gxk, gyk)
+            return []
+        items = tpl.instance(codes, base, xk, yk, gxk, gyk)
+        if fast:
+            st.add(items)
         return items
 
     for step in range(steps):
@@ -587,7 +671,7 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
             st.mark(Phase.FORWARD)
             e_base = st.fresh(len(emb.local))
-            st.add(run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1)))
+            run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1))
             bases: list[int] = []
             cached: list[int] = []
             for k, gi in enumerate(order):
@@ -595,35 +679,36 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 base = st.fresh(len(tpl.local))
                 bases.append(base)
                 cached += [base + code for code in autocast_held.get(gi, ())]
-                items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
                 if k == 0 and not first_saves_x and not c:
                     # transformers' base model keeps inputs_embeds referenced until it returns
-                    items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
-                st.add(items)
+                    items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k), fast=False)
+                    st.add([(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))])
+                else:
+                    run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
             if not first_saves_x and not first_ckpt:
                 st.free(y(-1))
             for code in e_scoped:  # the base model's forward returned: its attention masks die
                 st.free(e_base + code)
             h_base = st.fresh(len(head.local))
-            st.add(run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9))
+            run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9)
             for kk in cached:  # leaving torch.autocast clears its cache of weight casts
                 st.free(kk)
             st.mark(Phase.BACKWARD)
-            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9),
+            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
                            [(h_base + code, n) for code, n in seeds]))
             for k in range(L - 1, -1, -1):
                 _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
                 base = bases[k]
                 if c:  # recompute the layer's forward (saving), then its backward; then drop its input
                     base = st.fresh(len(tpl.local))
-                    st.add(run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k)))
+                    run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k))
                     st.free(y(("r", k)))
                 elif rec:  # offloaded: the saved tensors come back from the host
-                    st.add(run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k)))
-                st.add(run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k)))
+                    run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k))
+                run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
                 if c:
                     st.free(y(k - 1))
-            st.add(run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1)))
+            run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
             for code in e_extra:
                 st.free(e_base + code)
             st.free(y(-1))
@@ -648,8 +733,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             if left not in st.opt_keys:
                 st.free(left)
         st.ev.append((None, A.PROBE))
-        yield from st.ev
-        st.ev.clear()
+        chunk, st.ev = st.ev, []
+        yield chunk
         # (with DDP the second step rebuilds the buckets: from the third on the steps repeat)
         if probe is not None and step > int(ddp) and len(probe) >= 2 and probe[-1] == probe[-2]:
             return
@@ -668,9 +753,10 @@ def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: l
     return grow if grow else [key for key, _ in kept]
 
 
-def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics) -> list[Event]:
+def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *,
+                 reference: bool = False) -> list[Event]:
     """The allocation stream of one generate-like request as the calibration harness runs it: the peaks are
-    reset after the weights are loaded."""
+    reset after the weights are loaded (``reference``: as :func:`train_stream`)."""
     from .estimator import _kv_bytes, _layer_groups, _plan, kv_shared_sliced
 
     b, s = w.batch_size, w.seq_len
@@ -711,10 +797,11 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     for k, gi in enumerate(_layer_order(spec, spec.num_layers)):
         tpl, codes, kept = compiled[gi]
         base = st.fresh(len(tpl.local))
-        items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
-        if k == 0:
-            items = [(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))]
-        st.add(items)
+        if k == 0 or reference:
+            items = tpl.instance(codes, base, y(k - 1), y(k), -9, -9)
+            st.add([(kk, n) for kk, n in items if not (k == 0 and n == _FREE and kk == y(-1))])
+        else:
+            st.add_instance(codes, base, y(k - 1), y(k), -9, -9)
         kv_keys.append(_growing(spec, num, b, s, k, [(base + c, n) for c, n in kept]))
     st.free(y(-1))
     for t in et.forward_scoped:  # the base model's forward returned: its attention masks die
@@ -741,18 +828,39 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         return st.ev
     st.mark(Phase.DECODE)
     small = [b * spec.hidden_size * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
+    # per layer with a growing cache: its keys, and _kv_bytes(length) // 2 as (bytes per token, window or 0)
+    growing = []
+    for i, keys in enumerate(kv_keys):
+        if keys:
+            one = _kv_bytes(spec.layer(i), num, b, 1, False)
+            window = spec.layer(i).sliding_window if i in spec.sliding_layers else 0
+            growing.append((keys, one, window or 0))
+    ev, live = st.ev, st.live
     for step in range(w.new_tokens):
         length = s + step + 1
         d = st.fresh(3)
         for j, n in enumerate(small[:2]):
             st.alloc(d + j, n)
-        for i in range(spec.num_layers):
-            per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
-            keys = kv_keys[i]
+        if reference:
+            for i in range(spec.num_layers):
+                per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
+                keys = kv_keys[i]
+                for j, old in enumerate(keys):
+                    new = st.fresh(0)
+                    st.alloc(new, per)
+                    st.free(old)
+                    keys[j] = new
+            growing = []
+        for keys, one, window in growing:
+            per = one * (min(length, window) if window else length) // 2
             for j, old in enumerate(keys):  # torch.cat: the longer copy, then the old tensor dies
                 new = st.fresh(0)
-                st.alloc(new, per)
-                st.free(old)
+                if per > 0:  # st.alloc(new, per) of a fresh key, then st.free(old)
+                    live[new] = None
+                ev.append((new, per))
+                if old in live:
+                    del live[old]
+                    ev.append((old, _FREE))
                 keys[j] = new
         st.alloc(d + 2, small[2])
         for j in range(3):

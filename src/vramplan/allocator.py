@@ -423,10 +423,12 @@ EMPTY = -6
 
 
 def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CONF,
-             probe: list[int] | None = None) -> AllocStats:
-    """Replay ``events`` (see ``FREE``/``PHASE``/``RESET``/``PROBE``) and return the peaks after the last reset."""
+             probe: list[int] | None = None, *, reference: bool = False) -> AllocStats:
+    """Replay ``events`` (see ``FREE``/``PHASE``/``RESET``/``PROBE``) and return the peaks after the last reset.
+    ``reference``: through the block-object model (:class:`_Allocator`) even where the one-loop replay
+    (:func:`_simulate_segments`) applies; the tests compare the two."""
     probe = [] if probe is None else probe
-    if not conf.expandable_segments and not any(conf.roundup_power2_divisions):
+    if not reference and not conf.expandable_segments and not any(conf.roundup_power2_divisions):
         return _simulate_segments(events, conf.max_split_size, probe)
     a = _Allocator(conf)
     peak_alloc = peak_res = at_reset = 0

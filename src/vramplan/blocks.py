@@ -390,7 +390,10 @@ class _B:
         eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
         qi = tp.op(b * s * hi * di, act, (q_resid,), rg=False)  # wq_b(q_resid)
         ki = tp.op(b * s * di, act, (n,), rg=False)  # wk(hidden_states)
-        kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
+        if spec.index_fp32_weights:  # HYV4Indexer: k_norm(wk(x).to(fp32)) in fp32, cast back
+            kn = self.cast(tp.op(b * s * di, 4, (self.cast(ki, 4),), rg=False), act)
+        else:
+            kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
         q_rot = self.rope(tp.view(qi, b * s * hi * rd))
         k_rot = self.rope(tp.view(kn, b * s * rd))
         qc = tp.op(b * s * hi * di, act, (q_rot, qi), rg=False)  # cat([q_rot, q_pass])
@@ -406,8 +409,11 @@ class _B:
         sc = tp.op(b * s * hi * t, 4, (q32, kx), rg=False)  # matmul
         sc = tp.op(sc.numel, 4, (sc,), rg=False)  # * softmax_scale
         sc = tp.op(sc.numel, 4, (sc,), rg=False)  # relu
-        w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
-        w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
+        if spec.index_fp32_weights:  # HYV4Indexer: weights_proj (fp32) of hidden_states.to(fp32)
+            w = tp.op(b * s * hi, 4, (tp.op(n.numel, 4, (n,), rg=False),), rg=False)
+        else:
+            w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
+            w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
         w = tp.op(w.numel, 4, (w,), rg=False)  # * n_heads ** -0.5
         isc = tp.op(b * s * t, 4, (w, sc), rg=False)  # (B, S, 1, H) @ (B, S, H, T)
         if eager:  # + the float causal mask
@@ -417,7 +423,18 @@ class _B:
         vals = tp.op(b * s * sel, 4, (isc,), rg=False)  # topk values (unused) and indices
         idx = tp.op(b * s * sel, 8, (isc, vals), rg=False)
         idx = tp.op(idx.numel, 4, (idx,), rg=False)  # .to(torch.int32): what the indexer returns
-        idx = tp.op(idx.numel, 8, (idx,), rg=False)  # topk_indices.long()
+        return self.dsa_index_mask(idx)
+
+    def dsa_index_mask(self, idx: Tensor | None = None) -> Tensor:
+        """The attention's mask of the indexer's top-k ``idx`` (int32; None: a layer reusing the previous indexer
+        layer's, HY-V4's "shared" layers): ``topk_indices.long()``, scattered into a new (B, S, T) boolean mask,
+        combined with the causal mask."""
+        spec, tp = self.spec, self.tp
+        b, s, t = self.b, self.s, self.kv_len
+        eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
+        act = 2 if self.num.amp else self.num.act
+        # topk_indices.long() (a shared layer's indices are the previous layer's, held by the decoder loop)
+        idx = tp.op(b * s * min(spec.index_topk, t), 8, (idx,) if idx is not None else (), rg=False)
         ones = tp.op(b * s * t, 1, (), rg=False)  # new_ones((B, S, T), dtype=bool)
         index_mask = tp.op(b * s * t, 1, (ones, idx), rg=False)  # .scatter(-1, idx, False)
         if eager:  # attention_mask.masked_fill(index_mask, min)
@@ -449,6 +466,44 @@ class _B:
             root.last_use = max(root.last_use, end)
         return qe, ke
 
+    def dynamic_mask(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Doge's dynamic mask (modeling_doge.py ``DogeAttention.forward`` / ``prepare_dynamic_mask``, transformers
+        5.24): ``dt_proj`` over the values (in inference the cache's values, transposed and reshaped: a copy), then
+        ``exp(A * softplus(dt))`` per key-value head and key; the model's boolean causal mask made additive
+        (``torch.where``: the hidden dtype) and compared ``!= 0`` (a bool mask that ``masked_fill``'s backward
+        saves); ``masked_fill`` of the expanded dt writes a new (batch, kv heads, q, kv) float mask, whose gradient is
+        a full-size temporary summed down to dt's shape; beyond ``keep_window_size`` keys, ``zeros_like``, the top-k
+        indices, their scatter and a second ``masked_fill``; ``repeat_kv`` copies it to every query head."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        b, s, skv, kvh, kvd = self.b, self.s, self.kv_len, spec.num_kv_heads, spec.kv_dim
+        tr = plan.trainable
+        vv = tp.op(b * skv * kvd, v.elem, (v,)) if not self.num.training else v
+        dt = self.proj(vv, kvd, kvh, "dt_proj", spec.qkv_bias)
+        sp = self.ew(dt, save_in=True)  # softplus saves its input
+        pg = self.param_grad(f"A{len(tp.ops)}", kvh, self.num.param) if tr else ()
+        ad = tp.op(sp.numel, max(sp.elem, self.num.param), (sp,), save=(sp,) if tr else (), params=pg,
+                   rg=sp.rg or tr)
+        ex = self.ew(ad, save_out=True)  # exp saves its result
+        hid = self.num.act
+        full = b * kvh * s * skv
+        additive = tp.op(b * s * skv, hid, (), rg=False)  # torch.where(attention_mask, 0.0, min_dtype)
+        ne = tp.op(b * s * skv, 1, (additive,), rg=False)  # attention_mask != 0
+        mask = tp.op(full, ex.elem, (ex, ne), save=(ne,) if ex.rg else (), grad_to=(ex,),
+                     bwd_scratch=full * ex.elem if ex.rg else 0)
+        tp.hold(additive)  # prepare_dynamic_mask rebinds attention_mask to it: held until the function returns
+        if skv > spec.keep_window:
+            zeros = tp.op(full, hid, (), rg=False)
+            idx = tp.op(b * kvh * s * spec.keep_window, 8, (mask,), rg=False,
+                        fwd_scratch=b * kvh * s * spec.keep_window * mask.elem)  # topk values and indices
+            active = tp.op(full, hid, (zeros, idx), rg=False)  # scatter
+            off = tp.op(full, 1, (active,), rg=False)  # active_mask == 0.0
+            mask = tp.op(full, mask.elem, (mask, off), save=(off,) if mask.rg else (), grad_to=(mask,))
+        if spec.num_heads != kvh:  # repeat_kv: expand + reshape copies
+            mask = tp.op(b * spec.num_heads * s * skv, mask.elem, (mask,))
+        tp.hold(additive)
+        return mask, ex
+
     def sdpa_bias(self, elem: int) -> Tensor:
         """The additive mask SDPA makes of transformers' boolean (B, 1, S, S_kv) mask (a sliding window or chunk
         beyond the sequence): ``convert_boolean_attn_mask`` writes a new one in the query dtype, and the efficient
@@ -465,8 +520,10 @@ class _B:
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
                        masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
-        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask of its
-        own instead (a position bias: vramplan.inkling), added to the scores."""
+        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask the
+        model computed — with ``masked``, the attention mask itself (Doge's dynamic mask), which the efficient kernel
+        saves and, where it requires grad, returns a gradient for; without, a position bias added to the scores beside
+        the causal mask (vramplan.inkling)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
         elem = q.elem
@@ -477,11 +534,13 @@ class _B:
             lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
             lse = tp.op(b * h * lse_len, 4, (), rg=False)
             ins: tuple[Tensor, ...] = (q, k, v, lse)
-            if bias is not None:
+            if bias is not None and kernel is Kernel.EFFICIENT:
                 ins += (bias,)
             elif masked and kernel is Kernel.EFFICIENT and s > 1:
                 ins += (self.sdpa_bias(elem),)
-            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
+            rg = rg or (bias is not None and bias.rg)
+            grads = (q, k, v) + ((bias,) if bias is not None and bias.rg else ())
+            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=grads)
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
@@ -496,7 +555,7 @@ class _B:
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
             locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
-            gqa = heads_kv != h and bias is not None
+            gqa = heads_kv != h and bias is not None and not masked
             if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
                 # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
@@ -506,7 +565,7 @@ class _B:
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if bias is not None:
+            if bias is not None and not masked:
                 mask: Tensor | None = bias
             elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
                 mask = tp.op(b * s * skv, q.elem, (), rg=False)
@@ -551,7 +610,7 @@ class _B:
             # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
             att = tp.op(scores, 4, (att,))
             selem = 4
-        if bias is not None:  # + position_bias
+        if bias is not None and not masked:  # + position_bias
             att = tp.op(scores, selem, (att, bias))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
@@ -587,23 +646,28 @@ class _B:
         before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
         until the function returns."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
         elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
+        dv = v.numel // (b * h * skv)  # the values' head size (MLA: v_head_dim)
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
         att = tp.op(scores, elem, (att,))  # + attention_mask
         tr = plan is not None and plan.trainable
-        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
-        cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        # fp32 sinks (HY-V4 keeps them in fp32) promote the concatenated logits, and all that follows, to fp32
+        le = 4 if spec.sinks_fp32 else elem
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4 if spec.sinks_fp32 else self.num.param) if tr else ()
+        cat = tp.op(wide, le, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
         idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
-        mx = tp.op(b * h * s, elem, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
+        mx = tp.op(b * h * s, le, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
         # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
-        sub = tp.op(wide, elem, (cat, mx), passthrough=True, bwd_scratch=wide * elem if cat.rg else 0)
-        probs = tp.op(wide, elem, (sub,))  # softmax(dtype=the logits' dtype) saves its result
+        sub = tp.op(wide, le, (cat, mx), passthrough=True, bwd_scratch=wide * le if cat.rg else 0)
+        probs = tp.op(wide, le, (sub,))  # softmax(dtype=the logits' dtype) saves its result
         if probs.rg:
             tp.save_output(probs)
         pv = tp.view(probs, scores)  # probs[..., :-1]
-        out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
+        if le != elem:  # scores.to(value_states.dtype): a copy of the sliced probabilities
+            pv = tp.op(scores, elem, (pv,))
+        out = tp.op(b * s * h * dv, elem, (pv, v), save=(pv, v) if rg else ())
         att.last_use = sub.last_use = len(tp.ops) - 1
         return out
 
@@ -769,6 +833,12 @@ class _B:
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
+        if spec.dynamic_mask:
+            dyn, dts = self.dynamic_mask(v)
+            out = self.attention_core(q, k, v, self.kernel_for(True), heads_kv, True, bias=dyn)
+            o = self.proj(out, qd, h, "o_proj", spec.o_bias)
+            tp.hold(dyn, dts)  # attn_mask and dt_states: locals of DogeAttention.forward until it returns
+            return o
         out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
         if spec.family == "falcon":  # FalconAttention.forward's fused_qkv stays bound until it returns
             tp.hold(qkv)
@@ -970,6 +1040,8 @@ class _B:
 
         qn: Tensor | None = None
         gate: Tensor | None = None
+        # HYV4Attention: gate_states = gate_proj(hidden_states), before the query; held through the attention
+        out_gate = lin(n, h, nh * vd, "gate_proj", False) if spec.mla_out_gate else None
         if qr and spec.mla_q_gate:  # AXK2Attention: q_gate_proj(cat([q_resid, q_compressed])) -> query, gate
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
@@ -985,6 +1057,11 @@ class _B:
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
+        q_pass: Tensor | None = None
+        q_rot_in = tp.view(q, b * s * nh * rd)
+        if spec.mla_lora_scale:  # LongcatFlashMLA: q_pass * mla_scale_q_lora, q_rot * mla_scale_q_lora (new tensors)
+            q_pass = tp.op(b * s * nh * nope, q.elem, (q,))
+            q_rot_in = tp.op(b * s * nh * rd, q.elem, (q,))
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         if spec.mla_latent_scale:  # kv_a_layernorm(kv_pass.contiguous()) * kv_lora_scale
             latent = tp.op(b * s * kvr, ckv.elem, (ckv,), passthrough=True)
@@ -992,11 +1069,13 @@ class _B:
             latent = tp.op(latent.numel, latent.elem, (latent,))
         else:
             latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+            if spec.mla_lora_scale:  # k_pass * mla_scale_kv_lora: the normed latent rebound to the product
+                latent = tp.op(latent.numel, latent.elem, (latent,))
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
         # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
         rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
-        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        q_rot = self.call(rot, q_rot_in)
         k_in = tp.view(ckv, b * s * rd)
         if spec.mla_latent_scale:  # k_rope_only_layernorm before the rotary embedding
             k_in = self.norm(k_in, rd, tr)
@@ -1005,12 +1084,14 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q_pass if q_pass is not None else q, q_rot)) if rotary else q
+        # (torch.cat((q_pass, q_rot)))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
         # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
-        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
+        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else \
+            self.dsa_index_mask() if spec.index_shared else None
         # a sliding layer's SDPA gets the sliding-window boolean mask (Dots 3's sliding MLA layers)
         window = bool(plan.sliding and window_masked(spec, self.kv_len)) and sparse is None
         kernel = self.kernel_for(sparse is not None or window)
@@ -1041,9 +1122,12 @@ class _B:
             out = self.mul(out, gs)
         elif spec.mla_head_gate:  # Dots3NoteTextAttention: attn_output * g_proj(x).view(..., 1).sigmoid()
             out = self.mul(out, self.ew(lin(n, h, nh, "g_proj", False), save_out=True))
+        if out_gate is not None:  # attn_output * torch.sigmoid(gate_states), in the activations' dtype
+            out = self.mul(out, self.ew(out_gate, save_out=True))
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()) + \
+                ((q_pass,) if q_pass is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -1255,6 +1339,12 @@ class _B:
             gu = self.experts_proj(xin, h, 2 * i, "experts.gate_up_proj", fused=2)
             if spec.expert_glu == "clamped":
                 p = self.clamped_glu(gu, pairs * i)
+            elif spec.expert_glu == "clamped_silu":  # HYV4Experts._apply_gate: chunk(2), gate.clamp(max=limit),
+                # up.clamp(-limit, limit) (clamp saves its input), silu(gate) * up
+                gate, up = tp.split(gu, 2)
+                gc = tp.op(gate.numel, gate.elem, (gate,), save=(gate,) if gate.rg else ())
+                uc = tp.op(up.numel, up.elem, (up,), save=(up,) if up.rg else ())
+                p = self.mul(self.activation(gc), uc)
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
                 gate, up = tp.split(gu, 2)
                 p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
@@ -1496,11 +1586,31 @@ class _B:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
+    def weighted_residual(self, x: Tensor) -> Tensor:
+        """Doge's ``input_residual * residual`` (a trainable vector): a new tensor; the product saves the residual for
+        the vector's gradient."""
+        if not self.spec.residual_weights:
+            return x
+        plan = self.plan
+        assert plan is not None
+        tr = plan.trainable
+        pg = self.param_grad(f"resw{len(self.tp.ops)}", self.spec.hidden_size, self.num.param) if tr else ()
+        return self.tp.op(x.numel, max(x.elem, self.num.param), (x,), save=(x,) if tr else (), params=pg,
+                          rg=x.rg or tr)
+
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.dual_sublayers:
+            from .longcat import longcat_layer
+
+            return longcat_layer(self, x)
+        if spec.hc_mult:
+            from .hyper import hc_layer
+
+            return hc_layer(self, x)
         if spec.normed_residual:
             from .lightning import minimax_layer
 
@@ -1558,7 +1668,7 @@ class _B:
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, self.residual(a))
+            hmid = self.add(self.weighted_residual(x), self.residual(a))
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
@@ -1582,7 +1692,7 @@ class _B:
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, self.residual(m))
+            y = self.add(self.weighted_residual(hmid), self.residual(m))
             if spec.per_layer_input:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
@@ -1660,7 +1770,8 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(max(1, spec.altup_inputs) * batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num),
+    x = tp.input(max(1, spec.altup_inputs, spec.hc_mult) * batch * seq * spec.hidden_size,
+                 4 if plan.input_fp32 else resid_elem(num),
                  plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
@@ -1710,6 +1821,12 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         from .gemma3n import altup_expand
 
         x = altup_expand(bld, x, trainable)
+    if spec.hc_mult:  # hyper-connections: the embeddings expanded to hc_mult copies (vramplan.hyper)
+        from .hyper import hc_expand
+
+        x = hc_expand(bld, x)  # (inputs_embeds stays referenced by the model's forward: estimator._embeds_held)
+    if spec.dynamic_mask:  # DogeModel: create_causal_mask(allow_is_causal_skip=False) materialises the boolean mask
+        tp.keep_for_forward(tp.op(seq * seq, 1, (), rg=False))  # (1, 1, q, kv), expanded to the batch as a view
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep_for_forward(tp.op(batch * seq * seq, 1, (), rg=False))
@@ -1785,14 +1902,20 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(max(1, spec.altup_inputs) * batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    x = tp.input(max(1, spec.altup_inputs, spec.hc_mult) * batch * seq * h, 4 if spec.residual_fp32 else
+                 resid_elem(num), input_rg)
     if spec.altup_inputs:  # Gemma 3n: the AltUp stream back to one copy
         from .gemma3n import altup_unembed
 
         x = altup_unembed(bld, x, trainable)
+    if spec.hc_mult:  # the HC head: the hyper-connection copies collapsed by one more weighting (vramplan.hyper)
+        from .hyper import hc_collapse
+
+        x = hc_collapse(bld, x, "hc_head", trainable, post=False)[1]
     n = bld.norm(x, h, trainable) if spec.final_norm else x
-    if spec.residual_fp32:
-        n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
+    if spec.residual_fp32 or spec.head_fp32:
+        # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py; HY-V4's fp32 lm_head)
+        n = bld.cast(n, 4 if spec.head_fp32 else num.norm_param)
     if spec.head_input_scale:  # MiniCPM3ForCausalLM: hidden_states / logits_scaling, then the last-token slice
         n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
@@ -1804,7 +1927,7 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     pe = spec.embed_proj_dim or h
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
-    head_elem = num.norm_param
+    head_elem = 4 if spec.head_fp32 else num.norm_param
     head_tr = trainable if head_trainable is None else head_trainable
     if loss and loss_kind != "standard":
         fused = {"chunked": _chunked_loss, "liger-fused": _liger_loss, "cce": _cce_loss}[loss_kind]

@@ -15,11 +15,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ._files import package_data
 from .errors import UnknownNameError
 from .hfconfig import load_config_file, spec_from_config
 from .spec import ModelSpec
@@ -93,7 +93,7 @@ def _keys(entry: CatalogEntry) -> list[str]:
 
 @cache
 def _load() -> tuple[tuple[CatalogEntry, ...], Mapping[str, CatalogEntry]]:
-    text = resources.files(__package__ or "vramplan").joinpath(_DATA).read_text(encoding="utf-8")
+    text = package_data(*_DATA.split("/")).read_text(encoding="utf-8")
     doc = json.loads(text)
     if not isinstance(doc, Mapping) or doc.get("schema") != _SCHEMA:
         raise RuntimeError(f"vramplan {_DATA}: expected schema {_SCHEMA}")

@@ -385,7 +385,7 @@ def _offloaded(sim: _LayerSim) -> tuple[int, ...]:
 def _embeds_held(spec: ModelSpec, num: Numerics, b: int, s: int, first: _LayerSim) -> tuple[int, ...]:
     """The embedding lookup's output: transformers' base-model forward keeps ``inputs_embeds``
     referenced until it returns, so it outlives the first layer unless that layer saves it anyway."""
-    if first.x_saved:
+    if first.x_saved and not spec.hc_mult:  # (hyper-connections: the layers read an expanded copy)
         return _vec({})
     return _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
 
@@ -703,16 +703,22 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
 
 
 def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = None,
-                   num: Numerics | None = None, *, ddp: bool = False) -> AllocStats:
+                   num: Numerics | None = None, *, ddp: bool = False, reference: bool = False) -> AllocStats:
     """What the caching allocator holds for ``w``: the workload's allocation stream
     (:mod:`vramplan.alloc_stream`) replayed through :mod:`vramplan.allocator`. ``ddp``: on one rank of
-    ``DistributedDataParallel`` (training only)."""
-    from .alloc_stream import infer_events, train_stream
+    ``DistributedDataParallel`` (training only). ``reference``: the slow path every shortcut is checked against
+    (tests/test_speed_paths.py): the stream filtered event by event, all 3 training steps, and the block-object
+    allocator."""
+    from .alloc_stream import infer_events, train_events, train_stream
 
     w = runs_as(spec, w)
     states = states or model_states(spec, w)
     num = num or numerics(w)
     conf = parse_alloc_conf(w.alloc_conf)
+    if reference:
+        events = train_events(spec, w, states, num, 3, ddp=ddp, reference=True) if w.is_train else \
+            infer_events(spec, w, states, num, reference=True)
+        return simulate(events, conf, reference=True)
     if not w.is_train:
         return simulate(infer_events(spec, w, states, num), conf)
     # the 3 steps of the calibration loop, the last one measured; the stream stops early once a step reserves

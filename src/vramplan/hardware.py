@@ -19,10 +19,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
-from importlib import resources
 from typing import Any
 
-from vramplan._files import FileTooLarge, NotAFile, read_text_limited
+from vramplan._files import FileTooLarge, NotAFile, package_data, read_text_limited
 from vramplan.errors import UnknownNameError, VramplanError
 
 __all__ = [
@@ -126,7 +125,7 @@ def _nccl_topology(raw: Mapping[str, object] | None) -> NcclLinkTopology | None:
 
 @cache
 def _links() -> Mapping[str, Link]:
-    raw = json.loads((resources.files("vramplan") / "data" / "interconnects.json").read_text(encoding="utf-8"))
+    raw = json.loads(package_data("data", "interconnects.json").read_text(encoding="utf-8"))
     if raw.get("schema") != 1:
         raise UnknownNameError("data/interconnects.json: unsupported schema")
     return {r["name"]: Link(r["name"], r["display_name"], r["kind"], r["scope"],
@@ -323,7 +322,7 @@ def _sort_key(gpu: GPU) -> tuple[int, bool, float, str]:
 
 @cache
 def _catalog() -> tuple[GPU, ...]:
-    text = (resources.files("vramplan") / "data" / "gpus.json").read_text(encoding="utf-8")
+    text = package_data("data", "gpus.json").read_text(encoding="utf-8")
     doc = json.loads(text)
     if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("gpus"), list):
         raise VramplanError("the bundled GPU catalog (data/gpus.json) is not schema 1; reinstall vramplan")

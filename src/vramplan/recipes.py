@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Any
+
+from ._files import installed_version, package_data
 
 __all__ = ["Recipe", "recipe_for", "recipe_types", "recipes_version", "refusal_for"]
 
@@ -36,13 +37,9 @@ def _version_key(name: str) -> tuple[int, ...]:
 def versioned_data(kind: str) -> dict[str, Any] | None:
     """``data/<kind>/transformers-<release>.json`` for the installed transformers release (same major.minor), else
     the newest shipped; None when none is shipped."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:  # package metadata only (hfconfig.installed_transformers; hfconfig reads the layouts as it loads)
-        have: str | None = version("transformers")
-    except PackageNotFoundError:
-        have = None
-    folder = resources.files("vramplan") / "data" / kind
+    # package metadata only (hfconfig.installed_transformers; hfconfig reads the layouts as it loads)
+    have = installed_version("transformers")
+    folder = package_data("data", kind)
     try:
         names = sorted((p.name for p in folder.iterdir() if p.name.startswith("transformers-")
                         and p.name.endswith(".json")), key=_version_key)
@@ -87,7 +84,7 @@ def recipes_version() -> str:
 
 @lru_cache(maxsize=1)
 def _refusals() -> dict[str, str]:
-    folder = resources.files("vramplan") / "data" / "recipes"
+    folder = package_data("data", "recipes")
     version = recipes_version()
     if not version:
         return {}

@@ -83,6 +83,7 @@ class LayerOverride:
     num_heads: int = 0  # MLA layers with their own head count and latent width (Dots 3's sliding layers)
     kv_lora_rank: int = 0
     dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
+    index_shared: bool | None = None  # True: the layer reuses the previous indexer's top-k (HY-V4 "shared" layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +257,12 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    # Doge's dynamic mask attention (modeling_doge.py DogeAttention): per key-value head and key, dt_proj(values) ->
+    # exp(A * softplus(.)) added to the materialised causal mask as SDPA's float mask (batch, kv heads, q, kv), which
+    # requires grad; beyond ``keep_window`` keys only the top-k stay unmasked
+    dynamic_mask: bool = False
+    keep_window: int = 0
+    residual_weights: bool = False  # Doge: input_residual * residual + sublayer (a trainable vector per residual)
     # a derived attention output gate: o_proj(out * act(attn_gate_name(x))) with act "sigmoid" or "softplus_fp32"
     # (F.softplus(g.float()).to(dtype): modeling_laguna.py); "": none. early: the projection runs after v_proj and its
     # output is held through the attention (modeling_afmoe.py gate_states); heads: one gate per head broadcast over
@@ -349,6 +356,29 @@ class ModelSpec:
     # convolutions' kernel, the shared experts, the generation (1: Inkling, 2: Inkling 2), Inkling 2's layers per
     # block-attention-residual block); empty: not an Inkling model
     inkling: tuple[int, ...] = ()
+    # LongCat-Flash (vramplan.longcat, modeling_longcat_flash.py): each decoder layer runs two attention + dense MLP
+    # sublayer pairs, and a MoE block on the first pair's normed MLP input whose output is added at the layer's end
+    # (the shortcut); its router also scores ``zero_experts`` identity experts (zero-compute: the token itself, times
+    # its routing weight); its MLA scales the query halves and the normed kv latent by sqrt(hidden / lora rank)
+    dual_sublayers: bool = False
+    zero_experts: int = 0
+    mla_lora_scale: bool = False
+    # Hyper-connections (vramplan.hyper; modeling_hy_v4.py HYV4HyperConnection, modeling_deepseek_v4.py): the residual
+    # stream is hc_mult copies of the hidden state; each sublayer reads their weighted sum (fp32 weights from a linear
+    # of the flattened, RMS-scaled streams) and writes its output back to every copy times a per-copy weight; an
+    # HC head collapses the copies before the final norm. 0: a plain residual stream
+    hc_mult: int = 0
+    # parameters transformers keeps in fp32 whatever the load dtype (_keep_in_fp32_modules_strict: HY-V4's
+    # hyper-connection weights, router weight, indexer weights_proj and k_norm, sinks; its lm_head), and an fp32
+    # lm_head (the hidden states cast to fp32 before it: fp32 logits)
+    fp32_params: int = 0
+    head_fp32: bool = False
+    sinks_fp32: bool = False  # the eager attention's sink logits are fp32: the concatenated scores promote to fp32
+    mla_out_gate: bool = False  # MLA output times sigmoid(gate_proj(x)), one gate per value channel, computed before
+    # the attention and held through it (HYV4Attention gate_states)
+    index_shared: bool = False  # the layer reuses the previous indexer layer's top-k (HY-V4 indexer_types "shared"):
+    # no indexer of its own, the same index mask built from the held indices
+    index_fp32_weights: bool = False  # the indexer's k_norm and weights_proj run in fp32 on fp32 copies (HYV4Indexer)
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:
@@ -380,9 +410,10 @@ class ModelSpec:
     @property
     def kv_cache_per_token(self) -> int:
         """Elements one layer caches per token: keys and values, or MLA's compressed latent and rotary key."""
+        per = 2 if self.dual_sublayers else 1  # LongCat-Flash: two attention sublayers, two caches per layer
         if self.kv_lora_rank:
-            return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.num_kv_heads * self.head_dim
+            return per * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return per * 2 * self.num_kv_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -421,7 +452,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
             changes[name] = getattr(o, name)
     if o.dsa is False:
         changes["index_heads"] = 0
-    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]

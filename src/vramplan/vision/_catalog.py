@@ -13,10 +13,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
-from .._files import read_text_limited
+from .._files import package_data, read_text_limited
 from ..errors import ConfigError, UnknownNameError
 from ..hfconfig import MAX_CONFIG_BYTES
 
@@ -44,7 +43,7 @@ class VisionEntry:
 
 @cache
 def _load() -> dict[str, VisionEntry]:
-    text = resources.files("vramplan").joinpath("data/vision_models.json").read_text(encoding="utf-8")
+    text = package_data("data", "vision_models.json").read_text(encoding="utf-8")
     data = json.loads(text)
     out: dict[str, VisionEntry] = {}
     for rec in data["models"]:
