@@ -345,7 +345,7 @@ def _inkling2_text(c: Any, family: str) -> ModelSpec:
         tie_word_embeddings=False, norm=NormKind.FP32_WEIGHT_RMSNORM, mlp=MLPKind.GATED,
         activation=c.activation("hidden_act", default="silu"), position=PositionKind.NONE,
         max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
-        embedding_layernorm=True, raw_embeds_held=False, final_norm=False, logits_fp32=True, softcap_fp32=True,
+        embedding_layernorm=True, raw_embeds_held=False, final_norm=False, logit_softcap_fp32=True,
         logit_softcap=c.float_("final_logit_softcapping", default=30.0),
         num_experts=experts, experts_per_token=top_k, moe_intermediate_size=c.int_("moe_intermediate_size",
                                                                                     default=2304),

@@ -87,7 +87,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
         qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
         out = [(qn, h, 2 * q if spec.attn_output_gate else q, 1), (kn, h, kv, 1)] + \
-            ([] if spec.v_from_k else [(vn, h, kv, 1)])
+            ([] if spec.v_from_k else [(vn, h, spec.v_dim, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
         if spec.dynamic_mask:  # DogeAttention.dt_proj: values -> one dt per key-value head
@@ -96,7 +96,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
-    out.append((oname, q, h, 1))
+    out.append((oname, spec.num_heads * spec.value_head_dim if not spec.qkv_fused else q, h, 1))
     return out
 
 
