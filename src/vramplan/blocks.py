@@ -312,7 +312,10 @@ class _B:
             second = self.tp.op(x1.numel, x.elem, (self.tp.op(x2.numel, x.elem, (x2,)),
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
-        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        # the rotary part: int(head_dim * fraction) channels of every head (transformers' rotary dim)
+        rot_dim = int(spec.head_dim * frac)
+        part = x if frac >= 1 else self.tp.view(x, x.numel // spec.head_dim * rot_dim if x.numel % spec.head_dim == 0
+                                                else int(x.numel * frac))
         if style == "every_two_fp32":
             # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
             # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
@@ -390,7 +393,10 @@ class _B:
         eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
         qi = tp.op(b * s * hi * di, act, (q_resid,), rg=False)  # wq_b(q_resid)
         ki = tp.op(b * s * di, act, (n,), rg=False)  # wk(hidden_states)
-        kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
+        if spec.index_fp32_weights:  # HYV4Indexer: k_norm(wk(x).to(fp32)) in fp32, cast back
+            kn = self.cast(tp.op(b * s * di, 4, (self.cast(ki, 4),), rg=False), act)
+        else:
+            kn = tp.op(b * s * di, act, (ki,), rg=False)  # k_norm
         q_rot = self.rope(tp.view(qi, b * s * hi * rd))
         k_rot = self.rope(tp.view(kn, b * s * rd))
         qc = tp.op(b * s * hi * di, act, (q_rot, qi), rg=False)  # cat([q_rot, q_pass])
@@ -406,8 +412,11 @@ class _B:
         sc = tp.op(b * s * hi * t, 4, (q32, kx), rg=False)  # matmul
         sc = tp.op(sc.numel, 4, (sc,), rg=False)  # * softmax_scale
         sc = tp.op(sc.numel, 4, (sc,), rg=False)  # relu
-        w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
-        w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
+        if spec.index_fp32_weights:  # HYV4Indexer: weights_proj (fp32) of hidden_states.to(fp32)
+            w = tp.op(b * s * hi, 4, (tp.op(n.numel, 4, (n,), rg=False),), rg=False)
+        else:
+            w = tp.op(b * s * hi, act, (n,), rg=False)  # weights_proj
+            w = tp.op(w.numel, 4, (w,), rg=False)  # .float()
         w = tp.op(w.numel, 4, (w,), rg=False)  # * n_heads ** -0.5
         isc = tp.op(b * s * t, 4, (w, sc), rg=False)  # (B, S, 1, H) @ (B, S, H, T)
         if eager:  # + the float causal mask
@@ -417,7 +426,18 @@ class _B:
         vals = tp.op(b * s * sel, 4, (isc,), rg=False)  # topk values (unused) and indices
         idx = tp.op(b * s * sel, 8, (isc, vals), rg=False)
         idx = tp.op(idx.numel, 4, (idx,), rg=False)  # .to(torch.int32): what the indexer returns
-        idx = tp.op(idx.numel, 8, (idx,), rg=False)  # topk_indices.long()
+        return self.dsa_index_mask(idx)
+
+    def dsa_index_mask(self, idx: Tensor | None = None) -> Tensor:
+        """The attention's mask of the indexer's top-k ``idx`` (int32; None: a layer reusing the previous indexer
+        layer's, HY-V4's "shared" layers): ``topk_indices.long()``, scattered into a new (B, S, T) boolean mask,
+        combined with the causal mask."""
+        spec, tp = self.spec, self.tp
+        b, s, t = self.b, self.s, self.kv_len
+        eager = self.kernel_for(True) in (Kernel.EAGER, Kernel.MATH)
+        act = 2 if self.num.amp else self.num.act
+        # topk_indices.long() (a shared layer's indices are the previous layer's, held by the decoder loop)
+        idx = tp.op(b * s * min(spec.index_topk, t), 8, (idx,) if idx is not None else (), rg=False)
         ones = tp.op(b * s * t, 1, (), rg=False)  # new_ones((B, S, T), dtype=bool)
         index_mask = tp.op(b * s * t, 1, (ones, idx), rg=False)  # .scatter(-1, idx, False)
         if eager:  # attention_mask.masked_fill(index_mask, min)
@@ -449,6 +469,44 @@ class _B:
             root.last_use = max(root.last_use, end)
         return qe, ke
 
+    def dynamic_mask(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Doge's dynamic mask (modeling_doge.py ``DogeAttention.forward`` / ``prepare_dynamic_mask``, transformers
+        5.24): ``dt_proj`` over the values (in inference the cache's values, transposed and reshaped: a copy), then
+        ``exp(A * softplus(dt))`` per key-value head and key; the model's boolean causal mask made additive
+        (``torch.where``: the hidden dtype) and compared ``!= 0`` (a bool mask that ``masked_fill``'s backward
+        saves); ``masked_fill`` of the expanded dt writes a new (batch, kv heads, q, kv) float mask, whose gradient is
+        a full-size temporary summed down to dt's shape; beyond ``keep_window_size`` keys, ``zeros_like``, the top-k
+        indices, their scatter and a second ``masked_fill``; ``repeat_kv`` copies it to every query head."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        b, s, skv, kvh, kvd = self.b, self.s, self.kv_len, spec.num_kv_heads, spec.kv_dim
+        tr = plan.trainable
+        vv = tp.op(b * skv * kvd, v.elem, (v,)) if not self.num.training else v
+        dt = self.proj(vv, kvd, kvh, "dt_proj", spec.qkv_bias)
+        sp = self.ew(dt, save_in=True)  # softplus saves its input
+        pg = self.param_grad(f"A{len(tp.ops)}", kvh, self.num.param) if tr else ()
+        ad = tp.op(sp.numel, max(sp.elem, self.num.param), (sp,), save=(sp,) if tr else (), params=pg,
+                   rg=sp.rg or tr)
+        ex = self.ew(ad, save_out=True)  # exp saves its result
+        hid = self.num.act
+        full = b * kvh * s * skv
+        additive = tp.op(b * s * skv, hid, (), rg=False)  # torch.where(attention_mask, 0.0, min_dtype)
+        ne = tp.op(b * s * skv, 1, (additive,), rg=False)  # attention_mask != 0
+        mask = tp.op(full, ex.elem, (ex, ne), save=(ne,) if ex.rg else (), grad_to=(ex,),
+                     bwd_scratch=full * ex.elem if ex.rg else 0)
+        tp.hold(additive)  # prepare_dynamic_mask rebinds attention_mask to it: held until the function returns
+        if skv > spec.keep_window:
+            zeros = tp.op(full, hid, (), rg=False)
+            idx = tp.op(b * kvh * s * spec.keep_window, 8, (mask,), rg=False,
+                        fwd_scratch=b * kvh * s * spec.keep_window * mask.elem)  # topk values and indices
+            active = tp.op(full, hid, (zeros, idx), rg=False)  # scatter
+            off = tp.op(full, 1, (active,), rg=False)  # active_mask == 0.0
+            mask = tp.op(full, mask.elem, (mask, off), save=(off,) if mask.rg else (), grad_to=(mask,))
+        if spec.num_heads != kvh:  # repeat_kv: expand + reshape copies
+            mask = tp.op(b * spec.num_heads * s * skv, mask.elem, (mask,))
+        tp.hold(additive)
+        return mask, ex
+
     def sdpa_bias(self, elem: int) -> Tensor:
         """The additive mask SDPA makes of transformers' boolean (B, 1, S, S_kv) mask (a sliding window or chunk
         beyond the sequence): ``convert_boolean_attn_mask`` writes a new one in the query dtype, and the efficient
@@ -463,11 +521,15 @@ class _B:
         return bias
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
-                       masked: bool = False) -> Tensor:
+                       masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
-        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`)."""
+        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask the
+        model computed — with ``masked``, the attention mask itself (Doge's dynamic mask), which the efficient kernel
+        saves and, where it requires grad, returns a gradient for; without, a position bias added to the scores beside
+        the causal mask (vramplan.inkling)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        dv = spec.value_head_dim
         elem = q.elem
         p_drop = spec.attention_dropout if self.num.training else 0.0
         rg = q.rg or k.rg or v.rg
@@ -476,29 +538,41 @@ class _B:
             lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
             lse = tp.op(b * h * lse_len, 4, (), rg=False)
             ins: tuple[Tensor, ...] = (q, k, v, lse)
-            if masked and kernel is Kernel.EFFICIENT and s > 1:
+            if bias is not None and kernel is Kernel.EFFICIENT:
+                ins += (bias,)
+            elif masked and kernel is Kernel.EFFICIENT and s > 1:
                 ins += (self.sdpa_bias(elem),)
-            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
+            rg = rg or (bias is not None and bias.rg)
+            grads = (q, k, v) + ((bias,) if bias is not None and bias.rg else ())
+            out = tp.op(b * s * h * dv, elem, ins, save=ins if rg else (), grad_to=grads)
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
                 extra = b * s * h * d * 4
                 if heads_kv != h:
-                    extra += 2 * b * skv * h * d * elem
+                    extra += b * skv * h * (d + dv) * elem
                 tp.ops[-1].bwd_scratch = extra
             return out
         scores = b * h * s * skv
         if kernel is Kernel.MATH:
             # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            locals_ = (q, k, v, q32, k32, v32)
+            locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
-            if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
+            gqa = heads_kv != h and bias is not None and not masked
+            if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
+                # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
+                k32 = tp.op(b * h * skv * d, 4, (k32,))
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+                locals_ += (k32, v32)
+            elif heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if masked and s > 1:  # transformers' boolean mask converted to the query dtype
-                mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
+            if bias is not None and not masked:
+                mask: Tensor | None = bias
+            elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                mask = tp.op(b * s * skv, q.elem, (), rg=False)
             else:  # is_causal: ones(L, S).tril(), converted to fp32
                 mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
@@ -507,9 +581,9 @@ class _B:
                 tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
-            if heads_kv != h:  # the values broadcast to every head for the product (a copy)
-                v32 = tp.op(b * h * skv * d, 4, (v32,))
-            o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
+            if heads_kv != h and not gqa:  # the values broadcast to every head for the product (a copy)
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+            o32 = tp.op(b * s * h * dv, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
                 tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
             out = self.cast(o32, elem)
@@ -520,9 +594,13 @@ class _B:
         # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
-            v = tp.op(b * h * skv * d, elem, (v,))
-        if spec.attention_sinks:
-            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
+            v = tp.op(b * h * skv * dv, elem, (v,))
+        if spec.attention_sinks and spec.sink_lse:
+            return self.sink_lse_attention(q, k, v, rg)
+        if spec.attention_sinks and spec.sink_fp32:
+            return self.sink_fp32_attention(q, k, v, rg)
+        if spec.attention_sinks or spec.eager_max_softmax:
+            return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -540,6 +618,8 @@ class _B:
             # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
             att = tp.op(scores, 4, (att,))
             selem = 4
+        if bias is not None and not masked:  # + position_bias
+            att = tp.op(scores, selem, (att, bias))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -557,7 +637,8 @@ class _B:
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
-        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        out = tp.op(b * s * h * dv, elem, (probs, v), save=(probs, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
         if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
             att.last_use = len(tp.ops) - 1
         if zeros is not None:
@@ -572,26 +653,71 @@ class _B:
         """gpt-oss eager_attention_forward (modeling_gpt_oss.py): scores * scaling + mask, ``cat`` with the per-head
         sink logit (one more column), minus the row max, softmax in the scores' dtype, the sink column sliced off
         before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
-        until the function returns."""
+        until the function returns.
+
+        ``spec.eager_max_softmax`` (modeling_mimo_v2_flash.py eager_attention_forward): the same steps, the ``cat``
+        only on layers with sinks, and every step rebinds ``attn_weights``, so each intermediate dies at its last
+        use."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
-        elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
+        sinks = spec.attention_sinks
+        elem, scores = q.elem, b * h * s * self.kv_len
+        wide = b * h * s * (skv + 1) if sinks else scores
+        dv = v.numel // (b * h * skv)  # the values' head size (MLA, MiMo-V2-Flash: v_head_dim)
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
         att = tp.op(scores, elem, (att,))  # + attention_mask
         tr = plan is not None and plan.trainable
-        sink = self.param_grad(f"sinks{len(tp.ops)}", h, self.num.param) if tr else ()
-        cat = tp.op(wide, elem, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        # fp32 sinks (HY-V4 keeps them in fp32) promote the concatenated logits, and all that follows, to fp32
+        le = 4 if sinks and spec.sinks_fp32 else elem
+        if sinks:
+            sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4 if spec.sinks_fp32 else self.num.param) if tr else ()
+            cat = tp.op(wide, le, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        else:
+            cat = att
         idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
-        mx = tp.op(b * h * s, elem, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
+        mx = tp.op(b * h * s, le, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
         # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
-        sub = tp.op(wide, elem, (cat, mx), passthrough=True, bwd_scratch=wide * elem if cat.rg else 0)
-        probs = tp.op(wide, elem, (sub,))  # softmax(dtype=the logits' dtype) saves its result
+        sub = tp.op(wide, le, (cat, mx), passthrough=True, bwd_scratch=wide * le if cat.rg else 0)
+        probs = tp.op(wide, le, (sub,))  # softmax(dtype=the logits' dtype) saves its result
         if probs.rg:
             tp.save_output(probs)
-        pv = tp.view(probs, scores)  # probs[..., :-1]
-        out = tp.op(b * s * h * d, elem, (pv, v), save=(pv, v) if rg else ())
-        att.last_use = sub.last_use = len(tp.ops) - 1
+        pv = tp.view(probs, scores) if sinks else probs  # probs[..., :-1]
+        if le != elem:  # scores.to(value_states.dtype): a copy of the sliced probabilities
+            pv = tp.op(scores, elem, (pv,))
+        self.probs = pv  # the attention weights the function returns
+        out = tp.op(b * s * h * dv, elem, (pv, v), save=(pv, v) if rg else ())
+        if not spec.eager_max_softmax:
+            att.last_use = sub.last_use = len(tp.ops) - 1
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
+        return out
+
+    def sink_fp32_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """Flint's eager_attention_forward (modeling_flint.py, transformers 5.24): ``matmul(query.float(),
+        key_states.float())`` (k already repeated to every head in its own dtype) times the scaling, plus the mask, in
+        fp32; ``softmax(cat([scores, sinks.expand(...)]))`` in fp32 (the sinks are an fp32 parameter:
+        ``_keep_in_fp32_modules_strict``), without a max subtraction; ``[..., :-1].to(value dtype)`` copies the sliced
+        weights; their product with v. The cat and the fp32 softmax are temporaries (the softmax saves its result for
+        backward); the masked scores stay bound to ``attn_weights`` until the cast back is assigned to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
+        elem, scores, wide = q.elem, b * h * s * skv, b * h * s * (skv + 1)
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        att = tp.op(scores, 4, (q32, k32), save=(q32, k32) if rg else ())  # matmul in fp32
+        att = tp.op(scores, 4, (att,))  # * scaling
+        att = tp.op(scores, 4, (att,))  # + attention_mask (promoted to fp32)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4) if tr else ()
+        cat = tp.op(wide, 4, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        probs = tp.op(wide, 4, (cat,))  # softmax(dim=-1): fp32 in, fp32 out, saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        pb = tp.op(scores, elem, (tp.view(probs, scores),))  # [..., :-1].to(value_states.dtype): a new tensor
+        tp.hold(att)  # ``attn_weights`` (scores + mask) is rebound only once that whole line has run
+        pb = self.dropout(pb, spec.attention_dropout if self.num.training else 0.0)
+        self.probs = pb
+        out = tp.op(b * s * h * spec.value_head_dim, elem, (pb, v), save=(pb, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states: the function's locals
         return out
 
     def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
@@ -601,7 +727,7 @@ class _B:
         size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
         v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.value_head_dim
         elem, scores, rows = q.elem, b * h * s * skv, b * h * s
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
@@ -635,6 +761,7 @@ class _B:
         assert plan is not None
         h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
         b, s, skv, d = self.b, self.s, self.kv_len, spec.head_dim
+        vd, od = spec.v_dim, spec.num_heads * spec.value_head_dim  # the values' and the attention output's widths
         tr = plan.trainable
 
         lin = self.proj
@@ -692,7 +819,9 @@ class _B:
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, vd, vn, spec.qkv_bias)
+            if spec.value_scale:  # MiMoV2FlashAttention: v_proj(x)...transpose(1, 2) * v_scale (saves nothing)
+                v = tp.op(v.numel, v.elem, (v,))
         # an early output gate's projection (modeling_afmoe.py: gate_states = self.gate_proj(hidden_states) after
         # v_proj), held by the attention's locals to its end
         gate_early = self.attn_gate_proj(n) if spec.attn_gate and spec.attn_gate_early else None
@@ -719,6 +848,10 @@ class _B:
         if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
             q = self.norm(q, d, False, scale=False)
             k = self.norm(k, d, False, scale=False)
+        if spec.nope_query_scale and not plan.rope:
+            # BeamAttention with attention_scaling (the NoPE layers): (query_states.float() * attention_scaling)
+            # .to(query_states.dtype): an fp32 copy, the fp32 product (saving only the small scale), the cast back
+            q = self.cast(tp.op(q.numel, 4, (self.cast(q, 4),)), q.elem)
         if spec.nope_temperature and not plan.rope:
             # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
             # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
@@ -743,7 +876,7 @@ class _B:
             # (transformers 5.17's DynamicLayer allocates both in the keys' dtype: fp32 keys after RoPE under
             # autocast make fp32 values too)
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
-            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            v = tp.op(b * skv * vd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
         if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
             tp.keep(k, v)
@@ -752,10 +885,16 @@ class _B:
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
-            v = tp.op(b * skv * qd, v.elem, (v,))
+            v = tp.op(b * skv * od, v.elem, (v,))
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
+        if spec.dynamic_mask:
+            dyn, dts = self.dynamic_mask(v)
+            out = self.attention_core(q, k, v, self.kernel_for(True), heads_kv, True, bias=dyn)
+            o = self.proj(out, qd, h, "o_proj", spec.o_bias)
+            tp.hold(dyn, dts)  # attn_mask and dt_states: locals of DogeAttention.forward until it returns
+            return o
         out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
         if spec.family == "falcon":  # FalconAttention.forward's fused_qkv stays bound until it returns
             tp.hold(qkv)
@@ -774,7 +913,7 @@ class _B:
         held: tuple[Tensor, ...] = ()
         if spec.attn_gate:
             out, held = self.attn_gate_apply(out, gate_early if gate_early is not None else self.attn_gate_proj(n))
-        o = lin(out, qd, h, oname, spec.o_bias)
+        o = lin(out, od if not spec.qkv_fused else qd, h, oname, spec.o_bias)
         if held:
             tp.hold(*held)
         if spec.attn_output_gate:
@@ -957,6 +1096,8 @@ class _B:
 
         qn: Tensor | None = None
         gate: Tensor | None = None
+        # HYV4Attention: gate_states = gate_proj(hidden_states), before the query; held through the attention
+        out_gate = lin(n, h, nh * vd, "gate_proj", False) if spec.mla_out_gate else None
         if qr and spec.mla_q_gate:  # AXK2Attention: q_gate_proj(cat([q_resid, q_compressed])) -> query, gate
             qa = lin(n, h, qr, "q_a_proj", spec.qkv_bias)
             qn = self.norm(qa, qr, tr)
@@ -972,6 +1113,11 @@ class _B:
             q = lin(qn, qr, nh * qk, "q_b_proj", False)
         else:
             q = lin(n, h, nh * qk, "q_proj", False)
+        q_pass: Tensor | None = None
+        q_rot_in = tp.view(q, b * s * nh * rd)
+        if spec.mla_lora_scale:  # LongcatFlashMLA: q_pass * mla_scale_q_lora, q_rot * mla_scale_q_lora (new tensors)
+            q_pass = tp.op(b * s * nh * nope, q.elem, (q,))
+            q_rot_in = tp.op(b * s * nh * rd, q.elem, (q,))
         ckv = lin(n, h, kvr + rd, "kv_a_proj_with_mqa", spec.qkv_bias)
         if spec.mla_latent_scale:  # kv_a_layernorm(kv_pass.contiguous()) * kv_lora_scale
             latent = tp.op(b * s * kvr, ckv.elem, (ckv,), passthrough=True)
@@ -979,11 +1125,13 @@ class _B:
             latent = tp.op(latent.numel, latent.elem, (latent,))
         else:
             latent = self.norm(tp.view(ckv, b * s * kvr), kvr, tr)
+            if spec.mla_lora_scale:  # k_pass * mla_scale_kv_lora: the normed latent rebound to the product
+                latent = tp.op(latent.numel, latent.elem, (latent,))
         # apply_rotary_pos_emb_interleave: cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin]) on the rotary slices
         # (KimiLinearAttention applies no rotary embedding: the query is q_states itself, the rotary key a view)
         rotary = spec.position is PositionKind.ROPE
         rot = self.rope_complex if spec.rope_style == "complex" else self.rope
-        q_rot = self.call(rot, tp.view(q, b * s * nh * rd))
+        q_rot = self.call(rot, q_rot_in)
         k_in = tp.view(ckv, b * s * rd)
         if spec.mla_latent_scale:  # k_rope_only_layernorm before the rotary embedding
             k_in = self.norm(k_in, rd, tr)
@@ -992,12 +1140,14 @@ class _B:
             latent = tp.op(b * self.kv_len * kvr, latent.elem, (latent,), kind=KV)
             k_rot = tp.op(b * self.kv_len * rd, k_rot.elem, (k_rot,), kind=KV)
             tp.keep(latent, k_rot)
-        query = tp.op(b * s * nh * qk, q.elem, (q, q_rot)) if rotary else q  # torch.cat((q_pass, q_rot))
+        query = tp.op(b * s * nh * qk, q.elem, (q_pass if q_pass is not None else q, q_rot)) if rotary else q
+        # (torch.cat((q_pass, q_rot)))
         kvb = lin(latent, kvr, nh * (nope + vd), "kv_b_proj", False)
         key = tp.op(b * self.kv_len * nh * qk, kvb.elem, (kvb, k_rot))  # new_empty + copy_ of k_nope and k_rot
         value = tp.view(kvb, b * self.kv_len * nh * vd)
         # DeepSeek Sparse Attention: the indexer's top-k selection folded into the attention mask
-        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else None
+        sparse = self.dsa_mask(n, qn if qn is not None else n) if spec.index_heads else \
+            self.dsa_index_mask() if spec.index_shared else None
         # a sliding layer's SDPA gets the sliding-window boolean mask (Dots 3's sliding MLA layers)
         window = bool(plan.sliding and window_masked(spec, self.kv_len)) and sparse is None
         kernel = self.kernel_for(sparse is not None or window)
@@ -1028,9 +1178,12 @@ class _B:
             out = self.mul(out, gs)
         elif spec.mla_head_gate:  # Dots3NoteTextAttention: attn_output * g_proj(x).view(..., 1).sigmoid()
             out = self.mul(out, self.ew(lin(n, h, nh, "g_proj", False), save_out=True))
+        if out_gate is not None:  # attn_output * torch.sigmoid(gate_states), in the activations' dtype
+            out = self.mul(out, self.ew(out_gate, save_out=True))
         o = lin(out, nh * vd, h, "o_proj", spec.o_bias)
         # the forward's locals (q_states, q_rot, query/key/value states, the latent) live until it returns
-        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()):
+        for x in (q, q_rot, query, key, kvb, latent, k_rot) + ((sparse,) if sparse is not None else ()) + \
+                ((q_pass,) if q_pass is not None else ()):
             root = x.base if x.base is not None else x
             root.last_use = max(root.last_use, len(tp.ops) - 1)
         return self.dropout(o, spec.hidden_dropout)
@@ -1064,6 +1217,11 @@ class _B:
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
+            if spec.mlp_glu_fp32:  # BeamMLP: (act_fn(gate.float()) * up.float()).to(gate.dtype)
+                p = self.cast(self.mul(self.activation(self.cast(g, 4)), self.cast(u, 4)), g.elem)
+                out = lin(p, i, h, "down_proj", spec.mlp_bias)
+                tp.hold(g, u)  # gate and up: the forward's locals
+                return self.dropout(out, spec.hidden_dropout)
             if not spec.altup_inputs:
                 a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
@@ -1188,7 +1346,7 @@ class _B:
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
-        if spec.router_sigmoid:
+        if spec.router_sigmoid and not spec.router_sigmoid_plain:
             choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
             masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
             idx = tp.op(pairs, 8, (masked,), rg=False)
@@ -1242,9 +1400,24 @@ class _B:
             gu = self.experts_proj(xin, h, 2 * i, "experts.gate_up_proj", fused=2)
             if spec.expert_glu == "clamped":
                 p = self.clamped_glu(gu, pairs * i)
+            elif spec.expert_glu == "clamped_silu":  # HYV4Experts._apply_gate: chunk(2), gate.clamp(max=limit),
+                # up.clamp(-limit, limit) (clamp saves its input), silu(gate) * up
+                gate, up = tp.split(gu, 2)
+                gc = tp.op(gate.numel, gate.elem, (gate,), save=(gate,) if gate.rg else ())
+                uc = tp.op(up.numel, up.elem, (up,), save=(up,) if up.rg else ())
+                p = self.mul(self.activation(gc), uc)
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
                 gate, up = tp.split(gu, 2)
                 p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+            elif spec.expert_glu == "softcap_fp32":
+                # Inkling2SoftcappedSwiGLU: gate, up = .float(); tanh(gate / c) * c * sigmoid(gate) * (tanh(up / c') *
+                # c'); cast back (tanh and sigmoid save their results, the products their operands)
+                gate, up = tp.split(gu, 2)
+                g32, u32 = self.cast(gate, 4), self.cast(up, 4)
+                gc = tp.op(g32.numel, 4, (self.ew(tp.op(g32.numel, 4, (g32,)), save_out=True),))
+                sg = self.ew(g32, save_out=True)
+                uc = tp.op(u32.numel, 4, (self.ew(tp.op(u32.numel, 4, (u32,)), save_out=True),))
+                p = self.cast(self.mul(self.mul(gc, sg), uc), act)
             else:
                 gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
                 a = self.activation(gate)
@@ -1474,11 +1647,41 @@ class _B:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
+    def residual_add(self, x: Tensor, a: Tensor) -> Tensor:
+        """The residual stream ``x`` plus a sublayer's output ``a``; Beam's depth-scaled add
+        (``hidden_states * scale + residual * residual_scale``): each product a new tensor (python-float scales: their
+        backward saves nothing), then the sum."""
+        if self.spec.residual_depth_scale:
+            sa = self.tp.op(a.numel, a.elem, (a,))
+            sx = self.tp.op(x.numel, x.elem, (x,))
+            return self.add(sa, sx)
+        return self.add(self.weighted_residual(x), self.residual(a))
+
+    def weighted_residual(self, x: Tensor) -> Tensor:
+        """Doge's ``input_residual * residual`` (a trainable vector): a new tensor; the product saves the residual for
+        the vector's gradient."""
+        if not self.spec.residual_weights:
+            return x
+        plan = self.plan
+        assert plan is not None
+        tr = plan.trainable
+        pg = self.param_grad(f"resw{len(self.tp.ops)}", self.spec.hidden_size, self.num.param) if tr else ()
+        return self.tp.op(x.numel, max(x.elem, self.num.param), (x,), save=(x,) if tr else (), params=pg,
+                          rg=x.rg or tr)
+
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
         plan = self.plan
         assert plan is not None
         tr = plan.trainable
+        if spec.dual_sublayers:
+            from .longcat import longcat_layer
+
+            return longcat_layer(self, x)
+        if spec.hc_mult:
+            from .hyper import hc_layer
+
+            return hc_layer(self, x)
         if spec.normed_residual:
             from .lightning import minimax_layer
 
@@ -1491,6 +1694,10 @@ class _B:
             from .rwkv import rwkv_block
 
             return rwkv_block(self, x)
+        if plan.mixer == "inkling":
+            from .inkling import inkling_layer
+
+            return inkling_layer(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
@@ -1532,7 +1739,7 @@ class _B:
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, self.residual(a))
+            hmid = self.residual_add(x, a)
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
@@ -1546,9 +1753,11 @@ class _B:
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
-                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
-                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+            if self.probs is not None:
+                # the eager attention weights the attention returns stay referenced by the layer's locals to its end:
+                # ``hidden_states, _ = self.self_attn(...)`` (LlamaDecoderLayer and its descendants, transformers 5.x);
+                # GPTNeoBlock returns (hidden_states, attn_weights) (and the model loop's ``outputs`` holds them
+                # until the next block returns: estimator). Training saves them for backward anyway.
                 held["probs"] = self.probs
             for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
                 t = held[what]
@@ -1556,7 +1765,7 @@ class _B:
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, self.residual(m))
+            y = self.residual_add(hmid, m)
             if spec.per_layer_input:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
@@ -1634,7 +1843,8 @@ def build_layer(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch
     """Record one decoder layer; returns its output (kept: the next layer's input)."""
     spec = spec.at_variant(plan.variant)
     bld = _B(tp, spec, num, batch, seq, plan, kv_len)
-    x = tp.input(max(1, spec.altup_inputs) * batch * seq * spec.hidden_size, 4 if plan.input_fp32 else resid_elem(num),
+    x = tp.input(max(1, spec.altup_inputs, spec.hc_mult) * batch * seq * spec.hidden_size,
+                 4 if plan.input_fp32 else resid_elem(num),
                  plan.input_rg)
     y = bld.layer(x)
     # the decoder loop (``hidden_states = layer(hidden_states)``) holds the input until the layer returns
@@ -1684,6 +1894,12 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         from .gemma3n import altup_expand
 
         x = altup_expand(bld, x, trainable)
+    if spec.hc_mult:  # hyper-connections: the embeddings expanded to hc_mult copies (vramplan.hyper)
+        from .hyper import hc_expand
+
+        x = hc_expand(bld, x)  # (inputs_embeds stays referenced by the model's forward: estimator._embeds_held)
+    if spec.dynamic_mask:  # DogeModel: create_causal_mask(allow_is_causal_skip=False) materialises the boolean mask
+        tp.keep_for_forward(tp.op(seq * seq, 1, (), rg=False))  # (1, 1, q, kv), expanded to the batch as a view
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep_for_forward(tp.op(batch * seq * seq, 1, (), rg=False))
@@ -1759,14 +1975,20 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     """
     bld = _B(tp, spec, num, batch, seq, None)
     h = spec.hidden_size
-    x = tp.input(max(1, spec.altup_inputs) * batch * seq * h, 4 if spec.residual_fp32 else resid_elem(num), input_rg)
+    x = tp.input(max(1, spec.altup_inputs, spec.hc_mult) * batch * seq * h, 4 if spec.residual_fp32 else
+                 resid_elem(num), input_rg)
     if spec.altup_inputs:  # Gemma 3n: the AltUp stream back to one copy
         from .gemma3n import altup_unembed
 
         x = altup_unembed(bld, x, trainable)
+    if spec.hc_mult:  # the HC head: the hyper-connection copies collapsed by one more weighting (vramplan.hyper)
+        from .hyper import hc_collapse
+
+        x = hc_collapse(bld, x, "hc_head", trainable, post=False)[1]
     n = bld.norm(x, h, trainable) if spec.final_norm else x
-    if spec.residual_fp32:
-        n = bld.cast(n, num.norm_param)  # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py)
+    if spec.residual_fp32 or spec.head_fp32:
+        # lm_head(hidden_states.to(lm_head.weight.dtype)) (modeling_mamba2.py; HY-V4's fp32 lm_head)
+        n = bld.cast(n, 4 if spec.head_fp32 else num.norm_param)
     if spec.head_input_scale:  # MiniCPM3ForCausalLM: hidden_states / logits_scaling, then the last-token slice
         n = tp.op(n.numel, n.elem, (n,))
     if logits_tokens != batch * seq:
@@ -1778,7 +2000,7 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
     pe = spec.embed_proj_dim or h
     if spec.embed_proj_dim:
         n = bld.linear(n, h, pe, "project_out", bias=False, trainable=trainable)
-    head_elem = num.norm_param
+    head_elem = 4 if spec.head_fp32 else num.norm_param
     head_tr = trainable if head_trainable is None else head_trainable
     if loss and loss_kind != "standard":
         fused = {"chunked": _chunked_loss, "liger-fused": _liger_loss, "cce": _cce_loss}[loss_kind]
@@ -1786,7 +2008,14 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
                         bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
-    if spec.logit_softcap:
+    if spec.logit_softcap and spec.logit_softcap_fp32:
+        # BeamForCausalLM: logits.float() / cap, tanh (saves its result), * cap: fp32 logits from here on
+        logits = tp.op(logits.numel, 4, (bld.cast(logits, 4),), kind=LOGITS)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+        if logits.rg:
+            tp.save_output(logits)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+    elif spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:

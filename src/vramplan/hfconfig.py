@@ -18,7 +18,7 @@ from typing import Any
 
 from ._files import FileTooLarge, NotAFile, read_text_limited
 from .errors import ConfigError
-from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .spec import Activation, LayerOverride, MLPKind, ModelSpec, NormKind, PositionKind
 
 __all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "installed_transformers", "load_config_file",
            "spec_from_config", "version_warning"]
@@ -125,8 +125,8 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
     return head_dim
 
 
-def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1
-                 ) -> tuple[int, ...]:
+def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1,
+                 full_lead: int = 0, full_last: bool = False) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -138,8 +138,10 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
     if default_every:
         # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
         # global where i % 4 == 0
+        # (the first full_lead layers global as well: MiMo-V2-Flash 1, Flint 2; and the last: Flint)
         full = full_at % default_every
-        return tuple(i for i in range(n_layers) if i % default_every != full)
+        return tuple(i for i in range(n_layers) if i % default_every != full and i >= full_lead
+                     and not (full_last and i == n_layers - 1))
     return tuple(range(n_layers))
 
 
@@ -201,7 +203,10 @@ class _Facts:
     rope_interleave_fp32: bool = False  # ERNIE 4.5: both
     rope_cat: bool = False  # apply_rotary_pos_emb concatenates the rotated part with the pass-through rest even when
     # that is empty (torch.cat([q_embed, q_pass]): GLM-4.5, GLM-4, Nemotron, Phi-3)
-    nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers)
+    dynamic_mask: bool = False  # Doge's dynamic mask attention (ModelSpec.dynamic_mask)
+    residual_weights: bool = False  # Doge's trainable residual scales (ModelSpec.residual_weights)
+    nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers),
+    # "rope_params_none" (a layer type whose rope_parameters entry is None: Cohere Compass)
     sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
     # else a pattern of sliding_window_pattern)
     sliding_every: int = 0  # default pattern when layer_types is absent (Gemma 2: 2, Gemma 3: 6)
@@ -258,6 +263,22 @@ class _Facts:
     attn_gate_bias: bool = False
     attn_gate_name: str = ""
     attn_gate_heads_key: str = ""
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py MiMoV2FlashAttention): the sliding layers alone have learned sinks and
+    # sliding_kv_mult x num_key_value_heads KV heads
+    sliding_sinks: bool = False
+    sliding_full_lead: int = 0  # the default layer pattern makes the first N layers global as well (MiMo-V2-Flash: 1,
+    # Flint: 2)
+    sliding_full_last: bool = False  # ... and the last layer (Flint)
+    sliding_kv_mult: int = 1
+    v_head_key: str = ""  # config key of the value heads' width where it differs from head_dim (v_head_dim)
+    value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
+    eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
+    sink_fp32: bool = False  # the sink attention's scores, sinks and softmax in fp32 (Flint; ModelSpec.sink_fp32)
+    # Beam (modeling_beam.py): ModelSpec.residual_depth_scale, nope_query_scale, mlp_glu_fp32, logit_softcap_fp32
+    residual_depth_scale: bool = False
+    nope_query_scale: bool = False
+    mlp_glu_fp32: bool = False
+    softcap_fp32: bool = False
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -336,6 +357,16 @@ _FAMILIES: dict[str, _Facts] = {
     "cohere2": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
+    # Cohere Compass's text decoder (modular_cohere_compass.py, transformers 5.24): Cohere 2's parallel layers,
+    # LayerNorm and logit scale, with Qwen3's rotate-half RoPE applied in the model dtype and its tables per layer
+    # type (CohereCompassRotaryEmbedding: M-RoPE sections recomposed to one (batch, seq, head_dim) table); a layer
+    # type whose rope_parameters entry is None has no RoPE
+    "cohere_compass_text": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM,
+                                  nope="rope_params_none", sliding="types", logit_scale_key="logit_scale"),
+    # Doge (modeling_doge.py, transformers 5.24): per-head q/k RMSNorms, dynamic mask attention (dt_proj over the
+    # values, exp(A * softplus) per key added to the always-materialised causal mask: SDPA's float mask), residuals
+    # scaled by trainable vectors (input_residual, post_attention_residual); the cross-domain MoE (is_moe) refused
+    "doge": _Facts(version="5.24", qk_norm="head", dynamic_mask=True, residual_weights=True),
     "helium": _Facts(version="5.24"),
     # StableLM (modeling_stablelm.py): LLaMA's gated MLP with biased LayerNorms, q/k/v biases by use_qkv_bias
     # (o_proj none), partial rotary on the first rotary_ndims of each head (0.25 by default), use_parallel_residual
@@ -423,6 +454,35 @@ _FAMILIES: dict[str, _Facts] = {
     "llama4_text": _Facts(version="5.24", moe="llama4", rope="complex", nope="no_rope_layers", sliding="chunked",
                           qk_l2_key="use_qk_norm", nope_temperature_key="attn_temperature_tuning",
                           eager_softmax_native=True),
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py): GLM-4.5's partial rotary (rope_cat; per-layer-type tables, 0.334 of
+    # the 192-wide q/k heads) with values of v_head_dim scaled by attention_value_scale; the sliding layers
+    # (layer_types, default full at i == 0 and every 6th) hold twice the KV heads and a learned sink per head; eager
+    # only (_supports_sdpa False), the row max subtracted and softmax in the scores' dtype on every layer; DeepSeek-V3's
+    # router (fp32 sigmoid, correction bias, groups) and experts without shared experts on the "sparse" entries of
+    # mlp_layer_types (default: layer 0 dense)
+    "mimo_v2_flash": _Facts(version="5.24", o_bias=False, sliding="types", sliding_every=6, sliding_full_lead=1,
+                            partial_rotary=True, rotary_default=0.334,
+                            rope_cat=True, moe="deepseek", mlp_types=1, sdpa=False, sliding_sinks=True,
+                            sliding_kv_mult=2, v_head_key="v_head_dim", value_scale=True, eager_max_softmax=True,
+                            aliases=(("num_local_experts", "n_routed_experts"),)),
+    # Flint (modeling_flint.py): Qwen3-MoE's attention and layer (per-head q/k norms) with GptOssRMSNorm everywhere,
+    # RoPE on the sliding layers only (layer_types; the full ones are NoPE), a learned fp32 sink per head with fp32
+    # scores and softmax (eager only: _supports_sdpa False); a sigmoid-routed MoE block with an always-on shared
+    # expert (moe "flint")
+    "flint": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, sliding="types",
+                    sliding_every=4, sliding_full_at=1, sliding_full_lead=2, sliding_full_last=True,
+                    nope="sliding_only", sinks=True, sink_fp32=True, sdpa=False, moe="flint"),
+    # Beam (modeling_beam.py): per-head q/k norms (Qwen3-MoE's attention) with BeamRMSNorm (Olmo3RMSNorm: the weight
+    # times the fp32 normed states, then the cast) everywhere; four norms per layer whose residual adds are
+    # depth-scaled; RoPE with fp32 tables on the sliding layers (layer_types: every 6th and the last full), the full
+    # layers NoPE (rope_parameters None) with an fp32 position scale of q; a per-channel sigmoid output gate with a
+    # per-head bias; an fp32 SwiGLU in the dense MLP and the experts; the fp32-router MoE block ("beam"); final logit
+    # soft-capping on fp32 logits
+    "beam": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, layout="sandwich",
+                   sliding="types", sliding_every=6, sliding_full_last=True, nope="rope_none", rope="fp32_tables",
+                   moe="beam", softcap=True, softcap_default=30.0, softcap_fp32=True, residual_depth_scale=True,
+                   nope_query_scale=True, mlp_glu_fp32=True, attn_gate="sigmoid", attn_gate_bias=True,
+                   attn_gate_name="gate_proj"),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -437,6 +497,7 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "StableLmForCausalLM": "stablelm",
+    "CohereCompassForCausalLM": "cohere_compass_text", "DogeForCausalLM": "doge",
     "NemotronForCausalLM": "nemotron", "GraniteMoeForCausalLM": "granitemoe",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
@@ -454,7 +515,8 @@ _CLASSES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
-    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+    "FlintForCausalLM": "flint", "BeamForCausalLM": "beam",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -489,7 +551,8 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
-        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at)
+        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at,
+                                    full_lead=f.sliding_full_lead, full_last=f.sliding_full_last)
     return None, ()
 
 
@@ -530,6 +593,20 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
                 isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
             raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
         return tuple(i for i in range(layers) if thetas[i] == 0)
+    if f.nope == "sliding_only":  # Flint: RoPE only where the layer has a window (none without sliding_window)
+        return tuple(i for i in range(layers) if i not in sliding)
+    if f.nope == "rope_none":  # Beam: rope_parameters keyed by layer type, None for a type without RoPE (default: the
+        # full layers)
+        params = c.raw.get("rope_parameters")
+        if not isinstance(params, Mapping) or not any(isinstance(v, Mapping) or v is None for v in params.values()):
+            params = {"sliding_attention": {}, "full_attention": None}
+        kinds = ["sliding_attention" if i in sliding else "full_attention" for i in range(layers)]
+        return tuple(i for i, k in enumerate(kinds) if k in params and params[k] is None)
+    if f.nope == "rope_params_none":  # rope_parameters per layer type, None for a type without RoPE
+        params, types = c.raw.get("rope_parameters"), c.raw.get("layer_types")
+        if isinstance(params, Mapping) and isinstance(types, list) and len(types) >= layers:
+            return tuple(i for i in range(layers) if types[i] in params and params[types[i]] is None)
+        return ()
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -718,6 +795,33 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                else tuple(range(step - 1, layers, step)),
                # the dense layers' Llama4TextMLP is intermediate_size_mlp wide
                "intermediate_size": c.int_("intermediate_size_mlp", default=16384)}
+    elif f.moe == "flint":  # FlintSparseMoeBlock (modeling_flint.py): Qwen3-MoE's layer placement (mlp_only_layers,
+        # default [0, 1]; decoder_sparse_step) and experts; FlintTopKRouter's fp32 logits of an fp32 copy of the hidden
+        # states, sigmoid, top-k of the scores renormalised, fp32 weights into the experts; an always-on gated shared
+        # expert of shared_expert_intermediate_size added after them
+        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
+        dense_only = set(c.int_list("mlp_only_layers")) if c.raw.get("mlp_only_layers") is not None else {0, 1}
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=6),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=512),
+               "shared_expert_intermediate_size": c.int_("shared_expert_intermediate_size", default=1024, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0),
+               "router_fp32": True, "router_sigmoid": True, "router_sigmoid_plain": True}
+    elif f.moe == "beam":  # BeamMoE (modeling_beam.py): DeepSeek-V3's fp32 sigmoid router (correction bias, groups)
+        # on the "sparse" entries of mlp_layer_types (default: the first three layers dense), experts with an fp32
+        # SwiGLU (DeepseekV4Experts._apply_gate overridden), their sum times routed_scaling_factor; no shared experts
+        types = c.raw.get("mlp_layer_types")
+        if types is None:
+            dense = min(3, layers)
+            types = ["dense"] * dense + ["sparse"] * (layers - dense)
+        if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
+            raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
+                              "layers")
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=8),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=2560),
+               "moe_layers": tuple(i for i, t in enumerate(types[:layers]) if t == "sparse"),
+               "router_fp32": True, "router_sigmoid": True, "expert_glu": "fp32", "moe_output_scale": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -815,6 +919,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     inter = moe.pop("intermediate_size", None) or c.int_("intermediate_size",
                                                          default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
+    extra = _sliding_heads(c, f, heads, kv, head_dim, sliding) if not f.mla else {}
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
@@ -845,15 +950,60 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
                                                                c.bool_(f.embed_scale_key, default=False)),
         residual_scale=f.multipliers or f.head_scale,
         logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
+        # (an explicit null turns it off: ``if self.config.final_logit_softcapping is not None``)
         logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
-            f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
+            (f.softcap_default is not None and "final_logit_softcapping" not in c.raw)
+            or c.raw.get("final_logit_softcapping") is not None) else None,
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, **_attn_gate(c, f),
+        program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f), **extra,
     )
+
+
+def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, sliding: tuple[int, ...]) -> dict[str, Any]:
+    """The value heads' width, the value scale and the sliding layers' own KV heads and sinks (MiMo-V2-Flash's
+    facts); empty for a family without them."""
+    out: dict[str, Any] = {}
+    if f.v_head_key:
+        v = c.int_(f.v_head_key, default=head_dim)
+        if v != head_dim:
+            out["v_head_dim"] = v
+    if f.value_scale:
+        out["value_scale"] = True
+    if f.eager_max_softmax:
+        out["eager_max_softmax"] = True
+    if f.sink_fp32:
+        out["sink_fp32"] = True
+    for name in ("residual_depth_scale", "nope_query_scale", "mlp_glu_fp32"):
+        if getattr(f, name):
+            out[name] = True
+    if f.softcap_fp32:
+        out["logit_softcap_fp32"] = True
+    if f.sliding_sinks and sliding:
+        kv_sliding = kv * f.sliding_kv_mult
+        if kv_sliding > heads or heads % kv_sliding:
+            raise ConfigError(f"{c.where}: the sliding layers' {kv_sliding} KV heads ({f.sliding_kv_mult} x "
+                              f"num_key_value_heads) must divide num_attention_heads ({heads})")
+        out["layer_overrides"] = (LayerOverride(sliding, num_kv_heads=kv_sliding if kv_sliding != kv else 0,
+                                                attention_sinks=True),)
+    return out
+
+
+def _dynamic_mask(c: _Cfg, f: _Facts) -> dict[str, Any]:
+    """Doge's dynamic mask attention and residual weights (:attr:`_Facts.dynamic_mask`)."""
+    if not (f.dynamic_mask or f.residual_weights):
+        return {}
+    if c.bool_("is_moe", default=False):
+        raise ConfigError(f"{c.where}: Doge's cross-domain MoE (is_moe: DogeCDMoE, product-key retrieval of "
+                          "single-neuron experts through embedding lookups) is not modelled by estimate; run vramplan "
+                          "trace")
+    if c.raw.get("sliding_window") is not None:
+        raise ConfigError(f"{c.where}: Doge with a sliding window is not modelled by estimate; run vramplan trace")
+    return {"dynamic_mask": f.dynamic_mask, "residual_weights": f.residual_weights,
+            "keep_window": c.int_("keep_window_size", default=2048) if f.dynamic_mask else 0}
 
 
 def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:
@@ -1148,6 +1298,26 @@ from .layouts import LAYOUT_CLASSES, LAYOUT_READERS  # noqa: E402  (GPT-style la
 
 _READERS.update(LAYOUT_READERS)
 _CLASSES.update(LAYOUT_CLASSES)
+from .longcat import LONGCAT_CLASSES, LONGCAT_READERS  # noqa: E402  (LongCat-Flash: reads _Cfg, _llama_like)
+
+_READERS.update(LONGCAT_READERS)
+_CLASSES.update(LONGCAT_CLASSES)
+from .hyper import HYPER_CLASSES, HYPER_READERS  # noqa: E402  (HY-V4: reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(HYPER_READERS)
+_CLASSES.update(HYPER_CLASSES)
+from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stacks: reads _Cfg, _llama_like)
+
+_READERS.update(LOOP_READERS)
+_CLASSES.update(LOOP_CLASSES)
+from .inkling import INKLING_CLASSES, INKLING_READERS  # noqa: E402  (Inkling's text decoder: reads _Cfg)
+
+_READERS.update(INKLING_READERS)
+_CLASSES.update(INKLING_CLASSES)
+from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling 2's text decoder)
+
+_READERS.update(INKLING2_READERS)
+_CLASSES.update(INKLING2_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1240,11 +1410,16 @@ _MISSING_MECHANISMS = {
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
            "of data-dependent lengths, cross-attention between bytes and patches)",
-    "hy_v4": "hyper-connections (hc_mult residual streams mixed per sublayer by HYV4HyperConnection and the "
-             "HYV4HyperHead) around MLA with a sparse-attention indexer, attention sinks and a clamped SwiGLU MoE",
-    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
-                     "blocks' outputs in fp32 makes each sublayer's input)",
-    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+    "deepseek_v4": "hyper-connections with Sinkhorn-normalised mixing of the copies (DeepseekV4HyperConnection's comb; "
+                   "the copies, collapse and HC head themselves are modelled: vramplan.hyper) around attention over "
+                   "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
+                   "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
+                   "hash (DeepseekV4HashRouter)",
+    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
+                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
+                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
+                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
+                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

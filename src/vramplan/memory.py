@@ -437,6 +437,19 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
                                              Counter({per: len(set(w.lora_modules_to_save))}))
                 state, temp = state + s2, max(temp, t2) if w.optimizer is Optimizer.LION else temp + t2
         notes.append(note)
+    # parameters the model keeps in fp32 whatever the dtype it is loaded in (transformers'
+    # _keep_in_fp32_modules_strict): their weights, and under full fine-tuning their gradients and AdamW-style states
+    # (zeros_like the parameter), take 4 bytes
+    wide = spec.fp32_params if dense_elem < 4 and quantization is None else 0
+    if wide:
+        weights += wide * (4 - dense_elem)
+        if training and w.method is Method.FULL:
+            grads += wide * (4 - dense_elem)
+            if w.optimizer not in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
+                s4, t4, _ = _optimizer_bytes(w.optimizer, wide, 4, Counter())
+                s2, t2, _ = _optimizer_bytes(w.optimizer, wide, dense_elem, Counter())
+                state, temp = state + s4 - s2, temp + t4 - t2
+        notes.append(f"{wide / 1e6:.1f}M parameters kept in fp32 by the model (_keep_in_fp32_modules_strict)")
     paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
     return ModelStates(total + adapters, trainable, weights, master, quant_c, grads, state, temp,
                        trainable_layers, tuple(notes), paged)

@@ -74,6 +74,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             out += [("wq_b", qr, hi * di, 1), ("wk", h, di, 1), ("weights_proj", h, hi, 1)]
         if spec.mla_head_gate:  # BailingHybridAttention's / Dots 3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, nh, 1))
+        if spec.mla_out_gate:  # HYV4Attention's gate_proj: one gate per value channel, no bias
+            out.append(("gate_proj", h, nh * spec.v_head_dim, 1))
         if spec.gated_norm_rank:  # the gated input norm's low-rank gate MLP (AXK2GateMLP: fc1, fc2, no bias)
             out += [("fc1", h, spec.gated_norm_rank, 1), ("fc2", spec.gated_norm_rank, h, 1)]
         return out
@@ -85,14 +87,16 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
         qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
         out = [(qn, h, 2 * q if spec.attn_output_gate else q, 1), (kn, h, kv, 1)] + \
-            ([] if spec.v_from_k else [(vn, h, kv, 1)])
+            ([] if spec.v_from_k else [(vn, h, spec.v_dim, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
+        if spec.dynamic_mask:  # DogeAttention.dt_proj: values -> one dt per key-value head
+            out.append(("dt_proj", kv, spec.num_kv_heads, 1))
         if spec.attn_gate:  # a derived output gate: heads or heads x head_dim outputs, no bias
             out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
-    out.append((oname, q, h, 1))
+    out.append((oname, spec.num_heads * spec.value_head_dim if not spec.qkv_fused else q, h, 1))
     return out
 
 
@@ -155,6 +159,10 @@ def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
+    if spec.dual_sublayers:  # LongCat-Flash: two attention/MLP pairs and the shortcut MoE (vramplan.longcat)
+        from .longcat import longcat_linears
+
+        return longcat_linears(spec)
     if spec.moe_beside_mlp or spec.per_layer_input:  # Gemma 4: the dense MLP, the MoE block beside it, the branch
         moe = index in spec.moe_layers
         return attention_linears(spec) + mlp_linears(spec, False) + (mlp_linears(spec, True) if moe else []) + \
@@ -162,9 +170,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
-        from .ssm import mamba2_linears
+        from .ssm import mamba1_linears, mamba2_linears
 
-        return zamba2_block_linears(spec) + mamba2_linears(spec.ssm, spec.hidden_size)
+        mixer = mamba1_linears if spec.ssm.dt_rank else mamba2_linears
+        return zamba2_block_linears(spec) + mixer(spec.ssm, spec.hidden_size)
     if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
         from .ssm import mamba2_linears
 
@@ -196,6 +205,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         return rglru_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
+    if spec.mixer(index) == "inkling":
+        from .inkling import inkling_linears
+
+        return inkling_linears(spec, index) + mlp
     return attention_linears(spec) + mlp
 
 
@@ -209,22 +222,27 @@ def zamba2_block_linears(spec: ModelSpec, *, shared: bool = True, own: bool = Tr
     out: list[tuple[str, int, int, int]] = []
     if shared:
         out += [("q_proj", h2, spec.q_dim, 1), ("k_proj", h2, spec.kv_dim, 1), ("v_proj", h2, spec.kv_dim, 1),
-                ("o_proj", spec.q_dim, h, 1), ("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
+                ("o_proj", spec.q_dim, h, 1)]
+        out += [("gate_up_proj", h, 2 * i, 1)] if sb.fused_gate_up else [("gate_proj", h, i, 1), ("up_proj", h, i, 1)]
+        out += [("down_proj", i, h, 1)]
     if own:
-        out += [("linear", h, h, 1), ("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
+        out += [("linear", h, h, 1)]
+        if r:
+            out += [("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
         if sb.attention_adapters:
             out += [(f"linear_{x}_adapter.{j}", *((h2, r) if j == 0 else (r, h2)), 1) for x in "qkv" for j in (0, 1)]
     return out
 
 
 def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
-    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm), its own ``linear`` and adapters, and, for
-    the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over 2 x hidden and
-    hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
-    from .ssm import mamba2_extra_params, mamba2_linears
+    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm; Zamba's: Mamba-1), its own ``linear`` and
+    adapters, and, for the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over
+    2 x hidden and hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
+    from .ssm import mamba1_extra_params, mamba1_linears, mamba2_extra_params, mamba2_linears
 
     assert spec.ssm is not None and spec.shared_block is not None
     h = spec.hidden_size
+    mamba1 = bool(spec.ssm.dt_rank)  # Zamba: a Mamba-1 layer
     owner = spec.mixer(index) == "zamba_hybrid"
     block: list[tuple[str, int, int, int]] = []
     if owner:  # the block's weights and the adapter sets it holds (one per hybrid index it serves)
@@ -232,8 +250,8 @@ def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
         sets = spec.shared_block.adapters_of_block(b)
         block = zamba2_block_linears(spec, own=False) + \
             [(n, i, o, c * sets) for n, i, o, c in zamba2_block_linears(spec, shared=False) if n != "linear"]
-    mix = [*mamba2_linears(spec.ssm, h), ("linear", h, h, 1)]
-    bias, other = mamba2_extra_params(spec.ssm, h)
+    mix = [*(mamba1_linears if mamba1 else mamba2_linears)(spec.ssm, h), ("linear", h, h, 1)]
+    bias, other = (mamba1_extra_params if mamba1 else mamba2_extra_params)(spec.ssm, h)
     norms = _norm_params(spec, h)
     if owner:
         norms += _norm_params(spec, 2 * h) + _norm_params(spec, h)
@@ -286,6 +304,10 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     spec = spec.layer(index)
+    if spec.dual_sublayers:
+        from .longcat import longcat_layer_params
+
+        return longcat_layer_params(spec)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -307,6 +329,13 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         lin = rwkv_linears(spec)
         return LayerParams(sum(i * o for _, i, o, _ in lin[:4]), sum(i * o for _, i, o, _ in lin[4:]), 0,
                            2 * _norm_params(spec, spec.hidden_size) + rwkv_extra_params(spec), tuple(lin))
+    if spec.mixer(index) == "inkling":  # its attention's linears and MLP / MoE, two norms (the rest: extra_params)
+        from .inkling import inkling_linears
+
+        lin = inkling_linears(spec, index)
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
+                           2 * _norm_params(spec, spec.hidden_size), tuple(lin + mlp))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers
@@ -338,6 +367,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.dynamic_mask:  # DogeAttention.A (one per key-value head)
+        bias += spec.num_kv_heads
+    if spec.residual_weights:  # DogeDecoderLayer.input_residual and post_attention_residual
+        bias += 2 * spec.hidden_size
     if spec.attn_gate and spec.attn_gate_bias:  # the gate's per-head bias (modeling_beam.py gate_bias)
         bias += spec.num_heads
     if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)
@@ -368,6 +401,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         norm += altup_extra_params(spec.hidden_size)
     if spec.sub_norms:  # BitNet's attn_sub_norm (hidden) and ffn_sub_norm (intermediate)
         norm += spec.hidden_size + spec.intermediate_size
+    if spec.hc_mult:  # the layer's two hyper-connection modules (vramplan.hyper)
+        from .hyper import hc_layer_params
+
+        norm += hc_layer_params(spec)
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 
@@ -394,6 +431,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])
     final_norm = _norm_params(spec, h) if spec.final_norm else 0
+    if spec.hc_mult:  # the HC head collapsing the hyper-connection copies before the final norm
+        from .hyper import hc_head_params
+
+        final_norm += hc_head_params(spec)
     lm_head = 0 if spec.tie_word_embeddings else v * d_embed
     if spec.lm_head_bias:
         lm_head += v
