@@ -524,8 +524,9 @@ class _B:
                        masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
         transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask the
-        model computed (Doge's dynamic mask), which the efficient kernel saves and, where it requires grad, returns a
-        gradient for."""
+        model computed — with ``masked``, the attention mask itself (Doge's dynamic mask), which the efficient kernel
+        saves and, where it requires grad, returns a gradient for; without, a position bias added to the scores beside
+        the causal mask (vramplan.inkling)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
         dv = spec.value_head_dim
@@ -556,14 +557,22 @@ class _B:
         if kernel is Kernel.MATH:
             # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            locals_ = (q, k, v, q32, k32, v32)
+            locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
-            if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
+            gqa = heads_kv != h and bias is not None and not masked
+            if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
+                # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
+                k32 = tp.op(b * h * skv * d, 4, (k32,))
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+                locals_ += (k32, v32)
+            elif heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if masked and s > 1:  # transformers' boolean mask converted to the query dtype
-                mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
+            if bias is not None and not masked:
+                mask: Tensor | None = bias
+            elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                mask = tp.op(b * s * skv, q.elem, (), rg=False)
             else:  # is_causal: ones(L, S).tril(), converted to fp32
                 mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
@@ -572,7 +581,7 @@ class _B:
                 tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
-            if heads_kv != h:  # the values broadcast to every head for the product (a copy)
+            if heads_kv != h and not gqa:  # the values broadcast to every head for the product (a copy)
                 v32 = tp.op(b * h * skv * dv, 4, (v32,))
             o32 = tp.op(b * s * h * dv, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
@@ -609,6 +618,8 @@ class _B:
             # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
             att = tp.op(scores, 4, (att,))
             selem = 4
+        if bias is not None and not masked:  # + position_bias
+            att = tp.op(scores, selem, (att, bias))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -1398,6 +1409,15 @@ class _B:
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
                 gate, up = tp.split(gu, 2)
                 p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+            elif spec.expert_glu == "softcap_fp32":
+                # Inkling2SoftcappedSwiGLU: gate, up = .float(); tanh(gate / c) * c * sigmoid(gate) * (tanh(up / c') *
+                # c'); cast back (tanh and sigmoid save their results, the products their operands)
+                gate, up = tp.split(gu, 2)
+                g32, u32 = self.cast(gate, 4), self.cast(up, 4)
+                gc = tp.op(g32.numel, 4, (self.ew(tp.op(g32.numel, 4, (g32,)), save_out=True),))
+                sg = self.ew(g32, save_out=True)
+                uc = tp.op(u32.numel, 4, (self.ew(tp.op(u32.numel, 4, (u32,)), save_out=True),))
+                p = self.cast(self.mul(self.mul(gc, sg), uc), act)
             else:
                 gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
                 a = self.activation(gate)
@@ -1674,6 +1694,10 @@ class _B:
             from .rwkv import rwkv_block
 
             return rwkv_block(self, x)
+        if plan.mixer == "inkling":
+            from .inkling import inkling_layer
+
+            return inkling_layer(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 

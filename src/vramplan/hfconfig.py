@@ -1311,6 +1311,18 @@ from .hyper import HYPER_CLASSES, HYPER_READERS  # noqa: E402  (HY-V4: reads _Cf
 
 _READERS.update(HYPER_READERS)
 _CLASSES.update(HYPER_CLASSES)
+from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stacks: reads _Cfg, _llama_like)
+
+_READERS.update(LOOP_READERS)
+_CLASSES.update(LOOP_CLASSES)
+from .inkling import INKLING_CLASSES, INKLING_READERS  # noqa: E402  (Inkling's text decoder: reads _Cfg)
+
+_READERS.update(INKLING_READERS)
+_CLASSES.update(INKLING_CLASSES)
+from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling 2's text decoder)
+
+_READERS.update(INKLING2_READERS)
+_CLASSES.update(INKLING2_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1408,9 +1420,11 @@ _MISSING_MECHANISMS = {
                    "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
                    "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
                    "hash (DeepseekV4HashRouter)",
-    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
-                     "blocks' outputs in fp32 makes each sublayer's input)",
-    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
+                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
+                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
+                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
+                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

@@ -205,6 +205,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         return rglru_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
+    if spec.mixer(index) == "inkling":
+        from .inkling import inkling_linears
+
+        return inkling_linears(spec, index) + mlp
     return attention_linears(spec) + mlp
 
 
@@ -325,6 +329,13 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         lin = rwkv_linears(spec)
         return LayerParams(sum(i * o for _, i, o, _ in lin[:4]), sum(i * o for _, i, o, _ in lin[4:]), 0,
                            2 * _norm_params(spec, spec.hidden_size) + rwkv_extra_params(spec), tuple(lin))
+    if spec.mixer(index) == "inkling":  # its attention's linears and MLP / MoE, two norms (the rest: extra_params)
+        from .inkling import inkling_linears
+
+        lin = inkling_linears(spec, index)
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
+                           2 * _norm_params(spec, spec.hidden_size), tuple(lin + mlp))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers

@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from .ssm import SharedBlock, SSMSpec
 
 __all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "LayerOverride", "MLPKind", "ModelSpec", "NormKind",
-           "PositionKind"]
+           "PositionKind", "StackRun"]
 
 # Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
 # "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
 # "zamba_tied" reuses the weights of an earlier hybrid layer's block)
-ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied")
+ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied", "inkling")
 MAMBA2_MIXERS = ("mamba2", "parallel", "zamba_hybrid", "zamba_tied")
 
 
@@ -86,6 +86,20 @@ class LayerOverride:
     index_shared: bool | None = None  # True: the layer reuses the previous indexer's top-k (HY-V4 "shared" layers)
     attention_sinks: bool | None = None  # the layer's attention has learned sink logits (MiMo-V2-Flash: only the
     # sliding layers)
+
+
+@dataclass(frozen=True, slots=True)
+class StackRun:
+    """One call of a layer stack in a looped forward (:attr:`ModelSpec.stack_runs`): layers ``first`` ..
+    ``first + count - 1`` run in order on the sum of the carried states, with autograd recording them (``grad``) or
+    under ``torch.no_grad``; the stack's own weightless final norm closes the call and its output replaces carried
+    state ``state`` (modeling_hrm_text.py HrmTextModel.forward: ``z_L = L_module(z_L + z_H)``, then
+    ``z_H = H_module(z_H + z_L)``)."""
+
+    first: int
+    count: int
+    grad: bool
+    state: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +299,7 @@ class ModelSpec:
     # g_proj(x).float(), cast back: Ling 3's BailingHybridAttention), "native" (in the activation dtype: Dots 3)
     mla_latent_scale: bool = False  # Dots3NoteTextAttention: q_resid * sqrt(hidden / q_lora_rank), the contiguous
     # kv latent normed then * sqrt(hidden / kv_lora_rank), an RMSNorm over the shared rotary key (k_rope_only_layernorm)
+    flash_refused: str = ""  # why transformers refuses FlashAttention for the model ("": it does not)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
@@ -349,6 +364,16 @@ class ModelSpec:
     lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+    # Looped stacks (vramplan.loops): the forward calls groups of the spec's layers several times, some under
+    # torch.no_grad (StackRun), instead of every layer once; ``carried_states`` hidden-state tensors carry between the
+    # calls: state 0 starts as the scaled embeddings, the others as a fresh copy of a frozen initial vector
+    # (HrmTextModel.z_L_init.expand_as(...).contiguous()). Each call writes its own cache slot. Empty: a plain stack.
+    stack_runs: tuple[StackRun, ...] = ()
+    carried_states: int = 0
+    # Inkling (vramplan.inkling): the layers' own sizes, (d_rel, the full layers' relative extent, the short
+    # convolutions' kernel, the shared experts, the generation (1: Inkling, 2: Inkling 2), Inkling 2's layers per
+    # block-attention-residual block); empty: not an Inkling model
+    inkling: tuple[int, ...] = ()
     # LongCat-Flash (vramplan.longcat, modeling_longcat_flash.py): each decoder layer runs two attention + dense MLP
     # sublayer pairs, and a MoE block on the first pair's normed MLP input whose output is added at the layer's end
     # (the shortcut); its router also scores ``zero_experts`` identity experts (zero-compute: the token itself, times
