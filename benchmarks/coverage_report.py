@@ -147,6 +147,10 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # torch.empty(None, ...) fails); rednote-hilab/dots.llm1.base (technical report arXiv 2506.05767): 128 routed
     # experts, 6 per token, 2 shared
     "dots1": {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2},
+    # CohereCompassTextConfig leaves rope_parameters empty while CohereCompassRotaryEmbedding reads it per layer type
+    # (KeyError 'full_attention'); the published checkpoints state one entry per type. The rotary base does not
+    # change any allocation: transformers' default theta (derive.completed_default completes it the same way)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # vision-language defaults whose towers do not fit together (the projector's output is not the text width, or
     # the SigLIP grid does not pool to mm_tokens_per_image): the published checkpoints' values
     # Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct: text width 3584, 28 heads, 4 KV heads, MLP 18944

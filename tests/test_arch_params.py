@@ -28,6 +28,8 @@ SKIP = {"gemma3_text_alias",
         "dots1",  # Dots1Config leaves n_routed_experts unset (transformers cannot build its default): see VARIANTS
         "deepseek_v2",  # DeepseekV2Config leaves num_experts_per_tok None (its forward cannot route): see VARIANTS
         "lfm2_moe",  # Lfm2MoeConfig leaves layer_types None (its decoder layer indexes it): see VARIANTS
+        "cohere_compass_text",  # its default leaves rope_parameters empty (cannot build): see VARIANTS
+        "zamba",  # a 4-layer cut of the default holds one hybrid layer, whose tie pattern transformers refuses
         "dbrx"}  # DbrxAttentionConfig has no rope_theta default and its layers are n_layers: tests/test_moe_b.py
 
 
@@ -97,6 +99,10 @@ VARIANTS = [
     ("granite_swa", {"layer_rope_theta": [10000.0, 0.0, 10000.0, 0.0]}),
     ("hunyuan_v1_moe", {"num_experts": 4, "moe_topk": 2}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),
+    ("cohere_compass_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    ("cohere_compass_text", {"layer_types": ["sliding_attention", "full_attention"] * 2, "tie_word_embeddings": False,
+                             "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                 "full_attention": None}}),
     ("olmo2", {"attention_bias": True}),
     ("olmo", {"attention_bias": True}),
     ("hyperclovax", {"use_post_norm": False}),
@@ -153,6 +159,9 @@ SSM_VARIANTS = [
     ("falcon_mamba", {"expand": 3}),
     ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1, "mamba_proj_bias": True}),
     ("jamba", {"num_experts": 1, "attn_layer_period": 4, "attn_layer_offset": 0}),
+    ("zamba", {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]}),
+    ("zamba", {"layers_block_type": ["hybrid", "hybrid", "mamba", "mamba"], "n_mamba_heads": 4,
+               "mamba_proj_bias": True, "num_key_value_heads": 4}),
     ("zamba2", {"layers_block_type": ["mamba", "hybrid", "hybrid", "hybrid"], "num_mem_blocks": 2,
                 "use_shared_attention_adapter": True, "num_key_value_heads": 8, "add_bias_linear": True}),
 ]

@@ -164,7 +164,7 @@ def test_compose_finds_decoder_stacks_by_structure() -> None:
         _layers(meta("hrm_text"))
 
 
-@pytest.mark.parametrize(("model_type", "why"), [("hrm_text", "two decoder-layer stacks"), ("zamba", "Mamba mixer"),
+@pytest.mark.parametrize(("model_type", "why"), [("hrm_text", "two decoder-layer stacks"), ("xlstm", "mLSTM"),
                                                   ("gemma4_unified_assistant", "draft")])
 def test_refusals_name_the_missing_mechanism(model_type: str, why: str) -> None:
     """A type derive refused is refused by estimate with derive's reason (data/recipes ``refused``)."""

@@ -200,6 +200,48 @@ def test_zamba2_shared_blocks_are_counted_once() -> None:
     assert counts.layers[4].total - counts.layers[0].total == 256 * 256  # a reusing layer's own linear
 
 
+ZAMBA: dict[str, Any] = {"model_type": "zamba", "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "num_key_value_heads": 4, "intermediate_size": 512, "n_mamba_heads": 2,
+                         "layers_block_type": ["mamba", "hybrid", "hybrid"], "vocab_size": 4096, "mamba_d_state": 8}
+
+
+def test_zamba_reads_as_mamba1_heads_with_one_tied_shared_block() -> None:
+    """Zamba's hybrid layers share one transformer block (tied weights: counted once, at the first hybrid layer);
+    its Mamba-1 mixers hold per-head x_proj / dt_proj weights as 3-D parameters (not linears, so not LoRA or
+    quantization targets); the generation cache of every layer is a Mamba-1 state."""
+    from vramplan.params import count_params
+
+    spec = spec_from_config(ZAMBA)
+    assert spec.mixers == ("mamba", "zamba_hybrid", "zamba_tied")
+    assert spec.ssm is not None and spec.ssm.n_heads == 2 and spec.ssm.dt_rank == 16 and spec.head_dim == 128
+    counts = count_params(spec)
+    names = [n for n, *_ in counts.layers[0].linear_shapes]
+    assert names == ["in_proj", "out_proj"]
+    h, di, r, n = 256, 512, 16, 8
+    mixer = h * 2 * di + di * h + di * 4 + di + di * (r + 2 * n) + r * di + di + di * n + di  # + conv, x/dt, A, D
+    assert counts.layers[0].total == mixer + h  # the mixer and the input norm
+    block = 3 * 512 * 512 + 512 * h + 3 * h * 512 + 512 + h  # q/k/v over 2 x hidden, o, gate/up/down, two norms
+    assert counts.layers[1].total - counts.layers[2].total == block
+    assert counts.layers[2].total - counts.layers[0].total == h * h  # each hybrid layer's own linear
+    w = make_workload(task="infer", batch_size=2, seq_len=64, new_tokens=4)
+    est = estimate(spec, w)
+    decode = next(p for p in est.phases if p.phase.value == "decode").breakdown.as_dict()[MemoryKind.KV_CACHE]
+    states = 3 * mamba1_state_bytes(spec.ssm, 2, 2)
+    kv = 2 * 2 * 512 * 2  # one hybrid layer's keys and values per token (2 x hidden wide), batch 2
+    # at the first hybrid layer's torch.cat the old and the grown cache coexist; the second still holds the old one
+    assert decode == states + kv * (64 + 4 - 1) + kv * (64 + 4) + kv * (64 + 4 - 1)
+
+
+def test_zamba_scans_one_head_at_a_time() -> None:
+    """transformers' fallback runs one selective scan per Mamba head: inference holds one head's (batch, d_inner /
+    heads, L, state) fp32 dA, dB and dBu at a time, so more heads of the same width peak lower."""
+    w = make_workload(task="infer", batch_size=2, seq_len=256, new_tokens=1, ssm_kernel="torch")
+    one = estimate(spec_from_config({**ZAMBA, "n_mamba_heads": 1}), w).peak_allocated_bytes
+    two = estimate(spec_from_config(ZAMBA), w).peak_allocated_bytes
+    half = 3 * 2 * 256 * 256 * 8 * 4  # three (batch, 256 channels, L, state) fp32 tensors
+    assert one - two >= half
+
+
 NEMOTRON_H_MOE: dict[str, Any] = {**NEMOTRON_H, "layers_block_type": ["mamba", "moe", "attention", "moe"],
                                   "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
                                   "moe_shared_expert_intermediate_size": 384, "moe_latent_size": 128, "n_group": 2,
@@ -276,9 +318,9 @@ def test_lfm2_short_conv_cache() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MAMBA2, BAMBA, LFM2, GRANITE4, FALCON_H1, NEMOTRON_H, MAMBA1, FALCON_MAMBA, JAMBA,
-                                 ZAMBA2, NEMOTRON_H_MOE, LFM3],
+                                 ZAMBA2, NEMOTRON_H_MOE, LFM3, ZAMBA],
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
-                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe", "lfm3"])
+                              "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe", "lfm3", "zamba"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
                                                      request: pytest.FixtureRequest) -> None:
@@ -300,15 +342,15 @@ def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname
     traced = trace_workload(cfg, make_workload(**opts)).peak_allocated_bytes
     spec = spec_from_config(cfg)
     est = estimate(spec, make_workload(**opts, ssm_kernel="torch")).peak_allocated_bytes
-    if cfg in (MAMBA1, FALCON_MAMBA, JAMBA) and wname != "infer":
+    if cfg in (MAMBA1, FALCON_MAMBA, JAMBA, ZAMBA) and wname != "infer":
         # The fallback's loop reads dA[:, :, i] and dBu[:, :, i] once per token, so backward sums one full-size
         # select_backward gradient per token into a buffer: in place on a GPU (torch/csrc/autograd/input_buffer.cpp
         # can_accumulate_inplace), out of place on the trace's fake tensors (tensor subclasses are excluded), which
         # therefore hold one (batch, d_inner, L, state) fp32 buffer more at the backward peak.
         # Where the backward peak falls in the scan (Mamba, Falcon-Mamba), the estimate is that buffer below the
         # trace; where it falls elsewhere (Jamba's MoE layers at 512 tokens), the two agree.
-        assert spec.ssm is not None
-        buf = opts["batch_size"] * spec.ssm.d_inner * opts["seq_len"] * spec.ssm.d_state * 4
+        assert spec.ssm is not None  # (Zamba: one head's channels)
+        buf = opts["batch_size"] * spec.ssm.d_inner // spec.ssm.n_heads * opts["seq_len"] * spec.ssm.d_state * 4
         assert (traced - buf) * 0.98 <= est <= traced * 1.02, (est / 2**30, traced / 2**30, buf / 2**30)
         return
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)

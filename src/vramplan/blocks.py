@@ -466,6 +466,44 @@ class _B:
             root.last_use = max(root.last_use, end)
         return qe, ke
 
+    def dynamic_mask(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Doge's dynamic mask (modeling_doge.py ``DogeAttention.forward`` / ``prepare_dynamic_mask``, transformers
+        5.24): ``dt_proj`` over the values (in inference the cache's values, transposed and reshaped: a copy), then
+        ``exp(A * softplus(dt))`` per key-value head and key; the model's boolean causal mask made additive
+        (``torch.where``: the hidden dtype) and compared ``!= 0`` (a bool mask that ``masked_fill``'s backward
+        saves); ``masked_fill`` of the expanded dt writes a new (batch, kv heads, q, kv) float mask, whose gradient is
+        a full-size temporary summed down to dt's shape; beyond ``keep_window_size`` keys, ``zeros_like``, the top-k
+        indices, their scatter and a second ``masked_fill``; ``repeat_kv`` copies it to every query head."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        assert plan is not None
+        b, s, skv, kvh, kvd = self.b, self.s, self.kv_len, spec.num_kv_heads, spec.kv_dim
+        tr = plan.trainable
+        vv = tp.op(b * skv * kvd, v.elem, (v,)) if not self.num.training else v
+        dt = self.proj(vv, kvd, kvh, "dt_proj", spec.qkv_bias)
+        sp = self.ew(dt, save_in=True)  # softplus saves its input
+        pg = self.param_grad(f"A{len(tp.ops)}", kvh, self.num.param) if tr else ()
+        ad = tp.op(sp.numel, max(sp.elem, self.num.param), (sp,), save=(sp,) if tr else (), params=pg,
+                   rg=sp.rg or tr)
+        ex = self.ew(ad, save_out=True)  # exp saves its result
+        hid = self.num.act
+        full = b * kvh * s * skv
+        additive = tp.op(b * s * skv, hid, (), rg=False)  # torch.where(attention_mask, 0.0, min_dtype)
+        ne = tp.op(b * s * skv, 1, (additive,), rg=False)  # attention_mask != 0
+        mask = tp.op(full, ex.elem, (ex, ne), save=(ne,) if ex.rg else (), grad_to=(ex,),
+                     bwd_scratch=full * ex.elem if ex.rg else 0)
+        tp.hold(additive)  # prepare_dynamic_mask rebinds attention_mask to it: held until the function returns
+        if skv > spec.keep_window:
+            zeros = tp.op(full, hid, (), rg=False)
+            idx = tp.op(b * kvh * s * spec.keep_window, 8, (mask,), rg=False,
+                        fwd_scratch=b * kvh * s * spec.keep_window * mask.elem)  # topk values and indices
+            active = tp.op(full, hid, (zeros, idx), rg=False)  # scatter
+            off = tp.op(full, 1, (active,), rg=False)  # active_mask == 0.0
+            mask = tp.op(full, mask.elem, (mask, off), save=(off,) if mask.rg else (), grad_to=(mask,))
+        if spec.num_heads != kvh:  # repeat_kv: expand + reshape copies
+            mask = tp.op(b * spec.num_heads * s * skv, mask.elem, (mask,))
+        tp.hold(additive)
+        return mask, ex
+
     def sdpa_bias(self, elem: int) -> Tensor:
         """The additive mask SDPA makes of transformers' boolean (B, 1, S, S_kv) mask (a sliding window or chunk
         beyond the sequence): ``convert_boolean_attn_mask`` writes a new one in the query dtype, and the efficient
@@ -480,9 +518,11 @@ class _B:
         return bias
 
     def attention_core(self, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, heads_kv: int,
-                       masked: bool = False) -> Tensor:
+                       masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
-        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`)."""
+        transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask the
+        model computed (Doge's dynamic mask), which the efficient kernel saves and, where it requires grad, returns a
+        gradient for."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
         elem = q.elem
@@ -493,9 +533,13 @@ class _B:
             lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
             lse = tp.op(b * h * lse_len, 4, (), rg=False)
             ins: tuple[Tensor, ...] = (q, k, v, lse)
-            if masked and kernel is Kernel.EFFICIENT and s > 1:
+            if bias is not None and kernel is Kernel.EFFICIENT:
+                ins += (bias,)
+            elif masked and kernel is Kernel.EFFICIENT and s > 1:
                 ins += (self.sdpa_bias(elem),)
-            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=(q, k, v))
+            rg = rg or (bias is not None and bias.rg)
+            grads = (q, k, v) + ((bias,) if bias is not None and bias.rg else ())
+            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=grads)
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
@@ -778,6 +822,12 @@ class _B:
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
+        if spec.dynamic_mask:
+            dyn, dts = self.dynamic_mask(v)
+            out = self.attention_core(q, k, v, self.kernel_for(True), heads_kv, True, bias=dyn)
+            o = self.proj(out, qd, h, "o_proj", spec.o_bias)
+            tp.hold(dyn, dts)  # attn_mask and dt_states: locals of DogeAttention.forward until it returns
+            return o
         out = self.attention_core(q, k, v, kernel, heads_kv, has_mask)
         if spec.family == "falcon":  # FalconAttention.forward's fused_qkv stays bound until it returns
             tp.hold(qkv)
@@ -1516,6 +1566,18 @@ class _B:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
+    def weighted_residual(self, x: Tensor) -> Tensor:
+        """Doge's ``input_residual * residual`` (a trainable vector): a new tensor; the product saves the residual for
+        the vector's gradient."""
+        if not self.spec.residual_weights:
+            return x
+        plan = self.plan
+        assert plan is not None
+        tr = plan.trainable
+        pg = self.param_grad(f"resw{len(self.tp.ops)}", self.spec.hidden_size, self.num.param) if tr else ()
+        return self.tp.op(x.numel, max(x.elem, self.num.param), (x,), save=(x,) if tr else (), params=pg,
+                          rg=x.rg or tr)
+
     def layer(self, x: Tensor) -> Tensor:
         spec = self.spec
         plan = self.plan
@@ -1582,7 +1644,7 @@ class _B:
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(x, self.residual(a))
+            hmid = self.add(self.weighted_residual(x), self.residual(a))
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
@@ -1606,7 +1668,7 @@ class _B:
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(hmid, self.residual(m))
+            y = self.add(self.weighted_residual(hmid), self.residual(m))
             if spec.per_layer_input:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
@@ -1739,6 +1801,8 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         from .hyper import hc_expand
 
         x = hc_expand(bld, x)  # (inputs_embeds stays referenced by the model's forward: estimator._embeds_held)
+    if spec.dynamic_mask:  # DogeModel: create_causal_mask(allow_is_causal_skip=False) materialises the boolean mask
+        tp.keep_for_forward(tp.op(seq * seq, 1, (), rg=False))  # (1, 1, q, kv), expanded to the batch as a view
     if spec.index_heads and not (attention is Attention.EAGER or (attention is Attention.SDPA and not spec.sdpa)):
         # DeepseekV32Model forces the boolean causal mask (allow_is_causal_skip=False): the indexer masks with it
         tp.keep_for_forward(tp.op(batch * seq * seq, 1, (), rg=False))

@@ -199,10 +199,10 @@ def state_bytes_per_sequence(spec: ModelSpec, elem: int) -> int:
         kind = spec.mixer(i)
         if kind == "conv":  # LFM2 short conv: the conv state only
             total += ss.d_inner * ss.d_conv * elem
+        elif kind == "mamba" or (kind in MAMBA2_MIXERS and ss.dt_rank):  # Mamba-1 (Zamba's hybrid layers too)
+            total += ss.d_inner * (ss.d_conv + ss.d_state) * elem
         elif kind in MAMBA2_MIXERS or kind == "gdn":  # gated DeltaNet: the same conv width and state (vramplan.gdn)
             total += (ss.conv_dim * ss.d_conv + ss.n_heads * ss.head_dim * ss.d_state) * elem
-        elif kind == "mamba":  # Mamba-1: conv state over d_inner and the (d_inner x state) recurrent state
-            total += ss.d_inner * (ss.d_conv + ss.d_state) * elem
     return total
 
 

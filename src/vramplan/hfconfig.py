@@ -201,7 +201,10 @@ class _Facts:
     rope_interleave_fp32: bool = False  # ERNIE 4.5: both
     rope_cat: bool = False  # apply_rotary_pos_emb concatenates the rotated part with the pass-through rest even when
     # that is empty (torch.cat([q_embed, q_pass]): GLM-4.5, GLM-4, Nemotron, Phi-3)
-    nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers)
+    dynamic_mask: bool = False  # Doge's dynamic mask attention (ModelSpec.dynamic_mask)
+    residual_weights: bool = False  # Doge's trainable residual scales (ModelSpec.residual_weights)
+    nope: str = ""  # layers without RoPE: "no_rope_layers" (SmolLM3), "global" (EXAONE 4, Cohere 2 full layers),
+    # "rope_params_none" (a layer type whose rope_parameters entry is None: Cohere Compass)
     sliding: str = ""  # "all" (Mistral), "qwen" (use_sliding_window + max_window_layers), "types" (layer_types,
     # else a pattern of sliding_window_pattern)
     sliding_every: int = 0  # default pattern when layer_types is absent (Gemma 2: 2, Gemma 3: 6)
@@ -336,6 +339,16 @@ _FAMILIES: dict[str, _Facts] = {
     "cohere2": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM, rope="fp32",
                       nope="global", sliding="types", sliding_every=4, sliding_pattern_key="sliding_window_pattern",
                       logit_scale_key="logit_scale"),
+    # Cohere Compass's text decoder (modular_cohere_compass.py, transformers 5.24): Cohere 2's parallel layers,
+    # LayerNorm and logit scale, with Qwen3's rotate-half RoPE applied in the model dtype and its tables per layer
+    # type (CohereCompassRotaryEmbedding: M-RoPE sections recomposed to one (batch, seq, head_dim) table); a layer
+    # type whose rope_parameters entry is None has no RoPE
+    "cohere_compass_text": _Facts(version="5.24", tie=True, parallel=True, norm=NormKind.COHERE_LAYERNORM,
+                                  nope="rope_params_none", sliding="types", logit_scale_key="logit_scale"),
+    # Doge (modeling_doge.py, transformers 5.24): per-head q/k RMSNorms, dynamic mask attention (dt_proj over the
+    # values, exp(A * softplus) per key added to the always-materialised causal mask: SDPA's float mask), residuals
+    # scaled by trainable vectors (input_residual, post_attention_residual); the cross-domain MoE (is_moe) refused
+    "doge": _Facts(version="5.24", qk_norm="head", dynamic_mask=True, residual_weights=True),
     "helium": _Facts(version="5.24"),
     # StableLM (modeling_stablelm.py): LLaMA's gated MLP with biased LayerNorms, q/k/v biases by use_qkv_bias
     # (o_proj none), partial rotary on the first rotary_ndims of each head (0.25 by default), use_parallel_residual
@@ -437,6 +450,7 @@ _CLASSES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3", "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite",
     "Glm4ForCausalLM": "glm4", "Ernie4_5ForCausalLM": "ernie4_5", "Exaone4ForCausalLM": "exaone4",
     "Cohere2ForCausalLM": "cohere2", "CohereForCausalLM": "cohere", "StableLmForCausalLM": "stablelm",
+    "CohereCompassForCausalLM": "cohere_compass_text", "DogeForCausalLM": "doge",
     "NemotronForCausalLM": "nemotron", "GraniteMoeForCausalLM": "granitemoe",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "OlmoForCausalLM": "olmo",
@@ -530,6 +544,11 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
                 isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
             raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
         return tuple(i for i in range(layers) if thetas[i] == 0)
+    if f.nope == "rope_params_none":  # rope_parameters per layer type, None for a type without RoPE
+        params, types = c.raw.get("rope_parameters"), c.raw.get("layer_types")
+        if isinstance(params, Mapping) and isinstance(types, list) and len(types) >= layers:
+            return tuple(i for i in range(layers) if types[i] in params and params[types[i]] is None)
+        return ()
     if f.nope == "global" and window is not None:
         # EXAONE 4 / Command-R7B: with a sliding window, only the sliding layers apply RoPE
         return tuple(i for i in range(layers) if i not in sliding)
@@ -852,8 +871,22 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, **_attn_gate(c, f),
+        program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f),
     )
+
+
+def _dynamic_mask(c: _Cfg, f: _Facts) -> dict[str, Any]:
+    """Doge's dynamic mask attention and residual weights (:attr:`_Facts.dynamic_mask`)."""
+    if not (f.dynamic_mask or f.residual_weights):
+        return {}
+    if c.bool_("is_moe", default=False):
+        raise ConfigError(f"{c.where}: Doge's cross-domain MoE (is_moe: DogeCDMoE, product-key retrieval of "
+                          "single-neuron experts through embedding lookups) is not modelled by estimate; run vramplan "
+                          "trace")
+    if c.raw.get("sliding_window") is not None:
+        raise ConfigError(f"{c.where}: Doge with a sliding window is not modelled by estimate; run vramplan trace")
+    return {"dynamic_mask": f.dynamic_mask, "residual_weights": f.residual_weights,
+            "keep_window": c.int_("keep_window_size", default=2048) if f.dynamic_mask else 0}
 
 
 def _attn_gate(c: _Cfg, f: _Facts) -> dict[str, Any]:

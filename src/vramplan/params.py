@@ -90,6 +90,8 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             ([] if spec.v_from_k else [(vn, h, kv, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
+        if spec.dynamic_mask:  # DogeAttention.dt_proj: values -> one dt per key-value head
+            out.append(("dt_proj", kv, spec.num_kv_heads, 1))
         if spec.attn_gate:  # a derived output gate: heads or heads x head_dim outputs, no bias
             out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
@@ -168,9 +170,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
     moe = index in spec.moe_layers
     mlp = [] if index in spec.mlp_free_layers else mlp_linears(spec, moe)
     if spec.mixer(index) in ("zamba_hybrid", "zamba_tied") and spec.ssm is not None:
-        from .ssm import mamba2_linears
+        from .ssm import mamba1_linears, mamba2_linears
 
-        return zamba2_block_linears(spec) + mamba2_linears(spec.ssm, spec.hidden_size)
+        mixer = mamba1_linears if spec.ssm.dt_rank else mamba2_linears
+        return zamba2_block_linears(spec) + mixer(spec.ssm, spec.hidden_size)
     if spec.mixer(index) in ("mamba2", "parallel") and spec.ssm is not None:
         from .ssm import mamba2_linears
 
@@ -215,22 +218,27 @@ def zamba2_block_linears(spec: ModelSpec, *, shared: bool = True, own: bool = Tr
     out: list[tuple[str, int, int, int]] = []
     if shared:
         out += [("q_proj", h2, spec.q_dim, 1), ("k_proj", h2, spec.kv_dim, 1), ("v_proj", h2, spec.kv_dim, 1),
-                ("o_proj", spec.q_dim, h, 1), ("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
+                ("o_proj", spec.q_dim, h, 1)]
+        out += [("gate_up_proj", h, 2 * i, 1)] if sb.fused_gate_up else [("gate_proj", h, i, 1), ("up_proj", h, i, 1)]
+        out += [("down_proj", i, h, 1)]
     if own:
-        out += [("linear", h, h, 1), ("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
+        out += [("linear", h, h, 1)]
+        if r:
+            out += [("gate_up_proj_adapter.0", h, r, 1), ("gate_up_proj_adapter.1", r, 2 * i, 1)]
         if sb.attention_adapters:
             out += [(f"linear_{x}_adapter.{j}", *((h2, r) if j == 0 else (r, h2)), 1) for x in "qkv" for j in (0, 1)]
     return out
 
 
 def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
-    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm), its own ``linear`` and adapters, and, for
-    the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over 2 x hidden and
-    hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
-    from .ssm import mamba2_extra_params, mamba2_linears
+    """A Zamba2 hybrid layer: its Mamba-2 layer (mixer and input norm; Zamba's: Mamba-1), its own ``linear`` and
+    adapters, and, for the first ``num_mem_blocks`` hybrid layers, the shared block they hold (its two norms over
+    2 x hidden and hidden, attention and MLP); later hybrid layers reuse those weights (``zamba_tied``)."""
+    from .ssm import mamba1_extra_params, mamba1_linears, mamba2_extra_params, mamba2_linears
 
     assert spec.ssm is not None and spec.shared_block is not None
     h = spec.hidden_size
+    mamba1 = bool(spec.ssm.dt_rank)  # Zamba: a Mamba-1 layer
     owner = spec.mixer(index) == "zamba_hybrid"
     block: list[tuple[str, int, int, int]] = []
     if owner:  # the block's weights and the adapter sets it holds (one per hybrid index it serves)
@@ -238,8 +246,8 @@ def _zamba2_layer_params(spec: ModelSpec, index: int) -> LayerParams:
         sets = spec.shared_block.adapters_of_block(b)
         block = zamba2_block_linears(spec, own=False) + \
             [(n, i, o, c * sets) for n, i, o, c in zamba2_block_linears(spec, shared=False) if n != "linear"]
-    mix = [*mamba2_linears(spec.ssm, h), ("linear", h, h, 1)]
-    bias, other = mamba2_extra_params(spec.ssm, h)
+    mix = [*(mamba1_linears if mamba1 else mamba2_linears)(spec.ssm, h), ("linear", h, h, 1)]
+    bias, other = (mamba1_extra_params if mamba1 else mamba2_extra_params)(spec.ssm, h)
     norms = _norm_params(spec, h)
     if owner:
         norms += _norm_params(spec, 2 * h) + _norm_params(spec, h)
@@ -348,6 +356,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         bias += spec.num_experts * (2 * spec.moe_intermediate_size + spec.hidden_size)
     if spec.attention_sinks:
         bias += spec.num_heads
+    if spec.dynamic_mask:  # DogeAttention.A (one per key-value head)
+        bias += spec.num_kv_heads
+    if spec.residual_weights:  # DogeDecoderLayer.input_residual and post_attention_residual
+        bias += 2 * spec.hidden_size
     if spec.attn_gate and spec.attn_gate_bias:  # the gate's per-head bias (modeling_beam.py gate_bias)
         bias += spec.num_heads
     if spec.diff_attention:  # DiffLlamaAttention's lambda_q1, lambda_k1, lambda_q2, lambda_k2 (head_dim each)

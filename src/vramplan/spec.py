@@ -243,6 +243,12 @@ class ModelSpec:
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
     attn_head_gate: bool = False  # LFM3: out * sigmoid(g_proj(x)), one gate per head from its own linear
+    # Doge's dynamic mask attention (modeling_doge.py DogeAttention): per key-value head and key, dt_proj(values) ->
+    # exp(A * softplus(.)) added to the materialised causal mask as SDPA's float mask (batch, kv heads, q, kv), which
+    # requires grad; beyond ``keep_window`` keys only the top-k stay unmasked
+    dynamic_mask: bool = False
+    keep_window: int = 0
+    residual_weights: bool = False  # Doge: input_residual * residual + sublayer (a trainable vector per residual)
     # a derived attention output gate: o_proj(out * act(attn_gate_name(x))) with act "sigmoid" or "softplus_fp32"
     # (F.softplus(g.float()).to(dtype): modeling_laguna.py); "": none. early: the projection runs after v_proj and its
     # output is held through the attention (modeling_afmoe.py gate_states); heads: one gate per head broadcast over

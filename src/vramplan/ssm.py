@@ -308,7 +308,9 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
 class SharedBlock:
     """Zamba2's shared transformer block (modeling_zamba2.py ``Zamba2AttentionDecoderLayer``): ``num_mem_blocks``
     sets of attention + MLP weights reused in turn by the hybrid layers, each hybrid layer with its own low-rank
-    adapters (``adapter_rank``) on the MLP's gate_up_proj and, with ``use_shared_attention_adapter``, on q/k/v."""
+    adapters (``adapter_rank``) on the MLP's gate_up_proj and, with ``use_shared_attention_adapter``, on q/k/v.
+    Zamba's (modeling_zamba.py ``ZambaAttentionDecoderLayer``) is one block tied across the hybrid layers, without
+    adapters, with a gate/up/down MLP."""
 
     num_mem_blocks: int
     adapter_rank: int
@@ -317,6 +319,8 @@ class SharedBlock:
     # len(hybrid_layer_ids): each block holds adapters for the hybrid indices i < this with i % num_mem_blocks
     # equal to its own index (Zamba2MLP / Zamba2Attention ``num_fwd_mem_blocks``)
     adapter_slots: int
+    # Zamba2MLP's one gate_up_proj; Zamba's ZambaMLP has gate_proj and up_proj (and no adapters: adapter_rank 0)
+    fused_gate_up: bool = True
 
     def adapters_of_block(self, block: int) -> int:
         """How many adapter sets block ``block`` holds."""
@@ -369,16 +373,21 @@ def zamba2_hybrid_layer(bld: _B, x: Tensor) -> Tensor:
     n2 = bld.norm(a, h, tr)
 
     def mlp(n: Tensor) -> Tensor:
+        if not sb.fused_gate_up:  # ZambaMLP: down_proj(act(gate_proj(x)) * up_proj(x))
+            g = lin(n, h, sb.intermediate, "gate_proj")
+            return lin(bld.mul(bld.activation(g), lin(n, h, sb.intermediate, "up_proj")), sb.intermediate, h,
+                       "down_proj")
         gu = adapted(n, lin(n, h, 2 * sb.intermediate, "gate_up_proj"), 2 * sb.intermediate, "gate_up_proj")
         g, u = tp.view(gu, gu.numel // 2), tp.view(gu, gu.numel // 2)
         return lin(bld.mul(bld.activation(g), u), sb.intermediate, h, "down_proj")
 
     m = bld.call(mlp, n2)
     th = lin(m, h, h, "linear")
-    # Zamba2MambaDecoderLayer: residual = x; norm(x + transformer_hidden_states); mixer; residual + mixer
+    # Zamba(2)MambaDecoderLayer: residual = x; norm(x + transformer_hidden_states); mixer; residual + mixer
     xin = bld.add(x, th)
     nrm = bld.norm(xin, h, tr)
-    mix = bld.call(lambda v: mamba2_mixer(bld, v), nrm)
+    mixer = mamba1_mixer if spec.ssm is not None and spec.ssm.dt_rank else mamba2_mixer
+    mix = bld.call(lambda v: mixer(bld, v), nrm)
     y = bld.add(x, mix)
     _live_until_end(bld, x, th)  # the hybrid layer's locals: its input and transformer_hidden_states
     tp.keep(y)
@@ -427,7 +436,7 @@ def layer_state_bytes(spec: ModelSpec, index: int, batch: int, act: int) -> int:
         return 0
     if kind == "conv":
         return batch * ss.d_inner * ss.d_conv * act
-    if kind == "mamba":
+    if kind == "mamba" or (kind in ("zamba_hybrid", "zamba_tied") and ss.dt_rank):  # Zamba: Mamba-1 mixers
         return mamba1_state_bytes(ss, batch, act)
     if kind == "gdn":
         from .gdn import gdn_state_bytes
@@ -523,6 +532,8 @@ def mamba1_linears(ss: SSMSpec, hidden: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of a Mamba-1 mixer's ``nn.Linear`` modules (modeling_mamba.py ``MambaMixer``):
     ``in_proj`` (x and the gate z), ``x_proj`` (dt, B, C), ``dt_proj`` and ``out_proj``."""
     di, n, r = ss.d_inner, ss.d_state, ss.dt_rank
+    if ss.n_heads > 1:  # Zamba: x_proj / dt_proj are per-head 3-D parameters (x_proj_weight, dt_proj_weight)
+        return [("in_proj", hidden, 2 * di, 1), ("out_proj", di, hidden, 1)]
     return [("in_proj", hidden, 2 * di, 1), ("x_proj", di, r + 2 * n, 1), ("dt_proj", r, di, 1),
             ("out_proj", di, hidden, 1)]
 
@@ -534,7 +545,8 @@ def mamba1_extra_params(ss: SSMSpec, hidden: int) -> tuple[int, int]:
     di = ss.d_inner
     bias = di + ((2 * di + hidden) if ss.proj_bias else 0)
     norms = ss.dt_rank + 2 * ss.d_state if ss.bcdt_norm == "rms" else 0  # Jamba's dt/b/c_layernorm weights
-    return bias, di * ss.d_conv + (di if ss.conv_bias else 0) + di * ss.d_state + di + norms
+    heads = di * (ss.dt_rank + 2 * ss.d_state) + ss.dt_rank * di if ss.n_heads > 1 else 0  # Zamba's 3-D weights
+    return bias, di * ss.d_conv + (di if ss.conv_bias else 0) + di * ss.d_state + di + norms + heads
 
 
 def mamba1_state_bytes(ss: SSMSpec, batch: int, act: int) -> int:
@@ -556,6 +568,8 @@ def mamba1_mixer(bld: _B, n: Tensor) -> Tensor:
     lin = bld.proj
 
     pj = lin(n, h, 2 * ss.d_inner, "in_proj", ss.proj_bias)
+    if ss.n_heads > 1:  # Zamba: per-head x_proj / dt_proj weights and scans
+        return _zamba_scan(bld, pj, fused=plan.ssm_kernel == "fused")
     if plan.ssm_kernel == "fused" and bld.num.training and ss.inner_fn:
         return _mamba1_inner_fn(bld, pj)
     return _mamba1_scan(bld, pj, lin, fused=plan.ssm_kernel == "fused")
@@ -611,6 +625,132 @@ def _bcdt_rms(bld: _B, x: Tensor, dim: int, weighted: bool) -> Tensor:
                      rg=out.rg or tr)
 
 
+def _scan_fused(bld: _B, act: Tensor, dt: Tensor, bv: Tensor, cv: Tensor, gate: Tensor, di: int,
+                pg: Callable[[str, int], tuple[tuple[int, int], ...]], *, copies: str) -> Tensor:
+    """``selective_scan_fn`` (mamba_ssm selective_scan_interface.py ``SelectiveScanFn``) over ``di`` channels: the
+    operands not contiguous in their last dim are copied (``copies`` names them: d(elta), b, c, z); the kernel makes
+    ``out``, the fp32 intermediates (batch, di, ceil(L / 2048), 2 state) and ``out_z``. Training saves u, delta, B,
+    C, z, the intermediates and out; backward makes du, ddelta, dz, the recomputed out_z and fp32 dB, dC."""
+    tp, num, spec = bld.tp, bld.num, bld.spec
+    assert spec.ssm is not None
+    b, s, n, e = bld.b, bld.s, spec.ssm.d_state, act.elem
+    t = b * s
+    inter_n = b * di * -(-s // 2048) * 2 * n
+    if num.training:
+        d_c = tp.op(t * di, e, (dt,), passthrough=True) if "d" in copies else dt
+        b_c = tp.op(b * n * s, e, (bv,), passthrough=True) if "b" in copies else bv
+        c_c = tp.op(b * n * s, e, (cv,), passthrough=True) if "c" in copies else cv
+        z_c = tp.op(t * di, e, (gate,), passthrough=True) if "z" in copies else gate
+        inter = tp.op(inter_n, 4, (), rg=False)
+        o_raw = tp.op(t * di, e, (act,), rg=False)
+        params = pg("A_log", di * n) + pg("D", di)
+        return tp.op(t * di, e, (act, d_c, b_c, c_c, z_c, inter, o_raw),
+                     save=(act, d_c, b_c, c_c, z_c, inter, o_raw), grad_to=(act, d_c, b_c, c_c, z_c),
+                     params=params, rg=True, bwd_scratch=t * di * e + 2 * b * n * s * 4)
+    made = (t * di * e if "d" in copies else 0) + ((b * n * s * e) if "b" in copies else 0) + \
+        ((b * n * s * e) if "c" in copies else 0) + (t * di * e if "z" in copies else 0)
+    return tp.op(t * di, e, (dt, bv, cv, gate), rg=False, fwd_scratch=made + t * di * e + inter_n * 4)
+
+
+def _scan_torch(bld: _B, act: Tensor, dt: Tensor, a_neg: Tensor, bv: Tensor, cv: Tensor, gate: Tensor, di: int,
+                pg: Callable[[str, int], tuple[tuple[int, int], ...]]) -> Tensor:
+    """transformers' ``mamba_selective_scan`` fallback over ``di`` channels (the softplus'd ``dt`` given): dA =
+    exp(A * dt), dB = dt * B, dBu = dB * x as (batch, di, L, state) fp32 tensors, the sequential per-token loop,
+    ``torch.stack``, ``+ x * D.float()`` and ``* silu(z)`` in fp32. Returns the fp32 output; the function's locals
+    stay referenced until it returns."""
+    tp, spec, plan = bld.tp, bld.spec, bld.plan
+    assert spec.ssm is not None and plan is not None
+    b, s, n, e = bld.b, bld.s, spec.ssm.d_state, act.elem
+    t, tr = b * s, plan.trainable
+    four = b * di * s * n
+    da_mul = tp.op(four, 4, (a_neg, dt), save=(a_neg, dt) if dt.rg or a_neg.rg else ())
+    da = bld.ew(da_mul, save_out=True)  # exp
+    b32 = bld.cast(bv, 4)
+    db = tp.op(four, 4, (dt, b32), save=(dt, b32) if dt.rg or b32.rg else ())
+    x32 = bld.cast(act, 4)
+    dbu = tp.op(four, 4, (db, x32), save=(db, x32) if db.rg or x32.rg else ())
+    state = tp.op(b * di * n, e, (), rg=False)  # zeros, in the input dtype
+    steps: list[Tensor] = []
+    for _ in range(s):
+        da_i = tp.view(da, b * di * n)  # discrete_A[:, :, i]: its gradient is select_backward's full-size tensor
+        prod = tp.op(b * di * n, 4, (da_i, state), save=(da_i, state) if (da.rg or state.rg) else ())
+        state = tp.op(b * di * n, 4, (prod, tp.view(dbu, b * di * n)), passthrough=True)
+        sc = bld.cast(state, e)
+        y_i = tp.op(b * di, e, (sc, cv), save=(sc, cv) if (sc.rg or cv.rg) else ())
+        steps.append(y_i)
+    stacked = tp.op(t * di, e, tuple(steps), passthrough=True)
+    d32 = tp.op(di, 4, (), rg=tr, params=pg("D", di))  # D.float()
+    xd = tp.op(t * di, 4, (act, d32), save=(act, d32) if tr or act.rg else ())
+    y = tp.op(t * di, 4, (stacked, xd), passthrough=True)
+    sg = tp.op(t * di, e, (gate,), save=(gate,) if gate.rg else ())  # silu(z)
+    y = bld.mul(y, sg, elem=4)
+    _live_until_end(bld, dt, da, db, dbu, *steps)  # dt: the softplus'd delta, a local of the scan
+    return y
+
+
+def _zamba_scan(bld: _B, pj: Tensor, *, fused: bool) -> Tensor:
+    """``ZambaMambaMixer.forward`` (modeling_zamba.py, transformers 5.24) after ``in_proj``: the projection viewed
+    as (batch, d_inner, 2, L) interleaves x and the gate, so x is copied (``.contiguous()``) and the gate stays a
+    strided view; ``causal_conv1d_fn``; then per-head 3-D weights applied by broadcasting matmuls
+    (``x_proj_weight[:, None] @ x`` and ``dt_proj_weight[:, None] @ time_step^T``: with more than one sequence
+    ``matmul`` expands the weight and copies it per sequence, and copies the head-major x, and bmm saves both); the
+    fp32 ``dt_proj_bias`` and ``A``; then one selective scan per head over d_inner / n_mamba_heads channels (the
+    fallback adds the bias and applies softplus inside it), ``torch.cat`` of the fp32 head outputs, the cast to the
+    input dtype and ``out_proj``."""
+    spec, tp, num, plan = bld.spec, bld.tp, bld.num, bld.plan
+    assert plan is not None and spec.ssm is not None
+    ss = spec.ssm
+    b, s, t = bld.b, bld.s, bld.t
+    di, n, r, k, h, nh = ss.d_inner, ss.d_state, ss.dt_rank, ss.d_conv, spec.hidden_size, ss.n_heads
+    hd, big_r = di // nh, r + 2 * ss.d_state
+    tr = plan.trainable
+    e = pj.elem
+
+    def pg(name: str, numel: int) -> tuple[tuple[int, int], ...]:
+        return bld.param_grad(f"{name}{len(tp.ops)}", numel, bld.num.param) if tr else ()
+
+    def head_matmul(x: Tensor, out_numel: int, w_numel: int, name: str, copy_x: bool) -> Tensor:
+        wc = tp.op(b * w_numel, e, (), rg=False) if b > 1 else None  # expand(...).reshape: a copy per sequence
+        xc = tp.op(x.numel, e, (x,), passthrough=True) if copy_x and b > 1 else x
+        save = ((wc,) if wc is not None and xc.rg else ()) + ((xc,) if tr else ())
+        return tp.op(out_numel, e, (xc,) + ((wc,) if wc is not None else ()), save=save, params=pg(name, w_numel),
+                     rg=xc.rg or tr, grad_to=(xc,), bwd_scratch=b * w_numel * e if tr and b > 1 else 0)
+
+    if not num.training:
+        conv_state = tp.op(b * di * k, e, (), rg=False, kind=KV)
+        ssm_state = tp.op(b * di * n, 4, (), rg=False, kind=KV)
+        tp.keep(conv_state, ssm_state)
+    x_c = tp.op(t * di, e, (pj,), passthrough=True)  # hidden_states_B_C.squeeze(2).contiguous()
+    gate = tp.view(pj, t * di)
+    conv = tp.op(b * di * (s if fused else s + k - 1), e, (x_c,), save=(x_c,), params=pg("conv1d", di * k))
+    act = tp.op(t * di, e, (conv,), save=(conv,) if conv.rg else ())
+    ssm_p = head_matmul(act, t * nh * big_r, di * big_r, "x_proj_weight", True)
+    ts_all = head_matmul(tp.view(ssm_p, t * nh * r), t * di, di * r, "dt_proj_weight", False)
+    bias32 = tp.op(di, 4, (), rg=tr, params=pg("dt_proj_bias", di))  # dt_proj_bias.float()
+    a32 = tp.op(di * n, 4, (), rg=tr, params=pg("A_log", di * n))  # A = -exp(A_log.float())
+    a_exp = bld.ew(a32, save_out=True)
+    a_neg = tp.op(di * n, 4, (a_exp,))
+    outs: list[Tensor] = []
+    for _ in range(nh):
+        x_h, ts_h, z_h = tp.view(act, t * hd), tp.view(ts_all, t * hd), tp.view(gate, t * hd)
+        b_h, c_h = tp.view(ssm_p, t * n), tp.view(ssm_p, t * n)
+        if fused:  # the kernel adds delta_bias and applies softplus; only z (strided) is copied
+            outs.append(_scan_fused(bld, x_h, ts_h, b_h, c_h, z_h, hd, pg, copies="z"))
+            continue
+        bias_h = tp.op(hd, e, (bias32,))  # delta_bias.to(dt.dtype)
+        dt = tp.op(t * hd, e, (ts_h, bias_h))
+        dt = tp.op(t * hd, e, (dt,), save=(dt,) if dt.rg else ())  # softplus saves its input
+        outs.append(_scan_torch(bld, x_h, dt, a_neg, b_h, c_h, z_h, hd, pg))
+    cat = tp.op(t * di, outs[0].elem, tuple(outs), passthrough=True)  # torch.cat(scan_outputs, dim=1)
+    _live_until_end(bld, pj, act, ssm_p, ts_all, a_neg)
+    yc = bld.cast(cat, e)  # scan_output.transpose(1, 2).to(dtype): strides kept
+    if yc is cat:
+        yc = tp.op(t * di, e, (cat,), passthrough=True)  # the linear reshapes the transposed input: a copy
+    else:
+        yc = tp.op(t * di, e, (yc,), passthrough=True)
+    return bld.proj(yc, di, h, "out_proj", ss.proj_bias)
+
+
 def _mamba1_scan(bld: _B, pj: Tensor, linear: Callable[[Tensor, int, int, str, bool], Tensor], *,
                  fused: bool) -> Tensor:
     """The mixer outside ``mamba_inner_fn`` (modeling_mamba.py): ``causal_conv1d_fn`` (the fallback: F.conv1d with
@@ -660,54 +800,17 @@ def _mamba1_scan(bld: _B, pj: Tensor, linear: Callable[[Tensor, int, int, str, b
         bv = _bcdt_rms(bld, bv, n, weighted)
         cv = _bcdt_rms(bld, cv, n, weighted)
     tsc = tp.op(t * r, e, (ts,), passthrough=True)  # matmul folds time_step^T: a contiguous copy
-    dt = tp.op(t * di, e, (tsc,), save=(tsc,) if tr else (), params=pg("dt_proj", r * di), rg=tsc.rg or tr,
-               grad_to=(tsc,))
-    dt = tp.op(t * di, e, (dt,), params=pg("dt_bias", di), rg=dt.rg or tr)  # + delta_bias.to(dt.dtype)
-    dt = tp.op(t * di, e, (dt,), save=(dt,) if dt.rg else ())  # softplus saves its input
-    if fused:  # selective_scan_fn: contiguous copies of delta, B, C and z; out, intermediates, out_z
-        inter_n = b * di * -(-s // 2048) * 2 * n
-        if num.training:
-            # SelectiveScanFn (Jamba's training path): saves u, the delta / B / C / z copies, the fp32
-            # intermediates and out; backward makes du, ddelta, dz, the recomputed out_z and fp32 dB, dC
-            d_c = tp.op(t * di, e, (dt,), passthrough=True)
-            b_c = tp.op(b * n * s, e, (bv,), passthrough=True)
-            c_c = tp.op(b * n * s, e, (cv,), passthrough=True)
-            z_c = tp.op(t * di, e, (gate,), passthrough=True)
-            inter = tp.op(inter_n, 4, (), rg=False)
-            o_raw = tp.op(t * di, e, (act,), rg=False)
-            params = pg("A_log", di * n) + pg("D", di)
-            out = tp.op(t * di, e, (act, d_c, b_c, c_c, z_c, inter, o_raw),
-                        save=(act, d_c, b_c, c_c, z_c, inter, o_raw), grad_to=(act, d_c, b_c, c_c, z_c),
-                        params=params, rg=True, bwd_scratch=t * di * e + 2 * b * n * s * 4)
-        else:
-            copies = t * di * e + 2 * b * n * s * e + t * di * e
-            out = tp.op(t * di, e, (dt, bv, cv, gate), rg=False, fwd_scratch=copies + t * di * e + inter_n * 4)
-        _live_until_end(bld, pj, act, xdbl)
+    ts = tp.op(t * di, e, (tsc,), save=(tsc,) if tr else (), params=pg("dt_proj", r * di), rg=tsc.rg or tr,
+               grad_to=(tsc,))  # time_step: a local of forward
+    if fused:  # selective_scan_fn (delta_bias and softplus inside the kernel): copies of delta, B, C and z
+        out = _scan_fused(bld, act, ts, bv, cv, gate, di, pg, copies="dbcz")
+        _live_until_end(bld, pj, act, xdbl, ts)
         oc = tp.op(t * di, e, (out,))  # the linear reshapes the transposed output: a copy
         return linear(oc, di, h, "out_proj", ss.proj_bias if ss.out_bias is None else ss.out_bias)
-    four = b * di * s * n
-    da_mul = tp.op(four, 4, (a_neg, dt), save=(a_neg, dt) if dt.rg or a_neg.rg else ())
-    da = bld.ew(da_mul, save_out=True)  # exp
-    b32 = bld.cast(bv, 4)
-    db = tp.op(four, 4, (dt, b32), save=(dt, b32) if dt.rg or b32.rg else ())
-    x32 = bld.cast(act, 4)
-    dbu = tp.op(four, 4, (db, x32), save=(db, x32) if db.rg or x32.rg else ())
-    state = tp.op(b * di * n, e, (), rg=False)  # zeros, in the input dtype
-    steps: list[Tensor] = []
-    for _ in range(s):
-        da_i = tp.view(da, b * di * n)  # discrete_A[:, :, i]: its gradient is select_backward's full-size tensor
-        prod = tp.op(b * di * n, 4, (da_i, state), save=(da_i, state) if (da.rg or state.rg) else ())
-        state = tp.op(b * di * n, 4, (prod, tp.view(dbu, b * di * n)), passthrough=True)
-        sc = bld.cast(state, e)
-        y_i = tp.op(b * di, e, (sc, cv), save=(sc, cv) if (sc.rg or cv.rg) else ())
-        steps.append(y_i)
-    stacked = tp.op(t * di, e, tuple(steps), passthrough=True)
-    d32 = tp.op(di, 4, (), rg=tr, params=pg("D", di))  # D.float()
-    xd = tp.op(t * di, 4, (act, d32), save=(act, d32) if tr or act.rg else ())
-    y = tp.op(t * di, 4, (stacked, xd), passthrough=True)
-    sg = tp.op(t * di, e, (gate,), save=(gate,) if gate.rg else ())  # silu(z)
-    y = bld.mul(y, sg, elem=4)
-    _live_until_end(bld, pj, a_neg, act, xdbl, da, db, dbu, *steps)
+    dt = tp.op(t * di, e, (ts,), params=pg("dt_bias", di), rg=ts.rg or tr)  # + delta_bias.to(dt.dtype)
+    dt = tp.op(t * di, e, (dt,), save=(dt,) if dt.rg else ())  # softplus saves its input
+    y = _scan_torch(bld, act, dt, a_neg, bv, cv, gate, di, pg)
+    _live_until_end(bld, pj, a_neg, act, xdbl, ts)
     yc = bld.cast(y, e)  # scan_output.transpose(1, 2).to(dtype): strides kept
     yc = tp.op(t * di, e, (yc,), passthrough=True)  # the linear reshapes the transposed input: a copy
     return linear(yc, di, h, "out_proj", ss.proj_bias if ss.out_bias is None else ss.out_bias)

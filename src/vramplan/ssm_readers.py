@@ -206,6 +206,71 @@ def _zamba2(c: _Cfg, family: str) -> ModelSpec:
     )
 
 
+def _zamba(c: _Cfg, family: str) -> ModelSpec:
+    """Zamba (modeling_zamba.py): Mamba-1 decoder layers (RMSNorm + mixer + residual, no MLP) whose mixer splits
+    ``in_proj``'s output into ``n_mamba_heads`` heads, each with its own x_proj / dt_proj weights (3-D parameters,
+    not ``nn.Linear``) and its own selective scan; and hybrid layers at ``attn_layer_offset`` every
+    ``attn_layer_period`` layers that first run one shared transformer block (``_tied_weights_keys``: every hybrid
+    layer's ``shared_transf`` is the first one's) on ``cat([hidden, original embeddings])`` (attention over
+    ``attention_hidden_size``, 2 x hidden by default; a gate/up/down MLP of ``intermediate_size``), project it with
+    their own ``linear`` and add it to the Mamba layer's input."""
+    from .ssm import SharedBlock
+
+    layers = c.int_("num_hidden_layers", default=76, hi=_MAX_LAYERS)
+    hidden = c.int_("hidden_size", default=3712)
+    raw_types = c.raw.get("layers_block_type")
+    period = c.int_("attn_layer_period", default=6, hi=_MAX_LAYERS)
+    offset = c.int_("attn_layer_offset", default=4, lo=0, hi=_MAX_LAYERS)
+    types = ["hybrid" if i % period == offset else "mamba" for i in range(layers)] if raw_types is None \
+        else raw_types
+    if not isinstance(types, list) or len(types) != layers or \
+            not all(t in ("mamba", "linear_attention", "hybrid") for t in types):
+        raise ConfigError(f"{c.where}: layers_block_type must list one of mamba / hybrid per layer ({layers})")
+    heads = c.int_("num_attention_heads", default=16)
+    kv = c.int_("num_key_value_heads", default=heads) if c.raw.get("num_key_value_heads") is not None else heads
+    att_in = c.int_("attention_hidden_size") if c.raw.get("attention_hidden_size") is not None else 2 * hidden
+    head_dim = c.int_("attention_head_dim") if c.raw.get("attention_head_dim") is not None \
+        else 2 * hidden // heads
+    if att_in != 2 * hidden:
+        raise ConfigError(f"{c.where}: attention_hidden_size must be 2 x hidden_size (the shared block's input is "
+                          "cat([hidden, embeddings]))")
+    if heads % kv:
+        raise ConfigError(f"{c.where}: num_attention_heads must be a multiple of num_key_value_heads")
+    d_inner = _expand(c, "mamba_expand", hidden)
+    n_heads = c.int_("n_mamba_heads", default=2)
+    if d_inner % n_heads:
+        raise ConfigError(f"{c.where}: mamba_expand x hidden_size must divide into n_mamba_heads")
+    rank = c.raw.get("mamba_dt_rank", "auto")
+    if c.str_("hidden_mamba_act", default="silu") not in ("silu", "swish"):
+        raise ConfigError(f"{c.where}: Zamba with hidden_mamba_act {c.raw.get('hidden_mamba_act')!r} is not "
+                          "supported (silu)")
+    ss = SSMSpec(d_inner=d_inner, n_heads=n_heads, head_dim=d_inner // n_heads, n_groups=1,
+                 d_state=c.int_("mamba_d_state", default=16), d_conv=c.int_("mamba_d_conv", default=4, hi=1024),
+                 chunk=2048, conv_bias=c.bool_("mamba_conv_bias", default=True),
+                 proj_bias=c.bool_("mamba_proj_bias", default=False),
+                 dt_rank=-(-hidden // 16) if rank in ("auto", None) else c.int_("mamba_dt_rank"), inner_fn=False)
+    inter = c.int_("intermediate_size", default=14848)
+    sb = SharedBlock(num_mem_blocks=1, adapter_rank=0, attention_adapters=False, intermediate=inter,
+                     adapter_slots=0, fused_gate_up=False)
+    mixers, hybrid = [], 0
+    for t in types:
+        if t == "hybrid":
+            mixers.append("zamba_hybrid" if hybrid == 0 else "zamba_tied")
+            hybrid += 1
+        else:
+            mixers.append("mamba")
+    return ModelSpec(
+        name=c.where, family=family, vocab_size=c.int_("vocab_size", default=32000), hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
+        tie_word_embeddings=c.bool_("tie_word_embeddings", default=True), norm=NormKind.RMSNORM, mlp=MLPKind.GATED,
+        activation=c.activation("hidden_act", default="gelu"), position=PositionKind.NONE,
+        max_position_embeddings=c.opt_int("max_position_embeddings", hi=1 << 30),
+        attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0), norms_per_layer=1,
+        mixers=tuple(mixers), mlp_free_layers=tuple(range(layers)), ssm=ss, shared_block=sb,
+        residual_fp32=False, program_version="5.24",
+    )
+
+
 def _bamba(c: _Cfg, family: str) -> ModelSpec:
     """Bamba (modeling_bamba.py): LLaMA-style decoder layers whose token mixer is a Mamba-2 mixer, or attention at
     ``attn_layer_indices`` (RoPE on half of each head: ``partial_rotary_factor`` 0.5 is fixed by BambaConfig)."""
@@ -984,14 +1049,16 @@ def _minimax(c: _Cfg, family: str) -> ModelSpec:
 
 
 SSM_READERS: dict[str, Callable[[_Cfg, str], ModelSpec]] = {
-    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba2": _zamba2, "mamba2": _mamba2, "bamba": _bamba,
+    "mamba": _mamba, "falcon_mamba": _mamba, "jamba": _jamba, "zamba": _zamba, "zamba2": _zamba2, "mamba2": _mamba2,
+    "bamba": _bamba,
     "granitemoehybrid": _granitemoehybrid, "lfm2": _lfm2, "falcon_h1": _falcon_h1, "nemotron_h": _nemotron_h,
     "qwen3_next": _qwen3_next, "qwen3_5_text": _qwen3_next, "qwen3_5_moe_text": _qwen3_next,
     "olmo_hybrid": _olmo_hybrid, "lara_mini": _lara_mini, "lfm3": _lfm3, "lfm2_moe": _lfm2_moe,
     "recurrent_gemma": _recurrent_gemma, "rwkv": _rwkv, "minimax": _minimax, "kimi_linear": _kimi_linear,
     "bailing_hybrid": _kimi_linear, "axk2": _axk2, "dots3_note_text": _dots3_note_text}
 SSM_CLASSES: dict[str, str] = {"MambaForCausalLM": "mamba", "FalconMambaForCausalLM": "falcon_mamba",
-                               "JambaForCausalLM": "jamba", "Zamba2ForCausalLM": "zamba2",
+                               "JambaForCausalLM": "jamba", "ZambaForCausalLM": "zamba",
+                               "Zamba2ForCausalLM": "zamba2",
                                "Mamba2ForCausalLM": "mamba2", "BambaForCausalLM": "bamba",
                                "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                                "FalconH1ForCausalLM": "falcon_h1", "NemotronHForCausalLM": "nemotron_h",

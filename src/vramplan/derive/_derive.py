@@ -121,10 +121,25 @@ def _jsonable(v: Any) -> bool:
     return False
 
 
+def completed_default(model_type: str) -> dict[str, Any]:
+    """The type's library-default config as a dict, completed where the class leaves unset what its model reads
+    and every published checkpoint states (not a guess at sizes: no memory depends on what is filled in).
+
+    - ``rope_parameters`` left empty by a config whose rotary embedding looks it up per layer type
+      (CohereCompassTextConfig: ``convert_rope_params_to_dict`` keeps ``{}``; ``CohereCompassRotaryEmbedding``
+      reads ``rope_parameters[layer_type]``): one default entry per layer type, as
+      ``PreTrainedConfig.standardize_rope_params`` writes for a single type (rope_type "default", theta 10000)."""
+    d = _config_class(model_type)().to_dict()
+    types = d.get("layer_types")
+    if d.get("rope_parameters") == {} and isinstance(types, list) and types and all(isinstance(t, str) for t in types):
+        d["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in dict.fromkeys(types)}
+    return d
+
+
 def library_defaults(model_type: str) -> dict[str, Any]:
     """The type's library-default config as a dict (what transformers uses for a key a config.json omits),
     without bookkeeping keys and without per-layer lists (those follow the number of layers)."""
-    d = _config_class(model_type)().to_dict()
+    d = completed_default(model_type)
     layers = d.get("num_hidden_layers")
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -197,7 +212,7 @@ def _shrink(base: dict[str, Any], v: Mapping[str, int], odd_head_dim: bool) -> d
 
 def _variants(model_type: str) -> list[tuple[str, dict[str, Any]]]:
     """The shrunk default config and its perturbed copies, each with a name."""
-    base = _config_class(model_type)().to_dict()
+    base = completed_default(model_type)
     for k in ("transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures"):
         base.pop(k, None)
     full = _shrink(base, _VARIANTS[1], True)  # the whole default stack: every layer kind at its own index
