@@ -124,6 +124,13 @@ VARIANTS = [
                "first_k_dense_replace": 1}),
     ("flex_olmo", {"attention_bias": True}),
     ("gpt_oss", {"attention_bias": False}),
+    # MiMo-V2-Flash: the sliding layers' doubled KV heads and sinks placed by layer_types, values as wide as q/k
+    ("mimo_v2_flash", {"attention_bias": True, "mlp_layer_types": ["sparse", "dense", "sparse", "dense"],
+                       "layer_types": ["sliding_attention", "full_attention"] + ["sliding_attention"] * 2}),
+    ("mimo_v2_flash", {"v_head_dim": 192, "attention_value_scale": None}),
+    ("flint", {"attention_bias": True, "mlp_only_layers": [2], "decoder_sparse_step": 2}),
+    ("beam", {"attention_bias": True, "mlp_layer_types": ["sparse", "dense", "sparse", "sparse"],
+              "layer_types": ["full_attention", "sliding_attention"] * 2}),
     ("cohere", {"use_qk_norm": True}),  # per-head CohereLayerNorms with (heads, head_dim) weights
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True}),
     ("nemotron", {"num_key_value_heads": 8, "attention_bias": True, "mlp_bias": True}),

@@ -180,6 +180,8 @@ def round_size(size: int, conf: AllocConf = DEFAULT_CONF) -> int:
     """``round_size``: the block size a request of ``size`` bytes occupies."""
     if size < K_MIN_BLOCK:
         return K_MIN_BLOCK
+    if conf is DEFAULT_CONF:
+        return K_MIN_BLOCK * -(-size // K_MIN_BLOCK)
     divisions = conf.divisions(size)
     if divisions > 1 and size > K_MIN_BLOCK * divisions:
         if size & (size - 1) == 0:

@@ -312,7 +312,10 @@ class _B:
             second = self.tp.op(x1.numel, x.elem, (self.tp.op(x2.numel, x.elem, (x2,)),
                                                    self.tp.op(x1.numel, x.elem, (x1,))))
             return self.tp.op(x.numel, x.elem, (first, second))
-        part = x if frac >= 1 else self.tp.view(x, int(x.numel * frac))
+        # the rotary part: int(head_dim * fraction) channels of every head (transformers' rotary dim)
+        rot_dim = int(spec.head_dim * frac)
+        part = x if frac >= 1 else self.tp.view(x, x.numel // spec.head_dim * rot_dim if x.numel % spec.head_dim == 0
+                                                else int(x.numel * frac))
         if style == "every_two_fp32":
             # CodeGen's apply_rotary_pos_emb (modeling_codegen.py): sin/cos rows of the fp32 embed_positions table,
             # repeat_interleave'd per call; tensor * cos (fp32), rotate_every_two (stack(-x2, x1)) * sin (fp32), their
@@ -521,10 +524,12 @@ class _B:
                        masked: bool = False, bias: Tensor | None = None) -> Tensor:
         """Attention over (B, H, S, d) q and (B, Hkv, S_kv, d) k/v; returns the (B, S, H*d) output. ``masked``:
         transformers passes SDPA a materialised boolean mask (see :meth:`sdpa_bias`); ``bias``: a float mask the
-        model computed (Doge's dynamic mask), which the efficient kernel saves and, where it requires grad, returns a
-        gradient for."""
+        model computed — with ``masked``, the attention mask itself (Doge's dynamic mask), which the efficient kernel
+        saves and, where it requires grad, returns a gradient for; without, a position bias added to the scores beside
+        the causal mask (vramplan.inkling)."""
         spec, tp = self.spec, self.tp
         b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        dv = spec.value_head_dim
         elem = q.elem
         p_drop = spec.attention_dropout if self.num.training else 0.0
         rg = q.rg or k.rg or v.rg
@@ -539,27 +544,35 @@ class _B:
                 ins += (self.sdpa_bias(elem),)
             rg = rg or (bias is not None and bias.rg)
             grads = (q, k, v) + ((bias,) if bias is not None and bias.rg else ())
-            out = tp.op(b * s * h * d, elem, ins, save=ins if rg else (), grad_to=grads)
+            out = tp.op(b * s * h * dv, elem, ins, save=ins if rg else (), grad_to=grads)
             if rg:
                 tp.save_output(out)
                 # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
                 extra = b * s * h * d * 4
                 if heads_kv != h:
-                    extra += 2 * b * skv * h * d * elem
+                    extra += b * skv * h * (d + dv) * elem
                 tp.ops[-1].bwd_scratch = extra
             return out
         scores = b * h * s * skv
         if kernel is Kernel.MATH:
             # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
             q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            locals_ = (q, k, v, q32, k32, v32)
+            locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
             qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
-            if heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
+            gqa = heads_kv != h and bias is not None and not masked
+            if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
+                # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
+                k32 = tp.op(b * h * skv * d, 4, (k32,))
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+                locals_ += (k32, v32)
+            elif heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
                 k32 = tp.op(b * h * skv * d, 4, (k32,))
             ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
             att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if masked and s > 1:  # transformers' boolean mask converted to the query dtype
-                mask: Tensor | None = tp.op(b * s * skv, q.elem, (), rg=False)
+            if bias is not None and not masked:
+                mask: Tensor | None = bias
+            elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                mask = tp.op(b * s * skv, q.elem, (), rg=False)
             else:  # is_causal: ones(L, S).tril(), converted to fp32
                 mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
             # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
@@ -568,9 +581,9 @@ class _B:
                 tp.save_output(probs)
             if p_drop > 0:
                 probs = self.dropout(probs, p_drop)
-            if heads_kv != h:  # the values broadcast to every head for the product (a copy)
-                v32 = tp.op(b * h * skv * d, 4, (v32,))
-            o32 = tp.op(b * s * h * d, 4, (probs, v32), save=(probs, v32) if rg else ())
+            if heads_kv != h and not gqa:  # the values broadcast to every head for the product (a copy)
+                v32 = tp.op(b * h * skv * dv, 4, (v32,))
+            o32 = tp.op(b * s * h * dv, 4, (probs, v32), save=(probs, v32) if rg else ())
             if elem != 4:
                 tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
             out = self.cast(o32, elem)
@@ -581,9 +594,13 @@ class _B:
         # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))
-            v = tp.op(b * h * skv * d, elem, (v,))
-        if spec.attention_sinks:
-            return self.sink_lse_attention(q, k, v, rg) if spec.sink_lse else self.sink_attention(q, k, v, rg)
+            v = tp.op(b * h * skv * dv, elem, (v,))
+        if spec.attention_sinks and spec.sink_lse:
+            return self.sink_lse_attention(q, k, v, rg)
+        if spec.attention_sinks and spec.sink_fp32:
+            return self.sink_fp32_attention(q, k, v, rg)
+        if spec.attention_sinks or spec.eager_max_softmax:
+            return self.sink_attention(q, k, v, rg)
         upcast = spec.family == "gptj" or spec.attn_fp32  # GPT-J, GPT-Neo compute the scores in fp32
         qe, ke = (self.cast(q, 4), self.cast(k, 4)) if upcast else (q, k)
         selem = 4 if upcast else elem
@@ -601,6 +618,8 @@ class _B:
             # boolean causal mask (saving only the mask) and softmax(scores.float()) stay fp32
             att = tp.op(scores, 4, (att,))
             selem = 4
+        if bias is not None and not masked:  # + position_bias
+            att = tp.op(scores, selem, (att, bias))
         att = tp.op(scores, selem, (att,))  # + causal mask
         # LLaMA-style eager code (and OPT's) calls softmax(dtype=float32).to(dtype); GPT-2 and Falcon keep the
         # scores' dtype, except under autocast, whose CUDA policy runs softmax in fp32 for every caller
@@ -618,7 +637,8 @@ class _B:
         probs = self.cast(probs32, elem)
         probs = self.dropout(probs, p_drop)
         self.probs = probs  # the attention weights the layer returns (spec.returns_attn_weights)
-        out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
+        out = tp.op(b * s * h * dv, elem, (probs, v), save=(probs, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
         if spec.scores_held:  # MptAttention's attention_scores (the masked scores) is a local until it returns
             att.last_use = len(tp.ops) - 1
         if zeros is not None:
@@ -633,19 +653,28 @@ class _B:
         """gpt-oss eager_attention_forward (modeling_gpt_oss.py): scores * scaling + mask, ``cat`` with the per-head
         sink logit (one more column), minus the row max, softmax in the scores' dtype, the sink column sliced off
         before the product with v. ``attn_weights`` (scores + mask) and the max-subtracted logits stay referenced
-        until the function returns."""
+        until the function returns.
+
+        ``spec.eager_max_softmax`` (modeling_mimo_v2_flash.py eager_attention_forward): the same steps, the ``cat``
+        only on layers with sinks, and every step rebinds ``attn_weights``, so each intermediate dies at its last
+        use."""
         spec, tp, plan = self.spec, self.tp, self.plan
         b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
-        elem, scores, wide = q.elem, b * h * s * self.kv_len, b * h * s * (skv + 1)
-        dv = v.numel // (b * h * skv)  # the values' head size (MLA: v_head_dim)
+        sinks = spec.attention_sinks
+        elem, scores = q.elem, b * h * s * self.kv_len
+        wide = b * h * s * (skv + 1) if sinks else scores
+        dv = v.numel // (b * h * skv)  # the values' head size (MLA, MiMo-V2-Flash: v_head_dim)
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
         att = tp.op(scores, elem, (att,))  # + attention_mask
         tr = plan is not None and plan.trainable
         # fp32 sinks (HY-V4 keeps them in fp32) promote the concatenated logits, and all that follows, to fp32
-        le = 4 if spec.sinks_fp32 else elem
-        sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4 if spec.sinks_fp32 else self.num.param) if tr else ()
-        cat = tp.op(wide, le, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        le = 4 if sinks and spec.sinks_fp32 else elem
+        if sinks:
+            sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4 if spec.sinks_fp32 else self.num.param) if tr else ()
+            cat = tp.op(wide, le, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        else:
+            cat = att
         idx = tp.op(b * h * s, 8, (cat,), rg=False)  # max(dim=-1): the indices, saved by MaxBackward0
         mx = tp.op(b * h * s, le, (cat, idx), save=(idx,) if cat.rg else (), grad_to=(cat,))
         # combined - max: SubBackward0 hands the gradient to the logits and makes -grad at full size for the max
@@ -653,11 +682,42 @@ class _B:
         probs = tp.op(wide, le, (sub,))  # softmax(dtype=the logits' dtype) saves its result
         if probs.rg:
             tp.save_output(probs)
-        pv = tp.view(probs, scores)  # probs[..., :-1]
+        pv = tp.view(probs, scores) if sinks else probs  # probs[..., :-1]
         if le != elem:  # scores.to(value_states.dtype): a copy of the sliced probabilities
             pv = tp.op(scores, elem, (pv,))
+        self.probs = pv  # the attention weights the function returns
         out = tp.op(b * s * h * dv, elem, (pv, v), save=(pv, v) if rg else ())
-        att.last_use = sub.last_use = len(tp.ops) - 1
+        if not spec.eager_max_softmax:
+            att.last_use = sub.last_use = len(tp.ops) - 1
+        tp.hold(q, k, v)  # query, key_states, value_states (repeat_kv's copies): the function's locals
+        return out
+
+    def sink_fp32_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
+        """Flint's eager_attention_forward (modeling_flint.py, transformers 5.24): ``matmul(query.float(),
+        key_states.float())`` (k already repeated to every head in its own dtype) times the scaling, plus the mask, in
+        fp32; ``softmax(cat([scores, sinks.expand(...)]))`` in fp32 (the sinks are an fp32 parameter:
+        ``_keep_in_fp32_modules_strict``), without a max subtraction; ``[..., :-1].to(value dtype)`` copies the sliced
+        weights; their product with v. The cat and the fp32 softmax are temporaries (the softmax saves its result for
+        backward); the masked scores stay bound to ``attn_weights`` until the cast back is assigned to it."""
+        spec, tp, plan = self.spec, self.tp, self.plan
+        b, s, skv, h = self.b, self.s, self.kv_len, spec.num_heads
+        elem, scores, wide = q.elem, b * h * s * skv, b * h * s * (skv + 1)
+        q32, k32 = self.cast(q, 4), self.cast(k, 4)
+        att = tp.op(scores, 4, (q32, k32), save=(q32, k32) if rg else ())  # matmul in fp32
+        att = tp.op(scores, 4, (att,))  # * scaling
+        att = tp.op(scores, 4, (att,))  # + attention_mask (promoted to fp32)
+        tr = plan is not None and plan.trainable
+        sink = self.param_grad(f"sinks{len(tp.ops)}", h, 4) if tr else ()
+        cat = tp.op(wide, 4, (att,), params=sink, rg=att.rg or tr)  # cat([scores, sinks.expand(...)], -1)
+        probs = tp.op(wide, 4, (cat,))  # softmax(dim=-1): fp32 in, fp32 out, saves its result
+        if probs.rg:
+            tp.save_output(probs)
+        pb = tp.op(scores, elem, (tp.view(probs, scores),))  # [..., :-1].to(value_states.dtype): a new tensor
+        tp.hold(att)  # ``attn_weights`` (scores + mask) is rebound only once that whole line has run
+        pb = self.dropout(pb, spec.attention_dropout if self.num.training else 0.0)
+        self.probs = pb
+        out = tp.op(b * s * h * spec.value_head_dim, elem, (pb, v), save=(pb, v) if rg else ())
+        tp.hold(q, k, v)  # query, key_states, value_states: the function's locals
         return out
 
     def sink_lse_attention(self, q: Tensor, k: Tensor, v: Tensor, rg: bool) -> Tensor:
@@ -667,7 +727,7 @@ class _B:
         size); ``sigmoid((lse - sinks).to(fp32))`` (saves its result); softmax(dtype=fp32) cast back; the product with
         v; ``attn_output * sink_scale.unsqueeze(-1).to(dtype)`` (saves both)."""
         spec, tp, plan = self.spec, self.tp, self.plan
-        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.head_dim
+        b, s, skv, h, d = self.b, self.s, self.kv_len, spec.num_heads, spec.value_head_dim
         elem, scores, rows = q.elem, b * h * s * skv, b * h * s
         att = tp.op(scores, elem, (q, k), save=(q, k) if rg else ())  # matmul(q, k^T)
         att = tp.op(scores, elem, (att,))  # * scaling
@@ -701,6 +761,7 @@ class _B:
         assert plan is not None
         h, qd, kvd = spec.hidden_size, spec.q_dim, spec.kv_dim
         b, s, skv, d = self.b, self.s, self.kv_len, spec.head_dim
+        vd, od = spec.v_dim, spec.num_heads * spec.value_head_dim  # the values' and the attention output's widths
         tr = plan.trainable
 
         lin = self.proj
@@ -758,7 +819,9 @@ class _B:
             if spec.key_multiplier:  # Falcon-H1: k_proj(x) * key_multiplier
                 k = tp.op(k.numel, k.elem, (k,))
             # attention_k_eq_v (modeling_gemma4.py): the values are the key projection itself
-            v = k if spec.v_from_k else lin(n, h, kvd, vn, spec.qkv_bias)
+            v = k if spec.v_from_k else lin(n, h, vd, vn, spec.qkv_bias)
+            if spec.value_scale:  # MiMoV2FlashAttention: v_proj(x)...transpose(1, 2) * v_scale (saves nothing)
+                v = tp.op(v.numel, v.elem, (v,))
         # an early output gate's projection (modeling_afmoe.py: gate_states = self.gate_proj(hidden_states) after
         # v_proj), held by the attention's locals to its end
         gate_early = self.attn_gate_proj(n) if spec.attn_gate and spec.attn_gate_early else None
@@ -785,6 +848,10 @@ class _B:
         if spec.qk_l2_norm and plan.rope:  # Llama4TextL2Norm (use_qk_norm and use_rope): x.float() normed, cast back
             q = self.norm(q, d, False, scale=False)
             k = self.norm(k, d, False, scale=False)
+        if spec.nope_query_scale and not plan.rope:
+            # BeamAttention with attention_scaling (the NoPE layers): (query_states.float() * attention_scaling)
+            # .to(query_states.dtype): an fp32 copy, the fp32 product (saving only the small scale), the cast back
+            q = self.cast(tp.op(q.numel, 4, (self.cast(q, 4),)), q.elem)
         if spec.nope_temperature and not plan.rope:
             # Llama4TextAttention with attn_temperature_tuning on a NoPE layer: positions = arange(s) (+ the cached
             # length); log1p(floor((positions.float() + 1) / floor_scale)) * attn_scale + 1 in fp32 ((s,): float, add,
@@ -809,7 +876,7 @@ class _B:
             # (transformers 5.17's DynamicLayer allocates both in the keys' dtype: fp32 keys after RoPE under
             # autocast make fp32 values too)
             k = tp.op(b * skv * kvd, k.elem, (k,), kind=KV)
-            v = tp.op(b * skv * kvd, k.elem, (v,), kind=KV)
+            v = tp.op(b * skv * vd, k.elem, (v,), kind=KV)
             tp.keep(k, v)
         if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
             tp.keep(k, v)
@@ -818,7 +885,7 @@ class _B:
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
             k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
-            v = tp.op(b * skv * qd, v.elem, (v,))
+            v = tp.op(b * skv * od, v.elem, (v,))
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
@@ -846,7 +913,7 @@ class _B:
         held: tuple[Tensor, ...] = ()
         if spec.attn_gate:
             out, held = self.attn_gate_apply(out, gate_early if gate_early is not None else self.attn_gate_proj(n))
-        o = lin(out, qd, h, oname, spec.o_bias)
+        o = lin(out, od if not spec.qkv_fused else qd, h, oname, spec.o_bias)
         if held:
             tp.hold(*held)
         if spec.attn_output_gate:
@@ -1150,6 +1217,11 @@ class _B:
                 u = lin(n, h, i, "up_proj", spec.mlp_bias)
             if spec.mlp_multipliers:  # FalconH1MLP: act(gate_proj(x) * gate_multiplier)
                 g = tp.op(g.numel, g.elem, (g,))
+            if spec.mlp_glu_fp32:  # BeamMLP: (act_fn(gate.float()) * up.float()).to(gate.dtype)
+                p = self.cast(self.mul(self.activation(self.cast(g, 4)), self.cast(u, 4)), g.elem)
+                out = lin(p, i, h, "down_proj", spec.mlp_bias)
+                tp.hold(g, u)  # gate and up: the forward's locals
+                return self.dropout(out, spec.hidden_dropout)
             if not spec.altup_inputs:
                 a = self.activation(g)
             p = self.mul(u, a) if spec.mlp_multipliers else self.mul(a, u)
@@ -1274,7 +1346,7 @@ class _B:
         probs = tp.op(t * e, pe, (logits,))
         if probs.rg:
             tp.save_output(probs)
-        if spec.router_sigmoid:
+        if spec.router_sigmoid and not spec.router_sigmoid_plain:
             choice = tp.op(t * e, 4, (probs,), rg=False)  # scores + e_score_correction_bias
             masked = tp.op(t * e, 4, (choice,), rg=False)  # masked_fill of the groups not chosen
             idx = tp.op(pairs, 8, (masked,), rg=False)
@@ -1337,6 +1409,15 @@ class _B:
             elif spec.expert_glu == "fp32":  # modeling_beam.py: (act(gate.float()) * up.float()).to(gate.dtype)
                 gate, up = tp.split(gu, 2)
                 p = self.cast(self.mul(self.activation(self.cast(gate, 4)), self.cast(up, 4)), act)
+            elif spec.expert_glu == "softcap_fp32":
+                # Inkling2SoftcappedSwiGLU: gate, up = .float(); tanh(gate / c) * c * sigmoid(gate) * (tanh(up / c') *
+                # c'); cast back (tanh and sigmoid save their results, the products their operands)
+                gate, up = tp.split(gu, 2)
+                g32, u32 = self.cast(gate, 4), self.cast(up, 4)
+                gc = tp.op(g32.numel, 4, (self.ew(tp.op(g32.numel, 4, (g32,)), save_out=True),))
+                sg = self.ew(g32, save_out=True)
+                uc = tp.op(u32.numel, 4, (self.ew(tp.op(u32.numel, 4, (u32,)), save_out=True),))
+                p = self.cast(self.mul(self.mul(gc, sg), uc), act)
             else:
                 gate, up = tp.split(gu, 2)  # _default_apply_gate: gate_up_out.chunk(2, dim=-1)
                 a = self.activation(gate)
@@ -1566,6 +1647,16 @@ class _B:
         """Granite's ``hidden_states * residual_multiplier`` before the residual add (a new tensor)."""
         return self.tp.op(x.numel, x.elem, (x,)) if self.spec.residual_scale else x
 
+    def residual_add(self, x: Tensor, a: Tensor) -> Tensor:
+        """The residual stream ``x`` plus a sublayer's output ``a``; Beam's depth-scaled add
+        (``hidden_states * scale + residual * residual_scale``): each product a new tensor (python-float scales: their
+        backward saves nothing), then the sum."""
+        if self.spec.residual_depth_scale:
+            sa = self.tp.op(a.numel, a.elem, (a,))
+            sx = self.tp.op(x.numel, x.elem, (x,))
+            return self.add(sa, sx)
+        return self.add(self.weighted_residual(x), self.residual(a))
+
     def weighted_residual(self, x: Tensor) -> Tensor:
         """Doge's ``input_residual * residual`` (a trainable vector): a new tensor; the product saves the residual for
         the vector's gradient."""
@@ -1603,6 +1694,10 @@ class _B:
             from .rwkv import rwkv_block
 
             return rwkv_block(self, x)
+        if plan.mixer == "inkling":
+            from .inkling import inkling_layer
+
+            return inkling_layer(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 
@@ -1644,7 +1739,7 @@ class _B:
             a = self.call(mixer, n1)
             if spec.norms_per_layer == 4:
                 a = self.norm(a, spec.hidden_size, tr)
-            hmid = self.add(self.weighted_residual(x), self.residual(a))
+            hmid = self.residual_add(x, a)
             if not plan.mlp:
                 self.tp.keep(hmid)
                 return hmid
@@ -1658,9 +1753,11 @@ class _B:
             # (StableLmDecoderLayer: residual = residual + self_attn_output, hidden_states not rebound;
             # GPTBigCodeBlock: the attn_outputs tuple)
             held = {"normed": n1, "attn": a}
-            if (spec.returns_attn_weights or spec.attn_fairseq) and self.probs is not None:
-                # GPTNeoBlock returns (hidden_states, attn_weights): the eager weights stay referenced by the block's
-                # locals to its end (and by the model loop's ``outputs`` until the next block returns: estimator)
+            if self.probs is not None:
+                # the eager attention weights the attention returns stay referenced by the layer's locals to its end:
+                # ``hidden_states, _ = self.self_attn(...)`` (LlamaDecoderLayer and its descendants, transformers 5.x);
+                # GPTNeoBlock returns (hidden_states, attn_weights) (and the model loop's ``outputs`` holds them
+                # until the next block returns: estimator). Training saves them for backward anyway.
                 held["probs"] = self.probs
             for what in (*spec.held_through_mlp, *(("probs",) if "probs" in held else ())):
                 t = held[what]
@@ -1668,7 +1765,7 @@ class _B:
                 root.last_use = max(root.last_use, len(self.tp.ops) - 1)
             if spec.norms_per_layer == 4:
                 m = self.norm(m, spec.hidden_size, tr)
-            y = self.add(self.weighted_residual(hmid), self.residual(m))
+            y = self.residual_add(hmid, m)
             if spec.per_layer_input:
                 y = self.per_layer_branch(y)
         self.tp.keep(y)
@@ -1911,7 +2008,14 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         return None
     logits = bld.linear(n, pe, spec.vocab_size, "embed" if spec.tie_word_embeddings else "lm_head",
                         bias=spec.lm_head_bias, trainable=head_tr, out_kind=LOGITS, weight_elem=head_elem)
-    if spec.logit_softcap:
+    if spec.logit_softcap and spec.logit_softcap_fp32:
+        # BeamForCausalLM: logits.float() / cap, tanh (saves its result), * cap: fp32 logits from here on
+        logits = tp.op(logits.numel, 4, (bld.cast(logits, 4),), kind=LOGITS)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+        if logits.rg:
+            tp.save_output(logits)
+        logits = tp.op(logits.numel, 4, (logits,), kind=LOGITS)
+    elif spec.logit_softcap:
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         logits = tp.op(logits.numel, logits.elem, (logits,), kind=LOGITS)
         if logits.rg:

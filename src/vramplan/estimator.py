@@ -33,6 +33,7 @@ from .blocks import Kernel, LayerPlan, Numerics, attention_kernel, build_embed, 
 from .errors import WorkloadError
 from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
+from .loops import cache_calls
 from .memory import ModelStates, lora_targets, model_states
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
@@ -169,6 +170,30 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
                      ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
 
 
+def has_body(spec: ModelSpec) -> bool:
+    """Whether the decoder stack is replayed as one program: looped stacks (vramplan.loops), Inkling 2's block
+    attention residuals across layers (vramplan.inkling2)."""
+    return bool(spec.stack_runs) or spec.inkling[4:5] == (2,)
+
+
+def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, kv_len: int | None = None,
+                   ckpt_every: int = 0, grads_exist: bool = False) -> _LayerSim:
+    """The whole stack as one block (:func:`vramplan.loops.build_body`, :func:`vramplan.inkling2.build_body`); it
+    holds its input (inputs_embeds) itself to the forward's end, so nothing else is added for it (``x_saved``)."""
+    if spec.stack_runs:
+        from .loops import build_body
+    else:
+        from .inkling2 import build_body
+
+    tp = Tape(num.training)
+    y = build_body(tp, spec, num, plan, b, s, kv_len, ckpt_every)
+    x = tp.tensors[0]
+    fwd = layer_forward(tp)
+    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
+        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
+
+
 def _layer_groups(spec: ModelSpec, first_trainable: int,
                   ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]]:
     """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
@@ -241,8 +266,15 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
     sims = []
-    for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, _first_trainable(spec, w, states),
-                                                                         every):
+    if has_body(spec):  # the stack as one program (vramplan.loops, vramplan.inkling2)
+        if offload:
+            raise WorkloadError(f"activation offloading is not modelled for {spec.family}'s whole-stack program; "
+                                "drop --activation-offload or run `vramplan trace`")
+        sims.append(_simulate_body(spec, num, _plan(spec, w, full, layers_rg, False, False, True, attention,
+                                                    _kind(spec, 0)), b, s, ckpt_every=every,
+                                   grads_exist=accumulating))
+    for count, trainable, moe, sliding, rope, ck, kind in [] if has_body(spec) else \
+            _layer_groups(spec, _first_trainable(spec, w, states), every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
@@ -401,6 +433,11 @@ def _ssm_kernel_note(kinds: set[str], kernel: str) -> str:
     if kinds == {"lightning"}:
         return ("lightning attention layers: transformers' plain-PyTorch block loop (there is no fused kernel for "
                 "it in transformers)")
+    if kinds == {"inkling"}:
+        return ("Inkling's short convolutions (causal_conv1d_fn): "
+                + ("the fused causal_conv1d kernel a GPU install runs; --ssm-kernel torch models transformers' "
+                   "F.conv1d fallback instead" if kernel == "fused" else
+                   "transformers' F.conv1d fallback (what runs without causal_conv1d)"))
     if kinds == {"rglru"}:
         return ("recurrent layers (RG-LRU): transformers' plain-PyTorch block, a Python loop over the sequence (there "
                 "is no fused kernel for it)")
@@ -448,9 +485,16 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
         probs = _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act})
         held, absent = _plus(held, probs), _plus(absent, probs)
+    if has_body(spec):  # the stack as one program: it holds inputs_embeds itself (vramplan.loops, .inkling2)
+        held = absent = _vec({})
+        body = _simulate_body(spec, num, _plan(spec, w, False, False, False, False, True, kind=_kind(spec, 0)), b, s,
+                              kv_len=s)
+        peak.offer(_plus(cur, body.fwd.peak_kinds))
+        cur = _plus(cur, body.fwd.end_kinds)
     cur = _plus(cur, held)
     sliced = False
-    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate(_layer_groups(spec, spec.num_layers)):
+    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate([] if has_body(spec) else
+                                                                    _layer_groups(spec, spec.num_layers)):
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
                               kv_len=s)
@@ -474,7 +518,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # decode: one token per step; each layer's cache grows by torch.cat (new tensor, then the old is freed)
     total_len = s + w.new_tokens
-    attn = [i for i in range(spec.num_layers) if spec.mixer(i) in ATTENTION_MIXERS and i not in spec.idle_layers]
+    attn = [i for i in cache_calls(spec) if spec.mixer(i) in ATTENTION_MIXERS and i not in spec.idle_layers]
     kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)
@@ -570,6 +614,9 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
     if w.packing and (not w.is_train or spec.family == "bloom" or (spec.family == "gptj" and not has_sdpa(spec, w))):
         raise WorkloadError("--packing (padding-free) applies to training of models with a FlashAttention path; "
                             f"{spec.name} ({spec.family}) / task {w.task.value} has none: drop --packing")
+    if spec.flash_refused and (w.attention is Attention.FLASH or w.packing):
+        raise WorkloadError(f"transformers refuses FlashAttention for {spec.name} ({spec.family}): "
+                            f"{spec.flash_refused}; use --attention sdpa or eager (and no --packing)")
     if w.is_train and w.gradient_checkpointing and not spec.gradient_checkpointing:
         # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
         raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "
@@ -602,7 +649,7 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
-    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS
+    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
@@ -621,7 +668,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
         (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
          f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
-         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else "") + ")"),
+         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
+            ": the stack is one program" if has_body(spec) else "") + ")"),
         *states.notes,
     ]
     kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._files import FileTooLarge, NotAFile, read_text_limited
 from .errors import ConfigError
-from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
+from .spec import Activation, LayerOverride, MLPKind, ModelSpec, NormKind, PositionKind
 
 __all__ = ["PROGRAMS_TRANSFORMERS_VERSION", "SUPPORTED_MODEL_TYPES", "installed_transformers", "load_config_file",
            "spec_from_config", "version_warning"]
@@ -125,8 +125,8 @@ def _check_heads(c: _Cfg, hidden: int, heads: int, kv: int, head_dim: int | None
     return head_dim
 
 
-def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1
-                 ) -> tuple[int, ...]:
+def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int = 0, full_at: int = -1,
+                 full_lead: int = 0, full_last: bool = False) -> tuple[int, ...]:
     """Indices of sliding-window layers: from ``layer_types`` when given, else a fixed pattern."""
     if window is None:
         return ()
@@ -138,8 +138,10 @@ def _layer_types(c: _Cfg, n_layers: int, window: int | None, default_every: int 
     if default_every:
         # Gemma 2: even layers are local; Gemma 3: 5 local then 1 global (sliding_window_pattern); Granite SWA:
         # global where i % 4 == 0
+        # (the first full_lead layers global as well: MiMo-V2-Flash 1, Flint 2; and the last: Flint)
         full = full_at % default_every
-        return tuple(i for i in range(n_layers) if i % default_every != full)
+        return tuple(i for i in range(n_layers) if i % default_every != full and i >= full_lead
+                     and not (full_last and i == n_layers - 1))
     return tuple(range(n_layers))
 
 
@@ -261,6 +263,22 @@ class _Facts:
     attn_gate_bias: bool = False
     attn_gate_name: str = ""
     attn_gate_heads_key: str = ""
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py MiMoV2FlashAttention): the sliding layers alone have learned sinks and
+    # sliding_kv_mult x num_key_value_heads KV heads
+    sliding_sinks: bool = False
+    sliding_full_lead: int = 0  # the default layer pattern makes the first N layers global as well (MiMo-V2-Flash: 1,
+    # Flint: 2)
+    sliding_full_last: bool = False  # ... and the last layer (Flint)
+    sliding_kv_mult: int = 1
+    v_head_key: str = ""  # config key of the value heads' width where it differs from head_dim (v_head_dim)
+    value_scale: bool = False  # the values are multiplied by a constant after v_proj (attention_value_scale)
+    eager_max_softmax: bool = False  # eager attention: scores - row max, softmax in their dtype (ModelSpec field)
+    sink_fp32: bool = False  # the sink attention's scores, sinks and softmax in fp32 (Flint; ModelSpec.sink_fp32)
+    # Beam (modeling_beam.py): ModelSpec.residual_depth_scale, nope_query_scale, mlp_glu_fp32, logit_softcap_fp32
+    residual_depth_scale: bool = False
+    nope_query_scale: bool = False
+    mlp_glu_fp32: bool = False
+    softcap_fp32: bool = False
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -436,6 +454,35 @@ _FAMILIES: dict[str, _Facts] = {
     "llama4_text": _Facts(version="5.24", moe="llama4", rope="complex", nope="no_rope_layers", sliding="chunked",
                           qk_l2_key="use_qk_norm", nope_temperature_key="attn_temperature_tuning",
                           eager_softmax_native=True),
+    # MiMo-V2-Flash (modeling_mimo_v2_flash.py): GLM-4.5's partial rotary (rope_cat; per-layer-type tables, 0.334 of
+    # the 192-wide q/k heads) with values of v_head_dim scaled by attention_value_scale; the sliding layers
+    # (layer_types, default full at i == 0 and every 6th) hold twice the KV heads and a learned sink per head; eager
+    # only (_supports_sdpa False), the row max subtracted and softmax in the scores' dtype on every layer; DeepSeek-V3's
+    # router (fp32 sigmoid, correction bias, groups) and experts without shared experts on the "sparse" entries of
+    # mlp_layer_types (default: layer 0 dense)
+    "mimo_v2_flash": _Facts(version="5.24", o_bias=False, sliding="types", sliding_every=6, sliding_full_lead=1,
+                            partial_rotary=True, rotary_default=0.334,
+                            rope_cat=True, moe="deepseek", mlp_types=1, sdpa=False, sliding_sinks=True,
+                            sliding_kv_mult=2, v_head_key="v_head_dim", value_scale=True, eager_max_softmax=True,
+                            aliases=(("num_local_experts", "n_routed_experts"),)),
+    # Flint (modeling_flint.py): Qwen3-MoE's attention and layer (per-head q/k norms) with GptOssRMSNorm everywhere,
+    # RoPE on the sliding layers only (layer_types; the full ones are NoPE), a learned fp32 sink per head with fp32
+    # scores and softmax (eager only: _supports_sdpa False); a sigmoid-routed MoE block with an always-on shared
+    # expert (moe "flint")
+    "flint": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, sliding="types",
+                    sliding_every=4, sliding_full_at=1, sliding_full_lead=2, sliding_full_last=True,
+                    nope="sliding_only", sinks=True, sink_fp32=True, sdpa=False, moe="flint"),
+    # Beam (modeling_beam.py): per-head q/k norms (Qwen3-MoE's attention) with BeamRMSNorm (Olmo3RMSNorm: the weight
+    # times the fp32 normed states, then the cast) everywhere; four norms per layer whose residual adds are
+    # depth-scaled; RoPE with fp32 tables on the sliding layers (layer_types: every 6th and the last full), the full
+    # layers NoPE (rope_parameters None) with an fp32 position scale of q; a per-channel sigmoid output gate with a
+    # per-head bias; an fp32 SwiGLU in the dense MLP and the experts; the fp32-router MoE block ("beam"); final logit
+    # soft-capping on fp32 logits
+    "beam": _Facts(version="5.24", qk_norm="head", norm=NormKind.FP32_WEIGHT_RMSNORM, layout="sandwich",
+                   sliding="types", sliding_every=6, sliding_full_last=True, nope="rope_none", rope="fp32_tables",
+                   moe="beam", softcap=True, softcap_default=30.0, softcap_fp32=True, residual_depth_scale=True,
+                   nope_query_scale=True, mlp_glu_fp32=True, attn_gate="sigmoid", attn_gate_bias=True,
+                   attn_gate_name="gate_proj"),
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
@@ -468,7 +515,8 @@ _CLASSES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
-    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+    "FlintForCausalLM": "flint", "BeamForCausalLM": "beam",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -503,7 +551,8 @@ def _sliding(c: _Cfg, f: _Facts, layers: int) -> tuple[int | None, tuple[int, ..
         window = c.opt_int("sliding_window")
         every = c.int_(f.sliding_pattern_key, default=f.sliding_every, hi=_MAX_LAYERS) \
             if f.sliding_pattern_key else f.sliding_every
-        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at)
+        return window, _layer_types(c, layers, window, default_every=every, full_at=f.sliding_full_at,
+                                    full_lead=f.sliding_full_lead, full_last=f.sliding_full_last)
     return None, ()
 
 
@@ -544,6 +593,15 @@ def _nope_layers(c: _Cfg, f: _Facts, layers: int, sliding: tuple[int, ...], wind
                 isinstance(t, int | float) and not isinstance(t, bool) for t in thetas[:layers]):
             raise ConfigError(f"{c.where}: layer_rope_theta must list one number per layer ({layers})")
         return tuple(i for i in range(layers) if thetas[i] == 0)
+    if f.nope == "sliding_only":  # Flint: RoPE only where the layer has a window (none without sliding_window)
+        return tuple(i for i in range(layers) if i not in sliding)
+    if f.nope == "rope_none":  # Beam: rope_parameters keyed by layer type, None for a type without RoPE (default: the
+        # full layers)
+        params = c.raw.get("rope_parameters")
+        if not isinstance(params, Mapping) or not any(isinstance(v, Mapping) or v is None for v in params.values()):
+            params = {"sliding_attention": {}, "full_attention": None}
+        kinds = ["sliding_attention" if i in sliding else "full_attention" for i in range(layers)]
+        return tuple(i for i, k in enumerate(kinds) if k in params and params[k] is None)
     if f.nope == "rope_params_none":  # rope_parameters per layer type, None for a type without RoPE
         params, types = c.raw.get("rope_parameters"), c.raw.get("layer_types")
         if isinstance(params, Mapping) and isinstance(types, list) and len(types) >= layers:
@@ -737,6 +795,33 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                else tuple(range(step - 1, layers, step)),
                # the dense layers' Llama4TextMLP is intermediate_size_mlp wide
                "intermediate_size": c.int_("intermediate_size_mlp", default=16384)}
+    elif f.moe == "flint":  # FlintSparseMoeBlock (modeling_flint.py): Qwen3-MoE's layer placement (mlp_only_layers,
+        # default [0, 1]; decoder_sparse_step) and experts; FlintTopKRouter's fp32 logits of an fp32 copy of the hidden
+        # states, sigmoid, top-k of the scores renormalised, fp32 weights into the experts; an always-on gated shared
+        # expert of shared_expert_intermediate_size added after them
+        step = c.int_("decoder_sparse_step", default=1, hi=_MAX_LAYERS)
+        dense_only = set(c.int_list("mlp_only_layers")) if c.raw.get("mlp_only_layers") is not None else {0, 1}
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=6),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=512),
+               "shared_expert_intermediate_size": c.int_("shared_expert_intermediate_size", default=1024, lo=0),
+               "moe_layers": tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0),
+               "router_fp32": True, "router_sigmoid": True, "router_sigmoid_plain": True}
+    elif f.moe == "beam":  # BeamMoE (modeling_beam.py): DeepSeek-V3's fp32 sigmoid router (correction bias, groups)
+        # on the "sparse" entries of mlp_layer_types (default: the first three layers dense), experts with an fp32
+        # SwiGLU (DeepseekV4Experts._apply_gate overridden), their sum times routed_scaling_factor; no shared experts
+        types = c.raw.get("mlp_layer_types")
+        if types is None:
+            dense = min(3, layers)
+            types = ["dense"] * dense + ["sparse"] * (layers - dense)
+        if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {"dense", "sparse"}:
+            raise ConfigError(f"{c.where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} "
+                              "layers")
+        out = {"num_experts": c.int_("num_experts", default=256),
+               "experts_per_token": c.int_("num_experts_per_tok", default=8),
+               "moe_intermediate_size": c.int_("moe_intermediate_size", default=2560),
+               "moe_layers": tuple(i for i, t in enumerate(types[:layers]) if t == "sparse"),
+               "router_fp32": True, "router_sigmoid": True, "expert_glu": "fp32", "moe_output_scale": True}
     elif f.moe == "ernie":
         inter = c.int_("moe_intermediate_size")
         start = c.int_("moe_layer_start_index", default=1, lo=0, hi=_MAX_LAYERS)
@@ -834,6 +919,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
     inter = moe.pop("intermediate_size", None) or c.int_("intermediate_size",
                                                          default=moe_inter if moe_inter else _MISSING)
     logit_scale = c.opt_float(f.logit_scale_key) if f.logit_scale_key else None
+    extra = _sliding_heads(c, f, heads, kv, head_dim, sliding) if not f.mla else {}
     return ModelSpec(
         name=c.where, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
@@ -864,15 +950,46 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
                                                                c.bool_(f.embed_scale_key, default=False)),
         residual_scale=f.multipliers or f.head_scale,
         logit_scale=f.multipliers or logit_scale is not None, head_input_scale=f.head_scale,
+        # (an explicit null turns it off: ``if self.config.final_logit_softcapping is not None``)
         logit_softcap=c.float_("final_logit_softcapping", default=f.softcap_default) if f.softcap and (
-            f.softcap_default is not None or c.raw.get("final_logit_softcapping") is not None) else None,
+            (f.softcap_default is not None and "final_logit_softcapping" not in c.raw)
+            or c.raw.get("final_logit_softcapping") is not None) else None,
         embedding_layernorm=f.embed_norm,
         attn_logit_softcap=c.opt_float("attn_logit_softcapping") if f.softcap else None,
         **moe, **mla, sliding_window=window, sliding_layers=sliding, attention_sinks=f.sinks, sink_lse=f.sink_lse,
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
-        program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f),
+        program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f), **extra,
     )
+
+
+def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, sliding: tuple[int, ...]) -> dict[str, Any]:
+    """The value heads' width, the value scale and the sliding layers' own KV heads and sinks (MiMo-V2-Flash's
+    facts); empty for a family without them."""
+    out: dict[str, Any] = {}
+    if f.v_head_key:
+        v = c.int_(f.v_head_key, default=head_dim)
+        if v != head_dim:
+            out["v_head_dim"] = v
+    if f.value_scale:
+        out["value_scale"] = True
+    if f.eager_max_softmax:
+        out["eager_max_softmax"] = True
+    if f.sink_fp32:
+        out["sink_fp32"] = True
+    for name in ("residual_depth_scale", "nope_query_scale", "mlp_glu_fp32"):
+        if getattr(f, name):
+            out[name] = True
+    if f.softcap_fp32:
+        out["logit_softcap_fp32"] = True
+    if f.sliding_sinks and sliding:
+        kv_sliding = kv * f.sliding_kv_mult
+        if kv_sliding > heads or heads % kv_sliding:
+            raise ConfigError(f"{c.where}: the sliding layers' {kv_sliding} KV heads ({f.sliding_kv_mult} x "
+                              f"num_key_value_heads) must divide num_attention_heads ({heads})")
+        out["layer_overrides"] = (LayerOverride(sliding, num_kv_heads=kv_sliding if kv_sliding != kv else 0,
+                                                attention_sinks=True),)
+    return out
 
 
 def _dynamic_mask(c: _Cfg, f: _Facts) -> dict[str, Any]:
@@ -1189,6 +1306,18 @@ from .hyper import HYPER_CLASSES, HYPER_READERS  # noqa: E402  (HY-V4: reads _Cf
 
 _READERS.update(HYPER_READERS)
 _CLASSES.update(HYPER_CLASSES)
+from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stacks: reads _Cfg, _llama_like)
+
+_READERS.update(LOOP_READERS)
+_CLASSES.update(LOOP_CLASSES)
+from .inkling import INKLING_CLASSES, INKLING_READERS  # noqa: E402  (Inkling's text decoder: reads _Cfg)
+
+_READERS.update(INKLING_READERS)
+_CLASSES.update(INKLING_CLASSES)
+from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling 2's text decoder)
+
+_READERS.update(INKLING2_READERS)
+_CLASSES.update(INKLING2_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1286,9 +1415,11 @@ _MISSING_MECHANISMS = {
                    "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
                    "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
                    "hash (DeepseekV4HashRouter)",
-    "inkling2_text": "block attention residuals (Inkling2BlockAttentionResidual: an attention over the stacked earlier "
-                     "blocks' outputs in fp32 makes each sublayer's input)",
-    "inkling2_loop_text": "block attention residuals over looped layers (Inkling2LoopBlockAttentionResidual)",
+    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
+                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
+                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
+                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
+                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

@@ -49,6 +49,7 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
     return spec.quantization
 
 
+@functools.lru_cache(maxsize=1024)
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft)."""
     from .params import attention_linears, layer_linears, mlp_linears
@@ -174,6 +175,7 @@ def _modules_to_save(spec: ModelSpec, counts: ParamCounts, w: Workload) -> int:
     return per * len(set(w.lora_modules_to_save))
 
 
+@functools.lru_cache(maxsize=1024)
 def lora_params(spec: ModelSpec, targets: frozenset[str], rank: int, dora: bool = False) -> int:
     """Adapter parameters: r x (in + out) for every targeted linear in every layer (DoRA: plus the magnitude,
     one per output feature)."""

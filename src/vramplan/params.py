@@ -87,7 +87,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     else:  # a gated attention's q_proj also makes the per-head output gate (Qwen3-Next); k_eq_v: no v_proj (Gemma 4)
         qn, kn, vn = spec.qkv_names or ("q_proj", "k_proj", "v_proj")
         out = [(qn, h, 2 * q if spec.attn_output_gate else q, 1), (kn, h, kv, 1)] + \
-            ([] if spec.v_from_k else [(vn, h, kv, 1)])
+            ([] if spec.v_from_k else [(vn, h, spec.v_dim, 1)])
         if spec.attn_head_gate:  # LFM3's g_proj: one gate per head, no bias
             out.append(("g_proj", h, spec.num_heads, 1))
         if spec.dynamic_mask:  # DogeAttention.dt_proj: values -> one dt per key-value head
@@ -96,7 +96,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
             out.append((spec.attn_gate_name, h, spec.num_heads if spec.attn_gate_heads else q, 1))
     oname = spec.o_name or {"gpt2": "c_proj", "falcon": "dense", "gpt_neox": "dense", "bloom": "dense", "phi": "dense",
              "gptj": "out_proj", "opt": "out_proj"}.get(spec.family, "o_proj")
-    out.append((oname, q, h, 1))
+    out.append((oname, spec.num_heads * spec.value_head_dim if not spec.qkv_fused else q, h, 1))
     return out
 
 
@@ -205,6 +205,10 @@ def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]
         return rglru_linears(spec.ssm, spec.hidden_size) + mlp
     if spec.mixer(index) == "none":
         return mlp
+    if spec.mixer(index) == "inkling":
+        from .inkling import inkling_linears
+
+        return inkling_linears(spec, index) + mlp
     return attention_linears(spec) + mlp
 
 
@@ -325,6 +329,13 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         lin = rwkv_linears(spec)
         return LayerParams(sum(i * o for _, i, o, _ in lin[:4]), sum(i * o for _, i, o, _ in lin[4:]), 0,
                            2 * _norm_params(spec, spec.hidden_size) + rwkv_extra_params(spec), tuple(lin))
+    if spec.mixer(index) == "inkling":  # its attention's linears and MLP / MoE, two norms (the rest: extra_params)
+        from .inkling import inkling_linears
+
+        lin = inkling_linears(spec, index)
+        mlp = mlp_linears(spec, index in spec.moe_layers)
+        return LayerParams(sum(i * o for _, i, o, _ in lin), sum(i * o * n for _, i, o, n in mlp), 0,
+                           2 * _norm_params(spec, spec.hidden_size), tuple(lin + mlp))
     if spec.mixer(index) != "attention":
         return _ssm_layer_params(spec, index)
     moe = index in spec.moe_layers

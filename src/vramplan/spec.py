@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from .ssm import SharedBlock, SSMSpec
 
 __all__ = ["ATTENTION_MIXERS", "MAMBA2_MIXERS", "Activation", "LayerOverride", "MLPKind", "ModelSpec", "NormKind",
-           "PositionKind"]
+           "PositionKind", "StackRun"]
 
 # Layer mixers that hold an attention (a KV cache that grows), and those that run a Mamba-2 mixer: Falcon-H1's
 # "parallel" layers have both, as do Zamba2's hybrid layers (the shared transformer, then a Mamba-2 layer;
 # "zamba_tied" reuses the weights of an earlier hybrid layer's block)
-ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied")
+ATTENTION_MIXERS = ("attention", "parallel", "zamba_hybrid", "zamba_tied", "inkling")
 MAMBA2_MIXERS = ("mamba2", "parallel", "zamba_hybrid", "zamba_tied")
 
 
@@ -84,6 +84,22 @@ class LayerOverride:
     kv_lora_rank: int = 0
     dsa: bool | None = None  # False: the layer has no DSA indexer (Dots 3's sliding layers)
     index_shared: bool | None = None  # True: the layer reuses the previous indexer's top-k (HY-V4 "shared" layers)
+    attention_sinks: bool | None = None  # the layer's attention has learned sink logits (MiMo-V2-Flash: only the
+    # sliding layers)
+
+
+@dataclass(frozen=True, slots=True)
+class StackRun:
+    """One call of a layer stack in a looped forward (:attr:`ModelSpec.stack_runs`): layers ``first`` ..
+    ``first + count - 1`` run in order on the sum of the carried states, with autograd recording them (``grad``) or
+    under ``torch.no_grad``; the stack's own weightless final norm closes the call and its output replaces carried
+    state ``state`` (modeling_hrm_text.py HrmTextModel.forward: ``z_L = L_module(z_L + z_H)``, then
+    ``z_H = H_module(z_H + z_L)``)."""
+
+    first: int
+    count: int
+    grad: bool
+    state: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +194,13 @@ class ModelSpec:
     # OLMo), complex (DeepSeek-V2: fp32 complex product with freqs_cis, cast back)
     nope_layers: tuple[int, ...] = ()  # layers that skip RoPE (SmolLM3, EXAONE 4 / Command-R7B global layers)
     residual_scale: bool = False  # Granite: residual + sublayer * residual_multiplier
+    residual_depth_scale: bool = False  # sublayer * (1 / sqrt(i)) + residual * sqrt((i - 1) / i), i the residual add's
+    # depth (modeling_beam.py depth_scaled_residual_add): two scaled copies, then their sum
+    nope_query_scale: bool = False  # on the NoPE layers, (q.float() * scale).to(q.dtype) with an fp32 (1, 1, seq, 1)
+    # scale made once outside the layers (modeling_beam.py compute_attention_scaling)
+    mlp_glu_fp32: bool = False  # the dense MLP's (act(gate.float()) * up.float()).to(dtype) (BeamMLP); gate and up stay
+    # referenced to its end
+    logit_softcap_fp32: bool = False  # the soft-capping runs on logits.float() (BeamForCausalLM)
     logit_scale: bool = False  # Granite logits / logits_scaling, Cohere logits * logit_scale
     head_input_scale: bool = False  # MiniCPM3: hidden_states / logits_scaling before lm_head (before the last-token
     # slice)
@@ -197,7 +220,7 @@ class ModelSpec:
     q_lora_rank: int = 0  # 0: a plain q_proj
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
+    v_head_dim: int = 0  # (also a grouped attention's value heads where narrower than head_dim: MiMo-V2-Flash)
     # DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): MLA with a lightning indexer whose top-k selection masks the
     # attention (index_heads > 0)
     index_heads: int = 0
@@ -217,6 +240,8 @@ class ModelSpec:
     router_fp32: bool = False  # the router runs on an fp32 copy of the hidden states (DeepSeek-V3, ERNIE 4.5)
     router_weights_fp32: bool = False  # the top-k weights reach the experts in fp32 (Mixtral: no cast back)
     router_sigmoid: bool = False  # sigmoid scores + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5)
+    router_sigmoid_plain: bool = False  # the sigmoid router picks its top-k of the scores themselves: no correction
+    # bias, no groups (FlintTopKRouter)
     moe_extra_params: int = 0  # per MoE layer: ERNIE 4.5's moe_statics correction bias
     expert_bias: bool = False  # gpt-oss: gate_up_proj_bias / down_proj_bias per expert
     expert_glu: str = ""  # "": act(gate) * up of gate_up.chunk(2); "clamped" (gpt-oss): interleaved, clamped GLU;
@@ -239,6 +264,14 @@ class ModelSpec:
     # into a -inf row, sigmoid in fp32 cast back; hidden.repeat(experts) * scores; two bmm over the experts; the
     # shared expert after them and the experts' sum over experts added in place
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit concatenated to the scores before softmax
+    eager_max_softmax: bool = False  # eager attention subtracts the row max from the (masked) scores and runs softmax
+    # in their dtype on every layer, a sink column concatenated first only where the layer has sinks; the Python
+    # locals are rebound at each step, so no earlier scores stay referenced (modeling_mimo_v2_flash.py
+    # eager_attention_forward)
+    sink_fp32: bool = False  # the sink attention in fp32 (modeling_flint.py eager_attention_forward): q and the
+    # repeated k cast to fp32 for the scores, fp32 sinks concatenated, softmax in fp32 (no max subtraction), the
+    # sliced weights cast back to the values' dtype (a copy)
+    value_scale: bool = False  # v_proj(x) * attention_value_scale: a new value tensor (MiMoV2FlashAttention.v_scale)
     sink_lse: bool = False  # the sink as an output scale instead (Granite SWA): sigmoid(logsumexp(scores) - sink) in
     # fp32 times the attention output (eager_attention_forward of modeling_granite_swa.py)
     attn_output_gate: bool = False  # Qwen3-Next / Qwen3.5: q_proj also makes a per-head gate; o_proj(out * sigmoid)
@@ -266,6 +299,7 @@ class ModelSpec:
     # g_proj(x).float(), cast back: Ling 3's BailingHybridAttention), "native" (in the activation dtype: Dots 3)
     mla_latent_scale: bool = False  # Dots3NoteTextAttention: q_resid * sqrt(hidden / q_lora_rank), the contiguous
     # kv latent normed then * sqrt(hidden / kv_lora_rank), an RMSNorm over the shared rotary key (k_rope_only_layernorm)
+    flash_refused: str = ""  # why transformers refuses FlashAttention for the model ("": it does not)
     sdpa: bool = True  # False: transformers has no SDPA path for the family (gpt-oss, VaultGemma:
     # _supports_sdpa False), eager runs
     sdpa_removed_in: str = ""  # the first transformers release without the family's SDPA path ("": none)
@@ -330,6 +364,16 @@ class ModelSpec:
     lightning_block: int = 256
     moe_beside_mlp: bool = False  # the MoE block runs beside the dense MLP on the same residual, with its own norms
     # and a scaled, scale-free-normed router input (Gemma 4 enable_moe_block: Gemma4TextRouter, Gemma4TextExperts)
+    # Looped stacks (vramplan.loops): the forward calls groups of the spec's layers several times, some under
+    # torch.no_grad (StackRun), instead of every layer once; ``carried_states`` hidden-state tensors carry between the
+    # calls: state 0 starts as the scaled embeddings, the others as a fresh copy of a frozen initial vector
+    # (HrmTextModel.z_L_init.expand_as(...).contiguous()). Each call writes its own cache slot. Empty: a plain stack.
+    stack_runs: tuple[StackRun, ...] = ()
+    carried_states: int = 0
+    # Inkling (vramplan.inkling): the layers' own sizes, (d_rel, the full layers' relative extent, the short
+    # convolutions' kernel, the shared experts, the generation (1: Inkling, 2: Inkling 2), Inkling 2's layers per
+    # block-attention-residual block); empty: not an Inkling model
+    inkling: tuple[int, ...] = ()
     # LongCat-Flash (vramplan.longcat, modeling_longcat_flash.py): each decoder layer runs two attention + dense MLP
     # sublayer pairs, and a MoE block on the first pair's normed MLP input whose output is added at the layer's end
     # (the shortcut); its router also scores ``zero_experts`` identity experts (zero-compute: the token itself, times
@@ -387,11 +431,22 @@ class ModelSpec:
         per = 2 if self.dual_sublayers else 1  # LongCat-Flash: two attention sublayers, two caches per layer
         if self.kv_lora_rank:
             return per * (self.kv_lora_rank + self.qk_rope_head_dim)
-        return per * 2 * self.num_kv_heads * self.head_dim
+        return per * (self.kv_dim + self.v_dim)
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        """A value head's width: ``v_head_dim`` where the values are narrower than the q/k heads (MLA; MiMo-V2-Flash's
+        grouped attention), else ``head_dim``."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Width of the value projection of a non-MLA attention (KV heads x value head width)."""
+        return self.num_kv_heads * self.value_head_dim
 
     @property
     def is_moe(self) -> bool:
@@ -426,7 +481,7 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
             changes[name] = getattr(o, name)
     if o.dsa is False:
         changes["index_heads"] = 0
-    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared"):
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared", "attention_sinks"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]

@@ -6,8 +6,6 @@ import argparse
 import csv
 import json
 import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,6 +90,8 @@ def _measure(ns: argparse.Namespace) -> int:
 
 def _launch(ns: argparse.Namespace, config: dict[str, Any], name: str, w: Any, layout: Any) -> int:
     """Check what can be checked here (one line on error), then rerun this command under torchrun."""
+    import subprocess  # here: the CLI imports this module for its flags only
+
     from .. import measure
     from ..hfconfig import spec_from_config
     from ..measure_dist import check_supported
@@ -216,6 +216,8 @@ def _append_row(path: str, name: str, w: Any, m: Any, extra: dict[str, Any] | No
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
+    import statistics
+
     from ..calibration import compare, read_rows
     from ..estimator import estimate
 

@@ -32,12 +32,24 @@ def decoder_only_types() -> list[str]:
 
 def derive_types(types: Iterable[str]) -> Iterator[Any]:
     """Derive each type in turn (a :class:`~vramplan.derive._derive.DeriveResult` per type)."""
+    from ..loops import LOOP_READERS
     from ._compose import compose
     from ._derive import DeriveResult, _quiet, derive
 
     for t in types:
         with _quiet():
             try:
+                if t in LOOP_READERS:  # looped stacks: the reader's schedule and parameters against the real forward
+                    from ._loops import _VARIANTS as LOOP_VARIANTS
+                    from ._loops import check_loops
+
+                    problems = check_loops(t)
+                    yield DeriveResult(t, None if problems else {
+                        "reads_as": f"{t}, looped layer stacks (vramplan.loops): the stack calls, their grad mode and "
+                                    "the parameter count checked against the real forward by vramplan.derive._loops",
+                        "checked": [f"cycles {v or 'default'}" for v in LOOP_VARIANTS]},
+                        "; ".join(problems)[:900])
+                    continue
                 whole = derive(t)
                 if whole.ok:
                     yield whole

@@ -10,6 +10,9 @@ __all__ = ["LAYER_KEYS", "cut_layers"]
 
 # integer fields that count the last layers of the stack (those layers are a kind of their own)
 TAIL_COUNT_KEYS = ("num_kv_shared_layers",)
+# the depth of each of several layer stacks that the forward runs in cycles, from which the config class derives
+# num_hidden_layers (one cache slot per stack invocation: modeling_hrm_text.py HrmTextConfig.num_layers_per_stack)
+STACK_KEY = "num_layers_per_stack"
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 # layer kinds whose layers tie one module to the first layer of the kind, which transformers refuses to build with a
 # single such layer: a cut keeps two of them (modeling_zamba.py ZambaModel: the hybrid layers' shared_transf are
@@ -75,6 +78,10 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
     to hold one layer of each kind; ``first_k_dense_replace`` / ``num_dense_layers`` keep one dense layer."""
     d = dict(d)
+    if isinstance(d.get(STACK_KEY), int) and not isinstance(d.get(STACK_KEY), bool):
+        # the stack's real depth is the per-stack count; the total the class wrote from it is recomputed from the cut
+        # count (HrmTextConfig.__post_init__: num_hidden_layers = num_layers_per_stack * H_cycles * (L_cycles + 1))
+        d["num_hidden_layers"], d[STACK_KEY] = d[STACK_KEY], None
     key = next((k for k in LAYER_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)), None)
     if key is None:
         return d

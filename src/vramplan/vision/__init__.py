@@ -9,7 +9,7 @@ pipelines (text encoders + denoiser + VAE), StyleGAN2-ADA.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from ..errors import WorkloadError
@@ -124,4 +124,18 @@ def estimate_vision(name: str | VisionEntry, workload: VisionWorkload | None = N
     elif options:
         base = {f: getattr(workload, f) for f in VisionWorkload.__dataclass_fields__}
         workload = make_vision_workload(**{**base, **options})
-    return estimate_entry(_entry(name), workload)
+    entry = _entry(name)
+    if lookup(entry.name) is entry:  # a catalog entry (data shipped with the package): the answer is memoized
+        return _estimate_catalog(entry.name, workload)
+    return estimate_entry(entry, workload)  # a config.json read now: the file may change between calls
+
+
+@lru_cache(maxsize=1024)
+def _estimate_catalog(name: str, workload: VisionWorkload) -> Estimate:
+    """:func:`estimate_entry` of a catalog entry, a pure function of its name and the frozen workload (the
+    result is frozen too), as the language-model path memoizes ``estimator._estimate_cached``."""
+    from ._estimate import estimate_entry
+
+    entry = lookup(name)
+    assert entry is not None
+    return estimate_entry(entry, workload)
