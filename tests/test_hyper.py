@@ -40,6 +40,8 @@ def test_reads_hy_v4() -> None:
     assert spec.layer(2).index_heads == 0 and spec.layer(2).index_shared and spec.layer(1).index_heads == 4
     with pytest.raises(ConfigError, match="indexer_types"):
         spec_from_config(HY | {"indexer_types": ["shared", "full", "full"]})
+    with pytest.raises(ConfigError, match="q_lora_rank"):
+        spec_from_config(HY | {"q_lora_rank": None})
     with pytest.raises(ConfigError, match="layer_types"):
         spec_from_config(HY | {"layer_types": ["sliding_attention"] * 3})
 

@@ -169,3 +169,19 @@ def test_flash_attention_refused_as_transformers_does(cfg: dict[str, Any]) -> No
     spec = spec_from_config(cut_layers(cfg, 2))
     with pytest.raises(WorkloadError, match="FlashAttention"):
         estimate(spec, make_workload(batch_size=1, seq_len=256, attention="flash"))
+
+
+@pytest.mark.parametrize("cfg", [{**cut_layers(INKLING, 2), **SMALL}, {**cut_layers(INKLING2, 2), **SMALL2},
+                                 {**cut_layers(INKLING2, 2), **SMALL2, "num_hidden_layers": 3,
+                                  "layer_types": ["hybrid", "hybrid_sliding", "hybrid"]}],
+                         ids=["inkling", "inkling2", "inkling2-3"])
+def test_fp32_parameters_match_the_model(cfg: dict[str, Any]) -> None:
+    """The parameters transformers keeps in fp32 in a bf16 model (_keep_in_fp32_modules_strict)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+    assert spec_from_config(cfg).fp32_params == fp32

@@ -56,6 +56,11 @@ def test_reads_the_dual_layer() -> None:
     # the config's num_hidden_layers setter halves it into num_layers
     assert spec_from_config({k: v for k, v in CFG.items() if k != "num_layers"} | {"num_hidden_layers": 6}) \
         .num_layers == 3
+    # LongcatFlashExperts: ``config.zero_expert_num or 0`` (an absent key is the class default, 256)
+    assert spec_from_config(CFG | {"zero_expert_num": None}).zero_experts == 0
+    assert spec_from_config({k: v for k, v in CFG.items() if k != "zero_expert_num"}).zero_experts == 256
+    with pytest.raises(ConfigError, match="q_lora_rank"):
+        spec_from_config(CFG | {"q_lora_rank": None})
     with pytest.raises(ConfigError, match="moe_topk"):
         spec_from_config(CFG | {"moe_topk": 13})
     with pytest.raises(ConfigError, match="qk_head_dim"):

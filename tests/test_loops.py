@@ -145,3 +145,26 @@ def test_prefix_lm_refuses_flash_attention() -> None:
     with pytest.raises(WorkloadError, match="prefix-LM"):
         estimate(spec_from_config(_cut()), w)
     assert estimate(spec_from_config(_cut(prefix_lm=False)), w).peak_allocated_bytes > 0
+
+
+def test_cache_walk_leaves_no_reference_cycle() -> None:
+    """The trace's cache walk must not keep a step's cache tensors alive (a recursive closure did, until Python's
+    cyclic collector ran: the first decode step's keys outlived the grown cache, -16.6% on HRM-Text's decode)."""
+    torch = pytest.importorskip("torch")
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    from vramplan.trace._engine import _cache_tensors
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+    old = weakref.ref(cache.layers[0].keys)
+    gc.disable()
+    try:
+        assert len(_cache_tensors(cache)) >= 2
+        cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)  # torch.cat: new keys, the old ones dropped
+        assert old() is None
+    finally:
+        gc.enable()

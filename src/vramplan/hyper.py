@@ -148,10 +148,10 @@ def _hy_v4(c: _Cfg, family: str) -> ModelSpec:
 
     raw: dict[str, Any] = dict(c.raw)
     for key, default in _HY_DEFAULTS.items():
-        if raw.get(key) is None:
-            raw[key] = default
+        raw.setdefault(key, default)
     cc = _Cfg(raw, c.where)
     layers = cc.int_("num_hidden_layers", hi=_MAX_LAYERS)
+    cc.int_("q_lora_rank")  # HYV4Attention always runs q_a_proj / q_b_proj (a null rank does not build)
     kinds = raw.get("indexer_types")
     if kinds is None:  # HYV4Config.__post_init__: layer 0 and every fourth layer from 1 run their own indexer
         kinds = ["full" if i == 0 or (i - 1) % 4 == 0 else "shared" for i in range(layers)]

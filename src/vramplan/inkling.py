@@ -275,7 +275,9 @@ def _inkling_text(c: Any, family: str) -> ModelSpec:
         "False: its relative-position bias needs a float mask)",
         inkling=(c.int_("d_rel", default=16), c.int_("rel_extent", default=1024), kernel, shared),
     )
-    return replace(spec, extra_params=extra_params(spec, kernel, shared))
+    # _keep_in_fp32_modules_strict (InklingPreTrainedModel): the four short convolutions, the router's global_scale
+    fp32 = sum(kernel * (2 * spec.layer(i).kv_dim + 2 * hidden) + (i in moe_layers) for i in range(layers))
+    return replace(spec, extra_params=extra_params(spec, kernel, shared), fp32_params=fp32)
 
 
 INKLING_READERS = {"inkling_text": _inkling_text}

@@ -359,7 +359,12 @@ def _inkling2_text(c: Any, family: str) -> ModelSpec:
         inkling=(c.int_("d_rel", default=16), c.int_("rel_extent", default=1024), kernel, 0, 2,
                  c.int_("n_layers_per_attn_res_block", default=6, hi=_MAX_LAYERS)),
     )
-    return replace(spec, extra_params=extra_params(spec, vocab))
+    # _keep_in_fp32_modules_strict (Inkling2PreTrainedModel): the routers' weights, the block residuals' queries, the
+    # output convolutions and the sliding layers' static k/v convolutions (sconv.conv1d)
+    fp32 = hidden + sum(experts * hidden + hidden + (3 if i not in sliding else 1) * hidden * (i > 0)
+                        + 2 * hidden * kernel + (2 * spec.layer(i).kv_dim * kernel if i in sliding else 0)
+                        for i in range(layers))
+    return replace(spec, extra_params=extra_params(spec, vocab), fp32_params=fp32)
 
 
 INKLING2_READERS = {"inkling2_text": _inkling2_text}

@@ -51,8 +51,9 @@ def _longcat_flash(c: _Cfg, family: str) -> ModelSpec:
 
     raw: dict[str, Any] = dict(c.raw)
     for key, default in _DEFAULTS.items():
-        if raw.get(key) is None:
-            raw[key] = default
+        raw.setdefault(key, default)
+    if raw.get("zero_expert_num", 0) is None:  # LongcatFlashExperts: config.zero_expert_num or 0
+        raw["zero_expert_num"] = 0
     cc = _Cfg(raw, c.where)
     if raw.get("num_layers") is None and raw.get("num_hidden_layers") is not None:
         layers = cc.int_("num_hidden_layers", hi=2 * _MAX_LAYERS) // 2  # the config's setter: num_layers = n // 2

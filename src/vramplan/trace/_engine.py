@@ -246,27 +246,29 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     convolution states of SSM / linear-attention layers (all of it is cache, not activations), whatever the
     cache or layer class calls them."""
     out: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def walk(obj: Any, depth: int) -> None:
-        if depth > 6 or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            out.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                walk(item, depth + 1)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                walk(item, depth + 1)
-        elif not isinstance(obj, (nn.Module, str, bytes, int, float)) and \
-                type(obj).__module__.startswith("transformers.") and not hasattr(obj, "to_json_string"):
-            for item in vars(obj).values() if hasattr(obj, "__dict__") else ():
-                walk(item, depth + 1)
-
-    walk(cache, 0)
+    _walk_cache(cache, 0, out, set())
     return out
+
+
+def _walk_cache(obj: Any, depth: int, out: list[torch.Tensor], seen: set[int]) -> None:
+    """:func:`_cache_tensors`' walk. A module-level function: a nested recursive closure is a reference cycle (the
+    function's cell holds the function) that kept ``out`` — every cache tensor of the step — alive until Python's
+    cyclic collector ran, so the first decode step's keys and values outlived the grown cache in the trace."""
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _walk_cache(item, depth + 1, out, seen)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _walk_cache(item, depth + 1, out, seen)
+    elif not isinstance(obj, (nn.Module, str, bytes, int, float)) and \
+            type(obj).__module__.startswith("transformers.") and not hasattr(obj, "to_json_string"):
+        for item in vars(obj).values() if hasattr(obj, "__dict__") else ():
+            _walk_cache(item, depth + 1, out, seen)
 
 
 def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, int]]:
