@@ -322,17 +322,8 @@ def test_lfm2_short_conv_cache() -> None:
                          ids=["mamba2", "bamba", "lfm2", "granite4", "falcon_h1", "nemotron_h", "mamba",
                               "falcon_mamba", "jamba", "zamba2", "nemotron_h_moe", "lfm3", "zamba"])
 @pytest.mark.parametrize("wname", list(WORKLOADS))
-def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str,
-                                                     request: pytest.FixtureRequest) -> None:
+def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str) -> None:
     pytest.importorskip("torch")
-    if cfg is ZAMBA2 and wname != "full":
-        # not found yet: -2.1% (LoRA) and -1.8% (inference) here, -4.8% / -4.3% at the coverage report's sizes, where
-        # the Mamba-2 program alone (same widths, no hybrid layer) is -1.8%; the shared block's part is unexplained
-        request.applymarker(pytest.mark.xfail(strict=False, reason="zamba2: hybrid layer gap not found"))
-    if cfg is GRANITE4 and wname == "lora":
-        # known miss: 2.5% low (5 MiB of 205) on this tiny config with checkpointing, within 0.8% at the coverage
-        # report's sizes; not found yet (the same layers without MoE miss it too)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="granite4 small LoRA + checkpointing: -2.5%"))
     from vramplan.trace import trace_workload
 
     opts = dict(WORKLOADS[wname])

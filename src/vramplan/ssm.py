@@ -194,7 +194,8 @@ def _gated_norm(bld: _B, y: Tensor, pj: Tensor) -> Tensor:
     g32 = bld.cast(gate, 4)
     sg = tp.op(t * ss.d_inner, 4, (g32,), save=(g32,) if g32.rg else ())  # silu saves its input
     hm = bld.mul(y32, sg)
-    sq = tp.op(hm.numel, 4, (hm,), save=(hm,) if hm.rg else ())  # pow(2)
+    # pow(2): its backward (FunctionsManual.cpp pow_backward: grad * (2 * x.pow(1))) makes x.pow(1) and 2 * that
+    sq = tp.op(hm.numel, 4, (hm,), save=(hm,) if hm.rg else (), bwd_scratch=2 * hm.numel * 4)
     var = tp.op(t * ss.n_groups, 4, (sq,))
     rs = bld.ew(var, save_out=True)
     hn = bld.mul(hm, rs)
@@ -295,6 +296,7 @@ def _mamba2_torch(bld: _B, pj: Tensor) -> Tensor:
     # (inference: the final state, a view of new_states, is copied into the cache's state made by _cache_states)
     _live_until_end(bld, xc, ac, bc, cc, a_cum, big_l, gm, mm, y_diag, decay, b_dec, zeros, dchunk, new_states, sdo,
                     cts, y_off, d_res)
+    _live_until_end(bld, act)  # torch_forward's hidden_states_B_C: split into x, B, C views, bound to its end
     if sp != s:
         y = tp.view(y, t * di)
     if not ss.gated_norm:  # Falcon-H1 without mamba_rms_norm: scan_output * silu(gate)
