@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.trace_match import assert_matches_trace
+from tests.trace_match import SMALL_WORKLOADS, assert_matches_trace
 from vramplan.hfconfig import spec_from_config
 from vramplan.spec import NormKind
 
@@ -39,11 +39,6 @@ def test_derivation_completes_the_empty_default_rope_parameters() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opts", [
-    {"batch_size": 2, "seq_len": 128},
-    {"method": "lora", "batch_size": 2, "seq_len": 128, "gradient_checkpointing": True,
-     "lora_targets": "q_proj,v_proj"},
-    {"task": "infer", "batch_size": 2, "seq_len": 128, "new_tokens": 4},
-], ids=["full", "lora", "infer"])
-def test_estimate_matches_trace(opts: dict[str, Any]) -> None:
-    assert_matches_trace(SMALL, opts)
+@pytest.mark.parametrize("wname", list(SMALL_WORKLOADS))
+def test_estimate_matches_trace(wname: str) -> None:
+    assert_matches_trace(SMALL, SMALL_WORKLOADS[wname])

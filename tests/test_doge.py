@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.trace_match import assert_matches_trace
+from tests.trace_match import SMALL_WORKLOADS, assert_matches_trace
 from vramplan.api import estimate, make_workload
 from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
@@ -42,11 +42,6 @@ def test_cross_domain_moe_is_refused_with_what_to_do() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [SMALL, {**SMALL, "keep_window_size": 64, "num_key_value_heads": 4}],
                          ids=["within-window", "top-k"])
-@pytest.mark.parametrize("opts", [
-    {"batch_size": 2, "seq_len": 128},
-    {"method": "lora", "batch_size": 2, "seq_len": 128, "gradient_checkpointing": True,
-     "lora_targets": "q_proj,v_proj"},
-    {"task": "infer", "batch_size": 2, "seq_len": 128, "new_tokens": 4},
-], ids=["full", "lora", "infer"])
-def test_estimate_matches_trace(cfg: dict[str, Any], opts: dict[str, Any]) -> None:
-    assert_matches_trace(cfg, opts)
+@pytest.mark.parametrize("wname", list(SMALL_WORKLOADS))
+def test_estimate_matches_trace(cfg: dict[str, Any], wname: str) -> None:
+    assert_matches_trace(cfg, SMALL_WORKLOADS[wname])

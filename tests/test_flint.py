@@ -16,7 +16,7 @@ from vramplan.api import estimate, make_workload
 from vramplan.hfconfig import spec_from_config
 from vramplan.params import count_params
 
-from .trace_match import assert_matches_trace, meta_parameters
+from .trace_match import WIDE_WORKLOADS, assert_matches_trace, meta_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL: dict[str, Any] = {"model_type": "flint", "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1024,
@@ -51,14 +51,9 @@ def test_fp32_scores_held_through_the_softmax() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opts", [
-    {"task": "infer", "batch_size": 4, "seq_len": 1024, "new_tokens": 4},
-    {"batch_size": 1, "seq_len": 1024},
-    {"method": "lora", "batch_size": 2, "seq_len": 512, "gradient_checkpointing": True,
-     "lora_targets": "q_proj,v_proj"},
-], ids=["infer", "full", "lora"])
-def test_small_config_matches_trace(opts: dict[str, Any]) -> None:
-    assert_matches_trace(SMALL, opts)
+@pytest.mark.parametrize("wname", list(WIDE_WORKLOADS))
+def test_small_config_matches_trace(wname: str) -> None:
+    assert_matches_trace(SMALL, WIDE_WORKLOADS[wname])
 
 
 def test_parameter_count_equals_meta_model() -> None:

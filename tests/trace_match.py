@@ -44,6 +44,15 @@ SMALL_WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
+# the coverage workloads at 1024 tokens for small-width configs (Beam, Flint): inference, full, LoRA
+WIDE_WORKLOADS: dict[str, dict[str, Any]] = {
+    "infer": {"task": "infer", "batch_size": 4, "seq_len": 1024, "new_tokens": 4},
+    "full": {"batch_size": 1, "seq_len": 1024},
+    "lora": {"method": "lora", "batch_size": 2, "seq_len": 512, "gradient_checkpointing": True,
+             "lora_targets": "q_proj,v_proj"},
+}
+
+
 def meta_parameters(cfg: Mapping[str, Any]) -> int:
     """Parameters of the model the trace builds from ``cfg`` (its class resolution), on the meta device."""
     torch = pytest.importorskip("torch")
