@@ -477,6 +477,10 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     peak.offer(_plus(base, e.peak_kinds))
     cur = _plus(base, e.end_kinds)
     held = _vec({K.ACTIVATIONS: b * s * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param})
+    if embed and spec.embedding_layernorm and spec.raw_embeds_held:
+        # the embedding program kept the un-normed inputs_embeds itself (blocks.build_embed): ``held`` stands for it,
+        # so that it is counted once and released when the forward returns
+        cur = _plus(cur, _scale(held, -1))
     # what the first layer runs beside that is not there yet (or is its own input): the previous layer's
     # attention weights, and inputs_embeds where the first layer's input is that very tensor
     absent = held if raw else _vec({})

@@ -109,6 +109,7 @@ def rwkv_block(bld: _B, x: Tensor) -> Tensor:
     rr = bld.ew(lin(rm2, h, h, "receptance"), save_out=True)
     ff = bld.mul(rr, val)
     tp.hold(n2, sh2)  # the feed-forward's argument and ``shifted`` live until it returns
+    tp.hold(att)  # RwkvBlock.forward's ``attention`` local stays referenced through the feed-forward
     y = bld.add(hmid, ff)
     tp.keep(y)
     return y
