@@ -494,7 +494,6 @@ class _B:
         ne = tp.op(b * s * skv, 1, (additive,), rg=False)  # attention_mask != 0
         mask = tp.op(full, ex.elem, (ex, ne), save=(ne,) if ex.rg else (), grad_to=(ex,),
                      bwd_scratch=full * ex.elem if ex.rg else 0)
-        tp.hold(additive)  # prepare_dynamic_mask rebinds attention_mask to it: held until the function returns
         if skv > spec.keep_window:
             zeros = tp.op(full, hid, (), rg=False)
             idx = tp.op(b * kvh * s * spec.keep_window, 8, (mask,), rg=False,
@@ -504,7 +503,7 @@ class _B:
             mask = tp.op(full, mask.elem, (mask, off), save=(off,) if mask.rg else (), grad_to=(mask,))
         if spec.num_heads != kvh:  # repeat_kv: expand + reshape copies
             mask = tp.op(b * spec.num_heads * s * skv, mask.elem, (mask,))
-        tp.hold(additive)
+        tp.hold(additive)  # prepare_dynamic_mask rebinds attention_mask to it: held until the function returns
         return mask, ex
 
     def sdpa_bias(self, elem: int) -> Tensor:

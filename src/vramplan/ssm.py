@@ -746,10 +746,7 @@ def _zamba_scan(bld: _B, pj: Tensor, *, fused: bool) -> Tensor:
     cat = tp.op(t * di, outs[0].elem, tuple(outs), passthrough=True)  # torch.cat(scan_outputs, dim=1)
     _live_until_end(bld, pj, act, ssm_p, ts_all, a_neg)
     yc = bld.cast(cat, e)  # scan_output.transpose(1, 2).to(dtype): strides kept
-    if yc is cat:
-        yc = tp.op(t * di, e, (cat,), passthrough=True)  # the linear reshapes the transposed input: a copy
-    else:
-        yc = tp.op(t * di, e, (yc,), passthrough=True)
+    yc = tp.op(t * di, e, (yc,), passthrough=True)  # the linear reshapes the transposed input: a copy
     return bld.proj(yc, di, h, "out_proj", ss.proj_bias)
 
 
