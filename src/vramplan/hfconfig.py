@@ -1420,11 +1420,6 @@ _MISSING_MECHANISMS = {
                    "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
                    "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
                    "hash (DeepseekV4HashRouter)",
-    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
-                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
-                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
-                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
-                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

@@ -425,8 +425,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     layers = []
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
+        # (and an Inkling-2-Loop loop layer has its message gates: vramplan.inkling2.loop_range)
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -1, spec.variant(i))
+               i if spec.mixer(i) == "zamba_hybrid" else -1 if not spec.inkling[6:8] or
+               not spec.inkling[6] <= i < spec.inkling[7] else -2, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])
