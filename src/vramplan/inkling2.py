@@ -512,7 +512,7 @@ def _inkling2_loop_text(c: Any, family: str) -> ModelSpec:
                           f"({start}) > 0 to loop_layer_index_end ({end}) <= num_hidden_layers ({layers}), both "
                           f"multiples of n_layers_per_attn_res_block ({every})")
     h, n = spec.hidden_size, end - start
-    spec = replace(spec, inkling=spec.inkling[:6] + (start, end, passes, rank))
+    spec = replace(spec, inkling=(*spec.inkling[:6], start, end, passes, rank))
     # the message residual's queries and the gates' fp32 projections (_keep_in_fp32_modules_strict: message_input,
     # forget_gate_proj, message_gate_proj)
     return replace(spec, extra_params=extra_params(spec, c.int_("vocab_size")),

@@ -33,7 +33,8 @@ def _layer_ranges(d: dict[str, Any], n: int) -> dict[str, tuple[str, int, int]]:
             continue
         end = k[: -len("_start")] + "_end"
         w = d.get(end)
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in (v, w)) and 0 <= v <= w <= n:
+        if isinstance(v, int) and isinstance(w, int) and not isinstance(v, bool) and not isinstance(w, bool) and \
+                0 <= v <= w <= n:
             out[k[: -len("_start")]] = (end, v, w)
     return out
 
