@@ -251,7 +251,7 @@ def test_inkling2_loop_passes_cost_activations_and_cache() -> None:
 
 
 def test_inkling2_loop_refuses_a_misplaced_loop() -> None:
-    with pytest.raises(ConfigError, match="multiples of n_layers_per_attn_res_block"):
+    with pytest.raises(ConfigError, match="multiples of n_layers_per_attn_res_block"):  # (validate_architecture)
         spec_from_config({**_cut_loop(), "loop_layer_index_start": 1})
 
 

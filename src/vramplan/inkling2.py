@@ -95,8 +95,8 @@ def extra_params(spec: ModelSpec, embed_rows: int) -> int:
         total += d_rel * ((spec.sliding_window or 0) if not full else spec.inkling[1])
         total += 2 * ls.kv_dim * kernel + 2 * h * kernel
         total += 2 * h if full else 0  # q/k/v input norms beside the post-attention norm (the program's two)
-    a, b, _, _ = loop_range(spec)
-    return total + (b - a) * 4 * h  # Inkling2LoopMessageAttentionResidual's queries: four per loop layer
+    # Inkling2LoopMessageAttentionResidual's queries: four per loop layer the config names (built or not)
+    return total + (spec.inkling[10] * 4 * h if len(spec.inkling) > 10 else 0)
 
 
 class _Named(_Scoped):
@@ -506,17 +506,21 @@ def _inkling2_loop_text(c: Any, family: str) -> ModelSpec:
     end = lc.int_("loop_layer_index_end", default=18, hi=_MAX_LAYERS)
     passes = lc.int_("loop_num_passes", default=3, hi=64)
     rank = lc.int_("loop_gate_rank", default=64)
-    # Inkling2LoopTextConfig.validate_architecture, and the layers the model builds
-    if passes < 1 or not 0 < start <= end <= layers or start % every or end % every:
+    # Inkling2LoopTextConfig.validate_architecture
+    if passes < 1 or start <= 0 or end < start or start % every or end % every:
         raise ConfigError(f"{c.where}: the loop must run at least once over layers loop_layer_index_start "
-                          f"({start}) > 0 to loop_layer_index_end ({end}) <= num_hidden_layers ({layers}), both "
-                          f"multiples of n_layers_per_attn_res_block ({every})")
+                          f"({start}) > 0 to loop_layer_index_end ({end}), both multiples of "
+                          f"n_layers_per_attn_res_block ({every})")
+    # the loop layers the model builds (``self.layers[start:end]`` of num_hidden_layers); the message queries are
+    # sized by the configured range
+    queries = end - start
+    start, end = min(start, layers), min(max(start, end), layers)
     h, n = spec.hidden_size, end - start
-    spec = replace(spec, inkling=(*spec.inkling[:6], start, end, passes, rank))
+    spec = replace(spec, inkling=(*spec.inkling[:6], start, end, passes, rank, queries))
     # the message residual's queries and the gates' fp32 projections (_keep_in_fp32_modules_strict: message_input,
     # forget_gate_proj, message_gate_proj)
     return replace(spec, extra_params=extra_params(spec, c.int_("vocab_size")),
-                   fp32_params=spec.fp32_params + n * 4 * h + n * 4 * 2 * rank * h)
+                   fp32_params=spec.fp32_params + queries * 4 * h + n * 4 * 2 * rank * h)
 
 
 INKLING2_READERS = {"inkling2_text": _inkling2_text, "inkling2_loop_text": _inkling2_loop_text}
