@@ -1323,6 +1323,10 @@ from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling
 
 _READERS.update(INKLING2_READERS)
 _CLASSES.update(INKLING2_CLASSES)
+from .jetmoe import JETMOE_CLASSES, JETMOE_READERS  # noqa: E402  (JetMoE: mixture of attention heads)
+
+_READERS.update(JETMOE_READERS)
+_CLASSES.update(JETMOE_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)

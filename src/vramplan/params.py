@@ -61,6 +61,10 @@ def _norm_params(spec: ModelSpec, dim: int) -> int:
 def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     """(module name, in_features, out_features, count) of each attention projection."""
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    if spec.moa:  # JetMoE: the nn.Linear modules of its layers (the expert stacks are parameters: vramplan.jetmoe)
+        from .jetmoe import jetmoe_adaptable
+
+        return jetmoe_adaptable(spec)
     if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
@@ -308,6 +312,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         from .longcat import longcat_layer_params
 
         return longcat_layer_params(spec)
+    if spec.moa:
+        from .jetmoe import jetmoe_layer_params
+
+        return jetmoe_layer_params(spec)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
