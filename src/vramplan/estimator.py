@@ -34,7 +34,7 @@ from .errors import WorkloadError
 from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .loops import cache_calls
-from .memory import ModelStates, lora_targets, model_states
+from .memory import ModelStates, lora_targets, model_states, unmatched_lora_targets
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
@@ -180,7 +180,7 @@ def _as_pass(f: ForwardResult) -> Pass:
 def has_body(spec: ModelSpec) -> bool:
     """Whether the decoder stack is replayed as one program: looped stacks (vramplan.loops), Inkling 2's block
     attention residuals across layers (vramplan.inkling2)."""
-    return bool(spec.stack_runs) or spec.inkling[4:5] == (2,)
+    return bool(spec.stack_runs) or spec.inkling[4:5] == (2,) or bool(spec.zaya)
 
 
 def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, kv_len: int | None = None,
@@ -189,6 +189,8 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     holds its input (inputs_embeds) itself to the forward's end, so nothing else is added for it (``x_saved``)."""
     if spec.stack_runs:
         from .loops import build_body
+    elif spec.zaya:  # the router state carried from layer to layer (vramplan.zaya)
+        from .zaya import build_body
     else:
         from .inkling2 import build_body
 
@@ -707,6 +709,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
                            f"{'the last token' if w.logits is LogitsMode.LAST else 'every token'}, "
                            f"then {w.new_tokens} decode steps with a DynamicCache")
     warnings = list(spec.notes)
+    unmatched = unmatched_lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else ()
+    if unmatched:  # (peft raises only when no target matches)
+        warnings.append(f"LoRA target {', '.join(unmatched)} matches no linear of {spec.family}: peft adapts the "
+                        "others only")
     stale = version_warning(spec)
     if stale:
         warnings.append(stale)

@@ -1327,6 +1327,10 @@ from .jetmoe import JETMOE_CLASSES, JETMOE_READERS  # noqa: E402  (JetMoE: mixtu
 
 _READERS.update(JETMOE_READERS)
 _CLASSES.update(JETMOE_CLASSES)
+from .zaya import ZAYA_CLASSES, ZAYA_READERS  # noqa: E402  (ZAYA: CCA attention, router state across layers)
+
+_READERS.update(ZAYA_READERS)
+_CLASSES.update(ZAYA_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)

@@ -120,7 +120,8 @@ def _moa(bld: _B, n: Tensor) -> Tensor:
     xin = tp.op(t * k * h, act, (n, batch), save=(batch,) if n.rg else (), grad_to=(n,))  # layer_input[batch_index]
     qe = _experts(bld, xin, h, kvs, "experts.input_linear")
     zq = tp.op(t * k * kvs, qe.elem, (), rg=False)
-    q = tp.op(t * k * kvs, qe.elem, (zq, qe, order), save=(order,) if qe.rg else (), grad_to=(qe,))  # index_add
+    # index_add: its backward (derivatives.yaml: grad.index_select(dim, index).expand_as(source)) keeps the source too
+    q = tp.op(t * k * kvs, qe.elem, (zq, qe, order), save=(order, qe) if qe.rg else (), grad_to=(qe,))
     tp.hold(xin, qe, zq)  # map's locals (expert_inputs, expert_outputs, zeros) until it returns
     kv = bld.proj(n, h, 2 * kvs, "kv_proj")
     kk, vv = tp.split(kv, 2)  # chunk(2, dim=-1)
@@ -138,7 +139,7 @@ def _moa(bld: _B, n: Tensor) -> Tensor:
     oe = _experts(bld, gi, kvs, h, "experts.output_linear")
     og = bld.mul(oe, bg)
     zo = tp.op(t * h, act, (), rg=False)
-    o = tp.op(t * h, act, (zo, og, batch), save=(batch,) if og.rg else (), grad_to=(og,))  # index_add
+    o = tp.op(t * h, act, (zo, og, batch), save=(batch, og) if og.rg else (), grad_to=(og,))  # index_add
     o = _bias(bld, o, "experts.bias")
     # reduce's locals (expert_inputs, zeros, the index_add result) and the attention output (``attn_output``, rebound
     # to reduce's return) until reduce returns; router_logits, returned to the decoder layer, held in ``_``
@@ -170,7 +171,7 @@ def _moe(bld: _B, n: Tensor) -> Tensor:
     d = _experts(bld, p, i, h, "mlp.output_linear")
     dg = bld.mul(d, bg)
     zo = tp.op(t * h, act, (), rg=False)
-    o = tp.op(t * h, act, (zo, dg, batch), save=(batch,) if dg.rg else (), grad_to=(dg,))
+    o = tp.op(t * h, act, (zo, dg, batch), save=(batch, dg) if dg.rg else (), grad_to=(dg,))  # index_add
     y = _bias(bld, o, "mlp.bias")
     # JetMoeMoE.forward's locals until it returns: expert_inputs, the input_linear output (``chunked_hidden_states``
     # holds its two halves), zeros

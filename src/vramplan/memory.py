@@ -51,18 +51,10 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
 
 @functools.lru_cache(maxsize=1024)
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
-    """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft)."""
-    from .params import attention_linears, layer_linears, mlp_linears
-
-    names = {n for n, *_ in attention_linears(spec)} if spec.attention_layers else set()
-    if spec.mixers:  # hybrid / state-space layers: their mixers' linears (in_proj, out_proj)
-        names |= {n for i in range(spec.num_layers) for n, *_ in layer_linears(spec, i)
-                  if not n.startswith("experts.") and n != "router"}
-    if len(spec.moe_layers) < spec.num_layers and len(spec.mlp_free_layers) < spec.num_layers:  # a dense MLP
-        names |= {n for n, *_ in mlp_linears(spec, False)}
-    if spec.is_moe:
-        # experts and router are not nn.Linear in transformers 5.x; shared experts are
-        names |= {n for n, *_ in mlp_linears(spec, True) if not n.startswith("experts.") and n != "router"}
+    """Module names that carry adapters. ``all-linear`` is every linear but the output head (peft). Named targets
+    that match no linear are ignored as long as one does (peft's inject_adapter raises only when none matches,
+    tuners_utils.py: "Target modules ... not found in the base model"): :func:`unmatched_lora_targets` names them."""
+    names = _linear_names(spec)
     if targets == ("default",):
         # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the family
         fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
@@ -79,15 +71,42 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         if moved:
             targets = tuple(t for t in targets if t not in pattern["targets"])  # type: ignore[index]
         unknown = [t for t in targets if t not in names]
-        if unknown:
+        if unknown and len(unknown) == len(targets) and not moved:
             raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
                                 f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
-        chosen = frozenset(targets) | moved
+        chosen = frozenset(t for t in targets if t in names) | moved
     if spec.family in _PEFT_MAMBA_TYPES and "out_proj" in chosen:
         # peft tuners_utils.py _check_lora_target_modules_mamba refuses LoRA on a Mamba mixer's out_proj
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
                             "(and the attention / MLP projections) instead")
     return chosen
+
+
+@functools.lru_cache(maxsize=1024)
+def _linear_names(spec: ModelSpec) -> frozenset[str]:
+    """The names of the model's nn.Linear modules peft can adapt (all-linear: all of them)."""
+    from .params import attention_linears, layer_linears, mlp_linears
+
+    names = {n for n, *_ in attention_linears(spec)} if spec.attention_layers else set()
+    if spec.mixers:  # hybrid / state-space layers: their mixers' linears (in_proj, out_proj)
+        names |= {n for i in range(spec.num_layers) for n, *_ in layer_linears(spec, i)
+                  if not n.startswith("experts.") and n != "router"}
+    if len(spec.moe_layers) < spec.num_layers and len(spec.mlp_free_layers) < spec.num_layers:  # a dense MLP
+        names |= {n for n, *_ in mlp_linears(spec, False)}
+    if spec.is_moe:
+        # experts and router are not nn.Linear in transformers 5.x; shared experts are
+        names |= {n for n, *_ in mlp_linears(spec, True) if not n.startswith("experts.") and n != "router"}
+    return frozenset(names)
+
+
+def unmatched_lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """Named LoRA targets that match no linear of the model (peft ignores them when another one matches)."""
+    if "all-linear" in targets or targets == ("default",):
+        return ()
+    pattern = peft_moe_pattern(spec)
+    moving = set(pattern["targets"]) if pattern is not None else set()
+    names = _linear_names(spec)
+    return tuple(t for t in targets if t not in names and t not in moving)
 
 
 @functools.cache

@@ -66,6 +66,10 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
         from .jetmoe import jetmoe_adaptable
 
         return jetmoe_adaptable(spec)
+    if spec.zaya:  # ZAYA: CCA's and the router's nn.Linear modules (vramplan.zaya)
+        from .zaya import zaya_linears
+
+        return [lin for lin in zaya_linears(spec, 0) if not lin[0].startswith("experts.")]
     if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
@@ -317,6 +321,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         from .jetmoe import jetmoe_layer_params
 
         return jetmoe_layer_params(spec)
+    if spec.zaya:
+        from .zaya import zaya_layer_params
+
+        return zaya_layer_params(spec, index)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -436,9 +444,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
         # (and an Inkling-2-Loop loop layer has its message gates: vramplan.inkling2.loop_range)
+        # (and ZAYA's layers after the first scale the router state they receive)
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -1 if not spec.inkling[6:8] or
-               not spec.inkling[6] <= i < spec.inkling[7] else -2, spec.variant(i))
+               i if spec.mixer(i) == "zamba_hybrid" else -2 if spec.inkling[6:8] and
+               spec.inkling[6] <= i < spec.inkling[7] else -3 if spec.zaya and i > 0 else -1, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])
