@@ -94,6 +94,30 @@ def test_serving_engines_run_their_own_fused_attention() -> None:
     assert engine_profile("tensorrt-llm").fused_attention and not engine_profile("transformers").fused_attention
 
 
+def test_fp8_gemms_pay_for_quantizing_their_inputs() -> None:
+    """An fp8 GEMM takes fp8 activations: each linear's 16-bit input is quantized in a kernel of its own (read 2
+    bytes, write 1). transformers quantizes per Linear module (q, k, v each); an engine once per fused input
+    (qkv, gate_up). 16-bit weights pay nothing, and the pass slows the prefill on the same GPU."""
+    from vramplan.perf import inference_work
+
+    spec = get_model("llama-2-7b").spec
+    w = Workload(task=Task.INFER, precision=Precision.FP16, weights_quant=WeightsQuant.FP8, batch_size=1,
+                 seq_len=2048, new_tokens=1)
+    hf, trt = inference_work(spec, w, "transformers"), inference_work(spec, w, "tensorrt-llm")
+    d, f, L = 4096, 11008, 32
+    assert hf.quant_kernels == 7 and trt.quant_kernels == 4
+    assert hf.quant_bytes == 2048 * L * (6 * d + f) * 3
+    assert trt.quant_bytes == 2048 * L * (3 * d + f) * 3
+    plain = inference_work(spec, dataclasses.replace(w, weights_quant=WeightsQuant.NONE), "tensorrt-llm")
+    assert plain.quant_bytes == 0 and plain.quant_kernels == 0
+    gpu = get_gpu("h100-sxm")
+    with_quant = step_time(trt, gpu, engine=engine_profile("tensorrt-llm"))
+    without = step_time(dataclasses.replace(trt, quant_bytes=0, quant_kernels=0), gpu,
+                        engine=engine_profile("tensorrt-llm"))
+    assert with_quant is not None and without is not None
+    assert with_quant.memory_s > without.memory_s and with_quant.launch_s > without.launch_s
+
+
 def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
     """generate()'s DynamicCache grows by torch.cat (transformers cache_utils.py DynamicLayer.update): each step
     reads and writes the whole cache once more; a paged or static cache (vLLM, gpt-fast) writes one slot."""

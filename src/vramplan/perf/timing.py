@@ -91,7 +91,8 @@ class StepTime:
 def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
     if engine is None or engine.per_layer_s is None:  # eager PyTorch: the calibrated host launch cost
         return sum(row[i] * c[i] for i in _LAUNCH)
-    return work.layer_passes * engine.per_layer_s
+    # CUDA-graph engines: their kernels per layer, plus the fp8 activation-quantization kernels where they run
+    return work.layer_passes * (engine.per_layer_s + work.quant_kernels * (engine.kernel_s or 0.0))
 
 
 def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
@@ -127,6 +128,11 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
         gemm += fb * COUNTED_BYTES_COEFFICIENT * work.weight_bytes / gpu.memory_bandwidth_bytes_per_s
     compute = (gemm + row[1] * c[1]) / split
     memory = sum(row[i] * c[i] for i in _MEMORY) / split
+    if work.quant_bytes:
+        # fp8 GEMMs: each input quantized in a kernel of its own, a counted pass at the measured copy bandwidth
+        # (perf.work.fp8_activation_quant), not a fitted one
+        fq = scale_factors(gpu, matmul_dtype(gpu, work.dtype))[2]
+        memory += fq * COUNTED_BYTES_COEFFICIENT * work.quant_bytes / gpu.memory_bandwidth_bytes_per_s / split
     if engine is not None and engine.fused_elementwise and work.activation_bytes:
         # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
         memory -= row[4] * c[4] / split * (1 - 1 / max(1, work.activation_kernels))
