@@ -134,6 +134,24 @@ def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
     assert short.seconds is not None and hf.seconds is not None and hf.seconds > short.seconds
 
 
+def test_decode_pays_for_expanding_grouped_keys_and_values_where_transformers_copies_them() -> None:
+    """transformers before 4.48 ran Qwen2's and Mistral's FlashAttention-2 path after repeat_kv (a copy of the cache
+    for every query head); 5.x passes the grouped cache (flash) or enable_gqa (SDPA without a mask); the eager path
+    always copies; serving engines never do. Each copy costs 2 x n_rep x the cache per step."""
+    from vramplan.perf.work import kv_bytes_per_token, repeated_kv_bytes
+    from vramplan.workload import Attention
+
+    spec = get_model("qwen2.5-14b").spec
+    old = Workload(task=Task.INFER, attention=Attention.FLASH, seq_len=30720, new_tokens=2048, transformers="4.46.0")
+    n_rep = spec.num_heads // spec.num_kv_heads
+    assert repeated_kv_bytes(spec, old, 30720) == 2 * n_rep * kv_bytes_per_token(spec, old, 30720)
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, transformers="5.17.0"), 30720) == 0
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, attention=Attention.SDPA, transformers=None), 30720) == 0
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, attention=Attention.EAGER), 30720) > 0
+    assert repeated_kv_bytes(spec, old, 30720, engine="vllm") == 0
+    assert repeated_kv_bytes(get_model("llama-3.1-8b").spec, old, 30720) == 0  # Llama's FA2 path never repeated
+
+
 def test_logits_bytes_are_counted_not_fitted() -> None:
     bf16 = Workload(precision=Precision.BF16)
     fp32 = Workload(precision=Precision.FP32)

@@ -54,6 +54,7 @@ from .work import (
     decode_work,
     inference_work,
     kv_bytes_per_token,
+    repeated_kv_bytes,
     training_work,
 )
 
@@ -341,6 +342,7 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
     if prof.kv_cache_copies:
         bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
+    bytes_read += batch * repeated_kv_bytes(spec, w, context, prof.name)
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..blocks import Kernel, window_masked
+from ..blocks import Kernel, sdpa_repeats_kv, window_masked
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
 from ..estimator import numerics, runs_as
@@ -30,7 +30,8 @@ from .gemm import GemmShape
 
 __all__ = ["StepWork", "attended_keys", "attention_kernel", "compute_dtype", "decode_work", "dequantized_weights",
            "fp8_activation_quant", "inference_work", "kv_bytes_per_token", "layer_matmul_weights",
-           "logits_bytes_per_element", "mlp_elementwise_kernels", "training_work", "weights_read_per_step"]
+           "logits_bytes_per_element", "mlp_elementwise_kernels", "repeated_kv_bytes", "training_work",
+           "weights_read_per_step"]
 
 
 @lru_cache(maxsize=256)
@@ -580,6 +581,54 @@ def kv_bytes_per_token(spec: ModelSpec, w: Workload, context: int) -> int:
             length = min(context, spec.sliding_window)
         total += layer.kv_cache_per_token * elem * length
     return total + ssm_state_bytes(spec, 1, elem)
+
+
+# transformers releases before the attention-interface refactor (4.48) ran these families' FlashAttention-2 path
+# with repeat_kv first: models/mistral/modeling_mistral.py MistralFlashAttention2.forward and
+# models/qwen2/modeling_qwen2.py Qwen2FlashAttention2.forward (4.36-4.47, "Copied from Mistral") call
+# repeat_kv(key_states, num_key_value_groups) before _flash_attention_forward; Llama's FA2 path never did.
+_FA2_REPEATS_KV_BEFORE = (4, 48)
+_FA2_REPEAT_FAMILIES = frozenset({"mistral", "qwen2"})
+
+
+def _decode_repeats_kv(spec: ModelSpec, w: Workload, sliding: bool, context: int) -> bool:
+    """Whether a transformers decode step expands this layer's keys and values to every query head before
+    attention (``repeat_kv``: ``expand`` + ``reshape``, a copy): the eager path always; SDPA with a mask or
+    head_dim > 256 (:func:`vramplan.blocks.sdpa_repeats_kv`); FlashAttention-2 in releases before 4.48 for
+    :data:`_FA2_REPEAT_FAMILIES`."""
+    has_mask = sliding and window_masked(spec, context)
+    kernel = attention_kernel(spec, w, has_mask=has_mask)
+    if kernel is Kernel.EAGER:
+        return True
+    if kernel is Kernel.FLASH:
+        return spec.family in _FA2_REPEAT_FAMILIES and w.transformers_release < _FA2_REPEATS_KV_BEFORE
+    if spec.family == "falcon":
+        return False  # Falcon broadcasts its single key/value head (no copy)
+    return sdpa_repeats_kv(spec, has_mask)
+
+
+def repeated_kv_bytes(spec: ModelSpec, w: Workload, context: int, engine: str = "transformers") -> int:
+    """Extra bytes one decode step of one sequence moves when transformers expands the grouped keys and values to
+    every query head (:func:`_decode_repeats_kv`): the copy reads the cache and writes ``n_rep`` times it, and
+    attention then reads the expanded copy instead of the cache: ``2 x n_rep x`` the layer's cache. Serving
+    engines' kernels read the grouped cache directly (0)."""
+    if engine != "transformers" or spec.num_kv_heads >= spec.num_heads:
+        return 0
+    elem = _act_bytes(w)
+    total = 0
+    for i in range(spec.num_layers):
+        if spec.mixer(i) not in ATTENTION_MIXERS:
+            continue
+        layer = spec.layer(i)
+        if layer.kv_shared:
+            continue
+        sliding = i in spec.sliding_layers and bool(spec.sliding_window)
+        n_rep = spec.num_heads // max(1, spec.num_kv_heads)
+        if n_rep <= 1 or not _decode_repeats_kv(spec, w, sliding, context):
+            continue
+        length = min(context, spec.sliding_window) if sliding and spec.sliding_window else context
+        total += 2 * n_rep * layer.kv_cache_per_token * elem * length
+    return total
 
 
 def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:
