@@ -310,17 +310,20 @@ def test_a_power_capped_card_is_slower() -> None:
     assert full.time_s is not None and slow.time_s is not None and slow.time_s > full.time_s
 
 
-def test_plan_ranks_with_the_estimate_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
+def test_plan_ranks_with_the_estimate_numbers(engine: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The planner prices a request with inference_time's terms, the engine's decode traffic included (transformers
+    rebuilds its cache with torch.cat every step)."""
     from vramplan.planner import PlanRequest, PlanTask, plan
 
     spec = get_model("llama-3.2-1b").spec
     gpu = get_gpu("h100-sxm")
-    req = PlanRequest(task=PlanTask.INFER, seq_len=1024, new_tokens=128, max_gpus=1, micro_batches=(8,),
-                      engine="vllm", weights_quants=(WeightsQuant.NONE,))
+    req = PlanRequest(task=PlanTask.INFER, seq_len=8192, new_tokens=128, max_gpus=1, micro_batches=(8,),
+                      engine=engine, weights_quants=(WeightsQuant.NONE,))
     res = plan(spec, req, gpus=[gpu])
     p = next(p for p in res.plans if p.gpu_count == 1 and p.micro_batch == 8)
-    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=1024, new_tokens=128), gpu,
-                        engine="vllm")
+    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=8192, new_tokens=128), gpu,
+                        engine=engine)
     assert it.request_s is not None and p.tokens_per_s is not None
     assert p.tokens_per_s == pytest.approx(8 * 128 / it.request_s, rel=1e-6)
 

@@ -58,7 +58,7 @@ from .work import (
     training_work,
 )
 
-__all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step",
+__all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step", "decode_traffic",
            "engine_overhead_s", "inference_time", "step_time", "training_time"]
 
 _SECONDS_PER_HOUR = 3600.0
@@ -329,6 +329,20 @@ def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputM
     return spec.num_layers * engine.per_layer_s + engine.step_s
 
 
+def decode_traffic(spec: ModelSpec, w: Workload, *, context: int, batch: int,
+                   engine: str | EngineProfile = "transformers") -> tuple[int, float]:
+    """(bytes read and written, FLOPs) of one decode step under ``engine``: the weights and the KV cache once
+    (:func:`vramplan.perf.work.decode_work`), a cache rebuilt by ``torch.cat`` once more (``kv_cache_copies``),
+    and the grouped keys and values transformers expands to every head where it does
+    (:func:`vramplan.perf.work.repeated_kv_bytes`). The planner prices decode with the same bytes."""
+    prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
+    bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
+    if prof.kv_cache_copies:
+        bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
+    bytes_read += batch * repeated_kv_bytes(spec, w, context, prof.name)
+    return bytes_read, flops
+
+
 def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: int,
                 model: ThroughputModel | None = None, engine: str | EngineProfile = "transformers",
                 tp: int = 1) -> DecodeStep:
@@ -339,10 +353,7 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     Megatron-LM's row-parallel linears, Shoeybi et al. 2019). An engine whose cache is rebuilt every step
     (transformers' DynamicCache: ``torch.cat``) reads and writes the whole KV cache once more."""
     prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
-    bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
-    if prof.kv_cache_copies:
-        bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
-    bytes_read += batch * repeated_kv_bytes(spec, w, context, prof.name)
+    bytes_read, flops = decode_traffic(spec, w, context=context, batch=batch, engine=prof)
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)

@@ -18,7 +18,7 @@ from ..perf import (
     ThroughputModel,
     allreduce_seconds,
     decode_seconds,
-    decode_work,
+    decode_traffic,
     engine_overhead_s,
     engine_profile,
     inference_work,
@@ -268,8 +268,9 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                         ctx = _Context(spec, w, layout, lay_label, replicas, global_batch, peak, total, comm_bytes,
                                        split, bubble, tokens, req.new_tokens, model,
                                        training_work(spec, w) if w.is_train else inference_work(spec, w, engine.name),
-                                       (0, 0.0) if w.is_train else decode_work(
-                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
+                                       (0, 0.0) if w.is_train else decode_traffic(
+                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size,
+                                           engine=engine),
                                        None if w.is_train else engine, host_bytes, traffic,
                                        _saver_of(w, req))
                     for g in fgpus:
