@@ -43,7 +43,7 @@ PUBLISHED = ROOT / "tests/data/published_throughput.json"
 # not claim to predict (first use of each kernel and GEMM shape in the process: lazy module loading and cuBLAS
 # heuristics; fresh allocator segments). The categories say so; first_call_evidence() prints what shows it.
 COLD_PREFILL = "prefill, transformers, H200 (cold first call)"
-COLD_DECODE = "decode, transformers forward loop, H200 (cold, 32 steps)"
+COLD_DECODE = "decode, transformers forward loop, H200 (cold)"
 
 
 @dataclass(frozen=True)
