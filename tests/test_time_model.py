@@ -152,6 +152,19 @@ def test_decode_pays_for_expanding_grouped_keys_and_values_where_transformers_co
     assert repeated_kv_bytes(get_model("llama-3.1-8b").spec, old, 30720) == 0  # Llama's FA2 path never repeated
 
 
+def test_generate_pays_its_own_per_step_work_besides_the_layers() -> None:
+    """generate() launches its own ops every step (inputs, logits processors, sampling, stopping criteria): counted
+    in layer passes at the calibrated eager launch cost, the same for every model size."""
+    from vramplan.perf import engine_overhead_s, load_throughput_model
+
+    hf = engine_profile("transformers")
+    launch = load_throughput_model().launch_s_per_layer_pass
+    for name in ("qwen2.5-0.5b", "qwen2.5-14b"):
+        spec = get_model(name).spec
+        assert engine_overhead_s(spec, hf) == pytest.approx((spec.num_layers + hf.step_layer_passes) * launch)
+    assert 1 <= hf.step_layer_passes <= 2
+
+
 def test_logits_bytes_are_counted_not_fitted() -> None:
     bf16 = Workload(precision=Precision.BF16)
     fp32 = Workload(precision=Precision.FP32)

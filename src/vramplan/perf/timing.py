@@ -324,8 +324,9 @@ def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputM
     """Fixed seconds per decode step: eager engines pay the calibrated host launch cost per layer, CUDA-graph
     engines their kernels per layer x the device-side floor of a replayed kernel; both add the engine's host
     work per step (scheduling, sampling)."""
-    if engine.per_layer_s is None:
-        return spec.num_layers * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
+    if engine.per_layer_s is None:  # eager: the layers' launches and generate()'s own per-step ops, in layer passes
+        passes = spec.num_layers + engine.step_layer_passes
+        return passes * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
     return spec.num_layers * engine.per_layer_s + engine.step_s
 
 
