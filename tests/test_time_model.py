@@ -116,6 +116,13 @@ def test_fp8_gemms_pay_for_quantizing_their_inputs() -> None:
                         engine=engine_profile("tensorrt-llm"))
     assert with_quant is not None and without is not None
     assert with_quant.memory_s > without.memory_s and with_quant.launch_s > without.launch_s
+    from vramplan.perf import decode_step
+
+    fp8_step = decode_step(spec, w, gpu, context=2048, batch=1, engine="tensorrt-llm")
+    plain_step = decode_step(spec, dataclasses.replace(w, weights_quant=WeightsQuant.NONE), gpu, context=2048,
+                             batch=1, engine="tensorrt-llm")
+    kernel_s = engine_profile("tensorrt-llm").kernel_s or 0.0
+    assert fp8_step.overhead_s - plain_step.overhead_s == pytest.approx(L * 4 * kernel_s)
 
 
 def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
@@ -323,20 +330,22 @@ def test_a_power_capped_card_is_slower() -> None:
     assert full.time_s is not None and slow.time_s is not None and slow.time_s > full.time_s
 
 
-@pytest.mark.parametrize("engine", ["vllm", "transformers"])
-def test_plan_ranks_with_the_estimate_numbers(engine: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("engine", "quant"), [("vllm", WeightsQuant.NONE), ("transformers", WeightsQuant.NONE),
+                                                ("vllm", WeightsQuant.FP8)])
+def test_plan_ranks_with_the_estimate_numbers(engine: str, quant: WeightsQuant,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The planner prices a request with inference_time's terms, the engine's decode traffic included (transformers
-    rebuilds its cache with torch.cat every step)."""
+    rebuilds its cache with torch.cat every step) and fp8's quantization kernels."""
     from vramplan.planner import PlanRequest, PlanTask, plan
 
     spec = get_model("llama-3.2-1b").spec
     gpu = get_gpu("h100-sxm")
     req = PlanRequest(task=PlanTask.INFER, seq_len=8192, new_tokens=128, max_gpus=1, micro_batches=(8,),
-                      engine=engine, weights_quants=(WeightsQuant.NONE,))
+                      engine=engine, weights_quants=(quant,))
     res = plan(spec, req, gpus=[gpu])
     p = next(p for p in res.plans if p.gpu_count == 1 and p.micro_batch == 8)
-    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=8192, new_tokens=128), gpu,
-                        engine=engine)
+    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=8192, new_tokens=128,
+                                       weights_quant=quant), gpu, engine=engine)
     assert it.request_s is not None and p.tokens_per_s is not None
     assert p.tokens_per_s == pytest.approx(8 * 128 / it.request_s, rel=1e-6)
 

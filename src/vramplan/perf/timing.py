@@ -52,6 +52,7 @@ from .work import (
     StepWork,
     compute_dtype,
     decode_work,
+    fp8_activation_quant,
     inference_work,
     kv_bytes_per_token,
     repeated_kv_bytes,
@@ -320,14 +321,17 @@ def decode_seconds(bytes_read: float, flops: float, gpu: GPU, dtype: str,
     return max(t_mem, t_fl), ("memory" if t_mem >= t_fl else "compute")
 
 
-def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None) -> float:
+def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None,
+                      quant_kernels: int = 0) -> float:
     """Fixed seconds per decode step: eager engines pay the calibrated host launch cost per layer, CUDA-graph
-    engines their kernels per layer x the device-side floor of a replayed kernel; both add the engine's host
-    work per step (scheduling, sampling)."""
+    engines their kernels per layer x the device-side floor of a replayed kernel (plus ``quant_kernels`` fp8
+    activation-quantization kernels per layer: :func:`vramplan.perf.work.fp8_activation_quant`); both add the
+    engine's host work per step (scheduling, sampling)."""
     if engine.per_layer_s is None:  # eager: the layers' launches and generate()'s own per-step ops, in layer passes
         passes = spec.num_layers + engine.step_layer_passes
         return passes * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
-    return spec.num_layers * engine.per_layer_s + engine.step_s
+    per_layer = engine.per_layer_s + quant_kernels * (engine.kernel_s or 0.0)
+    return spec.num_layers * per_layer + engine.step_s
 
 
 def decode_traffic(spec: ModelSpec, w: Workload, *, context: int, batch: int,
@@ -358,7 +362,7 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
-    overhead = engine_overhead_s(spec, prof, model)
+    overhead = engine_overhead_s(spec, prof, model, fp8_activation_quant(spec, w, 1, prof.name)[1])
     ar = 0.0
     if tp > 1:
         one = allreduce_seconds(batch * spec.hidden_size * 2, tp, gpu, prof.allreduce_latency_s)
