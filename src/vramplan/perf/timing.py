@@ -23,7 +23,7 @@ their published achievable fractions; fp8 matrix products use the bf16 fraction 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import VramplanError
@@ -60,7 +60,7 @@ from .work import (
 )
 
 __all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step", "decode_traffic",
-           "engine_overhead_s", "inference_time", "step_time", "training_time"]
+           "engine_overhead_s", "fp8_gemms", "inference_time", "step_time", "training_time"]
 
 _SECONDS_PER_HOUR = 3600.0
 
@@ -88,6 +88,13 @@ class StepTime:
                 "launch_s": self.launch_s, "optimizer_s": self.optimizer_s, "comm_s": self.comm_s,
                 "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches,
                 "contention_s": self.contention_s}
+
+
+def fp8_gemms(gpu: GPU, dtype: str) -> bool:
+    """Whether fp8-weight matrix products run as fp8 GEMMs on ``gpu`` (and so quantize their activations): a GPU
+    without fp8 tensor cores runs them weight-only at the 16-bit rate (:func:`vramplan.perf.efficiency.matmul_dtype`:
+    vLLM's fp8 Marlin), with 16-bit activations."""
+    return dtype == "fp8" and matmul_dtype(gpu, dtype) == "fp8"
 
 
 def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
@@ -130,15 +137,15 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
         gemm += fb * COUNTED_BYTES_COEFFICIENT * work.weight_bytes / gpu.memory_bandwidth_bytes_per_s
     compute = (gemm + row[1] * c[1]) / split
     memory = sum(row[i] * c[i] for i in _MEMORY) / split
-    if work.quant_bytes:
+    if work.quant_bytes and fp8_gemms(gpu, work.dtype):
         # fp8 GEMMs: each input quantized in a kernel of its own, a counted pass at the measured copy bandwidth
         # (perf.work.fp8_activation_quant), not a fitted one
-        fq = scale_factors(gpu, matmul_dtype(gpu, work.dtype))[2]
+        fq = scale_factors(gpu, "fp8")[2]
         memory += fq * COUNTED_BYTES_COEFFICIENT * work.quant_bytes / gpu.memory_bandwidth_bytes_per_s / split
     if engine is not None and engine.fused_elementwise and work.activation_bytes:
         # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
         memory -= row[4] * c[4] / split * (1 - 1 / max(1, work.activation_kernels))
-    launch = _launch_s(row, c, work, engine)
+    launch = _launch_s(row, c, work if fp8_gemms(gpu, work.dtype) else replace(work, quant_kernels=0), engine)
     optimizer = row[_OPTIMIZER] * c[_OPTIMIZER] / (split * shard)
     hidden_behind = micro_batches * (compute + memory)
     waited = exposed_comm_s(comm_s, hidden_behind, num_layers or work.num_layers, overlapped=overlapped)
@@ -362,7 +369,8 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
-    overhead = engine_overhead_s(spec, prof, model, fp8_activation_quant(spec, w, 1, prof.name)[1])
+    quant_kernels = fp8_activation_quant(spec, w, 1, prof.name)[1] if fp8_gemms(gpu, compute_dtype(w, prof.name)) else 0
+    overhead = engine_overhead_s(spec, prof, model, quant_kernels)
     ar = 0.0
     if tp > 1:
         one = allreduce_seconds(batch * spec.hidden_size * 2, tp, gpu, prof.allreduce_latency_s)

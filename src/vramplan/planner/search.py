@@ -21,6 +21,7 @@ from ..perf import (
     decode_traffic,
     engine_overhead_s,
     engine_profile,
+    fp8_gemms,
     inference_work,
     link_bandwidth_bytes_per_s,
     load_throughput_model,
@@ -449,7 +450,8 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
         ar = allreduce_seconds(w.batch_size * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
         ar_prefill = allreduce_seconds(work.tokens * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
         if prefill is not None and roof is not None and ar is not None and ar_prefill is not None:
-            decode_s = roof + engine_overhead_s(c.spec, eng, c.model, work.quant_kernels) + 2 * c.spec.num_layers * ar
+            quant_kernels = work.quant_kernels if fp8_gemms(gpu, work.dtype) else 0
+            decode_s = roof + engine_overhead_s(c.spec, eng, c.model, quant_kernels) + 2 * c.spec.num_layers * ar
             request_s = prefill.total_s + 2 * c.spec.num_layers * ar_prefill + c.new_tokens * decode_s
             tps = c.replicas * w.batch_size * c.new_tokens / request_s
             time_s = c.tokens / tps
