@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from ._engine.replay import Pass, layer_backward, layer_forward, layer_recompute
+from ._engine.replay import ForwardResult, Pass, forward, layer_backward, layer_forward, layer_passes, layer_recompute
 from ._engine.step import (
     ALLOCATOR_SLACK_FRACTION,
     CUBLAS_WORKSPACE_BYTES,
@@ -69,7 +69,7 @@ def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
 
 
 def _plus(*vs: Iterable[int]) -> tuple[int, ...]:
-    return tuple(sum(x) for x in zip(*vs, strict=True))
+    return tuple(map(sum, zip(*vs, strict=True)))
 
 
 def _scale(v: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -162,12 +162,19 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
     tp.unpacked_saves = ckpt and keep_input  # its backward runs on the recomputed forward's tensors
-    fwd = layer_forward(tp)
+    if num.training:
+        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
+    else:
+        fwd = layer_forward(tp)
+        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
-    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
-        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
                      ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
+
+
+def _as_pass(f: ForwardResult) -> Pass:
+    """:func:`layer_forward`'s figures from the forward it replays (kept to share with the backward)."""
+    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
 def has_body(spec: ModelSpec) -> bool:
@@ -188,14 +195,24 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     tp = Tape(num.training)
     y = build_body(tp, spec, num, plan, b, s, kv_len, ckpt_every)
     x = tp.tensors[0]
-    fwd = layer_forward(tp)
-    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
-        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    if num.training:
+        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
+    else:
+        fwd = layer_forward(tp)
+        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int,
-                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]]:
+_Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
+
+
+def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> list[_Group]:
+    """:func:`_layer_groups_of`, a fresh list (worked out once per model: every workload asks again)."""
+    return list(_layer_groups_of(spec, first_trainable, ckpt_every))
+
+
+@lru_cache(maxsize=1024)
+def _layer_groups_of(spec: ModelSpec, first_trainable: int, ckpt_every: int) -> tuple[_Group, ...]:
     """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
     top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
@@ -208,7 +225,7 @@ def _layer_groups(spec: ModelSpec, first_trainable: int,
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
         counts[key] = counts.get(key, 0) + 1
-    return [(n, *key) for key, n in counts.items()]
+    return tuple((n, *key) for key, n in counts.items())
 
 
 def _first_trainable(spec: ModelSpec, w: Workload, states: ModelStates) -> int:
@@ -261,7 +278,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         build_embed(et, spec, num, b, s, embed_trainable,
                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
                     attention=attention)
-        e_fwd = layer_forward(et)
+        e_run = forward(et, inputs_counted=False)  # shared with the embedding's backward below
+        e_fwd = _as_pass(e_run)
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
@@ -285,7 +303,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                    input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=keep_logits,
                    loss_kind=loss_kind.value, chunk=w.loss_chunk,
                    metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
-        h_fwd = layer_forward(ht)
+        h_run = forward(ht, inputs_counted=False)  # shared with the head's backward below
+        h_fwd = _as_pass(h_run)
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
         h_fwd = Pass(0, _vec({}), sum(sent), sent)
@@ -318,7 +337,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
     if head:
-        h_bwd = layer_backward(ht, param_grads_exist=accumulating)
+        h_bwd = layer_backward(ht, param_grads_exist=accumulating, fwd=h_run)
     else:  # the gradient of the stage's output arrives from the next stage
         grad = _neg_act(-sims[-1].y_bytes)
         h_bwd = Pass(sum(grad), grad, sum(grad), grad)
@@ -348,7 +367,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
         tied = spec.tie_word_embeddings and head_trainable
-        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied)
+        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied, fwd=e_run)
         # a tied weight's two gradients meet in the autograd InputBuffer of its one AccumulateGrad: the head's waits
         # there through the whole backward, and the embedding's is added to it out of place (aten.add, not add_:
         # seen on real CPU tensors as in the trace; torch/csrc/autograd/input_buffer.cpp accumulate): their sum is
