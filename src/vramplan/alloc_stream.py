@@ -465,14 +465,17 @@ class RankHooks(Protocol):
     """What a multi-GPU engine adds to one rank's training stream (:mod:`vramplan.parallel.streams`): the
     parameters it builds instead of the single-GPU ones, what it allocates and frees around each unit's forward
     and backward (a decoder layer ``k`` or :data:`ROOT`), and the optimizer's tensors for the states it holds.
-    ``post_backward`` gets the keys of the unit's parameter gradients as autograd made them."""
+    ``grad_ready`` sees each parameter gradient as autograd makes it (a gradient hook); ``post_backward`` gets the keys
+    of the unit's parameter gradients; ``optimizer_step`` allocates (step 0: creates) the optimizer's tensors and
+    frees what the step consumes, adding the keys that live on to ``st.opt_keys``."""
 
     def build(self, st: _Stream) -> None: ...
     def pre_forward(self, st: _Stream, unit: int) -> None: ...
     def post_forward(self, st: _Stream, unit: int) -> None: ...
     def pre_backward(self, st: _Stream, unit: int) -> None: ...
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None: ...
     def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None: ...
-    def optimizer_tensors(self) -> tuple[list[int], list[int]]: ...
+    def optimizer_step(self, st: _Stream, step: int) -> None: ...
 
 
 # torch/nn/parallel/distributed.py and torch/csrc/distributed/c10d/reducer.cpp (torch 2.13)
@@ -660,7 +663,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
              for t in ht.tensors if t.keep and t.rg and not t.external]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
-    opt_states, opt_temps = hooks.optimizer_tensors() if hooks else _optimizer(w.optimizer, train_sizes, states)
+    opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)
     fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
     L = spec.num_layers
     first_saves_x = groups[order[0]][7] if groups else True
@@ -675,6 +678,9 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         """One instance of a recorded block: its events added to the stream (``fast``), or returned to be edited."""
         if tpl.pgrads:
             grads.extend(base + c for c in tpl.pgrads)
+            if hooks is not None and fast and any(n > 0 and c in tpl.pgrads for c, n in codes):
+                hooked(tpl.instance(codes, base, xk, yk, gxk, gyk), {base + c for c in tpl.pgrads})
+                return []
         if fast and not reference:
             st.add_instance(codes, base, xk, yk, gxk, gyk)
             return []
@@ -682,6 +688,15 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if fast:
             st.add(items)
         return items
+
+    def hooked(items: list[Event], pgrads: set[int]) -> None:
+        """Add a backward's events, handing every parameter gradient to the engine's hook as it is made."""
+        assert hooks is not None
+        for key, n in items:
+            fresh_grad = n > 0 and key in pgrads and key not in st.live
+            st.add([(key, n)])
+            if fresh_grad:
+                hooks.grad_ready(st, key, n)  # type: ignore[arg-type]
 
     for step in range(steps):
         before = set(st.live)
@@ -736,8 +751,12 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             st.mark(Phase.BACKWARD)
             if hooks:
                 hooks.pre_backward(st, ROOT)
-            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
-                           [(h_base + code, n) for code, n in seeds]))
+            h_items = _seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
+                              [(h_base + code, n) for code, n in seeds])
+            if hooks:
+                hooked(h_items, {h_base + code for code in head.pgrads})
+            else:
+                st.add(h_items)
             for k in range(L - 1, -1, -1):
                 _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
                 base = bases[k]
@@ -765,6 +784,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 for code in head_kept:
                     st.free(h_base + code)
         st.mark(Phase.OPTIMIZER_STEP)
+        if hooks:
+            hooks.optimizer_step(st, step)
         if step == 0:
             for j, n in enumerate(opt_states):
                 st.opt_keys.add(st.key(("opt", j)))

@@ -20,7 +20,7 @@ from .engines import GPUStates, _engine_states, _host_bytes, _shard_info
 from .layout import Engine, FSDPMode, Layout, Offload, check_layout, in_flight_micro_batches, stage_layers
 from .nccl import NcclConfig, NcclMemory, nccl_memory, nccl_note
 from .sharding import _compute_workload, _stage_counts, _stage_spec, _stage_workload, _tp_shard
-from .streams import RankReplay, rank_replay, replays
+from .streams import RankReplay, rank_replay, replayable, replays
 
 K = MemoryKind
 _ACT_KINDS = (K.ACTIVATIONS, K.LOGITS_LOSS, K.KV_CACHE)
@@ -229,7 +229,9 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     settings (``NCCL_BUFFSIZE``, ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, …) for its buffers.
     """
     check_layout(spec, workload, layout)
-    single = estimate(spec, workload, reserved=reserved)
+    # a sharded rank replays its own stream: the single-GPU reference then needs no allocator replay of its own
+    rank_stream = reserved and replayable(spec) and not layout.is_single and replays(layout, workload)
+    single = estimate(spec, workload, reserved=reserved and not rank_stream)
     if workload.is_train and layout.micro_batches > workload.gradient_accumulation:
         # every micro-batch of a step after the first runs with the gradients of the earlier ones allocated
         workload = workload.with_(gradient_accumulation=layout.micro_batches)
@@ -261,7 +263,7 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
         stats = reserved_stats(spec, workload, ddp=True)
         slack = max(0, stats.peak_reserved_bytes - peak)
         replayed = "DDP"
-    elif reserved and single.peak_reserved_bytes and replays(layout, workload):
+    elif rank_stream:
         # a sharded rank: the single-GPU programs with the engine's gathers, reductions and shards around them
         rank = rank_replay(spec, workload, _compute_workload(workload, layout.engine), layout)
         slack = max(0, rank.peak_reserved_bytes - peak)
@@ -315,6 +317,11 @@ def _reserved_note(replayed: str) -> str:
                 "programs inside FSDP2's all-gathers (copy-in stream), unsharded parameters, reduce-scatters "
                 "(reduce-scatter stream) and shards, each stream a pool of its own (torch/distributed/fsdp/"
                 "_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py)")
+    if replayed == Engine.DEEPSPEED.value:
+        return ("reserved: the rank's allocation stream replayed through the caching-allocator model: the single-GPU "
+                "programs with DeepSpeed ZeRO-1/2's flat 16-bit parameters (built beside the module's own), fp32 "
+                "master partition, reduce buckets, contiguous gradient partition and fp32 gradient partition in the "
+                "step (deepspeed/runtime/zero/stage_1_and_2.py)")
     if replayed:
         return "reserved: the allocation stream replayed through the caching-allocator model"
     return (f"reserved: allocated peak + {ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median; this layout's "

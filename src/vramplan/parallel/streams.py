@@ -43,10 +43,10 @@ from ..allocator import AllocConf, parse_alloc_conf, round_size, simulate
 from ..estimator import _first_trainable, numerics, runs_as
 from ..memory import ModelStates, model_states
 from ..spec import ModelSpec
-from ..workload import Method, WeightsQuant, Workload
-from .layout import Engine, FSDPMode, Layout, Offload
+from ..workload import Method, Precision, WeightsQuant, Workload
+from .layout import Engine, FSDPMode, Layout, Offload, zero_auto_buckets
 
-__all__ = ["FsdpRank", "RankReplay", "rank_replay", "replays"]
+__all__ = ["FsdpRank", "RankReplay", "ZeroRank", "rank_replay", "replayable", "replays"]
 
 COMPUTE, COPY_IN, REDUCE_SCATTER = 0, 1, 2  # the CUDA streams a rank allocates on
 
@@ -220,9 +220,182 @@ class FsdpRank:
             st.free(self.rs_state)
             self.rs_state = None
 
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
+        pass  # FSDP2 takes a unit's gradients in its post-backward hook
+
     def optimizer_tensors(self) -> tuple[list[int], list[int]]:
         sizes = [self._shard(p) * p.stored for u in self.units.values() for p in u.params if p.trainable]
         return _optimizer(self.w.optimizer, sizes, _sharded_states(model_states(self.spec, self.w), self.n))
+
+    def optimizer_step(self, st: _Stream, step: int) -> None:
+        _step(st, *self.optimizer_tensors(), step)
+
+
+def _step(st: _Stream, states: list[int], temps: list[int], step: int) -> None:
+    """An optimizer's step over the rank's tensors: its states created in the first step, its temporaries."""
+    if step == 0:
+        for j, n in enumerate(states):
+            k = st.key(("opt", j))
+            st.opt_keys.add(k)
+            st.alloc(k, n)
+    tmp = st.fresh(len(temps))
+    for j, n in enumerate(temps):
+        st.alloc(tmp + j, n)
+    for j in range(len(temps)):
+        st.free(tmp + j)
+
+
+class ZeroRank:
+    """The :class:`~vramplan.alloc_stream.RankHooks` of one rank of DeepSpeed ZeRO-1/2 (runtime/zero/stage_1_and_2.py,
+    read in DeepSpeed 0.19.6), the last rank of the data-parallel group: its partition holds the head and the last
+    layers, whose gradients backward makes first.
+
+    * build: the engine casts the module to bf16/fp16 and moves it to the device parameter by parameter; the
+      optimizer flattens the trainable parameters into one aligned buffer (``flatten_dense_tensors_aligned``, on the
+      device when it fits) that they become views of; the fp32 master partition is a clone of this rank's slice
+      (``.clone().to(fp32)``); ``initialize_optimizer_states`` sets a zero fp32 gradient partition and drops it;
+    * backward: the first gradient hook allocates the reduce bucket (``setup_buckets``: ``reduce_bucket_size``
+      elements, a second one with ``overlap_comm``); ZeRO-2 copies each gradient into the bucket as autograd makes it
+      (the gradient dies; one larger than the bucket is reduced by itself and dies at that bucket's reduction), and a
+      full bucket is reduced into the contiguous gradient partition (``grads_in_partition``, allocated at the first
+      reduction, on the reduction stream with ``overlap_comm``); ZeRO-1 keeps autograd's gradients to the end of
+      backward and then runs the same buckets over them in parameter order (``reduce_gradients``); the epilogue frees
+      the buckets (``_release_ipg_buffers``);
+    * step: the partition's gradients flattened (a copy), then converted to fp32 (``single_grad_partition``), the
+      16-bit gradients released, the optimizer's step over the fp32 partition (states created in the first step),
+      the fp32 gradient released; the updated weights are all-gathered in place.
+    """
+
+    def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
+        self.stage = layout.zero
+        self.n = max(1, layout.shard_degree)
+        self.elem = wc.precision.param_bytes  # the engine's module dtype
+        units = _units(spec, wc, wc)
+        self.params = [p for u in [ROOT, *range(spec.num_layers)] for p in units[u].params]  # embedding first
+        trained = sum(p.numel for p in self.params if p.trainable)
+        align = 2 * self.n  # nccl_start_alignment_factor x world size
+        self.flat = -(-trained // align) * align
+        self.partition = self.flat // self.n
+        # the last rank's partition: the parameters that reach into its slice count whole (params_in_partition)
+        start, off, held = (self.n - 1) * self.partition, 0, 0
+        for p in self.params:
+            if p.trainable:
+                if off + p.numel > start:
+                    held += p.numel
+                off += p.numel
+        self.held = held
+        self.trained = trained
+        reduce_bucket, _, _ = zero_auto_buckets(spec.hidden_size)
+        self.bucket = layout.reduce_bucket_size or reduce_bucket
+        self.overlap = layout.overlap_comm if layout.overlap_comm is not None else self.stage == 3
+        self.stream: dict[int, int] = {}
+        self.buffers: list[int] = []
+        self.elements = 0
+        self.extra: list[int] = []
+        self.pending: list[tuple[int, int]] = []
+        self.gip: list[int] = []
+        self.w, self.spec = w, spec
+
+    def _key(self, st: _Stream, stream: int) -> int:
+        k = st.fresh(0)
+        if stream != COMPUTE:
+            self.stream[k] = stream
+        return k
+
+    def build(self, st: _Stream) -> None:
+        keys = []
+        for j, p in enumerate(self.params):
+            keys.append(st.key(("zero_param", j)))
+            st.alloc(keys[-1], p.numel * self.elem)
+        if not self.trained:
+            return
+        st.ev.append((None, A.EMPTY))  # empty_cache() before flattening (stage_1_and_2.py __init__)
+        st.alloc(st.key("zero_flat"), self.flat * self.elem)
+        for k, p in zip(keys, self.params, strict=True):
+            if p.trainable:
+                st.free(k)
+        clone = self._key(st, COMPUTE)
+        if self.elem != 4:
+            st.alloc(clone, self.partition * self.elem)
+        st.alloc(st.key("zero_fp32_partition"), self.partition * 4)
+        st.free(clone)
+        zeros = self._key(st, COMPUTE)
+        st.alloc(zeros, self.partition * 4)
+        st.free(zeros)
+
+    def pre_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def post_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def pre_backward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def _setup(self, st: _Stream) -> None:
+        if not self.buffers:
+            for _ in range(2 if self.overlap else 1):
+                self.buffers.append(self._key(st, COMPUTE))
+                st.alloc(self.buffers[-1], self.bucket * self.elem)
+
+    def _reduce(self, st: _Stream) -> None:
+        if self.elements and len(self.gip) < self.micro:  # the first reduction allocates the gradient partition
+            self.gip.append(self._key(st, REDUCE_SCATTER if self.overlap else COMPUTE))
+            st.alloc(self.gip[-1], self.held * self.elem)
+        for k in self.extra:
+            st.free(k)
+        self.extra.clear()
+        self.elements = 0
+
+    def _take(self, st: _Stream, key: int, nbytes: int) -> None:
+        numel = max(1, nbytes // self.elem)
+        if self.elements + numel > self.bucket:
+            self._reduce(st)
+        if numel > self.bucket:
+            self.extra.append(key)  # reduced by itself, from where autograd made it
+        else:
+            st.free(key)  # copied into the bucket
+        self.elements += numel
+
+    micro = 1
+
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
+        self._setup(st)
+        if self.stage == 2:
+            self._take(st, key, nbytes)
+        else:
+            self.pending.append((key, nbytes))
+
+    def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None:
+        if unit != ROOT:
+            return
+        if accumulate:
+            self.micro = 2
+        for key, nbytes in reversed(self.pending):  # ZeRO-1: every gradient, in parameter order
+            self._take(st, key, nbytes)
+        self.pending.clear()
+        self._reduce(st)
+        for k in self.buffers:
+            st.free(k)
+        self.buffers.clear()
+        if accumulate and len(self.gip) > 1:  # this micro-batch's partition added into the earlier one's
+            st.free(self.gip.pop())
+
+    def optimizer_step(self, st: _Stream, step: int) -> None:
+        if not self.trained:
+            return
+        flat = self._key(st, COMPUTE)
+        st.alloc(flat, self.partition * self.elem)
+        fp32 = self._key(st, COMPUTE)
+        st.alloc(fp32, self.partition * 4)
+        st.free(flat)
+        for k in self.gip:
+            st.free(k)
+        self.gip.clear()
+        self.micro = 1
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        _step(st, *_optimizer(self.w.optimizer, [self.partition * 4], _sharded_states(states, self.n)), step)
+        st.free(fp32)
 
 
 def _sharded_states(s: ModelStates, n: int) -> ModelStates:
@@ -263,9 +436,16 @@ def _split(events: list[tuple[object, int]], stream: dict[int, int], count: int)
 
 def replays(layout: Layout, w: Workload) -> bool:
     """Whether :func:`rank_replay` models ``layout`` for ``w`` (else the estimate keeps the calibration slack)."""
-    return (layout.engine is Engine.FSDP and layout.tp == 1 and layout.pp == 1 and layout.ep == 1 and
-            layout.offload is Offload.NONE and w.is_train and w.base_quant is WeightsQuant.NONE and
-            w.method is not Method.QLORA and not w.activation_offload)
+    return ((layout.engine is Engine.FSDP or layout.zero in (1, 2)) and layout.tp == 1 and layout.pp == 1 and
+            layout.ep == 1 and layout.offload is Offload.NONE and w.is_train and w.base_quant is WeightsQuant.NONE
+            and w.method is not Method.QLORA and not w.activation_offload)
+
+
+def replayable(spec: ModelSpec) -> bool:
+    """Whether the single-GPU stream exists for ``spec`` (as :func:`vramplan.estimator.estimate` replays it)."""
+    from ..estimator import MAX_REPLAY_LAYERS, has_body
+
+    return spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
 
 
 @lru_cache(maxsize=256)
@@ -273,7 +453,8 @@ def rank_replay(spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> R
     """One rank of ``layout`` (see :func:`replays`) over the calibration loop's 3 steps, the last one measured.
     ``w`` is the workload as asked, ``wc`` as the GPU computes it (``parallel.sharding._compute_workload``)."""
     wc = runs_as(spec, wc)
-    hooks = FsdpRank(spec, w, wc, layout)
+    hooks: FsdpRank | ZeroRank = FsdpRank(spec, w, wc, layout) if layout.engine is Engine.FSDP else \
+        ZeroRank(spec, w, wc, layout)
     states = model_states(spec, wc)
     events = train_events(spec, wc, states, numerics(wc), 3, hooks=hooks)
     conf = parse_alloc_conf(w.alloc_conf)
