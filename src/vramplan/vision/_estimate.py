@@ -290,8 +290,7 @@ def _backbone(run: _Run) -> None:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
-        if not w.grads_persist:
-            run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
+        run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
     else:
@@ -322,8 +321,7 @@ def _bare_denoiser(run: _Run) -> None:
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
-        if not w.grads_persist and not lora:
-            run.reserved = _reserved(L, num.param, (loss,), w, st)
+        run.reserved = _reserved(L, num.param, (loss,), w, st)
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
@@ -335,21 +333,24 @@ def _bare_denoiser(run: _Run) -> None:
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
-        if not lora:
-            run.reserved = _reserved(L, num.param, (), w, st)
+        run.reserved = _reserved(L, num.param, (), w, st)
         run.assumptions.append("inference: one denoising step of the denoiser at the given batch (no "
                                "classifier-free guidance doubling; use --pipeline for a sampling loop)")
 
 
 def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: ModelStates,
               buffer_elems: int = 0) -> AllocStats:
-    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`)."""
-    params = [(n, elem) for sizes in L.param_tensors.values() for n in sizes]
-    trained = [n * elem for name in L.param_tensors if name in L.trainable_names
+    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`): the base model's
+    tensors in ``elem``, peft adapters in fp32 created after the cast."""
+    adapters = [name for name in L.param_tensors if ".lora_" in name]
+    params = [(n, elem) for name, sizes in L.param_tensors.items() if name not in adapters for n in sizes]
+    late = [n * 4 for name in adapters for n in L.param_tensors[name]]
+    trained = [n * (4 if name in adapters else elem) for name in L.param_tensors if name in L.trainable_names
                for n in L.param_tensors[name]] if seeds else []
     buffers = [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
     events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
-                           buffers=buffers)
+                           buffers=buffers, late_params=late, accumulation=w.gradient_accumulation,
+                           keep_grads=not w.set_grads_to_none)
     return simulate(events, DEFAULT_CONF)
 
 
