@@ -66,3 +66,34 @@ def test_lora_adapters_are_fp32_after_the_cast() -> None:
     full, _, r_full = _with_stream("sd15-unet", task="train")
     assert r_lora < r_full / 2
     assert lora.peak_allocated_bytes < full.peak_allocated_bytes / 2
+
+
+def _pipeline_stream(model: str, **kw: object) -> tuple[vramplan.Estimate, int, int]:
+    seen = {}
+    orig = VE.simulate
+
+    def spy(*a: object, **k: object) -> object:
+        seen["r"] = r = orig(*a, **k)  # type: ignore[arg-type]
+        return r
+
+    VE.simulate = spy  # type: ignore[assignment]
+    _estimate_catalog.cache_clear()
+    try:
+        e = vramplan.estimate(model, **kw)
+    finally:
+        VE.simulate = orig  # type: ignore[assignment]
+    r = seen["r"]
+    return e, r.peak_allocated_bytes, r.peak_reserved_bytes
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl", "pixart"])
+def test_pipeline_inference_is_replayed(model: str) -> None:
+    """A whole pipeline call (text encoders, the denoising loop, the VAE decode, SDXL's VAE upcast to fp32) through
+    the allocator model: the stream's allocated peak is the estimate's, and reserved grows with the batch."""
+    e1, a1, r1 = _pipeline_stream(model, task="infer", precision="fp16")
+    e4, a4, r4 = _pipeline_stream(model, task="infer", precision="fp16", batch_size=4)
+    for e, a, r in ((e1, a1, r1), (e4, a4, r4)):
+        assert any(REPLAYED in s and "pipeline's dtype" in s for s in e.assumptions), e.assumptions
+        assert e.peak_allocated_bytes <= a <= e.peak_allocated_bytes * 1.01
+        assert r >= a
+    assert r4 > r1

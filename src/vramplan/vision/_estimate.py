@@ -49,7 +49,7 @@ from ._specs import (
 )
 from ._states import model_states
 from ._steps import StepResult, train_step
-from ._stream import vision_events
+from ._stream import pipeline_events, vision_events
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -237,6 +237,9 @@ class _Run:
         self.trainable = 0
         self.top = (-1, "")
         self.reserved: AllocStats | None = None  # from the allocation stream, where it is modelled
+        # how the stream creates the weights
+        self.weights_loaded = ("the weights created in fp32 and cast (model.to(dtype)) as the calibration harness "
+                               "builds them")
 
     def add(self, p: Phase, m: Moment, where: str = "") -> None:
         if m.total > self.top[0]:
@@ -409,11 +412,13 @@ def _pipeline_infer(run: _Run) -> None:
     base = Moment.of({K.WEIGHTS: den_w + te_w + vae_w, K.WORKSPACE: ws})
     # prompt encoding: each text encoder runs on the prompts (and, with guidance, again on the negative prompts)
     lat = res // 8
+    te_tapes: list[Layers] = []
     for t in tes:
         te = text_encoder_from_config(component(t).config)
         TL = Layers(Numerics(False, act, elem, amp))
         build_text_encoder(TL, te, b, t + ".")
         run.add(Phase.PREFILL, replay_forward(TL, base).peak)
+        te_tapes.append(TL)
     # denoising loop: the conditioning and the latents stay referenced; every step is the same forward
     latents = b * vae.latent_channels * lat * lat * (2 if amp else elem)
     held = Moment.of({K.ACTIVATIONS: latents})
@@ -426,6 +431,14 @@ def _pipeline_infer(run: _Run) -> None:
     VL.keep(img)
     dec_base = Moment.of({K.WEIGHTS: den_w + te_w + (vae_w32 if upcast else vae_w), K.WORKSPACE: ws})
     run.add(Phase.DECODE, replay_forward(VL, dec_base).peak)
+    vae_sizes = _component_params(str(cfg["vae"]))[1].tensor_sizes()
+    weights = [n * elem for t in tes for n in _component_params(t)[1].tensor_sizes()] + \
+        [n * elem for n in den_L.tensor_sizes() + list(den_L.buffers.values())] + [n * elem for n in vae_sizes]
+    passes = [(tl, 1) for tl in te_tapes] + [(den_L, 2), (VL, 1)]
+    to32 = (len(passes) - 1, [(n * elem, n * 4) for n in vae_sizes]) if upcast else None
+    run.reserved = simulate(pipeline_events(weights, passes, upcast=to32), DEFAULT_CONF)
+    run.weights_loaded = ("the weights loaded in the pipeline's dtype (from_pretrained(torch_dtype=...), "
+                          "pipe.to('cuda')), two steps of the denoising loop standing for all")
     run.assumptions.append(f"pipeline: {', '.join(tes) or 'no text encoder'} + {den.name} + {vae_e.name}, all on "
                            f"the GPU; text encoding as prefill, one denoising step as forward (every step of the "
                            f"loop is the same), the VAE decode as decode")
@@ -652,9 +665,8 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "total_bytes, not to peak_allocated_bytes")
     else:
         run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB; reserved memory from a replay of "
-                               "every allocation and free through a model of PyTorch's caching allocator, with the "
-                               "weights created in fp32 and cast (model.to(dtype)) as the calibration harness builds "
-                               "them")
+                               f"every allocation and free through a model of PyTorch's caching allocator, with "
+                               f"{run.weights_loaded}")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,
                   workload=workload_dict(w, resolution=res) | ({"precision": "fp32"} if kind == "stylegan" else {}),

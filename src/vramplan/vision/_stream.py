@@ -139,3 +139,42 @@ def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequ
                     and not (isinstance(k, tuple) and k[0] == "opt")]:
             v.free(key)
     return v.ev
+
+
+def pipeline_events(weights: Sequence[int], passes: Sequence[tuple[Tape, int]], *,
+                    upcast: tuple[int, Sequence[tuple[int, int]]] | None = None) -> list[Event]:
+    """The allocation stream of a diffusers pipeline call under ``inference_mode``.
+
+    ``weights``: bytes of every parameter tensor as ``from_pretrained(torch_dtype=...)`` and ``pipe.to("cuda")``
+    place them, component by component. ``passes``: (recorded program, calls) in order (each text encoder, the
+    denoiser over the sampling loop, the VAE decode): the program's inputs are allocated, then its forward runs
+    ``calls`` times, each call's outputs dropped when the next call's replace them (the loop rebinds
+    ``noise_pred``; every step is the same, so two stand for any number); what a pass leaves is freed before the
+    next. ``upcast``: (index of the pass, (bytes fp16, bytes fp32) per tensor) where the pipeline converts a
+    component to fp32 first (``vae.to(torch.float32)`` under ``force_upcast``: each fp32 copy made before the fp16
+    tensor dies)."""
+    v = _Versions()
+    for j, n in enumerate(weights):
+        v.alloc(("w", j), n)
+    v.alloc(("cublas", 0), CUBLAS_WORKSPACE)
+    for i, (tape, calls) in enumerate(passes):
+        if upcast is not None and upcast[0] == i:
+            for j, (_half, full) in enumerate(upcast[1]):
+                v.alloc(("w32", j), full)
+                v.free(("w", len(weights) - len(upcast[1]) + j))
+        before = set(v.live)
+        for t in tape.tensors:
+            if t.external and t.base is None and t.nbytes:
+                v.alloc(("in", i, id(t)), t.nbytes)
+        previous: set[object] = set()
+        for call in range(min(calls, 2)):
+            start = set(v.live)
+            ev: list[Event] = []
+            replay_forward(tape, ZERO, ev=ev)
+            v.add(ev, (i, call))
+            for key in previous:
+                v.free(key)
+            previous = {k for k in v.live if k not in start}
+        for key in [k for k in v.live if k not in before]:
+            v.free(key)
+    return v.ev
