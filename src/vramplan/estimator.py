@@ -64,8 +64,11 @@ MAX_REPLAY_LAYERS = 256
 K = MemoryKind
 
 
+_KINDS = tuple(MemoryKind)  # (iterating the enum itself is slower)
+
+
 def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
-    return tuple(d.get(k, 0) for k in MemoryKind)
+    return tuple([d.get(k, 0) for k in _KINDS])
 
 
 def _plus(*vs: Iterable[int]) -> tuple[int, ...]:
