@@ -92,14 +92,14 @@ def catalog(n: int) -> None:
     from vramplan.catalog import list_models
 
     rows = []
-    for name in list_models():
-        spec = get_model(name).spec
+    for entry in list_models():
+        name, spec = entry.name, entry.spec
         try:
             estimate(spec, vramplan.make_workload(seq_len=500), name=name)
         except vramplan.VramplanError:
             continue
         row = [name]
-        for reserved, offset in ((False, 0), (True, 4000)):
+        for reserved, offset in ((False, 0), (True, 8 * (n + 1))):
             times = []
             for i in range(n):
                 w = vramplan.make_workload(seq_len=512 + offset + 8 * i)  # new every time

@@ -692,6 +692,12 @@ def replays(spec: ModelSpec) -> bool:
     return spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
 
 
+@lru_cache(maxsize=1024)
+def _mixers(spec: ModelSpec) -> frozenset[str]:
+    """The token mixers of the model's layers (attention, Mamba, ...)."""
+    return frozenset(spec.mixer(i) for i in range(spec.num_layers))
+
+
 def reserve_note(spec: ModelSpec, w: Workload, replay: bool) -> str:
     """The assumption line that says where the estimate's reserved memory comes from (``replay``: the replay ran)."""
     if replay:
@@ -724,7 +730,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         reserve_note(spec, w, replay),
         *states.notes,
     ]
-    kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}
+    kinds = set(_mixers(spec)) - {"attention", "none"}
     if kinds:
         assumptions.append(_ssm_kernel_note(kinds, w.ssm_kernel))
     if w.is_train:
