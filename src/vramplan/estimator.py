@@ -64,8 +64,11 @@ MAX_REPLAY_LAYERS = 256
 K = MemoryKind
 
 
+_KINDS = tuple(MemoryKind)  # (iterating the enum itself is slower)
+
+
 def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
-    return tuple(d.get(k, 0) for k in MemoryKind)
+    return tuple([d.get(k, 0) for k in _KINDS])
 
 
 def _plus(*vs: Iterable[int]) -> tuple[int, ...]:
@@ -269,7 +272,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
     accumulating = w.gradient_accumulation > 1
-    base = states_moment(states, workspace_handles=2, grads=accumulating).kinds
+    base = _step_base(states, w)
     embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
     keep_logits = w.trainer is Trainer.PLAIN
@@ -481,8 +484,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         first = _infer(spec, replace(w, new_tokens=0), states, num, embed=embed, head=head, sink=sink)
         return [first[0], replace(full[0], phase=Phase.DECODE)]
     b, s = w.batch_size, w.seq_len
-    base = _vec({K.WEIGHTS: states.weights + states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+    base = _step_base(states, w)
     if sink is not None:
         sink.base = base
     et = Tape(False)
@@ -576,6 +578,22 @@ class StageMoments:
     moments: tuple[tuple[Phase, Breakdown], ...]
     base: Breakdown
     forward_end: Breakdown
+
+
+def _step_base(states: ModelStates, w: Workload) -> tuple[int, ...]:
+    """What is allocated before a step, by kind: the model states and the cuBLAS workspaces (2 handles in training:
+    the backward runs on a second one; with gradient accumulation the gradients already exist)."""
+    if w.task is Task.TRAIN:
+        return states_moment(states, workspace_handles=2, grads=w.gradient_accumulation > 1).kinds
+    return _vec({K.WEIGHTS: states.weights + states.master_weights,
+                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+
+
+def stage_base(spec: ModelSpec, w: Workload) -> Breakdown:
+    """``stage_moments(spec, w).base`` (the whole model on one GPU) without replaying the step."""
+    w = runs_as(spec, w)
+    check_positions(spec, w)
+    return Breakdown.of(kinds_dict(_step_base(model_states(spec, w, count_params(spec)), w)))
 
 
 def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None, *, embed: bool = True,
@@ -673,10 +691,34 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
     return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
 
 
+def replays(spec: ModelSpec) -> bool:
+    """Whether an estimate of ``spec`` replays its allocation stream when asked to (``reserved=True``)."""
+    return spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
+
+
+@lru_cache(maxsize=1024)
+def _mixers(spec: ModelSpec) -> frozenset[str]:
+    """The token mixers of the model's layers (attention, Mamba, ...)."""
+    return frozenset(spec.mixer(i) for i in range(spec.num_layers))
+
+
+def reserve_note(spec: ModelSpec, w: Workload, replay: bool) -> str:
+    """The assumption line that says where the estimate's reserved memory comes from (``replay``: the replay ran)."""
+    if replay:
+        return (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+                "every allocation and free through a model of PyTorch's caching allocator"
+                + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+                + (", over the 3 steps of the calibration loop" if w.is_train else ""))
+    return (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+            f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
+            + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
+               ": the stack is one program" if has_body(spec) else "") + ")")
+
+
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
-    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
+    replay = replay and replays(spec)
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
@@ -689,17 +731,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                               if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
-         "every allocation and free through a model of PyTorch's caching allocator"
-         + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
-         + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
-        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
-         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
-            ": the stack is one program" if has_body(spec) else "") + ")"),
+        reserve_note(spec, w, replay),
         *states.notes,
     ]
-    kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}
+    kinds = set(_mixers(spec)) - {"attention", "none"}
     if kinds:
         assumptions.append(_ssm_kernel_note(kinds, w.ssm_kernel))
     if w.is_train:
