@@ -113,6 +113,9 @@ class Tape:
         self.tensors: list[Tensor] = []
         self.region_inputs: dict[int, list[Tensor]] = {}  # what each checkpoint holds for its backward
         self.own_grad: set[int] = set()  # results of in-place ops: share a storage, not a gradient
+        # parameters whose gradient contributions are views (a linear's weight gradient: the transpose of its matmul
+        # output) and that the program uses more than once: autograd adds the first two out of place (replay)
+        self.view_grads: set[int] = set()
         self._producer_region: dict[int, int] = {}
         self._current = -1
         self._param_ids: dict[str, int] = {}
