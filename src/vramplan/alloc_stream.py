@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Protocol
 
 from . import allocator as A
 from ._engine.replay import GradBuf, layer_backward, layer_forward
@@ -326,15 +327,22 @@ def _untied_head(st: _Stream, spec: ModelSpec, w: Workload) -> None:
 
 
 def _adapters(spec: ModelSpec, w: Workload) -> list[int]:
+    return [n for layer in _adapters_by_layer(spec, w) for n in layer]
+
+
+def _adapters_by_layer(spec: ModelSpec, w: Workload) -> list[list[int]]:
+    """The bytes of every LoRA adapter tensor (A, then B, per target), layer by layer."""
     if not (w.uses_adapters and w.is_train):
         return []
     targets = lora_targets(spec, w.lora_targets)
     r = w.lora_rank
     out = []
     for i in range(spec.num_layers):
+        layer: list[int] = []
         for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
             if name in targets:
-                out += [r * fin * 4, fout * r * 4] * n  # peft keeps adapters in fp32
+                layer += [r * fin * 4, fout * r * 4] * n  # peft keeps adapters in fp32
+        out.append(layer)
     return out
 
 
@@ -450,6 +458,26 @@ def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
     return out
 
 
+ROOT = -1  # the unit of a rank's hooks that holds the embedding, the final norm and the head
+
+
+class RankHooks(Protocol):
+    """What a multi-GPU engine adds to one rank's training stream (:mod:`vramplan.parallel.streams`): the
+    parameters it builds instead of the single-GPU ones, what it allocates and frees around each unit's forward
+    and backward (a decoder layer ``k`` or :data:`ROOT`), and the optimizer's tensors for the states it holds.
+    ``grad_ready`` sees each parameter gradient as autograd makes it (a gradient hook); ``post_backward`` gets the keys
+    of the unit's parameter gradients; ``optimizer_step`` allocates (step 0: creates) the optimizer's tensors and
+    frees what the step consumes, adding the keys that live on to ``st.opt_keys``."""
+
+    def build(self, st: _Stream) -> None: ...
+    def pre_forward(self, st: _Stream, unit: int) -> None: ...
+    def post_forward(self, st: _Stream, unit: int) -> None: ...
+    def pre_backward(self, st: _Stream, unit: int) -> None: ...
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None: ...
+    def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None: ...
+    def optimizer_step(self, st: _Stream, step: int) -> None: ...
+
+
 # torch/nn/parallel/distributed.py and torch/csrc/distributed/c10d/reducer.cpp (torch 2.13)
 DDP_FIRST_BUCKET_BYTES = 1 << 20  # dist._DEFAULT_FIRST_BUCKET_BYTES
 DDP_BUCKET_BYTES = 25 * MiB  # bucket_cap_mb=25
@@ -515,11 +543,13 @@ def _ddp_rebuild(st: _Stream, trainable: list[int]) -> None:
 
 
 def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 ddp: bool = False, *, reference: bool = False) -> list[Event]:
+                 ddp: bool = False, *, reference: bool = False, hooks: RankHooks | None = None) -> list[Event]:
     """The allocation stream of ``steps`` training steps as the calibration loop runs them; the peaks are
     reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
-    the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``)."""
-    return list(train_stream(spec, w, states, num, steps, ddp=ddp, reference=reference))
+    the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``). ``hooks``:
+    one rank of a sharded layout (FSDP, ZeRO): what its engine allocates around the single-GPU programs."""
+    return list(itertools.chain.from_iterable(_train_steps(spec, w, states, num, steps, None, ddp, reference,
+                                                           hooks)))
 
 
 def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
@@ -529,7 +559,8 @@ def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
 
 def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int,
-                 probe: list[int] | None, ddp: bool, reference: bool) -> Iterator[list[Event]]:
+                 probe: list[int] | None, ddp: bool, reference: bool,
+                 hooks: RankHooks | None = None) -> Iterator[list[Event]]:
     """The events of :func:`train_events`, one list per step (a replay takes the next list once it has
     replayed the previous one). With ``probe`` (filled by :func:`vramplan.allocator.simulate` with
     what is reserved at each ``PROBE`` marker, one at every step's start and end) the stream stops after the
@@ -547,13 +578,16 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     acc_runs = w.gradient_accumulation > 1
     st = _Stream()
     params = _param_tensors(spec, w, states)
-    if not _bnb_build(st, spec, w):
-        for j, (_, n) in enumerate(params):
-            st.alloc(st.key(("param", j)), n)
-        _untied_head(st, spec, w)
     adapters = _adapters(spec, w)
-    for j, n in enumerate(adapters):
-        st.alloc(st.key(("adapter", j)), n)
+    if hooks is not None:
+        hooks.build(st)
+    else:
+        if not _bnb_build(st, spec, w):
+            for j, (_, n) in enumerate(params):
+                st.alloc(st.key(("param", j)), n)
+            _untied_head(st, spec, w)
+        for j, n in enumerate(adapters):
+            st.alloc(st.key(("adapter", j)), n)
     first = _first_trainable(spec, w, states)
     train_sizes = _trainable(spec, w, params, adapters, first)
     if ddp:  # peft's fp32 adapters are a dtype of their own: broadcast in buckets of their own
@@ -629,7 +663,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
              for t in ht.tensors if t.keep and t.rg and not t.external]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
-    opt_states, opt_temps = _optimizer(w.optimizer, train_sizes, states)
+    opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)
+    fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
     L = spec.num_layers
     first_saves_x = groups[order[0]][7] if groups else True
     first_ckpt = groups[order[0]][2] if groups else False
@@ -643,6 +678,9 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         """One instance of a recorded block: its events added to the stream (``fast``), or returned to be edited."""
         if tpl.pgrads:
             grads.extend(base + c for c in tpl.pgrads)
+            if hooks is not None and fast and any(n > 0 and c in tpl.pgrads for c, n in codes):
+                hooked(tpl.instance(codes, base, xk, yk, gxk, gyk), {base + c for c in tpl.pgrads})
+                return []
         if fast and not reference:
             st.add_instance(codes, base, xk, yk, gxk, gyk)
             return []
@@ -650,6 +688,15 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if fast:
             st.add(items)
         return items
+
+    def hooked(items: list[Event], pgrads: set[int]) -> None:
+        """Add a backward's events, handing every parameter gradient to the engine's hook as it is made."""
+        assert hooks is not None
+        for key, n in items:
+            fresh_grad = n > 0 and key in pgrads and key not in st.live
+            st.add([(key, n)])
+            if fresh_grad:
+                hooks.grad_ready(st, key, n)  # type: ignore[arg-type]
 
     for step in range(steps):
         before = set(st.live)
@@ -660,7 +707,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         if ddp and step == 1:
             _ddp_rebuild(st, train_sizes)
         for mb in range(micro):
-            acc = mb > 0
+            acc = mb > 0 and not fresh
             t = (step, mb)
 
             def y(k: object, t: object = t) -> int:
@@ -670,6 +717,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 return st.key(("gy", t, k))
 
             st.mark(Phase.FORWARD)
+            if hooks:
+                hooks.pre_forward(st, ROOT)
             e_base = st.fresh(len(emb.local))
             run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1))
             bases: list[int] = []
@@ -679,12 +728,16 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 base = st.fresh(len(tpl.local))
                 bases.append(base)
                 cached += [base + code for code in autocast_held.get(gi, ())]
+                if hooks:
+                    hooks.pre_forward(st, k)
                 if k == 0 and not first_saves_x and not c:
                     # transformers' base model keeps inputs_embeds referenced until it returns
                     items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k), fast=False)
                     st.add([(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))])
                 else:
                     run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
+                if hooks:
+                    hooks.post_forward(st, k)
             if not first_saves_x and not first_ckpt:
                 st.free(y(-1))
             for code in e_scoped:  # the base model's forward returned: its attention masks die
@@ -693,12 +746,22 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9)
             for kk in cached:  # leaving torch.autocast clears its cache of weight casts
                 st.free(kk)
+            if hooks:
+                hooks.post_forward(st, ROOT)
             st.mark(Phase.BACKWARD)
-            st.add(_seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
-                           [(h_base + code, n) for code, n in seeds]))
+            if hooks:
+                hooks.pre_backward(st, ROOT)
+            h_items = _seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
+                              [(h_base + code, n) for code, n in seeds])
+            if hooks:
+                hooked(h_items, {h_base + code for code in head.pgrads})
+            else:
+                st.add(h_items)
             for k in range(L - 1, -1, -1):
                 _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
                 base = bases[k]
+                if hooks:
+                    hooks.pre_backward(st, k)
                 if c:  # recompute the layer's forward (saving), then its backward; then drop its input
                     base = st.fresh(len(tpl.local))
                     run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k))
@@ -706,9 +769,14 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 elif rec:  # offloaded: the saved tensors come back from the host
                     run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k))
                 run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
+                if hooks:
+                    hooks.post_backward(st, k, [base + code for code in tpl.pgrads], mb > 0)
                 if c:
                     st.free(y(k - 1))
             run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
+            if hooks:
+                hooks.post_backward(st, ROOT, [h_base + code for code in head.pgrads] +
+                                    [e_base + code for code in emb.pgrads], mb > 0)
             for code in e_extra:
                 st.free(e_base + code)
             st.free(y(-1))
@@ -716,6 +784,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 for code in head_kept:
                     st.free(h_base + code)
         st.mark(Phase.OPTIMIZER_STEP)
+        if hooks:
+            hooks.optimizer_step(st, step)
         if step == 0:
             for j, n in enumerate(opt_states):
                 st.opt_keys.add(st.key(("opt", j)))

@@ -305,18 +305,20 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     usable = gpu.usable_memory_bytes - ((gpu.cuda_context_bytes or CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES)
     est = estimate(spec, w, name=label)
     per_gpu = None
-    if layout is not None:
-        from .parallel import estimate_parallel
+    from .parallel import estimate_parallel
+    from .parallel.streams import replays
 
+    if layout is not None:
         per_gpu = estimate_parallel(spec, w, layout, links)
 
     def total_of(x: Workload) -> int | None:
         if layout is None:
             return _total(spec, x, label)
         try:
-            # several GPUs: per-GPU totals use the calibration slack (no per-GPU stream yet), so the
-            # single-GPU reference needs no allocator replay
-            return estimate_parallel(spec, x, layout, links, reserved=layout.is_single).total_bytes
+            # several GPUs: a rank whose allocation stream is modelled (FSDP, ZeRO-1/2) is replayed; the other
+            # layouts use the calibration slack, so their single-GPU reference needs no allocator replay
+            return estimate_parallel(spec, x, layout, links,
+                                     reserved=layout.is_single or replays(layout, x)).total_bytes
         except WorkloadError:
             return None
 
@@ -339,7 +341,19 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
     extra = 0 if w.is_train else w.new_tokens
     cap_b = min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra))
     cap_s = min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra)
-    if layout is None:
+    if layout is not None and not layout.is_single and replays(layout, w):
+        # a replayed rank: guess with the layout's analytic total, confirm the boundary with the replay
+        def analytic_of(x: Workload) -> int | None:
+            try:
+                return estimate_parallel(spec, x, layout, links, reserved=False).total_bytes
+            except WorkloadError:
+                return None
+
+        max_batch = largest_confirmed(lambda b: analytic_of(w.with_(batch_size=b)),
+                                      lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
+        max_seq = largest_confirmed(lambda s: analytic_of(w.with_(seq_len=s)),
+                                    lambda s: total_of(w.with_(seq_len=s)), usable, cap_s)
+    elif layout is None:
         max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
                                       lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
         max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),

@@ -20,6 +20,7 @@ from .engines import GPUStates, _engine_states, _host_bytes, _shard_info
 from .layout import Engine, FSDPMode, Layout, Offload, check_layout, in_flight_micro_batches, stage_layers
 from .nccl import NcclConfig, NcclMemory, nccl_memory, nccl_note
 from .sharding import _compute_workload, _stage_counts, _stage_spec, _stage_workload, _tp_shard
+from .streams import RankReplay, rank_replay, replayable, replays
 
 K = MemoryKind
 _ACT_KINDS = (K.ACTIVATIONS, K.LOGITS_LOSS, K.KV_CACHE)
@@ -66,6 +67,7 @@ class ParallelEstimate:
     host_bytes_per_gpu: int = 0
     warnings: tuple[str, ...] = ()
     nccl: NcclMemory | None = None
+    replay: RankReplay | None = None  # the rank's own allocation stream, where it is modelled (FSDP, ZeRO)
 
     @property
     def nccl_bytes(self) -> int:
@@ -99,6 +101,12 @@ class ParallelEstimate:
             "comm_bytes_per_step": self.comm_bytes_per_step, "communication": self.communication.to_dict(),
             "assumptions": list(self.assumptions), "warnings": list(self.warnings),
             "nccl_bytes": self.nccl_bytes, "nccl": self.nccl.to_dict() if self.nccl is not None else None,
+            "peak_reserved_bytes": self.peak_allocated_bytes + self.breakdown[K.ALLOCATOR_SLACK],
+            "replay": None if self.replay is None else {
+                "engine": self.replay.engine, "peak_allocated_bytes": self.replay.peak_allocated_bytes,
+                "peak_reserved_bytes": self.replay.peak_reserved_bytes,
+                "reserved_by_stream": dict(zip(("compute", "all_gather_copy_in", "reduce_scatter"),
+                                               self.replay.reserved_by_stream, strict=False))},
         }
 
 
@@ -221,7 +229,9 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     settings (``NCCL_BUFFSIZE``, ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, …) for its buffers.
     """
     check_layout(spec, workload, layout)
-    single = estimate(spec, workload, reserved=reserved)
+    # a sharded rank replays its own stream: the single-GPU reference then needs no allocator replay of its own
+    rank_stream = reserved and replayable(spec) and not layout.is_single and replays(layout, workload)
+    single = estimate(spec, workload, reserved=reserved and not rank_stream)
     if workload.is_train and layout.micro_batches > workload.gradient_accumulation:
         # every micro-batch of a step after the first runs with the gradients of the earlier ones allocated
         workload = workload.with_(gradient_accumulation=layout.micro_batches)
@@ -244,6 +254,7 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     peak_phase = top.peak
     peak = peak_phase.peak_allocated_bytes
     replayed = ""
+    rank: RankReplay | None = None
     if layout.is_single and peak == single.peak_allocated_bytes and single.peak_reserved_bytes:
         slack = single.peak_reserved_bytes - peak  # one GPU: the single-GPU allocator replay
         replayed = "one GPU"
@@ -252,6 +263,11 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
         stats = reserved_stats(spec, workload, ddp=True)
         slack = max(0, stats.peak_reserved_bytes - peak)
         replayed = "DDP"
+    elif rank_stream:
+        # a sharded rank: the single-GPU programs with the engine's gathers, reductions and shards around them
+        rank = rank_replay(spec, workload, _compute_workload(workload, layout.engine), layout)
+        slack = max(0, rank.peak_reserved_bytes - peak)
+        replayed = layout.engine.value
     else:  # per-GPU allocation streams of ZeRO, FSDP, TP and PP are not modelled: the calibration median
         slack = int(peak * ALLOCATOR_SLACK_FRACTION)
     kinds = {k: peak_phase.breakdown[k] for k in MemoryKind}
@@ -279,6 +295,7 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
         peak_phase=peak_phase.phase,
         phases=top.phases, states=top.states, stage=top.index, stages=tuple(r.load for r in results),
         communication=comm, host_bytes_per_gpu=top.host, warnings=_warnings(spec, workload, layout), nccl=nccl,
+        replay=rank,
     )
 
 
@@ -295,6 +312,16 @@ def _reserved_note(replayed: str) -> str:
                 "stream, DDP's construction broadcast in 250 MiB buckets, one gradient bucket in the first "
                 "iteration, rebuilt into 25 MiB buckets in the second; torch/nn/parallel/distributed.py, "
                 "c10d/reducer.cpp)")
+    if replayed == Engine.FSDP.value:
+        return ("reserved: the rank's allocation stream replayed through the caching-allocator model: the single-GPU "
+                "programs inside FSDP2's all-gathers (copy-in stream), unsharded parameters, reduce-scatters "
+                "(reduce-scatter stream) and shards, each stream a pool of its own (torch/distributed/fsdp/"
+                "_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py)")
+    if replayed == Engine.DEEPSPEED.value:
+        return ("reserved: the rank's allocation stream replayed through the caching-allocator model: the single-GPU "
+                "programs with DeepSpeed ZeRO-1/2's flat 16-bit parameters (built beside the module's own), fp32 "
+                "master partition, reduce buckets, contiguous gradient partition and fp32 gradient partition in the "
+                "step (deepspeed/runtime/zero/stage_1_and_2.py)")
     if replayed:
         return "reserved: the allocation stream replayed through the caching-allocator model"
     return (f"reserved: allocated peak + {ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median; this layout's "

@@ -11,6 +11,7 @@ from ..errors import VramplanError, WorkloadError
 from ..estimator import estimate, runs_as
 from ..hardware import GPU, list_gpus
 from ..parallel import Layout, estimate_parallel, links_for_gpu, nccl_memory
+from ..parallel.streams import replays
 from ..params import count_params
 from ..perf import (
     EngineProfile,
@@ -136,11 +137,17 @@ class _Confirm:
     """One-GPU plans are searched on the analytic path (peak + the calibration slack); those shown or
     recommended are confirmed with the allocator replay (:func:`vramplan.estimator.estimate`): their total
     becomes what the caching allocator reserves + the CUDA context, and a plan that then does not fit is
-    dropped for the next one. Multi-GPU totals keep the calibration slack (no per-GPU stream yet)."""
+    dropped for the next one. Multi-GPU plans whose ranks' allocation streams are modelled
+    (:func:`vramplan.parallel.streams.replays`: FSDP, ZeRO-1/2) are confirmed the same way with
+    :func:`vramplan.parallel.estimate_parallel` over the plan's GPU's links; the others keep the calibration
+    slack."""
 
-    def __init__(self, spec: ModelSpec, name: str, one_gpu: dict[int, Workload]) -> None:
+    def __init__(self, spec: ModelSpec, name: str, one_gpu: dict[int, Workload],
+                 sharded: dict[int, tuple[Workload, Layout]] | None = None) -> None:
         self.spec, self.name, self.one_gpu = spec, name, one_gpu
+        self.sharded = sharded or {}
         self.totals: dict[Workload, int] = {}
+        self.parallel_totals: dict[tuple[Workload, Layout, str], int] = {}
         self.checked: dict[int, Plan | None] = {}
 
     def __call__(self, p: Plan) -> Plan | None:
@@ -152,6 +159,20 @@ class _Confirm:
             t = self.totals.get(w)
             if t is None:
                 t = self.totals[w] = estimate(self.spec, w, name=self.name).total_bytes
+            out = dataclasses.replace(p, total_bytes=t)
+            out = out if out.fits else None
+        elif id(p) in self.sharded:
+            w, layout = self.sharded[id(p)]
+            key = (w, layout, p.gpu)
+            t = self.parallel_totals.get(key)
+            if t is None:
+                try:
+                    links = links_for_gpu(p.gpu, layout.gpus_per_node)
+                except VramplanError:  # a GPU with no catalog link: its plan keeps the search's total
+                    t = p.total_bytes
+                else:
+                    t = estimate_parallel(self.spec, w, layout, links).total_bytes
+                self.parallel_totals[key] = t
             out = dataclasses.replace(p, total_bytes=t)
             out = out if out.fits else None
         self.checked[id(p)] = out
@@ -234,6 +255,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     candidates = 0
     plans: list[Plan] = []
     one_gpu: dict[int, Workload] = {}  # plans on one GPU (each GPU on its own): their workload, for confirm
+    sharded: dict[int, tuple[Workload, Layout]] = {}  # plans whose ranks' streams are replayed (FSDP, ZeRO-1/2)
     min_need: dict[str, tuple[int, str]] = {}  # gpu class -> (least total bytes evaluated, description)
     families = {f: [g for g in pool if _family(g) == f] for f in ("bf16", "fp16")}
     for family, fgpus in families.items():
@@ -287,6 +309,8 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                             plans.append(plan if g_total == total else dataclasses.replace(plan, total_bytes=g_total))
                             if layout.is_single or lay_label == "replicas":
                                 one_gpu[id(plans[-1])] = w
+                            elif replays(layout, w):
+                                sharded[id(plans[-1])] = (w, layout)
                     if total > max_usable:
                         break  # a larger micro-batch cannot fit any GPU of the pool
     if not candidates and memo.errors:
@@ -299,7 +323,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
             warnings.append(f"{len(over)} fitting plans dropped: over the ${req.budget_usd:,.2f} budget or unpriced")
         plans = [p for p in plans if p.cost_usd is not None and p.cost_usd <= req.budget_usd]
     ranked = sorted(plans, key=_rank_key(req.sort))
-    confirm = _Confirm(spec, label, one_gpu)
+    confirm = _Confirm(spec, label, one_gpu, sharded)
     shown = confirm.top(ranked, req.top)
     consumer, consumer_reason = confirm.recommend("consumer", ranked, pool, min_need, req, feasible)
     datacenter, datacenter_reason = confirm.recommend("datacenter", ranked, pool, min_need, req, feasible)
@@ -310,8 +334,8 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         f"job: {tokens_note}" + ("" if infer else f"; global batch {global_batch} sequences of {req.seq_len} tokens"),
         "fits: total_bytes (peak allocated + allocator slack + CUDA context, + NCCL's buffers over the GPU's own "
         "links for several GPUs) of the most loaded GPU <= the GPU's usable memory; the search ranks one-GPU "
-        "candidates with a slack of 10% of the peak, and every one-GPU plan shown or recommended is confirmed "
-        "with the caching-allocator replay (reserved + context)",
+        "candidates with a slack of 10% of the peak, and every one-GPU, FSDP or ZeRO-1/2 plan shown or recommended is "
+        "confirmed with the caching-allocator replay (reserved + context)",
         model.assumption(),
         "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
         "overlapped with compute for data parallelism (DDP buckets, FSDP prefetch), on the critical path for tensor "
