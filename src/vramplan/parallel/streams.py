@@ -45,8 +45,9 @@ from ..memory import ModelStates, model_states
 from ..spec import ModelSpec
 from ..workload import Method, Precision, WeightsQuant, Workload
 from .layout import Engine, FSDPMode, Layout, Offload, zero_auto_buckets
+from .sharding import _tp_shard
 
-__all__ = ["FsdpRank", "RankReplay", "Zero3Rank", "ZeroRank", "rank_replay", "replayable", "replays"]
+__all__ = ["FsdpRank", "MegatronRank", "RankReplay", "Zero3Rank", "ZeroRank", "rank_replay", "replayable", "replays"]
 
 COMPUTE, COPY_IN, REDUCE_SCATTER = 0, 1, 2  # the CUDA streams a rank allocates on
 
@@ -625,6 +626,63 @@ class Zero3Rank:
             st.free(fp32)
 
 
+class MegatronRank:
+    """The :class:`~vramplan.alloc_stream.RankHooks` of one tensor-parallel rank as Megatron-LM runs it with bf16/fp16
+    (megatron/core/distributed/param_and_grad_buffer.py, megatron/core/optimizer/optimizer.py
+    ``Float16OptimizerWithFloat16Params``): the stream is the single-GPU programs of the rank's shard of every layer
+    (column- and row-parallel linears, vocab-parallel embedding and head; the all-reduces work in place on the layer's
+    output); the module's 16-bit parameters, then one contiguous fp32 ``main_grad`` buffer for every trained
+    parameter (``grad_data``, allocated once and zeroed in place); the optimizer's fp32 master copy of each parameter
+    (``param.detach().clone().float()``); each 16-bit gradient autograd makes is added into ``main_grad`` and dropped
+    by the parameter's backward hook; the step runs on the master copies with ``main_grad`` as their gradients (no
+    copy: it is already fp32), its states created in the first step. Without AMP the workload's own precision, as
+    the estimator's ``megatron_states`` takes it: the parameters train as a single GPU's would (gradients where
+    autograd makes them, freed by ``zero_grad``)."""
+
+    def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
+        self.elem = wc.precision.param_bytes
+        self.mixed = w.precision.is_amp
+        units = _units(spec, wc, wc)
+        self.params = [p for u in [ROOT, *range(spec.num_layers)] for p in units[u].params]
+        self.trained = [p for p in self.params if p.trainable]
+        self.stream: dict[int, int] = {}
+        self.w, self.spec = w, spec
+
+    def build(self, st: _Stream) -> None:
+        for j, p in enumerate(self.params):
+            st.alloc(st.key(("tp_param", j)), p.numel * self.elem)
+        if not self.trained or not self.mixed:
+            return
+        st.alloc(st.key("tp_main_grad"), sum(p.numel for p in self.trained) * 4)
+        if self.mixed:
+            for j, p in enumerate(self.trained):
+                clone = st.fresh(0)
+                st.alloc(clone, p.numel * self.elem)
+                st.alloc(st.key(("tp_master", j)), p.numel * 4)
+                st.free(clone)
+
+    def pre_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def post_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def pre_backward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
+        if self.mixed:
+            st.free(key)  # added into main_grad by the parameter's backward hook
+
+    def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None:
+        pass
+
+    def optimizer_step(self, st: _Stream, step: int) -> None:
+        elem = 4 if self.mixed else self.elem
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32) if self.mixed else self.w)
+        _step(st, *_optimizer(self.w.optimizer, [p.numel * elem for p in self.trained], states), step)
+
+
 def _sharded_states(s: ModelStates, n: int) -> ModelStates:
     from dataclasses import replace
 
@@ -663,9 +721,11 @@ def _split(events: list[tuple[object, int]], stream: dict[int, int], count: int)
 
 def replays(layout: Layout, w: Workload) -> bool:
     """Whether :func:`rank_replay` models ``layout`` for ``w`` (else the estimate keeps the calibration slack)."""
-    return ((layout.engine is Engine.FSDP or layout.zero in (1, 2, 3)) and layout.tp == 1 and layout.pp == 1 and
-            layout.ep == 1 and layout.offload is Offload.NONE and w.is_train and w.base_quant is WeightsQuant.NONE
-            and w.method is not Method.QLORA and not w.activation_offload)
+    sharded = (layout.engine is Engine.FSDP or layout.zero in (1, 2, 3)) and layout.tp == 1
+    tensor = layout.engine is Engine.MEGATRON and layout.tp > 1 and not layout.sequence_parallel
+    return ((sharded or tensor) and layout.pp == 1 and layout.ep == 1 and layout.offload is Offload.NONE and
+            w.is_train and w.base_quant is WeightsQuant.NONE and w.method is not Method.QLORA and
+            not w.activation_offload)
 
 
 def replayable(spec: ModelSpec) -> bool:
@@ -679,9 +739,16 @@ def replayable(spec: ModelSpec) -> bool:
 def rank_replay(spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> RankReplay:
     """One rank of ``layout`` (see :func:`replays`) over the calibration loop's 3 steps, the last one measured.
     ``w`` is the workload as asked, ``wc`` as the GPU computes it (``parallel.sharding._compute_workload``)."""
+    hooks: FsdpRank | ZeroRank | Zero3Rank | MegatronRank
+    if layout.engine is Engine.MEGATRON:  # the rank's shard of every layer (parallel/sharding.py)
+        spec = _tp_shard(spec, layout.tp, layout.ep)
     wc = runs_as(spec, wc)
-    hooks: FsdpRank | ZeroRank | Zero3Rank = FsdpRank(spec, w, wc, layout) if layout.engine is Engine.FSDP else \
-        Zero3Rank(spec, w, wc, layout) if layout.zero == 3 else ZeroRank(spec, w, wc, layout)
+    if layout.engine is Engine.FSDP:
+        hooks = FsdpRank(spec, w, wc, layout)
+    elif layout.engine is Engine.MEGATRON:
+        hooks = MegatronRank(spec, w, wc, layout)
+    else:
+        hooks = Zero3Rank(spec, w, wc, layout) if layout.zero == 3 else ZeroRank(spec, w, wc, layout)
     states = model_states(spec, wc)
     events = train_events(spec, wc, states, numerics(wc), 3, hooks=hooks)
     conf = parse_alloc_conf(w.alloc_conf)
