@@ -104,6 +104,8 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
 class FsdpRank:
     """The :class:`~vramplan.alloc_stream.RankHooks` of one FSDP2 rank (see the module's docstring)."""
 
+    per_param_grads = False  # a unit's gradients are taken in its post-backward hook
+
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.n = max(1, layout.shard_degree)
         self.units = _units(spec, w, wc)
@@ -269,6 +271,8 @@ class ZeroRank:
       the fp32 gradient released; the updated weights are all-gathered in place.
     """
 
+    per_param_grads = True
+
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.stage = layout.zero
         self.n = max(1, layout.shard_degree)
@@ -425,6 +429,8 @@ class Zero3Rank:
     * step, per sub-group: the 16-bit gradient partition converted to fp32 (``_prepare_fp32_grad_for_sub_group``),
       the optimizer's step, the fp32 gradient released.
     """
+
+    per_param_grads = True
 
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.n = max(1, layout.shard_degree)
@@ -638,6 +644,8 @@ class MegatronRank:
     copy: it is already fp32), its states created in the first step. Without AMP the workload's own precision, as
     the estimator's ``megatron_states`` takes it: the parameters train as a single GPU's would (gradients where
     autograd makes them, freed by ``zero_grad``)."""
+
+    per_param_grads = True
 
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.elem = wc.precision.param_bytes
