@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py              # llama-3.1-8b, the default training workload (the CLI's default)
     python benchmarks/speed.py -n 30        # more repetitions
+    python benchmarks/speed.py --catalog    # the warm new-workload figures for every model of the catalog
 
 Measured (each the minimum over repetitions, and the median beside it; the machine's load average is printed,
 since other processes inflate every figure):
@@ -13,7 +14,9 @@ since other processes inflate every figure):
   with the reserved-memory replay (what ``estimate`` returns) and without it (``reserved=False``, the analytic path
   the plan search uses);
 * warm estimate, same workload: the answer is memoized (``estimator._estimate_cached``);
-* the CLI: ``vramplan estimate MODEL --json`` end to end (interpreter start included).
+* the CLI: ``vramplan estimate MODEL --json`` end to end (interpreter start included);
+* ``--catalog``: the two warm new-workload figures for every model of the catalog (training, sequence lengths from
+  512 so that every model takes them), with how many are under the target and the slowest.
 
 The package is byte-compiled first (``compileall``), as an install does: with ``PYTHONDONTWRITEBYTECODE`` set and no
 ``__pycache__``, every CLI run would compile ~100 modules (+300 ms) and measure that instead.
@@ -85,6 +88,34 @@ def cli(model: str, n: int) -> list[float]:
     return times
 
 
+def catalog(n: int) -> None:
+    from vramplan.catalog import list_models
+
+    rows = []
+    for entry in list_models():
+        name, spec = entry.name, entry.spec
+        try:
+            estimate(spec, vramplan.make_workload(seq_len=500), name=name)
+        except vramplan.VramplanError:
+            continue
+        row = [name]
+        for reserved, offset in ((False, 0), (True, 8 * (n + 1))):
+            times = []
+            for i in range(n):
+                w = vramplan.make_workload(seq_len=512 + offset + 8 * i)  # new every time
+                t0 = time.perf_counter()
+                estimate(spec, w, name=name, reserved=reserved)
+                times.append(time.perf_counter() - t0)
+            row.append(min(times) * 1e3)
+        rows.append(row)
+    for col, label in ((1, "reserved=False"), (2, "with the replay")):
+        rows.sort(key=lambda r: r[col])
+        met = sum(r[col] < WARM_TARGET_MS for r in rows)
+        print(f"catalog, warm estimate, new workload ({label}): {met} of {len(rows)} models < {WARM_TARGET_MS:g} ms; "
+              f"median {statistics.median(r[col] for r in rows):.3f} ms; slowest: "
+              + ", ".join(f"{r[0]} {r[col]:.1f} ms" for r in rows[-5:]))
+
+
 def _row(label: str, seconds: list[float], target_ms: float | None = None) -> str:
     lo, mid = min(seconds) * 1e3, statistics.median(seconds) * 1e3
     verdict = "" if target_ms is None else f"  target < {target_ms:g} ms: {'met' if lo < target_ms else 'MISSED'}"
@@ -95,9 +126,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("-n", type=int, default=10, help="repetitions of each measurement")
+    ap.add_argument("--catalog", action="store_true", help="the warm new-workload figures of every catalog model")
     args = ap.parse_args()
     compileall.compile_dir(str(Path(vramplan.__file__).parent), quiet=1)
     print(f"load average (1, 5, 15 min) before: {os.getloadavg()}; {os.cpu_count()} CPUs")
+    if args.catalog:
+        catalog(max(3, args.n // 3))
+        print(f"load average after: {os.getloadavg()}")
+        return
     imports, firsts = cold(args.model, args.n)
     print(_row("cold import vramplan", imports))
     print(_row(f"first estimate {args.model} (fresh interpreter)", firsts))

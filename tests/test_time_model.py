@@ -94,6 +94,37 @@ def test_serving_engines_run_their_own_fused_attention() -> None:
     assert engine_profile("tensorrt-llm").fused_attention and not engine_profile("transformers").fused_attention
 
 
+def test_fp8_gemms_pay_for_quantizing_their_inputs() -> None:
+    """An fp8 GEMM takes fp8 activations: each linear's 16-bit input is quantized in a kernel of its own (read 2
+    bytes, write 1). transformers quantizes per Linear module (q, k, v each); an engine once per fused input
+    (qkv, gate_up). 16-bit weights pay nothing, and the pass slows the prefill on the same GPU."""
+    from vramplan.perf import inference_work
+
+    spec = get_model("llama-2-7b").spec
+    w = Workload(task=Task.INFER, precision=Precision.FP16, weights_quant=WeightsQuant.FP8, batch_size=1,
+                 seq_len=2048, new_tokens=1)
+    hf, trt = inference_work(spec, w, "transformers"), inference_work(spec, w, "tensorrt-llm")
+    d, f, L = 4096, 11008, 32
+    assert hf.quant_kernels == 7 and trt.quant_kernels == 4
+    assert hf.quant_bytes == 2048 * L * (6 * d + f) * 3
+    assert trt.quant_bytes == 2048 * L * (3 * d + f) * 3
+    plain = inference_work(spec, dataclasses.replace(w, weights_quant=WeightsQuant.NONE), "tensorrt-llm")
+    assert plain.quant_bytes == 0 and plain.quant_kernels == 0
+    gpu = get_gpu("h100-sxm")
+    with_quant = step_time(trt, gpu, engine=engine_profile("tensorrt-llm"))
+    without = step_time(dataclasses.replace(trt, quant_bytes=0, quant_kernels=0), gpu,
+                        engine=engine_profile("tensorrt-llm"))
+    assert with_quant is not None and without is not None
+    assert with_quant.memory_s > without.memory_s and with_quant.launch_s > without.launch_s
+    from vramplan.perf import decode_step
+
+    fp8_step = decode_step(spec, w, gpu, context=2048, batch=1, engine="tensorrt-llm")
+    plain_step = decode_step(spec, dataclasses.replace(w, weights_quant=WeightsQuant.NONE), gpu, context=2048,
+                             batch=1, engine="tensorrt-llm")
+    kernel_s = engine_profile("tensorrt-llm").kernel_s or 0.0
+    assert fp8_step.overhead_s - plain_step.overhead_s == pytest.approx(L * 4 * kernel_s)
+
+
 def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
     """generate()'s DynamicCache grows by torch.cat (transformers cache_utils.py DynamicLayer.update): each step
     reads and writes the whole cache once more; a paged or static cache (vLLM, gpt-fast) writes one slot."""
@@ -108,6 +139,37 @@ def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
     assert hf.bytes_read - paged.bytes_read == 2 * 2 * kv_bytes_per_token(spec, w, 8192)
     short = decode_step(spec, w, gpu, context=16, batch=2, engine="transformers")
     assert short.seconds is not None and hf.seconds is not None and hf.seconds > short.seconds
+
+
+def test_decode_pays_for_expanding_grouped_keys_and_values_where_transformers_copies_them() -> None:
+    """transformers before 4.48 ran Qwen2's and Mistral's FlashAttention-2 path after repeat_kv (a copy of the cache
+    for every query head); 5.x passes the grouped cache (flash) or enable_gqa (SDPA without a mask); the eager path
+    always copies; serving engines never do. Each copy costs 2 x n_rep x the cache per step."""
+    from vramplan.perf.work import kv_bytes_per_token, repeated_kv_bytes
+    from vramplan.workload import Attention
+
+    spec = get_model("qwen2.5-14b").spec
+    old = Workload(task=Task.INFER, attention=Attention.FLASH, seq_len=30720, new_tokens=2048, transformers="4.46.0")
+    n_rep = spec.num_heads // spec.num_kv_heads
+    assert repeated_kv_bytes(spec, old, 30720) == 2 * n_rep * kv_bytes_per_token(spec, old, 30720)
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, transformers="5.17.0"), 30720) == 0
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, attention=Attention.SDPA, transformers=None), 30720) == 0
+    assert repeated_kv_bytes(spec, dataclasses.replace(old, attention=Attention.EAGER), 30720) > 0
+    assert repeated_kv_bytes(spec, old, 30720, engine="vllm") == 0
+    assert repeated_kv_bytes(get_model("llama-3.1-8b").spec, old, 30720) == 0  # Llama's FA2 path never repeated
+
+
+def test_generate_pays_its_own_per_step_work_besides_the_layers() -> None:
+    """generate() launches its own ops every step (inputs, logits processors, sampling, stopping criteria): counted
+    in layer passes at the calibrated eager launch cost, the same for every model size."""
+    from vramplan.perf import engine_overhead_s, load_throughput_model
+
+    hf = engine_profile("transformers")
+    launch = load_throughput_model().launch_s_per_layer_pass
+    for name in ("qwen2.5-0.5b", "qwen2.5-14b"):
+        spec = get_model(name).spec
+        assert engine_overhead_s(spec, hf) == pytest.approx((spec.num_layers + hf.step_layer_passes) * launch)
+    assert 1 <= hf.step_layer_passes <= 2
 
 
 def test_logits_bytes_are_counted_not_fitted() -> None:
@@ -268,17 +330,22 @@ def test_a_power_capped_card_is_slower() -> None:
     assert full.time_s is not None and slow.time_s is not None and slow.time_s > full.time_s
 
 
-def test_plan_ranks_with_the_estimate_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("engine", "quant"), [("vllm", WeightsQuant.NONE), ("transformers", WeightsQuant.NONE),
+                                                ("vllm", WeightsQuant.FP8)])
+def test_plan_ranks_with_the_estimate_numbers(engine: str, quant: WeightsQuant,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The planner prices a request with inference_time's terms, the engine's decode traffic included (transformers
+    rebuilds its cache with torch.cat every step) and fp8's quantization kernels."""
     from vramplan.planner import PlanRequest, PlanTask, plan
 
     spec = get_model("llama-3.2-1b").spec
     gpu = get_gpu("h100-sxm")
-    req = PlanRequest(task=PlanTask.INFER, seq_len=1024, new_tokens=128, max_gpus=1, micro_batches=(8,),
-                      engine="vllm", weights_quants=(WeightsQuant.NONE,))
+    req = PlanRequest(task=PlanTask.INFER, seq_len=8192, new_tokens=128, max_gpus=1, micro_batches=(8,),
+                      engine=engine, weights_quants=(quant,))
     res = plan(spec, req, gpus=[gpu])
     p = next(p for p in res.plans if p.gpu_count == 1 and p.micro_batch == 8)
-    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=1024, new_tokens=128), gpu,
-                        engine="vllm")
+    it = inference_time(spec, Workload(task=Task.INFER, batch_size=8, seq_len=8192, new_tokens=128,
+                                       weights_quant=quant), gpu, engine=engine)
     assert it.request_s is not None and p.tokens_per_s is not None
     assert p.tokens_per_s == pytest.approx(8 * 128 / it.request_s, rel=1e-6)
 

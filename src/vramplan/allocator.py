@@ -471,6 +471,9 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
     The same rules as :class:`_Allocator`; a block is a list ``[ptr, size, small, allocated, prev, next]``
     and each pool a sorted list of ``size << 56 | ptr`` keys with a dict of their blocks."""
     bisect_left, insort = bisect.bisect_left, bisect.insort
+    small_size, min_block, small_buffer = K_SMALL_SIZE, K_MIN_BLOCK, K_SMALL_BUFFER
+    large_buffer, min_large, round_large = K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_ROUND_LARGE
+    limited = max_split != _NO_LIMIT  # max_split_size_mb set: oversize blocks are kept for oversize requests
     keys_s: list[int] = []
     keys_l: list[int] = []
     blk_s: dict[int, list[Any]] = {}
@@ -483,28 +486,33 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
     for key, n in events:
         if n >= 0:
             size = (n + 511) & ~511 if n > 512 else 512
-            small = size <= K_SMALL_SIZE
-            keys, blks = (keys_s, blk_s) if small else (keys_l, blk_l)
+            if size <= small_size:
+                small = True
+                keys, blks = keys_s, blk_s
+            else:
+                small = False
+                keys, blks = keys_l, blk_l
             i = bisect_left(keys, size << 56)
             b = None
             if i < len(keys):
                 k = keys[i]
                 b = blks[k]
-                bs = b[1]
-                if (size < max_split <= bs) or (size >= max_split and bs >= size + K_LARGE_BUFFER):
+                if limited and ((size < max_split <= b[1]) or (size >= max_split and b[1] >= size + large_buffer)):
                     b = None
                 else:
                     del keys[i]
                     del blks[k]
             if b is None:
-                seg = K_SMALL_BUFFER if small else (K_LARGE_BUFFER if size < K_MIN_LARGE_ALLOC
-                                                    else K_ROUND_LARGE * -(-size // K_ROUND_LARGE))
+                seg = small_buffer if small else (large_buffer if size < min_large
+                                                  else round_large * -(-size // round_large))
                 b = [next_ptr, seg, small, False, None, None]
-                next_ptr += seg + K_SMALL_BUFFER
+                next_ptr += seg + small_buffer
                 reserved += seg
                 segments += 1
+                if reserved > peak_res:  # (what is reserved grows only here)
+                    peak_res = reserved
             remaining = b[1] - size
-            if (remaining >= K_MIN_BLOCK) if small else (size < max_split and remaining > K_SMALL_SIZE):
+            if (remaining >= min_block) if small else (remaining > small_size and size < max_split):
                 nxt = b[5]
                 rest = [b[0] + size, remaining, small, False, b, nxt]
                 if nxt is not None:
@@ -519,8 +527,6 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
             allocated += b[1]
             if allocated > peak_alloc:
                 peak_alloc = allocated
-            if reserved > peak_res:
-                peak_res = reserved
             if cur is not None:
                 if allocated > cur[0]:
                     cur[0] = allocated
@@ -530,7 +536,10 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
             b = live.pop(key)
             b[3] = False
             allocated -= b[1]
-            keys, blks = (keys_s, blk_s) if b[2] else (keys_l, blk_l)
+            if b[2]:
+                keys, blks = keys_s, blk_s
+            else:
+                keys, blks = keys_l, blk_l
             p = b[4]
             if p is not None and not p[3]:
                 k = p[1] << 56 | p[0]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._engine.numerics import MEM_EFF_MASK_ALIGNMENT, Kernel, Numerics, sdpa_kernel
+from ._engine.ops import fused_sdpa, lora_branch, math_sdpa, native_layer_norm, rms_normalize
 from ._engine.tape import Tape, Tensor
 from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
@@ -184,29 +185,16 @@ class _B:
 
     def lora(self, x: Tensor, y: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
         """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(fp32))) * scaling`` then cast back."""
-        num = self.num
-        tokens = x.numel // fin
-        if num.amp:
-            xa = x
-            if self.plan is not None and self.plan.lora_dropout > 0:
-                xa = self.dropout(xa, self.plan.lora_dropout)
-            xa = self.cast(xa, 2)
-            a = self.tp.op(tokens * r, 2, (xa,), save=(xa,), params=self.param_grad(name + ".A", r * fin, 4))
-            b = self.tp.op(tokens * fout, 2, (a,), save=(a,), params=self.param_grad(name + ".B", fout * r, 4))
-        else:
-            xa = self.cast(x, num.lora_param)
-            if self.plan is not None and self.plan.lora_dropout > 0:
-                # lora_A(dropout(x)): a dropped copy and its bool mask per adapted layer
-                xa = self.dropout(xa, self.plan.lora_dropout)
-            a = self.tp.op(tokens * r, num.lora_param, (xa,), save=(xa,),
-                           params=self.param_grad(name + ".A", r * fin, num.lora_param))
-            b = self.tp.op(tokens * fout, num.lora_param, (a,), save=(a,),
-                           params=self.param_grad(name + ".B", fout * r, num.lora_param))
+        num, plan = self.num, self.plan
+        drop = plan.lora_dropout if plan is not None else 0.0
+        elem = num.lora_param
+        b, bs = lora_branch(self.tp, x, x.numel // fin, fout, r, adapter_elem=elem, amp=num.amp,
+                            params_a=self.param_grad(name + ".A", r * fin, elem),
+                            params_b=self.param_grad(name + ".B", fout * r, elem),
+                            dropout=lambda t: self.dropout(t, drop) if drop > 0 else t)
         if self.plan is not None and self.plan.dora:
             return self.cast(self.dora(y, b, fin, fout, r, name), y.elem)
-        bs = self.tp.op(b.numel, b.elem, (b,))  # * scaling
-        s = self.add(y, bs)
-        return self.cast(s, y.elem)
+        return self.cast(self.add(y, bs), y.elem)
 
     def dora(self, y: Tensor, lora_out: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
         """peft ``DoraLinearLayer.forward`` (peft/tuners/lora/dora.py, 0.21): ``B(A(eye(in)))`` rebuilds the
@@ -244,12 +232,7 @@ class _B:
             if trainable else ()
         if spec.norm is NormKind.LAYERNORM:
             xin = self.cast(x, 4) if num.amp else x  # autocast runs layer_norm in fp32
-            saves = (xin,) if (xin.rg or trainable) else ()
-            stats = self.tp.op(2 * rows, 4, (), rg=False)  # mean and rstd, saved
-            out = self.tp.op(x.numel, xin.elem if not num.amp else 4, (xin, stats),
-                             save=saves + ((stats,) if saves else ()), params=pg, grad_to=(xin,),
-                             rg=xin.rg or trainable)
-            return out
+            return native_layer_norm(self.tp, xin, rows, params=pg, node=xin.rg or trainable)
         if spec.norm is NormKind.LAYERNORM_NO_AFFINE:
             # OlmoLayerNorm (modeling_olmo.py, transformers 5.24): F.layer_norm(x.to(fp32), shape, None, None)
             # .to(dtype): the fp32 copy and mean/rstd are saved for backward; no parameters
@@ -273,13 +256,7 @@ class _B:
                              rg=n32.rg or trainable)
             return self.cast(out, x.elem)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
-        x32 = self.cast(x, 4)
-        # pow(2)'s backward (FunctionsManual.cpp pow_backward: grad * (2 * x.pow(1))) makes x.pow(1) and 2 * that
-        # before the product that is the input's gradient
-        sq = self.tp.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else (), bwd_scratch=2 * x.numel * 4)
-        var = self.tp.op(rows, 4, (sq,))
-        rs = self.ew(var, save_out=True)
-        n32 = self.mul(x32, rs)
+        n32 = rms_normalize(self.tp, x, dim)
         if not scale or spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm (NanoChat): ._norm(x.float())
             return self.cast(n32, x.elem)  # .type_as(x), no weight
         if spec.norm in (NormKind.GEMMA_RMSNORM, NormKind.FP32_WEIGHT_RMSNORM):
@@ -533,63 +510,29 @@ class _B:
         p_drop = spec.attention_dropout if self.num.training else 0.0
         rg = q.rg or k.rg or v.rg
         if kernel in (Kernel.FLASH, Kernel.EFFICIENT):
-            # both keep only the output and the fp32 log-sum-exp for backward
-            lse_len = s if kernel is Kernel.FLASH else -(-s // 32) * 32
-            lse = tp.op(b * h * lse_len, 4, (), rg=False)
-            ins: tuple[Tensor, ...] = (q, k, v, lse)
+            extra: tuple[Tensor, ...] = ()
             if bias is not None and kernel is Kernel.EFFICIENT:
-                ins += (bias,)
+                extra = (bias,)
             elif masked and kernel is Kernel.EFFICIENT and s > 1:
-                ins += (self.sdpa_bias(elem),)
-            rg = rg or (bias is not None and bias.rg)
-            grads = (q, k, v) + ((bias,) if bias is not None and bias.rg else ())
-            out = tp.op(b * s * h * dv, elem, ins, save=ins if rg else (), grad_to=grads)
-            if rg:
-                tp.save_output(out)
-                # backward: fp32 dq accumulator; GQA expands dk/dv to every query head before summing
-                extra = b * s * h * d * 4
-                if heads_kv != h:
-                    extra += b * skv * h * (d + dv) * elem
-                tp.ops[-1].bwd_scratch = extra
-            return out
-        scores = b * h * s * skv
+                extra = (self.sdpa_bias(elem),)
+            return fused_sdpa(tp, q, k, v, kernel, batch=b, heads=h, sq=s, skv=skv, head_dim=d, value_dim=dv,
+                              heads_kv=heads_kv, extra=extra,
+                              extra_grads=(bias,) if bias is not None and bias.rg else ())
         if kernel is Kernel.MATH:
-            # _scaled_dot_product_attention_math: 16-bit inputs are upcast to fp32 (torch >= 2.5)
-            q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
-            qs = tp.op(q32.numel, 4, (q32,))  # q * sqrt(scale)
             gqa = heads_kv != h and bias is not None and not masked
-            if gqa:  # enable_gqa: pre_process_group_query_attention_input repeat_interleaves the fp32 k and v first
-                # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
-                k32 = tp.op(b * h * skv * d, 4, (k32,))
-                v32 = tp.op(b * h * skv * dv, 4, (v32,))
-                locals_ += (k32, v32)
-            elif heads_kv != h:  # GQA repeat_interleave, or matmul's broadcast expand + reshape copy
-                k32 = tp.op(b * h * skv * d, 4, (k32,))
-            ks = tp.op(k32.numel, 4, (k32,))  # k^T * sqrt(scale)
-            att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            if bias is not None and not masked:
-                mask: Tensor | None = bias
-            elif masked and s > 1:  # transformers' boolean mask converted to the query dtype
-                mask = tp.op(b * s * skv, q.elem, (), rg=False)
-            else:  # is_causal: ones(L, S).tril(), converted to fp32
-                mask = tp.op(s * skv, 4, (), rg=False) if s > 1 else None
-            # _safe_softmax: softmax, then an eq(-inf) bool mask of the scores to zero fully masked rows
-            probs = tp.op(scores, 4, (att,) + ((mask,) if mask else ()), grad_to=(att,), fwd_scratch=scores)
-            if rg:
-                tp.save_output(probs)
-            if p_drop > 0:
-                probs = self.dropout(probs, p_drop)
-            if heads_kv != h and not gqa:  # the values broadcast to every head for the product (a copy)
-                v32 = tp.op(b * h * skv * dv, 4, (v32,))
-            o32 = tp.op(b * s * h * dv, 4, (probs, v32), save=(probs, v32) if rg else ())
-            if elem != 4:
-                tp.op(scores, elem, (probs,), rg=False)  # the attn weights output .to(dtype), discarded
-            out = self.cast(o32, elem)
-            # the function's locals (query_acc, key_acc, value_acc and the scaled query, attention.cpp) and the
-            # caller's q, k, v stay referenced until it returns
-            tp.hold(*locals_, qs)
-            return out
+
+            def mask() -> Tensor | None:
+                if bias is not None and not masked:
+                    return bias
+                if masked and s > 1:  # transformers' boolean mask converted to the query dtype
+                    return tp.op(b * s * skv, q.elem, (), rg=False)
+                return tp.op(s * skv, 4, (), rg=False) if s > 1 else None  # is_causal: ones(L, S).tril(), in fp32
+
+            # (a float mask of its own is how a GQA layer reaches this kernel with enable_gqa: vramplan.inkling)
+            return math_sdpa(tp, q, k, v, batch=b, heads=h, sq=s, skv=skv, head_dim=d, value_dim=dv,
+                             heads_kv=heads_kv, enable_gqa=gqa, mask=mask,
+                             dropout=lambda t: self.dropout(t, p_drop) if p_drop > 0 else t)
+        scores = b * h * s * skv
         # eager (transformers' eager_attention_forward): the scores in the model dtype, a float mask
         if heads_kv != h:  # repeat_kv: expand + reshape copies
             k = tp.op(b * h * skv * d, elem, (k,))

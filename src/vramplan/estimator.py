@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from ._engine.replay import Pass, layer_backward, layer_forward, layer_recompute
+from ._engine.replay import ForwardResult, Pass, forward, layer_backward, layer_forward, layer_passes, layer_recompute
 from ._engine.step import (
     ALLOCATOR_SLACK_FRACTION,
     CUBLAS_WORKSPACE_BYTES,
@@ -64,12 +64,15 @@ MAX_REPLAY_LAYERS = 256
 K = MemoryKind
 
 
+_KINDS = tuple(MemoryKind)  # (iterating the enum itself is slower)
+
+
 def _vec(d: dict[MemoryKind, int]) -> tuple[int, ...]:
-    return tuple(d.get(k, 0) for k in MemoryKind)
+    return tuple([d.get(k, 0) for k in _KINDS])
 
 
 def _plus(*vs: Iterable[int]) -> tuple[int, ...]:
-    return tuple(sum(x) for x in zip(*vs, strict=True))
+    return tuple(map(sum, zip(*vs, strict=True)))
 
 
 def _scale(v: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -162,12 +165,19 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
     tp.unpacked_saves = ckpt and keep_input  # its backward runs on the recomputed forward's tensors
-    fwd = layer_forward(tp)
+    if num.training:
+        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
+    else:
+        fwd = layer_forward(tp)
+        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
-    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
-        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
                      ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
+
+
+def _as_pass(f: ForwardResult) -> Pass:
+    """:func:`layer_forward`'s figures from the forward it replays (kept to share with the backward)."""
+    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
 def has_body(spec: ModelSpec) -> bool:
@@ -188,14 +198,24 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     tp = Tape(num.training)
     y = build_body(tp, spec, num, plan, b, s, kv_len, ckpt_every)
     x = tp.tensors[0]
-    fwd = layer_forward(tp)
-    bwd = layer_backward(tp, param_grads_exist=grads_exist) if num.training else \
-        Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    if num.training:
+        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
+    else:
+        fwd = layer_forward(tp)
+        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
     return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int,
-                  ckpt_every: int = 0) -> list[tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]]:
+_Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
+
+
+def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> list[_Group]:
+    """:func:`_layer_groups_of`, a fresh list (worked out once per model: every workload asks again)."""
+    return list(_layer_groups_of(spec, first_trainable, ckpt_every))
+
+
+@lru_cache(maxsize=1024)
+def _layer_groups_of(spec: ModelSpec, first_trainable: int, ckpt_every: int) -> tuple[_Group, ...]:
     """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
     top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
@@ -208,7 +228,7 @@ def _layer_groups(spec: ModelSpec, first_trainable: int,
         key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
                bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
         counts[key] = counts.get(key, 0) + 1
-    return [(n, *key) for key, n in counts.items()]
+    return tuple((n, *key) for key, n in counts.items())
 
 
 def _first_trainable(spec: ModelSpec, w: Workload, states: ModelStates) -> int:
@@ -250,7 +270,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # With gradient accumulation, every micro-batch after the first runs with all gradients allocated
     # (zero_grad only after the optimizer step); AccumulateGrad then adds into them in place.
     accumulating = w.gradient_accumulation > 1
-    base = states_moment(states, workspace_handles=2, grads=accumulating).kinds
+    base = _step_base(states, w)
     embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
     keep_logits = w.trainer is Trainer.PLAIN
@@ -261,7 +281,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         build_embed(et, spec, num, b, s, embed_trainable,
                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
                     attention=attention)
-        e_fwd = layer_forward(et)
+        e_run = forward(et, inputs_counted=False)  # shared with the embedding's backward below
+        e_fwd = _as_pass(e_run)
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
@@ -285,7 +306,8 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                    input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=keep_logits,
                    loss_kind=loss_kind.value, chunk=w.loss_chunk,
                    metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
-        h_fwd = layer_forward(ht)
+        h_run = forward(ht, inputs_counted=False)  # shared with the head's backward below
+        h_fwd = _as_pass(h_run)
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
         h_fwd = Pass(0, _vec({}), sum(sent), sent)
@@ -318,7 +340,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
 
     # ---- backward (the loss's graph first, then the layers top-down, then the embedding)
     if head:
-        h_bwd = layer_backward(ht, param_grads_exist=accumulating)
+        h_bwd = layer_backward(ht, param_grads_exist=accumulating, fwd=h_run)
     else:  # the gradient of the stage's output arrives from the next stage
         grad = _neg_act(-sims[-1].y_bytes)
         h_bwd = Pass(sum(grad), grad, sum(grad), grad)
@@ -348,7 +370,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
         tied = spec.tie_word_embeddings and head_trainable
-        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied)
+        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied, fwd=e_run)
         # a tied weight's two gradients meet in the autograd InputBuffer of its one AccumulateGrad: the head's waits
         # there through the whole backward, and the embedding's is added to it out of place (aten.add, not add_:
         # seen on real CPU tensors as in the trace; torch/csrc/autograd/input_buffer.cpp accumulate): their sum is
@@ -460,8 +482,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         first = _infer(spec, replace(w, new_tokens=0), states, num, embed=embed, head=head, sink=sink)
         return [first[0], replace(full[0], phase=Phase.DECODE)]
     b, s = w.batch_size, w.seq_len
-    base = _vec({K.WEIGHTS: states.weights + states.master_weights,
-                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+    base = _step_base(states, w)
     if sink is not None:
         sink.base = base
     et = Tape(False)
@@ -553,6 +574,22 @@ class StageMoments:
     moments: tuple[tuple[Phase, Breakdown], ...]
     base: Breakdown
     forward_end: Breakdown
+
+
+def _step_base(states: ModelStates, w: Workload) -> tuple[int, ...]:
+    """What is allocated before a step, by kind: the model states and the cuBLAS workspaces (2 handles in training:
+    the backward runs on a second one; with gradient accumulation the gradients already exist)."""
+    if w.task is Task.TRAIN:
+        return states_moment(states, workspace_handles=2, grads=w.gradient_accumulation > 1).kinds
+    return _vec({K.WEIGHTS: states.weights + states.master_weights,
+                 K.QUANTIZATION_CONSTANTS: states.quant_constants, K.WORKSPACE: CUBLAS_WORKSPACE_BYTES})
+
+
+def stage_base(spec: ModelSpec, w: Workload) -> Breakdown:
+    """``stage_moments(spec, w).base`` (the whole model on one GPU) without replaying the step."""
+    w = runs_as(spec, w)
+    check_positions(spec, w)
+    return Breakdown.of(kinds_dict(_step_base(model_states(spec, w, count_params(spec)), w)))
 
 
 def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None, *, embed: bool = True,
@@ -650,10 +687,34 @@ def peak_allocated(spec: ModelSpec, w: Workload) -> int:
     return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
 
 
+def replays(spec: ModelSpec) -> bool:
+    """Whether an estimate of ``spec`` replays its allocation stream when asked to (``reserved=True``)."""
+    return spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
+
+
+@lru_cache(maxsize=1024)
+def _mixers(spec: ModelSpec) -> frozenset[str]:
+    """The token mixers of the model's layers (attention, Mamba, ...)."""
+    return frozenset(spec.mixer(i) for i in range(spec.num_layers))
+
+
+def reserve_note(spec: ModelSpec, w: Workload, replay: bool) -> str:
+    """The assumption line that says where the estimate's reserved memory comes from (``replay``: the replay ran)."""
+    if replay:
+        return (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
+                "every allocation and free through a model of PyTorch's caching allocator"
+                + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
+                + (", over the 3 steps of the calibration loop" if w.is_train else ""))
+    return (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
+            f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
+            + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
+               ": the stack is one program" if has_body(spec) else "") + ")")
+
+
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
     states, num, phases, host = _phases(spec, w)
-    replay = replay and spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
+    replay = replay and replays(spec)
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
@@ -666,17 +727,10 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
          f"attention: {w.attention.value}" + (" (flash / memory-efficient kernels where eligible)"
                                               if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
-        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of "
-         "every allocation and free through a model of PyTorch's caching allocator"
-         + (f" ({w.alloc_conf})" if w.alloc_conf else " (default settings)")
-         + (", over the 3 steps of the calibration loop" if w.is_train else "")) if replay else
-        (f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); allocator slack "
-         f"{ALLOCATOR_SLACK_FRACTION:.0%} of the peak (no allocator replay on this path"
-         + (f": more than {MAX_REPLAY_LAYERS} layers" if spec.num_layers > MAX_REPLAY_LAYERS else
-            ": the stack is one program" if has_body(spec) else "") + ")"),
+        reserve_note(spec, w, replay),
         *states.notes,
     ]
-    kinds = {spec.mixer(i) for i in range(spec.num_layers)} - {"attention", "none"}
+    kinds = set(_mixers(spec)) - {"attention", "none"}
     if kinds:
         assumptions.append(_ssm_kernel_note(kinds, w.ssm_kernel))
     if w.is_train:

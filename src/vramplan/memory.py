@@ -499,7 +499,20 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
 
 def _tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, *, embed: bool,
                   head: bool) -> Counter[int]:
-    """Element count -> number of trainable tensors of that size (a multiset, so work is per shape)."""
+    """Element count -> number of trainable tensors of that size (a multiset, so work is per shape); a fresh copy of
+    the model's (worked out once per model and layer range when ``counts`` are the model's own)."""
+    if counts is count_params(spec):
+        return Counter(_model_tensor_sizes(spec, layers.start, layers.stop, embed, head))
+    return _count_tensor_sizes(spec, counts, layers, embed, head)
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_tensor_sizes(spec: ModelSpec, start: int, stop: int, embed: bool, head: bool) -> Counter[int]:
+    return _count_tensor_sizes(spec, count_params(spec), range(start, stop), embed, head)
+
+
+def _count_tensor_sizes(spec: ModelSpec, counts: ParamCounts, layers: range, embed: bool,
+                        head: bool) -> Counter[int]:
     sizes: Counter[int] = Counter()
     for i in layers:
         layer = counts.layers[i]

@@ -30,13 +30,16 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, WorkloadError
 from .kinds import MemoryKind, Phase
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ModelSpec
 from .workload import Method, WeightsQuant, Workload
+
+if TYPE_CHECKING:
+    from ._engine.numerics import Numerics
 
 __all__ = ["MULTIMODAL_TYPES", "TEXT_ONLY_CAUSAL_LM", "MultimodalSpec", "VisionTower", "estimate_multimodal",
            "multimodal_from_config", "text_only_class", "tower_parameters"]
@@ -652,18 +655,65 @@ def estimate_multimodal(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     return _estimate_multimodal_cached(spec, w, name)
 
 
+@dataclass(frozen=True, slots=True)
+class _TowerRun:
+    """What the whole-model estimate takes from the vision tower's program (it does not depend on the text)."""
+
+    deep: int  # DeepStack levels the tower makes
+    idle: int  # parameters of DeepStack mergers whose level the language model never adds
+    params: int
+    trainable: int
+    sizes: tuple[int, ...]  # the trainable tensors' element counts
+    kept: int  # bytes the model keeps referenced after the tower's forward
+    peak: tuple[int, ...]  # the tower's forward peak by kind
+    end: tuple[int, ...]  # what its forward leaves by kind
+    backward: tuple[int, ...]  # its backward's peak by kind (where it leaves a graph), else ()
+    out_bytes: int  # the features the language model uses (their gradients arrive in backward)
+
+
+@lru_cache(maxsize=256)
+def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+               input_rg: bool, text_layers: int, graph: bool, accumulating: bool) -> _TowerRun:
+    """The tower + projector program recorded and replayed once per shape: a new text length reuses it."""
+    from ._engine.replay import backward as replay_backward
+    from ._engine.replay import forward as replay_forward
+    from ._engine.tape import ZERO
+    from .vision._layers import Layers
+
+    L = Layers(num)
+    feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, ckpt, input_rg)
+    # DeepStack levels past the language model's depth are computed but never added (Qwen3VLTextModel.forward adds
+    # level i after layer i): no gradient reaches them or their mergers
+    # (nor to the mergers of indexes past the tower's depth, which never run)
+    used = min(len(deep), text_layers)
+    ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
+    idle = sum(sum(L.param_tensors[n]) for j in range(len(t.deepstack)) if j not in ran[:used]
+               for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
+               if n in L.trainable_names) if num.training else 0
+    outs = [feats, *deep]
+    if t.projector == "qwen_merger":
+        # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
+        # with torch.cat (a copy; each DeepStack level too, modeling_qwen3_vl.py Qwen3VLModel.forward)
+        outs = [L.copy(f) for f in outs]
+    # the model's forward holds the features (the encoder outputs and what it makes of them) until it returns
+    L.keep(feats, *deep, *outs)
+    outs, deep = outs[:1 + used], deep[:used]  # what the language model uses: the gradients of the backward
+    fwd = replay_forward(L, ZERO)
+    kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
+    bpeak = replay_backward(L, fwd, outs, param_grads_exist=accumulating)[0].kinds if graph else ()
+    return _TowerRun(len(deep), idle, L.parameters, L.trainable_parameters,
+                     tuple(L.trainable_tensor_sizes()) if num.training and L.trainable_parameters else (), kept,
+                     fwd.peak.kinds, fwd.end.kinds, bpeak, sum(f.nbytes for f in outs))
+
+
 @lru_cache(maxsize=1024)
 def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
     """The whole vision-language model: tower + projector + language model with the image tokens."""
     from . import estimator
     from ._engine.numerics import Numerics
-    from ._engine.replay import backward as replay_backward
-    from ._engine.replay import forward as replay_forward
     from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, finish, workload_dict
-    from ._engine.tape import ZERO
     from .memory import _optimizer_bytes
     from .units import GiB
-    from .vision._layers import Layers
 
     mm = spec.multimodal
     assert mm is not None
@@ -674,8 +724,11 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     per = mm.image_tokens(size) * images
     text = replace(spec, multimodal=None, notes=())
     tw = w.with_(seq_len=w.seq_len + per, images=None, image_size=None, freeze_vision=False)
-    moments = estimator.stage_moments(text, tw)
-    text_est = estimator.estimate(text, tw, name=name)
+    base_bd = estimator.stage_base(text, tw)  # what the step starts from
+    # the language model alone, without its allocator replay: the whole model's reserve is the allocated peak + the
+    # calibration slack (below), so the replay's figures would not be used (only its assumption line is replaced)
+    text_est = estimator.estimate(text, tw, name=name, reserved=False)
+    replay_note = estimator.reserve_note(text, estimator.runs_as(text, tw), False) if estimator.replays(text) else None
 
     train = w.is_train
     full = w.method is Method.FULL
@@ -684,29 +737,14 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     num_ = estimator.numerics(w)
     num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
     n_img = w.batch_size * images
-    L = Layers(num)
     input_rg = train and w.uses_adapters and w.gradient_checkpointing and t.input_embeddings
     crops = n_img * (LLAVA_NEXT_CROPS if t.projector == "llava_next" else 1)  # the tower sees every anyres crop
-    feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
-    # DeepStack levels past the language model's depth are computed but never added (Qwen3VLTextModel.forward adds
-    # level i after layer i): no gradient reaches them or their mergers
-    # (nor to the mergers of indexes past the tower's depth, which never run)
-    used = min(len(deep), text.num_layers)
-    ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle = sum(sum(L.param_tensors[n]) for j in range(len(t.deepstack)) if j not in ran[:used]
-               for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
-               if n in L.trainable_names) if train else 0
-    outs = [feats, *deep]
-    if t.projector == "qwen_merger":
-        # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
-        # with torch.cat (a copy; each DeepStack level too, modeling_qwen3_vl.py Qwen3VLModel.forward)
-        outs = [L.copy(f) for f in outs]
-    # the model's forward holds the features (the encoder outputs and what it makes of them) until it returns
-    L.keep(feats, *deep, *outs)
-    outs, deep = outs[:1 + used], deep[:used]  # what the language model uses: the gradients of the backward
-    fwd = replay_forward(L, ZERO)
-    params = L.parameters
-    trainable = L.trainable_parameters if train else 0
+    accumulating = w.gradient_accumulation > 1
+    graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
+    tower = _tower_run(t, num, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg,
+                       text.num_layers, graph, accumulating)
+    deep, idle, params, kept = tower.deep, tower.idle, tower.params, tower.kept
+    trainable = tower.trainable if train else 0
     pbytes = w.precision.param_bytes
     weights = params * pbytes
     master = 0
@@ -715,28 +753,25 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     grads = (trainable - idle) * pbytes if trainable else 0
     state = temp = 0
     if trainable:
-        sizes = Counter(L.trainable_tensor_sizes())
+        sizes = Counter(tower.sizes)
         state, _, _ = _optimizer_bytes(w.optimizer, trainable, pbytes, sizes)
         # the step's foreach temporaries cover the parameters that have a gradient (AdamW skips grad None)
         _, temp, _ = _optimizer_bytes(w.optimizer, trainable - idle, pbytes, sizes)
-    accumulating = w.gradient_accumulation > 1
     states_fb = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state,
                       K.GRADIENTS: grads if accumulating else 0})
     states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,
                         K.GRADIENTS: grads})
     pixels = crops * t.channels * size * size * t.temporal_patch * 4
-    kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
     # tensors of the tower that outlive its forward: in the forward, everything it left (saved for backward, the
     # pixels, the features and the outputs the model keeps referenced until it returns); in the backward, what
     # it saved for backward
-    graph = train and (tower_tr or proj_tr or input_rg)  # the tower's forward leaves a graph for backward
-    held_fwd = fwd.end.kinds
+    held_fwd = tower.end
     held_fwd = _add(held_fwd, _vec({K.ACTIVATIONS: language_model_extra(t, text, w.batch_size, w.seq_len + per,
-                                                                         num_.act, bool(deep))}))
-    saved = tuple(a - b for a, b in zip(fwd.end.kinds, _vec({K.ACTIVATIONS: kept}), strict=True))
+                                                                         num_.act, deep > 0)}))
+    saved = tuple(a - b for a, b in zip(tower.end, _vec({K.ACTIVATIONS: kept}), strict=True))
     held = saved if graph else _vec({K.ACTIVATIONS: pixels})
     embeds = _vec({K.ACTIVATIONS: w.batch_size * (w.seq_len + per) * text.hidden_size * num_.norm_param})
-    base = _kinds(moments.base)
+    base = _kinds(base_bd)
 
     phases: list[PhasePeak] = []
     for ph in text_est.phases:
@@ -744,15 +779,14 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
                  held_fwd if ph.phase in (Phase.FORWARD, Phase.PREFILL) else
                  held if ph.phase is Phase.BACKWARD else _vec({}))
         if ph.phase in (Phase.FORWARD, Phase.PREFILL):
-            tower_fwd = _add(base, states_fb, embeds, fwd.peak.kinds)
+            tower_fwd = _add(base, states_fb, embeds, tower.peak)
             v = max(v, tower_fwd, key=sum)
         if ph.phase is Phase.BACKWARD and graph:
-            bpeak, _ = replay_backward(L, fwd, outs, param_grads_exist=accumulating)
             # after the language model's backward: its gradients exist, its activations are gone
             step = next(p for p in text_est.phases if p.phase is Phase.OPTIMIZER_STEP)
             lm_end = _add(_kinds(step.breakdown), _vec({K.OPTIMIZER_STATE: -_text_temp(text, tw)}), states_fb)
-            grad_feats = _vec({K.ACTIVATIONS: sum(f.nbytes for f in outs)})
-            v = max(v, _add(lm_end, grad_feats, bpeak.kinds), key=sum)
+            grad_feats = _vec({K.ACTIVATIONS: tower.out_bytes})
+            v = max(v, _add(lm_end, grad_feats, tower.backward), key=sum)
         phases.append(_phase(ph.phase, v))
     recipe = ("the vision tower and projector train" if tower_tr else
               "the vision tower is frozen, the projector trains" if proj_tr else
@@ -768,7 +802,7 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
         "the tower runs before the language model, with the token embeddings alive; what it saves for backward "
         "lives through the language model's forward and backward",
         # the language model's own line says its reserve comes from a replay: not so for the whole model
-        *(a if "reserved memory from a replay" not in a else
+        *(a if a != replay_note else
           f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory: the allocated peak + "
           f"{ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median), not a replay: the vision-language model's "
           "allocation stream (tower, projector and language model interleaved) is not modelled"

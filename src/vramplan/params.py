@@ -8,6 +8,7 @@ embeddings are counted once, as PyTorch's ``parameters()`` deduplicates shared t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .spec import Activation, MLPKind, ModelSpec, NormKind
 
@@ -408,6 +409,7 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     return LayerParams(attn_w, mlp_w, bias, norm, tuple(attn + mlp))
 
 
+@lru_cache(maxsize=1024)
 def count_params(spec: ModelSpec) -> ParamCounts:
     h, v = spec.hidden_size, spec.vocab_size
     d_embed = spec.embed_proj_dim or h

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["Breakdown", "Estimate", "PhasePeak", "ReservedPhase"]
 
 
+_KINDS = tuple(MemoryKind)  # (iterating the enum itself is slower)
+
+
 @dataclass(frozen=True, slots=True)
 class Breakdown:
     """Bytes by memory kind; kinds not present are zero."""
@@ -22,7 +25,7 @@ class Breakdown:
 
     @classmethod
     def of(cls, mapping: Mapping[MemoryKind, int]) -> Breakdown:
-        return cls(tuple((k, int(mapping.get(k, 0))) for k in MemoryKind))
+        return cls(tuple([(k, int(mapping.get(k, 0))) for k in _KINDS]))
 
     def __getitem__(self, kind: MemoryKind) -> int:
         for k, v in self.bytes_by_kind:

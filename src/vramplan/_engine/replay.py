@@ -32,7 +32,7 @@ from ..kinds import MemoryKind
 from .tape import ZERO, Moment, Tape, Tensor, root
 
 __all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
-           "layer_forward", "layer_recompute"]
+           "layer_forward", "layer_passes", "layer_recompute"]
 
 _IDX = {k: i for i, k in enumerate(MemoryKind)}
 _ACT = _IDX[MemoryKind.ACTIVATIONS]
@@ -134,42 +134,65 @@ def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted:
     counted by the caller and only their release shows (one block of a stack). ``ev``: the pass's
     allocations and frees are appended (see :class:`_State`); the inputs are not in it.
     """
-    saves = tp.effective_saves() if save else [()] * len(tp.ops)
     holders: dict[int, int] = {}
-    for sv in saves:
-        for t in sv:
-            holders[id(t)] = holders.get(id(t), 0) + 1
+    if save:
+        for sv in tp.effective_saves():
+            for t in sv:
+                holders[id(t)] = holders.get(id(t), 0) + 1
     by_last: dict[int, list[Tensor]] = {}
     for t in tp.tensors:
         if t.base is None:
             by_last.setdefault(t.last_use, []).append(t)
-    st = _State(base, ev)
+    # _State's bookkeeping (alloc, free, check, temporary) written out: this loop is most of an analytic estimate
+    cur = list(base.kinds)
+    total = base.total
+    peak, at = base, -1
     alive: set[int] = set()
     for t in tp.tensors:
         if t.external and t.base is None:
             alive.add(id(t))
             if inputs_counted:
-                st.add(t.kind, t.nbytes)
-    st.check()
+                cur[t.kind] += t.nbytes
+                total += t.nbytes
+    if total > peak.total:
+        peak = Moment(total, tuple(cur))
+    held = holders.get
     for i, op in enumerate(tp.ops):
         if stop is not None and i > stop:
             break
-        st.i = i
         for t in op.outputs:
-            st.alloc(t, t.kind, t.nbytes)
+            n = t.nbytes
+            cur[t.kind] += n
+            total += n
+            if ev is not None and n:
+                ev.append((t, n))
             alive.add(id(t))
-        st.check(op.fwd_scratch)
-        st.temporary(("s", i), op.fwd_scratch)
+        scratch = op.fwd_scratch
+        if total + scratch > peak.total:
+            v = list(cur)
+            v[_ACT] += scratch
+            peak, at = Moment(total + scratch, tuple(v)), i
+        if ev is not None and scratch:
+            ev.append((("s", i), scratch))
+            ev.append((("s", i), -1))
         for t in by_last.get(i, ()):
-            if t.keep or holders.get(id(t), 0) or id(t) not in alive:
+            if t.keep or held(id(t), 0) or id(t) not in alive:
                 continue
-            st.free(t, t.kind, t.nbytes)
+            n = t.nbytes
+            cur[t.kind] -= n
+            total -= n
+            if ev is not None and n:
+                ev.append((t, -1))
             alive.discard(id(t))
         for t in op.outputs:  # outputs never used and not kept die at once
-            if t.last_use < 0 and not t.keep and not holders.get(id(t), 0):
-                st.free(t, t.kind, t.nbytes)
+            if t.last_use < 0 and not t.keep and not held(id(t), 0):
+                n = t.nbytes
+                cur[t.kind] -= n
+                total -= n
+                if ev is not None and n:
+                    ev.append((t, -1))
                 alive.discard(id(t))
-    return ForwardResult(st.peak, st.at, st.moment(), alive, holders)
+    return ForwardResult(peak, at, Moment(total, tuple(cur)), alive, holders)
 
 
 class GradBuf:
@@ -200,6 +223,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     """
     ops = tp.ops
     st = _State(fwd.end if start is None else start, ev)
+    ev = st.ev
     alive = set(fwd.alive)
     holders = dict(fwd.holders)
     grads: dict[int, GradBuf] = {}
@@ -244,11 +268,18 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     recomputed_holders: dict[int, int] = {}
     seen_params: set[int] = {p for op in ops for p, _ in op.params} if param_grads_exist else set()
     saves = tp.effective_saves()
+    own_grad = tp.own_grad
+    cur = st.cur  # (give, drop, release and _State's alloc / free written out below: the hot loop of an estimate)
 
     for i in range(len(ops) - 1, -1, -1):
         st.i = i
         op = ops[i]
-        reached = any(id(t) in grads for t in op.outputs)
+        outputs = op.outputs
+        reached = False
+        for t in outputs:
+            if id(t) in grads:
+                reached = True
+                break
         r = op.region
         if reached and r >= 0 and r not in regions_done:
             regions_done.add(r)
@@ -261,9 +292,9 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 freed = sum(t.nbytes for t in op.saved) if tp.unpacked_saves else 0
                 scratch += max(0, op.cast_scratch - freed)
             transient = scratch
-            out_buf = grads.get(id(op.outputs[0])) if op.outputs else None
+            out_buf = grads.get(id(outputs[0])) if outputs else None
             for t in op.grad_inputs:
-                own = id(t) in tp.own_grad
+                own = id(t) in own_grad
                 partial = not own and t.base is not None and t.numel < t.base.numel
                 target = t if own else root(t)
                 existing = grads.get(id(target))
@@ -278,7 +309,14 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                         give(target, new_buf(target))
                     continue
                 if existing is None:
-                    give(target, new_buf(target))
+                    buf = GradBuf(target)
+                    n = buf.nbytes
+                    cur[buf.kind] += n
+                    st.total += n
+                    if ev is not None and n:
+                        ev.append((buf, n))
+                    buf.refs = 1
+                    grads[id(target)] = buf
                     continue
                 # computed (a view's at its base's size: slice_backward), then added into the existing buffer
                 transient += target.numel * target.elem
@@ -295,12 +333,29 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     seen_params.add(pid)
                     st.alloc(("p", pid), _GRAD, nb)
             st.check(transient, ptrans)
-            st.temporary(("s", i, -1), scratch)
-            st.release_temporaries()
-            for t in op.outputs:
-                drop(id(t))
+            if ev is not None:
+                st.temporary(("s", i, -1), scratch)
+                st.release_temporaries()
+            for t in outputs:
+                gone = grads.pop(id(t), None)
+                if gone is not None:
+                    gone.refs -= 1
+                    if gone.refs == 0:
+                        n = gone.nbytes
+                        cur[gone.kind] -= n
+                        st.total -= n
+                        if ev is not None and n:
+                            ev.append((gone, -1))
         for t in saves[i]:
-            release(t)
+            n = holders.get(id(t), 0) - 1
+            holders[id(t)] = n
+            if n <= 0 and id(t) in alive and not t.keep:
+                alive.discard(id(t))
+                n = t.nbytes
+                cur[t.kind] -= n
+                st.total -= n
+                if ev is not None and n:
+                    ev.append((t, -1))
         if r in regions_done:
             for t in op.saved:
                 if id(t) in recomputed_holders:
@@ -317,6 +372,14 @@ def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) ->
     return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
+def layer_passes(tp: Tape, param_grads_exist: bool = False) -> tuple[Pass, Pass]:
+    """(:func:`layer_forward`, :func:`layer_backward`) of a training block, its forward replayed once for both
+    (the backward starts from what that same forward leaves; neither pass changes the tape)."""
+    f = forward(tp, inputs_counted=False)
+    return (Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds),
+            layer_backward(tp, param_grads_exist, fwd=f))
+
+
 def layer_recompute(tp: Tape) -> Pass:
     """A checkpointed block's recomputation (non-reentrant ``torch.utils.checkpoint``): its forward with saving,
     stopped once the last tensor the block saves has been packed again (the checkpoint's early stop,
@@ -329,10 +392,13 @@ def layer_recompute(tp: Tape) -> Pass:
     return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
-def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None) -> Pass:
+def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None,
+                   fwd: ForwardResult | None = None) -> Pass:
     """Backward of one block after its forward (with saving), relative to its start: the gradients of the
-    block's kept outputs arrive from their consumer; its input's gradient is what it leaves."""
-    f = forward(tp, inputs_counted=False)
+    block's kept outputs arrive from their consumer; its input's gradient is what it leaves. ``fwd``: that
+    forward's result (``forward(tp, inputs_counted=False)``, as :func:`layer_passes` shares it), or None to
+    replay it."""
+    f = forward(tp, inputs_counted=False) if fwd is None else fwd
     seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external]
     peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False,
                          ev=ev)

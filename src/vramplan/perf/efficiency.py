@@ -106,6 +106,7 @@ class EngineProfile:
     step_s: float = 0.0  # host work per decode step outside the layers (scheduling, sampling, output processing)
     fused_attention: bool = False  # runs its own fused causal attention kernel (no materialised scores)
     kv_cache_copies: float = 0.0  # extra passes over the whole KV cache per decode step (a cache rebuilt by torch.cat)
+    step_layer_passes: float = 0.0  # eager engines: host work per decode step outside the layers, in layer passes
 
     @property
     def per_layer_s(self) -> float | None:
@@ -306,7 +307,7 @@ def engine_profile(name: str) -> EngineProfile:
     return EngineProfile(key, mode, e["kernels_per_layer"], None if kernel_s is None else float(kernel_s),
                          float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
                          float(e.get("step_s", 0.0)), bool(e.get("fused_attention", False)),
-                         float(e.get("kv_cache_copies_per_step", 0.0)))
+                         float(e.get("kv_cache_copies_per_step", 0.0)), float(e.get("step_layer_passes", 0.0)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

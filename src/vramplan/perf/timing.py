@@ -23,7 +23,7 @@ their published achievable fractions; fp8 matrix products use the bf16 fraction 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import VramplanError
@@ -52,13 +52,15 @@ from .work import (
     StepWork,
     compute_dtype,
     decode_work,
+    fp8_activation_quant,
     inference_work,
     kv_bytes_per_token,
+    repeated_kv_bytes,
     training_work,
 )
 
-__all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step",
-           "engine_overhead_s", "inference_time", "step_time", "training_time"]
+__all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step", "decode_traffic",
+           "engine_overhead_s", "fp8_gemms", "inference_time", "step_time", "training_time"]
 
 _SECONDS_PER_HOUR = 3600.0
 
@@ -88,10 +90,18 @@ class StepTime:
                 "contention_s": self.contention_s}
 
 
+def fp8_gemms(gpu: GPU, dtype: str) -> bool:
+    """Whether fp8-weight matrix products run as fp8 GEMMs on ``gpu`` (and so quantize their activations): a GPU
+    without fp8 tensor cores runs them weight-only at the 16-bit rate (:func:`vramplan.perf.efficiency.matmul_dtype`:
+    vLLM's fp8 Marlin), with 16-bit activations."""
+    return dtype == "fp8" and matmul_dtype(gpu, dtype) == "fp8"
+
+
 def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
     if engine is None or engine.per_layer_s is None:  # eager PyTorch: the calibrated host launch cost
         return sum(row[i] * c[i] for i in _LAUNCH)
-    return work.layer_passes * engine.per_layer_s
+    # CUDA-graph engines: their kernels per layer, plus the fp8 activation-quantization kernels where they run
+    return work.layer_passes * (engine.per_layer_s + work.quant_kernels * (engine.kernel_s or 0.0))
 
 
 def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
@@ -127,10 +137,15 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
         gemm += fb * COUNTED_BYTES_COEFFICIENT * work.weight_bytes / gpu.memory_bandwidth_bytes_per_s
     compute = (gemm + row[1] * c[1]) / split
     memory = sum(row[i] * c[i] for i in _MEMORY) / split
+    if work.quant_bytes and fp8_gemms(gpu, work.dtype):
+        # fp8 GEMMs: each input quantized in a kernel of its own, a counted pass at the measured copy bandwidth
+        # (perf.work.fp8_activation_quant), not a fitted one
+        fq = scale_factors(gpu, "fp8")[2]
+        memory += fq * COUNTED_BYTES_COEFFICIENT * work.quant_bytes / gpu.memory_bandwidth_bytes_per_s / split
     if engine is not None and engine.fused_elementwise and work.activation_bytes:
         # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
         memory -= row[4] * c[4] / split * (1 - 1 / max(1, work.activation_kernels))
-    launch = _launch_s(row, c, work, engine)
+    launch = _launch_s(row, c, work if fp8_gemms(gpu, work.dtype) else replace(work, quant_kernels=0), engine)
     optimizer = row[_OPTIMIZER] * c[_OPTIMIZER] / (split * shard)
     hidden_behind = micro_batches * (compute + memory)
     waited = exposed_comm_s(comm_s, hidden_behind, num_layers or work.num_layers, overlapped=overlapped)
@@ -313,13 +328,31 @@ def decode_seconds(bytes_read: float, flops: float, gpu: GPU, dtype: str,
     return max(t_mem, t_fl), ("memory" if t_mem >= t_fl else "compute")
 
 
-def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None) -> float:
+def engine_overhead_s(spec: ModelSpec, engine: EngineProfile, model: ThroughputModel | None = None,
+                      quant_kernels: int = 0) -> float:
     """Fixed seconds per decode step: eager engines pay the calibrated host launch cost per layer, CUDA-graph
-    engines their kernels per layer x the device-side floor of a replayed kernel; both add the engine's host
-    work per step (scheduling, sampling)."""
-    if engine.per_layer_s is None:
-        return spec.num_layers * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
-    return spec.num_layers * engine.per_layer_s + engine.step_s
+    engines their kernels per layer x the device-side floor of a replayed kernel (plus ``quant_kernels`` fp8
+    activation-quantization kernels per layer: :func:`vramplan.perf.work.fp8_activation_quant`); both add the
+    engine's host work per step (scheduling, sampling)."""
+    if engine.per_layer_s is None:  # eager: the layers' launches and generate()'s own per-step ops, in layer passes
+        passes = spec.num_layers + engine.step_layer_passes
+        return passes * (model or load_throughput_model()).launch_s_per_layer_pass + engine.step_s
+    per_layer = engine.per_layer_s + quant_kernels * (engine.kernel_s or 0.0)
+    return spec.num_layers * per_layer + engine.step_s
+
+
+def decode_traffic(spec: ModelSpec, w: Workload, *, context: int, batch: int,
+                   engine: str | EngineProfile = "transformers") -> tuple[int, float]:
+    """(bytes read and written, FLOPs) of one decode step under ``engine``: the weights and the KV cache once
+    (:func:`vramplan.perf.work.decode_work`), a cache rebuilt by ``torch.cat`` once more (``kv_cache_copies``),
+    and the grouped keys and values transformers expands to every head where it does
+    (:func:`vramplan.perf.work.repeated_kv_bytes`). The planner prices decode with the same bytes."""
+    prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
+    bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
+    if prof.kv_cache_copies:
+        bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
+    bytes_read += batch * repeated_kv_bytes(spec, w, context, prof.name)
+    return bytes_read, flops
 
 
 def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: int,
@@ -332,13 +365,12 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     Megatron-LM's row-parallel linears, Shoeybi et al. 2019). An engine whose cache is rebuilt every step
     (transformers' DynamicCache: ``torch.cat``) reads and writes the whole KV cache once more."""
     prof = engine if isinstance(engine, EngineProfile) else engine_profile(engine)
-    bytes_read, flops = decode_work(spec, w, context=context, batch=batch)
-    if prof.kv_cache_copies:
-        bytes_read += int(prof.kv_cache_copies * batch * kv_bytes_per_token(spec, w, context))
+    bytes_read, flops = decode_traffic(spec, w, context=context, batch=batch, engine=prof)
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
-    overhead = engine_overhead_s(spec, prof, model)
+    quant_kernels = fp8_activation_quant(spec, w, 1, prof.name)[1] if fp8_gemms(gpu, compute_dtype(w, prof.name)) else 0
+    overhead = engine_overhead_s(spec, prof, model, quant_kernels)
     ar = 0.0
     if tp > 1:
         one = allreduce_seconds(batch * spec.hidden_size * 2, tp, gpu, prof.allreduce_latency_s)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..blocks import Kernel, window_masked
+from ..blocks import Kernel, sdpa_repeats_kv, window_masked
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
 from ..estimator import numerics, runs_as
@@ -29,8 +29,9 @@ from ..workload import LogitsMode, Method, Precision, Task, WeightsQuant, Worklo
 from .gemm import GemmShape
 
 __all__ = ["StepWork", "attended_keys", "attention_kernel", "compute_dtype", "decode_work", "dequantized_weights",
-           "inference_work", "kv_bytes_per_token", "layer_matmul_weights", "logits_bytes_per_element",
-           "mlp_elementwise_kernels", "training_work", "weights_read_per_step"]
+           "fp8_activation_quant", "inference_work", "kv_bytes_per_token", "layer_matmul_weights",
+           "logits_bytes_per_element", "mlp_elementwise_kernels", "repeated_kv_bytes", "training_work",
+           "weights_read_per_step"]
 
 
 @lru_cache(maxsize=256)
@@ -147,6 +148,8 @@ class StepWork:
     activation_kernels: int = 1  # eager elementwise kernels over the MLP intermediate (activation_bytes' count)
     weight_bytes: int = 0  # weights a forward pass reads once (prefill: bounds short prompts by bandwidth)
     gemm_shapes: tuple[GemmShape, ...] = ()  # the linears' matrix products (M, N, K), all passes (perf.gemm)
+    quant_bytes: int = 0  # fp8 GEMMs: activations quantized to fp8 before each product (read 16-bit, write 8-bit)
+    quant_kernels: int = 0  # fp8 GEMMs: quantization kernels per decoder layer (one per quantized input)
 
     @property
     def executed_flops(self) -> float:
@@ -278,6 +281,53 @@ def compute_dtype(w: Workload, engine: str = "transformers") -> str:
     if w.precision in (Precision.FP16, Precision.AMP_FP16):
         return "fp16"
     return "bf16"
+
+
+# Linears that read the same input tensor: a serving engine fuses them into one product (vLLM
+# QKVParallelLinear and MergedColumnParallelLinear; TensorRT-LLM's fused qkv), so it quantizes that input once.
+_SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj", "experts.gate_proj", "experts.up_proj"})
+
+
+def _quant_inputs(spec: ModelSpec, engine: str) -> tuple[float, int]:
+    """(activation elements quantized to fp8 per token over all layers, quantization kernels per layer) when the
+    linears run fp8 GEMMs.
+
+    An fp8 tensor-core GEMM takes both operands in fp8, so every linear's 16-bit input is scaled and cast first,
+    in a kernel of its own that reads the 16-bit activation and writes the fp8 copy: transformers
+    ``integrations/fbgemm_fp8.py`` (``quantize_fp8_per_row`` in each ``FbgemmFp8Linear.forward``) and
+    ``finegrained_fp8.py`` (``act_quant`` per linear), vLLM ``_custom_ops.scaled_fp8_quant`` before
+    ``cutlass_scaled_mm``, TensorRT-LLM ``quantization/layers.py`` (``FP8Linear``: a ``quantize`` layer on the
+    input with its activation scale). Norms, rotary, attention and the residual adds stay 16-bit. transformers
+    quantizes per linear module; an engine quantizes once per fused input (:data:`_SHARED_INPUT`). A routed
+    expert quantizes the tokens routed to it (``experts_per_token`` per token)."""
+    elements = 0.0
+    kernels = 0
+    for i, layer in enumerate(count_params(spec).layers):
+        seen: set[int] = set()
+        for name, fin, _fout, n in layer.linear_shapes:
+            if name == "router":
+                continue  # the router stays 16-bit (vLLM ReplicatedLinear without quantization; transformers'
+                # modules_to_not_convert)
+            group = next((j for j, g in enumerate(_SHARED_INPUT) if name in g), None)
+            if engine != "transformers" and group is not None:
+                if group in seen:
+                    continue
+                seen.add(group)
+            experts = i in spec.moe_layers and spec.num_experts > 1 and n == spec.num_experts
+            elements += fin * (spec.experts_per_token if experts else n)
+            if i == 0:
+                kernels += 1
+    return elements, kernels
+
+
+def fp8_activation_quant(spec: ModelSpec, w: Workload, tokens: int, engine: str = "transformers") -> tuple[int, int]:
+    """(bytes, kernels per layer) of quantizing ``tokens`` tokens' GEMM inputs to fp8 (:func:`_quant_inputs`);
+    (0, 0) unless the weight format runs fp8 GEMMs under ``engine``. Bytes: each element read at the activation
+    width and written as one fp8 byte."""
+    if matmul_path(w.base_quant, engine) != "fp8":
+        return 0, 0
+    elements, kernels = _quant_inputs(spec, engine)
+    return int(tokens * elements * (_act_bytes(w) + 1)), kernels
 
 
 def _optimizer_traffic(spec: ModelSpec, w: Workload) -> tuple[int, int]:
@@ -495,6 +545,7 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
     logit_tokens = b if w.logits is LogitsMode.LAST else tokens
     gemm = 2 * n_layers * tokens + 2 * n_head * logit_tokens
     attention = att.flops_per_token * tokens
+    quant = fp8_activation_quant(spec, w, tokens, engine)
     return StepWork(
         tokens=tokens, model_flops=gemm + attention, gemm_flops=gemm, attention_flops=attention,
         dtype=compute_dtype(w, engine), score_bytes=att.score_elements * 4,
@@ -505,7 +556,8 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
         layer_passes=spec.num_layers, expert_passes=_experts_hit(spec, tokens) * len(spec.moe_layers),
         adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-        activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens))
+        activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens),
+        quant_bytes=quant[0], quant_kernels=quant[1])
 
 
 # ---------------------------------------------------------------------------- decode
@@ -529,6 +581,54 @@ def kv_bytes_per_token(spec: ModelSpec, w: Workload, context: int) -> int:
             length = min(context, spec.sliding_window)
         total += layer.kv_cache_per_token * elem * length
     return total + ssm_state_bytes(spec, 1, elem)
+
+
+# transformers releases before the attention-interface refactor (4.48) ran these families' FlashAttention-2 path
+# with repeat_kv first: models/mistral/modeling_mistral.py MistralFlashAttention2.forward and
+# models/qwen2/modeling_qwen2.py Qwen2FlashAttention2.forward (4.36-4.47, "Copied from Mistral") call
+# repeat_kv(key_states, num_key_value_groups) before _flash_attention_forward; Llama's FA2 path never did.
+_FA2_REPEATS_KV_BEFORE = (4, 48)
+_FA2_REPEAT_FAMILIES = frozenset({"mistral", "qwen2"})
+
+
+def _decode_repeats_kv(spec: ModelSpec, w: Workload, sliding: bool, context: int) -> bool:
+    """Whether a transformers decode step expands this layer's keys and values to every query head before
+    attention (``repeat_kv``: ``expand`` + ``reshape``, a copy): the eager path always; SDPA with a mask or
+    head_dim > 256 (:func:`vramplan.blocks.sdpa_repeats_kv`); FlashAttention-2 in releases before 4.48 for
+    :data:`_FA2_REPEAT_FAMILIES`."""
+    has_mask = sliding and window_masked(spec, context)
+    kernel = attention_kernel(spec, w, has_mask=has_mask)
+    if kernel is Kernel.EAGER:
+        return True
+    if kernel is Kernel.FLASH:
+        return spec.family in _FA2_REPEAT_FAMILIES and w.transformers_release < _FA2_REPEATS_KV_BEFORE
+    if spec.family == "falcon":
+        return False  # Falcon broadcasts its single key/value head (no copy)
+    return sdpa_repeats_kv(spec, has_mask)
+
+
+def repeated_kv_bytes(spec: ModelSpec, w: Workload, context: int, engine: str = "transformers") -> int:
+    """Extra bytes one decode step of one sequence moves when transformers expands the grouped keys and values to
+    every query head (:func:`_decode_repeats_kv`): the copy reads the cache and writes ``n_rep`` times it, and
+    attention then reads the expanded copy instead of the cache: ``2 x n_rep x`` the layer's cache. Serving
+    engines' kernels read the grouped cache directly (0)."""
+    if engine != "transformers" or spec.num_kv_heads >= spec.num_heads:
+        return 0
+    elem = _act_bytes(w)
+    total = 0
+    for i in range(spec.num_layers):
+        if spec.mixer(i) not in ATTENTION_MIXERS:
+            continue
+        layer = spec.layer(i)
+        if layer.kv_shared:
+            continue
+        sliding = i in spec.sliding_layers and bool(spec.sliding_window)
+        n_rep = spec.num_heads // max(1, spec.num_kv_heads)
+        if n_rep <= 1 or not _decode_repeats_kv(spec, w, sliding, context):
+            continue
+        length = min(context, spec.sliding_window) if sliding and spec.sliding_window else context
+        total += 2 * n_rep * layer.kv_cache_per_token * elem * length
+    return total
 
 
 def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:

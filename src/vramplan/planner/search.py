@@ -19,9 +19,10 @@ from ..perf import (
     ThroughputModel,
     allreduce_seconds,
     decode_seconds,
-    decode_work,
+    decode_traffic,
     engine_overhead_s,
     engine_profile,
+    fp8_gemms,
     inference_work,
     link_bandwidth_bytes_per_s,
     load_throughput_model,
@@ -290,8 +291,9 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
                         ctx = _Context(spec, w, layout, lay_label, replicas, global_batch, peak, total, comm_bytes,
                                        split, bubble, tokens, req.new_tokens, model,
                                        training_work(spec, w) if w.is_train else inference_work(spec, w, engine.name),
-                                       (0, 0.0) if w.is_train else decode_work(
-                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size),
+                                       (0, 0.0) if w.is_train else decode_traffic(
+                                           spec, w, context=w.seq_len + w.new_tokens // 2, batch=w.batch_size,
+                                           engine=engine),
                                        None if w.is_train else engine, host_bytes, traffic,
                                        _saver_of(w, req))
                     for g in fgpus:
@@ -472,7 +474,8 @@ def _make_plan(c: _Context, gpu: GPU) -> Plan:
         ar = allreduce_seconds(w.batch_size * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
         ar_prefill = allreduce_seconds(work.tokens * c.spec.hidden_size * 2, c.split, gpu, eng.allreduce_latency_s)
         if prefill is not None and roof is not None and ar is not None and ar_prefill is not None:
-            decode_s = roof + engine_overhead_s(c.spec, eng, c.model) + 2 * c.spec.num_layers * ar
+            quant_kernels = work.quant_kernels if fp8_gemms(gpu, work.dtype) else 0
+            decode_s = roof + engine_overhead_s(c.spec, eng, c.model, quant_kernels) + 2 * c.spec.num_layers * ar
             request_s = prefill.total_s + 2 * c.spec.num_layers * ar_prefill + c.new_tokens * decode_s
             tps = c.replicas * w.batch_size * c.new_tokens / request_s
             time_s = c.tokens / tps

@@ -49,7 +49,7 @@ from ._specs import (
 )
 from ._states import model_states
 from ._steps import StepResult, train_step
-from ._stream import vision_events
+from ._stream import pipeline_events, vision_events
 from ._stylegan import build_discriminator, build_generator
 from ._text import build_text_encoder
 from ._unet import UNetRun, build_unet
@@ -237,6 +237,9 @@ class _Run:
         self.trainable = 0
         self.top = (-1, "")
         self.reserved: AllocStats | None = None  # from the allocation stream, where it is modelled
+        # how the stream creates the weights
+        self.weights_loaded = ("the weights created in fp32 and cast (model.to(dtype)) as the calibration harness "
+                               "builds them")
 
     def add(self, p: Phase, m: Moment, where: str = "") -> None:
         if m.total > self.top[0]:
@@ -290,8 +293,7 @@ def _backbone(run: _Run) -> None:
         L.end_autocast()
         loss = L.cross_entropy(out, 1000)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
-        if not w.grads_persist:
-            run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
+        run.reserved = _reserved(L, num.param, (loss,), w, st, bn_buffers)
         run.assumptions.append("training step as torchvision reference scripts run it: cross-entropy on "
                                "model(x).float(), backward, optimizer.step(), zero_grad(set_to_none=True)")
     else:
@@ -322,8 +324,7 @@ def _bare_denoiser(run: _Run) -> None:
         L.keep(den.pred)
         loss = L.mse_loss(den.pred, den.latent)
         run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
-        if not w.grads_persist and not lora:
-            run.reserved = _reserved(L, num.param, (loss,), w, st)
+        run.reserved = _reserved(L, num.param, (loss,), w, st)
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
@@ -335,21 +336,24 @@ def _bare_denoiser(run: _Run) -> None:
     else:
         L.end_autocast()
         run.add(Phase.FORWARD, replay_forward(L, state_moment(st, workspace_handles=1) + extra).peak)
-        if not lora:
-            run.reserved = _reserved(L, num.param, (), w, st)
+        run.reserved = _reserved(L, num.param, (), w, st)
         run.assumptions.append("inference: one denoising step of the denoiser at the given batch (no "
                                "classifier-free guidance doubling; use --pipeline for a sampling loop)")
 
 
 def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: ModelStates,
               buffer_elems: int = 0) -> AllocStats:
-    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`)."""
-    params = [(n, elem) for sizes in L.param_tensors.values() for n in sizes]
-    trained = [n * elem for name in L.param_tensors if name in L.trainable_names
+    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`): the base model's
+    tensors in ``elem``, peft adapters in fp32 created after the cast."""
+    adapters = [name for name in L.param_tensors if ".lora_" in name]
+    params = [(n, elem) for name, sizes in L.param_tensors.items() if name not in adapters for n in sizes]
+    late = [n * 4 for name in adapters for n in L.param_tensors[name]]
+    trained = [n * (4 if name in adapters else elem) for name in L.param_tensors if name in L.trainable_names
                for n in L.param_tensors[name]] if seeds else []
     buffers = [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
     events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
-                           buffers=buffers)
+                           buffers=buffers, late_params=late, accumulation=w.gradient_accumulation,
+                           keep_grads=not w.set_grads_to_none)
     return simulate(events, DEFAULT_CONF)
 
 
@@ -408,11 +412,13 @@ def _pipeline_infer(run: _Run) -> None:
     base = Moment.of({K.WEIGHTS: den_w + te_w + vae_w, K.WORKSPACE: ws})
     # prompt encoding: each text encoder runs on the prompts (and, with guidance, again on the negative prompts)
     lat = res // 8
+    te_tapes: list[Layers] = []
     for t in tes:
         te = text_encoder_from_config(component(t).config)
         TL = Layers(Numerics(False, act, elem, amp))
         build_text_encoder(TL, te, b, t + ".")
         run.add(Phase.PREFILL, replay_forward(TL, base).peak)
+        te_tapes.append(TL)
     # denoising loop: the conditioning and the latents stay referenced; every step is the same forward
     latents = b * vae.latent_channels * lat * lat * (2 if amp else elem)
     held = Moment.of({K.ACTIVATIONS: latents})
@@ -425,6 +431,14 @@ def _pipeline_infer(run: _Run) -> None:
     VL.keep(img)
     dec_base = Moment.of({K.WEIGHTS: den_w + te_w + (vae_w32 if upcast else vae_w), K.WORKSPACE: ws})
     run.add(Phase.DECODE, replay_forward(VL, dec_base).peak)
+    vae_sizes = _component_params(str(cfg["vae"]))[1].tensor_sizes()
+    weights = [n * elem for t in tes for n in _component_params(t)[1].tensor_sizes()] + \
+        [n * elem for n in den_L.tensor_sizes() + list(den_L.buffers.values())] + [n * elem for n in vae_sizes]
+    passes = [(tl, 1) for tl in te_tapes] + [(den_L, 2), (VL, 1)]
+    to32 = (len(passes) - 1, [(n * elem, n * 4) for n in vae_sizes]) if upcast else None
+    run.reserved = simulate(pipeline_events(weights, passes, upcast=to32), DEFAULT_CONF)
+    run.weights_loaded = ("the weights loaded in the pipeline's dtype (from_pretrained(torch_dtype=...), "
+                          "pipe.to('cuda')), two steps of the denoising loop standing for all")
     run.assumptions.append(f"pipeline: {', '.join(tes) or 'no text encoder'} + {den.name} + {vae_e.name}, all on "
                            f"the GPU; text encoding as prefill, one denoising step as forward (every step of the "
                            f"loop is the same), the VAE decode as decode")
@@ -651,9 +665,8 @@ def estimate_entry(entry: VisionEntry, w: VisionWorkload) -> Estimate:
                                "total_bytes, not to peak_allocated_bytes")
     else:
         run.assumptions.append(f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB; reserved memory from a replay of "
-                               "every allocation and free through a model of PyTorch's caching allocator, with the "
-                               "weights created in fp32 and cast (model.to(dtype)) as the calibration harness builds "
-                               "them")
+                               f"every allocation and free through a model of PyTorch's caching allocator, with "
+                               f"{run.weights_loaded}")
     return finish(entry.name, run.phases, parameters=run.parameters, trainable=run.trainable,
                   assumptions=run.assumptions, warnings=run.warnings,
                   workload=workload_dict(w, resolution=res) | ({"precision": "fp32"} if kind == "stylegan" else {}),

@@ -15,6 +15,7 @@ copies of trainable fp32 weights for the rest of the forward; ``group_norm``, ``
 from __future__ import annotations
 
 from .._engine.numerics import Kernel, Numerics, sdpa_kernel
+from .._engine.ops import fused_sdpa, lora_branch, math_sdpa, native_layer_norm, rms_normalize
 from .._engine.tape import Tape, Tensor
 from ..kinds import MemoryKind
 
@@ -149,26 +150,21 @@ class Layers(Tape):
 
     def _lora_linear(self, x: Tensor, y: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
         """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(adapter dtype))) * scaling``; adapters in fp32."""
-        rows = x.numel // fin
-        xa = self.cast(x, 4)
-        a_in = self.lower(xa)
-        a = self.op(rows * r, self._out_elem(a_in), (a_in,), save=(a_in,),
-                    params=self._adapter(name + ".lora_A", r * fin), rg=True, grad_to=(a_in,))
-        b = self.op(rows * fout, a.elem, (a,), save=(a,), params=self._adapter(name + ".lora_B", fout * r),
-                    rg=True)
-        bs = self.op(b.numel, b.elem, (b,))  # * scaling
-        s = self.op(y.numel, max(y.elem, bs.elem), (y, bs), passthrough=y.elem == bs.elem)
-        return self.cast(s, y.elem)
+        _, bs = lora_branch(self, x, x.numel // fin, fout, r, adapter_elem=4, amp=self.num.amp,
+                            params_a=self._adapter(name + ".lora_A", r * fin),
+                            params_b=self._adapter(name + ".lora_B", fout * r))
+        return self._plus_adapter(y, bs)
 
     def _lora_conv(self, x: Tensor, y: Tensor, cin: int, cout: int, kk: int, positions: int, batch: int,
                    r: int, name: str) -> Tensor:
-        xa = self.cast(x, 4)
-        a_in = self.lower(xa)
-        a = self.op(batch * r * positions, self._out_elem(a_in), (a_in,), save=(a_in,),
-                    params=self._adapter(name + ".lora_A", r * cin * kk), rg=True, grad_to=(a_in,))
-        b = self.op(batch * cout * positions, a.elem, (a,), save=(a,),
-                    params=self._adapter(name + ".lora_B", cout * r), rg=True)
-        bs = self.op(b.numel, b.elem, (b,))
+        """peft ``lora.Conv2d``: the same branch with ``lora_A`` a ``kk``-tap convolution and ``lora_B`` a 1x1 one."""
+        _, bs = lora_branch(self, x, batch * positions, cout, r, adapter_elem=4, amp=self.num.amp,
+                            params_a=self._adapter(name + ".lora_A", r * cin * kk),
+                            params_b=self._adapter(name + ".lora_B", cout * r))
+        return self._plus_adapter(y, bs)
+
+    def _plus_adapter(self, y: Tensor, bs: Tensor) -> Tensor:
+        """``result + adapter output``, then cast back to the result's dtype."""
         s = self.op(y.numel, max(y.elem, bs.elem), (y, bs), passthrough=y.elem == bs.elem)
         return self.cast(s, y.elem)
 
@@ -197,23 +193,15 @@ class Layers(Tape):
         if affine:
             self.register(name, (dim, dim if bias else 0), trainable)
         xin = self.fp32(x)
-        rows = x.numel // dim
         has_params = affine and trainable and self.num.training
-        node = xin.rg or has_params
-        stats = self.op(2 * rows, 4, (), rg=False)
         pn = dim * (2 if bias else 1) if affine else 0
-        return self.op(x.numel, xin.elem, (xin, stats), save=(xin, stats) if node else (),
-                       params=self.param(name, pn, affine and trainable), rg=xin.rg or has_params,
-                       grad_to=(xin,))
+        return native_layer_norm(self, xin, x.numel // dim, params=self.param(name, pn, affine and trainable),
+                                 node=xin.rg or has_params)
 
     def rms_norm(self, x: Tensor, dim: int, *, trainable: bool = True, name: str = "rms") -> Tensor:
         """diffusers ``RMSNorm``: ``x.float().pow(2).mean(-1)``, ``x * rsqrt(var + eps)``, cast back, ``* weight``."""
         self.register(name, (dim,), trainable)
-        x32 = self.cast(x, 4)
-        sq = self.op(x.numel, 4, (x32,), save=(x32,) if x32.rg else ())
-        var = self.op(x.numel // dim, 4, (sq,))
-        rs = self.unary(var, save_out=True)
-        n = self.mul(x32, rs)
+        n = rms_normalize(self, x, dim)
         n = self.cast(n, x.elem)
         node = n.rg or (trainable and self.num.training)
         return self.op(x.numel, x.elem, (n,), save=(n,) if (trainable and self.num.training) else (),
@@ -283,13 +271,11 @@ class Layers(Tape):
                   has_mask: bool = False) -> Tensor:
         """Attention over (B, H, Sq, d) queries and (B, H, Sk, d) keys/values; returns (B, Sq, H*d).
 
-        SDPA's fused and memory-efficient kernels keep only the output and an fp32 log-sum-exp; their
-        backward allocates an fp32 dQ accumulator and a row sum (measured on the H200, as in
-        ``vramplan.trace._cuda.attention_backward_transient``). The eager path is diffusers'
+        ``scaled_dot_product_attention`` runs the kernel :func:`~vramplan._engine.numerics.sdpa_kernel` picks, as
+        :mod:`vramplan._engine.ops` records it for every model. The eager path is diffusers'
         ``AttnProcessor``: heads are moved into the batch (copies), ``baddbmm`` into an empty
         (B*H, Sq, Sk) tensor, softmax, ``bmm``, heads moved back (a copy).
         """
-        rg = q.rg or k.rg or v.rg
         elem = q.elem
         if self.num.amp:
             q, k, v = self.lower(q), self.lower(k), self.lower(v)
@@ -314,29 +300,11 @@ class Layers(Tape):
                         save=((probs,) if vb.rg else ()) + ((vb,) if probs.rg else ()))
             return self.copy(o)
         kernel = sdpa_kernel(elem, head_dim, has_mask)
-        out_n = batch * heads * sq * head_dim
-        if kernel is Kernel.MATH:
-            q32, k32, v32 = self.cast(q, 4), self.cast(k, 4), self.cast(v, 4)
-            qs = self.scale(q32)
-            ks = self.scale(k32)
-            att = self.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-            probs = self.op(scores, 4, (att,), fwd_scratch=scores)
-            if rg:
-                self.save_output(probs)
-            o = self.op(out_n, 4, (probs, v32), save=(probs, v32) if rg else ())
-            return self.copy(self.cast(o, elem))
-        lse_len = sq if kernel is Kernel.FLASH else -(-sq // 32) * 32
-        ins: tuple[Tensor, ...] = (q, k, v)
-        save: tuple[Tensor, ...] = ()
-        if rg and self.num.training:
-            lse = self.op(batch * heads * lse_len, 4, (), rg=False)
-            ins += (lse,)
-            save = (q, k, v, lse)
-        scratch = batch * heads * sq * (head_dim + 1) * 4 if rg and self.num.training else 0
-        out = self.op(out_n, elem, ins, save=save, grad_to=(q, k, v), bwd_scratch=scratch)
-        if rg and self.num.training:
-            self.save_output(out)
-        return out
+        if kernel is Kernel.MATH:  # (the heads moved back: a copy)
+            return self.copy(math_sdpa(self, q, k, v, batch=batch, heads=heads, sq=sq, skv=sk, head_dim=head_dim,
+                                       value_dim=head_dim, heads_kv=heads))
+        return fused_sdpa(self, q, k, v, kernel, batch=batch, heads=heads, sq=sq, skv=sk, head_dim=head_dim,
+                          value_dim=head_dim, heads_kv=heads)
 
     # ---- losses -------------------------------------------------------------------------------------
     def mse_loss(self, pred: Tensor, target: Tensor) -> Tensor:

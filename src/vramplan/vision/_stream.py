@@ -9,7 +9,14 @@ emission) in the order of the calibration harness (``measure.py``: ``run_unet``,
 * inference: three forwards under ``inference_mode`` (the output dropped each time);
 * training: three steps of forward, ``backward``, ``optimizer.step()`` (AdamW's ``exp_avg``/``exp_avg_sq``
   per trained tensor in the first step, ``_foreach_sqrt``'s temporaries), ``zero_grad(set_to_none=True)``
-  and ``del pred, loss``.
+  and ``del pred, loss``;
+* peft adapters (``late_params``) are created on the device in fp32 after the base model's cast;
+* with gradient accumulation, each step runs its micro-batches before the optimizer: the gradients of the
+  first are kept and the later ones accumulate into them (a computed gradient added in place), and a
+  micro-batch's output and loss die when the script rebinds them; the stream repeats from the second
+  micro-batch on, so two stand for any number (as :mod:`vramplan.alloc_stream` does for language models);
+* ``zero_grad(set_to_none=False)`` (``keep_grads``): the zeroed gradients stay allocated and later steps
+  accumulate into them.
 
 The peaks are reset before the last step, as the harness does before every step.
 """
@@ -71,9 +78,12 @@ class _Versions:
 
 def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequence[Tensor], *,
                   training: bool, opt_sizes: Sequence[int], optimizer: Optimizer, buffers: Sequence[int] = (),
-                  steps: int = 3) -> list[Event]:
+                  steps: int = 3, late_params: Sequence[int] = (), accumulation: int = 1,
+                  keep_grads: bool = False) -> list[Event]:
     """``param_sizes``: (elements, bytes per element as used) of every parameter tensor in creation order;
-    ``opt_sizes``: bytes of every trained tensor (the optimizer's per-tensor states and temporaries)."""
+    ``late_params``: bytes of the tensors created after the cast (adapters); ``opt_sizes``: bytes of every trained
+    tensor (the optimizer's per-tensor states and temporaries); ``accumulation``: micro-batches per optimizer step;
+    ``keep_grads``: ``zero_grad(set_to_none=False)``."""
     from ..alloc_stream import _optimizer_tensors
 
     v = _Versions()
@@ -83,6 +93,8 @@ def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequ
         if elem != 4:  # model.to(dtype): the copy, then the fp32 tensor dies
             v.alloc(("w", j), numel * elem)
             v.free(("w32", j))
+    for j, n in enumerate(late_params):
+        v.alloc(("late", j), n)
     for j, n in enumerate(buffers):
         v.alloc(("buf", j), n)
     for t in net.tensors:
@@ -91,17 +103,26 @@ def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequ
     for h in range(2 if training else 1):
         v.alloc(("cublas", h), CUBLAS_WORKSPACE)
     opt_states, opt_temps = _optimizer_tensors(optimizer, list(opt_sizes)) if training else ([], [])
+    micro = min(accumulation, 2) if training else 1
+    kept: set[object] = set()  # gradients zero_grad(set_to_none=False) leaves allocated
     for step in range(steps):
         if step == steps - 1:
             v.ev.append((None, A.RESET))
         before = set(v.live)
-        fwd_ev: list[Event] = []
-        fr = replay_forward(net, ZERO, ev=fwd_ev)
-        v.add(fwd_ev, step)
+        grads: list[object] = []
+        for mb in range(micro):
+            mb_before = set(v.live)
+            fwd_ev: list[Event] = []
+            fr = replay_forward(net, ZERO, ev=fwd_ev)
+            v.add(fwd_ev, (step, mb))
+            if training:
+                bwd_ev: list[Event] = []
+                replay_backward(net, fr, seeds, ev=bwd_ev, param_grads_exist=mb > 0 or bool(kept))
+                grads += v.add(bwd_ev, (step, mb))
+            if mb < micro - 1:  # the next micro-batch rebinds pred and loss: what this one left dies
+                for key in [k for k in v.live if k not in mb_before and k not in grads]:
+                    v.free(key)
         if training:
-            bwd_ev: list[Event] = []
-            replay_backward(net, fr, seeds, ev=bwd_ev)
-            grads = v.add(bwd_ev, step)
             if step == 0:
                 for j, n in enumerate(opt_states):
                     v.alloc(("opt", j), n)
@@ -109,8 +130,51 @@ def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequ
                 v.alloc(("tmp", step, j), n)
             for j in range(len(opt_temps)):
                 v.free(("tmp", step, j))
-            for g in reversed(grads):
-                v.free(g)
-        for key in [k for k in v.live if k not in before and not (isinstance(k, tuple) and k[0] == "opt")]:
+            if keep_grads:
+                kept.update(grads)
+            else:
+                for g in reversed(grads):
+                    v.free(g)
+        for key in [k for k in v.live if k not in before and k not in kept
+                    and not (isinstance(k, tuple) and k[0] == "opt")]:
+            v.free(key)
+    return v.ev
+
+
+def pipeline_events(weights: Sequence[int], passes: Sequence[tuple[Tape, int]], *,
+                    upcast: tuple[int, Sequence[tuple[int, int]]] | None = None) -> list[Event]:
+    """The allocation stream of a diffusers pipeline call under ``inference_mode``.
+
+    ``weights``: bytes of every parameter tensor as ``from_pretrained(torch_dtype=...)`` and ``pipe.to("cuda")``
+    place them, component by component. ``passes``: (recorded program, calls) in order (each text encoder, the
+    denoiser over the sampling loop, the VAE decode): the program's inputs are allocated, then its forward runs
+    ``calls`` times, each call's outputs dropped when the next call's replace them (the loop rebinds
+    ``noise_pred``; every step is the same, so two stand for any number); what a pass leaves is freed before the
+    next. ``upcast``: (index of the pass, (bytes fp16, bytes fp32) per tensor) where the pipeline converts a
+    component to fp32 first (``vae.to(torch.float32)`` under ``force_upcast``: each fp32 copy made before the fp16
+    tensor dies)."""
+    v = _Versions()
+    for j, n in enumerate(weights):
+        v.alloc(("w", j), n)
+    v.alloc(("cublas", 0), CUBLAS_WORKSPACE)
+    for i, (tape, calls) in enumerate(passes):
+        if upcast is not None and upcast[0] == i:
+            for j, (_half, full) in enumerate(upcast[1]):
+                v.alloc(("w32", j), full)
+                v.free(("w", len(weights) - len(upcast[1]) + j))
+        before = set(v.live)
+        for t in tape.tensors:
+            if t.external and t.base is None and t.nbytes:
+                v.alloc(("in", i, id(t)), t.nbytes)
+        previous: set[object] = set()
+        for call in range(min(calls, 2)):
+            start = set(v.live)
+            ev: list[Event] = []
+            replay_forward(tape, ZERO, ev=ev)
+            v.add(ev, (i, call))
+            for key in previous:
+                v.free(key)
+            previous = {k for k in v.live if k not in start}
+        for key in [k for k in v.live if k not in before]:
             v.free(key)
     return v.ev
