@@ -185,3 +185,86 @@ def test_fp32_parameters_match_the_model(cfg: dict[str, Any]) -> None:
         model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
     fp32 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
     assert spec_from_config(cfg).fp32_params == fp32
+
+
+# Inkling2LoopTextConfig's library defaults (transformers 5.24): layers 6..17 run three times
+INKLING2_LOOP: dict[str, Any] = {
+    **INKLING2, "model_type": "inkling2_loop_text", "hidden_size": 2304, "num_hidden_layers": 24,
+    "num_attention_heads": 24, "swa_num_attention_heads": 24, "log_scaling_n_floor": 8192,
+    "moe_intermediate_size": 1152, "n_routed_experts": 128, "loop_layer_index_start": 6, "loop_layer_index_end": 18,
+    "loop_num_passes": 3, "loop_gate_rank": 64,
+    "layer_types": ["hybrid" if (i + 1) % 6 == 0 else "hybrid_sliding" for i in range(24)],
+}
+
+
+def _cut_loop(**change: Any) -> dict[str, Any]:
+    return {**cut_layers(INKLING2_LOOP, 2), **change}
+
+
+def test_loop_cut_keeps_layers_before_inside_and_after_the_loop() -> None:
+    """The loop range is a kind: one sliding and one full layer before, inside and after it, re-indexed, with a block
+    size that keeps each kept layer's block boundary (0, 6, 18 were boundaries; 5, 11, 23 were not)."""
+    cut = _cut_loop()
+    assert cut["num_hidden_layers"] == 6
+    assert (cut["loop_layer_index_start"], cut["loop_layer_index_end"]) == (2, 4)
+    assert cut["n_layers_per_attn_res_block"] == 2
+    assert cut["layer_types"] == ["hybrid_sliding", "hybrid"] * 3
+    # no range: the block size stays (Inkling 2)
+    assert cut_layers(INKLING2, 2)["n_layers_per_attn_res_block"] == 6
+
+
+@pytest.mark.parametrize("change", [{}, {"loop_num_passes": 1}, {"loop_gate_rank": 16},
+                                    {"loop_layer_index_end": 6}])
+def test_inkling2_loop_parameters_match_the_meta_model(change: dict[str, Any]) -> None:
+    pytest.importorskip("torch")
+    from .trace_match import meta_parameters
+
+    cfg = {**_cut_loop(), **SMALL2, **change}
+    assert count_params(spec_from_config(cfg)).total == meta_parameters(cfg)
+
+
+def test_inkling2_loop_fp32_parameters_match_the_model() -> None:
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    cfg = {**_cut_loop(), **SMALL2}
+    hf = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    assert spec_from_config(cfg).fp32_params == sum(p.numel() for p in model.parameters()
+                                                    if p.dtype == torch.float32)
+
+
+def test_inkling2_loop_passes_cost_activations_and_cache() -> None:
+    """Every later pass runs the loop layers again on messages: more saved activations in training, one more cache
+    copy of the loop layers' keys and values in inference; a loop that runs once is Inkling 2's stack plus gates."""
+    train, infer = make_workload(batch_size=1, seq_len=512), make_workload(task="infer", batch_size=1, seq_len=512)
+
+    def run(passes: int) -> tuple[int, int]:
+        spec = spec_from_config({**_cut_loop(), **SMALL2, "loop_num_passes": passes})
+        fwd = estimate(spec, train).phases[0].breakdown.as_dict()[MemoryKind.ACTIVATIONS]
+        return fwd, estimate(spec, infer).phases[-1].breakdown.as_dict()[MemoryKind.KV_CACHE]  # decode
+
+    (a1, k1), (a2, k2), (a3, k3) = run(1), run(2), run(3)
+    assert a2 - a1 > 0 and a3 - a2 > 0.9 * (a2 - a1)  # each pass about as much again
+    assert k1 < k2 < k3 and k3 - k2 == k2 - k1
+
+
+def test_inkling2_loop_refuses_a_misplaced_loop() -> None:
+    with pytest.raises(ConfigError, match="multiples of n_layers_per_attn_res_block"):  # (validate_architecture)
+        spec_from_config({**_cut_loop(), "loop_layer_index_start": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wname", ["full", "lora", "infer"])
+def test_inkling2_loop_estimate_matches_trace(wname: str) -> None:
+    """The loop passes against the real forward: the later passes' message residual and gates, the pre-loop states
+    held, the loop layers' weight gradients accumulated over the passes, one cache copy per pass."""
+    pytest.importorskip("torch")
+    from .trace_match import SMALL_WORKLOADS, assert_matches_trace
+
+    cfg = _cut_loop() if wname == "lora" else {**_cut_loop(), **SMALL2}
+    opts = {**SMALL_WORKLOADS[wname], "seq_len": 256}
+    if wname == "lora":
+        opts["lora_targets"] = "all-linear"
+    assert_matches_trace(cfg, opts, ssm_kernel="torch")

@@ -163,7 +163,7 @@ def test_compose_finds_decoder_stacks_by_structure() -> None:
         _layers(meta("hrm_text"))
 
 
-@pytest.mark.parametrize(("model_type", "why"), [("jetmoe", "mixture-of-attention-heads"), ("xlstm", "mLSTM"),
+@pytest.mark.parametrize(("model_type", "why"), [("zaya", "Compressed Convolutional Attention"), ("xlstm", "mLSTM"),
                                                   ("gemma4_unified_assistant", "draft")])
 def test_refusals_name_the_missing_mechanism(model_type: str, why: str) -> None:
     """A type derive refused is refused by estimate with derive's reason (data/recipes ``refused``)."""

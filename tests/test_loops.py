@@ -168,3 +168,30 @@ def test_cache_walk_leaves_no_reference_cycle() -> None:
         assert old() is None
     finally:
         gc.enable()
+
+
+def test_reused_weight_gradient_second_contribution_is_added_out_of_place() -> None:
+    """A weight used twice in one graph whose gradients are views (Tape.view_grads: a linear's weight gradient is the
+    transpose of its matmul output): the InputBuffer adds the second contribution out of place, so backward holds
+    the first, the second and their sum at once; a third is added in place. Other reused parameters (a gradient
+    scattered into a fresh buffer) are added in place."""
+    from vramplan._engine.replay import layer_backward
+    from vramplan._engine.tape import Tape
+
+    nb = 1 << 20
+
+    def peak(view: bool, uses: int) -> int:
+        tp = Tape(True)
+        x = tp.input(16, 2, rg=True)
+        pid = 12345
+        if view:
+            tp.view_grads.add(pid)
+        y = x
+        for _ in range(uses):
+            y = tp.op(16, 2, (y,), save=(y,), params=((pid, nb),))
+        tp.keep(y)
+        return layer_backward(tp).peak
+
+    assert peak(True, 2) - peak(False, 2) == nb
+    assert peak(True, 3) - peak(False, 3) == nb
+    assert peak(False, 2) >= 2 * nb

@@ -199,3 +199,46 @@ def test_vision_language_model_built_whole_with_a_warning() -> None:
     assert any("16 image tokens" in a for a in with_image.assumptions)
     assert not any("not traced" in w for w in with_image.warnings)
     assert with_image.peak_allocated_bytes > est.peak_allocated_bytes
+
+
+def test_moe_token_counts_read_back_by_tolist() -> None:
+    """JetMoeTopKGating: ``zeros(tokens, E).scatter(1, topk(logits).indices, 1).long().sum(0).tolist()`` gives the
+    per-expert counts its ``split`` needs: answered from the routing assumption (they sum to tokens x k)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramplan.trace._tracker import MemoryTracker
+
+    tokens, k, experts = 100, 2, 8
+    for routing, want in (("balanced", [25] * 8), ("worst", [100, 100] + [0] * 6)):
+        tracker = MemoryTracker()
+        tracker.routing = routing
+        with FakeTensorMode(), tracker, torch.inference_mode():
+            logits = torch.zeros(tokens, experts)
+            _, idx = logits.topk(k, dim=1)
+            gates = torch.zeros(tokens, experts).scatter(1, idx, 1)
+            counts = gates.long().sum(0).tolist()
+            assert counts == want
+            assert sum(len(p) for p in torch.zeros(tokens * k, 4).split(counts)) == tokens * k
+            assert torch.nonzero(gates).shape[0] == tokens * k  # the (tokens, E) mask: top_k per row
+    # uneven: the first experts take one more
+    tracker = MemoryTracker()
+    with FakeTensorMode(), tracker, torch.inference_mode():
+        _, idx = torch.zeros(7, 4).topk(1, dim=1)
+        assert torch.zeros(7, 4).scatter(1, idx, 1).long().sum(0).tolist() == [2, 2, 2, 1]
+
+
+def test_deepcopy_of_a_fake_constant_tensor() -> None:
+    """copy.deepcopy of a fake tensor made by torch.tensor (what Inkling2LoopTextModel's cache copies hold) is a clone
+    in the trace, not the storage re-pointing that fails on fake tensors."""
+    import copy
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramplan.trace._engine import _trace_environment
+
+    with _trace_environment(), FakeTensorMode():
+        t = torch.tensor(5, dtype=torch.long)
+        c = copy.deepcopy(t)
+        assert c.shape == t.shape and c.dtype == t.dtype and c is not t

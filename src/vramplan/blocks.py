@@ -1640,6 +1640,10 @@ class _B:
             from .inkling import inkling_layer
 
             return inkling_layer(self, x)
+        if spec.moa:
+            from .jetmoe import jetmoe_layer
+
+            return jetmoe_layer(self, x)
         if not plan.mlp or plan.mixer == "none":  # one sublayer per block (Mamba-2, Nemotron-H)
             from .ssm import mamba_block
 

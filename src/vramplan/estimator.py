@@ -547,6 +547,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)
+    if spec.moa:  # JetMoeAttention: the whole cache's keys and values repeated top_k times (copies) every step
+        kv_layer *= spec.experts_per_token
     small = (b * spec.vocab_size * num.act if head else 0) + 8 * b * spec.hidden_size * 4 + \
         b * spec.intermediate_size * 3 * num.act
     dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))

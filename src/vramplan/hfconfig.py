@@ -1323,6 +1323,10 @@ from .inkling2 import INKLING2_CLASSES, INKLING2_READERS  # noqa: E402  (Inkling
 
 _READERS.update(INKLING2_READERS)
 _CLASSES.update(INKLING2_CLASSES)
+from .jetmoe import JETMOE_CLASSES, JETMOE_READERS  # noqa: E402  (JetMoE: mixture of attention heads)
+
+_READERS.update(JETMOE_READERS)
+_CLASSES.update(JETMOE_CLASSES)
 _ALIASES = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon", "gemma3": "gemma3_text",
             # the language models of vision-language configs (vramplan.multimodal): Qwen2-VL's text model is Qwen2's
             # decoder with multimodal RoPE, Qwen3-VL's is Qwen3's (with DeepStack adds, vramplan.multimodal)
@@ -1420,11 +1424,6 @@ _MISSING_MECHANISMS = {
                    "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
                    "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
                    "hash (DeepseekV4HashRouter)",
-    "inkling2_loop_text": "Inkling-2-Loop's loop passes (Inkling2LoopTextModel: the layers from loop_layer_index_start "
-                          "to loop_layer_index_end run loop_num_passes times, each later pass restarting from the "
-                          "pre-loop states with messages from the previous pass: Inkling2LoopMessageAttentionResidual "
-                          "and the layers' Inkling2LoopMessageGate, one cache copy per pass); Inkling 2's layers "
-                          "themselves are modelled (vramplan.inkling2)",
 }
 
 

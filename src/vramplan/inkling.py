@@ -43,7 +43,7 @@ def inkling_linears(spec: ModelSpec, index: int = -1) -> list[tuple[str, int, in
     if len(spec.inkling) > 4 and spec.inkling[4] == 2:
         from .inkling2 import inkling2_linears
 
-        return inkling2_linears(spec, index not in spec.sliding_layers)
+        return inkling2_linears(spec, index not in spec.sliding_layers, index)
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
     return [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1),
             ("r_proj", h, spec.num_heads * _d_rel(spec), 1), ("o_proj", q, h, 1)]

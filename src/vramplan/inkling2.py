@@ -40,8 +40,29 @@ __all__ = ["INKLING2_CLASSES", "INKLING2_READERS", "build_body", "inkling2_linea
 KV = MemoryKind.KV_CACHE
 
 
-def inkling2_linears(spec: ModelSpec, full: bool) -> list[tuple[str, int, int, int]]:
-    """The attention's nn.Linear modules (peft's all-linear adapts them); ``spec`` is the layer's."""
+GATES = ("q_message_gate", "k_message_gate", "v_message_gate", "mlp_message_gate")
+
+
+def loop_range(spec: ModelSpec) -> tuple[int, int, int, int]:
+    """Inkling-2-Loop's (first looped layer, the layer past the last, passes, message-gate rank); (0, 0, 1, 0) for
+    Inkling 2."""
+    if len(spec.inkling) < 10:
+        return 0, 0, 1, 0
+    a, b, passes, rank = spec.inkling[6:10]
+    return a, b, passes, rank
+
+
+def gate_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """A loop layer's four Inkling2LoopMessageGate modules: ``down_proj`` (2 hidden -> rank, the model's dtype), the
+    fp32 ``forget_gate_proj`` and ``message_gate_proj`` (rank -> hidden)."""
+    h, r = spec.hidden_size, loop_range(spec)[3]
+    return [lin for g in GATES for lin in ((f"{g}.down_proj", 2 * h, r, 1), (f"{g}.forget_gate_proj", r, h, 1),
+                                           (f"{g}.message_gate_proj", r, h, 1))]
+
+
+def inkling2_linears(spec: ModelSpec, full: bool, index: int = -1) -> list[tuple[str, int, int, int]]:
+    """The attention's nn.Linear modules (peft's all-linear adapts them), and a loop layer's message gates;
+    ``spec`` is the layer's."""
     h, q, kv, nh = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     d_rel, kernel = spec.inkling[0], spec.inkling[2]
     out = [("q_proj.linear", h, q, 1), ("k_proj.linear", h, kv, 1), ("v_proj.linear", h, kv, 1),
@@ -50,6 +71,11 @@ def inkling2_linears(spec: ModelSpec, full: bool) -> list[tuple[str, int, int, i
     if full:  # the dynamic short convolutions' weight_proj (one tap set per key/value head)
         out += [("k_proj.sconv.weight_proj", h, spec.num_kv_heads * kernel, 1),
                 ("v_proj.sconv.weight_proj", h, spec.num_kv_heads * kernel, 1)]
+    a, b, _, _ = loop_range(spec)
+    if index < 0 and a < b:  # any layer (peft's target names): the loop layers' gates are among them
+        index = a
+    if a <= index < b:
+        out += gate_linears(spec)
     return out
 
 
@@ -69,7 +95,28 @@ def extra_params(spec: ModelSpec, embed_rows: int) -> int:
         total += d_rel * ((spec.sliding_window or 0) if not full else spec.inkling[1])
         total += 2 * ls.kv_dim * kernel + 2 * h * kernel
         total += 2 * h if full else 0  # q/k/v input norms beside the post-attention norm (the program's two)
-    return total
+    # Inkling2LoopMessageAttentionResidual's queries: four per loop layer the config names (built or not)
+    return total + (spec.inkling[10] * 4 * h if len(spec.inkling) > 10 else 0)
+
+
+class _Named(_Scoped):
+    """A builder whose parameter gradients are named by the physical layer, the parameter's name and its occurrence
+    among the layer's uses of that name: every call of a layer names the same gradients, whether or not a later
+    loop pass adds its message gates (the autograd InputBuffer of each parameter's one AccumulateGrad)."""
+
+    seen: dict[str, int]
+
+    def param_grad(self, name: str, numel: int, elem: int) -> tuple[tuple[int, int], ...]:
+        if self.scope == -1:
+            return super().param_grad(name, numel, elem)
+        if name.startswith("sconv"):  # short_conv names its weight by the op's position: the occurrence names it here
+            name = "sconv"
+        k = self.seen.get(name, 0)
+        self.seen[name] = k + 1
+        pid = hash(("inkling2", self.scope, name, k))
+        if name not in ("p", "sconv"):  # the linears' and experts' weights: their gradients are transposed views
+            self.tp.view_grads.add(pid)
+        return ((pid, numel * elem),)
 
 
 class _Prog:
@@ -240,24 +287,54 @@ class _Prog:
         w = tp.op(t * k, 4, (w,))  # * routed_scaling_factor
         return bld.moe(n, routed=(idx, w))
 
-    def layer(self, x: Tensor, blocks: Tensor | None, nblocks: int, index: int, boundary: bool) -> Tensor:
+    def gate(self, x: Tensor, msg: Tensor, name: str) -> Tensor:
+        """Inkling2LoopMessageGate on fp32 ``x`` and a message (a view of the messages): ``cat`` of both RMS-normed
+        without weight, cast to ``down_proj``'s dtype, ``down_proj``, ``.float()``, the fp32 forget and message gate
+        projections each through tanh, ``(1 - forget) * x + message_gate * msg``."""
+        bld, tp = self.bld, self.tp
+        plan = bld.plan
+        assert plan is not None
+        h, r = bld.spec.hidden_size, loop_range(bld.spec)[3]
+        t = x.numel // h
+        cat = tp.op(t * 2 * h, 4, (self.rms_unweighted(x, h), self.rms_unweighted(msg, h)))
+        d = self.f32(bld.proj(bld.cast(cat, bld.num.param), 2 * h, r, f"{name}.down_proj"))
+        fg, mg = (bld.ew(bld.linear(d, r, h, f"{name}.{g}", bias=False, trainable=plan.trainable,
+                                    lora_rank=plan.lora_rank if f"{name}.{g}" in plan.lora_targets else 0,
+                                    weight_elem=4), save_out=True)
+                  for g in ("forget_gate_proj", "message_gate_proj"))
+        keep = tp.op(t * h, 4, (fg,))  # 1 - forget_gate
+        return bld.add(bld.mul(keep, x), bld.mul(mg, msg))
+
+    def layer(self, x: Tensor, blocks: Tensor | None, nblocks: int, index: int, boundary: bool,
+              msgs: Tensor | None = None) -> Tensor:
+        """One decoder layer; ``msgs``: the (batch, seq, 4, hidden) fp32 messages of a later loop pass (the layer
+        gates its q, k, v and MLP inputs with them: Inkling2Loop{Sliding,Full}LoopDecoderLayer)."""
         bld, tp = self.bld, self.tp
         spec, plan = bld.spec, bld.plan
         assert plan is not None
         h, tr = spec.hidden_size, plan.trainable
+        t = bld.b * bld.s
         full = index not in spec.sliding_layers
         dt = x.elem
         kernel = spec.inkling[2]
+        m = [tp.view(msgs, t * h) for _ in range(4)] if msgs is not None else []
         if full:
             if index > 0:
                 qkv = self.block_residual(blocks, nblocks, x, 3)
-                ins = [tp.view(qkv, bld.b * bld.s * h) for _ in range(3)]
+                ins = [tp.view(qkv, t * h) for _ in range(3)]
             else:
                 ins = [x, x, x]
-            n, kn, vn = (bld.cast(bld.norm(i, h, tr), dt) for i in ins)
+            if m:  # the gated q/k/v inputs stay bound to the layer's locals to its end
+                ins += [self.gate(i, mi, g) for i, mi, g in zip(ins, m, GATES, strict=False)]
+            n, kn, vn = (bld.cast(bld.norm(i, h, tr), dt) for i in ins[-3:])
         else:
-            ins = [tp.view(self.block_residual(blocks, nblocks, x, 1), bld.b * bld.s * h) if index > 0 else x]
-            n = kn = vn = bld.cast(bld.norm(ins[0], h, tr), dt)
+            ins = [tp.view(self.block_residual(blocks, nblocks, x, 1), t * h) if index > 0 else x]
+            if m:  # three gated states, each through input_layernorm (the normed fp32 states stay bound)
+                normed = [bld.norm(self.gate(ins[0], mi, g), h, tr) for mi, g in zip(m[:3], GATES, strict=False)]
+                ins += normed
+                n, kn, vn = (bld.cast(i, dt) for i in normed)
+            else:
+                n = kn = vn = bld.cast(bld.norm(ins[0], h, tr), dt)
         a = self.attention(n, kn, vn, full)
         tp.hold(*ins)  # the block residual's outputs stay bound to the layer's locals through the attention
         a = short_conv(bld, a, kernel, scaled=True)
@@ -267,10 +344,14 @@ class _Prog:
             nblocks += 1
         else:
             res = bld.add(self.f32(x), res)
-        m_in = tp.view(self.block_residual(blocks, nblocks, res, 1), bld.b * bld.s * h)
-        m = self.moe(bld.cast(bld.norm(m_in, h, tr), dt))
-        m = short_conv(bld, m, kernel, scaled=True)
-        y = bld.cast(bld.add(res, m), dt)
+        m_in = tp.view(self.block_residual(blocks, nblocks, res, 1), t * h)
+        if m:
+            m_in = self.gate(m_in, m[3], GATES[3])
+        mo = self.moe(bld.cast(bld.norm(m_in, h, tr), dt))
+        mo = short_conv(bld, mo, kernel, scaled=True)
+        y = bld.cast(bld.add(res, mo), dt)
+        if m:
+            tp.hold(*ins)
         return y
 
 
@@ -287,26 +368,60 @@ def build_body(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch:
     hidden = x
     blocks: Tensor | None = None
     nblocks = 0
-    for i in range(spec.num_layers):
+
+    def run(i: int, msgs: Tensor | None = None) -> None:
+        nonlocal hidden, blocks, nblocks
         ls = spec.layer(i)
         lp = replace(plan, sliding=i in spec.sliding_layers, variant=spec.variant(i), moe=True)
-        bld = _Scoped(tp, ls, num, batch, seq, lp, kv_len)
-        bld.scope, bld.calls = i, 0
+        bld = _Named(tp, ls, num, batch, seq, lp, kv_len)
+        bld.scope, bld.seen = i, {}
         boundary = i % every == 0
         with tp.checkpoint(bool(ckpt_every) and i % ckpt_every == 0):
-            new = _Prog(bld, distance).layer(hidden, blocks, nblocks, i, boundary)
+            new = _Prog(bld, distance).layer(hidden, blocks, nblocks, i, boundary, msgs)
         hidden.last_use = max(hidden.last_use, len(tp.ops) - 1)
         if boundary:  # the model loop's own cat (the layer's was a local)
             old = blocks
             blocks = tp.op(t * (nblocks + 1) * h, hidden.elem, (hidden,) + ((old,) if old is not None else ()))
             nblocks += 1
         hidden = new
-    bld = _Scoped(tp, spec, num, batch, seq, plan, kv_len)
-    bld.scope = spec.num_layers
+
+    # Inkling2LoopTextModel.forward: the layers before the loop, its first pass, the later passes (each restarts from
+    # the pre-loop states and gets messages from the previous pass's block states and output), the layers after it
+    start, end, passes, _ = loop_range(spec)
+    if start >= end:
+        start = end = spec.num_layers
+    for i in range(start):
+        run(i)
+    pre_hidden, pre_blocks, npre = hidden, blocks, nblocks
+    for i in range(start, end):
+        run(i)
+    held: list[Tensor] = []
+    for _ in range(1, passes):
+        prev_blocks, prev_n, prev_hidden = blocks, nblocks - npre - 1, hidden
+        tp.hold(*held)  # the previous pass's ``previous_*`` variables and last messages until rebound
+        held = [t_ for t_ in (prev_blocks, prev_hidden) if t_ is not None]
+        hidden, blocks, nblocks = pre_hidden, pre_blocks, npre
+        msgs: Tensor | None = None
+        for i in range(start, end):
+            mb = _Named(tp, spec, num, batch, seq, plan, kv_len)
+            mb.scope, mb.seen = -2, {}  # one parameter (loop layers, 4, hidden) for all the calls
+            new_msgs = _Prog(mb, distance).block_residual(prev_blocks, max(prev_n, 0), prev_hidden, 4)
+            if msgs is not None:
+                tp.hold(msgs)  # ``messages`` is rebound only when the next ones are made
+            msgs = new_msgs
+            run(i, msgs)
+        if msgs is not None:
+            held.append(msgs)
+    for i in range(end, spec.num_layers):
+        run(i)
+    bld = _Named(tp, spec, num, batch, seq, plan, kv_len)
+    bld.scope, bld.seen = spec.num_layers, {}
     prog = _Prog(bld, distance)
     out = tp.view(prog.block_residual(blocks, nblocks, hidden, 1), t * h)
     y = bld.cast(bld.norm(out, h, plan.trainable), x.elem)  # norm(...).to(inputs_embeds.dtype)
-    tp.hold(x, *distance)
+    tp.hold(x, *distance, *held)
+    if end > start:  # pre_loop_hidden_states, pre_loop_block_states: bound to the forward's end
+        tp.hold(pre_hidden, *([pre_blocks] if pre_blocks is not None else []))
     tp.keep(y)
     return y
 
@@ -367,5 +482,46 @@ def _inkling2_text(c: Any, family: str) -> ModelSpec:
     return replace(spec, extra_params=extra_params(spec, vocab), fp32_params=fp32)
 
 
-INKLING2_READERS = {"inkling2_text": _inkling2_text}
-INKLING2_CLASSES = {"Inkling2ForCausalLM": "inkling2_text"}
+def _inkling2_loop_text(c: Any, family: str) -> ModelSpec:
+    """Inkling2LoopTextConfig (modular_inkling2_loop.py): Inkling 2's layers, of which those from
+    ``loop_layer_index_start`` to ``loop_layer_index_end`` run ``loop_num_passes`` times (Inkling2LoopTextModel);
+    each loop layer has four message gates (Inkling2LoopMessageGate: a ``down_proj`` to ``loop_gate_rank`` and two
+    fp32 gate projections back), the model one message residual (fp32 queries: four per loop layer). A nested
+    ``loop_config`` (core_start, core_end, num_passes, gate_rank) overrides the flat fields, as its __post_init__
+    does."""
+    from .hfconfig import _MAX_LAYERS, _Cfg
+
+    assert isinstance(c, _Cfg)
+    spec = _inkling2_text(c, family)
+    nested = c.raw.get("loop_config")
+    raw = dict(c.raw)
+    if isinstance(nested, dict):
+        for key, field in (("core_start", "loop_layer_index_start"), ("core_end", "loop_layer_index_end"),
+                           ("num_passes", "loop_num_passes"), ("gate_rank", "loop_gate_rank")):
+            if key in nested:
+                raw[field] = nested[key]
+    lc = _Cfg(raw, c.where)
+    layers, every = spec.num_layers, spec.inkling[5]
+    start = lc.int_("loop_layer_index_start", default=6, hi=_MAX_LAYERS)
+    end = lc.int_("loop_layer_index_end", default=18, hi=_MAX_LAYERS)
+    passes = lc.int_("loop_num_passes", default=3, hi=64)
+    rank = lc.int_("loop_gate_rank", default=64)
+    # Inkling2LoopTextConfig.validate_architecture
+    if passes < 1 or start <= 0 or end < start or start % every or end % every:
+        raise ConfigError(f"{c.where}: the loop must run at least once over layers loop_layer_index_start "
+                          f"({start}) > 0 to loop_layer_index_end ({end}), both multiples of "
+                          f"n_layers_per_attn_res_block ({every})")
+    # the loop layers the model builds (``self.layers[start:end]`` of num_hidden_layers); the message queries are
+    # sized by the configured range
+    queries = end - start
+    start, end = min(start, layers), min(max(start, end), layers)
+    h, n = spec.hidden_size, end - start
+    spec = replace(spec, inkling=(*spec.inkling[:6], start, end, passes, rank, queries))
+    # the message residual's queries and the gates' fp32 projections (_keep_in_fp32_modules_strict: message_input,
+    # forget_gate_proj, message_gate_proj)
+    return replace(spec, extra_params=extra_params(spec, c.int_("vocab_size")),
+                   fp32_params=spec.fp32_params + queries * 4 * h + n * 4 * 2 * rank * h)
+
+
+INKLING2_READERS = {"inkling2_text": _inkling2_text, "inkling2_loop_text": _inkling2_loop_text}
+INKLING2_CLASSES = {"Inkling2ForCausalLM": "inkling2_text", "Inkling2LoopForCausalLM": "inkling2_loop_text"}

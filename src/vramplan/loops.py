@@ -84,9 +84,14 @@ def build_body(tp: Tape, spec: ModelSpec, num: Numerics, plan: LayerPlan, batch:
 
 
 def cache_calls(spec: ModelSpec) -> list[int]:
-    """The physical layer of every attention call that writes a cache slot, in order."""
+    """The physical layer of every attention call that writes a cache slot, in order (Inkling-2-Loop: the loop layers'
+    cache copies of the later passes come after the model's layers, Inkling2LoopTextModel.forward)."""
     if not spec.stack_runs:
-        return list(range(spec.num_layers))
+        extra: list[int] = []
+        if spec.inkling[6:8] and spec.inkling[6] < spec.inkling[7]:
+            start, end, passes = spec.inkling[6:9]
+            extra = [i for _ in range(passes - 1) for i in range(start, end)]
+        return list(range(spec.num_layers)) + extra
     return [li for run in spec.stack_runs for li in range(run.first, run.first + run.count)]
 
 

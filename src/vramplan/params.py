@@ -62,6 +62,10 @@ def _norm_params(spec: ModelSpec, dim: int) -> int:
 def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     """(module name, in_features, out_features, count) of each attention projection."""
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    if spec.moa:  # JetMoE: the nn.Linear modules of its layers (the expert stacks are parameters: vramplan.jetmoe)
+        from .jetmoe import jetmoe_adaptable
+
+        return jetmoe_adaptable(spec)
     if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim
@@ -309,6 +313,10 @@ def layer_params(spec: ModelSpec, index: int) -> LayerParams:
         from .longcat import longcat_layer_params
 
         return longcat_layer_params(spec)
+    if spec.moa:
+        from .jetmoe import jetmoe_layer_params
+
+        return jetmoe_layer_params(spec)
     if spec.mixer(index) == "none":  # an MLP-only block (Nemotron-H "-"): its norm and MLP
         mlp = mlp_linears(spec, index in spec.moe_layers)
         bias = sum(o * n for _, _, o, n in mlp) if spec.mlp_bias else 0
@@ -427,8 +435,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     layers = []
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
+        # (and an Inkling-2-Loop loop layer has its message gates: vramplan.inkling2.loop_range)
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -1, spec.variant(i))
+               i if spec.mixer(i) == "zamba_hybrid" else -1 if not spec.inkling[6:8] or
+               not spec.inkling[6] <= i < spec.inkling[7] else -2, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])

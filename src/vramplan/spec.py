@@ -156,6 +156,8 @@ class ModelSpec:
     scores_held: bool = False  # the masked eager scores (and a fused qkv's views) stay referenced by the attention's
     # locals until it returns (MptAttention.attention_scores, GPTNeoXJapaneseAttention._attn)
     mask_bool: bool = False  # the eager causal mask is converted to bool before the layers (MptModel: .to(torch.bool))
+    moa: bool = False  # JetMoE (vramplan.jetmoe): a mixture of attention heads and a MoE MLP on
+    # JetMoeParallelExperts; the layer is vramplan.jetmoe's program
     gradient_checkpointing: bool = True  # False: transformers refuses to checkpoint the model
     # (supports_gradient_checkpointing False: CTRL, CPM-Ant, XLNet, OpenAI GPT, GPT-NeoX-Japanese)
     buffer_bytes: int = 0  # buffers the model holds beside its parameters (GPTBigCodeModel: a max_positions^2 bool

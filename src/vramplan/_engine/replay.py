@@ -267,6 +267,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
             region_ops.setdefault(op.region, []).append(i)
     recomputed_holders: dict[int, int] = {}
     seen_params: set[int] = {p for op in ops for p, _ in op.params} if param_grads_exist else set()
+    uses: dict[int, int] = {}  # contributions to each parameter's gradient in this backward
     saves = tp.effective_saves()
     own_grad = tp.own_grad
     cur = st.cur  # (give, drop, release and _State's alloc / free written out below: the hot loop of an estimate)
@@ -326,13 +327,25 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     give(target, new_buf(target))
             ptrans = 0
             for pid, nb in op.params:
+                uses[pid] = uses.get(pid, 0) + 1
                 if pid in seen_params:
-                    ptrans += nb  # computed, then accumulated into .grad
-                    st.hold_temporary(nb)
+                    # computed, then accumulated. A parameter used twice in one graph (a looped layer) meets its
+                    # second contribution in the autograd InputBuffer, where two weight gradients that are views
+                    # (Tape.view_grads: the transposes of their matmul outputs) cannot be added in place:
+                    # ``old + new`` is a third buffer (torch/csrc/autograd/input_buffer.cpp can_accumulate_inplace:
+                    # the storage's only reference); the sum is then the one added into in place
+                    n = 2 * nb if uses[pid] == 2 and pid in tp.view_grads else nb
+                    ptrans += n
+                    st.hold_temporary(n)
                 else:
                     seen_params.add(pid)
                     st.alloc(("p", pid), _GRAD, nb)
-            st.check(transient, ptrans)
+            if st.total + transient + ptrans > st.peak.total:  # (st.check, written out)
+                v = list(cur)
+                v[_ACT] += transient
+                v[_GRAD] += ptrans
+                st.peak = Moment(st.total + transient + ptrans, tuple(v))
+                st.at = i
             if ev is not None:
                 st.temporary(("s", i, -1), scratch)
                 st.release_temporaries()

@@ -18,6 +18,42 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder
 # single such layer: a cut keeps two of them (modeling_zamba.py ZambaModel: the hybrid layers' shared_transf are
 # tied to the first one's by a _tied_weights_keys pattern that must match another layer)
 TIED_KINDS: dict[str, tuple[str, ...]] = {"zamba": ("hybrid",)}
+# the number of layers per block of a stack whose layer ``i`` closes a block when ``i % size == 0``
+# (modeling_inkling2.py: ``is_block_boundary = layer_idx % n_layers_per_attn_res_block == 0``)
+BLOCK_SIZE_KEYS = ("n_layers_per_attn_res_block",)
+
+
+def _layer_ranges(d: dict[str, Any], n: int) -> dict[str, tuple[str, int, int]]:
+    """Ranges of layers a config names by a first index and an index past the last (Inkling-2-Loop's
+    ``loop_layer_index_start`` / ``loop_layer_index_end``: the layers its forward runs several times), by the range's
+    stem: where a layer sits (before, inside, after) is part of its kind."""
+    out = {}
+    for k, v in d.items():
+        if not (k.endswith("_start") and "layer" in k):
+            continue
+        end = k[: -len("_start")] + "_end"
+        w = d.get(end)
+        if isinstance(v, int) and isinstance(w, int) and not isinstance(v, bool) and not isinstance(w, bool) and \
+                0 <= v <= w <= n:
+            out[k[: -len("_start")]] = (end, v, w)
+    return out
+
+
+def _block_size(d: dict[str, Any], idx: list[int], ends: list[int]) -> dict[str, int]:
+    """The block sizes (BLOCK_SIZE_KEYS) of the cut stack: the configured one where it still makes the kept layers
+    the block boundaries they were, else the smallest that does and divides the re-indexed range ends (which
+    transformers requires to fall on block boundaries: Inkling2LoopTextConfig.validate_architecture)."""
+    out = {}
+    for k in BLOCK_SIZE_KEYS:
+        size = d.get(k)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            continue
+        was = [i % size == 0 for i in idx]
+        for cand in (size, *range(1, len(idx) + 1)):
+            if [j % cand == 0 for j in range(len(idx))] == was and all(e % cand == 0 for e in ends):
+                out[k] = cand
+                break
+    return out
 
 
 def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
@@ -74,7 +110,9 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     Kinds come from the config's per-layer fields (lists as long as the stack: ``layer_types``,
     ``layers_block_type``, ``no_rope_layers``, hybrid pattern strings): the first layer of each distinct
     combination is kept. Index lists (``mlp_only_layers``, ``attn_layer_indices``) and dicts keyed by layer index
-    (``per_layer_config``) are re-indexed, counts of trailing layers (``num_kv_shared_layers``) re-counted; periodic
+    (``per_layer_config``) are re-indexed, counts of trailing layers (``num_kv_shared_layers``) re-counted, ranges
+    (``loop_layer_index_start``/``_end``) split the stack into before / inside / after kinds and are re-indexed, with
+    a block size (``n_layers_per_attn_res_block``) that keeps the kept layers' block boundaries; periodic
     fields (``*_period``/``*_offset``, ``decoder_sparse_step``, ``moe_layer_freq``) keep the stack long enough
     to hold one layer of each kind; ``first_k_dense_replace`` / ``num_dense_layers`` keep one dense layer."""
     d = dict(d)
@@ -96,11 +134,13 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     # layer's keys and values): being one of them is part of a layer's kind, and the count becomes the number kept
     tails = {k: d[k] for k in TAIL_COUNT_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
              and 0 < d[k] <= n}
+    ranges = _layer_ranges(d, n)
     picked: list[int] = []
     seen: set[str] = set()
     for i in range(n):
         sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()]
-                         + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()],
+                         + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()]
+                         + [(i >= a) + (i >= b) for _, a, b in ranges.values()],
                          sort_keys=True, default=str)
         if sig not in seen:
             seen.add(sig)
@@ -113,7 +153,7 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
                 picked = sorted({*picked, next(i for i in where if i not in picked)})
     idx = sorted(set(picked) | set(range(min(target, n)))) if len(picked) < target else picked
     need = len(idx)
-    if not per and not index_lists and not index_dicts and not tails:
+    if not per and not index_lists and not index_dicts and not tails and not ranges:
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > n:
                 continue
@@ -133,5 +173,9 @@ def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         d[k] = {idx.index(i): o for i, o in v.items() if i in idx}
     for k, c in tails.items():
         d[k] = sum(1 for i in idx if i >= n - c)
+    for stem, (end, a, b) in ranges.items():
+        d[stem + "_start"], d[end] = sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)
+    if ranges:
+        d.update(_block_size(d, idx, [x for stem, (end, _, _) in ranges.items() for x in (d[stem + "_start"], d[end])]))
     d[key] = len(idx)
     return d

@@ -419,7 +419,7 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     eff = gpu_efficiency(gpu)
     mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
             f"CUDA graphs: {prof.kernels_per_layer} kernels per layer x {prof.kernel_s or 0:.1e} s")
-    assumptions = (
+    assumptions: tuple[str, ...] = (
         m.assumption(),
         f"decode ({prof.name}): weights + KV cache read once per step at {eff.bandwidth:.0%} of the catalog "
         f"bandwidth, plus {mode}" + (f", plus 2 all-reduces per layer ({prof.allreduce_latency_s * 1e6:.0f} us "
@@ -427,6 +427,16 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
         + f"; {prof.source}",
         _dtype_assumption(work.dtype),
     )
+    if work.quant_bytes and fp8_gemms(gpu, work.dtype):
+        assumptions += (f"fp8 GEMMs: each linear's 16-bit input quantized in a kernel of its own ({work.quant_kernels} "
+                        "per layer; read 16-bit, write fp8) at the copy bandwidth (perf.work.fp8_activation_quant)",)
+    context = w.seq_len + w.new_tokens // 2
+    if repeated_kv_bytes(spec, w, context, prof.name):
+        assumptions += ("decode: transformers expands the grouped keys and values to every query head before "
+                        "attention (repeat_kv), 2 x n_rep x the cache per step (perf.work.repeated_kv_bytes)",)
+    if prof.per_layer_s is None and prof.step_layer_passes:
+        assumptions += (f"decode: generate()'s own per-step ops counted as {prof.step_layer_passes:g} layer passes "
+                        "of eager launches (data/mfu.json engines.transformers.step_source)",)
     prefill_comm = 0.0
     if split > 1:
         one = allreduce_seconds(work.tokens * spec.hidden_size * 2, split, gpu, prof.allreduce_latency_s)

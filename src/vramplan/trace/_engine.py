@@ -105,9 +105,21 @@ def _trace_environment() -> Iterator[None]:
             return
         swap(t1, t2)
 
+    def deepcopy_fake(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+        # Tensor.__deepcopy__ re-points a new tensor at a copy of the storage with ``set_``, which fails for a fake
+        # tensor made by ``torch.tensor`` (a meta tensor beside a real constant): a clone is the same allocation
+        # (transformers 5.24's Inkling2LoopTextModel deep-copies cache layers that hold such a tensor)
+        with torch.no_grad():
+            out = t.clone()
+        if t.requires_grad and t.is_leaf:
+            out.requires_grad_(True)
+        memo[id(t)] = out
+        return out
+
     patches = _Patches()
     patches.set(import_utils, "is_fake_tensor", lambda x: False)
     patches.set(torch.utils, "swap_tensors", swap_fake)
+    patches.set(FakeTensor, "__deepcopy__", deepcopy_fake)
     try:
         from transformers import initialization as hf_init
     except ImportError:  # older transformers

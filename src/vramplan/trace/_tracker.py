@@ -134,6 +134,7 @@ _ROUTE_PASS = {
     for ov in ovs if hasattr(aten, name) and hasattr(getattr(aten, name), ov)
 }
 _ROUTE_SUM = {aten.sum.dim_IntList, aten.sum.default}
+_SCATTER = {getattr(aten.scatter, ov) for ov in ("value", "src") if hasattr(aten.scatter, ov)}
 _ROUTE_HIT = {aten.gt.Scalar, aten.ne.Scalar, aten.ge.Scalar}
 
 
@@ -318,8 +319,14 @@ class MemoryTracker(TorchDispatchMode):
             self._propagate_value(func, args, kwargs, out)
         if func is aten.one_hot.default and isinstance(out, torch.Tensor):
             self._route_source(args, kwargs, out)
+        elif func is aten.topk.default:
+            self._route_ids(args, kwargs, out)
+        elif func in _SCATTER and len(self.routes):
+            self._route_scatter(args, out)
+        elif func is aten.unbind.int and len(self.routes) and args and isinstance(args[0], torch.Tensor):
+            self._route_elements(args[0], out, args[1] if len(args) > 1 else kwargs.get("dim", 0))
         elif len(self.routes) and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            self._route_propagate(func, args[0], out)
+            self._route_propagate(func, args[0], out, args)
         return out
 
     # ---- MoE routing: data-dependent expert dispatch ---------------------------------------------------------
@@ -332,11 +339,60 @@ class MemoryTracker(TorchDispatchMode):
         top_k = int(ids.shape[-1]) if ids.dim() >= 2 else 1
         self.routes[out] = ("mask", classes, top_k, out.numel())
 
-    def _route_propagate(self, func: Any, src: torch.Tensor, out: torch.Tensor) -> None:
+    def _route_ids(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """``topk(scores, k)``: its indices are top-k expert ids over the scores' last (or ``dim``) axis."""
+        scores = args[0]
+        k = args[1] if len(args) > 1 else kwargs.get("k")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        if not isinstance(scores, torch.Tensor) or not isinstance(k, int) or scores.dim() < 2 or \
+                dim not in (-1, scores.dim() - 1) or not isinstance(out, (tuple, list)) or len(out) != 2:
+            return
+        classes = int(scores.shape[-1])
+        if 0 < k < classes:
+            self.routes[out[1]] = ("ids", classes, k, 0)
+
+    def _route_scatter(self, args: tuple[Any, ...], out: Any) -> None:
+        """``zeros(tokens, E).scatter(1, top_k_ids, 1)``: a (tokens, E) routing mask with top_k picks per row
+        (JetMoeTopKGating); marked with the size a one_hot mask of the same picks would have."""
+        if len(args) < 3 or not isinstance(out, torch.Tensor):
+            return
+        mark = self.routes.get(args[2]) if isinstance(args[2], torch.Tensor) else None
+        if mark is None or mark[0] != "ids" or out.dim() != 2 or args[1] not in (1, -1) or \
+                int(out.shape[-1]) != mark[1]:
+            return
+        self.routes[out] = ("mask", mark[1], mark[2], out.numel() * mark[2])
+
+    def _route_elements(self, src: torch.Tensor, outs: Any, dim: Any) -> None:
+        """``counts.unbind(0)`` (what ``.tolist()`` runs on a fake tensor): each expert's own count."""
+        mark = self.routes.get(src)
+        if mark is None or mark[0] != "count" or src.dim() != 1 or dim not in (0, -1) or src.numel() != mark[1]:
+            return
+        for i, t in enumerate(outs):
+            if isinstance(t, torch.Tensor):
+                self.routes[t] = ("count_of", *mark[1:], i)
+
+    def _expert_count(self, mark: tuple[Any, ...]) -> int:
+        """How many tokens expert ``i`` gets: balanced, the picks spread evenly (the first ones one more where they
+        do not divide); worst, all tokens on the first top_k experts."""
+        _, classes, top_k, full, i = mark
+        picks = full // classes
+        if self.routing == "balanced":
+            return int(picks // classes + (1 if i < picks % classes else 0))
+        return int(picks // top_k) if i < top_k else 0
+
+    def _route_propagate(self, func: Any, src: torch.Tensor, out: torch.Tensor,
+                         args: tuple[Any, ...] = ()) -> None:
         mark = self.routes.get(src)
         if mark is None:
             return
         kind = mark[0]
+        if kind == "count" and func is aten.select.int and src.dim() == 1 and src.numel() == mark[1] and \
+                len(args) > 2 and isinstance(args[2], int):
+            self.routes[out] = ("count_of", *mark[1:], args[2] % mark[1])
+            return
+        if kind == "count_of" and func in _ROUTE_PASS:
+            self.routes[out] = mark
+            return
         if kind == "mask" and func in _ROUTE_PASS:
             self.routes[out] = mark
         elif kind == "mask" and func in _ROUTE_SUM:
@@ -375,8 +431,10 @@ class MemoryTracker(TorchDispatchMode):
         if mark is None:
             count, what = n, "nonzero: all-true mask"
         else:
-            kind, classes, top_k, full = mark
-            if kind == "hit":
+            kind, classes, top_k, full = mark[:4]
+            if kind == "mask" and x.dim() == 2 and int(x.shape[-1]) == classes and n * top_k == full:
+                count, what = full // classes, "MoE routing mask"  # a (tokens, experts) mask: top_k per row
+            elif kind == "hit":
                 count = n if self.routing == "balanced" else min(top_k, n)
                 what = f"MoE experts hit ({self.routing})"
             elif n >= full:
@@ -432,6 +490,11 @@ class MemoryTracker(TorchDispatchMode):
                 return self._value_of(args[0])
             except KeyError:
                 pass
+            mark = self.routes.get(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+            if mark is not None and mark[0] == "count_of":
+                what = f"MoE tokens per expert ({self.routing})"
+                self.data_dependent[what] = self.data_dependent.get(what, 0) + 1
+                return self._expert_count(mark)
             if self.scalar_answer is None:
                 raise
             self.data_dependent["item()"] = self.data_dependent.get("item()", 0) + 1
