@@ -97,3 +97,14 @@ def test_pipeline_inference_is_replayed(model: str) -> None:
         assert e.peak_allocated_bytes <= a <= e.peak_allocated_bytes * 1.01
         assert r >= a
     assert r4 > r1
+
+
+@pytest.mark.parametrize("kw", [{}, {"method": "lora"}, {"method": "lora", "cached_latents": True},
+                                {"method": "lora", "gradient_accumulation": 2, "batch_size": 2}])
+def test_pipeline_training_is_replayed(kw: dict[str, object]) -> None:
+    """DreamBooth-style training (frozen VAE and text encoders loaded in the weight dtype, the denoiser trained): the
+    whole step through the allocator model, the stream's allocated peak the estimate's."""
+    e, a, r = _pipeline_stream("sd15", task="train", **kw)
+    assert any(REPLAYED in s and "training scripts" in s for s in e.assumptions), e.assumptions
+    assert e.peak_allocated_bytes <= a <= e.peak_allocated_bytes * 1.01
+    assert r >= a
