@@ -14,23 +14,28 @@ from vramplan.vision import _estimate_catalog
 REPLAYED = "reserved memory from a replay"
 
 
-def _with_stream(model: str, **kw: object) -> tuple[vramplan.Estimate, int, int]:
-    """The estimate, and the stream's allocated and reserved peaks."""
+def _spied(attr: str, model: str, **kw: object) -> tuple[vramplan.Estimate, int, int]:
+    """The estimate, and the allocated and reserved peaks of the stream ``_estimate.<attr>`` replayed last."""
     seen = {}
-    orig = VE._reserved
+    orig = getattr(VE, attr)
 
     def spy(*a: object, **k: object) -> object:
-        seen["r"] = r = orig(*a, **k)  # type: ignore[arg-type]
+        seen["r"] = r = orig(*a, **k)
         return r
 
-    VE._reserved = spy  # type: ignore[assignment]
+    setattr(VE, attr, spy)
     _estimate_catalog.cache_clear()  # memoized answers would not replay
     try:
         e = vramplan.estimate(model, **kw)
     finally:
-        VE._reserved = orig  # type: ignore[assignment]
+        setattr(VE, attr, orig)
     r = seen["r"]
     return e, r.peak_allocated_bytes, r.peak_reserved_bytes
+
+
+def _with_stream(model: str, **kw: object) -> tuple[vramplan.Estimate, int, int]:
+    """A single model's run (``_estimate._reserved``)."""
+    return _spied("_reserved", model, **kw)
 
 
 @pytest.mark.parametrize("kw", [
@@ -69,21 +74,8 @@ def test_lora_adapters_are_fp32_after_the_cast() -> None:
 
 
 def _pipeline_stream(model: str, **kw: object) -> tuple[vramplan.Estimate, int, int]:
-    seen = {}
-    orig = VE.simulate
-
-    def spy(*a: object, **k: object) -> object:
-        seen["r"] = r = orig(*a, **k)  # type: ignore[arg-type]
-        return r
-
-    VE.simulate = spy  # type: ignore[assignment]
-    _estimate_catalog.cache_clear()
-    try:
-        e = vramplan.estimate(model, **kw)
-    finally:
-        VE.simulate = orig  # type: ignore[assignment]
-    r = seen["r"]
-    return e, r.peak_allocated_bytes, r.peak_reserved_bytes
+    """Any run, the last stream ``_estimate.simulate`` replayed."""
+    return _spied("simulate", model, **kw)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sdxl", "pixart"])
@@ -97,3 +89,14 @@ def test_pipeline_inference_is_replayed(model: str) -> None:
         assert e.peak_allocated_bytes <= a <= e.peak_allocated_bytes * 1.01
         assert r >= a
     assert r4 > r1
+
+
+@pytest.mark.parametrize("kw", [{}, {"method": "lora"}, {"method": "lora", "cached_latents": True},
+                                {"method": "lora", "gradient_accumulation": 2, "batch_size": 2}])
+def test_pipeline_training_is_replayed(kw: dict[str, object]) -> None:
+    """DreamBooth-style training (frozen VAE and text encoders loaded in the weight dtype, the denoiser trained): the
+    whole step through the allocator model, the stream's allocated peak the estimate's."""
+    e, a, r = _pipeline_stream("sd15", task="train", **kw)
+    assert any(REPLAYED in s and "training scripts" in s for s in e.assumptions), e.assumptions
+    assert e.peak_allocated_bytes <= a <= e.peak_allocated_bytes * 1.01
+    assert r >= a

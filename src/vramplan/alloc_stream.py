@@ -469,6 +469,8 @@ class RankHooks(Protocol):
     of the unit's parameter gradients; ``optimizer_step`` allocates (step 0: creates) the optimizer's tensors and
     frees what the step consumes, adding the keys that live on to ``st.opt_keys``."""
 
+    per_param_grads: bool  # whether grad_ready acts (else the stream skips the per-gradient calls)
+
     def build(self, st: _Stream) -> None: ...
     def pre_forward(self, st: _Stream, unit: int) -> None: ...
     def post_forward(self, st: _Stream, unit: int) -> None: ...
@@ -678,7 +680,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         """One instance of a recorded block: its events added to the stream (``fast``), or returned to be edited."""
         if tpl.pgrads:
             grads.extend(base + c for c in tpl.pgrads)
-            if hooks is not None and fast and any(n > 0 and c in tpl.pgrads for c, n in codes):
+            if hooks is not None and hooks.per_param_grads and fast and \
+                    any(n > 0 and c in tpl.pgrads for c, n in codes):
                 hooked(tpl.instance(codes, base, xk, yk, gxk, gyk), {base + c for c in tpl.pgrads})
                 return []
         if fast and not reference:
@@ -753,7 +756,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 hooks.pre_backward(st, ROOT)
             h_items = _seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
                               [(h_base + code, n) for code, n in seeds])
-            if hooks:
+            if hooks and hooks.per_param_grads:
                 hooked(h_items, {h_base + code for code in head.pgrads})
             else:
                 st.add(h_items)

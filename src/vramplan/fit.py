@@ -315,7 +315,7 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         if layout is None:
             return _total(spec, x, label)
         try:
-            # several GPUs: a rank whose allocation stream is modelled (FSDP, ZeRO-1/2) is replayed; the other
+            # several GPUs: a rank whose allocation stream is modelled (FSDP, ZeRO, TP) is replayed; the other
             # layouts use the calibration slack, so their single-GPU reference needs no allocator replay
             return estimate_parallel(spec, x, layout, links,
                                      reserved=layout.is_single or replays(layout, x)).total_bytes

@@ -340,7 +340,12 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 else:
                     seen_params.add(pid)
                     st.alloc(("p", pid), _GRAD, nb)
-            st.check(transient, ptrans)
+            if st.total + transient + ptrans > st.peak.total:  # (st.check, written out)
+                v = list(cur)
+                v[_ACT] += transient
+                v[_GRAD] += ptrans
+                st.peak = Moment(st.total + transient + ptrans, tuple(v))
+                st.at = i
             if ev is not None:
                 st.temporary(("s", i, -1), scratch)
                 st.release_temporaries()

@@ -150,17 +150,29 @@ class Tape:
         """
         idx = len(self.ops)
         if rg is None:
-            rg = any(t.rg for t in inputs) or bool(params)
+            rg = bool(params)
+            for t in inputs:
+                if t.rg:
+                    rg = True
+                    break
         rg = rg and self.training
         out = Tensor(numel, elem, kind if isinstance(kind, int) else _IDX[kind], rg)
         self.tensors.append(out)
-        self._use(inputs, idx)
+        for t in inputs:  # (_use, written out: every op of every model comes through here)
+            t.last_use = idx
+            if t.base is not None:
+                t.base.last_use = idx
+        if self._current >= 0:
+            self._note_region_inputs(inputs)
         if not self.training:
             save, params, bwd_scratch = (), (), 0
-        save = tuple(root(t) for t in save)
-        for t in save:
-            t.saved_by.append(idx)
-        gin = tuple(t for t in (inputs if grad_to is None else grad_to) if t.rg)
+        if save:
+            save = tuple([t if t.base is None else t.base for t in save])
+            for t in save:
+                t.saved_by.append(idx)
+        else:
+            save = ()
+        gin = tuple([t for t in (inputs if grad_to is None else grad_to) if t.rg])
         self.ops.append(_Op((out,), inputs, gin, save, params, fwd_scratch, bwd_scratch, passthrough,
                             self._current))
         self._producer_region[id(out)] = self._current

@@ -28,6 +28,9 @@ shard of the model one GPU runs, at every moment a phase can peak; model states 
 engine's per-GPU states at each of those moments, and the highest moment of the most loaded GPU is
 reported.
 
+* **Reserved memory** (:mod:`.streams`): FSDP2, DeepSpeed ZeRO-1/2/3 and tensor-parallel ranks replay their own
+  allocation stream (the single-GPU programs inside the engine's gathers, buckets and shards) through the
+  caching-allocator model, each CUDA stream a pool of its own; other layouts add the calibration slack.
 * **NCCL buffers** (:mod:`.nccl`): the device memory of every communicator a GPU belongs to, outside
   PyTorch's caching allocator (connections x protocol buffers per channel, NVLink SHARP buffers), added to
   ``total_bytes`` as the ``nccl_buffers`` kind.

@@ -319,9 +319,16 @@ def _reserved_note(replayed: str) -> str:
                 "_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py)")
     if replayed == Engine.DEEPSPEED.value:
         return ("reserved: the rank's allocation stream replayed through the caching-allocator model: the single-GPU "
-                "programs with DeepSpeed ZeRO-1/2's flat 16-bit parameters (built beside the module's own), fp32 "
-                "master partition, reduce buckets, contiguous gradient partition and fp32 gradient partition in the "
-                "step (deepspeed/runtime/zero/stage_1_and_2.py)")
+                "programs with DeepSpeed ZeRO's buffers (stage 1/2: flat 16-bit parameters built beside the module's "
+                "own, fp32 master partition, reduce buckets, contiguous gradient partition, fp32 gradient partition "
+                "in the step, deepspeed/runtime/zero/stage_1_and_2.py; stage 3: partitions, module-by-module gathers "
+                "on the all-gather stream with the prefetch bucket and the reuse distance, reduce bucket, flat "
+                "gradient partition, per-sub-group fp32 gradients, stage3.py and partitioned_param_coordinator.py)")
+    if replayed == Engine.MEGATRON.value:
+        return ("reserved: the rank's allocation stream replayed through the caching-allocator model: the single-GPU "
+                "programs of the rank's tensor-parallel shard of every layer, with Megatron-LM's contiguous fp32 "
+                "main_grad buffer and fp32 master copies under AMP (megatron/core/distributed/"
+                "param_and_grad_buffer.py, megatron/core/optimizer/optimizer.py)")
     if replayed:
         return "reserved: the allocation stream replayed through the caching-allocator model"
     return (f"reserved: allocated peak + {ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median; this layout's "

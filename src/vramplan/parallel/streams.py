@@ -45,8 +45,9 @@ from ..memory import ModelStates, model_states
 from ..spec import ModelSpec
 from ..workload import Method, Precision, WeightsQuant, Workload
 from .layout import Engine, FSDPMode, Layout, Offload, zero_auto_buckets
+from .sharding import _tp_shard
 
-__all__ = ["FsdpRank", "RankReplay", "ZeroRank", "rank_replay", "replayable", "replays"]
+__all__ = ["FsdpRank", "MegatronRank", "RankReplay", "Zero3Rank", "ZeroRank", "rank_replay", "replayable", "replays"]
 
 COMPUTE, COPY_IN, REDUCE_SCATTER = 0, 1, 2  # the CUDA streams a rank allocates on
 
@@ -68,6 +69,7 @@ class _Param:
     stored: int  # bytes per element as the rank stores it
     gathered: int  # bytes per element when gathered for compute
     trainable: bool
+    group: str = "layer"  # "embed" / "head" for the root's parameters
 
 
 @dataclass(slots=True)
@@ -90,7 +92,8 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
         else:
             unit = int(group[5:])
             tr = full or (w.method is Method.FREEZE and unit >= first)
-        units[unit].params.append(_Param(max(1, n // elem), elem, gelem, tr and w.is_train))
+        units[unit].params.append(_Param(max(1, n // elem), elem, gelem, tr and w.is_train,
+                                         group if unit == ROOT else "layer"))
     mixed = w.precision.is_amp
     for i, sizes in enumerate(_adapters_by_layer(spec, w)):
         for n in sizes:  # peft's fp32 adapters: cast to param_dtype by a MixedPrecisionPolicy, else gathered as fp32
@@ -100,6 +103,8 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
 
 class FsdpRank:
     """The :class:`~vramplan.alloc_stream.RankHooks` of one FSDP2 rank (see the module's docstring)."""
+
+    per_param_grads = False  # a unit's gradients are taken in its post-backward hook
 
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.n = max(1, layout.shard_degree)
@@ -266,6 +271,8 @@ class ZeroRank:
       the fp32 gradient released; the updated weights are all-gathered in place.
     """
 
+    per_param_grads = True
+
     def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
         self.stage = layout.zero
         self.n = max(1, layout.shard_degree)
@@ -398,6 +405,292 @@ class ZeroRank:
         st.free(fp32)
 
 
+class Zero3Rank:
+    """The :class:`~vramplan.alloc_stream.RankHooks` of one rank of DeepSpeed ZeRO-3 (runtime/zero/stage3.py,
+    partition_parameters.py, partitioned_param_coordinator.py; DeepSpeed 0.19.6), with the bucket sizes transformers
+    fills in for ``"auto"`` (reduce bucket hidden², prefetch bucket 0.9·hidden², persistence threshold 10·hidden) and
+    DeepSpeed's defaults for the rest (``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` 1e9,
+    ``sub_group_size`` 1e9, ``overlap_comm`` and ``contiguous_gradients`` on):
+
+    * build: ``zero.Init`` partitions every parameter as its module is built (the whole tensor, then its
+      ``ceil(numel / n)`` partition); parameters up to the persistence threshold (norms, biases) are gathered once and
+      kept; the optimizer copies the trained partitions into one contiguous buffer (``defragment``), makes an fp32
+      partition per sub-group, creates the optimizer states at once over a zero fp32 gradient buffer
+      (``_initialize_optimizer_states``), and allocates the reduce bucket and the flat gradient partition buffer
+      (``grad_partitions_flat_buffer``);
+    * forward and backward: parameters are all-gathered module by module on the all-gather stream and released after
+      the module ran; at any moment a layer holds its module and the prefetch bucket's worth of the modules after it
+      (the largest such window over the layer is what it holds while its activations live). Once the first step has
+      traced the module order, a parameter used again within ``max_reuse_distance`` gathered elements is not released
+      (``__params_to_release``): the head from forward into backward, and on small models the last layers;
+    * gradients: each one is copied into the reduce bucket as autograd makes it (one larger than the bucket stays
+      where it is until its bucket is reduced); a full bucket is reduce-scattered on the reduction stream (a flat
+      copy and the rank's output) into the flat gradient partition;
+    * step, per sub-group: the 16-bit gradient partition converted to fp32 (``_prepare_fp32_grad_for_sub_group``),
+      the optimizer's step, the fp32 gradient released.
+    """
+
+    per_param_grads = True
+
+    def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
+        self.n = max(1, layout.shard_degree)
+        self.elem = wc.precision.param_bytes
+        units = _units(spec, wc, wc)
+        self.units = units
+        self.layers = spec.num_layers
+        reduce_bucket, prefetch, persist = zero_auto_buckets(spec.hidden_size)
+        self.bucket = layout.reduce_bucket_size or reduce_bucket
+        self.prefetch, self.persist = prefetch, persist
+        self.max_live = self.reuse = 10**9
+        self.sub_group = 10**9
+        self.stream: dict[int, int] = {}
+        self.held: dict[object, int] = {}  # gathered parameters by what holds them ("embed", "head", a layer)
+        self.elements = 0
+        self.extra: list[int] = []
+        self.traced = False
+        self.w, self.spec = w, spec
+        trained = [p for u in [ROOT, *range(spec.num_layers)] for p in units[u].params if p.trainable]
+        self.part = [-(-p.numel // self.n) for p in trained]
+        # sub-groups of at most sub_group_size elements (stage3.py _create_fp16_sub_groups), as partition sizes
+        self.groups: list[int] = []
+        size = full = 0
+        for p, part in zip(trained, self.part, strict=True):
+            if full and full + p.numel > self.sub_group:
+                self.groups.append(size)
+                size = full = 0
+            size += part
+            full += p.numel
+        if size:
+            self.groups.append(size)
+        # the order modules run in, forward then backward, for the reuse distance: (holder, numel)
+        self.window = {k: self._window(k) for k in range(spec.num_layers)}
+        self.retained = self._retained()
+
+    # ---- sizes -----------------------------------------------------------------------------------------
+    def _gathered(self, p: _Param) -> bool:
+        return p.numel > self.persist
+
+    def _layer_numel(self, k: int) -> int:
+        return sum(p.numel for p in self.units[k].params if self._gathered(p))
+
+    def _root_numel(self, group: str) -> int:
+        return sum(p.numel for p in self.units[ROOT].params if p.group == group and self._gathered(p))
+
+    def _window(self, k: int) -> int:
+        """The most elements layer ``k`` holds gathered at once: a module and the prefetch bucket's worth of the
+        modules after it (the prefetch stops once it holds at least the bucket)."""
+        mods = [p.numel for p in self.units[k].params if self._gathered(p)]
+        nxt = [p.numel for p in self.units[k + 1].params if self._gathered(p)] if k + 1 < self.layers else \
+            [p.numel for p in self.units[ROOT].params if p.group == "head" and self._gathered(p)]
+        seq = mods + nxt
+        best = 0
+        for i in range(len(mods)):
+            live, j = seq[i], i + 1
+            ahead = 0
+            while j < len(seq) and ahead < self.prefetch:
+                ahead += seq[j]
+                j += 1
+            best = max(best, min(self.max_live, live + ahead))
+        return best
+
+    def _retained(self) -> set[object]:
+        """What forward leaves gathered for backward (``__params_to_release``): a module whose parameters come again
+        within ``max_reuse_distance`` elements of the module order after it. Forward ends with the head; backward
+        runs the head, then the layers from the last."""
+        head = self._root_numel("head")
+        out: set[object] = {"head"} if head else set()
+        after = head  # forward after layer k: the later layers and the head; then backward: the head, later layers
+        for k in range(self.layers - 1, -1, -1):
+            if after + head + (after - head) >= self.reuse:
+                break
+            out.add(k)
+            after += self._layer_numel(k)
+        return out
+
+    def _key(self, st: _Stream, stream: int) -> int:
+        k = st.fresh(0)
+        if stream != COMPUTE:
+            self.stream[k] = stream
+        return k
+
+    def _gather(self, st: _Stream, holder: object, numel: int) -> None:
+        if holder in self.held or numel <= 0:
+            return
+        k = self._key(st, COPY_IN)
+        st.alloc(k, -(-numel // self.n) * self.n * self.elem)
+        self.held[holder] = k
+
+    def _release(self, st: _Stream, holder: object, keep: bool = False) -> None:
+        if holder in self.held and not keep:
+            st.free(self.held.pop(holder))
+
+    # ---- RankHooks ---------------------------------------------------------------------------------------
+    def build(self, st: _Stream) -> None:
+        parts: list[tuple[int, _Param]] = []
+        for u in [ROOT, *range(self.layers)]:
+            for p in self.units[u].params:
+                full = self._key(st, COMPUTE)
+                st.alloc(full, p.numel * self.elem)
+                part = st.key(("z3_part", len(parts)))
+                st.alloc(part, -(-p.numel // self.n) * self.elem)
+                st.free(full)
+                parts.append((part, p))
+        persistent = sum(p.numel for _, p in parts if not self._gathered(p))
+        if persistent:  # gathered at their first use and kept (ds_persist)
+            st.alloc(st.key("z3_persistent"), persistent * self.elem)
+        if not self.part:
+            return
+        st.alloc(st.key("z3_lp_buffer"), sum(self.part) * self.elem)  # defragment()
+        for k, p in parts:
+            if p.trainable:
+                st.free(k)
+        for i, size in enumerate(self.groups):
+            tmp = self._key(st, COMPUTE)
+            st.alloc(tmp, size * 4)
+            st.alloc(st.key(("z3_fp32", i)), size * 4)
+            st.free(tmp)
+        grad = self._key(st, COMPUTE)
+        st.alloc(grad, max(self.groups) * 4)
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        opt, tmps = _optimizer(self.w.optimizer, [g * 4 for g in self.groups], _sharded_states(states, self.n))
+        _step(st, opt, tmps, 0)  # the states exist from here on
+        st.free(grad)
+        st.alloc(st.key("z3_bucket"), self.bucket * self.elem)
+        st.alloc(st.key("z3_grad_partitions"), sum(self.part) * self.elem)
+
+    def pre_forward(self, st: _Stream, unit: int) -> None:
+        if unit == ROOT:
+            self._gather(st, "embed", self._root_numel("embed"))
+            return
+        if unit == 0:
+            self._release(st, "embed")
+        self._gather(st, unit, self.window[unit])
+
+    def post_forward(self, st: _Stream, unit: int) -> None:
+        if unit == ROOT:
+            self._release(st, "head", keep=self.traced and "head" in self.retained)
+            return
+        if self.traced and unit in self.retained:  # every module of the layer ran and stays gathered
+            self._release(st, unit)
+            self._gather(st, unit, self._layer_numel(unit))
+        else:
+            self._release(st, unit)
+        if unit == self.layers - 1:
+            self._gather(st, "head", self._root_numel("head"))
+
+    def pre_backward(self, st: _Stream, unit: int) -> None:
+        if unit == ROOT:
+            self._gather(st, "head", self._root_numel("head"))
+            return
+        if unit == self.layers - 1:
+            self._release(st, "head")
+        self._gather(st, unit, self.window[unit])
+
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
+        numel = max(1, nbytes // self.elem)
+        if self.elements and self.elements + numel > self.bucket:
+            self._reduce(st)
+        if self.elements + numel <= self.bucket:
+            st.free(key)  # copied into the bucket
+        else:
+            self.extra.append(key)
+        self.elements += numel
+
+    def _reduce(self, st: _Stream) -> None:
+        if not self.elements:
+            return
+        flat = self._key(st, REDUCE_SCATTER)
+        st.alloc(flat, self.elements * self.elem)
+        out = self._key(st, REDUCE_SCATTER)
+        st.alloc(out, -(-self.elements // self.n) * self.elem)
+        st.free(flat)
+        st.free(out)  # copied into the flat gradient partition
+        for k in self.extra:
+            st.free(k)
+        self.extra.clear()
+        self.elements = 0
+
+    def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None:
+        if unit == ROOT:
+            self._reduce(st)  # the epilogue
+            self._release(st, "embed")
+            for holder in list(self.held):
+                self._release(st, holder)
+            self.traced = True  # the first iteration recorded the module order
+            return
+        self._release(st, unit)
+        if unit == 0:  # the embedding's backward fetches its weight
+            self._gather(st, "embed", self._root_numel("embed"))
+
+    def optimizer_step(self, st: _Stream, step: int) -> None:
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        for size in self.groups:
+            fp32 = self._key(st, COMPUTE)
+            st.alloc(fp32, size * 4)
+            _, tmps = _optimizer(self.w.optimizer, [size * 4], _sharded_states(states, self.n))
+            _step(st, [], tmps, 1)
+            st.free(fp32)
+
+
+class MegatronRank:
+    """The :class:`~vramplan.alloc_stream.RankHooks` of one tensor-parallel rank as Megatron-LM runs it with bf16/fp16
+    (megatron/core/distributed/param_and_grad_buffer.py, megatron/core/optimizer/optimizer.py
+    ``Float16OptimizerWithFloat16Params``): the stream is the single-GPU programs of the rank's shard of every layer
+    (column- and row-parallel linears, vocab-parallel embedding and head; the all-reduces work in place on the layer's
+    output); the module's 16-bit parameters, then one contiguous fp32 ``main_grad`` buffer for every trained
+    parameter (``grad_data``, allocated once and zeroed in place); the optimizer's fp32 master copy of each parameter
+    (``param.detach().clone().float()``); each 16-bit gradient autograd makes is added into ``main_grad`` and dropped
+    by the parameter's backward hook; the step runs on the master copies with ``main_grad`` as their gradients (no
+    copy: it is already fp32), its states created in the first step. Without AMP the workload's own precision, as
+    the estimator's ``megatron_states`` takes it: the parameters train as a single GPU's would (gradients where
+    autograd makes them, freed by ``zero_grad``)."""
+
+    per_param_grads = True
+
+    def __init__(self, spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> None:
+        self.elem = wc.precision.param_bytes
+        self.mixed = w.precision.is_amp
+        units = _units(spec, wc, wc)
+        self.params = [p for u in [ROOT, *range(spec.num_layers)] for p in units[u].params]
+        self.trained = [p for p in self.params if p.trainable]
+        self.stream: dict[int, int] = {}
+        self.w, self.spec = w, spec
+
+    def build(self, st: _Stream) -> None:
+        for j, p in enumerate(self.params):
+            st.alloc(st.key(("tp_param", j)), p.numel * self.elem)
+        if not self.trained or not self.mixed:
+            return
+        st.alloc(st.key("tp_main_grad"), sum(p.numel for p in self.trained) * 4)
+        if self.mixed:
+            for j, p in enumerate(self.trained):
+                clone = st.fresh(0)
+                st.alloc(clone, p.numel * self.elem)
+                st.alloc(st.key(("tp_master", j)), p.numel * 4)
+                st.free(clone)
+
+    def pre_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def post_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def pre_backward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
+        if self.mixed:
+            st.free(key)  # added into main_grad by the parameter's backward hook
+
+    def post_backward(self, st: _Stream, unit: int, grads: list[int], accumulate: bool) -> None:
+        pass
+
+    def optimizer_step(self, st: _Stream, step: int) -> None:
+        elem = 4 if self.mixed else self.elem
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32) if self.mixed else self.w)
+        _step(st, *_optimizer(self.w.optimizer, [p.numel * elem for p in self.trained], states), step)
+
+
 def _sharded_states(s: ModelStates, n: int) -> ModelStates:
     from dataclasses import replace
 
@@ -436,9 +729,11 @@ def _split(events: list[tuple[object, int]], stream: dict[int, int], count: int)
 
 def replays(layout: Layout, w: Workload) -> bool:
     """Whether :func:`rank_replay` models ``layout`` for ``w`` (else the estimate keeps the calibration slack)."""
-    return ((layout.engine is Engine.FSDP or layout.zero in (1, 2)) and layout.tp == 1 and layout.pp == 1 and
-            layout.ep == 1 and layout.offload is Offload.NONE and w.is_train and w.base_quant is WeightsQuant.NONE
-            and w.method is not Method.QLORA and not w.activation_offload)
+    sharded = (layout.engine is Engine.FSDP or layout.zero in (1, 2, 3)) and layout.tp == 1
+    tensor = layout.engine is Engine.MEGATRON and layout.tp > 1 and not layout.sequence_parallel
+    return ((sharded or tensor) and layout.pp == 1 and layout.ep == 1 and layout.offload is Offload.NONE and
+            w.is_train and w.base_quant is WeightsQuant.NONE and w.method is not Method.QLORA and
+            not w.activation_offload)
 
 
 def replayable(spec: ModelSpec) -> bool:
@@ -452,9 +747,16 @@ def replayable(spec: ModelSpec) -> bool:
 def rank_replay(spec: ModelSpec, w: Workload, wc: Workload, layout: Layout) -> RankReplay:
     """One rank of ``layout`` (see :func:`replays`) over the calibration loop's 3 steps, the last one measured.
     ``w`` is the workload as asked, ``wc`` as the GPU computes it (``parallel.sharding._compute_workload``)."""
+    hooks: FsdpRank | ZeroRank | Zero3Rank | MegatronRank
+    if layout.engine is Engine.MEGATRON:  # the rank's shard of every layer (parallel/sharding.py)
+        spec = _tp_shard(spec, layout.tp, layout.ep)
     wc = runs_as(spec, wc)
-    hooks: FsdpRank | ZeroRank = FsdpRank(spec, w, wc, layout) if layout.engine is Engine.FSDP else \
-        ZeroRank(spec, w, wc, layout)
+    if layout.engine is Engine.FSDP:
+        hooks = FsdpRank(spec, w, wc, layout)
+    elif layout.engine is Engine.MEGATRON:
+        hooks = MegatronRank(spec, w, wc, layout)
+    else:
+        hooks = Zero3Rank(spec, w, wc, layout) if layout.zero == 3 else ZeroRank(spec, w, wc, layout)
     states = model_states(spec, wc)
     events = train_events(spec, wc, states, numerics(wc), 3, hooks=hooks)
     conf = parse_alloc_conf(w.alloc_conf)

@@ -14,6 +14,7 @@ Decode reads every weight (the experts the batch routes to, for MoE) and the bat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -569,18 +570,21 @@ def kv_bytes_per_token(spec: ModelSpec, w: Workload, context: int) -> int:
     that reuses another's keys and values reads those, already counted), and the SSM / linear-attention layers'
     fixed state (the cache the memory model holds: ``ModelSpec.layer``, ``ssm_state_bytes``)."""
     elem = _act_bytes(w)
-    total = 0
+    total = sum(per_token * elem * length for _, per_token, _, length in _cached_attention_layers(spec, context))
+    return total + ssm_state_bytes(spec, 1, elem)
+
+
+def _cached_attention_layers(spec: ModelSpec, context: int) -> Iterator[tuple[int, int, bool, int]]:
+    """(layer, cache elements per token, sliding, tokens held) of every attention layer that keeps its own keys and
+    values at ``context`` tokens (a sliding layer holds its window; a layer reusing another's cache is skipped)."""
     for i in range(spec.num_layers):
         if spec.mixer(i) not in ATTENTION_MIXERS:
             continue
         layer = spec.layer(i)
         if layer.kv_shared:
             continue
-        length = context
-        if i in spec.sliding_layers and spec.sliding_window:
-            length = min(context, spec.sliding_window)
-        total += layer.kv_cache_per_token * elem * length
-    return total + ssm_state_bytes(spec, 1, elem)
+        window = spec.sliding_window if i in spec.sliding_layers else None
+        yield i, layer.kv_cache_per_token, bool(window), min(context, window) if window else context
 
 
 # transformers releases before the attention-interface refactor (4.48) ran these families' FlashAttention-2 path
@@ -615,20 +619,12 @@ def repeated_kv_bytes(spec: ModelSpec, w: Workload, context: int, engine: str = 
     if engine != "transformers" or spec.num_kv_heads >= spec.num_heads:
         return 0
     elem = _act_bytes(w)
-    total = 0
-    for i in range(spec.num_layers):
-        if spec.mixer(i) not in ATTENTION_MIXERS:
-            continue
-        layer = spec.layer(i)
-        if layer.kv_shared:
-            continue
-        sliding = i in spec.sliding_layers and bool(spec.sliding_window)
-        n_rep = spec.num_heads // max(1, spec.num_kv_heads)
-        if n_rep <= 1 or not _decode_repeats_kv(spec, w, sliding, context):
-            continue
-        length = min(context, spec.sliding_window) if sliding and spec.sliding_window else context
-        total += 2 * n_rep * layer.kv_cache_per_token * elem * length
-    return total
+    n_rep = spec.num_heads // max(1, spec.num_kv_heads)
+    if n_rep <= 1:
+        return 0
+    return sum(2 * n_rep * per_token * elem * length
+               for _, per_token, sliding, length in _cached_attention_layers(spec, context)
+               if _decode_repeats_kv(spec, w, sliding, context))
 
 
 def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:

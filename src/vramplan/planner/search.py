@@ -138,7 +138,7 @@ class _Confirm:
     recommended are confirmed with the allocator replay (:func:`vramplan.estimator.estimate`): their total
     becomes what the caching allocator reserves + the CUDA context, and a plan that then does not fit is
     dropped for the next one. Multi-GPU plans whose ranks' allocation streams are modelled
-    (:func:`vramplan.parallel.streams.replays`: FSDP, ZeRO-1/2) are confirmed the same way with
+    (:func:`vramplan.parallel.streams.replays`: FSDP, ZeRO, tensor parallel) are confirmed the same way with
     :func:`vramplan.parallel.estimate_parallel` over the plan's GPU's links; the others keep the calibration
     slack."""
 
@@ -255,7 +255,7 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
     candidates = 0
     plans: list[Plan] = []
     one_gpu: dict[int, Workload] = {}  # plans on one GPU (each GPU on its own): their workload, for confirm
-    sharded: dict[int, tuple[Workload, Layout]] = {}  # plans whose ranks' streams are replayed (FSDP, ZeRO-1/2)
+    sharded: dict[int, tuple[Workload, Layout]] = {}  # plans whose ranks' streams are replayed (FSDP, ZeRO, TP)
     min_need: dict[str, tuple[int, str]] = {}  # gpu class -> (least total bytes evaluated, description)
     families = {f: [g for g in pool if _family(g) == f] for f in ("bf16", "fp16")}
     for family, fgpus in families.items():
@@ -334,8 +334,8 @@ def plan(spec: ModelSpec, request: PlanRequest | None = None, *, name: str | Non
         f"job: {tokens_note}" + ("" if infer else f"; global batch {global_batch} sequences of {req.seq_len} tokens"),
         "fits: total_bytes (peak allocated + allocator slack + CUDA context, + NCCL's buffers over the GPU's own "
         "links for several GPUs) of the most loaded GPU <= the GPU's usable memory; the search ranks one-GPU "
-        "candidates with a slack of 10% of the peak, and every one-GPU, FSDP or ZeRO-1/2 plan shown or recommended is "
-        "confirmed with the caching-allocator replay (reserved + context)",
+        "candidates with a slack of 10% of the peak, and every one-GPU, FSDP, ZeRO or tensor-parallel plan shown or "
+        "recommended is confirmed with the caching-allocator replay (reserved + context)",
         model.assumption(),
         "multi-GPU: one node; communication from the parallel estimator's volumes at the catalog's link bandwidth, "
         "overlapped with compute for data parallelism (DDP buckets, FSDP prefetch), on the critical path for tensor "

@@ -15,6 +15,7 @@ estimated as twice the forward's saved tensors; DreamBooth's text encoders run w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .._engine.numerics import Numerics
@@ -342,18 +343,23 @@ def _bare_denoiser(run: _Run) -> None:
 
 
 def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload, st: ModelStates,
-              buffer_elems: int = 0) -> AllocStats:
-    """What the caching allocator reserves for the harness's run of ``L`` (see :mod:`._stream`): the base model's
-    tensors in ``elem``, peft adapters in fp32 created after the cast."""
+              buffer_elems: int = 0, *, frozen_elem: int | None = None, helpers: Sequence[int] = (),
+              staged: bool = True) -> AllocStats:
+    """What the caching allocator reserves for the run of ``L`` (see :mod:`._stream`): trained tensors in ``elem``,
+    frozen ones in ``frozen_elem`` (default ``elem``), peft adapters in fp32 created after the base model;
+    ``helpers``: bytes of the tensors of models that run outside ``L``'s parameters (a DreamBooth run's VAE), loaded
+    first; ``staged``: the harness's fp32 creation and cast, else a load in the final dtypes."""
+    fe = elem if frozen_elem is None else frozen_elem
     adapters = [name for name in L.param_tensors if ".lora_" in name]
-    params = [(n, elem) for name, sizes in L.param_tensors.items() if name not in adapters for n in sizes]
+    params = [(n, elem if name in L.trainable_names else fe) for name, sizes in L.param_tensors.items()
+              if name not in adapters for n in sizes]
     late = [n * 4 for name in adapters for n in L.param_tensors[name]]
     trained = [n * (4 if name in adapters else elem) for name in L.param_tensors if name in L.trainable_names
                for n in L.param_tensors[name]] if seeds else []
-    buffers = [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
+    buffers = list(helpers) + [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
     events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
                            buffers=buffers, late_params=late, accumulation=w.gradient_accumulation,
-                           keep_grads=not w.set_grads_to_none)
+                           keep_grads=not w.set_grads_to_none, staged=staged)
     return simulate(events, DEFAULT_CONF)
 
 
@@ -501,6 +507,12 @@ def _pipeline_train(run: _Run) -> None:
     st = replace(st, weights=st.weights + helpers)
     extra = _buffers(L, num.param)
     run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
+    helper_tensors = _component_params(str(cfg["vae"]))[1].tensor_sizes() + (
+        [n for t in tes for n in _component_params(t)[1].tensor_sizes()] if w.cached_latents else [])
+    run.reserved = _reserved(L, num.param, (loss,), w, st, frozen_elem=welem,
+                             helpers=[n * welem for n in helper_tensors], staged=False)
+    run.weights_loaded = ("every model loaded in its dtype (from_pretrained, then .to(device, dtype)), as the "
+                          "diffusers training scripts load them")
     how = "cached latents and prompt embeddings" if w.cached_latents else "VAE encode and text encoders every step"
     run.assumptions.append(f"DreamBooth-style fine-tuning of {den.name} ({how}); VAE and frozen text encoders in "
                            f"{'fp32' if welem == 4 else 'the 16-bit compute dtype'} on the GPU")

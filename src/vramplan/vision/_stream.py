@@ -79,20 +79,26 @@ class _Versions:
 def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequence[Tensor], *,
                   training: bool, opt_sizes: Sequence[int], optimizer: Optimizer, buffers: Sequence[int] = (),
                   steps: int = 3, late_params: Sequence[int] = (), accumulation: int = 1,
-                  keep_grads: bool = False) -> list[Event]:
+                  keep_grads: bool = False, staged: bool = True) -> list[Event]:
     """``param_sizes``: (elements, bytes per element as used) of every parameter tensor in creation order;
     ``late_params``: bytes of the tensors created after the cast (adapters); ``opt_sizes``: bytes of every trained
     tensor (the optimizer's per-tensor states and temporaries); ``accumulation``: micro-batches per optimizer step;
-    ``keep_grads``: ``zero_grad(set_to_none=False)``."""
+    ``keep_grads``: ``zero_grad(set_to_none=False)``; ``staged``: the model is created on the device in fp32 and cast
+    (the calibration harness), otherwise each tensor arrives in its dtype (``from_pretrained`` on the CPU, then
+    ``.to(device, dtype)``, as the diffusers training scripts load their models)."""
     from ..alloc_stream import _optimizer_tensors
 
     v = _Versions()
-    for j, (numel, _elem) in enumerate(param_sizes):
-        v.alloc(("w32", j), numel * 4)
-    for j, (numel, elem) in enumerate(param_sizes):
-        if elem != 4:  # model.to(dtype): the copy, then the fp32 tensor dies
+    if staged:
+        for j, (numel, _elem) in enumerate(param_sizes):
+            v.alloc(("w32", j), numel * 4)
+        for j, (numel, elem) in enumerate(param_sizes):
+            if elem != 4:  # model.to(dtype): the copy, then the fp32 tensor dies
+                v.alloc(("w", j), numel * elem)
+                v.free(("w32", j))
+    else:
+        for j, (numel, elem) in enumerate(param_sizes):
             v.alloc(("w", j), numel * elem)
-            v.free(("w32", j))
     for j, n in enumerate(late_params):
         v.alloc(("late", j), n)
     for j, n in enumerate(buffers):
