@@ -101,7 +101,34 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
     return units
 
 
-class FsdpRank:
+class _StreamKeys:
+    """Keys of a rank's allocations, with the CUDA stream each is made on where it is not the compute stream (the
+    caching allocator keeps every stream's blocks apart)."""
+
+    stream: dict[int, int]
+
+    def _key(self, st: _Stream, stream: int) -> int:
+        k = st.fresh(0)
+        if stream != COMPUTE:
+            self.stream[k] = stream
+        return k
+
+
+class _WholeModelHooks(_StreamKeys):
+    """Hooks of an engine that holds every parameter for the whole step: nothing happens around a unit's forward or
+    before its backward."""
+
+    def pre_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def post_forward(self, st: _Stream, unit: int) -> None:
+        pass
+
+    def pre_backward(self, st: _Stream, unit: int) -> None:
+        pass
+
+
+class FsdpRank(_StreamKeys):
     """The :class:`~vramplan.alloc_stream.RankHooks` of one FSDP2 rank (see the module's docstring)."""
 
     per_param_grads = False  # a unit's gradients are taken in its post-backward hook
@@ -125,12 +152,6 @@ class FsdpRank:
     # ---- sizes -------------------------------------------------------------------------------------------
     def _shard(self, p: _Param) -> int:
         return -(-p.numel // self.n)
-
-    def _key(self, st: _Stream, stream: int) -> int:
-        k = st.fresh(0)
-        if stream != COMPUTE:
-            self.stream[k] = stream
-        return k
 
     # ---- RankHooks -----------------------------------------------------------------------------------------
     def build(self, st: _Stream) -> None:
@@ -250,7 +271,7 @@ def _step(st: _Stream, states: list[int], temps: list[int], step: int) -> None:
         st.free(tmp + j)
 
 
-class ZeroRank:
+class ZeroRank(_WholeModelHooks):
     """The :class:`~vramplan.alloc_stream.RankHooks` of one rank of DeepSpeed ZeRO-1/2 (runtime/zero/stage_1_and_2.py,
     read in DeepSpeed 0.19.6), the last rank of the data-parallel group: its partition holds the head and the last
     layers, whose gradients backward makes first.
@@ -303,12 +324,6 @@ class ZeroRank:
         self.gip: list[int] = []
         self.w, self.spec = w, spec
 
-    def _key(self, st: _Stream, stream: int) -> int:
-        k = st.fresh(0)
-        if stream != COMPUTE:
-            self.stream[k] = stream
-        return k
-
     def build(self, st: _Stream) -> None:
         keys = []
         for j, p in enumerate(self.params):
@@ -329,15 +344,6 @@ class ZeroRank:
         zeros = self._key(st, COMPUTE)
         st.alloc(zeros, self.partition * 4)
         st.free(zeros)
-
-    def pre_forward(self, st: _Stream, unit: int) -> None:
-        pass
-
-    def post_forward(self, st: _Stream, unit: int) -> None:
-        pass
-
-    def pre_backward(self, st: _Stream, unit: int) -> None:
-        pass
 
     def _setup(self, st: _Stream) -> None:
         if not self.buffers:
@@ -405,7 +411,7 @@ class ZeroRank:
         st.free(fp32)
 
 
-class Zero3Rank:
+class Zero3Rank(_StreamKeys):
     """The :class:`~vramplan.alloc_stream.RankHooks` of one rank of DeepSpeed ZeRO-3 (runtime/zero/stage3.py,
     partition_parameters.py, partitioned_param_coordinator.py; DeepSpeed 0.19.6), with the bucket sizes transformers
     fills in for ``"auto"`` (reduce bucket hidden², prefetch bucket 0.9·hidden², persistence threshold 10·hidden) and
@@ -506,12 +512,6 @@ class Zero3Rank:
             out.add(k)
             after += self._layer_numel(k)
         return out
-
-    def _key(self, st: _Stream, stream: int) -> int:
-        k = st.fresh(0)
-        if stream != COMPUTE:
-            self.stream[k] = stream
-        return k
 
     def _gather(self, st: _Stream, holder: object, numel: int) -> None:
         if holder in self.held or numel <= 0:
@@ -632,7 +632,7 @@ class Zero3Rank:
             st.free(fp32)
 
 
-class MegatronRank:
+class MegatronRank(_WholeModelHooks):
     """The :class:`~vramplan.alloc_stream.RankHooks` of one tensor-parallel rank as Megatron-LM runs it with bf16/fp16
     (megatron/core/distributed/param_and_grad_buffer.py, megatron/core/optimizer/optimizer.py
     ``Float16OptimizerWithFloat16Params``): the stream is the single-GPU programs of the rank's shard of every layer
@@ -668,15 +668,6 @@ class MegatronRank:
                 st.alloc(clone, p.numel * self.elem)
                 st.alloc(st.key(("tp_master", j)), p.numel * 4)
                 st.free(clone)
-
-    def pre_forward(self, st: _Stream, unit: int) -> None:
-        pass
-
-    def post_forward(self, st: _Stream, unit: int) -> None:
-        pass
-
-    def pre_backward(self, st: _Stream, unit: int) -> None:
-        pass
 
     def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
         if self.mixed:
