@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 from .._engine.numerics import Numerics
 from .._engine.replay import backward as replay_backward
@@ -202,8 +203,9 @@ def _buffers(L: Layers, elem: int) -> Moment:
     return Moment.of({K.WEIGHTS: sum(block_bytes(n * elem) for n in L.buffers.values())})
 
 
-def _component_params(name: str) -> tuple[VisionEntry, Layers]:
-    """Record a component once (batch 1) to list its parameter tensors."""
+@cache
+def _component_tensors(name: str) -> tuple[int, ...]:
+    """A pipeline component's parameter tensors (elements, creation order), recorded once (batch 1) per process."""
     e = component(name)
     L = Layers(Numerics(False, 2, 2, False))
     if e.kind == "vae":
@@ -214,12 +216,11 @@ def _component_params(name: str) -> tuple[VisionEntry, Layers]:
         build_vae_encoder(L, spec, img, 1, 64, 64)
     elif e.kind == "text_encoder":
         build_text_encoder(L, text_encoder_from_config(e.config), 1, e.name + ".")
-    return e, L
+    return tuple(L.tensor_sizes())
 
 
 def _weights_of(name: str, elem: int) -> int:
-    _, L = _component_params(name)
-    return sum(block_bytes(n * elem) for n in L.tensor_sizes())
+    return sum(block_bytes(n * elem) for n in _component_tensors(name))
 
 
 # ---- workloads ------------------------------------------------------------------------------------------
@@ -437,8 +438,8 @@ def _pipeline_infer(run: _Run) -> None:
     VL.keep(img)
     dec_base = Moment.of({K.WEIGHTS: den_w + te_w + (vae_w32 if upcast else vae_w), K.WORKSPACE: ws})
     run.add(Phase.DECODE, replay_forward(VL, dec_base).peak)
-    vae_sizes = _component_params(str(cfg["vae"]))[1].tensor_sizes()
-    weights = [n * elem for t in tes for n in _component_params(t)[1].tensor_sizes()] + \
+    vae_sizes = _component_tensors(str(cfg["vae"]))
+    weights = [n * elem for t in tes for n in _component_tensors(t)] + \
         [n * elem for n in den_L.tensor_sizes() + list(den_L.buffers.values())] + [n * elem for n in vae_sizes]
     passes = [(tl, 1) for tl in te_tapes] + [(den_L, 2), (VL, 1)]
     to32 = (len(passes) - 1, [(n * elem, n * 4) for n in vae_sizes]) if upcast else None
@@ -507,8 +508,8 @@ def _pipeline_train(run: _Run) -> None:
     st = replace(st, weights=st.weights + helpers)
     extra = _buffers(L, num.param)
     run.add_training_step(st, train_step(L, st, (loss,), extra, grads_persist=w.grads_persist))
-    helper_tensors = _component_params(str(cfg["vae"]))[1].tensor_sizes() + (
-        [n for t in tes for n in _component_params(t)[1].tensor_sizes()] if w.cached_latents else [])
+    helper_tensors = list(_component_tensors(str(cfg["vae"]))) + (
+        [n for t in tes for n in _component_tensors(t)] if w.cached_latents else [])
     run.reserved = _reserved(L, num.param, (loss,), w, st, frozen_elem=welem,
                              helpers=[n * welem for n in helper_tensors], staged=False)
     run.weights_loaded = ("every model loaded in its dtype (from_pretrained, then .to(device, dtype)), as the "

@@ -156,9 +156,9 @@ def pipeline_events(weights: Sequence[int], passes: Sequence[tuple[Tape, int]], 
     denoiser over the sampling loop, the VAE decode): the program's inputs are allocated, then its forward runs
     ``calls`` times, each call's outputs dropped when the next call's replace them (the loop rebinds
     ``noise_pred``; every step is the same, so two stand for any number); what a pass leaves is freed before the
-    next. ``upcast``: (index of the pass, (bytes fp16, bytes fp32) per tensor) where the pipeline converts a
-    component to fp32 first (``vae.to(torch.float32)`` under ``force_upcast``: each fp32 copy made before the fp16
-    tensor dies)."""
+    next. ``upcast``: (index of the pass, (bytes fp16, bytes fp32) per tensor, the last tensors of ``weights``)
+    where the pipeline converts a component to fp32 first (``vae.to(torch.float32)`` under ``force_upcast``: each
+    fp32 copy made before the fp16 tensor dies)."""
     v = _Versions()
     for j, n in enumerate(weights):
         v.alloc(("w", j), n)
