@@ -789,15 +789,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         st.mark(Phase.OPTIMIZER_STEP)
         if hooks:
             hooks.optimizer_step(st, step)
-        if step == 0:
-            for j, n in enumerate(opt_states):
-                st.opt_keys.add(st.key(("opt", j)))
-                st.alloc(st.key(("opt", j)), n)
-        tmp = st.fresh(len(opt_temps))
-        for j, n in enumerate(opt_temps):
-            st.alloc(tmp + j, n)
-        for j in range(len(opt_temps)):
-            st.free(tmp + j)
+        _optimizer_step(st, opt_states, opt_temps, step)
         # zero_grad(set_to_none=True): every gradient dies, in parameter order (the reverse of backward's);
         # then ``del out`` drops the logits and the loss, and with them what is left of the step
         for kk in reversed(grads):
@@ -811,6 +803,21 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         # (with DDP the second step rebuilds the buckets: from the third on the steps repeat)
         if probe is not None and step > int(ddp) and len(probe) >= 2 and probe[-1] == probe[-2]:
             return
+
+
+def _optimizer_step(st: _Stream, states: list[int], temps: list[int], step: int) -> None:
+    """An optimizer's step: its states (``opt_keys``, kept from then on) created in the first step, then its
+    temporaries allocated together and freed."""
+    if step == 0:
+        for j, n in enumerate(states):
+            k = st.key(("opt", j))
+            st.opt_keys.add(k)
+            st.alloc(k, n)
+    tmp = st.fresh(len(temps))
+    for j, n in enumerate(temps):
+        st.alloc(tmp + j, n)
+    for j in range(len(temps)):
+        st.free(tmp + j)
 
 
 def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: list[tuple[int, int]]) -> list[int]:

@@ -233,12 +233,6 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
             alive.discard(id(t))
             st.free(t, t.kind, t.nbytes)
 
-    def release(t: Tensor) -> None:
-        n = holders.get(id(t), 0) - 1
-        holders[id(t)] = n
-        if n <= 0:
-            free_tensor(t)
-
     def give(t: Tensor, buf: GradBuf) -> None:
         buf.refs += 1
         grads[id(t)] = buf

@@ -10,6 +10,7 @@ from typing import Any
 
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES
 from ..estimator import StageMoments, estimate, reserved_stats, stage_moments
+from ..estimator import replays as spec_replays
 from ..kinds import MemoryKind, Phase
 from ..memory import model_states
 from ..result import Breakdown, Estimate, PhasePeak
@@ -20,7 +21,7 @@ from .engines import GPUStates, _engine_states, _host_bytes, _shard_info
 from .layout import Engine, FSDPMode, Layout, Offload, check_layout, in_flight_micro_batches, stage_layers
 from .nccl import NcclConfig, NcclMemory, nccl_memory, nccl_note
 from .sharding import _compute_workload, _stage_counts, _stage_spec, _stage_workload, _tp_shard
-from .streams import RankReplay, rank_replay, replayable, replays
+from .streams import RankReplay, rank_replay, replays
 
 K = MemoryKind
 _ACT_KINDS = (K.ACTIVATIONS, K.LOGITS_LOSS, K.KV_CACHE)
@@ -230,7 +231,7 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     """
     check_layout(spec, workload, layout)
     # a sharded rank replays its own stream: the single-GPU reference then needs no allocator replay of its own
-    rank_stream = reserved and replayable(spec) and not layout.is_single and replays(layout, workload)
+    rank_stream = reserved and spec_replays(spec) and not layout.is_single and replays(layout, workload)
     single = estimate(spec, workload, reserved=reserved and not rank_stream)
     if workload.is_train and layout.micro_batches > workload.gradient_accumulation:
         # every micro-batch of a step after the first runs with the gradients of the earlier ones allocated

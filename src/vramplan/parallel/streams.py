@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import allocator as A
-from ..alloc_stream import ROOT, _adapters_by_layer, _optimizer, _param_tensors, _Stream, train_events
+from ..alloc_stream import ROOT, _adapters_by_layer, _optimizer, _optimizer_step, _param_tensors, _Stream, train_events
 from ..allocator import AllocConf, parse_alloc_conf, round_size, simulate
 from ..estimator import _first_trainable, numerics, runs_as
 from ..memory import ModelStates, model_states
@@ -47,7 +47,7 @@ from ..workload import Method, Precision, WeightsQuant, Workload
 from .layout import Engine, FSDPMode, Layout, Offload, zero_auto_buckets
 from .sharding import _tp_shard
 
-__all__ = ["FsdpRank", "MegatronRank", "RankReplay", "Zero3Rank", "ZeroRank", "rank_replay", "replayable", "replays"]
+__all__ = ["FsdpRank", "MegatronRank", "RankReplay", "Zero3Rank", "ZeroRank", "rank_replay", "replays"]
 
 COMPUTE, COPY_IN, REDUCE_SCATTER = 0, 1, 2  # the CUDA streams a rank allocates on
 
@@ -254,21 +254,7 @@ class FsdpRank(_StreamKeys):
         return _optimizer(self.w.optimizer, sizes, _sharded_states(model_states(self.spec, self.w), self.n))
 
     def optimizer_step(self, st: _Stream, step: int) -> None:
-        _step(st, *self.optimizer_tensors(), step)
-
-
-def _step(st: _Stream, states: list[int], temps: list[int], step: int) -> None:
-    """An optimizer's step over the rank's tensors: its states created in the first step, its temporaries."""
-    if step == 0:
-        for j, n in enumerate(states):
-            k = st.key(("opt", j))
-            st.opt_keys.add(k)
-            st.alloc(k, n)
-    tmp = st.fresh(len(temps))
-    for j, n in enumerate(temps):
-        st.alloc(tmp + j, n)
-    for j in range(len(temps)):
-        st.free(tmp + j)
+        _optimizer_step(st, *self.optimizer_tensors(), step)
 
 
 class ZeroRank(_WholeModelHooks):
@@ -407,7 +393,7 @@ class ZeroRank(_WholeModelHooks):
         self.gip.clear()
         self.micro = 1
         states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
-        _step(st, *_optimizer(self.w.optimizer, [self.partition * 4], _sharded_states(states, self.n)), step)
+        _optimizer_step(st, *_optimizer(self.w.optimizer, [self.partition * 4], _sharded_states(states, self.n)), step)
         st.free(fp32)
 
 
@@ -553,7 +539,7 @@ class Zero3Rank(_StreamKeys):
         st.alloc(grad, max(self.groups) * 4)
         states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
         opt, tmps = _optimizer(self.w.optimizer, [g * 4 for g in self.groups], _sharded_states(states, self.n))
-        _step(st, opt, tmps, 0)  # the states exist from here on
+        _optimizer_step(st, opt, tmps, 0)  # the states exist from here on
         st.free(grad)
         st.alloc(st.key("z3_bucket"), self.bucket * self.elem)
         st.alloc(st.key("z3_grad_partitions"), sum(self.part) * self.elem)
@@ -628,7 +614,7 @@ class Zero3Rank(_StreamKeys):
             fp32 = self._key(st, COMPUTE)
             st.alloc(fp32, size * 4)
             _, tmps = _optimizer(self.w.optimizer, [size * 4], _sharded_states(states, self.n))
-            _step(st, [], tmps, 1)
+            _optimizer_step(st, [], tmps, 1)
             st.free(fp32)
 
 
@@ -662,12 +648,11 @@ class MegatronRank(_WholeModelHooks):
         if not self.trained or not self.mixed:
             return
         st.alloc(st.key("tp_main_grad"), sum(p.numel for p in self.trained) * 4)
-        if self.mixed:
-            for j, p in enumerate(self.trained):
-                clone = st.fresh(0)
-                st.alloc(clone, p.numel * self.elem)
-                st.alloc(st.key(("tp_master", j)), p.numel * 4)
-                st.free(clone)
+        for j, p in enumerate(self.trained):
+            clone = st.fresh(0)
+            st.alloc(clone, p.numel * self.elem)
+            st.alloc(st.key(("tp_master", j)), p.numel * 4)
+            st.free(clone)
 
     def grad_ready(self, st: _Stream, key: int, nbytes: int) -> None:
         if self.mixed:
@@ -679,7 +664,7 @@ class MegatronRank(_WholeModelHooks):
     def optimizer_step(self, st: _Stream, step: int) -> None:
         elem = 4 if self.mixed else self.elem
         states = model_states(self.spec, self.w.with_(precision=Precision.FP32) if self.mixed else self.w)
-        _step(st, *_optimizer(self.w.optimizer, [p.numel * elem for p in self.trained], states), step)
+        _optimizer_step(st, *_optimizer(self.w.optimizer, [p.numel * elem for p in self.trained], states), step)
 
 
 def _sharded_states(s: ModelStates, n: int) -> ModelStates:
@@ -725,13 +710,6 @@ def replays(layout: Layout, w: Workload) -> bool:
     return ((sharded or tensor) and layout.pp == 1 and layout.ep == 1 and layout.offload is Offload.NONE and
             w.is_train and w.base_quant is WeightsQuant.NONE and w.method is not Method.QLORA and
             not w.activation_offload)
-
-
-def replayable(spec: ModelSpec) -> bool:
-    """Whether the single-GPU stream exists for ``spec`` (as :func:`vramplan.estimator.estimate` replays it)."""
-    from ..estimator import MAX_REPLAY_LAYERS, has_body
-
-    return spec.num_layers <= MAX_REPLAY_LAYERS and not has_body(spec)
 
 
 @lru_cache(maxsize=256)
