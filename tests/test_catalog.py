@@ -144,7 +144,7 @@ def test_published_figures(name: str, published: int) -> None:
 
 # The 2025-26 additions (issue 11, item 6): exact counts as transformers 5.24.0 builds each published config on the
 # meta device (sum of p.numel(); benchmarks/verify_catalog_counts.py --only NAME recomputes them). Pinned here so that
-# an edit of a config or of the counting that moves a total fails; the slow test below re-derives them from transformers.
+# an edit of a config or of the counting that moves a total fails; the slow test re-derives them from transformers.
 ADDED_2025_26 = {
     "olmo-3-7b": 7_298_011_136,
     "olmo-3-32b": 32_233_522_176,
