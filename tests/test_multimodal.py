@@ -478,3 +478,19 @@ def test_qwen3_vl_two_images_per_sample_match_the_trace() -> None:
     assert any("392 image tokens" in a for a in tr.assumptions)  # 2 x 196
     est = estimate(spec_from_config(raw, "qwen3_vl"), w)
     assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.02)
+
+
+def test_text_only_keeps_the_analytic_path() -> None:
+    """``reserved=False`` (the planner's and fit's searches) is honoured for --text-only as for a text model."""
+    from dataclasses import replace
+
+    from vramplan import Workload, estimator
+
+    spec = get_model("qwen2.5-vl-7b").spec
+    w = Workload(method="lora", seq_len=512, text_only=True)
+    text = replace(spec, multimodal=None)
+    assert estimator.replays(text)  # the text model alone replays its allocation stream when asked to
+    analytic = estimator.estimate(spec, w, reserved=False)
+    assert analytic.peak_reserved_bytes == 0
+    assert analytic == estimator.estimate(text, w.with_(text_only=False), name=spec.name, reserved=False)
+    assert estimator.estimate(spec, w).peak_reserved_bytes > 0  # reserved=True still replays

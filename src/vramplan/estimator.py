@@ -648,7 +648,7 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, re
     if spec.multimodal is not None or workload.vision_options:
         from .multimodal import route  # vision-language models: tower + projector + language model
 
-        return route(spec, workload, name or spec.name)
+        return route(spec, workload, name or spec.name, reserved)
     return _estimate_cached(spec, workload, name or spec.name, reserved)
 
 

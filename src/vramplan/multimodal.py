@@ -624,15 +624,17 @@ def _phase(phase: Phase, v: tuple[int, ...]) -> PhasePeak:
     return PhasePeak(phase, sum(v), Breakdown.of(dict(zip(MemoryKind, v, strict=True))))
 
 
-def route(spec: ModelSpec, w: Workload, name: str) -> Estimate:
-    """``estimate`` for a spec with a vision tower or a workload with vision options."""
+def route(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Estimate:
+    """``estimate`` for a spec with a vision tower or a workload with vision options. ``reserved``: as
+    :func:`vramplan.estimator.estimate` takes it, for ``--text-only`` (the whole model never replays)."""
     from . import estimator
 
     if spec.multimodal is None:
         raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
                             "vision-language models; drop them")
     if w.text_only:
-        return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name)
+        return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name,
+                                  reserved=reserved)
     _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
     return _estimate_multimodal_cached(spec, w, name)
 
