@@ -78,3 +78,18 @@ def test_sweep_of_an_image_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert totals == sorted(totals)
     assert main(["sweep", "sdxl", "--over", "seq-len", "--range", "512:1024"]) == 2
     assert "batch-size" in capsys.readouterr().err
+
+
+def test_public_list_models_is_every_model_estimate_takes() -> None:
+    """vramplan.list_models() is the service's listing: language and image models, as `vramplan models` prints."""
+    from vramplan.api import resolve
+    from vramplan.catalog import list_models as language_catalog
+
+    listed = vramplan.list_models()
+    assert listed == service.models()
+    kinds = {m.kind for m in listed}
+    assert kinds == {"llm", "image"}
+    assert [m.name for m in listed if m.kind == "llm"] == [e.name for e in language_catalog()]
+    assert vramplan.list_models(kind="image") == tuple(m for m in listed if m.kind == "image")
+    for m in listed:
+        assert resolve(m.name).kind == m.kind  # every row is a name estimate takes, of the kind it says
