@@ -141,7 +141,8 @@ def _published_rows() -> Iterator[Row]:
             yield Row(r["id"], label, False, measured_step,
                       None if tt.time_s is None else tt.time_s / tt.steps, src, _split(tt.step))
             continue
-        it = inference_time(spec, w, gpu, split=int(r["layout"].get("tp", 1)), engine=r.get("engine", "transformers"))
+        it = inference_time(spec, w, gpu, split=int(r["layout"].get("tp", 1)), engine=r.get("engine", "transformers"),
+                            allreduce=r["layout"].get("allreduce"))
         dtype = "fp8" if w.base_quant.value == "fp8" else ("int8" if w.base_quant.value == "int8" else "16-bit")
         if metric == "prefill_seconds":
             yield Row(r["id"], f"prefill, {it.engine} ({gpu.name}, {dtype})", False, value, it.prefill_s, src)

@@ -112,6 +112,8 @@ class NcclLinkTopology:
     device_buffers: bool = True
     note: str = ""
     source: str = ""
+    ring_channels: int = 0  # channels of NCCL's ring graph (after duplication, before ncclTopoPostset doubles them)
+    ring_channel_gbps: float = 0.0  # bandwidth NCCL's search assigns each ring channel (GB/s); 0 where not recorded
 
 
 def _nccl_topology(raw: Mapping[str, object] | None) -> NcclLinkTopology | None:
@@ -120,7 +122,8 @@ def _nccl_topology(raw: Mapping[str, object] | None) -> NcclLinkTopology | None:
     return NcclLinkTopology(int(str(raw["coll_channels"])), int(str(raw.get("p2p_channels_per_peer", 0))),
                             bool(raw.get("p2p_read", False)), int(str(raw.get("nvls_channels", 0))),
                             bool(raw.get("device_buffers", True)), str(raw.get("note", "")),
-                            str(raw.get("source", "")))
+                            str(raw.get("source", "")), int(str(raw.get("ring_channels", 0))),
+                            float(str(raw.get("ring_channel_gbps", 0.0))))
 
 
 @cache

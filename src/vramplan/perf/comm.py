@@ -12,7 +12,8 @@ from __future__ import annotations
 from ..hardware import GPU
 from ..parallel.comm import ring_factor
 
-__all__ = ["allreduce_seconds", "comm_time_s", "exposed_comm_s", "link_bandwidth_bytes_per_s", "ring_allreduce_bytes"]
+__all__ = ["allreduce_seconds", "comm_time_s", "exposed_comm_s", "link_bandwidth_bytes_per_s", "nccl_allreduce_seconds",
+           "ring_allreduce_bytes"]
 
 
 def link_bandwidth_bytes_per_s(gpu: GPU, gpus: int) -> float | None:
@@ -56,6 +57,46 @@ def allreduce_seconds(size: float, gpus: int, gpu: GPU, latency_s: float) -> flo
     if bw is None:
         return None
     return latency_s + ring_allreduce_bytes(size, gpus) / bw
+
+
+# NCCL 2.18's cost model of a ring all-reduce inside one node over NVLink (src/graph/tuning.cc, tag v2.18.3-1, the
+# NCCL of the 2023 containers TensorRT-LLM 0.5 and vLLM 0.2 ran on): per protocol, a base latency plus a per-step hop
+# latency (us; 2 (n - 1) steps), and the bus bandwidth the ring's channels reach with that protocol: LL moves 8 bytes
+# of which 4 are data and is capped per GPU (llMaxBws: 87.7 GB/s on Ampere and Hopper), LL128 carries 120 of every
+# 128 bytes (x 0.92) and is capped per channel (perChMaxRingLL128Bws: 20 GB/s Ampere, 36.7 Hopper), Simple runs
+# at the ring's bandwidth. NCCL picks the fastest protocol for the size (ncclTopoGetAlgoTime).
+_NCCL_BASE_LATENCY_US = {"LL": 6.6, "LL128": 14.0, "Simple": 8.4}  # baseLat, ring
+_NCCL_NVLINK_HOP_US = {"LL": 0.6, "LL128": 1.9, "Simple": 3.4}  # hwLat[NVLINK], ring
+_NCCL_LL_MAX_BUS_GBPS = 87.7
+_NCCL_LL128_CHANNEL_GBPS = {"Volta": 20.0, "Ampere": 20.0, "Hopper": 36.7}
+
+
+def nccl_allreduce_seconds(size: float, gpus: int, gpu: GPU) -> float | None:
+    """One NCCL ring all-reduce of ``size`` bytes over ``gpus`` GPUs of one node, as NCCL's own tuning model
+    prices it (:data:`_NCCL_BASE_LATENCY_US`: ``latency + size / (bus bandwidth x n / (2 (n - 1)))`` for LL,
+    LL128 and Simple, the fastest kept). The ring's bus bandwidth is its channels x the per-channel bandwidth of
+    NCCL's topology search (``data/interconnects.json`` ``nccl.ring_channels`` / ``ring_channel_gbps``): 240 GB/s
+    on A100 NVSwitch, 360 on H100, below the links' 300 / 450 GB/s peaks. None where the link has no recorded
+    ring (PCIe, the network, a described GPU): callers fall back to :func:`allreduce_seconds`. Tree and NVLink
+    SHARP (NVLS, H100 with NVSwitch) algorithms are not modelled."""
+    from ..hardware import get_link, intra_node_link
+
+    if gpus <= 1:
+        return 0.0
+    name = intra_node_link(gpu.interconnect, gpus)
+    topo = None if name is None else get_link(name).nccl
+    if topo is None or not topo.ring_channels or not topo.ring_channel_gbps:
+        return None
+    steps = 2 * (gpus - 1)
+    ring = topo.ring_channels * topo.ring_channel_gbps
+    arch = "Hopper" if gpu.architecture in ("Hopper", "Blackwell") else (
+        "Volta" if gpu.architecture in ("Volta", "Turing") else "Ampere")
+    bus = {"LL": min(_NCCL_LL_MAX_BUS_GBPS, ring / 4),
+           "LL128": min(ring * 0.92, topo.ring_channels * _NCCL_LL128_CHANNEL_GBPS[arch]),
+           "Simple": ring}
+    best = min((_NCCL_BASE_LATENCY_US[p] + steps * _NCCL_NVLINK_HOP_US[p]) * 1e-6
+               + size / (bus[p] * 1e9 * gpus / steps) for p in bus)
+    return best
 
 
 def exposed_comm_s(comm_s: float, compute_s: float, num_layers: int, *, overlapped: bool) -> float:

@@ -107,6 +107,8 @@ class EngineProfile:
     fused_attention: bool = False  # runs its own fused causal attention kernel (no materialised scores)
     kv_cache_copies: float = 0.0  # extra passes over the whole KV cache per decode step (a cache rebuilt by torch.cat)
     step_layer_passes: float = 0.0  # eager engines: host work per decode step outside the layers, in layer passes
+    allreduce: str = "custom"  # tensor-parallel all-reduce: "nccl" (NCCL's ring, perf.comm.nccl_allreduce_seconds)
+    # or "custom" (the engine's one-shot kernel: allreduce_latency_s + ring bytes over the link)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -284,9 +286,12 @@ def feature_row(work: StepWork, gpu: GPU, *, micro_batches: int = 1,
     # on this GPU's SMs scales it (vramplan.perf.gemm)
     fm /= shape_factor(work.gemm_shapes, gpu)
     flops_per_s = peak * 1e12
+    # attention runs 16-bit kernels whatever the weights (FlashAttention, PyTorch SDPA, TensorRT-LLM's context
+    # FMHA plugin in fp16/bf16): fp8 weights do not move QK^T and PV to the fp8 peak
+    attention_per_s = (gpu.peak_tflops("bf16") or peak) * 1e12 if dtype == "fp8" else flops_per_s
     bw = float(gpu.memory_bandwidth_bytes_per_s)
     m = micro_batches
-    return (fm * m * work.gemm_flops / flops_per_s, fa * m * work.attention_flops / flops_per_s,
+    return (fm * m * work.gemm_flops / flops_per_s, fa * m * work.attention_flops / attention_per_s,
             fb * m * work.score_bytes / bw, fb * m * work.logits_bytes / bw, fb * m * work.activation_bytes / bw,
             fb * work.optimizer_bytes / bw, fb * m * work.dequant_bytes / bw, fb * m * work.adapter_bytes / bw,
             float(m * work.layer_passes), m * work.expert_passes, float(m * work.adapter_passes))
@@ -307,7 +312,8 @@ def engine_profile(name: str) -> EngineProfile:
     return EngineProfile(key, mode, e["kernels_per_layer"], None if kernel_s is None else float(kernel_s),
                          float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
                          float(e.get("step_s", 0.0)), bool(e.get("fused_attention", False)),
-                         float(e.get("kv_cache_copies_per_step", 0.0)), float(e.get("step_layer_passes", 0.0)))
+                         float(e.get("kv_cache_copies_per_step", 0.0)), float(e.get("step_layer_passes", 0.0)),
+                         str(e.get("allreduce", "custom")))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 from ..hardware import GPU
 
 __all__ = ["GemmShape", "GpuTiling", "ceiling_quantization", "collective_ctas", "gpu_tiling", "overlap_rate",
-           "quantization_efficiency", "shape_factor"]
+           "quantization_efficiency", "shape_factor", "tensor_parallel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +43,34 @@ class GemmShape:
     k: int
     count: float = 1.0
     quantized: bool = True  # False: a product whose fixed cost the calibration charges separately (MoE experts)
+    # the dimension tensor parallelism splits: "n" (column-parallel forward), "k", or "m" (not part of the shape)
+    tp_dim: str = field(default="n", compare=False)
 
     @property
     def flops(self) -> float:
         return 2.0 * self.m * self.n * self.k * self.count
+
+
+def tensor_parallel(shapes: Iterable[GemmShape], tp: int) -> tuple[GemmShape, ...]:
+    """Each GPU's share of ``shapes`` under ``tp``-way tensor parallelism: a column-parallel linear keeps M and
+    K and splits its output features (N in forward), a row-parallel one splits its input features (K in
+    forward) and all-reduces its output (Shoeybi et al. 2019, Megatron-LM section 3; vLLM
+    ``ColumnParallelLinear`` / ``RowParallelLinear``, TensorRT-LLM ``ColumnLinear`` / ``RowLinear``); backward
+    products split the same feature wherever it lands (``GemmShape.tp_dim``). A split that does not divide is
+    rounded up (the widest shard sets the time)."""
+    if tp <= 1:
+        return tuple(shapes)
+    out = []
+    for s in shapes:
+        m, n, k = s.m, s.n, s.k
+        if s.tp_dim == "m":
+            m = math.ceil(m / tp)
+        elif s.tp_dim == "k":
+            k = math.ceil(k / tp)
+        else:
+            n = math.ceil(n / tp)
+        out.append(GemmShape(m, n, k, s.count, s.quantized, s.tp_dim))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,14 @@ from ..errors import VramplanError
 from ..hardware import GPU
 from ..spec import ModelSpec
 from ..workload import Method, Workload
-from .comm import allreduce_seconds, comm_time_s, exposed_comm_s, link_bandwidth_bytes_per_s, ring_allreduce_bytes
+from .comm import (
+    allreduce_seconds,
+    comm_time_s,
+    exposed_comm_s,
+    link_bandwidth_bytes_per_s,
+    nccl_allreduce_seconds,
+    ring_allreduce_bytes,
+)
 from .cost import Cost, cost_of
 from .efficiency import (
     _LAUNCH,
@@ -47,7 +54,7 @@ from .efficiency import (
     matmul_dtype,
     scale_factors,
 )
-from .gemm import collective_ctas, gpu_tiling, overlap_rate, shape_factor
+from .gemm import collective_ctas, gpu_tiling, overlap_rate, shape_factor, tensor_parallel
 from .work import (
     StepWork,
     compute_dtype,
@@ -60,7 +67,8 @@ from .work import (
 )
 
 __all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step", "decode_traffic",
-           "engine_overhead_s", "fp8_gemms", "inference_time", "step_time", "training_time"]
+           "engine_overhead_s", "fp8_gemms", "inference_time", "ridge_rows", "step_time", "tp_allreduce_s",
+           "training_time"]
 
 _SECONDS_PER_HOUR = 3600.0
 
@@ -88,6 +96,22 @@ class StepTime:
                 "launch_s": self.launch_s, "optimizer_s": self.optimizer_s, "comm_s": self.comm_s,
                 "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches,
                 "contention_s": self.contention_s}
+
+
+def ridge_rows(gpu: GPU, dtype: str) -> float:
+    """Rows M below which a linear's product is bound by its weight stream, not its math: a product of M rows
+    does 2 M FLOPs per weight element and reads the weight once, so it is math-bound where
+    2 M / bytes-per-weight >= achievable FLOP/s / achievable bandwidth (the roofline's ridge point; Williams,
+    Waterman & Patterson 2009). Below it the weights stream behind the math (step_time's weight term) and the
+    idle SMs of a part-empty last wave do not lengthen the product, so tile and wave quantization is not
+    charged there. 0 without a peak figure."""
+    peak = gpu.peak_tflops(dtype)
+    if not peak:
+        return 0.0
+    eff = gpu_efficiency(gpu)
+    fm = eff.matmul_fp8 if dtype == "fp8" and eff.matmul_fp8 is not None else eff.matmul
+    weight_bytes = {"fp8": 1, "tf32": 4}.get(dtype, 2)
+    return peak * 1e12 * fm / (gpu.memory_bandwidth_bytes_per_s * eff.bandwidth) * weight_bytes / 2
 
 
 def fp8_gemms(gpu: GPU, dtype: str) -> bool:
@@ -124,6 +148,14 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     if split < 1 or shard < 1:
         raise VramplanError(f"split and shard degrees must be at least 1, got {split} and {shard}")
     m = model or load_throughput_model()
+    if work.gemm_shapes:
+        # each GPU multiplies its shard of every linear (perf.gemm.tensor_parallel). Where the pass charges the
+        # weight stream (prefill: work.weight_bytes), a product below the roofline's ridge is charged that stream
+        # and its unquantized math, not tile and wave quantization on top (ridge_rows)
+        shapes = tensor_parallel(work.gemm_shapes, split)
+        ridge = ridge_rows(gpu, matmul_dtype(gpu, work.dtype)) if work.weight_bytes else 0.0
+        work = replace(work, gemm_shapes=tuple(replace(g, quantized=False) if g.quantized and g.m < ridge else g
+                                               for g in shapes))
     row = feature_row(work, gpu, attention_kernel=attention_kernel)
     if row is None:
         return None
@@ -355,6 +387,17 @@ def decode_traffic(spec: ModelSpec, w: Workload, *, context: int, batch: int,
     return bytes_read, flops
 
 
+def tp_allreduce_s(size: float, tp: int, gpu: GPU, engine: EngineProfile) -> float | None:
+    """One tensor-parallel all-reduce of ``size`` bytes under ``engine``: NCCL's ring as NCCL prices it where the
+    engine all-reduces with NCCL (``EngineProfile.allreduce``; :func:`vramplan.perf.comm.nccl_allreduce_seconds`),
+    else the engine's latency plus the ring bytes over the link (:func:`vramplan.perf.comm.allreduce_seconds`)."""
+    if engine.allreduce == "nccl":
+        t = nccl_allreduce_seconds(size, tp, gpu)
+        if t is not None:
+            return t
+    return allreduce_seconds(size, tp, gpu, engine.allreduce_latency_s)
+
+
 def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: int,
                 model: ThroughputModel | None = None, engine: str | EngineProfile = "transformers",
                 tp: int = 1) -> DecodeStep:
@@ -373,7 +416,7 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     overhead = engine_overhead_s(spec, prof, model, quant_kernels)
     ar = 0.0
     if tp > 1:
-        one = allreduce_seconds(batch * spec.hidden_size * 2, tp, gpu, prof.allreduce_latency_s)
+        one = tp_allreduce_s(batch * spec.hidden_size * 2, tp, gpu, prof)
         if one is None:
             return DecodeStep(bytes_read, flops, None, bound, roof, overhead)
         ar = 2 * spec.num_layers * one
@@ -411,10 +454,16 @@ class InferenceTime:
 
 
 def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, model: ThroughputModel | None = None,
-                   engine: str = "transformers") -> InferenceTime:
-    """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs."""
+                   engine: str = "transformers", allreduce: str | None = None) -> InferenceTime:
+    """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs.
+    ``allreduce`` (``nccl`` or ``custom``) overrides the engine's tensor-parallel all-reduce (a release or build
+    without the engine's own kernel: TensorRT-LLM 0.5 engines built without ``--use_custom_all_reduce``)."""
     m = model or load_throughput_model()
     prof = engine_profile(engine)
+    if allreduce is not None:
+        if allreduce not in ("nccl", "custom"):
+            raise VramplanError(f"allreduce is nccl or custom, got {allreduce!r}")
+        prof = replace(prof, allreduce=allreduce)
     work = inference_work(spec, w, prof.name)
     eff = gpu_efficiency(gpu)
     mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
@@ -422,8 +471,10 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     assumptions: tuple[str, ...] = (
         m.assumption(),
         f"decode ({prof.name}): weights + KV cache read once per step at {eff.bandwidth:.0%} of the catalog "
-        f"bandwidth, plus {mode}" + (f", plus 2 all-reduces per layer ({prof.allreduce_latency_s * 1e6:.0f} us "
-                                     "latency + ring bytes over the link)" if split > 1 else "")
+        f"bandwidth, plus {mode}" + ((", plus 2 all-reduces per layer (NCCL's ring as NCCL 2.18's tuning model "
+                                      "prices it)" if prof.allreduce == "nccl" else
+                                      f", plus 2 all-reduces per layer ({prof.allreduce_latency_s * 1e6:.0f} us "
+                                      "latency + ring bytes over the link)") if split > 1 else "")
         + f"; {prof.source}",
         _dtype_assumption(work.dtype),
     )
@@ -439,7 +490,7 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
                         "of eager launches (data/mfu.json engines.transformers.step_source)",)
     prefill_comm = 0.0
     if split > 1:
-        one = allreduce_seconds(work.tokens * spec.hidden_size * 2, split, gpu, prof.allreduce_latency_s)
+        one = tp_allreduce_s(work.tokens * spec.hidden_size * 2, split, gpu, prof)
         prefill_comm = 2 * spec.num_layers * one if one is not None else math.inf
     st = step_time(work, gpu, m, split=split, comm_s=prefill_comm,
                    engine=None if prof.per_layer_s is None else prof)

@@ -421,8 +421,15 @@ def _mlp_elementwise_bytes_per_token(spec: ModelSpec, w: Workload) -> int:
     return total * kernels * _act_bytes(w)
 
 
+# Linears whose input features tensor parallelism splits (Megatron's row-parallel linears: the projection back to
+# the hidden size after attention and after the MLP); every other linear is column-parallel (output features split)
+_ROW_PARALLEL = frozenset({"o_proj", "out_proj", "down_proj", "experts.down_proj", "shared_down_proj", "fc_out",
+                           "fc2", "c_proj", "dense", "dense_4h_to_h", "linear_out"})
+
+
 def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str, back_layers: int = 0,
-                 recompute: bool = False, head_grad: bool = True) -> tuple[GemmShape, ...]:
+                 recompute: bool = False, head_grad: bool = True, fused: bool = False,
+                 head_quantized: bool = True) -> tuple[GemmShape, ...]:
     """The matrix products of one pass over ``tokens`` tokens, shape by shape.
 
     Forward: C[tokens, out] = X[tokens, in] @ W. Backward (autograd's linear backward): the input gradient
@@ -430,7 +437,11 @@ def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str
     dW[out, in] = dY^T @ X, whose K is the token count (``backward``: ``full`` both, ``input`` the input
     gradient only, ``none``). A MoE layer's experts each multiply the tokens routed to them, tokens x k / E
     on average. ``back_layers`` top layers run backward; ``recompute`` runs their forward again
-    (checkpointing). The head runs over ``logit_rows`` rows (the last position only when logits are trimmed).
+    (checkpointing). The head runs over ``logit_rows`` rows (the last position only when logits are trimmed;
+    ``head_quantized=False`` there: a product of a few rows is a matrix-vector product whose time is its weight
+    read, counted as such). ``fused``: a serving engine runs the linears that read one input as one product
+    (:data:`_SHARED_INPUT`: vLLM ``QKVParallelLinear`` / ``MergedColumnParallelLinear``, TensorRT-LLM's qkv).
+    Each shape records the dimension tensor parallelism splits (:func:`vramplan.perf.gemm.tensor_parallel`).
     """
     out: list[GemmShape] = []
     layers = count_params(spec).layers
@@ -438,30 +449,53 @@ def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str
     for i, layer in enumerate(layers):
         moe = i in spec.moe_layers and spec.num_experts > 1
         trained = i >= L - back_layers
-        for _name, fin, fout, n in layer.linear_shapes:
+        linears = list(layer.linear_shapes)
+        if fused:
+            linears = _fuse_shared_inputs(linears)
+        for name, fin, fout, n in linears:
             rows, count, q = tokens, float(n), True
             if moe and n == spec.num_experts:
                 # transformers loops over the experts hit, one small product each: their fixed cost is the
                 # calibrated per-expert launch term (launch_s_per_expert_pass), not quantization
                 rows, q = max(1, round(tokens * spec.experts_per_token / spec.num_experts)), False
+            row = name in _ROW_PARALLEL
             passes = 1 + (1 if recompute and trained else 0)
-            out.append(GemmShape(rows, fout, fin, count * passes, q))
+            out.append(GemmShape(rows, fout, fin, count * passes, q, "k" if row else "n"))
             if trained and backward != "none":
-                out.append(GemmShape(rows, fin, fout, count, q))
+                out.append(GemmShape(rows, fin, fout, count, q, "n" if row else "k"))
                 if backward == "full":
-                    out.append(GemmShape(fout, fin, rows, count, q))
+                    out.append(GemmShape(fout, fin, rows, count, q, "n" if row else "m"))
     d = spec.embed_proj_dim or spec.hidden_size
-    out.append(GemmShape(logit_rows, spec.vocab_size, d))
+    out.append(GemmShape(logit_rows, spec.vocab_size, d, 1.0, head_quantized))
     if backward != "none" and back_layers:
-        out.append(GemmShape(logit_rows, d, spec.vocab_size))
+        out.append(GemmShape(logit_rows, d, spec.vocab_size, 1.0, True, "k"))
         if head_grad:
-            out.append(GemmShape(spec.vocab_size, d, logit_rows))
-    merged: dict[tuple[int, int, int, bool], float] = {}
+            out.append(GemmShape(spec.vocab_size, d, logit_rows, 1.0, True, "m"))
+    merged: dict[tuple[int, int, int, bool, str], float] = {}
     for g in out:
         if g.m > 0 and g.n > 0 and g.k > 0:
-            key = (g.m, g.n, g.k, g.quantized)
+            key = (g.m, g.n, g.k, g.quantized, g.tp_dim)
             merged[key] = merged.get(key, 0.0) + g.count
-    return tuple(GemmShape(m, n, k, c, q) for (m, n, k, q), c in merged.items())
+    return tuple(GemmShape(m, n, k, c, q, t) for (m, n, k, q, t), c in merged.items())
+
+
+def _fuse_shared_inputs(linears: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """One product per group of linears that read the same input (:data:`_SHARED_INPUT`), its N the sum."""
+    out: list[tuple[str, int, int, int]] = []
+    index: dict[tuple[int, int, int], int] = {}
+    for name, fin, fout, n in linears:
+        group = next((j for j, g in enumerate(_SHARED_INPUT) if name in g), None)
+        if group is None:
+            out.append((name, fin, fout, n))
+            continue
+        key = (group, fin, n)
+        if key in index:
+            first = out[index[key]]
+            out[index[key]] = (first[0], fin, first[2] + fout, n)
+        else:
+            index[key] = len(out)
+            out.append((name, fin, fout, n))
+    return out
 
 
 @lru_cache(maxsize=4096)
@@ -558,6 +592,8 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
         adapter_passes=0, optimizer_bytes=0, gradient_bytes=0, parameter_bytes=2 * (n_layers + n_head),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens),
+        gemm_shapes=_gemm_shapes(spec, tokens, logit_rows=logit_tokens, backward="none",
+                                 fused=engine != "transformers", head_quantized=w.logits is not LogitsMode.LAST),
         quant_bytes=quant[0], quant_kernels=quant[1])
 
 
