@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 import time
 import traceback
@@ -228,6 +229,21 @@ def builds(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     return {"builds": True, "model_class": cls.__name__}
 
 
+def linear_leaves(cfg: dict[str, Any], model_type: str) -> list[str]:
+    """The leaf names of the nn.Linear modules of the model (its output head aside), as peft matches targets."""
+    import torch
+
+    from vramplan.trace._resolve import build_config, hf_config, model_class
+
+    config, _ = hf_config(cfg, model_type)
+    cls = model_class(config, model_type)
+    with torch.device("meta"):
+        model = cls._from_config(build_config(config, cls))
+    head = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
 def trace_cell(cfg: dict[str, Any], model_type: str, wname: str) -> dict[str, Any]:
     from vramplan.api import make_workload
     from vramplan.errors import VramplanError
@@ -236,13 +252,22 @@ def trace_cell(cfg: dict[str, Any], model_type: str, wname: str) -> dict[str, An
     opts = dict(WORKLOADS[wname])
     cell: dict[str, Any] = {}
     # in_proj: peft refuses all-linear on Mamba models (out_proj and conv1d take no LoRA there) and has no default
-    for attempt in ("q_proj,v_proj", "all-linear", "in_proj", "default") if wname == "lora" else (None,):
+    attempts: list[str | None] = ["q_proj,v_proj", "all-linear", "in_proj", "default"] if wname == "lora" else [None]
+    while attempts:
+        attempt = attempts.pop(0)
         if attempt is not None:
             opts["lora_targets"] = attempt
         try:
             tr = trace_workload(cfg, make_workload(**opts), name=model_type)
         except VramplanError as exc:
             cell["trace_error"] = _reason(exc)
+            bad = re.search(r"name LoRA targets without (\w+)", str(exc))
+            if attempt == "all-linear" and bad:
+                # a module peft wraps but whose forward its adapter breaks (DeepSeek-V4's o_a_proj): every other
+                # linear, as a user would name them
+                attempts.insert(0, ",".join(n for n in linear_leaves(cfg, model_type) if n != bad.group(1)))
+                cell["lora_note"] = f"all-linear without {bad.group(1)}: peft cannot adapt it"
+                continue
             if attempt in ("q_proj,v_proj", "all-linear", "in_proj") and "peft cannot apply LoRA" in str(exc):
                 continue
         except Exception as exc:

@@ -169,8 +169,7 @@ def test_estimate_matches_trace(cfg: dict[str, Any], wname: str) -> None:
     assert abs(est / traced - 1) <= 0.02, (est / 2**30, traced / 2**30)
 
 
-@pytest.mark.parametrize(("model_type", "mechanism"), [("xlstm", "mLSTM/sLSTM"),
-                                                       ("deepseek_v4", "hyper-connections")])
+@pytest.mark.parametrize(("model_type", "mechanism"), [("xlstm", "mLSTM/sLSTM"), ("blt", "Byte Latent")])
 def test_types_still_refused_name_the_missing_mechanism(model_type: str, mechanism: str) -> None:
     with pytest.raises(ConfigError, match=mechanism):
         spec_from_config({"model_type": model_type})

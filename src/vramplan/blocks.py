@@ -1620,6 +1620,10 @@ class _B:
             from .longcat import longcat_layer
 
             return longcat_layer(self, x)
+        if spec.dsv4:  # DeepSeek-V4: hyper-connections with Sinkhorn mixing, compressed attention (vramplan.dsv4)
+            from .dsv4 import dsv4_layer
+
+            return dsv4_layer(self, x)
         if spec.hc_mult:
             from .hyper import hc_layer
 
@@ -1927,7 +1931,11 @@ def build_head(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, *
         from .gemma3n import altup_unembed
 
         x = altup_unembed(bld, x, trainable)
-    if spec.hc_mult:  # the HC head: the hyper-connection copies collapsed by one more weighting (vramplan.hyper)
+    if spec.dsv4:  # DeepSeek-V4's HC head (vramplan.dsv4)
+        from .dsv4 import dsv4_head
+
+        x = dsv4_head(bld, x, trainable)
+    elif spec.hc_mult:  # the HC head: the hyper-connection copies collapsed by one more weighting (vramplan.hyper)
         from .hyper import hc_collapse
 
         x = hc_collapse(bld, x, "hc_head", trainable, post=False)[1]

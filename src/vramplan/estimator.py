@@ -553,6 +553,11 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         kv_layer *= spec.experts_per_token
     small = (b * spec.vocab_size * num.act if head else 0) + 8 * b * spec.hidden_size * 4 + \
         b * spec.intermediate_size * 3 * num.act
+    if spec.dsv4:  # DeepSeek-V4: a sliding window plus compressed entries, not a K/V per token (vramplan.dsv4)
+        from .dsv4 import dsv4_decode
+
+        kv_all, copy = dsv4_decode(spec, b, s, total_len, num.act)
+        kv_layer, small = 0, small + copy
     dec = _plus(base, _vec({K.KV_CACHE: kv_all + kv_layer, K.ACTIVATIONS: small}))
     phases = [peak.peak()]
     if w.new_tokens:

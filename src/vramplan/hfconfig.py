@@ -1311,6 +1311,10 @@ from .hyper import HYPER_CLASSES, HYPER_READERS  # noqa: E402  (HY-V4: reads _Cf
 
 _READERS.update(HYPER_READERS)
 _CLASSES.update(HYPER_CLASSES)
+from .dsv4 import DSV4_CLASSES, DSV4_READERS  # noqa: E402  (DeepSeek-V4: reads _Cfg, _Facts, _llama_like)
+
+_READERS.update(DSV4_READERS)
+_CLASSES.update(DSV4_CLASSES)
 from .loops import LOOP_CLASSES, LOOP_READERS  # noqa: E402  (looped layer stacks: reads _Cfg, _llama_like)
 
 _READERS.update(LOOP_READERS)
@@ -1423,11 +1427,6 @@ _MISSING_MECHANISMS = {
              "transformers 5.24's own xLSTM forward fails in bf16, so no trace checks one",
     "blt": "the Byte Latent Transformer's patcher, local encoder, global transformer and local decoder (byte patches "
            "of data-dependent lengths, cross-attention between bytes and patches)",
-    "deepseek_v4": "hyper-connections with Sinkhorn-normalised mixing of the copies (DeepseekV4HyperConnection's comb; "
-                   "the copies, collapse and HC head themselves are modelled: vramplan.hyper) around attention over "
-                   "compressed KV (DeepseekV4HCACompressor / DeepseekV4CSACompressor with the CSA indexer, shared-KV "
-                   "single-head keys, grouped output projections, attention sinks), and MoE layers routed by token-id "
-                   "hash (DeepseekV4HashRouter)",
 }
 
 

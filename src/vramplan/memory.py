@@ -75,6 +75,12 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
             raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
                                 f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
         chosen = frozenset(t for t in targets if t in names) | moved
+    if spec.dsv4 and "o_a_proj" in chosen:
+        # peft 0.21 wraps DeepseekV4GroupedLinear (an nn.Linear subclass) as a plain lora.Linear: its adapter output,
+        # (..., o_groups x o_lora_rank), does not broadcast to the grouped result (..., o_groups, o_lora_rank)
+        raise WorkloadError(f"peft cannot apply LoRA to o_a_proj of {spec.family} (DeepseekV4GroupedLinear: peft wraps "
+                            "it as a plain lora.Linear and the forward fails); name the targets without it, e.g. "
+                            "q_a_proj,q_b_proj,kv_proj,o_b_proj")
     if spec.family in _PEFT_MAMBA_TYPES and "out_proj" in chosen:
         # peft tuners_utils.py _check_lora_target_modules_mamba refuses LoRA on a Mamba mixer's out_proj
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
@@ -86,6 +92,11 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
 def _linear_names(spec: ModelSpec) -> frozenset[str]:
     """The names of the model's nn.Linear modules peft can adapt (all-linear: all of them)."""
     from .params import attention_linears, layer_linears, mlp_linears
+
+    if spec.dsv4:  # DeepSeek-V4: peft's leaf names over every kind of layer (vramplan.dsv4)
+        from .dsv4 import dsv4_linear_names
+
+        return dsv4_linear_names(spec)
 
     names = {n for n, *_ in attention_linears(spec)} if spec.attention_layers else set()
     if spec.mixers:  # hybrid / state-space layers: their mixers' linears (in_proj, out_proj)
@@ -439,7 +450,8 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
         notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
     # parameters of layers the forward skips (spec.idle_layers) get no gradient: none is allocated and the foreach
     # step skips them (their optimizer state is counted as for every trainable parameter, as the trace creates it)
-    idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and spec.idle_layers else 0
+    idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and \
+        (spec.idle_layers or spec.idle_params) else 0
     grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:

@@ -168,6 +168,10 @@ def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of every linear of layer ``index``: its mixer's, then its MLP's."""
     spec = spec.layer(index)
+    if spec.dsv4:  # DeepSeek-V4: attention, compressor, indexer, experts, shared expert (vramplan.dsv4)
+        from .dsv4 import dsv4_linears
+
+        return dsv4_linears(spec)
     if spec.dual_sublayers:  # LongCat-Flash: two attention/MLP pairs and the shortcut MoE (vramplan.longcat)
         from .longcat import longcat_linears
 
@@ -313,6 +317,10 @@ def _ssm_layer_params(spec: ModelSpec, index: int) -> LayerParams:
 
 def layer_params(spec: ModelSpec, index: int) -> LayerParams:
     spec = spec.layer(index)
+    if spec.dsv4:
+        from .dsv4 import dsv4_layer_params
+
+        return dsv4_layer_params(spec)
     if spec.dual_sublayers:
         from .longcat import longcat_layer_params
 

@@ -86,6 +86,8 @@ class LayerOverride:
     index_shared: bool | None = None  # True: the layer reuses the previous indexer's top-k (HY-V4 "shared" layers)
     attention_sinks: bool | None = None  # the layer's attention has learned sink logits (MiMo-V2-Flash: only the
     # sliding layers)
+    compress_rate: int = 0  # DeepSeek-V4: the layer's KV compression rate (its attention's compressor)
+    hash_routed: bool | None = None  # DeepSeek-V4: the layer's MoE routes by a token-id table (DeepseekV4HashRouter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +403,13 @@ class ModelSpec:
     index_shared: bool = False  # the layer reuses the previous indexer layer's top-k (HY-V4 indexer_types "shared"):
     # no indexer of its own, the same index mask built from the held indices
     index_fp32_weights: bool = False  # the indexer's k_norm and weights_proj run in fp32 on fp32 copies (HYV4Indexer)
+    # DeepSeek-V4 (vramplan.dsv4, modeling_deepseek_v4.py): (o_groups, o_lora_rank, hc_sinkhorn_iters, the CSA
+    # compression rate, the HCA one, qk_rope_head_dim); empty: not DeepSeek-V4. Per layer (layer_overrides): the
+    # attention's compression rate (0: sliding only, the CSA rate: compressor and Lightning Indexer, the HCA rate:
+    # compressor only) and whether its MoE routes by the token-id table
+    dsv4: tuple[int, ...] = ()
+    compress_rate: int = 0
+    hash_routed: bool = False
 
     # ---- heterogeneous stacks --------------------------------------------------------
     def variant(self, index: int) -> int:
@@ -485,7 +494,10 @@ def _at_variant(spec: ModelSpec, variant: int) -> ModelSpec:
             changes[name] = getattr(o, name)
     if o.dsa is False:
         changes["index_heads"] = 0
-    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared", "attention_sinks"):
+    if o.compress_rate:
+        changes["compress_rate"] = o.compress_rate
+    for name in ("v_from_k", "kv_shared", "kv_store", "act_sparsity", "attn_norm", "index_shared", "attention_sinks",
+                 "hash_routed"):
         if getattr(o, name) is not None:
             changes[name] = getattr(o, name)
     return replace(spec, **changes)  # type: ignore[arg-type]

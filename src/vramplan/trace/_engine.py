@@ -283,6 +283,32 @@ def _walk_cache(obj: Any, depth: int, out: list[torch.Tensor], seen: set[int]) -
             _walk_cache(item, depth + 1, out, seen)
 
 
+def _lora_forward_error(exc: RuntimeError, model: Any) -> str | None:
+    """What went wrong where a peft LoRA layer's own forward raised (None: the error is not there): peft wraps every
+    ``nn.Linear`` subclass as a plain ``lora.Linear`` and adds ``lora_B(lora_A(x))``, (..., out_features), to the base
+    layer's result, so a subclass whose forward returns another shape (DeepseekV4GroupedLinear: (..., groups,
+    out_features / groups)) fails there (peft 0.21.2, tuners/lora/layer.py ``Linear.forward``)."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return None
+    tb = exc.__traceback__
+    layer = None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, LoraLayer):
+            layer = candidate
+        tb = tb.tb_next
+    if layer is None:
+        return None
+    where = next((n for n, m in model.named_modules() if m is layer), "a module")
+    base = type(layer.get_base_layer()).__name__
+    msg = " ".join(str(exc).split())[:200]
+    return (f"{where} ({base}): peft wraps it as a plain lora.Linear, whose adapter output (..., out_features) does "
+            f"not match what {base}.forward returns ({msg}); name LoRA targets without "
+            f"{where.rsplit('.', 1)[-1]}")
+
+
 def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, int]]:
     by_kind = mark.breakdown()
     by_kind[MemoryKind.WORKSPACE] = by_kind.get(MemoryKind.WORKSPACE, 0) + workspace
@@ -405,16 +431,22 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         tracker.adopt(ids)
         for t in extra.values():
             tracker.adopt(t)
-        if train and workload.trainer is not Trainer.PLAIN:
-            assert opt is not None
-            hf_train_loop(model, opt, ids, params, tracker, autocast, workload, built.head, assumptions, extra)
-        elif train:
-            assert opt is not None
-            if workload.activation_offload:
-                raise VramplanError("--activation-offload is traced with --trainer hf or trl-sft")
-            _train_loop(model, opt, ids, params, tracker, autocast, workload, extra)
-        else:
-            assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload, extra))
+        try:
+            if train and workload.trainer is not Trainer.PLAIN:
+                assert opt is not None
+                hf_train_loop(model, opt, ids, params, tracker, autocast, workload, built.head, assumptions, extra)
+            elif train:
+                assert opt is not None
+                if workload.activation_offload:
+                    raise VramplanError("--activation-offload is traced with --trainer hf or trl-sft")
+                _train_loop(model, opt, ids, params, tracker, autocast, workload, extra)
+            else:
+                assumptions.extend(_infer_loop(model, ids, tracker, autocast, workload, extra))
+        except RuntimeError as exc:
+            why = _lora_forward_error(exc, model)
+            if why is None:
+                raise
+            raise VramplanError(f"{name}: peft cannot apply LoRA to {why}") from None
 
     fallback = sorted({(f, pkg) for (f, pkg, new) in kernels if not new})
     if fallback:
