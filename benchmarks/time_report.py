@@ -37,11 +37,12 @@ from vramplan.workload import Workload
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = [ROOT / "tests/data/calibration/measured.csv", ROOT / "tests/data/h200-grid/measured.csv"]
 PUBLISHED = ROOT / "tests/data/published_throughput.json"
-# The calibration harness (shared/calibration/measure.py run_infer, vramplan.measure._infer) times ONE prefill of a
-# model built moments before, after torch.cuda.empty_cache(), with no warm-up, then 32 forward calls (a plain
-# loop, not generate()); several cases share one process. Those times include one-off costs the estimate does
-# not claim to predict (first use of each kernel and GEMM shape in the process: lazy module loading and cuBLAS
-# heuristics; fresh allocator segments). The categories say so; first_call_evidence() prints what shows it.
+# The calibration harness (shared/calibration/measure.py run_infer; vramplan measure too until it ran a warm-up
+# request first) times ONE prefill of a model built moments before, after torch.cuda.empty_cache(), with no
+# warm-up, then 32 forward calls (a plain loop, not generate()); several cases share one process. Those times
+# include one-off costs the estimate does not claim to predict (first use of each kernel and GEMM shape in the
+# process: lazy module loading and cuBLAS heuristics; fresh allocator segments). The categories say so;
+# first_call_evidence() prints what shows it.
 COLD_PREFILL = "prefill, transformers, H200 (cold first call)"
 COLD_DECODE = "decode, transformers forward loop, H200 (cold)"
 HARNESS_STEP_LAYER_PASSES = 0.4

@@ -27,7 +27,8 @@ def _add_measure_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("model", metavar="MODEL", help="catalog name or path to a config.json (random weights)")
     add_workload_flags(m)
     add_parallel_flags(m)
-    m.add_argument("--steps", type=positive_int, default=3, help="training steps (the peak is usually in step 2)")
+    m.add_argument("--steps", type=positive_int, default=3,
+                   help="training steps (the peak is usually in step 2; the first warms up and is not timed)")
     m.add_argument("--csv", metavar="OUT", help="append a row in the calibration measured.csv format")
     m.add_argument("--json", action="store_true")
 
@@ -162,7 +163,8 @@ def _measure_rank(ns: argparse.Namespace, config: dict[str, Any], name: str, w: 
         for r, m in ranks:
             e = error(m)
             print(f"  rank {r['rank']}: measured peak allocated {m.peak_allocated_bytes / gib:8.2f} GiB   reserved "
-                  f"{m.peak_reserved_bytes / gib:8.2f} GiB   step {m.step_s:.3f} s   estimate "
+                  f"{m.peak_reserved_bytes / gib:8.2f} GiB   step "
+                  + (f"{m.step_s:.3f} s" if m.step_s else "untimed (--steps 1)") + "   estimate "
                   f"{est.peak_allocated_bytes / gib:8.2f} GiB   error " + ("n/a" if e is None else f"{e:+.1%}"))
     if ns.csv:
         for r, m in ranks:
