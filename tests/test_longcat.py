@@ -12,6 +12,7 @@ import pytest
 from vramplan.api import estimate, make_workload
 from vramplan.errors import ConfigError
 from vramplan.hfconfig import spec_from_config
+from vramplan.longcat import GROUPED_EXPERTS, at_release
 from vramplan.memory import lora_params, lora_targets
 from vramplan.params import count_params
 
@@ -72,27 +73,51 @@ def test_parameters_equal_the_meta_model(cfg: dict[str, Any]) -> None:
     assert count_params(spec_from_config(cfg)).total == meta_parameters(cfg)
 
 
-def test_zero_experts_hold_gate_up_rows_and_router_columns() -> None:
-    """gate_up_proj has a row block for every expert, the zero-compute ones too; down_proj only the routed ones."""
+RELEASES = [(5, 24), (5, 25)]
+
+
+def test_the_installed_release_builds_its_experts() -> None:
+    """The reader builds the experts of the installed transformers (5.24: the loop with gate_up rows for the
+    zero-compute experts; 5.25 on: grouped_mm, routed rows only); a workload of another release rebuilds them."""
+    from vramplan.estimator import built_as
+    from vramplan.longcat import GROUPED_EXPERTS
+    from vramplan.workload import default_transformers, release
+
     spec = spec_from_config(CFG)
+    assert spec.moe_experts_loop == (release(default_transformers()) < GROUPED_EXPERTS)
+    assert built_as(spec, make_workload(transformers="5.24")).moe_experts_loop
+    assert not built_as(spec, make_workload(transformers="5.25")).moe_experts_loop
+    old, new = (estimate(spec, make_workload(batch_size=2, seq_len=256, transformers=v)) for v in ("5.24", "5.25"))
+    assert old.parameters - new.parameters == spec.num_layers * 4 * 2 * 64 * 256
+
+
+@pytest.mark.parametrize("have", RELEASES, ids=["5.24", "5.25"])
+def test_zero_experts_hold_gate_up_rows_and_router_columns(have: tuple[int, int]) -> None:
+    """5.24: gate_up_proj has a row block for every expert, the zero-compute ones too; down_proj only the routed ones.
+    5.25: gate_up_proj the routed experts only. The router scores every expert in both."""
+    spec = at_release(spec_from_config(CFG), have)
     h, i = spec.hidden_size, spec.moe_intermediate_size
     diff = count_params(spec).total - count_params(replace(spec, zero_experts=0)).total
-    assert diff == spec.num_layers * 4 * (2 * i * h + h)
+    assert diff == spec.num_layers * 4 * ((2 * i * h if have < GROUPED_EXPERTS else 0) + h)
 
 
-def test_all_linear_wraps_the_expert_stacks() -> None:
+@pytest.mark.parametrize("have", RELEASES, ids=["5.24", "5.25"])
+def test_all_linear_wraps_the_expert_stacks(have: tuple[int, int]) -> None:
     """peft's Qwen2-MoE pattern (data/peft_moe_targets.json): the fused stacks take ParamWrapper adapters (gate_up at
-    twice the rank, over every expert), the dense MLPs lose theirs, the router's classifier keeps a plain one."""
-    spec = spec_from_config(CFG)
+    twice the rank, over every expert of the stack), the dense MLPs lose theirs, the router's classifier keeps a plain
+    one."""
+    spec = at_release(spec_from_config(CFG), have)
     names = lora_targets(spec, ("all-linear",))
     assert {"experts.gate_up_proj", "experts.down_proj", "router", "q_b_proj", "kv_b_proj"} <= names
     assert not {"gate_proj", "up_proj", "down_proj"} & names
-    r, h, i, et, e = 16, 256, 64, 12, 8
+    r, h, i, e = 16, 256, 64, 8
+    et = 12 if have < GROUPED_EXPERTS else e  # the experts gate_up_proj holds
     attn = 2 * r * ((256 + 96) + (96 + 4 * 48) + (256 + 64 + 16) + (64 + 4 * 64) + (4 * 32 + 256))
-    experts = 2 * r * (h + 2 * i) * et + r * (i + h) * e + r * (h + et)
+    experts = 2 * r * (h + 2 * i) * et + r * (i + h) * e + r * (h + 12)
     assert lora_params(spec, names, r) == spec.num_layers * (attn + experts)
     # the wrapped stacks (W + s * B @ A, built for the experts' call and read slice by slice) raise the backward
-    opts = {"method": "lora", "batch_size": 2, "seq_len": 256, "lora_targets": "all-linear"}
+    opts = {"method": "lora", "batch_size": 2, "seq_len": 256, "lora_targets": "all-linear",
+            "transformers": ".".join(map(str, have))}
     plain = {**opts, "lora_targets": "q_b_proj,kv_b_proj"}
     assert _phase(spec, opts, "backward") - _phase(spec, plain, "backward") > 3 * 2 * i * h * et * 2
 

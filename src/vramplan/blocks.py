@@ -17,7 +17,13 @@ from ._engine.ops import fused_sdpa, lora_branch, math_sdpa, native_layer_norm, 
 from ._engine.tape import Tape, Tensor
 from .kinds import MemoryKind
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
-from .workload import Attention, WeightsQuant
+from .workload import MODELLED_TRANSFORMERS, Attention, WeightsQuant
+from .workload import release as _release
+
+# transformers 5.25 rewrote FalconAttention onto the attention interface (modeling_falcon.py: ALL_ATTENTION_FUNCTIONS,
+# the LLaMA-style eager_attention_forward with its fp32 softmax, SDPA through integrations/sdpa_attention.py with the
+# causal mask FalconModel always materialises); releases before it run Falcon's own attention code
+FALCON_ATTENTION_INTERFACE = (5, 25)
 
 __all__ = ["Kernel", "LayerPlan", "Numerics", "attention_kernel", "build_embed", "build_head", "build_layer",
            "sdpa_kernel", "window_masked"]
@@ -48,9 +54,17 @@ class LayerPlan:
     ssm_kernel: str = "fused"  # SSM layers: the fused mamba_ssm kernels or transformers' torch fallback
     input_fp32: bool = False  # the layer's input is the fp32 residual stream (Mamba's residual_in_fp32)
     variant: int = -1  # the layer's group in spec.layer_overrides (heterogeneous stacks: Gemma 4), -1: none
+    release: tuple[int, ...] = _release(MODELLED_TRANSFORMERS)  # the transformers release the layer's code is from
 
 
-def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool) -> Kernel:
+def own_falcon_attention(spec: ModelSpec, have: tuple[int, ...]) -> bool:
+    """Whether a Falcon layer of transformers release ``have`` runs FalconAttention's own code (before 5.25: the
+    fused projection split by copies, SDPA called without ``enable_gqa``, eager scores softmaxed in their dtype)."""
+    return spec.family == "falcon" and have < FALCON_ATTENTION_INTERFACE
+
+
+def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool,
+                     have: tuple[int, ...] = _release(MODELLED_TRANSFORMERS)) -> Kernel:
     """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
 
     BLOOM has no SDPA path in transformers (GPT-J's came in 5.24: ``estimator.runs_as`` picks eager for older
@@ -63,7 +77,7 @@ def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask:
         return Kernel.EAGER
     if attention is Attention.FLASH:
         return Kernel.FLASH
-    if spec.family == "falcon":
+    if own_falcon_attention(spec, have):
         return sdpa_kernel(elem, spec.head_dim, has_mask, heads_match=not gqa)
     if sdpa_repeats_kv(spec, has_mask):
         return sdpa_kernel(elem, spec.head_dim, has_mask)
@@ -568,7 +582,8 @@ class _B:
         # (torch/csrc/autograd/autocast_mode / aten/src/ATen/autocast_mode.cpp: softmax is an fp32 op).
         # softmax saves its result.
         # (Llama 4's and GPT-NeoX-Japanese's eager softmax(attn_weights, dim=-1) in the scores' dtype as well)
-        pelem = selem if (spec.family in ("gpt2", "falcon") or spec.eager_softmax_native) and not self.num.amp else 4
+        native = spec.family == "gpt2" or (self.plan is not None and own_falcon_attention(spec, self.plan.release))
+        pelem = selem if (native or spec.eager_softmax_native) and not self.num.amp else 4
         # A 16-bit input reaching an fp32 softmax is first copied to fp32 (autocast's cast, or ATen's
         # softmax(input, dim, dtype): only a Half input with dtype=float32 takes the fused half_to_float kernel,
         # bf16 is converted with toType; aten/src/ATen/native/SoftMax.cpp): the copy lives during the kernel.
@@ -695,7 +710,8 @@ class _B:
     def kernel_for(self, has_mask: bool) -> Kernel:
         """The attention kernel this layer runs."""
         attn = self.plan.attention if self.plan else Attention.SDPA
-        return attention_kernel(self.spec, attn, 2 if self.num.amp else self.num.act, has_mask)
+        return attention_kernel(self.spec, attn, 2 if self.num.amp else self.num.act, has_mask,
+                                self.plan.release if self.plan else _release(MODELLED_TRANSFORMERS))
 
     # ---- whole blocks ---------------------------------------------------------------------------
     def self_attention(self, n: Tensor) -> Tensor:
@@ -711,7 +727,10 @@ class _B:
         if spec.kv_lora_rank:
             return self.mla(n)
         # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
-        has_mask = plan.sliding and window_masked(spec, skv) and \
+        own_falcon = own_falcon_attention(spec, plan.release)
+        # FalconModel materialises its causal mask (create_causal_mask(allow_is_causal_skip=False)), which SDPA gets
+        # from 5.25 on (before, Falcon's own attention code: own_falcon)
+        has_mask = ((plan.sliding and window_masked(spec, skv)) or (spec.family == "falcon" and not own_falcon)) and \
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads
@@ -725,15 +744,19 @@ class _B:
             q = tp.view(qkv, b * s * qd)
             k = tp.view(qkv, b * s * kvd)
             v = tp.view(qkv, b * s * kvd)
-            if spec.family == "falcon" and heads_kv == 1:
+            if own_falcon and heads_kv == 1:
                 # multi-query: k and v are taken with list indexing, which copies
                 k = tp.op(b * s * d, qkv.elem, (qkv,))
                 v = tp.op(b * s * d, qkv.elem, (qkv,))
-            elif spec.family == "falcon" and heads_kv != spec.num_heads:
+            elif own_falcon and heads_kv != spec.num_heads:
                 # new decoder architecture: k/v broadcast to every query head, then flattened (copies)
                 k = tp.op(b * s * qd, qkv.elem, (qkv,))
                 v = tp.op(b * s * qd, qkv.elem, (qkv,))
                 heads_kv = spec.num_heads
+            elif spec.family == "falcon" and 1 < heads_kv < spec.num_heads:
+                # 5.25's new decoder architecture: the (kv heads, group + 2, d) view's query rows flattened over the
+                # kv heads (a copy: the key and value rows sit between the groups); key and value are views
+                q = tp.op(b * s * qd, qkv.elem, (qkv,))
             elif spec.family == "bloom":
                 q = tp.op(b * s * qd, qkv.elem, (qkv,))  # transpose + reshape to (B*H, S, d) copies
                 k = tp.op(b * s * kvd, qkv.elem, (qkv,))

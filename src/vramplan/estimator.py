@@ -41,7 +41,6 @@ from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
 from .ssm import ssm_state_bytes
 from .units import GiB
 from .workload import (
-    MODELLED_TRANSFORMERS,
     Attention,
     LogitsMode,
     Loss,
@@ -131,7 +130,7 @@ def _plan(spec: ModelSpec, w: Workload, trainable: bool, input_rg: bool, moe: bo
                      quant=w.base_quant, attention=attention or w.attention, sliding=sliding, moe=moe,
                      lora_dropout=w.lora_dropout if w.uses_adapters else 0.0, rope=rope,
                      dora=w.method is Method.DORA, mixer=mixer, mlp=mlp, ssm_kernel=w.ssm_kernel,
-                     input_fp32=fp32_in, variant=variant)
+                     input_fp32=fp32_in, variant=variant, release=w.transformers_release)
 
 
 def _kind(spec: ModelSpec, i: int) -> tuple[str, bool, bool, int]:
@@ -507,7 +506,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     # what the first layer runs beside that is not there yet (or is its own input): the previous layer's
     # attention weights, and inputs_embeds where the first layer's input is that very tensor
     absent = held if raw else _vec({})
-    if spec.returns_attn_weights and attention_kernel(spec, w.attention, num.act, True) is Kernel.EAGER:
+    if spec.returns_attn_weights and attention_kernel(spec, w.attention, num.act, True,
+                                                          w.transformers_release) is Kernel.EAGER:
         # the previous layer's eager attention weights, held by the model loop's ``outputs`` tuple until the next
         # layer returns (GPTNeoModel.forward): one (batch, heads, seq, seq) tensor beside every layer after the first
         probs = _vec({K.ACTIVATIONS: b * spec.num_heads * s * s * num.act})
@@ -596,6 +596,7 @@ def _step_base(states: ModelStates, w: Workload) -> tuple[int, ...]:
 
 def stage_base(spec: ModelSpec, w: Workload) -> Breakdown:
     """``stage_moments(spec, w).base`` (the whole model on one GPU) without replaying the step."""
+    spec = built_as(spec, w)
     w = runs_as(spec, w)
     check_positions(spec, w)
     return Breakdown.of(kinds_dict(_step_base(model_states(spec, w, count_params(spec)), w)))
@@ -609,6 +610,7 @@ def stage_moments(spec: ModelSpec, w: Workload, counts: ParamCounts | None = Non
     pipeline stage's layers; ``counts`` its parameters (default: ``count_params(spec)``); ``embed`` and
     ``head`` say whether the stage holds the embedding and the output head.
     """
+    spec = built_as(spec, w)
     w = runs_as(spec, w)
     check_positions(spec, w)
     counts = counts or count_params(spec)
@@ -634,6 +636,16 @@ def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
         not (spec.sdpa_added_in and have < release(spec.sdpa_added_in))
 
 
+def built_as(spec: ModelSpec, w: Workload) -> ModelSpec:
+    """The model as the transformers release ``w`` models builds it, where releases build a family differently
+    (LongCat-Flash's experts: vramplan.longcat.at_release); the reader builds what the installed release does."""
+    if spec.dual_sublayers:
+        from .longcat import at_release
+
+        return at_release(spec, w.transformers_release)
+    return spec
+
+
 def runs_as(spec: ModelSpec, w: Workload) -> Workload:
     """The workload the model runs: a model class without an SDPA path (``spec.sdpa`` False, or removed in the
     release modelled) gets eager attention where SDPA is asked for, as transformers falls back
@@ -649,6 +661,7 @@ def estimate(spec: ModelSpec, workload: Workload, *, name: str | None = None, re
     ``reserved=False``: the analytic path only (no allocator replay, well under a millisecond):
     ``peak_reserved_bytes`` is 0 and the slack in ``total_bytes`` is the calibration median
     (:data:`ALLOCATOR_SLACK_FRACTION`), for searches over thousands of candidates."""
+    spec = built_as(spec, workload)
     workload = runs_as(spec, workload)
     if spec.multimodal is not None or workload.vision_options:
         from .multimodal import route  # vision-language models: tower + projector + language model
@@ -692,6 +705,7 @@ def _phases(spec: ModelSpec, w: Workload) -> tuple[ModelStates, Numerics, list[P
 def peak_allocated(spec: ModelSpec, w: Workload) -> int:
     """``estimate(spec, w).peak_allocated_bytes`` without the allocator replay (for searches that only
     need a bound: what is reserved is never less)."""
+    spec = built_as(spec, w)
     w = runs_as(spec, w)
     return max(p.peak_allocated_bytes for p in _phases(spec, w)[2])
 
@@ -729,7 +743,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
         f"{spec.family} program follows transformers {spec.program_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
-        (f"attention: eager (transformers {w.transformers or MODELLED_TRANSFORMERS} has no SDPA path for "
+        (f"attention: eager (transformers {w.transformers_version} has no SDPA path for "
          f"{spec.family})"
          + ("; sink logits concatenated to the scores, softmax in their dtype" if spec.attention_sinks else "")
          if not has_sdpa(spec, w) and w.attention is not Attention.FLASH else

@@ -1,5 +1,5 @@
-"""LongCat-Flash (modeling_longcat_flash.py, transformers 5.24): the reader, the layer's parameters and its memory
-program.
+"""LongCat-Flash (modeling_longcat_flash.py, transformers 5.24 and 5.25): the reader, the layer's parameters and its
+memory program.
 
 ``LongcatFlashDecoderLayer`` holds two attention sublayers (``self_attn[0]``, ``self_attn[1]``: DeepSeek-V3.2's MLA
 without the indexer, the query halves and the normed kv latent scaled by sqrt(hidden / lora rank)), two dense SwiGLU
@@ -16,6 +16,13 @@ scores ``n_routed_experts + zero_expert_num`` experts; ``LongcatFlashExperts`` l
 routed ones run ``F.linear`` with their slice of ``gate_up_proj`` (which holds a row block for every expert, the
 zero-compute ones included) and ``down_proj``; the zero-compute ones pass the gathered tokens through; each result
 times its fp32 routing weights, cast back and ``index_add_``-ed into a ``zeros_like`` output.
+
+transformers 5.25 rewrote the experts (``LongcatFlashMoE`` / ``LongcatFlashExperts``): ``gate_up_proj`` holds the
+routed experts' rows only, and the experts run under ``@use_experts_implementation`` (the grouped_mm path every MoE
+family takes by default). The zero-compute experts are taken out before them: their summed routing weights times the
+hidden states (``identity_output``, fp32: 16-bit states times fp32 weights), the pairs routed to them re-pointed at
+routed experts (``dummy_indices``) with weight 0, and ``identity_output`` cast back and added to the experts' output.
+``spec.moe_experts_loop`` says which release's experts a spec models (:func:`at_release`).
 """
 
 from __future__ import annotations
@@ -34,7 +41,20 @@ if TYPE_CHECKING:
     from .hfconfig import _Cfg
     from .params import LayerParams
 
-__all__ = ["LONGCAT_CLASSES", "LONGCAT_READERS", "longcat_layer", "longcat_layer_params", "longcat_linears"]
+__all__ = ["LONGCAT_CLASSES", "LONGCAT_READERS", "at_release", "longcat_layer", "longcat_layer_params",
+           "longcat_linears"]
+
+# the first transformers release whose LongcatFlashExperts run the grouped_mm experts path with the zero-compute
+# experts outside them (modeling_longcat_flash.py 5.25; 5.24 loops over every expert hit, identity experts included)
+GROUPED_EXPERTS = (5, 25)
+
+
+def at_release(spec: ModelSpec, have: tuple[int, ...]) -> ModelSpec:
+    """The LongCat-Flash spec as transformers release ``have`` builds it (its experts; any other spec unchanged)."""
+    if not spec.dual_sublayers:
+        return spec
+    loop = have < GROUPED_EXPERTS
+    return spec if spec.moe_experts_loop == loop else replace(spec, moe_experts_loop=loop)
 
 # configuration_longcat_flash.py LongcatFlashConfig's defaults
 _DEFAULTS: dict[str, Any] = {
@@ -48,6 +68,7 @@ def _longcat_flash(c: _Cfg, family: str) -> ModelSpec:
     """LongcatFlashConfig: ``num_layers`` decoder layers (``num_hidden_layers`` is twice that: the attention
     sublayers), MLA sizes, ``ffn_hidden_size`` for the dense MLPs, ``expert_ffn_hidden_size`` for the experts."""
     from .hfconfig import _MAX_LAYERS, _Cfg, _Facts, _llama_like
+    from .workload import default_transformers, release
 
     raw: dict[str, Any] = dict(c.raw)
     for key, default in _DEFAULTS.items():
@@ -77,7 +98,10 @@ def _longcat_flash(c: _Cfg, family: str) -> ModelSpec:
     spec = _llama_like(_Cfg(base, c.where), family, facts)
     return replace(spec, num_experts=experts, zero_experts=zero, experts_per_token=top_k,
                    moe_intermediate_size=cc.int_("expert_ffn_hidden_size"), moe_layers=tuple(range(layers)),
-                   router_bias=cc.bool_("router_bias", default=False), router_fp32=True, moe_experts_loop=True,
+                   router_bias=cc.bool_("router_bias", default=False), router_fp32=True,
+                   # the experts as the installed transformers builds them (a workload of another release:
+                   # at_release)
+                   moe_experts_loop=release(default_transformers()) < GROUPED_EXPERTS,
                    dual_sublayers=True, mla_lora_scale=True, program_version="5.24")
 
 
@@ -89,14 +113,15 @@ LONGCAT_CLASSES: dict[str, str] = {"LongcatFlashForCausalLM": "longcat_flash"}
 
 def longcat_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     """(module name, in, out, count) of one layer's linears: both attention sublayers' and both dense MLPs' (count 2),
-    the experts (``gate_up_proj`` holds every expert's rows, the zero-compute ones included; ``down_proj`` the routed
-    ones only) and the router's classifier over every expert."""
+    the experts (``gate_up_proj`` holds every expert's rows in 5.24, the zero-compute ones included, the routed ones
+    only from 5.25; ``down_proj`` the routed ones only) and the router's classifier over every expert."""
     from .params import attention_linears, mlp_linears
 
     h, i, e, z = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.zero_experts
     dense = replace(spec, dual_sublayers=False)
     out = [(n, fi, fo, 2 * k) for n, fi, fo, k in attention_linears(dense) + mlp_linears(dense, False)]
-    return [*out, ("experts.gate_proj", h, i, e + z), ("experts.up_proj", h, i, e + z),
+    gu = e + z if spec.moe_experts_loop else e
+    return [*out, ("experts.gate_proj", h, i, gu), ("experts.up_proj", h, i, gu),
             ("experts.down_proj", i, h, e), ("router", h, e + z, 1)]
 
 
@@ -169,6 +194,8 @@ def longcat_moe(bld: _B, n: Tensor) -> Tensor:
     idx = tp.op(t * k, 8, (choice,), rg=False)
     w = tp.op(t * k, 4, (probs, idx), save=(idx,) if probs.rg else (), grad_to=(probs,))  # scores.gather
     w = tp.op(t * k, 4, (w,))  # * routed_scaling_factor
+    if not spec.moe_experts_loop:
+        return _grouped(bld, n, idx, w)
 
     # experts: peft's ParamWrapper (all-linear) replaces a fused stack, for the module's call, by W + s * B @ A;
     # each expert's F.linear then reads a slice of it, and the slice's gradient is scattered into a stack-sized
@@ -219,3 +246,30 @@ def longcat_moe(bld: _B, n: Tensor) -> Tensor:
     res = tp.op(t * h, act, tuple(written), grad_to=tuple(written))
     tp.hold(mask, hit, *wrapped.values())
     return res
+
+
+def _grouped(bld: _B, n: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """LongcatFlashMoE.forward of transformers 5.25 after the router (see the module docstring): the zero-compute
+    experts' share (``identity_output``), the re-pointed indices and zeroed weights, the grouped_mm experts
+    (:meth:`vramplan.blocks._B.moe` with this routing), and ``identity_output`` cast back and added."""
+    spec, tp = bld.spec, bld.tp
+    h, k = spec.hidden_size, spec.experts_per_token
+    t = n.numel // h
+    if spec.zero_experts:
+        ident = tp.op(t * k, 1, (idx,), rg=False)  # identity_mask = topk_indices >= num_routed_experts
+        inv = tp.op(t * k, 1, (ident,), rg=False)  # ~identity_mask
+        # masked_fill saves the mask for its backward; the sum over k keeps nothing
+        kept = tp.op(t * k, w.elem, (w, inv), save=(inv,) if w.rg else (), grad_to=(w,))
+        iw = tp.op(t, w.elem, (kept,))
+        # hidden_states * identity_weights: 16-bit states times fp32 weights, an fp32 product saving both
+        io = tp.op(t * h, 4, (n, iw), save=(n, iw) if n.rg or iw.rg else (), grad_to=(n, iw))
+        dummy = idx
+        for _ in range(3):  # (topk_indices - routed) * routed // zero: int64
+            dummy = tp.op(t * k, 8, (dummy,), rg=False)
+        idx = tp.op(t * k, 8, (ident, dummy, idx), rg=False)  # torch.where(identity_mask, dummy, topk_indices)
+        w = tp.op(t * k, w.elem, (w, ident), save=(ident,) if w.rg else (), grad_to=(w,))  # masked_fill(mask, 0)
+    out = bld.moe(n, (idx, w))
+    if spec.zero_experts:
+        out = bld.add(out, bld.cast(io, n.elem))  # + identity_output.to(hidden_states.dtype)
+        tp.hold(ident)
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import lru_cache
 
 from .errors import WorkloadError
 
@@ -100,8 +101,28 @@ MODELLED_TRANSFORMERS = "5.24.0"
 
 
 def release(text: str) -> tuple[int, ...]:
-    """``"5.17.0"`` -> (5, 17, 0)."""
-    return tuple(int(p) for p in text.split("."))
+    """``"5.17.0"`` -> (5, 17, 0); a pre-release or local suffix (``"5.26.0.dev0"``, ``"5.25.0+cu"``) is dropped."""
+    out = []
+    for p in text.split("+")[0].split("."):
+        digits = re.match(r"\d+", p)
+        if digits is None:
+            break
+        out.append(int(digits.group()))
+        if digits.end() != len(p):
+            break
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def default_transformers() -> str:
+    """The transformers release a workload runs unless it says otherwise: the installed one (package metadata only,
+    nothing imported), else the one the shipped programs model (MODELLED_TRANSFORMERS). Releases differ in what some
+    families allocate (``Workload.transformers_release``), and the shipped recipes follow the installed release too
+    (``recipes.versioned_data``)."""
+    from ._files import installed_version
+
+    have = installed_version("transformers")
+    return have if have and release(have) else MODELLED_TRANSFORMERS
 
 
 class Optimizer(StrEnum):
@@ -198,8 +219,8 @@ class Workload:
     ssm_kernel: str = "fused"  # SSM layers: "fused" (mamba_ssm / causal_conv1d kernels) or "torch" (transformers'
     # plain-PyTorch fallback, what a machine without those packages runs; vramplan.ssm)
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
-    # the transformers release the run uses, where releases differ in what a family allocates (None: the release
-    # the shipped programs and recipes model, MODELLED_TRANSFORMERS)
+    # the transformers release the run uses, where releases differ in what a family allocates (None: the installed
+    # release, else the one the shipped programs and recipes model, MODELLED_TRANSFORMERS: default_transformers())
     transformers: str | None = None
     # Vision-language models (vramplan.multimodal): images per sample (None: 1 for a VLM; a text model refuses any)
     images: int | None = None
@@ -209,8 +230,13 @@ class Workload:
 
     @property
     def transformers_release(self) -> tuple[int, ...]:
-        """The transformers release modelled: the run's, or the one the programs model."""
-        return release(self.transformers or MODELLED_TRANSFORMERS)
+        """The transformers release modelled: the run's, else the installed one, else the one the programs model."""
+        return release(self.transformers or default_transformers())
+
+    @property
+    def transformers_version(self) -> str:
+        """The transformers release modelled, as text (see :attr:`transformers_release`)."""
+        return self.transformers or default_transformers()
 
     def __post_init__(self) -> None:
         enums: tuple[tuple[str, type[StrEnum]], ...] = (

@@ -66,7 +66,8 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="micro-batches per optimizer step")
     g.add_argument("--transformers", default=None, metavar="VERSION",
                    help="the transformers release the run uses where releases allocate differently (default: the "
-                        "one the shipped programs model, 5.24.0; e.g. 5.17 keeps Gemma-2's SDPA path)")
+                        "installed one, else the one the shipped programs model; e.g. 5.17 keeps Gemma-2's SDPA "
+                        "path, 5.24 LongCat-Flash's expert loop)")
     g.add_argument("--alloc-conf", default=None, metavar="CONF",
                    help="PyTorch caching-allocator settings, the PYTORCH_CUDA_ALLOC_CONF string "
                         "(e.g. expandable_segments:True, max_split_size_mb:128)")

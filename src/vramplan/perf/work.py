@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..blocks import Kernel, sdpa_repeats_kv, window_masked
+from ..blocks import Kernel, own_falcon_attention, sdpa_repeats_kv, window_masked
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
 from ..estimator import numerics, runs_as
@@ -65,7 +65,7 @@ def _act_bytes(w: Workload) -> int:
 def attention_kernel(spec: ModelSpec, w: Workload, *, has_mask: bool) -> Kernel:
     """The attention kernel a layer of ``w`` runs (the estimator's own choice)."""
     return blocks_attention_kernel(spec, runs_as(spec, w).attention, 2 if w.precision.is_amp else _act_bytes(w),
-                                   has_mask)
+                                   has_mask, w.transformers_release)
 
 
 def attended_keys(seq: int, window: int | None, skips_masked: bool) -> float:
@@ -636,14 +636,16 @@ def _decode_repeats_kv(spec: ModelSpec, w: Workload, sliding: bool, context: int
     attention (``repeat_kv``: ``expand`` + ``reshape``, a copy): the eager path always; SDPA with a mask or
     head_dim > 256 (:func:`vramplan.blocks.sdpa_repeats_kv`); FlashAttention-2 in releases before 4.48 for
     :data:`_FA2_REPEAT_FAMILIES`."""
-    has_mask = sliding and window_masked(spec, context)
+    # FalconModel's causal mask is always materialised, and SDPA gets it from transformers 5.25 on
+    has_mask = (sliding and window_masked(spec, context)) or \
+        (spec.family == "falcon" and not own_falcon_attention(spec, w.transformers_release))
     kernel = attention_kernel(spec, w, has_mask=has_mask)
     if kernel is Kernel.EAGER:
         return True
     if kernel is Kernel.FLASH:
         return spec.family in _FA2_REPEAT_FAMILIES and w.transformers_release < _FA2_REPEATS_KV_BEFORE
-    if spec.family == "falcon":
-        return False  # Falcon broadcasts its single key/value head (no copy)
+    if own_falcon_attention(spec, w.transformers_release):
+        return False  # Falcon's own attention (before 5.25) broadcasts its single key/value head (no copy)
     return sdpa_repeats_kv(spec, has_mask)
 
 

@@ -158,17 +158,27 @@ def _routing_source(tracker: MemoryTracker) -> Iterator[None]:
         patches.restore()
 
 
+def _closure(fn: Any) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return {}
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells), strict=True))
+
+
 def _hub_kernel_info(fn: Any) -> tuple[str, str, bool] | None:
     """(kernel name, package, whether the package's kernel is used) for a function transformers wrapped with
-    ``use_kernel_func_from_hub_with_fallback`` (transformers/integrations/hub_kernels.py), else None."""
+    ``use_kernel_func_from_hub_with_fallback`` (transformers/integrations/hub_kernels.py), else None. Where the
+    ``kernels`` package is installed (transformers >= 5.25 requires it), its ``use_kernel_forward_from_hub`` turns the
+    wrapped function into an ``nn.Module`` instance whose class ``forward`` calls it (kernels' ``_create_func_module``:
+    the function is the forward's ``func`` cell)."""
     seen = 0
     while callable(fn) and seen < 4:
-        code = getattr(fn, "__code__", None)
-        cells = getattr(fn, "__closure__", None)
-        if code is not None and cells and {"func_name", "package", "is_new_implementation"} <= set(code.co_freevars):
-            vals = dict(zip(code.co_freevars, (c.cell_contents for c in cells), strict=True))
+        vals = _closure(fn)
+        if {"func_name", "package", "is_new_implementation"} <= set(vals):
             return str(vals["func_name"]), str(vals["package"]), bool(vals["is_new_implementation"])
-        fn = getattr(fn, "__wrapped__", None)
+        inner = _closure(getattr(type(fn), "forward", None)).get("func") if isinstance(fn, nn.Module) else None
+        fn = inner if callable(inner) else getattr(fn, "__wrapped__", None)
         seen += 1
     return None
 
