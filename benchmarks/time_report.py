@@ -143,7 +143,7 @@ def _published_rows() -> Iterator[Row]:
                       None if tt.time_s is None else tt.time_s / tt.steps, src, _split(tt.step))
             continue
         it = inference_time(spec, w, gpu, split=int(r["layout"].get("tp", 1)), engine=r.get("engine", "transformers"),
-                            allreduce=r["layout"].get("allreduce"))
+                            allreduce=r["layout"].get("allreduce"), fused_mlp=r["layout"].get("fused_mlp"))
         dtype = "fp8" if w.base_quant.value == "fp8" else ("int8" if w.base_quant.value == "int8" else "16-bit")
         if metric == "prefill_seconds":
             yield Row(r["id"], f"prefill, {it.engine} ({gpu.name}, {dtype})", False, value, it.prefill_s, src)

@@ -113,3 +113,17 @@ def test_every_engine_says_how_it_all_reduces_and_why() -> None:
         assert engine_profile(name).allreduce in ("nccl", "custom"), name
         assert engines[name]["allreduce_source"], name
     assert engine_profile("gpt-fast").allreduce == "nccl"  # funcol.all_reduce on the NCCL process group
+
+
+def test_a_build_without_the_fused_mlp_runs_gate_and_up_apart() -> None:
+    spec, h100 = get_model("llama-2-7b").spec, get_gpu("h100-sxm")
+    w = _prefill(2048, WeightsQuant.FP8)
+    fused = inference_work(spec, w, "tensorrt-llm")
+    apart = inference_work(spec, w, "tensorrt-llm", fused_mlp=False)
+    layers = spec.num_layers
+    assert GemmShape(2048, 2 * 11008, 4096, layers) in fused.gemm_shapes
+    assert GemmShape(2048, 11008, 4096, 2 * layers) in apart.gemm_shapes
+    assert apart.quant_kernels == fused.quant_kernels + 1  # the gate's and the up projection's inputs apart
+    a = inference_time(spec, w, h100, engine="tensorrt-llm", fused_mlp=False).prefill_s
+    f = inference_time(spec, w, h100, engine="tensorrt-llm").prefill_s
+    assert a is not None and f is not None and a > f

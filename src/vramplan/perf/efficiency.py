@@ -109,6 +109,7 @@ class EngineProfile:
     step_layer_passes: float = 0.0  # eager engines: host work per decode step outside the layers, in layer passes
     allreduce: str = "custom"  # tensor-parallel all-reduce: "nccl" (NCCL's ring, perf.comm.nccl_allreduce_seconds)
     # or "custom" (the engine's one-shot kernel: allreduce_latency_s + ring bytes over the link)
+    fused_gated_mlp: bool = True  # gate and up projections run as one product (one fp8 input quantization)
 
     @property
     def per_layer_s(self) -> float | None:

@@ -412,7 +412,8 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
     roof, bound = decode_seconds(bytes_read / tp, flops / tp, gpu, compute_dtype(w, prof.name), model)
     if roof is None:
         return DecodeStep(bytes_read, flops, None, bound)
-    quant_kernels = fp8_activation_quant(spec, w, 1, prof.name)[1] if fp8_gemms(gpu, compute_dtype(w, prof.name)) else 0
+    quant_kernels = (fp8_activation_quant(spec, w, 1, prof.name, prof.fused_gated_mlp)[1]
+                     if fp8_gemms(gpu, compute_dtype(w, prof.name)) else 0)
     overhead = engine_overhead_s(spec, prof, model, quant_kernels)
     ar = 0.0
     if tp > 1:
@@ -454,17 +455,22 @@ class InferenceTime:
 
 
 def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, model: ThroughputModel | None = None,
-                   engine: str = "transformers", allreduce: str | None = None) -> InferenceTime:
+                   engine: str = "transformers", allreduce: str | None = None,
+                   fused_mlp: bool | None = None) -> InferenceTime:
     """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs.
     ``allreduce`` (``nccl`` or ``custom``) overrides the engine's tensor-parallel all-reduce (a release or build
-    without the engine's own kernel: TensorRT-LLM 0.5 engines built without ``--use_custom_all_reduce``)."""
+    without the engine's own kernel: TensorRT-LLM 0.5 engines built without ``--use_custom_all_reduce``);
+    ``fused_mlp=False``: a build that runs the gate and up projections as two products (TensorRT-LLM 0.5 without
+    ``--use_fused_mlp``)."""
     m = model or load_throughput_model()
     prof = engine_profile(engine)
     if allreduce is not None:
         if allreduce not in ("nccl", "custom"):
             raise VramplanError(f"allreduce is nccl or custom, got {allreduce!r}")
         prof = replace(prof, allreduce=allreduce)
-    work = inference_work(spec, w, prof.name)
+    if fused_mlp is not None:
+        prof = replace(prof, fused_gated_mlp=fused_mlp)
+    work = inference_work(spec, w, prof.name, prof.fused_gated_mlp)
     eff = gpu_efficiency(gpu)
     mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
             f"CUDA graphs: {prof.kernels_per_layer} kernels per layer x {prof.kernel_s or 0:.1e} s")

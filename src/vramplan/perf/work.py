@@ -289,7 +289,13 @@ def compute_dtype(w: Workload, engine: str = "transformers") -> str:
 _SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj", "experts.gate_proj", "experts.up_proj"})
 
 
-def _quant_inputs(spec: ModelSpec, engine: str) -> tuple[float, int]:
+def _shared_inputs(fused_mlp: bool) -> tuple[set[str], ...]:
+    """The groups an engine fuses: q/k/v always, gate/up unless the build keeps them apart (``fused_mlp=False``:
+    TensorRT-LLM 0.5 engines built without ``--use_fused_mlp`` ran the gate and up projections as two GEMMs)."""
+    return _SHARED_INPUT if fused_mlp else _SHARED_INPUT[:1]
+
+
+def _quant_inputs(spec: ModelSpec, engine: str, fused_mlp: bool = True) -> tuple[float, int]:
     """(activation elements quantized to fp8 per token over all layers, quantization kernels per layer) when the
     linears run fp8 GEMMs.
 
@@ -309,7 +315,7 @@ def _quant_inputs(spec: ModelSpec, engine: str) -> tuple[float, int]:
             if name == "router":
                 continue  # the router stays 16-bit (vLLM ReplicatedLinear without quantization; transformers'
                 # modules_to_not_convert)
-            group = next((j for j, g in enumerate(_SHARED_INPUT) if name in g), None)
+            group = next((j for j, g in enumerate(_shared_inputs(fused_mlp)) if name in g), None)
             if engine != "transformers" and group is not None:
                 if group in seen:
                     continue
@@ -321,13 +327,14 @@ def _quant_inputs(spec: ModelSpec, engine: str) -> tuple[float, int]:
     return elements, kernels
 
 
-def fp8_activation_quant(spec: ModelSpec, w: Workload, tokens: int, engine: str = "transformers") -> tuple[int, int]:
+def fp8_activation_quant(spec: ModelSpec, w: Workload, tokens: int, engine: str = "transformers",
+                         fused_mlp: bool = True) -> tuple[int, int]:
     """(bytes, kernels per layer) of quantizing ``tokens`` tokens' GEMM inputs to fp8 (:func:`_quant_inputs`);
     (0, 0) unless the weight format runs fp8 GEMMs under ``engine``. Bytes: each element read at the activation
     width and written as one fp8 byte."""
     if matmul_path(w.base_quant, engine) != "fp8":
         return 0, 0
-    elements, kernels = _quant_inputs(spec, engine)
+    elements, kernels = _quant_inputs(spec, engine, fused_mlp)
     return int(tokens * elements * (_act_bytes(w) + 1)), kernels
 
 
@@ -429,7 +436,7 @@ _ROW_PARALLEL = frozenset({"o_proj", "out_proj", "down_proj", "experts.down_proj
 
 def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str, back_layers: int = 0,
                  recompute: bool = False, head_grad: bool = True, fused: bool = False,
-                 head_quantized: bool = True) -> tuple[GemmShape, ...]:
+                 head_quantized: bool = True, fused_mlp: bool = True) -> tuple[GemmShape, ...]:
     """The matrix products of one pass over ``tokens`` tokens, shape by shape.
 
     Forward: C[tokens, out] = X[tokens, in] @ W. Backward (autograd's linear backward): the input gradient
@@ -451,7 +458,7 @@ def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str
         trained = i >= L - back_layers
         linears = list(layer.linear_shapes)
         if fused:
-            linears = _fuse_shared_inputs(linears)
+            linears = _fuse_shared_inputs(linears, _shared_inputs(fused_mlp))
         for name, fin, fout, n in linears:
             rows, count, q = tokens, float(n), True
             if moe and n == spec.num_experts:
@@ -479,12 +486,13 @@ def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str
     return tuple(GemmShape(m, n, k, c, q, t) for (m, n, k, q, t), c in merged.items())
 
 
-def _fuse_shared_inputs(linears: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
-    """One product per group of linears that read the same input (:data:`_SHARED_INPUT`), its N the sum."""
+def _fuse_shared_inputs(linears: list[tuple[str, int, int, int]],
+                        groups: tuple[set[str], ...] = _SHARED_INPUT) -> list[tuple[str, int, int, int]]:
+    """One product per group of linears that read the same input (``groups``), its N the sum."""
     out: list[tuple[str, int, int, int]] = []
     index: dict[tuple[int, int, int], int] = {}
     for name, fin, fout, n in linears:
-        group = next((j for j, g in enumerate(_SHARED_INPUT) if name in g), None)
+        group = next((j for j, g in enumerate(groups) if name in g), None)
         if group is None:
             out.append((name, fin, fout, n))
             continue
@@ -555,10 +563,10 @@ def _training_work(spec: ModelSpec, w: Workload) -> StepWork:
                                                                        and not spec.tie_word_embeddings)))
 
 
-def inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
+def inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers", fused_mlp: bool = True) -> StepWork:
     """FLOPs and traffic of the prefill of ``w``: one forward over batch x prompt tokens, with ``engine``'s
     matrix-product kernels for the weight format (:data:`MATMUL_KERNELS`)."""
-    return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w, engine)
+    return _inference_work(spec, w.with_(task=Task.INFER) if w.is_train else w, engine, fused_mlp)
 
 
 def _engine_fuses_attention(engine: str) -> bool:
@@ -572,7 +580,7 @@ def _engine_fuses_attention(engine: str) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") -> StepWork:
+def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers", fused_mlp: bool = True) -> StepWork:
     b, s = w.batch_size, w.seq_len
     tokens = b * s
     n_layers, n_head = layer_matmul_weights(spec)
@@ -580,7 +588,7 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
     logit_tokens = b if w.logits is LogitsMode.LAST else tokens
     gemm = 2 * n_layers * tokens + 2 * n_head * logit_tokens
     attention = att.flops_per_token * tokens
-    quant = fp8_activation_quant(spec, w, tokens, engine)
+    quant = fp8_activation_quant(spec, w, tokens, engine, fused_mlp)
     return StepWork(
         tokens=tokens, model_flops=gemm + attention, gemm_flops=gemm, attention_flops=attention,
         dtype=compute_dtype(w, engine), score_bytes=att.score_elements * 4,
@@ -593,7 +601,8 @@ def _inference_work(spec: ModelSpec, w: Workload, engine: str = "transformers") 
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         activation_kernels=mlp_elementwise_kernels(spec), weight_bytes=weights_read_per_step(spec, w, tokens),
         gemm_shapes=_gemm_shapes(spec, tokens, logit_rows=logit_tokens, backward="none",
-                                 fused=engine != "transformers", head_quantized=w.logits is not LogitsMode.LAST),
+                                 fused=engine != "transformers", head_quantized=w.logits is not LogitsMode.LAST,
+                                 fused_mlp=fused_mlp),
         quant_bytes=quant[0], quant_kernels=quant[1])
 
 
