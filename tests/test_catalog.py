@@ -159,6 +159,7 @@ ADDED_2025_26 = {
     "deepseek-v3.2": 671_877_929_216,
     "deepseek-v4-flash-base": 284_332_230_231,
     "granite-4.0-h-350m": 340_332_224,
+    "kimi-linear-48b-a3b": 49_122_675_072,
 }
 
 
