@@ -127,3 +127,13 @@ def test_a_build_without_the_fused_mlp_runs_gate_and_up_apart() -> None:
     a = inference_time(spec, w, h100, engine="tensorrt-llm", fused_mlp=False).prefill_s
     f = inference_time(spec, w, h100, engine="tensorrt-llm").prefill_s
     assert a is not None and f is not None and a > f
+
+
+def test_a_message_past_the_custom_kernels_buffer_goes_through_nccl() -> None:
+    from vramplan.perf.timing import tp_allreduce_s
+
+    a100, vllm = get_gpu("a100-80gb-sxm"), engine_profile("vllm")
+    assert vllm.custom_allreduce_max_bytes == 8 << 20  # custom_all_reduce.py max_size
+    small, big = 1 << 20, 32 << 20
+    assert tp_allreduce_s(small, 4, a100, vllm) == allreduce_seconds(small, 4, a100, vllm.allreduce_latency_s)
+    assert tp_allreduce_s(big, 4, a100, vllm) == nccl_allreduce_seconds(big, 4, a100)

@@ -110,6 +110,7 @@ class EngineProfile:
     allreduce: str = "custom"  # tensor-parallel all-reduce: "nccl" (NCCL's ring, perf.comm.nccl_allreduce_seconds)
     # or "custom" (the engine's one-shot kernel: allreduce_latency_s + ring bytes over the link)
     fused_gated_mlp: bool = True  # gate and up projections run as one product (one fp8 input quantization)
+    custom_allreduce_max_bytes: int = 0  # larger all-reduces leave the custom kernel for NCCL (0: no limit)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -314,7 +315,7 @@ def engine_profile(name: str) -> EngineProfile:
                          float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
                          float(e.get("step_s", 0.0)), bool(e.get("fused_attention", False)),
                          float(e.get("kv_cache_copies_per_step", 0.0)), float(e.get("step_layer_passes", 0.0)),
-                         str(e.get("allreduce", "custom")))
+                         str(e.get("allreduce", "custom")), True, int(e.get("custom_allreduce_max_bytes", 0)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

@@ -389,9 +389,11 @@ def decode_traffic(spec: ModelSpec, w: Workload, *, context: int, batch: int,
 
 def tp_allreduce_s(size: float, tp: int, gpu: GPU, engine: EngineProfile) -> float | None:
     """One tensor-parallel all-reduce of ``size`` bytes under ``engine``: NCCL's ring as NCCL prices it where the
-    engine all-reduces with NCCL (``EngineProfile.allreduce``; :func:`vramplan.perf.comm.nccl_allreduce_seconds`),
-    else the engine's latency plus the ring bytes over the link (:func:`vramplan.perf.comm.allreduce_seconds`)."""
-    if engine.allreduce == "nccl":
+    engine all-reduces with NCCL (``EngineProfile.allreduce``; :func:`vramplan.perf.comm.nccl_allreduce_seconds`)
+    or the message exceeds its custom kernel's buffer (``custom_allreduce_max_bytes``), else the engine's latency
+    plus the ring bytes over the link (:func:`vramplan.perf.comm.allreduce_seconds`)."""
+    too_big = 0 < engine.custom_allreduce_max_bytes < size  # vLLM/SGLang hand larger messages to NCCL
+    if engine.allreduce == "nccl" or too_big:
         t = nccl_allreduce_seconds(size, tp, gpu)
         if t is not None:
             return t
