@@ -123,3 +123,22 @@ def test_trace_names_the_module_peft_cannot_wrap() -> None:
 
     with pytest.raises(VramplanError, match=r"o_a_proj.*DeepseekV4GroupedLinear"):
         trace_workload(dict(DSV4), make_workload(method="lora", batch_size=1, seq_len=64, lora_targets="all-linear"))
+
+
+# the coverage cut (benchmarks/coverage_report.py): DeepseekV4Config's defaults (V4-Flash's widths), three layers
+# keeping one of each kind (HCA + hash routing, CSA, HCA), at the coverage workloads
+CUT: dict[str, Any] = {"model_type": "deepseek_v4", "num_hidden_layers": 3, "layer_types": [HCA, CSA, HCA],
+                       "mlp_layer_types": ["hash_moe", "moe", "moe"]}
+COVERAGE = {
+    "full": {"batch_size": 1, "seq_len": 1024},
+    "lora": {"method": "lora", "batch_size": 2, "seq_len": 1024, "gradient_checkpointing": True,
+             "lora_targets": TARGETS},
+    "infer": {"task": "infer", "batch_size": 4, "seq_len": 2048, "new_tokens": 64},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wname", list(COVERAGE))
+def test_coverage_cut_matches_trace(wname: str) -> None:
+    """The coverage cells at V4-Flash's widths (full -0.0%, LoRA -0.03%, inference -0.1% when written)."""
+    assert_matches_trace(CUT, COVERAGE[wname], tol=0.01)

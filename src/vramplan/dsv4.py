@@ -533,6 +533,7 @@ def dsv4_layer(bld: _B, x: Tensor) -> Tensor:
     no_shared = replace(spec, shared_expert_intermediate_size=0)
     post, comb, c = _hyper(bld, x, "attn_hc", tr)
     a = bld.call(lambda v: _attention(bld, v), _norm32(bld, c, h, "input_layernorm", tr))
+    weights = bld.probs
     x2 = _mix(bld, post, a, comb, x)
     post, comb, c = _hyper(bld, x2, "ffn_hc", tr)
     saved, bld.spec = bld.spec, no_shared
@@ -541,6 +542,8 @@ def dsv4_layer(bld: _B, x: Tensor) -> Tensor:
     finally:
         bld.spec = saved
     y = _mix(bld, post, m, comb, x2)
+    if weights is not None:  # ``attn_output, _ = self.self_attn(...)``: ``_`` holds the eager weights to the end
+        bld.tp.hold(weights)
     bld.tp.keep(y)
     return y
 

@@ -363,6 +363,10 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
                 scheme = quantization.scheme_for(module_path(spec.family, i, name, j < n_attn))
                 if scheme is None:
                     continue
+                if spec.dsv4 and name == "o_a_proj" and scheme.format.startswith("bnb-"):
+                    # bitsandbytes replaces modules whose type is nn.Linear exactly (transformers 5.24
+                    # integrations/bitsandbytes.py): DeepseekV4GroupedLinear, a subclass, stays unquantized
+                    continue
                 wb, cb = scheme.bytes(fin, fout)
                 quant_w += wb * n
                 quant_c += cb * n
