@@ -80,6 +80,9 @@ def test_indexer_gets_no_gradient() -> None:
     assert every.gradients - states.gradients == 2 * spec.idle_params
     assert every.optimizer_state == states.optimizer_state
     assert every.step_temporaries > states.step_temporaries
+    # peft's adapters on the indexer's linears (leaf names kv_proj, gate_proj, q_b_proj, weights_proj) get none either
+    lora = model_states(spec, make_workload(method="lora", batch_size=1, seq_len=256, lora_targets="weights_proj"))
+    assert lora.trainable_parameters == 16 * (256 + 4) and lora.gradients == 0
 
 
 def test_prefill_fills_the_compressed_cache() -> None:

@@ -248,6 +248,13 @@ def dsv4_layer_params(spec: ModelSpec) -> LayerParams:
                        tuple(lin))
 
 
+def dsv4_idle_adapters(spec: ModelSpec, targets: frozenset[str], rank: int, dora: bool) -> int:
+    """Adapter parameters peft puts on the indexers' linears (their leaf names are targets): no gradient reaches
+    them."""
+    return sum(rank * (fin + fout) * n + (fout * n if dora else 0) for i in range(spec.num_layers)
+               for name, fin, fout, n in _indexer_linears(spec.layer(i)) if name in targets)
+
+
 def dsv4_linear_names(spec: ModelSpec) -> frozenset[str]:
     """The nn.Linear leaf names peft's all-linear adapts (the experts and the router are parameters)."""
     return frozenset(n for i in range(spec.num_layers) for n, *_ in dsv4_linears(spec.layer(i))
@@ -392,15 +399,23 @@ def _indexer(bld: _B, n: Tensor, q_res: Tensor, windows: int) -> None:
     tp, spec = bld.tp, bld.spec
     h, hi, di, topk = spec.hidden_size, spec.dsv4[6], spec.dsv4[7], spec.dsv4[8]
     t = bld.t
-    # the indexer's graph is dropped with its locals: recorded here on inputs that need no gradient, nothing is saved
+    # the indexer's graph is dropped with its locals: recorded here on inputs that need no gradient; what adapters
+    # on its linears would save is dropped below
     n, q_res = tp.view(n), tp.view(q_res)
     n.rg = q_res.rg = False
+    start = len(tp.ops)
     kv = _lin(bld, n, h, 2 * di, "indexer.kv_proj", "kv_proj", trainable=False)
     gate = _lin(bld, n, h, 2 * di, "indexer.gate_proj", "gate_proj", trainable=False)
     _cached(bld, kv, gate)
     comp = _pool(bld, kv, gate, windows, di, True, "indexer", False) if windows else None
     q = _rope(bld, _lin(bld, q_res, spec.q_lora_rank, hi * di, "indexer.q_b_proj", "q_b_proj", trainable=False), di)
     wp = _lin(bld, n, h, hi, "indexer.weights_proj", "weights_proj", trainable=False)
+    for i, op in enumerate(tp.ops[start:], start):  # (peft's adapters: their outputs need a gradient)
+        for v in op.saved:
+            v.saved_by.remove(i)
+        op.saved, op.params, op.grad_inputs, op.bwd_scratch = (), (), (), 0
+        for v in op.outputs:
+            v.rg = False
     if comp is None:
         return
     sc = t * hi * windows

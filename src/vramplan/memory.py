@@ -72,8 +72,11 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
             targets = tuple(t for t in targets if t not in pattern["targets"])  # type: ignore[index]
         unknown = [t for t in targets if t not in names]
         if unknown and len(unknown) == len(targets) and not moved:
+            # (DeepSeek-V4: peft cannot adapt o_a_proj, so neither it nor all-linear is offered)
+            offer = "name some of" if spec.dsv4 else "use all-linear or some of"
             raise WorkloadError(f"LoRA target {', '.join(unknown)} is not a linear of {spec.name} "
-                                f"({spec.family}); use all-linear or some of: {', '.join(sorted(names))}")
+                                f"({spec.family}); {offer}: "
+                                f"{', '.join(sorted(names - {'o_a_proj'} if spec.dsv4 else names))}")
         chosen = frozenset(t for t in targets if t in names) | moved
     if spec.dsv4 and "o_a_proj" in chosen:
         # peft 0.21 wraps DeepseekV4GroupedLinear (an nn.Linear subclass) as a plain lora.Linear: its adapter output,
@@ -499,8 +502,13 @@ def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable
 
         targets = lora_targets(spec, w.lora_targets)
         r = w.lora_rank
-        return sum(r * (fin + fout) * n + (fout * n if w.method is Method.DORA else 0)
+        idle = sum(r * (fin + fout) * n + (fout * n if w.method is Method.DORA else 0)
                    for i in spec.idle_layers for name, fin, fout, n in layer_linears(spec, i) if name in targets)
+        if spec.dsv4:  # DeepSeek-V4's indexers: their output is integer indices (vramplan.dsv4)
+            from .dsv4 import dsv4_idle_adapters
+
+            idle += dsv4_idle_adapters(spec, targets, r, w.method is Method.DORA)
+        return idle
     first = L - trainable_layers
     return sum(counts.layers[i].total for i in spec.idle_layers if i >= first) + \
         (spec.idle_params if w.method is Method.FULL else 0)
