@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -136,6 +136,7 @@ def ceiling_quantization(gpu: GPU, tiling: GpuTiling) -> float:
     return quantization_efficiency(m, n, k, tiling.sms, tiling.tile, tiling.split_k_min_k)
 
 
+@lru_cache(maxsize=4096)
 def _mean_quantization(shapes: tuple[GemmShape, ...], sms: int, tiling: GpuTiling) -> float:
     """FLOP-weighted harmonic mean of the shapes' quantization efficiency on ``sms`` SMs (1.0 without shapes)."""
     total = time = 0.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from ..errors import VramplanError
@@ -54,7 +55,7 @@ from .efficiency import (
     matmul_dtype,
     scale_factors,
 )
-from .gemm import collective_ctas, gpu_tiling, overlap_rate, shape_factor, tensor_parallel
+from .gemm import GemmShape, collective_ctas, gpu_tiling, overlap_rate, shape_factor, tensor_parallel
 from .work import (
     StepWork,
     compute_dtype,
@@ -96,6 +97,16 @@ class StepTime:
                 "launch_s": self.launch_s, "optimizer_s": self.optimizer_s, "comm_s": self.comm_s,
                 "comm_total_s": self.comm_total_s, "micro_batches": self.micro_batches,
                 "contention_s": self.contention_s}
+
+
+@lru_cache(maxsize=4096)
+def _step_shapes(shapes: tuple[GemmShape, ...], dims: tuple[str, ...], split: int,
+                 ridge: float) -> tuple[GemmShape, ...]:
+    """Each GPU's shard of ``shapes`` (:func:`vramplan.perf.gemm.tensor_parallel`), those below ``ridge`` rows not
+    charged tile and wave quantization (:func:`ridge_rows`)."""
+    exact = tuple(replace(g, tp_dim=d) for g, d in zip(shapes, dims, strict=True))
+    return tuple(replace(g, quantized=False) if g.quantized and g.m < ridge else g
+                 for g in tensor_parallel(exact, split))
 
 
 def ridge_rows(gpu: GPU, dtype: str) -> float:
@@ -148,14 +159,13 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     if split < 1 or shard < 1:
         raise VramplanError(f"split and shard degrees must be at least 1, got {split} and {shard}")
     m = model or load_throughput_model()
-    if work.gemm_shapes:
+    if work.gemm_shapes and (split > 1 or work.weight_bytes):
         # each GPU multiplies its shard of every linear (perf.gemm.tensor_parallel). Where the pass charges the
         # weight stream (prefill: work.weight_bytes), a product below the roofline's ridge is charged that stream
         # and its unquantized math, not tile and wave quantization on top (ridge_rows)
-        shapes = tensor_parallel(work.gemm_shapes, split)
         ridge = ridge_rows(gpu, matmul_dtype(gpu, work.dtype)) if work.weight_bytes else 0.0
-        work = replace(work, gemm_shapes=tuple(replace(g, quantized=False) if g.quantized and g.m < ridge else g
-                                               for g in shapes))
+        dims = tuple(g.tp_dim for g in work.gemm_shapes)  # part of the key: GemmShape equality leaves it out
+        work = replace(work, gemm_shapes=_step_shapes(work.gemm_shapes, dims, split, ridge))
     row = feature_row(work, gpu, attention_kernel=attention_kernel)
     if row is None:
         return None
