@@ -145,3 +145,25 @@ COVERAGE = {
 def test_coverage_cut_matches_trace(wname: str) -> None:
     """The coverage cells at V4-Flash's widths (full -0.0%, LoRA -0.03%, inference -0.1% when written)."""
     assert_matches_trace(CUT, COVERAGE[wname], tol=0.01)
+
+
+@pytest.mark.parametrize("expert_dtype", ["fp4", "fp8"])
+def test_fp8_checkpoint_bytes_equal_transformers_modules(expert_dtype: str) -> None:
+    """DeepSeek-V4-Flash ships a fine-grained FP8 checkpoint with FP4 experts: the weights and scales the estimate
+    counts are, to the byte, the parameters and buffers of the modules transformers' quantizer swaps in (FP8Linear,
+    FP8GroupedLinear for o_a_proj, FP8Experts; the _keep_in_fp32_modules projections left in bf16)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+          "weight_block_size": [32, 32]}
+    cfg = DSV4 | {"quantization_config": qc, "expert_dtype": expert_dtype}
+    spec = spec_from_config(cfg)
+    states = model_states(spec, make_workload(task="infer", batch_size=1, seq_len=64))
+    hf = transformers.AutoConfig.for_model("deepseek_v4", **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    AutoHfQuantizer.from_config(hf.quantization_config, pre_quantized=True).preprocess_model(model)
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert states.weights + states.quant_constants == held

@@ -132,6 +132,14 @@ def _deepseek_v4(c: _Cfg, family: str) -> ModelSpec:
         raise ConfigError(f"{c.where}: num_experts_per_tok ({top_k}) exceeds n_routed_experts ({experts})")
     inter = cc.int_("moe_intermediate_size")
     index = (cc.int_("index_n_heads"), cc.int_("index_head_dim"), cc.int_("index_topk"))
+    # DeepseekV4Config.__post_init__ moves a top-level expert_dtype into the quantization_config; FineGrainedFP8Config
+    # takes "fp8" (default) or "fp4" (two e2m1 values per byte), and scale_fmt "ue8m0" (1-byte scales) or "float"
+    qc_raw = raw.get("quantization_config")
+    qc: dict[str, Any] = qc_raw if isinstance(qc_raw, dict) else {}
+    expert_dtype = qc.get("expert_dtype", raw.get("expert_dtype", "fp8"))
+    if expert_dtype not in ("fp8", "fp4"):
+        raise ConfigError(f"{c.where}: expert_dtype must be 'fp8' or 'fp4' (FineGrainedFP8Config)")
+    fp8 = (int(expert_dtype == "fp4"), int(qc.get("scale_fmt") == "ue8m0"))
     hc = cc.int_("hc_mult")
     iters = cc.int_("hc_sinkhorn_iters")
     base = {k: v for k, v in raw.items() if k not in ("layer_types", "mlp_layer_types", "rope_parameters",
@@ -151,12 +159,14 @@ def _deepseek_v4(c: _Cfg, family: str) -> ModelSpec:
                    shared_expert_intermediate_size=inter, moe_layers=tuple(range(layers)), expert_glu="clamped_silu",
                    hc_mult=hc, sinks_fp32=True, rotary_fraction=rope_dim / head_dim,
                    sliding_window=cc.int_("sliding_window"), layer_overrides=overrides,
-                   dsv4=(groups, o_rank, iters, csa, hca, rope_dim, *index, _SCORES.index(str(score))),
+                   dsv4=(groups, o_rank, iters, csa, hca, rope_dim, *index, _SCORES.index(str(score)), *fp8),
                    program_version="5.24")
     n_hash = sum(1 for t in mlp if t == "hash_moe")
     # buffers moved to the GPU with the parameters: the hash layers' tid2eid (vocab x top-k int64), the top-k routers'
-    # fp32 e_score_correction_bias; (the rotary tables' inv_freq are a few hundred bytes)
-    buffers = n_hash * vocab * top_k * 8 + (layers - n_hash) * experts * 4
+    # fp32 e_score_correction_bias, and every DeepseekV4RotaryEmbedding's (the model's, each compressor's and
+    # indexer's) inv_freq and original_inv_freq for its two rope types: 4 x rope_dim / 2 fp32
+    rotaries = 1 + sum(1 for t in types if t != _SLIDING) + sum(1 for t in types if t == _CSA)
+    buffers = n_hash * vocab * top_k * 8 + (layers - n_hash) * experts * 4 + rotaries * 4 * (rope_dim // 2) * 4
     # _keep_in_fp32_modules_strict (DeepseekV4PreTrainedModel): attn_hc, ffn_hc, hc_head, sinks, position_bias,
     # q_a_norm, kv_norm, input_layernorm, post_attention_layernorm, norm (the compressors' and indexers' too)
     fp32 = h + (hc * hc * h + hc + 1)
@@ -259,6 +269,45 @@ def dsv4_linear_names(spec: ModelSpec) -> frozenset[str]:
     """The nn.Linear leaf names peft's all-linear adapts (the experts and the router are parameters)."""
     return frozenset(n for i in range(spec.num_layers) for n, *_ in dsv4_linears(spec.layer(i))
                      if not n.startswith("experts.") and n != "router")
+
+
+def dsv4_fp8_bytes(spec: ModelSpec, block: tuple[int, int]) -> tuple[int, int, int]:
+    """(weight bytes, scale bytes, weights they hold) of a fine-grained FP8 checkpoint (DeepSeek-V4-Flash's
+    quantization_config) as transformers 5.24 allocates it (integrations/finegrained_fp8.py): every module whose type
+    is nn.Linear becomes an FP8Linear (fp8 weight, one scale per ``block`` tile) and DeepseekV4GroupedLinear an
+    FP8GroupedLinear (the same layout); the experts an FP8Experts stack, FP4-packed where ``expert_dtype`` is "fp4"
+    (int8 holding two values, K halved, one scale per 32 inputs of each row) or fp8 with block scales; the modules
+    in ``_keep_in_fp32_modules`` (the compressors' and indexers' kv_proj / gate_proj, the scorer's weights_proj), the
+    routers (not nn.Linear) and the lm_head stay 16-bit. Scales are 1 byte with scale_fmt "ue8m0", else fp32."""
+    bn, bk = block
+    fp4, sfb = spec.dsv4[10], 1 if spec.dsv4[11] else 4
+
+    def tiles(n: int, k: int, gn: int, gk: int) -> int:
+        return -(-n // gn) * -(-k // gk)
+
+    w = c = numel = 0
+    for i in range(spec.num_layers):
+        s = spec.layer(i)
+        lin = dsv4_linears(s)
+        keep = {j for j, (name, *_) in enumerate(lin) if name in ("gate_proj", "kv_proj", "weights_proj")
+                and 5 <= j < len(lin) - 7}  # the compressor's and indexer's projections
+        for j, (name, fin, fout, n) in enumerate(lin):
+            if name == "router" or j in keep:
+                continue
+            numel += fin * fout * n
+            if name.startswith("experts."):
+                continue
+            w += fin * fout
+            c += tiles(fout, fin, bn, bk) * sfb
+        e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
+        for out, k, min_out in ((2 * inter, h, 2), (h, inter, 1)):  # gate_up_proj, down_proj
+            if fp4:
+                w += e * out * (k // 2)
+                c += e * max(out, min_out) * -(-k // 32) * sfb
+            else:
+                w += e * out * k
+                c += e * max(-(-out // bn), min_out) * -(-k // bk) * sfb
+    return w, c, numel
 
 
 # ---- memory program -----------------------------------------------------------------------------------------------

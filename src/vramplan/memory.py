@@ -358,7 +358,17 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
             "the weights then take 16 bits"))
     quant_w = quant_c = quant_numel = 0
     if quantization is not None:
-        for i, layer in enumerate(counts.layers):
+        block = quantization.default.block if quantization.default is not None else (0, 0)
+        dsv4_fp8 = bool(spec.dsv4) and quantization.method == "fp8" and block[0] > 0
+        if dsv4_fp8:  # DeepSeek-V4's fine-grained FP8 checkpoint (FP4 experts): vramplan.dsv4
+            from .dsv4 import dsv4_fp8_bytes
+
+            quant_w, quant_c, quant_numel = dsv4_fp8_bytes(spec, block)
+            notes.append("DeepSeek-V4 fine-grained FP8 checkpoint as transformers 5.24 loads it: FP8Linear / "
+                         "FP8GroupedLinear (block scales), experts " + ("FP4-packed (expert_dtype fp4)" if
+                                                                      spec.dsv4[10] else "in fp8") +
+                         "; the compressors' and indexers' projections, the routers and the lm_head in bf16")
+        for i, layer in enumerate(() if dsv4_fp8 else counts.layers):
             n_attn = len(attention_linears(spec)) if spec.mixer(i) == "attention" else 2
             for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
                 if name == "router":
@@ -478,7 +488,8 @@ def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None
     # parameters the model keeps in fp32 whatever the dtype it is loaded in (transformers'
     # _keep_in_fp32_modules_strict): their weights, and under full fine-tuning their gradients and AdamW-style states
     # (zeros_like the parameter), take 4 bytes
-    wide = spec.fp32_params if dense_elem < 4 and quantization is None else 0
+    # (DeepSeek-V4's fp32 modules are not linears: a quantized checkpoint keeps them in fp32 too)
+    wide = spec.fp32_params if dense_elem < 4 and (quantization is None or spec.dsv4) else 0
     if wide:
         weights += wide * (4 - dense_elem)
         if training and w.method is Method.FULL:
