@@ -167,3 +167,16 @@ def test_fp8_checkpoint_bytes_equal_transformers_modules(expert_dtype: str) -> N
     AutoHfQuantizer.from_config(hf.quantization_config, pre_quantized=True).preprocess_model(model)
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     assert states.weights + states.quant_constants == held
+
+
+def test_catalog_flash_holds_its_quantized_bytes() -> None:
+    """deepseek-v4-flash as published (FP8, FP4 experts): 156,016,622,556 bytes of parameters and buffers, what
+    transformers 5.24's FP8 quantizer makes of the meta-device model (the test above checks the same rule at small
+    widths); the base checkpoint holds bf16 weights and fp32 kept modules."""
+    from vramplan.catalog import get_model
+
+    w = make_workload(task="infer", batch_size=1, seq_len=64)
+    fp8 = model_states(get_model("deepseek-v4-flash").spec, w)
+    assert fp8.weights + fp8.quant_constants == 156_016_622_556
+    base = get_model("deepseek-v4-flash-base").spec
+    assert model_states(base, w).weights > 2 * count_params(base).total
