@@ -35,6 +35,7 @@ SKIP = {"gemma3_text_alias",
 
 def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = transformers.AutoConfig.for_model(model_type).to_dict()
+    full = next((cfg[k] for k in SMALL if k in cfg and isinstance(cfg[k], int) and k != "vocab_size"), None)
     for k, v in SMALL.items():
         if k in cfg:
             cfg[k] = v
@@ -45,6 +46,12 @@ def _library_default(model_type: str, **over: Any) -> dict[str, Any]:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg.update(over)
     layers = next(cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg)
+    # a per-layer list of the default (one entry per layer of its stack: layer kinds, Ling 3's swiglu limits, which
+    # transformers 5.25 checks) is cut with the stack; shorter patterns the class tiles over it are tiled below
+    for k, v in list(cfg.items()):
+        if k != "architectures" and k not in over and isinstance(v, list) and full and full > layers and \
+                len(v) == full:
+            cfg[k] = v[:layers]
     for k in ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types", "indexer_types",
               "intermediate_size", "activation_sparsity_pattern"):  # (per-layer lists: Gemma 3n's widths, sparsity)
         if isinstance(cfg.get(k), list):
