@@ -588,7 +588,21 @@ def _fast_forward(cache: Any, tokens: int) -> bool:
     for i, k, v in grown:
         cache.update(k.new_empty(k.shape[0], k.shape[1], tokens, k.shape[3]),
                      v.new_empty(v.shape[0], v.shape[1], tokens, v.shape[3]), i)
+        _grow_indexer(cache, layers[i], i, tokens)
     return True
+
+
+def _grow_indexer(cache: Any, layer: Any, index: int, tokens: int) -> None:
+    """A sparse-attention indexer's own key cache (DeepSeek-V3.2 / GLM-5 DSA: cache_utils.py ``update_indexer``, keys
+    ``[batch, seq, index_head_dim]``, and the positions some models keep beside them) grows with the layer's keys;
+    left short, the last step's causal mask is longer than the indexer's keys and ``masked_fill`` refuses them."""
+    keys = getattr(layer, "indexer_keys", None)
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or not hasattr(cache, "update_indexer"):
+        return
+    positions = getattr(layer, "indexer_position_ids", None)
+    cache.update_indexer(keys.new_empty(keys.shape[0], tokens, keys.shape[2]), index)
+    if isinstance(positions, torch.Tensor):
+        layer.indexer_position_ids = torch.cat([positions, positions.new_empty(*positions.shape[:-1], tokens)], -1)
 
 
 def _fixed_state(layer: Any) -> bool:
