@@ -78,7 +78,7 @@ def _kinds(c: _Cfg, raw: dict[str, Any], layers: int) -> tuple[list[str], list[s
     types = raw.get("layer_types")
     legacy = raw.get("compress_ratios")
     if types is None and isinstance(legacy, list):
-        if any(r not in _RATIO_TYPES for r in legacy):
+        if any(not isinstance(r, int) or isinstance(r, bool) or r not in _RATIO_TYPES for r in legacy):
             raise ConfigError(f"{c.where}: compress_ratios entries must be 0, 4 or 128")
         types = [_RATIO_TYPES[r] for r in legacy]
     if types is None:  # V4-Pro default: two HCA layers, then CSA / HCA interleaved
@@ -108,10 +108,10 @@ def _deepseek_v4(c: _Cfg, family: str) -> ModelSpec:
     rates = raw.get("compress_rates") or {}
     if not isinstance(rates, dict):
         raise ConfigError(f"{c.where}: compress_rates must be a mapping of layer type to rate")
-    csa = int(raw.get("compress_rate_csa") or rates.get(_CSA, 4))
-    hca = int(raw.get("compress_rate_hca") or rates.get(_HCA, 128))
-    if csa < 1 or hca < 1:
-        raise ConfigError(f"{c.where}: compression rates must be positive")
+    # the legacy scalar keys override the mapping (DeepseekV4Config.__post_init__)
+    given = _Cfg({"compress_rate_csa": raw.get("compress_rate_csa") or rates.get(_CSA, 4),
+                  "compress_rate_hca": raw.get("compress_rate_hca") or rates.get(_HCA, 128)}, c.where)
+    csa, hca = given.int_("compress_rate_csa", hi=1 << 20), given.int_("compress_rate_hca", hi=1 << 20)
     heads, head_dim = cc.int_("num_attention_heads"), cc.int_("head_dim")
     # partial_rotary_factor, else the legacy qk_rope_head_dim / head_dim, else the class default 64 / 512
     prf = raw.get("partial_rotary_factor")
