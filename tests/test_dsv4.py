@@ -180,3 +180,15 @@ def test_catalog_flash_holds_its_quantized_bytes() -> None:
     assert fp8.weights + fp8.quant_constants == 156_016_622_556
     base = get_model("deepseek-v4-flash-base").spec
     assert model_states(base, w).weights > 2 * count_params(base).total
+
+
+@pytest.mark.slow
+def test_trace_says_it_drops_the_checkpoint_quantization() -> None:
+    """The trace builds the weights in the workload's precision; a config's own quantization_config is named in a
+    warning instead of passing silently (the estimate counts the FP8 storage)."""
+    pytest.importorskip("torch")
+    from vramplan.trace import trace_workload
+
+    cfg = DSV4 | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}}
+    tr = trace_workload(dict(cfg), make_workload(task="infer", batch_size=1, seq_len=64, new_tokens=2))
+    assert any("quantization_config (fp8) is not traced" in w for w in tr.warnings)

@@ -16,7 +16,7 @@ from .._engine.step import workload_dict
 from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
-from ..workload import Attention, LogitsMode, Loss, Task, Trainer, Workload
+from ..workload import Attention, LogitsMode, Loss, Task, Trainer, WeightsQuant, Workload
 from ._build import build_model, compute_dtype, make_optimizer
 from ._cuda import (
     AutocastEmulation,
@@ -400,6 +400,12 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
             assumptions.append(f"optimizer: {opt_note}, zero_grad(set_to_none=True)")
     assumptions.extend(built.notes)
     warns.extend(built.warnings)
+    qc = raw.get("quantization_config")
+    if isinstance(qc, Mapping) and workload.base_quant is WeightsQuant.NONE:
+        # (_resolve drops it: the workload says the weights' storage)
+        warns.append(f"the config's quantization_config ({qc.get('quant_method', 'unnamed')}) is not traced: the "
+                     f"weights are built in {workload.precision.value}; vramplan estimate reads the checkpoint's "
+                     "own storage")
 
     tracker = MemoryTracker()
     tracker.scalar_answer = _scalar_answer
