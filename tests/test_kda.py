@@ -101,3 +101,20 @@ def test_the_fallback_materialises_per_channel_decay(cfg: dict[str, Any]) -> Non
 @pytest.mark.parametrize("wname", list(SMALL_WORKLOADS))
 def test_estimate_matches_trace_of_the_torch_fallback(cfg: dict[str, Any], wname: str) -> None:
     assert_matches_trace(cfg, SMALL_WORKLOADS[wname], ssm_kernel="torch")
+
+
+def test_cut_of_a_published_kimi_config_rewrites_its_nested_layer_lists() -> None:
+    """The released Kimi-Linear config names its layers in ``linear_attn_config`` (1-based ``kda_layers`` /
+    ``full_attn_layers``); the 2-layer cut keeps one of each and re-writes both lists for the kept layers."""
+    from vramplan.catalog import get_model
+    from vramplan.derive._configs import cut_layers
+
+    published = get_model("kimi-linear-48b-a3b").config_dict()
+    cut = cut_layers(published, 2)
+    lac = cut["linear_attn_config"]
+    assert cut["num_hidden_layers"] == 2
+    assert sorted(lac["kda_layers"] + lac["full_attn_layers"]) == [1, 2]
+    assert lac["full_attn_layers"] and lac["kda_layers"]
+    assert lac["head_dim"] == published["linear_attn_config"]["head_dim"]
+    spec = spec_from_config(cut, name="kimi-cut")  # refused while the lists named layers past the cut
+    assert spec.num_layers == 2

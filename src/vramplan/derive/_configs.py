@@ -104,7 +104,31 @@ def _is_index_dict(v: Any, n: int) -> bool:
     return isinstance(v, dict) and bool(v) and all(_layer_key(k, n) is not None for k in v)
 
 
+NESTED_LAYER_LISTS = "linear_attn_config"  # Kimi-Linear: 1-based ``full_attn_layers`` / ``kda_layers`` inside it
+_NESTED_KINDS = "_nested_layer_kinds"
+
+
 def cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
+    """:func:`_cut_layers`, with the 1-based layer lists nested in Kimi-Linear's ``linear_attn_config``
+    (configuration_kimi_linear.py: ``full_attn_layers``, ``kda_layers``) read as a per-layer kind and re-written for
+    the kept layers (left long, the class's ``__post_init__`` indexes past the cut stack)."""
+    lac = d.get(NESTED_LAYER_LISTS)
+    n = d.get("num_hidden_layers")
+    full = lac.get("full_attn_layers") if isinstance(lac, dict) else None
+    if not (isinstance(n, int) and isinstance(full, list) and full
+            and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= n for x in full)):
+        return _cut_layers(d, target)
+    assert isinstance(lac, dict)
+    cut = _cut_layers({**d, _NESTED_KINDS: ["full" if i + 1 in full else "linear" for i in range(n)]}, target)
+    kinds = cut.pop(_NESTED_KINDS)
+    lists = {"full_attn_layers": [i + 1 for i, k in enumerate(kinds) if k == "full"]}
+    if "kda_layers" in lac:
+        lists["kda_layers"] = [i + 1 for i, k in enumerate(kinds) if k != "full"]
+    cut[NESTED_LAYER_LISTS] = {**lac, **lists}
+    return cut
+
+
+def _cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     """Cut one (text or vision) config to ``target`` layers, keeping one layer of each kind.
 
     Kinds come from the config's per-layer fields (lists as long as the stack: ``layer_types``,
