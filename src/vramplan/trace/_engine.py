@@ -311,8 +311,11 @@ def _lora_forward_error(exc: RuntimeError, model: Any) -> str | None:
         tb = tb.tb_next
     if layer is None:
         return None
+    base_layer = layer.get_base_layer()
+    if type(base_layer) is nn.Linear or not isinstance(base_layer, nn.Linear):
+        return None  # (a plain nn.Linear, or a layer peft has its own class for: another cause)
     where = next((n for n, m in model.named_modules() if m is layer), "a module")
-    base = type(layer.get_base_layer()).__name__
+    base = type(base_layer).__name__
     msg = " ".join(str(exc).split())[:200]
     return (f"{where} ({base}): peft wraps it as a plain lora.Linear, whose adapter output (..., out_features) does "
             f"not match what {base}.forward returns ({msg}); name LoRA targets without "
