@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from .hfconfig import _Cfg
     from .params import LayerParams
 
-__all__ = ["DSV4_CLASSES", "DSV4_READERS", "dsv4_layer", "dsv4_layer_params", "dsv4_linears"]
+__all__ = ["DSV4_CLASSES", "DSV4_READERS", "dsv4_decode", "dsv4_fp8_bytes", "dsv4_head", "dsv4_idle_adapters",
+           "dsv4_layer", "dsv4_layer_params", "dsv4_linear_names", "dsv4_linears"]
 
 # configuration_deepseek_v4.py DeepseekV4Config's defaults (transformers 5.24)
 _DEFAULTS: dict[str, Any] = {
