@@ -81,3 +81,11 @@ def test_falcon_moved_onto_the_attention_interface_in_525() -> None:
     old = estimate(spec, **kw, transformers="5.24").peak_allocated_bytes
     new = estimate(spec, **kw, transformers="5.25").peak_allocated_bytes
     assert old - new > 4 * 8 * 2048 * 2048 * 4
+
+
+def test_hub_kernels_default_is_stated_from_525() -> None:
+    """transformers 5.25 kernelizes at from_pretrained by default; the estimate says it follows the PyTorch layers."""
+    spec = spec_from_config(GEMMA2)
+    notes = {v: estimate(spec, task="infer", seq_len=128, transformers=v).assumptions for v in ("5.24", "5.25")}
+    assert not any("hub kernels" in a for a in notes["5.24"])
+    assert any("hub kernels" in a and "use_kernels=False" in a for a in notes["5.25"])

@@ -636,6 +636,18 @@ def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
         not (spec.sdpa_added_in and have < release(spec.sdpa_added_in))
 
 
+# transformers 5.25's from_pretrained kernelizes by default (modeling_utils.py: use_kernels None -> True unless
+# USE_HUB_KERNELS disables it; model.train() re-kernelizes in training mode): on CUDA, with the Hub reachable, layers
+# decorated with use_kernel_forward_from_hub run kernels-community kernels (integrations/hub_kernels.py
+# _build_kernel_mapping: Liger's RMSNorm and the rotary kernel in training and inference, activation kernels in
+# inference, mamba-ssm / fla kernels for SSM and linear-attention layers), which save other tensors than the PyTorch
+# code the programs follow and the trace runs
+HUB_KERNELS_BY_DEFAULT = (5, 25)
+HUB_KERNELS_NOTE = ("transformers >= 5.25 loads models with hub kernels by default on CUDA (RMSNorm, rotary, "
+                    "activations, SSM); the estimate follows the PyTorch layers, which from_pretrained(..., "
+                    "use_kernels=False) or USE_HUB_KERNELS=0 keeps")
+
+
 def built_as(spec: ModelSpec, w: Workload) -> ModelSpec:
     """The model as the transformers release ``w`` models builds it, where releases build a family differently
     (LongCat-Flash's experts: vramplan.longcat.at_release); the reader builds what the installed release does."""
@@ -753,6 +765,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         reserve_note(spec, w, replay),
         *states.notes,
     ]
+    if w.transformers_release >= HUB_KERNELS_BY_DEFAULT:
+        assumptions.append(HUB_KERNELS_NOTE)
     kinds = set(_mixers(spec)) - {"attention", "none"}
     if kinds:
         assumptions.append(_ssm_kernel_note(kinds, w.ssm_kernel))
