@@ -169,7 +169,8 @@ def test_attention_kernel_matches_the_estimator() -> None:
                   Workload(method=Method.QLORA)):
             for has_mask in (False, True):
                 plan = LayerPlan(trainable=True, input_rg=True, lora_targets=frozenset(), lora_rank=16,
-                                 quant=w.base_quant, attention=runs_as(spec, w).attention)
+                                 quant=w.base_quant, attention=runs_as(spec, w).attention,
+                                 release=w.transformers_release)
                 ref = _B(Tape(w.is_train), spec, numerics(w), 1, 16, plan).kernel_for(has_mask)
                 assert attention_kernel(spec, w, has_mask=has_mask) is ref, (name, w, has_mask)
 

@@ -63,6 +63,12 @@ def own_falcon_attention(spec: ModelSpec, have: tuple[int, ...]) -> bool:
     return spec.family == "falcon" and have < FALCON_ATTENTION_INTERFACE
 
 
+def mask_always(spec: ModelSpec, have: tuple[int, ...]) -> bool:
+    """Whether SDPA always gets a materialised mask in transformers release ``have``: FalconModel builds its causal
+    mask with ``allow_is_causal_skip=False``, which reaches SDPA through the attention interface from 5.25 on."""
+    return spec.family == "falcon" and not own_falcon_attention(spec, have)
+
+
 def attention_kernel(spec: ModelSpec, attention: Attention, elem: int, has_mask: bool,
                      have: tuple[int, ...] = _release(MODELLED_TRANSFORMERS)) -> Kernel:
     """The kernel a transformers attention layer runs for inputs of ``elem`` bytes per element.
@@ -728,9 +734,7 @@ class _B:
             return self.mla(n)
         # flash-attn takes the window as an argument (window_size): no mask, for padded and packed batches alike
         own_falcon = own_falcon_attention(spec, plan.release)
-        # FalconModel materialises its causal mask (create_causal_mask(allow_is_causal_skip=False)), which SDPA gets
-        # from 5.25 on (before, Falcon's own attention code: own_falcon)
-        has_mask = ((plan.sliding and window_masked(spec, skv)) or (spec.family == "falcon" and not own_falcon)) and \
+        has_mask = ((plan.sliding and window_masked(spec, skv)) or mask_always(spec, plan.release)) and \
             plan.attention is not Attention.FLASH
         kernel = self.kernel_for(has_mask)
         heads_kv = spec.num_kv_heads

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..blocks import Kernel, own_falcon_attention, sdpa_repeats_kv, window_masked
+from ..blocks import Kernel, mask_always, own_falcon_attention, sdpa_repeats_kv, window_masked
 from ..blocks import attention_kernel as blocks_attention_kernel
 from ..errors import VramplanError
 from ..estimator import numerics, runs_as
@@ -26,7 +26,7 @@ from ..memory import ModelStates, lora_params, lora_targets, model_states
 from ..params import count_params
 from ..spec import ATTENTION_MIXERS, Activation, MLPKind, ModelSpec
 from ..ssm import ssm_state_bytes
-from ..workload import LogitsMode, Method, Precision, Task, WeightsQuant, Workload
+from ..workload import Attention, LogitsMode, Method, Precision, Task, WeightsQuant, Workload
 from .gemm import GemmShape
 
 __all__ = ["StepWork", "attended_keys", "attention_kernel", "compute_dtype", "decode_work", "dequantized_weights",
@@ -107,7 +107,8 @@ def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int, *, engine_fus
     scores = 0
     for i in range(spec.num_layers):
         sliding = i in spec.sliding_layers and bool(spec.sliding_window)
-        has_mask = sliding and window_masked(spec, seq)
+        has_mask = (sliding and window_masked(spec, seq)) or \
+            (mask_always(spec, w.transformers_release) and runs_as(spec, w).attention is not Attention.FLASH)
         kernel = Kernel.FLASH if engine_fused else attention_kernel(spec, w, has_mask=has_mask)
         fused = kernel in (Kernel.FLASH, Kernel.EFFICIENT)
         # SDPA's memory-efficient kernel with an explicit (sliding-window) mask computes every block
@@ -645,9 +646,7 @@ def _decode_repeats_kv(spec: ModelSpec, w: Workload, sliding: bool, context: int
     attention (``repeat_kv``: ``expand`` + ``reshape``, a copy): the eager path always; SDPA with a mask or
     head_dim > 256 (:func:`vramplan.blocks.sdpa_repeats_kv`); FlashAttention-2 in releases before 4.48 for
     :data:`_FA2_REPEAT_FAMILIES`."""
-    # FalconModel's causal mask is always materialised, and SDPA gets it from transformers 5.25 on
-    has_mask = (sliding and window_masked(spec, context)) or \
-        (spec.family == "falcon" and not own_falcon_attention(spec, w.transformers_release))
+    has_mask = (sliding and window_masked(spec, context)) or mask_always(spec, w.transformers_release)
     kernel = attention_kernel(spec, w, has_mask=has_mask)
     if kernel is Kernel.EAGER:
         return True
