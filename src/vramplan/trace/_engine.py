@@ -38,7 +38,7 @@ from ._loops import (
     hf_train_loop,
     patch_chunked_loss,
 )
-from ._tracker import MemoryTracker, PeakMark
+from ._tracker import MemoryTracker, PeakMark, gradient_buffers
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
 
@@ -439,7 +439,7 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
 
     kernels: dict[tuple[str, str, bool], int] = {}
     with _trace_environment(), _routing_source(tracker), _kernel_calls(model, kernels), \
-            register_cuda_kernels(autocast, sdpa), fake, tracker, recorder:
+            register_cuda_kernels(autocast, sdpa), fake, tracker, recorder, gradient_buffers(tracker):
         for p in model.parameters():
             tracker.adopt(p, MemoryKind.WEIGHTS)
         for b in model.buffers():

@@ -15,12 +15,15 @@ at the end of the trace.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -28,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..allocator import K_MIN_BLOCK, round_size
 from ..kinds import MemoryKind, Phase
 
-__all__ = ["BLOCK_BYTES", "MemoryTracker", "PeakMark", "block_bytes"]
+__all__ = ["BLOCK_BYTES", "MemoryTracker", "PeakMark", "block_bytes", "gradient_buffers"]
 
 # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; every request is rounded up to a multiple of it
 # (round_size), and the allocated-bytes statistic counts the rounded size.
@@ -157,6 +160,101 @@ def _all_real_ints(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None
     return True if seen else None
 
 
+# ---- the autograd engine's gradient buffers ----------------------------------------------------------------------
+# torch/csrc/autograd/input_buffer.cpp: when a second gradient reaches a tensor that already has one, the engine adds
+# it in place (``old_var.add_(var)``) if it holds the last reference to the old buffer and its storage, the buffer is
+# dense and non-overlapping, and neither tensor is "subclass-like" (``can_accumulate_inplace``); otherwise it makes a
+# third buffer (``old_var + var``). ``at::isTensorSubclassLike`` is true for every tensor while a Python dispatch mode
+# is active (ATen/TensorSubclassLikeUtils.h), so under this tracker the engine always takes the out-of-place path,
+# which a GPU run takes only for shared buffers: a trace would count one extra gradient-sized buffer at every
+# accumulation (Mamba's slow scan accumulates 2 x seq_len select_backward gradients of its (batch, d_inner, seq,
+# state) fp32 tensors this way). The tracker therefore recognises the engine's accumulation (an ``add`` whose second
+# operand a node has just returned, made while that node is current, with grad mode off) and, when the CUDA run
+# would add in place, counts the result in the old buffer's storage.
+
+def _probe_node_hooks(roots: Iterable[Any], made: Callable[[Any, tuple[Any, ...]], None]) -> list[Any]:
+    """Register ``made(node, grad_inputs)`` as a post-hook on every node of the graph below ``roots``."""
+    handles: list[Any] = []
+    seen: set[int] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if not hasattr(node, "variable"):  # AccumulateGrad hands its gradient to .grad, not to a buffer
+            handles.append(node.register_hook(lambda gi, go, n=node: made(n, gi)))
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return handles
+
+
+@functools.cache
+def _sole_owner_counts() -> tuple[int, int]:
+    """(tensor use count, storage use count) that an engine accumulation's old buffer shows inside a dispatch mode
+    when the engine holds its only reference: measured once on a two-gradient probe (the dispatcher's own
+    references differ between torch releases)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    seen: list[tuple[int, int]] = []
+    fresh: set[int] = set()
+
+    class _Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                               kwargs: dict[str, Any] | None = None) -> Any:
+            if func is aten.add.Tensor and not seen and args[1].untyped_storage()._cdata in fresh:
+                seen.append(_owner_counts(args[0]))
+            return func(*args, **(kwargs or {}))
+
+    def made(_node: Any, grads: tuple[Any, ...]) -> None:
+        fresh.clear()
+        fresh.update(g.untyped_storage()._cdata for g in grads if isinstance(g, torch.Tensor))
+
+    with _disable_current_modes(), FakeTensorMode():
+        x = torch.zeros(4, 8, requires_grad=True)
+        y = x.exp()
+        loss = (y[0] * 2 + y[1] * 3).sum()  # two select_backward gradients meet in exp's buffer
+        handles = _probe_node_hooks([loss.grad_fn], made)
+        try:
+            with _Probe():
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+    if not seen:
+        raise RuntimeError("the autograd engine made no gradient accumulation on the probe graph")
+    return seen[0]
+
+
+def _owner_counts(t: torch.Tensor) -> tuple[int, int]:
+    return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+@contextlib.contextmanager
+def gradient_buffers(tracker: MemoryTracker) -> Iterator[None]:
+    """For the duration: every ``torch.autograd.backward`` (``loss.backward()``, accelerate's backward) first hooks
+    the nodes of its graph, so that the tracker can tell the engine's gradient accumulations (see above)."""
+    sole = _sole_owner_counts()
+    original = torch.autograd.backward
+
+    def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        handles = _probe_node_hooks([t.grad_fn for t in roots], tracker.node_made)
+        tracker.sole_owner = sole
+        try:
+            return original(tensors, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            tracker.node_made(None, ())
+
+    torch.autograd.backward = backward
+    try:
+        yield
+    finally:
+        torch.autograd.backward = original
+
+
 class MemoryTracker(TorchDispatchMode):
     """Counts live (fake) device allocations and records the peak of each phase."""
 
@@ -184,6 +282,29 @@ class MemoryTracker(TorchDispatchMode):
         # computed for real, so the model's data-dependent bookkeeping (placeholder counts, patch grids, rope
         # indices) sees the processor's values; float tensors stay fake.
         self.real_ints = False
+        # the node whose gradients were just made and their storages (gradient_buffers), and the owner counts of
+        # a buffer the engine holds alone (None: accumulations are not told apart)
+        self._made_by: Any = None
+        self._made: set[int] = set()
+        self.sole_owner: tuple[int, int] | None = None
+
+    def node_made(self, node: Any, grads: tuple[Any, ...]) -> None:
+        """A node's post-hook: ``grads`` are what it returned, which the engine now adds into its buffers."""
+        self._made_by = node
+        self._made = {g.untyped_storage()._cdata for g in grads if isinstance(g, torch.Tensor)}
+
+    def _accumulates_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """``add(old, new)`` is the engine adding a node's fresh gradient into a buffer it holds alone: on the GPU
+        ``old.add_(new)`` (input_buffer.cpp ``accumulate``)."""
+        if kwargs or len(args) != 2 or torch.is_grad_enabled() or self.sole_owner is None:
+            return False
+        old, new = args
+        if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+            return False
+        if new.untyped_storage()._cdata not in self._made or torch._C._current_autograd_node() != self._made_by:
+            return False
+        return (old.shape == new.shape and old.dtype == new.dtype and is_non_overlapping_and_dense_or_false(old)
+                and _owner_counts(old) == self.sole_owner)
 
     def set_phase(self, phase: Phase | None) -> None:
         """Enter a phase; its peak is at least what is live when it starts (a phase can allocate nothing, e.g.
@@ -310,6 +431,9 @@ class MemoryTracker(TorchDispatchMode):
                 if func is aten.one_hot.default and isinstance(r, torch.Tensor):
                     self._route_source(args, kwargs, r)
                 return r
+        if func is aten.add.Tensor and self._made and self._accumulates_in_place(args, kwargs):
+            # the sum takes the old buffer's storage: counted as that storage freed, then the result allocated
+            self._free(args[0].untyped_storage()._cdata, None)
         out = func(*args, **kwargs)
         self._note(out, func)
         hook = self.after_op.get(func)
