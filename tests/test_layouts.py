@@ -169,3 +169,21 @@ def test_refusals_name_the_missing_mechanism(model_type: str, why: str) -> None:
     """A type derive refused is refused by estimate with derive's reason (data/recipes ``refused``)."""
     with pytest.raises(ConfigError, match=why):
         spec_from_config({"model_type": model_type, "hidden_size": 64}, name=model_type)
+
+
+def test_cut_reindexes_layers_that_read_another_layers_state() -> None:
+    """A per-layer list of layer indices (Kolibri 1.1's kv_source_layers: indexed-attention layers reading an earlier
+    indexer's keys and values) is re-indexed by the cut, and each kept layer keeps the layer it reads (transformers
+    5.25's Kolibri11Config refuses a sliding layer reading another layer, or a source outside the stack)."""
+    from vramplan.derive._configs import cut_layers
+
+    kinds = ["sliding", "sliding", "indexed", "sliding", "indexed", "indexed", "sliding", "indexed"]
+    sources = [0, 1, 2, 3, 4, 2, 6, 4]
+    cut = cut_layers({"num_hidden_layers": 8, "layer_types": kinds, "kv_source_layers": sources,
+                      "index_layers": [2, 4]}, 2)
+    n = cut["num_hidden_layers"]
+    assert len(cut["layer_types"]) == len(cut["kv_source_layers"]) == n < 8
+    for i, (k, src) in enumerate(zip(cut["layer_types"], cut["kv_source_layers"], strict=True)):
+        assert 0 <= src < n and (src == i or (k == "indexed" and cut["layer_types"][src] == "indexed"))
+    assert any(src != i for i, src in enumerate(cut["kv_source_layers"]))  # a reading layer is kept, re-pointed
+    assert all(cut["kv_source_layers"][i] == i for i in cut["index_layers"])

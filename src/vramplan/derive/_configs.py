@@ -56,10 +56,19 @@ def _block_size(d: dict[str, Any], idx: list[int], ends: list[int]) -> dict[str,
     return out
 
 
+def _is_pointer_list(k: str, v: Any, n: int) -> bool:
+    """A per-layer list of layer indices, entry ``i`` naming the layer whose state layer ``i`` reads, most layers
+    themselves (Kolibri 1.1's ``kv_source_layers``: indexed-attention layers reading an earlier indexer's keys and
+    values): re-indexed by the cut, and a layer kept keeps the layer it reads."""
+    return (isinstance(v, list) and len(v) == n and n > 1 and "layer" in k and v != list(range(n))
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v)
+            and sum(x == i for i, x in enumerate(v)) > n // 2)
+
+
 def _per_layer(d: dict[str, Any], n: int) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if k in ("architectures",) or n < 2:
+        if k in ("architectures",) or n < 2 or _is_pointer_list(k, v, n):
             continue
         patterned = isinstance(v, str) and any(w in k for w in ("pattern", "layer", "block"))
         if (isinstance(v, list) or patterned) and len(v) == n and not _all_indices(k, v, n):
@@ -159,16 +168,23 @@ def _cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     tails = {k: d[k] for k in TAIL_COUNT_KEYS if isinstance(d.get(k), int) and not isinstance(d.get(k), bool)
              and 0 < d[k] <= n}
     ranges = _layer_ranges(d, n)
+    pointers = {k: v for k, v in d.items() if _is_pointer_list(k, v, n)}
+
+    def kind(i: int) -> list[Any]:
+        return ([v[i] for v in per.values()] + [i in v for v in index_lists.values()]
+                + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()]
+                + [(i >= a) + (i >= b) for _, a, b in ranges.values()])
+
     picked: list[int] = []
     seen: set[str] = set()
     for i in range(n):
-        sig = json.dumps([v[i] for v in per.values()] + [i in v for v in index_lists.values()]
-                         + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()]
-                         + [(i >= a) + (i >= b) for _, a, b in ranges.values()],
+        # a layer reading another layer's state is a kind of its own (with the kind of the layer it reads)
+        sig = json.dumps(kind(i) + [None if v[i] == i else kind(v[i]) for v in pointers.values()],
                          sort_keys=True, default=str)
         if sig not in seen:
             seen.add(sig)
             picked.append(i)
+    picked = sorted({*picked, *(v[i] for v in pointers.values() for i in picked)})  # and the layers they read
     tied = TIED_KINDS.get(str(d.get("model_type")), ())
     for v in per.values():  # a second layer of each tied kind
         for kind in tied:
@@ -193,6 +209,8 @@ def _cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
         d[k] = "".join(v[i] for i in idx) if isinstance(v, str) else [v[i] for i in idx]
     for k, v in index_lists.items():
         d[k] = [idx.index(x) for x in v if x in idx]
+    for k, v in pointers.items():
+        d[k] = [idx.index(v[i]) if v[i] in idx else j for j, i in enumerate(idx)]
     for k, v in index_dicts.items():
         d[k] = {idx.index(i): o for i, o in v.items() if i in idx}
     for k, c in tails.items():
