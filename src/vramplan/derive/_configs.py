@@ -170,7 +170,7 @@ def _cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     ranges = _layer_ranges(d, n)
     pointers = {k: v for k, v in d.items() if _is_pointer_list(k, v, n)}
 
-    def kind(i: int) -> list[Any]:
+    def layer_kind(i: int) -> list[Any]:
         return ([v[i] for v in per.values()] + [i in v for v in index_lists.values()]
                 + [v.get(i) for v in index_dicts.values()] + [i >= n - c for c in tails.values()]
                 + [(i >= a) + (i >= b) for _, a, b in ranges.values()])
@@ -179,7 +179,7 @@ def _cut_layers(d: dict[str, Any], target: int = 2) -> dict[str, Any]:
     seen: set[str] = set()
     for i in range(n):
         # a layer reading another layer's state is a kind of its own (with the kind of the layer it reads)
-        sig = json.dumps(kind(i) + [None if v[i] == i else kind(v[i]) for v in pointers.values()],
+        sig = json.dumps(layer_kind(i) + [None if v[i] == i else layer_kind(v[i]) for v in pointers.values()],
                          sort_keys=True, default=str)
         if sig not in seen:
             seen.add(sig)
