@@ -239,15 +239,15 @@ def _chunk_kda(bld: _B, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     core = tp.op(pn * d, 4, (), rg=False)  # zeros_like(value): the loop writes into it in place
     cn = b * nh * c  # one chunk's rows
     written: list[Tensor] = []
-    for ci in range(chunks):
+    for _ in range(chunks):
         q_i, k_i, v_i, g_i = (tp.view(qs, cn * d), tp.view(kp, cn * d), tp.view(value, cn * d),
                               tp.view(cum, cn * d))
         kc_i = tp.view(k_cum, cn * d)
         # decay_mask[:, :, i]: a view, recorded as an op (no bytes of its own) whose backward is select_backward's
-        # decay-mask-sized zeros with the chunk's gradient written in; the engine's input buffer adds that to the
-        # gradient so far out of place (both and the sum alive, after the product's backward released what it
-        # saved), as the trace shows for every chunk but the first one backward reaches
-        dm_i = tp.op(cn * c * d, 4, (decay,), bwd_scratch=big * 4 if ci < chunks - 1 and decay.rg else 0)
+        # decay-mask-sized zeros with the chunk's gradient written in; the engine's input buffer adds that in place
+        # into the gradient so far, which it holds alone (torch/csrc/autograd/input_buffer.cpp
+        # can_accumulate_inplace; the replay's transient for a gradient added into an existing buffer)
+        dm_i = tp.op(cn * c * d, 4, (decay,))
         dm_i.nbytes = 0
         gie = bld.ew(g_i, save_out=True)  # g_i.exp()
         qg = bld.mul(q_i, gie)
