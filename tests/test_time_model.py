@@ -141,6 +141,29 @@ def test_transformers_decode_rebuilds_its_kv_cache_every_step() -> None:
     assert short.seconds is not None and hf.seconds is not None and hf.seconds > short.seconds
 
 
+def test_an_embedding_lookup_reads_the_rows_of_its_tokens_not_the_table() -> None:
+    """F.embedding indexes its table: a forward reads one row per token of an untied input embedding; a tied one is
+    read whole anyway, by the output head's matrix product."""
+    from vramplan.memory import model_states
+    from vramplan.perf.work import weights_read_per_step
+
+    w = Workload(task=Task.INFER, batch_size=1, seq_len=1, new_tokens=1)
+    untied = get_model("llama-3.1-8b").spec
+    st = model_states(untied, w)
+    stored = st.weights + st.master_weights + st.quant_constants
+    table = untied.vocab_size * untied.hidden_size * 2
+    assert weights_read_per_step(untied, w, 1) == stored - table + untied.hidden_size * 2
+    assert weights_read_per_step(untied, w, 8) - weights_read_per_step(untied, w, 1) == 7 * untied.hidden_size * 2
+    tied = get_model("qwen2.5-0.5b").spec
+    st = model_states(tied, w)
+    assert weights_read_per_step(tied, w, 1) == st.weights + st.master_weights + st.quant_constants
+    # GPT-2's learned positions are a lookup too (its token table is tied to the head)
+    gpt2 = get_model("gpt2").spec
+    st = model_states(gpt2, w)
+    positions = (gpt2.max_learned_positions - 4) * gpt2.hidden_size * 2
+    assert weights_read_per_step(gpt2, w, 4) == st.weights + st.master_weights + st.quant_constants - positions
+
+
 def test_decode_pays_for_expanding_grouped_keys_and_values_where_transformers_copies_them() -> None:
     """transformers before 4.48 ran Qwen2's and Mistral's FlashAttention-2 path after repeat_kv (a copy of the cache
     for every query head); 5.x passes the grouped cache (flash) or enable_gqa (SDPA without a mask); the eager path

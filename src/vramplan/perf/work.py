@@ -9,7 +9,8 @@ Korthikanti et al. 2022), and frozen weights (LoRA, QLoRA, freeze) skipping thei
 GEMMs. Model FLOPs utilisation (MFU) is reported as in PaLM (useful 6·N-style FLOPs, without
 recomputation, over peak x time) and as in nanoGPT's ``estimate_mfu``.
 
-Decode reads every weight (the experts the batch routes to, for MoE) and the batch's KV cache once per step.
+Decode reads every weight (the experts the batch routes to, for MoE; of an embedding table, the rows it looks up)
+and the batch's KV cache once per step.
 """
 
 from __future__ import annotations
@@ -673,16 +674,36 @@ def repeated_kv_bytes(spec: ModelSpec, w: Workload, context: int, engine: str = 
                if _decode_repeats_kv(spec, w, sliding, context))
 
 
+def _lookup_tables(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(rows, row width) of each table the forward only indexes (``nn.Embedding``): the token embedding when the
+    output head does not reuse it (a tied table is read whole by the head's matrix product), the learned position
+    embedding, and Gemma 3n's per-layer token embedding (``embed_tokens_per_layer``), as
+    :func:`vramplan.params.count_params` counts them."""
+    tables = []
+    if not spec.tie_word_embeddings:
+        tables.append((spec.vocab_size, spec.embed_proj_dim or spec.hidden_size))
+    if spec.max_learned_positions:
+        tables.append((spec.max_learned_positions, spec.hidden_size))
+    if spec.per_layer_input:
+        tables.append((spec.per_layer_vocab, spec.num_layers * spec.per_layer_input))
+    return tuple(tables)
+
+
 def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:
-    """Weight bytes one decode step reads: every dense weight, and for MoE the experts the batch routes to.
+    """Weight bytes one forward over ``batch`` tokens reads (a decode step: one token per sequence): every dense
+    weight, and for MoE the experts the batch routes to.
 
     With ``k`` of ``E`` experts per token, a batch of ``b`` tokens touches E (1 - (1 - k/E)^b) experts of
-    a layer on average (uniform routing).
+    a layer on average (uniform routing). An embedding lookup (``F.embedding``, an index-select) reads only the
+    rows of the batch's tokens, not its table (:func:`_lookup_tables`); the tables stay in the dtype the memory
+    model stores unquantized parameters in (fp32 after QLoRA's ``prepare_model_for_kbit_training``).
     """
     st = _states(spec, w.with_(task=Task.INFER) if w.is_train else w)
     total = st.weights + st.master_weights + st.quant_constants
+    elem = 4 if w.method is Method.QLORA else w.precision.param_bytes
+    unread = sum((rows - min(rows, batch)) * width for rows, width in _lookup_tables(spec)) * elem
     if not spec.is_moe:
-        return total
+        return total - unread
     e, k = spec.num_experts, spec.experts_per_token
     touched = e * (1 - (1 - k / e) ** batch)
     expert_params = 0
@@ -690,7 +711,7 @@ def weights_read_per_step(spec: ModelSpec, w: Workload, batch: int) -> int:
         if i in spec.moe_layers:
             expert_params += sum(fin * fout * n for _, fin, fout, n in layer.linear_shapes if n == e)
     per_param = total / max(1, count_params(spec).total)
-    return int(total - expert_params * per_param * (1 - touched / e))
+    return int(total - expert_params * per_param * (1 - touched / e)) - unread
 
 
 def decode_work(spec: ModelSpec, w: Workload, *, context: int, batch: int) -> tuple[int, float]:
