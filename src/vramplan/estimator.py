@@ -152,6 +152,7 @@ class _LayerSim:
     recompute: Pass | None = None  # the recomputation's forward, stopped after the last op that saves
 
 
+@lru_cache(maxsize=4096)  # workloads that differ in optimizer or accumulation count replay the same layers
 def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, count: int,
                     kv_len: int | None = None, ckpt: bool = False, grads_exist: bool = False,
                     keep_input: bool | None = None) -> _LayerSim:
@@ -185,6 +186,7 @@ def has_body(spec: ModelSpec) -> bool:
     return bool(spec.stack_runs) or spec.inkling[4:5] == (2,) or bool(spec.zaya)
 
 
+@lru_cache(maxsize=1024)
 def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: int, kv_len: int | None = None,
                    ckpt_every: int = 0, grads_exist: bool = False) -> _LayerSim:
     """The whole stack as one block (:func:`vramplan.loops.build_body`, :func:`vramplan.inkling2.build_body`); it

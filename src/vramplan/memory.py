@@ -338,7 +338,13 @@ def _matrix_optimizer_bytes(opt: Optimizer, w: Workload, elem: int, matrices: li
 
 
 def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None) -> ModelStates:
-    counts = counts or count_params(spec)
+    """Weights, master weights, quantization constants, gradients, optimizer states and step temporaries of
+    ``spec`` under ``w`` (``counts``: the spec's parameter counts, :func:`count_params` when not given)."""
+    return _model_states(spec, w, counts or count_params(spec))
+
+
+@functools.lru_cache(maxsize=4096)  # a plan search and a parallel estimate ask again for the same (model, workload)
+def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelStates:
     total = counts.total
     notes: list[str] = []
     training = w.is_train

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -185,11 +185,11 @@ def load_throughput_model() -> ThroughputModel:
         method=str(fit["method"]))
 
 
-def _generation(gpu: GPU) -> dict[str, Any]:
+def _generation_of(architecture: str) -> dict[str, Any]:
     gens: dict[str, Any] = _mfu_document()["generations"]
-    if gpu.architecture in gens:
-        return dict(gens[gpu.architecture])
-    return dict(gens["Hopper"]) | {"sources": {"matmul": f"no efficiency data for the {gpu.architecture or 'unknown'} "
+    if architecture in gens:
+        return dict(gens[architecture])
+    return dict(gens["Hopper"]) | {"sources": {"matmul": f"no efficiency data for the {architecture or 'unknown'} "
                                                         "generation: Hopper's fractions assumed"}}
 
 
@@ -200,14 +200,24 @@ def gpu_efficiency(gpu: GPU, *, measured_mfu: float | None = None) -> GPUEfficie
     (``matmul_efficiency``, ``attention_efficiency``, ``bandwidth_efficiency`` in its ``tflops_note``-free
     spec); ``measured_mfu`` is the user's measured model FLOPs utilisation (it replaces the compute model).
     """
-    gen = _generation(gpu)
+    if measured_mfu is not None and not 0 < measured_mfu <= 1:
+        raise VramplanError(f"--efficiency is a model FLOPs utilisation between 0 and 1, got {measured_mfu!r}")
+    custom = _CUSTOM.get(gpu.name)
+    return _efficiency(gpu.name, gpu.architecture, measured_mfu, tuple(sorted(custom.items())) if custom else ())
+
+
+@lru_cache(maxsize=1024)  # a plan search asks tens of thousands of times for the same few GPUs
+def _efficiency(name: str, architecture: str, measured_mfu: float | None,
+                custom_items: tuple[tuple[str, float], ...]) -> GPUEfficiency:
+    """:func:`gpu_efficiency` of what it reads of the GPU (its name, generation and user-given fractions)."""
+    gen = _generation_of(architecture)
     srcs = dict(gen.get("sources", {}))
     matmul = float(gen["matmul"])
-    own = _mfu_document()["gpus"].get(gpu.name)
+    own = _mfu_document()["gpus"].get(name)
     if own is not None:
         matmul = float(own["matmul"])
         srcs["matmul"] = str(own["source"])
-    custom = _CUSTOM.get(gpu.name)
+    custom = dict(custom_items)
     attention, bandwidth = float(gen["attention"]), float(gen["bandwidth"])
     if custom:
         matmul = custom.get("matmul", matmul)
@@ -215,12 +225,10 @@ def gpu_efficiency(gpu: GPU, *, measured_mfu: float | None = None) -> GPUEfficie
         bandwidth = custom.get("bandwidth", bandwidth)
         for k in custom:
             srcs[k] = "given by the user"
-    if measured_mfu is not None and not 0 < measured_mfu <= 1:
-        raise VramplanError(f"--efficiency is a model FLOPs utilisation between 0 and 1, got {measured_mfu!r}")
     fp8 = gen.get("matmul_fp8")
     if custom and "matmul" in custom:
         fp8 = None  # the user's own fraction applies to every dtype
-    return GPUEfficiency(gpu.name, gpu.architecture, matmul, attention, bandwidth,
+    return GPUEfficiency(name, architecture, matmul, attention, bandwidth,
                          tuple(f"{k}: {v}" for k, v in sorted(srcs.items())), measured_mfu,
                          None if fp8 is None else float(fp8))
 

@@ -100,6 +100,7 @@ def gpu_tiling(gpu: GPU) -> GpuTiling | None:
     return GpuTiling(int(sms), (int(tm), int(tn)), int(doc["split_k_min_k"]))
 
 
+@lru_cache(maxsize=65536)  # a plan search asks the same few thousand (shape, GPU) pairs tens of thousands of times
 def quantization_efficiency(m: int, n: int, k: int, sms: int, tile: tuple[int, int] = (128, 256),
                             split_k_min_k: int = 1024) -> float:
     """Useful fraction of the SM time a tiled GEMM of (m, n, k) occupies on ``sms`` SMs (0 < e <= 1).

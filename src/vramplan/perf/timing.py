@@ -132,11 +132,12 @@ def fp8_gemms(gpu: GPU, dtype: str) -> bool:
     return dtype == "fp8" and matmul_dtype(gpu, dtype) == "fp8"
 
 
-def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None) -> float:
+def _launch_s(row: tuple[float, ...], c: tuple[float, ...], work: StepWork, engine: EngineProfile | None,
+              quant_kernels: int) -> float:
     if engine is None or engine.per_layer_s is None:  # eager PyTorch: the calibrated host launch cost
         return sum(row[i] * c[i] for i in _LAUNCH)
     # CUDA-graph engines: their kernels per layer, plus the fp8 activation-quantization kernels where they run
-    return work.layer_passes * (engine.per_layer_s + work.quant_kernels * (engine.kernel_s or 0.0))
+    return work.layer_passes * (engine.per_layer_s + quant_kernels * (engine.kernel_s or 0.0))
 
 
 def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *, micro_batches: int = 1,
@@ -187,7 +188,7 @@ def step_time(work: StepWork, gpu: GPU, model: ThroughputModel | None = None, *,
     if engine is not None and engine.fused_elementwise and work.activation_bytes:
         # an engine that fuses the activation and the gating runs one elementwise kernel, not the eager count
         memory -= row[4] * c[4] / split * (1 - 1 / max(1, work.activation_kernels))
-    launch = _launch_s(row, c, work if fp8_gemms(gpu, work.dtype) else replace(work, quant_kernels=0), engine)
+    launch = _launch_s(row, c, work, engine, work.quant_kernels if fp8_gemms(gpu, work.dtype) else 0)
     optimizer = row[_OPTIMIZER] * c[_OPTIMIZER] / (split * shard)
     hidden_behind = micro_batches * (compute + memory)
     waited = exposed_comm_s(comm_s, hidden_behind, num_layers or work.num_layers, overlapped=overlapped)

@@ -106,11 +106,14 @@ def _attention(spec: ModelSpec, w: Workload, batch: int, seq: int, *, engine_fus
     flops = 0.0
     backward = 0.0
     scores = 0
+    always = mask_always(spec, w.transformers_release) and runs_as(spec, w).attention is not Attention.FLASH
+    kernels: dict[bool, Kernel] = {}  # the kernel depends on the layer only through its mask
     for i in range(spec.num_layers):
         sliding = i in spec.sliding_layers and bool(spec.sliding_window)
-        has_mask = (sliding and window_masked(spec, seq)) or \
-            (mask_always(spec, w.transformers_release) and runs_as(spec, w).attention is not Attention.FLASH)
-        kernel = Kernel.FLASH if engine_fused else attention_kernel(spec, w, has_mask=has_mask)
+        has_mask = (sliding and window_masked(spec, seq)) or always
+        if has_mask not in kernels:
+            kernels[has_mask] = Kernel.FLASH if engine_fused else attention_kernel(spec, w, has_mask=has_mask)
+        kernel = kernels[has_mask]
         fused = kernel in (Kernel.FLASH, Kernel.EFFICIENT)
         # SDPA's memory-efficient kernel with an explicit (sliding-window) mask computes every block
         skips = fused and (not has_mask or kernel is Kernel.FLASH)
@@ -436,6 +439,7 @@ _ROW_PARALLEL = frozenset({"o_proj", "out_proj", "down_proj", "experts.down_proj
                            "fc2", "c_proj", "dense", "dense_4h_to_h", "linear_out"})
 
 
+@lru_cache(maxsize=1024)  # workloads that differ in precision, optimizer or accumulation share their products
 def _gemm_shapes(spec: ModelSpec, tokens: int, *, logit_rows: int, backward: str, back_layers: int = 0,
                  recompute: bool = False, head_grad: bool = True, fused: bool = False,
                  head_quantized: bool = True, fused_mlp: bool = True) -> tuple[GemmShape, ...]:
@@ -669,9 +673,9 @@ def repeated_kv_bytes(spec: ModelSpec, w: Workload, context: int, engine: str = 
     n_rep = spec.num_heads // max(1, spec.num_kv_heads)
     if n_rep <= 1:
         return 0
+    repeats = {sliding: _decode_repeats_kv(spec, w, sliding, context) for sliding in (False, True)}
     return sum(2 * n_rep * per_token * elem * length
-               for _, per_token, sliding, length in _cached_attention_layers(spec, context)
-               if _decode_repeats_kv(spec, w, sliding, context))
+               for _, per_token, sliding, length in _cached_attention_layers(spec, context) if repeats[sliding])
 
 
 def _lookup_tables(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
