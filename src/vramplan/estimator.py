@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from ._engine.replay import ForwardResult, Pass, forward, layer_backward, layer_forward, layer_passes, layer_recompute
+from ._engine.replay import Pass, as_pass, forward, layer_backward, layer_forward, layer_passes, layer_recompute
 from ._engine.step import (
     ALLOCATOR_SLACK_FRACTION,
     CUBLAS_WORKSPACE_BYTES,
@@ -165,19 +165,10 @@ def _simulate_layer(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: 
     if keep_input:
         x.keep = True  # the checkpoint holds the layer's input
     tp.unpacked_saves = ckpt and keep_input  # its backward runs on the recomputed forward's tensors
-    if num.training:
-        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
-    else:
-        fwd = layer_forward(tp)
-        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
     fwd_nosave = layer_forward(tp, save=False) if ckpt else fwd
     return _LayerSim(count, fwd, fwd_nosave, bwd, x.nbytes, y.nbytes, bool(x.saved_by) and num.training,
                      ckpt=keep_input and ckpt, recompute=layer_recompute(tp) if keep_input and ckpt else None)
-
-
-def _as_pass(f: ForwardResult) -> Pass:
-    """:func:`layer_forward`'s figures from the forward it replays (kept to share with the backward)."""
-    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
 def has_body(spec: ModelSpec) -> bool:
@@ -201,11 +192,7 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     tp = Tape(num.training)
     y = build_body(tp, spec, num, plan, b, s, kv_len, ckpt_every)
     x = tp.tensors[0]
-    if num.training:
-        fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
-    else:
-        fwd = layer_forward(tp)
-        bwd = Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    fwd, bwd = layer_passes(tp, param_grads_exist=grads_exist)
     return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
 
 
@@ -285,7 +272,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                     out_rg=full or embed_trainable or (w.uses_adapters and bool(every)),
                     attention=attention)
         e_run = forward(et, inputs_counted=False)  # shared with the embedding's backward below
-        e_fwd = _as_pass(e_run)
+        e_fwd = as_pass(e_run)
     else:  # the stage's input, received from the previous stage
         recv = _vec({K.ACTIVATIONS: b * s * spec.hidden_size * resid_elem(num)})
         e_fwd = Pass(sum(recv), recv, sum(recv), recv)
@@ -310,7 +297,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
                    loss_kind=loss_kind.value, chunk=w.loss_chunk,
                    metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
         h_run = forward(ht, inputs_counted=False)  # shared with the head's backward below
-        h_fwd = _as_pass(h_run)
+        h_fwd = as_pass(h_run)
     else:  # the stage's output is sent to the next stage, then its storage freed
         sent = _neg_act(sims[-1].y_bytes)
         h_fwd = Pass(0, _vec({}), sum(sent), sent)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from ..kinds import MemoryKind
 from .tape import ZERO, Moment, Tape, Tensor, root
 
-__all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "backward", "create_graph_bytes", "forward", "layer_backward",
-           "layer_forward", "layer_passes", "layer_recompute"]
+__all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "as_pass", "backward", "create_graph_bytes", "forward",
+           "layer_backward", "layer_forward", "layer_passes", "layer_recompute"]
 
 _IDX = {k: i for i, k in enumerate(MemoryKind)}
 _ACT = _IDX[MemoryKind.ACTIVATIONS]
@@ -373,18 +373,25 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     return st.peak, st.moment()
 
 
-def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) -> Pass:
-    """One block of a stack, relative to its start: its input is counted by the caller."""
-    f = forward(tp, save=save, inputs_counted=False, ev=ev)
+def as_pass(f: ForwardResult) -> Pass:
+    """The :class:`Pass` figures of a replayed forward."""
     return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
 
 
+def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) -> Pass:
+    """One block of a stack, relative to its start: its input is counted by the caller."""
+    return as_pass(forward(tp, save=save, inputs_counted=False, ev=ev))
+
+
 def layer_passes(tp: Tape, param_grads_exist: bool = False) -> tuple[Pass, Pass]:
-    """(:func:`layer_forward`, :func:`layer_backward`) of a training block, its forward replayed once for both
-    (the backward starts from what that same forward leaves; neither pass changes the tape)."""
+    """(:func:`layer_forward`, :func:`layer_backward`) of a block, its forward replayed once for both (the backward
+    starts from what that same forward leaves; neither pass changes the tape). A tape recorded for inference has
+    no backward: an empty pass that keeps what the forward left."""
     f = forward(tp, inputs_counted=False)
-    return (Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds),
-            layer_backward(tp, param_grads_exist, fwd=f))
+    fwd = as_pass(f)
+    if not tp.training:
+        return fwd, Pass(0, fwd.end_kinds, 0, fwd.end_kinds)
+    return fwd, layer_backward(tp, param_grads_exist, fwd=f)
 
 
 def layer_recompute(tp: Tape) -> Pass:
@@ -395,8 +402,7 @@ def layer_recompute(tp: Tape) -> Pass:
     if not any(t is o for t in tp.ops[last].saved for o in tp.ops[last].outputs):
         # the op saves only its inputs: autograd packs them before the kernel runs, and the checkpoint stops there
         last -= 1
-    f = forward(tp, inputs_counted=False, stop=last)
-    return Pass(f.peak.total, f.peak.kinds, f.end.total, f.end.kinds)
+    return as_pass(forward(tp, inputs_counted=False, stop=last))
 
 
 def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None,
