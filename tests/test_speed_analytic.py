@@ -35,8 +35,8 @@ OPTIONS = [{}, {"method": "lora"}, {"method": "qlora", "gradient_checkpointing":
 
 
 def _clear() -> None:
-    for f in (E._estimate_cached, E._phases, E._layer_groups_of, P.count_params, M._model_tensor_sizes,
-              MM._estimate_multimodal_cached, MM._tower_run):
+    for f in (E._estimate_cached, E._phases, E._layer_groups, E._simulate_layer, E._simulate_body, P.count_params,
+              M._model_tensor_sizes, M._model_states, MM._estimate_multimodal_cached, MM._tower_run):
         f.cache_clear()
 
 

@@ -199,13 +199,8 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
 _Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
 
 
-def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> list[_Group]:
-    """:func:`_layer_groups_of`, a fresh list (worked out once per model: every workload asks again)."""
-    return list(_layer_groups_of(spec, first_trainable, ckpt_every))
-
-
-@lru_cache(maxsize=1024)
-def _layer_groups_of(spec: ModelSpec, first_trainable: int, ckpt_every: int) -> tuple[_Group, ...]:
+@lru_cache(maxsize=1024)  # worked out once per model: every workload asks again
+def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> tuple[_Group, ...]:
     """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
     top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
     ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
@@ -284,7 +279,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         sims.append(_simulate_body(spec, num, _plan(spec, w, full, layers_rg, False, False, True, attention,
                                                     _kind(spec, 0)), b, s, ckpt_every=every,
                                    grads_exist=accumulating))
-    for count, trainable, moe, sliding, rope, ck, kind in [] if has_body(spec) else \
+    for count, trainable, moe, sliding, rope, ck, kind in () if has_body(spec) else \
             _layer_groups(spec, _first_trainable(spec, w, states), every):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind)
@@ -509,7 +504,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, body.fwd.end_kinds)
     cur = _plus(cur, held)
     sliced = False
-    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate([] if has_body(spec) else
+    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate(() if has_body(spec) else
                                                                     _layer_groups(spec, spec.num_layers)):
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
