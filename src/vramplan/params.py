@@ -447,15 +447,18 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         embedding += spec.per_layer_vocab * width + h * width + _norm_params(spec, spec.per_layer_input)
     if spec.altup_inputs:  # Gemma 3n: altup_projections and altup_unembed_projections (A - 1 each, no bias)
         embedding += 2 * (spec.altup_inputs - 1) * h * h
+    from .inkling2 import loop_range
+
+    loop_first, loop_end = loop_range(spec)[:2]
     unique: dict[tuple[bool, str, bool, int, int], LayerParams] = {}
     layers = []
     for i in range(spec.num_layers):
         # a Zamba2 block owner's adapter sets depend on which block it holds
-        # (and an Inkling-2-Loop loop layer has its message gates: vramplan.inkling2.loop_range)
+        # (and an Inkling-2-Loop loop layer has its message gates)
         # (and ZAYA's layers after the first scale the router state they receive)
         key = (i in spec.moe_layers, spec.mixer(i), i in spec.mlp_free_layers,
-               i if spec.mixer(i) == "zamba_hybrid" else -2 if spec.inkling[6:8] and
-               spec.inkling[6] <= i < spec.inkling[7] else -3 if spec.zaya and i > 0 else -1, spec.variant(i))
+               i if spec.mixer(i) == "zamba_hybrid" else -2 if loop_first <= i < loop_end else
+               -3 if spec.zaya and i > 0 else -1, spec.variant(i))
         if key not in unique:
             unique[key] = layer_params(spec, i)
         layers.append(unique[key])
