@@ -346,14 +346,21 @@ def _adapters_by_layer(spec: ModelSpec, w: Workload) -> list[list[int]]:
     return out
 
 
-def _trainable(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], adapters: list[int],
-               first_trainable: int) -> list[int]:
+def _base_trains(w: Workload, group: str, first_trainable: int) -> bool:
+    """Whether the base parameter tensors of ``group`` (:func:`_param_tensors`: ``embed``, ``head``, ``layer{i}``)
+    train: every one under full fine-tuning; the head and the layers from ``first_trainable`` on under freeze;
+    none under adapters (their own tensors train)."""
+    if w.method is Method.FULL:
+        return True
+    if w.method is not Method.FREEZE:
+        return False
+    return group == "head" or (group.startswith("layer") and int(group[5:]) >= first_trainable)
+
+
+def _trainable(w: Workload, params: list[tuple[str, int]], adapters: list[int], first_trainable: int) -> list[int]:
     if w.uses_adapters:
         return adapters
-    if w.method is Method.FULL:
-        return [n for _, n in params]
-    keep = {f"layer{i}" for i in range(first_trainable, spec.num_layers)} | {"head"}
-    return [n for g, n in params if g in keep]
+    return [n for g, n in params if _base_trains(w, g, first_trainable)]
 
 
 def _optimizer(opt: Optimizer, sizes: list[int], states: ModelStates) -> tuple[list[int], list[int]]:
@@ -591,7 +598,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         for j, n in enumerate(adapters):
             st.alloc(st.key(("adapter", j)), n)
     first = _first_trainable(spec, w, states)
-    train_sizes = _trainable(spec, w, params, adapters, first)
+    train_sizes = _trainable(w, params, adapters, first)
     if ddp:  # peft's fp32 adapters are a dtype of their own: broadcast in buckets of their own
         _ddp_construction(st, [[n for _, n in params], adapters] if adapters else [[n for _, n in params]],
                           train_sizes)

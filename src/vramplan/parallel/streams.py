@@ -38,7 +38,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import allocator as A
-from ..alloc_stream import ROOT, _adapters_by_layer, _optimizer, _optimizer_step, _param_tensors, _Stream, train_events
+from ..alloc_stream import (
+    ROOT,
+    _adapters_by_layer,
+    _base_trains,
+    _optimizer,
+    _optimizer_step,
+    _param_tensors,
+    _Stream,
+    train_events,
+)
 from ..allocator import AllocConf, parse_alloc_conf, round_size, simulate
 from ..estimator import _first_trainable, numerics, runs_as
 from ..memory import ModelStates, model_states
@@ -83,16 +92,11 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
     states = model_states(spec, w)
     elem, gelem = w.precision.param_bytes, wc.precision.param_bytes
     first = _first_trainable(spec, w, states)
-    full = w.method is Method.FULL
     units: dict[int, _Unit] = {i: _Unit() for i in range(spec.num_layers)}
     units[ROOT] = _Unit()
     for group, n in _param_tensors(spec, w, states):
-        if group == "embed" or group == "head":
-            unit, tr = ROOT, full or (w.method is Method.FREEZE and group == "head")
-        else:
-            unit = int(group[5:])
-            tr = full or (w.method is Method.FREEZE and unit >= first)
-        units[unit].params.append(_Param(max(1, n // elem), elem, gelem, tr and w.is_train,
+        unit = ROOT if group in ("embed", "head") else int(group[5:])
+        units[unit].params.append(_Param(max(1, n // elem), elem, gelem, _base_trains(w, group, first) and w.is_train,
                                          group if unit == ROOT else "layer"))
     mixed = w.precision.is_amp
     for i, sizes in enumerate(_adapters_by_layer(spec, w)):
