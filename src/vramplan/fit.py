@@ -330,33 +330,24 @@ def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None
         t = total_of(w.with_(seq_len=s))
         return t is not None and t <= usable
 
-    # one GPU: the searches guess with the allocated peak (no allocator replay) scaled by the reserved/allocated
-    # ratio of the last full estimate, then confirm the boundary with full estimates
-    def alloc_of(w2: Workload) -> int | None:
+    # one GPU and a replayed rank: the searches guess without the allocator replay (one GPU: the allocated peak;
+    # a rank: the layout's analytic total), scaled by the reserved/allocated ratio of the last full estimate, then
+    # confirm the boundary with full totals
+    def guess_of(x: Workload) -> int | None:
         try:
-            return peak_allocated(spec, w2) + CUDA_CONTEXT_BYTES
+            if layout is None:
+                return peak_allocated(spec, x) + CUDA_CONTEXT_BYTES
+            return estimate_parallel(spec, x, layout, links, reserved=False).total_bytes
         except WorkloadError:
             return None
 
     extra = 0 if w.is_train else w.new_tokens
     cap_b = min(_MAX_BATCH, _MAX_TOKENS // (w.seq_len + extra))
     cap_s = min(_MAX_SEQ, _MAX_TOKENS // w.batch_size - extra)
-    if layout is not None and not layout.is_single and replays(layout, w):
-        # a replayed rank: guess with the layout's analytic total, confirm the boundary with the replay
-        def analytic_of(x: Workload) -> int | None:
-            try:
-                return estimate_parallel(spec, x, layout, links, reserved=False).total_bytes
-            except WorkloadError:
-                return None
-
-        max_batch = largest_confirmed(lambda b: analytic_of(w.with_(batch_size=b)),
+    if layout is None or (not layout.is_single and replays(layout, w)):
+        max_batch = largest_confirmed(lambda b: guess_of(w.with_(batch_size=b)),
                                       lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
-        max_seq = largest_confirmed(lambda s: analytic_of(w.with_(seq_len=s)),
-                                    lambda s: total_of(w.with_(seq_len=s)), usable, cap_s)
-    elif layout is None:
-        max_batch = largest_confirmed(lambda b: alloc_of(w.with_(batch_size=b)),
-                                      lambda b: total_of(w.with_(batch_size=b)), usable, cap_b)
-        max_seq = largest_confirmed(lambda s: alloc_of(w.with_(seq_len=s)),
+        max_seq = largest_confirmed(lambda s: guess_of(w.with_(seq_len=s)),
                                     lambda s: total_of(w.with_(seq_len=s)), usable, cap_s)
     else:
         max_batch = largest_fitting(fits_batch, cap_b)
