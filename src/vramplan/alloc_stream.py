@@ -557,14 +557,14 @@ def train_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     reset at every step's start after the first (``torch.cuda.reset_peak_memory_stats``), so a replay reports
     the last step. ``ddp``: one rank of ``DistributedDataParallel`` (``vramplan measure --gpus N``). ``hooks``:
     one rank of a sharded layout (FSDP, ZeRO): what its engine allocates around the single-GPU programs."""
-    return list(itertools.chain.from_iterable(_train_steps(spec, w, states, num, steps, None, ddp, reference,
-                                                           hooks)))
+    return list(train_stream(spec, w, states, num, steps, ddp=ddp, reference=reference, hooks=hooks))
 
 
 def train_stream(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int = 3,
-                 probe: list[int] | None = None, ddp: bool = False, *, reference: bool = False) -> Iterator[Event]:
+                 probe: list[int] | None = None, ddp: bool = False, *, reference: bool = False,
+                 hooks: RankHooks | None = None) -> Iterator[Event]:
     """:func:`train_events` step by step (see :func:`_train_steps`)."""
-    return itertools.chain.from_iterable(_train_steps(spec, w, states, num, steps, probe, ddp, reference))
+    return itertools.chain.from_iterable(_train_steps(spec, w, states, num, steps, probe, ddp, reference, hooks))
 
 
 def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, steps: int,
