@@ -69,7 +69,7 @@ def attention_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     if spec.zaya:  # ZAYA: CCA's and the router's nn.Linear modules (vramplan.zaya)
         from .zaya import zaya_linears
 
-        return [lin for lin in zaya_linears(spec, 0) if not lin[0].startswith("experts.")]
+        return [lin for lin in zaya_linears(spec) if not lin[0].startswith("experts.")]
     if spec.kv_lora_rank:  # modeling_deepseek_v3.py DeepseekV3Attention
         nh, qr, kvr = spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank
         nope = spec.head_dim - spec.qk_rope_head_dim

@@ -34,9 +34,9 @@ from .spec import ModelSpec
 __all__ = ["ZAYA_CLASSES", "ZAYA_READERS", "build_body", "zaya_layer_params", "zaya_linears"]
 
 
-def zaya_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
-    """(name, in, out, count) of layer ``index``'s weights: CCA's projections, o_proj, the router's linears and the
-    expert stacks."""
+def zaya_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, count) of a decoder layer's weights (every layer has the same): CCA's projections, o_proj,
+    the router's linears and the expert stacks."""
     h, q, kv, r = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.zaya[0]
     e, i = spec.num_experts, spec.moe_intermediate_size
     return [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj_current", h, kv // 2, 1),
@@ -49,7 +49,7 @@ def zaya_layer_params(spec: ModelSpec, index: int) -> LayerParams:
     """Linears; biases (the router's down_proj, fc1, fc2); the convolutions' weights and biases, the key temperatures,
     the two residual scalings, the router-state scale (layers after the first), the router MLP's norm and the layer's
     two norms."""
-    lin = zaya_linears(spec, index)
+    lin = zaya_linears(spec)
     h, q, kv, r = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.zaya[0]
     t0, t1 = spec.zaya[1], spec.zaya[2]
     c = q + kv
