@@ -137,14 +137,21 @@ def _moa(bld: _B, n: Tensor) -> Tensor:
     # reduce: the (tokens x top_k, kv width) heads gathered in expert order, output_linear, times the gates
     gi = tp.op(t * k * kvs, out.elem, (out, order), save=(order,) if out.rg else (), grad_to=(out,))
     oe = _experts(bld, gi, kvs, h, "experts.output_linear")
-    og = bld.mul(oe, bg)
-    zo = tp.op(t * h, act, (), rg=False)
-    o = tp.op(t * h, act, (zo, og, batch), save=(batch, og) if og.rg else (), grad_to=(og,))  # index_add
-    o = _bias(bld, o, "experts.bias")
+    o, zo = _combine(bld, oe, bg, batch, t, act, "experts.bias")
     # reduce's locals (expert_inputs, zeros, the index_add result) and the attention output (``attn_output``, rebound
     # to reduce's return) until reduce returns; router_logits, returned to the decoder layer, held in ``_``
     tp.hold(gi, zo, out, logits)
     return o
+
+
+def _combine(bld: _B, x: Tensor, gates: Tensor, batch: Tensor, t: int, act: int, bias: str) -> tuple[Tensor, Tensor]:
+    """The experts' outputs ``x`` times their gates, index_add-ed into a zeros tensor of the ``t`` tokens (both MoA's
+    reduce and the MoE), plus the layer's ``bias``: (the result, the zeros, which the caller's frame holds)."""
+    tp, h = bld.tp, bld.spec.hidden_size
+    xg = bld.mul(x, gates)
+    zo = tp.op(t * h, act, (), rg=False)
+    o = tp.op(t * h, act, (zo, xg, batch), save=(batch, xg) if xg.rg else (), grad_to=(xg,))  # index_add
+    return _bias(bld, o, bias), zo
 
 
 def _bias(bld: _B, x: Tensor, name: str) -> Tensor:
@@ -169,10 +176,7 @@ def _moe(bld: _B, n: Tensor) -> Tensor:
     g, u = tp.split(gu, 2)  # chunk(2, dim=-1)
     p = bld.mul(bld.activation(g), u)
     d = _experts(bld, p, i, h, "mlp.output_linear")
-    dg = bld.mul(d, bg)
-    zo = tp.op(t * h, act, (), rg=False)
-    o = tp.op(t * h, act, (zo, dg, batch), save=(batch, dg) if dg.rg else (), grad_to=(dg,))  # index_add
-    y = _bias(bld, o, "mlp.bias")
+    y, zo = _combine(bld, d, bg, batch, t, act, "mlp.bias")
     # JetMoeMoE.forward's locals until it returns: expert_inputs, the input_linear output (``chunked_hidden_states``
     # holds its two halves), zeros
     tp.hold(xin, gu, zo)
