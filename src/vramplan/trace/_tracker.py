@@ -172,7 +172,7 @@ def _all_real_ints(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None
 # operand a node has just returned, made while that node is current, with grad mode off) and, when the CUDA run
 # would add in place, counts the result in the old buffer's storage.
 
-def _probe_node_hooks(roots: Iterable[Any], made: Callable[[Any, tuple[Any, ...]], None]) -> list[Any]:
+def _hook_nodes(roots: Iterable[Any], made: Callable[[Any, tuple[Any, ...]], None]) -> list[Any]:
     """Register ``made(node, grad_inputs)`` as a post-hook on every node of the graph below ``roots``."""
     handles: list[Any] = []
     seen: set[int] = set()
@@ -208,13 +208,13 @@ def _sole_owner_counts() -> tuple[int, int]:
 
     def made(_node: Any, grads: tuple[Any, ...]) -> None:
         fresh.clear()
-        fresh.update(g.untyped_storage()._cdata for g in grads if isinstance(g, torch.Tensor))
+        fresh.update(_storages(grads))
 
     with _disable_current_modes(), FakeTensorMode():
         x = torch.zeros(4, 8, requires_grad=True)
         y = x.exp()
         loss = (y[0] * 2 + y[1] * 3).sum()  # two select_backward gradients meet in exp's buffer
-        handles = _probe_node_hooks([loss.grad_fn], made)
+        handles = _hook_nodes([loss.grad_fn], made)
         try:
             with _Probe():
                 loss.backward()
@@ -226,6 +226,11 @@ def _sole_owner_counts() -> tuple[int, int]:
     return seen[0]
 
 
+def _storages(grads: tuple[Any, ...]) -> set[int]:
+    """The storage keys of a node's returned gradients."""
+    return {g.untyped_storage()._cdata for g in grads if isinstance(g, torch.Tensor)}
+
+
 def _owner_counts(t: torch.Tensor) -> tuple[int, int]:
     return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
@@ -234,13 +239,11 @@ def _owner_counts(t: torch.Tensor) -> tuple[int, int]:
 def gradient_buffers(tracker: MemoryTracker) -> Iterator[None]:
     """For the duration: every ``torch.autograd.backward`` (``loss.backward()``, accelerate's backward) first hooks
     the nodes of its graph, so that the tracker can tell the engine's gradient accumulations (see above)."""
-    sole = _sole_owner_counts()
     original = torch.autograd.backward
 
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        handles = _probe_node_hooks([t.grad_fn for t in roots], tracker.node_made)
-        tracker.sole_owner = sole
+        handles = _hook_nodes([t.grad_fn for t in roots], tracker.node_made)
         try:
             return original(tensors, *args, **kwargs)
         finally:
@@ -248,6 +251,7 @@ def gradient_buffers(tracker: MemoryTracker) -> Iterator[None]:
                 h.remove()
             tracker.node_made(None, ())
 
+    tracker.sole_owner = _sole_owner_counts()
     torch.autograd.backward = backward
     try:
         yield
@@ -291,7 +295,7 @@ class MemoryTracker(TorchDispatchMode):
     def node_made(self, node: Any, grads: tuple[Any, ...]) -> None:
         """A node's post-hook: ``grads`` are what it returned, which the engine now adds into its buffers."""
         self._made_by = node
-        self._made = {g.untyped_storage()._cdata for g in grads if isinstance(g, torch.Tensor)}
+        self._made = _storages(grads)
 
     def _accumulates_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """``add(old, new)`` is the engine adding a node's fresh gradient into a buffer it holds alone: on the GPU
