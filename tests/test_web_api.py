@@ -421,3 +421,13 @@ def test_serve_under_a_16_gib_address_space_limit() -> None:
             assert "vramplanChartNote" in js and "virtual" in js  # V8 could not start: the page says so
         with urllib.request.urlopen(f"{base}/api/health", timeout=10) as r:
             assert r.status == 200  # still serving
+
+
+def test_estimate_with_a_gpu_has_the_cli_s_time(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, expected, err = cli_json(capsys, "estimate", "llama-3.2-1b", "--method", "lora", "--gpu", "l4")
+    assert rc == 0, err
+    r = client.post("/api/estimate", json={"model": "llama-3.2-1b", "method": "lora", "time_gpu": "l4"})
+    assert r.status_code == 200, r.text
+    assert r.json() == expected and r.json()["time"]["step_seconds"] > 0
+    assert_json_error(client.post("/api/estimate", json={"model": "llama-3.2-1b", "gpu_spec": "/etc/passwd",
+                                                          "time_gpu": None}), 422, "never reads files")

@@ -92,6 +92,8 @@ class Estimate:
     reserved_phases: tuple[ReservedPhase, ...] = ()
     host_bytes: int = 0  # pinned host memory the step needs (activation offloading)
     host_traffic_bytes: int = 0  # bytes over PCIe per optimizer step for that host memory (both directions)
+    # step time / prefill / decode on a GPU (vramplan.perf.report.time_object), when the query named one
+    time: Mapping[str, Any] | None = None
 
     def phase_peak(self, phase: Phase) -> int:
         for p in self.phases:
@@ -100,8 +102,9 @@ class Estimate:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of ``vramplan estimate --json`` (``per_gpu`` only with a layout)."""
-        out = {
+        """The JSON contract of ``vramplan estimate --json`` (``per_gpu`` only with a layout, ``time`` only with
+        a GPU)."""
+        out: dict[str, Any] = {
             "model": self.model,
             "parameters": self.parameters,
             "trainable_parameters": self.trainable_parameters,
@@ -122,4 +125,8 @@ class Estimate:
             "host_bytes": self.host_bytes,
             "host_traffic_bytes": self.host_traffic_bytes,
         }
-        return out | ({"per_gpu": self.per_gpu.to_dict()} if self.per_gpu is not None else {})
+        if self.per_gpu is not None:
+            out["per_gpu"] = self.per_gpu.to_dict()
+        if self.time is not None:
+            out["time"] = dict(self.time)
+        return out

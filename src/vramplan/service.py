@@ -47,6 +47,10 @@ _SERVING_DEFAULTS: Mapping[str, Any] = {
     "enforce_eager": False, "engine_version": None, "ctx": None, "parallel": 1, "n_gpu_layers": None, "ubatch": 512,
     "no_flash_attn": False, "kv_unified": False}
 SERVING_OPTIONS = frozenset(_SERVING_DEFAULTS)
+# estimate's time section (--gpu, --gpu-spec, --engine, --efficiency, --attention-kernel; vramplan.perf)
+TIME_OPTIONS = frozenset({"time_gpu", "gpu_spec", "engine", "efficiency", "attention_kernel"})
+# engines that hold their own KV-cache pool: their memory is fit --engine's answer, not one generate() call
+_POOLED_ENGINES = ("vllm", "sglang", "tensorrt-llm", "lmdeploy")
 
 
 def _serving_args(q: Any, **extra: Any) -> argparse.Namespace:
@@ -70,10 +74,10 @@ class Query:
            local_files: bool = True) -> Self:
         """The query for ``options`` keyed as the CLI's flags (``None`` values: the default)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        own = fields - {"model", "workload", "config", "layout", "serving", "local_files"}
+        own = fields - {"model", "workload", "config", "layout", "serving", "timing", "local_files"}
         kw: dict[str, Any] = {k: v for k, v in options.items() if k in own and v is not None}
         kw["workload"] = {k: v for k, v in options.items() if k in WORKLOAD_KEYS - own and v is not None}
-        for group, keys in (("layout", LAYOUT_OPTIONS), ("serving", SERVING_OPTIONS)):
+        for group, keys in (("layout", LAYOUT_OPTIONS), ("serving", SERVING_OPTIONS), ("timing", TIME_OPTIONS)):
             if group in fields:
                 kw[group] = {k: v for k, v in options.items() if k in keys and k not in own and v is not None}
         return cls(model=model, config=config, local_files=local_files, **kw)
@@ -95,11 +99,65 @@ def _language_only(ref: ModelRef, workload: Mapping[str, Any]) -> dict[str, Any]
 @dataclass(frozen=True, slots=True)
 class EstimateQuery(Query):
     layout: Mapping[str, Any] = field(default_factory=dict)  # gpus, zero, fsdp, tp, pp, …: adds ``per_gpu``
+    timing: Mapping[str, Any] = field(default_factory=dict)  # time_gpu / gpu_spec, engine, …: adds ``time``
 
 
 def estimate(q: EstimateQuery) -> Estimate:
-    """``vramplan estimate``: peak memory by kind and phase (``per_gpu`` with a layout)."""
-    return _estimate(q.ref(), **q.workload, **q.layout)
+    """``vramplan estimate``: peak memory by kind and phase (``per_gpu`` with a layout, ``time`` with a GPU)."""
+    ref = q.ref()
+    est = _estimate(ref, **q.workload, **q.layout)
+    timing = _time_of(q, ref, est)
+    if timing is None:
+        return est
+    engine = timing.get("engine")
+    if engine in _POOLED_ENGINES and est.per_gpu is None:
+        est = dataclasses.replace(est, warnings=(*est.warnings, _pooled_note(ref.name, engine, timing["gpu"])))
+    return dataclasses.replace(est, time=timing)
+
+
+def _time_of(q: EstimateQuery, ref: ModelRef, est: Estimate) -> dict[str, Any] | None:
+    """The ``time`` object (:func:`vramplan.perf.report.time_object`) of ``q`` on its GPU; None without one."""
+    t = q.timing
+    name, spec_file = t.get("time_gpu"), t.get("gpu_spec")
+    if not name and not spec_file:
+        for flag in ("engine", "efficiency", "attention_kernel"):
+            if t.get(flag) is not None:
+                why = "the MFU is relative to a GPU's peak" if flag == "efficiency" else "it sets the time section"
+                raise WorkloadError(f"--{flag.replace('_', '-')} needs --gpu NAME (or --gpu-spec FILE): {why}")
+        return None
+    if spec_file and not q.local_files:
+        raise WorkloadError("gpu_spec names a file on this machine: describe the GPU inline with "
+                            "gpu=custom:memory=…,bf16_tflops=…,bandwidth=…")
+    from .perf.custom import resolve_gpu
+    from .perf.efficiency import ENGINES
+    from .perf.report import time_object, untimed
+
+    engine = t.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise WorkloadError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    gpu = resolve_gpu(name, spec_file)
+    if ref.image is not None:
+        return untimed(gpu.name, 1, f"time is modelled for language models; {ref.name} is an image model")
+    layout = q.layout
+    tp, pp = (as_int(k, layout.get(k) or 1) for k in ("tp", "pp"))
+    gpus = as_int("gpus", layout.get("gpus") or tp * pp)
+    sharded = bool(layout.get("fsdp")) or bool(layout.get("zero"))
+    comm = None
+    if est.per_gpu is not None and gpus > 1:
+        comm = float(est.per_gpu.to_dict().get("communication", {}).get("bytes_per_step") or 0) or None
+    spec = ref.language_spec("a time estimate")
+    w = make_workload(**_language_only(ref, q.workload))
+    return time_object(spec, w, gpu, gpus=gpus, tp=tp, pp=pp, sharded=sharded, comm_bytes_per_step=comm,
+                       engine=engine, measured_mfu=t.get("efficiency"),
+                       attention_kernel=t.get("attention_kernel") or "flash2")
+
+
+def _pooled_note(model: str, engine: str, gpu: str) -> str:
+    """What the memory of an estimate means when the time is a serving engine's."""
+    fit = f"; its pool: vramplan fit {model} --gpu {gpu} --task infer --engine {engine}" \
+        if engine in ("vllm", "sglang") else ""
+    return (f"the memory above is one transformers generate() call; {engine} reserves a KV-cache pool up to its "
+            f"memory utilization (vLLM/SGLang default 0.9 of the GPU){fit}")
 
 
 # ----------------------------------------------------------------------------------------- fit

@@ -112,14 +112,13 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
         written = plot_estimate(est, ns.plot)
         sys.stderr.write(f"vramplan: wrote the breakdown chart to {written}\n")
     from ..render import note_gpu_choice
-    from .time import print_time, time_section
+    from .time import print_time
 
-    gpu_name = getattr(ns, "time_gpu", None) or getattr(ns, "gpu", None)
+    gpu_name = getattr(ns, "time_gpu", None)
     if gpu_name:
         note_gpu_choice(gpu_name)
-    timing = time_section(ns, est.per_gpu.to_dict() if est.per_gpu is not None else None)
     if ns.json:
-        print(json.dumps(est.to_dict() | ({"time": timing} if timing else {}), indent=2))
+        print(json.dumps(est.to_dict(), indent=2))
     else:
         from ..render import print_estimate, print_hints, print_per_gpu_headline
 
@@ -131,8 +130,8 @@ def _cmd_estimate(ns: argparse.Namespace) -> int:
             parallel.print_parallel(per_gpu)
         else:  # hints compare one-GPU totals
             print_hints(query, est)
-        if timing:
-            print_time(timing)
+        if est.time is not None:
+            print_time(est.time)
     return 0
 
 

@@ -1,14 +1,16 @@
 """Command-line pieces for time: ``--gpu``, ``--gpu-spec``, ``--engine``, ``--efficiency`` and
-``--attention-kernel`` on ``vramplan estimate``, and the ``time`` section they add to its output
-(:mod:`vramplan.perf.report`)."""
+``--attention-kernel`` on ``vramplan estimate``, and the table of the ``time`` section they add to its answer
+(:func:`vramplan.service.estimate`)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["add_time_flags", "time_section"]
+__all__ = ["add_time_flags", "print_time"]
 
+# vramplan.perf.efficiency.ENGINES (not imported here: the parser stays light; tests/test_cli.py checks they agree)
 ENGINE_CHOICES = ("transformers", "vllm", "sglang", "tensorrt-llm", "lmdeploy", "llama.cpp", "gpt-fast")
 
 
@@ -47,47 +49,21 @@ def add_time_flags(p: argparse.ArgumentParser) -> None:
                             "PyTorch SDPA) or flash1 (FlashAttention v1 or its Triton port)")
 
 
-def time_section(ns: argparse.Namespace, per_gpu: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The ``time`` object for ``vramplan estimate``'s namespace; None without ``--gpu`` / ``--gpu-spec``."""
-    name = getattr(ns, "time_gpu", None) or getattr(ns, "gpu", None)
-    spec_file = getattr(ns, "gpu_spec", None)
-    if not name and not spec_file:
-        for flag in ("engine", "efficiency"):
-            if getattr(ns, flag, None) is not None and flag == "efficiency":
-                from ..errors import VramplanError
-
-                raise VramplanError("--efficiency needs --gpu (or --gpu-spec): the MFU is relative to a GPU's peak")
-        return None
-    from ..api import make_workload
-    from ..catalog import resolve_model
-    from ..perf.custom import resolve_gpu
-    from ..perf.report import time_object
-    from ..workload import Workload
-
-    fields = set(Workload.__dataclass_fields__)
-    gpu = resolve_gpu(name, spec_file)
-    spec, _ = resolve_model(ns.model)
-    w = make_workload(**{k: v for k, v in vars(ns).items() if k in fields and v is not None})
-    tp, pp = getattr(ns, "tp", None) or 1, getattr(ns, "pp", None) or 1
-    gpus = getattr(ns, "gpus", None) or tp * pp
-    sharded = bool(getattr(ns, "fsdp", None)) or bool(getattr(ns, "zero", None))
-    comm = None
-    if per_gpu and gpus > 1:
-        comm = float(per_gpu.get("communication", {}).get("bytes_per_step") or 0) or None
-    engine = getattr(ns, "engine", None)
-    return time_object(spec, w, gpu, gpus=gpus, tp=tp, pp=pp, sharded=sharded, comm_bytes_per_step=comm,
-                       engine=engine if engine in ENGINE_CHOICES else None,
-                       measured_mfu=getattr(ns, "efficiency", None),
-                       attention_kernel=getattr(ns, "attention_kernel", None) or "flash2")
+_FIGURES = ("step_seconds", "train_tokens_per_second_per_gpu", "mfu", "prefill_seconds", "decode_seconds_per_token",
+            "decode_tokens_per_second")
 
 
-def print_time(t: dict[str, Any]) -> None:
+def print_time(t: Mapping[str, Any]) -> None:
     """A short table of the ``time`` section (rich)."""
     from rich.console import Console
     from rich.table import Table
 
     title = f"time on {t['gpus']} x {t['gpu']}" + (f" ({t['engine']})" if t.get("engine") else "") + \
         f" — {t['method']}"
+    console = Console()
+    if all(t.get(key) is None for key in _FIGURES):
+        console.print(f"[yellow]no time:[/yellow] {t.get('reason') or 'not modelled for this workload'}")
+        return
     table = Table(title=title)
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -99,7 +75,6 @@ def print_time(t: dict[str, Any]) -> None:
     for label, value, fmt in rows:
         if value is not None:
             table.add_row(label, fmt.format(value))
-    console = Console()
     console.print(table)
     if t.get("reason"):
         console.print(f"[yellow]no time:[/yellow] {t['reason']}")

@@ -24,7 +24,15 @@ from ..workload import Workload
 from .efficiency import gpu_efficiency
 from .timing import inference_time, training_time
 
-__all__ = ["time_object"]
+__all__ = ["time_object", "untimed"]
+
+
+def untimed(gpu: str, gpus: int, reason: str | None) -> dict[str, Any]:
+    """The ``time`` object with every figure empty (``reason``: why there is none)."""
+    return {"step_seconds": None, "train_tokens_per_second_per_gpu": None, "prefill_seconds": None,
+            "decode_seconds_per_token": None, "decode_tokens_per_second": None, "mfu": None, "method": "mechanism",
+            "gpu": gpu, "gpus": gpus, "engine": None, "efficiency": None, "breakdown": None, "assumptions": [],
+            "reason": reason}
 
 
 def time_object(spec: ModelSpec, w: Workload, gpu: GPU, *, gpus: int = 1, tp: int = 1, pp: int = 1,
@@ -36,11 +44,9 @@ def time_object(spec: ModelSpec, w: Workload, gpu: GPU, *, gpus: int = 1, tp: in
     split = max(1, tp * pp)
     dp = max(1, gpus // split)
     eff = gpu_efficiency(gpu, measured_mfu=measured_mfu)
-    out: dict[str, Any] = {"step_seconds": None, "train_tokens_per_second_per_gpu": None, "prefill_seconds": None,
-                           "decode_seconds_per_token": None, "decode_tokens_per_second": None, "mfu": None,
-                           "method": "measured-mfu" if measured_mfu is not None else "mechanism",
-                           "gpu": gpu.name, "gpus": gpus, "engine": None, "efficiency": eff.to_dict(),
-                           "breakdown": None, "assumptions": [], "reason": None}
+    out = untimed(gpu.name, gpus, None)
+    out["method"] = "measured-mfu" if measured_mfu is not None else "mechanism"
+    out["efficiency"] = eff.to_dict()
     if w.is_train:
         tokens = dp * w.batch_size * w.seq_len * w.gradient_accumulation
         tt = training_time(spec, w, gpu, tokens=tokens, gpus=gpus, comm_bytes_per_step=comm_bytes_per_step,
