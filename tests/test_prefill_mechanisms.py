@@ -137,3 +137,46 @@ def test_a_message_past_the_custom_kernels_buffer_goes_through_nccl() -> None:
     small, big = 1 << 20, 32 << 20
     assert tp_allreduce_s(small, 4, a100, vllm) == allreduce_seconds(small, 4, a100, vllm.allreduce_latency_s)
     assert tp_allreduce_s(big, 4, a100, vllm) == nccl_allreduce_seconds(big, 4, a100)
+
+
+def test_a_host_enqueued_step_takes_at_least_the_hosts_enqueue_time() -> None:
+    from vramplan.perf.timing import host_enqueue_s
+
+    spec, h100, a100 = get_model("gpt-j-6b").spec, get_gpu("h100-sxm"), get_gpu("a100-80gb-sxm")
+    trt = engine_profile("tensorrt-llm")
+    assert host_enqueue_s(spec, trt) == 0.0  # graphs replayed (the default): no host floor
+    host = host_enqueue_s(spec, dataclasses.replace(trt, host_enqueued=True))
+    assert host == pytest.approx(spec.num_layers * trt.host_enqueue_s_per_layer) and host > 0
+    short = dataclasses.replace(_prefill(128, WeightsQuant.FP8), new_tokens=128)
+    graphs = inference_time(spec, short, h100, engine="tensorrt-llm")
+    enq = inference_time(spec, short, h100, engine="tensorrt-llm", host_enqueued=True)
+    assert graphs.prefill_s is not None and enq.prefill_s is not None
+    assert graphs.decode_s_per_token is not None and enq.decode_s_per_token is not None
+    # a 128-token fp8 prompt on an H100 is shorter on the device than on the host: the host sets it
+    assert graphs.prefill_s < host and enq.prefill_s == pytest.approx(host)
+    assert enq.decode_s_per_token == pytest.approx(host + trt.step_s)
+    assert any("no CUDA graphs" in a for a in enq.assumptions)
+    # a long prompt on an A100 keeps the GPU busier than the host: the floor does not move it
+    long = _prefill(2048)
+    assert inference_time(spec, long, a100, engine="tensorrt-llm", host_enqueued=True).prefill_s == \
+        inference_time(spec, long, a100, engine="tensorrt-llm").prefill_s
+    # other engines carry no enqueue cost to floor with
+    vllm = inference_time(spec, short, h100, engine="vllm", host_enqueued=True).prefill_s
+    assert vllm == inference_time(spec, short, h100, engine="vllm").prefill_s
+
+
+def test_the_host_enqueue_cost_is_the_published_decode_rate_less_the_step_work() -> None:
+    """The coefficient is sized on the one published TensorRT-LLM v0.5 decode rate the data file marks in-sample:
+    (1 / rate - step_s) / layers. Re-derive it from the row, so neither side can drift alone."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parent / "data" / "published_throughput.json").read_text(encoding="utf-8"))
+    sized = [r for r in doc["rows"] if r.get("in_sample")]
+    assert [r["id"] for r in sized] == ["trtllm-gpt-j-6b-tp1-decode-bs1-h100-fp8"]
+    row, trt = sized[0], engine_profile("tensorrt-llm")
+    layers = get_model(row["model"]).spec.num_layers
+    assert trt.host_enqueue_s_per_layer == pytest.approx((1 / row["value"] - trt.step_s) / layers, rel=1e-3)
+    assert row["layout"]["host_enqueued"] is True
+    # the same session enqueues the prompt too: every v0.5 first-token row says so
+    assert all(r["layout"].get("host_enqueued") for r in doc["rows"] if r.get("engine") == "tensorrt-llm")

@@ -258,13 +258,17 @@ def _faster(gpu_name: str, factor: float) -> object:
 
 @settings(max_examples=25, deadline=None)
 @given(model=st.sampled_from(_MODELS), gpu=st.sampled_from(["a100-80gb-sxm", "h100-sxm", "rtx-4090", "l40s"]),
-       factor=st.floats(1.0, 4.0), infer=st.booleans(), engine=st.sampled_from(["transformers", "vllm"]))
-def test_a_faster_gpu_is_never_slower(model: str, gpu: str, factor: float, infer: bool, engine: str) -> None:
+       factor=st.floats(1.0, 4.0), infer=st.booleans(),
+       engine=st.sampled_from(["transformers", "vllm", "tensorrt-llm"]), host=st.booleans(),
+       seq=st.sampled_from([128, 1024]))
+def test_a_faster_gpu_is_never_slower(model: str, gpu: str, factor: float, infer: bool, engine: str, host: bool,
+                                      seq: int) -> None:
     spec = get_model(model).spec
     base, fast = get_gpu(gpu), _faster(gpu, factor)
-    if infer:
-        w = Workload(task=Task.INFER, batch_size=4, seq_len=1024, new_tokens=64)
-        a, b = inference_time(spec, w, base, engine=engine), inference_time(spec, w, fast, engine=engine)  # type: ignore[arg-type]
+    if infer:  # host: steps enqueued by the host (no CUDA graphs), a floor the GPU does not move
+        w = Workload(task=Task.INFER, batch_size=4, seq_len=seq, new_tokens=64)
+        a = inference_time(spec, w, base, engine=engine, host_enqueued=host)
+        b = inference_time(spec, w, fast, engine=engine, host_enqueued=host)  # type: ignore[arg-type]
         assert a.request_s is not None and b.request_s is not None
         assert b.request_s <= a.request_s * (1 + 1e-9)
     else:
@@ -379,3 +383,27 @@ def test_plan_takes_a_described_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     plans = json.loads(out)["plans"]
     assert plans and {p["gpu"] for p in plans} == {"h20"} and all(p["tokens_per_s"] for p in plans)
+
+
+def test_the_bandwidth_fraction_belongs_to_the_gpus_memory() -> None:
+    """Where a copy measurement of a GPU's own memory is published, its fraction is the GPU's (GDDR6 on the L40S,
+    HBM2 on the A100 40GB, HBM2e on the H100 PCIe), each with a source; other GPUs keep their generation's."""
+    doc = json.loads((resources.files("vramplan") / "data" / "mfu.json").read_text(encoding="utf-8"))
+    own = {name: g for name, g in doc["gpus"].items() if "bandwidth" in g}
+    assert {"l40s", "a100-40gb-sxm", "h100-pcie"} <= set(own)
+    for name, g in own.items():
+        eff = gpu_efficiency(get_gpu(name))
+        assert eff.bandwidth == g["bandwidth"] and 0.5 < eff.bandwidth <= 1, name
+        assert any(s.startswith("bandwidth: ") and "gpu-stream" in s for s in eff.sources), name
+    gen = doc["generations"]["Ada Lovelace"]["bandwidth"]
+    assert gpu_efficiency(get_gpu("rtx-4090")).bandwidth == gen  # GDDR6X: no measurement of its own
+    assert gpu_efficiency(get_gpu("l40s")).bandwidth != gen
+    # the decode roofline streams at the GPU's own fraction
+    from vramplan.perf import decode_step
+
+    spec = get_model("llama-3.1-8b").spec
+    l40s = get_gpu("l40s")
+    w = Workload(task=Task.INFER, batch_size=1, seq_len=128, new_tokens=1)
+    dec = decode_step(spec, w, l40s, context=128, batch=1, engine="vllm")
+    achievable = l40s.memory_bandwidth_bytes_per_s * own["l40s"]["bandwidth"]
+    assert dec.roofline_s == pytest.approx(dec.bytes_read / achievable)

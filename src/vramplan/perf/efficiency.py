@@ -111,6 +111,8 @@ class EngineProfile:
     # or "custom" (the engine's one-shot kernel: allreduce_latency_s + ring bytes over the link)
     fused_gated_mlp: bool = True  # gate and up projections run as one product (one fp8 input quantization)
     custom_allreduce_max_bytes: int = 0  # larger all-reduces leave the custom kernel for NCCL (0: no limit)
+    host_enqueue_s_per_layer: float = 0.0  # host seconds to enqueue one decoder layer where no CUDA graph replays it
+    host_enqueued: bool = False  # every step enqueued kernel by kernel by the host (a session without CUDA graphs)
 
     @property
     def per_layer_s(self) -> float | None:
@@ -194,7 +196,9 @@ def _generation_of(architecture: str) -> dict[str, Any]:
 
 
 def gpu_efficiency(gpu: GPU, *, measured_mfu: float | None = None) -> GPUEfficiency:
-    """The achievable fractions for ``gpu``: its own matmul figure where published, else its generation's.
+    """The achievable fractions for ``gpu``: its own matmul and bandwidth figures where published (the bandwidth
+    fraction belongs to the GPU's memory: technology and controllers, HBM3e on the H200, GDDR6 on the L40S), else
+    its generation's.
 
     A GPU described by the user (``--gpu-spec`` / ``--gpu custom:…``) may carry its own fractions
     (``matmul_efficiency``, ``attention_efficiency``, ``bandwidth_efficiency`` in its ``tflops_note``-free
@@ -213,12 +217,16 @@ def _efficiency(name: str, architecture: str, measured_mfu: float | None,
     gen = _generation_of(architecture)
     srcs = dict(gen.get("sources", {}))
     matmul = float(gen["matmul"])
+    attention, bandwidth = float(gen["attention"]), float(gen["bandwidth"])
     own = _mfu_document()["gpus"].get(name)
     if own is not None:
-        matmul = float(own["matmul"])
-        srcs["matmul"] = str(own["source"])
+        if "matmul" in own:
+            matmul = float(own["matmul"])
+            srcs["matmul"] = str(own["source"])
+        if "bandwidth" in own:  # the GPU's own memory (technology, controllers) where a copy figure is published
+            bandwidth = float(own["bandwidth"])
+            srcs["bandwidth"] = str(own["bandwidth_source"])
     custom = dict(custom_items)
-    attention, bandwidth = float(gen["attention"]), float(gen["bandwidth"])
     if custom:
         matmul = custom.get("matmul", matmul)
         attention = custom.get("attention", attention)
@@ -323,7 +331,8 @@ def engine_profile(name: str) -> EngineProfile:
                          float(e["allreduce_latency_s"]), bool(e["fused_elementwise"]), str(e["source"]),
                          float(e.get("step_s", 0.0)), bool(e.get("fused_attention", False)),
                          float(e.get("kv_cache_copies_per_step", 0.0)), float(e.get("step_layer_passes", 0.0)),
-                         str(e.get("allreduce", "custom")), True, int(e.get("custom_allreduce_max_bytes", 0)))
+                         str(e.get("allreduce", "custom")), True, int(e.get("custom_allreduce_max_bytes", 0)),
+                         float(e.get("host_enqueue_s_per_layer", 0.0)))
 
 
 def with_measured(eff: GPUEfficiency, mfu: float | None) -> GPUEfficiency:

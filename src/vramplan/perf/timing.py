@@ -68,8 +68,8 @@ from .work import (
 )
 
 __all__ = ["DecodeStep", "InferenceTime", "StepTime", "TrainingTime", "decode_seconds", "decode_step", "decode_traffic",
-           "engine_overhead_s", "fp8_gemms", "inference_time", "ridge_rows", "step_time", "tp_allreduce_s",
-           "training_time"]
+           "engine_overhead_s", "fp8_gemms", "host_enqueue_s", "inference_time", "ridge_rows", "step_time",
+           "tp_allreduce_s", "training_time"]
 
 _SECONDS_PER_HOUR = 3600.0
 
@@ -350,7 +350,7 @@ class DecodeStep:
     bytes_read: int
     flops: float
     seconds: float | None
-    bound: str  # "memory" or "compute"
+    bound: str  # "memory", "compute" or "host" (the host's enqueue of a step without CUDA graphs)
     roofline_s: float | None = None  # max(bytes / bandwidth, FLOPs / peak)
     overhead_s: float = 0.0  # the engine's per-layer cost (launches / kernel floors)
     allreduce_s: float = 0.0  # tensor-parallel all-reduces
@@ -434,7 +434,23 @@ def decode_step(spec: ModelSpec, w: Workload, gpu: GPU, *, context: int, batch: 
         if one is None:
             return DecodeStep(bytes_read, flops, None, bound, roof, overhead)
         ar = 2 * spec.num_layers * one
-    return DecodeStep(bytes_read, flops, roof + overhead + ar, bound, roof, overhead, ar)
+    seconds = roof + overhead + ar
+    host = host_enqueue_s(spec, prof)
+    if host > seconds - prof.step_s:  # the host enqueues the step's kernels slower than the GPU runs them
+        seconds, bound = host + prof.step_s, "host"
+    return DecodeStep(bytes_read, flops, seconds, bound, roof, overhead, ar)
+
+
+def host_enqueue_s(spec: ModelSpec, engine: EngineProfile) -> float:
+    """Host seconds to enqueue one step of ``spec``'s decoder layers where the engine runs it without a CUDA graph
+    (``EngineProfile.host_enqueued``: TensorRT-LLM 0.5's ``GptSession`` enqueues the TensorRT context every prefill,
+    ``executeContext``, and every generation step unless built and run with ``--enable_cuda_graph``): the step takes
+    at least this long whatever the GPU, since the GPU cannot run a kernel before the host has enqueued it. 0 where
+    the engine replays graphs or no per-layer enqueue cost is known (``data/mfu.json``
+    ``engines.*.host_enqueue_s_per_layer``, with its derivation)."""
+    if not engine.host_enqueued:
+        return 0.0
+    return spec.num_layers * engine.host_enqueue_s_per_layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,12 +485,14 @@ class InferenceTime:
 
 def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, model: ThroughputModel | None = None,
                    engine: str = "transformers", allreduce: str | None = None,
-                   fused_mlp: bool | None = None) -> InferenceTime:
+                   fused_mlp: bool | None = None, host_enqueued: bool | None = None) -> InferenceTime:
     """Prefill and decode of ``w`` on ``gpu`` with a serving ``engine``, tensor-parallel over ``split`` GPUs.
     ``allreduce`` (``nccl`` or ``custom``) overrides the engine's tensor-parallel all-reduce (a release or build
     without the engine's own kernel: TensorRT-LLM 0.5 engines built without ``--use_custom_all_reduce``);
     ``fused_mlp=False``: a build that runs the gate and up projections as two products (TensorRT-LLM 0.5 without
-    ``--use_fused_mlp``)."""
+    ``--use_fused_mlp``); ``host_enqueued=True``: a session whose host enqueues every step kernel by kernel, without
+    CUDA graphs (TensorRT-LLM 0.5's ``GptSession``): prefill and decode steps take at least the host's enqueue time
+    (:func:`host_enqueue_s`)."""
     m = model or load_throughput_model()
     prof = engine_profile(engine)
     if allreduce is not None:
@@ -483,6 +501,8 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
         prof = replace(prof, allreduce=allreduce)
     if fused_mlp is not None:
         prof = replace(prof, fused_gated_mlp=fused_mlp)
+    if host_enqueued is not None:
+        prof = replace(prof, host_enqueued=host_enqueued)
     work = inference_work(spec, w, prof.name, prof.fused_gated_mlp)
     eff = gpu_efficiency(gpu)
     mode = ("eager PyTorch: the calibrated host launch cost per layer" if prof.per_layer_s is None else
@@ -504,6 +524,11 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
     if repeated_kv_bytes(spec, w, context, prof.name):
         assumptions += ("decode: transformers expands the grouped keys and values to every query head before "
                         "attention (repeat_kv), 2 x n_rep x the cache per step (perf.work.repeated_kv_bytes)",)
+    host = host_enqueue_s(spec, prof)
+    if host:
+        assumptions += (f"no CUDA graphs: the host enqueues every step's kernels, "
+                        f"{prof.host_enqueue_s_per_layer * 1e6:.0f} us per layer ({host * 1e3:.2f} ms a step), a floor "
+                        "under prefill and decode whatever the GPU (data/mfu.json engines.*.host_enqueue_source)",)
     if prof.per_layer_s is None and prof.step_layer_passes:
         assumptions += (f"decode: generate()'s own per-step ops counted as {prof.step_layer_passes:g} layer passes "
                         "of eager launches (data/mfu.json engines.transformers.step_source)",)
@@ -521,7 +546,7 @@ def inference_time(spec: ModelSpec, w: Workload, gpu: GPU, *, split: int = 1, mo
                else f"no GPU-to-GPU link bandwidth for {gpu.display_name} (tensor parallel over {split}; "
                     "a described GPU takes link=…)")
         return InferenceTime(gpu.name, b, s, n, None, None, None, None, None, dec.bound, assumptions, why, prof.name)
-    prefill = st.total_s
+    prefill = max(st.total_s, host)  # the host's enqueue of the context step bounds it from below
     per_step = dec.seconds
     request = prefill + n * per_step
     return InferenceTime(gpu.name, b, s, n, prefill, per_step, b / per_step, request,
