@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from . import allocator as A
+from ._engine.loop import training_steps
 from ._engine.replay import GradBuf, layer_backward, layer_forward
 from ._engine.tape import Tape, Tensor
 from .blocks import Numerics, build_embed, build_head, build_layer
@@ -404,15 +405,10 @@ def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], lis
 def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[int]:
     """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
     groups list identical layers by first occurrence; the stream runs them in the model's order)."""
-    from .estimator import _kind
+    from .estimator import _layer_key
 
-    index: dict[tuple[object, ...], int] = {}
-    out = []
-    for i in range(spec.num_layers):
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
-               bool(every) and i % every == 0, _kind(spec, i))
-        out.append(index.setdefault(key, len(index)))
-    return out
+    index: dict[object, int] = {}
+    return [index.setdefault(_layer_key(spec, i, first_trainable, every), len(index)) for i in range(spec.num_layers)]
 
 
 def _autocast_cached(tpl: _Template, codes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -681,14 +677,14 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     st.alloc(st.key(("cublas", 1)), CUBLAS_WORKSPACE)
     grads: list[int] = []
+    makes_grads: dict[int, bool] = {}  # id(codes) -> whether the event list allocates a parameter gradient
 
     def run(tpl: _Template, codes: list[tuple[int, int]], base: int, xk: int, yk: int, gxk: int,
             gyk: int, fast: bool = True) -> list[Event]:
         """One instance of a recorded block: its events added to the stream (``fast``), or returned to be edited."""
         if tpl.pgrads:
             grads.extend(base + c for c in tpl.pgrads)
-            if hooks is not None and hooks.per_param_grads and fast and \
-                    any(n > 0 and c in tpl.pgrads for c, n in codes):
+            if hooks is not None and hooks.per_param_grads and fast and _makes_grads(tpl, codes, makes_grads):
                 hooked(tpl.instance(codes, base, xk, yk, gxk, gyk), {base + c for c in tpl.pgrads})
                 return []
         if fast and not reference:
@@ -708,108 +704,119 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             if fresh_grad:
                 hooks.grad_ready(st, key, n)  # type: ignore[arg-type]
 
-    for step in range(steps):
-        before = set(st.live)
-        grads.clear()
+    def begin(step: int) -> None:
         if step:
             st.ev.append((None, A.RESET))
         st.ev.append((None, A.PROBE))
         if ddp and step == 1:
             _ddp_rebuild(st, train_sizes)
-        for mb in range(micro):
-            acc = mb > 0 and not fresh
-            t = (step, mb)
 
-            def y(k: object, t: object = t) -> int:
-                return st.key(("y", t, k))
+    def micro_batch(step: int, mb: int, grads_exist: bool) -> list[int]:
+        """One micro-batch's forward and backward; the keys of the parameter gradients it made."""
+        grads.clear()
+        acc = grads_exist and not fresh
+        t = (step, mb)
 
-            def gy(k: object, t: object = t) -> int:
-                return st.key(("gy", t, k))
+        def y(k: object) -> int:
+            return st.key(("y", t, k))
 
-            st.mark(Phase.FORWARD)
+        def gy(k: object) -> int:
+            return st.key(("gy", t, k))
+
+        st.mark(Phase.FORWARD)
+        if hooks:
+            hooks.pre_forward(st, ROOT)
+        e_base = st.fresh(len(emb.local))
+        run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1))
+        bases: list[int] = []
+        cached: list[int] = []
+        for k, gi in enumerate(order):
+            _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
+            base = st.fresh(len(tpl.local))
+            bases.append(base)
+            cached += [base + code for code in autocast_held.get(gi, ())]
             if hooks:
-                hooks.pre_forward(st, ROOT)
-            e_base = st.fresh(len(emb.local))
-            run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1))
-            bases: list[int] = []
-            cached: list[int] = []
-            for k, gi in enumerate(order):
-                _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
-                base = st.fresh(len(tpl.local))
-                bases.append(base)
-                cached += [base + code for code in autocast_held.get(gi, ())]
-                if hooks:
-                    hooks.pre_forward(st, k)
-                if k == 0 and not first_saves_x and not c:
-                    # transformers' base model keeps inputs_embeds referenced until it returns
-                    items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k), fast=False)
-                    st.add([(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))])
-                else:
-                    run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
-                if hooks:
-                    hooks.post_forward(st, k)
-            if not first_saves_x and not first_ckpt:
-                st.free(y(-1))
-            for code in e_scoped:  # the base model's forward returned: its attention masks die
-                st.free(e_base + code)
-            h_base = st.fresh(len(head.local))
-            run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9)
-            for kk in cached:  # leaving torch.autocast clears its cache of weight casts
-                st.free(kk)
-            if hooks:
-                hooks.post_forward(st, ROOT)
-            st.mark(Phase.BACKWARD)
-            if hooks:
-                hooks.pre_backward(st, ROOT)
-            h_items = _seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
-                              [(h_base + code, n) for code, n in seeds])
-            if hooks and hooks.per_param_grads:
-                hooked(h_items, {h_base + code for code in head.pgrads})
+                hooks.pre_forward(st, k)
+            if k == 0 and not first_saves_x and not c:
+                # transformers' base model keeps inputs_embeds referenced until it returns
+                items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k), fast=False)
+                st.add([(kk, n) for kk, n in items if not (n == _FREE and kk == y(-1))])
             else:
-                st.add(h_items)
-            for k in range(L - 1, -1, -1):
-                _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
-                base = bases[k]
-                if hooks:
-                    hooks.pre_backward(st, k)
-                if c:  # recompute the layer's forward (saving), then its backward; then drop its input
-                    base = st.fresh(len(tpl.local))
-                    run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k))
-                    st.free(y(("r", k)))
-                elif rec:  # offloaded: the saved tensors come back from the host
-                    run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k))
-                run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
-                if hooks:
-                    hooks.post_backward(st, k, [base + code for code in tpl.pgrads], mb > 0)
-                if c:
-                    st.free(y(k - 1))
-            run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
+                run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
             if hooks:
-                hooks.post_backward(st, ROOT, [h_base + code for code in head.pgrads] +
-                                    [e_base + code for code in emb.pgrads], mb > 0)
-            for code in e_extra:
-                st.free(e_base + code)
+                hooks.post_forward(st, k)
+        if not first_saves_x and not first_ckpt:
             st.free(y(-1))
-            if micro > 1 and not acc:  # the next micro-batch's output replaces this one's
-                for code in head_kept:
-                    st.free(h_base + code)
+        for code in e_scoped:  # the base model's forward returned: its attention masks die
+            st.free(e_base + code)
+        h_base = st.fresh(len(head.local))
+        run(head, h_fwd, h_base, y(L - 1), -9, gy(L - 1), -9)
+        for kk in cached:  # leaving torch.autocast clears its cache of weight casts
+            st.free(kk)
+        if hooks:
+            hooks.post_forward(st, ROOT)
+        st.mark(Phase.BACKWARD)
+        if hooks:
+            hooks.pre_backward(st, ROOT)
+        h_items = _seeded(run(head, h_bwd_acc if acc else h_bwd, h_base, y(L - 1), -9, gy(L - 1), -9, fast=False),
+                          [(h_base + code, n) for code, n in seeds])
+        if hooks and hooks.per_param_grads:
+            hooked(h_items, {h_base + code for code in head.pgrads})
+        else:
+            st.add(h_items)
+        for k in range(L - 1, -1, -1):
+            _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
+            base = bases[k]
+            if hooks:
+                hooks.pre_backward(st, k)
+            if c:  # recompute the layer's forward (saving), then its backward; then drop its input
+                base = st.fresh(len(tpl.local))
+                run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k))
+                st.free(y(("r", k)))
+            elif rec:  # offloaded: the saved tensors come back from the host
+                run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k))
+            run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
+            if hooks:
+                hooks.post_backward(st, k, [base + code for code in tpl.pgrads], mb > 0)
+            if c:
+                st.free(y(k - 1))
+        run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
+        if hooks:
+            hooks.post_backward(st, ROOT, [h_base + code for code in head.pgrads] +
+                                [e_base + code for code in emb.pgrads], mb > 0)
+        for code in e_extra:
+            st.free(e_base + code)
+        st.free(y(-1))
+        if micro > 1 and not acc:  # the next micro-batch's output replaces this one's
+            for code in head_kept:
+                st.free(h_base + code)
+        return grads.copy()
+
+    def optimizer_step(step: int) -> None:
         st.mark(Phase.OPTIMIZER_STEP)
         if hooks:
             hooks.optimizer_step(st, step)
         _optimizer_step(st, opt_states, opt_temps, step)
-        # zero_grad(set_to_none=True): every gradient dies, in parameter order (the reverse of backward's);
-        # then ``del out`` drops the logits and the loss, and with them what is left of the step
-        for kk in reversed(grads):
-            st.free(kk)
-        for left in [kk for kk in st.live if kk not in before]:
-            if left not in st.opt_keys:
-                st.free(left)
+
+    # zero_grad(set_to_none=True), then ``del out`` drops the logits and the loss, and with them what is left of
+    # the step (the optimizer's states and DDP's rebuilt buckets, ``opt_keys``, stay)
+    for step in training_steps(st, steps, micro, begin=begin, micro_batch=micro_batch,
+                               optimizer_step=optimizer_step, persistent=st.opt_keys):
         st.ev.append((None, A.PROBE))
         chunk, st.ev = st.ev, []
         yield chunk
         # (with DDP the second step rebuilds the buckets: from the third on the steps repeat)
         if probe is not None and step > int(ddp) and len(probe) >= 2 and probe[-1] == probe[-2]:
             return
+
+
+def _makes_grads(tpl: _Template, codes: list[tuple[int, int]], memo: dict[int, bool]) -> bool:
+    """Whether ``codes`` (an event list of ``tpl``) allocates one of its parameter gradients: scanned once per list
+    (``memo``, keyed by the list's id: the lists live as long as the stream that runs them)."""
+    made = memo.get(id(codes))
+    if made is None:
+        made = memo[id(codes)] = any(n > 0 and c in tpl.pgrads for c, n in codes)
+    return made
 
 
 def _optimizer_step(st: _Stream, states: list[int], temps: list[int], step: int) -> None:

@@ -196,22 +196,28 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
 
 
+_LayerKey = tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
 _Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
+
+
+def _layer_key(spec: ModelSpec, i: int, first_trainable: int, ckpt_every: int = 0) -> _LayerKey:
+    """What makes decoder layer ``i`` the same as another: (base weights train, moe, sliding, rope, checkpointed,
+    kind); layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
+    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
+    :func:`_kind` (mixer, MLP, fp32 input, layer-override group)."""
+    return (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
+            bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
 
 
 @lru_cache(maxsize=1024)  # worked out once per model: every workload asks again
 def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> tuple[_Group, ...]:
-    """(count, base weights train, moe, sliding, rope, checkpointed, kind) groups of identical layers, bottom to
-    top; layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
-    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
-    :func:`_kind` (mixer, MLP, fp32 input, layer-override group)."""
+    """(count, *:func:`_layer_key`) groups of identical layers, bottom to top, by first occurrence."""
     # identical layers: one replay
-    counts: dict[tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]], int] = {}
+    counts: dict[_LayerKey, int] = {}
     for i in range(spec.num_layers):
         if i in spec.idle_layers:  # built, never run (spec.idle_layers)
             continue
-        key = (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
-               bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
+        key = _layer_key(spec, i, first_trainable, ckpt_every)
         counts[key] = counts.get(key, 0) + 1
     return tuple((n, *key) for key, n in counts.items())
 

@@ -7,5 +7,7 @@ attention-kernel choice and the constants of a step live here once.
 * :mod:`.numerics` — dtypes of a run (:class:`Numerics`) and the attention kernel
   ``scaled_dot_product_attention`` picks (:func:`sdpa_kernel`);
 * :mod:`.step` — what a step adds around the replayed programs (CUDA context, cuBLAS workspaces,
-  allocator slack) and the :class:`~vramplan.result.Estimate` built from the phases.
+  allocator slack) and the :class:`~vramplan.result.Estimate` built from the phases;
+* :mod:`.loop` — the order of a training step's phases (micro-batches, optimizer step, ``zero_grad``) over the
+  allocation streams of both model kinds (:func:`training_steps`).
 """

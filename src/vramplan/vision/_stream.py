@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .. import allocator as A
+from .._engine.loop import training_steps
 from .._engine.replay import backward as replay_backward
 from .._engine.replay import forward as replay_forward
 from .._engine.tape import ZERO, Tape, Tensor
@@ -109,41 +110,41 @@ def vision_events(net: Tape, param_sizes: Sequence[tuple[int, int]], seeds: Sequ
     for h in range(2 if training else 1):
         v.alloc(("cublas", h), CUBLAS_WORKSPACE)
     opt_states, opt_temps = _optimizer_tensors(optimizer, list(opt_sizes)) if training else ([], [])
+    opt_keys = {("opt", j) for j in range(len(opt_states))}
     micro = min(accumulation, 2) if training else 1
-    kept: set[object] = set()  # gradients zero_grad(set_to_none=False) leaves allocated
-    for step in range(steps):
+
+    def begin(step: int) -> None:
         if step == steps - 1:
             v.ev.append((None, A.RESET))
-        before = set(v.live)
+
+    def micro_batch(step: int, mb: int, grads_exist: bool) -> list[object]:
+        mb_before = set(v.live)
+        fwd_ev: list[Event] = []
+        fr = replay_forward(net, ZERO, ev=fwd_ev)
+        v.add(fwd_ev, (step, mb))
         grads: list[object] = []
-        for mb in range(micro):
-            mb_before = set(v.live)
-            fwd_ev: list[Event] = []
-            fr = replay_forward(net, ZERO, ev=fwd_ev)
-            v.add(fwd_ev, (step, mb))
-            if training:
-                bwd_ev: list[Event] = []
-                replay_backward(net, fr, seeds, ev=bwd_ev, param_grads_exist=mb > 0 or bool(kept))
-                grads += v.add(bwd_ev, (step, mb))
-            if mb < micro - 1:  # the next micro-batch rebinds pred and loss: what this one left dies
-                for key in [k for k in v.live if k not in mb_before and k not in grads]:
-                    v.free(key)
         if training:
-            if step == 0:
-                for j, n in enumerate(opt_states):
-                    v.alloc(("opt", j), n)
-            for j, n in enumerate(opt_temps):
-                v.alloc(("tmp", step, j), n)
-            for j in range(len(opt_temps)):
-                v.free(("tmp", step, j))
-            if keep_grads:
-                kept.update(grads)
-            else:
-                for g in reversed(grads):
-                    v.free(g)
-        for key in [k for k in v.live if k not in before and k not in kept
-                    and not (isinstance(k, tuple) and k[0] == "opt")]:
-            v.free(key)
+            bwd_ev: list[Event] = []
+            replay_backward(net, fr, seeds, ev=bwd_ev, param_grads_exist=grads_exist)
+            grads = v.add(bwd_ev, (step, mb))
+        if mb < micro - 1:  # the next micro-batch rebinds pred and loss: what this one left dies
+            for key in [k for k in v.live if k not in mb_before and k not in grads]:
+                v.free(key)
+        return grads
+
+    def optimizer_step(step: int) -> None:
+        if step == 0:
+            for j, n in enumerate(opt_states):
+                v.alloc(("opt", j), n)
+        for j, n in enumerate(opt_temps):
+            v.alloc(("tmp", step, j), n)
+        for j in range(len(opt_temps)):
+            v.free(("tmp", step, j))
+
+    for _step in training_steps(v, steps, micro, begin=begin, micro_batch=micro_batch,
+                                optimizer_step=optimizer_step if training else None, persistent=opt_keys,
+                                keep_grads=keep_grads):
+        pass
     return v.ev
 
 
