@@ -64,3 +64,15 @@ def test_training_rows_show_where_the_predicted_step_goes() -> None:
     train = [r for r in mod.rows() if r.category.startswith("train")]
     assert train and all(r.split.startswith("compute ") and "optimizer" in r.split and "comm" in r.split
                          for r in train), [r.name for r in train if not r.split]
+
+
+def test_a_published_row_a_coefficient_was_sized_on_is_in_sample_and_left_out_of_the_figures() -> None:
+    mod = _report()
+    rows = mod.rows()
+    sized = [r for r in rows if r.in_sample and not r.source.startswith("tests/data/")]
+    assert [r.name for r in sized] == ["trtllm-gpt-j-6b-tp1-decode-bs1-h100-fp8"]
+    kinds = mod.published_by_kind(rows)
+    out, ins = kinds["decode"]
+    assert ins == [sized[0].error] and sized[0].error not in out
+    published = [r for r in rows if r.error is not None and not r.source.startswith("tests/data/")]
+    assert sum(len(o) + len(i) for o, i in kinds.values()) == len(published)
