@@ -31,6 +31,8 @@ def _raw() -> dict[str, Any]:
 
 RECORDS: list[dict[str, Any]] = _raw()["models"]
 FIELDS = {"name", "hf_id", "aliases", "params", "params_source", "source", "retrieved", "config"}
+OPTIONAL = {"variants"}  # Hugging Face id -> where its config.json was read, what was compared, when
+HF_ID_RE = re.compile(r"[\w.\-]+/[\w.\-]+")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
 
 
@@ -45,7 +47,10 @@ def test_schema_version_and_size() -> None:
 
 @pytest.mark.parametrize("record", RECORDS, ids=[r["name"] for r in RECORDS])
 def test_record_schema(record: dict[str, Any]) -> None:
-    assert set(record) == FIELDS
+    assert FIELDS <= set(record) <= FIELDS | OPTIONAL
+    for hf_id, note in record.get("variants", {}).items():  # each one read, compared and dated
+        assert HF_ID_RE.fullmatch(hf_id) and hf_id != record["hf_id"], hf_id
+        assert isinstance(note, str) and "config" in note and re.search(r"\d{4}-\d{2}-\d{2}", note), hf_id
     name = record["name"]
     assert isinstance(name, str) and NAME_RE.match(name), name
     assert isinstance(record["hf_id"], str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", record["hf_id"])
@@ -83,8 +88,8 @@ def test_aliases_unique_across_records_and_names() -> None:
 def test_every_lookup_key_finds_one_model() -> None:
     owner: dict[str, str] = {}
     for r in RECORDS:
-        hf = r["hf_id"]
-        for key in {r["name"], *r["aliases"], hf, hf.rpartition("/")[2]}:
+        ids = {r["hf_id"], *r.get("variants", {})}
+        for key in {r["name"], *r["aliases"], *ids, *(i.rpartition("/")[2] for i in ids)}:
             assert owner.setdefault(key.lower(), r["name"]) == r["name"], key
 
 
@@ -163,6 +168,7 @@ ADDED_2025_26 = {
     "kimi-linear-48b-a3b": 49_122_675_072,
     "gemma-4-31b": 30_697_345_280,
     "glm-5": 743_911_199_232,
+    "qwen3-coder-480b-a35b": 480_154_875_392,
 }
 
 
@@ -230,6 +236,11 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("bigscience/bloom", "bloom-176b"),
     ("Mistral-7B-v0.1", "mistral-7b"),
     ("google/gemma-3-4b-pt", "gemma-3-4b"),
+    ("deepseek-ai/DeepSeek-R1", "deepseek-v3"),  # variants: checkpoints whose config.json was read and compared
+    ("DeepSeek-V3.1", "deepseek-v3"),
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout-17b-16e"),
+    ("meta-llama/llama-3.1-8b-instruct", "llama-3.1-8b"),
+    ("Qwen/Qwen3-Coder-480B-A35B-Instruct", "qwen3-coder-480b-a35b"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name

@@ -3,7 +3,9 @@
 Each entry holds the architecture fields of the model's published Hugging Face ``config.json``
 and its exact parameter count (checked against transformers by
 ``benchmarks/verify_catalog_counts.py``). ``get_model("llama-3.1-8b")`` finds an entry by name,
-alias or Hugging Face id, case-insensitively; ``resolve_model`` also accepts a path to a local
+alias or Hugging Face id, case-insensitively; an entry's ``variants`` are the Hugging Face ids of other checkpoints
+(instruct, chat, reasoning releases) whose config.json was read and found equal in every field that moves memory,
+each with where it was read; they find the entry too. ``resolve_model`` also accepts a path to a local
 ``config.json``. Pure standard library: no torch, no network.
 """
 
@@ -60,6 +62,7 @@ class CatalogEntry:
     source: str
     retrieved: str
     config: Mapping[str, Any] = field(hash=False)
+    variants: tuple[str, ...] = ()  # Hugging Face ids of checkpoints with this config (data file: id -> where read)
     _spec_cache: dict[str, ModelSpec] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
@@ -82,12 +85,15 @@ def _entry(record: Mapping[str, Any]) -> CatalogEntry:
         name=str(record["name"]), hf_id=str(record["hf_id"]),
         aliases=tuple(str(a) for a in record.get("aliases", ())), params=int(record["params"]),
         source=str(record["source"]), retrieved=str(record["retrieved"]), config=_freeze(record["config"]),
+        variants=tuple(str(v) for v in record.get("variants", {})),
     )
 
 
 def _keys(entry: CatalogEntry) -> list[str]:
-    """Every lowercase string that finds ``entry``: name, aliases, hf_id and hf_id without the org."""
-    keys = [entry.name, *entry.aliases, entry.hf_id, entry.hf_id.rpartition("/")[2]]
+    """Every lowercase string that finds ``entry``: name, aliases, and each Hugging Face id (hf_id, variants) with
+    and without the org."""
+    ids = (entry.hf_id, *entry.variants)
+    keys = [entry.name, *entry.aliases, *ids, *(i.rpartition("/")[2] for i in ids)]
     return [k.lower() for k in keys]
 
 

@@ -529,7 +529,8 @@ def models(kind: str | None = None, family: str | None = None) -> tuple[ModelInf
         raise WorkloadError(f"kind {kind!r} is not one of: llm, image")
     out: list[ModelInfo] = []
     if kind in (None, "llm"):
-        out += [ModelInfo(m.name, "llm", m.hf_id, m.spec.family, m.params, m.aliases, m.source) for m in list_models()]
+        out += [ModelInfo(m.name, "llm", m.hf_id, m.spec.family, m.params, (*m.aliases, *m.variants), m.source)
+                for m in list_models()]
     if kind in (None, "image"):
         out += [ModelInfo(e.name, "image", e.hf_id, f"image: {e.kind}", e.params, e.aliases, e.source)
                 for e in list_vision_models() if e.estimable]
