@@ -52,7 +52,7 @@ from .kinds import MemoryKind
 from .spec import LayerOverride, ModelSpec, NormKind
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from ._engine.tape import Tensor
     from .blocks import _B
@@ -74,7 +74,7 @@ _RATIO_TYPES = {0: _SLIDING, 4: _CSA, 128: _HCA}  # DeepseekV4Config's legacy co
 _SCORES = ("sqrtsoftplus", "softmax", "sigmoid")
 
 
-def _kinds(c: _Cfg, raw: dict[str, Any], layers: int) -> tuple[list[str], list[str]]:
+def _kinds(c: _Cfg, raw: Mapping[str, Any], layers: int) -> tuple[list[str], list[str]]:
     """DeepseekV4Config.__post_init__: the attention type and the MLP type of every layer."""
     types = raw.get("layer_types")
     legacy = raw.get("compress_ratios")
@@ -100,10 +100,8 @@ def _deepseek_v4(c: _Cfg, family: str) -> ModelSpec:
     from .hfconfig import _MAX_LAYERS, _Cfg, _Facts, _llama_like
     from .params import count_params
 
-    raw: dict[str, Any] = dict(c.raw)
-    for key, default in _DEFAULTS.items():
-        raw.setdefault(key, default)
-    cc = _Cfg(raw, c.where)
+    cc = c.with_defaults(_DEFAULTS)
+    raw = cc.raw
     layers = cc.int_("num_hidden_layers", hi=_MAX_LAYERS)
     types, mlp = _kinds(cc, raw, layers)
     rates = raw.get("compress_rates") or {}

@@ -45,6 +45,14 @@ class _Cfg:
         self.raw = raw
         self.where = where
 
+    def with_defaults(self, defaults: Mapping[str, Any]) -> _Cfg:
+        """The config with ``defaults`` (a configuration class's ``__init__`` defaults) for the keys it lacks; a key
+        it sets to null stays null. Keys keep the config's order, the added ones after them."""
+        raw = dict(self.raw)
+        for key, value in defaults.items():
+            raw.setdefault(key, value)
+        return _Cfg(raw, self.where)
+
     def _get(self, keys: tuple[str, ...], default: Any) -> tuple[str, Any]:
         for k in keys:
             if k in self.raw and self.raw[k] is not None:

@@ -146,10 +146,8 @@ def _hy_v4(c: _Cfg, family: str) -> ModelSpec:
     from .hfconfig import _MAX_LAYERS, _Cfg, _Facts, _llama_like
     from .params import count_params
 
-    raw: dict[str, Any] = dict(c.raw)
-    for key, default in _HY_DEFAULTS.items():
-        raw.setdefault(key, default)
-    cc = _Cfg(raw, c.where)
+    cc = c.with_defaults(_HY_DEFAULTS)
+    raw = cc.raw
     layers = cc.int_("num_hidden_layers", hi=_MAX_LAYERS)
     cc.int_("q_lora_rank")  # HYV4Attention always runs q_a_proj / q_b_proj (a null rank does not build)
     kinds = raw.get("indexer_types")

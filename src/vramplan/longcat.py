@@ -70,12 +70,10 @@ def _longcat_flash(c: _Cfg, family: str) -> ModelSpec:
     from .hfconfig import _MAX_LAYERS, _Cfg, _Facts, _llama_like
     from .workload import default_transformers, release
 
-    raw: dict[str, Any] = dict(c.raw)
-    for key, default in _DEFAULTS.items():
-        raw.setdefault(key, default)
-    if raw.get("zero_expert_num", 0) is None:  # LongcatFlashExperts: config.zero_expert_num or 0
-        raw["zero_expert_num"] = 0
-    cc = _Cfg(raw, c.where)
+    cc = c.with_defaults(_DEFAULTS)
+    if cc.raw["zero_expert_num"] is None:  # LongcatFlashExperts: config.zero_expert_num or 0
+        cc = _Cfg({**cc.raw, "zero_expert_num": 0}, c.where)
+    raw = cc.raw
     if raw.get("num_layers") is None and raw.get("num_hidden_layers") is not None:
         layers = cc.int_("num_hidden_layers", hi=2 * _MAX_LAYERS) // 2  # the config's setter: num_layers = n // 2
     else:
