@@ -27,7 +27,8 @@ from typing import Protocol
 
 from . import allocator as A
 from ._engine.loop import training_steps
-from ._engine.replay import GradBuf, layer_backward, layer_forward
+from ._engine.replay import Event, GradBuf, layer_backward, layer_forward
+from ._engine.step import CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE
 from ._engine.tape import Tape, Tensor
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
@@ -38,9 +39,7 @@ from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, W
 
 __all__ = ["infer_events", "train_events"]
 
-Event = tuple[object, int]
 MiB = 1 << 20
-CUBLAS_WORKSPACE = 32 * MiB
 _FREE = A.FREE
 _KIND_OF = tuple(MemoryKind)  # Tensor.kind indexes MemoryKind (vramplan._engine.tape)
 

@@ -242,8 +242,9 @@ def kv_capacity(spec: ModelSpec, w: Workload, gpu: GPU, *, gpu_memory_utilizatio
 
 
 @dataclass(frozen=True, slots=True)
-class FitResult:
-    """Whether ``estimate`` fits ``gpu``, and the largest batch and sequence that would."""
+class _FitAnswer:
+    """What a fit says for every model kind: ``estimate`` against ``gpu``'s usable memory, and the largest batch
+    that fits (at the workload's sequence length or resolution; 0 when even batch 1 does not fit)."""
 
     model: str
     gpu: str
@@ -252,7 +253,30 @@ class FitResult:
     estimate: Estimate
     fits: bool
     headroom_bytes: int  # usable memory minus total_bytes (negative: short by that much)
-    max_batch_size: int  # at the workload's sequence length; 0 when even batch 1 does not fit
+    max_batch_size: int
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.estimate.peak_allocated_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    def _memory_dict(self) -> dict[str, Any]:
+        """The first keys of ``to_dict``, the same for every model kind."""
+        return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
+                "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
+                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
+                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
+                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+                "nvidia_smi_bytes": self.total_bytes}  # reserved + CUDA context: what nvidia-smi shows
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult(_FitAnswer):
+    """Whether ``estimate`` fits ``gpu``, and the largest batch and sequence that would."""
+
     max_seq_len: int  # at the workload's batch size; 0 when even one token does not fit
     context_limit: int | None  # the model's max_position_embeddings
     kv: KVCapacity | None
@@ -276,18 +300,13 @@ class FitResult:
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.per_gpu is None else {"gpus": self.per_gpu.layout.gpus, "per_gpu": self.per_gpu.to_dict(),
                                                  "single_gpu_total_bytes": self.estimate.total_bytes}
-        return extra | {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
-                "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
-                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
-                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
-                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
-                "alloc_conf_suggestion": "expandable_segments:True" if self.expandable_total_bytes else None,
-                "expandable_total_bytes": self.expandable_total_bytes, "max_batch_size": self.max_batch_size,
-                "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
-                "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
-                "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
-                "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
+        return extra | self._memory_dict() | {
+            "alloc_conf_suggestion": "expandable_segments:True" if self.expandable_total_bytes else None,
+            "expandable_total_bytes": self.expandable_total_bytes, "max_batch_size": self.max_batch_size,
+            "max_seq_len": self.max_seq_len, "context_limit": self.context_limit,
+            "kv_cache": self.kv.to_dict() if self.kv else None, "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s, "workload": dict(self.estimate.workload),
+            "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
 
 
 def check_fit(spec: ModelSpec, w: Workload, gpu: GPU, *, name: str | None = None,
@@ -426,50 +445,29 @@ _VISION_MAX_RES = 1 << 15
 
 
 @dataclass(frozen=True, slots=True)
-class VisionFitResult:
+class VisionFitResult(_FitAnswer):
     """Whether an image model's workload fits ``gpu``, and the largest batch and resolution that would.
 
     ``to_dict`` has the keys of :class:`FitResult` (the sequence, KV and speed ones ``None``: image models
     have no tokens, and vramplan has no throughput model for them yet) plus the resolution answers.
     """
 
-    model: str
-    gpu: str
-    gpu_display_name: str
-    usable_memory_bytes: int
-    estimate: Estimate
-    fits: bool
-    headroom_bytes: int
-    max_batch_size: int  # at the workload's resolution; 0 when even batch 1 does not fit
     max_resolution: int  # at the workload's batch size; 0 when even the smallest valid resolution does not fit
     resolution_step: int | None  # valid resolutions are multiples of this from the smallest; None: fixed size
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
 
     @property
-    def peak_allocated_bytes(self) -> int:
-        return self.estimate.peak_allocated_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        return self.estimate.total_bytes
-
-    @property
     def resolution(self) -> int:
         return int(self.estimate.workload["resolution"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "gpu": self.gpu, "gpu_display_name": self.gpu_display_name,
-                "fits": self.fits, "usable_memory_bytes": self.usable_memory_bytes,
-                "peak_allocated_bytes": self.peak_allocated_bytes, "total_bytes": self.total_bytes,
-                "headroom_bytes": self.headroom_bytes, "oom_margin_bytes": self.headroom_bytes,
-                "peak_reserved_bytes": self.estimate.peak_reserved_bytes,
-                "nvidia_smi_bytes": self.total_bytes,  # reserved + CUDA context: what nvidia-smi shows
-                "alloc_conf_suggestion": None, "expandable_total_bytes": None, "max_batch_size": self.max_batch_size,
-                "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
-                "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
-                "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),
-                "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
+        return self._memory_dict() | {
+            "alloc_conf_suggestion": None, "expandable_total_bytes": None, "max_batch_size": self.max_batch_size,
+            "max_seq_len": None, "context_limit": None, "kv_cache": None, "step_time_s": None,
+            "tokens_per_s": None, "resolution": self.resolution, "max_resolution": self.max_resolution,
+            "resolution_step": self.resolution_step, "workload": dict(self.estimate.workload),
+            "assumptions": list(self.assumptions), "warnings": list(self.warnings)}
 
 
 def check_vision_fit(name: str, gpu: GPU, **options: Any) -> VisionFitResult:

@@ -276,26 +276,29 @@ class _D:
             co = self.lin(oc, d, d, name + ".attn.to_add_out")
         ho = self.lin(oi, d, d, name + ".attn.to_out.0", lora=True)
         L.hold(cq, ck, cv, o)  # the processor's locals until it returns
-        a = self.gate(mods, ho)
-        h1 = L.add(h, a)
-        n2 = self.modulate(h1, d, mods)
-        L.hold(nx)
-        f = self.ff(n2, d, name + ".ff")
-        f = self.gate(mods, f)
-        h2 = L.add(h1, f)
+        a, n2, h2 = self.gated_tail(h, ho, nx, mods, name + ".ff")
         if last:
             L.hold(h, c, a, n2, nc)
             return h2, None
         assert co is not None
-        ca = self.gate(cm, co)
-        c1 = L.add(c, ca)
-        nc2 = self.modulate(c1, d, cm)
-        L.hold(nc)
-        cf = self.ff(nc2, d, name + ".ff_context")
-        cf = self.gate(cm, cf)
-        c2 = L.add(c1, cf)
+        ca, nc2, c2 = self.gated_tail(c, co, nc, cm, name + ".ff_context")
         L.hold(h, c, a, n2, ca, nc2)
         return h2, c2
+
+    def gated_tail(self, x: Tensor, attn: Tensor, normed: Tensor, mods: Tensor,
+                   name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """One stream of a joint block after its attention: ``x + gate_msa * attn``, then the feed-forward on that
+        modulated and added back under ``gate_mlp`` (diffusers ``JointTransformerBlock`` and
+        ``FluxTransformerBlock``, the image and the context streams alike). ``normed``: the stream's modulated
+        input, held until the second modulation. Returns the gated attention output, the second modulation and the
+        block's output."""
+        L, d = self.L, self.s.dim
+        a = self.gate(mods, attn)
+        x1 = L.add(x, a)
+        n2 = self.modulate(x1, d, mods)
+        L.hold(normed)
+        f = self.gate(mods, self.ff(n2, d, name))
+        return a, n2, L.add(x1, f)
 
     def single_block(self, c: Tensor, img: Tensor, temb_act: Tensor, seq: int, name: str) -> Tensor:
         """Flux ``FluxSingleTransformerBlock``: concatenates text and image tokens (a copy), attention and

@@ -27,16 +27,14 @@ from collections.abc import Sequence
 
 from .. import allocator as A
 from .._engine.loop import training_steps
+from .._engine.replay import Event
 from .._engine.replay import backward as replay_backward
 from .._engine.replay import forward as replay_forward
+from .._engine.step import CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE
 from .._engine.tape import ZERO, Tape, Tensor
 from ..workload import Optimizer
 
 __all__ = ["vision_events"]
-
-Event = tuple[object, int]
-MiB = 1 << 20
-CUBLAS_WORKSPACE = 32 * MiB
 
 
 class _Versions:
