@@ -169,6 +169,8 @@ ADDED_2025_26 = {
     "gemma-4-31b": 30_697_345_280,
     "glm-5": 743_911_199_232,
     "qwen3-coder-480b-a35b": 480_154_875_392,
+    # instruct checkpoints whose config differs from their base entry's in a field that moves memory
+    "qwen2.5-7b-instruct": 7_615_616_512,
 }
 
 
@@ -241,6 +243,8 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout-17b-16e"),
     ("meta-llama/llama-3.1-8b-instruct", "llama-3.1-8b"),
     ("Qwen/Qwen3-Coder-480B-A35B-Instruct", "qwen3-coder-480b-a35b"),
+    ("Qwen/Qwen2.5-32B-Instruct", "qwen2.5-32b"),
+    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),  # 32,768 positions, the base 131,072: an entry of its own
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
