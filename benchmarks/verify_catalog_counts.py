@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vramplan.hfconfig import spec_from_config  # noqa: E402
+from vramplan.multimodal import MULTIMODAL_TYPES, tower_parameters  # noqa: E402
 from vramplan.params import count_params  # noqa: E402
 
 CATALOG = ROOT / "src" / "vramplan" / "data" / "models.json"
@@ -94,20 +95,24 @@ PUBLISHED: dict[str, int] = {
 
 
 def vramplan_count(name: str, config: dict[str, Any]) -> int:
-    return count_params(spec_from_config(dict(config), name=name)).total
+    spec = spec_from_config(dict(config), name=name)
+    mm = spec.multimodal  # a vision-language model: its tower and projector too
+    return count_params(spec).total + (tower_parameters(mm.tower) if mm is not None else 0)
 
 
 def transformers_count(config: dict[str, Any]) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = dict(config)
     model_type = kwargs.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **kwargs)
+    # a vision-language config: the image-text class (vision tower + projector + language model)
+    auto = AutoModelForImageTextToText if model_type in MULTIMODAL_TYPES else AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = auto.from_config(cfg)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -171,14 +171,21 @@ ADDED_2025_26 = {
     "qwen3-coder-480b-a35b": 480_154_875_392,
     # instruct checkpoints whose config differs from their base entry's in a field that moves memory
     "qwen2.5-7b-instruct": 7_615_616_512,
+    "mistral-small-3.1-24b": 24_011_361_280,  # vision-language: Pixtral tower + projector + the language model
 }
+
+
+def _total(entry: CatalogEntry) -> int:
+    """vramplan's count of the whole model: a vision-language model's tower and projector too."""
+    mm = entry.spec.multimodal
+    return count_params(entry.spec).total + (tower_parameters(mm.tower) if mm is not None else 0)
 
 
 @pytest.mark.parametrize(("name", "count"), sorted(ADDED_2025_26.items()))
 def test_added_2025_26_counts(name: str, count: int) -> None:
     entry = get_model(name)
     assert entry.params == count
-    assert count_params(entry.spec).total == count
+    assert _total(entry) == count
 
 
 @pytest.mark.slow
@@ -189,8 +196,10 @@ def test_added_2025_26_counts_match_the_meta_device(name: str) -> None:
     config = get_model(name).config_dict()
     model_type = config.pop("model_type")
     cfg = transformers.AutoConfig.for_model(model_type, **config)
+    vlm = model_type in MULTIMODAL_TYPES  # the image-text class: tower + projector + language model
+    auto = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model = auto.from_config(cfg)
     assert sum(p.numel() for p in model.parameters()) == ADDED_2025_26[name]
 
 
@@ -245,6 +254,7 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("Qwen/Qwen3-Coder-480B-A35B-Instruct", "qwen3-coder-480b-a35b"),
     ("Qwen/Qwen2.5-32B-Instruct", "qwen2.5-32b"),
     ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),  # 32,768 positions, the base 131,072: an entry of its own
+    ("mistralai/Mistral-Small-3.2-24B-Instruct-2506", "mistral-small-3.1-24b"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
