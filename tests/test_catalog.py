@@ -173,6 +173,7 @@ ADDED_2025_26 = {
     "qwen2.5-7b-instruct": 7_615_616_512,
     "mistral-small-3.1-24b": 24_011_361_280,  # vision-language: Pixtral tower + projector + the language model
     "glm-4.6": 352_797_814_784,  # GLM-4.5's shapes, 202,752 positions
+    "qwen3-235b-a22b-instruct-2507": 235_093_634_560,  # the base's shapes, 262,144 positions
 }
 
 
@@ -257,6 +258,8 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),  # 32,768 positions, the base 131,072: an entry of its own
     ("mistralai/Mistral-Small-3.2-24B-Instruct-2506", "mistral-small-3.1-24b"),
     ("zai-org/GLM-4.6", "glm-4.6"),
+    ("Qwen/Qwen3-235B-A22B-Instruct-2507", "qwen3-235b-a22b-instruct-2507"),
+    ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
