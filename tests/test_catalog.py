@@ -174,6 +174,8 @@ ADDED_2025_26 = {
     "mistral-small-3.1-24b": 24_011_361_280,  # vision-language: Pixtral tower + projector + the language model
     "glm-4.6": 352_797_814_784,  # GLM-4.5's shapes, 202,752 positions
     "qwen3-235b-a22b-instruct-2507": 235_093_634_560,  # the base's shapes, 262,144 positions
+    "qwen2.5-72b-instruct": 72_706_203_648,  # 32,768 positions, the base 131,072
+    "qwen3-30b-a3b-thinking-2507": 30_532_122_624,  # 262,144 positions, the base 40,960
 }
 
 
@@ -260,6 +262,9 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("zai-org/GLM-4.6", "glm-4.6"),
     ("Qwen/Qwen3-235B-A22B-Instruct-2507", "qwen3-235b-a22b-instruct-2507"),
     ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b"),
+    ("Qwen/QwQ-32B", "qwen2.5-32b"),
+    ("Qwen/Qwen2.5-3B-Instruct", "qwen2.5-3b"),
+    ("Qwen/Qwen3-30B-A3B-Thinking-2507", "qwen3-30b-a3b-thinking-2507"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
