@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from vramplan.api import make_workload
 from vramplan.catalog import CatalogEntry, get_model, list_models, resolve_model
 from vramplan.errors import ConfigError, UnknownNameError
 from vramplan.hfconfig import SUPPORTED_MODEL_TYPES
+from vramplan.memory import model_states
 from vramplan.multimodal import MULTIMODAL_TYPES, tower_parameters
 from vramplan.params import count_params
 
@@ -176,6 +178,7 @@ ADDED_2025_26 = {
     "qwen3-235b-a22b-instruct-2507": 235_093_634_560,  # the base's shapes, 262,144 positions
     "qwen2.5-72b-instruct": 72_706_203_648,  # 32,768 positions, the base 131,072
     "qwen3-30b-a3b-thinking-2507": 30_532_122_624,  # 262,144 positions, the base 40,960
+    "qwen3-30b-a3b-thinking-2507-fp8": 30_532_122_624,  # the same modules; its FP8 storage: the test below
 }
 
 
@@ -205,6 +208,18 @@ def test_added_2025_26_counts_match_the_meta_device(name: str) -> None:
     with torch.device("meta"):
         model = auto.from_config(cfg)
     assert sum(p.numel() for p in model.parameters()) == ADDED_2025_26[name]
+
+
+def test_fp8_checkpoint_holds_its_quantized_bytes() -> None:
+    """Qwen3-30B-A3B-Thinking-2507-FP8 as published (fp8 e4m3 in 128 x 128 blocks; lm_head, routers and norms kept):
+    the weights and scales transformers 5.24's FP8 quantizer makes of the meta-device model, 31,174,545,920 bytes
+    with its two rotary inv_freq buffers (512 B) that vramplan counts elsewhere; the checkpoint's safetensors hold
+    29.03 GiB (its scales in bf16). The bf16 checkpoint of the same model: 2 bytes a parameter, no scales."""
+    w = make_workload(task="infer", batch_size=1, seq_len=64)
+    fp8 = model_states(get_model("qwen3-30b-a3b-thinking-2507-fp8").spec, w)
+    assert fp8.weights + fp8.quant_constants == 31_174_545_408
+    bf16 = model_states(get_model("qwen3-30b-a3b-thinking-2507").spec, w)
+    assert bf16.quant_constants == 0 and bf16.weights == 2 * get_model("qwen3-30b-a3b-thinking-2507").params
 
 
 def test_moe_and_sliding_specs() -> None:
@@ -265,6 +280,7 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("Qwen/QwQ-32B", "qwen2.5-32b"),
     ("Qwen/Qwen2.5-3B-Instruct", "qwen2.5-3b"),
     ("Qwen/Qwen3-30B-A3B-Thinking-2507", "qwen3-30b-a3b-thinking-2507"),
+    ("Qwen/Qwen3-30B-A3B-Thinking-2507-FP8", "qwen3-30b-a3b-thinking-2507-fp8"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
