@@ -177,6 +177,7 @@ ADDED_2025_26 = {
     "glm-4.6": 352_797_814_784,  # GLM-4.5's shapes, 202,752 positions
     "qwen3-235b-a22b-instruct-2507": 235_093_634_560,  # the base's shapes, 262,144 positions
     "qwen2.5-72b-instruct": 72_706_203_648,  # 32,768 positions, the base 131,072
+    "qwen2.5-1.5b-instruct": 1_543_714_304,  # 32,768 positions, the base 131,072
     "qwen3-30b-a3b-thinking-2507": 30_532_122_624,  # 262,144 positions, the base 40,960
     "qwen3-30b-a3b-thinking-2507-fp8": 30_532_122_624,  # the same modules; its FP8 storage: the test below
 }
