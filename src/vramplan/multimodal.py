@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ._engine.numerics import MEM_EFF_MASK_ALIGNMENT
 from .errors import ConfigError, WorkloadError
 from .kinds import MemoryKind, Phase
 from .result import Breakdown, Estimate, PhasePeak
@@ -223,13 +224,15 @@ def _block(L: Any, t: VisionTower, x: Any, rows: int, seqs: list[int], tr: bool,
             outs.append(L.cast(L.add(a, b2), z.elem))
         q, k = outs
     padded = None
-    if style == "pixtral" and rows % 16:
-        # the block mask (1, 1, N, N) reaches the memory-efficient kernel expanded to every head; its last dim is
-        # not a multiple of 16, so SDPA pads it, materializing (heads, N, N + pad) (attention.cpp preprocess_mask),
-        # which the kernel's backward keeps as its bias
+    if style == "pixtral" and rows % MEM_EFF_MASK_ALIGNMENT:
+        # the block mask (1, 1, N, N) reaches the memory-efficient kernel with a last dim that is not a multiple of 8:
+        # preprocess_mask pads it (pad_bias: a (1, 1, N, N + pad) copy) and only then expands it over the batch and
+        # heads as a view (aten/src/ATen/native/transformers/attention.cpp, torch 2.4+; torch 2.0-2.3 padded the
+        # per-head expansion, 16x larger here), which the kernel's backward keeps as its bias
         # (made from the mask the layer is called with: under checkpointing the checkpoint holds that argument for
         # the layer's backward, as it holds every input)
-        padded = L.op(heads * rows * (rows + 16 - rows % 16), 2 if L.num.amp else L.num.act,
+        align = MEM_EFF_MASK_ALIGNMENT
+        padded = L.op(rows * (rows + align - rows % align), 2 if L.num.amp else L.num.act,
                       (mask,) if mask is not None else (), rg=False)
     elif mask is not None:
         L.scratch(0, (mask,))  # the layer reads the mask: a checkpoint holds it
