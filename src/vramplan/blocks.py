@@ -875,8 +875,7 @@ class _B:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)  # autocast casts SDPA inputs
         if sdpa_repeats_kv(spec, has_mask) and heads_kv != spec.num_heads and \
                 kernel in (Kernel.FLASH, Kernel.EFFICIENT):
-            k = tp.op(b * skv * qd, k.elem, (k,))  # repeat_kv: expand + reshape copies
-            v = tp.op(b * skv * od, v.elem, (v,))
+            k, v = self._repeat_kv(k, b * skv * qd, heads_kv), self._repeat_kv(v, b * skv * od, heads_kv)
             heads_kv = spec.num_heads
         if spec.diff_attention:
             return self.diff_attention(q, k, v, kernel, heads_kv, has_mask)
@@ -1636,15 +1635,23 @@ class _B:
         sp = self.mul(sa, su)
         return shared(sp, si, h, "shared_down_proj")
 
+    def _repeat_kv(self, x: Tensor, numel: int, heads_kv: int) -> Tensor:
+        """transformers' ``repeat_kv`` (integrations/sdpa_attention.py): ``x[:, :, None].expand(b, kv, n_rep, s, d)
+        .reshape(b, kv * n_rep, s, d)`` copies, except for a single key/value head, whose size-1 head dimension merges
+        with the stride-0 repeat into a view (``computeStride``); SDPA's fused kernels take it as is."""
+        if heads_kv == 1:
+            return self.tp.view(x, numel)
+        return self.tp.op(numel, x.elem, (x,))
+
     def _keeps_input(self, x: Tensor, out: Tensor) -> Tensor:
         """Gemma's RMSNorms (modeling_gemma3.py / modeling_gemma4.py ``forward(self, x)``: ``self._norm(x.float())``
         ... ``.type_as(x)``) keep their 16-bit input bound to the parameter until they return, where LlamaRMSNorm
         rebinds it to the fp32 copy: the input lives through the fp32 products (a q_norm over Gemma 4's 512-wide
         global heads is the prefill peak of Gemma-4-31B)."""
-        if self.spec.norm is NormKind.GEMMA_RMSNORM and self.spec.v_norm:
-            # kept to Gemma 4 (its attention's v_norm marks it): Gemma 2 / 3's norms behave the same, but their reserved
-            # memory against the H200 grid (Gemma-3-1B inference, batch 8 x 4096: -1.3%) moves to +7.8% with the
-            # input held; their allocated peaks do not move. Left for the allocator model to explain.
+        if self.spec.norm_input_held:
+            # Gemma 1-4 (hfconfig: the gemma facts). Held, the program's allocations and frees are the trace's, norm
+            # by norm; Gemma-3-1B's reserved memory then follows the trace's only with its RoPE tables unbatched and
+            # its single key/value head repeated as a view (rope_tables_unbatched, _repeat_kv)
             self.tp.hold(x)
         return out
 
@@ -1936,8 +1943,9 @@ def build_embed(tp: Tape, spec: ModelSpec, num: Numerics, batch: int, seq: int, 
         # one cos/sin pair per layer type (Gemma 4: its own head size each); one pair otherwise
         dims = sorted({spec.layer(i).head_dim for i in range(spec.num_layers)}) if spec.layer_overrides else \
             [spec.head_dim]
+        rows = seq if spec.rope_tables_unbatched else t  # position_ids (1, seq) or (batch, seq)
         for d in dims:
-            cs = tp.op(2 * t * d, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (), rg=False)
+            cs = tp.op(2 * rows * d, num.act if not num.amp and spec.rope_style != "fp32_tables" else 4, (), rg=False)
             tp.keep(cs)
     if attention is Attention.SDPA and not spec.sdpa:
         attention = Attention.EAGER  # transformers falls back to eager where the family has no SDPA path

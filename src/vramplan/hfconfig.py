@@ -938,6 +938,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
         tie_word_embeddings=tie,
         norm=NormKind.GEMMA_RMSNORM if gemma else f.norm,
+        norm_input_held=gemma, rope_tables_unbatched=gemma,
         mlp=MLPKind.PLAIN if f.mlp_plain else MLPKind.GATED, activation=act, position=PositionKind.ROPE,
         mlp_names=(f.mlp_names or ("up_proj", "down_proj")) if f.mlp_plain else (),
         hidden_dropout=c.float_(f.dropout_key, default=0.0, hi=1.0) if f.dropout_key else 0.0,

@@ -216,6 +216,12 @@ class ModelSpec:
     learned_position_offset: int = 0  # OPT stores max_position_embeddings + 2 rows
     max_learned_positions: int = 0  # rows of the learned position table
     positions_unbatched: bool = False  # the learned lookup is (1, seq, hidden) and held by the forward (GPTBigCode)
+    # RoPE's cos/sin come from position_ids (1, seq) (the base model's ``cache_position.unsqueeze(0)`` when the caller
+    # passes none): one (1, seq, head_dim) pair, broadcast over the batch (Gemma 1-4: checked against the trace)
+    rope_tables_unbatched: bool = False
+    # the RMSNorm's ``forward(self, x)`` keeps its 16-bit input bound until it returns (GemmaRMSNorm and kin:
+    # ``self._norm(x.float())`` ... ``.type_as(x)``, where LlamaRMSNorm rebinds ``hidden_states`` to the fp32 copy)
+    norm_input_held: bool = False
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)
