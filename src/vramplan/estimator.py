@@ -34,7 +34,15 @@ from .errors import WorkloadError
 from .hfconfig import version_warning
 from .kinds import MemoryKind, Phase
 from .loops import cache_calls
-from .memory import ModelStates, lora_targets, model_states, unmatched_lora_targets
+from .memory import (
+    ModelStates,
+    default_lora_targets,
+    lora_targets,
+    model_states,
+    peft_default_key,
+    peft_default_targets,
+    unmatched_lora_targets,
+)
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
@@ -768,6 +776,11 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
                            f"then {w.new_tokens} decode steps with a DynamicCache")
     warnings = list(spec.notes)
     unmatched = unmatched_lora_targets(spec, w.lora_targets) if w.uses_adapters and w.is_train else ()
+    if w.uses_adapters and w.is_train:
+        note, warning = lora_notes(spec, w)
+        assumptions.append(note)
+        if warning:
+            warnings.append(warning)
     if unmatched:  # (peft raises only when no target matches)
         warnings.append(f"LoRA target {', '.join(unmatched)} matches no linear of {spec.family}: peft adapts the "
                         "others only")
@@ -814,6 +827,24 @@ def reserved_stats(spec: ModelSpec, w: Workload, states: ModelStates | None = No
     # nothing new (the later ones repeat it exactly: alloc_stream.train_stream)
     probe: list[int] = []
     return simulate(train_stream(spec, w, states, num, 3, probe, ddp=ddp), conf, probe)
+
+
+def lora_notes(spec: ModelSpec, w: Workload) -> tuple[str, str | None]:
+    """Which linears carry adapters and whose choice that is; and a warning where ``--lora-targets default`` meets a
+    model peft has no default for (peft looks it up by the top-level config's model_type:
+    :func:`vramplan.memory.peft_default_key`)."""
+    chosen = ", ".join(sorted(lora_targets(spec, w.lora_targets)))
+    if w.lora_targets != ("default",):
+        return f"LoRA r={w.lora_rank} on {chosen}", None
+    key = peft_default_key(spec)
+    if peft_default_targets(spec) is not None:
+        return f"LoRA r={w.lora_rank} on {chosen} (peft's default for {key})", None
+    return (f"LoRA r={w.lora_rank} on {chosen} (assumed: peft has no default for {key})",
+            f"peft has no default LoRA targets for {key} (LoraConfig without target_modules raises); assumed "
+            f"{', '.join(default_lora_targets(spec))}: give --lora-targets (e.g. all-linear)")
+
+
+LORA_NOTE_PREFIXES = ("LoRA r=", "peft has no default LoRA targets")
 
 
 def _training_notes(spec: ModelSpec, w: Workload) -> list[str]:

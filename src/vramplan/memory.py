@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,10 +57,7 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
     tuners_utils.py: "Target modules ... not found in the base model"): :func:`unmatched_lora_targets` names them."""
     names = _linear_names(spec)
     if targets == ("default",):
-        # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the family
-        fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
-        targets = (spec.qkv_name,) if spec.qkv_fused and spec.qkv_name else \
-            fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
+        targets = default_lora_targets(spec)
     if "all-linear" in targets:
         chosen = frozenset(names)
         pattern = peft_moe_pattern(spec)
@@ -89,6 +87,44 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> frozenset[str]:
         raise WorkloadError(f"peft refuses LoRA on out_proj of {spec.family} models (Mamba mixers); target in_proj "
                             "(and the attention / MLP projections) instead")
     return chosen
+
+
+@functools.cache
+def _peft_lora_defaults() -> dict[str, Any]:
+    text = package_data("data", "peft_lora_defaults.json").read_text(encoding="utf-8")
+    table: dict[str, Any] = json.loads(text)
+    return table
+
+
+def peft_default_key(spec: ModelSpec) -> str:
+    """The model_type peft looks its default targets up by: the top-level config's (a vision-language model's own)."""
+    return spec.multimodal.model_type if spec.multimodal is not None else spec.family
+
+
+def peft_default_targets(spec: ModelSpec) -> tuple[str, ...] | None:
+    """peft's own default LoRA targets for the model (``data/peft_lora_defaults.json``: peft's
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), None where peft has none (``LoraConfig`` without
+    ``target_modules`` raises then). A regular expression (Gemma 4: the language model's ``(q_proj|v_proj)``) gives
+    its alternatives."""
+    value = _peft_lora_defaults()["targets"].get(peft_default_key(spec))
+    if value is None:
+        return None
+    if isinstance(value, str):
+        group = re.search(r"\(([\w|]+)\)", value)
+        return tuple(group.group(1).split("|")) if group else None
+    return tuple(value)
+
+
+def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """``--lora-targets default``: peft's default for the model where it has one; otherwise the attention's query and
+    value projections as peft's LLaMA-style entries name them (the fused q/k/v projection where the model has one),
+    which :func:`vramplan.estimator` states as an assumption of its own."""
+    own = peft_default_targets(spec)
+    if own is not None:
+        return own
+    fused = {"gpt2": ("c_attn",), "phi3": ("qkv_proj",)}
+    return (spec.qkv_name,) if spec.qkv_fused and spec.qkv_name else \
+        fused.get(spec.family, ("query_key_value",) if spec.qkv_fused else ("q_proj", "v_proj"))
 
 
 @functools.lru_cache(maxsize=1024)

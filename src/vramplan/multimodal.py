@@ -814,6 +814,13 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
           for a in text_est.assumptions),
     )
     warnings = tuple(x for x in text_est.warnings) + mm.notes
+    if w.uses_adapters and train:
+        # the LoRA lines of the language model's estimate name its own model_type; peft looks the default targets up
+        # by the whole model's (the vision-language config's)
+        note, warning = estimator.lora_notes(spec, tw)
+        assumptions = tuple(note if a.startswith(estimator.LORA_NOTE_PREFIXES) else a for a in assumptions)
+        warnings = tuple(x for x in warnings if not x.startswith(estimator.LORA_NOTE_PREFIXES)) + \
+            ((warning,) if warning else ())
     trainable_total = text_est.trainable_parameters + trainable
     return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
                   assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
