@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(handler=_cmd_estimate)
 
     t = sub.add_parser("trace", help="run the real model code on fake tensors (needs vramplan[torch])")
-    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build")
+    t.add_argument("model", metavar="MODEL", help="catalog name or config.json of any model transformers can build; "
+                   "an image catalog name (torchvision backbone, diffusers UNet) or a diffusers UNet config.json")
     add_workload_flags(t)
+    add_image_flags(t)
     t.add_argument("--routing", choices=["balanced", "worst"], default="balanced",
                    help="MoE routing where dispatch depends on the data: balanced, or all tokens on the same experts")
     t.add_argument("--json", action="store_true")
@@ -140,9 +142,28 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     from ..service import WORKLOAD_KEYS
     from ..trace import load_trace_config, trace_workload
 
+    from ..vision import find_vision_model
+
+    image = find_vision_model(ns.model)
+    opts = {k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS}
+    if image is not None:  # a torchvision backbone or a diffusers UNet: measure.py's run_vision / run_unet
+        from ..api import image_options
+        from ..trace import trace_vision
+
+        progress = _trace_progress()
+        try:
+            est = trace_vision(image, progress=progress, **image_options(opts))
+        finally:
+            if progress is not None:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+        return _print_trace(ns, est, f"trace of {image.name}")
+    for key in ("resolution", "pipeline"):
+        if opts.pop(key, None):
+            raise VramplanError(f"--{key} applies to image models; {ns.model} is a language model")
     # read as transformers reads it, never through the estimator's reader: the trace takes what transformers builds
     config, name, entry_name = load_trace_config(ns.model)
-    w = make_workload(**{k: v for k, v in vars(ns).items() if k in WORKLOAD_KEYS})
+    w = make_workload(**opts)
     progress = _trace_progress()
     try:
         est = trace_workload(config, w, name=name, routing=ns.routing, progress=progress)
@@ -150,6 +171,10 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
         if progress is not None:  # the progress line goes; the answer (or the error) takes its place
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+    return _print_trace(ns, est, "trace" if entry_name is None else f"trace of {entry_name}")
+
+
+def _print_trace(ns: argparse.Namespace, est: Any, title: str) -> int:
     if ns.json:
         from ..trace import library_versions
 
@@ -157,7 +182,7 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     else:
         from ..render import print_estimate
 
-        print_estimate(est, title="trace" if entry_name is None else f"trace of {entry_name}")
+        print_estimate(est, title=title)
     return 0
 
 

@@ -40,7 +40,7 @@ from ..workload import Workload
 
 __all__ = ["ROUTINGS", "TORCH_MISSING", "decode_special_floats", "library_versions", "load_trace_config",
            "read_config_file",
-           "trace_available", "trace_workload"]
+           "trace_available", "trace_vision", "trace_workload"]
 
 # How MoE tokens are routed in a trace: "balanced" (every expert gets batch x seq x top_k / experts tokens,
 # what a trained router aims for) or "worst" (every token of the batch lands on the same top_k experts).
@@ -50,11 +50,12 @@ TORCH_MISSING = "vramplan trace needs the [torch] extra: pip install 'vramplan[t
 
 
 def library_versions() -> dict[str, str]:
-    """The torch / transformers / peft versions a trace runs (and so models); "missing" where absent."""
+    """The torch / transformers / peft (and, for image models, torchvision / diffusers) versions a trace runs (and
+    so models); "missing" where absent."""
     from importlib import metadata
 
     out: dict[str, str] = {}
-    for dist in ("torch", "transformers", "peft"):
+    for dist in ("torch", "transformers", "peft", "torchvision", "diffusers"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -157,5 +158,46 @@ def trace_workload(config: Mapping[str, Any], workload: Workload, *, name: str =
         from ._engine import run_trace
 
         return run_trace(decode_special_floats(dict(config)), workload, name, routing=routing)
+    finally:
+        _progress = None
+
+
+def trace_vision(model: str | Any, workload: Any = None, *,
+                 progress: Callable[[str], None] | None = None, **options: Any) -> Estimate:
+    """Peak GPU memory of an image model (a vision catalog name or alias, a diffusers UNet config.json, or a
+    :class:`~vramplan.vision.VisionEntry`) traced on fake tensors, as ``measure.py``'s ``run_vision`` (torchvision
+    backbones) and ``run_unet`` (diffusers UNets) run it: the same :class:`Estimate` as
+    :func:`vramplan.vision.estimate_vision`, which takes the same options (``task``, ``precision``, ``batch_size``,
+    ``resolution``, ``gradient_checkpointing``, ``attention``, ``optimizer``). Needs the ``[torch,image-trace]``
+    extras. Whole pipelines, diffusion transformers, StyleGAN and LoRA are refused with a one-line error."""
+    global _progress
+    from ..vision import VisionEntry, VisionWorkload, make_vision_workload
+    from ..vision._catalog import config_file_entry, get_vision_model
+    from ..vision._estimate import _check_resolution, _native_resolution
+
+    entry = model if isinstance(model, VisionEntry) else config_file_entry(str(model)) or get_vision_model(str(model))
+    if workload is None:
+        workload = make_vision_workload(**options)
+    elif options:
+        base = {f: getattr(workload, f) for f in VisionWorkload.__dataclass_fields__}
+        workload = make_vision_workload(**{**base, **options})
+    from ._vision_refusal import vision_refusal
+
+    why = vision_refusal(entry, workload)
+    if why is not None:
+        raise VramplanError(why)
+    res = workload.resolution or _native_resolution(entry)
+    _check_resolution(entry, res)
+    _progress = progress
+    try:
+        report("importing torch")
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise VramplanError(TORCH_MISSING) from None
+        from ._vision import run_vision_trace
+
+        return run_vision_trace(entry, workload, res)
     finally:
         _progress = None

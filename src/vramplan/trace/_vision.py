@@ -1,0 +1,340 @@
+"""Image models through the trace: a torchvision backbone or a diffusers UNet built on fake tensors and run through
+the calibration harness's own loops (``measure.py`` ``run_vision`` and ``run_unet``) under the
+:class:`~._tracker.MemoryTracker`, with the language trace's CUDA emulation (autocast policies, SDPA kernel
+choice, 512-byte blocks, cuBLAS workspaces) and its caching-allocator replay.
+
+What runs, as the harness runs it on the GPU:
+
+* backbones: ``torchvision.models.<name>(weights=None)`` built in fp32 (``model.to(bfloat16)`` for bf16), AdamW,
+  ``cross_entropy(model(x).float(), y)`` (under autocast for AMP), ``backward()``, ``step()``,
+  ``zero_grad(set_to_none=True)``; inference is one forward under ``torch.inference_mode()``.
+* UNets: ``UNet2DConditionModel`` from the catalog's config built in fp32 and cast with ``model.to(dtype)``,
+  random latents at resolution / 8, 77 text states of ``cross_attention_dim`` (SDXL's pooled text embeddings and
+  time ids where ``addition_embed_type`` is ``text_time``), ``mse_loss(pred.float(), latents.float())``, AdamW,
+  the prediction kept until after the step; inference is one denoising forward.
+
+Refused (one line): whole pipelines (text encoders + denoiser + VAE), StyleGAN, diffusion transformers, pipeline
+components, LoRA, and options the harness loops do not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .._engine.step import workload_dict
+from ..errors import VramplanError
+from ..kinds import MemoryKind, Phase
+from ..result import Breakdown, Estimate, PhasePeak
+from ..vision._catalog import VisionEntry
+from ..vision._workload import VisionMethod, VisionWorkload
+from ..workload import Precision
+from ._build import compute_dtype, make_optimizer, param_dtype
+from ._cuda import (
+    AutocastEmulation,
+    attention_backward_transient,
+    cuda_dropout,
+    cuda_sdpa,
+    register_cuda_kernels,
+    safe_softmax_transient,
+)
+from ._engine import _ATTN_BWD, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, _phase_peak, _Recorder, _scalar_answer
+from ._engine import _trace_environment as _environment
+from ._loops import create_optimizer_state, harness_stream
+from ._tracker import MemoryTracker, gradient_buffers
+from ._vision_refusal import IMAGE_TRACE_MISSING, vision_refusal
+
+__all__ = ["run_vision_trace"]
+
+aten = torch.ops.aten
+_TEXT_TOKENS = 77  # CLIP's context length: the text states measure.py's run_unet feeds the UNet
+
+
+def _import_torchvision(notes: list[str]) -> Any:
+    """torchvision; where its compiled operators do not load against the installed torch (a CUDA torchvision wheel
+    beside a CPU torch build: ``torchvision::nms does not exist`` at import), it is imported without registering
+    their fake kernels (``torchvision/_meta_registrations.py``), which only the detection operators (nms,
+    roi_align, deform_conv2d) use; the classification backbones call none of them."""
+    import sys
+    import types
+
+    try:
+        import torchvision
+    except ImportError:
+        raise VramplanError(IMAGE_TRACE_MISSING) from None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        import torchvision
+        notes.append(f"torchvision {torchvision.__version__}'s compiled operators do not load against torch "
+                     f"{torch.__version__} ({exc}); imported without their fake kernels (detection ops only)")
+    return torchvision
+
+
+def _builder(entry: VisionEntry, notes: list[str]) -> Any:
+    torchvision = _import_torchvision(notes)
+    fn_name = entry.name.replace("-", "_")
+    fn = getattr(torchvision.models, fn_name, None)
+    if fn is None or not callable(fn):
+        raise VramplanError(f"{entry.name}: torchvision {torchvision.__version__} has no builder {fn_name}")
+    return fn
+
+
+def _unet_class() -> Any:
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        raise VramplanError(IMAGE_TRACE_MISSING) from None
+    return UNet2DConditionModel
+
+
+@contextlib.contextmanager
+def _no_value_init() -> Iterator[None]:
+    """``nn.init.trunc_normal_`` reads a value back on some torch versions; fake weights have no values to set."""
+    init = nn.init
+    old = init.trunc_normal_
+    init.trunc_normal_ = lambda tensor, *a, **k: tensor  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        init.trunc_normal_ = old  # type: ignore[assignment]
+
+
+def _build(entry: VisionEntry, w: VisionWorkload, res: int, notes: list[str]) -> nn.Module:
+    """The model in fp32, as the harness builds it (the cast to a 16-bit dtype follows, tracked)."""
+    if entry.kind == "backbone":
+        fn = _builder(entry, notes)
+        kw: dict[str, Any] = {"weights": None}
+        if entry.config.get("kind") == "vit" and res != int(entry.config.get("image_size", 224)):
+            kw["image_size"] = res
+        with _no_value_init():
+            model: nn.Module = fn(**kw)
+        notes.append(f"torchvision.models.{fn.__name__}(weights=None)"
+                     + (f", image_size={res}" if "image_size" in kw else ""))
+        return model
+    cls = _unet_class()
+    import diffusers
+
+    cfg = {k: v for k, v in entry.config.items() if not k.startswith("_")}
+    with _no_value_init():
+        model = cls.from_config(cfg)
+    notes.append(f"diffusers {diffusers.__version__} {cls.__name__}.from_config(the catalog's config)")
+    return model
+
+
+def _unet_inputs(model: nn.Module, b: int, res: int, dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    cfg = model.config  # type: ignore[attr-defined]
+    lat = res // 8
+    x = torch.randn(b, int(cfg.in_channels), lat, lat, dtype=dtype)
+    cross = cfg.cross_attention_dim
+    cross = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
+    ctx = torch.randn(b, _TEXT_TOKENS, cross, dtype=dtype)
+    t = torch.randint(0, 1000, (b,))
+    kw: dict[str, Any] = {"encoder_hidden_states": ctx}
+    if cfg.addition_embed_type == "text_time":
+        n_ids = 6  # SDXL's micro-conditioning: original size, crop top-left, target size
+        pooled = int(cfg.projection_class_embeddings_input_dim) - n_ids * int(cfg.addition_time_embed_dim)
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(b, pooled, dtype=dtype),
+                                   "time_ids": torch.randn(b, n_ids, dtype=dtype)}
+    elif cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+        raise VramplanError(f"UNet with addition_embed_type={cfg.addition_embed_type!r}, class_embed_type="
+                            f"{cfg.class_embed_type!r}: its extra conditioning inputs are not traced")
+    return (x, t), kw
+
+
+def run_vision_trace(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
+    why = vision_refusal(entry, w)
+    if why is not None:
+        raise VramplanError(why)
+    loggers = []
+    for lib in ("diffusers", "transformers"):
+        try:
+            logging = __import__(f"{lib}.utils.logging", fromlist=["get_verbosity"])
+        except ImportError:
+            continue
+        loggers.append((logging, logging.get_verbosity()))
+        logging.set_verbosity_error()  # diffusers' "cast with to()" notice is about real weights, not the user's
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _run(entry, w, res)
+    finally:
+        for logging, level in loggers:
+            logging.set_verbosity(level)
+
+
+def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
+    from . import report
+
+    t0 = time.perf_counter()
+    train = w.is_train
+    unet = entry.kind == "unet"
+    dtype = param_dtype(w.precision)
+    notes: list[str] = [
+        f"traced the real model code on fake tensors: torch {torch.__version__}; CUDA kernel choices emulated on "
+        "the CPU trace",
+        "CUDA caching allocator: every allocation rounded up to 512-byte blocks",
+        f"{res} x {res} pixels, batch {w.batch_size}, {w.precision.value}",
+    ]
+    autocast = AutocastEmulation(compute_dtype(w.precision)) if w.precision.is_amp else None
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = MemoryTracker()
+    tracker.scalar_answer = _scalar_answer
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+             is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        return cuda_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    tracker.overrides[aten.scaled_dot_product_attention.default] = sdpa
+    tracker.overrides[aten.dropout.default] = cuda_dropout
+    for f in _ATTN_BWD:
+        tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
+    tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
+    workspaces = 2 if train else 1
+    prev_default = torch.get_default_dtype()
+    report("building the model on fake tensors")
+    with _environment(), register_cuda_kernels(autocast, sdpa), fake, tracker, gradient_buffers(tracker):
+        # built under the tracker, in fp32, then cast: the freed fp32 blocks stay in the allocator's cache, as they do
+        # in the harness (what max_memory_reserved sees)
+        model = _build(entry, w, res, notes)
+        torch.set_default_dtype(prev_default)
+        if dtype != torch.float32:
+            model.to(dtype)
+            notes.append(f"weights built in fp32 and cast with model.to({dtype}) (the calibration harness)")
+        if unet and w.gradient_checkpointing and train:
+            model.enable_gradient_checkpointing()  # type: ignore[operator]
+            notes.append("gradient checkpointing: diffusers enable_gradient_checkpointing()")
+        if unet and w.eager_attention:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            model.set_attn_processor(AttnProcessor())  # type: ignore[operator]
+            notes.append("attention: diffusers AttnProcessor (eager: scores materialized)")
+        model.train(train)
+        tracker.mark(model.parameters(), MemoryKind.WEIGHTS)
+        tracker.mark(model.buffers(), MemoryKind.WEIGHTS)
+        total = sum(p.numel() for p in model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
+        in_dtype = dtype if w.precision in (Precision.BF16, Precision.FP16) else torch.float32
+        b = w.batch_size
+        if unet:
+            args, kw = _unet_inputs(model, b, res, dtype)
+            target = args[0]
+        else:
+            args, kw = (torch.randn(b, 3, res, res, dtype=in_dtype),), {}
+            target = torch.randint(0, 1000, (b,))
+        opt = None
+        if train:
+            opt, opt_note = make_optimizer(params, w.optimizer)
+            notes.append(f"optimizer: {opt_note}, zero_grad(set_to_none=True)")
+        recorder = _Recorder(tracker, model, None)
+        with recorder:
+            if train:
+                assert opt is not None
+                _train_step(model, opt, params, tracker, autocast, args, kw, target, unet)
+            else:
+                _infer_step(model, tracker, autocast, args, kw)
+    if entry.params and total != entry.params:
+        notes.append(f"the built model has {total:,} parameters; the catalog says {entry.params:,}")
+    if autocast is not None:
+        notes.append(f"AMP: CUDA autocast policies emulated on the CPU autocast key ({autocast.lower})")
+    notes.append(f"cuBLAS workspace: {workspaces} handle(s) x 32 MiB inside the allocator")
+    notes.append("cuDNN convolution workspaces are not traced (the CPU trace runs no cuDNN)")
+    if train:
+        notes.append("training step as measure.py runs it: " + (
+            "MSE of the prediction against the latents, backward, AdamW step, the prediction kept until after the "
+            "step" if unet else "cross_entropy(model(x).float(), y), backward, optimizer.step()"))
+    else:
+        notes.append("inference: one forward under torch.inference_mode()"
+                     + (" (one denoising step, no classifier-free guidance doubling)" if unet else ""))
+    return _estimate(entry, w, res, tracker, workspaces, total, sum(p.numel() for p in params) if train else 0,
+                     notes, t0)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker,
+                autocast: AutocastEmulation | None, args: tuple[Any, ...], kw: dict[str, Any], target: torch.Tensor,
+                unet: bool) -> None:
+    """One steady-state step of measure.py's loop (the optimizer state created first, untracked, as the language
+    trace does: ``_loops.create_optimizer_state``)."""
+    import torch.nn.functional as F
+
+    create_optimizer_state(opt, params, tracker)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
+    tracker.set_phase(Phase.FORWARD)
+    tracker.region = MemoryKind.ACTIVATIONS
+    pred: Any = None
+    with ctx:
+        if unet:
+            pred = model(*args, **kw).sample
+        else:
+            loss = F.cross_entropy(model(*args).float(), target)
+    tracker.region = MemoryKind.LOGITS_LOSS
+    if unet:
+        loss = F.mse_loss(pred.float(), target.float())
+    tracker.where = "backward"
+    tracker.set_phase(Phase.BACKWARD)
+    loss.backward()
+    tracker.region = MemoryKind.ACTIVATIONS
+    tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
+    tracker.where = "optimizer.step"
+    tracker.set_phase(Phase.OPTIMIZER_STEP)
+    opt.step()
+    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+                 MemoryKind.OPTIMIZER_STATE)
+    opt.zero_grad(set_to_none=True)
+    del pred, loss
+    tracker.set_phase(None)
+
+
+def _infer_step(model: nn.Module, tracker: MemoryTracker, autocast: AutocastEmulation | None,
+                args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        tracker.set_phase(Phase.FORWARD)
+        tracker.region = MemoryKind.ACTIVATIONS
+        out = model(*args, **kw)
+        del out
+    tracker.set_phase(None)
+
+
+def _estimate(entry: VisionEntry, w: VisionWorkload, res: int, tracker: MemoryTracker, workspaces: int, total: int,
+              trainable: int, notes: list[str], t0: float) -> Estimate:
+    from ..allocator import parse_alloc_conf, simulate
+
+    phases: list[PhasePeak] = []
+    best: tuple[int, Phase, dict[MemoryKind, int], str] | None = None
+    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP):
+        mark = tracker.peaks.get(phase)
+        if mark is None:
+            continue
+        peak, by_kind = _phase_peak(mark, workspaces * CUBLAS_WORKSPACE_BYTES)
+        phases.append(PhasePeak(phase, peak, Breakdown.of(by_kind)))
+        if best is None or peak > best[0]:
+            best = (peak, phase, by_kind, mark.where)
+    if best is None:
+        raise VramplanError(f"{entry.name}: the trace recorded no allocation")
+    peak, peak_phase, by_kind, where = best
+    reserved = simulate(harness_stream(tracker.events, workspaces), parse_alloc_conf(None))
+    slack = max(0, reserved.peak_reserved_bytes - peak)
+    full = dict(by_kind)
+    full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
+    full[MemoryKind.ALLOCATOR_SLACK] = slack
+    notes.append(f"peak at {where} during {peak_phase.value}")
+    notes.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation stream "
+                 "replayed through the caching-allocator model) are added to total_bytes")
+    notes.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
+    return Estimate(
+        model=entry.name, parameters=total, trainable_parameters=trainable,
+        peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
+        breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(notes), warnings=(),
+        workload=workload_dict(w, resolution=res), peak_reserved_bytes=peak + slack,
+        reserved_phases=reserved.phases)
