@@ -141,7 +141,6 @@ def _cmd_trace(ns: argparse.Namespace) -> int:
     from ..api import make_workload
     from ..service import WORKLOAD_KEYS
     from ..trace import load_trace_config, trace_workload
-
     from ..vision import find_vision_model
 
     image = find_vision_model(ns.model)

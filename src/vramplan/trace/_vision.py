@@ -34,7 +34,7 @@ from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..vision._catalog import VisionEntry
-from ..vision._workload import VisionMethod, VisionWorkload
+from ..vision._workload import VisionWorkload
 from ..workload import Precision
 from ._build import compute_dtype, make_optimizer, param_dtype
 from ._cuda import (
@@ -90,7 +90,10 @@ def _builder(entry: VisionEntry, notes: list[str]) -> Any:
     return fn
 
 
-def _unet_class() -> Any:
+def _unet_class(notes: list[str]) -> Any:
+    # transformers, which diffusers imports, imports torchvision where it is installed
+    with contextlib.suppress(VramplanError):
+        _import_torchvision(notes)
     try:
         from diffusers import UNet2DConditionModel
     except ImportError:
@@ -122,7 +125,7 @@ def _build(entry: VisionEntry, w: VisionWorkload, res: int, notes: list[str]) ->
         notes.append(f"torchvision.models.{fn.__name__}(weights=None)"
                      + (f", image_size={res}" if "image_size" in kw else ""))
         return model
-    cls = _unet_class()
+    cls = _unet_class(notes)
     import diffusers
 
     cfg = {k: v for k, v in entry.config.items() if not k.startswith("_")}

@@ -1,0 +1,159 @@
+"""vramplan trace on image models: torchvision backbones and diffusers UNets on fake tensors, as the calibration
+harness (measure.py run_vision / run_unet) runs them, against the pure-Python image estimator and the measured rows.
+
+The fast tests trace small shapes (a few seconds each); the slow ones trace the calibration rows at their measured
+shapes. Refusals need no torch."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vramplan.errors import VramplanError
+from vramplan.kinds import Phase
+
+GiB = 2**30
+SRC = Path(__file__).resolve().parents[1] / "src"
+CALIBRATION = Path(os.environ.get("VRAMPLAN_CALIBRATION", Path(__file__).parent / "data" / "calibration"))
+# estimate vs trace of the same workload: both follow one allocation program (the estimate transcribes the libraries'
+# code; the trace runs it), so they agree to within a few tenths of a percent on the calibration shapes; small shapes
+# give the fixed terms (cuBLAS workspaces, 512-byte block rounding of many small tensors) more weight
+TOLERANCE = 0.02
+MEASURED_TOLERANCE = 0.05  # the language trace's acceptance against the H200 rows
+
+
+def _trace(name: str, **options: Any) -> Any:
+    from vramplan.trace import trace_vision
+
+    return trace_vision(name, **options)
+
+
+# ---- refusals: one line, before torch ------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "options", "needle"), [
+    ("sd15", {}, "pipelines"),
+    ("sd15-unet", {"pipeline": True}, "pipelines"),
+    ("stylegan2-256", {}, "StyleGAN"),
+    ("dit-xl-2-transformer", {}, "diffusion transformers"),
+    ("sd-vae", {}, "component"),
+    ("sd15-unet", {"method": "lora"}, "lora"),
+    ("resnet50", {"gradient_checkpointing": True}, "checkpointing"),
+    ("resnet50", {"gradient_accumulation": 2}, "calibration loop"),
+])
+def test_refusals(name: str, options: dict[str, Any], needle: str) -> None:
+    with pytest.raises(VramplanError, match=needle) as err:
+        _trace(name, **options)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_refuses_pipeline_exit_2() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    r = subprocess.run([sys.executable, "-m", "vramplan", "trace", "sd15"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "pipelines" in r.stderr
+
+
+def test_cli_refuses_image_flag_on_language_model() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    r = subprocess.run([sys.executable, "-m", "vramplan", "trace", "gpt2-124m", "--resolution", "256"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "--resolution applies to image models" in r.stderr
+
+
+# ---- estimate vs trace on small shapes ------------------------------------------------------------------------
+def _needs(*mods: str) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    for m in mods:
+        try:
+            __import__(m)
+        except ImportError:
+            pytest.skip(f"{m} not installed (the [image-trace] extra)")
+        except RuntimeError:
+            pass  # torchvision whose compiled ops do not load against this torch: the trace imports it without them
+
+
+def _close(name: str, **options: Any) -> tuple[Any, Any]:
+    from vramplan.vision import estimate_vision
+
+    est = estimate_vision(name, **options)
+    tr = _trace(name, **options)
+    for a, b in ((est.peak_allocated_bytes, tr.peak_allocated_bytes), (est.peak_reserved_bytes,
+                                                                       tr.peak_reserved_bytes)):
+        assert a is not None and b is not None
+        assert abs(a / b - 1) <= TOLERANCE, (name, options, a / GiB, b / GiB)
+    assert tr.parameters == est.parameters
+    return est, tr
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("resnet18", {"precision": "amp-bf16", "batch_size": 8, "resolution": 128}),
+    ("vit-b-32", {"precision": "amp-bf16", "batch_size": 4}),
+    ("resnet18", {"precision": "bf16", "batch_size": 8, "resolution": 128, "task": "infer"}),
+])
+def test_backbone_estimate_matches_trace(name: str, options: dict[str, Any]) -> None:
+    _needs("torchvision")
+    _est, tr = _close(name, **options)
+    train = options.get("task", "train") == "train"
+    assert {p.phase for p in tr.phases} == ({Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP} if train
+                                            else {Phase.FORWARD})
+    assert tr.trainable_parameters == (tr.parameters if train else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    {"precision": "bf16", "batch_size": 1, "resolution": 256},
+    {"precision": "bf16", "batch_size": 1, "resolution": 256, "task": "infer"},
+    {"precision": "bf16", "batch_size": 1, "resolution": 256, "gradient_checkpointing": True},
+])
+def test_unet_estimate_matches_trace(options: dict[str, Any]) -> None:
+    _needs("diffusers")
+    _close("sd15-unet", **options)
+
+
+def test_trace_follows_batch() -> None:
+    """The activations scale with the batch: a trace that ignored the inputs would not see it."""
+    _needs("torchvision")
+    small = _trace("resnet18", precision="bf16", batch_size=2, resolution=128, task="infer")
+    big = _trace("resnet18", precision="bf16", batch_size=16, resolution=128, task="infer")
+    assert big.peak_allocated_bytes > small.peak_allocated_bytes + 8 * 2 * 64 * 64 * 64 * 2  # > the stem's growth
+
+
+# ---- the calibration rows (slow) ------------------------------------------------------------------------------
+_MODEL = {"resnet50": "resnet50", "vit_b_16": "vit-b-16", "sd15-unet": "sd15-unet", "sdxl-unet": "sdxl-unet"}
+
+
+def _rows() -> list[dict[str, str]]:
+    path = CALIBRATION / "measured.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["task"] in ("vision", "unet")]
+
+
+def _options(row: dict[str, str]) -> dict[str, Any]:
+    """measure.py's defaults: run_vision amp-bf16 at 224 px, run_unet bf16 at 512 px."""
+    vision = row["task"] == "vision"
+    opts: dict[str, Any] = {"precision": row["precision"] or ("amp-bf16" if vision else "bf16"),
+                            "batch_size": int(row["batch"]), "resolution": int(row["res"] or (224 if vision else 512))}
+    if row["ckpt"] == "True":
+        opts["gradient_checkpointing"] = True
+    if row["train"] == "False":
+        opts["task"] = "infer"
+    return opts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", _rows(), ids=lambda r: r["name"])
+def test_calibration_row(row: dict[str, str]) -> None:
+    _needs("torchvision" if row["task"] == "vision" else "diffusers")
+    tr = _trace(_MODEL[row["model"]], **_options(row))
+    measured = float(row["peak_alloc_gib"])
+    assert abs(tr.peak_allocated_bytes / GiB / measured - 1) <= MEASURED_TOLERANCE
+    assert tr.parameters == int(row["params"])
