@@ -57,3 +57,23 @@ def test_training_stream_keeps_its_forward() -> None:
         blocks._B.bound_until_now = orig  # type: ignore[method-assign]
     assert (before.peak_allocated_bytes, before.peak_reserved_bytes) == \
         (after.peak_allocated_bytes, after.peak_reserved_bytes)
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_backward_makes_a_bias_free_linear_s_weight_gradient_first(weight_first: bool) -> None:
+    """MmBackward0 (F.linear of a 3-D input without a bias) computes mat2's gradient before self's; addmm (with a
+    bias) the input's first. The replay's allocation stream follows ``_Op.weight_first``."""
+    from vramplan._engine.replay import backward, forward
+    from vramplan._engine.tape import ZERO, Tape
+
+    tp = Tape(training=True)
+    x = tp.input(6 * 5, 2, rg=True)
+    y = tp.op(6 * 7, 2, (x,), save=(x,), params=((0, 7 * 5 * 2),))
+    tp.ops[-1].weight_first = weight_first
+    ev: list[tuple[object, int]] = []
+    fwd = forward(tp, ZERO)
+    backward(tp, fwd, [y], ev=ev)
+    sizes = [n for _, n in ev if n > 0]
+    input_grad, weight_grad = 6 * 5 * 2, 7 * 5 * 2
+    assert sizes.index(weight_grad) < sizes.index(input_grad) if weight_first else \
+        sizes.index(input_grad) < sizes.index(weight_grad)

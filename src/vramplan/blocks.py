@@ -191,6 +191,10 @@ class _B:
                       save=(x,) if trainable else (), params=pg, kind=out_kind)
         if x.rg:
             tp.ops[-1].packs_weight = True  # mm saves the weight for the input's gradient
+        if pg and not bias and quant is WeightsQuant.NONE:
+            # F.linear of a 3-D input without a bias is an mm on its 2-D view: MmBackward0 computes the weight's
+            # gradient before the input's (addmm, with a bias, the input's first)
+            tp.ops[-1].weight_first = True
         if lora_rank:
             y = self.lora(x, y, fin, fout, lora_rank, name)
         return y

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..kinds import MemoryKind
-from .tape import ZERO, Moment, Tape, Tensor, root
+from .tape import ZERO, Moment, Tape, Tensor, _Op, root
 
 __all__ = ["Event", "ForwardResult", "GradBuf", "Pass", "as_pass", "backward", "create_graph_bytes", "forward",
            "layer_backward", "layer_forward", "layer_passes", "layer_recompute"]
@@ -266,6 +266,25 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
     own_grad = tp.own_grad
     cur = st.cur  # (give, drop, release and _State's alloc / free written out below: the hot loop of an estimate)
 
+    def param_grads(op: _Op) -> int:
+        """Allocate (first time) or hold (accumulated) the op's parameter gradients; the bytes held."""
+        ptrans = 0
+        for pid, nb in op.params:
+            uses[pid] = uses.get(pid, 0) + 1
+            if pid in seen_params:
+                # computed, then accumulated. A parameter used twice in one graph (a looped layer) meets its
+                # second contribution in the autograd InputBuffer, where two weight gradients that are views
+                # (Tape.view_grads: the transposes of their matmul outputs) cannot be added in place:
+                # ``old + new`` is a third buffer (torch/csrc/autograd/input_buffer.cpp can_accumulate_inplace:
+                # the storage's only reference); the sum is then the one added into in place
+                n = 2 * nb if uses[pid] == 2 and pid in tp.view_grads else nb
+                ptrans += n
+                st.hold_temporary(n)
+            else:
+                seen_params.add(pid)
+                st.alloc(("p", pid), _GRAD, nb)
+        return ptrans
+
     for i in range(len(ops) - 1, -1, -1):
         st.i = i
         op = ops[i]
@@ -287,6 +306,9 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 freed = sum(t.nbytes for t in op.saved) if tp.unpacked_saves else 0
                 scratch += max(0, op.cast_scratch - freed)
             transient = scratch
+            # a bias-free linear of a 3-D input is folded to mm, whose backward computes the weight's gradient
+            # (mat2) before the input's (MmBackward0; with a bias, addmm: the input's first)
+            ptrans = param_grads(op) if op.weight_first else 0
             out_buf = grads.get(id(outputs[0])) if outputs else None
             for t in op.grad_inputs:
                 own = id(t) in own_grad
@@ -319,21 +341,8 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 if existing.refs > 1:  # shared: added out of place into a new buffer
                     drop(id(target))
                     give(target, new_buf(target))
-            ptrans = 0
-            for pid, nb in op.params:
-                uses[pid] = uses.get(pid, 0) + 1
-                if pid in seen_params:
-                    # computed, then accumulated. A parameter used twice in one graph (a looped layer) meets its
-                    # second contribution in the autograd InputBuffer, where two weight gradients that are views
-                    # (Tape.view_grads: the transposes of their matmul outputs) cannot be added in place:
-                    # ``old + new`` is a third buffer (torch/csrc/autograd/input_buffer.cpp can_accumulate_inplace:
-                    # the storage's only reference); the sum is then the one added into in place
-                    n = 2 * nb if uses[pid] == 2 and pid in tp.view_grads else nb
-                    ptrans += n
-                    st.hold_temporary(n)
-                else:
-                    seen_params.add(pid)
-                    st.alloc(("p", pid), _GRAD, nb)
+            if not op.weight_first:
+                ptrans = param_grads(op)
             if st.total + transient + ptrans > st.peak.total:  # (st.check, written out)
                 v = list(cur)
                 v[_ACT] += transient

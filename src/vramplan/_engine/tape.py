@@ -79,7 +79,7 @@ def kinds_dict(v: tuple[int, ...]) -> dict[MemoryKind, int]:
 
 class _Op:
     __slots__ = ("add_like", "bwd_scratch", "cast_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs",
-                 "packs_weight", "params", "passthrough", "region", "saved")
+                 "packs_weight", "params", "passthrough", "region", "saved", "weight_first")
 
     def __init__(self, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_inputs: tuple[Tensor, ...],
                  saved: tuple[Tensor, ...], params: tuple[tuple[int, int], ...], fwd_scratch: int,
@@ -91,6 +91,8 @@ class _Op:
         self.params = params  # (param id, grad bytes) of trainable parameters used
         self.fwd_scratch = fwd_scratch
         self.bwd_scratch = bwd_scratch
+        # the backward makes the parameters' gradients before the inputs' (a bias-free linear: MmBackward0)
+        self.weight_first = False
         # input gradients the engine's validate_outputs makes (cast / summed down) from full-size results while the
         # op's saved tensors may still be referenced (see Tape.unpacked_saves)
         self.cast_scratch = 0
