@@ -36,8 +36,10 @@ def _trace(name: str, **options: Any) -> Any:
 
 # ---- refusals: one line, before torch ------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "options", "needle"), [
-    ("sd15", {}, "pipelines"),
-    ("sd15-unet", {"pipeline": True}, "pipelines"),
+    ("sd15", {}, "pipeline training"),
+    ("sd15-unet", {"pipeline": True}, "pipeline training"),
+    ("flux-dev", {"task": "infer"}, "diffusion transformer"),
+    ("resnet50", {"pipeline": True}, "no pipeline"),
     ("stylegan2-256", {}, "StyleGAN"),
     ("dit-xl-2-transformer", {}, "diffusion transformers"),
     ("sd-vae", {}, "component"),
@@ -56,7 +58,7 @@ def test_cli_refuses_pipeline_exit_2() -> None:
     r = subprocess.run([sys.executable, "-m", "vramplan", "trace", "sd15"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "pipelines" in r.stderr
+    assert r.stderr.count("\n") == 1 and "pipeline training" in r.stderr
 
 
 def test_cli_refuses_image_flag_on_language_model() -> None:
@@ -115,6 +117,19 @@ def test_backbone_estimate_matches_trace(name: str, options: dict[str, Any]) -> 
 def test_unet_estimate_matches_trace(options: dict[str, Any]) -> None:
     _needs("diffusers")
     _close("sd15-unet", **options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), [
+    ("sd15", {"task": "infer", "precision": "fp16", "batch_size": 2, "resolution": 256}),
+    ("sdxl", {"task": "infer", "precision": "fp16", "batch_size": 1, "resolution": 512}),
+])
+def test_pipeline_estimate_matches_trace(name: str, options: dict[str, Any]) -> None:
+    """Text encoders, two guided denoising steps and the VAE decode (SDXL's fp32 upcast under fp16)."""
+    _needs("diffusers")
+    _est, tr = _close(name, **options)
+    assert {p.phase for p in tr.phases} == {Phase.PREFILL, Phase.FORWARD, Phase.DECODE}
+    assert tr.peak_phase is Phase.DECODE
 
 
 def test_trace_follows_batch() -> None:

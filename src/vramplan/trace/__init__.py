@@ -181,6 +181,8 @@ def trace_vision(model: str | Any, workload: Any = None, *,
     elif options:
         base = {f: getattr(workload, f) for f in VisionWorkload.__dataclass_fields__}
         workload = make_vision_workload(**{**base, **options})
+    if workload.pipeline and entry.kind == "unet" and entry.pipeline:  # the pipeline the denoiser belongs to
+        entry = get_vision_model(entry.pipeline)
     from ._vision_refusal import vision_refusal
 
     why = vision_refusal(entry, workload)

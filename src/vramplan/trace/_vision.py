@@ -13,8 +13,12 @@ What runs, as the harness runs it on the GPU:
   time ids where ``addition_embed_type`` is ``text_time``), ``mse_loss(pred.float(), latents.float())``, AdamW,
   the prediction kept until after the step; inference is one denoising forward.
 
-Refused (one line): whole pipelines (text encoders + denoiser + VAE), StyleGAN, diffusion transformers, pipeline
-components, LoRA, and options the harness loops do not have.
+* UNet pipelines (sd15, sd21, sdxl, sdxl-refiner) at inference: diffusers' text-to-image call, every component on
+  the GPU in the pipeline's dtype: CLIP text encoding, two denoising steps at the guidance-doubled batch, the VAE
+  decode at full resolution (``_run_pipeline``).
+
+Refused (one line): pipeline training, pipelines around diffusion transformers, diffusion transformers, StyleGAN,
+pipeline components, LoRA, and options the harness loops do not have.
 """
 
 from __future__ import annotations
@@ -135,6 +139,132 @@ def _build(entry: VisionEntry, w: VisionWorkload, res: int, notes: list[str]) ->
     return model
 
 
+def _text_encoder(entry: VisionEntry, dtype: torch.dtype) -> nn.Module:
+    """A pipeline's CLIP text encoder from the catalog's transformers config (``with_projection``: the
+    ``CLIPTextModelWithProjection`` SDXL's second encoder is), SDPA attention as ``from_pretrained`` picks it."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    c = dict(entry.config)
+    proj = bool(c.pop("with_projection", False))
+    for k in ("model_type", "max_length"):
+        c.pop(k, None)
+    cls = CLIPTextModelWithProjection if proj else CLIPTextModel
+    return cls._from_config(CLIPTextConfig(**c), attn_implementation="sdpa", dtype=dtype)  # type: ignore[no-any-return]
+
+
+def _run_pipeline(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
+    """A diffusers text-to-image call (StableDiffusion(XL)Pipeline ``__call__`` under ``torch.no_grad()``), every
+    component on the GPU in the pipeline's dtype: the prompts (and, with classifier-free guidance, the negative
+    prompts) through each CLIP text encoder, two steps of the denoising loop (UNet on the doubled batch, the guidance
+    combination, the scheduler's new latents) standing for all, then ``vae.decode`` at full resolution (SDXL's VAE,
+    ``force_upcast``, converted to fp32 first under fp16)."""
+    from ..vision._catalog import component
+    from . import report
+
+    t0 = time.perf_counter()
+    cfg = entry.config
+    den_e, vae_e = component(str(cfg["denoiser"])), component(str(cfg["vae"]))
+    te_es = [component(str(t)) for t in cfg.get("text_encoders", ())]
+    dtype = param_dtype(w.precision)
+    guidance = bool(cfg.get("classifier_free_guidance", True)) and w.guidance
+    b = w.batch_size
+    notes: list[str] = [
+        f"traced the real model code on fake tensors: torch {torch.__version__}; CUDA kernel choices emulated on "
+        "the CPU trace",
+        "CUDA caching allocator: every allocation rounded up to 512-byte blocks",
+        f"{res} x {res} pixels, batch {b}, {w.precision.value}",
+    ]
+    _unet_class(notes)  # torchvision first, where installed (transformers imports it)
+    from diffusers import AutoencoderKL
+
+    autocast = AutocastEmulation(compute_dtype(w.precision)) if w.precision.is_amp else None
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = _new_tracker()
+    report("building the pipeline on fake tensors")
+    with _environment(), register_cuda_kernels(autocast, _sdpa), fake:
+        unet = _build(den_e, w, res, notes).to(dtype).eval()
+        tes = [_text_encoder(t, dtype).eval() for t in te_es]
+        vae_cfg = {k: v for k, v in vae_e.config.items() if not k.startswith("_")}
+        with _no_value_init():
+            vae = AutoencoderKL.from_config(vae_cfg).to(dtype).eval()
+    notes.append(f"pipeline: {', '.join(t.name for t in te_es) or 'no text encoder'} + {den_e.name} + {vae_e.name}, "
+                 f"all on the GPU in {dtype} (from_pretrained(torch_dtype=...), pipe.to('cuda'))")
+    models: list[nn.Module] = [*tes, unet, vae]
+    total = sum(p.numel() for m in models for p in m.parameters())
+    with _environment(), register_cuda_kernels(autocast, _sdpa), fake, tracker, torch.no_grad():
+        for m in models:  # loaded in the pipeline's order: text encoders, denoiser, VAE
+            for t in (*m.parameters(), *m.buffers()):
+                tracker.adopt(t, MemoryKind.WEIGHTS)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast is not None else contextlib.nullcontext()
+        with _Recorder(tracker, unet, None), ctx:
+            _pipeline_call(tracker, tes, unet, vae, b, res, dtype, guidance, w, notes)
+    if guidance:
+        notes.append("classifier-free guidance: the denoiser runs on 2 x batch (negative + positive prompt)")
+    notes.append("text encoding as prefill, one denoising step as forward (two traced, every step of the loop is the "
+                 "same), the VAE decode as decode; safety checker not loaded")
+    notes.append("cuDNN convolution workspaces are not traced (the CPU trace runs no cuDNN)")
+    return _estimate(entry, w, res, tracker, 1, total, 0, notes, t0)
+
+
+def _pipeline_call(tracker: MemoryTracker, tes: list[nn.Module], unet: nn.Module, vae: nn.Module, b: int, res: int,
+                   dtype: torch.dtype, guidance: bool, w: VisionWorkload, notes: list[str]) -> None:
+    ucfg = unet.config  # type: ignore[attr-defined]
+    sdxl = ucfg.addition_embed_type == "text_time"
+    tracker.set_phase(Phase.PREFILL)
+    tracker.region = MemoryKind.ACTIVATIONS
+    halves: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for _ in range(2 if guidance else 1):  # negative prompts, then the prompts (encode_prompt)
+        states: list[torch.Tensor] = []
+        pooled = None
+        for te in tes:
+            ids = torch.zeros(b, _TEXT_TOKENS, dtype=torch.long)
+            out = te(ids, output_hidden_states=sdxl)
+            # SD 1.x/2.x: the last hidden state; SDXL: the penultimate layer's, and the second encoder's pooled output
+            states.append(out.hidden_states[-2] if sdxl else out[0])
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds
+            del out, ids
+        halves.append((torch.cat(states, dim=-1) if len(states) > 1 else states[0], pooled))
+        del states
+    emb = torch.cat([h[0] for h in halves]) if guidance else halves[0][0]
+    kw: dict[str, Any] = {"encoder_hidden_states": emb}
+    if sdxl:
+        pooled_all = [h[1] for h in halves]
+        if any(p is None for p in pooled_all):
+            raise VramplanError("an SDXL-style UNet needs a text encoder with a projection (pooled embeddings)")
+        text_embeds = torch.cat(pooled_all)  # type: ignore[arg-type]
+        # SDXL base: 6 micro-conditioning ids (sizes, crop); the refiner: 5 (sizes, crop, aesthetic score)
+        n_ids = (int(ucfg.projection_class_embeddings_input_dim) - text_embeds.shape[-1]) // int(
+            ucfg.addition_time_embed_dim)
+        kw["added_cond_kwargs"] = {"text_embeds": text_embeds,
+                                   "time_ids": torch.zeros(emb.shape[0], n_ids, dtype=dtype)}
+    del halves
+    tracker.set_phase(Phase.FORWARD)
+    lat = res // 8
+    latents = torch.randn(b, int(ucfg.in_channels), lat, lat, dtype=dtype)
+    t = torch.tensor(999)
+    for _ in range(2):
+        inp = torch.cat([latents] * 2) if guidance else latents
+        noise = unet(inp, t, **kw).sample
+        if guidance:
+            uncond, text = noise.chunk(2)
+            noise = uncond + 7.5 * (text - uncond)
+            del uncond, text
+        latents = latents - 0.02 * noise  # the scheduler's step returns new latents (prev_sample)
+        del inp, noise
+    del kw, emb
+    tracker.set_phase(Phase.DECODE)
+    vcfg = vae.config  # type: ignore[attr-defined]
+    if getattr(vcfg, "force_upcast", False) and dtype == torch.float16:
+        vae.to(torch.float32)
+        tracker.mark(vae.parameters(), MemoryKind.WEIGHTS)
+        latents = latents.to(torch.float32)
+        notes.append("the VAE has force_upcast: converted to fp32 and decoded in fp32 under fp16")
+    image = vae.decode(latents / float(vcfg.scaling_factor), return_dict=False)[0]  # type: ignore[operator]
+    del latents, image
+    tracker.set_phase(None)
+
+
 def _unet_inputs(model: nn.Module, b: int, res: int, dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
     cfg = model.config  # type: ignore[attr-defined]
     lat = res // 8
@@ -155,6 +285,24 @@ def _unet_inputs(model: nn.Module, b: int, res: int, dtype: torch.dtype) -> tupl
     return (x, t), kw
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+          is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    return cuda_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _new_tracker() -> MemoryTracker:
+    """A tracker with the language trace's CUDA kernels: SDPA's backend choice, fused dropout, the attention
+    backward's and ``_safe_softmax``'s transients."""
+    tracker = MemoryTracker()
+    tracker.scalar_answer = _scalar_answer
+    tracker.overrides[aten.scaled_dot_product_attention.default] = _sdpa
+    tracker.overrides[aten.dropout.default] = cuda_dropout
+    for f in _ATTN_BWD:
+        tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
+    tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
+    return tracker
+
+
 def run_vision_trace(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
     why = vision_refusal(entry, w)
     if why is not None:
@@ -170,7 +318,7 @@ def run_vision_trace(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimat
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return _run(entry, w, res)
+            return _run_pipeline(entry, w, res) if entry.kind == "pipeline" else _run(entry, w, res)
     finally:
         for logging, level in loggers:
             logging.set_verbosity(level)
@@ -191,18 +339,8 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
     ]
     autocast = AutocastEmulation(compute_dtype(w.precision)) if w.precision.is_amp else None
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    tracker = MemoryTracker()
-    tracker.scalar_answer = _scalar_answer
-
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
-             is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-        return cuda_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-    tracker.overrides[aten.scaled_dot_product_attention.default] = sdpa
-    tracker.overrides[aten.dropout.default] = cuda_dropout
-    for f in _ATTN_BWD:
-        tracker.after_op[f] = lambda a, k, o, f=f: attention_backward_transient(f, a)
-    tracker.after_op[aten._safe_softmax.default] = lambda a, k, o: safe_softmax_transient(a)
+    tracker = _new_tracker()
+    sdpa = _sdpa
     workspaces = 2 if train else 1
     prev_default = torch.get_default_dtype()
     report("building the model on fake tensors")
@@ -315,7 +453,7 @@ def _estimate(entry: VisionEntry, w: VisionWorkload, res: int, tracker: MemoryTr
 
     phases: list[PhasePeak] = []
     best: tuple[int, Phase, dict[MemoryKind, int], str] | None = None
-    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP):
+    for phase in (Phase.PREFILL, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP, Phase.DECODE):
         mark = tracker.peaks.get(phase)
         if mark is None:
             continue

@@ -13,9 +13,21 @@ IMAGE_TRACE_MISSING = ("vramplan trace of image models needs torchvision (backbo
 def vision_refusal(entry: VisionEntry, w: VisionWorkload) -> str | None:
     """Why the trace does not run ``w`` on ``entry`` (one line), or None where it does."""
     n = entry.name
-    if entry.kind == "pipeline" or w.pipeline:
-        return (f"{n}: whole diffusion pipelines (text encoders + denoiser + VAE) are not traced yet; the trace runs "
-                "a denoiser (UNet) or a torchvision backbone alone (vramplan estimate models the pipeline)")
+    if entry.kind == "pipeline":
+        from ..vision._catalog import component
+
+        if w.is_train:
+            return (f"{n}: pipeline training (DreamBooth-style, frozen VAE and text encoders) is not traced yet; the "
+                    "trace runs a pipeline's inference call, or a denoiser alone (vramplan estimate models training)")
+        if component(str(entry.config["denoiser"])).kind != "unet":
+            return (f"{n}: pipelines around a diffusion transformer are not traced yet (the UNet pipelines sd15, sd21, "
+                    "sdxl, sdxl-refiner are); vramplan estimate models them")
+        if any(component(str(t)).config.get("model_type") != "clip_text_model"
+               for t in entry.config.get("text_encoders", ())):
+            return f"{n}: only CLIP text encoders are traced in a pipeline"
+        return None
+    if w.pipeline:
+        return f"{n} has no pipeline in the catalog; --pipeline applies to the diffusion denoisers"
     if entry.kind == "stylegan":
         return (f"{n}: StyleGAN's training loop (NVlabs' custom CUDA ops, G and D phases) is not traced; vramplan "
                 "estimate models it")
