@@ -38,7 +38,7 @@ from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
 from ..result import Breakdown, Estimate, PhasePeak
 from ..vision._catalog import VisionEntry
-from ..vision._workload import VisionWorkload
+from ..vision._workload import VisionMethod, VisionWorkload
 from ..workload import Precision
 from ._build import compute_dtype, make_optimizer, param_dtype
 from ._cuda import (
@@ -349,9 +349,26 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
         # in the harness (what max_memory_reserved sees)
         model = _build(entry, w, res, notes)
         torch.set_default_dtype(prev_default)
+        lora = train and w.method is VisionMethod.LORA
+        if lora:
+            # diffusers' train_text_to_image_lora.py: the frozen base in weight_dtype (the 16-bit compute dtype
+            # under mixed precision), then unet.add_adapter(LoraConfig(...)); fp16 casts the adapters to fp32
+            dtype = torch.float32 if w.precision is Precision.FP32 else compute_dtype(w.precision)
+            model.requires_grad_(False)
         if dtype != torch.float32:
             model.to(dtype)
             notes.append(f"weights built in fp32 and cast with model.to({dtype}) (the calibration harness)")
+        if lora:
+            from diffusers.training_utils import cast_training_params
+            from peft import LoraConfig
+
+            model.add_adapter(LoraConfig(r=w.lora_rank, lora_alpha=w.lora_rank,  # type: ignore[operator]
+                                         init_lora_weights="gaussian", target_modules=list(w.lora_targets)))
+            if w.precision is Precision.AMP_FP16:
+                cast_training_params(model, dtype=torch.float32)
+            adapter_dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+            notes.append(f"LoRA r={w.lora_rank} on {', '.join(w.lora_targets)} (diffusers add_adapter, peft): "
+                         f"base frozen in {dtype}, adapters in {', '.join(adapter_dtypes)}")
         if unet and w.gradient_checkpointing and train:
             model.enable_gradient_checkpointing()  # type: ignore[operator]
             notes.append("gradient checkpointing: diffusers enable_gradient_checkpointing()")
@@ -363,7 +380,8 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
         model.train(train)
         tracker.mark(model.parameters(), MemoryKind.WEIGHTS)
         tracker.mark(model.buffers(), MemoryKind.WEIGHTS)
-        total = sum(p.numel() for p in model.parameters())
+        # the model's own parameters (LoRA adapters are counted as trainable, not here: estimate_vision's convention)
+        total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
         params = [p for p in model.parameters() if p.requires_grad]
         in_dtype = dtype if w.precision in (Precision.BF16, Precision.FP16) else torch.float32
         b = w.batch_size

@@ -36,8 +36,9 @@ def vision_refusal(entry: VisionEntry, w: VisionWorkload) -> str | None:
     if entry.kind == "dit":
         return (f"{n}: diffusion transformers are not traced yet (UNets and torchvision backbones are); vramplan "
                 "estimate models them")
-    if w.is_train and w.method is not VisionMethod.FULL:
-        return f"{n}: the image trace runs full training; --method {w.method.value} is not traced yet"
+    if w.is_train and w.method is not VisionMethod.FULL and entry.kind != "unet":
+        return (f"{n}: the image trace runs full training here (LoRA is traced on UNets); --method {w.method.value} "
+                "is not traced")
     if w.gradient_accumulation > 1 or not w.set_grads_to_none:
         return f"{n}: the image trace runs the calibration loop (one micro-batch, zero_grad(set_to_none=True))"
     if entry.kind == "backbone" and w.gradient_checkpointing:
