@@ -17,8 +17,12 @@ What runs, as the harness runs it on the GPU:
   the GPU in the pipeline's dtype: CLIP text encoding, two denoising steps at the guidance-doubled batch, the VAE
   decode at full resolution (``_run_pipeline``).
 
-Refused (one line): pipeline training, pipelines around diffusion transformers, diffusion transformers, StyleGAN,
-pipeline components, LoRA, and options the harness loops do not have.
+* diffusion transformers (DiT ``Transformer2DModel``, PixArt, SD3, Flux) through ``run_unet``'s loop, with the
+  estimate's input shapes (``vision._specs.dit_from_config``: ``text_len`` text states, Flux's packed latents).
+* ``--method lora`` on a denoiser: diffusers' LoRA scripts' setup (``add_adapter``).
+
+Refused (one line): pipeline training, pipelines around diffusion transformers, StyleGAN, pipeline components, LoRA
+on backbones, and options the harness loops do not have.
 """
 
 from __future__ import annotations
@@ -132,7 +136,13 @@ def _build(entry: VisionEntry, w: VisionWorkload, res: int, notes: list[str]) ->
     cls = _unet_class(notes)
     import diffusers
 
-    cfg = {k: v for k, v in entry.config.items() if not k.startswith("_")}
+    if entry.kind == "dit":
+        cls_name = str(entry.config.get("_class_name"))
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise VramplanError(f"{entry.name}: diffusers {diffusers.__version__} has no {cls_name}")
+    own = ("text_len", "class_conditional")  # the catalog's own fields, not the class's
+    cfg = {k: v for k, v in entry.config.items() if not k.startswith("_") and k not in own}
     with _no_value_init():
         model = cls.from_config(cfg)
     notes.append(f"diffusers {diffusers.__version__} {cls.__name__}.from_config(the catalog's config)")
@@ -265,6 +275,42 @@ def _pipeline_call(tracker: MemoryTracker, tes: list[nn.Module], unet: nn.Module
     tracker.set_phase(None)
 
 
+def _dit_inputs(model: nn.Module, entry: VisionEntry, b: int, res: int,
+                dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A diffusion transformer's forward inputs at the estimate's shapes (``vision._specs.dit_from_config``): latents
+    (Flux: 2 x 2 latent pixels packed into one token), ``text_len`` text states of the joint/caption width, the pooled
+    projection, timesteps (DiT: class labels; PixArt at 1024 px: resolution and aspect-ratio conditions)."""
+    cfg = model.config  # type: ignore[attr-defined]
+    cls = str(entry.config.get("_class_name"))
+    lat = res // 8
+    t = torch.randint(0, 1000, (b,))
+    if cls == "FluxTransformer2DModel":
+        n = (lat // 2) ** 2
+        tl = int(entry.config.get("text_len", 512))
+        kw: dict[str, Any] = {
+            "encoder_hidden_states": torch.randn(b, tl, int(cfg.joint_attention_dim), dtype=dtype),
+            "pooled_projections": torch.randn(b, int(cfg.pooled_projection_dim), dtype=dtype),
+            "timestep": t.to(dtype), "img_ids": torch.zeros(n, 3), "txt_ids": torch.zeros(tl, 3)}
+        if cfg.guidance_embeds:
+            kw["guidance"] = torch.full((b,), 3.5)
+        return (torch.randn(b, n, int(cfg.in_channels), dtype=dtype),), kw
+    x = torch.randn(b, int(cfg.in_channels), lat, lat, dtype=dtype)
+    if cls == "Transformer2DModel":
+        kw = {"timestep": t, "class_labels": torch.randint(0, 1000, (b,))}
+    elif cls == "PixArtTransformer2DModel":
+        kw = {"encoder_hidden_states": torch.randn(b, int(entry.config.get("text_len", 120)),
+                                                   int(cfg.caption_channels), dtype=dtype),
+              "timestep": t, "added_cond_kwargs": {"resolution": torch.randn(b, 2, dtype=dtype),
+                                                   "aspect_ratio": torch.randn(b, 1, dtype=dtype)}}
+    elif cls == "SD3Transformer2DModel":
+        kw = {"encoder_hidden_states": torch.randn(b, int(entry.config.get("text_len", 333)),
+                                                   int(cfg.joint_attention_dim), dtype=dtype),
+              "pooled_projections": torch.randn(b, int(cfg.pooled_projection_dim), dtype=dtype), "timestep": t}
+    else:
+        raise VramplanError(f"{entry.name}: {cls} is not traced")
+    return (x,), kw
+
+
 def _unet_inputs(model: nn.Module, b: int, res: int, dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
     cfg = model.config  # type: ignore[attr-defined]
     lat = res // 8
@@ -329,7 +375,7 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
 
     t0 = time.perf_counter()
     train = w.is_train
-    unet = entry.kind == "unet"
+    unet = entry.kind in ("unet", "dit")  # a diffusers denoiser (measure.py's run_unet loop)
     dtype = param_dtype(w.precision)
     notes: list[str] = [
         f"traced the real model code on fake tensors: torch {torch.__version__}; CUDA kernel choices emulated on "
@@ -386,7 +432,8 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
         in_dtype = dtype if w.precision in (Precision.BF16, Precision.FP16) else torch.float32
         b = w.batch_size
         if unet:
-            args, kw = _unet_inputs(model, b, res, dtype)
+            args, kw = (_unet_inputs(model, b, res, dtype) if entry.kind == "unet"
+                        else _dit_inputs(model, entry, b, res, dtype))
             target = args[0]
         else:
             args, kw = (torch.randn(b, 3, res, res, dtype=in_dtype),), {}
@@ -438,7 +485,10 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Pa
             loss = F.cross_entropy(model(*args).float(), target)
     tracker.region = MemoryKind.LOGITS_LOSS
     if unet:
-        loss = F.mse_loss(pred.float(), target.float())
+        # a learned-variance DiT predicts noise and variance (2 x the channels): the noise half meets the target
+        noise = pred if pred.shape == target.shape else pred.narrow(1, 0, target.shape[1])
+        loss = F.mse_loss(noise.float(), target.float())
+        del noise
     tracker.where = "backward"
     tracker.set_phase(Phase.BACKWARD)
     loss.backward()

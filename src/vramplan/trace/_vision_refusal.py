@@ -20,8 +20,8 @@ def vision_refusal(entry: VisionEntry, w: VisionWorkload) -> str | None:
             return (f"{n}: pipeline training (DreamBooth-style, frozen VAE and text encoders) is not traced yet; the "
                     "trace runs a pipeline's inference call, or a denoiser alone (vramplan estimate models training)")
         if component(str(entry.config["denoiser"])).kind != "unet":
-            return (f"{n}: pipelines around a diffusion transformer are not traced yet (the UNet pipelines sd15, sd21, "
-                    "sdxl, sdxl-refiner are); vramplan estimate models them")
+            return (f"{n}: pipelines around a diffusion transformer are not traced yet (the transformer alone is, and "
+                    "the UNet pipelines sd15, sd21, sdxl, sdxl-refiner); vramplan estimate models them")
         if any(component(str(t)).config.get("model_type") != "clip_text_model"
                for t in entry.config.get("text_encoders", ())):
             return f"{n}: only CLIP text encoders are traced in a pipeline"
@@ -33,9 +33,8 @@ def vision_refusal(entry: VisionEntry, w: VisionWorkload) -> str | None:
                 "estimate models it")
     if entry.kind in ("vae", "text_encoder"):
         return f"{n} is a pipeline component ({entry.kind}); trace a denoiser or a backbone"
-    if entry.kind == "dit":
-        return (f"{n}: diffusion transformers are not traced yet (UNets and torchvision backbones are); vramplan "
-                "estimate models them")
+    if entry.kind == "dit" and w.eager_attention:
+        return f"{n}: --attention eager is traced on UNets (diffusers AttnProcessor); diffusion transformers run SDPA"
     if w.is_train and w.method is not VisionMethod.FULL and entry.kind != "unet":
         return (f"{n}: the image trace runs full training here (LoRA is traced on UNets); --method {w.method.value} "
                 "is not traced")
