@@ -53,10 +53,11 @@ def test_shared_forward_gives_both_passes(model: str, options: dict[str, object]
     assume(num.training)
     states = E.model_states(spec, w)
     layers_rg = E._trainable_parts(spec, w)[3]
-    for _count, trainable, moe, sliding, rope, _ck, kind in E._layer_groups(spec, E._first_trainable(spec, w, states),
-                                                                            w.checkpoint_every):
+    first = E._first_trainable(spec, w, states)
+    for _count, trainable, moe, sliding, rope, _ck, kind, fresh in E._layer_groups(
+            spec, first, w.checkpoint_every, E._no_grad_input(spec, w, first)):
         rg = layers_rg and (trainable or w.method.value != "freeze")
-        plan = E._plan(spec, w, trainable, rg, moe, sliding, rope, w.attention, kind)
+        plan = E._plan(spec, w, trainable, rg and not fresh, moe, sliding, rope, w.attention, kind)
         for grads in (False, True):
             one, two = Tape(True), Tape(True)
             build_layer(one, spec, num, plan, batch, seq)

@@ -401,13 +401,14 @@ def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], lis
     return [], []
 
 
-def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0) -> list[int]:
+def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0, no_grad_input: int = -1) -> list[int]:
     """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
     groups list identical layers by first occurrence; the stream runs them in the model's order)."""
     from .estimator import _layer_key
 
     index: dict[object, int] = {}
-    return [index.setdefault(_layer_key(spec, i, first_trainable, every), len(index)) for i in range(spec.num_layers)]
+    return [index.setdefault(_layer_key(spec, i, first_trainable, every, no_grad_input), len(index))
+            for i in range(spec.num_layers)]
 
 
 def _autocast_cached(tpl: _Template, codes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -573,7 +574,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     the allocator exactly as it found it and every later step would repeat it. ``reference``: every block
     instance filtered event by event (:meth:`_Stream.add`) instead of by :meth:`_Stream.add_instance` (the same
     stream; the tests compare the two)."""
-    from .estimator import _first_trainable, _layer_groups, _plan, _trainable_parts
+    from .estimator import _first_trainable, _layer_groups, _no_grad_input, _plan, _trainable_parts
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
     attention = Attention.FLASH if w.packing else w.attention
@@ -624,11 +625,13 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     Codes = list[tuple[int, int]]
     groups: list[tuple[int, _Template, bool, Codes, Codes, Codes, Codes, bool]] = []
     autocast_held: dict[int, list[int]] = {}  # group -> codes of the weight casts autocast caches
-    order = _layer_order(spec, first, every)
-    for count, trainable, moe, sliding, rope, ck, kind in _layer_groups(spec, first, every):
+    fresh_at = _no_grad_input(spec, w, first)
+    order = _layer_order(spec, first, every, fresh_at)
+    for count, trainable, moe, sliding, rope, ck, kind, fresh in _layer_groups(spec, first, every, fresh_at):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
         tp = Tape(True)
-        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind), b, s)
+        lout = build_layer(tp, spec, num, _plan(spec, w, trainable, rg and not fresh, moe, sliding, rope, attention,
+                                                kind), b, s)
         x = tp.tensors[0]
         c = ck and rg
         off = w.activation_offload and rg and not c
@@ -876,7 +879,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     kv_keys: list[list[int]] = []  # per layer: its cache tensors that decode grows (keys and values)
     compiled = []
     sliced = False
-    for _count, _tr, moe, sliding, rope, _ck, kind in _layer_groups(spec, spec.num_layers):
+    for _count, _tr, moe, sliding, rope, _ck, kind, _fresh in _layer_groups(spec, spec.num_layers):
         tp = Tape(False)
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sliced = sliced or q != s

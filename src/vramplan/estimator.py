@@ -204,28 +204,31 @@ def _simulate_body(spec: ModelSpec, num: Numerics, plan: LayerPlan, b: int, s: i
     return _LayerSim(1, fwd, fwd, bwd, x.nbytes, y.nbytes, True)
 
 
-_LayerKey = tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
-_Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int]]
+_LayerKey = tuple[bool, bool, bool, bool, bool, tuple[str, bool, bool, int], bool]
+_Group = tuple[int, bool, bool, bool, bool, bool, tuple[str, bool, bool, int], bool]
 
 
-def _layer_key(spec: ModelSpec, i: int, first_trainable: int, ckpt_every: int = 0) -> _LayerKey:
+def _layer_key(spec: ModelSpec, i: int, first_trainable: int, ckpt_every: int = 0,
+               no_grad_input: int = -1) -> _LayerKey:
     """What makes decoder layer ``i`` the same as another: (base weights train, moe, sliding, rope, checkpointed,
-    kind); layers from ``first_trainable`` on train their base weights (0: full fine-tuning; num_layers: none); with
-    ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq`` convention); ``kind`` is
-    :func:`_kind` (mixer, MLP, fp32 input, layer-override group)."""
+    kind, input without grad); layers from ``first_trainable`` on train their base weights (0: full fine-tuning;
+    num_layers: none); with ``ckpt_every`` N, layers 0, N, 2N, ... are checkpointed (torchtitan's ``ac_freq``
+    convention); ``kind`` is :func:`_kind` (mixer, MLP, fp32 input, layer-override group); ``no_grad_input``: the
+    layer that trains although its input does not require grad (:func:`_no_grad_input`)."""
     return (i >= first_trainable, i in spec.moe_layers, i in spec.sliding_layers, i not in spec.nope_layers,
-            bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i))
+            bool(ckpt_every) and i % ckpt_every == 0, _kind(spec, i), i == no_grad_input)
 
 
 @lru_cache(maxsize=1024)  # worked out once per model: every workload asks again
-def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0) -> tuple[_Group, ...]:
+def _layer_groups(spec: ModelSpec, first_trainable: int, ckpt_every: int = 0,
+                  no_grad_input: int = -1) -> tuple[_Group, ...]:
     """(count, *:func:`_layer_key`) groups of identical layers, bottom to top, by first occurrence."""
     # identical layers: one replay
     counts: dict[_LayerKey, int] = {}
     for i in range(spec.num_layers):
         if i in spec.idle_layers:  # built, never run (spec.idle_layers)
             continue
-        key = _layer_key(spec, i, first_trainable, ckpt_every)
+        key = _layer_key(spec, i, first_trainable, ckpt_every, no_grad_input)
         counts[key] = counts.get(key, 0) + 1
     return tuple((n, *key) for key, n in counts.items())
 
@@ -236,6 +239,21 @@ def _first_trainable(spec: ModelSpec, w: Workload, states: ModelStates) -> int:
     if w.method is Method.FREEZE:
         return spec.num_layers - states.trainable_layers
     return spec.num_layers  # adapters: the base weights are frozen
+
+
+def _no_grad_input(spec: ModelSpec, w: Workload, first_trainable: int) -> int:
+    """The decoder layer that trains although its input does not require grad, or -1: the first layer under adapters
+    whose frozen embedding's output does not require grad (no gradient checkpointing, which would call
+    ``enable_input_require_grads``: the embedding program's ``out_rg``), the first trainable layer under freeze (the
+    frozen layers below hand it a tensor without grad). There, every op whose saving depended on its input requiring
+    grad saves less (``mul`` keeps the other factor only for that factor's gradient, ``pow`` its base only when the
+    base needs one) and no input gradient is made."""
+    embed, _, _, layers_rg = _trainable_parts(spec, w)
+    if not w.is_train or not layers_rg or embed or has_body(spec) or w.method is Method.FULL:
+        return -1
+    if w.method is Method.FREEZE:
+        return first_trainable if first_trainable < spec.num_layers else -1
+    return -1 if w.checkpoint_every else 0
 
 
 @dataclass(slots=True)
@@ -293,10 +311,11 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         sims.append(_simulate_body(spec, num, _plan(spec, w, full, layers_rg, False, False, True, attention,
                                                     _kind(spec, 0)), b, s, ckpt_every=every,
                                    grads_exist=accumulating))
-    for count, trainable, moe, sliding, rope, ck, kind in () if has_body(spec) else \
-            _layer_groups(spec, _first_trainable(spec, w, states), every):
+    first = _first_trainable(spec, w, states)
+    for count, trainable, moe, sliding, rope, ck, kind, fresh in () if has_body(spec) else \
+            _layer_groups(spec, first, every, _no_grad_input(spec, w, first)):
         rg = layers_rg and (trainable or w.method is not Method.FREEZE)
-        plan = _plan(spec, w, trainable, rg, moe, sliding, rope, attention, kind)
+        plan = _plan(spec, w, trainable, rg and not fresh, moe, sliding, rope, attention, kind)
         sims.append(_simulate_layer(spec, num, plan, b, s, count, ckpt=(ck or offload) and rg,
                                     grads_exist=accumulating, keep_input=ck and rg))
     ht = Tape(True)
@@ -518,7 +537,7 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, body.fwd.end_kinds)
     cur = _plus(cur, held)
     sliced = False
-    for i, (count, _tr, moe, sliding, rope, _ck, kind) in enumerate(() if has_body(spec) else
+    for i, (count, _tr, moe, sliding, rope, _ck, kind, _fresh) in enumerate(() if has_body(spec) else
                                                                     _layer_groups(spec, spec.num_layers)):
         q = 1 if kv_shared_sliced(spec, w, kind) else s
         sim = _simulate_layer(spec, num, _plan(spec, w, False, False, moe, sliding, rope, kind=kind), b, q, count,
