@@ -144,6 +144,23 @@ def test_pipeline_estimate_matches_trace(name: str, options: dict[str, Any]) -> 
     assert tr.peak_phase is Phase.DECODE
 
 
+def test_unet_config_file(tmp_path: Path) -> None:
+    """A diffusers UNet config.json (``_class_name`` UNet2DConditionModel) is traced as the catalog entry is."""
+    _needs("diffusers")
+    import json
+
+    from vramplan.vision import get_vision_model
+
+    cfg = {**get_vision_model("sd15-unet").config, "_class_name": "UNet2DConditionModel"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    opts = {"task": "infer", "batch_size": 1, "resolution": 128}
+    tr = _trace(str(tmp_path / "config.json"), **opts)
+    ref = _trace("sd15-unet", **opts)
+    assert tr.parameters == ref.parameters == get_vision_model("sd15-unet").params
+    # (the first trace in a process can count a few 512-byte blocks more: objects cached once per process)
+    assert abs(tr.peak_allocated_bytes - ref.peak_allocated_bytes) <= 8 * 512
+
+
 def test_trace_follows_batch() -> None:
     """The activations scale with the batch: a trace that ignored the inputs would not see it."""
     _needs("torchvision")
