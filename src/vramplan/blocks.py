@@ -718,10 +718,11 @@ class _B:
         out = tp.op(b * s * h * d, elem, (probs, v), save=(probs, v) if rg else ())
         return self.mul(out, self.cast(scale, elem))
 
-    def kernel_for(self, has_mask: bool) -> Kernel:
-        """The attention kernel this layer runs."""
+    def kernel_for(self, has_mask: bool, elem: int | None = None) -> Kernel:
+        """The attention kernel this layer runs (``elem``: the queries' element size where it is not the model's
+        activation dtype)."""
         attn = self.plan.attention if self.plan else Attention.SDPA
-        return attention_kernel(self.spec, attn, 2 if self.num.amp else self.num.act, has_mask,
+        return attention_kernel(self.spec, attn, 2 if self.num.amp else elem or self.num.act, has_mask,
                                 self.plan.release if self.plan else _release(MODELLED_TRANSFORMERS))
 
     # ---- whole blocks ---------------------------------------------------------------------------
@@ -873,6 +874,11 @@ class _B:
             self.bound_until_now(k0, v0)
         if spec.kv_store:  # shared_kv_states[layer_type] = key_states, value_states: held until the forward returns
             tp.keep(k, v)
+        if not self.num.amp and q.elem != self.num.act and kernel is not Kernel.EAGER:
+            # the queries reach SDPA in another dtype than the model's: QLoRA's fp32 hidden states (the norms' fp32
+            # weights after prepare_model_for_kbit_training; Linear4bit returns its input's dtype). fp32 rules out the
+            # flash kernel, and with fewer key/value heads (enable_gqa) the efficient one too: the math kernel
+            kernel = self.kernel_for(has_mask, q.elem)
         # query_states, key_states, value_states: the attention forward's locals until it returns (after o_proj)
         bound = (q, k, v)
         if self.num.amp and kernel is not Kernel.EAGER:
