@@ -784,7 +784,7 @@ class _B:
         elif spec.attn_output_gate:
             # Qwen3NextAttention (modeling_qwen3_next.py): q_proj makes (heads, 2 x head_dim); chunk(2) gives the query
             # and the gate as strided views, and gate.reshape(*input_shape, -1) copies it
-            qg = lin(n, h, 2 * qd, "q_proj", spec.qkv_bias)
+            qg = lin(n, h, 2 * qd, spec.qkv_names[0] if spec.qkv_names else "q_proj", spec.qkv_bias)
             q = tp.view(qg, b * s * qd)
             gate = tp.op(b * s * qd, qg.elem, (qg,), passthrough=True)
             k = lin(n, h, kvd, "k_proj", spec.qkv_bias)

@@ -288,6 +288,13 @@ class _Facts:
     nope_query_scale: bool = False
     mlp_glu_fp32: bool = False
     softcap_fp32: bool = False
+    # the query projection also makes a per-channel sigmoid output gate, Qwen3-Next's layout (heads, 2 x head_dim)
+    # chunked into query and gate, under this module name ("": none; MiniCPM5-MoE: q_gate_proj)
+    q_gate_name: str = ""
+    # DeepSeek-style MoE keys' defaults where the config class's differ from DeepSeek-V3's: n_shared_experts, and
+    # first_k_dense_replace when mlp_layer_types is absent (-1: the reader's own)
+    shared_experts_default: int = 0
+    first_dense_default: int = -1
 
 
 _FAMILIES: dict[str, _Facts] = {
@@ -496,6 +503,12 @@ _FAMILIES: dict[str, _Facts] = {
     "nanochat": _Facts(version="5.24", norm=NormKind.RMSNORM_NO_WEIGHT, qk_norm="head", qk_norm_after_rope=True,
                        mlp_plain=True, mlp_names=("fc1", "fc2"), act_default="relu2", embed_norm=True, softcap=True,
                        softcap_default=15.0),
+    # MiniCPM5-MoE (modular_minicpm5_moe.py, transformers 5.25): LLaMA's attention with q_gate_proj making the query
+    # and a per-channel gate (chunked per head, the gate reshaped: a copy; out * sigmoid(gate) before o_proj), no q/k
+    # norms; DeepSeek-V3's sigmoid router (fp32 logits), experts and shared expert on the "sparse" entries of
+    # mlp_layer_types (default: first_k_dense_replace, 1, dense layers first)
+    "minicpm5_moe": _Facts(version="5.25", moe="deepseek", mlp_types=-2, q_gate_name="q_gate_proj",
+                           shared_experts_default=1, first_dense_default=1),
 }
 # the transformers class each family builds (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), for configs that name the class
 # in ``architectures`` under a model_type this reader does not know
@@ -526,7 +539,7 @@ _CLASSES: dict[str, str] = {
     "Llama4ForCausalLM": "llama4_text", "DbrxForCausalLM": "dbrx", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "GraniteSWAForCausalLM": "granite_swa", "AriaTextForCausalLM": "aria_text",
     "GraniteMoeSWAForCausalLM": "granitemoe_swa", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
-    "FlintForCausalLM": "flint", "BeamForCausalLM": "beam",
+    "FlintForCausalLM": "flint", "BeamForCausalLM": "beam", "MiniCPM5MoeForCausalLM": "minicpm5_moe",
     "GPT2LMHeadModel": "gpt2", "GPTBigCodeForCausalLM": "gpt_bigcode", "GPTNeoForCausalLM": "gpt_neo",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
@@ -754,7 +767,8 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
                               "run vramplan trace")
     elif f.moe == "deepseek":  # DeepSeek-V3 / Kimi-K2 / GLM-4.5: sigmoid router in fp32, shared experts
         inter = c.int_("moe_intermediate_size")
-        first_dense = c.int_("first_k_dense_replace", default=3 if f.mlp_types == -2 else 0, lo=0, hi=_MAX_LAYERS)
+        first_dense = c.int_("first_k_dense_replace", default=f.first_dense_default if f.first_dense_default >= 0
+                             else 3 if f.mlp_types == -2 else 0, lo=0, hi=_MAX_LAYERS)
         every = c.int_("moe_layer_freq", default=1, hi=_MAX_LAYERS)
         moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % every == 0)
         if f.mlp_types != -1:
@@ -769,7 +783,8 @@ def _moe(c: _Cfg, f: _Facts, family: str, layers: int) -> dict[str, Any]:
             moe_layers = tuple(i for i, t in enumerate(types[:layers]) if t == "sparse")
         out = {"num_experts": c.int_("n_routed_experts"), "experts_per_token": c.int_("num_experts_per_tok"),
                "moe_intermediate_size": inter,
-               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=0, lo=0),
+               "shared_expert_intermediate_size": inter * c.int_("n_shared_experts", default=f.shared_experts_default,
+                                                                 lo=0),
                "moe_layers": moe_layers, "router_fp32": True, "router_sigmoid": True}
     elif f.moe == "deepseek_v2":  # DeepseekV2TopkRouter: fp32 logits, softmax, top-k; fp32 weights * scaling factor
         inter = c.int_("moe_intermediate_size")
@@ -974,6 +989,7 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f), **extra,
+        **({"attn_output_gate": True, "qkv_names": (f.q_gate_name, "k_proj", "v_proj")} if f.q_gate_name else {}),
     )
 
 

@@ -97,7 +97,7 @@ class WeightsQuant(StrEnum):
 
 
 # the transformers release the shipped memory programs and derived recipes model (the pinned one)
-MODELLED_TRANSFORMERS = "5.24.0"
+MODELLED_TRANSFORMERS = "5.25.0"
 
 
 def release(text: str) -> tuple[int, ...]:
