@@ -114,3 +114,16 @@ def test_shipped_recipes_are_not_stale(model_type: str) -> None:
     v = recipes_version()
     assert hfconfig._facts_from(r.recipe["facts"], v) == hfconfig._facts_from(shipped.facts, v)
     assert r.recipe["defaults"] == shipped.defaults
+
+
+def test_a_carried_recipe_follows_the_release_it_was_derived_with() -> None:
+    """A release's file may carry a recipe not yet re-derived with it: its program follows the release it names."""
+    from importlib import resources
+
+    version, _ = _load()
+    data = json.loads((resources.files("vramplan") / "data" / "recipes" / f"transformers-{version}.json").read_text())
+    for t, r in data["recipes"].items():
+        want = r.get("transformers", version)
+        assert recipe_for(t) is not None and recipe_for(t).transformers == want, t  # type: ignore[union-attr]
+        spec = spec_from_config(_config(t), t)
+        assert spec.program_version == ".".join(str(want).split(".")[:2]), t

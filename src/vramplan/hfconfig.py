@@ -989,8 +989,13 @@ def _llama_like(c: _Cfg, family: str, facts: _Facts | None = None) -> ModelSpec:
         sdpa=f.sdpa and not f.sinks, sdpa_removed_in=f.sdpa_removed_in, diff_attention=f.diff_attn,
         attention_dropout=c.float_("attention_dropout", default=0.0, hi=1.0),
         program_version=f.version, **_attn_gate(c, f), **_dynamic_mask(c, f), **extra,
-        **({"attn_output_gate": True, "qkv_names": (f.q_gate_name, "k_proj", "v_proj")} if f.q_gate_name else {}),
+        **_q_gate(f),
     )
+
+
+def _q_gate(f: _Facts) -> dict[str, Any]:
+    """A query projection that also makes the output gate (:attr:`_Facts.q_gate_name`), under its module name."""
+    return {"attn_output_gate": True, "qkv_names": (f.q_gate_name, "k_proj", "v_proj")} if f.q_gate_name else {}
 
 
 def _sliding_heads(c: _Cfg, f: _Facts, heads: int, kv: int, head_dim: int, sliding: tuple[int, ...]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A recipe (package data ``data/recipes/transformers-<version>.json``, written by 
 what one of the hand-written families computes (``reads_as``), and gives the facts (``hfconfig._Facts``) and
 the type's own config defaults (what transformers uses for a key a config.json leaves out). It is pure data:
 reading it needs no torch. Recipes derived with another transformers release than the installed one are used
-with a warning (the spec's ``program_version`` is the release the recipe was derived with).
+with a warning (the spec's ``program_version`` is the release the recipe was derived with). A release's file may
+carry a recipe derived with an earlier release, not yet re-derived (its ``transformers`` key names that release).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def _load() -> tuple[str, dict[str, Recipe]]:
     if data is None:
         return "", {}
     version = str(data["transformers"])
+    # a recipe carried over from an earlier release's file (not yet re-derived with this one) names the release it
+    # was derived with: its program follows that release
     out = {t: Recipe(model_type=t, reads_as=r["reads_as"], facts=r["facts"], defaults=r["defaults"],
-                     transformers=version) for t, r in data["recipes"].items()}
+                     transformers=str(r.get("transformers", version))) for t, r in data["recipes"].items()}
     return version, out
 
 
