@@ -127,3 +127,21 @@ def test_a_carried_recipe_follows_the_release_it_was_derived_with() -> None:
         assert recipe_for(t) is not None and recipe_for(t).transformers == want, t  # type: ignore[union-attr]
         spec = spec_from_config(_config(t), t)
         assert spec.program_version == ".".join(str(want).split(".")[:2]), t
+
+
+def test_a_newer_release_keeps_every_recipe_of_the_previous_one() -> None:
+    """A release's recipes file derives, carries (naming the release it came from) or refuses every type the previous
+    file has: none is dropped (emu3's text model was, once)."""
+    import itertools
+    import json
+
+    from vramplan._files import package_data
+
+    folder = package_data("data", "recipes")
+    files = sorted((p for p in folder.iterdir() if p.name.startswith("transformers-")),
+                   key=lambda p: tuple(int(x) for x in p.name.removeprefix("transformers-").removesuffix(".json")
+                                       .split(".")))
+    for old, new in itertools.pairwise(files):
+        a, b = json.loads(old.read_text(encoding="utf-8")), json.loads(new.read_text(encoding="utf-8"))
+        missing = set(a["recipes"]) - set(b["recipes"]) - set(b.get("refused", {}))
+        assert not missing, f"{new.name} drops {sorted(missing)} of {old.name}"
