@@ -49,8 +49,12 @@ def add_time_flags(p: argparse.ArgumentParser) -> None:
                             "PyTorch SDPA) or flash1 (FlashAttention v1 or its Triton port)")
 
 
-_FIGURES = ("step_seconds", "train_tokens_per_second_per_gpu", "mfu", "prefill_seconds", "decode_seconds_per_token",
-            "decode_tokens_per_second")
+# the figures of the time section: (label, key, format)
+_ROWS = (("step", "step_seconds", "{:.3f} s"),
+         ("training tokens/s per GPU", "train_tokens_per_second_per_gpu", "{:,.0f}"),
+         ("MFU", "mfu", "{:.1%}"), ("prefill", "prefill_seconds", "{:.3f} s"),
+         ("decode step (whole batch)", "decode_seconds_per_token", "{:.4f} s"),
+         ("decode tokens/s (whole batch)", "decode_tokens_per_second", "{:,.1f}"))
 
 
 def print_time(t: Mapping[str, Any]) -> None:
@@ -58,23 +62,18 @@ def print_time(t: Mapping[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = f"time on {t['gpus']} x {t['gpu']}" + (f" ({t['engine']})" if t.get("engine") else "") + \
-        f" — {t['method']}"
     console = Console()
-    if all(t.get(key) is None for key in _FIGURES):
+    if all(t.get(key) is None for _, key, _ in _ROWS):
         console.print(f"[yellow]no time:[/yellow] {t.get('reason') or 'not modelled for this workload'}")
         return
+    title = f"time on {t['gpus']} x {t['gpu']}" + (f" ({t['engine']})" if t.get("engine") else "") + \
+        f" — {t['method']}"
     table = Table(title=title)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    rows = [("step", t["step_seconds"], "{:.3f} s"),
-            ("training tokens/s per GPU", t["train_tokens_per_second_per_gpu"], "{:,.0f}"),
-            ("MFU", t["mfu"], "{:.1%}"), ("prefill", t["prefill_seconds"], "{:.3f} s"),
-            ("decode step (whole batch)", t["decode_seconds_per_token"], "{:.4f} s"),
-            ("decode tokens/s (whole batch)", t["decode_tokens_per_second"], "{:,.1f}")]
-    for label, value, fmt in rows:
-        if value is not None:
-            table.add_row(label, fmt.format(value))
+    for label, key, fmt in _ROWS:
+        if t.get(key) is not None:
+            table.add_row(label, fmt.format(t[key]))
     console.print(table)
     if t.get("reason"):
         console.print(f"[yellow]no time:[/yellow] {t['reason']}")
