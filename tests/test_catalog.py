@@ -180,6 +180,11 @@ ADDED_2025_26 = {
     "qwen2.5-1.5b-instruct": 1_543_714_304,  # 32,768 positions, the base 131,072
     "qwen3-30b-a3b-thinking-2507": 30_532_122_624,  # 262,144 positions, the base 40,960
     "qwen3-30b-a3b-thinking-2507-fp8": 30_532_122_624,  # the same modules; its FP8 storage: the test below
+    # 2026-12-04, counted on transformers 5.25.0's meta device
+    "phi-4-mini": 3_836_021_760,  # tied embeddings: the 200,064-token embedding counted once
+    "qwen3-coder-30b-a3b": 30_532_122_624,  # Qwen3-30B-A3B's modules, 262,144 positions
+    "kimi-k2-0905": 1_026_408_209_408,  # kimi-k2's modules, 262,144 positions
+    "kimi-k2-thinking": 1_026_408_209_408,  # kimi-k2's modules, 262,144 positions; its INT4 experts left out
 }
 
 
@@ -221,6 +226,29 @@ def test_fp8_checkpoint_holds_its_quantized_bytes() -> None:
     assert fp8.weights + fp8.quant_constants == 31_174_545_408
     bf16 = model_states(get_model("qwen3-30b-a3b-thinking-2507").spec, w)
     assert bf16.quant_constants == 0 and bf16.weights == 2 * get_model("qwen3-30b-a3b-thinking-2507").params
+
+
+@pytest.mark.parametrize(("name", "base"), [
+    ("kimi-k2-0905", "kimi-k2"), ("kimi-k2-thinking", "kimi-k2"),
+    ("qwen3-coder-30b-a3b", "qwen3-30b-a3b-thinking-2507"),
+])
+def test_long_context_entries_differ_from_their_base_only_where_stated(name: str, base: str) -> None:
+    """An entry of its own for a checkpoint with another position limit (or an unused field): every other field
+    that builds a module is its base entry's, so the counts agree and the limit does not."""
+    new, old = get_model(name), get_model(base)
+    assert new.params == old.params
+    assert new.spec.max_position_embeddings == 262_144
+    moved = {k for k in {*new.config, *old.config} if new.config.get(k) != old.config.get(k)}
+    assert moved <= {"max_position_embeddings", "intermediate_size", "router_aux_loss_coef", "rope_scaling",
+                     "max_window_layers", "attention_dropout", "attention_bias"}, moved
+
+
+def test_phi4_mini_ties_its_head_and_rotates_three_quarters() -> None:
+    spec = get_model("phi-4-mini").spec
+    assert spec.tie_word_embeddings and spec.vocab_size == 200_064
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (24, 8, 128)
+    untied = count_params(dataclasses.replace(spec, tie_word_embeddings=False)).total
+    assert untied - get_model("phi-4-mini").params == 200_064 * 3072
 
 
 def test_moe_and_sliding_specs() -> None:
@@ -282,6 +310,15 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("Qwen/Qwen2.5-3B-Instruct", "qwen2.5-3b"),
     ("Qwen/Qwen3-30B-A3B-Thinking-2507", "qwen3-30b-a3b-thinking-2507"),
     ("Qwen/Qwen3-30B-A3B-Thinking-2507-FP8", "qwen3-30b-a3b-thinking-2507-fp8"),
+    # 2026-12-04: the names people run these under
+    ("deepseek-ai/DeepSeek-R1-0528", "deepseek-v3"),
+    ("DeepSeek-V3.1-Terminus", "deepseek-v3"),
+    ("microsoft/Phi-4-mini-instruct", "phi-4-mini"),
+    ("Phi-4-mini-instruct", "phi-4-mini"),
+    ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "qwen3-coder-30b-a3b"),
+    ("moonshotai/Kimi-K2-Instruct-0905", "kimi-k2-0905"),
+    ("Kimi-K2-Instruct-0905", "kimi-k2-0905"),
+    ("moonshotai/Kimi-K2-Thinking", "kimi-k2-thinking"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
