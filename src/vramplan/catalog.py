@@ -5,8 +5,8 @@ and its exact parameter count (checked against transformers by
 ``benchmarks/verify_catalog_counts.py``). ``get_model("llama-3.1-8b")`` finds an entry by name,
 alias or Hugging Face id, case-insensitively; an entry's ``variants`` are the Hugging Face ids of other checkpoints
 (instruct, chat, reasoning releases) whose config.json was read and found equal in every field that moves memory, or
-whose model card states the entry's architecture, each with where it was read; they find the entry too. ``resolve_model`` also accepts a path to a local
-``config.json``. Pure standard library: no torch, no network.
+whose model card states the entry's architecture, each with where it was read; they find the entry too.
+``resolve_model`` also accepts a path to a local ``config.json``. Pure standard library: no torch, no network.
 """
 
 from __future__ import annotations
