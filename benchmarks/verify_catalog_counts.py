@@ -91,6 +91,9 @@ PUBLISHED: dict[str, int] = {
     "phi-3-mini": 3_821_079_552,
     "phi-3-medium": 13_960_238_080,
     "phi-4": 14_659_507_200,
+    # the Hub's safetensors totals as debaditc/kvfit src/kvfit/data/models.json (bd4ccabf91) records them
+    "phi-4-mini": 3_836_021_760,
+    "nemotron-nano-9b-v2": 8_888_227_328,
 }
 
 

@@ -144,6 +144,9 @@ def test_exact_parameter_count(entry: CatalogEntry) -> None:
     ("qwen2.5-7b", 7_615_616_512),
     ("gemma-2-9b", 9_241_705_984),
     ("phi-3-mini", 3_821_079_552),
+    # the Hub's safetensors totals (api/models/<repo>?expand[]=safetensors, as a public registry records them)
+    ("phi-4-mini", 3_836_021_760),
+    ("nemotron-nano-9b-v2", 8_888_227_328),
 ])
 def test_published_figures(name: str, published: int) -> None:
     assert get_model(name).params == published
@@ -185,6 +188,8 @@ ADDED_2025_26 = {
     "qwen3-coder-30b-a3b": 30_532_122_624,  # Qwen3-30B-A3B's modules, 262,144 positions
     "kimi-k2-0905": 1_026_408_209_408,  # kimi-k2's modules, 262,144 positions
     "kimi-k2-thinking": 1_026_408_209_408,  # kimi-k2's modules, 262,144 positions; its INT4 experts left out
+    "nemotron-nano-9b-v2": 8_888_227_328,  # Mamba-2 / ReLU² MLP / attention blocks; the Hub's safetensors total
+    "nemotron-nano-12b-v2": 12_310_001_152,
 }
 
 
@@ -249,6 +254,16 @@ def test_phi4_mini_ties_its_head_and_rotates_three_quarters() -> None:
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (24, 8, 128)
     untied = count_params(dataclasses.replace(spec, tie_word_embeddings=False)).total
     assert untied - get_model("phi-4-mini").params == 200_064 * 3072
+
+
+@pytest.mark.parametrize(("name", "mamba", "mlp", "attention"), [
+    ("nemotron-nano-9b-v2", 27, 25, 4), ("nemotron-nano-12b-v2", 28, 28, 6),
+])
+def test_nemotron_nano_v2_block_mix(name: str, mamba: int, mlp: int, attention: int) -> None:
+    """Nemotron-H blocks hold one sublayer each: the pattern's M, - and * become Mamba-2, MLP-only and attention."""
+    spec = get_model(name).spec
+    assert Counter(spec.mixers) == {"mamba2": mamba, "none": mlp, "attention": attention}
+    assert spec.ssm is not None and (spec.ssm.n_heads, spec.ssm.head_dim, spec.ssm.n_groups) == (128, 80, 8)
 
 
 def test_moe_and_sliding_specs() -> None:
@@ -319,6 +334,10 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("moonshotai/Kimi-K2-Instruct-0905", "kimi-k2-0905"),
     ("Kimi-K2-Instruct-0905", "kimi-k2-0905"),
     ("moonshotai/Kimi-K2-Thinking", "kimi-k2-thinking"),
+    ("nvidia/NVIDIA-Nemotron-Nano-9B-v2", "nemotron-nano-9b-v2"),
+    ("NVIDIA-Nemotron-Nano-9B-v2-Base", "nemotron-nano-9b-v2"),
+    ("nvidia/NVIDIA-Nemotron-Nano-12B-v2", "nemotron-nano-12b-v2"),
+    ("nemotron-nano-12b", "nemotron-nano-12b-v2"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
