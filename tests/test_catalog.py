@@ -190,6 +190,7 @@ ADDED_2025_26 = {
     "kimi-k2-thinking": 1_026_408_209_408,  # kimi-k2's modules, 262,144 positions; its INT4 experts left out
     "nemotron-nano-9b-v2": 8_888_227_328,  # Mamba-2 / ReLU² MLP / attention blocks; the Hub's safetensors total
     "nemotron-nano-12b-v2": 12_310_001_152,
+    "devstral-small": 23_572_403_200,  # Mistral-Small-3.1's language model, its Pixtral tower removed
 }
 
 
@@ -266,6 +267,18 @@ def test_nemotron_nano_v2_block_mix(name: str, mamba: int, mlp: int, attention: 
     assert spec.ssm is not None and (spec.ssm.n_heads, spec.ssm.head_dim, spec.ssm.n_groups) == (128, 80, 8)
 
 
+def test_devstral_is_mistral_small_31_without_its_vision_tower() -> None:
+    """Devstral Small (card: fine-tuned from Mistral-Small-3.1, vision encoder removed): the vision-language entry's
+    total less its Pixtral tower and projector, and the same attention and vocabulary."""
+    vlm, text = get_model("mistral-small-3.1-24b"), get_model("devstral-small")
+    mm = vlm.spec.multimodal
+    assert mm is not None and text.spec.multimodal is None
+    assert text.params == vlm.params - tower_parameters(mm.tower)
+    for attr in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                 "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(text.spec, attr) == getattr(vlm.spec, attr), attr
+
+
 def test_moe_and_sliding_specs() -> None:
     assert get_model("mixtral-8x7b").spec.num_experts == 8
     assert get_model("qwen3-30b-a3b").spec.num_moe_layers == 48
@@ -338,6 +351,10 @@ def test_entry_is_frozen_and_read_only() -> None:
     ("NVIDIA-Nemotron-Nano-9B-v2-Base", "nemotron-nano-9b-v2"),
     ("nvidia/NVIDIA-Nemotron-Nano-12B-v2", "nemotron-nano-12b-v2"),
     ("nemotron-nano-12b", "nemotron-nano-12b-v2"),
+    ("mistralai/Devstral-Small-2507", "devstral-small"),
+    ("Devstral-Small-2505", "devstral-small"),
+    ("deepseek-ai/DeepSeek-V3.2-Exp", "deepseek-v3.2"),
+    ("DeepSeek-V3.2-Speciale", "deepseek-v3.2"),
 ])
 def test_lookup_by_name_alias_and_hf_id(query: str, name: str) -> None:
     assert get_model(query).name == name
