@@ -35,7 +35,7 @@ LAYOUT_OPTIONS = ("gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batc
 IMAGE_OPTIONS = ("resolution", "pipeline")  # workload options only image models take
 # Language-model options an image model has no use for: refused unless left at the Workload default.
 _LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers", "images",
-                  "image_size", "freeze_vision", "text_only", "ssm_kernel")
+                  "image_size", "freeze_vision", "text_only", "ssm_kernel", "hub_kernels")
 
 
 def make_workload(**options: Any) -> Workload:
@@ -75,7 +75,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise WorkloadError(f"{key.replace('_', '-')} {shown} is not one of: {choices}")
         if key in _INT_FIELDS:
             return as_int(key, value)
-        if key in ("gradient_checkpointing", "double_quant", "freeze_vision", "text_only"):
+        if key in ("gradient_checkpointing", "double_quant", "freeze_vision", "text_only", "hub_kernels", "packing",
+                   "activation_offload", "rslora"):
             return as_bool(key, value)
         if key == "lora_dropout":
             return as_float(key, value)

@@ -28,6 +28,9 @@ FALCON_ATTENTION_INTERFACE = (5, 25)
 __all__ = ["Kernel", "LayerPlan", "Numerics", "attention_kernel", "build_embed", "build_head", "build_layer",
            "sdpa_kernel", "window_masked"]
 
+# streaming multiprocessors LigerRMSNorm's backward sizes its partial weight gradients by
+# (torch.cuda.get_device_properties().multi_processor_count: 132 on H100/H200 SXM; 2 MiB at hidden 4096)
+LIGER_SM_COUNT = 132
 ACT = MemoryKind.ACTIVATIONS
 LOGITS = MemoryKind.LOGITS_LOSS
 KV = MemoryKind.KV_CACHE
@@ -279,6 +282,8 @@ class _B:
             out = self.tp.op(x.numel, 4, (n32,), save=(n32,) if trainable else (), params=pg,
                              rg=n32.rg or trainable)
             return self.cast(out, x.elem)
+        if spec.norm_kernel and scale and spec.norm is NormKind.RMSNORM:
+            return self.liger_rms_norm(x, rows, dim, pg, trainable)
         # RMSNorm: hidden.to(fp32); pow(2).mean(-1); * rsqrt(var + eps); weight * hidden.to(input_dtype)
         n32 = rms_normalize(self.tp, x, dim)
         if not scale or spec.norm is NormKind.RMSNORM_NO_WEIGHT:  # Llama4TextL2Norm (NanoChat): ._norm(x.float())
@@ -296,6 +301,19 @@ class _B:
                          rg=nc.rg or trainable)
         self.bound_until_now(n32)  # ``return self.weight * hidden_states.to(input_dtype)``: fp32 local until return
         return out
+
+    def liger_rms_norm(self, x: Tensor, rows: int, dim: int, pg: tuple[tuple[int, int], ...],
+                       trainable: bool) -> Tensor:
+        """kernels-community's LigerRMSNorm (liger-kernels ``rms_norm.py``, ``LigerRMSNormFunction`` with casting mode
+        "llama" and ``in_place=True``), which transformers' hub kernels put in place of a decorated RMSNorm: the
+        forward allocates the output in the input's dtype and the inverse RMS per row in fp32 and saves the input, the
+        weight and that RSTD; the backward allocates a (SM count, hidden) fp32 partial weight gradient, writes the
+        input gradient into the output gradient's buffer and reduces the partials (``_dW.sum(0).to(W.dtype)``)."""
+        tp = self.tp
+        needs = x.rg or trainable
+        rstd = tp.op(rows, 4, (x,), rg=False)
+        return tp.op(x.numel, x.elem, (x, rstd), save=(x, rstd) if needs else (), params=pg, grad_to=(x,), rg=needs,
+                     passthrough=True, bwd_scratch=(LIGER_SM_COUNT + 1) * dim * 4 if needs else 0)
 
     # ---- attention ----------------------------------------------------------------------------
     def rope(self, x: Tensor, out_elem: int | None = None) -> Tensor:

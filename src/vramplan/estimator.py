@@ -45,7 +45,7 @@ from .memory import (
 )
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
-from .spec import ATTENTION_MIXERS, ModelSpec, PositionKind
+from .spec import ATTENTION_MIXERS, ModelSpec, NormKind, PositionKind
 from .ssm import ssm_state_bytes
 from .units import GiB
 from .workload import (
@@ -662,12 +662,44 @@ def has_sdpa(spec: ModelSpec, w: Workload) -> bool:
 HUB_KERNELS_BY_DEFAULT = (5, 25)
 HUB_KERNELS_NOTE = ("transformers >= 5.25 loads models with hub kernels by default on CUDA (RMSNorm, rotary, "
                     "activations, SSM); the estimate follows the PyTorch layers, which from_pretrained(..., "
-                    "use_kernels=False) or USE_HUB_KERNELS=0 keeps")
+                    "use_kernels=False) or USE_HUB_KERNELS=0 keeps; --hub-kernels models the RMSNorm kernel")
+HUB_KERNELS_ON_NOTE = ("hub kernels (--hub-kernels): RMSNorm runs kernels-community's LigerRMSNorm (saves its "
+                       "input and an fp32 inverse RMS per row; backward writes the input gradient into the output "
+                       "gradient); the rotary and activation kernels are not modelled (the PyTorch code's "
+                       "temporaries are kept)")
+HUB_KERNELS_NONE_NOTE = ("hub kernels (--hub-kernels): transformers maps no kernel to this model's norms "
+                         "(use_kernel_forward_from_hub(\"RMSNorm\") is not on its layers' norm class)")
+
+
+@lru_cache(maxsize=1)
+def _hub_rmsnorm_types() -> frozenset[str]:
+    """Model types whose decoder layers normalise with a class decorated ``use_kernel_forward_from_hub("RMSNorm")``
+    (``data/hub_kernels.json``, written by ``python -m vramplan.derive.hub_kernels --write``)."""
+    import json
+
+    from ._files import package_data
+
+    table = json.loads(package_data("data", "hub_kernels.json").read_text(encoding="utf-8"))
+    return frozenset(table["rmsnorm"])
+
+
+def hub_rmsnorm(spec: ModelSpec) -> bool:
+    """Whether transformers' hub kernels replace this model's RMSNorm by LigerRMSNorm (a Llama-style RMSNorm of a
+    listed model type; a vision-language model's text config is listed under the model's own type)."""
+    if spec.norm is not NormKind.RMSNORM:
+        return False
+    types = _hub_rmsnorm_types()
+    family = spec.family
+    return family in types or family.removesuffix("_text") in types or (
+        spec.multimodal is not None and spec.multimodal.model_type in types)
 
 
 def built_as(spec: ModelSpec, w: Workload) -> ModelSpec:
     """The model as the transformers release ``w`` models builds it, where releases build a family differently
-    (LongCat-Flash's experts: vramplan.longcat.at_release); the reader builds what the installed release does."""
+    (LongCat-Flash's experts: vramplan.longcat.at_release); the reader builds what the installed release does. With
+    ``w.hub_kernels`` a listed model's RMSNorm runs LigerRMSNorm (:func:`hub_rmsnorm`)."""
+    if w.hub_kernels and not spec.norm_kernel and hub_rmsnorm(spec):
+        spec = replace(spec, norm_kernel=True)
     if spec.dual_sublayers:
         from .longcat import at_release
 
@@ -782,7 +814,11 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
         reserve_note(spec, w, replay),
         *states.notes,
     ]
-    if w.transformers_release >= HUB_KERNELS_BY_DEFAULT:
+    if spec.norm_kernel:
+        assumptions.append(HUB_KERNELS_ON_NOTE)
+    elif w.hub_kernels:
+        assumptions.append(HUB_KERNELS_NONE_NOTE)
+    elif w.transformers_release >= HUB_KERNELS_BY_DEFAULT:
         assumptions.append(HUB_KERNELS_NOTE)
     kinds = set(_mixers(spec)) - {"attention", "none"}
     if kinds:

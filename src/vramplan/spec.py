@@ -222,6 +222,9 @@ class ModelSpec:
     # the RMSNorm's ``forward(self, x)`` keeps its 16-bit input bound until it returns (GemmaRMSNorm and kin:
     # ``self._norm(x.float())`` ... ``.type_as(x)``, where LlamaRMSNorm rebinds ``hidden_states`` to the fp32 copy)
     norm_input_held: bool = False
+    # the RMSNorm runs kernels-community's LigerRMSNorm (transformers' hub kernels: estimator.built_as, Workload
+    # hub_kernels): a new output, the fp32 inverse RMS per row, and the input saved for backward (blocks.liger_rms_norm)
+    norm_kernel: bool = False
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)

@@ -218,6 +218,9 @@ class Workload:
     galore_update_gap: int = 200  # galore: steps between SVD updates of the projection
     ssm_kernel: str = "fused"  # SSM layers: "fused" (mamba_ssm / causal_conv1d kernels) or "torch" (transformers'
     # plain-PyTorch fallback, what a machine without those packages runs; vramplan.ssm)
+    # transformers' hub kernels (from_pretrained's default from transformers 5.25 on CUDA, use_kernels=True): the
+    # RMSNorm classes decorated use_kernel_forward_from_hub("RMSNorm") run LigerRMSNorm (vramplan.data hub_kernels.json)
+    hub_kernels: bool = False
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
     # the transformers release the run uses, where releases differ in what a family allocates (None: the installed
     # release, else the one the shipped programs and recipes model, MODELLED_TRANSFORMERS: default_transformers())

@@ -53,6 +53,10 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="Mamba / short-conv / gated DeltaNet layers: the mamba_ssm, causal_conv1d and fla kernels a "
                         "GPU install runs, or transformers' plain-PyTorch fallback (what `vramplan trace` runs "
                         "without those packages)")
+    g.add_argument("--hub-kernels", action="store_true", default=None,
+                   help="transformers' hub kernels, as from_pretrained loads them by default from transformers 5.25 "
+                        "on CUDA: RMSNorm runs kernels-community's LigerRMSNorm (default: the PyTorch layers, "
+                        "use_kernels=False / USE_HUB_KERNELS=0)")
     g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
     g.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (no effect on memory)")
     g.add_argument("--lora-dropout", type=unit_interval, default=0.0,

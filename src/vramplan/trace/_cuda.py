@@ -29,8 +29,16 @@ import torch
 from .._engine.numerics import MEM_EFF_MASK_ALIGNMENT
 
 __all__ = [
-    "AutocastEmulation", "attention_backward_transient", "choose_sdpa_backend", "cuda_dropout",
-    "cuda_sdpa", "grouped_mm_any_dtype", "index_backward_in_place", "register_cuda_kernels", "safe_softmax_transient",
+    "AutocastEmulation",
+    "attention_backward_transient",
+    "choose_sdpa_backend",
+    "cuda_dropout",
+    "cuda_sdpa",
+    "grouped_mm_any_dtype",
+    "hub_rmsnorm_kernels",
+    "index_backward_in_place",
+    "register_cuda_kernels",
+    "safe_softmax_transient",
 ]
 
 aten = torch.ops.aten
@@ -356,3 +364,53 @@ def register_cuda_kernels(autocast: AutocastEmulation | None,
     finally:
         torch.clear_autocast_cache = clear_orig
         lib._destroy()
+
+
+# ---- transformers' hub kernels -----------------------------------------------------------------------------------
+
+# streaming multiprocessors the partial weight gradients are sized by (blocks.LIGER_SM_COUNT: H100/H200 SXM)
+LIGER_SM_COUNT = 132
+
+
+class _LigerRMSNorm(torch.autograd.Function):
+    """The allocations of kernels-community's LigerRMSNormFunction (liger-kernels ``rms_norm.py``, casting mode
+    "llama", ``in_place=True``) on any device: ``ensure_contiguous`` inputs; forward: the output in the input's dtype
+    and an fp32 inverse RMS per row, saving the input, the weight and that RSTD; backward: a (SM count, hidden) fp32
+    partial weight gradient, the input gradient written into the output gradient, ``_dW.sum(0).to(W.dtype)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.view(-1, x.shape[-1])
+        y = torch.empty_like(rows)
+        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, weight, _ = ctx.saved_tensors
+        dy = dy.contiguous()
+        partial = torch.empty((LIGER_SM_COUNT, rows.shape[1]), dtype=torch.float32, device=dy.device)
+        return dy, partial.sum(dim=0).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def hub_rmsnorm_kernels(model: torch.nn.Module, on: bool) -> Iterator[int]:
+    """With ``on``: every module whose class transformers decorated ``use_kernel_forward_from_hub("RMSNorm")`` (the
+    ``kernels`` package marks it ``kernel_layer_name``) runs :class:`_LigerRMSNorm`, as ``kernelize`` on CUDA swaps in
+    kernels-community's LigerRMSNorm (transformers integrations/hub_kernels.py). Yields how many modules run it."""
+    swapped: list[torch.nn.Module] = []
+    if on:
+        for m in model.modules():
+            weight = getattr(m, "weight", None)
+            if getattr(type(m), "kernel_layer_name", None) == "RMSNorm" and isinstance(weight, torch.nn.Parameter):
+                m.forward = (lambda hidden_states, *a, _w=weight, **k:  # type: ignore[method-assign]
+                             _LigerRMSNorm.apply(hidden_states, _w))
+                swapped.append(m)
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward
+

@@ -25,6 +25,7 @@ from ._cuda import (
     cuda_dropout,
     cuda_sdpa,
     grouped_mm_any_dtype,
+    hub_rmsnorm_kernels,
     index_backward_in_place,
     register_cuda_kernels,
     safe_softmax_transient,
@@ -439,7 +440,12 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
 
     kernels: dict[tuple[str, str, bool], int] = {}
     with _trace_environment(), _routing_source(tracker), _kernel_calls(model, kernels), \
+            hub_rmsnorm_kernels(model, workload.hub_kernels) as liger_norms, \
             register_cuda_kernels(autocast, sdpa), fake, tracker, recorder, gradient_buffers(tracker):
+        if workload.hub_kernels:
+            assumptions.append(f"hub kernels: {liger_norms} RMSNorm module(s) run LigerRMSNorm's allocations "
+                               "(kernels-community liger-kernels, as kernelize swaps it in on CUDA); rotary and "
+                               "activation kernels not emulated")
         for p in model.parameters():
             tracker.adopt(p, MemoryKind.WEIGHTS)
         for b in model.buffers():
