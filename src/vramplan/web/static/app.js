@@ -92,10 +92,12 @@ const LABELS = {
   lora_modules_to_save: ["modules to save", "embed_tokens,lm_head: trained full copies next to the adapters"],
   optimizer_rank: ["projection rank", "GaLore / APOLLO: rank of the projected gradient"],
   galore_update_gap: ["GaLore update gap", "steps between SVDs of the projection"],
+  hub_kernels: ["hub kernels", "transformers ≥ 5.25 from_pretrained's default on CUDA: RMSNorm runs Liger's kernel (saves its 16-bit input, not an fp32 copy)"],
 };
 const GROUPS = {
   basic: ["method", "precision", "batch_size", "seq_len", "new_tokens"],
-  advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation"],
+  advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation",
+    "hub_kernels"],
   adapters: ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_layers", "rslora",
     "lora_modules_to_save"],
   savers: ["trainer", "loss", "loss_chunk", "packing", "avg_seq_len", "checkpointing", "activation_offload",
