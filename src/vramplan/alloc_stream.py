@@ -443,22 +443,9 @@ def _live(codes: list[tuple[int, int]]) -> set[int]:
 
 def _seeded(items: list[Event], seeds: list[Event]) -> list[Event]:
     """The head's backward with the gradients the tape takes as given: ``loss.backward()`` allocates the
-    loss's (a scalar of ones) at once; the logits' gradient is the first gradient of the logits' size that
-    backward computes (the cast back from the fp32 loss path), kept until the output projection's backward."""
-    out: list[Event] = [e for e in seeds if e[1] <= 512]
-    pending = {n: key for key, n in seeds if n > 512}
-    renamed: dict[object, object] = {}
-    for key, n in items:
-        if n > 0 and n in pending:
-            renamed[key] = pending.pop(n)
-            out.append((renamed[key], n))
-        elif n == _FREE and key in renamed:
-            continue
-        else:
-            out.append((key, n))
-    for n, key in pending.items():  # never computed: allocated up front as the tape assumes
-        out.insert(0, (key, n))
-    return out
+    loss's (a scalar of ones) at once; every other gradient (the logits' too: ``Tape.inner_grads``) is the
+    replay's."""
+    return seeds + items
 
 
 ROOT = -1  # the unit of a rank's hooks that holds the embedding, the final norm and the head
@@ -662,12 +649,17 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                input_rg=layers_rg, logits_tokens=b * s, loss=True, keep_logits=w.trainer is Trainer.PLAIN,
                loss_kind=loss_kind.value, chunk=w.loss_chunk,
                metrics=w.trainer is Trainer.TRL_SFT and loss_kind is Loss.STANDARD)
+    # the logits the loop holds get their gradient inside the head, from the loss (the cast back from the fp32 loss
+    # path, or LogSoftmaxBackward0 when the logits are fp32): loss.backward() is given the loss's gradient only, so the
+    # head's backward allocates and frees its gradients in the engine's order (an fp32 head: NllLossBackward0's, then
+    # LogSoftmaxBackward0's, then the first dies; torch/csrc/autograd/engine.cpp evaluate_function)
+    ht.inner_grads.update(id(t) for t in ht.tensors if t.keep and t.rg and not t.external and t.nbytes > 512)
     head = _Template(ht, ht.tensors[0], None)
     h_fwd = record(head, "forward", True)
     h_bwd = record(head, "backward", False)
     h_bwd_acc = record(head, "backward", True) if acc_runs else h_bwd
     seeds = [(head.local.setdefault(("g", id(t)), len(head.local)), t.nbytes)
-             for t in ht.tensors if t.keep and t.rg and not t.external]
+             for t in ht.tensors if t.keep and t.rg and not t.external and id(t) not in ht.inner_grads]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
     opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)

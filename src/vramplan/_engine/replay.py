@@ -421,7 +421,7 @@ def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | 
     forward's result (``forward(tp, inputs_counted=False)``, as :func:`layer_passes` shares it), or None to
     replay it."""
     f = forward(tp, inputs_counted=False) if fwd is None else fwd
-    seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external]
+    seeds = [t for t in tp.tensors if t.keep and t.rg and not t.external and id(t) not in tp.inner_grads]
     peak, end = backward(tp, f, seeds, param_grads_exist=param_grads_exist, start=ZERO, seeds_counted=False,
                          ev=ev)
     unpack = list(ZERO.kinds)

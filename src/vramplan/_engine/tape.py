@@ -118,6 +118,9 @@ class Tape:
         # parameters whose gradient contributions are views (a linear's weight gradient: the transpose of its matmul
         # output) and that the program uses more than once: autograd adds the first two out of place (replay)
         self.view_grads: set[int] = set()
+        # kept tensors whose gradient the program's own ops make (the logits a training loop holds, differentiated
+        # through the loss in the same program): not seeds of its backward (replay.layer_backward)
+        self.inner_grads: set[int] = set()
         self._producer_region: dict[int, int] = {}
         self._current = -1
         self._param_ids: dict[str, int] = {}
