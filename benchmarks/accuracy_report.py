@@ -82,14 +82,14 @@ class Summary:
 
 def _vision_rows(rows: list[dict[str, str]]) -> list[Row]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from vision_accuracy import _MODELS, options_of_row  # the image-model rows as measure.py runs them
+    from vision_accuracy import MODELS, options_of_row  # the image-model rows as measure.py runs them
     from vramplan.vision import estimate_vision
 
     out = []
     for row in rows:
         if row["task"] not in ("vision", "unet"):
             continue
-        est = estimate_vision(_MODELS[row["model"]], **options_of_row(row))
+        est = estimate_vision(MODELS[row["model"]], **options_of_row(row))
         out.append(Row(row["name"], float(row["peak_alloc_gib"]), est.peak_allocated_bytes / GiB,
                        float(row["peak_reserved_gib"]) if row.get("peak_reserved_gib") else None,
                        est.peak_reserved_bytes / GiB, None))

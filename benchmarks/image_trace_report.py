@@ -11,19 +11,19 @@ Prints one line per case (GiB, estimate vs trace in %); the README's image-model
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from vision_accuracy import MODELS, options_of_row, vision_rows  # the calibration rows as measure.py runs them
+from vramplan.calibration import read_rows
 from vramplan.trace import trace_vision
 from vramplan.vision import estimate_vision
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "tests/data/calibration/measured.csv"
-_MODELS = {"resnet50": "resnet50", "vit_b_16": "vit-b-16", "sd15-unet": "sd15-unet", "sdxl-unet": "sdxl-unet"}
 
 EXTRA: list[tuple[str, dict[str, Any]]] = [
     ("sd15-unet", {"method": "lora", "precision": "amp-fp16", "batch_size": 4, "resolution": 512}),
@@ -41,18 +41,6 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def row_options(row: dict[str, str]) -> dict[str, Any]:
-    """measure.py's defaults: run_vision amp-bf16 at 224 px, run_unet bf16 at 512 px."""
-    vision = row["task"] == "vision"
-    opts: dict[str, Any] = {"precision": row["precision"] or ("amp-bf16" if vision else "bf16"),
-                            "batch_size": int(row["batch"]), "resolution": int(row["res"] or (224 if vision else 512))}
-    if row["ckpt"] == "True":
-        opts["gradient_checkpointing"] = True
-    if row["train"] == "False":
-        opts["task"] = "infer"
-    return opts
-
-
 def _line(label: str, name: str, opts: dict[str, Any], measured: tuple[float, float] | None) -> None:
     t0 = time.perf_counter()
     tr = trace_vision(name, **opts)
@@ -67,11 +55,10 @@ def _line(label: str, name: str, opts: dict[str, Any], measured: tuple[float, fl
 
 def main(argv: list[str]) -> int:
     path = Path(argv[0]) if argv else CSV
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["task"] in ("vision", "unet")]
+    rows = vision_rows(read_rows(path))
     print("calibration rows (peak allocated / reserved, GiB)")
     for r in rows:
-        _line(r["name"], _MODELS[r["model"]], row_options(r),
+        _line(r["name"], MODELS[r["model"]], options_of_row(r),
               (float(r["peak_alloc_gib"]), float(r["peak_reserved_gib"])))
     print("\nno GPU row")
     for name, opts in EXTRA:

@@ -25,8 +25,9 @@ from vramplan.vision import estimate_vision
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "tests/data/calibration/measured.csv"
 
-# measure.py's model names -> catalog names
-_MODELS = {"resnet50": "resnet50", "vit_b_16": "vit-b-16", "sd15-unet": "sd15-unet", "sdxl-unet": "sdxl-unet"}
+# measure.py's model names -> catalog names (also read by image_trace_report.py, accuracy_report.py and
+# tests/test_trace_vision.py)
+MODELS = {"resnet50": "resnet50", "vit_b_16": "vit-b-16", "sd15-unet": "sd15-unet", "sdxl-unet": "sdxl-unet"}
 
 
 def vision_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -62,7 +63,7 @@ class Case:
 def calibration_cases(csv_path: Path = CSV) -> list[Case]:
     out = []
     for row in vision_rows(read_rows(csv_path)):
-        est = estimate_vision(_MODELS[row["model"]], **options_of_row(row))
+        est = estimate_vision(MODELS[row["model"]], **options_of_row(row))
         out.append(Case(row["name"], float(row["peak_alloc_gib"]), est.peak_allocated_bytes / GiB, 0.15))
     return out
 

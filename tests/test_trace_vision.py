@@ -6,7 +6,6 @@ shapes. Refusals need no torch."""
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -15,8 +14,15 @@ from typing import Any
 
 import pytest
 
+from vramplan.calibration import read_rows
 from vramplan.errors import VramplanError
 from vramplan.kinds import Phase
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:  # the calibration rows' model names and workloads as measure.py runs them (shared with the benchmarks)
+    from vision_accuracy import MODELS, options_of_row, vision_rows
+finally:
+    sys.path.pop(0)
 
 GiB = 2**30
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -170,34 +176,16 @@ def test_trace_follows_batch() -> None:
 
 
 # ---- the calibration rows (slow) ------------------------------------------------------------------------------
-_MODEL = {"resnet50": "resnet50", "vit_b_16": "vit-b-16", "sd15-unet": "sd15-unet", "sdxl-unet": "sdxl-unet"}
-
-
 def _rows() -> list[dict[str, str]]:
     path = CALIBRATION / "measured.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r["task"] in ("vision", "unet")]
-
-
-def _options(row: dict[str, str]) -> dict[str, Any]:
-    """measure.py's defaults: run_vision amp-bf16 at 224 px, run_unet bf16 at 512 px."""
-    vision = row["task"] == "vision"
-    opts: dict[str, Any] = {"precision": row["precision"] or ("amp-bf16" if vision else "bf16"),
-                            "batch_size": int(row["batch"]), "resolution": int(row["res"] or (224 if vision else 512))}
-    if row["ckpt"] == "True":
-        opts["gradient_checkpointing"] = True
-    if row["train"] == "False":
-        opts["task"] = "infer"
-    return opts
+    return vision_rows(read_rows(path)) if path.exists() else []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", _rows(), ids=lambda r: r["name"])
 def test_calibration_row(row: dict[str, str]) -> None:
     _needs("torchvision" if row["task"] == "vision" else "diffusers")
-    tr = _trace(_MODEL[row["model"]], **_options(row))
+    tr = _trace(MODELS[row["model"]], **options_of_row(row))
     measured = float(row["peak_alloc_gib"])
     assert abs(tr.peak_allocated_bytes / GiB / measured - 1) <= MEASURED_TOLERANCE
     assert tr.parameters == int(row["params"])

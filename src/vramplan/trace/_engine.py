@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from ._loops import (
 )
 from ._tracker import MemoryTracker, PeakMark, gradient_buffers
 
-__all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "run_trace"]
+__all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "SLACK_FRACTION", "finish_estimate", "run_trace"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -329,6 +329,51 @@ def _phase_peak(mark: PeakMark, workspace: int) -> tuple[int, dict[MemoryKind, i
     return mark.bytes + workspace, by_kind
 
 
+# the phases in the order a run goes through them (an image pipeline's text encoding is its PREFILL, its VAE decode
+# its DECODE; a language run has either the training phases or prefill and decode); a tie goes to the earlier one
+_PHASES = (Phase.PREFILL, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP, Phase.DECODE)
+
+
+def finish_estimate(tracker: MemoryTracker, *, name: str, workspaces: int, alloc_conf: str | None, parameters: int,
+                    trainable: int, assumptions: list[str], warns: Sequence[str], workload: dict[str, Any],
+                    t0: float) -> Estimate:
+    """The :class:`Estimate` of a finished trace (language and image models alike): each phase's peak with the
+    ``workspaces`` cuBLAS workspaces, the highest one, and the allocator slack of the traced allocation stream
+    replayed through the same caching-allocator model as the estimate (``vramplan.allocator``), rebuilt as the
+    calibration loop runs it, with the cuBLAS workspaces (``_loops.harness_stream``). Appends the peak's place, the
+    added terms and the trace's time to ``assumptions``."""
+    from ..allocator import parse_alloc_conf, simulate
+
+    phases: list[PhasePeak] = []
+    best: tuple[int, Phase, dict[MemoryKind, int], str] | None = None
+    for phase in _PHASES:
+        mark = tracker.peaks.get(phase)
+        if mark is None:
+            continue
+        peak, by_kind = _phase_peak(mark, workspaces * CUBLAS_WORKSPACE_BYTES)
+        phases.append(PhasePeak(phase, peak, Breakdown.of(by_kind)))
+        if best is None or peak > best[0]:
+            best = (peak, phase, by_kind, mark.where)
+    if best is None:
+        raise VramplanError(f"{name}: the trace recorded no allocation")
+    peak, peak_phase, by_kind, where = best
+    reserved = simulate(harness_stream(tracker.events, workspaces), parse_alloc_conf(alloc_conf))
+    slack = max(0, reserved.peak_reserved_bytes - peak)
+    full = dict(by_kind)
+    full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
+    full[MemoryKind.ALLOCATOR_SLACK] = slack
+    assumptions.append(f"peak at {where} during {peak_phase.value}")
+    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation "
+                       "stream replayed through the caching-allocator model) are added to total_bytes")
+    assumptions.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
+    return Estimate(
+        model=name, parameters=parameters, trainable_parameters=trainable,
+        peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
+        breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
+        warnings=tuple(warns), workload=workload, peak_reserved_bytes=peak + slack,
+        reserved_phases=reserved.phases)
+
+
 def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced") -> Estimate:
     import transformers
 
@@ -434,8 +479,8 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
     if autocast is not None:
         assumptions.append(f"AMP: CUDA autocast policies emulated on the CPU autocast key "
                            f"({autocast.lower}), with autocast's weight-cast cache")
-    workspace = (2 if train else 1) * CUBLAS_WORKSPACE_BYTES
-    assumptions.append(f"cuBLAS workspace: {2 if train else 1} handle(s) x 32 MiB inside the allocator "
+    workspaces = 2 if train else 1
+    assumptions.append(f"cuBLAS workspace: {workspaces} handle(s) x 32 MiB inside the allocator "
                        f"({'training: main thread + autograd thread' if train else 'inference'})")
 
     kernels: dict[tuple[str, str, bool], int] = {}
@@ -496,39 +541,10 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(recorder.sdpa.items()))
         assumptions.append(f"scaled_dot_product_attention kernels as CUDA sm90 picks them: {kinds} "
                            "(fused = cuDNN/flash: output + fp32 log-sum-exp saved)")
-    phases: list[PhasePeak] = []
-    best: tuple[int, Phase, dict[MemoryKind, int], str] | None = None
-    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP, Phase.PREFILL, Phase.DECODE):
-        mark = tracker.peaks.get(phase)
-        if mark is None:
-            continue
-        peak, by_kind = _phase_peak(mark, workspace)
-        phases.append(PhasePeak(phase, peak, Breakdown.of(by_kind)))
-        if best is None or peak > best[0]:
-            best = (peak, phase, by_kind, mark.where)
-    if best is None:
-        raise VramplanError(f"{name}: the trace recorded no allocation")
-    peak, peak_phase, by_kind, where = best
-    from ..allocator import parse_alloc_conf, simulate
-
-    # the traced allocation stream through the same caching-allocator model as the estimate (vramplan.allocator)
-    # (rebuilt as the calibration loop runs it, with the cuBLAS workspaces: _loops.harness_stream)
-    stream = harness_stream(tracker.events, 2 if train else 1)
-    reserved = simulate(stream, parse_alloc_conf(workload.alloc_conf))
-    slack = max(0, reserved.peak_reserved_bytes - peak)
-    full = dict(by_kind)
-    full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    full[MemoryKind.ALLOCATOR_SLACK] = slack
-    assumptions.append(f"peak at {where} during {peak_phase.value}")
-    assumptions.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation "
-                       "stream replayed through the caching-allocator model) are added to total_bytes")
-    assumptions.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
-    return Estimate(
-        model=name, parameters=total_params, trainable_parameters=trainable if train else 0,
-        peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
-        breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(assumptions),
-        warnings=tuple(warns), workload=workload_dict(reported), peak_reserved_bytes=peak + slack,
-        reserved_phases=reserved.phases)
+    return finish_estimate(
+        tracker, name=name, workspaces=workspaces, alloc_conf=workload.alloc_conf, parameters=total_params,
+        trainable=trainable if train else 0, assumptions=assumptions, warns=warns, workload=workload_dict(reported),
+        t0=t0)
 
 
 def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, params: list[nn.Parameter],

@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .._engine.step import workload_dict
 from ..errors import VramplanError
 from ..kinds import MemoryKind, Phase
-from ..result import Breakdown, Estimate, PhasePeak
+from ..result import Estimate
 from ..vision._catalog import VisionEntry
 from ..vision._workload import VisionMethod, VisionWorkload
 from ..workload import Precision
@@ -53,9 +53,9 @@ from ._cuda import (
     register_cuda_kernels,
     safe_softmax_transient,
 )
-from ._engine import _ATTN_BWD, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, _phase_peak, _Recorder, _scalar_answer
+from ._engine import _ATTN_BWD, _Recorder, _scalar_answer, finish_estimate
 from ._engine import _trace_environment as _environment
-from ._loops import create_optimizer_state, harness_stream
+from ._loops import create_optimizer_state
 from ._tracker import MemoryTracker, gradient_buffers
 from ._vision_refusal import IMAGE_TRACE_MISSING, vision_refusal
 
@@ -213,7 +213,8 @@ def _run_pipeline(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
     notes.append("text encoding as prefill, one denoising step as forward (two traced, every step of the loop is the "
                  "same), the VAE decode as decode; safety checker not loaded")
     notes.append("cuDNN convolution workspaces are not traced (the CPU trace runs no cuDNN)")
-    return _estimate(entry, w, res, tracker, 1, total, 0, notes, t0)
+    return finish_estimate(tracker, name=entry.name, workspaces=1, alloc_conf=None, parameters=total, trainable=0,
+                           assumptions=notes, warns=(), workload=workload_dict(w, resolution=res), t0=t0)
 
 
 def _pipeline_call(tracker: MemoryTracker, tes: list[nn.Module], unet: nn.Module, vae: nn.Module, b: int, res: int,
@@ -462,8 +463,10 @@ def _run(entry: VisionEntry, w: VisionWorkload, res: int) -> Estimate:
     else:
         notes.append("inference: one forward under torch.inference_mode()"
                      + (" (one denoising step, no classifier-free guidance doubling)" if unet else ""))
-    return _estimate(entry, w, res, tracker, workspaces, total, sum(p.numel() for p in params) if train else 0,
-                     notes, t0)
+    return finish_estimate(
+        tracker, name=entry.name, workspaces=workspaces, alloc_conf=None, parameters=total,
+        trainable=sum(p.numel() for p in params) if train else 0, assumptions=notes, warns=(),
+        workload=workload_dict(w, resolution=res), t0=t0)
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker,
@@ -513,37 +516,3 @@ def _infer_step(model: nn.Module, tracker: MemoryTracker, autocast: AutocastEmul
         out = model(*args, **kw)
         del out
     tracker.set_phase(None)
-
-
-def _estimate(entry: VisionEntry, w: VisionWorkload, res: int, tracker: MemoryTracker, workspaces: int, total: int,
-              trainable: int, notes: list[str], t0: float) -> Estimate:
-    from ..allocator import parse_alloc_conf, simulate
-
-    phases: list[PhasePeak] = []
-    best: tuple[int, Phase, dict[MemoryKind, int], str] | None = None
-    for phase in (Phase.PREFILL, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP, Phase.DECODE):
-        mark = tracker.peaks.get(phase)
-        if mark is None:
-            continue
-        peak, by_kind = _phase_peak(mark, workspaces * CUBLAS_WORKSPACE_BYTES)
-        phases.append(PhasePeak(phase, peak, Breakdown.of(by_kind)))
-        if best is None or peak > best[0]:
-            best = (peak, phase, by_kind, mark.where)
-    if best is None:
-        raise VramplanError(f"{entry.name}: the trace recorded no allocation")
-    peak, peak_phase, by_kind, where = best
-    reserved = simulate(harness_stream(tracker.events, workspaces), parse_alloc_conf(None))
-    slack = max(0, reserved.peak_reserved_bytes - peak)
-    full = dict(by_kind)
-    full[MemoryKind.CUDA_CONTEXT] = CUDA_CONTEXT_BYTES
-    full[MemoryKind.ALLOCATOR_SLACK] = slack
-    notes.append(f"peak at {where} during {peak_phase.value}")
-    notes.append("CUDA context 0.5 GiB and allocator slack (reserved - allocated, from the traced allocation stream "
-                 "replayed through the caching-allocator model) are added to total_bytes")
-    notes.append(f"trace took {time.perf_counter() - t0:.1f} s ({tracker.ops} ops)")
-    return Estimate(
-        model=entry.name, parameters=total, trainable_parameters=trainable,
-        peak_allocated_bytes=peak, total_bytes=peak + CUDA_CONTEXT_BYTES + slack, peak_phase=peak_phase,
-        breakdown=Breakdown.of(full), phases=tuple(phases), assumptions=tuple(notes), warnings=(),
-        workload=workload_dict(w, resolution=res), peak_reserved_bytes=peak + slack,
-        reserved_phases=reserved.phases)
