@@ -385,13 +385,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# transformers' own refusal of a workload (PreTrainedModel.gradient_checkpointing_enable on a class without
+# supports_gradient_checkpointing): the trace raises it and the estimate names it; an answer, not a gap
+_REFUSAL = re.compile(r"does not support (activation|gradient) checkpointing")
+
+
+def library_refusal(cell: dict[str, Any]) -> bool:
+    """The trace and the estimate both stopped on the library's own refusal of the workload."""
+    return bool(_REFUSAL.search(cell.get("trace_error", "")) and _REFUSAL.search(cell.get("estimate_error", "")))
+
+
 def summarize(data: dict[str, Any], workloads: list[str]) -> str:
     lines = [f"{'type':28s} {'category':12s} " + " ".join(f"{w + ' est/trace/diff':>26s}" for w in workloads)]
     counts: dict[str, dict[str, int]] = {}
     within = total_cmp = 0
     for t, rec in sorted(data["types"].items()):
         cat = rec.get("category", "?")
-        c = counts.setdefault(cat, {"types": 0, "trace_all": 0, "estimate_all": 0, "trace_any": 0})
+        c = counts.setdefault(cat, {"types": 0, "trace_all": 0, "estimate_all": 0, "trace_any": 0,
+                                    "trace_all_or_refused": 0, "estimate_all_or_refused": 0})
         c["types"] += 1
         cells = [rec.get("cells", {}).get(w, {}) for w in workloads]
         if cells and all("trace_gib" in x for x in cells):
@@ -400,6 +411,10 @@ def summarize(data: dict[str, Any], workloads: list[str]) -> str:
             c["trace_any"] += 1
         if cells and all("estimate_gib" in x for x in cells):
             c["estimate_all"] += 1
+        if cells and all("trace_gib" in x or library_refusal(x) for x in cells):
+            c["trace_all_or_refused"] += 1
+        if cells and all("estimate_gib" in x or library_refusal(x) for x in cells):
+            c["estimate_all_or_refused"] += 1
         row = []
         for x in cells:
             e = "y" if "estimate_gib" in x else "-"
@@ -416,6 +431,12 @@ def summarize(data: dict[str, Any], workloads: list[str]) -> str:
                      f"({100 * c['trace_all'] / max(c['types'], 1):.0f}%), at least one for {c['trace_any']}; "
                      f"estimate answers all for {c['estimate_all']} "
                      f"({100 * c['estimate_all'] / max(c['types'], 1):.0f}%)")
+        if c["trace_all_or_refused"] != c["trace_all"] or c["estimate_all_or_refused"] != c["estimate_all"]:
+            lines.append(f"{'':12s}  counting the cells where the library itself refuses the workload and both say so "
+                         f"as answered: trace {c['trace_all_or_refused']} "
+                         f"({100 * c['trace_all_or_refused'] / max(c['types'], 1):.0f}%), estimate "
+                         f"{c['estimate_all_or_refused']} "
+                         f"({100 * c['estimate_all_or_refused'] / max(c['types'], 1):.0f}%)")
     if total_cmp:
         lines.append(f"estimate within +-2% of trace on {within}/{total_cmp} answered cells")
     lines.append("")
