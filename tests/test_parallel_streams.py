@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vramplan import get_model
+from vramplan import get_model, spec_from_config
 from vramplan.alloc_stream import ROOT, _Stream
 from vramplan.api import make_workload
 from vramplan.parallel import FSDPMode, Layout, Offload, estimate_parallel
@@ -62,6 +62,24 @@ def test_fsdp_replay_agrees_with_the_analytic_per_gpu_peak() -> None:
             assert est.replay is not None
             assert est.replay.peak_allocated_bytes == pytest.approx(est.peak_allocated_bytes, rel=0.06), (model, kw)
             assert est.to_dict()["replay"]["reserved_by_stream"]["compute"] > 0
+
+
+def test_sharded_hooks_pass_over_idle_layers() -> None:
+    # Mllama's language model on text skips its cross-attention layers (here the last one): their forward never runs,
+    # so no hook fires for them; FSDP2's backward prefetch follows the post-forward order (the layer before a running
+    # one is the previous one that ran), ZeRO-3's first and last layers are the first and last that run. A prefetch
+    # of the idle layer would stay gathered (never consumed); LoRA's rank then holds what the closed form says
+    spec = spec_from_config({"model_type": "mllama_text_model", "vocab_size": 32000, "hidden_size": 1024,
+                             "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 8,
+                             "num_key_value_heads": 2, "cross_attention_layers": [3]}, "m")
+    w = make_workload(batch_size=2, seq_len=1024, method="lora", lora_targets="q_proj,v_proj")
+    fsdp = FsdpRank(spec, w, w, Layout(gpus=4, fsdp=FSDPMode.FULL))
+    assert fsdp.before == {1: 0, 2: 1, ROOT: 2}
+    zero3 = Zero3Rank(spec, w, w, Layout(gpus=4, zero=3))
+    assert (zero3.first, zero3.last) == (0, 2) and zero3.after == {0: 1, 1: 2}
+    est = estimate_parallel(spec, w, Layout(gpus=4, fsdp=FSDPMode.FULL))
+    assert est.replay is not None
+    assert est.replay.peak_allocated_bytes == pytest.approx(est.peak_allocated_bytes, rel=0.01)
 
 
 def test_replayed_layouts() -> None:

@@ -363,6 +363,16 @@ def _trainable(w: Workload, params: list[tuple[str, int]], adapters: list[int], 
     return [n for g, n in params if _base_trains(w, g, first_trainable)]
 
 
+def _stepped(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], first_trainable: int) -> list[int]:
+    """The trainable tensors the optimizer's step updates: those with a gradient. The layers the forward skips
+    (``spec.idle_layers``) make none, and torch's optimizers pass over a parameter whose ``grad`` is None
+    (torch/optim/adamw.py ``_init_group``: ``if p.grad is None: continue``), so their step temporaries skip them."""
+    if w.uses_adapters:
+        return [n for i, layer in enumerate(_adapters_by_layer(spec, w)) if i not in spec.idle_layers for n in layer]
+    idle = {f"layer{i}" for i in spec.idle_layers}
+    return [n for g, n in params if _base_trains(w, g, first_trainable) and g not in idle]
+
+
 def _optimizer(opt: Optimizer, sizes: list[int], states: ModelStates) -> tuple[list[int], list[int]]:
     """(state tensors created in the first step, temporaries of every step), per parameter in order.
 
@@ -401,14 +411,18 @@ def _optimizer_tensors(opt: Optimizer, sizes: list[int]) -> tuple[list[int], lis
     return [], []
 
 
-def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0, no_grad_input: int = -1) -> list[int]:
-    """For every decoder layer, bottom to top, the index of its group in ``estimator._layer_groups`` (the
-    groups list identical layers by first occurrence; the stream runs them in the model's order)."""
+def _layer_order(spec: ModelSpec, first_trainable: int, every: int = 0,
+                 no_grad_input: int = -1) -> list[tuple[int, int]]:
+    """The decoder layers the forward runs, bottom to top, each as (layer index, index of its group in
+    ``estimator._layer_groups``): the groups list identical layers by first occurrence; the stream runs them in the
+    model's order. Layers the forward skips (``spec.idle_layers``: MllamaTextModel.forward ``continue``s past a
+    cross-attention layer when ``cross_attention_states`` is None and the cache holds none for it, modeling_mllama.py)
+    are left out here as ``_layer_groups`` leaves them out: they allocate nothing."""
     from .estimator import _layer_key
 
     index: dict[object, int] = {}
-    return [index.setdefault(_layer_key(spec, i, first_trainable, every, no_grad_input), len(index))
-            for i in range(spec.num_layers)]
+    return [(i, index.setdefault(_layer_key(spec, i, first_trainable, every, no_grad_input), len(index)))
+            for i in range(spec.num_layers) if i not in spec.idle_layers]
 
 
 def _autocast_cached(tpl: _Template, codes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -663,10 +677,12 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
 
     opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)
+    if spec.idle_layers and not hooks:  # the states exist for every trainable tensor (the trace creates them so)
+        opt_temps = _optimizer(w.optimizer, _stepped(spec, w, params, first), states)[1]
     fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
-    L = spec.num_layers
-    first_saves_x = groups[order[0]][7] if groups else True
-    first_ckpt = groups[order[0]][2] if groups else False
+    L = len(order)  # the layers the forward runs; y(k) is the output of the k-th of them
+    first_saves_x = groups[order[0][1]][7] if groups else True
+    first_ckpt = groups[order[0][1]][2] if groups else False
     micro = min(w.gradient_accumulation, 2)
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
     st.alloc(st.key(("cublas", 1)), CUBLAS_WORKSPACE)
@@ -724,13 +740,13 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         run(emb, e_fwd, e_base, -9, y(-1), -9, gy(-1))
         bases: list[int] = []
         cached: list[int] = []
-        for k, gi in enumerate(order):
+        for k, (i, gi) in enumerate(order):
             _count, tpl, c, fwd, _rec, _bwd, _bacc, _saves = groups[gi]
             base = st.fresh(len(tpl.local))
             bases.append(base)
             cached += [base + code for code in autocast_held.get(gi, ())]
             if hooks:
-                hooks.pre_forward(st, k)
+                hooks.pre_forward(st, i)
             if k == 0 and not first_saves_x and not c:
                 # transformers' base model keeps inputs_embeds referenced until it returns
                 items = run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k), fast=False)
@@ -738,7 +754,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             else:
                 run(tpl, fwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
             if hooks:
-                hooks.post_forward(st, k)
+                hooks.post_forward(st, i)
         if not first_saves_x and not first_ckpt:
             st.free(y(-1))
         for code in e_scoped:  # the base model's forward returned: its attention masks die
@@ -759,10 +775,11 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         else:
             st.add(h_items)
         for k in range(L - 1, -1, -1):
-            _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[order[k]]
+            i, gi = order[k]
+            _count, tpl, c, _fwd, rec, bwd, bacc, _saves = groups[gi]
             base = bases[k]
             if hooks:
-                hooks.pre_backward(st, k)
+                hooks.pre_backward(st, i)
             if c:  # recompute the layer's forward (saving), then its backward; then drop its input
                 base = st.fresh(len(tpl.local))
                 run(tpl, rec, base, y(k - 1), y(("r", k)), gy(k - 1), gy(k))
@@ -771,7 +788,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                 run(tpl, rec, base, y(k - 1), y(k), gy(k - 1), gy(k))
             run(tpl, bacc if acc else bwd, base, y(k - 1), y(k), gy(k - 1), gy(k))
             if hooks:
-                hooks.post_backward(st, k, [base + code for code in tpl.pgrads], mb > 0)
+                hooks.post_backward(st, i, [base + code for code in tpl.pgrads], mb > 0)
             if c:
                 st.free(y(k - 1))
         run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
@@ -868,7 +885,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     st.add(emb.instance(emb.compile(ev), e_base, -9, y(-1), -9, -9))
     st.alloc(st.key(("cublas", 0)), CUBLAS_WORKSPACE)
-    kv_keys: list[list[int]] = []  # per layer: its cache tensors that decode grows (keys and values)
+    kv_keys: list[tuple[int, list[int]]] = []  # per layer run: (its index, its cache tensors that decode grows)
     compiled = []
     sliced = False
     for _count, _tr, moe, sliding, rope, _ck, kind, _fresh in _layer_groups(spec, spec.num_layers):
@@ -882,7 +899,8 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         codes = tpl.compile(ev)
         kept = [(tpl.local[id(t)], t.nbytes) for t in tp.tensors if t.keep and t is not out and id(t) in tpl.local]
         compiled.append((tpl, codes, kept))
-    for k, gi in enumerate(_layer_order(spec, spec.num_layers)):
+    order = _layer_order(spec, spec.num_layers)
+    for k, (i, gi) in enumerate(order):
         tpl, codes, kept = compiled[gi]
         base = st.fresh(len(tpl.local))
         if k == 0 or reference:
@@ -890,7 +908,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             st.add([(kk, n) for kk, n in items if not (k == 0 and n == _FREE and kk == y(-1))])
         else:
             st.add_instance(codes, base, y(k - 1), y(k), -9, -9)
-        kv_keys.append(_growing(spec, num, b, s, k, [(base + c, n) for c, n in kept]))
+        kv_keys.append((i, _growing(spec, num, b, s, i, [(base + c, n) for c, n in kept])))
     st.free(y(-1))
     for t in et.forward_scoped:  # the base model's forward returned: its attention masks die
         if t.nbytes and id(t) in emb.local:
@@ -904,11 +922,11 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     ev = []
     layer_forward(ht, ev=ev)
     h_base = st.fresh(len(ev))
-    st.add(head.instance(head.compile(ev), h_base, y(spec.num_layers - 1), -9, -9, -9))
+    st.add(head.instance(head.compile(ev), h_base, y(len(order) - 1), -9, -9, -9))
     for t in et.tensors:
         if t.keep and id(t) in emb.local:
             st.free(e_base + emb.local[id(t)])
-    st.free(y(spec.num_layers - 1))
+    st.free(y(len(order) - 1))
     for t in ht.tensors:  # del out: the logits die, the cache lives on
         if t.keep and id(t) in head.local:
             st.free(h_base + head.local[id(t)])
@@ -918,7 +936,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     small = [b * spec.hidden_size * 4, b * spec.intermediate_size * num.act, b * spec.vocab_size * num.act]
     # per layer with a growing cache: its keys, and _kv_bytes(length) // 2 as (bytes per token, window or 0)
     growing = []
-    for i, keys in enumerate(kv_keys):
+    for i, keys in kv_keys:
         if keys:
             one = _kv_bytes(spec.layer(i), num, b, 1, False)
             window = spec.layer(i).sliding_window if i in spec.sliding_layers else 0
@@ -930,9 +948,8 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
         for j, n in enumerate(small[:2]):
             st.alloc(d + j, n)
         if reference:
-            for i in range(spec.num_layers):
+            for i, keys in kv_keys:
                 per = _kv_bytes(spec.layer(i), num, b, length, i in spec.sliding_layers) // 2
-                keys = kv_keys[i]
                 for j, old in enumerate(keys):
                     new = st.fresh(0)
                     st.alloc(new, per)

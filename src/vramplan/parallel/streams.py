@@ -105,6 +105,21 @@ def _units(spec: ModelSpec, w: Workload, wc: Workload) -> dict[int, _Unit]:
     return units
 
 
+def _run_layers(spec: ModelSpec) -> list[int]:
+    """The decoder layers the forward runs, bottom to top. A layer it skips (``spec.idle_layers``, as
+    ``alloc_stream._layer_order`` leaves it out) never calls its module's forward: an engine's hooks never fire for
+    it, so its parameters are never gathered and it makes no gradient to reduce."""
+    return [i for i in range(spec.num_layers) if i not in spec.idle_layers]
+
+
+def _unit_before(spec: ModelSpec) -> dict[int, int]:
+    """The unit whose forward ran just before each running layer's (none for the first) and the root's head (the
+    last running layer): what backward runs next, and prefetches (FSDP2 ``_backward_prefetch`` follows the
+    post-forward order, so a skipped layer is passed over)."""
+    run = _run_layers(spec)
+    return dict(zip([*run[1:], ROOT], run, strict=True))
+
+
 class _StreamKeys:
     """Keys of a rank's allocations, with the CUDA stream each is made on where it is not the compute stream (the
     caching allocator keeps every stream's blocks apart)."""
@@ -141,6 +156,7 @@ class FsdpRank(_StreamKeys):
         self.n = max(1, layout.shard_degree)
         self.units = _units(spec, w, wc)
         self.layers = spec.num_layers
+        self.before = _unit_before(spec)
         self.mixed = w.precision.is_amp  # a MixedPrecisionPolicy casts the gathered parameters
         self.reshard_after_forward = layout.fsdp is not FSDPMode.GRAD_OP
         # MixedPrecisionPolicy(reduce_dtype=float32) under AMP, as the estimator's fsdp_states assumes
@@ -220,7 +236,7 @@ class FsdpRank(_StreamKeys):
                 out = self._unshard(st, unit)
             self._copy_out(st, unit)
             st.free(out)
-        target = self.layers - 1 if unit == ROOT else unit - 1
+        target = self.before.get(unit, -1)
         if target >= 0 and target not in self.unsharded and target not in self.pending and \
                 self.units[target].params:
             self.pending[target] = self._unshard(st, target)
@@ -434,6 +450,9 @@ class Zero3Rank(_StreamKeys):
         units = _units(spec, wc, wc)
         self.units = units
         self.layers = spec.num_layers
+        run = _run_layers(spec)
+        self.first, self.last = (run[0], run[-1]) if run else (-1, -1)
+        self.after = {k: nxt for nxt, k in _unit_before(spec).items() if nxt != ROOT}  # the next layer that runs
         reduce_bucket, prefetch, persist = zero_auto_buckets(spec.hidden_size)
         self.bucket = layout.reduce_bucket_size or reduce_bucket
         self.prefetch, self.persist = prefetch, persist
@@ -476,7 +495,7 @@ class Zero3Rank(_StreamKeys):
         """The most elements layer ``k`` holds gathered at once: a module and the prefetch bucket's worth of the
         modules after it (the prefetch stops once it holds at least the bucket)."""
         mods = [p.numel for p in self.units[k].params if self._gathered(p)]
-        nxt = [p.numel for p in self.units[k + 1].params if self._gathered(p)] if k + 1 < self.layers else \
+        nxt = [p.numel for p in self.units[self.after[k]].params if self._gathered(p)] if k in self.after else \
             [p.numel for p in self.units[ROOT].params if p.group == "head" and self._gathered(p)]
         seq = mods + nxt
         best = 0
@@ -496,7 +515,7 @@ class Zero3Rank(_StreamKeys):
         head = self._root_numel("head")
         out: set[object] = {"head"} if head else set()
         after = head  # forward after layer k: the later layers and the head; then backward: the head, later layers
-        for k in range(self.layers - 1, -1, -1):
+        for k in reversed(_run_layers(self.spec)):
             if after + head + (after - head) >= self.reuse:
                 break
             out.add(k)
@@ -552,7 +571,7 @@ class Zero3Rank(_StreamKeys):
         if unit == ROOT:
             self._gather(st, "embed", self._root_numel("embed"))
             return
-        if unit == 0:
+        if unit == self.first:
             self._release(st, "embed")
         self._gather(st, unit, self.window[unit])
 
@@ -565,14 +584,14 @@ class Zero3Rank(_StreamKeys):
             self._gather(st, unit, self._layer_numel(unit))
         else:
             self._release(st, unit)
-        if unit == self.layers - 1:
+        if unit == self.last:
             self._gather(st, "head", self._root_numel("head"))
 
     def pre_backward(self, st: _Stream, unit: int) -> None:
         if unit == ROOT:
             self._gather(st, "head", self._root_numel("head"))
             return
-        if unit == self.layers - 1:
+        if unit == self.last:
             self._release(st, "head")
         self._gather(st, unit, self.window[unit])
 
@@ -609,7 +628,7 @@ class Zero3Rank(_StreamKeys):
             self.traced = True  # the first iteration recorded the module order
             return
         self._release(st, unit)
-        if unit == 0:  # the embedding's backward fetches its weight
+        if unit == self.first:  # the embedding's backward fetches its weight
             self._gather(st, "embed", self._root_numel("embed"))
 
     def optimizer_step(self, st: _Stream, step: int) -> None:
