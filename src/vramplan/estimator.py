@@ -31,7 +31,7 @@ from ._engine.tape import Moment, Tape, kinds_dict
 from .allocator import AllocStats, parse_alloc_conf, simulate
 from .blocks import Kernel, LayerPlan, Numerics, attention_kernel, build_embed, build_head, build_layer, resid_elem
 from .errors import WorkloadError
-from .hfconfig import version_warning
+from .hfconfig import CHECKED_TRANSFORMERS, version_warning
 from .kinds import MemoryKind, Phase
 from .loops import cache_calls
 from .memory import (
@@ -802,7 +802,8 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
     alloc = reserved_stats(spec, w, states, num) if replay else None
     assumptions = [
         "peak as torch.cuda.max_memory_allocated reports it (PyTorch >= 2.5, one GPU); the "
-        f"{spec.family} program follows transformers {spec.program_version}"
+        f"{spec.family} program was written from transformers {spec.program_version}'s code and is checked against "
+        f"the traces of {' and '.join(CHECKED_TRANSFORMERS)}; the run's release: {w.transformers_version}"
         + (" (MoE experts: the grouped_mm path of 5.24)" if spec.is_moe else ""),
         (f"attention: eager (transformers {w.transformers_version} has no SDPA path for "
          f"{spec.family})"
