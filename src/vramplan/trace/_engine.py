@@ -38,6 +38,8 @@ from ._loops import (
     harness_stream,
     hf_train_loop,
     patch_chunked_loss,
+    traced_backward,
+    traced_step,
 )
 from ._tracker import MemoryTracker, PeakMark, gradient_buffers
 
@@ -572,17 +574,8 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
         else:
             out = model(input_ids=ids, labels=ids, **extra)
         tracker.region = MemoryKind.LOGITS_LOSS
-        tracker.where = "backward"
-        tracker.set_phase(Phase.BACKWARD)
-        out.loss.backward()
-        tracker.region = MemoryKind.ACTIVATIONS
-        tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
-    tracker.where = "optimizer.step"
-    tracker.set_phase(Phase.OPTIMIZER_STEP)
-    opt.step()
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
-    opt.zero_grad(set_to_none=True)
+        traced_backward(out.loss, params, tracker)
+    traced_step(opt, tracker)
     del out
     tracker.set_phase(None)
 

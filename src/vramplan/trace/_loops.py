@@ -97,8 +97,30 @@ def create_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter
     opt.step()
     opt.zero_grad(set_to_none=True)
     tracker.events.append((OPT_STATE_END, MARK))
+    mark_optimizer_state(opt, tracker)
+
+
+def mark_optimizer_state(opt: torch.optim.Optimizer, tracker: MemoryTracker) -> None:
     tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
                  MemoryKind.OPTIMIZER_STATE)
+
+
+def traced_backward(loss: torch.Tensor, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
+    """``loss.backward()`` as the backward phase; the parameters' gradients marked as such."""
+    tracker.where = "backward"
+    tracker.set_phase(Phase.BACKWARD)
+    loss.backward()
+    tracker.region = MemoryKind.ACTIVATIONS
+    tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
+
+
+def traced_step(opt: torch.optim.Optimizer, tracker: MemoryTracker) -> None:
+    """measure.py's ``optimizer.step()`` then ``zero_grad(set_to_none=True)`` as the optimizer-step phase."""
+    tracker.where = "optimizer.step"
+    tracker.set_phase(Phase.OPTIMIZER_STEP)
+    opt.step()
+    mark_optimizer_state(opt, tracker)
+    opt.zero_grad(set_to_none=True)
 
 def apply_checkpoint_every(model: nn.Module, every: int) -> None:
     """Keep gradient checkpointing on decoder layers 0, N, 2N, ... only (transformers' GradientCheckpointingLayer
@@ -285,7 +307,6 @@ def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     tracker.set_phase(Phase.OPTIMIZER_STEP)
     trainer._clip_grad_norm(model)
     opt.step()
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
+    mark_optimizer_state(opt, tracker)
     model.zero_grad(set_to_none=True)
     tracker.set_phase(None)

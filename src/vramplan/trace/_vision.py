@@ -55,7 +55,7 @@ from ._cuda import (
 )
 from ._engine import _ATTN_BWD, _Recorder, _scalar_answer, finish_estimate
 from ._engine import _trace_environment as _environment
-from ._loops import create_optimizer_state
+from ._loops import create_optimizer_state, traced_backward, traced_step
 from ._tracker import MemoryTracker, gradient_buffers
 from ._vision_refusal import IMAGE_TRACE_MISSING, vision_refusal
 
@@ -492,17 +492,8 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Pa
         noise = pred if pred.shape == target.shape else pred.narrow(1, 0, target.shape[1])
         loss = F.mse_loss(noise.float(), target.float())
         del noise
-    tracker.where = "backward"
-    tracker.set_phase(Phase.BACKWARD)
-    loss.backward()
-    tracker.region = MemoryKind.ACTIVATIONS
-    tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
-    tracker.where = "optimizer.step"
-    tracker.set_phase(Phase.OPTIMIZER_STEP)
-    opt.step()
-    tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
-                 MemoryKind.OPTIMIZER_STATE)
-    opt.zero_grad(set_to_none=True)
+    traced_backward(loss, params, tracker)
+    traced_step(opt, tracker)
     del pred, loss
     tracker.set_phase(None)
 
