@@ -618,8 +618,19 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
                      out_rg=full or embed_trainable or (w.uses_adapters and bool(every)), attention=attention)
     emb = _Template(et, None, ex)
     e_fwd = record(emb, "forward", True)
+    # a tied weight: the head's gradient (a transposed view, TBackward0) waits in the AccumulateGrad's InputBuffer
+    # and the embedding's is added to it out of place (the estimator's third embedding-sized buffer); without a
+    # .grad yet, AccumulateGrad takes that sum as the gradient and the head's buffer dies (freed below). Under
+    # autocast the head's gradient is the weight cast's (ToCopyBackward0, a tensor of its own): added in place
+    tied_sum = spec.tie_word_embeddings and head_trainable and embed_trainable and not num.amp
+    if tied_sum:
+        et.meets_view_grad.add(hash("embed"))
+    e_bwd_acc = record(emb, "backward", True) if acc_runs else []
+    if tied_sum and hooks is None:
+        et.sum_is_grad.add(hash("embed"))
     e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
-    e_bwd_acc = record(emb, "backward", True) if acc_runs else e_bwd
+    if not acc_runs:
+        e_bwd_acc = e_bwd
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]
     e_scoped: list[int] = []  # the attention masks: they die when the base model's forward returns
 
@@ -675,6 +686,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     seeds = [(head.local.setdefault(("g", id(t)), len(head.local)), t.nbytes)
              for t in ht.tensors if t.keep and t.rg and not t.external and id(t) not in ht.inner_grads]
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
+    tied_code = head.local.get(("p", hash("embed"))) if et.sum_is_grad else None
 
     opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)
     if spec.idle_layers and not hooks:  # the states exist for every trainable tensor (the trace creates them so)
@@ -792,6 +804,8 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
             if c:
                 st.free(y(k - 1))
         run(emb, e_bwd_acc if acc else e_bwd, e_base, -9, y(-1), -9, gy(-1))
+        if tied_code is not None and not acc:  # the tied weight's gradient is now the sum (Tape.sum_is_grad)
+            st.free(h_base + tied_code)
         if hooks:
             hooks.post_backward(st, ROOT, [h_base + code for code in head.pgrads] +
                                 [e_base + code for code in emb.pgrads], mb > 0)

@@ -194,6 +194,10 @@ class _B:
                       save=(x,) if trainable else (), params=pg, kind=out_kind)
         if x.rg:
             tp.ops[-1].packs_weight = True  # mm saves the weight for the input's gradient
+        if quant is WeightsQuant.NONE and count == 1 and tokens == self.t:
+            # F.linear of the (batch, seq, features) activations: the input's gradient comes back through
+            # ViewBackward0, a view of MmBackward0's (aten/src/ATen/native/Linear.cpp: matmul folds the 3-D input)
+            tp.ops[-1].view_grad_in = True
         if pg and not bias and quant is WeightsQuant.NONE:
             # F.linear of a 3-D input without a bias is an mm on its 2-D view: MmBackward0 computes the weight's
             # gradient before the input's (addmm, with a bias, the input's first)
@@ -562,7 +566,9 @@ class _B:
                               heads_kv=heads_kv, extra=extra,
                               extra_grads=(bias,) if bias is not None and bias.rg else ())
         if kernel is Kernel.MATH:
-            gqa = heads_kv != h and bias is not None and not masked
+            # transformers' SDPA path passes enable_gqa without a mask (use_gqa_in_sdpa); Falcon's own attention never
+            own = self.plan is not None and own_falcon_attention(spec, self.plan.release)
+            gqa = heads_kv != h and not masked and (bias is not None or (d <= 256 and not own))
 
             def mask() -> Tensor | None:
                 if bias is not None and not masked:

@@ -393,8 +393,10 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         # there through the whole backward, and the embedding's is added to it out of place (aten.add, not add_:
         # seen on real CPU tensors as in the trace; torch/csrc/autograd/input_buffer.cpp accumulate): their sum is
         # a third embedding-sized buffer at the end of backward
+        # (under autocast the head's contribution is the weight cast's gradient, ToCopyBackward0's own tensor: added
+        # in place, as the trace shows)
         extra = spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param \
-            if tied and embed_trainable and head else 0
+            if tied and embed_trainable and head and not num.amp else 0
         if tied and not accumulating:
             # the replay took every parameter of the embedding program to have its gradient already; only the tied
             # one does (the head made it): the others' (Gemma 4's per-layer embedding table and projection) are new

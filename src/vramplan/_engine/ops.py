@@ -91,6 +91,9 @@ def math_sdpa(tp: Tape, q: Tensor, k: Tensor, v: Tensor, *, batch: int, heads: i
     q32, k32, v32 = tp.cast(q, 4), tp.cast(k, 4), tp.cast(v, 4)
     locals_: tuple[Tensor, ...] = (q, k, v, q32, k32, v32)
     qs = tp.op(q32.numel, 4, (q32,))
+    m = mask()  # is_causal: the tril mask is made after the query is scaled; a local until the function returns
+    if m is not None:
+        locals_ += (m,)
     if heads_kv != heads and enable_gqa:
         k32 = tp.op(batch * heads * skv * head_dim, 4, (k32,))
         v32 = tp.op(batch * heads * skv * value_dim, 4, (v32,))
@@ -98,8 +101,10 @@ def math_sdpa(tp: Tape, q: Tensor, k: Tensor, v: Tensor, *, batch: int, heads: i
     elif heads_kv != heads:
         k32 = tp.op(batch * heads * skv * head_dim, 4, (k32,))
     ks = tp.op(k32.numel, 4, (k32,))
-    att = tp.op(scores, 4, (qs, ks), save=(qs, ks) if rg else ())
-    m = mask()
+    # matmul folds the (B, H, S, d) query to 3-D for bmm: a copy, since the scaled query keeps the strides of the
+    # (B, S, H, d) projection it was transposed from; bmm saves that copy (and the scaled keys' view)
+    qc = tp.op(qs.numel, 4, (qs,))
+    att = tp.op(scores, 4, (qc, ks), save=(qc, ks) if rg else ())
     probs = tp.op(scores, 4, (att,) + ((m,) if m else ()), grad_to=(att,), fwd_scratch=scores)
     if rg:
         tp.save_output(probs)
@@ -125,5 +130,6 @@ def lora_branch(tp: Tape, x: Tensor, rows: int, fout: int, r: int, *, adapter_el
     xa = dropout(tp.cast(x, adapter_elem))
     a_in = tp.cast(xa, 2) if amp else xa
     a = tp.op(rows * r, a_in.elem, (a_in,), save=(a_in,), params=params_a, rg=True, grad_to=(a_in,))
+    tp.ops[-1].view_grad_in = True  # nn.Linear on the 3-D input: its gradient a view (see _Op.view_grad_in)
     b = tp.op(rows * fout, a.elem, (a,), save=(a,), params=params_b, rg=True)
     return b, tp.op(b.numel, b.elem, (b,))

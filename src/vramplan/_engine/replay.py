@@ -198,13 +198,14 @@ def forward(tp: Tape, base: Moment = ZERO, *, save: bool = True, inputs_counted:
 class GradBuf:
     """A gradient buffer; ``owner`` is the tensor it was created for (inputs may come to share it)."""
 
-    __slots__ = ("kind", "nbytes", "owner", "refs")
+    __slots__ = ("kind", "nbytes", "owner", "refs", "view")
 
     def __init__(self, owner: Tensor) -> None:
         self.owner = owner
         self.nbytes = owner.numel * owner.elem
         self.kind = owner.kind
         self.refs = 0
+        self.view = False  # an autograd view of another gradient (see _Op.view_grad_in): never added into in place
 
 
 def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_grads_exist: bool = False,
@@ -278,8 +279,12 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 # ``old + new`` is a third buffer (torch/csrc/autograd/input_buffer.cpp can_accumulate_inplace:
                 # the storage's only reference); the sum is then the one added into in place
                 n = 2 * nb if uses[pid] == 2 and pid in tp.view_grads else nb
+                if pid in tp.meets_view_grad and pid not in tp.sum_is_grad:
+                    n += nb  # (Tape.meets_view_grad) this contribution, then the sum, added into .grad
                 ptrans += n
                 st.hold_temporary(n)
+                if pid in tp.sum_is_grad:  # the sum, which AccumulateGrad takes as the gradient
+                    st.alloc(("p", pid), _GRAD, nb)
             else:
                 seen_params.add(pid)
                 st.alloc(("p", pid), _GRAD, nb)
@@ -315,7 +320,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 partial = not own and t.base is not None and t.numel < t.base.numel
                 target = t if own else root(t)
                 existing = grads.get(id(target))
-                if op.passthrough and not partial and out_buf is not None and \
+                if (op.passthrough or op.add_like) and not partial and out_buf is not None and \
                         target.numel * target.elem == out_buf.nbytes:
                     if existing is None:
                         give(target, out_buf)
@@ -327,6 +332,7 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     continue
                 if existing is None:
                     buf = GradBuf(target)
+                    buf.view = op.view_grad_in
                     n = buf.nbytes
                     cur[buf.kind] += n
                     st.total += n
@@ -338,9 +344,22 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 # computed (a view's at its base's size: slice_backward), then added into the existing buffer
                 transient += target.numel * target.elem
                 st.hold_temporary(target.numel * target.elem)
-                if existing.refs > 1:  # shared: added out of place into a new buffer
+                # this op's own output gradient (a pass-through's, handed to this input too) is released when the
+                # node returns, before the engine adds its results into the next buffers (engine.cpp
+                # call_function, then evaluate_function's InputBuffer::add)
+                mine = 0
+                for o in outputs:
+                    if grads.get(id(o)) is existing:
+                        mine += 1
+                if existing.refs - mine > 1 or existing.view:
+                    # shared, or a view (it keeps its base referenced): added out of place into a new buffer
+                    # (torch/csrc/autograd/input_buffer.cpp accumulate, can_accumulate_inplace: the storage's only
+                    # reference); a view held alone dies once the sum is made
+                    if existing.refs - mine == 1:
+                        transient += existing.nbytes
+                    summed = new_buf(target)
                     drop(id(target))
-                    give(target, new_buf(target))
+                    give(target, summed)
             if not op.weight_first:
                 ptrans = param_grads(op)
             if st.total + transient + ptrans > st.peak.total:  # (st.check, written out)

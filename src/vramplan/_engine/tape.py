@@ -79,7 +79,7 @@ def kinds_dict(v: tuple[int, ...]) -> dict[MemoryKind, int]:
 
 class _Op:
     __slots__ = ("add_like", "bwd_scratch", "cast_scratch", "fwd_scratch", "grad_inputs", "inputs", "outputs",
-                 "packs_weight", "params", "passthrough", "region", "saved", "weight_first")
+                 "packs_weight", "params", "passthrough", "region", "saved", "view_grad_in", "weight_first")
 
     def __init__(self, outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], grad_inputs: tuple[Tensor, ...],
                  saved: tuple[Tensor, ...], params: tuple[tuple[int, int], ...], fwd_scratch: int,
@@ -93,14 +93,17 @@ class _Op:
         self.bwd_scratch = bwd_scratch
         # the backward makes the parameters' gradients before the inputs' (a bias-free linear: MmBackward0)
         self.weight_first = False
+        # the inputs' gradients arrive as views: F.linear of a 3-D input runs on its 2-D view, and ViewBackward0
+        # returns the matmul's gradient reshaped (a view that keeps its base: never added into in place)
+        self.view_grad_in = False
         # input gradients the engine's validate_outputs makes (cast / summed down) from full-size results while the
         # op's saved tensors may still be referenced (see Tape.unpacked_saves)
         self.cast_scratch = 0
         # autograd saves a parameter for this op's backward (a linear whose input needs a gradient saves its weight):
         # not an activation, but a checkpoint packs it like any saved tensor (recompute trigger and early stop)
         self.packs_weight = False
-        # an add (AddBackward0 hands the output gradient to its inputs); the replay still gives each input its own
-        # buffer (the calibrated convention), only the recomputation trigger point uses this
+        # an add: AddBackward0 hands the output gradient itself to both inputs (derivatives.yaml ``self: grad``,
+        # ``other: maybe_multiply(grad, alpha)``), which share it until one is added into (see replay)
         self.add_like = False
         self.passthrough = passthrough  # backward hands the output gradient to the inputs unchanged
         self.region = region  # the checkpoint region the op runs in, or -1
@@ -121,6 +124,14 @@ class Tape:
         # kept tensors whose gradient the program's own ops make (the logits a training loop holds, differentiated
         # through the loss in the same program): not seeds of its backward (replay.layer_backward)
         self.inner_grads: set[int] = set()
+        # parameters whose gradient meets, in its AccumulateGrad's InputBuffer, a contribution another program made
+        # earlier that is a view (a tied embedding: the head's weight gradient is MmBackward0's result transposed by
+        # TBackward0): the two are added out of place (torch/csrc/autograd/input_buffer.cpp accumulate: a view keeps
+        # its base referenced, so can_accumulate_inplace fails; seen on real CPU tensors and in the trace)
+        self.meets_view_grad: set[int] = set()
+        # of those, the ones without a ``.grad`` yet: AccumulateGrad takes the sum as the gradient (the caller frees
+        # the earlier contribution's buffer)
+        self.sum_is_grad: set[int] = set()
         self._producer_region: dict[int, int] = {}
         self._current = -1
         self._param_ids: dict[str, int] = {}
