@@ -117,8 +117,11 @@ def test_backbone_estimate_matches_trace(name: str, options: dict[str, Any]) -> 
     {"precision": "bf16", "batch_size": 1, "resolution": 256},
     {"precision": "bf16", "batch_size": 1, "resolution": 256, "task": "infer"},
     {"precision": "bf16", "batch_size": 1, "resolution": 256, "gradient_checkpointing": True},
-    # LoRA with fp32 adapters (diffusers' scripts cast them under fp16 mixed precision), as the estimate models them
+    # LoRA as diffusers' scripts run it: fp32 adapters under fp16 mixed precision (cast_training_params), the base's
+    # bf16 under bf16 mixed precision and bf16 weights (add_adapter alone)
     {"precision": "amp-fp16", "batch_size": 1, "resolution": 256, "method": "lora"},
+    {"precision": "amp-bf16", "batch_size": 1, "resolution": 256, "method": "lora"},
+    {"precision": "bf16", "batch_size": 2, "resolution": 512, "method": "lora"},
 ])
 def test_unet_estimate_matches_trace(options: dict[str, Any]) -> None:
     _needs("diffusers")

@@ -16,8 +16,9 @@ class Numerics:
     dense parameters as stored; ``amp``: the forward runs under ``torch.autocast`` (16-bit matmuls and
     convolutions, fp32 normalization, weight copies cached for trainable leaves); ``norm_param``: norm /
     embedding / unquantized head parameters (QLoRA keeps them in fp32; 0 means ``param``);
-    ``lora_param``: peft adapters (fp32, ``autocast_adapter_dtype=True``); ``fp16``: the 16-bit compute
-    dtype is float16, not bfloat16 (ATen's fused half_to_float softmax applies).
+    ``lora_param``: peft adapters (fp32 by default: ``get_peft_model``'s ``autocast_adapter_dtype=True``;
+    image models take diffusers' ``add_adapter`` workflow, ``vision._estimate.adapter_elem``); ``fp16``: the 16-bit
+    compute dtype is float16, not bfloat16 (ATen's fused half_to_float softmax applies).
     """
 
     training: bool

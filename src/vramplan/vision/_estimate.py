@@ -65,17 +65,39 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 # ---- numerics -------------------------------------------------------------------------------------------
+def adapter_elem(p: Precision) -> int:
+    """Bytes per element of the LoRA adapters (their gradients and optimizer states) in diffusers' LoRA workflow.
+
+    diffusers' LoRA training scripts (``examples/text_to_image/train_text_to_image_lora.py``,
+    ``train_text_to_image_lora_sdxl.py``, ``examples/dreambooth/train_dreambooth_lora.py``,
+    ``train_dreambooth_lora_sdxl.py``, ``_sd3.py``, ``_flux.py``) cast the frozen denoiser (and text encoders) to
+    ``weight_dtype`` (fp16 / bf16 under ``--mixed_precision fp16`` / ``bf16``, else fp32), then call
+    ``unet.add_adapter(LoraConfig(...))``; only ``if args.mixed_precision == "fp16"`` do they upcast the adapters with
+    ``cast_training_params(unet, dtype=torch.float32)`` (``diffusers/training_utils.py``). ``add_adapter``
+    (``diffusers/loaders/peft.py`` ``PeftAdapterMixin``; transformers' ``integrations/peft.py`` for the text
+    encoders) calls peft's ``inject_adapter_in_model`` (``peft/mapping.py``): the tuner's ``inject_adapter`` creates
+    each adapter and ``_move_adapter_to_device_of_base_layer`` (``peft/tuners/tuners_utils.py``) gives it the base
+    layer's dtype. peft's fp32 upcast (``cast_adapter_dtype``, ``autocast_adapter_dtype=True``) runs only in
+    ``PeftModel.__init__`` (``peft/peft_model.py``, i.e. ``get_peft_model``), which this path never calls (peft 0.21).
+    So: fp32 under fp32 and fp16 mixed precision, the base's 16-bit dtype otherwise (bf16 mixed precision, and
+    bf16/fp16 weights without autocast, where the base is cast before ``add_adapter`` as well).
+    """
+    return 4 if p in (Precision.FP32, Precision.AMP_FP16) else 2
+
+
 def _numerics(w: VisionWorkload, training: bool, *, frozen_base: bool = False) -> Numerics:
     """bf16/fp16: weights and activations 16-bit; amp: fp32 weights + autocast; fp32: everything fp32.
 
-    ``frozen_base``: LoRA keeps the frozen base in the 16-bit compute dtype (diffusers' ``weight_dtype``).
+    ``frozen_base``: LoRA keeps the frozen base in the 16-bit compute dtype (diffusers' ``weight_dtype``); the
+    adapters take :func:`adapter_elem` (``Numerics.lora_param``).
     """
     p = w.precision
+    lora = adapter_elem(p)
     if p is Precision.FP32:
-        return Numerics(training, 4, 4, False)
+        return Numerics(training, 4, 4, False, lora_param=lora)
     if p.is_amp:
-        return Numerics(training, 2, 2 if frozen_base else 4, True)
-    return Numerics(training, 2, 2, False)
+        return Numerics(training, 2, 2 if frozen_base else 4, True, lora_param=lora)
+    return Numerics(training, 2, 2, False, lora_param=lora)
 
 
 def _weight_elem(w: VisionWorkload) -> int:
@@ -265,6 +287,18 @@ class _Run:
         self.add(Phase.OPTIMIZER_STEP, r.step)
 
 
+def _lora_note(w: VisionWorkload, where: str) -> str:
+    """The LoRA workflow the estimate follows (diffusers' LoRA training scripts; :func:`adapter_elem`)."""
+    p = w.precision
+    base = "fp32" if p is Precision.FP32 else ("fp16" if p in (Precision.FP16, Precision.AMP_FP16) else "bf16")
+    ad = "fp32" if adapter_elem(p) == 4 else base
+    cast = (", then cast_training_params(..., torch.float32)" if p is Precision.AMP_FP16 else
+            "" if p is Precision.FP32 else " (cast_training_params only under fp16 mixed precision)")
+    return (f"LoRA r={w.lora_rank} on {where} as diffusers' LoRA training scripts set it up: base frozen and cast to "
+            f"{base} (weight_dtype), then add_adapter(LoraConfig(...)) (peft inject_adapter_in_model: adapters in the "
+            f"base's dtype){cast}; adapters, their gradients and AdamW states in {ad}")
+
+
 def _attention_note(run: _Run) -> None:
     if run.w.eager_attention:
         run.assumptions.append("attention: eager (diffusers AttnProcessor: baddbmm + softmax, the (B*H, Sq, Sk) "
@@ -318,7 +352,7 @@ def _bare_denoiser(run: _Run) -> None:
     frozen, trained, adapters = _frozen_trained(L)
     run.parameters = L.parameters - sum(adapters)
     st = model_states(frozen, 2 if lora and num.param == 2 else num.param, trained, num.param, amp=num.amp and not lora,
-                      training=training, optimizer=w.optimizer, adapters=adapters)
+                      training=training, optimizer=w.optimizer, adapters=adapters, adapter_elem=num.lora_param)
     extra = _buffers(L, num.param)
     _attention_note(run)
     if training:
@@ -330,8 +364,7 @@ def _bare_denoiser(run: _Run) -> None:
         run.assumptions.append("training step as the calibration harness runs it: MSE of the prediction against "
                                "the latents, AdamW, prediction kept until after the step")
         if lora:
-            run.assumptions.append(f"LoRA r={lora} on {', '.join(w.lora_targets)} (peft; adapters in fp32, base "
-                                   "frozen in the 16-bit compute dtype)")
+            run.assumptions.append(_lora_note(w, ", ".join(w.lora_targets)))
         if w.gradient_checkpointing:
             run.assumptions.append("gradient checkpointing: diffusers enable_gradient_checkpointing() (resnets and "
                                    "transformer blocks recomputed, non-reentrant)")
@@ -347,15 +380,17 @@ def _reserved(L: Layers, elem: int, seeds: tuple[Tensor, ...], w: VisionWorkload
               buffer_elems: int = 0, *, frozen_elem: int | None = None, helpers: Sequence[int] = (),
               staged: bool = True) -> AllocStats:
     """What the caching allocator reserves for the run of ``L`` (see :mod:`._stream`): trained tensors in ``elem``,
-    frozen ones in ``frozen_elem`` (default ``elem``), peft adapters in fp32 created after the base model;
+    frozen ones in ``frozen_elem`` (default ``elem``), peft adapters (in ``L.num.lora_param``) created after the base
+    model;
     ``helpers``: bytes of the tensors of models that run outside ``L``'s parameters (a DreamBooth run's VAE), loaded
     first; ``staged``: the harness's fp32 creation and cast, else a load in the final dtypes."""
     fe = elem if frozen_elem is None else frozen_elem
     adapters = [name for name in L.param_tensors if ".lora_" in name]
     params = [(n, elem if name in L.trainable_names else fe) for name, sizes in L.param_tensors.items()
               if name not in adapters for n in sizes]
-    late = [n * 4 for name in adapters for n in L.param_tensors[name]]
-    trained = [n * (4 if name in adapters else elem) for name in L.param_tensors if name in L.trainable_names
+    ae = L.num.lora_param
+    late = [n * ae for name in adapters for n in L.param_tensors[name]]
+    trained = [n * (ae if name in adapters else elem) for name in L.param_tensors if name in L.trainable_names
                for n in L.param_tensors[name]] if seeds else []
     buffers = list(helpers) + [n * elem for n in L.buffers.values()] + ([buffer_elems * 4] if buffer_elems else [])
     events = vision_events(L, params, seeds, training=bool(seeds), opt_sizes=trained, optimizer=w.optimizer,
@@ -501,7 +536,7 @@ def _pipeline_train(run: _Run) -> None:
     run.parameters = e.params
     # frozen helpers are stored in the weight dtype; a LoRA-frozen denoiser base too
     st = model_states(frozen, welem, trained, num.param, amp=num.amp and not lora, training=True,
-                      optimizer=w.optimizer, adapters=adapters)
+                      optimizer=w.optimizer, adapters=adapters, adapter_elem=num.lora_param)
     helpers = _weights_of(str(cfg["vae"]), welem)
     if w.cached_latents:
         helpers += sum(_weights_of(t, welem) for t in tes)
@@ -518,8 +553,9 @@ def _pipeline_train(run: _Run) -> None:
     run.assumptions.append(f"DreamBooth-style fine-tuning of {den.name} ({how}); VAE and frozen text encoders in "
                            f"{'fp32' if welem == 4 else 'the 16-bit compute dtype'} on the GPU")
     if lora:
-        run.assumptions.append(f"LoRA r={lora} on the denoiser's {', '.join(w.lora_targets)}"
-                               + (" and the first text encoder's q_proj, v_proj" if w.train_text_encoder else ""))
+        run.assumptions.append(_lora_note(w, f"the denoiser's {', '.join(w.lora_targets)}"
+                                          + (" and the first text encoder's q_proj, v_proj"
+                                             if w.train_text_encoder else "")))
     if w.train_text_encoder and not lora:
         run.assumptions.append(f"the first text encoder ({tes[0] if tes else '-'}) is trained too")
     _attention_note(run)

@@ -149,8 +149,9 @@ class Layers(Tape):
         return 2 if self.num.amp else xin.elem
 
     def _lora_linear(self, x: Tensor, y: Tensor, fin: int, fout: int, r: int, name: str) -> Tensor:
-        """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(adapter dtype))) * scaling``; adapters in fp32."""
-        _, bs = lora_branch(self, x, x.numel // fin, fout, r, adapter_elem=4, amp=self.num.amp,
+        """peft ``lora.Linear``: ``result + lora_B(lora_A(x.to(adapter dtype))) * scaling``; adapters in
+        ``num.lora_param`` (the dtype diffusers' LoRA scripts leave them in: ``_estimate.adapter_elem``)."""
+        _, bs = lora_branch(self, x, x.numel // fin, fout, r, adapter_elem=self.num.lora_param, amp=self.num.amp,
                             params_a=self._adapter(name + ".lora_A", r * fin),
                             params_b=self._adapter(name + ".lora_B", fout * r))
         return self._plus_adapter(y, bs)
@@ -158,7 +159,7 @@ class Layers(Tape):
     def _lora_conv(self, x: Tensor, y: Tensor, cin: int, cout: int, kk: int, positions: int, batch: int,
                    r: int, name: str) -> Tensor:
         """peft ``lora.Conv2d``: the same branch with ``lora_A`` a ``kk``-tap convolution and ``lora_B`` a 1x1 one."""
-        _, bs = lora_branch(self, x, batch * positions, cout, r, adapter_elem=4, amp=self.num.amp,
+        _, bs = lora_branch(self, x, batch * positions, cout, r, adapter_elem=self.num.lora_param, amp=self.num.amp,
                             params_a=self._adapter(name + ".lora_A", r * cin * kk),
                             params_b=self._adapter(name + ".lora_B", cout * r))
         return self._plus_adapter(y, bs)
@@ -173,7 +174,7 @@ class Layers(Tape):
         if not self.num.training:
             return ()
         pid = self._param_ids.setdefault(name, len(self._param_ids))
-        return ((pid, numel * 4),)
+        return ((pid, numel * self.num.lora_param),)  # AccumulateGrad: the gradient in the adapter's dtype
 
     # ---- normalization ------------------------------------------------------------------------------
     def group_norm(self, x: Tensor, channels: int, groups: int, batch: int, *, trainable: bool = True,

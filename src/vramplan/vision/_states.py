@@ -27,27 +27,31 @@ def _blocks(sizes: Sequence[int], elem: int) -> int:
 
 
 def model_states(frozen: Sequence[int], frozen_elem: int, trained: Sequence[int], train_elem: int, *,
-                 amp: bool, training: bool, optimizer: Optimizer, adapters: Sequence[int] = ()) -> ModelStates:
+                 amp: bool, training: bool, optimizer: Optimizer, adapters: Sequence[int] = (),
+                 adapter_elem: int = 4) -> ModelStates:
     """States of one model: ``frozen``/``trained``/``adapters`` are per-tensor element counts.
 
     Trained base tensors are stored in ``train_elem`` bytes (fp32 under AMP, where they count as master
-    weights); LoRA adapters are fp32 (peft's ``autocast_adapter_dtype``, diffusers' ``cast_training_params``).
+    weights). LoRA adapters, their gradients and optimizer states are stored in ``adapter_elem`` bytes: the dtype
+    diffusers' ``add_adapter`` leaves them in (the frozen base's), fp32 where the scripts call
+    ``cast_training_params`` (``_estimate.adapter_elem``). They are trained directly, never as master weights.
     """
     notes: list[str] = []
     weights = _blocks(frozen, frozen_elem)
     master = 0
     if not training:
-        weights += _blocks(trained, train_elem) + _blocks(adapters, 4)
+        weights += _blocks(trained, train_elem) + _blocks(adapters, adapter_elem)
         total = sum(frozen) + sum(trained) + sum(adapters)
         return _states(total, 0, weights, 0, 0, 0, 0, ())
     if amp:
-        master = _blocks(trained, 4) + _blocks(adapters, 4)
+        master = _blocks(trained, 4)
         notes.append("AMP: fp32 trained parameters (master weights); autocast's 16-bit copies count as weights")
     else:
-        weights += _blocks(trained, train_elem) + _blocks(adapters, 4)
-    grads = _blocks(trained, train_elem) + _blocks(adapters, 4)
+        weights += _blocks(trained, train_elem)
+    weights += _blocks(adapters, adapter_elem)
+    grads = _blocks(trained, train_elem) + _blocks(adapters, adapter_elem)
     state = temp = 0
-    for sizes, elem in ((trained, train_elem), (adapters, 4)):
+    for sizes, elem in ((trained, train_elem), (adapters, adapter_elem)):
         if not sizes:
             continue
         numel = sum(sizes)

@@ -10,7 +10,8 @@ emission) in the order of the calibration harness (``measure.py``: ``run_unet``,
 * training: three steps of forward, ``backward``, ``optimizer.step()`` (AdamW's ``exp_avg``/``exp_avg_sq``
   per trained tensor in the first step, ``_foreach_sqrt``'s temporaries), ``zero_grad(set_to_none=True)``
   and ``del pred, loss``;
-* peft adapters (``late_params``) are created on the device in fp32 after the base model's cast;
+* peft adapters (``late_params``) are created on the device after the base model's cast, in their dtype
+  (``_estimate.adapter_elem``: the base's, fp32 under fp16 mixed precision);
 * with gradient accumulation, each step runs its micro-batches before the optimizer: the gradients of the
   first are kept and the later ones accumulate into them (a computed gradient added in place), and a
   micro-batch's output and loss die when the script rebinds them; the stream repeats from the second
