@@ -4,7 +4,8 @@ usage: python benchmarks/image_trace_report.py [MEASURED.csv]   (needs the [torc
 
 1. The vision and diffusion rows of the calibration set (``task`` vision / unet: ``measure.py``'s ``run_vision`` and
    ``run_unet`` on one H200, torch 2.11, diffusers 0.42.1): measured, estimated and traced peak allocated / reserved.
-2. Cases no GPU row covers: LoRA on sd15-unet, the diffusion transformers, whole UNet pipelines at inference.
+2. Cases no GPU row covers: LoRA on sd15-unet and sdxl-unet, the diffusion transformers, whole UNet pipelines at
+   inference.
 
 Prints one line per case (GiB, estimate vs trace in %); the README's image-model tables come from this script.
 """
@@ -29,6 +30,8 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
     ("sd15-unet", {"method": "lora", "precision": "amp-fp16", "batch_size": 4, "resolution": 512}),
     ("sd15-unet", {"method": "lora", "precision": "amp-bf16", "batch_size": 4, "resolution": 512}),
     ("sd15-unet", {"method": "lora", "precision": "bf16", "batch_size": 4, "resolution": 512}),
+    ("sd15-unet", {"method": "lora", "precision": "fp32", "batch_size": 4, "resolution": 512}),
+    ("sdxl-unet", {"method": "lora", "precision": "bf16", "batch_size": 1, "resolution": 512}),
     ("dit-xl-2-transformer", {"precision": "bf16", "batch_size": 8}),
     ("dit-xl-2-transformer", {"precision": "bf16", "batch_size": 8, "task": "infer"}),
     ("pixart-alpha-transformer", {"precision": "bf16", "batch_size": 1, "resolution": 512}),
