@@ -315,6 +315,8 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
             # (mat2) before the input's (MmBackward0; with a bias, addmm: the input's first)
             ptrans = param_grads(op) if op.weight_first else 0
             out_buf = grads.get(id(outputs[0])) if outputs else None
+            deferred: list[Tensor] = []
+            contrib = 0
             for t in op.grad_inputs:
                 own = id(t) in own_grad
                 partial = not own and t.base is not None and t.numel < t.base.numel
@@ -341,25 +343,12 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     buf.refs = 1
                     grads[id(target)] = buf
                     continue
-                # computed (a view's at its base's size: slice_backward), then added into the existing buffer
+                # computed (a view's at its base's size: slice_backward), then added into the existing buffer once
+                # the node has returned (below)
                 transient += target.numel * target.elem
+                contrib += target.numel * target.elem
                 st.hold_temporary(target.numel * target.elem)
-                # this op's own output gradient (a pass-through's, handed to this input too) is released when the
-                # node returns, before the engine adds its results into the next buffers (engine.cpp
-                # call_function, then evaluate_function's InputBuffer::add)
-                mine = 0
-                for o in outputs:
-                    if grads.get(id(o)) is existing:
-                        mine += 1
-                if existing.refs - mine > 1 or existing.view:
-                    # shared, or a view (it keeps its base referenced): added out of place into a new buffer
-                    # (torch/csrc/autograd/input_buffer.cpp accumulate, can_accumulate_inplace: the storage's only
-                    # reference); a view held alone dies once the sum is made
-                    if existing.refs - mine == 1:
-                        transient += existing.nbytes
-                    summed = new_buf(target)
-                    drop(id(target))
-                    give(target, summed)
+                deferred.append(target)
             if not op.weight_first:
                 ptrans = param_grads(op)
             if st.total + transient + ptrans > st.peak.total:  # (st.check, written out)
@@ -370,7 +359,6 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                 st.at = i
             if ev is not None:
                 st.temporary(("s", i, -1), scratch)
-                st.release_temporaries()
             for t in outputs:
                 gone = grads.pop(id(t), None)
                 if gone is not None:
@@ -398,6 +386,19 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                     if recomputed_holders[id(t)] == 0:
                         del recomputed_holders[id(t)]
                         free_tensor(t)
+        if reached:
+            # the node has returned: its incoming gradients and saved tensors are released (engine.cpp call_function,
+            # release_variables), then its results are added into the next buffers (InputBuffer::add): in place
+            # where the buffer holds its storage alone, out of place into a new buffer where it is still shared or is
+            # a view, which keeps its base referenced (input_buffer.cpp accumulate, can_accumulate_inplace)
+            for target in deferred:
+                existing = grads.get(id(target))
+                if existing is not None and (existing.refs > 1 or existing.view):
+                    summed = new_buf(target)
+                    st.check(contrib)
+                    drop(id(target))
+                    give(target, summed)
+            st.release_temporaries()
     return st.peak, st.moment()
 
 
