@@ -392,7 +392,7 @@ _REFUSAL = re.compile(r"does not support (activation|gradient) checkpointing")
 
 def library_refusal(cell: dict[str, Any]) -> bool:
     """The trace and the estimate both stopped on the library's own refusal of the workload."""
-    return bool(_REFUSAL.search(cell.get("trace_error", "")) and _REFUSAL.search(cell.get("estimate_error", "")))
+    return bool(_REFUSAL.search(cell.get("trace_error") or "") and _REFUSAL.search(cell.get("estimate_error") or ""))
 
 
 def summarize(data: dict[str, Any], workloads: list[str]) -> str:

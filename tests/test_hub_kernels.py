@@ -43,6 +43,14 @@ def test_listed_families() -> None:
         return spec_from_config({**SMALL_LLAMA, "model_type": mt, **extra})
 
     assert hub_rmsnorm(spec("llama")) and hub_rmsnorm(spec("qwen2")) and hub_rmsnorm(spec("mistral"))
+    # looked up by the config's own model_type, not by the program that reads it: Mllama's text model reads as
+    # llama, but MllamaTextRMSNorm is not decorated; Emu3's text model's Emu3RMSNorm is
+    mllama_text = spec_from_config({**SMALL_LLAMA, "model_type": "mllama_text_model", "cross_attention_layers": []})
+    assert mllama_text.family == "llama" and not hub_rmsnorm(mllama_text)
+    assert hub_rmsnorm(spec("emu3_text_model"))
+    # norms the decoder layer names otherwise (Apertus' attention_layernorm) are found too
+    table = json.loads(DATA.read_text())["rmsnorm"]
+    assert "apertus" in table and "lfm2" in table and "mllama" not in table
     gemma2 = spec_from_config(dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000))
     assert not hub_rmsnorm(gemma2)  # GemmaRMSNorm (1 + weight) is not decorated
@@ -92,7 +100,6 @@ def test_cli_flag() -> None:
 ])
 def test_estimate_matches_the_traced_liger_norm(opts: dict[str, Any]) -> None:
     pytest.importorskip("torch")
-    pytest.importorskip("kernels")  # the decorator marks the classes only where the kernels package is installed
     from vramplan.trace import trace_workload
 
     w = make_workload(**opts, hub_kernels=True)
@@ -103,3 +110,15 @@ def test_estimate_matches_the_traced_liger_norm(opts: dict[str, Any]) -> None:
     plain = trace_workload(dict(SMALL_LLAMA), make_workload(**opts))
     if opts.get("task") != "infer":
         assert traced.peak_allocated_bytes < plain.peak_allocated_bytes
+
+
+def test_parallel_layouts_build_the_model_the_same_way() -> None:
+    from vramplan.parallel import Layout, estimate_parallel
+
+    spec = spec_from_config(SMALL_LLAMA)
+    for layout in (Layout(gpus=2), Layout(gpus=2, zero=3)):
+        off = estimate_parallel(spec, make_workload(method="full", batch_size=2, seq_len=256), layout)
+        on = estimate_parallel(spec, make_workload(method="full", batch_size=2, seq_len=256, hub_kernels=True), layout)
+        assert on.peak_allocated_bytes < off.peak_allocated_bytes
+        assert on.total_bytes < off.total_bytes  # (the rank replay builds it as the estimate does)
+

@@ -665,17 +665,20 @@ HUB_KERNELS_BY_DEFAULT = (5, 25)
 HUB_KERNELS_NOTE = ("transformers >= 5.25 loads models with hub kernels by default on CUDA (RMSNorm, rotary, "
                     "activations, SSM); the estimate follows the PyTorch layers, which from_pretrained(..., "
                     "use_kernels=False) or USE_HUB_KERNELS=0 keeps; --hub-kernels models the RMSNorm kernel")
-HUB_KERNELS_ON_NOTE = ("hub kernels (--hub-kernels): RMSNorm runs kernels-community's LigerRMSNorm (saves its "
-                       "input and an fp32 inverse RMS per row; backward writes the input gradient into the output "
-                       "gradient); the rotary and activation kernels are not modelled (the PyTorch code's "
-                       "temporaries are kept)")
+HUB_KERNELS_ON_NOTE = ("hub kernels (--hub-kernels): the language model's RMSNorms run kernels-community's "
+                       "LigerRMSNorm (saves its input and an fp32 inverse RMS per row; backward writes the input "
+                       "gradient into the output gradient), for the model types transformers 5.25.0 decorates; a "
+                       "vision tower's norms, the rotary and the activation kernels are not modelled (the PyTorch "
+                       "code's tensors are kept)")
+HUB_KERNELS_OTHER_NOTE = ("hub kernels (--hub-kernels): transformers swaps this model's norm class for LigerRMSNorm, "
+                          "which is not modelled for its norm kind (the PyTorch norm is kept)")
 HUB_KERNELS_NONE_NOTE = ("hub kernels (--hub-kernels): transformers maps no kernel to this model's norms "
                          "(use_kernel_forward_from_hub(\"RMSNorm\") is not on its layers' norm class)")
 
 
 @lru_cache(maxsize=1)
 def _hub_rmsnorm_types() -> frozenset[str]:
-    """Model types whose decoder layers normalise with a class decorated ``use_kernel_forward_from_hub("RMSNorm")``
+    """Model types whose text decoder layers use a norm class decorated ``use_kernel_forward_from_hub("RMSNorm")``
     (``data/hub_kernels.json``, written by ``python -m vramplan.derive.hub_kernels --write``)."""
     import json
 
@@ -685,15 +688,27 @@ def _hub_rmsnorm_types() -> frozenset[str]:
     return frozenset(table["rmsnorm"])
 
 
+@lru_cache(maxsize=1)
+def hub_rmsnorm_classes() -> frozenset[str]:
+    """The decorated norm classes of every listed model type (the trace swaps these)."""
+    import json
+
+    from ._files import package_data
+
+    table = json.loads(package_data("data", "hub_kernels.json").read_text(encoding="utf-8"))
+    return frozenset(c for classes in table["rmsnorm"].values() for c in classes)
+
+
+def hub_rmsnorm_listed(spec: ModelSpec) -> bool:
+    """Whether transformers' hub kernels swap this model's decoder norms for LigerRMSNorm (by the config's own
+    model_type; the program's family where the spec was built without one)."""
+    return (spec.model_type or spec.family) in _hub_rmsnorm_types()
+
+
 def hub_rmsnorm(spec: ModelSpec) -> bool:
-    """Whether transformers' hub kernels replace this model's RMSNorm by LigerRMSNorm (a Llama-style RMSNorm of a
-    listed model type; a vision-language model's text config is listed under the model's own type)."""
-    if spec.norm is not NormKind.RMSNORM:
-        return False
-    types = _hub_rmsnorm_types()
-    family = spec.family
-    return family in types or family.removesuffix("_text") in types or (
-        spec.multimodal is not None and spec.multimodal.model_type in types)
+    """Whether the estimate models LigerRMSNorm for this model: listed, and its norm is Llama's (``weight *
+    hidden.to(input_dtype)``, LigerRMSNorm's "llama" casting mode)."""
+    return spec.norm is NormKind.RMSNORM and hub_rmsnorm_listed(spec)
 
 
 def built_as(spec: ModelSpec, w: Workload) -> ModelSpec:
@@ -820,7 +835,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
     if spec.norm_kernel:
         assumptions.append(HUB_KERNELS_ON_NOTE)
     elif w.hub_kernels:
-        assumptions.append(HUB_KERNELS_NONE_NOTE)
+        assumptions.append(HUB_KERNELS_OTHER_NOTE if hub_rmsnorm_listed(spec) else HUB_KERNELS_NONE_NOTE)
     elif w.transformers_release >= HUB_KERNELS_BY_DEFAULT:
         assumptions.append(HUB_KERNELS_NOTE)
     kinds = set(_mixers(spec)) - {"attention", "none"}

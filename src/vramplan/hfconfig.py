@@ -1561,6 +1561,9 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         raise
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as exc:
         raise ConfigError(f"{name}: cannot read the config ({exc}); check its fields") from None
+    model_type = cfg.get("model_type")
+    if isinstance(model_type, str) and model_type != spec.model_type:
+        spec = replace(spec, model_type=model_type)
     if quantization is not None:
         spec = replace(spec, quantization=quantization)
     if notes:

@@ -225,6 +225,9 @@ class ModelSpec:
     # the RMSNorm runs kernels-community's LigerRMSNorm (transformers' hub kernels: estimator.built_as, Workload
     # hub_kernels): a new output, the fp32 inverse RMS per row, and the input saved for backward (blocks.liger_rms_norm)
     norm_kernel: bool = False
+    # the (text) config's own model_type as transformers reads it, where ``family`` names the program that reads it
+    # (a Mllama text config reads as llama; a VLM's text config is its language model's type)
+    model_type: str = ""
     embedding_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
     final_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden)

@@ -121,15 +121,16 @@ def math_sdpa(tp: Tape, q: Tensor, k: Tensor, v: Tensor, *, batch: int, heads: i
 
 def lora_branch(tp: Tape, x: Tensor, rows: int, fout: int, r: int, *, adapter_elem: int, amp: bool,
                 params_a: tuple[tuple[int, int], ...], params_b: tuple[tuple[int, int], ...],
-                dropout: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Tensor]:
+                dropout: Callable[[Tensor], Tensor] = lambda t: t, view_grad: bool = True) -> tuple[Tensor, Tensor]:
     """peft ``lora.Linear``'s adapter branch (``peft/tuners/lora/layer.py``, 0.21): ``x`` cast to the adapter's dtype
     (``_cast_input_dtype``), dropout, ``lora_A`` then ``lora_B`` (each saving its input; under autocast the fp32
     input is cast to 16-bit again for the matmul), times ``scaling``. Returns (``lora_B``'s output, the scaled
     output); the caller adds the latter to the base layer's result. ``rows``: the positions the adapter runs on (tokens,
-    or output pixels of a convolution, whose ``lora_A`` is the convolution and ``lora_B`` a 1x1 one)."""
+    or output pixels of a convolution, whose ``lora_A`` is the convolution and ``lora_B`` a 1x1 one). ``view_grad``:
+    ``lora_A``'s input gradient comes back as a view (a linear on a 3-D input; a convolution's does not)."""
     xa = dropout(tp.cast(x, adapter_elem))
     a_in = tp.cast(xa, 2) if amp else xa
     a = tp.op(rows * r, a_in.elem, (a_in,), save=(a_in,), params=params_a, rg=True, grad_to=(a_in,))
-    tp.ops[-1].view_grad_in = True  # nn.Linear on the 3-D input: its gradient a view (see _Op.view_grad_in)
+    tp.ops[-1].view_grad_in = view_grad  # nn.Linear on the 3-D input: its gradient a view (see _Op.view_grad_in)
     b = tp.op(rows * fout, a.elem, (a,), save=(a,), params=params_b, rg=True)
     return b, tp.op(b.numel, b.elem, (b,))

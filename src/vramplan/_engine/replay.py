@@ -326,8 +326,8 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
                         target.numel * target.elem == out_buf.nbytes:
                     if existing is None:
                         give(target, out_buf)
-                    elif existing.refs == 1 and existing is not out_buf:
-                        pass  # added in place into the existing buffer
+                    elif existing.refs == 1 and existing is not out_buf and not existing.view:
+                        pass  # added in place into the existing buffer (a view's never is: see GradBuf.view)
                     else:
                         drop(id(target))
                         give(target, new_buf(target))

@@ -9,7 +9,7 @@ from fractions import Fraction
 from typing import Any
 
 from .._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES
-from ..estimator import StageMoments, estimate, reserved_stats, stage_moments
+from ..estimator import StageMoments, built_as, estimate, reserved_stats, stage_moments
 from ..estimator import replays as spec_replays
 from ..kinds import MemoryKind, Phase
 from ..memory import model_states
@@ -229,6 +229,7 @@ def estimate_parallel(spec: ModelSpec, workload: Workload, layout: Layout,
     ``reserved=False``: the single-GPU reference without the allocator replay (searches). ``nccl_config``: NCCL's
     settings (``NCCL_BUFFSIZE``, ``NCCL_MAX_NCHANNELS``, ``NCCL_NVLS_ENABLE``, …) for its buffers.
     """
+    spec = built_as(spec, workload)  # as the single-GPU estimate builds it (hub kernels, release-dependent builds)
     check_layout(spec, workload, layout)
     # a sharded rank replays its own stream: the single-GPU reference then needs no allocator replay of its own
     rank_stream = reserved and spec_replays(spec) and not layout.is_single and replays(layout, workload)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .._engine.numerics import MEM_EFF_MASK_ALIGNMENT
+from ..blocks import LIGER_SM_COUNT
 
 __all__ = [
     "AutocastEmulation",
@@ -368,10 +369,6 @@ def register_cuda_kernels(autocast: AutocastEmulation | None,
 
 # ---- transformers' hub kernels -----------------------------------------------------------------------------------
 
-# streaming multiprocessors the partial weight gradients are sized by (blocks.LIGER_SM_COUNT: H100/H200 SXM)
-LIGER_SM_COUNT = 132
-
-
 class _LigerRMSNorm(torch.autograd.Function):
     """The allocations of kernels-community's LigerRMSNormFunction (liger-kernels ``rms_norm.py``, casting mode
     "llama", ``in_place=True``) on any device: ``ensure_contiguous`` inputs; forward: the output in the input's dtype
@@ -397,14 +394,26 @@ class _LigerRMSNorm(torch.autograd.Function):
 
 @contextlib.contextmanager
 def hub_rmsnorm_kernels(model: torch.nn.Module, on: bool) -> Iterator[int]:
-    """With ``on``: every module whose class transformers decorated ``use_kernel_forward_from_hub("RMSNorm")`` (the
-    ``kernels`` package marks it ``kernel_layer_name``) runs :class:`_LigerRMSNorm`, as ``kernelize`` on CUDA swaps in
-    kernels-community's LigerRMSNorm (transformers integrations/hub_kernels.py). Yields how many modules run it."""
+    """With ``on``: every module of the language model (``get_decoder()``, as the estimate models it; a vision tower's
+    norms are left alone) whose class transformers decorates ``use_kernel_forward_from_hub("RMSNorm")`` runs
+    :class:`_LigerRMSNorm`, as ``kernelize`` on CUDA swaps in kernels-community's LigerRMSNorm (transformers
+    integrations/hub_kernels.py). The classes are the ones ``data/hub_kernels.json`` lists (read from transformers'
+    source), so the swap does not depend on the ``kernels`` package marking them. Yields how many modules run it."""
     swapped: list[torch.nn.Module] = []
     if on:
-        for m in model.modules():
+        from ..estimator import hub_rmsnorm_classes
+
+        classes = hub_rmsnorm_classes()
+        root: torch.nn.Module = model
+        try:
+            decoder = model.get_decoder()  # type: ignore[operator]
+            if isinstance(decoder, torch.nn.Module):
+                root = decoder
+        except (AttributeError, TypeError, NotImplementedError):
+            pass
+        for m in root.modules():
             weight = getattr(m, "weight", None)
-            if getattr(type(m), "kernel_layer_name", None) == "RMSNorm" and isinstance(weight, torch.nn.Parameter):
+            if type(m).__name__ in classes and isinstance(weight, torch.nn.Parameter):
                 m.forward = (lambda hidden_states, *a, _w=weight, **k:  # type: ignore[method-assign]
                              _LigerRMSNorm.apply(hidden_states, _w))
                 swapped.append(m)
@@ -413,4 +422,3 @@ def hub_rmsnorm_kernels(model: torch.nn.Module, on: bool) -> Iterator[int]:
     finally:
         for m in swapped:
             del m.forward
-

@@ -161,7 +161,7 @@ class Layers(Tape):
         """peft ``lora.Conv2d``: the same branch with ``lora_A`` a ``kk``-tap convolution and ``lora_B`` a 1x1 one."""
         _, bs = lora_branch(self, x, batch * positions, cout, r, adapter_elem=self.num.lora_param, amp=self.num.amp,
                             params_a=self._adapter(name + ".lora_A", r * cin * kk),
-                            params_b=self._adapter(name + ".lora_B", cout * r))
+                            params_b=self._adapter(name + ".lora_B", cout * r), view_grad=False)
         return self._plus_adapter(y, bs)
 
     def _plus_adapter(self, y: Tensor, bs: Tensor) -> Tensor:

@@ -92,7 +92,7 @@ const LABELS = {
   lora_modules_to_save: ["modules to save", "embed_tokens,lm_head: trained full copies next to the adapters"],
   optimizer_rank: ["projection rank", "GaLore / APOLLO: rank of the projected gradient"],
   galore_update_gap: ["GaLore update gap", "steps between SVDs of the projection"],
-  hub_kernels: ["hub kernels", "transformers ≥ 5.25 from_pretrained's default on CUDA: RMSNorm runs Liger's kernel (saves its 16-bit input, not an fp32 copy)"],
+  hub_kernels: ["hub kernels", "transformers ≥ 5.25 from_pretrained's default on CUDA: RMSNorm runs Liger's kernel (saves its input and one fp32 value per row, not PyTorch's fp32 copies)"],
 };
 const GROUPS = {
   basic: ["method", "precision", "batch_size", "seq_len", "new_tokens"],
