@@ -677,32 +677,29 @@ HUB_KERNELS_NONE_NOTE = ("hub kernels (--hub-kernels): transformers maps no kern
 
 
 @lru_cache(maxsize=1)
-def _hub_rmsnorm_types() -> frozenset[str]:
-    """Model types whose text decoder layers use a norm class decorated ``use_kernel_forward_from_hub("RMSNorm")``
-    (``data/hub_kernels.json``, written by ``python -m vramplan.derive.hub_kernels --write``)."""
+def _hub_rmsnorm_table() -> dict[str, list[str]]:
+    """{model type: the norm classes its text decoder layers use that are decorated
+    ``use_kernel_forward_from_hub("RMSNorm")``} (``data/hub_kernels.json``, written by
+    ``python -m vramplan.derive.hub_kernels --write``)."""
     import json
 
     from ._files import package_data
 
-    table = json.loads(package_data("data", "hub_kernels.json").read_text(encoding="utf-8"))
-    return frozenset(table["rmsnorm"])
+    table: dict[str, list[str]] = json.loads(package_data("data", "hub_kernels.json").read_text(encoding="utf-8"))[
+        "rmsnorm"]
+    return table
 
 
 @lru_cache(maxsize=1)
 def hub_rmsnorm_classes() -> frozenset[str]:
     """The decorated norm classes of every listed model type (the trace swaps these)."""
-    import json
-
-    from ._files import package_data
-
-    table = json.loads(package_data("data", "hub_kernels.json").read_text(encoding="utf-8"))
-    return frozenset(c for classes in table["rmsnorm"].values() for c in classes)
+    return frozenset(c for classes in _hub_rmsnorm_table().values() for c in classes)
 
 
 def hub_rmsnorm_listed(spec: ModelSpec) -> bool:
     """Whether transformers' hub kernels swap this model's decoder norms for LigerRMSNorm (by the config's own
     model_type; the program's family where the spec was built without one)."""
-    return (spec.model_type or spec.family) in _hub_rmsnorm_types()
+    return (spec.model_type or spec.family) in _hub_rmsnorm_table()
 
 
 def hub_rmsnorm(spec: ModelSpec) -> bool:
