@@ -575,7 +575,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     the allocator exactly as it found it and every later step would repeat it. ``reference``: every block
     instance filtered event by event (:meth:`_Stream.add`) instead of by :meth:`_Stream.add_instance` (the same
     stream; the tests compare the two)."""
-    from .estimator import _first_trainable, _layer_groups, _no_grad_input, _plan, _trainable_parts
+    from .estimator import _first_trainable, _layer_groups, _no_grad_input, _plan, _trainable_parts, tied_gradient_sum
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
     attention = Attention.FLASH if w.packing else w.attention
@@ -622,7 +622,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     # and the embedding's is added to it out of place (the estimator's third embedding-sized buffer); without a
     # .grad yet, AccumulateGrad takes that sum as the gradient and the head's buffer dies (freed below). Under
     # autocast the head's gradient is the weight cast's (ToCopyBackward0, a tensor of its own): added in place
-    tied_sum = spec.tie_word_embeddings and head_trainable and embed_trainable and not num.amp
+    tied_sum = tied_gradient_sum(spec, num, embed_trainable, head_trainable)
     if tied_sum:
         et.meets_view_grad.add(hash("embed"))
     e_bwd_acc = record(emb, "backward", True) if acc_runs else []

@@ -117,6 +117,14 @@ class _Best:
         return phase_peak(self.phase, self.moment)
 
 
+def tied_gradient_sum(spec: ModelSpec, num: Numerics, embed_trainable: bool, head_trainable: bool) -> bool:
+    """Whether a tied weight's two gradients meet as a sum made out of place: the head's (a transposed view, TBackward0)
+    waits in the AccumulateGrad's InputBuffer and the embedding's is added to it with ``aten.add``
+    (torch/csrc/autograd/input_buffer.cpp accumulate). Under autocast the head's gradient is the weight cast's own
+    tensor (ToCopyBackward0) and is added into in place."""
+    return spec.tie_word_embeddings and head_trainable and embed_trainable and not num.amp
+
+
 def numerics(w: Workload) -> Numerics:
     """Dtypes of what flows through the model for this workload (see :class:`blocks.Numerics`)."""
     prec = w.precision
@@ -396,7 +404,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         # (under autocast the head's contribution is the weight cast's gradient, ToCopyBackward0's own tensor: added
         # in place, as the trace shows)
         extra = spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param \
-            if tied and embed_trainable and head and not num.amp else 0
+            if head and tied_gradient_sum(spec, num, embed_trainable, head_trainable) else 0
         if tied and not accumulating:
             # the replay took every parameter of the embedding program to have its gradient already; only the tied
             # one does (the head made it): the others' (Gemma 4's per-layer embedding table and projection) are new
