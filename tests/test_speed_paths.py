@@ -85,7 +85,7 @@ def _streams() -> st.SearchStrategy[list[tuple[object, int]]]:
     """Random well-formed streams: sizes around the pool and split thresholds, frees in any order, markers."""
     sizes = st.one_of(st.integers(0, 4096), st.integers(MiB - 1024, MiB + 1024), st.integers(1, 12 * MiB),
                       st.integers(9 * MiB, 64 * MiB), st.sampled_from([512, 2 * MiB, 20 * MiB, 10 * MiB - 1]))
-    ops = st.lists(st.tuples(st.sampled_from(["a", "a", "f", "p", "r", "e"]), sizes, st.integers(0, 10**6)),
+    ops = st.lists(st.tuples(st.sampled_from(["a", "a", "f", "p", "r", "e", "b"]), sizes, st.integers(0, 10**6)),
                    max_size=120)
 
     def build(raw: list[tuple[str, int, int]]) -> list[tuple[object, int]]:
@@ -103,6 +103,8 @@ def _streams() -> st.SearchStrategy[list[tuple[object, int]]]:
                 out.append((f"phase{pick % 3}", A.PHASE))
             elif op == "r":
                 out.append((None, A.RESET))
+            elif op == "b":
+                out.append((None, A.PROBE))
             else:
                 out.append((None, A.EMPTY))
         return out
@@ -111,9 +113,10 @@ def _streams() -> st.SearchStrategy[list[tuple[object, int]]]:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(_streams(), st.sampled_from(["", "max_split_size_mb:21", "max_split_size_mb:40"]))
-def test_one_loop_replay_equals_block_objects(ev: list[tuple[object, int]], conf: str) -> None:
-    c = A.parse_alloc_conf(conf)
+@given(_streams(), st.sampled_from(["", "max_split_size_mb:21", "max_split_size_mb:40", MiB, 2 * MiB]))
+def test_one_loop_replay_equals_block_objects(ev: list[tuple[object, int]], conf: str | int) -> None:
+    # (an int: an AllocConf built by hand with a max_split_size that parse_alloc_conf refuses, down in the small pool)
+    c = A.AllocConf(max_split_size=conf) if isinstance(conf, int) else A.parse_alloc_conf(conf)
     fast_probe: list[int] = []
     ref_probe: list[int] = []
     assert A.simulate([*ev, (None, A.PROBE)], c, fast_probe) == \

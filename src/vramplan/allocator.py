@@ -430,7 +430,8 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
     ``reference``: through the block-object model (:class:`_Allocator`) even where the one-loop replay
     (:func:`_simulate_segments`) applies; the tests compare the two."""
     probe = [] if probe is None else probe
-    if not reference and not conf.expandable_segments and not any(conf.roundup_power2_divisions):
+    if not reference and not conf.expandable_segments and not any(conf.roundup_power2_divisions) and \
+            conf.max_split_size > K_SMALL_BUFFER:  # (a smaller one, refused by parse_alloc_conf, limits small blocks)
         return _simulate_segments(events, conf.max_split_size, probe)
     a = _Allocator(conf)
     peak_alloc = peak_res = at_reset = 0
@@ -468,114 +469,161 @@ def simulate(events: Iterable[tuple[object, int]], conf: AllocConf = DEFAULT_CON
 def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, probe: list[int]) -> AllocStats:
     """:func:`simulate` for fixed segments and 512-byte rounding, in one loop (the estimator's hot path).
 
-    The same rules as :class:`_Allocator`; a block is a list ``[ptr, size, small, allocated, prev, next]``
-    and each pool a sorted list of ``size << 56 | ptr`` keys with a dict of their blocks."""
+    The same rules as :class:`_Allocator`; a block is a list ``[ptr, size, small, allocated, prev, next, key]``
+    (``key``: its ``size << 56 | ptr`` while it is cached) and each pool a sorted list of those keys; one dict
+    maps the keys of both pools to their blocks (addresses are distinct). The large and the small pool have a
+    loop branch each (``max_split`` is above the small pool's segment size, so it limits the large pool alone).
+    The per-phase peaks are not updated at every malloc: the highest ``allocated`` since the
+    last marker is kept (``top``) and folded into the phase's record and the peak at the next marker (phase, reset,
+    probe, empty_cache) and at the end; what is reserved only grows between two markers, so its value there is
+    the highest any malloc since the last one saw."""
     bisect_left, insort = bisect.bisect_left, bisect.insort
     small_size, min_block, small_buffer = K_SMALL_SIZE, K_MIN_BLOCK, K_SMALL_BUFFER
     large_buffer, min_large, round_large = K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_ROUND_LARGE
-    limited = max_split != _NO_LIMIT  # max_split_size_mb set: oversize blocks are kept for oversize requests
+    limited = max_split != _NO_LIMIT
     keys_s: list[int] = []
     keys_l: list[int] = []
-    blk_s: dict[int, list[Any]] = {}
-    blk_l: dict[int, list[Any]] = {}
+    blks: dict[int, list[Any]] = {}
     live: dict[object, list[Any]] = {}
+    live_pop = live.pop
     allocated = reserved = segments = next_ptr = 0
     peak_alloc = peak_res = at_reset = 0
+    top = 0  # the largest `allocated` after a malloc since the last marker (0: no malloc since)
     phases: dict[str, list[int]] = {}
     cur: list[int] | None = None
     for key, n in events:
         if n >= 0:
-            size = (n + 511) & ~511 if n > 512 else 512
-            if size <= small_size:
-                small = True
-                keys, blks = keys_s, blk_s
-            else:
-                small = False
-                keys, blks = keys_l, blk_l
-            i = bisect_left(keys, size << 56)
-            b = None
-            if i < len(keys):
-                k = keys[i]
-                b = blks[k]
-                if limited and ((size < max_split <= b[1]) or (size >= max_split and b[1] >= size + large_buffer)):
-                    b = None
+            if n > small_size:
+                size = (n + 511) & ~511
+                keys = keys_l
+                i = bisect_left(keys, size << 56)
+                if i < len(keys):
+                    k = keys[i]
+                    b = blks[k]
+                    if limited and ((size < max_split <= b[1]) or (size >= max_split and b[1] >= size + large_buffer)):
+                        b = None
+                    else:
+                        del keys[i]
+                        del blks[k]
                 else:
+                    b = None
+                if b is None:
+                    seg = large_buffer if size < min_large else round_large * -(-size // round_large)
+                    b = [next_ptr, seg, False, True, None, None, 0]
+                    next_ptr += seg + small_buffer
+                    reserved += seg
+                    segments += 1
+                    if reserved > peak_res:
+                        peak_res = reserved
+                else:
+                    b[3] = True
+                remaining = b[1] - size
+                if remaining > small_size and size < max_split:
+                    nxt = b[5]
+                    p = b[0] + size
+                    k = remaining << 56 | p
+                    rest = [p, remaining, False, False, b, nxt, k]
+                    if nxt is not None:
+                        nxt[4] = rest
+                    b[5] = rest
+                    b[1] = size
+                    insort(keys, k)
+                    blks[k] = rest
+            else:
+                size = (n + 511) & ~511 if n > 512 else 512
+                keys = keys_s
+                i = bisect_left(keys, size << 56)
+                if i < len(keys):
+                    k = keys[i]
+                    b = blks[k]
                     del keys[i]
                     del blks[k]
-            if b is None:
-                seg = small_buffer if small else (large_buffer if size < min_large
-                                                  else round_large * -(-size // round_large))
-                b = [next_ptr, seg, small, False, None, None]
-                next_ptr += seg + small_buffer
-                reserved += seg
-                segments += 1
-                if reserved > peak_res:  # (what is reserved grows only here)
-                    peak_res = reserved
-            remaining = b[1] - size
-            if (remaining >= min_block) if small else (remaining > small_size and size < max_split):
-                nxt = b[5]
-                rest = [b[0] + size, remaining, small, False, b, nxt]
-                if nxt is not None:
-                    nxt[4] = rest
-                b[5] = rest
-                b[1] = size
-                k = remaining << 56 | rest[0]
-                insort(keys, k)
-                blks[k] = rest
-            b[3] = True
+                    b[3] = True
+                else:
+                    b = [next_ptr, small_buffer, True, True, None, None, 0]
+                    next_ptr += small_buffer + small_buffer
+                    reserved += small_buffer
+                    segments += 1
+                    if reserved > peak_res:
+                        peak_res = reserved
+                remaining = b[1] - size
+                if remaining >= min_block:
+                    nxt = b[5]
+                    p = b[0] + size
+                    k = remaining << 56 | p
+                    rest = [p, remaining, True, False, b, nxt, k]
+                    if nxt is not None:
+                        nxt[4] = rest
+                    b[5] = rest
+                    b[1] = size
+                    insort(keys, k)
+                    blks[k] = rest
             live[key] = b
             allocated += b[1]
-            if allocated > peak_alloc:
-                peak_alloc = allocated
-            if cur is not None:
-                if allocated > cur[0]:
-                    cur[0] = allocated
-                if reserved > cur[1]:
-                    cur[1] = reserved
+            if allocated > top:
+                top = allocated
         elif n == FREE:
-            b = live.pop(key)
+            b = live_pop(key)
             b[3] = False
-            allocated -= b[1]
-            if b[2]:
-                keys, blks = keys_s, blk_s
-            else:
-                keys, blks = keys_l, blk_l
+            size = b[1]
+            allocated -= size
+            keys = keys_s if b[2] else keys_l
             p = b[4]
             if p is not None and not p[3]:
-                k = p[1] << 56 | p[0]
+                k = p[6]
                 del keys[bisect_left(keys, k)]
                 del blks[k]
                 b[0] = p[0]
-                b[1] += p[1]
+                size += p[1]
                 pp = b[4] = p[4]
                 if pp is not None:
                     pp[5] = b
             nx = b[5]
             if nx is not None and not nx[3]:
-                k = nx[1] << 56 | nx[0]
+                k = nx[6]
                 del keys[bisect_left(keys, k)]
                 del blks[k]
-                b[1] += nx[1]
+                size += nx[1]
                 nn = b[5] = nx[5]
                 if nn is not None:
                     nn[4] = b
-            k = b[1] << 56 | b[0]
+            b[1] = size
+            k = b[6] = size << 56 | b[0]
             insort(keys, k)
             blks[k] = b
-        elif n == PHASE:
-            cur = phases.setdefault(str(key), [allocated, reserved])
-        elif n == RESET:
-            peak_alloc, peak_res = allocated, reserved
-            at_reset = reserved
-            phases = {k2: [0, 0] for k2 in phases}
-        elif n == PROBE:
-            probe.append(reserved)
-        elif n == EMPTY:
-            for keys, blks in ((keys_s, blk_s), (keys_l, blk_l)):
-                for k in [k for k in keys if blks[k][4] is None and blks[k][5] is None]:
-                    del keys[bisect_left(keys, k)]
-                    reserved -= blks.pop(k)[1]
-                    segments -= 1
+        else:
+            # a marker: what the mallocs since the last one reached goes into the peaks first
+            if top:
+                if top > peak_alloc:
+                    peak_alloc = top
+                if cur is not None:
+                    if top > cur[0]:
+                        cur[0] = top
+                    if reserved > cur[1]:
+                        cur[1] = reserved
+                top = 0
+            if n == PHASE:
+                cur = phases.setdefault(str(key), [allocated, reserved])
+            elif n == RESET:
+                peak_alloc, peak_res = allocated, reserved
+                at_reset = reserved
+                phases = {k2: [0, 0] for k2 in phases}
+            elif n == PROBE:
+                probe.append(reserved)
+            elif n == EMPTY:
+                for keys in (keys_s, keys_l):
+                    for k in [k for k in keys if blks[k][4] is None and blks[k][5] is None]:
+                        del keys[bisect_left(keys, k)]
+                        reserved -= blks.pop(k)[1]
+                        segments -= 1
+    if top:
+        if top > peak_alloc:
+            peak_alloc = top
+        if cur is not None:
+            if top > cur[0]:
+                cur[0] = top
+            if reserved > cur[1]:
+                cur[1] = reserved
     return AllocStats(peak_alloc, peak_res, segments,
                       tuple(ReservedPhase(k2, v[0], v[1]) for k2, v in phases.items() if v[1]), at_reset)
 
