@@ -491,6 +491,7 @@ def _simulate_segments(events: Iterable[tuple[object, int]], max_split: int, pro
     top = 0  # the largest `allocated` after a malloc since the last marker (0: no malloc since)
     phases: dict[str, list[int]] = {}
     cur: list[int] | None = None
+    b: Any  # a block, or None while none is found
     for key, n in events:
         if n >= 0:
             if n > small_size:
