@@ -114,3 +114,36 @@ def test_console_script_help_is_fast_and_imports_no_torch() -> None:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vramplan", "--help"], capture_output=True, check=True)
     assert time.perf_counter() - t0 < 5  # generous: this is a smoke check; benchmarks/ holds the target
+
+
+def _parsed(argv: list[str], command: str | None) -> tuple[object, str, str]:
+    """What ``build_parser(command)`` makes of ``argv``: the namespace (handlers by name) or the exit; the output."""
+    import contextlib
+    import io
+
+    from vramplan.cli import build_parser
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ns = vars(build_parser(command).parse_args(argv))
+            result: object = {k: getattr(v, "__qualname__", v) for k, v in ns.items()}
+        except SystemExit as exc:
+            result = ("exit", exc.code)
+    return result, out.getvalue(), err.getvalue()
+
+
+def test_parser_of_one_command_parses_as_the_whole_parser() -> None:
+    """main builds the flags of the command it runs only (the others listed by name): the same namespaces, help
+    texts and errors as the parser of every command, for every command."""
+    from vramplan.cli import _command_of, build_parser
+
+    commands = list(next(a for a in build_parser()._actions if a.dest == "command").choices)
+    assert len(commands) >= 10
+    cases = [["--help"], ["--help", "estimate"], ["-h", "fit", "x"], ["--version"], [], ["nope", "x"],
+             ["estimate", "--bogus", "x"],
+             ["estimate", "llama-3.1-8b", "--json", "--gpus", "2", "--gpu", "h100", "--ctx", "100"],
+             ["fit", "llama-3.1-8b", "--gpu", "h100", "--task", "infer"], ["plan", "llama-3.1-8b", "--gpu", "h100"]]
+    cases += [[c, *tail] for c in commands for tail in ([], ["--help"], ["llama-3.1-8b"])]
+    for argv in cases:
+        assert _parsed(argv, _command_of(argv) or None) == _parsed(argv, None), argv

@@ -22,7 +22,8 @@ at the first matmul and kept.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from . import allocator as A
@@ -97,8 +98,8 @@ class _Stream:
         self._keys: dict[object, int] = {}
         self.opt_keys: set[int] = set()
         self._next = 1 << 40
-        self._codes: dict[int, tuple[list[tuple[int, int]], list[int], dict[int, int]]] = {}
-        self._plans: dict[tuple[object, ...], tuple[list[tuple[int, int]], list[int], list[int]]] = {}
+        self._codes: dict[int, tuple[list[tuple[int, int]], list[int], dict[int, int], list[tuple[int, int]]]] = {}
+        self._plans: dict[tuple[object, ...], _Plan] = {}
 
     def key(self, tag: object) -> int:
         """The integer key of a named tensor (a block's output, its gradient, a parameter)."""
@@ -136,23 +137,25 @@ class _Stream:
         info = self._codes.get(id(codes))
         if info is None:
             distinct = list(dict.fromkeys(c for c, _ in codes))
-            info = self._codes[id(codes)] = (codes, distinct, {c: i for i, c in enumerate(distinct)})
-        distinct = info[1]
-        special = (0, xk, yk, gxk, gyk)
-        keys = [special[-c] if c < 0 else base + c for c in distinct]
+            info = self._codes[id(codes)] = (codes, distinct, {c: i for i, c in enumerate(distinct)},
+                                             [(i, -c) for i, c in enumerate(distinct) if c < 0])
+        keys = list(map(base.__add__, info[1]))  # the block's own tensors: base + code
+        if info[3]:
+            special = (0, xk, yk, gxk, gyk)  # indexed by -code
+            for i, c in info[3]:
+                keys[i] = special[c]
         live = self.live
-        state = tuple([k in live for k in keys])
+        state = tuple(map(live.__contains__, keys))
         canon = None if len(set(keys)) == len(keys) else tuple([keys.index(k) for k in keys])
         memo_key = (id(codes), state, canon)
         plan = self._plans.get(memo_key)
         if plan is None:
-            plan = self._plans[memo_key] = _instance_plan(codes, info[2], state, canon)
-        kept, deleted, appended = plan
-        self.ev.extend([(keys[i], n) for i, n in kept])
-        for i in deleted:
+            plan = self._plans[memo_key] = _Plan(*_instance_plan(codes, info[2], state, canon))
+        self.ev.extend(zip(plan.kept_keys(keys), plan.kept_sizes, strict=True))
+        for i in plan.deleted:
             del live[keys[i]]
-        for i in appended:
-            live[keys[i]] = None
+        if plan.appended:
+            live.update(dict.fromkeys(plan.appended_keys(keys)))
 
     def alloc(self, key: object, n: int) -> None:
         """``add([(key, n)])``."""
@@ -170,6 +173,30 @@ class _Stream:
 
     def mark(self, phase: Phase) -> None:
         self.ev.append((phase.value, A.PHASE))
+
+
+def _picker(positions: list[int]) -> Callable[[list[int]], tuple[int, ...]]:
+    """A function that takes the items at ``positions`` of a list, as a tuple, in one call."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        i = positions[0]
+        return lambda keys: (keys[i],)
+    return lambda keys: ()
+
+
+class _Plan:
+    """:func:`_instance_plan`'s answer in the form :meth:`_Stream.add_instance` applies it: the kept events' keys
+    taken from an instance's key list in one call, and their sizes."""
+
+    __slots__ = ("appended", "appended_keys", "deleted", "kept_keys", "kept_sizes")
+
+    def __init__(self, kept: list[tuple[int, int]], deleted: list[int], appended: list[int]) -> None:
+        self.kept_keys = _picker([i for i, _ in kept])
+        self.kept_sizes = [n for _, n in kept]
+        self.deleted = deleted
+        self.appended = appended
+        self.appended_keys = _picker(appended)
 
 
 def _instance_plan(codes: list[tuple[int, int]], index: dict[int, int], state: tuple[bool, ...],
@@ -852,11 +879,11 @@ def _optimizer_step(st: _Stream, states: list[int], temps: list[int], step: int)
             k = st.key(("opt", j))
             st.opt_keys.add(k)
             st.alloc(k, n)
+    # ``st.alloc`` of each temporary, then ``st.free`` of each: the keys are fresh, so every one allocates and those
+    # of a positive size are live until their free (which leaves ``live`` as it was)
     tmp = st.fresh(len(temps))
-    for j, n in enumerate(temps):
-        st.alloc(tmp + j, n)
-    for j in range(len(temps)):
-        st.free(tmp + j)
+    st.ev.extend(zip(range(tmp, tmp + len(temps)), temps, strict=True))
+    st.ev.extend([(tmp + j, _FREE) for j, n in enumerate(temps) if n > 0])
 
 
 def _growing(spec: ModelSpec, num: Numerics, b: int, s: int, layer: int, kept: list[tuple[int, int]]) -> list[int]:

@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn, cast
 
 from .._argtypes import non_negative_float
 from ..errors import VramplanError
@@ -45,12 +46,55 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """Stands for the parser of a command this run does not parse (:class:`_Commands`): takes every flag and keeps
+    none."""
+
+    _actions: ClassVar[tuple[argparse.Action, ...]] = ()  # (the flag checks of add_gguf_flags, add_time_flags)
+    _option_string_actions: ClassVar[Mapping[str, argparse.Action]] = MappingProxyType({})
+
+    def __getattr__(self, name: str) -> Any:
+        return self._take
+
+    def _take(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+
+class _Commands:
+    """The parser's subcommands, each added with its flags; with ``only``, that command alone gets its parser and
+    flags, and the others are listed by name and help (what ``vramplan --help`` and an ``invalid choice`` error
+    show), as ``argparse._SubParsersAction.add_parser`` lists them, without a parser (argparse takes ~0.5 ms to make
+    one and the ~440 flags of all commands ~15 ms more: a third of a ``vramplan estimate`` run's own time)."""
+
+    def __init__(self, action: Any, only: str | None) -> None:
+        self.action, self.only = action, only
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if self.only is None or name == self.only:
+            parser: argparse.ArgumentParser = self.action.add_parser(name, **kwargs)
+            return parser
+        if "help" in kwargs:
+            self.action._choices_actions.append(self.action._ChoicesPseudoAction(name, (), kwargs["help"]))
+        unbuilt: Any = _Unbuilt()
+        self.action._name_parser_map[name] = unbuilt
+        return cast(argparse.ArgumentParser, unbuilt)
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The command an argument list runs: its first word that is not an option (the top-level parser's options,
+    ``--help`` and ``--version``, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``vramplan`` parser; with ``command``, only that command's flags (the others are listed by name): what
+    :func:`main` parses with."""
     p = _Parser(prog="vramplan", description="Will this model fit, for this job, on this hardware? "
                                              "GPU memory for training, fine-tuning and inference.")
     p.add_argument("--version", action="version", version="%(prog)s 0.1.0")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+    action = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    action.required = True
+    sub = _Commands(action, command)
 
     e = sub.add_parser("estimate", help="peak GPU memory of one workload, by kind and by phase")
     e.add_argument("model", metavar="MODEL", help="catalog name (vramplan models), HF id, or path to a config.json")
@@ -228,7 +272,8 @@ def _cmd_gpus(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(_command_of(args) or None).parse_args(args)
     if getattr(ns, "task", None) == "finetune" and ns.command != "plan":
         ns.task = "train"  # one vocabulary (plan's): fine-tuning is a training step; --method says what trains
     try:
