@@ -393,7 +393,8 @@ def _trainable(w: Workload, params: list[tuple[str, int]], adapters: list[int], 
 def _stepped(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], first_trainable: int) -> list[int]:
     """The trainable tensors the optimizer's step updates: those with a gradient. The layers the forward skips
     (``spec.idle_layers``) make none, and torch's optimizers pass over a parameter whose ``grad`` is None
-    (torch/optim/adamw.py ``_init_group``: ``if p.grad is None: continue``), so their step temporaries skip them."""
+    (torch/optim/adam.py ``_init_group``, which AdamW inherits: only ``if p.grad is not None`` is a state created or
+    a tensor stepped), so the first step creates no state for them and the step's temporaries skip them."""
     if w.uses_adapters:
         return [n for i, layer in enumerate(_adapters_by_layer(spec, w)) if i not in spec.idle_layers for n in layer]
     idle = {f"layer{i}" for i in spec.idle_layers}
@@ -715,9 +716,9 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     head_kept = [head.local[id(t)] for t in ht.tensors if t.keep and id(t) in head.local]
     tied_code = head.local.get(("p", hash("embed"))) if et.sum_is_grad else None
 
-    opt_states, opt_temps = ([], []) if hooks else _optimizer(w.optimizer, train_sizes, states)
-    if spec.idle_layers and not hooks:  # the states exist for every trainable tensor (the trace creates them so)
-        opt_temps = _optimizer(w.optimizer, _stepped(spec, w, params, first), states)[1]
+    # the first step creates the state of the tensors with a gradient, in their order, and steps only them
+    opt_states, opt_temps = ([], []) if hooks else _optimizer(
+        w.optimizer, _stepped(spec, w, params, first) if spec.idle_layers else train_sizes, states)
     fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
     L = len(order)  # the layers the forward runs; y(k) is the output of the k-th of them
     first_saves_x = groups[order[0][1]][7] if groups else True

@@ -507,10 +507,15 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
     if prec.is_amp and training:
         master, weights = weights, 0
         notes.append("AMP: fp32 parameters (master weights); autocast's 16-bit weight copies count as weights")
-    # parameters of layers the forward skips (spec.idle_layers) get no gradient: none is allocated and the foreach
-    # step skips them (their optimizer state is counted as for every trainable parameter, as the trace creates it)
+    # parameters of layers the forward skips (spec.idle_layers) and of modules it never calls (spec.idle_params) get
+    # no gradient: none is allocated, and the optimizer neither creates their state in its first step nor steps them
+    # (torch/optim/adam.py _init_group, which AdamW inherits, and sgd.py, _adafactor.py, _muon.py: a parameter whose
+    # grad is None is passed over; bitsandbytes optim/optimizer.py Optimizer8bit.step and GaLore's/APOLLO's AdamW
+    # `continue` past it before their lazy state init)
     idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and \
         (spec.idle_layers or spec.idle_params) else 0
+    if idle:
+        tensor_sizes = _stepped_sizes(spec, counts, w, tensor_sizes, trainable_layers, adapters - saved_copies - idle)
     grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:
@@ -518,9 +523,8 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
             matrices, others = _matrices(spec, counts, w, tensor_sizes)
             state, temp, note = _matrix_optimizer_bytes(w.optimizer, w, train_elem, matrices, others)
         else:
-            state, temp, note = _optimizer_bytes(w.optimizer, trainable - saved_copies, train_elem, tensor_sizes)
-            if idle:
-                temp = _optimizer_bytes(w.optimizer, trainable - saved_copies - idle, train_elem, tensor_sizes)[1]
+            state, temp, note = _optimizer_bytes(w.optimizer, trainable - saved_copies - idle, train_elem,
+                                                 tensor_sizes)
             if saved_copies:
                 per = saved_copies // len(set(w.lora_modules_to_save))
                 s2, t2, _ = _optimizer_bytes(w.optimizer, saved_copies, copy_elem,
@@ -567,6 +571,22 @@ def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable
         (spec.idle_params if w.method is Method.FULL else 0)
 
 
+def _stepped_sizes(spec: ModelSpec, counts: ParamCounts, w: Workload, tensor_sizes: Counter[int],
+                   trainable_layers: int, adapters: int) -> Counter[int]:
+    """``tensor_sizes`` less the tensors of the layers the forward skips (spec.idle_layers), which get no gradient
+    and so no optimizer state: their weights (full fine-tuning, freeze), or the adapters spread as the adapters'
+    sizes are (``adapters``: the adapter elements that do get a gradient)."""
+    if w.uses_adapters:
+        r4 = w.lora_rank * 4096
+        return Counter({r4: max(1, adapters // r4)})
+    first = spec.num_layers - trainable_layers
+    out = Counter(tensor_sizes)
+    for i in spec.idle_layers:
+        if first <= i < spec.num_layers:
+            out.subtract(_count_tensor_sizes(spec, counts, range(i, i + 1), embed=False, head=False))
+    return +out
+
+
 def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
               tensor_sizes: Mapping[int, int]) -> tuple[list[tuple[int, int]], list[int]]:
     """(out, in) of the trainable 2-D weights of the decoder layers, and the sizes of every other trainable tensor.
@@ -578,6 +598,8 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
         from .params import layer_linears
 
         for i in range(spec.num_layers):
+            if i in spec.idle_layers:  # no gradient (memory.model_states)
+                continue
             for name, fin, fout, n in layer_linears(spec, i):
                 if name in targets:
                     mats += [(r, fin), (fout, r)] * n
@@ -586,8 +608,8 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
     L = spec.num_layers
     first = 0 if w.method is Method.FULL else L - min(L, w.trainable_layers if w.trainable_layers is not None
                                                       else max(1, L // 4))
-    mats = [(fout, fin) for layer in counts.layers[first:] for _, fin, fout, n in layer.linear_shapes
-            for _ in range(n)]
+    mats = [(fout, fin) for i, layer in enumerate(counts.layers) if i >= first and i not in spec.idle_layers
+            for _, fin, fout, n in layer.linear_shapes for _ in range(n)]
     rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
     sizes = {a * b for a, b in mats}
     return mats, [n for n, k in tensor_sizes.items() if n not in sizes for _ in range(k)] if rest > 0 else []

@@ -666,6 +666,7 @@ class _TowerRun:
 
     deep: int  # DeepStack levels the tower makes
     idle: int  # parameters of DeepStack mergers whose level the language model never adds
+    idle_sizes: tuple[int, ...]  # their tensors' element counts (no gradient, so no optimizer state)
     params: int
     trainable: int
     sizes: tuple[int, ...]  # the trainable tensors' element counts
@@ -692,9 +693,9 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
     # (nor to the mergers of indexes past the tower's depth, which never run)
     used = min(len(deep), text_layers)
     ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle = sum(sum(L.param_tensors[n]) for j in range(len(t.deepstack)) if j not in ran[:used]
-               for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
-               if n in L.trainable_names) if num.training else 0
+    idle_sizes = tuple(x for j in range(len(t.deepstack)) if j not in ran[:used]
+                       for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
+                       if n in L.trainable_names for x in L.param_tensors[n]) if num.training else ()
     outs = [feats, *deep]
     if t.projector == "qwen_merger":
         # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
@@ -706,7 +707,7 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
     fwd = replay_forward(L, ZERO)
     kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
     bpeak = replay_backward(L, fwd, outs, param_grads_exist=accumulating)[0].kinds if graph else ()
-    return _TowerRun(len(deep), idle, L.parameters, L.trainable_parameters,
+    return _TowerRun(len(deep), sum(idle_sizes), idle_sizes, L.parameters, L.trainable_parameters,
                      tuple(L.trainable_tensor_sizes()) if num.training and L.trainable_parameters else (), kept,
                      fwd.peak.kinds, fwd.end.kinds, bpeak, sum(f.nbytes for f in outs))
 
@@ -758,10 +759,11 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     grads = (trainable - idle) * pbytes if trainable else 0
     state = temp = 0
     if trainable:
+        # the optimizer creates state for, and steps, the parameters that have a gradient (torch/optim/adam.py
+        # _init_group passes over grad None): not the idle mergers
         sizes = Counter(tower.sizes)
-        state, _, _ = _optimizer_bytes(w.optimizer, trainable, pbytes, sizes)
-        # the step's foreach temporaries cover the parameters that have a gradient (AdamW skips grad None)
-        _, temp, _ = _optimizer_bytes(w.optimizer, trainable - idle, pbytes, sizes)
+        sizes.subtract(tower.idle_sizes)
+        state, temp, _ = _optimizer_bytes(w.optimizer, trainable - idle, pbytes, +sizes)
     states_fb = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state,
                       K.GRADIENTS: grads if accumulating else 0})
     states_step = _vec({K.WEIGHTS: weights, K.MASTER_WEIGHTS: master, K.OPTIMIZER_STATE: state + temp,

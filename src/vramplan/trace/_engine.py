@@ -575,7 +575,7 @@ def _train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
             out = model(input_ids=ids, labels=ids, **extra)
         tracker.region = MemoryKind.LOGITS_LOSS
         traced_backward(out.loss, params, tracker)
-    traced_step(opt, tracker)
+    traced_step(opt, params, tracker)
     del out
     tracker.set_phase(None)
 

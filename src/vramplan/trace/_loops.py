@@ -100,6 +100,38 @@ def create_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter
     mark_optimizer_state(opt, tracker)
 
 
+def drop_state_without_grad(opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
+    """After the traced step's backward: the parameters backward gave no gradient (a layer the forward skips, a
+    module it never calls) get no optimizer state in a real run. torch's optimizers create a parameter's state in
+    its first ``step()`` and only for a parameter whose ``grad`` is not None (torch/optim/adam.py ``_init_group``,
+    which AdamW inherits; sgd.py, _adafactor.py, _muon.py alike; bitsandbytes' ``Optimizer8bit.step``), so the state
+    :func:`create_optimizer_state` made for every trainable parameter is taken back for those: out of the optimizer,
+    out of every phase peak recorded since (it was live through all of them) and out of the state-creating events
+    (``harness_stream`` allocates the rest where the first step's ``optimizer.step()`` begins, in creation order,
+    which is the parameters' order as in ``_init_group``)."""
+    idle = [p for p in params if p.grad is None]
+    if not idle:
+        return
+    tensors: list[torch.Tensor] = []
+    for o in (opt, *getattr(opt, "parts", ())):
+        for p in idle:
+            state = o.state.pop(p, None)
+            if state:
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    keys = tracker.retract(tensors)
+    del tensors
+    ev = tracker.events
+    i0 = next(i for i, e in enumerate(ev) if e == (OPT_STATE_BEGIN, MARK))
+    i1 = next(i for i in range(i0, len(ev)) if ev[i] == (OPT_STATE_END, MARK))
+    drop: set[int] = set()
+    for i in range(i1 - 1, i0, -1):  # the latest allocation of a key in the creating step is the live state's
+        k, n = ev[i]
+        if n >= 0 and isinstance(k, int) and k in keys:
+            keys.discard(k)
+            drop.add(i)
+    tracker.events = [e for i, e in enumerate(ev) if i not in drop]
+
+
 def mark_optimizer_state(opt: torch.optim.Optimizer, tracker: MemoryTracker) -> None:
     tracker.mark([v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
                  MemoryKind.OPTIMIZER_STATE)
@@ -114,8 +146,10 @@ def traced_backward(loss: torch.Tensor, params: list[nn.Parameter], tracker: Mem
     tracker.mark([p.grad for p in params if p.grad is not None], MemoryKind.GRADIENTS)
 
 
-def traced_step(opt: torch.optim.Optimizer, tracker: MemoryTracker) -> None:
-    """measure.py's ``optimizer.step()`` then ``zero_grad(set_to_none=True)`` as the optimizer-step phase."""
+def traced_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], tracker: MemoryTracker) -> None:
+    """measure.py's ``optimizer.step()`` then ``zero_grad(set_to_none=True)`` as the optimizer-step phase (the
+    state of a parameter backward gave no gradient taken back first: :func:`drop_state_without_grad`)."""
+    drop_state_without_grad(opt, params, tracker)
     tracker.where = "optimizer.step"
     tracker.set_phase(Phase.OPTIMIZER_STEP)
     opt.step()
@@ -303,6 +337,7 @@ def hf_train_loop(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     if offload is not None:
         notes.append(f"activation offloading: {offload.host / 2**30:.3f} GiB of saved tensors went to the host "
                      "per micro-batch")
+    drop_state_without_grad(opt, params, tracker)
     tracker.where = "optimizer.step"
     tracker.set_phase(Phase.OPTIMIZER_STEP)
     trainer._clip_grad_norm(model)

@@ -345,6 +345,26 @@ class MemoryTracker(TorchDispatchMode):
                 if rec is not None:
                     rec.kind = kind
 
+    def retract(self, tensors: Iterable[Any]) -> set[int]:
+        """Take back storages that have been live since before the phases now recorded and never should have been:
+        they leave the live set and every recorded peak (a constant under every moment of those phases, so each
+        peak stays where it was, lower by their bytes). Returns their keys (the caller edits the event list)."""
+        gone: dict[int, _Rec] = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                key = t.untyped_storage()._cdata
+                rec = self.live.pop(key, None)
+                if rec is not None:
+                    gone[key] = rec
+                    self.current -= rec.nbytes
+        ids = {id(r) for r in gone.values()}
+        for mark in self.peaks.values():
+            kept = [r for r in mark.recs if id(r) not in ids]
+            if len(kept) != len(mark.recs):
+                mark.bytes -= sum(r.nbytes for r in mark.recs if id(r) in ids)
+                mark.recs = kept
+        return set(gone)
+
     def _register(self, t: torch.Tensor) -> _Rec | None:
         if t.device.type == "meta":
             return None

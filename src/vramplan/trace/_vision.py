@@ -493,7 +493,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Pa
         loss = F.mse_loss(noise.float(), target.float())
         del noise
     traced_backward(loss, params, tracker)
-    traced_step(opt, tracker)
+    traced_step(opt, params, tracker)
     del pred, loss
     tracker.set_phase(None)
 
