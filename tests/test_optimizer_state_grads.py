@@ -83,3 +83,22 @@ def test_optimizer_state_is_what_the_first_step_creates(case: str) -> None:
     assert _state_at_forward(est) == sum(v.nbytes for v in state if v.dim() > 0)
     assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.01)
 
+
+
+@pytest.mark.parametrize("case", ["full", "lora", "freeze", "sgd"])
+def test_allocation_stream_creates_the_state_the_estimate_counts(case: str) -> None:
+    """The first step of the allocation stream (what is reserved) creates the state tensors of the parameters with
+    a gradient, in their order: as many bytes as the estimate's optimizer state, none for the idle layer."""
+    from vramplan.alloc_stream import _adapters, _optimizer, _param_tensors, _stepped, _trainable
+    from vramplan.estimator import _first_trainable
+    from vramplan.memory import model_states
+
+    spec = spec_from_config(MLLAMA, "mllama")
+    w = make_workload(batch_size=2, seq_len=128, **CASES[case])
+    states = model_states(spec, w)
+    params = _param_tensors(spec, w, states)
+    first = _first_trainable(spec, w, states)
+    stepped = _stepped(spec, w, params, first)
+    created = _optimizer(w.optimizer, stepped, states)[0]
+    assert sum(created) == states.optimizer_state
+    assert sum(stepped) < sum(_trainable(w, params, _adapters(spec, w), first))  # the idle layer's tensors left out

@@ -398,7 +398,12 @@ def _stepped(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], first_
     if w.uses_adapters:
         return [n for i, layer in enumerate(_adapters_by_layer(spec, w)) if i not in spec.idle_layers for n in layer]
     idle = {f"layer{i}" for i in spec.idle_layers}
-    return [n for g, n in params if _base_trains(w, g, first_trainable) and g not in idle]
+    out = [n for g, n in params if _base_trains(w, g, first_trainable) and g not in idle]
+    if spec.idle_params and w.method is Method.FULL and params and params[0][0] == "embed":
+        # the idle parameters outside the layers' modules (Mllama's cross-attention norms and gates, DeepSeek-V4's
+        # indexers) are counted in the embedding's tensor (params.count_params: extra_params)
+        out[0] = max(0, out[0] - spec.idle_params * w.precision.param_bytes)
+    return out
 
 
 def _optimizer(opt: Optimizer, sizes: list[int], states: ModelStates) -> tuple[list[int], list[int]]:
@@ -718,7 +723,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     # the first step creates the state of the tensors with a gradient, in their order, and steps only them
     opt_states, opt_temps = ([], []) if hooks else _optimizer(
-        w.optimizer, _stepped(spec, w, params, first) if spec.idle_layers else train_sizes, states)
+        w.optimizer, _stepped(spec, w, params, first) if spec.idle_layers or spec.idle_params else train_sizes, states)
     fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
     L = len(order)  # the layers the forward runs; y(k) is the output of the k-th of them
     first_saves_x = groups[order[0][1]][7] if groups else True
