@@ -273,8 +273,9 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
 
 
 def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
-    """The harness's 4-bit model (``measure.py`` ``to_4bit``, ``vramplan measure``), when that is how ``w`` is
-    built: True if the events were emitted.
+    """The 4-bit model (bitsandbytes NF4 quantized on load), when that is how ``w`` is built: True if the events
+    were emitted. ``w.load`` "config" is the harness (``measure.py`` ``to_4bit``, ``vramplan measure``), below;
+    the other loads are :func:`_bnb_from_pretrained`.
 
     ``from_config`` builds every weight in 16 bits on the device (a tied head also makes and drops its own
     weight); then each decoder ``nn.Linear`` becomes a bitsandbytes ``Linear4bit`` in module order:
@@ -284,6 +285,9 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     other 16-bit parameter to fp32 (``param.data = param.data.to(torch.float32)``), one at a time."""
     if w.base_quant is not WeightsQuant.NF4 or w.precision.param_bytes != 2 or spec.quantization is not None:
         return False
+    if w.load != "config":
+        _bnb_from_pretrained(st, spec, w)
+        return True
     counts = count_params(spec)
     dense = 2
     h = spec.hidden_size
@@ -323,12 +327,142 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
         st.alloc(st.key(("qc", k)), cb)
         st.free(k)
     st.ev.append((None, A.EMPTY))
+    _kbit_prepare(st, w, others)
+    return True
+
+
+def _kbit_prepare(st: _Stream, w: Workload, others: list[int]) -> None:
+    """peft's ``prepare_model_for_kbit_training`` for QLoRA: each 16-bit tensor that stayed unquantized (``others``,
+    in parameter order) cast to fp32 one at a time (``param.data = param.data.to(torch.float32)``)."""
     if w.method is Method.QLORA and w.is_train:
         for k in others:
             n = next(n for kk, n in st.ev if kk == k and n > 0)
             st.alloc(st.key(("fp32", k)), 2 * n)
             st.free(k)
-    return True
+
+
+# How the weights reach the GPU (Workload.load). What is allocated in the end is the same; what the caching
+# allocator has reserved, and how it is split, differs.
+LOADS = ("config", "device-map", "to-device")
+
+
+def load_note(spec: ModelSpec, w: Workload) -> str:
+    """The assumption line for ``w.load``."""
+    nf4 = w.base_quant is WeightsQuant.NF4 and w.precision.param_bytes == 2 and spec.quantization is None
+    if w.load == "config":
+        return ("weights built by from_config on the device, one tensor at a time (the calibration harness)"
+                + ("; a tied head's own weight made and dropped" if untied_head_bytes(spec, w) else "")
+                + ("; the linears then quantized to 4 bits and the cache emptied" if nf4 else ""))
+    if nf4:
+        return ("weights from_pretrained with bitsandbytes 4-bit: its quantizer sets device_map to the current GPU "
+                "when none is given; the caching-allocator warm-up block (the checkpoint's bytes, 4-bit linears "
+                "at half a byte an element), then each tensor in checkpoint-key order, every linear loaded in "
+                "16 bits and quantized on the GPU (transformers core_model_loading, integrations/bitsandbytes.py)")
+    if w.load == "device-map":
+        return ("weights from_pretrained(..., device_map=...): transformers' caching_allocator_warmup allocates and "
+                "frees one block of the checkpoint's bytes (a tied head once), then each tensor is copied in "
+                "checkpoint-key order (modeling_utils.py, core_model_loading.py; experts merged on load not "
+                "modelled: their per-expert copies are transients of the load, whose cached blocks later requests "
+                "reuse)")
+    return ("weights from_pretrained on the CPU, then model.to('cuda') (the HF Trainer's _move_model_to_device): "
+            "one tensor per parameter in module order, a tied head once"
+            + ("; peft's adapters moved with their layers" if w.uses_adapters and w.is_train else ""))
+
+
+def _warmup(st: _Stream, nbytes: int) -> None:
+    """transformers ``caching_allocator_warmup`` (modeling_utils.py): ``torch.empty(byte_count // 2,
+    dtype=float16)`` on the device, dropped when the function returns; its block stays cached for the tensors that
+    follow. (The cap at the device's free memory less 1.2 GiB is not modelled: a model that large does not fit.)"""
+    if nbytes >= 2:
+        st.alloc(st.key("warmup"), nbytes // 2 * 2)
+        st.free(st.key("warmup"))
+
+
+def _bnb_from_pretrained(st: _Stream, spec: ModelSpec, w: Workload) -> None:
+    """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` of a 16-bit checkpoint
+    (transformers 5.25): the warm-up block sized by ``get_total_byte_count`` (quantized linears at the quantizer's
+    ``quantized_element_size``, 0.5 byte; every other tensor at its size; a tied head once), then, loading
+    synchronously (on-the-fly quantization turns the thread pool off: ``convert_and_load_state_dict_in_model``),
+    each checkpoint tensor in ``dot_natural_key`` order: a linear's weight arrives in 16 bits on the GPU and
+    ``Bnb4bitQuantize`` makes ``Params4bit(...).to(device)`` of it (packed weight and constants) before the 16-bit
+    copy dies. No ``empty_cache``. QLoRA then runs peft's fp32 casts (:func:`_kbit_prepare`)."""
+    counts = count_params(spec)
+    dense = 2
+    h = spec.hidden_size
+    others: list[int] = []  # 16-bit tensors that stay unquantized, in load order
+    plan: list[tuple[object, int, int]] = []  # (tag, 16-bit bytes, out_features of a quantized linear or 0)
+
+    def keep(tag: object, n: int) -> None:
+        plan.append((tag, n, 0))
+
+    if counts.lm_head:
+        keep("lm_head", counts.lm_head * dense)  # "lm_head.weight" sorts first
+    keep("embed", counts.embedding * dense)
+    for i in range(spec.num_layers):
+        layer = counts.layers[i]
+        norms = max(1, layer.norm // h) if layer.norm else 0
+        for j in range(norms):
+            keep((i, "norm", j), layer.norm * dense // norms)
+        if layer.bias:
+            keep((i, "bias"), layer.bias * dense)
+        named = attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)
+        # checkpoint keys sort the MLP ("mlp.*") before attention ("self_attn.*"), each by name
+        mlp_names = {name for name, *_ in mlp_linears(spec, i in spec.moe_layers)}
+        for j, (name, fin, fout, n) in sorted(enumerate(named), key=lambda t: (t[1][0] not in mlp_names, t[1][0])):
+            for e in range(n):
+                if name == "router":
+                    keep((i, j, e), fin * fout * dense)
+                else:
+                    plan.append(((i, j, e), fin * fout * dense, fout))
+    if counts.final_norm:
+        keep("final_norm", counts.final_norm * dense)
+    _warmup(st, sum(n // 4 if fout else n for _, n, fout in plan))  # quantized: numel / 2 = 16-bit bytes / 4
+    for tag, n, fout in plan:
+        k = st.key(("build", tag))
+        st.alloc(k, n)
+        if not fout:
+            others.append(k)
+            continue
+        wb, cb = quantized_linear_bytes(n // dense, fout, w.base_quant, w.uses_double_quant)
+        st.alloc(st.key(("q", k)), wb)
+        st.alloc(st.key(("qc", k)), cb)
+        st.free(k)
+    _kbit_prepare(st, w, others)
+
+
+def _build_weights(st: _Stream, spec: ModelSpec, w: Workload, params: list[tuple[str, int]],
+                   adapters: list[int]) -> None:
+    """The weights (``params``: :func:`_param_tensors`) and peft's adapters (``adapters``, flat, layer by layer) on
+    the device as ``w.load`` puts them there, under the keys the step's events refer to (``("param", j)``,
+    ``("adapter", j)``)."""
+    if _bnb_build(st, spec, w):
+        pass
+    elif w.load == "config":
+        for j, (_, n) in enumerate(params):
+            st.alloc(st.key(("param", j)), n)
+        _untied_head(st, spec, w)
+    elif w.load == "device-map":
+        _warmup(st, sum(n for _, n in params))
+        order = list(range(len(params)))
+        if count_params(spec).lm_head:  # "lm_head.weight" sorts before "model.*"
+            order = [order[-1], *order[:-1]]
+        for j in order:
+            st.alloc(st.key(("param", j)), params[j][1])
+    else:  # to-device: Module._apply in module order; a get_peft_model'ed model moves its adapters with their layers
+        by_layer = _adapters_by_layer(spec, w) if adapters else []
+        a = 0
+        for j, (group, n) in enumerate(params):
+            st.alloc(st.key(("param", j)), n)
+            nxt = params[j + 1][0] if j + 1 < len(params) else None
+            if group.startswith("layer") and nxt != group and by_layer:
+                for m in by_layer[int(group[5:])]:
+                    st.alloc(st.key(("adapter", a)), m)
+                    a += 1
+        for j in range(a, len(adapters)):
+            st.alloc(st.key(("adapter", j)), adapters[j])
+        return
+    for j, n in enumerate(adapters):
+        st.alloc(st.key(("adapter", j)), n)
 
 
 def untied_head_bytes(spec: ModelSpec, w: Workload) -> int:
@@ -621,12 +755,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     if hooks is not None:
         hooks.build(st)
     else:
-        if not _bnb_build(st, spec, w):
-            for j, (_, n) in enumerate(params):
-                st.alloc(st.key(("param", j)), n)
-            _untied_head(st, spec, w)
-        for j, n in enumerate(adapters):
-            st.alloc(st.key(("adapter", j)), n)
+        _build_weights(st, spec, w, params, adapters)
     first = _first_trainable(spec, w, states)
     train_sizes = _trainable(w, params, adapters, first)
     if ddp:  # peft's fp32 adapters are a dtype of their own: broadcast in buckets of their own
@@ -913,10 +1042,7 @@ def infer_events(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
 
     b, s = w.batch_size, w.seq_len
     st = _Stream()
-    if not _bnb_build(st, spec, w):
-        for j, (_, n) in enumerate(_param_tensors(spec, w, states)):
-            st.alloc(st.key(("param", j)), n)
-        _untied_head(st, spec, w)
+    _build_weights(st, spec, w, _param_tensors(spec, w, states), [])
     st.alloc(st.key("ids"), b * s * 8)
     st.ev.append((None, A.RESET))
     st.mark(Phase.PREFILL)

@@ -35,7 +35,7 @@ LAYOUT_OPTIONS = ("gpus", "nodes", "zero", "fsdp", "tp", "pp", "ep", "micro_batc
 IMAGE_OPTIONS = ("resolution", "pipeline")  # workload options only image models take
 # Language-model options an image model has no use for: refused unless left at the Workload default.
 _LANGUAGE_ONLY = ("seq_len", "new_tokens", "logits", "lora_alpha", "lora_dropout", "trainable_layers", "images",
-                  "image_size", "freeze_vision", "text_only", "ssm_kernel", "hub_kernels")
+                  "image_size", "freeze_vision", "text_only", "ssm_kernel", "hub_kernels", "load")
 
 
 def make_workload(**options: Any) -> Workload:

@@ -819,6 +819,8 @@ def reserve_note(spec: ModelSpec, w: Workload, replay: bool) -> str:
 
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = True) -> Estimate:
+    from .alloc_stream import load_note
+
     states, num, phases, host = _phases(spec, w)
     replay = replay and replays(spec)
     alloc = reserved_stats(spec, w, states, num) if replay else None
@@ -835,6 +837,7 @@ def _estimate_cached(spec: ModelSpec, w: Workload, name: str, replay: bool = Tru
                                               if w.attention is Attention.SDPA else "")),
         f"cuBLAS workspace {2 if w.is_train else 1} x 32 MiB (Hopper default)",
         reserve_note(spec, w, replay),
+        *([load_note(spec, w)] if replay else []),
         *states.notes,
     ]
     if spec.norm_kernel:

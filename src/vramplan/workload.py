@@ -221,6 +221,10 @@ class Workload:
     # transformers' hub kernels (from_pretrained's default from transformers 5.25 on CUDA, use_kernels=True): the
     # RMSNorm classes decorated use_kernel_forward_from_hub("RMSNorm") run LigerRMSNorm (vramplan.data hub_kernels.json)
     hub_kernels: bool = False
+    # how the weights reach the GPU (what the caching allocator holds afterwards; vramplan.alloc_stream.LOADS):
+    # "config" from_config under torch.device("cuda") (the calibration harness, `vramplan measure`), "device-map"
+    # from_pretrained(..., device_map=...), "to-device" from_pretrained on the CPU then model.to("cuda") (the Trainer)
+    load: str = "config"
     alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the run (e.g. "expandable_segments:True")
     # the transformers release the run uses, where releases differ in what a family allocates (None: the installed
     # release, else the one the shipped programs and recipes model, MODELLED_TRANSFORMERS: default_transformers())
@@ -256,6 +260,8 @@ class Workload:
         if self.transformers is not None and (not isinstance(self.transformers, str) or
                                               not re.fullmatch(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?", self.transformers)):
             raise WorkloadError(f"transformers {self.transformers!r} is not a release number like 5.24 or 5.17.0")
+        if self.load not in ("config", "device-map", "to-device"):
+            raise WorkloadError(f"load {self.load!r} is not one of: config, device-map, to-device")
         if self.ssm_kernel not in ("fused", "torch"):
             raise WorkloadError(f"ssm_kernel {self.ssm_kernel!r} is not one of: fused, torch")
         if not isinstance(self.gradient_checkpointing, bool):

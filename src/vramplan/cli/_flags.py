@@ -57,6 +57,11 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="transformers' hub kernels, as from_pretrained loads them by default from transformers 5.25 "
                         "on CUDA: RMSNorm runs kernels-community's LigerRMSNorm (default: the PyTorch layers, "
                         "use_kernels=False / USE_HUB_KERNELS=0)")
+    g.add_argument("--load", choices=["config", "device-map", "to-device"], default="config",
+                   help="how the weights reach the GPU, which decides how the caching allocator lays them out: "
+                        "config = from_config on the device (the calibration harness), device-map = "
+                        "from_pretrained(..., device_map=...) (one warm-up block of the checkpoint's size), "
+                        "to-device = from_pretrained on the CPU, then model.to('cuda') (the HF Trainer's move)")
     g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
     g.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (no effect on memory)")
     g.add_argument("--lora-dropout", type=unit_interval, default=0.0,

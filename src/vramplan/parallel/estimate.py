@@ -395,4 +395,7 @@ def _warnings(spec: ModelSpec, w: Workload, layout: Layout) -> tuple[str, ...]:
     if w.is_train and layout.zero and w.optimizer.value == "adamw-8bit":
         out.append("DeepSpeed keeps fp32 optimizer states for its partition; 8-bit optimizers are not "
                    "what it runs by default")
+    if w.load != "config" and not _ddp_replica(layout, w):
+        out.append(f"--load {w.load} is modelled on one GPU and DDP replicas; this layout's ranks build their "
+                   "shards as their engine does")
     return tuple(out)

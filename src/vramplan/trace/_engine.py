@@ -376,6 +376,91 @@ def finish_estimate(tracker: MemoryTracker, *, name: str, workspaces: int, alloc
         reserved_phases=reserved.phases)
 
 
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """transformers core_model_loading ``dot_natural_key``: dotted parts, numbers by value before names."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def load_weights(model: torch.nn.Module, quant_modules: Sequence[Any], tracker: MemoryTracker,
+                 workload: Workload) -> None:
+    """Count the built model's weights in the order ``workload.load`` puts them on the GPU (the allocator replay
+    depends on it; what is allocated does not):
+
+    * ``config``: ``from_config`` on the device, parameter order, then the buffers (the calibration harness);
+    * ``device-map``: transformers' ``caching_allocator_warmup`` (one block of the state dict's bytes, a tied weight
+      once, 4-bit linears at half a byte an element, allocated and freed), then the state dict in
+      ``dot_natural_key`` order; a 4-bit linear arrives in 16 bits and is quantized on the GPU
+      (``Bnb4bitQuantize``) before the 16-bit copy dies; the non-persistent buffers last;
+    * ``to-device``: ``Module._apply`` (children first, then the module's own parameters and buffers), a tied weight
+      once. bitsandbytes 4-bit models load as ``device-map`` (its quantizer sets device_map when none is given).
+    """
+    quant = {id(m.weight): m for m in quant_modules}
+    load = "device-map" if workload.load == "to-device" and any(
+        type(m).__name__ == "EmulatedLinear4bit" for m in quant_modules) else workload.load
+
+    def adopt(t: torch.Tensor) -> None:
+        m = quant.get(id(t))
+        if m is None:
+            tracker.adopt(t, MemoryKind.WEIGHTS)
+            return
+        if load == "device-map" and type(m).__name__ == "EmulatedLinear4bit":
+            tracker.events.append((("load16", id(t)), m.in_features * m.out_features * 2))
+        tracker.adopt(t, MemoryKind.WEIGHTS)
+        for c in m.constants():
+            tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
+        if load == "device-map" and type(m).__name__ == "EmulatedLinear4bit":
+            tracker.events.append((("load16", id(t)), -1))
+
+    if load == "config":
+        for p in model.parameters():
+            tracker.adopt(p, MemoryKind.WEIGHTS)
+        for b in model.buffers():
+            tracker.adopt(b, MemoryKind.WEIGHTS)
+        for m in quant_modules:
+            for c in m.constants():
+                tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = getattr(head, "weight", None)
+        if not quant_modules and tied is not None and tied is getattr(embed, "weight", None):
+            # from_config on the device: the head's nn.Linear made its own weight before post_init tied it
+            # (alloc_stream.untied_head_bytes); quantizing ends with empty_cache, which returns that block
+            tracker.events.append((("untied_head",), tied.numel() * tied.element_size()))
+            tracker.events.append((("untied_head",), -1))
+        return
+    if load == "to-device":
+        seen: set[int] = set()
+
+        def walk(mod: torch.nn.Module) -> None:
+            for child in mod.children():
+                walk(child)
+            for t in [*mod._parameters.values(), *mod._buffers.values()]:
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    adopt(t)
+
+        walk(model)
+        return
+    # the state dict less the tied names (named_parameters keeps a tied weight under its first owner, the
+    # embedding: the checkpoint's key; get_total_byte_count skips all_tied_weights_keys)
+    tensors: dict[int, tuple[str, torch.Tensor]] = {}
+    persistent = set(model.state_dict(keep_vars=True))
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if key in persistent and id(t) not in tensors:
+            tensors[id(t)] = (key, t)
+    total = 0
+    for _, t in tensors.values():
+        m = quant.get(id(t))
+        total += (m.in_features * m.out_features // 2 if m is not None and type(m).__name__ == "EmulatedLinear4bit"
+                  else t.numel() * t.element_size())
+    if total >= 2:
+        tracker.events.append((("warmup",), total // 2 * 2))
+        tracker.events.append((("warmup",), -1))
+    for _, t in sorted(tensors.values(), key=lambda kt: _natural_key(kt[0])):
+        adopt(t)
+    for b in model.buffers():  # non-persistent buffers (rotary tables): built on the device after the load
+        tracker.adopt(b, MemoryKind.WEIGHTS)
+
+
 def run_trace(raw: Mapping[str, Any], workload: Workload, name: str, *, routing: str = "balanced") -> Estimate:
     import transformers
 
@@ -493,13 +578,12 @@ def _run_trace(raw: Mapping[str, Any], workload: Workload, name: str, routing: s
             assumptions.append(f"hub kernels: {liger_norms} RMSNorm module(s) run LigerRMSNorm's allocations "
                                "(kernels-community liger-kernels, as kernelize swaps it in on CUDA); rotary and "
                                "activation kernels not emulated")
-        for p in model.parameters():
-            tracker.adopt(p, MemoryKind.WEIGHTS)
-        for b in model.buffers():
-            tracker.adopt(b, MemoryKind.WEIGHTS)
-        for m in built.quant_modules:
-            for c in m.constants():
-                tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
+        load_weights(model, built.quant_modules, tracker, workload)
+        if workload.load != "config":
+            assumptions.append(f"weights placed as --load {workload.load} puts them: "
+                               + ("the warm-up block, then the state dict in checkpoint-key order"
+                                  if workload.load == "device-map" or built.quant_modules else
+                                  "module.to() order (children first), a tied weight once"))
         tracker.adopt(ids)
         for t in extra.values():
             tracker.adopt(t)

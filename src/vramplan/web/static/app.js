@@ -92,12 +92,17 @@ const LABELS = {
   lora_modules_to_save: ["modules to save", "embed_tokens,lm_head: trained full copies next to the adapters"],
   optimizer_rank: ["projection rank", "GaLore / APOLLO: rank of the projected gradient"],
   galore_update_gap: ["GaLore update gap", "steps between SVDs of the projection"],
+  load: ["weights loaded by", {
+    config: "from_config on the GPU, one tensor at a time (the calibration harness)",
+    "device-map": "from_pretrained(..., device_map=...): one warm-up block of the checkpoint's size, then each tensor",
+    "to-device": "from_pretrained on the CPU, then model.to('cuda') (the HF Trainer's move)",
+  }],
   hub_kernels: ["hub kernels", "transformers ≥ 5.25 from_pretrained's default on CUDA: RMSNorm runs Liger's kernel (saves its input and one fp32 value per row, not PyTorch's fp32 copies)"],
 };
 const GROUPS = {
   basic: ["method", "precision", "batch_size", "seq_len", "new_tokens"],
   advanced: ["optimizer", "gradient_checkpointing", "attention", "weights_quant", "logits", "gradient_accumulation",
-    "hub_kernels"],
+    "hub_kernels", "load"],
   adapters: ["lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_layers", "rslora",
     "lora_modules_to_save"],
   savers: ["trainer", "loss", "loss_chunk", "packing", "avg_seq_len", "checkpointing", "activation_offload",
