@@ -272,6 +272,13 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     return out
 
 
+def _fused_experts(name: str, n: int) -> bool:
+    """A transformers 5 MoE layer's fused 3-D expert stack (:func:`_param_tensors`): an ``nn.Parameter``, not an
+    ``nn.Linear``, so bitsandbytes leaves it in 16 bits (:meth:`vramplan.quant.Quantization.scheme_for`) and
+    ``prepare_model_for_kbit_training`` casts it to fp32 with the other unquantized tensors."""
+    return n > 1 and name.startswith("experts.")
+
+
 def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     """The 4-bit model (bitsandbytes NF4 quantized on load), when that is how ``w`` is built: True if the events
     were emitted. ``w.load`` "config" is the harness (``measure.py`` ``to_4bit``, ``vramplan measure``), below;
@@ -302,6 +309,9 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     for i in range(spec.num_layers):
         layer = counts.layers[i]
         for j, (name, fin, fout, n) in enumerate(attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)):
+            if _fused_experts(name, n):
+                keep((i, j), fin * fout * n * dense)
+                continue
             for e in range(n):
                 k = st.key(("build", i, j, e))
                 st.alloc(k, fin * fout * dense)
@@ -409,6 +419,9 @@ def _bnb_from_pretrained(st: _Stream, spec: ModelSpec, w: Workload) -> None:
         # checkpoint keys sort the MLP ("mlp.*") before attention ("self_attn.*"), each by name
         mlp_names = {name for name, *_ in mlp_linears(spec, i in spec.moe_layers)}
         for j, (name, fin, fout, n) in sorted(enumerate(named), key=lambda t: (t[1][0] not in mlp_names, t[1][0])):
+            if _fused_experts(name, n):
+                keep((i, j), fin * fout * n * dense)
+                continue
             for e in range(n):
                 if name == "router":
                     keep((i, j, e), fin * fout * dense)
