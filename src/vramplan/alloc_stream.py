@@ -33,7 +33,7 @@ from ._engine.step import CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE
 from ._engine.tape import Tape, Tensor
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
-from .memory import ModelStates, lora_targets, quantized_linear_bytes
+from .memory import ModelStates, effective_quantization, linear_scheme, lora_targets, quantized_linear_bytes
 from .params import attention_linears, count_params, mlp_linears
 from .spec import ATTENTION_MIXERS, ModelSpec
 from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
@@ -272,11 +272,39 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     return out
 
 
-def _fused_experts(name: str, n: int) -> bool:
-    """A transformers 5 MoE layer's fused 3-D expert stack (:func:`_param_tensors`): an ``nn.Parameter``, not an
-    ``nn.Linear``, so bitsandbytes leaves it in 16 bits (:meth:`vramplan.quant.Quantization.scheme_for`) and
-    ``prepare_model_for_kbit_training`` casts it to fp32 with the other unquantized tensors."""
-    return n > 1 and name.startswith("experts.")
+def _bnb_tensors(spec: ModelSpec, w: Workload) -> list[tuple[object, int, int, str]]:
+    """The tensors of a model that bitsandbytes 4-bit quantizes, in construction order: (tag, 16-bit elements,
+    out_features of a linear it quantizes or 0 for a tensor that stays in 16 bits, the module name for the
+    checkpoint-key order). Which linears are quantized is what the model states count
+    (:func:`vramplan.memory.linear_scheme`): every ``nn.Linear`` of the decoder layers (their own mixer's: attention,
+    Mamba, convolution) but the routers; a transformers 5 MoE layer's fused 3-D expert stack is an ``nn.Parameter``
+    and stays (one tensor). A layer's parameters beyond its linears, biases and norms (an SSM's ``A_log``, ``D``,
+    convolution) are one 16-bit tensor."""
+    counts = count_params(spec)
+    quantization = effective_quantization(spec, w)
+    h = spec.hidden_size
+    out: list[tuple[object, int, int, str]] = [("embed", counts.embedding, 0, "embed")]
+    for i, layer in enumerate(counts.layers):
+        linear = 0
+        for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
+            linear += fin * fout * n
+            quantized = quantization is not None and linear_scheme(spec, quantization, i, j, name) is not None
+            if not quantized and n > 1 and name.startswith("experts."):
+                out.append(((i, j), fin * fout * n, 0, name))
+            else:
+                out += [((i, j, e), fin * fout, fout if quantized else 0, name) for e in range(n)]
+        if layer.bias:
+            out.append(((i, "bias"), layer.bias, 0, "bias"))
+        norms = max(1, layer.norm // h) if layer.norm else 0
+        out += [((i, "norm", j), layer.norm // norms, 0, "norm") for j in range(norms)]
+        rest = layer.total - linear - layer.bias - layer.norm
+        if rest > 0:
+            out.append(((i, "rest"), rest, 0, "rest"))
+    if counts.final_norm:
+        out.append(("final_norm", counts.final_norm, 0, "final_norm"))
+    if counts.lm_head:
+        out.append(("lm_head", counts.lm_head, 0, "lm_head"))
+    return out
 
 
 def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
@@ -295,41 +323,18 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     if w.load != "config":
         _bnb_from_pretrained(st, spec, w)
         return True
-    counts = count_params(spec)
     dense = 2
-    h = spec.hidden_size
-    others: list[int] = []  # 16-bit tensors that stay unquantized, in parameter order
-
-    def keep(tag: object, n: int) -> None:
-        st.alloc(st.key(("build", tag)), n)
-        others.append(st.key(("build", tag)))
-
-    keep("embed", counts.embedding * dense)
+    others: list[tuple[int, int]] = []  # (key, bytes) of the 16-bit tensors that stay, in parameter order
     linears: list[tuple[int, int, int]] = []  # (key, numel, out_features)
-    for i in range(spec.num_layers):
-        layer = counts.layers[i]
-        for j, (name, fin, fout, n) in enumerate(attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)):
-            if _fused_experts(name, n):
-                keep((i, j), fin * fout * n * dense)
-                continue
-            for e in range(n):
-                k = st.key(("build", i, j, e))
-                st.alloc(k, fin * fout * dense)
-                if name == "router":
-                    others.append(k)
-                else:
-                    linears.append((k, fin * fout, fout))
-        if layer.bias:
-            keep((i, "bias"), layer.bias * dense)
-        norms = max(1, layer.norm // h) if layer.norm else 0
-        for j in range(norms):
-            keep((i, "norm", j), layer.norm * dense // norms)
-    if counts.final_norm:
-        keep("final_norm", counts.final_norm * dense)
-    if counts.lm_head:
-        keep("lm_head", counts.lm_head * dense)
-    elif spec.tie_word_embeddings:
-        st.alloc(st.key("untied_head"), spec.vocab_size * (spec.embed_proj_dim or h) * dense)
+    for tag, numel, fout, _ in _bnb_tensors(spec, w):
+        k = st.key(("build", tag))
+        st.alloc(k, numel * dense)
+        if fout:
+            linears.append((k, numel, fout))
+        else:
+            others.append((k, numel * dense))
+    if spec.tie_word_embeddings and not count_params(spec).lm_head:
+        st.alloc(st.key("untied_head"), spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * dense)
         st.free(st.key("untied_head"))
     for k, numel, fout in linears:
         wb, cb = quantized_linear_bytes(numel, fout, w.base_quant, w.uses_double_quant)
@@ -341,12 +346,11 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     return True
 
 
-def _kbit_prepare(st: _Stream, w: Workload, others: list[int]) -> None:
-    """peft's ``prepare_model_for_kbit_training`` for QLoRA: each 16-bit tensor that stayed unquantized (``others``,
-    in parameter order) cast to fp32 one at a time (``param.data = param.data.to(torch.float32)``)."""
+def _kbit_prepare(st: _Stream, w: Workload, others: list[tuple[int, int]]) -> None:
+    """peft's ``prepare_model_for_kbit_training`` for QLoRA: each 16-bit tensor that stayed unquantized (``others``:
+    key and bytes, in parameter order) cast to fp32 one at a time (``param.data = param.data.to(torch.float32)``)."""
     if w.method is Method.QLORA and w.is_train:
-        for k in others:
-            n = next(n for kk, n in st.ev if kk == k and n > 0)
+        for k, n in others:
             st.alloc(st.key(("fp32", k)), 2 * n)
             st.free(k)
 
@@ -396,51 +400,29 @@ def _bnb_from_pretrained(st: _Stream, spec: ModelSpec, w: Workload) -> None:
     each checkpoint tensor in ``dot_natural_key`` order: a linear's weight arrives in 16 bits on the GPU and
     ``Bnb4bitQuantize`` makes ``Params4bit(...).to(device)`` of it (packed weight and constants) before the 16-bit
     copy dies. No ``empty_cache``. QLoRA then runs peft's fp32 casts (:func:`_kbit_prepare`)."""
-    counts = count_params(spec)
     dense = 2
-    h = spec.hidden_size
-    others: list[int] = []  # 16-bit tensors that stay unquantized, in load order
-    plan: list[tuple[object, int, int]] = []  # (tag, 16-bit bytes, out_features of a quantized linear or 0)
-
-    def keep(tag: object, n: int) -> None:
-        plan.append((tag, n, 0))
-
-    if counts.lm_head:
-        keep("lm_head", counts.lm_head * dense)  # "lm_head.weight" sorts first
-    keep("embed", counts.embedding * dense)
-    for i in range(spec.num_layers):
-        layer = counts.layers[i]
-        norms = max(1, layer.norm // h) if layer.norm else 0
-        for j in range(norms):
-            keep((i, "norm", j), layer.norm * dense // norms)
-        if layer.bias:
-            keep((i, "bias"), layer.bias * dense)
-        named = attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers)
-        # checkpoint keys sort the MLP ("mlp.*") before attention ("self_attn.*"), each by name
-        mlp_names = {name for name, *_ in mlp_linears(spec, i in spec.moe_layers)}
-        for j, (name, fin, fout, n) in sorted(enumerate(named), key=lambda t: (t[1][0] not in mlp_names, t[1][0])):
-            if _fused_experts(name, n):
-                keep((i, j), fin * fout * n * dense)
+    tensors = _bnb_tensors(spec, w)
+    _warmup(st, sum(numel // 2 if fout else numel * dense for _, numel, fout, _ in tensors))
+    # checkpoint keys: "lm_head" before "model.embed_tokens" before "model.layers.N" (N by value) before
+    # "model.norm"; within a layer "mlp.*" before "self_attn.*"
+    rank = {"lm_head": -2, "embed": -1, "final_norm": spec.num_layers}
+    layers: dict[int, list[tuple[object, int, int, str]]] = {}
+    for t in tensors:
+        tag = t[0]
+        layers.setdefault(int(tag[0]) if isinstance(tag, tuple) else rank[str(tag)], []).append(t)
+    mlp = {name for moe in (False, spec.is_moe) for name, *_ in mlp_linears(spec, moe)}
+    for group in sorted(layers):
+        for tag, numel, fout, _ in sorted(layers[group], key=lambda t: (t[3] not in mlp, t[3])):
+            k = st.key(("build", tag))
+            st.alloc(k, numel * dense)
+            if not fout:
                 continue
-            for e in range(n):
-                if name == "router":
-                    keep((i, j, e), fin * fout * dense)
-                else:
-                    plan.append(((i, j, e), fin * fout * dense, fout))
-    if counts.final_norm:
-        keep("final_norm", counts.final_norm * dense)
-    _warmup(st, sum(n // 4 if fout else n for _, n, fout in plan))  # quantized: numel / 2 = 16-bit bytes / 4
-    for tag, n, fout in plan:
-        k = st.key(("build", tag))
-        st.alloc(k, n)
-        if not fout:
-            others.append(k)
-            continue
-        wb, cb = quantized_linear_bytes(n // dense, fout, w.base_quant, w.uses_double_quant)
-        st.alloc(st.key(("q", k)), wb)
-        st.alloc(st.key(("qc", k)), cb)
-        st.free(k)
-    _kbit_prepare(st, w, others)
+            wb, cb = quantized_linear_bytes(numel, fout, w.base_quant, w.uses_double_quant)
+            st.alloc(st.key(("q", k)), wb)
+            st.alloc(st.key(("qc", k)), cb)
+            st.free(k)
+    # peft casts in parameter (construction) order
+    _kbit_prepare(st, w, [(st.key(("build", tag)), numel * dense) for tag, numel, fout, _ in tensors if not fout])
 
 
 def _build_weights(st: _Stream, spec: ModelSpec, w: Workload, params: list[tuple[str, int]],

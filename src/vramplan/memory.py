@@ -16,7 +16,7 @@ from typing import Any
 from ._files import package_data
 from .errors import WorkloadError
 from .params import ParamCounts, attention_linears, count_params
-from .quant import Quantization, flag_quantization, module_path
+from .quant import LinearQuant, Quantization, flag_quantization, module_path
 from .spec import ModelSpec
 from .workload import Method, Optimizer, WeightsQuant, Workload
 
@@ -373,6 +373,21 @@ def _matrix_optimizer_bytes(opt: Optimizer, w: Workload, elem: int, matrices: li
     return state, temp, f"APOLLO AdamW rank {r} (random projection) on the decoder's 2-D weights; AdamW on the rest"
 
 
+def linear_scheme(spec: ModelSpec, quantization: Quantization, layer: int, j: int, name: str) -> LinearQuant | None:
+    """The quantization scheme of the ``j``-th linear kind (``name``) of decoder layer ``layer``
+    (``LayerParams.linear_shapes``), or None where it stays in 16 bits: routers stay (vLLM builds them without a
+    quant method); the rest as the quantization targets them (:meth:`Quantization.scheme_for`)."""
+    if name == "router":
+        return None
+    n_attn = len(attention_linears(spec)) if spec.mixer(layer) == "attention" else 2
+    scheme = quantization.scheme_for(module_path(spec.family, layer, name, j < n_attn))
+    if scheme is not None and spec.dsv4 and name == "o_a_proj" and scheme.format.startswith("bnb-"):
+        # bitsandbytes replaces modules whose type is nn.Linear exactly (transformers 5.24
+        # integrations/bitsandbytes.py): DeepseekV4GroupedLinear, a subclass, stays unquantized
+        return None
+    return scheme
+
+
 def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None) -> ModelStates:
     """Weights, master weights, quantization constants, gradients, optimizer states and step temporaries of
     ``spec`` under ``w`` (``counts``: the spec's parameter counts, :func:`count_params` when not given)."""
@@ -411,16 +426,9 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
                                                                       spec.dsv4[10] else "in fp8") +
                          "; the compressors' and indexers' projections, the routers and the lm_head in bf16")
         for i, layer in enumerate(() if dsv4_fp8 else counts.layers):
-            n_attn = len(attention_linears(spec)) if spec.mixer(i) == "attention" else 2
             for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
-                if name == "router":
-                    continue  # routers stay in 16-bit (vLLM builds them without a quant method)
-                scheme = quantization.scheme_for(module_path(spec.family, i, name, j < n_attn))
+                scheme = linear_scheme(spec, quantization, i, j, name)
                 if scheme is None:
-                    continue
-                if spec.dsv4 and name == "o_a_proj" and scheme.format.startswith("bnb-"):
-                    # bitsandbytes replaces modules whose type is nn.Linear exactly (transformers 5.24
-                    # integrations/bitsandbytes.py): DeepseekV4GroupedLinear, a subclass, stays unquantized
                     continue
                 wb, cb = scheme.bytes(fin, fout)
                 quant_w += wb * n
