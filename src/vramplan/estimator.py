@@ -767,6 +767,14 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
         # PreTrainedModel.gradient_checkpointing_enable raises for a class with supports_gradient_checkpointing False
         raise WorkloadError(f"transformers does not support gradient checkpointing for {spec.family} "
                             f"({spec.name}): drop --gradient-checkpointing")
+    q = spec.quantization
+    if w.is_train and w.method in (Method.FULL, Method.FREEZE) and q is not None and q.method != "mxfp4":
+        # trainer_utils.validate_quantization_for_training (transformers 5.25): a quantized model without adapters
+        # is refused unless its quantizer is QAT-trainable (none of the checkpoint formats is); MXFP4 loads
+        # dequantized for training (vramplan.memory.effective_quantization)
+        raise WorkloadError(f"{spec.name} is a quantized checkpoint ({q.method}): transformers' Trainer refuses to "
+                            f"fine-tune its weights without adapters; use --method lora, or estimate the 16-bit "
+                            "checkpoint for --method " + w.method.value)
     total = w.seq_len + (0 if w.is_train else w.new_tokens)
     fixed = spec.position is PositionKind.LEARNED or spec.family == "gptj"
     if fixed and spec.max_position_embeddings and total > spec.max_position_embeddings:
