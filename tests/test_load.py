@@ -160,7 +160,7 @@ def test_full_fine_tuning_of_a_quantized_checkpoint_is_refused(method: str) -> N
     """transformers' Trainer refuses a quantized model without adapters (trainer_utils.validate_quantization_for_
     training); the estimate says so instead of counting 16-bit gradients for FP8 weights. MXFP4 (gpt-oss) loads
     dequantized for training and stays answerable; LoRA on the FP8 checkpoint too."""
-    with pytest.raises(WorkloadError, match="quantized checkpoint .fp8.*--method lora"):
+    with pytest.raises(WorkloadError, match=r"quantized checkpoint \(fp8\).*--method lora"):
         estimate("qwen3-30b-a3b-thinking-2507-fp8", method=method)
     assert estimate("qwen3-30b-a3b-thinking-2507-fp8", method="lora").peak_allocated_bytes > 0
     assert estimate("gpt-oss-20b", method=method).peak_allocated_bytes > 0
