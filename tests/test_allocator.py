@@ -280,3 +280,22 @@ def test_empty_cache_returns_wholly_free_segments(conf: str) -> None:
     probe: list[int] = []
     simulate([*events, (None, -4)], parse_alloc_conf(conf), probe)
     assert probe == [20 * mib]
+
+
+def test_replay_leaves_the_garbage_collector_as_it_found_it() -> None:
+    """simulate pauses Python's cyclic collector while it replays; on, off, and after an error alike it is as before."""
+    import gc
+
+    from vramplan.allocator import FREE, simulate
+
+    was = gc.isenabled()
+    try:
+        for state in (True, False):
+            (gc.enable if state else gc.disable)()
+            assert simulate([(1, 4096), (1, FREE)]).peak_allocated_bytes == 4096
+            assert gc.isenabled() is state
+            with pytest.raises(KeyError):
+                simulate([(2, FREE)])  # a free of a key never allocated
+            assert gc.isenabled() is state
+    finally:
+        (gc.enable if was else gc.disable)()
