@@ -12,7 +12,6 @@ whose model card states the entry's architecture, each with where it was read; t
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,39 +88,54 @@ def _entry(record: Mapping[str, Any]) -> CatalogEntry:
     )
 
 
-def _keys(entry: CatalogEntry) -> list[str]:
-    """Every lowercase string that finds ``entry``: name, aliases, and each Hugging Face id (hf_id, variants) with
+def _keys(name: str, aliases: tuple[str, ...], hf_id: str, variants: tuple[str, ...]) -> list[str]:
+    """Every lowercase string that finds an entry: name, aliases, and each Hugging Face id (hf_id, variants) with
     and without the org."""
-    ids = (entry.hf_id, *entry.variants)
-    keys = [entry.name, *entry.aliases, *ids, *(i.rpartition("/")[2] for i in ids)]
+    ids = (hf_id, *variants)
+    keys = [name, *aliases, *ids, *(i.rpartition("/")[2] for i in ids)]
     return [k.lower() for k in keys]
 
 
 @cache
-def _load() -> tuple[tuple[CatalogEntry, ...], Mapping[str, CatalogEntry]]:
+def _load() -> tuple[tuple[Mapping[str, Any], ...], Mapping[str, int]]:
+    """The data file's records, sorted by name, and the position of the record every key finds. An entry is built
+    from its record when it is first asked for (:func:`_entry_at`): one estimate needs one of them."""
     text = package_data(*_DATA.split("/")).read_text(encoding="utf-8")
     doc = json.loads(text)
     if not isinstance(doc, Mapping) or doc.get("schema") != _SCHEMA:
         raise RuntimeError(f"vramplan {_DATA}: expected schema {_SCHEMA}")
-    entries = tuple(sorted((_entry(r) for r in doc["models"]), key=lambda e: e.name))
-    index: dict[str, CatalogEntry] = {}
-    for entry in entries:
-        for key in _keys(entry):
-            other = index.setdefault(key, entry)
-            if other is not entry:
-                raise RuntimeError(f"vramplan {_DATA}: {key!r} names both {other.name} and {entry.name}")
-    return entries, MappingProxyType(index)
+    records = tuple(sorted(doc["models"], key=lambda r: str(r["name"])))
+    index: dict[str, int] = {}
+    for i, r in enumerate(records):
+        for key in _keys(str(r["name"]), tuple(str(a) for a in r.get("aliases", ())), str(r["hf_id"]),
+                         tuple(str(v) for v in r.get("variants", {}))):
+            other = index.setdefault(key, i)
+            if other != i:
+                raise RuntimeError(f"vramplan {_DATA}: {key!r} names both {records[other]['name']} and {r['name']}")
+    return records, MappingProxyType(index)
 
 
+_ENTRIES: dict[int, CatalogEntry] = {}  # position -> the entry built from that record (one object per entry)
+
+
+def _entry_at(i: int) -> CatalogEntry:
+    entry = _ENTRIES.get(i)
+    if entry is None:
+        entry = _ENTRIES.setdefault(i, _entry(_load()[0][i]))
+    return entry
+
+
+@cache
 def list_models() -> tuple[CatalogEntry, ...]:
     """Every catalog entry, sorted by name."""
-    return _load()[0]
+    return tuple(_entry_at(i) for i in range(len(_load()[0])))
 
 
 def _suggestions(query: str, n: int = 3) -> list[str]:
-    entries, _ = _load()
+    import difflib
+
     owner: dict[str, str] = {}
-    for entry in entries:
+    for entry in list_models():
         for key in (entry.name, *entry.aliases):
             owner.setdefault(key.lower(), entry.name)
     out: list[str] = []
@@ -138,9 +152,9 @@ def get_model(name: str) -> CatalogEntry:
     Case-insensitive. Raises :class:`UnknownNameError` with close matches when there is none.
     """
     query = name.strip().lower()
-    entry = _load()[1].get(query)
-    if entry is not None:
-        return entry
+    i = _load()[1].get(query)
+    if i is not None:
+        return _entry_at(i)
     close = _suggestions(query.rpartition("/")[2] if "/" in query else query)
     maybe = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownNameError(f"unknown model {name!r}{maybe} ({_HINT})")
