@@ -147,3 +147,17 @@ def test_parser_of_one_command_parses_as_the_whole_parser() -> None:
     cases += [[c, *tail] for c in commands for tail in ([], ["--help"], ["llama-3.1-8b"])]
     for argv in cases:
         assert _parsed(argv, _command_of(argv) or None) == _parsed(argv, None), argv
+
+
+@pytest.mark.parametrize("columns", [None, "60", "200", "0", "wide"])
+def test_help_width_is_shutils(monkeypatch: pytest.MonkeyPatch, columns: str | None) -> None:
+    """The formatter's width, found without importing shutil, is shutil.get_terminal_size()'s."""
+    import shutil
+
+    from vramplan.cli import _columns
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _columns() == shutil.get_terminal_size().columns

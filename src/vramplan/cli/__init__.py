@@ -24,8 +24,29 @@ from ._flags import add_image_flags, add_parallel_flags, add_workload_flags, opt
 __all__ = ["build_parser", "main"]
 
 
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``, the width argparse's formatter asks for (``$COLUMNS``, else the
+    terminal of stdout, else 80), without importing :mod:`shutil` and the compression modules it imports (a
+    formatter is made for every flag added; ~1% of a ``vramplan estimate`` run)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        columns = columns or 80
+    return columns
+
+
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default: ``(default: 2048)``, ``(default: off)`` for switches."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

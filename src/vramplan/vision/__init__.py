@@ -10,20 +10,38 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cache, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WorkloadError
 from ..result import Estimate
 from ..workload import Optimizer, Precision, Task
 from ._catalog import VisionEntry, config_file_entry, get_vision_model, list_vision_models, lookup
-from ._workload import _MAX_RES, VisionMethod, VisionWorkload
+
+if TYPE_CHECKING:
+    from ._workload import VisionMethod, VisionWorkload
 
 __all__ = [
     "VisionEntry", "VisionMethod", "VisionWorkload", "estimate_vision", "find_vision_model", "get_vision_model",
     "is_vision_model", "list_vision_models", "make_vision_workload", "resolution_grid",
 ]
 
-_ENUMS: Mapping[str, Any] = {"task": Task, "method": VisionMethod, "precision": Precision, "optimizer": Optimizer}
+
+
+def __getattr__(name: str) -> Any:
+    """``VisionMethod`` and ``VisionWorkload`` (:mod:`._workload`), imported when first used: resolving a language
+    model's name asks this package's catalog (:func:`find_vision_model`) and needs neither."""
+    if name in ("VisionMethod", "VisionWorkload"):
+        from . import _workload
+
+        return getattr(_workload, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
+def _enums() -> Mapping[str, Any]:
+    from ._workload import VisionMethod
+
+    return {"task": Task, "method": VisionMethod, "precision": Precision, "optimizer": Optimizer}
 
 
 def find_vision_model(name: str) -> VisionEntry | None:
@@ -39,6 +57,8 @@ def is_vision_model(name: str) -> bool:
 def make_vision_workload(**options: Any) -> VisionWorkload:
     """A :class:`VisionWorkload` from plain values (strings for enums). ``attention="eager"`` selects the
     eager attention path; ``None`` values are ignored."""
+    from ._workload import VisionWorkload
+
     fields = VisionWorkload.__dataclass_fields__
     kw: dict[str, Any] = {}
     for key, value in options.items():
@@ -49,7 +69,7 @@ def make_vision_workload(**options: Any) -> VisionWorkload:
             continue
         if key not in fields:
             raise WorkloadError(f"unknown option {key!r} for an image model; known: {', '.join(sorted(fields))}")
-        enum = _ENUMS.get(key)
+        enum = _enums().get(key)
         if enum is not None and not isinstance(value, enum):
             try:
                 value = enum(str(value).lower())
@@ -86,6 +106,7 @@ def resolution_grid(name: str) -> tuple[int, int] | None:
 @cache
 def _grid(name: str) -> tuple[int, int] | None:
     from ._estimate import _check_resolution
+    from ._workload import _MAX_RES
 
     entry = _entry(name)
 
@@ -118,6 +139,7 @@ def estimate_vision(name: str | VisionEntry, workload: VisionWorkload | None = N
     safety checker, CPU offload, VAE tiling/slicing or torch.compile.
     """
     from ._estimate import estimate_entry
+    from ._workload import VisionWorkload
 
     if workload is None:
         workload = make_vision_workload(**options)

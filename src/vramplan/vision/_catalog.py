@@ -7,7 +7,6 @@ the libraries, see ``params_source``), its source and the date it was retrieved.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -75,6 +74,8 @@ def lookup(name: str) -> VisionEntry | None:
 def get_vision_model(name: str) -> VisionEntry:
     e = lookup(name)
     if e is None:
+        import difflib
+
         close = difflib.get_close_matches(name.lower(), list(_index()), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownNameError(f"unknown vision model {name!r}{hint} (vramplan models lists all)")
