@@ -30,7 +30,7 @@ from . import allocator as A
 from ._engine.loop import training_steps
 from ._engine.replay import Event, GradBuf, layer_backward, layer_forward
 from ._engine.step import CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE
-from ._engine.tape import Tape, Tensor
+from ._engine.tape import Tape, Tensor, root
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, effective_quantization, linear_scheme, lora_targets, quantized_linear_bytes
@@ -67,9 +67,12 @@ class _Template:
 
     def compile(self, events: list[Event]) -> list[tuple[int, int]]:
         x, y, local = self.x, self.y, self.local
+        # an output that is a view (Gemma 3n's ``corrected[1:] += ...`` returns the stack it wrote into) lives in its
+        # base's storage: the base's allocation is the output's, freed by the consumer as the output
+        y_root = root(y) if y is not None else None
         out = []
         for key, n in events:
-            if isinstance(key, Tensor) and (key is x or key is y):
+            if isinstance(key, Tensor) and (key is x or key is y or key is y_root):
                 code = -1 if key is x else -2
             elif isinstance(key, GradBuf) and (key.owner is x or key.owner is y):
                 code = -3 if key.owner is x else -4
@@ -737,7 +740,15 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     the allocator exactly as it found it and every later step would repeat it. ``reference``: every block
     instance filtered event by event (:meth:`_Stream.add`) instead of by :meth:`_Stream.add_instance` (the same
     stream; the tests compare the two)."""
-    from .estimator import _first_trainable, _layer_groups, _no_grad_input, _plan, _trainable_parts, tied_gradient_sum
+    from .estimator import (
+        _first_trainable,
+        _layer_groups,
+        _no_grad_input,
+        _plan,
+        _trainable_parts,
+        embed_grads_exist,
+        tied_gradient_sum,
+    )
 
     b, s = (1, w.tokens) if w.packing else (w.batch_size, w.seq_len)
     attention = Attention.FLASH if w.packing else w.attention
@@ -761,11 +772,11 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     embed_trainable, norm_trainable, head_trainable, layers_rg = _trainable_parts(spec, w)
     loss_kind = w.resolved_loss
 
-    def record(tpl: _Template, fn: str, flag: bool) -> list[tuple[int, int]]:
-        """``fn``: "forward" (``flag``: saving) or "backward" (``flag``: parameter gradients exist)."""
+    def record(tpl: _Template, fn: str, flag: bool | frozenset[int]) -> list[tuple[int, int]]:
+        """``fn``: "forward" (``flag``: saving) or "backward" (``flag``: which parameter gradients exist)."""
         ev: list[Event] = []
         if fn == "forward":
-            layer_forward(tpl.tp, flag, ev)
+            layer_forward(tpl.tp, bool(flag), ev)
         else:
             layer_backward(tpl.tp, flag, ev)
         return tpl.compile(ev)
@@ -785,7 +796,7 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     e_bwd_acc = record(emb, "backward", True) if acc_runs else []
     if tied_sum and hooks is None:
         et.sum_is_grad.add(hash("embed"))
-    e_bwd = record(emb, "backward", spec.tie_word_embeddings and head_trainable)
+    e_bwd = record(emb, "backward", embed_grads_exist(False, spec.tie_word_embeddings and head_trainable))
     if not acc_runs:
         e_bwd_acc = e_bwd
     e_extra = [emb.local[id(t)] for t in et.tensors if t.keep and t is not ex and t.nbytes and id(t) in emb.local]

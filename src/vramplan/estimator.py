@@ -117,6 +117,13 @@ class _Best:
         return phase_peak(self.phase, self.moment)
 
 
+def embed_grads_exist(accumulating: bool, tied: bool) -> bool | frozenset[int]:
+    """Which of the embedding program's parameters already have a gradient when its backward runs: all of them from
+    the second micro-batch of an accumulation on; otherwise a tied embedding's alone (the head made it), not the
+    others (Gemma 3n's and Gemma 4's per-layer embedding table and projection, position tables)."""
+    return True if accumulating else frozenset({hash("embed")}) if tied else False
+
+
 def tied_gradient_sum(spec: ModelSpec, num: Numerics, embed_trainable: bool, head_trainable: bool) -> bool:
     """Whether a tied weight's two gradients meet as a sum made out of place: the head's (a transposed view, TBackward0)
     waits in the AccumulateGrad's InputBuffer and the embedding's is added to it with ``aten.add``
@@ -396,7 +403,7 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         cur = _plus(cur, _scale(net, sim.count))
     if embed:
         tied = spec.tie_word_embeddings and head_trainable
-        e_bwd = layer_backward(et, param_grads_exist=accumulating or tied, fwd=e_run)
+        e_bwd = layer_backward(et, param_grads_exist=embed_grads_exist(accumulating, tied), fwd=e_run)
         # a tied weight's two gradients meet in the autograd InputBuffer of its one AccumulateGrad: the head's waits
         # there through the whole backward, and the embedding's is added to it out of place (aten.add, not add_:
         # seen on real CPU tensors as in the trace; torch/csrc/autograd/input_buffer.cpp accumulate): their sum is
@@ -405,10 +412,6 @@ def _train(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
         # in place, as the trace shows)
         extra = spec.vocab_size * (spec.embed_proj_dim or spec.hidden_size) * num.norm_param \
             if head and tied_gradient_sum(spec, num, embed_trainable, head_trainable) else 0
-        if tied and not accumulating:
-            # the replay took every parameter of the embedding program to have its gradient already; only the tied
-            # one does (the head made it): the others' (Gemma 4's per-layer embedding table and projection) are new
-            extra += sum(dict(p for op in et.ops for p in op.params if p[0] != hash("embed")).values())
         bwd_peak.offer(_plus(cur, e_bwd.peak_kinds, _vec({K.GRADIENTS: extra})))
     if host is not None:
         host.traffic = 2 * host.nbytes * w.gradient_accumulation

@@ -208,14 +208,16 @@ class GradBuf:
         self.view = False  # an autograd view of another gradient (see _Op.view_grad_in): never added into in place
 
 
-def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_grads_exist: bool = False,
+def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *,
+             param_grads_exist: bool | frozenset[int] = False,
              start: Moment | None = None, seeds_counted: bool = True,
              ev: list[Event] | None = None) -> tuple[Moment, Moment]:
     """Replay ``loss.backward()`` after :func:`forward`; returns (peak, end).
 
     ``seeds`` are the tensors whose gradient the caller provides (the loss; a block's outputs). Parameter
     gradients are allocated at their first contribution and kept (``AccumulateGrad``); with
-    ``param_grads_exist`` they accumulate into existing ``.grad`` tensors (gradient accumulation).
+    ``param_grads_exist`` they accumulate into existing ``.grad`` tensors (gradient accumulation); a set of
+    parameter ids: those parameters' only (a tied embedding, whose gradient the head made).
     ``start``: the memory backward starts from (default: the forward's end); ``seeds_counted``: the seeds'
     gradients are allocated here (otherwise they are part of ``start``). A gradient counts under its tensor's
     memory kind (the loss's under logits/loss); temporaries under activations, a parameter's under gradients.
@@ -261,7 +263,8 @@ def backward(tp: Tape, fwd: ForwardResult, seeds: Sequence[Tensor], *, param_gra
         if op.region >= 0:
             region_ops.setdefault(op.region, []).append(i)
     recomputed_holders: dict[int, int] = {}
-    seen_params: set[int] = {p for op in ops for p, _ in op.params} if param_grads_exist else set()
+    seen_params: set[int] = {p for op in ops for p, _ in op.params
+                             if param_grads_exist is True or (param_grads_exist and p in param_grads_exist)}
     uses: dict[int, int] = {}  # contributions to each parameter's gradient in this backward
     saves = tp.effective_saves()
     own_grad = tp.own_grad
@@ -412,7 +415,7 @@ def layer_forward(tp: Tape, save: bool = True, ev: list[Event] | None = None) ->
     return as_pass(forward(tp, save=save, inputs_counted=False, ev=ev))
 
 
-def layer_passes(tp: Tape, param_grads_exist: bool = False) -> tuple[Pass, Pass]:
+def layer_passes(tp: Tape, param_grads_exist: bool | frozenset[int] = False) -> tuple[Pass, Pass]:
     """(:func:`layer_forward`, :func:`layer_backward`) of a block, its forward replayed once for both (the backward
     starts from what that same forward leaves; neither pass changes the tape). A tape recorded for inference has
     no backward: an empty pass that keeps what the forward left."""
@@ -434,7 +437,7 @@ def layer_recompute(tp: Tape) -> Pass:
     return as_pass(forward(tp, inputs_counted=False, stop=last))
 
 
-def layer_backward(tp: Tape, param_grads_exist: bool = False, ev: list[Event] | None = None,
+def layer_backward(tp: Tape, param_grads_exist: bool | frozenset[int] = False, ev: list[Event] | None = None,
                    fwd: ForwardResult | None = None) -> Pass:
     """Backward of one block after its forward (with saving), relative to its start: the gradients of the
     block's kept outputs arrive from their consumer; its input's gradient is what it leaves. ``fwd``: that
