@@ -34,7 +34,7 @@ from ._engine.tape import Tape, Tensor, root
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, effective_quantization, linear_scheme, lora_targets, quantized_linear_bytes
-from .params import attention_linears, count_params, mlp_linears
+from .params import attention_linears, count_params, mlp_linears, no_grad_linears
 from .spec import ATTENTION_MIXERS, ModelSpec
 from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
 
@@ -489,8 +489,9 @@ def _adapters(spec: ModelSpec, w: Workload) -> list[int]:
     return [n for layer in _adapters_by_layer(spec, w) for n in layer]
 
 
-def _adapters_by_layer(spec: ModelSpec, w: Workload) -> list[list[int]]:
-    """The bytes of every LoRA adapter tensor (A, then B, per target), layer by layer."""
+def _adapters_by_layer(spec: ModelSpec, w: Workload, stepped: bool = False) -> list[list[int]]:
+    """The bytes of every LoRA adapter tensor (A, then B, per target), layer by layer; ``stepped``: only those that
+    get a gradient (not on the linears that run under no_grad, params.no_grad_linears)."""
     if not (w.uses_adapters and w.is_train):
         return []
     targets = lora_targets(spec, w.lora_targets)
@@ -498,8 +499,9 @@ def _adapters_by_layer(spec: ModelSpec, w: Workload) -> list[list[int]]:
     out = []
     for i in range(spec.num_layers):
         layer: list[int] = []
+        skip = no_grad_linears(spec, i) if stepped else frozenset()
         for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, i in spec.moe_layers):
-            if name in targets:
+            if name in targets and name not in skip:
                 layer += [r * fin * 4, fout * r * 4] * n  # peft keeps adapters in fp32
         out.append(layer)
     return out
@@ -524,13 +526,26 @@ def _trainable(w: Workload, params: list[tuple[str, int]], adapters: list[int], 
 
 def _stepped(spec: ModelSpec, w: Workload, params: list[tuple[str, int]], first_trainable: int) -> list[int]:
     """The trainable tensors the optimizer's step updates: those with a gradient. The layers the forward skips
-    (``spec.idle_layers``) make none, and torch's optimizers pass over a parameter whose ``grad`` is None
-    (torch/optim/adam.py ``_init_group``, which AdamW inherits: only ``if p.grad is not None`` is a state created or
-    a tensor stepped), so the first step creates no state for them and the step's temporaries skip them."""
+    (``spec.idle_layers``) and the modules that run under no_grad (DSA's indexers) make none, and torch's optimizers
+    pass over a parameter whose ``grad`` is None (torch/optim/adam.py ``_init_group``, which AdamW inherits: only
+    ``if p.grad is not None`` is a state created or a tensor stepped), so the first step creates no state for them
+    and the step's temporaries skip them."""
     if w.uses_adapters:
-        return [n for i, layer in enumerate(_adapters_by_layer(spec, w)) if i not in spec.idle_layers for n in layer]
+        return [n for i, layer in enumerate(_adapters_by_layer(spec, w, stepped=True)) if i not in spec.idle_layers
+                for n in layer]
     idle = {f"layer{i}" for i in spec.idle_layers}
-    out = [n for g, n in params if _base_trains(w, g, first_trainable) and g not in idle]
+    # a layer's tensors of the linears that run under no_grad (params.no_grad_linears: DSA's indexers), by size
+    elem = w.precision.param_bytes
+    skip = {f"layer{i}": [fin * fout * elem for name, fin, fout, n in attention_linears(spec.layer(i))
+                          if name in no_grad_linears(spec, i) for _ in range(n)]
+            for i in range(spec.num_layers) if spec.index_heads and i not in spec.idle_layers}
+    out = []
+    for g, n in params:
+        if _base_trains(w, g, first_trainable) and g not in idle:
+            if n in skip.get(g, ()):
+                skip[g].remove(n)
+            else:
+                out.append(n)
     if spec.idle_params and w.method is Method.FULL and params and params[0][0] == "embed":
         # the idle parameters outside the layers' modules (Mllama's cross-attention norms and gates, DeepSeek-V4's
         # indexers) are counted in the embedding's tensor (params.count_params: extra_params)
@@ -857,8 +872,9 @@ def _train_steps(spec: ModelSpec, w: Workload, states: ModelStates, num: Numeric
     tied_code = head.local.get(("p", hash("embed"))) if et.sum_is_grad else None
 
     # the first step creates the state of the tensors with a gradient, in their order, and steps only them
+    no_grad = spec.idle_layers or spec.idle_params or spec.index_heads
     opt_states, opt_temps = ([], []) if hooks else _optimizer(
-        w.optimizer, _stepped(spec, w, params, first) if spec.idle_layers or spec.idle_params else train_sizes, states)
+        w.optimizer, _stepped(spec, w, params, first) if no_grad else train_sizes, states)
     fresh = hooks is not None  # a sharded engine takes every micro-batch's gradients away after its backward
     L = len(order)  # the layers the forward runs; y(k) is the output of the k-th of them
     first_saves_x = groups[order[0][1]][7] if groups else True

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._files import package_data
 from .errors import WorkloadError
-from .params import ParamCounts, attention_linears, count_params
+from .params import ParamCounts, attention_linears, count_params, no_grad_linears, no_grad_params
 from .quant import LinearQuant, Quantization, flag_quantization, module_path
 from .spec import ModelSpec
 from .workload import Method, Optimizer, WeightsQuant, Workload
@@ -520,8 +520,9 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
     # (torch/optim/adam.py _init_group, which AdamW inherits, and sgd.py, _adafactor.py, _muon.py: a parameter whose
     # grad is None is passed over; bitsandbytes optim/optimizer.py Optimizer8bit.step and GaLore's/APOLLO's AdamW
     # `continue` past it before their lazy state init)
+    # (and parameters of modules that run under no_grad: DSA's indexers, params.no_grad_params)
     idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and \
-        (spec.idle_layers or spec.idle_params) else 0
+        (spec.idle_layers or spec.idle_params or spec.index_heads) else 0
     if idle:
         tensor_sizes = _stepped_sizes(spec, counts, w, tensor_sizes, trainable_layers, adapters - saved_copies - idle)
     grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
@@ -547,10 +548,11 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
     if wide:
         weights += wide * (4 - dense_elem)
         if training and w.method is Method.FULL:
-            grads += wide * (4 - dense_elem)
+            stepped = wide - (_idle_fp32(spec) if idle else 0)  # (the fp32 ones with no gradient: none, and no state)
+            grads += stepped * (4 - dense_elem)
             if w.optimizer not in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
-                s4, t4, _ = _optimizer_bytes(w.optimizer, wide, 4, Counter())
-                s2, t2, _ = _optimizer_bytes(w.optimizer, wide, dense_elem, Counter())
+                s4, t4, _ = _optimizer_bytes(w.optimizer, stepped, 4, Counter())
+                s2, t2, _ = _optimizer_bytes(w.optimizer, stepped, dense_elem, Counter())
                 state, temp = state + s4 - s2, temp + t4 - t2
         notes.append(f"{wide / 1e6:.1f}M parameters kept in fp32 by the model (_keep_in_fp32_modules_strict)")
     paged = paged_state_bytes(w.optimizer, tensor_sizes) if training and trainable else 0
@@ -559,8 +561,10 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
 
 
 def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable_layers: int) -> int:
-    """Trainable parameters of the layers the forward skips (spec.idle_layers): their weights when they train
-    (full fine-tuning; --method freeze for the top layers), else the adapters peft attached to them."""
+    """Trainable parameters that get no gradient: those of the layers the forward skips (spec.idle_layers) and of the
+    modules that run under no_grad (params.no_grad_params: DSA's indexers), their weights when they train (full
+    fine-tuning; --method freeze for the top layers), else the adapters peft attached to them; under full fine-tuning
+    also the idle parameters outside the layers (spec.idle_params)."""
     L = spec.num_layers
     if w.uses_adapters:
         from .params import layer_linears
@@ -568,15 +572,26 @@ def _idle_trainable(spec: ModelSpec, counts: ParamCounts, w: Workload, trainable
         targets = lora_targets(spec, w.lora_targets)
         r = w.lora_rank
         idle = sum(r * (fin + fout) * n + (fout * n if w.method is Method.DORA else 0)
-                   for i in spec.idle_layers for name, fin, fout, n in layer_linears(spec, i) if name in targets)
+                   for i in range(L) for name, fin, fout, n in layer_linears(spec, i) if name in targets
+                   and (i in spec.idle_layers or name in no_grad_linears(spec, i)))
         if spec.dsv4:  # DeepSeek-V4's indexers: their output is integer indices (vramplan.dsv4)
             from .dsv4 import dsv4_idle_adapters
 
             idle += dsv4_idle_adapters(spec, targets, r, w.method is Method.DORA)
         return idle
     first = L - trainable_layers
-    return sum(counts.layers[i].total for i in spec.idle_layers if i >= first) + \
-        (spec.idle_params if w.method is Method.FULL else 0)
+    return sum(counts.layers[i].total if i in spec.idle_layers else no_grad_params(spec, i) for i in range(first, L)) \
+        + (spec.idle_params if w.method is Method.FULL else 0)
+
+
+def _idle_fp32(spec: ModelSpec) -> int:
+    """Of the parameters the model keeps in fp32, those with no gradient: HY-V4's indexers' weights_proj and k_norm
+    (hyper._hy_v4's fp32_params) under full fine-tuning."""
+    if not spec.index_fp32_weights:
+        return 0
+    return sum(spec.hidden_size * layer.index_heads + 2 * layer.index_head_dim
+               for layer in (spec.layer(i) for i in range(spec.num_layers) if i not in spec.idle_layers)
+               if layer.index_heads)
 
 
 def _stepped_sizes(spec: ModelSpec, counts: ParamCounts, w: Workload, tensor_sizes: Counter[int],
@@ -589,9 +604,12 @@ def _stepped_sizes(spec: ModelSpec, counts: ParamCounts, w: Workload, tensor_siz
         return Counter({r4: max(1, adapters // r4)})
     first = spec.num_layers - trainable_layers
     out = Counter(tensor_sizes)
-    for i in spec.idle_layers:
-        if first <= i < spec.num_layers:
+    for i in range(first, spec.num_layers):
+        if i in spec.idle_layers:
             out.subtract(_count_tensor_sizes(spec, counts, range(i, i + 1), embed=False, head=False))
+        else:
+            skip = no_grad_linears(spec, i)
+            out.subtract({fin * fout: n for name, fin, fout, n in counts.layers[i].linear_shapes if name in skip})
     return +out
 
 
@@ -608,8 +626,9 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
         for i in range(spec.num_layers):
             if i in spec.idle_layers:  # no gradient (memory.model_states)
                 continue
+            skip = no_grad_linears(spec, i)
             for name, fin, fout, n in layer_linears(spec, i):
-                if name in targets:
+                if name in targets and name not in skip:
                     mats += [(r, fin), (fout, r)] * n
         rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
         return mats, [rest] if rest > 0 else []
@@ -617,7 +636,7 @@ def _matrices(spec: ModelSpec, counts: ParamCounts, w: Workload,
     first = 0 if w.method is Method.FULL else L - min(L, w.trainable_layers if w.trainable_layers is not None
                                                       else max(1, L // 4))
     mats = [(fout, fin) for i, layer in enumerate(counts.layers) if i >= first and i not in spec.idle_layers
-            for _, fin, fout, n in layer.linear_shapes for _ in range(n)]
+            for name, fin, fout, n in layer.linear_shapes if name not in no_grad_linears(spec, i) for _ in range(n)]
     rest = sum(n * k for n, k in tensor_sizes.items()) - sum(a * b for a, b in mats)
     sizes = {a * b for a, b in mats}
     return mats, [n for n, k in tensor_sizes.items() if n not in sizes for _ in range(k)] if rest > 0 else []

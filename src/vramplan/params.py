@@ -12,7 +12,8 @@ from functools import lru_cache
 
 from .spec import Activation, MLPKind, ModelSpec, NormKind
 
-__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params"]
+__all__ = ["LayerParams", "ParamCounts", "count_params", "layer_linears", "layer_params", "no_grad_linears",
+           "no_grad_params"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,26 @@ def _altup_linears(spec: ModelSpec) -> list[tuple[str, int, int, int]]:
     from .gemma3n import altup_linears
 
     return altup_linears(spec.altup_inputs, spec.hidden_size, spec.laurel_rank)
+
+
+# DeepSeek Sparse Attention's lightning indexer (modeling_deepseek_v32.py DeepseekV32Indexer; GLM-5, A.X-K2, HY-V4 and
+# Dots 3 alike): its forward is decorated @torch.no_grad(), so backward gives its linears and its k_norm no gradient
+DSA_INDEXER_LINEARS = frozenset({"wq_b", "wk", "weights_proj"})
+
+
+def no_grad_linears(spec: ModelSpec, index: int) -> frozenset[str]:
+    """The linears of layer ``index`` that run but get no gradient (a module whose forward runs under no_grad)."""
+    return DSA_INDEXER_LINEARS if spec.layer(index).index_heads else frozenset()
+
+
+def no_grad_params(spec: ModelSpec, index: int) -> int:
+    """Parameters of layer ``index`` that run but get no gradient: the DSA indexer's linears and k_norm (a
+    LayerNorm with a bias)."""
+    layer = spec.layer(index)
+    if not layer.index_heads:
+        return 0
+    return sum(fin * fout * n for name, fin, fout, n in attention_linears(layer) if name in DSA_INDEXER_LINEARS) + \
+        2 * layer.index_head_dim
 
 
 def layer_linears(spec: ModelSpec, index: int) -> list[tuple[str, int, int, int]]:
