@@ -1546,11 +1546,13 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
     """Build a spec from a parsed config mapping. Raises :class:`ConfigError` on anything unreadable."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{name}: a config.json must hold a JSON object, not {type(raw).__name__}")
-    from .quant import quantization_from_config
-
     cfg: Mapping[str, Any] = _special_floats(raw)
     cfg_raw = cfg
-    quantization = quantization_from_config(cfg, name)
+    quantization = None
+    if (cfg.get("quantization_config") or cfg.get("compression_config")) is not None:  # a quantized checkpoint
+        from .quant import quantization_from_config  # (imported for one only)
+
+        quantization = quantization_from_config(cfg, name)
     cfg, notes = _text_tower(cfg, name)
     family = _resolve(cfg, name)
     reader = _READERS.get(family) or _derived(family)

@@ -11,14 +11,16 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._files import package_data
 from .errors import WorkloadError
 from .params import ParamCounts, attention_linears, count_params, no_grad_linears, no_grad_params
-from .quant import LinearQuant, Quantization, flag_quantization, module_path
 from .spec import ModelSpec
 from .workload import Method, Optimizer, WeightsQuant, Workload
+
+if TYPE_CHECKING:  # (vramplan.quant is imported where a quantized model is sized: a 16-bit estimate never does)
+    from .quant import LinearQuant, Quantization
 
 __all__ = ["ModelStates", "effective_quantization", "lora_params", "model_states", "quantized_linear_bytes"]
 
@@ -30,6 +32,8 @@ def quantized_linear_bytes(numel: int, out_features: int, quant: WeightsQuant,
                            double_quant: bool = True) -> tuple[int, int]:
     """(weight bytes, quantization-constant bytes) of one quantized linear weight of ``numel`` elements and
     ``out_features`` rows, in the layout of :mod:`vramplan.quant` (``--weights-quant`` schemes)."""
+    from .quant import flag_quantization
+
     scheme = flag_quantization(quant.value, None, double_quant).default
     assert scheme is not None
     return scheme.bytes(numel // out_features, out_features)
@@ -42,6 +46,8 @@ def effective_quantization(spec: ModelSpec, w: Workload) -> Quantization | None:
         if spec.quantization is not None:
             raise WorkloadError(f"{spec.name} is already quantized ({spec.quantization.method}, from its "
                                 "config.json); drop --weights-quant")
+        from .quant import flag_quantization
+
         return flag_quantization(w.base_quant.value, w.quant_group_size, w.uses_double_quant)
     if spec.quantization is not None and spec.quantization.method == "mxfp4" and w.is_train:
         # transformers cannot train MXFP4 weights (quantizer_mxfp4.py is_trainable): training loads the checkpoint
@@ -377,6 +383,8 @@ def linear_scheme(spec: ModelSpec, quantization: Quantization, layer: int, j: in
     """The quantization scheme of the ``j``-th linear kind (``name``) of decoder layer ``layer``
     (``LayerParams.linear_shapes``), or None where it stays in 16 bits: routers stay (vLLM builds them without a
     quant method); the rest as the quantization targets them (:meth:`Quantization.scheme_for`)."""
+    from .quant import module_path
+
     if name == "router":
         return None
     n_attn = len(attention_linears(spec)) if spec.mixer(layer) == "attention" else 2
