@@ -41,6 +41,7 @@ from .workload import Method, WeightsQuant, Workload
 
 if TYPE_CHECKING:
     from ._engine.numerics import Numerics
+    from .allocator import AllocStats
 
 __all__ = ["MULTIMODAL_TYPES", "TEXT_ONLY_CAUSAL_LM", "MultimodalSpec", "VisionTower", "estimate_multimodal",
            "multimodal_from_config", "text_only_class", "tower_parameters"]
@@ -639,7 +640,7 @@ def route(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Est
         return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name,
                                   reserved=reserved)
     _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
-    return _estimate_multimodal_cached(spec, w, name)
+    return _estimate_multimodal_cached(spec, w, name, reserved)
 
 
 def check_workload(spec: ModelSpec, w: Workload) -> None:
@@ -655,9 +656,9 @@ def check_workload(spec: ModelSpec, w: Workload) -> None:
         mm.check_size(w.image_size)
 
 
-def estimate_multimodal(spec: ModelSpec, w: Workload, name: str) -> Estimate:
+def estimate_multimodal(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Estimate:
     """The whole vision-language model: tower + projector + language model with the image tokens."""
-    return _estimate_multimodal_cached(spec, w, name)
+    return _estimate_multimodal_cached(spec, w, name, reserved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,8 +714,9 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
 
 
 @lru_cache(maxsize=1024)
-def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Estimate:
-    """The whole vision-language model: tower + projector + language model with the image tokens."""
+def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Estimate:
+    """The whole vision-language model: tower + projector + language model with the image tokens. ``reserved``:
+    replay the whole model's allocation stream (:func:`_whole_model_stream`), else the calibration slack."""
     from . import estimator
     from ._engine.numerics import Numerics
     from ._engine.step import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, finish, workload_dict
@@ -795,6 +797,8 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
             grad_feats = _vec({K.ACTIVATIONS: tower.out_bytes})
             v = max(v, _add(lm_end, grad_feats, tower.backward), key=sum)
         phases.append(_phase(ph.phase, v))
+    stats = _whole_model_stream(spec, w, text, tw, crops, size, tower_tr, proj_tr, input_rg, graph, tower) \
+        if reserved else None
     recipe = ("the vision tower and projector train" if tower_tr else
               "the vision tower is frozen, the projector trains" if proj_tr else
               "the vision tower and projector are frozen (adapters on the language model only)"
@@ -810,9 +814,13 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
         "lives through the language model's forward and backward",
         # the language model's own line says its reserve comes from a replay: not so for the whole model
         *(a if a != replay_note else
+          f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory from a replay of the "
+          "whole model's allocation stream (the tower's forward before the language model's, its backward after, "
+          "its parameters built first) through a model of PyTorch's caching allocator"
+          + (", over the 3 steps of the calibration loop" if train else "")
+          if stats is not None else
           f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.3f} GiB (H200, CUDA 13); reserved memory: the allocated peak + "
-          f"{ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median), not a replay: the vision-language model's "
-          "allocation stream (tower, projector and language model interleaved) is not modelled"
+          f"{ALLOCATOR_SLACK_FRACTION:.0%} (the calibration median), not a replay"
           for a in text_est.assumptions),
     )
     warnings = tuple(x for x in text_est.warnings) + mm.notes
@@ -826,7 +834,7 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str) -> Esti
     trainable_total = text_est.trainable_parameters + trainable
     return finish(name, phases, parameters=text_est.parameters + params, trainable=trainable_total,
                   assumptions=assumptions, warnings=warnings, workload=workload_dict(w),
-                  host_bytes=text_est.host_bytes, host_traffic_bytes=0, guess_reserved=True)
+                  host_bytes=text_est.host_bytes, host_traffic_bytes=0, reserved=stats, guess_reserved=stats is None)
 
 
 def language_model_extra(t: VisionTower, text: ModelSpec, batch: int, tokens: int, act: int, deepstack: bool) -> int:
@@ -849,3 +857,140 @@ def _text_temp(text: ModelSpec, w: Workload) -> int:
     from .memory import model_states
 
     return model_states(text, w).step_temporaries if w.is_train else 0
+
+
+def _whole_model_stream(spec: ModelSpec, w: Workload, text: ModelSpec, tw: Workload, crops: int, size: int,
+                        tower_tr: bool, proj_tr: bool, input_rg: bool, graph: bool,
+                        tower: _TowerRun) -> AllocStats | None:
+    """The vision-language model's allocation stream replayed through the caching-allocator model: the language
+    model's stream (:mod:`vramplan.alloc_stream`, on the text plus image tokens) with the tower's spliced in where
+    the model runs it. None where the language model's own stream is not replayed (:func:`estimator.replays`).
+
+    * build: the tower and projector are constructed before the language model (``Qwen2_5_VLModel.__init__``:
+      ``visual`` then ``language_model``; LLaVA, Gemma 3: ``vision_tower``, ``multi_modal_projector``, then the
+      language model), one tensor per parameter; the pixel values are the script's input, held throughout;
+    * each forward (training) or prefill (inference) starts with the tower's forward (``get_image_features``); what
+      the model keeps referenced (the features and what it makes of them) dies when the forward returns, what the
+      tower saved for backward when its backward has run;
+    * each backward ends with the tower's backward (the features' gradients arrive from ``masked_scatter``), its
+      parameter gradients kept (accumulated into from the second micro-batch on) until ``zero_grad``;
+    * the optimizer creates the tower's states (AdamW: before the language model's, in parameter order) and its
+      ``_foreach_sqrt`` temporaries live with the language model's."""
+    from . import allocator as A
+    from . import estimator
+    from ._engine.numerics import Numerics
+    from ._engine.replay import backward as replay_backward
+    from ._engine.replay import forward as replay_forward
+    from ._engine.tape import ZERO
+    from .alloc_stream import _optimizer_tensors, infer_events, train_events
+    from .memory import model_states
+    from .vision._layers import Layers
+
+    mm = spec.multimodal
+    assert mm is not None
+    t = mm.vision
+    text_b = estimator.built_as(text, tw)
+    tw_r = estimator.runs_as(text_b, tw)
+    if not estimator.replays(text_b):
+        return None
+    num_t = estimator.numerics(tw_r)
+    states = model_states(text_b, tw_r)
+    lm = train_events(text_b, tw_r, states, num_t, 3) if tw_r.is_train else infer_events(text_b, tw_r, states, num_t)
+
+    train = w.is_train
+    num_ = estimator.numerics(w)
+    num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
+
+    def tower_tape() -> tuple[Layers, list[Any]]:
+        L = Layers(num)
+        feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
+        used = min(len(deep), text.num_layers)
+        outs = [feats, *deep]
+        if t.projector == "qwen_merger":
+            outs = [L.copy(f) for f in outs]
+        L.keep(feats, *deep, *outs)
+        return L, outs[:1 + used]
+
+    L, seeds = tower_tape()
+    fwd_ev: list[tuple[object, int]] = []
+    fr = replay_forward(L, ZERO, ev=fwd_ev)
+    bwd_first: list[tuple[object, int]] = []
+    bwd_acc: list[tuple[object, int]] = []
+    if graph:
+        replay_backward(L, fr, seeds, ev=bwd_first)
+        if w.gradient_accumulation > 1:
+            L2, seeds2 = tower_tape()
+            fr2 = replay_forward(L2, ZERO)
+            replay_backward(L2, fr2, seeds2, ev=bwd_acc, param_grads_exist=True)
+            # (the second tape's keys stand for the first's: map them by position in the tensor list)
+            index = {id(x): j for j, x in enumerate(L2.tensors)}
+            bwd_acc = [(L.tensors[index[id(k)]] if id(k) in index else k, n) for k, n in bwd_acc]
+    kept = [x for x in L.tensors if x.keep and not x.external and x.base is None and x.nbytes]
+    pbytes = 4 if w.precision.is_amp else w.precision.param_bytes
+    sizes = L.tensor_sizes()
+    counts = Counter(tower.sizes)
+    counts.subtract(tower.idle_sizes)  # DeepStack mergers the language model never adds: no gradient, no state
+    trained = [n * pbytes for n in (+counts).elements()] if train else []
+    opt_states, opt_temps = _optimizer_tensors(w.optimizer, trained) if trained else ([], [])
+
+    out: list[tuple[object, int]] = [(("vt_w", j), n * pbytes) for j, n in enumerate(sizes)]
+    out += [(("vt_in", j), x.nbytes) for j, x in enumerate(L.tensors) if x.external and x.base is None and x.nbytes]
+    live: set[object] = set()
+    grads: set[object] = set()
+
+    def emit(items: list[tuple[object, int]], tag: object) -> None:
+        for k, n in items:
+            is_grad = isinstance(k, tuple) and k[0] == "p"
+            key: object = ("vt_g", k[1]) if isinstance(k, tuple) and is_grad else ("vt", tag, k)
+            if n >= 0:
+                if key in live:
+                    continue
+                live.add(key)
+                if is_grad:
+                    grads.add(key)
+                out.append((key, n))
+            elif n == A.FREE and key in live:
+                live.discard(key)
+                out.append((key, A.FREE))
+
+    def free_kept(tag: object) -> None:
+        for x in kept:
+            key = ("vt", tag, x)
+            if key in live:
+                live.discard(key)
+                out.append((key, A.FREE))
+
+    step = micro = 0
+    opt_made = False
+    phase: object = None
+    for key, n in lm:
+        if n == A.PHASE:
+            if phase == "backward" and graph:
+                emit(bwd_acc if micro > 1 and bwd_acc else bwd_first, (step, micro))
+            out.append((key, n))
+            if key in ("forward", "prefill"):
+                micro += 1
+                emit(fwd_ev, (step, micro))
+            elif key in ("backward", "decode"):
+                free_kept((step, micro))  # the model's forward returned: what it referenced dies
+            elif key == "optimizer_step":
+                if not opt_made:  # the first step creates the states
+                    out += [(("vt_opt", j), m) for j, m in enumerate(opt_states)]
+                    opt_made = True
+                out += [(("vt_tmp", step, j), m) for j, m in enumerate(opt_temps)]
+            phase = key
+            continue
+        if n == A.PROBE:  # a step's end: zero_grad(set_to_none=True), the temporaries gone
+            out += [(("vt_tmp", step, j), A.FREE) for j in range(len(opt_temps)) if phase == "optimizer_step"]
+            for g in sorted(grads, key=str):
+                if g in live:
+                    live.discard(g)
+                    out.append((g, A.FREE))
+            for k2 in [k2 for k2 in live if isinstance(k2, tuple) and k2[0] == "vt"]:
+                live.discard(k2)
+                out.append((k2, A.FREE))
+            step, micro, phase = step + 1, 0, None
+        out.append((key, n))
+    if phase == "backward" and graph:
+        emit(bwd_first, (step, micro))
+    return A.simulate(out, A.parse_alloc_conf(w.alloc_conf))
