@@ -40,8 +40,17 @@ HY = {"model_type": "hy_v4", "hidden_size": 256, "num_attention_heads": 4, "num_
       "index_topk": 64, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "num_hidden_layers": 3,
       "mlp_layer_types": ["dense", "sparse", "sparse"], "indexer_types": ["full", "full", "shared"], "hc_mult": 4,
       "vocab_size": 2048, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+# LLaVA-1.5's layout with one image: the projector reads hidden_states[-2], so the CLIP tower's last layer runs but
+# reaches nothing the loss depends on, nor does its post_layernorm (the pooled class token)
+LLAVA = {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
+         "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+         "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 256, "intermediate_size": 512,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+         "vision_config": {"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
+                           "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 112, "patch_size": 14,
+                           "projection_dim": 128}}
 MODELS: dict[str, tuple[dict[str, Any], str]] = {"mllama": (MLLAMA, "layers.1."), "dsa": (DSA, ".indexer."),
-                                                 "hy": (HY, ".indexer.")}
+                                                 "hy": (HY, ".indexer."), "llava": (LLAVA, "vision_tower.")}
 
 CASES = {
     "full": {"method": "full"},
@@ -54,9 +63,11 @@ CASES = {
 }
 
 
-def _real_first_step(cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[list[str], list[Any]]:
-    """The model the trace builds, on real tensors: one forward on text, backward, the optimizer's first step.
-    Returns the trainable parameters left without a gradient and the state tensors the step created."""
+def _real_first_step(cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[list[str], list[Any], list[Any]]:
+    """The model the trace builds, on real tensors: one forward (text, and one image per sample for a VLM other than
+    Mllama's language model), backward, the optimizer's first step.
+    Returns the trainable parameters left without a gradient, the state tensors the step created and the
+    gradients."""
     torch = pytest.importorskip("torch")
     from vramplan.trace._build import build_model, make_optimizer
 
@@ -68,11 +79,18 @@ def _real_first_step(cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[list[st
         torch.set_default_dtype(prev)
     named = [(n, p) for n, p in built.model.named_parameters() if p.requires_grad]
     ids = torch.randint(4, 500, (2, 16), generator=torch.Generator().manual_seed(0))
-    built.model(input_ids=ids, labels=ids).loss.backward()
+    extra: dict[str, Any] = {}
+    if "vision_config" in cfg and cfg["model_type"] != "mllama":  # one image per sample, as the trace feeds it
+        from vramplan.trace._images import image_inputs
+
+        imgs = image_inputs(built.model, built.config, 2, 16, 1, None, torch.bfloat16)
+        ids, extra = imgs.ids, imgs.kwargs
+    built.model(input_ids=ids, labels=ids, **extra).loss.backward()
     opt, _ = make_optimizer([p for _, p in named], w.optimizer)
     opt.step()
     state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return [n for n, p in named if p.grad is None], state
+    grads = [p.grad for _, p in named if p.grad is not None]
+    return [n for n, p in named if p.grad is None], state, grads
 
 
 def _state_at_forward(e: Any) -> int:
@@ -81,19 +99,19 @@ def _state_at_forward(e: Any) -> int:
 
 
 @pytest.mark.parametrize(("model", "case"), [("mllama", c) for c in CASES] + [
-    ("dsa", "full"), ("dsa", "lora-indexer"), ("dsa", "sgd"), ("hy", "full")])
+    ("dsa", "full"), ("dsa", "lora-indexer"), ("dsa", "sgd"), ("hy", "full"), ("llava", "full")])
 def test_optimizer_state_is_what_the_first_step_creates(model: str, case: str) -> None:
     """Trace and estimate hold the optimizer state a real first step creates: none for the parameters backward left
-    without a gradient (Mllama's idle cross-attention layer; DSA's indexer, which runs under no_grad). Before, both
-    made it for every trainable parameter (35% more on the Mllama model under full fine-tuning), and the estimate
-    counted the indexer's gradients too."""
+    without a gradient (Mllama's idle cross-attention layer; DSA's indexer, which runs under no_grad; the CLIP
+    layer after LLaVA's feature layer). Before, both made it for every trainable parameter (35% more on the Mllama
+    model under full fine-tuning), and the estimate counted the indexer's and the CLIP layer's gradients too."""
     pytest.importorskip("transformers")
     from vramplan.trace import trace_workload
     from vramplan.trace._tracker import block_bytes
 
     cfg, idle = MODELS[model]
     opts = CASES.get(case) or {"method": "lora", "lora_targets": "q_a_proj,wq_b,wk,weights_proj"}
-    nograd, state = _real_first_step(cfg, opts)
+    nograd, state, grads = _real_first_step(cfg, opts)
     assert nograd and all(idle in n for n in nograd)  # only the idle layer's or the indexers'
     w = make_workload(batch_size=2, seq_len=128, **opts)
     tr = trace_workload(cfg, w, name=model)
@@ -105,6 +123,9 @@ def test_optimizer_state_is_what_the_first_step_creates(model: str, case: str) -
     moments = sum(v.nbytes for v in state if v.dim() > 0)
     assert _state_at_forward(est) == pytest.approx(moments, rel=0 if model == "mllama" else 1e-3)
     assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.01)
+    if model == "llava":  # the whole model's gradients at the step: those backward made
+        step = next(p for p in est.phases if p.phase.value == "optimizer_step")
+        assert step.breakdown[MemoryKind.GRADIENTS] == sum(v.nbytes for v in grads)
 
 @pytest.mark.parametrize("case", ["full", "lora", "freeze", "sgd"])
 def test_allocation_stream_creates_the_state_the_estimate_counts(case: str) -> None:

@@ -171,12 +171,14 @@ def _register_tables(L: Any, t: VisionTower, tr: bool, proj_tr: bool) -> None:
     elif t.style == "clip":
         L.register("embeddings.class_embedding", (d,), tr)
         L.register("embeddings.position_embedding", ((n + 1) * d,), tr)
-        L.register("post_layernorm", (d, d), tr)
+        # CLIPVisionTransformer.post_layernorm normalizes the pooled class token, which LLaVA's
+        # get_image_features never reads (it takes hidden_states[vision_feature_layer]): no gradient
+        L.register("post_layernorm", (d, d), tr, off_path=True)
     elif t.style == "siglip":
         L.register("embeddings.position_embedding", (n * d,), tr)
         if t.use_head:
             i = t.intermediate
-            L.register("head", (d, 3 * d * d, 3 * d, d * d, d, d, d, d * i, i, i * d, d), tr)
+            L.register("head", (d, 3 * d * d, 3 * d, d * d, d, d, d, d * i, i, i * d, d), tr, off_path=True)
     if t.projector == "llava_next":
         L.register("image_newline", (t.text_hidden,), proj_tr)
 
@@ -694,9 +696,8 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
     # (nor to the mergers of indexes past the tower's depth, which never run)
     used = min(len(deep), text_layers)
     ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle_sizes = tuple(x for j in range(len(t.deepstack)) if j not in ran[:used]
-                       for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))
-                       if n in L.trainable_names for x in L.param_tensors[n]) if num.training else ()
+    idle_names = {n for j in range(len(t.deepstack)) if j not in ran[:used]
+                  for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))}
     outs = [feats, *deep]
     if t.projector == "qwen_merger":
         # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
@@ -705,6 +706,12 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
     # the model's forward holds the features (the encoder outputs and what it makes of them) until it returns
     L.keep(feats, *deep, *outs)
     outs, deep = outs[:1 + used], deep[:used]  # what the language model uses: the gradients of the backward
+    # every trainable parameter the backward from those never reaches gets no gradient: those mergers, the layers
+    # after LLaVA's vision_feature_layer (computed, unused), modules registered off the path (CLIP's post_layernorm,
+    # SigLIP's attention-pooling head)
+    idle_names |= L.params_without_grad(outs) | L.off_path_names
+    idle_sizes = tuple(x for n in sorted(idle_names & L.trainable_names) for x in L.param_tensors[n]) \
+        if num.training else ()
     fwd = replay_forward(L, ZERO)
     kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
     bpeak = replay_backward(L, fwd, outs, param_grads_exist=accumulating)[0].kinds if graph else ()

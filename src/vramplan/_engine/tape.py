@@ -277,6 +277,29 @@ class Tape:
             r = root(t)
             r.last_use = max(r.last_use, last)
 
+    def params_without_grad(self, outs: tuple[Tensor, ...] | list[Tensor]) -> set[str]:
+        """The trainable parameters the program's ops use whose gradient a backward from ``outs`` never makes: the
+        backward reaches an op only through the gradients of its outputs (walking back from ``outs`` through each
+        op's gradient inputs; a view's gradient goes to its base), so the parameters of ops off that path get
+        none (torch's engine runs only the nodes the roots reach: torch/csrc/autograd/engine.cpp
+        compute_dependencies)."""
+        producer: dict[int, _Op] = {}
+        for op in self.ops:
+            for o in op.outputs:
+                producer[id(o)] = op
+        reached: set[int] = set()
+        seen: set[int] = set()
+        stack = list(outs)
+        while stack:
+            t = stack.pop()
+            op = producer.get(id(t)) or (producer.get(id(t.base)) if t.base is not None else None)
+            if op is None or id(op) in seen:
+                continue
+            seen.add(id(op))
+            reached.update(pid for pid, _ in op.params)
+            stack.extend(op.grad_inputs)
+        return {name for name, pid in self._param_ids.items() if pid not in reached}
+
     def param_id(self, name: str) -> int:
         """A stable id for the trainable parameter ``name`` (its gradient is allocated once, then accumulated)."""
         return self._param_ids.setdefault(name, len(self._param_ids))

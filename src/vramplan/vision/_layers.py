@@ -34,6 +34,8 @@ class Layers(Tape):
         self._cached: dict[str, Tensor] = {}
         self.param_tensors: dict[str, tuple[int, ...]] = {}  # module name -> its parameter tensors' sizes
         self.trainable_names: set[str] = set()
+        # registered modules whose output never reaches what the caller uses (no gradient: see off_path)
+        self.off_path_names: set[str] = set()
         self.buffers: dict[str, int] = {}  # registered buffers (elements): weights memory, not parameters
 
     def input(self, numel: int, elem: int, rg: bool = False, kind: MemoryKind = MemoryKind.ACTIVATIONS, *,
@@ -47,13 +49,17 @@ class Layers(Tape):
             return ()
         return ((self.param_id(name), numel * self.num.param),)
 
-    def register(self, name: str, sizes: tuple[int, ...], trainable: bool) -> None:
-        """Record a module's parameters (for exact counts and per-tensor optimizer and allocator rules)."""
+    def register(self, name: str, sizes: tuple[int, ...], trainable: bool, *, off_path: bool = False) -> None:
+        """Record a module's parameters (for exact counts and per-tensor optimizer and allocator rules).
+        ``off_path``: the model builds (and may call) the module, but its output never reaches the loss, so its
+        parameters get no gradient (not recorded op by op: its activations are left out)."""
         if name in self.param_tensors:
             return
         self.param_tensors[name] = tuple(n for n in sizes if n)
         if trainable:
             self.trainable_names.add(name)
+        if off_path:
+            self.off_path_names.add(name)
 
     def buffer(self, name: str, numel: int) -> None:
         """A floating-point buffer the model keeps on the GPU in the parameter dtype (a position table)."""
