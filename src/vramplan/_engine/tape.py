@@ -292,12 +292,12 @@ class Tape:
         stack = list(outs)
         while stack:
             t = stack.pop()
-            op = producer.get(id(t)) or (producer.get(id(t.base)) if t.base is not None else None)
-            if op is None or id(op) in seen:
+            made = producer.get(id(t)) or (producer.get(id(t.base)) if t.base is not None else None)
+            if made is None or id(made) in seen:
                 continue
-            seen.add(id(op))
-            reached.update(pid for pid, _ in op.params)
-            stack.extend(op.grad_inputs)
+            seen.add(id(made))
+            reached.update(pid for pid, _ in made.params)
+            stack.extend(made.grad_inputs)
         return {name for name, pid in self._param_ids.items() if pid not in reached}
 
     def param_id(self, name: str) -> int:
