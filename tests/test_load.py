@@ -164,3 +164,14 @@ def test_full_fine_tuning_of_a_quantized_checkpoint_is_refused(method: str) -> N
         estimate("qwen3-30b-a3b-thinking-2507-fp8", method=method)
     assert estimate("qwen3-30b-a3b-thinking-2507-fp8", method="lora").peak_allocated_bytes > 0
     assert estimate("gpt-oss-20b", method=method).peak_allocated_bytes > 0
+
+
+def test_the_cli_echoes_the_options_the_run_changed(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramplan.cli import main
+
+    assert main(["estimate", "llama-3.2-1b", "--load", "device-map", "--lora-rank", "64", "--method", "lora"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "load=device-map" in line and "lora_rank=64" in line
+    assert main(["estimate", "llama-3.2-1b"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "load=" not in line and "lora_rank" not in line

@@ -22,6 +22,20 @@ __all__ = ["console", "note_gpu_choice", "print_estimate", "print_gpus", "print_
 _PIPE_WIDTH = 240  # lines written to a pipe or file: no table cut to a terminal's 80 columns
 
 
+
+_CORE_FIELDS = ("task", "method", "precision", "optimizer", "batch_size", "seq_len", "attention",
+                "gradient_checkpointing", "weights_quant", "new_tokens", "logits")
+
+
+def _workload_defaults() -> dict[str, object]:
+    from ._engine.step import workload_dict
+    from .workload import Workload
+
+    return workload_dict(Workload())
+
+
+_DEFAULTS = _workload_defaults()
+
 def console(*, stderr: bool = False, width: int | None = None) -> Console:
     """The rich console every command prints with: the terminal's width in a terminal; when piped,
     wide enough that tables keep every column (rich would otherwise assume 80 and cut them)."""
@@ -71,9 +85,8 @@ def print_estimate(est: Estimate, title: str | None = None, out: Console | None 
     w = est.workload
     head = title or est.model
     c.print(f"[bold]{head}[/bold]: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable")
-    desc = ", ".join(f"{k}={v}" for k, v in w.items() if k in (
-        "task", "method", "precision", "optimizer", "batch_size", "seq_len", "attention",
-        "gradient_checkpointing", "weights_quant", "new_tokens", "logits"))
+    desc = ", ".join(f"{k}={v}" for k, v in w.items() if k in _CORE_FIELDS or (
+        k in _DEFAULTS and v != _DEFAULTS[k]))  # and every option the run changed
     c.print(f"[dim]{desc}[/dim]")
     c.print(f"peak allocated [bold]{_gib(est.peak_allocated_bytes)} GiB[/bold] "
                   f"(torch.cuda.max_memory_allocated, in the {est.peak_phase.value} phase); "
