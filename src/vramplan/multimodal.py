@@ -668,7 +668,7 @@ class _TowerRun:
     """What the whole-model estimate takes from the vision tower's program (it does not depend on the text)."""
 
     deep: int  # DeepStack levels the tower makes
-    idle: int  # parameters of DeepStack mergers whose level the language model never adds
+    idle: int  # trainable parameters the backward never reaches (unused DeepStack mergers, LLaVA's last CLIP layers...)
     idle_sizes: tuple[int, ...]  # their tensors' element counts (no gradient, so no optimizer state)
     params: int
     trainable: int
@@ -769,7 +769,7 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str, reserve
     state = temp = 0
     if trainable:
         # the optimizer creates state for, and steps, the parameters that have a gradient (torch/optim/adam.py
-        # _init_group passes over grad None): not the idle mergers
+        # _init_group passes over grad None): not the idle ones
         sizes = Counter(tower.sizes)
         sizes.subtract(tower.idle_sizes)
         state, temp, _ = _optimizer_bytes(w.optimizer, trainable - idle, pbytes, +sizes)
@@ -936,7 +936,7 @@ def _whole_model_stream(spec: ModelSpec, w: Workload, text: ModelSpec, tw: Workl
     pbytes = 4 if w.precision.is_amp else w.precision.param_bytes
     sizes = L.tensor_sizes()
     counts = Counter(tower.sizes)
-    counts.subtract(tower.idle_sizes)  # DeepStack mergers the language model never adds: no gradient, no state
+    counts.subtract(tower.idle_sizes)  # what the backward never reaches (_tower_run): no gradient, no state
     trained = [n * pbytes for n in (+counts).elements()] if train else []
     opt_states, opt_temps = _optimizer_tensors(w.optimizer, trained) if trained else ([], [])
 
