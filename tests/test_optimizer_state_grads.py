@@ -49,8 +49,13 @@ LLAVA = {"model_type": "llava", "image_token_index": 32000, "vision_feature_laye
          "vision_config": {"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 256,
                            "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 112, "patch_size": 14,
                            "projection_dim": 128}}
+# Fuyu on text: FuyuModel.vision_embed_tokens (a patch embedding) is built, never called
+FUYU = {"model_type": "fuyu", "patch_size": 30, "num_channels": 3,
+        "text_config": {"model_type": "persimmon", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+                        "num_hidden_layers": 2, "num_attention_heads": 4}}
 MODELS: dict[str, tuple[dict[str, Any], str]] = {"mllama": (MLLAMA, "layers.1."), "dsa": (DSA, ".indexer."),
-                                                 "hy": (HY, ".indexer."), "llava": (LLAVA, "vision_tower.")}
+                                                 "hy": (HY, ".indexer."), "llava": (LLAVA, "vision_tower."),
+                                                 "fuyu": (FUYU, "vision_embed_tokens")}
 
 CASES = {
     "full": {"method": "full"},
@@ -99,7 +104,7 @@ def _state_at_forward(e: Any) -> int:
 
 
 @pytest.mark.parametrize(("model", "case"), [("mllama", c) for c in CASES] + [
-    ("dsa", "full"), ("dsa", "lora-indexer"), ("dsa", "sgd"), ("hy", "full"), ("llava", "full")])
+    ("dsa", "full"), ("dsa", "lora-indexer"), ("dsa", "sgd"), ("hy", "full"), ("llava", "full"), ("fuyu", "full")])
 def test_optimizer_state_is_what_the_first_step_creates(model: str, case: str) -> None:
     """Trace and estimate hold the optimizer state a real first step creates: none for the parameters backward left
     without a gradient (Mllama's idle cross-attention layer; DSA's indexer, which runs under no_grad; the CLIP
@@ -123,6 +128,7 @@ def test_optimizer_state_is_what_the_first_step_creates(model: str, case: str) -
     moments = sum(v.nbytes for v in state if v.dim() > 0)
     assert _state_at_forward(est) == pytest.approx(moments, rel=0 if model == "mllama" else 1e-3)
     assert est.peak_allocated_bytes == pytest.approx(tr.peak_allocated_bytes, rel=0.01)
+    assert est.parameters == tr.parameters
     if model == "llava":  # the whole model's gradients at the step: those backward made
         step = next(p for p in est.phases if p.phase.value == "optimizer_step")
         assert step.breakdown[MemoryKind.GRADIENTS] == sum(v.nbytes for v in grads)

@@ -1278,6 +1278,16 @@ def _mllama_text(c: _Cfg, family: str) -> ModelSpec:
                    extra_params=spec.extra_params + 8 * spec.hidden_size + idle, program_version="5.24")
 
 
+def _fuyu_patch_embedding(spec: ModelSpec, raw: Mapping[str, Any], where: str) -> ModelSpec:
+    """FuyuForCausalLM (modeling_fuyu.py FuyuModel): beside the language model built on text_config, the top-level
+    ``vision_embed_tokens``, an nn.Linear from a flattened patch (patch_size x patch_size x num_channels, FuyuConfig
+    defaults 30 and 3) to the hidden width, which the forward calls only on image patches: on text its weights count,
+    and it gets no gradient and no optimizer state (idle)."""
+    c = _Cfg({"patch_size": 30, "num_channels": 3, **raw}, where)
+    n = c.int_("patch_size") ** 2 * c.int_("num_channels") * spec.hidden_size + spec.hidden_size
+    return replace(spec, extra_params=spec.extra_params + n, idle_params=spec.idle_params + n)
+
+
 def _falcon(c: _Cfg, family: str) -> ModelSpec:
     hidden = c.int_("hidden_size", default=4544)
     heads = c.int_("num_attention_heads", "n_head", default=71)
@@ -1568,6 +1578,8 @@ def spec_from_config(raw: object, name: str = "config.json") -> ModelSpec:
         spec = replace(spec, model_type=model_type)
     if quantization is not None:
         spec = replace(spec, quantization=quantization)
+    if cfg_raw.get("model_type") == "fuyu":
+        spec = _fuyu_patch_embedding(spec, cfg_raw, name)
     if notes:
         spec = replace(spec, notes=notes)
         from .multimodal import multimodal_from_config, text_only_class
