@@ -150,3 +150,22 @@ def test_allocation_stream_creates_the_state_the_estimate_counts(case: str) -> N
     created = _optimizer(w.optimizer, stepped, states)[0]
     assert sum(created) == states.optimizer_state
     assert sum(stepped) < sum(_trainable(w, params, _adapters(spec, w), first))  # the idle layer's tensors left out
+
+
+def test_flat_fp32_optimizers_keep_state_for_every_trainable_parameter() -> None:
+    """DeepSpeed ZeRO and Megatron step fp32 copies of every trainable parameter (a flat partition, zeros where
+    backward made no gradient), so the idle layer has state there; torch's optimizers make none."""
+    from vramplan.memory import model_states
+    from vramplan.parallel.engines import _shard_info
+    from vramplan.params import count_params
+    from vramplan.workload import Precision
+
+    spec = spec_from_config(MLLAMA, "mllama")
+    w = make_workload(batch_size=2, seq_len=128, method="full")
+    own, flat = model_states(spec, w), model_states(spec, w, flat=True)
+    assert flat.gradients == own.gradients
+    assert flat.optimizer_state == 2 * 2 * flat.trainable_parameters  # two bf16 AdamW moments for every parameter
+    assert own.optimizer_state < flat.optimizer_state
+    sh = _shard_info(spec, w, w, count_params(spec))  # what ZeRO's and Megatron's ranks shard
+    assert sh.fp32.optimizer_state == model_states(spec, w.with_(precision=Precision.FP32), flat=True).optimizer_state
+    assert sh.fp32.optimizer_state == 2 * 4 * flat.trainable_parameters

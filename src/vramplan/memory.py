@@ -396,14 +396,20 @@ def linear_scheme(spec: ModelSpec, quantization: Quantization, layer: int, j: in
     return scheme
 
 
-def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None) -> ModelStates:
+def model_states(spec: ModelSpec, w: Workload, counts: ParamCounts | None = None, *,
+                 flat: bool = False) -> ModelStates:
     """Weights, master weights, quantization constants, gradients, optimizer states and step temporaries of
-    ``spec`` under ``w`` (``counts``: the spec's parameter counts, :func:`count_params` when not given)."""
-    return _model_states(spec, w, counts or count_params(spec))
+    ``spec`` under ``w`` (``counts``: the spec's parameter counts, :func:`count_params` when not given).
+
+    ``flat``: the optimizer steps flat fp32 copies of every trainable parameter, so a parameter without a gradient
+    has optimizer state too (DeepSpeed ZeRO's ``single_partition_of_fp32_groups``, stage_1_and_2.py / stage3.py;
+    Megatron's fp32 main params, whose gradients are copied from its grad buffer, zeros included); torch's own
+    optimizers create none for it (the default)."""
+    return _model_states(spec, w, counts or count_params(spec), flat)
 
 
 @functools.lru_cache(maxsize=4096)  # a plan search and a parallel estimate ask again for the same (model, workload)
-def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelStates:
+def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts, flat: bool = False) -> ModelStates:
     total = counts.total
     notes: list[str] = []
     training = w.is_train
@@ -531,9 +537,12 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
     # (and parameters of modules that run under no_grad: DSA's indexers, params.no_grad_params)
     idle = _idle_trainable(spec, counts, w, trainable_layers) if training and trainable and \
         (spec.idle_layers or spec.idle_params or spec.index_heads) else 0
+    grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
+    no_grad_fp32 = _idle_fp32(spec) if idle else 0
+    if flat:  # (flat fp32 copies: every trainable parameter has state)
+        idle = 0
     if idle:
         tensor_sizes = _stepped_sizes(spec, counts, w, tensor_sizes, trainable_layers, adapters - saved_copies - idle)
-    grads = ((trainable - saved_copies - idle) * train_elem + saved_copies * copy_elem) if training else 0
     state = temp = 0
     if training and trainable:
         if w.optimizer in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
@@ -556,8 +565,8 @@ def _model_states(spec: ModelSpec, w: Workload, counts: ParamCounts) -> ModelSta
     if wide:
         weights += wide * (4 - dense_elem)
         if training and w.method is Method.FULL:
-            stepped = wide - (_idle_fp32(spec) if idle else 0)  # (the fp32 ones with no gradient: none, and no state)
-            grads += stepped * (4 - dense_elem)
+            grads += (wide - no_grad_fp32) * (4 - dense_elem)  # (the fp32 ones with no gradient: none, nor state)
+            stepped = wide - (no_grad_fp32 if idle else 0)
             if w.optimizer not in (Optimizer.GALORE, Optimizer.APOLLO, Optimizer.MUON):
                 s4, t4, _ = _optimizer_bytes(w.optimizer, stepped, 4, Counter())
                 s2, t2, _ = _optimizer_bytes(w.optimizer, stepped, dense_elem, Counter())

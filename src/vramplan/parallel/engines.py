@@ -73,7 +73,8 @@ class _Shard:
 def _shard_info(spec: ModelSpec, w: Workload, wc: Workload, counts: ParamCounts) -> _Shard:
     user = model_states(spec, w, counts)
     comp = user if wc is w else model_states(spec, wc, counts)
-    fp32 = model_states(spec, w.with_(precision=Precision.FP32), counts) if w.is_train else user
+    # DeepSpeed's and Megatron's optimizers step fp32 copies of every trainable parameter (memory.model_states flat)
+    fp32 = model_states(spec, w.with_(precision=Precision.FP32), counts, flat=True) if w.is_train else user
     L = max(1, len(counts.layers))
     root = counts.embedding + counts.final_norm + counts.lm_head
     layer = max((layer.total for layer in counts.layers), default=0)

@@ -412,7 +412,7 @@ class ZeroRank(_WholeModelHooks):
             st.free(k)
         self.gip.clear()
         self.micro = 1
-        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32), flat=True)
         _optimizer_step(st, *_optimizer(self.w.optimizer, [self.partition * 4], _sharded_states(states, self.n)), step)
         st.free(fp32)
 
@@ -560,7 +560,7 @@ class Zero3Rank(_StreamKeys):
             st.free(tmp)
         grad = self._key(st, COMPUTE)
         st.alloc(grad, max(self.groups) * 4)
-        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32), flat=True)
         opt, tmps = _optimizer(self.w.optimizer, [g * 4 for g in self.groups], _sharded_states(states, self.n))
         _optimizer_step(st, opt, tmps, 0)  # the states exist from here on
         st.free(grad)
@@ -632,7 +632,7 @@ class Zero3Rank(_StreamKeys):
             self._gather(st, "embed", self._root_numel("embed"))
 
     def optimizer_step(self, st: _Stream, step: int) -> None:
-        states = model_states(self.spec, self.w.with_(precision=Precision.FP32))
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32), flat=True)
         for size in self.groups:
             fp32 = self._key(st, COMPUTE)
             st.alloc(fp32, size * 4)
@@ -686,7 +686,7 @@ class MegatronRank(_WholeModelHooks):
 
     def optimizer_step(self, st: _Stream, step: int) -> None:
         elem = 4 if self.mixed else self.elem
-        states = model_states(self.spec, self.w.with_(precision=Precision.FP32) if self.mixed else self.w)
+        states = model_states(self.spec, self.w.with_(precision=Precision.FP32) if self.mixed else self.w, flat=True)
         _optimizer_step(st, *_optimizer(self.w.optimizer, [p.numel * elem for p in self.trained], states), step)
 
 
