@@ -46,7 +46,6 @@ from .memory import (
 from .params import ParamCounts, count_params
 from .result import Breakdown, Estimate, PhasePeak
 from .spec import ATTENTION_MIXERS, ModelSpec, NormKind, PositionKind
-from .ssm import ssm_state_bytes
 from .units import GiB
 from .workload import (
     Attention,
@@ -577,6 +576,8 @@ def _infer(spec: ModelSpec, w: Workload, states: ModelStates, num: Numerics, *, 
     total_len = s + w.new_tokens
     attn = [i for i in cache_calls(spec) if spec.mixer(i) in ATTENTION_MIXERS and i not in spec.idle_layers]
     kv_all = sum(_kv_bytes(spec.layer(i), num, b, total_len - 1, i in spec.sliding_layers) for i in attn)
+    from .ssm import ssm_state_bytes  # (imported here: a model without such layers needs nothing else of vramplan.ssm)
+
     kv_all += ssm_state_bytes(spec, b, num.act)  # SSM layers: conv + recurrent state, constant in length
     kv_layer = max((_kv_bytes(spec.layer(i), num, b, total_len, False) for i in attn), default=0)
     if spec.moa:  # JetMoeAttention: the whole cache's keys and values repeated top_k times (copies) every step

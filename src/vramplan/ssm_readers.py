@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .hfconfig import _MAX_LAYERS, _Cfg, _check_heads
 from .spec import Activation, MLPKind, ModelSpec, NormKind, PositionKind
-from .ssm import SSMSpec
+
+if TYPE_CHECKING:  # (imported by the readers that build one: reading a config of another family needs no SSM module)
+    from .ssm import SSMSpec
 
 __all__ = ["SSM_CLASSES", "SSM_READERS"]
 
@@ -37,6 +39,8 @@ def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: Any) -> SSMSpe
     prefix, with their config classes' defaults; ``extra`` are the family's own fields."""
     from dataclasses import replace
 
+    from .ssm import SSMSpec
+
     d_head = c.raw.get("mamba_d_head", "auto")
     return replace(SSMSpec(
         d_inner=d_inner, n_heads=n_heads,
@@ -50,6 +54,8 @@ def _mamba_prefixed(c: _Cfg, d_inner: int, n_heads: int, **extra: Any) -> SSMSpe
 def _mamba2(c: _Cfg, family: str) -> ModelSpec:
     """Mamba-2 (modeling_mamba2.py): embeddings, ``num_hidden_layers`` Mamba2Blocks (RMSNorm + mixer, residual in
     fp32 by default), norm_f, an untied lm_head whose logits are cast with ``.float()``."""
+    from .ssm import SSMSpec
+
     hidden = c.int_("hidden_size", default=4096)
     layers = c.int_("num_hidden_layers", default=64, hi=_MAX_LAYERS)
     d_inner = _expand(c, "expand", hidden)
@@ -76,6 +82,8 @@ def _mamba(c: _Cfg, family: str) -> ModelSpec:
     MambaBlocks (RMSNorm + selective-scan mixer, residual in fp32 by default), norm_f, an lm_head tied to the
     embeddings by default whose logits are cast with ``.float()``. Falcon-Mamba adds weightless RMSNorms on dt, B
     and C. ``time_step_rank`` "auto" is ceil(hidden / 16) (configuration_mamba.py)."""
+    from .ssm import SSMSpec
+
     hidden = c.int_("hidden_size", default=768)
     layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
     # MambaMixer sizes itself by config.intermediate_size: expand x hidden unless a saved config states it
@@ -107,6 +115,7 @@ def _jamba(c: _Cfg, family: str) -> ModelSpec:
     from dataclasses import replace
 
     from .hfconfig import _llama_like
+    from .ssm import SSMSpec
 
     layers = c.int_("num_hidden_layers", default=32, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=4096)
@@ -153,7 +162,7 @@ def _zamba2(c: _Cfg, family: str) -> ModelSpec:
     with heads of 2 x hidden / heads, no RoPE unless ``use_mem_rope``; an MLP of ``intermediate_size``, 4 x hidden
     by default), project it with their own ``linear`` and add it to the Mamba-2 layer's input. ``num_mem_blocks``
     weight sets are reused in turn; each hybrid layer has its own adapters."""
-    from .ssm import SharedBlock
+    from .ssm import SharedBlock, SSMSpec
 
     layers = c.int_("num_hidden_layers", default=54, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=2560)
@@ -214,7 +223,7 @@ def _zamba(c: _Cfg, family: str) -> ModelSpec:
     layer's ``shared_transf`` is the first one's) on ``cat([hidden, original embeddings])`` (attention over
     ``attention_hidden_size``, 2 x hidden by default; a gate/up/down MLP of ``intermediate_size``), project it with
     their own ``linear`` and add it to the Mamba layer's input."""
-    from .ssm import SharedBlock
+    from .ssm import SharedBlock, SSMSpec
 
     layers = c.int_("num_hidden_layers", default=76, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=3712)
@@ -426,6 +435,7 @@ def _lfm2_stack(c: _Cfg, family: str, hidden: int, layers: int, inter: int, mixe
     from dataclasses import replace
 
     from .hfconfig import _llama_like
+    from .ssm import SSMSpec
 
     raw = {**c.raw, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
            "num_attention_heads": c.int_("num_attention_heads", default=32),
@@ -451,6 +461,7 @@ def _lfm3(c: _Cfg, family: str) -> ModelSpec:
     from dataclasses import replace
 
     from .hfconfig import _llama_like
+    from .ssm import SSMSpec
 
     layers = c.int_("num_hidden_layers", default=24, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=2048)
@@ -518,6 +529,8 @@ def _nemotron_h(c: _Cfg, family: str) -> ModelSpec:
     MoE blocks ("E", Nemotron 3: ``NemotronHMoE``) route with an fp32 sigmoid router (group-limited top-k, a
     correction bias) to non-gated ReLU² experts, optionally between ``fc1_latent_proj`` / ``fc2_latent_proj``, and
     add a non-gated shared expert."""
+    from .ssm import SSMSpec
+
     types = c.raw.get("layers_block_type", c.raw.get("layer_types"))
     if types is None and isinstance(c.raw.get("hybrid_override_pattern"), str):
         pattern = c.raw["hybrid_override_pattern"]
@@ -602,6 +615,8 @@ def _gdn_layer_types(c: _Cfg, layers: int) -> tuple[str, ...]:
 
 def _gdn(c: _Cfg, layout: str, neg_eigval: bool = False) -> SSMSpec:
     """The gated DeltaNet's sizes (``linear_*`` keys) mapped onto :class:`SSMSpec` (see :mod:`vramplan.gdn`)."""
+    from .ssm import SSMSpec
+
     nk = c.int_("linear_num_key_heads", default=16)
     nv = c.int_("linear_num_value_heads", default=32)
     if nv % nk:
@@ -755,6 +770,7 @@ def _kimi_linear(c: _Cfg, family: str) -> ModelSpec:
     from dataclasses import replace
 
     from .hfconfig import _Facts, _llama_like
+    from .ssm import SSMSpec
 
     layers_d, hidden_d, inter_d, moe_d, vocab_d, heads_d, experts_d, topk_d, dense_d = _KDA_DEFAULTS[family]
     raw: dict[str, Any] = dict(c.raw)
@@ -971,6 +987,7 @@ def _recurrent_gemma(c: _Cfg, family: str) -> ModelSpec:
     from dataclasses import replace
 
     from .hfconfig import _FAMILIES, _llama_like, _rotary_fraction
+    from .ssm import SSMSpec
 
     layers = c.int_("num_hidden_layers", default=26, hi=_MAX_LAYERS)
     hidden = c.int_("hidden_size", default=2560)
