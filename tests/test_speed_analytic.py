@@ -115,9 +115,13 @@ def test_vision_tower_reused_across_text_lengths(model: str, options: dict[str, 
 
 
 def test_vision_language_reserve_line() -> None:
-    """The whole model's reserve is the peak + the slack, said once; the language model's replay line is not kept
-    (its analytic estimate says 'no allocator replay on this path', which is replaced too)."""
+    """The whole model's reserve comes from its own replay, said once; the language model's line is not kept (its
+    analytic estimate says 'no allocator replay on this path', which is replaced); without the replay, the peak +
+    the slack, said once too."""
     e = estimate(get_model("llava-1.5-7b").spec, make_workload())
     notes = [a for a in e.assumptions if a.startswith("CUDA context")]
-    assert len(notes) == 1 and "not a replay" in notes[0], notes
+    assert len(notes) == 1 and "replay of the whole model's allocation stream" in notes[0], notes
     assert e.peak_reserved_bytes > e.peak_allocated_bytes
+    g = estimate(get_model("llava-1.5-7b").spec, make_workload(), reserved=False)
+    notes = [a for a in g.assumptions if a.startswith("CUDA context")]
+    assert len(notes) == 1 and "not a replay" in notes[0], notes
