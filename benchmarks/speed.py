@@ -5,7 +5,9 @@
     python benchmarks/speed.py --catalog    # the warm new-workload figures for every model of the catalog
 
 Measured (each the minimum over repetitions, and the median beside it; the machine's load average is printed,
-since other processes inflate every figure):
+since other processes inflate every figure; in brackets the CPU time the measured process itself spent,
+``time.process_time`` and, for the CLI, the child's user + system time, which waiting for a shared core does not
+count: the steadier figure on a busy machine):
 
 * cold import: ``import vramplan`` in a fresh interpreter;
 * first estimate: the first ``vramplan.estimate(MODEL)`` in that interpreter (resolves the model, builds the
@@ -27,10 +29,12 @@ from __future__ import annotations
 import argparse
 import compileall
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import vramplan
@@ -45,16 +49,26 @@ def _fresh(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
 
-def cold(model: str, n: int) -> tuple[list[float], list[float]]:
-    """(import times, first-estimate times) in fresh interpreters, seconds."""
-    code = ("import time; t0 = time.perf_counter(); import vramplan; t1 = time.perf_counter();"
-            f"vramplan.estimate({model!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)")
+Sample = tuple[float, float]  # (wall seconds, CPU seconds)
+
+
+def cold(model: str, n: int) -> tuple[list[Sample], list[Sample]]:
+    """(import times, first-estimate times) in fresh interpreters."""
+    code = ("import time; c = time.process_time; t0, c0 = time.perf_counter(), c(); import vramplan;"
+            f"t1, c1 = time.perf_counter(), c(); vramplan.estimate({model!r}); t2, c2 = time.perf_counter(), c();"
+            "print(t1 - t0, c1 - c0, t2 - t1, c2 - c1)")
     imports, firsts = [], []
     for _ in range(n):
-        a, b = _fresh(code).split()
-        imports.append(float(a))
-        firsts.append(float(b))
+        a, b, c, d = (float(x) for x in _fresh(code).split())
+        imports.append((a, b))
+        firsts.append((c, d))
     return imports, firsts
+
+
+def _timed(fn: Callable[[], object]) -> Sample:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def warm(model: str, n: int, reserved: bool, offset: int) -> list[float]:
@@ -63,28 +77,25 @@ def warm(model: str, n: int, reserved: bool, offset: int) -> list[float]:
     times = []
     for i in range(n):
         w = vramplan.make_workload(seq_len=2048 + offset + 8 * (i + 1))  # new workload every time: no cache hit
-        t0 = time.perf_counter()
-        estimate(spec, w, name=model, reserved=reserved)
-        times.append(time.perf_counter() - t0)
+        times.append(_timed(lambda: estimate(spec, w, name=model, reserved=reserved)))  # noqa: B023 (called at once)
     return times
 
 
-def cached(model: str, n: int) -> list[float]:
+def cached(model: str, n: int) -> list[Sample]:
     vramplan.estimate(model)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        vramplan.estimate(model)
-        times.append(time.perf_counter() - t0)
-    return times
+    return [_timed(lambda: vramplan.estimate(model)) for _ in range(n)]
 
 
-def cli(model: str, n: int) -> list[float]:
+def cli(model: str, n: int) -> list[Sample]:
+    """Wall time, and the child's CPU time (user + system)."""
     times = []
     for _ in range(n):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "vramplan", "estimate", model, "--json"], check=True, capture_output=True)
-        times.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append((wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime))
     return times
 
 
@@ -116,10 +127,12 @@ def catalog(n: int) -> None:
               + ", ".join(f"{r[0]} {r[col]:.1f} ms" for r in rows[-5:]))
 
 
-def _row(label: str, seconds: list[float], target_ms: float | None = None) -> str:
-    lo, mid = min(seconds) * 1e3, statistics.median(seconds) * 1e3
+def _row(label: str, samples: list[Sample], target_ms: float | None = None) -> str:
+    wall, cpu = [s[0] * 1e3 for s in samples], [s[1] * 1e3 for s in samples]
+    lo, mid = min(wall), statistics.median(wall)
     verdict = "" if target_ms is None else f"  target < {target_ms:g} ms: {'met' if lo < target_ms else 'MISSED'}"
-    return f"{label:<52} min {lo:9.3f} ms  median {mid:9.3f} ms{verdict}"
+    return (f"{label:<52} min {lo:9.3f} ms  median {mid:9.3f} ms  (cpu min {min(cpu):8.3f}  median "
+            f"{statistics.median(cpu):8.3f}){verdict}")
 
 
 def main() -> None:
