@@ -122,6 +122,6 @@ def test_vision_language_reserve_line() -> None:
     notes = [a for a in e.assumptions if a.startswith("CUDA context")]
     assert len(notes) == 1 and "replay of the whole model's allocation stream" in notes[0], notes
     assert e.peak_reserved_bytes > e.peak_allocated_bytes
-    g = estimate(get_model("llava-1.5-7b").spec, make_workload(), reserved=False)
+    g = E.estimate(get_model("llava-1.5-7b").spec, make_workload(), reserved=False)
     notes = [a for a in g.assumptions if a.startswith("CUDA context")]
     assert len(notes) == 1 and "not a replay" in notes[0], notes
