@@ -831,6 +831,10 @@ def _estimate_multimodal_cached(spec: ModelSpec, w: Workload, name: str, reserve
           for a in text_est.assumptions),
     )
     warnings = tuple(x for x in text_est.warnings) + mm.notes
+    if stats is not None and w.load != "config":
+        # (alloc_stream's load applies to the language model's stream; the tower's tensors are spliced in before it)
+        assumptions += (f"--load {w.load}: the language model's tensors are placed as that load places them; the "
+                        "tower's are allocated one by one before them (their share of a warm-up block not modelled)",)
     if w.uses_adapters and train:
         # the LoRA lines of the language model's estimate name its own model_type; peft looks the default targets up
         # by the whole model's (the vision-language config's)
