@@ -175,3 +175,22 @@ def test_the_cli_echoes_the_options_the_run_changed(capsys: pytest.CaptureFixtur
     assert main(["estimate", "llama-3.2-1b"]) == 0
     line = capsys.readouterr().out.splitlines()[1]
     assert "load=" not in line and "lora_rank" not in line
+
+
+def test_a_fused_gate_up_output_lives_through_down_proj() -> None:
+    """Phi3MLP: ``gate, up_states = up_states.chunk(2, dim=-1)`` keeps the local ``gate``, a view of the fused
+    output, bound until the MLP returns: under inference (nothing saved) the fused output is freed only after
+    down_proj has made its output."""
+    from vramplan._engine.tape import Tape
+    from vramplan.blocks import build_layer
+    from vramplan.estimator import _plan
+
+    spec = spec_from_config(dict(model_type="phi3", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=8, vocab_size=1000))
+    w = make_workload(task="infer")
+    tp = Tape(False)
+    build_layer(tp, spec, numerics(w), _plan(spec, w, False, False, False, False), 2, 64)
+    fused = [t for t in tp.tensors if t.numel == 2 * 64 * 2 * 1024]
+    down = max(j for j, op in enumerate(tp.ops) if op.outputs and op.outputs[0].numel == 2 * 64 * 512
+               and any(x.numel == 2 * 64 * 1024 for x in op.inputs))
+    assert fused and fused[0].last_use >= down

@@ -1265,6 +1265,10 @@ class _B:
                 # is the norm's argument, referenced until it returns
                 p = self.call(lambda v: self.norm(v, i, tr), p)
             out = lin(p, i, h, "down_proj", spec.mlp_bias)
+            if spec.gate_up_fused:
+                # ``gate, up_states = up_states.chunk(2, dim=-1)`` (Phi3MLP, GlmMLP and their copies): the local
+                # ``gate`` is a view of the fused output and stays bound until the MLP returns, through down_proj
+                tp.hold(gu)
             if spec.altup_inputs:
                 tp.hold(held_gate, a, u)
             if spec.mlp_multipliers:  # down_proj(y) * down_multiplier
