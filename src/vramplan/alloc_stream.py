@@ -234,6 +234,21 @@ def _instance_plan(codes: list[tuple[int, int]], index: dict[int, int], state: t
     return kept, deleted, list(inserted)
 
 
+def _fuse_gate_up(linears: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """A transformers 5 MoE layer's experts as the Parameters it builds: ``gate_up_proj`` one (experts, 2 x
+    intermediate, hidden) stack (``MixtralExperts``, ``Qwen3MoeExperts``, ``DeepseekV2Experts``... 71 modeling files of
+    5.25), ``down_proj`` another; :func:`vramplan.params.mlp_linears` lists gate and up apart (adapter targets)."""
+    out: list[tuple[str, int, int, int]] = []
+    for entry in linears:
+        name, fin, fout, n = entry
+        if name == "experts.up_proj" and out and out[-1][0] == "experts.gate_proj" and out[-1][1:] == (fin, fout, n) \
+                and n > 1:
+            out[-1] = ("experts.gate_up_proj", fin, 2 * fout, n)
+        else:
+            out.append(entry)
+    return out
+
+
 def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[str, int]]:
     """(group, bytes) of every parameter tensor in construction order; group says which trains."""
     counts = count_params(spec)
@@ -246,7 +261,7 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     for i in range(spec.num_layers):
         moe = i in spec.moe_layers
         layer = counts.layers[i]
-        for name, fin, fout, n in attention_linears(spec) + mlp_linears(spec, moe):
+        for name, fin, fout, n in _fuse_gate_up(attention_linears(spec) + mlp_linears(spec, moe)):
             numel = fin * fout * n
             if quant is not WeightsQuant.NONE and name != "router":
                 wb, cb = quantized_linear_bytes(numel, fout * n, quant, w.uses_double_quant)
@@ -292,7 +307,10 @@ def _bnb_tensors(spec: ModelSpec, w: Workload) -> list[tuple[object, int, int, s
         for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
             linear += fin * fout * n
             quantized = quantization is not None and linear_scheme(spec, quantization, i, j, name) is not None
-            if not quantized and n > 1 and name.startswith("experts."):
+            if not quantized and n > 1 and name == "experts.up_proj" and out and out[-1][3] == "experts.gate_proj":
+                tag, numel, _, _ = out[-1]  # one gate_up_proj Parameter (_fuse_gate_up)
+                out[-1] = (tag, numel + fin * fout * n, 0, "experts.gate_up_proj")
+            elif not quantized and n > 1 and name.startswith("experts."):
                 out.append(((i, j), fin * fout * n, 0, name))
             else:
                 out += [((i, j, e), fin * fout, fout if quantized else 0, name) for e in range(n)]
