@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -54,12 +55,23 @@ def test_images_add_tokens_and_cache() -> None:
 
 
 def test_text_only_is_the_language_model() -> None:
+    """--text-only runs the language model on text; transformers still builds the whole image-text class, so the
+    tower's and projector's weights count (they get no gradient or optimizer state: no images reach them)."""
     text = estimate("qwen2.5-vl-7b", method="lora", text_only=True)
     whole = estimate("qwen2.5-vl-7b", method="lora")
-    assert text.parameters < whole.parameters
-    assert any("tower" in w for w in text.warnings)  # says what it leaves out
+    assert text.parameters == whole.parameters
+    assert any("tower" in w for w in text.warnings)  # says what it counts
     assert not any("tower" in w for w in whole.warnings)
     assert whole.peak_allocated_bytes > text.peak_allocated_bytes
+    tower = tower_parameters(get_model("qwen2.5-vl-7b").spec.multimodal.tower)  # type: ignore[union-attr]
+    full = estimate("qwen2.5-vl-7b", method="full", seq_len=512, text_only=True)
+    lm = estimate(replace(get_model("qwen2.5-vl-7b").spec, multimodal=None), method="full", seq_len=512)
+
+    def kind(e: Any, k: str) -> int:
+        return int(next(p for p in e.phases if p.phase.value == "forward").breakdown.as_dict().get(k, 0))
+
+    assert kind(full, "weights") - kind(lm, "weights") == 2 * tower
+    assert kind(full, "optimizer_state") == kind(lm, "optimizer_state")
 
 
 def test_freeze_vision_trains_the_projector_only() -> None:
@@ -532,13 +544,13 @@ def test_qwen3_vl_two_images_per_sample_match_the_trace() -> None:
 
 def test_text_only_keeps_the_analytic_path() -> None:
     """``reserved=False`` (the planner's and fit's searches) is honoured for --text-only as for a text model."""
-    from dataclasses import replace
 
     from vramplan import Workload, estimator
+    from vramplan.multimodal import _text_only
 
     spec = get_model("qwen2.5-vl-7b").spec
     w = Workload(method="lora", seq_len=512, text_only=True)
-    text = replace(spec, multimodal=None)
+    text = _text_only(spec, w, spec.name)
     assert estimator.replays(text)  # the text model alone replays its allocation stream when asked to
     analytic = estimator.estimate(spec, w, reserved=False)
     assert analytic.peak_reserved_bytes == 0

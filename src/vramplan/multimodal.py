@@ -630,6 +630,24 @@ def _phase(phase: Phase, v: tuple[int, ...]) -> PhasePeak:
     return PhasePeak(phase, sum(v), Breakdown.of(dict(zip(MemoryKind, v, strict=True))))
 
 
+def _text_only(spec: ModelSpec, w: Workload, name: str) -> ModelSpec:
+    """The language model of ``spec`` as ``--text-only`` runs it. transformers' causal-LM class for this config is the
+    image-text class (the types with a text-only class never get here: hfconfig drops their tower), so the model is
+    built whole: the tower's and projector's weights count, and on text tokens they run nothing, so they get no
+    gradient and no optimizer state (idle). With quantized weights (the tower's linears quantized too) they are
+    left out, as before."""
+    mm = spec.multimodal
+    assert mm is not None
+    text = replace(spec, multimodal=None)
+    if mm.tower is None or w.base_quant is not WeightsQuant.NONE:
+        return text
+    n = tower_parameters(mm.tower)
+    note = (f"{name}: --text-only runs the language model on text tokens, but transformers builds the whole "
+            f"{mm.model_type} model: the vision tower and projector ({n / 1e6:.0f}M parameters) count as weights; "
+            "they run nothing and get no gradient or optimizer state")
+    return replace(text, extra_params=text.extra_params + n, idle_params=text.idle_params + n, notes=(note,))
+
+
 def route(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Estimate:
     """``estimate`` for a spec with a vision tower or a workload with vision options. ``reserved``: as
     :func:`vramplan.estimator.estimate` takes it, for ``--text-only`` (the whole model never replays)."""
@@ -639,8 +657,7 @@ def route(spec: ModelSpec, w: Workload, name: str, reserved: bool = True) -> Est
         raise WorkloadError(f"{name} is a text model: --images, --image-size, --freeze-vision and --text-only apply to "
                             "vision-language models; drop them")
     if w.text_only:
-        return estimator.estimate(replace(spec, multimodal=None), w.with_(text_only=False), name=name,
-                                  reserved=reserved)
+        return estimator.estimate(_text_only(spec, w, name), w.with_(text_only=False), name=name, reserved=reserved)
     _ = spec.multimodal.vision  # refuses a tower that is not modelled, saying what to do
     return _estimate_multimodal_cached(spec, w, name, reserved)
 

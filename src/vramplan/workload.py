@@ -233,7 +233,7 @@ class Workload:
     images: int | None = None
     image_size: int | None = None  # image side in pixels (None: the processor's default for the model)
     freeze_vision: bool = False  # the vision tower does not train (the projector does, under full fine-tuning)
-    text_only: bool = False  # a VLM's language model alone, as a text-only model (no vision tower, no images)
+    text_only: bool = False  # a VLM on text alone (no images; a tower transformers builds counts as idle weights)
 
     @property
     def transformers_release(self) -> tuple[int, ...]:

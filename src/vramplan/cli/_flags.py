@@ -94,7 +94,8 @@ def _add_vision_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-vision", action="store_true", default=None,
                    help="full fine-tuning with the vision tower frozen (the projector trains)")
     g.add_argument("--text-only", action="store_true", default=None,
-                   help="a vision-language model's language model alone, without images")
+                   help="a vision-language model on text alone, without images (a tower transformers builds "
+                        "counts as weights)")
 
 
 def _add_saver_flags(p: argparse.ArgumentParser) -> None:
