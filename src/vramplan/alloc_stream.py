@@ -250,32 +250,50 @@ def _fuse_gate_up(linears: list[tuple[str, int, int, int]]) -> list[tuple[str, i
 
 
 def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tuple[str, int]]:
-    """(group, bytes) of every parameter tensor in construction order; group says which trains."""
+    """(group, bytes) of every parameter tensor in construction order; group says which trains. Each layer's own
+    linears (``LayerParams.linear_shapes``: its mixer's, attention or Mamba or convolution, and its MLP's, the
+    experts as the Parameters transformers 5 builds), quantized as the model states count them
+    (:func:`vramplan.memory.linear_scheme`), its biases and norms, and its other parameters (an SSM's ``A_log``,
+    ``D``, convolution) as one tensor."""
     counts = count_params(spec)
     prec = w.precision
     dense = prec.param_bytes
-    quant = w.base_quant
     other = 4 if w.method is Method.QLORA else dense
+    # (DeepSeek-V4's fine-grained FP8 layout is sized by its own reader: the total below scales it)
+    quantization = None if spec.dsv4 else effective_quantization(spec, w)
     out: list[tuple[str, int]] = [("embed", counts.embedding * other)]
     h = spec.hidden_size
     for i in range(spec.num_layers):
-        moe = i in spec.moe_layers
         layer = counts.layers[i]
-        for name, fin, fout, n in _fuse_gate_up(attention_linears(spec) + mlp_linears(spec, moe)):
-            numel = fin * fout * n
-            if quant is not WeightsQuant.NONE and name != "router":
-                wb, cb = quantized_linear_bytes(numel, fout * n, quant, w.uses_double_quant)
-                out.append((f"layer{i}", wb))
-                out.append((f"layer{i}", cb))
+        g = f"layer{i}"
+        shapes = layer.linear_shapes
+        schemes = [None if quantization is None else linear_scheme(spec, quantization, i, j, name)
+                   for j, (name, *_) in enumerate(shapes)]
+        linear = sum(fin * fout * n for _, fin, fout, n in shapes)
+        j = 0
+        while j < len(shapes):
+            name, fin, fout, n = shapes[j]
+            scheme = schemes[j]
+            if scheme is None and n > 1 and name == "experts.gate_proj" and j + 1 < len(shapes) and \
+                    shapes[j + 1][0] == "experts.up_proj" and shapes[j + 1][1:] == (fin, fout, n) and \
+                    schemes[j + 1] is None:
+                fout, j = 2 * fout, j + 1  # one gate_up_proj Parameter (_fuse_gate_up)
+            j += 1
+            if scheme is not None:
+                wb, cb = scheme.bytes(fin, fout)
+                out += [(g, wb), (g, cb)] * n if cb else [(g, wb)] * n
             elif n > 1 and name.startswith("experts."):
-                out.append((f"layer{i}", numel * dense))  # fused 3-D expert weights
+                out.append((g, fin * fout * n * dense))  # fused 3-D expert weights
             else:
-                out += [(f"layer{i}", fin * fout * dense)] * n
+                out += [(g, fin * fout * dense)] * n
         if layer.bias:
-            out.append((f"layer{i}", layer.bias * other))
+            out.append((g, layer.bias * other))
         norms = max(1, layer.norm // h) if layer.norm else 0  # 0: parameter-free norms (OLMo)
         if norms:
-            out += [(f"layer{i}", layer.norm * other // norms)] * norms
+            out += [(g, layer.norm * other // norms)] * norms
+        rest = layer.total - linear - layer.bias - layer.norm
+        if rest > 0:
+            out.append((g, rest * other))
     if counts.final_norm:
         out.append(("head", counts.final_norm * other))
     if counts.lm_head:
