@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import allocator as A
 from ._engine.loop import training_steps
@@ -34,9 +34,12 @@ from ._engine.tape import Tape, Tensor, root
 from .blocks import Numerics, build_embed, build_head, build_layer
 from .kinds import MemoryKind, Phase
 from .memory import ModelStates, effective_quantization, linear_scheme, lora_targets, quantized_linear_bytes
-from .params import attention_linears, count_params, mlp_linears, no_grad_linears
+from .params import LayerParams, attention_linears, count_params, mlp_linears, no_grad_linears
 from .spec import ATTENTION_MIXERS, ModelSpec
 from .workload import Attention, LogitsMode, Loss, Method, Optimizer, Trainer, WeightsQuant, Workload
+
+if TYPE_CHECKING:
+    from .quant import LinearQuant, Quantization
 
 __all__ = ["infer_events", "train_events"]
 
@@ -234,18 +237,22 @@ def _instance_plan(codes: list[tuple[int, int]], index: dict[int, int], state: t
     return kept, deleted, list(inserted)
 
 
-def _fuse_gate_up(linears: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
-    """A transformers 5 MoE layer's experts as the Parameters it builds: ``gate_up_proj`` one (experts, 2 x
-    intermediate, hidden) stack (``MixtralExperts``, ``Qwen3MoeExperts``, ``DeepseekV2Experts``... 71 modeling files of
-    5.25), ``down_proj`` another; :func:`vramplan.params.mlp_linears` lists gate and up apart (adapter targets)."""
-    out: list[tuple[str, int, int, int]] = []
-    for entry in linears:
-        name, fin, fout, n = entry
-        if name == "experts.up_proj" and out and out[-1][0] == "experts.gate_proj" and out[-1][1:] == (fin, fout, n) \
-                and n > 1:
-            out[-1] = ("experts.gate_up_proj", fin, 2 * fout, n)
+def _layer_linears(spec: ModelSpec, quantization: Quantization | None, i: int,
+                   layer: LayerParams) -> list[tuple[str, int, int, int, LinearQuant | None]]:
+    """Layer ``i``'s linear kinds (``LayerParams.linear_shapes``) as the Parameters transformers 5 builds, each with
+    its quantization scheme (:func:`vramplan.memory.linear_scheme`, None: 16 bits): an MoE layer's unquantized
+    experts are one ``gate_up_proj`` (experts, 2 x intermediate, hidden) stack (``MixtralExperts``,
+    ``Qwen3MoeExperts``, ``DeepseekV2Experts``... 71 modeling files of 5.25) where
+    :func:`vramplan.params.mlp_linears` lists gate and up apart (adapter targets)."""
+    out: list[tuple[str, int, int, int, LinearQuant | None]] = []
+    for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
+        scheme = None if quantization is None else linear_scheme(spec, quantization, i, j, name)
+        prev = out[-1] if out else None
+        if scheme is None and n > 1 and name == "experts.up_proj" and prev is not None and \
+                prev[0] == "experts.gate_proj" and prev[1:] == (fin, fout, n, None):
+            out[-1] = ("experts.gate_up_proj", fin, 2 * fout, n, None)
         else:
-            out.append(entry)
+            out.append((name, fin, fout, n, scheme))
     return out
 
 
@@ -266,19 +273,8 @@ def _param_tensors(spec: ModelSpec, w: Workload, states: ModelStates) -> list[tu
     for i in range(spec.num_layers):
         layer = counts.layers[i]
         g = f"layer{i}"
-        shapes = layer.linear_shapes
-        schemes = [None if quantization is None else linear_scheme(spec, quantization, i, j, name)
-                   for j, (name, *_) in enumerate(shapes)]
-        linear = sum(fin * fout * n for _, fin, fout, n in shapes)
-        j = 0
-        while j < len(shapes):
-            name, fin, fout, n = shapes[j]
-            scheme = schemes[j]
-            if scheme is None and n > 1 and name == "experts.gate_proj" and j + 1 < len(shapes) and \
-                    shapes[j + 1][0] == "experts.up_proj" and shapes[j + 1][1:] == (fin, fout, n) and \
-                    schemes[j + 1] is None:
-                fout, j = 2 * fout, j + 1  # one gate_up_proj Parameter (_fuse_gate_up)
-            j += 1
+        linear = sum(fin * fout * n for _, fin, fout, n in layer.linear_shapes)
+        for name, fin, fout, n, scheme in _layer_linears(spec, quantization, i, layer):
             if scheme is not None:
                 wb, cb = scheme.bytes(fin, fout)
                 out += [(g, wb), (g, cb)] * n if cb else [(g, wb)] * n
@@ -321,17 +317,12 @@ def _bnb_tensors(spec: ModelSpec, w: Workload) -> list[tuple[object, int, int, s
     h = spec.hidden_size
     out: list[tuple[object, int, int, str]] = [("embed", counts.embedding, 0, "embed")]
     for i, layer in enumerate(counts.layers):
-        linear = 0
-        for j, (name, fin, fout, n) in enumerate(layer.linear_shapes):
-            linear += fin * fout * n
-            quantized = quantization is not None and linear_scheme(spec, quantization, i, j, name) is not None
-            if not quantized and n > 1 and name == "experts.up_proj" and out and out[-1][3] == "experts.gate_proj":
-                tag, numel, _, _ = out[-1]  # one gate_up_proj Parameter (_fuse_gate_up)
-                out[-1] = (tag, numel + fin * fout * n, 0, "experts.gate_up_proj")
-            elif not quantized and n > 1 and name.startswith("experts."):
+        linear = sum(fin * fout * n for _, fin, fout, n in layer.linear_shapes)
+        for j, (name, fin, fout, n, scheme) in enumerate(_layer_linears(spec, quantization, i, layer)):
+            if scheme is None and n > 1 and name.startswith("experts."):
                 out.append(((i, j), fin * fout * n, 0, name))
             else:
-                out += [((i, j, e), fin * fout, fout if quantized else 0, name) for e in range(n)]
+                out += [((i, j, e), fin * fout, fout if scheme is not None else 0, name) for e in range(n)]
         if layer.bias:
             out.append(((i, "bias"), layer.bias, 0, "bias"))
         norms = max(1, layer.norm // h) if layer.norm else 0
@@ -346,6 +337,11 @@ def _bnb_tensors(spec: ModelSpec, w: Workload) -> list[tuple[object, int, int, s
     return out
 
 
+def _bnb_quantizes(spec: ModelSpec, w: Workload) -> bool:
+    """Whether ``w`` builds a 16-bit model whose linears bitsandbytes quantizes to 4 bits as it is built."""
+    return w.base_quant is WeightsQuant.NF4 and w.precision.param_bytes == 2 and spec.quantization is None
+
+
 def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     """The 4-bit model (bitsandbytes NF4 quantized on load), when that is how ``w`` is built: True if the events
     were emitted. ``w.load`` "config" is the harness (``measure.py`` ``to_4bit``, ``vramplan measure``), below;
@@ -357,7 +353,7 @@ def _bnb_build(st: _Stream, spec: ModelSpec, w: Workload) -> bool:
     constants) before the 16-bit weight dies with the replaced module; ``empty_cache()`` then returns the segments
     left wholly free. For QLoRA, peft's ``prepare_model_for_kbit_training`` (peft/utils/other.py) casts every
     other 16-bit parameter to fp32 (``param.data = param.data.to(torch.float32)``), one at a time."""
-    if w.base_quant is not WeightsQuant.NF4 or w.precision.param_bytes != 2 or spec.quantization is not None:
+    if not _bnb_quantizes(spec, w):
         return False
     if w.load != "config":
         _bnb_from_pretrained(st, spec, w)
@@ -394,14 +390,10 @@ def _kbit_prepare(st: _Stream, w: Workload, others: list[tuple[int, int]]) -> No
             st.free(k)
 
 
-# How the weights reach the GPU (Workload.load). What is allocated in the end is the same; what the caching
-# allocator has reserved, and how it is split, differs.
-LOADS = ("config", "device-map", "to-device")
-
-
 def load_note(spec: ModelSpec, w: Workload) -> str:
-    """The assumption line for ``w.load``."""
-    nf4 = w.base_quant is WeightsQuant.NF4 and w.precision.param_bytes == 2 and spec.quantization is None
+    """The assumption line for ``w.load`` (what is allocated in the end is the same whatever the load; what the
+    caching allocator has reserved, and how it is split, differs)."""
+    nf4 = _bnb_quantizes(spec, w)
     if w.load == "config":
         return ("weights built by from_config on the device, one tensor at a time (the calibration harness)"
                 + ("; a tied head's own weight made and dropped" if untied_head_bytes(spec, w) else "")

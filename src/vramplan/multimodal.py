@@ -697,24 +697,15 @@ class _TowerRun:
     out_bytes: int  # the features the language model uses (their gradients arrive in backward)
 
 
-@lru_cache(maxsize=256)
-def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
-               input_rg: bool, text_layers: int, graph: bool, accumulating: bool) -> _TowerRun:
-    """The tower + projector program recorded and replayed once per shape: a new text length reuses it."""
-    from ._engine.replay import backward as replay_backward
-    from ._engine.replay import forward as replay_forward
-    from ._engine.tape import ZERO
+def _tower_tape(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+                input_rg: bool, text_layers: int) -> tuple[Any, list[Any], int]:
+    """The tower + projector recorded for ``crops`` images: (the tape, the outputs the language model uses, whose
+    gradients seed the tower's backward, the DeepStack levels it adds)."""
     from .vision._layers import Layers
 
     L = Layers(num)
     feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, ckpt, input_rg)
-    # DeepStack levels past the language model's depth are computed but never added (Qwen3VLTextModel.forward adds
-    # level i after layer i): no gradient reaches them or their mergers
-    # (nor to the mergers of indexes past the tower's depth, which never run)
     used = min(len(deep), text_layers)
-    ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
-    idle_names = {n for j in range(len(t.deepstack)) if j not in ran[:used]
-                  for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))}
     outs = [feats, *deep]
     if t.projector == "qwen_merger":
         # Qwen-VL: get_image_features splits the merger's output per image (views), the model's forward joins them
@@ -722,7 +713,24 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
         outs = [L.copy(f) for f in outs]
     # the model's forward holds the features (the encoder outputs and what it makes of them) until it returns
     L.keep(feats, *deep, *outs)
-    outs, deep = outs[:1 + used], deep[:used]  # what the language model uses: the gradients of the backward
+    return L, outs[:1 + used], used
+
+
+@lru_cache(maxsize=256)
+def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: bool, proj_tr: bool, ckpt: bool,
+               input_rg: bool, text_layers: int, graph: bool, accumulating: bool) -> _TowerRun:
+    """The tower + projector program recorded and replayed once per shape: a new text length reuses it."""
+    from ._engine.replay import backward as replay_backward
+    from ._engine.replay import forward as replay_forward
+    from ._engine.tape import ZERO
+
+    L, outs, used = _tower_tape(t, num, crops, size, tower_tr, proj_tr, ckpt, input_rg, text_layers)
+    # DeepStack levels past the language model's depth are computed but never added (Qwen3VLTextModel.forward adds
+    # level i after layer i): no gradient reaches them or their mergers
+    # (nor to the mergers of indexes past the tower's depth, which never run)
+    ran = [t.deepstack.index(i) for i in range(t.layers) if i in t.deepstack]
+    idle_names = {n for j in range(len(t.deepstack)) if j not in ran[:used]
+                  for n in (f"deepstack_merger_list.{j}.{m}" for m in ("norm", "linear_fc1", "linear_fc2"))}
     # every trainable parameter the backward from those never reaches gets no gradient: those mergers, the layers
     # after LLaVA's vision_feature_layer (computed, unused), modules registered off the path (CLIP's post_layernorm,
     # SigLIP's attention-pooling head)
@@ -732,7 +740,7 @@ def _tower_run(t: VisionTower, num: Numerics, crops: int, size: int, tower_tr: b
     fwd = replay_forward(L, ZERO)
     kept = sum(x.nbytes for x in L.tensors if x.keep and not x.external and x.base is None)
     bpeak = replay_backward(L, fwd, outs, param_grads_exist=accumulating)[0].kinds if graph else ()
-    return _TowerRun(len(deep), sum(idle_sizes), idle_sizes, L.parameters, L.trainable_parameters,
+    return _TowerRun(used, sum(idle_sizes), idle_sizes, L.parameters, L.trainable_parameters,
                      tuple(L.trainable_tensor_sizes()) if num.training and L.trainable_parameters else (), kept,
                      fwd.peak.kinds, fwd.end.kinds, bpeak, sum(f.nbytes for f in outs))
 
@@ -912,7 +920,6 @@ def _whole_model_stream(spec: ModelSpec, w: Workload, text: ModelSpec, tw: Workl
     from ._engine.tape import ZERO
     from .alloc_stream import _optimizer_tensors, infer_events, train_events
     from .memory import model_states
-    from .vision._layers import Layers
 
     mm = spec.multimodal
     assert mm is not None
@@ -929,30 +936,16 @@ def _whole_model_stream(spec: ModelSpec, w: Workload, text: ModelSpec, tw: Workl
     num_ = estimator.numerics(w)
     num = Numerics(train, num_.act, w.precision.param_bytes, w.precision.is_amp)
 
-    def tower_tape() -> tuple[Layers, list[Any]]:
-        L = Layers(num)
-        feats, deep = _build_all(L, t, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg)
-        used = min(len(deep), text.num_layers)
-        outs = [feats, *deep]
-        if t.projector == "qwen_merger":
-            outs = [L.copy(f) for f in outs]
-        L.keep(feats, *deep, *outs)
-        return L, outs[:1 + used]
-
-    L, seeds = tower_tape()
+    L, seeds, _ = _tower_tape(t, num, crops, size, tower_tr, proj_tr, train and w.gradient_checkpointing, input_rg,
+                              text.num_layers)
     fwd_ev: list[tuple[object, int]] = []
     fr = replay_forward(L, ZERO, ev=fwd_ev)
     bwd_first: list[tuple[object, int]] = []
     bwd_acc: list[tuple[object, int]] = []
     if graph:
         replay_backward(L, fr, seeds, ev=bwd_first)
-        if w.gradient_accumulation > 1:
-            L2, seeds2 = tower_tape()
-            fr2 = replay_forward(L2, ZERO)
-            replay_backward(L2, fr2, seeds2, ev=bwd_acc, param_grads_exist=True)
-            # (the second tape's keys stand for the first's: map them by position in the tensor list)
-            index = {id(x): j for j, x in enumerate(L2.tensors)}
-            bwd_acc = [(L.tensors[index[id(k)]] if id(k) in index else k, n) for k, n in bwd_acc]
+        if w.gradient_accumulation > 1:  # from the second micro-batch on the gradients exist: added into
+            replay_backward(L, replay_forward(L, ZERO), seeds, ev=bwd_acc, param_grads_exist=True)
     kept = [x for x in L.tensors if x.keep and not x.external and x.base is None and x.nbytes]
     pbytes = 4 if w.precision.is_amp else w.precision.param_bytes
     sizes = L.tensor_sizes()

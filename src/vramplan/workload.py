@@ -99,6 +99,10 @@ class WeightsQuant(StrEnum):
 # the transformers release the shipped memory programs and derived recipes model (the pinned one)
 MODELLED_TRANSFORMERS = "5.25.0"
 
+# how the weights reach the GPU (Workload.load): from_config on the device (the calibration harness),
+# from_pretrained(..., device_map=...), from_pretrained on the CPU then model.to("cuda")
+LOADS = ("config", "device-map", "to-device")
+
 
 def release(text: str) -> tuple[int, ...]:
     """``"5.17.0"`` -> (5, 17, 0); a pre-release or local suffix (``"5.26.0.dev0"``, ``"5.25.0+cu"``) is dropped."""
@@ -221,7 +225,7 @@ class Workload:
     # transformers' hub kernels (from_pretrained's default from transformers 5.25 on CUDA, use_kernels=True): the
     # RMSNorm classes decorated use_kernel_forward_from_hub("RMSNorm") run LigerRMSNorm (vramplan.data hub_kernels.json)
     hub_kernels: bool = False
-    # how the weights reach the GPU (what the caching allocator holds afterwards; vramplan.alloc_stream.LOADS):
+    # how the weights reach the GPU (what the caching allocator holds afterwards: one of LOADS, vramplan.alloc_stream):
     # "config" from_config under torch.device("cuda") (the calibration harness, `vramplan measure`), "device-map"
     # from_pretrained(..., device_map=...), "to-device" from_pretrained on the CPU then model.to("cuda") (the Trainer)
     load: str = "config"
@@ -260,8 +264,8 @@ class Workload:
         if self.transformers is not None and (not isinstance(self.transformers, str) or
                                               not re.fullmatch(r"\d{1,3}\.\d{1,3}(\.\d{1,4})?", self.transformers)):
             raise WorkloadError(f"transformers {self.transformers!r} is not a release number like 5.24 or 5.17.0")
-        if self.load not in ("config", "device-map", "to-device"):
-            raise WorkloadError(f"load {self.load!r} is not one of: config, device-map, to-device")
+        if self.load not in LOADS:
+            raise WorkloadError(f"load {self.load!r} is not one of: {', '.join(LOADS)}")
         if self.ssm_kernel not in ("fused", "torch"):
             raise WorkloadError(f"ssm_kernel {self.ssm_kernel!r} is not one of: fused, torch")
         if not isinstance(self.gradient_checkpointing, bool):

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .._argtypes import non_negative_int, positive_int, unit_interval
+from ..workload import LOADS
 
 __all__ = ["add_image_flags", "add_parallel_flags", "add_workload_flags", "options"]
 
@@ -57,7 +58,7 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="transformers' hub kernels, as from_pretrained loads them by default from transformers 5.25 "
                         "on CUDA: RMSNorm runs kernels-community's LigerRMSNorm (default: the PyTorch layers, "
                         "use_kernels=False / USE_HUB_KERNELS=0)")
-    g.add_argument("--load", choices=["config", "device-map", "to-device"], default="config",
+    g.add_argument("--load", choices=list(LOADS), default="config",
                    help="how the weights reach the GPU, which decides how the caching allocator lays them out: "
                         "config = from_config on the device (the calibration harness), device-map = "
                         "from_pretrained(..., device_map=...) (one warm-up block of the checkpoint's size), "

@@ -394,21 +394,24 @@ def load_weights(model: torch.nn.Module, quant_modules: Sequence[Any], tracker: 
     * ``to-device``: ``Module._apply`` (children first, then the module's own parameters and buffers), a tied weight
       once. bitsandbytes 4-bit models load as ``device-map`` (its quantizer sets device_map when none is given).
     """
+    from ._quant import EmulatedLinear4bit
+
     quant = {id(m.weight): m for m in quant_modules}
-    load = "device-map" if workload.load == "to-device" and any(
-        type(m).__name__ == "EmulatedLinear4bit" for m in quant_modules) else workload.load
+    nf4 = {id(m.weight) for m in quant_modules if isinstance(m, EmulatedLinear4bit)}
+    load = "device-map" if workload.load == "to-device" and nf4 else workload.load
 
     def adopt(t: torch.Tensor) -> None:
         m = quant.get(id(t))
         if m is None:
             tracker.adopt(t, MemoryKind.WEIGHTS)
             return
-        if load == "device-map" and type(m).__name__ == "EmulatedLinear4bit":
+        on_load = load == "device-map" and id(t) in nf4  # arrives in 16 bits, quantized on the GPU
+        if on_load:
             tracker.events.append((("load16", id(t)), m.in_features * m.out_features * 2))
         tracker.adopt(t, MemoryKind.WEIGHTS)
         for c in m.constants():
             tracker.adopt(c, MemoryKind.QUANTIZATION_CONSTANTS)
-        if load == "device-map" and type(m).__name__ == "EmulatedLinear4bit":
+        if on_load:
             tracker.events.append((("load16", id(t)), -1))
 
     if load == "config":
@@ -450,7 +453,7 @@ def load_weights(model: torch.nn.Module, quant_modules: Sequence[Any], tracker: 
     total = 0
     for _, t in tensors.values():
         m = quant.get(id(t))
-        total += (m.in_features * m.out_features // 2 if m is not None and type(m).__name__ == "EmulatedLinear4bit"
+        total += (m.in_features * m.out_features // 2 if m is not None and id(t) in nf4
                   else t.numel() * t.element_size())
     if total >= 2:
         tracker.events.append((("warmup",), total // 2 * 2))
